@@ -1,0 +1,612 @@
+"""ssmttm: text-to-music generation with state-space models.
+
+After "Training-Efficient Text-to-Music Generation with State-Space Modeling" (Lee et al., 2026).
+One file, read top to bottom:
+
+  1. configuration                                    ModelConfig
+  2. the delay pattern and the LM loss                delay_pattern, undelay_pattern, lm_loss
+  3. Mamba-2 (same parameters as mamba_ssm.Mamba2)    Mamba2, GatedRMSNorm, Mamba2State
+  4. the other sublayers                              FeedForward, SelfAttention, CrossAttention
+  5. blocks and the four LM variants                  Block, LAYOUTS, TextToMusicLM
+  6. sampling with classifier-free guidance           guided_logits, sample_next, TextToMusicLM.generate
+  7. stage 2: codebooks 2..9 by latent diffusion       DiffusionUNet, Stage2Diffusion
+
+Audio is K streams of DAC codes (1024 entries each, 86.13 frames/s); text is the sequence of
+Flan-T5 encoder states (768-d). The sequence the LM reads (prefix variants):
+
+    [ text_1 ... text_Lt | begin | x_0 ... x_{S-2} ]      ->  logits for x_0 ... x_{S-1}
+      Linear+LayerNorm     all K   sum of K embeddings        K heads, one per codebook
+      of the T5 states     special
+
+Cross variants read only [begin | x_0 ... x_{S-2}] and look at the text through cross-attention.
+"""
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ssd_reference import ssd_chunked, ssd_step
+
+# The fused Mamba-2 kernels need CUDA; mamba-ssm cannot even be imported without it. Every use is
+# guarded, and without them the same parameters run through ssd_reference.
+try:
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+except Exception:  # ImportError, or a CUDA extension that fails to load
+    mamba_chunk_scan_combined = mamba_split_conv1d_scan_combined = selective_state_update = None
+try:
+    from causal_conv1d import causal_conv1d_update
+except Exception:
+    causal_conv1d_update = None
+if mamba_chunk_scan_combined is not None:  # under torch.compile: a clean graph break around each kernel
+    mamba_chunk_scan_combined = torch.compiler.disable(mamba_chunk_scan_combined)
+    mamba_split_conv1d_scan_combined = torch.compiler.disable(mamba_split_conv1d_scan_combined)
+
+CODEBOOK_SIZE = 1024
+SPECIAL = CODEBOOK_SIZE  # begin / padding / "no token here" id; embeddings and heads have 1025 rows
+FRAME_RATE = 44100 / 512  # DAC 44.1 kHz: 86.13 frames per second
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Configuration
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "prefix_simba"  # prefix_mamba | prefix_simba | cross_simba | cross_transformer
+    n_layers: int = 24             # N blocks; the paper's RQ3 also uses 12 and 6
+    d_model: int = 1024
+    d_state: int = 512             # Mamba-2 state size N
+    d_conv: int = 4
+    expand: int = 2                # d_inner = 2048 -> 32 heads of 64
+    headdim: int = 64
+    n_heads: int = 8               # attention heads (cross and self)
+    d_ff: int = 2048               # feed-forward hidden size, 2 x d_model
+    dropout: float = 0.3
+    n_codebooks: int = 1           # K: 1 for the coarse stage-1 LM, 9 for single-stage
+    d_text: int = 768              # Flan-T5-base hidden size
+    chunk_size: int = 256          # SSD chunk length Q
+    label_smoothing: float = 0.1   # as in the official code
+
+    def __post_init__(self):
+        if self.variant not in LAYOUTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(LAYOUTS)}")
+
+    @property
+    def prefix(self):
+        return self.variant.startswith("prefix")
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Delay pattern (MusicGen) and loss
+
+
+def delay_pattern(codes, special=SPECIAL):
+    """(b, K, T) codes -> (b, K, T + K - 1): codebook k shifted right by k steps, empty slots special.
+    Step s then holds codebook k of frame s - k, so one step predicts all K codebooks at once while
+    codebook k still sees codebooks < k of its own frame (they were generated k steps earlier)."""
+    b, K, T = codes.shape
+    out = codes.new_full((b, K, T + K - 1), special)
+    for k in range(K):
+        out[:, k, k:k + T] = codes[:, k]
+    return out
+
+
+def undelay_pattern(delayed):
+    """Exact inverse of delay_pattern: (b, K, T + K - 1) -> (b, K, T)."""
+    b, K, S = delayed.shape
+    T = S - K + 1
+    return torch.stack([delayed[:, k, k:k + T] for k in range(K)], dim=1)
+
+
+def lm_loss(logits, targets, label_smoothing=0.0):
+    """Cross-entropy per codebook, averaged over codebooks; special targets (padding and the empty
+    slots of the delay pattern) are ignored. logits (b, K, s, V), targets (b, K, s)."""
+    b, K, s, V = logits.shape
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits -> fp32 loss
+    ce = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=SPECIAL,
+                         label_smoothing=label_smoothing, reduction="none").view(b, K, s)
+    valid = (targets != SPECIAL).float()
+    per_codebook = (ce * valid).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
+    return per_codebook.mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Mamba-2
+
+
+@dataclass
+class Mamba2State:
+    """What one Mamba-2 layer carries from step to step while decoding (updated in place)."""
+    conv: torch.Tensor  # (b, conv_dim, d_conv): the last d_conv inputs of the causal conv
+    ssm: torch.Tensor   # (b, nheads, headdim, d_state): h_t
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) * weight, computed in float32: Mamba-2's norm before out_proj."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, y, z):
+        y = y.float() * F.silu(z.float())
+        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(z.dtype)
+
+
+class Mamba2(nn.Module):
+    """The Mamba-2 layer, with the parameter names, shapes and initialisation of mamba_ssm.Mamba2
+    (ngroups 1, no D per channel, gate after the norm), so a state_dict loads into either.
+
+    u (b, l, d_model) -> in_proj -> [z | xBC | dt] -> causal depthwise conv + SiLU on xBC -> x, B, C
+    -> SSD with dt = softplus(dt + dt_bias), A = -exp(A_log) -> y + D x -> norm(y, z) -> out_proj.
+
+    On CUDA with mamba-ssm installed it runs the fused Triton kernels; elsewhere ssd_reference."""
+
+    use_kernels = True  # set False on an instance (or the class) to force the reference path
+
+    def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256,
+                 A_init_range=(1, 16), dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv, self.headdim = d_model, d_state, d_conv, headdim
+        self.ngroups, self.chunk_size = ngroups, chunk_size
+        self.d_inner = expand * d_model
+        self.nheads = self.d_inner // headdim
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.nheads, bias=False)  # z, xBC, dt
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1)
+        # dt ~ log-uniform in [dt_min, dt_max], stored through the inverse of softplus
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(*A_init_range)))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.norm = GatedRMSNorm(self.d_inner)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    def _kernels(self, t):
+        return self.use_kernels and t.is_cuda and mamba_chunk_scan_combined is not None
+
+    def new_state(self, batch, max_len, device, dtype):
+        state_dtype = torch.promote_types(dtype, torch.float32)  # the SSM state is never below fp32
+        return Mamba2State(conv=torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype),
+                           ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device,
+                                           dtype=state_dtype))
+
+    def _mask_padding(self, zxbcdt, mask):
+        """Make padded positions leave no trace: xBC = 0 (the conv then sees zeros, as at the start
+        of a sequence) and dt -> 0, so exp(dt A) = 1 and dt x B = 0: the state passes unchanged.
+        With the padding on the left, the result is exactly that of the unpadded sequence."""
+        pad = torch.zeros(zxbcdt.shape[-1], device=zxbcdt.device, dtype=zxbcdt.dtype)
+        pad[-self.nheads:] = -1e4  # softplus(-1e4 + dt_bias) == 0 in float32
+        return torch.where(mask[..., None], zxbcdt, pad)
+
+    def forward(self, u, mask=None, state=None):
+        """u (b, l, d_model) -> (b, l, d_model). mask (b, l): False at padding. state: a Mamba2State
+        to continue from and update in place (prefill and decoding); None when training."""
+        if state is not None and u.shape[1] == 1 and mask is None:
+            return self.step(u, state)
+        zxbcdt = self.in_proj(u)
+        if mask is not None:
+            zxbcdt = self._mask_padding(zxbcdt, mask)
+        A = -torch.exp(self.A_log.float())
+        if state is None and self._kernels(u) and causal_conv1d_update is not None:
+            # The mem-efficient path: conv, scan, gated norm and out_proj in one autograd function
+            # that recomputes its activations in the backward pass.
+            return mamba_split_conv1d_scan_combined(
+                zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, self.D,
+                self.chunk_size, rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
+                outproj_weight=self.out_proj.weight, outproj_bias=None, headdim=self.headdim,
+                ngroups=self.ngroups, norm_before_gate=False)
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = F.silu(self._conv(xBC, state))
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        b, l, _ = u.shape
+        y, final_state = self._ssd(x.view(b, l, self.nheads, self.headdim), dt, A,
+                                   B.view(b, l, self.ngroups, -1), C.view(b, l, self.ngroups, -1),
+                                   None if state is None else state.ssm)
+        if state is not None:
+            state.ssm.copy_(final_state)
+        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))
+
+    def _conv(self, xBC, state):
+        """Causal depthwise conv over time: (b, l, conv_dim) -> (b, l, conv_dim), without the SiLU."""
+        l = xBC.shape[1]
+        xBC = xBC.transpose(1, 2)
+        if state is None:
+            return self.conv1d(xBC)[..., :l].transpose(1, 2)
+        window = torch.cat([state.conv[..., 1:].to(xBC.dtype), xBC], dim=-1)  # d_conv - 1 inputs of history
+        state.conv.copy_(torch.cat([state.conv, xBC.to(state.conv.dtype)], dim=-1)[..., -self.d_conv:])
+        return F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim).transpose(1, 2)
+
+    def _ssd(self, x, dt, A, B, C, initial_state):
+        """y (b, l, h, p) and the final state, by the Triton kernel or by ssd_reference (in fp32)."""
+        if self._kernels(x):
+            y, final = mamba_chunk_scan_combined(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                                                 dt_softplus=True, initial_states=initial_state,
+                                                 return_final_states=True)
+            return y, final
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
+            y, final = ssd_chunked(x.to(dtype), dt, A.to(dtype), B.to(dtype), C.to(dtype), self.chunk_size,
+                                   D=self.D.to(dtype), initial_state=initial_state)
+        return y.to(x.dtype), final
+
+    def step(self, u, state):
+        """One decoding step, O(1) in the position: u (b, 1, d_model) -> (b, 1, d_model)."""
+        zxbcdt = self.in_proj(u[:, 0])
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        w = self.conv1d.weight[:, 0]  # (conv_dim, d_conv)
+        # Under torch.compile the plain ops below fuse into a few kernels; eager, the fused ones win.
+        fused = self._kernels(u) and not torch.compiler.is_compiling()
+        if fused and causal_conv1d_update is not None:
+            xBC = causal_conv1d_update(xBC, state.conv, w, self.conv1d.bias, "silu")
+        else:
+            state.conv.copy_(torch.cat([state.conv[..., 1:], xBC[..., None].to(state.conv.dtype)], dim=-1))
+            xBC = F.silu((state.conv * w).sum(-1) + self.conv1d.bias).to(zxbcdt.dtype)
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        b = u.shape[0]
+        x, B, C = x.view(b, self.nheads, self.headdim), B.view(b, self.ngroups, -1), C.view(b, self.ngroups, -1)
+        A = -torch.exp(self.A_log.float())
+        if fused:
+            h, p, n = self.nheads, self.headdim, self.d_state  # the kernel wants per-channel views
+            y = selective_state_update(state.ssm, x, dt[..., None].expand(b, h, p), A[:, None, None].expand(h, p, n),
+                                       B, C, D=self.D[:, None].expand(h, p), dt_bias=self.dt_bias[:, None].expand(h, p),
+                                       dt_softplus=True)
+        else:
+            s = state.ssm
+            dt = F.softplus(dt.to(s.dtype) + self.dt_bias.to(s.dtype))
+            y, new = ssd_step(s, x.to(s.dtype), dt, A.to(s.dtype), B.to(s.dtype), C.to(s.dtype), self.D.to(s.dtype))
+            s.copy_(new)
+        y = self.norm(y.reshape(b, self.d_inner).to(z.dtype), z)
+        return self.out_proj(y)[:, None]
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Feed-forward and attention
+
+
+class FeedForward(nn.Module):
+    """SiMBA's channel mixing, kept simple as in the paper: Linear d->2d, GELU, dropout, Linear 2d->d."""
+
+    def __init__(self, d_model, d_ff, dropout):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor   # (b, heads, max_len, head_dim)
+    v: torch.Tensor
+    length: int = 0
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention (scaled_dot_product_attention), with a KV cache for decoding."""
+
+    def __init__(self, d_model, n_heads, dropout):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def new_state(self, batch, max_len, device, dtype):
+        shape = (batch, self.n_heads, max_len, self.qkv.in_features // self.n_heads)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def forward(self, x, state=None):
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, self.n_heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
+        if state is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout.p if self.training else 0)
+        else:  # append to the cache, attend to everything so far
+            t0 = state.length
+            state.k[:, :, t0:t0 + s], state.v[:, :, t0:t0 + s] = k, v
+            state.length = t0 + s
+            k, v = state.k[:, :, :t0 + s], state.v[:, :, :t0 + s]
+            causal = None if s == 1 else torch.arange(t0 + s, device=x.device) <= t0 + torch.arange(s, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        return self.dropout(self.out_proj(y.transpose(1, 2).reshape(b, s, d)))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the audio to the text, which must not see padded text positions.
+    A row without any text (the null condition of guidance) gets zero output."""
+
+    def __init__(self, d_model, n_heads, dropout):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def new_state(self, batch, max_len, device, dtype):
+        return {}  # the projected text, filled at the first call
+
+    def forward(self, x, memory, memory_mask, state=None):
+        b, s, d = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, -1).transpose(1, 2)
+        if state:
+            k, v = state["k"], state["v"]
+        else:
+            k, v = (t.view(b, -1, self.n_heads, d // self.n_heads).transpose(1, 2)
+                    for t in self.kv_proj(memory).split(d, dim=-1))
+            if state is not None:
+                state.update(k=k, v=v)
+        has_text = memory_mask.any(-1)[:, None, None, None]
+        mask = memory_mask[:, None, None, :] | ~has_text  # a row with no text would be all -inf (NaN)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout.p if self.training else 0)
+        y = y * has_text
+        return self.dropout(self.out_proj(y.transpose(1, 2).reshape(b, s, d)))
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Blocks and the LM
+
+# Each block is a sequence of pre-norm residual sublayers, x = x + f(RMSNorm(x)) (paper, Fig. 1).
+LAYOUTS = {
+    "prefix_mamba": ("mamba", "mamba"),                       # (a) sequence mixing only
+    "prefix_simba": ("mamba", "ff"),                          # (b) Mamba-2 + channel mixing (SiMBA)
+    "cross_simba": ("mamba", "cross_attn", "ff"),             # (c) text through cross-attention
+    "cross_transformer": ("self_attn", "cross_attn", "ff"),   # (d) the MusicGen-style baseline
+}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.kinds = LAYOUTS[cfg.variant]
+        make = {
+            "mamba": lambda: Mamba2(cfg.d_model, cfg.d_state, cfg.d_conv, cfg.expand, cfg.headdim,
+                                    chunk_size=cfg.chunk_size),
+            "ff": lambda: FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout),
+            "self_attn": lambda: SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout),
+            "cross_attn": lambda: CrossAttention(cfg.d_model, cfg.n_heads, cfg.dropout),
+        }
+        self.norms = nn.ModuleList(nn.RMSNorm(cfg.d_model, eps=1e-5) for _ in self.kinds)
+        self.layers = nn.ModuleList(make[kind]() for kind in self.kinds)
+
+    def forward(self, x, cond, states=None):
+        """x (b, s, d); cond: dict with mask (b, s) or None, memory (b, lt, d), memory_mask (b, lt)."""
+        for i, (kind, norm, layer) in enumerate(zip(self.kinds, self.norms, self.layers)):
+            state = None if states is None else states[i]
+            h = norm(x)
+            if kind == "mamba":
+                h = layer(h, mask=cond["mask"], state=state)
+            elif kind == "self_attn":
+                h = layer(h, state=state)
+            elif kind == "cross_attn":
+                h = layer(h, cond["memory"], cond["memory_mask"], state=state)
+            else:
+                h = layer(h)
+            x = x + h
+        return x
+
+
+def sinusoidal_positions(positions, dim):
+    """(b, s) integer positions -> (b, s, dim) [cos | sin] embeddings (as MusicGen and the official code)."""
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=positions.device) / (dim // 2))
+    angles = positions[..., None].float() * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def left_align(text, mask):
+    """Move each row's padding to the left: (b, lt, d), (b, lt) -> same shapes, real tokens last.
+    With padding first, the masked Mamba-2 layers start the real text from a clean state."""
+    order = torch.sort(mask.int(), dim=1, stable=True).indices  # pads (0) first, tokens keep their order
+    return text.gather(1, order[..., None].expand_as(text)), mask.gather(1, order)
+
+
+class InferenceCache:
+    """Everything decoding carries besides the weights, all in tensors updated in place: a state per
+    sublayer (Mamba2State, KVCache, or the projected text for cross-attention) and, per row, the
+    position of the next token and which text positions are real."""
+
+    def __init__(self, model, batch, max_len, device, dtype):
+        self.states = [[layer.new_state(batch, max_len, device, dtype) if hasattr(layer, "new_state") else None
+                        for layer in block.layers] for block in model.blocks]
+        self.position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.memory_mask = None
+
+
+class TextToMusicLM(nn.Module):
+    """Stage-1 LM: text -> K streams of DAC codes. The variant (cfg.variant) picks the block layout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, K, V = cfg.d_model, cfg.n_codebooks, CODEBOOK_SIZE + 1
+        self.text_proj = nn.Linear(cfg.d_text, d)
+        self.text_norm = nn.LayerNorm(d)
+        self.embed = nn.Embedding(K * V, d)  # K tables of 1025 rows, stacked; the K lookups are summed
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = nn.RMSNorm(d, eps=1e-5)
+        self.head = nn.Linear(d, K * V, bias=False)  # K heads of 1025 logits, stacked
+        self.register_buffer("offsets", torch.arange(K) * V, persistent=False)
+        # Residual-branch outputs start small so the sum over 2-3 N branches keeps unit scale (GPT-2).
+        n_branches = len(LAYOUTS[cfg.variant]) * cfg.n_layers
+        for name, p in self.named_parameters():
+            if name.endswith(("out_proj.weight", "fc2.weight")):
+                p.data /= math.sqrt(n_branches)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def _run(self, x, positions, cond, cache, s):
+        """Positions, blocks, then final norm and heads on the last s positions (the audio steps):
+        (b, L, d) -> (b, K, s, 1025)."""
+        x = x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond, None if cache is None else cache.states[i])
+        if cache is not None:
+            cache.position.copy_(positions[:, -1] + 1)
+        return self.head(self.norm_f(x[:, -s:])).view(x.shape[0], s, self.cfg.n_codebooks, -1).transpose(1, 2)
+
+    def logits(self, tokens, text, text_mask, cache=None):
+        """A pass from the start. tokens (b, K, s) input steps (the first one the begin step),
+        text (b, lt, d_text) T5 states, text_mask (b, lt) True at real tokens (any padding side).
+        Returns logits (b, K, s, 1025) for the step after each input step. With a cache, also
+        leaves in it the states after the last step (the prefill of decoding)."""
+        b, K, s = tokens.shape
+        x = self.embed(tokens + self.offsets[:, None]).sum(1)  # (b, s, d)
+        memory = self.text_norm(self.text_proj(text))  # (b, lt, d)
+        if self.cfg.prefix:  # prepend the text; positions count real tokens only
+            memory, text_mask = left_align(memory, text_mask)
+            x = torch.cat([memory.to(x.dtype), x], dim=1)
+            mask = torch.cat([text_mask, text_mask.new_ones(b, s)], dim=1)
+            positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+            cond = {"mask": mask, "memory": None, "memory_mask": None}
+        else:
+            positions = torch.arange(s, device=x.device).expand(b, s)
+            cond = {"mask": None, "memory": memory, "memory_mask": text_mask}
+        if cache is not None:
+            cache.memory_mask = text_mask
+        return self._run(x, positions, cond, cache, s)
+
+    def step(self, tokens, cache):
+        """Continue from a cache: tokens (b, K, s) the next input steps -> logits (b, K, s, 1025).
+        For s = 1 this is one decoding step: its cost does not depend on the position for the SSM
+        variants (the Mamba-2 states have a fixed size); attention reads its growing KV cache."""
+        b, K, s = tokens.shape
+        x = self.embed(tokens + self.offsets[:, None]).sum(1)
+        positions = cache.position[:, None] + torch.arange(s, device=x.device)
+        cond = {"mask": None, "memory": None, "memory_mask": cache.memory_mask}
+        return self._run(x, positions, cond, cache, s)
+
+    def forward(self, codes, text, text_mask):
+        """Teacher-forced pass. codes (b, K, s): LM-layout targets (delayed when K > 1, special id
+        where there is no token). Returns logits (b, K, s, 1025) and the loss."""
+        tokens = F.pad(codes[..., :-1], (1, 0), value=SPECIAL)  # the begin step, then shift right
+        logits = self.logits(tokens, text, text_mask)
+        return logits, lm_loss(logits, codes, self.cfg.label_smoothing)
+
+    def configure_optimizers(self, lr, weight_decay, betas, device_type):
+        """AdamW; weight decay on matrices (and conv kernels) only: not on norms, biases, dt_bias,
+        A_log or D."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
+        no_decay = [p for p in params if not (p.dim() >= 2 and not getattr(p, "_no_weight_decay", False))]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+    # --------------------------------------------------------------------------------------------
+    # 6. Generation
+
+    @torch.no_grad()
+    def generate(self, text, text_mask, n_frames, cfg_scale=3.0, top_k=250, temperature=1.2, generator=None,
+                 prompt=None, recurrent=True, cuda_graph=False, compile=False, progress=False):
+        """Sample (b, K, n_frames) codes for b texts (text (b, lt, d_text), text_mask (b, lt)).
+
+        Classifier-free guidance runs the conditional rows and the null condition (no text at all,
+        as seen in training when the caption is dropped) as one batch of 2b rows.
+        recurrent=True reads the text (+ prompt) once, then does O(1) work per step from the
+        Mamba-2 states (a KV cache for self-attention); recurrent=False recomputes the whole sequence
+        at every step, as the official code does. prompt (b, K, T_p): codes to continue.
+        cuda_graph=True replays each decoding step as one CUDA graph (SSM variants, on CUDA);
+        compile=True first fuses the step's small ops with torch.compile."""
+        was_training = self.training
+        self.eval()
+        K, b, dev = self.cfg.n_codebooks, text.shape[0], text.device
+        if cfg_scale != 1.0:
+            text, text_mask = torch.cat([text, text]), torch.cat([text_mask, torch.zeros_like(text_mask)])
+        copies = text.shape[0] // b  # 2 with guidance: both branches read the same tokens
+        n_steps = n_frames + K - 1
+        # steps: the delayed layout being filled; real: slots that hold a token (not special);
+        # known: slots the prompt fixes.
+        prompt = torch.zeros(b, K, 0, dtype=torch.long, device=dev) if prompt is None else prompt
+        n_prompt = prompt.shape[-1]
+        steps = delay_pattern(F.pad(prompt, (0, n_frames - n_prompt), value=SPECIAL))
+        known = steps != SPECIAL
+        real = delay_pattern(torch.zeros(1, K, n_frames, dtype=torch.long, device=dev)) != SPECIAL
+        begin = torch.full((b * copies, K, 1), SPECIAL, dtype=torch.long, device=dev)
+        cache = InferenceCache(self, b * copies, n_steps + 1, dev, next(self.parameters()).dtype) if recurrent else None
+        decode_step = None
+        iterator = range(n_prompt, n_steps)
+        if progress:
+            from tqdm import tqdm
+            iterator = tqdm(iterator, desc="stage 1", unit="step", leave=False)
+        for s in iterator:
+            if not recurrent:  # the whole sequence again
+                logits = self.logits(torch.cat([begin, steps[..., :s].repeat(copies, 1, 1)], -1), text, text_mask)
+            elif s == n_prompt:  # prefill: text, begin step and prompt in one pass
+                logits = self.logits(torch.cat([begin, steps[..., :s].repeat(copies, 1, 1)], -1), text, text_mask, cache)
+            else:  # one step from the states
+                tokens = steps[..., s - 1:s].repeat(copies, 1, 1)
+                if decode_step is None:
+                    decode_step = self._decoder(cache, tokens, cuda_graph, compile)
+                logits = decode_step(tokens, cache)
+            nxt = sample_next(logits[:, :, -1], cfg_scale, top_k, temperature, generator)  # (b, K)
+            nxt = torch.where(real[:, :, s], nxt, SPECIAL)
+            steps[:, :, s] = torch.where(known[:, :, s], steps[:, :, s], nxt)
+        self.train(was_training)
+        return undelay_pattern(steps)
+
+    def _decoder(self, cache, tokens, cuda_graph, compile):
+        """The function generate calls per step: self.step, optionally compiled, optionally recorded
+        as a CUDA graph on the cache's tensors (which each replay then updates in place)."""
+        step = self.step
+        if compile:
+            if not hasattr(self, "_compiled_step"):
+                self._compiled_step = torch.compile(self.step, dynamic=False)
+            step = self._compiled_step
+        if not cuda_graph:
+            return step
+        if "self_attn" in LAYOUTS[self.cfg.variant]:
+            raise ValueError("cuda_graph needs fixed-size decoding state; self-attention's KV cache grows")
+        static_tokens = tokens.clone()
+        scratch = copy.deepcopy(cache)  # capturing records without running: warm up on a copy
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                step(static_tokens, scratch)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = step(static_tokens, cache)
+
+        def replay(tokens, cache_):
+            static_tokens.copy_(tokens)
+            graph.replay()
+            return static_logits
+
+        return replay
+
+
+def guided_logits(cond, uncond, cfg_scale):
+    """Classifier-free guidance, uncond + scale * (cond - uncond), written as
+    cond + (scale - 1) * (cond - uncond) so that scale 1 is exactly the conditional model."""
+    return cond + (cfg_scale - 1) * (cond - uncond)
+
+
+def sample_next(logits, cfg_scale=1.0, top_k=250, temperature=1.0, generator=None):
+    """logits (rows, K, 1025) of one step -> tokens (b, K). With cfg_scale != 1 the rows are
+    [conditional; null] and are combined by guidance first. Then temperature and top-k; top_k = 1
+    or temperature = 0 is greedy. The special id is never sampled."""
+    logits = logits.float()
+    if cfg_scale != 1.0:
+        logits = guided_logits(*logits.chunk(2), cfg_scale)
+    logits = logits.index_fill(-1, torch.tensor([SPECIAL], device=logits.device), -torch.inf)
+    if top_k == 1 or temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
