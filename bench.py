@@ -1,0 +1,342 @@
+"""Speed and memory of ssmttm, side by side, with a table at the end.
+
+    python bench.py                  # all sections on the GPU (paper shape, bf16)
+    python bench.py --only train     # one section: train, layer, decode, generate, stage2, cpu
+    python bench.py --quick          # CPU smoke run on tiny shapes (checks the script, not the speed)
+
+Sections:
+  train     training step (forward, backward, clip, fused AdamW) at the paper's shape: 24 blocks,
+            d_model 1024, d_state 512, 30 s = 2584 frames + a 64-token text prefix, bf16 autocast
+  layer     one Mamba-2 layer, fused kernels vs the ssd_reference path, forward + backward
+  decode    ms per stage-1 decoding step at positions 100, 1000, 2500 (1 prompt + guidance = 2 rows)
+  generate  seconds for 10 s and 25 s of coarse tokens (top-k 250, temperature 1.2, guidance 3)
+  stage2    seconds for 100 denoising steps of the stage-2 model on 25 s
+  cpu       tokens/s of `python train.py --layers 6` on the synthetic data, on this CPU
+
+Model FLOPs (for MFU) count what the model needs, not what a kernel happens to do:
+  6 x (parameters of every matrix) x (positions it is applied to)           forward + backward
+  + self-attention 6 L^2 d / layer (causal half), cross-attention 12 L Lt d / layer
+  + SSD 3 x L (Q N + Q H P + 4 N H P) / layer  (intra-chunk causal half, chunk states, state->output)
+MFU divides by the H200's dense bf16 peak, 989 TFLOP/s (datasheet).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+import ssmttm
+from ssmttm import LAYOUTS, Mamba2, ModelConfig, TextToMusicLM
+
+PEAK_BF16 = 989e12
+N_TEXT = 64
+
+
+def cuda_time(fn, iters, warmup):
+    """Median milliseconds of fn() over iters runs, timed with CUDA events after warmup runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def wall_time(fn, iters, warmup):
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def model_flops(model, L_audio, L_text):
+    """Training FLOPs of one sequence (forward + backward), as described in the module docstring."""
+    cfg = model.cfg
+    L = L_audio + (L_text if cfg.prefix else 0)  # positions the blocks run over
+    flops = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            n = L_text if name.startswith("text_proj") or name.endswith("kv_proj") else (
+                L_audio if name == "head" else L)
+            flops += 6 * m.in_features * m.out_features * n
+    d = cfg.d_model
+    for kind in LAYOUTS[cfg.variant]:
+        if kind == "self_attn":
+            flops += 6 * L * L * d * cfg.n_layers
+        elif kind == "cross_attn":
+            flops += 12 * L * L_text * d * cfg.n_layers
+        elif kind == "mamba":
+            Q, N, HP = cfg.chunk_size, cfg.d_state, cfg.expand * d
+            flops += 3 * L * (Q * N + Q * HP + 4 * N * HP) * cfg.n_layers
+    return flops
+
+
+def batch_inputs(batch, n_frames, n_codebooks, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.randint(0, 1024, (batch, n_codebooks, n_frames), device=device, generator=g)
+    text = torch.randn(batch, N_TEXT, 768, device=device, generator=g)
+    lengths = torch.randint(N_TEXT // 3, N_TEXT + 1, (batch,), device=device, generator=g)
+    mask = torch.arange(N_TEXT, device=device)[None] < lengths[:, None]
+    return codes, text, mask
+
+
+def bench_train(variant, batch, n_frames, n_layers, compile=False, chunk_size=256, steps=8, device="cuda"):
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant=variant, n_layers=n_layers, chunk_size=chunk_size,
+                      **({} if device == "cuda" else dict(d_model=64, d_state=16, headdim=16, d_ff=128)))
+    model = TextToMusicLM(cfg).to(device)
+    opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
+    fwd = torch.compile(model) if compile else model
+    codes, text, mask = batch_inputs(batch, n_frames, 1, device)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            _, loss = fwd(codes, text, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        ms = cuda_time(step, steps, warmup=3)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        ms, peak = wall_time(step, 2, 1), float("nan")
+    flops = model_flops(model, n_frames, N_TEXT) * batch
+    del model, opt, fwd
+    return {"section": "train", "variant": variant, "batch": batch, "compile": compile, "chunk": chunk_size,
+            "ms/step": ms, "audio tok/s": batch * n_frames / ms * 1e3, "TFLOP/s": flops / ms / 1e9,
+            "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak}
+
+
+def bench_layer(batch, L, use_kernels, d_state=512, device="cuda"):
+    torch.manual_seed(0)
+    d = 1024 if device == "cuda" else 64
+    layer = Mamba2(d, d_state=d_state if device == "cuda" else 16, headdim=64 if device == "cuda" else 16).to(device)
+    layer.use_kernels = use_kernels
+    u = torch.randn(batch, L, d, device=device, requires_grad=True)
+
+    def fwd_bwd():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            y = layer(u)
+        y.float().square().mean().backward()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        ms = cuda_time(fwd_bwd, 10, 3)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        ms, peak = wall_time(fwd_bwd, 2, 1), float("nan")
+    return {"section": "layer", "path": "fused" if use_kernels else "reference", "batch": batch, "L": L,
+            "ms fwd+bwd": ms, "peak GiB": peak}
+
+
+def paper_model(variant, n_layers, device, dtype):
+    torch.manual_seed(0)
+    small = {} if device == "cuda" else dict(d_model=64, d_state=16, headdim=16, d_ff=128)
+    cfg = ModelConfig(variant=variant, n_layers=n_layers, dropout=0.0, **small)
+    return TextToMusicLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+def decode_ms(model, position, mode, device, iters=50):
+    """ms per decoding step at a position: the state after `position` steps, then time more steps.
+    mode: eager | graph | compile+graph | recompute (a full forward over position+1 steps)."""
+    codes, text, mask = batch_inputs(2, position, model.cfg.n_codebooks, device, seed=1)
+    mask[1] = False  # row 2: the null condition of guidance
+    begin = torch.full_like(codes[..., :1], ssmttm.SPECIAL)
+    tokens = torch.cat([begin, codes], -1)
+    timer = cuda_time if device == "cuda" else wall_time
+    with torch.no_grad():
+        if mode == "recompute":
+            return timer(lambda: model.logits(tokens, text, mask), 5, 2)
+        cache = ssmttm.InferenceCache(model, 2, position + iters + 16, device, next(model.parameters()).dtype)
+        model.logits(tokens[..., :-1], text, mask, cache)
+        step = model._decoder(cache, tokens[..., -1:], cuda_graph="graph" in mode, compile="compile" in mode)
+        one = tokens[..., -1:]
+        return timer(lambda: step(one, cache), iters, 3)
+
+
+def bench_decode(device, n_layers, positions=(100, 1000, 2500)):
+    rows = []
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    setups = [("prefix_simba", "eager"), ("prefix_simba", "graph"), ("prefix_simba", "compile+graph"),
+              ("cross_transformer", "eager"), ("prefix_simba", "recompute")]
+    for variant, mode in setups:
+        if device != "cuda" and "graph" in mode:
+            continue
+        model = paper_model(variant, n_layers, device, dtype)
+        row = {"section": "decode", "variant": variant, "mode": mode}
+        for p in positions:
+            try:
+                row[f"ms @{p}"] = decode_ms(model, p, mode, device)
+            except Exception as e:  # report, keep going
+                row[f"ms @{p}"] = float("nan")
+                row["error"] = f"{type(e).__name__}: {e}"[:120]
+        rows.append(row)
+        del model
+    return rows
+
+
+def bench_generate(device, n_layers, seconds=(10, 25), baseline=True):
+    rows = []
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    setups = [("prefix_simba", "eager"), ("prefix_simba", "graph"), ("prefix_simba", "compile+graph"),
+              ("cross_transformer", "eager")] + ([("prefix_simba", "recompute")] if baseline else [])
+    for variant, mode in setups:
+        if device != "cuda" and "graph" in mode:
+            continue
+        model = paper_model(variant, n_layers, device, dtype)
+        _, text, mask = batch_inputs(1, 1, 1, device, seed=2)
+        row = {"section": "generate", "variant": variant, "mode": mode}
+        for sec in seconds:
+            n = round(sec * ssmttm.FRAME_RATE) if device == "cuda" else 20
+            kw = dict(recurrent=mode != "recompute", cuda_graph="graph" in mode, compile="compile" in mode)
+            model.generate(text, mask, 8, **kw)  # warm up (compilation, autotuning)
+            g = torch.Generator(device=device).manual_seed(0)
+            ms = wall_time(lambda: model.generate(text, mask, n, generator=g, **kw), 1, 0)
+            row[f"s for {sec}s"] = ms / 1e3
+            row[f"ms/frame {sec}s"] = ms / n
+        rows.append(row)
+        del model
+    return rows
+
+
+def bench_stage2(device):
+    if not hasattr(ssmttm, "Stage2Diffusion"):
+        return [{"section": "stage2", "note": "stage 2 not implemented yet"}]
+    return [ssmttm_stage2_timing(device)]
+
+
+def ssmttm_stage2_timing(device):
+    from ssmttm import Stage2Config, Stage2Diffusion
+    cfg = Stage2Config() if device == "cuda" else Stage2Config(channels=(16, 32), d_model=32, n_heads=2)
+    torch.manual_seed(0)
+    model = Stage2Diffusion(cfg).to(device).eval()
+    n = round(25 * ssmttm.FRAME_RATE) if device == "cuda" else 64
+    coarse_latent = torch.randn(1, 8, n, device=device)
+    _, text, mask = batch_inputs(1, 1, 1, device, seed=3)
+    steps = 100 if device == "cuda" else 3
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        run = lambda: model.sample_latents(coarse_latent, text, mask, steps=steps, cfg_scale=3.0)
+        ms = wall_time(run, 1, 1)
+    return {"section": "stage2", "frames": n, "steps": steps, "s": ms / 1e3,
+            "params M": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def bench_cpu(steps=30):
+    """What a new user sees first: `python train.py --layers 6` on the synthetic data, this CPU."""
+    out = subprocess.run([sys.executable, "train.py", "--layers", "6", "--steps", str(steps), "--device", "cpu",
+                          "--out", "runs/bench-cpu", "--eval-every", "0", "--no-resume"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return [{"section": "cpu", "error": out.stderr.strip().splitlines()[-1][:200]}]
+    with open("runs/bench-cpu/metrics.csv") as f:
+        rows = [line.strip().split(",") for line in f]
+    head, last = rows[0], rows[-1]
+    rec = dict(zip(head, last))
+    return [{"section": "cpu", "cores": os.cpu_count(), "steps": steps, "tok/s": float(rec["tokens_per_s"]),
+             "loss": float(rec["loss"])}]
+
+
+def print_table(rows):
+    by_section = {}
+    for r in rows:
+        by_section.setdefault(r["section"], []).append(r)
+    for section, rs in by_section.items():
+        keys = [k for k in dict.fromkeys(k for r in rs for k in r) if k != "section"]
+        print(f"\n### {section}\n")
+        print("| " + " | ".join(keys) + " |")
+        print("|" + "---|" * len(keys))
+        for r in rs:
+            cells = []
+            for k in keys:
+                v = r.get(k, "")
+                cells.append(f"{v:.3g}" if isinstance(v, float) and not math.isnan(v) else str(v))
+            print("| " + " | ".join(cells) + " |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="train,layer,decode,generate,stage2",
+                    help="comma-separated sections (train, layer, decode, generate, stage2, cpu)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
+    ap.add_argument("--variants", default=",".join(LAYOUTS))
+    ap.add_argument("--batches", default="4,16")
+    ap.add_argument("--compile", default="0,1", help="training with torch.compile: 0, 1 or both")
+    ap.add_argument("--chunk-sizes", default="256")
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--no-baseline", action="store_true", help="skip the recompute-everything generation run")
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args()
+    device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not args.quick and args.only != "cpu":
+        sys.exit("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")
+    n_layers = 2 if args.quick else args.layers
+    n_frames = 40 if args.quick else 2584
+    sections = args.only.split(",")
+    rows = []
+    header = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version(),
+              "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
+    try:
+        import mamba_ssm
+        header["mamba_ssm"] = mamba_ssm.__version__
+    except Exception:
+        header["mamba_ssm"] = "not installed"
+    print(json.dumps(header))
+    for section in sections:
+        if section == "train":
+            for variant in args.variants.split(","):
+                for batch in map(int, args.batches.split(",")):
+                    for comp in map(int, args.compile.split(",")):
+                        for chunk in map(int, args.chunk_sizes.split(",")):
+                            if args.quick and comp:
+                                continue
+                            try:
+                                rows.append(bench_train(variant, 2 if args.quick else batch, n_frames, n_layers,
+                                                        bool(comp), chunk, device=device))
+                            except Exception as e:
+                                rows.append({"section": "train", "variant": variant, "batch": batch,
+                                             "compile": bool(comp), "error": f"{type(e).__name__}: {e}"[:160]})
+                            print(rows[-1], flush=True)
+                            torch.cuda.empty_cache() if device == "cuda" else None
+        elif section == "layer":
+            for kernels in (True, False):
+                if kernels and device != "cuda":
+                    continue
+                rows.append(bench_layer(1 if args.quick else 4, 64 if args.quick else 2650, kernels, device=device))
+                print(rows[-1], flush=True)
+        elif section == "decode":
+            rows += bench_decode(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500))
+            print(rows[-1], flush=True)
+        elif section == "generate":
+            rows += bench_generate(device, n_layers, baseline=not args.no_baseline)
+            print(rows[-1], flush=True)
+        elif section == "stage2":
+            rows += bench_stage2(device)
+        elif section == "cpu":
+            rows += bench_cpu(steps=5 if args.quick else 30)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
