@@ -126,6 +126,33 @@ def bench_train(variant, batch, n_frames, n_layers, compile=False, chunk_size=25
             "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak}
 
 
+def profile_train(variant, batch, n_frames, n_layers, compile, chunk_size, rows=25):
+    """Top CUDA kernels of a few training steps (torch.profiler), printed as a table."""
+    from torch.profiler import ProfilerActivity, profile
+    cfg = ModelConfig(variant=variant, n_layers=n_layers, chunk_size=chunk_size)
+    model = TextToMusicLM(cfg).cuda()
+    opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), "cuda")
+    fwd = torch.compile(model) if compile else model
+    codes, text, mask = batch_inputs(batch, n_frames, 1, "cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = fwd(codes, text, mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    print(f"\n### profile {variant} batch {batch} compile {compile} chunk {chunk_size} (2 steps)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+
+
 def bench_layer(batch, L, use_kernels, d_state=512, device="cuda"):
     torch.manual_seed(0)
     d = 1024 if device == "cuda" else 64
@@ -152,7 +179,7 @@ def paper_model(variant, n_layers, device, dtype):
     torch.manual_seed(0)
     small = {} if device == "cuda" else dict(d_model=64, d_state=16, headdim=16, d_ff=128)
     cfg = ModelConfig(variant=variant, n_layers=n_layers, dropout=0.0, **small)
-    return TextToMusicLM(cfg).to(device=device, dtype=dtype).eval()
+    return ssmttm.for_inference(TextToMusicLM(cfg).to(device), dtype)
 
 
 def decode_ms(model, position, mode, device, iters=50):
@@ -174,7 +201,6 @@ def decode_ms(model, position, mode, device, iters=50):
 
 
 def bench_decode(device, n_layers, positions=(100, 1000, 2500)):
-    rows = []
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     setups = [("prefix_simba", "eager"), ("prefix_simba", "graph"), ("prefix_simba", "compile+graph"),
               ("cross_transformer", "eager"), ("prefix_simba", "recompute")]
@@ -189,13 +215,11 @@ def bench_decode(device, n_layers, positions=(100, 1000, 2500)):
             except Exception as e:  # report, keep going
                 row[f"ms @{p}"] = float("nan")
                 row["error"] = f"{type(e).__name__}: {e}"[:120]
-        rows.append(row)
+        emit(row)
         del model
-    return rows
 
 
 def bench_generate(device, n_layers, seconds=(10, 25), baseline=True):
-    rows = []
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     setups = [("prefix_simba", "eager"), ("prefix_simba", "graph"), ("prefix_simba", "compile+graph"),
               ("cross_transformer", "eager")] + ([("prefix_simba", "recompute")] if baseline else [])
@@ -205,7 +229,7 @@ def bench_generate(device, n_layers, seconds=(10, 25), baseline=True):
         model = paper_model(variant, n_layers, device, dtype)
         _, text, mask = batch_inputs(1, 1, 1, device, seed=2)
         row = {"section": "generate", "variant": variant, "mode": mode}
-        for sec in seconds:
+        for sec in seconds if mode != "recompute" else seconds[:1]:  # the baseline: 10 s only (minutes)
             n = round(sec * ssmttm.FRAME_RATE) if device == "cuda" else 20
             kw = dict(recurrent=mode != "recompute", cuda_graph="graph" in mode, compile="compile" in mode)
             model.generate(text, mask, 8, **kw)  # warm up (compilation, autotuning)
@@ -213,15 +237,12 @@ def bench_generate(device, n_layers, seconds=(10, 25), baseline=True):
             ms = wall_time(lambda: model.generate(text, mask, n, generator=g, **kw), 1, 0)
             row[f"s for {sec}s"] = ms / 1e3
             row[f"ms/frame {sec}s"] = ms / n
-        rows.append(row)
+        emit(row)
         del model
-    return rows
 
 
 def bench_stage2(device):
-    if not hasattr(ssmttm, "Stage2Diffusion"):
-        return [{"section": "stage2", "note": "stage 2 not implemented yet"}]
-    return [ssmttm_stage2_timing(device)]
+    emit(ssmttm_stage2_timing(device))
 
 
 def ssmttm_stage2_timing(device):
@@ -246,13 +267,25 @@ def bench_cpu(steps=30):
                           "--out", "runs/bench-cpu", "--eval-every", "0", "--no-resume"],
                          capture_output=True, text=True)
     if out.returncode != 0:
-        return [{"section": "cpu", "error": out.stderr.strip().splitlines()[-1][:200]}]
+        return emit({"section": "cpu", "error": out.stderr.strip().splitlines()[-1][:200]})
     with open("runs/bench-cpu/metrics.csv") as f:
         rows = [line.strip().split(",") for line in f]
     head, last = rows[0], rows[-1]
     rec = dict(zip(head, last))
-    return [{"section": "cpu", "cores": os.cpu_count(), "steps": steps, "tok/s": float(rec["tokens_per_s"]),
-             "loss": float(rec["loss"])}]
+    emit({"section": "cpu", "cores": os.cpu_count(), "steps": steps, "tok/s": float(rec["tokens_per_s"]),
+          "loss": float(rec["loss"])})
+
+
+ROWS, JSON_PATH, HEADER = [], None, {}
+
+
+def emit(row):
+    """Print a finished row and rewrite the JSON file, so a run cut short still leaves its numbers."""
+    ROWS.append(row)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    if JSON_PATH:
+        with open(JSON_PATH, "w") as f:
+            json.dump({"header": HEADER, "rows": ROWS}, f, indent=1)
 
 
 def print_table(rows):
@@ -282,24 +315,27 @@ def main():
     ap.add_argument("--compile", default="0,1", help="training with torch.compile: 0, 1 or both")
     ap.add_argument("--chunk-sizes", default="256")
     ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--no-mem-eff", action="store_true", help="Mamba-2 training without the fused mem-efficient path")
     ap.add_argument("--no-baseline", action="store_true", help="skip the recompute-everything generation run")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
+    Mamba2.use_mem_eff_path = not args.no_mem_eff
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != "cpu":
         sys.exit("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")
     n_layers = 2 if args.quick else args.layers
     n_frames = 40 if args.quick else 2584
     sections = args.only.split(",")
-    rows = []
-    header = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version(),
-              "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
+    global JSON_PATH
+    JSON_PATH = args.json
+    HEADER.update(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, python=platform.python_version(),
+                  device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu")
     try:
         import mamba_ssm
-        header["mamba_ssm"] = mamba_ssm.__version__
+        HEADER["mamba_ssm"] = mamba_ssm.__version__
     except Exception:
-        header["mamba_ssm"] = "not installed"
-    print(json.dumps(header))
+        HEADER["mamba_ssm"] = "not installed"
+    print(json.dumps(HEADER))
     for section in sections:
         if section == "train":
             for variant in args.variants.split(","):
@@ -309,33 +345,30 @@ def main():
                             if args.quick and comp:
                                 continue
                             try:
-                                rows.append(bench_train(variant, 2 if args.quick else batch, n_frames, n_layers,
-                                                        bool(comp), chunk, device=device))
+                                emit(bench_train(variant, 2 if args.quick else batch, n_frames, n_layers,
+                                                 bool(comp), chunk, device=device))
                             except Exception as e:
-                                rows.append({"section": "train", "variant": variant, "batch": batch,
-                                             "compile": bool(comp), "error": f"{type(e).__name__}: {e}"[:160]})
-                            print(rows[-1], flush=True)
-                            torch.cuda.empty_cache() if device == "cuda" else None
+                                emit({"section": "train", "variant": variant, "batch": batch, "compile": bool(comp),
+                                      "error": f"{type(e).__name__}: {e}"[:160]})
+                            if device == "cuda":
+                                torch.cuda.empty_cache()
+        elif section == "profile":
+            for variant in args.variants.split(","):
+                for comp in map(int, args.compile.split(",")):
+                    profile_train(variant, int(args.batches.split(",")[0]), n_frames, n_layers, bool(comp),
+                                  int(args.chunk_sizes.split(",")[0]))
         elif section == "layer":
-            for kernels in (True, False):
-                if kernels and device != "cuda":
-                    continue
-                rows.append(bench_layer(1 if args.quick else 4, 64 if args.quick else 2650, kernels, device=device))
-                print(rows[-1], flush=True)
+            for kernels in ((True, False) if device == "cuda" else (False,)):
+                emit(bench_layer(1 if args.quick else 4, 64 if args.quick else 2650, kernels, device=device))
         elif section == "decode":
-            rows += bench_decode(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500))
-            print(rows[-1], flush=True)
+            bench_decode(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500))
         elif section == "generate":
-            rows += bench_generate(device, n_layers, baseline=not args.no_baseline)
-            print(rows[-1], flush=True)
+            bench_generate(device, n_layers, baseline=not args.no_baseline)
         elif section == "stage2":
-            rows += bench_stage2(device)
+            bench_stage2(device)
         elif section == "cpu":
-            rows += bench_cpu(steps=5 if args.quick else 30)
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1)
+            bench_cpu(steps=5 if args.quick else 30)
+    print_table(ROWS)
 
 
 if __name__ == "__main__":

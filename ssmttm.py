@@ -38,9 +38,9 @@ try:
 except Exception:  # ImportError, or a CUDA extension that fails to load
     mamba_chunk_scan_combined = mamba_split_conv1d_scan_combined = selective_state_update = None
 try:
-    from causal_conv1d import causal_conv1d_update
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 except Exception:
-    causal_conv1d_update = None
+    causal_conv1d_fn = causal_conv1d_update = None
 if mamba_chunk_scan_combined is not None:  # under torch.compile: a clean graph break around each kernel
     mamba_chunk_scan_combined = torch.compiler.disable(mamba_chunk_scan_combined)
     mamba_split_conv1d_scan_combined = torch.compiler.disable(mamba_split_conv1d_scan_combined)
@@ -148,7 +148,8 @@ class Mamba2(nn.Module):
 
     On CUDA with mamba-ssm installed it runs the fused Triton kernels; elsewhere ssd_reference."""
 
-    use_kernels = True  # set False on an instance (or the class) to force the reference path
+    use_kernels = True       # False (on an instance or the class) forces the reference path
+    use_mem_eff_path = True  # training: one fused autograd function (recomputes in backward)
 
     def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256,
                  A_init_range=(1, 16), dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4):
@@ -189,22 +190,25 @@ class Mamba2(nn.Module):
         return torch.where(mask[..., None], zxbcdt, pad)
 
     def forward(self, u, mask=None, state=None):
-        """u (b, l, d_model) -> (b, l, d_model). mask (b, l): False at padding. state: a Mamba2State
-        to continue from and update in place (prefill and decoding); None when training."""
+        """u (b, l, d_model) -> (b, l, d_model). mask (b, l): False at padding, which must come first
+        in its row (left padding). state: a Mamba2State to continue from and update in place
+        (prefill and decoding); None when training."""
         if state is not None and u.shape[1] == 1 and mask is None:
             return self.step(u, state)
         zxbcdt = self.in_proj(u)
+        A = -torch.exp(self.A_log.float())
+        if state is None and self._kernels(u) and causal_conv1d_fn is not None and self.use_mem_eff_path:
+            # The mem-efficient path: conv, scan, gated norm and out_proj in one autograd function
+            # that recomputes its activations in the backward pass. Padding is sequence 0 and the
+            # text and audio sequence 1, so the kernel starts them from a clean state and conv:
+            # the same result as _mask_padding, without a pass over zxbcdt.
+            return mamba_split_conv1d_scan_combined(
+                zxbcdt, self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, A, self.D, self.chunk_size,
+                seq_idx=None if mask is None else mask.to(torch.int32), rmsnorm_weight=self.norm.weight,
+                rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, outproj_bias=None,
+                headdim=self.headdim, ngroups=self.ngroups, norm_before_gate=False)
         if mask is not None:
             zxbcdt = self._mask_padding(zxbcdt, mask)
-        A = -torch.exp(self.A_log.float())
-        if state is None and self._kernels(u) and causal_conv1d_update is not None:
-            # The mem-efficient path: conv, scan, gated norm and out_proj in one autograd function
-            # that recomputes its activations in the backward pass.
-            return mamba_split_conv1d_scan_combined(
-                zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias, A, self.D,
-                self.chunk_size, rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
-                outproj_weight=self.out_proj.weight, outproj_bias=None, headdim=self.headdim,
-                ngroups=self.ngroups, norm_before_gate=False)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC = F.silu(self._conv(xBC, state))
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -221,6 +225,8 @@ class Mamba2(nn.Module):
         l = xBC.shape[1]
         xBC = xBC.transpose(1, 2)
         if state is None:
+            if self._kernels(xBC) and causal_conv1d_fn is not None:
+                return causal_conv1d_fn(xBC, self.conv1d.weight[:, 0], self.conv1d.bias).transpose(1, 2)
             return self.conv1d(xBC)[..., :l].transpose(1, 2)
         window = torch.cat([state.conv[..., 1:].to(xBC.dtype), xBC], dim=-1)  # d_conv - 1 inputs of history
         state.conv.copy_(torch.cat([state.conv, xBC.to(state.conv.dtype)], dim=-1)[..., -self.d_conv:])
@@ -464,7 +470,7 @@ class TextToMusicLM(nn.Module):
         leaves in it the states after the last step (the prefill of decoding)."""
         b, K, s = tokens.shape
         x = self.embed(tokens + self.offsets[:, None]).sum(1)  # (b, s, d)
-        memory = self.text_norm(self.text_proj(text))  # (b, lt, d)
+        memory = self.text_norm(self.text_proj(text.to(self.text_proj.weight.dtype)))  # (b, lt, d)
         if self.cfg.prefix:  # prepend the text; positions count real tokens only
             memory, text_mask = left_align(memory, text_mask)
             x = torch.cat([memory.to(x.dtype), x], dim=1)
@@ -586,6 +592,17 @@ class TextToMusicLM(nn.Module):
             return static_logits
 
         return replay
+
+
+def for_inference(model, dtype):
+    """Cast a model for decoding: weights in dtype (bf16 halves the bytes each step reads), except
+    Mamba-2's dt_bias, A_log and D, which set the decay rates and stay in fp32 like the state."""
+    model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, Mamba2):
+            for p in (m.dt_bias, m.A_log, m.D):
+                p.data = p.data.float()
+    return model.eval()
 
 
 def guided_logits(cond, uncond, cfg_scale):
