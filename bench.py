@@ -8,9 +8,12 @@ Sections:
   train     training step (forward, backward, clip, fused AdamW) at the paper's shape: 24 blocks,
             d_model 1024, d_state 512, 30 s = 2584 frames + a 64-token text prefix, bf16 autocast
   layer     one Mamba-2 layer, fused kernels vs the ssd_reference path, forward + backward
-  decode    ms per stage-1 decoding step at positions 100, 1000, 2500 (1 prompt + guidance = 2 rows)
-  generate  seconds for 10 s and 25 s of coarse tokens (top-k 250, temperature 1.2, guidance 3)
+  decode    stage-1 decoding, 1 prompt + guidance (2 rows): ms per step at positions 100, 1000, 2500,
+            and seconds for 10 s and 25 s of coarse tokens (top-k 250, temperature 1.2, guidance 3)
   stage2    seconds for 100 denoising steps of the stage-2 model on 25 s
+  pipeline  the whole path at the paper's size: data.py -> train.py (stages 1 and 2) -> generate.py,
+            4 prompts x 25 s, two-stage; Flan-T5-base and DAC 44.1 kHz of the real shapes with random
+            weights stand in for the pretrained ones (no download on the GPU machine)
   cpu       tokens/s of `python train.py --layers 6` on the synthetic data, on this CPU
 
 Model FLOPs (for MFU) count what the model needs, not what a kernel happens to do:
@@ -200,26 +203,9 @@ def decode_ms(model, position, mode, device, iters=50):
         return timer(lambda: step(one, cache), iters, 3)
 
 
-def bench_decode(device, n_layers, positions=(100, 1000, 2500)):
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    setups = [("prefix_simba", "eager"), ("prefix_simba", "graph"), ("prefix_simba", "compile+graph"),
-              ("cross_transformer", "eager"), ("prefix_simba", "recompute")]
-    for variant, mode in setups:
-        if device != "cuda" and "graph" in mode:
-            continue
-        model = paper_model(variant, n_layers, device, dtype)
-        row = {"section": "decode", "variant": variant, "mode": mode}
-        for p in positions:
-            try:
-                row[f"ms @{p}"] = decode_ms(model, p, mode, device)
-            except Exception as e:  # report, keep going
-                row[f"ms @{p}"] = float("nan")
-                row["error"] = f"{type(e).__name__}: {e}"[:120]
-        emit(row)
-        del model
-
-
-def bench_generate(device, n_layers, seconds=(10, 25), baseline=True):
+def bench_decoding(device, n_layers, positions, seconds=(10, 25), baseline=True):
+    """Per setup, one model: ms per step at fixed positions, then seconds for 10 s and 25 s of
+    coarse tokens (1 prompt with guidance, top-k 250, temperature 1.2)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     setups = [("prefix_simba", "eager"), ("prefix_simba", "graph"), ("prefix_simba", "compile+graph"),
               ("cross_transformer", "eager")] + ([("prefix_simba", "recompute")] if baseline else [])
@@ -227,18 +213,25 @@ def bench_generate(device, n_layers, seconds=(10, 25), baseline=True):
         if device != "cuda" and "graph" in mode:
             continue
         model = paper_model(variant, n_layers, device, dtype)
-        _, text, mask = batch_inputs(1, 1, 1, device, seed=2)
-        row = {"section": "generate", "variant": variant, "mode": mode}
-        for sec in seconds if mode != "recompute" else seconds[:1]:  # the baseline: 10 s only (minutes)
-            n = round(sec * ssmttm.FRAME_RATE) if device == "cuda" else 20
+        row = {"section": "decode", "variant": variant, "mode": mode}
+        try:
+            for p in positions:
+                row[f"ms/step @{p}"] = decode_ms(model, p, mode, device)
+            _, text, mask = batch_inputs(1, 1, 1, device, seed=2)
             kw = dict(recurrent=mode != "recompute", cuda_graph="graph" in mode, compile="compile" in mode)
-            model.generate(text, mask, 8, **kw)  # warm up (compilation, autotuning)
-            g = torch.Generator(device=device).manual_seed(0)
-            ms = wall_time(lambda: model.generate(text, mask, n, generator=g, **kw), 1, 0)
-            row[f"s for {sec}s"] = ms / 1e3
-            row[f"ms/frame {sec}s"] = ms / n
+            t0 = time.perf_counter()
+            model.generate(text, mask, 8, **kw)  # warm-up: compilation, autotuning, graph capture
+            row["warm-up s"] = time.perf_counter() - t0
+            for sec in seconds if mode != "recompute" else seconds[:1]:  # the baseline: 10 s only
+                n = round(sec * ssmttm.FRAME_RATE) if device == "cuda" else 20
+                g = torch.Generator(device=device).manual_seed(0)
+                row[f"s for {sec}s"] = wall_time(lambda: model.generate(text, mask, n, generator=g, **kw), 1, 0) / 1e3
+        except Exception as e:  # report, keep going
+            row["error"] = f"{type(e).__name__}: {e}"[:160]
         emit(row)
         del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def bench_stage2(device):
@@ -247,7 +240,7 @@ def bench_stage2(device):
 
 def ssmttm_stage2_timing(device):
     from ssmttm import Stage2Config, Stage2Diffusion
-    cfg = Stage2Config() if device == "cuda" else Stage2Config(channels=(16, 32), d_model=32, n_heads=2)
+    cfg = Stage2Config() if device == "cuda" else Stage2Config(**Stage2Config.small())
     torch.manual_seed(0)
     model = Stage2Diffusion(cfg).to(device).eval()
     n = round(25 * ssmttm.FRAME_RATE) if device == "cuda" else 64
@@ -261,19 +254,84 @@ def ssmttm_stage2_timing(device):
             "params M": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def bench_pipeline(device, quick=False):
+    """data.py -> train.py (stage 1, stage 2) -> generate.py at the paper's size, timed."""
+    import shutil
+    import tempfile
+    import numpy as np
+    import soundfile as sf
+    from transformers import ByT5Tokenizer, DacConfig, DacModel, T5Config, T5EncoderModel
+    import data as datamod
+    root = tempfile.mkdtemp(prefix="ssmttm-pipeline-")
+    t5_dir, dac_dir, audio = (os.path.join(root, d) for d in ("t5", "dac", "audio"))
+    torch.manual_seed(0)
+    t5 = T5Config(vocab_size=384, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, feed_forward_proj="gated-gelu")
+    T5EncoderModel(t5 if not quick else T5Config(vocab_size=384, d_model=768, d_kv=32, d_ff=64, num_layers=1,
+                                                   num_heads=2)).save_pretrained(t5_dir)
+    ByT5Tokenizer().save_pretrained(t5_dir)
+    dac_cfg = DacConfig(sampling_rate=44100) if not quick else datamod.tiny_dac_config()
+    DacModel(dac_cfg).save_pretrained(dac_dir)
+    os.makedirs(audio)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(4 if not quick else 1):  # 70 s each: two 30 s clips and a 10 s one
+        t = np.arange(70 * 44100) / 44100
+        sf.write(os.path.join(audio, f"{i}.wav"), (0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t) +
+                                                   0.05 * rng.standard_normal(len(t))).astype(np.float32), 44100)
+        lines.append(json.dumps({"audio": f"{i}.wav", "caption": f"test tone number {i} with noise"}))
+    with open(os.path.join(audio, "captions.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    py = [sys.executable]
+    size = [] if not quick else ["--layers", "1", "--d-model", "64", "--d-state", "16", "--frames", "64"]
+    steps = [
+        ("data.py", py + ["data.py", "--audio", audio, "--captions", os.path.join(audio, "captions.jsonl"),
+                          "--out", os.path.join(root, "tokens"), "--dac", dac_dir]),
+        ("train stage 1 (10 steps)", py + ["train.py", "--data", os.path.join(root, "tokens"), "--t5", t5_dir,
+                                           "--steps", "10", "--grad-accum", "1", "--out", os.path.join(root, "s1"), *size]),
+        ("train stage 2 (10 steps)", py + ["train.py", "--data", os.path.join(root, "tokens"), "--t5", t5_dir,
+                                           "--dac", dac_dir, "--stage", "2", "--steps", "10", "--grad-accum", "1",
+                                           "--out", os.path.join(root, "s2"), *size[-2:]]),
+        ("generate 4 x 25 s", py + ["generate.py", "--ckpt", os.path.join(root, "s1", "ckpt.pt"), "--stage2",
+                                    os.path.join(root, "s2", "ckpt.pt"), "--dac", dac_dir, "--t5", t5_dir,
+                                    "--seconds", "25" if not quick else "0.5", "--out", os.path.join(root, "gen"),
+                                    "--stage2-steps", "100" if not quick else "3",
+                                    "a calm piano piece", "an energetic drum and bass track",
+                                    "a jazz reggae concert with a saxophone solo", "a dreamy synth pad"]),
+    ]
+    for name, cmd in steps:
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        row = {"section": "pipeline", "step": name, "s": time.perf_counter() - t0, "rc": out.returncode}
+        if out.returncode != 0:
+            row["error"] = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
+        emit(row)
+        if out.returncode != 0:
+            break
+    log = os.path.join(root, "gen", "generations.jsonl")
+    if os.path.exists(log):
+        recs = [json.loads(line) for line in open(log)]
+        r = recs[0]
+        emit({"section": "pipeline", "step": "generate.py timings (batch of 4)", "stage1_s": r["stage1_s"],
+              "stage2_s": r["stage2_s"], "decode_s": r["decode_s"], "wavs": len(recs),
+              "wav_s": sf.info(r["wav"]).duration})
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def bench_cpu(steps=30):
     """What a new user sees first: `python train.py --layers 6` on the synthetic data, this CPU."""
+    import shutil
+    import tempfile
+    out_dir = tempfile.mkdtemp(prefix="ssmttm-cpu-")
+    shutil.rmtree(out_dir)
     out = subprocess.run([sys.executable, "train.py", "--layers", "6", "--steps", str(steps), "--device", "cpu",
-                          "--out", "runs/bench-cpu", "--eval-every", "0", "--no-resume"],
-                         capture_output=True, text=True)
+                          "--out", out_dir, "--eval-every", "0"], capture_output=True, text=True)
     if out.returncode != 0:
         return emit({"section": "cpu", "error": out.stderr.strip().splitlines()[-1][:200]})
-    with open("runs/bench-cpu/metrics.csv") as f:
-        rows = [line.strip().split(",") for line in f]
-    head, last = rows[0], rows[-1]
-    rec = dict(zip(head, last))
-    emit({"section": "cpu", "cores": os.cpu_count(), "steps": steps, "tok/s": float(rec["tokens_per_s"]),
-          "loss": float(rec["loss"])})
+    import csv
+    rows = list(csv.DictReader(open(os.path.join(out_dir, "metrics.csv"))))[5:]  # after warm-up
+    emit({"section": "cpu", "cores": os.cpu_count(), "steps": steps, "threads": torch.get_num_threads(),
+          "audio tok/s": sum(float(r["tokens_per_s"]) for r in rows) / len(rows),
+          "s/step": float(rows[-1]["elapsed_s"]) / steps, "loss": float(rows[-1]["loss"])})
 
 
 ROWS, JSON_PATH, HEADER = [], None, {}
@@ -307,8 +365,8 @@ def print_table(rows):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="train,layer,decode,generate,stage2",
-                    help="comma-separated sections (train, layer, decode, generate, stage2, cpu)")
+    ap.add_argument("--only", default="train,layer,decode,stage2",
+                    help="comma-separated sections (train, profile, layer, decode, stage2, pipeline, cpu)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
     ap.add_argument("--variants", default=",".join(LAYOUTS))
     ap.add_argument("--batches", default="4,16")
@@ -361,9 +419,10 @@ def main():
             for kernels in ((True, False) if device == "cuda" else (False,)):
                 emit(bench_layer(1 if args.quick else 4, 64 if args.quick else 2650, kernels, device=device))
         elif section == "decode":
-            bench_decode(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500))
-        elif section == "generate":
-            bench_generate(device, n_layers, baseline=not args.no_baseline)
+            bench_decoding(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500),
+                           baseline=not args.no_baseline)
+        elif section == "pipeline":
+            bench_pipeline(device, quick=args.quick)
         elif section == "stage2":
             bench_stage2(device)
         elif section == "cpu":

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import ssmttm
 from ssd_reference import ssd_chunked, ssd_sequential, ssd_step
-from ssmttm import (LAYOUTS, SPECIAL, Mamba2, ModelConfig, TextToMusicLM, delay_pattern, guided_logits,
+from ssmttm import (LAYOUTS, SPECIAL, Mamba2, ModelConfig, TextToMusicLM, delay_pattern, classifier_free_guidance,
                     sample_next, undelay_pattern)
 
 VARIANTS = list(LAYOUTS)
@@ -248,12 +248,12 @@ def test_decoding_logits_equal_full_forward():
 
 def test_guidance_scale_one_is_the_conditional_model():
     cond, uncond = torch.randn(2, 3, 1025), torch.randn(2, 3, 1025)
-    assert torch.equal(guided_logits(cond, uncond, 1.0), cond)
-    torch.testing.assert_close(guided_logits(cond, uncond, 3.0), 3 * cond - 2 * uncond)
+    assert torch.equal(classifier_free_guidance(cond, uncond, 1.0), cond)
+    torch.testing.assert_close(classifier_free_guidance(cond, uncond, 3.0), 3 * cond - 2 * uncond)
     # the 2b-row path at scale 1 samples exactly what the b conditional rows sample
     both = torch.cat([cond, uncond])
     a = sample_next(both[:2] * 1.0, 1.0, 50, 1.2, torch.Generator().manual_seed(0))
-    logits_guided = guided_logits(cond, uncond, 1.0)
+    logits_guided = classifier_free_guidance(cond, uncond, 1.0)
     b = sample_next(logits_guided, 1.0, 50, 1.2, torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
 
@@ -275,7 +275,7 @@ def test_top_k_one_is_greedy_and_special_never_sampled():
     want = logits[..., :SPECIAL].argmax(-1)
     assert torch.equal(greedy, want)
     guided = sample_next(torch.cat([logits, logits.flip(0)]), 3.0, top_k=1)
-    assert torch.equal(guided, guided_logits(logits, logits.flip(0), 3.0)[..., :SPECIAL].argmax(-1))
+    assert torch.equal(guided, classifier_free_guidance(logits, logits.flip(0), 3.0)[..., :SPECIAL].argmax(-1))
 
 
 def test_top_k_and_temperature_sample_the_right_distribution():
@@ -432,3 +432,307 @@ def test_gpu_recurrent_decoding_equals_full_forward(variant, K):
     if variant != "cross_transformer":  # CUDA-graph replay runs the same kernels: identical tokens
         runs = [model.generate(text, mask, 100, top_k=1, cuda_graph=g) for g in (False, True)]
         assert torch.equal(runs[0], runs[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# data.py and train.py (CPU). Tiny random DAC and T5 models are saved to temporary folders and
+# loaded through the same from_pretrained code as the real ones.
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+import data as datamod
+import train as trainmod
+import generate as genmod
+
+SR = datamod.SAMPLE_RATE
+
+
+@pytest.fixture(scope="module")
+def tiny_dac_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dac")
+    datamod.synthetic_codec(seed=3).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_dir(tmp_path_factory):
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    path = tmp_path_factory.mktemp("t5")
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=384, d_model=768, d_kv=32, d_ff=64, num_layers=1, num_heads=2)
+    T5EncoderModel(cfg).save_pretrained(path)
+    ByT5Tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def tone(seconds, freq=440.0, sr=SR, amp=0.3):
+    t = np.arange(int(seconds * sr)) / sr
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    """45 s of tones (one 30 s clip and a 15 s partial one), a 20 s file at 48 kHz stereo in flac,
+    a 35 s file whose first clip is silent, a corrupt file, and one listed but missing."""
+    import soundfile as sf
+    d = tmp_path_factory.mktemp("audio")
+    sf.write(d / "tones.wav", np.concatenate([tone(20, 220), tone(25, 330)]), SR)
+    stereo = np.stack([tone(20, 440, 48000), tone(20, 660, 48000)], axis=1)
+    sf.write(d / "stereo48k.flac", stereo, 48000)
+    sf.write(d / "quiet.wav", np.concatenate([np.zeros(30 * SR, np.float32), tone(5, 550)]), SR)
+    (d / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEthis is not audio")
+    captions = [{"audio": "tones.wav", "caption": "two tones"}, {"audio": "stereo48k.flac", "caption": "a stereo chord"},
+                {"audio": "quiet.wav", "caption": "silence, then a beep"}, {"audio": "corrupt.wav", "caption": "broken"},
+                {"audio": "missing.ogg", "caption": "not there"}]
+    (d / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
+    return d
+
+
+def test_preprocess_clips_silence_errors_and_resume(audio_dir, tiny_dac_dir, tmp_path):
+    out = str(tmp_path / "tokens")
+    dac = datamod.load_dac(tiny_dac_dir)
+    errors = datamod.preprocess(str(audio_dir), str(audio_dir / "captions.jsonl"), out, dac=dac, device="cpu",
+                                progress=False)
+    assert sorted(name for name, _ in errors) == ["corrupt.wav", "missing.ogg"]
+    index = [json.loads(line) for line in open(f"{out}/index.jsonl")]
+    clips = [(r["source"], r["start_s"], r["frames"]) for r in index]
+    # tones: 30 s + 15 s; stereo: 20 s; quiet: its silent 30 s clip dropped, the 5 s rest too short
+    assert clips == [("tones.wav", 0.0, 2584), ("tones.wav", 30.0, 1292), ("stereo48k.flac", 0.0, 1723)]
+    ds = datamod.TokenDataset(out)
+    codes, caption = ds.example(1)
+    assert codes.shape == (9, 2584) and caption == "two tones"
+    assert (codes[:, 1292:] == SPECIAL).all() and (codes[:, :1292] < 1024).all()
+    # the stored codes are what DAC gives for the clip
+    clip = datamod.load_audio(str(audio_dir / "tones.wav"))[30 * SR:]
+    want = datamod.encode_clips(dac, [clip], "cpu")[0]
+    assert np.array_equal(codes[:, :1292].numpy(), want[:, :1292])
+    # a rerun does no work; an interrupted write (partial index line, codes without index) is undone
+    again = datamod.preprocess(str(audio_dir), str(audio_dir / "captions.jsonl"), out, dac=None, device="cpu",
+                               progress=False)  # dac=None: loading one would fail, so nothing is encoded
+    assert sorted(name for name, _ in again) == ["corrupt.wav", "missing.ogg"]
+    assert len(datamod.TokenDataset(out)) == 3
+    with open(f"{out}/codes.u16", "ab") as f:
+        f.write(b"\x01" * 1000)
+    with open(f"{out}/index.jsonl", "a") as f:
+        f.write('{"source": "half')
+    assert len(datamod.TokenDataset(out)) == 3
+    assert os.path.getsize(f"{out}/codes.u16") == 3 * 9 * 2584 * 2
+
+
+def test_rerun_skips_finished_files(audio_dir, tiny_dac_dir, tmp_path):
+    out = str(tmp_path / "tokens")
+    dac = datamod.load_dac(tiny_dac_dir)
+    datamod.preprocess(str(audio_dir), str(audio_dir / "captions.jsonl"), out, dac=dac, device="cpu", progress=False)
+    calls = []
+    original = datamod.encode_clips
+    datamod.encode_clips = lambda *a: calls.append(1) or original(*a)
+    try:
+        errors = datamod.preprocess(str(audio_dir), str(audio_dir / "captions.jsonl"), out, dac=dac, device="cpu",
+                                    progress=False)
+    finally:
+        datamod.encode_clips = original
+    assert calls == []  # nothing encoded again; only the unreadable files are tried (and reported) again
+    assert sorted(n for n, _ in errors) == ["corrupt.wav", "missing.ogg"]
+
+
+def test_captions_file_errors(tmp_path):
+    bad = tmp_path / "c.csv"
+    bad.write_text("path,text\na.wav,hello\n")
+    with pytest.raises(SystemExit, match="header row with columns audio,caption"):
+        datamod.read_captions(str(bad))
+    good = tmp_path / "c2.csv"
+    good.write_text("audio,caption\na.wav,hello there\n")
+    assert datamod.read_captions(str(good)) == {"a.wav": "hello there"}
+
+
+def test_t5_encoder_from_local_folder(tiny_t5_dir, capsys):
+    enc = datamod.T5TextEncoder(tiny_t5_dir, max_tokens=40)
+    states, mask = enc(["a calm piano piece", "drums"])
+    assert states.shape == (2, 19, 768) and mask.sum(1).tolist() == [19, 6]  # bytes + </s>
+    alone, _ = enc(["drums"])
+    torch.testing.assert_close(states[1, :6], alone[0], rtol=1e-5, atol=1e-5)  # padding does not leak in
+    long_states, long_mask = enc(["x" * 100])
+    assert long_mask.shape[1] == 40 and "truncated" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="local folder"):
+        datamod.T5TextEncoder(str(tiny_t5_dir) + "-missing")
+
+
+def test_synthetic_captions_set_rules():
+    ds = datamod.SyntheticMusic(n_frames=96, seed=0)
+    scores = [datamod.caption_score(*ds.example(i)) for i in range(50)]
+    assert min(scores) == 1.0
+    rng = np.random.default_rng(0)
+    chance = [datamod.caption_score(rng.integers(0, 1024, (9, 96)), ds.example(i)[1]) for i in range(50)]
+    assert np.mean(chance) < 0.3
+
+
+def tiny_train_args(out, *extra):
+    return ["--layers", "2", "--d-model", "64", "--d-state", "16", "--frames", "48", "--batch-size", "8",
+            "--dropout", "0", "--out", str(out), "--eval-every", "0", *extra]
+
+
+def read_losses(out):
+    return [float(r["loss"]) for r in csv.DictReader(open(f"{out}/metrics.csv"))]
+
+
+def test_resume_is_exact(tmp_path):
+    trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "8", "--stop-after", "4", "--ckpt-every", "100"))
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["step"] == 4
+    with pytest.raises(SystemExit, match="--resume"):  # an existing run is not overwritten
+        trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "8"))
+    trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "8", "--resume"))
+    trainmod.main(tiny_train_args(tmp_path / "b", "--steps", "8"))
+    assert read_losses(tmp_path / "a") == read_losses(tmp_path / "b")
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
+    common = ["--layers", "2", "--d-model", "64", "--d-state", "16", "--frames", "32", "--dropout", "0",
+              "--steps", "3", "--eval-every", "0", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, *a], check=True, capture_output=True, text=True, env=env)
+    run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "train.py", *common,
+        "--batch-size", "4", "--out", str(tmp_path / "ddp"))
+    run("train.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one"))
+    np.testing.assert_allclose(read_losses(tmp_path / "ddp"), read_losses(tmp_path / "one"), rtol=1e-5)
+    a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
+    trainmod.main(tiny_train_args(tmp_path / "r", "--steps", "4", "--stop-after", "2"))
+    saved = open(tmp_path / "r" / "ckpt.pt", "rb").read()
+    real_forward = TextToMusicLM.forward
+    monkeypatch.setattr(TextToMusicLM, "forward", lambda self, *a: (None, real_forward(self, *a)[1] * float("nan")))
+    with pytest.raises(SystemExit):
+        trainmod.main(tiny_train_args(tmp_path / "r", "--steps", "4", "--resume"))
+    assert "the loss is nan" in capsys.readouterr().out
+    assert open(tmp_path / "r" / "ckpt.pt", "rb").read() == saved
+
+
+def test_synthetic_training_learns_to_follow_captions(tmp_path):
+    out = tmp_path / "learn"
+    trainmod.main(["--layers", "2", "--d-model", "128", "--d-state", "32", "--frames", "64", "--batch-size", "16",
+                   "--steps", "250", "--lr", "2e-3", "--warmup", "20", "--eval-every", "0", "--out", str(out)])
+    losses = read_losses(out)
+    assert losses[0] > 6.5 and np.mean(losses[-10:]) < 3.2  # from ln(1025) = 6.93 towards the floor (~2.0)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    model = TextToMusicLM(ModelConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    ds, enc = datamod.SyntheticMusic(64, seed=0), datamod.WordEncoder()
+    captions = ds.captions(16)
+    text, mask = enc(captions)
+    codes = model.generate(text, mask, 64, cfg_scale=3.0, top_k=50, temperature=0.3,
+                           generator=torch.Generator().manual_seed(0))
+    scores = [datamod.caption_score(c.numpy(), cap) for c, cap in zip(codes, captions)]
+    assert np.mean(scores) > 0.7  # chance is about 0.25
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2 and generate.py
+
+
+def test_stage2_learns_and_keeps_codebook_one():
+    torch.manual_seed(0)
+    codec = datamod.synthetic_codec()
+    model = ssmttm.Stage2Diffusion(ssmttm.Stage2Config(**ssmttm.Stage2Config.small())).attach_codec(codec)
+    ds, enc = datamod.SyntheticMusic(32, seed=0), datamod.WordEncoder()
+    model.set_latent_stats(ds.batch(range(64))[0])
+    opt = model.configure_optimizers(3e-3, 0.0, (0.9, 0.999), "cpu")
+    losses = []
+    for step in range(300):
+        codes, caps = ds.batch(range(step * 16, step * 16 + 16))
+        loss = model(codes, *enc(caps))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    # predicting the mean (v = 0) costs E[v^2] ~ 1 with normalised latents
+    assert np.mean(losses[:5]) > 0.9 and np.mean(losses[-20:]) < 0.55
+    codes, caps = ds.batch(range(10**6, 10**6 + 3))
+    text, mask = enc(caps)
+    out = model.eval().generate(codes[:, 0], text, mask, steps=10, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 9, 32) and out.dtype == torch.long
+    assert torch.equal(out[:, 0], codes[:, 0]) and ((out >= 0) & (out < 1024)).all()
+    # guidance: scale 1 is the conditional model; scale s is cond + (s - 1)(cond - uncond)
+    x, coarse = torch.randn(3, 64, 32), model.latents(codes[:, :1])
+    t = torch.full((3,), 0.5)
+    with torch.no_grad():
+        cond = model.unet(torch.cat([x, coarse], 1), t, text, mask)
+        uncond = model.unet(torch.cat([x, coarse], 1), t, text, torch.zeros_like(mask))
+        torch.testing.assert_close(model.predict_v(x, coarse, t, text, mask, 1.0), cond)
+        torch.testing.assert_close(model.predict_v(x, coarse, t, text, mask, 3.0), 3 * cond - 2 * uncond,
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def real_data_checkpoints(tmp_path_factory, audio_dir, tiny_dac_dir, tiny_t5_dir):
+    """Tiny stage-1 (K = 1 and K = 9) and stage-2 checkpoints trained for 2 steps on real-data
+    tokens, with the tiny local T5 and DAC."""
+    root = tmp_path_factory.mktemp("runs")
+    tokens = str(root / "tokens")
+    datamod.preprocess(str(audio_dir), str(audio_dir / "captions.jsonl"), tokens, dac=datamod.load_dac(tiny_dac_dir),
+                       device="cpu", progress=False)
+    common = ["--data", tokens, "--t5", tiny_t5_dir, "--dac", tiny_dac_dir, "--steps", "2", "--batch-size", "2",
+              "--grad-accum", "1", "--frames", "64", "--warmup", "1"]
+    small = ["--layers", "1", "--d-model", "64", "--d-state", "16"]
+    trainmod.main([*common, *small, "--codebooks", "1", "--out", str(root / "k1")])
+    trainmod.main([*common, *small, "--codebooks", "9", "--out", str(root / "k9")])
+    trainmod.main([*common, "--stage", "2", "--out", str(root / "s2")])
+    return root
+
+
+def test_generate_two_stage_and_single_stage(real_data_checkpoints, tiny_dac_dir, tmp_path):
+    import soundfile as sf
+    from matplotlib.image import imread
+    root = real_data_checkpoints
+    seconds = 1.5
+    genmod.main(["a calm piano piece", "an energetic drum and bass track", "--ckpt", str(root / "k1" / "ckpt.pt"),
+                 "--stage2", str(root / "s2" / "ckpt.pt"), "--dac", tiny_dac_dir, "--seconds", str(seconds),
+                 "--stage2-steps", "4", "--out", str(tmp_path), "--top-k", "20"])
+    genmod.main(["a string quartet", "--ckpt", str(root / "k9" / "ckpt.pt"), "--dac", tiny_dac_dir,
+                 "--seconds", str(seconds), "--out", str(tmp_path)])
+    records = [json.loads(line) for line in open(tmp_path / "generations.jsonl")]
+    assert [r["codebooks"] for r in records] == [9, 9, 9]
+    for r in records:
+        assert {"prompt", "seed", "seconds", "frames", "cfg", "top_k", "temperature", "stage1_s", "decode_s", "wav",
+                "png", "codes"} <= set(r)
+        audio, sr = sf.read(r["wav"])
+        assert sr == SR and abs(len(audio) / sr - seconds) <= 512 / SR  # within one frame
+        assert 0.85 < np.abs(audio).max() <= 0.9  # peak-normalised to -1 dBFS, not clipped
+        assert imread(r["png"]).ndim == 3
+        codes = np.load(r["codes"])
+        assert codes.shape == (9, round(seconds * ssmttm.FRAME_RATE)) and codes.min() >= 0 and codes.max() < 1024
+    assert "stage2_s" in records[0] and "stage2_s" not in records[2]
+
+
+def test_generate_errors(real_data_checkpoints, tmp_path, capsys):
+    root = real_data_checkpoints
+    with pytest.raises(SystemExit, match="not found"):
+        genmod.main(["a piece", "--ckpt", str(tmp_path / "nope.pt")])
+    with pytest.raises(SystemExit, match="pass it with --stage2"):
+        genmod.main(["a piece", "--ckpt", str(root / "s2" / "ckpt.pt")])
+    with pytest.raises(SystemExit, match="already makes all 9"):
+        genmod.main(["a piece", "--ckpt", str(root / "k9" / "ckpt.pt"), "--stage2", str(root / "s2" / "ckpt.pt")])
+    with pytest.raises(SystemExit):
+        genmod.main(["a piece", "  ", "--ckpt", str(root / "k1" / "ckpt.pt")])
+    assert "prompt 2 is empty" in capsys.readouterr().err
+
+
+def test_generate_synthetic_checkpoint_prints_caption_score(tmp_path, capsys):
+    trainmod.main(tiny_train_args(tmp_path / "syn", "--steps", "2"))
+    genmod.main(["a calm slow piano piece in a major scale", "--ckpt", str(tmp_path / "syn" / "ckpt.pt"),
+                 "--seconds", "0.5", "--out", str(tmp_path / "gen")])
+    captured = capsys.readouterr()
+    assert "no audio to decode" in captured.err and "caption score" in captured.out
+    record = json.loads(open(tmp_path / "gen" / "generations.jsonl").readline())
+    assert 0.0 <= record["caption_score"] <= 1.0 and "wav" not in record

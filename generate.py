@@ -1,0 +1,218 @@
+"""Generate music from text with a trained ssmttm checkpoint.
+
+    python generate.py "a calm piano piece" "an energetic drum and bass track"
+    python generate.py --prompts prompts.txt --ckpt runs/stage1-prefix_simba-24L-k1/ckpt.pt \\
+        --stage2 runs/stage2/ckpt.pt --seconds 25 --out outputs/
+
+Stage 1 samples codebook 1 (K = 1) or all 9 codebooks (K = 9, delay pattern). With a K = 1
+checkpoint, --stage2 fills codebooks 2..9 by diffusion (the paper's two-stage design); without it
+codebook 1 is decoded alone (as in the paper's RQ1). Per prompt, OUT gets the codes (.npy), a
+44.1 kHz WAV decoded by DAC (peak-normalised to -1 dBFS, never clipped), a mel-spectrogram PNG,
+and a line in OUT/generations.jsonl with the prompt, seed, settings and timings.
+
+Checkpoints trained on the synthetic set have no audio behind their tokens: for them the codes are
+scored against the caption rules (data.caption_score) instead of decoded.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data as datamod
+import ssmttm
+from ssmttm import FRAME_RATE, ModelConfig, TextToMusicLM
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("prompts", nargs="*", help="text prompts")
+    ap.add_argument("--prompts", dest="prompts_file", help="file with one prompt per line")
+    ap.add_argument("--ckpt", help="stage-1 checkpoint (default: the newest under runs/)")
+    ap.add_argument("--stage2", help="stage-2 checkpoint: fills codebooks 2..9 of a K = 1 model")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--out", default="outputs")
+    ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (stage 1)")
+    ap.add_argument("--top-k", type=int, default=250)
+    ap.add_argument("--temperature", type=float, default=1.2)
+    ap.add_argument("--stage2-steps", type=int, default=100)
+    ap.add_argument("--stage2-cfg", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--t5", help="local Flan-T5 folder, instead of the name saved in the checkpoint")
+    ap.add_argument("--dac", help="DAC name or local folder (default: the one the data was encoded with)")
+    ap.add_argument("--no-cuda-graph", action="store_true", help="decode step by step without a CUDA graph")
+    args = ap.parse_args(argv)
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        if not os.path.exists(args.prompts_file):
+            ap.error(f"--prompts {args.prompts_file}: file not found")
+        prompts += [line.rstrip("\n") for line in open(args.prompts_file) if line.strip()]
+    if not prompts:
+        ap.error("no prompt given (as arguments or with --prompts FILE)")
+    for i, p in enumerate(prompts, 1):
+        if not p.strip():
+            ap.error(f"prompt {i} is empty")
+    args.prompts = [p.strip() for p in prompts]
+    if args.seconds <= 0:
+        ap.error("--seconds must be positive")
+    if args.batch_size < 1:
+        ap.error("--batch-size must be at least 1")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def newest_checkpoint(kind="stage1", root="runs"):
+    paths = [p for p in glob.glob(os.path.join(root, "*", "ckpt.pt"))]
+    paths = [p for p in sorted(paths, key=os.path.getmtime, reverse=True) if read_checkpoint(p)["kind"] == kind]
+    if not paths:
+        sys.exit(f"no {kind} checkpoint under {root}/: train one (python train.py --layers 6) or pass --ckpt PATH")
+    return paths[0]
+
+
+def read_checkpoint(path, kind=None):
+    if not os.path.exists(path):
+        sys.exit(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        sys.exit(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})")
+    if not isinstance(ckpt, dict) or "kind" not in ckpt or "model" not in ckpt:
+        sys.exit(f"{path}: not an ssmttm checkpoint")
+    if kind and ckpt["kind"] != kind:
+        sys.exit(f"{path} is a {ckpt['kind']} checkpoint, not {kind}" +
+                 (": pass it with --stage2" if ckpt["kind"] == "stage2" else ""))
+    return ckpt
+
+
+def slug(text, n=6):
+    return "-".join(re.findall(r"[a-z0-9]+", text.lower())[:n]) or "prompt"
+
+
+def peak_normalise(audio, peak_db=-1.0):
+    peak = np.abs(audio).max()
+    return audio if peak == 0 else audio * (10 ** (peak_db / 20) / peak)
+
+
+def save_mel_png(audio, path, title):
+    """Log-mel spectrogram (128 bands, 0-16 kHz), the view of the paper's Figure 3."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from transformers.audio_utils import mel_filter_bank
+    n_fft, hop = 2048, 512
+    spec = torch.stft(torch.from_numpy(audio), n_fft, hop, window=torch.hann_window(n_fft), return_complex=True).abs() ** 2
+    mel = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=128, min_frequency=0.0,
+                          max_frequency=16000.0, sampling_rate=datamod.SAMPLE_RATE, norm="slaney", mel_scale="slaney")
+    db = 10 * np.log10(np.maximum(mel.T @ spec.numpy(), 1e-10))
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.imshow(db, origin="lower", aspect="auto", cmap="magma", vmin=db.max() - 80,
+              extent=[0, len(audio) / datamod.SAMPLE_RATE, 0, 128])
+    ax.set(xlabel="time (s)", ylabel="mel band", title=title[:100])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    ckpt_path = args.ckpt or newest_checkpoint()
+    ckpt = read_checkpoint(ckpt_path, "stage1")
+    cfg = ModelConfig(**ckpt["config"])
+    model = TextToMusicLM(cfg)
+    model.load_state_dict(ckpt["model"])
+    model = ssmttm.for_inference(model.to(device), dtype)
+    synthetic = ckpt["text_encoder"]["kind"] == "words"
+    text_encoder = datamod.load_text_encoder(ckpt["text_encoder"], device, args.t5)
+
+    stage2 = stage2_encoder = codec = None
+    if args.stage2:
+        if cfg.n_codebooks != 1:
+            sys.exit(f"--stage2 fills codebooks 2..9 of a K = 1 model; {ckpt_path} already makes all {cfg.n_codebooks}")
+        ck2 = read_checkpoint(args.stage2, "stage2")
+        stage2 = ssmttm.Stage2Diffusion(ssmttm.Stage2Config(**ck2["config"]))
+        stage2.load_state_dict(ck2["model"])
+        stage2 = stage2.to(device).eval()
+        codec = datamod.load_codec(ck2["codec"], device, args.dac)
+        stage2.attach_codec(codec)
+        stage2_encoder = (text_encoder if ck2["text_encoder"] == ckpt["text_encoder"]
+                          else datamod.load_text_encoder(ck2["text_encoder"], device, args.t5))
+    if not synthetic and codec is None:
+        codec = datamod.load_dac(args.dac or ckpt["args"].get("dac") or "descript/dac_44khz", device)
+
+    n_frames = round(args.seconds * FRAME_RATE)
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "generations.jsonl")
+    done = sum(1 for _ in open(log_path)) if os.path.exists(log_path) else 0
+    use_graph = device == "cuda" and "self_attn" not in ssmttm.LAYOUTS[cfg.variant] and not args.no_cuda_graph
+    print(f"{cfg.variant}, {cfg.n_layers} blocks, K = {cfg.n_codebooks} ({ckpt_path}, step {ckpt['step']})"
+          f"{' + stage 2' if stage2 else ''} | {len(args.prompts)} prompt(s), {args.seconds:g} s = {n_frames} frames"
+          f" | {device}", file=sys.stderr)
+    if synthetic:
+        print("synthetic-data checkpoint: its tokens are not DAC codes of music, so there is no audio to "
+              "decode; each sample is scored against its caption's rules instead", file=sys.stderr)
+
+    for b0 in range(0, len(args.prompts), args.batch_size):
+        prompts = args.prompts[b0:b0 + args.batch_size]
+        seed = args.seed + b0 // args.batch_size
+        timings = {}
+        text, mask = text_encoder(prompts)
+        g = torch.Generator(device=device).manual_seed(seed)
+        t0 = time.time()
+        codes = model.generate(text, mask, n_frames, cfg_scale=args.cfg, top_k=args.top_k, temperature=args.temperature,
+                               generator=g, cuda_graph=use_graph, progress=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        timings["stage1_s"] = time.time() - t0
+        if stage2 is not None:
+            t0 = time.time()
+            text2, mask2 = stage2_encoder(prompts)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                codes = stage2.generate(codes[:, 0], text2, mask2, steps=args.stage2_steps, cfg_scale=args.stage2_cfg,
+                                        generator=g, progress=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            timings["stage2_s"] = time.time() - t0
+        audio = None
+        if not synthetic:
+            t0 = time.time()
+            with torch.no_grad():
+                audio = codec.decode(audio_codes=codes).audio_values.float().cpu().numpy()
+            timings["decode_s"] = time.time() - t0
+        for i, prompt in enumerate(prompts):
+            name = f"{done:04d}-{slug(prompt)}"
+            done += 1
+            base = os.path.join(args.out, name)
+            c = codes[i].cpu().numpy().astype(np.int16)
+            np.save(base + ".npy", c)
+            record = {"prompt": prompt, "seed": seed, "row": i, "seconds": args.seconds, "frames": n_frames,
+                      "codebooks": int(c.shape[0]), "ckpt": ckpt_path, "stage2": args.stage2, "cfg": args.cfg,
+                      "top_k": args.top_k, "temperature": args.temperature, "codes": base + ".npy", **timings}
+            if stage2 is not None:
+                record.update(stage2_steps=args.stage2_steps, stage2_cfg=args.stage2_cfg)
+            if synthetic:
+                record["caption_score"] = datamod.caption_score(c, prompt)
+                print(f"{name}: caption score {record['caption_score']:.3f}  ({prompt})")
+            else:
+                import soundfile as sf
+                wav = peak_normalise(audio[i][:n_frames * datamod.HOP])
+                sf.write(base + ".wav", wav, datamod.SAMPLE_RATE, subtype="PCM_16")
+                save_mel_png(wav, base + ".png", prompt)
+                record.update(wav=base + ".wav", png=base + ".png")
+                print(f"{name}: {base}.wav")
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

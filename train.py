@@ -1,0 +1,326 @@
+"""Train ssmttm: a plain loop, one file.
+
+    python train.py --layers 6                          # Prefix SiMBA on the built-in synthetic data
+    python train.py --data data/jamendo --layers 24     # the paper's setting on preprocessed real data
+    python train.py --data data/jamendo --stage 2       # the stage-2 diffusion model (codebooks 2..9)
+    torchrun --nproc_per_node 4 train.py --data ...     # several GPUs (DDP, NCCL; gloo on CPU)
+
+Every setting left unset comes from a preset: the paper's (AdamW 1e-4, weight decay 0.02, betas
+0.9/0.999, cosine schedule after 100 warm-up steps, batch 4 x 32 accumulation, dropout 0.3, clip
+1.0, 30 s clips, d_model 1024, d_state 512) with --data, or a small demo of it on the synthetic set
+(see SYNTHETIC below) so that it visibly learns in minutes on a laptop CPU. The resolved settings
+are printed and saved to OUT/config.json.
+
+OUT/ckpt.pt holds the model config, weights, optimizer, scheduler, step and RNG states (written to
+a temporary file, then renamed); --resume continues exactly where it stopped. OUT/metrics.csv logs
+step, loss, lr, grad norm, audio tokens/s and, on the synthetic set, the caption score of samples.
+"""
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data as datamod
+import ssmttm
+from ssmttm import LAYOUTS, ModelConfig, TextToMusicLM, delay_pattern
+
+PAPER = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dropout=0.3, d_model=1024,
+             d_state=512, headdim=64, n_heads=8, frames=datamod.CLIP_FRAMES, eval_every=0, ckpt_every=1000)
+SYNTHETIC = dict(batch_size=16, grad_accum=1, lr=1e-3, warmup=30, steps=300, dropout=0.1, d_model=256,
+                 d_state=64, headdim=32, n_heads=4, frames=128, eval_every=100, ckpt_every=100)
+RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "t5", "dac"}
+METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "caption_score"]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="preprocessed folder from data.py (default: the synthetic set)")
+    ap.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: the LM; 2: the diffusion model")
+    ap.add_argument("--variant", choices=list(LAYOUTS), default="prefix_simba")
+    ap.add_argument("--layers", type=int, default=24, help="LM blocks N (paper: 24; RQ3: 12, 6)")
+    ap.add_argument("--codebooks", type=int, choices=[1, 9], default=1, help="1: coarse stage 1; 9: single stage")
+    ap.add_argument("--steps", type=int, help="optimizer steps in all")
+    ap.add_argument("--batch-size", type=int, help="sequences per micro-batch, per process")
+    ap.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay")
+    ap.add_argument("--weight-decay", type=float, default=0.02)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--dropout", type=float)
+    ap.add_argument("--cfg-dropout", type=float, help="probability that a caption is replaced by the null "
+                    "condition, for classifier-free guidance (default 0.1 for stage 1, 0.2 for stage 2)")
+    ap.add_argument("--d-model", type=int)
+    ap.add_argument("--d-state", type=int)
+    ap.add_argument("--frames", type=int, help="frames per training sequence (30 s = 2584)")
+    ap.add_argument("--out", help="run folder (default: runs/<stage>-<variant>-<N>L-k<K>[-synthetic])")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out")
+    ap.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this invocation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--t5", default="google/flan-t5-base", help="Flan-T5 name or local folder (real data)")
+    ap.add_argument("--dac", default="descript/dac_44khz", help="DAC name or local folder (stage 2, real data)")
+    ap.add_argument("--eval-every", type=int, help="steps between caption-score evaluations (synthetic set)")
+    ap.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    ap.add_argument("--log-every", type=int, default=1)
+    args = ap.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None and v is not False and ap.get_default(k) != v}
+    preset = PAPER if args.data else SYNTHETIC
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.cfg_dropout is None:
+        args.cfg_dropout = 0.1 if args.stage == 1 else 0.2
+    if args.out is None:
+        name = f"stage1-{args.variant}-{args.layers}L-k{args.codebooks}" if args.stage == 1 else "stage2"
+        args.out = os.path.join("runs", name + ("" if args.data else "-synthetic"))
+    for k in ("steps", "batch_size", "grad_accum", "layers", "frames", "d_model", "d_state"):
+        if getattr(args, k) < 1:
+            ap.error(f"--{k.replace('_', '-')} must be at least 1")
+    return args, given
+
+
+def lr_at(step, args):
+    """Linear warm-up, then cosine decay to zero at args.steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_indices(step, micro, args, rank, world, n_examples):
+    """Example indices of one micro-batch of one process: a pure function of (seed, step, micro,
+    rank), so a resumed run reads what an uninterrupted one would, and W processes with batch b
+    read what one process with batch W*b would."""
+    first = ((step * args.grad_accum + micro) * world + rank) * args.batch_size
+    positions = np.arange(first, first + args.batch_size)
+    if n_examples is None:  # the synthetic set is endless
+        return positions
+    epoch = positions // n_examples
+    return np.array([np.random.default_rng([args.seed, e]).permutation(n_examples)[p % n_examples]
+                     for e, p in zip(epoch, positions)])
+
+
+def caption_keep(step, micro, args, rank, world):
+    """True where a sequence keeps its caption (else: the null condition), per global position."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + micro)
+    keep = torch.rand(world * args.batch_size, generator=g) >= args.cfg_dropout
+    return keep[rank * args.batch_size:(rank + 1) * args.batch_size]
+
+
+def atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def build_model(args, device):
+    if args.stage == 1:
+        cfg = ModelConfig(variant=args.variant, n_layers=args.layers, d_model=args.d_model, d_state=args.d_state,
+                          headdim=args.headdim, n_heads=args.n_heads, d_ff=2 * args.d_model, dropout=args.dropout,
+                          n_codebooks=args.codebooks)
+        return TextToMusicLM(cfg).to(device), asdict(cfg)
+    cfg = ssmttm.Stage2Config(**({} if args.data else ssmttm.Stage2Config.small()))
+    return ssmttm.Stage2Diffusion(cfg).to(device), asdict(cfg)
+
+
+def evaluate_captions(model, dataset, text_encoder, args, device, n=8):
+    """Mean caption score of low-temperature generations for held-out synthetic captions."""
+    captions = dataset.captions(n)
+    text, mask = text_encoder(captions)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    codes = model.generate(text, mask, min(args.frames, 128), cfg_scale=3.0, top_k=50, temperature=0.3, generator=g)
+    return float(np.mean([datamod.caption_score(c.cpu().numpy(), cap) for c, cap in zip(codes, captions)]))
+
+
+def main(argv=None):
+    args, given = parse_args(argv)
+
+    # Processes: one per GPU under torchrun (or gloo processes on CPU), else just this one.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+
+    # A resumed run takes its settings from the checkpoint; only runtime flags may change.
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = ckpt["args"]
+        changed = [k for k in given if k not in RUNTIME | {"resume", "out"} and saved.get(k) != getattr(args, k)]
+        if changed:
+            sys.exit(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
+                     f"checkpoint's settings; only {', '.join(sorted(RUNTIME))} can change on resume")
+        for k, v in saved.items():
+            if k not in given or k not in RUNTIME:
+                setattr(args, k, v)
+        args.device, args.resume = device.split(":")[0], True
+    elif os.path.exists(ckpt_path):
+        sys.exit(f"{ckpt_path} exists (step {torch.load(ckpt_path, map_location='cpu', weights_only=False)['step']}): "
+                 "pass --resume to continue it, or --out to start another run")
+
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+
+    # Data and text encoder
+    if args.data:
+        dataset = datamod.TokenDataset(args.data)
+        n_examples = len(dataset)
+        text_encoder = datamod.T5TextEncoder(args.t5, device=device)
+    else:
+        dataset = datamod.SyntheticMusic(n_frames=args.frames, seed=args.seed)
+        n_examples = None
+        text_encoder = datamod.WordEncoder(device=device)
+    frames = min(args.frames, dataset.n_frames)
+
+    # Model and optimizer
+    model, model_config = build_model(args, device)
+    dac_spec = None
+    if args.stage == 2:
+        dac_spec = {"kind": "synthetic"} if not args.data else {"kind": "dac", "name": args.dac}
+        model.attach_codec(datamod.load_codec(dac_spec, device, args.dac))
+    optimizer = model.configure_optimizers(args.lr, args.weight_decay, (0.9, 0.999), device.split(":")[0])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, args) / args.lr)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step = ckpt["step"]
+        rng = ckpt["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and device.startswith("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+    elif args.stage == 2:  # per-codebook latent statistics of the training data, kept in the model
+        codes, _ = dataset.batch(np.arange(min(64, n_examples or 64)))
+        model.set_latent_stats(codes[..., :frames].to(device))
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
+    n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    say(f"{'stage 1 ' + args.variant if args.stage == 1 else 'stage 2 diffusion'}: {n_params / 1e6:.1f} M parameters, "
+        f"{args.layers if args.stage == 1 else ''}{' blocks, ' if args.stage == 1 else ''}d_model {args.d_model} | "
+        f"data: {args.data or 'synthetic'} | {world} x {device} | batch {args.batch_size} x {args.grad_accum} "
+        f"x {world} of {frames} frames | lr {args.lr} | {args.steps} steps | out {args.out}")
+
+    # Run folder: resolved config, metrics (cut back to the checkpoint's step on resume)
+    metrics_path = os.path.join(args.out, "metrics.csv")
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        datamod.atomic_write_text(os.path.join(args.out, "config.json"),
+                                  json.dumps({"args": vars(args), "model": model_config}, indent=1))
+        old = list(csv.DictReader(open(metrics_path))) if (ckpt and os.path.exists(metrics_path)) else []
+        with open(metrics_path, "w", newline="") as f:
+            w = csv.DictWriter(f, METRICS, lineterminator="\n")
+            w.writeheader()
+            w.writerows(r for r in old if int(r["step"]) <= step)
+
+    def save():
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if master:
+            atomic_save({"kind": f"stage{args.stage}", "config": model_config, "model": raw_model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                         "rng": rngs, "args": vars(args), "text_encoder": text_encoder.spec, "codec": dac_spec},
+                        ckpt_path)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=step, unit="step", disable=not master, dynamic_ncols=True)
+    last_saved, first_step, t_start = step, step, time.time()
+    try:
+        while step < args.steps and (args.stop_after is None or step - first_step < args.stop_after):
+            t0 = time.time()
+            model.train()
+            total = torch.zeros((), device=device)
+            for micro in range(args.grad_accum):
+                codes, captions = dataset.batch(batch_indices(step, micro, args, rank, world, n_examples))
+                codes = codes[..., :frames].to(device)
+                text, mask = text_encoder(captions)
+                mask = mask & caption_keep(step, micro, args, rank, world).to(device)[:, None]  # the null condition
+                sync = world == 1 or micro == args.grad_accum - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                    if args.stage == 1:
+                        _, loss = model(delay_pattern(codes[:, :args.codebooks]), text, mask)
+                    else:
+                        loss = model(codes, text, mask)
+                (loss / args.grad_accum).backward()
+                total += loss.detach() / args.grad_accum
+            if world > 1:
+                dist.all_reduce(total, op=dist.ReduceOp.AVG)
+            loss_value = total.item()
+            if not math.isfinite(loss_value):
+                kept = (f"the last good checkpoint is {ckpt_path} (step {last_saved})" if os.path.exists(ckpt_path)
+                        else "no checkpoint was written yet")
+                say(f"\nstep {step}: the loss is {loss_value}, stopping; {kept}")
+                sys.exit(1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip).item()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.time() - t0
+            tok_s = args.batch_size * args.grad_accum * world * frames / dt
+            score = ""
+            if args.eval_every and step % args.eval_every == 0 and args.stage == 1 and not args.data and master:
+                score = evaluate_captions(raw_model, dataset, text_encoder, args, device)
+            if master:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}", **({"score": f"{score:.2f}"} if score != "" else {}))
+                if step % args.log_every == 0 or score != "":
+                    with open(metrics_path, "a", newline="") as f:
+                        csv.writer(f, lineterminator="\n").writerow([step, f"{loss_value:.6f}", f"{lr:.3e}", f"{grad_norm:.4f}",
+                                                f"{tok_s:.1f}", f"{time.time() - t_start:.1f}",
+                                                "" if score == "" else f"{score:.4f}"])
+            if step % args.ckpt_every == 0 or step == args.steps:
+                save()
+                last_saved = step
+        if last_saved != step:
+            save()
+    except KeyboardInterrupt:
+        if step != last_saved:
+            save()
+        say(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}; continue with --resume --out {args.out}")
+        sys.exit(130)
+    finally:
+        bar.close()
+    say(f"done: step {step}, loss {loss_value:.4f}, checkpoint {ckpt_path}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
