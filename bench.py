@@ -207,8 +207,8 @@ def bench_decoding(device, n_layers, positions, seconds=(10, 25), baseline=True)
     """Per setup, one model: ms per step at fixed positions, then seconds for 10 s and 25 s of
     coarse tokens (1 prompt with guidance, top-k 250, temperature 1.2)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    setups = [("prefix_simba", "eager"), ("prefix_simba", "graph"), ("prefix_simba", "compile+graph"),
-              ("cross_transformer", "eager")] + ([("prefix_simba", "recompute")] if baseline else [])
+    setups = [("prefix_simba", "graph"), ("prefix_simba", "eager"), ("cross_transformer", "eager")] + \
+        ([("prefix_simba", "recompute")] if baseline else []) + [("prefix_simba", "compile+graph")]
     for variant, mode in setups:
         if device != "cuda" and "graph" in mode:
             continue
