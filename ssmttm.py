@@ -126,16 +126,17 @@ class Mamba2State:
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(y * silu(z)) * weight, computed in float32: Mamba-2's norm before out_proj."""
+    """RMSNorm(y * silu(z)) * weight over each of `groups` channel groups, in float32: Mamba-2's
+    norm before out_proj."""
 
-    def __init__(self, d, eps=1e-5):
+    def __init__(self, d, groups=1, eps=1e-5):
         super().__init__()
-        self.eps = eps
+        self.eps, self.groups = eps, groups
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, y, z):
-        y = y.float() * F.silu(z.float())
-        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps)
+        y = (y.float() * F.silu(z.float())).unflatten(-1, (self.groups, -1))
+        y = (y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
         return (y * self.weight.float()).to(z.dtype)
 
 
@@ -172,7 +173,7 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(self.nheads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
-        self.norm = GatedRMSNorm(self.d_inner)
+        self.norm = GatedRMSNorm(self.d_inner, ngroups)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
     def _kernels(self, t):
@@ -238,10 +239,8 @@ class Mamba2(nn.Module):
     def _ssd(self, x, dt, A, B, C, initial_state):
         """y (b, l, h, p) and the final state, by the Triton kernel or by ssd_reference (in fp32)."""
         if self._kernels(x):
-            y, final = mamba_chunk_scan_combined(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias,
-                                                 dt_softplus=True, initial_states=initial_state,
-                                                 return_final_states=True)
-            return y, final
+            return mamba_chunk_scan_combined(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                                             dt_softplus=True, initial_states=initial_state, return_final_states=True)
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
@@ -507,11 +506,7 @@ class TextToMusicLM(nn.Module):
     def configure_optimizers(self, lr, weight_decay, betas, device_type):
         """AdamW; weight decay on matrices (and conv kernels) only: not on norms, biases, dt_bias,
         A_log or D."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
-        no_decay = [p for p in params if not (p.dim() >= 2 and not getattr(p, "_no_weight_decay", False))]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+        return adamw(self, lr, weight_decay, betas, device_type)
 
     # --------------------------------------------------------------------------------------------
     # 6. Generation
@@ -550,9 +545,7 @@ class TextToMusicLM(nn.Module):
             from tqdm import tqdm
             iterator = tqdm(iterator, desc="stage 1", unit="step", leave=False)
         for s in iterator:
-            if not recurrent:  # the whole sequence again
-                logits = self.logits(torch.cat([begin, steps[..., :s].repeat(copies, 1, 1)], -1), text, text_mask)
-            elif s == n_prompt:  # prefill: text, begin step and prompt in one pass
+            if cache is None or s == n_prompt:  # the whole sequence so far: the prefill, or recompute
                 logits = self.logits(torch.cat([begin, steps[..., :s].repeat(copies, 1, 1)], -1), text, text_mask, cache)
             else:  # one step from the states
                 tokens = steps[..., s - 1:s].repeat(copies, 1, 1)
@@ -589,12 +582,22 @@ class TextToMusicLM(nn.Module):
         with torch.cuda.graph(graph):
             static_logits = step(static_tokens, cache)
 
-        def replay(tokens, cache_):
+        def replay(tokens, _cache):  # the graph already holds the cache's tensors
             static_tokens.copy_(tokens)
             graph.replay()
             return static_logits
 
         return replay
+
+
+def adamw(model, lr, weight_decay, betas, device_type):
+    """AdamW with weight decay on matrices and conv kernels only (not on norms, biases, or the
+    parameters marked _no_weight_decay: Mamba-2's dt_bias, A_log, D); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decays = lambda p: p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)
+    groups = [{"params": [p for p in params if decays(p)], "weight_decay": weight_decay},
+              {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
 def for_inference(model, dtype):
@@ -845,7 +848,4 @@ class Stage2Diffusion(nn.Module):
         return self.codes_from_latents(fine, coarse_codes)
 
     def configure_optimizers(self, lr, weight_decay, betas, device_type):
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+        return adamw(self, lr, weight_decay, betas, device_type)

@@ -104,8 +104,9 @@ def mamba_layer(seed=0, **kw):
     return layer
 
 
-def test_mamba2_prefill_then_steps_equals_forward():
-    layer = mamba_layer()
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_mamba2_prefill_then_steps_equals_forward(ngroups):
+    layer = mamba_layer(ngroups=ngroups)
     u = torch.randn(2, 41, 32, dtype=torch.float64)
     full = layer(u)
     state = layer_state(layer, 2)
@@ -303,13 +304,13 @@ def test_optimizer_groups_exclude_norms_biases_and_ssm_scalars():
 # ------------------------------------------------------------------------------------------------
 # GPU: the fused mamba-ssm kernels against the reference (skipped without CUDA and mamba-ssm).
 # Errors are ||a - b|| / ||b|| against a float64 copy of the same layer on the reference path.
-# Tolerances: about 3x the errors measured on an H200 (README, "Verification"); the kernels run
-# their matrix products in TF32 even for fp32 inputs, hence ~1e-3 rather than ~1e-6 in fp32.
+# Tolerances: 3-5x the errors measured on an H200 (README, "Verification"); the kernels run their
+# matrix products in TF32 even for fp32 inputs, hence ~1e-4 rather than ~1e-7 in fp32.
 
 HAS_KERNELS = torch.cuda.is_available() and ssmttm.mamba_chunk_scan_combined is not None
 gpu = pytest.mark.skipif(not HAS_KERNELS, reason="needs CUDA and mamba-ssm (pip install -r requirements-gpu.txt)")
-TOLERANCE = {"fp32": {"out": 5e-3, "state": 5e-3, "grad": 1e-2},
-             "bf16": {"out": 3e-2, "state": 3e-2, "grad": 6e-2}}
+TOLERANCE = {"fp32": {"out": 1e-3, "state": 3e-3, "grad": 5e-3},
+             "bf16": {"out": 2e-2, "state": 1.5e-2, "grad": 2.5e-2}}
 
 
 def rel_err(a, b):
@@ -736,3 +737,13 @@ def test_generate_synthetic_checkpoint_prints_caption_score(tmp_path, capsys):
     assert "no audio to decode" in captured.err and "caption score" in captured.out
     record = json.loads(open(tmp_path / "gen" / "generations.jsonl").readline())
     assert 0.0 <= record["caption_score"] <= 1.0 and "wav" not in record
+
+
+def test_gated_rmsnorm_normalises_each_group_after_the_gate():
+    norm = ssmttm.GatedRMSNorm(8, groups=2)
+    with torch.no_grad():
+        norm.weight.normal_()
+    y, z = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    g = (y * z * torch.sigmoid(z)).view(3, 2, 4)
+    want = (g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5)).view(3, 8) * norm.weight.double()
+    torch.testing.assert_close(norm(y, z), want)

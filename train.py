@@ -178,7 +178,8 @@ def main(argv=None):
                 setattr(args, k, v)
         args.device, args.resume = device.split(":")[0], True
     elif os.path.exists(ckpt_path):
-        sys.exit(f"{ckpt_path} exists (step {torch.load(ckpt_path, map_location='cpu', weights_only=False)['step']}): "
+        step = torch.load(ckpt_path, map_location='cpu', weights_only=False, mmap=True)['step']
+        sys.exit(f"{ckpt_path} exists (step {step}): "
                  "pass --resume to continue it, or --out to start another run")
 
     torch.manual_seed(args.seed + rank)
