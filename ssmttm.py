@@ -624,7 +624,7 @@ def sample_next(logits, cfg_scale=1.0, top_k=250, temperature=1.0, generator=Non
     logits = logits.float()
     if cfg_scale != 1.0:
         logits = classifier_free_guidance(*logits.chunk(2), cfg_scale)
-    logits = logits.index_fill(-1, torch.tensor([SPECIAL], device=logits.device), -torch.inf)
+    logits = logits[..., :SPECIAL]  # only real codes can be sampled; the indices stay the ids
     if top_k == 1 or temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
