@@ -8,7 +8,7 @@ Sections:
   train     training step (forward, backward, clip, fused AdamW) at the paper's shape: 24 blocks,
             d_model 1024, d_state 512, 30 s = 2584 frames + a 64-token text prefix, bf16 autocast
   layer     one Mamba-2 layer, fused kernels vs the ssd_reference path, forward + backward
-  decode    stage-1 decoding, 1 prompt + guidance (2 rows): ms per step at positions 100, 1000, 2500,
+  decode    stage-1 decoding, 1 prompt + guidance (2 rows): ms per frame at positions 100, 1000, 2500,
             and seconds for 10 s and 25 s of coarse tokens (top-k 250, temperature 1.2, guidance 3)
   stage2    seconds for 100 denoising steps of the stage-2 model on 25 s
   pipeline  the whole path at the paper's size: data.py -> train.py (stages 1 and 2) -> generate.py,
@@ -186,9 +186,11 @@ def paper_model(variant, n_layers, device, dtype):
 
 
 def decode_ms(model, position, mode, device, iters=50):
-    """ms per decoding step at a position: the state after `position` steps, then time more steps.
+    """ms per generated frame at a position: the state after `position` steps, then time frames, each
+    one model step plus guidance, top-k sampling and writing the token (what generate() repeats).
     mode: eager | graph | compile+graph | recompute (a full forward over position+1 steps)."""
-    codes, text, mask = batch_inputs(2, position, model.cfg.n_codebooks, device, seed=1)
+    K, warmup = model.cfg.n_codebooks, 3
+    codes, text, mask = batch_inputs(2, position, K, device, seed=1)
     mask[1] = False  # row 2: the null condition of guidance
     begin = torch.full_like(codes[..., :1], ssmttm.SPECIAL)
     tokens = torch.cat([begin, codes], -1)
@@ -196,42 +198,91 @@ def decode_ms(model, position, mode, device, iters=50):
     with torch.no_grad():
         if mode == "recompute":
             return timer(lambda: model.logits(tokens, text, mask), 5, 2)
-        cache = ssmttm.InferenceCache(model, 2, position + iters + 16, device, next(model.parameters()).dtype)
+        n_steps = position + iters + warmup + 8
+        steps = torch.full((1, K, n_steps), ssmttm.SPECIAL, device=device)
+        steps[..., :position] = codes[:1]
+        fixed = torch.zeros_like(steps, dtype=torch.bool)
+        cache = ssmttm.InferenceCache(model, 2, n_steps + 1, device, next(model.parameters()).dtype)
         model.logits(tokens[..., :-1], text, mask, cache)
-        step = model._decoder(cache, tokens[..., -1:], cuda_graph="graph" in mode, compile="compile" in mode)
-        one = tokens[..., -1:]
-        return timer(lambda: step(one, cache), iters, 3)
+        pos = torch.full((1,), position, device=device)
+        sampling = dict(cfg_scale=3.0, top_k=250, temperature=1.2, generator=None)
+        frame = model._decoder(cache, steps, pos, fixed, 2, sampling, "graph" in mode,
+                               "compile" in mode or "autotune" in mode)
+        return timer(frame, iters, warmup)
 
 
-def bench_decoding(device, n_layers, positions, seconds=(10, 25), baseline=True):
-    """Per setup, one model: ms per step at fixed positions, then seconds for 10 s and 25 s of
-    coarse tokens (1 prompt with guidance, top-k 250, temperature 1.2)."""
+DECODE_SETUPS = ("prefix_simba:graph", "prefix_simba:compile+graph", "prefix_simba:unfused+graph", "prefix_simba:eager",
+                 "cross_transformer:eager", "prefix_simba:recompute")
+
+
+def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(10, 25), full_baseline=False):
+    """Per setup (variant:mode), one model: ms per frame at fixed positions, then seconds for 10 s
+    and 25 s of coarse tokens (1 prompt with guidance, top-k 250, temperature 1.2). Modes: eager,
+    graph (the step's fused kernels.linear_rows, replayed as one CUDA graph), unfused+graph (plain
+    PyTorch ops in the graph), compile+graph (torch.compile's fusion instead), autotune+graph
+    (inductor's max-autotune for the step's matmuls), recompute."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    setups = [("prefix_simba", "graph"), ("prefix_simba", "eager"), ("cross_transformer", "eager")] + \
-        ([("prefix_simba", "recompute")] if baseline else []) + [("prefix_simba", "compile+graph")]
-    for variant, mode in setups:
+    for setup in setups:
+        variant, mode = setup.split(":")
         if device != "cuda" and "graph" in mode:
             continue
         model = paper_model(variant, n_layers, device, dtype)
+        ssmttm.Block.use_decode_kernels = mode != "unfused+graph"
+        if mode == "autotune+graph":
+            model._compiled_step = torch.compile(model.step, dynamic=False, mode="max-autotune-no-cudagraphs")
         row = {"section": "decode", "variant": variant, "mode": mode}
         try:
             for p in positions:
-                row[f"ms/step @{p}"] = decode_ms(model, p, mode, device)
+                row[f"ms/frame @{p}"] = decode_ms(model, p, mode, device)
             _, text, mask = batch_inputs(1, 1, 1, device, seed=2)
-            kw = dict(recurrent=mode != "recompute", cuda_graph="graph" in mode, compile="compile" in mode)
+            kw = dict(recurrent=mode != "recompute", cuda_graph="graph" in mode,
+                      compile="compile" in mode or "autotune" in mode)
             t0 = time.perf_counter()
             model.generate(text, mask, 8, **kw)  # warm-up: compilation, autotuning, graph capture
             row["warm-up s"] = time.perf_counter() - t0
-            for sec in seconds if mode != "recompute" else seconds[:1]:  # the baseline: 10 s only
+            # the baseline takes minutes for 25 s: 10 s only unless asked
+            for sec in seconds if mode != "recompute" or full_baseline else seconds[:1]:
                 n = round(sec * ssmttm.FRAME_RATE) if device == "cuda" else 20
                 g = torch.Generator(device=device).manual_seed(0)
                 row[f"s for {sec}s"] = wall_time(lambda: model.generate(text, mask, n, generator=g, **kw), 1, 0) / 1e3
         except Exception as e:  # report, keep going
             row["error"] = f"{type(e).__name__}: {e}"[:160]
         emit(row)
+        ssmttm.Block.use_decode_kernels = True
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def profile_decoding(n_layers, mode="graph", frames=20, rows=30):
+    """Kernels of the graphed decoding frame of Prefix SiMBA (torch.profiler sees inside graph
+    replays): how many per frame, and which take the time. mode: graph or compile+graph."""
+    from torch.profiler import ProfilerActivity, profile
+    model = paper_model("prefix_simba", n_layers, "cuda", torch.bfloat16)
+    timer_ms = decode_ms(model, 100, mode, "cuda")  # also compiles, if mode says so
+    K = model.cfg.n_codebooks
+    steps = torch.full((1, K, 200), ssmttm.SPECIAL, device="cuda")
+    steps[..., :100] = 0
+    cache = ssmttm.InferenceCache(model, 2, 201, "cuda", torch.bfloat16)
+    pos = torch.full((1,), 100, device="cuda")
+    sampling = dict(cfg_scale=3.0, top_k=250, temperature=1.2, generator=None)
+    frame = model._decoder(cache, steps, pos, torch.zeros_like(steps, dtype=torch.bool), 2, sampling, True,
+                           "compile" in mode)
+    frame()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(frames):
+            frame()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    n_kernels = sum(e.count for e in events) / frames
+    busy_us = sum(e.self_device_time_total for e in events) / frames
+    print(f"\n### decoding profile ({mode}): {n_kernels:.0f} kernels per frame, {busy_us / 1e3:.3f} ms busy, "
+          f"{timer_ms:.3f} ms per frame (CUDA events)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90))
+    emit({"section": "decode profile", "mode": mode, "kernels/frame": n_kernels, "GPU busy ms/frame": busy_us / 1e3,
+          "ms/frame": timer_ms})
 
 
 def bench_stage2(device):
@@ -366,7 +417,7 @@ def print_table(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="train,layer,decode,stage2",
-                    help="comma-separated sections (train, profile, layer, decode, stage2, pipeline, cpu)")
+                    help="comma-separated sections (train, profile, layer, decode, decode-profile, stage2, pipeline, cpu)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
     ap.add_argument("--variants", default=",".join(LAYOUTS))
     ap.add_argument("--batches", default="4,16")
@@ -374,7 +425,10 @@ def main():
     ap.add_argument("--chunk-sizes", default="256")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--no-mem-eff", action="store_true", help="Mamba-2 training without the fused mem-efficient path")
-    ap.add_argument("--no-baseline", action="store_true", help="skip the recompute-everything generation run")
+    ap.add_argument("--decode-setups", default=",".join(DECODE_SETUPS),
+                    help="variant:mode pairs for the decode section (modes: eager, graph, unfused+graph, "
+                         "compile+graph, autotune+graph, recompute)")
+    ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
     Mamba2.use_mem_eff_path = not args.no_mem_eff
@@ -420,7 +474,10 @@ def main():
                 emit(bench_layer(1 if args.quick else 4, 64 if args.quick else 2650, kernels, device=device))
         elif section == "decode":
             bench_decoding(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500),
-                           baseline=not args.no_baseline)
+                           args.decode_setups.split(","), full_baseline=args.full_baseline)
+        elif section == "decode-profile":
+            for mode in ("graph", "compile+graph"):
+                profile_decoding(n_layers, mode)
         elif section == "pipeline":
             bench_pipeline(device, quick=args.quick)
         elif section == "stage2":

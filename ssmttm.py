@@ -41,6 +41,7 @@ try:
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 except Exception:
     causal_conv1d_fn = causal_conv1d_update = None
+import kernels  # Triton kernels for decoding (linear_rows); kernels.available(t) says if they run on t
 if mamba_chunk_scan_combined is not None:  # under torch.compile: a clean graph break around each kernel
     mamba_chunk_scan_combined = torch.compiler.disable(mamba_chunk_scan_combined)
     mamba_split_conv1d_scan_combined = torch.compiler.disable(mamba_split_conv1d_scan_combined)
@@ -123,6 +124,7 @@ class Mamba2State:
     """What one Mamba-2 layer carries from step to step while decoding (updated in place)."""
     conv: torch.Tensor  # (b, conv_dim, d_conv): the last d_conv inputs of the causal conv
     ssm: torch.Tensor   # (b, nheads, headdim, d_state): h_t
+    A: torch.Tensor     # (nheads,) -exp(A_log), fixed while decoding: two kernels per layer fewer per step
 
 
 class GatedRMSNorm(nn.Module):
@@ -176,6 +178,10 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, ngroups)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
+    def _A(self):
+        """A = -exp(A_log) (nheads,), in float32 or above: it sets the decay rates."""
+        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+
     def _kernels(self, t):
         return self.use_kernels and t.is_cuda and mamba_chunk_scan_combined is not None
 
@@ -183,7 +189,8 @@ class Mamba2(nn.Module):
         state_dtype = torch.promote_types(dtype, torch.float32)  # the SSM state is never below fp32
         return Mamba2State(conv=torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype),
                            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device,
-                                           dtype=state_dtype))
+                                           dtype=state_dtype),
+                           A=self._A().detach())
 
     def _mask_padding(self, zxbcdt, mask):
         """Make padded positions leave no trace: xBC = 0 (the conv then sees zeros, as at the start
@@ -200,7 +207,7 @@ class Mamba2(nn.Module):
         if state is not None and u.shape[1] == 1 and mask is None:
             return self.step(u, state)
         zxbcdt = self.in_proj(u)
-        A = -torch.exp(self.A_log.float())
+        A = self._A()
         if state is None and self._kernels(u) and causal_conv1d_fn is not None and self.use_mem_eff_path:
             # The mem-efficient path: conv, scan, gated norm and out_proj in one autograd function
             # that recomputes its activations in the backward pass. Padding is sequence 0 and the
@@ -251,19 +258,34 @@ class Mamba2(nn.Module):
     def step(self, u, state):
         """One decoding step, O(1) in the position: u (b, 1, d_model) -> (b, 1, d_model)."""
         zxbcdt = self.in_proj(u[:, 0])
+        y, z = self._step_ssm(zxbcdt, state)
+        return self.out_proj(self.norm(y.to(z.dtype), z))[:, None]
+
+    def fused_step(self, x, norm, state):
+        """x + self(norm(x)) for one decoding step, x (b, 1, d_model), in four kernels: norm + in_proj,
+        conv, state update, gated norm + out_proj + residual (kernels.linear_rows). CUDA only."""
+        zxbcdt = kernels.linear_rows(x[:, 0], self.in_proj.weight, norm_weight=norm.weight, eps=norm.eps)
+        y, z = self._step_ssm(zxbcdt, state)
+        out = kernels.linear_rows(y, self.out_proj.weight, norm_weight=self.norm.weight, eps=self.norm.eps, gate=z,
+                                  residual=x[:, 0])
+        return out[:, None]
+
+    def _step_ssm(self, zxbcdt, state):
+        """The middle of a step: zxbcdt (b, in_proj outputs) -> y (b, d_inner) before the gated norm,
+        and the gate z (b, d_inner). Updates the conv and SSM states in place."""
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         w = self.conv1d.weight[:, 0]  # (conv_dim, d_conv)
         # Under torch.compile the plain ops below fuse into a few kernels; eager, the fused ones win.
-        fused = self._kernels(u) and not torch.compiler.is_compiling()
+        fused = self._kernels(zxbcdt) and not torch.compiler.is_compiling()
         if fused and causal_conv1d_update is not None:
             xBC = causal_conv1d_update(xBC, state.conv, w, self.conv1d.bias, "silu")
         else:
             state.conv.copy_(torch.cat([state.conv[..., 1:], xBC[..., None].to(state.conv.dtype)], dim=-1))
             xBC = F.silu((state.conv * w).sum(-1) + self.conv1d.bias).to(zxbcdt.dtype)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        b = u.shape[0]
+        b = zxbcdt.shape[0]
         x, B, C = x.view(b, self.nheads, self.headdim), B.view(b, self.ngroups, -1), C.view(b, self.ngroups, -1)
-        A = -torch.exp(self.A_log.float())
+        A = state.A
         if fused:
             h, p, n = self.nheads, self.headdim, self.d_state  # the kernel wants per-channel views
             y = selective_state_update(state.ssm, x, dt[..., None].expand(b, h, p), A[:, None, None].expand(h, p, n),
@@ -274,8 +296,7 @@ class Mamba2(nn.Module):
             dt = F.softplus(dt.to(s.dtype) + self.dt_bias.to(s.dtype))
             y, new = ssd_step(s, x.to(s.dtype), dt, A.to(s.dtype), B.to(s.dtype), C.to(s.dtype), self.D.to(s.dtype))
             s.copy_(new)
-        y = self.norm(y.reshape(b, self.d_inner).to(z.dtype), z)
-        return self.out_proj(y)[:, None]
+        return y.reshape(b, self.d_inner), z
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,6 +314,11 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.dropout(F.gelu(self.fc1(x))))
+
+    def fused_step(self, x, norm):
+        """x + self(norm(x)) for one decoding step, x (b, 1, d_model), in two kernels. CUDA only."""
+        h = kernels.linear_rows(x[:, 0], self.fc1.weight, self.fc1.bias, norm.weight, norm.eps, gelu=True)
+        return kernels.linear_rows(h, self.fc2.weight, self.fc2.bias, residual=x[:, 0])[:, None]
 
 
 @dataclass
@@ -389,10 +415,19 @@ class Block(nn.Module):
         self.norms = nn.ModuleList(nn.RMSNorm(cfg.d_model, eps=1e-5) for _ in self.kinds)
         self.layers = nn.ModuleList(make[kind]() for kind in self.kinds)
 
+    use_decode_kernels = True  # one-token steps on CUDA through kernels.linear_rows (False: plain ops)
+
     def forward(self, x, cond, states=None):
         """x (b, s, d); cond: dict with mask (b, s) or None, memory (b, lt, d), memory_mask (b, lt)."""
+        fused = states is not None and x.shape[1] == 1 and fused_decoding(self, x)
         for i, (kind, norm, layer) in enumerate(zip(self.kinds, self.norms, self.layers)):
             state = None if states is None else states[i]
+            if fused and kind == "mamba":
+                x = layer.fused_step(x, norm, state)
+                continue
+            if fused and kind == "ff":
+                x = layer.fused_step(x, norm)
+                continue
             h = norm(x)
             if kind == "mamba":
                 h = layer(h, mask=cond["mask"], state=state)
@@ -404,6 +439,14 @@ class Block(nn.Module):
                 h = layer(h)
             x = x + h
         return x
+
+
+def fused_decoding(module, x):
+    """Whether a one-token step runs through kernels.linear_rows: on CUDA, in eval mode (the kernels
+    have no dropout), not under torch.compile (which fuses on its own), and unless switched off
+    (Block.use_decode_kernels = False)."""
+    return (Block.use_decode_kernels and not module.training and kernels.available(x)
+            and not torch.compiler.is_compiling())
 
 
 def sinusoidal_positions(positions, dim):
@@ -463,7 +506,11 @@ class TextToMusicLM(nn.Module):
             x = block(x, cond, None if cache is None else cache.states[i])
         if cache is not None:
             cache.position.copy_(positions[:, -1] + 1)
-        return self.head(self.norm_f(x[:, -s:])).view(x.shape[0], s, self.cfg.n_codebooks, -1).transpose(1, 2)
+        if s == 1 and cache is not None and fused_decoding(self, x):
+            logits = kernels.linear_rows(x[:, -1], self.head.weight, norm_weight=self.norm_f.weight, eps=self.norm_f.eps)
+        else:
+            logits = self.head(self.norm_f(x[:, -s:]))
+        return logits.view(x.shape[0], s, self.cfg.n_codebooks, -1).transpose(1, 2)
 
     def logits(self, tokens, text, text_mask, cache=None):
         """A pass from the start. tokens (b, K, s) input steps (the first one the begin step),
@@ -530,16 +577,18 @@ class TextToMusicLM(nn.Module):
             text, text_mask = torch.cat([text, text]), torch.cat([text_mask, torch.zeros_like(text_mask)])
         copies = text.shape[0] // b  # 2 with guidance: both branches read the same tokens
         n_steps = n_frames + K - 1
-        # steps: the delayed layout being filled; real: slots that hold a token (not special);
-        # known: slots the prompt fixes.
+        # steps (b, K, n_steps): the delayed layout being filled, special where there is no token.
+        # fixed: the slots sampling must leave alone (the delay pattern's special ids, the prompt).
         prompt = torch.zeros(b, K, 0, dtype=torch.long, device=dev) if prompt is None else prompt
         n_prompt = prompt.shape[-1]
         steps = delay_pattern(F.pad(prompt, (0, n_frames - n_prompt), value=SPECIAL))
-        known = steps != SPECIAL
         real = delay_pattern(torch.zeros(1, K, n_frames, dtype=torch.long, device=dev)) != SPECIAL
+        fixed = (steps != SPECIAL) | ~real
+        sampling = dict(cfg_scale=cfg_scale, top_k=top_k, temperature=temperature, generator=generator)
         begin = torch.full((b * copies, K, 1), SPECIAL, dtype=torch.long, device=dev)
         cache = InferenceCache(self, b * copies, n_steps + 1, dev, next(self.parameters()).dtype) if recurrent else None
-        decode_step = None
+        pos = torch.full((1,), n_prompt, device=dev)  # the step to sample next, kept on the device
+        decode_frame = None
         iterator = range(n_prompt, n_steps)
         if progress:
             from tqdm import tqdm
@@ -547,47 +596,65 @@ class TextToMusicLM(nn.Module):
         for s in iterator:
             if cache is None or s == n_prompt:  # the whole sequence so far: the prefill, or recompute
                 logits = self.logits(torch.cat([begin, steps[..., :s].repeat(copies, 1, 1)], -1), text, text_mask, cache)
+                self._sample_into(steps, pos, logits, fixed, sampling)
             else:  # one step from the states
-                tokens = steps[..., s - 1:s].repeat(copies, 1, 1)
-                if decode_step is None:
-                    decode_step = self._decoder(cache, tokens, cuda_graph, compile)
-                logits = decode_step(tokens, cache)
-            nxt = sample_next(logits[:, :, -1], cfg_scale, top_k, temperature, generator)  # (b, K)
-            nxt = torch.where(real[:, :, s], nxt, SPECIAL)
-            steps[:, :, s] = torch.where(known[:, :, s], steps[:, :, s], nxt)
+                if decode_frame is None:
+                    decode_frame = self._decoder(cache, steps, pos, fixed, copies, sampling, cuda_graph, compile)
+                decode_frame()
         self.train(was_training)
         return undelay_pattern(steps)
 
-    def _decoder(self, cache, tokens, cuda_graph, compile):
-        """The function generate calls per step: self.step, optionally compiled, optionally recorded
-        as a CUDA graph on the cache's tensors (which each replay then updates in place)."""
+    @staticmethod
+    def _sample_into(steps, pos, logits, fixed, sampling):
+        """Sample step `pos` from the logits of its input step (b*copies, K, s, 1025), write it into
+        steps (b, K, n_steps) where the slot is not fixed, and advance pos. Device tensors only, no
+        host synchronisation: a CUDA graph can hold this."""
+        nxt = sample_next(logits[:, :, -1], **sampling)  # (b, K)
+        here = steps.index_select(2, pos)[..., 0]
+        steps.index_copy_(2, pos, torch.where(fixed.index_select(2, pos)[..., 0], here, nxt)[..., None])
+        pos.add_(1)
+
+    def _decoder(self, cache, steps, pos, fixed, copies, sampling, cuda_graph, compile):
+        """The function generate calls per frame after the prefill: read input step pos - 1, run
+        self.step (optionally compiled), sample step pos into steps. With cuda_graph, all of it is
+        recorded once as one CUDA graph on these tensors, and each call replays it: no Python and
+        no launches per kernel."""
         step = self.step
         if compile:
             if not hasattr(self, "_compiled_step"):
                 self._compiled_step = torch.compile(self.step, dynamic=False)
             step = self._compiled_step
+
+        def frame(cache=cache, steps=steps, pos=pos):
+            tokens = steps.index_select(2, pos - 1).repeat(copies, 1, 1)  # (b*copies, K, 1)
+            self._sample_into(steps, pos, step(tokens, cache), fixed, sampling)
+
         if not cuda_graph:
-            return step
+            return frame
         if "self_attn" in LAYOUTS[self.cfg.variant]:
             raise ValueError("cuda_graph needs fixed-size decoding state; self-attention's KV cache grows")
-        static_tokens = tokens.clone()
-        scratch = copy.deepcopy(cache)  # capturing records without running: warm up on a copy
+        # Capturing records kernels without running them, so warm up (compile, autotune, allocate)
+        # on copies first, then put the random generator back where it was: the graph's tokens
+        # are then the ones eager decoding would sample.
+        generator = sampling["generator"]
+        if generator is None:
+            generator = torch.cuda.default_generators[steps.device.index or torch.cuda.current_device()]
+        rng = generator.get_state()
+        scratch = copy.deepcopy((cache, steps, pos))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                step(static_tokens, scratch)
+                scratch[2].copy_(pos)
+                frame(*scratch)
         torch.cuda.current_stream().wait_stream(stream)
+        generator.set_state(rng)
         graph = torch.cuda.CUDAGraph()
+        if sampling["generator"] is not None:
+            graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
-            static_logits = step(static_tokens, cache)
-
-        def replay(tokens, _cache):  # the graph already holds the cache's tensors
-            static_tokens.copy_(tokens)
-            graph.replay()
-            return static_logits
-
-        return replay
+            frame()
+        return graph.replay
 
 
 def adamw(model, lr, weight_decay, betas, device_type):
@@ -631,8 +698,11 @@ def sample_next(logits, cfg_scale=1.0, top_k=250, temperature=1.0, generator=Non
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -torch.inf)
+    # A draw from the categorical p: argmax of p_i / E_i with E_i ~ Exp(1) independent (the first
+    # of competing exponential clocks to ring; what torch.multinomial does for one sample). Unlike
+    # multinomial it never synchronises with the host, so a CUDA graph can hold it.
     probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
 
 
 # ------------------------------------------------------------------------------------------------

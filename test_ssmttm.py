@@ -435,6 +435,77 @@ def test_gpu_recurrent_decoding_equals_full_forward(variant, K):
         assert torch.equal(runs[0], runs[1])
 
 
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_linear_rows_equals_its_definition(dtype):
+    # residual + gelu(norm(x) @ W^T + bias) in one kernel, against the same in float64, for the
+    # shapes of a decoding step (and odd ones), 1-3 rows, strided row views as the step passes them
+    import kernels
+    torch.manual_seed(0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (2^-8)
+    for M, K, N in [(2, 1024, 5152), (2, 2048, 1024), (1, 1024, 9225), (3, 200, 37)]:
+        big = torch.randn(M, 3 * K, device="cuda", dtype=dtype)
+        x, gate = big[:, :K], big[:, K:2 * K]
+        w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
+        b, nw, res = (torch.randn(N, device="cuda").to(dtype), torch.randn(K, device="cuda").to(dtype),
+                      torch.randn(M, N, device="cuda").to(dtype))
+        d = lambda t: t.double()
+        rms = lambda v: v * torch.rsqrt(v.square().mean(-1, keepdim=True) + 1e-5) * d(nw)
+        cases = {
+            "plain": (kernels.linear_rows(x, w), d(x) @ d(w).T),
+            "rms+bias+gelu": (kernels.linear_rows(x, w, b, nw, gelu=True), F.gelu(rms(d(x)) @ d(w).T + d(b))),
+            "gated rms+residual": (kernels.linear_rows(x, w, norm_weight=nw, gate=gate, residual=res),
+                                   d(res) + rms(d(x) * F.silu(d(gate))) @ d(w).T),
+            "bias+residual": (kernels.linear_rows(x, w, b, residual=res), d(res) + d(x) @ d(w).T + d(b)),
+        }
+        for name, (got, want) in cases.items():
+            assert got.dtype == dtype and got.shape == (M, N)
+            assert report(f"linear_rows {name} {M}x{K}->{N} {dtype}", rel_err(got, want)) < tol, name
+
+
+@gpu
+def test_gpu_fused_decoding_equals_plain_ops():
+    # the decoding step through linear_rows gives the logits of the plain-ops step, bf16 weights
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="prefix_simba", n_layers=4, d_model=1024, d_state=512, dropout=0.0, n_codebooks=9)
+    model = ssmttm.for_inference(TextToMusicLM(cfg).cuda(), torch.bfloat16)
+    text, mask = torch.randn(2, 8, 768, device="cuda"), torch.ones(2, 8, dtype=torch.bool, device="cuda")
+    tokens = torch.randint(0, 1024, (2, 9, 40), device="cuda")
+    out = {}
+    try:
+        for fused in (True, False):
+            ssmttm.Block.use_decode_kernels = fused
+            with torch.no_grad():
+                cache = ssmttm.InferenceCache(model, 2, 40, "cuda", torch.bfloat16)
+                model.logits(tokens[..., :20], text, mask, cache)
+                out[fused] = torch.cat([model.step(tokens[..., t:t + 1], cache) for t in range(20, 40)], 2)
+    finally:
+        ssmttm.Block.use_decode_kernels = True
+    assert report("fused vs plain decoding, bf16", rel_err(out[True], out[False])) < 2e-2
+
+
+@gpu
+def test_gpu_sampling_inside_the_cuda_graph_draws_what_eager_draws():
+    # the graphed frame holds top-k sampling: replays must consume the generator as eager decoding
+    # does, with a user generator and with the default one
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="prefix_simba", n_layers=2, d_model=256, d_state=64, headdim=64, n_heads=4,
+                      d_ff=512, dropout=0.0, n_codebooks=9)
+    model = TextToMusicLM(cfg).cuda().eval()
+    text, mask = torch.randn(1, 5, 768, device="cuda"), torch.ones(1, 5, dtype=torch.bool, device="cuda")
+    kw = dict(cfg_scale=3.0, top_k=50, temperature=1.0)
+    runs = [model.generate(text, mask, 80, generator=torch.Generator("cuda").manual_seed(5), cuda_graph=g, **kw)
+            for g in (False, True)]
+    assert torch.equal(runs[0], runs[1])
+    assert len(runs[0].unique()) > 50  # sampled, not greedy
+    default = []
+    for g in (False, True):
+        torch.manual_seed(7)
+        default.append(model.generate(text, mask, 80, cuda_graph=g, **kw))
+    assert torch.equal(default[0], default[1])
+    assert not torch.equal(default[0], runs[0])
+
+
 # ------------------------------------------------------------------------------------------------
 # data.py and train.py (CPU). Tiny random DAC and T5 models are saved to temporary folders and
 # loaded through the same from_pretrained code as the real ones.
