@@ -568,8 +568,9 @@ class TextToMusicLM(nn.Module):
         recurrent=True reads the text (+ prompt) once, then does O(1) work per step from the
         Mamba-2 states (a KV cache for self-attention); recurrent=False recomputes the whole sequence
         at every step, as the official code does. prompt (b, K, T_p): codes to continue.
-        cuda_graph=True replays each decoding step as one CUDA graph (SSM variants, on CUDA);
-        compile=True first fuses the step's small ops with torch.compile."""
+        cuda_graph=True records one frame (step, guidance, sampling, writing the tokens) as a CUDA
+        graph and replays it (SSM variants, on CUDA). On CUDA the step runs kernels.linear_rows;
+        compile=True runs torch.compile's fusion instead (slower on an H200: BENCHMARKS.md)."""
         was_training = self.training
         self.eval()
         K, b, dev = self.cfg.n_codebooks, text.shape[0], text.device
