@@ -639,7 +639,8 @@ class TextToMusicLM(nn.Module):
         # are then the ones eager decoding would sample.
         generator = sampling["generator"]
         if generator is None:
-            generator = torch.cuda.default_generators[steps.device.index or torch.cuda.current_device()]
+            index = steps.device.index if steps.device.index is not None else torch.cuda.current_device()
+            generator = torch.cuda.default_generators[index]
         rng = generator.get_state()
         scratch = copy.deepcopy((cache, steps, pos))
         stream = torch.cuda.Stream()
