@@ -22,10 +22,12 @@ except ImportError:  # a CPU-only torch has no triton
     triton = None
 
 NORM_NONE, NORM_RMS, NORM_GATED_RMS = 0, 1, 2
+MAX_ROWS, MAX_WIDTH = 8, 4096  # each program holds all rows of x and a whole row of W
 
 
-def available(t):
-    return triton is not None and t.is_cuda
+def available(t, width):
+    """Whether linear_rows runs on t (rows, width) with inputs up to `width` wide."""
+    return triton is not None and t.is_cuda and t.shape[0] <= MAX_ROWS and width <= MAX_WIDTH
 
 
 if triton is not None:
@@ -75,8 +77,8 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gate=None, gel
     dtype of residual if given, else of x."""
     M, K = x.shape
     N = weight.shape[0]
-    if M > 8 or K > 4096:
-        raise ValueError(f"linear_rows is for a few rows (<= 8) of width <= 4096; got {M} x {K}")
+    if M > MAX_ROWS or K > MAX_WIDTH:
+        raise ValueError(f"linear_rows is for <= {MAX_ROWS} rows of width <= {MAX_WIDTH}; got {M} x {K}")
     norm = NORM_NONE if norm_weight is None else (NORM_RMS if gate is None else NORM_GATED_RMS)
     rows = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # rows may be strided views
     x, gate, residual, weight = rows(x), rows(gate), rows(residual), weight.contiguous()

@@ -41,7 +41,7 @@ try:
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 except Exception:
     causal_conv1d_fn = causal_conv1d_update = None
-import kernels  # Triton kernels for decoding (linear_rows); kernels.available(t) says if they run on t
+import kernels  # Triton kernels for decoding (linear_rows); kernels.available says where they run
 if mamba_chunk_scan_combined is not None:  # under torch.compile: a clean graph break around each kernel
     mamba_chunk_scan_combined = torch.compiler.disable(mamba_chunk_scan_combined)
     mamba_split_conv1d_scan_combined = torch.compiler.disable(mamba_split_conv1d_scan_combined)
@@ -315,7 +315,7 @@ class FeedForward(nn.Module):
     def forward(self, x):
         return self.fc2(self.dropout(F.gelu(self.fc1(x))))
 
-    def fused_step(self, x, norm):
+    def fused_step(self, x, norm, state=None):
         """x + self(norm(x)) for one decoding step, x (b, 1, d_model), in two kernels. CUDA only."""
         h = kernels.linear_rows(x[:, 0], self.fc1.weight, self.fc1.bias, norm.weight, norm.eps, gelu=True)
         return kernels.linear_rows(h, self.fc2.weight, self.fc2.bias, residual=x[:, 0])[:, None]
@@ -414,19 +414,17 @@ class Block(nn.Module):
         }
         self.norms = nn.ModuleList(nn.RMSNorm(cfg.d_model, eps=1e-5) for _ in self.kinds)
         self.layers = nn.ModuleList(make[kind]() for kind in self.kinds)
+        self.width = max(cfg.d_model, cfg.expand * cfg.d_model, cfg.d_ff)  # the widest matrix input
 
     use_decode_kernels = True  # one-token steps on CUDA through kernels.linear_rows (False: plain ops)
 
     def forward(self, x, cond, states=None):
         """x (b, s, d); cond: dict with mask (b, s) or None, memory (b, lt, d), memory_mask (b, lt)."""
-        fused = states is not None and x.shape[1] == 1 and fused_decoding(self, x)
+        fused = states is not None and x.shape[1] == 1 and fused_decoding(self, x[:, 0], self.width)
         for i, (kind, norm, layer) in enumerate(zip(self.kinds, self.norms, self.layers)):
             state = None if states is None else states[i]
-            if fused and kind == "mamba":
+            if fused and kind in ("mamba", "ff"):
                 x = layer.fused_step(x, norm, state)
-                continue
-            if fused and kind == "ff":
-                x = layer.fused_step(x, norm)
                 continue
             h = norm(x)
             if kind == "mamba":
@@ -441,11 +439,11 @@ class Block(nn.Module):
         return x
 
 
-def fused_decoding(module, x):
-    """Whether a one-token step runs through kernels.linear_rows: on CUDA, in eval mode (the kernels
-    have no dropout), not under torch.compile (which fuses on its own), and unless switched off
-    (Block.use_decode_kernels = False)."""
-    return (Block.use_decode_kernels and not module.training and kernels.available(x)
+def fused_decoding(module, rows, width):
+    """Whether a one-token step of rows (b, d) runs through kernels.linear_rows: on CUDA, for the
+    few rows and widths it handles, in eval mode (the kernels have no dropout), not under
+    torch.compile (which fuses on its own), and unless switched off (Block.use_decode_kernels)."""
+    return (Block.use_decode_kernels and not module.training and kernels.available(rows, width)
             and not torch.compiler.is_compiling())
 
 
@@ -506,7 +504,7 @@ class TextToMusicLM(nn.Module):
             x = block(x, cond, None if cache is None else cache.states[i])
         if cache is not None:
             cache.position.copy_(positions[:, -1] + 1)
-        if s == 1 and cache is not None and fused_decoding(self, x):
+        if s == 1 and cache is not None and fused_decoding(self, x[:, -1], self.cfg.d_model):
             logits = kernels.linear_rows(x[:, -1], self.head.weight, norm_weight=self.norm_f.weight, eps=self.norm_f.eps)
         else:
             logits = self.head(self.norm_f(x[:, -s:]))

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 import ssmttm
 from ssd_reference import ssd_chunked, ssd_sequential, ssd_step
 from ssmttm import (LAYOUTS, SPECIAL, Mamba2, ModelConfig, TextToMusicLM, delay_pattern, classifier_free_guidance,
@@ -440,7 +441,6 @@ def test_gpu_recurrent_decoding_equals_full_forward(variant, K):
 def test_gpu_linear_rows_equals_its_definition(dtype):
     # residual + gelu(norm(x) @ W^T + bias) in one kernel, against the same in float64, for the
     # shapes of a decoding step (and odd ones), 1-3 rows, strided row views as the step passes them
-    import kernels
     torch.manual_seed(0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (2^-8)
     for M, K, N in [(2, 1024, 5152), (2, 2048, 1024), (1, 1024, 9225), (3, 200, 37)]:
@@ -482,6 +482,21 @@ def test_gpu_fused_decoding_equals_plain_ops():
     finally:
         ssmttm.Block.use_decode_kernels = True
     assert report("fused vs plain decoding, bf16", rel_err(out[True], out[False])) < 2e-2
+    # more rows than linear_rows takes (5 prompts with guidance): the plain ops, the same logits
+    rows = kernels.MAX_ROWS + 2
+    text, mask = torch.randn(rows, 8, 768, device="cuda"), torch.ones(rows, 8, dtype=torch.bool, device="cuda")
+    tokens = torch.randint(0, 1024, (rows, 9, 22), device="cuda")
+    wide = {}
+    try:
+        for fused in (True, False):
+            ssmttm.Block.use_decode_kernels = fused
+            with torch.no_grad():
+                cache = ssmttm.InferenceCache(model, rows, 22, "cuda", torch.bfloat16)
+                model.logits(tokens[..., :20], text, mask, cache)
+                wide[fused] = model.step(tokens[..., 20:21], cache)
+    finally:
+        ssmttm.Block.use_decode_kernels = True
+    assert torch.equal(wide[True], wide[False])
 
 
 @gpu
