@@ -33,6 +33,7 @@ import time
 
 import torch
 
+import kernels
 import ssmttm
 from ssmttm import LAYOUTS, Mamba2, ModelConfig, TextToMusicLM
 
@@ -211,8 +212,8 @@ def decode_ms(model, position, mode, device, iters=50):
         return timer(frame, iters, warmup)
 
 
-DECODE_SETUPS = ("prefix_simba:graph", "prefix_simba:compile+graph", "prefix_simba:unfused+graph", "prefix_simba:eager",
-                 "cross_transformer:eager", "prefix_simba:recompute")
+DECODE_SETUPS = ("prefix_simba:graph", "prefix_simba:nopdl+graph", "prefix_simba:compile+graph",
+                 "prefix_simba:unfused+graph", "prefix_simba:eager", "cross_transformer:eager", "prefix_simba:recompute")
 
 
 def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(10, 25), full_baseline=False):
@@ -228,6 +229,7 @@ def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(1
             continue
         model = paper_model(variant, n_layers, device, dtype)
         ssmttm.Block.use_decode_kernels = mode != "unfused+graph"
+        kernels.use_pdl = mode != "nopdl+graph"
         if mode == "autotune+graph":
             model._compiled_step = torch.compile(model.step, dynamic=False, mode="max-autotune-no-cudagraphs")
         row = {"section": "decode", "variant": variant, "mode": mode}
@@ -248,7 +250,7 @@ def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(1
         except Exception as e:  # report, keep going
             row["error"] = f"{type(e).__name__}: {e}"[:160]
         emit(row)
-        ssmttm.Block.use_decode_kernels = True
+        ssmttm.Block.use_decode_kernels, kernels.use_pdl = True, True
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -257,8 +259,10 @@ def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(1
 @torch.no_grad()
 def profile_decoding(n_layers, mode="graph", frames=20, rows=30):
     """Kernels of the graphed decoding frame of Prefix SiMBA (torch.profiler sees inside graph
-    replays): how many per frame, and which take the time. mode: graph or compile+graph."""
+    replays): how many per frame, and which take the time. mode: graph, nopdl+graph or compile+graph.
+    With programmatic dependent launch kernels overlap, so their times add up to more than the frame."""
     from torch.profiler import ProfilerActivity, profile
+    kernels.use_pdl = mode != "nopdl+graph"
     model = paper_model("prefix_simba", n_layers, "cuda", torch.bfloat16)
     timer_ms = decode_ms(model, 100, mode, "cuda")  # also compiles, if mode says so
     K = model.cfg.n_codebooks
@@ -281,8 +285,78 @@ def profile_decoding(n_layers, mode="graph", frames=20, rows=30):
     print(f"\n### decoding profile ({mode}): {n_kernels:.0f} kernels per frame, {busy_us / 1e3:.3f} ms busy, "
           f"{timer_ms:.3f} ms per frame (CUDA events)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90))
+    kernels.use_pdl = True
     emit({"section": "decode profile", "mode": mode, "kernels/frame": n_kernels, "GPU busy ms/frame": busy_us / 1e3,
           "ms/frame": timer_ms})
+
+
+@torch.no_grad()
+def bench_decode_kernels(n_layers=24, rows=2):
+    """The kernels of one decoding frame, one shape at a time: each kernel runs n_layers times on
+    n_layers different weights (so, as in a frame, nothing is left in L2), captured in one CUDA
+    graph. Microseconds per call and the bytes it must move per microsecond, for kernels.py with and
+    without programmatic dependent launch, and for cuBLAS (F.linear, the matrix product alone)."""
+    cfg = ModelConfig()
+    d, d_inner, n = cfg.d_model, cfg.expand * cfg.d_model, cfg.d_state
+    nheads = d_inner // cfg.headdim
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x, gate = torch.randn(rows, d_inner, **bf16), torch.randn(rows, d_inner, **bf16)
+    conv_dim = d_inner + 2 * n
+    in_proj = 2 * d_inner + 2 * n + nheads
+    # (name, N, K, call(weight, i)): the five kernels of a SiMBA block, and the head
+    conv = [(torch.zeros(rows, conv_dim, cfg.d_conv, **bf16), torch.randn(conv_dim, cfg.d_conv, **bf16),
+             torch.randn(conv_dim, **bf16)) for _ in range(n_layers)]
+    nw, b_ff = torch.ones(d_inner, **bf16), torch.zeros(d_inner, **bf16)
+    shapes = [
+        ("norm+in_proj+conv", in_proj, d, lambda w, i: kernels.linear_rows(
+            x[:, :d], w, norm_weight=nw[:d], conv=(*conv[i], d_inner))),
+        ("gated norm+out_proj+residual", d, d_inner, lambda w, i: kernels.linear_rows(
+            x, w, norm_weight=nw, gate=gate, residual=x[:, :d])),
+        ("norm+fc1+GELU", cfg.d_ff, d, lambda w, i: kernels.linear_rows(
+            x[:, :d], w, b_ff[:cfg.d_ff], nw[:d], gelu=True)),
+        ("fc2+bias+residual", d, cfg.d_ff, lambda w, i: kernels.linear_rows(
+            x[:, :cfg.d_ff], w, b_ff[:d], residual=x[:, :d])),
+        ("norm_f+head", cfg.n_codebooks * (ssmttm.CODEBOOK_SIZE + 1), d, lambda w, i: kernels.linear_rows(
+            x[:, :d], w, norm_weight=nw[:d])),
+    ]
+
+    def graphed(calls):
+        for c in calls:  # warm-up: autotuning, compilation
+            c()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for c in calls:
+                c()
+        return cuda_time(graph.replay, 50, 5) * 1e3 / len(calls)
+
+    for name, N, K, call in shapes:
+        weights = [torch.randn(N, K, **bf16) / K ** 0.5 for _ in range(n_layers)]
+        mb = (N * K * 2 + rows * (K + N) * 2) / 1e6
+        row = {"section": "decode kernels", "kernel": name, "N x K": f"{N} x {K}", "MB": round(mb, 2)}
+        for label, pdl in (("", True), ("no PDL ", False)):
+            kernels.use_pdl = pdl
+            us = graphed([lambda w=w, i=i: call(w, i) for i, w in enumerate(weights)])
+            row[f"{label}us"], row[f"{label}GB/s"] = us, mb * 1e3 / us
+        kernels.use_pdl = True
+        us = graphed([lambda w=w: torch.nn.functional.linear(x[:, :K], w) for w in weights])
+        row["cuBLAS us"], row["cuBLAS GB/s"] = us, mb * 1e3 / us
+        emit(row)
+    # the SSD step: read and write the float32 state (rows, nheads, headdim, d_state)
+    zxbcdt = torch.randn(rows, in_proj, **bf16)
+    states = [torch.zeros(rows, nheads, cfg.headdim, n, device="cuda") for _ in range(n_layers)]
+    A, dt_bias, D = -torch.ones(nheads, device="cuda"), torch.zeros(nheads, device="cuda"), torch.ones(nheads, device="cuda")
+    mb = 2 * states[0].numel() * 4 / 1e6
+    for block_p, warps in ((4, 4), (8, 4), (8, 8), (16, 8)):
+        row = {"section": "decode kernels", "kernel": f"ssm_step (block_p {block_p}, {warps} warps)",
+               "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2)}
+        for label, pdl in (("", True), ("no PDL ", False)):
+            kernels.use_pdl = pdl
+            us = graphed([lambda s=s: kernels.ssm_step(zxbcdt, s, A, dt_bias, D, d_inner, 1, block_p, warps)
+                          for s in states])
+            row[f"{label}us"], row[f"{label}GB/s"] = us, mb * 1e3 / us
+        kernels.use_pdl = True
+        emit(row)
 
 
 def bench_stage2(device):
@@ -417,7 +491,7 @@ def print_table(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="train,layer,decode,stage2",
-                    help="comma-separated sections (train, profile, layer, decode, decode-profile, stage2, pipeline, cpu)")
+                    help="comma-separated sections (train, profile, layer, decode, decode-kernels, decode-profile, stage2, pipeline, cpu)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
     ap.add_argument("--variants", default=",".join(LAYOUTS))
     ap.add_argument("--batches", default="4,16")
@@ -426,7 +500,7 @@ def main():
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--no-mem-eff", action="store_true", help="Mamba-2 training without the fused mem-efficient path")
     ap.add_argument("--decode-setups", default=",".join(DECODE_SETUPS),
-                    help="variant:mode pairs for the decode section (modes: eager, graph, unfused+graph, "
+                    help="variant:mode pairs for the decode section (modes: eager, graph, nopdl+graph, unfused+graph, "
                          "compile+graph, autotune+graph, recompute)")
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
@@ -470,13 +544,15 @@ def main():
                     profile_train(variant, int(args.batches.split(",")[0]), n_frames, n_layers, bool(comp),
                                   int(args.chunk_sizes.split(",")[0]))
         elif section == "layer":
-            for kernels in ((True, False) if device == "cuda" else (False,)):
-                emit(bench_layer(1 if args.quick else 4, 64 if args.quick else 2650, kernels, device=device))
+            for fused in ((True, False) if device == "cuda" else (False,)):
+                emit(bench_layer(1 if args.quick else 4, 64 if args.quick else 2650, fused, device=device))
         elif section == "decode":
             bench_decoding(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500),
                            args.decode_setups.split(","), full_baseline=args.full_baseline)
+        elif section == "decode-kernels" and device == "cuda":
+            bench_decode_kernels()
         elif section == "decode-profile":
-            for mode in ("graph", "compile+graph"):
+            for mode in ("graph", "nopdl+graph"):
                 profile_decoding(n_layers, mode)
         elif section == "pipeline":
             bench_pipeline(device, quick=args.quick)

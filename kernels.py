@@ -3,26 +3,40 @@
 A decoding step multiplies 2 rows (one prompt and its guidance row) by each weight matrix: a
 matrix-vector product, bound by reading the weights, not by arithmetic. Run as separate kernels,
 each block of the model is a dozen launches that mostly wait on each other (norm, matmul, bias,
-activation, residual add ...). `linear_rows` does one matrix-vector product with the norm before
-it and the bias, GELU and residual add after it in the same kernel, so a SiMBA block decodes in six
-kernels: norm+in_proj, conv, state update, gated norm+out_proj+residual, norm+fc1+GELU,
-fc2+residual.
+activation, residual add, conv, state update ...). Two kernels do a SiMBA block in five launches:
 
-    out = residual + act(norm(x) @ W^T + bias)        x (M, K), W (N, K), out (M, N)
+    norm + in_proj + conv  ->  ssm_step  ->  gated norm + out_proj + residual
+                           ->  norm + fc1 + GELU  ->  fc2 + residual
 
-norm is nothing, RMSNorm (x * rsqrt(mean(x^2) + eps) * w), or Mamba-2's gated RMSNorm
-(RMSNorm(x * silu(gate)) * w). Everything is computed in float32 and rounded once at the end.
+`linear_rows`: out = residual + act(norm(x) @ W^T + bias), x (M, K), W (N, K), out (M, N).
+    norm is nothing, RMSNorm (x * rsqrt(mean(x^2) + eps) * w), or Mamba-2's gated RMSNorm
+    (RMSNorm(x * silu(gate)) * w). Optionally a range of the outputs goes through Mamba-2's causal
+    depthwise conv + SiLU: the conv is per channel, so the program that computes a channel owns
+    its conv state and updates it alone.
+`ssm_step`: one step of the SSD recurrence (ssd_reference.ssd_step) with softplus(dt + dt_bias).
+
+Everything is computed in float32 and rounded once, where the plain ops round too.
+
+Programmatic dependent launch (Hopper and later): each kernel lets the next one start at once, and
+the next one loads what no earlier kernel of the step writes (its weights; the SSM state, last
+written by the same layer a step before) before it waits for the previous kernel's results
+(`gdc_wait`). The weights of one matrix then stream in while the previous kernel runs, which hides
+most of the fixed cost of a short kernel. Inside a CUDA graph the dependency is kept as a
+programmatic edge.
 """
 import torch
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # a CPU-only torch has no triton
     triton = None
 
 NORM_NONE, NORM_RMS, NORM_GATED_RMS = 0, 1, 2
 MAX_ROWS, MAX_WIDTH = 8, 4096  # each program holds all rows of x and a whole row of W
+use_pdl = True  # programmatic dependent launch where the GPU has it (False: plain launches)
 
 
 def available(t, width):
@@ -30,51 +44,167 @@ def available(t, width):
     return triton is not None and t.is_cuda and t.shape[0] <= MAX_ROWS and width <= MAX_WIDTH
 
 
+def _launch_options(t):
+    """Keyword arguments for a launch on t's device: PDL on sm_90 and later."""
+    pdl = use_pdl and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+    return dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
+
+
 if triton is not None:
 
     @triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in [(2, 4), (4, 4), (4, 8), (8, 8)]],
-        key=["N", "K", "M"])
+        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w)
+                 for bn, w in [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 8)]],
+        key=["N", "K", "M"], restore_value=["conv_state_ptr"])  # tuning runs must not shift the conv state
     @triton.jit
     def _linear_rows_kernel(x_ptr, gate_ptr, norm_w_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps,
                             stride_x, stride_gate, stride_res,
-                            M: tl.constexpr, M_PAD: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            GELU: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
-        # One program: BLOCK_N outputs for all M rows, so each weight is read once. Each program
-        # loads its whole slice of W (BLOCK_N x K) and all of x at once, with no loop: the kernel is
-        # a few microseconds long, and a loop would wait on memory once per iteration.
-        rows = tl.arange(0, M_PAD)
+                            conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_start, conv_dim,
+                            M: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                            HAS_RES: tl.constexpr, D_CONV: tl.constexpr, PDL: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One program: BLOCK_N outputs for all M rows, so each weight is read once. It loads its
+        # whole slice of W (BLOCK_N x K) at once, with no loop over K: the kernel is a few
+        # microseconds long, and a loop would wait on memory once per iteration. The rows are a
+        # static loop, so every product is a 2-D tile reduced within a warp.
+        if PDL:
+            gdc_launch_dependents()
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
-        row_ok, col_ok, k_ok = rows < M, cols < N, ks < K
-        x_ok = row_ok[:, None] & k_ok[None, :]
+        col_ok, k_ok = cols < N, ks < K
+        # First what no earlier kernel writes: the weights (and the norm's, folded into W), bias, conv.
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        v = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=x_ok, other=0.0).to(tl.float32)
-        if NORM == 2:
-            g = tl.load(gate_ptr + rows[:, None] * stride_gate + ks[None, :], mask=x_ok, other=0.0).to(tl.float32)
-            v = v * g * tl.sigmoid(g)
-        if NORM != 0:  # every program computes the rows' mean squares itself: x is tiny and in L2
-            rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / K + eps)
-            v = v * rstd[:, None] * tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        acc = tl.sum(v[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)  # (M_PAD, BLOCK_N)
-
+        w = w.to(tl.float32)
+        if NORM != 0:  # norm(x) @ W^T = (x * rstd) @ (W * norm_w)^T: rstd is one number per row
+            w = w * tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GELU:  # exact (erf) GELU, as F.gelu
-            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        out_ok = row_ok[:, None] & col_ok[None, :]
-        if HAS_RES:
-            acc += tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=out_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if D_CONV > 0:  # outputs conv_start ... conv_start + conv_dim - 1 go through the causal conv
+            c = cols - conv_start
+            in_conv = col_ok & (c >= 0) & (c < conv_dim)
+            c = tl.where(in_conv, c, 0)
+            taps = tl.arange(0, D_CONV)
+            conv_ok = in_conv[:, None] & (taps[None, :] < D_CONV)
+            w_conv = tl.load(conv_w_ptr + c[:, None] * D_CONV + taps[None, :], mask=conv_ok, other=0.0).to(tl.float32)
+            b_conv = tl.load(conv_b_ptr + c, mask=in_conv, other=0.0).to(tl.float32)
+            last = taps[None, :] == D_CONV - 1
+        if PDL:  # everything below may read what the previous kernel writes
+            gdc_wait()
+        for m in tl.static_range(M):
+            v = tl.load(x_ptr + m * stride_x + ks, mask=k_ok, other=0.0).to(tl.float32)
+            if NORM == 2:
+                g = tl.load(gate_ptr + m * stride_gate + ks, mask=k_ok, other=0.0).to(tl.float32)
+                v = v * g * tl.sigmoid(g)
+            acc = tl.sum(w * v[None, :], axis=1)  # (BLOCK_N,)
+            if NORM != 0:  # every program computes the row's mean square itself: x is tiny and in L2
+                acc = acc * (1.0 / tl.sqrt(tl.sum(v * v, axis=0) / K + eps))
+            if HAS_BIAS:
+                acc += bias
+            if GELU:  # exact (erf) GELU, as F.gelu
+                acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+            if HAS_RES:
+                acc += tl.load(res_ptr + m * stride_res + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if D_CONV > 0:  # Mamba-2's causal depthwise conv + SiLU; this program owns these channels
+                x_t = acc.to(out_ptr.dtype.element_ty)  # the conv sees the rounded projection, as unfused
+                state = conv_state_ptr + m * (conv_dim * D_CONV) + c[:, None] * D_CONV + taps[None, :]
+                # this step's window: the state shifted by one, then x_t
+                window = tl.load(state + 1, mask=conv_ok & ~last, other=0.0)
+                window = tl.where(last, x_t[:, None].to(window.dtype), window)
+                conv = tl.sum(window.to(tl.float32) * w_conv, axis=1) + b_conv
+                tl.debug_barrier()  # every thread has read the old state before any writes the new one
+                tl.store(state, window, mask=conv_ok)
+                acc = tl.where(in_conv, conv * tl.sigmoid(conv), acc)
+            tl.store(out_ptr + m * N + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+    @triton.jit
+    def _ssm_step_kernel(state_ptr, xbc_ptr, stride_row, x_start, B_start, C_start, dt_start,
+                         dt_bias_ptr, A_ptr, D_ptr, y_ptr, nheads, heads_per_group,
+                         HEADDIM: tl.constexpr, DSTATE: tl.constexpr, BLOCK_P: tl.constexpr,
+                         BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        # One program: BLOCK_P channels of one head of one row, with their whole state (BLOCK_P x N).
+        if PDL:
+            gdc_launch_dependents()
+        row, head = tl.program_id(0), tl.program_id(1)
+        ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+        ns = tl.arange(0, BLOCK_N)
+        p_ok, n_ok = ps < HEADDIM, ns < DSTATE
+        s_ok = p_ok[:, None] & n_ok[None, :]
+        s_ptrs = state_ptr + ((row * nheads + head) * HEADDIM + ps[:, None]) * DSTATE + ns[None, :]
+        # The state was last written by this layer's previous step, which has finished: the kernels
+        # between include plain launches (the next token's embedding), which wait for all before them.
+        s = tl.load(s_ptrs, mask=s_ok, other=0.0).to(tl.float32)
+        if PDL:
+            gdc_wait()
+        inputs = xbc_ptr + row * stride_row
+        group = head // heads_per_group
+        x = tl.load(inputs + x_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
+        B = tl.load(inputs + B_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
+        C = tl.load(inputs + C_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
+        dt = tl.load(inputs + dt_start + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32)
+        e = tl.exp(tl.minimum(dt, 20.0))
+        u = 1.0 + e  # softplus = log1p(exp(dt)), accurate for small exp(dt) (Goldberg's trick)
+        softplus = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+        dt = tl.where(dt > 20.0, dt, softplus)  # F.softplus's threshold
+        decay = tl.exp(dt * tl.load(A_ptr + head).to(tl.float32))
+        s = decay * s + (dt * x)[:, None] * B[None, :]                                   # h_t
+        y = tl.sum(s * C[None, :], axis=1) + tl.load(D_ptr + head).to(tl.float32) * x    # h_t C_t + D x_t
+        tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=s_ok)
+        tl.store(y_ptr + row * (nheads * HEADDIM) + head * HEADDIM + ps, y.to(y_ptr.dtype.element_ty), mask=p_ok)
+
+    @triton.jit
+    def _sample_top_k_kernel(logits_ptr, noise_ptr, out_ptr, n_cond, V, stride_row, stride_k, cfg_scale,
+                             inv_temperature, top_k, GUIDANCE: tl.constexpr, BLOCK_V: tl.constexpr):
+        # One program: one codebook of one prompt. The k-th largest logit comes from a bitonic sort
+        # of the row in registers; the draw is the exponential race of sample_next.
+        row, k = tl.program_id(0), tl.program_id(1)
+        vs = tl.arange(0, BLOCK_V)
+        ok = vs < V
+        logits = tl.load(logits_ptr + row * stride_row + k * stride_k + vs, mask=ok, other=0.0).to(tl.float32)
+        if GUIDANCE:  # rows [conditional; null]: cond + (scale - 1) * (cond - uncond)
+            uncond = tl.load(logits_ptr + (row + n_cond) * stride_row + k * stride_k + vs, mask=ok,
+                             other=0.0).to(tl.float32)
+            logits = logits + (cfg_scale - 1.0) * (logits - uncond)
+        logits = tl.where(ok, logits * inv_temperature, -float("inf"))
+        kth = tl.sum(tl.where(vs == top_k - 1, tl.sort(logits, descending=True), 0.0), axis=0)
+        logits = tl.where(logits >= kth, logits, -float("inf"))
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        p = p / tl.sum(p, axis=0)
+        noise = tl.load(noise_ptr + (row * tl.num_programs(1) + k) * V + vs, mask=ok, other=1.0)
+        tl.store(out_ptr + row * tl.num_programs(1) + k, tl.argmax(p / noise, axis=0).to(tl.int64))
+
+    @triton.jit
+    def _embed_rows_kernel(tokens_ptr, stride_row, stride_k, offsets_ptr, table_ptr, pos_ptr, freqs_ptr, out_ptr, d,
+                           K: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program per row: the K codebook embeddings summed, plus the [cos | sin] position
+        # embedding, rounded where the plain ops round (the sum, the positions, their sum).
+        row = tl.program_id(0)
+        ds = tl.arange(0, BLOCK_D)
+        ok = ds < d
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(K):
+            token = tl.load(tokens_ptr + row * stride_row + k * stride_k) + tl.load(offsets_ptr + k)
+            acc += tl.load(table_ptr + token * d + ds, mask=ok, other=0.0).to(tl.float32)
+        half = d // 2
+        first = ds < half
+        freq = tl.load(freqs_ptr + tl.where(first, ds, ds - half), mask=ok, other=0.0)
+        angle = tl.load(pos_ptr + row).to(tl.float32) * freq
+        position = tl.where(first, libdevice.cos(angle), libdevice.sin(angle))  # accurate for large angles
+        dtype = out_ptr.dtype.element_ty
+        x = acc.to(dtype).to(tl.float32) + position.to(dtype).to(tl.float32)
+        tl.store(out_ptr + row * d + ds, x.to(dtype), mask=ok)
 
 
-def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gate=None, gelu=False, residual=None):
+
+def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gate=None, gelu=False, residual=None, conv=None):
     """residual + gelu(norm(x) @ weight^T + bias) for a few rows, in one kernel.
 
     x (M, K) with M <= 8 and K <= 4096, weight (N, K). norm: RMSNorm with norm_weight (K,) if given; with gate
-    (M, K) too, Mamba-2's gated RMSNorm of x * silu(gate). residual (M, N). Returns (M, N) in the
-    dtype of residual if given, else of x."""
+    (M, K) too, Mamba-2's gated RMSNorm of x * silu(gate). residual (M, N). conv: (state, weight,
+    bias, start) to pass outputs start ... start + C - 1 through Mamba-2's causal conv + SiLU, with
+    state (M, C, d_conv) updated in place, weight (C, d_conv), bias (C,). Returns (M, N) in the
+    dtype of residual if given, else of x. The weights, norm_weight, bias and the conv's weight and
+    bias are read before the wait for the previous kernel (programmatic dependent launch): they
+    must not be what that kernel writes."""
     M, K = x.shape
     N = weight.shape[0]
     if M > MAX_ROWS or K > MAX_WIDTH:
@@ -84,10 +214,66 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gate=None, gel
     x, gate, residual, weight = rows(x), rows(gate), rows(residual), weight.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=(residual if residual is not None else x).dtype)
     dummy = weight  # a valid pointer for the arguments a variant does not read
+    if conv is None:
+        conv_state, conv_w, conv_b, conv_start, d_conv = x, dummy, dummy, 0, 0
+    else:
+        conv_state, conv_w, conv_b, conv_start = conv
+        d_conv = conv_state.shape[-1]
+        if conv_state.shape[0] != M or not conv_state.is_contiguous() or not conv_w.is_contiguous():
+            raise ValueError("linear_rows: the conv state must be contiguous (M, channels, d_conv)")
     _linear_rows_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
         x, dummy if gate is None else gate, dummy if norm_weight is None else norm_weight, weight,
         dummy if bias is None else bias, dummy if residual is None else residual, out, N, K, eps,
         x.stride(0), 0 if gate is None else gate.stride(0), 0 if residual is None else residual.stride(0),
-        M=M, M_PAD=max(triton.next_power_of_2(M), 2), NORM=norm, HAS_BIAS=bias is not None, GELU=gelu,
-        HAS_RES=residual is not None, BLOCK_K=triton.next_power_of_2(K))
+        conv_state, conv_w, conv_b, conv_start, conv_state.shape[1] if conv is not None else 0,
+        M=M, NORM=norm, HAS_BIAS=bias is not None, GELU=gelu,
+        HAS_RES=residual is not None, D_CONV=d_conv, BLOCK_K=triton.next_power_of_2(K), **_launch_options(x))
+    return out
+
+
+def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, block_p=8, num_warps=4):
+    """One SSD step (ssd_reference.ssd_step, dt = softplus(dt + dt_bias)) for all heads, in one kernel.
+
+    xbc (b, width): rows holding x (nheads * headdim) at x_start, then B and C (ngroups * d_state
+    each), and dt (nheads) in the last columns, as Mamba-2's in_proj output after the conv.
+    state (b, nheads, headdim, d_state), updated in place; A, dt_bias, D (nheads,).
+    Returns y (b, nheads * headdim) in xbc's dtype."""
+    b, nheads, headdim, d_state = state.shape
+    if not (state.is_contiguous() and xbc.stride(-1) == 1):
+        raise ValueError("ssm_step: the state must be contiguous and xbc's rows dense")
+    y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype)
+    B_start = x_start + nheads * headdim
+    grid = (b, nheads, triton.cdiv(headdim, block_p))
+    _ssm_step_kernel[grid](state, xbc, xbc.stride(0), x_start, B_start, B_start + ngroups * d_state,
+                           xbc.shape[1] - nheads, dt_bias, A, D, y, nheads, nheads // ngroups,
+                           HEADDIM=headdim, DSTATE=d_state, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(d_state),
+                           num_warps=num_warps, **_launch_options(xbc))
+    return y
+
+
+def sample_top_k(logits, noise, cfg_scale, top_k, temperature):
+    """sample_next's draw in one kernel: logits (rows, K, V), rows = [conditional; null] when
+    cfg_scale != 1; noise (b, K, V) Exp(1) draws; 1 <= top_k <= V. Returns tokens (b, K)."""
+    rows, K, V = logits.shape
+    b = rows // 2 if cfg_scale != 1.0 else rows
+    if logits.stride(-1) != 1 or not noise.is_contiguous() or noise.shape != (b, K, V):
+        raise ValueError("sample_top_k: logits rows must be dense and noise (b, K, V) contiguous")
+    out = torch.empty(b, K, device=logits.device, dtype=torch.long)
+    _sample_top_k_kernel[(b, K)](logits, noise, out, b, V, logits.stride(0), logits.stride(1), float(cfg_scale),
+                                 1.0 / temperature, int(top_k), GUIDANCE=cfg_scale != 1.0,
+                                 BLOCK_V=triton.next_power_of_2(V), num_warps=4)
+    return out
+
+
+def embed_rows(tokens, offsets, table, positions, freqs):
+    """The input of a decoding step in one kernel: tokens (b, K) ids into the K stacked tables of
+    table (K * V, d) at offsets (K,), positions (b,), freqs (d / 2,) the position frequencies.
+    Returns (b, d) = sum_k table[tokens[:, k] + offsets[k]] + [cos(pos f) | sin(pos f)]."""
+    b, K = tokens.shape
+    d = table.shape[1]
+    if not table.is_contiguous() or freqs.dtype != torch.float32:
+        raise ValueError("embed_rows: the table must be contiguous and freqs float32")
+    out = torch.empty(b, d, device=table.device, dtype=table.dtype)
+    _embed_rows_kernel[(b,)](tokens, tokens.stride(0), tokens.stride(1), offsets, table, positions, freqs, out, d, K=K,
+                             BLOCK_D=triton.next_power_of_2(d), num_warps=4)
     return out

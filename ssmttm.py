@@ -262,12 +262,13 @@ class Mamba2(nn.Module):
         return self.out_proj(self.norm(y.to(z.dtype), z))[:, None]
 
     def fused_step(self, x, norm, state):
-        """x + self(norm(x)) for one decoding step, x (b, 1, d_model), in four kernels: norm + in_proj,
-        conv, state update, gated norm + out_proj + residual (kernels.linear_rows). CUDA only."""
-        zxbcdt = kernels.linear_rows(x[:, 0], self.in_proj.weight, norm_weight=norm.weight, eps=norm.eps)
-        y, z = self._step_ssm(zxbcdt, state)
-        out = kernels.linear_rows(y, self.out_proj.weight, norm_weight=self.norm.weight, eps=self.norm.eps, gate=z,
-                                  residual=x[:, 0])
+        """x + self(norm(x)) for one decoding step, x (b, 1, d_model), in three kernels: norm + in_proj
+        + conv, the SSD step, gated norm + out_proj + residual (kernels.py). CUDA only."""
+        conv = (state.conv, self.conv1d.weight[:, 0], self.conv1d.bias, self.d_inner)
+        zxbcdt = kernels.linear_rows(x[:, 0], self.in_proj.weight, norm_weight=norm.weight, eps=norm.eps, conv=conv)
+        y = kernels.ssm_step(zxbcdt, state.ssm, state.A, self.dt_bias, self.D, self.d_inner, self.ngroups)
+        out = kernels.linear_rows(y, self.out_proj.weight, norm_weight=self.norm.weight, eps=self.norm.eps,
+                                  gate=zxbcdt[:, :self.d_inner], residual=x[:, 0])
         return out[:, None]
 
     def _step_ssm(self, zxbcdt, state):
@@ -447,10 +448,14 @@ def fused_decoding(module, rows, width):
             and not torch.compiler.is_compiling())
 
 
+def position_frequencies(dim, device):
+    """The dim // 2 frequencies of the sinusoidal position embedding: 10000^(-i / (dim // 2))."""
+    return torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=device) / (dim // 2))
+
+
 def sinusoidal_positions(positions, dim):
     """(b, s) integer positions -> (b, s, dim) [cos | sin] embeddings (as MusicGen and the official code)."""
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=positions.device) / (dim // 2))
-    angles = positions[..., None].float() * freqs
+    angles = positions[..., None].float() * position_frequencies(dim, positions.device)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
@@ -470,6 +475,7 @@ class InferenceCache:
         self.states = [[layer.new_state(batch, max_len, device, dtype) if hasattr(layer, "new_state") else None
                         for layer in block.layers] for block in model.blocks]
         self.position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.position_frequencies = position_frequencies(model.cfg.d_model, device)
         self.memory_mask = None
 
 
@@ -496,14 +502,11 @@ class TextToMusicLM(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def _run(self, x, positions, cond, cache, s):
-        """Positions, blocks, then final norm and heads on the last s positions (the audio steps):
+    def _run(self, x, cond, cache, s):
+        """Blocks, then final norm and heads on the last s positions (the audio steps):
         (b, L, d) -> (b, K, s, 1025)."""
-        x = x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, cond, None if cache is None else cache.states[i])
-        if cache is not None:
-            cache.position.copy_(positions[:, -1] + 1)
         if s == 1 and cache is not None and fused_decoding(self, x[:, -1], self.cfg.d_model):
             logits = kernels.linear_rows(x[:, -1], self.head.weight, norm_weight=self.norm_f.weight, eps=self.norm_f.eps)
         else:
@@ -527,19 +530,27 @@ class TextToMusicLM(nn.Module):
         else:
             positions = torch.arange(s, device=x.device).expand(b, s)
             cond = {"mask": None, "memory": memory, "memory_mask": text_mask}
+        x = x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
         if cache is not None:
             cache.memory_mask = text_mask
-        return self._run(x, positions, cond, cache, s)
+            cache.position.copy_(positions[:, -1] + 1)
+        return self._run(x, cond, cache, s)
 
     def step(self, tokens, cache):
         """Continue from a cache: tokens (b, K, s) the next input steps -> logits (b, K, s, 1025).
         For s = 1 this is one decoding step: its cost does not depend on the position for the SSM
         variants (the Mamba-2 states have a fixed size); attention reads its growing KV cache."""
         b, K, s = tokens.shape
-        x = self.embed(tokens + self.offsets[:, None]).sum(1)
-        positions = cache.position[:, None] + torch.arange(s, device=x.device)
+        if s == 1 and fused_decoding(self, tokens[:, :, 0], self.cfg.d_model):  # the two lines below, one kernel
+            x = kernels.embed_rows(tokens[..., 0], self.offsets, self.embed.weight, cache.position,
+                                   cache.position_frequencies)[:, None]
+        else:
+            x = self.embed(tokens + self.offsets[:, None]).sum(1)
+            positions = cache.position[:, None] + torch.arange(s, device=x.device)
+            x = x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
+        cache.position.add_(s)
         cond = {"mask": None, "memory": None, "memory_mask": cache.memory_mask}
-        return self._run(x, positions, cond, cache, s)
+        return self._run(x, cond, cache, s)
 
     def forward(self, codes, text, text_mask):
         """Teacher-forced pass. codes (b, K, s): LM-layout targets (delayed when K > 1, special id
@@ -688,21 +699,26 @@ def sample_next(logits, cfg_scale=1.0, top_k=250, temperature=1.0, generator=Non
     """logits (rows, K, 1025) of one step -> tokens (b, K). With cfg_scale != 1 the rows are
     [conditional; null] and are combined by guidance first. Then temperature and top-k; top_k = 1
     or temperature = 0 is greedy. The special id is never sampled."""
-    logits = logits.float()
-    if cfg_scale != 1.0:
-        logits = classifier_free_guidance(*logits.chunk(2), cfg_scale)
     logits = logits[..., :SPECIAL]  # only real codes can be sampled; the indices stay the ids
     if top_k == 1 or temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
+        logits = logits.float()
+        return (classifier_free_guidance(*logits.chunk(2), cfg_scale) if cfg_scale != 1.0 else logits).argmax(-1)
+    rows, K, V = logits.shape
+    top_k = min(top_k, V) if top_k else V
     # A draw from the categorical p: argmax of p_i / E_i with E_i ~ Exp(1) independent (the first
     # of competing exponential clocks to ring; what torch.multinomial does for one sample). Unlike
     # multinomial it never synchronises with the host, so a CUDA graph can hold it.
-    probs = F.softmax(logits, dim=-1)
-    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
+    noise = torch.empty(rows // 2 if cfg_scale != 1.0 else rows, K, V, device=logits.device)
+    noise.exponential_(generator=generator)
+    if Block.use_decode_kernels and logits.is_cuda and kernels.triton is not None:
+        return kernels.sample_top_k(logits, noise, cfg_scale, top_k, temperature)  # the lines below, in one kernel
+    logits = logits.float()
+    if cfg_scale != 1.0:
+        logits = classifier_free_guidance(*logits.chunk(2), cfg_scale)
+    logits = logits / temperature
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    probs = F.softmax(logits.masked_fill(logits < kth, -torch.inf), dim=-1)
+    return (probs / noise).argmax(-1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -464,6 +464,99 @@ def test_gpu_linear_rows_equals_its_definition(dtype):
 
 
 @gpu
+def test_gpu_conv_and_ssm_step_kernels_equal_their_definitions():
+    # linear_rows' conv epilogue and ssm_step, against the same in float64: the decoding step's
+    # shapes (d_state 512) and odd ones (2 groups, widths that are not powers of two)
+    torch.manual_seed(0)
+    d = lambda t: t.double()
+    for M, K, nheads, headdim, ngroups, d_state in [(2, 1024, 32, 64, 1, 512), (3, 200, 6, 24, 2, 100)]:
+        d_inner, conv_dim = nheads * headdim, nheads * headdim + 2 * ngroups * d_state
+        N = 2 * d_inner + 2 * ngroups * d_state + nheads
+        x, w = torch.randn(M, K, device="cuda"), torch.randn(N, K, device="cuda") / K ** 0.5
+        conv_state, conv_w, conv_b = (torch.randn(M, conv_dim, 4, device="cuda"), torch.randn(conv_dim, 4, device="cuda"),
+                                      torch.randn(conv_dim, device="cuda"))
+        old_conv = conv_state.clone()
+        zxbcdt = kernels.linear_rows(x, w, conv=(conv_state, conv_w, conv_b, d_inner))
+        proj = d(x) @ d(w).T
+        window = torch.cat([d(old_conv[..., 1:]), proj[:, d_inner:d_inner + conv_dim, None]], -1)
+        want = proj.clone()
+        want[:, d_inner:d_inner + conv_dim] = F.silu((window * d(conv_w)).sum(-1) + d(conv_b))
+        assert report(f"linear_rows + conv {M}x{K}->{N}", rel_err(zxbcdt, want)) < 1e-5
+        assert rel_err(conv_state, window) < 1e-6  # the window moved by one, x_t last
+
+        ssm = torch.randn(M, nheads, headdim, d_state, device="cuda")
+        old_ssm = ssm.clone()
+        A, dt_bias, D = -torch.rand(nheads, device="cuda") * 8, torch.randn(nheads, device="cuda") - 3, torch.randn(nheads, device="cuda")
+        y = kernels.ssm_step(zxbcdt, ssm, A, dt_bias, D, d_inner, ngroups)
+        xs, B, C = zxbcdt[:, d_inner:d_inner + conv_dim].split([d_inner, ngroups * d_state, ngroups * d_state], -1)
+        dt = F.softplus(d(zxbcdt[:, -nheads:]) + d(dt_bias))
+        want_y, want_state = ssd_step(d(old_ssm), d(xs).view(M, nheads, headdim), dt, d(A), d(B).view(M, ngroups, -1),
+                                      d(C).view(M, ngroups, -1), d(D))
+        assert report(f"ssm_step h={nheads} p={headdim} g={ngroups} n={d_state}",
+                      rel_err(y, want_y.reshape(M, -1))) < 1e-5
+        assert rel_err(ssm, want_state) < 1e-5
+
+
+@gpu
+def test_gpu_embed_rows_equals_embeddings_plus_positions():
+    # a decoding step's input in one kernel: the K embeddings summed plus the sinusoidal positions,
+    # against float64 from the same float32 angles, at positions up to 30 s (where cos and sin need
+    # a careful range reduction)
+    torch.manual_seed(0)
+    for K, d, dtype, tol in [(1, 1024, torch.float32, 1e-6), (9, 1024, torch.bfloat16, 4e-3), (4, 48, torch.float32, 1e-6)]:
+        table, offsets = torch.randn(K * 1025, d, device="cuda").to(dtype), torch.arange(K, device="cuda") * 1025
+        tokens, positions = torch.randint(0, 1025, (3, K), device="cuda"), torch.tensor([0, 977, 2600], device="cuda")
+        got = kernels.embed_rows(tokens, offsets, table, positions, ssmttm.position_frequencies(d, "cuda"))
+        angles = (positions[:, None].float() * ssmttm.position_frequencies(d, "cuda")).double()  # fp32 angles, as defined
+        want = table.double()[tokens + offsets].sum(1) + torch.cat([angles.cos(), angles.sin()], -1)
+        assert got.dtype == dtype
+        assert report(f"embed_rows K={K} d={d} {dtype}", rel_err(got, want)) < tol
+
+
+@gpu
+def test_gpu_programmatic_dependent_launch_changes_no_number():
+    # PDL only changes when kernels start, never what they compute: the same tokens, bit for bit
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="prefix_simba", n_layers=4, d_model=1024, d_state=512, dropout=0.0, n_codebooks=9)
+    model = ssmttm.for_inference(TextToMusicLM(cfg).cuda(), torch.bfloat16)
+    text, mask = torch.randn(1, 8, 768, device="cuda"), torch.ones(1, 8, dtype=torch.bool, device="cuda")
+    runs = []
+    try:
+        for pdl in (True, False):
+            kernels.use_pdl = pdl
+            g = torch.Generator("cuda").manual_seed(3)
+            runs.append(model.generate(text, mask, 120, cfg_scale=3.0, top_k=250, cuda_graph=True, generator=g))
+    finally:
+        kernels.use_pdl = True
+    assert torch.equal(runs[0], runs[1])
+    assert len(runs[0].unique()) > 100  # sampled, not a constant
+
+
+@gpu
+def test_gpu_sampling_kernel_draws_what_sample_next_draws():
+    # kernels.sample_top_k (guidance, temperature, top-k, the exponential race in one kernel) draws
+    # the tokens of the plain ops from the same noise, and never a token outside the top k
+    torch.manual_seed(0)
+    for rows, K, scale in [(2, 1, 3.0), (8, 9, 3.0), (3, 4, 1.0)]:
+        logits = torch.randn(rows, K, 1025, device="cuda") * 3
+        for top_k, temperature in [(250, 1.2), (5, 1.0), (0, 0.7)]:
+            draws = {}
+            try:
+                for fused in (True, False):
+                    ssmttm.Block.use_decode_kernels = fused
+                    g = torch.Generator("cuda").manual_seed(1)
+                    draws[fused] = torch.stack([sample_next(logits, scale, top_k, temperature, g) for _ in range(50)])
+            finally:
+                ssmttm.Block.use_decode_kernels = True
+            assert torch.equal(draws[True], draws[False]), (rows, K, top_k)
+            if top_k:
+                guided = classifier_free_guidance(*logits.chunk(2), scale) if scale != 1.0 else logits
+                allowed = torch.zeros_like(guided[..., :SPECIAL], dtype=torch.bool).scatter_(
+                    -1, guided[..., :SPECIAL].topk(top_k, -1).indices, True)
+                assert allowed.gather(-1, draws[True].permute(1, 2, 0)).all()
+
+
+@gpu
 def test_gpu_fused_decoding_equals_plain_ops():
     # the decoding step through linear_rows gives the logits of the plain-ops step, bf16 weights
     torch.manual_seed(0)
