@@ -513,12 +513,17 @@ def test_gpu_embed_rows_equals_embeddings_plus_positions():
         assert report(f"embed_rows K={K} d={d} {dtype}", rel_err(got, want)) < tol
 
 
+def paper_width_decoder(n_layers=4):
+    """A Prefix SiMBA of the paper's width (d_model 1024, d_state 512, K = 9), bf16, on CUDA."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="prefix_simba", n_layers=n_layers, d_model=1024, d_state=512, dropout=0.0, n_codebooks=9)
+    return ssmttm.for_inference(TextToMusicLM(cfg).cuda(), torch.bfloat16)
+
+
 @gpu
 def test_gpu_programmatic_dependent_launch_changes_no_number():
     # PDL only changes when kernels start, never what they compute: the same tokens, bit for bit
-    torch.manual_seed(0)
-    cfg = ModelConfig(variant="prefix_simba", n_layers=4, d_model=1024, d_state=512, dropout=0.0, n_codebooks=9)
-    model = ssmttm.for_inference(TextToMusicLM(cfg).cuda(), torch.bfloat16)
+    model = paper_width_decoder()
     text, mask = torch.randn(1, 8, 768, device="cuda"), torch.ones(1, 8, dtype=torch.bool, device="cuda")
     runs = []
     try:
@@ -559,9 +564,7 @@ def test_gpu_sampling_kernel_draws_what_sample_next_draws():
 @gpu
 def test_gpu_fused_decoding_equals_plain_ops():
     # the decoding step through linear_rows gives the logits of the plain-ops step, bf16 weights
-    torch.manual_seed(0)
-    cfg = ModelConfig(variant="prefix_simba", n_layers=4, d_model=1024, d_state=512, dropout=0.0, n_codebooks=9)
-    model = ssmttm.for_inference(TextToMusicLM(cfg).cuda(), torch.bfloat16)
+    model = paper_width_decoder()
     text, mask = torch.randn(2, 8, 768, device="cuda"), torch.ones(2, 8, dtype=torch.bool, device="cuda")
     tokens = torch.randint(0, 1024, (2, 9, 40), device="cuda")
     out = {}
