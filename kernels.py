@@ -15,14 +15,18 @@ activation, residual add, conv, state update ...). Two kernels do a SiMBA block 
     its conv state and updates it alone.
 `ssm_step`: one step of the SSD recurrence (ssd_reference.ssd_step) with softplus(dt + dt_bias).
 
+Around the blocks, a frame has two more: `embed_rows` (the K code embeddings plus the sinusoidal
+positions) and `sample_top_k` (guidance, temperature, top-k and the draw of sample_next).
+
 Everything is computed in float32 and rounded once, where the plain ops round too.
 
 Programmatic dependent launch (Hopper and later): each kernel lets the next one start at once, and
 the next one loads what no earlier kernel of the step writes (its weights; the SSM state, last
 written by the same layer a step before) before it waits for the previous kernel's results
 (`gdc_wait`). The weights of one matrix then stream in while the previous kernel runs, which hides
-most of the fixed cost of a short kernel. Inside a CUDA graph the dependency is kept as a
-programmatic edge.
+part of the fixed cost of a short kernel (0.72 -> 0.60 ms per frame on an H200). Inside a CUDA
+graph the dependency is kept as a programmatic edge. embed_rows and sample_top_k are plain
+launches: they wait for everything before them, which is what lets ssm_step read its state early.
 """
 import torch
 
