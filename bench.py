@@ -23,6 +23,7 @@ Model FLOPs (for MFU) count what the model needs, not what a kernel happens to d
 MFU divides by the H200's dense bf16 peak, 989 TFLOP/s (datasheet).
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -291,33 +292,34 @@ def profile_decoding(n_layers, mode="graph", frames=20, rows=30):
 
 
 @torch.no_grad()
-def bench_decode_kernels(n_layers=24, rows=2):
+def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
     """The kernels of one decoding frame, one shape at a time: each kernel runs n_layers times on
     n_layers different weights (so, as in a frame, nothing is left in L2), captured in one CUDA
     graph. Microseconds per call and the bytes it must move per microsecond, for kernels.py with and
-    without programmatic dependent launch, and for cuBLAS (F.linear, the matrix product alone)."""
+    without programmatic dependent launch, and for cuBLAS (F.linear, the matrix product alone).
+    sweep: also linear_rows with each launch shape (outputs and warps per program), with PDL."""
     cfg = ModelConfig()
     d, d_inner, n = cfg.d_model, cfg.expand * cfg.d_model, cfg.d_state
     nheads = d_inner // cfg.headdim
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    x, gate = torch.randn(rows, d_inner, **bf16), torch.randn(rows, d_inner, **bf16)
+    x, gated = torch.randn(rows, d_inner, **bf16), torch.randn(rows, d_inner, device="cuda")  # gated y is fp32
     conv_dim = d_inner + 2 * n
     in_proj = 2 * d_inner + 2 * n + nheads
-    # (name, N, K, call(weight, i)): the five kernels of a SiMBA block, and the head
+    # (name, N, K, call(weight, i, **launch shape)): four of the five kernels of a SiMBA block, and the head
     conv = [(torch.zeros(rows, conv_dim, cfg.d_conv, **bf16), torch.randn(conv_dim, cfg.d_conv, **bf16),
              torch.randn(conv_dim, **bf16)) for _ in range(n_layers)]
     nw, b_ff = torch.ones(d_inner, **bf16), torch.zeros(d_inner, **bf16)
     shapes = [
-        ("norm+in_proj+conv", in_proj, d, lambda w, i: kernels.linear_rows(
-            x[:, :d], w, norm_weight=nw[:d], conv=(*conv[i], d_inner))),
-        ("gated norm+out_proj+residual", d, d_inner, lambda w, i: kernels.linear_rows(
-            x, w, norm_weight=nw, gate=gate, residual=x[:, :d])),
-        ("norm+fc1+GELU", cfg.d_ff, d, lambda w, i: kernels.linear_rows(
-            x[:, :d], w, b_ff[:cfg.d_ff], nw[:d], gelu=True)),
-        ("fc2+bias+residual", d, cfg.d_ff, lambda w, i: kernels.linear_rows(
-            x[:, :cfg.d_ff], w, b_ff[:d], residual=x[:, :d])),
-        ("norm_f+head", cfg.n_codebooks * (ssmttm.CODEBOOK_SIZE + 1), d, lambda w, i: kernels.linear_rows(
-            x[:, :d], w, norm_weight=nw[:d])),
+        ("norm+in_proj+conv", in_proj, d, lambda w, i, **kw: kernels.linear_rows(
+            x[:, :d], w, norm_weight=nw[:d], conv=(*conv[i], d_inner), **kw)),
+        ("norm+out_proj+residual (fp32 input)", d, d_inner, lambda w, i, **kw: kernels.linear_rows(
+            gated, w, norm_weight=nw, residual=x[:, :d], **kw)),
+        ("norm+fc1+GELU", cfg.d_ff, d, lambda w, i, **kw: kernels.linear_rows(
+            x[:, :d], w, b_ff[:cfg.d_ff], nw[:d], gelu=True, **kw)),
+        ("fc2+bias+residual", d, cfg.d_ff, lambda w, i, **kw: kernels.linear_rows(
+            x[:, :cfg.d_ff], w, b_ff[:d], residual=x[:, :d], **kw)),
+        ("norm_f+head", cfg.n_codebooks * (ssmttm.CODEBOOK_SIZE + 1), d, lambda w, i, **kw: kernels.linear_rows(
+            x[:, :d], w, norm_weight=nw[:d], **kw)),
     ]
 
     def graphed(calls):
@@ -330,33 +332,39 @@ def bench_decode_kernels(n_layers=24, rows=2):
                 c()
         return cuda_time(graph.replay, 50, 5) * 1e3 / len(calls)
 
-    for name, N, K, call in shapes:
-        weights = [torch.randn(N, K, **bf16) / K ** 0.5 for _ in range(n_layers)]
-        mb = (N * K * 2 + rows * (K + N) * 2) / 1e6
-        row = {"section": "decode kernels", "kernel": name, "N x K": f"{N} x {K}", "MB": round(mb, 2)}
+    def pdl_and_plain(row, mb, calls):  # us and GB/s with programmatic dependent launch and without
         for label, pdl in (("", True), ("no PDL ", False)):
             kernels.use_pdl = pdl
-            us = graphed([lambda w=w, i=i: call(w, i) for i, w in enumerate(weights)])
+            us = graphed(calls)
             row[f"{label}us"], row[f"{label}GB/s"] = us, mb * 1e3 / us
         kernels.use_pdl = True
+        return row
+
+    for name, N, K, call in shapes:
+        weights = [torch.randn(N, K, **bf16) / K ** 0.5 for _ in range(n_layers)]
+        calls = [lambda w=w, i=i: call(w, i) for i, w in enumerate(weights)]
+        mb = (N * K * 2 + rows * (K + N) * 2) / 1e6
+        row = pdl_and_plain({"section": "decode kernels", "kernel": name, "N x K": f"{N} x {K}", "MB": round(mb, 2)},
+                            mb, calls)
         us = graphed([lambda w=w: torch.nn.functional.linear(x[:, :K], w) for w in weights])
         row["cuBLAS us"], row["cuBLAS GB/s"] = us, mb * 1e3 / us
         emit(row)
-    # the SSD step: read and write the float32 state (rows, nheads, headdim, d_state)
+        for block_n, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)) if sweep else ():
+            us = graphed([lambda w=w, i=i, bn=block_n, nw=warps: call(w, i, block_n=bn, num_warps=nw)
+                          for i, w in enumerate(weights)])
+            emit({"section": "decode kernels", "kernel": f"{name}: {block_n} outputs, {warps} warps per program",
+                  "N x K": f"{N} x {K}", "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
+    # the SSD step: read and write the state (rows, nheads, headdim, d_state), fp32 or bf16
     zxbcdt = torch.randn(rows, in_proj, **bf16)
-    states = [torch.zeros(rows, nheads, cfg.headdim, n, device="cuda") for _ in range(n_layers)]
     A, dt_bias, D = -torch.ones(nheads, device="cuda"), torch.zeros(nheads, device="cuda"), torch.ones(nheads, device="cuda")
-    mb = 2 * states[0].numel() * 4 / 1e6
-    for block_p, warps in ((4, 4), (8, 4), (8, 8), (16, 8)):
-        row = {"section": "decode kernels", "kernel": f"ssm_step (block_p {block_p}, {warps} warps)",
-               "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2)}
-        for label, pdl in (("", True), ("no PDL ", False)):
-            kernels.use_pdl = pdl
-            us = graphed([lambda s=s: kernels.ssm_step(zxbcdt, s, A, dt_bias, D, d_inner, 1, block_p, warps)
-                          for s in states])
-            row[f"{label}us"], row[f"{label}GB/s"] = us, mb * 1e3 / us
-        kernels.use_pdl = True
-        emit(row)
+    for dtype in (torch.float32, torch.bfloat16):
+        states = [torch.zeros(rows, nheads, cfg.headdim, n, device="cuda", dtype=dtype) for _ in range(n_layers)]
+        mb = 2 * states[0].numel() * states[0].element_size() / 1e6
+        for block_p, warps in ((4, 4), (8, 4), (8, 8), (16, 8)):
+            row = {"section": "decode kernels", "kernel": f"ssm_step ({str(dtype)[6:]} state, block_p {block_p}, {warps} warps)",
+                   "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2)}
+            emit(pdl_and_plain(row, mb, [lambda s=s: kernels.ssm_step(zxbcdt, s, A, dt_bias, D, d_inner, 1, 0, block_p,
+                                                                      warps) for s in states]))
 
 
 def bench_stage2(device):
@@ -502,6 +510,7 @@ def main():
     ap.add_argument("--decode-setups", default=",".join(DECODE_SETUPS),
                     help="variant:mode pairs for the decode section (modes: eager, graph, nopdl+graph, unfused+graph, "
                          "compile+graph, autotune+graph, recompute)")
+    ap.add_argument("--sweep-configs", action="store_true", help="decode-kernels: also every linear_rows launch shape")
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
@@ -550,7 +559,7 @@ def main():
             bench_decoding(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500),
                            args.decode_setups.split(","), full_baseline=args.full_baseline)
         elif section == "decode-kernels" and device == "cuda":
-            bench_decode_kernels()
+            bench_decode_kernels(sweep=args.sweep_configs)
         elif section == "decode-profile":
             for mode in ("graph", "nopdl+graph"):
                 profile_decoding(n_layers, mode)

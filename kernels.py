@@ -5,20 +5,21 @@ matrix-vector product, bound by reading the weights, not by arithmetic. Run as s
 each block of the model is a dozen launches that mostly wait on each other (norm, matmul, bias,
 activation, residual add, conv, state update ...). Two kernels do a SiMBA block in five launches:
 
-    norm + in_proj + conv  ->  ssm_step  ->  gated norm + out_proj + residual
-                           ->  norm + fc1 + GELU  ->  fc2 + residual
+    norm + in_proj + conv  ->  ssm_step + gate  ->  norm + out_proj + residual
+                                ->  norm + fc1 + GELU  ->  fc2 + residual
 
 `linear_rows`: out = residual + act(norm(x) @ W^T + bias), x (M, K), W (N, K), out (M, N).
-    norm is nothing, RMSNorm (x * rsqrt(mean(x^2) + eps) * w), or Mamba-2's gated RMSNorm
-    (RMSNorm(x * silu(gate)) * w). Optionally a range of the outputs goes through Mamba-2's causal
-    depthwise conv + SiLU: the conv is per channel, so the program that computes a channel owns
-    its conv state and updates it alone.
-`ssm_step`: one step of the SSD recurrence (ssd_reference.ssd_step) with softplus(dt + dt_bias).
+    norm is nothing or RMSNorm (x * rsqrt(mean(x^2) + eps) * w). Optionally a range of the
+    outputs goes through Mamba-2's causal depthwise conv + SiLU: the conv is per channel, so the
+    program that computes a channel owns its conv state and updates it alone.
+`ssm_step`: one step of the SSD recurrence (ssd_reference.ssd_step) with softplus(dt + dt_bias),
+    and the gate of Mamba-2's gated RMSNorm, y * silu(z).
 
 Around the blocks, a frame has two more: `embed_rows` (the K code embeddings plus the sinusoidal
 positions) and `sample_top_k` (guidance, temperature, top-k and the draw of sample_next).
 
-Everything is computed in float32 and rounded once, where the plain ops round too.
+Everything is computed in float32 and rounded once, where the plain ops round too (except the
+gated y, passed on unrounded).
 
 Programmatic dependent launch (Hopper and later): each kernel lets the next one start at once, and
 the next one loads what no earlier kernel of the step writes (its weights; the SSM state, last
@@ -40,7 +41,6 @@ try:
 except ImportError:  # a CPU-only torch has no triton
     triton = None
 
-NORM_NONE, NORM_RMS, NORM_GATED_RMS = 0, 1, 2
 MAX_ROWS, MAX_WIDTH = 8, 4096  # each program holds all rows of x and a whole row of W
 use_pdl = True  # programmatic dependent launch where the GPU has it (False: plain launches)
 
@@ -63,15 +63,10 @@ def _launch_options(t):
 
 if triton is not None:
 
-    @triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w)
-                 for bn, w in [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 8)]],
-        key=["N", "K", "M"], restore_value=["conv_state_ptr"])  # tuning runs must not shift the conv state
     @triton.jit
-    def _linear_rows_kernel(x_ptr, gate_ptr, norm_w_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps,
-                            stride_x, stride_gate, stride_res,
+    def _linear_rows_kernel(x_ptr, norm_w_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps, stride_x, stride_res,
                             conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_start, conv_dim,
-                            M: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                            M: tl.constexpr, M_POW2: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
                             HAS_RES: tl.constexpr, D_CONV: tl.constexpr, PDL: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         # One program: BLOCK_N outputs for all M rows, so each weight is read once. It loads its
@@ -86,7 +81,7 @@ if triton is not None:
         # First what no earlier kernel writes: the weights (and the norm's, folded into W), bias, conv.
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         w = w.to(tl.float32)
-        if NORM != 0:  # norm(x) @ W^T = (x * rstd) @ (W * norm_w)^T: rstd is one number per row
+        if NORM:  # norm(x) @ W^T = (x * rstd) @ (W * norm_w)^T: rstd is one number per row
             w = w * tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -99,15 +94,18 @@ if triton is not None:
             w_conv = tl.load(conv_w_ptr + c[:, None] * D_CONV + taps[None, :], mask=conv_ok, other=0.0).to(tl.float32)
             b_conv = tl.load(conv_b_ptr + c, mask=in_conv, other=0.0).to(tl.float32)
             last = taps[None, :] == D_CONV - 1
+            # The conv states of all rows too, shifted by one step (the newest tap is filled below):
+            # the same layer's kernel wrote them a step ago, and has finished (see ssm_step).
+            ms = tl.arange(0, M_POW2)
+            states = conv_state_ptr + ms[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV + taps[None, None, :]
+            shifted = tl.load(states + 1, mask=(ms < M)[:, None, None] & (conv_ok & ~last)[None, :, :], other=0.0)
+            shifted = shifted.to(tl.float32)
         if PDL:  # everything below may read what the previous kernel writes
             gdc_wait()
         for m in tl.static_range(M):
             v = tl.load(x_ptr + m * stride_x + ks, mask=k_ok, other=0.0).to(tl.float32)
-            if NORM == 2:
-                g = tl.load(gate_ptr + m * stride_gate + ks, mask=k_ok, other=0.0).to(tl.float32)
-                v = v * g * tl.sigmoid(g)
             acc = tl.sum(w * v[None, :], axis=1)  # (BLOCK_N,)
-            if NORM != 0:  # every program computes the row's mean square itself: x is tiny and in L2
+            if NORM:  # every program computes the row's mean square itself: x is tiny and in L2
                 acc = acc * (1.0 / tl.sqrt(tl.sum(v * v, axis=0) / K + eps))
             if HAS_BIAS:
                 acc += bias
@@ -117,21 +115,21 @@ if triton is not None:
                 acc += tl.load(res_ptr + m * stride_res + cols, mask=col_ok, other=0.0).to(tl.float32)
             if D_CONV > 0:  # Mamba-2's causal depthwise conv + SiLU; this program owns these channels
                 x_t = acc.to(out_ptr.dtype.element_ty)  # the conv sees the rounded projection, as unfused
+                # this step's window: row m of the shifted states, then x_t
+                window = tl.sum(tl.where(ms[:, None, None] == m, shifted, 0.0), axis=0)
+                window = tl.where(last, x_t[:, None].to(tl.float32), window)
+                conv = tl.sum(window * w_conv, axis=1) + b_conv
+                tl.debug_barrier()  # every thread has used the old states before any is overwritten
                 state = conv_state_ptr + m * (conv_dim * D_CONV) + c[:, None] * D_CONV + taps[None, :]
-                # this step's window: the state shifted by one, then x_t
-                window = tl.load(state + 1, mask=conv_ok & ~last, other=0.0)
-                window = tl.where(last, x_t[:, None].to(window.dtype), window)
-                conv = tl.sum(window.to(tl.float32) * w_conv, axis=1) + b_conv
-                tl.debug_barrier()  # every thread has read the old state before any writes the new one
-                tl.store(state, window, mask=conv_ok)
+                tl.store(state, window.to(conv_state_ptr.dtype.element_ty), mask=conv_ok)
                 acc = tl.where(in_conv, conv * tl.sigmoid(conv), acc)
             tl.store(out_ptr + m * N + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
     @triton.jit
     def _ssm_step_kernel(state_ptr, xbc_ptr, stride_row, x_start, B_start, C_start, dt_start,
-                         dt_bias_ptr, A_ptr, D_ptr, y_ptr, nheads, heads_per_group,
+                         z_start, dt_bias_ptr, A_ptr, D_ptr, y_ptr, nheads, heads_per_group,
                          HEADDIM: tl.constexpr, DSTATE: tl.constexpr, BLOCK_P: tl.constexpr,
-                         BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_N: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr):
         # One program: BLOCK_P channels of one head of one row, with their whole state (BLOCK_P x N).
         if PDL:
             gdc_launch_dependents()
@@ -159,6 +157,9 @@ if triton is not None:
         decay = tl.exp(dt * tl.load(A_ptr + head).to(tl.float32))
         s = decay * s + (dt * x)[:, None] * B[None, :]                                   # h_t
         y = tl.sum(s * C[None, :], axis=1) + tl.load(D_ptr + head).to(tl.float32) * x    # h_t C_t + D x_t
+        if GATE:  # y * silu(z), the gate of Mamba-2's norm, here where y is: out_proj's norm is then plain
+            z = tl.load(inputs + z_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
         tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=s_ok)
         tl.store(y_ptr + row * (nheads * HEADDIM) + head * HEADDIM + ps, y.to(y_ptr.dtype.element_ty), mask=p_ok)
 
@@ -206,23 +207,23 @@ if triton is not None:
 
 
 
-def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gate=None, gelu=False, residual=None, conv=None):
+def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, residual=None, conv=None,
+                block_n=None, num_warps=None):
     """residual + gelu(norm(x) @ weight^T + bias) for a few rows, in one kernel.
 
-    x (M, K) with M <= 8 and K <= 4096, weight (N, K). norm: RMSNorm with norm_weight (K,) if given; with gate
-    (M, K) too, Mamba-2's gated RMSNorm of x * silu(gate). residual (M, N). conv: (state, weight,
-    bias, start) to pass outputs start ... start + C - 1 through Mamba-2's causal conv + SiLU, with
-    state (M, C, d_conv) updated in place, weight (C, d_conv), bias (C,). Returns (M, N) in the
-    dtype of residual if given, else of x. The weights, norm_weight, bias and the conv's weight and
-    bias are read before the wait for the previous kernel (programmatic dependent launch): they
-    must not be what that kernel writes."""
+    x (M, K) with M <= 8 and K <= 4096, weight (N, K). norm: RMSNorm with norm_weight (K,) if given.
+    residual (M, N). conv: (state, weight, bias, start) to pass outputs start ... start + C - 1
+    through Mamba-2's causal conv + SiLU, with state (M, C, d_conv) updated in place, weight
+    (C, d_conv), bias (C,). Returns (M, N) in the dtype of residual if given, else of x.
+    The weights, norm_weight, bias and the conv's weight and bias are read before the wait for the
+    previous kernel (programmatic dependent launch): they must not be what that kernel writes.
+    block_n, num_warps: outputs per program and warps per program (default: _launch_shape)."""
     M, K = x.shape
     N = weight.shape[0]
     if M > MAX_ROWS or K > MAX_WIDTH:
         raise ValueError(f"linear_rows is for <= {MAX_ROWS} rows of width <= {MAX_WIDTH}; got {M} x {K}")
-    norm = NORM_NONE if norm_weight is None else (NORM_RMS if gate is None else NORM_GATED_RMS)
     rows = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # rows may be strided views
-    x, gate, residual, weight = rows(x), rows(gate), rows(residual), weight.contiguous()
+    x, residual, weight = rows(x), rows(residual), weight.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=(residual if residual is not None else x).dtype)
     dummy = weight  # a valid pointer for the arguments a variant does not read
     if conv is None:
@@ -232,33 +233,44 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gate=None, gel
         d_conv = conv_state.shape[-1]
         if conv_state.shape[0] != M or not conv_state.is_contiguous() or not conv_w.is_contiguous():
             raise ValueError("linear_rows: the conv state must be contiguous (M, channels, d_conv)")
-    _linear_rows_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-        x, dummy if gate is None else gate, dummy if norm_weight is None else norm_weight, weight,
-        dummy if bias is None else bias, dummy if residual is None else residual, out, N, K, eps,
-        x.stride(0), 0 if gate is None else gate.stride(0), 0 if residual is None else residual.stride(0),
+    default_n, default_warps = _launch_shape(conv is not None)
+    block_n, num_warps = block_n or default_n, num_warps or default_warps
+    _linear_rows_kernel[(triton.cdiv(N, block_n),)](
+        x, dummy if norm_weight is None else norm_weight, weight, dummy if bias is None else bias,
+        dummy if residual is None else residual, out, N, K, eps, x.stride(0), 0 if residual is None else residual.stride(0),
         conv_state, conv_w, conv_b, conv_start, conv_state.shape[1] if conv is not None else 0,
-        M=M, NORM=norm, HAS_BIAS=bias is not None, GELU=gelu,
-        HAS_RES=residual is not None, D_CONV=d_conv, BLOCK_K=triton.next_power_of_2(K), **_launch_options(x))
+        M=M, M_POW2=triton.next_power_of_2(M), NORM=norm_weight is not None, HAS_BIAS=bias is not None, GELU=gelu,
+        HAS_RES=residual is not None, D_CONV=d_conv, BLOCK_K=triton.next_power_of_2(K), BLOCK_N=block_n,
+        num_warps=num_warps, **_launch_options(x))
     return out
 
 
-def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, block_p=8, num_warps=4):
+def _launch_shape(conv):
+    """(outputs per program, warps per program) of linear_rows: small programs, many of them.
+    Measured on an H200 in a chain of launches with PDL (bench.py --only decode-kernels
+    --sweep-configs), which is how a frame runs them; Triton's autotuner, which times each launch
+    alone, picked larger ones that were up to 2.5 us slower there (in_proj + conv: 7.1 -> 4.6 us)."""
+    return (4, 1) if conv else (2, 1)
+
+
+def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, block_p=4, num_warps=4):
     """One SSD step (ssd_reference.ssd_step, dt = softplus(dt + dt_bias)) for all heads, in one kernel.
 
     xbc (b, width): rows holding x (nheads * headdim) at x_start, then B and C (ngroups * d_state
     each), and dt (nheads) in the last columns, as Mamba-2's in_proj output after the conv.
     state (b, nheads, headdim, d_state), updated in place; A, dt_bias, D (nheads,).
-    Returns y (b, nheads * headdim) in xbc's dtype."""
+    Returns y (b, nheads * headdim) in xbc's dtype; with z_start, y * silu(z) for the gate z
+    (nheads * headdim) at z_start of xbc, in float32 (unrounded: the RMSNorm after it divides)."""
     b, nheads, headdim, d_state = state.shape
     if not (state.is_contiguous() and xbc.stride(-1) == 1):
         raise ValueError("ssm_step: the state must be contiguous and xbc's rows dense")
-    y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype)
+    y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype if z_start is None else torch.float32)
     B_start = x_start + nheads * headdim
     grid = (b, nheads, triton.cdiv(headdim, block_p))
     _ssm_step_kernel[grid](state, xbc, xbc.stride(0), x_start, B_start, B_start + ngroups * d_state,
-                           xbc.shape[1] - nheads, dt_bias, A, D, y, nheads, nheads // ngroups,
+                           xbc.shape[1] - nheads, z_start or 0, dt_bias, A, D, y, nheads, nheads // ngroups,
                            HEADDIM=headdim, DSTATE=d_state, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(d_state),
-                           num_warps=num_warps, **_launch_options(xbc))
+                           GATE=z_start is not None, num_warps=num_warps, **_launch_options(xbc))
     return y
 
 

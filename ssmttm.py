@@ -263,12 +263,13 @@ class Mamba2(nn.Module):
 
     def fused_step(self, x, norm, state):
         """x + self(norm(x)) for one decoding step, x (b, 1, d_model), in three kernels: norm + in_proj
-        + conv, the SSD step, gated norm + out_proj + residual (kernels.py). CUDA only."""
+        + conv, the SSD step + gate (y * silu(z)), norm + out_proj + residual (kernels.py). CUDA
+        only; ngroups 1 (the LM's), where the gated norm is one RMSNorm over d_inner."""
         conv = (state.conv, self.conv1d.weight[:, 0], self.conv1d.bias, self.d_inner)
         zxbcdt = kernels.linear_rows(x[:, 0], self.in_proj.weight, norm_weight=norm.weight, eps=norm.eps, conv=conv)
-        y = kernels.ssm_step(zxbcdt, state.ssm, state.A, self.dt_bias, self.D, self.d_inner, self.ngroups)
-        out = kernels.linear_rows(y, self.out_proj.weight, norm_weight=self.norm.weight, eps=self.norm.eps,
-                                  gate=zxbcdt[:, :self.d_inner], residual=x[:, 0])
+        gated = kernels.ssm_step(zxbcdt, state.ssm, state.A, self.dt_bias, self.D, self.d_inner, self.ngroups, z_start=0)
+        out = kernels.linear_rows(gated, self.out_proj.weight, norm_weight=self.norm.weight, eps=self.norm.eps,
+                                  residual=x[:, 0])
         return out[:, None]
 
     def _step_ssm(self, zxbcdt, state):

@@ -444,8 +444,7 @@ def test_gpu_linear_rows_equals_its_definition(dtype):
     torch.manual_seed(0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (2^-8)
     for M, K, N in [(2, 1024, 5152), (2, 2048, 1024), (1, 1024, 9225), (3, 200, 37)]:
-        big = torch.randn(M, 3 * K, device="cuda", dtype=dtype)
-        x, gate = big[:, :K], big[:, K:2 * K]
+        x = torch.randn(M, 3 * K, device="cuda", dtype=dtype)[:, K:2 * K]  # a strided view of rows
         w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
         b, nw, res = (torch.randn(N, device="cuda").to(dtype), torch.randn(K, device="cuda").to(dtype),
                       torch.randn(M, N, device="cuda").to(dtype))
@@ -454,8 +453,7 @@ def test_gpu_linear_rows_equals_its_definition(dtype):
         cases = {
             "plain": (kernels.linear_rows(x, w), d(x) @ d(w).T),
             "rms+bias+gelu": (kernels.linear_rows(x, w, b, nw, gelu=True), F.gelu(rms(d(x)) @ d(w).T + d(b))),
-            "gated rms+residual": (kernels.linear_rows(x, w, norm_weight=nw, gate=gate, residual=res),
-                                   d(res) + rms(d(x) * F.silu(d(gate))) @ d(w).T),
+            "rms+residual": (kernels.linear_rows(x, w, norm_weight=nw, residual=res), d(res) + rms(d(x)) @ d(w).T),
             "bias+residual": (kernels.linear_rows(x, w, b, residual=res), d(res) + d(x) @ d(w).T + d(b)),
         }
         for name, (got, want) in cases.items():
@@ -495,6 +493,11 @@ def test_gpu_conv_and_ssm_step_kernels_equal_their_definitions():
         assert report(f"ssm_step h={nheads} p={headdim} g={ngroups} n={d_state}",
                       rel_err(y, want_y.reshape(M, -1))) < 1e-5
         assert rel_err(ssm, want_state) < 1e-5
+        # with the gate of the norm: y * silu(z), unrounded, from the same state
+        ssm.copy_(old_ssm)
+        gated = kernels.ssm_step(zxbcdt, ssm, A, dt_bias, D, d_inner, ngroups, z_start=0)
+        assert gated.dtype == torch.float32
+        assert report("ssm_step gated", rel_err(gated, want_y.reshape(M, -1) * F.silu(d(zxbcdt[:, :d_inner])))) < 1e-5
 
 
 @gpu
