@@ -204,13 +204,17 @@ def decode_ms(model, position, mode, device, iters=50):
         steps = torch.full((1, K, n_steps), ssmttm.SPECIAL, device=device)
         steps[..., :position] = codes[:1]
         fixed = torch.zeros_like(steps, dtype=torch.bool)
-        cache = ssmttm.InferenceCache(model, 2, n_steps + 1, device, next(model.parameters()).dtype)
+        cache = ssmttm.InferenceCache(model, 2, n_steps + 1, device, next(model.parameters()).dtype, ssm_dtype(mode))
         model.logits(tokens[..., :-1], text, mask, cache)
         pos = torch.full((1,), position, device=device)
         sampling = dict(cfg_scale=3.0, top_k=250, temperature=1.2, generator=None)
         frame = model._decoder(cache, steps, pos, fixed, 2, sampling, "graph" in mode,
                                "compile" in mode or "autotune" in mode)
         return timer(frame, iters, warmup)
+
+
+def ssm_dtype(mode):
+    return torch.bfloat16 if "bf16state" in mode else None
 
 
 DECODE_SETUPS = ("prefix_simba:graph", "prefix_simba:nopdl+graph", "prefix_simba:compile+graph",
@@ -230,7 +234,7 @@ def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(1
             continue
         model = paper_model(variant, n_layers, device, dtype)
         ssmttm.Block.use_decode_kernels = mode != "unfused+graph"
-        kernels.use_pdl = mode != "nopdl+graph"
+        kernels.use_pdl = "nopdl" not in mode
         if mode == "autotune+graph":
             model._compiled_step = torch.compile(model.step, dynamic=False, mode="max-autotune-no-cudagraphs")
         row = {"section": "decode", "variant": variant, "mode": mode}
@@ -239,7 +243,7 @@ def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(1
                 row[f"ms/frame @{p}"] = decode_ms(model, p, mode, device)
             _, text, mask = batch_inputs(1, 1, 1, device, seed=2)
             kw = dict(recurrent=mode != "recompute", cuda_graph="graph" in mode,
-                      compile="compile" in mode or "autotune" in mode)
+                      compile="compile" in mode or "autotune" in mode, ssm_dtype=ssm_dtype(mode))
             t0 = time.perf_counter()
             model.generate(text, mask, 8, **kw)  # warm-up: compilation, autotuning, graph capture
             row["warm-up s"] = time.perf_counter() - t0

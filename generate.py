@@ -48,6 +48,9 @@ def parse_args(argv=None):
     ap.add_argument("--t5", help="local Flan-T5 folder, instead of the name saved in the checkpoint")
     ap.add_argument("--dac", help="DAC name or local folder (default: the one the data was encoded with)")
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode step by step without a CUDA graph")
+    ap.add_argument("--ssm-state", choices=["fp32", "bf16"], default="fp32",
+                    help="how the Mamba-2 states are kept between steps: bf16 decodes faster on a GPU, at a small "
+                         "cost in accuracy (BENCHMARKS.md)")
     args = ap.parse_args(argv)
     prompts = list(args.prompts)
     if args.prompts_file:
@@ -170,7 +173,8 @@ def main(argv=None):
         g = torch.Generator(device=device).manual_seed(seed)
         t0 = time.time()
         codes = model.generate(text, mask, n_frames, cfg_scale=args.cfg, top_k=args.top_k, temperature=args.temperature,
-                               generator=g, cuda_graph=use_graph, progress=True)
+                               generator=g, cuda_graph=use_graph, progress=True,
+                               ssm_dtype=torch.bfloat16 if args.ssm_state == "bf16" else None)
         if device == "cuda":
             torch.cuda.synchronize()
         timings["stage1_s"] = time.time() - t0
@@ -197,7 +201,8 @@ def main(argv=None):
             np.save(base + ".npy", c)
             record = {"prompt": prompt, "seed": seed, "row": i, "seconds": args.seconds, "frames": n_frames,
                       "codebooks": int(c.shape[0]), "ckpt": ckpt_path, "stage2": args.stage2, "cfg": args.cfg,
-                      "top_k": args.top_k, "temperature": args.temperature, "codes": base + ".npy", **timings}
+                      "top_k": args.top_k, "temperature": args.temperature, "ssm_state": args.ssm_state,
+                      "codes": base + ".npy", **timings}
             if stage2 is not None:
                 record.update(stage2_steps=args.stage2_steps, stage2_cfg=args.stage2_cfg)
             if synthetic:

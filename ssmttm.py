@@ -185,11 +185,13 @@ class Mamba2(nn.Module):
     def _kernels(self, t):
         return self.use_kernels and t.is_cuda and mamba_chunk_scan_combined is not None
 
-    def new_state(self, batch, max_len, device, dtype):
-        state_dtype = torch.promote_types(dtype, torch.float32)  # the SSM state is never below fp32
+    def new_state(self, batch, max_len, device, dtype, ssm_dtype=None):
+        """ssm_dtype: how h_t is stored between steps; each step computes in fp32 or above. By default
+        never below fp32. bf16 halves the bytes a decoding step moves (mamba-ssm keeps the state in
+        the weights' dtype), at a cost in accuracy that BENCHMARKS.md measures."""
         return Mamba2State(conv=torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype),
                            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device,
-                                           dtype=state_dtype),
+                                           dtype=ssm_dtype or torch.promote_types(dtype, torch.float32)),
                            A=self._A().detach())
 
     def _mask_padding(self, zxbcdt, mask):
@@ -252,7 +254,7 @@ class Mamba2(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
             y, final = ssd_chunked(x.to(dtype), dt, A.to(dtype), B.to(dtype), C.to(dtype), self.reference_chunk_size,
-                                   D=self.D.to(dtype), initial_state=initial_state)
+                                   D=self.D.to(dtype), initial_state=None if initial_state is None else initial_state.to(dtype))
         return y.to(x.dtype), final
 
     def step(self, u, state):
@@ -294,10 +296,10 @@ class Mamba2(nn.Module):
                                        B, C, D=self.D[:, None].expand(h, p), dt_bias=self.dt_bias[:, None].expand(h, p),
                                        dt_softplus=True)
         else:
-            s = state.ssm
-            dt = F.softplus(dt.to(s.dtype) + self.dt_bias.to(s.dtype))
-            y, new = ssd_step(s, x.to(s.dtype), dt, A.to(s.dtype), B.to(s.dtype), C.to(s.dtype), self.D.to(s.dtype))
-            s.copy_(new)
+            dtype = torch.promote_types(state.ssm.dtype, torch.float32)  # computed in fp32 whatever h_t is stored in
+            dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
+            y, new = ssd_step(state.ssm.to(dtype), x.to(dtype), dt, A.to(dtype), B.to(dtype), C.to(dtype), self.D.to(dtype))
+            state.ssm.copy_(new)
         return y.reshape(b, self.d_inner), z
 
 
@@ -472,9 +474,12 @@ class InferenceCache:
     sublayer (Mamba2State, KVCache, or the projected text for cross-attention) and, per row, the
     position of the next token and which text positions are real."""
 
-    def __init__(self, model, batch, max_len, device, dtype):
-        self.states = [[layer.new_state(batch, max_len, device, dtype) if hasattr(layer, "new_state") else None
-                        for layer in block.layers] for block in model.blocks]
+    def __init__(self, model, batch, max_len, device, dtype, ssm_dtype=None):
+        def new_state(layer):
+            if isinstance(layer, Mamba2):
+                return layer.new_state(batch, max_len, device, dtype, ssm_dtype)
+            return layer.new_state(batch, max_len, device, dtype) if hasattr(layer, "new_state") else None
+        self.states = [[new_state(layer) for layer in block.layers] for block in model.blocks]
         self.position = torch.zeros(batch, dtype=torch.long, device=device)
         self.position_frequencies = position_frequencies(model.cfg.d_model, device)
         self.memory_mask = None
@@ -570,7 +575,8 @@ class TextToMusicLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, text, text_mask, n_frames, cfg_scale=3.0, top_k=250, temperature=1.2, generator=None,
-                 prompt=None, recurrent=True, cuda_graph=False, compile=False, progress=False):
+                 prompt=None, recurrent=True, cuda_graph=False, compile=False, ssm_dtype=None,
+                 progress=False):
         """Sample (b, K, n_frames) codes for b texts (text (b, lt, d_text), text_mask (b, lt)).
 
         Classifier-free guidance runs the conditional rows and the null condition (no text at all,
@@ -580,7 +586,8 @@ class TextToMusicLM(nn.Module):
         at every step, as the official code does. prompt (b, K, T_p): codes to continue.
         cuda_graph=True records one frame (step, guidance, sampling, writing the tokens) as a CUDA
         graph and replays it (SSM variants, on CUDA). On CUDA the step runs kernels.linear_rows;
-        compile=True runs torch.compile's fusion instead (slower on an H200: BENCHMARKS.md)."""
+        compile=True runs torch.compile's fusion instead (slower on an H200: BENCHMARKS.md).
+        ssm_dtype: how the Mamba-2 states are stored between steps (default: fp32; Mamba2.new_state)."""
         was_training = self.training
         self.eval()
         K, b, dev = self.cfg.n_codebooks, text.shape[0], text.device
@@ -597,7 +604,8 @@ class TextToMusicLM(nn.Module):
         fixed = (steps != SPECIAL) | ~real
         sampling = dict(cfg_scale=cfg_scale, top_k=top_k, temperature=temperature, generator=generator)
         begin = torch.full((b * copies, K, 1), SPECIAL, dtype=torch.long, device=dev)
-        cache = InferenceCache(self, b * copies, n_steps + 1, dev, next(self.parameters()).dtype) if recurrent else None
+        cache = (InferenceCache(self, b * copies, n_steps + 1, dev, next(self.parameters()).dtype, ssm_dtype)
+                 if recurrent else None)
         pos = torch.full((1,), n_prompt, device=dev)  # the step to sample next, kept on the device
         decode_frame = None
         iterator = range(n_prompt, n_steps)
