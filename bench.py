@@ -217,16 +217,17 @@ def ssm_dtype(mode):
     return torch.bfloat16 if "bf16state" in mode else None
 
 
-DECODE_SETUPS = ("prefix_simba:graph", "prefix_simba:nopdl+graph", "prefix_simba:compile+graph",
+DECODE_SETUPS = ("prefix_simba:graph", "prefix_simba:bf16state+graph", "prefix_simba:nopdl+graph", "prefix_simba:compile+graph",
                  "prefix_simba:unfused+graph", "prefix_simba:eager", "cross_transformer:eager", "prefix_simba:recompute")
 
 
 def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(10, 25), full_baseline=False):
     """Per setup (variant:mode), one model: ms per frame at fixed positions, then seconds for 10 s
     and 25 s of coarse tokens (1 prompt with guidance, top-k 250, temperature 1.2). Modes: eager,
-    graph (the step's fused kernels.linear_rows, replayed as one CUDA graph), unfused+graph (plain
-    PyTorch ops in the graph), compile+graph (torch.compile's fusion instead), autotune+graph
-    (inductor's max-autotune for the step's matmuls), recompute."""
+    graph (the step's kernels.py kernels, replayed as one CUDA graph), bf16state+graph (the same
+    with the SSM state stored in bf16), nopdl+graph (without programmatic dependent launch),
+    unfused+graph (plain PyTorch ops in the graph), compile+graph (torch.compile's fusion instead),
+    autotune+graph (inductor's max-autotune for the step's matmuls), recompute."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     for setup in setups:
         variant, mode = setup.split(":")
@@ -327,7 +328,7 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
     ]
 
     def graphed(calls):
-        for c in calls:  # warm-up: autotuning, compilation
+        for c in calls:  # warm-up: compilation
             c()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -512,8 +513,8 @@ def main():
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--no-mem-eff", action="store_true", help="Mamba-2 training without the fused mem-efficient path")
     ap.add_argument("--decode-setups", default=",".join(DECODE_SETUPS),
-                    help="variant:mode pairs for the decode section (modes: eager, graph, nopdl+graph, unfused+graph, "
-                         "compile+graph, autotune+graph, recompute)")
+                    help="variant:mode pairs for the decode section (modes: eager, graph, bf16state+graph, "
+                         "nopdl+graph, unfused+graph, compile+graph, autotune+graph, recompute)")
     ap.add_argument("--sweep-configs", action="store_true", help="decode-kernels: also every linear_rows launch shape")
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
