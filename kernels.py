@@ -22,12 +22,12 @@ Everything is computed in float32 and rounded once, where the plain ops round to
 gated y, passed on unrounded).
 
 Programmatic dependent launch (Hopper and later): each kernel lets the next one start at once, and
-the next one loads what no earlier kernel of the step writes (its weights; the SSM state, last
-written by the same layer a step before) before it waits for the previous kernel's results
+the next one loads what no earlier kernel of the step writes (its weights; the SSM and conv states,
+last written by the same layer a step before) before it waits for the previous kernel's results
 (`gdc_wait`). The weights of one matrix then stream in while the previous kernel runs, which hides
 part of the fixed cost of a short kernel (0.68 -> 0.51 ms per frame on an H200). Inside a CUDA
 graph the dependency is kept as a programmatic edge. embed_rows and sample_top_k are plain
-launches: they wait for everything before them, which is what lets ssm_step read its state early.
+launches: they wait for everything before them, which is what lets the states be read early.
 """
 import functools
 
