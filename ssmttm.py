@@ -265,8 +265,9 @@ class Mamba2(nn.Module):
 
     def fused_step(self, x, norm, state):
         """x + self(norm(x)) for one decoding step, x (b, 1, d_model), in three kernels: norm + in_proj
-        + conv, the SSD step + gate (y * silu(z)), norm + out_proj + residual (kernels.py). CUDA
-        only; ngroups 1 (the LM's), where the gated norm is one RMSNorm over d_inner."""
+        + conv, the SSD step + gate (y * silu(z)), norm + out_proj + residual (kernels.py). CUDA only."""
+        if self.ngroups != 1:  # the kernels normalise y * silu(z) as one group
+            raise ValueError(f"Mamba2.fused_step: ngroups must be 1 (the LM's), got {self.ngroups}")
         conv = (state.conv, self.conv1d.weight[:, 0], self.conv1d.bias, self.d_inner)
         zxbcdt = kernels.linear_rows(x[:, 0], self.in_proj.weight, norm_weight=norm.weight, eps=norm.eps, conv=conv)
         gated = kernels.ssm_step(zxbcdt, state.ssm, state.A, self.dt_bias, self.D, self.d_inner, self.ngroups, z_start=0)

@@ -115,6 +115,9 @@ def test_mamba2_prefill_then_steps_equals_forward(ngroups):
     outs.append(layer(u[:, 13:20], state=state))  # a second multi-step chunk continues the state
     outs += [layer(u[:, t:t + 1], state=state) for t in range(20, 41)]
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+    if ngroups != 1:  # the fused decoding kernels normalise one group: they refuse, not miscompute
+        with pytest.raises(ValueError, match="ngroups must be 1"):
+            layer.fused_step(u[:, :1], torch.nn.RMSNorm(32), state)
 
 
 def layer_state(layer, b):
