@@ -16,7 +16,9 @@ activation, residual add, conv, state update ...). Two kernels do a SiMBA block 
     and the gate of Mamba-2's gated RMSNorm, y * silu(z).
 
 Around the blocks, a frame has two more: `embed_rows` (the K code embeddings plus the sinusoidal
-positions) and `sample_top_k` (guidance, temperature, top-k and the draw of sample_next).
+positions, then position += 1) and `sample_top_k` (guidance, temperature, top-k and the draw of
+sample_next, then generate's bookkeeping: the token into the delayed layout and into the next
+step's input). Each of those small bookkeeping ops was a kernel of its own, ~2 µs of a frame.
 
 Everything is computed in float32 and rounded once, where the plain ops round too (except the
 gated y, passed on unrounded).
@@ -165,7 +167,9 @@ if triton is not None:
 
     @triton.jit
     def _sample_top_k_kernel(logits_ptr, noise_ptr, out_ptr, n_cond, V, stride_row, stride_k, cfg_scale,
-                             inv_temperature, top_k, GUIDANCE: tl.constexpr, BLOCK_V: tl.constexpr):
+                             inv_temperature, top_k, steps_ptr, fixed_ptr, col_ptr, next_ptr, stride_steps,
+                             stride_steps_k, stride_next, stride_next_k, GUIDANCE: tl.constexpr,
+                             BLOCK_V: tl.constexpr, INTO: tl.constexpr, COPIES: tl.constexpr):
         # One program: one codebook of one prompt. The k-th largest logit comes from a bitonic sort
         # of the row in registers; the draw is the exponential race of sample_next.
         row, k = tl.program_id(0), tl.program_id(1)
@@ -182,11 +186,21 @@ if triton is not None:
         p = tl.exp(logits - tl.max(logits, axis=0))
         p = p / tl.sum(p, axis=0)
         noise = tl.load(noise_ptr + (row * tl.num_programs(1) + k) * V + vs, mask=ok, other=1.0)
-        tl.store(out_ptr + row * tl.num_programs(1) + k, tl.argmax(p / noise, axis=0).to(tl.int64))
+        token = tl.argmax(p / noise, axis=0).to(tl.int64)
+        if INTO:  # generate's bookkeeping: the slot at column col of the step layout, unless it is fixed,
+            # and the input rows of the next step (every guidance copy of this prompt)
+            col = tl.load(col_ptr)
+            slot = steps_ptr + row * stride_steps + k * stride_steps_k + col
+            keep = tl.load(fixed_ptr + row * stride_steps + k * stride_steps_k + col)
+            token = tl.where(keep, tl.load(slot), token)
+            tl.store(slot, token)
+            for copy in tl.static_range(COPIES):
+                tl.store(next_ptr + (copy * n_cond + row) * stride_next + k * stride_next_k, token)
+        tl.store(out_ptr + row * tl.num_programs(1) + k, token)
 
     @triton.jit
     def _embed_rows_kernel(tokens_ptr, stride_row, stride_k, offsets_ptr, table_ptr, pos_ptr, freqs_ptr, out_ptr, d,
-                           K: tl.constexpr, BLOCK_D: tl.constexpr):
+                           K: tl.constexpr, BLOCK_D: tl.constexpr, ADVANCE: tl.constexpr):
         # One program per row: the K codebook embeddings summed, plus the [cos | sin] position
         # embedding, rounded where the plain ops round (the sum, the positions, their sum).
         row = tl.program_id(0)
@@ -199,11 +213,14 @@ if triton is not None:
         half = d // 2
         first = ds < half
         freq = tl.load(freqs_ptr + tl.where(first, ds, ds - half), mask=ok, other=0.0)
-        angle = tl.load(pos_ptr + row).to(tl.float32) * freq
+        pos = tl.load(pos_ptr + row)
+        angle = pos.to(tl.float32) * freq
         position = tl.where(first, libdevice.cos(angle), libdevice.sin(angle))  # accurate for large angles
         dtype = out_ptr.dtype.element_ty
         x = acc.to(dtype).to(tl.float32) + position.to(dtype).to(tl.float32)
         tl.store(out_ptr + row * d + ds, x.to(dtype), mask=ok)
+        if ADVANCE:  # only this program reads this row's position
+            tl.store(pos_ptr + row, pos + 1)
 
 
 
@@ -274,29 +291,40 @@ def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, block_p=
     return y
 
 
-def sample_top_k(logits, noise, cfg_scale, top_k, temperature):
+def sample_top_k(logits, noise, cfg_scale, top_k, temperature, into=None):
     """sample_next's draw in one kernel: logits (rows, K, V), rows = [conditional; null] when
-    cfg_scale != 1; noise (b, K, V) Exp(1) draws; 1 <= top_k <= V. Returns tokens (b, K)."""
+    cfg_scale != 1; noise (b, K, V) Exp(1) draws; 1 <= top_k <= V. Returns tokens (b, K).
+    into: sample_next's (steps, col, fixed, next_input), written by the same kernel; the returned
+    tokens are then what was written (the fixed slots' own tokens where fixed)."""
     rows, K, V = logits.shape
     b = rows // 2 if cfg_scale != 1.0 else rows
     if logits.stride(-1) != 1 or not noise.is_contiguous() or noise.shape != (b, K, V):
         raise ValueError("sample_top_k: logits rows must be dense and noise (b, K, V) contiguous")
     out = torch.empty(b, K, device=logits.device, dtype=torch.long)
+    steps, col, fixed, next_input = into if into is not None else (out[..., None],) * 4
+    if into is not None and not (steps.stride(-1) == 1 and fixed.stride() == steps.stride()
+                                 and fixed.dtype == torch.bool and steps.shape[:2] == (b, K)):
+        raise ValueError("sample_top_k: steps (b, K, n) with dense rows, fixed a bool tensor of the same layout")
+    copies = 0 if into is None or next_input is None else next_input.shape[0] // b
+    next_input = out if not copies else next_input
     _sample_top_k_kernel[(b, K)](logits, noise, out, b, V, logits.stride(0), logits.stride(1), float(cfg_scale),
-                                 1.0 / temperature, int(top_k), GUIDANCE=cfg_scale != 1.0,
-                                 BLOCK_V=triton.next_power_of_2(V), num_warps=4)
+                                 1.0 / temperature, int(top_k), steps, fixed, col, next_input, steps.stride(0),
+                                 steps.stride(1), next_input.stride(0), next_input.stride(1),
+                                 GUIDANCE=cfg_scale != 1.0, BLOCK_V=triton.next_power_of_2(V),
+                                 INTO=into is not None, COPIES=copies, num_warps=4)
     return out
 
 
-def embed_rows(tokens, offsets, table, positions, freqs):
+def embed_rows(tokens, offsets, table, positions, freqs, advance=False):
     """The input of a decoding step in one kernel: tokens (b, K) ids into the K stacked tables of
     table (K * V, d) at offsets (K,), positions (b,), freqs (d / 2,) the position frequencies.
-    Returns (b, d) = sum_k table[tokens[:, k] + offsets[k]] + [cos(pos f) | sin(pos f)]."""
+    Returns (b, d) = sum_k table[tokens[:, k] + offsets[k]] + [cos(pos f) | sin(pos f)].
+    advance: then add 1 to positions, in the same kernel."""
     b, K = tokens.shape
     d = table.shape[1]
     if not table.is_contiguous() or freqs.dtype != torch.float32:
         raise ValueError("embed_rows: the table must be contiguous and freqs float32")
     out = torch.empty(b, d, device=table.device, dtype=table.dtype)
     _embed_rows_kernel[(b,)](tokens, tokens.stride(0), tokens.stride(1), offsets, table, positions, freqs, out, d, K=K,
-                             BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+                             BLOCK_D=triton.next_power_of_2(d), ADVANCE=advance, num_warps=4)
     return out

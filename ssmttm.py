@@ -550,12 +550,12 @@ class TextToMusicLM(nn.Module):
         b, K, s = tokens.shape
         if s == 1 and fused_decoding(self, tokens[:, :, 0], self.cfg.d_model):  # the two lines below, one kernel
             x = kernels.embed_rows(tokens[..., 0], self.offsets, self.embed.weight, cache.position,
-                                   cache.position_frequencies)[:, None]
+                                   cache.position_frequencies, advance=True)[:, None]  # and position += 1
         else:
             x = self.embed(tokens + self.offsets[:, None]).sum(1)
             positions = cache.position[:, None] + torch.arange(s, device=x.device)
             x = x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
-        cache.position.add_(s)
+            cache.position.add_(s)
         cond = {"mask": None, "memory": None, "memory_mask": cache.memory_mask}
         return self._run(x, cond, cache, s)
 
@@ -625,13 +625,11 @@ class TextToMusicLM(nn.Module):
         return undelay_pattern(steps)
 
     @staticmethod
-    def _sample_into(steps, pos, logits, fixed, sampling):
+    def _sample_into(steps, pos, logits, fixed, sampling, next_input=None):
         """Sample step `pos` from the logits of its input step (b*copies, K, s, 1025), write it into
-        steps (b, K, n_steps) where the slot is not fixed, and advance pos. Device tensors only, no
-        host synchronisation: a CUDA graph can hold this."""
-        nxt = sample_next(logits[:, :, -1], **sampling)  # (b, K)
-        here = steps.index_select(2, pos)[..., 0]
-        steps.index_copy_(2, pos, torch.where(fixed.index_select(2, pos)[..., 0], here, nxt)[..., None])
+        steps (b, K, n_steps) where the slot is not fixed (and into next_input), and advance pos.
+        Device tensors only, no host synchronisation: a CUDA graph can hold this."""
+        sample_next(logits[:, :, -1], **sampling, into=(steps, pos, fixed, next_input))
         pos.add_(1)
 
     def _decoder(self, cache, steps, pos, fixed, copies, sampling, cuda_graph, compile):
@@ -645,9 +643,12 @@ class TextToMusicLM(nn.Module):
                 self._compiled_step = torch.compile(self.step, dynamic=False)
             step = self._compiled_step
 
-        def frame(cache=cache, steps=steps, pos=pos):
-            tokens = steps.index_select(2, pos - 1).repeat(copies, 1, 1)  # (b*copies, K, 1)
-            self._sample_into(steps, pos, step(tokens, cache), fixed, sampling)
+        # The input step (b*copies, K, 1): step pos - 1 for every guidance copy. Each frame's
+        # sampling writes the next one here, in its own kernel on CUDA.
+        tokens = steps.index_select(2, pos - 1).repeat(copies, 1, 1)
+
+        def frame(cache=cache, steps=steps, pos=pos, tokens=tokens):
+            self._sample_into(steps, pos, step(tokens, cache), fixed, sampling, next_input=tokens)
 
         if not cuda_graph:
             return frame
@@ -661,7 +662,7 @@ class TextToMusicLM(nn.Module):
             index = steps.device.index if steps.device.index is not None else torch.cuda.current_device()
             generator = torch.cuda.default_generators[index]
         rng = generator.get_state()
-        scratch = copy.deepcopy((cache, steps, pos))
+        scratch = copy.deepcopy((cache, steps, pos, tokens))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -705,14 +706,20 @@ def classifier_free_guidance(cond, uncond, cfg_scale):
     return cond + (cfg_scale - 1) * (cond - uncond)
 
 
-def sample_next(logits, cfg_scale=1.0, top_k=250, temperature=1.0, generator=None):
+def sample_next(logits, cfg_scale=1.0, top_k=250, temperature=1.0, generator=None, into=None):
     """logits (rows, K, 1025) of one step -> tokens (b, K). With cfg_scale != 1 the rows are
     [conditional; null] and are combined by guidance first. Then temperature and top-k; top_k = 1
-    or temperature = 0 is greedy. The special id is never sampled."""
+    or temperature = 0 is greedy. The special id is never sampled.
+
+    into: (steps, col, fixed, next_input) for generate: also write the tokens into steps (b, K, n)
+    at column col (a (1,) device tensor) where fixed (bool, like steps) is False, and, if given,
+    that column into next_input (b * copies, K, 1), the next step's input. The sampling kernel
+    does it in the same launch: a frame of decoding is a few kernels shorter."""
     logits = logits[..., :SPECIAL]  # only real codes can be sampled; the indices stay the ids
     if top_k == 1 or temperature == 0:
         logits = logits.float()
-        return (classifier_free_guidance(*logits.chunk(2), cfg_scale) if cfg_scale != 1.0 else logits).argmax(-1)
+        tokens = (classifier_free_guidance(*logits.chunk(2), cfg_scale) if cfg_scale != 1.0 else logits).argmax(-1)
+        return _write_step(tokens, into)
     rows, K, V = logits.shape
     top_k = min(top_k, V) if top_k else V
     # A draw from the categorical p: argmax of p_i / E_i with E_i ~ Exp(1) independent (the first
@@ -721,14 +728,28 @@ def sample_next(logits, cfg_scale=1.0, top_k=250, temperature=1.0, generator=Non
     noise = torch.empty(rows // 2 if cfg_scale != 1.0 else rows, K, V, device=logits.device)
     noise.exponential_(generator=generator)
     if Block.use_decode_kernels and logits.is_cuda and kernels.triton is not None:
-        return kernels.sample_top_k(logits, noise, cfg_scale, top_k, temperature)  # the lines below, in one kernel
+        # the lines below and _write_step, in one kernel
+        return kernels.sample_top_k(logits, noise, cfg_scale, top_k, temperature, into)
     logits = logits.float()
     if cfg_scale != 1.0:
         logits = classifier_free_guidance(*logits.chunk(2), cfg_scale)
     logits = logits / temperature
     kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
     probs = F.softmax(logits.masked_fill(logits < kth, -torch.inf), dim=-1)
-    return (probs / noise).argmax(-1)
+    return _write_step((probs / noise).argmax(-1), into)
+
+
+def _write_step(tokens, into):
+    """sample_next's `into`: tokens (b, K) into column col of steps where not fixed, and that
+    column into next_input. Returns what was written."""
+    if into is None:
+        return tokens
+    steps, col, fixed, next_input = into
+    tokens = torch.where(fixed.index_select(2, col)[..., 0], steps.index_select(2, col)[..., 0], tokens)
+    steps.index_copy_(2, col, tokens[..., None])
+    if next_input is not None:
+        next_input.copy_(tokens[..., None].repeat(next_input.shape[0] // tokens.shape[0], 1, 1))
+    return tokens
 
 
 # ------------------------------------------------------------------------------------------------

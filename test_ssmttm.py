@@ -301,6 +301,23 @@ def test_top_k_one_is_greedy_and_special_never_sampled():
     assert torch.equal(guided, classifier_free_guidance(logits, logits.flip(0), 3.0)[..., :SPECIAL].argmax(-1))
 
 
+def test_sample_next_into_writes_free_slots_and_the_next_input():
+    # generate's bookkeeping: the draw goes into column col of the step layout except where the
+    # slot is fixed (the delay pattern's special ids, a prompt), and that column, fixed slots
+    # included, becomes the next input of every guidance copy
+    logits = torch.randn(4, 3, 1025)
+    steps = torch.randint(0, 1024, (2, 3, 6))
+    fixed = torch.zeros(2, 3, 6, dtype=torch.bool)
+    fixed[0, 1, 4] = fixed[1, 2, 4] = True
+    before, next_input = steps.clone(), torch.zeros(4, 3, 1, dtype=torch.long)
+    written = sample_next(logits, 3.0, top_k=1, into=(steps, torch.tensor([4]), fixed, next_input))
+    draw = classifier_free_guidance(*logits.chunk(2), 3.0)[..., :SPECIAL].argmax(-1)
+    want = torch.where(fixed[..., 4], before[..., 4], draw)
+    assert torch.equal(written, want) and torch.equal(steps[..., 4], want)
+    assert torch.equal(steps[..., [0, 1, 2, 3, 5]], before[..., [0, 1, 2, 3, 5]])
+    assert torch.equal(next_input[..., 0], torch.cat([want, want]))
+
+
 def test_top_k_and_temperature_sample_the_right_distribution():
     torch.manual_seed(0)
     logits = torch.randn(1, 1, 1025) * 2
@@ -553,6 +570,9 @@ def test_gpu_embed_rows_equals_embeddings_plus_positions():
         want = table.double()[tokens + offsets].sum(1) + torch.cat([angles.cos(), angles.sin()], -1)
         assert got.dtype == dtype
         assert report(f"embed_rows K={K} d={d} {dtype}", rel_err(got, want)) < tol
+        advanced = positions.clone()  # advance=True: the same rows, and each position moved on by one
+        again = kernels.embed_rows(tokens, offsets, table, advanced, ssmttm.position_frequencies(d, "cuda"), advance=True)
+        assert torch.equal(again, got) and torch.equal(advanced, positions + 1)
 
 
 def paper_width_decoder(n_layers=4):
@@ -596,6 +616,26 @@ def test_gpu_sampling_kernel_draws_what_sample_next_draws():
             finally:
                 ssmttm.Block.use_decode_kernels = True
             assert torch.equal(draws[True], draws[False]), (rows, K, top_k)
+            # into: the kernel writes the step layout and the next input as _write_step does
+            b, n = (rows // 2 if scale != 1.0 else rows), 5
+            fixed = torch.rand(b, K, n, device="cuda") < 0.3
+            fixed[0, 0] = False
+            steps = torch.randint(0, 1024, (b, K, n), device="cuda").masked_fill(~fixed, SPECIAL)  # free: never drawn
+            wrote = {}
+            for fused in (True, False):
+                ssmttm.Block.use_decode_kernels = fused
+                into = (steps.clone(), torch.tensor([2], device="cuda"), fixed, torch.zeros(rows, K, 1, dtype=torch.long, device="cuda"))
+                try:
+                    out = sample_next(logits, scale, top_k, temperature, torch.Generator("cuda").manual_seed(2), into=into)
+                finally:
+                    ssmttm.Block.use_decode_kernels = True
+                wrote[fused] = (out, into[0], into[3])
+            assert all(torch.equal(a, b) for a, b in zip(wrote[True], wrote[False]))
+            written = wrote[True][1]
+            assert torch.equal(written[fixed], steps[fixed])                    # fixed slots kept
+            assert (written[..., 2] != SPECIAL).all()                            # column 2 drawn where free
+            assert torch.equal(written[..., [0, 1, 3, 4]], steps[..., [0, 1, 3, 4]])  # nothing else touched
+            assert torch.equal(wrote[True][2][..., 0], written[..., 2].repeat(rows // b, 1))
             if top_k:
                 guided = classifier_free_guidance(*logits.chunk(2), scale) if scale != 1.0 else logits
                 allowed = torch.zeros_like(guided[..., :SPECIAL], dtype=torch.bool).scatter_(
