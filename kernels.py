@@ -301,12 +301,15 @@ def sample_top_k(logits, noise, cfg_scale, top_k, temperature, into=None):
     if logits.stride(-1) != 1 or not noise.is_contiguous() or noise.shape != (b, K, V):
         raise ValueError("sample_top_k: logits rows must be dense and noise (b, K, V) contiguous")
     out = torch.empty(b, K, device=logits.device, dtype=torch.long)
-    steps, col, fixed, next_input = into if into is not None else (out[..., None],) * 4
-    if into is not None and not (steps.stride(-1) == 1 and fixed.stride() == steps.stride()
-                                 and fixed.dtype == torch.bool and steps.shape[:2] == (b, K)):
-        raise ValueError("sample_top_k: steps (b, K, n) with dense rows, fixed a bool tensor of the same layout")
-    copies = 0 if into is None or next_input is None else next_input.shape[0] // b
-    next_input = out if not copies else next_input
+    copies = 0  # how many input rows of the next step each prompt writes
+    if into is None:  # the INTO pointers are never read
+        steps = col = fixed = next_input = out
+    else:
+        steps, col, fixed, next_input = into
+        if not (steps.stride(-1) == 1 and fixed.stride() == steps.stride() and fixed.dtype == torch.bool
+                and steps.shape[:2] == (b, K)):
+            raise ValueError("sample_top_k: steps (b, K, n) with dense rows, fixed a bool tensor of the same layout")
+        copies, next_input = (0, out) if next_input is None else (next_input.shape[0] // b, next_input)
     _sample_top_k_kernel[(b, K)](logits, noise, out, b, V, logits.stride(0), logits.stride(1), float(cfg_scale),
                                  1.0 / temperature, int(top_k), steps, fixed, col, next_input, steps.stride(0),
                                  steps.stride(1), next_input.stride(0), next_input.stride(1),
