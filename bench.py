@@ -512,6 +512,8 @@ def main():
     ap.add_argument("--chunk-sizes", default="256")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--no-mem-eff", action="store_true", help="Mamba-2 training without the fused mem-efficient path")
+    ap.add_argument("--no-keep-states", action="store_true",
+                    help="Mamba-2 training through mamba-ssm's own fused function (recomputes the chunk states)")
     ap.add_argument("--decode-setups", default=",".join(DECODE_SETUPS),
                     help="variant:mode pairs for the decode section (modes: eager, graph, bf16state+graph, "
                          "nopdl+graph, unfused+graph, compile+graph, autotune+graph, recompute)")
@@ -520,6 +522,7 @@ def main():
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
     Mamba2.use_mem_eff_path = not args.no_mem_eff
+    Mamba2.keep_chunk_states = not args.no_keep_states
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != "cpu":
         sys.exit("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")

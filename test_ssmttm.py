@@ -5,7 +5,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -409,6 +412,53 @@ def test_gpu_fused_mamba2_matches_reference(d_state, precision):
     assert rel_err(state.conv, state_ref.conv) < tol["state"]
 
 
+def mamba2_train_vs_mamba_ssm():
+    """kernels.mamba2_train against mamba-ssm's mamba_split_conv1d_scan_combined on one layer with
+    padded rows (seq_idx): {name: relative error} of the outputs and gradients that differ in any bit."""
+    torch.manual_seed(0)
+    layer = Mamba2(1024, d_state=512, headdim=64).cuda()
+    with torch.no_grad():
+        layer.D.normal_()
+        layer.norm.weight.normal_(1.0, 0.1)
+    u, grad_out = torch.randn(3, 700, 1024, device="cuda"), torch.randn(3, 700, 1024, device="cuda")
+    mask = torch.arange(700, device="cuda")[None] >= torch.tensor([[37], [0], [300]], device="cuda")
+    names = ["output", "grad input"] + [name for name, _ in layer.named_parameters()]
+    differ = {}
+    for precision in ("fp32", "bf16"):
+        results = []
+        for keep in (True, False):
+            layer.keep_chunk_states = keep
+            layer.zero_grad(set_to_none=True)
+            x = u.clone().requires_grad_()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                y = layer(x, mask=mask)
+            (y.float() * grad_out).sum().backward()
+            results.append([y, x.grad] + [p.grad for p in layer.parameters()])
+        differ.update({f"{precision} {n}": rel_err(a, b) for n, a, b in zip(names, *results) if not torch.equal(a, b)})
+    return differ
+
+
+@gpu
+def test_gpu_mamba2_train_equals_mamba_ssm_bit_for_bit():
+    # mamba2_train runs mamba-ssm's kernels in the same order, keeping for the backward what the
+    # forward computed instead of computing it again: the numbers must be the same. In a fresh
+    # process with MAMBA_DETERMINISTIC=1, mamba-ssm's kernels add without atomics and each has one
+    # launch config (its autotuner would time the fp32 states mamba2_train passes separately).
+    # causal-conv1d's backward still sums the conv's weight gradient with atomics: those two
+    # differ between two runs of mamba-ssm's own function too (by ~1e-7 on an H200).
+    if not kernels.HAS_TRAIN_KERNELS:
+        pytest.skip("mamba-ssm < 2.3: Mamba2 trains through mamba-ssm's own function")
+    code = "import json, test_ssmttm as t; print(json.dumps(t.mamba2_train_vs_mamba_ssm()))"
+    env = {**os.environ, "MAMBA_DETERMINISTIC": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    differ = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, err in differ.items():
+        assert name.endswith(("conv1d.weight", "conv1d.bias")), f"{name} differs: {err:.1e}"
+        assert report(f"mamba2_train vs mamba-ssm {name}", err) < 1e-5, name
+
+
 @gpu
 @pytest.mark.parametrize("variant", ["prefix_simba", "cross_simba"])
 def test_gpu_lm_with_kernels_matches_reference_path(variant):
@@ -704,9 +754,6 @@ def test_gpu_sampling_inside_the_cuda_graph_draws_what_eager_draws():
 # loaded through the same from_pretrained code as the real ones.
 
 import csv
-import json
-import subprocess
-import sys
 
 import numpy as np
 
