@@ -152,9 +152,9 @@ class Mamba2(nn.Module):
     On CUDA with mamba-ssm installed it runs the fused Triton kernels; elsewhere ssd_reference."""
 
     use_kernels = True       # False (on an instance or the class) forces the reference path
-    use_mem_eff_path = True  # training: one fused autograd function (recomputes in backward)
-    # ...which keeps the SSD's chunk states for its backward instead (kernels.mamba2_train): -6% step
-    # time for 0.7 GB per layer at batch 16 x 30 s. False: mamba-ssm's own, which recomputes them.
+    use_mem_eff_path = True  # training: conv, SSD, norm and out_proj in one fused autograd function
+    # That function keeps the SSD's chunk states for its backward (kernels.mamba2_train): 6% off a
+    # step for 0.7 GB per layer at batch 16 x 30 s. False: mamba-ssm's own, which recomputes them.
     keep_chunk_states = True
     # The kernels use chunk_size (256, what they are tuned for). ssd_chunked's quadratic intra-chunk
     # form is fastest on a CPU with short chunks; the result does not depend on the chunk size.
@@ -215,11 +215,11 @@ class Mamba2(nn.Module):
         A = self._A()
         if state is None and self._kernels(u) and causal_conv1d_fn is not None and self.use_mem_eff_path:
             # The mem-efficient path: conv, scan, gated norm and out_proj in one autograd function
-            # that recomputes its activations in the backward pass. Padding is sequence 0 and the
+            # that recomputes the conv and norm in the backward pass. Padding is sequence 0 and the
             # text and audio sequence 1, so the kernel starts them from a clean state and conv:
             # the same result as _mask_padding, without a pass over zxbcdt.
             seq_idx = None if mask is None else mask.to(torch.int32)
-            if self.keep_chunk_states and kernels.HAS_TRAIN_KERNELS:  # the same kernels, less recomputed
+            if self.keep_chunk_states and kernels.HAS_TRAIN_KERNELS:  # mamba-ssm's kernels, less recomputed
                 return kernels.mamba2_train(zxbcdt, self, A, seq_idx)
             return mamba_split_conv1d_scan_combined(
                 zxbcdt, self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, A, self.D, self.chunk_size,
