@@ -367,6 +367,13 @@ def _split_xBC(xBC, h, headdim, g, n):
     return x.unflatten(-1, (h, headdim)), B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
 
 
+def _split_and_conv(zxbcdt, conv_w, conv_b, seq_idx, h, headdim, g):
+    """zxbcdt -> z (b, l, h p), xBC before the conv, dt (b, l, h): views; and x, B, C after it."""
+    n = (conv_w.shape[0] - h * headdim) // (2 * g)
+    z, xBC, dt = zxbcdt.split([h * headdim, h * headdim + 2 * g * n, h], dim=-1)
+    return (z, xBC, dt) + _split_xBC(_causal_conv(xBC, conv_w, conv_b, seq_idx), h, headdim, g, n)
+
+
 class _Mamba2Train(torch.autograd.Function):
     """conv -> SSD -> gated RMSNorm -> out_proj of Mamba2.forward (ssmttm.py), in mamba-ssm's kernels.
 
@@ -384,11 +391,8 @@ class _Mamba2Train(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, headdim, ngroups, eps):
         b, l, _ = zxbcdt.shape
-        h = A.shape[0]
-        d_inner = h * headdim
-        n = (conv_w.shape[0] - d_inner) // (2 * ngroups)
-        z, xBC, dt = zxbcdt.split([d_inner, d_inner + 2 * ngroups * n, h], dim=-1)
-        x, B, C = _split_xBC(_causal_conv(xBC, conv_w, conv_b, seq_idx), h, headdim, ngroups, n)
+        z, _, dt, x, B, C = _split_and_conv(zxbcdt, conv_w, conv_b, seq_idx, A.shape[0], headdim, ngroups)
+        d_inner, n = z.shape[-1], B.shape[-1]
         dA_cs, dt = _chunk_cumsum_fwd(dt, A, chunk, dt_bias=dt_bias, dt_softplus=True)
         states = _chunk_state_fwd(B, x, dt, dA_cs, seq_idx=seq_idx, states_in_fp32=True)  # each chunk alone
         states, _ = _state_passing_fwd(states.flatten(-2), dA_cs[:, :, :, -1], seq_idx=seq_idx, chunk_size=chunk)
@@ -410,10 +414,8 @@ class _Mamba2Train(torch.autograd.Function):
         chunk, headdim, g = ctx.chunk, ctx.headdim, ctx.ngroups
         b, l, _ = zxbcdt.shape
         h = A.shape[0]
-        d_inner = h * headdim
-        n = (conv_w.shape[0] - d_inner) // (2 * g)
-        z, xBC, dt_in = zxbcdt.split([d_inner, d_inner + 2 * g * n, h], dim=-1)
-        x, B, C = _split_xBC(_causal_conv(xBC, conv_w, conv_b, seq_idx), h, headdim, g, n)
+        z, xBC, dt_in, x, B, C = _split_and_conv(zxbcdt, conv_w, conv_b, seq_idx, h, headdim, g)
+        d_inner, n = z.shape[-1], B.shape[-1]
         dzxbcdt = torch.empty_like(zxbcdt)
         dz, dxBC_in, ddt_in = dzxbcdt.split([d_inner, d_inner + 2 * g * n, h], dim=-1)
         dxBC = torch.empty_like(xBC)  # the gradient after the conv, before its backward
