@@ -219,7 +219,8 @@ class Mamba2(nn.Module):
             # text and audio sequence 1, so the kernel starts them from a clean state and conv:
             # the same result as _mask_padding, without a pass over zxbcdt.
             seq_idx = None if mask is None else mask.to(torch.int32)
-            if self.keep_chunk_states and kernels.HAS_TRAIN_KERNELS:  # mamba-ssm's kernels, less recomputed
+            # Keeping the chunk states pays only when a backward follows: without grad, mamba-ssm's own.
+            if self.keep_chunk_states and kernels.HAS_TRAIN_KERNELS and torch.is_grad_enabled():
                 return kernels.mamba2_train(zxbcdt, self, A, seq_idx)
             return mamba_split_conv1d_scan_combined(
                 zxbcdt, self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, A, self.D, self.chunk_size,
