@@ -33,6 +33,7 @@ graph the dependency is kept as a programmatic edge. embed_rows and sample_top_k
 launches: they wait for everything before them, which is what lets the states be read early.
 """
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -374,23 +375,30 @@ def _split_and_conv(zxbcdt, conv_w, conv_b, seq_idx, h, headdim, g):
     return (z, xBC, dt) + _split_xBC(_causal_conv(xBC, conv_w, conv_b, seq_idx), h, headdim, g, n)
 
 
-class _Mamba2Train(torch.autograd.Function):
+# The training pass is two custom ops (forward, backward) joined by register_autograd. torch.compile
+# then sees one opaque op per layer instead of a graph break, and a graph break inside the loop over
+# blocks would make it give up on the whole model (it skips any frame with a break in a loop).
+@torch.library.custom_op("ssmttm::mamba2_train_fwd", mutates_args=(), device_types="cuda")
+def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor, dt_bias: torch.Tensor,
+                      A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor,
+                      seq_idx: Optional[torch.Tensor], chunk: int, headdim: int, ngroups: int,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor, torch.Tensor]:
     """conv -> SSD -> gated RMSNorm -> out_proj of Mamba2.forward (ssmttm.py), in mamba-ssm's kernels.
 
     The same kernels as mamba-ssm's mamba_split_conv1d_scan_combined, called in the same order,
-    with one difference: the forward keeps what its SSD computed for the backward (the chunk
+    with one difference: the forward returns what its SSD computed, for the backward (the chunk
     states after state passing, in fp32, C B^T per chunk, the cumulative decays dA_cs and
     softplus(dt + dt_bias)) instead of the backward computing them again. That is 0.7 GB per
     layer at batch 16 x 2650 positions (d_state 512) and saves ~1.2 ms of that layer's 13.
     Like mamba-ssm's function, it still recomputes the conv (cheap, and its output is large).
 
     Shapes: zxbcdt (b, l, 2 d_inner + 2 g n + h) = [z | x B C | dt], l split into chunks of Q;
-    states (b, l/Q, h, p, n); dA_cs and dt (b, h, l/Q, Q); CB (b, l/Q, g, Q, Q)."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, headdim, ngroups, eps):
-        b, l, _ = zxbcdt.shape
+    out_w (d_model, d_inner) in zxbcdt's dtype. Returns out (b, l, d_model), then for the backward
+    y (b, l, h, p) before the norm, rstd (g b l), states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q),
+    dA_cs and dt (b, h, l/Q, Q). Every dtype follows from the inputs' (no autocast inside)."""
+    b, l, _ = zxbcdt.shape
+    with torch.autocast("cuda", enabled=False):
         z, _, dt, x, B, C = _split_and_conv(zxbcdt, conv_w, conv_b, seq_idx, A.shape[0], headdim, ngroups)
         d_inner, n = z.shape[-1], B.shape[-1]
         dA_cs, dt = _chunk_cumsum_fwd(dt, A, chunk, dt_bias=dt_bias, dt_softplus=True)
@@ -401,19 +409,33 @@ class _Mamba2Train(torch.autograd.Function):
         y, _ = _chunk_scan_fwd(CB, x, dt, dA_cs, C, states, D=D, seq_idx=seq_idx)  # (b, l, h, p), with D x
         normed, _, rstd = _layer_norm_fwd(y.reshape(b * l, d_inner), norm_w, None, eps, z.view(b * l, d_inner),
                                           group_size=d_inner // ngroups, norm_before_gate=False, is_rms_norm=True)
-        if torch.is_autocast_enabled():
-            normed, out_w = normed.to(torch.get_autocast_gpu_dtype()), out_w.to(torch.get_autocast_gpu_dtype())
-        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, rstd, y, states, CB, dA_cs, dt)
-        ctx.chunk, ctx.headdim, ctx.ngroups, ctx.eps = chunk, headdim, ngroups, eps
-        return F.linear(normed.view(b, l, d_inner), out_w)
+        out = F.linear(normed.view(b, l, d_inner), out_w)
+    return out, y, rstd, states, CB, dA_cs, dt
 
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dout):
-        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, rstd, y, states, CB, dA_cs, dt = ctx.saved_tensors
-        chunk, headdim, g = ctx.chunk, ctx.headdim, ctx.ngroups
-        b, l, _ = zxbcdt.shape
-        h = A.shape[0]
+
+@_mamba2_train_fwd.register_fake
+def _(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, headdim, ngroups, eps):
+    b, l, _ = zxbcdt.shape
+    h, chunks = A.shape[0], -(-l // chunk)
+    n = (conv_w.shape[0] - h * headdim) // (2 * ngroups)
+    fp32 = lambda *shape: zxbcdt.new_empty(shape, dtype=torch.float32)
+    return (zxbcdt.new_empty(b, l, out_w.shape[0]), zxbcdt.new_empty(b, l, h, headdim), fp32(ngroups * b * l),
+            fp32(b, chunks, h, headdim, n), fp32(b, chunks, ngroups, chunk, chunk), fp32(b, h, chunks, chunk),
+            fp32(b, h, chunks, chunk))
+
+
+@torch.library.custom_op("ssmttm::mamba2_train_bwd", mutates_args=(), device_types="cuda")
+def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
+                      dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor,
+                      seq_idx: Optional[torch.Tensor], y: torch.Tensor, rstd: torch.Tensor, states: torch.Tensor,
+                      CB: torch.Tensor, dA_cs: torch.Tensor, dt: torch.Tensor, chunk: int, headdim: int, ngroups: int,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of _mamba2_train_fwd's out for its tensor inputs zxbcdt ... out_w, each in its input's dtype."""
+    g = ngroups
+    b, l, _ = zxbcdt.shape
+    h = A.shape[0]
+    with torch.autocast("cuda", enabled=False):
         z, xBC, dt_in, x, B, C = _split_and_conv(zxbcdt, conv_w, conv_b, seq_idx, h, headdim, g)
         d_inner, n = z.shape[-1], B.shape[-1]
         dzxbcdt = torch.empty_like(zxbcdt)
@@ -423,7 +445,7 @@ class _Mamba2Train(torch.autograd.Function):
         # out_proj, then the gated norm (which recomputes its output for out_proj's weight gradient)
         normed = torch.empty(b, l, d_inner, device=y.device, dtype=y.dtype)
         dy, dnorm_w, *_ = _layer_norm_bwd(
-            F.linear(dout, out_w.t()).view(b * l, d_inner), y.reshape(b * l, d_inner), norm_w, None, ctx.eps, None, rstd,
+            F.linear(dout, out_w.t()).view(b * l, d_inner), y.reshape(b * l, d_inner), norm_w, None, eps, None, rstd,
             z.view(b * l, d_inner), group_size=d_inner // g, norm_before_gate=False, is_rms_norm=True,
             recompute_output=True, dz=dz.view(b * l, d_inner), out=normed.view(b * l, d_inner))
         dout_w = torch.einsum("bso,bsd->od", dout, normed)
@@ -451,14 +473,35 @@ class _Mamba2Train(torch.autograd.Function):
             ensure_stride(dxBC_in).transpose(1, 2), False, True)
         if dxBC_conv.transpose(1, 2).stride() != dxBC_in.stride():
             dxBC_in.copy_(dxBC_conv.transpose(1, 2))
-        return dzxbcdt, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w, None, None, None, None, None
+    grads = dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w
+    return (dzxbcdt,) + tuple(d.to(p.dtype) for d, p in zip(grads, (conv_w, conv_b, dt_bias, A, D, norm_w, out_w)))
 
 
-@torch.compiler.disable  # under torch.compile: a clean graph break around the kernels
+@_mamba2_train_bwd.register_fake
+def _(dout, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, *_):
+    return tuple(torch.empty_like(t) for t in (zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w))
+
+
+def _mamba2_train_setup(ctx, inputs, output):
+    *tensors, chunk, headdim, ngroups, eps = inputs
+    ctx.save_for_backward(*tensors, *output[1:])
+    ctx.sizes = chunk, headdim, ngroups, eps
+
+
+def _mamba2_train_backward(ctx, dout, *_):  # the other outputs are saved for the backward, not used
+    return _mamba2_train_bwd(dout, *ctx.saved_tensors, *ctx.sizes) + (None,) * 5
+
+
+_mamba2_train_fwd.register_autograd(_mamba2_train_backward, setup_context=_mamba2_train_setup)
+
+
 def mamba2_train(zxbcdt, layer, A, seq_idx=None):
     """Mamba2.forward's conv, SSD, gated norm and out_proj for training: zxbcdt (b, l, in_proj
     outputs), layer an ssmttm.Mamba2, A = layer._A(), seq_idx (b, l) int32 or None (padding 0,
-    the sequence 1). Returns (b, l, d_model). CUDA, with mamba-ssm's kernels (HAS_TRAIN_KERNELS)."""
-    return _Mamba2Train.apply(zxbcdt, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.dt_bias, A, layer.D,
-                              layer.norm.weight, layer.out_proj.weight, None if seq_idx is None else seq_idx.contiguous(),
-                              layer.chunk_size, layer.headdim, layer.ngroups, layer.norm.eps)
+    the sequence 1). Returns (b, l, d_model). CUDA, with mamba-ssm's kernels (HAS_TRAIN_KERNELS).
+    out_proj runs in zxbcdt's dtype (bf16 under autocast, as F.linear would); the conv, norm and
+    SSD parameters go in as they are, as in mamba-ssm's function."""
+    out_w = layer.out_proj.weight.to(zxbcdt.dtype)
+    return _mamba2_train_fwd(zxbcdt, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.dt_bias, A, layer.D,
+                             layer.norm.weight, out_w, None if seq_idx is None else seq_idx.contiguous(),
+                             layer.chunk_size, layer.headdim, layer.ngroups, layer.norm.eps)[0]

@@ -460,6 +460,57 @@ def test_gpu_mamba2_train_equals_mamba_ssm_bit_for_bit():
 
 
 @gpu
+def test_gpu_mamba2_train_op_registrations():
+    # torch.compile traces the training layer through its fake implementations and the autograd
+    # formula registered on the op: opcheck runs the real op beside them (shapes, dtypes, strides,
+    # gradients through AOT autograd), here with a length that is not a multiple of the chunk.
+    if not kernels.HAS_TRAIN_KERNELS:
+        pytest.skip("mamba-ssm < 2.3: Mamba2 trains through mamba-ssm's own function")
+    torch.manual_seed(0)
+    layer = Mamba2(256, d_state=128, headdim=64).cuda()
+    zxbcdt = torch.randn(2, 300, layer.in_proj.out_features, device="cuda", requires_grad=True)
+    seq_idx = (torch.arange(300, device="cuda")[None] >= torch.tensor([[0], [45]], device="cuda")).int()
+    params = [layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.dt_bias, layer._A(), layer.D, layer.norm.weight,
+              layer.out_proj.weight]
+    params = [p.detach().clone().requires_grad_() for p in params]
+    args = (zxbcdt, *params, seq_idx, layer.chunk_size, layer.headdim, layer.ngroups, layer.norm.eps)
+    torch.library.opcheck(kernels._mamba2_train_fwd, args)
+    outputs = kernels._mamba2_train_fwd(*args)
+    bwd_args = (torch.randn_like(outputs[0]), *args[:9], *outputs[1:], *args[9:])  # no double backward: no grad
+    torch.library.opcheck(kernels._mamba2_train_bwd, tuple(a.detach() if torch.is_tensor(a) else a for a in bwd_args))
+
+
+@gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_compiled_lm_is_one_graph_and_equals_eager(precision):
+    # fullgraph=True raises at any graph break: the Mamba-2 layer must be one opaque op to
+    # torch.compile, or it skips every frame with a loop over blocks and fuses nothing around it.
+    if not kernels.HAS_TRAIN_KERNELS:
+        pytest.skip("mamba-ssm < 2.3: Mamba2 trains through mamba-ssm's own function")
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="prefix_simba", n_layers=2, d_model=256, d_state=128, dropout=0.0)
+    model = TextToMusicLM(cfg).cuda()
+    codes = torch.randint(0, 1024, (3, 1, 500), device="cuda")
+    text, text_mask = torch.randn(3, 12, 768, device="cuda"), torch.arange(12, device="cuda")[None] < torch.tensor(
+        [[12], [5], [9]], device="cuda")
+
+    def loss_and_grads(fwd):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            _, loss = fwd(codes, text, text_mask)
+        loss.backward()
+        return [loss] + [p.grad for p in model.parameters()]
+
+    eager = loss_and_grads(model)
+    compiled = loss_and_grads(torch.compile(model, fullgraph=True))
+    tol = {"fp32": 1e-4, "bf16": 3e-2}[precision]
+    assert report(f"compiled vs eager {precision} loss", rel_err(compiled[0], eager[0])) < tol / 10
+    names = [name for name, _ in model.named_parameters()]
+    worst = max((rel_err(c, e), n) for c, e, n in zip(compiled[1:], eager[1:], names))
+    assert report(f"compiled vs eager {precision} worst grad ({worst[1]})", worst[0]) < tol
+
+
+@gpu
 @pytest.mark.parametrize("variant", ["prefix_simba", "cross_simba"])
 def test_gpu_lm_with_kernels_matches_reference_path(variant):
     # the whole LM, padded text included (seq_idx in the kernel, masking in the reference)
