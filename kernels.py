@@ -415,6 +415,7 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
 
 @_mamba2_train_fwd.register_fake
 def _(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, headdim, ngroups, eps):
+    # what torch.compile traces with: the outputs' shapes and dtypes, no computation
     b, l, _ = zxbcdt.shape
     h, chunks = A.shape[0], -(-l // chunk)
     n = (conv_w.shape[0] - h * headdim) // (2 * ngroups)

@@ -42,7 +42,9 @@ try:
 except Exception:
     causal_conv1d_fn = causal_conv1d_update = None
 import kernels  # GPU fast paths: the training layer (mamba2_train) and decoding kernels (linear_rows, ...)
-if mamba_chunk_scan_combined is not None:  # under torch.compile: a clean graph break around each kernel
+# Under torch.compile these two are graph breaks, and a break inside the loop over blocks makes it
+# run the whole model eagerly. The default training path, kernels.mamba2_train, is an op it traces.
+if mamba_chunk_scan_combined is not None:
     mamba_chunk_scan_combined = torch.compiler.disable(mamba_chunk_scan_combined)
     mamba_split_conv1d_scan_combined = torch.compiler.disable(mamba_split_conv1d_scan_combined)
 
