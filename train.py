@@ -69,7 +69,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the model (on an H200: 6%% faster per step at the paper shape, batch 16)")
+                    help="torch.compile the model: about 100 s to compile on an H200, then 6%% faster per step "
+                         "at the paper shape, batch 16")
     ap.add_argument("--t5", default="google/flan-t5-base", help="Flan-T5 name or local folder (real data)")
     ap.add_argument("--dac", default="descript/dac_44khz", help="DAC name or local folder (stage 2, real data)")
     ap.add_argument("--eval-every", type=int, help="steps between caption-score evaluations (synthetic set)")
