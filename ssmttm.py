@@ -154,8 +154,8 @@ class Mamba2(nn.Module):
     On CUDA with mamba-ssm installed it runs the fused Triton kernels; elsewhere ssd_reference."""
 
     use_kernels = True       # False (on an instance or the class) forces the reference path
-    use_mem_eff_path = True  # training: conv, SSD, norm and out_proj in one fused autograd function
-    # That function keeps the SSD's chunk states for its backward (kernels.mamba2_train): 6% off a
+    use_mem_eff_path = True  # training: conv, SSD, norm and out_proj as one fused op (one autograd node)
+    # That op keeps the SSD's chunk states for its backward (kernels.mamba2_train): 6% off a
     # step for 0.7 GB per layer at batch 16 x 30 s. False: mamba-ssm's own, which recomputes them.
     keep_chunk_states = True
     # The kernels use chunk_size (256, what they are tuned for). ssd_chunked's quadratic intra-chunk

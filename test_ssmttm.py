@@ -491,8 +491,8 @@ def test_gpu_compiled_lm_is_one_graph_and_equals_eager(precision):
     cfg = ModelConfig(variant="prefix_simba", n_layers=2, d_model=256, d_state=128, dropout=0.0)
     model = TextToMusicLM(cfg).cuda()
     codes = torch.randint(0, 1024, (3, 1, 500), device="cuda")
-    text, text_mask = torch.randn(3, 12, 768, device="cuda"), torch.arange(12, device="cuda")[None] < torch.tensor(
-        [[12], [5], [9]], device="cuda")
+    text = torch.randn(3, 12, 768, device="cuda")
+    text_mask = torch.arange(12, device="cuda")[None] < torch.tensor([[12], [5], [9]], device="cuda")  # padded texts
 
     def loss_and_grads(fwd):
         model.zero_grad(set_to_none=True)
