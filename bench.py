@@ -34,8 +34,11 @@ import time
 
 import torch
 
+import fast
 import kernels
 import ssmttm
+import stage2
+from fast import FastOptions
 from ssmttm import LAYOUTS, Mamba2, ModelConfig, TextToMusicLM
 
 PEAK_BF16 = 989e12
@@ -101,11 +104,17 @@ def batch_inputs(batch, n_frames, n_codebooks, device, seed=0):
     return codes, text, mask
 
 
-def bench_train(variant, batch, n_frames, n_layers, compile=False, chunk_size=256, steps=8, device="cuda"):
+def train_model(variant, n_layers, device, options):
+    """The paper-shape LM (tiny on a CPU) for training, on the kernels of `options` on CUDA."""
     torch.manual_seed(0)
-    cfg = ModelConfig(variant=variant, n_layers=n_layers, chunk_size=chunk_size,
+    cfg = ModelConfig(variant=variant, n_layers=n_layers,
                       **({} if device == "cuda" else dict(d_model=64, d_state=16, headdim=16, d_ff=128)))
     model = TextToMusicLM(cfg).to(device)
+    return fast.accelerate(model, options) if device == "cuda" else model
+
+
+def bench_train(variant, batch, n_frames, n_layers, options, compile=False, steps=8, device="cuda"):
+    model = train_model(variant, n_layers, device, options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
     fwd = torch.compile(model) if compile else model
     codes, text, mask = batch_inputs(batch, n_frames, 1, device)
@@ -126,16 +135,16 @@ def bench_train(variant, batch, n_frames, n_layers, compile=False, chunk_size=25
         ms, peak = wall_time(step, 2, 1), float("nan")
     flops = model_flops(model, n_frames, N_TEXT) * batch
     del model, opt, fwd
-    return {"section": "train", "variant": variant, "batch": batch, "compile": compile, "chunk": chunk_size,
+    return {"section": "train", "variant": variant, "batch": batch, "compile": compile, "chunk": options.chunk_size,
+            "mamba2": options.train,
             "ms/step": ms, "audio tok/s": batch * n_frames / ms * 1e3, "TFLOP/s": flops / ms / 1e9,
             "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak}
 
 
-def profile_train(variant, batch, n_frames, n_layers, compile, chunk_size, rows=25):
+def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25):
     """Top CUDA kernels of a few training steps (torch.profiler), printed as a table."""
     from torch.profiler import ProfilerActivity, profile
-    cfg = ModelConfig(variant=variant, n_layers=n_layers, chunk_size=chunk_size)
-    model = TextToMusicLM(cfg).cuda()
+    model = train_model(variant, n_layers, "cuda", options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), "cuda")
     fwd = torch.compile(model) if compile else model
     codes, text, mask = batch_inputs(batch, n_frames, 1, "cuda")
@@ -154,15 +163,17 @@ def profile_train(variant, batch, n_frames, n_layers, compile, chunk_size, rows=
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-    print(f"\n### profile {variant} batch {batch} compile {compile} chunk {chunk_size} (2 steps)")
+    print(f"\n### profile {variant} batch {batch} compile {compile} {options} (2 steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
-def bench_layer(batch, L, use_kernels, d_state=512, device="cuda"):
+def bench_layer(batch, L, options, d_state=512, device="cuda"):
+    """One Mamba-2 layer, forward + backward: on the kernels of `options`, or (None) the plain layer."""
     torch.manual_seed(0)
     d = 1024 if device == "cuda" else 64
     layer = Mamba2(d, d_state=d_state if device == "cuda" else 16, headdim=64 if device == "cuda" else 16).to(device)
-    layer.use_kernels = use_kernels
+    if options is not None:
+        fast.accelerate(layer, options)
     u = torch.randn(batch, L, d, device=device, requires_grad=True)
 
     def fwd_bwd():
@@ -176,21 +187,35 @@ def bench_layer(batch, L, use_kernels, d_state=512, device="cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         ms, peak = wall_time(fwd_bwd, 2, 1), float("nan")
-    return {"section": "layer", "path": "fused" if use_kernels else "reference", "batch": batch, "L": L,
+    return {"section": "layer", "path": options.train if options else "reference", "batch": batch, "L": L,
             "ms fwd+bwd": ms, "peak GiB": peak}
 
 
 def paper_model(variant, n_layers, device, dtype):
+    """The paper-shape LM (tiny on a CPU) for decoding: weights in dtype, on the kernels on CUDA."""
     torch.manual_seed(0)
     small = {} if device == "cuda" else dict(d_model=64, d_state=16, headdim=16, d_ff=128)
     cfg = ModelConfig(variant=variant, n_layers=n_layers, dropout=0.0, **small)
-    return ssmttm.for_inference(TextToMusicLM(cfg).to(device), dtype)
+    model = fast.for_inference(TextToMusicLM(cfg).to(device), dtype)
+    return fast.accelerate(model) if device == "cuda" else model
+
+
+DECODE_MODES = {  # mode -> the decoder's options (None: generate's plain loop)
+    "graph": FastOptions(),                                 # kernels.py's kernels, one CUDA graph per frame
+    "bf16state+graph": FastOptions(),                       # the same, the SSM state stored in bf16
+    "nopdl+graph": FastOptions(pdl=False),                  # without programmatic dependent launch
+    "compile+graph": FastOptions(compile=True),             # torch.compile's fusion instead of kernels.py's
+    "unfused+graph": FastOptions(decode_kernels=False),     # plain ops (mamba-ssm's step kernels) in the graph
+    "eager": FastOptions(cuda_graph=False),                 # kernels.py's kernels, launched one by one
+    "plain": None,                                          # the plain loop (mamba-ssm's step kernels)
+    "recompute": None,                                      # the whole sequence at every step
+}
 
 
 def decode_ms(model, position, mode, device, iters=50):
     """ms per generated frame at a position: the state after `position` steps, then time frames, each
     one model step plus guidance, top-k sampling and writing the token (what generate() repeats).
-    mode: eager | graph | compile+graph | recompute (a full forward over position+1 steps)."""
+    mode: a key of DECODE_MODES; recompute times a full forward over position + 1 steps."""
     K, warmup = model.cfg.n_codebooks, 3
     codes, text, mask = batch_inputs(2, position, K, device, seed=1)
     mask[1] = False  # row 2: the null condition of guidance
@@ -206,10 +231,9 @@ def decode_ms(model, position, mode, device, iters=50):
         fixed = torch.zeros_like(steps, dtype=torch.bool)
         cache = ssmttm.InferenceCache(model, 2, n_steps + 1, device, next(model.parameters()).dtype, ssm_dtype(mode))
         model.logits(tokens[..., :-1], text, mask, cache)
-        pos = torch.full((1,), position, device=device)
-        sampling = dict(cfg_scale=3.0, top_k=250, temperature=1.2, generator=None)
-        frame = model._decoder(cache, steps, pos, fixed, 2, sampling, "graph" in mode,
-                               "compile" in mode or "autotune" in mode)
+        sampling = ssmttm.Sampling(cfg_scale=3.0, top_k=250, temperature=1.2)
+        options = DECODE_MODES[mode] or FastOptions(decode_kernels=False, cuda_graph=False)  # plain: one step
+        frame = fast.Decoder(options).frame(model, cache, steps, fixed, position, 2, sampling)
         return timer(frame, iters, warmup)
 
 
@@ -217,34 +241,29 @@ def ssm_dtype(mode):
     return torch.bfloat16 if "bf16state" in mode else None
 
 
-DECODE_SETUPS = ("prefix_simba:graph", "prefix_simba:bf16state+graph", "prefix_simba:nopdl+graph", "prefix_simba:compile+graph",
-                 "prefix_simba:unfused+graph", "prefix_simba:eager", "cross_transformer:eager", "prefix_simba:recompute")
+DECODE_SETUPS = ("prefix_simba:graph", "prefix_simba:bf16state+graph", "prefix_simba:nopdl+graph",
+                 "prefix_simba:compile+graph", "prefix_simba:unfused+graph", "prefix_simba:eager",
+                 "cross_transformer:eager", "prefix_simba:recompute")
 
 
 def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(10, 25), full_baseline=False):
     """Per setup (variant:mode), one model: ms per frame at fixed positions, then seconds for 10 s
-    and 25 s of coarse tokens (1 prompt with guidance, top-k 250, temperature 1.2). Modes: eager,
-    graph (the step's kernels.py kernels, replayed as one CUDA graph), bf16state+graph (the same
-    with the SSM state stored in bf16), nopdl+graph (without programmatic dependent launch),
-    unfused+graph (plain PyTorch ops in the graph), compile+graph (torch.compile's fusion instead),
-    autotune+graph (inductor's max-autotune for the step's matmuls), recompute."""
+    and 25 s of coarse tokens (1 prompt with guidance, top-k 250, temperature 1.2). Modes: the keys
+    of DECODE_MODES."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     for setup in setups:
         variant, mode = setup.split(":")
         if device != "cuda" and "graph" in mode:
             continue
         model = paper_model(variant, n_layers, device, dtype)
-        ssmttm.Block.use_decode_kernels = mode != "unfused+graph"
-        kernels.use_pdl = "nopdl" not in mode
-        if mode == "autotune+graph":
-            model._compiled_step = torch.compile(model.step, dynamic=False, mode="max-autotune-no-cudagraphs")
         row = {"section": "decode", "variant": variant, "mode": mode}
         try:
             for p in positions:
                 row[f"ms/frame @{p}"] = decode_ms(model, p, mode, device)
             _, text, mask = batch_inputs(1, 1, 1, device, seed=2)
-            kw = dict(recurrent=mode != "recompute", cuda_graph="graph" in mode,
-                      compile="compile" in mode or "autotune" in mode, ssm_dtype=ssm_dtype(mode))
+            options = DECODE_MODES[mode]
+            kw = dict(recurrent=mode != "recompute", ssm_dtype=ssm_dtype(mode),
+                      decoder=None if options is None else fast.Decoder(options))
             t0 = time.perf_counter()
             model.generate(text, mask, 8, **kw)  # warm-up: compilation, autotuning, graph capture
             row["warm-up s"] = time.perf_counter() - t0
@@ -256,7 +275,6 @@ def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(1
         except Exception as e:  # report, keep going
             row["error"] = f"{type(e).__name__}: {e}"[:160]
         emit(row)
-        ssmttm.Block.use_decode_kernels, kernels.use_pdl = True, True
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -268,17 +286,15 @@ def profile_decoding(n_layers, mode="graph", frames=20, rows=30):
     replays): how many per frame, and which take the time. mode: graph, nopdl+graph or compile+graph.
     With programmatic dependent launch kernels overlap, so their times add up to more than the frame."""
     from torch.profiler import ProfilerActivity, profile
-    kernels.use_pdl = mode != "nopdl+graph"
     model = paper_model("prefix_simba", n_layers, "cuda", torch.bfloat16)
     timer_ms = decode_ms(model, 100, mode, "cuda")  # also compiles, if mode says so
     K = model.cfg.n_codebooks
     steps = torch.full((1, K, 200), ssmttm.SPECIAL, device="cuda")
     steps[..., :100] = 0
     cache = ssmttm.InferenceCache(model, 2, 201, "cuda", torch.bfloat16)
-    pos = torch.full((1,), 100, device="cuda")
-    sampling = dict(cfg_scale=3.0, top_k=250, temperature=1.2, generator=None)
-    frame = model._decoder(cache, steps, pos, torch.zeros_like(steps, dtype=torch.bool), 2, sampling, True,
-                           "compile" in mode)
+    sampling = ssmttm.Sampling(cfg_scale=3.0, top_k=250, temperature=1.2)
+    frame = fast.Decoder(DECODE_MODES[mode]).frame(model, cache, steps, torch.zeros_like(steps, dtype=torch.bool), 100,
+                                                   2, sampling)
     frame()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -291,7 +307,6 @@ def profile_decoding(n_layers, mode="graph", frames=20, rows=30):
     print(f"\n### decoding profile ({mode}): {n_kernels:.0f} kernels per frame, {busy_us / 1e3:.3f} ms busy, "
           f"{timer_ms:.3f} ms per frame (CUDA events)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90))
-    kernels.use_pdl = True
     emit({"section": "decode profile", "mode": mode, "kernels/frame": n_kernels, "GPU busy ms/frame": busy_us / 1e3,
           "ms/frame": timer_ms})
 
@@ -339,15 +354,13 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
 
     def pdl_and_plain(row, mb, calls):  # us and GB/s with programmatic dependent launch and without
         for label, pdl in (("", True), ("no PDL ", False)):
-            kernels.use_pdl = pdl
-            us = graphed(calls)
+            us = graphed([lambda c=c: c(pdl=pdl) for c in calls])
             row[f"{label}us"], row[f"{label}GB/s"] = us, mb * 1e3 / us
-        kernels.use_pdl = True
         return row
 
     for name, N, K, call in shapes:
         weights = [torch.randn(N, K, **bf16) / K ** 0.5 for _ in range(n_layers)]
-        calls = [lambda w=w, i=i: call(w, i) for i, w in enumerate(weights)]
+        calls = [lambda w=w, i=i, **kw: call(w, i, **kw) for i, w in enumerate(weights)]
         mb = (N * K * 2 + rows * (K + N) * 2) / 1e6
         row = pdl_and_plain({"section": "decode kernels", "kernel": name, "N x K": f"{N} x {K}", "MB": round(mb, 2)},
                             mb, calls)
@@ -368,8 +381,8 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
         for block_p, warps in ((4, 4), (8, 4), (8, 8), (16, 8)):
             row = {"section": "decode kernels", "kernel": f"ssm_step ({str(dtype)[6:]} state, block_p {block_p}, {warps} warps)",
                    "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2)}
-            emit(pdl_and_plain(row, mb, [lambda s=s: kernels.ssm_step(zxbcdt, s, A, dt_bias, D, d_inner, 1, 0, block_p,
-                                                                      warps) for s in states]))
+            emit(pdl_and_plain(row, mb, [lambda s=s, pdl=True: kernels.ssm_step(
+                zxbcdt, s, A, dt_bias, D, d_inner, 1, 0, pdl, block_p, warps) for s in states]))
 
 
 def bench_stage2(device):
@@ -377,10 +390,9 @@ def bench_stage2(device):
 
 
 def ssmttm_stage2_timing(device):
-    from ssmttm import Stage2Config, Stage2Diffusion
-    cfg = Stage2Config() if device == "cuda" else Stage2Config(**Stage2Config.small())
+    cfg = stage2.Stage2Config() if device == "cuda" else stage2.Stage2Config(**stage2.Stage2Config.small())
     torch.manual_seed(0)
-    model = Stage2Diffusion(cfg).to(device).eval()
+    model = stage2.Stage2Diffusion(cfg).to(device).eval()
     n = round(25 * ssmttm.FRAME_RATE) if device == "cuda" else 64
     coarse_latent = torch.randn(1, 8, n, device=device)
     _, text, mask = batch_inputs(1, 1, 1, device, seed=3)
@@ -501,6 +513,46 @@ def print_table(rows):
             print("| " + " | ".join(cells) + " |")
 
 
+def run_section(section, args, device, train_options):
+    """One section of the benchmark, its rows emitted as they finish."""
+    n_layers = 2 if args.quick else args.layers
+    n_frames = 40 if args.quick else 2584
+    if section == "train":
+        for variant, batch, comp, options in itertools.product(
+                args.variants.split(","), map(int, args.batches.split(",")), map(int, args.compile.split(",")),
+                train_options):
+            if args.quick and comp:
+                continue
+            try:
+                emit(bench_train(variant, 2 if args.quick else batch, n_frames, n_layers, options, bool(comp),
+                                 device=device))
+            except Exception as e:  # report, keep going
+                emit({"section": "train", "variant": variant, "batch": batch, "compile": bool(comp),
+                      "mamba2": options.train, "error": f"{type(e).__name__}: {e}"[:160]})
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    elif section == "profile":
+        for variant, comp in itertools.product(args.variants.split(","), map(int, args.compile.split(","))):
+            profile_train(variant, int(args.batches.split(",")[0]), n_frames, n_layers, bool(comp), train_options[0])
+    elif section == "layer":
+        for options in (train_options + [None] if device == "cuda" else [None]):
+            emit(bench_layer(1 if args.quick else 4, 64 if args.quick else 2650, options, device=device))
+    elif section == "decode":
+        bench_decoding(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500),
+                       args.decode_setups.split(","), full_baseline=args.full_baseline)
+    elif section == "decode-kernels" and device == "cuda":
+        bench_decode_kernels(sweep=args.sweep_configs)
+    elif section == "decode-profile":
+        for mode in ("graph", "nopdl+graph"):
+            profile_decoding(n_layers, mode)
+    elif section == "pipeline":
+        bench_pipeline(device, quick=args.quick)
+    elif section == "stage2":
+        bench_stage2(device)
+    elif section == "cpu":
+        bench_cpu(steps=5 if args.quick else 30)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="train,layer,decode,stage2",
@@ -509,25 +561,22 @@ def main():
     ap.add_argument("--variants", default=",".join(LAYOUTS))
     ap.add_argument("--batches", default="4,16")
     ap.add_argument("--compile", default="0,1", help="training with torch.compile: 0, 1 or both")
-    ap.add_argument("--chunk-sizes", default="256")
+    ap.add_argument("--chunk-sizes", default="256", help="the SSD kernels' chunk lengths (FastOptions.chunk_size)")
     ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--no-mem-eff", action="store_true", help="Mamba-2 training without the fused mem-efficient path")
-    ap.add_argument("--no-keep-states", action="store_true",
-                    help="Mamba-2 training through mamba-ssm's own fused function (recomputes the chunk states)")
+    ap.add_argument("--mamba-train", default="keep_states",
+                    help="Mamba-2 training paths (FastOptions.train): keep_states, mamba_ssm (mamba-ssm's own "
+                         "fused function, which recomputes the chunk states), split (separate conv and SSD ops)")
     ap.add_argument("--decode-setups", default=",".join(DECODE_SETUPS),
-                    help="variant:mode pairs for the decode section (modes: eager, graph, bf16state+graph, "
-                         "nopdl+graph, unfused+graph, compile+graph, autotune+graph, recompute)")
+                    help=f"variant:mode pairs for the decode section (modes: {', '.join(DECODE_MODES)})")
     ap.add_argument("--sweep-configs", action="store_true", help="decode-kernels: also every linear_rows launch shape")
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
-    Mamba2.use_mem_eff_path = not args.no_mem_eff
-    Mamba2.keep_chunk_states = not args.no_keep_states
+    train_options = [FastOptions(train=path, chunk_size=chunk) for path in args.mamba_train.split(",")
+                     for chunk in map(int, args.chunk_sizes.split(","))]
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != "cpu":
         sys.exit("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")
-    n_layers = 2 if args.quick else args.layers
-    n_frames = 40 if args.quick else 2584
     sections = args.only.split(",")
     global JSON_PATH
     JSON_PATH = args.json
@@ -540,43 +589,7 @@ def main():
         HEADER["mamba_ssm"] = "not installed"
     print(json.dumps(HEADER))
     for section in sections:
-        if section == "train":
-            for variant in args.variants.split(","):
-                for batch in map(int, args.batches.split(",")):
-                    for comp in map(int, args.compile.split(",")):
-                        for chunk in map(int, args.chunk_sizes.split(",")):
-                            if args.quick and comp:
-                                continue
-                            try:
-                                emit(bench_train(variant, 2 if args.quick else batch, n_frames, n_layers,
-                                                 bool(comp), chunk, device=device))
-                            except Exception as e:
-                                emit({"section": "train", "variant": variant, "batch": batch, "compile": bool(comp),
-                                      "error": f"{type(e).__name__}: {e}"[:160]})
-                            if device == "cuda":
-                                torch.cuda.empty_cache()
-        elif section == "profile":
-            for variant in args.variants.split(","):
-                for comp in map(int, args.compile.split(",")):
-                    profile_train(variant, int(args.batches.split(",")[0]), n_frames, n_layers, bool(comp),
-                                  int(args.chunk_sizes.split(",")[0]))
-        elif section == "layer":
-            for fused in ((True, False) if device == "cuda" else (False,)):
-                emit(bench_layer(1 if args.quick else 4, 64 if args.quick else 2650, fused, device=device))
-        elif section == "decode":
-            bench_decoding(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500),
-                           args.decode_setups.split(","), full_baseline=args.full_baseline)
-        elif section == "decode-kernels" and device == "cuda":
-            bench_decode_kernels(sweep=args.sweep_configs)
-        elif section == "decode-profile":
-            for mode in ("graph", "nopdl+graph"):
-                profile_decoding(n_layers, mode)
-        elif section == "pipeline":
-            bench_pipeline(device, quick=args.quick)
-        elif section == "stage2":
-            bench_stage2(device)
-        elif section == "cpu":
-            bench_cpu(steps=5 if args.quick else 30)
+        run_section(section, args, device, train_options)
     print_table(ROWS)
 
 

@@ -10,6 +10,9 @@ codebook 1 is decoded alone (as in the paper's RQ1). Per prompt, OUT gets the co
 44.1 kHz WAV decoded by DAC (peak-normalised to -1 dBFS, never clipped), a mel-spectrogram PNG,
 and a line in OUT/generations.jsonl with the prompt, seed, settings and timings.
 
+On CUDA the LM decodes in bf16 through fast.py (fused kernels, one CUDA graph per frame; the
+Mamba-2 layers on mamba-ssm's kernels when installed); on a CPU, the plain model in fp32.
+
 Checkpoints trained on the synthetic set have no audio behind their tokens: for them the codes are
 scored against the caption rules (data.caption_score) instead of decoded.
 """
@@ -20,13 +23,15 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import data as datamod
-import ssmttm
-from ssmttm import FRAME_RATE, ModelConfig, TextToMusicLM
+import fast
+import stage2
+from ssmttm import FRAME_RATE, LAYOUTS, ModelConfig, TextToMusicLM
 
 
 def parse_args(argv=None):
@@ -124,99 +129,132 @@ def save_mel_png(audio, path, title):
     plt.close(fig)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = args.device
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+@dataclass
+class Models:
+    """What generation needs, loaded once: the stage-1 LM and its text encoder; stage 2 and its
+    text encoder (or None); the DAC codec (None for synthetic-data checkpoints, which have no audio)."""
+    lm: TextToMusicLM
+    ckpt_path: str
+    step: int
+    text_encoder: object
+    synthetic: bool
+    decoder: object = None     # fast.Decoder on CUDA, else None (the plain loop)
+    stage2: object = None
+    stage2_encoder: object = None
+    codec: object = None
 
+
+def load_models(args, device):
+    """The stage-1 checkpoint (--ckpt, or the newest under runs/), --stage2 and the codec. On CUDA the
+    LM runs in bf16 on the kernels (fast.py) when they are installed; on a CPU, plain, in fp32."""
     ckpt_path = args.ckpt or newest_checkpoint()
     ckpt = read_checkpoint(ckpt_path, "stage1")
     cfg = ModelConfig(**ckpt["config"])
-    model = TextToMusicLM(cfg)
-    model.load_state_dict(ckpt["model"])
-    model = ssmttm.for_inference(model.to(device), dtype)
-    synthetic = ckpt["text_encoder"]["kind"] == "words"
-    text_encoder = datamod.load_text_encoder(ckpt["text_encoder"], device, args.t5)
-
-    stage2 = stage2_encoder = codec = None
+    lm = TextToMusicLM(cfg)
+    lm.load_state_dict(ckpt["model"])
+    lm = fast.for_inference(lm.to(device), torch.bfloat16 if device == "cuda" else torch.float32)
+    m = Models(lm, ckpt_path, ckpt["step"], datamod.load_text_encoder(ckpt["text_encoder"], device, args.t5),
+               synthetic=ckpt["text_encoder"]["kind"] == "words")
+    if device == "cuda":
+        if fast.available():
+            fast.accelerate(lm)
+        graph = "self_attn" not in LAYOUTS[cfg.variant] and not args.no_cuda_graph  # a KV cache grows
+        m.decoder = fast.Decoder(fast.FastOptions(cuda_graph=graph))
     if args.stage2:
         if cfg.n_codebooks != 1:
             sys.exit(f"--stage2 fills codebooks 2..9 of a K = 1 model; {ckpt_path} already makes all {cfg.n_codebooks}")
         ck2 = read_checkpoint(args.stage2, "stage2")
-        stage2 = ssmttm.Stage2Diffusion(ssmttm.Stage2Config(**ck2["config"]))
-        stage2.load_state_dict(ck2["model"])
-        stage2 = stage2.to(device).eval()
-        codec = datamod.load_codec(ck2["codec"], device, args.dac)
-        stage2.attach_codec(codec)
-        stage2_encoder = (text_encoder if ck2["text_encoder"] == ckpt["text_encoder"]
-                          else datamod.load_text_encoder(ck2["text_encoder"], device, args.t5))
-    if not synthetic and codec is None:
-        codec = datamod.load_dac(args.dac or ckpt["args"].get("dac") or "descript/dac_44khz", device)
+        m.stage2 = stage2.Stage2Diffusion(stage2.Stage2Config(**ck2["config"]))
+        m.stage2.load_state_dict(ck2["model"])
+        m.codec = datamod.load_codec(ck2["codec"], device, args.dac)
+        m.stage2 = m.stage2.to(device).eval().attach_codec(m.codec)
+        m.stage2_encoder = (m.text_encoder if ck2["text_encoder"] == ckpt["text_encoder"]
+                            else datamod.load_text_encoder(ck2["text_encoder"], device, args.t5))
+    if not m.synthetic and m.codec is None:
+        m.codec = datamod.load_dac(args.dac or ckpt["args"].get("dac") or "descript/dac_44khz", device)
+    return m
 
+
+def generate_batch(m, prompts, seed, n_frames, args, device):
+    """Codes (b, 9 or K, n_frames) for a batch of prompts, the audio (b, samples) or None, and the
+    seconds each stage took. One generator, seeded with `seed`, draws for both stages."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    timings = {}
+    text, mask = m.text_encoder(prompts)
+    g = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.time()
+    codes = m.lm.generate(text, mask, n_frames, cfg_scale=args.cfg, top_k=args.top_k, temperature=args.temperature,
+                          generator=g, decoder=m.decoder, progress=True,
+                          ssm_dtype=torch.bfloat16 if args.ssm_state == "bf16" else None)
+    sync()
+    timings["stage1_s"] = time.time() - t0
+    if m.stage2 is not None:
+        t0 = time.time()
+        text2, mask2 = m.stage2_encoder(prompts)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            codes = m.stage2.generate(codes[:, 0], text2, mask2, steps=args.stage2_steps, cfg_scale=args.stage2_cfg,
+                                      generator=g, progress=True)
+        sync()
+        timings["stage2_s"] = time.time() - t0
+    audio = None
+    if not m.synthetic:
+        t0 = time.time()
+        with torch.no_grad():
+            audio = m.codec.decode(audio_codes=codes).audio_values.float().cpu().numpy()
+        timings["decode_s"] = time.time() - t0
+    return codes, audio, timings
+
+
+def write_outputs(m, prompts, codes, audio, seed, timings, n_frames, first, args):
+    """Per prompt: OUT/NNNN-slug.npy, .wav and .png (or the caption score, for synthetic data), and a
+    line in OUT/generations.jsonl. first: the number of the first prompt."""
+    log_path = os.path.join(args.out, "generations.jsonl")
+    for i, prompt in enumerate(prompts):
+        name = f"{first + i:04d}-{slug(prompt)}"
+        base = os.path.join(args.out, name)
+        c = codes[i].cpu().numpy().astype(np.int16)
+        np.save(base + ".npy", c)
+        record = {"prompt": prompt, "seed": seed, "row": i, "seconds": args.seconds, "frames": n_frames,
+                  "codebooks": int(c.shape[0]), "ckpt": m.ckpt_path, "stage2": args.stage2, "cfg": args.cfg,
+                  "top_k": args.top_k, "temperature": args.temperature, "ssm_state": args.ssm_state,
+                  "codes": base + ".npy", **timings}
+        if m.stage2 is not None:
+            record.update(stage2_steps=args.stage2_steps, stage2_cfg=args.stage2_cfg)
+        if m.synthetic:
+            record["caption_score"] = datamod.caption_score(c, prompt)
+            print(f"{name}: caption score {record['caption_score']:.3f}  ({prompt})")
+        else:
+            import soundfile as sf  # only when there is audio to write
+            wav = peak_normalise(audio[i][:n_frames * datamod.HOP])
+            sf.write(base + ".wav", wav, datamod.SAMPLE_RATE, subtype="PCM_16")
+            save_mel_png(wav, base + ".png", prompt)
+            record.update(wav=base + ".wav", png=base + ".png")
+            print(f"{name}: {base}.wav")
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    m = load_models(args, device)
     n_frames = round(args.seconds * FRAME_RATE)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "generations.jsonl")
     done = sum(1 for _ in open(log_path)) if os.path.exists(log_path) else 0
-    use_graph = device == "cuda" and "self_attn" not in ssmttm.LAYOUTS[cfg.variant] and not args.no_cuda_graph
-    print(f"{cfg.variant}, {cfg.n_layers} blocks, K = {cfg.n_codebooks} ({ckpt_path}, step {ckpt['step']})"
-          f"{' + stage 2' if stage2 else ''} | {len(args.prompts)} prompt(s), {args.seconds:g} s = {n_frames} frames"
+    cfg = m.lm.cfg
+    print(f"{cfg.variant}, {cfg.n_layers} blocks, K = {cfg.n_codebooks} ({m.ckpt_path}, step {m.step})"
+          f"{' + stage 2' if m.stage2 else ''} | {len(args.prompts)} prompt(s), {args.seconds:g} s = {n_frames} frames"
           f" | {device}", file=sys.stderr)
-    if synthetic:
+    if m.synthetic:
         print("synthetic-data checkpoint: its tokens are not DAC codes of music, so there is no audio to "
               "decode; each sample is scored against its caption's rules instead", file=sys.stderr)
-
     for b0 in range(0, len(args.prompts), args.batch_size):
         prompts = args.prompts[b0:b0 + args.batch_size]
         seed = args.seed + b0 // args.batch_size
-        timings = {}
-        text, mask = text_encoder(prompts)
-        g = torch.Generator(device=device).manual_seed(seed)
-        t0 = time.time()
-        codes = model.generate(text, mask, n_frames, cfg_scale=args.cfg, top_k=args.top_k, temperature=args.temperature,
-                               generator=g, cuda_graph=use_graph, progress=True,
-                               ssm_dtype=torch.bfloat16 if args.ssm_state == "bf16" else None)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        timings["stage1_s"] = time.time() - t0
-        if stage2 is not None:
-            t0 = time.time()
-            text2, mask2 = stage2_encoder(prompts)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-                codes = stage2.generate(codes[:, 0], text2, mask2, steps=args.stage2_steps, cfg_scale=args.stage2_cfg,
-                                        generator=g, progress=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            timings["stage2_s"] = time.time() - t0
-        audio = None
-        if not synthetic:
-            t0 = time.time()
-            with torch.no_grad():
-                audio = codec.decode(audio_codes=codes).audio_values.float().cpu().numpy()
-            timings["decode_s"] = time.time() - t0
-        for i, prompt in enumerate(prompts):
-            name = f"{done:04d}-{slug(prompt)}"
-            done += 1
-            base = os.path.join(args.out, name)
-            c = codes[i].cpu().numpy().astype(np.int16)
-            np.save(base + ".npy", c)
-            record = {"prompt": prompt, "seed": seed, "row": i, "seconds": args.seconds, "frames": n_frames,
-                      "codebooks": int(c.shape[0]), "ckpt": ckpt_path, "stage2": args.stage2, "cfg": args.cfg,
-                      "top_k": args.top_k, "temperature": args.temperature, "ssm_state": args.ssm_state,
-                      "codes": base + ".npy", **timings}
-            if stage2 is not None:
-                record.update(stage2_steps=args.stage2_steps, stage2_cfg=args.stage2_cfg)
-            if synthetic:
-                record["caption_score"] = datamod.caption_score(c, prompt)
-                print(f"{name}: caption score {record['caption_score']:.3f}  ({prompt})")
-            else:
-                import soundfile as sf
-                wav = peak_normalise(audio[i][:n_frames * datamod.HOP])
-                sf.write(base + ".wav", wav, datamod.SAMPLE_RATE, subtype="PCM_16")
-                save_mel_png(wav, base + ".png", prompt)
-                record.update(wav=base + ".wav", png=base + ".png")
-                print(f"{name}: {base}.wav")
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        codes, audio, timings = generate_batch(m, prompts, seed, n_frames, args, device)
+        write_outputs(m, prompts, codes, audio, seed, timings, n_frames, done, args)
+        done += len(prompts)
 
 
 if __name__ == "__main__":

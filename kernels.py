@@ -1,5 +1,8 @@
-"""GPU fast paths (CUDA only; the rest of ssmttm never needs them): Triton kernels for one-token
-decoding, and at the end, mamba2_train, the Mamba-2 layer's training pass from mamba-ssm's kernels.
+"""GPU kernels (CUDA only): Triton kernels for one-token decoding, the mamba-ssm and causal-conv1d
+calls, and at the end, mamba2_train, the Mamba-2 layer's training pass from mamba-ssm's kernels.
+
+Functions of tensors only: this file knows nothing of ssmttm's classes. fast.py attaches these
+kernels to the model; ssmttm.py is the plain reference that each of them is tested against.
 
 A decoding step multiplies 2 rows (one prompt and its guidance row) by each weight matrix: a
 matrix-vector product, bound by reading the weights, not by arithmetic. Run as separate kernels,
@@ -19,7 +22,7 @@ activation, residual add, conv, state update ...). Two kernels do a SiMBA block 
 Around the blocks, a frame has two more: `embed_rows` (the K code embeddings plus the sinusoidal
 positions, then position += 1) and `sample_top_k` (guidance, temperature, top-k and the draw of
 sample_next, then generate's bookkeeping: the token into the delayed layout and into the next
-step's input). Each of those small bookkeeping ops was a kernel of its own, ~2 µs of a frame.
+step's input), so that the small bookkeeping ops do not each cost a launch.
 
 Everything is computed in float32 and rounded once, where the plain ops round too (except the
 gated y, passed on unrounded).
@@ -28,9 +31,9 @@ Programmatic dependent launch (Hopper and later): each kernel lets the next one 
 the next one loads what no earlier kernel of the step writes (its weights; the SSM and conv states,
 last written by the same layer a step before) before it waits for the previous kernel's results
 (`gdc_wait`). The weights of one matrix then stream in while the previous kernel runs, which hides
-part of the fixed cost of a short kernel (0.68 -> 0.51 ms per frame on an H200). Inside a CUDA
-graph the dependency is kept as a programmatic edge. embed_rows and sample_top_k are plain
-launches: they wait for everything before them, which is what lets the states be read early.
+part of the fixed cost of a short kernel (BENCHMARKS.md). Inside a CUDA graph the dependency is
+kept as a programmatic edge. embed_rows and sample_top_k are plain launches: they wait for
+everything before them, which is what lets the states be read early.
 """
 import functools
 from typing import Optional
@@ -45,14 +48,28 @@ try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # a CPU-only torch has no triton
     triton = None
+# mamba-ssm and causal-conv1d cannot even be imported without CUDA: every use is behind these flags.
+try:
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+    HAS_MAMBA_SSM = True
+except Exception:  # ImportError, or a CUDA extension that fails to load
+    HAS_MAMBA_SSM = False
+try:
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    HAS_CAUSAL_CONV1D = True
+except Exception:
+    HAS_CAUSAL_CONV1D = False
+if HAS_MAMBA_SSM:  # under torch.compile these are graph breaks; mamba2_train below is an op it traces
+    mamba_chunk_scan_combined = torch.compiler.disable(mamba_chunk_scan_combined)
+    mamba_split_conv1d_scan_combined = torch.compiler.disable(mamba_split_conv1d_scan_combined)
 
 MAX_ROWS, MAX_WIDTH = 8, 4096  # each program holds all rows of x and a whole row of W
-use_pdl = True  # programmatic dependent launch where the GPU has it (False: plain launches)
 
 
-def available(t, width):
-    """Whether linear_rows runs on t (rows, width) with inputs up to `width` wide."""
-    return triton is not None and t.is_cuda and t.shape[0] <= MAX_ROWS and width <= MAX_WIDTH
+def fits_linear_rows(rows, width):
+    """Whether linear_rows takes `rows` rows with inputs up to `width` wide (and Triton is here)."""
+    return triton is not None and rows <= MAX_ROWS and width <= MAX_WIDTH
 
 
 @functools.cache
@@ -60,10 +77,10 @@ def _has_pdl(device):
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _launch_options(t):
-    """Keyword arguments for a launch on t's device: PDL on sm_90 and later (asked once per device:
-    eager decoding launches these kernels ~130 times per frame)."""
-    return dict(PDL=True, launch_pdl=True) if use_pdl and _has_pdl(t.device) else dict(PDL=False)
+def _launch_options(t, pdl):
+    """Keyword arguments for a launch on t's device: programmatic dependent launch if pdl and the
+    GPU has it (sm_90 and later; asked once per device: eager decoding launches often)."""
+    return dict(PDL=True, launch_pdl=True) if pdl and _has_pdl(t.device) else dict(PDL=False)
 
 
 if triton is not None:
@@ -228,15 +245,16 @@ if triton is not None:
 
 
 def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, residual=None, conv=None,
-                block_n=None, num_warps=None):
+                pdl=True, block_n=None, num_warps=None):
     """residual + gelu(norm(x) @ weight^T + bias) for a few rows, in one kernel.
 
     x (M, K) with M <= 8 and K <= 4096, weight (N, K). norm: RMSNorm with norm_weight (K,) if given.
     residual (M, N). conv: (state, weight, bias, start) to pass outputs start ... start + C - 1
     through Mamba-2's causal conv + SiLU, with state (M, C, d_conv) updated in place, weight
     (C, d_conv), bias (C,). Returns (M, N) in the dtype of residual if given, else of x.
-    The weights, norm_weight, bias and the conv's weight and bias are read before the wait for the
-    previous kernel (programmatic dependent launch): they must not be what that kernel writes.
+    pdl: programmatic dependent launch (Hopper and later): the weights, norm_weight, bias and the
+    conv's weight, bias and state are read before the wait for the previous kernel, so they must not
+    be what that kernel writes.
     block_n, num_warps: outputs per program and warps per program (default: _launch_shape)."""
     M, K = x.shape
     N = weight.shape[0]
@@ -261,26 +279,27 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
         conv_state, conv_w, conv_b, conv_start, conv_state.shape[1] if conv is not None else 0,
         M=M, M_POW2=triton.next_power_of_2(M), NORM=norm_weight is not None, HAS_BIAS=bias is not None, GELU=gelu,
         HAS_RES=residual is not None, D_CONV=d_conv, BLOCK_K=triton.next_power_of_2(K), BLOCK_N=block_n,
-        num_warps=num_warps, **_launch_options(x))
+        num_warps=num_warps, **_launch_options(x, pdl))
     return out
 
 
 def _launch_shape(conv):
     """(outputs per program, warps per program) of linear_rows: small programs, many of them.
-    Measured on an H200 in a chain of launches with PDL (bench.py --only decode-kernels
-    --sweep-configs), which is how a frame runs them; Triton's autotuner, which times each launch
-    alone, picked larger ones that were up to 2.5 us slower there (in_proj + conv: 7.1 -> 4.6 us)."""
+    Chosen in a chain of launches with PDL (bench.py --only decode-kernels --sweep-configs), which
+    is how a frame runs them; Triton's autotuner, which times each launch alone, picks larger ones
+    that are slower there (BENCHMARKS.md)."""
     return (4, 1) if conv else (2, 1)
 
 
-def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, block_p=4, num_warps=4):
+def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True, block_p=4, num_warps=4):
     """One SSD step (ssd_reference.ssd_step, dt = softplus(dt + dt_bias)) for all heads, in one kernel.
 
     xbc (b, width): rows holding x (nheads * headdim) at x_start, then B and C (ngroups * d_state
     each), and dt (nheads) in the last columns, as Mamba-2's in_proj output after the conv.
     state (b, nheads, headdim, d_state), updated in place; A, dt_bias, D (nheads,).
     Returns y (b, nheads * headdim) in xbc's dtype; with z_start, y * silu(z) for the gate z
-    (nheads * headdim) at z_start of xbc, in float32 (unrounded: the RMSNorm after it divides)."""
+    (nheads * headdim) at z_start of xbc, in float32 (unrounded: the RMSNorm after it divides).
+    pdl: as in linear_rows; the state is read before the wait."""
     b, nheads, headdim, d_state = state.shape
     if not (state.is_contiguous() and xbc.stride(-1) == 1):
         raise ValueError("ssm_step: the state must be contiguous and xbc's rows dense")
@@ -290,34 +309,38 @@ def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, block_p=
     _ssm_step_kernel[grid](state, xbc, xbc.stride(0), x_start, B_start, B_start + ngroups * d_state,
                            xbc.shape[1] - nheads, z_start or 0, dt_bias, A, D, y, nheads, nheads // ngroups,
                            HEADDIM=headdim, DSTATE=d_state, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(d_state),
-                           GATE=z_start is not None, num_warps=num_warps, **_launch_options(xbc))
+                           GATE=z_start is not None, num_warps=num_warps, **_launch_options(xbc, pdl))
     return y
 
 
-def sample_top_k(logits, noise, cfg_scale, top_k, temperature, into=None):
-    """sample_next's draw in one kernel: logits (rows, K, V), rows = [conditional; null] when
-    cfg_scale != 1; noise (b, K, V) Exp(1) draws; 1 <= top_k <= V. Returns tokens (b, K).
-    into: sample_next's (steps, col, fixed, next_input), written by the same kernel; the returned
-    tokens are then what was written (the fixed slots' own tokens where fixed)."""
+def sample_top_k(logits, noise, cfg_scale, top_k, temperature, steps=None, col=None, fixed=None,
+                 next_input=None):
+    """The draw of ssmttm.sample_next in one kernel: logits (rows, K, V) with dense rows,
+    rows = [conditional; null] when cfg_scale != 1; noise (b, K, V) the contiguous Exp(1) draws
+    sample_next would make; 1 <= top_k <= V. Returns tokens (b, K).
+
+    A decoding frame's bookkeeping, in the same kernel, if steps is given: the token goes into
+    column col (a (1,) device tensor) of steps (b, K, n) where fixed (bool, the same layout) is
+    False, and that column, fixed slots included, into next_input (b * copies, K, 1), the next
+    step's input, if given. The returned tokens are then what was written."""
     rows, K, V = logits.shape
     b = rows // 2 if cfg_scale != 1.0 else rows
     if logits.stride(-1) != 1 or not noise.is_contiguous() or noise.shape != (b, K, V):
         raise ValueError("sample_top_k: logits rows must be dense and noise (b, K, V) contiguous")
     out = torch.empty(b, K, device=logits.device, dtype=torch.long)
     copies = 0  # how many input rows of the next step each prompt writes
-    if into is None:  # the INTO pointers are never read
+    if steps is None:  # the pointers of the bookkeeping are never read
         steps = col = fixed = next_input = out
     else:
-        steps, col, fixed, next_input = into
         if not (steps.stride(-1) == 1 and fixed.stride() == steps.stride() and fixed.dtype == torch.bool
                 and steps.shape[:2] == (b, K)):
-            raise ValueError("sample_top_k: steps (b, K, n) with dense rows, fixed a bool tensor of the same layout")
+            raise ValueError("sample_top_k: steps (b, K, n) with dense rows, fixed a bool tensor of its layout")
         copies, next_input = (0, out) if next_input is None else (next_input.shape[0] // b, next_input)
     _sample_top_k_kernel[(b, K)](logits, noise, out, b, V, logits.stride(0), logits.stride(1), float(cfg_scale),
                                  1.0 / temperature, int(top_k), steps, fixed, col, next_input, steps.stride(0),
                                  steps.stride(1), next_input.stride(0), next_input.stride(1),
                                  GUIDANCE=cfg_scale != 1.0, BLOCK_V=triton.next_power_of_2(V),
-                                 INTO=into is not None, COPIES=copies, num_warps=4)
+                                 INTO=steps is not out, COPIES=copies, num_warps=4)
     return out
 
 
@@ -384,14 +407,14 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
                       seq_idx: Optional[torch.Tensor], chunk: int, headdim: int, ngroups: int,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor, torch.Tensor]:
-    """conv -> SSD -> gated RMSNorm -> out_proj of Mamba2.forward (ssmttm.py), in mamba-ssm's kernels.
+    """conv -> SSD -> gated RMSNorm -> out_proj of ssmttm.Mamba2.forward, in mamba-ssm's kernels.
 
     The same kernels as mamba-ssm's mamba_split_conv1d_scan_combined, called in the same order,
     with one difference: the forward returns what its SSD computed, for the backward (the chunk
     states after state passing, in fp32, C B^T per chunk, the cumulative decays dA_cs and
-    softplus(dt + dt_bias)) instead of the backward computing them again. That is 0.7 GB per
-    layer at batch 16 x 2650 positions (d_state 512) and saves ~1.2 ms of that layer's 13.
-    Like mamba-ssm's function, it still recomputes the conv (cheap, and its output is large).
+    softplus(dt + dt_bias)) instead of the backward computing them again: memory for time
+    (BENCHMARKS.md). Like mamba-ssm's function, it still recomputes the conv (cheap, and its
+    output is large).
 
     Shapes: zxbcdt (b, l, 2 d_inner + 2 g n + h) = [z | x B C | dt], l split into chunks of Q;
     out_w (d_model, d_inner) in zxbcdt's dtype. Returns out (b, l, d_model), then for the backward
@@ -496,13 +519,15 @@ def _mamba2_train_backward(ctx, dout, *_):  # the other outputs are saved for th
 _mamba2_train_fwd.register_autograd(_mamba2_train_backward, setup_context=_mamba2_train_setup)
 
 
-def mamba2_train(zxbcdt, layer, A, seq_idx=None):
-    """Mamba2.forward's conv, SSD, gated norm and out_proj for training: zxbcdt (b, l, in_proj
-    outputs), layer an ssmttm.Mamba2, A = layer._A(), seq_idx (b, l) int32 or None (padding 0,
-    the sequence 1). Returns (b, l, d_model). CUDA, with mamba-ssm's kernels (HAS_TRAIN_KERNELS).
+def mamba2_train(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, chunk_size,
+                 headdim, ngroups=1, eps=1e-5):
+    """A Mamba-2 layer's conv, SSD, gated norm and out_proj for training, as ssmttm.Mamba2.forward
+    after in_proj: zxbcdt (b, l, in_proj outputs) = [z | x B C | dt]; conv_weight (conv_dim, d_conv),
+    conv_bias (conv_dim,); dt_bias, A = -exp(A_log), D (nheads,); norm_weight (d_inner,);
+    out_weight (d_model, d_inner); seq_idx (b, l) int32 or None (0 at left padding, 1 at the
+    sequence). Returns (b, l, d_model). CUDA, with mamba-ssm's kernels (HAS_TRAIN_KERNELS).
     out_proj runs in zxbcdt's dtype (bf16 under autocast, as F.linear would); the conv, norm and
     SSD parameters go in as they are, as in mamba-ssm's function."""
-    out_w = layer.out_proj.weight.to(zxbcdt.dtype)
-    return _mamba2_train_fwd(zxbcdt, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.dt_bias, A, layer.D,
-                             layer.norm.weight, out_w, None if seq_idx is None else seq_idx.contiguous(),
-                             layer.chunk_size, layer.headdim, layer.ngroups, layer.norm.eps)[0]
+    seq_idx = None if seq_idx is None else seq_idx.contiguous()
+    return _mamba2_train_fwd(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight,
+                             out_weight.to(zxbcdt.dtype), seq_idx, chunk_size, headdim, ngroups, eps)[0]

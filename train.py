@@ -11,6 +11,9 @@ Every setting left unset comes from a preset: the paper's (AdamW 1e-4, weight de
 (see SYNTHETIC below) so that it visibly learns in minutes on a laptop CPU. The resolved settings
 are printed and saved to OUT/config.json.
 
+On CUDA with mamba-ssm and causal-conv1d installed, the Mamba-2 layers train on their kernels
+(fast.accelerate; --no-kernels keeps the plain ssd_reference path). The weights are the same.
+
 OUT/ckpt.pt holds the model config, weights, optimizer, scheduler, step and RNG states (written to
 a temporary file, then renamed); --resume continues exactly where it stopped. OUT/metrics.csv logs
 step, loss, lr, grad norm, audio tokens/s and, on the synthetic set, the caption score of samples.
@@ -24,22 +27,26 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import data as datamod
-import ssmttm
+import fast
+import stage2
 from ssmttm import LAYOUTS, ModelConfig, TextToMusicLM, delay_pattern
 
 PAPER = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dropout=0.3, d_model=1024,
              d_state=512, headdim=64, n_heads=8, frames=datamod.CLIP_FRAMES, eval_every=0, ckpt_every=1000)
 SYNTHETIC = dict(batch_size=16, grad_accum=1, lr=1e-3, warmup=30, steps=300, dropout=0.1, d_model=256,
                  d_state=64, headdim=32, n_heads=4, frames=128, eval_every=100, ckpt_every=100)
-RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "t5", "dac"}
+RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "no_kernels",
+           "t5", "dac"}
 METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "caption_score"]
 
 
@@ -69,8 +76,10 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the model: about 100 s to compile on an H200, then 6%% faster per step "
-                         "at the paper shape, batch 16")
+                    help="torch.compile the model: it takes minutes to compile, then each step is faster "
+                         "(BENCHMARKS.md)")
+    ap.add_argument("--no-kernels", action="store_true",
+                    help="on CUDA, train on the plain model (ssd_reference) instead of mamba-ssm's kernels")
     ap.add_argument("--t5", default="google/flan-t5-base", help="Flan-T5 name or local folder (real data)")
     ap.add_argument("--dac", default="descript/dac_44khz", help="DAC name or local folder (stage 2, real data)")
     ap.add_argument("--eval-every", type=int, help="steps between caption-score evaluations (synthetic set)")
@@ -93,6 +102,11 @@ def parse_args(argv=None):
     return args, given
 
 
+# ------------------------------------------------------------------------------------------------
+# What each step reads: pure functions of (seed, step), so that a resumed run reads what an
+# uninterrupted one would, and W processes with batch b read what one process with batch W*b would.
+
+
 def lr_at(step, args):
     """Linear warm-up, then cosine decay to zero at args.steps."""
     if step < args.warmup:
@@ -102,9 +116,7 @@ def lr_at(step, args):
 
 
 def batch_indices(step, micro, args, rank, world, n_examples):
-    """Example indices of one micro-batch of one process: a pure function of (seed, step, micro,
-    rank), so a resumed run reads what an uninterrupted one would, and W processes with batch b
-    read what one process with batch W*b would."""
+    """Example indices of one micro-batch of one process."""
     first = ((step * args.grad_accum + micro) * world + rank) * args.batch_size
     positions = np.arange(first, first + args.batch_size)
     if n_examples is None:  # the synthetic set is endless
@@ -121,37 +133,14 @@ def caption_keep(step, micro, args, rank, world):
     return keep[rank * args.batch_size:(rank + 1) * args.batch_size]
 
 
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# ------------------------------------------------------------------------------------------------
+# Setting up a run
 
 
-def build_model(args, device):
-    if args.stage == 1:
-        cfg = ModelConfig(variant=args.variant, n_layers=args.layers, d_model=args.d_model, d_state=args.d_state,
-                          headdim=args.headdim, n_heads=args.n_heads, d_ff=2 * args.d_model, dropout=args.dropout,
-                          n_codebooks=args.codebooks)
-        return TextToMusicLM(cfg).to(device), asdict(cfg)
-    cfg = ssmttm.Stage2Config(**({} if args.data else ssmttm.Stage2Config.small()))
-    return ssmttm.Stage2Diffusion(cfg).to(device), asdict(cfg)
-
-
-def evaluate_captions(model, dataset, text_encoder, args, device, n=8):
-    """Mean caption score of low-temperature generations for held-out synthetic captions."""
-    captions = dataset.captions(n)
-    text, mask = text_encoder(captions)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    codes = model.generate(text, mask, min(args.frames, 128), cfg_scale=3.0, top_k=50, temperature=0.3, generator=g)
-    return float(np.mean([datamod.caption_score(c.cpu().numpy(), cap) for c, cap in zip(codes, captions)]))
-
-
-def main(argv=None):
-    args, given = parse_args(argv)
-
-    # Processes: one per GPU under torchrun (or gloo processes on CPU), else just this one.
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
+def setup_processes(args):
+    """One process per GPU under torchrun (or gloo processes on CPU), else just this one.
+    Returns (world size, rank, device)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = args.device
@@ -160,167 +149,276 @@ def main(argv=None):
         if device == "cuda":
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
+    return world, rank, device
 
-    # A resumed run takes its settings from the checkpoint; only runtime flags may change.
+
+def resume_or_start(args, given):
+    """The checkpoint to continue (--resume), or None for a new run. A resumed run takes its
+    settings from the checkpoint; only the RUNTIME flags may change. Exits if --out holds a run
+    and --resume is not given."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    ckpt = None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = ckpt["args"]
-        changed = [k for k in given if k not in RUNTIME | {"resume", "out"} and saved.get(k) != getattr(args, k)]
-        if changed:
-            sys.exit(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
-                     f"checkpoint's settings; only {', '.join(sorted(RUNTIME))} can change on resume")
-        for k, v in saved.items():
-            if k not in given or k not in RUNTIME:
-                setattr(args, k, v)
-        args.device, args.resume = device.split(":")[0], True
-    elif os.path.exists(ckpt_path):
-        step = torch.load(ckpt_path, map_location='cpu', weights_only=False, mmap=True)['step']
-        sys.exit(f"{ckpt_path} exists (step {step}): "
-                 "pass --resume to continue it, or --out to start another run")
+    if not args.resume:
+        if os.path.exists(ckpt_path):
+            step = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["step"]
+            sys.exit(f"{ckpt_path} exists (step {step}): pass --resume to continue it, or --out to start another run")
+        return None
+    if not os.path.exists(ckpt_path):
+        sys.exit(f"--resume: no checkpoint at {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    saved = ckpt["args"]
+    changed = [k for k in given if k not in RUNTIME | {"resume", "out"} and saved.get(k) != getattr(args, k)]
+    if changed:
+        sys.exit(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
+                 f"checkpoint's settings; only {', '.join(sorted(RUNTIME))} can change on resume")
+    for k, v in saved.items():
+        if k not in given or k not in RUNTIME:
+            setattr(args, k, v)
+    args.resume = True
+    return ckpt
 
+
+def load_data(args, device):
+    """The dataset, its size (None: endless), the text encoder and the frames per sequence."""
+    if args.data:
+        dataset = datamod.TokenDataset(args.data)
+        return dataset, len(dataset), datamod.T5TextEncoder(args.t5, device=device), min(args.frames, dataset.n_frames)
+    dataset = datamod.SyntheticMusic(n_frames=args.frames, seed=args.seed)
+    return dataset, None, datamod.WordEncoder(device=device), args.frames
+
+
+def build_model(args, device):
+    """The model of args.stage on device, and its config as a dict (what the checkpoint stores).
+    Stage 2 gets its codec (the synthetic set's or DAC). On CUDA, stage 1's Mamba-2 layers run on
+    the kernels when they are installed (fast.accelerate), unless --no-kernels."""
+    if args.stage == 2:
+        cfg = stage2.Stage2Config(**({} if args.data else stage2.Stage2Config.small()))
+        model = stage2.Stage2Diffusion(cfg).to(device)
+        model.attach_codec(datamod.load_codec(codec_spec(args), device, args.dac))
+        return model, asdict(cfg)
+    cfg = ModelConfig(variant=args.variant, n_layers=args.layers, d_model=args.d_model, d_state=args.d_state,
+                      headdim=args.headdim, n_heads=args.n_heads, d_ff=2 * args.d_model, dropout=args.dropout,
+                      n_codebooks=args.codebooks)
+    model = TextToMusicLM(cfg).to(device)
+    if device.startswith("cuda") and not args.no_kernels:
+        if fast.available():
+            fast.accelerate(model)
+        else:
+            print("note: mamba-ssm and causal-conv1d are not installed, so Mamba-2 trains on ssd_reference "
+                  "(slow); pip install -r requirements-gpu.txt --no-build-isolation", file=sys.stderr)
+    return model, asdict(cfg)
+
+
+def codec_spec(args):
+    return None if args.stage == 1 else {"kind": "synthetic"} if not args.data else {"kind": "dac", "name": args.dac}
+
+
+def restore(ckpt, model, optimizer, scheduler, rank, device):
+    """Put a checkpoint's weights, optimizer, schedule and this process's RNG states back; returns
+    its step."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    rng = ckpt["rng"][rank]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return ckpt["step"]
+
+
+def prepare_run_folder(args, model_config, step, resumed):
+    """OUT/config.json (the resolved settings) and OUT/metrics.csv, cut back to the checkpoint's step
+    on resume (lines logged after the last checkpoint are logged again)."""
+    os.makedirs(args.out, exist_ok=True)
+    datamod.atomic_write_text(os.path.join(args.out, "config.json"),
+                              json.dumps({"args": vars(args), "model": model_config}, indent=1))
+    path = os.path.join(args.out, "metrics.csv")
+    old = list(csv.DictReader(open(path))) if (resumed and os.path.exists(path)) else []
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, METRICS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(r for r in old if int(r["step"]) <= step)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Run:
+    """What the loop works with, set up once by main()."""
+    args: argparse.Namespace
+    world: int                # processes
+    rank: int                 # this process
+    device: str
+    dataset: object           # .batch(indices) -> codes (b, 9, frames), captions
+    n_examples: Optional[int]  # None: the endless synthetic set
+    frames: int               # frames per training sequence
+    text_encoder: object      # captions -> T5 states (b, lt, 768), mask (b, lt)
+    model: torch.nn.Module    # the model itself (its state_dict is what is saved)
+    trained: torch.nn.Module  # what the loop calls: the model, compiled and/or wrapped in DDP
+    model_config: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def train_step(run, step):
+    """One optimizer step over grad_accum micro-batches. Returns (loss, grad norm, lr); the loss is
+    averaged over micro-batches and processes. Does not step if the loss is not finite."""
+    args, device = run.args, run.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    run.trained.train()
+    total = torch.zeros((), device=device)
+    for micro in range(args.grad_accum):
+        codes, captions = run.dataset.batch(batch_indices(step, micro, args, run.rank, run.world, run.n_examples))
+        codes = codes[..., :run.frames].to(device)
+        text, mask = run.text_encoder(captions)
+        mask = mask & caption_keep(step, micro, args, run.rank, run.world).to(device)[:, None]  # null condition
+        sync = run.world == 1 or micro == args.grad_accum - 1  # DDP: all-reduce the gradients once
+        with (contextlib.nullcontext() if sync else run.trained.no_sync()), autocast:
+            if args.stage == 1:
+                _, loss = run.trained(delay_pattern(codes[:, :args.codebooks]), text, mask)
+            else:
+                loss = run.trained(codes, text, mask)
+        (loss / args.grad_accum).backward()
+        total += loss.detach() / args.grad_accum
+    if run.world > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    loss = total.item()
+    if not math.isfinite(loss):
+        return loss, float("nan"), float("nan")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip).item()
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, lr
+
+
+def evaluate_captions(run, n=8):
+    """Mean caption score of low-temperature generations for held-out synthetic captions."""
+    captions = run.dataset.captions(n)
+    text, mask = run.text_encoder(captions)
+    g = torch.Generator(device=run.device).manual_seed(run.args.seed)
+    codes = run.model.generate(text, mask, min(run.args.frames, 128), cfg_scale=3.0, top_k=50, temperature=0.3,
+                               generator=g)
+    return float(np.mean([datamod.caption_score(c.cpu().numpy(), cap) for c, cap in zip(codes, captions)]))
+
+
+def save_checkpoint(run, step):
+    """Every process's RNG states, gathered; rank 0 writes OUT/ckpt.pt (temp file, then rename)."""
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}
+    rngs = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if run.master:
+        args = run.args
+        atomic_save({"kind": f"stage{args.stage}", "config": run.model_config, "model": run.model.state_dict(),
+                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "step": step,
+                     "rng": rngs, "args": vars(args), "text_encoder": run.text_encoder.spec,
+                     "codec": codec_spec(args)}, os.path.join(args.out, "ckpt.pt"))
+
+
+def atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def log_metrics(run, step, loss, lr, grad_norm, tokens_per_s, elapsed, score):
+    """A row of OUT/metrics.csv (rank 0)."""
+    with open(os.path.join(run.args.out, "metrics.csv"), "a", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{grad_norm:.4f}",
+                                                     f"{tokens_per_s:.1f}", f"{elapsed:.1f}",
+                                                     "" if score is None else f"{score:.4f}"])
+
+
+def train(run, step):
+    """The loop: steps from `step` to args.steps (or --stop-after), logging, evaluating and saving.
+    A non-finite loss stops with exit code 1 and keeps the last checkpoint; Ctrl-C saves and exits 130."""
+    args = run.args
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    bar = tqdm(total=args.steps, initial=step, unit="step", disable=not run.master, dynamic_ncols=True)
+    last_saved, first_step, t_start, loss = step, step, time.time(), float("nan")
+    try:
+        while step < args.steps and (args.stop_after is None or step - first_step < args.stop_after):
+            t0 = time.time()
+            loss, grad_norm, lr = train_step(run, step)
+            if not math.isfinite(loss):
+                kept = (f"the last good checkpoint is {ckpt_path} (step {last_saved})" if os.path.exists(ckpt_path)
+                        else "no checkpoint was written yet")
+                if run.master:
+                    print(f"\nstep {step}: the loss is {loss}, stopping; {kept}", file=sys.stderr)
+                sys.exit(1)
+            step += 1
+            tokens_per_s = args.batch_size * args.grad_accum * run.world * run.frames / (time.time() - t0)
+            score = None
+            if args.eval_every and step % args.eval_every == 0 and args.stage == 1 and not args.data and run.master:
+                score = evaluate_captions(run)
+            if run.master:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}",
+                                **({} if score is None else {"score": f"{score:.2f}"}))
+                if step % args.log_every == 0 or score is not None:
+                    log_metrics(run, step, loss, lr, grad_norm, tokens_per_s, time.time() - t_start, score)
+            if step % args.ckpt_every == 0 or step == args.steps:
+                save_checkpoint(run, step)
+                last_saved = step
+        if last_saved != step:
+            save_checkpoint(run, step)
+    except KeyboardInterrupt:
+        if step != last_saved:
+            save_checkpoint(run, step)
+        if run.master:
+            print(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}; continue with --resume --out {args.out}",
+                  file=sys.stderr)
+        sys.exit(130)
+    finally:
+        bar.close()
+    return step, loss
+
+
+def main(argv=None):
+    args, given = parse_args(argv)
+    world, rank, device = setup_processes(args)
+    ckpt = resume_or_start(args, given)
+    args.device = device.split(":")[0]
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
 
-    # Data and text encoder
-    if args.data:
-        dataset = datamod.TokenDataset(args.data)
-        n_examples = len(dataset)
-        text_encoder = datamod.T5TextEncoder(args.t5, device=device)
-    else:
-        dataset = datamod.SyntheticMusic(n_frames=args.frames, seed=args.seed)
-        n_examples = None
-        text_encoder = datamod.WordEncoder(device=device)
-    frames = min(args.frames, dataset.n_frames)
-
-    # Model and optimizer
+    dataset, n_examples, text_encoder, frames = load_data(args, device)
     model, model_config = build_model(args, device)
-    dac_spec = None
-    if args.stage == 2:
-        dac_spec = {"kind": "synthetic"} if not args.data else {"kind": "dac", "name": args.dac}
-        model.attach_codec(datamod.load_codec(dac_spec, device, args.dac))
-    optimizer = model.configure_optimizers(args.lr, args.weight_decay, (0.9, 0.999), device.split(":")[0])
+    optimizer = model.configure_optimizers(args.lr, args.weight_decay, (0.9, 0.999), args.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, args) / args.lr)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step = ckpt["step"]
-        rng = ckpt["rng"][rank]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and device.startswith("cuda"):
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        step = restore(ckpt, model, optimizer, scheduler, rank, device)
     elif args.stage == 2:  # per-codebook latent statistics of the training data, kept in the model
-        codes, _ = dataset.batch(np.arange(min(64, n_examples or 64)))
-        model.set_latent_stats(codes[..., :frames].to(device))
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
+        model.set_latent_stats(dataset.batch(np.arange(min(64, n_examples or 64)))[0][..., :frames].to(device))
+    trained = torch.compile(model) if args.compile else model
     if world > 1:
-        model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
-    n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    say(f"{'stage 1 ' + args.variant if args.stage == 1 else 'stage 2 diffusion'}: {n_params / 1e6:.1f} M parameters, "
-        f"{args.layers if args.stage == 1 else ''}{' blocks, ' if args.stage == 1 else ''}d_model {args.d_model} | "
-        f"data: {args.data or 'synthetic'} | {world} x {device} | batch {args.batch_size} x {args.grad_accum} "
-        f"x {world} of {frames} frames | lr {args.lr} | {args.steps} steps | out {args.out}")
-
-    # Run folder: resolved config, metrics (cut back to the checkpoint's step on resume)
-    metrics_path = os.path.join(args.out, "metrics.csv")
-    if master:
-        os.makedirs(args.out, exist_ok=True)
-        datamod.atomic_write_text(os.path.join(args.out, "config.json"),
-                                  json.dumps({"args": vars(args), "model": model_config}, indent=1))
-        old = list(csv.DictReader(open(metrics_path))) if (ckpt and os.path.exists(metrics_path)) else []
-        with open(metrics_path, "w", newline="") as f:
-            w = csv.DictWriter(f, METRICS, lineterminator="\n")
-            w.writeheader()
-            w.writerows(r for r in old if int(r["step"]) <= step)
-
-    def save():
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if master:
-            atomic_save({"kind": f"stage{args.stage}", "config": model_config, "model": raw_model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                         "rng": rngs, "args": vars(args), "text_encoder": text_encoder.spec, "codec": dac_spec},
-                        ckpt_path)
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
-    from tqdm import tqdm
-    bar = tqdm(total=args.steps, initial=step, unit="step", disable=not master, dynamic_ncols=True)
-    last_saved, first_step, t_start = step, step, time.time()
-    try:
-        while step < args.steps and (args.stop_after is None or step - first_step < args.stop_after):
-            t0 = time.time()
-            model.train()
-            total = torch.zeros((), device=device)
-            for micro in range(args.grad_accum):
-                codes, captions = dataset.batch(batch_indices(step, micro, args, rank, world, n_examples))
-                codes = codes[..., :frames].to(device)
-                text, mask = text_encoder(captions)
-                mask = mask & caption_keep(step, micro, args, rank, world).to(device)[:, None]  # the null condition
-                sync = world == 1 or micro == args.grad_accum - 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                    if args.stage == 1:
-                        _, loss = model(delay_pattern(codes[:, :args.codebooks]), text, mask)
-                    else:
-                        loss = model(codes, text, mask)
-                (loss / args.grad_accum).backward()
-                total += loss.detach() / args.grad_accum
-            if world > 1:
-                dist.all_reduce(total, op=dist.ReduceOp.AVG)
-            loss_value = total.item()
-            if not math.isfinite(loss_value):
-                kept = (f"the last good checkpoint is {ckpt_path} (step {last_saved})" if os.path.exists(ckpt_path)
-                        else "no checkpoint was written yet")
-                say(f"\nstep {step}: the loss is {loss_value}, stopping; {kept}")
-                sys.exit(1)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip).item()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.time() - t0
-            tok_s = args.batch_size * args.grad_accum * world * frames / dt
-            score = ""
-            if args.eval_every and step % args.eval_every == 0 and args.stage == 1 and not args.data and master:
-                score = evaluate_captions(raw_model, dataset, text_encoder, args, device)
-            if master:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}", **({"score": f"{score:.2f}"} if score != "" else {}))
-                if step % args.log_every == 0 or score != "":
-                    with open(metrics_path, "a", newline="") as f:
-                        csv.writer(f, lineterminator="\n").writerow([step, f"{loss_value:.6f}", f"{lr:.3e}", f"{grad_norm:.4f}",
-                                                f"{tok_s:.1f}", f"{time.time() - t_start:.1f}",
-                                                "" if score == "" else f"{score:.4f}"])
-            if step % args.ckpt_every == 0 or step == args.steps:
-                save()
-                last_saved = step
-        if last_saved != step:
-            save()
-    except KeyboardInterrupt:
-        if step != last_saved:
-            save()
-        say(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}; continue with --resume --out {args.out}")
-        sys.exit(130)
-    finally:
-        bar.close()
-    say(f"done: step {step}, loss {loss_value:.4f}, checkpoint {ckpt_path}")
+        trained = DDP(trained, device_ids=[device] if device.startswith("cuda") else None)
+    run = Run(args, world, rank, device, dataset, n_examples, frames, text_encoder, model, trained, model_config,
+              optimizer, scheduler)
+    if run.master:
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        what = f"stage 1 {args.variant}, {args.layers} blocks" if args.stage == 1 else "stage 2 diffusion"
+        print(f"{what}: {n_params / 1e6:.1f} M parameters, d_model {args.d_model} | data: {args.data or 'synthetic'} "
+              f"| {world} x {device} | batch {args.batch_size} x {args.grad_accum} x {world} of {frames} frames | "
+              f"lr {args.lr} | {args.steps} steps | out {args.out}")
+        prepare_run_folder(args, model_config, step, resumed=ckpt is not None)
+    step, loss = train(run, step)
+    if run.master:
+        print(f"done: step {step}, loss {loss:.4f}, checkpoint {os.path.join(args.out, 'ckpt.pt')}")
     if world > 1:
         dist.destroy_process_group()
 

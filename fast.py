@@ -1,0 +1,288 @@
+"""The fast paths of ssmttm on CUDA, attached to the plain model (ssmttm.py) at one seam.
+
+    model = fast.accelerate(TextToMusicLM(cfg).cuda(), FastOptions())   # training and prefill
+    codes = model.generate(text, mask, n_frames, decoder=fast.Decoder(FastOptions()))   # decoding
+
+- `accelerate` turns every Mamba-2 layer of a model into a `FastMamba2`: the same parameters (so
+  the same state_dict and checkpoints), running on mamba-ssm's Triton kernels and causal-conv1d
+  (kernels.py): the training pass as one custom op, the prefill's SSD, mamba-ssm's decoding step.
+- `Decoder` is generate's loop after the first step: each frame (the input embedding, one step of
+  every block, the heads, guidance, top-k sampling, writing the token) in a few fused kernels,
+  recorded once as a CUDA graph and replayed. It draws the same noise from the same generator as
+  the plain loop, so it writes the same tokens (up to floating-point rounding of the logits).
+
+Every choice is an explicit FastOptions field. The arrows point one way: this file reads the
+model's classes and tensors; ssmttm.py never imports it. test_ssmttm.py compares every path here
+with the plain model.
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import kernels
+import ssmttm
+from ssmttm import SPECIAL, Mamba2
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    # Mamba-2's training pass: "keep_states" (kernels.mamba2_train: mamba-ssm's kernels, keeping the
+    # SSD's chunk states for the backward), "mamba_ssm" (mamba-ssm's mamba_split_conv1d_scan_combined,
+    # which recomputes them) or "split" (causal-conv1d, then mamba_chunk_scan_combined, as separate ops).
+    train: str = "keep_states"
+    chunk_size: int = 256        # the SSD kernels' chunk length, the one they are tuned for
+    decode_kernels: bool = True  # decoding steps through kernels.py (False: the layers' own steps)
+    pdl: bool = True             # programmatic dependent launch between decoding kernels (Hopper)
+    cuda_graph: bool = True      # record a decoding frame once as a CUDA graph and replay it
+    compile: bool = False        # decoding: torch.compile the plain step instead of kernels.py's
+
+    def __post_init__(self):
+        if self.train not in ("keep_states", "mamba_ssm", "split"):
+            raise ValueError(f"FastOptions.train: {self.train!r} is not keep_states, mamba_ssm or split")
+
+
+def available():
+    """Whether the fast paths can run here: CUDA, mamba-ssm and causal-conv1d."""
+    return torch.cuda.is_available() and kernels.HAS_MAMBA_SSM and kernels.HAS_CAUSAL_CONV1D
+
+
+def accelerate(model, options=FastOptions()):
+    """Run every ssmttm.Mamba2 layer of model on the kernels: each becomes a FastMamba2 in place (the
+    same object, parameters and buffers; only its methods change). Returns model. Raises
+    RuntimeError without CUDA, mamba-ssm or causal-conv1d."""
+    if not available():
+        raise RuntimeError("fast.accelerate needs CUDA, mamba-ssm and causal-conv1d "
+                           "(pip install -r requirements-gpu.txt --no-build-isolation)")
+    for module in model.modules():
+        if isinstance(module, Mamba2):
+            module.__class__ = FastMamba2
+            module.options = options
+    return model
+
+
+def for_inference(model, dtype=torch.bfloat16):
+    """Cast a model for decoding: weights in dtype (bf16 halves the bytes each step reads), except
+    Mamba-2's dt_bias, A_log and D, which set the decay rates and stay in fp32 like the state.
+    Returns the model, in eval mode."""
+    model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, Mamba2):
+            for p in (m.dt_bias, m.A_log, m.D):
+                p.data = p.data.float()
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Mamba-2 on mamba-ssm's kernels
+
+
+class FastMamba2(Mamba2):
+    """ssmttm.Mamba2 on CUDA kernels, made by accelerate(): the same parameters and the same
+    function. On a CPU tensor every method is the plain one."""
+
+    options: FastOptions
+
+    def forward(self, u, mask=None, state=None):
+        if state is not None or not u.is_cuda or self.options.train == "split":
+            return super().forward(u, mask, state)  # the prefill and steps: conv, ssd, step below
+        zxbcdt = self.in_proj(u)
+        # Padding is sequence 0 and the text and audio sequence 1: the kernels start the sequence
+        # from a clean state and conv, the same result as mask_padding without a pass over zxbcdt.
+        seq_idx = None if mask is None else mask.to(torch.int32)
+        params = (self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A(), self.D)
+        # Keeping the chunk states pays only when a backward follows: without grad, mamba-ssm's own.
+        if self.options.train == "keep_states" and torch.is_grad_enabled() and kernels.HAS_TRAIN_KERNELS:
+            return kernels.mamba2_train(zxbcdt, *params, self.norm.weight, self.out_proj.weight, seq_idx,
+                                        self.options.chunk_size, self.headdim, self.ngroups, self.norm.eps)
+        return kernels.mamba_split_conv1d_scan_combined(
+            zxbcdt, *params, self.options.chunk_size, seq_idx=seq_idx, rmsnorm_weight=self.norm.weight,
+            rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, outproj_bias=None,
+            headdim=self.headdim, ngroups=self.ngroups, norm_before_gate=False)
+
+    def conv(self, xBC, state=None):
+        if state is not None or not xBC.is_cuda:
+            return super().conv(xBC, state)
+        weight = self.conv1d.weight[:, 0]
+        return kernels.causal_conv1d_fn(xBC.transpose(1, 2), weight, self.conv1d.bias).transpose(1, 2)
+
+    def ssd(self, x, dt, B, C, initial_state=None):
+        if not x.is_cuda:
+            return super().ssd(x, dt, B, C, initial_state)
+        return kernels.mamba_chunk_scan_combined(x, dt, self.A(), B, C, self.options.chunk_size, D=self.D,
+                                                 dt_bias=self.dt_bias, dt_softplus=True,
+                                                 initial_states=initial_state, return_final_states=True)
+
+    def step(self, u, state):
+        # Under torch.compile the plain ops fuse into a few kernels; eager, mamba-ssm's step kernels win.
+        if not u.is_cuda or torch.compiler.is_compiling():
+            return super().step(u, state)
+        b, h, p, n = state.ssm.shape
+        z, xBC, dt = self.in_proj(u[:, 0]).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = kernels.causal_conv1d_update(xBC, state.conv, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                           "silu")
+        x, B, C = xBC.split([self.d_inner, self.ngroups * n, self.ngroups * n], dim=-1)
+        per_channel = lambda v: v[:, None].expand(h, p)  # the kernel takes dt, A, D per channel
+        y = kernels.selective_state_update(state.ssm, x.view(b, h, p), dt[..., None].expand(b, h, p),
+                                           per_channel(self.A())[..., None].expand(h, p, n),
+                                           B.view(b, self.ngroups, n), C.view(b, self.ngroups, n),
+                                           D=per_channel(self.D), dt_bias=per_channel(self.dt_bias),
+                                           dt_softplus=True)
+        return self.out_proj(self.norm(y.reshape(b, self.d_inner).to(z.dtype), z))[:, None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding
+
+
+class Decoder:
+    """The loop of TextToMusicLM.generate after the first step, fast on CUDA; pass it as
+    generate(..., decoder=Decoder(options)). Per frame: kernels.embed_rows, five kernels per SiMBA
+    block (norm + in_proj + conv, ssm_step + gate, norm + out_proj + residual, norm + fc1 + GELU,
+    fc2 + residual), norm + heads, and kernels.sample_top_k, which also writes the token into the
+    step layout and the next input. Rows or widths past kernels.linear_rows' limits, and sublayers
+    without a fused step (attention), take the plain ops. cuda_graph needs a decoding state of
+    fixed size: not for self-attention, whose KV cache grows."""
+
+    def __init__(self, options=FastOptions()):
+        self.options = options
+        self._compiled = {}  # model -> its torch.compile'd step (options.compile)
+
+    def decode(self, model, cache, steps, fixed, start, copies, sampling, progress=False):
+        """Fill steps (b, K, n_steps) from step `start` on, as generate's plain loop does: the model
+        continues from cache (after the prefill and step start - 1), fixed (b, K, n_steps) marks the
+        slots to keep, copies is 2 with guidance, sampling an ssmttm.Sampling."""
+        frame = self.frame(model, cache, steps, fixed, start, copies, sampling)
+        for _ in tqdm(range(start, steps.shape[-1]), desc="stage 1", unit="step", leave=False,
+                      disable=not progress):
+            frame()
+
+    def frame(self, model, cache, steps, fixed, start, copies, sampling):
+        """A function that decodes one step per call, from step `start` on: it reads step pos - 1,
+        runs the model one step, samples step pos into steps and advances pos, a device tensor (no
+        host synchronisation). With options.cuda_graph, all of it is recorded once as a CUDA graph
+        on these tensors, and each call replays it."""
+        pos = torch.full((1,), start, device=steps.device)
+        tokens = steps.index_select(2, pos - 1).repeat(copies, 1, 1)  # the input step (b * copies, K, 1)
+        step = self.step_function(model, tokens.shape[0])
+
+        def frame(cache=cache, steps=steps, pos=pos, tokens=tokens):
+            self._sample_into(step(tokens, cache)[:, :, -1], steps, pos, fixed, tokens, sampling)
+            pos.add_(1)
+
+        if not self.options.cuda_graph:
+            return frame
+        if any("self_attn" in block.layout for block in model.blocks):
+            raise ValueError("Decoder: cuda_graph needs a fixed-size decoding state; self-attention's KV "
+                             "cache grows (FastOptions(cuda_graph=False))")
+        return _record(frame, (cache, steps, pos, tokens), sampling.generator, steps.device)
+
+    def step_function(self, model, rows):
+        """model.step for `rows` rows, tokens (rows, K, 1) -> logits (rows, K, 1, 1025): in the fused
+        kernels where they fit, else compiled (options.compile) or the model's own."""
+        if self.options.compile:
+            if model not in self._compiled:
+                self._compiled[model] = torch.compile(model.step, dynamic=False)
+            return self._compiled[model]
+        widest = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+        if not self.options.decode_kernels or model.training or not kernels.fits_linear_rows(rows, widest):
+            return model.step  # (the kernels have no dropout)
+        # A = -exp(A_log) is fixed while decoding: computed once, not twice per layer and step
+        A = [[m.A().detach() if isinstance(m, Mamba2) else None for m in block.layers]
+             for block in model.blocks]
+        freqs = ssmttm.position_frequencies(model.cfg.d_model, model.embed.weight.device)
+        return lambda tokens, cache: fused_step(model, tokens, cache, A, freqs, self.options.pdl)
+
+    def _sample_into(self, logits, steps, pos, fixed, next_input, sampling):
+        """Sample step pos from its logits (b * copies, K, 1025); write it into steps where not
+        fixed and into next_input, the next step's input. Device tensors only."""
+        b, K = steps.shape[:2]
+        greedy = sampling.top_k == 1 or sampling.temperature == 0
+        if self.options.decode_kernels and kernels.triton is not None and not greedy:
+            logits = logits[..., :SPECIAL]
+            V = logits.shape[-1]
+            # the noise sample_next draws: the same numbers from the same generator
+            noise = torch.empty(b, K, V, device=logits.device).exponential_(generator=sampling.generator)
+            kernels.sample_top_k(logits, noise, sampling.cfg_scale, min(sampling.top_k or V, V),
+                                 sampling.temperature, steps, pos, fixed, next_input)
+            return
+        tokens = sampling(logits)
+        tokens = torch.where(fixed.index_select(2, pos)[..., 0], steps.index_select(2, pos)[..., 0], tokens)
+        steps.index_copy_(2, pos, tokens[..., None])
+        next_input.copy_(tokens[..., None].repeat(next_input.shape[0] // b, 1, 1))
+
+
+def fused_step(model, tokens, cache, A, freqs, pdl=True):
+    """TextToMusicLM.step for one step, tokens (rows, K, 1) -> logits (rows, K, 1, 1025), in the
+    kernels of kernels.py (rows and widths within kernels.fits_linear_rows). A: per block, per
+    sublayer, A = -exp(A_log) of a Mamba-2 layer (else None); freqs: the position frequencies."""
+    rows, K, _ = tokens.shape
+    x = kernels.embed_rows(tokens[..., 0], model.offsets, model.embed.weight, cache.position, freqs,
+                           advance=True)[:, None]  # and position += 1
+    for block, states, block_A in zip(model.blocks, cache.states, A):
+        x = fused_block_step(block, x, states, cache.memory_mask, block_A, pdl)
+    norm = model.norm_f
+    logits = kernels.linear_rows(x[:, 0], model.head.weight, norm_weight=norm.weight, eps=norm.eps, pdl=pdl)
+    return logits.view(rows, 1, K, -1).transpose(1, 2)
+
+
+def fused_block_step(block, x, states, memory_mask, A, pdl=True):
+    """ssmttm.Block.forward for one decoding step, x (rows, 1, d): Mamba-2 and feed-forward
+    sublayers in kernels.py's kernels (norm and residual included), the others as they are.
+    A: per sublayer, the Mamba-2 layer's A (else None)."""
+    for kind, norm, layer, state, layer_A in zip(block.layout, block.norms, block.layers, states, A):
+        if kind == "mamba":
+            x = mamba2_fused_step(layer, norm, x[:, 0], state, layer_A, pdl)[:, None]
+        elif kind == "ff":
+            h = kernels.linear_rows(x[:, 0], layer.fc1.weight, layer.fc1.bias, norm.weight, norm.eps,
+                                    gelu=True, pdl=pdl)
+            x = kernels.linear_rows(h, layer.fc2.weight, layer.fc2.bias, residual=x[:, 0], pdl=pdl)[:, None]
+        elif kind == "cross_attn":
+            x = x + layer(norm(x), None, memory_mask, state=state)
+        else:
+            x = x + layer(norm(x), state=state)
+    return x
+
+
+def mamba2_fused_step(layer, norm, x, state, A, pdl=True):
+    """x + layer(norm(x)) for one decoding step, x (rows, d_model), in three kernels: norm + in_proj
+    + conv, the SSD step + gate (y * silu(z)), norm + out_proj + residual. Raises ValueError for
+    ngroups != 1 (the out_proj kernel normalises y * silu(z) as one group)."""
+    if layer.ngroups != 1:
+        raise ValueError(f"mamba2_fused_step: ngroups must be 1 (the LM's), got {layer.ngroups}")
+    conv = (state.conv, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.d_inner)
+    zxbcdt = kernels.linear_rows(x, layer.in_proj.weight, norm_weight=norm.weight, eps=norm.eps, conv=conv,
+                                 pdl=pdl)
+    gated = kernels.ssm_step(zxbcdt, state.ssm, A, layer.dt_bias, layer.D, layer.d_inner, layer.ngroups,
+                             z_start=0, pdl=pdl)
+    out_norm = layer.norm  # a plain RMSNorm now: the gate is in ssm_step
+    return kernels.linear_rows(gated, layer.out_proj.weight, norm_weight=out_norm.weight, eps=out_norm.eps,
+                               residual=x, pdl=pdl)
+
+
+def _record(frame, tensors, generator, device):
+    """Record frame() as a CUDA graph on tensors (what it reads and writes); returns its replay.
+    Capturing records kernels without running them, so first warm up (compile, autotune, allocate)
+    on copies of the tensors, then put the random generator back where it was: the graph then
+    draws the numbers eager decoding would draw."""
+    user_generator = generator is not None
+    if not user_generator:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        generator = torch.cuda.default_generators[index]
+    rng = generator.get_state()
+    cache, steps, pos, tokens = copy.deepcopy(tensors)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            pos.copy_(tensors[2])
+            frame(cache, steps, pos, tokens)
+    torch.cuda.current_stream().wait_stream(stream)
+    generator.set_state(rng)
+    graph = torch.cuda.CUDAGraph()
+    if user_generator:  # the default generator is registered by the capture itself
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        frame()
+    return graph.replay

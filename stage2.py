@@ -1,0 +1,234 @@
+"""Stage 2 of the two-stage system: codebooks 2..9 from codebook 1 and the text, by latent diffusion.
+
+The paper's best system, "Prefix SiMBA/Diffusion", lets the LM (ssmttm.py) write codebook 1 and a
+diffusion model g write the rest, p(x^(2:K) | x^(1), c) (paper, eq. 4). The paper uses the frozen
+1.2 B DiscoDiff; its weights are not usable here, so this is a compact model of the same kind,
+trained by `train.py --stage 2`:
+
+- Each DAC code stands for an 8-d vector of its codebook (`quantizer.from_codes`); the 9 codebooks
+  give 72 channels at 86 Hz, each 8-channel block normalised by statistics of the training data.
+- A 1-D U-Net denoises the 64 fine channels given the clean 8 coarse ones, the text (masked
+  cross-attention and a pooled vector) and the step.
+- Cosine schedule, v-prediction, caption dropout in training, DDPM ancestral sampling with
+  classifier-free guidance (the conditional and null rows as one batch).
+- Back to codes: the nearest codebook entry, per fine codebook (what `quantizer.from_latents` does
+  inside); codebook 1 is copied through, so it cannot change.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ssmttm import (CODEBOOK_SIZE, SPECIAL, CrossAttention, adamw, classifier_free_guidance,
+                    sinusoidal_positions)
+
+LATENT_DIM = 8  # DAC's codebook_dim
+
+
+@dataclass
+class Stage2Config:
+    channels: tuple = (256, 512, 768)  # U-Net widths, halving the frame rate between levels
+    d_cond: int = 512                  # projected text width
+    n_heads: int = 8
+    d_text: int = 768
+    n_codebooks: int = 9
+    diffusion_steps: int = 100
+
+    @staticmethod
+    def small():
+        """A tiny U-Net for tests and the synthetic demo."""
+        return dict(channels=(32, 64), d_cond=32, n_heads=4)
+
+
+class ResBlock1d(nn.Module):
+    """GroupNorm-SiLU-Conv twice; the step and pooled text enter as a scale and shift (FiLM)."""
+
+    def __init__(self, c_in, c_out, d_emb):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(32, c_in // 4), c_in)
+        self.conv1 = nn.Conv1d(c_in, c_out, 3, padding=1)
+        self.film = nn.Linear(d_emb, 2 * c_out)
+        self.norm2 = nn.GroupNorm(min(32, c_out // 4), c_out)
+        self.conv2 = nn.Conv1d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(emb)[..., None].chunk(2, dim=1)
+        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+        return self.skip(x) + h
+
+
+class Level(nn.Module):
+    """Two ResBlocks, then (optionally) cross-attention from every frame to the text."""
+
+    def __init__(self, c_in, c_out, d_emb, cfg, attention):
+        super().__init__()
+        self.res = nn.ModuleList([ResBlock1d(c_in, c_out, d_emb), ResBlock1d(c_out, c_out, d_emb)])
+        self.attn = CrossAttention(c_out, cfg.n_heads, 0.0, d_memory=cfg.d_cond) if attention else None
+        self.attn_norm = nn.LayerNorm(c_out) if attention else None
+
+    def forward(self, x, emb, text, text_mask):
+        for block in self.res:
+            x = block(x, emb)
+        if self.attn is not None:
+            x = x + self.attn(self.attn_norm(x.transpose(1, 2)), text, text_mask).transpose(1, 2)
+        return x
+
+
+class DiffusionUNet(nn.Module):
+    """(b, 72, T) noisy fine latents + clean coarse latent, step t in (0, 1], text -> v (b, 64, T)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C, d_emb = cfg.channels, 4 * cfg.channels[0]
+        fine = (cfg.n_codebooks - 1) * LATENT_DIM
+        self.text_proj, self.text_norm = nn.Linear(cfg.d_text, cfg.d_cond), nn.LayerNorm(cfg.d_cond)
+        self.time_mlp = nn.Sequential(nn.Linear(C[0], d_emb), nn.SiLU(), nn.Linear(d_emb, d_emb))
+        self.pool_proj = nn.Linear(cfg.d_cond, d_emb)
+        self.inp = nn.Conv1d(cfg.n_codebooks * LATENT_DIM, C[0], 3, padding=1)
+        self.down = nn.ModuleList(Level(C[max(i - 1, 0)], c, d_emb, cfg, attention=i > 0)
+                                  for i, c in enumerate(C))
+        self.downsample = nn.ModuleList(nn.Conv1d(c, c, 3, stride=2, padding=1) for c in C[:-1])
+        self.mid = Level(C[-1], C[-1], d_emb, cfg, attention=True)
+        self.upsample = nn.ModuleList(nn.Conv1d(C[i + 1], C[i], 3, padding=1) for i in range(len(C) - 1))
+        self.up = nn.ModuleList(Level(2 * c, c, d_emb, cfg, attention=i > 0) for i, c in enumerate(C))
+        self.out_norm, self.out = nn.GroupNorm(min(32, C[0] // 4), C[0]), nn.Conv1d(C[0], fine, 3, padding=1)
+        nn.init.zeros_(self.out.weight)  # start by predicting v = 0
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x, t, text, text_mask):
+        T = x.shape[-1]
+        x = F.pad(x, (0, -T % 2 ** (len(self.down) - 1)))  # a length the down/up path can halve
+        memory = self.text_norm(self.text_proj(text.to(x.dtype)))
+        pooled = (memory * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)
+        steps = sinusoidal_positions(t[:, None] * 1000, self.time_mlp[0].in_features)[:, 0]
+        emb = self.time_mlp(steps.to(x.dtype)) + self.pool_proj(pooled)
+        h, skips = self.inp(x), []
+        for i, level in enumerate(self.down):
+            h = level(h, emb, memory, text_mask)
+            skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+        h = self.mid(h, emb, memory, text_mask)
+        for i in reversed(range(len(self.up))):
+            if i < len(self.upsample):
+                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            h = self.up[i](torch.cat([h, skips[i]], dim=1), emb, memory, text_mask)
+        return self.out(F.silu(self.out_norm(h)))[..., :T]
+
+
+def cosine_schedule(t):
+    """alpha_t, sigma_t of the cosine schedule (Nichol & Dhariwal 2021): x_t = alpha x_0 + sigma eps."""
+    alpha_bar = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+
+class Stage2Diffusion(nn.Module):
+    """p(codebooks 2..9 | codebook 1, text) (paper, eq. 4). attach_codec(dac) before use: the DAC
+    model whose quantizer maps codes to latents and back (frozen, not part of this model's weights)."""
+
+    def __init__(self, cfg: Stage2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = DiffusionUNet(cfg)
+        self.register_buffer("latent_mean", torch.zeros(cfg.n_codebooks))
+        self.register_buffer("latent_std", torch.ones(cfg.n_codebooks))
+
+    def attach_codec(self, codec):
+        object.__setattr__(self, "codec", codec)  # a plain attribute: not a submodule, not in state_dict
+        return self
+
+    def _block_stats(self, n):
+        """Per-codebook mean and std, repeated over each codebook's 8 channels: (1, 8n, 1)."""
+        expand = lambda v: v[:n].repeat_interleave(LATENT_DIM)[None, :, None]
+        return expand(self.latent_mean), expand(self.latent_std)
+
+    @torch.no_grad()
+    def latents(self, codes):
+        """codes (b, n, T), n <= 9 -> normalised latents (b, 8n, T). Special ids (padding) -> 0."""
+        _, lat, _ = self.codec.quantizer.from_codes(codes.clamp(max=CODEBOOK_SIZE - 1))
+        mean, std = self._block_stats(codes.shape[1])
+        lat = (lat.float() - mean) / std
+        return lat.masked_fill((codes == SPECIAL).repeat_interleave(LATENT_DIM, dim=1), 0.0)
+
+    @torch.no_grad()
+    def set_latent_stats(self, codes):
+        """Measure the per-codebook mean and std of the latents of training codes (b, 9, T)."""
+        self.latent_mean.zero_()
+        self.latent_std.fill_(1.0)
+        lat = self.latents(codes).view(codes.shape[0], self.cfg.n_codebooks, LATENT_DIM, -1)
+        valid = (codes != SPECIAL)[:, :, None, :].expand_as(lat)
+        for k in range(self.cfg.n_codebooks):
+            v = lat[:, k][valid[:, k]]
+            self.latent_mean[k], self.latent_std[k] = v.mean(), v.std().clamp(min=1e-5)
+
+    @torch.no_grad()
+    def codes_from_latents(self, fine, coarse_codes):
+        """Normalised fine latents (b, 64, T) -> codes (b, 9, T), codebook 1 = coarse_codes."""
+        mean, std = self._block_stats(self.cfg.n_codebooks)
+        fine = fine.float() * std[:, LATENT_DIM:] + mean[:, LATENT_DIM:]
+        codes = [coarse_codes]
+        for k in range(1, self.cfg.n_codebooks):
+            block = fine[:, (k - 1) * LATENT_DIM:k * LATENT_DIM].to(self.codec.dtype)
+            codes.append(self.codec.quantizer.quantizers[k].decode_latents(block)[1])
+        return torch.stack(codes, dim=1)
+
+    def forward(self, codes, text, text_mask):
+        """Training loss (v-prediction, MSE over real frames) for codes (b, 9, T)."""
+        x0 = self.latents(codes)
+        coarse, fine = x0[:, :LATENT_DIM], x0[:, LATENT_DIM:]
+        steps = self.cfg.diffusion_steps
+        t = torch.randint(1, steps + 1, (codes.shape[0],), device=codes.device).float() / steps
+        alpha, sigma = (s[:, None, None] for s in cosine_schedule(t))
+        noise = torch.randn_like(fine)
+        v_target = alpha * noise - sigma * fine
+        v = self.unet(torch.cat([alpha * fine + sigma * noise, coarse], dim=1), t, text, text_mask)
+        frames = (codes[:, :1] != SPECIAL).float()
+        return ((v.float() - v_target) ** 2 * frames).sum() / (frames.sum() * v.shape[1]).clamp(min=1)
+
+    def predict_v(self, x_t, coarse, t, text, text_mask, cfg_scale):
+        """v for one step; with guidance the conditional and null (no text) rows run as one batch."""
+        if cfg_scale == 1.0:
+            return self.unet(torch.cat([x_t, coarse], 1), t, text, text_mask).float()
+        both = lambda z: torch.cat([z, z])
+        v = self.unet(torch.cat([both(x_t), both(coarse)], 1), both(t), both(text),
+                      torch.cat([text_mask, torch.zeros_like(text_mask)])).float()
+        return classifier_free_guidance(*v.chunk(2), cfg_scale)
+
+    @torch.no_grad()
+    def sample_latents(self, coarse, text, text_mask, steps=None, cfg_scale=3.0, generator=None,
+                       progress=False):
+        """DDPM ancestral sampling: normalised coarse latent (b, 8, T) -> fine latents (b, 64, T)."""
+        steps = steps or self.cfg.diffusion_steps
+        b, _, T = coarse.shape
+        fine_channels = (self.cfg.n_codebooks - 1) * LATENT_DIM
+        x = torch.randn(b, fine_channels, T, device=coarse.device, generator=generator)
+        for i in tqdm(range(steps, 0, -1), desc="stage 2", unit="step", leave=False, disable=not progress):
+            t = torch.full((b,), i / steps, device=x.device)  # from step t to step s, one earlier
+            s = torch.full((b,), (i - 1) / steps, device=x.device)
+            alpha_t, sigma_t = (v[:, None, None] for v in cosine_schedule(t))
+            alpha_s, sigma_s = (v[:, None, None] for v in cosine_schedule(s))
+            v = self.predict_v(x.to(coarse.dtype), coarse, t, text, text_mask, cfg_scale)
+            x0 = alpha_t * x - sigma_t * v                                     # the model's clean estimate
+            alpha_ts = alpha_t / alpha_s                                       # q(x_t | x_s)
+            var_ts = sigma_t ** 2 - alpha_ts ** 2 * sigma_s ** 2
+            x = alpha_ts * sigma_s ** 2 / sigma_t ** 2 * x + alpha_s * var_ts / sigma_t ** 2 * x0
+            if i > 1:
+                noise = torch.randn(x.shape, device=x.device, generator=generator)
+                x = x + (var_ts * sigma_s ** 2 / sigma_t ** 2).sqrt() * noise
+        return x
+
+    @torch.no_grad()
+    def generate(self, coarse_codes, text, text_mask, steps=None, cfg_scale=3.0, generator=None,
+                 progress=False):
+        """Codebook 1 (b, T) and the text -> all codes (b, 9, T), codebook 1 unchanged."""
+        coarse = self.latents(coarse_codes[:, None])
+        fine = self.sample_latents(coarse, text, text_mask, steps, cfg_scale, generator, progress)
+        return self.codes_from_latents(fine, coarse_codes)
+
+    def configure_optimizers(self, lr, weight_decay, betas, device_type):
+        return adamw(self, lr, weight_decay, betas, device_type)
