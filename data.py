@@ -2,23 +2,46 @@
 
 Real data (paper, section III-C), preprocessed once:
 
-    python data.py --audio DIR --captions captions.jsonl --out data/jamendo [--remove-vocals]
+    python data.py --audio DIR --captions captions.jsonl --out data/jamendo [--dac PATH] [--remove-vocals]
 
-  captions: JSONL, one object per audio file, path relative to --audio:
+  captions: JSONL, one object per line, path relative to --audio:
       {"audio": "rock/track01.mp3", "caption": "An energetic rock track with distorted guitars."}
-  or CSV with a header row `audio,caption`. wav, flac, ogg and mp3 are read (libsndfile).
+  or CSV with a header row `audio,caption` (quote a caption that holds a comma); UTF-8, with or
+  without a byte-order mark. Paths are normalised ("./a.wav" is "a.wav"). A file listed several
+  times is encoded once and keeps each of its distinct captions (TokenDataset.example(i, epoch)
+  takes them in turn); the repeats are reported. wav, flac, ogg and mp3 are read (libsndfile).
 
   Each file is mixed to mono, resampled to 44.1 kHz (soxr), optionally stripped of vocals
   (HTDemucs), cut into non-overlapping 30 s clips (a last partial clip is kept if it lasts at least
   10 s), and clips that are mostly silent are dropped: a 50 ms window is silent when its RMS is
   below -60 dBFS, and a clip goes when more than 15 s (or more than half of a shorter clip) is
-  silent. The clips are encoded by DAC 44.1 kHz into 9 x 2584 codes.
+  silent. The clips are encoded by DAC 44.1 kHz (checked when loaded: 44100 Hz, hop 512, 9
+  codebooks of 1024) into 9 x 2584 codes. A file that is missing, unreadable or empty, or has NaN
+  or infinite samples, is skipped and listed at the end; a rerun tries it again. The summary also
+  counts the clips dropped as silent and names the files too short for a clip.
 
-  The output folder holds codes.u16 (uint16 [N, 9, 2584], memory-mapped, padded with the special
-  id 1024), index.jsonl (one line per clip: source, start, frames, caption), sources.jsonl (one line
-  per finished audio file) and meta.json. Work is committed one audio file at a time (codes
-  flushed first, then its index lines in one write), so rerunning skips finished files and an
-  interruption loses nothing that was committed.
+  The output folder:
+    clips.u16    uint16 [N, 9, 2584], one row per clip, padded with the special id 1024 (memory-mapped)
+    files.jsonl  the journal, one line per finished audio file and the only record of what is done:
+                 {"source": "rock/track01.mp3", "row": 12, "clips": [{"start_s": 0.0, "frames": 2584},
+                  ...], "captions": ["..."], "seconds": 75.2, "silent": 1}
+                 its clips are rows row, row + 1, ... of clips.u16; "silent": clips dropped as silent
+    meta.json    the settings (codec name, clip length, vocal removal), written with the first commit
+
+  One commit per audio file: its rows are appended to clips.u16 and fsynced, then its record is
+  appended to files.jsonl in one write and fsynced; that line is the commit point. A reader
+  (TokenDataset) takes the whole journal lines and their rows and never writes, so it may open a
+  folder that data.py is still writing. The writer locks the folder (a second data.py on it is
+  refused) and on opening drops what an interrupted run left after its last commit (a cut journal
+  line, rows). So a crash, kill -9 or Ctrl-C loses at most the file in progress, and a rerun
+  encodes each remaining file once. The settings may change until a first file is committed; then
+  a rerun with other settings is refused.
+
+  Folders of the layout before the journal (codes.u16 + index.jsonl, one line per clip) are still
+  read for training, each clip once; data.py does not add to them (preprocess into a new --out).
+
+  Bad input (the captions file or one of its lines, a folder, an argument, a codec of another
+  layout) stops with one line naming it on stderr and exit code 2.
 
 Synthetic data (the default of train.py; no download): `SyntheticMusic` makes token "music" whose
 caption sets rules the tokens follow, `WordEncoder` stands in for T5, and `caption_score` measures
@@ -26,6 +49,7 @@ how well codes follow their caption (our offline stand-in for the CLAP score).
 """
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -46,6 +70,37 @@ SILENCE_DBFS = -60.0
 SILENCE_WINDOW_S = 0.05
 MAX_SILENCE_S = 15.0
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line naming the culprit, exit code 2, no traceback
+
+
+class BadInput(SystemExit):
+    """Bad input (a file, a line of it, an argument). Raised by fail(), which has already printed
+    the message to stderr; uncaught, it ends the process with exit code 2 and no traceback (it is
+    a SystemExit). str(error) is the message."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def fail(message):
+    print(message, file=sys.stderr)
+    raise BadInput(message)
+
+
+def plural(n, word):
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def some(names, n=5):
+    """The first n names, then how many more: 'a.wav, b.wav, ... (12 more)'."""
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,12 +227,9 @@ class T5TextEncoder:
 
     def __init__(self, name_or_path="google/flan-t5-base", max_tokens=256, device="cpu"):
         from transformers import AutoTokenizer, T5EncoderModel
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            self.model = T5EncoderModel.from_pretrained(name_or_path).to(device).eval().requires_grad_(False)
-        except OSError as e:
-            raise SystemExit(f"could not load the T5 text encoder {name_or_path!r} ({str(e).splitlines()[0]}); "
-                             "without internet, download it elsewhere and pass its local folder (--t5 PATH)") from None
+        self.tokenizer = from_pretrained(AutoTokenizer, name_or_path, "the T5 text encoder", "--t5")
+        self.model = from_pretrained(T5EncoderModel, name_or_path, "the T5 text encoder", "--t5")
+        self.model = self.model.to(device).eval().requires_grad_(False)
         self.spec = {"kind": "t5", "name": str(name_or_path), "max_tokens": max_tokens}
         self.max_tokens, self.device, self.warned = max_tokens, device, set()
 
@@ -195,6 +247,18 @@ class T5TextEncoder:
         return states.float(), tok["attention_mask"].bool()
 
 
+def from_pretrained(cls, name_or_path, what, flag):
+    """cls.from_pretrained(name_or_path): a hub name or a local folder. BadInput naming `what` when
+    it cannot be loaded, with the way out: a local folder passed by `flag`."""
+    if (os.path.isabs(name_or_path) or name_or_path.startswith(".")) and not os.path.isdir(name_or_path):
+        fail(f"{what} {name_or_path!r}: no such local folder")
+    try:
+        return cls.from_pretrained(name_or_path)
+    except OSError as e:
+        fail(f"could not load {what} {name_or_path!r} ({str(e).splitlines()[0]}); without internet, "
+             f"download it elsewhere and pass its local folder ({flag} PATH)")
+
+
 def load_text_encoder(spec, device="cpu", t5_path=None):
     """Rebuild the text encoder a checkpoint was trained with (t5_path overrides where T5 is read from)."""
     if spec["kind"] == "words":
@@ -203,153 +267,335 @@ def load_text_encoder(spec, device="cpu", t5_path=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# The preprocessed token dataset
+# The preprocessed folder: code rows + a journal with one commit line per audio file
+
+CODES_FILE, JOURNAL_FILE, META_FILE = "clips.u16", "files.jsonl", "meta.json"
+LEGACY_CODES, LEGACY_INDEX = "codes.u16", "index.jsonl"  # the layout before the journal
+ROW_BYTES = N_CODEBOOKS * CLIP_FRAMES * 2
+
+
+def read_journal(folder):
+    """The committed records of a folder's journal, read-only: (records, committed_bytes).
+    A record: {"source", "row", "clips": [{"start_s", "frames"}], "captions", "seconds", "silent"}.
+    Only whole lines count: a last line without its newline was cut by a crash. Raises BadInput
+    when a whole line is not a record that follows the one before, or clips.u16 lacks rows that a
+    record names."""
+    path = os.path.join(folder, JOURNAL_FILE)
+    with open(path, "rb") as f:
+        data = f.read()
+    committed = data[:data.rfind(b"\n") + 1]
+    records, rows = [], 0
+    for n, line in enumerate(committed.split(b"\n")[:-1], 1):
+        try:
+            record = json.loads(line)
+            valid = record["row"] == rows and isinstance(record["clips"], list) and len(record["captions"]) > 0
+        except (ValueError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            fail(f"{path}:{n}: damaged record; this folder cannot be trusted, preprocess into a new --out")
+        records.append(record)
+        rows += len(record["clips"])
+    codes_path = os.path.join(folder, CODES_FILE)
+    size = os.path.getsize(codes_path) if os.path.exists(codes_path) else 0
+    if size < rows * ROW_BYTES:
+        fail(f"{codes_path}: holds {size // ROW_BYTES} clips but {path} commits {rows}; "
+             "this folder cannot be trusted, preprocess into a new --out")
+    return records, len(committed)
+
+
+def committed_clips(folder):
+    """The clips a folder holds, read-only (nothing is written, so data.py may be writing the
+    folder meanwhile): ([{"source", "start_s", "frames", "captions", "row"}], path of the codes)."""
+    if not os.path.isdir(folder):
+        fail(f"{folder}: no such data folder")
+    if os.path.exists(os.path.join(folder, JOURNAL_FILE)):
+        records, _ = read_journal(folder)
+        clips = [{"source": r["source"], **clip, "captions": r["captions"], "row": r["row"] + j}
+                 for r in records for j, clip in enumerate(r["clips"])]
+        return clips, os.path.join(folder, CODES_FILE)
+    if os.path.exists(os.path.join(folder, LEGACY_INDEX)):
+        return legacy_clips(folder)
+    return [], None
+
+
+def legacy_clips(folder):
+    """A folder of the layout before the journal (codes.u16 + index.jsonl, one line per clip),
+    read-only: the whole index lines that have their code rows. A clip listed twice (that layout
+    re-encoded a file whose run stopped between its two files) counts once."""
+    codes_path = os.path.join(folder, LEGACY_CODES)
+    with open(os.path.join(folder, LEGACY_INDEX), encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if line.endswith("\n")]
+    n = min(len(lines), os.path.getsize(codes_path) // ROW_BYTES if os.path.exists(codes_path) else 0)
+    clips, seen = [], set()
+    for row, r in enumerate(lines[:n]):
+        if (r["source"], r["start_s"]) not in seen:
+            seen.add((r["source"], r["start_s"]))
+            clips.append({"source": r["source"], "start_s": r["start_s"], "frames": r["frames"],
+                          "captions": [r["caption"]], "row": row})
+    return clips, codes_path
 
 
 class TokenDataset:
-    """A preprocessed folder (see the module docstring): example i -> codes (9, 2584) int64, with
-    the special id after the clip's end, and its caption."""
+    """A preprocessed folder, read-only (see the module docstring): example i -> codes (9, 2584)
+    int64, with the special id after the clip's end, and a caption. It holds the clips committed
+    when it was opened; data.py may go on writing the folder. index[i]: {"source", "start_s",
+    "frames", "captions", "row"}. BadInput for a missing, empty or damaged folder."""
 
     def __init__(self, folder):
-        store = ClipStore(folder, create=False)
-        self.index = store.committed_index()
+        self.index, codes_path = committed_clips(folder)
         if not self.index:
-            raise SystemExit(f"{folder}: no preprocessed clips (run: python data.py --audio DIR --captions FILE --out {folder})")
-        self.codes = np.memmap(store.codes_path, dtype=np.uint16, mode="r", shape=(len(self.index), N_CODEBOOKS, CLIP_FRAMES))
+            fail(f"{folder}: no preprocessed clips (run: python data.py --audio DIR --captions FILE --out {folder})")
+        n_rows = max(clip["row"] for clip in self.index) + 1
+        self.codes = np.memmap(codes_path, dtype=np.uint16, mode="r", shape=(n_rows, N_CODEBOOKS, CLIP_FRAMES))
         self.n_frames = CLIP_FRAMES
 
     def __len__(self):
         return len(self.index)
 
-    def example(self, i):
-        return torch.from_numpy(self.codes[i].astype(np.int64)), self.index[i]["caption"]
+    def example(self, i, epoch=0):
+        """Clip i's codes and caption; a file with several captions gives its caption epoch % count."""
+        clip = self.index[i]
+        captions = clip["captions"]
+        return torch.from_numpy(self.codes[clip["row"]].astype(np.int64)), captions[epoch % len(captions)]
 
-    def batch(self, indices):
-        examples = [self.example(int(i)) for i in indices]
+    def batch(self, indices, epoch=0):
+        examples = [self.example(int(i), epoch) for i in indices]
         return torch.stack([c for c, _ in examples]), [t for _, t in examples]
 
 
-class ClipStore:
-    """The output folder of preprocessing: append-only codes + index, committed per audio file."""
+class ClipWriter:
+    """The one writer of a preprocessed folder (see the module docstring); a context manager.
 
-    def __init__(self, folder, create=True, meta=None):
-        self.folder = folder
-        self.codes_path = os.path.join(folder, "codes.u16")
-        self.index_path = os.path.join(folder, "index.jsonl")
-        self.sources_path = os.path.join(folder, "sources.jsonl")
-        self.row_bytes = N_CODEBOOKS * CLIP_FRAMES * 2
-        if not os.path.isdir(folder):
-            if not create:
-                raise SystemExit(f"{folder}: no such data folder")
-            os.makedirs(folder)
-        meta_path = os.path.join(folder, "meta.json")
-        if meta is not None:
-            if os.path.exists(meta_path):
-                old = json.load(open(meta_path))
-                if old != meta:
-                    raise SystemExit(f"{folder} was made with other settings ({old}); use a new --out")
-            else:
-                atomic_write_text(meta_path, json.dumps(meta, indent=1))
-        self._repair()
+    Opening it creates the folder, takes an exclusive lock on it (a second writer is refused; the
+    OS drops the lock when the process ends, even by kill -9), drops what an interrupted run left
+    after its last commit (a cut journal line, code rows), and, once anything is committed, checks
+    this run's settings against meta.json. records: the committed journal records; rows: the
+    number of committed clips."""
 
-    @staticmethod
-    def _read_jsonl(path):
-        if not os.path.exists(path):
-            return []
-        rows = []
-        with open(path) as f:
-            for line in f:
-                if line.endswith("\n"):  # a line without its newline was cut by a crash: not committed
-                    rows.append(json.loads(line))
-        return rows
+    def __init__(self, folder, meta):
+        import fcntl  # POSIX advisory locks
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            fail(f"{folder}: exists and is not a folder")
+        if os.path.exists(os.path.join(folder, LEGACY_INDEX)) and not os.path.exists(os.path.join(folder, JOURNAL_FILE)):
+            fail(f"{folder} holds the earlier layout (codes.u16, index.jsonl): training still reads it, "
+                 "but data.py no longer adds to it; preprocess into a new --out")
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.meta = folder, meta
+        self.journal = open(os.path.join(folder, JOURNAL_FILE), "ab", buffering=0)
+        self.codes = None
+        try:
+            try:
+                fcntl.flock(self.journal.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fail(f"{folder}: another data.py is writing to this folder")
+            self.records, committed_bytes = read_journal(folder)
+            self.rows = sum(len(r["clips"]) for r in self.records)
+            self.codes = open(os.path.join(folder, CODES_FILE), "ab", buffering=0)
+            # Appends go to the end of the files, so first cut what was never committed.
+            self.journal.truncate(committed_bytes)
+            self.codes.truncate(self.rows * ROW_BYTES)
+            fsync_dir(folder)  # the files' names are on disk too
+            if self.records:
+                self._check_meta()
+        except BaseException:
+            self.close()
+            raise
 
-    def committed_index(self):
-        return self._read_jsonl(self.index_path)
+    def _check_meta(self):
+        """Settings may change while nothing is committed; after that, a run must use the folder's."""
+        path = os.path.join(self.folder, META_FILE)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = {}
+        if old != self.meta:
+            diff = "; ".join(f"{k}: {old.get(k)!r} there, {self.meta.get(k)!r} now"
+                             for k in sorted(set(old) | set(self.meta)) if old.get(k) != self.meta.get(k))
+            fail(f"{self.folder} was made with other settings ({diff}); rerun with those or use a new --out")
 
-    def _repair(self):
-        """Drop what an interruption left half-written: a partial last line, codes without index."""
-        for path in (self.index_path, self.sources_path):
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    data = f.read()
-                keep = data[:data.rfind(b"\n") + 1]
-                if len(keep) != len(data):
-                    with open(path, "wb") as f:
-                        f.write(keep)
-        n = len(self.committed_index())
-        if os.path.exists(self.codes_path) and os.path.getsize(self.codes_path) != n * self.row_bytes:
-            with open(self.codes_path, "r+b") as f:
-                f.truncate(n * self.row_bytes)
+    def commit(self, record, codes):
+        """Commit one audio file. record: its journal record without "row" ({"source", "clips",
+        "captions", "seconds", "silent"}); codes: one (9, frames) array per clip, frames <= 2584.
+        The rows are appended (padded with the special id) and fsynced, the settings go to
+        meta.json with the first commit, then the record is appended as one line and fsynced: the
+        commit point. An exception on the way leaves an uncommitted tail, dropped on next open."""
+        if codes:
+            rows = np.full((len(codes), N_CODEBOOKS, CLIP_FRAMES), SPECIAL, dtype=np.uint16)
+            for row, c in zip(rows, codes):
+                row[:, :c.shape[1]] = c
+            append_durably(self.codes, rows.tobytes())
+        if not self.records:
+            atomic_write_text(os.path.join(self.folder, META_FILE), json.dumps(self.meta, indent=1))
+        record = {"source": record["source"], "row": self.rows, **record}
+        append_durably(self.journal, (json.dumps(record) + "\n").encode())
+        self.records.append(record)
+        self.rows += len(codes)
 
-    def done_sources(self):
-        return {r["source"] for r in self._read_jsonl(self.sources_path) if r["status"] != "error"}
+    def close(self):
+        for f in (self.codes, self.journal):
+            if f is not None:
+                f.close()  # closing the journal releases the lock
 
-    def commit(self, source, clips, status):
-        """clips: list of (codes (9, frames) uint16-able, index row dict). Codes first (fsync), then
-        the index lines in one write, then the source's line."""
-        with open(self.codes_path, "ab") as f:
-            for codes, _ in clips:
-                row = np.full((N_CODEBOOKS, CLIP_FRAMES), SPECIAL, dtype=np.uint16)
-                row[:, :codes.shape[1]] = codes
-                f.write(row.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        for path, lines in ((self.index_path, [r for _, r in clips]), (self.sources_path, [{"source": source, **status}])):
-            if lines:
-                with open(path, "a") as f:
-                    f.write("".join(json.dumps(r) + "\n" for r in lines))
-                    f.flush()
-                    os.fsync(f.fileno())
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def append_durably(f, data):
+    """Append bytes to a file opened unbuffered in append mode; on return they are on disk."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]  # a raw write may take less than it is given
+    os.fsync(f.fileno())
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path, text):
+    """Replace a file with text in one step: a crash leaves the old file or the new, on disk."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 # ------------------------------------------------------------------------------------------------
-# Preprocessing: audio files -> clips -> DAC codes
+# Preprocessing: captions + audio files -> clips -> DAC codes
+
+JSON_KINDS = {bool: "true/false", int: "a number", float: "a number", str: "text", list: "a list", dict: "an object",
+              type(None): "null"}
 
 
 def read_captions(path):
-    """{relative audio path: caption} from JSONL ({"audio", "caption"} per line) or CSV (audio,caption)."""
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: captions file not found")
-    rows = []
-    with open(path, newline="") as f:
-        if path.endswith(".csv"):
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"audio", "caption"} <= set(reader.fieldnames):
-                raise SystemExit(f"{path}: a CSV captions file needs a header row with columns audio,caption")
-            rows = list(reader)
+    """{audio path: [captions]} from JSONL ({"audio": ..., "caption": ...} per line) or CSV (a
+    header row with columns audio,caption), UTF-8 with or without a byte-order mark. Paths are
+    relative to the audio folder and normalised ("./a//b.wav" is "a/b.wav"). A file listed more
+    than once keeps its distinct captions, in order, and the repeats are reported on stderr.
+    BadInput, naming the file and line, for anything else than text in both fields."""
+    if not os.path.isfile(path):
+        fail(f"{path}: captions file not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        fail(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8")
+    entries = csv_entries(path, text) if path.lower().endswith(".csv") else jsonl_entries(path, text)
+    captions, first_line, repeats = {}, {}, []
+    for line, audio, caption in entries:
+        for field, value in (("audio", audio), ("caption", caption)):
+            if value is None:
+                fail(f"{path}:{line}: no {field}")
+            if not isinstance(value, str):
+                fail(f"{path}:{line}: the {field} must be text, not {JSON_KINDS[type(value)]}")
+            if not value.strip():
+                fail(f"{path}:{line}: the {field} is empty")
+        audio = os.path.normpath(audio.strip())
+        if os.path.isabs(audio):
+            fail(f"{path}:{line}: the audio path must be relative to the audio folder, not {audio}")
+        if audio in captions:
+            repeats.append(f"line {line}: {audio} (first on line {first_line[audio]})")
+            if caption.strip() not in captions[audio]:
+                captions[audio].append(caption.strip())
         else:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    captions = {}
-    for n, r in enumerate(rows, 1):
-        if not r.get("audio") or not str(r.get("caption", "")).strip():
-            raise SystemExit(f"{path}: entry {n} needs a non-empty 'audio' and 'caption'")
-        captions[r["audio"]] = r["caption"].strip()
+            captions[audio], first_line[audio] = [caption.strip()], line
+    if not captions:
+        fail(f"{path}: no captions in it")
+    if repeats:
+        print(f"warning: {path}: {plural(len(repeats), 'line')} name an audio file again ({some(repeats, 3)}); "
+              "each file is encoded once and keeps its distinct captions", file=sys.stderr)
     return captions
 
 
+def csv_entries(path, text):
+    """(line number, audio, caption) per data row of a CSV captions file; a missing field is None.
+    Strict CSV, one line per row: a quote left open would otherwise swallow the rows after it."""
+    rows = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header, last = None, 0  # last: the line the previous row ended on
+    try:
+        for row in rows:
+            line, last = last + 1, rows.line_num
+            if not any(field.strip() for field in row):
+                continue
+            if header is None:
+                header = [name.strip() for name in row]
+                if not {"audio", "caption"} <= set(header):
+                    break
+                continue
+            if last > line:
+                fail(f"{path}:{line}: the row runs over lines {line}-{last}; a caption must be one line "
+                     "(is a quote left open?)")
+            if len(row) > len(header):
+                fail(f"{path}:{line}: more fields than the header row; quote a caption that holds a comma")
+            fields = dict(zip(header, row))
+            yield line, fields.get("audio"), fields.get("caption")
+    except csv.Error as e:
+        fail(f"{path}:{last + 1}: not valid CSV ({e})")
+    if header is None or not {"audio", "caption"} <= set(header):
+        fail(f"{path}: a CSV captions file needs a header row with columns audio,caption (found: {','.join(header or [])})")
+
+
+def jsonl_entries(path, text):
+    """(line number, audio, caption) per non-empty line of a JSONL captions file; a missing key is None."""
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 etc.
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{path}:{n}: not valid JSON ({e.msg})")
+        if not isinstance(entry, dict):
+            fail(f'{path}:{n}: expected an object {{"audio": ..., "caption": ...}}, not {JSON_KINDS[type(entry)]}')
+        yield n, entry.get("audio"), entry.get("caption")
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used; the message is the one-line reason."""
+
+
 def load_audio(path):
-    """Any file libsndfile reads -> mono float32 at 44.1 kHz (resampled by soxr)."""
+    """Any file libsndfile reads -> mono float32 (n,) at 44.1 kHz (resampled by soxr). AudioError
+    when the file is missing, unreadable or empty, or has NaN or infinite samples."""
     import soundfile as sf
     import soxr
-    audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    try:
+        with open(path, "rb"):  # the OS says best why a file cannot be opened
+            pass
+    except FileNotFoundError:
+        raise AudioError("not found") from None
+    except OSError as e:
+        raise AudioError(e.strerror.lower()) from None
+    try:
+        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    except sf.SoundFileError as e:
+        raise AudioError(f"unreadable ({getattr(e, 'error_string', e)})") from None
     if audio.size == 0:
-        raise ValueError("no audio samples")
-    mono = audio.mean(axis=1)
+        raise AudioError("no audio samples")
+    mono = finite(audio).mean(axis=1)
     if sr != SAMPLE_RATE:
         mono = soxr.resample(mono, sr, SAMPLE_RATE, quality="HQ").astype(np.float32)
     return mono
+
+
+def finite(audio):
+    """audio, or AudioError if any sample is NaN or infinite (DAC would encode them as something)."""
+    bad = audio.size - np.count_nonzero(np.isfinite(audio))
+    if bad:
+        raise AudioError(f"NaN or infinite samples ({bad} of {audio.size})")
+    return audio
 
 
 def split_clips(audio):
@@ -375,13 +621,21 @@ def too_silent(clip):
 
 
 def load_dac(name_or_path="descript/dac_44khz", device="cpu"):
-    """DAC 44.1 kHz through transformers.DacModel (the same weights as descript-audio-codec)."""
+    """DAC 44.1 kHz through transformers.DacModel (the same weights as descript-audio-codec).
+    BadInput when it cannot be loaded or has another layout (check_codec)."""
     from transformers import DacModel
-    try:
-        return DacModel.from_pretrained(name_or_path).to(device).eval().requires_grad_(False)
-    except OSError as e:
-        raise SystemExit(f"could not load DAC {name_or_path!r} ({str(e).splitlines()[0]}); without internet, "
-                         "download it elsewhere and pass its local folder (--dac PATH)") from None
+    dac = from_pretrained(DacModel, name_or_path, "DAC", "--dac")
+    check_codec(dac, name_or_path)
+    return dac.to(device).eval().requires_grad_(False)
+
+
+def check_codec(dac, name):
+    """BadInput unless dac has the layout of DAC 44.1 kHz: 44100 Hz, hop 512, 9 codebooks of 1024."""
+    c = dac.config
+    if (c.sampling_rate, c.hop_length, c.n_codebooks, c.codebook_size) != (SAMPLE_RATE, HOP, N_CODEBOOKS, SPECIAL):
+        fail(f"DAC {name!r} has {c.sampling_rate} Hz, hop {c.hop_length}, {c.n_codebooks} codebooks of "
+             f"{c.codebook_size}; ssmttm needs DAC 44.1 kHz: {SAMPLE_RATE} Hz, hop {HOP}, "
+             f"{N_CODEBOOKS} codebooks of {SPECIAL}")
 
 
 def tiny_dac_config():
@@ -432,7 +686,7 @@ class VocalRemover:
             from demucs.apply import apply_model
             from demucs.pretrained import get_model
         except ImportError:
-            raise SystemExit("--remove-vocals needs the demucs package: pip install demucs") from None
+            fail("--remove-vocals needs the demucs package: pip install demucs")
         self.apply_model, self.device = apply_model, device
         self.model = get_model("htdemucs").to(device).eval()
 
@@ -444,72 +698,112 @@ class VocalRemover:
         return stems[keep].sum(0).mean(0).cpu().numpy().astype(np.float32)
 
 
+def encode_file(dac, clips, batch_size, device):
+    """Clips of one file (list of mono arrays) -> one (9, frames) uint16 array per clip, in order;
+    clips of equal length are encoded together, batch_size at a time."""
+    codes = [None] * len(clips)
+    for length in sorted({len(c) for c in clips}):
+        same = [i for i, c in enumerate(clips) if len(c) == length]
+        for j in range(0, len(same), batch_size):
+            part = same[j:j + batch_size]
+            for i, cb in zip(part, encode_clips(dac, [clips[i] for i in part], device)):
+                codes[i] = cb[:, :math.ceil(length / HOP)]
+    return codes
+
+
 def preprocess(audio_dir, captions_file, out, dac_name="descript/dac_44khz", batch_size=8, device=None,
                remove_vocals=False, dac=None, progress=True):
-    """Audio folder + captions -> token folder (see the module docstring). Returns the list of
-    (file, reason) that could not be read."""
+    """Audio folder + captions -> token folder (see the module docstring); prints a summary to
+    stderr. dac: a loaded codec, else dac_name is loaded when there are files to encode.
+    Returns the list of (file, reason) skipped in this run (a rerun tries them again).
+    BadInput for bad captions, folders or codec."""
     from tqdm import tqdm
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     captions = read_captions(captions_file)
     if not os.path.isdir(audio_dir):
-        raise SystemExit(f"{audio_dir}: audio folder not found")
-    meta = {"sample_rate": SAMPLE_RATE, "n_codebooks": N_CODEBOOKS, "clip_frames": CLIP_FRAMES,
+        fail(f"{audio_dir}: audio folder not found")
+    if dac is not None:
+        check_codec(dac, dac_name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meta = {"format": 2, "sample_rate": SAMPLE_RATE, "n_codebooks": N_CODEBOOKS, "clip_frames": CLIP_FRAMES,
             "dac": dac_name, "remove_vocals": remove_vocals}
-    store = ClipStore(out, meta=meta)
-    done = store.done_sources()
-    todo = [a for a in captions if a not in done]
-    bad_ext = [a for a in todo if not a.lower().endswith(AUDIO_EXTENSIONS)]
-    errors = [(a, f"not one of {', '.join(AUDIO_EXTENSIONS)}") for a in bad_ext]
-    todo = [a for a in todo if a not in bad_ext]
-    print(f"{len(captions)} captioned files: {len(done)} already done, {len(todo)} to do", file=sys.stderr)
-    if not todo:
-        return errors
-    remover = VocalRemover(device) if remove_vocals else None
-    n_clips = len(store.committed_index())
-    for source in tqdm(todo, desc="encoding", unit="file", disable=not progress):
-        try:
-            audio = load_audio(os.path.join(audio_dir, source))
-        except Exception as e:  # unreadable, corrupt, missing: report at the end, go on
-            errors.append((source, f"{type(e).__name__}: {e}"))
-            store.commit(source, [], {"status": "error", "reason": str(e)[:200]})
-            continue
-        if remover:
-            audio = remover(audio)
-        clips = [(s, c) for s, c in split_clips(audio) if not too_silent(c)]
-        if clips and dac is None:  # loaded only once a file has something to encode
+    with ClipWriter(out, meta) as store:
+        done = {r["source"]: r for r in store.records}
+        changed = [a for a, r in done.items() if a in captions and r["captions"] != captions[a]]
+        if changed:
+            print(f"note: captions changed in {captions_file} for {plural(len(changed), 'finished file')} "
+                  f"({some(changed)}): they keep those they were encoded with (a new --out re-encodes them)",
+                  file=sys.stderr)
+        unlisted = [a for a in done if a not in captions]
+        if unlisted:
+            print(f"note: not in {captions_file} but kept in {out}: {plural(len(unlisted), 'finished file')} "
+                  f"({some(unlisted)})", file=sys.stderr)
+        todo = [a for a in captions if a not in done]
+        errors = [(a, f"not one of {', '.join(AUDIO_EXTENSIONS)}") for a in todo if not a.lower().endswith(AUDIO_EXTENSIONS)]
+        todo = [a for a in todo if a.lower().endswith(AUDIO_EXTENSIONS)]
+        print(f"{len(captions)} captioned files: {len(done)} already done, {len(todo)} to do", file=sys.stderr)
+        if todo and dac is None:  # checked before any work (load_dac), so the folder never holds another codec's codes
             dac = load_dac(dac_name, device)
-        rows = []
-        for length in sorted({len(c) for _, c in clips}):
-            same = [(s, c) for s, c in clips if len(c) == length]
-            for i in range(0, len(same), batch_size):
-                part = same[i:i + batch_size]
-                codes = encode_clips(dac, [c for _, c in part], device)
-                frames = math.ceil(length / HOP)
-                for (start, _), cb in zip(part, codes):
-                    rows.append((cb[:, :frames], {"source": source, "start_s": start, "frames": frames,
-                                                  "caption": captions[source]}))
-        rows.sort(key=lambda r: r[1]["start_s"])
-        store.commit(source, rows, {"status": "ok", "clips": len(rows), "dropped": len(split_clips(audio)) - len(rows)})
-        n_clips += len(rows)
-    print(f"done: {n_clips} clips in {out}", file=sys.stderr)
+        remover = VocalRemover(device) if remove_vocals and todo else None
+        encoded = []
+        for source in tqdm(todo, desc="encoding", unit="file", disable=not progress):
+            try:
+                audio = load_audio(os.path.join(audio_dir, source))
+                if remover:
+                    audio = finite(remover(audio))
+            except AudioError as e:  # reported at the end; nothing is committed, so a rerun tries again
+                errors.append((source, str(e)))
+                continue
+            pieces = split_clips(audio)
+            kept = [(start, clip) for start, clip in pieces if not too_silent(clip)]
+            codes = encode_file(dac, [clip for _, clip in kept], batch_size, device)
+            record = {"source": source, "clips": [{"start_s": start, "frames": c.shape[1]} for (start, _), c in zip(kept, codes)],
+                      "captions": captions[source], "seconds": round(len(audio) / SAMPLE_RATE, 3),
+                      "silent": len(pieces) - len(kept)}
+            store.commit(record, codes)
+            encoded.append(record)
+        summarise(out, encoded, errors, store)
     return errors
 
 
-def main():
+def summarise(out, encoded, errors, store):
+    """The run's account on stderr: clips kept and dropped, files too short, files skipped."""
+    if encoded:
+        short = [r["source"] for r in encoded if r["seconds"] < MIN_CLIP_SECONDS]
+        minutes = sum(r["seconds"] for r in encoded) / 60
+        line = (f"encoded {plural(len(encoded), 'file')} ({minutes:.1f} min): "
+                f"{plural(sum(len(r['clips']) for r in encoded), 'clip')} kept, "
+                f"{sum(r['silent'] for r in encoded)} dropped as mostly silent")
+        if short:
+            line += f"; {plural(len(short), 'file')} shorter than {MIN_CLIP_SECONDS:g} s gave no clip ({some(short)})"
+        print(line, file=sys.stderr)
+    print(f"{out}: {plural(store.rows, 'clip')} from {plural(len(store.records), 'file')}", file=sys.stderr)
+    if errors:
+        print(f"{plural(len(errors), 'file')} skipped (a rerun tries them again):", file=sys.stderr)
+        for name, reason in errors:
+            print(f"  {name}: {reason}", file=sys.stderr)
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description="Audio + captions -> DAC tokens (see the module docstring).")
     ap.add_argument("--audio", required=True, help="folder of audio files")
     ap.add_argument("--captions", required=True, help="JSONL or CSV mapping audio path (relative to --audio) to caption")
     ap.add_argument("--out", required=True, help="output folder (rerun to resume)")
     ap.add_argument("--dac", default="descript/dac_44khz", help="DAC model name or local folder")
-    ap.add_argument("--batch-size", type=int, default=8, help="clips per DAC batch")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="clips per DAC batch")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--remove-vocals", action="store_true", help="remove vocals with HTDemucs first (pip install demucs)")
-    args = ap.parse_args()
-    errors = preprocess(args.audio, args.captions, args.out, args.dac, args.batch_size, args.device, args.remove_vocals)
-    if errors:
-        print(f"{len(errors)} file(s) skipped:", file=sys.stderr)
-        for name, reason in errors:
-            print(f"  {name}: {reason}", file=sys.stderr)
+    args = ap.parse_args(argv)
+    if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
+        fail(f"--device {args.device}: expected cpu or cuda")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device}: no CUDA device here")
+    preprocess(args.audio, args.captions, args.out, args.dac, args.batch_size, args.device, args.remove_vocals)
 
 
 if __name__ == "__main__":

@@ -1135,8 +1135,7 @@ def test_preprocess_clips_silence_errors_and_resume(audio_dir, tiny_dac_dir, tmp
     errors = datamod.preprocess(str(audio_dir), str(audio_dir / "captions.jsonl"), out, dac=dac, device="cpu",
                                 progress=False)
     assert sorted(name for name, _ in errors) == ["corrupt.wav", "missing.ogg"]
-    index = [json.loads(line) for line in open(f"{out}/index.jsonl")]
-    clips = [(r["source"], r["start_s"], r["frames"]) for r in index]
+    clips = [(r["source"], r["start_s"], r["frames"]) for r in datamod.TokenDataset(out).index]
     # tones: 30 s + 15 s; stereo: 20 s; quiet: its silent 30 s clip dropped, the 5 s rest too short
     assert clips == [("tones.wav", 0.0, 2584), ("tones.wav", 30.0, 1292), ("stereo48k.flac", 0.0, 1723)]
     ds = datamod.TokenDataset(out)
@@ -1147,17 +1146,19 @@ def test_preprocess_clips_silence_errors_and_resume(audio_dir, tiny_dac_dir, tmp
     clip = datamod.load_audio(str(audio_dir / "tones.wav"))[30 * SR:]
     want = datamod.encode_clips(dac, [clip], "cpu")[0]
     assert np.array_equal(codes[:, :1292].numpy(), want[:, :1292])
-    # a rerun does no work; an interrupted write (partial index line, codes without index) is undone
-    again = datamod.preprocess(str(audio_dir), str(audio_dir / "captions.jsonl"), out, dac=None, device="cpu",
-                               progress=False)  # dac=None: loading one would fail, so nothing is encoded
+    # a rerun does no work; an interrupted write (partial journal line, codes without it) is ignored by
+    # readers and undone by the next writer
+    again = datamod.preprocess(str(audio_dir), str(audio_dir / "captions.jsonl"), out, dac=dac, device="cpu",
+                               progress=False)
     assert sorted(name for name, _ in again) == ["corrupt.wav", "missing.ogg"]
     assert len(datamod.TokenDataset(out)) == 3
-    with open(f"{out}/codes.u16", "ab") as f:
+    with open(f"{out}/clips.u16", "ab") as f:
         f.write(b"\x01" * 1000)
-    with open(f"{out}/index.jsonl", "a") as f:
+    with open(f"{out}/files.jsonl", "a") as f:
         f.write('{"source": "half')
     assert len(datamod.TokenDataset(out)) == 3
-    assert os.path.getsize(f"{out}/codes.u16") == 3 * 9 * 2584 * 2
+    datamod.preprocess(str(audio_dir), str(audio_dir / "captions.jsonl"), out, dac=dac, device="cpu", progress=False)
+    assert os.path.getsize(f"{out}/clips.u16") == 3 * 9 * 2584 * 2
 
 
 def test_rerun_skips_finished_files(audio_dir, tiny_dac_dir, tmp_path):
@@ -1183,7 +1184,7 @@ def test_captions_file_errors(tmp_path):
         datamod.read_captions(str(bad))
     good = tmp_path / "c2.csv"
     good.write_text("audio,caption\na.wav,hello there\n")
-    assert datamod.read_captions(str(good)) == {"a.wav": "hello there"}
+    assert datamod.read_captions(str(good)) == {"a.wav": ["hello there"]}
 
 
 def test_t5_encoder_from_local_folder(tiny_t5_dir, capsys):
