@@ -67,6 +67,7 @@ DEFAULT_OPENL3 = "weights/torchopenl3_mel256_music_512.pth.tar"
 DEFAULT_PASST = "weights/passt-s-f128-p16-s10-ap.476-swa.pt"
 DEFAULT_CLAP = "laion/clap-htsat-fused"                # stable-audio-metrics' 630k-audioset-fusion-best
 VARIANTS = ("prefix_mamba", "prefix_simba", "cross_simba", "cross_transformer")  # paper, Figure 1 (a)-(d)
+BUDGET = ("layers", "steps", "batch_size", "grad_accum", "seed", "eval_every", "d_model", "frames", "lr")  # equal for all
 
 
 def fail(message):
@@ -608,15 +609,24 @@ def convergence(args):
         if value is not None:
             budget += [flag, str(value)]
     if not args.plot_only:
-        taken = [v for v in VARIANTS if os.path.exists(os.path.join(out, v, "ckpt.pt"))]
-        if taken:
-            fail(f"--convergence {out}: {os.path.join(out, taken[0])} already has a run "
-                 f"(--plot-only redraws the runs there; or choose another folder)")
         import train
         for variant in VARIANTS:
-            print(f"== {variant}: train.py {' '.join(budget)}")
+            run = os.path.join(out, variant)
+            argv = ["--variant", variant, "--out", run] + budget
+            ckpt = os.path.join(run, "ckpt.pt")
+            if os.path.exists(ckpt):  # an earlier invocation: finished (skip) or interrupted (resume)
+                saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+                want = vars(train.parse_args(argv)[0])
+                if any(saved["args"].get(k) != want[k] for k in BUDGET):
+                    fail(f"--convergence {out}: {run} was trained with other settings "
+                         f"(choose another folder, or --plot-only to redraw it)")
+                if saved["step"] >= args.steps:
+                    print(f"== {variant}: done earlier ({saved['step']} steps)")
+                    continue
+                argv.append("--resume")
+            print(f"== {variant}: train.py {' '.join(argv[2:])}")
             try:
-                train.main(["--variant", variant, "--out", os.path.join(out, variant)] + budget)
+                train.main(argv)
             except SystemExit as e:
                 if e.code not in (None, 0):
                     fail(f"--convergence: training {variant} stopped ({e.code})")
@@ -633,9 +643,8 @@ def convergence(args):
             table.append({"variant": variant, "params": n_params, "step": int(r["step"]), "loss": r["loss"],
                           "caption_score": r["caption_score"], "train_time_s": round(float(t), 2),
                           "elapsed_s": r["elapsed_s"], "tokens_per_s": r["tokens_per_s"]})
-    budgets = {json.dumps({k: read_run(os.path.join(out, v))[1]["args"][k]
-                           for k in ("layers", "steps", "batch_size", "grad_accum", "seed", "frames", "d_model", "lr")},
-                          sort_keys=True) for v in VARIANTS}
+    budgets = {json.dumps({k: read_run(os.path.join(out, v))[1]["args"][k] for k in BUDGET}, sort_keys=True)
+               for v in VARIANTS}
     if len(budgets) != 1:
         fail(f"--convergence {out}: the four runs were not trained with the same budget")
     budget_args = json.loads(budgets.pop())
@@ -685,7 +694,8 @@ def plot_convergence(table, budget, path, smooth=10):
         axes[1, col].axhline(0.25, color="gray", ls=":", lw=1, label="chance (random codes)")
         for row in range(2):
             axes[row, col].grid(alpha=0.3)
-    axes[1, 0].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[1, 0].get_legend_handles_labels()
+    axes[0, 0].legend(handles, labels, fontsize=8, loc="upper right")
     fig.suptitle(f"The four LM variants with one budget, synthetic set: {budget['layers']} blocks, d_model {budget['d_model']}, "
                  f"batch {budget['batch_size']} x {budget['frames']} frames, lr {budget['lr']:g}, seed {budget['seed']}", fontsize=10)
     fig.tight_layout()

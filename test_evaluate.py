@@ -385,10 +385,16 @@ def test_convergence_four_variants(tmp_path, capsys):
     assert float(rows[0]["loss"]) == pytest.approx(math.log(1025), abs=0.5)       # the first step: about uniform
     assert open(os.path.join(out, "convergence.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert len(table) == 12
-    # an existing comparison is not trained over; --plot-only redraws it from the runs
+    # run again: the finished runs are kept (not trained over); other settings are refused;
+    # --plot-only redraws from the runs
+    mtime = os.path.getmtime(os.path.join(out, "cross_simba", "ckpt.pt"))
+    assert evaluate.main(["--convergence", out] + budget) == table
+    assert os.path.getmtime(os.path.join(out, "cross_simba", "ckpt.pt")) == mtime
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--convergence", out] + budget)
-    assert e.value.code == 2 and "--plot-only" in capsys.readouterr().err
+        evaluate.main(["--convergence", out] + budget[:-2] + ["--frames", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--convergence" in err[0] and "other settings" in err[0]
     os.remove(os.path.join(out, "convergence.png"))
     assert evaluate.main(["--convergence", out, "--plot-only"]) == table
     assert os.path.exists(os.path.join(out, "convergence.png"))
