@@ -28,8 +28,8 @@ with soxr (HQ) to the model's rate and peak-normalised to -1 dBFS.
 Weights are never downloaded here: --openl3 and --passt take local files, --clap a local folder or a
 name already in the Hugging Face cache; README (Evaluation) says where to fetch them. Bad input
 stops with one line naming the flag or file, exit code 2: a missing folder or weight file, an
-empty folder, a generated file without a reference or a prompt (all checked before any model is
-loaded), an unreadable audio file (when it is read).
+empty folder, a generated file without a reference or a prompt, a weights file or CLAP name that
+does not load (all before any audio is read), an unreadable audio file (when it is read).
 
 Output: a table on stdout and a JSON (default GENERATED/evaluation.json, written atomically) with
 the three numbers, counts, per-file values, the clips too short for a model's window, and the
@@ -232,7 +232,9 @@ def load_openl3(path, device):
         from torchopenl3.models import PytorchOpenl3
     except ImportError as e:
         fail(f"--openl3: torchopenl3 is not installed ({e}); see requirements-eval.txt")
-    model = PytorchOpenl3(content_type="music", input_repr="mel256", embedding_size=512)
+    with warnings.catch_warnings():  # librosa: the lowest of the 256 HTK mel bands catch no FFT bin (as in OpenL3)
+        warnings.filterwarnings("ignore", message="Empty filters detected")
+        model = PytorchOpenl3(content_type="music", input_repr="mel256", embedding_size=512)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
@@ -375,6 +377,7 @@ def load_passt(path, device):
         fail(f"--passt: hear21passt is not installed ({e}); see requirements-eval.txt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)  # a training checkpoint keeps the weights under "model"
         width = state["cls_token"].shape[-1]
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
         with _quiet():
@@ -485,12 +488,16 @@ def evaluate(args):
         note(f"{len(extra)} reference file(s) have no generated file of the same name: "
              + ("used for FD only" if "fd" in metrics else "not used"))
 
+    # every model now, so that a bad weights file or CLAP name stops the run before any audio is read
+    openl3 = load_openl3(args.openl3, device) if "fd" in metrics else None
+    passt = load_passt(args.passt, device) if "kl" in metrics else None
+    clap, extractor, tokenizer = load_clap(args.clap, device) if "clap" in metrics else (None, None, None)
+
     report = {"generated": os.path.abspath(args.generated), "reference": os.path.abspath(args.reference),
               "counts": {"generated": len(generated), "reference": len(reference)}, "short_clips": {},
               "per_file": {name: {} for name in generated}}
 
     if "fd" in metrics:
-        model = load_openl3(args.openl3, device)
         stats, short = {}, []
         for side, files in (("generated", generated), ("reference", reference)):
             emb = []
@@ -498,7 +505,7 @@ def evaluate(args):
                 audio = load_mono(path, OPENL3_SR)
                 if len(audio) < OPENL3_SR:
                     short.append(f"{side}/{os.path.basename(path)}")
-                emb.append(openl3_embeddings(model, audio, device))
+                emb.append(openl3_embeddings(openl3, audio, device))
             emb = np.concatenate(emb)
             report["counts"][f"openl3_frames_{side}"] = len(emb)
             stats[side] = gaussian_stats(emb)
@@ -506,14 +513,12 @@ def evaluate(args):
             note(f"{len(short)} clip(s) shorter than OpenL3's 1 s window, zero-padded: {', '.join(short[:5])}")
         report["short_clips"]["openl3"] = short
         report["fd_openl3"] = frechet_distance(*stats["generated"], *stats["reference"])
-        del model
 
     if "kl" in metrics:
-        model = load_passt(args.passt, device)
         kl, kl_back, skipped = [], [], []
         for name in progress(list(generated), "PaSST pairs"):
-            p_gen = passt_probabilities(model, load_mono(generated[name], PASST_SR), device)
-            p_ref = passt_probabilities(model, load_mono(reference[name], PASST_SR), device)
+            p_gen = passt_probabilities(passt, load_mono(generated[name], PASST_SR), device)
+            p_ref = passt_probabilities(passt, load_mono(reference[name], PASST_SR), device)
             if p_gen is None or p_ref is None:
                 skipped.append(name)
                 continue
@@ -526,12 +531,10 @@ def evaluate(args):
         report["counts"]["kl_pairs"] = len(kl)
         report["kl_passt"] = float(np.mean(kl)) if kl else None
         report["kl_passt_gen_ref"] = float(np.mean(kl_back)) if kl else None
-        del model
 
     if "clap" in metrics:
-        model, extractor, tokenizer = load_clap(args.clap, device)
         names = list(generated)
-        text = clap_text_embeddings(model, tokenizer, [prompts[n] for n in names], device)
+        text = clap_text_embeddings(clap, tokenizer, [prompts[n] for n in names], device)
         window = getattr(extractor, "nb_max_samples", None)
         np.random.seed(args.seed)  # the extractor's crops of clips longer than its window
         scores, longer = [], []
@@ -539,14 +542,13 @@ def evaluate(args):
             audio = load_mono(generated[name], extractor.sampling_rate)
             if window and len(audio) > window:
                 longer.append(name)
-            scores.append(float(cosine(clap_audio_embedding(model, extractor, audio, device)[None], text[i][None])[0]))
+            scores.append(float(cosine(clap_audio_embedding(clap, extractor, audio, device)[None], text[i][None])[0]))
             report["per_file"][name]["clap"] = scores[-1]
         if longer:
             note(f"{len(longer)} clip(s) longer than CLAP's {window / extractor.sampling_rate:g} s window, "
                  f"{extractor.truncation} (seed {args.seed}): {', '.join(longer[:5])}")
         report["counts"]["clap_clips"] = len(scores)
         report["clap_score"] = float(np.mean(scores))
-        del model
 
     report["settings"] = {"metrics": metrics, "openl3": args.openl3 if "fd" in metrics else None,
                           "passt": args.passt if "kl" in metrics else None, "clap": args.clap if "clap" in metrics else None,
@@ -723,7 +725,7 @@ def parse_args(argv=None):
     ap.add_argument("--passt", default=DEFAULT_PASST, help="PaSST weights file (AudioSet, passt-s ... ap.476-swa)")
     ap.add_argument("--clap", default=DEFAULT_CLAP, help="CLAP model: local folder or name in the Hugging Face cache")
     ap.add_argument("--out", help="JSON report (default: GENERATED/evaluation.json)")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0, help="numpy seed for CLAP's crops of long clips; training seed")
     conv = ap.add_argument_group("convergence comparison (paper, Figure 2 / RQ2, in miniature)")
     conv.add_argument("--convergence", metavar="OUT", help="train the four variants into OUT/<variant>, plot OUT/convergence.png")
@@ -744,6 +746,8 @@ def parse_args(argv=None):
                 fail(f"--{flag.replace('_', '-')} must be at least 1")
     elif not (args.generated and args.reference):
         fail("give --generated DIR and --reference DIR (or --convergence OUT)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device here")
     return args
 
 

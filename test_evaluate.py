@@ -149,7 +149,9 @@ def weights(tmp_path_factory):
     if __import__("importlib").util.find_spec("torchopenl3"):
         from torchopenl3.models import PytorchOpenl3
         paths["openl3"] = str(root / "openl3.pth.tar")
-        torch.save(PytorchOpenl3(content_type="music", input_repr="mel256", embedding_size=512).state_dict(), paths["openl3"])
+        with pytest.warns(UserWarning, match="Empty filters"):  # librosa, on OpenL3's lowest mel bands
+            model = PytorchOpenl3(content_type="music", input_repr="mel256", embedding_size=512)
+        torch.save(model.state_dict(), paths["openl3"])
     if __import__("importlib").util.find_spec("hear21passt"):
         PaSST = evaluate.import_passt()[0]
         net = PaSST(img_size=(128, 998), patch_size=16, stride=(10, 10), in_chans=1, num_classes=527,
@@ -324,18 +326,24 @@ def test_evaluate_kl_by_hand(weights, sets, capsys):
     assert report["kl_passt_gen_ref"] != pytest.approx(report["kl_passt"])
 
 
-@pytest.mark.parametrize("case", ["openl3_weights", "passt_weights", "clap_weights", "empty", "not_a_folder",
+@pytest.mark.parametrize("case", ["openl3_weights", "passt_weights", "passt_not_passt", "clap_weights", "empty", "not_a_folder",
                                   "unpaired", "no_prompt", "no_prompts_file", "bad_audio"])
 def test_evaluate_one_line_errors(case, weights, sets, capsys, tmp_path):
     argv = ["--generated", sets["generated"], "--reference", sets["same"], "--prompts", sets["prompts"],
             "--openl3", weights.get("openl3", "x"), "--passt", weights.get("passt", "x"), "--clap", weights["clap"]]
-    culprit = {"openl3_weights": "--openl3", "passt_weights": "--passt", "clap_weights": "--clap", "empty": "--generated",
+    culprit = {"openl3_weights": "--openl3", "passt_weights": "--passt", "passt_not_passt": "--passt",
+               "clap_weights": "--clap", "empty": "--generated",
                "not_a_folder": "--reference", "unpaired": "--reference", "no_prompt": "--prompts",
                "no_prompts_file": "--prompts", "bad_audio": "bad.wav"}[case]
     if case == "openl3_weights":
         argv[argv.index("--openl3") + 1] = str(tmp_path / "missing.pth.tar")
     elif case == "passt_weights":
         argv += ["--metrics", "kl", "--passt", str(tmp_path / "missing.pt")]
+    elif case == "passt_not_passt":  # a file that is there but holds something else
+        if "passt" not in weights:
+            pytest.skip("hear21passt not installed")
+        torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+        argv += ["--metrics", "kl", "--passt", str(tmp_path / "other.pt")]
     elif case == "clap_weights":
         argv += ["--metrics", "clap", "--clap", "laion/not-in-the-cache"]
     elif case == "empty":
