@@ -65,7 +65,7 @@ CLAP_MAX_TOKENS = 77                                   # LAION-CLAP's text lengt
 PEAK_DB = -1.0
 DEFAULT_OPENL3 = "weights/torchopenl3_mel256_music_512.pth.tar"
 DEFAULT_PASST = "weights/passt-s-f128-p16-s10-ap.476-swa.pt"
-DEFAULT_CLAP = "laion/clap-htsat-fused"                # stable-audio-metrics' 630k-audioset-fusion-best
+DEFAULT_CLAP = "laion/clap-htsat-fused"                # LAION-CLAP, HTSAT with fusion (as stable-audio-metrics' default)
 VARIANTS = ("prefix_mamba", "prefix_simba", "cross_simba", "cross_transformer")  # paper, Figure 1 (a)-(d)
 BUDGET = ("layers", "steps", "batch_size", "grad_accum", "seed", "eval_every", "d_model", "frames", "lr")  # equal for all
 
@@ -202,8 +202,8 @@ def kl_divergence(p_ref, p_gen, eps=KL_EPS):
 def passt_windows(audio, sample_rate=PASST_SR):
     """(n,) -> (W, window) float32: 10 s windows starting every 5 s (stable-audio-metrics: starts
     0, 5, ... < max(5 s, length - 5 s)); a short window is zero-padded, or dropped if it lasts at
-    most 15 % of a window (as audiocraft). So the last window lasts 5 to 10 s, and W = 0 only for a
-    clip of 1.5 s or less."""
+    most 15 % of a window (as audiocraft). So a clip of 5 s or more has windows of 5 to 10 s of
+    audio, a shorter one a single window, and one of 1.5 s or less none (W = 0)."""
     size, hop = int(PASST_WINDOW_S * sample_rate), int(PASST_HOP_S * sample_rate)
     windows = []
     for start in range(0, max(hop, len(audio) - hop), hop):
@@ -507,6 +507,9 @@ def evaluate(args):
                     short.append(f"{side}/{os.path.basename(path)}")
                 emb.append(openl3_embeddings(openl3, audio, device))
             emb = np.concatenate(emb)
+            if len(emb) < 2:
+                fail(f"--{side} {args.generated if side == 'generated' else args.reference}: one OpenL3 frame in all "
+                     f"(a clip under 1 s); a covariance needs at least 2")
             report["counts"][f"openl3_frames_{side}"] = len(emb)
             stats[side] = gaussian_stats(emb)
         if short:
