@@ -1,0 +1,763 @@
+"""Objective evaluation of generated music (paper, section IV-B), and the convergence comparison of
+the four LM variants in miniature (the paper's Figure 2 / RQ2, on the synthetic set).
+
+    python evaluate.py --generated outputs/musiccaps --reference data/musiccaps --prompts musiccaps.csv
+    python evaluate.py --convergence runs/rq2 --layers 2 --steps 300 --eval-every 25
+
+Metrics, as defined by Stability-AI/stable-audio-metrics (the paper follows its ref. [16], Stable
+Audio) with audiocraft's KL direction. Every file is read as mono (channels averaged), resampled
+with soxr (HQ) to the model's rate and peak-normalised to -1 dBFS.
+
+  FD_openl3   Frechet distance between two Gaussians fitted (mean, covariance with ddof 1) to the
+              OpenL3 embeddings (content "music", input "mel256", 512-d, 48 kHz) of all the 1 s
+              frames, 0.5 s apart, of the generated and of the reference files:
+                  FD = |mu_g - mu_r|^2 + tr(S_g) + tr(S_r) - 2 tr((S_g S_r)^(1/2)),
+              in float64, the trace of the square root taken from eigenvalues of symmetric
+              positive semi-definite matrices (finite for rank-deficient covariances). Lower is better.
+  KL_passt    PaSST (AudioSet, 527 tags) at 32 kHz on 10 s windows every 5 s; the logits of a
+              file's windows are averaged, then softmax gives p. A window shorter than 10 s is
+              zero-padded; a clip of 1.5 s or less (15 %, as audiocraft) has no window and its
+              pair is left out (reported). Per pair of files with the same name:
+                  KL(p_ref || p_gen) = sum_i p_ref,i (log p_ref,i - log(p_gen,i + 1e-6)),
+              averaged over the pairs (audiocraft's `kld`). The JSON also gives KL(p_gen || p_ref),
+              eps on p_ref, the direction stable-audio-metrics' code computes. Lower is better.
+  CLAP        Cosine between the CLAP text embedding of a file's prompt (LAION tokenisation: at most
+              77 tokens) and the CLAP audio embedding of the generated file (48 kHz, int16-rounded as
+              LAION does), averaged over the generated files. Higher is better.
+
+Weights are never downloaded here: --openl3 and --passt take local files, --clap a local folder or a
+name already in the Hugging Face cache; README (Evaluation) says where to fetch them. Bad input
+stops with one line naming the flag or file, exit code 2: a missing folder or weight file, an
+empty folder, a generated file without a reference or a prompt, a weights file or CLAP name that
+does not load (all before any audio is read), an unreadable audio file (when it is read).
+
+Output: a table on stdout and a JSON (default GENERATED/evaluation.json, written atomically) with
+the three numbers, counts, per-file values, the clips too short for a model's window, and the
+settings.
+
+--convergence OUT trains the four variants (train.py, in this process) with one budget: the same
+--layers, --steps, --batch-size, --seed and --eval-every, on the synthetic set, then writes
+OUT/convergence.csv and OUT/convergence.png (loss and caption score against the step and against
+the training time, evaluation excluded). --plot-only redraws from the runs already in OUT.
+"""
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import sys
+import types
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import AUDIO_EXTENSIONS, atomic_write_text
+
+OPENL3_SR, OPENL3_HOP_S = 48000, 0.5                   # stable-audio-metrics: 48 kHz, hop 0.5 s (window 1 s)
+PASST_SR, PASST_WINDOW_S, PASST_HOP_S = 32000, 10.0, 5.0
+PASST_MIN_WINDOW = 0.15                                # fraction of a window below which it is dropped
+KL_EPS = 1e-6
+CLAP_MAX_TOKENS = 77                                   # LAION-CLAP's text length
+PEAK_DB = -1.0
+DEFAULT_OPENL3 = "weights/torchopenl3_mel256_music_512.pth.tar"
+DEFAULT_PASST = "weights/passt-s-f128-p16-s10-ap.476-swa.pt"
+DEFAULT_CLAP = "laion/clap-htsat-fused"                # LAION-CLAP, HTSAT with fusion (as stable-audio-metrics' default)
+VARIANTS = ("prefix_mamba", "prefix_simba", "cross_simba", "cross_transformer")  # paper, Figure 1 (a)-(d)
+BUDGET = ("layers", "steps", "batch_size", "grad_accum", "seed", "eval_every", "d_model", "frames", "lr")  # equal for all
+
+
+def fail(message):
+    """Bad input: one line on stderr, exit code 2, no traceback."""
+    print(f"evaluate.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def note(message):
+    print(f"note: {message}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+
+
+def list_audio(folder, flag):
+    """{name without extension: path} of the audio files directly in `folder`."""
+    if not os.path.isdir(folder):
+        fail(f"{flag} {folder}: not a folder")
+    files = {}
+    for entry in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(entry)
+        if ext.lower() in AUDIO_EXTENSIONS and os.path.isfile(os.path.join(folder, entry)):
+            if stem in files:
+                fail(f"{flag} {folder}: two files are named {stem} ({os.path.basename(files[stem])}, {entry})")
+            files[stem] = os.path.join(folder, entry)
+    if not files:
+        fail(f"{flag} {folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+    return files
+
+
+def read_prompts(path):
+    """{id: prompt} from JSONL ({"id": ..., "caption": ...} per line) or CSV with a header row.
+    The id may be called id or ytid (MusicCaps' CSV), the text caption, prompt or text."""
+    if not os.path.isfile(path):
+        fail(f"--prompts {path}: file not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.lower().endswith(".csv"):
+            rows = list(csv.DictReader(f))
+        else:
+            rows = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        fail(f"--prompts {path}:{n}: not valid JSON ({e.msg})")
+    prompts = {}
+    for n, row in enumerate(rows, 1):
+        key = next((row[k] for k in ("id", "ytid") if isinstance(row, dict) and row.get(k) not in (None, "")), None)
+        text = next((row[k] for k in ("caption", "prompt", "text") if isinstance(row, dict) and row.get(k)), None)
+        if key is None or not str(text or "").strip():
+            fail(f"--prompts {path}: entry {n} needs an id (id or ytid) and a text (caption, prompt or text)")
+        prompts[str(key)] = str(text).strip()
+    return prompts
+
+
+def load_mono(path, sample_rate):
+    """Audio file -> float32 mono at `sample_rate` (channels averaged, soxr HQ), peak at -1 dBFS.
+    A silent file stays silent."""
+    import soundfile as sf
+    import soxr
+    try:
+        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile's message names the problem
+        fail(f"{path}: unreadable audio ({str(e).splitlines()[0]})")
+    if audio.size == 0:
+        fail(f"{path}: no audio samples")
+    mono = audio.mean(axis=1)
+    if sr != sample_rate:
+        mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
+    peak = np.abs(mono).max()
+    if peak > 0:
+        mono = mono * (10 ** (PEAK_DB / 20) / peak)
+    return mono.astype(np.float32)
+
+
+def progress(items, desc):
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit="file", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The three measures, on arrays
+
+
+def gaussian_stats(embeddings):
+    """embeddings (N, D) -> mean (D,), covariance (D, D) with ddof 1, both float64."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"need at least 2 embeddings of shape (N, D), got {x.shape}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def _psd_eigvals(s, vectors=False):
+    """Eigenvalues (and vectors) of a symmetric PSD matrix; those at round-off level (below
+    n * eps * the largest, numpy's matrix_rank tolerance), negative ones included, are set to 0, so
+    a singular matrix keeps its exact zeros (their square roots would otherwise add up)."""
+    s = (s + s.T) / 2
+    w, v = np.linalg.eigh(s) if vectors else (np.linalg.eigvalsh(s), None)
+    w = np.where(w > len(w) * np.finfo(np.float64).eps * max(w.max(), 0.0), w, 0.0)
+    return (w, v) if vectors else w
+
+
+def trace_sqrt_product(s1, s2):
+    """tr((S1 S2)^(1/2)) for covariances S1, S2: S1 S2 is similar to S1^(1/2) S2 S1^(1/2), which is
+    symmetric PSD, so the trace is the sum of the square roots of its eigenvalues. No inverse, no
+    complex parts: exact for singular (rank-deficient) covariances too."""
+    w, v = _psd_eigvals(s1, vectors=True)
+    r = (v * np.sqrt(w)) @ v.T  # S1^(1/2)
+    return float(np.sqrt(_psd_eigvals(r @ s2 @ r)).sum())
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """Frechet distance between N(mu1, S1) and N(mu2, S2):
+    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64. Symmetric; >= 0 up to round-off."""
+    mu1, mu2, s1, s2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, s1, s2))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2))
+
+
+def kl_divergence(p_ref, p_gen, eps=KL_EPS):
+    """KL(p_ref || p_gen) = sum_i p_ref_i (log p_ref_i - log(p_gen_i + eps)), with 0 log 0 = 0, over
+    the last axis (audiocraft's metrics/kld.py). eps keeps a zero in p_gen finite; for identical
+    inputs it gives about -eps per class instead of 0."""
+    p_ref = torch.as_tensor(p_ref, dtype=torch.float64)
+    p_gen = torch.as_tensor(p_gen, dtype=torch.float64)
+    return (torch.xlogy(p_ref, p_ref) - p_ref * torch.log(p_gen + eps)).sum(-1)
+
+
+def passt_windows(audio, sample_rate=PASST_SR):
+    """(n,) -> (W, window) float32: 10 s windows starting every 5 s (stable-audio-metrics: starts
+    0, 5, ... < max(5 s, length - 5 s)); a short window is zero-padded, or dropped if it lasts at
+    most 15 % of a window (as audiocraft). So a clip of 5 s or more has windows of 5 to 10 s of
+    audio, a shorter one a single window, and one of 1.5 s or less none (W = 0)."""
+    size, hop = int(PASST_WINDOW_S * sample_rate), int(PASST_HOP_S * sample_rate)
+    windows = []
+    for start in range(0, max(hop, len(audio) - hop), hop):
+        w = audio[start:start + size]
+        if len(w) <= PASST_MIN_WINDOW * size:
+            continue
+        windows.append(np.pad(w, (0, size - len(w))))
+    return np.stack(windows).astype(np.float32) if windows else np.zeros((0, size), np.float32)
+
+
+def cosine(a, b):
+    """Row-wise cosine similarity of (N, D) and (N, D) -> (N,)."""
+    return F.cosine_similarity(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), dim=-1, eps=1e-8)
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenL3 (torchopenl3)
+
+
+def load_openl3(path, device):
+    """torchopenl3's PytorchOpenl3 (music, mel256, 512-d) with the weights file at `path`
+    (torchopenl3_mel256_music_512.pth.tar, a state dict), in eval mode."""
+    if not os.path.isfile(path):
+        fail(f"--openl3 {path}: no such weights file (fetch torchopenl3_mel256_music_512.pth.tar; see README, Evaluation)")
+    try:
+        from torchopenl3.models import PytorchOpenl3
+    except ImportError as e:
+        fail(f"--openl3: torchopenl3 is not installed ({e}); see requirements-eval.txt")
+    with warnings.catch_warnings():  # librosa: the lowest of the 256 HTK mel bands catch no FFT bin (as in OpenL3)
+        warnings.filterwarnings("ignore", message="Empty filters detected")
+        model = PytorchOpenl3(content_type="music", input_repr="mel256", embedding_size=512)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except Exception as e:
+        fail(f"--openl3 {path}: not OpenL3 mel256/music/512 weights ({str(e).splitlines()[0][:200]})")
+    return model.eval().to(device)
+
+
+@torch.no_grad()
+def openl3_embeddings(model, audio, device, batch_size=32):
+    """Mono audio at 48 kHz (n,) -> OpenL3 embeddings (frames, 512) float64: 1 s frames every 0.5 s,
+    the first centred on t = 0 (torchopenl3's framing, as openl3's center=True; zero-padded)."""
+    from torchopenl3.utils import preprocess_audio_batch
+    frames = preprocess_audio_batch(torch.from_numpy(audio)[None], OPENL3_SR, center=True, hop_size=OPENL3_HOP_S)
+    out = [model(frames[i:i + batch_size].float().to(device)).double().cpu() for i in range(0, len(frames), batch_size)]
+    return torch.cat(out).numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# PaSST (hear21passt)
+
+
+def kaldi_mel_banks(num_bins, window_length_padded, sample_freq, low_freq, high_freq,
+                    vtln_low=100.0, vtln_high=-500.0, vtln_warp_factor=1.0):
+    """Kaldi's triangular mel filterbank (num_bins, window_length_padded / 2) float32, and the centre
+    frequencies (num_bins, 1): mel(f) = 1127 ln(1 + f / 700); num_bins triangles equally spaced in
+    mel between low_freq and high_freq (<= 0: relative to Nyquist), evaluated at the FFT bin
+    frequencies k * sample_freq / window_length_padded. The signature and float32 arithmetic of
+    torchaudio.compliance.kaldi.get_mel_banks, without VTLN warping (factor 1: what PaSST uses)."""
+    if vtln_warp_factor != 1.0:
+        raise NotImplementedError("VTLN warping")
+    nyquist = 0.5 * sample_freq
+    high_freq = high_freq + nyquist if high_freq <= 0 else high_freq
+    mel_low, mel_high = (1127.0 * math.log(1.0 + f / 700.0) for f in (low_freq, high_freq))
+    delta = (mel_high - mel_low) / (num_bins + 1)
+    i = torch.arange(num_bins, dtype=torch.float32)[:, None]
+    left, center, right = mel_low + i * delta, mel_low + (i + 1.0) * delta, mel_low + (i + 2.0) * delta
+    freqs = sample_freq / window_length_padded * torch.arange(window_length_padded // 2, dtype=torch.float32)
+    mel = (1127.0 * (1.0 + freqs / 700.0).log())[None]
+    up, down = (mel - left) / (center - left), (right - mel) / (right - center)
+    bins = torch.clamp(torch.minimum(up, down), min=0.0)
+    return bins, 700.0 * ((center / 1127.0).exp() - 1.0)
+
+
+class _TrainingOnly(torch.nn.Module):
+    """Stands in for torchaudio's SpecAugment masks, which PaSST applies only in training."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def forward(self, x):
+        raise RuntimeError("SpecAugment masking is for training; evaluate.py runs PaSST in eval mode")
+
+
+def _stand_ins():
+    """Modules hear21passt imports that cannot be imported here (see requirements-eval.txt):
+    timm (for its download helper only) and torchaudio (Kaldi's mel filterbank, training-time masks)."""
+    mods = {}
+    try:
+        import timm.models._hub  # noqa: F401
+    except Exception:
+        hub = types.ModuleType("timm.models._hub")
+
+        def download_cached_file(url, *args, **kwargs):
+            raise RuntimeError(f"evaluate.py reads PaSST weights from a local file (--passt), not {url}")
+
+        hub.download_cached_file = download_cached_file
+        mods.update({"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models"), "timm.models._hub": hub})
+    try:
+        import torchaudio.compliance.kaldi  # noqa: F401
+        import torchaudio.transforms  # noqa: F401
+    except Exception:  # not installed, or its CUDA-only extension fails to load (OSError)
+        ta, compliance, kaldi, transforms = (types.ModuleType(n) for n in
+                                             ("torchaudio", "torchaudio.compliance", "torchaudio.compliance.kaldi", "torchaudio.transforms"))
+        kaldi.get_mel_banks = kaldi_mel_banks
+        transforms.FrequencyMasking = transforms.TimeMasking = _TrainingOnly
+        ta.compliance, compliance.kaldi, ta.transforms = compliance, kaldi, transforms
+        mods.update({"torchaudio": ta, "torchaudio.compliance": compliance, "torchaudio.compliance.kaldi": kaldi,
+                     "torchaudio.transforms": transforms})
+    return mods
+
+
+def import_passt():
+    """(PaSST, checkpoint_filter_fn, AugmentMelSTFT, PasstBasicWrapper) from hear21passt, with the
+    stand-ins in sys.modules only while it is imported."""
+    mods = _stand_ins()
+    saved = {name: sys.modules.get(name) for name in mods}
+    sys.modules.update(mods)
+    try:
+        from hear21passt.models.passt import PaSST, checkpoint_filter_fn
+        from hear21passt.models.preprocess import AugmentMelSTFT
+        from hear21passt.wrapper import PasstBasicWrapper
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    return PaSST, checkpoint_filter_fn, AugmentMelSTFT, PasstBasicWrapper
+
+
+@contextlib.contextmanager
+def _quiet():
+    """PaSST prints shapes and warns about its 998-frame input size on every call; hide both."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
+def _real_stft():
+    """hear21passt asks torch.stft for return_complex=False (older releases omit the argument, which
+    current torch refuses; the real-valued form is deprecated). Compute the complex STFT and return
+    it as (..., 2) real/imaginary pairs, the same numbers."""
+    stft = torch.stft
+
+    def real_stft(*args, return_complex=None, **kwargs):
+        out = stft(*args, return_complex=True, **kwargs)
+        return out if return_complex else torch.view_as_real(out)
+
+    torch.stft = real_stft
+    try:
+        yield
+    finally:
+        torch.stft = stft
+
+
+def load_passt(path, device):
+    """hear21passt's PaSST tagger (AudioSet, 527 classes), logits mode, in eval mode, with the
+    weights file at `path` (passt-s-f128-p16-s10-ap.476-swa.pt, the checkpoint
+    hear21passt.base.get_basic_model downloads). The network is built as hear21passt builds
+    "passt_s_swa_p16_128_ap476" (16x16 patches, stride 10, 128 mel x 998 frames, distilled), its
+    width and depth read from the checkpoint (768, 12 for PaSST-S; heads = width / 64); the mel
+    front end has get_basic_model's settings."""
+    if not os.path.isfile(path):
+        fail(f"--passt {path}: no such weights file (fetch passt-s-f128-p16-s10-ap.476-swa.pt; see README, Evaluation)")
+    try:
+        PaSST, checkpoint_filter_fn, AugmentMelSTFT, PasstBasicWrapper = import_passt()
+    except ImportError as e:
+        fail(f"--passt: hear21passt is not installed ({e}); see requirements-eval.txt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)  # a training checkpoint keeps the weights under "model"
+        width = state["cls_token"].shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        with _quiet():
+            net = PaSST(img_size=(128, 998), patch_size=16, stride=(10, 10), in_chans=1, num_classes=527,
+                        embed_dim=width, depth=depth, num_heads=max(1, width // 64), distilled=True)
+            net.load_state_dict(checkpoint_filter_fn(state, net))
+    except Exception as e:
+        fail(f"--passt {path}: not PaSST weights ({str(e).splitlines()[0][:200]})")
+    with _quiet():
+        mel = AugmentMelSTFT(n_mels=128, sr=PASST_SR, win_length=800, hopsize=320, n_fft=1024, freqm=48, timem=192,
+                             htk=False, fmin=0.0, fmax=None, norm=1, fmin_aug_range=10, fmax_aug_range=2000)
+    return PasstBasicWrapper(mel=mel, net=net, mode="logits").eval().to(device)
+
+
+@torch.no_grad()
+def passt_probabilities(model, audio, device):
+    """Mono audio at 32 kHz (n,) -> tag probabilities (527,) float64: softmax of the logits averaged
+    over the windows of passt_windows; None when the clip has no window (1.5 s or less)."""
+    windows = passt_windows(audio)
+    if len(windows) == 0:
+        return None
+    with _quiet(), _real_stft():
+        logits = model(torch.from_numpy(windows).to(device))
+    return torch.softmax(logits.double().mean(0), dim=-1).cpu()
+
+
+# ------------------------------------------------------------------------------------------------
+# CLAP (transformers.ClapModel)
+
+
+def load_clap(name, device):
+    """(ClapModel, its feature extractor, its tokenizer) from a local folder or a hub name (the
+    hub is reached only if the environment allows; the name must otherwise be in the HF cache)."""
+    from transformers import AutoFeatureExtractor, AutoTokenizer, ClapModel
+    try:
+        model = ClapModel.from_pretrained(name)
+        extractor = AutoFeatureExtractor.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        where = "folder" if os.path.isdir(name) else "name (not a local folder, not in the Hugging Face cache)"
+        fail(f"--clap {name}: cannot load a CLAP model from this {where}: {str(e).splitlines()[0][:160]}")
+    return model.eval().to(device), extractor, tokenizer
+
+
+def _pooled(out):
+    return out if torch.is_tensor(out) else out.pooler_output  # transformers 4 returns the tensor, 5 an output
+
+
+@torch.no_grad()
+def clap_text_embeddings(model, tokenizer, prompts, device, batch_size=64):
+    """list of N prompts -> (N, P) text embeddings (the text projection, unit length)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        tok = tokenizer(prompts[i:i + batch_size], padding=True, truncation=True, max_length=CLAP_MAX_TOKENS,
+                        return_tensors="pt").to(device)
+        out.append(_pooled(model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])))
+    return F.normalize(torch.cat(out).double().cpu(), dim=-1)
+
+
+def clap_audio_input(extractor, audio):
+    """Mono audio at the extractor's rate (n,) -> the feature extractor's tensors for one clip,
+    after LAION's int16 rounding. A clip longer than the extractor's window is cropped (rand_trunc)
+    or fused from random crops (fusion) by the extractor, with numpy's global RNG."""
+    audio = (np.clip(audio, -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32767
+    return extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt")
+
+
+@torch.no_grad()
+def clap_audio_embedding(model, extractor, audio, device):
+    """One clip (n,) -> (P,) audio embedding (the audio projection, unit length). One clip per call,
+    as stable-audio-metrics: the extractor's fusion flag depends on the batch."""
+    inputs = clap_audio_input(extractor, audio)
+    kwargs = {"input_features": inputs["input_features"].to(device)}
+    if "is_longer" in inputs:
+        kwargs["is_longer"] = inputs["is_longer"].to(device)
+    return F.normalize(_pooled(model.get_audio_features(**kwargs)).double().cpu()[0], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluation command
+
+
+def evaluate(args):
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if not metrics or set(metrics) - {"fd", "kl", "clap"}:
+        fail(f"--metrics {args.metrics}: choose from fd, kl, clap (comma-separated)")
+    generated = list_audio(args.generated, "--generated")
+    reference = list_audio(args.reference, "--reference")
+    unpaired = [name for name in generated if name not in reference]
+    if unpaired and "kl" in metrics:
+        fail(f"--reference {args.reference}: no file named like {len(unpaired)} generated file(s), "
+             f"e.g. {os.path.basename(generated[unpaired[0]])} (KL pairs files by name)")
+    prompts = {}
+    if "clap" in metrics:
+        if not args.prompts:
+            fail("--prompts FILE is needed for the CLAP score (or leave it out: --metrics fd,kl)")
+        prompts = read_prompts(args.prompts)
+        missing = [name for name in generated if name not in prompts]
+        if missing:
+            fail(f"--prompts {args.prompts}: no prompt for {len(missing)} generated file(s), e.g. id {missing[0]}")
+    for flag, path, metric in (("--openl3", args.openl3, "fd"), ("--passt", args.passt, "kl")):
+        if metric in metrics and not os.path.isfile(path):
+            fail(f"{flag} {path}: no such weights file (see README, Evaluation, for where to fetch it)")
+    out_path = args.out or os.path.join(args.generated, "evaluation.json")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    extra = [name for name in reference if name not in generated]
+    if extra:
+        note(f"{len(extra)} reference file(s) have no generated file of the same name: "
+             + ("used for FD only" if "fd" in metrics else "not used"))
+
+    # every model now, so that a bad weights file or CLAP name stops the run before any audio is read
+    openl3 = load_openl3(args.openl3, device) if "fd" in metrics else None
+    passt = load_passt(args.passt, device) if "kl" in metrics else None
+    clap, extractor, tokenizer = load_clap(args.clap, device) if "clap" in metrics else (None, None, None)
+
+    report = {"generated": os.path.abspath(args.generated), "reference": os.path.abspath(args.reference),
+              "counts": {"generated": len(generated), "reference": len(reference)}, "short_clips": {},
+              "per_file": {name: {} for name in generated}}
+
+    if "fd" in metrics:
+        stats, short = {}, []
+        for side, files in (("generated", generated), ("reference", reference)):
+            emb = []
+            for name, path in progress(files.items(), f"OpenL3 {side}"):
+                audio = load_mono(path, OPENL3_SR)
+                if len(audio) < OPENL3_SR:
+                    short.append(f"{side}/{os.path.basename(path)}")
+                emb.append(openl3_embeddings(openl3, audio, device))
+            emb = np.concatenate(emb)
+            if len(emb) < 2:
+                fail(f"--{side} {args.generated if side == 'generated' else args.reference}: one OpenL3 frame in all "
+                     f"(a clip under 1 s); a covariance needs at least 2")
+            report["counts"][f"openl3_frames_{side}"] = len(emb)
+            stats[side] = gaussian_stats(emb)
+        if short:
+            note(f"{len(short)} clip(s) shorter than OpenL3's 1 s window, zero-padded: {', '.join(short[:5])}")
+        report["short_clips"]["openl3"] = short
+        report["fd_openl3"] = frechet_distance(*stats["generated"], *stats["reference"])
+
+    if "kl" in metrics:
+        kl, kl_back, skipped = [], [], []
+        for name in progress(list(generated), "PaSST pairs"):
+            p_gen = passt_probabilities(passt, load_mono(generated[name], PASST_SR), device)
+            p_ref = passt_probabilities(passt, load_mono(reference[name], PASST_SR), device)
+            if p_gen is None or p_ref is None:
+                skipped.append(name)
+                continue
+            kl.append(float(kl_divergence(p_ref, p_gen)))
+            kl_back.append(float(kl_divergence(p_gen, p_ref)))
+            report["per_file"][name]["kl_passt"] = kl[-1]
+        if skipped:
+            note(f"{len(skipped)} pair(s) left out of KL, a clip of 1.5 s or less (PaSST window 10 s): {', '.join(skipped[:5])}")
+        report["short_clips"]["passt"] = skipped
+        report["counts"]["kl_pairs"] = len(kl)
+        report["kl_passt"] = float(np.mean(kl)) if kl else None
+        report["kl_passt_gen_ref"] = float(np.mean(kl_back)) if kl else None
+
+    if "clap" in metrics:
+        names = list(generated)
+        text = clap_text_embeddings(clap, tokenizer, [prompts[n] for n in names], device)
+        window = getattr(extractor, "nb_max_samples", None)
+        np.random.seed(args.seed)  # the extractor's crops of clips longer than its window
+        scores, longer = [], []
+        for i, name in enumerate(progress(names, "CLAP")):
+            audio = load_mono(generated[name], extractor.sampling_rate)
+            if window and len(audio) > window:
+                longer.append(name)
+            scores.append(float(cosine(clap_audio_embedding(clap, extractor, audio, device)[None], text[i][None])[0]))
+            report["per_file"][name]["clap"] = scores[-1]
+        if longer:
+            note(f"{len(longer)} clip(s) longer than CLAP's {window / extractor.sampling_rate:g} s window, "
+                 f"{extractor.truncation} (seed {args.seed}): {', '.join(longer[:5])}")
+        report["counts"]["clap_clips"] = len(scores)
+        report["clap_score"] = float(np.mean(scores))
+
+    report["settings"] = {"metrics": metrics, "openl3": args.openl3 if "fd" in metrics else None,
+                          "passt": args.passt if "kl" in metrics else None, "clap": args.clap if "clap" in metrics else None,
+                          "prompts": args.prompts, "seed": args.seed, "device": device,
+                          "openl3_sr": OPENL3_SR, "openl3_hop_s": OPENL3_HOP_S, "passt_sr": PASST_SR,
+                          "passt_window_s": PASST_WINDOW_S, "passt_hop_s": PASST_HOP_S, "kl_eps": KL_EPS,
+                          "peak_dbfs": PEAK_DB}
+    atomic_write_text(out_path, json.dumps(report, indent=1) + "\n")
+    print_table(report)
+    print(f"wrote {out_path}")
+    return report
+
+
+def print_table(report):
+    c = report["counts"]
+    rows = [("metric", "value", "over")]
+    if "fd_openl3" in report:
+        rows.append(("FD_openl3 (lower is better)", f"{report['fd_openl3']:.4f}",
+                     f"{c['generated']} generated files ({c['openl3_frames_generated']} frames) vs "
+                     f"{c['reference']} reference files ({c['openl3_frames_reference']} frames)"))
+    if "kl_passt" in report:
+        kl = report["kl_passt"]
+        rows.append(("KL_passt (lower is better)", "n/a" if kl is None else f"{kl:.4f}",
+                     f"{c['kl_pairs']} pairs, KL(reference || generated)"
+                     + ("" if kl is None else f"; KL(generated || reference) {report['kl_passt_gen_ref']:.4f}")))
+    if "clap_score" in report:
+        rows.append(("CLAP (higher is better)", f"{report['clap_score']:.4f}", f"{c['clap_clips']} generated files and their prompts"))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The convergence comparison (paper, Figure 2 / RQ2, in miniature on the synthetic set)
+
+
+def read_run(folder):
+    """A train.py run folder -> (rows of metrics.csv as dicts of floats, its config.json)."""
+    metrics, config = os.path.join(folder, "metrics.csv"), os.path.join(folder, "config.json")
+    if not (os.path.isfile(metrics) and os.path.isfile(config)):
+        fail(f"--convergence: {folder} has no finished run (metrics.csv, config.json)")
+    with open(metrics) as f:
+        rows = [{k: float(v) if v != "" else None for k, v in r.items()} for r in csv.DictReader(f)]
+    with open(config) as f:
+        return rows, json.load(f)
+
+
+def training_time(rows, args):
+    """Seconds of training up to each logged step, evaluation excluded: the step time is the
+    micro-batch tokens over tokens_per_s (train.py measures each step's time, evaluation after it)."""
+    tokens = args["batch_size"] * args["grad_accum"] * args["frames"]
+    return np.cumsum([tokens / r["tokens_per_s"] for r in rows])
+
+
+def convergence(args):
+    out = args.convergence
+    budget = ["--layers", str(args.layers), "--steps", str(args.steps), "--seed", str(args.seed),
+              "--eval-every", str(args.eval_every), "--log-every", "1"]
+    for flag, value in (("--batch-size", args.batch_size), ("--d-model", args.d_model), ("--frames", args.frames)):
+        if value is not None:
+            budget += [flag, str(value)]
+    if not args.plot_only:
+        import train
+        for variant in VARIANTS:
+            run = os.path.join(out, variant)
+            argv = ["--variant", variant, "--out", run] + budget
+            ckpt = os.path.join(run, "ckpt.pt")
+            if os.path.exists(ckpt):  # an earlier invocation: finished (skip) or interrupted (resume)
+                saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+                want = vars(train.parse_args(argv)[0])
+                if any(saved["args"].get(k) != want[k] for k in BUDGET):
+                    fail(f"--convergence {out}: {run} was trained with other settings "
+                         f"(choose another folder, or --plot-only to redraw it)")
+                if saved["step"] >= args.steps:
+                    print(f"== {variant}: done earlier ({saved['step']} steps)")
+                    continue
+                argv.append("--resume")
+            print(f"== {variant}: train.py {' '.join(argv[2:])}")
+            try:
+                train.main(argv)
+            except SystemExit as e:
+                if e.code not in (None, 0):
+                    fail(f"--convergence: training {variant} stopped ({e.code})")
+
+    table = []
+    for variant in VARIANTS:
+        rows, config = read_run(os.path.join(out, variant))
+        n_params = None
+        ckpt = os.path.join(out, variant, "ckpt.pt")
+        if os.path.exists(ckpt):
+            state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["model"]
+            n_params = sum(v.numel() for v in state.values())
+        for r, t in zip(rows, training_time(rows, config["args"])):
+            table.append({"variant": variant, "params": n_params, "step": int(r["step"]), "loss": r["loss"],
+                          "caption_score": r["caption_score"], "train_time_s": round(float(t), 2),
+                          "elapsed_s": r["elapsed_s"], "tokens_per_s": r["tokens_per_s"]})
+    budgets = {json.dumps({k: read_run(os.path.join(out, v))[1]["args"][k] for k in BUDGET}, sort_keys=True)
+               for v in VARIANTS}
+    if len(budgets) != 1:
+        fail(f"--convergence {out}: the four runs were not trained with the same budget")
+    budget_args = json.loads(budgets.pop())
+
+    csv_path = os.path.join(out, "convergence.csv")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, list(table[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows({k: "" if v is None else v for k, v in r.items()} for r in table)
+    atomic_write_text(csv_path, buf.getvalue())
+    png_path = os.path.join(out, "convergence.png")
+    plot_convergence(table, budget_args, png_path)
+    for variant in VARIANTS:
+        rows = [r for r in table if r["variant"] == variant]
+        scores = [r for r in rows if r["caption_score"] is not None]
+        tail = rows[-min(20, len(rows)):]
+        curve = " ".join(f"{r['caption_score']:.2f}" for r in scores)
+        print(f"{variant:<18} loss (mean of the last {len(tail)} steps) {np.mean([r['loss'] for r in tail]):.3f}  "
+              f"caption score {curve}  "
+              f"training {rows[-1]['train_time_s']:.0f} s")
+    print(f"wrote {csv_path} and {png_path}")
+    return table
+
+
+def plot_convergence(table, budget, path, smooth=10):
+    """2 x 2 figure: loss (running mean over `smooth` steps) and caption score, against the step and
+    against the training time. Written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for i, variant in enumerate(VARIANTS):
+        rows = [r for r in table if r["variant"] == variant]
+        params = rows[0]["params"]
+        label = variant.replace("_", " ") + (f" ({params / 1e6:.2f} M)" if params else "")
+        loss = np.array([r["loss"] for r in rows])
+        k = min(smooth, len(loss))
+        mean = np.convolve(loss, np.ones(k) / k, mode="valid")
+        scored = [r for r in rows if r["caption_score"] is not None]
+        for col, x in ((0, "step"), (1, "train_time_s")):
+            xs = np.array([r[x] for r in rows])
+            axes[0, col].plot(xs[k - 1:], mean, color=f"C{i}", label=label)
+            axes[1, col].plot([r[x] for r in scored], [r["caption_score"] for r in scored], "o-", color=f"C{i}", label=label)
+    for col, xlabel in ((0, "training step"), (1, "training time (s, evaluation excluded)")):
+        axes[0, col].set(xlabel=xlabel, ylabel=f"loss (mean of {smooth} steps)")
+        axes[1, col].set(xlabel=xlabel, ylabel="caption score of samples")
+        axes[1, col].axhline(0.25, color="gray", ls=":", lw=1, label="chance (random codes)")
+        for row in range(2):
+            axes[row, col].grid(alpha=0.3)
+    handles, labels = axes[1, 0].get_legend_handles_labels()
+    axes[0, 0].legend(handles, labels, fontsize=8, loc="upper right")
+    fig.suptitle(f"The four LM variants with one budget, synthetic set: {budget['layers']} blocks, d_model {budget['d_model']}, "
+                 f"batch {budget['batch_size']} x {budget['frames']} frames, lr {budget['lr']:g}, seed {budget['seed']}", fontsize=10)
+    fig.tight_layout()
+    tmp = path + ".tmp"
+    fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(message)
+
+
+def parse_args(argv=None):
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--generated", help="folder of generated audio files (wav, flac, ogg, mp3)")
+    ap.add_argument("--reference", help="folder of reference audio; KL pairs files by name (without extension)")
+    ap.add_argument("--prompts", help="JSONL or CSV: an id (file name without extension) and its prompt, for CLAP")
+    ap.add_argument("--metrics", default="fd,kl,clap", help="which of fd, kl, clap (default: all three)")
+    ap.add_argument("--openl3", default=DEFAULT_OPENL3, help="torchopenl3 weights file (mel256, music, 512)")
+    ap.add_argument("--passt", default=DEFAULT_PASST, help="PaSST weights file (AudioSet, passt-s ... ap.476-swa)")
+    ap.add_argument("--clap", default=DEFAULT_CLAP, help="CLAP model: local folder or name in the Hugging Face cache")
+    ap.add_argument("--out", help="JSON report (default: GENERATED/evaluation.json)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--seed", type=int, default=0, help="numpy seed for CLAP's crops of long clips; training seed")
+    conv = ap.add_argument_group("convergence comparison (paper, Figure 2 / RQ2, in miniature)")
+    conv.add_argument("--convergence", metavar="OUT", help="train the four variants into OUT/<variant>, plot OUT/convergence.png")
+    conv.add_argument("--layers", type=int, default=2, help="LM blocks per variant")
+    conv.add_argument("--steps", type=int, default=300)
+    conv.add_argument("--eval-every", type=int, default=25, help="steps between caption scores")
+    conv.add_argument("--batch-size", type=int, help="default: train.py's synthetic preset (16)")
+    conv.add_argument("--d-model", type=int, help="default: train.py's synthetic preset (256)")
+    conv.add_argument("--frames", type=int, help="default: train.py's synthetic preset (128)")
+    conv.add_argument("--plot-only", action="store_true", help="redraw from the runs already in OUT")
+    args = ap.parse_args(argv)
+    if args.convergence:
+        if args.generated or args.reference:
+            fail("--convergence trains and plots; it takes no --generated/--reference")
+        for flag in ("layers", "steps", "eval_every", "batch_size", "d_model", "frames"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                fail(f"--{flag.replace('_', '-')} must be at least 1")
+    elif not (args.generated and args.reference):
+        fail("give --generated DIR and --reference DIR (or --convergence OUT)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device here")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return convergence(args) if args.convergence else evaluate(args)
+
+
+if __name__ == "__main__":
+    main()

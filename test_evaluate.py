@@ -1,0 +1,408 @@
+"""Tests of evaluate.py (CPU; tiny or random-weight models saved to temporary folders).
+
+    HF_HUB_OFFLINE=1 python -m pytest -q test_evaluate.py
+
+The model packages (requirements-eval.txt) are optional: their tests skip without them.
+"""
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import evaluate
+
+needs_openl3 = pytest.mark.skipif(not __import__("importlib").util.find_spec("torchopenl3"), reason="torchopenl3 not installed")
+needs_passt = pytest.mark.skipif(not __import__("importlib").util.find_spec("hear21passt"), reason="hear21passt not installed")
+
+
+def random_spd(rng, d, rank=None):
+    a = rng.standard_normal((d, rank or d))
+    return a @ a.T / d + (0 if rank else 0.1 * np.eye(d))
+
+
+# ------------------------------------------------------------------------------------------------
+# FD
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    d = 16
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s = random_spd(rng, d)
+    # S2 = c^2 S1 commutes with S1: (S1 S2)^(1/2) = c S1, so FD = |dmu|^2 + (1 - c)^2 tr S1.
+    c = 1.7
+    expected = np.sum((mu1 - mu2) ** 2) + (1 - c) ** 2 * np.trace(s)
+    assert abs(evaluate.frechet_distance(mu1, s, mu2, c * c * s) - expected) < 1e-6 * expected
+    # Diagonal covariances: tr (S1 S2)^(1/2) = sum sqrt(a_i b_i).
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    expected = np.sum((mu1 - mu2) ** 2) + a.sum() + b.sum() - 2 * np.sqrt(a * b).sum()
+    assert abs(evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) - expected) < 1e-9
+    # General full-rank pair: the trace of scipy's (non-symmetric) matrix square root.
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    s1, s2 = random_spd(rng, d), random_spd(rng, d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy_linalg.sqrtm(s1 @ s2)).real
+    assert abs(evaluate.frechet_distance(mu1, s1, mu2, s2) - expected) < 1e-9 * expected
+
+
+def test_frechet_distance_of_samples_and_rank_deficient():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 24)) @ rng.standard_normal((24, 24))
+    y = rng.standard_normal((200, 24)) + 0.5
+    mx, sx = evaluate.gaussian_stats(x)
+    my, sy = evaluate.gaussian_stats(y)
+    assert np.allclose(sx, np.cov(x.T)) and sx.dtype == np.float64       # ddof 1, float64
+    assert abs(evaluate.frechet_distance(mx, sx, mx, sx)) < 1e-9 * np.trace(sx)  # a set with itself
+    assert evaluate.frechet_distance(mx, sx, my, sy) == pytest.approx(evaluate.frechet_distance(my, sy, mx, sx), rel=1e-10)
+    # 10 samples in 128-d (as a few short clips give OpenL3 in 512-d): covariance of rank 9.
+    z = rng.standard_normal((10, 128))
+    mz, sz = evaluate.gaussian_stats(z)
+    assert np.linalg.matrix_rank(sz) == 9
+    shift = np.full(128, 0.01)
+    # Same singular covariance, shifted mean: exactly |shift|^2; scaled by c^2: + (1 - c)^2 tr S.
+    assert evaluate.frechet_distance(mz, sz, mz + shift, sz) == pytest.approx(shift @ shift, abs=1e-8)
+    assert evaluate.frechet_distance(mz, sz, mz, 4 * sz) == pytest.approx(np.trace(sz), rel=1e-8)
+    w = rng.standard_normal((12, 128)) * 2
+    fd = evaluate.frechet_distance(mz, sz, *evaluate.gaussian_stats(w))
+    assert math.isfinite(fd) and fd > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# KL
+
+
+def test_kl_divergence_hand_values():
+    p, q = [0.5, 0.5, 0.0], [0.9, 0.05, 0.05]
+    eps = 1e-6
+    expected = 0.5 * math.log(0.5 / (0.9 + eps)) + 0.5 * math.log(0.5 / (0.05 + eps))  # the 0 log 0 term is 0
+    assert float(evaluate.kl_divergence(p, q)) == pytest.approx(expected, rel=1e-12)
+    back = 0.9 * math.log(0.9 / (0.5 + eps)) + 0.05 * math.log(0.05 / (0.5 + eps)) + 0.05 * math.log(0.05 / eps)
+    assert float(evaluate.kl_divergence(q, p)) == pytest.approx(back, rel=1e-12)
+    # identical inputs: 0 but for eps, sum p log(p / (p + eps)) ~ -eps per class
+    r = torch.softmax(torch.randn(527, generator=torch.Generator().manual_seed(0)), 0)
+    same = float(evaluate.kl_divergence(r, r))
+    assert same == pytest.approx(float((r.double() * torch.log(r.double() / (r.double() + eps))).sum()), rel=1e-9)
+    assert abs(same) < 527 * eps
+    assert float(evaluate.kl_divergence([0.2, 0.8], [0.2, 0.8], eps=0)) == 0.0
+    # batched over the last axis
+    assert torch.allclose(evaluate.kl_divergence(torch.stack([r, r]), torch.stack([r, r.flip(0)]))[1],
+                          evaluate.kl_divergence(r, r.flip(0)))
+
+
+def test_passt_windows():
+    sr = evaluate.PASST_SR
+    audio = np.arange(25 * sr, dtype=np.float32)
+    w = evaluate.passt_windows(audio)
+    assert w.shape == (4, 10 * sr)                                         # starts 0, 5, 10, 15 s
+    assert [int(x[0]) for x in w] == [0, 5 * sr, 10 * sr, 15 * sr] and w[-1, -1] == 25 * sr - 1
+    w = evaluate.passt_windows(audio[:12 * sr])                            # 0-10 s, 5-12 s + 3 s of zeros
+    assert w.shape == (2, 10 * sr) and np.array_equal(w[1, :7 * sr], audio[5 * sr:12 * sr]) and not w[1, 7 * sr:].any()
+    assert evaluate.passt_windows(audio[:10 * sr]).shape == (1, 10 * sr)
+    w = evaluate.passt_windows(audio[:3 * sr])                             # short clip: padded
+    assert w.shape == (1, 10 * sr) and np.array_equal(w[0, :3 * sr], audio[:3 * sr])
+    assert evaluate.passt_windows(audio[:int(1.5 * sr)]).shape == (0, 10 * sr)  # 15 % of a window: dropped
+    w = evaluate.passt_windows(audio[:16 * sr])                            # starts < 16 - 5 s: 0, 5, 10
+    assert w.shape == (3, 10 * sr) and np.array_equal(w[2, :6 * sr], audio[10 * sr:16 * sr]) and not w[2, 6 * sr:].any()
+
+
+def test_kaldi_mel_banks_stand_in():
+    """The filterbank given to hear21passt when torchaudio cannot be imported: values recorded from
+    torchaudio 2.11.1's compliance.kaldi.get_mel_banks(128, 1024, 32000, 0.0, 15000.0, 100.0, -500.0,
+    1.0), PaSST's call (it was bit-identical on four settings)."""
+    bins, centers = evaluate.kaldi_mel_banks(128, 1024, 32000, 0.0, 15000.0, 100.0, -500.0, 1.0)
+    assert bins.shape == (128, 512) and bins.dtype == torch.float32 and centers.shape == (128, 1)
+    assert bins.double().sum().item() == 473.490556985701
+    assert (bins > 0).sum().item() == 948
+    assert bins[60].nonzero().flatten().tolist() == [73, 74, 75, 76, 77]
+    assert bins[60, 73:78].tolist() == [0.09745600819587708, 0.5299479365348816, 0.9579610228538513,
+                                        0.6183940768241882, 0.1990305632352829]
+    assert centers[0, 0].item() == 17.082918167114258 and centers[-1, 0].item() == 14625.982421875
+    # by the definition, in float64: triangle of bin 60 at FFT bin 75
+    mel = lambda f: 1127 * math.log(1 + f / 700)
+    delta = mel(15000.0) / 129
+    m = mel(75 * 32000 / 1024)
+    assert bins[60, 75].item() == pytest.approx(min((m - 60 * delta) / delta, (62 * delta - m) / delta), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny models and audio
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Random-weight models saved as the real files would be: OpenL3 of the real architecture,
+    PaSST of the real architecture at width 64 and depth 1, a tiny CLAP folder (ByT5 tokenizer)."""
+    from transformers import ByT5Tokenizer, ClapConfig, ClapFeatureExtractor, ClapModel
+    root = tmp_path_factory.mktemp("weights")
+    paths = {}
+    torch.manual_seed(0)
+    if __import__("importlib").util.find_spec("torchopenl3"):
+        from torchopenl3.models import PytorchOpenl3
+        paths["openl3"] = str(root / "openl3.pth.tar")
+        with pytest.warns(UserWarning, match="Empty filters"):  # librosa, on OpenL3's lowest mel bands
+            model = PytorchOpenl3(content_type="music", input_repr="mel256", embedding_size=512)
+        torch.save(model.state_dict(), paths["openl3"])
+    if __import__("importlib").util.find_spec("hear21passt"):
+        PaSST = evaluate.import_passt()[0]
+        net = PaSST(img_size=(128, 998), patch_size=16, stride=(10, 10), in_chans=1, num_classes=527,
+                    embed_dim=64, depth=1, num_heads=1, distilled=True)
+        for p in net.parameters():  # unit-scale activations, so that the tags depend on the sound
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, std=p[0].numel() ** -0.5)
+        paths["passt"] = str(root / "passt.pt")
+        torch.save(net.state_dict(), paths["passt"])
+    tok = ByT5Tokenizer()
+    cfg = ClapConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=37, max_position_embeddings=100, pad_token_id=tok.pad_token_id),
+                     audio_config=dict(spec_size=128, num_mel_bins=64, patch_size=4, patch_stride=(4, 4), hidden_size=32,
+                                       patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[2, 2],
+                                       window_size=4, enable_fusion=True, num_classes=10),
+                     projection_dim=16)
+    paths["clap"] = str(root / "clap")
+    ClapModel(cfg).save_pretrained(paths["clap"])
+    ClapFeatureExtractor(feature_size=64, sampling_rate=48000, max_length_s=1, truncation="fusion").save_pretrained(paths["clap"])
+    tok.save_pretrained(paths["clap"])
+    return paths
+
+
+def tone(seconds, sr, freq, channels=1):
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * freq * t)
+    return np.stack([x * (1 + c) / 2 for c in range(channels)], 1) if channels > 1 else x
+
+
+def noise(seconds, sr, seed):
+    return 0.2 * np.random.default_rng(seed).standard_normal(int(seconds * sr))
+
+
+@pytest.fixture
+def sets(tmp_path):
+    """generated/: a (1.6 s, 44.1 kHz stereo sine), b (1 s, 32 kHz noise, FLAC), c (0.5 s sine:
+    shorter than OpenL3's 1 s window); b and c are shorter than PaSST's 1.5 s minimum; same/:
+    copies; other/: other sounds. Short, because OpenL3 costs about 20 GFLOP per 1 s frame."""
+    gen, same, other = (tmp_path / n for n in ("generated", "same", "other"))
+    for d in (gen, same, other):
+        d.mkdir()
+    sf.write(gen / "a.wav", tone(1.6, 44100, 440, channels=2), 44100)
+    sf.write(gen / "b.flac", noise(1.0, 32000, 0), 32000)
+    sf.write(gen / "c.wav", tone(0.5, 48000, 1000), 48000)
+    for f in gen.iterdir():
+        shutil.copy(f, same / f.name)
+    sf.write(other / "a.wav", noise(2.0, 44100, 1), 44100)
+    sf.write(other / "b.wav", tone(3.0, 22050, 220), 22050)
+    sf.write(other / "c.wav", tone(2.0, 44100, 330), 44100)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": k, "caption": v}) + "\n" for k, v in
+                               [("a", "a calm sine piece"), ("b", "noisy drums"), ("c", "a short beep"), ("z", "unused")]))
+    return {"generated": str(gen), "same": str(same), "other": str(other), "prompts": str(prompts), "root": tmp_path}
+
+
+def run_main(argv, capsys):
+    report = evaluate.main(argv)
+    return report, capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------------------------
+# CLAP
+
+
+def test_clap_score_is_the_cosine_of_the_projections(weights):
+    from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
+    model, extractor, tokenizer = evaluate.load_clap(weights["clap"], "cpu")
+    prompt = "a calm piano piece in a major scale, " * 4                      # > 77 bytes: truncated
+    audio = tone(0.7, 48000, 440).astype(np.float32) / 0.3 * 10 ** (-1 / 20)
+    ours = evaluate.cosine(evaluate.clap_audio_embedding(model, extractor, audio, "cpu")[None],
+                           evaluate.clap_text_embeddings(model, tokenizer, [prompt], "cpu"))[0].item()
+    # by hand, from the raw model: text_projection(pooled text) . audio_projection(pooled audio)
+    raw = ClapModel.from_pretrained(weights["clap"]).eval()
+    tok = AutoTokenizer.from_pretrained(weights["clap"])(prompt, truncation=True, max_length=77, return_tensors="pt")
+    assert tok["input_ids"].shape[1] == 77
+    rounded = (audio * 32767).astype(np.int16) / 32767                        # LAION's int16 rounding (truncation)
+    feats = ClapFeatureExtractor.from_pretrained(weights["clap"])(rounded.astype(np.float32), sampling_rate=48000, return_tensors="pt")
+    with torch.no_grad():
+        t = raw.text_projection(raw.text_model(**tok).pooler_output)[0].double()
+        a = raw.audio_projection(raw.audio_model(input_features=feats["input_features"], is_longer=feats["is_longer"]).pooler_output)[0].double()
+    assert ours == pytest.approx((t @ a / (t.norm() * a.norm())).item(), abs=1e-6)
+    assert abs(ours) > 1e-3                                                   # not a trivial zero
+
+
+# ------------------------------------------------------------------------------------------------
+# PaSST front end and loader
+
+
+@needs_passt
+def test_passt_front_end_and_loader(weights):
+    model = evaluate.load_passt(weights["passt"], "cpu")
+    assert "torchaudio" not in sys.modules or hasattr(sys.modules["torchaudio"], "__file__")  # stand-ins removed
+    assert "timm" not in sys.modules or hasattr(sys.modules["timm"], "__file__")
+    assert not model.training and model.net.blocks[0].attn.num_heads == 1 and len(model.net.blocks) == 1
+    x = torch.from_numpy(noise(2.0, 32000, 3).astype(np.float32))[None]
+    with evaluate._quiet(), evaluate._real_stft():
+        mel = model.mel(x)
+    # hear21passt's mel, by hand: pre-emphasis, |STFT|^2 (hann 800, hop 320, n_fft 1024), Kaldi mel
+    # banks 0-15 kHz (one zero column for the Nyquist bin), log(+1e-5), (x + 4.5) / 5
+    y = x[:, 1:] - 0.97 * x[:, :-1]
+    spec = torch.stft(y, 1024, hop_length=320, win_length=800, window=torch.hann_window(800, periodic=False),
+                      center=True, return_complex=True).abs() ** 2
+    banks = torch.nn.functional.pad(evaluate.kaldi_mel_banks(128, 1024, 32000, 0.0, 15000.0)[0], (0, 1))
+    assert torch.allclose(mel, ((banks @ spec + 1e-5).log() + 4.5) / 5, atol=1e-4)
+    # probabilities: softmax of the window logits' mean (12 s -> windows at 0 and 5 s)
+    audio = noise(12.0, 32000, 4).astype(np.float32)
+    p = evaluate.passt_probabilities(model, audio, "cpu")
+    with torch.no_grad(), evaluate._quiet(), evaluate._real_stft():
+        logits = model(torch.from_numpy(evaluate.passt_windows(audio)))
+    assert logits.shape == (2, 527)
+    assert torch.allclose(p, torch.softmax(logits.double().mean(0), 0), atol=1e-12) and p.sum().item() == pytest.approx(1)
+    assert evaluate.passt_probabilities(model, audio[:32000], "cpu") is None
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate.py end to end
+
+
+@needs_openl3
+@needs_passt
+def test_evaluate_end_to_end_identical_sets(weights, sets, capsys):
+    """Reference = copies of the generated files: FD ~ 0 and KL ~ 0 (it pairs by name), CLAP is
+    the mean of the per-file cosines, frame counts and short clips as worked out by hand."""
+    out = str(sets["root"] / "report.json")
+    report, cap = run_main(["--generated", sets["generated"], "--reference", sets["same"], "--prompts", sets["prompts"],
+                            "--openl3", weights["openl3"], "--passt", weights["passt"], "--clap", weights["clap"],
+                            "--device", "cpu", "--out", out], capsys)
+    assert json.load(open(out)) == json.loads(json.dumps(report))
+    # OpenL3 frames: 1 s windows every 0.5 s after 0.5 s of zeros in front; the end padded to the
+    # hop grid: 1.6 s -> 2.1 s -> 4 frames; 1 s -> 2 frames; 0.5 s -> 1 frame. 7 per side.
+    assert report["counts"]["openl3_frames_generated"] == report["counts"]["openl3_frames_reference"] == 7
+    assert abs(report["fd_openl3"]) < 1e-9
+    assert report["counts"]["kl_pairs"] == 1 and report["short_clips"]["passt"] == ["b", "c"]  # 1 s, 0.5 s
+    assert -527 * evaluate.KL_EPS < report["kl_passt"] <= 0
+    assert report["short_clips"]["openl3"] == ["generated/c.wav", "reference/c.wav"]
+    clap = [report["per_file"][n]["clap"] for n in "abc"]
+    assert report["clap_score"] == pytest.approx(np.mean(clap), rel=1e-12) and report["counts"]["clap_clips"] == 3
+    assert all(math.isfinite(report[k]) for k in ("fd_openl3", "kl_passt", "clap_score"))
+    table = cap.out.splitlines()
+    assert table[1].startswith("FD_openl3") and table[2].startswith("KL_passt") and table[3].startswith("CLAP")
+    assert "shorter than OpenL3's 1 s window" in cap.err and "left out of KL" in cap.err
+
+
+@needs_passt
+def test_evaluate_kl_by_hand(weights, sets, capsys):
+    """Other reference sounds: each pair's KL equals the one computed by hand from the model's
+    logits on the files read, resampled and peak-normalised; the mean is the reported number."""
+    sf.write(os.path.join(sets["generated"], "d.wav"), noise(3.0, 16000, 5), 16000)   # one padded window
+    sf.write(os.path.join(sets["other"], "d.wav"), tone(12.0, 44100, 660), 44100)     # windows at 0 and 5 s
+    report, _ = run_main(["--generated", sets["generated"], "--reference", sets["other"], "--metrics", "kl",
+                          "--passt", weights["passt"], "--openl3", "/nonexistent/not-needed"], capsys)
+    assert "fd_openl3" not in report
+    model = evaluate.load_passt(weights["passt"], "cpu")
+
+    def probs(path):
+        x, sr = sf.read(path, always_2d=True)
+        import soxr
+        x = x.mean(1) if sr == 32000 else soxr.resample(x.mean(1), sr, 32000, quality="HQ")
+        x = x / np.abs(x).max() * 10 ** (-1 / 20)
+        starts = range(0, max(160000, len(x) - 160000), 160000)
+        w = [np.pad(x[s:s + 320000], (0, max(0, 320000 - len(x[s:s + 320000])))) for s in starts if len(x[s:s + 320000]) > 48000]
+        with torch.no_grad(), evaluate._quiet(), evaluate._real_stft():
+            return torch.softmax(model(torch.tensor(np.stack(w), dtype=torch.float32)).double().mean(0), 0)
+
+    kl = []
+    for name, gen in (("a", "a.wav"), ("d", "d.wav")):
+        p, q = probs(os.path.join(sets["other"], f"{name}.wav")), probs(os.path.join(sets["generated"], gen))
+        kl.append(float((p * (p.log() - (q + 1e-6).log())).sum()))
+        assert report["per_file"][name]["kl_passt"] == pytest.approx(kl[-1], rel=1e-5)
+    assert report["counts"]["kl_pairs"] == 2 and report["short_clips"]["passt"] == ["b", "c"]
+    assert report["kl_passt"] == pytest.approx(np.mean(kl), rel=1e-5) and report["kl_passt"] > 0.01
+    assert report["kl_passt_gen_ref"] != pytest.approx(report["kl_passt"])
+
+
+@pytest.mark.parametrize("case", ["openl3_weights", "passt_weights", "passt_not_passt", "clap_weights", "empty", "not_a_folder",
+                                  "unpaired", "no_prompt", "no_prompts_file", "bad_audio"])
+def test_evaluate_one_line_errors(case, weights, sets, capsys, tmp_path):
+    argv = ["--generated", sets["generated"], "--reference", sets["same"], "--prompts", sets["prompts"],
+            "--openl3", weights.get("openl3", "x"), "--passt", weights.get("passt", "x"), "--clap", weights["clap"]]
+    culprit = {"openl3_weights": "--openl3", "passt_weights": "--passt", "passt_not_passt": "--passt",
+               "clap_weights": "--clap", "empty": "--generated",
+               "not_a_folder": "--reference", "unpaired": "--reference", "no_prompt": "--prompts",
+               "no_prompts_file": "--prompts", "bad_audio": "bad.wav"}[case]
+    if case == "openl3_weights":
+        argv[argv.index("--openl3") + 1] = str(tmp_path / "missing.pth.tar")
+    elif case == "passt_weights":
+        argv += ["--metrics", "kl", "--passt", str(tmp_path / "missing.pt")]
+    elif case == "passt_not_passt":  # a file that is there but holds something else
+        if "passt" not in weights:
+            pytest.skip("hear21passt not installed")
+        torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+        argv += ["--metrics", "kl", "--passt", str(tmp_path / "other.pt")]
+    elif case == "clap_weights":
+        argv += ["--metrics", "clap", "--clap", "laion/not-in-the-cache"]
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        argv[1] = str(tmp_path / "empty")
+    elif case == "not_a_folder":
+        argv[3] = str(tmp_path / "nowhere")
+    elif case == "unpaired":
+        sf.write(os.path.join(sets["generated"], "d.wav"), tone(1, 16000, 100), 16000)
+    elif case == "no_prompt":
+        open(sets["prompts"], "w").write(json.dumps({"id": "a", "caption": "x"}) + "\n")
+    elif case == "no_prompts_file":
+        argv = argv[:4] + argv[6:]
+    elif case == "bad_audio":
+        if "passt" not in weights:
+            pytest.skip("hear21passt not installed")
+        for d in (sets["generated"], sets["same"]):
+            open(os.path.join(d, "bad.wav"), "wb").write(b"RIFF not really a wav file")
+        argv += ["--metrics", "kl"]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if not line.startswith("Loading weights")]
+    assert len(err) == 1 and err[0].startswith("evaluate.py: error: ") and culprit in err[0], err
+
+
+# ------------------------------------------------------------------------------------------------
+# The convergence comparison
+
+
+def test_convergence_four_variants(tmp_path, capsys):
+    out = str(tmp_path / "rq2")
+    budget = ["--layers", "2", "--steps", "3", "--eval-every", "3", "--batch-size", "2", "--d-model", "32", "--frames", "16"]
+    table = evaluate.main(["--convergence", out] + budget)
+    rows = list(csv.DictReader(open(os.path.join(out, "convergence.csv"))))
+    assert [r["variant"] for r in rows] == [v for v in evaluate.VARIANTS for _ in range(3)]
+    for v in evaluate.VARIANTS:
+        own = list(csv.DictReader(open(os.path.join(out, v, "metrics.csv"))))
+        mine = [r for r in rows if r["variant"] == v]
+        assert [float(r["loss"]) for r in mine] == [float(r["loss"]) for r in own]
+        assert [r["caption_score"] != "" for r in mine] == [False, False, True]
+        # training time: the sum of the step times, batch 2 x 16 frames over tokens/s
+        assert float(mine[-1]["train_time_s"]) == pytest.approx(sum(32 / float(r["tokens_per_s"]) for r in own), abs=0.01)
+        cfg = json.load(open(os.path.join(out, v, "config.json")))["args"]
+        assert (cfg["variant"], cfg["layers"], cfg["steps"], cfg["batch_size"], cfg["seed"], cfg["d_model"]) == (v, 2, 3, 2, 0, 32)
+    assert float(rows[0]["loss"]) == pytest.approx(math.log(1025), abs=0.5)       # the first step: about uniform
+    assert open(os.path.join(out, "convergence.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert len(table) == 12
+    # run again: the finished runs are kept (not trained over); other settings are refused;
+    # --plot-only redraws from the runs
+    mtime = os.path.getmtime(os.path.join(out, "cross_simba", "ckpt.pt"))
+    assert evaluate.main(["--convergence", out] + budget) == table
+    assert os.path.getmtime(os.path.join(out, "cross_simba", "ckpt.pt")) == mtime
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--convergence", out] + budget[:-2] + ["--frames", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--convergence" in err[0] and "other settings" in err[0]
+    os.remove(os.path.join(out, "convergence.png"))
+    assert evaluate.main(["--convergence", out, "--plot-only"]) == table
+    assert os.path.exists(os.path.join(out, "convergence.png"))
