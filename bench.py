@@ -212,13 +212,14 @@ DECODE_MODES = {  # mode -> the decoder's options (None: generate's plain loop)
 }
 
 
-def decode_ms(model, position, mode, device, iters=50):
+def decode_ms(model, position, mode, device, iters=50, prompts=1):
     """ms per generated frame at a position: the state after `position` steps, then time frames, each
-    one model step plus guidance, top-k sampling and writing the token (what generate() repeats).
-    mode: a key of DECODE_MODES; recompute times a full forward over position + 1 steps."""
+    one model step plus guidance, top-k sampling and writing the token (what generate() repeats),
+    for `prompts` prompts (2 rows each). mode: a key of DECODE_MODES; recompute times a full
+    forward over position + 1 steps."""
     K, warmup = model.cfg.n_codebooks, 3
-    codes, text, mask = batch_inputs(2, position, K, device, seed=1)
-    mask[1] = False  # row 2: the null condition of guidance
+    codes, text, mask = batch_inputs(2 * prompts, position, K, device, seed=1)
+    mask[prompts:] = False  # the second half: the null condition of guidance
     begin = torch.full_like(codes[..., :1], ssmttm.SPECIAL)
     tokens = torch.cat([begin, codes], -1)
     timer = cuda_time if device == "cuda" else wall_time
@@ -226,10 +227,11 @@ def decode_ms(model, position, mode, device, iters=50):
         if mode == "recompute":
             return timer(lambda: model.logits(tokens, text, mask), 5, 2)
         n_steps = position + iters + warmup + 8
-        steps = torch.full((1, K, n_steps), ssmttm.SPECIAL, device=device)
-        steps[..., :position] = codes[:1]
+        steps = torch.full((prompts, K, n_steps), ssmttm.SPECIAL, device=device)
+        steps[..., :position] = codes[:prompts]
         fixed = torch.zeros_like(steps, dtype=torch.bool)
-        cache = ssmttm.InferenceCache(model, 2, n_steps + 1, device, next(model.parameters()).dtype, ssm_dtype(mode))
+        cache = ssmttm.InferenceCache(model, 2 * prompts, n_steps + 1, device, next(model.parameters()).dtype,
+                                      ssm_dtype(mode))
         model.logits(tokens[..., :-1], text, mask, cache)
         sampling = ssmttm.Sampling(cfg_scale=3.0, top_k=250, temperature=1.2)
         options = DECODE_MODES[mode] or FastOptions(decode_kernels=False, cuda_graph=False)  # plain: one step
@@ -278,6 +280,44 @@ def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(1
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
+
+
+H200_COPY_TB_S = 4.3  # device-to-device copy bandwidth measured on this card (bytes read + written)
+
+
+def decode_floor_ms(model, rows, ssm_bytes):
+    """The memory floor of one decoding step of `rows` rows: every weight a step uses read once, and
+    each row's Mamba-2 states (SSM and conv) read and written once, at H200_COPY_TB_S."""
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                  if not name.startswith(("text_", "embed")))  # the text projection runs at the prefill
+    state = sum(m.nheads * m.headdim * m.d_state * ssm_bytes + m.conv_dim * m.d_conv * 2
+                for m in model.modules() if isinstance(m, Mamba2))
+    return (weights + 2 * rows * state) / (H200_COPY_TB_S * 1e12) * 1e3
+
+
+@torch.no_grad()
+def bench_decode_batch(n_layers, prompts=(1, 4, 16, 64), seconds=10):
+    """Many prompts at once (2 rows each, guidance): ms per frame against the memory floor, and
+    clip-seconds of coarse tokens per second of generate() (10 s clips, one generator per prompt),
+    with the SSM state in fp32 and in bf16. Prefix SiMBA, bf16 weights, graph mode."""
+    model = paper_model("prefix_simba", n_layers, "cuda", torch.bfloat16)
+    n = round(seconds * ssmttm.FRAME_RATE)
+    for p, mode in itertools.product(prompts, ("graph", "bf16state+graph")):
+        row = {"section": "decode batch", "prompts": p, "rows": 2 * p, "state": "bf16" if "bf16" in mode else "fp32"}
+        try:
+            row["ms/frame"] = decode_ms(model, 100, mode, "cuda", prompts=p)
+            _, text, mask = batch_inputs(p, 1, 1, "cuda", seed=2)
+            gens = [torch.Generator("cuda").manual_seed(i) for i in range(p)]
+            run = lambda: model.generate(text, mask, n, generator=gens, decoder=fast.Decoder(), ssm_dtype=ssm_dtype(mode))
+            run()  # warm-up: compilation, graph capture
+            row[f"s for {seconds}s"] = wall_time(run, 1, 0) / 1e3
+            row["clip-s per s"] = p * seconds / row[f"s for {seconds}s"]
+            row["floor ms"] = decode_floor_ms(model, 2 * p, 2 if "bf16" in mode else 4)
+            row["ratio"] = row["ms/frame"] / row["floor ms"]
+        except Exception as e:  # report, keep going
+            row["error"] = f"{type(e).__name__}: {e}"[:160]
+        emit(row)
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
@@ -362,15 +402,18 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
         weights = [torch.randn(N, K, **bf16) / K ** 0.5 for _ in range(n_layers)]
         calls = [lambda w=w, i=i, **kw: call(w, i, **kw) for i, w in enumerate(weights)]
         mb = (N * K * 2 + rows * (K + N) * 2) / 1e6
-        row = pdl_and_plain({"section": "decode kernels", "kernel": name, "N x K": f"{N} x {K}", "MB": round(mb, 2)},
+        row = pdl_and_plain({"section": "decode kernels", "rows": rows, "kernel": name, "N x K": f"{N} x {K}",
+                             "MB": round(mb, 2)},
                             mb, calls)
         us = graphed([lambda w=w: torch.nn.functional.linear(x[:, :K], w) for w in weights])
         row["cuBLAS us"], row["cuBLAS GB/s"] = us, mb * 1e3 / us
         emit(row)
-        for block_n, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)) if sweep else ():
+        shapes_to_try = itertools.product((1, 2, 4, 8), (1, 2, 4, 8)) if rows <= kernels.GROUP_ROWS else \
+            itertools.product((4, 8, 16, 32), (2, 4, 8))
+        for block_n, warps in shapes_to_try if sweep else ():
             us = graphed([lambda w=w, i=i, bn=block_n, nw=warps: call(w, i, block_n=bn, num_warps=nw)
                           for i, w in enumerate(weights)])
-            emit({"section": "decode kernels", "kernel": f"{name}: {block_n} outputs, {warps} warps per program",
+            emit({"section": "decode kernels", "rows": rows, "kernel": f"{name}: {block_n} outputs, {warps} warps per program",
                   "N x K": f"{N} x {K}", "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
     # the SSD step: read and write the state (rows, nheads, headdim, d_state), fp32 or bf16
     zxbcdt = torch.randn(rows, in_proj, **bf16)
@@ -379,7 +422,8 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
         states = [torch.zeros(rows, nheads, cfg.headdim, n, device="cuda", dtype=dtype) for _ in range(n_layers)]
         mb = 2 * states[0].numel() * states[0].element_size() / 1e6
         for block_p, warps in ((4, 4), (8, 4), (8, 8), (16, 8)):
-            row = {"section": "decode kernels", "kernel": f"ssm_step ({str(dtype)[6:]} state, block_p {block_p}, {warps} warps)",
+            row = {"section": "decode kernels", "rows": rows,
+                   "kernel": f"ssm_step ({str(dtype)[6:]} state, block_p {block_p}, {warps} warps)",
                    "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2)}
             emit(pdl_and_plain(row, mb, [lambda s=s, pdl=True: kernels.ssm_step(
                 zxbcdt, s, A, dt_bias, D, d_inner, 1, 0, pdl, block_p, warps) for s in states]))
@@ -541,7 +585,10 @@ def run_section(section, args, device, train_options):
         bench_decoding(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500),
                        args.decode_setups.split(","), full_baseline=args.full_baseline)
     elif section == "decode-kernels" and device == "cuda":
-        bench_decode_kernels(sweep=args.sweep_configs)
+        for rows in map(int, args.kernel_rows.split(",")):
+            bench_decode_kernels(rows=rows, sweep=args.sweep_configs)
+    elif section == "decode-batch" and device == "cuda":
+        bench_decode_batch(n_layers, tuple(map(int, args.prompts.split(","))))
     elif section == "decode-profile":
         for mode in ("graph", "nopdl+graph"):
             profile_decoding(n_layers, mode)
@@ -556,7 +603,8 @@ def run_section(section, args, device, train_options):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="train,layer,decode,stage2",
-                    help="comma-separated sections (train, profile, layer, decode, decode-kernels, decode-profile, stage2, pipeline, cpu)")
+                    help="comma-separated sections (train, profile, layer, decode, decode-batch, decode-kernels, "
+                         "decode-profile, stage2, pipeline, cpu)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
     ap.add_argument("--variants", default=",".join(LAYOUTS))
     ap.add_argument("--batches", default="4,16")
@@ -569,6 +617,8 @@ def main():
     ap.add_argument("--decode-setups", default=",".join(DECODE_SETUPS),
                     help=f"variant:mode pairs for the decode section (modes: {', '.join(DECODE_MODES)})")
     ap.add_argument("--sweep-configs", action="store_true", help="decode-kernels: also every linear_rows launch shape")
+    ap.add_argument("--kernel-rows", default="2", help="decode-kernels: rows per call (2 = one prompt with guidance)")
+    ap.add_argument("--prompts", default="1,4,16,64", help="decode-batch: prompts decoded at once (2 rows each)")
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()

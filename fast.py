@@ -186,7 +186,7 @@ class Decoder:
                 self._compiled[model] = torch.compile(model.step, dynamic=False)
             return self._compiled[model]
         widest = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-        if not self.options.decode_kernels or model.training or not kernels.fits_linear_rows(rows, widest):
+        if not self.options.decode_kernels or model.training or not kernels.fits_linear_rows(widest):
             return model.step  # (the kernels have no dropout)
         # A = -exp(A_log) is fixed while decoding: computed once, not twice per layer and step
         A = [[m.A().detach() if isinstance(m, Mamba2) else None for m in block.layers]
@@ -202,8 +202,8 @@ class Decoder:
         if self.options.decode_kernels and kernels.triton is not None and not greedy:
             logits = logits[..., :SPECIAL]
             V = logits.shape[-1]
-            # the noise sample_next draws: the same numbers from the same generator
-            noise = torch.empty(b, K, V, device=logits.device).exponential_(generator=sampling.generator)
+            # the noise sample_next draws: the same numbers from the same generator(s)
+            noise = ssmttm.exponential_noise(torch.empty(b, K, V, device=logits.device), sampling.generator)
             kernels.sample_top_k(logits, noise, sampling.cfg_scale, min(sampling.top_k or V, V),
                                  sampling.temperature, steps, pos, fixed, next_input)
             return
@@ -215,7 +215,7 @@ class Decoder:
 
 def fused_step(model, tokens, cache, A, freqs, pdl=True):
     """TextToMusicLM.step for one step, tokens (rows, K, 1) -> logits (rows, K, 1, 1025), in the
-    kernels of kernels.py (rows and widths within kernels.fits_linear_rows). A: per block, per
+    kernels of kernels.py (widths within kernels.fits_linear_rows). A: per block, per
     sublayer, A = -exp(A_log) of a Mamba-2 layer (else None); freqs: the position frequencies."""
     rows, K, _ = tokens.shape
     x = kernels.embed_rows(tokens[..., 0], model.offsets, model.embed.weight, cache.position, freqs,
@@ -264,13 +264,13 @@ def mamba2_fused_step(layer, norm, x, state, A, pdl=True):
 def _record(frame, tensors, generator, device):
     """Record frame() as a CUDA graph on tensors (what it reads and writes); returns its replay.
     Capturing records kernels without running them, so first warm up (compile, autotune, allocate)
-    on copies of the tensors, then put the random generator back where it was: the graph then
-    draws the numbers eager decoding would draw."""
-    user_generator = generator is not None
-    if not user_generator:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        generator = torch.cuda.default_generators[index]
-    rng = generator.get_state()
+    on copies of the tensors, then put the random generators back where they were: the graph then
+    draws the numbers eager decoding would draw. generator: None (the default one), one, or a list."""
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    if generator is None:  # the default generator; the capture registers it itself
+        generators = [torch.cuda.default_generators[device.index if device.index is not None
+                                                    else torch.cuda.current_device()]]
+    rng = [g.get_state() for g in generators]
     cache, steps, pos, tokens = copy.deepcopy(tensors)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -279,10 +279,12 @@ def _record(frame, tensors, generator, device):
             pos.copy_(tensors[2])
             frame(cache, steps, pos, tokens)
     torch.cuda.current_stream().wait_stream(stream)
-    generator.set_state(rng)
+    for g, state in zip(generators, rng):
+        g.set_state(state)
     graph = torch.cuda.CUDAGraph()
-    if user_generator:  # the default generator is registered by the capture itself
-        graph.register_generator_state(generator)
+    if generator is not None:
+        for g in generators:
+            graph.register_generator_state(g)
     with torch.cuda.graph(graph):
         frame()
     return graph.replay

@@ -518,6 +518,8 @@ class TextToMusicLM(nn.Module):
         step costs O(1) from the Mamba-2 states (a KV cache for self-attention). recurrent=False
         recomputes the whole sequence at every step instead, as the official code does.
         ssm_dtype: how the Mamba-2 states are stored between steps (default fp32; Mamba2.new_state).
+        generator: a torch.Generator, or a list of b, one per text: then each text's tokens are
+        the same in any batch (up to the rounding of the logits, which may depend on the batch).
         decoder: an object whose decode() runs the loop after the first step faster (fast.Decoder,
         CUDA); it must write the tokens this loop writes. Raises ValueError for a prompt longer
         than n_frames or of another batch or K."""
@@ -587,7 +589,8 @@ def classifier_free_guidance(cond, uncond, cfg_scale):
 def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, generator=None):
     """logits (b, K, 1025) of one step -> tokens (b, K). With uncond (the null condition's logits,
     same shape), guidance combines the two first. Then temperature and top-k; top_k = 1 or
-    temperature = 0 is greedy, top_k = 0 keeps every code. The special id is never sampled."""
+    temperature = 0 is greedy, top_k = 0 keeps every code. The special id is never sampled.
+    generator: a torch.Generator, None (the default one), or one per row (exponential_noise)."""
     logits = logits[..., :SPECIAL].float()  # only real codes can be sampled; the indices stay the ids
     if uncond is not None:
         logits = classifier_free_guidance(logits, uncond[..., :SPECIAL].float(), cfg_scale)
@@ -600,8 +603,18 @@ def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, 
     # A draw from the categorical p: argmax of p_i / E_i with E_i ~ Exp(1) independent (the first
     # of competing exponential clocks to ring; what torch.multinomial does for one sample). Unlike
     # multinomial it never synchronises with the host, so a CUDA graph can hold it.
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / noise).argmax(-1)
+    return (probs / exponential_noise(probs, generator)).argmax(-1)
+
+
+def exponential_noise(like, generator=None):
+    """Exp(1) draws shaped like `like` (b, ...): from one generator, or, given a list of b generators,
+    row i from generator[i], so that a prompt draws the same numbers in any batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != len(like):
+            raise ValueError(f"{len(generator)} generators for {len(like)} rows: give one per row")
+        draws = [torch.empty_like(row).exponential_(generator=g) for row, g in zip(like, generator)]
+        return torch.stack(draws)
+    return torch.empty_like(like).exponential_(generator=generator)
 
 
 @dataclass
@@ -611,7 +624,7 @@ class Sampling:
     cfg_scale: float = 3.0
     top_k: int = 250
     temperature: float = 1.2
-    generator: Optional[torch.Generator] = None
+    generator: object = None  # a torch.Generator, None (the default one), or a list, one per row
 
     def __call__(self, logits):
         cond, uncond = logits.chunk(2) if self.cfg_scale != 1.0 else (logits, None)

@@ -121,6 +121,14 @@ class DiffusionUNet(nn.Module):
         return self.out(F.silu(self.out_norm(h)))[..., :T]
 
 
+def gaussian_noise(shape, device, generator=None):
+    """N(0, 1) draws (b, ...): from one generator, or, given a list of b generators, row i from
+    generator[i], so that a prompt draws the same numbers in any batch."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], device=device, generator=g) for g in generator])
+    return torch.randn(shape, device=device, generator=generator)
+
+
 def cosine_schedule(t):
     """alpha_t, sigma_t of the cosine schedule (Nichol & Dhariwal 2021): x_t = alpha x_0 + sigma eps."""
     alpha_bar = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -202,11 +210,12 @@ class Stage2Diffusion(nn.Module):
     @torch.no_grad()
     def sample_latents(self, coarse, text, text_mask, steps=None, cfg_scale=3.0, generator=None,
                        progress=False):
-        """DDPM ancestral sampling: normalised coarse latent (b, 8, T) -> fine latents (b, 64, T)."""
+        """DDPM ancestral sampling: normalised coarse latent (b, 8, T) -> fine latents (b, 64, T).
+        generator: a torch.Generator, None, or a list of b (gaussian_noise)."""
         steps = steps or self.cfg.diffusion_steps
         b, _, T = coarse.shape
         fine_channels = (self.cfg.n_codebooks - 1) * LATENT_DIM
-        x = torch.randn(b, fine_channels, T, device=coarse.device, generator=generator)
+        x = gaussian_noise((b, fine_channels, T), coarse.device, generator)
         for i in tqdm(range(steps, 0, -1), desc="stage 2", unit="step", leave=False, disable=not progress):
             t = torch.full((b,), i / steps, device=x.device)  # from step t to step s, one earlier
             s = torch.full((b,), (i - 1) / steps, device=x.device)
@@ -218,7 +227,7 @@ class Stage2Diffusion(nn.Module):
             var_ts = sigma_t ** 2 - alpha_ts ** 2 * sigma_s ** 2
             x = alpha_ts * sigma_s ** 2 / sigma_t ** 2 * x + alpha_s * var_ts / sigma_t ** 2 * x0
             if i > 1:
-                noise = torch.randn(x.shape, device=x.device, generator=generator)
+                noise = gaussian_noise(x.shape, x.device, generator)
                 x = x + (var_ts * sigma_s ** 2 / sigma_t ** 2).sqrt() * noise
         return x
 

@@ -806,6 +806,22 @@ def test_fused_step_equals_the_model_step(kernel_definitions):
                 torch.testing.assert_close((a.conv, a.ssm), (b.conv, b.ssm), rtol=1e-10, atol=1e-10)
 
 
+def test_one_generator_per_prompt_gives_it_the_same_tokens_in_any_batch(kernel_definitions):
+    # generate(generator=[one per text]): a text's tokens do not depend on the other texts of the
+    # batch, in the plain loop and in fast.Decoder's; and one generator per row is required
+    model = tiny_model("prefix_simba", 2)
+    text, _ = random_text(b=4, lt=7)
+    mask = torch.arange(7)[None] < torch.tensor([[3], [7], [5], [2]])
+    gens = lambda idx: [torch.Generator().manual_seed(50 + i) for i in idx]
+    for decoder in (None, fast.Decoder(FastOptions(cuda_graph=False))):
+        alone = model.generate(text[[2]], mask[[2]], 15, top_k=40, generator=gens([2]), decoder=decoder)
+        batch = model.generate(text, mask, 15, top_k=40, generator=gens(range(4)), decoder=decoder)
+        assert torch.equal(batch[2], alone[0])
+        assert not torch.equal(batch[1], batch[2])
+    with pytest.raises(ValueError, match="one per row"):
+        model.generate(text, mask, 5, top_k=40, generator=gens(range(3)))
+
+
 def test_fast_options_and_seam_errors():
     with pytest.raises(ValueError, match="keep_states"):
         FastOptions(train="fastest")
@@ -977,22 +993,58 @@ def test_gpu_sampling_kernel_draws_what_sample_next_draws():
 
 @gpu
 def test_gpu_fused_decoding_equals_plain_ops_at_paper_width():
-    # the fused step in bf16 at d_model 1024, d_state 512 gives the logits of the layers' own steps;
-    # more rows than linear_rows takes (5 prompts with guidance) fall back to exactly those steps
-    model = paper_width_decoder()
-    for rows, n in [(2, 40), (kernels.MAX_ROWS + 2, 22)]:
-        text, mask = torch.randn(rows, 8, 768, device="cuda"), torch.ones(rows, 8, dtype=torch.bool, device="cuda")
-        tokens = torch.randint(0, 1024, (rows, 9, n), device="cuda")
+    # the fused step in bf16 at d_model 1024, d_state 512 gives the logits of the layers' own steps,
+    # for 1 to 64 prompts with guidance (2 to 128 rows); and a row's logits are bit for bit the
+    # same whatever the other rows are (the first two rows of each batch hold the same inputs)
+    model = paper_width_decoder(2)
+    torch.manual_seed(0)
+    text, tokens = torch.randn(2, 8, 768, device="cuda"), torch.randint(0, 1024, (2, 9, 30), device="cuda")
+    first = None
+    for rows in (2, 6, 10, 32, 128):
+        t = torch.cat([text, torch.randn(rows - 2, 8, 768, device="cuda")])
+        mask = torch.ones(rows, 8, dtype=torch.bool, device="cuda")
+        tok = torch.cat([tokens, torch.randint(0, 1024, (rows - 2, 9, 30), device="cuda")])
         out = {}
         for name, step in [("fused", fast.Decoder().step_function(model, rows)), ("plain", model.step)]:
             with torch.no_grad():
-                cache = ssmttm.InferenceCache(model, rows, n, "cuda", torch.bfloat16)
-                model.logits(tokens[..., :20], text, mask, cache)
-                out[name] = torch.cat([step(tokens[..., t:t + 1], cache) for t in range(20, n)], 2)
-        if rows <= kernels.MAX_ROWS:
-            assert report("fused vs plain decoding, bf16", rel_err(out["fused"], out["plain"])) < 2e-2
-        else:
-            assert torch.equal(out["fused"], out["plain"])
+                cache = ssmttm.InferenceCache(model, rows, 30, "cuda", torch.bfloat16)
+                model.logits(tok[..., :20], t, mask, cache)
+                out[name] = torch.cat([step(tok[..., i:i + 1], cache) for i in range(20, 30)], 2)
+        assert report(f"fused vs plain decoding, bf16, {rows} rows", rel_err(out["fused"], out["plain"])) < 2e-2
+        first = out["fused"][:2] if first is None else first
+        assert report(f"rows 0-1 of {rows} vs of 2", rel_err(out["fused"][:2], first)) < 2e-2
+
+
+@gpu
+@pytest.mark.parametrize("prompts", [2, 17])
+def test_gpu_batched_fused_decoding_draws_the_plain_tokens(prompts):
+    # more rows than one group of linear_rows (8): the fused frame against the plain loop, fp32,
+    # one prefill, one generator per prompt: the same tokens
+    model = small_gpu_model(9)
+    text = torch.randn(prompts, 6, 768, device="cuda")
+    mask = torch.arange(6, device="cuda")[None] < torch.randint(1, 7, (prompts, 1), device="cuda")
+    runs = []
+    for d in (None, fast.Decoder()):
+        gens = [torch.Generator("cuda").manual_seed(100 + i) for i in range(prompts)]
+        runs.append(model.generate(text, mask, 60, top_k=250, temperature=1.2, generator=gens, decoder=d))
+    assert torch.equal(runs[0], runs[1])
+
+
+@gpu
+def test_gpu_a_prompt_gets_its_tokens_in_any_batch():
+    # one generator per prompt (seeded by the prompt): the same prompt alone, among 3 and among 16
+    # gives the same tokens (fp32; the prefill's rounding may depend on the batch, not the draws)
+    model = fast.accelerate(small_gpu_model(9))
+    torch.manual_seed(0)
+    texts = torch.randn(16, 7, 768, device="cuda")
+    masks = torch.arange(7, device="cuda")[None] < torch.randint(2, 8, (16, 1), device="cuda")
+    runs = []
+    for idx in ([5], [2, 5, 9], list(range(16))):
+        gens = [torch.Generator("cuda").manual_seed(1000 + i) for i in idx]
+        codes = model.generate(texts[idx], masks[idx], 120, top_k=250, temperature=1.2, generator=gens,
+                               decoder=fast.Decoder())
+        runs.append(codes[idx.index(5)])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 @gpu
@@ -1081,6 +1133,20 @@ def test_stage2_learns_and_keeps_codebook_one():
         torch.testing.assert_close(model.predict_v(x, coarse, t, text, mask, 1.0), cond)
         torch.testing.assert_close(model.predict_v(x, coarse, t, text, mask, 3.0), 3 * cond - 2 * uncond,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_stage2_one_generator_per_prompt_gives_it_the_same_codes_in_any_batch():
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small()))
+    model.attach_codec(datamod.synthetic_codec()).eval()
+    ds, enc = datamod.SyntheticMusic(24, seed=0), datamod.WordEncoder()
+    codes, captions = ds.batch(range(3))
+    text, mask = enc(captions)
+    gens = lambda idx: [torch.Generator().manual_seed(7 + i) for i in idx]
+    batch = model.generate(codes[:, 0], text, mask, steps=4, generator=gens(range(3)))
+    alone = model.generate(codes[[1], 0], text[[1], :int(mask[1].sum())], mask[[1], :int(mask[1].sum())], steps=4,
+                           generator=gens([1]))
+    assert torch.equal(batch[1], alone[0]) and not torch.equal(batch[0, 1:], batch[1, 1:])
 
 
 # ------------------------------------------------------------------------------------------------

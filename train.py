@@ -69,6 +69,8 @@ def parse_args(argv=None):
                     "condition, for classifier-free guidance (default 0.1 for stage 1, 0.2 for stage 2)")
     ap.add_argument("--d-model", type=int)
     ap.add_argument("--d-state", type=int)
+    ap.add_argument("--headdim", type=int, help="Mamba-2 head size (d_inner = 2 d_model heads of it)")
+    ap.add_argument("--n-heads", type=int, help="attention heads")
     ap.add_argument("--frames", type=int, help="frames per training sequence (30 s = 2584)")
     ap.add_argument("--out", help="run folder (default: runs/<stage>-<variant>-<N>L-k<K>[-synthetic])")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -96,7 +98,7 @@ def parse_args(argv=None):
     if args.out is None:
         name = f"stage1-{args.variant}-{args.layers}L-k{args.codebooks}" if args.stage == 1 else "stage2"
         args.out = os.path.join("runs", name + ("" if args.data else "-synthetic"))
-    for k in ("steps", "batch_size", "grad_accum", "layers", "frames", "d_model", "d_state"):
+    for k in ("steps", "batch_size", "grad_accum", "layers", "frames", "d_model", "d_state", "headdim", "n_heads"):
         if getattr(args, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be at least 1")
     return args, given
@@ -145,10 +147,12 @@ def setup_processes(args):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = args.device
     if world > 1:
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-        if device == "cuda":
+        if device == "cuda":  # the GPU first, so that NCCL binds this process to it
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group(backend="gloo")
     return world, rank, device
 
 
