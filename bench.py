@@ -408,9 +408,7 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
         us = graphed([lambda w=w: torch.nn.functional.linear(x[:, :K], w) for w in weights])
         row["cuBLAS us"], row["cuBLAS GB/s"] = us, mb * 1e3 / us
         emit(row)
-        shapes_to_try = itertools.product((1, 2, 4, 8), (1, 2, 4, 8)) if rows <= kernels.GROUP_ROWS else \
-            itertools.product((4, 8, 16, 32), (2, 4, 8))
-        for block_n, warps in shapes_to_try if sweep else ():
+        for block_n, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)) if sweep else ():
             us = graphed([lambda w=w, i=i, bn=block_n, nw=warps: call(w, i, block_n=bn, num_warps=nw)
                           for i, w in enumerate(weights)])
             emit({"section": "decode kernels", "rows": rows, "kernel": f"{name}: {block_n} outputs, {warps} warps per program",
@@ -511,6 +509,57 @@ def bench_pipeline(device, quick=False):
     shutil.rmtree(root, ignore_errors=True)
 
 
+def bench_ddp(root, parts=("1gpu", "2gpu"), batch=4, steps=8, layers=24, quick=False):
+    """train.py on 2 GPUs (torchrun, NCCL) against 1, Prefix SiMBA at the paper shape on synthetic
+    tokens (30 s, bf16, dropout 0 so that runs differ only by their arithmetic): audio tokens/s at
+    the same per-GPU batch, peak memory per GPU, the losses of 2 GPUs x batch b against 1 GPU x
+    batch 2b, and a 2-GPU run stopped halfway and resumed against the uninterrupted one. The runs
+    go to folders under root; parts "1gpu" and "2gpu" can run in separate calls (the 1-GPU runs
+    while GPU 1 is busy with something else)."""
+    import csv
+    import re
+    shape = ["--d-model", "1024", "--d-state", "512", "--headdim", "64", "--n-heads", "8", "--frames", "2584"]
+    if quick:  # a CPU smoke test of this function (gloo)
+        shape = ["--d-model", "64", "--d-state", "16", "--headdim", "16", "--n-heads", "4", "--frames", "32"]
+    common = ["--layers", str(layers), *shape, "--grad-accum", "1", "--steps", str(steps), "--lr", "1e-4",
+              "--warmup", "100", "--dropout", "0", "--eval-every", "0", "--ckpt-every", "1000000"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
+    losses = lambda name: [float(r["loss"]) for r in csv.DictReader(open(os.path.join(root, name, "metrics.csv")))]
+    rel = lambda a, b: max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+    def train(name, gpus, b, *extra):
+        cmd = (torchrun if gpus == 2 else [sys.executable]) + ["train.py", *common, "--batch-size", str(b),
+                                                               "--out", os.path.join(root, name), *extra]
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1" if gpus == 2 else "0"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        row = {"section": "ddp", "run": name, "gpus": gpus, "batch per GPU": b, "rc": out.returncode}
+        if out.returncode != 0:
+            row["error"] = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
+        elif "--resume" not in extra:
+            rows = list(csv.DictReader(open(os.path.join(root, name, "metrics.csv"))))
+            tok = sorted(float(r["tokens_per_s"]) for r in rows[3:])  # after the first steps' warm-up
+            peaks = [float(g) for g in re.findall(r"peak GPU memory ([0-9.]+) GiB", out.stderr)]
+            row.update({"audio tok/s": tok[len(tok) // 2], "peak GiB per GPU": max(peaks or [float("nan")])})
+        emit(row)
+        return row
+
+    if "1gpu" in parts:
+        for name, b in [("1gpu-b", batch), ("1gpu-2b", 2 * batch)]:
+            row = train(name, 1, b)
+            json.dump(row, open(os.path.join(root, name + ".json"), "w"))
+    if "2gpu" in parts:
+        two = train("2gpu-b", 2, batch)
+        one = json.load(open(os.path.join(root, "1gpu-b.json")))
+        emit({"section": "ddp", "run": "2 GPUs / 1 GPU, same per-GPU batch", "speed-up": two["audio tok/s"] /
+              one["audio tok/s"]})
+        emit({"section": "ddp", "run": "losses, 2 GPUs x b vs 1 GPU x 2b", "max rel diff":
+              rel(losses("2gpu-b"), losses("1gpu-2b")), "2gpu": losses("2gpu-b"), "1gpu": losses("1gpu-2b")})
+        train("2gpu-resumed", 2, batch, "--stop-after", str(steps // 2))
+        train("2gpu-resumed", 2, batch, "--resume")
+        emit({"section": "ddp", "run": "2 GPUs, stopped at half and resumed, vs uninterrupted",
+              "max rel diff": rel(losses("2gpu-resumed"), losses("2gpu-b")), "losses": losses("2gpu-resumed")})
+
+
 def bench_cpu(steps=30):
     """What a new user sees first: `python train.py --layers 6` on the synthetic data, this CPU."""
     import shutil
@@ -587,6 +636,10 @@ def run_section(section, args, device, train_options):
     elif section == "decode-kernels" and device == "cuda":
         for rows in map(int, args.kernel_rows.split(",")):
             bench_decode_kernels(rows=rows, sweep=args.sweep_configs)
+    elif section.startswith("ddp"):  # ddp, or ddp-1gpu / ddp-2gpu for one part
+        os.makedirs(args.ddp_dir, exist_ok=True)
+        bench_ddp(args.ddp_dir, section[4:].split(",") if "-" in section else ("1gpu", "2gpu"), layers=n_layers,
+                  quick=args.quick)
     elif section == "decode-batch" and device == "cuda":
         bench_decode_batch(n_layers, tuple(map(int, args.prompts.split(","))))
     elif section == "decode-profile":
@@ -604,7 +657,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="train,layer,decode,stage2",
                     help="comma-separated sections (train, profile, layer, decode, decode-batch, decode-kernels, "
-                         "decode-profile, stage2, pipeline, cpu)")
+                         "decode-profile, stage2, pipeline, ddp (or ddp-1gpu, ddp-2gpu), cpu)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
     ap.add_argument("--variants", default=",".join(LAYOUTS))
     ap.add_argument("--batches", default="4,16")
@@ -619,6 +672,7 @@ def main():
     ap.add_argument("--sweep-configs", action="store_true", help="decode-kernels: also every linear_rows launch shape")
     ap.add_argument("--kernel-rows", default="2", help="decode-kernels: rows per call (2 = one prompt with guidance)")
     ap.add_argument("--prompts", default="1,4,16,64", help="decode-batch: prompts decoded at once (2 rows each)")
+    ap.add_argument("--ddp-dir", default="runs/bench-ddp", help="ddp: where its training runs go")
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()

@@ -186,7 +186,8 @@ class Decoder:
                 self._compiled[model] = torch.compile(model.step, dynamic=False)
             return self._compiled[model]
         widest = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-        if not self.options.decode_kernels or model.training or not kernels.fits_linear_rows(widest):
+        # Past linear_rows' rows the layers' own steps are faster (cuBLAS; BENCHMARKS.md, "decode batch")
+        if not self.options.decode_kernels or model.training or not kernels.fits_linear_rows(rows, widest):
             return model.step  # (the kernels have no dropout)
         # A = -exp(A_log) is fixed while decoding: computed once, not twice per layer and step
         A = [[m.A().detach() if isinstance(m, Mamba2) else None for m in block.layers]
@@ -215,7 +216,7 @@ class Decoder:
 
 def fused_step(model, tokens, cache, A, freqs, pdl=True):
     """TextToMusicLM.step for one step, tokens (rows, K, 1) -> logits (rows, K, 1, 1025), in the
-    kernels of kernels.py (widths within kernels.fits_linear_rows). A: per block, per
+    kernels of kernels.py (rows and widths within kernels.fits_linear_rows). A: per block, per
     sublayer, A = -exp(A_log) of a Mamba-2 layer (else None); freqs: the position frequencies."""
     rows, K, _ = tokens.shape
     x = kernels.embed_rows(tokens[..., 0], model.offsets, model.embed.weight, cache.position, freqs,

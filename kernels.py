@@ -64,12 +64,12 @@ if HAS_MAMBA_SSM:  # under torch.compile these are graph breaks; mamba2_train be
     mamba_chunk_scan_combined = torch.compiler.disable(mamba_chunk_scan_combined)
     mamba_split_conv1d_scan_combined = torch.compiler.disable(mamba_split_conv1d_scan_combined)
 
-GROUP_ROWS, MAX_WIDTH = 8, 4096  # a program of linear_rows: up to 8 rows, and whole rows of W
+MAX_ROWS, MAX_WIDTH = 8, 4096  # each program holds all rows of x and a whole row of W
 
 
-def fits_linear_rows(width):
-    """Whether linear_rows takes inputs up to `width` wide (and Triton is here)."""
-    return triton is not None and width <= MAX_WIDTH
+def fits_linear_rows(rows, width):
+    """Whether linear_rows takes `rows` rows with inputs up to `width` wide (and Triton is here)."""
+    return triton is not None and rows <= MAX_ROWS and width <= MAX_WIDTH
 
 
 @functools.cache
@@ -86,21 +86,18 @@ def _launch_options(t, pdl):
 if triton is not None:
 
     @triton.jit
-    def _linear_rows_kernel(x_ptr, norm_w_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, n_rows, N, K, eps, stride_x,
-                            stride_res, conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_start, conv_dim,
-                            M: tl.constexpr, M_POW2: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            GELU: tl.constexpr, HAS_RES: tl.constexpr, D_CONV: tl.constexpr, PDL: tl.constexpr,
+    def _linear_rows_kernel(x_ptr, norm_w_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps, stride_x, stride_res,
+                            conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_start, conv_dim,
+                            M: tl.constexpr, M_POW2: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                            HAS_RES: tl.constexpr, D_CONV: tl.constexpr, PDL: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        # One program: BLOCK_N outputs for a group of M rows (rows group * M ...). It loads its whole
-        # slice of W (BLOCK_N x K) at once, with no loop over K: the kernel is a few microseconds
-        # long, and a loop would wait on memory once per iteration. The rows are a static loop, so
-        # every product is a 2-D tile reduced within a warp, and a row's result does not depend on
-        # which group it is in: a prompt gets the same numbers in any batch. The groups of one slice
-        # of W are neighbouring programs, so W comes from memory once and then from L2.
+        # One program: BLOCK_N outputs for all M rows, so each weight is read once. It loads its
+        # whole slice of W (BLOCK_N x K) at once, with no loop over K: the kernel is a few
+        # microseconds long, and a loop would wait on memory once per iteration. The rows are a
+        # static loop, so every product is a 2-D tile reduced within a warp.
         if PDL:
             gdc_launch_dependents()
-        group = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
         col_ok, k_ok = cols < N, ks < K
         # First what no earlier kernel writes: the weights (and the norm's, folded into W), bias, conv.
@@ -122,18 +119,13 @@ if triton is not None:
             # The conv states of all rows too, shifted by one step (the newest tap is filled below):
             # the same layer's kernel wrote them a step ago, and has finished (see ssm_step).
             ms = tl.arange(0, M_POW2)
-            rows = group * M + ms
-            states = (conv_state_ptr + rows[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV
-                      + taps[None, None, :])
-            rows_ok = (ms < M) & (rows < n_rows)
-            shifted = tl.load(states + 1, mask=rows_ok[:, None, None] & (conv_ok & ~last)[None, :, :], other=0.0)
+            states = conv_state_ptr + ms[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV + taps[None, None, :]
+            shifted = tl.load(states + 1, mask=(ms < M)[:, None, None] & (conv_ok & ~last)[None, :, :], other=0.0)
             shifted = shifted.to(tl.float32)
         if PDL:  # everything below may read what the previous kernel writes
             gdc_wait()
         for m in tl.static_range(M):
-            row = group * M + m
-            row_ok = row < n_rows
-            v = tl.load(x_ptr + row * stride_x + ks, mask=k_ok & row_ok, other=0.0).to(tl.float32)
+            v = tl.load(x_ptr + m * stride_x + ks, mask=k_ok, other=0.0).to(tl.float32)
             acc = tl.sum(w * v[None, :], axis=1)  # (BLOCK_N,)
             if NORM:  # every program computes the row's mean square itself: x is tiny and in L2
                 acc = acc * (1.0 / tl.sqrt(tl.sum(v * v, axis=0) / K + eps))
@@ -142,7 +134,7 @@ if triton is not None:
             if GELU:  # exact (erf) GELU, as F.gelu
                 acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
             if HAS_RES:
-                acc += tl.load(res_ptr + row * stride_res + cols, mask=col_ok & row_ok, other=0.0).to(tl.float32)
+                acc += tl.load(res_ptr + m * stride_res + cols, mask=col_ok, other=0.0).to(tl.float32)
             if D_CONV > 0:  # Mamba-2's causal depthwise conv + SiLU; this program owns these channels
                 x_t = acc.to(out_ptr.dtype.element_ty)  # the conv sees the rounded projection, as unfused
                 # this step's window: row m of the shifted states, then x_t
@@ -150,10 +142,10 @@ if triton is not None:
                 window = tl.where(last, x_t[:, None].to(tl.float32), window)
                 conv = tl.sum(window * w_conv, axis=1) + b_conv
                 tl.debug_barrier()  # every thread has used the old states before any is overwritten
-                state = conv_state_ptr + row * (conv_dim * D_CONV) + c[:, None] * D_CONV + taps[None, :]
-                tl.store(state, window.to(conv_state_ptr.dtype.element_ty), mask=conv_ok & row_ok)
+                state = conv_state_ptr + m * (conv_dim * D_CONV) + c[:, None] * D_CONV + taps[None, :]
+                tl.store(state, window.to(conv_state_ptr.dtype.element_ty), mask=conv_ok)
                 acc = tl.where(in_conv, conv * tl.sigmoid(conv), acc)
-            tl.store(out_ptr + row * N + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok & row_ok)
+            tl.store(out_ptr + m * N + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
     @triton.jit
     def _ssm_step_kernel(state_ptr, xbc_ptr, stride_row, x_start, B_start, C_start, dt_start,
@@ -254,21 +246,20 @@ if triton is not None:
 
 def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, residual=None, conv=None,
                 pdl=True, block_n=None, num_warps=None):
-    """residual + gelu(norm(x) @ weight^T + bias) for the rows of a decoding step, in one kernel.
+    """residual + gelu(norm(x) @ weight^T + bias) for a few rows, in one kernel.
 
-    x (M, K) with K <= 4096 (any M; each program takes up to GROUP_ROWS rows), weight (N, K).
-    norm: RMSNorm with norm_weight (K,) if given. residual (M, N). conv: (state, weight, bias,
-    start) to pass outputs start ... start + C - 1 through Mamba-2's causal conv + SiLU, with state
-    (M, C, d_conv) updated in place, weight (C, d_conv), bias (C,). Returns (M, N) in the dtype of
-    residual if given, else of x. A row's result is the same whatever the other rows are.
+    x (M, K) with M <= 8 and K <= 4096, weight (N, K). norm: RMSNorm with norm_weight (K,) if given.
+    residual (M, N). conv: (state, weight, bias, start) to pass outputs start ... start + C - 1
+    through Mamba-2's causal conv + SiLU, with state (M, C, d_conv) updated in place, weight
+    (C, d_conv), bias (C,). Returns (M, N) in the dtype of residual if given, else of x.
     pdl: programmatic dependent launch (Hopper and later): the weights, norm_weight, bias and the
     conv's weight, bias and state are read before the wait for the previous kernel, so they must not
     be what that kernel writes.
     block_n, num_warps: outputs per program and warps per program (default: _launch_shape)."""
     M, K = x.shape
     N = weight.shape[0]
-    if K > MAX_WIDTH:
-        raise ValueError(f"linear_rows is for inputs of width <= {MAX_WIDTH}; got {M} x {K}")
+    if M > MAX_ROWS or K > MAX_WIDTH:
+        raise ValueError(f"linear_rows is for <= {MAX_ROWS} rows of width <= {MAX_WIDTH}; got {M} x {K}")
     rows = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # rows may be strided views
     x, residual, weight = rows(x), rows(residual), weight.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=(residual if residual is not None else x).dtype)
@@ -280,28 +271,24 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
         d_conv = conv_state.shape[-1]
         if conv_state.shape[0] != M or not conv_state.is_contiguous() or not conv_w.is_contiguous():
             raise ValueError("linear_rows: the conv state must be contiguous (M, channels, d_conv)")
-    group = min(M, GROUP_ROWS)
-    default_n, default_warps = _launch_shape(conv is not None, M)
+    default_n, default_warps = _launch_shape(conv is not None)
     block_n, num_warps = block_n or default_n, num_warps or default_warps
-    _linear_rows_kernel[(triton.cdiv(M, group), triton.cdiv(N, block_n))](
+    _linear_rows_kernel[(triton.cdiv(N, block_n),)](
         x, dummy if norm_weight is None else norm_weight, weight, dummy if bias is None else bias,
-        dummy if residual is None else residual, out, M, N, K, eps, x.stride(0),
-        0 if residual is None else residual.stride(0), conv_state, conv_w, conv_b, conv_start,
-        conv_state.shape[1] if conv is not None else 0, M=group, M_POW2=triton.next_power_of_2(group),
-        NORM=norm_weight is not None, HAS_BIAS=bias is not None, GELU=gelu, HAS_RES=residual is not None,
-        D_CONV=d_conv, BLOCK_K=triton.next_power_of_2(K), BLOCK_N=block_n, num_warps=num_warps,
-        **_launch_options(x, pdl))
+        dummy if residual is None else residual, out, N, K, eps, x.stride(0), 0 if residual is None else residual.stride(0),
+        conv_state, conv_w, conv_b, conv_start, conv_state.shape[1] if conv is not None else 0,
+        M=M, M_POW2=triton.next_power_of_2(M), NORM=norm_weight is not None, HAS_BIAS=bias is not None, GELU=gelu,
+        HAS_RES=residual is not None, D_CONV=d_conv, BLOCK_K=triton.next_power_of_2(K), BLOCK_N=block_n,
+        num_warps=num_warps, **_launch_options(x, pdl))
     return out
 
 
-def _launch_shape(conv, rows):
+def _launch_shape(conv):
     """(outputs per program, warps per program) of linear_rows: small programs, many of them.
     Chosen in a chain of launches with PDL (bench.py --only decode-kernels --sweep-configs), which
     is how a frame runs them; Triton's autotuner, which times each launch alone, picks larger ones
     that are slower there (BENCHMARKS.md)."""
-    if rows <= GROUP_ROWS:
-        return (4, 1) if conv else (2, 1)
-    return (8, 4)  # several groups of rows share each slice of W: fewer, wider programs
+    return (4, 1) if conv else (2, 1)
 
 
 def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True, block_p=4, num_warps=4):

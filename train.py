@@ -69,7 +69,7 @@ def parse_args(argv=None):
                     "condition, for classifier-free guidance (default 0.1 for stage 1, 0.2 for stage 2)")
     ap.add_argument("--d-model", type=int)
     ap.add_argument("--d-state", type=int)
-    ap.add_argument("--headdim", type=int, help="Mamba-2 head size (d_inner = 2 d_model heads of it)")
+    ap.add_argument("--headdim", type=int, help="Mamba-2 head size (2 d_model / headdim heads)")
     ap.add_argument("--n-heads", type=int, help="attention heads")
     ap.add_argument("--frames", type=int, help="frames per training sequence (30 s = 2584)")
     ap.add_argument("--out", help="run folder (default: runs/<stage>-<variant>-<N>L-k<K>[-synthetic])")
@@ -423,6 +423,8 @@ def main(argv=None):
     step, loss = train(run, step)
     if run.master:
         print(f"done: step {step}, loss {loss:.4f}, checkpoint {os.path.join(args.out, 'ckpt.pt')}")
+    if device.startswith("cuda"):
+        print(f"rank {rank}: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
 
