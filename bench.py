@@ -509,7 +509,7 @@ def bench_pipeline(device, quick=False):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def bench_ddp(root, parts=("1gpu", "2gpu"), batch=4, steps=8, layers=24, quick=False):
+def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=8, layers=24, quick=False):
     """train.py on 2 GPUs (torchrun, NCCL) against 1, Prefix SiMBA at the paper shape on synthetic
     tokens (30 s, bf16, dropout 0 so that runs differ only by their arithmetic): audio tokens/s at
     the same per-GPU batch, peak memory per GPU, the losses of 2 GPUs x batch b against 1 GPU x
@@ -554,6 +554,7 @@ def bench_ddp(root, parts=("1gpu", "2gpu"), batch=4, steps=8, layers=24, quick=F
               one["audio tok/s"]})
         emit({"section": "ddp", "run": "losses, 2 GPUs x b vs 1 GPU x 2b", "max rel diff":
               rel(losses("2gpu-b"), losses("1gpu-2b")), "2gpu": losses("2gpu-b"), "1gpu": losses("1gpu-2b")})
+    if "resume" in parts:
         train("2gpu-resumed", 2, batch, "--stop-after", str(steps // 2))
         train("2gpu-resumed", 2, batch, "--resume")
         emit({"section": "ddp", "run": "2 GPUs, stopped at half and resumed, vs uninterrupted",
@@ -638,8 +639,8 @@ def run_section(section, args, device, train_options):
             bench_decode_kernels(rows=rows, sweep=args.sweep_configs)
     elif section.startswith("ddp"):  # ddp, or ddp-1gpu / ddp-2gpu for one part
         os.makedirs(args.ddp_dir, exist_ok=True)
-        bench_ddp(args.ddp_dir, section[4:].split(",") if "-" in section else ("1gpu", "2gpu"), layers=n_layers,
-                  quick=args.quick)
+        bench_ddp(args.ddp_dir, section[4:].split("+") if "-" in section else ("1gpu", "2gpu", "resume"),
+                  layers=n_layers, quick=args.quick)
     elif section == "decode-batch" and device == "cuda":
         bench_decode_batch(n_layers, tuple(map(int, args.prompts.split(","))))
     elif section == "decode-profile":
@@ -657,7 +658,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="train,layer,decode,stage2",
                     help="comma-separated sections (train, profile, layer, decode, decode-batch, decode-kernels, "
-                         "decode-profile, stage2, pipeline, ddp (or ddp-1gpu, ddp-2gpu), cpu)")
+                         "decode-profile, stage2, pipeline, ddp (or parts of it: ddp-1gpu, ddp-2gpu+resume), cpu)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
     ap.add_argument("--variants", default=",".join(LAYOUTS))
     ap.add_argument("--batches", default="4,16")
