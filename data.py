@@ -94,6 +94,73 @@ def fail(message):
     raise BadInput(message)
 
 
+# Command lines (data.py, train.py, generate.py, bench.py): a bad flag is reported the way argparse
+# reports it, "PROG: error: argument --FLAG: expected ..., not 'VALUE'", but as that one line, without
+# the usage lines, and exit code 2 (fail). Values are checked where they are parsed (the type=
+# functions below), so nothing runs with a value that would crash or silently misbehave later.
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage banner) and exit code 2, through fail()."""
+
+    def error(self, message):
+        fail(f"{self.prog}: error: {message}")
+
+
+def _bounds(lo, hi, lo_open=False, hi_open=False):
+    """' from 0 to 1', ' of at least 1', ' above 0 and at most 3600', ... (for messages)."""
+    show = lambda x: f"{x:g}" if isinstance(x, float) else str(x)
+    if lo is not None and hi is not None and not (lo_open or hi_open):
+        return f" from {show(lo)} to {show(hi)}"
+    parts = ([f"{'above' if lo_open else 'of at least'} {show(lo)}"] if lo is not None else []) + \
+            ([f"{'below' if hi_open else 'at most'} {show(hi)}"] if hi is not None else [])
+    return " " + " and ".join(parts) if parts else ""
+
+
+def whole_number(lo=None, hi=None):
+    """An argparse type: an integer from lo to hi (None: no bound)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected a whole number{_bounds(lo, hi)}, not {text!r}")
+        return value
+    return parse
+
+
+def number(lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: a finite float from lo to hi (lo_open / hi_open: that end excluded; None: no
+    bound). NaN and infinities never pass: they would run, and give NaN or nothing."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        bad = (not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo))
+               or (hi is not None and (value >= hi if hi_open else value > hi)))
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected a finite number{_bounds(lo, hi, lo_open, hi_open)}, "
+                                             f"not {text!r}")
+        return value
+    return parse
+
+
+positive_int = whole_number(1)
+SEED = whole_number(0, 2**31 - 1)  # numpy's legacy seeding takes up to 2**32 - 1 (with a rank added)
+
+
+def device_name(text):
+    """An argparse type: auto, cpu, cuda or cuda:N; cuda only where torch sees a CUDA device."""
+    kind, _, index = text.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu or cuda, not {text!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}, but torch sees no CUDA device here")
+    return text
+
+
 def plural(n, word):
     return f"{n} {word}{'s' * (n != 1)}"
 
@@ -783,27 +850,18 @@ def summarise(out, encoded, errors, store):
             print(f"  {name}: {reason}", file=sys.stderr)
 
 
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
-    return int(text)
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Audio + captions -> DAC tokens (see the module docstring).")
+    ap = ArgumentParser(prog="data.py", description="Audio + captions -> DAC tokens (see the module docstring).")
     ap.add_argument("--audio", required=True, help="folder of audio files")
     ap.add_argument("--captions", required=True, help="JSONL or CSV mapping audio path (relative to --audio) to caption")
     ap.add_argument("--out", required=True, help="output folder (rerun to resume)")
     ap.add_argument("--dac", default="descript/dac_44khz", help="DAC model name or local folder")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="clips per DAC batch")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--device", type=device_name, default="auto", help="auto (cuda when available), cpu or cuda")
     ap.add_argument("--remove-vocals", action="store_true", help="remove vocals with HTDemucs first (pip install demucs)")
     args = ap.parse_args(argv)
-    if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
-        fail(f"--device {args.device}: expected cpu or cuda")
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {args.device}: no CUDA device here")
-    preprocess(args.audio, args.captions, args.out, args.dac, args.batch_size, args.device, args.remove_vocals)
+    device = None if args.device == "auto" else args.device
+    preprocess(args.audio, args.captions, args.out, args.dac, args.batch_size, device, args.remove_vocals)
 
 
 if __name__ == "__main__":
