@@ -213,7 +213,9 @@ class SyntheticMusic:
         codes = np.concatenate([coarse[None], fine_codes(coarse)], axis=0)  # (9, T)
         return torch.from_numpy(codes.astype(np.int64)), f"a {mood} {tempo} {instrument} piece in a {scale} scale"
 
-    def batch(self, indices):
+    def batch(self, indices, epochs=0):
+        """Examples `indices` stacked: codes (b, 9, n_frames), captions. epochs: ignored (every
+        example of the endless set is new), taken for TokenDataset.batch's signature."""
         examples = [self.example(int(i)) for i in indices]
         return torch.stack([c for c, _ in examples]), [t for _, t in examples]
 
@@ -425,8 +427,11 @@ class TokenDataset:
         captions = clip["captions"]
         return torch.from_numpy(self.codes[clip["row"]].astype(np.int64)), captions[epoch % len(captions)]
 
-    def batch(self, indices, epoch=0):
-        examples = [self.example(int(i), epoch) for i in indices]
+    def batch(self, indices, epochs=0):
+        """Examples `indices` stacked: codes (b, 9, 2584), captions; epochs: one epoch for all, or one
+        per index (a batch may straddle two epochs)."""
+        epochs = np.broadcast_to(epochs, (len(indices),))
+        examples = [self.example(int(i), int(e)) for i, e in zip(indices, epochs)]
         return torch.stack([c for c, _ in examples]), [t for _, t in examples]
 
 

@@ -1234,6 +1234,170 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def forward_interrupted_at(monkeypatch, call):
+    """Make the call-th forward pass of TextToMusicLM (0-based, counted over micro-batches) raise
+    KeyboardInterrupt after computing, so after that micro-batch's dropout draws: Ctrl-C mid-step."""
+    real_forward, calls = TextToMusicLM.forward, []
+
+    def forward(self, *a):
+        out = real_forward(self, *a)
+        calls.append(1)
+        if len(calls) == call + 1:
+            raise KeyboardInterrupt
+        return out
+    monkeypatch.setattr(TextToMusicLM, "forward", forward)
+
+
+def assert_same_run(a, b):
+    """Two run folders hold the same metrics rows (bit-exact losses) and the same final weights."""
+    assert read_losses(a) == read_losses(b) and len(read_losses(a)) == 8
+    wa = torch.load(a / "ckpt.pt", weights_only=False)["model"]
+    wb = torch.load(b / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ctrl_c_mid_step_then_resume_is_exact_with_dropout(tmp_path, monkeypatch, capsys):
+    """Dropout on, two micro-batches a step: Ctrl-C in step 3's second micro-batch (its first has
+    drawn its dropout masks) saves the state as of step 3 (the last completed step), RNG included."""
+    run = lambda out, *extra: trainmod.main(tiny_train_args(out, "--steps", "8", "--dropout", "0.3",
+                                                           "--grad-accum", "2", "--batch-size", "4", *extra))
+    run(tmp_path / "whole")
+    forward_interrupted_at(monkeypatch, 3 * 2 + 1)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "cut")
+    assert e.value.code == 130
+    assert (f"interrupted: checkpoint at step 3 in {tmp_path}/cut/ckpt.pt; continue with --resume --out "
+            f"{tmp_path}/cut") in capsys.readouterr().err.splitlines()
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 3
+    monkeypatch.undo()
+    run(tmp_path / "cut", "--resume")
+    assert_same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+def test_ctrl_c_during_the_update_is_held_until_the_step_is_whole(tmp_path, monkeypatch):
+    """A SIGINT that arrives between the optimizer's update and the schedule's (a half-updated step)
+    is raised once the step is complete: the checkpoint is the state after step 4, and resuming
+    from it gives the uninterrupted run."""
+    import signal
+    run = lambda out, *extra: trainmod.main(tiny_train_args(out, "--steps", "8", "--dropout", "0.3", *extra))
+    run(tmp_path / "whole")
+    real_step = torch.optim.lr_scheduler.LambdaLR.step
+
+    def step(self, *a):
+        if self.last_epoch == 3:  # the optimizer has applied step 3's update, the schedule not yet
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self, *a)
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "cut")
+    assert e.value.code == 130 and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 4
+    monkeypatch.undo()
+    run(tmp_path / "cut", "--resume")
+    assert_same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+def test_resume_of_a_finished_run_and_stop_after_zero(tmp_path, capsys):
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "2"))
+    saved, rows = open(out / "ckpt.pt", "rb").read(), open(out / "metrics.csv").read()
+    capsys.readouterr()
+    trainmod.main(tiny_train_args(out, "--steps", "2", "--resume"))  # finished: says so, changes nothing
+    assert capsys.readouterr().out.splitlines()[-1] == f"nothing to train: {out}/ckpt.pt is at step 2, and --steps is 2"
+    assert open(out / "ckpt.pt", "rb").read() == saved and open(out / "metrics.csv").read() == rows
+    # --stop-after 0 writes the run's step-0 checkpoint; resuming it is the run from the start
+    trainmod.main(tiny_train_args(tmp_path / "z", "--steps", "2", "--stop-after", "0"))
+    assert capsys.readouterr().out.splitlines()[-1] == f"done: step 0, checkpoint {tmp_path}/z/ckpt.pt"
+    assert torch.load(tmp_path / "z" / "ckpt.pt", weights_only=False)["step"] == 0
+    trainmod.main(tiny_train_args(tmp_path / "z", "--steps", "2", "--resume"))
+    assert read_losses(tmp_path / "z") == read_losses(out) and len(read_losses(out)) == 2
+
+
+def test_unreadable_checkpoint_is_one_line_naming_it(tmp_path, capsys):
+    ckpt = tmp_path / "r" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(ckpt.parent, "--steps", "2", "--resume"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"{ckpt}: not a readable checkpoint (") and err.count("\n") == 1
+    torch.save({"model": {}}, ckpt)
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(ckpt.parent, "--steps", "2", "--resume"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{ckpt}: not a train.py checkpoint (no args, optimizer, rng, scheduler, step)\n")
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(ckpt.parent, "--steps", "2"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{ckpt} exists: pass --resume to continue it, or --out to start another run\n")
+
+
+BAD_TRAIN_FLAGS = [
+    (["--ckpt-every", "0"], "argument --ckpt-every: expected a whole number of at least 1, not '0'"),
+    (["--log-every", "0"], "argument --log-every: expected a whole number of at least 1, not '0'"),
+    (["--cfg-dropout", "2"], "argument --cfg-dropout: expected a finite number of at least 0 and below 1, not '2'"),
+    (["--lr", "nan"], "argument --lr: expected a finite number above 0, not 'nan'"),
+    (["--lr", "-1"], "argument --lr: expected a finite number above 0, not '-1'"),
+    (["--dropout", "1.5"], "argument --dropout: expected a finite number of at least 0 and below 1, not '1.5'"),
+    (["--d-model", "100"], "argument --d-model: expected a multiple of 16 for prefix_simba (Mamba-2 splits 2 x "
+                           "d_model channels into heads of 32), not 100"),
+    (["--d-model", "66", "--variant", "cross_transformer"],
+     "argument --d-model: expected a multiple of 4 for cross_transformer (attention splits d_model into 4 heads), "
+     "not 66"),
+    (["--seed", "-1"], "argument --seed: expected a whole number from 0 to 2147483647, not '-1'"),
+    (["--grad-clip", "0"], "argument --grad-clip: expected a finite number above 0, not '0'"),
+    (["--warmup", "-5"], "argument --warmup: expected a whole number of at least 0, not '-5'"),
+    (["--eval-every", "-1"], "argument --eval-every: expected a whole number of at least 0, not '-1'"),
+    (["--steps", "1e3"], "argument --steps: expected a whole number of at least 1, not '1e3'"),
+    (["--weight-decay", "inf"], "argument --weight-decay: expected a finite number of at least 0, not 'inf'"),
+    (["--stop-after", "-1"], "argument --stop-after: expected a whole number of at least 0, not '-1'"),
+    (["--device", "gpu"], "argument --device: expected auto, cpu or cuda, not 'gpu'"),
+    (["--stage", "3"], "argument --stage: invalid choice: 3 (choose from 1, 2)"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_TRAIN_FLAGS, ids=[" ".join(f) for f, _ in BAD_TRAIN_FLAGS])
+def test_bad_train_flag_is_one_line_and_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        trainmod.parse_args(flags)
+    assert e.value.code == 2 and capsys.readouterr().err == f"train.py: error: {message}\n"
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("train.py", ["--lr", "nan"], "train.py: error: argument --lr: expected a finite number above 0, not 'nan'"),
+    ("generate.py", ["a piece", "--seconds", "inf"],
+     "generate.py: error: argument --seconds: expected a finite number from 0.0059 to 3600, not 'inf'")])
+def test_command_line_errors_have_no_traceback(script, flags, message):
+    done = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, cwd=HERE)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", message + "\n")
+
+
+def test_training_reads_every_caption_of_a_clip(tmp_path, monkeypatch):
+    """A file with two captions: epoch e reads its clips with caption e % 2 (data.TokenDataset), and
+    train.py passes each example's epoch."""
+    folder = tmp_path / "tokens"
+    codes = lambda seed: np.random.default_rng(seed).integers(0, 1024, (9, 48)).astype(np.uint16)
+    clip = {"start_s": 0.0, "frames": 48}
+    with datamod.ClipWriter(str(folder), {"format": 2}) as store:
+        store.commit({"source": "a.wav", "clips": [clip, {**clip, "start_s": 30.0}], "captions": ["first", "second"],
+                      "seconds": 60.0, "silent": 0}, [codes(0), codes(1)])
+        store.commit({"source": "b.wav", "clips": [clip], "captions": ["only"], "seconds": 30.0, "silent": 0},
+                     [codes(2)])
+    seen = []
+
+    class Recorder(datamod.WordEncoder):  # stands in for T5 and notes what it is asked to encode
+        def __init__(self, name, device="cpu"):
+            super().__init__(device=device)
+            self.spec = {"kind": "t5", "name": name}
+
+        def __call__(self, captions):
+            seen.append(sorted(captions))
+            return super().__call__(captions)
+    monkeypatch.setattr(datamod, "T5TextEncoder", Recorder)
+    trainmod.main(tiny_train_args(tmp_path / "r", "--data", str(folder), "--steps", "4", "--batch-size", "3",
+                                  "--grad-accum", "1"))
+    assert seen == [["first", "first", "only"], ["only", "second", "second"]] * 2  # a batch is an epoch here
+
+
 def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
     common = ["--layers", "2", "--d-model", "64", "--d-state", "16", "--frames", "32", "--dropout", "0",
               "--steps", "3", "--eval-every", "0", "--device", "cpu"]
