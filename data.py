@@ -291,14 +291,16 @@ class WordEncoder:
 
 
 class T5TextEncoder:
-    """Frozen Flan-T5 encoder (T5EncoderModel + its tokenizer), from a hub name or a local folder.
-    Captions longer than max_tokens are truncated, with a warning."""
+    """Frozen Flan-T5 encoder (T5EncoderModel + its tokenizer), from a hub name or a local folder,
+    computing in fp32. Captions longer than max_tokens are truncated, with a warning."""
 
     def __init__(self, name_or_path="google/flan-t5-base", max_tokens=256, device="cpu"):
         from transformers import AutoTokenizer, T5EncoderModel
         self.tokenizer = from_pretrained(AutoTokenizer, name_or_path, "the T5 text encoder", "--t5")
         self.model = from_pretrained(T5EncoderModel, name_or_path, "the T5 text encoder", "--t5")
-        self.model = self.model.to(device).eval().requires_grad_(False)
+        # fp32 whatever dtype the folder stores: T5's activations overflow fp16, and the states are
+        # the model's input, so they should not depend on how someone saved the weights.
+        self.model = self.model.float().to(device).eval().requires_grad_(False)
         self.spec = {"kind": "t5", "name": str(name_or_path), "max_tokens": max_tokens}
         self.max_tokens, self.device, self.warned = max_tokens, device, set()
 
@@ -556,15 +558,7 @@ def read_captions(path):
     relative to the audio folder and normalised ("./a//b.wav" is "a/b.wav"). A file listed more
     than once keeps its distinct captions, in order, and the repeats are reported on stderr.
     BadInput, naming the file and line, for anything else than text in both fields."""
-    if not os.path.isfile(path):
-        fail(f"{path}: captions file not found")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        fail(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8")
+    text = read_utf8(path, "captions file")
     entries = csv_entries(path, text) if path.lower().endswith(".csv") else jsonl_entries(path, text)
     captions, first_line, repeats = {}, {}, []
     for line, audio, caption in entries:
@@ -590,6 +584,20 @@ def read_captions(path):
         print(f"warning: {path}: {plural(len(repeats), 'line')} name an audio file again ({some(repeats, 3)}); "
               "each file is encoded once and keeps its distinct captions", file=sys.stderr)
     return captions
+
+
+def read_utf8(path, what):
+    """The text of a UTF-8 file (a byte-order mark is dropped). BadInput naming the file (`what` it
+    is) when it is missing, or naming the line of the first byte that is not UTF-8."""
+    if not os.path.isfile(path):
+        fail(f"{path}: {what} not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        fail(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8")
 
 
 def csv_entries(path, text):
@@ -693,12 +701,13 @@ def too_silent(clip):
 
 
 def load_dac(name_or_path="descript/dac_44khz", device="cpu"):
-    """DAC 44.1 kHz through transformers.DacModel (the same weights as descript-audio-codec).
+    """DAC 44.1 kHz through transformers.DacModel (the same weights as descript-audio-codec), in
+    fp32 whatever dtype its folder stores: codes are nearest neighbours, which reduced precision moves.
     BadInput when it cannot be loaded or has another layout (check_codec)."""
     from transformers import DacModel
     dac = from_pretrained(DacModel, name_or_path, "DAC", "--dac")
     check_codec(dac, name_or_path)
-    return dac.to(device).eval().requires_grad_(False)
+    return dac.float().to(device).eval().requires_grad_(False)  # fp32, whatever dtype the folder stores
 
 
 def check_codec(dac, name):

@@ -1199,6 +1199,27 @@ def test_t5_encoder_from_local_folder(tiny_t5_dir, capsys):
         datamod.T5TextEncoder(str(tiny_t5_dir) + "-missing")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_text_encoder_and_codec_compute_in_fp32_whatever_their_folder_stores(tiny_t5_dir, tmp_path, dtype):
+    from transformers import AutoTokenizer, DacModel, T5EncoderModel
+    T5EncoderModel.from_pretrained(tiny_t5_dir).to(dtype).save_pretrained(tmp_path / "t5")
+    AutoTokenizer.from_pretrained(tiny_t5_dir).save_pretrained(tmp_path / "t5")
+    datamod.synthetic_codec(seed=3).to(dtype).save_pretrained(tmp_path / "dac")
+    enc = datamod.T5TextEncoder(str(tmp_path / "t5"))
+    dac = datamod.load_dac(str(tmp_path / "dac"))
+    for model in (enc.model, dac):
+        assert {p.dtype for p in model.parameters()} | {b.dtype for b in model.buffers() if b.is_floating_point()} \
+            == {torch.float32}
+    # the numbers of the stored weights widened to fp32 by hand
+    t5 = T5EncoderModel.from_pretrained(tmp_path / "t5", dtype=dtype).float()
+    codec = DacModel.from_pretrained(tmp_path / "dac", dtype=dtype).float()
+    codes = torch.randint(0, 1024, (1, 9, 4))
+    with torch.no_grad():
+        assert torch.equal(enc(["a calm piano piece"])[0],
+                           t5(**enc.tokenizer(["a calm piano piece"], return_tensors="pt")).last_hidden_state)
+        assert torch.equal(dac.decode(audio_codes=codes).audio_values, codec.decode(audio_codes=codes).audio_values)
+
+
 def test_synthetic_captions_set_rules():
     ds = datamod.SyntheticMusic(n_frames=96, seed=0)
     scores = [datamod.caption_score(*ds.example(i)) for i in range(50)]
