@@ -1532,3 +1532,120 @@ def test_generate_synthetic_checkpoint_prints_caption_score(tmp_path, capsys):
     assert "no audio to decode" in captured.err and "caption score" in captured.out
     record = json.loads(open(tmp_path / "gen" / "generations.jsonl").readline())
     assert 0.0 <= record["caption_score"] <= 1.0 and "wav" not in record
+
+
+BAD_GENERATE_FLAGS = [
+    (["--seconds", "nan"], "argument --seconds: expected a finite number from 0.0059 to 3600, not 'nan'"),
+    (["--seconds", "inf"], "argument --seconds: expected a finite number from 0.0059 to 3600, not 'inf'"),
+    (["--seconds", "1e9"], "argument --seconds: expected a finite number from 0.0059 to 3600, not '1e9'"),
+    (["--seconds", "0.001"], "argument --seconds: expected a finite number from 0.0059 to 3600, not '0.001'"),
+    (["--top-k", "-1"], "argument --top-k: expected a whole number of at least 0, not '-1'"),
+    (["--temperature", "-1"], "argument --temperature: expected a finite number of at least 0, not '-1'"),
+    (["--temperature", "nan"], "argument --temperature: expected a finite number of at least 0, not 'nan'"),
+    (["--cfg", "nan"], "argument --cfg: expected a finite number of at least 0, not 'nan'"),
+    (["--stage2-cfg=-inf"], "argument --stage2-cfg: expected a finite number of at least 0, not '-inf'"),
+    (["--stage2-steps", "0"], "argument --stage2-steps: expected a whole number of at least 1, not '0'"),
+    (["--stage2-steps", "-1"], "argument --stage2-steps: expected a whole number of at least 1, not '-1'"),
+    (["--batch-size", "0"], "argument --batch-size: expected a whole number of at least 1, not '0'"),
+    (["--seed", "-1"], "argument --seed: expected a whole number from 0 to 2147483647, not '-1'"),
+    (["--device", "tpu"], "argument --device: expected auto, cpu or cuda, not 'tpu'"),
+    (["--ssm-state", "fp16"], "argument --ssm-state: invalid choice: 'fp16' (choose from 'fp32', 'bf16')"),
+] + ([] if torch.cuda.is_available() else [
+    (["--device", "cuda"], "argument --device: 'cuda', but torch sees no CUDA device here")])
+
+
+@pytest.mark.parametrize("flags, message", BAD_GENERATE_FLAGS, ids=[" ".join(f) for f, _ in BAD_GENERATE_FLAGS])
+def test_bad_generate_flag_is_one_line_and_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        genmod.parse_args(["a piece", *flags])
+    assert e.value.code == 2 and capsys.readouterr().err == f"generate.py: error: {message}\n"
+
+
+def test_bad_generate_files_are_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("a calm piece\na café piece\n".encode("latin-1"))
+    for args, message in [(["a piece", "--out", tmp_path / "file"], f"{tmp_path}/file: exists and is not a folder"),
+                          (["--prompts", tmp_path / "latin1.txt"],
+                           f"{tmp_path}/latin1.txt:2: not UTF-8 (byte 0xe9); save the file as UTF-8"),
+                          (["--prompts", tmp_path / "none.txt"], f"{tmp_path}/none.txt: prompts file not found"),
+                          (["a piece", "--ckpt", tmp_path / "file"],
+                           f"{tmp_path}/file: not a readable checkpoint (EOFError: Ran out of input)")]:
+        with pytest.raises(SystemExit) as e:
+            genmod.main([str(a) for a in args])
+        assert e.value.code == 2 and capsys.readouterr().err == message + "\n"
+
+
+def test_generate_two_frames_writes_wav_png_and_a_json_line(real_data_checkpoints, tiny_dac_dir, tmp_path):
+    """0.02 s is 2 frames (1024 samples): shorter than the spectrogram's 2048-sample window."""
+    import soundfile as sf
+    from matplotlib.image import imread
+    genmod.main(["a short one", "--ckpt", str(real_data_checkpoints / "k9" / "ckpt.pt"), "--dac", tiny_dac_dir,
+                 "--seconds", "0.02", "--out", str(tmp_path)])
+    line, = open(tmp_path / "generations.jsonl").read().splitlines()
+    record = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert record["frames"] == 2 and record["wav"] == f"{tmp_path}/s0-0000-a-short-one.wav"
+    audio, sr = sf.read(record["wav"])
+    assert sr == SR and len(audio) == 2 * 512
+    assert imread(record["png"]).shape == (350, 1000, 4)  # figsize (10, 3.5) at 100 dpi
+    assert np.load(record["codes"]).shape == (9, 2)
+    assert sorted(os.listdir(tmp_path)) == ["generations.jsonl", "s0-0000-a-short-one.npy", "s0-0000-a-short-one.png",
+                                            "s0-0000-a-short-one.wav"]  # no temporary file left
+
+
+@pytest.fixture(scope="module")
+def synthetic_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn") / "run"
+    trainmod.main(tiny_train_args(out, "--steps", "2"))
+    return out / "ckpt.pt"
+
+
+def test_one_frame_synthetic_sample_has_a_valid_json_score(synthetic_checkpoint, tmp_path):
+    genmod.main(["a calm slow piano piece in a major scale", "--ckpt", str(synthetic_checkpoint), "--seconds", "0.0059",
+                 "--out", str(tmp_path)])
+    record = json.loads(open(tmp_path / "generations.jsonl").read(), parse_constant=lambda c: pytest.fail(c))
+    assert record["frames"] == 1 and math.isfinite(record["caption_score"])
+
+
+def test_two_runs_into_one_folder_never_overwrite(synthetic_checkpoint, tmp_path, monkeypatch, capsys):
+    run = lambda *a: genmod.main(["a calm piece", "a dark piece", "a calm piece", "--ckpt", str(synthetic_checkpoint),
+                                  "--seconds", "0.2", "--batch-size", "2", "--out", str(tmp_path), *a])
+    run()
+    run("--seed", "5")
+    names = ["s0-0000-a-calm-piece", "s0-0001-a-dark-piece", "s1-0002-a-calm-piece",
+             "s5-0000-a-calm-piece", "s5-0001-a-dark-piece", "s6-0002-a-calm-piece"]
+    assert sorted(os.listdir(tmp_path)) == ["generations.jsonl"] + [n + ".npy" for n in names]
+    before = {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the same seed again: refused before any work
+        run()
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{tmp_path}/s0-0000-a-calm-piece.npy exists (from a run with the same seed and prompt), and is kept: pass "
+        "another --seed or --out\n")
+    # another run makes a name between the check and the write: it is not overwritten either
+    real = genmod.generate_batch
+
+    def racing(m, prompts, seed, *a):
+        (tmp_path / f"s{seed}-0000-a-calm-piece.npy").write_bytes(b"the other run's")
+        return real(m, prompts, seed, *a)
+    monkeypatch.setattr(genmod, "generate_batch", racing)
+    with pytest.raises(SystemExit) as e:
+        run("--seed", "9")
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(
+        f"{tmp_path}/s9-0000-a-calm-piece.npy exists (from a run with the same seed and prompt), and is kept: pass "
+        "another --seed or --out\n")
+    assert open(tmp_path / "s9-0000-a-calm-piece.npy", "rb").read() == b"the other run's"
+    assert {n: open(tmp_path / n, "rb").read() for n in before} == before
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary file left
+
+
+def test_newest_checkpoint_skips_an_unreadable_one(synthetic_checkpoint, tmp_path, monkeypatch, capsys):
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    for name in ("old", "new"):
+        os.makedirs(f"runs/{name}")
+    shutil.copy(synthetic_checkpoint, "runs/old/ckpt.pt")
+    open("runs/new/ckpt.pt", "wb").write(b"not a checkpoint")
+    os.utime("runs/old/ckpt.pt", (1e9, 1e9))
+    assert genmod.newest_checkpoint() == "runs/old/ckpt.pt"
+    err = capsys.readouterr().err
+    assert err.startswith("warning: skipped runs/new/ckpt.pt: not a readable checkpoint (") and err.count("\n") == 1
