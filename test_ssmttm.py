@@ -1211,8 +1211,8 @@ def test_text_encoder_and_codec_compute_in_fp32_whatever_their_folder_stores(tin
         assert {p.dtype for p in model.parameters()} | {b.dtype for b in model.buffers() if b.is_floating_point()} \
             == {torch.float32}
     # the numbers of the stored weights widened to fp32 by hand
-    t5 = T5EncoderModel.from_pretrained(tmp_path / "t5", dtype=dtype).float()
-    codec = DacModel.from_pretrained(tmp_path / "dac", dtype=dtype).float()
+    t5 = T5EncoderModel.from_pretrained(tmp_path / "t5").float()
+    codec = DacModel.from_pretrained(tmp_path / "dac").float()
     codes = torch.randint(0, 1024, (1, 9, 4))
     with torch.no_grad():
         assert torch.equal(enc(["a calm piano piece"])[0],
