@@ -1386,7 +1386,9 @@ def test_bad_train_flag_is_one_line_and_exit_2(flags, message, capsys):
 @pytest.mark.parametrize("script, flags, message", [
     ("train.py", ["--lr", "nan"], "train.py: error: argument --lr: expected a finite number above 0, not 'nan'"),
     ("generate.py", ["a piece", "--seconds", "inf"],
-     "generate.py: error: argument --seconds: expected a finite number from 0.0059 to 3600, not 'inf'")])
+     "generate.py: error: argument --seconds: expected a finite number from 0.0059 to 3600, not 'inf'"),
+    ("bench.py", ["--batches", "4,0"], "bench.py: error: argument --batches: expected a whole number of at least 1, "
+                                       "not '0'")])
 def test_command_line_errors_have_no_traceback(script, flags, message):
     done = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, cwd=HERE)
     assert (done.returncode, done.stdout, done.stderr) == (2, "", message + "\n")
