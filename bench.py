@@ -34,6 +34,7 @@ import time
 
 import torch
 
+import data as datamod
 import fast
 import kernels
 import ssmttm
@@ -453,7 +454,6 @@ def bench_pipeline(device, quick=False):
     import numpy as np
     import soundfile as sf
     from transformers import ByT5Tokenizer, DacConfig, DacModel, T5Config, T5EncoderModel
-    import data as datamod
     root = tempfile.mkdtemp(prefix="ssmttm-pipeline-")
     t5_dir, dac_dir, audio = (os.path.join(root, d) for d in ("t5", "dac", "audio"))
     torch.manual_seed(0)
@@ -613,7 +613,7 @@ def run_section(section, args, device, train_options):
     n_frames = 40 if args.quick else 2584
     if section == "train":
         for variant, batch, comp, options in itertools.product(
-                args.variants.split(","), map(int, args.batches.split(",")), map(int, args.compile.split(",")),
+                args.variants, args.batches, map(int, args.compile),
                 train_options):
             if args.quick and comp:
                 continue
@@ -626,23 +626,23 @@ def run_section(section, args, device, train_options):
             if device == "cuda":
                 torch.cuda.empty_cache()
     elif section == "profile":
-        for variant, comp in itertools.product(args.variants.split(","), map(int, args.compile.split(","))):
-            profile_train(variant, int(args.batches.split(",")[0]), n_frames, n_layers, bool(comp), train_options[0])
+        for variant, comp in itertools.product(args.variants, map(int, args.compile)):
+            profile_train(variant, args.batches[0], n_frames, n_layers, bool(comp), train_options[0])
     elif section == "layer":
         for options in (train_options + [None] if device == "cuda" else [None]):
             emit(bench_layer(1 if args.quick else 4, 64 if args.quick else 2650, options, device=device))
     elif section == "decode":
         bench_decoding(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500),
-                       args.decode_setups.split(","), full_baseline=args.full_baseline)
+                       args.decode_setups, full_baseline=args.full_baseline)
     elif section == "decode-kernels" and device == "cuda":
-        for rows in map(int, args.kernel_rows.split(",")):
+        for rows in args.kernel_rows:
             bench_decode_kernels(rows=rows, sweep=args.sweep_configs)
     elif section.startswith("ddp"):  # ddp, or ddp-1gpu / ddp-2gpu for one part
         os.makedirs(args.ddp_dir, exist_ok=True)
         bench_ddp(args.ddp_dir, section[4:].split("+") if "-" in section else ("1gpu", "2gpu", "resume"),
                   layers=n_layers, quick=args.quick)
     elif section == "decode-batch" and device == "cuda":
-        bench_decode_batch(n_layers, tuple(map(int, args.prompts.split(","))))
+        bench_decode_batch(n_layers, tuple(args.prompts))
     elif section == "decode-profile":
         for mode in ("graph", "nopdl+graph"):
             profile_decoding(n_layers, mode)
@@ -654,35 +654,65 @@ def run_section(section, args, device, train_options):
         bench_cpu(steps=5 if args.quick else 30)
 
 
+SECTIONS = ("train", "profile", "layer", "decode", "decode-batch", "decode-kernels", "decode-profile", "stage2",
+            "pipeline", "ddp", "ddp-1gpu", "ddp-2gpu", "ddp-2gpu+resume", "cpu")  # ddp-*: its parts, one at a time
+
+
+def comma_list(item):
+    """An argparse type: comma-separated values, each parsed by item (a type function) or one of the
+    collection item; one line naming the flag and the bad value otherwise (data.ArgumentParser)."""
+    def parse_one(text):
+        if callable(item):
+            return item(text)
+        if text not in item:
+            raise argparse.ArgumentTypeError(f"expected {', '.join(item)} (comma-separated), not {text!r}")
+        return text
+    return lambda text: [parse_one(part) for part in text.split(",")]
+
+
+def decode_setup(text):
+    """An argparse type: VARIANT:MODE, a variant of LAYOUTS and a mode of DECODE_MODES."""
+    variant, _, mode = text.partition(":")
+    if variant not in LAYOUTS or mode not in DECODE_MODES:
+        raise argparse.ArgumentTypeError(f"expected variant:mode with a variant of {', '.join(LAYOUTS)} and a mode of "
+                                         f"{', '.join(DECODE_MODES)}, not {text!r}")
+    return text
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="train,layer,decode,stage2",
-                    help="comma-separated sections (train, profile, layer, decode, decode-batch, decode-kernels, "
-                         "decode-profile, stage2, pipeline, ddp (or parts of it: ddp-1gpu, ddp-2gpu+resume), cpu)")
+    ap = datamod.ArgumentParser(prog="bench.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", type=comma_list(SECTIONS), default="train,layer,decode,stage2",
+                    help=f"comma-separated sections ({', '.join(SECTIONS)})")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
-    ap.add_argument("--variants", default=",".join(LAYOUTS))
-    ap.add_argument("--batches", default="4,16")
-    ap.add_argument("--compile", default="0,1", help="training with torch.compile: 0, 1 or both")
-    ap.add_argument("--chunk-sizes", default="256", help="the SSD kernels' chunk lengths (FastOptions.chunk_size)")
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--mamba-train", default="keep_states",
+    ap.add_argument("--variants", type=comma_list(list(LAYOUTS)), default=",".join(LAYOUTS))
+    ap.add_argument("--batches", type=comma_list(datamod.positive_int), default="4,16")
+    ap.add_argument("--compile", type=comma_list(["0", "1"]), default="0,1",
+                    help="training with torch.compile: 0, 1 or both")
+    ap.add_argument("--chunk-sizes", type=comma_list(datamod.positive_int), default="256",
+                    help="the SSD kernels' chunk lengths (FastOptions.chunk_size)")
+    ap.add_argument("--layers", type=datamod.positive_int, default=24)
+    ap.add_argument("--mamba-train", type=comma_list(["keep_states", "mamba_ssm", "split"]), default="keep_states",
                     help="Mamba-2 training paths (FastOptions.train): keep_states, mamba_ssm (mamba-ssm's own "
                          "fused function, which recomputes the chunk states), split (separate conv and SSD ops)")
-    ap.add_argument("--decode-setups", default=",".join(DECODE_SETUPS),
+    ap.add_argument("--decode-setups", type=comma_list(decode_setup),
+                    default=",".join(DECODE_SETUPS),
                     help=f"variant:mode pairs for the decode section (modes: {', '.join(DECODE_MODES)})")
     ap.add_argument("--sweep-configs", action="store_true", help="decode-kernels: also every linear_rows launch shape")
-    ap.add_argument("--kernel-rows", default="2", help="decode-kernels: rows per call (2 = one prompt with guidance)")
-    ap.add_argument("--prompts", default="1,4,16,64", help="decode-batch: prompts decoded at once (2 rows each)")
+    ap.add_argument("--kernel-rows", type=comma_list(datamod.positive_int), default="2",
+                    help="decode-kernels: rows per call, at most 8 (2 = one prompt with guidance)")
+    ap.add_argument("--prompts", type=comma_list(datamod.positive_int), default="1,4,16,64",
+                    help="decode-batch: prompts decoded at once (2 rows each)")
     ap.add_argument("--ddp-dir", default="runs/bench-ddp", help="ddp: where its training runs go")
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
-    train_options = [FastOptions(train=path, chunk_size=chunk) for path in args.mamba_train.split(",")
-                     for chunk in map(int, args.chunk_sizes.split(","))]
+    train_options = [FastOptions(train=path, chunk_size=chunk) for path in args.mamba_train
+                     for chunk in args.chunk_sizes]
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
-    if device == "cpu" and not args.quick and args.only != "cpu":
-        sys.exit("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")
-    sections = args.only.split(",")
+    if device == "cpu" and not args.quick and args.only != ["cpu"]:
+        datamod.fail("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")
+    sections = args.only
     global JSON_PATH
     JSON_PATH = args.json
     HEADER.update(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, python=platform.python_version(),

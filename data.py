@@ -94,6 +94,73 @@ def fail(message):
     raise BadInput(message)
 
 
+# Command lines (data.py, train.py, generate.py, bench.py): a bad flag is reported the way argparse
+# reports it, "PROG: error: argument --FLAG: expected ..., not 'VALUE'", but as that one line, without
+# the usage lines, and exit code 2 (fail). Values are checked where they are parsed (the type=
+# functions below), so nothing runs with a value that would crash or silently misbehave later.
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage banner) and exit code 2, through fail()."""
+
+    def error(self, message):
+        fail(f"{self.prog}: error: {message}")
+
+
+def _bounds(lo, hi, lo_open=False, hi_open=False):
+    """' from 0 to 1', ' of at least 1', ' above 0 and at most 3600', ... (for messages)."""
+    show = lambda x: f"{x:g}" if isinstance(x, float) else str(x)
+    if lo is not None and hi is not None and not (lo_open or hi_open):
+        return f" from {show(lo)} to {show(hi)}"
+    parts = ([f"{'above' if lo_open else 'of at least'} {show(lo)}"] if lo is not None else []) + \
+            ([f"{'below' if hi_open else 'at most'} {show(hi)}"] if hi is not None else [])
+    return " " + " and ".join(parts) if parts else ""
+
+
+def whole_number(lo=None, hi=None):
+    """An argparse type: an integer from lo to hi (None: no bound)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected a whole number{_bounds(lo, hi)}, not {text!r}")
+        return value
+    return parse
+
+
+def number(lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: a finite float from lo to hi (lo_open / hi_open: that end excluded; None: no
+    bound). NaN and infinities never pass: they would run, and give NaN or nothing."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        bad = (not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo))
+               or (hi is not None and (value >= hi if hi_open else value > hi)))
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected a finite number{_bounds(lo, hi, lo_open, hi_open)}, "
+                                             f"not {text!r}")
+        return value
+    return parse
+
+
+positive_int = whole_number(1)
+SEED = whole_number(0, 2**31 - 1)  # numpy's legacy seeding takes up to 2**32 - 1 (with a rank added)
+
+
+def device_name(text):
+    """An argparse type: auto, cpu, cuda or cuda:N; cuda only where torch sees a CUDA device."""
+    kind, _, index = text.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu or cuda, not {text!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}, but torch sees no CUDA device here")
+    return text
+
+
 def plural(n, word):
     return f"{n} {word}{'s' * (n != 1)}"
 
@@ -146,7 +213,9 @@ class SyntheticMusic:
         codes = np.concatenate([coarse[None], fine_codes(coarse)], axis=0)  # (9, T)
         return torch.from_numpy(codes.astype(np.int64)), f"a {mood} {tempo} {instrument} piece in a {scale} scale"
 
-    def batch(self, indices):
+    def batch(self, indices, epochs=0):
+        """Examples `indices` stacked: codes (b, 9, n_frames), captions. epochs: ignored (every
+        example of the endless set is new), taken for TokenDataset.batch's signature."""
         examples = [self.example(int(i)) for i in indices]
         return torch.stack([c for c, _ in examples]), [t for _, t in examples]
 
@@ -222,14 +291,16 @@ class WordEncoder:
 
 
 class T5TextEncoder:
-    """Frozen Flan-T5 encoder (T5EncoderModel + its tokenizer), from a hub name or a local folder.
-    Captions longer than max_tokens are truncated, with a warning."""
+    """Frozen Flan-T5 encoder (T5EncoderModel + its tokenizer), from a hub name or a local folder,
+    computing in fp32. Captions longer than max_tokens are truncated, with a warning."""
 
     def __init__(self, name_or_path="google/flan-t5-base", max_tokens=256, device="cpu"):
         from transformers import AutoTokenizer, T5EncoderModel
         self.tokenizer = from_pretrained(AutoTokenizer, name_or_path, "the T5 text encoder", "--t5")
         self.model = from_pretrained(T5EncoderModel, name_or_path, "the T5 text encoder", "--t5")
-        self.model = self.model.to(device).eval().requires_grad_(False)
+        # fp32 whatever dtype the folder stores: T5's activations overflow fp16, and the states are
+        # the model's input, so they should not depend on how someone saved the weights.
+        self.model = self.model.float().to(device).eval().requires_grad_(False)
         self.spec = {"kind": "t5", "name": str(name_or_path), "max_tokens": max_tokens}
         self.max_tokens, self.device, self.warned = max_tokens, device, set()
 
@@ -358,8 +429,11 @@ class TokenDataset:
         captions = clip["captions"]
         return torch.from_numpy(self.codes[clip["row"]].astype(np.int64)), captions[epoch % len(captions)]
 
-    def batch(self, indices, epoch=0):
-        examples = [self.example(int(i), epoch) for i in indices]
+    def batch(self, indices, epochs=0):
+        """Examples `indices` stacked: codes (b, 9, 2584), captions; epochs: one epoch for all, or one
+        per index (a batch may straddle two epochs)."""
+        epochs = np.broadcast_to(epochs, (len(indices),))
+        examples = [self.example(int(i), int(e)) for i, e in zip(indices, epochs)]
         return torch.stack([c for c, _ in examples]), [t for _, t in examples]
 
 
@@ -484,15 +558,7 @@ def read_captions(path):
     relative to the audio folder and normalised ("./a//b.wav" is "a/b.wav"). A file listed more
     than once keeps its distinct captions, in order, and the repeats are reported on stderr.
     BadInput, naming the file and line, for anything else than text in both fields."""
-    if not os.path.isfile(path):
-        fail(f"{path}: captions file not found")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        fail(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8")
+    text = read_utf8(path, "captions file")
     entries = csv_entries(path, text) if path.lower().endswith(".csv") else jsonl_entries(path, text)
     captions, first_line, repeats = {}, {}, []
     for line, audio, caption in entries:
@@ -518,6 +584,20 @@ def read_captions(path):
         print(f"warning: {path}: {plural(len(repeats), 'line')} name an audio file again ({some(repeats, 3)}); "
               "each file is encoded once and keeps its distinct captions", file=sys.stderr)
     return captions
+
+
+def read_utf8(path, what):
+    """The text of a UTF-8 file (a byte-order mark is dropped). BadInput naming the file (`what` it
+    is) when it is missing, or naming the line of the first byte that is not UTF-8."""
+    if not os.path.isfile(path):
+        fail(f"{path}: {what} not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        fail(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8")
 
 
 def csv_entries(path, text):
@@ -621,12 +701,13 @@ def too_silent(clip):
 
 
 def load_dac(name_or_path="descript/dac_44khz", device="cpu"):
-    """DAC 44.1 kHz through transformers.DacModel (the same weights as descript-audio-codec).
+    """DAC 44.1 kHz through transformers.DacModel (the same weights as descript-audio-codec), in
+    fp32 whatever dtype its folder stores: codes are nearest neighbours, which reduced precision moves.
     BadInput when it cannot be loaded or has another layout (check_codec)."""
     from transformers import DacModel
     dac = from_pretrained(DacModel, name_or_path, "DAC", "--dac")
     check_codec(dac, name_or_path)
-    return dac.to(device).eval().requires_grad_(False)
+    return dac.float().to(device).eval().requires_grad_(False)  # fp32, whatever dtype the folder stores
 
 
 def check_codec(dac, name):
@@ -783,27 +864,18 @@ def summarise(out, encoded, errors, store):
             print(f"  {name}: {reason}", file=sys.stderr)
 
 
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
-    return int(text)
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Audio + captions -> DAC tokens (see the module docstring).")
+    ap = ArgumentParser(prog="data.py", description="Audio + captions -> DAC tokens (see the module docstring).")
     ap.add_argument("--audio", required=True, help="folder of audio files")
     ap.add_argument("--captions", required=True, help="JSONL or CSV mapping audio path (relative to --audio) to caption")
     ap.add_argument("--out", required=True, help="output folder (rerun to resume)")
     ap.add_argument("--dac", default="descript/dac_44khz", help="DAC model name or local folder")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="clips per DAC batch")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--device", type=device_name, default="auto", help="auto (cuda when available), cpu or cuda")
     ap.add_argument("--remove-vocals", action="store_true", help="remove vocals with HTDemucs first (pip install demucs)")
     args = ap.parse_args(argv)
-    if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
-        fail(f"--device {args.device}: expected cpu or cuda")
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {args.device}: no CUDA device here")
-    preprocess(args.audio, args.captions, args.out, args.dac, args.batch_size, args.device, args.remove_vocals)
+    device = None if args.device == "auto" else args.device
+    preprocess(args.audio, args.captions, args.out, args.dac, args.batch_size, device, args.remove_vocals)
 
 
 if __name__ == "__main__":

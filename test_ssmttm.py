@@ -1266,6 +1266,27 @@ def test_t5_encoder_from_local_folder(tiny_t5_dir, capsys):
         datamod.T5TextEncoder(str(tiny_t5_dir) + "-missing")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_text_encoder_and_codec_compute_in_fp32_whatever_their_folder_stores(tiny_t5_dir, tmp_path, dtype):
+    from transformers import AutoTokenizer, DacModel, T5EncoderModel
+    T5EncoderModel.from_pretrained(tiny_t5_dir).to(dtype).save_pretrained(tmp_path / "t5")
+    AutoTokenizer.from_pretrained(tiny_t5_dir).save_pretrained(tmp_path / "t5")
+    datamod.synthetic_codec(seed=3).to(dtype).save_pretrained(tmp_path / "dac")
+    enc = datamod.T5TextEncoder(str(tmp_path / "t5"))
+    dac = datamod.load_dac(str(tmp_path / "dac"))
+    for model in (enc.model, dac):
+        assert {p.dtype for p in model.parameters()} | {b.dtype for b in model.buffers() if b.is_floating_point()} \
+            == {torch.float32}
+    # the numbers of the stored weights widened to fp32 by hand
+    t5 = T5EncoderModel.from_pretrained(tmp_path / "t5").float()
+    codec = DacModel.from_pretrained(tmp_path / "dac").float()
+    codes = torch.randint(0, 1024, (1, 9, 4))
+    with torch.no_grad():
+        assert torch.equal(enc(["a calm piano piece"])[0],
+                           t5(**enc.tokenizer(["a calm piano piece"], return_tensors="pt")).last_hidden_state)
+        assert torch.equal(dac.decode(audio_codes=codes).audio_values, codec.decode(audio_codes=codes).audio_values)
+
+
 def test_synthetic_captions_set_rules():
     ds = datamod.SyntheticMusic(n_frames=96, seed=0)
     scores = [datamod.caption_score(*ds.example(i)) for i in range(50)]
@@ -1299,6 +1320,172 @@ def test_resume_is_exact(tmp_path):
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def forward_interrupted_at(monkeypatch, call):
+    """Make the call-th forward pass of TextToMusicLM (0-based, counted over micro-batches) raise
+    KeyboardInterrupt after computing, so after that micro-batch's dropout draws: Ctrl-C mid-step."""
+    real_forward, calls = TextToMusicLM.forward, []
+
+    def forward(self, *a):
+        out = real_forward(self, *a)
+        calls.append(1)
+        if len(calls) == call + 1:
+            raise KeyboardInterrupt
+        return out
+    monkeypatch.setattr(TextToMusicLM, "forward", forward)
+
+
+def assert_same_run(a, b):
+    """Two run folders hold the same metrics rows (bit-exact losses) and the same final weights."""
+    assert read_losses(a) == read_losses(b) and len(read_losses(a)) == 8
+    wa = torch.load(a / "ckpt.pt", weights_only=False)["model"]
+    wb = torch.load(b / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ctrl_c_mid_step_then_resume_is_exact_with_dropout(tmp_path, monkeypatch, capsys):
+    """Dropout on, two micro-batches a step: Ctrl-C in step 3's second micro-batch (its first has
+    drawn its dropout masks) saves the state as of step 3 (the last completed step), RNG included."""
+    run = lambda out, *extra: trainmod.main(tiny_train_args(out, "--steps", "8", "--dropout", "0.3",
+                                                           "--grad-accum", "2", "--batch-size", "4", *extra))
+    run(tmp_path / "whole")
+    forward_interrupted_at(monkeypatch, 3 * 2 + 1)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "cut")
+    assert e.value.code == 130
+    assert (f"interrupted: checkpoint at step 3 in {tmp_path}/cut/ckpt.pt; continue with --resume --out "
+            f"{tmp_path}/cut") in capsys.readouterr().err.splitlines()
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 3
+    monkeypatch.undo()
+    run(tmp_path / "cut", "--resume")
+    assert_same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+def test_ctrl_c_during_the_update_is_held_until_the_step_is_whole(tmp_path, monkeypatch):
+    """A SIGINT that arrives between the optimizer's update and the schedule's (a half-updated step)
+    is raised once the step is complete: the checkpoint is the state after step 4, and resuming
+    from it gives the uninterrupted run."""
+    import signal
+    run = lambda out, *extra: trainmod.main(tiny_train_args(out, "--steps", "8", "--dropout", "0.3", *extra))
+    run(tmp_path / "whole")
+    real_step = torch.optim.lr_scheduler.LambdaLR.step
+
+    def step(self, *a):
+        if self.last_epoch == 3:  # the optimizer has applied step 3's update, the schedule not yet
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self, *a)
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "cut")
+    assert e.value.code == 130 and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 4
+    monkeypatch.undo()
+    run(tmp_path / "cut", "--resume")
+    assert_same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+def test_resume_of_a_finished_run_and_stop_after_zero(tmp_path, capsys):
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "2"))
+    saved, rows = open(out / "ckpt.pt", "rb").read(), open(out / "metrics.csv").read()
+    capsys.readouterr()
+    trainmod.main(tiny_train_args(out, "--steps", "2", "--resume"))  # finished: says so, changes nothing
+    assert capsys.readouterr().out.splitlines()[-1] == f"nothing to train: {out}/ckpt.pt is at step 2, and --steps is 2"
+    assert open(out / "ckpt.pt", "rb").read() == saved and open(out / "metrics.csv").read() == rows
+    # --stop-after 0 writes the run's step-0 checkpoint; resuming it is the run from the start
+    trainmod.main(tiny_train_args(tmp_path / "z", "--steps", "2", "--stop-after", "0"))
+    assert capsys.readouterr().out.splitlines()[-1] == f"done: step 0, checkpoint {tmp_path}/z/ckpt.pt"
+    assert torch.load(tmp_path / "z" / "ckpt.pt", weights_only=False)["step"] == 0
+    trainmod.main(tiny_train_args(tmp_path / "z", "--steps", "2", "--resume"))
+    assert read_losses(tmp_path / "z") == read_losses(out) and len(read_losses(out)) == 2
+
+
+def test_unreadable_checkpoint_is_one_line_naming_it(tmp_path, capsys):
+    ckpt = tmp_path / "r" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(ckpt.parent, "--steps", "2", "--resume"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"{ckpt}: not a readable checkpoint (") and err.count("\n") == 1
+    torch.save({"model": {}}, ckpt)
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(ckpt.parent, "--steps", "2", "--resume"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{ckpt}: not a train.py checkpoint (no args, optimizer, rng, scheduler, step)\n")
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(ckpt.parent, "--steps", "2"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{ckpt} exists: pass --resume to continue it, or --out to start another run\n")
+
+
+BAD_TRAIN_FLAGS = [
+    (["--ckpt-every", "0"], "argument --ckpt-every: expected a whole number of at least 1, not '0'"),
+    (["--log-every", "0"], "argument --log-every: expected a whole number of at least 1, not '0'"),
+    (["--cfg-dropout", "2"], "argument --cfg-dropout: expected a finite number of at least 0 and below 1, not '2'"),
+    (["--lr", "nan"], "argument --lr: expected a finite number above 0, not 'nan'"),
+    (["--lr", "-1"], "argument --lr: expected a finite number above 0, not '-1'"),
+    (["--dropout", "1.5"], "argument --dropout: expected a finite number of at least 0 and below 1, not '1.5'"),
+    (["--d-model", "100"], "argument --d-model: expected a multiple of 16 for prefix_simba (Mamba-2 splits 2 x "
+                           "d_model channels into heads of 32), not 100"),
+    (["--d-model", "66", "--variant", "cross_transformer"],
+     "argument --d-model: expected a multiple of 4 for cross_transformer (attention splits d_model into 4 heads), "
+     "not 66"),
+    (["--seed", "-1"], "argument --seed: expected a whole number from 0 to 2147483647, not '-1'"),
+    (["--grad-clip", "0"], "argument --grad-clip: expected a finite number above 0, not '0'"),
+    (["--warmup", "-5"], "argument --warmup: expected a whole number of at least 0, not '-5'"),
+    (["--eval-every", "-1"], "argument --eval-every: expected a whole number of at least 0, not '-1'"),
+    (["--steps", "1e3"], "argument --steps: expected a whole number of at least 1, not '1e3'"),
+    (["--weight-decay", "inf"], "argument --weight-decay: expected a finite number of at least 0, not 'inf'"),
+    (["--stop-after", "-1"], "argument --stop-after: expected a whole number of at least 0, not '-1'"),
+    (["--device", "gpu"], "argument --device: expected auto, cpu or cuda, not 'gpu'"),
+    (["--stage", "3"], "argument --stage: invalid choice: 3 (choose from 1, 2)"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_TRAIN_FLAGS, ids=[" ".join(f) for f, _ in BAD_TRAIN_FLAGS])
+def test_bad_train_flag_is_one_line_and_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        trainmod.parse_args(flags)
+    assert e.value.code == 2 and capsys.readouterr().err == f"train.py: error: {message}\n"
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("train.py", ["--lr", "nan"], "train.py: error: argument --lr: expected a finite number above 0, not 'nan'"),
+    ("generate.py", ["a piece", "--seconds", "inf"],
+     "generate.py: error: argument --seconds: expected a finite number from 0.0059 to 3600, not 'inf'"),
+    ("bench.py", ["--batches", "4,0"], "bench.py: error: argument --batches: expected a whole number of at least 1, "
+                                       "not '0'")])
+def test_command_line_errors_have_no_traceback(script, flags, message):
+    done = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, cwd=HERE)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", message + "\n")
+
+
+def test_training_reads_every_caption_of_a_clip(tmp_path, monkeypatch):
+    """A file with two captions: epoch e reads its clips with caption e % 2 (data.TokenDataset), and
+    train.py passes each example's epoch."""
+    folder = tmp_path / "tokens"
+    codes = lambda seed: np.random.default_rng(seed).integers(0, 1024, (9, 48)).astype(np.uint16)
+    clip = {"start_s": 0.0, "frames": 48}
+    with datamod.ClipWriter(str(folder), {"format": 2}) as store:
+        store.commit({"source": "a.wav", "clips": [clip, {**clip, "start_s": 30.0}], "captions": ["first", "second"],
+                      "seconds": 60.0, "silent": 0}, [codes(0), codes(1)])
+        store.commit({"source": "b.wav", "clips": [clip], "captions": ["only"], "seconds": 30.0, "silent": 0},
+                     [codes(2)])
+    seen = []
+
+    class Recorder(datamod.WordEncoder):  # stands in for T5 and notes what it is asked to encode
+        def __init__(self, name, device="cpu"):
+            super().__init__(device=device)
+            self.spec = {"kind": "t5", "name": name}
+
+        def __call__(self, captions):
+            seen.append(sorted(captions))
+            return super().__call__(captions)
+    monkeypatch.setattr(datamod, "T5TextEncoder", Recorder)
+    trainmod.main(tiny_train_args(tmp_path / "r", "--data", str(folder), "--steps", "4", "--batch-size", "3",
+                                  "--grad-accum", "1"))
+    assert seen == [["first", "first", "only"], ["only", "second", "second"]] * 2  # a batch is an epoch here
 
 
 def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
@@ -1414,3 +1601,120 @@ def test_generate_synthetic_checkpoint_prints_caption_score(tmp_path, capsys):
     assert "no audio to decode" in captured.err and "caption score" in captured.out
     record = json.loads(open(tmp_path / "gen" / "generations.jsonl").readline())
     assert 0.0 <= record["caption_score"] <= 1.0 and "wav" not in record
+
+
+BAD_GENERATE_FLAGS = [
+    (["--seconds", "nan"], "argument --seconds: expected a finite number from 0.0059 to 3600, not 'nan'"),
+    (["--seconds", "inf"], "argument --seconds: expected a finite number from 0.0059 to 3600, not 'inf'"),
+    (["--seconds", "1e9"], "argument --seconds: expected a finite number from 0.0059 to 3600, not '1e9'"),
+    (["--seconds", "0.001"], "argument --seconds: expected a finite number from 0.0059 to 3600, not '0.001'"),
+    (["--top-k", "-1"], "argument --top-k: expected a whole number of at least 0, not '-1'"),
+    (["--temperature", "-1"], "argument --temperature: expected a finite number of at least 0, not '-1'"),
+    (["--temperature", "nan"], "argument --temperature: expected a finite number of at least 0, not 'nan'"),
+    (["--cfg", "nan"], "argument --cfg: expected a finite number of at least 0, not 'nan'"),
+    (["--stage2-cfg=-inf"], "argument --stage2-cfg: expected a finite number of at least 0, not '-inf'"),
+    (["--stage2-steps", "0"], "argument --stage2-steps: expected a whole number of at least 1, not '0'"),
+    (["--stage2-steps", "-1"], "argument --stage2-steps: expected a whole number of at least 1, not '-1'"),
+    (["--batch-size", "0"], "argument --batch-size: expected a whole number of at least 1, not '0'"),
+    (["--seed", "-1"], "argument --seed: expected a whole number from 0 to 2147483647, not '-1'"),
+    (["--device", "tpu"], "argument --device: expected auto, cpu or cuda, not 'tpu'"),
+    (["--ssm-state", "fp16"], "argument --ssm-state: invalid choice: 'fp16' (choose from 'fp32', 'bf16')"),
+] + ([] if torch.cuda.is_available() else [
+    (["--device", "cuda"], "argument --device: 'cuda', but torch sees no CUDA device here")])
+
+
+@pytest.mark.parametrize("flags, message", BAD_GENERATE_FLAGS, ids=[" ".join(f) for f, _ in BAD_GENERATE_FLAGS])
+def test_bad_generate_flag_is_one_line_and_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        genmod.parse_args(["a piece", *flags])
+    assert e.value.code == 2 and capsys.readouterr().err == f"generate.py: error: {message}\n"
+
+
+def test_bad_generate_files_are_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("a calm piece\na café piece\n".encode("latin-1"))
+    for args, message in [(["a piece", "--out", tmp_path / "file"], f"{tmp_path}/file: exists and is not a folder"),
+                          (["--prompts", tmp_path / "latin1.txt"],
+                           f"{tmp_path}/latin1.txt:2: not UTF-8 (byte 0xe9); save the file as UTF-8"),
+                          (["--prompts", tmp_path / "none.txt"], f"{tmp_path}/none.txt: prompts file not found"),
+                          (["a piece", "--ckpt", tmp_path / "file"],
+                           f"{tmp_path}/file: not a readable checkpoint (EOFError: Ran out of input)")]:
+        with pytest.raises(SystemExit) as e:
+            genmod.main([str(a) for a in args])
+        assert e.value.code == 2 and capsys.readouterr().err == message + "\n"
+
+
+def test_generate_two_frames_writes_wav_png_and_a_json_line(real_data_checkpoints, tiny_dac_dir, tmp_path):
+    """0.02 s is 2 frames (1024 samples): shorter than the spectrogram's 2048-sample window."""
+    import soundfile as sf
+    from matplotlib.image import imread
+    genmod.main(["a short one", "--ckpt", str(real_data_checkpoints / "k9" / "ckpt.pt"), "--dac", tiny_dac_dir,
+                 "--seconds", "0.02", "--out", str(tmp_path)])
+    line, = open(tmp_path / "generations.jsonl").read().splitlines()
+    record = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert record["frames"] == 2 and record["wav"] == f"{tmp_path}/s0-0000-a-short-one.wav"
+    audio, sr = sf.read(record["wav"])
+    assert sr == SR and len(audio) == 2 * 512
+    assert imread(record["png"]).shape == (350, 1000, 4)  # figsize (10, 3.5) at 100 dpi
+    assert np.load(record["codes"]).shape == (9, 2)
+    assert sorted(os.listdir(tmp_path)) == ["generations.jsonl", "s0-0000-a-short-one.npy", "s0-0000-a-short-one.png",
+                                            "s0-0000-a-short-one.wav"]  # no temporary file left
+
+
+@pytest.fixture(scope="module")
+def synthetic_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn") / "run"
+    trainmod.main(tiny_train_args(out, "--steps", "2"))
+    return out / "ckpt.pt"
+
+
+def test_one_frame_synthetic_sample_has_a_valid_json_score(synthetic_checkpoint, tmp_path):
+    genmod.main(["a calm slow piano piece in a major scale", "--ckpt", str(synthetic_checkpoint), "--seconds", "0.0059",
+                 "--out", str(tmp_path)])
+    record = json.loads(open(tmp_path / "generations.jsonl").read(), parse_constant=lambda c: pytest.fail(c))
+    assert record["frames"] == 1 and math.isfinite(record["caption_score"])
+
+
+def test_two_runs_into_one_folder_never_overwrite(synthetic_checkpoint, tmp_path, monkeypatch, capsys):
+    run = lambda *a: genmod.main(["a calm piece", "a dark piece", "a calm piece", "--ckpt", str(synthetic_checkpoint),
+                                  "--seconds", "0.2", "--batch-size", "2", "--out", str(tmp_path), *a])
+    run()
+    run("--seed", "5")
+    names = ["s0-0000-a-calm-piece", "s0-0001-a-dark-piece", "s1-0002-a-calm-piece",
+             "s5-0000-a-calm-piece", "s5-0001-a-dark-piece", "s6-0002-a-calm-piece"]
+    assert sorted(os.listdir(tmp_path)) == ["generations.jsonl"] + [n + ".npy" for n in names]
+    before = {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the same seed again: refused before any work
+        run()
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{tmp_path}/s0-0000-a-calm-piece.npy exists (from a run with the same seed and prompt), and is kept: pass "
+        "another --seed or --out\n")
+    # another run makes a name between the check and the write: it is not overwritten either
+    real = genmod.generate_batch
+
+    def racing(m, prompts, seed, *a):
+        (tmp_path / f"s{seed}-0000-a-calm-piece.npy").write_bytes(b"the other run's")
+        return real(m, prompts, seed, *a)
+    monkeypatch.setattr(genmod, "generate_batch", racing)
+    with pytest.raises(SystemExit) as e:
+        run("--seed", "9")
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(
+        f"{tmp_path}/s9-0000-a-calm-piece.npy exists (from a run with the same seed and prompt), and is kept: pass "
+        "another --seed or --out\n")
+    assert open(tmp_path / "s9-0000-a-calm-piece.npy", "rb").read() == b"the other run's"
+    assert {n: open(tmp_path / n, "rb").read() for n in before} == before
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary file left
+
+
+def test_newest_checkpoint_skips_an_unreadable_one(synthetic_checkpoint, tmp_path, monkeypatch, capsys):
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    for name in ("old", "new"):
+        os.makedirs(f"runs/{name}")
+    shutil.copy(synthetic_checkpoint, "runs/old/ckpt.pt")
+    open("runs/new/ckpt.pt", "wb").write(b"not a checkpoint")
+    os.utime("runs/old/ckpt.pt", (1e9, 1e9))
+    assert genmod.newest_checkpoint() == "runs/old/ckpt.pt"
+    err = capsys.readouterr().err
+    assert err.startswith("warning: skipped runs/new/ckpt.pt: not a readable checkpoint (") and err.count("\n") == 1

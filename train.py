@@ -25,7 +25,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -51,32 +53,39 @@ METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "capt
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The settings: flags, then the preset for those left unset. A bad value stops here with one
+    line naming the flag and exit code 2 (data.ArgumentParser)."""
+    ap = datamod.ArgumentParser(prog="train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    count, at_least_0 = datamod.positive_int, datamod.whole_number(0)
+    probability = datamod.number(0, 1, hi_open=True)  # 1 would drop everything
     ap.add_argument("--data", help="preprocessed folder from data.py (default: the synthetic set)")
     ap.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: the LM; 2: the diffusion model")
     ap.add_argument("--variant", choices=list(LAYOUTS), default="prefix_simba")
-    ap.add_argument("--layers", type=int, default=24, help="LM blocks N (paper: 24; RQ3: 12, 6)")
+    ap.add_argument("--layers", type=count, default=24, help="LM blocks N (paper: 24; RQ3: 12, 6)")
     ap.add_argument("--codebooks", type=int, choices=[1, 9], default=1, help="1: coarse stage 1; 9: single stage")
-    ap.add_argument("--steps", type=int, help="optimizer steps in all")
-    ap.add_argument("--batch-size", type=int, help="sequences per micro-batch, per process")
-    ap.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    ap.add_argument("--lr", type=float)
-    ap.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay")
-    ap.add_argument("--weight-decay", type=float, default=0.02)
-    ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--dropout", type=float)
-    ap.add_argument("--cfg-dropout", type=float, help="probability that a caption is replaced by the null "
+    ap.add_argument("--steps", type=count, help="optimizer steps in all")
+    ap.add_argument("--batch-size", type=count, help="sequences per micro-batch, per process")
+    ap.add_argument("--grad-accum", type=count, help="micro-batches per optimizer step")
+    ap.add_argument("--lr", type=datamod.number(0, lo_open=True))
+    ap.add_argument("--warmup", type=at_least_0, help="linear warm-up steps before the cosine decay")
+    ap.add_argument("--weight-decay", type=datamod.number(0), default=0.02)
+    ap.add_argument("--grad-clip", type=datamod.number(0, lo_open=True), default=1.0,
+                    help="the largest gradient norm (a large value, e.g. 1e9, leaves the gradients as they are)")
+    ap.add_argument("--dropout", type=probability)
+    ap.add_argument("--cfg-dropout", type=probability, help="probability that a caption is replaced by the null "
                     "condition, for classifier-free guidance (default 0.1 for stage 1, 0.2 for stage 2)")
-    ap.add_argument("--d-model", type=int)
-    ap.add_argument("--d-state", type=int)
-    ap.add_argument("--headdim", type=int, help="Mamba-2 head size (2 d_model / headdim heads)")
-    ap.add_argument("--n-heads", type=int, help="attention heads")
-    ap.add_argument("--frames", type=int, help="frames per training sequence (30 s = 2584)")
+    ap.add_argument("--d-model", type=count)
+    ap.add_argument("--d-state", type=count)
+    ap.add_argument("--headdim", type=count, help="Mamba-2 head size (2 d_model / headdim heads)")
+    ap.add_argument("--n-heads", type=count, help="attention heads")
+    ap.add_argument("--frames", type=count, help="frames per training sequence (30 s = 2584)")
     ap.add_argument("--out", help="run folder (default: runs/<stage>-<variant>-<N>L-k<K>[-synthetic])")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
-    ap.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this invocation")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    ap.add_argument("--stop-after", type=at_least_0,
+                    help="stop (with a checkpoint) after this many steps of this invocation")
+    ap.add_argument("--seed", type=datamod.SEED, default=0)
+    ap.add_argument("--device", type=datamod.device_name, default="auto", help="auto, cpu, cuda")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the model: it takes minutes to compile, then each step is faster "
                          "(BENCHMARKS.md)")
@@ -84,9 +93,10 @@ def parse_args(argv=None):
                     help="on CUDA, train on the plain model (ssd_reference) instead of mamba-ssm's kernels")
     ap.add_argument("--t5", default="google/flan-t5-base", help="Flan-T5 name or local folder (real data)")
     ap.add_argument("--dac", default="descript/dac_44khz", help="DAC name or local folder (stage 2, real data)")
-    ap.add_argument("--eval-every", type=int, help="steps between caption-score evaluations (synthetic set)")
-    ap.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
-    ap.add_argument("--log-every", type=int, default=1)
+    ap.add_argument("--eval-every", type=at_least_0,
+                    help="steps between caption-score evaluations (synthetic set; 0: none)")
+    ap.add_argument("--ckpt-every", type=count, help="steps between checkpoints (one is also written at the end)")
+    ap.add_argument("--log-every", type=count, default=1, help="steps between rows of metrics.csv")
     args = ap.parse_args(argv)
     given = {k for k, v in vars(args).items() if v is not None and v is not False and ap.get_default(k) != v}
     preset = PAPER if args.data else SYNTHETIC
@@ -98,10 +108,24 @@ def parse_args(argv=None):
     if args.out is None:
         name = f"stage1-{args.variant}-{args.layers}L-k{args.codebooks}" if args.stage == 1 else "stage2"
         args.out = os.path.join("runs", name + ("" if args.data else "-synthetic"))
-    for k in ("steps", "batch_size", "grad_accum", "layers", "frames", "d_model", "d_state", "headdim", "n_heads"):
-        if getattr(args, k) < 1:
-            ap.error(f"--{k.replace('_', '-')} must be at least 1")
+    multiple, why = head_split(args)
+    if args.stage == 1 and args.d_model % multiple:
+        ap.error(f"argument --d-model: expected a multiple of {multiple} for {args.variant} ({why}), "
+                 f"not {args.d_model}")
     return args, given
+
+
+def head_split(args):
+    """(m, why): d_model must be a multiple of m for the variant's layers to split it into heads."""
+    layout, m, why = LAYOUTS[args.variant], 1, []
+    if "mamba" in layout:
+        expand = ModelConfig.expand
+        m = math.lcm(m, args.headdim // math.gcd(args.headdim, expand))
+        why.append(f"Mamba-2 splits {expand} x d_model channels into heads of {args.headdim}")
+    if {"self_attn", "cross_attn"} & set(layout):
+        m = math.lcm(m, args.n_heads)
+        why.append(f"attention splits d_model into {args.n_heads} heads")
+    return m, "; ".join(why)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,14 +142,16 @@ def lr_at(step, args):
 
 
 def batch_indices(step, micro, args, rank, world, n_examples):
-    """Example indices of one micro-batch of one process."""
+    """Example indices of one micro-batch of one process, and the epoch each is read in (a clip
+    with several captions gets caption epoch % count, so every caption is used). The dataset is
+    read in a new permutation each epoch; the endless synthetic set has one epoch."""
     first = ((step * args.grad_accum + micro) * world + rank) * args.batch_size
     positions = np.arange(first, first + args.batch_size)
-    if n_examples is None:  # the synthetic set is endless
-        return positions
+    if n_examples is None:
+        return positions, np.zeros_like(positions)
     epoch = positions // n_examples
     return np.array([np.random.default_rng([args.seed, e]).permutation(n_examples)[p % n_examples]
-                     for e, p in zip(epoch, positions)])
+                     for e, p in zip(epoch, positions)]), epoch
 
 
 def caption_keep(step, micro, args, rank, world):
@@ -158,26 +184,39 @@ def setup_processes(args):
 
 def resume_or_start(args, given):
     """The checkpoint to continue (--resume), or None for a new run. A resumed run takes its
-    settings from the checkpoint; only the RUNTIME flags may change. Exits if --out holds a run
-    and --resume is not given."""
+    settings from the checkpoint; only the RUNTIME flags may change. Stops (one line, exit code 2)
+    if --out holds a run and --resume is not given, or the checkpoint cannot be read."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if not args.resume:
         if os.path.exists(ckpt_path):
-            step = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["step"]
-            sys.exit(f"{ckpt_path} exists (step {step}): pass --resume to continue it, or --out to start another run")
+            datamod.fail(f"{ckpt_path} exists: pass --resume to continue it, or --out to start another run")
         return None
     if not os.path.exists(ckpt_path):
-        sys.exit(f"--resume: no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        datamod.fail(f"--resume: no checkpoint at {ckpt_path}")
+    ckpt = load_checkpoint(ckpt_path)
     saved = ckpt["args"]
     changed = [k for k in given if k not in RUNTIME | {"resume", "out"} and saved.get(k) != getattr(args, k)]
     if changed:
-        sys.exit(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
-                 f"checkpoint's settings; only {', '.join(sorted(RUNTIME))} can change on resume")
+        datamod.fail(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
+                     f"checkpoint's settings; only {', '.join(sorted(RUNTIME))} can change on resume")
     for k, v in saved.items():
-        if k not in given or k not in RUNTIME:
+        if k != "stop_after" and not (k in given and k in RUNTIME):  # --stop-after counts this invocation's steps
             setattr(args, k, v)
     args.resume = True
+    return ckpt
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint, read on the CPU; one line naming the file (exit code 2) if it cannot
+    be read or is not one."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a cut or damaged file: pickle, zip and torch errors of every kind
+        datamod.fail(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    keys = {"model", "optimizer", "scheduler", "step", "rng", "args"}
+    missing = keys - set(ckpt) if isinstance(ckpt, dict) else keys
+    if missing:
+        datamod.fail(f"{path}: not a train.py checkpoint (no {', '.join(sorted(missing))})")
     return ckpt
 
 
@@ -256,7 +295,7 @@ class Run:
     world: int                # processes
     rank: int                 # this process
     device: str
-    dataset: object           # .batch(indices) -> codes (b, 9, frames), captions
+    dataset: object           # .batch(indices, epochs) -> codes (b, 9, frames), captions
     n_examples: Optional[int]  # None: the endless synthetic set
     frames: int               # frames per training sequence
     text_encoder: object      # captions -> T5 states (b, lt, 768), mask (b, lt)
@@ -271,15 +310,16 @@ class Run:
         return self.rank == 0
 
 
-def train_step(run, step):
-    """One optimizer step over grad_accum micro-batches. Returns (loss, grad norm, lr); the loss is
-    averaged over micro-batches and processes. Does not step if the loss is not finite."""
+def accumulate_gradients(run, step):
+    """The gradients of one optimizer step, summed over its grad_accum micro-batches; returns the
+    loss, averaged over micro-batches and processes. It changes nothing but the gradients and the
+    RNG states (dropout): the weights stay those of the step before."""
     args, device = run.args, run.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     run.trained.train()
     total = torch.zeros((), device=device)
     for micro in range(args.grad_accum):
-        codes, captions = run.dataset.batch(batch_indices(step, micro, args, run.rank, run.world, run.n_examples))
+        codes, captions = run.dataset.batch(*batch_indices(step, micro, args, run.rank, run.world, run.n_examples))
         codes = codes[..., :run.frames].to(device)
         text, mask = run.text_encoder(captions)
         mask = mask & caption_keep(step, micro, args, run.rank, run.world).to(device)[:, None]  # null condition
@@ -293,15 +333,36 @@ def train_step(run, step):
         total += loss.detach() / args.grad_accum
     if run.world > 1:
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
-    loss = total.item()
-    if not math.isfinite(loss):
-        return loss, float("nan"), float("nan")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip).item()
+    return total.item()
+
+
+def apply_update(run):
+    """Clip the gradients, step the optimizer and the schedule, clear the gradients; returns (grad
+    norm, lr). The one place where the weights, the optimizer and the schedule change."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.grad_clip).item()
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, lr
+    return grad_norm, lr
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Hold a Ctrl-C (SIGINT) that comes inside the block and raise it as KeyboardInterrupt once the
+    block has finished, so the block's changes are made whole. Signal handlers belong to the main
+    thread; in another thread this holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:  # None: a handler not set from Python; Python's own is the one to put back then
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def evaluate_captions(run, n=8):
@@ -314,10 +375,16 @@ def evaluate_captions(run, n=8):
     return float(np.mean([datamod.caption_score(c.cpu().numpy(), cap) for c, cap in zip(codes, captions)]))
 
 
-def save_checkpoint(run, step):
-    """Every process's RNG states, gathered; rank 0 writes OUT/ckpt.pt (temp file, then rename)."""
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}
+def rng_states(run):
+    """This process's RNG states: what a resumed run needs to draw what the uninterrupted one draws."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}
+
+
+def save_checkpoint(run, step, rng):
+    """Save the run as of the completed step `step`: weights, optimizer and schedule as they are
+    (so only between updates) and rng, this process's RNG states taken right after that step's
+    update, gathered from every process; rank 0 writes OUT/ckpt.pt (temp file, then rename)."""
     rngs = [None] * run.world
     if run.world > 1:
         dist.all_gather_object(rngs, rng)
@@ -337,57 +404,77 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def log_metrics(run, step, loss, lr, grad_norm, tokens_per_s, elapsed, score):
-    """A row of OUT/metrics.csv (rank 0)."""
-    with open(os.path.join(run.args.out, "metrics.csv"), "a", newline="") as f:
-        csv.writer(f, lineterminator="\n").writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{grad_norm:.4f}",
-                                                     f"{tokens_per_s:.1f}", f"{elapsed:.1f}",
-                                                     "" if score is None else f"{score:.4f}"])
+def log_step(run, bar, row, score):
+    """After a completed step (rank 0): the progress bar, and a row of OUT/metrics.csv every
+    log_every steps and at each evaluation. row: [step, loss, lr, grad norm, tokens/s, elapsed s]."""
+    if not run.master:
+        return
+    step, loss, lr, grad_norm, tokens_per_s, elapsed = row
+    bar.update(step - bar.n)
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", **({} if score is None else {"score": f"{score:.2f}"}))
+    if step % run.args.log_every == 0 or score is not None:
+        with open(os.path.join(run.args.out, "metrics.csv"), "a", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{grad_norm:.4f}",
+                                                         f"{tokens_per_s:.1f}", f"{elapsed:.1f}",
+                                                         "" if score is None else f"{score:.4f}"])
 
 
-def train(run, step):
+def train(run, step, saved):
     """The loop: steps from `step` to args.steps (or --stop-after), logging, evaluating and saving.
-    A non-finite loss stops with exit code 1 and keeps the last checkpoint; Ctrl-C saves and exits 130."""
+    saved: the step of the checkpoint on disk (None: none yet). Returns (step, the loss of the last
+    step run, or None when none ran).
+
+    A checkpoint holds the state as of a completed step, so a resumed run repeats the uninterrupted
+    one bit for bit. A step first accumulates gradients (which changes nothing else but the RNG
+    states), then updates the weights, optimizer and schedule in place (apply_update). Ctrl-C while
+    accumulating drops the step: the checkpoint is the step before, with the RNG states taken after
+    its update (not those the dropped step has advanced). Ctrl-C during the update is held until
+    the update is whole (ctrl_c_held) and that step is saved. Either way the run exits with 130.
+    A non-finite loss stops before the update, with exit code 1, and keeps the last checkpoint."""
     args = run.args
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     bar = tqdm(total=args.steps, initial=step, unit="step", disable=not run.master, dynamic_ncols=True)
-    last_saved, first_step, t_start, loss = step, step, time.time(), float("nan")
+    first_step, t_start, loss = step, time.time(), None
+    rng, row = rng_states(run), None  # the RNG states as of the last completed step; its metrics until logged
     try:
         while step < args.steps and (args.stop_after is None or step - first_step < args.stop_after):
             t0 = time.time()
-            loss, grad_norm, lr = train_step(run, step)
+            loss = accumulate_gradients(run, step)
             if not math.isfinite(loss):
-                kept = (f"the last good checkpoint is {ckpt_path} (step {last_saved})" if os.path.exists(ckpt_path)
+                kept = (f"the last good checkpoint is {ckpt_path} (step {saved})" if saved is not None
                         else "no checkpoint was written yet")
                 if run.master:
                     print(f"\nstep {step}: the loss is {loss}, stopping; {kept}", file=sys.stderr)
                 sys.exit(1)
-            step += 1
-            tokens_per_s = args.batch_size * args.grad_accum * run.world * run.frames / (time.time() - t0)
+            with ctrl_c_held():  # the update and the count of completed steps change together
+                grad_norm, lr = apply_update(run)
+                step += 1
+                rng = rng_states(run)
+                tokens_per_s = args.batch_size * args.grad_accum * run.world * run.frames / (time.time() - t0)
+                row = [step, loss, lr, grad_norm, tokens_per_s, time.time() - t_start]
             score = None
             if args.eval_every and step % args.eval_every == 0 and args.stage == 1 and not args.data and run.master:
-                score = evaluate_captions(run)
-            if run.master:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}",
-                                **({} if score is None else {"score": f"{score:.2f}"}))
-                if step % args.log_every == 0 or score is not None:
-                    log_metrics(run, step, loss, lr, grad_norm, tokens_per_s, time.time() - t_start, score)
+                score = evaluate_captions(run)  # its own generator: the global RNG states stay
+            with ctrl_c_held():  # a row is written once
+                log_step(run, bar, row, score)
+                row = None
             if step % args.ckpt_every == 0 or step == args.steps:
-                save_checkpoint(run, step)
-                last_saved = step
-        if last_saved != step:
-            save_checkpoint(run, step)
+                save_checkpoint(run, step, rng)
+                saved = step
+        if saved != step:
+            save_checkpoint(run, step, rng)
     except KeyboardInterrupt:
-        if step != last_saved:
-            save_checkpoint(run, step)
+        if row is not None:  # interrupted after the update, before its row was logged
+            log_step(run, bar, row, None)
+        if saved != step:
+            save_checkpoint(run, step, rng)
         if run.master:
             print(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}; continue with --resume --out {args.out}",
                   file=sys.stderr)
         sys.exit(130)
     finally:
         bar.close()
-    return step, loss
+    return step, loss if step > first_step else None
 
 
 def main(argv=None):
@@ -420,9 +507,13 @@ def main(argv=None):
               f"| {world} x {device} | batch {args.batch_size} x {args.grad_accum} x {world} of {frames} frames | "
               f"lr {args.lr} | {args.steps} steps | out {args.out}")
         prepare_run_folder(args, model_config, step, resumed=ckpt is not None)
-    step, loss = train(run, step)
+    step, loss = train(run, step, saved=None if ckpt is None else step)
     if run.master:
-        print(f"done: step {step}, loss {loss:.4f}, checkpoint {os.path.join(args.out, 'ckpt.pt')}")
+        ckpt_path = os.path.join(args.out, "ckpt.pt")
+        if loss is None and step >= args.steps:
+            print(f"nothing to train: {ckpt_path} is at step {step}, and --steps is {args.steps}")
+        else:
+            print(f"done: step {step}{'' if loss is None else f', loss {loss:.4f}'}, checkpoint {ckpt_path}")
     if device.startswith("cuda"):
         print(f"rank {rank}: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", file=sys.stderr)
     if world > 1:
