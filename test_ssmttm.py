@@ -1083,6 +1083,48 @@ def test_stage2_learns_and_keeps_codebook_one():
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_stage2_inpainting_keeps_the_known_frames_exactly():
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small()))
+    model.attach_codec(datamod.synthetic_codec()).eval()
+    torch.nn.init.normal_(model.unet.out.weight, std=0.3)  # untrained, but predicting something (not v = 0)
+    codes, caps = datamod.SyntheticMusic(40, seed=0).batch(range(2))
+    model.set_latent_stats(codes)
+    text, mask = datamod.WordEncoder()(caps)
+    known = codes.clone()
+    known[:, 1:, 24:] = SPECIAL   # row 0 keeps frames 0..23 (a prompt to continue),
+    known[1, 1:, :6] = SPECIAL    # row 1 frames 6..23 (a hole before them too)
+    keep = (known[:, 1:] != SPECIAL).all(1)
+    assert keep.sum(1).tolist() == [24, 18]
+    runs = [model.generate(codes[:, 0], text, mask, steps=6, generator=torch.Generator().manual_seed(seed),
+                           known=known) for seed in (0, 1)]
+    for out in runs:
+        assert torch.equal(torch.where(keep[:, None], known, out), out)  # every kept code, all 9 codebooks
+        assert torch.equal(out[:, 0], codes[:, 0]) and ((out >= 0) & (out < 1024)).all()
+    sampled = ~keep[:, None].expand_as(runs[0])
+    sampled[:, 0] = False
+    assert (runs[0] != runs[1])[sampled].float().mean() > 0.5  # the other frames are drawn, seed by seed
+    # the sampler itself ends on the known latents, bit for bit
+    lat = model.latents(known)[:, stage2.LATENT_DIM:]
+    fine = model.sample_latents(model.latents(codes[:, :1]), text, mask, 6, generator=torch.Generator().manual_seed(0),
+                                known=lat, known_frames=keep)
+    assert torch.equal(torch.where(keep[:, None], lat, fine), fine)
+    # and the model sees the known frames at every step as the forward process would: x_t = alpha x0 + sigma eps
+    seen, predict_v = [], model.predict_v
+    model.predict_v = lambda x, coarse, t, *a: seen.append((x.clone(), t[0].item())) or predict_v(x, coarse, t, *a)
+    model.sample_latents(model.latents(codes[:, :1]), text, mask, 6, known=lat, known_frames=keep)
+    for x, t in seen[1:]:
+        alpha, sigma = stage2.cosine_schedule(torch.tensor(t))
+        eps = ((x - alpha * lat) / sigma).transpose(1, 2)[keep]
+        assert abs(eps.mean()) < 0.1 and 0.9 < eps.std() < 1.1  # N(0, 1) over 42 frames x 64 channels
+    partial, wrong = known.clone(), known.clone()
+    partial[0, 5, 3] = SPECIAL
+    wrong[0, 0, 3] = (wrong[0, 0, 3] + 1) % 1024
+    for bad, match in ((partial, "some of codebooks"), (wrong, "codebook 1")):
+        with pytest.raises(ValueError, match=match):
+            model.generate(codes[:, 0], text, mask, steps=2, known=bad)
+
+
 # ------------------------------------------------------------------------------------------------
 # Data (data.py). Tiny random DAC and T5 models are saved to temporary folders and loaded through
 # the same from_pretrained code as the real ones.
