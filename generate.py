@@ -27,11 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data as datamod
 import fast
 import stage2
-from ssmttm import FRAME_RATE, LAYOUTS, ModelConfig, TextToMusicLM
+from ssmttm import FRAME_RATE, LAYOUTS, SPECIAL, ModelConfig, TextToMusicLM
 
 
 def parse_args(argv=None):
@@ -53,6 +54,11 @@ def parse_args(argv=None):
     ap.add_argument("--t5", help="local Flan-T5 folder, instead of the name saved in the checkpoint")
     ap.add_argument("--dac", help="DAC name or local folder (default: the one the data was encoded with)")
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode step by step without a CUDA graph")
+    ap.add_argument("--continue", dest="continue_from", metavar="FILE",
+                    help="continue this audio (wav, flac, ogg, mp3) or these codes (a .npy written by "
+                         "generate.py): the output is the prompt, then new music up to --seconds in all")
+    ap.add_argument("--continue-seconds", type=float, metavar="S",
+                    help="continue from the last S seconds of --continue only (default: all of it)")
     ap.add_argument("--ssm-state", choices=["fp32", "bf16"], default="fp32",
                     help="how the Mamba-2 states are kept between steps: bf16 decodes faster on a GPU, at a small "
                          "cost in accuracy (BENCHMARKS.md)")
@@ -72,6 +78,8 @@ def parse_args(argv=None):
         ap.error("--seconds must be positive")
     if args.batch_size < 1:
         ap.error("--batch-size must be at least 1")
+    if args.continue_seconds is not None and (args.continue_from is None or args.continue_seconds <= 0):
+        datamod.fail(f"--continue-seconds {args.continue_seconds:g}: must be positive, with --continue FILE")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -142,6 +150,7 @@ class Models:
     stage2: object = None
     stage2_encoder: object = None
     codec: object = None
+    continuation: object = None  # a Continuation (--continue), or None
 
 
 def load_models(args, device):
@@ -175,6 +184,75 @@ def load_models(args, device):
     return m
 
 
+@dataclass
+class Continuation:
+    """The prompt of --continue: its codes (n, frames), n = 9, or 1 for a K = 1 LM without stage 2."""
+    path: str
+    codes: torch.Tensor  # (n, frames) int64, on the device
+
+    @property
+    def frames(self):
+        return self.codes.shape[-1]
+
+    def prompt(self, b, K):
+        """The LM's prompt for b rows: (b, K, frames)."""
+        return self.codes[:K].expand(b, -1, -1)
+
+    def known(self, b, n_frames):
+        """Stage 2's known codes for b rows: (b, 9, n_frames), the special id after the prompt."""
+        return F.pad(self.codes, (0, n_frames - self.frames), value=SPECIAL).expand(b, -1, -1)
+
+
+def load_continuation(args, m, n_frames, device):
+    """--continue FILE -> a Continuation: the codes of its last --continue-seconds (all by default).
+    Audio is read as data.py reads it (mono, 44.1 kHz), cut to whole frames from its end and
+    DAC-encoded; a .npy of codes (generate.py's) is taken as it is, which continues a generation
+    exactly. BadInput (one line, exit 2) for a file that cannot be read, audio with a synthetic-data
+    checkpoint, fewer codebooks than the output has, or a prompt longer than --seconds."""
+    path, flag = args.continue_from, f"--continue {args.continue_from}"
+    needed = 9 if m.stage2 is not None or m.lm.cfg.n_codebooks == 9 else 1
+    if path.endswith(".npy"):
+        codes = read_prompt_codes(path, needed)
+        if args.continue_seconds:
+            codes = codes[:, -round(args.continue_seconds * FRAME_RATE):]
+    else:
+        if m.synthetic:
+            datamod.fail(f"{flag}: {m.ckpt_path} was trained on the synthetic set, whose tokens are not audio; "
+                         f"continue a .npy of its codes instead")
+        try:
+            audio = datamod.load_audio(path)
+        except datamod.AudioError as e:
+            datamod.fail(f"{flag}: {e}")
+        if args.continue_seconds:
+            audio = audio[-round(args.continue_seconds * datamod.SAMPLE_RATE):]
+        audio = audio[len(audio) % datamod.HOP:]  # whole frames, so the prompt ends where the file ends
+        if len(audio) == 0:
+            datamod.fail(f"{flag}: shorter than one frame ({datamod.HOP} samples)")
+        codes = torch.from_numpy(datamod.encode_clips(m.codec, [audio], device)[0].astype(np.int64))[:needed]
+    if codes.shape[-1] > n_frames:
+        frames = codes.shape[-1]
+        datamod.fail(f"{flag}: the prompt lasts {frames / FRAME_RATE:.2f} s ({frames} frames), more than "
+                     f"--seconds {args.seconds:g} ({n_frames} frames); --continue-seconds S keeps its end")
+    return Continuation(path, codes.to(device))
+
+
+def read_prompt_codes(path, needed):
+    """A .npy of codes (n, frames), 0 <= code < 1024 -> its first `needed` rows, int64; BadInput if not."""
+    flag = f"--continue {path}"
+    try:
+        codes = np.load(path)
+    except FileNotFoundError:
+        datamod.fail(f"{flag}: not found")
+    except (OSError, ValueError) as e:
+        datamod.fail(f"{flag}: not a .npy of codes ({str(e).splitlines()[0]})")
+    if codes.ndim != 2 or codes.dtype.kind not in "iu" or codes.size == 0 or codes.min() < 0 or codes.max() >= 1024:
+        datamod.fail(f"{flag}: want codes (codebooks, frames) between 0 and 1023, as generate.py writes them; got "
+                     f"{codes.dtype} {codes.shape}")
+    if codes.shape[0] < needed:
+        datamod.fail(f"{flag}: {datamod.plural(codes.shape[0], 'codebook')}; this output has {needed}")
+    return torch.from_numpy(codes[:needed].astype(np.int64))
+
+
 def generate_batch(m, prompts, seed, n_frames, args, device):
     """Codes (b, 9 or K, n_frames) for a batch of prompts, the audio (b, samples) or None, and the
     seconds each stage took. One generator, seeded with `seed`, draws for both stages."""
@@ -182,10 +260,12 @@ def generate_batch(m, prompts, seed, n_frames, args, device):
     timings = {}
     text, mask = m.text_encoder(prompts)
     g = torch.Generator(device=device).manual_seed(seed)
+    cont = m.continuation
     t0 = time.time()
     codes = m.lm.generate(text, mask, n_frames, cfg_scale=args.cfg, top_k=args.top_k, temperature=args.temperature,
                           generator=g, decoder=m.decoder, progress=True,
-                          ssm_dtype=torch.bfloat16 if args.ssm_state == "bf16" else None)
+                          ssm_dtype=torch.bfloat16 if args.ssm_state == "bf16" else None,
+                          prompt=None if cont is None else cont.prompt(len(prompts), m.lm.cfg.n_codebooks))
     sync()
     timings["stage1_s"] = time.time() - t0
     if m.stage2 is not None:
@@ -193,7 +273,8 @@ def generate_batch(m, prompts, seed, n_frames, args, device):
         text2, mask2 = m.stage2_encoder(prompts)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             codes = m.stage2.generate(codes[:, 0], text2, mask2, steps=args.stage2_steps, cfg_scale=args.stage2_cfg,
-                                      generator=g, progress=True)
+                                      generator=g, progress=True,
+                                      known=None if cont is None else cont.known(len(prompts), n_frames))
         sync()
         timings["stage2_s"] = time.time() - t0
     audio = None
@@ -220,6 +301,9 @@ def write_outputs(m, prompts, codes, audio, seed, timings, n_frames, first, args
                   "codes": base + ".npy", **timings}
         if m.stage2 is not None:
             record.update(stage2_steps=args.stage2_steps, stage2_cfg=args.stage2_cfg)
+        if m.continuation is not None:  # frames [0, prompt_frames) are the prompt's codes, the rest are new
+            record.update(continued_from=m.continuation.path, prompt_frames=m.continuation.frames,
+                          prompt_seconds=round(m.continuation.frames / FRAME_RATE, 4))
         if m.synthetic:
             record["caption_score"] = datamod.caption_score(c, prompt)
             print(f"{name}: caption score {record['caption_score']:.3f}  ({prompt})")
@@ -239,6 +323,8 @@ def main(argv=None):
     device = args.device
     m = load_models(args, device)
     n_frames = round(args.seconds * FRAME_RATE)
+    if args.continue_from:
+        m.continuation = load_continuation(args, m, n_frames, device)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "generations.jsonl")
     done = sum(1 for _ in open(log_path)) if os.path.exists(log_path) else 0
@@ -246,6 +332,9 @@ def main(argv=None):
     print(f"{cfg.variant}, {cfg.n_layers} blocks, K = {cfg.n_codebooks} ({m.ckpt_path}, step {m.step})"
           f"{' + stage 2' if m.stage2 else ''} | {len(args.prompts)} prompt(s), {args.seconds:g} s = {n_frames} frames"
           f" | {device}", file=sys.stderr)
+    if m.continuation is not None:
+        print(f"continuing {m.continuation.path}: {m.continuation.frames} frames of prompt, "
+              f"{n_frames - m.continuation.frames} new", file=sys.stderr)
     if m.synthetic:
         print("synthetic-data checkpoint: its tokens are not DAC codes of music, so there is no audio to "
               "decode; each sample is scored against its caption's rules instead", file=sys.stderr)
