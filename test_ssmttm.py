@@ -9,9 +9,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import argparse
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -1302,6 +1304,83 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys
     assert open(tmp_path / "r" / "ckpt.pt", "rb").read() == saved
 
 
+def first_call(monkeypatch, cls):
+    """Record the inputs, torch RNG state and loss of the first training call of cls.forward."""
+    seen, forward = [], cls.forward
+    def spy(self, codes, text, mask):
+        rng = torch.get_rng_state()
+        out = forward(self, codes, text, mask)
+        if not seen:
+            loss = out[1] if isinstance(out, tuple) else out  # the LM returns (logits, loss)
+            seen.append((rng, codes.clone(), text.clone(), mask.clone(), loss.item()))
+        return out
+    monkeypatch.setattr(cls, "forward", spy)
+    return seen
+
+
+def test_init_from_starts_a_new_run_from_the_weights_only(tmp_path, monkeypatch):
+    trainmod.main(tiny_train_args(tmp_path / "src", "--steps", "3"))
+    src = torch.load(tmp_path / "src" / "ckpt.pt", weights_only=False)
+    seen = first_call(monkeypatch, TextToMusicLM)
+    # no architecture flag: 2 blocks of 64 come from the checkpoint (the preset says 24 of 256)
+    trainmod.main(["--init-from", str(tmp_path / "src" / "ckpt.pt"), "--out", str(tmp_path / "ft"), "--steps", "2",
+                   "--lr", "5e-4", "--warmup", "1", "--frames", "32", "--batch-size", "4", "--seed", "7",
+                   "--dropout", "0", "--eval-every", "0"])
+    ft = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
+    assert ft["config"] == src["config"]
+    _, codes, text, mask, first_loss = seen[0]
+    assert codes.shape == (4, 1, 32)  # the new run's batch (its frames, batch size and seed)
+    model = TextToMusicLM(ModelConfig(**src["config"]))
+    model.load_state_dict(src["model"])
+    assert model(codes, text, mask)[1].item() == first_loss  # the loaded model, exactly
+    metrics = list(csv.DictReader(open(tmp_path / "ft" / "metrics.csv")))
+    assert abs(float(metrics[0]["loss"]) - first_loss) < 1e-6  # (the csv keeps 6 decimals)
+    # a fresh optimizer, schedule and step: the new run's own warm-up and lr from step 0
+    assert ft["step"] == 2 and ft["scheduler"]["last_epoch"] == 2
+    assert [st["step"].item() for st in ft["optimizer"]["state"].values()] == [2.0] * len(ft["optimizer"]["state"])
+    schedule = argparse.Namespace(lr=5e-4, warmup=1, steps=2)
+    assert [float(r["lr"]) for r in metrics] == [trainmod.lr_at(0, schedule), trainmod.lr_at(1, schedule)]
+    saved = json.load(open(tmp_path / "ft" / "config.json"))["args"]
+    assert (saved["init_from"], saved["init_from_step"]) == (str(tmp_path / "src" / "ckpt.pt"), 3)
+    assert (ft["args"]["init_from"], ft["args"]["init_from_step"]) == (str(tmp_path / "src" / "ckpt.pt"), 3)
+
+
+def test_init_from_stage2_keeps_weights_and_latent_statistics(tmp_path, monkeypatch):
+    common = ["--stage", "2", "--batch-size", "4", "--eval-every", "0"]
+    trainmod.main([*common, "--frames", "48", "--steps", "2", "--out", str(tmp_path / "src")])
+    src = torch.load(tmp_path / "src" / "ckpt.pt", weights_only=False)
+    seen = first_call(monkeypatch, stage2.Stage2Diffusion)
+    trainmod.main([*common, "--frames", "32", "--steps", "1", "--seed", "5", "--init-from",
+                   str(tmp_path / "src" / "ckpt.pt"), "--out", str(tmp_path / "ft")])
+    rng, codes, text, mask, first_loss = seen[0]
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**src["config"])).attach_codec(datamod.synthetic_codec())
+    model.load_state_dict(src["model"])
+    torch.set_rng_state(rng)  # the same diffusion step and noise
+    assert model(codes, text, mask).item() == first_loss
+    ft = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
+    assert torch.equal(ft["model"]["latent_std"], src["model"]["latent_std"])  # not measured again on the new data
+
+
+def test_init_from_errors(tmp_path, capsys):
+    trainmod.main(tiny_train_args(tmp_path / "src", "--steps", "1"))
+    path = str(tmp_path / "src" / "ckpt.pt")
+    new = ["--init-from", path, "--out", str(tmp_path / "ft"), "--steps", "1"]
+    capsys.readouterr()
+    cases = [([*new, "--layers", "3"], f"--init-from {path}: --layers 3 differs from the checkpoint's n_layers = 2"),
+             ([*new, "--d-model", "128"], "--d-model 128 differs from the checkpoint's d_model = 64"),
+             ([*new, "--codebooks", "9"], "--codebooks 9 differs from the checkpoint's n_codebooks = 1"),
+             ([*new, "--variant", "cross_simba"], "--variant cross_simba differs from the checkpoint's variant"),
+             ([*new, "--stage", "2"], f"--init-from {path} is a stage-1 checkpoint; this run is stage 2"),
+             (["--init-from", path, "--steps", "1"], "give the new run its own folder with --out"),
+             (["--init-from", path + ".missing", "--out", str(tmp_path / "x")], "checkpoint not found")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "x").exists()
+
+
 def test_synthetic_training_learns_to_follow_captions(tmp_path):
     out = tmp_path / "learn"
     trainmod.main(["--layers", "2", "--d-model", "128", "--d-state", "32", "--frames", "64", "--batch-size", "16",
@@ -1366,6 +1445,76 @@ def test_generate_two_stage_and_single_stage(real_data_checkpoints, tiny_dac_dir
         assert codes.shape == (9, round(seconds * ssmttm.FRAME_RATE)) and codes.min() >= 0 and codes.max() < 1024
     assert "stage2_s" in records[0] and "stage2_s" not in records[2]
     assert [r["ssm_state"] for r in records] == ["fp32", "fp32", "bf16"]
+
+
+def two_stage(root):
+    return ["--ckpt", str(root / "k1" / "ckpt.pt"), "--stage2", str(root / "s2" / "ckpt.pt"), "--stage2-steps", "4"]
+
+
+def test_generate_continues_audio_keeping_the_prompt_codes(real_data_checkpoints, tiny_dac_dir, audio_dir, tmp_path):
+    import soundfile as sf
+    root, src = real_data_checkpoints, str(audio_dir / "stereo48k.flac")  # 20 s, 48 kHz stereo
+    audio = datamod.load_audio(src)[-round(0.6 * SR):]                   # mono 44.1 kHz, its last 0.6 s
+    audio = audio[len(audio) % 512:]                                      # in whole frames
+    want = datamod.encode_clips(datamod.load_dac(tiny_dac_dir), [audio], "cpu")[0].astype(np.int64)
+    P, n = want.shape[1], round(1.5 * ssmttm.FRAME_RATE)
+    assert P == 51
+    for name, ckpt in (("two-stage", two_stage(root)), ("single-stage", ["--ckpt", str(root / "k9" / "ckpt.pt")])):
+        genmod.main(["a calm piano piece", "a drum solo", *ckpt, "--dac", tiny_dac_dir, "--seconds", "1.5",
+                     "--continue", src, "--continue-seconds", "0.6", "--top-k", "20", "--out", str(tmp_path / name)])
+        records = [json.loads(line) for line in open(tmp_path / name / "generations.jsonl")]
+        new = []
+        for r in records:
+            codes = np.load(r["codes"])
+            assert codes.shape == (9, n) and np.array_equal(codes[:, :P], want)  # all 9 codebooks kept
+            assert (r["continued_from"], r["prompt_frames"], r["prompt_seconds"]) == (src, P, round(P / 86.1328125, 4))
+            wav, sr = sf.read(r["wav"])
+            assert abs(len(wav) - (0.6 + 0.9) * sr) <= 512  # prompt + continuation, within one frame
+            new.append(codes[:, P:])
+        assert not np.array_equal(*new)  # after the prompt, each prompt's own music
+
+
+def test_generate_continuing_its_own_greedy_output_reproduces_it(real_data_checkpoints, tiny_dac_dir, tmp_path):
+    root = real_data_checkpoints
+    for name, ckpt in (("k9", ["--ckpt", str(root / "k9" / "ckpt.pt")]), ("two-stage", two_stage(root))):
+        common = ["a calm piano piece", *ckpt, "--dac", tiny_dac_dir, "--seconds", "1", "--top-k", "1"]
+        genmod.main([*common, "--out", str(tmp_path / name / "first")])
+        first = np.load(json.loads(open(tmp_path / name / "first" / "generations.jsonl").readline())["codes"])
+        np.save(tmp_path / name / "head.npy", first[:, :40])  # its first 40 frames, as the prompt
+        genmod.main([*common, "--continue", str(tmp_path / name / "head.npy"),
+                     "--out", str(tmp_path / name / "again")])
+        again = np.load(json.loads(open(tmp_path / name / "again" / "generations.jsonl").readline())["codes"])
+        assert np.array_equal(again[:, :40], first[:, :40])
+        if name == "k9":
+            assert np.array_equal(again, first)  # greedy: the same music, every codebook
+        else:  # stage 1 is greedy; stage 2 samples the new frames' fine codes again
+            assert np.array_equal(again[0], first[0])
+
+
+def test_generate_continue_errors(real_data_checkpoints, audio_dir, tmp_path, capsys):
+    root = real_data_checkpoints
+    k9 = ["a piece", "--ckpt", str(root / "k9" / "ckpt.pt"), "--out", str(tmp_path)]
+    src = str(audio_dir / "stereo48k.flac")
+    trainmod.main(tiny_train_args(tmp_path / "syn", "--steps", "1"))
+    capsys.readouterr()
+    codes = tmp_path / "c.npy"
+    np.save(codes, np.zeros((1, 10), np.int16))
+    cases = [
+        ([*k9, "--continue", src, "--seconds", "5"], re.escape(f"--continue {src}: the prompt lasts 19.99 s (1722 "
+                                                              "frames), more than --seconds 5 (431 frames)")),
+        ([*k9, "--continue", str(audio_dir / "corrupt.wav")], "--continue .*corrupt.wav: unreadable"),
+        ([*k9, "--continue", str(tmp_path / "nope.flac")], "--continue .*nope.flac: not found"),
+        ([*k9, "--continue", str(codes)], "c.npy: 1 codebook; this output has 9"),
+        ([*k9, "--continue-seconds", "2"], "--continue-seconds 2: must be positive, with --continue FILE"),
+        (["a piece", "--ckpt", str(tmp_path / "syn" / "ckpt.pt"), "--continue", src], "synthetic set"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            genmod.main(argv)
+        err = [line for line in capsys.readouterr().err.splitlines()  # without transformers' loading bars
+               if line.strip() and "Loading weights" not in line]
+        assert e.value.code == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "generations.jsonl").exists()
 
 
 def test_generate_errors(real_data_checkpoints, tmp_path, capsys):
