@@ -642,6 +642,38 @@ def jsonl_entries(path, text):
         yield n, entry.get("audio"), entry.get("caption")
 
 
+def read_prompts(path):
+    """The prompts of a file: [(id or None, prompt)], UTF-8. JSONL ({"id": ..., "caption": ...} per
+    line) or CSV with a header row (MusicCaps' csv as it is): the id may be called id or ytid, the
+    text caption, prompt or text. Any other file: one prompt per line, no ids. BadInput naming the
+    file and the entry for an entry without an id or a text, and for an id given twice."""
+    text = read_utf8(path, "prompts file")
+    if not path.lower().endswith((".jsonl", ".csv")):
+        return [(None, line.strip()) for line in text.split("\n") if line.strip()]
+    if path.lower().endswith(".csv"):
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    else:
+        rows = []
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    fail(f"{path}:{n}: not valid JSON ({e.msg})")
+    entries, seen = [], set()
+    for n, row in enumerate(rows, 1):
+        pick = lambda keys: next((str(row[k]).strip() for k in keys if isinstance(row, dict) and row.get(k) not in
+                                  (None, "")), "")
+        key, prompt = pick(("id", "ytid")), pick(("caption", "prompt", "text"))
+        if not key or not prompt:
+            fail(f"{path}: entry {n} needs an id (id or ytid) and a text (caption, prompt or text)")
+        if key in seen:
+            fail(f"{path}: entry {n}: the id {key!r} is given twice")
+        seen.add(key)
+        entries.append((key, prompt))
+    return entries
+
+
 class AudioError(ValueError):
     """An audio file that cannot be used; the message is the one-line reason."""
 

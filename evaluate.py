@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data as datamod
 from data import AUDIO_EXTENSIONS, atomic_write_text
 
 OPENL3_SR, OPENL3_HOP_S = 48000, 0.5                   # stable-audio-metrics: 48 kHz, hop 0.5 s (window 1 s)
@@ -101,29 +102,14 @@ def list_audio(folder, flag):
 
 
 def read_prompts(path):
-    """{id: prompt} from JSONL ({"id": ..., "caption": ...} per line) or CSV with a header row.
-    The id may be called id or ytid (MusicCaps' CSV), the text caption, prompt or text."""
+    """{id: prompt} from JSONL ({"id": ..., "caption": ...} per line) or CSV with a header row
+    (data.read_prompts). The id may be called id or ytid (MusicCaps' CSV), the text caption, prompt
+    or text."""
     if not os.path.isfile(path):
         fail(f"--prompts {path}: file not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.lower().endswith(".csv"):
-            rows = list(csv.DictReader(f))
-        else:
-            rows = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        fail(f"--prompts {path}:{n}: not valid JSON ({e.msg})")
-    prompts = {}
-    for n, row in enumerate(rows, 1):
-        key = next((row[k] for k in ("id", "ytid") if isinstance(row, dict) and row.get(k) not in (None, "")), None)
-        text = next((row[k] for k in ("caption", "prompt", "text") if isinstance(row, dict) and row.get(k)), None)
-        if key is None or not str(text or "").strip():
-            fail(f"--prompts {path}: entry {n} needs an id (id or ytid) and a text (caption, prompt or text)")
-        prompts[str(key)] = str(text).strip()
-    return prompts
+    if not path.lower().endswith((".jsonl", ".csv")):
+        fail(f"--prompts {path}: want a .jsonl or .csv file with an id and a text per entry")
+    return dict(datamod.read_prompts(path))
 
 
 def load_mono(path, sample_rate):

@@ -8,12 +8,15 @@ Stage 1 samples codebook 1 (K = 1) or all 9 codebooks (K = 9, delay pattern). Wi
 checkpoint, --stage2 fills codebooks 2..9 by diffusion (the paper's two-stage design); without it
 codebook 1 is decoded alone (as in the paper's RQ1). Per prompt, OUT gets the codes (.npy), a
 44.1 kHz WAV decoded by DAC (peak-normalised to -1 dBFS, never clipped), a mel-spectrogram PNG,
-and then a line in OUT/generations.jsonl with the prompt, seed, settings and timings. The files are
-named s<seed>-<prompt's place in the list>-<its first words> (output_name); a file is written
-under a temporary name and then linked to its name, never over an existing file: a name already
-taken (the same seed and prompt, e.g. the same command run twice) stops the run before any work,
-naming the file. Text encoder and codec run in fp32; the T5 states and the DAC decode do not
-depend on the dtype their folders store.
+and then a line in OUT/generations.jsonl with the prompt, seed, settings and timings: the commit
+point of that prompt. Each prompt has its own seed, --seed + its place in the list, and draws from
+its own generator: its draws do not depend on the batch it is in (nor its tokens, but where the
+rounding of the logits does: the prefill pads the texts of a batch to one length). Its files are named
+s<seed>-<place>-<its first words> (output_name), or by its id when --prompts is an evaluation set
+(.jsonl or .csv with ids: the names evaluate.py pairs with the reference files). A rerun of the
+same command resumes: prompts already written with the same settings are skipped; a name taken by
+a generation with other settings stops the run before any work, naming the file (nothing is ever
+overwritten). Text encoder and codec run in fp32, whatever dtype their folders store.
 
 On CUDA the LM decodes in bf16 through fast.py (fused kernels, one CUDA graph per frame; the
 Mamba-2 layers on mamba-ssm's kernels when installed); on a CPU, the plain model in fp32.
@@ -33,11 +36,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data as datamod
 import fast
+import ssmttm
 import stage2
-from ssmttm import FRAME_RATE, LAYOUTS, ModelConfig, TextToMusicLM
+from ssmttm import FRAME_RATE, LAYOUTS, SPECIAL, ModelConfig, TextToMusicLM
 
 
 MAX_SECONDS = 3600
@@ -50,7 +55,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     at_least_0 = datamod.number(0)
     ap.add_argument("prompts", nargs="*", help="text prompts")
-    ap.add_argument("--prompts", dest="prompts_file", help="file with one prompt per line (UTF-8)")
+    ap.add_argument("--prompts", dest="prompts_file",
+                    help="file of prompts (UTF-8): one per line, or an evaluation set, .jsonl or .csv with an "
+                         "id and a text per entry (MusicCaps' csv works as it is): each output is named by its id")
     ap.add_argument("--ckpt", help="stage-1 checkpoint (default: the newest under runs/)")
     ap.add_argument("--stage2", help="stage-2 checkpoint: fills codebooks 2..9 of a K = 1 model")
     ap.add_argument("--seconds", type=datamod.number(MIN_SECONDS, MAX_SECONDS), default=10.0,
@@ -63,27 +70,35 @@ def parse_args(argv=None):
     ap.add_argument("--stage2-steps", type=datamod.positive_int, default=100)
     ap.add_argument("--stage2-cfg", type=at_least_0, default=3.0)
     ap.add_argument("--seed", type=datamod.SEED, default=0)
-    ap.add_argument("--batch-size", type=datamod.positive_int, default=4)
+    ap.add_argument("--batch-size", type=datamod.positive_int,
+                    help="prompts generated at once (default: on CUDA as many as fit, up to 64; on a CPU 16); "
+                         "a prompt gets the same music in any batch")
     ap.add_argument("--device", type=datamod.device_name, default="auto", help="auto, cpu, cuda")
     ap.add_argument("--t5", help="local Flan-T5 folder, instead of the name saved in the checkpoint")
     ap.add_argument("--dac", help="DAC name or local folder (default: the one the data was encoded with)")
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode step by step without a CUDA graph")
+    ap.add_argument("--continue", dest="continue_from", metavar="FILE",
+                    help="continue this audio (wav, flac, ogg, mp3) or these codes (a .npy written by "
+                         "generate.py): the output is the prompt, then new music up to --seconds in all")
+    ap.add_argument("--continue-seconds", type=datamod.number(MIN_SECONDS, MAX_SECONDS), metavar="S",
+                    help="continue from the last S seconds of --continue only (default: all of it)")
     ap.add_argument("--ssm-state", choices=["fp32", "bf16"], default="fp32",
                     help="how the Mamba-2 states are kept between steps: bf16 decodes faster on a GPU, at a small "
                          "cost in accuracy (BENCHMARKS.md)")
     args = ap.parse_args(argv)
-    prompts = list(args.prompts)
-    if args.prompts_file:
-        text = datamod.read_utf8(args.prompts_file, "prompts file")
-        prompts += [line for line in text.split("\n") if line.strip()]
+    prompts = [(None, p) for p in args.prompts] + (datamod.read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         ap.error("no prompt given (as arguments or with --prompts FILE)")
-    for i, p in enumerate(prompts, 1):
+    for i, (key, p) in enumerate(prompts, 1):
         if not p.strip():
             ap.error(f"prompt {i} is empty")
-    args.prompts = [p.strip() for p in prompts]
+        if key is not None and (os.sep in key or key.startswith(".")):
+            datamod.fail(f"{args.prompts_file}: the id {key!r} cannot name a file")
+    args.prompts = [(key, p.strip()) for key, p in prompts]
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         datamod.fail(f"{args.out}: exists and is not a folder")
+    if args.continue_seconds is not None and args.continue_from is None:
+        datamod.fail(f"--continue-seconds {args.continue_seconds:g}: needs --continue FILE")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -174,12 +189,13 @@ class Models:
     stage2: object = None
     stage2_encoder: object = None
     codec: object = None
+    continuation: object = None  # a Continuation (--continue), or None
 
 
 def load_models(args, device):
     """The stage-1 checkpoint (--ckpt, or the newest under runs/), --stage2 and the codec. On CUDA the
     LM runs in bf16 on the kernels (fast.py) when they are installed; on a CPU, plain, in fp32."""
-    ckpt_path = args.ckpt or newest_checkpoint()
+    ckpt_path = args.ckpt
     ckpt = read_checkpoint(ckpt_path, "stage1")
     cfg = ModelConfig(**ckpt["config"])
     lm = TextToMusicLM(cfg)
@@ -208,17 +224,90 @@ def load_models(args, device):
     return m
 
 
-def generate_batch(m, prompts, seed, n_frames, args, device):
-    """Codes (b, 9 or K, n_frames) for a batch of prompts, the audio (b, samples) or None, and the
-    seconds each stage took. One generator, seeded with `seed`, draws for both stages."""
+@dataclass
+class Continuation:
+    """The prompt of --continue: its codes (n, frames), n = 9, or 1 for a K = 1 LM without stage 2."""
+    path: str
+    codes: torch.Tensor  # (n, frames) int64, on the device
+
+    @property
+    def frames(self):
+        return self.codes.shape[-1]
+
+    def prompt(self, b, K):
+        """The LM's prompt for b rows: (b, K, frames)."""
+        return self.codes[:K].expand(b, -1, -1)
+
+    def known(self, b, n_frames):
+        """Stage 2's known codes for b rows: (b, 9, n_frames), the special id after the prompt."""
+        return F.pad(self.codes, (0, n_frames - self.frames), value=SPECIAL).expand(b, -1, -1)
+
+
+def load_continuation(args, m, n_frames, device):
+    """--continue FILE -> a Continuation: the codes of its last --continue-seconds (all by default).
+    Audio is read as data.py reads it (mono, 44.1 kHz), cut to whole frames from its end and
+    DAC-encoded; a .npy of codes (generate.py's) is taken as it is, which continues a generation
+    exactly. BadInput (one line, exit 2) for a file that cannot be read, audio with a synthetic-data
+    checkpoint, fewer codebooks than the output has, or a prompt longer than --seconds."""
+    path, flag = args.continue_from, f"--continue {args.continue_from}"
+    needed = 9 if m.stage2 is not None or m.lm.cfg.n_codebooks == 9 else 1
+    if path.endswith(".npy"):
+        codes = read_prompt_codes(path, needed)
+        if args.continue_seconds:
+            codes = codes[:, -round(args.continue_seconds * FRAME_RATE):]
+    else:
+        if m.synthetic:
+            datamod.fail(f"{flag}: {m.ckpt_path} was trained on the synthetic set, whose tokens are not audio; "
+                         f"continue a .npy of its codes instead")
+        try:
+            audio = datamod.load_audio(path)
+        except datamod.AudioError as e:
+            datamod.fail(f"{flag}: {e}")
+        if args.continue_seconds:
+            audio = audio[-round(args.continue_seconds * datamod.SAMPLE_RATE):]
+        audio = audio[len(audio) % datamod.HOP:]  # whole frames, so the prompt ends where the file ends
+        if len(audio) == 0:
+            datamod.fail(f"{flag}: shorter than one frame ({datamod.HOP} samples)")
+        codes = torch.from_numpy(datamod.encode_clips(m.codec, [audio], device)[0].astype(np.int64))[:needed]
+    if codes.shape[-1] > n_frames:
+        frames = codes.shape[-1]
+        datamod.fail(f"{flag}: the prompt lasts {frames / FRAME_RATE:.2f} s ({frames} frames), more than "
+                     f"--seconds {args.seconds:g} ({n_frames} frames); --continue-seconds S keeps its end")
+    return Continuation(path, codes.to(device))
+
+
+def read_prompt_codes(path, needed):
+    """A .npy of codes (n, frames), 0 <= code < 1024 -> its first `needed` rows, int64; BadInput if not."""
+    flag = f"--continue {path}"
+    try:
+        codes = np.load(path)
+    except FileNotFoundError:
+        datamod.fail(f"{flag}: not found")
+    except (OSError, ValueError) as e:
+        datamod.fail(f"{flag}: not a .npy of codes ({str(e).splitlines()[0]})")
+    if codes.ndim != 2 or codes.dtype.kind not in "iu" or codes.size == 0 or codes.min() < 0 or codes.max() >= 1024:
+        datamod.fail(f"{flag}: want codes (codebooks, frames) between 0 and 1023, as generate.py writes them; got "
+                     f"{codes.dtype} {codes.shape}")
+    if codes.shape[0] < needed:
+        datamod.fail(f"{flag}: {datamod.plural(codes.shape[0], 'codebook')}; this output has {needed}")
+    return torch.from_numpy(codes[:needed].astype(np.int64))
+
+
+def generate_batch(m, requests, n_frames, args, device):
+    """Codes (b, 9 or K, n_frames) for a batch of requests, the audio (b, samples) or None, and the
+    seconds each stage took. Each prompt draws from its own generator, seeded with its seed, in both
+    stages: its music does not depend on the other prompts of the batch."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     timings = {}
+    prompts = [r.prompt for r in requests]
     text, mask = m.text_encoder(prompts)
-    g = torch.Generator(device=device).manual_seed(seed)
+    g = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
+    cont = m.continuation
     t0 = time.time()
     codes = m.lm.generate(text, mask, n_frames, cfg_scale=args.cfg, top_k=args.top_k, temperature=args.temperature,
                           generator=g, decoder=m.decoder, progress=True,
-                          ssm_dtype=torch.bfloat16 if args.ssm_state == "bf16" else None)
+                          ssm_dtype=torch.bfloat16 if args.ssm_state == "bf16" else None,
+                          prompt=None if cont is None else cont.prompt(len(prompts), m.lm.cfg.n_codebooks))
     sync()
     timings["stage1_s"] = time.time() - t0
     if m.stage2 is not None:
@@ -226,14 +315,15 @@ def generate_batch(m, prompts, seed, n_frames, args, device):
         text2, mask2 = m.stage2_encoder(prompts)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             codes = m.stage2.generate(codes[:, 0], text2, mask2, steps=args.stage2_steps, cfg_scale=args.stage2_cfg,
-                                      generator=g, progress=True)
+                                      generator=g, progress=True,
+                                      known=None if cont is None else cont.known(len(prompts), n_frames))
         sync()
         timings["stage2_s"] = time.time() - t0
     audio = None
-    if not m.synthetic:
+    if not m.synthetic:  # one clip at a time: DAC's decoder needs far more memory per clip than the LM
         t0 = time.time()
         with torch.no_grad():
-            audio = m.codec.decode(audio_codes=codes).audio_values.float().cpu().numpy()
+            audio = [m.codec.decode(audio_codes=c[None]).audio_values[0].float().cpu().numpy() for c in codes]
         timings["decode_s"] = time.time() - t0
     return codes, audio, timings
 
@@ -267,21 +357,107 @@ def write_new(path, write):
             os.unlink(tmp)
 
 
-def write_outputs(m, prompts, codes, audio, seed, timings, n_frames, first, args):
-    """Per prompt: OUT/<output_name>.npy, .wav and .png (or the caption score, for synthetic data),
-    then its line in OUT/generations.jsonl. first: the place of the first prompt in args.prompts."""
+@dataclass
+class Request:
+    """One prompt of this run: its place in the list, its text, its seed (--seed + place: its own
+    generator) and the name of its files (its id in an evaluation set, else output_name)."""
+    index: int
+    prompt: str
+    seed: int
+    name: str
+
+
+def plan(args):
+    """The requests of this run, in the order of args.prompts."""
+    return [Request(i, prompt, args.seed + i, key if key is not None else output_name(args.seed + i, i, prompt))
+            for i, (key, prompt) in enumerate(args.prompts)]
+
+
+# What a generations.jsonl record must agree on to be the same generation as a request of this run
+SETTINGS = ("prompt", "seed", "seconds", "cfg", "top_k", "temperature", "ckpt", "stage2", "stage2_steps",
+            "stage2_cfg", "ssm_state", "continued_from", "continue_seconds")
+
+
+def settings(request, args):
+    return {"prompt": request.prompt, "seed": request.seed, "seconds": args.seconds, "cfg": args.cfg,
+            "top_k": args.top_k, "temperature": args.temperature, "ckpt": args.ckpt, "stage2": args.stage2,
+            "stage2_steps": args.stage2_steps if args.stage2 else None,
+            "stage2_cfg": args.stage2_cfg if args.stage2 else None, "ssm_state": args.ssm_state,
+            "continued_from": args.continue_from, "continue_seconds": args.continue_seconds}
+
+
+def committed(out):
+    """{name: record} of OUT/generations.jsonl: a request is done once its line is there (written
+    after its files; a line cut by a crash does not count)."""
+    path = os.path.join(out, "generations.jsonl")
+    if not os.path.exists(path):
+        return {}
+    records = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.endswith(b"\n"):
+                record = json.loads(line)
+                records[record.get("name")] = record
+    return records
+
+
+def drop_cut_line(out):
+    """Cut OUT/generations.jsonl back to its last whole line: what a crash left of a line was never
+    committed, and the next line must not be appended to it."""
+    path = os.path.join(out, "generations.jsonl")
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def pending(requests, args):
+    """The requests still to do, before any work. A request whose record is committed with the same
+    settings is done (a rerun resumes: it skips it). Its name taken by another generation stops the
+    run (one line, exit 2): no file is ever overwritten. Files of a name without a record are what
+    an interrupted run left: they are removed and written again."""
+    done, todo = committed(args.out), []
+    for r in requests:
+        record = done.get(r.name)
+        if record is not None:
+            if any(record.get(k) != v for k, v in settings(r, args).items()):
+                name_taken(os.path.join(args.out, r.name + ".npy"))
+            continue
+        for path in (os.path.join(args.out, r.name + ext) for ext in OUTPUT_EXTENSIONS):
+            if os.path.exists(path):
+                os.unlink(path)
+        todo.append(r)
+    return todo
+
+
+def auto_batch_size(m, n_frames, device, n_requests):
+    """--batch-size by default: on CUDA as many prompts as half the free memory holds (each prompt:
+    2 rows of decoding state, with guidance; and stage 2's activations), at most 64; on a CPU 16."""
+    if device != "cuda":
+        return min(n_requests, 16)
+    cache = ssmttm.InferenceCache(m.lm, 1, n_frames + m.lm.cfg.n_codebooks, "meta", next(m.lm.parameters()).dtype)
+    tensors = [t for states in cache.states for state in states if state is not None
+               for t in vars(state).values() if torch.is_tensor(t)]
+    per_row = sum(t.numel() * t.element_size() for t in tensors)
+    stage2_bytes = 0 if m.stage2 is None else 2 * 16 * sum(m.stage2.cfg.channels) * n_frames * 4
+    per_prompt = 2 * per_row + stage2_bytes
+    free, _ = torch.cuda.mem_get_info()
+    return max(1, min(n_requests, 64, int(free / 2 // per_prompt)))
+
+
+def write_outputs(m, requests, codes, audio, timings, n_frames, args):
+    """Per request: OUT/<name>.npy, .wav and .png (or the caption score, for synthetic data), then
+    its line in OUT/generations.jsonl, appended and synced: the commit point of the request."""
     log_path = os.path.join(args.out, "generations.jsonl")
-    for i, prompt in enumerate(prompts):
-        name = output_name(seed, first + i, prompt)
+    for i, r in enumerate(requests):
+        name, prompt = r.name, r.prompt
         base = os.path.join(args.out, name)
         c = codes[i].cpu().numpy().astype(np.int16)
         write_new(base + ".npy", lambda f: np.save(f, c))
-        record = {"prompt": prompt, "seed": seed, "row": i, "seconds": args.seconds, "frames": n_frames,
-                  "codebooks": int(c.shape[0]), "ckpt": m.ckpt_path, "stage2": args.stage2, "cfg": args.cfg,
-                  "top_k": args.top_k, "temperature": args.temperature, "ssm_state": args.ssm_state,
-                  "codes": base + ".npy", **timings}
-        if m.stage2 is not None:
-            record.update(stage2_steps=args.stage2_steps, stage2_cfg=args.stage2_cfg)
+        record = {"name": name, "index": r.index, **settings(r, args), "frames": n_frames,
+                  "codebooks": int(c.shape[0]), "codes": base + ".npy", **timings}
+        if m.continuation is not None:  # frames [0, prompt_frames) are the prompt's codes, the rest are new
+            record.update(prompt_frames=m.continuation.frames, prompt_seconds=round(m.continuation.frames / FRAME_RATE, 4))
         if m.synthetic:
             record["caption_score"] = datamod.caption_score(c, prompt)
             print(f"{name}: caption score {record['caption_score']:.3f}  ({prompt})")
@@ -292,43 +468,44 @@ def write_outputs(m, prompts, codes, audio, seed, timings, n_frames, first, args
             write_new(base + ".png", lambda f: save_mel_png(wav, f, prompt))
             record.update(wav=base + ".wav", png=base + ".png")
             print(f"{name}: {base}.wav")
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: a NaN would be a bug
-
-
-def check_names_free(args, batches):
-    """Before any work: stop if an output of this run exists already."""
-    for first, prompts, seed in batches:
-        for i, prompt in enumerate(prompts):
-            base = os.path.join(args.out, output_name(seed, first + i, prompt))
-            for path in (base + ext for ext in OUTPUT_EXTENSIONS):
-                if os.path.exists(path):
-                    name_taken(path)
+        with open(log_path, "ab") as f:  # strict JSON: a NaN would be a bug
+            datamod.append_durably(f, (json.dumps(record, allow_nan=False) + "\n").encode())
 
 
 def name_taken(path):
-    datamod.fail(f"{path} exists (from a run with the same seed and prompt), and is kept: pass another --seed or --out")
+    datamod.fail(f"{path} exists (a generation with other settings), and is kept: pass another --seed or --out")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    batches = [(b0, args.prompts[b0:b0 + args.batch_size], args.seed + b0 // args.batch_size)  # first, prompts, seed
-               for b0 in range(0, len(args.prompts), args.batch_size)]
-    check_names_free(args, batches)
+    args.ckpt = args.ckpt or newest_checkpoint()
+    requests = plan(args)
+    todo = pending(requests, args)
     device = args.device
+    if not todo:
+        print(f"nothing to do: all {len(requests)} outputs are in {args.out}", file=sys.stderr)
+        return
     m = load_models(args, device)
     n_frames = round(args.seconds * FRAME_RATE)
+    if args.continue_from:
+        m.continuation = load_continuation(args, m, n_frames, device)
     os.makedirs(args.out, exist_ok=True)
+    drop_cut_line(args.out)
+    batch_size = args.batch_size or auto_batch_size(m, n_frames, device, len(todo))
     cfg = m.lm.cfg
     print(f"{cfg.variant}, {cfg.n_layers} blocks, K = {cfg.n_codebooks} ({m.ckpt_path}, step {m.step})"
-          f"{' + stage 2' if m.stage2 else ''} | {len(args.prompts)} prompt(s), {args.seconds:g} s = {n_frames} frames"
-          f" | {device}", file=sys.stderr)
+          f"{' + stage 2' if m.stage2 else ''} | {len(todo)} of {len(requests)} prompt(s) to do, {batch_size} at a "
+          f"time, {args.seconds:g} s = {n_frames} frames | {device}", file=sys.stderr)
+    if m.continuation is not None:
+        print(f"continuing {m.continuation.path}: {m.continuation.frames} frames of prompt, "
+              f"{n_frames - m.continuation.frames} new", file=sys.stderr)
     if m.synthetic:
         print("synthetic-data checkpoint: its tokens are not DAC codes of music, so there is no audio to "
               "decode; each sample is scored against its caption's rules instead", file=sys.stderr)
-    for first, prompts, seed in batches:
-        codes, audio, timings = generate_batch(m, prompts, seed, n_frames, args, device)
-        write_outputs(m, prompts, codes, audio, seed, timings, n_frames, first, args)
+    for b0 in range(0, len(todo), batch_size):
+        batch = todo[b0:b0 + batch_size]
+        codes, audio, timings = generate_batch(m, batch, n_frames, args, device)
+        write_outputs(m, batch, codes, audio, timings, n_frames, args)
 
 
 if __name__ == "__main__":

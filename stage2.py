@@ -13,6 +13,8 @@ trained by `train.py --stage 2`:
   classifier-free guidance (the conditional and null rows as one batch).
 - Back to codes: the nearest codebook entry, per fine codebook (what `quantizer.from_latents` does
   inside); codebook 1 is copied through, so it cannot change.
+- Continuation: frames whose codes are known (an audio prompt) are kept exactly and the others
+  sampled around them, by replacing the known frames at every step (RePaint; `generate(known=)`).
 """
 import math
 from dataclasses import dataclass
@@ -209,9 +211,16 @@ class Stage2Diffusion(nn.Module):
 
     @torch.no_grad()
     def sample_latents(self, coarse, text, text_mask, steps=None, cfg_scale=3.0, generator=None,
-                       progress=False):
+                       progress=False, known=None, known_frames=None):
         """DDPM ancestral sampling: normalised coarse latent (b, 8, T) -> fine latents (b, 64, T).
-        generator: a torch.Generator, None, or a list of b (gaussian_noise)."""
+        generator: a torch.Generator, None, or a list of b (gaussian_noise).
+
+        Inpainting (RePaint, Lugmayr et al. 2022, without its resampling jumps): known (b, 64, T),
+        normalised fine latents, and known_frames (b, T) bool, True at the frames to keep (the
+        values of known elsewhere are ignored). After each step, the known frames of x are replaced
+        by the known latents noised to that step's level, alpha_s x_0 + sigma_s eps, so the model
+        denoises the other frames next to a context that agrees with them; after the last step they
+        are the known latents exactly. (x starts as noise everywhere: at t = 1, alpha is 0.)"""
         steps = steps or self.cfg.diffusion_steps
         b, _, T = coarse.shape
         fine_channels = (self.cfg.n_codebooks - 1) * LATENT_DIM
@@ -229,15 +238,45 @@ class Stage2Diffusion(nn.Module):
             if i > 1:
                 noise = gaussian_noise(x.shape, x.device, generator)
                 x = x + (var_ts * sigma_s ** 2 / sigma_t ** 2).sqrt() * noise
+            if known is not None:  # the known frames, at the noise level of step s
+                if i > 1:
+                    noise = gaussian_noise(x.shape, x.device, generator)
+                    x = torch.where(known_frames[:, None], alpha_s * known + sigma_s * noise, x)
+                else:  # s = 0 (alpha_0 is not quite 1 in the cosine schedule: put them back as they are)
+                    x = torch.where(known_frames[:, None], known.to(x.dtype), x)
         return x
 
     @torch.no_grad()
     def generate(self, coarse_codes, text, text_mask, steps=None, cfg_scale=3.0, generator=None,
-                 progress=False):
-        """Codebook 1 (b, T) and the text -> all codes (b, 9, T), codebook 1 unchanged."""
+                 progress=False, known=None):
+        """Codebook 1 (b, T) and the text -> all codes (b, 9, T), codebook 1 unchanged.
+
+        known: codes (b, 9, T) of frames to keep (e.g. an audio prompt being continued), the special
+        id in codebooks 2..9 at the frames to sample; the kept frames come back exactly, and the
+        others are sampled around them (sample_latents' inpainting). ValueError for a frame with
+        some fine codes known and some not, or a kept frame whose codebook 1 is not coarse_codes'."""
         coarse = self.latents(coarse_codes[:, None])
-        fine = self.sample_latents(coarse, text, text_mask, steps, cfg_scale, generator, progress)
-        return self.codes_from_latents(fine, coarse_codes)
+        keep = fine_known = None
+        if known is not None:
+            keep = self.known_frames(known, coarse_codes)
+            fine_known = self.latents(known)[:, LATENT_DIM:]  # special ids (frames to sample) -> 0
+        fine = self.sample_latents(coarse, text, text_mask, steps, cfg_scale, generator, progress,
+                                   fine_known, keep)
+        codes = self.codes_from_latents(fine, coarse_codes)
+        if known is not None:  # the nearest entry to a code's own latent could be an equally near twin
+            codes = torch.where(keep[:, None], known, codes)
+        return codes
+
+    @staticmethod
+    def known_frames(known, coarse_codes):
+        """The frames of known (b, 9, T) whose fine codes are given -> bool (b, T); see generate."""
+        given = known[:, 1:] != SPECIAL
+        keep = given.all(1)
+        if (given.any(1) & ~keep).any():
+            raise ValueError("known: a frame has some of codebooks 2..9 and not the others")
+        if (keep & (known[:, 0] != coarse_codes)).any():
+            raise ValueError("known: codebook 1 of a kept frame differs from coarse_codes")
+        return keep
 
     def configure_optimizers(self, lr, weight_decay, betas, device_type):
         return adamw(self, lr, weight_decay, betas, device_type)

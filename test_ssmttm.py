@@ -9,9 +9,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import argparse
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -1150,6 +1152,48 @@ def test_stage2_one_generator_per_prompt_gives_it_the_same_codes_in_any_batch():
     assert torch.equal(batch[1], alone[0]) and not torch.equal(batch[0, 1:], batch[1, 1:])
 
 
+def test_stage2_inpainting_keeps_the_known_frames_exactly():
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small()))
+    model.attach_codec(datamod.synthetic_codec()).eval()
+    torch.nn.init.normal_(model.unet.out.weight, std=0.3)  # untrained, but predicting something (not v = 0)
+    codes, caps = datamod.SyntheticMusic(40, seed=0).batch(range(2))
+    model.set_latent_stats(codes)
+    text, mask = datamod.WordEncoder()(caps)
+    known = codes.clone()
+    known[:, 1:, 24:] = SPECIAL   # row 0 keeps frames 0..23 (a prompt to continue),
+    known[1, 1:, :6] = SPECIAL    # row 1 frames 6..23 (a hole before them too)
+    keep = (known[:, 1:] != SPECIAL).all(1)
+    assert keep.sum(1).tolist() == [24, 18]
+    runs = [model.generate(codes[:, 0], text, mask, steps=6, generator=torch.Generator().manual_seed(seed),
+                           known=known) for seed in (0, 1)]
+    for out in runs:
+        assert torch.equal(torch.where(keep[:, None], known, out), out)  # every kept code, all 9 codebooks
+        assert torch.equal(out[:, 0], codes[:, 0]) and ((out >= 0) & (out < 1024)).all()
+    sampled = ~keep[:, None].expand_as(runs[0])
+    sampled[:, 0] = False
+    assert (runs[0] != runs[1])[sampled].float().mean() > 0.5  # the other frames are drawn, seed by seed
+    # the sampler itself ends on the known latents, bit for bit
+    lat = model.latents(known)[:, stage2.LATENT_DIM:]
+    fine = model.sample_latents(model.latents(codes[:, :1]), text, mask, 6, generator=torch.Generator().manual_seed(0),
+                                known=lat, known_frames=keep)
+    assert torch.equal(torch.where(keep[:, None], lat, fine), fine)
+    # and the model sees the known frames at every step as the forward process would: x_t = alpha x0 + sigma eps
+    seen, predict_v = [], model.predict_v
+    model.predict_v = lambda x, coarse, t, *a: seen.append((x.clone(), t[0].item())) or predict_v(x, coarse, t, *a)
+    model.sample_latents(model.latents(codes[:, :1]), text, mask, 6, known=lat, known_frames=keep)
+    for x, t in seen[1:]:
+        alpha, sigma = stage2.cosine_schedule(torch.tensor(t))
+        eps = ((x - alpha * lat) / sigma).transpose(1, 2)[keep]
+        assert abs(eps.mean()) < 0.1 and 0.9 < eps.std() < 1.1  # N(0, 1) over 42 frames x 64 channels
+    partial, wrong = known.clone(), known.clone()
+    partial[0, 5, 3] = SPECIAL
+    wrong[0, 0, 3] = (wrong[0, 0, 3] + 1) % 1024
+    for bad, match in ((partial, "some of codebooks"), (wrong, "codebook 1")):
+        with pytest.raises(ValueError, match=match):
+            model.generate(codes[:, 0], text, mask, steps=2, known=bad)
+
+
 # ------------------------------------------------------------------------------------------------
 # Data (data.py). Tiny random DAC and T5 models are saved to temporary folders and loaded through
 # the same from_pretrained code as the real ones.
@@ -1514,6 +1558,83 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys
     assert open(tmp_path / "r" / "ckpt.pt", "rb").read() == saved
 
 
+def first_call(monkeypatch, cls):
+    """Record the inputs, torch RNG state and loss of the first training call of cls.forward."""
+    seen, forward = [], cls.forward
+    def spy(self, codes, text, mask):
+        rng = torch.get_rng_state()
+        out = forward(self, codes, text, mask)
+        if not seen:
+            loss = out[1] if isinstance(out, tuple) else out  # the LM returns (logits, loss)
+            seen.append((rng, codes.clone(), text.clone(), mask.clone(), loss.item()))
+        return out
+    monkeypatch.setattr(cls, "forward", spy)
+    return seen
+
+
+def test_init_from_starts_a_new_run_from_the_weights_only(tmp_path, monkeypatch):
+    trainmod.main(tiny_train_args(tmp_path / "src", "--steps", "3"))
+    src = torch.load(tmp_path / "src" / "ckpt.pt", weights_only=False)
+    seen = first_call(monkeypatch, TextToMusicLM)
+    # no architecture flag: 2 blocks of 64 come from the checkpoint (the preset says 24 of 256)
+    trainmod.main(["--init-from", str(tmp_path / "src" / "ckpt.pt"), "--out", str(tmp_path / "ft"), "--steps", "2",
+                   "--lr", "5e-4", "--warmup", "1", "--frames", "32", "--batch-size", "4", "--seed", "7",
+                   "--dropout", "0", "--eval-every", "0"])
+    ft = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
+    assert ft["config"] == src["config"]
+    _, codes, text, mask, first_loss = seen[0]
+    assert codes.shape == (4, 1, 32)  # the new run's batch (its frames, batch size and seed)
+    model = TextToMusicLM(ModelConfig(**src["config"]))
+    model.load_state_dict(src["model"])
+    assert model(codes, text, mask)[1].item() == first_loss  # the loaded model, exactly
+    metrics = list(csv.DictReader(open(tmp_path / "ft" / "metrics.csv")))
+    assert abs(float(metrics[0]["loss"]) - first_loss) < 1e-6  # (the csv keeps 6 decimals)
+    # a fresh optimizer, schedule and step: the new run's own warm-up and lr from step 0
+    assert ft["step"] == 2 and ft["scheduler"]["last_epoch"] == 2
+    assert [st["step"].item() for st in ft["optimizer"]["state"].values()] == [2.0] * len(ft["optimizer"]["state"])
+    schedule = argparse.Namespace(lr=5e-4, warmup=1, steps=2)
+    assert [float(r["lr"]) for r in metrics] == [trainmod.lr_at(0, schedule), trainmod.lr_at(1, schedule)]
+    saved = json.load(open(tmp_path / "ft" / "config.json"))["args"]
+    assert (saved["init_from"], saved["init_from_step"]) == (str(tmp_path / "src" / "ckpt.pt"), 3)
+    assert (ft["args"]["init_from"], ft["args"]["init_from_step"]) == (str(tmp_path / "src" / "ckpt.pt"), 3)
+
+
+def test_init_from_stage2_keeps_weights_and_latent_statistics(tmp_path, monkeypatch):
+    common = ["--stage", "2", "--batch-size", "4", "--eval-every", "0"]
+    trainmod.main([*common, "--frames", "48", "--steps", "2", "--out", str(tmp_path / "src")])
+    src = torch.load(tmp_path / "src" / "ckpt.pt", weights_only=False)
+    seen = first_call(monkeypatch, stage2.Stage2Diffusion)
+    trainmod.main([*common, "--frames", "32", "--steps", "1", "--seed", "5", "--init-from",
+                   str(tmp_path / "src" / "ckpt.pt"), "--out", str(tmp_path / "ft")])
+    rng, codes, text, mask, first_loss = seen[0]
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**src["config"])).attach_codec(datamod.synthetic_codec())
+    model.load_state_dict(src["model"])
+    torch.set_rng_state(rng)  # the same diffusion step and noise
+    assert model(codes, text, mask).item() == first_loss
+    ft = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
+    assert torch.equal(ft["model"]["latent_std"], src["model"]["latent_std"])  # not measured again on the new data
+
+
+def test_init_from_errors(tmp_path, capsys):
+    trainmod.main(tiny_train_args(tmp_path / "src", "--steps", "1"))
+    path = str(tmp_path / "src" / "ckpt.pt")
+    new = ["--init-from", path, "--out", str(tmp_path / "ft"), "--steps", "1"]
+    capsys.readouterr()
+    cases = [([*new, "--layers", "3"], f"--init-from {path}: --layers 3 differs from the checkpoint's n_layers = 2"),
+             ([*new, "--d-model", "128"], "--d-model 128 differs from the checkpoint's d_model = 64"),
+             ([*new, "--codebooks", "9"], "--codebooks 9 differs from the checkpoint's n_codebooks = 1"),
+             ([*new, "--variant", "cross_simba"], "--variant cross_simba differs from the checkpoint's variant"),
+             ([*new, "--stage", "2"], f"--init-from {path} is a stage-1 checkpoint; this run is stage 2"),
+             (["--init-from", path, "--steps", "1"], "give the new run its own folder with --out"),
+             (["--init-from", path + ".missing", "--out", str(tmp_path / "x")], "checkpoint not found")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "x").exists()
+
+
 def test_synthetic_training_learns_to_follow_captions(tmp_path):
     out = tmp_path / "learn"
     trainmod.main(["--layers", "2", "--d-model", "128", "--d-state", "32", "--frames", "64", "--batch-size", "16",
@@ -1578,6 +1699,76 @@ def test_generate_two_stage_and_single_stage(real_data_checkpoints, tiny_dac_dir
         assert codes.shape == (9, round(seconds * ssmttm.FRAME_RATE)) and codes.min() >= 0 and codes.max() < 1024
     assert "stage2_s" in records[0] and "stage2_s" not in records[2]
     assert [r["ssm_state"] for r in records] == ["fp32", "fp32", "bf16"]
+
+
+def two_stage(root):
+    return ["--ckpt", str(root / "k1" / "ckpt.pt"), "--stage2", str(root / "s2" / "ckpt.pt"), "--stage2-steps", "4"]
+
+
+def test_generate_continues_audio_keeping_the_prompt_codes(real_data_checkpoints, tiny_dac_dir, audio_dir, tmp_path):
+    import soundfile as sf
+    root, src = real_data_checkpoints, str(audio_dir / "stereo48k.flac")  # 20 s, 48 kHz stereo
+    audio = datamod.load_audio(src)[-round(0.6 * SR):]                   # mono 44.1 kHz, its last 0.6 s
+    audio = audio[len(audio) % 512:]                                      # in whole frames
+    want = datamod.encode_clips(datamod.load_dac(tiny_dac_dir), [audio], "cpu")[0].astype(np.int64)
+    P, n = want.shape[1], round(1.5 * ssmttm.FRAME_RATE)
+    assert P == 51
+    for name, ckpt in (("two-stage", two_stage(root)), ("single-stage", ["--ckpt", str(root / "k9" / "ckpt.pt")])):
+        genmod.main(["a calm piano piece", "a drum solo", *ckpt, "--dac", tiny_dac_dir, "--seconds", "1.5",
+                     "--continue", src, "--continue-seconds", "0.6", "--top-k", "20", "--out", str(tmp_path / name)])
+        records = [json.loads(line) for line in open(tmp_path / name / "generations.jsonl")]
+        new = []
+        for r in records:
+            codes = np.load(r["codes"])
+            assert codes.shape == (9, n) and np.array_equal(codes[:, :P], want)  # all 9 codebooks kept
+            assert (r["continued_from"], r["prompt_frames"], r["prompt_seconds"]) == (src, P, round(P / 86.1328125, 4))
+            wav, sr = sf.read(r["wav"])
+            assert abs(len(wav) - (0.6 + 0.9) * sr) <= 512  # prompt + continuation, within one frame
+            new.append(codes[:, P:])
+        assert not np.array_equal(*new)  # after the prompt, each prompt's own music
+
+
+def test_generate_continuing_its_own_greedy_output_reproduces_it(real_data_checkpoints, tiny_dac_dir, tmp_path):
+    root = real_data_checkpoints
+    for name, ckpt in (("k9", ["--ckpt", str(root / "k9" / "ckpt.pt")]), ("two-stage", two_stage(root))):
+        common = ["a calm piano piece", *ckpt, "--dac", tiny_dac_dir, "--seconds", "1", "--top-k", "1"]
+        genmod.main([*common, "--out", str(tmp_path / name / "first")])
+        first = np.load(json.loads(open(tmp_path / name / "first" / "generations.jsonl").readline())["codes"])
+        np.save(tmp_path / name / "head.npy", first[:, :40])  # its first 40 frames, as the prompt
+        genmod.main([*common, "--continue", str(tmp_path / name / "head.npy"),
+                     "--out", str(tmp_path / name / "again")])
+        again = np.load(json.loads(open(tmp_path / name / "again" / "generations.jsonl").readline())["codes"])
+        assert np.array_equal(again[:, :40], first[:, :40])
+        if name == "k9":
+            assert np.array_equal(again, first)  # greedy: the same music, every codebook
+        else:  # stage 1 is greedy; stage 2 samples the new frames' fine codes again
+            assert np.array_equal(again[0], first[0])
+
+
+def test_generate_continue_errors(real_data_checkpoints, audio_dir, tmp_path, capsys):
+    root = real_data_checkpoints
+    k9 = ["a piece", "--ckpt", str(root / "k9" / "ckpt.pt"), "--out", str(tmp_path)]
+    src = str(audio_dir / "stereo48k.flac")
+    trainmod.main(tiny_train_args(tmp_path / "syn", "--steps", "1"))
+    capsys.readouterr()
+    codes = tmp_path / "c.npy"
+    np.save(codes, np.zeros((1, 10), np.int16))
+    cases = [
+        ([*k9, "--continue", src, "--seconds", "5"], re.escape(f"--continue {src}: the prompt lasts 19.99 s (1722 "
+                                                              "frames), more than --seconds 5 (431 frames)")),
+        ([*k9, "--continue", str(audio_dir / "corrupt.wav")], "--continue .*corrupt.wav: unreadable"),
+        ([*k9, "--continue", str(tmp_path / "nope.flac")], "--continue .*nope.flac: not found"),
+        ([*k9, "--continue", str(codes)], "c.npy: 1 codebook; this output has 9"),
+        ([*k9, "--continue-seconds", "2"], "--continue-seconds 2: must be positive, with --continue FILE"),
+        (["a piece", "--ckpt", str(tmp_path / "syn" / "ckpt.pt"), "--continue", src], "synthetic set"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            genmod.main(argv)
+        err = [line for line in capsys.readouterr().err.splitlines()  # without transformers' loading bars
+               if line.strip() and "Loading weights" not in line]
+        assert e.value.code == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "generations.jsonl").exists()
 
 
 def test_generate_errors(real_data_checkpoints, tmp_path, capsys):
@@ -1675,36 +1866,60 @@ def test_one_frame_synthetic_sample_has_a_valid_json_score(synthetic_checkpoint,
     assert record["frames"] == 1 and math.isfinite(record["caption_score"])
 
 
-def test_two_runs_into_one_folder_never_overwrite(synthetic_checkpoint, tmp_path, monkeypatch, capsys):
+def test_two_runs_into_one_folder_never_overwrite_and_a_rerun_resumes(synthetic_checkpoint, tmp_path, monkeypatch,
+                                                                      capsys):
     run = lambda *a: genmod.main(["a calm piece", "a dark piece", "a calm piece", "--ckpt", str(synthetic_checkpoint),
                                   "--seconds", "0.2", "--batch-size", "2", "--out", str(tmp_path), *a])
     run()
     run("--seed", "5")
-    names = ["s0-0000-a-calm-piece", "s0-0001-a-dark-piece", "s1-0002-a-calm-piece",
-             "s5-0000-a-calm-piece", "s5-0001-a-dark-piece", "s6-0002-a-calm-piece"]
+    names = ["s0-0000-a-calm-piece", "s1-0001-a-dark-piece", "s2-0002-a-calm-piece",  # seed: --seed + place
+             "s5-0000-a-calm-piece", "s6-0001-a-dark-piece", "s7-0002-a-calm-piece"]
     assert sorted(os.listdir(tmp_path)) == ["generations.jsonl"] + [n + ".npy" for n in names]
     before = {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)}
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:  # the same seed again: refused before any work
-        run()
+    run()  # the same command again: everything is done, nothing is written
+    assert "nothing to do: all 3 outputs are in" in capsys.readouterr().err
+    assert {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)} == before
+    with pytest.raises(SystemExit) as e:  # the same names with other settings: refused before any work
+        run("--temperature", "0.5")
     assert e.value.code == 2 and capsys.readouterr().err == (
-        f"{tmp_path}/s0-0000-a-calm-piece.npy exists (from a run with the same seed and prompt), and is kept: pass "
+        f"{tmp_path}/s0-0000-a-calm-piece.npy exists (a generation with other settings), and is kept: pass "
         "another --seed or --out\n")
+    # a run stopped after a prompt's files but before its line: the rerun writes that prompt again
+    lines = open(tmp_path / "generations.jsonl").read().splitlines(keepends=True)
+    open(tmp_path / "generations.jsonl", "w").write("".join(lines[:-1]) + lines[-1][:20])  # a cut last line
+    run("--seed", "5")
+    assert {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path) if n != "generations.jsonl"} == {
+        n: b for n, b in before.items() if n != "generations.jsonl"}  # the same codes, bit for bit
     # another run makes a name between the check and the write: it is not overwritten either
     real = genmod.generate_batch
 
-    def racing(m, prompts, seed, *a):
-        (tmp_path / f"s{seed}-0000-a-calm-piece.npy").write_bytes(b"the other run's")
-        return real(m, prompts, seed, *a)
+    def racing(m, requests, *a):
+        (tmp_path / f"{requests[0].name}.npy").write_bytes(b"the other run's")
+        return real(m, requests, *a)
     monkeypatch.setattr(genmod, "generate_batch", racing)
     with pytest.raises(SystemExit) as e:
         run("--seed", "9")
     assert e.value.code == 2 and capsys.readouterr().err.endswith(
-        f"{tmp_path}/s9-0000-a-calm-piece.npy exists (from a run with the same seed and prompt), and is kept: pass "
+        f"{tmp_path}/s9-0000-a-calm-piece.npy exists (a generation with other settings), and is kept: pass "
         "another --seed or --out\n")
     assert open(tmp_path / "s9-0000-a-calm-piece.npy", "rb").read() == b"the other run's"
-    assert {n: open(tmp_path / n, "rb").read() for n in before} == before
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary file left
+
+
+def test_a_prompt_gets_its_codes_in_any_batch_and_an_evaluation_set_is_named_by_id(synthetic_checkpoint, tmp_path):
+    prompts = ["a calm slow piano piece", "a dark fast synth piece in a blues scale", "an epic guitar piece"]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps({"id": f"clip{i}", "caption": p}) + "\n"
+                                                for i, p in enumerate(prompts)))
+    run = lambda out, *a: genmod.main(["--prompts", str(tmp_path / "set.jsonl"), "--ckpt", str(synthetic_checkpoint),
+                                       "--seconds", "0.3", "--top-k", "50", "--out", str(tmp_path / out), *a])
+    run("one", "--batch-size", "1")
+    run("three", "--batch-size", "3")
+    for i in range(3):  # each prompt has its own generator: the same codes alone or among three
+        assert np.array_equal(np.load(tmp_path / "one" / f"clip{i}.npy"), np.load(tmp_path / "three" / f"clip{i}.npy"))
+    assert not np.array_equal(np.load(tmp_path / "one" / "clip0.npy"), np.load(tmp_path / "one" / "clip1.npy"))
+    records = [json.loads(line) for line in open(tmp_path / "three" / "generations.jsonl")]
+    assert [(r["name"], r["prompt"], r["seed"]) for r in records] == [(f"clip{i}", p, i) for i, p in enumerate(prompts)]
 
 
 def test_newest_checkpoint_skips_an_unreadable_one(synthetic_checkpoint, tmp_path, monkeypatch, capsys):

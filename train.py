@@ -3,6 +3,7 @@
     python train.py --layers 6                          # Prefix SiMBA on the built-in synthetic data
     python train.py --data data/jamendo --layers 24     # the paper's setting on preprocessed real data
     python train.py --data data/jamendo --stage 2       # the stage-2 diffusion model (codebooks 2..9)
+    python train.py --init-from runs/x/ckpt.pt --data data/mine --out runs/mine --lr 2e-5   # fine-tune
     torchrun --nproc_per_node 4 train.py --data ...     # several GPUs (DDP, NCCL; gloo on CPU)
 
 Every setting left unset comes from a preset: the paper's (AdamW 1e-4, weight decay 0.02, betas
@@ -15,7 +16,8 @@ On CUDA with mamba-ssm and causal-conv1d installed, the Mamba-2 layers train on 
 (fast.accelerate; --no-kernels keeps the plain ssd_reference path). The weights are the same.
 
 OUT/ckpt.pt holds the model config, weights, optimizer, scheduler, step and RNG states (written to
-a temporary file, then renamed); --resume continues exactly where it stopped. OUT/metrics.csv logs
+a temporary file, then renamed); --resume continues exactly where it stopped. --init-from starts a
+new run from another run's weights only (a fresh optimizer and schedule, step 0). OUT/metrics.csv logs
 step, loss, lr, grad norm, audio tokens/s and, on the synthetic set, the caption score of samples.
 """
 import argparse
@@ -82,6 +84,10 @@ def parse_args(argv=None):
     ap.add_argument("--frames", type=count, help="frames per training sequence (30 s = 2584)")
     ap.add_argument("--out", help="run folder (default: runs/<stage>-<variant>-<N>L-k<K>[-synthetic])")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
+    ap.add_argument("--init-from", metavar="CKPT",
+                    help="start a new run (in its own --out) from this checkpoint's model weights, not its "
+                         "optimizer, schedule or step: fine-tuning. The architecture comes from the checkpoint; "
+                         "the training settings (steps, lr, data, ...) from the command line and the preset")
     ap.add_argument("--stop-after", type=at_least_0,
                     help="stop (with a checkpoint) after this many steps of this invocation")
     ap.add_argument("--seed", type=datamod.SEED, default=0)
@@ -206,18 +212,67 @@ def resume_or_start(args, given):
     return ckpt
 
 
-def load_checkpoint(path):
-    """A train.py checkpoint, read on the CPU; one line naming the file (exit code 2) if it cannot
-    be read or is not one."""
+def load_checkpoint(path, keys=("model", "optimizer", "scheduler", "step", "rng", "args"), flag=""):
+    """A train.py checkpoint, read on the CPU; one line naming the file (and flag) with exit code 2
+    if it is missing, cannot be read, or lacks one of keys."""
+    where = f"{flag} {path}".strip()
+    if not os.path.isfile(path):
+        datamod.fail(f"{where}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a cut or damaged file: pickle, zip and torch errors of every kind
-        datamod.fail(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
-    keys = {"model", "optimizer", "scheduler", "step", "rng", "args"}
-    missing = keys - set(ckpt) if isinstance(ckpt, dict) else keys
+        datamod.fail(f"{where}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    missing = set(keys) - set(ckpt) if isinstance(ckpt, dict) else set(keys)
     if missing:
-        datamod.fail(f"{path}: not a train.py checkpoint (no {', '.join(sorted(missing))})")
+        datamod.fail(f"{where}: not a train.py checkpoint (no {', '.join(sorted(missing))})")
     return ckpt
+
+
+# flag of an LM architecture setting -> its ModelConfig field; with --init-from they come from the checkpoint
+ARCHITECTURE = {"variant": "variant", "layers": "n_layers", "d_model": "d_model", "d_state": "d_state",
+                "codebooks": "n_codebooks", "headdim": "headdim", "n_heads": "n_heads"}
+TRAINING_ONLY = {"dropout", "chunk_size"}  # ModelConfig fields a fine-tuning run may set otherwise
+
+
+def init_from(args, given):
+    """--init-from CKPT for a new run: the checkpoint whose weights it starts from. Its architecture
+    becomes this run's (args.variant, layers, d_model, ... for stage 1); the training settings stay
+    as given or preset. BadInput (one line, exit 2) without --out, for a checkpoint that cannot be
+    read, of the other stage, an architecture flag that disagrees with it, or a text encoder or
+    codec of another kind than this run's data uses."""
+    flag = f"--init-from {args.init_from}"
+    if "out" not in given:
+        datamod.fail(f"{flag}: give the new run its own folder with --out")
+    src = load_checkpoint(args.init_from, ("kind", "config", "model", "step", "text_encoder"), "--init-from")
+    if src["kind"] != f"stage{args.stage}":
+        datamod.fail(f"{flag} is a {src['kind'].replace('stage', 'stage-')} checkpoint; this run is stage "
+                     f"{args.stage} (--stage {src['kind'][-1]} to fine-tune it)")
+    if args.stage == 1:
+        for name, field in ARCHITECTURE.items():
+            if name in given and getattr(args, name) != src["config"][field]:
+                datamod.fail(f"{flag}: --{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+                             f"{field} = {src['config'][field]}; the architecture comes from the checkpoint")
+            setattr(args, name, src["config"][field])
+    text = "t5" if args.data else "words"
+    if src["text_encoder"]["kind"] != text:
+        datamod.fail(f"{flag}: trained with the {src['text_encoder']['kind']!r} text encoder; this run's data "
+                     f"({args.data or 'synthetic'}) uses {text!r}")
+    codec = codec_spec(args)
+    if codec is not None and src.get("codec", {}).get("kind") != codec["kind"]:
+        datamod.fail(f"{flag}: its codec is {src.get('codec')}; this run's data uses {codec}")
+    args.init_from_step = src["step"]  # recorded with the run's settings (config.json, ckpt.pt)
+    return src
+
+
+def load_source_weights(src, model, model_config, args):
+    """Put the --init-from checkpoint's weights (and, for stage 2, its latent statistics, which
+    its weights were trained with) into the new model. BadInput if the configs disagree."""
+    differ = sorted(k for k in set(model_config) | set(src["config"])
+                    if k not in TRAINING_ONLY and model_config.get(k) != src["config"].get(k))
+    if differ:
+        datamod.fail(f"--init-from {args.init_from}: the model config differs from this run's in "
+                     + ", ".join(f"{k} ({src['config'].get(k)} vs {model_config.get(k)})" for k in differ))
+    model.load_state_dict(src["model"])
 
 
 def load_data(args, device):
@@ -481,6 +536,7 @@ def main(argv=None):
     args, given = parse_args(argv)
     world, rank, device = setup_processes(args)
     ckpt = resume_or_start(args, given)
+    source = init_from(args, given) if ckpt is None and args.init_from else None
     args.device = device.split(":")[0]
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
@@ -493,6 +549,8 @@ def main(argv=None):
     step = 0
     if ckpt is not None:
         step = restore(ckpt, model, optimizer, scheduler, rank, device)
+    elif source is not None:  # fine-tuning: the weights only; optimizer, schedule and step start afresh
+        load_source_weights(source, model, model_config, args)
     elif args.stage == 2:  # per-codebook latent statistics of the training data, kept in the model
         model.set_latent_stats(dataset.batch(np.arange(min(64, n_examples or 64)))[0][..., :frames].to(device))
     trained = torch.compile(model) if args.compile else model
@@ -506,6 +564,8 @@ def main(argv=None):
         print(f"{what}: {n_params / 1e6:.1f} M parameters, d_model {args.d_model} | data: {args.data or 'synthetic'} "
               f"| {world} x {device} | batch {args.batch_size} x {args.grad_accum} x {world} of {frames} frames | "
               f"lr {args.lr} | {args.steps} steps | out {args.out}")
+        if source is not None:
+            print(f"starting from the weights of {args.init_from} (step {args.init_from_step})")
         prepare_run_folder(args, model_config, step, resumed=ckpt is not None)
     step, loss = train(run, step, saved=None if ckpt is None else step)
     if run.master:
