@@ -1759,7 +1759,8 @@ def test_generate_continue_errors(real_data_checkpoints, audio_dir, tmp_path, ca
         ([*k9, "--continue", str(audio_dir / "corrupt.wav")], "--continue .*corrupt.wav: unreadable"),
         ([*k9, "--continue", str(tmp_path / "nope.flac")], "--continue .*nope.flac: not found"),
         ([*k9, "--continue", str(codes)], "c.npy: 1 codebook; this output has 9"),
-        ([*k9, "--continue-seconds", "2"], "--continue-seconds 2: must be positive, with --continue FILE"),
+        ([*k9, "--continue-seconds", "2"], "--continue-seconds 2: needs --continue FILE"),
+        ([*k9, "--continue", src, "--continue-seconds", "0"], "argument --continue-seconds: expected a finite number from 0.0059 to 3600, not .0."),
         (["a piece", "--ckpt", str(tmp_path / "syn" / "ckpt.pt"), "--continue", src], "synthetic set"),
     ]
     for argv, message in cases:
