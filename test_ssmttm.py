@@ -630,11 +630,13 @@ def test_gpu_compiled_lm_is_one_graph_and_equals_eager(precision):
     compiled = loss_and_grads(torch.compile(model, fullgraph=True))
     tol = {"fp32": 1e-4, "bf16": 3e-2}[precision]
     assert report(f"compiled vs eager {precision} loss", rel_err(compiled[0], eager[0])) < tol / 10
-    # mamba-ssm's backward sums the dt and A gradients with atomic adds, in no fixed order: two
-    # eager runs differ too, and compiled may differ from eager as much as that (a few times 1e-5)
+    # Compiled code sums in another order (fused reductions; mamba-ssm's backward also adds the dt
+    # and A gradients with atomics, in no fixed order, which two eager runs bound): a gradient that
+    # is a long sum with cancellation (dt_bias) moves by about 1e-4 relative in fp32.
+    grad_tol = {"fp32": 5e-4, "bf16": 3e-2}[precision]
     worst = lambda run: max(rel_err(a, e) for a, e in zip(run[1:], eager[1:]))
     spread = report(f"eager vs eager {precision} worst grad", worst(again))
-    assert report(f"compiled vs eager {precision} worst grad", worst(compiled)) < max(tol, 4 * spread)
+    assert report(f"compiled vs eager {precision} worst grad", worst(compiled)) < max(grad_tol, 4 * spread)
 
 
 @gpu

@@ -555,7 +555,9 @@ def main(argv=None):
         model.set_latent_stats(dataset.batch(np.arange(min(64, n_examples or 64)))[0][..., :frames].to(device))
     trained = torch.compile(model) if args.compile else model
     if world > 1:
-        trained = DDP(trained, device_ids=[device] if device.startswith("cuda") else None)
+        # Gradients as views into DDP's all-reduce buckets: no copy into the buckets and back after
+        # each all-reduce, and one gradient-sized buffer less.
+        trained = DDP(trained, device_ids=[device] if device.startswith("cuda") else None, gradient_as_bucket_view=True)
     run = Run(args, world, rank, device, dataset, n_examples, frames, text_encoder, model, trained, model_config,
               optimizer, scheduler)
     if run.master:
