@@ -132,9 +132,9 @@ def load_mono(path, sample_rate):
     return mono.astype(np.float32)
 
 
-def progress(items, desc):
+def progress(items, desc, unit="file"):
     from tqdm import tqdm
-    return tqdm(items, desc=desc, unit="file", file=sys.stderr, disable=None, dynamic_ncols=True)
+    return tqdm(items, desc=desc, unit=unit, file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -704,6 +704,79 @@ class _Parser(argparse.ArgumentParser):
         fail(message)
 
 
+# ------------------------------------------------------------------------------------------------
+# Past the training length (README, "Longer than the training length"), on the synthetic set
+
+
+class StateNorms:
+    """A generate() decoder: the plain loop of TextToMusicLM.generate, one step at a time, keeping
+    after each step the mean norm ||h_t|| of the Mamba-2 states (over layers, rows and heads)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def decode(self, model, cache, steps, fixed, start, copies, sampling, progress=False):
+        from ssmttm import Mamba2State, write_step
+        for s in range(start, steps.shape[-1]):
+            logits = model.step(steps[..., s - 1:s].repeat(copies, 1, 1), cache)
+            write_step(steps, fixed, s, sampling(logits[:, :, -1]))
+            h = [state.ssm for states in cache.states for state in states if isinstance(state, Mamba2State)]
+            self.norms.append(float(np.mean([x.norm(dim=(-2, -1)).mean().item() for x in h])) if h else 0.0)
+
+
+def window_scores(model, captions, frames, times, seed, windows):
+    """Caption scores (prompts, times) of codes of times x frames, scored `frames` at a time, and
+    the state norms at each window's end (one pass only). windows: generate_in_windows, or one pass."""
+    from ssmttm import generate_in_windows
+    text, mask = datamod.WordEncoder()(captions)
+    sampling = dict(cfg_scale=3.0, top_k=50, temperature=0.3, generator=torch.Generator().manual_seed(seed))
+    probe = StateNorms()
+    if windows:
+        codes = generate_in_windows(model, text, mask, times * frames, frames, **sampling)
+    else:
+        codes = model.generate(text, mask, times * frames, decoder=probe, **sampling)
+    scores = [[datamod.caption_score(c[:, w * frames:(w + 1) * frames], caption) for w in range(times)]
+              for c, caption in zip(codes.cpu().numpy(), captions)]
+    norms = [probe.norms[min((w + 1) * frames, len(probe.norms)) - 2] for w in range(times)] if probe.norms else None
+    return np.array(scores), norms  # step s of the loop wrote frame s + 1 (K = 1)
+
+
+def past_training_length(args):
+    """--long CKPT: a synthetic-set checkpoint trained on F frames generates --times x F frames for
+    --n-prompts held-out captions and --seeds seeds, in one recurrent pass and in windows of F
+    (generate_in_windows); the caption score per window of F frames, and the state norm."""
+    import generate as genmod
+    from ssmttm import ModelConfig, TextToMusicLM
+    ckpt = genmod.read_checkpoint(args.long, "stage1")
+    if ckpt["text_encoder"]["kind"] != "words":
+        fail(f"--long {args.long}: not trained on the synthetic set (its captions are what is scored)")
+    model = TextToMusicLM(ModelConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    frames = ckpt["args"]["frames"]
+    captions = datamod.SyntheticMusic(frames, seed=0).captions(args.n_prompts)
+    report = {"ckpt": args.long, "step": ckpt["step"], "trained_frames": frames, "times": args.times,
+              "prompts": args.n_prompts, "seeds": args.seeds,
+              "sampling": {"cfg_scale": 3.0, "top_k": 50, "temperature": 0.3}}
+    for name, windows in (("one_pass", False), ("windows", True)):
+        runs = [window_scores(model, captions, frames, args.times, seed, windows)
+                for seed in progress(range(args.seeds), name, unit="seed")]
+        scores = np.concatenate([r[0] for r in runs])
+        report[name] = {"mean": scores.mean(0).round(4).tolist(), "std": scores.std(0).round(4).tolist()}
+        if not windows:
+            report[name]["state_norm"] = np.mean([r[1] for r in runs], 0).round(3).tolist()
+    print(f"\n{args.long} (step {ckpt['step']}), trained on {frames} frames: caption score per window of "
+          f"{frames} frames ({args.n_prompts} prompts x {args.seeds} seeds, mean ± std)\n")
+    print("| frames | one pass | state norm | in windows |\n|---|---|---|---|")
+    one, win = report["one_pass"], report["windows"]
+    for w in range(args.times):
+        print(f"| {w * frames}-{(w + 1) * frames} | {one['mean'][w]:.3f} ± {one['std'][w]:.3f} | "
+              f"{one['state_norm'][w]:.2f} | {win['mean'][w]:.3f} ± {win['std'][w]:.3f} |")
+    out = args.out or os.path.join(os.path.dirname(args.long) or ".", "long.json")
+    atomic_write_text(out, json.dumps(report, indent=1, allow_nan=False))
+    print(f"\nwrote {out}")
+    return report
+
+
 def parse_args(argv=None):
     ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--generated", help="folder of generated audio files (wav, flac, ogg, mp3)")
@@ -725,7 +798,17 @@ def parse_args(argv=None):
     conv.add_argument("--d-model", type=int, help="default: train.py's synthetic preset (256)")
     conv.add_argument("--frames", type=int, help="default: train.py's synthetic preset (128)")
     conv.add_argument("--plot-only", action="store_true", help="redraw from the runs already in OUT")
+    long = ap.add_argument_group("past the training length (on the synthetic set)")
+    long.add_argument("--long", metavar="CKPT", help="caption score in windows of the checkpoint's training length, "
+                      "one recurrent pass against generate_in_windows; JSON to --out (default: beside CKPT)")
+    long.add_argument("--times", type=datamod.positive_int, default=16, help="generate this many training lengths")
+    long.add_argument("--n-prompts", type=datamod.positive_int, default=16, help="held-out captions")
+    long.add_argument("--seeds", type=datamod.positive_int, default=2)
     args = ap.parse_args(argv)
+    if args.long:
+        if not os.path.isfile(args.long):
+            fail(f"--long {args.long}: no such file")
+        return args
     if args.convergence:
         if args.generated or args.reference:
             fail("--convergence trains and plots; it takes no --generated/--reference")
@@ -742,6 +825,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.long:
+        return past_training_length(args)
     return convergence(args) if args.convergence else evaluate(args)
 
 

@@ -82,6 +82,10 @@ def parse_args(argv=None):
                          "generate.py): the output is the prompt, then new music up to --seconds in all")
     ap.add_argument("--continue-seconds", type=datamod.number(MIN_SECONDS, MAX_SECONDS), metavar="S",
                     help="continue from the last S seconds of --continue only (default: all of it)")
+    ap.add_argument("--window", type=datamod.number(0, MAX_SECONDS), metavar="S",
+                    help="past S seconds, generate in windows of S seconds, each re-reading the last S/2 "
+                         "(generate_in_windows; default: the length the checkpoint was trained on; 0: one "
+                         "recurrent pass, however long)")
     ap.add_argument("--ssm-state", choices=["fp32", "bf16"], default="fp32",
                     help="how the Mamba-2 states are kept between steps: bf16 decodes faster on a GPU, at a small "
                          "cost in accuracy (BENCHMARKS.md)")
@@ -190,6 +194,7 @@ class Models:
     stage2_encoder: object = None
     codec: object = None
     continuation: object = None  # a Continuation (--continue), or None
+    window: int = 0              # frames per pass past which generation goes in windows (0: one pass)
 
 
 def load_models(args, device):
@@ -203,6 +208,8 @@ def load_models(args, device):
     lm = fast.for_inference(lm.to(device), torch.bfloat16 if device == "cuda" else torch.float32)
     m = Models(lm, ckpt_path, ckpt["step"], datamod.load_text_encoder(ckpt["text_encoder"], device, args.t5),
                synthetic=ckpt["text_encoder"]["kind"] == "words")
+    trained = ckpt["args"].get("frames")  # the sequence length it was trained on
+    m.window = round(args.window * FRAME_RATE) if args.window is not None else min(trained or 0, datamod.CLIP_FRAMES)
     if device == "cuda":
         if fast.available():
             fast.accelerate(lm)
@@ -304,10 +311,13 @@ def generate_batch(m, requests, n_frames, args, device):
     g = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
     cont = m.continuation
     t0 = time.time()
-    codes = m.lm.generate(text, mask, n_frames, cfg_scale=args.cfg, top_k=args.top_k, temperature=args.temperature,
-                          generator=g, decoder=m.decoder, progress=True,
-                          ssm_dtype=torch.bfloat16 if args.ssm_state == "bf16" else None,
-                          prompt=None if cont is None else cont.prompt(len(prompts), m.lm.cfg.n_codebooks))
+    sampling = dict(cfg_scale=args.cfg, top_k=args.top_k, temperature=args.temperature, generator=g,
+                    decoder=m.decoder, progress=True, ssm_dtype=torch.bfloat16 if args.ssm_state == "bf16" else None,
+                    prompt=None if cont is None else cont.prompt(len(prompts), m.lm.cfg.n_codebooks))
+    if m.window:
+        codes = ssmttm.generate_in_windows(m.lm, text, mask, n_frames, m.window, **sampling)
+    else:
+        codes = m.lm.generate(text, mask, n_frames, **sampling)
     sync()
     timings["stage1_s"] = time.time() - t0
     if m.stage2 is not None:
@@ -375,7 +385,7 @@ def plan(args):
 
 # What a generations.jsonl record must agree on to be the same generation as a request of this run
 SETTINGS = ("prompt", "seed", "seconds", "cfg", "top_k", "temperature", "ckpt", "stage2", "stage2_steps",
-            "stage2_cfg", "ssm_state", "continued_from", "continue_seconds")
+            "stage2_cfg", "ssm_state", "continued_from", "continue_seconds", "window")
 
 
 def settings(request, args):
@@ -383,7 +393,7 @@ def settings(request, args):
             "top_k": args.top_k, "temperature": args.temperature, "ckpt": args.ckpt, "stage2": args.stage2,
             "stage2_steps": args.stage2_steps if args.stage2 else None,
             "stage2_cfg": args.stage2_cfg if args.stage2 else None, "ssm_state": args.ssm_state,
-            "continued_from": args.continue_from, "continue_seconds": args.continue_seconds}
+            "continued_from": args.continue_from, "continue_seconds": args.continue_seconds, "window": args.window}
 
 
 def committed(out):
@@ -435,7 +445,8 @@ def auto_batch_size(m, n_frames, device, n_requests):
     2 rows of decoding state, with guidance; and stage 2's activations), at most 64; on a CPU 16."""
     if device != "cuda":
         return min(n_requests, 16)
-    cache = ssmttm.InferenceCache(m.lm, 1, n_frames + m.lm.cfg.n_codebooks, "meta", next(m.lm.parameters()).dtype)
+    frames = min(n_frames, m.window or n_frames)  # a pass holds at most one window
+    cache = ssmttm.InferenceCache(m.lm, 1, frames + m.lm.cfg.n_codebooks, "meta", next(m.lm.parameters()).dtype)
     tensors = [t for states in cache.states for state in states if state is not None
                for t in vars(state).values() if torch.is_tensor(t)]
     per_row = sum(t.numel() * t.element_size() for t in tensors)

@@ -570,6 +570,37 @@ def write_step(steps, fixed, s, tokens):
     steps[..., s] = torch.where(fixed[..., s], steps[..., s], tokens)
 
 
+def generate_in_windows(model, text, text_mask, n_frames, window, context=None, prompt=None, **sampling):
+    """model.generate past the length it was trained on: codes (b, K, n_frames).
+
+    In one recurrent pass, steps past the `window` frames of training run at positions and from
+    states the model never saw, and the music drifts (on the synthetic set the caption score
+    falls with the length: README, "Longer than the training length"). Here each further pass
+    re-reads the text and the last `context` frames (default window // 2) as its prompt and
+    continues to at most `window` frames, as MusicGen extends past 30 s: every step stays in the
+    trained range, and memory stays that of one window. Up to `window` frames this is one generate
+    call. A pass that does not reach n_frames drops its last K - 1 frames: the delay pattern
+    samples their codebooks 2..K before the codebook-1 frames that follow, which the next pass
+    provides. prompt: codes (b, K, T_p), kept exactly; a pass reads at most its last `context`
+    frames. sampling: generate's other arguments (a generator carries on from pass to pass)."""
+    K = model.cfg.n_codebooks
+    context = window // 2 if context is None else context
+    if not 0 <= context <= window - K:
+        raise ValueError(f"context {context}: want 0 <= context <= window - K = {window - K}")
+    if n_frames <= window:
+        return model.generate(text, text_mask, n_frames, prompt=prompt, **sampling)
+    if prompt is not None and prompt.shape[-1] > n_frames:
+        raise ValueError(f"prompt {tuple(prompt.shape)}: longer than n_frames = {n_frames}")
+    codes = prompt if prompt is not None else text.new_zeros(text.shape[0], K, 0, dtype=torch.long)
+    while codes.shape[-1] < n_frames:
+        seen = codes[..., codes.shape[-1] - min(codes.shape[-1], context):]  # (b, K, <= context)
+        length = min(window, seen.shape[-1] + n_frames - codes.shape[-1])
+        out = model.generate(text, text_mask, length, prompt=seen if seen.shape[-1] else None, **sampling)
+        end = length if codes.shape[-1] - seen.shape[-1] + length == n_frames else length - (K - 1)
+        codes = torch.cat([codes, out[..., seen.shape[-1]:end]], dim=-1)
+    return codes
+
+
 def adamw(model, lr, weight_decay, betas, device_type):
     """AdamW with weight decay on matrices and conv kernels only (not on norms, biases, or the
     parameters marked _no_weight_decay: Mamba-2's dt_bias, A_log, D); fused on CUDA."""

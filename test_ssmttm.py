@@ -755,6 +755,70 @@ def test_generate_refuses_a_prompt_that_does_not_fit():
     assert torch.equal(model.generate(text, mask, 12, prompt=full), full)
 
 
+def decoding_state_sizes(cache):
+    """{(block, sublayer, field): shape} of every tensor an InferenceCache carries between steps."""
+    fields = {ssmttm.Mamba2State: ("conv", "ssm"), ssmttm.KVCache: ("k", "v"), ssmttm.TextKV: ("k", "v")}
+    return {(i, j, f): tuple(getattr(state, f).shape) for i, states in enumerate(cache.states)
+            for j, state in enumerate(states) if state is not None for f in fields[type(state)]}
+
+
+def recorded_caches(monkeypatch):
+    """A list that every InferenceCache made from now on is appended to."""
+    caches, init = [], ssmttm.InferenceCache.__init__
+    monkeypatch.setattr(ssmttm.InferenceCache, "__init__",
+                        lambda self, *a, **kw: caches.append(self) or init(self, *a, **kw))
+    return caches
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decoding_state_does_not_grow_with_the_length(variant, monkeypatch):
+    model, (text, mask) = tiny_model(variant, 4), random_text()
+    caches = recorded_caches(monkeypatch)
+    T = 32  # "the training length"; then 4 times it, in one recurrent pass
+    outs = [model.generate(text, mask, n, top_k=50, temperature=1.0, generator=torch.Generator().manual_seed(0))
+            for n in (T, 4 * T)]
+    assert [o.shape for o in outs] == [(2, 4, T), (2, 4, 4 * T)] and ((outs[1] >= 0) & (outs[1] < 1024)).all()
+    short, long = (decoding_state_sizes(c) for c in caches)
+    assert short.keys() == long.keys() and len(short) > 0
+    grows = {key for key in short if short[key] != long[key]}
+    if variant == "cross_transformer":  # only self-attention's KV cache grows: one row per step (+ begin)
+        kinds = {type(caches[0].states[i][j]) for i, j, _ in grows}
+        assert kinds == {ssmttm.KVCache} and len(grows) == 2 * model.cfg.n_layers
+        assert all(short[k][2] == T + 4 - 1 + 1 and long[k][2] == 4 * T + 4 - 1 + 1 for k in grows)
+    else:  # the Mamba-2 states (conv window and h_t), and cross-attention's projected text: fixed sizes
+        assert grows == set()
+        mamba = [shape for (i, j, f), shape in long.items() if f == "ssm"]
+        assert mamba and all(shape == (4, 8, 16, 16) for shape in mamba)  # (2b rows, heads, headdim, d_state)
+
+
+@pytest.mark.parametrize("variant,K", [("prefix_simba", 1), ("prefix_simba", 4), ("cross_transformer", 4)])
+def test_generating_in_windows_keeps_each_pass_inside_the_window(variant, K, monkeypatch):
+    model, (text, mask) = tiny_model(variant, K), random_text()
+    greedy = dict(top_k=1)
+    window, n = 16, 50
+    one_pass = model.generate(text, mask, n, **greedy)
+    caches = recorded_caches(monkeypatch)
+    prompt = one_pass[..., :5]
+    codes = ssmttm.generate_in_windows(model, text, mask, n, window, prompt=prompt, **greedy)
+    assert codes.shape == (2, K, n) and torch.equal(codes[..., :5], prompt)  # the prompt is kept
+    # Each pass's cache holds one window (+ the delay pattern's K - 1 steps and the begin step),
+    # however long the music: memory does not grow with n.
+    assert len(caches) >= 1 + (n - window) // (window // 2)
+    sizes = [max(shape[2] for (i, j, f), shape in decoding_state_sizes(c).items() if f in ("k", "v"))
+             if variant == "cross_transformer" else 0 for c in caches]
+    assert max(sizes) <= window + K
+    # Greedy: the first pass keeps window - (K - 1) frames, those of the one-pass result (up to
+    # there both read the same); the second is generate() on the text and the 8 frames before it.
+    first = window - (K - 1)
+    assert torch.equal(codes[..., :first], one_pass[..., :first])
+    pass2 = model.generate(text, mask, window, prompt=codes[..., first - 8:first], **greedy)
+    assert torch.equal(codes[..., first:first + 8 - (K - 1)], pass2[..., 8:8 + 8 - (K - 1)])
+    assert torch.equal(ssmttm.generate_in_windows(model, text, mask, window, window, **greedy),
+                       model.generate(text, mask, window, **greedy))  # up to a window: one pass
+    with pytest.raises(ValueError, match="context"):
+        ssmttm.generate_in_windows(model, text, mask, n, window, context=window - K + 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # The fast paths (fast.py, kernels.py) against the plain model. On a CPU: fast.Decoder's loop, and
 # its fused step with the kernels replaced by their definitions above; on CUDA: the kernels.
@@ -2351,6 +2415,41 @@ def test_a_prompt_gets_its_codes_in_any_batch_and_an_evaluation_set_is_named_by_
     assert not np.array_equal(np.load(tmp_path / "one" / "clip0.npy"), np.load(tmp_path / "one" / "clip1.npy"))
     records = [json.loads(line) for line in open(tmp_path / "three" / "generations.jsonl")]
     assert [(r["name"], r["prompt"], r["seed"]) for r in records] == [(f"clip{i}", p, i) for i, p in enumerate(prompts)]
+
+
+def test_generate_goes_past_the_trained_length_in_windows(synthetic_checkpoint, tmp_path):
+    prompt = "a calm slow piano piece in a major scale"
+    run = lambda out, *a: genmod.main([prompt, "--ckpt", str(synthetic_checkpoint), "--seconds", "1", "--top-k", "50",
+                                       "--out", str(tmp_path / out), *a])
+    run("windows")  # trained on 48 frames; 1 s is 86: by default in windows of 48
+    run("one", "--window", "0")  # one recurrent pass
+    ckpt = torch.load(synthetic_checkpoint, weights_only=False)
+    model = TextToMusicLM(ModelConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    text, mask = datamod.WordEncoder()([prompt])
+    sampling = lambda: dict(cfg_scale=3.0, top_k=50, temperature=1.2, generator=[torch.Generator().manual_seed(0)])
+    windows = ssmttm.generate_in_windows(model, text, mask, 86, 48, **sampling())
+    one = model.generate(text, mask, 86, **sampling())
+    assert not torch.equal(windows, one)
+    for out, codes in (("windows", windows), ("one", one)):
+        assert np.array_equal(np.load(tmp_path / out / "s0-0000-a-calm-slow-piano-piece-in.npy"), codes[0].numpy())
+    assert [json.loads(open(tmp_path / out / "generations.jsonl").read())["window"] for out in ("windows", "one")] == [
+        None, 0.0]
+
+
+def test_evaluate_long_scores_one_pass_and_windows_by_window(synthetic_checkpoint, real_data_checkpoints, tmp_path,
+                                                             capsys):
+    import evaluate
+    report = evaluate.main(["--long", str(synthetic_checkpoint), "--times", "3", "--n-prompts", "2", "--seeds", "1",
+                            "--out", str(tmp_path / "long.json")])
+    assert json.load(open(tmp_path / "long.json")) == report and report["trained_frames"] == 48
+    one, win = report["one_pass"], report["windows"]
+    assert len(one["mean"]) == len(win["mean"]) == 3 and all(0 <= x <= 1 for x in one["mean"] + win["mean"])
+    assert one["mean"][0] == win["mean"][0]  # the first window is the same generation in both
+    assert all(x > 0 for x in one["state_norm"]) and "| 96-144 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--long", str(real_data_checkpoints / "k9" / "ckpt.pt")])
+    assert e.value.code == 2 and "not trained on the synthetic set" in capsys.readouterr().err
 
 
 def test_newest_checkpoint_skips_an_unreadable_one(synthetic_checkpoint, tmp_path, monkeypatch, capsys):
