@@ -446,7 +446,9 @@ def clap_audio_embedding(model, extractor, audio, device):
 # The evaluation command
 
 
-def evaluate(args):
+def check_inputs(args):
+    """Everything evaluate() reads, checked before any model loads (one line, exit 2 on a problem):
+    the metrics, the generated and reference files by name, the prompts, the weights files."""
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if not metrics or set(metrics) - {"fd", "kl", "clap"}:
         fail(f"--metrics {args.metrics}: choose from fd, kl, clap (comma-separated)")
@@ -467,78 +469,94 @@ def evaluate(args):
     for flag, path, metric in (("--openl3", args.openl3, "fd"), ("--passt", args.passt, "kl")):
         if metric in metrics and not os.path.isfile(path):
             fail(f"{flag} {path}: no such weights file (see README, Evaluation, for where to fetch it)")
-    out_path = args.out or os.path.join(args.generated, "evaluation.json")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     extra = [name for name in reference if name not in generated]
     if extra:
         note(f"{len(extra)} reference file(s) have no generated file of the same name: "
              + ("used for FD only" if "fd" in metrics else "not used"))
+    return metrics, generated, reference, prompts
 
+
+def fd_openl3(model, generated, reference, args, device, report):
+    """FD between the OpenL3 frame embeddings of the two sets (all files of each)."""
+    stats, short = {}, []
+    for side, files in (("generated", generated), ("reference", reference)):
+        emb = []
+        for name, path in progress(files.items(), f"OpenL3 {side}"):
+            audio = load_mono(path, OPENL3_SR)
+            if len(audio) < OPENL3_SR:
+                short.append(f"{side}/{os.path.basename(path)}")
+            emb.append(openl3_embeddings(model, audio, device))
+        emb = np.concatenate(emb)
+        if len(emb) < 2:
+            fail(f"--{side} {args.generated if side == 'generated' else args.reference}: one OpenL3 frame in all "
+                 f"(a clip under 1 s); a covariance needs at least 2")
+        report["counts"][f"openl3_frames_{side}"] = len(emb)
+        stats[side] = gaussian_stats(emb)
+    if short:
+        note(f"{len(short)} clip(s) shorter than OpenL3's 1 s window, zero-padded: {', '.join(short[:5])}")
+    report["short_clips"]["openl3"] = short
+    report["fd_openl3"] = frechet_distance(*stats["generated"], *stats["reference"])
+
+
+def kl_passt(model, generated, reference, device, report):
+    """KL(reference || generated) of PaSST's tag distributions, per pair of files, averaged."""
+    kl, kl_back, skipped = [], [], []
+    for name in progress(list(generated), "PaSST pairs"):
+        p_gen = passt_probabilities(model, load_mono(generated[name], PASST_SR), device)
+        p_ref = passt_probabilities(model, load_mono(reference[name], PASST_SR), device)
+        if p_gen is None or p_ref is None:
+            skipped.append(name)
+            continue
+        kl.append(float(kl_divergence(p_ref, p_gen)))
+        kl_back.append(float(kl_divergence(p_gen, p_ref)))
+        report["per_file"][name]["kl_passt"] = kl[-1]
+    if skipped:
+        note(f"{len(skipped)} pair(s) left out of KL, a clip of 1.5 s or less (PaSST window 10 s): {', '.join(skipped[:5])}")
+    report["short_clips"]["passt"] = skipped
+    report["counts"]["kl_pairs"] = len(kl)
+    report["kl_passt"] = float(np.mean(kl)) if kl else None
+    report["kl_passt_gen_ref"] = float(np.mean(kl_back)) if kl else None
+
+
+def clap_score(clap, generated, prompts, args, device, report):
+    """The cosine of each generated file's CLAP audio embedding with its prompt's, averaged."""
+    model, extractor, tokenizer = clap
+    names = list(generated)
+    text = clap_text_embeddings(model, tokenizer, [prompts[n] for n in names], device)
+    window = getattr(extractor, "nb_max_samples", None)
+    np.random.seed(args.seed)  # the extractor's crops of clips longer than its window
+    scores, longer = [], []
+    for i, name in enumerate(progress(names, "CLAP")):
+        audio = load_mono(generated[name], extractor.sampling_rate)
+        if window and len(audio) > window:
+            longer.append(name)
+        scores.append(float(cosine(clap_audio_embedding(model, extractor, audio, device)[None], text[i][None])[0]))
+        report["per_file"][name]["clap"] = scores[-1]
+    if longer:
+        note(f"{len(longer)} clip(s) longer than CLAP's {window / extractor.sampling_rate:g} s window, "
+             f"{extractor.truncation} (seed {args.seed}): {', '.join(longer[:5])}")
+    report["counts"]["clap_clips"] = len(scores)
+    report["clap_score"] = float(np.mean(scores))
+
+
+def evaluate(args):
+    """--generated/--reference: the three metrics into a JSON report and a table."""
+    metrics, generated, reference, prompts = check_inputs(args)
+    out_path = args.out or os.path.join(args.generated, "evaluation.json")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     # every model now, so that a bad weights file or CLAP name stops the run before any audio is read
     openl3 = load_openl3(args.openl3, device) if "fd" in metrics else None
     passt = load_passt(args.passt, device) if "kl" in metrics else None
-    clap, extractor, tokenizer = load_clap(args.clap, device) if "clap" in metrics else (None, None, None)
-
+    clap = load_clap(args.clap, device) if "clap" in metrics else None
     report = {"generated": os.path.abspath(args.generated), "reference": os.path.abspath(args.reference),
               "counts": {"generated": len(generated), "reference": len(reference)}, "short_clips": {},
               "per_file": {name: {} for name in generated}}
-
     if "fd" in metrics:
-        stats, short = {}, []
-        for side, files in (("generated", generated), ("reference", reference)):
-            emb = []
-            for name, path in progress(files.items(), f"OpenL3 {side}"):
-                audio = load_mono(path, OPENL3_SR)
-                if len(audio) < OPENL3_SR:
-                    short.append(f"{side}/{os.path.basename(path)}")
-                emb.append(openl3_embeddings(openl3, audio, device))
-            emb = np.concatenate(emb)
-            if len(emb) < 2:
-                fail(f"--{side} {args.generated if side == 'generated' else args.reference}: one OpenL3 frame in all "
-                     f"(a clip under 1 s); a covariance needs at least 2")
-            report["counts"][f"openl3_frames_{side}"] = len(emb)
-            stats[side] = gaussian_stats(emb)
-        if short:
-            note(f"{len(short)} clip(s) shorter than OpenL3's 1 s window, zero-padded: {', '.join(short[:5])}")
-        report["short_clips"]["openl3"] = short
-        report["fd_openl3"] = frechet_distance(*stats["generated"], *stats["reference"])
-
+        fd_openl3(openl3, generated, reference, args, device, report)
     if "kl" in metrics:
-        kl, kl_back, skipped = [], [], []
-        for name in progress(list(generated), "PaSST pairs"):
-            p_gen = passt_probabilities(passt, load_mono(generated[name], PASST_SR), device)
-            p_ref = passt_probabilities(passt, load_mono(reference[name], PASST_SR), device)
-            if p_gen is None or p_ref is None:
-                skipped.append(name)
-                continue
-            kl.append(float(kl_divergence(p_ref, p_gen)))
-            kl_back.append(float(kl_divergence(p_gen, p_ref)))
-            report["per_file"][name]["kl_passt"] = kl[-1]
-        if skipped:
-            note(f"{len(skipped)} pair(s) left out of KL, a clip of 1.5 s or less (PaSST window 10 s): {', '.join(skipped[:5])}")
-        report["short_clips"]["passt"] = skipped
-        report["counts"]["kl_pairs"] = len(kl)
-        report["kl_passt"] = float(np.mean(kl)) if kl else None
-        report["kl_passt_gen_ref"] = float(np.mean(kl_back)) if kl else None
-
+        kl_passt(passt, generated, reference, device, report)
     if "clap" in metrics:
-        names = list(generated)
-        text = clap_text_embeddings(clap, tokenizer, [prompts[n] for n in names], device)
-        window = getattr(extractor, "nb_max_samples", None)
-        np.random.seed(args.seed)  # the extractor's crops of clips longer than its window
-        scores, longer = [], []
-        for i, name in enumerate(progress(names, "CLAP")):
-            audio = load_mono(generated[name], extractor.sampling_rate)
-            if window and len(audio) > window:
-                longer.append(name)
-            scores.append(float(cosine(clap_audio_embedding(clap, extractor, audio, device)[None], text[i][None])[0]))
-            report["per_file"][name]["clap"] = scores[-1]
-        if longer:
-            note(f"{len(longer)} clip(s) longer than CLAP's {window / extractor.sampling_rate:g} s window, "
-                 f"{extractor.truncation} (seed {args.seed}): {', '.join(longer[:5])}")
-        report["counts"]["clap_clips"] = len(scores)
-        report["clap_score"] = float(np.mean(scores))
-
+        clap_score(clap, generated, prompts, args, device, report)
     report["settings"] = {"metrics": metrics, "openl3": args.openl3 if "fd" in metrics else None,
                           "passt": args.passt if "kl" in metrics else None, "clap": args.clap if "clap" in metrics else None,
                           "prompts": args.prompts, "seed": args.seed, "device": device,

@@ -581,8 +581,10 @@ def generate_in_windows(model, text, text_mask, n_frames, window, context=None, 
     trained range, and memory stays that of one window. Up to `window` frames this is one generate
     call. A pass that does not reach n_frames drops its last K - 1 frames: the delay pattern
     samples their codebooks 2..K before the codebook-1 frames that follow, which the next pass
-    provides. prompt: codes (b, K, T_p), kept exactly; a pass reads at most its last `context`
-    frames. sampling: generate's other arguments (a generator carries on from pass to pass)."""
+    provides. prompt: codes (b, K, T_p), kept exactly; the first pass reads all of it if it leaves
+    room in the window (then a continuation of a generation's first frames meets the same passes),
+    else its last `context` frames, like every later pass. sampling: generate's other arguments
+    (a generator carries on from pass to pass)."""
     K = model.cfg.n_codebooks
     context = window // 2 if context is None else context
     if not 0 <= context <= window - K:
@@ -592,12 +594,15 @@ def generate_in_windows(model, text, text_mask, n_frames, window, context=None, 
     if prompt is not None and prompt.shape[-1] > n_frames:
         raise ValueError(f"prompt {tuple(prompt.shape)}: longer than n_frames = {n_frames}")
     codes = prompt if prompt is not None else text.new_zeros(text.shape[0], K, 0, dtype=torch.long)
+    first = True
     while codes.shape[-1] < n_frames:
-        seen = codes[..., codes.shape[-1] - min(codes.shape[-1], context):]  # (b, K, <= context)
-        length = min(window, seen.shape[-1] + n_frames - codes.shape[-1])
-        out = model.generate(text, text_mask, length, prompt=seen if seen.shape[-1] else None, **sampling)
-        end = length if codes.shape[-1] - seen.shape[-1] + length == n_frames else length - (K - 1)
-        codes = torch.cat([codes, out[..., seen.shape[-1]:end]], dim=-1)
+        T = codes.shape[-1]
+        read = T if first and T <= window - K else min(T, context)  # a prompt that fits is read whole
+        length = min(window, read + n_frames - T)  # frames of this pass, the read ones included
+        seen = codes[..., T - read:] if read else None
+        out = model.generate(text, text_mask, length, prompt=seen, **sampling)
+        end = length if T - read + length == n_frames else length - (K - 1)
+        codes, first = torch.cat([codes, out[..., read:end]], dim=-1), False
     return codes
 
 

@@ -929,6 +929,19 @@ def test_gpu_fast_decoding_writes_the_tokens_of_the_plain_model(K):
 
 
 @gpu
+@pytest.mark.parametrize("K", [1, 9])
+def test_gpu_windows_through_the_fast_decoder_write_the_plain_tokens(K):
+    # generate_in_windows calls generate once per pass: with fast.Decoder each pass has its own
+    # CUDA graph, and the generator carries on between passes, as in the plain loop
+    model = small_gpu_model(K)
+    text, mask = torch.randn(2, 6, 768, device="cuda"), torch.ones(2, 6, dtype=torch.bool, device="cuda")
+    runs = [ssmttm.generate_in_windows(model, text, mask, 100, 40, top_k=250, temperature=1.2, decoder=d,
+                                       generator=[torch.Generator("cuda").manual_seed(s) for s in (3, 4)])
+            for d in (None, fast.Decoder())]
+    assert runs[0].shape == (2, K, 100) and torch.equal(runs[0], runs[1])
+
+
+@gpu
 def test_gpu_plain_model_runs_no_kernel(monkeypatch):
     # without accelerate and decoder, nothing of kernels.py runs: every kernel raises if called
     def refuse(*a, **k):
