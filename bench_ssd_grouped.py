@@ -1,0 +1,78 @@
+"""Time ssd_grouped.GroupedSSD (cuBLAS state products + Triton (Q, Q) kernels) against mamba-ssm's
+mamba_chunk_scan_combined, forward and forward + backward, GPU only; then the profile's top kernels.
+
+Issue 15's shape by default: b 16, L 2650, H 32, P 64, N 512, ngroups 1, chunk 256, bf16 x/B/C, fp32
+dt (after softplus), A, D, an initial state.
+
+    python bench_ssd_grouped.py            # times and differences against mamba-ssm
+    python bench_ssd_grouped.py --profile  # also the kernels of one forward + backward
+"""
+import argparse
+
+import torch
+
+import ssd_grouped
+from bench_ssd_triton import cuda_ms, inputs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--length", type=int, default=2650)
+    ap.add_argument("--dstate", type=int, default=512)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
+    x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dy = torch.randn(b, l, h, p, device="cuda", generator=g).to(torch.bfloat16)
+    dfinal = torch.randn(b, h, p, n, device="cuda", generator=g) * 0.1
+    fwd_flops = b * l * (Q * n + Q * h * p + 4 * n * h * p)
+    print(f"b {b} L {l} H {h} P {p} N {n} chunk {Q}")
+
+    def mamba(x, dt, A, B, C, D, s0):
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        return mamba_chunk_scan_combined(x, dt, A, B[:, :, None], C[:, :, None], Q, D=D, initial_states=s0,
+                                         return_final_states=True)
+
+    def grouped(x, dt, A, B, C, D, s0):
+        return ssd_grouped.GroupedSSD.apply(x, dt, A, B, C, Q, D, s0, True)
+
+    results = {}
+    for name, fn in (("mamba-ssm", mamba), ("grouped", grouped)):
+        try:
+            with torch.no_grad():
+                ms_f = cuda_ms(lambda: fn(*leaves))
+
+            def fwd_bwd():
+                y, f = fn(*leaves)
+                return torch.autograd.grad((y.float() * dy.float()).sum() + (f.float() * dfinal).sum(), leaves)
+            ms_fb = cuda_ms(fwd_bwd, iters=10)
+            torch.cuda.reset_peak_memory_stats()
+            y, f = fn(*leaves)
+            grads = torch.autograd.grad((y.float() * dy.float()).sum() + (f.float() * dfinal).sum(), leaves)
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        except Exception as e:  # report, keep going
+            print(f"{name}: failed ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        results[name] = (y.detach(), f.detach(), grads)
+        print(f"{name}: forward {ms_f:.3f} ms ({fwd_flops / ms_f / 1e9:.0f} TFLOP/s), forward + backward "
+              f"{ms_fb:.3f} ms ({3 * fwd_flops / ms_fb / 1e9:.0f} TFLOP/s), peak {peak:.1f} GiB")
+    if len(results) == 2:
+        (y0, f0, g0), (y1, f1, g1) = results["mamba-ssm"], results["grouped"]
+        rel = lambda a, r: ((a.float() - r.float()).norm() / r.float().norm()).item()  # noqa: E731
+        print(f"grouped vs mamba-ssm, relative: y {rel(y1, y0):.2e}, final state {rel(f1, f0):.2e}, " +
+              ", ".join(f"d{nm} {rel(a, r):.2e}" for nm, a, r in zip("x dt A B C D s0".split(), g1, g0)))
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            y, f = grouped(*leaves)
+            torch.autograd.grad((y.float() * dy.float()).sum() + (f.float() * dfinal).sum(), leaves)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=80))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""ssd_grouped (forward and hand-written backward) against autograd through
+ssd_reference.ssd_chunked in float64: output, final state and every gradient."""
+import os
+
+import pytest
+import torch
+
+import ssd_grouped
+import ssd_reference
+
+
+def _inputs(b, l, h, p, n, seed=0, init=True, with_D=True, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = r(b, l, h, p)
+    dt = torch.nn.functional.softplus(r(b, l, h) - 1.0)
+    A = -torch.exp(torch.rand(h, generator=g, dtype=torch.float64) * 2.0)
+    B, C = r(b, l, n) / n ** 0.5, r(b, l, n) / n ** 0.5
+    D = r(h) if with_D else None
+    s0 = r(b, h, p, n) * 0.3 if init else None
+    return [t if t is None else t.to(dtype).requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+
+
+@pytest.mark.parametrize("l,Q", [(40, 16), (37, 16), (9, 16), (64, 8)])
+@pytest.mark.parametrize("init,with_D", [(True, True), (False, False)])
+def test_grouped_ssd_equals_the_reference_with_gradients(l, Q, init, with_D):
+    x, dt, A, B, C, D, s0 = _inputs(2, l, 3, 4, 5, init=init, with_D=with_D)
+    y_ref, f_ref = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], Q, D=D, initial_state=s0)
+    g = torch.Generator().manual_seed(1)
+    dy, dfinal = torch.randn(y_ref.shape, generator=g, dtype=torch.float64), torch.randn(f_ref.shape, generator=g, dtype=torch.float64)
+    inputs = [t for t in (x, dt, A, B, C, D, s0) if t is not None]
+    ref_grads = torch.autograd.grad((y_ref * dy).sum() + (f_ref * dfinal).sum(), inputs)
+    y, f = ssd_grouped.GroupedSSD.apply(x, dt, A, B, C, Q, D, s0)
+    grads = torch.autograd.grad((y * dy).sum() + (f * dfinal).sum(), inputs)
+    assert (y - y_ref).abs().max() < 1e-12 and (f - f_ref).abs().max() < 1e-12
+    names = [nm for nm, t in zip("x dt A B C D s0".split(), (x, dt, A, B, C, D, s0)) if t is not None]
+    for name, got, want in zip(names, grads, ref_grads):
+        assert (got - want).abs().max() <= 1e-11 * max(1.0, want.abs().max().item()), name
+
+
+def test_grouped_ssd_without_final_state_gradient():
+    # only y is used: the final state's gradient is None in autograd, the scan starts from zero
+    x, dt, A, B, C, D, s0 = _inputs(1, 30, 2, 4, 6)
+    y_ref, _ = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], 8, D=D, initial_state=s0)
+    y, _ = ssd_grouped.GroupedSSD.apply(x, dt, A, B, C, 8, D, s0)
+    inputs = (x, dt, A, B, C, D, s0)
+    for got, want in zip(torch.autograd.grad(y.square().sum(), inputs), torch.autograd.grad(y_ref.square().sum(), inputs)):
+        assert (got - want).abs().max() <= 1e-11 * max(1.0, want.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton kernels of the (Q, Q) part: on a GPU, or on the CPU with TRITON_INTERPRET=1 (slow)
+try:
+    import triton
+except ImportError:
+    triton = None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(triton is None or not (INTERPRET or torch.cuda.is_available()),
+                                  reason="Triton on a GPU, or TRITON_INTERPRET=1")
+if triton is not None and INTERPRET:
+    # Triton 3.6's interpreter turns a scalar into int() of a 1-element array, which NumPy >= 2.4
+    # refuses: every runtime-bound range() fails. Patch that one conversion (as test_ssd_triton.py).
+    from triton.runtime import interpreter as _interp
+
+    _patch_lang_tensor = _interp._patch_lang_tensor
+
+    def _patch_with_index(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_with_index
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a, ref):
+    return ((a.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@needs_triton
+@pytest.mark.parametrize("b,c,Q,h,p", [(1, 2, 32, 3, 16), (2, 1, 128, 2, 24)])
+def test_diag_kernels_equal_their_torch_definitions(b, c, Q, h, p):
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(b, c, Q, Q, generator=g)
+    acum = torch.cumsum(-torch.rand(b, c, Q, h, generator=g) * 0.2, dim=2)
+    xdt, dy = torch.randn(b, c, Q, h, p, generator=g), torch.randn(b, c, Q, h, p, generator=g)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    assert _rel(ssd_grouped.diag_forward_triton(dev(G), dev(acum), dev(xdt)).cpu(),
+                ssd_grouped.diag_forward(G.double(), acum.double(), xdt.double())) < 1e-5
+    got = ssd_grouped.diag_backward_triton(dev(G), dev(acum), dev(xdt), dev(dy))
+    want = ssd_grouped.diag_backward(G.double(), acum.double(), xdt.double(), dy.double())
+    for name, a, r in zip(("dxdt", "dG", "dacum"), got, want):
+        assert _rel(a.cpu(), r) < 1e-5, name
+
+
+@needs_triton
+def test_grouped_ssd_with_triton_diag_equals_the_reference():
+    # fp32 inputs, chunk 32, a length that is not a multiple of it, initial state and D
+    x, dt, A, B, C, D, s0 = _inputs(1, 70, 2, 16, 20)
+    y_ref, f_ref = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], 32, D=D, initial_state=s0)
+    g = torch.Generator().manual_seed(1)
+    dy, dfinal = torch.randn(y_ref.shape, generator=g, dtype=torch.float64), torch.randn(f_ref.shape, generator=g, dtype=torch.float64)
+    inputs = (x, dt, A, B, C, D, s0)
+    want = torch.autograd.grad((y_ref * dy).sum() + (f_ref * dfinal).sum(), inputs)
+    f32 = [t.detach().float().to(DEVICE).requires_grad_() for t in inputs]
+    y, f = ssd_grouped.GroupedSSD.apply(*f32[:5], 32, f32[5], f32[6], True)
+    got = torch.autograd.grad((y * dy.float().to(DEVICE)).sum() + (f * dfinal.float().to(DEVICE)).sum(), f32)
+    assert _rel(y.detach().cpu(), y_ref.detach()) < 2e-5 and _rel(f.detach().cpu(), f_ref.detach()) < 2e-5
+    for name, a, r in zip("x dt A B C D s0".split(), got, want):
+        assert _rel(a.cpu(), r) < 2e-5, name
