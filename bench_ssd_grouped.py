@@ -41,7 +41,7 @@ def main():
         return ssd_grouped.GroupedSSD.apply(x, dt, A, B, C, Q, D, s0, True)
 
     results = {}
-    for name, fn in (("mamba-ssm", mamba), ("grouped", grouped)):
+    for name, fn in (("grouped", grouped), ("mamba-ssm", mamba)):
         try:
             with torch.no_grad():
                 ms_f = cuda_ms(lambda: fn(*leaves))
