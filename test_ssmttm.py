@@ -2448,6 +2448,9 @@ def test_generate_goes_past_the_trained_length_in_windows(synthetic_checkpoint, 
         assert np.array_equal(np.load(tmp_path / out / "s0-0000-a-calm-slow-piano-piece-in.npy"), codes[0].numpy())
     assert [json.loads(open(tmp_path / out / "generations.jsonl").read())["window"] for out in ("windows", "one")] == [
         None, 0.0]
+    with pytest.raises(SystemExit) as e:  # 0.01 s is one frame: no room to read half a window and add one
+        run("tiny", "--window", "0.01")
+    assert e.value.code == 2 and not (tmp_path / "tiny").exists()
 
 
 def test_evaluate_long_scores_one_pass_and_windows_by_window(synthetic_checkpoint, real_data_checkpoints, tmp_path,
