@@ -163,13 +163,15 @@ if triton is not None:
         ok = row_ok[:, None] & c_ok[None, :]
         ok3 = ok[:, :, None] & (taps < D_CONV)[None, None, :]
         last = (taps == D_CONV - 1)[None, None, :]
-        states = conv_state_ptr + rows[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV + taps[None, None, :]
+        states = (conv_state_ptr + rows[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV
+                  + taps[None, None, :])
         x_ptrs = out_ptr + rows[:, None] * stride_out + conv_start + c[None, :]
         shifted = tl.load(states + 1, mask=ok3 & ~last, other=0.0).to(tl.float32)
         x_t = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
         window = tl.where(last, x_t[:, :, None], shifted)                     # (BLOCK_M, BLOCK_C, D_CONV)
         w = tl.load(conv_w_ptr + c[:, None] * D_CONV + taps[None, :], mask=c_ok[:, None], other=0.0).to(tl.float32)
-        conv = tl.sum(window * w[None, :, :], axis=2) + tl.load(conv_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(conv_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        conv = tl.sum(window * w[None, :, :], axis=2) + bias[None, :]
         tl.debug_barrier()  # every thread has read the old states before any is overwritten
         tl.store(states, window.to(conv_state_ptr.dtype.element_ty), mask=ok3)
         tl.store(x_ptrs, (conv * tl.sigmoid(conv)).to(out_ptr.dtype.element_ty), mask=ok)
