@@ -322,17 +322,18 @@ def bench_decode_batch(n_layers, prompts=(1, 4, 16, 64), seconds=10):
 
 
 @torch.no_grad()
-def profile_decoding(n_layers, mode="graph", frames=20, rows=30):
+def profile_decoding(n_layers, mode="graph", frames=20, rows=30, prompts=1):
     """Kernels of the graphed decoding frame of Prefix SiMBA (torch.profiler sees inside graph
-    replays): how many per frame, and which take the time. mode: graph, nopdl+graph or compile+graph.
-    With programmatic dependent launch kernels overlap, so their times add up to more than the frame."""
+    replays) for `prompts` prompts (2 rows each): how many per frame, and which take the time.
+    mode: a key of DECODE_MODES. With programmatic dependent launch kernels overlap, so their times
+    add up to more than the frame."""
     from torch.profiler import ProfilerActivity, profile
     model = paper_model("prefix_simba", n_layers, "cuda", torch.bfloat16)
-    timer_ms = decode_ms(model, 100, mode, "cuda")  # also compiles, if mode says so
+    timer_ms = decode_ms(model, 100, mode, "cuda", prompts=prompts)  # also compiles, if mode says so
     K = model.cfg.n_codebooks
-    steps = torch.full((1, K, 200), ssmttm.SPECIAL, device="cuda")
+    steps = torch.full((prompts, K, 200), ssmttm.SPECIAL, device="cuda")
     steps[..., :100] = 0
-    cache = ssmttm.InferenceCache(model, 2, 201, "cuda", torch.bfloat16)
+    cache = ssmttm.InferenceCache(model, 2 * prompts, 201, "cuda", torch.bfloat16, ssm_dtype(mode))
     sampling = ssmttm.Sampling(cfg_scale=3.0, top_k=250, temperature=1.2)
     frame = fast.Decoder(DECODE_MODES[mode]).frame(model, cache, steps, torch.zeros_like(steps, dtype=torch.bool), 100,
                                                    2, sampling)
@@ -345,11 +346,11 @@ def profile_decoding(n_layers, mode="graph", frames=20, rows=30):
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     n_kernels = sum(e.count for e in events) / frames
     busy_us = sum(e.self_device_time_total for e in events) / frames
-    print(f"\n### decoding profile ({mode}): {n_kernels:.0f} kernels per frame, {busy_us / 1e3:.3f} ms busy, "
-          f"{timer_ms:.3f} ms per frame (CUDA events)")
+    print(f"\n### decoding profile ({mode}, {prompts} prompts): {n_kernels:.0f} kernels per frame, "
+          f"{busy_us / 1e3:.3f} ms busy, {timer_ms:.3f} ms per frame (CUDA events)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90))
-    emit({"section": "decode profile", "mode": mode, "kernels/frame": n_kernels, "GPU busy ms/frame": busy_us / 1e3,
-          "ms/frame": timer_ms})
+    emit({"section": "decode profile", "mode": mode, "prompts": prompts, "kernels/frame": n_kernels,
+          "GPU busy ms/frame": busy_us / 1e3, "ms/frame": timer_ms})
 
 
 @torch.no_grad()
@@ -401,15 +402,15 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
 
     for name, N, K, call in shapes:
         weights = [torch.randn(N, K, **bf16) / K ** 0.5 for _ in range(n_layers)]
-        calls = [lambda w=w, i=i, **kw: call(w, i, **kw) for i, w in enumerate(weights)]
         mb = (N * K * 2 + rows * (K + N) * 2) / 1e6
-        row = pdl_and_plain({"section": "decode kernels", "rows": rows, "kernel": name, "N x K": f"{N} x {K}",
-                             "MB": round(mb, 2)},
-                            mb, calls)
+        calls = [lambda w=w, i=i, **kw: call(w, i, **kw) for i, w in enumerate(weights)]
+        kernel = f"{name} ({'one kernel' if rows <= kernels.CORE_ROWS else 'cuBLAS + small kernels'})"
+        row = pdl_and_plain({"section": "decode kernels", "rows": rows, "kernel": kernel, "N x K": f"{N} x {K}",
+                             "MB": round(mb, 2)}, mb, calls)
         us = graphed([lambda w=w: torch.nn.functional.linear(x[:, :K], w) for w in weights])
         row["cuBLAS us"], row["cuBLAS GB/s"] = us, mb * 1e3 / us
         emit(row)
-        for block_n, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)) if sweep else ():
+        for block_n, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)) if sweep and rows <= kernels.CORE_ROWS else ():
             us = graphed([lambda w=w, i=i, bn=block_n, nw=warps: call(w, i, block_n=bn, num_warps=nw)
                           for i, w in enumerate(weights)])
             emit({"section": "decode kernels", "rows": rows, "kernel": f"{name}: {block_n} outputs, {warps} warps per program",
@@ -420,7 +421,7 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
     for dtype in (torch.float32, torch.bfloat16):
         states = [torch.zeros(rows, nheads, cfg.headdim, n, device="cuda", dtype=dtype) for _ in range(n_layers)]
         mb = 2 * states[0].numel() * states[0].element_size() / 1e6
-        for block_p, warps in ((4, 4), (8, 4), (8, 8), (16, 8)):
+        for block_p, warps in ((4, 4), (4, 2), (8, 4), (8, 8), (16, 8)):
             row = {"section": "decode kernels", "rows": rows,
                    "kernel": f"ssm_step ({str(dtype)[6:]} state, block_p {block_p}, {warps} warps)",
                    "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2)}
@@ -644,8 +645,8 @@ def run_section(section, args, device, train_options):
     elif section == "decode-batch" and device == "cuda":
         bench_decode_batch(n_layers, tuple(args.prompts))
     elif section == "decode-profile":
-        for mode in ("graph", "nopdl+graph"):
-            profile_decoding(n_layers, mode)
+        for p, mode in itertools.product(args.prompts, ("graph", "bf16state+graph")):
+            profile_decoding(n_layers, mode, prompts=p)
     elif section == "pipeline":
         bench_pipeline(device, quick=args.quick)
     elif section == "stage2":
@@ -700,7 +701,7 @@ def main():
                     help=f"variant:mode pairs for the decode section (modes: {', '.join(DECODE_MODES)})")
     ap.add_argument("--sweep-configs", action="store_true", help="decode-kernels: also every linear_rows launch shape")
     ap.add_argument("--kernel-rows", type=comma_list(datamod.positive_int), default="2",
-                    help="decode-kernels: rows per call, at most 8 (2 = one prompt with guidance)")
+                    help="decode-kernels: rows per call, at most 128 (2 = one prompt with guidance)")
     ap.add_argument("--prompts", type=comma_list(datamod.positive_int), default="1,4,16,64",
                     help="decode-batch: prompts decoded at once (2 rows each)")
     ap.add_argument("--ddp-dir", default="runs/bench-ddp", help="ddp: where its training runs go")

@@ -186,7 +186,6 @@ class Decoder:
                 self._compiled[model] = torch.compile(model.step, dynamic=False)
             return self._compiled[model]
         widest = max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-        # Past linear_rows' rows the layers' own steps are faster (cuBLAS; BENCHMARKS.md, "decode batch")
         if not self.options.decode_kernels or model.training or not kernels.fits_linear_rows(rows, widest):
             return model.step  # (the kernels have no dropout)
         # A = -exp(A_log) is fixed while decoding: computed once, not twice per layer and step

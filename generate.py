@@ -210,6 +210,9 @@ def load_models(args, device):
                synthetic=ckpt["text_encoder"]["kind"] == "words")
     trained = ckpt["args"].get("frames")  # the sequence length it was trained on
     m.window = round(args.window * FRAME_RATE) if args.window is not None else min(trained or 0, datamod.CLIP_FRAMES)
+    if 0 < m.window < 2 * cfg.n_codebooks:  # a pass must read half a window and still add frames
+        datamod.fail(f"--window {args.window:g}: {m.window} frame(s); a window needs at least {2 * cfg.n_codebooks} "
+                     f"frames with K = {cfg.n_codebooks} (or 0: one pass)")
     if device == "cuda":
         if fast.available():
             fast.accelerate(lm)

@@ -15,7 +15,8 @@ activation, residual add, conv, state update ...). Two kernels do a SiMBA block 
 `linear_rows`: out = residual + act(norm(x) @ W^T + bias), x (M, K), W (N, K), out (M, N).
     norm is nothing or RMSNorm (x * rsqrt(mean(x^2) + eps) * w). Optionally a range of the
     outputs goes through Mamba-2's causal depthwise conv + SiLU: the conv is per channel, so the
-    program that computes a channel owns its conv state and updates it alone.
+    program that computes a channel owns its conv state and updates it alone. Past 8 rows (many
+    prompts at once) the product is cuBLAS's and the rest small kernels around it.
 `ssm_step`: one step of the SSD recurrence (ssd_reference.ssd_step) with softplus(dt + dt_bias),
     and the gate of Mamba-2's gated RMSNorm, y * silu(z).
 
@@ -64,7 +65,9 @@ if HAS_MAMBA_SSM:  # under torch.compile these are graph breaks; mamba2_train be
     mamba_chunk_scan_combined = torch.compiler.disable(mamba_chunk_scan_combined)
     mamba_split_conv1d_scan_combined = torch.compiler.disable(mamba_split_conv1d_scan_combined)
 
-MAX_ROWS, MAX_WIDTH = 8, 4096  # each program holds all rows of x and a whole row of W
+# linear_rows: up to CORE_ROWS rows in one kernel (each program holds all rows of x and a whole row
+# of W), up to MAX_ROWS rows as cuBLAS's product with a few small kernels around it; width <= MAX_WIDTH
+CORE_ROWS, MAX_ROWS, MAX_WIDTH = 8, 128, 4096
 
 
 def fits_linear_rows(rows, width):
@@ -146,6 +149,32 @@ if triton is not None:
                 tl.store(state, window.to(conv_state_ptr.dtype.element_ty), mask=conv_ok)
                 acc = tl.where(in_conv, conv * tl.sigmoid(conv), acc)
             tl.store(out_ptr + m * N + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+    @triton.jit
+    def _conv_rows_kernel(out_ptr, stride_out, conv_state_ptr, conv_w_ptr, conv_b_ptr, M, conv_start, conv_dim,
+                          D_CONV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Mamba-2's causal depthwise conv + SiLU for one step, in place: out[:, start + c] is x_t of
+        # channel c; its state (M, C, d_conv) moves on by one. One program: BLOCK_C channels of
+        # BLOCK_M rows, which it alone reads and writes.
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        taps = tl.arange(0, D_CONV)
+        row_ok, c_ok = rows < M, c < conv_dim
+        ok = row_ok[:, None] & c_ok[None, :]
+        ok3 = ok[:, :, None] & (taps < D_CONV)[None, None, :]
+        last = (taps == D_CONV - 1)[None, None, :]
+        states = (conv_state_ptr + rows[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV
+                  + taps[None, None, :])
+        x_ptrs = out_ptr + rows[:, None] * stride_out + conv_start + c[None, :]
+        shifted = tl.load(states + 1, mask=ok3 & ~last, other=0.0).to(tl.float32)
+        x_t = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
+        window = tl.where(last, x_t[:, :, None], shifted)                     # (BLOCK_M, BLOCK_C, D_CONV)
+        w = tl.load(conv_w_ptr + c[:, None] * D_CONV + taps[None, :], mask=c_ok[:, None], other=0.0).to(tl.float32)
+        bias = tl.load(conv_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        conv = tl.sum(window * w[None, :, :], axis=2) + bias[None, :]
+        tl.debug_barrier()  # every thread has read the old states before any is overwritten
+        tl.store(states, window.to(conv_state_ptr.dtype.element_ty), mask=ok3)
+        tl.store(x_ptrs, (conv * tl.sigmoid(conv)).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _ssm_step_kernel(state_ptr, xbc_ptr, stride_row, x_start, B_start, C_start, dt_start,
@@ -246,12 +275,15 @@ if triton is not None:
 
 def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, residual=None, conv=None,
                 pdl=True, block_n=None, num_warps=None):
-    """residual + gelu(norm(x) @ weight^T + bias) for a few rows, in one kernel.
+    """residual + gelu(norm(x) @ weight^T + bias) for the rows of a decoding step.
 
-    x (M, K) with M <= 8 and K <= 4096, weight (N, K). norm: RMSNorm with norm_weight (K,) if given.
+    x (M, K) with M <= 128 and K <= 4096, weight (N, K). norm: RMSNorm with norm_weight (K,) if given.
     residual (M, N). conv: (state, weight, bias, start) to pass outputs start ... start + C - 1
     through Mamba-2's causal conv + SiLU, with state (M, C, d_conv) updated in place, weight
     (C, d_conv), bias (C,). Returns (M, N) in the dtype of residual if given, else of x.
+    Up to CORE_ROWS rows: one kernel, in float32. More: the product is cuBLAS's (one weight read
+    serves all rows on tensor cores) in weight's dtype, the norm, bias, GELU, residual and conv
+    small kernels around it (_linear_many_rows).
     pdl: programmatic dependent launch (Hopper and later): the weights, norm_weight, bias and the
     conv's weight, bias and state are read before the wait for the previous kernel, so they must not
     be what that kernel writes.
@@ -260,6 +292,12 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     N = weight.shape[0]
     if M > MAX_ROWS or K > MAX_WIDTH:
         raise ValueError(f"linear_rows is for <= {MAX_ROWS} rows of width <= {MAX_WIDTH}; got {M} x {K}")
+    if conv is not None:
+        conv_state, conv_w, conv_b, conv_start = conv
+        if conv_state.shape[0] != M or not conv_state.is_contiguous() or not conv_w.is_contiguous():
+            raise ValueError("linear_rows: the conv state must be contiguous (M, channels, d_conv)")
+    if M > CORE_ROWS:
+        return _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv)
     rows = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # rows may be strided views
     x, residual, weight = rows(x), rows(residual), weight.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=(residual if residual is not None else x).dtype)
@@ -267,10 +305,7 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     if conv is None:
         conv_state, conv_w, conv_b, conv_start, d_conv = x, dummy, dummy, 0, 0
     else:
-        conv_state, conv_w, conv_b, conv_start = conv
         d_conv = conv_state.shape[-1]
-        if conv_state.shape[0] != M or not conv_state.is_contiguous() or not conv_w.is_contiguous():
-            raise ValueError("linear_rows: the conv state must be contiguous (M, channels, d_conv)")
     default_n, default_warps = _launch_shape(conv is not None)
     block_n, num_warps = block_n or default_n, num_warps or default_warps
     _linear_rows_kernel[(triton.cdiv(N, block_n),)](
@@ -283,6 +318,32 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     return out
 
 
+def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv):
+    """linear_rows for more than CORE_ROWS rows: RMSNorm rounded to weight's dtype (as the plain
+    ops round it), cuBLAS's product with the bias, GELU, the residual added by the product itself
+    where there is no bias or GELU, and the conv in place (_conv_rows_kernel)."""
+    out_dtype = (residual if residual is not None else x).dtype
+    if norm_weight is not None:
+        x = F.rms_norm(x, (x.shape[-1],), norm_weight.to(x.dtype), eps)
+    x = x.to(weight.dtype)
+    if residual is not None and bias is None and not gelu and residual.dtype == weight.dtype:
+        return torch.addmm(residual, x, weight.T)
+    out = F.linear(x, weight, bias)
+    if gelu:
+        out = F.gelu(out)
+    if residual is not None:
+        out = out + residual
+    out = out.to(out_dtype)
+    if conv is not None:
+        conv_state, conv_w, conv_b, conv_start = conv
+        M, C, d_conv = conv_state.shape
+        block_m, block_c = 16, 64
+        _conv_rows_kernel[(triton.cdiv(C, block_c), triton.cdiv(M, block_m))](
+            out, out.stride(0), conv_state, conv_w, conv_b, M, conv_start, C,
+            D_CONV=d_conv, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
 def _launch_shape(conv):
     """(outputs per program, warps per program) of linear_rows: small programs, many of them.
     Chosen in a chain of launches with PDL (bench.py --only decode-kernels --sweep-configs), which
@@ -291,7 +352,7 @@ def _launch_shape(conv):
     return (4, 1) if conv else (2, 1)
 
 
-def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True, block_p=4, num_warps=4):
+def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True, block_p=None, num_warps=None):
     """One SSD step (ssd_reference.ssd_step, dt = softplus(dt + dt_bias)) for all heads, in one kernel.
 
     xbc (b, width): rows holding x (nheads * headdim) at x_start, then B and C (ngroups * d_state
@@ -299,8 +360,13 @@ def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True
     state (b, nheads, headdim, d_state), updated in place; A, dt_bias, D (nheads,).
     Returns y (b, nheads * headdim) in xbc's dtype; with z_start, y * silu(z) for the gate z
     (nheads * headdim) at z_start of xbc, in float32 (unrounded: the RMSNorm after it divides).
-    pdl: as in linear_rows; the state is read before the wait."""
+    pdl: as in linear_rows; the state is read before the wait. block_p, num_warps: channels of a
+    head and warps per program (default: by the state's dtype and the rows)."""
     b, nheads, headdim, d_state = state.shape
+    # launch shape measured with bench.py --only decode-kernels at 2, 32 and 128 rows (BENCHMARKS.md)
+    fp32 = state.element_size() == 4
+    block_p = block_p or (8 if fp32 and b >= 64 else 4)
+    num_warps = num_warps or (4 if fp32 else 2)
     if not (state.is_contiguous() and xbc.stride(-1) == 1):
         raise ValueError("ssm_step: the state must be contiguous and xbc's rows dense")
     y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype if z_start is None else torch.float32)

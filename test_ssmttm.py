@@ -834,6 +834,29 @@ def kernel_definitions(monkeypatch):
         monkeypatch.setattr(kernels, name, definition)
 
 
+def test_linear_rows_past_the_one_kernel_rows_equals_its_definition():
+    # more than kernels.CORE_ROWS rows: cuBLAS's product with the norm, bias, GELU and residual as
+    # plain ops around it (so this part runs on a CPU too), against the definition in float64; the
+    # out_proj case: fp32 input (the gated y), bf16 weights and residual
+    torch.manual_seed(0)
+    d = lambda t: None if t is None else t.double()
+    for dtype, tol in [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)]:
+        for M, K, N in [(kernels.CORE_ROWS + 1, 64, 40), (kernels.MAX_ROWS, 96, 33)]:
+            x = torch.randn(M, 2 * K, dtype=dtype)[:, K:]  # a strided view of rows, as the step passes
+            w, b, nw = (torch.randn(N, K) / K ** 0.5).to(dtype), torch.randn(N).to(dtype), torch.randn(K).to(dtype)
+            res = torch.randn(M, N).to(dtype)
+            for name, x_in, kw in [("plain", x, {}), ("rms+bias+gelu", x, dict(bias=b, norm_weight=nw, gelu=True)),
+                                   ("bias+residual", x, dict(bias=b, residual=res)),
+                                   ("fp32 input, rms+residual", x.float(), dict(norm_weight=nw, residual=res))]:
+                got = kernels.linear_rows(x_in, w, **kw)
+                want = linear_rows_definition(d(x_in), d(w), **{k: d(v) if torch.is_tensor(v) else v
+                                                                for k, v in kw.items()})
+                assert got.shape == (M, N) and got.dtype == (res.dtype if "residual" in kw else x_in.dtype)
+                assert rel_err(got, want) < tol, (dtype, M, name)
+    with pytest.raises(ValueError, match=f"<= {kernels.MAX_ROWS} rows"):
+        kernels.linear_rows(torch.randn(kernels.MAX_ROWS + 1, 8), torch.randn(4, 8))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("K", [1, 9])
 @pytest.mark.parametrize("fused", [False, True])
@@ -965,10 +988,12 @@ def test_gpu_plain_model_runs_no_kernel(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_linear_rows_equals_its_definition(dtype):
     # residual + gelu(norm(x) @ W^T + bias) in one kernel, against its definition in float64, for the
-    # shapes of a decoding step (and odd ones), 1-3 rows, strided row views as the step passes them
+    # shapes of a decoding step (and odd ones), 1-128 rows (CUDA cores up to 4, tensor cores past),
+    # strided row views as the step passes them
     torch.manual_seed(0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (2^-8)
-    for M, K, N in [(2, 1024, 5152), (2, 2048, 1024), (1, 1024, 9225), (3, 200, 37)]:
+    for M, K, N in [(2, 1024, 5152), (2, 2048, 1024), (1, 1024, 9225), (3, 200, 37), (5, 1024, 5152),
+                    (16, 2048, 1024), (33, 200, 37), (128, 1024, 9225), (128, 2048, 1024)]:
         x = torch.randn(M, 3 * K, device="cuda", dtype=dtype)[:, K:2 * K]  # a strided view of rows
         w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
         b, nw, res = (torch.randn(N, device="cuda").to(dtype), torch.randn(K, device="cuda").to(dtype),
@@ -988,7 +1013,8 @@ def test_gpu_conv_and_ssm_step_kernels_equal_their_definitions():
     # step's shapes (d_state 512) and odd ones (2 groups, widths that are not powers of two)
     torch.manual_seed(0)
     d = lambda t: t.double()
-    for M, K, nheads, headdim, ngroups, d_state in [(2, 1024, 32, 64, 1, 512), (3, 200, 6, 24, 2, 100)]:
+    for M, K, nheads, headdim, ngroups, d_state in [(2, 1024, 32, 64, 1, 512), (3, 200, 6, 24, 2, 100),
+                                                    (8, 1024, 32, 64, 1, 512), (128, 1024, 32, 64, 1, 512)]:
         d_inner, conv_dim = nheads * headdim, nheads * headdim + 2 * ngroups * d_state
         N = 2 * d_inner + 2 * ngroups * d_state + nheads
         x, w = torch.randn(M, K, device="cuda"), torch.randn(N, K, device="cuda") / K ** 0.5
@@ -1100,7 +1126,8 @@ def test_gpu_fused_decoding_equals_plain_ops_at_paper_width():
 @gpu
 @pytest.mark.parametrize("prompts", [2, 17])
 def test_gpu_batched_fused_decoding_draws_the_plain_tokens(prompts):
-    # more rows than one group of linear_rows (8): the fused frame against the plain loop, fp32,
+    # 4 and 34 rows (linear_rows in one kernel; cuBLAS with small kernels around it): the fused
+    # frame against the plain loop, fp32,
     # one prefill, one generator per prompt: the same tokens
     model = small_gpu_model(9)
     text = torch.randn(prompts, 6, 768, device="cuda")
@@ -2448,6 +2475,9 @@ def test_generate_goes_past_the_trained_length_in_windows(synthetic_checkpoint, 
         assert np.array_equal(np.load(tmp_path / out / "s0-0000-a-calm-slow-piano-piece-in.npy"), codes[0].numpy())
     assert [json.loads(open(tmp_path / out / "generations.jsonl").read())["window"] for out in ("windows", "one")] == [
         None, 0.0]
+    with pytest.raises(SystemExit) as e:  # 0.01 s is one frame: no room to read half a window and add one
+        run("tiny", "--window", "0.01")
+    assert e.value.code == 2 and not (tmp_path / "tiny").exists()
 
 
 def test_evaluate_long_scores_one_pass_and_windows_by_window(synthetic_checkpoint, real_data_checkpoints, tmp_path,
