@@ -107,3 +107,33 @@ def test_grouped_ssd_with_triton_diag_equals_the_reference():
     assert _rel(y.detach().cpu(), y_ref.detach()) < 2e-5 and _rel(f.detach().cpu(), f_ref.detach()) < 2e-5
     for name, a, r in zip("x dt A B C D s0".split(), got, want):
         assert _rel(a.cpu(), r) < 2e-5, name
+
+
+@pytest.mark.parametrize("variant", ["prefix_simba", "cross_simba"])
+def test_lm_with_the_grouped_training_path_equals_the_plain_model(variant):
+    # FastOptions(train="grouped") on a CPU (GroupedSSD's torch form): loss and every gradient of the
+    # LM equal the plain model's in float64, left-padded texts included; a prefill then continues
+    # from the same state
+    import fast
+    import ssmttm
+    from test_ssmttm import random_text, tiny_model
+    plain, grouped = tiny_model(variant, 4), tiny_model(variant, 4)
+    options = fast.FastOptions(train="grouped", chunk_size=16)
+    for m in grouped.modules():  # what fast.accelerate does, without its CUDA check
+        if isinstance(m, ssmttm.Mamba2):
+            m.__class__, m.options = fast.FastMamba2, options
+    text, mask = random_text()
+    codes = torch.randint(0, 1024, (2, 4, 37), generator=torch.Generator().manual_seed(2))
+    losses = []
+    for model in (plain, grouped):
+        model.train()
+        _, loss = model(codes, text, mask)
+        loss.backward()
+        losses.append(loss)
+    assert abs(losses[0].item() - losses[1].item()) < 1e-12
+    for (name, a), b in zip(plain.named_parameters(), grouped.parameters()):
+        assert (a.grad - b.grad).abs().max() <= 1e-10 * max(1.0, a.grad.abs().max().item()), name
+    plain.eval(), grouped.eval()
+    with torch.no_grad():  # the prefill through GroupedSSD, then the plain steps: the same greedy tokens
+        runs = [m.generate(text, mask, 12, top_k=1) for m in (plain, grouped)]
+    assert torch.equal(runs[0], runs[1])
