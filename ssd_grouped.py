@@ -98,7 +98,7 @@ def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None, triton_diag=
     if D is not None:
         y = y + D.to(ft)[:, None] * xc.to(ft)
     y = y.reshape(b, c * Q, h, p)[:, :l].to(x.dtype)
-    ctx = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, Q=Q, acum=acum, S_prev=S_prev, G=G, y_off=y_off,
+    ctx = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, Q=Q, acum=acum, S_prev=S_prev, G=G,
                has_init=initial_state is not None, triton_diag=triton_diag)
     return y, prev.view(b, h, p, n), ctx
 
@@ -107,7 +107,7 @@ def backward(ctx, dy, dfinal=None):
     """Gradients of forward's (y, final state): dy (b, l, h, p), dfinal (b, h, p, n) or None.
     Returns dx, ddt, dA, dB, dC, dD (None without D), d initial_state (None without one)."""
     x, dt, A, B, C, D, Q = (ctx[k] for k in ("x", "dt", "A", "B", "C", "D", "Q"))
-    acum, S_prev, G, y_off = ctx["acum"], ctx["S_prev"], ctx["G"], ctx["y_off"]
+    acum, S_prev, G = ctx["acum"], ctx["S_prev"], ctx["G"]
     b, l, h, p = x.shape
     n = B.shape[-1]
     ft = acum.dtype
@@ -124,7 +124,10 @@ def backward(ctx, dy, dfinal=None):
     dy_e = (dyc * torch.exp(acum)[..., None]).to(dtype).reshape(b, c, Q, h * p)
     dC = torch.matmul(dy_e, S_prev.to(dtype)).to(ft)                  # (b, c, Q, n): K = h*p
     dS_local = torch.matmul(dy_e.transpose(-1, -2), Cc).to(ft)        # (b, c, h*p, n)
-    dacum = (y_off * dyc).sum(-1)                                      # (b, c, Q, h)
+    # d acum from y_off = exp(acum) (C S_prev^T): y_off . dy, with y_off made again (one GEMM)
+    # rather than kept from the forward (h*p values per position, per layer)
+    y_off = torch.matmul(Cc, S_prev.to(dtype).transpose(-1, -2)).to(ft).view(b, c, Q, h, p)
+    dacum = (y_off * torch.exp(acum)[..., None] * dyc).sum(-1)         # (b, c, Q, h)
 
     # the scan between chunks, backwards: dS[c] is the gradient of S_prev[c]
     decay_end = torch.exp(a_end)                                       # (b, c, h)
