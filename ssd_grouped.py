@@ -24,6 +24,8 @@ h heads, p head dim, n state size): x (b, l, h, p), dt (b, l, h) after softplus,
 B, C (b, l, n), D (h,) or None, initial_state (b, h, p, n) or None. Returns y (b, l, h, p) and the
 final state (b, h, p, n) in fp32. Intermediates are fp32; the GEMM operands are x's dtype.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -34,7 +36,7 @@ def _chunked(t, Q):
     b, l = t.shape[:2]
     c = -(-l // Q)
     t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, c * Q - l))
-    return t.view(b, c, Q, *t.shape[2:])
+    return t.reshape(b, c, Q, *t.shape[2:])
 
 
 def diag_forward(G, acum, xdt):
@@ -97,7 +99,7 @@ def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None, triton_diag=
     y = y_off + (diag_forward_triton if triton_diag else diag_forward)(G, acum, xdt.to(x.dtype))
     if D is not None:
         y = y + D.to(ft)[:, None] * xc.to(ft)
-    y = y.reshape(b, c * Q, h, p)[:, :l].to(x.dtype)
+    y = y.reshape(b, c * Q, h, p)[:, :l].to(x.dtype).contiguous()
     ctx = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, Q=Q, acum=acum, S_prev=S_prev, G=G,
                has_init=initial_state is not None, triton_diag=triton_diag)
     return y, prev.view(b, h, p, n), ctx
@@ -166,7 +168,7 @@ def backward(ctx, dy, dfinal=None):
     if D is not None:
         dx = dx + D.to(ft)[:, None] * dyc
         dD = (dyc * xc.to(ft)).sum((0, 1, 2, 4))
-    unchunk = lambda t: t.reshape(b, c * Q, *t.shape[3:])[:, :l]       # noqa: E731
+    unchunk = lambda t: t.reshape(b, c * Q, *t.shape[3:])[:, :l].contiguous()  # noqa: E731
     return (unchunk(dx).to(x.dtype), unchunk(ddt).to(dt.dtype), dA.to(A.dtype), unchunk(dB).to(B.dtype),
             unchunk(dC).to(C.dtype), None if dD is None else dD.to(D.dtype),
             None if d_init is None else d_init)
@@ -325,3 +327,68 @@ def diag_backward_triton(G, acum, xdt, dy):
         BM=BM, BP=BP)
     dacum = dacum_col + dacum_row.sum(3).transpose(-1, -2)
     return dxdt, dG, dacum
+
+
+# --------------------------------------------------------------------------------------------
+# The same as torch.library ops, so that torch.compile traces around them (as kernels.mamba2_train)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("ssmttm::ssd_grouped_fwd", mutates_args=())
+def _ssd_grouped_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     D: torch.Tensor, initial_state: Optional[torch.Tensor], chunk_size: int,
+                     triton_diag: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """forward as an op: y, the final state, then acum, S_prev and G for the backward."""
+    y, final, ctx = forward(x, dt, A, B, C, chunk_size, D, initial_state, triton_diag)
+    return y, final, ctx["acum"], ctx["S_prev"], ctx["G"]
+
+
+@_ssd_grouped_fwd.register_fake
+def _(x, dt, A, B, C, D, initial_state, chunk_size, triton_diag):
+    b, l, h, p = x.shape
+    n, Q, c = B.shape[-1], chunk_size, -(-l // chunk_size)
+    ft = torch.promote_types(x.dtype, torch.float32)
+    new = lambda *shape: x.new_empty(shape, dtype=ft)  # noqa: E731
+    return x.new_empty(b, l, h, p), new(b, h, p, n), new(b, c, Q, h), new(b, c, h * p, n), new(b, c, Q, Q)
+
+
+@torch.library.custom_op("ssmttm::ssd_grouped_bwd", mutates_args=())
+def _ssd_grouped_bwd(dy: torch.Tensor, dfinal: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                     B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, initial_state: Optional[torch.Tensor],
+                     acum: torch.Tensor, S_prev: torch.Tensor, G: torch.Tensor, chunk_size: int,
+                     triton_diag: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor, torch.Tensor]:
+    """backward as an op: dx, ddt, dA, dB, dC, dD, d initial_state (empty without one)."""
+    ctx = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, Q=chunk_size, acum=acum, S_prev=S_prev, G=G,
+               has_init=initial_state is not None, triton_diag=triton_diag)
+    *grads, d_init = backward(ctx, dy, dfinal)
+    return (*grads, x.new_empty(0) if d_init is None else d_init.to(initial_state.dtype))
+
+
+@_ssd_grouped_bwd.register_fake
+def _(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size, triton_diag):
+    d_init = x.new_empty(0) if initial_state is None else torch.empty_like(initial_state)
+    return tuple(torch.empty_like(t) for t in (x, dt, A, B, C, D)) + (d_init,)
+
+
+def _ssd_grouped_setup(ctx, inputs, output):
+    x, dt, A, B, C, D, initial_state, chunk_size, triton_diag = inputs
+    ctx.has_init = initial_state is not None
+    saved = (x, dt, A, B, C, D) + ((initial_state,) if ctx.has_init else ()) + tuple(output[2:])
+    ctx.save_for_backward(*saved)
+    ctx.sizes = chunk_size, triton_diag
+
+
+def _ssd_grouped_backward(ctx, dy, dfinal, *_):  # acum, S_prev and G are for the backward, not used
+    x, dt, A, B, C, D, *rest = ctx.saved_tensors
+    initial_state = rest.pop(0) if ctx.has_init else None
+    acum, S_prev, G = rest
+    *grads, d_init = _ssd_grouped_bwd(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, *ctx.sizes)
+    return (*grads, d_init if ctx.has_init else None, None, None)
+
+
+_ssd_grouped_fwd.register_autograd(_ssd_grouped_backward, setup_context=_ssd_grouped_setup)
+
+
+def ssd_grouped(x, dt, A, B, C, chunk_size, D, initial_state=None, triton_diag=False):
+    """GroupedSSD as the ssmttm::ssd_grouped_* ops: (y, final_state); D is required here."""
+    y, final, *_ = _ssd_grouped_fwd(x, dt, A, B, C, D, initial_state, chunk_size, triton_diag)
+    return y, final

@@ -137,3 +137,28 @@ def test_lm_with_the_grouped_training_path_equals_the_plain_model(variant):
     with torch.no_grad():  # the prefill through GroupedSSD, then the plain steps: the same greedy tokens
         runs = [m.generate(text, mask, 12, top_k=1) for m in (plain, grouped)]
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_ssd_grouped_ops_equal_the_reference_and_pass_opcheck(init):
+    # the torch.library form (what torch.compile traces around): the reference's values and
+    # gradients in float64, and torch.library.opcheck (schema, fake shapes, autograd registration)
+    x, dt, A, B, C, D, s0 = _inputs(2, 37, 3, 4, 5, init=init)
+    y_ref, f_ref = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], 16, D=D, initial_state=s0)
+    y, f = ssd_grouped.ssd_grouped(x, dt, A, B, C, 16, D, s0)
+    assert (y - y_ref).abs().max() < 1e-12 and (f - f_ref).abs().max() < 1e-12
+    inputs = [t for t in (x, dt, A, B, C, D, s0) if t is not None]
+    loss = lambda y, f: y.square().sum() + f.sum()  # noqa: E731
+    for got, want in zip(torch.autograd.grad(loss(y, f), inputs), torch.autograd.grad(loss(y_ref, f_ref), inputs)):
+        assert (got - want).abs().max() <= 1e-11 * max(1.0, want.abs().max().item())
+    torch.library.opcheck(ssd_grouped._ssd_grouped_fwd, (x, dt, A, B, C, D, s0, 16, False))
+
+
+def test_ssd_grouped_op_compiles_in_one_graph():
+    x, dt, A, B, C, D, _ = _inputs(1, 20, 2, 4, 5, init=False, dtype=torch.float32)
+    fn = lambda *t: ssd_grouped.ssd_grouped(*t[:5], 8, t[5])[0].square().sum()  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    want = torch.autograd.grad(fn(x, dt, A, B, C, D), (x, B))
+    got = torch.autograd.grad(compiled(x, dt, A, B, C, D), (x, B))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
