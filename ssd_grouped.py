@@ -30,6 +30,22 @@ import torch
 import torch.nn.functional as F
 
 
+# bf16/fp16 operands, fp32 products: cuBLAS writes fp32 directly (torch.bmm's out_dtype, CUDA only)
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
+
+
+def _matmul_f32(a, b):
+    """a @ b over the last two dims, batched over the others, returned in fp32 at least: on CUDA with
+    bf16/fp16 operands without rounding the fp32 accumulator to the operands' dtype first."""
+    ft = torch.promote_types(a.dtype, torch.float32)
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _BMM_OUT_DTYPE:
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        a2 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+        b2 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+        return torch.bmm(a2, b2, out_dtype=torch.float32).view(*batch, a.shape[-2], b.shape[-1])
+    return torch.matmul(a, b).to(ft)
+
+
 def _chunked(t, Q):
     """(b, l, ...) -> (b, c, Q, ...), zero-padded to a whole number of chunks (a zero dt and x
     leave the state unchanged, as the reference's padding does)."""
@@ -84,7 +100,7 @@ def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None, triton_diag=
     xdt = xc.to(ft) * dtc[..., None]
     xs = (xdt * torch.exp(a_end[:, :, None] - acum)[..., None]).to(x.dtype)
     # chunk states, all heads in one GEMM per chunk: (h*p, Q) x (Q, n)
-    states = torch.matmul(xs.reshape(b, c, Q, h * p).transpose(-1, -2), Bc).to(ft)   # (b, c, h*p, n)
+    states = _matmul_f32(xs.reshape(b, c, Q, h * p).transpose(-1, -2), Bc)   # (b, c, h*p, n)
     S_prev = torch.empty_like(states)
     prev = (states.new_zeros(b, h * p, n) if initial_state is None
             else initial_state.to(ft).reshape(b, h * p, n))
@@ -93,9 +109,9 @@ def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None, triton_diag=
         S_prev[:, ci] = prev
         prev = decay_end[:, ci, :, None] * prev + states[:, ci]
     # state -> output, all heads in one GEMM per chunk: (Q, n) x (n, h*p)
-    y_off = torch.matmul(Cc, S_prev.to(x.dtype).transpose(-1, -2)).to(ft).view(b, c, Q, h, p)
+    y_off = _matmul_f32(Cc, S_prev.to(x.dtype).transpose(-1, -2)).view(b, c, Q, h, p)
     y_off = y_off * torch.exp(acum)[..., None]
-    G = torch.matmul(Cc, Bc.transpose(-1, -2)).to(ft)                 # (b, c, Q, Q), shared by the heads
+    G = _matmul_f32(Cc, Bc.transpose(-1, -2))                 # (b, c, Q, Q), shared by the heads
     y = y_off + (diag_forward_triton if triton_diag else diag_forward)(G, acum, xdt.to(x.dtype))
     if D is not None:
         y = y + D.to(ft)[:, None] * xc.to(ft)
@@ -124,11 +140,11 @@ def backward(ctx, dy, dfinal=None):
 
     # state -> output: y_off = exp(acum) (C S_prev^T)
     dy_e = (dyc * torch.exp(acum)[..., None]).to(dtype).reshape(b, c, Q, h * p)
-    dC = torch.matmul(dy_e, S_prev.to(dtype)).to(ft)                  # (b, c, Q, n): K = h*p
-    dS_local = torch.matmul(dy_e.transpose(-1, -2), Cc).to(ft)        # (b, c, h*p, n)
+    dC = _matmul_f32(dy_e, S_prev.to(dtype))                  # (b, c, Q, n): K = h*p
+    dS_local = _matmul_f32(dy_e.transpose(-1, -2), Cc)        # (b, c, h*p, n)
     # d acum from y_off = exp(acum) (C S_prev^T): y_off . dy, with y_off made again (one GEMM)
     # rather than kept from the forward (h*p values per position, per layer)
-    y_off = torch.matmul(Cc, S_prev.to(dtype).transpose(-1, -2)).to(ft).view(b, c, Q, h, p)
+    y_off = _matmul_f32(Cc, S_prev.to(dtype).transpose(-1, -2)).view(b, c, Q, h, p)
     dacum = (y_off * torch.exp(acum)[..., None] * dyc).sum(-1)         # (b, c, Q, h)
 
     # the scan between chunks, backwards: dS[c] is the gradient of S_prev[c]
@@ -143,8 +159,8 @@ def backward(ctx, dy, dfinal=None):
     d_init = g.view(b, h, p, n) if ctx["has_init"] else None
 
     # chunk states: S = xs^T B
-    dxs = torch.matmul(Bc, dstates.to(dtype).transpose(-1, -2)).to(ft).view(b, c, Q, h, p)   # K = n
-    dB = torch.matmul(xs.reshape(b, c, Q, h * p), dstates.to(dtype)).to(ft)                 # K = h*p
+    dxs = _matmul_f32(Bc, dstates.to(dtype).transpose(-1, -2)).view(b, c, Q, h, p)   # K = n
+    dB = _matmul_f32(xs.reshape(b, c, Q, h * p), dstates.to(dtype))                 # K = h*p
     t = (dxs * xs.to(ft)).sum(-1)                                     # (b, c, Q, h)
     dxdt = dxs * to_end[..., None]
     dacum = dacum - t
@@ -155,8 +171,8 @@ def backward(ctx, dy, dfinal=None):
     dxdt_diag, dG, dacum_diag = diag(G, acum, xdt.to(dtype), dyc)
     dxdt = dxdt + dxdt_diag
     dacum = dacum + dacum_diag
-    dC = dC + torch.matmul(dG.to(dtype), Bc).to(ft)
-    dB = dB + torch.matmul(dG.transpose(-1, -2).to(dtype), Cc).to(ft)
+    dC = dC + _matmul_f32(dG.to(dtype), Bc)
+    dB = dB + _matmul_f32(dG.transpose(-1, -2).to(dtype), Cc)
     dacum[:, :, -1] += da_end
 
     # acum = cumsum(dt A): each a_t reaches every acum_q with q >= t
