@@ -117,7 +117,7 @@ class FastMamba2(Mamba2):
             with torch.autocast(x.device.type, enabled=False):
                 dt = F.softplus(dt.to(f32) + self.dt_bias.to(f32))
                 return ssd_grouped.ssd_grouped(x, dt, self.A(), B[:, :, 0], C[:, :, 0], self.options.chunk_size,
-                                               self.D.to(f32), initial_state, triton_diag=x.is_cuda)
+                                               self.D.to(f32), initial_state, use_triton=x.is_cuda)
         if not x.is_cuda:
             return super().ssd(x, dt, B, C, initial_state)
         return kernels.mamba_chunk_scan_combined(x, dt, self.A(), B, C, self.options.chunk_size, D=self.D,

@@ -1,4 +1,4 @@
-"""Grouped chunked SSD for ngroups = 1, forward and a hand-written backward (issue 15, step 2).
+"""Grouped chunked SSD for ngroups = 1, forward and a hand-written backward (issue 15).
 
 The same function as `ssd_reference.ssd_chunked` (read that first; same names), arranged so that
 what costs the most is a few large matrix products over all heads at once:
@@ -14,12 +14,15 @@ what costs the most is a few large matrix products over all heads at once:
 
 With ngroups = 1, B and C are shared by all heads, so the state products (86% of the FLOPs at
 d_state 512) are GEMMs whose other side spans every head: (h*p) x Q x n per chunk. They run on
-cuBLAS here (torch.matmul). What is per head is the (Q, Q) part inside a chunk, G * exp(acum_q -
-acum_s) on s <= q: `diag_forward` and `diag_backward` below, plain torch for now (they build the
-per-head (Q, Q) decay, which a Triton kernel must keep on chip: the next step).
+cuBLAS (fp32 results from bf16 operands). What is per head is the (Q, Q) part inside a chunk,
+G * exp(acum_q - acum_s) on s <= q: `diag_forward` and `diag_backward` in plain torch (they build
+the per-head (Q, Q) decay: the CPU form and the definition), and with use_triton three Triton
+kernels that make the decay tile by tile on chip; the scan between chunks likewise
+(`state_passing*`: a loop over chunks in torch, or one Triton kernel that reads each state once).
 
 The backward is the chain rule through the lines above, in the same GEMM shapes
-(see `backward`); `GroupedSSD` wraps both as an autograd function. Shapes (b batch, l length,
+(see `backward`); `GroupedSSD` wraps both as an autograd function, `ssd_grouped` as
+torch.library ops (what torch.compile traces around). Shapes (b batch, l length,
 h heads, p head dim, n state size): x (b, l, h, p), dt (b, l, h) after softplus, A (h,) < 0,
 B, C (b, l, n), D (h,) or None, initial_state (b, h, p, n) or None. Returns y (b, l, h, p) and the
 final state (b, h, p, n) in fp32. Intermediates are fp32; the GEMM operands are x's dtype.
@@ -85,9 +88,40 @@ def _decay(acum):
     return torch.exp(diff.masked_fill(~causal, -torch.inf))
 
 
-def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None, triton_diag=False):
+def state_passing(states, a_end, initial=None):
+    """The scan between chunks: states (b, c, h*p, n) fp32, each chunk's own state; a_end (b, c, h)
+    the cumsum at each chunk's end; initial (b, h*p, n) or None. Returns S_prev (b, c, h*p, n), the
+    state entering each chunk (S_prev_0 = initial, S_prev_{c+1} = exp(a_end_c) S_prev_c + states_c),
+    and the final state (b, h*p, n)."""
+    b, c, hp, n = states.shape
+    decay = torch.exp(a_end).repeat_interleave(hp // a_end.shape[-1], dim=-1)[..., None]   # (b, c, h*p, 1)
+    prev = states.new_zeros(b, hp, n) if initial is None else initial
+    S_prev = torch.empty_like(states)
+    for ci in range(c):
+        S_prev[:, ci] = prev
+        prev = decay[:, ci] * prev + states[:, ci]
+    return S_prev, prev
+
+
+def state_passing_backward(dS_local, S_prev, a_end, dfinal=None):
+    """state_passing's backward. dS_local (b, c, h*p, n): the gradient of each S_prev through the
+    output; dfinal (b, h*p, n) or None. Returns dstates (b, c, h*p, n) (the gradient of each chunk's
+    own state, i.e. of S_prev_{c+1} in total), da_end (b, c, h), and the gradient of initial."""
+    b, c, hp, n = S_prev.shape
+    h = a_end.shape[-1]
+    decay = torch.exp(a_end)                                           # (b, c, h)
+    g = S_prev.new_zeros(b, hp, n) if dfinal is None else dfinal
+    dstates, da_end = torch.empty_like(S_prev), torch.empty_like(a_end)
+    for ci in reversed(range(c)):
+        dstates[:, ci] = g
+        da_end[:, ci] = decay[:, ci] * (g * S_prev[:, ci]).view(b, h, -1).sum(-1)
+        g = dS_local[:, ci] + decay[:, ci].repeat_interleave(hp // h, dim=-1)[..., None] * g
+    return dstates, da_end, g
+
+
+def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None, use_triton=False):
     """y (b, l, h, p) in x's dtype, final state (b, h, p, n) fp32, and what backward needs.
-    triton_diag: the (Q, Q) part in the Triton kernels below (else plain torch)."""
+    use_triton: the (Q, Q) part in the Triton kernels below (else plain torch)."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     Q = chunk_size
@@ -101,23 +135,18 @@ def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None, triton_diag=
     xs = (xdt * torch.exp(a_end[:, :, None] - acum)[..., None]).to(x.dtype)
     # chunk states, all heads in one GEMM per chunk: (h*p, Q) x (Q, n)
     states = _matmul_f32(xs.reshape(b, c, Q, h * p).transpose(-1, -2), Bc)   # (b, c, h*p, n)
-    S_prev = torch.empty_like(states)
-    prev = (states.new_zeros(b, h * p, n) if initial_state is None
-            else initial_state.to(ft).reshape(b, h * p, n))
-    decay_end = torch.exp(a_end).repeat_interleave(p, dim=-1)          # (b, c, h*p)
-    for ci in range(c):
-        S_prev[:, ci] = prev
-        prev = decay_end[:, ci, :, None] * prev + states[:, ci]
+    init = None if initial_state is None else initial_state.to(ft).reshape(b, h * p, n)
+    S_prev, prev = (state_passing_triton if use_triton else state_passing)(states, a_end, init)
     # state -> output, all heads in one GEMM per chunk: (Q, n) x (n, h*p)
     y_off = _matmul_f32(Cc, S_prev.to(x.dtype).transpose(-1, -2)).view(b, c, Q, h, p)
     y_off = y_off * torch.exp(acum)[..., None]
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                 # (b, c, Q, Q), shared by the heads
-    y = y_off + (diag_forward_triton if triton_diag else diag_forward)(G, acum, xdt.to(x.dtype))
+    y = y_off + (diag_forward_triton if use_triton else diag_forward)(G, acum, xdt.to(x.dtype))
     if D is not None:
         y = y + D.to(ft)[:, None] * xc.to(ft)
     y = y.reshape(b, c * Q, h, p)[:, :l].to(x.dtype).contiguous()
     ctx = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, Q=Q, acum=acum, S_prev=S_prev, G=G,
-               has_init=initial_state is not None, triton_diag=triton_diag)
+               has_init=initial_state is not None, use_triton=use_triton)
     return y, prev.view(b, h, p, n), ctx
 
 
@@ -147,15 +176,10 @@ def backward(ctx, dy, dfinal=None):
     y_off = _matmul_f32(Cc, S_prev.to(dtype).transpose(-1, -2)).view(b, c, Q, h, p)
     dacum = (y_off * torch.exp(acum)[..., None] * dyc).sum(-1)         # (b, c, Q, h)
 
-    # the scan between chunks, backwards: dS[c] is the gradient of S_prev[c]
-    decay_end = torch.exp(a_end)                                       # (b, c, h)
-    g = (S_prev.new_zeros(b, h * p, n) if dfinal is None else dfinal.to(ft).reshape(b, h * p, n))
-    dstates = torch.empty_like(S_prev)                                 # gradient of each chunk's own state
-    da_end = torch.empty_like(a_end)
-    for ci in reversed(range(c)):
-        dstates[:, ci] = g
-        da_end[:, ci] = decay_end[:, ci] * (g * S_prev[:, ci]).view(b, h, p * n).sum(-1)
-        g = dS_local[:, ci] + decay_end[:, ci].repeat_interleave(p, dim=-1)[..., None] * g
+    # the scan between chunks, backwards
+    g = None if dfinal is None else dfinal.to(ft).reshape(b, h * p, n)
+    scan_backward = state_passing_backward_triton if ctx["use_triton"] else state_passing_backward
+    dstates, da_end, g = scan_backward(dS_local, S_prev, a_end, g)
     d_init = g.view(b, h, p, n) if ctx["has_init"] else None
 
     # chunk states: S = xs^T B
@@ -167,7 +191,7 @@ def backward(ctx, dy, dfinal=None):
     da_end = da_end + t.sum(2)
 
     # inside the chunks
-    diag = diag_backward_triton if ctx["triton_diag"] else diag_backward
+    diag = diag_backward_triton if ctx["use_triton"] else diag_backward
     dxdt_diag, dG, dacum_diag = diag(G, acum, xdt.to(dtype), dyc)
     dxdt = dxdt + dxdt_diag
     dacum = dacum + dacum_diag
@@ -192,11 +216,11 @@ def backward(ctx, dy, dfinal=None):
 
 class GroupedSSD(torch.autograd.Function):
     """forward/backward above as an autograd function: apply(x, dt, A, B, C, chunk_size, D,
-    initial_state, triton_diag) -> (y, final_state)."""
+    initial_state, use_triton) -> (y, final_state)."""
 
     @staticmethod
-    def forward(fctx, x, dt, A, B, C, chunk_size, D=None, initial_state=None, triton_diag=False):
-        y, final, ctx = forward(x, dt, A, B, C, chunk_size, D, initial_state, triton_diag)
+    def forward(fctx, x, dt, A, B, C, chunk_size, D=None, initial_state=None, use_triton=False):
+        y, final, ctx = forward(x, dt, A, B, C, chunk_size, D, initial_state, use_triton)
         fctx.ctx = ctx
         fctx.init_dtype = None if initial_state is None else initial_state.dtype
         return y, final
@@ -304,6 +328,51 @@ if triton is not None:
         tl.store(dG_ptr + bc * s_G_bc + q[:, None] * s_G_q + s[None, :], acc)
 
 
+    @triton.jit
+    def _scan_fwd_kernel(states_ptr, a_end_ptr, init_ptr, final_ptr, C, H, HPN, PN,
+                         HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
+        """state_passing in place: states (b, c, h*p*n) become S_prev. Grid (b, h*p*n / BLOCK); a
+        block lies inside one head (BLOCK divides p*n), so one decay per chunk."""
+        bi, blk = tl.program_id(0), tl.program_id(1)
+        o = blk * BLOCK + tl.arange(0, BLOCK)
+        head = (blk * BLOCK) // PN
+        if HAS_INIT:
+            prev = tl.load(init_ptr + bi * HPN + o)
+        else:
+            prev = tl.zeros((BLOCK,), dtype=tl.float32)
+        for ci in range(0, C):
+            ptrs = states_ptr + (bi * C + ci) * HPN + o
+            st = tl.load(ptrs)
+            tl.store(ptrs, prev)
+            decay = tl.exp(tl.load(a_end_ptr + (bi * C + ci) * H + head))
+            prev = decay * prev + st
+        tl.store(final_ptr + bi * HPN + o, prev)
+
+    @triton.jit
+    def _scan_bwd_kernel(dS_ptr, S_prev_ptr, a_end_ptr, dfinal_ptr, dinit_ptr, da_part_ptr, C, H, HPN, PN, NBLK,
+                         HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr):
+        """state_passing_backward in place: dS (b, c, h*p*n), the local gradients, become dstates; the
+        sums of g * S_prev over this block go to da_part (b, c, h*p*n / BLOCK), summed per head after.
+        Grid (b, h*p*n / BLOCK)."""
+        bi, blk = tl.program_id(0), tl.program_id(1)
+        o = blk * BLOCK + tl.arange(0, BLOCK)
+        head = (blk * BLOCK) // PN
+        if HAS_DFINAL:
+            g = tl.load(dfinal_ptr + bi * HPN + o)
+        else:
+            g = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(0, C):
+            ci = C - 1 - i
+            decay = tl.exp(tl.load(a_end_ptr + (bi * C + ci) * H + head))
+            S = tl.load(S_prev_ptr + (bi * C + ci) * HPN + o)
+            tl.store(da_part_ptr + (bi * C + ci) * NBLK + blk, decay * tl.sum(g * S, axis=0))
+            ptrs = dS_ptr + (bi * C + ci) * HPN + o
+            local = tl.load(ptrs)
+            tl.store(ptrs, g)
+            g = local + decay * g
+        tl.store(dinit_ptr + bi * HPN + o, g)
+
+
 def _block(Q):
     return min(64, Q)
 
@@ -345,20 +414,53 @@ def diag_backward_triton(G, acum, xdt, dy):
     return dxdt, dG, dacum
 
 
+def _scan_block(pn):
+    """The largest power of two <= 1024 that divides p*n: a block then lies inside one head."""
+    return min(1024, pn & -pn)
+
+
+def state_passing_triton(states, a_end, initial=None):
+    """state_passing in one Triton kernel; overwrites states (b, c, h*p, n) fp32 contiguous with S_prev."""
+    b, c, hp, n = states.shape
+    h = a_end.shape[-1]
+    pn = hp // h * n
+    BLOCK = _scan_block(pn)
+    a_end = a_end.contiguous()
+    final = torch.empty(b, hp, n, device=states.device, dtype=states.dtype)
+    _scan_fwd_kernel[(b, hp * n // BLOCK)](states, a_end, states if initial is None else initial.contiguous(),
+                                          final, c, h, hp * n, pn, HAS_INIT=initial is not None, BLOCK=BLOCK)
+    return states, final
+
+
+def state_passing_backward_triton(dS_local, S_prev, a_end, dfinal=None):
+    """state_passing_backward in one Triton kernel; overwrites dS_local (contiguous fp32) with dstates."""
+    b, c, hp, n = S_prev.shape
+    h = a_end.shape[-1]
+    pn = hp // h * n
+    BLOCK = _scan_block(pn)
+    nblk = hp * n // BLOCK
+    a_end = a_end.contiguous()
+    d_init = torch.empty(b, hp, n, device=S_prev.device, dtype=S_prev.dtype)
+    da_part = torch.empty(b, c, nblk, device=S_prev.device, dtype=torch.float32)
+    _scan_bwd_kernel[(b, nblk)](dS_local, S_prev, a_end, S_prev if dfinal is None else dfinal.contiguous(), d_init,
+                                da_part, c, h, hp * n, pn, nblk, HAS_DFINAL=dfinal is not None, BLOCK=BLOCK)
+    return dS_local, da_part.view(b, c, h, -1).sum(-1), d_init
+
+
 # --------------------------------------------------------------------------------------------
 # The same as torch.library ops, so that torch.compile traces around them (as kernels.mamba2_train)
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("ssmttm::ssd_grouped_fwd", mutates_args=())
 def _ssd_grouped_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                      D: torch.Tensor, initial_state: Optional[torch.Tensor], chunk_size: int,
-                     triton_diag: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """forward as an op: y, the final state, then acum, S_prev and G for the backward."""
-    y, final, ctx = forward(x, dt, A, B, C, chunk_size, D, initial_state, triton_diag)
+    y, final, ctx = forward(x, dt, A, B, C, chunk_size, D, initial_state, use_triton)
     return y, final, ctx["acum"], ctx["S_prev"], ctx["G"]
 
 
 @_ssd_grouped_fwd.register_fake
-def _(x, dt, A, B, C, D, initial_state, chunk_size, triton_diag):
+def _(x, dt, A, B, C, D, initial_state, chunk_size, use_triton):
     b, l, h, p = x.shape
     n, Q, c = B.shape[-1], chunk_size, -(-l // chunk_size)
     ft = torch.promote_types(x.dtype, torch.float32)
@@ -370,27 +472,27 @@ def _(x, dt, A, B, C, D, initial_state, chunk_size, triton_diag):
 def _ssd_grouped_bwd(dy: torch.Tensor, dfinal: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                      B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, initial_state: Optional[torch.Tensor],
                      acum: torch.Tensor, S_prev: torch.Tensor, G: torch.Tensor, chunk_size: int,
-                     triton_diag: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                     use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor, torch.Tensor, torch.Tensor]:
     """backward as an op: dx, ddt, dA, dB, dC, dD, d initial_state (empty without one)."""
     ctx = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, Q=chunk_size, acum=acum, S_prev=S_prev, G=G,
-               has_init=initial_state is not None, triton_diag=triton_diag)
+               has_init=initial_state is not None, use_triton=use_triton)
     *grads, d_init = backward(ctx, dy, dfinal)
     return (*grads, x.new_empty(0) if d_init is None else d_init.to(initial_state.dtype))
 
 
 @_ssd_grouped_bwd.register_fake
-def _(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size, triton_diag):
+def _(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size, use_triton):
     d_init = x.new_empty(0) if initial_state is None else torch.empty_like(initial_state)
     return tuple(torch.empty_like(t) for t in (x, dt, A, B, C, D)) + (d_init,)
 
 
 def _ssd_grouped_setup(ctx, inputs, output):
-    x, dt, A, B, C, D, initial_state, chunk_size, triton_diag = inputs
+    x, dt, A, B, C, D, initial_state, chunk_size, use_triton = inputs
     ctx.has_init = initial_state is not None
     saved = (x, dt, A, B, C, D) + ((initial_state,) if ctx.has_init else ()) + tuple(output[2:])
     ctx.save_for_backward(*saved)
-    ctx.sizes = chunk_size, triton_diag
+    ctx.sizes = chunk_size, use_triton
 
 
 def _ssd_grouped_backward(ctx, dy, dfinal, *_):  # acum, S_prev and G are for the backward, not used
@@ -404,7 +506,7 @@ def _ssd_grouped_backward(ctx, dy, dfinal, *_):  # acum, S_prev and G are for th
 _ssd_grouped_fwd.register_autograd(_ssd_grouped_backward, setup_context=_ssd_grouped_setup)
 
 
-def ssd_grouped(x, dt, A, B, C, chunk_size, D, initial_state=None, triton_diag=False):
+def ssd_grouped(x, dt, A, B, C, chunk_size, D, initial_state=None, use_triton=False):
     """GroupedSSD as the ssmttm::ssd_grouped_* ops: (y, final_state); D is required here."""
-    y, final, *_ = _ssd_grouped_fwd(x, dt, A, B, C, D, initial_state, chunk_size, triton_diag)
+    y, final, *_ = _ssd_grouped_fwd(x, dt, A, B, C, D, initial_state, chunk_size, use_triton)
     return y, final

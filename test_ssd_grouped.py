@@ -93,7 +93,7 @@ def test_diag_kernels_equal_their_torch_definitions(b, c, Q, h, p):
 
 
 @needs_triton
-def test_grouped_ssd_with_triton_diag_equals_the_reference():
+def test_grouped_ssd_with_use_triton_equals_the_reference():
     # fp32 inputs, chunk 32, a length that is not a multiple of it, initial state and D
     x, dt, A, B, C, D, s0 = _inputs(1, 70, 2, 16, 20)
     y_ref, f_ref = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], 32, D=D, initial_state=s0)
@@ -162,3 +162,26 @@ def test_ssd_grouped_op_compiles_in_one_graph():
     got = torch.autograd.grad(compiled(x, dt, A, B, C, D), (x, B))
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@needs_triton
+@pytest.mark.parametrize("init", [True, False])
+def test_scan_kernels_equal_their_torch_definitions(init):
+    # b 2, c 3 chunks, h 3 heads of p*n = 4*6 (blocks of 8: three per head)
+    g = torch.Generator().manual_seed(0)
+    b, c, h, p, n = 2, 3, 3, 4, 6
+    states = torch.randn(b, c, h * p, n, generator=g)
+    a_end = -torch.rand(b, c, h, generator=g)
+    initial = torch.randn(b, h * p, n, generator=g) if init else None
+    dS, dfinal = torch.randn(b, c, h * p, n, generator=g), torch.randn(b, h * p, n, generator=g) if init else None
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    want = ssd_grouped.state_passing(states.double(), a_end.double(), None if initial is None else initial.double())
+    got = ssd_grouped.state_passing_triton(dev(states.clone()), dev(a_end), dev(initial))
+    for a, r in zip(got, want):
+        assert _rel(a.cpu(), r) < 1e-6
+    S_prev = want[0].float()
+    want = ssd_grouped.state_passing_backward(dS.double(), S_prev.double(), a_end.double(),
+                                              None if dfinal is None else dfinal.double())
+    got = ssd_grouped.state_passing_backward_triton(dev(dS.clone()), dev(S_prev), dev(a_end), dev(dfinal))
+    for name, a, r in zip(("dstates", "da_end", "d_init"), got, want):
+        assert _rel(a.cpu(), r) < 1e-6, name
