@@ -645,7 +645,7 @@ def run_section(section, args, device, train_options):
     elif section == "decode-batch" and device == "cuda":
         bench_decode_batch(n_layers, tuple(args.prompts))
     elif section == "decode-profile":
-        for p, mode in itertools.product(args.prompts, ("graph", "bf16state+graph")):
+        for p, mode in itertools.product(args.prompts, ("graph", "nopdl+graph", "bf16state+graph")):
             profile_decoding(n_layers, mode, prompts=p)
     elif section == "pipeline":
         bench_pipeline(device, quick=args.quick)
@@ -705,7 +705,7 @@ def main():
     ap.add_argument("--kernel-rows", type=comma_list(datamod.positive_int), default="2",
                     help="decode-kernels: rows per call, at most 128 (2 = one prompt with guidance)")
     ap.add_argument("--prompts", type=comma_list(datamod.positive_int), default="1,4,16,64",
-                    help="decode-batch: prompts decoded at once (2 rows each)")
+                    help="decode-batch, decode-profile: prompts decoded at once (2 rows each)")
     ap.add_argument("--ddp-dir", default="runs/bench-ddp", help="ddp: where its training runs go")
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
