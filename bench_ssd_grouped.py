@@ -6,12 +6,14 @@ dt (after softplus), A, D, an initial state.
 
     python bench_ssd_grouped.py            # times and differences against mamba-ssm
     python bench_ssd_grouped.py --profile  # also the kernels of one forward + backward
+    python bench_ssd_grouped.py --check    # errors of both paths against ssd_reference in float64
 """
 import argparse
 
 import torch
 
 import ssd_grouped
+import ssd_reference
 from bench_ssd_triton import cuda_ms, inputs
 
 
@@ -22,9 +24,13 @@ def main():
     ap.add_argument("--dstate", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--check", action="store_true")
     a = ap.parse_args()
+    if a.check:
+        return check(a.length, a.dstate, a.chunk)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
+    B, C = B[:, :, 0], C[:, :, 0]                   # (b, l, n): ngroups = 1
     leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
     g = torch.Generator(device="cuda").manual_seed(1)
     dy = torch.randn(b, l, h, p, device="cuda", generator=g).to(torch.bfloat16)
@@ -33,9 +39,7 @@ def main():
     print(f"b {b} L {l} H {h} P {p} N {n} chunk {Q}")
 
     def mamba(x, dt, A, B, C, D, s0):
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-        return mamba_chunk_scan_combined(x, dt, A, B[:, :, None], C[:, :, None], Q, D=D, initial_states=s0,
-                                         return_final_states=True)
+        return _mamba(x, dt, A, B, C, Q, D, s0)
 
     def grouped(x, dt, A, B, C, D, s0):
         return ssd_grouped.GroupedSSD.apply(x, dt, A, B, C, Q, D, s0, True)
@@ -72,6 +76,40 @@ def main():
             torch.autograd.grad((y.float() * dy.float()).sum() + (f.float() * dfinal).sum(), leaves)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=80))
+
+
+def _mamba(x, dt, A, B, C, Q, D, s0):
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    return mamba_chunk_scan_combined(x, dt, A, B[:, :, None], C[:, :, None], Q, D=D, initial_states=s0,
+                                     return_final_states=True)
+
+
+def check(l, n, Q, b=2, h=32, p=64, pad=300):
+    """Both paths against ssd_chunked in float64 on the same bf16 inputs (batch row 1 left-padded:
+    x and dt zero on its first `pad` positions), output, final state and every gradient: the
+    relative error max|got - want| / max|want| of each."""
+    x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
+    B, C = B[:, :, 0], C[:, :, 0]
+    x[1, :pad] = 0
+    dt[1, :pad] = 0
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dy = torch.randn(b, l, h, p, device="cuda", generator=g, dtype=torch.float64)
+    dfinal = torch.randn(b, h, p, n, device="cuda", generator=g, dtype=torch.float64) * 0.1
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+    x6, dt6, A6, B6, C6, D6, s06 = leaves64
+    y, f = ssd_reference.ssd_chunked(x6, dt6, A6, B6[:, :, None], C6[:, :, None], Q, D=D6, initial_state=s06)
+    want = [y, f] + list(torch.autograd.grad((y * dy).sum() + (f * dfinal).sum(), leaves64))
+    names = ["y", "final"] + ["d" + k for k in "x dt A B C D s0".split()]
+    print(f"errors against float64, b {b} L {l} N {n} chunk {Q}, row 1 padded on {pad} positions: max|d| / max|ref|")
+    print("| path | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    paths = (("grouped", lambda *t: ssd_grouped.GroupedSSD.apply(*t[:5], Q, t[5], t[6], True)),
+             ("mamba-ssm", lambda *t: _mamba(*t[:5], Q, t[5], t[6])))
+    for name, fn in paths:
+        leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+        y, f = fn(*leaves)
+        got = [y, f] + list(torch.autograd.grad((y.double() * dy).sum() + (f.double() * dfinal).sum(), leaves))
+        errs = [((a.double() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, want)]
+        print(f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
 
 
 if __name__ == "__main__":
