@@ -697,7 +697,7 @@ def main():
                     default="keep_states",
                     help="Mamba-2 training paths (FastOptions.train): keep_states, mamba_ssm (mamba-ssm's own "
                          "fused function, which recomputes the chunk states), split (separate conv and SSD ops), "
-                         "grouped (issue 15: ssd_grouped.GroupedSSD)")
+                         "grouped (issue 15: ssd_grouped.ssd_grouped)")
     ap.add_argument("--decode-setups", type=comma_list(decode_setup),
                     default=",".join(DECODE_SETUPS),
                     help=f"variant:mode pairs for the decode section (modes: {', '.join(DECODE_MODES)})")

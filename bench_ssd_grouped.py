@@ -1,4 +1,4 @@
-"""Time ssd_grouped.GroupedSSD (cuBLAS state products + Triton (Q, Q) kernels) against mamba-ssm's
+"""Time ssd_grouped.ssd_grouped (cuBLAS state products + fused Triton kernels) against mamba-ssm's
 mamba_chunk_scan_combined, forward and forward + backward, GPU only; then the profile's top kernels.
 
 Issue 15's shape by default: b 16, L 2650, H 32, P 64, N 512, ngroups 1, chunk 256, bf16 x/B/C, fp32
@@ -42,7 +42,7 @@ def main():
         return _mamba(x, dt, A, B, C, Q, D, s0)
 
     def grouped(x, dt, A, B, C, D, s0):
-        return ssd_grouped.GroupedSSD.apply(x, dt, A, B, C, Q, D, s0, True)
+        return ssd_grouped.ssd_grouped(x, dt, A, B, C, Q, D, s0, use_triton=True)
 
     results = {}
     for name, fn in (("grouped", grouped), ("mamba-ssm", mamba)):
@@ -102,7 +102,7 @@ def check(l, n, Q, b=2, h=32, p=64, pad=300):
     names = ["y", "final"] + ["d" + k for k in "x dt A B C D s0".split()]
     print(f"errors against float64, b {b} L {l} N {n} chunk {Q}, row 1 padded on {pad} positions: max|d| / max|ref|")
     print("| path | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
-    paths = (("grouped", lambda *t: ssd_grouped.GroupedSSD.apply(*t[:5], Q, t[5], t[6], True)),
+    paths = (("grouped", lambda *t: ssd_grouped.ssd_grouped(*t[:5], Q, t[5], t[6], use_triton=True)),
              ("mamba-ssm", lambda *t: _mamba(*t[:5], Q, t[5], t[6])))
     for name, fn in paths:
         leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]

@@ -33,7 +33,7 @@ class FastOptions:
     # Mamba-2's training pass: "keep_states" (kernels.mamba2_train: mamba-ssm's kernels, keeping the
     # SSD's chunk states for the backward), "mamba_ssm" (mamba-ssm's mamba_split_conv1d_scan_combined,
     # which recomputes them), "split" (causal-conv1d, then mamba_chunk_scan_combined, as separate ops)
-    # or "grouped" (issue 15, experimental: causal-conv1d, then ssd_grouped.GroupedSSD, the SSD for
+    # or "grouped" (issue 15, experimental: causal-conv1d, then ssd_grouped.ssd_grouped, the SSD for
     # ngroups = 1 with its state products as GEMMs over all heads; the plain model's padding rule).
     train: str = "keep_states"
     chunk_size: int = 256        # the SSD kernels' chunk length, the one they are tuned for

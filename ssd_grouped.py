@@ -15,15 +15,15 @@ what costs the most is a few large matrix products over all heads at once:
 With ngroups = 1, B and C are shared by all heads, so the state products (86% of the FLOPs at
 d_state 512) are GEMMs whose other side spans every head: (h*p) x Q x n per chunk. They run on
 cuBLAS (fp32 results from bf16 operands). What is per head is the (Q, Q) part inside a chunk,
-G * exp(acum_q - acum_s) on s <= q: `diag_forward` and `diag_backward` in plain torch (they build
-the per-head (Q, Q) decay: the CPU form and the definition), and with use_triton three Triton
-kernels that make the decay tile by tile on chip; the scan between chunks likewise
-(`state_passing*`: a loop over chunks in torch, or one Triton kernel that reads each state once).
+G * exp(acum_q - acum_s) on s <= q.
 
-The backward is the chain rule through the lines above, in the same GEMM shapes
-(see `backward`); `GroupedSSD` wraps both as an autograd function, `ssd_grouped` as
-torch.library ops (what torch.compile traces around). Shapes (b batch, l length,
-h heads, p head dim, n state size): x (b, l, h, p), dt (b, l, h) after softplus, A (h,) < 0,
+Two forms of the same arithmetic: `forward` / `backward` in plain torch (any device; they build the
+per-head (Q, Q) decay and loop over chunks: the definition, and the CPU path), and `forward_triton`
+/ `backward_triton`, where everything but the GEMMs is six Triton kernels (the decay made on chip,
+tile by tile; the elementwise passes fused into the kernels' prologues and epilogues). The backward
+is the chain rule through the lines above, in the same GEMM shapes. `ssd_grouped` is the entry
+point: both as torch.library ops with autograd (what torch.compile traces around). Shapes (b batch,
+l length, h heads, p head dim, n state size): x (b, l, h, p), dt (b, l, h) after softplus, A (h,) < 0,
 B, C (b, l, n), D (h,) or None, initial_state (b, h, p, n) or None. Returns y (b, l, h, p) and the
 final state (b, h, p, n) in fp32. Intermediates are fp32; the GEMM operands are x's dtype.
 """
@@ -41,6 +41,8 @@ def _matmul_f32(a, b):
     """a @ b over the last two dims, batched over the others, returned in fp32 at least: on CUDA with
     bf16/fp16 operands without rounding the fp32 accumulator to the operands' dtype first."""
     ft = torch.promote_types(a.dtype, torch.float32)
+    if not a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.matmul(a.float(), b.float())   # the same products, accumulated in fp32
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _BMM_OUT_DTYPE:
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a2 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
@@ -119,9 +121,10 @@ def state_passing_backward(dS_local, S_prev, a_end, dfinal=None):
     return dstates, da_end, g
 
 
-def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None, use_triton=False):
-    """y (b, l, h, p) in x's dtype, final state (b, h, p, n) fp32, and what backward needs.
-    use_triton: the (Q, Q) part in the Triton kernels below (else plain torch)."""
+def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """The torch form (any device, any float dtype). Returns y (b, l, h, p) in x's dtype, the final
+    state (b, h, p, n) fp32, and what `backward` needs: acum (b, c, Q, h) fp32, S_prev (b, c, h*p, n)
+    in x's dtype (the state entering each chunk, as the GEMMs take it) and G = C B^T (b, c, Q, Q) fp32."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     Q = chunk_size
@@ -136,25 +139,23 @@ def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None, use_triton=F
     # chunk states, all heads in one GEMM per chunk: (h*p, Q) x (Q, n)
     states = _matmul_f32(xs.reshape(b, c, Q, h * p).transpose(-1, -2), Bc)   # (b, c, h*p, n)
     init = None if initial_state is None else initial_state.to(ft).reshape(b, h * p, n)
-    S_prev, prev = (state_passing_triton if use_triton else state_passing)(states, a_end, init)
+    S_prev, final = state_passing(states, a_end, init)
+    S_prev = S_prev.to(x.dtype)
     # state -> output, all heads in one GEMM per chunk: (Q, n) x (n, h*p)
-    y_off = _matmul_f32(Cc, S_prev.to(x.dtype).transpose(-1, -2)).view(b, c, Q, h, p)
-    y_off = y_off * torch.exp(acum)[..., None]
+    y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2)).view(b, c, Q, h, p)
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                 # (b, c, Q, Q), shared by the heads
-    y = y_off + (diag_forward_triton if use_triton else diag_forward)(G, acum, xdt.to(x.dtype))
+    y = y_off * torch.exp(acum)[..., None] + diag_forward(G, acum, xdt.to(x.dtype))
     if D is not None:
         y = y + D.to(ft)[:, None] * xc.to(ft)
     y = y.reshape(b, c * Q, h, p)[:, :l].to(x.dtype).contiguous()
-    ctx = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, Q=Q, acum=acum, S_prev=S_prev, G=G,
-               has_init=initial_state is not None, use_triton=use_triton)
-    return y, prev.view(b, h, p, n), ctx
+    return y, final.view(b, h, p, n), acum, S_prev, G
 
 
-def backward(ctx, dy, dfinal=None):
-    """Gradients of forward's (y, final state): dy (b, l, h, p), dfinal (b, h, p, n) or None.
-    Returns dx, ddt, dA, dB, dC, dD (None without D), d initial_state (None without one)."""
-    x, dt, A, B, C, D, Q = (ctx[k] for k in ("x", "dt", "A", "B", "C", "D", "Q"))
-    acum, S_prev, G = ctx["acum"], ctx["S_prev"], ctx["G"]
+def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size):
+    """The torch form of the gradients of forward's (y, final state): dy (b, l, h, p), dfinal
+    (b, h, p, n) or None, then forward's inputs and saved tensors. Returns dx, ddt, dA, dB, dC, dD (None
+    without D), d initial_state (None without one)."""
+    Q = chunk_size
     b, l, h, p = x.shape
     n = B.shape[-1]
     ft = acum.dtype
@@ -169,30 +170,29 @@ def backward(ctx, dy, dfinal=None):
 
     # state -> output: y_off = exp(acum) (C S_prev^T)
     dy_e = (dyc * torch.exp(acum)[..., None]).to(dtype).reshape(b, c, Q, h * p)
-    dC = _matmul_f32(dy_e, S_prev.to(dtype))                  # (b, c, Q, n): K = h*p
+    dC = _matmul_f32(dy_e, S_prev)                            # (b, c, Q, n): K = h*p
     dS_local = _matmul_f32(dy_e.transpose(-1, -2), Cc)        # (b, c, h*p, n)
     # d acum from y_off = exp(acum) (C S_prev^T): y_off . dy, with y_off made again (one GEMM)
     # rather than kept from the forward (h*p values per position, per layer)
-    y_off = _matmul_f32(Cc, S_prev.to(dtype).transpose(-1, -2)).view(b, c, Q, h, p)
+    y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2)).view(b, c, Q, h, p)
     dacum = (y_off * torch.exp(acum)[..., None] * dyc).sum(-1)         # (b, c, Q, h)
 
     # the scan between chunks, backwards
     g = None if dfinal is None else dfinal.to(ft).reshape(b, h * p, n)
-    scan_backward = state_passing_backward_triton if ctx["use_triton"] else state_passing_backward
-    dstates, da_end, g = scan_backward(dS_local, S_prev, a_end, g)
-    d_init = g.view(b, h, p, n) if ctx["has_init"] else None
+    dstates, da_end, g = state_passing_backward(dS_local, S_prev.to(ft), a_end, g)
+    d_init = g.view(b, h, p, n) if initial_state is not None else None
 
     # chunk states: S = xs^T B
-    dxs = _matmul_f32(Bc, dstates.to(dtype).transpose(-1, -2)).view(b, c, Q, h, p)   # K = n
-    dB = _matmul_f32(xs.reshape(b, c, Q, h * p), dstates.to(dtype))                 # K = h*p
+    dstates = dstates.to(dtype)
+    dxs = _matmul_f32(Bc, dstates.transpose(-1, -2)).view(b, c, Q, h, p)   # K = n
+    dB = _matmul_f32(xs.reshape(b, c, Q, h * p), dstates)                 # K = h*p
     t = (dxs * xs.to(ft)).sum(-1)                                     # (b, c, Q, h)
     dxdt = dxs * to_end[..., None]
     dacum = dacum - t
     da_end = da_end + t.sum(2)
 
     # inside the chunks
-    diag = diag_backward_triton if ctx["use_triton"] else diag_backward
-    dxdt_diag, dG, dacum_diag = diag(G, acum, xdt.to(dtype), dyc)
+    dxdt_diag, dG, dacum_diag = diag_backward(G, acum, xdt.to(dtype), dyc)
     dxdt = dxdt + dxdt_diag
     dacum = dacum + dacum_diag
     dC = dC + _matmul_f32(dG.to(dtype), Bc)
@@ -211,30 +211,13 @@ def backward(ctx, dy, dfinal=None):
     unchunk = lambda t: t.reshape(b, c * Q, *t.shape[3:])[:, :l].contiguous()  # noqa: E731
     return (unchunk(dx).to(x.dtype), unchunk(ddt).to(dt.dtype), dA.to(A.dtype), unchunk(dB).to(B.dtype),
             unchunk(dC).to(C.dtype), None if dD is None else dD.to(D.dtype),
-            None if d_init is None else d_init)
-
-
-class GroupedSSD(torch.autograd.Function):
-    """forward/backward above as an autograd function: apply(x, dt, A, B, C, chunk_size, D,
-    initial_state, use_triton) -> (y, final_state)."""
-
-    @staticmethod
-    def forward(fctx, x, dt, A, B, C, chunk_size, D=None, initial_state=None, use_triton=False):
-        y, final, ctx = forward(x, dt, A, B, C, chunk_size, D, initial_state, use_triton)
-        fctx.ctx = ctx
-        fctx.init_dtype = None if initial_state is None else initial_state.dtype
-        return y, final
-
-    @staticmethod
-    def backward(fctx, dy, dfinal):
-        dx, ddt, dA, dB, dC, dD, d_init = backward(fctx.ctx, dy, dfinal)
-        if d_init is not None:
-            d_init = d_init.to(fctx.init_dtype)
-        return dx, ddt, dA, dB, dC, None, dD, d_init, None
+            None if d_init is None else d_init.to(initial_state.dtype))
 
 
 # --------------------------------------------------------------------------------------------
-# The per-head (Q, Q) part in Triton: the decay is made on chip, tile by tile, never stored.
+# The same in Triton (use_triton): the GEMMs stay cuBLAS; every elementwise pass is fused into six
+# kernels that read x, dt and dy where they lie (no padded copies): the prologue (acum, xs), the scan
+# each way, the (Q, Q) part with its epilogue (y; dx, ddt, d acum, dD), dy's scaling, and dG.
 # --------------------------------------------------------------------------------------------
 try:
     import triton
@@ -245,173 +228,216 @@ except ImportError:  # a CPU-only torch has no triton
 if triton is not None:
 
     @triton.jit
-    def _diag_fwd_kernel(G_ptr, acum_ptr, xdt_ptr, y_ptr, H, P,
-                         s_G_bc, s_G_q, s_a_bc, s_a_q, s_x_bc, s_x_q, s_x_h, s_y_bc, s_y_q, s_y_h,
-                         BM: tl.constexpr, BP: tl.constexpr):
-        """y[q, h, :] = sum_{s <= q} G[q, s] exp(acum[q, h] - acum[s, h]) xdt[s, h, :].
-        Grid (b*c, h, Q / BM): rows q of one row block, one head; loop over the row blocks s <= q."""
-        bc, h, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        q = m * BM + tl.arange(0, BM)
+    def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, xs_ptr, L, NC, H, P,
+                     Q: tl.constexpr, BP: tl.constexpr, WRITE_ACUM: tl.constexpr):
+        """acum = cumsum(dt A) over one chunk (into acum if WRITE_ACUM) and xs = x dt exp(acum_end - acum)
+        in xs's dtype, (b, c, Q, h, p), zero past L. x (b, L, h, p), dt (b, L, h). Grid (b*c, h)."""
+        bc, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        bi, ci = bc // NC, bc % NC
+        q = tl.arange(0, Q)
+        pos = ci * Q + q
+        ok = pos < L
+        dt = tl.load(dt_ptr + (bi * L + pos) * H + h, mask=ok, other=0.0)
+        acum = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
+        a_end = tl.sum(tl.where(q == Q - 1, acum, 0.0), axis=0)
+        if WRITE_ACUM:
+            tl.store(acum_ptr + (bc * Q + q) * H + h, acum)
         pp = tl.arange(0, BP)
-        p_ok = pp < P
-        a_q = tl.load(acum_ptr + bc * s_a_bc + q * s_a_q + h)                          # (BM,)
-        acc = tl.zeros((BM, BP), dtype=tl.float32)
-        for s0 in range(0, (m + 1) * BM, BM):
-            s = s0 + tl.arange(0, BM)
-            a_s = tl.load(acum_ptr + bc * s_a_bc + s * s_a_q + h)
-            G = tl.load(G_ptr + bc * s_G_bc + q[:, None] * s_G_q + s[None, :])            # (BM, BM) fp32
-            causal = q[:, None] >= s[None, :]
-            E = tl.exp(tl.where(causal, a_q[:, None] - a_s[None, :], float("-inf")))
-            x = tl.load(xdt_ptr + bc * s_x_bc + s[:, None] * s_x_q + h * s_x_h + pp[None, :],
-                        mask=p_ok[None, :], other=0.0)                                  # (BM, BP)
-            acc = tl.dot((G * E).to(x.dtype), x, acc)
-        tl.store(y_ptr + bc * s_y_bc + q[:, None] * s_y_q + h * s_y_h + pp[None, :], acc, mask=p_ok[None, :])
+        x = tl.load(x_ptr + ((bi * L + pos) * H + h)[:, None] * P + pp[None, :],
+                    mask=ok[:, None] & (pp[None, :] < P), other=0.0)
+        xs = x.to(tl.float32) * (dt * tl.exp(a_end - acum))[:, None]
+        tl.store(xs_ptr + ((bc * Q + q) * H + h)[:, None] * P + pp[None, :], xs.to(xs_ptr.dtype.element_ty),
+                 mask=pp[None, :] < P)
 
     @triton.jit
-    def _diag_bwd_x_kernel(G_ptr, acum_ptr, xdt_ptr, dy_ptr, dxdt_ptr, dacum_col_ptr, dacum_row_ptr,
-                           H, P, Q,
-                           s_G_bc, s_G_q, s_a_bc, s_a_q, s_x_bc, s_x_q, s_x_h, s_dy_bc, s_dy_q, s_dy_h,
-                           s_r_bc, s_r_h, s_r_blk,
-                           BM: tl.constexpr, BP: tl.constexpr):
-        """For the columns s of one row block and one head: dxdt[s] = sum_{q >= s} W[q, s] dy[q],
-        -sum_q M[q, s] (into dacum_col), and M's row sums over these s (into dacum_row, one slot per
-        column block: summed afterwards), with W = G * decay and M = W * (dy_q . xdt_s).
-        Grid (b*c, h, Q / BM)."""
-        bc, h, blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        s = blk * BM + tl.arange(0, BM)
-        pp = tl.arange(0, BP)
-        p_ok = pp < P
-        a_s = tl.load(acum_ptr + bc * s_a_bc + s * s_a_q + h)
-        x_s = tl.load(xdt_ptr + bc * s_x_bc + s[:, None] * s_x_q + h * s_x_h + pp[None, :],
-                      mask=p_ok[None, :], other=0.0)                                    # (BM, BP)
-        dx = tl.zeros((BM, BP), dtype=tl.float32)
-        col = tl.zeros((BM,), dtype=tl.float32)
-        for q0 in range(blk * BM, Q, BM):
-            q = q0 + tl.arange(0, BM)
-            a_q = tl.load(acum_ptr + bc * s_a_bc + q * s_a_q + h)
-            G = tl.load(G_ptr + bc * s_G_bc + q[:, None] * s_G_q + s[None, :])
-            causal = q[:, None] >= s[None, :]
-            W = G * tl.exp(tl.where(causal, a_q[:, None] - a_s[None, :], float("-inf")))    # (BM q, BM s)
-            dy = tl.load(dy_ptr + bc * s_dy_bc + q[:, None] * s_dy_q + h * s_dy_h + pp[None, :],
-                         mask=p_ok[None, :], other=0.0)                                 # (BM, BP)
-            Dh = tl.dot(dy, tl.trans(x_s.to(dy.dtype)))                                 # (BM q, BM s)
-            M = W * Dh
-            dx = tl.dot(tl.trans(W.to(dy.dtype)), dy, dx)
-            col += tl.sum(M, axis=0)
-            tl.store(dacum_row_ptr + bc * s_r_bc + h * s_r_h + blk * s_r_blk + q, tl.sum(M, axis=1))
-        tl.store(dxdt_ptr + bc * s_x_bc + s[:, None] * s_x_q + h * s_x_h + pp[None, :], dx, mask=p_ok[None, :])
-        tl.store(dacum_col_ptr + bc * s_a_bc + s * s_a_q + h, -col)
-
-    @triton.jit
-    def _diag_bwd_G_kernel(acum_ptr, xdt_ptr, dy_ptr, dG_ptr, H, P,
-                           s_a_bc, s_a_q, s_x_bc, s_x_q, s_x_h, s_dy_bc, s_dy_q, s_dy_h, s_G_bc, s_G_q,
-                           BM: tl.constexpr, BP: tl.constexpr):
-        """dG[q, s] = sum_h (dy_q . xdt_s)_h exp(acum_q - acum_s)_h on s <= q, one (BM, BM) tile.
-        Grid (b*c, Q / BM rows, Q / BM columns); tiles above the diagonal are zero."""
-        bc, mq, ms = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        q = mq * BM + tl.arange(0, BM)
-        s = ms * BM + tl.arange(0, BM)
-        pp = tl.arange(0, BP)
-        p_ok = pp < P
-        causal = q[:, None] >= s[None, :]
-        acc = tl.zeros((BM, BM), dtype=tl.float32)
-        if ms <= mq:
-            for h in range(0, H):
-                a_q = tl.load(acum_ptr + bc * s_a_bc + q * s_a_q + h)
-                a_s = tl.load(acum_ptr + bc * s_a_bc + s * s_a_q + h)
-                dy = tl.load(dy_ptr + bc * s_dy_bc + q[:, None] * s_dy_q + h * s_dy_h + pp[None, :],
-                             mask=p_ok[None, :], other=0.0)
-                x = tl.load(xdt_ptr + bc * s_x_bc + s[:, None] * s_x_q + h * s_x_h + pp[None, :],
-                            mask=p_ok[None, :], other=0.0)
-                Dh = tl.dot(dy, tl.trans(x.to(dy.dtype)))
-                acc += Dh * tl.exp(tl.where(causal, a_q[:, None] - a_s[None, :], float("-inf")))
-        tl.store(dG_ptr + bc * s_G_bc + q[:, None] * s_G_q + s[None, :], acc)
-
-
-    @triton.jit
-    def _scan_fwd_kernel(states_ptr, a_end_ptr, init_ptr, final_ptr, C, H, HPN, PN,
+    def _scan_fwd_kernel(states_ptr, a_end_ptr, init_ptr, S_prev_ptr, final_ptr, NC, H, HPN, PN,
                          HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
-        """state_passing in place: states (b, c, h*p*n) become S_prev. Grid (b, h*p*n / BLOCK); a
-        block lies inside one head (BLOCK divides p*n), so one decay per chunk."""
-        bi, blk = tl.program_id(0), tl.program_id(1)
+        """state_passing: states (b, c, h*p*n) fp32 -> S_prev (same shape, its dtype) and the final
+        state (b, h*p*n) fp32. Grid (h*p*n / BLOCK, b); a block lies inside one head (BLOCK divides
+        p*n), so one decay per chunk. Neighbouring programs take neighbouring blocks of one state."""
+        blk, bi = tl.program_id(0), tl.program_id(1).to(tl.int64)
         o = blk * BLOCK + tl.arange(0, BLOCK)
         head = (blk * BLOCK) // PN
         if HAS_INIT:
             prev = tl.load(init_ptr + bi * HPN + o)
         else:
             prev = tl.zeros((BLOCK,), dtype=tl.float32)
-        for ci in range(0, C):
-            ptrs = states_ptr + (bi * C + ci) * HPN + o
-            st = tl.load(ptrs)
-            tl.store(ptrs, prev)
-            decay = tl.exp(tl.load(a_end_ptr + (bi * C + ci) * H + head))
-            prev = decay * prev + st
+        for ci in range(0, NC):
+            at = (bi * NC + ci) * HPN + o
+            st = tl.load(states_ptr + at)
+            tl.store(S_prev_ptr + at, prev.to(S_prev_ptr.dtype.element_ty))
+            prev = tl.exp(tl.load(a_end_ptr + (bi * NC + ci) * H + head)) * prev + st
         tl.store(final_ptr + bi * HPN + o, prev)
 
     @triton.jit
-    def _scan_bwd_kernel(dS_ptr, S_prev_ptr, a_end_ptr, dfinal_ptr, dinit_ptr, da_part_ptr, C, H, HPN, PN, NBLK,
-                         HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr):
-        """state_passing_backward in place: dS (b, c, h*p*n), the local gradients, become dstates; the
-        sums of g * S_prev over this block go to da_part (b, c, h*p*n / BLOCK), summed per head after.
-        Grid (b, h*p*n / BLOCK)."""
-        bi, blk = tl.program_id(0), tl.program_id(1)
+    def _scan_bwd_kernel(dS_ptr, S_prev_ptr, a_end_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, da_part_ptr,
+                         NC, H, HPN, PN, NBLK, HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr):
+        """state_passing_backward: dS (b, c, h*p*n) fp32, the local gradients -> dstates (its dtype),
+        the initial state's gradient (b, h*p*n) fp32, and this block's sums of g * S_prev times the
+        decay into da_part (b, c, h*p*n / BLOCK), summed per head after. Grid (h*p*n / BLOCK, b)."""
+        blk, bi = tl.program_id(0), tl.program_id(1).to(tl.int64)
         o = blk * BLOCK + tl.arange(0, BLOCK)
         head = (blk * BLOCK) // PN
         if HAS_DFINAL:
             g = tl.load(dfinal_ptr + bi * HPN + o)
         else:
             g = tl.zeros((BLOCK,), dtype=tl.float32)
-        for i in range(0, C):
-            ci = C - 1 - i
-            decay = tl.exp(tl.load(a_end_ptr + (bi * C + ci) * H + head))
-            S = tl.load(S_prev_ptr + (bi * C + ci) * HPN + o)
-            tl.store(da_part_ptr + (bi * C + ci) * NBLK + blk, decay * tl.sum(g * S, axis=0))
-            ptrs = dS_ptr + (bi * C + ci) * HPN + o
-            local = tl.load(ptrs)
-            tl.store(ptrs, g)
-            g = local + decay * g
+        for i in range(0, NC):
+            ci = NC - 1 - i
+            at = (bi * NC + ci) * HPN + o
+            decay = tl.exp(tl.load(a_end_ptr + (bi * NC + ci) * H + head))
+            S = tl.load(S_prev_ptr + at).to(tl.float32)
+            tl.store(da_part_ptr + (bi * NC + ci) * NBLK + blk, decay * tl.sum(g * S, axis=0))
+            tl.store(dstates_ptr + at, g.to(dstates_ptr.dtype.element_ty))
+            g = tl.load(dS_ptr + at) + decay * g
         tl.store(dinit_ptr + bi * HPN + o, g)
 
+    @triton.jit
+    def _rows(ptr, rows, ok, h, H, P, pp):
+        """A (len(rows), BP) tile of head h of a (b*L, H, P) tensor at the given flat rows (b*L + position),
+        zero where not ok and past P."""
+        return tl.load(ptr + (rows * H + h)[:, None] * P + pp[None, :], mask=ok[:, None] & (pp[None, :] < P),
+                       other=0.0)
 
-def _block(Q):
-    return min(64, Q)
+    @triton.jit
+    def _diag_fwd_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, yoff_ptr, D_ptr, y_ptr, L, NC, H, P,
+                         Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
+                         PREC: tl.constexpr):
+        """y[q, h] = exp(acum_q) y_off[q, h] + sum_{s <= q} G[q, s] exp(acum_q - acum_s) x_s dt_s + D_h x_q
+        for the rows q of one row block and one head, written in y's dtype to y (b, L, h, p).
+        Grid (b*c, h, Q / BM); loop over the row blocks s <= q."""
+        bc, h, m = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        bi, ci = bc // NC, bc % NC
+        q = m * BM + tl.arange(0, BM)
+        pos_q = ci * Q + q
+        pp = tl.arange(0, BP)
+        row0 = bi * L                                                   # this batch row's first position
+        a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
+        acc = tl.zeros((BM, BP), dtype=tl.float32)
+        for s0 in range(0, (m + 1) * BM, BM):
+            s = s0 + tl.arange(0, BM)
+            pos_s = ci * Q + s
+            ok_s = pos_s < L
+            a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
+            G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])          # (BM, BM) fp32
+            E = tl.exp(tl.where(q[:, None] >= s[None, :], a_q[:, None] - a_s[None, :], float("-inf")))
+            x = _rows(x_ptr, row0 + pos_s, ok_s, h, H, P, pp)
+            dt = tl.load(dt_ptr + (row0 + pos_s) * H + h, mask=ok_s, other=0.0)
+            xdt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
+            acc = tl.dot((G * E).to(x.dtype), xdt, acc, input_precision=PREC)
+        yoff = tl.load(yoff_ptr + ((bc * Q + q) * H + h)[:, None] * P + pp[None, :], mask=pp[None, :] < P)
+        acc += tl.exp(a_q)[:, None] * yoff
+        ok_q = pos_q < L
+        if HAS_D:
+            acc += tl.load(D_ptr + h) * _rows(x_ptr, row0 + pos_q, ok_q, h, H, P, pp).to(tl.float32)
+        tl.store(y_ptr + ((row0 + pos_q) * H + h)[:, None] * P + pp[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=ok_q[:, None] & (pp[None, :] < P))
+
+    @triton.jit
+    def _dy_kernel(dy_ptr, acum_ptr, yoff_ptr, dye_ptr, dacum_ptr, L, NC, H, P,
+                   Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr):
+        """dy_e = dy exp(acum) in dy_e's dtype, (b, c, Q, h, p) zero past L, and the d acum of the
+        state -> output part, sum_p y_off dy_e (b, c, Q, h). Grid (b*c, h, Q / BM)."""
+        bc, h, m = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        bi, ci = bc // NC, bc % NC
+        q = m * BM + tl.arange(0, BM)
+        pp = tl.arange(0, BP)
+        dy = _rows(dy_ptr, bi * L + ci * Q + q, ci * Q + q < L, h, H, P, pp).to(tl.float32)
+        dye = dy * tl.exp(tl.load(acum_ptr + (bc * Q + q) * H + h))[:, None]
+        at = ((bc * Q + q) * H + h)[:, None] * P + pp[None, :]
+        tl.store(dye_ptr + at, dye.to(dye_ptr.dtype.element_ty), mask=pp[None, :] < P)
+        yoff = tl.load(yoff_ptr + at, mask=pp[None, :] < P, other=0.0)
+        tl.store(dacum_ptr + (bc * Q + q) * H + h, tl.sum(yoff * dye, axis=1))
+
+    @triton.jit
+    def _diag_bwd_x_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, dy_ptr, dxs_ptr, D_ptr,
+                           dx_ptr, ddt_ptr, dacum_col_ptr, dacum_row_ptr, t_ptr, dD_ptr, L, NC, H, P,
+                           Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
+                           PREC: tl.constexpr):
+        """For the positions s of one row block and one head: the (Q, Q) part's gradients (dxdt_s =
+        sum_{q >= s} W[q, s] dy_q; -sum_q M[q, s] and M's row sums over these s, one slot per column
+        block in dacum_row (b, c, h, Q / BM, Q), with W = G * decay and M = W * (dy_q . xdt_s)), then
+        the rest of the chain for these positions: with dxs (b, c, Q, h, p) fp32 from the chunk states,
+        t = sum_p dxs xs, dxdt += dxs exp(acum_end - acum), dx = dxdt dt + D dy (x's dtype, (b, L, h, p)),
+        ddt's part sum_p dxdt x, dacum_col = -sum_q M - t, t, and dD's part sum_p dy x (all (b, c, Q, h)).
+        Grid (b*c, h, Q / BM)."""
+        bc, h, blk = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        bi, ci = bc // NC, bc % NC
+        row0 = bi * L
+        s = blk * BM + tl.arange(0, BM)
+        pos_s = ci * Q + s
+        ok_s = pos_s < L
+        pp = tl.arange(0, BP)
+        a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
+        x_s = _rows(x_ptr, row0 + pos_s, ok_s, h, H, P, pp)                       # (BM, BP)
+        dt_s = tl.load(dt_ptr + (row0 + pos_s) * H + h, mask=ok_s, other=0.0)
+        xdt_s = (x_s.to(tl.float32) * dt_s[:, None]).to(x_s.dtype)
+        dxd = tl.zeros((BM, BP), dtype=tl.float32)
+        col = tl.zeros((BM,), dtype=tl.float32)
+        for q0 in range(blk * BM, Q, BM):
+            q = q0 + tl.arange(0, BM)
+            pos_q = ci * Q + q
+            a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
+            G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
+            W = G * tl.exp(tl.where(q[:, None] >= s[None, :], a_q[:, None] - a_s[None, :], float("-inf")))
+            dy = _rows(dy_ptr, row0 + pos_q, pos_q < L, h, H, P, pp).to(x_s.dtype)   # (BM q, BP)
+            M = W * tl.dot(dy, tl.trans(xdt_s), input_precision=PREC)                   # (BM q, BM s)
+            dxd = tl.dot(tl.trans(W.to(dy.dtype)), dy, dxd, input_precision=PREC)
+            col += tl.sum(M, axis=0)
+            tl.store(dacum_row_ptr + ((bc * H + h) * (Q // BM) + blk) * Q + q, tl.sum(M, axis=1))
+        a_end = tl.load(acum_ptr + (bc * Q + Q - 1) * H + h)
+        to_end = tl.exp(a_end - a_s)
+        dxs = tl.load(dxs_ptr + ((bc * Q + s) * H + h)[:, None] * P + pp[None, :], mask=pp[None, :] < P, other=0.0)
+        xf = x_s.to(tl.float32)
+        t = tl.sum(dxs * xf, axis=1) * dt_s * to_end
+        dxdt = dxd + dxs * to_end[:, None]
+        dx = dxdt * dt_s[:, None]
+        at = (bc * Q + s) * H + h
+        if HAS_D:
+            dy_s = _rows(dy_ptr, row0 + pos_s, ok_s, h, H, P, pp).to(tl.float32)
+            dx += tl.load(D_ptr + h) * dy_s
+            tl.store(dD_ptr + at, tl.sum(dy_s * xf, axis=1))
+        tl.store(dx_ptr + ((row0 + pos_s) * H + h)[:, None] * P + pp[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=ok_s[:, None] & (pp[None, :] < P))
+        tl.store(ddt_ptr + at, tl.sum(dxdt * xf, axis=1))
+        tl.store(dacum_col_ptr + at, -col - t)
+        tl.store(t_ptr + at, t)
+
+    @triton.jit
+    def _diag_bwd_G_kernel(acum_ptr, x_ptr, dt_ptr, dy_ptr, dG_ptr, L, NC, H, P,
+                           Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr):
+        """dG[q, s] = sum_h (dy_q . x_s dt_s)_h exp(acum_q - acum_s)_h on s <= q, one (BM, BM) tile of
+        (b, c, Q, Q) fp32. Grid (b*c, Q / BM rows, Q / BM columns); tiles above the diagonal are zero."""
+        bc, mq, ms = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        bi, ci = bc // NC, bc % NC
+        row0 = bi * L
+        q = mq * BM + tl.arange(0, BM)
+        s = ms * BM + tl.arange(0, BM)
+        ok_q, ok_s = ci * Q + q < L, ci * Q + s < L
+        pp = tl.arange(0, BP)
+        causal = q[:, None] >= s[None, :]
+        acc = tl.zeros((BM, BM), dtype=tl.float32)
+        if ms <= mq:
+            for h in range(0, H):
+                a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
+                a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
+                x = _rows(x_ptr, row0 + ci * Q + s, ok_s, h, H, P, pp)
+                dt = tl.load(dt_ptr + (row0 + ci * Q + s) * H + h, mask=ok_s, other=0.0)
+                xdt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
+                dy = _rows(dy_ptr, row0 + ci * Q + q, ok_q, h, H, P, pp).to(x.dtype)
+                Dh = tl.dot(dy, tl.trans(xdt), input_precision=PREC)
+                acc += Dh * tl.exp(tl.where(causal, a_q[:, None] - a_s[None, :], float("-inf")))
+        tl.store(dG_ptr + bc * Q * Q + q[:, None] * Q + s[None, :], acc)
 
 
-def diag_forward_triton(G, acum, xdt):
-    """diag_forward in one Triton kernel. G (b, c, Q, Q) contiguous fp32, acum (b, c, Q, h) fp32,
-    xdt (b, c, Q, h, p); Q a power of two >= 16. Returns (b, c, Q, h, p) fp32."""
-    b, c, Q, h, p = xdt.shape
-    BM = _block(Q)
-    G, acum, xdt = G.contiguous(), acum.contiguous(), xdt.contiguous()
-    y = torch.empty(b, c, Q, h, p, device=xdt.device, dtype=torch.float32)
-    _diag_fwd_kernel[(b * c, h, Q // BM)](
-        G, acum, xdt, y, h, p, Q * Q, Q, Q * h, h, Q * h * p, h * p, p, Q * h * p, h * p, p,
-        BM=BM, BP=max(16, triton.next_power_of_2(p)))
-    return y
-
-
-def diag_backward_triton(G, acum, xdt, dy):
-    """diag_backward in two Triton kernels (same arguments and results)."""
-    b, c, Q, h, p = xdt.shape
-    BM = _block(Q)
-    nblk = Q // BM
-    G, acum, xdt = G.contiguous(), acum.contiguous(), xdt.contiguous()
-    dy = dy.to(xdt.dtype).contiguous()
-    dev = xdt.device
-    dxdt = torch.empty(b, c, Q, h, p, device=dev, dtype=torch.float32)
-    dacum_col = torch.empty(b, c, Q, h, device=dev, dtype=torch.float32)
-    dacum_row = torch.zeros(b, c, h, nblk, Q, device=dev, dtype=torch.float32)
-    BP = max(16, triton.next_power_of_2(p))
-    _diag_bwd_x_kernel[(b * c, h, nblk)](
-        G, acum, xdt, dy, dxdt, dacum_col, dacum_row, h, p, Q,
-        Q * Q, Q, Q * h, h, Q * h * p, h * p, p, Q * h * p, h * p, p, h * nblk * Q, nblk * Q, Q,
-        BM=BM, BP=BP)
-    dG = torch.empty(b, c, Q, Q, device=dev, dtype=torch.float32)
-    _diag_bwd_G_kernel[(b * c, nblk, nblk)](
-        acum, xdt, dy, dG, h, p, Q * h, h, Q * h * p, h * p, p, Q * h * p, h * p, p, Q * Q, Q,
-        BM=BM, BP=BP)
-    dacum = dacum_col + dacum_row.sum(3).transpose(-1, -2)
-    return dxdt, dG, dacum
+def _launch(x, chunk_size):
+    """The shapes every kernel shares: (b, l, h, p, c, Q, BM, BP, PREC)."""
+    b, l, h, p = x.shape
+    Q = chunk_size
+    if Q < 16 or Q & (Q - 1):
+        raise ValueError(f"ssd_grouped with use_triton: chunk_size {Q} is not a power of two >= 16")
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"   # fp32 tests exact; bf16/fp16 ignore it
+    return b, l, h, p, -(-l // Q), Q, min(64, Q), max(16, triton.next_power_of_2(p)), prec
 
 
 def _scan_block(pn):
@@ -419,44 +445,103 @@ def _scan_block(pn):
     return min(1024, pn & -pn)
 
 
-def state_passing_triton(states, a_end, initial=None):
-    """state_passing in one Triton kernel; overwrites states (b, c, h*p, n) fp32 contiguous with S_prev."""
-    b, c, hp, n = states.shape
-    h = a_end.shape[-1]
-    pn = hp // h * n
-    BLOCK = _scan_block(pn)
-    a_end = a_end.contiguous()
-    final = torch.empty(b, hp, n, device=states.device, dtype=states.dtype)
-    _scan_fwd_kernel[(b, hp * n // BLOCK)](states, a_end, states if initial is None else initial.contiguous(),
-                                          final, c, h, hp * n, pn, HAS_INIT=initial is not None, BLOCK=BLOCK)
-    return states, final
+def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """forward with the elementwise work in Triton (CUDA, or TRITON_INTERPRET=1): same arguments and
+    results; chunk_size a power of two >= 16."""
+    b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
+    n = B.shape[-1]
+    hp, dev = h * p, x.device
+    x, dt, A = x.contiguous(), dt.float().contiguous(), A.float().contiguous()
+    Bc, Cc = _chunked(B, Q), _chunked(C, Q)                            # (b, c, Q, n)
+    acum = torch.empty(b, c, Q, h, device=dev, dtype=torch.float32)
+    xs = torch.empty(b, c, Q, h, p, device=dev, dtype=x.dtype)
+    _prep_kernel[(b * c, h)](x, dt, A, acum, xs, l, c, h, p, Q=Q, BP=BP, WRITE_ACUM=True, num_warps=8)
+    states = _matmul_f32(xs.view(b, c, Q, hp).transpose(-1, -2), Bc)  # (b, c, h*p, n) fp32
+    del xs
+    a_end = acum[:, :, -1].contiguous()
+    S_prev = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
+    final = torch.empty(b, hp, n, device=dev, dtype=torch.float32)
+    init = None if initial_state is None else initial_state.float().contiguous()
+    BLOCK = _scan_block(p * n)
+    _scan_fwd_kernel[(hp * n // BLOCK, b)](states, a_end, states if init is None else init, S_prev, final,
+                                           c, h, hp * n, p * n, HAS_INIT=init is not None, BLOCK=BLOCK)
+    del states
+    y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
+    G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32
+    y = torch.empty_like(x)
+    _diag_fwd_kernel[(b * c, h, Q // BM)](G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y,
+                                          l, c, h, p, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec)
+    return y, final.view(b, h, p, n), acum, S_prev, G
 
 
-def state_passing_backward_triton(dS_local, S_prev, a_end, dfinal=None):
-    """state_passing_backward in one Triton kernel; overwrites dS_local (contiguous fp32) with dstates."""
-    b, c, hp, n = S_prev.shape
-    h = a_end.shape[-1]
-    pn = hp // h * n
-    BLOCK = _scan_block(pn)
+def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size):
+    """backward with the elementwise work in Triton: same arguments and results."""
+    b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
+    n = B.shape[-1]
+    hp, dev, f32 = h * p, x.device, torch.float32
+    x, dt32, A32 = x.contiguous(), dt.float().contiguous(), A.float().contiguous()
+    dy = dy.to(x.dtype).contiguous()
+    Bc, Cc = _chunked(B, Q), _chunked(C, Q)
+    small = lambda: torch.empty(b, c, Q, h, device=dev, dtype=f32)  # noqa: E731
+    # state -> output: y_off = exp(acum) (C S_prev^T), y_off made again (one GEMM) rather than kept
+    y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p)
+    dy_e, dacum = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype), small()
+    _dy_kernel[(b * c, h, Q // BM)](dy, acum, y_off, dy_e, dacum, l, c, h, p, Q=Q, BM=BM, BP=BP)
+    del y_off
+    dC = _matmul_f32(dy_e, S_prev)                                    # (b, c, Q, n): K = h*p
+    dS_local = _matmul_f32(dy_e.transpose(-1, -2), Cc)                # (b, c, h*p, n)
+    del dy_e
+    # the scan between chunks, backwards
+    BLOCK = _scan_block(p * n)
     nblk = hp * n // BLOCK
-    a_end = a_end.contiguous()
-    d_init = torch.empty(b, hp, n, device=S_prev.device, dtype=S_prev.dtype)
-    da_part = torch.empty(b, c, nblk, device=S_prev.device, dtype=torch.float32)
-    _scan_bwd_kernel[(b, nblk)](dS_local, S_prev, a_end, S_prev if dfinal is None else dfinal.contiguous(), d_init,
-                                da_part, c, h, hp * n, pn, nblk, HAS_DFINAL=dfinal is not None, BLOCK=BLOCK)
-    return dS_local, da_part.view(b, c, h, -1).sum(-1), d_init
+    a_end = acum[:, :, -1].contiguous()
+    dstates = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
+    d_init = torch.empty(b, hp, n, device=dev, dtype=f32)
+    da_part = torch.empty(b, c, nblk, device=dev, dtype=f32)
+    dfin = None if dfinal is None else dfinal.float().contiguous()
+    _scan_bwd_kernel[(nblk, b)](dS_local, S_prev, a_end, dS_local if dfin is None else dfin, dstates, d_init,
+                                da_part, c, h, hp * n, p * n, nblk, HAS_DFINAL=dfin is not None, BLOCK=BLOCK)
+    del dS_local
+    # chunk states: S = xs^T B (xs made again by the forward's prologue)
+    xs = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype)
+    _prep_kernel[(b * c, h)](x, dt32, A32, acum, xs, l, c, h, p, Q=Q, BP=BP, WRITE_ACUM=False, num_warps=8)
+    dxs = _matmul_f32(Bc, dstates.transpose(-1, -2))                  # (b, c, Q, h*p): K = n
+    dB = _matmul_f32(xs, dstates)                                     # (b, c, Q, n): K = h*p
+    del xs, dstates
+    # inside the chunks, and the rest of the chain per position
+    dx = torch.empty_like(x)
+    ddt, dacum_col, t, dD_part = small(), small(), small(), small()
+    dacum_row = torch.zeros(b, c, h, Q // BM, Q, device=dev, dtype=f32)
+    D32 = acum if D is None else D.float().contiguous()
+    _diag_bwd_x_kernel[(b * c, h, Q // BM)](G, acum, x, dt32, dy, dxs, D32, dx, ddt, dacum_col, dacum_row, t, dD_part,
+                                            l, c, h, p, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec)
+    del dxs
+    dG = torch.empty(b, c, Q, Q, device=dev, dtype=f32)
+    _diag_bwd_G_kernel[(b * c, Q // BM, Q // BM)](acum, x, dt32, dy, dG, l, c, h, p, Q=Q, BM=BM, BP=BP, PREC=prec)
+    dC = dC + _matmul_f32(dG.to(x.dtype), Bc)
+    dB = dB + _matmul_f32(dG.transpose(-1, -2).to(x.dtype), Cc)
+    # d acum in total, then through acum = cumsum(dt A)
+    dacum = dacum + dacum_col + dacum_row.sum(3).transpose(-1, -2)
+    dacum[:, :, -1] += da_part.view(b, c, h, -1).sum(-1) + t.sum(2)
+    da = dacum.flip(2).cumsum(2).flip(2)                               # (b, c, Q, h)
+    ddt = ddt + da * A32
+    dA = (da * _chunked(dt32, Q)).sum((0, 1, 2))
+    unchunk = lambda t: t.reshape(b, c * Q, *t.shape[3:])[:, :l]  # noqa: E731
+    return (dx, unchunk(ddt).to(dt.dtype).contiguous(), dA.to(A.dtype), unchunk(dB).to(B.dtype).contiguous(),
+            unchunk(dC).to(C.dtype).contiguous(), None if D is None else dD_part.sum((0, 1, 2)).to(D.dtype),
+            None if initial_state is None else d_init.view(b, h, p, n).to(initial_state.dtype))
 
 
 # --------------------------------------------------------------------------------------------
-# The same as torch.library ops, so that torch.compile traces around them (as kernels.mamba2_train)
+# Both as torch.library ops with autograd, so that torch.compile traces around them (as
+# kernels.mamba2_train)
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("ssmttm::ssd_grouped_fwd", mutates_args=())
 def _ssd_grouped_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                     D: torch.Tensor, initial_state: Optional[torch.Tensor], chunk_size: int,
+                     D: Optional[torch.Tensor], initial_state: Optional[torch.Tensor], chunk_size: int,
                      use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """forward as an op: y, the final state, then acum, S_prev and G for the backward."""
-    y, final, ctx = forward(x, dt, A, B, C, chunk_size, D, initial_state, use_triton)
-    return y, final, ctx["acum"], ctx["S_prev"], ctx["G"]
+    return (forward_triton if use_triton else forward)(x, dt, A, B, C, chunk_size, D, initial_state)
 
 
 @_ssd_grouped_fwd.register_fake
@@ -465,48 +550,52 @@ def _(x, dt, A, B, C, D, initial_state, chunk_size, use_triton):
     n, Q, c = B.shape[-1], chunk_size, -(-l // chunk_size)
     ft = torch.promote_types(x.dtype, torch.float32)
     new = lambda *shape: x.new_empty(shape, dtype=ft)  # noqa: E731
-    return x.new_empty(b, l, h, p), new(b, h, p, n), new(b, c, Q, h), new(b, c, h * p, n), new(b, c, Q, Q)
+    return x.new_empty(b, l, h, p), new(b, h, p, n), new(b, c, Q, h), x.new_empty(b, c, h * p, n), new(b, c, Q, Q)
 
 
 @torch.library.custom_op("ssmttm::ssd_grouped_bwd", mutates_args=())
-def _ssd_grouped_bwd(dy: torch.Tensor, dfinal: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-                     B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, initial_state: Optional[torch.Tensor],
-                     acum: torch.Tensor, S_prev: torch.Tensor, G: torch.Tensor, chunk_size: int,
-                     use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                 torch.Tensor, torch.Tensor, torch.Tensor]:
-    """backward as an op: dx, ddt, dA, dB, dC, dD, d initial_state (empty without one)."""
-    ctx = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, Q=chunk_size, acum=acum, S_prev=S_prev, G=G,
-               has_init=initial_state is not None, use_triton=use_triton)
-    *grads, d_init = backward(ctx, dy, dfinal)
-    return (*grads, x.new_empty(0) if d_init is None else d_init.to(initial_state.dtype))
+def _ssd_grouped_bwd(dy: torch.Tensor, dfinal: Optional[torch.Tensor], x: torch.Tensor, dt: torch.Tensor,
+                     A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
+                     initial_state: Optional[torch.Tensor], acum: torch.Tensor, S_prev: torch.Tensor,
+                     G: torch.Tensor, chunk_size: int, use_triton: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
+    """backward as an op: dx, ddt, dA, dB, dC, dD and d initial_state (empty for a missing D or state)."""
+    grads = (backward_triton if use_triton else backward)(dy, dfinal, x, dt, A, B, C, D, initial_state, acum,
+                                                           S_prev, G, chunk_size)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
 @_ssd_grouped_bwd.register_fake
 def _(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size, use_triton):
-    d_init = x.new_empty(0) if initial_state is None else torch.empty_like(initial_state)
-    return tuple(torch.empty_like(t) for t in (x, dt, A, B, C, D)) + (d_init,)
+    like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
+    return tuple(like(t) for t in (x, dt, A, B, C, D, initial_state))
 
 
 def _ssd_grouped_setup(ctx, inputs, output):
     x, dt, A, B, C, D, initial_state, chunk_size, use_triton = inputs
-    ctx.has_init = initial_state is not None
-    saved = (x, dt, A, B, C, D) + ((initial_state,) if ctx.has_init else ()) + tuple(output[2:])
-    ctx.save_for_backward(*saved)
+    ctx.has_D, ctx.has_init = D is not None, initial_state is not None
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, *output[2:])
     ctx.sizes = chunk_size, use_triton
 
 
 def _ssd_grouped_backward(ctx, dy, dfinal, *_):  # acum, S_prev and G are for the backward, not used
-    x, dt, A, B, C, D, *rest = ctx.saved_tensors
-    initial_state = rest.pop(0) if ctx.has_init else None
-    acum, S_prev, G = rest
-    *grads, d_init = _ssd_grouped_bwd(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, *ctx.sizes)
-    return (*grads, d_init if ctx.has_init else None, None, None)
+    x, dt, A, B, C, D, initial_state, acum, S_prev, G = ctx.saved_tensors
+    dx, ddt, dA, dB, dC, dD, d_init = _ssd_grouped_bwd(dy, dfinal, x, dt, A, B, C, D, initial_state, acum,
+                                                       S_prev, G, *ctx.sizes)
+    return dx, ddt, dA, dB, dC, dD if ctx.has_D else None, d_init if ctx.has_init else None, None, None
 
 
 _ssd_grouped_fwd.register_autograd(_ssd_grouped_backward, setup_context=_ssd_grouped_setup)
 
 
-def ssd_grouped(x, dt, A, B, C, chunk_size, D, initial_state=None, use_triton=False):
-    """GroupedSSD as the ssmttm::ssd_grouped_* ops: (y, final_state); D is required here."""
+def ssd_grouped(x, dt, A, B, C, chunk_size, D=None, initial_state=None, use_triton=False):
+    """The grouped SSD with its hand-written backward, as the ssmttm::ssd_grouped_* ops.
+
+    x (b, l, h, p), dt (b, l, h) after softplus, A (h,) < 0, B and C (b, l, n) (ngroups = 1), D (h,)
+    or None, initial_state (b, h, p, n) or None. Returns y (b, l, h, p) in x's dtype and the final
+    state (b, h, p, n) fp32; differentiable in every tensor argument. use_triton: the fused Triton
+    kernels (CUDA, or the CPU with TRITON_INTERPRET=1; chunk_size a power of two >= 16), else the
+    torch form (any device and dtype, the definition the kernels are tested against)."""
     y, final, *_ = _ssd_grouped_fwd(x, dt, A, B, C, D, initial_state, chunk_size, use_triton)
     return y, final

@@ -30,7 +30,7 @@ def test_grouped_ssd_equals_the_reference_with_gradients(l, Q, init, with_D):
     dy, dfinal = torch.randn(y_ref.shape, generator=g, dtype=torch.float64), torch.randn(f_ref.shape, generator=g, dtype=torch.float64)
     inputs = [t for t in (x, dt, A, B, C, D, s0) if t is not None]
     ref_grads = torch.autograd.grad((y_ref * dy).sum() + (f_ref * dfinal).sum(), inputs)
-    y, f = ssd_grouped.GroupedSSD.apply(x, dt, A, B, C, Q, D, s0)
+    y, f = ssd_grouped.ssd_grouped(x, dt, A, B, C, Q, D, s0)
     grads = torch.autograd.grad((y * dy).sum() + (f * dfinal).sum(), inputs)
     assert (y - y_ref).abs().max() < 1e-12 and (f - f_ref).abs().max() < 1e-12
     names = [nm for nm, t in zip("x dt A B C D s0".split(), (x, dt, A, B, C, D, s0)) if t is not None]
@@ -42,7 +42,7 @@ def test_grouped_ssd_without_final_state_gradient():
     # only y is used: the final state's gradient is None in autograd, the scan starts from zero
     x, dt, A, B, C, D, s0 = _inputs(1, 30, 2, 4, 6)
     y_ref, _ = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], 8, D=D, initial_state=s0)
-    y, _ = ssd_grouped.GroupedSSD.apply(x, dt, A, B, C, 8, D, s0)
+    y, _ = ssd_grouped.ssd_grouped(x, dt, A, B, C, 8, D, s0)
     inputs = (x, dt, A, B, C, D, s0)
     for got, want in zip(torch.autograd.grad(y.square().sum(), inputs), torch.autograd.grad(y_ref.square().sum(), inputs)):
         assert (got - want).abs().max() <= 1e-11 * max(1.0, want.abs().max().item())
@@ -77,41 +77,32 @@ def _rel(a, ref):
 
 
 @needs_triton
-@pytest.mark.parametrize("b,c,Q,h,p", [(1, 2, 32, 3, 16), (2, 1, 128, 2, 24)])
-def test_diag_kernels_equal_their_torch_definitions(b, c, Q, h, p):
-    g = torch.Generator().manual_seed(0)
-    G = torch.randn(b, c, Q, Q, generator=g)
-    acum = torch.cumsum(-torch.rand(b, c, Q, h, generator=g) * 0.2, dim=2)
-    xdt, dy = torch.randn(b, c, Q, h, p, generator=g), torch.randn(b, c, Q, h, p, generator=g)
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
-    assert _rel(ssd_grouped.diag_forward_triton(dev(G), dev(acum), dev(xdt)).cpu(),
-                ssd_grouped.diag_forward(G.double(), acum.double(), xdt.double())) < 1e-5
-    got = ssd_grouped.diag_backward_triton(dev(G), dev(acum), dev(xdt), dev(dy))
-    want = ssd_grouped.diag_backward(G.double(), acum.double(), xdt.double(), dy.double())
-    for name, a, r in zip(("dxdt", "dG", "dacum"), got, want):
-        assert _rel(a.cpu(), r) < 1e-5, name
-
-
-@needs_triton
-def test_grouped_ssd_with_use_triton_equals_the_reference():
-    # fp32 inputs, chunk 32, a length that is not a multiple of it, initial state and D
-    x, dt, A, B, C, D, s0 = _inputs(1, 70, 2, 16, 20)
-    y_ref, f_ref = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], 32, D=D, initial_state=s0)
+@pytest.mark.parametrize("l,Q,init,with_D,dfinal", [(70, 32, True, True, True), (64, 16, False, False, True),
+                                                    (20, 32, True, True, False)])
+def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, init, with_D, dfinal):
+    # fp32 inputs (exact products: input_precision "ieee"), 1 to 4 chunks, lengths not a multiple of the
+    # chunk, p*n = 320 in scan blocks of 64 (5 per head), with and without initial state, D and a
+    # final-state gradient
+    x, dt, A, B, C, D, s0 = _inputs(2, l, 3, 16, 20, init=init, with_D=with_D)
+    y_ref, f_ref = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], Q, D=D, initial_state=s0)
     g = torch.Generator().manual_seed(1)
-    dy, dfinal = torch.randn(y_ref.shape, generator=g, dtype=torch.float64), torch.randn(f_ref.shape, generator=g, dtype=torch.float64)
-    inputs = (x, dt, A, B, C, D, s0)
-    want = torch.autograd.grad((y_ref * dy).sum() + (f_ref * dfinal).sum(), inputs)
-    f32 = [t.detach().float().to(DEVICE).requires_grad_() for t in inputs]
-    y, f = ssd_grouped.GroupedSSD.apply(*f32[:5], 32, f32[5], f32[6], True)
-    got = torch.autograd.grad((y * dy.float().to(DEVICE)).sum() + (f * dfinal.float().to(DEVICE)).sum(), f32)
-    assert _rel(y.detach().cpu(), y_ref.detach()) < 2e-5 and _rel(f.detach().cpu(), f_ref.detach()) < 2e-5
-    for name, a, r in zip("x dt A B C D s0".split(), got, want):
+    dy, df = torch.randn(y_ref.shape, generator=g, dtype=torch.float64), torch.randn(f_ref.shape, generator=g, dtype=torch.float64)
+    df = df if dfinal else torch.zeros_like(df)
+    inputs = [t for t in (x, dt, A, B, C, D, s0) if t is not None]
+    want = torch.autograd.grad((y_ref * dy).sum() + (f_ref * df).sum(), inputs)
+    f32 = [None if t is None else t.detach().float().to(DEVICE).requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+    y, f = ssd_grouped.ssd_grouped(*f32[:5], Q, f32[5], f32[6], use_triton=True)
+    loss = (y * dy.float().to(DEVICE)).sum() + ((f * df.float().to(DEVICE)).sum() if dfinal else 0)
+    got = torch.autograd.grad(loss, [t for t in f32 if t is not None])
+    assert _rel(y.detach().cpu(), y_ref.detach()) < 1e-5 and _rel(f.detach().cpu(), f_ref.detach()) < 1e-5
+    names = [nm for nm, t in zip("x dt A B C D s0".split(), (x, dt, A, B, C, D, s0)) if t is not None]
+    for name, a, r in zip(names, got, want):
         assert _rel(a.cpu(), r) < 2e-5, name
 
 
 @pytest.mark.parametrize("variant", ["prefix_simba", "cross_simba"])
 def test_lm_with_the_grouped_training_path_equals_the_plain_model(variant):
-    # FastOptions(train="grouped") on a CPU (GroupedSSD's torch form): loss and every gradient of the
+    # FastOptions(train="grouped") on a CPU (ssd_grouped's torch form): loss and every gradient of the
     # LM equal the plain model's in float64, left-padded texts included; a prefill then continues
     # from the same state
     import fast
@@ -134,7 +125,7 @@ def test_lm_with_the_grouped_training_path_equals_the_plain_model(variant):
     for (name, a), b in zip(plain.named_parameters(), grouped.parameters()):
         assert (a.grad - b.grad).abs().max() <= 1e-10 * max(1.0, a.grad.abs().max().item()), name
     plain.eval(), grouped.eval()
-    with torch.no_grad():  # the prefill through GroupedSSD, then the plain steps: the same greedy tokens
+    with torch.no_grad():  # the prefill through ssd_grouped, then the plain steps: the same greedy tokens
         runs = [m.generate(text, mask, 12, top_k=1) for m in (plain, grouped)]
     assert torch.equal(runs[0], runs[1])
 
@@ -162,26 +153,3 @@ def test_ssd_grouped_op_compiles_in_one_graph():
     got = torch.autograd.grad(compiled(x, dt, A, B, C, D), (x, B))
     for g, w in zip(got, want):
         assert torch.equal(g, w)
-
-
-@needs_triton
-@pytest.mark.parametrize("init", [True, False])
-def test_scan_kernels_equal_their_torch_definitions(init):
-    # b 2, c 3 chunks, h 3 heads of p*n = 4*6 (blocks of 8: three per head)
-    g = torch.Generator().manual_seed(0)
-    b, c, h, p, n = 2, 3, 3, 4, 6
-    states = torch.randn(b, c, h * p, n, generator=g)
-    a_end = -torch.rand(b, c, h, generator=g)
-    initial = torch.randn(b, h * p, n, generator=g) if init else None
-    dS, dfinal = torch.randn(b, c, h * p, n, generator=g), torch.randn(b, h * p, n, generator=g) if init else None
-    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
-    want = ssd_grouped.state_passing(states.double(), a_end.double(), None if initial is None else initial.double())
-    got = ssd_grouped.state_passing_triton(dev(states.clone()), dev(a_end), dev(initial))
-    for a, r in zip(got, want):
-        assert _rel(a.cpu(), r) < 1e-6
-    S_prev = want[0].float()
-    want = ssd_grouped.state_passing_backward(dS.double(), S_prev.double(), a_end.double(),
-                                              None if dfinal is None else dfinal.double())
-    got = ssd_grouped.state_passing_backward_triton(dev(dS.clone()), dev(S_prev), dev(a_end), dev(dfinal))
-    for name, a, r in zip(("dstates", "da_end", "d_init"), got, want):
-        assert _rel(a.cpu(), r) < 1e-6, name
