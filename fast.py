@@ -33,8 +33,8 @@ class FastOptions:
     # Mamba-2's training pass: "keep_states" (kernels.mamba2_train: mamba-ssm's kernels, keeping the
     # SSD's chunk states for the backward), "mamba_ssm" (mamba-ssm's mamba_split_conv1d_scan_combined,
     # which recomputes them), "split" (causal-conv1d, then mamba_chunk_scan_combined, as separate ops)
-    # or "grouped" (issue 15, experimental: causal-conv1d, then ssd_grouped.ssd_grouped, the SSD for
-    # ngroups = 1 with its state products as GEMMs over all heads; the plain model's padding rule).
+    # or "grouped" (issue 15: as keep_states with ssd_grouped's SSD for ngroups = 1, its state products
+    # as GEMMs over all heads; without grad and on a CPU the plain layer on ssd_grouped).
     train: str = "keep_states"
     chunk_size: int = 256        # the SSD kernels' chunk length, the one they are tuned for
     decode_kernels: bool = True  # decoding steps through kernels.py (False: the layers' own steps)
@@ -89,7 +89,9 @@ class FastMamba2(Mamba2):
     options: FastOptions
 
     def forward(self, u, mask=None, state=None):
-        if state is not None or not u.is_cuda or self.options.train in ("split", "grouped"):
+        train = self.options.train
+        fused = torch.is_grad_enabled() and kernels.HAS_TRAIN_KERNELS and (train != "grouped" or self.ngroups == 1)
+        if state is not None or not u.is_cuda or train == "split" or (train == "grouped" and not fused):
             return super().forward(u, mask, state)  # the prefill and steps: conv, ssd, step below
         zxbcdt = self.in_proj(u)
         # Padding is sequence 0 and the text and audio sequence 1: the kernels start the sequence
@@ -97,9 +99,10 @@ class FastMamba2(Mamba2):
         seq_idx = None if mask is None else mask.to(torch.int32)
         params = (self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A(), self.D)
         # Keeping the chunk states pays only when a backward follows: without grad, mamba-ssm's own.
-        if self.options.train == "keep_states" and torch.is_grad_enabled() and kernels.HAS_TRAIN_KERNELS:
+        if train in ("keep_states", "grouped") and fused:
             return kernels.mamba2_train(zxbcdt, *params, self.norm.weight, self.out_proj.weight, seq_idx,
-                                        self.options.chunk_size, self.headdim, self.ngroups, self.norm.eps)
+                                        self.options.chunk_size, self.headdim, self.ngroups, self.norm.eps,
+                                        grouped=train == "grouped")
         return kernels.mamba_split_conv1d_scan_combined(
             zxbcdt, *params, self.options.chunk_size, seq_idx=seq_idx, rmsnorm_weight=self.norm.weight,
             rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, outproj_bias=None,

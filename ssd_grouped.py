@@ -228,10 +228,18 @@ except ImportError:  # a CPU-only torch has no triton
 if triton is not None:
 
     @triton.jit
-    def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, xs_ptr, L, NC, H, P,
+    def _rows(ptr, rows, stride, ok, h, P, pp):
+        """A (len(rows), BP) tile of head h of a (b*L, H, P) tensor whose rows (b*L + position) lie
+        stride elements apart (H*P when contiguous), zero where not ok and past P."""
+        return tl.load(ptr + rows[:, None] * stride + h * P + pp[None, :], mask=ok[:, None] & (pp[None, :] < P),
+                       other=0.0)
+
+    @triton.jit
+    def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, xs_ptr, L, NC, H, P, SX,
                      Q: tl.constexpr, BP: tl.constexpr, WRITE_ACUM: tl.constexpr):
         """acum = cumsum(dt A) over one chunk (into acum if WRITE_ACUM) and xs = x dt exp(acum_end - acum)
-        in xs's dtype, (b, c, Q, h, p), zero past L. x (b, L, h, p), dt (b, L, h). Grid (b*c, h)."""
+        in xs's dtype, (b, c, Q, h, p), zero past L. x (b, L, h, p) with rows SX apart, dt (b, L, h).
+        Grid (b*c, h)."""
         bc, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
         bi, ci = bc // NC, bc % NC
         q = tl.arange(0, Q)
@@ -243,8 +251,7 @@ if triton is not None:
         if WRITE_ACUM:
             tl.store(acum_ptr + (bc * Q + q) * H + h, acum)
         pp = tl.arange(0, BP)
-        x = tl.load(x_ptr + ((bi * L + pos) * H + h)[:, None] * P + pp[None, :],
-                    mask=ok[:, None] & (pp[None, :] < P), other=0.0)
+        x = _rows(x_ptr, bi * L + pos, SX, ok, h, P, pp)
         xs = x.to(tl.float32) * (dt * tl.exp(a_end - acum))[:, None]
         tl.store(xs_ptr + ((bc * Q + q) * H + h)[:, None] * P + pp[None, :], xs.to(xs_ptr.dtype.element_ty),
                  mask=pp[None, :] < P)
@@ -293,14 +300,7 @@ if triton is not None:
         tl.store(dinit_ptr + bi * HPN + o, g)
 
     @triton.jit
-    def _rows(ptr, rows, ok, h, H, P, pp):
-        """A (len(rows), BP) tile of head h of a (b*L, H, P) tensor at the given flat rows (b*L + position),
-        zero where not ok and past P."""
-        return tl.load(ptr + (rows * H + h)[:, None] * P + pp[None, :], mask=ok[:, None] & (pp[None, :] < P),
-                       other=0.0)
-
-    @triton.jit
-    def _diag_fwd_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, yoff_ptr, D_ptr, y_ptr, L, NC, H, P,
+    def _diag_fwd_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, yoff_ptr, D_ptr, y_ptr, L, NC, H, P, SX,
                          Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
                          PREC: tl.constexpr):
         """y[q, h] = exp(acum_q) y_off[q, h] + sum_{s <= q} G[q, s] exp(acum_q - acum_s) x_s dt_s + D_h x_q
@@ -321,7 +321,7 @@ if triton is not None:
             a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
             G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])          # (BM, BM) fp32
             E = tl.exp(tl.where(q[:, None] >= s[None, :], a_q[:, None] - a_s[None, :], float("-inf")))
-            x = _rows(x_ptr, row0 + pos_s, ok_s, h, H, P, pp)
+            x = _rows(x_ptr, row0 + pos_s, SX, ok_s, h, P, pp)
             dt = tl.load(dt_ptr + (row0 + pos_s) * H + h, mask=ok_s, other=0.0)
             xdt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
             acc = tl.dot((G * E).to(x.dtype), xdt, acc, input_precision=PREC)
@@ -329,7 +329,7 @@ if triton is not None:
         acc += tl.exp(a_q)[:, None] * yoff
         ok_q = pos_q < L
         if HAS_D:
-            acc += tl.load(D_ptr + h) * _rows(x_ptr, row0 + pos_q, ok_q, h, H, P, pp).to(tl.float32)
+            acc += tl.load(D_ptr + h) * _rows(x_ptr, row0 + pos_q, SX, ok_q, h, P, pp).to(tl.float32)
         tl.store(y_ptr + ((row0 + pos_q) * H + h)[:, None] * P + pp[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=ok_q[:, None] & (pp[None, :] < P))
 
@@ -342,7 +342,7 @@ if triton is not None:
         bi, ci = bc // NC, bc % NC
         q = m * BM + tl.arange(0, BM)
         pp = tl.arange(0, BP)
-        dy = _rows(dy_ptr, bi * L + ci * Q + q, ci * Q + q < L, h, H, P, pp).to(tl.float32)
+        dy = _rows(dy_ptr, bi * L + ci * Q + q, H * P, ci * Q + q < L, h, P, pp).to(tl.float32)
         dye = dy * tl.exp(tl.load(acum_ptr + (bc * Q + q) * H + h))[:, None]
         at = ((bc * Q + q) * H + h)[:, None] * P + pp[None, :]
         tl.store(dye_ptr + at, dye.to(dye_ptr.dtype.element_ty), mask=pp[None, :] < P)
@@ -351,7 +351,7 @@ if triton is not None:
 
     @triton.jit
     def _diag_bwd_x_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, dy_ptr, dxs_ptr, D_ptr,
-                           dx_ptr, ddt_ptr, dacum_col_ptr, dacum_row_ptr, t_ptr, dD_ptr, L, NC, H, P,
+                           dx_ptr, ddt_ptr, dacum_col_ptr, dacum_row_ptr, t_ptr, dD_ptr, L, NC, H, P, SX,
                            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
                            PREC: tl.constexpr):
         """For the positions s of one row block and one head: the (Q, Q) part's gradients (dxdt_s =
@@ -369,7 +369,7 @@ if triton is not None:
         ok_s = pos_s < L
         pp = tl.arange(0, BP)
         a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
-        x_s = _rows(x_ptr, row0 + pos_s, ok_s, h, H, P, pp)                       # (BM, BP)
+        x_s = _rows(x_ptr, row0 + pos_s, SX, ok_s, h, P, pp)                       # (BM, BP)
         dt_s = tl.load(dt_ptr + (row0 + pos_s) * H + h, mask=ok_s, other=0.0)
         xdt_s = (x_s.to(tl.float32) * dt_s[:, None]).to(x_s.dtype)
         dxd = tl.zeros((BM, BP), dtype=tl.float32)
@@ -380,7 +380,7 @@ if triton is not None:
             a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
             G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
             W = G * tl.exp(tl.where(q[:, None] >= s[None, :], a_q[:, None] - a_s[None, :], float("-inf")))
-            dy = _rows(dy_ptr, row0 + pos_q, pos_q < L, h, H, P, pp).to(x_s.dtype)   # (BM q, BP)
+            dy = _rows(dy_ptr, row0 + pos_q, H * P, pos_q < L, h, P, pp).to(x_s.dtype)   # (BM q, BP)
             M = W * tl.dot(dy, tl.trans(xdt_s), input_precision=PREC)                   # (BM q, BM s)
             dxd = tl.dot(tl.trans(W.to(dy.dtype)), dy, dxd, input_precision=PREC)
             col += tl.sum(M, axis=0)
@@ -394,7 +394,7 @@ if triton is not None:
         dx = dxdt * dt_s[:, None]
         at = (bc * Q + s) * H + h
         if HAS_D:
-            dy_s = _rows(dy_ptr, row0 + pos_s, ok_s, h, H, P, pp).to(tl.float32)
+            dy_s = _rows(dy_ptr, row0 + pos_s, H * P, ok_s, h, P, pp).to(tl.float32)
             dx += tl.load(D_ptr + h) * dy_s
             tl.store(dD_ptr + at, tl.sum(dy_s * xf, axis=1))
         tl.store(dx_ptr + ((row0 + pos_s) * H + h)[:, None] * P + pp[None, :], dx.to(dx_ptr.dtype.element_ty),
@@ -404,7 +404,7 @@ if triton is not None:
         tl.store(t_ptr + at, t)
 
     @triton.jit
-    def _diag_bwd_G_kernel(acum_ptr, x_ptr, dt_ptr, dy_ptr, dG_ptr, L, NC, H, P,
+    def _diag_bwd_G_kernel(acum_ptr, x_ptr, dt_ptr, dy_ptr, dG_ptr, L, NC, H, P, SX,
                            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr):
         """dG[q, s] = sum_h (dy_q . x_s dt_s)_h exp(acum_q - acum_s)_h on s <= q, one (BM, BM) tile of
         (b, c, Q, Q) fp32. Grid (b*c, Q / BM rows, Q / BM columns); tiles above the diagonal are zero."""
@@ -421,13 +421,22 @@ if triton is not None:
             for h in range(0, H):
                 a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
                 a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
-                x = _rows(x_ptr, row0 + ci * Q + s, ok_s, h, H, P, pp)
+                x = _rows(x_ptr, row0 + ci * Q + s, SX, ok_s, h, P, pp)
                 dt = tl.load(dt_ptr + (row0 + ci * Q + s) * H + h, mask=ok_s, other=0.0)
                 xdt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
-                dy = _rows(dy_ptr, row0 + ci * Q + q, ok_q, h, H, P, pp).to(x.dtype)
+                dy = _rows(dy_ptr, row0 + ci * Q + q, H * P, ok_q, h, P, pp).to(x.dtype)
                 Dh = tl.dot(dy, tl.trans(xdt), input_precision=PREC)
                 acc += Dh * tl.exp(tl.where(causal, a_q[:, None] - a_s[None, :], float("-inf")))
         tl.store(dG_ptr + bc * Q * Q + q[:, None] * Q + s[None, :], acc)
+
+
+def _rows_of(x):
+    """x (b, l, h, p) as the kernels read it: rows of h*p values, each row_stride apart (as for x viewed
+    in the conv's output), else a contiguous copy. Returns (x, row_stride)."""
+    b, l, h, p = x.shape
+    if not (x.stride(3) == 1 and x.stride(2) == p and x.stride(0) == l * x.stride(1)):
+        x = x.contiguous()
+    return x, x.stride(1)
 
 
 def _launch(x, chunk_size):
@@ -451,11 +460,11 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     hp, dev = h * p, x.device
-    x, dt, A = x.contiguous(), dt.float().contiguous(), A.float().contiguous()
+    (x, sx), dt, A = _rows_of(x), dt.float().contiguous(), A.float().contiguous()
     Bc, Cc = _chunked(B, Q), _chunked(C, Q)                            # (b, c, Q, n)
     acum = torch.empty(b, c, Q, h, device=dev, dtype=torch.float32)
     xs = torch.empty(b, c, Q, h, p, device=dev, dtype=x.dtype)
-    _prep_kernel[(b * c, h)](x, dt, A, acum, xs, l, c, h, p, Q=Q, BP=BP, WRITE_ACUM=True, num_warps=8)
+    _prep_kernel[(b * c, h)](x, dt, A, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=True, num_warps=8)
     states = _matmul_f32(xs.view(b, c, Q, hp).transpose(-1, -2), Bc)  # (b, c, h*p, n) fp32
     del xs
     a_end = acum[:, :, -1].contiguous()
@@ -468,9 +477,9 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     del states
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32
-    y = torch.empty_like(x)
+    y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     _diag_fwd_kernel[(b * c, h, Q // BM)](G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y,
-                                          l, c, h, p, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec)
+                                          l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec)
     return y, final.view(b, h, p, n), acum, S_prev, G
 
 
@@ -479,7 +488,7 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     hp, dev, f32 = h * p, x.device, torch.float32
-    x, dt32, A32 = x.contiguous(), dt.float().contiguous(), A.float().contiguous()
+    (x, sx), dt32, A32 = _rows_of(x), dt.float().contiguous(), A.float().contiguous()
     dy = dy.to(x.dtype).contiguous()
     Bc, Cc = _chunked(B, Q), _chunked(C, Q)
     small = lambda: torch.empty(b, c, Q, h, device=dev, dtype=f32)  # noqa: E731
@@ -504,20 +513,20 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     del dS_local
     # chunk states: S = xs^T B (xs made again by the forward's prologue)
     xs = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype)
-    _prep_kernel[(b * c, h)](x, dt32, A32, acum, xs, l, c, h, p, Q=Q, BP=BP, WRITE_ACUM=False, num_warps=8)
+    _prep_kernel[(b * c, h)](x, dt32, A32, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=False, num_warps=8)
     dxs = _matmul_f32(Bc, dstates.transpose(-1, -2))                  # (b, c, Q, h*p): K = n
     dB = _matmul_f32(xs, dstates)                                     # (b, c, Q, n): K = h*p
     del xs, dstates
     # inside the chunks, and the rest of the chain per position
-    dx = torch.empty_like(x)
+    dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     ddt, dacum_col, t, dD_part = small(), small(), small(), small()
     dacum_row = torch.zeros(b, c, h, Q // BM, Q, device=dev, dtype=f32)
     D32 = acum if D is None else D.float().contiguous()
     _diag_bwd_x_kernel[(b * c, h, Q // BM)](G, acum, x, dt32, dy, dxs, D32, dx, ddt, dacum_col, dacum_row, t, dD_part,
-                                            l, c, h, p, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec)
+                                            l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec)
     del dxs
     dG = torch.empty(b, c, Q, Q, device=dev, dtype=f32)
-    _diag_bwd_G_kernel[(b * c, Q // BM, Q // BM)](acum, x, dt32, dy, dG, l, c, h, p, Q=Q, BM=BM, BP=BP, PREC=prec)
+    _diag_bwd_G_kernel[(b * c, Q // BM, Q // BM)](acum, x, dt32, dy, dG, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, PREC=prec)
     dC = dC + _matmul_f32(dG.to(x.dtype), Bc)
     dB = dB + _matmul_f32(dG.transpose(-1, -2).to(x.dtype), Cc)
     # d acum in total, then through acum = cumsum(dt A)

@@ -77,12 +77,13 @@ def _rel(a, ref):
 
 
 @needs_triton
-@pytest.mark.parametrize("l,Q,init,with_D,dfinal", [(70, 32, True, True, True), (64, 16, False, False, True),
-                                                    (20, 32, True, True, False)])
-def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, init, with_D, dfinal):
+@pytest.mark.parametrize("l,Q,init,with_D,dfinal,strided", [(70, 32, True, True, True, True),
+                                                            (64, 16, False, False, True, False),
+                                                            (20, 32, True, True, False, False)])
+def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, init, with_D, dfinal, strided):
     # fp32 inputs (exact products: input_precision "ieee"), 1 to 4 chunks, lengths not a multiple of the
     # chunk, p*n = 320 in scan blocks of 64 (5 per head), with and without initial state, D and a
-    # final-state gradient
+    # final-state gradient; x read in place from a wider tensor (as from the conv's output) or contiguous
     x, dt, A, B, C, D, s0 = _inputs(2, l, 3, 16, 20, init=init, with_D=with_D)
     y_ref, f_ref = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], Q, D=D, initial_state=s0)
     g = torch.Generator().manual_seed(1)
@@ -91,7 +92,12 @@ def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, init, w
     inputs = [t for t in (x, dt, A, B, C, D, s0) if t is not None]
     want = torch.autograd.grad((y_ref * dy).sum() + (f_ref * df).sum(), inputs)
     f32 = [None if t is None else t.detach().float().to(DEVICE).requires_grad_() for t in (x, dt, A, B, C, D, s0)]
-    y, f = ssd_grouped.ssd_grouped(*f32[:5], Q, f32[5], f32[6], use_triton=True)
+    xin = f32[0]
+    if strided:  # rows of h*p + 7 values, of which x is the first h*p
+        b, _, h, p = xin.shape
+        xin = torch.cat([xin.flatten(2), torch.zeros(b, l, 7, device=DEVICE)], -1)[..., :h * p].unflatten(-1, (h, p))
+        assert xin.stride(1) == h * p + 7
+    y, f = ssd_grouped.ssd_grouped(xin, *f32[1:5], Q, f32[5], f32[6], use_triton=True)
     loss = (y * dy.float().to(DEVICE)).sum() + ((f * df.float().to(DEVICE)).sum() if dfinal else 0)
     got = torch.autograd.grad(loss, [t for t in f32 if t is not None])
     assert _rel(y.detach().cpu(), y_ref.detach()) < 1e-5 and _rel(f.detach().cpu(), f_ref.detach()) < 1e-5
