@@ -7,6 +7,7 @@ dt (after softplus), A, D, an initial state.
     python bench_ssd_grouped.py            # times and differences against mamba-ssm
     python bench_ssd_grouped.py --profile  # also the kernels of one forward + backward
     python bench_ssd_grouped.py --check    # errors of both paths against ssd_reference in float64
+    python bench_ssd_grouped.py --sweep    # block rows, warps and stages of the (Q, Q) kernels
 """
 import argparse
 
@@ -25,9 +26,12 @@ def main():
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="launch shapes of the three (Q, Q) kernels")
     a = ap.parse_args()
     if a.check:
         return check(a.length, a.dstate, a.chunk)
+    if a.sweep:
+        return sweep(a.batch, a.length, a.dstate, a.chunk)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
     B, C = B[:, :, 0], C[:, :, 0]                   # (b, l, n): ngroups = 1
@@ -50,13 +54,13 @@ def main():
             with torch.no_grad():
                 ms_f = cuda_ms(lambda: fn(*leaves))
 
-            def fwd_bwd():
+            def fwd_bwd():  # the gradients given as they come, so that no extra pass is timed
                 y, f = fn(*leaves)
-                return torch.autograd.grad((y.float() * dy.float()).sum() + (f.float() * dfinal).sum(), leaves)
+                return torch.autograd.grad((y, f), leaves, (dy, dfinal))
             ms_fb = cuda_ms(fwd_bwd, iters=10)
             torch.cuda.reset_peak_memory_stats()
             y, f = fn(*leaves)
-            grads = torch.autograd.grad((y.float() * dy.float()).sum() + (f.float() * dfinal).sum(), leaves)
+            grads = torch.autograd.grad((y, f), leaves, (dy, dfinal))
             peak = torch.cuda.max_memory_allocated() / 2 ** 30
         except Exception as e:  # report, keep going
             print(f"{name}: failed ({type(e).__name__}: {str(e)[:200]})")
@@ -73,7 +77,7 @@ def main():
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             y, f = grouped(*leaves)
-            torch.autograd.grad((y.float() * dy.float()).sum() + (f.float() * dfinal).sum(), leaves)
+            torch.autograd.grad((y, f), leaves, (dy, dfinal))
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=80))
 
@@ -110,6 +114,39 @@ def check(l, n, Q, b=2, h=32, p=64, pad=300):
         got = [y, f] + list(torch.autograd.grad((y.double() * dy).sum() + (f.double() * dfinal).sum(), leaves))
         errs = [((a.double() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, want)]
         print(f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
+
+
+def sweep(b, l, n, Q, h=32, p=64):
+    """ms of _diag_fwd_kernel, _diag_bwd_x_kernel and _diag_bwd_G_kernel per launch shape."""
+    import itertools
+    x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
+    c = -(-l // Q)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    G = torch.randn(b, c, Q, Q, device="cuda", generator=g)
+    acum = torch.cumsum(dt.new_zeros(b, c * Q, h).view(b, c, Q, h) - 0.01, dim=2)
+    yoff = torch.randn(b, c, Q, h * p, device="cuda", generator=g)
+    dy = torch.randn(b, l, h, p, device="cuda", generator=g).to(torch.bfloat16)
+    y = torch.empty_like(x)
+    small = lambda: torch.empty(b, c, Q, h, device="cuda")  # noqa: E731
+    sg = ssd_grouped
+    for bm, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 2, 3)):
+        kw = dict(Q=Q, BM=bm, BP=p, PREC="tf32", num_warps=warps, num_stages=stages)
+        nb = Q // bm
+        row = torch.zeros(b, c, h, nb, Q, device="cuda")
+        dG = torch.empty(b, c, Q, Q, device="cuda")
+        calls = {
+            "fwd": lambda: sg._diag_fwd_kernel[(b * c, h, nb)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
+                                                                 HAS_D=True, **kw),
+            "bwd_x": lambda: sg._diag_bwd_x_kernel[(b * c, h, nb)](G, acum, x, dt, dy, yoff, D, y, small(), small(), row,
+                                                                    small(), small(), l, c, h, p, h * p, HAS_D=True, **kw),
+            "bwd_G": lambda: sg._diag_bwd_G_kernel[(b * c, nb, nb)](acum, x, dt, dy, dG, l, c, h, p, h * p, **kw)}
+        times = []
+        for name, fn in calls.items():
+            try:
+                times.append(f"{name} {cuda_ms(fn):.3f}")
+            except Exception as e:  # out of shared memory or registers: report, keep going
+                times.append(f"{name} failed ({type(e).__name__})")
+        print(f"BM {bm} warps {warps} stages {stages}: " + ", ".join(times) + " ms", flush=True)
 
 
 if __name__ == "__main__":
