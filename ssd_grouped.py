@@ -440,7 +440,8 @@ def _rows_of(x):
 
 
 def _launch(x, chunk_size):
-    """The shapes every kernel shares: (b, l, h, p, c, Q, BM, BP, PREC)."""
+    """The shapes every kernel shares: (b, l, h, p, c, Q, BM, BP, PREC). Block rows BM 64 and each
+    kernel's warps and stages: the fastest of `bench_ssd_grouped.py --sweep` on an H200."""
     b, l, h, p = x.shape
     Q = chunk_size
     if Q < 16 or Q & (Q - 1):
@@ -479,7 +480,7 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     _diag_fwd_kernel[(b * c, h, Q // BM)](G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y,
-                                          l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec)
+                                          l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec, num_stages=1)
     return y, final.view(b, h, p, n), acum, S_prev, G
 
 
@@ -523,10 +524,12 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     dacum_row = torch.zeros(b, c, h, Q // BM, Q, device=dev, dtype=f32)
     D32 = acum if D is None else D.float().contiguous()
     _diag_bwd_x_kernel[(b * c, h, Q // BM)](G, acum, x, dt32, dy, dxs, D32, dx, ddt, dacum_col, dacum_row, t, dD_part,
-                                            l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec)
+                                            l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec,
+                                            num_stages=1)
     del dxs
     dG = torch.empty(b, c, Q, Q, device=dev, dtype=f32)
-    _diag_bwd_G_kernel[(b * c, Q // BM, Q // BM)](acum, x, dt32, dy, dG, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, PREC=prec)
+    _diag_bwd_G_kernel[(b * c, Q // BM, Q // BM)](acum, x, dt32, dy, dG, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, PREC=prec,
+                                                  num_warps=8, num_stages=3)
     dC = dC + _matmul_f32(dG.to(x.dtype), Bc)
     dB = dB + _matmul_f32(dG.transpose(-1, -2).to(x.dtype), Cc)
     # d acum in total, then through acum = cumsum(dt A)
