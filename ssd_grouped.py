@@ -480,7 +480,8 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     _diag_fwd_kernel[(b * c, h, Q // BM)](G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y,
-                                          l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec, num_stages=1)
+                                          l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec,
+                                          num_stages=1)
     return y, final.view(b, h, p, n), acum, S_prev, G
 
 
