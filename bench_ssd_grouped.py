@@ -15,7 +15,36 @@ import torch
 
 import ssd_grouped
 import ssd_reference
-from bench_ssd_triton import cuda_ms, inputs
+
+
+def cuda_ms(fn, iters=20, warmup=3):
+    """Median ms of fn() on the GPU (CUDA events), after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def inputs(b, l, h, p, n, dtype, seed=0):
+    """x (b, l, h, p), dt (b, l, h) fp32 after softplus, A (h,), B and C (b, l, n) in dtype (ngroups 1),
+    D (h,) and an initial state (b, h, p, n) fp32, on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    x = r(b, l, h, p).to(dtype)
+    dt = torch.nn.functional.softplus(r(b, l, h) - 3.0)                  # ~ mamba's dt init range
+    A = -torch.exp(torch.rand(h, device="cuda", generator=g) * 2.77)    # -[1, 16]
+    B = (r(b, l, n) / n ** 0.5).to(dtype)
+    C = (r(b, l, n) / n ** 0.5).to(dtype)
+    D = r(h)
+    s0 = r(b, h, p, n) * 0.1
+    return x, dt, A, B, C, D, s0
 
 
 def main():
@@ -34,7 +63,6 @@ def main():
         return sweep(a.batch, a.length, a.dstate, a.chunk)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
-    B, C = B[:, :, 0], C[:, :, 0]                   # (b, l, n): ngroups = 1
     leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
     g = torch.Generator(device="cuda").manual_seed(1)
     dy = torch.randn(b, l, h, p, device="cuda", generator=g).to(torch.bfloat16)
@@ -93,7 +121,6 @@ def check(l, n, Q, b=2, h=32, p=64, pad=300):
     x and dt zero on its first `pad` positions), output, final state and every gradient: the
     relative error max|got - want| / max|want| of each."""
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
-    B, C = B[:, :, 0], C[:, :, 0]
     x[1, :pad] = 0
     dt[1, :pad] = 0
     g = torch.Generator(device="cuda").manual_seed(1)
