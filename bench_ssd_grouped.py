@@ -15,21 +15,12 @@ import torch
 
 import ssd_grouped
 import ssd_reference
+from bench import cuda_time
 
 
-def cuda_ms(fn, iters=20, warmup=3):
-    """Median ms of fn() on the GPU (CUDA events), after warmup calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def cuda_ms(fn, iters=20):
+    """Median ms of fn() on the GPU (CUDA events), after 3 warm-up calls."""
+    return cuda_time(fn, iters, warmup=3)
 
 
 def inputs(b, l, h, p, n, dtype, seed=0):
