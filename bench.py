@@ -693,9 +693,11 @@ def main():
     ap.add_argument("--chunk-sizes", type=comma_list(datamod.positive_int), default="256",
                     help="the SSD kernels' chunk lengths (FastOptions.chunk_size)")
     ap.add_argument("--layers", type=datamod.positive_int, default=24)
-    ap.add_argument("--mamba-train", type=comma_list(["keep_states", "mamba_ssm", "split"]), default="keep_states",
+    ap.add_argument("--mamba-train", type=comma_list(["keep_states", "mamba_ssm", "split", "grouped"]),
+                    default="keep_states",
                     help="Mamba-2 training paths (FastOptions.train): keep_states, mamba_ssm (mamba-ssm's own "
-                         "fused function, which recomputes the chunk states), split (separate conv and SSD ops)")
+                         "fused function, which recomputes the chunk states), split (separate conv and SSD ops), "
+                         "grouped (issue 15: ssd_grouped.ssd_grouped)")
     ap.add_argument("--decode-setups", type=comma_list(decode_setup),
                     default=",".join(DECODE_SETUPS),
                     help=f"variant:mode pairs for the decode section (modes: {', '.join(DECODE_MODES)})")

@@ -19,9 +19,11 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import kernels
+import ssd_grouped
 import ssmttm
 from ssmttm import SPECIAL, Mamba2
 
@@ -30,7 +32,9 @@ from ssmttm import SPECIAL, Mamba2
 class FastOptions:
     # Mamba-2's training pass: "keep_states" (kernels.mamba2_train: mamba-ssm's kernels, keeping the
     # SSD's chunk states for the backward), "mamba_ssm" (mamba-ssm's mamba_split_conv1d_scan_combined,
-    # which recomputes them) or "split" (causal-conv1d, then mamba_chunk_scan_combined, as separate ops).
+    # which recomputes them), "split" (causal-conv1d, then mamba_chunk_scan_combined, as separate ops)
+    # or "grouped" (issue 15: as keep_states with ssd_grouped's SSD for ngroups = 1, its state products
+    # as GEMMs over all heads; without grad and on a CPU the plain layer on ssd_grouped).
     train: str = "keep_states"
     chunk_size: int = 256        # the SSD kernels' chunk length, the one they are tuned for
     decode_kernels: bool = True  # decoding steps through kernels.py (False: the layers' own steps)
@@ -39,8 +43,8 @@ class FastOptions:
     compile: bool = False        # decoding: torch.compile the plain step instead of kernels.py's
 
     def __post_init__(self):
-        if self.train not in ("keep_states", "mamba_ssm", "split"):
-            raise ValueError(f"FastOptions.train: {self.train!r} is not keep_states, mamba_ssm or split")
+        if self.train not in ("keep_states", "mamba_ssm", "split", "grouped"):
+            raise ValueError(f"FastOptions.train: {self.train!r} is not keep_states, mamba_ssm, split or grouped")
 
 
 def available():
@@ -85,7 +89,9 @@ class FastMamba2(Mamba2):
     options: FastOptions
 
     def forward(self, u, mask=None, state=None):
-        if state is not None or not u.is_cuda or self.options.train == "split":
+        train = self.options.train
+        fused = torch.is_grad_enabled() and kernels.HAS_TRAIN_KERNELS and (train != "grouped" or self.ngroups == 1)
+        if state is not None or not u.is_cuda or train == "split" or (train == "grouped" and not fused):
             return super().forward(u, mask, state)  # the prefill and steps: conv, ssd, step below
         zxbcdt = self.in_proj(u)
         # Padding is sequence 0 and the text and audio sequence 1: the kernels start the sequence
@@ -93,9 +99,10 @@ class FastMamba2(Mamba2):
         seq_idx = None if mask is None else mask.to(torch.int32)
         params = (self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A(), self.D)
         # Keeping the chunk states pays only when a backward follows: without grad, mamba-ssm's own.
-        if self.options.train == "keep_states" and torch.is_grad_enabled() and kernels.HAS_TRAIN_KERNELS:
+        if train in ("keep_states", "grouped") and fused:
             return kernels.mamba2_train(zxbcdt, *params, self.norm.weight, self.out_proj.weight, seq_idx,
-                                        self.options.chunk_size, self.headdim, self.ngroups, self.norm.eps)
+                                        self.options.chunk_size, self.headdim, self.ngroups, self.norm.eps,
+                                        grouped=train == "grouped")
         return kernels.mamba_split_conv1d_scan_combined(
             zxbcdt, *params, self.options.chunk_size, seq_idx=seq_idx, rmsnorm_weight=self.norm.weight,
             rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, outproj_bias=None,
@@ -108,6 +115,12 @@ class FastMamba2(Mamba2):
         return kernels.causal_conv1d_fn(xBC.transpose(1, 2), weight, self.conv1d.bias).transpose(1, 2)
 
     def ssd(self, x, dt, B, C, initial_state=None):
+        if self.options.train == "grouped" and self.ngroups == 1:  # on a CPU too (its torch form)
+            f32 = torch.promote_types(x.dtype, torch.float32)
+            with torch.autocast(x.device.type, enabled=False):
+                dt = F.softplus(dt.to(f32) + self.dt_bias.to(f32))
+                return ssd_grouped.ssd_grouped(x, dt, self.A(), B[:, :, 0], C[:, :, 0], self.options.chunk_size,
+                                               self.D.to(f32), initial_state, use_triton=x.is_cuda)
         if not x.is_cuda:
             return super().ssd(x, dt, B, C, initial_state)
         return kernels.mamba_chunk_scan_combined(x, dt, self.A(), B, C, self.options.chunk_size, D=self.D,

@@ -42,6 +42,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+import ssd_grouped
+
 try:
     import triton
     import triton.language as tl
@@ -471,8 +473,8 @@ def _split_and_conv(zxbcdt, conv_w, conv_b, seq_idx, h, headdim, g):
 def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor, dt_bias: torch.Tensor,
                       A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor,
                       seq_idx: Optional[torch.Tensor], chunk: int, headdim: int, ngroups: int,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor, torch.Tensor]:
+                      eps: float, grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor, torch.Tensor]:
     """conv -> SSD -> gated RMSNorm -> out_proj of ssmttm.Mamba2.forward, in mamba-ssm's kernels.
 
     The same kernels as mamba-ssm's mamba_split_conv1d_scan_combined, called in the same order,
@@ -485,33 +487,77 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
     Shapes: zxbcdt (b, l, 2 d_inner + 2 g n + h) = [z | x B C | dt], l split into chunks of Q;
     out_w (d_model, d_inner) in zxbcdt's dtype. Returns out (b, l, d_model), then for the backward
     y (b, l, h, p) before the norm, rstd (g b l), states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q),
-    dA_cs and dt (b, h, l/Q, Q). Every dtype follows from the inputs' (no autocast inside)."""
+    dA_cs and dt (b, h, l/Q, Q). Every dtype follows from the inputs' (no autocast inside).
+
+    grouped (ngroups 1; issue 15): the SSD is ssd_grouped's Triton form instead, and the saved
+    tensors are its own: S_prev (b, l/Q, h p, n) in x's dtype, G (b, l/Q, Q, Q), acum (b, l/Q, Q, h)
+    and dt (b, l, h) fp32 after the softplus, 0 at padding (seq_idx 0): with the conv's reset at
+    the sequence's start, the state passes the padding unchanged, as in mask_padding."""
     b, l, _ = zxbcdt.shape
     with torch.autocast("cuda", enabled=False):
         z, _, dt, x, B, C = _split_and_conv(zxbcdt, conv_w, conv_b, seq_idx, A.shape[0], headdim, ngroups)
         d_inner, n = z.shape[-1], B.shape[-1]
-        dA_cs, dt = _chunk_cumsum_fwd(dt, A, chunk, dt_bias=dt_bias, dt_softplus=True)
-        states = _chunk_state_fwd(B, x, dt, dA_cs, seq_idx=seq_idx, states_in_fp32=True)  # each chunk alone
-        states, _ = _state_passing_fwd(states.flatten(-2), dA_cs[:, :, :, -1], seq_idx=seq_idx, chunk_size=chunk)
-        states = states.unflatten(-1, (headdim, n))  # the state entering each chunk, fp32
-        CB = _bmm_chunk_fwd(C, B, chunk, seq_idx=seq_idx, output_dtype=torch.float32)
-        y, _ = _chunk_scan_fwd(CB, x, dt, dA_cs, C, states, D=D, seq_idx=seq_idx)  # (b, l, h, p), with D x
+        if grouped:
+            dt = _grouped_dt(dt, dt_bias, seq_idx)
+            y, _, acum, S_prev, G = ssd_grouped.forward_triton(x, dt, A, B[:, :, 0], C[:, :, 0], chunk, D)
+            saved = S_prev, G, acum, dt
+        else:
+            dA_cs, dt = _chunk_cumsum_fwd(dt, A, chunk, dt_bias=dt_bias, dt_softplus=True)
+            states = _chunk_state_fwd(B, x, dt, dA_cs, seq_idx=seq_idx, states_in_fp32=True)  # each chunk alone
+            states, _ = _state_passing_fwd(states.flatten(-2), dA_cs[:, :, :, -1], seq_idx=seq_idx, chunk_size=chunk)
+            states = states.unflatten(-1, (headdim, n))  # the state entering each chunk, fp32
+            CB = _bmm_chunk_fwd(C, B, chunk, seq_idx=seq_idx, output_dtype=torch.float32)
+            y, _ = _chunk_scan_fwd(CB, x, dt, dA_cs, C, states, D=D, seq_idx=seq_idx)  # (b, l, h, p), with D x
+            saved = states, CB, dA_cs, dt
         normed, _, rstd = _layer_norm_fwd(y.reshape(b * l, d_inner), norm_w, None, eps, z.view(b * l, d_inner),
                                           group_size=d_inner // ngroups, norm_before_gate=False, is_rms_norm=True)
         out = F.linear(normed.view(b, l, d_inner), out_w)
-    return out, y, rstd, states, CB, dA_cs, dt
+    return (out, y, rstd) + saved
+
+
+def _grouped_dt(dt, dt_bias, seq_idx):
+    """softplus(dt + dt_bias) in fp32, 0 where seq_idx is 0 (padding): (b, l, h)."""
+    dt = F.softplus(dt.float() + dt_bias.float())
+    return dt if seq_idx is None else dt * (seq_idx != 0)[..., None]
 
 
 @_mamba2_train_fwd.register_fake
-def _(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, headdim, ngroups, eps):
+def _(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, headdim, ngroups, eps, grouped):
     # what torch.compile traces with: the outputs' shapes and dtypes, no computation
     b, l, _ = zxbcdt.shape
     h, chunks = A.shape[0], -(-l // chunk)
     n = (conv_w.shape[0] - h * headdim) // (2 * ngroups)
     fp32 = lambda *shape: zxbcdt.new_empty(shape, dtype=torch.float32)
-    return (zxbcdt.new_empty(b, l, out_w.shape[0]), zxbcdt.new_empty(b, l, h, headdim), fp32(ngroups * b * l),
-            fp32(b, chunks, h, headdim, n), fp32(b, chunks, ngroups, chunk, chunk), fp32(b, h, chunks, chunk),
-            fp32(b, h, chunks, chunk))
+    head = zxbcdt.new_empty(b, l, out_w.shape[0]), zxbcdt.new_empty(b, l, h, headdim), fp32(ngroups * b * l)
+    if grouped:
+        return head + (zxbcdt.new_empty(b, chunks, h * headdim, n), fp32(b, chunks, chunk, chunk),
+                       fp32(b, chunks, chunk, h), fp32(b, l, h))
+    return head + (fp32(b, chunks, h, headdim, n), fp32(b, chunks, ngroups, chunk, chunk), fp32(b, h, chunks, chunk),
+                   fp32(b, h, chunks, chunk))
+
+
+def _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, ddt_in, A, D, dt_bias, seq_idx,
+                        chunk, headdim, g, n):
+    """The SSD's backward in mamba-ssm's kernels, writing dx, dB, dC and ddt_in in place; returns dA,
+    ddt_bias and dD."""
+    # the SSD: the gradients of the states entering each chunk, passed backwards through the chunks
+    dstates = _chunk_scan_bwd_dstates(C, dA_cs, dy, seq_idx=seq_idx, dtype=states.dtype)
+    dstates, ddA_chunk, _, states = _state_passing_bwd(
+        states.flatten(-2), dA_cs[:, :, :, -1], dstates.flatten(-2), seq_idx=seq_idx, has_initial_states=False,
+        dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk)
+    states, dstates = states.unflatten(-1, (headdim, n)), dstates.unflatten(-1, (headdim, n))
+    dx, ddt, dD = _chunk_scan_chunk_state_bwd_dx(x, dt, dA_cs, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
+    dB_part, ddA_next = _chunk_state_bwd_db(x, dt, dA_cs, dstates, seq_idx=seq_idx, B=B, ngroups=g)
+    dC_part, ddA_prev = _chunk_scan_bwd_dC(states, dA_cs, dy, seq_idx=seq_idx, C=C, ngroups=g)
+    dCB = _chunk_scan_bwd_dcb(x, dt, dA_cs, dy, seq_idx=seq_idx, ngroups=g).to(CB.dtype)
+    _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
+    _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
+    # the decays' gradient: each term where it arises, then one reverse cumsum over the chunk
+    ddA_prev[..., -1] += ddA_chunk
+    ddA = _chunk_scan_bwd_ddAcs_stable(x, dt, dA_cs, dy, CB)
+    ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
+    _, dA, ddt_bias = _chunk_cumsum_bwd(ddA, ddt, dt_in, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt_in)
+    return dA, ddt_bias, dD
 
 
 @torch.library.custom_op("ssmttm::mamba2_train_bwd", mutates_args=(), device_types="cuda")
@@ -519,9 +565,10 @@ def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Te
                       dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor,
                       seq_idx: Optional[torch.Tensor], y: torch.Tensor, rstd: torch.Tensor, states: torch.Tensor,
                       CB: torch.Tensor, dA_cs: torch.Tensor, dt: torch.Tensor, chunk: int, headdim: int, ngroups: int,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                      eps: float, grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of _mamba2_train_fwd's out for its tensor inputs zxbcdt ... out_w, each in its input's dtype."""
+    """The gradients of _mamba2_train_fwd's out for its tensor inputs zxbcdt ... out_w, each in its input's dtype.
+    With grouped, states, CB and dA_cs are the grouped SSD's S_prev, G and acum."""
     g = ngroups
     b, l, _ = zxbcdt.shape
     h = A.shape[0]
@@ -540,23 +587,18 @@ def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Te
             recompute_output=True, dz=dz.view(b * l, d_inner), out=normed.view(b * l, d_inner))
         dout_w = torch.einsum("bso,bsd->od", dout, normed)
         dy = dy.view(b, l, h, headdim)
-        # the SSD: the gradients of the states entering each chunk, passed backwards through the chunks
-        dstates = _chunk_scan_bwd_dstates(C, dA_cs, dy, seq_idx=seq_idx, dtype=states.dtype)
-        dstates, ddA_chunk, _, states = _state_passing_bwd(
-            states.flatten(-2), dA_cs[:, :, :, -1], dstates.flatten(-2), seq_idx=seq_idx, has_initial_states=False,
-            dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk)
-        states, dstates = states.unflatten(-1, (headdim, n)), dstates.unflatten(-1, (headdim, n))
-        dx, ddt, dD = _chunk_scan_chunk_state_bwd_dx(x, dt, dA_cs, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
-        dB_part, ddA_next = _chunk_state_bwd_db(x, dt, dA_cs, dstates, seq_idx=seq_idx, B=B, ngroups=g)
-        dC_part, ddA_prev = _chunk_scan_bwd_dC(states, dA_cs, dy, seq_idx=seq_idx, C=C, ngroups=g)
-        dCB = _chunk_scan_bwd_dcb(x, dt, dA_cs, dy, seq_idx=seq_idx, ngroups=g).to(CB.dtype)
-        _bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
-        _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
-        # the decays' gradient: each term where it arises, then one reverse cumsum over the chunk
-        ddA_prev[..., -1] += ddA_chunk
-        ddA = _chunk_scan_bwd_ddAcs_stable(x, dt, dA_cs, dy, CB)
-        ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
-        _, dA, ddt_bias = _chunk_cumsum_bwd(ddA, ddt, dt_in, A, dt_bias=dt_bias, dt_softplus=True, ddt=ddt_in)
+        if grouped:
+            dx_, ddt, dA, dB_, dC_, dD, _ = ssd_grouped.backward_triton(
+                dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, chunk)
+            dx.copy_(dx_), dB.copy_(dB_[:, :, None]), dC.copy_(dC_[:, :, None])
+            ddt = ddt * torch.sigmoid(dt_in.float() + dt_bias.float())   # through the softplus
+            if seq_idx is not None:
+                ddt = ddt * (seq_idx != 0)[..., None]
+            ddt_in.copy_(ddt)
+            ddt_bias = ddt.sum((0, 1))
+        else:
+            dA, ddt_bias, dD = _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, ddt_in,
+                                                   A, D, dt_bias, seq_idx, chunk, headdim, g, n)
         # the conv, writing into dzxbcdt's xBC columns
         dxBC_conv, dconv_w, dconv_b, *_ = causal_conv1d_bwd_function(
             ensure_stride(xBC).transpose(1, 2), conv_w, conv_b, ensure_stride(dxBC).transpose(1, 2), seq_idx, None, None,
@@ -573,27 +615,30 @@ def _(dout, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, *_):
 
 
 def _mamba2_train_setup(ctx, inputs, output):
-    *tensors, chunk, headdim, ngroups, eps = inputs
+    *tensors, chunk, headdim, ngroups, eps, grouped = inputs
     ctx.save_for_backward(*tensors, *output[1:])
-    ctx.sizes = chunk, headdim, ngroups, eps
+    ctx.sizes = chunk, headdim, ngroups, eps, grouped
 
 
 def _mamba2_train_backward(ctx, dout, *_):  # the other outputs are saved for the backward, not used
-    return _mamba2_train_bwd(dout, *ctx.saved_tensors, *ctx.sizes) + (None,) * 5
+    return _mamba2_train_bwd(dout, *ctx.saved_tensors, *ctx.sizes) + (None,) * 6
 
 
 _mamba2_train_fwd.register_autograd(_mamba2_train_backward, setup_context=_mamba2_train_setup)
 
 
 def mamba2_train(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, chunk_size,
-                 headdim, ngroups=1, eps=1e-5):
+                 headdim, ngroups=1, eps=1e-5, grouped=False):
     """A Mamba-2 layer's conv, SSD, gated norm and out_proj for training, as ssmttm.Mamba2.forward
     after in_proj: zxbcdt (b, l, in_proj outputs) = [z | x B C | dt]; conv_weight (conv_dim, d_conv),
     conv_bias (conv_dim,); dt_bias, A = -exp(A_log), D (nheads,); norm_weight (d_inner,);
     out_weight (d_model, d_inner); seq_idx (b, l) int32 or None (0 at left padding, 1 at the
     sequence). Returns (b, l, d_model). CUDA, with mamba-ssm's kernels (HAS_TRAIN_KERNELS).
     out_proj runs in zxbcdt's dtype (bf16 under autocast, as F.linear would); the conv, norm and
-    SSD parameters go in as they are, as in mamba-ssm's function."""
+    SSD parameters go in as they are, as in mamba-ssm's function. grouped: the SSD is
+    ssd_grouped's (ngroups 1 only; issue 15) instead of mamba-ssm's."""
+    if grouped and ngroups != 1:
+        raise ValueError(f"mamba2_train: the grouped SSD takes ngroups 1, not {ngroups}")
     seq_idx = None if seq_idx is None else seq_idx.contiguous()
     return _mamba2_train_fwd(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight,
-                             out_weight.to(zxbcdt.dtype), seq_idx, chunk_size, headdim, ngroups, eps)[0]
+                             out_weight.to(zxbcdt.dtype), seq_idx, chunk_size, headdim, ngroups, eps, grouped)[0]

@@ -276,11 +276,13 @@ def test_gated_rmsnorm_normalises_each_group_after_the_gate():
 
 
 @gpu
+@pytest.mark.parametrize("train", ["keep_states", "grouped"])
 @pytest.mark.parametrize("d_state", [512, 128])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_gpu_fast_mamba2_matches_the_plain_layer(d_state, precision):
-    # FastMamba2 (mamba-ssm's kernels) against a float64 copy of the plain layer, forward, every
-    # gradient, and the prefill's output and states
+def test_gpu_fast_mamba2_matches_the_plain_layer(d_state, precision, train):
+    # FastMamba2 (mamba-ssm's kernels; or issue 15's grouped SSD) against a float64 copy of the plain
+    # layer, forward, every gradient (row 1 left-padded on 300 positions: what those positions output
+    # is not compared and sends no gradient), and the prefill's output and states
     torch.manual_seed(0)
     layer = Mamba2(1024, d_state=d_state, headdim=64).cuda()
     with torch.no_grad():
@@ -288,21 +290,23 @@ def test_gpu_fast_mamba2_matches_the_plain_layer(d_state, precision):
         layer.norm.weight.normal_(1.0, 0.1)
     ref = Mamba2(1024, d_state=d_state, headdim=64).cuda().double()
     ref.load_state_dict(layer.state_dict())
-    fast.accelerate(layer)
+    fast.accelerate(layer, FastOptions(train=train))
     L = 2650  # 30 s of frames plus a text prefix; not a multiple of the chunk size
-    u = torch.randn(1, L, 1024, device="cuda")
-    grad_out = torch.randn(1, L, 1024, device="cuda")
+    u = torch.randn(2, L, 1024, device="cuda")
+    mask = torch.arange(L, device="cuda")[None] >= torch.tensor([[0], [300]], device="cuda")
+    grad_out = torch.randn(2, L, 1024, device="cuda") * mask[..., None]
     tol = TOLERANCE[precision]
 
     def run(m, x, dtype):
         x = x.detach().to(dtype).requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and m is layer):
-            y = m(x)
+            y = m(x, mask=mask)
         (y.to(dtype) * grad_out.to(dtype)).sum().backward()
-        return y, x.grad
+        return y[mask], x.grad
 
     y, du = run(layer, u, torch.float32)
     y_ref, du_ref = run(ref, u, torch.float64)
+    u = u[:1]
     tag = f"d_state={d_state} {precision}"
     assert report(f"{tag} output", rel_err(y, y_ref)) < tol["out"]
     assert report(f"{tag} grad input", rel_err(du, du_ref)) < tol["grad"]
@@ -367,7 +371,8 @@ def test_gpu_mamba2_train_equals_mamba_ssm_bit_for_bit():
 
 
 @gpu
-def test_gpu_mamba2_train_op_registrations():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_gpu_mamba2_train_op_registrations(grouped):
     # torch.compile traces the training layer through its fake implementations and the autograd
     # formula registered on the op: opcheck runs the real op beside them (shapes, dtypes, strides,
     # gradients through AOT autograd), here with a length that is not a multiple of the chunk.
@@ -380,7 +385,7 @@ def test_gpu_mamba2_train_op_registrations():
     params = [layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.dt_bias, layer.A(), layer.D, layer.norm.weight,
               layer.out_proj.weight]
     params = [p.detach().clone().requires_grad_() for p in params]
-    args = (zxbcdt, *params, seq_idx, 256, layer.headdim, layer.ngroups, layer.norm.eps)
+    args = (zxbcdt, *params, seq_idx, 256, layer.headdim, layer.ngroups, layer.norm.eps, grouped)
     torch.library.opcheck(kernels._mamba2_train_fwd, args)
     outputs = kernels._mamba2_train_fwd(*args)
     bwd_args = (torch.randn_like(outputs[0]), *args[:9], *outputs[1:], *args[9:])  # no double backward: no grad

@@ -1,0 +1,171 @@
+"""Time ssd_grouped.ssd_grouped (cuBLAS state products + fused Triton kernels) against mamba-ssm's
+mamba_chunk_scan_combined, forward and forward + backward, GPU only; then the profile's top kernels.
+
+Issue 15's shape by default: b 16, L 2650, H 32, P 64, N 512, ngroups 1, chunk 256, bf16 x/B/C, fp32
+dt (after softplus), A, D, an initial state.
+
+    python bench_ssd_grouped.py            # times and differences against mamba-ssm
+    python bench_ssd_grouped.py --profile  # also the kernels of one forward + backward
+    python bench_ssd_grouped.py --check    # errors of both paths against ssd_reference in float64
+    python bench_ssd_grouped.py --sweep    # block rows, warps and stages of the (Q, Q) kernels
+"""
+import argparse
+
+import torch
+
+import ssd_grouped
+import ssd_reference
+from bench import cuda_time
+
+
+def cuda_ms(fn, iters=20):
+    """Median ms of fn() on the GPU (CUDA events), after 3 warm-up calls."""
+    return cuda_time(fn, iters, warmup=3)
+
+
+def inputs(b, l, h, p, n, dtype, seed=0):
+    """x (b, l, h, p), dt (b, l, h) fp32 after softplus, A (h,), B and C (b, l, n) in dtype (ngroups 1),
+    D (h,) and an initial state (b, h, p, n) fp32, on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    x = r(b, l, h, p).to(dtype)
+    dt = torch.nn.functional.softplus(r(b, l, h) - 3.0)                  # ~ mamba's dt init range
+    A = -torch.exp(torch.rand(h, device="cuda", generator=g) * 2.77)    # -[1, 16]
+    B = (r(b, l, n) / n ** 0.5).to(dtype)
+    C = (r(b, l, n) / n ** 0.5).to(dtype)
+    D = r(h)
+    s0 = r(b, h, p, n) * 0.1
+    return x, dt, A, B, C, D, s0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--length", type=int, default=2650)
+    ap.add_argument("--dstate", type=int, default=512)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="launch shapes of the three (Q, Q) kernels")
+    a = ap.parse_args()
+    if a.check:
+        return check(a.length, a.dstate, a.chunk)
+    if a.sweep:
+        return sweep(a.batch, a.length, a.dstate, a.chunk)
+    b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
+    x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dy = torch.randn(b, l, h, p, device="cuda", generator=g).to(torch.bfloat16)
+    dfinal = torch.randn(b, h, p, n, device="cuda", generator=g) * 0.1
+    fwd_flops = b * l * (Q * n + Q * h * p + 4 * n * h * p)
+    print(f"b {b} L {l} H {h} P {p} N {n} chunk {Q}")
+
+    def mamba(x, dt, A, B, C, D, s0):
+        return _mamba(x, dt, A, B, C, Q, D, s0)
+
+    def grouped(x, dt, A, B, C, D, s0):
+        return ssd_grouped.ssd_grouped(x, dt, A, B, C, Q, D, s0, use_triton=True)
+
+    results = {}
+    for name, fn in (("grouped", grouped), ("mamba-ssm", mamba)):
+        try:
+            with torch.no_grad():
+                ms_f = cuda_ms(lambda: fn(*leaves))
+
+            def fwd_bwd():  # the gradients given as they come, so that no extra pass is timed
+                y, f = fn(*leaves)
+                return torch.autograd.grad((y, f), leaves, (dy, dfinal))
+            ms_fb = cuda_ms(fwd_bwd, iters=10)
+            torch.cuda.reset_peak_memory_stats()
+            y, f = fn(*leaves)
+            grads = torch.autograd.grad((y, f), leaves, (dy, dfinal))
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        except Exception as e:  # report, keep going
+            print(f"{name}: failed ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        results[name] = (y.detach(), f.detach(), grads)
+        print(f"{name}: forward {ms_f:.3f} ms ({fwd_flops / ms_f / 1e9:.0f} TFLOP/s), forward + backward "
+              f"{ms_fb:.3f} ms ({3 * fwd_flops / ms_fb / 1e9:.0f} TFLOP/s), peak {peak:.1f} GiB")
+    if len(results) == 2:
+        (y0, f0, g0), (y1, f1, g1) = results["mamba-ssm"], results["grouped"]
+        rel = lambda a, r: ((a.float() - r.float()).norm() / r.float().norm()).item()  # noqa: E731
+        print(f"grouped vs mamba-ssm, relative: y {rel(y1, y0):.2e}, final state {rel(f1, f0):.2e}, " +
+              ", ".join(f"d{nm} {rel(a, r):.2e}" for nm, a, r in zip("x dt A B C D s0".split(), g1, g0)))
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            y, f = grouped(*leaves)
+            torch.autograd.grad((y, f), leaves, (dy, dfinal))
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=80))
+
+
+def _mamba(x, dt, A, B, C, Q, D, s0):
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    return mamba_chunk_scan_combined(x, dt, A, B[:, :, None], C[:, :, None], Q, D=D, initial_states=s0,
+                                     return_final_states=True)
+
+
+def check(l, n, Q, b=2, h=32, p=64, pad=300):
+    """Both paths against ssd_chunked in float64 on the same bf16 inputs (batch row 1 left-padded:
+    x and dt zero on its first `pad` positions), output, final state and every gradient: the
+    relative error max|got - want| / max|want| of each."""
+    x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
+    x[1, :pad] = 0
+    dt[1, :pad] = 0
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dy = torch.randn(b, l, h, p, device="cuda", generator=g, dtype=torch.float64)
+    dfinal = torch.randn(b, h, p, n, device="cuda", generator=g, dtype=torch.float64) * 0.1
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+    x6, dt6, A6, B6, C6, D6, s06 = leaves64
+    y, f = ssd_reference.ssd_chunked(x6, dt6, A6, B6[:, :, None], C6[:, :, None], Q, D=D6, initial_state=s06)
+    want = [y, f] + list(torch.autograd.grad((y * dy).sum() + (f * dfinal).sum(), leaves64))
+    names = ["y", "final"] + ["d" + k for k in "x dt A B C D s0".split()]
+    print(f"errors against float64, b {b} L {l} N {n} chunk {Q}, row 1 padded on {pad} positions: max|d| / max|ref|")
+    print("| path | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    paths = (("grouped", lambda *t: ssd_grouped.ssd_grouped(*t[:5], Q, t[5], t[6], use_triton=True)),
+             ("mamba-ssm", lambda *t: _mamba(*t[:5], Q, t[5], t[6])))
+    for name, fn in paths:
+        leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+        y, f = fn(*leaves)
+        got = [y, f] + list(torch.autograd.grad((y.double() * dy).sum() + (f.double() * dfinal).sum(), leaves))
+        errs = [((a.double() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, want)]
+        print(f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
+
+
+def sweep(b, l, n, Q, h=32, p=64):
+    """ms of _diag_fwd_kernel, _diag_bwd_x_kernel and _diag_bwd_G_kernel per launch shape."""
+    import itertools
+    x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
+    c = -(-l // Q)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    G = torch.randn(b, c, Q, Q, device="cuda", generator=g)
+    acum = torch.cumsum(dt.new_zeros(b, c * Q, h).view(b, c, Q, h) - 0.01, dim=2)
+    yoff = torch.randn(b, c, Q, h * p, device="cuda", generator=g)
+    dy = torch.randn(b, l, h, p, device="cuda", generator=g).to(torch.bfloat16)
+    y = torch.empty_like(x)
+    small = lambda: torch.empty(b, c, Q, h, device="cuda")  # noqa: E731
+    sg = ssd_grouped
+    for bm, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 2, 3)):
+        kw = dict(Q=Q, BM=bm, BP=p, PREC="tf32", num_warps=warps, num_stages=stages)
+        nb = Q // bm
+        row = torch.zeros(b, c, h, nb, Q, device="cuda")
+        dG = torch.empty(b, c, Q, Q, device="cuda")
+        calls = {
+            "fwd": lambda: sg._diag_fwd_kernel[(b * c, h, nb)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
+                                                                 HAS_D=True, **kw),
+            "bwd_x": lambda: sg._diag_bwd_x_kernel[(b * c, h, nb)](G, acum, x, dt, dy, yoff, D, y, small(), small(), row,
+                                                                    small(), small(), l, c, h, p, h * p, HAS_D=True, **kw),
+            "bwd_G": lambda: sg._diag_bwd_G_kernel[(b * c, nb, nb)](acum, x, dt, dy, dG, l, c, h, p, h * p, **kw)}
+        times = []
+        for name, fn in calls.items():
+            try:
+                times.append(f"{name} {cuda_ms(fn):.3f}")
+            except Exception as e:  # out of shared memory or registers: report, keep going
+                times.append(f"{name} failed ({type(e).__name__})")
+        print(f"BM {bm} warps {warps} stages {stages}: " + ", ".join(times) + " ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,614 @@
+"""Grouped chunked SSD for ngroups = 1, forward and a hand-written backward (issue 15).
+
+The same function as `ssd_reference.ssd_chunked` (read that first; same names), arranged so that
+what costs the most is a few large matrix products over all heads at once:
+
+    a_q      = dt_q A_h,  acum = cumsum of a inside each chunk of Q steps     (b, c, Q, h)
+    xdt      = x dt                                                           (b, c, Q, h, p)
+    xs       = xdt exp(acum_end - acum)          x decayed to its chunk's end
+    S_c      = xs^T B                            chunk states: (h*p, Q) x (Q, n) per chunk
+    S_prev   : S_prev_0 = initial state, S_prev_{c+1} = exp(acum_end_c) S_prev_c + S_c
+    y        = exp(acum) (C S_prev^T)            state -> output: (Q, n) x (n, h*p) per chunk
+             + diag(G, acum, xdt)                inside the chunk, G = C B^T (Q, Q), per head
+             + D x
+
+With ngroups = 1, B and C are shared by all heads, so the state products (86% of the FLOPs at
+d_state 512) are GEMMs whose other side spans every head: (h*p) x Q x n per chunk. They run on
+cuBLAS (fp32 results from bf16 operands). What is per head is the (Q, Q) part inside a chunk,
+G * exp(acum_q - acum_s) on s <= q.
+
+Two forms of the same arithmetic: `forward` / `backward` in plain torch (any device; they build the
+per-head (Q, Q) decay and loop over chunks: the definition, and the CPU path), and `forward_triton`
+/ `backward_triton`, where everything but the GEMMs is six Triton kernels (the decay made on chip,
+tile by tile; the elementwise passes fused into the kernels' prologues and epilogues). The backward
+is the chain rule through the lines above, in the same GEMM shapes. `ssd_grouped` is the entry
+point: both as torch.library ops with autograd (what torch.compile traces around). Shapes (b batch,
+l length, h heads, p head dim, n state size): x (b, l, h, p), dt (b, l, h) after softplus, A (h,) < 0,
+B, C (b, l, n), D (h,) or None, initial_state (b, h, p, n) or None. Returns y (b, l, h, p) and the
+final state (b, h, p, n) in fp32. Intermediates are fp32; the GEMM operands are x's dtype.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+# bf16/fp16 operands, fp32 products: cuBLAS writes fp32 directly (torch.bmm's out_dtype, CUDA only)
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
+
+
+def _matmul_f32(a, b):
+    """a @ b over the last two dims, batched over the others, returned in fp32 at least: on CUDA with
+    bf16/fp16 operands without rounding the fp32 accumulator to the operands' dtype first."""
+    ft = torch.promote_types(a.dtype, torch.float32)
+    if not a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.matmul(a.float(), b.float())   # the same products, accumulated in fp32
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _BMM_OUT_DTYPE:
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        a2 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+        b2 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+        return torch.bmm(a2, b2, out_dtype=torch.float32).view(*batch, a.shape[-2], b.shape[-1])
+    return torch.matmul(a, b).to(ft)
+
+
+def _chunked(t, Q):
+    """(b, l, ...) -> (b, c, Q, ...), zero-padded to a whole number of chunks (a zero dt and x
+    leave the state unchanged, as the reference's padding does)."""
+    b, l = t.shape[:2]
+    c = -(-l // Q)
+    t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, c * Q - l))
+    return t.reshape(b, c, Q, *t.shape[2:])
+
+
+def diag_forward(G, acum, xdt):
+    """y[q, h] = sum_{s <= q} G[q, s] exp(acum[q, h] - acum[s, h]) xdt[s, h], per chunk.
+    G (b, c, Q, Q), acum (b, c, Q, h), xdt (b, c, Q, h, p) -> (b, c, Q, h, p) fp32."""
+    W = G[:, :, None] * _decay(acum)                                   # (b, c, h, Q, Q)
+    return torch.einsum("bchqs,bcshp->bcqhp", W, xdt.to(G.dtype))
+
+
+def diag_backward(G, acum, xdt, dy):
+    """Gradients of diag_forward's output dy (b, c, Q, h, p): dxdt (b, c, Q, h, p),
+    dG (b, c, Q, Q) (summed over heads), dacum (b, c, Q, h)."""
+    E = _decay(acum)                                                   # (b, c, h, Q, Q)
+    W = G[:, :, None] * E
+    dy, xdt = dy.to(G.dtype), xdt.to(G.dtype)
+    Dh = torch.einsum("bcqhp,bcshp->bchqs", dy, xdt)                   # dy_q . xdt_s per head
+    dxdt = torch.einsum("bchqs,bcqhp->bcshp", W, dy)
+    dG = (Dh * E).sum(2)
+    M = W * Dh                                                         # d acum_q - d acum_s
+    dacum = (M.sum(-1) - M.sum(-2)).transpose(-1, -2)                  # (b, c, Q, h)
+    return dxdt, dG, dacum
+
+
+def _decay(acum):
+    """exp(acum_q - acum_s) on s <= q, else 0: (b, c, Q, h) -> (b, c, h, Q, Q) fp32."""
+    a = acum.transpose(-1, -2)                                         # (b, c, h, Q)
+    diff = a[..., :, None] - a[..., None, :]
+    Q = a.shape[-1]
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril()
+    return torch.exp(diff.masked_fill(~causal, -torch.inf))
+
+
+def state_passing(states, a_end, initial=None):
+    """The scan between chunks: states (b, c, h*p, n) fp32, each chunk's own state; a_end (b, c, h)
+    the cumsum at each chunk's end; initial (b, h*p, n) or None. Returns S_prev (b, c, h*p, n), the
+    state entering each chunk (S_prev_0 = initial, S_prev_{c+1} = exp(a_end_c) S_prev_c + states_c),
+    and the final state (b, h*p, n)."""
+    b, c, hp, n = states.shape
+    decay = torch.exp(a_end).repeat_interleave(hp // a_end.shape[-1], dim=-1)[..., None]   # (b, c, h*p, 1)
+    prev = states.new_zeros(b, hp, n) if initial is None else initial
+    S_prev = torch.empty_like(states)
+    for ci in range(c):
+        S_prev[:, ci] = prev
+        prev = decay[:, ci] * prev + states[:, ci]
+    return S_prev, prev
+
+
+def state_passing_backward(dS_local, S_prev, a_end, dfinal=None):
+    """state_passing's backward. dS_local (b, c, h*p, n): the gradient of each S_prev through the
+    output; dfinal (b, h*p, n) or None. Returns dstates (b, c, h*p, n) (the gradient of each chunk's
+    own state, i.e. of S_prev_{c+1} in total), da_end (b, c, h), and the gradient of initial."""
+    b, c, hp, n = S_prev.shape
+    h = a_end.shape[-1]
+    decay = torch.exp(a_end)                                           # (b, c, h)
+    g = S_prev.new_zeros(b, hp, n) if dfinal is None else dfinal
+    dstates, da_end = torch.empty_like(S_prev), torch.empty_like(a_end)
+    for ci in reversed(range(c)):
+        dstates[:, ci] = g
+        da_end[:, ci] = decay[:, ci] * (g * S_prev[:, ci]).view(b, h, -1).sum(-1)
+        g = dS_local[:, ci] + decay[:, ci].repeat_interleave(hp // h, dim=-1)[..., None] * g
+    return dstates, da_end, g
+
+
+def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """The torch form (any device, any float dtype). Returns y (b, l, h, p) in x's dtype, the final
+    state (b, h, p, n) fp32, and what `backward` needs: acum (b, c, Q, h) fp32, S_prev (b, c, h*p, n)
+    in x's dtype (the state entering each chunk, as the GEMMs take it) and G = C B^T (b, c, Q, Q) fp32."""
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    Q = chunk_size
+    ft = torch.promote_types(x.dtype, torch.float32)                  # intermediates: fp32 at least
+    xc, dtc = _chunked(x, Q), _chunked(dt.to(ft), Q)                  # (b, c, Q, h, p), (b, c, Q, h)
+    Bc, Cc = _chunked(B, Q), _chunked(C, Q)                            # (b, c, Q, n)
+    c = xc.shape[1]
+    acum = torch.cumsum(dtc * A.to(ft), dim=2)                        # (b, c, Q, h)
+    a_end = acum[:, :, -1]                                             # (b, c, h)
+    xdt = xc.to(ft) * dtc[..., None]
+    xs = (xdt * torch.exp(a_end[:, :, None] - acum)[..., None]).to(x.dtype)
+    # chunk states, all heads in one GEMM per chunk: (h*p, Q) x (Q, n)
+    states = _matmul_f32(xs.reshape(b, c, Q, h * p).transpose(-1, -2), Bc)   # (b, c, h*p, n)
+    init = None if initial_state is None else initial_state.to(ft).reshape(b, h * p, n)
+    S_prev, final = state_passing(states, a_end, init)
+    S_prev = S_prev.to(x.dtype)
+    # state -> output, all heads in one GEMM per chunk: (Q, n) x (n, h*p)
+    y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2)).view(b, c, Q, h, p)
+    G = _matmul_f32(Cc, Bc.transpose(-1, -2))                 # (b, c, Q, Q), shared by the heads
+    y = y_off * torch.exp(acum)[..., None] + diag_forward(G, acum, xdt.to(x.dtype))
+    if D is not None:
+        y = y + D.to(ft)[:, None] * xc.to(ft)
+    y = y.reshape(b, c * Q, h, p)[:, :l].to(x.dtype).contiguous()
+    return y, final.view(b, h, p, n), acum, S_prev, G
+
+
+def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size):
+    """The torch form of the gradients of forward's (y, final state): dy (b, l, h, p), dfinal
+    (b, h, p, n) or None, then forward's inputs and saved tensors. Returns dx, ddt, dA, dB, dC, dD (None
+    without D), d initial_state (None without one)."""
+    Q = chunk_size
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    ft = acum.dtype
+    xc, dtc, Bc, Cc = _chunked(x, Q), _chunked(dt.to(ft), Q), _chunked(B, Q), _chunked(C, Q)
+    dyc = _chunked(dy, Q).to(ft)                                      # (b, c, Q, h, p)
+    c = xc.shape[1]
+    a_end = acum[:, :, -1]
+    xdt = xc.to(ft) * dtc[..., None]
+    to_end = torch.exp(a_end[:, :, None] - acum)                       # (b, c, Q, h)
+    xs = (xdt * to_end[..., None]).to(x.dtype)
+    dtype = x.dtype
+
+    # state -> output: y_off = exp(acum) (C S_prev^T)
+    dy_e = (dyc * torch.exp(acum)[..., None]).to(dtype).reshape(b, c, Q, h * p)
+    dC = _matmul_f32(dy_e, S_prev)                            # (b, c, Q, n): K = h*p
+    dS_local = _matmul_f32(dy_e.transpose(-1, -2), Cc)        # (b, c, h*p, n)
+    # d acum from y_off = exp(acum) (C S_prev^T): y_off . dy, with y_off made again (one GEMM)
+    # rather than kept from the forward (h*p values per position, per layer)
+    y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2)).view(b, c, Q, h, p)
+    dacum = (y_off * torch.exp(acum)[..., None] * dyc).sum(-1)         # (b, c, Q, h)
+
+    # the scan between chunks, backwards
+    g = None if dfinal is None else dfinal.to(ft).reshape(b, h * p, n)
+    dstates, da_end, g = state_passing_backward(dS_local, S_prev.to(ft), a_end, g)
+    d_init = g.view(b, h, p, n) if initial_state is not None else None
+
+    # chunk states: S = xs^T B
+    dstates = dstates.to(dtype)
+    dxs = _matmul_f32(Bc, dstates.transpose(-1, -2)).view(b, c, Q, h, p)   # K = n
+    dB = _matmul_f32(xs.reshape(b, c, Q, h * p), dstates)                 # K = h*p
+    t = (dxs * xs.to(ft)).sum(-1)                                     # (b, c, Q, h)
+    dxdt = dxs * to_end[..., None]
+    dacum = dacum - t
+    da_end = da_end + t.sum(2)
+
+    # inside the chunks
+    dxdt_diag, dG, dacum_diag = diag_backward(G, acum, xdt.to(dtype), dyc)
+    dxdt = dxdt + dxdt_diag
+    dacum = dacum + dacum_diag
+    dC = dC + _matmul_f32(dG.to(dtype), Bc)
+    dB = dB + _matmul_f32(dG.transpose(-1, -2).to(dtype), Cc)
+    dacum[:, :, -1] += da_end
+
+    # acum = cumsum(dt A): each a_t reaches every acum_q with q >= t
+    da = dacum.flip(2).cumsum(2).flip(2)                               # (b, c, Q, h)
+    ddt = (dxdt * xc.to(ft)).sum(-1) + da * A.to(ft)
+    dA = (da * dtc).sum((0, 1, 2))
+    dx = dxdt * dtc[..., None]
+    dD = None
+    if D is not None:
+        dx = dx + D.to(ft)[:, None] * dyc
+        dD = (dyc * xc.to(ft)).sum((0, 1, 2, 4))
+    unchunk = lambda t: t.reshape(b, c * Q, *t.shape[3:])[:, :l].contiguous()  # noqa: E731
+    return (unchunk(dx).to(x.dtype), unchunk(ddt).to(dt.dtype), dA.to(A.dtype), unchunk(dB).to(B.dtype),
+            unchunk(dC).to(C.dtype), None if dD is None else dD.to(D.dtype),
+            None if d_init is None else d_init.to(initial_state.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# The same in Triton (use_triton): the GEMMs stay cuBLAS; every elementwise pass is fused into six
+# kernels that read x, dt and dy where they lie (no padded copies): the prologue (acum, xs), the scan
+# each way, the (Q, Q) part with its epilogue (y; dx, ddt, d acum, dD), dy's scaling, and dG.
+# --------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch has no triton
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _rows(ptr, rows, stride, ok, h, P, pp):
+        """A (len(rows), BP) tile of head h of a (b*L, H, P) tensor whose rows (b*L + position) lie
+        stride elements apart (H*P when contiguous), zero where not ok and past P."""
+        return tl.load(ptr + rows[:, None] * stride + h * P + pp[None, :], mask=ok[:, None] & (pp[None, :] < P),
+                       other=0.0)
+
+    @triton.jit
+    def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, xs_ptr, L, NC, H, P, SX,
+                     Q: tl.constexpr, BP: tl.constexpr, WRITE_ACUM: tl.constexpr):
+        """acum = cumsum(dt A) over one chunk (into acum if WRITE_ACUM) and xs = x dt exp(acum_end - acum)
+        in xs's dtype, (b, c, Q, h, p), zero past L. x (b, L, h, p) with rows SX apart, dt (b, L, h).
+        Grid (b*c, h)."""
+        bc, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        bi, ci = bc // NC, bc % NC
+        q = tl.arange(0, Q)
+        pos = ci * Q + q
+        ok = pos < L
+        dt = tl.load(dt_ptr + (bi * L + pos) * H + h, mask=ok, other=0.0)
+        acum = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
+        a_end = tl.sum(tl.where(q == Q - 1, acum, 0.0), axis=0)
+        if WRITE_ACUM:
+            tl.store(acum_ptr + (bc * Q + q) * H + h, acum)
+        pp = tl.arange(0, BP)
+        x = _rows(x_ptr, bi * L + pos, SX, ok, h, P, pp)
+        xs = x.to(tl.float32) * (dt * tl.exp(a_end - acum))[:, None]
+        tl.store(xs_ptr + ((bc * Q + q) * H + h)[:, None] * P + pp[None, :], xs.to(xs_ptr.dtype.element_ty),
+                 mask=pp[None, :] < P)
+
+    @triton.jit
+    def _scan_fwd_kernel(states_ptr, a_end_ptr, init_ptr, S_prev_ptr, final_ptr, NC, H, HPN, PN,
+                         HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
+        """state_passing: states (b, c, h*p*n) fp32 -> S_prev (same shape, its dtype) and the final
+        state (b, h*p*n) fp32. Grid (h*p*n / BLOCK, b); a block lies inside one head (BLOCK divides
+        p*n), so one decay per chunk. Neighbouring programs take neighbouring blocks of one state."""
+        blk, bi = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        o = blk * BLOCK + tl.arange(0, BLOCK)
+        head = (blk * BLOCK) // PN
+        if HAS_INIT:
+            prev = tl.load(init_ptr + bi * HPN + o)
+        else:
+            prev = tl.zeros((BLOCK,), dtype=tl.float32)
+        for ci in range(0, NC):
+            at = (bi * NC + ci) * HPN + o
+            st = tl.load(states_ptr + at)
+            tl.store(S_prev_ptr + at, prev.to(S_prev_ptr.dtype.element_ty))
+            prev = tl.exp(tl.load(a_end_ptr + (bi * NC + ci) * H + head)) * prev + st
+        tl.store(final_ptr + bi * HPN + o, prev)
+
+    @triton.jit
+    def _scan_bwd_kernel(dS_ptr, S_prev_ptr, a_end_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, da_part_ptr,
+                         NC, H, HPN, PN, NBLK, HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr):
+        """state_passing_backward: dS (b, c, h*p*n) fp32, the local gradients -> dstates (its dtype),
+        the initial state's gradient (b, h*p*n) fp32, and this block's sums of g * S_prev times the
+        decay into da_part (b, c, h*p*n / BLOCK), summed per head after. Grid (h*p*n / BLOCK, b)."""
+        blk, bi = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        o = blk * BLOCK + tl.arange(0, BLOCK)
+        head = (blk * BLOCK) // PN
+        if HAS_DFINAL:
+            g = tl.load(dfinal_ptr + bi * HPN + o)
+        else:
+            g = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(0, NC):
+            ci = NC - 1 - i
+            at = (bi * NC + ci) * HPN + o
+            decay = tl.exp(tl.load(a_end_ptr + (bi * NC + ci) * H + head))
+            S = tl.load(S_prev_ptr + at).to(tl.float32)
+            tl.store(da_part_ptr + (bi * NC + ci) * NBLK + blk, decay * tl.sum(g * S, axis=0))
+            tl.store(dstates_ptr + at, g.to(dstates_ptr.dtype.element_ty))
+            g = tl.load(dS_ptr + at) + decay * g
+        tl.store(dinit_ptr + bi * HPN + o, g)
+
+    @triton.jit
+    def _diag_fwd_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, yoff_ptr, D_ptr, y_ptr, L, NC, H, P, SX,
+                         Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
+                         PREC: tl.constexpr):
+        """y[q, h] = exp(acum_q) y_off[q, h] + sum_{s <= q} G[q, s] exp(acum_q - acum_s) x_s dt_s + D_h x_q
+        for the rows q of one row block and one head, written in y's dtype to y (b, L, h, p).
+        Grid (b*c, h, Q / BM); loop over the row blocks s <= q."""
+        bc, h, m = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        bi, ci = bc // NC, bc % NC
+        q = m * BM + tl.arange(0, BM)
+        pos_q = ci * Q + q
+        pp = tl.arange(0, BP)
+        row0 = bi * L                                                   # this batch row's first position
+        a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
+        acc = tl.zeros((BM, BP), dtype=tl.float32)
+        for s0 in range(0, (m + 1) * BM, BM):
+            s = s0 + tl.arange(0, BM)
+            pos_s = ci * Q + s
+            ok_s = pos_s < L
+            a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
+            G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])          # (BM, BM) fp32
+            E = tl.exp(tl.where(q[:, None] >= s[None, :], a_q[:, None] - a_s[None, :], float("-inf")))
+            x = _rows(x_ptr, row0 + pos_s, SX, ok_s, h, P, pp)
+            dt = tl.load(dt_ptr + (row0 + pos_s) * H + h, mask=ok_s, other=0.0)
+            xdt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
+            acc = tl.dot((G * E).to(x.dtype), xdt, acc, input_precision=PREC)
+        yoff = tl.load(yoff_ptr + ((bc * Q + q) * H + h)[:, None] * P + pp[None, :], mask=pp[None, :] < P)
+        acc += tl.exp(a_q)[:, None] * yoff
+        ok_q = pos_q < L
+        if HAS_D:
+            acc += tl.load(D_ptr + h) * _rows(x_ptr, row0 + pos_q, SX, ok_q, h, P, pp).to(tl.float32)
+        tl.store(y_ptr + ((row0 + pos_q) * H + h)[:, None] * P + pp[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=ok_q[:, None] & (pp[None, :] < P))
+
+    @triton.jit
+    def _dy_kernel(dy_ptr, acum_ptr, yoff_ptr, dye_ptr, dacum_ptr, L, NC, H, P,
+                   Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr):
+        """dy_e = dy exp(acum) in dy_e's dtype, (b, c, Q, h, p) zero past L, and the d acum of the
+        state -> output part, sum_p y_off dy_e (b, c, Q, h). Grid (b*c, h, Q / BM)."""
+        bc, h, m = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        bi, ci = bc // NC, bc % NC
+        q = m * BM + tl.arange(0, BM)
+        pp = tl.arange(0, BP)
+        dy = _rows(dy_ptr, bi * L + ci * Q + q, H * P, ci * Q + q < L, h, P, pp).to(tl.float32)
+        dye = dy * tl.exp(tl.load(acum_ptr + (bc * Q + q) * H + h))[:, None]
+        at = ((bc * Q + q) * H + h)[:, None] * P + pp[None, :]
+        tl.store(dye_ptr + at, dye.to(dye_ptr.dtype.element_ty), mask=pp[None, :] < P)
+        yoff = tl.load(yoff_ptr + at, mask=pp[None, :] < P, other=0.0)
+        tl.store(dacum_ptr + (bc * Q + q) * H + h, tl.sum(yoff * dye, axis=1))
+
+    @triton.jit
+    def _diag_bwd_x_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, dy_ptr, dxs_ptr, D_ptr,
+                           dx_ptr, ddt_ptr, dacum_col_ptr, dacum_row_ptr, t_ptr, dD_ptr, L, NC, H, P, SX,
+                           Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
+                           PREC: tl.constexpr):
+        """For the positions s of one row block and one head: the (Q, Q) part's gradients (dxdt_s =
+        sum_{q >= s} W[q, s] dy_q; -sum_q M[q, s] and M's row sums over these s, one slot per column
+        block in dacum_row (b, c, h, Q / BM, Q), with W = G * decay and M = W * (dy_q . xdt_s)), then
+        the rest of the chain for these positions: with dxs (b, c, Q, h, p) fp32 from the chunk states,
+        t = sum_p dxs xs, dxdt += dxs exp(acum_end - acum), dx = dxdt dt + D dy (x's dtype, (b, L, h, p)),
+        ddt's part sum_p dxdt x, dacum_col = -sum_q M - t, t, and dD's part sum_p dy x (all (b, c, Q, h)).
+        Grid (b*c, h, Q / BM)."""
+        bc, h, blk = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        bi, ci = bc // NC, bc % NC
+        row0 = bi * L
+        s = blk * BM + tl.arange(0, BM)
+        pos_s = ci * Q + s
+        ok_s = pos_s < L
+        pp = tl.arange(0, BP)
+        a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
+        x_s = _rows(x_ptr, row0 + pos_s, SX, ok_s, h, P, pp)                       # (BM, BP)
+        dt_s = tl.load(dt_ptr + (row0 + pos_s) * H + h, mask=ok_s, other=0.0)
+        xdt_s = (x_s.to(tl.float32) * dt_s[:, None]).to(x_s.dtype)
+        dxd = tl.zeros((BM, BP), dtype=tl.float32)
+        col = tl.zeros((BM,), dtype=tl.float32)
+        for q0 in range(blk * BM, Q, BM):
+            q = q0 + tl.arange(0, BM)
+            pos_q = ci * Q + q
+            a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
+            G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
+            W = G * tl.exp(tl.where(q[:, None] >= s[None, :], a_q[:, None] - a_s[None, :], float("-inf")))
+            dy = _rows(dy_ptr, row0 + pos_q, H * P, pos_q < L, h, P, pp).to(x_s.dtype)   # (BM q, BP)
+            M = W * tl.dot(dy, tl.trans(xdt_s), input_precision=PREC)                   # (BM q, BM s)
+            dxd = tl.dot(tl.trans(W.to(dy.dtype)), dy, dxd, input_precision=PREC)
+            col += tl.sum(M, axis=0)
+            tl.store(dacum_row_ptr + ((bc * H + h) * (Q // BM) + blk) * Q + q, tl.sum(M, axis=1))
+        a_end = tl.load(acum_ptr + (bc * Q + Q - 1) * H + h)
+        to_end = tl.exp(a_end - a_s)
+        dxs = tl.load(dxs_ptr + ((bc * Q + s) * H + h)[:, None] * P + pp[None, :], mask=pp[None, :] < P, other=0.0)
+        xf = x_s.to(tl.float32)
+        t = tl.sum(dxs * xf, axis=1) * dt_s * to_end
+        dxdt = dxd + dxs * to_end[:, None]
+        dx = dxdt * dt_s[:, None]
+        at = (bc * Q + s) * H + h
+        if HAS_D:
+            dy_s = _rows(dy_ptr, row0 + pos_s, H * P, ok_s, h, P, pp).to(tl.float32)
+            dx += tl.load(D_ptr + h) * dy_s
+            tl.store(dD_ptr + at, tl.sum(dy_s * xf, axis=1))
+        tl.store(dx_ptr + ((row0 + pos_s) * H + h)[:, None] * P + pp[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=ok_s[:, None] & (pp[None, :] < P))
+        tl.store(ddt_ptr + at, tl.sum(dxdt * xf, axis=1))
+        tl.store(dacum_col_ptr + at, -col - t)
+        tl.store(t_ptr + at, t)
+
+    @triton.jit
+    def _diag_bwd_G_kernel(acum_ptr, x_ptr, dt_ptr, dy_ptr, dG_ptr, L, NC, H, P, SX,
+                           Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr):
+        """dG[q, s] = sum_h (dy_q . x_s dt_s)_h exp(acum_q - acum_s)_h on s <= q, one (BM, BM) tile of
+        (b, c, Q, Q) fp32. Grid (b*c, Q / BM rows, Q / BM columns); tiles above the diagonal are zero."""
+        bc, mq, ms = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        bi, ci = bc // NC, bc % NC
+        row0 = bi * L
+        q = mq * BM + tl.arange(0, BM)
+        s = ms * BM + tl.arange(0, BM)
+        ok_q, ok_s = ci * Q + q < L, ci * Q + s < L
+        pp = tl.arange(0, BP)
+        causal = q[:, None] >= s[None, :]
+        acc = tl.zeros((BM, BM), dtype=tl.float32)
+        if ms <= mq:
+            for h in range(0, H):
+                a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
+                a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
+                x = _rows(x_ptr, row0 + ci * Q + s, SX, ok_s, h, P, pp)
+                dt = tl.load(dt_ptr + (row0 + ci * Q + s) * H + h, mask=ok_s, other=0.0)
+                xdt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
+                dy = _rows(dy_ptr, row0 + ci * Q + q, H * P, ok_q, h, P, pp).to(x.dtype)
+                Dh = tl.dot(dy, tl.trans(xdt), input_precision=PREC)
+                acc += Dh * tl.exp(tl.where(causal, a_q[:, None] - a_s[None, :], float("-inf")))
+        tl.store(dG_ptr + bc * Q * Q + q[:, None] * Q + s[None, :], acc)
+
+
+def _rows_of(x):
+    """x (b, l, h, p) as the kernels read it: rows of h*p values, each row_stride apart (as for x viewed
+    in the conv's output), else a contiguous copy. Returns (x, row_stride)."""
+    b, l, h, p = x.shape
+    if not (x.stride(3) == 1 and x.stride(2) == p and x.stride(0) == l * x.stride(1)):
+        x = x.contiguous()
+    return x, x.stride(1)
+
+
+def _launch(x, chunk_size):
+    """The shapes every kernel shares: (b, l, h, p, c, Q, BM, BP, PREC). Block rows BM 64 and each
+    kernel's warps and stages: the fastest of `bench_ssd_grouped.py --sweep` on an H200."""
+    b, l, h, p = x.shape
+    Q = chunk_size
+    if Q < 16 or Q & (Q - 1):
+        raise ValueError(f"ssd_grouped with use_triton: chunk_size {Q} is not a power of two >= 16")
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"   # fp32 tests exact; bf16/fp16 ignore it
+    return b, l, h, p, -(-l // Q), Q, min(64, Q), max(16, triton.next_power_of_2(p)), prec
+
+
+def _scan_block(pn):
+    """The largest power of two <= 1024 that divides p*n: a block then lies inside one head."""
+    return min(1024, pn & -pn)
+
+
+def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """forward with the elementwise work in Triton (CUDA, or TRITON_INTERPRET=1): same arguments and
+    results; chunk_size a power of two >= 16."""
+    b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
+    n = B.shape[-1]
+    hp, dev = h * p, x.device
+    (x, sx), dt, A = _rows_of(x), dt.float().contiguous(), A.float().contiguous()
+    Bc, Cc = _chunked(B, Q), _chunked(C, Q)                            # (b, c, Q, n)
+    acum = torch.empty(b, c, Q, h, device=dev, dtype=torch.float32)
+    xs = torch.empty(b, c, Q, h, p, device=dev, dtype=x.dtype)
+    _prep_kernel[(b * c, h)](x, dt, A, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=True, num_warps=8)
+    states = _matmul_f32(xs.view(b, c, Q, hp).transpose(-1, -2), Bc)  # (b, c, h*p, n) fp32
+    del xs
+    a_end = acum[:, :, -1].contiguous()
+    S_prev = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
+    final = torch.empty(b, hp, n, device=dev, dtype=torch.float32)
+    init = None if initial_state is None else initial_state.float().contiguous()
+    BLOCK = _scan_block(p * n)
+    _scan_fwd_kernel[(hp * n // BLOCK, b)](states, a_end, states if init is None else init, S_prev, final,
+                                           c, h, hp * n, p * n, HAS_INIT=init is not None, BLOCK=BLOCK)
+    del states
+    y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
+    G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32
+    y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
+    _diag_fwd_kernel[(b * c, h, Q // BM)](G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y,
+                                          l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec,
+                                          num_stages=1)
+    return y, final.view(b, h, p, n), acum, S_prev, G
+
+
+def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size):
+    """backward with the elementwise work in Triton: same arguments and results."""
+    b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
+    n = B.shape[-1]
+    hp, dev, f32 = h * p, x.device, torch.float32
+    (x, sx), dt32, A32 = _rows_of(x), dt.float().contiguous(), A.float().contiguous()
+    dy = dy.to(x.dtype).contiguous()
+    Bc, Cc = _chunked(B, Q), _chunked(C, Q)
+    small = lambda: torch.empty(b, c, Q, h, device=dev, dtype=f32)  # noqa: E731
+    # state -> output: y_off = exp(acum) (C S_prev^T), y_off made again (one GEMM) rather than kept
+    y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p)
+    dy_e, dacum = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype), small()
+    _dy_kernel[(b * c, h, Q // BM)](dy, acum, y_off, dy_e, dacum, l, c, h, p, Q=Q, BM=BM, BP=BP)
+    del y_off
+    dC = _matmul_f32(dy_e, S_prev)                                    # (b, c, Q, n): K = h*p
+    dS_local = _matmul_f32(dy_e.transpose(-1, -2), Cc)                # (b, c, h*p, n)
+    del dy_e
+    # the scan between chunks, backwards
+    BLOCK = _scan_block(p * n)
+    nblk = hp * n // BLOCK
+    a_end = acum[:, :, -1].contiguous()
+    dstates = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
+    d_init = torch.empty(b, hp, n, device=dev, dtype=f32)
+    da_part = torch.empty(b, c, nblk, device=dev, dtype=f32)
+    dfin = None if dfinal is None else dfinal.float().contiguous()
+    _scan_bwd_kernel[(nblk, b)](dS_local, S_prev, a_end, dS_local if dfin is None else dfin, dstates, d_init,
+                                da_part, c, h, hp * n, p * n, nblk, HAS_DFINAL=dfin is not None, BLOCK=BLOCK)
+    del dS_local
+    # chunk states: S = xs^T B (xs made again by the forward's prologue)
+    xs = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype)
+    _prep_kernel[(b * c, h)](x, dt32, A32, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=False, num_warps=8)
+    dxs = _matmul_f32(Bc, dstates.transpose(-1, -2))                  # (b, c, Q, h*p): K = n
+    dB = _matmul_f32(xs, dstates)                                     # (b, c, Q, n): K = h*p
+    del xs, dstates
+    # inside the chunks, and the rest of the chain per position
+    dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
+    ddt, dacum_col, t, dD_part = small(), small(), small(), small()
+    dacum_row = torch.zeros(b, c, h, Q // BM, Q, device=dev, dtype=f32)
+    D32 = acum if D is None else D.float().contiguous()
+    _diag_bwd_x_kernel[(b * c, h, Q // BM)](G, acum, x, dt32, dy, dxs, D32, dx, ddt, dacum_col, dacum_row, t, dD_part,
+                                            l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec,
+                                            num_stages=1)
+    del dxs
+    dG = torch.empty(b, c, Q, Q, device=dev, dtype=f32)
+    _diag_bwd_G_kernel[(b * c, Q // BM, Q // BM)](acum, x, dt32, dy, dG, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, PREC=prec,
+                                                  num_warps=8, num_stages=3)
+    dC = dC + _matmul_f32(dG.to(x.dtype), Bc)
+    dB = dB + _matmul_f32(dG.transpose(-1, -2).to(x.dtype), Cc)
+    # d acum in total, then through acum = cumsum(dt A)
+    dacum = dacum + dacum_col + dacum_row.sum(3).transpose(-1, -2)
+    dacum[:, :, -1] += da_part.view(b, c, h, -1).sum(-1) + t.sum(2)
+    da = dacum.flip(2).cumsum(2).flip(2)                               # (b, c, Q, h)
+    ddt = ddt + da * A32
+    dA = (da * _chunked(dt32, Q)).sum((0, 1, 2))
+    unchunk = lambda t: t.reshape(b, c * Q, *t.shape[3:])[:, :l]  # noqa: E731
+    return (dx, unchunk(ddt).to(dt.dtype).contiguous(), dA.to(A.dtype), unchunk(dB).to(B.dtype).contiguous(),
+            unchunk(dC).to(C.dtype).contiguous(), None if D is None else dD_part.sum((0, 1, 2)).to(D.dtype),
+            None if initial_state is None else d_init.view(b, h, p, n).to(initial_state.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Both as torch.library ops with autograd, so that torch.compile traces around them (as
+# kernels.mamba2_train)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("ssmttm::ssd_grouped_fwd", mutates_args=())
+def _ssd_grouped_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     D: Optional[torch.Tensor], initial_state: Optional[torch.Tensor], chunk_size: int,
+                     use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """forward as an op: y, the final state, then acum, S_prev and G for the backward."""
+    return (forward_triton if use_triton else forward)(x, dt, A, B, C, chunk_size, D, initial_state)
+
+
+@_ssd_grouped_fwd.register_fake
+def _(x, dt, A, B, C, D, initial_state, chunk_size, use_triton):
+    b, l, h, p = x.shape
+    n, Q, c = B.shape[-1], chunk_size, -(-l // chunk_size)
+    ft = torch.promote_types(x.dtype, torch.float32)
+    new = lambda *shape: x.new_empty(shape, dtype=ft)  # noqa: E731
+    return x.new_empty(b, l, h, p), new(b, h, p, n), new(b, c, Q, h), x.new_empty(b, c, h * p, n), new(b, c, Q, Q)
+
+
+@torch.library.custom_op("ssmttm::ssd_grouped_bwd", mutates_args=())
+def _ssd_grouped_bwd(dy: torch.Tensor, dfinal: Optional[torch.Tensor], x: torch.Tensor, dt: torch.Tensor,
+                     A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
+                     initial_state: Optional[torch.Tensor], acum: torch.Tensor, S_prev: torch.Tensor,
+                     G: torch.Tensor, chunk_size: int, use_triton: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
+    """backward as an op: dx, ddt, dA, dB, dC, dD and d initial_state (empty for a missing D or state)."""
+    grads = (backward_triton if use_triton else backward)(dy, dfinal, x, dt, A, B, C, D, initial_state, acum,
+                                                           S_prev, G, chunk_size)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@_ssd_grouped_bwd.register_fake
+def _(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size, use_triton):
+    like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
+    return tuple(like(t) for t in (x, dt, A, B, C, D, initial_state))
+
+
+def _ssd_grouped_setup(ctx, inputs, output):
+    x, dt, A, B, C, D, initial_state, chunk_size, use_triton = inputs
+    ctx.has_D, ctx.has_init = D is not None, initial_state is not None
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, *output[2:])
+    ctx.sizes = chunk_size, use_triton
+
+
+def _ssd_grouped_backward(ctx, dy, dfinal, *_):  # acum, S_prev and G are for the backward, not used
+    x, dt, A, B, C, D, initial_state, acum, S_prev, G = ctx.saved_tensors
+    dx, ddt, dA, dB, dC, dD, d_init = _ssd_grouped_bwd(dy, dfinal, x, dt, A, B, C, D, initial_state, acum,
+                                                       S_prev, G, *ctx.sizes)
+    return dx, ddt, dA, dB, dC, dD if ctx.has_D else None, d_init if ctx.has_init else None, None, None
+
+
+_ssd_grouped_fwd.register_autograd(_ssd_grouped_backward, setup_context=_ssd_grouped_setup)
+
+
+def ssd_grouped(x, dt, A, B, C, chunk_size, D=None, initial_state=None, use_triton=False):
+    """The grouped SSD with its hand-written backward, as the ssmttm::ssd_grouped_* ops.
+
+    x (b, l, h, p), dt (b, l, h) after softplus, A (h,) < 0, B and C (b, l, n) (ngroups = 1), D (h,)
+    or None, initial_state (b, h, p, n) or None. Returns y (b, l, h, p) in x's dtype and the final
+    state (b, h, p, n) fp32; differentiable in every tensor argument. use_triton: the fused Triton
+    kernels (CUDA, or the CPU with TRITON_INTERPRET=1; chunk_size a power of two >= 16), else the
+    torch form (any device and dtype, the definition the kernels are tested against)."""
+    y, final, *_ = _ssd_grouped_fwd(x, dt, A, B, C, D, initial_state, chunk_size, use_triton)
+    return y, final
