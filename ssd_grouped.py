@@ -19,7 +19,7 @@ G * exp(acum_q - acum_s) on s <= q.
 
 Two forms of the same arithmetic: `forward` / `backward` in plain torch (any device; they build the
 per-head (Q, Q) decay and loop over chunks: the definition, and the CPU path), and `forward_triton`
-/ `backward_triton`, where everything but the GEMMs is six Triton kernels (the decay made on chip,
+/ `backward_triton`, where everything but the GEMMs is seven Triton kernels (the decay made on chip,
 tile by tile; the elementwise passes fused into the kernels' prologues and epilogues). The backward
 is the chain rule through the lines above, in the same GEMM shapes. `ssd_grouped` is the entry
 point: both as torch.library ops with autograd (what torch.compile traces around). Shapes (b batch,
@@ -215,7 +215,7 @@ def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chun
 
 
 # --------------------------------------------------------------------------------------------
-# The same in Triton (use_triton): the GEMMs stay cuBLAS; every elementwise pass is fused into six
+# The same in Triton (use_triton): the GEMMs stay cuBLAS; every elementwise pass is fused into seven
 # kernels that read x, dt and dy where they lie (no padded copies): the prologue (acum, xs), the scan
 # each way, the (Q, Q) part with its epilogue (y; dx, ddt, d acum, dD), dy's scaling, and dG.
 # --------------------------------------------------------------------------------------------
