@@ -298,6 +298,11 @@ def _record(frame, tensors, generator, device):
     if generator is not None:
         for g in generators:
             graph.register_generator_state(g)
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         frame()
+    # Before capturing, torch resets each registered generator's offset tensor on the capture
+    # stream (its "capture prologue"); a replay sets that tensor to the generator's offset on the
+    # replaying stream. Unordered, a busy GPU may run the reset after the first replay's set, and
+    # that replay draws from offset 0: other tokens than eager decoding's.
+    torch.cuda.current_stream().wait_stream(stream)
     return graph.replay
