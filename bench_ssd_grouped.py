@@ -125,6 +125,7 @@ def check(l, n, Q, b=2, h=32, p=64, pad=300):
     print(f"errors against float64, b {b} L {l} N {n} chunk {Q}, row 1 padded on {pad} positions: max|d| / max|ref|")
     print("| path | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     paths = (("grouped", lambda *t: ssd_grouped.ssd_grouped(*t[:5], Q, t[5], t[6], use_triton=True)),
+             ("grouped, torch form", lambda *t: ssd_grouped.ssd_grouped(*t[:5], Q, t[5], t[6])),
              ("mamba-ssm", lambda *t: _mamba(*t[:5], Q, t[5], t[6])))
     for name, fn in paths:
         leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
