@@ -107,10 +107,10 @@ def _mamba(x, dt, A, B, C, Q, D, s0):
                                      return_final_states=True)
 
 
-def check(l, n, Q, b=2, h=32, p=64, pad=300):
-    """Both paths against ssd_chunked in float64 on the same bf16 inputs (batch row 1 left-padded:
-    x and dt zero on its first `pad` positions), output, final state and every gradient: the
-    relative error max|got - want| / max|want| of each."""
+def errors(l, n, Q, b=2, h=32, p=64, pad=300):
+    """Each path against ssd_chunked in float64 on the same bf16 inputs (batch row 1 left-padded:
+    x and dt zero on its first `pad` positions): {path: {name: max|got - want| / max|want|}} for the
+    output, the final state and every gradient."""
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
     x[1, :pad] = 0
     dt[1, :pad] = 0
@@ -122,17 +122,26 @@ def check(l, n, Q, b=2, h=32, p=64, pad=300):
     y, f = ssd_reference.ssd_chunked(x6, dt6, A6, B6[:, :, None], C6[:, :, None], Q, D=D6, initial_state=s06)
     want = [y, f] + list(torch.autograd.grad((y * dy).sum() + (f * dfinal).sum(), leaves64))
     names = ["y", "final"] + ["d" + k for k in "x dt A B C D s0".split()]
-    print(f"errors against float64, b {b} L {l} N {n} chunk {Q}, row 1 padded on {pad} positions: max|d| / max|ref|")
-    print("| path | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     paths = (("grouped", lambda *t: ssd_grouped.ssd_grouped(*t[:5], Q, t[5], t[6], use_triton=True)),
              ("grouped, torch form", lambda *t: ssd_grouped.ssd_grouped(*t[:5], Q, t[5], t[6])),
              ("mamba-ssm", lambda *t: _mamba(*t[:5], Q, t[5], t[6])))
+    result = {}
     for name, fn in paths:
         leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
         y, f = fn(*leaves)
         got = [y, f] + list(torch.autograd.grad((y.double() * dy).sum() + (f.double() * dfinal).sum(), leaves))
-        errs = [((a.double() - r).abs().max() / r.abs().max()).item() for a, r in zip(got, want)]
-        print(f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
+        result[name] = {nm: ((a.double() - r).abs().max() / r.abs().max()).item() for nm, a, r in zip(names, got, want)}
+    return result
+
+
+def check(l, n, Q, b=2, pad=300):
+    """errors() as a table."""
+    result = errors(l, n, Q, b=b, pad=pad)
+    names = list(next(iter(result.values())))
+    print(f"errors against float64, b {b} L {l} N {n} chunk {Q}, row 1 padded on {pad} positions: max|d| / max|ref|")
+    print("| path | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for name, errs in result.items():
+        print(f"| {name} | " + " | ".join(f"{errs[k]:.2e}" for k in names) + " |")
 
 
 def sweep(b, l, n, Q, h=32, p=64):

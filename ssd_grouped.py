@@ -192,7 +192,7 @@ def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chun
     da_end = da_end + t.sum(2)
 
     # inside the chunks
-    dxdt_diag, dG, dacum_diag = diag_backward(G, acum, xdt.to(dtype), dyc)
+    dxdt_diag, dG, dacum_diag = diag_backward(G, acum, xdt, dyc)   # xdt in fp32 (the kernels: x, then dt)
     dxdt = dxdt + dxdt_diag
     dacum = dacum + dacum_diag
     dC = dC + _matmul_f32(dG.to(dtype), Bc)
@@ -371,7 +371,6 @@ if triton is not None:
         a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
         x_s = _rows(x_ptr, row0 + pos_s, SX, ok_s, h, P, pp)                       # (BM, BP)
         dt_s = tl.load(dt_ptr + (row0 + pos_s) * H + h, mask=ok_s, other=0.0)
-        xdt_s = (x_s.to(tl.float32) * dt_s[:, None]).to(x_s.dtype)
         dxd = tl.zeros((BM, BP), dtype=tl.float32)
         col = tl.zeros((BM,), dtype=tl.float32)
         for q0 in range(blk * BM, Q, BM):
@@ -381,7 +380,9 @@ if triton is not None:
             G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
             W = G * tl.exp(tl.where(q[:, None] >= s[None, :], a_q[:, None] - a_s[None, :], float("-inf")))
             dy = _rows(dy_ptr, row0 + pos_q, H * P, pos_q < L, h, P, pp).to(x_s.dtype)   # (BM q, BP)
-            M = W * tl.dot(dy, tl.trans(xdt_s), input_precision=PREC)                   # (BM q, BM s)
+            # x dt_s as x's exact values in the product and dt in fp32 after it: x dt rounded to x's
+            # dtype here was most of dA's error (d acum sums M's rows and columns, which cancel)
+            M = W * tl.dot(dy, tl.trans(x_s), input_precision=PREC) * dt_s[None, :]     # (BM q, BM s)
             dxd = tl.dot(tl.trans(W.to(dy.dtype)), dy, dxd, input_precision=PREC)
             col += tl.sum(M, axis=0)
             tl.store(dacum_row_ptr + ((bc * H + h) * (Q // BM) + blk) * Q + q, tl.sum(M, axis=1))
@@ -423,9 +424,8 @@ if triton is not None:
                 a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
                 x = _rows(x_ptr, row0 + ci * Q + s, SX, ok_s, h, P, pp)
                 dt = tl.load(dt_ptr + (row0 + ci * Q + s) * H + h, mask=ok_s, other=0.0)
-                xdt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
                 dy = _rows(dy_ptr, row0 + ci * Q + q, H * P, ok_q, h, P, pp).to(x.dtype)
-                Dh = tl.dot(dy, tl.trans(xdt), input_precision=PREC)
+                Dh = tl.dot(dy, tl.trans(x), input_precision=PREC) * dt[None, :]   # as in _diag_bwd_x_kernel
                 acc += Dh * tl.exp(tl.where(causal, a_q[:, None] - a_s[None, :], float("-inf")))
         tl.store(dG_ptr + bc * Q * Q + q[:, None] * Q + s[None, :], acc)
 
