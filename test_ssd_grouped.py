@@ -48,7 +48,6 @@ def test_grouped_ssd_without_final_state_gradient():
         assert (got - want).abs().max() <= 1e-11 * max(1.0, want.abs().max().item())
 
 
-
 def test_grouped_ssd_da_in_bf16_is_within_its_bound():
     # bf16 inputs (the training path's): dA sums d acum, whose (Q, Q) part is row sums minus column
     # sums that mostly cancel, so the rounding of x dt in that product used to dominate it (4.9e-3
@@ -86,6 +85,7 @@ def test_gpu_grouped_errors_are_no_worse_than_mamba_ssms():
     print("\n" + "\n".join(f"{path}: " + ", ".join(f"{k} {v:.2e}" for k, v in e.items()) for path, e in errs.items()))
     for name in ours:
         assert ours[name] <= (1.2 if name == "dA" else 1.02) * theirs[name], (name, errs)
+
 
 # ------------------------------------------------------------------------------------------------
 # The Triton kernels of the (Q, Q) part: on a GPU, or on the CPU with TRITON_INTERPRET=1 (slow)

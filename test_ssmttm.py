@@ -1213,10 +1213,9 @@ def test_gpu_sampling_inside_the_cuda_graph_draws_what_eager_draws():
         assert not torch.equal(default[0], runs[0])
 
 
-
 # another process that keeps the GPU busy: contexts then take turns in time slices of milliseconds
 BUSY_GPU = """
-import sys, torch
+import torch
 a = torch.randn(4096, 4096, device="cuda")
 print("busy", flush=True)
 while True:
@@ -1251,6 +1250,7 @@ def test_gpu_first_replay_draws_what_eager_draws_on_a_busy_gpu():
     # the capture stream, unordered with the replay's stream (fast._record orders them). Same
     # kernels with and without the graph: the tokens must be equal, every time.
     assert graphed_decoding_matches_eager() == []
+
 
 # ------------------------------------------------------------------------------------------------
 # Stage 2 (stage2.py)
