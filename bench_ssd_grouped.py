@@ -47,9 +47,10 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="launch shapes of the three (Q, Q) kernels")
+    ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
     a = ap.parse_args()
     if a.check:
-        return check(a.length, a.dstate, a.chunk)
+        return check(a.length, a.dstate, a.chunk, seeds=a.seeds)
     if a.sweep:
         return sweep(a.batch, a.length, a.dstate, a.chunk)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
@@ -107,14 +108,14 @@ def _mamba(x, dt, A, B, C, Q, D, s0):
                                      return_final_states=True)
 
 
-def errors(l, n, Q, b=2, h=32, p=64, pad=300):
+def errors(l, n, Q, b=2, h=32, p=64, pad=300, seed=0):
     """Each path against ssd_chunked in float64 on the same bf16 inputs (batch row 1 left-padded:
     x and dt zero on its first `pad` positions): {path: {name: max|got - want| / max|want|}} for the
     output, the final state and every gradient."""
-    x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
+    x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16, seed=seed)
     x[1, :pad] = 0
     dt[1, :pad] = 0
-    g = torch.Generator(device="cuda").manual_seed(1)
+    g = torch.Generator(device="cuda").manual_seed(1 + 1000 * seed)  # seed 0: the inputs of earlier runs
     dy = torch.randn(b, l, h, p, device="cuda", generator=g, dtype=torch.float64)
     dfinal = torch.randn(b, h, p, n, device="cuda", generator=g, dtype=torch.float64) * 0.1
     leaves64 = [t.detach().double().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
@@ -134,14 +135,24 @@ def errors(l, n, Q, b=2, h=32, p=64, pad=300):
     return result
 
 
-def check(l, n, Q, b=2, pad=300):
-    """errors() as a table."""
-    result = errors(l, n, Q, b=b, pad=pad)
-    names = list(next(iter(result.values())))
-    print(f"errors against float64, b {b} L {l} N {n} chunk {Q}, row 1 padded on {pad} positions: max|d| / max|ref|")
-    print("| path | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
-    for name, errs in result.items():
-        print(f"| {name} | " + " | ".join(f"{errs[k]:.2e}" for k in names) + " |")
+def check(l, n, Q, b=2, pad=300, seeds=1):
+    """errors() as a table, for each of `seeds` input sets; with more than one, then each path's
+    error over mamba-ssm's, the median over the seeds."""
+    ratios = {}
+    for seed in range(seeds):
+        result = errors(l, n, Q, b=b, pad=pad, seed=seed)
+        names = list(next(iter(result.values())))
+        print(f"seed {seed}: errors against float64, b {b} L {l} N {n} chunk {Q}, row 1 padded on {pad} positions: "
+              "max|d| / max|ref|")
+        print("| path | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+        for name, errs in result.items():
+            print(f"| {name} | " + " | ".join(f"{errs[k]:.2e}" for k in names) + " |")
+            ratios.setdefault(name, []).append([errs[k] / result["mamba-ssm"][k] for k in names])
+    if seeds > 1:
+        print(f"median over {seeds} seeds of the error over mamba-ssm's:")
+        for name, rows in ratios.items():
+            med = torch.tensor(rows).median(dim=0).values
+            print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in med.tolist()) + " |")
 
 
 def sweep(b, l, n, Q, h=32, p=64):
