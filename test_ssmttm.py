@@ -2062,6 +2062,8 @@ BAD_TRAIN_FLAGS = [
     (["--stop-after", "-1"], "argument --stop-after: expected a whole number of at least 0, not '-1'"),
     (["--device", "gpu"], "argument --device: expected auto, cpu or cuda, not 'gpu'"),
     (["--stage", "3"], "argument --stage: invalid choice: 3 (choose from 1, 2)"),
+    (["--mamba-train", "fast"], "argument --mamba-train: invalid choice: 'fast' (choose from 'keep_states', "
+                                "'grouped', 'mamba_ssm', 'split')"),
 ]
 
 

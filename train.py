@@ -50,7 +50,7 @@ PAPER = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dr
 SYNTHETIC = dict(batch_size=16, grad_accum=1, lr=1e-3, warmup=30, steps=300, dropout=0.1, d_model=256,
                  d_state=64, headdim=32, n_heads=4, frames=128, eval_every=100, ckpt_every=100)
 RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "no_kernels",
-           "t5", "dac"}
+           "mamba_train", "t5", "dac"}
 METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "caption_score"]
 
 
@@ -97,6 +97,9 @@ def parse_args(argv=None):
                          "(BENCHMARKS.md)")
     ap.add_argument("--no-kernels", action="store_true",
                     help="on CUDA, train on the plain model (ssd_reference) instead of mamba-ssm's kernels")
+    ap.add_argument("--mamba-train", choices=("keep_states", "grouped", "mamba_ssm", "split"),
+                    default=fast.FastOptions.train,
+                    help="on CUDA, Mamba-2's training kernels (fast.FastOptions.train; grouped: ssd_grouped.py's SSD)")
     ap.add_argument("--t5", default="google/flan-t5-base", help="Flan-T5 name or local folder (real data)")
     ap.add_argument("--dac", default="descript/dac_44khz", help="DAC name or local folder (stage 2, real data)")
     ap.add_argument("--eval-every", type=at_least_0,
@@ -299,7 +302,7 @@ def build_model(args, device):
     model = TextToMusicLM(cfg).to(device)
     if device.startswith("cuda") and not args.no_kernels:
         if fast.available():
-            fast.accelerate(model)
+            fast.accelerate(model, fast.FastOptions(train=args.mamba_train))
         else:
             print("note: mamba-ssm and causal-conv1d are not installed, so Mamba-2 trains on ssd_reference "
                   "(slow); pip install -r requirements-gpu.txt --no-build-isolation", file=sys.stderr)
