@@ -510,20 +510,22 @@ def bench_pipeline(device, quick=False):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=8, layers=24, quick=False):
+def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=24, mamba_train="keep_states",
+              quick=False):
     """train.py on 2 GPUs (torchrun, NCCL) against 1, Prefix SiMBA at the paper shape on synthetic
     tokens (30 s, bf16, dropout 0 so that runs differ only by their arithmetic): audio tokens/s at
-    the same per-GPU batch, peak memory per GPU, the losses of 2 GPUs x batch b against 1 GPU x
-    batch 2b, and a 2-GPU run stopped halfway and resumed against the uninterrupted one. The runs
-    go to folders under root; parts "1gpu" and "2gpu" can run in separate calls (the 1-GPU runs
-    while GPU 1 is busy with something else)."""
+    the same per-GPU batch, for batch and 2 x batch per GPU (the median of steps 4 on, as train.py
+    logs them), peak memory per GPU, the losses of 2 GPUs x batch against 1 GPU x 2 batch, and a
+    2-GPU run stopped halfway and resumed against the uninterrupted one. The runs go to folders
+    under root; parts "1gpu" and "2gpu" can run in separate calls."""
     import csv
     import re
     shape = ["--d-model", "1024", "--d-state", "512", "--headdim", "64", "--n-heads", "8", "--frames", "2584"]
     if quick:  # a CPU smoke test of this function (gloo)
         shape = ["--d-model", "64", "--d-state", "16", "--headdim", "16", "--n-heads", "4", "--frames", "32"]
     common = ["--layers", str(layers), *shape, "--grad-accum", "1", "--steps", str(steps), "--lr", "1e-4",
-              "--warmup", "100", "--dropout", "0", "--eval-every", "0", "--ckpt-every", "1000000"]
+              "--warmup", "100", "--dropout", "0", "--eval-every", "0", "--ckpt-every", "1000000",
+              "--mamba-train", mamba_train]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
     losses = lambda name: [float(r["loss"]) for r in csv.DictReader(open(os.path.join(root, name, "metrics.csv")))]
     rel = lambda a, b: max(abs(x - y) / abs(y) for x, y in zip(a, b))
@@ -533,7 +535,8 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=8, layers=2
                                                                "--out", os.path.join(root, name), *extra]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1" if gpus == 2 else "0"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        row = {"section": "ddp", "run": name, "gpus": gpus, "batch per GPU": b, "rc": out.returncode}
+        row = {"section": "ddp", "run": name, "gpus": gpus, "batch per GPU": b, "mamba2": mamba_train,
+               "rc": out.returncode}
         if out.returncode != 0:
             row["error"] = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
         elif "--resume" not in extra:
@@ -544,22 +547,22 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=8, layers=2
         emit(row)
         return row
 
+    batches = (batch, 2 * batch)
     if "1gpu" in parts:
-        for name, b in [("1gpu-b", batch), ("1gpu-2b", 2 * batch)]:
-            row = train(name, 1, b)
-            json.dump(row, open(os.path.join(root, name + ".json"), "w"))
+        for b in batches:
+            json.dump(train(f"1gpu-{b}", 1, b), open(os.path.join(root, f"1gpu-{b}.json"), "w"))
     if "2gpu" in parts:
-        two = train("2gpu-b", 2, batch)
-        one = json.load(open(os.path.join(root, "1gpu-b.json")))
-        emit({"section": "ddp", "run": "2 GPUs / 1 GPU, same per-GPU batch", "speed-up": two["audio tok/s"] /
-              one["audio tok/s"]})
-        emit({"section": "ddp", "run": "losses, 2 GPUs x b vs 1 GPU x 2b", "max rel diff":
-              rel(losses("2gpu-b"), losses("1gpu-2b")), "2gpu": losses("2gpu-b"), "1gpu": losses("1gpu-2b")})
+        for b in batches:
+            two, one = train(f"2gpu-{b}", 2, b), json.load(open(os.path.join(root, f"1gpu-{b}.json")))
+            emit({"section": "ddp", "run": f"2 GPUs / 1 GPU at batch {b} per GPU",
+                  "speed-up": two.get("audio tok/s", math.nan) / one.get("audio tok/s", math.nan)})
+        emit({"section": "ddp", "run": f"losses, 2 GPUs x {batch} vs 1 GPU x {2 * batch}", "max rel diff":
+              rel(losses(f"2gpu-{batch}"), losses(f"1gpu-{2 * batch}"))})
     if "resume" in parts:
         train("2gpu-resumed", 2, batch, "--stop-after", str(steps // 2))
         train("2gpu-resumed", 2, batch, "--resume")
         emit({"section": "ddp", "run": "2 GPUs, stopped at half and resumed, vs uninterrupted",
-              "max rel diff": rel(losses("2gpu-resumed"), losses("2gpu-b")), "losses": losses("2gpu-resumed")})
+              "max rel diff": rel(losses("2gpu-resumed"), losses(f"2gpu-{batch}")), "losses": losses("2gpu-resumed")})
 
 
 def bench_cpu(steps=30):
@@ -641,7 +644,7 @@ def run_section(section, args, device, train_options):
     elif section.startswith("ddp"):  # ddp, or ddp-1gpu / ddp-2gpu for one part
         os.makedirs(args.ddp_dir, exist_ok=True)
         bench_ddp(args.ddp_dir, section[4:].split("+") if "-" in section else ("1gpu", "2gpu", "resume"),
-                  layers=n_layers, quick=args.quick)
+                  layers=n_layers, mamba_train=args.mamba_train[0], quick=args.quick)
     elif section == "decode-batch" and device == "cuda":
         bench_decode_batch(n_layers, tuple(args.prompts))
     elif section == "decode-profile":
