@@ -13,7 +13,8 @@ Every setting left unset comes from a preset: the paper's (AdamW 1e-4, weight de
 are printed and saved to OUT/config.json.
 
 On CUDA with mamba-ssm and causal-conv1d installed, the Mamba-2 layers train on their kernels
-(fast.accelerate; --no-kernels keeps the plain ssd_reference path). The weights are the same.
+(fast.accelerate; --mamba-train picks which, --no-kernels keeps the plain ssd_reference path). The
+weights are the same.
 
 OUT/ckpt.pt holds the model config, weights, optimizer, scheduler, step and RNG states (written to
 a temporary file, then renamed); --resume continues exactly where it stopped. --init-from starts a
