@@ -510,7 +510,7 @@ def bench_pipeline(device, quick=False):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=24, mamba_train="keep_states",
+def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=24, mamba_train=FastOptions.train,
               quick=False):
     """train.py on 2 GPUs (torchrun, NCCL) against 1, Prefix SiMBA at the paper shape on synthetic
     tokens (30 s, bf16, dropout 0 so that runs differ only by their arithmetic): audio tokens/s at
@@ -696,8 +696,7 @@ def main():
     ap.add_argument("--chunk-sizes", type=comma_list(datamod.positive_int), default="256",
                     help="the SSD kernels' chunk lengths (FastOptions.chunk_size)")
     ap.add_argument("--layers", type=datamod.positive_int, default=24)
-    ap.add_argument("--mamba-train", type=comma_list(["keep_states", "mamba_ssm", "split", "grouped"]),
-                    default="keep_states",
+    ap.add_argument("--mamba-train", type=comma_list(list(fast.TRAIN_PATHS)), default=FastOptions.train,
                     help="Mamba-2 training paths (FastOptions.train): keep_states, mamba_ssm (mamba-ssm's own "
                          "fused function, which recomputes the chunk states), split (separate conv and SSD ops), "
                          "grouped (issue 15: ssd_grouped.ssd_grouped)")

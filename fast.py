@@ -28,6 +28,9 @@ import ssmttm
 from ssmttm import SPECIAL, Mamba2
 
 
+TRAIN_PATHS = ("keep_states", "mamba_ssm", "split", "grouped")  # FastOptions.train
+
+
 @dataclass(frozen=True)
 class FastOptions:
     # Mamba-2's training pass: "keep_states" (kernels.mamba2_train: mamba-ssm's kernels, keeping the
@@ -43,8 +46,8 @@ class FastOptions:
     compile: bool = False        # decoding: torch.compile the plain step instead of kernels.py's
 
     def __post_init__(self):
-        if self.train not in ("keep_states", "mamba_ssm", "split", "grouped"):
-            raise ValueError(f"FastOptions.train: {self.train!r} is not keep_states, mamba_ssm, split or grouped")
+        if self.train not in TRAIN_PATHS:
+            raise ValueError(f"FastOptions.train: {self.train!r} is not one of {', '.join(TRAIN_PATHS)}")
 
 
 def available():

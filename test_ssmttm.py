@@ -2063,7 +2063,7 @@ BAD_TRAIN_FLAGS = [
     (["--device", "gpu"], "argument --device: expected auto, cpu or cuda, not 'gpu'"),
     (["--stage", "3"], "argument --stage: invalid choice: 3 (choose from 1, 2)"),
     (["--mamba-train", "fast"], "argument --mamba-train: invalid choice: 'fast' (choose from 'keep_states', "
-                                "'grouped', 'mamba_ssm', 'split')"),
+                                "'mamba_ssm', 'split', 'grouped')"),
 ]
 
 

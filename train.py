@@ -98,7 +98,7 @@ def parse_args(argv=None):
                          "(BENCHMARKS.md)")
     ap.add_argument("--no-kernels", action="store_true",
                     help="on CUDA, train on the plain model (ssd_reference) instead of mamba-ssm's kernels")
-    ap.add_argument("--mamba-train", choices=("keep_states", "grouped", "mamba_ssm", "split"),
+    ap.add_argument("--mamba-train", choices=fast.TRAIN_PATHS,
                     default=fast.FastOptions.train,
                     help="on CUDA, Mamba-2's training kernels (fast.FastOptions.train; grouped: ssd_grouped.py's SSD)")
     ap.add_argument("--t5", default="google/flan-t5-base", help="Flan-T5 name or local folder (real data)")
