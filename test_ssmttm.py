@@ -393,15 +393,23 @@ def test_gpu_mamba2_train_op_registrations(grouped):
 
 
 @gpu
-def test_gpu_same_state_dict_as_mamba_ssm():
+@pytest.mark.parametrize("train", ["keep_states", "grouped"])
+def test_gpu_same_state_dict_as_mamba_ssm(train):
     from mamba_ssm import Mamba2 as UpstreamMamba2
     torch.manual_seed(0)
     upstream = UpstreamMamba2(d_model=1024, d_state=512, headdim=64).cuda()
-    ours = fast.accelerate(Mamba2(1024, d_state=512, headdim=64).cuda())
+    ours = fast.accelerate(Mamba2(1024, d_state=512, headdim=64).cuda(), fast.FastOptions(train=train))
     ours.load_state_dict(upstream.state_dict())  # strict: same names and shapes
     upstream.load_state_dict(ours.state_dict())
     u = torch.randn(2, 1000, 1024, device="cuda")
-    assert report("ours vs mamba_ssm.Mamba2 forward", rel_err(ours(u), upstream(u))) < 1e-5
+    if train == "keep_states":  # mamba-ssm's kernels, as upstream's layer: the same numbers
+        assert report("ours vs mamba_ssm.Mamba2 forward", rel_err(ours(u), upstream(u))) < 1e-5
+    else:  # other kernels (fp32 inputs: both round products to TF32): no further from float64 than upstream
+        exact = Mamba2(1024, d_state=512, headdim=64).cuda().double()
+        exact.load_state_dict(upstream.state_dict())
+        want = exact(u.double())
+        err_up = report("mamba_ssm.Mamba2 forward vs float64", rel_err(upstream(u), want))
+        assert report(f"ours ({train}) forward vs float64", rel_err(ours(u), want)) < 1.5 * err_up
     # one decoding step from the same states
     conv, ssm = upstream.allocate_inference_cache(2, 1, dtype=torch.float32)
     state = ours.new_state(2, 0, "cuda", torch.float32)
