@@ -320,7 +320,7 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
         conv_state, conv_w, conv_b, conv_start, d_conv = x, dummy, dummy, 0, 0
     else:
         d_conv = conv_state.shape[-1]
-    default_n, default_warps = _launch_shape(M, N, K, conv is not None)
+    default_n, default_warps = _launch_shape(M, K, conv is not None)
     block_n, num_warps = block_n or default_n, num_warps or default_warps
     _linear_rows_kernel[(triton.cdiv(N, block_n),)](
         x, dummy if norm_weight is None else norm_weight, weight, dummy if bias is None else bias,
@@ -358,12 +358,17 @@ def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv):
     return out
 
 
-def _launch_shape(rows, n, width, conv):
-    """(outputs per program, warps per program) of linear_rows: `rows` rows of x `width` wide, n outputs.
+def _launch_shape(rows, width, conv):
+    """(outputs per program, warps per program) of linear_rows for `rows` rows of x `width` wide.
     Chosen in a chain of launches with PDL (bench.py --only decode-kernels --sweep-configs), which
     is how a frame runs them; Triton's autotuner, which times each launch alone, picks larger ones
-    that are slower there (BENCHMARKS.md)."""
-    return (4, 1) if conv else (2, 1)
+    that are slower there (BENCHMARKS.md §0b). More rows: more work per weight, so fewer outputs
+    per program, and more warps for the wide matrices (out_proj, fc2)."""
+    if rows <= 2:
+        return (4, 1) if conv else (2, 1)
+    if rows <= 4:
+        return (4, 2) if width >= 2048 else (4, 1)
+    return (2, 4) if width >= 2048 else (2, 1)
 
 
 def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True, block_p=None, num_warps=None):
