@@ -177,7 +177,7 @@ def sweep(b, l, n, Q, h=32, p=64):
             "fwd": lambda: sg._diag_fwd_kernel[(b * c, h, nb)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
                                                                  HAS_D=True, **kw),
             "bwd_x": lambda: sg._diag_bwd_x_kernel[(b * c, h, nb)](G, acum, x, dt, dy, yoff, D, y, small(), small(), row,
-                                                                    small(), small(), l, c, h, p, h * p, HAS_D=True, **kw),
+                                                                    small(), small(), l, c, h, p, h * p, h * p, HAS_D=True, **kw),
             "bwd_G": lambda: sg._diag_bwd_G_kernel[(b * c, nb, nb)](acum, x, dt, dy, dG, l, c, h, p, h * p, **kw)}
         times = []
         for name, fn in calls.items():

@@ -129,6 +129,13 @@ if triton is not None:
             shifted = shifted.to(tl.float32)
         if PDL:  # everything below may read what the previous kernel writes
             gdc_wait()
+        # The rows' results are gathered in registers and stored after the loop: a store inside it
+        # could alias the next row's x, so the compiler would have to wait for each row's loads in
+        # turn; with the stores last, the loads of all rows may be in flight at once.
+        ms = tl.arange(0, M_POW2)
+        out = tl.zeros((M_POW2, BLOCK_N), dtype=tl.float32)
+        if D_CONV > 0:
+            new_states = tl.zeros((M_POW2, BLOCK_N, D_CONV), dtype=tl.float32)
         for m in tl.static_range(M):
             v = tl.load(x_ptr + m * stride_x + ks, mask=k_ok, other=0.0).to(tl.float32)
             acc = tl.sum(w * v[None, :], axis=1)  # (BLOCK_N,)
@@ -146,11 +153,16 @@ if triton is not None:
                 window = tl.sum(tl.where(ms[:, None, None] == m, shifted, 0.0), axis=0)
                 window = tl.where(last, x_t[:, None].to(tl.float32), window)
                 conv = tl.sum(window * w_conv, axis=1) + b_conv
-                tl.debug_barrier()  # every thread has used the old states before any is overwritten
-                state = conv_state_ptr + m * (conv_dim * D_CONV) + c[:, None] * D_CONV + taps[None, :]
-                tl.store(state, window.to(conv_state_ptr.dtype.element_ty), mask=conv_ok)
+                new_states = tl.where(ms[:, None, None] == m, window[None, :, :], new_states)
                 acc = tl.where(in_conv, conv * tl.sigmoid(conv), acc)
-            tl.store(out_ptr + m * N + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+            out = tl.where(ms[:, None] == m, acc[None, :], out)
+        row_ok = ms < M
+        if D_CONV > 0:
+            tl.debug_barrier()  # every thread has used the old states before any is overwritten
+            states = conv_state_ptr + ms[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV + taps[None, None, :]
+            tl.store(states, new_states.to(conv_state_ptr.dtype.element_ty), mask=row_ok[:, None, None] & conv_ok[None, :, :])
+        tl.store(out_ptr + ms[:, None] * N + cols[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
     def _conv_rows_kernel(out_ptr, stride_out, conv_state_ptr, conv_w_ptr, conv_b_ptr, M, conv_start, conv_dim,
@@ -308,7 +320,7 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
         conv_state, conv_w, conv_b, conv_start, d_conv = x, dummy, dummy, 0, 0
     else:
         d_conv = conv_state.shape[-1]
-    default_n, default_warps = _launch_shape(conv is not None)
+    default_n, default_warps = _launch_shape(M, K, conv is not None)
     block_n, num_warps = block_n or default_n, num_warps or default_warps
     _linear_rows_kernel[(triton.cdiv(N, block_n),)](
         x, dummy if norm_weight is None else norm_weight, weight, dummy if bias is None else bias,
@@ -346,12 +358,17 @@ def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv):
     return out
 
 
-def _launch_shape(conv):
-    """(outputs per program, warps per program) of linear_rows: small programs, many of them.
+def _launch_shape(rows, width, conv):
+    """(outputs per program, warps per program) of linear_rows for `rows` rows of x `width` wide.
     Chosen in a chain of launches with PDL (bench.py --only decode-kernels --sweep-configs), which
     is how a frame runs them; Triton's autotuner, which times each launch alone, picks larger ones
-    that are slower there (BENCHMARKS.md)."""
-    return (4, 1) if conv else (2, 1)
+    that are slower there (BENCHMARKS.md §0b). More rows: more work per weight, so fewer outputs
+    per program, and more warps for the wide matrices (out_proj, fc2)."""
+    if rows <= 2:
+        return (4, 1) if conv else (2, 1)
+    if rows <= 4:
+        return (4, 2) if width >= 2048 else (4, 1)
+    return (2, 4) if width >= 2048 else (2, 1)
 
 
 def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True, block_p=None, num_warps=None):
@@ -588,9 +605,9 @@ def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Te
         dout_w = torch.einsum("bso,bsd->od", dout, normed)
         dy = dy.view(b, l, h, headdim)
         if grouped:
-            dx_, ddt, dA, dB_, dC_, dD, _ = ssd_grouped.backward_triton(
-                dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, chunk)
-            dx.copy_(dx_), dB.copy_(dB_[:, :, None]), dC.copy_(dC_[:, :, None])
+            _, ddt, dA, dB_, dC_, dD, _ = ssd_grouped.backward_triton(  # dx straight into the conv's gradient
+                dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, chunk, dx_out=dx)
+            dB.copy_(dB_[:, :, None]), dC.copy_(dC_[:, :, None])
             ddt = ddt * torch.sigmoid(dt_in.float() + dt_bias.float())   # through the softplus
             if seq_idx is not None:
                 ddt = ddt * (seq_idx != 0)[..., None]

@@ -351,14 +351,15 @@ if triton is not None:
 
     @triton.jit
     def _diag_bwd_x_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, dy_ptr, dxs_ptr, D_ptr,
-                           dx_ptr, ddt_ptr, dacum_col_ptr, dacum_row_ptr, t_ptr, dD_ptr, L, NC, H, P, SX,
+                           dx_ptr, ddt_ptr, dacum_col_ptr, dacum_row_ptr, t_ptr, dD_ptr, L, NC, H, P, SX, SDX,
                            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
                            PREC: tl.constexpr):
         """For the positions s of one row block and one head: the (Q, Q) part's gradients (dxdt_s =
         sum_{q >= s} W[q, s] dy_q; -sum_q M[q, s] and M's row sums over these s, one slot per column
         block in dacum_row (b, c, h, Q / BM, Q), with W = G * decay and M = W * (dy_q . xdt_s)), then
         the rest of the chain for these positions: with dxs (b, c, Q, h, p) fp32 from the chunk states,
-        t = sum_p dxs xs, dxdt += dxs exp(acum_end - acum), dx = dxdt dt + D dy (x's dtype, (b, L, h, p)),
+        t = sum_p dxs xs, dxdt += dxs exp(acum_end - acum), dx = dxdt dt + D dy (x's dtype, (b, L, h, p) with
+        rows SDX apart),
         ddt's part sum_p dxdt x, dacum_col = -sum_q M - t, t, and dD's part sum_p dy x (all (b, c, Q, h)).
         Grid (b*c, h, Q / BM)."""
         bc, h, blk = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
@@ -398,7 +399,7 @@ if triton is not None:
             dy_s = _rows(dy_ptr, row0 + pos_s, H * P, ok_s, h, P, pp).to(tl.float32)
             dx += tl.load(D_ptr + h) * dy_s
             tl.store(dD_ptr + at, tl.sum(dy_s * xf, axis=1))
-        tl.store(dx_ptr + ((row0 + pos_s) * H + h)[:, None] * P + pp[None, :], dx.to(dx_ptr.dtype.element_ty),
+        tl.store(dx_ptr + (row0 + pos_s)[:, None] * SDX + h * P + pp[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=ok_s[:, None] & (pp[None, :] < P))
         tl.store(ddt_ptr + at, tl.sum(dxdt * xf, axis=1))
         tl.store(dacum_col_ptr + at, -col - t)
@@ -485,8 +486,10 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     return y, final.view(b, h, p, n), acum, S_prev, G
 
 
-def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size):
-    """backward with the elementwise work in Triton: same arguments and results."""
+def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size, dx_out=None):
+    """backward with the elementwise work in Triton: same arguments and results. dx_out: where to
+    write dx instead of a new tensor, (b, l, h, p) in x's dtype with rows of h*p values (as x may be:
+    the x columns of the conv's gradient, so that dx is not copied there); it is the dx returned."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     hp, dev, f32 = h * p, x.device, torch.float32
@@ -520,13 +523,16 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     dB = _matmul_f32(xs, dstates)                                     # (b, c, Q, n): K = h*p
     del xs, dstates
     # inside the chunks, and the rest of the chain per position
-    dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
+    dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype) if dx_out is None else dx_out
+    if _rows_of(dx)[0] is not dx or dx.shape != (b, l, h, p) or dx.dtype != x.dtype:
+        raise ValueError(f"backward_triton: dx_out must be ({b}, {l}, {h}, {p}) {x.dtype} with rows of "
+                         f"{h * p} values; got {tuple(dx.shape)} {dx.dtype} with strides {dx.stride()}")
     ddt, dacum_col, t, dD_part = small(), small(), small(), small()
     dacum_row = torch.zeros(b, c, h, Q // BM, Q, device=dev, dtype=f32)
     D32 = acum if D is None else D.float().contiguous()
     _diag_bwd_x_kernel[(b * c, h, Q // BM)](G, acum, x, dt32, dy, dxs, D32, dx, ddt, dacum_col, dacum_row, t, dD_part,
-                                            l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec,
-                                            num_stages=1)
+                                            l, c, h, p, sx, dx.stride(1), Q=Q, BM=BM, BP=BP, HAS_D=D is not None,
+                                            PREC=prec, num_stages=1)
     del dxs
     dG = torch.empty(b, c, Q, Q, device=dev, dtype=f32)
     _diag_bwd_G_kernel[(b * c, Q // BM, Q // BM)](acum, x, dt32, dy, dG, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, PREC=prec,

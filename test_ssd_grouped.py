@@ -145,6 +145,26 @@ def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, init, w
         assert _rel(a.cpu(), r) < 2e-5, name
 
 
+@needs_triton
+def test_grouped_backward_writes_dx_into_a_wider_buffer():
+    # the training op passes the x columns of the conv's gradient as dx_out: dx lands there bit for
+    # bit as in a tensor of its own, and the buffer's other columns stay as they were
+    x, dt, A, B, C, D, _ = _inputs(2, 40, 3, 16, 8, init=False, dtype=torch.float32)
+    x, dt, A, B, C, D = (t.detach().to(DEVICE) for t in (x, dt, A, B, C, D))
+    y, _, acum, S_prev, G = ssd_grouped.forward_triton(x, dt, A, B, C, 16, D)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    args = (dy, None, x, dt, A, B, C, D, None, acum, S_prev, G, 16)
+    want = ssd_grouped.backward_triton(*args)
+    buffer = torch.full((2, 40, 3 * 16 + 5), 7.0, device=DEVICE)
+    dx_out = buffer[..., :3 * 16].unflatten(-1, (3, 16))
+    got = ssd_grouped.backward_triton(*args, dx_out=dx_out)
+    assert got[0] is dx_out and torch.equal(dx_out, want[0]) and bool((buffer[..., 48:] == 7.0).all())
+    for g, w in zip(got[1:6], want[1:6]):
+        assert torch.equal(g, w)
+    with pytest.raises(ValueError, match="dx_out must be"):
+        ssd_grouped.backward_triton(*args, dx_out=torch.empty(2, 40, 16, 3, device=DEVICE).transpose(2, 3))
+
+
 @pytest.mark.parametrize("variant", ["prefix_simba", "cross_simba"])
 def test_lm_with_the_grouped_training_path_equals_the_plain_model(variant):
     # FastOptions(train="grouped") on a CPU (ssd_grouped's torch form): loss and every gradient of the
