@@ -633,8 +633,9 @@ def run_section(section, args, device, train_options):
         for variant, comp in itertools.product(args.variants, map(int, args.compile)):
             profile_train(variant, args.batches[0], n_frames, n_layers, bool(comp), train_options[0])
     elif section == "layer":
-        for options in (train_options + [None] if device == "cuda" else [None]):
-            emit(bench_layer(1 if args.quick else 4, 64 if args.quick else 2650, options, device=device))
+        for batch, options in itertools.product([1] if args.quick else args.batches,
+                                                train_options + [None] if device == "cuda" else [None]):
+            emit(bench_layer(batch, 64 if args.quick else 2650, options, device=device))
     elif section == "decode":
         bench_decoding(device, n_layers, (10, 20) if args.quick else (100, 1000, 2500),
                        args.decode_setups, full_baseline=args.full_baseline)
@@ -690,7 +691,7 @@ def main():
                     help=f"comma-separated sections ({', '.join(SECTIONS)})")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
     ap.add_argument("--variants", type=comma_list(list(LAYOUTS)), default=",".join(LAYOUTS))
-    ap.add_argument("--batches", type=comma_list(datamod.positive_int), default="4,16")
+    ap.add_argument("--batches", type=comma_list(datamod.positive_int), default="4,16", help="train, layer: batch sizes")
     ap.add_argument("--compile", type=comma_list(["0", "1"]), default="0,1",
                     help="training with torch.compile: 0, 1 or both")
     ap.add_argument("--chunk-sizes", type=comma_list(datamod.positive_int), default="256",
