@@ -404,12 +404,12 @@ def test_gpu_same_state_dict_as_mamba_ssm(train):
     u = torch.randn(2, 1000, 1024, device="cuda")
     if train == "keep_states":  # mamba-ssm's kernels, as upstream's layer: the same numbers
         assert report("ours vs mamba_ssm.Mamba2 forward", rel_err(ours(u), upstream(u))) < 1e-5
-    else:  # other kernels (fp32 inputs: both round products to TF32): no further from float64 than upstream
+    else:  # other kernels: against float64, where mamba-ssm's products round fp32 to TF32 (1.5e-4)
         exact = Mamba2(1024, d_state=512, headdim=64).cuda().double()
         exact.load_state_dict(upstream.state_dict())
         want = exact(u.double())
         err_up = report("mamba_ssm.Mamba2 forward vs float64", rel_err(upstream(u), want))
-        assert report(f"ours ({train}) forward vs float64", rel_err(ours(u), want)) < 1.5 * err_up
+        assert report(f"ours ({train}) forward vs float64", rel_err(ours(u), want)) < min(1e-5, err_up)
     # one decoding step from the same states
     conv, ssm = upstream.allocate_inference_cache(2, 1, dtype=torch.float32)
     state = ours.new_state(2, 0, "cuda", torch.float32)
