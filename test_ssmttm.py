@@ -847,6 +847,35 @@ def kernel_definitions(monkeypatch):
         monkeypatch.setattr(kernels, name, definition)
 
 
+# The Triton kernels themselves: on a GPU, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1)
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+triton_here = pytest.mark.skipif(kernels.triton is None or not (TRITON_INTERPRET or torch.cuda.is_available()),
+                                 reason="Triton on a GPU, or TRITON_INTERPRET=1")
+
+
+@triton_here
+def test_linear_rows_one_kernel_equals_its_definition():
+    # up to kernels.CORE_ROWS rows, every launch shape the row count picks (narrow and >= 2048 wide
+    # inputs): the product, norm, bias, GELU, residual and the conv with its state, in float64
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=gen).to(device)
+    d = lambda t: t.double()
+    for M in range(1, kernels.CORE_ROWS + 1):
+        for K, N in [(64, 40), (2048, 24)]:
+            x, w = rand(M, K), rand(N, K) / K ** 0.5
+            for kw in [{}, dict(norm_weight=rand(K), bias=rand(N), gelu=True), dict(norm_weight=rand(K), residual=rand(M, N)),
+                       dict(bias=rand(N), residual=rand(M, N))]:
+                got = kernels.linear_rows(x, w, **kw)
+                want = linear_rows_definition(d(x), d(w), **{k: d(v) if torch.is_tensor(v) else v for k, v in kw.items()})
+                assert rel_err(got, want) < 1e-6, (M, K, sorted(kw))
+            state, conv_w, conv_b = rand(M, N - 5, 4), rand(N - 5, 4), rand(N - 5)
+            want_state = d(state)
+            got = kernels.linear_rows(x, w, conv=(state, conv_w, conv_b, 5))
+            want = linear_rows_definition(d(x), d(w), conv=(want_state, d(conv_w), d(conv_b), 5))
+            assert rel_err(got, want) < 1e-6 and rel_err(state, want_state) < 1e-6, (M, K, "conv")
+
+
 def test_linear_rows_past_the_one_kernel_rows_equals_its_definition():
     # more than kernels.CORE_ROWS rows: cuBLAS's product with the norm, bias, GELU and residual as
     # plain ops around it (so this part runs on a CPU too), against the definition in float64; the
