@@ -1030,7 +1030,7 @@ def test_gpu_plain_model_runs_no_kernel(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_linear_rows_equals_its_definition(dtype):
     # residual + gelu(norm(x) @ W^T + bias) in one kernel, against its definition in float64, for the
-    # shapes of a decoding step (and odd ones), 1-128 rows (CUDA cores up to 4, tensor cores past),
+    # shapes of a decoding step (and odd ones), 1-128 rows (one kernel up to kernels.CORE_ROWS, cuBLAS past),
     # strided row views as the step passes them
     torch.manual_seed(0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (2^-8)
