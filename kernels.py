@@ -159,8 +159,8 @@ if triton is not None:
         row_ok = ms < M
         if D_CONV > 0:
             tl.debug_barrier()  # every thread has used the old states before any is overwritten
-            states = conv_state_ptr + ms[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV + taps[None, None, :]
-            tl.store(states, new_states.to(conv_state_ptr.dtype.element_ty), mask=row_ok[:, None, None] & conv_ok[None, :, :])
+            tl.store(states, new_states.to(conv_state_ptr.dtype.element_ty),  # where `shifted` came from
+                     mask=row_ok[:, None, None] & conv_ok[None, :, :])
         tl.store(out_ptr + ms[:, None] * N + cols[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
