@@ -410,10 +410,26 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
         us = graphed([lambda w=w: torch.nn.functional.linear(x[:, :K], w) for w in weights])
         row["cuBLAS us"], row["cuBLAS GB/s"] = us, mb * 1e3 / us
         emit(row)
+        us = graphed([lambda c=c: c(path="tensor_cores") for c in calls])
+        emit({"section": "decode kernels", "rows": rows, "kernel": f"{name} (tensor cores)", "N x K": f"{N} x {K}",
+              "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
         for block_n, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)) if sweep and rows <= kernels.CORE_ROWS else ():
-            us = graphed([lambda w=w, i=i, bn=block_n, nw=warps: call(w, i, block_n=bn, num_warps=nw)
+            us = graphed([lambda w=w, i=i, bn=block_n, nw=warps: call(w, i, path="cuda_cores", block_n=bn, num_warps=nw)
                           for i, w in enumerate(weights)])
             emit({"section": "decode kernels", "rows": rows, "kernel": f"{name}: {block_n} outputs, {warps} warps per program",
+                  "N x K": f"{N} x {K}", "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
+        tc_shapes = itertools.product((16, 32, 64), (16, 32, 64), (4, 8)) if sweep else ()
+        for block_m, block_n, warps in tc_shapes:
+            if block_m > max(16, 1 << (rows - 1).bit_length()):
+                continue
+            try:
+                us = graphed([lambda w=w, i=i, bm=block_m, bn=block_n, nw=warps: call(
+                    w, i, path="tensor_cores", block_m=bm, block_n=bn, num_warps=nw) for i, w in enumerate(weights)])
+            except Exception as e:  # a shape that does not fit (registers, shared memory)
+                us = float("nan")
+                print(f"{name} tensor cores {block_m} x {block_n}, {warps} warps: {type(e).__name__}", flush=True)
+            emit({"section": "decode kernels", "rows": rows,
+                  "kernel": f"{name}: tensor cores, {block_m} rows x {block_n} outputs, {warps} warps per program",
                   "N x K": f"{N} x {K}", "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
     # the SSD step: read and write the state (rows, nheads, headdim, d_state), fp32 or bf16
     zxbcdt = torch.randn(rows, in_proj, **bf16)

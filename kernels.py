@@ -70,6 +70,7 @@ if HAS_MAMBA_SSM:  # under torch.compile these are graph breaks; mamba2_train be
 # linear_rows: up to CORE_ROWS rows in one kernel (each program holds all rows of x and a whole row
 # of W), up to MAX_ROWS rows as cuBLAS's product with a few small kernels around it; width <= MAX_WIDTH
 CORE_ROWS, MAX_ROWS, MAX_WIDTH = 8, 128, 4096
+LINEAR_PATHS = ("cuda_cores", "tensor_cores", "cublas")
 
 
 def fits_linear_rows(rows, width):
@@ -163,6 +164,82 @@ if triton is not None:
                      mask=row_ok[:, None, None] & conv_ok[None, :, :])
         tl.store(out_ptr + ms[:, None] * N + cols[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _linear_rows_tc_kernel(x_ptr, norm_w_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps, stride_x, stride_res,
+                               conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_start, conv_dim,
+                               M: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                               HAS_RES: tl.constexpr, D_CONV: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr,
+                               K_HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+        # One program: BLOCK_N outputs for all M rows on tensor cores. Its slice of W (BLOCK_N x K,
+        # in K_HALVES loads of BLOCK_K) is loaded once, before the wait, and stays in registers while
+        # the rows go through in tiles of BLOCK_M: each weight is read once whatever the rows.
+        if PDL:
+            gdc_launch_dependents()
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        col_ok = cols < N
+        w0 = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+        if NORM:
+            nw0 = tl.load(norm_w_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+        if K_HALVES == 2:
+            w1 = tl.load(w_ptr + cols[:, None] * K + BLOCK_K + ks[None, :],
+                         mask=col_ok[:, None] & (BLOCK_K + ks < K)[None, :], other=0.0)
+            if NORM:
+                nw1 = tl.load(norm_w_ptr + BLOCK_K + ks, mask=BLOCK_K + ks < K, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if D_CONV > 0:  # outputs conv_start ... conv_start + conv_dim - 1 go through the causal conv
+            c = cols - conv_start
+            in_conv = col_ok & (c >= 0) & (c < conv_dim)
+            c = tl.where(in_conv, c, 0)
+            taps = tl.arange(0, D_CONV)
+            conv_ok = in_conv[:, None] & (taps[None, :] < D_CONV)
+            w_conv = tl.load(conv_w_ptr + c[:, None] * D_CONV + taps[None, :], mask=conv_ok, other=0.0).to(tl.float32)
+            b_conv = tl.load(conv_b_ptr + c, mask=in_conv, other=0.0).to(tl.float32)
+            last = (taps[None, :] == D_CONV - 1)[None, :, :]
+        if PDL:  # everything below may read what the previous kernel writes
+            gdc_wait()
+        for m0 in tl.range(0, M, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < M
+            x0 = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
+                         other=0.0).to(tl.float32)
+            if K_HALVES == 2:
+                x1 = tl.load(x_ptr + rows[:, None] * stride_x + BLOCK_K + ks[None, :],
+                             mask=row_ok[:, None] & (BLOCK_K + ks < K)[None, :], other=0.0).to(tl.float32)
+            if NORM:  # RMSNorm, rounded to W's dtype as the plain ops round it
+                sq = tl.sum(x0 * x0, axis=1)
+                if K_HALVES == 2:
+                    sq += tl.sum(x1 * x1, axis=1)
+                rstd = 1.0 / tl.sqrt(sq / K + eps)
+                x0 = x0 * rstd[:, None] * nw0[None, :]
+                if K_HALVES == 2:
+                    x1 = x1 * rstd[:, None] * nw1[None, :]
+            acc = tl.dot(x0.to(w0.dtype), tl.trans(w0), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), fp32
+            if K_HALVES == 2:
+                acc = tl.dot(x1.to(w1.dtype), tl.trans(w1), acc, input_precision=PRECISION)
+            if HAS_BIAS:
+                acc += bias[None, :]
+            if GELU:  # exact (erf) GELU, as F.gelu
+                acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+            if HAS_RES:
+                acc += tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :],
+                               mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            if D_CONV > 0:  # Mamba-2's causal depthwise conv + SiLU; this program owns these channels
+                x_t = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv sees the rounded projection
+                states = conv_state_ptr + rows[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV \
+                    + taps[None, None, :]
+                state_ok = row_ok[:, None, None] & conv_ok[None, :, :]
+                shifted = tl.load(states + 1, mask=state_ok & ~last, other=0.0).to(tl.float32)
+                window = tl.where(last, x_t[:, :, None], shifted)
+                conv = tl.sum(window * w_conv[None, :, :], axis=2) + b_conv[None, :]
+                tl.debug_barrier()  # every thread has read the old states before any is overwritten
+                tl.store(states, window.to(conv_state_ptr.dtype.element_ty), mask=state_ok)
+                acc = tl.where(in_conv[None, :], conv * tl.sigmoid(conv), acc)
+            tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
     def _conv_rows_kernel(out_ptr, stride_out, conv_state_ptr, conv_w_ptr, conv_b_ptr, M, conv_start, conv_dim,
@@ -288,20 +365,22 @@ if triton is not None:
 
 
 def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, residual=None, conv=None,
-                pdl=True, block_n=None, num_warps=None):
+                pdl=True, path=None, block_n=None, num_warps=None, block_m=None):
     """residual + gelu(norm(x) @ weight^T + bias) for the rows of a decoding step.
 
     x (M, K) with M <= 128 and K <= 4096, weight (N, K). norm: RMSNorm with norm_weight (K,) if given.
     residual (M, N). conv: (state, weight, bias, start) to pass outputs start ... start + C - 1
     through Mamba-2's causal conv + SiLU, with state (M, C, d_conv) updated in place, weight
     (C, d_conv), bias (C,). Returns (M, N) in the dtype of residual if given, else of x.
-    Up to CORE_ROWS rows: one kernel, in float32. More: the product is cuBLAS's (one weight read
-    serves all rows on tensor cores) in weight's dtype, the norm, bias, GELU, residual and conv
-    small kernels around it (_linear_many_rows).
+    path: "cuda_cores" (one kernel, in float32), "tensor_cores" (one kernel, the product on tensor
+    cores in weight's dtype, the norm rounded to it first, as the plain ops do) or "cublas" (cuBLAS's
+    product with the norm, bias, GELU, residual and conv small kernels around it,
+    _linear_many_rows); default: cuda_cores up to CORE_ROWS rows, cublas past them.
     pdl: programmatic dependent launch (Hopper and later): the weights, norm_weight, bias and the
     conv's weight, bias and state are read before the wait for the previous kernel, so they must not
     be what that kernel writes.
-    block_n, num_warps: outputs per program and warps per program (default: _launch_shape)."""
+    block_n, num_warps, block_m: outputs per program, warps per program and (tensor_cores) rows per
+    tile (default: _launch_shape, _tc_launch_shape)."""
     M, K = x.shape
     N = weight.shape[0]
     if M > MAX_ROWS or K > MAX_WIDTH:
@@ -310,7 +389,10 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
         conv_state, conv_w, conv_b, conv_start = conv
         if conv_state.shape[0] != M or not conv_state.is_contiguous() or not conv_w.is_contiguous():
             raise ValueError("linear_rows: the conv state must be contiguous (M, channels, d_conv)")
-    if M > CORE_ROWS:
+    path = path or ("cuda_cores" if M <= CORE_ROWS else "cublas")
+    if path not in LINEAR_PATHS:
+        raise ValueError(f"linear_rows: path {path!r} is not one of {', '.join(LINEAR_PATHS)}")
+    if path == "cublas":
         return _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv)
     rows = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # rows may be strided views
     x, residual, weight = rows(x), rows(residual), weight.contiguous()
@@ -320,16 +402,34 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
         conv_state, conv_w, conv_b, conv_start, d_conv = x, dummy, dummy, 0, 0
     else:
         d_conv = conv_state.shape[-1]
+    args = (x, dummy if norm_weight is None else norm_weight, weight, dummy if bias is None else bias,
+            dummy if residual is None else residual, out, N, K, eps, x.stride(0),
+            0 if residual is None else residual.stride(0), conv_state, conv_w, conv_b, conv_start,
+            conv_state.shape[1] if conv is not None else 0)
+    flags = dict(NORM=norm_weight is not None, HAS_BIAS=bias is not None, GELU=gelu, HAS_RES=residual is not None,
+                 D_CONV=d_conv, **_launch_options(x, pdl))
+    if path == "tensor_cores":
+        default_m, default_n, default_warps = _tc_launch_shape(M, K)
+        block_m, block_n, num_warps = block_m or default_m, block_n or default_n, num_warps or default_warps
+        halves = 2 if K > 2048 else 1
+        _linear_rows_tc_kernel[(triton.cdiv(N, block_n),)](
+            *args, M=M, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", K_HALVES=halves,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(triton.cdiv(K, halves)),
+            num_warps=num_warps, **flags)
+        return out
     default_n, default_warps = _launch_shape(M, K, conv is not None)
     block_n, num_warps = block_n or default_n, num_warps or default_warps
     _linear_rows_kernel[(triton.cdiv(N, block_n),)](
-        x, dummy if norm_weight is None else norm_weight, weight, dummy if bias is None else bias,
-        dummy if residual is None else residual, out, N, K, eps, x.stride(0), 0 if residual is None else residual.stride(0),
-        conv_state, conv_w, conv_b, conv_start, conv_state.shape[1] if conv is not None else 0,
-        M=M, M_POW2=triton.next_power_of_2(M), NORM=norm_weight is not None, HAS_BIAS=bias is not None, GELU=gelu,
-        HAS_RES=residual is not None, D_CONV=d_conv, BLOCK_K=triton.next_power_of_2(K), BLOCK_N=block_n,
-        num_warps=num_warps, **_launch_options(x, pdl))
+        *args, M=M, M_POW2=triton.next_power_of_2(M), BLOCK_K=triton.next_power_of_2(K), BLOCK_N=block_n,
+        num_warps=num_warps, **flags)
     return out
+
+
+def _tc_launch_shape(rows, width):
+    """(rows per tile, outputs per program, warps per program) of linear_rows' tensor-core kernel:
+    tl.dot's smallest tile is 16 x 16; the warps grow with the slice of W each program holds.
+    A first guess, to be measured (bench.py --only decode-kernels --sweep-configs)."""
+    return min(64, max(16, triton.next_power_of_2(rows))), 16, 4 if width <= 1024 else 8
 
 
 def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv):

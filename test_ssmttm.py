@@ -854,26 +854,31 @@ triton_here = pytest.mark.skipif(kernels.triton is None or not (TRITON_INTERPRET
 
 
 @triton_here
-def test_linear_rows_one_kernel_equals_its_definition():
-    # up to kernels.CORE_ROWS rows, every launch shape the row count picks (narrow and >= 2048 wide
-    # inputs): the product, norm, bias, GELU, residual and the conv with its state, in float64
+@pytest.mark.parametrize("path, all_rows", [("cuda_cores", range(1, kernels.CORE_ROWS + 1)),
+                                            ("tensor_cores", (1, 5, 16, 17, 40))])
+def test_linear_rows_one_kernel_equals_its_definition(path, all_rows):
+    # each kernel of linear_rows at row counts that pick each launch shape (tensor cores: one row
+    # tile, a full one, several), narrow and wide inputs (4096: W in two halves): the product, norm,
+    # bias, GELU, residual and the conv with its state, against float64
     device = "cpu" if TRITON_INTERPRET else "cuda"
     gen = torch.Generator().manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=gen).to(device)
     d = lambda t: t.double()
-    for M in range(1, kernels.CORE_ROWS + 1):
-        for K, N in [(64, 40), (2048, 24)]:
+    for M in all_rows:
+        for K, N in [(64, 40), (2048 if path == "cuda_cores" else 4096, 24)]:
             x, w = rand(M, K), rand(N, K) / K ** 0.5
             for kw in [{}, dict(norm_weight=rand(K), bias=rand(N), gelu=True), dict(norm_weight=rand(K), residual=rand(M, N)),
                        dict(bias=rand(N), residual=rand(M, N))]:
-                got = kernels.linear_rows(x, w, **kw)
+                got = kernels.linear_rows(x, w, path=path, **kw)
                 want = linear_rows_definition(d(x), d(w), **{k: d(v) if torch.is_tensor(v) else v for k, v in kw.items()})
                 assert rel_err(got, want) < 1e-6, (M, K, sorted(kw))
             state, conv_w, conv_b = rand(M, N - 5, 4), rand(N - 5, 4), rand(N - 5)
             want_state = d(state)
-            got = kernels.linear_rows(x, w, conv=(state, conv_w, conv_b, 5))
+            got = kernels.linear_rows(x, w, conv=(state, conv_w, conv_b, 5), path=path)
             want = linear_rows_definition(d(x), d(w), conv=(want_state, d(conv_w), d(conv_b), 5))
             assert rel_err(got, want) < 1e-6 and rel_err(state, want_state) < 1e-6, (M, K, "conv")
+    with pytest.raises(ValueError, match="path 'tensor' is not one of"):
+        kernels.linear_rows(x, w, path="tensor")
 
 
 def test_linear_rows_past_the_one_kernel_rows_equals_its_definition():
@@ -1028,10 +1033,11 @@ def test_gpu_plain_model_runs_no_kernel(monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_linear_rows_equals_its_definition(dtype):
-    # residual + gelu(norm(x) @ W^T + bias) in one kernel, against its definition in float64, for the
-    # shapes of a decoding step (and odd ones), 1-128 rows (one kernel up to kernels.CORE_ROWS, cuBLAS past),
-    # strided row views as the step passes them
+@pytest.mark.parametrize("path", [None, "tensor_cores"])
+def test_gpu_linear_rows_equals_its_definition(dtype, path):
+    # residual + gelu(norm(x) @ W^T + bias), against its definition in float64, for the shapes of a
+    # decoding step (and odd ones), 1-128 rows (by default the one CUDA-core kernel up to
+    # kernels.CORE_ROWS, cuBLAS past; or the tensor-core kernel), strided row views as the step passes them
     torch.manual_seed(0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (2^-8)
     for M, K, N in [(2, 1024, 5152), (2, 2048, 1024), (1, 1024, 9225), (3, 200, 37), (5, 1024, 5152),
@@ -1043,10 +1049,10 @@ def test_gpu_linear_rows_equals_its_definition(dtype):
         d = lambda t: None if t is None else t.double()
         for name, kw in [("plain", {}), ("rms+bias+gelu", dict(bias=b, norm_weight=nw, gelu=True)),
                          ("rms+residual", dict(norm_weight=nw, residual=res)), ("bias+residual", dict(bias=b, residual=res))]:
-            got = kernels.linear_rows(x, w, **kw)
+            got = kernels.linear_rows(x, w, path=path, **kw)
             want = linear_rows_definition(d(x), d(w), **{k: d(v) if torch.is_tensor(v) else v for k, v in kw.items()})
             assert got.dtype == dtype and got.shape == (M, N)
-            assert report(f"linear_rows {name} {M}x{K}->{N} {dtype}", rel_err(got, want)) < tol, name
+            assert report(f"linear_rows {path or ''} {name} {M}x{K}->{N} {dtype}", rel_err(got, want)) < tol, name
 
 
 @gpu
@@ -1062,11 +1068,12 @@ def test_gpu_conv_and_ssm_step_kernels_equal_their_definitions():
         x, w = torch.randn(M, K, device="cuda"), torch.randn(N, K, device="cuda") / K ** 0.5
         conv_state, conv_w, conv_b = (torch.randn(M, conv_dim, 4, device="cuda"), torch.randn(conv_dim, 4, device="cuda"),
                                       torch.randn(conv_dim, device="cuda"))
-        want_state = d(conv_state)
-        zxbcdt = kernels.linear_rows(x, w, conv=(conv_state, conv_w, conv_b, d_inner))
-        want = linear_rows_definition(d(x), d(w), conv=(want_state, d(conv_w), d(conv_b), d_inner))
-        assert report(f"linear_rows + conv {M}x{K}->{N}", rel_err(zxbcdt, want)) < 1e-5
-        assert rel_err(conv_state, want_state) < 1e-6  # the window moved by one, x_t last
+        for path in ("tensor_cores", None):  # the default last: its output feeds ssm_step below
+            state, want_state = conv_state.clone(), d(conv_state)
+            zxbcdt = kernels.linear_rows(x, w, conv=(state, conv_w, conv_b, d_inner), path=path)
+            want = linear_rows_definition(d(x), d(w), conv=(want_state, d(conv_w), d(conv_b), d_inner))
+            assert report(f"linear_rows {path or ''} + conv {M}x{K}->{N}", rel_err(zxbcdt, want)) < 1e-5
+            assert rel_err(state, want_state) < 1e-6  # the window moved by one, x_t last
 
         ssm = torch.randn(M, nheads, headdim, d_state, device="cuda")
         old_ssm = ssm.clone()
