@@ -92,6 +92,19 @@ def _launch_options(t, pdl):
 if triton is not None:
 
     @triton.jit
+    def _conv_columns(cols, col_ok, conv_w_ptr, conv_b_ptr, conv_start, conv_dim, D_CONV: tl.constexpr):
+        # linear_rows' outputs that go through the conv: their channel c (0 elsewhere), which of them
+        # do, the taps, and the conv's weight (BLOCK_N, D_CONV) and bias (BLOCK_N,) in fp32
+        c = cols - conv_start
+        in_conv = col_ok & (c >= 0) & (c < conv_dim)
+        c = tl.where(in_conv, c, 0)
+        taps = tl.arange(0, D_CONV)
+        conv_ok = in_conv[:, None] & (taps[None, :] < D_CONV)
+        w_conv = tl.load(conv_w_ptr + c[:, None] * D_CONV + taps[None, :], mask=conv_ok, other=0.0).to(tl.float32)
+        b_conv = tl.load(conv_b_ptr + c, mask=in_conv, other=0.0).to(tl.float32)
+        return c, in_conv, taps, conv_ok, w_conv, b_conv
+
+    @triton.jit
     def _linear_rows_kernel(x_ptr, norm_w_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps, stride_x, stride_res,
                             conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_start, conv_dim,
                             M: tl.constexpr, M_POW2: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
@@ -114,13 +127,8 @@ if triton is not None:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if D_CONV > 0:  # outputs conv_start ... conv_start + conv_dim - 1 go through the causal conv
-            c = cols - conv_start
-            in_conv = col_ok & (c >= 0) & (c < conv_dim)
-            c = tl.where(in_conv, c, 0)
-            taps = tl.arange(0, D_CONV)
-            conv_ok = in_conv[:, None] & (taps[None, :] < D_CONV)
-            w_conv = tl.load(conv_w_ptr + c[:, None] * D_CONV + taps[None, :], mask=conv_ok, other=0.0).to(tl.float32)
-            b_conv = tl.load(conv_b_ptr + c, mask=in_conv, other=0.0).to(tl.float32)
+            c, in_conv, taps, conv_ok, w_conv, b_conv = _conv_columns(cols, col_ok, conv_w_ptr, conv_b_ptr, conv_start,
+                                                                      conv_dim, D_CONV)
             last = taps[None, :] == D_CONV - 1
             # The conv states of all rows too, shifted by one step (the newest tap is filled below):
             # the same layer's kernel wrote them a step ago, and has finished (see ssm_step).
@@ -191,13 +199,8 @@ if triton is not None:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if D_CONV > 0:  # outputs conv_start ... conv_start + conv_dim - 1 go through the causal conv
-            c = cols - conv_start
-            in_conv = col_ok & (c >= 0) & (c < conv_dim)
-            c = tl.where(in_conv, c, 0)
-            taps = tl.arange(0, D_CONV)
-            conv_ok = in_conv[:, None] & (taps[None, :] < D_CONV)
-            w_conv = tl.load(conv_w_ptr + c[:, None] * D_CONV + taps[None, :], mask=conv_ok, other=0.0).to(tl.float32)
-            b_conv = tl.load(conv_b_ptr + c, mask=in_conv, other=0.0).to(tl.float32)
+            c, in_conv, taps, conv_ok, w_conv, b_conv = _conv_columns(cols, col_ok, conv_w_ptr, conv_b_ptr, conv_start,
+                                                                      conv_dim, D_CONV)
             last = (taps[None, :] == D_CONV - 1)[None, :, :]
         if PDL:  # everything below may read what the previous kernel writes
             gdc_wait()
