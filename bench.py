@@ -418,7 +418,7 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
                           for i, w in enumerate(weights)])
             emit({"section": "decode kernels", "rows": rows, "kernel": f"{name}: {block_n} outputs, {warps} warps per program",
                   "N x K": f"{N} x {K}", "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
-        tc_shapes = itertools.product((16, 32, 64), (16, 32, 64), (4, 8)) if sweep else ()
+        tc_shapes = itertools.product((16, 32), (16, 32, 64), (4, 8, 16)) if sweep else ()
         for block_m, block_n, warps in tc_shapes:
             if block_m > max(16, 1 << (rows - 1).bit_length()):
                 continue

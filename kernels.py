@@ -430,9 +430,10 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
 
 def _tc_launch_shape(rows, width):
     """(rows per tile, outputs per program, warps per program) of linear_rows' tensor-core kernel:
-    tl.dot's smallest tile is 16 x 16; the warps grow with the slice of W each program holds.
-    A first guess, to be measured (bench.py --only decode-kernels --sweep-configs)."""
-    return min(64, max(16, triton.next_power_of_2(rows))), 16, 4 if width <= 1024 else 8
+    tl.dot's smallest tile, 16 x 16; the warps grow with the width, so that the slice of W and a
+    tile of x (in fp32 for the norm) stay in registers. A first guess, to be measured (bench.py
+    --only decode-kernels --sweep-configs)."""
+    return 16, 16, 4 if width <= 1024 else 8 if width <= 2048 else 16
 
 
 def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv):
