@@ -404,15 +404,22 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
         weights = [torch.randn(N, K, **bf16) / K ** 0.5 for _ in range(n_layers)]
         mb = (N * K * 2 + rows * (K + N) * 2) / 1e6
         calls = [lambda w=w, i=i, **kw: call(w, i, **kw) for i, w in enumerate(weights)]
-        kernel = f"{name} ({'one kernel' if rows <= kernels.CORE_ROWS else 'cuBLAS + small kernels'})"
-        row = pdl_and_plain({"section": "decode kernels", "rows": rows, "kernel": kernel, "N x K": f"{N} x {K}",
-                             "MB": round(mb, 2)}, mb, calls)
+        default = kernels._default_path(rows, weights[0])
+        row = pdl_and_plain({"section": "decode kernels", "rows": rows, "kernel": f"{name} ({default}, the default)",
+                             "N x K": f"{N} x {K}", "MB": round(mb, 2)}, mb, calls)
         us = graphed([lambda w=w: torch.nn.functional.linear(x[:, :K], w) for w in weights])
         row["cuBLAS us"], row["cuBLAS GB/s"] = us, mb * 1e3 / us
         emit(row)
-        us = graphed([lambda c=c: c(path="tensor_cores") for c in calls])
-        emit({"section": "decode kernels", "rows": rows, "kernel": f"{name} (tensor cores)", "N x K": f"{N} x {K}",
-              "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
+        for path in kernels.LINEAR_PATHS:  # the other paths at these rows
+            if path == default or (path == "cuda_cores" and rows > kernels.CORE_ROWS):
+                continue
+            try:
+                us = graphed([lambda c=c, p=path: c(path=p) for c in calls])
+            except ValueError as e:  # the tensor-core kernel past its shared memory
+                us = float("nan")
+                print(f"{name} {path}: {e}"[:200], flush=True)
+            emit({"section": "decode kernels", "rows": rows, "kernel": f"{name} ({path})", "N x K": f"{N} x {K}",
+                  "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
         for block_n, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)) if sweep and rows <= kernels.CORE_ROWS else ():
             us = graphed([lambda w=w, i=i, bn=block_n, nw=warps: call(w, i, path="cuda_cores", block_n=bn, num_warps=nw)
                           for i, w in enumerate(weights)])

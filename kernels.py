@@ -15,8 +15,9 @@ activation, residual add, conv, state update ...). Two kernels do a SiMBA block 
 `linear_rows`: out = residual + act(norm(x) @ W^T + bias), x (M, K), W (N, K), out (M, N).
     norm is nothing or RMSNorm (x * rsqrt(mean(x^2) + eps) * w). Optionally a range of the
     outputs goes through Mamba-2's causal depthwise conv + SiLU: the conv is per channel, so the
-    program that computes a channel owns its conv state and updates it alone. Past 8 rows (many
-    prompts at once) the product is cuBLAS's and the rest small kernels around it.
+    program that computes a channel owns its conv state and updates it alone. Up to 4 rows the
+    products run on CUDA cores, at 5-8 rows on tensor cores (each still one kernel), and past 8
+    rows (many prompts at once) as cuBLAS's product between a norm kernel and an epilogue kernel.
 `ssm_step`: one step of the SSD recurrence (ssd_reference.ssd_step) with softplus(dt + dt_bias),
     and the gate of Mamba-2's gated RMSNorm, y * silu(z).
 
@@ -49,6 +50,7 @@ try:
     import triton.language as tl
     from triton.language.extra import libdevice
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # a CPU-only torch has no triton
     triton = None
 # mamba-ssm and causal-conv1d cannot even be imported without CUDA: every use is behind these flags.
@@ -67,9 +69,10 @@ if HAS_MAMBA_SSM:  # under torch.compile these are graph breaks; mamba2_train be
     mamba_chunk_scan_combined = torch.compiler.disable(mamba_chunk_scan_combined)
     mamba_split_conv1d_scan_combined = torch.compiler.disable(mamba_split_conv1d_scan_combined)
 
-# linear_rows: up to CORE_ROWS rows in one kernel (each program holds all rows of x and a whole row
-# of W), up to MAX_ROWS rows as cuBLAS's product with a few small kernels around it; width <= MAX_WIDTH
+# linear_rows: up to CORE_ROWS rows in one kernel (each program holds a slice of W and all rows of x),
+# up to MAX_ROWS rows as cuBLAS's product with a kernel before and after it; width <= MAX_WIDTH
 CORE_ROWS, MAX_ROWS, MAX_WIDTH = 8, 128, 4096
+TC_ROWS = 4  # 16-bit weights, TC_ROWS < rows <= CORE_ROWS: the tensor-core kernel (_default_path)
 LINEAR_PATHS = ("cuda_cores", "tensor_cores", "cublas")
 
 
@@ -204,7 +207,7 @@ if triton is not None:
             last = (taps[None, :] == D_CONV - 1)[None, :, :]
         if PDL:  # everything below may read what the previous kernel writes
             gdc_wait()
-        for m0 in tl.range(0, M, BLOCK_M):
+        for m0 in tl.range(0, M, BLOCK_M, num_stages=1):  # not pipelined: each stage of x would take shared memory
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < M
             x0 = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
@@ -245,30 +248,51 @@ if triton is not None:
                      mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _conv_rows_kernel(out_ptr, stride_out, conv_state_ptr, conv_w_ptr, conv_b_ptr, M, conv_start, conv_dim,
-                          D_CONV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        # Mamba-2's causal depthwise conv + SiLU for one step, in place: out[:, start + c] is x_t of
-        # channel c; its state (M, C, d_conv) moves on by one. One program: BLOCK_C channels of
-        # BLOCK_M rows, which it alone reads and writes.
+    def _rms_norm_rows_kernel(x_ptr, stride_x, norm_w_ptr, out_ptr, K, eps, NORM: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+        # One program per row: RMSNorm(x) * norm_w (or x itself) in float32, rounded once to out's
+        # dtype, the weights' dtype of the product that follows.
+        row = tl.program_id(0)
+        ks = tl.arange(0, BLOCK_K)
+        ok = ks < K
+        x = tl.load(x_ptr + row * stride_x + ks, mask=ok, other=0.0).to(tl.float32)
+        if NORM:
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
+            x = x * rstd * tl.load(norm_w_ptr + ks, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * K + ks, x.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _epilogue_rows_kernel(y_ptr, res_ptr, stride_res, out_ptr, M, N, conv_state_ptr, conv_w_ptr, conv_b_ptr,
+                              conv_start, conv_dim, GELU: tl.constexpr, HAS_RES: tl.constexpr,
+                              D_CONV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # What follows cuBLAS's product y (M, N) in _linear_many_rows, in one pass: GELU, the
+        # residual, the cast to out's dtype, and Mamba-2's causal conv + SiLU for outputs
+        # conv_start ... conv_start + conv_dim - 1, whose state (M, conv_dim, D_CONV) moves on by one.
+        # One program: BLOCK_M rows x BLOCK_N outputs, which it alone reads and writes.
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        taps = tl.arange(0, D_CONV)
-        row_ok, c_ok = rows < M, c < conv_dim
-        ok = row_ok[:, None] & c_ok[None, :]
-        ok3 = ok[:, :, None] & (taps < D_CONV)[None, None, :]
-        last = (taps == D_CONV - 1)[None, None, :]
-        states = (conv_state_ptr + rows[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV
-                  + taps[None, None, :])
-        x_ptrs = out_ptr + rows[:, None] * stride_out + conv_start + c[None, :]
-        shifted = tl.load(states + 1, mask=ok3 & ~last, other=0.0).to(tl.float32)
-        x_t = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
-        window = tl.where(last, x_t[:, :, None], shifted)                     # (BLOCK_M, BLOCK_C, D_CONV)
-        w = tl.load(conv_w_ptr + c[:, None] * D_CONV + taps[None, :], mask=c_ok[:, None], other=0.0).to(tl.float32)
-        bias = tl.load(conv_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        conv = tl.sum(window * w[None, :, :], axis=2) + bias[None, :]
-        tl.debug_barrier()  # every thread has read the old states before any is overwritten
-        tl.store(states, window.to(conv_state_ptr.dtype.element_ty), mask=ok3)
-        tl.store(x_ptrs, (conv * tl.sigmoid(conv)).to(out_ptr.dtype.element_ty), mask=ok)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, col_ok = rows < M, cols < N
+        ok = row_ok[:, None] & col_ok[None, :]
+        acc = tl.load(y_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if GELU:  # exact (erf) GELU, as F.gelu
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        if HAS_RES:
+            acc += tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if D_CONV > 0:
+            c, in_conv, taps, conv_ok, w_conv, b_conv = _conv_columns(cols, col_ok, conv_w_ptr, conv_b_ptr, conv_start,
+                                                                      conv_dim, D_CONV)
+            last = (taps[None, :] == D_CONV - 1)[None, :, :]
+            x_t = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv sees the rounded projection
+            states = conv_state_ptr + rows[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV \
+                + taps[None, None, :]
+            state_ok = row_ok[:, None, None] & conv_ok[None, :, :]
+            shifted = tl.load(states + 1, mask=state_ok & ~last, other=0.0).to(tl.float32)
+            window = tl.where(last, x_t[:, :, None], shifted)
+            conv = tl.sum(window * w_conv[None, :, :], axis=2) + b_conv[None, :]
+            tl.debug_barrier()  # every thread has read the old states before any is overwritten
+            tl.store(states, window.to(conv_state_ptr.dtype.element_ty), mask=state_ok)
+            acc = tl.where(in_conv[None, :], conv * tl.sigmoid(conv), acc)
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _ssm_step_kernel(state_ptr, xbc_ptr, stride_row, x_start, B_start, C_start, dt_start,
@@ -376,9 +400,10 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     through Mamba-2's causal conv + SiLU, with state (M, C, d_conv) updated in place, weight
     (C, d_conv), bias (C,). Returns (M, N) in the dtype of residual if given, else of x.
     path: "cuda_cores" (one kernel, in float32), "tensor_cores" (one kernel, the product on tensor
-    cores in weight's dtype, the norm rounded to it first, as the plain ops do) or "cublas" (cuBLAS's
-    product with the norm, bias, GELU, residual and conv small kernels around it,
-    _linear_many_rows); default: cuda_cores up to CORE_ROWS rows, cublas past them.
+    cores in weight's dtype, the norm rounded to it first, as the plain ops do) or "cublas" (a norm
+    kernel, cuBLAS's product with the bias, and one kernel for GELU, residual and conv,
+    _linear_many_rows); default: _default_path. ValueError where the tensor-core kernel does not fit
+    the GPU's shared memory (fp32 weights wider than 1024; 16-bit ones wider than 2048 past 16 rows).
     pdl: programmatic dependent launch (Hopper and later): the weights, norm_weight, bias and the
     conv's weight, bias and state are read before the wait for the previous kernel, so they must not
     be what that kernel writes.
@@ -392,7 +417,7 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
         conv_state, conv_w, conv_b, conv_start = conv
         if conv_state.shape[0] != M or not conv_state.is_contiguous() or not conv_w.is_contiguous():
             raise ValueError("linear_rows: the conv state must be contiguous (M, channels, d_conv)")
-    path = path or ("cuda_cores" if M <= CORE_ROWS else "cublas")
+    path = path or _default_path(M, weight)
     if path not in LINEAR_PATHS:
         raise ValueError(f"linear_rows: path {path!r} is not one of {', '.join(LINEAR_PATHS)}")
     if path == "cublas":
@@ -415,10 +440,15 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
         default_m, default_n, default_warps = _tc_launch_shape(M, K)
         block_m, block_n, num_warps = block_m or default_m, block_n or default_n, num_warps or default_warps
         halves = 2 if K > 2048 else 1
-        _linear_rows_tc_kernel[(triton.cdiv(N, block_n),)](
-            *args, M=M, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", K_HALVES=halves,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(triton.cdiv(K, halves)),
-            num_warps=num_warps, **flags)
+        try:
+            _linear_rows_tc_kernel[(triton.cdiv(N, block_n),)](
+                *args, M=M, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", K_HALVES=halves,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(triton.cdiv(K, halves)),
+                num_warps=num_warps, **flags)
+        except OutOfResources as e:  # the slice of W and a tile of x live in shared memory
+            raise ValueError(f"linear_rows(path='tensor_cores'): {block_n} outputs x {K} of {weight.dtype} and "
+                             f"{block_m}-row tiles of x need more shared memory than this GPU has ({e}); "
+                             "take path 'cuda_cores' or 'cublas'") from None
         return out
     default_n, default_warps = _launch_shape(M, K, conv is not None)
     block_n, num_warps = block_n or default_n, num_warps or default_warps
@@ -428,37 +458,56 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     return out
 
 
+def _default_path(rows, weight):
+    """linear_rows' path for `rows` rows, from frames measured at 1-64 prompts (BENCHMARKS.md §0b):
+    CUDA cores up to TC_ROWS rows, where reading W is the cost and a row's product is a reduction
+    within a warp; tensor cores from there to CORE_ROWS rows for 16-bit weights (fp32 weights do
+    not fit its shared memory at the model's widths); cuBLAS past CORE_ROWS."""
+    if rows > CORE_ROWS:
+        return "cublas"
+    return "tensor_cores" if rows > TC_ROWS and weight.element_size() == 2 else "cuda_cores"
+
+
 def _tc_launch_shape(rows, width):
-    """(rows per tile, outputs per program, warps per program) of linear_rows' tensor-core kernel:
-    tl.dot's smallest tile, 16 x 16; the warps grow with the width, so that the slice of W and a
-    tile of x (in fp32 for the norm) stay in registers. A first guess, to be measured (bench.py
-    --only decode-kernels --sweep-configs)."""
-    return 16, 16, 4 if width <= 1024 else 8 if width <= 2048 else 16
+    """(rows per tile, outputs per program, warps per program) of linear_rows' tensor-core kernel,
+    from the sweep at 8 rows in a chain of launches with PDL (bench.py --only decode-kernels
+    --sweep-configs, BENCHMARKS.md §0b): tl.dot's smallest row tile, 16; 32 outputs on 4 warps for
+    inputs up to 1024 wide (in_proj, fc1, the head), 16 outputs on 8 warps for wider ones
+    (out_proj, fc2), whose slice of W is twice as long."""
+    return (16, 32, 4) if width <= 1024 else (16, 16, 8)
 
 
 def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv):
-    """linear_rows for more than CORE_ROWS rows: RMSNorm rounded to weight's dtype (as the plain
-    ops round it), cuBLAS's product with the bias, GELU, the residual added by the product itself
-    where there is no bias or GELU, and the conv in place (_conv_rows_kernel)."""
+    """linear_rows on cuBLAS, for more than CORE_ROWS rows: the RMSNorm rounded to weight's dtype
+    (as the plain ops round it) in one kernel, cuBLAS's product with the bias, then GELU, residual,
+    cast and conv in one more (_epilogue_rows_kernel); the residual is added by the product itself
+    (addmm) where there is nothing else to do."""
+    M, K = x.shape
     out_dtype = (residual if residual is not None else x).dtype
-    if norm_weight is not None:
-        x = F.rms_norm(x, (x.shape[-1],), norm_weight.to(x.dtype), eps)
-    x = x.to(weight.dtype)
-    if residual is not None and bias is None and not gelu and residual.dtype == weight.dtype:
+    if norm_weight is not None or x.dtype != weight.dtype or x.stride(-1) != 1:
+        xn = torch.empty(M, K, device=x.device, dtype=weight.dtype)
+        _rms_norm_rows_kernel[(M,)](x, x.stride(0), norm_weight if norm_weight is not None else x, xn, K, eps,
+                                    NORM=norm_weight is not None, BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+        x = xn
+    if residual is not None and bias is None and not gelu and conv is None and residual.dtype == weight.dtype:
         return torch.addmm(residual, x, weight.T)
-    out = F.linear(x, weight, bias)
-    if gelu:
-        out = F.gelu(out)
-    if residual is not None:
-        out = out + residual
-    out = out.to(out_dtype)
-    if conv is not None:
-        conv_state, conv_w, conv_b, conv_start = conv
-        M, C, d_conv = conv_state.shape
-        block_m, block_c = 16, 64
-        _conv_rows_kernel[(triton.cdiv(C, block_c), triton.cdiv(M, block_m))](
-            out, out.stride(0), conv_state, conv_w, conv_b, M, conv_start, C,
-            D_CONV=d_conv, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+    y = F.linear(x, weight, bias)
+    if not gelu and residual is None and conv is None and out_dtype == y.dtype:
+        return y
+    out = y if out_dtype == y.dtype else torch.empty_like(y, dtype=out_dtype)  # in place where it can be
+    N = y.shape[1]
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
+    if conv is None:
+        conv_state, conv_w, conv_b, conv_start, d_conv, conv_dim = y, y, y, 0, 0, 0
+    else:
+        (conv_state, conv_w, conv_b, conv_start), d_conv = conv, conv[0].shape[-1]
+        conv_dim = conv_state.shape[1]
+    block_m, block_n = 16, 64
+    _epilogue_rows_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
+        y, y if residual is None else residual, 0 if residual is None else residual.stride(0), out, M, N,
+        conv_state, conv_w, conv_b, conv_start, conv_dim, GELU=gelu, HAS_RES=residual is not None, D_CONV=d_conv,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return out
 
 
