@@ -108,6 +108,24 @@ if triton is not None:
         return c, in_conv, taps, conv_ok, w_conv, b_conv
 
     @triton.jit
+    def _conv_rows(acc, rows, row_ok, c, in_conv, taps, conv_ok, w_conv, b_conv, conv_state_ptr, conv_dim, out_ptr,
+                   D_CONV: tl.constexpr):
+        # A tile of projections acc (rows, outputs) in fp32 -> the same with Mamba-2's causal conv +
+        # SiLU on the conv's columns (from _conv_columns), whose states (M, conv_dim, D_CONV) move on
+        # by one: the window is the last D_CONV - 1 inputs, then x_t. The caller owns these channels.
+        last = (taps[None, :] == D_CONV - 1)[None, :, :]
+        x_t = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv sees the rounded projection
+        states = conv_state_ptr + rows[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV \
+            + taps[None, None, :]
+        state_ok = row_ok[:, None, None] & conv_ok[None, :, :]
+        shifted = tl.load(states + 1, mask=state_ok & ~last, other=0.0).to(tl.float32)
+        window = tl.where(last, x_t[:, :, None], shifted)
+        conv = tl.sum(window * w_conv[None, :, :], axis=2) + b_conv[None, :]
+        tl.debug_barrier()  # every thread has read the old states before any is overwritten
+        tl.store(states, window.to(conv_state_ptr.dtype.element_ty), mask=state_ok)
+        return tl.where(in_conv[None, :], conv * tl.sigmoid(conv), acc)
+
+    @triton.jit
     def _linear_rows_kernel(x_ptr, norm_w_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps, stride_x, stride_res,
                             conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_start, conv_dim,
                             M: tl.constexpr, M_POW2: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
@@ -204,7 +222,6 @@ if triton is not None:
         if D_CONV > 0:  # outputs conv_start ... conv_start + conv_dim - 1 go through the causal conv
             c, in_conv, taps, conv_ok, w_conv, b_conv = _conv_columns(cols, col_ok, conv_w_ptr, conv_b_ptr, conv_start,
                                                                       conv_dim, D_CONV)
-            last = (taps[None, :] == D_CONV - 1)[None, :, :]
         if PDL:  # everything below may read what the previous kernel writes
             gdc_wait()
         for m0 in tl.range(0, M, BLOCK_M, num_stages=1):  # not pipelined: each stage of x would take shared memory
@@ -234,16 +251,8 @@ if triton is not None:
                 acc += tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :],
                                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
             if D_CONV > 0:  # Mamba-2's causal depthwise conv + SiLU; this program owns these channels
-                x_t = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv sees the rounded projection
-                states = conv_state_ptr + rows[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV \
-                    + taps[None, None, :]
-                state_ok = row_ok[:, None, None] & conv_ok[None, :, :]
-                shifted = tl.load(states + 1, mask=state_ok & ~last, other=0.0).to(tl.float32)
-                window = tl.where(last, x_t[:, :, None], shifted)
-                conv = tl.sum(window * w_conv[None, :, :], axis=2) + b_conv[None, :]
-                tl.debug_barrier()  # every thread has read the old states before any is overwritten
-                tl.store(states, window.to(conv_state_ptr.dtype.element_ty), mask=state_ok)
-                acc = tl.where(in_conv[None, :], conv * tl.sigmoid(conv), acc)
+                acc = _conv_rows(acc, rows, row_ok, c, in_conv, taps, conv_ok, w_conv, b_conv, conv_state_ptr,
+                                 conv_dim, out_ptr, D_CONV)
             tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
 
@@ -281,17 +290,8 @@ if triton is not None:
         if D_CONV > 0:
             c, in_conv, taps, conv_ok, w_conv, b_conv = _conv_columns(cols, col_ok, conv_w_ptr, conv_b_ptr, conv_start,
                                                                       conv_dim, D_CONV)
-            last = (taps[None, :] == D_CONV - 1)[None, :, :]
-            x_t = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv sees the rounded projection
-            states = conv_state_ptr + rows[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV \
-                + taps[None, None, :]
-            state_ok = row_ok[:, None, None] & conv_ok[None, :, :]
-            shifted = tl.load(states + 1, mask=state_ok & ~last, other=0.0).to(tl.float32)
-            window = tl.where(last, x_t[:, :, None], shifted)
-            conv = tl.sum(window * w_conv[None, :, :], axis=2) + b_conv[None, :]
-            tl.debug_barrier()  # every thread has read the old states before any is overwritten
-            tl.store(states, window.to(conv_state_ptr.dtype.element_ty), mask=state_ok)
-            acc = tl.where(in_conv[None, :], conv * tl.sigmoid(conv), acc)
+            acc = _conv_rows(acc, rows, row_ok, c, in_conv, taps, conv_ok, w_conv, b_conv, conv_state_ptr, conv_dim,
+                             out_ptr, D_CONV)
         tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
