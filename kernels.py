@@ -202,8 +202,9 @@ if triton is not None:
                                K_HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr):
         # One program: BLOCK_N outputs for all M rows on tensor cores. Its slice of W (BLOCK_N x K,
-        # in K_HALVES loads of BLOCK_K) is loaded once, before the wait, and stays in registers while
-        # the rows go through in tiles of BLOCK_M: each weight is read once whatever the rows.
+        # in K_HALVES loads of BLOCK_K) is loaded once, before the wait, and stays on chip (Triton
+        # puts it in shared memory for tl.dot) while the rows go through in tiles of BLOCK_M: each
+        # weight is read once whatever the rows.
         if PDL:
             gdc_launch_dependents()
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
