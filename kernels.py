@@ -272,16 +272,18 @@ if triton is not None:
         tl.store(out_ptr + row * K + ks, x.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _epilogue_rows_kernel(y_ptr, res_ptr, stride_res, out_ptr, M, N, conv_state_ptr, conv_w_ptr, conv_b_ptr,
-                              conv_start, conv_dim, GELU: tl.constexpr, HAS_RES: tl.constexpr,
-                              D_CONV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # What follows cuBLAS's product y (M, N) in _linear_many_rows, in one pass: GELU, the
-        # residual, the cast to out's dtype, and Mamba-2's causal conv + SiLU for outputs
-        # conv_start ... conv_start + conv_dim - 1, whose state (M, conv_dim, D_CONV) moves on by one.
-        # One program: BLOCK_M rows x BLOCK_N outputs, which it alone reads and writes.
+    def _epilogue_rows_kernel(y_ptr, res_ptr, stride_res, out_ptr, M, N, col_start, col_end, conv_state_ptr,
+                              conv_w_ptr, conv_b_ptr, conv_start, conv_dim, GELU: tl.constexpr,
+                              HAS_RES: tl.constexpr, D_CONV: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+        # What follows cuBLAS's product y (M, N) in _linear_many_rows, in one pass over outputs
+        # col_start ... col_end - 1: GELU, the residual, the cast to out's dtype, and Mamba-2's causal
+        # conv + SiLU for outputs conv_start ... conv_start + conv_dim - 1, whose state
+        # (M, conv_dim, D_CONV) moves on by one. One program: BLOCK_M rows x BLOCK_N outputs, which it
+        # alone reads and writes.
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok, col_ok = rows < M, cols < N
+        cols = col_start + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, col_ok = rows < M, cols < col_end
         ok = row_ok[:, None] & col_ok[None, :]
         acc = tl.load(y_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if GELU:  # exact (erf) GELU, as F.gelu
@@ -504,9 +506,13 @@ def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv):
     else:
         (conv_state, conv_w, conv_b, conv_start), d_conv = conv, conv[0].shape[-1]
         conv_dim = conv_state.shape[1]
+    # In place with only the conv to do (in_proj), the other outputs are already final: the pass
+    # covers the conv's columns alone (3072 of the LM's 5152).
+    conv_only = out is y and not gelu and residual is None
+    cols = (conv_start, conv_start + conv_dim) if conv_only else (0, N)
     block_m, block_n = 16, 64
-    _epilogue_rows_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
-        y, y if residual is None else residual, 0 if residual is None else residual.stride(0), out, M, N,
+    _epilogue_rows_kernel[(triton.cdiv(cols[1] - cols[0], block_n), triton.cdiv(M, block_m))](
+        y, y if residual is None else residual, 0 if residual is None else residual.stride(0), out, M, N, *cols,
         conv_state, conv_w, conv_b, conv_start, conv_dim, GELU=gelu, HAS_RES=residual is not None, D_CONV=d_conv,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return out

@@ -913,13 +913,17 @@ def test_linear_rows_past_the_one_kernel_rows_equals_its_definition():
                                                                 for k, v in kw.items()})
                 assert got.shape == (M, N) and got.dtype == (res.dtype if "residual" in kw else x_in.dtype)
                 assert rel_err(got, want) < tol, (dtype, M, name)
-            state, conv_w, conv_b = (torch.randn(M, N - 5, 4, device=device), torch.randn(N - 5, 4, device=device),
-                                     torch.randn(N - 5, device=device))
-            want_state = d(state)
-            got = kernels.linear_rows(x.float(), w, norm_weight=nw, conv=(state, conv_w, conv_b, 5))
-            want = linear_rows_definition(d(x), d(w), norm_weight=d(nw), conv=(want_state, d(conv_w), d(conv_b), 5))
-            assert got.dtype == torch.float32 and rel_err(got, want) < tol, (dtype, M, "conv")
-            assert rel_err(state, want_state) < tol, (dtype, M, "conv state")
+            # the conv on the last columns, and in in_proj's layout (z before it, dt after it), where
+            # the fp32 product is finished in place over the conv's columns only
+            for channels in (N - 5, N - 12):
+                state, conv_w, conv_b = (torch.randn(M, channels, 4, device=device),
+                                         torch.randn(channels, 4, device=device), torch.randn(channels, device=device))
+                want_state = d(state)
+                got = kernels.linear_rows(x.float(), w, norm_weight=nw, conv=(state, conv_w, conv_b, 5))
+                want = linear_rows_definition(d(x), d(w), norm_weight=d(nw),
+                                              conv=(want_state, d(conv_w), d(conv_b), 5))
+                assert got.dtype == torch.float32 and rel_err(got, want) < tol, (dtype, M, channels, "conv")
+                assert rel_err(state, want_state) < tol, (dtype, M, channels, "conv state")
     with pytest.raises(ValueError, match=f"<= {kernels.MAX_ROWS} rows"):
         kernels.linear_rows(torch.randn(kernels.MAX_ROWS + 1, 8), torch.randn(4, 8))
 
