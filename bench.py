@@ -205,6 +205,9 @@ DECODE_MODES = {  # mode -> the decoder's options (None: generate's plain loop)
     "graph": FastOptions(),                                 # kernels.py's kernels, one CUDA graph per frame
     "bf16state+graph": FastOptions(),                       # the same, the SSM state stored in bf16
     "nopdl+graph": FastOptions(pdl=False),                  # without programmatic dependent launch
+    "streams2+graph": FastOptions(decode_streams=2),        # the rows in 2 groups on 2 CUDA streams
+    "bf16state+streams2+graph": FastOptions(decode_streams=2),
+    "streams4+graph": FastOptions(decode_streams=4),        # in 4 groups on 4 streams
     "compile+graph": FastOptions(compile=True),             # torch.compile's fusion instead of kernels.py's
     "unfused+graph": FastOptions(decode_kernels=False),     # plain ops (mamba-ssm's step kernels) in the graph
     "eager": FastOptions(cuda_graph=False),                 # kernels.py's kernels, launched one by one
@@ -297,19 +300,22 @@ def decode_floor_ms(model, rows, ssm_bytes):
 
 
 @torch.no_grad()
-def bench_decode_batch(n_layers, prompts=(1, 4, 16, 64), seconds=10):
+def bench_decode_batch(n_layers, prompts=(1, 4, 16, 64), seconds=10, modes=("graph", "bf16state+graph")):
     """Many prompts at once (2 rows each, guidance): ms per frame against the memory floor, and
     clip-seconds of coarse tokens per second of generate() (10 s clips, one generator per prompt),
-    with the SSM state in fp32 and in bf16. Prefix SiMBA, bf16 weights, graph mode."""
+    per mode of DECODE_MODES (by default the SSM state in fp32 and in bf16). Prefix SiMBA, bf16
+    weights."""
     model = paper_model("prefix_simba", n_layers, "cuda", torch.bfloat16)
     n = round(seconds * ssmttm.FRAME_RATE)
-    for p, mode in itertools.product(prompts, ("graph", "bf16state+graph")):
-        row = {"section": "decode batch", "prompts": p, "rows": 2 * p, "state": "bf16" if "bf16" in mode else "fp32"}
+    for p, mode in itertools.product(prompts, modes):
+        row = {"section": "decode batch", "prompts": p, "rows": 2 * p, "mode": mode,
+               "state": "bf16" if "bf16" in mode else "fp32"}
         try:
             row["ms/frame"] = decode_ms(model, 100, mode, "cuda", prompts=p)
             _, text, mask = batch_inputs(p, 1, 1, "cuda", seed=2)
             gens = [torch.Generator("cuda").manual_seed(i) for i in range(p)]
-            run = lambda: model.generate(text, mask, n, generator=gens, decoder=fast.Decoder(), ssm_dtype=ssm_dtype(mode))
+            decoder = fast.Decoder(DECODE_MODES[mode])
+            run = lambda: model.generate(text, mask, n, generator=gens, decoder=decoder, ssm_dtype=ssm_dtype(mode))
             run()  # warm-up: compilation, graph capture
             row[f"s for {seconds}s"] = wall_time(run, 1, 0) / 1e3
             row["clip-s per s"] = p * seconds / row[f"s for {seconds}s"]
@@ -670,9 +676,9 @@ def run_section(section, args, device, train_options):
         bench_ddp(args.ddp_dir, section[4:].split("+") if "-" in section else ("1gpu", "2gpu", "resume"),
                   layers=n_layers, mamba_train=args.mamba_train[0], quick=args.quick)
     elif section == "decode-batch" and device == "cuda":
-        bench_decode_batch(n_layers, tuple(args.prompts))
+        bench_decode_batch(n_layers, tuple(args.prompts), modes=args.decode_modes or ("graph", "bf16state+graph"))
     elif section == "decode-profile":
-        for p, mode in itertools.product(args.prompts, ("graph", "nopdl+graph", "bf16state+graph")):
+        for p, mode in itertools.product(args.prompts, args.decode_modes or ("graph", "nopdl+graph", "bf16state+graph")):
             profile_decoding(n_layers, mode, prompts=p)
     elif section == "pipeline":
         bench_pipeline(device, quick=args.quick)
@@ -727,6 +733,9 @@ def main():
     ap.add_argument("--decode-setups", type=comma_list(decode_setup),
                     default=",".join(DECODE_SETUPS),
                     help=f"variant:mode pairs for the decode section (modes: {', '.join(DECODE_MODES)})")
+    ap.add_argument("--decode-modes", type=comma_list(list(DECODE_MODES)),
+                    help="decode-batch, decode-profile: modes of DECODE_MODES (default: graph,bf16state+graph; "
+                         "the profile also nopdl+graph)")
     ap.add_argument("--sweep-configs", action="store_true", help="decode-kernels: also every linear_rows launch shape")
     ap.add_argument("--kernel-rows", type=comma_list(datamod.positive_int), default="2",
                     help="decode-kernels: rows per call, at most 128 (2 = one prompt with guidance)")

@@ -15,6 +15,7 @@ Every choice is an explicit FastOptions field. The arrows point one way: this fi
 model's classes and tensors; ssmttm.py never imports it. test_ssmttm.py compares every path here
 with the plain model.
 """
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 import kernels
 import ssd_grouped
 import ssmttm
-from ssmttm import SPECIAL, Mamba2
+from ssmttm import SPECIAL, Mamba2, Mamba2State
 
 
 TRAIN_PATHS = ("keep_states", "mamba_ssm", "split", "grouped")  # FastOptions.train
@@ -45,10 +46,13 @@ class FastOptions:
     pdl: bool = True             # programmatic dependent launch between decoding kernels (Hopper)
     cuda_graph: bool = True      # record a decoding frame once as a CUDA graph and replay it
     compile: bool = False        # decoding: torch.compile the plain step instead of kernels.py's
+    decode_streams: int = 1      # decoding: the rows in this many groups, each on its own CUDA stream
 
     def __post_init__(self):
         if self.train not in TRAIN_PATHS:
             raise ValueError(f"FastOptions.train: {self.train!r} is not one of {', '.join(TRAIN_PATHS)}")
+        if self.decode_streams < 1:
+            raise ValueError(f"FastOptions.decode_streams: {self.decode_streams} is not a positive number of streams")
 
 
 def available():
@@ -208,8 +212,12 @@ class Decoder:
         # A = -exp(A_log) is fixed while decoding: computed once, not twice per layer and step
         A = [[m.A().detach() if isinstance(m, Mamba2) else None for m in block.layers]
              for block in model.blocks]
-        freqs = ssmttm.position_frequencies(model.cfg.d_model, model.embed.weight.device)
-        return lambda tokens, cache: fused_step(model, tokens, cache, A, freqs, self.options.pdl)
+        device = model.embed.weight.device
+        freqs = ssmttm.position_frequencies(model.cfg.d_model, device)
+        groups = min(self.options.decode_streams, rows)
+        streams = None if groups == 1 else \
+            [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(groups)]
+        return lambda tokens, cache: fused_step(model, tokens, cache, A, freqs, self.options.pdl, streams)
 
     def _sample_into(self, logits, steps, pos, fixed, next_input, sampling):
         """Sample step pos from its logits (b * copies, K, 1025); write it into steps where not
@@ -230,18 +238,54 @@ class Decoder:
         next_input.copy_(tokens[..., None].repeat(next_input.shape[0] // b, 1, 1))
 
 
-def fused_step(model, tokens, cache, A, freqs, pdl=True):
+def fused_step(model, tokens, cache, A, freqs, pdl=True, streams=None):
     """TextToMusicLM.step for one step, tokens (rows, K, 1) -> logits (rows, K, 1, 1025), in the
     kernels of kernels.py (rows and widths within kernels.fits_linear_rows). A: per block, per
-    sublayer, A = -exp(A_log) of a Mamba-2 layer (else None); freqs: the position frequencies."""
+    sublayer, A = -exp(A_log) of a Mamba-2 layer (else None); freqs: the position frequencies.
+    streams: the blocks in groups of rows, one per stream (blocks_on_streams)."""
     rows, K, _ = tokens.shape
     x = kernels.embed_rows(tokens[..., 0], model.offsets, model.embed.weight, cache.position, freqs,
                            advance=True)[:, None]  # and position += 1
-    for block, states, block_A in zip(model.blocks, cache.states, A):
-        x = fused_block_step(block, x, states, cache.memory_mask, block_A, pdl)
+    if streams:
+        x = blocks_on_streams(model, x, cache, A, pdl, streams)
+    else:
+        for block, states, block_A in zip(model.blocks, cache.states, A):
+            x = fused_block_step(block, x, states, cache.memory_mask, block_A, pdl)
     norm = model.norm_f
     logits = kernels.linear_rows(x[:, 0], model.head.weight, norm_weight=norm.weight, eps=norm.eps, pdl=pdl)
     return logits.view(rows, 1, K, -1).transpose(1, 2)
+
+
+def blocks_on_streams(model, x, cache, A, pdl, streams):
+    """The blocks of fused_step for x (rows, 1, d) -> (rows, 1, d), the rows in len(streams) groups
+    of consecutive rows, each group through every block on its own CUDA stream (None: the current
+    stream, after the groups before it). While decoding, rows are independent: one group's ssm_step,
+    which moves the state, can run beside another group's products, which read the weights (once
+    per group). In a CUDA graph the streams are branches between a fork and a join. Raises
+    ValueError for sublayers other than Mamba-2 and feed-forward (whose states are split by rows)."""
+    kinds = {kind for block in model.blocks for kind in block.layout}
+    if not kinds <= {"mamba", "ff"}:
+        raise ValueError(f"FastOptions.decode_streams > 1 needs blocks of Mamba-2 and feed-forward sublayers, "
+                         f"not {', '.join(sorted(kinds - {'mamba', 'ff'}))}")
+    current = torch.cuda.current_stream(x.device) if x.is_cuda else None
+    out = torch.empty_like(x)
+    sizes = [len(group) for group in torch.arange(x.shape[0]).tensor_split(len(streams))]
+    start = 0
+    for stream, size in zip(streams, sizes):
+        rows = slice(start, start + size)
+        start += size
+        if stream is not None:
+            stream.wait_stream(current)  # the fork: after the embedding
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            h = x[rows]
+            for block, states, block_A in zip(model.blocks, cache.states, A):
+                states = [s if s is None else Mamba2State(s.conv[rows], s.ssm[rows]) for s in states]
+                h = fused_block_step(block, h, states, None, block_A, pdl)
+            out[rows] = h
+    for stream in streams:
+        if stream is not None:
+            current.wait_stream(stream)  # the join: before the heads
+    return out
 
 
 def fused_block_step(block, x, states, memory_mask, A, pdl=True):

@@ -951,22 +951,35 @@ def test_decoder_writes_the_tokens_of_the_plain_loop(variant, K, fused, request)
 
 def test_fused_step_equals_the_model_step(kernel_definitions):
     # fast.fused_step (embedding, five kernels per SiMBA block, the heads) computes TextToMusicLM.step,
-    # and leaves the same states and positions behind
+    # and leaves the same states and positions behind; with decode_streams, the blocks run in groups
+    # of rows (2, 2 and 1 of the 5; on a CPU one group after another), each on its slice of the states
+    grouped = []
     for variant in VARIANTS:
         model = tiny_model(variant, 3)
-        text, mask = random_text(b=4)
-        tokens = torch.randint(0, 1024, (4, 3, 10))
+        text, mask = random_text(b=5)
+        tokens = torch.randint(0, 1024, (5, 3, 10))
+        ways = {"plain": model.step, "fused": fast.Decoder().step_function(model, 5)}
+        if set(LAYOUTS[variant]) <= {"mamba", "ff"}:
+            ways["fused, 3 groups"] = fast.Decoder(FastOptions(decode_streams=3)).step_function(model, 5)
+            grouped.append(variant)
         logits, caches = {}, {}
-        for name in ("plain", "fused"):
-            cache = caches[name] = ssmttm.InferenceCache(model, 4, 10, "cpu", torch.float64)
+        for name, step in ways.items():
+            cache = caches[name] = ssmttm.InferenceCache(model, 5, 10, "cpu", torch.float64)
             model.logits(tokens[..., :4], text, mask, cache)
-            step = model.step if name == "plain" else fast.Decoder().step_function(model, 4)
             logits[name] = torch.cat([step(tokens[..., t:t + 1], cache) for t in range(4, 10)], 2)
-        torch.testing.assert_close(logits["fused"], logits["plain"], rtol=1e-10, atol=1e-10)
-        assert torch.equal(caches["fused"].position, caches["plain"].position)
-        for a, b in zip(caches["fused"].states[-1], caches["plain"].states[-1]):
-            if isinstance(a, ssmttm.Mamba2State):
-                torch.testing.assert_close((a.conv, a.ssm), (b.conv, b.ssm), rtol=1e-10, atol=1e-10)
+        for name in ways:
+            torch.testing.assert_close(logits[name], logits["plain"], rtol=1e-10, atol=1e-10)
+            assert torch.equal(caches[name].position, caches["plain"].position)
+            for a, b in zip(caches[name].states[-1], caches["plain"].states[-1]):
+                if isinstance(a, ssmttm.Mamba2State):
+                    torch.testing.assert_close((a.conv, a.ssm), (b.conv, b.ssm), rtol=1e-10, atol=1e-10)
+    assert grouped == ["prefix_mamba", "prefix_simba"]
+    model = tiny_model("cross_simba", 3)
+    step = fast.Decoder(FastOptions(decode_streams=2)).step_function(model, 4)
+    cache = ssmttm.InferenceCache(model, 4, 10, "cpu", torch.float32)
+    model.logits(tokens[:4, :, :4], *random_text(b=4), cache)
+    with pytest.raises(ValueError, match="decode_streams > 1 needs .* not cross_attn"):
+        step(tokens[:4, :, 4:5], cache)
 
 
 def test_one_generator_per_prompt_gives_it_the_same_tokens_in_any_batch(kernel_definitions):
@@ -988,6 +1001,8 @@ def test_one_generator_per_prompt_gives_it_the_same_tokens_in_any_batch(kernel_d
 def test_fast_options_and_seam_errors():
     with pytest.raises(ValueError, match="keep_states"):
         FastOptions(train="fastest")
+    with pytest.raises(ValueError, match="decode_streams: 0"):
+        FastOptions(decode_streams=0)
     layer = mamba_layer(ngroups=2)
     with pytest.raises(ValueError, match="ngroups must be 1"):  # the kernels normalise one group
         fast.mamba2_fused_step(layer, torch.nn.RMSNorm(32), torch.randn(2, 32), layer_state(layer, 2), layer.A())
@@ -1213,6 +1228,23 @@ def test_gpu_batched_fused_decoding_draws_the_plain_tokens(prompts):
     for d in (None, fast.Decoder()):
         gens = [torch.Generator("cuda").manual_seed(100 + i) for i in range(prompts)]
         runs.append(model.generate(text, mask, 60, top_k=250, temperature=1.2, generator=gens, decoder=d))
+    assert torch.equal(runs[0], runs[1])
+
+
+@gpu
+@pytest.mark.parametrize("prompts, streams, cuda_graph", [(3, 2, True), (5, 2, True), (17, 3, False)])
+def test_gpu_decoding_on_several_streams_writes_the_tokens_of_one(prompts, streams, cuda_graph):
+    # FastOptions(decode_streams): the rows in groups, each through the blocks on its own CUDA stream
+    # (a fork and a join inside the CUDA graph), fp32: the tokens of one stream. 5 prompts: 10 rows
+    # on cuBLAS against two groups of 5 in the one-kernel linear_rows
+    model = small_gpu_model(9)
+    text = torch.randn(prompts, 6, 768, device="cuda")
+    mask = torch.arange(6, device="cuda")[None] < torch.randint(1, 7, (prompts, 1), device="cuda")
+    runs = []
+    for n in (1, streams):
+        gens = [torch.Generator("cuda").manual_seed(100 + i) for i in range(prompts)]
+        decoder = fast.Decoder(FastOptions(decode_streams=n, cuda_graph=cuda_graph))
+        runs.append(model.generate(text, mask, 60, top_k=250, temperature=1.2, generator=gens, decoder=decoder))
     assert torch.equal(runs[0], runs[1])
 
 
