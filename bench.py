@@ -205,6 +205,8 @@ DECODE_MODES = {  # mode -> the decoder's options (None: generate's plain loop)
     "graph": FastOptions(),                                 # kernels.py's kernels, one CUDA graph per frame
     "bf16state+graph": FastOptions(),                       # the same, the SSM state stored in bf16
     "nopdl+graph": FastOptions(pdl=False),                  # without programmatic dependent launch
+    "streams1+graph": FastOptions(decode_streams=1),        # all rows on one stream (graph: by the rows)
+    "bf16state+streams1+graph": FastOptions(decode_streams=1),
     "streams2+graph": FastOptions(decode_streams=2),        # the rows in 2 groups on 2 CUDA streams
     "bf16state+streams2+graph": FastOptions(decode_streams=2),
     "streams4+graph": FastOptions(decode_streams=4),        # in 4 groups on 4 streams

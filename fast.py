@@ -46,12 +46,13 @@ class FastOptions:
     pdl: bool = True             # programmatic dependent launch between decoding kernels (Hopper)
     cuda_graph: bool = True      # record a decoding frame once as a CUDA graph and replay it
     compile: bool = False        # decoding: torch.compile the plain step instead of kernels.py's
-    decode_streams: int = 1      # decoding: the rows in this many groups, each on its own CUDA stream
+    decode_streams: int | None = None  # decoding: the rows in this many groups, each on its own CUDA
+    # stream (blocks_on_streams); None: by the rows (decode_streams_for)
 
     def __post_init__(self):
         if self.train not in TRAIN_PATHS:
             raise ValueError(f"FastOptions.train: {self.train!r} is not one of {', '.join(TRAIN_PATHS)}")
-        if self.decode_streams < 1:
+        if self.decode_streams is not None and self.decode_streams < 1:
             raise ValueError(f"FastOptions.decode_streams: {self.decode_streams} is not a positive number of streams")
 
 
@@ -214,7 +215,7 @@ class Decoder:
              for block in model.blocks]
         device = model.embed.weight.device
         freqs = ssmttm.position_frequencies(model.cfg.d_model, device)
-        groups = min(self.options.decode_streams, rows)
+        groups = min(self.options.decode_streams or decode_streams_for(model, rows), rows)
         streams = None if groups == 1 else \
             [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(groups)]
         return lambda tokens, cache: fused_step(model, tokens, cache, A, freqs, self.options.pdl, streams)
@@ -236,6 +237,14 @@ class Decoder:
         tokens = torch.where(fixed.index_select(2, pos)[..., 0], steps.index_select(2, pos)[..., 0], tokens)
         steps.index_copy_(2, pos, tokens[..., None])
         next_input.copy_(tokens[..., None].repeat(next_input.shape[0] // b, 1, 1))
+
+
+def decode_streams_for(model, rows):
+    """FastOptions.decode_streams by default: 2 streams for 3-32 rows, where one group's products
+    hide behind the other's state update; 1 where the state update alone fills the GPU, past 32
+    rows (frames measured at 2-128 rows, BENCHMARKS.md §0b), and for blocks with attention."""
+    splits = all(kind in ("mamba", "ff") for block in model.blocks for kind in block.layout)
+    return 2 if splits and 2 < rows <= 32 else 1
 
 
 def fused_step(model, tokens, cache, A, freqs, pdl=True, streams=None):

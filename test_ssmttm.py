@@ -958,10 +958,11 @@ def test_fused_step_equals_the_model_step(kernel_definitions):
         model = tiny_model(variant, 3)
         text, mask = random_text(b=5)
         tokens = torch.randint(0, 1024, (5, 3, 10))
-        ways = {"plain": model.step, "fused": fast.Decoder().step_function(model, 5)}
+        ways = {"plain": model.step, "fused": fast.Decoder(FastOptions(decode_streams=1)).step_function(model, 5)}
         if set(LAYOUTS[variant]) <= {"mamba", "ff"}:
             ways["fused, 3 groups"] = fast.Decoder(FastOptions(decode_streams=3)).step_function(model, 5)
             grouped.append(variant)
+        assert fast.decode_streams_for(model, 5) == (2 if variant in grouped else 1)  # the default
         logits, caches = {}, {}
         for name, step in ways.items():
             cache = caches[name] = ssmttm.InferenceCache(model, 5, 10, "cpu", torch.float64)
