@@ -164,9 +164,9 @@ class Decoder:
     block (norm + in_proj + conv, ssm_step + gate, norm + out_proj + residual, norm + fc1 + GELU,
     fc2 + residual), norm + heads, and kernels.sample_top_k, which also writes the token into the
     step layout and the next input; the blocks in groups of rows on their own CUDA streams
-    (options.decode_streams, blocks_on_streams). Rows or widths past kernels.linear_rows' limits, and sublayers
-    without a fused step (attention), take the plain ops. cuda_graph needs a decoding state of
-    fixed size: not for self-attention, whose KV cache grows."""
+    (options.decode_streams, blocks_on_streams). Rows or widths past kernels.linear_rows' limits,
+    and sublayers without a fused step (attention), take the plain ops. cuda_graph needs a decoding
+    state of fixed size: not for self-attention, whose KV cache grows."""
 
     def __init__(self, options=FastOptions()):
         self.options = options
@@ -242,8 +242,9 @@ class Decoder:
 
 def decode_streams_for(model, rows):
     """FastOptions.decode_streams by default: 2 streams for 3-32 rows, where one group's products
-    hide behind the other's state update; 1 where the state update alone fills the GPU, past 32
-    rows (frames measured at 2-128 rows, BENCHMARKS.md §0b), and for blocks with attention."""
+    run beside the other's state update; 1 for 1-2 rows (a group of one row reads every weight for
+    one row), past 32 rows (the state update alone fills the GPU), and for blocks with attention
+    (frames measured at 2-128 rows, BENCHMARKS.md §0b)."""
     splits = all(kind in ("mamba", "ff") for block in model.blocks for kind in block.layout)
     return 2 if splits and 2 < rows <= 32 else 1
 

@@ -508,7 +508,7 @@ def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv):
         conv_dim = conv_state.shape[1]
     # In place with only the conv to do (in_proj), the other outputs are already final: the pass
     # covers the conv's columns alone (3072 of the LM's 5152).
-    conv_only = out is y and not gelu and residual is None
+    conv_only = conv is not None and out is y and not gelu and residual is None
     cols = (conv_start, conv_start + conv_dim) if conv_only else (0, N)
     block_m, block_n = 16, 64
     _epilogue_rows_kernel[(triton.cdiv(cols[1] - cols[0], block_n), triton.cdiv(M, block_m))](
