@@ -47,7 +47,7 @@ class FastOptions:
     cuda_graph: bool = True      # record a decoding frame once as a CUDA graph and replay it
     compile: bool = False        # decoding: torch.compile the plain step instead of kernels.py's
     decode_streams: int | None = None  # decoding: the rows in this many groups, each on its own CUDA
-    # stream (blocks_on_streams); None: by the rows (decode_streams_for)
+    # stream (row_groups); None: by the rows (decode_streams_for)
 
     def __post_init__(self):
         if self.train not in TRAIN_PATHS:
@@ -164,7 +164,7 @@ class Decoder:
     block (norm + in_proj + conv, ssm_step + gate, norm + out_proj + residual, norm + fc1 + GELU,
     fc2 + residual), norm + heads, and kernels.sample_top_k, which also writes the token into the
     step layout and the next input; the blocks in groups of rows on their own CUDA streams
-    (options.decode_streams, blocks_on_streams). Rows or widths past kernels.linear_rows' limits,
+    (options.decode_streams, row_groups, blocks_on_streams). Rows or widths past kernels.linear_rows' limits,
     and sublayers without a fused step (attention), take the plain ops. cuda_graph needs a decoding
     state of fixed size: not for self-attention, whose KV cache grows."""
 
@@ -216,10 +216,9 @@ class Decoder:
              for block in model.blocks]
         device = model.embed.weight.device
         freqs = ssmttm.position_frequencies(model.cfg.d_model, device)
-        groups = min(self.options.decode_streams or decode_streams_for(model, rows), rows)
-        streams = None if groups == 1 else \
-            [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(groups)]
-        return lambda tokens, cache: fused_step(model, tokens, cache, A, freqs, self.options.pdl, streams)
+        n = min(self.options.decode_streams or decode_streams_for(model, rows), rows)
+        groups = None if n == 1 else row_groups(model, rows, n, device)
+        return lambda tokens, cache: fused_step(model, tokens, cache, A, freqs, self.options.pdl, groups)
 
     def _sample_into(self, logits, steps, pos, fixed, next_input, sampling):
         """Sample step pos from its logits (b * copies, K, 1025); write it into steps where not
@@ -249,16 +248,29 @@ def decode_streams_for(model, rows):
     return 2 if splits and 2 < rows <= 32 else 1
 
 
-def fused_step(model, tokens, cache, A, freqs, pdl=True, streams=None):
+def row_groups(model, rows, n, device):
+    """n groups of consecutive rows for blocks_on_streams: [(CUDA stream, or None on a CPU; slice of
+    the rows)], sizes differing by at most one. Raises ValueError for sublayers other than Mamba-2
+    and feed-forward, whose states are not split by rows here."""
+    kinds = {kind for block in model.blocks for kind in block.layout}
+    if not kinds <= {"mamba", "ff"}:
+        raise ValueError(f"FastOptions.decode_streams > 1 needs blocks of Mamba-2 and feed-forward sublayers, "
+                         f"not {', '.join(sorted(kinds - {'mamba', 'ff'}))}")
+    device = torch.device(device)
+    return [(torch.cuda.Stream(device) if device.type == "cuda" else None, slice(rows * i // n, rows * (i + 1) // n))
+            for i in range(n)]
+
+
+def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None):
     """TextToMusicLM.step for one step, tokens (rows, K, 1) -> logits (rows, K, 1, 1025), in the
     kernels of kernels.py (rows and widths within kernels.fits_linear_rows). A: per block, per
     sublayer, A = -exp(A_log) of a Mamba-2 layer (else None); freqs: the position frequencies.
-    streams: the blocks in groups of rows, one per stream (blocks_on_streams)."""
+    groups: the blocks for groups of rows, each on its own stream (row_groups, blocks_on_streams)."""
     rows, K, _ = tokens.shape
     x = kernels.embed_rows(tokens[..., 0], model.offsets, model.embed.weight, cache.position, freqs,
                            advance=True)[:, None]  # and position += 1
-    if streams:
-        x = blocks_on_streams(model, x, cache, A, pdl, streams)
+    if groups:
+        x = blocks_on_streams(model, x, cache, A, pdl, groups)
     else:
         for block, states, block_A in zip(model.blocks, cache.states, A):
             x = fused_block_step(block, x, states, cache.memory_mask, block_A, pdl)
@@ -267,24 +279,15 @@ def fused_step(model, tokens, cache, A, freqs, pdl=True, streams=None):
     return logits.view(rows, 1, K, -1).transpose(1, 2)
 
 
-def blocks_on_streams(model, x, cache, A, pdl, streams):
-    """The blocks of fused_step for x (rows, 1, d) -> (rows, 1, d), the rows in len(streams) groups
-    of consecutive rows, each group through every block on its own CUDA stream (None: the current
-    stream, after the groups before it). While decoding, rows are independent: one group's ssm_step,
-    which moves the state, can run beside another group's products, which read the weights (once
-    per group). In a CUDA graph the streams are branches between a fork and a join. Raises
-    ValueError for sublayers other than Mamba-2 and feed-forward (whose states are split by rows)."""
-    kinds = {kind for block in model.blocks for kind in block.layout}
-    if not kinds <= {"mamba", "ff"}:
-        raise ValueError(f"FastOptions.decode_streams > 1 needs blocks of Mamba-2 and feed-forward sublayers, "
-                         f"not {', '.join(sorted(kinds - {'mamba', 'ff'}))}")
+def blocks_on_streams(model, x, cache, A, pdl, groups):
+    """The blocks of fused_step for x (rows, 1, d) -> (rows, 1, d), each group of rows (row_groups:
+    stream, rows) through every block on its own CUDA stream (None: the current stream, after the
+    groups before it). While decoding, rows are independent: one group's ssm_step, which moves the
+    state, can run beside another group's products, which read the weights (once per group). In a
+    CUDA graph the streams are branches between a fork and a join."""
     current = torch.cuda.current_stream(x.device) if x.is_cuda else None
     out = torch.empty_like(x)
-    sizes = [len(group) for group in torch.arange(x.shape[0]).tensor_split(len(streams))]
-    start = 0
-    for stream, size in zip(streams, sizes):
-        rows = slice(start, start + size)
-        start += size
+    for stream, rows in groups:
         if stream is not None:
             stream.wait_stream(current)  # the fork: after the embedding
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -293,7 +296,7 @@ def blocks_on_streams(model, x, cache, A, pdl, streams):
                 states = [s if s is None else Mamba2State(s.conv[rows], s.ssm[rows]) for s in states]
                 h = fused_block_step(block, h, states, None, block_A, pdl)
             out[rows] = h
-    for stream in streams:
+    for stream, _ in groups:
         if stream is not None:
             current.wait_stream(stream)  # the join: before the heads
     return out
