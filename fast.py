@@ -164,8 +164,8 @@ class Decoder:
     block (norm + in_proj + conv, ssm_step + gate, norm + out_proj + residual, norm + fc1 + GELU,
     fc2 + residual), norm + heads, and kernels.sample_top_k, which also writes the token into the
     step layout and the next input; the blocks in groups of rows on their own CUDA streams
-    (options.decode_streams, row_groups, blocks_on_streams). Rows or widths past kernels.linear_rows' limits,
-    and sublayers without a fused step (attention), take the plain ops. cuda_graph needs a decoding
+    (options.decode_streams, row_groups, blocks_on_streams). Rows or widths past kernels.linear_rows'
+    limits, and sublayers without a fused step (attention), take the plain ops. cuda_graph needs a decoding
     state of fixed size: not for self-attention, whose KV cache grows."""
 
     def __init__(self, options=FastOptions()):
@@ -244,18 +244,21 @@ def decode_streams_for(model, rows):
     run beside the other's state update; 1 for 1-2 rows (a group of one row reads every weight for
     one row), past 32 rows (the state update alone fills the GPU), and for blocks with attention
     (frames measured at 2-128 rows, BENCHMARKS.md §0b)."""
-    splits = all(kind in ("mamba", "ff") for block in model.blocks for kind in block.layout)
-    return 2 if splits and 2 < rows <= 32 else 1
+    return 2 if not _unsplit_sublayers(model) and 2 < rows <= 32 else 1
+
+
+def _unsplit_sublayers(model):
+    """The model's kinds of sublayer whose decoding state row_groups does not split by rows."""
+    return sorted({kind for block in model.blocks for kind in block.layout} - {"mamba", "ff"})
 
 
 def row_groups(model, rows, n, device):
     """n groups of consecutive rows for blocks_on_streams: [(CUDA stream, or None on a CPU; slice of
     the rows)], sizes differing by at most one. Raises ValueError for sublayers other than Mamba-2
     and feed-forward, whose states are not split by rows here."""
-    kinds = {kind for block in model.blocks for kind in block.layout}
-    if not kinds <= {"mamba", "ff"}:
+    if _unsplit_sublayers(model):
         raise ValueError(f"FastOptions.decode_streams > 1 needs blocks of Mamba-2 and feed-forward sublayers, "
-                         f"not {', '.join(sorted(kinds - {'mamba', 'ff'}))}")
+                         f"not {', '.join(_unsplit_sublayers(model))}")
     device = torch.device(device)
     return [(torch.cuda.Stream(device) if device.type == "cuda" else None, slice(rows * i // n, rows * (i + 1) // n))
             for i in range(n)]
