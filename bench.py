@@ -557,7 +557,7 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
     common = ["--layers", str(layers), *shape, "--grad-accum", "1", "--steps", str(steps), "--lr", "1e-4",
               "--warmup", "100", "--dropout", "0", "--eval-every", "0", "--ckpt-every", "1000000",
               "--mamba-train", mamba_train]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     losses = lambda name: [float(r["loss"]) for r in csv.DictReader(open(os.path.join(root, name, "metrics.csv")))]
     rel = lambda a, b: max(abs(x - y) / abs(y) for x, y in zip(a, b))
 

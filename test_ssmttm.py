@@ -2219,8 +2219,13 @@ def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
     common = ["--layers", "2", "--d-model", "64", "--d-state", "16", "--frames", "32", "--dropout", "0",
               "--steps", "3", "--eval-every", "0", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = lambda *a: subprocess.run([sys.executable, *a], check=True, capture_output=True, text=True, env=env)
-    run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "train.py", *common,
+
+    def run(*a):
+        done = subprocess.run([sys.executable, *a], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    # --standalone: torchrun picks a free port (a fixed one may still be held by an earlier run)
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *common,
         "--batch-size", "4", "--out", str(tmp_path / "ddp"))
     run("train.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one"))
     np.testing.assert_allclose(read_losses(tmp_path / "ddp"), read_losses(tmp_path / "one"), rtol=1e-5)
