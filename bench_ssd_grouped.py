@@ -7,7 +7,8 @@ dt (after softplus), A, D, an initial state.
     python bench_ssd_grouped.py            # times and differences against mamba-ssm
     python bench_ssd_grouped.py --profile  # also the kernels of one forward + backward
     python bench_ssd_grouped.py --check    # errors of both paths against ssd_reference in float64
-    python bench_ssd_grouped.py --sweep    # block rows, warps and stages of the (Q, Q) kernels
+    python bench_ssd_grouped.py --sweep diag    # block rows, warps and stages of the (Q, Q) kernels
+    python bench_ssd_grouped.py --sweep states  # tiles, warps and stages of the chunk-state + scan kernels
 """
 import argparse
 
@@ -46,13 +47,14 @@ def main():
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="launch shapes of the three (Q, Q) kernels")
+    ap.add_argument("--sweep", choices=("diag", "states"), help="launch shapes of the (Q, Q) kernels or of "
+                    "the chunk-state + scan kernels")
     ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
     a = ap.parse_args()
     if a.check:
         return check(a.length, a.dstate, a.chunk, seeds=a.seeds)
     if a.sweep:
-        return sweep(a.batch, a.length, a.dstate, a.chunk)
+        return (sweep if a.sweep == "diag" else sweep_states)(a.batch, a.length, a.dstate, a.chunk)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
     leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
@@ -174,9 +176,9 @@ def sweep(b, l, n, Q, h=32, p=64):
         row = torch.zeros(b, c, h, nb, Q, device="cuda")
         dG = torch.empty(b, c, Q, Q, device="cuda")
         calls = {
-            "fwd": lambda: sg._diag_fwd_kernel[(b * c, h, nb)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
+            "fwd": lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
                                                                  HAS_D=True, **kw),
-            "bwd_x": lambda: sg._diag_bwd_x_kernel[(b * c, h, nb)](G, acum, x, dt, dy, yoff, D, y, small(), small(), row,
+            "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x, dt, dy, yoff, D, y, small(), small(), row,
                                                                     small(), small(), l, c, h, p, h * p, h * p, HAS_D=True, **kw),
             "bwd_G": lambda: sg._diag_bwd_G_kernel[(b * c, nb, nb)](acum, x, dt, dy, dG, l, c, h, p, h * p, **kw)}
         times = []
@@ -186,6 +188,37 @@ def sweep(b, l, n, Q, h=32, p=64):
             except Exception as e:  # out of shared memory or registers: report, keep going
                 times.append(f"{name} failed ({type(e).__name__})")
         print(f"BM {bm} warps {warps} stages {stages}: " + ", ".join(times) + " ms", flush=True)
+
+
+def sweep_states(b, l, n, Q, h=32, p=64):
+    """ms of _states_fwd_kernel and _states_bwd_kernel per tile (BN state columns, BK positions), warps
+    and stages."""
+    import itertools
+    x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
+    c = -(-l // Q)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    acum = torch.cumsum(dt.new_zeros(b, c * Q, h).view(b, c, Q, h) - 0.01, dim=2)
+    S_prev = torch.empty(b, c, h * p, n, device="cuda", dtype=torch.bfloat16)
+    dstates = torch.empty_like(S_prev)
+    dy_e = torch.randn(b, c, Q, h * p, device="cuda", generator=g).to(torch.bfloat16)
+    final, d_init = torch.empty(b, h * p, n, device="cuda"), torch.empty(b, h * p, n, device="cuda")
+    sg = ssd_grouped
+    for bn, bk, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
+        kw = dict(Q=Q, BP=p, BN=bn, BK=bk, PREC="tf32", num_warps=warps, num_stages=stages)
+        nnt = -(-n // bn)
+        da_part = torch.empty(b, c, h, nnt, device="cuda")
+        calls = {
+            "fwd": lambda: sg._states_fwd_kernel[(nnt, h, b)](x, dt, acum, B, s0, S_prev, final, l, c, h, p, n,
+                                                               h * p, n, HAS_INIT=True, **kw),
+            "bwd": lambda: sg._states_bwd_kernel[(nnt, h, b)](dy_e, C, S_prev, acum, s0, dstates, d_init, da_part,
+                                                               l, c, h, p, n, n, nnt, HAS_DFINAL=True, **kw)}
+        times = []
+        for name, fn in calls.items():
+            try:
+                times.append(f"{name} {cuda_ms(fn):.3f}")
+            except Exception as e:  # out of shared memory or registers: report, keep going
+                times.append(f"{name} failed ({type(e).__name__})")
+        print(f"BN {bn} BK {bk} warps {warps} stages {stages}: " + ", ".join(times) + " ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,17 @@ what costs the most is a few large matrix products over all heads at once:
 
 With ngroups = 1, B and C are shared by all heads, so the state products (86% of the FLOPs at
 d_state 512) are GEMMs whose other side spans every head: (h*p) x Q x n per chunk. They run on
-cuBLAS (fp32 results from bf16 operands). What is per head is the (Q, Q) part inside a chunk,
-G * exp(acum_q - acum_s) on s <= q.
+cuBLAS (fp32 results from bf16 operands), but for the chunk states, which are made inside the
+scan between chunks (the state stays on chip, chunk after chunk, never written in fp32). What is
+per head is the (Q, Q) part inside a chunk, G * exp(acum_q - acum_s) on s <= q.
 
 Two forms of the same arithmetic: `forward` / `backward` in plain torch (any device; they build the
 per-head (Q, Q) decay and loop over chunks: the definition, and the CPU path), and `forward_triton`
-/ `backward_triton`, where everything but the GEMMs is seven Triton kernels (the decay made on chip,
-tile by tile; the elementwise passes fused into the kernels' prologues and epilogues). The backward
-is the chain rule through the lines above, in the same GEMM shapes. `ssd_grouped` is the entry
-point: both as torch.library ops with autograd (what torch.compile traces around). Shapes (b batch,
+/ `backward_triton`, where the chunk states with the scan each way, the (Q, Q) part and every
+elementwise pass are eight Triton kernels (the decay made on chip, tile by tile; the elementwise
+passes fused into the kernels' prologues and epilogues) and the other state products cuBLAS GEMMs.
+The backward is the chain rule through the lines above, in the same GEMM shapes. `ssd_grouped` is
+the entry point: both as torch.library ops with autograd (what torch.compile traces around). Shapes (b batch,
 l length, h heads, p head dim, n state size): x (b, l, h, p), dt (b, l, h) after softplus, A (h,) < 0,
 B, C (b, l, n), D (h,) or None, initial_state (b, h, p, n) or None. Returns y (b, l, h, p) and the
 final state (b, h, p, n) in fp32. Intermediates are fp32; the GEMM operands are x's dtype.
@@ -30,34 +32,42 @@ final state (b, h, p, n) in fp32. Intermediates are fp32; the GEMM operands are 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 
-# bf16/fp16 operands, fp32 products: cuBLAS writes fp32 directly (torch.bmm's out_dtype, CUDA only)
-_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
+# bf16/fp16 operands, fp32 products: cuBLAS writes fp32 directly (torch.bmm's and torch.baddbmm's
+# out_dtype, CUDA only)
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads() and "dtype" in torch.ops.aten.baddbmm.overloads()
 
 
-def _matmul_f32(a, b):
-    """a @ b over the last two dims, batched over the others, returned in fp32 at least: on CUDA with
-    bf16/fp16 operands without rounding the fp32 accumulator to the operands' dtype first."""
+def _matmul_f32(a, b, add=None):
+    """a @ b (+ add) over the last two dims, batched over the others, returned in fp32 at least: on
+    CUDA with bf16/fp16 operands without rounding the fp32 accumulator to the operands' dtype first,
+    and add (fp32, the product's shape) read by the GEMM itself instead of in a pass of its own."""
     ft = torch.promote_types(a.dtype, torch.float32)
     if not a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.matmul(a.float(), b.float())   # the same products, accumulated in fp32
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _BMM_OUT_DTYPE:
+        out = torch.matmul(a.float(), b.float())   # the same products, accumulated in fp32
+    elif a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _BMM_OUT_DTYPE:
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a2 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
         b2 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-        return torch.bmm(a2, b2, out_dtype=torch.float32).view(*batch, a.shape[-2], b.shape[-1])
-    return torch.matmul(a, b).to(ft)
+        shape = (*batch, a.shape[-2], b.shape[-1])
+        if add is not None:
+            return torch.baddbmm(add.reshape(-1, *shape[-2:]), a2, b2, out_dtype=torch.float32).view(shape)
+        return torch.bmm(a2, b2, out_dtype=torch.float32).view(shape)
+    else:
+        out = torch.matmul(a, b).to(ft)
+    return out if add is None else out + add
 
 
 def _chunked(t, Q):
     """(b, l, ...) -> (b, c, Q, ...), zero-padded to a whole number of chunks (a zero dt and x
-    leave the state unchanged, as the reference's padding does)."""
+    leave the state unchanged, as the reference's padding does): a view when l is a whole number of
+    chunks, else one copy (a concatenation with the zeros: F.pad would fill it all first)."""
     b, l = t.shape[:2]
     c = -(-l // Q)
-    t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, c * Q - l))
-    return t.reshape(b, c, Q, *t.shape[2:])
+    if c * Q == l:
+        return t.reshape(b, c, Q, *t.shape[2:])
+    return torch.cat([t, t.new_zeros(b, c * Q - l, *t.shape[2:])], dim=1).view(b, c, Q, *t.shape[2:])
 
 
 def diag_forward(G, acum, xdt):
@@ -215,9 +225,11 @@ def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chun
 
 
 # --------------------------------------------------------------------------------------------
-# The same in Triton (use_triton): the GEMMs stay cuBLAS; every elementwise pass is fused into seven
-# kernels that read x, dt and dy where they lie (no padded copies): the prologue (acum, xs), the scan
-# each way, the (Q, Q) part with its epilogue (y; dx, ddt, d acum, dD), dy's scaling, and dG.
+# The same in Triton (use_triton): eight kernels that read x, dt and dy where they lie (no padded
+# copies; B and C too in the state kernels, while the GEMMs take them padded to whole chunks): the
+# prologue (acum; xs for the backward's dB), the chunk states with the scan each way (the state on
+# chip), the (Q, Q) part with its epilogue (y; dx, ddt, d acum, dD), dy's scaling, dG, and the last
+# pass through acum = cumsum(dt A). The other state products stay cuBLAS GEMMs.
 # --------------------------------------------------------------------------------------------
 try:
     import triton
@@ -237,67 +249,103 @@ if triton is not None:
     @triton.jit
     def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, xs_ptr, L, NC, H, P, SX,
                      Q: tl.constexpr, BP: tl.constexpr, WRITE_ACUM: tl.constexpr):
-        """acum = cumsum(dt A) over one chunk (into acum if WRITE_ACUM) and xs = x dt exp(acum_end - acum)
-        in xs's dtype, (b, c, Q, h, p), zero past L. x (b, L, h, p) with rows SX apart, dt (b, L, h).
-        Grid (b*c, h)."""
-        bc, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        """acum = cumsum(dt A) over one chunk, (b, c, Q, h), if WRITE_ACUM (the forward); else xs = x dt
+        exp(acum_end - acum) in xs's dtype, (b, c, Q, h, p), zero past L (the backward's dB operand).
+        x (b, L, h, p) with rows SX apart, dt (b, L, h). Grid (h, b*c)."""
+        h, bc = tl.program_id(0), tl.program_id(1).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         q = tl.arange(0, Q)
         pos = ci * Q + q
         ok = pos < L
         dt = tl.load(dt_ptr + (bi * L + pos) * H + h, mask=ok, other=0.0)
         acum = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
-        a_end = tl.sum(tl.where(q == Q - 1, acum, 0.0), axis=0)
         if WRITE_ACUM:
             tl.store(acum_ptr + (bc * Q + q) * H + h, acum)
+        else:
+            a_end = tl.sum(tl.where(q == Q - 1, acum, 0.0), axis=0)
+            pp = tl.arange(0, BP)
+            x = _rows(x_ptr, bi * L + pos, SX, ok, h, P, pp)
+            xs = x.to(tl.float32) * (dt * tl.exp(a_end - acum))[:, None]
+            tl.store(xs_ptr + ((bc * Q + q) * H + h)[:, None] * P + pp[None, :], xs.to(xs_ptr.dtype.element_ty),
+                     mask=pp[None, :] < P)
+
+    @triton.jit
+    def _states_fwd_kernel(x_ptr, dt_ptr, acum_ptr, B_ptr, init_ptr, S_prev_ptr, final_ptr, L, NC, H, P, N, SX, SB,
+                           Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                           HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+        """The chunk states and the scan between chunks in one pass, the state on chip: for one (p, BN)
+        tile of head h's state, chunk after chunk, S_prev_c = prev (written in S_prev's dtype,
+        (b, c, h*p, n)), prev = exp(acum_end) prev + xs^T B over the chunk's Q positions, with
+        xs = x dt exp(acum_end - acum) made from x as it loads (rounded to x's dtype, the GEMM
+        operand). x (b, L, h, p) with rows SX apart, B (b, L, n) with rows SB apart, read unpadded.
+        The final state (b, h*p, n) fp32. Grid (n / BN, h, b): the n tiles of one head side by side."""
+        nt, h, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         pp = tl.arange(0, BP)
-        x = _rows(x_ptr, bi * L + pos, SX, ok, h, P, pp)
-        xs = x.to(tl.float32) * (dt * tl.exp(a_end - acum))[:, None]
-        tl.store(xs_ptr + ((bc * Q + q) * H + h)[:, None] * P + pp[None, :], xs.to(xs_ptr.dtype.element_ty),
-                 mask=pp[None, :] < P)
-
-    @triton.jit
-    def _scan_fwd_kernel(states_ptr, a_end_ptr, init_ptr, S_prev_ptr, final_ptr, NC, H, HPN, PN,
-                         HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
-        """state_passing: states (b, c, h*p*n) fp32 -> S_prev (same shape, its dtype) and the final
-        state (b, h*p*n) fp32. Grid (h*p*n / BLOCK, b); a block lies inside one head (BLOCK divides
-        p*n), so one decay per chunk. Neighbouring programs take neighbouring blocks of one state."""
-        blk, bi = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        o = blk * BLOCK + tl.arange(0, BLOCK)
-        head = (blk * BLOCK) // PN
+        ns = nt * BN + tl.arange(0, BN)
+        tile_ok = (pp[:, None] < P) & (ns[None, :] < N)
+        tile = (h * P + pp[:, None]) * N + ns[None, :]                   # inside one (h*p, n) state
         if HAS_INIT:
-            prev = tl.load(init_ptr + bi * HPN + o)
+            prev = tl.load(init_ptr + bi * H * P * N + tile, mask=tile_ok, other=0.0)
         else:
-            prev = tl.zeros((BLOCK,), dtype=tl.float32)
+            prev = tl.zeros((BP, BN), dtype=tl.float32)
         for ci in range(0, NC):
-            at = (bi * NC + ci) * HPN + o
-            st = tl.load(states_ptr + at)
-            tl.store(S_prev_ptr + at, prev.to(S_prev_ptr.dtype.element_ty))
-            prev = tl.exp(tl.load(a_end_ptr + (bi * NC + ci) * H + head)) * prev + st
-        tl.store(final_ptr + bi * HPN + o, prev)
+            bc = bi * NC + ci
+            tl.store(S_prev_ptr + bc * H * P * N + tile, prev.to(S_prev_ptr.dtype.element_ty), mask=tile_ok)
+            a_end = tl.load(acum_ptr + (bc * Q + Q - 1) * H + h)
+            acc = tl.exp(a_end) * prev
+            for k0 in range(0, Q, BK):
+                q = k0 + tl.arange(0, BK)
+                pos = ci * Q + q
+                ok = pos < L
+                a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
+                dt = tl.load(dt_ptr + (bi * L + pos) * H + h, mask=ok, other=0.0)
+                Bt = tl.load(B_ptr + (bi * L + pos)[:, None] * SB + ns[None, :], mask=ok[:, None] & (ns[None, :] < N),
+                             other=0.0)                                                  # (BK, BN)
+                # x loaded as its transpose (the product's left operand) rather than transposed after
+                xT = tl.load(x_ptr + (bi * L + pos)[None, :] * SX + h * P + pp[:, None],
+                             mask=ok[None, :] & (pp[:, None] < P), other=0.0)           # (BP, BK)
+                xsT = (xT.to(tl.float32) * (dt * tl.exp(a_end - a_q))[None, :]).to(xT.dtype)
+                acc = tl.dot(xsT, Bt.to(xsT.dtype), acc, input_precision=PREC)
+            prev = acc
+        tl.store(final_ptr + bi * H * P * N + tile, prev, mask=tile_ok)
 
     @triton.jit
-    def _scan_bwd_kernel(dS_ptr, S_prev_ptr, a_end_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, da_part_ptr,
-                         NC, H, HPN, PN, NBLK, HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr):
-        """state_passing_backward: dS (b, c, h*p*n) fp32, the local gradients -> dstates (its dtype),
-        the initial state's gradient (b, h*p*n) fp32, and this block's sums of g * S_prev times the
-        decay into da_part (b, c, h*p*n / BLOCK), summed per head after. Grid (h*p*n / BLOCK, b)."""
-        blk, bi = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        o = blk * BLOCK + tl.arange(0, BLOCK)
-        head = (blk * BLOCK) // PN
+    def _states_bwd_kernel(dye_ptr, C_ptr, S_prev_ptr, acum_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, da_part_ptr,
+                           L, NC, H, P, N, SC, NNT, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                           BK: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
+        """The backward of the scan and of the state -> output product's state side in one pass, the
+        gradient on chip: for one (p, BN) tile of head h, chunk after chunk from the last, with g the
+        gradient of the state leaving chunk c: da_part[b, c, h, tile] = exp(acum_end) sum(g S_prev_c),
+        dstates_c = g (dstates' dtype, (b, c, h*p, n)), g = exp(acum_end) g + dy_e^T C over the chunk
+        (dy_e (b, c, Q, h*p) = dy exp(acum), zero past L; C (b, L, n) with rows SC apart, unpadded).
+        The initial state's gradient (b, h*p, n) fp32. Grid (n / BN, h, b)."""
+        nt, h, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        pp = tl.arange(0, BP)
+        ns = nt * BN + tl.arange(0, BN)
+        tile_ok = (pp[:, None] < P) & (ns[None, :] < N)
+        tile = (h * P + pp[:, None]) * N + ns[None, :]
         if HAS_DFINAL:
-            g = tl.load(dfinal_ptr + bi * HPN + o)
+            g = tl.load(dfinal_ptr + bi * H * P * N + tile, mask=tile_ok, other=0.0)
         else:
-            g = tl.zeros((BLOCK,), dtype=tl.float32)
+            g = tl.zeros((BP, BN), dtype=tl.float32)
         for i in range(0, NC):
             ci = NC - 1 - i
-            at = (bi * NC + ci) * HPN + o
-            decay = tl.exp(tl.load(a_end_ptr + (bi * NC + ci) * H + head))
-            S = tl.load(S_prev_ptr + at).to(tl.float32)
-            tl.store(da_part_ptr + (bi * NC + ci) * NBLK + blk, decay * tl.sum(g * S, axis=0))
-            tl.store(dstates_ptr + at, g.to(dstates_ptr.dtype.element_ty))
-            g = tl.load(dS_ptr + at) + decay * g
-        tl.store(dinit_ptr + bi * HPN + o, g)
+            bc = bi * NC + ci
+            decay = tl.exp(tl.load(acum_ptr + (bc * Q + Q - 1) * H + h))
+            S = tl.load(S_prev_ptr + bc * H * P * N + tile, mask=tile_ok, other=0.0).to(tl.float32)
+            tl.store(da_part_ptr + (bc * H + h) * NNT + nt, decay * tl.sum(tl.sum(g * S, axis=1), axis=0))
+            tl.store(dstates_ptr + bc * H * P * N + tile, g.to(dstates_ptr.dtype.element_ty), mask=tile_ok)
+            acc = decay * g
+            for k0 in range(0, Q, BK):
+                q = k0 + tl.arange(0, BK)
+                pos = ci * Q + q
+                Ct = tl.load(C_ptr + (bi * L + pos)[:, None] * SC + ns[None, :],
+                             mask=(pos < L)[:, None] & (ns[None, :] < N), other=0.0)     # (BK, BN)
+                dyeT = tl.load(dye_ptr + ((bc * Q + q) * H + h)[None, :] * P + pp[:, None], mask=pp[:, None] < P,
+                               other=0.0)                                                # (BP, BK)
+                acc = tl.dot(dyeT, Ct.to(dyeT.dtype), acc, input_precision=PREC)
+            g = acc
+        tl.store(dinit_ptr + bi * H * P * N + tile, g, mask=tile_ok)
 
     @triton.jit
     def _diag_fwd_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, yoff_ptr, D_ptr, y_ptr, L, NC, H, P, SX,
@@ -305,8 +353,10 @@ if triton is not None:
                          PREC: tl.constexpr):
         """y[q, h] = exp(acum_q) y_off[q, h] + sum_{s <= q} G[q, s] exp(acum_q - acum_s) x_s dt_s + D_h x_q
         for the rows q of one row block and one head, written in y's dtype to y (b, L, h, p).
-        Grid (b*c, h, Q / BM); loop over the row blocks s <= q."""
-        bc, h, m = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        Grid (h, Q / BM, b*c), a chunk's heads side by side (they share G and x's rows), the row blocks
+        with the most work first; loop over the row blocks s <= q."""
+        h, bc = tl.program_id(0), tl.program_id(2).to(tl.int64)
+        m = tl.num_programs(1) - 1 - tl.program_id(1)
         bi, ci = bc // NC, bc % NC
         q = m * BM + tl.arange(0, BM)
         pos_q = ci * Q + q
@@ -337,8 +387,8 @@ if triton is not None:
     def _dy_kernel(dy_ptr, acum_ptr, yoff_ptr, dye_ptr, dacum_ptr, L, NC, H, P,
                    Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr):
         """dy_e = dy exp(acum) in dy_e's dtype, (b, c, Q, h, p) zero past L, and the d acum of the
-        state -> output part, sum_p y_off dy_e (b, c, Q, h). Grid (b*c, h, Q / BM)."""
-        bc, h, m = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        state -> output part, sum_p y_off dy_e (b, c, Q, h). Grid (h, Q / BM, b*c)."""
+        h, m, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         q = m * BM + tl.arange(0, BM)
         pp = tl.arange(0, BP)
@@ -361,8 +411,8 @@ if triton is not None:
         t = sum_p dxs xs, dxdt += dxs exp(acum_end - acum), dx = dxdt dt + D dy (x's dtype, (b, L, h, p) with
         rows SDX apart),
         ddt's part sum_p dxdt x, dacum_col = -sum_q M - t, t, and dD's part sum_p dy x (all (b, c, Q, h)).
-        Grid (b*c, h, Q / BM)."""
-        bc, h, blk = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        Grid (h, Q / BM, b*c), as _diag_fwd_kernel's (block 0, the most work, first)."""
+        h, blk, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         row0 = bi * L
         s = blk * BM + tl.arange(0, BM)
@@ -409,7 +459,8 @@ if triton is not None:
     def _diag_bwd_G_kernel(acum_ptr, x_ptr, dt_ptr, dy_ptr, dG_ptr, L, NC, H, P, SX,
                            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr):
         """dG[q, s] = sum_h (dy_q . x_s dt_s)_h exp(acum_q - acum_s)_h on s <= q, one (BM, BM) tile of
-        (b, c, Q, Q) fp32. Grid (b*c, Q / BM rows, Q / BM columns); tiles above the diagonal are zero."""
+        (b, c, Q, Q) in dG's dtype (x's: dG is only a GEMM operand), summed in fp32. Grid (b*c, Q / BM rows,
+        Q / BM columns); tiles above the diagonal are zero."""
         bc, mq, ms = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         bi, ci = bc // NC, bc % NC
         row0 = bi * L
@@ -428,16 +479,48 @@ if triton is not None:
                 dy = _rows(dy_ptr, row0 + ci * Q + q, H * P, ok_q, h, P, pp).to(x.dtype)
                 Dh = tl.dot(dy, tl.trans(x), input_precision=PREC) * dt[None, :]   # as in _diag_bwd_x_kernel
                 acc += Dh * tl.exp(tl.where(causal, a_q[:, None] - a_s[None, :], float("-inf")))
-        tl.store(dG_ptr + bc * Q * Q + q[:, None] * Q + s[None, :], acc)
+        tl.store(dG_ptr + bc * Q * Q + q[:, None] * Q + s[None, :], acc.to(dG_ptr.dtype.element_ty))
 
 
-def _rows_of(x):
-    """x (b, l, h, p) as the kernels read it: rows of h*p values, each row_stride apart (as for x viewed
-    in the conv's output), else a contiguous copy. Returns (x, row_stride)."""
-    b, l, h, p = x.shape
-    if not (x.stride(3) == 1 and x.stride(2) == p and x.stride(0) == l * x.stride(1)):
-        x = x.contiguous()
-    return x, x.stride(1)
+    @triton.jit
+    def _dacum_kernel(dacum_ptr, col_ptr, row_ptr, t_ptr, da_part_ptr, ddt_part_ptr, A_ptr, dt_ptr, ddt_ptr,
+                      dA_part_ptr, L, NC, H, NNT, Q: tl.constexpr, NB: tl.constexpr, BNT: tl.constexpr):
+        """d acum in total for one chunk of head h: the state -> output part (dacum), -sum_q M - t
+        (col), M's row sums in NB blocks (row, (b, c, h, NB, Q)), and at the chunk's last position the
+        scan's part (da_part (b, c, h, NNT), summed) and sum_q t. Then through acum = cumsum(dt A):
+        da_t = sum_{q >= t} dacum_q, ddt = ddt_part + da A written to ddt (b, L, h) in its dtype, and
+        dA's part sum_t da_t dt_t to dA_part (b*c, h). All (b, c, Q, h) fp32 but ddt. Grid (h, b*c)."""
+        h, bc = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        bi, ci = bc // NC, bc % NC
+        q = tl.arange(0, Q)
+        at = (bc * Q + q) * H + h
+        d = tl.load(dacum_ptr + at) + tl.load(col_ptr + at)
+        for j in tl.static_range(NB):
+            d += tl.load(row_ptr + ((bc * H + h) * NB + j) * Q + q)
+        k = tl.arange(0, BNT)
+        tail = tl.sum(tl.load(t_ptr + at), axis=0) + tl.sum(
+            tl.load(da_part_ptr + (bc * H + h) * NNT + k, mask=k < NNT, other=0.0), axis=0)
+        d += tl.where(q == Q - 1, tail, 0.0)
+        da = tl.cumsum(d, axis=0, reverse=True)
+        pos = ci * Q + q
+        ok = pos < L
+        dt = tl.load(dt_ptr + (bi * L + pos) * H + h, mask=ok, other=0.0)
+        ddt = tl.load(ddt_part_ptr + at) + da * tl.load(A_ptr + h)
+        tl.store(ddt_ptr + (bi * L + pos) * H + h, ddt.to(ddt_ptr.dtype.element_ty), mask=ok)
+        tl.store(dA_part_ptr + bc * H + h, tl.sum(da * dt, axis=0))
+
+
+def _rows_of(t):
+    """t (b, l, ...) as the kernels read it: rows of the trailing dims' values, dense, each row_stride
+    apart (as x, B and C viewed in the conv's output), else a contiguous copy. Returns (t, row_stride)."""
+    inner, stride = t.shape[2:], 1
+    dense = True
+    for size, st in zip(reversed(inner), reversed(t.stride()[2:])):
+        dense = dense and (size == 1 or st == stride)
+        stride *= size
+    if not (dense and t.stride(0) == t.shape[1] * t.stride(1)):
+        t = t.contiguous()
+    return t, t.stride(1)
 
 
 def _launch(x, chunk_size):
@@ -451,9 +534,12 @@ def _launch(x, chunk_size):
     return b, l, h, p, -(-l // Q), Q, min(64, Q), max(16, triton.next_power_of_2(p)), prec
 
 
-def _scan_block(pn):
-    """The largest power of two <= 1024 that divides p*n: a block then lies inside one head."""
-    return min(1024, pn & -pn)
+def _states_launch(n, Q, backward):
+    """_states_fwd_kernel's (backward False) or _states_bwd_kernel's tile: dict(BN state columns, BK
+    positions per product, num_warps, num_stages), the fastest of `bench_ssd_grouped.py --sweep states`
+    on an H200."""
+    bn, bk, warps, stages = (128, 64, 4, 3) if backward else (128, 128, 4, 1)
+    return dict(BN=min(bn, max(16, triton.next_power_of_2(n))), BK=min(bk, Q), num_warps=warps, num_stages=stages)
 
 
 def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
@@ -462,25 +548,22 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     hp, dev = h * p, x.device
-    (x, sx), dt, A = _rows_of(x), dt.float().contiguous(), A.float().contiguous()
-    Bc, Cc = _chunked(B, Q), _chunked(C, Q)                            # (b, c, Q, n)
+    (x, sx), (B, sb), dt, A = _rows_of(x), _rows_of(B), dt.float().contiguous(), A.float().contiguous()
     acum = torch.empty(b, c, Q, h, device=dev, dtype=torch.float32)
-    xs = torch.empty(b, c, Q, h, p, device=dev, dtype=x.dtype)
-    _prep_kernel[(b * c, h)](x, dt, A, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=True, num_warps=8)
-    states = _matmul_f32(xs.view(b, c, Q, hp).transpose(-1, -2), Bc)  # (b, c, h*p, n) fp32
-    del xs
-    a_end = acum[:, :, -1].contiguous()
+    _prep_kernel[(h, b * c)](x, dt, A, acum, acum, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=True, num_warps=8)
+    # the chunk states and the scan between chunks, the state on chip
     S_prev = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     final = torch.empty(b, hp, n, device=dev, dtype=torch.float32)
     init = None if initial_state is None else initial_state.float().contiguous()
-    BLOCK = _scan_block(p * n)
-    _scan_fwd_kernel[(hp * n // BLOCK, b)](states, a_end, states if init is None else init, S_prev, final,
-                                           c, h, hp * n, p * n, HAS_INIT=init is not None, BLOCK=BLOCK)
-    del states
+    st = _states_launch(n, Q, backward=False)
+    _states_fwd_kernel[(triton.cdiv(n, st["BN"]), h, b)](x, dt, acum, B, final if init is None else init, S_prev,
+                                                         final, l, c, h, p, n, sx, sb, Q=Q, BP=BP,
+                                                         HAS_INIT=init is not None, PREC=prec, **st)
+    Bc, Cc = _chunked(B, Q), _chunked(C, Q)                            # (b, c, Q, n)
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
-    _diag_fwd_kernel[(b * c, h, Q // BM)](G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y,
+    _diag_fwd_kernel[(h, Q // BM, b * c)](G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y,
                                           l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec,
                                           num_stages=1)
     return y, final.view(b, h, p, n), acum, S_prev, G
@@ -493,32 +576,29 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     hp, dev, f32 = h * p, x.device, torch.float32
-    (x, sx), dt32, A32 = _rows_of(x), dt.float().contiguous(), A.float().contiguous()
+    (x, sx), (C, sc), dt32, A32 = _rows_of(x), _rows_of(C), dt.float().contiguous(), A.float().contiguous()
     dy = dy.to(x.dtype).contiguous()
     Bc, Cc = _chunked(B, Q), _chunked(C, Q)
     small = lambda: torch.empty(b, c, Q, h, device=dev, dtype=f32)  # noqa: E731
     # state -> output: y_off = exp(acum) (C S_prev^T), y_off made again (one GEMM) rather than kept
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p)
     dy_e, dacum = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype), small()
-    _dy_kernel[(b * c, h, Q // BM)](dy, acum, y_off, dy_e, dacum, l, c, h, p, Q=Q, BM=BM, BP=BP)
+    _dy_kernel[(h, Q // BM, b * c)](dy, acum, y_off, dy_e, dacum, l, c, h, p, Q=Q, BM=BM, BP=BP)
     del y_off
     dC = _matmul_f32(dy_e, S_prev)                                    # (b, c, Q, n): K = h*p
-    dS_local = _matmul_f32(dy_e.transpose(-1, -2), Cc)                # (b, c, h*p, n)
-    del dy_e
-    # the scan between chunks, backwards
-    BLOCK = _scan_block(p * n)
-    nblk = hp * n // BLOCK
-    a_end = acum[:, :, -1].contiguous()
+    # the scan between chunks backwards, with the state side of the state -> output product
+    st = _states_launch(n, Q, backward=True)
+    nnt = triton.cdiv(n, st["BN"])
     dstates = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     d_init = torch.empty(b, hp, n, device=dev, dtype=f32)
-    da_part = torch.empty(b, c, nblk, device=dev, dtype=f32)
+    da_part = torch.empty(b, c, h, nnt, device=dev, dtype=f32)
     dfin = None if dfinal is None else dfinal.float().contiguous()
-    _scan_bwd_kernel[(nblk, b)](dS_local, S_prev, a_end, dS_local if dfin is None else dfin, dstates, d_init,
-                                da_part, c, h, hp * n, p * n, nblk, HAS_DFINAL=dfin is not None, BLOCK=BLOCK)
-    del dS_local
-    # chunk states: S = xs^T B (xs made again by the forward's prologue)
+    _states_bwd_kernel[(nnt, h, b)](dy_e, C, S_prev, acum, d_init if dfin is None else dfin, dstates, d_init, da_part,
+                                    l, c, h, p, n, sc, nnt, Q=Q, BP=BP, HAS_DFINAL=dfin is not None, PREC=prec, **st)
+    del dy_e
+    # chunk states: S = xs^T B (xs made again, as the forward's kernel made it)
     xs = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype)
-    _prep_kernel[(b * c, h)](x, dt32, A32, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=False, num_warps=8)
+    _prep_kernel[(h, b * c)](x, dt32, A32, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=False, num_warps=8)
     dxs = _matmul_f32(Bc, dstates.transpose(-1, -2))                  # (b, c, Q, h*p): K = n
     dB = _matmul_f32(xs, dstates)                                     # (b, c, Q, n): K = h*p
     del xs, dstates
@@ -530,23 +610,22 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     ddt, dacum_col, t, dD_part = small(), small(), small(), small()
     dacum_row = torch.zeros(b, c, h, Q // BM, Q, device=dev, dtype=f32)
     D32 = acum if D is None else D.float().contiguous()
-    _diag_bwd_x_kernel[(b * c, h, Q // BM)](G, acum, x, dt32, dy, dxs, D32, dx, ddt, dacum_col, dacum_row, t, dD_part,
+    _diag_bwd_x_kernel[(h, Q // BM, b * c)](G, acum, x, dt32, dy, dxs, D32, dx, ddt, dacum_col, dacum_row, t, dD_part,
                                             l, c, h, p, sx, dx.stride(1), Q=Q, BM=BM, BP=BP, HAS_D=D is not None,
                                             PREC=prec, num_stages=1)
     del dxs
-    dG = torch.empty(b, c, Q, Q, device=dev, dtype=f32)
+    dG = torch.empty(b, c, Q, Q, device=dev, dtype=x.dtype)
     _diag_bwd_G_kernel[(b * c, Q // BM, Q // BM)](acum, x, dt32, dy, dG, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, PREC=prec,
-                                                  num_warps=8, num_stages=3)
-    dC = dC + _matmul_f32(dG.to(x.dtype), Bc)
-    dB = dB + _matmul_f32(dG.transpose(-1, -2).to(x.dtype), Cc)
-    # d acum in total, then through acum = cumsum(dt A)
-    dacum = dacum + dacum_col + dacum_row.sum(3).transpose(-1, -2)
-    dacum[:, :, -1] += da_part.view(b, c, h, -1).sum(-1) + t.sum(2)
-    da = dacum.flip(2).cumsum(2).flip(2)                               # (b, c, Q, h)
-    ddt = ddt + da * A32
-    dA = (da * _chunked(dt32, Q)).sum((0, 1, 2))
+                                                  num_warps=4, num_stages=2)
+    dC = _matmul_f32(dG, Bc, add=dC)
+    dB = _matmul_f32(dG.transpose(-1, -2), Cc, add=dB)
+    # d acum in total, then through acum = cumsum(dt A): ddt and dA
+    ddt_out = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
+    dA_part = torch.empty(b * c, h, device=dev, dtype=f32)
+    _dacum_kernel[(h, b * c)](dacum, dacum_col, dacum_row, t, da_part, ddt, A32, dt32, ddt_out, dA_part, l, c, h, nnt,
+                              Q=Q, NB=Q // BM, BNT=triton.next_power_of_2(nnt))
     unchunk = lambda t: t.reshape(b, c * Q, *t.shape[3:])[:, :l]  # noqa: E731
-    return (dx, unchunk(ddt).to(dt.dtype).contiguous(), dA.to(A.dtype), unchunk(dB).to(B.dtype).contiguous(),
+    return (dx, ddt_out, dA_part.sum(0).to(A.dtype), unchunk(dB).to(B.dtype).contiguous(),
             unchunk(dC).to(C.dtype).contiguous(), None if D is None else dD_part.sum((0, 1, 2)).to(D.dtype),
             None if initial_state is None else d_init.view(b, h, p, n).to(initial_state.dtype))
 

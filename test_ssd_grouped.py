@@ -116,14 +116,16 @@ def _rel(a, ref):
 
 
 @needs_triton
-@pytest.mark.parametrize("l,Q,init,with_D,dfinal,strided", [(70, 32, True, True, True, True),
-                                                            (64, 16, False, False, True, False),
-                                                            (20, 32, True, True, False, False)])
-def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, init, with_D, dfinal, strided):
+@pytest.mark.parametrize("l,Q,n,init,with_D,dfinal,strided", [(70, 32, 20, True, True, True, True),
+                                                              (64, 16, 20, False, False, True, False),
+                                                              (20, 32, 20, True, True, False, False),
+                                                              (40, 16, 144, True, False, True, True)])
+def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, n, init, with_D, dfinal, strided):
     # fp32 inputs (exact products: input_precision "ieee"), 1 to 4 chunks, lengths not a multiple of the
-    # chunk, p*n = 320 in scan blocks of 64 (5 per head), with and without initial state, D and a
-    # final-state gradient; x read in place from a wider tensor (as from the conv's output) or contiguous
-    x, dt, A, B, C, D, s0 = _inputs(2, l, 3, 16, 20, init=init, with_D=with_D)
+    # chunk, the state in one tile of columns (n 20, masked) or two (n 144: the second masked), with and
+    # without initial state, D and a final-state gradient; x, B and C read in place from wider tensors
+    # (as from the conv's output) or contiguous
+    x, dt, A, B, C, D, s0 = _inputs(2, l, 3, 16, n, init=init, with_D=with_D)
     y_ref, f_ref = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], Q, D=D, initial_state=s0)
     g = torch.Generator().manual_seed(1)
     dy, df = torch.randn(y_ref.shape, generator=g, dtype=torch.float64), torch.randn(f_ref.shape, generator=g, dtype=torch.float64)
@@ -131,12 +133,14 @@ def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, init, w
     inputs = [t for t in (x, dt, A, B, C, D, s0) if t is not None]
     want = torch.autograd.grad((y_ref * dy).sum() + (f_ref * df).sum(), inputs)
     f32 = [None if t is None else t.detach().float().to(DEVICE).requires_grad_() for t in (x, dt, A, B, C, D, s0)]
-    xin = f32[0]
-    if strided:  # rows of h*p + 7 values, of which x is the first h*p
+    xin, Bin, Cin = f32[0], f32[3], f32[4]
+    if strided:  # rows of h*p + 7 values, of which x is the first h*p; B and C side by side in rows of 2n + 5
         b, _, h, p = xin.shape
         xin = torch.cat([xin.flatten(2), torch.zeros(b, l, 7, device=DEVICE)], -1)[..., :h * p].unflatten(-1, (h, p))
-        assert xin.stride(1) == h * p + 7
-    y, f = ssd_grouped.ssd_grouped(xin, *f32[1:5], Q, f32[5], f32[6], use_triton=True)
+        BC = torch.cat([Bin, Cin, torch.zeros(b, l, 5, device=DEVICE)], -1)
+        Bin, Cin = BC[..., :n], BC[..., n:2 * n]
+        assert xin.stride(1) == h * p + 7 and Bin.stride(1) == Cin.stride(1) == 2 * n + 5
+    y, f = ssd_grouped.ssd_grouped(xin, f32[1], f32[2], Bin, Cin, Q, f32[5], f32[6], use_triton=True)
     loss = (y * dy.float().to(DEVICE)).sum() + ((f * df.float().to(DEVICE)).sum() if dfinal else 0)
     got = torch.autograd.grad(loss, [t for t in f32 if t is not None])
     assert _rel(y.detach().cpu(), y_ref.detach()) < 1e-5 and _rel(f.detach().cpu(), f_ref.detach()) < 1e-5
