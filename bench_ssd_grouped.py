@@ -157,6 +157,18 @@ def check(l, n, Q, b=2, pad=300, seeds=1):
             print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in med.tolist()) + " |")
 
 
+def _time_calls(calls):
+    """"name ms, ..." for {name: fn}; a launch shape that does not fit (shared memory, registers) is
+    reported as failed, and the sweep goes on."""
+    times = []
+    for name, fn in calls.items():
+        try:
+            times.append(f"{name} {cuda_ms(fn):.3f}")
+        except Exception as e:  # out of shared memory or registers: report, keep going
+            times.append(f"{name} failed ({type(e).__name__})")
+    return ", ".join(times)
+
+
 def sweep(b, l, n, Q, h=32, p=64):
     """ms of _diag_fwd_kernel, _diag_bwd_x_kernel and _diag_bwd_G_kernel per launch shape."""
     import itertools
@@ -181,13 +193,7 @@ def sweep(b, l, n, Q, h=32, p=64):
             "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x, dt, dy, yoff, D, y, small(), small(), row,
                                                                     small(), small(), l, c, h, p, h * p, h * p, HAS_D=True, **kw),
             "bwd_G": lambda: sg._diag_bwd_G_kernel[(b * c, nb, nb)](acum, x, dt, dy, dG, l, c, h, p, h * p, **kw)}
-        times = []
-        for name, fn in calls.items():
-            try:
-                times.append(f"{name} {cuda_ms(fn):.3f}")
-            except Exception as e:  # out of shared memory or registers: report, keep going
-                times.append(f"{name} failed ({type(e).__name__})")
-        print(f"BM {bm} warps {warps} stages {stages}: " + ", ".join(times) + " ms", flush=True)
+        print(f"BM {bm} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 
 def sweep_states(b, l, n, Q, h=32, p=64):
@@ -212,13 +218,7 @@ def sweep_states(b, l, n, Q, h=32, p=64):
                                                                h * p, n, HAS_INIT=True, **kw),
             "bwd": lambda: sg._states_bwd_kernel[(nnt, h, b)](dy_e, C, S_prev, acum, s0, dstates, d_init, da_part,
                                                                l, c, h, p, n, n, nnt, HAS_DFINAL=True, **kw)}
-        times = []
-        for name, fn in calls.items():
-            try:
-                times.append(f"{name} {cuda_ms(fn):.3f}")
-            except Exception as e:  # out of shared memory or registers: report, keep going
-                times.append(f"{name} failed ({type(e).__name__})")
-        print(f"BN {bn} BK {bk} warps {warps} stages {stages}: " + ", ".join(times) + " ms", flush=True)
+        print(f"BN {bn} BK {bk} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 
 if __name__ == "__main__":
