@@ -303,17 +303,22 @@ if triton is not None:
                          HEADDIM: tl.constexpr, DSTATE: tl.constexpr, BLOCK_P: tl.constexpr,
                          BLOCK_N: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr):
         # One program: BLOCK_P channels of one head of one row, with their whole state (BLOCK_P x N).
+        # Programs launch in the order of the state's memory (channels fastest, then heads, then
+        # rows), so that the programs in flight read and write one contiguous stretch, as a copy
+        # does; the reverse order leaves 10% of the bandwidth unused at 32-128 rows (BENCHMARKS.md).
         if PDL:
             gdc_launch_dependents()
-        row, head = tl.program_id(0), tl.program_id(1)
-        ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+        row, head = tl.program_id(2), tl.program_id(1)
+        ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         ns = tl.arange(0, BLOCK_N)
         p_ok, n_ok = ps < HEADDIM, ns < DSTATE
         s_ok = p_ok[:, None] & n_ok[None, :]
         s_ptrs = state_ptr + ((row * nheads + head) * HEADDIM + ps[:, None]) * DSTATE + ns[None, :]
         # The state was last written by this layer's previous step, which has finished: the kernels
         # between include plain launches (the next token's embedding), which wait for all before them.
-        s = tl.load(s_ptrs, mask=s_ok, other=0.0).to(tl.float32)
+        # It is read and written once per step and is larger than L2: it is marked to leave L2 first,
+        # which keeps the weights and activations there.
+        s = tl.load(s_ptrs, mask=s_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
         if PDL:
             gdc_wait()
         inputs = xbc_ptr + row * stride_row
@@ -332,7 +337,7 @@ if triton is not None:
         if GATE:  # y * silu(z), the gate of Mamba-2's norm, here where y is: out_proj's norm is then plain
             z = tl.load(inputs + z_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
-        tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=s_ok)
+        tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=s_ok, cache_modifier=".cs")
         tl.store(y_ptr + row * (nheads * HEADDIM) + head * HEADDIM + ps, y.to(y_ptr.dtype.element_ty), mask=p_ok)
 
     @triton.jit
@@ -542,15 +547,17 @@ def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True
     pdl: as in linear_rows; the state is read before the wait. block_p, num_warps: channels of a
     head and warps per program (default: by the state's dtype and the rows)."""
     b, nheads, headdim, d_state = state.shape
-    # launch shape measured with bench.py --only decode-kernels at 2, 32 and 128 rows (BENCHMARKS.md)
+    # launch shape measured with bench.py --only decode-kernels at 2, 8, 32 and 128 rows (BENCHMARKS.md)
     fp32 = state.element_size() == 4
-    block_p = block_p or (8 if fp32 and b >= 64 else 4)
+    block_p = block_p or (2 if fp32 and b > CORE_ROWS else 4)
     num_warps = num_warps or (4 if fp32 else 2)
     if not (state.is_contiguous() and xbc.stride(-1) == 1):
         raise ValueError("ssm_step: the state must be contiguous and xbc's rows dense")
+    if b > 65535:  # the grid's last dimension
+        raise ValueError(f"ssm_step: at most 65535 rows, got {b}")
     y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype if z_start is None else torch.float32)
     B_start = x_start + nheads * headdim
-    grid = (b, nheads, triton.cdiv(headdim, block_p))
+    grid = (triton.cdiv(headdim, block_p), nheads, b)
     _ssm_step_kernel[grid](state, xbc, xbc.stride(0), x_start, B_start, B_start + ngroups * d_state,
                            xbc.shape[1] - nheads, z_start or 0, dt_bias, A, D, y, nheads, nheads // ngroups,
                            HEADDIM=headdim, DSTATE=d_state, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(d_state),
