@@ -890,6 +890,35 @@ def test_linear_rows_one_kernel_equals_its_definition(path, all_rows):
 
 
 @triton_here
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_ssm_step_kernel_equals_its_definition(state_dtype):
+    # kernels.ssm_step against its definition in float64: both sides of the launch-shape rule (up to
+    # CORE_ROWS rows 4 channels per program; past it, for an fp32 state, 2), a head of 20 channels
+    # whose last block the mask cuts (8 per program), 2 groups, d_state 100 (a masked power-of-two
+    # tile), with the gate and without; the state is updated in place, rounded once to its dtype
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=gen).to(device)
+    d = lambda t: t.double()
+    nheads, headdim, ngroups, d_state = 6, 20, 2, 100
+    d_inner = nheads * headdim
+    A, dt_bias, D = -rand(nheads).abs() * 4, rand(nheads) - 1, rand(nheads)
+    bound = 1e-6 if state_dtype == torch.float32 else 2 ** -8  # the state's own rounding (measured 7e-8, 3.4e-3)
+    for rows, block_p in [(3, None), (kernels.CORE_ROWS + 1, None), (2, 8)]:
+        zxbcdt = rand(rows, 2 * d_inner + 2 * ngroups * d_state + nheads).to(torch.bfloat16)
+        for z_start in (None, 0):
+            state = rand(rows, nheads, headdim, d_state).to(state_dtype)
+            want_state = d(state)
+            y = kernels.ssm_step(zxbcdt, state, A, dt_bias, D, d_inner, ngroups, z_start=z_start, block_p=block_p)
+            want_y = ssm_step_definition(d(zxbcdt), want_state, d(A), d(dt_bias), d(D), d_inner, ngroups, z_start)
+            assert y.dtype == (torch.bfloat16 if z_start is None else torch.float32)
+            assert rel_err(y, want_y) < (2 ** -8 if z_start is None else 1e-6), (rows, block_p, z_start)  # y in bf16
+            assert state.dtype == state_dtype and rel_err(state, want_state) < bound, (rows, block_p, z_start)
+    with pytest.raises(ValueError, match="the state must be contiguous"):
+        kernels.ssm_step(zxbcdt, state.transpose(2, 3), A, dt_bias, D, d_inner, ngroups)
+
+
+@triton_here
 def test_linear_rows_past_the_one_kernel_rows_equals_its_definition():
     # more than kernels.CORE_ROWS rows: the norm kernel, cuBLAS's product, and the epilogue kernel
     # (GELU, residual, cast, conv and its state), against the definition in float64; the out_proj
