@@ -305,7 +305,8 @@ if triton is not None:
         # One program: BLOCK_P channels of one head of one row, with their whole state (BLOCK_P x N).
         # Programs launch in the order of the state's memory (channels fastest, then heads, then
         # rows), so that the programs in flight read and write one contiguous stretch, as a copy
-        # does; the reverse order leaves 10% of the bandwidth unused at 32-128 rows (BENCHMARKS.md).
+        # does; in the reverse order they touch pieces a row's state apart, which DRAM serves
+        # slower (BENCHMARKS.md §0b).
         if PDL:
             gdc_launch_dependents()
         row, head = tl.program_id(2), tl.program_id(1)
