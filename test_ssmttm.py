@@ -916,6 +916,9 @@ def test_ssm_step_kernel_equals_its_definition(state_dtype):
             assert state.dtype == state_dtype and rel_err(state, want_state) < bound, (rows, block_p, z_start)
     with pytest.raises(ValueError, match="the state must be contiguous"):
         kernels.ssm_step(zxbcdt, state.transpose(2, 3), A, dt_bias, D, d_inner, ngroups)
+    with pytest.raises(ValueError, match="at most 65535 rows, got 65536"):  # the grid's limit, before a launch
+        kernels.ssm_step(torch.zeros(65536, 5, device=device), torch.zeros(65536, 1, 1, 1, device=device),
+                         A[:1], dt_bias[:1], D[:1], 0, 1)
 
 
 @triton_here
