@@ -271,72 +271,92 @@ def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None):
     groups: the blocks for groups of rows, each on its own stream (row_groups, blocks_on_streams)."""
     rows, K, _ = tokens.shape
     x = kernels.embed_rows(tokens[..., 0], model.offsets, model.embed.weight, cache.position, freqs,
-                           advance=True)[:, None]  # and position += 1
+                           advance=True)  # and position += 1
     if groups:
-        x = blocks_on_streams(model, x, cache, A, pdl, groups)
+        x, xn = blocks_on_streams(model, x, cache, A, pdl, groups)
     else:
-        for block, states, block_A in zip(model.blocks, cache.states, A):
-            x = fused_block_step(block, x, states, cache.memory_mask, block_A, pdl)
+        x, xn = fused_blocks(model, x, cache.states, cache.memory_mask, A, pdl)
     norm = model.norm_f
-    logits = kernels.linear_rows(x[:, 0], model.head.weight, norm_weight=norm.weight, eps=norm.eps, pdl=pdl)
+    logits = kernels.linear_rows(x, model.head.weight, norm_weight=norm.weight, eps=norm.eps, pdl=pdl) \
+        if xn is None else kernels.linear_rows(xn, model.head.weight, pdl=pdl)
     return logits.view(rows, 1, K, -1).transpose(1, 2)
 
 
 def blocks_on_streams(model, x, cache, A, pdl, groups):
-    """The blocks of fused_step for x (rows, 1, d) -> (rows, 1, d), each group of rows (row_groups:
-    stream, rows) through every block on its own CUDA stream (None: the current stream, after the
-    groups before it). While decoding, rows are independent: one group's ssm_step, which moves the
-    state, can run beside another group's products, which read the weights (once per group). In a
-    CUDA graph the streams are branches between a fork and a join."""
+    """fused_blocks for x (rows, d), each group of rows (row_groups: stream, rows) through every
+    block on its own CUDA stream (None: the current stream, after the groups before it). While
+    decoding, rows are independent: one group's ssm_step, which moves the state, can run beside
+    another group's products, which read the weights (once per group). In a CUDA graph the streams
+    are branches between a fork and a join. Returns (x, norm_f(x) or None) as fused_blocks."""
     current = torch.cuda.current_stream(x.device) if x.is_cuda else None
-    out = torch.empty_like(x)
+    out, out_n = torch.empty_like(x), None
     for stream, rows in groups:
         if stream is not None:
             stream.wait_stream(current)  # the fork: after the embedding
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            h = x[rows]
-            for block, states, block_A in zip(model.blocks, cache.states, A):
-                states = [s if s is None else Mamba2State(s.conv[rows], s.ssm[rows]) for s in states]
-                h = fused_block_step(block, h, states, None, block_A, pdl)
+            states = [[s if s is None else Mamba2State(s.conv[rows], s.ssm[rows]) for s in block_states]
+                      for block_states in cache.states]
+            h, hn = fused_blocks(model, x[rows], states, None, A, pdl)
             out[rows] = h
+            if hn is not None:  # (every group has as many rows +- 1: all or none make it)
+                out_n = torch.empty(x.shape, device=x.device, dtype=hn.dtype) if out_n is None else out_n
+                out_n[rows] = hn
     for stream, _ in groups:
         if stream is not None:
             current.wait_stream(stream)  # the join: before the heads
-    return out
+    return out, out_n
 
 
-def fused_block_step(block, x, states, memory_mask, A, pdl=True):
-    """ssmttm.Block.forward for one decoding step, x (rows, 1, d): Mamba-2 and feed-forward
-    sublayers in kernels.py's kernels (norm and residual included), the others as they are.
-    A: per sublayer, the Mamba-2 layer's A (else None)."""
-    for kind, norm, layer, state, layer_A in zip(block.layout, block.norms, block.layers, states, A):
+def fused_blocks(model, x, states, memory_mask, A, pdl=True):
+    """The blocks of ssmttm.TextToMusicLM for one decoding step, x (rows, d) -> (x, xn): Mamba-2 and
+    feed-forward sublayers in kernels.py's kernels (norm and residual included), the others as they
+    are. Past kernels.CORE_ROWS rows each sublayer's last kernel also makes the next one's input
+    norm (linear_rows' norm_out), which then has no norm kernel of its own; xn is the last of them,
+    norm_f(x) in the weights' dtype (else None). states, A: per block, per sublayer."""
+    many_rows = x.shape[0] > kernels.CORE_ROWS
+    sublayers = [(kind, norm, layer, state, layer_A)
+                 for block, block_states, block_A in zip(model.blocks, states, A)
+                 for kind, norm, layer, state, layer_A in zip(block.layout, block.norms, block.layers, block_states,
+                                                              block_A)]
+    after = [(kind, norm) for kind, norm, *_ in sublayers[1:]] + [("head", model.norm_f)]
+    xn = None  # norm(x) of the sublayer about to run, made by the one before it
+    for (kind, norm, layer, state, layer_A), (next_kind, next_norm) in zip(sublayers, after):
+        norm_out = (next_norm.weight, next_norm.eps) if many_rows and next_kind in ("mamba", "ff", "head") else None
         if kind == "mamba":
-            x = mamba2_fused_step(layer, norm, x[:, 0], state, layer_A, pdl)[:, None]
+            x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out)
         elif kind == "ff":
-            h = kernels.linear_rows(x[:, 0], layer.fc1.weight, layer.fc1.bias, norm.weight, norm.eps,
-                                    gelu=True, pdl=pdl)
-            x = kernels.linear_rows(h, layer.fc2.weight, layer.fc2.bias, residual=x[:, 0], pdl=pdl)[:, None]
+            h = kernels.linear_rows(x, layer.fc1.weight, layer.fc1.bias, norm.weight, norm.eps, gelu=True, pdl=pdl) \
+                if xn is None else kernels.linear_rows(xn, layer.fc1.weight, layer.fc1.bias, gelu=True, pdl=pdl)
+            x, xn = _split(kernels.linear_rows(h, layer.fc2.weight, layer.fc2.bias, residual=x, norm_out=norm_out,
+                                               pdl=pdl))
         elif kind == "cross_attn":
-            x = x + layer(norm(x), None, memory_mask, state=state)
+            x, xn = (x[:, None] + layer(norm(x[:, None]), None, memory_mask, state=state))[:, 0], None
         else:
-            x = x + layer(norm(x), state=state)
-    return x
+            x, xn = (x[:, None] + layer(norm(x[:, None]), state=state))[:, 0], None
+    return x, xn
 
 
-def mamba2_fused_step(layer, norm, x, state, A, pdl=True):
+def _split(out):
+    """linear_rows' result as (out, normed or None)."""
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None):
     """x + layer(norm(x)) for one decoding step, x (rows, d_model), in three kernels: norm + in_proj
-    + conv, the SSD step + gate (y * silu(z)), norm + out_proj + residual. Raises ValueError for
-    ngroups != 1 (the out_proj kernel normalises y * silu(z) as one group)."""
+    + conv, the SSD step + gate (y * silu(z)), norm + out_proj + residual. xn: norm(x) in the
+    weights' dtype if the kernel before made it. Returns (out, the next norm of out if norm_out,
+    as linear_rows, else None). Raises ValueError for ngroups != 1 (the out_proj kernel normalises
+    y * silu(z) as one group)."""
     if layer.ngroups != 1:
         raise ValueError(f"mamba2_fused_step: ngroups must be 1 (the LM's), got {layer.ngroups}")
     conv = (state.conv, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.d_inner)
-    zxbcdt = kernels.linear_rows(x, layer.in_proj.weight, norm_weight=norm.weight, eps=norm.eps, conv=conv,
-                                 pdl=pdl)
+    zxbcdt = kernels.linear_rows(x, layer.in_proj.weight, norm_weight=norm.weight, eps=norm.eps, conv=conv, pdl=pdl) \
+        if xn is None else kernels.linear_rows(xn, layer.in_proj.weight, conv=conv, pdl=pdl)
     gated = kernels.ssm_step(zxbcdt, state.ssm, A, layer.dt_bias, layer.D, layer.d_inner, layer.ngroups,
                              z_start=0, pdl=pdl)
     out_norm = layer.norm  # a plain RMSNorm now: the gate is in ssm_step
-    return kernels.linear_rows(gated, layer.out_proj.weight, norm_weight=out_norm.weight, eps=out_norm.eps,
-                               residual=x, pdl=pdl)
+    return _split(kernels.linear_rows(gated, layer.out_proj.weight, norm_weight=out_norm.weight, eps=out_norm.eps,
+                                      residual=x, norm_out=norm_out, pdl=pdl))
 
 
 def _record(frame, tensors, generator, device):

@@ -73,7 +73,7 @@ if HAS_MAMBA_SSM:  # under torch.compile these are graph breaks; mamba2_train be
 # up to MAX_ROWS rows as cuBLAS's product with a kernel before and after it; width <= MAX_WIDTH
 CORE_ROWS, MAX_ROWS, MAX_WIDTH = 8, 128, 4096
 TC_ROWS = 4  # 16-bit weights, TC_ROWS < rows <= CORE_ROWS: the tensor-core kernel (_default_path)
-LINEAR_PATHS = ("cuda_cores", "tensor_cores", "cublas")
+LINEAR_PATHS = ("cuda_cores", "tensor_cores", "many_rows")
 
 
 def fits_linear_rows(rows, width):
@@ -258,26 +258,34 @@ if triton is not None:
                      mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _rms_norm_rows_kernel(x_ptr, stride_x, norm_w_ptr, out_ptr, K, eps, NORM: tl.constexpr,
+    def _add_norm_rows_kernel(x_ptr, stride_x, res_ptr, stride_res, sum_ptr, norm_w_ptr, normed_ptr, K, eps,
+                              HAS_RES: tl.constexpr, SUM: tl.constexpr, NORM: tl.constexpr, NORMED: tl.constexpr,
                               BLOCK_K: tl.constexpr):
-        # One program per row: RMSNorm(x) * norm_w (or x itself) in float32, rounded once to out's
-        # dtype, the weights' dtype of the product that follows.
+        # One program per row, in float32: with SUM, sum = x (+ res) rounded to sum's dtype (the
+        # residual stream, as the plain ops round x + f(x)); with NORMED, normed = RMSNorm(that) *
+        # norm_w (or it alone without NORM), rounded once to normed's dtype, the next product's.
         row = tl.program_id(0)
         ks = tl.arange(0, BLOCK_K)
         ok = ks < K
         x = tl.load(x_ptr + row * stride_x + ks, mask=ok, other=0.0).to(tl.float32)
-        if NORM:
-            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
-            x = x * rstd * tl.load(norm_w_ptr + ks, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * K + ks, x.to(out_ptr.dtype.element_ty), mask=ok)
+        if HAS_RES:
+            x += tl.load(res_ptr + row * stride_res + ks, mask=ok, other=0.0).to(tl.float32)
+        if SUM:
+            x = x.to(sum_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row * K + ks, x, mask=ok)
+            x = x.to(tl.float32)
+        if NORMED:
+            if NORM:
+                rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
+                x = x * rstd * tl.load(norm_w_ptr + ks, mask=ok, other=0.0).to(tl.float32)
+            tl.store(normed_ptr + row * K + ks, x.to(normed_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _epilogue_rows_kernel(y_ptr, res_ptr, stride_res, out_ptr, M, N, col_start, col_end, conv_state_ptr,
-                              conv_w_ptr, conv_b_ptr, conv_start, conv_dim, GELU: tl.constexpr,
-                              HAS_RES: tl.constexpr, D_CONV: tl.constexpr, BLOCK_M: tl.constexpr,
+    def _epilogue_rows_kernel(y_ptr, out_ptr, M, N, col_start, col_end, conv_state_ptr, conv_w_ptr, conv_b_ptr,
+                              conv_start, conv_dim, GELU: tl.constexpr, D_CONV: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr):
         # What follows cuBLAS's product y (M, N) in _linear_many_rows, in one pass over outputs
-        # col_start ... col_end - 1: GELU, the residual, the cast to out's dtype, and Mamba-2's causal
+        # col_start ... col_end - 1: GELU, the cast to out's dtype, and Mamba-2's causal
         # conv + SiLU for outputs conv_start ... conv_start + conv_dim - 1, whose state
         # (M, conv_dim, D_CONV) moves on by one. One program: BLOCK_M rows x BLOCK_N outputs, which it
         # alone reads and writes.
@@ -288,8 +296,6 @@ if triton is not None:
         acc = tl.load(y_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if GELU:  # exact (erf) GELU, as F.gelu
             acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        if HAS_RES:
-            acc += tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if D_CONV > 0:
             c, in_conv, taps, conv_ok, w_conv, b_conv = _conv_columns(cols, col_ok, conv_w_ptr, conv_b_ptr, conv_start,
                                                                       conv_dim, D_CONV)
@@ -401,18 +407,21 @@ if triton is not None:
 
 
 def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, residual=None, conv=None,
-                pdl=True, path=None, block_n=None, num_warps=None, block_m=None):
+                norm_out=None, pdl=True, path=None, block_n=None, num_warps=None, block_m=None):
     """residual + gelu(norm(x) @ weight^T + bias) for the rows of a decoding step.
 
     x (M, K) with M <= 128 and K <= 4096, weight (N, K). norm: RMSNorm with norm_weight (K,) if given.
     residual (M, N). conv: (state, weight, bias, start) to pass outputs start ... start + C - 1
     through Mamba-2's causal conv + SiLU, with state (M, C, d_conv) updated in place, weight
-    (C, d_conv), bias (C,). Returns (M, N) in the dtype of residual if given, else of x.
+    (C, d_conv), bias (C,). Returns out (M, N) in the dtype of residual if given, else of x.
+    norm_out: (norm weight (N,), eps) of the product that takes out next: then returns (out,
+    RMSNorm(out) * norm weight) with the second in the norm weight's dtype, which that product takes
+    as its x without a norm_weight (past CORE_ROWS the residual's kernel makes it: one launch fewer).
     path: "cuda_cores" (one kernel, in float32), "tensor_cores" (one kernel, the product on tensor
-    cores in weight's dtype, the norm rounded to it first, as the plain ops do) or "cublas" (a norm
-    kernel, cuBLAS's product with the bias, and one kernel for GELU, residual and conv,
-    _linear_many_rows); default: _default_path. ValueError where the tensor-core kernel does not fit
-    the GPU's shared memory (fp32 weights wider than 1024; 16-bit ones wider than 2048 past 16 rows).
+    cores in weight's dtype, the norm rounded to it first, as the plain ops do) or "many_rows" (a
+    norm kernel, the product, one kernel for the residual: _linear_many_rows); default:
+    _default_path. ValueError where the tensor-core kernel does not fit the GPU's shared memory
+    (fp32 weights wider than 1024; 16-bit ones wider than 2048 past 16 rows).
     pdl: programmatic dependent launch (Hopper and later): the weights, norm_weight, bias and the
     conv's weight, bias and state are read before the wait for the previous kernel, so they must not
     be what that kernel writes.
@@ -429,8 +438,8 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     path = path or _default_path(M, weight)
     if path not in LINEAR_PATHS:
         raise ValueError(f"linear_rows: path {path!r} is not one of {', '.join(LINEAR_PATHS)}")
-    if path == "cublas":
-        return _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv)
+    if path == "many_rows":
+        return _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, norm_out)
     rows = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # rows may be strided views
     x, residual, weight = rows(x), rows(residual), weight.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=(residual if residual is not None else x).dtype)
@@ -457,23 +466,25 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
         except OutOfResources as e:  # the slice of W and a tile of x live in shared memory
             raise ValueError(f"linear_rows(path='tensor_cores'): {block_n} outputs x {K} of {weight.dtype} and "
                              f"{block_m}-row tiles of x need more shared memory than this GPU has ({e}); "
-                             "take path 'cuda_cores' or 'cublas'") from None
+                             "take path 'cuda_cores' or 'many_rows'") from None
+    else:
+        default_n, default_warps = _launch_shape(M, K, conv is not None)
+        block_n, num_warps = block_n or default_n, num_warps or default_warps
+        _linear_rows_kernel[(triton.cdiv(N, block_n),)](
+            *args, M=M, M_POW2=triton.next_power_of_2(M), BLOCK_K=triton.next_power_of_2(K), BLOCK_N=block_n,
+            num_warps=num_warps, **flags)
+    if norm_out is None:
         return out
-    default_n, default_warps = _launch_shape(M, K, conv is not None)
-    block_n, num_warps = block_n or default_n, num_warps or default_warps
-    _linear_rows_kernel[(triton.cdiv(N, block_n),)](
-        *args, M=M, M_POW2=triton.next_power_of_2(M), BLOCK_K=triton.next_power_of_2(K), BLOCK_N=block_n,
-        num_warps=num_warps, **flags)
-    return out
+    return out, _add_norm_rows(out, norm_weight=norm_out[0], eps=norm_out[1], normed_dtype=norm_out[0].dtype)[1]
 
 
 def _default_path(rows, weight):
     """linear_rows' path for `rows` rows, from frames measured at 1-64 prompts (BENCHMARKS.md §0b):
     CUDA cores up to TC_ROWS rows, where reading W is the cost and a row's product is a reduction
     within a warp; tensor cores from there to CORE_ROWS rows for 16-bit weights (fp32 weights do
-    not fit its shared memory at the model's widths); cuBLAS past CORE_ROWS."""
+    not fit its shared memory at the model's widths); many_rows past CORE_ROWS."""
     if rows > CORE_ROWS:
-        return "cublas"
+        return "many_rows"
     return "tensor_cores" if rows > TC_ROWS and weight.element_size() == 2 else "cuda_cores"
 
 
@@ -486,27 +497,48 @@ def _tc_launch_shape(rows, width):
     return (16, 32, 4) if width <= 1024 else (16, 16, 8)
 
 
-def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv):
-    """linear_rows on cuBLAS, for more than CORE_ROWS rows: the RMSNorm rounded to weight's dtype
-    (as the plain ops round it) in one kernel, cuBLAS's product with the bias, then GELU, residual,
-    cast and conv in one more (_epilogue_rows_kernel); the residual is added by the product itself
-    (addmm) where there is nothing else to do."""
+def _add_norm_rows(x, residual=None, sum_dtype=None, norm_weight=None, eps=1e-5, normed_dtype=None):
+    """_add_norm_rows_kernel on x (M, K): sum = x + residual in sum_dtype if given, and normed =
+    RMSNorm(sum or x) * norm_weight in normed_dtype if given. Returns (sum, normed), None where not asked."""
+    M, K = x.shape
+    new = lambda dtype: None if dtype is None else torch.empty(M, K, device=x.device, dtype=dtype)
+    sum_, normed = new(sum_dtype), new(normed_dtype)
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
+    _add_norm_rows_kernel[(M,)](x, x.stride(0), x if residual is None else residual,
+                                0 if residual is None else residual.stride(0), x if sum_ is None else sum_,
+                                x if norm_weight is None else norm_weight, x if normed is None else normed, K, eps,
+                                HAS_RES=residual is not None, SUM=sum_ is not None, NORM=norm_weight is not None,
+                                NORMED=normed is not None, BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+    return sum_, normed
+
+
+def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, norm_out):
+    """linear_rows past CORE_ROWS: the RMSNorm rounded to weight's dtype (as the plain ops round it)
+    in one kernel, unless x comes normalised from the kernel before it (its norm_out); cuBLAS's
+    product with the bias; then GELU, cast and conv in one kernel (_epilogue_rows_kernel), or the
+    residual, cast and the next product's norm in one (_add_norm_rows). Returns out, or (out,
+    normed) with norm_out."""
     M, K = x.shape
     out_dtype = (residual if residual is not None else x).dtype
     if norm_weight is not None or x.dtype != weight.dtype or x.stride(-1) != 1:
-        xn = torch.empty(M, K, device=x.device, dtype=weight.dtype)
-        _rms_norm_rows_kernel[(M,)](x, x.stride(0), norm_weight if norm_weight is not None else x, xn, K, eps,
-                                    NORM=norm_weight is not None, BLOCK_K=triton.next_power_of_2(K), num_warps=4)
-        x = xn
-    if residual is not None and bias is None and not gelu and conv is None and residual.dtype == weight.dtype:
-        return torch.addmm(residual, x, weight.T)
+        x = _add_norm_rows(x, norm_weight=norm_weight, eps=eps, normed_dtype=weight.dtype)[1]
     y = F.linear(x, weight, bias)
-    if not gelu and residual is None and conv is None and out_dtype == y.dtype:
-        return y
-    out = y if out_dtype == y.dtype else torch.empty_like(y, dtype=out_dtype)  # in place where it can be
-    N = y.shape[1]
-    if residual is not None and residual.stride(-1) != 1:
-        residual = residual.contiguous()
+    if gelu or conv is not None:
+        y = _epilogue_rows(y, gelu, conv, out_dtype)
+    if residual is None and y.dtype == out_dtype:
+        out, normed = y, (None if norm_out is None else _add_norm_rows(y, None, None, *norm_out, norm_out[0].dtype)[1])
+    else:
+        out, normed = _add_norm_rows(y, residual, out_dtype, *(norm_out or (None, 1e-5)),
+                                     None if norm_out is None else norm_out[0].dtype)
+    return out if norm_out is None else (out, normed)
+
+
+def _epilogue_rows(y, gelu, conv, out_dtype):
+    """GELU, the cast to out_dtype and the conv (as linear_rows) on cuBLAS's product y (M, N), in one
+    kernel, in place where the dtype allows."""
+    M, N = y.shape
+    out = y if out_dtype == y.dtype else torch.empty_like(y, dtype=out_dtype)
     if conv is None:
         conv_state, conv_w, conv_b, conv_start, d_conv, conv_dim = y, y, y, 0, 0, 0
     else:
@@ -514,14 +546,18 @@ def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv):
         conv_dim = conv_state.shape[1]
     # In place with only the conv to do (in_proj), the other outputs are already final: the pass
     # covers the conv's columns alone (3072 of the LM's 5152).
-    conv_only = conv is not None and out is y and not gelu and residual is None
+    conv_only = conv is not None and out is y and not gelu
     cols = (conv_start, conv_start + conv_dim) if conv_only else (0, N)
-    block_m, block_n = 16, 64
+    block_m, block_n, num_warps = _epilogue_launch_shape(M, conv is not None)
     _epilogue_rows_kernel[(triton.cdiv(cols[1] - cols[0], block_n), triton.cdiv(M, block_m))](
-        y, y if residual is None else residual, 0 if residual is None else residual.stride(0), out, M, N, *cols,
-        conv_state, conv_w, conv_b, conv_start, conv_dim, GELU=gelu, HAS_RES=residual is not None, D_CONV=d_conv,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        y, out, M, N, *cols, conv_state, conv_w, conv_b, conv_start, conv_dim, GELU=gelu, D_CONV=d_conv,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return out
+
+
+def _epilogue_launch_shape(rows, conv):
+    """(rows, outputs, warps) per program of _epilogue_rows_kernel."""
+    return 16, 64, 4
 
 
 def _launch_shape(rows, width, conv):
