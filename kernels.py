@@ -17,7 +17,9 @@ activation, residual add, conv, state update ...). Two kernels do a SiMBA block 
     outputs goes through Mamba-2's causal depthwise conv + SiLU: the conv is per channel, so the
     program that computes a channel owns its conv state and updates it alone. Up to 4 rows the
     products run on CUDA cores, at 5-8 rows on tensor cores (each still one kernel), and past 8
-    rows (many prompts at once) as cuBLAS's product between a norm kernel and an epilogue kernel.
+    rows (many prompts at once) as cuBLAS's product between a norm kernel and an epilogue kernel;
+    there the kernel that adds a sublayer's residual also makes the next sublayer's norm
+    (norm_out), which then needs no norm kernel of its own.
 `ssm_step`: one step of the SSD recurrence (ssd_reference.ssd_step) with softplus(dt + dt_bias),
     and the gate of Mamba-2's gated RMSNorm, y * silu(z).
 
@@ -556,7 +558,11 @@ def _epilogue_rows(y, gelu, conv, out_dtype):
 
 
 def _epilogue_launch_shape(rows, conv):
-    """(rows, outputs, warps) per program of _epilogue_rows_kernel."""
+    """(rows, outputs, warps) per program of _epilogue_rows_kernel, from a sweep at 32 and 128 rows
+    (BENCHMARKS.md §0b). With the conv, one row per program: its conv states for the program's
+    channels are then one contiguous stretch of memory."""
+    if conv:
+        return (1, 128, 4) if rows <= 32 else (1, 256, 2)
     return 16, 64, 4
 
 
