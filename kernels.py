@@ -284,13 +284,17 @@ if triton is not None:
 
     @triton.jit
     def _epilogue_rows_kernel(y_ptr, out_ptr, M, N, col_start, col_end, conv_state_ptr, conv_w_ptr, conv_b_ptr,
-                              conv_start, conv_dim, GELU: tl.constexpr, D_CONV: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr):
+                              conv_start, conv_dim, GELU: tl.constexpr, D_CONV: tl.constexpr, PDL: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # What follows cuBLAS's product y (M, N) in _linear_many_rows, in one pass over outputs
         # col_start ... col_end - 1: GELU, the cast to out's dtype, and Mamba-2's causal
         # conv + SiLU for outputs conv_start ... conv_start + conv_dim - 1, whose state
         # (M, conv_dim, D_CONV) moves on by one. One program: BLOCK_M rows x BLOCK_N outputs, which it
-        # alone reads and writes.
+        # alone reads and writes. With PDL the next kernel (in_proj's: ssm_step) may start at once
+        # and load its state while this one runs; cuBLAS's product before it is waited for.
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = col_start + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < M, cols < col_end
@@ -441,7 +445,7 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     if path not in LINEAR_PATHS:
         raise ValueError(f"linear_rows: path {path!r} is not one of {', '.join(LINEAR_PATHS)}")
     if path == "many_rows":
-        return _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, norm_out)
+        return _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, norm_out, pdl)
     rows = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # rows may be strided views
     x, residual, weight = rows(x), rows(residual), weight.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=(residual if residual is not None else x).dtype)
@@ -515,7 +519,7 @@ def _add_norm_rows(x, residual=None, sum_dtype=None, norm_weight=None, eps=1e-5,
     return sum_, normed
 
 
-def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, norm_out):
+def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, norm_out, pdl):
     """linear_rows past CORE_ROWS: the RMSNorm rounded to weight's dtype (as the plain ops round it)
     in one kernel, unless x comes normalised from the kernel before it (its norm_out); cuBLAS's
     product with the bias; then GELU, cast and conv in one kernel (_epilogue_rows_kernel), or the
@@ -527,7 +531,7 @@ def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, n
         x = _add_norm_rows(x, norm_weight=norm_weight, eps=eps, normed_dtype=weight.dtype)[1]
     y = F.linear(x, weight, bias)
     if gelu or conv is not None:
-        y = _epilogue_rows(y, gelu, conv, out_dtype)
+        y = _epilogue_rows(y, gelu, conv, out_dtype, pdl)
     if residual is None and y.dtype == out_dtype:
         out, normed = y, (None if norm_out is None else _add_norm_rows(y, None, None, *norm_out, norm_out[0].dtype)[1])
     else:
@@ -536,9 +540,9 @@ def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, n
     return out if norm_out is None else (out, normed)
 
 
-def _epilogue_rows(y, gelu, conv, out_dtype):
+def _epilogue_rows(y, gelu, conv, out_dtype, pdl):
     """GELU, the cast to out_dtype and the conv (as linear_rows) on cuBLAS's product y (M, N), in one
-    kernel, in place where the dtype allows."""
+    kernel, in place where the dtype allows; pdl as linear_rows'."""
     M, N = y.shape
     out = y if out_dtype == y.dtype else torch.empty_like(y, dtype=out_dtype)
     if conv is None:
@@ -553,7 +557,7 @@ def _epilogue_rows(y, gelu, conv, out_dtype):
     block_m, block_n, num_warps = _epilogue_launch_shape(M, conv is not None)
     _epilogue_rows_kernel[(triton.cdiv(cols[1] - cols[0], block_n), triton.cdiv(M, block_m))](
         y, out, M, N, *cols, conv_state, conv_w, conv_b, conv_start, conv_dim, GELU=gelu, D_CONV=d_conv,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **_launch_options(y, pdl))
     return out
 
 
