@@ -525,18 +525,19 @@ def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, n
     product with the bias; then GELU, cast and conv in one kernel (_epilogue_rows_kernel), or the
     residual, cast and the next product's norm in one (_add_norm_rows). Returns out, or (out,
     normed) with norm_out."""
-    M, K = x.shape
     out_dtype = (residual if residual is not None else x).dtype
     if norm_weight is not None or x.dtype != weight.dtype or x.stride(-1) != 1:
         x = _add_norm_rows(x, norm_weight=norm_weight, eps=eps, normed_dtype=weight.dtype)[1]
     y = F.linear(x, weight, bias)
     if gelu or conv is not None:
         y = _epilogue_rows(y, gelu, conv, out_dtype, pdl)
-    if residual is None and y.dtype == out_dtype:
-        out, normed = y, (None if norm_out is None else _add_norm_rows(y, None, None, *norm_out, norm_out[0].dtype)[1])
-    else:
-        out, normed = _add_norm_rows(y, residual, out_dtype, *(norm_out or (None, 1e-5)),
-                                     None if norm_out is None else norm_out[0].dtype)
+    y_is_out = residual is None and y.dtype == out_dtype
+    if y_is_out and norm_out is None:
+        return y
+    next_w, next_eps = norm_out or (None, eps)
+    out, normed = _add_norm_rows(y, residual, None if y_is_out else out_dtype, next_w, next_eps,
+                                 None if norm_out is None else next_w.dtype)
+    out = y if y_is_out else out
     return out if norm_out is None else (out, normed)
 
 
