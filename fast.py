@@ -162,7 +162,8 @@ class Decoder:
     """The loop of TextToMusicLM.generate after the first step, fast on CUDA; pass it as
     generate(..., decoder=Decoder(options)). Per frame: kernels.embed_rows, five kernels per SiMBA
     block (norm + in_proj + conv, ssm_step + gate, norm + out_proj + residual, norm + fc1 + GELU,
-    fc2 + residual), norm + heads, and kernels.sample_top_k, which also writes the token into the
+    fc2 + residual; past kernels.CORE_ROWS rows each product is cuBLAS's with a small kernel or two
+    around it), norm + heads, and kernels.sample_top_k, which also writes the token into the
     step layout and the next input; the blocks in groups of rows on their own CUDA streams
     (options.decode_streams, row_groups, blocks_on_streams). Rows or widths past kernels.linear_rows'
     limits, and sublayers without a fused step (attention), take the plain ops. cuda_graph needs a decoding
