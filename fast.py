@@ -291,15 +291,17 @@ def blocks_on_streams(model, x, cache, A, pdl, groups):
     are branches between a fork and a join. Returns (x, norm_f(x) or None) as fused_blocks."""
     current = torch.cuda.current_stream(x.device) if x.is_cuda else None
     out, out_n = torch.empty_like(x), None
+    # the heads take norm_f(x) of all rows or of none: from every group, or from none (8 and 9 rows)
+    next_norms = all(rows.stop - rows.start > kernels.CORE_ROWS for _, rows in groups)
     for stream, rows in groups:
         if stream is not None:
             stream.wait_stream(current)  # the fork: after the embedding
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             states = [[s if s is None else Mamba2State(s.conv[rows], s.ssm[rows]) for s in block_states]
                       for block_states in cache.states]
-            h, hn = fused_blocks(model, x[rows], states, None, A, pdl)
+            h, hn = fused_blocks(model, x[rows], states, None, A, pdl, next_norms)
             out[rows] = h
-            if hn is not None:  # (every group has as many rows +- 1: all or none make it)
+            if next_norms:
                 out_n = torch.empty(x.shape, device=x.device, dtype=hn.dtype) if out_n is None else out_n
                 out_n[rows] = hn
     for stream, _ in groups:
@@ -308,13 +310,14 @@ def blocks_on_streams(model, x, cache, A, pdl, groups):
     return out, out_n
 
 
-def fused_blocks(model, x, states, memory_mask, A, pdl=True):
+def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None):
     """The blocks of ssmttm.TextToMusicLM for one decoding step, x (rows, d) -> (x, xn): Mamba-2 and
     feed-forward sublayers in kernels.py's kernels (norm and residual included), the others as they
-    are. Past kernels.CORE_ROWS rows each sublayer's last kernel also makes the next one's input
-    norm (linear_rows' norm_out), which then has no norm kernel of its own; xn is the last of them,
-    norm_f(x) in the weights' dtype (else None). states, A: per block, per sublayer."""
-    many_rows = x.shape[0] > kernels.CORE_ROWS
+    are. With next_norms (default: past kernels.CORE_ROWS rows) each sublayer's last kernel also
+    makes the next one's input norm (linear_rows' norm_out), which then has no norm kernel of its
+    own; xn is the last of them, norm_f(x) in the weights' dtype (else None). states, A: per
+    block, per sublayer."""
+    next_norms = x.shape[0] > kernels.CORE_ROWS if next_norms is None else next_norms
     sublayers = [(kind, norm, layer, state, layer_A)
                  for block, block_states, block_A in zip(model.blocks, states, A)
                  for kind, norm, layer, state, layer_A in zip(block.layout, block.norms, block.layers, block_states,
@@ -322,7 +325,7 @@ def fused_blocks(model, x, states, memory_mask, A, pdl=True):
     after = [(kind, norm) for kind, norm, *_ in sublayers[1:]] + [("head", model.norm_f)]
     xn = None  # norm(x) of the sublayer about to run, made by the one before it
     for (kind, norm, layer, state, layer_A), (next_kind, next_norm) in zip(sublayers, after):
-        norm_out = (next_norm.weight, next_norm.eps) if many_rows and next_kind in ("mamba", "ff", "head") else None
+        norm_out = (next_norm.weight, next_norm.eps) if next_norms and next_kind in ("mamba", "ff", "head") else None
         if kind == "mamba":
             x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out)
         elif kind == "ff":
