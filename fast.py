@@ -277,9 +277,8 @@ def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None):
         x, xn = blocks_on_streams(model, x, cache, A, pdl, groups)
     else:
         x, xn = fused_blocks(model, x, cache.states, cache.memory_mask, A, pdl)
-    norm = model.norm_f
-    logits = kernels.linear_rows(x, model.head.weight, norm_weight=norm.weight, eps=norm.eps, pdl=pdl) \
-        if xn is None else kernels.linear_rows(xn, model.head.weight, pdl=pdl)
+    x_in, norm_weight, eps = _normed(x, xn, model.norm_f)
+    logits = kernels.linear_rows(x_in, model.head.weight, norm_weight=norm_weight, eps=eps, pdl=pdl)
     return logits.view(rows, 1, K, -1).transpose(1, 2)
 
 
@@ -290,9 +289,10 @@ def blocks_on_streams(model, x, cache, A, pdl, groups):
     another group's products, which read the weights (once per group). In a CUDA graph the streams
     are branches between a fork and a join. Returns (x, norm_f(x) or None) as fused_blocks."""
     current = torch.cuda.current_stream(x.device) if x.is_cuda else None
-    out, out_n = torch.empty_like(x), None
     # the heads take norm_f(x) of all rows or of none: from every group, or from none (8 and 9 rows)
     next_norms = all(rows.stop - rows.start > kernels.CORE_ROWS for _, rows in groups)
+    out = torch.empty_like(x)
+    out_n = torch.empty_like(x, dtype=model.norm_f.weight.dtype) if next_norms else None
     for stream, rows in groups:
         if stream is not None:
             stream.wait_stream(current)  # the fork: after the embedding
@@ -302,7 +302,6 @@ def blocks_on_streams(model, x, cache, A, pdl, groups):
             h, hn = fused_blocks(model, x[rows], states, None, A, pdl, next_norms)
             out[rows] = h
             if next_norms:
-                out_n = torch.empty(x.shape, device=x.device, dtype=hn.dtype) if out_n is None else out_n
                 out_n[rows] = hn
     for stream, _ in groups:
         if stream is not None:
@@ -329,8 +328,8 @@ def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None):
         if kind == "mamba":
             x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out)
         elif kind == "ff":
-            h = kernels.linear_rows(x, layer.fc1.weight, layer.fc1.bias, norm.weight, norm.eps, gelu=True, pdl=pdl) \
-                if xn is None else kernels.linear_rows(xn, layer.fc1.weight, layer.fc1.bias, gelu=True, pdl=pdl)
+            x_in, norm_weight, eps = _normed(x, xn, norm)
+            h = kernels.linear_rows(x_in, layer.fc1.weight, layer.fc1.bias, norm_weight, eps, gelu=True, pdl=pdl)
             x, xn = _split(kernels.linear_rows(h, layer.fc2.weight, layer.fc2.bias, residual=x, norm_out=norm_out,
                                                pdl=pdl))
         elif kind == "cross_attn":
@@ -338,6 +337,12 @@ def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None):
         else:
             x, xn = (x[:, None] + layer(norm(x[:, None]), state=state))[:, 0], None
     return x, xn
+
+
+def _normed(x, xn, norm):
+    """linear_rows' x, norm_weight and eps for a sublayer's product: norm(x) unless the kernel
+    before made it (xn), then xn as it is."""
+    return (x, norm.weight, norm.eps) if xn is None else (xn, None, norm.eps)
 
 
 def _split(out):
@@ -354,8 +359,8 @@ def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None
     if layer.ngroups != 1:
         raise ValueError(f"mamba2_fused_step: ngroups must be 1 (the LM's), got {layer.ngroups}")
     conv = (state.conv, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.d_inner)
-    zxbcdt = kernels.linear_rows(x, layer.in_proj.weight, norm_weight=norm.weight, eps=norm.eps, conv=conv, pdl=pdl) \
-        if xn is None else kernels.linear_rows(xn, layer.in_proj.weight, conv=conv, pdl=pdl)
+    x_in, norm_weight, eps = _normed(x, xn, norm)
+    zxbcdt = kernels.linear_rows(x_in, layer.in_proj.weight, norm_weight=norm_weight, eps=eps, conv=conv, pdl=pdl)
     gated = kernels.ssm_step(zxbcdt, state.ssm, A, layer.dt_bias, layer.D, layer.d_inner, layer.ngroups,
                              z_start=0, pdl=pdl)
     out_norm = layer.norm  # a plain RMSNorm now: the gate is in ssm_step
