@@ -452,7 +452,7 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
     for dtype in (torch.float32, torch.bfloat16):
         states = [torch.zeros(rows, nheads, cfg.headdim, n, device="cuda", dtype=dtype) for _ in range(n_layers)]
         mb = 2 * states[0].numel() * states[0].element_size() / 1e6
-        for block_p, warps in ((2, 1), (2, 4), (4, 2), (4, 4), (8, 4)):
+        for block_p, warps in ((2, 1), (2, 4), (4, 1), (4, 2), (4, 4), (8, 4)):
             row = {"section": "decode kernels", "rows": rows,
                    "kernel": f"ssm_step ({str(dtype)[6:]} state, block_p {block_p}, {warps} warps)",
                    "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2)}

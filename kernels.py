@@ -595,10 +595,11 @@ def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True
     pdl: as in linear_rows; the state is read before the wait. block_p, num_warps: channels of a
     head and warps per program (default: by the state's dtype and the rows)."""
     b, nheads, headdim, d_state = state.shape
-    # launch shape measured with bench.py --only decode-kernels at 2, 8, 32 and 128 rows (BENCHMARKS.md)
+    # launch shape measured at 8-128 rows, alone (bench.py --only decode-kernels) and in frames
+    # (BENCHMARKS.md §0b)
     fp32 = state.element_size() == 4
     block_p = block_p or (2 if fp32 and b > CORE_ROWS else 4)
-    num_warps = num_warps or (4 if fp32 else 2)
+    num_warps = num_warps or (4 if fp32 else 1)
     if not (state.is_contiguous() and xbc.stride(-1) == 1):
         raise ValueError("ssm_step: the state must be contiguous and xbc's rows dense")
     if b > 65535:  # the grid's last dimension
