@@ -241,11 +241,11 @@ class Decoder:
 
 
 def decode_streams_for(model, rows):
-    """FastOptions.decode_streams by default: 2 streams for 3-32 rows, where one group's products
+    """FastOptions.decode_streams by default: 2 streams for 3-64 rows, where one group's products
     run beside the other's state update; 1 for 1-2 rows (a group of one row reads every weight for
-    one row), past 32 rows (the state update alone fills the GPU), and for blocks with attention
-    (frames measured at 2-128 rows, BENCHMARKS.md §0b)."""
-    return 2 if not _unsplit_sublayers(model) and 2 < rows <= 32 else 1
+    one row), past 64 rows (the state update alone fills the GPU, and each group would read every
+    weight), and for blocks with attention (frames measured at 2-128 rows, BENCHMARKS.md §0b)."""
+    return 2 if not _unsplit_sublayers(model) and 2 < rows <= 64 else 1
 
 
 def _unsplit_sublayers(model):
@@ -254,15 +254,29 @@ def _unsplit_sublayers(model):
 
 
 def row_groups(model, rows, n, device):
-    """n groups of consecutive rows for blocks_on_streams: [(CUDA stream, or None on a CPU; slice of
-    the rows)], sizes differing by at most one. Raises ValueError for sublayers other than Mamba-2
-    and feed-forward, whose states are not split by rows here."""
+    """n groups of consecutive rows for blocks_on_streams: [(CUDA stream, stream for its ssm_step or
+    None, slice of the rows)], sizes differing by at most one; no streams on a CPU. Raises ValueError
+    for sublayers other than Mamba-2 and feed-forward, whose states are not split by rows here.
+
+    Groups past kernels.CORE_ROWS rows run their state updates on a stream of their own at a lower
+    priority than the rest: the GPU hands SMs freed by one group's state update (thousands of short
+    programs) to the other group's pending products first, instead of to that update's next programs
+    in launch order. Up to CORE_ROWS rows, in_proj's kernel hands over to ssm_step through PDL, which
+    needs them on one stream, and that was faster (frames measured, BENCHMARKS.md §0b)."""
     if _unsplit_sublayers(model):
         raise ValueError(f"FastOptions.decode_streams > 1 needs blocks of Mamba-2 and feed-forward sublayers, "
                          f"not {', '.join(_unsplit_sublayers(model))}")
     device = torch.device(device)
-    return [(torch.cuda.Stream(device) if device.type == "cuda" else None, slice(rows * i // n, rows * (i + 1) // n))
-            for i in range(n)]
+    groups = []
+    for i in range(n):
+        rows_i = slice(rows * i // n, rows * (i + 1) // n)
+        if device.type != "cuda":
+            groups.append((None, None, rows_i))
+        elif rows_i.stop - rows_i.start > kernels.CORE_ROWS:  # lower number: higher priority
+            groups.append((torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device, priority=0), rows_i))
+        else:
+            groups.append((torch.cuda.Stream(device), None, rows_i))
+    return groups
 
 
 def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None):
@@ -290,32 +304,32 @@ def blocks_on_streams(model, x, cache, A, pdl, groups):
     are branches between a fork and a join. Returns (x, norm_f(x) or None) as fused_blocks."""
     current = torch.cuda.current_stream(x.device) if x.is_cuda else None
     # the heads take norm_f(x) of all rows or of none: from every group, or from none (8 and 9 rows)
-    next_norms = all(rows.stop - rows.start > kernels.CORE_ROWS for _, rows in groups)
+    next_norms = all(rows.stop - rows.start > kernels.CORE_ROWS for *_, rows in groups)
     out = torch.empty_like(x)
     out_n = torch.empty_like(x, dtype=model.norm_f.weight.dtype) if next_norms else None
-    for stream, rows in groups:
+    for stream, ssm_stream, rows in groups:
         if stream is not None:
             stream.wait_stream(current)  # the fork: after the embedding
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             states = [[s if s is None else Mamba2State(s.conv[rows], s.ssm[rows]) for s in block_states]
                       for block_states in cache.states]
-            h, hn = fused_blocks(model, x[rows], states, None, A, pdl, next_norms)
+            h, hn = fused_blocks(model, x[rows], states, None, A, pdl, next_norms, ssm_stream)
             out[rows] = h
             if next_norms:
                 out_n[rows] = hn
-    for stream, _ in groups:
+    for stream, *_ in groups:
         if stream is not None:
             current.wait_stream(stream)  # the join: before the heads
     return out, out_n
 
 
-def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None):
+def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None, ssm_stream=None):
     """The blocks of ssmttm.TextToMusicLM for one decoding step, x (rows, d) -> (x, xn): Mamba-2 and
     feed-forward sublayers in kernels.py's kernels (norm and residual included), the others as they
     are. With next_norms (default: past kernels.CORE_ROWS rows) each sublayer's last kernel also
     makes the next one's input norm (linear_rows' norm_out), which then has no norm kernel of its
     own; xn is the last of them, norm_f(x) in the weights' dtype (else None). states, A: per
-    block, per sublayer."""
+    block, per sublayer. ssm_stream: where Mamba-2's ssm_step runs (row_groups), else in line."""
     next_norms = x.shape[0] > kernels.CORE_ROWS if next_norms is None else next_norms
     sublayers = [(kind, norm, layer, state, layer_A)
                  for block, block_states, block_A in zip(model.blocks, states, A)
@@ -326,7 +340,7 @@ def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None):
     for (kind, norm, layer, state, layer_A), (next_kind, next_norm) in zip(sublayers, after):
         norm_out = (next_norm.weight, next_norm.eps) if next_norms and next_kind in ("mamba", "ff", "head") else None
         if kind == "mamba":
-            x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out)
+            x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out, ssm_stream)
         elif kind == "ff":
             x_in, norm_weight, eps = _normed(x, xn, norm)
             h = kernels.linear_rows(x_in, layer.fc1.weight, layer.fc1.bias, norm_weight, eps, gelu=True, pdl=pdl)
@@ -350,19 +364,27 @@ def _split(out):
     return out if isinstance(out, tuple) else (out, None)
 
 
-def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None):
+def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None, ssm_stream=None):
     """x + layer(norm(x)) for one decoding step, x (rows, d_model), in three kernels: norm + in_proj
     + conv, the SSD step + gate (y * silu(z)), norm + out_proj + residual. xn: norm(x) in the
-    weights' dtype if the kernel before made it. Returns (out, the next norm of out if norm_out,
-    as linear_rows, else None). Raises ValueError for ngroups != 1 (the out_proj kernel normalises
-    y * silu(z) as one group)."""
+    weights' dtype if the kernel before made it. ssm_stream: a CUDA stream for the SSD step (it
+    waits for in_proj's kernel, out_proj's waits for it), else the current one. Returns (out, the
+    next norm of out if norm_out, as linear_rows, else None). Raises ValueError for ngroups != 1
+    (the out_proj kernel normalises y * silu(z) as one group)."""
     if layer.ngroups != 1:
         raise ValueError(f"mamba2_fused_step: ngroups must be 1 (the LM's), got {layer.ngroups}")
     conv = (state.conv, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.d_inner)
     x_in, norm_weight, eps = _normed(x, xn, norm)
     zxbcdt = kernels.linear_rows(x_in, layer.in_proj.weight, norm_weight=norm_weight, eps=eps, conv=conv, pdl=pdl)
-    gated = kernels.ssm_step(zxbcdt, state.ssm, A, layer.dt_bias, layer.D, layer.d_inner, layer.ngroups,
-                             z_start=0, pdl=pdl)
+    ssm_args = (zxbcdt, state.ssm, A, layer.dt_bias, layer.D, layer.d_inner, layer.ngroups)
+    if ssm_stream is None:
+        gated = kernels.ssm_step(*ssm_args, z_start=0, pdl=pdl)
+    else:  # after in_proj's kernel, before out_proj's
+        current = torch.cuda.current_stream(x.device)
+        ssm_stream.wait_stream(current)
+        with torch.cuda.stream(ssm_stream):
+            gated = kernels.ssm_step(*ssm_args, z_start=0, pdl=pdl)
+        current.wait_stream(ssm_stream)
     out_norm = layer.norm  # a plain RMSNorm now: the gate is in ssm_step
     return _split(kernels.linear_rows(gated, layer.out_proj.weight, norm_weight=out_norm.weight, eps=out_norm.eps,
                                       residual=x, norm_out=norm_out, pdl=pdl))

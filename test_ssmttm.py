@@ -1031,8 +1031,10 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
                 if isinstance(a, ssmttm.Mamba2State):
                     torch.testing.assert_close((a.conv, a.ssm), (b.conv, b.ssm), rtol=1e-10, atol=1e-10)
     assert grouped == ["prefix_mamba", "prefix_simba"]
-    groups = fast.row_groups(tiny_model("prefix_simba", 3), 5, 3, "cpu")
-    assert groups == [(None, slice(0, 1)), (None, slice(1, 3)), (None, slice(3, 5))]
+    model = tiny_model("prefix_simba", 3)
+    assert [fast.decode_streams_for(model, r) for r in (1, 2, 3, 64, 65, 128)] == [1, 1, 2, 2, 1, 1]
+    groups = fast.row_groups(model, 5, 3, "cpu")
+    assert groups == [(None, None, slice(0, 1)), (None, None, slice(1, 3)), (None, None, slice(3, 5))]
     with pytest.raises(ValueError, match="decode_streams > 1 needs .* not cross_attn"):
         fast.Decoder(FastOptions(decode_streams=2)).step_function(tiny_model("cross_simba", 3), 4)
 
@@ -1287,11 +1289,12 @@ def test_gpu_batched_fused_decoding_draws_the_plain_tokens(prompts):
 
 
 @gpu
-@pytest.mark.parametrize("prompts, streams, cuda_graph", [(3, 2, True), (5, 2, True), (17, 3, False)])
+@pytest.mark.parametrize("prompts, streams, cuda_graph", [(3, 2, True), (5, 2, True), (9, 2, True), (17, 3, False)])
 def test_gpu_decoding_on_several_streams_writes_the_tokens_of_one(prompts, streams, cuda_graph):
     # FastOptions(decode_streams): the rows in groups, each through the blocks on its own CUDA stream
     # (a fork and a join inside the CUDA graph), fp32: the tokens of one stream. 5 prompts: 10 rows
-    # on cuBLAS against two groups of 5 in the one-kernel linear_rows
+    # on cuBLAS against two groups of 5 in the one-kernel linear_rows; 9 and 17: groups past
+    # CORE_ROWS rows, whose ssm_step runs on a third stream of its own (row_groups)
     model = small_gpu_model(9)
     text = torch.randn(prompts, 6, 768, device="cuda")
     mask = torch.arange(6, device="cuda")[None] < torch.randint(1, 7, (prompts, 1), device="cuda")
