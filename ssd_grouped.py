@@ -422,21 +422,36 @@ if triton is not None:
         a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
         x_s = _rows(x_ptr, row0 + pos_s, SX, ok_s, h, P, pp)                       # (BM, BP)
         dt_s = tl.load(dt_ptr + (row0 + pos_s) * H + h, mask=ok_s, other=0.0)
-        dxd = tl.zeros((BM, BP), dtype=tl.float32)
-        col = tl.zeros((BM,), dtype=tl.float32)
-        for q0 in range(blk * BM, Q, BM):
+        row_at = dacum_row_ptr + ((bc * H + h) * (Q // BM) + blk) * Q
+        # the diagonal block, q in s's own block: the decay per (q, s), zero above the diagonal
+        G = tl.load(G_ptr + bc * Q * Q + s[:, None] * Q + s[None, :])
+        W = G * tl.exp(tl.where(s[:, None] >= s[None, :], a_s[:, None] - a_s[None, :], float("-inf")))
+        dy = _rows(dy_ptr, row0 + pos_s, H * P, ok_s, h, P, pp).to(x_s.dtype)          # (BM q, BP)
+        # x dt_s as x's exact values in the product and dt in fp32 after it: x dt rounded to x's
+        # dtype here was most of dA's error (d acum sums M's rows and columns, which cancel)
+        M = W * tl.dot(dy, tl.trans(x_s), input_precision=PREC) * dt_s[None, :]         # (BM q, BM s)
+        dxd = tl.dot(tl.trans(W.to(dy.dtype)), dy, input_precision=PREC)
+        col = tl.sum(M, axis=0)
+        tl.store(row_at + s, tl.sum(M, axis=1))
+        # below it the decay splits at the block's last position r: exp(a_q - a_s) = e_q e_s with
+        # e_q = exp(a_q - a_r), e_s = exp(a_r - a_s), both exponents <= 0 (acum falls); M = e_q P e_s dt_s
+        # with P = G * (dy_q . x_s): e_q scales G's rows, e_s the sums once, at the end
+        a_r = tl.load(acum_ptr + (bc * Q + blk * BM + BM - 1) * H + h)
+        e_s = tl.exp(a_r - a_s)
+        dxd_off = tl.zeros((BM, BP), dtype=tl.float32)
+        col_off = tl.zeros((BM,), dtype=tl.float32)
+        for q0 in range((blk + 1) * BM, Q, BM):
             q = q0 + tl.arange(0, BM)
             pos_q = ci * Q + q
-            a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
+            e_q = tl.exp(tl.load(acum_ptr + (bc * Q + q) * H + h) - a_r)
             G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
-            W = G * tl.exp(tl.where(q[:, None] >= s[None, :], a_q[:, None] - a_s[None, :], float("-inf")))
-            dy = _rows(dy_ptr, row0 + pos_q, H * P, pos_q < L, h, P, pp).to(x_s.dtype)   # (BM q, BP)
-            # x dt_s as x's exact values in the product and dt in fp32 after it: x dt rounded to x's
-            # dtype here was most of dA's error (d acum sums M's rows and columns, which cancel)
-            M = W * tl.dot(dy, tl.trans(x_s), input_precision=PREC) * dt_s[None, :]     # (BM q, BM s)
-            dxd = tl.dot(tl.trans(W.to(dy.dtype)), dy, dxd, input_precision=PREC)
-            col += tl.sum(M, axis=0)
-            tl.store(dacum_row_ptr + ((bc * H + h) * (Q // BM) + blk) * Q + q, tl.sum(M, axis=1))
+            dy = _rows(dy_ptr, row0 + pos_q, H * P, pos_q < L, h, P, pp).to(x_s.dtype)
+            Pq = G * tl.dot(dy, tl.trans(x_s), input_precision=PREC)
+            dxd_off = tl.dot(tl.trans((G * e_q[:, None]).to(dy.dtype)), dy, dxd_off, input_precision=PREC)
+            col_off += tl.sum(Pq * e_q[:, None], axis=0)
+            tl.store(row_at + q, e_q * tl.sum(Pq * (e_s * dt_s)[None, :], axis=1))
+        dxd += e_s[:, None] * dxd_off
+        col += e_s * dt_s * col_off
         a_end = tl.load(acum_ptr + (bc * Q + Q - 1) * H + h)
         to_end = tl.exp(a_end - a_s)
         dxs = tl.load(dxs_ptr + ((bc * Q + s) * H + h)[:, None] * P + pp[None, :], mask=pp[None, :] < P, other=0.0)
@@ -470,7 +485,16 @@ if triton is not None:
         pp = tl.arange(0, BP)
         causal = q[:, None] >= s[None, :]
         acc = tl.zeros((BM, BM), dtype=tl.float32)
-        if ms <= mq:
+        if ms < mq:  # below the diagonal: the decay split at the q block's first row, as in _diag_fwd_kernel
+            for h in range(0, H):
+                a_r = tl.load(acum_ptr + (bc * Q + mq * BM) * H + h)
+                e_q = tl.exp(tl.load(acum_ptr + (bc * Q + q) * H + h) - a_r)
+                e_s = tl.exp(a_r - tl.load(acum_ptr + (bc * Q + s) * H + h))
+                x = _rows(x_ptr, row0 + ci * Q + s, SX, ok_s, h, P, pp)
+                dt = tl.load(dt_ptr + (row0 + ci * Q + s) * H + h, mask=ok_s, other=0.0)
+                dy = _rows(dy_ptr, row0 + ci * Q + q, H * P, ok_q, h, P, pp).to(x.dtype)
+                acc += tl.dot(dy, tl.trans(x), input_precision=PREC) * e_q[:, None] * (dt * e_s)[None, :]
+        elif ms == mq:
             for h in range(0, H):
                 a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
                 a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)

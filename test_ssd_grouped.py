@@ -119,10 +119,12 @@ def _rel(a, ref):
 @pytest.mark.parametrize("l,Q,n,init,with_D,dfinal,strided", [(70, 32, 20, True, True, True, True),
                                                               (64, 16, 20, False, False, True, False),
                                                               (20, 32, 20, True, True, False, False),
-                                                              (40, 16, 144, True, False, True, True)])
+                                                              (40, 16, 144, True, False, True, True),
+                                                              (300, 256, 20, True, True, True, False)])
 def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, n, init, with_D, dfinal, strided):
     # fp32 inputs (exact products: input_precision "ieee"), 1 to 4 chunks, lengths not a multiple of the
-    # chunk, the state in one tile of columns (n 20, masked) or two (n 144: the second masked), with and
+    # chunk, chunks of one row block and of four (Q 256: the (Q, Q) kernels' blocks below the diagonal,
+    # where the decay is split), the state in one tile of columns (n 20, masked) or two (n 144: the second masked), with and
     # without initial state, D and a final-state gradient; x, B and C read in place from wider tensors
     # (as from the conv's output) or contiguous
     x, dt, A, B, C, D, s0 = _inputs(2, l, 3, 16, n, init=init, with_D=with_D)
@@ -143,10 +145,14 @@ def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, n, init
     y, f = ssd_grouped.ssd_grouped(xin, f32[1], f32[2], Bin, Cin, Q, f32[5], f32[6], use_triton=True)
     loss = (y * dy.float().to(DEVICE)).sum() + ((f * df.float().to(DEVICE)).sum() if dfinal else 0)
     got = torch.autograd.grad(loss, [t for t in f32 if t is not None])
-    assert _rel(y.detach().cpu(), y_ref.detach()) < 1e-5 and _rel(f.detach().cpu(), f_ref.detach()) < 1e-5
+    # In chunks of 256 acum spans hundreds, and a GPU's exp (exp2 of a rounded product) is off by about
+    # |x| 2^-24: y 1.1e-5 off on an H200 (the torch form 2.2e-6). dA sums d acum over a chunk, whose row,
+    # column and state parts cancel: 7.7e-5 (H200), 4.6e-5 (the torch form on the CPU 7.6e-5).
+    tol = 3e-5 if Q > 64 else 1e-5
+    assert _rel(y.detach().cpu(), y_ref.detach()) < tol and _rel(f.detach().cpu(), f_ref.detach()) < tol
     names = [nm for nm, t in zip("x dt A B C D s0".split(), (x, dt, A, B, C, D, s0)) if t is not None]
     for name, a, r in zip(names, got, want):
-        assert _rel(a.cpu(), r) < 2e-5, name
+        assert _rel(a.cpu(), r) < (2e-4 if name == "A" and Q > 64 else max(tol, 2e-5)), name
 
 
 @needs_triton
