@@ -485,7 +485,7 @@ if triton is not None:
         pp = tl.arange(0, BP)
         causal = q[:, None] >= s[None, :]
         acc = tl.zeros((BM, BM), dtype=tl.float32)
-        if ms < mq:  # below the diagonal: the decay split at the q block's first row, as in _diag_fwd_kernel
+        if ms < mq:  # below the diagonal the decay splits at the q block's first row, as in _diag_bwd_x_kernel
             for h in range(0, H):
                 a_r = tl.load(acum_ptr + (bc * Q + mq * BM) * H + h)
                 e_q = tl.exp(tl.load(acum_ptr + (bc * Q + q) * H + h) - a_r)
