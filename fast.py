@@ -263,9 +263,10 @@ def row_groups(model, rows, n, device):
     programs) to the other group's pending products first, instead of to that update's next programs
     in launch order. Up to CORE_ROWS rows, in_proj's kernel hands over to ssm_step through PDL, which
     needs them on one stream, and that was faster (frames measured, BENCHMARKS.md §0b)."""
-    if _unsplit_sublayers(model):
+    unsplit = _unsplit_sublayers(model)
+    if unsplit:
         raise ValueError(f"FastOptions.decode_streams > 1 needs blocks of Mamba-2 and feed-forward sublayers, "
-                         f"not {', '.join(_unsplit_sublayers(model))}")
+                         f"not {', '.join(unsplit)}")
     device = torch.device(device)
     groups = []
     for i in range(n):
