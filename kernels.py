@@ -821,9 +821,9 @@ def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Te
         dout_w = torch.einsum("bso,bsd->od", dout, normed)
         dy = dy.view(b, l, h, headdim)
         if grouped:
-            _, ddt, dA, dB_, dC_, dD, _ = ssd_grouped.backward_triton(  # dx straight into the conv's gradient
-                dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, chunk, dx_out=dx)
-            dB.copy_(dB_[:, :, None]), dC.copy_(dC_[:, :, None])
+            _, ddt, dA, _, _, dD, _ = ssd_grouped.backward_triton(  # dx, dB, dC straight into the conv's gradient
+                dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, chunk, dx_out=dx,
+                dB_out=dB[:, :, 0], dC_out=dC[:, :, 0])
             ddt = ddt * torch.sigmoid(dt_in.float() + dt_bias.float())   # through the softplus
             if seq_idx is not None:
                 ddt = ddt * (seq_idx != 0)[..., None]

@@ -29,6 +29,7 @@ l length, h heads, p head dim, n state size): x (b, l, h, p), dt (b, l, h) after
 B, C (b, l, n), D (h,) or None, initial_state (b, h, p, n) or None. Returns y (b, l, h, p) and the
 final state (b, h, p, n) in fp32. Intermediates are fp32; the GEMM operands are x's dtype.
 """
+import math
 from typing import Optional
 
 import torch
@@ -245,6 +246,19 @@ if triton is not None:
         stride elements apart (H*P when contiguous), zero where not ok and past P."""
         return tl.load(ptr + rows[:, None] * stride + h * P + pp[None, :], mask=ok[:, None] & (pp[None, :] < P),
                        other=0.0)
+
+    @triton.jit
+    def _copy_rows_kernel(src_ptr, dst_ptr, L_SRC, L_DST, L, N, S_SRC, S_DST,
+                          BL: tl.constexpr, BN: tl.constexpr):
+        """dst[b, r, :N] = src[b, r, :N] for rows r < L, 0 for L <= r < L_DST, in dst's dtype: src (b, L_SRC, N)
+        and dst (b, L_DST, N) with rows S_SRC and S_DST elements apart. Grid (cdiv(L_DST, BL), b)."""
+        r = tl.program_id(0) * BL + tl.arange(0, BL)
+        bi = tl.program_id(1).to(tl.int64)
+        cols = tl.arange(0, BN)
+        ok = (r < L)[:, None] & (cols[None, :] < N)
+        v = tl.load(src_ptr + (bi * L_SRC + r)[:, None] * S_SRC + cols[None, :], mask=ok, other=0.0)
+        tl.store(dst_ptr + (bi * L_DST + r)[:, None] * S_DST + cols[None, :], v.to(dst_ptr.dtype.element_ty),
+                 mask=(r < L_DST)[:, None] & (cols[None, :] < N))
 
     @triton.jit
     def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, xs_ptr, L, NC, H, P, SX,
@@ -547,6 +561,31 @@ def _rows_of(t):
     return t, t.stride(1)
 
 
+def _copy_rows(src, dst, rows):
+    """The first `rows` rows of src (b, l, n) into dst (b, l', n), zeros past them, cast to dst's dtype: one
+    Triton pass; both with rows of n dense values, any row stride (_rows_of)."""
+    (src, s_src), (dst_rows, s_dst) = _rows_of(src), _rows_of(dst)
+    if dst_rows is not dst:
+        raise ValueError(f"_copy_rows: dst {tuple(dst.shape)} with strides {dst.stride()} does not have dense rows")
+    b, l_dst, n = dst.shape
+    bn = triton.next_power_of_2(n)
+    bl = max(1, 4096 // bn)
+    _copy_rows_kernel[(triton.cdiv(l_dst, bl), b)](src, dst, src.shape[1], l_dst, rows, n, s_src, s_dst,
+                                                  BL=bl, BN=bn, num_warps=4)
+    return dst
+
+
+def _chunked_rows(t, Q):
+    """_chunked for B or C (b, l, n), whose rows may lie apart (the conv's output): a view when l is a
+    whole number of chunks, else one Triton pass into (b, c, Q, n) with zeros past l (a strided
+    torch.cat ran at a tenth of the memory's speed)."""
+    b, l, n = t.shape
+    c = -(-l // Q)
+    if c * Q == l:
+        return _chunked(t, Q)
+    return _copy_rows(t, t.new_empty(b, c * Q, n), l).view(b, c, Q, n)
+
+
 def _launch(x, chunk_size):
     """The shapes every kernel shares: (b, l, h, p, c, Q, BM, BP, PREC). Block rows BM 64 and each
     kernel's warps and stages: the fastest of `bench_ssd_grouped.py --sweep` on an H200."""
@@ -583,7 +622,7 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     _states_fwd_kernel[(triton.cdiv(n, st["BN"]), h, b)](x, dt, acum, B, final if init is None else init, S_prev,
                                                          final, l, c, h, p, n, sx, sb, Q=Q, BP=BP,
                                                          HAS_INIT=init is not None, PREC=prec, **st)
-    Bc, Cc = _chunked(B, Q), _chunked(C, Q)                            # (b, c, Q, n)
+    Bc, Cc = _chunked_rows(B, Q), _chunked_rows(C, Q)                  # (b, c, Q, n)
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
@@ -593,16 +632,25 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     return y, final.view(b, h, p, n), acum, S_prev, G
 
 
-def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size, dx_out=None):
+def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size, dx_out=None,
+                    dB_out=None, dC_out=None):
     """backward with the elementwise work in Triton: same arguments and results. dx_out: where to
     write dx instead of a new tensor, (b, l, h, p) in x's dtype with rows of h*p values (as x may be:
-    the x columns of the conv's gradient, so that dx is not copied there); it is the dx returned."""
+    the x columns of the conv's gradient, so that dx is not copied there); it is the dx returned.
+    dB_out, dC_out: the same for dB and dC, (b, l, n) with rows of n values, in any dtype (the result
+    is cast as it is written)."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
+    for name, out, shape, dtype in (("dx_out", dx_out, (b, l, h, p), x.dtype), ("dB_out", dB_out, (b, l, n), None),
+                                    ("dC_out", dC_out, (b, l, n), None)):
+        if out is not None and (_rows_of(out)[0] is not out or out.shape != shape or dtype not in (None, out.dtype)):
+            raise ValueError(f"backward_triton: {name} must be {shape} {dtype or ''} with rows of "
+                             f"{math.prod(shape[2:])} values; got {tuple(out.shape)} {out.dtype} with strides "
+                             f"{out.stride()}")
     hp, dev, f32 = h * p, x.device, torch.float32
     (x, sx), (C, sc), dt32, A32 = _rows_of(x), _rows_of(C), dt.float().contiguous(), A.float().contiguous()
     dy = dy.to(x.dtype).contiguous()
-    Bc, Cc = _chunked(B, Q), _chunked(C, Q)
+    Bc, Cc = _chunked_rows(B, Q), _chunked_rows(C, Q)
     small = lambda: torch.empty(b, c, Q, h, device=dev, dtype=f32)  # noqa: E731
     # state -> output: y_off = exp(acum) (C S_prev^T), y_off made again (one GEMM) rather than kept
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p)
@@ -628,9 +676,6 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     del xs, dstates
     # inside the chunks, and the rest of the chain per position
     dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype) if dx_out is None else dx_out
-    if _rows_of(dx)[0] is not dx or dx.shape != (b, l, h, p) or dx.dtype != x.dtype:
-        raise ValueError(f"backward_triton: dx_out must be ({b}, {l}, {h}, {p}) {x.dtype} with rows of "
-                         f"{h * p} values; got {tuple(dx.shape)} {dx.dtype} with strides {dx.stride()}")
     ddt, dacum_col, t, dD_part = small(), small(), small(), small()
     dacum_row = torch.zeros(b, c, h, Q // BM, Q, device=dev, dtype=f32)
     D32 = acum if D is None else D.float().contiguous()
@@ -648,9 +693,10 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     dA_part = torch.empty(b * c, h, device=dev, dtype=f32)
     _dacum_kernel[(h, b * c)](dacum, dacum_col, dacum_row, t, da_part, ddt, A32, dt32, ddt_out, dA_part, l, c, h, nnt,
                               Q=Q, NB=Q // BM, BNT=triton.next_power_of_2(nnt))
-    unchunk = lambda t: t.reshape(b, c * Q, *t.shape[3:])[:, :l]  # noqa: E731
-    return (dx, ddt_out, dA_part.sum(0).to(A.dtype), unchunk(dB).to(B.dtype).contiguous(),
-            unchunk(dC).to(C.dtype).contiguous(), None if D is None else dD_part.sum((0, 1, 2)).to(D.dtype),
+    # dB and dC unchunked and cast to where they go in one pass each
+    dB = _copy_rows(dB.view(b, c * Q, n), B.new_empty(b, l, n) if dB_out is None else dB_out, l)
+    dC = _copy_rows(dC.view(b, c * Q, n), C.new_empty(b, l, n) if dC_out is None else dC_out, l)
+    return (dx, ddt_out, dA_part.sum(0).to(A.dtype), dB, dC, None if D is None else dD_part.sum((0, 1, 2)).to(D.dtype),
             None if initial_state is None else d_init.view(b, h, p, n).to(initial_state.dtype))
 
 

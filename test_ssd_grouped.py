@@ -173,6 +173,28 @@ def test_grouped_backward_writes_dx_into_a_wider_buffer():
         assert torch.equal(g, w)
     with pytest.raises(ValueError, match="dx_out must be"):
         ssd_grouped.backward_triton(*args, dx_out=torch.empty(2, 40, 16, 3, device=DEVICE).transpose(2, 3))
+    # dB and dC likewise, into the B and C columns of a wider buffer (the conv's gradient), and cast
+    # as they are written (fp64 here: the same values)
+    buffer = torch.full((2, 40, 3 + 2 * 8 + 2), 7.0, device=DEVICE, dtype=torch.float64)
+    dB_out, dC_out = buffer[..., 3:11], buffer[..., 11:19]
+    got = ssd_grouped.backward_triton(*args, dB_out=dB_out, dC_out=dC_out)
+    assert got[3] is dB_out and got[4] is dC_out
+    assert torch.equal(dB_out, want[3].double()) and torch.equal(dC_out, want[4].double())
+    assert bool((buffer[..., :3] == 7.0).all()) and bool((buffer[..., 19:] == 7.0).all())
+    with pytest.raises(ValueError, match="dC_out must be"):
+        ssd_grouped.backward_triton(*args, dC_out=buffer[:, :39, 11:19])
+
+
+@needs_triton
+@pytest.mark.parametrize("l", [40, 37, 48])
+def test_grouped_chunks_of_strided_rows_equal_the_padded_copy(l):
+    # B and C come as columns of the conv's output; the Triton path pads them into chunks in one pass
+    g = torch.Generator().manual_seed(0)
+    buffer = torch.randn(2, l, 3 + 5 + 4, generator=g).to(DEVICE)
+    B = buffer[..., 3:8]
+    got = ssd_grouped._chunked_rows(B, 16)
+    assert torch.equal(got, ssd_grouped._chunked(B.contiguous(), 16))
+    assert got.shape == (2, 3, 16, 5) and bool((got.reshape(2, 48, 5)[:, l:] == 0).all())
 
 
 @pytest.mark.parametrize("variant", ["prefix_simba", "cross_simba"])
