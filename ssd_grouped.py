@@ -230,7 +230,8 @@ def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chun
 # copies; B and C too in the state kernels, while the GEMMs take them padded to whole chunks): the
 # prologue (acum; xs for the backward's dB), the chunk states with the scan each way (the state on
 # chip), the (Q, Q) part with its epilogue (y; dx, ddt, d acum, dD), dy's scaling, dG, and the last
-# pass through acum = cumsum(dt A). The other state products stay cuBLAS GEMMs.
+# pass through acum = cumsum(dt A). The other state products stay cuBLAS GEMMs. A ninth copies rows
+# of any stride: B and C into chunks for the GEMMs, dB and dC out of them.
 # --------------------------------------------------------------------------------------------
 try:
     import triton
