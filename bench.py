@@ -166,6 +166,14 @@ def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25)
         torch.cuda.synchronize()
     print(f"\n### profile {variant} batch {batch} compile {compile} {options} (2 steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+    # Kernel names such as vectorized_elementwise_kernel<...> do not say which tensors they touched:
+    # one more step with the ops that launched them and their input shapes
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    print("\n### the same by op and input shapes (1 step; ops and their kernels both listed)")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=2 * rows,
+                                                             max_name_column_width=50, max_shapes_column_width=80))
 
 
 def bench_layer(batch, L, options, d_state=512, device="cuda"):
