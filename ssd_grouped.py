@@ -645,9 +645,9 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     for name, out, shape, dtype in (("dx_out", dx_out, (b, l, h, p), x.dtype), ("dB_out", dB_out, (b, l, n), None),
                                     ("dC_out", dC_out, (b, l, n), None)):
         if out is not None and (_rows_of(out)[0] is not out or out.shape != shape or dtype not in (None, out.dtype)):
-            raise ValueError(f"backward_triton: {name} must be {shape} {dtype or ''} with rows of "
-                             f"{math.prod(shape[2:])} values; got {tuple(out.shape)} {out.dtype} with strides "
-                             f"{out.stride()}")
+            want = f"{shape}" if dtype is None else f"{shape} {dtype}"
+            raise ValueError(f"backward_triton: {name} must be {want} with rows of {math.prod(shape[2:])} values; "
+                             f"got {tuple(out.shape)} {out.dtype} with strides {out.stride()}")
     hp, dev, f32 = h * p, x.device, torch.float32
     (x, sx), (C, sc), dt32, A32 = _rows_of(x), _rows_of(C), dt.float().contiguous(), A.float().contiguous()
     dy = dy.to(x.dtype).contiguous()
