@@ -9,6 +9,7 @@ dt (after softplus), A, D, an initial state.
     python bench_ssd_grouped.py --check    # errors of both paths against ssd_reference in float64
     python bench_ssd_grouped.py --sweep diag    # block rows, warps and stages of the (Q, Q) kernels
     python bench_ssd_grouped.py --sweep states  # tiles, warps and stages of the chunk-state + scan kernels
+    python bench_ssd_grouped.py --conv     # the training pass's conv + SiLU (causal-conv1d), per layer
 """
 import argparse
 
@@ -50,7 +51,10 @@ def main():
     ap.add_argument("--sweep", choices=("diag", "states"), help="launch shapes of the (Q, Q) kernels or of "
                     "the chunk-state + scan kernels")
     ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
+    ap.add_argument("--conv", action="store_true", help="time the conv + SiLU of the training pass instead")
     a = ap.parse_args()
+    if a.conv:
+        return conv(a.batch, a.length, a.dstate)
     if a.check:
         return check(a.length, a.dstate, a.chunk, seeds=a.seeds)
     if a.sweep:
@@ -155,6 +159,27 @@ def check(l, n, Q, b=2, pad=300, seeds=1):
         for name, rows in ratios.items():
             med = torch.tensor(rows).median(dim=0).values
             print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in med.tolist()) + " |")
+
+
+def conv(b, l, n, h=32, p=64, width=4):
+    """The training pass's causal conv + SiLU per layer (kernels.mamba2_train, causal-conv1d's kernels),
+    forward and backward: xBC (h p + 2 n channels) as the columns of zxbcdt (rows 2 h p + 2 n + h apart),
+    bf16, fp32 weight and bias, dx written into dzxbcdt's columns; without seq_idx and with left padding
+    (seq_idx 0 on the first 100 positions)."""
+    import kernels
+    ch = h * p + 2 * n
+    g = torch.Generator(device="cuda").manual_seed(0)
+    zxbcdt = torch.randn(b, l, 2 * h * p + 2 * n + h, device="cuda", generator=g).to(torch.bfloat16)
+    xBC, dx_out = zxbcdt[..., h * p:h * p + ch], torch.empty_like(zxbcdt)[..., h * p:h * p + ch]
+    weight, bias = torch.randn(ch, width, device="cuda", generator=g) / 2, torch.randn(ch, device="cuda", generator=g)
+    dout = torch.randn(b, l, ch, device="cuda", generator=g).to(torch.bfloat16)
+    pad = (torch.arange(l, device="cuda") >= 100).to(torch.int32).expand(b, l).contiguous()
+    print(f"b {b} L {l} channels {ch} width {width}; ms per call (median of 20, CUDA events)")
+    print("| seq_idx | forward | backward | forward + backward |\n|---|---|---|---|")
+    for name, seq_idx in (("none", None), ("left padding", pad)):
+        ms_f = cuda_ms(lambda: kernels._causal_conv(xBC, weight, bias, seq_idx))
+        ms_b = cuda_ms(lambda: kernels._causal_conv_backward(dout, xBC, weight, bias, seq_idx, dx_out=dx_out))
+        print(f"| {name} | {ms_f:.3f} | {ms_b:.3f} | {ms_f + ms_b:.3f} |")
 
 
 def _time_calls(calls):

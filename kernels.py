@@ -686,17 +686,22 @@ def _causal_conv(xBC, weight, bias, seq_idx):
                                       True).transpose(1, 2)
 
 
-def _split_xBC(xBC, h, headdim, g, n):
+def _split_xBC(xBC, h, headdim, g):
     """(b, l, h p + 2 g n) -> x (b, l, h, p), B and C (b, l, g, n): views."""
+    n = (xBC.shape[-1] - h * headdim) // (2 * g)
     x, B, C = xBC.split([h * headdim, g * n, g * n], dim=-1)
     return x.unflatten(-1, (h, headdim)), B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
 
 
-def _split_and_conv(zxbcdt, conv_w, conv_b, seq_idx, h, headdim, g):
-    """zxbcdt -> z (b, l, h p), xBC before the conv, dt (b, l, h): views; and x, B, C after it."""
-    n = (conv_w.shape[0] - h * headdim) // (2 * g)
-    z, xBC, dt = zxbcdt.split([h * headdim, h * headdim + 2 * g * n, h], dim=-1)
-    return (z, xBC, dt) + _split_xBC(_causal_conv(xBC, conv_w, conv_b, seq_idx), h, headdim, g, n)
+def _causal_conv_backward(dout, xBC, weight, bias, seq_idx, dx_out):
+    """_causal_conv's backward in causal-conv1d: dx into dx_out (b, l, channels, any row stride); returns
+    dweight and dbias."""
+    dx, dweight, dbias, *_ = causal_conv1d_bwd_function(
+        ensure_stride(xBC).transpose(1, 2), weight, bias, ensure_stride(dout).transpose(1, 2), seq_idx, None, None,
+        ensure_stride(dx_out).transpose(1, 2), False, True)
+    if dx.transpose(1, 2).stride() != dx_out.stride():
+        dx_out.copy_(dx.transpose(1, 2))
+    return dweight, dbias
 
 
 # The training pass is two custom ops (forward, backward) joined by register_autograd. torch.compile
@@ -707,20 +712,20 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
                       A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor,
                       seq_idx: Optional[torch.Tensor], chunk: int, headdim: int, ngroups: int,
                       eps: float, grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                          torch.Tensor, torch.Tensor, torch.Tensor]:
+                                                          torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """conv -> SSD -> gated RMSNorm -> out_proj of ssmttm.Mamba2.forward, in mamba-ssm's kernels.
 
     The same kernels as mamba-ssm's mamba_split_conv1d_scan_combined, called in the same order,
-    with one difference: the forward returns what its SSD computed, for the backward (the chunk
-    states after state passing, in fp32, C B^T per chunk, the cumulative decays dA_cs and
-    softplus(dt + dt_bias)) instead of the backward computing them again: memory for time
-    (BENCHMARKS.md). Like mamba-ssm's function, it still recomputes the conv (cheap, and its
-    output is large).
+    with one difference: the forward returns what it computed, for the backward (the conv's output,
+    and the SSD's: the chunk states after state passing, in fp32, C B^T per chunk, the cumulative
+    decays dA_cs and softplus(dt + dt_bias)) instead of the backward computing them again: memory
+    for time (BENCHMARKS.md; mamba-ssm's function recomputes the conv).
 
     Shapes: zxbcdt (b, l, 2 d_inner + 2 g n + h) = [z | x B C | dt], l split into chunks of Q;
     out_w (d_model, d_inner) in zxbcdt's dtype. Returns out (b, l, d_model), then for the backward
-    y (b, l, h, p) before the norm, rstd (g b l), states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q),
-    dA_cs and dt (b, h, l/Q, Q). Every dtype follows from the inputs' (no autocast inside).
+    y (b, l, h, p) before the norm, rstd (g b l), xBC after the conv and SiLU (b, l, h p + 2 g n),
+    states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q), dA_cs and dt (b, h, l/Q, Q). Every dtype
+    follows from the inputs' (no autocast inside).
 
     grouped (ngroups 1; issue 15): the SSD is ssd_grouped's Triton form instead, and the saved
     tensors are its own: S_prev (b, l/Q, h p, n) in x's dtype, G (b, l/Q, Q, Q), acum (b, l/Q, Q, h)
@@ -728,7 +733,9 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
     the sequence's start, the state passes the padding unchanged, as in mask_padding."""
     b, l, _ = zxbcdt.shape
     with torch.autocast("cuda", enabled=False):
-        z, _, dt, x, B, C = _split_and_conv(zxbcdt, conv_w, conv_b, seq_idx, A.shape[0], headdim, ngroups)
+        z, xBC, dt = zxbcdt.split([A.shape[0] * headdim, conv_w.shape[0], A.shape[0]], dim=-1)
+        xBC = _causal_conv(xBC, conv_w, conv_b, seq_idx)
+        x, B, C = _split_xBC(xBC, A.shape[0], headdim, ngroups)
         d_inner, n = z.shape[-1], B.shape[-1]
         if grouped:
             dt = _grouped_dt(dt, dt_bias, seq_idx)
@@ -745,7 +752,7 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
         normed, _, rstd = _layer_norm_fwd(y.reshape(b * l, d_inner), norm_w, None, eps, z.view(b * l, d_inner),
                                           group_size=d_inner // ngroups, norm_before_gate=False, is_rms_norm=True)
         out = F.linear(normed.view(b, l, d_inner), out_w)
-    return (out, y, rstd) + saved
+    return (out, y, rstd, xBC) + saved
 
 
 def _grouped_dt(dt, dt_bias, seq_idx):
@@ -761,7 +768,8 @@ def _(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, head
     h, chunks = A.shape[0], -(-l // chunk)
     n = (conv_w.shape[0] - h * headdim) // (2 * ngroups)
     fp32 = lambda *shape: zxbcdt.new_empty(shape, dtype=torch.float32)
-    head = zxbcdt.new_empty(b, l, out_w.shape[0]), zxbcdt.new_empty(b, l, h, headdim), fp32(ngroups * b * l)
+    head = (zxbcdt.new_empty(b, l, out_w.shape[0]), zxbcdt.new_empty(b, l, h, headdim), fp32(ngroups * b * l),
+            zxbcdt.new_empty(b, l, conv_w.shape[0]))
     if grouped:
         return head + (zxbcdt.new_empty(b, chunks, h * headdim, n), fp32(b, chunks, chunk, chunk),
                        fp32(b, chunks, chunk, h), fp32(b, l, h))
@@ -796,22 +804,25 @@ def _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, d
 @torch.library.custom_op("ssmttm::mamba2_train_bwd", mutates_args=(), device_types="cuda")
 def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
                       dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor,
-                      seq_idx: Optional[torch.Tensor], y: torch.Tensor, rstd: torch.Tensor, states: torch.Tensor,
-                      CB: torch.Tensor, dA_cs: torch.Tensor, dt: torch.Tensor, chunk: int, headdim: int, ngroups: int,
-                      eps: float, grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of _mamba2_train_fwd's out for its tensor inputs zxbcdt ... out_w, each in its input's dtype.
-    With grouped, states, CB and dA_cs are the grouped SSD's S_prev, G and acum."""
+                      seq_idx: Optional[torch.Tensor], y: torch.Tensor, rstd: torch.Tensor, xBC_conv: torch.Tensor,
+                      states: torch.Tensor, CB: torch.Tensor, dA_cs: torch.Tensor, dt: torch.Tensor, chunk: int,
+                      headdim: int, ngroups: int, eps: float, grouped: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor, torch.Tensor]:
+    """The gradients of _mamba2_train_fwd's out for its tensor inputs zxbcdt ... out_w, each in its input's dtype,
+    from the forward's other outputs (xBC_conv: the conv's output). With grouped, states, CB and dA_cs are
+    the grouped SSD's S_prev, G and acum."""
     g = ngroups
     b, l, _ = zxbcdt.shape
     h = A.shape[0]
     with torch.autocast("cuda", enabled=False):
-        z, xBC, dt_in, x, B, C = _split_and_conv(zxbcdt, conv_w, conv_b, seq_idx, h, headdim, g)
+        z, xBC, dt_in = zxbcdt.split([h * headdim, conv_w.shape[0], h], dim=-1)
+        x, B, C = _split_xBC(xBC_conv, h, headdim, g)
         d_inner, n = z.shape[-1], B.shape[-1]
         dzxbcdt = torch.empty_like(zxbcdt)
         dz, dxBC_in, ddt_in = dzxbcdt.split([d_inner, d_inner + 2 * g * n, h], dim=-1)
         dxBC = torch.empty_like(xBC)  # the gradient after the conv, before its backward
-        dx, dB, dC = _split_xBC(dxBC, h, headdim, g, n)
+        dx, dB, dC = _split_xBC(dxBC, h, headdim, g)
         # out_proj, then the gated norm (which recomputes its output for out_proj's weight gradient)
         normed = torch.empty(b, l, d_inner, device=y.device, dtype=y.dtype)
         dy, dnorm_w, *_ = _layer_norm_bwd(
@@ -832,12 +843,7 @@ def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Te
         else:
             dA, ddt_bias, dD = _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, ddt_in,
                                                    A, D, dt_bias, seq_idx, chunk, headdim, g, n)
-        # the conv, writing into dzxbcdt's xBC columns
-        dxBC_conv, dconv_w, dconv_b, *_ = causal_conv1d_bwd_function(
-            ensure_stride(xBC).transpose(1, 2), conv_w, conv_b, ensure_stride(dxBC).transpose(1, 2), seq_idx, None, None,
-            ensure_stride(dxBC_in).transpose(1, 2), False, True)
-        if dxBC_conv.transpose(1, 2).stride() != dxBC_in.stride():
-            dxBC_in.copy_(dxBC_conv.transpose(1, 2))
+        dconv_w, dconv_b = _causal_conv_backward(dxBC, xBC, conv_w, conv_b, seq_idx, dx_out=dxBC_in)
     grads = dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w
     return (dzxbcdt,) + tuple(d.to(p.dtype) for d, p in zip(grads, (conv_w, conv_b, dt_bias, A, D, norm_w, out_w)))
 
