@@ -738,7 +738,7 @@ def main():
     ap.add_argument("--layers", type=datamod.positive_int, default=24)
     ap.add_argument("--mamba-train", type=comma_list(list(fast.TRAIN_PATHS)), default=FastOptions.train,
                     help="Mamba-2 training paths (FastOptions.train): keep_states, mamba_ssm (mamba-ssm's own "
-                         "fused function, which recomputes the chunk states), split (separate conv and SSD ops), "
+                         "fused function, which recomputes the conv and the chunk states), split (separate conv and SSD ops), "
                          "grouped (issue 15: ssd_grouped.ssd_grouped)")
     ap.add_argument("--decode-setups", type=comma_list(decode_setup),
                     default=",".join(DECODE_SETUPS),
