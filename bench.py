@@ -738,8 +738,8 @@ def main():
     ap.add_argument("--layers", type=datamod.positive_int, default=24)
     ap.add_argument("--mamba-train", type=comma_list(list(fast.TRAIN_PATHS)), default=FastOptions.train,
                     help="Mamba-2 training paths (FastOptions.train): keep_states, mamba_ssm (mamba-ssm's own "
-                         "fused function, which recomputes the conv and the chunk states), split (separate conv and SSD ops), "
-                         "grouped (issue 15: ssd_grouped.ssd_grouped)")
+                         "fused function, which recomputes the conv and the chunk states), split (separate conv "
+                         "and SSD ops), grouped (issue 15: ssd_grouped.ssd_grouped)")
     ap.add_argument("--decode-setups", type=comma_list(decode_setup),
                     default=",".join(DECODE_SETUPS),
                     help=f"variant:mode pairs for the decode section (modes: {', '.join(DECODE_MODES)})")

@@ -38,8 +38,8 @@ class FastOptions:
     # its state products as GEMMs over all heads; without grad and on a CPU the plain layer on
     # ssd_grouped; other ngroups: the plain layer on mamba-ssm's chunk scan), "keep_states" (kernels.mamba2_train
     # on mamba-ssm's kernels, keeping the conv's output and the SSD's chunk states for the backward),
-    # "mamba_ssm" (mamba-ssm's mamba_split_conv1d_scan_combined, which recomputes them) or "split" (causal-conv1d, then
-    # mamba_chunk_scan_combined, as separate ops)
+    # "mamba_ssm" (mamba-ssm's mamba_split_conv1d_scan_combined, which recomputes them) or "split"
+    # (causal-conv1d, then mamba_chunk_scan_combined, as separate ops)
     train: str = "grouped"
     chunk_size: int = 256        # the SSD kernels' chunk length, the one they are tuned for
     decode_kernels: bool = True  # decoding steps through kernels.py (False: the layers' own steps)
