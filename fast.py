@@ -6,6 +6,7 @@
 - `accelerate` turns every Mamba-2 layer of a model into a `FastMamba2`: the same parameters (so
   the same state_dict and checkpoints), running on mamba-ssm's Triton kernels and causal-conv1d
   (kernels.py): the training pass as one custom op, the prefill's SSD, mamba-ssm's decoding step.
+  A whole LM becomes a `FastLM`, whose residual adds run inside the next sublayer's norm.
 - `Decoder` is generate's loop after the first step: each frame (the input embedding, one step of
   every block, the heads, guidance, top-k sampling, writing the token) in a few fused kernels,
   recorded once as a CUDA graph and replayed. It draws the same noise from the same generator as
@@ -46,6 +47,8 @@ class FastOptions:
     pdl: bool = True             # programmatic dependent launch between decoding kernels (Hopper)
     cuda_graph: bool = True      # record a decoding frame once as a CUDA graph and replay it
     compile: bool = False        # decoding: torch.compile the plain step instead of kernels.py's
+    fused_add_norm: bool = True  # training and scoring: each residual add inside the next sublayer's
+    # RMSNorm (FastLM; eager only: torch.compile fuses the plain ops itself)
     decode_streams: int | None = None  # decoding: the rows in this many groups, each on its own CUDA
     # stream (row_groups); None: by the rows (decode_streams_for)
 
@@ -63,7 +66,8 @@ def available():
 
 def accelerate(model, options=FastOptions()):
     """Run every ssmttm.Mamba2 layer of model on the kernels: each becomes a FastMamba2 in place (the
-    same object, parameters and buffers; only its methods change). Returns model. Raises
+    same object, parameters and buffers; only its methods change), and a TextToMusicLM a FastLM (its
+    residual adds inside the norms). Returns model. Raises
     RuntimeError without CUDA, mamba-ssm or causal-conv1d."""
     if not available():
         raise RuntimeError("fast.accelerate needs CUDA, mamba-ssm and causal-conv1d "
@@ -71,6 +75,9 @@ def accelerate(model, options=FastOptions()):
     for module in model.modules():
         if isinstance(module, Mamba2):
             module.__class__ = FastMamba2
+            module.options = options
+        elif isinstance(module, ssmttm.TextToMusicLM):
+            module.__class__ = FastLM
             module.options = options
     return model
 
@@ -85,6 +92,34 @@ def for_inference(model, dtype=torch.bfloat16):
             for p in (m.dt_bias, m.A_log, m.D):
                 p.data = p.data.float()
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# The residual adds inside the norms
+
+
+class FastLM(ssmttm.TextToMusicLM):
+    """ssmttm.TextToMusicLM whose blocks run with every residual add but the last fused into the next
+    sublayer's RMSNorm (kernels.add_rms_norm), across block boundaries too; made by accelerate(). The
+    sums are the plain ones in the plain order (x + h in fp32); the next sublayer's input is written
+    in h's dtype (bf16 under autocast), so the add, the norm and the cast before the next product,
+    and their backwards, are one pass each way. Decoding states and torch.compile (which fuses the
+    plain ops itself) take the plain loop."""
+
+    options: FastOptions
+
+    def run_blocks(self, x, mask=None, memory=None, memory_mask=None, states=None):
+        if states is not None or not self.options.fused_add_norm or torch.compiler.is_compiling():
+            return super().run_blocks(x, mask, memory, memory_mask, states)
+        h = None  # the last sublayer's output, not yet added to x
+        for block in self.blocks:
+            for i, norm in enumerate(block.norms):
+                if h is None:
+                    normed = norm(x)
+                else:
+                    normed, x = kernels.add_rms_norm(h, x, norm.weight, norm.eps)
+                h = block.sublayer(i, normed, mask, memory, memory_mask)
+        return x + h
 
 
 # ------------------------------------------------------------------------------------------------

@@ -668,6 +668,7 @@ try:  # mamba-ssm's internal kernels, as of 2.3 (tested: 2.3.2); else Mamba2 use
     if tuple(int(v) for v in mamba_ssm.__version__.split(".")[:2]) < (2, 3):
         raise ImportError(f"mamba-ssm {mamba_ssm.__version__}: mamba2_train calls the internals of 2.3")
     from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
+    from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
     from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd, _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_scan import (_chunk_scan_bwd_dC, _chunk_scan_bwd_dcb, _chunk_scan_bwd_ddAcs_stable,
@@ -678,6 +679,17 @@ try:  # mamba-ssm's internal kernels, as of 2.3 (tested: 2.3.2); else Mamba2 use
     HAS_TRAIN_KERNELS = True
 except Exception:  # no CUDA, no mamba-ssm or causal-conv1d, or a mamba-ssm whose internals moved
     HAS_TRAIN_KERNELS = False
+
+
+def add_rms_norm(h, residual, weight, eps):
+    """The residual add and the next sublayer's RMSNorm: h (b, s, d), a sublayer's output, and residual
+    (b, s, d) -> (normed in h's dtype, x = residual + h in fp32), normed = rms_norm(x) * weight. On
+    CUDA one Triton pass each way (mamba-ssm's layer_norm_fn); elsewhere these plain ops."""
+    if h.is_cuda and HAS_TRAIN_KERNELS:
+        return layer_norm_fn(h, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=True,
+                             is_rms_norm=True)
+    x = residual.to(torch.promote_types(residual.dtype, torch.float32)) + h
+    return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps).to(h.dtype), x
 
 
 def _causal_conv(xBC, weight, bias, seq_idx):
@@ -856,6 +868,9 @@ def _(dout, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, *_):
 def _mamba2_train_setup(ctx, inputs, output):
     *tensors, chunk, headdim, ngroups, eps, grouped = inputs
     ctx.save_for_backward(*tensors, *output[1:])
+    # the outputs past the first have no gradient: None, not a tensor of zeros written for each (the
+    # default), which cost a pass over each at every backward
+    ctx.set_materialize_grads(False)
     ctx.sizes = chunk, headdim, ngroups, eps, grouped
 
 

@@ -746,10 +746,13 @@ def _ssd_grouped_setup(ctx, inputs, output):
     ctx.has_D, ctx.has_init = D is not None, initial_state is not None
     ctx.save_for_backward(x, dt, A, B, C, D, initial_state, *output[2:])
     ctx.sizes = chunk_size, use_triton
+    ctx.set_materialize_grads(False)  # None for an output without a gradient, not a tensor of zeros
 
 
 def _ssd_grouped_backward(ctx, dy, dfinal, *_):  # acum, S_prev and G are for the backward, not used
     x, dt, A, B, C, D, initial_state, acum, S_prev, G = ctx.saved_tensors
+    if dy is None:  # only the final state has a gradient
+        dy = torch.zeros_like(x)
     dx, ddt, dA, dB, dC, dD, d_init = _ssd_grouped_bwd(dy, dfinal, x, dt, A, B, C, D, initial_state, acum,
                                                        S_prev, G, *ctx.sizes)
     return dx, ddt, dA, dB, dC, dD if ctx.has_D else None, d_init if ctx.has_init else None, None, None

@@ -372,19 +372,20 @@ class Block(nn.Module):
         """x (b, s, d) -> (b, s, d). mask (b, s): False at (left) padding, for Mamba-2; memory
         (b, lt, d) and memory_mask (b, lt): the text, for cross-attention; states: one decoding
         state per sublayer (Mamba2State, KVCache, TextKV or None), updated in place."""
-        for i, (kind, norm, layer) in enumerate(zip(self.layout, self.norms, self.layers)):
-            state = None if states is None else states[i]
-            h = norm(x)
-            if kind == "mamba":
-                h = layer(h, mask=mask, state=state)
-            elif kind == "self_attn":
-                h = layer(h, state=state)
-            elif kind == "cross_attn":
-                h = layer(h, memory, memory_mask, state=state)
-            else:
-                h = layer(h)
-            x = x + h
+        for i, norm in enumerate(self.norms):
+            x = x + self.sublayer(i, norm(x), mask, memory, memory_mask, None if states is None else states[i])
         return x
+
+    def sublayer(self, i, h, mask=None, memory=None, memory_mask=None, state=None):
+        """Sublayer i of the layout on its normed input h (b, s, d) -> (b, s, d), before the residual add."""
+        kind, layer = self.layout[i], self.layers[i]
+        if kind == "mamba":
+            return layer(h, mask=mask, state=state)
+        if kind == "self_attn":
+            return layer(h, state=state)
+        if kind == "cross_attn":
+            return layer(h, memory, memory_mask, state=state)
+        return layer(h)
 
 
 def position_frequencies(dim, device):
@@ -475,9 +476,15 @@ class TextToMusicLM(nn.Module):
         if cache is not None:
             cache.memory_mask = text_mask
             cache.position.copy_(positions[:, -1] + 1)
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask, memory, text_mask, None if cache is None else cache.states[i])
+        x = self.run_blocks(x, mask, memory, text_mask, None if cache is None else cache.states)
         return self.heads(x[:, -s:])
+
+    def run_blocks(self, x, mask=None, memory=None, memory_mask=None, states=None):
+        """The blocks in order, x (b, s, d) -> (b, s, d), the residual stream before norm_f. mask,
+        memory, memory_mask: as Block's; states: a cache's states, one list per block, or None."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, memory, memory_mask, None if states is None else states[i])
+        return x
 
     def step(self, tokens, cache):
         """Continue from a cache: tokens (b, K, s) the next input steps -> logits (b, K, s, 1025).
@@ -488,9 +495,7 @@ class TextToMusicLM(nn.Module):
         positions = cache.position[:, None] + torch.arange(s, device=x.device)
         x = x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
         cache.position.add_(s)
-        for block, states in zip(self.blocks, cache.states):
-            x = block(x, memory_mask=cache.memory_mask, states=states)
-        return self.heads(x)
+        return self.heads(self.run_blocks(x, memory_mask=cache.memory_mask, states=cache.states))
 
     def forward(self, codes, text, text_mask):
         """Teacher-forced pass. codes (b, K, s): LM-layout targets (delayed when K > 1, special id

@@ -600,8 +600,31 @@ def test_optimizer_groups_exclude_norms_biases_and_ssm_scalars():
         assert (id(p) not in decayed) == no_decay, name
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fast_lm_adds_each_residual_inside_the_next_norm_as_the_plain_blocks_do(variant):
+    # FastLM's loop (every residual add but the last inside the next sublayer's norm, across blocks)
+    # with kernels.add_rms_norm's plain form: the same sums in the same order as Block.forward, so the
+    # loss and every gradient are bit-equal; two blocks, so that a block boundary is crossed
+    torch.manual_seed(0)
+    model = tiny_model(variant, n_codebooks=2, n_layers=2).train()
+    fused = tiny_model(variant, n_codebooks=2, n_layers=2).train()
+    fused.__class__, fused.options = fast.FastLM, FastOptions()
+    text, text_mask = torch.randn(2, 5, 24, dtype=torch.float64), torch.tensor([[True] * 5, [True] * 2 + [False] * 3])
+    codes = delay_pattern(torch.randint(0, 1024, (2, 2, 12)))
+    losses = []
+    for m in (model, fused):
+        loss = m(codes, text, text_mask)[1]
+        loss.backward()
+        losses.append(loss)
+    assert losses[0].item() == losses[1].item()
+    for (name, p), q in zip(model.named_parameters(), fused.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    sample = lambda m: m.generate(text, text_mask, 6, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    assert torch.equal(sample(fused), sample(model))  # decoding states take the plain loop
+
+
 @gpu
-@pytest.mark.parametrize("variant", ["prefix_simba", "cross_simba"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_gpu_fast_lm_matches_the_plain_lm(variant):
     # the whole LM on the kernels against a float64 plain copy, padded and empty texts included
     # (seq_idx in the kernel, masking in the plain layer)
@@ -622,6 +645,31 @@ def test_gpu_fast_lm_matches_the_plain_lm(variant):
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
     grad_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
     assert report(f"LM {variant} kernels vs plain grads", rel_err(grad, grad_ref)) < 1e-2
+
+
+@gpu
+def test_gpu_add_rms_norm_equals_the_plain_add_and_norm():
+    # kernels.add_rms_norm (FastBlock's inner residual adds) against x = residual + h, then nn.RMSNorm, in
+    # float64: a bf16 sublayer output on an fp32 residual, as under autocast; outputs and every gradient
+    if not kernels.HAS_TRAIN_KERNELS:
+        pytest.skip("mamba-ssm < 2.3")
+    torch.manual_seed(0)
+    h = torch.randn(3, 500, 256, device="cuda").bfloat16().requires_grad_()
+    residual = torch.randn(3, 500, 256, device="cuda").requires_grad_()
+    norm = torch.nn.RMSNorm(256, eps=1e-5).cuda()
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+    normed, summed = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
+    d_normed, d_summed = torch.randn_like(normed), torch.randn_like(summed)
+    (normed.float() * d_normed.float()).sum().add((summed * d_summed).sum()).backward()
+    ref_in = [t.detach().double().requires_grad_() for t in (h, residual, norm.weight)]
+    ref_summed = ref_in[1] + ref_in[0]
+    ref_normed = F.rms_norm(ref_summed, (256,), ref_in[2], 1e-5)
+    (ref_normed * d_normed.double()).sum().add((ref_summed * d_summed.double()).sum()).backward()
+    assert normed.dtype == torch.bfloat16 and summed.dtype == torch.float32
+    assert rel_err(normed, ref_normed) < 2 ** -8 and rel_err(summed, ref_summed) < 1e-7
+    assert rel_err(h.grad, ref_in[0].grad) < 2 ** -8 and h.grad.dtype == torch.bfloat16
+    assert rel_err(residual.grad, ref_in[1].grad) < 1e-5 and rel_err(norm.weight.grad, ref_in[2].grad) < 1e-5
 
 
 @gpu
