@@ -51,7 +51,7 @@ PAPER = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dr
 SYNTHETIC = dict(batch_size=16, grad_accum=1, lr=1e-3, warmup=30, steps=300, dropout=0.1, d_model=256,
                  d_state=64, headdim=32, n_heads=4, frames=128, eval_every=100, ckpt_every=100)
 RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "no_kernels",
-           "mamba_train", "t5", "dac"}
+           "mamba_train", "no_fused_add_norm", "t5", "dac"}
 METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "caption_score"]
 
 
@@ -101,6 +101,9 @@ def parse_args(argv=None):
     ap.add_argument("--mamba-train", choices=fast.TRAIN_PATHS,
                     default=fast.FastOptions.train,
                     help="on CUDA, Mamba-2's training kernels (fast.FastOptions.train; grouped: ssd_grouped.py's SSD)")
+    ap.add_argument("--no-fused-add-norm", action="store_true",
+                    help="on CUDA, eager: the plain residual adds and norms instead of one kernel for each add and "
+                         "the next norm (fast.FastOptions.fused_add_norm)")
     ap.add_argument("--t5", default="google/flan-t5-base", help="Flan-T5 name or local folder (real data)")
     ap.add_argument("--dac", default="descript/dac_44khz", help="DAC name or local folder (stage 2, real data)")
     ap.add_argument("--eval-every", type=at_least_0,
@@ -303,7 +306,7 @@ def build_model(args, device):
     model = TextToMusicLM(cfg).to(device)
     if device.startswith("cuda") and not args.no_kernels:
         if fast.available():
-            fast.accelerate(model, fast.FastOptions(train=args.mamba_train))
+            fast.accelerate(model, fast.FastOptions(train=args.mamba_train, fused_add_norm=not args.no_fused_add_norm))
         else:
             print("note: mamba-ssm and causal-conv1d are not installed, so Mamba-2 trains on ssd_reference "
                   "(slow); pip install -r requirements-gpu.txt --no-build-isolation", file=sys.stderr)
