@@ -10,11 +10,17 @@ dt (after softplus), A, D, an initial state.
     python bench_ssd_grouped.py --sweep diag    # block rows, warps and stages of the (Q, Q) kernels
     python bench_ssd_grouped.py --sweep states  # tiles, warps and stages of the chunk-state + scan kernels
     python bench_ssd_grouped.py --conv     # the training pass's conv + SiLU (causal-conv1d), per layer
+    python bench_ssd_grouped.py --registers  # registers per thread of the Triton kernels (no GPU needed)
 """
 import argparse
+import os
+import re
+import subprocess
+import tempfile
 
 import torch
 
+import data as datamod
 import ssd_grouped
 import ssd_reference
 from bench import cuda_time
@@ -52,7 +58,11 @@ def main():
                     "the chunk-state + scan kernels")
     ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
     ap.add_argument("--conv", action="store_true", help="time the conv + SiLU of the training pass instead")
+    ap.add_argument("--registers", action="store_true", help="compile the Triton kernels for sm_90 and sm_80 "
+                    "here (Triton's own ptxas, no GPU) and print their registers, spill stack and programs per SM")
     a = ap.parse_args()
+    if a.registers:
+        return registers(a.length, a.dstate, a.chunk)
     if a.conv:
         return conv(a.batch, a.length, a.dstate)
     if a.check:
@@ -192,6 +202,66 @@ def _time_calls(calls):
         except Exception as e:  # out of shared memory or registers: report, keep going
             times.append(f"{name} failed ({type(e).__name__})")
     return ", ".join(times)
+
+
+# The kernels as forward_triton and backward_triton launch them: (kernel, constexprs, num_warps, num_stages).
+# Pointer arguments are bf16 where the training op passes bf16 (x, B, C, dy and what is made from them), else
+# fp32.
+_BF16_ARGS = {"x_ptr", "B_ptr", "C_ptr", "dy_ptr", "y_ptr", "dx_ptr", "dye_ptr", "xs_ptr", "S_prev_ptr",
+              "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr"}
+
+
+def _launches(n, Q):
+    sg = ssd_grouped
+    diag = dict(Q=Q, BM=min(64, Q), BP=64, PREC="tf32")
+    st_f, st_b = sg._states_launch(n, Q, backward=False), sg._states_launch(n, Q, backward=True)
+    return [(sg._prep_kernel, dict(Q=Q, BP=64, WRITE_ACUM=False), 8, 3),
+            (sg._states_fwd_kernel, dict(Q=Q, BP=64, BN=st_f["BN"], BK=st_f["BK"], HAS_INIT=False, PREC="tf32"),
+             st_f["num_warps"], st_f["num_stages"]),
+            (sg._diag_fwd_kernel, dict(diag, HAS_D=True), 4, 1),
+            (sg._dy_kernel, dict(Q=Q, BM=diag["BM"], BP=64), 4, 3),
+            (sg._states_bwd_kernel, dict(Q=Q, BP=64, BN=st_b["BN"], BK=st_b["BK"], HAS_DFINAL=False, PREC="tf32"),
+             st_b["num_warps"], st_b["num_stages"]),
+            (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True), 4, 1),
+            (sg._diag_bwd_G_kernel, diag, 4, 2),
+            (sg._dacum_kernel, dict(Q=Q, NB=Q // diag["BM"], BNT=4), 4, 3),
+            (sg._copy_rows_kernel, dict(BL=8, BN=512), 4, 3)]
+
+
+def registers(l, n, Q):
+    """Per Triton kernel of the grouped SSD, compiled for sm_90 and sm_80 on this machine: registers per
+    thread, the stack that spilled registers take (bytes per thread), shared memory, and how many programs
+    fit on one SM by registers (65536 per SM), shared memory (227 / 163 KB) and warps (64). The integer
+    arguments get the JIT's divisibility-by-16 marks as at issue 15's shape (x, B, C as columns of the
+    conv's output)."""
+    if ssd_grouped.triton is None:
+        datamod.fail("bench_ssd_grouped.py --registers: needs Triton (pip install triton; no GPU needed)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    values = dict(L=l, NC=-(-l // Q), H=32, P=64, N=n, SX=3072, SDX=3072, SB=3072, SC=3072, NNT=4,
+                  L_SRC=l, L_DST=-(-l // Q) * Q, S_SRC=3072, S_DST=n)
+    print("| kernel | arch | warps | registers | spill stack B | shared KB | programs per SM |")
+    print("|---|---|---|---|---|---|---|")
+    for arch, smem in ((90, 227 * 1024), (80, 163 * 1024)):
+        for fn, consts, warps, stages in _launches(n, Q):
+            sig = {a: "constexpr" if a in consts else "i32" if a in values else
+                   "*bf16" if a in _BF16_ARGS else "*fp32" for a in fn.arg_names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                     if a not in consts and (a not in values or values[a] % 16 == 0)}
+            c = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": warps, "num_stages": stages})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(c.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                                       text=True).stdout
+            regs, stack = (int(re.search(k + r":(\d+)", usage).group(1)) for k in ("REG", "STACK"))
+            per_warp = -(-regs * 32 // 256) * 256                  # registers are given to warps in 256s
+            fit = min(65536 // (per_warp * warps), smem // max(c.metadata.shared, 1), 64 // warps)
+            kb = c.metadata.shared / 1024
+            print(f"| {fn.__name__} | sm_{arch} | {warps} | {regs} | {stack} | {kb:.0f} | {fit} |", flush=True)
 
 
 def sweep(b, l, n, Q, h=32, p=64):
