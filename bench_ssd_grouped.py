@@ -57,6 +57,8 @@ def main():
     ap.add_argument("--sweep", choices=("diag", "states"), help="launch shapes of the (Q, Q) kernels or of "
                     "the chunk-state + scan kernels")
     ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
+    ap.add_argument("--maxnreg", type=int, help="--sweep: cap the registers per thread at this (Triton's "
+                    "maxnreg), so that more programs fit on an SM")
     ap.add_argument("--conv", action="store_true", help="time the conv + SiLU of the training pass instead")
     ap.add_argument("--registers", action="store_true", help="compile the Triton kernels for sm_90 and sm_80 "
                     "here (Triton's own ptxas, no GPU) and print their registers, spill stack and programs per SM")
@@ -68,7 +70,8 @@ def main():
     if a.check:
         return check(a.length, a.dstate, a.chunk, seeds=a.seeds)
     if a.sweep:
-        return (sweep if a.sweep == "diag" else sweep_states)(a.batch, a.length, a.dstate, a.chunk)
+        return (sweep if a.sweep == "diag" else sweep_states)(a.batch, a.length, a.dstate, a.chunk,
+                                                              maxnreg=a.maxnreg)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
     leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
@@ -264,7 +267,7 @@ def registers(l, n, Q):
             print(f"| {fn.__name__} | sm_{arch} | {warps} | {regs} | {stack} | {kb:.0f} | {fit} |", flush=True)
 
 
-def sweep(b, l, n, Q, h=32, p=64):
+def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
     """ms of _diag_fwd_kernel, _diag_bwd_x_kernel and _diag_bwd_G_kernel per launch shape."""
     import itertools
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
@@ -278,7 +281,8 @@ def sweep(b, l, n, Q, h=32, p=64):
     small = lambda: torch.empty(b, c, Q, h, device="cuda")  # noqa: E731
     sg = ssd_grouped
     for bm, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 2, 3)):
-        kw = dict(Q=Q, BM=bm, BP=p, PREC="tf32", num_warps=warps, num_stages=stages)
+        kw = dict(Q=Q, BM=bm, BP=p, PREC="tf32", num_warps=warps, num_stages=stages,
+                  **({} if maxnreg is None else dict(maxnreg=maxnreg)))
         nb = Q // bm
         row = torch.zeros(b, c, h, nb, Q, device="cuda")
         dG = torch.empty(b, c, Q, Q, device="cuda")
@@ -291,7 +295,7 @@ def sweep(b, l, n, Q, h=32, p=64):
         print(f"BM {bm} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 
-def sweep_states(b, l, n, Q, h=32, p=64):
+def sweep_states(b, l, n, Q, h=32, p=64, maxnreg=None):
     """ms of _states_fwd_kernel and _states_bwd_kernel per tile (BN state columns, BK positions), warps
     and stages."""
     import itertools
@@ -305,7 +309,8 @@ def sweep_states(b, l, n, Q, h=32, p=64):
     final, d_init = torch.empty(b, h * p, n, device="cuda"), torch.empty(b, h * p, n, device="cuda")
     sg = ssd_grouped
     for bn, bk, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
-        kw = dict(Q=Q, BP=p, BN=bn, BK=bk, PREC="tf32", num_warps=warps, num_stages=stages)
+        kw = dict(Q=Q, BP=p, BN=bn, BK=bk, PREC="tf32", num_warps=warps, num_stages=stages,
+                  **({} if maxnreg is None else dict(maxnreg=maxnreg)))
         nnt = -(-n // bn)
         da_part = torch.empty(b, c, h, nnt, device="cuda")
         calls = {

@@ -241,25 +241,29 @@ except ImportError:  # a CPU-only torch has no triton
 
 if triton is not None:
 
+    # Indexing: each program computes its tensors' base pointers once, in int64 (b * L * H * P can pass
+    # 2^31), and every offset inside a tile in int32. int64 offset tiles took twice the registers,
+    # which capped the heavy kernels at 2 programs per SM (255 registers per thread).
+
     @triton.jit
-    def _rows(ptr, rows, stride, ok, h, P, pp):
-        """A (len(rows), BP) tile of head h of a (b*L, H, P) tensor whose rows (b*L + position) lie
-        stride elements apart (H*P when contiguous), zero where not ok and past P."""
-        return tl.load(ptr + rows[:, None] * stride + h * P + pp[None, :], mask=ok[:, None] & (pp[None, :] < P),
-                       other=0.0)
+    def _rows(base, rows, stride, ok, pp, P):
+        """A (len(rows), BP) tile of rows (int32, counted from base) stride elements apart, P values each
+        (a head's slice of a (b*L, H, P) tensor when base points at it), zero where not ok and past P."""
+        return tl.load(base + rows[:, None] * stride + pp[None, :], mask=ok[:, None] & (pp[None, :] < P), other=0.0)
 
     @triton.jit
     def _copy_rows_kernel(src_ptr, dst_ptr, L_SRC, L_DST, L, N, S_SRC, S_DST,
                           BL: tl.constexpr, BN: tl.constexpr):
         """dst[b, r, :N] = src[b, r, :N] for rows r < L, 0 for L <= r < L_DST, in dst's dtype: src (b, L_SRC, N)
         and dst (b, L_DST, N) with rows S_SRC and S_DST elements apart. Grid (cdiv(L_DST, BL), b)."""
-        r = tl.program_id(0) * BL + tl.arange(0, BL)
+        r0 = tl.program_id(0) * BL
         bi = tl.program_id(1).to(tl.int64)
+        r = tl.arange(0, BL)
         cols = tl.arange(0, BN)
-        ok = (r < L)[:, None] & (cols[None, :] < N)
-        v = tl.load(src_ptr + (bi * L_SRC + r)[:, None] * S_SRC + cols[None, :], mask=ok, other=0.0)
-        tl.store(dst_ptr + (bi * L_DST + r)[:, None] * S_DST + cols[None, :], v.to(dst_ptr.dtype.element_ty),
-                 mask=(r < L_DST)[:, None] & (cols[None, :] < N))
+        ok = (r < L - r0)[:, None] & (cols[None, :] < N)
+        v = tl.load(src_ptr + (bi * L_SRC + r0) * S_SRC + r[:, None] * S_SRC + cols[None, :], mask=ok, other=0.0)
+        tl.store(dst_ptr + (bi * L_DST + r0) * S_DST + r[:, None] * S_DST + cols[None, :],
+                 v.to(dst_ptr.dtype.element_ty), mask=(r < L_DST - r0)[:, None] & (cols[None, :] < N))
 
     @triton.jit
     def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, xs_ptr, L, NC, H, P, SX,
@@ -269,20 +273,20 @@ if triton is not None:
         x (b, L, h, p) with rows SX apart, dt (b, L, h). Grid (h, b*c)."""
         h, bc = tl.program_id(0), tl.program_id(1).to(tl.int64)
         bi, ci = bc // NC, bc % NC
+        r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
         q = tl.arange(0, Q)
-        pos = ci * Q + q
-        ok = pos < L
-        dt = tl.load(dt_ptr + (bi * L + pos) * H + h, mask=ok, other=0.0)
+        ok = q < (L - ci * Q).to(tl.int32)
+        dt = tl.load(dt_ptr + r0 * H + h + q * H, mask=ok, other=0.0)
         acum = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
         if WRITE_ACUM:
-            tl.store(acum_ptr + (bc * Q + q) * H + h, acum)
+            tl.store(acum_ptr + bc * Q * H + h + q * H, acum)
         else:
             a_end = tl.sum(tl.where(q == Q - 1, acum, 0.0), axis=0)
             pp = tl.arange(0, BP)
-            x = _rows(x_ptr, bi * L + pos, SX, ok, h, P, pp)
+            x = _rows(x_ptr + r0 * SX + h * P, q, SX, ok, pp, P)
             xs = x.to(tl.float32) * (dt * tl.exp(a_end - acum))[:, None]
-            tl.store(xs_ptr + ((bc * Q + q) * H + h)[:, None] * P + pp[None, :], xs.to(xs_ptr.dtype.element_ty),
-                     mask=pp[None, :] < P)
+            tl.store(xs_ptr + bc * Q * H * P + h * P + q[:, None] * (H * P) + pp[None, :],
+                     xs.to(xs_ptr.dtype.element_ty), mask=pp[None, :] < P)
 
     @triton.jit
     def _states_fwd_kernel(x_ptr, dt_ptr, acum_ptr, B_ptr, init_ptr, S_prev_ptr, final_ptr, L, NC, H, P, N, SX, SB,
@@ -305,19 +309,21 @@ if triton is not None:
             prev = tl.zeros((BP, BN), dtype=tl.float32)
         for ci in range(0, NC):
             bc = bi * NC + ci
+            r0 = bi * L + ci * Q                                        # the chunk's first row of (b*L)
+            n_ok = L - ci * Q
+            acum_c = acum_ptr + bc * Q * H + h
             tl.store(S_prev_ptr + bc * H * P * N + tile, prev.to(S_prev_ptr.dtype.element_ty), mask=tile_ok)
-            a_end = tl.load(acum_ptr + (bc * Q + Q - 1) * H + h)
+            a_end = tl.load(acum_c + (Q - 1) * H)
             acc = tl.exp(a_end) * prev
             for k0 in range(0, Q, BK):
                 q = k0 + tl.arange(0, BK)
-                pos = ci * Q + q
-                ok = pos < L
-                a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
-                dt = tl.load(dt_ptr + (bi * L + pos) * H + h, mask=ok, other=0.0)
-                Bt = tl.load(B_ptr + (bi * L + pos)[:, None] * SB + ns[None, :], mask=ok[:, None] & (ns[None, :] < N),
+                ok = q < n_ok
+                a_q = tl.load(acum_c + q * H)
+                dt = tl.load(dt_ptr + r0 * H + h + q * H, mask=ok, other=0.0)
+                Bt = tl.load(B_ptr + r0 * SB + q[:, None] * SB + ns[None, :], mask=ok[:, None] & (ns[None, :] < N),
                              other=0.0)                                                  # (BK, BN)
                 # x loaded as its transpose (the product's left operand) rather than transposed after
-                xT = tl.load(x_ptr + (bi * L + pos)[None, :] * SX + h * P + pp[:, None],
+                xT = tl.load(x_ptr + r0 * SX + h * P + q[None, :] * SX + pp[:, None],
                              mask=ok[None, :] & (pp[:, None] < P), other=0.0)           # (BP, BK)
                 xsT = (xT.to(tl.float32) * (dt * tl.exp(a_end - a_q))[None, :]).to(xT.dtype)
                 acc = tl.dot(xsT, Bt.to(xsT.dtype), acc, input_precision=PREC)
@@ -346,18 +352,19 @@ if triton is not None:
         for i in range(0, NC):
             ci = NC - 1 - i
             bc = bi * NC + ci
-            decay = tl.exp(tl.load(acum_ptr + (bc * Q + Q - 1) * H + h))
+            r0 = bi * L + ci * Q
+            n_ok = L - ci * Q
+            decay = tl.exp(tl.load(acum_ptr + bc * Q * H + h + (Q - 1) * H))
             S = tl.load(S_prev_ptr + bc * H * P * N + tile, mask=tile_ok, other=0.0).to(tl.float32)
             tl.store(da_part_ptr + (bc * H + h) * NNT + nt, decay * tl.sum(tl.sum(g * S, axis=1), axis=0))
             tl.store(dstates_ptr + bc * H * P * N + tile, g.to(dstates_ptr.dtype.element_ty), mask=tile_ok)
             acc = decay * g
             for k0 in range(0, Q, BK):
                 q = k0 + tl.arange(0, BK)
-                pos = ci * Q + q
-                Ct = tl.load(C_ptr + (bi * L + pos)[:, None] * SC + ns[None, :],
-                             mask=(pos < L)[:, None] & (ns[None, :] < N), other=0.0)     # (BK, BN)
-                dyeT = tl.load(dye_ptr + ((bc * Q + q) * H + h)[None, :] * P + pp[:, None], mask=pp[:, None] < P,
-                               other=0.0)                                                # (BP, BK)
+                Ct = tl.load(C_ptr + r0 * SC + q[:, None] * SC + ns[None, :],
+                             mask=(q < n_ok)[:, None] & (ns[None, :] < N), other=0.0)   # (BK, BN)
+                dyeT = tl.load(dye_ptr + bc * Q * H * P + h * P + q[None, :] * (H * P) + pp[:, None],
+                               mask=pp[:, None] < P, other=0.0)                         # (BP, BK)
                 acc = tl.dot(dyeT, Ct.to(dyeT.dtype), acc, input_precision=PREC)
             g = acc
         tl.store(dinit_ptr + bi * H * P * N + tile, g, mask=tile_ok)
@@ -373,29 +380,29 @@ if triton is not None:
         h, bc = tl.program_id(0), tl.program_id(2).to(tl.int64)
         m = tl.num_programs(1) - 1 - tl.program_id(1)
         bi, ci = bc // NC, bc % NC
-        q = m * BM + tl.arange(0, BM)
-        pos_q = ci * Q + q
+        r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
+        n_ok = (L - ci * Q).to(tl.int32)                                # its positions inside the sequence
+        q = m * BM + tl.arange(0, BM)                                   # positions inside the chunk
         pp = tl.arange(0, BP)
-        row0 = bi * L                                                   # this batch row's first position
-        a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
+        acum_c, dt_c, x_c = acum_ptr + bc * Q * H + h, dt_ptr + r0 * H + h, x_ptr + r0 * SX + h * P
+        a_q = tl.load(acum_c + q * H)
         acc = tl.zeros((BM, BP), dtype=tl.float32)
         for s0 in range(0, (m + 1) * BM, BM):
             s = s0 + tl.arange(0, BM)
-            pos_s = ci * Q + s
-            ok_s = pos_s < L
-            a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
+            ok_s = s < n_ok
+            a_s = tl.load(acum_c + s * H)
             G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])          # (BM, BM) fp32
             E = tl.exp(tl.where(q[:, None] >= s[None, :], a_q[:, None] - a_s[None, :], float("-inf")))
-            x = _rows(x_ptr, row0 + pos_s, SX, ok_s, h, P, pp)
-            dt = tl.load(dt_ptr + (row0 + pos_s) * H + h, mask=ok_s, other=0.0)
+            x = _rows(x_c, s, SX, ok_s, pp, P)
+            dt = tl.load(dt_c + s * H, mask=ok_s, other=0.0)
             xdt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
             acc = tl.dot((G * E).to(x.dtype), xdt, acc, input_precision=PREC)
-        yoff = tl.load(yoff_ptr + ((bc * Q + q) * H + h)[:, None] * P + pp[None, :], mask=pp[None, :] < P)
+        yoff = tl.load(yoff_ptr + bc * Q * H * P + h * P + q[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P)
         acc += tl.exp(a_q)[:, None] * yoff
-        ok_q = pos_q < L
+        ok_q = q < n_ok
         if HAS_D:
-            acc += tl.load(D_ptr + h) * _rows(x_ptr, row0 + pos_q, SX, ok_q, h, P, pp).to(tl.float32)
-        tl.store(y_ptr + ((row0 + pos_q) * H + h)[:, None] * P + pp[None, :], acc.to(y_ptr.dtype.element_ty),
+            acc += tl.load(D_ptr + h) * _rows(x_c, q, SX, ok_q, pp, P).to(tl.float32)
+        tl.store(y_ptr + r0 * H * P + h * P + q[:, None] * (H * P) + pp[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=ok_q[:, None] & (pp[None, :] < P))
 
     @triton.jit
@@ -407,12 +414,14 @@ if triton is not None:
         bi, ci = bc // NC, bc % NC
         q = m * BM + tl.arange(0, BM)
         pp = tl.arange(0, BP)
-        dy = _rows(dy_ptr, bi * L + ci * Q + q, H * P, ci * Q + q < L, h, P, pp).to(tl.float32)
-        dye = dy * tl.exp(tl.load(acum_ptr + (bc * Q + q) * H + h))[:, None]
-        at = ((bc * Q + q) * H + h)[:, None] * P + pp[None, :]
-        tl.store(dye_ptr + at, dye.to(dye_ptr.dtype.element_ty), mask=pp[None, :] < P)
-        yoff = tl.load(yoff_ptr + at, mask=pp[None, :] < P, other=0.0)
-        tl.store(dacum_ptr + (bc * Q + q) * H + h, tl.sum(yoff * dye, axis=1))
+        dy = _rows(dy_ptr + (bi * L + ci * Q) * H * P + h * P, q, H * P, q < (L - ci * Q).to(tl.int32), pp,
+                   P).to(tl.float32)
+        small = bc * Q * H + h                                          # (b, c, Q, h) at the chunk's start
+        dye = dy * tl.exp(tl.load(acum_ptr + small + q * H))[:, None]
+        at = q[:, None] * (H * P) + pp[None, :]
+        tl.store(dye_ptr + small * P + at, dye.to(dye_ptr.dtype.element_ty), mask=pp[None, :] < P)
+        yoff = tl.load(yoff_ptr + small * P + at, mask=pp[None, :] < P, other=0.0)
+        tl.store(dacum_ptr + small + q * H, tl.sum(yoff * dye, axis=1))
 
     @triton.jit
     def _diag_bwd_x_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, dy_ptr, dxs_ptr, D_ptr,
@@ -429,19 +438,21 @@ if triton is not None:
         Grid (h, Q / BM, b*c), as _diag_fwd_kernel's (block 0, the most work, first)."""
         h, blk, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
-        row0 = bi * L
-        s = blk * BM + tl.arange(0, BM)
-        pos_s = ci * Q + s
-        ok_s = pos_s < L
+        r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
+        n_ok = (L - ci * Q).to(tl.int32)                                # its positions inside the sequence
+        s = blk * BM + tl.arange(0, BM)                                 # positions inside the chunk
+        ok_s = s < n_ok
         pp = tl.arange(0, BP)
-        a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
-        x_s = _rows(x_ptr, row0 + pos_s, SX, ok_s, h, P, pp)                       # (BM, BP)
-        dt_s = tl.load(dt_ptr + (row0 + pos_s) * H + h, mask=ok_s, other=0.0)
+        small = bc * Q * H + h                                          # (b, c, Q, h) at the chunk's start
+        G_c, dy_c = G_ptr + bc * Q * Q, dy_ptr + r0 * H * P + h * P
+        a_s = tl.load(acum_ptr + small + s * H)
+        x_s = _rows(x_ptr + r0 * SX + h * P, s, SX, ok_s, pp, P)                   # (BM, BP)
+        dt_s = tl.load(dt_ptr + r0 * H + h + s * H, mask=ok_s, other=0.0)
         row_at = dacum_row_ptr + ((bc * H + h) * (Q // BM) + blk) * Q
         # the diagonal block, q in s's own block: the decay per (q, s), zero above the diagonal
-        G = tl.load(G_ptr + bc * Q * Q + s[:, None] * Q + s[None, :])
+        G = tl.load(G_c + s[:, None] * Q + s[None, :])
         W = G * tl.exp(tl.where(s[:, None] >= s[None, :], a_s[:, None] - a_s[None, :], float("-inf")))
-        dy = _rows(dy_ptr, row0 + pos_s, H * P, ok_s, h, P, pp).to(x_s.dtype)          # (BM q, BP)
+        dy = _rows(dy_c, s, H * P, ok_s, pp, P).to(x_s.dtype)                      # (BM q, BP)
         # x dt_s as x's exact values in the product and dt in fp32 after it: x dt rounded to x's
         # dtype here was most of dA's error (d acum sums M's rows and columns, which cancel)
         M = W * tl.dot(dy, tl.trans(x_s), input_precision=PREC) * dt_s[None, :]         # (BM q, BM s)
@@ -451,39 +462,38 @@ if triton is not None:
         # below it the decay splits at the block's last position r: exp(a_q - a_s) = e_q e_s with
         # e_q = exp(a_q - a_r), e_s = exp(a_r - a_s), both exponents <= 0 (acum falls); M = e_q P e_s dt_s
         # with P = G * (dy_q . x_s): e_q scales G's rows, e_s the sums once, at the end
-        a_r = tl.load(acum_ptr + (bc * Q + blk * BM + BM - 1) * H + h)
+        a_r = tl.load(acum_ptr + small + (blk * BM + BM - 1) * H)
         e_s = tl.exp(a_r - a_s)
         dxd_off = tl.zeros((BM, BP), dtype=tl.float32)
         col_off = tl.zeros((BM,), dtype=tl.float32)
         for q0 in range((blk + 1) * BM, Q, BM):
             q = q0 + tl.arange(0, BM)
-            pos_q = ci * Q + q
-            e_q = tl.exp(tl.load(acum_ptr + (bc * Q + q) * H + h) - a_r)
-            G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
-            dy = _rows(dy_ptr, row0 + pos_q, H * P, pos_q < L, h, P, pp).to(x_s.dtype)
+            e_q = tl.exp(tl.load(acum_ptr + small + q * H) - a_r)
+            G = tl.load(G_c + q[:, None] * Q + s[None, :])
+            dy = _rows(dy_c, q, H * P, q < n_ok, pp, P).to(x_s.dtype)
             Pq = G * tl.dot(dy, tl.trans(x_s), input_precision=PREC)
             dxd_off = tl.dot(tl.trans((G * e_q[:, None]).to(dy.dtype)), dy, dxd_off, input_precision=PREC)
             col_off += tl.sum(Pq * e_q[:, None], axis=0)
             tl.store(row_at + q, e_q * tl.sum(Pq * (e_s * dt_s)[None, :], axis=1))
         dxd += e_s[:, None] * dxd_off
         col += e_s * dt_s * col_off
-        a_end = tl.load(acum_ptr + (bc * Q + Q - 1) * H + h)
+        a_end = tl.load(acum_ptr + small + (Q - 1) * H)
         to_end = tl.exp(a_end - a_s)
-        dxs = tl.load(dxs_ptr + ((bc * Q + s) * H + h)[:, None] * P + pp[None, :], mask=pp[None, :] < P, other=0.0)
+        dxs = tl.load(dxs_ptr + small * P + s[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P, other=0.0)
         xf = x_s.to(tl.float32)
         t = tl.sum(dxs * xf, axis=1) * dt_s * to_end
         dxdt = dxd + dxs * to_end[:, None]
         dx = dxdt * dt_s[:, None]
-        at = (bc * Q + s) * H + h
+        at = s * H                                                      # from small
         if HAS_D:
-            dy_s = _rows(dy_ptr, row0 + pos_s, H * P, ok_s, h, P, pp).to(tl.float32)
+            dy_s = _rows(dy_c, s, H * P, ok_s, pp, P).to(tl.float32)
             dx += tl.load(D_ptr + h) * dy_s
-            tl.store(dD_ptr + at, tl.sum(dy_s * xf, axis=1))
-        tl.store(dx_ptr + (row0 + pos_s)[:, None] * SDX + h * P + pp[None, :], dx.to(dx_ptr.dtype.element_ty),
+            tl.store(dD_ptr + small + at, tl.sum(dy_s * xf, axis=1))
+        tl.store(dx_ptr + r0 * SDX + h * P + s[:, None] * SDX + pp[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=ok_s[:, None] & (pp[None, :] < P))
-        tl.store(ddt_ptr + at, tl.sum(dxdt * xf, axis=1))
-        tl.store(dacum_col_ptr + at, -col - t)
-        tl.store(t_ptr + at, t)
+        tl.store(ddt_ptr + small + at, tl.sum(dxdt * xf, axis=1))
+        tl.store(dacum_col_ptr + small + at, -col - t)
+        tl.store(t_ptr + small + at, t)
 
     @triton.jit
     def _diag_bwd_G_kernel(acum_ptr, x_ptr, dt_ptr, dy_ptr, dG_ptr, L, NC, H, P, SX,
@@ -493,29 +503,32 @@ if triton is not None:
         Q / BM columns); tiles above the diagonal are zero."""
         bc, mq, ms = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         bi, ci = bc // NC, bc % NC
-        row0 = bi * L
-        q = mq * BM + tl.arange(0, BM)
+        r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
+        n_ok = (L - ci * Q).to(tl.int32)
+        q = mq * BM + tl.arange(0, BM)                                  # positions inside the chunk
         s = ms * BM + tl.arange(0, BM)
-        ok_q, ok_s = ci * Q + q < L, ci * Q + s < L
+        ok_q, ok_s = q < n_ok, s < n_ok
         pp = tl.arange(0, BP)
+        acum_c, dt_c = acum_ptr + bc * Q * H, dt_ptr + r0 * H           # head h: + h
+        x_c, dy_c = x_ptr + r0 * SX, dy_ptr + r0 * H * P                # head h: + h * P
         causal = q[:, None] >= s[None, :]
         acc = tl.zeros((BM, BM), dtype=tl.float32)
         if ms < mq:  # below the diagonal the decay splits at the q block's first row, as in _diag_bwd_x_kernel
             for h in range(0, H):
-                a_r = tl.load(acum_ptr + (bc * Q + mq * BM) * H + h)
-                e_q = tl.exp(tl.load(acum_ptr + (bc * Q + q) * H + h) - a_r)
-                e_s = tl.exp(a_r - tl.load(acum_ptr + (bc * Q + s) * H + h))
-                x = _rows(x_ptr, row0 + ci * Q + s, SX, ok_s, h, P, pp)
-                dt = tl.load(dt_ptr + (row0 + ci * Q + s) * H + h, mask=ok_s, other=0.0)
-                dy = _rows(dy_ptr, row0 + ci * Q + q, H * P, ok_q, h, P, pp).to(x.dtype)
+                a_r = tl.load(acum_c + mq * BM * H + h)
+                e_q = tl.exp(tl.load(acum_c + q * H + h) - a_r)
+                e_s = tl.exp(a_r - tl.load(acum_c + s * H + h))
+                x = _rows(x_c + h * P, s, SX, ok_s, pp, P)
+                dt = tl.load(dt_c + s * H + h, mask=ok_s, other=0.0)
+                dy = _rows(dy_c + h * P, q, H * P, ok_q, pp, P).to(x.dtype)
                 acc += tl.dot(dy, tl.trans(x), input_precision=PREC) * e_q[:, None] * (dt * e_s)[None, :]
         elif ms == mq:
             for h in range(0, H):
-                a_q = tl.load(acum_ptr + (bc * Q + q) * H + h)
-                a_s = tl.load(acum_ptr + (bc * Q + s) * H + h)
-                x = _rows(x_ptr, row0 + ci * Q + s, SX, ok_s, h, P, pp)
-                dt = tl.load(dt_ptr + (row0 + ci * Q + s) * H + h, mask=ok_s, other=0.0)
-                dy = _rows(dy_ptr, row0 + ci * Q + q, H * P, ok_q, h, P, pp).to(x.dtype)
+                a_q = tl.load(acum_c + q * H + h)
+                a_s = tl.load(acum_c + s * H + h)
+                x = _rows(x_c + h * P, s, SX, ok_s, pp, P)
+                dt = tl.load(dt_c + s * H + h, mask=ok_s, other=0.0)
+                dy = _rows(dy_c + h * P, q, H * P, ok_q, pp, P).to(x.dtype)
                 Dh = tl.dot(dy, tl.trans(x), input_precision=PREC) * dt[None, :]   # as in _diag_bwd_x_kernel
                 acc += Dh * tl.exp(tl.where(causal, a_q[:, None] - a_s[None, :], float("-inf")))
         tl.store(dG_ptr + bc * Q * Q + q[:, None] * Q + s[None, :], acc.to(dG_ptr.dtype.element_ty))
@@ -532,20 +545,21 @@ if triton is not None:
         h, bc = tl.program_id(0), tl.program_id(1).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         q = tl.arange(0, Q)
-        at = (bc * Q + q) * H + h
-        d = tl.load(dacum_ptr + at) + tl.load(col_ptr + at)
+        small = bc * Q * H + h                                          # (b, c, Q, h) at the chunk's start
+        at = q * H                                                      # from small
+        d = tl.load(dacum_ptr + small + at) + tl.load(col_ptr + small + at)
         for j in tl.static_range(NB):
             d += tl.load(row_ptr + ((bc * H + h) * NB + j) * Q + q)
         k = tl.arange(0, BNT)
-        tail = tl.sum(tl.load(t_ptr + at), axis=0) + tl.sum(
+        tail = tl.sum(tl.load(t_ptr + small + at), axis=0) + tl.sum(
             tl.load(da_part_ptr + (bc * H + h) * NNT + k, mask=k < NNT, other=0.0), axis=0)
         d += tl.where(q == Q - 1, tail, 0.0)
         da = tl.cumsum(d, axis=0, reverse=True)
-        pos = ci * Q + q
-        ok = pos < L
-        dt = tl.load(dt_ptr + (bi * L + pos) * H + h, mask=ok, other=0.0)
-        ddt = tl.load(ddt_part_ptr + at) + da * tl.load(A_ptr + h)
-        tl.store(ddt_ptr + (bi * L + pos) * H + h, ddt.to(ddt_ptr.dtype.element_ty), mask=ok)
+        ok = q < (L - ci * Q).to(tl.int32)
+        dt_c = dt_ptr + (bi * L + ci * Q) * H + h
+        dt = tl.load(dt_c + q * H, mask=ok, other=0.0)
+        ddt = tl.load(ddt_part_ptr + small + at) + da * tl.load(A_ptr + h)
+        tl.store(ddt_ptr + (bi * L + ci * Q) * H + h + q * H, ddt.to(ddt_ptr.dtype.element_ty), mask=ok)
         tl.store(dA_part_ptr + bc * H + h, tl.sum(da * dt, axis=0))
 
 
