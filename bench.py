@@ -114,10 +114,15 @@ def train_model(variant, n_layers, device, options):
     return fast.accelerate(model, options) if device == "cuda" else model
 
 
-def bench_train(variant, batch, n_frames, n_layers, options, compile=False, steps=8, device="cuda"):
+# bench.py --compile: eager, torch.compile, torch.compile with CUDA graphs (train.py --compile --cuda-graphs)
+COMPILE_MODES = {"0": None, "1": "default", "graphs": "reduce-overhead"}
+
+
+def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=8, device="cuda"):
+    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory; compile: a key of COMPILE_MODES."""
     model = train_model(variant, n_layers, device, options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
-    fwd = torch.compile(model) if compile else model
+    fwd = torch.compile(model, mode=COMPILE_MODES[compile]) if COMPILE_MODES[compile] else model
     codes, text, mask = batch_inputs(batch, n_frames, 1, device)
 
     def step():
@@ -143,11 +148,12 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile=False, step
 
 
 def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25):
+    """compile: a key of COMPILE_MODES."""
     """Top CUDA kernels of a few training steps (torch.profiler), printed as a table."""
     from torch.profiler import ProfilerActivity, profile
     model = train_model(variant, n_layers, "cuda", options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), "cuda")
-    fwd = torch.compile(model) if compile else model
+    fwd = torch.compile(model, mode=COMPILE_MODES[compile]) if COMPILE_MODES[compile] else model
     codes, text, mask = batch_inputs(batch, n_frames, 1, "cuda")
 
     def step():
@@ -656,21 +662,21 @@ def run_section(section, args, device, train_options):
     n_frames = 40 if args.quick else 2584
     if section == "train":
         for variant, batch, comp, options in itertools.product(
-                args.variants, args.batches, map(int, args.compile),
+                args.variants, args.batches, args.compile,
                 train_options):
-            if args.quick and comp:
+            if args.quick and comp != "0":
                 continue
             try:
-                emit(bench_train(variant, 2 if args.quick else batch, n_frames, n_layers, options, bool(comp),
+                emit(bench_train(variant, 2 if args.quick else batch, n_frames, n_layers, options, comp,
                                  device=device))
             except Exception as e:  # report, keep going
-                emit({"section": "train", "variant": variant, "batch": batch, "compile": bool(comp),
+                emit({"section": "train", "variant": variant, "batch": batch, "compile": comp,
                       "mamba2": options.train, "error": f"{type(e).__name__}: {e}"[:160]})
             if device == "cuda":
                 torch.cuda.empty_cache()
     elif section == "profile":
-        for variant, comp in itertools.product(args.variants, map(int, args.compile)):
-            profile_train(variant, args.batches[0], n_frames, n_layers, bool(comp), train_options[0])
+        for variant, comp in itertools.product(args.variants, args.compile):
+            profile_train(variant, args.batches[0], n_frames, n_layers, comp, train_options[0])
     elif section == "layer":
         for batch, options in itertools.product([1] if args.quick else args.batches,
                                                 train_options + [None] if device == "cuda" else [None]):
@@ -731,8 +737,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
     ap.add_argument("--variants", type=comma_list(list(LAYOUTS)), default=",".join(LAYOUTS))
     ap.add_argument("--batches", type=comma_list(datamod.positive_int), default="4,16", help="train, layer: batch sizes")
-    ap.add_argument("--compile", type=comma_list(["0", "1"]), default="0,1",
-                    help="training with torch.compile: 0, 1 or both")
+    ap.add_argument("--compile", type=comma_list(list(COMPILE_MODES)), default="0,1",
+                    help="training: 0 eager, 1 torch.compile, graphs torch.compile with CUDA graphs "
+                         "(reduce-overhead); comma-separated")
     ap.add_argument("--chunk-sizes", type=comma_list(datamod.positive_int), default="256",
                     help="the SSD kernels' chunk lengths (FastOptions.chunk_size)")
     ap.add_argument("--layers", type=datamod.positive_int, default=24)
