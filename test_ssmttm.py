@@ -707,6 +707,45 @@ def test_gpu_compiled_lm_is_one_graph_and_equals_eager(precision):
 
 
 @gpu
+def test_gpu_cuda_graph_training_accumulates_gradients_as_eager():
+    # train.py --compile --cuda-graphs: forward and backward replayed as CUDA graphs, two micro-batches
+    # per step, the gradients allocated once and zeroed in place (accumulate_gradients, apply_update).
+    # Each step, the recording and the replays after it, must sum both micro-batches' gradients as eager
+    # does; a gradient left as the graph's output would hold the second micro-batch's twice.
+    if not kernels.HAS_TRAIN_KERNELS:
+        pytest.skip("mamba-ssm < 2.3: Mamba2 trains through mamba-ssm's own function")
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="prefix_simba", n_layers=2, d_model=256, d_state=128, dropout=0.0)
+    model = fast.accelerate(TextToMusicLM(cfg).cuda())
+    g = torch.Generator(device="cuda").manual_seed(1)
+    batches = [(torch.randint(0, 1024, (2, 1, 300), device="cuda", generator=g),
+                torch.randn(2, 32, 768, device="cuda", generator=g),
+                torch.arange(32, device="cuda")[None] < torch.tensor([[32], [7 + i]], device="cuda"))
+               for i in range(2)]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+
+    def step(fwd):
+        model.zero_grad(set_to_none=False)
+        losses = []
+        for codes, text, mask in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = fwd(codes, text, mask)
+            (loss / 2).backward()
+            losses.append(loss.item())
+        return losses, [p.grad.clone() for p in model.parameters()]
+
+    eager, again = step(model), step(model)
+    graphed = torch.compile(model, mode="reduce-overhead")
+    spread = max(rel_err(a, e) for a, e in zip(again[1], eager[1]))
+    for i in range(4):  # warm-up, recording, replays
+        losses, grads = step(graphed)
+        assert losses == pytest.approx(eager[0], rel=3e-3), i
+        worst = report(f"graphs vs eager worst grad, step {i}", max(rel_err(a, e) for a, e in zip(grads, eager[1])))
+        assert worst < max(3e-2, 4 * spread), i
+
+
+@gpu
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("K", [1, 9])
 def test_gpu_fast_decoding_equals_full_forward(variant, K):
@@ -2283,6 +2322,46 @@ def test_bad_train_flag_is_one_line_and_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         trainmod.parse_args(flags)
     assert e.value.code == 2 and capsys.readouterr().err == f"train.py: error: {message}\n"
+
+
+def test_pad_text_rounds_the_length_up_and_leaves_every_loss_as_it_was():
+    # train.py --compile pads the text to a multiple of 32 tokens (fewer shapes to compile): the
+    # same loss to the last bits for the four LM variants and stage 2, and the given text kept exactly
+    text, mask = random_text(b=3, lt=5)
+    padded, padded_mask = trainmod.pad_text(text, mask, 32)
+    assert padded.shape == (3, 32, 24) and padded_mask.shape == (3, 32)
+    assert torch.equal(padded[:, :5], text) and torch.equal(padded_mask[:, :5], mask)
+    assert not padded[:, 5:].any() and not padded_mask[:, 5:].any()
+    assert trainmod.pad_text(padded, padded_mask, 32)[0].shape == (3, 32, 24)  # already a multiple: unchanged
+    codes = torch.randint(0, 1024, (3, 1, 12))
+    for variant in VARIANTS:
+        model = tiny_model(variant)
+        torch.testing.assert_close(model(codes, padded, padded_mask)[1], model(codes, text, mask)[1],
+                                   rtol=1e-12, atol=0)
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).double()
+    model.attach_codec(datamod.synthetic_codec())
+    with torch.no_grad():  # as if trained: the text's zero-initialised paths (out projections) open
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    codes = torch.randint(0, 1024, (3, 9, 32))
+    losses = []
+    for t, m in ((text, mask), (padded, padded_mask), (text + 1, mask)):
+        torch.manual_seed(1)  # the same noise and steps
+        losses.append(model(codes, t, m))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    assert abs(losses[2] - losses[0]) > 1e-6  # it reads the text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cuda-graphs"], "--cuda-graphs: pass --compile too"),
+    (["--compile", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs: one CUDA device only, not 1 x cpu")])
+def test_cuda_graphs_need_compile_and_one_cuda_device(tmp_path, flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "1", *flags))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "a").exists()  # stopped before writing anything
 
 
 @pytest.mark.parametrize("script, flags, message", [

@@ -38,6 +38,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -50,8 +51,8 @@ PAPER = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dr
              d_state=512, headdim=64, n_heads=8, frames=datamod.CLIP_FRAMES, eval_every=0, ckpt_every=1000)
 SYNTHETIC = dict(batch_size=16, grad_accum=1, lr=1e-3, warmup=30, steps=300, dropout=0.1, d_model=256,
                  d_state=64, headdim=32, n_heads=4, frames=128, eval_every=100, ckpt_every=100)
-RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "no_kernels",
-           "mamba_train", "no_fused_add_norm", "t5", "dac"}
+RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "cuda_graphs",
+           "no_kernels", "mamba_train", "no_fused_add_norm", "t5", "dac"}
 METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "caption_score"]
 
 
@@ -95,6 +96,11 @@ def parse_args(argv=None):
     ap.add_argument("--device", type=datamod.device_name, default="auto", help="auto, cpu, cuda")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the model: it takes minutes to compile, then each step is faster "
+                         "(BENCHMARKS.md)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="with --compile, one CUDA device: torch.compile's reduce-overhead mode, which replays "
+                         "each forward and backward as CUDA graphs instead of launching its kernels from Python; "
+                         "it pays where launching is the step's bottleneck, as at the paper's batch 4 "
                          "(BENCHMARKS.md)")
     ap.add_argument("--no-kernels", action="store_true",
                     help="on CUDA, train on the plain model (ssd_reference) instead of mamba-ssm's kernels")
@@ -379,11 +385,17 @@ def accumulate_gradients(run, step):
     args, device = run.args, run.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     run.trained.train()
+    if args.cuda_graphs:  # each gradient a tensor of this loop's from the start (why: apply_update)
+        for p in run.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     total = torch.zeros((), device=device)
     for micro in range(args.grad_accum):
         codes, captions = run.dataset.batch(*batch_indices(step, micro, args, run.rank, run.world, run.n_examples))
         codes = codes[..., :run.frames].to(device)
         text, mask = run.text_encoder(captions)
+        if args.compile:  # a few text lengths, not one per batch: each new shape costs a compilation
+            text, mask = pad_text(text, mask, TEXT_LENGTH_STEP)
         mask = mask & caption_keep(step, micro, args, run.rank, run.world).to(device)[:, None]  # null condition
         sync = run.world == 1 or micro == args.grad_accum - 1  # DDP: all-reduce the gradients once
         with (contextlib.nullcontext() if sync else run.trained.no_sync()), autocast:
@@ -398,6 +410,17 @@ def accumulate_gradients(run, step):
     return total.item()
 
 
+TEXT_LENGTH_STEP = 32
+
+
+def pad_text(text, mask, multiple):
+    """text (b, lt, d) and mask (b, lt) right-padded with masked zeros to a length that is a multiple of
+    `multiple`. The models do not see masked text (test_text_padding_is_invisible), so the loss is
+    unchanged."""
+    extra = -text.shape[1] % multiple
+    return F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
+
+
 def apply_update(run):
     """Clip the gradients, step the optimizer and the schedule, clear the gradients; returns (grad
     norm, lr). The one place where the weights, the optimizer and the schedule change."""
@@ -405,7 +428,10 @@ def apply_update(run):
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    # Under CUDA graphs a gradient set to None would become the backward graph's output buffer, which
+    # the next micro-batch's replay overwrites before adding to it (pytorch/pytorch#169545); zeroed
+    # in place, the gradients stay this loop's tensors and every backward adds into them.
+    run.optimizer.zero_grad(set_to_none=not run.args.cuda_graphs)
     return grad_norm, lr
 
 
@@ -545,6 +571,10 @@ def main(argv=None):
     ckpt = resume_or_start(args, given)
     source = init_from(args, given) if ckpt is None and args.init_from else None
     args.device = device.split(":")[0]
+    if args.cuda_graphs and not args.compile:
+        datamod.fail("--cuda-graphs: pass --compile too (the graphs are torch.compile's reduce-overhead mode)")
+    if args.cuda_graphs and (args.device != "cuda" or world > 1):
+        datamod.fail(f"--cuda-graphs: one CUDA device only, not {world} x {args.device} (untested with DDP)")
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -560,7 +590,7 @@ def main(argv=None):
         load_source_weights(source, model, model_config, args)
     elif args.stage == 2:  # per-codebook latent statistics of the training data, kept in the model
         model.set_latent_stats(dataset.batch(np.arange(min(64, n_examples or 64)))[0][..., :frames].to(device))
-    trained = torch.compile(model) if args.compile else model
+    trained = torch.compile(model, mode="reduce-overhead" if args.cuda_graphs else None) if args.compile else model
     if world > 1:
         # Gradients as views into DDP's all-reduce buckets: no copy into the buckets and back after
         # each all-reduce, and one gradient-sized buffer less.
