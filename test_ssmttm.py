@@ -2364,6 +2364,19 @@ def test_cuda_graphs_need_compile_and_one_cuda_device(tmp_path, flags, message, 
     assert not (tmp_path / "a").exists()  # stopped before writing anything
 
 
+def test_resume_does_not_keep_cuda_graphs(tmp_path):
+    # --cuda-graphs is for this invocation (one CUDA device; a store_true flag could not be undone): a
+    # run saved with it resumes without it, here on a CPU, to the same step count as asked
+    out = tmp_path / "a"
+    trainmod.main(tiny_train_args(out, "--steps", "2"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt["args"]["cuda_graphs"] = True  # as if saved by a GPU run with --compile --cuda-graphs
+    torch.save(ckpt, out / "ckpt.pt")
+    trainmod.main(tiny_train_args(out, "--steps", "3", "--resume"))
+    after = torch.load(out / "ckpt.pt", weights_only=False)
+    assert after["step"] == 3 and after["args"]["cuda_graphs"] is False
+
+
 @pytest.mark.parametrize("script, flags, message", [
     ("train.py", ["--lr", "nan"], "train.py: error: argument --lr: expected a finite number above 0, not 'nan'"),
     ("generate.py", ["a piece", "--seconds", "inf"],

@@ -53,6 +53,7 @@ SYNTHETIC = dict(batch_size=16, grad_accum=1, lr=1e-3, warmup=30, steps=300, dro
                  d_state=64, headdim=32, n_heads=4, frames=128, eval_every=100, ckpt_every=100)
 RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "cuda_graphs",
            "no_kernels", "mamba_train", "no_fused_add_norm", "t5", "dac"}
+THIS_INVOCATION = {"stop_after", "cuda_graphs"}  # RUNTIME flags that a resumed run does not take from the checkpoint
 METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "caption_score"]
 
 
@@ -101,7 +102,7 @@ def parse_args(argv=None):
                     help="with --compile, one CUDA device: torch.compile's reduce-overhead mode, which replays "
                          "each forward and backward as CUDA graphs instead of launching its kernels from Python; "
                          "it pays where launching is the step's bottleneck, as at the paper's batch 4 "
-                         "(BENCHMARKS.md)")
+                         "(BENCHMARKS.md). Not kept on --resume: pass it again")
     ap.add_argument("--no-kernels", action="store_true",
                     help="on CUDA, train on the plain model (ssd_reference) instead of mamba-ssm's kernels")
     ap.add_argument("--mamba-train", choices=fast.TRAIN_PATHS,
@@ -219,7 +220,9 @@ def resume_or_start(args, given):
         datamod.fail(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
                      f"checkpoint's settings; only {', '.join(sorted(RUNTIME))} can change on resume")
     for k, v in saved.items():
-        if k != "stop_after" and not (k in given and k in RUNTIME):  # --stop-after counts this invocation's steps
+        # --stop-after counts this invocation's steps; --cuda-graphs needs this machine to have one CUDA
+        # device, and as a store_true flag could not be turned off again if it were kept
+        if k not in THIS_INVOCATION and not (k in given and k in RUNTIME):
             setattr(args, k, v)
     args.resume = True
     return ckpt
