@@ -148,8 +148,8 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
 
 
 def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25):
-    """compile: a key of COMPILE_MODES."""
-    """Top CUDA kernels of a few training steps (torch.profiler), printed as a table."""
+    """Top CUDA kernels of a few training steps (torch.profiler), printed as a table; compile: a key of
+    COMPILE_MODES."""
     from torch.profiler import ProfilerActivity, profile
     model = train_model(variant, n_layers, "cuda", options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), "cuda")

@@ -577,7 +577,8 @@ def main(argv=None):
     if args.cuda_graphs and not args.compile:
         datamod.fail("--cuda-graphs: pass --compile too (the graphs are torch.compile's reduce-overhead mode)")
     if args.cuda_graphs and (args.device != "cuda" or world > 1):
-        datamod.fail(f"--cuda-graphs: one CUDA device only, not {world} x {args.device} (untested with DDP)")
+        datamod.fail(f"--cuda-graphs: needs exactly one CUDA device, and this run has {world} x {args.device} "
+                     "(the graphs are untested with DDP)")
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
