@@ -2355,7 +2355,8 @@ def test_pad_text_rounds_the_length_up_and_leaves_every_loss_as_it_was():
 
 @pytest.mark.parametrize("flags, message", [
     (["--cuda-graphs"], "--cuda-graphs: pass --compile too"),
-    (["--compile", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs: needs exactly one CUDA device, and this run has 1 x cpu")])
+    (["--compile", "--cuda-graphs", "--device", "cpu"],
+     "--cuda-graphs: needs exactly one CUDA device, and this run has 1 x cpu")])
 def test_cuda_graphs_need_compile_and_one_cuda_device(tmp_path, flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "1", *flags))
