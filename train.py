@@ -388,10 +388,6 @@ def accumulate_gradients(run, step):
     args, device = run.args, run.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     run.trained.train()
-    if args.cuda_graphs:  # each gradient a tensor of this loop's from the start (why: apply_update)
-        for p in run.model.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
     total = torch.zeros((), device=device)
     for micro in range(args.grad_accum):
         codes, captions = run.dataset.batch(*batch_indices(step, micro, args, run.rank, run.world, run.n_examples))
@@ -595,6 +591,10 @@ def main(argv=None):
     elif args.stage == 2:  # per-codebook latent statistics of the training data, kept in the model
         model.set_latent_stats(dataset.batch(np.arange(min(64, n_examples or 64)))[0][..., :frames].to(device))
     trained = torch.compile(model, mode="reduce-overhead" if args.cuda_graphs else None) if args.compile else model
+    if args.cuda_graphs:  # each gradient a tensor of this loop's, from the start on (why: apply_update)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
     if world > 1:
         # Gradients as views into DDP's all-reduce buckets: no copy into the buckets and back after
         # each all-reduce, and one gradient-sized buffer less.
