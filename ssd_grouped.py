@@ -195,7 +195,9 @@ def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chun
 
     # chunk states: S = xs^T B
     dstates = dstates.to(dtype)
-    dxs = _matmul_f32(Bc, dstates.transpose(-1, -2)).view(b, c, Q, h, p)   # K = n
+    # dxs rounded to x's dtype, as the Triton form stores it (half the traffic of fp32; the errors of
+    # BENCHMARKS.md, section 0c)
+    dxs = _matmul_f32(Bc, dstates.transpose(-1, -2)).to(dtype).to(ft).view(b, c, Q, h, p)   # K = n
     dB = _matmul_f32(xs.reshape(b, c, Q, h * p), dstates)                 # K = h*p
     t = (dxs * xs.to(ft)).sum(-1)                                     # (b, c, Q, h)
     dxdt = dxs * to_end[..., None]
@@ -431,7 +433,7 @@ if triton is not None:
         """For the positions s of one row block and one head: the (Q, Q) part's gradients (dxdt_s =
         sum_{q >= s} W[q, s] dy_q; -sum_q M[q, s] and M's row sums over these s, one slot per column
         block in dacum_row (b, c, h, Q / BM, Q), with W = G * decay and M = W * (dy_q . xdt_s)), then
-        the rest of the chain for these positions: with dxs (b, c, Q, h, p) fp32 from the chunk states,
+        the rest of the chain for these positions: with dxs (b, c, Q, h, p) in x's dtype from the chunk states,
         t = sum_p dxs xs, dxdt += dxs exp(acum_end - acum), dx = dxdt dt + D dy (x's dtype, (b, L, h, p) with
         rows SDX apart),
         ddt's part sum_p dxdt x, dacum_col = -sum_q M - t, t, and dD's part sum_p dy x (all (b, c, Q, h)).
@@ -479,7 +481,8 @@ if triton is not None:
         col += e_s * dt_s * col_off
         a_end = tl.load(acum_ptr + small + (Q - 1) * H)
         to_end = tl.exp(a_end - a_s)
-        dxs = tl.load(dxs_ptr + small * P + s[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P, other=0.0)
+        dxs = tl.load(dxs_ptr + small * P + s[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P,
+                      other=0.0).to(tl.float32)
         xf = x_s.to(tl.float32)
         t = tl.sum(dxs * xf, axis=1) * dt_s * to_end
         dxdt = dxd + dxs * to_end[:, None]
@@ -686,7 +689,7 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     # chunk states: S = xs^T B (xs made again, as the forward's kernel made it)
     xs = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype)
     _prep_kernel[(h, b * c)](x, dt32, A32, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=False, num_warps=8)
-    dxs = _matmul_f32(Bc, dstates.transpose(-1, -2))                  # (b, c, Q, h*p): K = n
+    dxs = torch.matmul(Bc, dstates.transpose(-1, -2))                # (b, c, Q, h*p) in x's dtype: K = n
     dB = _matmul_f32(xs, dstates)                                     # (b, c, Q, n): K = h*p
     del xs, dstates
     # inside the chunks, and the rest of the chain per position
