@@ -736,7 +736,7 @@ def test_gpu_cuda_graph_training_accumulates_gradients_as_eager():
         return losses, [p.grad.clone() for p in model.parameters()]
 
     eager, again = step(model), step(model)
-    graphed = torch.compile(model, mode="reduce-overhead")
+    graphed = trainmod.compile_model(model, cuda_graphs=True)
     spread = max(rel_err(a, e) for a, e in zip(again[1], eager[1]))
     for i in range(4):  # warm-up, recording, replays
         losses, grads = step(graphed)
@@ -2351,6 +2351,28 @@ def test_pad_text_rounds_the_length_up_and_leaves_every_loss_as_it_was():
         losses.append(model(codes, t, m))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
     assert abs(losses[2] - losses[0]) > 1e-6  # it reads the text
+
+
+def test_compiled_training_specializes_each_text_length():
+    # train.py --compile: every text length pad_text leaves (32, 64, 96 tokens) gets a graph of its
+    # own with static shapes, and the losses are eager's. Dynamo's default recompiles the second
+    # length with symbolic shapes, the compile in which Inductor failed on an H200 (compile_model)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([s for t in example_inputs if isinstance(t, torch.Tensor) for s in t.shape])
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = tiny_model("prefix_simba")
+    compiled = trainmod.compile_model(model, cuda_graphs=False, backend=recording_backend)
+    codes = torch.randint(0, 1024, (2, 1, 12))
+    for lt in (32, 64, 96):
+        text, mask = random_text(b=2, lt=lt)
+        torch.testing.assert_close(compiled(codes, text, mask)[1], model(codes, text, mask)[1], rtol=0, atol=0)
+    assert len(graphs) == 3
+    assert all(isinstance(s, int) for sizes in graphs for s in sizes), "symbolic shapes in a training graph"
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -412,6 +412,15 @@ def accumulate_gradients(run, step):
 TEXT_LENGTH_STEP = 32
 
 
+def compile_model(model, cuda_graphs, backend="inductor"):
+    """train.py --compile (--cuda-graphs: torch.compile's reduce-overhead mode, the forward and backward
+    replayed as CUDA graphs). Shapes are static: each text length that pad_text leaves is compiled on its
+    own (at most 256 / 32 = 8 with the text encoder's 256 tokens: Dynamo's recompile limit). With Dynamo's
+    default, the second length recompiled with symbolic shapes, and Inductor stopped with an AssertionError
+    in that compile on an H200 (BENCHMARKS.md, section 0c, sixteenth session)."""
+    return torch.compile(model, backend=backend, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
+
+
 def pad_text(text, mask, multiple):
     """text (b, lt, d) and mask (b, lt) right-padded with masked zeros to a length that is a multiple of
     `multiple`. The models do not see masked text (test_text_padding_is_invisible), so the loss is
@@ -590,7 +599,7 @@ def main(argv=None):
         load_source_weights(source, model, model_config, args)
     elif args.stage == 2:  # per-codebook latent statistics of the training data, kept in the model
         model.set_latent_stats(dataset.batch(np.arange(min(64, n_examples or 64)))[0][..., :frames].to(device))
-    trained = torch.compile(model, mode="reduce-overhead" if args.cuda_graphs else None) if args.compile else model
+    trained = compile_model(model, args.cuda_graphs) if args.compile else model
     if args.cuda_graphs:  # each gradient a tensor of this loop's, from the start on (why: apply_update)
         for p in model.parameters():
             if p.requires_grad:
