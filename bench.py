@@ -39,6 +39,7 @@ import fast
 import kernels
 import ssmttm
 import stage2
+import train as trainmod
 from fast import FastOptions
 from ssmttm import LAYOUTS, Mamba2, ModelConfig, TextToMusicLM
 
@@ -118,11 +119,22 @@ def train_model(variant, n_layers, device, options):
 COMPILE_MODES = {"0": None, "1": "default", "graphs": "reduce-overhead"}
 
 
+def compiled(model, compile):
+    """model as train.py runs it for `compile` (a key of COMPILE_MODES): itself, or train.compile_model's
+    (static shapes). Dynamo's cache is emptied first: it is kept per function, not per model, so the
+    configurations measured before would count against its recompile limit (8; past it Dynamo runs the
+    forward eagerly) and make it recompile with symbolic shapes, which train.py never does."""
+    if COMPILE_MODES[compile] is None:
+        return model
+    torch._dynamo.reset()
+    return trainmod.compile_model(model, cuda_graphs=compile == "graphs")
+
+
 def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=8, device="cuda"):
     """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory; compile: a key of COMPILE_MODES."""
     model = train_model(variant, n_layers, device, options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
-    fwd = torch.compile(model, mode=COMPILE_MODES[compile]) if COMPILE_MODES[compile] else model
+    fwd = compiled(model, compile)
     codes, text, mask = batch_inputs(batch, n_frames, 1, device)
 
     def step():
@@ -153,7 +165,7 @@ def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25)
     from torch.profiler import ProfilerActivity, profile
     model = train_model(variant, n_layers, "cuda", options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), "cuda")
-    fwd = torch.compile(model, mode=COMPILE_MODES[compile]) if COMPILE_MODES[compile] else model
+    fwd = compiled(model, compile)
     codes, text, mask = batch_inputs(batch, n_frames, 1, "cuda")
 
     def step():

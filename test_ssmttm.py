@@ -11,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
 import csv
+import functools
 import json
 import math
 import re
@@ -2372,6 +2373,28 @@ def test_compiled_training_specializes_each_text_length():
         torch.testing.assert_close(compiled(codes, text, mask)[1], model(codes, text, mask)[1], rtol=0, atol=0)
     assert len(graphs) == 3
     assert all(isinstance(s, int) for sizes in graphs for s in sizes), "symbolic shapes in a training graph"
+    torch._dynamo.reset()
+
+
+def test_bench_compiles_each_measured_model_afresh(monkeypatch):
+    # bench.py measures many models in one process: each gets train.compile_model's static graph, even
+    # past Dynamo's recompile limit (here lowered to 2), where a shared cache would run the third eagerly
+    import bench
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([s for t in example_inputs if isinstance(t, torch.Tensor) for s in t.shape])
+        return gm.forward
+
+    monkeypatch.setattr(trainmod, "compile_model", functools.partial(trainmod.compile_model, backend=recording_backend))
+    codes = torch.randint(0, 1024, (3, 1, 12))
+    text, mask = random_text(b=3, lt=8)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for batch in (1, 2, 3):
+            model = tiny_model("prefix_simba")
+            assert bench.compiled(model, "0") is model
+            bench.compiled(model, "1")(codes[:batch], text[:batch], mask[:batch])
+    assert len(graphs) == 3 and all(isinstance(s, int) for sizes in graphs for s in sizes)
     torch._dynamo.reset()
 
 
