@@ -2354,19 +2354,23 @@ def test_pad_text_rounds_the_length_up_and_leaves_every_loss_as_it_was():
     assert abs(losses[2] - losses[0]) > 1e-6  # it reads the text
 
 
+def recording_backend(graphs):
+    """A torch.compile backend that runs each graph as traced and appends its tensor inputs' sizes to graphs
+    (symbolic sizes are torch.SymInt, static ones int)."""
+    def backend(gm, example_inputs):
+        graphs.append([s for t in example_inputs if isinstance(t, torch.Tensor) for s in t.shape])
+        return gm.forward
+    return backend
+
+
 def test_compiled_training_specializes_each_text_length():
     # train.py --compile: every text length pad_text leaves (32, 64, 96 tokens) gets a graph of its
     # own with static shapes, and the losses are eager's. Dynamo's default recompiles the second
     # length with symbolic shapes, the compile in which Inductor failed on an H200 (compile_model)
     graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append([s for t in example_inputs if isinstance(t, torch.Tensor) for s in t.shape])
-        return gm.forward
-
     torch._dynamo.reset()
     model = tiny_model("prefix_simba")
-    compiled = trainmod.compile_model(model, cuda_graphs=False, backend=recording_backend)
+    compiled = trainmod.compile_model(model, cuda_graphs=False, backend=recording_backend(graphs))
     codes = torch.randint(0, 1024, (2, 1, 12))
     for lt in (32, 64, 96):
         text, mask = random_text(b=2, lt=lt)
@@ -2381,12 +2385,8 @@ def test_bench_compiles_each_measured_model_afresh(monkeypatch):
     # past Dynamo's recompile limit (here lowered to 2), where a shared cache would run the third eagerly
     import bench
     graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append([s for t in example_inputs if isinstance(t, torch.Tensor) for s in t.shape])
-        return gm.forward
-
-    monkeypatch.setattr(trainmod, "compile_model", functools.partial(trainmod.compile_model, backend=recording_backend))
+    monkeypatch.setattr(trainmod, "compile_model",
+                        functools.partial(trainmod.compile_model, backend=recording_backend(graphs)))
     codes = torch.randint(0, 1024, (3, 1, 12))
     text, mask = random_text(b=3, lt=8)
     with torch._dynamo.config.patch(recompile_limit=2):
