@@ -695,6 +695,7 @@ def test_gpu_compiled_lm_is_one_graph_and_equals_eager(precision):
         return [loss] + [p.grad for p in model.parameters()]
 
     eager, again = loss_and_grads(model), loss_and_grads(model)
+    torch._dynamo.reset()  # a compile of this forward at other sizes earlier in the process: not a recompile
     compiled = loss_and_grads(torch.compile(model, fullgraph=True))
     tol = {"fp32": 1e-4, "bf16": 3e-2}[precision]
     assert report(f"compiled vs eager {precision} loss", rel_err(compiled[0], eager[0])) < tol / 10
@@ -737,6 +738,7 @@ def test_gpu_cuda_graph_training_accumulates_gradients_as_eager():
         return losses, [p.grad.clone() for p in model.parameters()]
 
     eager, again = step(model), step(model)
+    torch._dynamo.reset()  # compiled as in a fresh train.py process
     graphed = trainmod.compile_model(model, cuda_graphs=True)
     spread = max(rel_err(a, e) for a, e in zip(again[1], eager[1]))
     for i in range(4):  # warm-up, recording, replays
