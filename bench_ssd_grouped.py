@@ -211,7 +211,7 @@ def _time_calls(calls):
 # Pointer arguments are bf16 where the training op passes bf16 (x, B, C, dy and what is made from them), else
 # fp32.
 _BF16_ARGS = {"x_ptr", "B_ptr", "C_ptr", "dy_ptr", "y_ptr", "dx_ptr", "dye_ptr", "xs_ptr", "S_prev_ptr",
-              "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr"}
+              "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr", "dxs_ptr"}
 
 
 def _launches(n, Q):
@@ -276,6 +276,7 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
     G = torch.randn(b, c, Q, Q, device="cuda", generator=g)
     acum = torch.cumsum(dt.new_zeros(b, c * Q, h).view(b, c, Q, h) - 0.01, dim=2)
     yoff = torch.randn(b, c, Q, h * p, device="cuda", generator=g)
+    dxs = yoff.to(torch.bfloat16)
     dy = torch.randn(b, l, h, p, device="cuda", generator=g).to(torch.bfloat16)
     y = torch.empty_like(x)
     small = lambda: torch.empty(b, c, Q, h, device="cuda")  # noqa: E731
@@ -289,7 +290,7 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
         calls = {
             "fwd": lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
                                                                  HAS_D=True, **kw),
-            "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x, dt, dy, yoff, D, y, small(), small(), row,
+            "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x, dt, dy, dxs, D, y, small(), small(), row,
                                                                     small(), small(), l, c, h, p, h * p, h * p, HAS_D=True, **kw),
             "bwd_G": lambda: sg._diag_bwd_G_kernel[(b * c, nb, nb)](acum, x, dt, dy, dG, l, c, h, p, h * p, **kw)}
         print(f"BM {bm} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
