@@ -415,9 +415,9 @@ TEXT_LENGTH_STEP = 32
 def compile_model(model, cuda_graphs, backend="inductor"):
     """train.py --compile (--cuda-graphs: torch.compile's reduce-overhead mode, the forward and backward
     replayed as CUDA graphs). Shapes are static: each text length that pad_text leaves is compiled on its
-    own (at most 256 / 32 = 8 with the text encoder's 256 tokens: Dynamo's recompile limit). With Dynamo's
-    default, the second length recompiled with symbolic shapes, and Inductor stopped with an AssertionError
-    in that compile on an H200 (BENCHMARKS.md, section 0c, sixteenth session)."""
+    own (at most 256 / 32 = 8 with the text encoder's 256 tokens: Dynamo's recompile limit). Dynamo's
+    default would recompile the second length with symbolic shapes, a compile in which Inductor has failed
+    (BENCHMARKS.md, section 0c)."""
     return torch.compile(model, backend=backend, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
 
 
