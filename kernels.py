@@ -75,6 +75,7 @@ if HAS_MAMBA_SSM:  # under torch.compile these are graph breaks; mamba2_train be
 # up to MAX_ROWS rows as cuBLAS's product with a kernel before and after it; width <= MAX_WIDTH
 CORE_ROWS, MAX_ROWS, MAX_WIDTH = 8, 128, 4096
 TC_ROWS = 4  # 16-bit weights, TC_ROWS < rows <= CORE_ROWS: the tensor-core kernel (_default_path)
+NORM_PDL_ROWS = 64  # past this many rows the norm before a product launches early (PDL); below, it measured slower
 LINEAR_PATHS = ("cuda_cores", "tensor_cores", "many_rows")
 
 
@@ -262,13 +263,18 @@ if triton is not None:
     @triton.jit
     def _add_norm_rows_kernel(x_ptr, stride_x, res_ptr, stride_res, sum_ptr, norm_w_ptr, normed_ptr, K, eps,
                               HAS_RES: tl.constexpr, SUM: tl.constexpr, NORM: tl.constexpr, NORMED: tl.constexpr,
-                              BLOCK_K: tl.constexpr):
+                              BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # One program per row, in float32: with SUM, sum = x (+ res) rounded to sum's dtype (the
         # residual stream, as the plain ops round x + f(x)); with NORMED, normed = RMSNorm(that) *
-        # norm_w (or it alone without NORM), rounded once to normed's dtype, the next product's.
+        # norm_w (or it alone without NORM), rounded once to normed's dtype, the next product's. With
+        # PDL (after ssm_step, which lets it start at once) the norm's weight loads before the wait.
         row = tl.program_id(0)
         ks = tl.arange(0, BLOCK_K)
         ok = ks < K
+        if NORM:
+            w = tl.load(norm_w_ptr + ks, mask=ok, other=0.0).to(tl.float32)
+        if PDL:
+            gdc_wait()
         x = tl.load(x_ptr + row * stride_x + ks, mask=ok, other=0.0).to(tl.float32)
         if HAS_RES:
             x += tl.load(res_ptr + row * stride_res + ks, mask=ok, other=0.0).to(tl.float32)
@@ -279,7 +285,7 @@ if triton is not None:
         if NORMED:
             if NORM:
                 rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
-                x = x * rstd * tl.load(norm_w_ptr + ks, mask=ok, other=0.0).to(tl.float32)
+                x = x * rstd * w
             tl.store(normed_ptr + row * K + ks, x.to(normed_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -503,9 +509,11 @@ def _tc_launch_shape(rows, width):
     return (16, 32, 4) if width <= 1024 else (16, 16, 8)
 
 
-def _add_norm_rows(x, residual=None, sum_dtype=None, norm_weight=None, eps=1e-5, normed_dtype=None):
+def _add_norm_rows(x, residual=None, sum_dtype=None, norm_weight=None, eps=1e-5, normed_dtype=None, pdl=False):
     """_add_norm_rows_kernel on x (M, K): sum = x + residual in sum_dtype if given, and normed =
-    RMSNorm(sum or x) * norm_weight in normed_dtype if given. Returns (sum, normed), None where not asked."""
+    RMSNorm(sum or x) * norm_weight in normed_dtype if given. Returns (sum, normed), None where not asked.
+    pdl: launched as a programmatic dependent (linear_rows'), which pays after a kernel that lets it start
+    early (ssm_step), not after cuBLAS's products, and only past NORM_PDL_ROWS rows."""
     M, K = x.shape
     new = lambda dtype: None if dtype is None else torch.empty(M, K, device=x.device, dtype=dtype)
     sum_, normed = new(sum_dtype), new(normed_dtype)
@@ -515,7 +523,8 @@ def _add_norm_rows(x, residual=None, sum_dtype=None, norm_weight=None, eps=1e-5,
                                 0 if residual is None else residual.stride(0), x if sum_ is None else sum_,
                                 x if norm_weight is None else norm_weight, x if normed is None else normed, K, eps,
                                 HAS_RES=residual is not None, SUM=sum_ is not None, NORM=norm_weight is not None,
-                                NORMED=normed is not None, BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+                                NORMED=normed is not None, BLOCK_K=triton.next_power_of_2(K), num_warps=4,
+                                **_launch_options(x, pdl))
     return sum_, normed
 
 
@@ -527,7 +536,8 @@ def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, n
     normed) with norm_out."""
     out_dtype = (residual if residual is not None else x).dtype
     if norm_weight is not None or x.dtype != weight.dtype or x.stride(-1) != 1:
-        x = _add_norm_rows(x, norm_weight=norm_weight, eps=eps, normed_dtype=weight.dtype)[1]
+        x = _add_norm_rows(x, norm_weight=norm_weight, eps=eps, normed_dtype=weight.dtype,
+                           pdl=pdl and x.shape[0] > NORM_PDL_ROWS)[1]
     y = F.linear(x, weight, bias)
     if gelu or conv is not None:
         y = _epilogue_rows(y, gelu, conv, out_dtype, pdl)
