@@ -43,7 +43,9 @@ _BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads() and "dtype" in torch.
 def _matmul_f32(a, b, add=None):
     """a @ b (+ add) over the last two dims, batched over the others, returned in fp32 at least: on
     CUDA with bf16/fp16 operands without rounding the fp32 accumulator to the operands' dtype first,
-    and add (fp32, the product's shape) read by the GEMM itself instead of in a pass of its own."""
+    and add (fp32, the product's shape) read by the GEMM itself instead of in a pass of its own. On
+    that path the GEMM accumulates into add and returns it (add is overwritten: pass a temporary),
+    rather than copying it into a new tensor first."""
     ft = torch.promote_types(a.dtype, torch.float32)
     if not a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         out = torch.matmul(a.float(), b.float())   # the same products, accumulated in fp32
@@ -53,7 +55,8 @@ def _matmul_f32(a, b, add=None):
         b2 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
         shape = (*batch, a.shape[-2], b.shape[-1])
         if add is not None:
-            return torch.baddbmm(add.reshape(-1, *shape[-2:]), a2, b2, out_dtype=torch.float32).view(shape)
+            acc = add.view(-1, *shape[-2:])
+            return torch.baddbmm(acc, a2, b2, out_dtype=torch.float32, out=acc).view(shape)
         return torch.bmm(a2, b2, out_dtype=torch.float32).view(shape)
     else:
         out = torch.matmul(a, b).to(ft)
