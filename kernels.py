@@ -75,7 +75,7 @@ if HAS_MAMBA_SSM:  # under torch.compile these are graph breaks; mamba2_train be
 # up to MAX_ROWS rows as cuBLAS's product with a kernel before and after it; width <= MAX_WIDTH
 CORE_ROWS, MAX_ROWS, MAX_WIDTH = 8, 128, 4096
 TC_ROWS = 4  # 16-bit weights, TC_ROWS < rows <= CORE_ROWS: the tensor-core kernel (_default_path)
-NORM_PDL_ROWS = 64  # past this many rows the norm before a product launches early (PDL); below, it measured slower
+NORM_PDL_ROWS = 64  # past this many rows the norm before a product launches early (PDL); at fewer it costs time
 LINEAR_PATHS = ("cuda_cores", "tensor_cores", "many_rows")
 
 
