@@ -293,7 +293,7 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
             "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x, dt, dy, dxs, D, y, small(), small(),
                                                                     row, small(), small(), l, c, h, p, h * p, h * p,
                                                                     HAS_D=True, **kw),
-            "bwd_G": lambda: sg._diag_bwd_G_kernel[(b * c, nb, nb)](acum, x, dt, dy, dG, l, c, h, p, h * p, **kw)}
+            "bwd_G": lambda: sg._diag_bwd_G_kernel[(nb, nb, b * c)](acum, x, dt, dy, dG, l, c, h, p, h * p, **kw)}
         print(f"BM {bm} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 

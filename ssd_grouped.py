@@ -505,9 +505,10 @@ if triton is not None:
     def _diag_bwd_G_kernel(acum_ptr, x_ptr, dt_ptr, dy_ptr, dG_ptr, L, NC, H, P, SX,
                            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr):
         """dG[q, s] = sum_h (dy_q . x_s dt_s)_h exp(acum_q - acum_s)_h on s <= q, one (BM, BM) tile of
-        (b, c, Q, Q) in dG's dtype (x's: dG is only a GEMM operand), summed in fp32. Grid (b*c, Q / BM rows,
-        Q / BM columns); tiles above the diagonal are zero."""
-        bc, mq, ms = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        (b, c, Q, Q) in dG's dtype (x's: dG is only a GEMM operand), summed in fp32. Grid (Q / BM rows, Q / BM
+        columns, b*c): the tiles of one chunk side by side, so that the x and dy rows they share come from L2;
+        tiles above the diagonal are zero."""
+        mq, ms, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
         n_ok = (L - ci * Q).to(tl.int32)
@@ -705,7 +706,7 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
                                             PREC=prec, num_stages=1)
     del dxs
     dG = torch.empty(b, c, Q, Q, device=dev, dtype=x.dtype)
-    _diag_bwd_G_kernel[(b * c, Q // BM, Q // BM)](acum, x, dt32, dy, dG, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, PREC=prec,
+    _diag_bwd_G_kernel[(Q // BM, Q // BM, b * c)](acum, x, dt32, dy, dG, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, PREC=prec,
                                                   num_warps=4, num_stages=2)
     dC = _matmul_f32(dG, Bc, add=dC)
     dB = _matmul_f32(dG.transpose(-1, -2), Cc, add=dB)
