@@ -210,25 +210,30 @@ def _time_calls(calls):
 # The kernels as forward_triton and backward_triton launch them: (kernel, constexprs, num_warps, num_stages).
 # Pointer arguments are bf16 where the training op passes bf16 (x, B, C, dy and what is made from them), else
 # fp32.
-_BF16_ARGS = {"x_ptr", "B_ptr", "C_ptr", "dy_ptr", "y_ptr", "dx_ptr", "dye_ptr", "xs_ptr", "S_prev_ptr",
-              "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr", "dxs_ptr"}
+_BF16_ARGS = {"x_ptr", "x_in", "B_in", "C_in", "dye_in", "dy_ptr", "y_ptr", "dx_ptr", "dye_ptr", "xs_ptr",
+              "S_prev_ptr", "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr", "dxs_ptr"}
 
 
-def _launches(n, Q):
+def _launches(n, Q, tma):
     sg = ssd_grouped
     diag = dict(Q=Q, BM=min(64, Q), BP=64, PREC="tf32")
-    st_f, st_b = sg._states_launch(n, Q, backward=False), sg._states_launch(n, Q, backward=True)
-    return [(sg._prep_kernel, dict(Q=Q, BP=64, WRITE_ACUM=False), 8, 3),
-            (sg._states_fwd_kernel, dict(Q=Q, BP=64, BN=st_f["BN"], BK=st_f["BK"], HAS_INIT=False, PREC="tf32"),
-             st_f["num_warps"], st_f["num_stages"]),
-            (sg._diag_fwd_kernel, dict(diag, HAS_D=True), 4, 1),
-            (sg._dy_kernel, dict(Q=Q, BM=diag["BM"], BP=64), 4, 3),
-            (sg._states_bwd_kernel, dict(Q=Q, BP=64, BN=st_b["BN"], BK=st_b["BK"], HAS_DFINAL=False, PREC="tf32"),
-             st_b["num_warps"], st_b["num_stages"]),
-            (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True), 4, 1),
-            (sg._diag_bwd_G_kernel, diag, 4, 2),
-            (sg._dacum_kernel, dict(Q=Q, NB=Q // diag["BM"], BNT=4), 4, 3),
-            (sg._copy_rows_kernel, dict(BL=8, BN=512), 4, 3)]
+    st_f, st_b = (sg._states_launch(n, Q, backward, tma) for backward in (False, True))
+    nums = lambda st: dict(BN=st["BN"], BK=st["BK"], TMA=st["TMA"])  # noqa: E731
+    # with TMA, the descriptors' tiles as forward_triton and backward_triton make them (_descriptor)
+    descs = {"x_in": (1, st_f["BK"], 1, 64), "B_in": (1, st_f["BK"], st_f["BN"]),
+             "dye_in": (st_b["BK"], 1, 64), "C_in": (1, st_b["BK"], st_b["BN"])} if tma else {}
+    return descs, [
+        (sg._prep_kernel, dict(Q=Q, BP=64, WRITE_ACUM=False), 8, 3),
+        (sg._states_fwd_kernel, dict(Q=Q, BP=64, **nums(st_f), HAS_INIT=False, PREC="tf32"),
+         st_f["num_warps"], st_f["num_stages"]),
+        (sg._diag_fwd_kernel, dict(diag, HAS_D=True), 4, 1),
+        (sg._dy_kernel, dict(Q=Q, BM=diag["BM"], BP=64), 4, 3),
+        (sg._states_bwd_kernel, dict(Q=Q, BP=64, **nums(st_b), HAS_DFINAL=False, PREC="tf32"),
+         st_b["num_warps"], st_b["num_stages"]),
+        (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True), 4, 1),
+        (sg._diag_bwd_G_kernel, diag, 4, 2),
+        (sg._dacum_kernel, dict(Q=Q, NB=Q // diag["BM"], BNT=4), 4, 3),
+        (sg._copy_rows_kernel, dict(BL=8, BN=512), 4, 3)]
 
 
 def registers(l, n, Q):
@@ -248,11 +253,13 @@ def registers(l, n, Q):
     print("| kernel | arch | warps | registers | spill stack B | shared KB | programs per SM |")
     print("|---|---|---|---|---|---|---|")
     for arch, smem in ((90, 227 * 1024), (80, 163 * 1024)):
-        for fn, consts, warps, stages in _launches(n, Q):
+        descs, launches = _launches(n, Q, tma=arch >= 90)
+        for fn, consts, warps, stages in launches:
             sig = {a: "constexpr" if a in consts else "i32" if a in values else
+                   f"tensordesc<bf16[{','.join(map(str, descs[a]))}]>" if a in descs else
                    "*bf16" if a in _BF16_ARGS else "*fp32" for a in fn.arg_names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                     if a not in consts and (a not in values or values[a] % 16 == 0)}
+                     if a not in consts and a not in descs and (a not in values or values[a] % 16 == 0)}
             c = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                                options={"num_warps": warps, "num_stages": stages})
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -299,7 +306,7 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
 
 def sweep_states(b, l, n, Q, h=32, p=64, maxnreg=None):
     """ms of _states_fwd_kernel and _states_bwd_kernel per tile (BN state columns, BK positions), warps
-    and stages."""
+    and stages, with their tiles loaded through TMA descriptors (Hopper on) and through pointers."""
     import itertools
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
     c = -(-l // Q)
@@ -310,17 +317,22 @@ def sweep_states(b, l, n, Q, h=32, p=64, maxnreg=None):
     dy_e = torch.randn(b, c, Q, h * p, device="cuda", generator=g).to(torch.bfloat16)
     final, d_init = torch.empty(b, h * p, n, device="cuda"), torch.empty(b, h * p, n, device="cuda")
     sg = ssd_grouped
-    for bn, bk, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
-        kw = dict(Q=Q, BP=p, BN=bn, BK=bk, PREC="tf32", num_warps=warps, num_stages=stages,
+    tmas = (True, False) if sg._has_tma(x.device) else (False,)
+    for tma, bn, bk, warps, stages in itertools.product(tmas, (64, 128), (32, 64, 128), (4, 8), (1, 2, 3, 4)):
+        kw = dict(Q=Q, BP=p, BN=bn, BK=bk, TMA=tma, PREC="tf32", num_warps=warps, num_stages=stages,
                   **({} if maxnreg is None else dict(maxnreg=maxnreg)))
         nnt = -(-n // bn)
         da_part = torch.empty(b, c, h, nnt, device="cuda")
+        x_in, B_in, dye_in, C_in = x, B, dy_e, C
+        if tma:
+            x_in, B_in = sg._descriptor(x, (1, bk, 1, p)), sg._descriptor(B, (1, bk, bn))
+            dye_in, C_in = sg._descriptor(dy_e.view(b * c * Q, h, p), (bk, 1, p)), sg._descriptor(C, (1, bk, bn))
         calls = {
-            "fwd": lambda: sg._states_fwd_kernel[(nnt, h, b)](x, dt, acum, B, s0, S_prev, final, l, c, h, p, n,
+            "fwd": lambda: sg._states_fwd_kernel[(nnt, h, b)](x_in, dt, acum, B_in, s0, S_prev, final, l, c, h, p, n,
                                                                h * p, n, HAS_INIT=True, **kw),
-            "bwd": lambda: sg._states_bwd_kernel[(nnt, h, b)](dy_e, C, S_prev, acum, s0, dstates, d_init, da_part,
-                                                               l, c, h, p, n, n, nnt, HAS_DFINAL=True, **kw)}
-        print(f"BN {bn} BK {bk} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
+            "bwd": lambda: sg._states_bwd_kernel[(nnt, h, b)](dye_in, C_in, S_prev, acum, s0, dstates, d_init,
+                                                               da_part, l, c, h, p, n, n, nnt, HAS_DFINAL=True, **kw)}
+        print(f"TMA {tma} BN {bn} BK {bk} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 
 if __name__ == "__main__":

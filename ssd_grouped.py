@@ -241,6 +241,7 @@ def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chun
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # a CPU-only torch has no triton
     triton = None
 
@@ -294,85 +295,99 @@ if triton is not None:
                      xs.to(xs_ptr.dtype.element_ty), mask=pp[None, :] < P)
 
     @triton.jit
-    def _states_fwd_kernel(x_ptr, dt_ptr, acum_ptr, B_ptr, init_ptr, S_prev_ptr, final_ptr, L, NC, H, P, N, SX, SB,
+    def _states_fwd_kernel(x_in, dt_ptr, acum_ptr, B_in, init_ptr, S_prev_ptr, final_ptr, L, NC, H, P, N, SX, SB,
                            Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                           HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+                           HAS_INIT: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
         """The chunk states and the scan between chunks in one pass, the state on chip: for one (p, BN)
         tile of head h's state, chunk after chunk, S_prev_c = prev (written in S_prev's dtype,
         (b, c, h*p, n)), prev = exp(acum_end) prev + xs^T B over the chunk's Q positions, with
         xs = x dt exp(acum_end - acum) made from x as it loads (rounded to x's dtype, the GEMM
-        operand). x (b, L, h, p) with rows SX apart, B (b, L, n) with rows SB apart, read unpadded.
-        The final state (b, h*p, n) fp32. Grid (n / BN, h, b): the n tiles of one head side by side."""
-        nt, h, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        operand). x (b, L, h, p) and B (b, L, n), read unpadded: with TMA, descriptors (_descriptor)
+        with tiles (1, BK, 1, BP) and (1, BK, BN); else pointers with rows SX and SB apart. The final
+        state (b, h*p, n) fp32. Grid (n / BN, h, b): the n tiles of one head side by side. One loop
+        over every (chunk, BK positions) step rather than a loop per chunk: the pipeliner then loads
+        the next chunk's tiles while this chunk's last product runs."""
+        nt, h, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         pp = tl.arange(0, BP)
         ns = nt * BN + tl.arange(0, BN)
         tile_ok = (pp[:, None] < P) & (ns[None, :] < N)
         tile = (h * P + pp[:, None]) * N + ns[None, :]                   # inside one (h*p, n) state
+        state = bi.to(tl.int64) * H * P * N                              # this batch's (h*p, n) state
         if HAS_INIT:
-            prev = tl.load(init_ptr + bi * H * P * N + tile, mask=tile_ok, other=0.0)
+            acc = tl.load(init_ptr + state + tile, mask=tile_ok, other=0.0)
         else:
-            prev = tl.zeros((BP, BN), dtype=tl.float32)
-        for ci in range(0, NC):
-            bc = bi * NC + ci
-            r0 = bi * L + ci * Q                                        # the chunk's first row of (b*L)
-            n_ok = L - ci * Q
+            acc = tl.zeros((BP, BN), dtype=tl.float32)
+        KT: tl.constexpr = Q // BK
+        for i in range(0, NC * KT):
+            ci, k0 = i // KT, (i % KT) * BK
+            bc = bi.to(tl.int64) * NC + ci
+            r0 = bi.to(tl.int64) * L + ci * Q                           # the chunk's first row of (b*L)
             acum_c = acum_ptr + bc * Q * H + h
-            tl.store(S_prev_ptr + bc * H * P * N + tile, prev.to(S_prev_ptr.dtype.element_ty), mask=tile_ok)
             a_end = tl.load(acum_c + (Q - 1) * H)
-            acc = tl.exp(a_end) * prev
-            for k0 in range(0, Q, BK):
-                q = k0 + tl.arange(0, BK)
-                ok = q < n_ok
-                a_q = tl.load(acum_c + q * H)
-                dt = tl.load(dt_ptr + r0 * H + h + q * H, mask=ok, other=0.0)
-                Bt = tl.load(B_ptr + r0 * SB + q[:, None] * SB + ns[None, :], mask=ok[:, None] & (ns[None, :] < N),
+            q = k0 + tl.arange(0, BK)
+            ok = q < L - ci * Q
+            a_q = tl.load(acum_c + q * H)
+            w = tl.load(dt_ptr + r0 * H + h + q * H, mask=ok, other=0.0) * tl.exp(a_end - a_q)
+            if TMA:
+                Bt = B_in.load([bi, ci * Q + k0, nt * BN]).reshape(BK, BN)
+                x = x_in.load([bi, ci * Q + k0, h, 0]).reshape(BK, BP)
+                xsT = tl.trans((x.to(tl.float32) * w[:, None]).to(x.dtype))
+            else:
+                Bt = tl.load(B_in + r0 * SB + q[:, None] * SB + ns[None, :], mask=ok[:, None] & (ns[None, :] < N),
                              other=0.0)                                                  # (BK, BN)
                 # x loaded as its transpose (the product's left operand) rather than transposed after
-                xT = tl.load(x_ptr + r0 * SX + h * P + q[None, :] * SX + pp[:, None],
+                xT = tl.load(x_in + r0 * SX + h * P + q[None, :] * SX + pp[:, None],
                              mask=ok[None, :] & (pp[:, None] < P), other=0.0)           # (BP, BK)
-                xsT = (xT.to(tl.float32) * (dt * tl.exp(a_end - a_q))[None, :]).to(xT.dtype)
-                acc = tl.dot(xsT, Bt.to(xsT.dtype), acc, input_precision=PREC)
-            prev = acc
-        tl.store(final_ptr + bi * H * P * N + tile, prev, mask=tile_ok)
+                xsT = (xT.to(tl.float32) * w[None, :]).to(xT.dtype)
+            if k0 == 0:  # the state entering chunk ci, then its decay over the chunk
+                tl.store(S_prev_ptr + bc * H * P * N + tile, acc.to(S_prev_ptr.dtype.element_ty), mask=tile_ok)
+                acc = tl.exp(a_end) * acc
+            acc = tl.dot(xsT, Bt.to(xsT.dtype), acc, input_precision=PREC)
+        tl.store(final_ptr + state + tile, acc, mask=tile_ok)
 
     @triton.jit
-    def _states_bwd_kernel(dye_ptr, C_ptr, S_prev_ptr, acum_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, da_part_ptr,
+    def _states_bwd_kernel(dye_in, C_in, S_prev_ptr, acum_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, da_part_ptr,
                            L, NC, H, P, N, SC, NNT, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                           BK: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
+                           BK: tl.constexpr, HAS_DFINAL: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
         """The backward of the scan and of the state -> output product's state side in one pass, the
         gradient on chip: for one (p, BN) tile of head h, chunk after chunk from the last, with g the
         gradient of the state leaving chunk c: da_part[b, c, h, tile] = exp(acum_end) sum(g S_prev_c),
         dstates_c = g (dstates' dtype, (b, c, h*p, n)), g = exp(acum_end) g + dy_e^T C over the chunk
-        (dy_e (b, c, Q, h*p) = dy exp(acum), zero past L; C (b, L, n) with rows SC apart, unpadded).
-        The initial state's gradient (b, h*p, n) fp32. Grid (n / BN, h, b)."""
-        nt, h, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        (dy_e (b*c*Q, h, p) = dy exp(acum), zero past L; C (b, L, n), unpadded: with TMA, descriptors
+        with tiles (BK, 1, BP) and (1, BK, BN); else pointers, C's rows SC apart). The initial state's
+        gradient (b, h*p, n) fp32. Grid (n / BN, h, b). One loop over every (chunk, BK positions) step,
+        as _states_fwd_kernel."""
+        nt, h, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         pp = tl.arange(0, BP)
         ns = nt * BN + tl.arange(0, BN)
         tile_ok = (pp[:, None] < P) & (ns[None, :] < N)
         tile = (h * P + pp[:, None]) * N + ns[None, :]
+        state = bi.to(tl.int64) * H * P * N
         if HAS_DFINAL:
-            g = tl.load(dfinal_ptr + bi * H * P * N + tile, mask=tile_ok, other=0.0)
+            g = tl.load(dfinal_ptr + state + tile, mask=tile_ok, other=0.0)
         else:
             g = tl.zeros((BP, BN), dtype=tl.float32)
-        for i in range(0, NC):
-            ci = NC - 1 - i
-            bc = bi * NC + ci
-            r0 = bi * L + ci * Q
-            n_ok = L - ci * Q
-            decay = tl.exp(tl.load(acum_ptr + bc * Q * H + h + (Q - 1) * H))
-            S = tl.load(S_prev_ptr + bc * H * P * N + tile, mask=tile_ok, other=0.0).to(tl.float32)
-            tl.store(da_part_ptr + (bc * H + h) * NNT + nt, decay * tl.sum(tl.sum(g * S, axis=1), axis=0))
-            tl.store(dstates_ptr + bc * H * P * N + tile, g.to(dstates_ptr.dtype.element_ty), mask=tile_ok)
-            acc = decay * g
-            for k0 in range(0, Q, BK):
-                q = k0 + tl.arange(0, BK)
-                Ct = tl.load(C_ptr + r0 * SC + q[:, None] * SC + ns[None, :],
-                             mask=(q < n_ok)[:, None] & (ns[None, :] < N), other=0.0)   # (BK, BN)
-                dyeT = tl.load(dye_ptr + bc * Q * H * P + h * P + q[None, :] * (H * P) + pp[:, None],
+        KT: tl.constexpr = Q // BK
+        for i in range(0, NC * KT):
+            ci, k0 = NC - 1 - i // KT, (i % KT) * BK
+            bc = bi.to(tl.int64) * NC + ci
+            q = k0 + tl.arange(0, BK)
+            if TMA:
+                Ct = C_in.load([bi, ci * Q + k0, nt * BN]).reshape(BK, BN)
+                dyeT = tl.trans(dye_in.load([(bc * Q + k0).to(tl.int32), h, 0]).reshape(BK, BP))
+            else:
+                Ct = tl.load(C_in + (bi.to(tl.int64) * L + ci * Q) * SC + q[:, None] * SC + ns[None, :],
+                             mask=(q < L - ci * Q)[:, None] & (ns[None, :] < N), other=0.0)   # (BK, BN)
+                dyeT = tl.load(dye_in + bc * Q * H * P + h * P + q[None, :] * (H * P) + pp[:, None],
                                mask=pp[:, None] < P, other=0.0)                         # (BP, BK)
-                acc = tl.dot(dyeT, Ct.to(dyeT.dtype), acc, input_precision=PREC)
-            g = acc
-        tl.store(dinit_ptr + bi * H * P * N + tile, g, mask=tile_ok)
+            if k0 == 0:  # the gradient leaving chunk ci: its parts, then its decay over the chunk
+                decay = tl.exp(tl.load(acum_ptr + bc * Q * H + h + (Q - 1) * H))
+                S = tl.load(S_prev_ptr + bc * H * P * N + tile, mask=tile_ok, other=0.0).to(tl.float32)
+                tl.store(da_part_ptr + (bc * H + h) * NNT + nt, decay * tl.sum(tl.sum(g * S, axis=1), axis=0))
+                tl.store(dstates_ptr + bc * H * P * N + tile, g.to(dstates_ptr.dtype.element_ty), mask=tile_ok)
+                g = decay * g
+            g = tl.dot(dyeT, Ct.to(dyeT.dtype), g, input_precision=PREC)
+        tl.store(dinit_ptr + state + tile, g, mask=tile_ok)
 
     @triton.jit
     def _diag_fwd_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, yoff_ptr, D_ptr, y_ptr, L, NC, H, P, SX,
@@ -583,6 +598,19 @@ def _rows_of(t):
     return t, t.stride(1)
 
 
+def _descriptor(t, block):
+    """A TMA tensor descriptor (Triton's TensorDescriptor) over t with its shape and strides, loading
+    tiles of shape `block`, zeros past t's edges. TMA wants the base and every stride but the last
+    (which must be 1) on 16 bytes; where t's are not, t is first copied into a buffer whose last
+    dimension is padded to 16 bytes. On GPUs without TMA (before Hopper) Triton turns the descriptor
+    loads into plain ones."""
+    size = t.element_size()
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+        padded = t.new_empty(*t.shape[:-1], -(-t.shape[-1] * size // 16) * 16 // size)
+        t = padded[..., :t.shape[-1]].copy_(t)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+
+
 def _copy_rows(src, dst, rows):
     """The first `rows` rows of src (b, l, n) into dst (b, l', n), zeros past them, cast to dst's dtype: one
     Triton pass; both with rows of n dense values, any row stride (_rows_of)."""
@@ -619,17 +647,28 @@ def _launch(x, chunk_size):
     return b, l, h, p, -(-l // Q), Q, min(64, Q), max(16, triton.next_power_of_2(p)), prec
 
 
-def _states_launch(n, Q, backward):
-    """_states_fwd_kernel's (backward False) or _states_bwd_kernel's tile: dict(BN state columns, BK
-    positions per product, num_warps, num_stages), the fastest of `bench_ssd_grouped.py --sweep states`
-    on an H200."""
-    bn, bk, warps, stages = (128, 64, 4, 3) if backward else (128, 128, 4, 1)
-    return dict(BN=min(bn, max(16, triton.next_power_of_2(n))), BK=min(bk, Q), num_warps=warps, num_stages=stages)
+def _states_launch(n, Q, backward, tma):
+    """_states_fwd_kernel's (backward False) or _states_bwd_kernel's launch: dict(BN state columns, BK
+    positions per product, TMA, num_warps, num_stages), the fastest of `bench_ssd_grouped.py --sweep
+    states` on an H200 for each way of loading the tiles (TMA's in 72 KB of shared memory, which an
+    RTX 3090's 99 KB per program also holds)."""
+    if tma:
+        bn, bk, warps, stages = 128, 64, 4, 3
+    else:
+        bn, bk, warps, stages = (128, 64, 4, 3) if backward else (128, 128, 4, 1)
+    return dict(BN=min(bn, max(16, triton.next_power_of_2(n))), BK=min(bk, Q), TMA=tma, num_warps=warps,
+                num_stages=stages)
 
 
-def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+def _has_tma(device):
+    """Whether the state kernels load their tiles through TMA: CUDA GPUs from Hopper (sm_90) on."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=None):
     """forward with the elementwise work in Triton (CUDA, or TRITON_INTERPRET=1): same arguments and
-    results; chunk_size a power of two >= 16."""
+    results; chunk_size a power of two >= 16. tma: the chunk-state kernel loads its tiles through TMA
+    descriptors (default: _has_tma; the interpreter runs either way)."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     hp, dev = h * p, x.device
@@ -640,8 +679,11 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     S_prev = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     final = torch.empty(b, hp, n, device=dev, dtype=torch.float32)
     init = None if initial_state is None else initial_state.float().contiguous()
-    st = _states_launch(n, Q, backward=False)
-    _states_fwd_kernel[(triton.cdiv(n, st["BN"]), h, b)](x, dt, acum, B, final if init is None else init, S_prev,
+    st = _states_launch(n, Q, backward=False, tma=_has_tma(dev) if tma is None else tma)
+    x_in, B_in = x, B
+    if st["TMA"]:
+        x_in, B_in = _descriptor(x, (1, st["BK"], 1, BP)), _descriptor(B, (1, st["BK"], st["BN"]))
+    _states_fwd_kernel[(triton.cdiv(n, st["BN"]), h, b)](x_in, dt, acum, B_in, final if init is None else init, S_prev,
                                                          final, l, c, h, p, n, sx, sb, Q=Q, BP=BP,
                                                          HAS_INIT=init is not None, PREC=prec, **st)
     Bc, Cc = _chunked_rows(B, Q), _chunked_rows(C, Q)                  # (b, c, Q, n)
@@ -655,12 +697,12 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
 
 def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size, dx_out=None,
-                    dB_out=None, dC_out=None):
+                    dB_out=None, dC_out=None, tma=None):
     """backward with the elementwise work in Triton: same arguments and results. dx_out: where to
     write dx instead of a new tensor, (b, l, h, p) in x's dtype with rows of h*p values (as x may be:
     the x columns of the conv's gradient, so that dx is not copied there); it is the dx returned.
     dB_out, dC_out: the same for dB and dC, (b, l, n) with rows of n values, in any dtype (the result
-    is cast as it is written)."""
+    is cast as it is written). tma: as forward_triton's, for the chunk states' backward."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     for name, out, shape, dtype in (("dx_out", dx_out, (b, l, h, p), x.dtype), ("dB_out", dB_out, (b, l, n), None),
@@ -681,14 +723,19 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     del y_off
     dC = _matmul_f32(dy_e, S_prev)                                    # (b, c, Q, n): K = h*p
     # the scan between chunks backwards, with the state side of the state -> output product
-    st = _states_launch(n, Q, backward=True)
+    st = _states_launch(n, Q, backward=True, tma=_has_tma(dev) if tma is None else tma)
     nnt = triton.cdiv(n, st["BN"])
     dstates = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     d_init = torch.empty(b, hp, n, device=dev, dtype=f32)
     da_part = torch.empty(b, c, h, nnt, device=dev, dtype=f32)
     dfin = None if dfinal is None else dfinal.float().contiguous()
-    _states_bwd_kernel[(nnt, h, b)](dy_e, C, S_prev, acum, d_init if dfin is None else dfin, dstates, d_init, da_part,
-                                    l, c, h, p, n, sc, nnt, Q=Q, BP=BP, HAS_DFINAL=dfin is not None, PREC=prec, **st)
+    dye_in, C_in = dy_e, C
+    if st["TMA"]:
+        dye_in = _descriptor(dy_e.view(b * c * Q, h, p), (st["BK"], 1, BP))
+        C_in = _descriptor(C, (1, st["BK"], st["BN"]))
+    _states_bwd_kernel[(nnt, h, b)](dye_in, C_in, S_prev, acum, d_init if dfin is None else dfin, dstates, d_init,
+                                    da_part, l, c, h, p, n, sc, nnt, Q=Q, BP=BP, HAS_DFINAL=dfin is not None,
+                                    PREC=prec, **st)
     del dy_e
     # chunk states: S = xs^T B (xs made again, as the forward's kernel made it)
     xs = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype)

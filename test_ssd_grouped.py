@@ -163,6 +163,42 @@ def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, n, init
 
 
 @needs_triton
+@pytest.mark.parametrize("strided", [False, True])
+def test_state_kernels_through_tma_equal_their_pointer_loads(strided):
+    # the two ways the chunk-state kernels load their tiles (TMA descriptors from Hopper on, pointers
+    # before it) give the same states, outputs and gradients; strided: x, B and C as columns of one
+    # wider buffer whose rows (55 floats) TMA cannot read in place (_descriptor copies them)
+    x, dt, A, B, C, D, s0 = (t.detach().float().to(DEVICE) for t in _inputs(2, 300, 3, 16, 20))
+    if strided:
+        buffer = torch.cat([x.flatten(2), B, C, torch.zeros(2, 300, 7, device=DEVICE)], -1)
+        x, B, C = buffer[..., :48].unflatten(-1, (3, 16)), buffer[..., 48:68], buffer[..., 68:88]
+    g = torch.Generator().manual_seed(3)
+    dy, dfinal = torch.randn(x.shape, generator=g).to(DEVICE), torch.randn(s0.shape, generator=g).to(DEVICE)
+    out = {}
+    for tma in (False, True):
+        y, final, acum, S_prev, G = ssd_grouped.forward_triton(x, dt, A, B, C, 256, D, s0, tma=tma)
+        grads = ssd_grouped.backward_triton(dy, dfinal, x, dt, A, B, C, D, s0, acum, S_prev, G, 256, tma=tma)
+        out[tma] = [y, final, S_prev, *grads]
+    for got, want in zip(out[True], out[False]):
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+@needs_triton
+def test_descriptor_copies_only_what_tma_cannot_read():
+    # TMA reads rows whose base and strides are multiples of 16 bytes in place; others through a copy
+    # into rows padded to 16 bytes: same shape and values
+    buffer = torch.randn(2, 40, 3 * 16 + 2 * 24 + 8, device=DEVICE)
+    for t, in_place in ((buffer[..., 48:72], True), (buffer[..., :48].unflatten(-1, (3, 16)), True),
+                        (buffer[..., 1:25], False), (torch.randn(2, 40, 45, device=DEVICE)[..., :8], False),
+                        (buffer[:, ::3, :8], True),
+                        (buffer[..., :8].transpose(1, 2), False)):
+        desc = ssd_grouped._descriptor(t, [1] * (t.dim() - 1) + [8])
+        assert (desc.base.data_ptr() == t.data_ptr()) == in_place and torch.equal(desc.base, t)
+        assert desc.base.stride(-1) == 1 and all(s * 4 % 16 == 0 for s in desc.base.stride()[:-1])
+        assert desc.base.data_ptr() % 16 == 0 and list(desc.shape) == list(t.shape)
+
+
+@needs_triton
 def test_grouped_backward_writes_dx_into_a_wider_buffer():
     # the training op passes the x columns of the conv's gradient as dx_out: dx lands there bit for
     # bit as in a tensor of its own, and the buffer's other columns stay as they were
