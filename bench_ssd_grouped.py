@@ -210,8 +210,8 @@ def _time_calls(calls):
 # The kernels as forward_triton and backward_triton launch them: (kernel, constexprs, num_warps, num_stages).
 # Pointer arguments are bf16 where the training op passes bf16 (x, B, C, dy and what is made from them), else
 # fp32.
-_BF16_ARGS = {"x_ptr", "x_in", "B_in", "C_in", "dye_in", "dy_ptr", "y_ptr", "dx_ptr", "dye_ptr", "xs_ptr",
-              "S_prev_ptr", "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr", "dxs_ptr"}
+_BF16_ARGS = {"x_ptr", "x_in", "dy_in", "B_in", "C_in", "dye_in", "dy_ptr", "y_ptr", "dx_ptr", "dye_ptr",
+              "xs_ptr", "S_prev_ptr", "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr", "dxs_ptr"}
 
 
 def _launches(n, Q, tma):
@@ -219,8 +219,9 @@ def _launches(n, Q, tma):
     diag = dict(Q=Q, BM=min(64, Q), BP=64, PREC="tf32")
     st_f, st_b = (sg._states_launch(n, Q, backward, tma) for backward in (False, True))
     nums = lambda st: dict(BN=st["BN"], BK=st["BK"], TMA=st["TMA"])  # noqa: E731
-    # with TMA, the descriptors' tiles as forward_triton and backward_triton make them (_descriptor)
-    descs = {"x_in": (1, st_f["BK"], 1, 64), "B_in": (1, st_f["BK"], st_f["BN"]),
+    # with TMA, the descriptors' tiles as forward_triton and backward_triton make them (_descriptor; x's
+    # are (1, 64, 1, 64) in both kernels that take it at these shapes)
+    descs = {"x_in": (1, diag["BM"], 1, 64), "dy_in": (1, diag["BM"], 1, 64), "B_in": (1, st_f["BK"], st_f["BN"]),
              "dye_in": (st_b["BK"], 1, 64), "C_in": (1, st_b["BK"], st_b["BN"])} if tma else {}
     return descs, [
         (sg._prep_kernel, dict(Q=Q, BP=64, WRITE_ACUM=False), 8, 3),
@@ -231,7 +232,7 @@ def _launches(n, Q, tma):
         (sg._states_bwd_kernel, dict(Q=Q, BP=64, **nums(st_b), HAS_DFINAL=False, PREC="tf32"),
          st_b["num_warps"], st_b["num_stages"]),
         (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True), 4, 1),
-        (sg._diag_bwd_G_kernel, diag, 4, 2),
+        (sg._diag_bwd_G_kernel, dict(diag, TMA=tma), 4, 3 if tma else 2),
         (sg._dacum_kernel, dict(Q=Q, NB=Q // diag["BM"], BNT=4), 4, 3),
         (sg._copy_rows_kernel, dict(BL=8, BN=512), 4, 3)]
 
@@ -275,7 +276,8 @@ def registers(l, n, Q):
 
 
 def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
-    """ms of _diag_fwd_kernel, _diag_bwd_x_kernel and _diag_bwd_G_kernel per launch shape."""
+    """ms of _diag_fwd_kernel, _diag_bwd_x_kernel and _diag_bwd_G_kernel per launch shape, the last with its
+    tiles loaded through TMA descriptors (Hopper on) and through pointers."""
     import itertools
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
     c = -(-l // Q)
@@ -288,20 +290,25 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
     y = torch.empty_like(x)
     small = lambda: torch.empty(b, c, Q, h, device="cuda")  # noqa: E731
     sg = ssd_grouped
-    for bm, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 2, 3)):
+    tmas = (True, False) if sg._has_tma(x.device) else (False,)
+    for tma, bm, warps, stages in itertools.product(tmas, (32, 64, 128), (4, 8), (1, 2, 3)):
         kw = dict(Q=Q, BM=bm, BP=p, PREC="tf32", num_warps=warps, num_stages=stages,
                   **({} if maxnreg is None else dict(maxnreg=maxnreg)))
         nb = Q // bm
         row = torch.zeros(b, c, h, nb, Q, device="cuda")
         dG = torch.empty(b, c, Q, Q, device="cuda")
+        x_in, dy_in = sg._tiles(tma, x, (1, bm, 1, p)), sg._tiles(tma, dy, (1, bm, 1, p))
         calls = {
-            "fwd": lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
-                                                                 HAS_D=True, **kw),
-            "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x, dt, dy, dxs, D, y, small(), small(),
-                                                                    row, small(), small(), l, c, h, p, h * p, h * p,
-                                                                    HAS_D=True, **kw),
-            "bwd_G": lambda: sg._diag_bwd_G_kernel[(nb, nb, b * c)](acum, x, dt, dy, dG, l, c, h, p, h * p, **kw)}
-        print(f"BM {bm} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
+            "bwd_G": lambda: sg._diag_bwd_G_kernel[(nb, nb, b * c)](acum, x_in, dt, dy_in, dG, l, c, h, p, h * p,
+                                                                     TMA=tma, **kw)}
+        if not tma:
+            calls.update({
+                "fwd": lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
+                                                                     HAS_D=True, **kw),
+                "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x, dt, dy, dxs, D, y, small(),
+                                                                        small(), row, small(), small(), l, c, h, p,
+                                                                        h * p, h * p, HAS_D=True, **kw)})
+        print(f"TMA {tma} BM {bm} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 
 def sweep_states(b, l, n, Q, h=32, p=64, maxnreg=None):

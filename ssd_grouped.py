@@ -22,7 +22,8 @@ Two forms of the same arithmetic: `forward` / `backward` in plain torch (any dev
 per-head (Q, Q) decay and loop over chunks: the definition, and the CPU path), and `forward_triton`
 / `backward_triton`, where the chunk states with the scan each way, the (Q, Q) part and every
 elementwise pass are eight Triton kernels (the decay made on chip, tile by tile; the elementwise
-passes fused into the kernels' prologues and epilogues) and the other state products cuBLAS GEMMs.
+passes fused into the kernels' prologues and epilogues; on Hopper the chunk-state kernels and dG's
+read their tiles through TMA descriptors) and the other state products cuBLAS GEMMs.
 The backward is the chain rule through the lines above, in the same GEMM shapes. `ssd_grouped` is
 the entry point: both as torch.library ops with autograd (what torch.compile traces around). Shapes (b batch,
 l length, h heads, p head dim, n state size): x (b, l, h, p), dt (b, l, h) after softplus, A (h,) < 0,
@@ -256,6 +257,18 @@ if triton is not None:
         """A (len(rows), BP) tile of rows (int32, counted from base) stride elements apart, P values each
         (a head's slice of a (b*L, H, P) tensor when base points at it), zero where not ok and past P."""
         return tl.load(base + rows[:, None] * stride + pp[None, :], mask=ok[:, None] & (pp[None, :] < P), other=0.0)
+
+    @triton.jit
+    def _head_rows(t, bi, r0, L, h, P, S, BM: tl.constexpr, BP: tl.constexpr, TMA: tl.constexpr):
+        """Rows r0 ... r0 + BM - 1 of sequence bi of t (b, L, h, p), head h's P values each: a (BM, BP)
+        tile, zero past L and past P. t: a TMA descriptor with tiles (1, BM, 1, BP) if TMA, else a
+        pointer to rows S elements apart."""
+        if TMA:
+            tile = t.load([tl.cast(bi, tl.int32), tl.cast(r0, tl.int32), h, 0]).reshape(BM, BP)
+        else:
+            i = tl.arange(0, BM)
+            tile = _rows(t + (bi.to(tl.int64) * L + r0) * S + h * P, i, S, r0 + i < L, tl.arange(0, BP), P)
+        return tile
 
     @triton.jit
     def _copy_rows_kernel(src_ptr, dst_ptr, L_SRC, L_DST, L, N, S_SRC, S_DST,
@@ -517,22 +530,22 @@ if triton is not None:
         tl.store(t_ptr + small + at, t)
 
     @triton.jit
-    def _diag_bwd_G_kernel(acum_ptr, x_ptr, dt_ptr, dy_ptr, dG_ptr, L, NC, H, P, SX,
-                           Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr):
+    def _diag_bwd_G_kernel(acum_ptr, x_in, dt_ptr, dy_in, dG_ptr, L, NC, H, P, SX,
+                           Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, TMA: tl.constexpr,
+                           PREC: tl.constexpr):
         """dG[q, s] = sum_h (dy_q . x_s dt_s)_h exp(acum_q - acum_s)_h on s <= q, one (BM, BM) tile of
         (b, c, Q, Q) in dG's dtype (x's: dG is only a GEMM operand), summed in fp32. Grid (Q / BM rows, Q / BM
         columns, b*c): the tiles of one chunk side by side, so that the x and dy rows they share come from L2;
-        tiles above the diagonal are zero."""
+        tiles above the diagonal are zero. x (b, L, h, p) with rows SX apart and dy (b, L, h, p): TMA
+        descriptors with tiles (1, BM, 1, BP) if TMA, else pointers (_head_rows)."""
         mq, ms, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
         n_ok = (L - ci * Q).to(tl.int32)
         q = mq * BM + tl.arange(0, BM)                                  # positions inside the chunk
         s = ms * BM + tl.arange(0, BM)
-        ok_q, ok_s = q < n_ok, s < n_ok
-        pp = tl.arange(0, BP)
+        ok_s = s < n_ok
         acum_c, dt_c = acum_ptr + bc * Q * H, dt_ptr + r0 * H           # head h: + h
-        x_c, dy_c = x_ptr + r0 * SX, dy_ptr + r0 * H * P                # head h: + h * P
         causal = q[:, None] >= s[None, :]
         acc = tl.zeros((BM, BM), dtype=tl.float32)
         if ms < mq:  # below the diagonal the decay splits at the q block's first row, as in _diag_bwd_x_kernel
@@ -540,17 +553,17 @@ if triton is not None:
                 a_r = tl.load(acum_c + mq * BM * H + h)
                 e_q = tl.exp(tl.load(acum_c + q * H + h) - a_r)
                 e_s = tl.exp(a_r - tl.load(acum_c + s * H + h))
-                x = _rows(x_c + h * P, s, SX, ok_s, pp, P)
+                x = _head_rows(x_in, bi, ci * Q + ms * BM, L, h, P, SX, BM, BP, TMA)
                 dt = tl.load(dt_c + s * H + h, mask=ok_s, other=0.0)
-                dy = _rows(dy_c + h * P, q, H * P, ok_q, pp, P).to(x.dtype)
+                dy = _head_rows(dy_in, bi, ci * Q + mq * BM, L, h, P, H * P, BM, BP, TMA).to(x.dtype)
                 acc += tl.dot(dy, tl.trans(x), input_precision=PREC) * e_q[:, None] * (dt * e_s)[None, :]
         elif ms == mq:
             for h in range(0, H):
                 a_q = tl.load(acum_c + q * H + h)
                 a_s = tl.load(acum_c + s * H + h)
-                x = _rows(x_c + h * P, s, SX, ok_s, pp, P)
+                x = _head_rows(x_in, bi, ci * Q + ms * BM, L, h, P, SX, BM, BP, TMA)
                 dt = tl.load(dt_c + s * H + h, mask=ok_s, other=0.0)
-                dy = _rows(dy_c + h * P, q, H * P, ok_q, pp, P).to(x.dtype)
+                dy = _head_rows(dy_in, bi, ci * Q + mq * BM, L, h, P, H * P, BM, BP, TMA).to(x.dtype)
                 Dh = tl.dot(dy, tl.trans(x), input_precision=PREC) * dt[None, :]   # as in _diag_bwd_x_kernel
                 acc += Dh * tl.exp(tl.where(causal, a_q[:, None] - a_s[None, :], float("-inf")))
         tl.store(dG_ptr + bc * Q * Q + q[:, None] * Q + s[None, :], acc.to(dG_ptr.dtype.element_ty))
@@ -602,13 +615,19 @@ def _descriptor(t, block):
     """A TMA tensor descriptor (Triton's TensorDescriptor) over t with its shape and strides, loading
     tiles of shape `block`, zeros past t's edges. TMA wants the base and every stride but the last
     (which must be 1) on 16 bytes; where t's are not, t is first copied into a buffer whose last
-    dimension is padded to 16 bytes. On GPUs without TMA (before Hopper) Triton turns the descriptor
-    loads into plain ones."""
+    dimension is padded to 16 bytes. For GPUs with TMA (_has_tma): before Hopper, Triton turns
+    descriptor loads into plain ones that spill registers (bench_ssd_grouped.py --registers), and the
+    kernels take pointers instead."""
     size = t.element_size()
     if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
         padded = t.new_empty(*t.shape[:-1], -(-t.shape[-1] * size // 16) * 16 // size)
         t = padded[..., :t.shape[-1]].copy_(t)
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+
+
+def _tiles(tma, t, block):
+    """t as a kernel with TMA takes it, a descriptor with tiles `block` (_descriptor), else t itself."""
+    return _descriptor(t, block) if tma else t
 
 
 def _copy_rows(src, dst, rows):
@@ -661,14 +680,15 @@ def _states_launch(n, Q, backward, tma):
 
 
 def _has_tma(device):
-    """Whether the state kernels load their tiles through TMA: CUDA GPUs from Hopper (sm_90) on."""
+    """Whether the chunk-state kernels and dG's load their tiles through TMA descriptors: on CUDA GPUs
+    from Hopper (sm_90) on."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=None):
     """forward with the elementwise work in Triton (CUDA, or TRITON_INTERPRET=1): same arguments and
     results; chunk_size a power of two >= 16. tma: the chunk-state kernel loads its tiles through TMA
-    descriptors (default: _has_tma; the interpreter runs either way)."""
+    descriptors, else through pointers (default: _has_tma; the interpreter runs either)."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     hp, dev = h * p, x.device
@@ -679,13 +699,13 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     S_prev = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     final = torch.empty(b, hp, n, device=dev, dtype=torch.float32)
     init = None if initial_state is None else initial_state.float().contiguous()
-    st = _states_launch(n, Q, backward=False, tma=_has_tma(dev) if tma is None else tma)
-    x_in, B_in = x, B
-    if st["TMA"]:
-        x_in, B_in = _descriptor(x, (1, st["BK"], 1, BP)), _descriptor(B, (1, st["BK"], st["BN"]))
-    _states_fwd_kernel[(triton.cdiv(n, st["BN"]), h, b)](x_in, dt, acum, B_in, final if init is None else init, S_prev,
-                                                         final, l, c, h, p, n, sx, sb, Q=Q, BP=BP,
-                                                         HAS_INIT=init is not None, PREC=prec, **st)
+    tma = _has_tma(dev) if tma is None else tma
+    st = _states_launch(n, Q, backward=False, tma=tma)
+    _states_fwd_kernel[(triton.cdiv(n, st["BN"]), h, b)](_tiles(tma, x, (1, st["BK"], 1, BP)), dt, acum,
+                                                         _tiles(tma, B, (1, st["BK"], st["BN"])),
+                                                         final if init is None else init, S_prev, final, l, c, h, p,
+                                                         n, sx, sb, Q=Q, BP=BP, HAS_INIT=init is not None,
+                                                         PREC=prec, **st)
     Bc, Cc = _chunked_rows(B, Q), _chunked_rows(C, Q)                  # (b, c, Q, n)
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32
@@ -702,7 +722,7 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     write dx instead of a new tensor, (b, l, h, p) in x's dtype with rows of h*p values (as x may be:
     the x columns of the conv's gradient, so that dx is not copied there); it is the dx returned.
     dB_out, dC_out: the same for dB and dC, (b, l, n) with rows of n values, in any dtype (the result
-    is cast as it is written). tma: as forward_triton's, for the chunk states' backward."""
+    is cast as it is written). tma: as forward_triton's, for the chunk states' backward and dG."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     for name, out, shape, dtype in (("dx_out", dx_out, (b, l, h, p), x.dtype), ("dB_out", dB_out, (b, l, n), None),
@@ -723,19 +743,17 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     del y_off
     dC = _matmul_f32(dy_e, S_prev)                                    # (b, c, Q, n): K = h*p
     # the scan between chunks backwards, with the state side of the state -> output product
-    st = _states_launch(n, Q, backward=True, tma=_has_tma(dev) if tma is None else tma)
+    tma = _has_tma(dev) if tma is None else tma
+    st = _states_launch(n, Q, backward=True, tma=tma)
     nnt = triton.cdiv(n, st["BN"])
     dstates = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     d_init = torch.empty(b, hp, n, device=dev, dtype=f32)
     da_part = torch.empty(b, c, h, nnt, device=dev, dtype=f32)
     dfin = None if dfinal is None else dfinal.float().contiguous()
-    dye_in, C_in = dy_e, C
-    if st["TMA"]:
-        dye_in = _descriptor(dy_e.view(b * c * Q, h, p), (st["BK"], 1, BP))
-        C_in = _descriptor(C, (1, st["BK"], st["BN"]))
-    _states_bwd_kernel[(nnt, h, b)](dye_in, C_in, S_prev, acum, d_init if dfin is None else dfin, dstates, d_init,
-                                    da_part, l, c, h, p, n, sc, nnt, Q=Q, BP=BP, HAS_DFINAL=dfin is not None,
-                                    PREC=prec, **st)
+    _states_bwd_kernel[(nnt, h, b)](_tiles(tma, dy_e.view(b * c * Q, h, p), (st["BK"], 1, BP)),
+                                    _tiles(tma, C, (1, st["BK"], st["BN"])), S_prev, acum,
+                                    d_init if dfin is None else dfin, dstates, d_init, da_part, l, c, h, p, n, sc, nnt,
+                                    Q=Q, BP=BP, HAS_DFINAL=dfin is not None, PREC=prec, **st)
     del dy_e
     # chunk states: S = xs^T B (xs made again, as the forward's kernel made it)
     xs = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype)
@@ -753,8 +771,11 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
                                             PREC=prec, num_stages=1)
     del dxs
     dG = torch.empty(b, c, Q, Q, device=dev, dtype=x.dtype)
-    _diag_bwd_G_kernel[(Q // BM, Q // BM, b * c)](acum, x, dt32, dy, dG, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, PREC=prec,
-                                                  num_warps=4, num_stages=2)
+    # x and dy through TMA where the GPU has it (the other (Q, Q) kernels were slower with it: BENCHMARKS.md §0c)
+    rows = (1, BM, 1, BP)
+    _diag_bwd_G_kernel[(Q // BM, Q // BM, b * c)](acum, _tiles(tma, x, rows), dt32, _tiles(tma, dy, rows), dG, l, c, h,
+                                                  p, sx, Q=Q, BM=BM, BP=BP, TMA=tma, PREC=prec, num_warps=4,
+                                                  num_stages=3 if tma else 2)
     dC = _matmul_f32(dG, Bc, add=dC)
     dB = _matmul_f32(dG.transpose(-1, -2), Cc, add=dB)
     # d acum in total, then through acum = cumsum(dt A): ddt and dA

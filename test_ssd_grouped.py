@@ -164,9 +164,9 @@ def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, n, init
 
 @needs_triton
 @pytest.mark.parametrize("strided", [False, True])
-def test_state_kernels_through_tma_equal_their_pointer_loads(strided):
-    # the two ways the chunk-state kernels load their tiles (TMA descriptors from Hopper on, pointers
-    # before it) give the same states, outputs and gradients; strided: x, B and C as columns of one
+def test_kernels_through_tma_equal_their_pointer_loads(strided):
+    # the two ways the chunk-state kernels and dG's load their tiles (TMA descriptors from Hopper on,
+    # pointers before it) give the same states, outputs and gradients; strided: x, B and C as columns of one
     # wider buffer whose rows (55 floats) TMA cannot read in place (_descriptor copies them)
     x, dt, A, B, C, D, s0 = (t.detach().float().to(DEVICE) for t in _inputs(2, 300, 3, 16, 20))
     if strided:
