@@ -242,9 +242,12 @@ def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chun
 try:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # a CPU-only torch has no triton
     triton = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton before 3.4: the kernels read every tile through pointers
+    TensorDescriptor = None
 
 if triton is not None:
 
@@ -681,8 +684,8 @@ def _states_launch(n, Q, backward, tma):
 
 def _has_tma(device):
     """Whether the chunk-state kernels and dG's load their tiles through TMA descriptors: on CUDA GPUs
-    from Hopper (sm_90) on."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    from Hopper (sm_90) on, with Triton 3.4 or later (its TensorDescriptor)."""
+    return TensorDescriptor is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=None):

@@ -116,6 +116,8 @@ if triton is not None and INTERPRET:
 
     _interp._patch_lang_tensor = _patch_with_index
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_descriptors = pytest.mark.skipif(getattr(ssd_grouped, "TensorDescriptor", None) is None,
+                                       reason="Triton 3.4 or later (TensorDescriptor)")
 
 
 def _rel(a, ref):
@@ -163,6 +165,7 @@ def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, n, init
 
 
 @needs_triton
+@needs_descriptors
 @pytest.mark.parametrize("strided", [False, True])
 def test_kernels_through_tma_equal_their_pointer_loads(strided):
     # the two ways the chunk-state kernels and dG's load their tiles (TMA descriptors from Hopper on,
@@ -184,6 +187,7 @@ def test_kernels_through_tma_equal_their_pointer_loads(strided):
 
 
 @needs_triton
+@needs_descriptors
 def test_descriptor_copies_only_what_tma_cannot_read():
     # TMA reads rows whose base and strides are multiples of 16 bytes in place; others through a copy
     # into rows padded to 16 bytes: same shape and values
