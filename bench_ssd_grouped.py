@@ -207,7 +207,8 @@ def _time_calls(calls):
     return ", ".join(times)
 
 
-# The kernels as forward_triton and backward_triton launch them: (kernel, constexprs, num_warps, num_stages).
+# The kernels as forward_triton and backward_triton launch them (_launches: the TMA descriptors' tiles, and
+# (kernel, constexprs, num_warps, num_stages) per kernel).
 # Pointer arguments are bf16 where the training op passes bf16 (x, B, C, dy and what is made from them), else
 # fp32.
 _BF16_ARGS = {"x_ptr", "x_in", "dy_in", "B_in", "C_in", "dye_in", "dy_ptr", "y_ptr", "dx_ptr", "dye_ptr",
