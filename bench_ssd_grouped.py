@@ -300,15 +300,15 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
         dG = torch.empty(b, c, Q, Q, device="cuda")
         x_in, dy_in = sg._tiles(tma, x, (1, bm, 1, p)), sg._tiles(tma, dy, (1, bm, 1, p))
         calls = {
-            "bwd_G": lambda: sg._diag_bwd_G_kernel[(nb, nb, b * c)](acum, x_in, dt, dy_in, dG, l, c, h, p, h * p,
-                                                                     TMA=tma, **kw)}
+            "bwd_G": lambda: sg._diag_bwd_G_kernel[(nb, nb, b * c)](G, acum, x_in, dt, dy_in, dG, row, l, c, h, p,
+                                                                     h * p, TMA=tma, **kw)}
         if not tma:
             calls.update({
                 "fwd": lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
                                                                      HAS_D=True, **kw),
                 "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x, dt, dy, dxs, D, y, small(),
-                                                                        small(), row, small(), small(), l, c, h, p,
-                                                                        h * p, h * p, HAS_D=True, **kw)})
+                                                                        small(), small(), l, c, h, p, h * p, h * p,
+                                                                        HAS_D=True, **kw)})
         print(f"TMA {tma} BM {bm} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 

@@ -461,17 +461,16 @@ if triton is not None:
 
     @triton.jit
     def _diag_bwd_x_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, dy_ptr, dxs_ptr, D_ptr,
-                           dx_ptr, ddt_ptr, dacum_col_ptr, dacum_row_ptr, t_ptr, dD_ptr, L, NC, H, P, SX, SDX,
+                           dx_ptr, ddt_ptr, t_ptr, dD_ptr, L, NC, H, P, SX, SDX,
                            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
                            PREC: tl.constexpr):
-        """For the positions s of one row block and one head: the (Q, Q) part's gradients (dxdt_s =
-        sum_{q >= s} W[q, s] dy_q; -sum_q M[q, s] and M's row sums over these s, one slot per column
-        block in dacum_row (b, c, h, Q / BM, Q), with W = G * decay and M = W * (dy_q . xdt_s)), then
-        the rest of the chain for these positions: with dxs (b, c, Q, h, p) in x's dtype from the chunk states,
-        t = sum_p dxs xs, dxdt += dxs exp(acum_end - acum), dx = dxdt dt + D dy (x's dtype, (b, L, h, p) with
-        rows SDX apart),
-        ddt's part sum_p dxdt x, dacum_col = -sum_q M - t, t, and dD's part sum_p dy x (all (b, c, Q, h)).
-        Grid (h, Q / BM, b*c), as _diag_fwd_kernel's (block 0, the most work, first)."""
+        """For the positions s of one row block and one head: the (Q, Q) part's gradient of x dt,
+        dxdt_s = sum_{q >= s} W[q, s] dy_q with W = G * decay, then the rest of the chain for these
+        positions: with dxs (b, c, Q, h, p) in x's dtype from the chunk states, t = sum_p dxs xs,
+        dxdt += dxs exp(acum_end - acum), dx = dxdt dt + D dy (x's dtype, (b, L, h, p) with rows SDX
+        apart), ddt's part sum_p dxdt x, t, and dD's part sum_p dy x (all (b, c, Q, h)). d acum's (Q, Q)
+        part, M's row and column sums, is _diag_bwd_G_kernel's. Grid (h, Q / BM, b*c), as
+        _diag_fwd_kernel's (block 0, the most work, first)."""
         h, blk, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
@@ -482,42 +481,30 @@ if triton is not None:
         small = bc * Q * H + h                                          # (b, c, Q, h) at the chunk's start
         G_c, dy_c = G_ptr + bc * Q * Q, dy_ptr + r0 * H * P + h * P
         a_s = tl.load(acum_ptr + small + s * H)
-        x_s = _rows(x_ptr + r0 * SX + h * P, s, SX, ok_s, pp, P)                   # (BM, BP)
-        dt_s = tl.load(dt_ptr + r0 * H + h + s * H, mask=ok_s, other=0.0)
-        row_at = dacum_row_ptr + ((bc * H + h) * (Q // BM) + blk) * Q
         # the diagonal block, q in s's own block: the decay per (q, s), zero above the diagonal
         G = tl.load(G_c + s[:, None] * Q + s[None, :])
         W = G * tl.exp(tl.where(s[:, None] >= s[None, :], a_s[:, None] - a_s[None, :], float("-inf")))
-        dy = _rows(dy_c, s, H * P, ok_s, pp, P).to(x_s.dtype)                      # (BM q, BP)
-        # x dt_s as x's exact values in the product and dt in fp32 after it: x dt rounded to x's
-        # dtype here was most of dA's error (d acum sums M's rows and columns, which cancel)
-        M = W * tl.dot(dy, tl.trans(x_s), input_precision=PREC) * dt_s[None, :]         # (BM q, BM s)
+        dy = _rows(dy_c, s, H * P, ok_s, pp, P)                                    # (BM q, BP)
         dxd = tl.dot(tl.trans(W.to(dy.dtype)), dy, input_precision=PREC)
-        col = tl.sum(M, axis=0)
-        tl.store(row_at + s, tl.sum(M, axis=1))
         # below it the decay splits at the block's last position r: exp(a_q - a_s) = e_q e_s with
-        # e_q = exp(a_q - a_r), e_s = exp(a_r - a_s), both exponents <= 0 (acum falls); M = e_q P e_s dt_s
-        # with P = G * (dy_q . x_s): e_q scales G's rows, e_s the sums once, at the end
+        # e_q = exp(a_q - a_r), e_s = exp(a_r - a_s), both exponents <= 0 (acum falls): e_q scales G's
+        # rows, e_s the sum once, at the end
         a_r = tl.load(acum_ptr + small + (blk * BM + BM - 1) * H)
         e_s = tl.exp(a_r - a_s)
         dxd_off = tl.zeros((BM, BP), dtype=tl.float32)
-        col_off = tl.zeros((BM,), dtype=tl.float32)
         for q0 in range((blk + 1) * BM, Q, BM):
             q = q0 + tl.arange(0, BM)
             e_q = tl.exp(tl.load(acum_ptr + small + q * H) - a_r)
             G = tl.load(G_c + q[:, None] * Q + s[None, :])
-            dy = _rows(dy_c, q, H * P, q < n_ok, pp, P).to(x_s.dtype)
-            Pq = G * tl.dot(dy, tl.trans(x_s), input_precision=PREC)
+            dy = _rows(dy_c, q, H * P, q < n_ok, pp, P)
             dxd_off = tl.dot(tl.trans((G * e_q[:, None]).to(dy.dtype)), dy, dxd_off, input_precision=PREC)
-            col_off += tl.sum(Pq * e_q[:, None], axis=0)
-            tl.store(row_at + q, e_q * tl.sum(Pq * (e_s * dt_s)[None, :], axis=1))
         dxd += e_s[:, None] * dxd_off
-        col += e_s * dt_s * col_off
         a_end = tl.load(acum_ptr + small + (Q - 1) * H)
         to_end = tl.exp(a_end - a_s)
         dxs = tl.load(dxs_ptr + small * P + s[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P,
                       other=0.0).to(tl.float32)
-        xf = x_s.to(tl.float32)
+        dt_s = tl.load(dt_ptr + r0 * H + h + s * H, mask=ok_s, other=0.0)
+        xf = _rows(x_ptr + r0 * SX + h * P, s, SX, ok_s, pp, P).to(tl.float32)  # (BM, BP)
         t = tl.sum(dxs * xf, axis=1) * dt_s * to_end
         dxdt = dxd + dxs * to_end[:, None]
         dx = dxdt * dt_s[:, None]
@@ -529,18 +516,22 @@ if triton is not None:
         tl.store(dx_ptr + r0 * SDX + h * P + s[:, None] * SDX + pp[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=ok_s[:, None] & (pp[None, :] < P))
         tl.store(ddt_ptr + small + at, tl.sum(dxdt * xf, axis=1))
-        tl.store(dacum_col_ptr + small + at, -col - t)
         tl.store(t_ptr + small + at, t)
 
     @triton.jit
-    def _diag_bwd_G_kernel(acum_ptr, x_in, dt_ptr, dy_in, dG_ptr, L, NC, H, P, SX,
+    def _diag_bwd_G_kernel(G_ptr, acum_ptr, x_in, dt_ptr, dy_in, dG_ptr, dacum_m_ptr, L, NC, H, P, SX,
                            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, TMA: tl.constexpr,
                            PREC: tl.constexpr):
-        """dG[q, s] = sum_h (dy_q . x_s dt_s)_h exp(acum_q - acum_s)_h on s <= q, one (BM, BM) tile of
-        (b, c, Q, Q) in dG's dtype (x's: dG is only a GEMM operand), summed in fp32. Grid (Q / BM rows, Q / BM
-        columns, b*c): the tiles of one chunk side by side, so that the x and dy rows they share come from L2;
-        tiles above the diagonal are zero. x (b, L, h, p) with rows SX apart and dy (b, L, h, p): TMA
-        descriptors with tiles (1, BM, 1, BP) if TMA, else pointers (_head_rows)."""
+        """For one (BM, BM) tile (q, s) of a chunk, with D_h = (dy_q . x_s) dt_s exp(acum_q - acum_s) on
+        s <= q per head: dG = sum_h D_h (b, c, Q, Q) in dG's dtype (x's: dG is only a GEMM operand),
+        summed in fp32, and d acum's (Q, Q) part, M_h = G * D_h's row sums (+, at the positions q) and
+        column sums (-, at the positions s), into dacum_m (b, c, h, Q / BM, Q): the row sums in the
+        slot of the tile's column block, the column sums in the slot of its row block. Each (slot,
+        position) belongs to one tile, the diagonal ones' to both sums of one tile; tiles above the
+        diagonal are zero and write nothing to dacum_m. Grid (Q / BM rows, Q / BM columns, b*c): the
+        tiles of one chunk side by side, so that the x and dy rows they share come from L2. G (b, c,
+        Q, Q) fp32; x (b, L, h, p) with rows SX apart and dy (b, L, h, p): TMA descriptors with tiles
+        (1, BM, 1, BP) if TMA, else pointers (_head_rows)."""
         mq, ms, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
@@ -549,9 +540,11 @@ if triton is not None:
         s = ms * BM + tl.arange(0, BM)
         ok_s = s < n_ok
         acum_c, dt_c = acum_ptr + bc * Q * H, dt_ptr + r0 * H           # head h: + h
+        slots = dacum_m_ptr + bc * H * (Q // BM) * Q                     # head h, slot j: + (h * Q / BM + j) * Q
         causal = q[:, None] >= s[None, :]
         acc = tl.zeros((BM, BM), dtype=tl.float32)
         if ms < mq:  # below the diagonal the decay splits at the q block's first row, as in _diag_bwd_x_kernel
+            G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
             for h in range(0, H):
                 a_r = tl.load(acum_c + mq * BM * H + h)
                 e_q = tl.exp(tl.load(acum_c + q * H + h) - a_r)
@@ -559,24 +552,34 @@ if triton is not None:
                 x = _head_rows(x_in, bi, ci * Q + ms * BM, L, h, P, SX, BM, BP, TMA)
                 dt = tl.load(dt_c + s * H + h, mask=ok_s, other=0.0)
                 dy = _head_rows(dy_in, bi, ci * Q + mq * BM, L, h, P, H * P, BM, BP, TMA).to(x.dtype)
-                acc += tl.dot(dy, tl.trans(x), input_precision=PREC) * e_q[:, None] * (dt * e_s)[None, :]
+                Dh = tl.dot(dy, tl.trans(x), input_precision=PREC) * e_q[:, None] * (dt * e_s)[None, :]
+                acc += Dh
+                M = G * Dh
+                tl.store(slots + (h * (Q // BM) + ms) * Q + q, tl.sum(M, axis=1))
+                tl.store(slots + (h * (Q // BM) + mq) * Q + s, -tl.sum(M, axis=0))
         elif ms == mq:
+            G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
             for h in range(0, H):
                 a_q = tl.load(acum_c + q * H + h)
                 a_s = tl.load(acum_c + s * H + h)
                 x = _head_rows(x_in, bi, ci * Q + ms * BM, L, h, P, SX, BM, BP, TMA)
                 dt = tl.load(dt_c + s * H + h, mask=ok_s, other=0.0)
                 dy = _head_rows(dy_in, bi, ci * Q + mq * BM, L, h, P, H * P, BM, BP, TMA).to(x.dtype)
-                Dh = tl.dot(dy, tl.trans(x), input_precision=PREC) * dt[None, :]   # as in _diag_bwd_x_kernel
-                acc += Dh * tl.exp(tl.where(causal, a_q[:, None] - a_s[None, :], float("-inf")))
+                # x's exact values in the product and dt in fp32 after it: x dt rounded to x's dtype was
+                # most of dA's error (d acum sums M's rows and columns, which cancel)
+                Dh = tl.dot(dy, tl.trans(x), input_precision=PREC) * dt[None, :]
+                Dh = Dh * tl.exp(tl.where(causal, a_q[:, None] - a_s[None, :], float("-inf")))
+                acc += Dh
+                M = G * Dh
+                tl.store(slots + (h * (Q // BM) + mq) * Q + q, tl.sum(M, axis=1) - tl.sum(M, axis=0))
         tl.store(dG_ptr + bc * Q * Q + q[:, None] * Q + s[None, :], acc.to(dG_ptr.dtype.element_ty))
 
 
     @triton.jit
-    def _dacum_kernel(dacum_ptr, col_ptr, row_ptr, t_ptr, da_part_ptr, ddt_part_ptr, A_ptr, dt_ptr, ddt_ptr,
+    def _dacum_kernel(dacum_ptr, t_ptr, m_ptr, da_part_ptr, ddt_part_ptr, A_ptr, dt_ptr, ddt_ptr,
                       dA_part_ptr, L, NC, H, NNT, Q: tl.constexpr, NB: tl.constexpr, BNT: tl.constexpr):
-        """d acum in total for one chunk of head h: the state -> output part (dacum), -sum_q M - t
-        (col), M's row sums in NB blocks (row, (b, c, h, NB, Q)), and at the chunk's last position the
+        """d acum in total for one chunk of head h: the state -> output part (dacum), -t, M's row sums
+        less its column sums in NB slots (m, (b, c, h, NB, Q)), and at the chunk's last position the
         scan's part (da_part (b, c, h, NNT), summed) and sum_q t. Then through acum = cumsum(dt A):
         da_t = sum_{q >= t} dacum_q, ddt = ddt_part + da A written to ddt (b, L, h) in its dtype, and
         dA's part sum_t da_t dt_t to dA_part (b*c, h). All (b, c, Q, h) fp32 but ddt. Grid (h, b*c)."""
@@ -585,9 +588,9 @@ if triton is not None:
         q = tl.arange(0, Q)
         small = bc * Q * H + h                                          # (b, c, Q, h) at the chunk's start
         at = q * H                                                      # from small
-        d = tl.load(dacum_ptr + small + at) + tl.load(col_ptr + small + at)
+        d = tl.load(dacum_ptr + small + at) - tl.load(t_ptr + small + at)
         for j in tl.static_range(NB):
-            d += tl.load(row_ptr + ((bc * H + h) * NB + j) * Q + q)
+            d += tl.load(m_ptr + ((bc * H + h) * NB + j) * Q + q)
         k = tl.arange(0, BNT)
         tail = tl.sum(tl.load(t_ptr + small + at), axis=0) + tl.sum(
             tl.load(da_part_ptr + (bc * H + h) * NNT + k, mask=k < NNT, other=0.0), axis=0)
@@ -766,26 +769,26 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     del xs, dstates
     # inside the chunks, and the rest of the chain per position
     dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype) if dx_out is None else dx_out
-    ddt, dacum_col, t, dD_part = small(), small(), small(), small()
-    dacum_row = torch.zeros(b, c, h, Q // BM, Q, device=dev, dtype=f32)
+    ddt, t, dD_part = small(), small(), small()
     D32 = acum if D is None else D.float().contiguous()
-    _diag_bwd_x_kernel[(h, Q // BM, b * c)](G, acum, x, dt32, dy, dxs, D32, dx, ddt, dacum_col, dacum_row, t, dD_part,
-                                            l, c, h, p, sx, dx.stride(1), Q=Q, BM=BM, BP=BP, HAS_D=D is not None,
-                                            PREC=prec, num_stages=1)
+    _diag_bwd_x_kernel[(h, Q // BM, b * c)](G, acum, x, dt32, dy, dxs, D32, dx, ddt, t, dD_part, l, c, h, p, sx,
+                                            dx.stride(1), Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec,
+                                            num_stages=1)
     del dxs
     dG = torch.empty(b, c, Q, Q, device=dev, dtype=x.dtype)
     # x and dy through TMA where the GPU has it (the other (Q, Q) kernels were slower with it: BENCHMARKS.md §0c)
     rows = (1, BM, 1, BP)
-    _diag_bwd_G_kernel[(Q // BM, Q // BM, b * c)](acum, _tiles(tma, x, rows), dt32, _tiles(tma, dy, rows), dG, l, c, h,
-                                                  p, sx, Q=Q, BM=BM, BP=BP, TMA=tma, PREC=prec, num_warps=4,
-                                                  num_stages=3 if tma else 2)
+    dacum_m = torch.empty(b, c, h, Q // BM, Q, device=dev, dtype=f32)  # d acum's (Q, Q) part: every slot written
+    _diag_bwd_G_kernel[(Q // BM, Q // BM, b * c)](G, acum, _tiles(tma, x, rows), dt32, _tiles(tma, dy, rows), dG,
+                                                  dacum_m, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, TMA=tma, PREC=prec,
+                                                  num_warps=4, num_stages=3 if tma else 2)
     dC = _matmul_f32(dG, Bc, add=dC)
     dB = _matmul_f32(dG.transpose(-1, -2), Cc, add=dB)
     # d acum in total, then through acum = cumsum(dt A): ddt and dA
     ddt_out = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dA_part = torch.empty(b * c, h, device=dev, dtype=f32)
-    _dacum_kernel[(h, b * c)](dacum, dacum_col, dacum_row, t, da_part, ddt, A32, dt32, ddt_out, dA_part, l, c, h, nnt,
-                              Q=Q, NB=Q // BM, BNT=triton.next_power_of_2(nnt))
+    _dacum_kernel[(h, b * c)](dacum, t, dacum_m, da_part, ddt, A32, dt32, ddt_out, dA_part, l, c, h, nnt, Q=Q,
+                              NB=Q // BM, BNT=triton.next_power_of_2(nnt))
     # dB and dC unchunked and cast to where they go in one pass each
     dB = _copy_rows(dB.view(b, c * Q, n), B.new_empty(b, l, n) if dB_out is None else dB_out, l)
     dC = _copy_rows(dC.view(b, c * Q, n), C.new_empty(b, l, n) if dC_out is None else dC_out, l)
