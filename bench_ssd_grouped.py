@@ -232,7 +232,7 @@ def _launches(n, Q, tma):
         (sg._dy_kernel, dict(Q=Q, BM=diag["BM"], BP=64), 4, 3),
         (sg._states_bwd_kernel, dict(Q=Q, BP=64, **nums(st_b), HAS_DFINAL=False, PREC="tf32"),
          st_b["num_warps"], st_b["num_stages"]),
-        (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True), 4, 1),
+        (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True, TMA=tma), 4, 1),
         (sg._diag_bwd_G_kernel, dict(diag, TMA=tma), 4, 3 if tma else 2),
         (sg._dacum_kernel, dict(Q=Q, NB=Q // diag["BM"], BNT=4), 4, 3),
         (sg._copy_rows_kernel, dict(BL=8, BN=512), 4, 3)]
@@ -277,8 +277,8 @@ def registers(l, n, Q):
 
 
 def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
-    """ms of _diag_fwd_kernel, _diag_bwd_x_kernel and _diag_bwd_G_kernel per launch shape, the last with its
-    tiles loaded through TMA descriptors (Hopper on) and through pointers."""
+    """ms of _diag_fwd_kernel, _diag_bwd_x_kernel and _diag_bwd_G_kernel per launch shape, the last two with
+    their tiles loaded through TMA descriptors (Hopper on) and through pointers."""
     import itertools
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
     c = -(-l // Q)
@@ -301,14 +301,13 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
         x_in, dy_in = sg._tiles(tma, x, (1, bm, 1, p)), sg._tiles(tma, dy, (1, bm, 1, p))
         calls = {
             "bwd_G": lambda: sg._diag_bwd_G_kernel[(nb, nb, b * c)](G, acum, x_in, dt, dy_in, dG, row, l, c, h, p,
-                                                                     h * p, TMA=tma, **kw)}
+                                                                     h * p, TMA=tma, **kw),
+            "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x_in, dt, dy_in, dxs, D, y, small(),
+                                                                    small(), small(), l, c, h, p, h * p, h * p,
+                                                                    HAS_D=True, TMA=tma, **kw)}
         if not tma:
-            calls.update({
-                "fwd": lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
-                                                                     HAS_D=True, **kw),
-                "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x, dt, dy, dxs, D, y, small(),
-                                                                        small(), small(), l, c, h, p, h * p, h * p,
-                                                                        HAS_D=True, **kw)})
+            calls["fwd"] = lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
+                                                                         HAS_D=True, **kw)
         print(f"TMA {tma} BM {bm} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 

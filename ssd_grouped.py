@@ -460,17 +460,18 @@ if triton is not None:
         tl.store(dacum_ptr + small + q * H, tl.sum(yoff * dye, axis=1))
 
     @triton.jit
-    def _diag_bwd_x_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, dy_ptr, dxs_ptr, D_ptr,
+    def _diag_bwd_x_kernel(G_ptr, acum_ptr, x_in, dt_ptr, dy_in, dxs_ptr, D_ptr,
                            dx_ptr, ddt_ptr, t_ptr, dD_ptr, L, NC, H, P, SX, SDX,
                            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
-                           PREC: tl.constexpr):
+                           TMA: tl.constexpr, PREC: tl.constexpr):
         """For the positions s of one row block and one head: the (Q, Q) part's gradient of x dt,
         dxdt_s = sum_{q >= s} W[q, s] dy_q with W = G * decay, then the rest of the chain for these
         positions: with dxs (b, c, Q, h, p) in x's dtype from the chunk states, t = sum_p dxs xs,
         dxdt += dxs exp(acum_end - acum), dx = dxdt dt + D dy (x's dtype, (b, L, h, p) with rows SDX
         apart), ddt's part sum_p dxdt x, t, and dD's part sum_p dy x (all (b, c, Q, h)). d acum's (Q, Q)
-        part, M's row and column sums, is _diag_bwd_G_kernel's. Grid (h, Q / BM, b*c), as
-        _diag_fwd_kernel's (block 0, the most work, first)."""
+        part, M's row and column sums, is _diag_bwd_G_kernel's. x (b, L, h, p) with rows SX apart and
+        dy (b, L, h, p): TMA descriptors with tiles (1, BM, 1, BP) if TMA, else pointers (_head_rows).
+        Grid (h, Q / BM, b*c), as _diag_fwd_kernel's (block 0, the most work, first)."""
         h, blk, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
@@ -479,13 +480,13 @@ if triton is not None:
         ok_s = s < n_ok
         pp = tl.arange(0, BP)
         small = bc * Q * H + h                                          # (b, c, Q, h) at the chunk's start
-        G_c, dy_c = G_ptr + bc * Q * Q, dy_ptr + r0 * H * P + h * P
+        G_c = G_ptr + bc * Q * Q
         a_s = tl.load(acum_ptr + small + s * H)
         # the diagonal block, q in s's own block: the decay per (q, s), zero above the diagonal
         G = tl.load(G_c + s[:, None] * Q + s[None, :])
         W = G * tl.exp(tl.where(s[:, None] >= s[None, :], a_s[:, None] - a_s[None, :], float("-inf")))
-        dy = _rows(dy_c, s, H * P, ok_s, pp, P)                                    # (BM q, BP)
-        dxd = tl.dot(tl.trans(W.to(dy.dtype)), dy, input_precision=PREC)
+        dy_s = _head_rows(dy_in, bi, ci * Q + blk * BM, L, h, P, H * P, BM, BP, TMA)  # (BM q, BP)
+        dxd = tl.dot(tl.trans(W.to(dy_s.dtype)), dy_s, input_precision=PREC)
         # below it the decay splits at the block's last position r: exp(a_q - a_s) = e_q e_s with
         # e_q = exp(a_q - a_r), e_s = exp(a_r - a_s), both exponents <= 0 (acum falls): e_q scales G's
         # rows, e_s the sum once, at the end
@@ -496,7 +497,7 @@ if triton is not None:
             q = q0 + tl.arange(0, BM)
             e_q = tl.exp(tl.load(acum_ptr + small + q * H) - a_r)
             G = tl.load(G_c + q[:, None] * Q + s[None, :])
-            dy = _rows(dy_c, q, H * P, q < n_ok, pp, P)
+            dy = _head_rows(dy_in, bi, ci * Q + q0, L, h, P, H * P, BM, BP, TMA)
             dxd_off = tl.dot(tl.trans((G * e_q[:, None]).to(dy.dtype)), dy, dxd_off, input_precision=PREC)
         dxd += e_s[:, None] * dxd_off
         a_end = tl.load(acum_ptr + small + (Q - 1) * H)
@@ -504,15 +505,15 @@ if triton is not None:
         dxs = tl.load(dxs_ptr + small * P + s[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P,
                       other=0.0).to(tl.float32)
         dt_s = tl.load(dt_ptr + r0 * H + h + s * H, mask=ok_s, other=0.0)
-        xf = _rows(x_ptr + r0 * SX + h * P, s, SX, ok_s, pp, P).to(tl.float32)  # (BM, BP)
+        xf = _head_rows(x_in, bi, ci * Q + blk * BM, L, h, P, SX, BM, BP, TMA).to(tl.float32)  # (BM, BP)
         t = tl.sum(dxs * xf, axis=1) * dt_s * to_end
         dxdt = dxd + dxs * to_end[:, None]
         dx = dxdt * dt_s[:, None]
         at = s * H                                                      # from small
         if HAS_D:
-            dy_s = _rows(dy_c, s, H * P, ok_s, pp, P).to(tl.float32)
-            dx += tl.load(D_ptr + h) * dy_s
-            tl.store(dD_ptr + small + at, tl.sum(dy_s * xf, axis=1))
+            dyf = dy_s.to(tl.float32)
+            dx += tl.load(D_ptr + h) * dyf
+            tl.store(dD_ptr + small + at, tl.sum(dyf * xf, axis=1))
         tl.store(dx_ptr + r0 * SDX + h * P + s[:, None] * SDX + pp[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=ok_s[:, None] & (pp[None, :] < P))
         tl.store(ddt_ptr + small + at, tl.sum(dxdt * xf, axis=1))
@@ -728,7 +729,8 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     write dx instead of a new tensor, (b, l, h, p) in x's dtype with rows of h*p values (as x may be:
     the x columns of the conv's gradient, so that dx is not copied there); it is the dx returned.
     dB_out, dC_out: the same for dB and dC, (b, l, n) with rows of n values, in any dtype (the result
-    is cast as it is written). tma: as forward_triton's, for the chunk states' backward and dG."""
+    is cast as it is written). tma: as forward_triton's, for the chunk states' backward, dx's kernel
+    and dG's."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     for name, out, shape, dtype in (("dx_out", dx_out, (b, l, h, p), x.dtype), ("dB_out", dB_out, (b, l, n), None),
@@ -771,17 +773,18 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype) if dx_out is None else dx_out
     ddt, t, dD_part = small(), small(), small()
     D32 = acum if D is None else D.float().contiguous()
-    _diag_bwd_x_kernel[(h, Q // BM, b * c)](G, acum, x, dt32, dy, dxs, D32, dx, ddt, t, dD_part, l, c, h, p, sx,
-                                            dx.stride(1), Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec,
-                                            num_stages=1)
+    # x and dy through TMA where the GPU has it (_diag_fwd reads x through pointers: BENCHMARKS.md §0c)
+    rows = (1, BM, 1, BP)
+    x_t, dy_t = _tiles(tma, x, rows), _tiles(tma, dy, rows)
+    _diag_bwd_x_kernel[(h, Q // BM, b * c)](G, acum, x_t, dt32, dy_t, dxs, D32, dx, ddt, t, dD_part, l, c, h, p, sx,
+                                            dx.stride(1), Q=Q, BM=BM, BP=BP, HAS_D=D is not None, TMA=tma,
+                                            PREC=prec, num_stages=1)
     del dxs
     dG = torch.empty(b, c, Q, Q, device=dev, dtype=x.dtype)
-    # x and dy through TMA where the GPU has it (the other (Q, Q) kernels were slower with it: BENCHMARKS.md §0c)
-    rows = (1, BM, 1, BP)
     dacum_m = torch.empty(b, c, h, Q // BM, Q, device=dev, dtype=f32)  # d acum's (Q, Q) part: every slot written
-    _diag_bwd_G_kernel[(Q // BM, Q // BM, b * c)](G, acum, _tiles(tma, x, rows), dt32, _tiles(tma, dy, rows), dG,
-                                                  dacum_m, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, TMA=tma, PREC=prec,
-                                                  num_warps=4, num_stages=3 if tma else 2)
+    _diag_bwd_G_kernel[(Q // BM, Q // BM, b * c)](G, acum, x_t, dt32, dy_t, dG, dacum_m, l, c, h, p, sx, Q=Q, BM=BM,
+                                                  BP=BP, TMA=tma, PREC=prec, num_warps=4,
+                                                  num_stages=3 if tma else 2)
     dC = _matmul_f32(dG, Bc, add=dC)
     dB = _matmul_f32(dG.transpose(-1, -2), Cc, add=dB)
     # d acum in total, then through acum = cumsum(dt A): ddt and dA
