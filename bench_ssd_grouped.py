@@ -9,6 +9,7 @@ dt (after softplus), A, D, an initial state.
     python bench_ssd_grouped.py --check    # errors of both paths against ssd_reference in float64
     python bench_ssd_grouped.py --sweep diag    # block rows, warps and stages of the (Q, Q) kernels
     python bench_ssd_grouped.py --sweep states  # tiles, warps and stages of the chunk-state + scan kernels
+    python bench_ssd_grouped.py --sweep copy    # rows per program and warps of the dB / dC row copy
     python bench_ssd_grouped.py --conv     # the training pass's conv + SiLU (causal-conv1d), per layer
     python bench_ssd_grouped.py --registers  # registers per thread of the Triton kernels (no GPU needed)
 """
@@ -54,8 +55,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--sweep", choices=("diag", "states"), help="launch shapes of the (Q, Q) kernels or of "
-                    "the chunk-state + scan kernels")
+    ap.add_argument("--sweep", choices=("diag", "states", "copy"), help="launch shapes of the (Q, Q) kernels, "
+                    "of the chunk-state + scan kernels, or of the dB / dC row copy")
     ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
     ap.add_argument("--maxnreg", type=int, help="--sweep: cap the registers per thread at this (Triton's "
                     "maxnreg), so that more programs fit on an SM")
@@ -70,8 +71,8 @@ def main():
     if a.check:
         return check(a.length, a.dstate, a.chunk, seeds=a.seeds)
     if a.sweep:
-        return (sweep if a.sweep == "diag" else sweep_states)(a.batch, a.length, a.dstate, a.chunk,
-                                                              maxnreg=a.maxnreg)
+        fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy}[a.sweep]
+        return fn(a.batch, a.length, a.dstate, a.chunk, maxnreg=a.maxnreg)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
     leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
@@ -340,6 +341,24 @@ def sweep_states(b, l, n, Q, h=32, p=64, maxnreg=None):
             "bwd": lambda: sg._states_bwd_kernel[(nnt, h, b)](dye_in, C_in, S_prev, acum, s0, dstates, d_init,
                                                                da_part, l, c, h, p, n, n, nnt, HAS_DFINAL=True, **kw)}
         print(f"TMA {tma} BN {bn} BK {bk} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
+
+
+def sweep_copy(b, l, n, Q, h=32, p=64, maxnreg=None):
+    """ms of _copy_rows_kernel per rows per program and warps, as backward_triton runs it for dB: the
+    chunked fp32 (b, c*Q, n) into bf16 (b, l, n), dense and as the columns of the conv's gradient (rows
+    2 h p + 2 n + h apart, the training op's dB_out); with the GB/s of the bytes it must move."""
+    import itertools
+    c = -(-l // Q)
+    src = torch.randn(b, c * Q, n, device="cuda")
+    wide = torch.empty(b, l, 2 * h * p + 2 * n + h, device="cuda", dtype=torch.bfloat16)
+    dsts = {"dense": torch.empty(b, l, n, device="cuda", dtype=torch.bfloat16), "columns": wide[..., h * p:h * p + n]}
+    gb = b * l * n * (4 + 2) / 1e9
+    bn = ssd_grouped.triton.next_power_of_2(n)
+    for (name, dst), bl, warps in itertools.product(dsts.items(), (2, 4, 8, 16, 32), (1, 2, 4, 8)):
+        kw = dict(BL=bl, BN=bn, num_warps=warps, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+        ms = cuda_ms(lambda: ssd_grouped._copy_rows_kernel[(-(-l // bl), b)](src, dst, c * Q, l, l, n, n,
+                                                                            dst.stride(1), **kw))
+        print(f"{name} BL {bl} warps {warps}: {ms:.3f} ms, {gb / ms * 1e3:.0f} GB/s", flush=True)
 
 
 if __name__ == "__main__":
