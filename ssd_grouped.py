@@ -687,7 +687,7 @@ def _states_launch(n, Q, backward, tma):
 
 
 def _has_tma(device):
-    """Whether the chunk-state kernels and dG's load their tiles through TMA descriptors: on CUDA GPUs
+    """Whether the chunk-state kernels, dx's and dG's load their tiles through TMA descriptors: on CUDA GPUs
     from Hopper (sm_90) on, with Triton 3.4 or later (its TensorDescriptor)."""
     return TensorDescriptor is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
