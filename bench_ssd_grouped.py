@@ -300,12 +300,13 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
         row = torch.zeros(b, c, h, nb, Q, device="cuda")
         dG = torch.empty(b, c, Q, Q, device="cuda")
         x_in, dy_in = sg._tiles(tma, x, (1, bm, 1, p)), sg._tiles(tma, dy, (1, bm, 1, p))
+        ddt, t, dD = small(), small(), small()  # made here, so that no allocation is timed
         calls = {
             "bwd_G": lambda: sg._diag_bwd_G_kernel[(nb, nb, b * c)](G, acum, x_in, dt, dy_in, dG, row, l, c, h, p,
                                                                      h * p, TMA=tma, **kw),
-            "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x_in, dt, dy_in, dxs, D, y, small(),
-                                                                    small(), small(), l, c, h, p, h * p, h * p,
-                                                                    HAS_D=True, TMA=tma, **kw)}
+            "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x_in, dt, dy_in, dxs, D, y, ddt, t, dD,
+                                                                    l, c, h, p, h * p, h * p, HAS_D=True, TMA=tma,
+                                                                    **kw)}
         if not tma:
             calls["fwd"] = lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
                                                                          HAS_D=True, **kw)
@@ -351,7 +352,8 @@ def sweep_copy(b, l, n, Q, h=32, p=64, maxnreg=None):
     c = -(-l // Q)
     src = torch.randn(b, c * Q, n, device="cuda")
     wide = torch.empty(b, l, 2 * h * p + 2 * n + h, device="cuda", dtype=torch.bfloat16)
-    dsts = {"dense": torch.empty(b, l, n, device="cuda", dtype=torch.bfloat16), "columns": wide[..., h * p:h * p + n]}
+    dsts = {"dense": torch.empty(b, l, n, device="cuda", dtype=torch.bfloat16),
+            "columns": wide[..., 2 * h * p:2 * h * p + n]}                 # where dB goes in the conv's gradient
     gb = b * l * n * (4 + 2) / 1e9
     bn = ssd_grouped.triton.next_power_of_2(n)
     for (name, dst), bl, warps in itertools.product(dsts.items(), (2, 4, 8, 16, 32), (1, 2, 4, 8)):
