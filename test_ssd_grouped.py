@@ -27,7 +27,8 @@ def test_grouped_ssd_equals_the_reference_with_gradients(l, Q, init, with_D):
     x, dt, A, B, C, D, s0 = _inputs(2, l, 3, 4, 5, init=init, with_D=with_D)
     y_ref, f_ref = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], Q, D=D, initial_state=s0)
     g = torch.Generator().manual_seed(1)
-    dy, dfinal = torch.randn(y_ref.shape, generator=g, dtype=torch.float64), torch.randn(f_ref.shape, generator=g, dtype=torch.float64)
+    dy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
+    dfinal = torch.randn(f_ref.shape, generator=g, dtype=torch.float64)
     inputs = [t for t in (x, dt, A, B, C, D, s0) if t is not None]
     ref_grads = torch.autograd.grad((y_ref * dy).sum() + (f_ref * dfinal).sum(), inputs)
     y, f = ssd_grouped.ssd_grouped(x, dt, A, B, C, Q, D, s0)
@@ -133,13 +134,14 @@ def _rel(a, ref):
 def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, n, init, with_D, dfinal, strided):
     # fp32 inputs (exact products: input_precision "ieee"), 1 to 4 chunks, lengths not a multiple of the
     # chunk, chunks of one row block and of four (Q 256: the (Q, Q) kernels' blocks below the diagonal,
-    # where the decay is split), the state in one tile of columns (n 20, masked) or two (n 144: the second masked), with and
-    # without initial state, D and a final-state gradient; x, B and C read in place from wider tensors
-    # (as from the conv's output) or contiguous
+    # where the decay is split), the state in one tile of columns (n 20, masked) or two (n 144: the
+    # second masked), with and without initial state, D and a final-state gradient; x, B and C read in
+    # place from wider tensors (as from the conv's output) or contiguous
     x, dt, A, B, C, D, s0 = _inputs(2, l, 3, 16, n, init=init, with_D=with_D)
     y_ref, f_ref = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], Q, D=D, initial_state=s0)
     g = torch.Generator().manual_seed(1)
-    dy, df = torch.randn(y_ref.shape, generator=g, dtype=torch.float64), torch.randn(f_ref.shape, generator=g, dtype=torch.float64)
+    dy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
+    df = torch.randn(f_ref.shape, generator=g, dtype=torch.float64)
     df = df if dfinal else torch.zeros_like(df)
     inputs = [t for t in (x, dt, A, B, C, D, s0) if t is not None]
     want = torch.autograd.grad((y_ref * dy).sum() + (f_ref * df).sum(), inputs)
@@ -168,7 +170,7 @@ def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, n, init
 @needs_descriptors
 @pytest.mark.parametrize("strided", [False, True])
 def test_kernels_through_tma_equal_their_pointer_loads(strided):
-    # the two ways the chunk-state kernels and dG's load their tiles (TMA descriptors from Hopper on,
+    # the two ways the chunk-state kernels, dx's and dG's load their tiles (TMA descriptors from Hopper on,
     # pointers before it) give the same states, outputs and gradients; strided: x, B and C as columns of one
     # wider buffer whose rows (55 floats) TMA cannot read in place (_descriptor copies them)
     x, dt, A, B, C, D, s0 = (t.detach().float().to(DEVICE) for t in _inputs(2, 300, 3, 16, 20))
@@ -184,6 +186,38 @@ def test_kernels_through_tma_equal_their_pointer_loads(strided):
         out[tma] = [y, final, S_prev, *grads]
     for got, want in zip(out[True], out[False]):
         assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+@needs_triton
+@pytest.mark.parametrize("tma", [False, pytest.param(True, marks=needs_descriptors)])
+def test_dg_kernel_writes_every_slot_of_d_acums_sums(tma):
+    # _diag_bwd_G_kernel: dG = sum_h D_h and, per head, M_h = G * D_h's row sums less its column sums,
+    # spread over Q / BM slots that backward_triton allocates uninitialised; here they start as NaN, so
+    # a slot no tile writes shows. D_h[q, s] = (dy_q . x_s) dt_s exp(acum_q - acum_s) for s <= q.
+    b, l, h, p, Q, BM = 2, 37, 3, 16, 32, 16
+    c, nb = -(-l // Q), Q // BM
+    g = torch.Generator().manual_seed(4)
+    x, dy = torch.randn(b, l, h, p, generator=g), torch.randn(b, l, h, p, generator=g)
+    dt = torch.rand(b, l, h, generator=g) * 0.5
+    G = torch.randn(b, c, Q, Q, generator=g)
+    acum = torch.cumsum(torch.nn.functional.pad(dt, (0, 0, 0, c * Q - l)).view(b, c, Q, h) * -0.7, dim=2)
+    dG = torch.empty(b, c, Q, Q, device=DEVICE)
+    slots = torch.full((b, c, h, nb, Q), float("nan"), device=DEVICE)
+    rows = (1, BM, 1, p)
+    xd, dyd, dtd, Gd, ad = (t.to(DEVICE) for t in (x, dy, dt, G, acum))
+    ssd_grouped._diag_bwd_G_kernel[(nb, nb, b * c)](Gd, ad, ssd_grouped._tiles(tma, xd, rows), dtd,
+                                                    ssd_grouped._tiles(tma, dyd, rows), dG, slots, l, c, h, p,
+                                                    h * p, Q=Q, BM=BM, BP=p, TMA=tma, PREC="ieee")
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, c * Q - l))  # noqa: E731
+    xc, dyc, dtc = (pad(t).double().view(b, c, Q, *t.shape[2:]) for t in (x, dy, dt))
+    decay = (acum.double()[:, :, :, None, :] - acum.double()[:, :, None, :, :]).exp()      # (b, c, q, s, h)
+    Dh = torch.einsum("bcqhp,bcshp->bcqsh", dyc, xc) * dtc[:, :, None] * decay * torch.ones(Q, Q).tril()[..., None]
+    M = G.double()[..., None] * Dh
+    assert torch.allclose(dG.cpu().double(), Dh.sum(-1), atol=1e-4, rtol=1e-4)
+    got = slots.cpu().double().sum(3)                                                     # (b, c, h, Q)
+    assert torch.isfinite(got).all()
+    want = (M.sum(3) - M.sum(2)).permute(0, 1, 3, 2)                                    # rows less columns
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 @needs_triton
