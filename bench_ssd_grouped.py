@@ -213,7 +213,7 @@ def _time_calls(calls):
 # Pointer arguments are bf16 where the training op passes bf16 (x, B, C, dy and what is made from them), else
 # fp32.
 _BF16_ARGS = {"x_ptr", "x_in", "dy_in", "B_in", "C_in", "dye_in", "dy_ptr", "y_ptr", "dx_ptr", "dye_ptr",
-              "xs_ptr", "S_prev_ptr", "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr", "dxs_ptr"}
+              "xs_ptr", "xs_in", "S_prev_ptr", "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr", "dxs_ptr"}
 
 
 def _launches(n, Q, tma):
@@ -221,9 +221,9 @@ def _launches(n, Q, tma):
     diag = dict(Q=Q, BM=min(64, Q), BP=64, PREC="tf32")
     st_f, st_b = (sg._states_launch(n, Q, backward, tma) for backward in (False, True))
     nums = lambda st: dict(BN=st["BN"], BK=st["BK"], TMA=st["TMA"])  # noqa: E731
-    # with TMA, the descriptors' tiles as forward_triton and backward_triton make them (_descriptor; x's
-    # are (1, 64, 1, 64) in both kernels that take it at these shapes)
-    descs = {"x_in": (1, diag["BM"], 1, 64), "dy_in": (1, diag["BM"], 1, 64), "B_in": (1, st_f["BK"], st_f["BN"]),
+    # with TMA, the descriptors' tiles as forward_triton and backward_triton make them (_descriptor)
+    descs = {"x_in": (1, diag["BM"], 1, 64), "dy_in": (1, diag["BM"], 1, 64), "xs_in": (1, st_f["BK"], 1, 64),
+             "B_in": (1, st_f["BK"], st_f["BN"]),
              "dye_in": (st_b["BK"], 1, 64), "C_in": (1, st_b["BK"], st_b["BN"])} if tma else {}
     return descs, [
         (sg._prep_kernel, dict(Q=Q, BP=64, WRITE_ACUM=False), 8, 3),
@@ -321,6 +321,7 @@ def sweep_states(b, l, n, Q, h=32, p=64, maxnreg=None):
     c = -(-l // Q)
     g = torch.Generator(device="cuda").manual_seed(2)
     acum = torch.cumsum(dt.new_zeros(b, c * Q, h).view(b, c, Q, h) - 0.01, dim=2)
+    xs = torch.randn(b, c * Q, h, p, device="cuda", generator=g).to(torch.bfloat16)
     S_prev = torch.empty(b, c, h * p, n, device="cuda", dtype=torch.bfloat16)
     dstates = torch.empty_like(S_prev)
     dy_e = torch.randn(b, c, Q, h * p, device="cuda", generator=g).to(torch.bfloat16)
@@ -332,13 +333,13 @@ def sweep_states(b, l, n, Q, h=32, p=64, maxnreg=None):
                   **({} if maxnreg is None else dict(maxnreg=maxnreg)))
         nnt = -(-n // bn)
         da_part = torch.empty(b, c, h, nnt, device="cuda")
-        x_in, B_in, dye_in, C_in = x, B, dy_e, C
+        xs_in, B_in, dye_in, C_in = xs, B, dy_e, C
         if tma:
-            x_in, B_in = sg._descriptor(x, (1, bk, 1, p)), sg._descriptor(B, (1, bk, bn))
+            xs_in, B_in = sg._descriptor(xs, (1, bk, 1, p)), sg._descriptor(B, (1, bk, bn))
             dye_in, C_in = sg._descriptor(dy_e.view(b * c * Q, h, p), (bk, 1, p)), sg._descriptor(C, (1, bk, bn))
         calls = {
-            "fwd": lambda: sg._states_fwd_kernel[(nnt, h, b)](x_in, dt, acum, B_in, s0, S_prev, final, l, c, h, p, n,
-                                                               h * p, n, HAS_INIT=True, **kw),
+            "fwd": lambda: sg._states_fwd_kernel[(nnt, h, b)](xs_in, acum, B_in, s0, S_prev, final, l, c, h, p, n, n,
+                                                               HAS_INIT=True, **kw),
             "bwd": lambda: sg._states_bwd_kernel[(nnt, h, b)](dye_in, C_in, S_prev, acum, s0, dstates, d_init,
                                                                da_part, l, c, h, p, n, n, nnt, HAS_DFINAL=True, **kw)}
         print(f"TMA {tma} BN {bn} BK {bk} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)

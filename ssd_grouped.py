@@ -290,9 +290,10 @@ if triton is not None:
     @triton.jit
     def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, xs_ptr, L, NC, H, P, SX,
                      Q: tl.constexpr, BP: tl.constexpr, WRITE_ACUM: tl.constexpr):
-        """acum = cumsum(dt A) over one chunk, (b, c, Q, h), if WRITE_ACUM (the forward); else xs = x dt
-        exp(acum_end - acum) in xs's dtype, (b, c, Q, h, p), zero past L (the backward's dB operand).
-        x (b, L, h, p) with rows SX apart, dt (b, L, h). Grid (h, b*c)."""
+        """xs = x dt exp(acum_end - acum) in xs's dtype, (b, c, Q, h, p), zero past L (the chunk states'
+        operand in the forward, dB's in the backward), with acum = cumsum(dt A) over one chunk, also
+        written to acum (b, c, Q, h) if WRITE_ACUM (the forward). x (b, L, h, p) with rows SX apart,
+        dt (b, L, h). Grid (h, b*c)."""
         h, bc = tl.program_id(0), tl.program_id(1).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
@@ -302,24 +303,23 @@ if triton is not None:
         acum = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
         if WRITE_ACUM:
             tl.store(acum_ptr + bc * Q * H + h + q * H, acum)
-        else:
-            a_end = tl.sum(tl.where(q == Q - 1, acum, 0.0), axis=0)
-            pp = tl.arange(0, BP)
-            x = _rows(x_ptr + r0 * SX + h * P, q, SX, ok, pp, P)
-            xs = x.to(tl.float32) * (dt * tl.exp(a_end - acum))[:, None]
-            tl.store(xs_ptr + bc * Q * H * P + h * P + q[:, None] * (H * P) + pp[None, :],
-                     xs.to(xs_ptr.dtype.element_ty), mask=pp[None, :] < P)
+        a_end = tl.sum(tl.where(q == Q - 1, acum, 0.0), axis=0)
+        pp = tl.arange(0, BP)
+        x = _rows(x_ptr + r0 * SX + h * P, q, SX, ok, pp, P)
+        xs = x.to(tl.float32) * (dt * tl.exp(a_end - acum))[:, None]
+        tl.store(xs_ptr + bc * Q * H * P + h * P + q[:, None] * (H * P) + pp[None, :],
+                 xs.to(xs_ptr.dtype.element_ty), mask=pp[None, :] < P)
 
     @triton.jit
-    def _states_fwd_kernel(x_in, dt_ptr, acum_ptr, B_in, init_ptr, S_prev_ptr, final_ptr, L, NC, H, P, N, SX, SB,
+    def _states_fwd_kernel(xs_in, acum_ptr, B_in, init_ptr, S_prev_ptr, final_ptr, L, NC, H, P, N, SB,
                            Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                            HAS_INIT: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
         """The chunk states and the scan between chunks in one pass, the state on chip: for one (p, BN)
         tile of head h's state, chunk after chunk, S_prev_c = prev (written in S_prev's dtype,
-        (b, c, h*p, n)), prev = exp(acum_end) prev + xs^T B over the chunk's Q positions, with
-        xs = x dt exp(acum_end - acum) made from x as it loads (rounded to x's dtype, the GEMM
-        operand). x (b, L, h, p) and B (b, L, n), read unpadded: with TMA, descriptors (_descriptor)
-        with tiles (1, BK, 1, BP) and (1, BK, BN); else pointers with rows SX and SB apart. The final
+        (b, c, h*p, n)), prev = exp(acum_end) prev + xs^T B over the chunk's Q positions. xs (b, c*Q,
+        h, p) = x dt exp(acum_end - acum) from _prep_kernel, so that its tiles go to the product as they
+        load, and B (b, L, n), unpadded: with TMA, descriptors (_descriptor) with tiles (1, BK, 1, BP)
+        and (1, BK, BN); else pointers, B's rows SB apart. The final
         state (b, h*p, n) fp32. Grid (n / BN, h, b): the n tiles of one head side by side. One loop
         over every (chunk, BK positions) step rather than a loop per chunk: the pipeliner then loads
         the next chunk's tiles while this chunk's last product runs."""
@@ -338,23 +338,17 @@ if triton is not None:
             ci, k0 = i // KT, (i % KT) * BK
             bc = bi.to(tl.int64) * NC + ci
             r0 = bi.to(tl.int64) * L + ci * Q                           # the chunk's first row of (b*L)
-            acum_c = acum_ptr + bc * Q * H + h
-            a_end = tl.load(acum_c + (Q - 1) * H)
+            a_end = tl.load(acum_ptr + bc * Q * H + h + (Q - 1) * H)
             q = k0 + tl.arange(0, BK)
-            ok = q < L - ci * Q
-            a_q = tl.load(acum_c + q * H)
-            w = tl.load(dt_ptr + r0 * H + h + q * H, mask=ok, other=0.0) * tl.exp(a_end - a_q)
             if TMA:
                 Bt = B_in.load([bi, ci * Q + k0, nt * BN]).reshape(BK, BN)
-                x = x_in.load([bi, ci * Q + k0, h, 0]).reshape(BK, BP)
-                xsT = tl.trans((x.to(tl.float32) * w[:, None]).to(x.dtype))
+                xsT = tl.trans(xs_in.load([bi, ci * Q + k0, h, 0]).reshape(BK, BP))
             else:
-                Bt = tl.load(B_in + r0 * SB + q[:, None] * SB + ns[None, :], mask=ok[:, None] & (ns[None, :] < N),
-                             other=0.0)                                                  # (BK, BN)
-                # x loaded as its transpose (the product's left operand) rather than transposed after
-                xT = tl.load(x_in + r0 * SX + h * P + q[None, :] * SX + pp[:, None],
-                             mask=ok[None, :] & (pp[:, None] < P), other=0.0)           # (BP, BK)
-                xsT = (xT.to(tl.float32) * w[None, :]).to(xT.dtype)
+                Bt = tl.load(B_in + r0 * SB + q[:, None] * SB + ns[None, :],
+                             mask=(q < L - ci * Q)[:, None] & (ns[None, :] < N), other=0.0)  # (BK, BN)
+                # xs loaded as its transpose (the product's left operand) rather than transposed after
+                xsT = tl.load(xs_in + (bc * Q + q[None, :]) * (H * P) + h * P + pp[:, None],
+                              mask=pp[:, None] < P, other=0.0)                            # (BP, BK)
             if k0 == 0:  # the state entering chunk ci, then its decay over the chunk
                 tl.store(S_prev_ptr + bc * H * P * N + tile, acc.to(S_prev_ptr.dtype.element_ty), mask=tile_ok)
                 acc = tl.exp(a_end) * acc
@@ -701,18 +695,20 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     hp, dev = h * p, x.device
     (x, sx), (B, sb), dt, A = _rows_of(x), _rows_of(B), dt.float().contiguous(), A.float().contiguous()
     acum = torch.empty(b, c, Q, h, device=dev, dtype=torch.float32)
-    _prep_kernel[(h, b * c)](x, dt, A, acum, acum, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=True, num_warps=8)
+    xs = torch.empty(b, c * Q, h, p, device=dev, dtype=x.dtype)
+    _prep_kernel[(h, b * c)](x, dt, A, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=True, num_warps=8)
     # the chunk states and the scan between chunks, the state on chip
     S_prev = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     final = torch.empty(b, hp, n, device=dev, dtype=torch.float32)
     init = None if initial_state is None else initial_state.float().contiguous()
     tma = _has_tma(dev) if tma is None else tma
     st = _states_launch(n, Q, backward=False, tma=tma)
-    _states_fwd_kernel[(triton.cdiv(n, st["BN"]), h, b)](_tiles(tma, x, (1, st["BK"], 1, BP)), dt, acum,
+    _states_fwd_kernel[(triton.cdiv(n, st["BN"]), h, b)](_tiles(tma, xs, (1, st["BK"], 1, BP)), acum,
                                                          _tiles(tma, B, (1, st["BK"], st["BN"])),
                                                          final if init is None else init, S_prev, final, l, c, h, p,
-                                                         n, sx, sb, Q=Q, BP=BP, HAS_INIT=init is not None,
+                                                         n, sb, Q=Q, BP=BP, HAS_INIT=init is not None,
                                                          PREC=prec, **st)
+    del xs
     Bc, Cc = _chunked_rows(B, Q), _chunked_rows(C, Q)                  # (b, c, Q, n)
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32
