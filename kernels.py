@@ -734,7 +734,8 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
                       A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor,
                       seq_idx: Optional[torch.Tensor], chunk: int, headdim: int, ngroups: int,
                       eps: float, grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                          torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                                          torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
     """conv -> SSD -> gated RMSNorm -> out_proj of ssmttm.Mamba2.forward, in mamba-ssm's kernels.
 
     The same kernels as mamba-ssm's mamba_split_conv1d_scan_combined, called in the same order,
@@ -746,13 +747,14 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
     Shapes: zxbcdt (b, l, 2 d_inner + 2 g n + h) = [z | x B C | dt], l split into chunks of Q;
     out_w (d_model, d_inner) in zxbcdt's dtype. Returns out (b, l, d_model), then for the backward
     y (b, l, h, p) before the norm, rstd (g b l), xBC after the conv and SiLU (b, l, h p + 2 g n),
-    states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q), dA_cs and dt (b, h, l/Q, Q). Every dtype
-    follows from the inputs' (no autocast inside).
+    states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q), dA_cs and dt (b, h, l/Q, Q), and an empty tensor
+    (the grouped SSD's y_off). Every dtype follows from the inputs' (no autocast inside).
 
     grouped (ngroups 1; issue 15): the SSD is ssd_grouped's Triton form instead, and the saved
     tensors are its own: S_prev (b, l/Q, h p, n) in x's dtype, G (b, l/Q, Q, Q), acum (b, l/Q, Q, h)
     and dt (b, l, h) fp32 after the softplus, 0 at padding (seq_idx 0): with the conv's reset at
-    the sequence's start, the state passes the padding unchanged, as in mask_padding."""
+    the sequence's start, the state passes the padding unchanged, as in mask_padding; and y_off
+    (b, l/Q, Q, h p) fp32, C S_prev^T (y's state -> output part before its decay)."""
     b, l, _ = zxbcdt.shape
     with torch.autocast("cuda", enabled=False):
         z, xBC, dt = zxbcdt.split([A.shape[0] * headdim, conv_w.shape[0], A.shape[0]], dim=-1)
@@ -761,8 +763,8 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
         d_inner, n = z.shape[-1], B.shape[-1]
         if grouped:
             dt = _grouped_dt(dt, dt_bias, seq_idx)
-            y, _, acum, S_prev, G = ssd_grouped.forward_triton(x, dt, A, B[:, :, 0], C[:, :, 0], chunk, D)
-            saved = S_prev, G, acum, dt
+            y, _, acum, S_prev, G, y_off = ssd_grouped.forward_triton(x, dt, A, B[:, :, 0], C[:, :, 0], chunk, D)
+            saved = S_prev, G, acum, dt, y_off
         else:
             dA_cs, dt = _chunk_cumsum_fwd(dt, A, chunk, dt_bias=dt_bias, dt_softplus=True)
             states = _chunk_state_fwd(B, x, dt, dA_cs, seq_idx=seq_idx, states_in_fp32=True)  # each chunk alone
@@ -770,7 +772,7 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
             states = states.unflatten(-1, (headdim, n))  # the state entering each chunk, fp32
             CB = _bmm_chunk_fwd(C, B, chunk, seq_idx=seq_idx, output_dtype=torch.float32)
             y, _ = _chunk_scan_fwd(CB, x, dt, dA_cs, C, states, D=D, seq_idx=seq_idx)  # (b, l, h, p), with D x
-            saved = states, CB, dA_cs, dt
+            saved = states, CB, dA_cs, dt, dt.new_empty(0)
         normed, _, rstd = _layer_norm_fwd(y.reshape(b * l, d_inner), norm_w, None, eps, z.view(b * l, d_inner),
                                           group_size=d_inner // ngroups, norm_before_gate=False, is_rms_norm=True)
         out = F.linear(normed.view(b, l, d_inner), out_w)
@@ -794,9 +796,9 @@ def _(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, head
             zxbcdt.new_empty(b, l, conv_w.shape[0]))
     if grouped:
         return head + (zxbcdt.new_empty(b, chunks, h * headdim, n), fp32(b, chunks, chunk, chunk),
-                       fp32(b, chunks, chunk, h), fp32(b, l, h))
+                       fp32(b, chunks, chunk, h), fp32(b, l, h), fp32(b, chunks, chunk, h * headdim))
     return head + (fp32(b, chunks, h, headdim, n), fp32(b, chunks, ngroups, chunk, chunk), fp32(b, h, chunks, chunk),
-                   fp32(b, h, chunks, chunk))
+                   fp32(b, h, chunks, chunk), fp32(0))
 
 
 def _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, ddt_in, A, D, dt_bias, seq_idx,
@@ -827,13 +829,13 @@ def _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, d
 def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
                       dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor,
                       seq_idx: Optional[torch.Tensor], y: torch.Tensor, rstd: torch.Tensor, xBC_conv: torch.Tensor,
-                      states: torch.Tensor, CB: torch.Tensor, dA_cs: torch.Tensor, dt: torch.Tensor, chunk: int,
-                      headdim: int, ngroups: int, eps: float, grouped: bool
+                      states: torch.Tensor, CB: torch.Tensor, dA_cs: torch.Tensor, dt: torch.Tensor,
+                      y_off: torch.Tensor, chunk: int, headdim: int, ngroups: int, eps: float, grouped: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                  torch.Tensor, torch.Tensor]:
     """The gradients of _mamba2_train_fwd's out for its tensor inputs zxbcdt ... out_w, each in its input's dtype,
     from the forward's other outputs (xBC_conv: the conv's output). With grouped, states, CB and dA_cs are
-    the grouped SSD's S_prev, G and acum."""
+    the grouped SSD's S_prev, G and acum, and y_off its own (empty otherwise)."""
     g = ngroups
     b, l, _ = zxbcdt.shape
     h = A.shape[0]
@@ -855,7 +857,7 @@ def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Te
         dy = dy.view(b, l, h, headdim)
         if grouped:
             _, ddt, dA, _, _, dD, _ = ssd_grouped.backward_triton(  # dx, dB, dC straight into the conv's gradient
-                dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, chunk, dx_out=dx,
+                dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, y_off, chunk, dx_out=dx,
                 dB_out=dB[:, :, 0], dC_out=dC[:, :, 0])
             ddt = ddt * torch.sigmoid(dt_in.float() + dt_bias.float())   # through the softplus
             if seq_idx is not None:

@@ -139,7 +139,9 @@ def state_passing_backward(dS_local, S_prev, a_end, dfinal=None):
 def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """The torch form (any device, any float dtype). Returns y (b, l, h, p) in x's dtype, the final
     state (b, h, p, n) fp32, and what `backward` needs: acum (b, c, Q, h) fp32, S_prev (b, c, h*p, n)
-    in x's dtype (the state entering each chunk, as the GEMMs take it) and G = C B^T (b, c, Q, Q) fp32."""
+    in x's dtype (the state entering each chunk, as the GEMMs take it), G = C B^T (b, c, Q, Q) fp32, and
+    y_off = C S_prev^T (b, c, Q, h*p) fp32 (y's state -> output part is exp(acum) y_off; kept for d acum,
+    which in x's dtype would lose three times the precision, BENCHMARKS.md section 0c)."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     Q = chunk_size
@@ -163,10 +165,10 @@ def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     if D is not None:
         y = y + D.to(ft)[:, None] * xc.to(ft)
     y = y.reshape(b, c * Q, h, p)[:, :l].to(x.dtype).contiguous()
-    return y, final.view(b, h, p, n), acum, S_prev, G
+    return y, final.view(b, h, p, n), acum, S_prev, G, y_off.view(b, c, Q, h * p)
 
 
-def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size):
+def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, chunk_size):
     """The torch form of the gradients of forward's (y, final state): dy (b, l, h, p), dfinal
     (b, h, p, n) or None, then forward's inputs and saved tensors. Returns dx, ddt, dA, dB, dC, dD (None
     without D), d initial_state (None without one)."""
@@ -187,10 +189,8 @@ def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chun
     dy_e = (dyc * torch.exp(acum)[..., None]).to(dtype).reshape(b, c, Q, h * p)
     dC = _matmul_f32(dy_e, S_prev)                            # (b, c, Q, n): K = h*p
     dS_local = _matmul_f32(dy_e.transpose(-1, -2), Cc)        # (b, c, h*p, n)
-    # d acum from y_off = exp(acum) (C S_prev^T): y_off . dy, with y_off made again (one GEMM)
-    # rather than kept from the forward (h*p values per position, per layer)
-    y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2)).view(b, c, Q, h, p)
-    dacum = (y_off * torch.exp(acum)[..., None] * dyc).sum(-1)         # (b, c, Q, h)
+    # d acum from y's state -> output part exp(acum) y_off: its product with dy, y_off kept from the forward
+    dacum = (y_off.view(b, c, Q, h, p) * torch.exp(acum)[..., None] * dyc).sum(-1)   # (b, c, Q, h)
 
     # the scan between chunks, backwards
     g = None if dfinal is None else dfinal.to(ft).reshape(b, h * p, n)
@@ -716,10 +716,10 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     _diag_fwd_kernel[(h, Q // BM, b * c)](G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y,
                                           l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec,
                                           num_stages=1)
-    return y, final.view(b, h, p, n), acum, S_prev, G
+    return y, final.view(b, h, p, n), acum, S_prev, G, y_off
 
 
-def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size, dx_out=None,
+def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, chunk_size, dx_out=None,
                     dB_out=None, dC_out=None, tma=None):
     """backward with the elementwise work in Triton: same arguments and results. dx_out: where to
     write dx instead of a new tensor, (b, l, h, p) in x's dtype with rows of h*p values (as x may be:
@@ -740,11 +740,9 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     dy = dy.to(x.dtype).contiguous()
     Bc, Cc = _chunked_rows(B, Q), _chunked_rows(C, Q)
     small = lambda: torch.empty(b, c, Q, h, device=dev, dtype=f32)  # noqa: E731
-    # state -> output: y_off = exp(acum) (C S_prev^T), y_off made again (one GEMM) rather than kept
-    y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p)
+    # state -> output: y_off = C S_prev^T (fp32, kept by the forward); y's part is exp(acum) y_off
     dy_e, dacum = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype), small()
     _dy_kernel[(h, Q // BM, b * c)](dy, acum, y_off, dy_e, dacum, l, c, h, p, Q=Q, BM=BM, BP=BP)
-    del y_off
     dC = _matmul_f32(dy_e, S_prev)                                    # (b, c, Q, n): K = h*p
     # the scan between chunks backwards, with the state side of the state -> output product
     tma = _has_tma(dev) if tma is None else tma
@@ -802,8 +800,9 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
 @torch.library.custom_op("ssmttm::ssd_grouped_fwd", mutates_args=())
 def _ssd_grouped_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                      D: Optional[torch.Tensor], initial_state: Optional[torch.Tensor], chunk_size: int,
-                     use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """forward as an op: y, the final state, then acum, S_prev and G for the backward."""
+                     use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor]:
+    """forward as an op: y, the final state, then acum, S_prev, G and y_off for the backward."""
     return (forward_triton if use_triton else forward)(x, dt, A, B, C, chunk_size, D, initial_state)
 
 
@@ -813,24 +812,25 @@ def _(x, dt, A, B, C, D, initial_state, chunk_size, use_triton):
     n, Q, c = B.shape[-1], chunk_size, -(-l // chunk_size)
     ft = torch.promote_types(x.dtype, torch.float32)
     new = lambda *shape: x.new_empty(shape, dtype=ft)  # noqa: E731
-    return x.new_empty(b, l, h, p), new(b, h, p, n), new(b, c, Q, h), x.new_empty(b, c, h * p, n), new(b, c, Q, Q)
+    return (x.new_empty(b, l, h, p), new(b, h, p, n), new(b, c, Q, h), x.new_empty(b, c, h * p, n), new(b, c, Q, Q),
+            new(b, c, Q, h * p))
 
 
 @torch.library.custom_op("ssmttm::ssd_grouped_bwd", mutates_args=())
 def _ssd_grouped_bwd(dy: torch.Tensor, dfinal: Optional[torch.Tensor], x: torch.Tensor, dt: torch.Tensor,
                      A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
                      initial_state: Optional[torch.Tensor], acum: torch.Tensor, S_prev: torch.Tensor,
-                     G: torch.Tensor, chunk_size: int, use_triton: bool
+                     G: torch.Tensor, y_off: torch.Tensor, chunk_size: int, use_triton: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
     """backward as an op: dx, ddt, dA, dB, dC, dD and d initial_state (empty for a missing D or state)."""
     grads = (backward_triton if use_triton else backward)(dy, dfinal, x, dt, A, B, C, D, initial_state, acum,
-                                                           S_prev, G, chunk_size)
+                                                           S_prev, G, y_off, chunk_size)
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
 @_ssd_grouped_bwd.register_fake
-def _(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, chunk_size, use_triton):
+def _(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, chunk_size, use_triton):
     like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
     return tuple(like(t) for t in (x, dt, A, B, C, D, initial_state))
 
@@ -843,12 +843,12 @@ def _ssd_grouped_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # None for an output without a gradient, not a tensor of zeros
 
 
-def _ssd_grouped_backward(ctx, dy, dfinal, *_):  # acum, S_prev and G are for the backward, not used
-    x, dt, A, B, C, D, initial_state, acum, S_prev, G = ctx.saved_tensors
+def _ssd_grouped_backward(ctx, dy, dfinal, *_):  # acum, S_prev, G and y_off are for the backward, not used
+    x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off = ctx.saved_tensors
     if dy is None:  # only the final state has a gradient
         dy = torch.zeros_like(x)
     dx, ddt, dA, dB, dC, dD, d_init = _ssd_grouped_bwd(dy, dfinal, x, dt, A, B, C, D, initial_state, acum,
-                                                       S_prev, G, *ctx.sizes)
+                                                       S_prev, G, y_off, *ctx.sizes)
     return dx, ddt, dA, dB, dC, dD if ctx.has_D else None, d_init if ctx.has_init else None, None, None
 
 

@@ -181,9 +181,9 @@ def test_kernels_through_tma_equal_their_pointer_loads(strided):
     dy, dfinal = torch.randn(x.shape, generator=g).to(DEVICE), torch.randn(s0.shape, generator=g).to(DEVICE)
     out = {}
     for tma in (False, True):
-        y, final, acum, S_prev, G = ssd_grouped.forward_triton(x, dt, A, B, C, 256, D, s0, tma=tma)
-        grads = ssd_grouped.backward_triton(dy, dfinal, x, dt, A, B, C, D, s0, acum, S_prev, G, 256, tma=tma)
-        out[tma] = [y, final, S_prev, *grads]
+        y, final, *saved = ssd_grouped.forward_triton(x, dt, A, B, C, 256, D, s0, tma=tma)
+        grads = ssd_grouped.backward_triton(dy, dfinal, x, dt, A, B, C, D, s0, *saved, 256, tma=tma)
+        out[tma] = [y, final, *saved, *grads]
     for got, want in zip(out[True], out[False]):
         assert (got - want).abs().max() <= 1e-6 * want.abs().max()
 
@@ -242,9 +242,9 @@ def test_grouped_backward_writes_dx_into_a_wider_buffer():
     # bit as in a tensor of its own, and the buffer's other columns stay as they were
     x, dt, A, B, C, D, _ = _inputs(2, 40, 3, 16, 8, init=False, dtype=torch.float32)
     x, dt, A, B, C, D = (t.detach().to(DEVICE) for t in (x, dt, A, B, C, D))
-    y, _, acum, S_prev, G = ssd_grouped.forward_triton(x, dt, A, B, C, 16, D)
+    y, _, *saved = ssd_grouped.forward_triton(x, dt, A, B, C, 16, D)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    args = (dy, None, x, dt, A, B, C, D, None, acum, S_prev, G, 16)
+    args = (dy, None, x, dt, A, B, C, D, None, *saved, 16)
     want = ssd_grouped.backward_triton(*args)
     buffer = torch.full((2, 40, 3 * 16 + 5), 7.0, device=DEVICE)
     dx_out = buffer[..., :3 * 16].unflatten(-1, (3, 16))
