@@ -140,8 +140,8 @@ def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """The torch form (any device, any float dtype). Returns y (b, l, h, p) in x's dtype, the final
     state (b, h, p, n) fp32, and what `backward` needs: acum (b, c, Q, h) fp32, S_prev (b, c, h*p, n)
     in x's dtype (the state entering each chunk, as the GEMMs take it), G = C B^T (b, c, Q, Q) fp32, and
-    y_off = C S_prev^T (b, c, Q, h*p) fp32 (y's state -> output part is exp(acum) y_off; kept for d acum,
-    which in x's dtype would lose three times the precision, BENCHMARKS.md section 0c)."""
+    y_off = C S_prev^T (b, c, Q, h*p) fp32 (y's state -> output part is exp(acum) y_off), kept for d acum in
+    fp32: rounded to x's dtype, its products with dy no longer cancel in d acum's sums (BENCHMARKS.md, 0c)."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     Q = chunk_size
@@ -185,7 +185,7 @@ def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_of
     xs = (xdt * to_end[..., None]).to(x.dtype)
     dtype = x.dtype
 
-    # state -> output: y_off = exp(acum) (C S_prev^T)
+    # state -> output: y's part exp(acum) (C S_prev^T)
     dy_e = (dyc * torch.exp(acum)[..., None]).to(dtype).reshape(b, c, Q, h * p)
     dC = _matmul_f32(dy_e, S_prev)                            # (b, c, Q, n): K = h*p
     dS_local = _matmul_f32(dy_e.transpose(-1, -2), Cc)        # (b, c, h*p, n)
