@@ -213,7 +213,8 @@ def _time_calls(calls):
 # Pointer arguments are bf16 where the training op passes bf16 (x, B, C, dy and what is made from them), else
 # fp32.
 _BF16_ARGS = {"x_ptr", "x_in", "dy_in", "B_in", "C_in", "dye_in", "dy_ptr", "y_ptr", "dx_ptr", "dye_ptr",
-              "xs_ptr", "xs_in", "S_prev_ptr", "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr", "dxs_ptr"}
+              "xs_ptr", "xs_in", "S_prev_ptr", "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr", "dxs_ptr", "M_ptr",
+              "out_ptr"}
 
 
 def _launches(n, Q, tma):
@@ -235,6 +236,7 @@ def _launches(n, Q, tma):
          st_b["num_warps"], st_b["num_stages"]),
         (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True, TMA=tma), 4, 1),
         (sg._diag_bwd_G_kernel, dict(diag, TMA=tma), 4, 3 if tma else 2),
+        (sg._dG_product_kernel, dict(TRANS=True, Q=Q, BM=diag["BM"], BN=128, BK=64, PREC="tf32"), 4, 3),
         (sg._dacum_kernel, dict(Q=Q, NB=Q // diag["BM"], BNT=4), 4, 3),
         (sg._copy_rows_kernel, dict(BL=8, BN=512), 4, 3)]
 
@@ -252,7 +254,7 @@ def registers(l, n, Q):
     from triton.compiler import ASTSource
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     values = dict(L=l, NC=-(-l // Q), H=32, P=64, N=n, SX=3072, SDX=3072, SB=3072, SC=3072, NNT=4,
-                  L_SRC=l, L_DST=-(-l // Q) * Q, S_SRC=3072, S_DST=n)
+                  L_SRC=l, L_DST=-(-l // Q) * Q, S_SRC=3072, S_DST=n, SM=3072, SO=3072)
     print("| kernel | arch | warps | registers | spill stack B | shared KB | programs per SM |")
     print("|---|---|---|---|---|---|---|")
     for arch, smem in ((90, 227 * 1024), (80, 163 * 1024)):
