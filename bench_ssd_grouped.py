@@ -55,8 +55,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--sweep", choices=("diag", "states", "copy"), help="launch shapes of the (Q, Q) kernels, "
-                    "of the chunk-state + scan kernels, or of the dB / dC row copy")
+    ap.add_argument("--sweep", choices=("diag", "states", "copy", "dg"), help="launch shapes of the (Q, Q) "
+                    "kernels, of the chunk-state + scan kernels, of the B / C row copy, or of dG's products")
     ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
     ap.add_argument("--maxnreg", type=int, help="--sweep: cap the registers per thread at this (Triton's "
                     "maxnreg), so that more programs fit on an SM")
@@ -71,7 +71,7 @@ def main():
     if a.check:
         return check(a.length, a.dstate, a.chunk, seeds=a.seeds)
     if a.sweep:
-        fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy}[a.sweep]
+        fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy, "dg": sweep_dg}[a.sweep]
         return fn(a.batch, a.length, a.dstate, a.chunk, maxnreg=a.maxnreg)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
@@ -364,6 +364,24 @@ def sweep_copy(b, l, n, Q, h=32, p=64, maxnreg=None):
         ms = cuda_ms(lambda: ssd_grouped._copy_rows_kernel[(-(-l // bl), b)](src, dst, c * Q, l, l, n, n,
                                                                             dst.stride(1), **kw))
         print(f"{name} BL {bl} warps {warps}: {ms:.3f} ms, {gb / ms * 1e3:.0f} GB/s", flush=True)
+
+
+def sweep_dg(b, l, n, Q, h=32, p=64, maxnreg=None):
+    """ms of _dG_product_kernel per launch shape (block rows, BN columns, BK positions per product, warps,
+    stages), as backward_triton runs it for dB (TRANS): into the B columns of the conv's gradient."""
+    import itertools
+    c = -(-l // Q)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    dG = torch.randn(b, c, Q, Q, device="cuda", generator=g).tril().to(torch.bfloat16)
+    C = torch.randn(b, l, n, device="cuda", generator=g).to(torch.bfloat16)
+    add = torch.randn(b, c, Q, n, device="cuda", generator=g)
+    wide = torch.empty(b, l, 2 * h * p + 2 * n + h, device="cuda", dtype=torch.bfloat16)
+    out = wide[..., 2 * h * p:2 * h * p + n]
+    for bm, bn, bk, warps, stages in itertools.product((64, 128), (64, 128, 256), (32, 64), (4, 8), (2, 3, 4)):
+        kw = dict(num_warps=warps, num_stages=stages, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+        calls = {"dB": lambda: ssd_grouped._dG_product_kernel[(-(-n // bn), Q // bm, b * c)](
+            dG, C, add, out, l, c, n, n, out.stride(1), TRANS=True, Q=Q, BM=bm, BN=bn, BK=bk, PREC="tf32", **kw)}
+        print(f"BM {bm} BN {bn} BK {bk} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 
 if __name__ == "__main__":
