@@ -55,8 +55,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--sweep", choices=("diag", "states", "copy"), help="launch shapes of the (Q, Q) kernels, "
-                    "of the chunk-state + scan kernels, or of the dB / dC row copy")
+    ap.add_argument("--sweep", choices=("diag", "states", "copy", "dg"), help="launch shapes of the (Q, Q) "
+                    "kernels, of the chunk-state + scan kernels, of the B / C row copy, or of dG's products")
     ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
     ap.add_argument("--maxnreg", type=int, help="--sweep: cap the registers per thread at this (Triton's "
                     "maxnreg), so that more programs fit on an SM")
@@ -71,7 +71,7 @@ def main():
     if a.check:
         return check(a.length, a.dstate, a.chunk, seeds=a.seeds)
     if a.sweep:
-        fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy}[a.sweep]
+        fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy, "dg": sweep_dg}[a.sweep]
         return fn(a.batch, a.length, a.dstate, a.chunk, maxnreg=a.maxnreg)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
@@ -213,7 +213,8 @@ def _time_calls(calls):
 # Pointer arguments are bf16 where the training op passes bf16 (x, B, C, dy and what is made from them), else
 # fp32.
 _BF16_ARGS = {"x_ptr", "x_in", "dy_in", "B_in", "C_in", "dye_in", "dy_ptr", "y_ptr", "dx_ptr", "dye_ptr",
-              "xs_ptr", "xs_in", "S_prev_ptr", "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr", "dxs_ptr"}
+              "xs_ptr", "xs_in", "S_prev_ptr", "dstates_ptr", "dG_ptr", "src_ptr", "dst_ptr", "dxs_ptr", "M_ptr",
+              "out_ptr"}
 
 
 def _launches(n, Q, tma):
@@ -235,6 +236,7 @@ def _launches(n, Q, tma):
          st_b["num_warps"], st_b["num_stages"]),
         (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True, TMA=tma), 4, 1),
         (sg._diag_bwd_G_kernel, dict(diag, TMA=tma), 4, 3 if tma else 2),
+        (sg._dG_product_kernel, dict(TRANS=True, Q=Q, BM=diag["BM"], BN=128, BK=64, PREC="tf32"), 4, 3),
         (sg._dacum_kernel, dict(Q=Q, NB=Q // diag["BM"], BNT=4), 4, 3),
         (sg._copy_rows_kernel, dict(BL=8, BN=512), 4, 3)]
 
@@ -252,7 +254,7 @@ def registers(l, n, Q):
     from triton.compiler import ASTSource
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     values = dict(L=l, NC=-(-l // Q), H=32, P=64, N=n, SX=3072, SDX=3072, SB=3072, SC=3072, NNT=4,
-                  L_SRC=l, L_DST=-(-l // Q) * Q, S_SRC=3072, S_DST=n)
+                  L_SRC=l, L_DST=-(-l // Q) * Q, S_SRC=3072, S_DST=n, SM=3072, SO=3072)
     print("| kernel | arch | warps | registers | spill stack B | shared KB | programs per SM |")
     print("|---|---|---|---|---|---|---|")
     for arch, smem in ((90, 227 * 1024), (80, 163 * 1024)):
@@ -362,6 +364,24 @@ def sweep_copy(b, l, n, Q, h=32, p=64, maxnreg=None):
         ms = cuda_ms(lambda: ssd_grouped._copy_rows_kernel[(-(-l // bl), b)](src, dst, c * Q, l, l, n, n,
                                                                             dst.stride(1), **kw))
         print(f"{name} BL {bl} warps {warps}: {ms:.3f} ms, {gb / ms * 1e3:.0f} GB/s", flush=True)
+
+
+def sweep_dg(b, l, n, Q, h=32, p=64, maxnreg=None):
+    """ms of _dG_product_kernel per launch shape (block rows, BN columns, BK positions per product, warps,
+    stages), as backward_triton runs it for dB (TRANS): into the B columns of the conv's gradient."""
+    import itertools
+    c = -(-l // Q)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    dG = torch.randn(b, c, Q, Q, device="cuda", generator=g).tril().to(torch.bfloat16)
+    C = torch.randn(b, l, n, device="cuda", generator=g).to(torch.bfloat16)
+    add = torch.randn(b, c, Q, n, device="cuda", generator=g)
+    wide = torch.empty(b, l, 2 * h * p + 2 * n + h, device="cuda", dtype=torch.bfloat16)
+    out = wide[..., 2 * h * p:2 * h * p + n]
+    for bm, bn, bk, warps, stages in itertools.product((64, 128), (64, 128, 256), (32, 64), (4, 8), (2, 3, 4)):
+        kw = dict(num_warps=warps, num_stages=stages, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+        calls = {"dB": lambda: ssd_grouped._dG_product_kernel[(-(-n // bn), Q // bm, b * c)](
+            dG, C, add, out, l, c, n, n, out.stride(1), TRANS=True, Q=Q, BM=bm, BN=bn, BK=bk, PREC="tf32", **kw)}
+        print(f"BM {bm} BN {bn} BK {bk} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 
 if __name__ == "__main__":

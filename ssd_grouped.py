@@ -21,7 +21,7 @@ per head is the (Q, Q) part inside a chunk, G * exp(acum_q - acum_s) on s <= q.
 Two forms of the same arithmetic: `forward` / `backward` in plain torch (any device; they build the
 per-head (Q, Q) decay and loop over chunks: the definition, and the CPU path), and `forward_triton`
 / `backward_triton`, where the chunk states with the scan each way, the (Q, Q) part and every
-elementwise pass are eight Triton kernels (the decay made on chip, tile by tile; the elementwise
+elementwise pass are nine Triton kernels (the decay made on chip, tile by tile; the elementwise
 passes fused into the kernels' prologues and epilogues; on Hopper the chunk-state kernels and dG's
 read their tiles through TMA descriptors) and the other state products cuBLAS GEMMs.
 The backward is the chain rule through the lines above, in the same GEMM shapes. `ssd_grouped` is
@@ -232,12 +232,13 @@ def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_of
 
 
 # --------------------------------------------------------------------------------------------
-# The same in Triton (use_triton): eight kernels that read x, dt and dy where they lie (no padded
+# The same in Triton (use_triton): nine kernels that read x, dt and dy where they lie (no padded
 # copies; B and C too in the state kernels, while the GEMMs take them padded to whole chunks): the
 # prologue (acum; xs for the backward's dB), the chunk states with the scan each way (the state on
-# chip), the (Q, Q) part with its epilogue (y; dx, ddt, d acum, dD), dy's scaling, dG, and the last
-# pass through acum = cumsum(dt A). The other state products stay cuBLAS GEMMs. A ninth copies rows
-# of any stride: B and C into chunks for the GEMMs, dB and dC out of them.
+# chip), the (Q, Q) part with its epilogue (y; dx, ddt, d acum, dD), dy's scaling, dG, dG's products
+# with B and C (which write dC and dB where they go), and the last pass through acum = cumsum(dt A).
+# The other state products stay cuBLAS GEMMs. A tenth copies B and C, rows of any stride, into chunks
+# for the GEMMs.
 # --------------------------------------------------------------------------------------------
 try:
     import triton
@@ -571,6 +572,37 @@ if triton is not None:
 
 
     @triton.jit
+    def _dG_product_kernel(dG_ptr, M_ptr, add_ptr, out_ptr, L, NC, N, SM, SO,
+                           TRANS: tl.constexpr, Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           BK: tl.constexpr, PREC: tl.constexpr):
+        """The (Q, Q) part's share of dC or dB, added to the state products' share and written out:
+        out[r] = add[r] + sum_s A[q, s] M[s] for the rows r = q of one chunk, A = dG (b, c, Q, Q) (dC:
+        M = B) or, with TRANS, dG^T (dB: M = C). dG is zero above the diagonal, so s runs over s <= q
+        (over s >= q with TRANS). M (b, L, N) with rows SM apart, read where it lies (zero past L);
+        add (b, c*Q, N) fp32; out (b, L, N) with rows SO apart, in its dtype, rows past L not written.
+        Grid (cdiv(N, BN), Q / BM, b*c)."""
+        bc = tl.program_id(2).to(tl.int64)
+        bi, ci = bc // NC, bc % NC
+        m = tl.program_id(1)
+        q = m * BM + tl.arange(0, BM)
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        n_ok = (L - ci * Q).to(tl.int32)                                # the chunk's positions inside the sequence
+        acc = tl.load(add_ptr + (bc * Q + q[:, None]) * N + n[None, :], mask=n[None, :] < N, other=0.0)
+        M_c = M_ptr + (bi * L + ci * Q) * SM
+        dG_c = dG_ptr + bc * Q * Q
+        k_lo, k_hi = (m * BM, Q) if TRANS else (0, (m + 1) * BM)
+        for k0 in range(k_lo, k_hi, BK):
+            k = k0 + tl.arange(0, BK)
+            if TRANS:
+                a = tl.load(dG_c + k[None, :] * Q + q[:, None])            # dG[k, q]
+            else:
+                a = tl.load(dG_c + q[:, None] * Q + k[None, :])
+            Mk = tl.load(M_c + k[:, None] * SM + n[None, :], mask=(k < n_ok)[:, None] & (n[None, :] < N), other=0.0)
+            acc = tl.dot(a, Mk.to(a.dtype), acc, input_precision=PREC)
+        tl.store(out_ptr + (bi * L + ci * Q + q[:, None]) * SO + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(q < n_ok)[:, None] & (n[None, :] < N))
+
+    @triton.jit
     def _dacum_kernel(dacum_ptr, t_ptr, m_ptr, da_part_ptr, ddt_part_ptr, A_ptr, dt_ptr, ddt_ptr,
                       dA_part_ptr, L, NC, H, NNT, Q: tl.constexpr, NB: tl.constexpr, BNT: tl.constexpr):
         """d acum in total for one chunk of head h: the state -> output part (dacum), -t, M's row sums
@@ -736,9 +768,10 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
             raise ValueError(f"backward_triton: {name} must be {want} with rows of {math.prod(shape[2:])} values; "
                              f"got {tuple(out.shape)} {out.dtype} with strides {out.stride()}")
     hp, dev, f32 = h * p, x.device, torch.float32
-    (x, sx), (C, sc), dt32, A32 = _rows_of(x), _rows_of(C), dt.float().contiguous(), A.float().contiguous()
+    (x, sx), (B, sb), (C, sc) = _rows_of(x), _rows_of(B), _rows_of(C)
+    dt32, A32 = dt.float().contiguous(), A.float().contiguous()
     dy = dy.to(x.dtype).contiguous()
-    Bc, Cc = _chunked_rows(B, Q), _chunked_rows(C, Q)
+    Bc = _chunked_rows(B, Q)                                          # (b, c, Q, n), dxs's operand
     small = lambda: torch.empty(b, c, Q, h, device=dev, dtype=f32)  # noqa: E731
     # state -> output: y_off = C S_prev^T (fp32, kept by the forward); y's part is exp(acum) y_off
     dy_e, dacum = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype), small()
@@ -779,16 +812,20 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     _diag_bwd_G_kernel[(Q // BM, Q // BM, b * c)](G, acum, x_t, dt32, dy_t, dG, dacum_m, l, c, h, p, sx, Q=Q, BM=BM,
                                                   BP=BP, TMA=tma, PREC=prec, num_warps=4,
                                                   num_stages=3 if tma else 2)
-    dC = _matmul_f32(dG, Bc, add=dC)
-    dB = _matmul_f32(dG.transpose(-1, -2), Cc, add=dB)
     # d acum in total, then through acum = cumsum(dt A): ddt and dA
     ddt_out = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dA_part = torch.empty(b * c, h, device=dev, dtype=f32)
     _dacum_kernel[(h, b * c)](dacum, t, dacum_m, da_part, ddt, A32, dt32, ddt_out, dA_part, l, c, h, nnt, Q=Q,
                               NB=Q // BM, BNT=triton.next_power_of_2(nnt))
-    # dB and dC unchunked and cast to where they go in one pass each
-    dB = _copy_rows(dB.view(b, c * Q, n), B.new_empty(b, l, n) if dB_out is None else dB_out, l)
-    dC = _copy_rows(dC.view(b, c * Q, n), C.new_empty(b, l, n) if dC_out is None else dC_out, l)
+    # dC += dG B and dB += dG^T C, each written unchunked and cast to where it goes by the same kernel
+    dB_out = B.new_empty(b, l, n) if dB_out is None else dB_out
+    dC_out = C.new_empty(b, l, n) if dC_out is None else dC_out
+    bn, bk = min(128, max(16, triton.next_power_of_2(n))), min(64, Q)
+    for out, M, sm, add, trans in ((dC_out, B, sb, dC, False), (dB_out, C, sc, dB, True)):
+        _dG_product_kernel[(triton.cdiv(n, bn), Q // BM, b * c)](dG, M, add, out, l, c, n, sm, out.stride(1),
+                                                                 TRANS=trans, Q=Q, BM=BM, BN=bn, BK=bk, PREC=prec,
+                                                                 num_warps=4, num_stages=3)
+    dB, dC = dB_out, dC_out
     return (dx, ddt_out, dA_part.sum(0).to(A.dtype), dB, dC, None if D is None else dD_part.sum((0, 1, 2)).to(D.dtype),
             None if initial_state is None else d_init.view(b, h, p, n).to(initial_state.dtype))
 
