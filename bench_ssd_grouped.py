@@ -9,8 +9,10 @@ dt (after softplus), A, D, an initial state.
     python bench_ssd_grouped.py --check    # errors of both paths against ssd_reference in float64
     python bench_ssd_grouped.py --sweep diag    # block rows, warps and stages of the (Q, Q) kernels
     python bench_ssd_grouped.py --sweep states  # tiles, warps and stages of the chunk-state + scan kernels
-    python bench_ssd_grouped.py --sweep copy    # rows per program and warps of the dB / dC row copy
-    python bench_ssd_grouped.py --conv     # the training pass's conv + SiLU (causal-conv1d), per layer
+    python bench_ssd_grouped.py --sweep copy    # rows per program and warps of the B / C row copy
+    python bench_ssd_grouped.py --sweep dg      # tiles, warps and stages of dG's products (dB, dC)
+    python bench_ssd_grouped.py --sweep conv    # channels, warps and positions per program of the Triton conv
+    python bench_ssd_grouped.py --conv     # the training pass's conv + SiLU, per layer: causal-conv1d and Triton
     python bench_ssd_grouped.py --registers  # registers per thread of the Triton kernels (no GPU needed)
 """
 import argparse
@@ -55,8 +57,9 @@ def main():
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--sweep", choices=("diag", "states", "copy", "dg"), help="launch shapes of the (Q, Q) "
-                    "kernels, of the chunk-state + scan kernels, of the B / C row copy, or of dG's products")
+    ap.add_argument("--sweep", choices=("diag", "states", "copy", "dg", "conv"), help="launch shapes of the (Q, Q) "
+                    "kernels, of the chunk-state + scan kernels, of the B / C row copy, of dG's products or of the "
+                    "Triton conv")
     ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
     ap.add_argument("--maxnreg", type=int, help="--sweep: cap the registers per thread at this (Triton's "
                     "maxnreg), so that more programs fit on an SM")
@@ -71,7 +74,7 @@ def main():
     if a.check:
         return check(a.length, a.dstate, a.chunk, seeds=a.seeds)
     if a.sweep:
-        fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy, "dg": sweep_dg}[a.sweep]
+        fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy, "dg": sweep_dg, "conv": sweep_conv}[a.sweep]
         return fn(a.batch, a.length, a.dstate, a.chunk, maxnreg=a.maxnreg)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
@@ -175,25 +178,71 @@ def check(l, n, Q, b=2, pad=300, seeds=1):
             print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in med.tolist()) + " |")
 
 
-def conv(b, l, n, h=32, p=64, width=4):
-    """The training pass's causal conv + SiLU per layer (kernels.mamba2_train, causal-conv1d's kernels),
-    forward and backward: xBC (h p + 2 n channels) as the columns of zxbcdt (rows 2 h p + 2 n + h apart),
-    bf16, fp32 weight and bias, dx written into dzxbcdt's columns; without seq_idx and with left padding
-    (seq_idx 0 on the first 100 positions)."""
-    import kernels
+def _conv_inputs(b, l, n, h=32, p=64):
+    """The conv's inputs as the training op has them: xBC (h p + 2 n channels) as the columns of zxbcdt (rows
+    2 h p + 2 n + h apart), bf16; fp32 weight (channels, 4) and bias; dout (b, l, channels) bf16; dx_out, the
+    same columns of a tensor like zxbcdt; and seq_idx with the first 100 positions left padding."""
     ch = h * p + 2 * n
     g = torch.Generator(device="cuda").manual_seed(0)
     zxbcdt = torch.randn(b, l, 2 * h * p + 2 * n + h, device="cuda", generator=g).to(torch.bfloat16)
     xBC, dx_out = zxbcdt[..., h * p:h * p + ch], torch.empty_like(zxbcdt)[..., h * p:h * p + ch]
-    weight, bias = torch.randn(ch, width, device="cuda", generator=g) / 2, torch.randn(ch, device="cuda", generator=g)
+    weight, bias = torch.randn(ch, 4, device="cuda", generator=g) / 2, torch.randn(ch, device="cuda", generator=g)
     dout = torch.randn(b, l, ch, device="cuda", generator=g).to(torch.bfloat16)
     pad = (torch.arange(l, device="cuda") >= 100).to(torch.int32).expand(b, l).contiguous()
-    print(f"b {b} L {l} channels {ch} width {width}; ms per call (median of 20, CUDA events)")
-    print("| seq_idx | forward | backward | forward + backward |\n|---|---|---|---|")
-    for name, seq_idx in (("none", None), ("left padding", pad)):
-        ms_f = cuda_ms(lambda: kernels._causal_conv(xBC, weight, bias, seq_idx))
-        ms_b = cuda_ms(lambda: kernels._causal_conv_backward(dout, xBC, weight, bias, seq_idx, dx_out=dx_out))
-        print(f"| {name} | {ms_f:.3f} | {ms_b:.3f} | {ms_f + ms_b:.3f} |")
+    return xBC, weight, bias, dout, dx_out, pad
+
+
+def conv(b, l, n, h=32, p=64):
+    """The training pass's causal conv + SiLU per layer, forward and backward, without seq_idx and with left
+    padding: causal-conv1d's kernels (what kernels.mamba2_train runs) against kernels.causal_conv_silu and
+    its backward (Triton), with how far the Triton results are from causal-conv1d's (relative norm)."""
+    import kernels
+    xBC, weight, bias, dout, dx_out, pad = _conv_inputs(b, l, n, h, p)
+    rel = lambda a, r: ((a.float() - r.float()).norm() / r.float().norm()).item()  # noqa: E731
+
+    def causal_conv1d_backward(seq_idx, dx):
+        return (dx,) + tuple(kernels._causal_conv_backward(dout, xBC, weight, bias, seq_idx, dx_out=dx))
+
+    paths = (("causal-conv1d", kernels._causal_conv, causal_conv1d_backward),
+             ("Triton", kernels.causal_conv_silu,
+              lambda seq_idx, dx: kernels.causal_conv_silu_backward(dout, xBC, weight, bias, seq_idx, dx_out=dx)))
+    print(f"b {b} L {l} channels {xBC.shape[-1]} width 4; ms per call (median of 20, CUDA events)")
+    print("| seq_idx | conv | forward | backward | forward + backward |\n|---|---|---|---|---|")
+    for seq_name, seq_idx in (("none", None), ("left padding", pad)):
+        outs = {}
+        for name, fwd, bwd in paths:
+            ms_f = cuda_ms(lambda: fwd(xBC, weight, bias, seq_idx))
+            ms_b = cuda_ms(lambda: bwd(seq_idx, dx_out))
+            print(f"| {seq_name} | {name} | {ms_f:.3f} | {ms_b:.3f} | {ms_f + ms_b:.3f} |", flush=True)
+            outs[name] = (fwd(xBC, weight, bias, seq_idx),) + tuple(t.clone() for t in bwd(seq_idx, dx_out.clone()))
+        print("Triton against causal-conv1d, relative: " + ", ".join(
+            f"{k} {rel(a, r):.2e}" for k, a, r in zip(("out", "dx", "dweight", "dbias"), outs["Triton"],
+                                                      outs["causal-conv1d"])), flush=True)
+
+
+def sweep_conv(b, l, n, Q, h=32, p=64, maxnreg=None):
+    """ms of the Triton conv's forward and backward kernels per launch shape (channels per program, warps,
+    positions per segment), without seq_idx, as kernels.causal_conv_silu(_backward) launch them."""
+    import itertools
+    import kernels
+    xBC, weight, bias, dout, dx_out, _ = _conv_inputs(b, l, n, h, p)
+    ch = xBC.shape[-1]
+    out = torch.empty(b, l, ch, device="cuda", dtype=xBC.dtype)
+    for bc, warps, seg in itertools.product((64, 128, 256, 512), (1, 2, 4), (64, 128, 256, 512)):
+        if bc < 32 * warps:
+            continue
+        kw = dict(BC=bc, num_warps=warps, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+        segs = -(-l // seg)
+        grid = (-(-ch // bc), segs, b)
+        parts = torch.empty(b, segs, 5, ch, device="cuda")
+        calls = {
+            "fwd": lambda: kernels._conv_fwd_kernel[grid](xBC, xBC.stride(0), xBC.stride(1), weight, bias, xBC, out,
+                                                          out.stride(0), out.stride(1), l, ch, seg, HAS_SEQ=False,
+                                                          **kw),
+            "bwd": lambda: kernels._conv_bwd_kernel[grid](xBC, xBC.stride(0), xBC.stride(1), weight, bias, xBC, dout,
+                                                          dout.stride(0), dout.stride(1), dx_out, dx_out.stride(0),
+                                                          dx_out.stride(1), parts, l, ch, seg, HAS_SEQ=False, **kw)}
+        print(f"BC {bc} warps {warps} SEG {seg}: {_time_calls(calls)} ms", flush=True)
 
 
 def _time_calls(calls):
@@ -348,21 +397,21 @@ def sweep_states(b, l, n, Q, h=32, p=64, maxnreg=None):
 
 
 def sweep_copy(b, l, n, Q, h=32, p=64, maxnreg=None):
-    """ms of _copy_rows_kernel per rows per program and warps, as backward_triton runs it for dB: the
-    chunked fp32 (b, c*Q, n) into bf16 (b, l, n), dense and as the columns of the conv's gradient (rows
-    2 h p + 2 n + h apart, the training op's dB_out); with the GB/s of the bytes it must move."""
+    """ms of _copy_rows_kernel per rows per program and warps, as _chunked_rows runs it for B and C when l is
+    not a whole number of chunks: bf16 (b, l, n), dense and as the columns of the conv's output (rows
+    h p + 2 n apart), into (b, c*Q, n) with zeros past l; with the GB/s of the bytes it must move."""
     import itertools
     c = -(-l // Q)
-    src = torch.randn(b, c * Q, n, device="cuda")
-    wide = torch.empty(b, l, 2 * h * p + 2 * n + h, device="cuda", dtype=torch.bfloat16)
-    dsts = {"dense": torch.empty(b, l, n, device="cuda", dtype=torch.bfloat16),
-            "columns": wide[..., 2 * h * p:2 * h * p + n]}                 # where dB goes in the conv's gradient
-    gb = b * l * n * (4 + 2) / 1e9
+    dst = torch.empty(b, c * Q, n, device="cuda", dtype=torch.bfloat16)
+    wide = torch.randn(b, l, h * p + 2 * n, device="cuda").to(torch.bfloat16)
+    srcs = {"dense": torch.randn(b, l, n, device="cuda").to(torch.bfloat16),
+            "columns": wide[..., h * p:h * p + n]}                       # where B lies in the conv's output
+    gb = b * (l + c * Q) * n * 2 / 1e9
     bn = ssd_grouped.triton.next_power_of_2(n)
-    for (name, dst), bl, warps in itertools.product(dsts.items(), (2, 4, 8, 16, 32), (1, 2, 4, 8)):
+    for (name, src), bl, warps in itertools.product(srcs.items(), (2, 4, 8, 16, 32), (1, 2, 4, 8)):
         kw = dict(BL=bl, BN=bn, num_warps=warps, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
-        ms = cuda_ms(lambda: ssd_grouped._copy_rows_kernel[(-(-l // bl), b)](src, dst, c * Q, l, l, n, n,
-                                                                            dst.stride(1), **kw))
+        ms = cuda_ms(lambda: ssd_grouped._copy_rows_kernel[(-(-c * Q // bl), b)](src, dst, l, c * Q, l, n,
+                                                                                src.stride(1), n, **kw))
         print(f"{name} BL {bl} warps {warps}: {ms:.3f} ms, {gb / ms * 1e3:.0f} GB/s", flush=True)
 
 

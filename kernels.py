@@ -671,6 +671,210 @@ def embed_rows(tokens, offsets, table, positions, freqs, advance=False):
 
 
 # ------------------------------------------------------------------------------------------------
+# Training: Mamba-2's causal depthwise conv + SiLU (width 4), forward and backward, in Triton
+#
+# Memory-bound passes over (b, l, channels), channels last. Each program owns a block of channels and
+# a segment of positions, and walks its positions one row at a time (four rows per loop step, their
+# loads issued together), keeping the conv's window in registers: the last three rows of x going
+# forwards; going backwards, the next three rows of x and of the pre-activation gradient dz, which
+# is made once per position. No row is shifted across threads, and every row of x, dout and dx moves
+# once, but for three rows of overlap per segment.
+
+if triton is not None:
+
+    @triton.jit
+    def _same(s_tap, s_t, HAS_SEQ: tl.constexpr):
+        """1.0 where a tap at sequence index s_tap counts for the output at s_t, else 0.0 (no seq_idx: 1.0)."""
+        if HAS_SEQ:
+            return (s_tap == s_t).to(tl.float32)
+        return 1.0
+
+    @triton.jit
+    def _conv_row(ptr, seq_ptr, t, L, c, c_ok, HAS_SEQ: tl.constexpr):
+        """Row t of a (L, channels) slice in fp32 (0 outside [0, L)) and its sequence index (-1 outside)."""
+        ok = (t >= 0) & (t < L)
+        row = tl.load(ptr + c, mask=c_ok & ok, other=0.0).to(tl.float32)
+        if HAS_SEQ:
+            return row, tl.load(seq_ptr + t, mask=ok, other=-1)
+        return row, tl.full((), 0, tl.int32)
+
+    @triton.jit
+    def _conv_fwd_step(t, xt, st, x1, x2, x3, s1, s2, s3, w0, w1, w2, w3, bias, out_row, t_lo, t_hi, c_ok,
+                       HAS_SEQ: tl.constexpr):
+        """out[t] = silu(bias + w3 x[t] + w2 x[t-1] + w1 x[t-2] + w0 x[t-3]), stored if t is the program's."""
+        pre = (bias + w3 * xt + w2 * x1 * _same(s1, st, HAS_SEQ) + w1 * x2 * _same(s2, st, HAS_SEQ)
+               + w0 * x3 * _same(s3, st, HAS_SEQ))
+        tl.store(out_row, (pre * tl.sigmoid(pre)).to(out_row.dtype.element_ty), mask=c_ok & (t >= t_lo) & (t < t_hi))
+
+    @triton.jit
+    def _conv_fwd_kernel(x_ptr, sx_b, sx_l, w_ptr, b_ptr, seq_ptr, out_ptr, so_b, so_l, L, C,
+                         SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr):
+        """Grid (channel blocks, segments of SEG positions, batch rows); SEG a multiple of 4."""
+        bi = tl.program_id(2).to(tl.int64)
+        c = tl.program_id(0) * BC + tl.arange(0, BC)
+        c_ok = c < C
+        t_lo = tl.program_id(1) * SEG
+        t_hi = tl.minimum(t_lo + SEG, L)
+        x_b, o_b, seq_b = x_ptr + bi * sx_b, out_ptr + bi * so_b, seq_ptr + bi * L
+        w0 = tl.load(w_ptr + c * 4, mask=c_ok, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + c * 4 + 1, mask=c_ok, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + c * 4 + 2, mask=c_ok, other=0.0).to(tl.float32)
+        w3 = tl.load(w_ptr + c * 4 + 3, mask=c_ok, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        x1, s1 = _conv_row(x_b + (t_lo - 1) * sx_l, seq_b, t_lo - 1, L, c, c_ok, HAS_SEQ)   # x[t-1], x[t-2], x[t-3]
+        x2, s2 = _conv_row(x_b + (t_lo - 2) * sx_l, seq_b, t_lo - 2, L, c, c_ok, HAS_SEQ)
+        x3, s3 = _conv_row(x_b + (t_lo - 3) * sx_l, seq_b, t_lo - 3, L, c, c_ok, HAS_SEQ)
+        for i in range(SEG // 4):                                      # past t_hi nothing is stored
+            t = t_lo + 4 * i
+            xa, sa = _conv_row(x_b + t * sx_l, seq_b, t, L, c, c_ok, HAS_SEQ)
+            xb, sb = _conv_row(x_b + (t + 1) * sx_l, seq_b, t + 1, L, c, c_ok, HAS_SEQ)
+            xc, sc = _conv_row(x_b + (t + 2) * sx_l, seq_b, t + 2, L, c, c_ok, HAS_SEQ)
+            xd, sd = _conv_row(x_b + (t + 3) * sx_l, seq_b, t + 3, L, c, c_ok, HAS_SEQ)
+            _conv_fwd_step(t, xa, sa, x1, x2, x3, s1, s2, s3, w0, w1, w2, w3, bias, o_b + t * so_l + c, t_lo, t_hi,
+                           c_ok, HAS_SEQ)
+            _conv_fwd_step(t + 1, xb, sb, xa, x1, x2, sa, s1, s2, w0, w1, w2, w3, bias, o_b + (t + 1) * so_l + c,
+                           t_lo, t_hi, c_ok, HAS_SEQ)
+            _conv_fwd_step(t + 2, xc, sc, xb, xa, x1, sb, sa, s1, w0, w1, w2, w3, bias, o_b + (t + 2) * so_l + c,
+                           t_lo, t_hi, c_ok, HAS_SEQ)
+            _conv_fwd_step(t + 3, xd, sd, xc, xb, xa, sc, sb, sa, w0, w1, w2, w3, bias, o_b + (t + 3) * so_l + c,
+                           t_lo, t_hi, c_ok, HAS_SEQ)
+            x1, x2, x3, s1, s2, s3 = xd, xc, xb, sd, sc, sb
+
+    @triton.jit
+    def _conv_bwd_step(t, xa, xb, xc, xd, sa, sb, sc, sd, dout, d1, d2, d3, r1, r2, r3, w0, w1, w2, w3, bias,
+                       dw0, dw1, dw2, dw3, db, dx_row, t_lo, t_hi, c_ok, HAS_SEQ: tl.constexpr):
+        """Position t, going backwards: xa..xd = x[t], x[t-1], x[t-2], x[t-3] (sequence indices sa..sd), dout
+        = dout[t]; d1..d3 = dz[t+1], dz[t+2], dz[t+3] (sequence indices r1..r3). Makes dz[t] (the gradient
+        of the pre-activation, as silu' at the pre-activation made again), stores dx[t] = w3 dz[t] + w2 dz[t+1]
+        + w1 dz[t+2] + w0 dz[t+3] and adds to the weight and bias sums if t is the program's; returns dz[t]
+        and the sums."""
+        m1, m2, m3 = _same(sb, sa, HAS_SEQ), _same(sc, sa, HAS_SEQ), _same(sd, sa, HAS_SEQ)
+        pre = bias + w3 * xa + w2 * xb * m1 + w1 * xc * m2 + w0 * xd * m3
+        sig = tl.sigmoid(pre)
+        dz = dout * sig * (1.0 + pre * (1.0 - sig))
+        dx = (w3 * dz + w2 * d1 * _same(r1, sa, HAS_SEQ) + w1 * d2 * _same(r2, sa, HAS_SEQ)
+              + w0 * d3 * _same(r3, sa, HAS_SEQ))
+        own = (t >= t_lo) & (t < t_hi)
+        tl.store(dx_row, dx.to(dx_row.dtype.element_ty), mask=c_ok & own)
+        dz_own = tl.where(own, dz, 0.0)
+        return (dz, dw0 + dz_own * xd * m3, dw1 + dz_own * xc * m2, dw2 + dz_own * xb * m1, dw3 + dz_own * xa,
+                db + dz_own)
+
+    @triton.jit
+    def _conv_bwd_kernel(x_ptr, sx_b, sx_l, w_ptr, b_ptr, seq_ptr, dout_ptr, sd_b, sd_l, dx_ptr, sdx_b, sdx_l,
+                         parts_ptr, L, C, SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr):
+        """Grid (channel blocks, segments of SEG positions, batch rows); SEG a multiple of 4. Walks from
+        the segment's end + 3 down to its start (the first four rows only make dz for the rows after the
+        segment, whose dx is another program's; in a short last segment, rows before the start are walked
+        too, and not stored); the weight's and bias's sums over the segment go to parts (b, segments, 5, C):
+        taps 0..3, then the bias."""
+        bi = tl.program_id(2).to(tl.int64)
+        c = tl.program_id(0) * BC + tl.arange(0, BC)
+        c_ok = c < C
+        t_lo = tl.program_id(1) * SEG
+        t_hi = tl.minimum(t_lo + SEG, L)
+        x_b, d_b, dx_b, seq_b = x_ptr + bi * sx_b, dout_ptr + bi * sd_b, dx_ptr + bi * sdx_b, seq_ptr + bi * L
+        w0 = tl.load(w_ptr + c * 4, mask=c_ok, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + c * 4 + 1, mask=c_ok, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + c * 4 + 2, mask=c_ok, other=0.0).to(tl.float32)
+        w3 = tl.load(w_ptr + c * 4 + 3, mask=c_ok, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        dw0 = tl.zeros((BC,), tl.float32)
+        dw1, dw2, dw3, db = dw0, dw0, dw0, dw0
+        d1, d2, d3 = dw0, dw0, dw0                                      # dz[t+1], dz[t+2], dz[t+3]
+        r1 = tl.full((), -1, tl.int32)                                   # their sequence indices
+        r2, r3 = r1, r1
+        t0 = t_hi + 3
+        xa, sa = _conv_row(x_b + t0 * sx_l, seq_b, t0, L, c, c_ok, HAS_SEQ)          # x[t], x[t-1], x[t-2]
+        xb, sb = _conv_row(x_b + (t0 - 1) * sx_l, seq_b, t0 - 1, L, c, c_ok, HAS_SEQ)
+        xc, sc = _conv_row(x_b + (t0 - 2) * sx_l, seq_b, t0 - 2, L, c, c_ok, HAS_SEQ)
+        for i in range(SEG // 4 + 1):                                  # below t_lo, stores and sums are masked
+            t = t0 - 4 * i
+            # four rows' loads first: x[t-3] .. x[t-6] and dout[t] .. dout[t-3]
+            x3, s3 = _conv_row(x_b + (t - 3) * sx_l, seq_b, t - 3, L, c, c_ok, HAS_SEQ)
+            x4, s4 = _conv_row(x_b + (t - 4) * sx_l, seq_b, t - 4, L, c, c_ok, HAS_SEQ)
+            x5, s5 = _conv_row(x_b + (t - 5) * sx_l, seq_b, t - 5, L, c, c_ok, HAS_SEQ)
+            x6, s6 = _conv_row(x_b + (t - 6) * sx_l, seq_b, t - 6, L, c, c_ok, HAS_SEQ)
+            g0, _ = _conv_row(d_b + t * sd_l, seq_b, t, L, c, c_ok, False)
+            g1, _ = _conv_row(d_b + (t - 1) * sd_l, seq_b, t - 1, L, c, c_ok, False)
+            g2, _ = _conv_row(d_b + (t - 2) * sd_l, seq_b, t - 2, L, c, c_ok, False)
+            g3, _ = _conv_row(d_b + (t - 3) * sd_l, seq_b, t - 3, L, c, c_ok, False)
+            e0, dw0, dw1, dw2, dw3, db = _conv_bwd_step(t, xa, xb, xc, x3, sa, sb, sc, s3, g0, d1, d2, d3, r1, r2, r3,
+                                                        w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
+                                                        dx_b + t * sdx_l + c, t_lo, t_hi, c_ok, HAS_SEQ)
+            e1, dw0, dw1, dw2, dw3, db = _conv_bwd_step(t - 1, xb, xc, x3, x4, sb, sc, s3, s4, g1, e0, d1, d2, sa, r1,
+                                                        r2, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
+                                                        dx_b + (t - 1) * sdx_l + c, t_lo, t_hi, c_ok, HAS_SEQ)
+            e2, dw0, dw1, dw2, dw3, db = _conv_bwd_step(t - 2, xc, x3, x4, x5, sc, s3, s4, s5, g2, e1, e0, d1, sb, sa,
+                                                        r1, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
+                                                        dx_b + (t - 2) * sdx_l + c, t_lo, t_hi, c_ok, HAS_SEQ)
+            e3, dw0, dw1, dw2, dw3, db = _conv_bwd_step(t - 3, x3, x4, x5, x6, s3, s4, s5, s6, g3, e2, e1, e0, sc, sb,
+                                                        sa, w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
+                                                        dx_b + (t - 3) * sdx_l + c, t_lo, t_hi, c_ok, HAS_SEQ)
+            d1, d2, d3, r1, r2, r3 = e3, e2, e1, s3, sc, sb
+            xa, xb, xc, sa, sb, sc = x4, x5, x6, s4, s5, s6
+        part = parts_ptr + (bi * tl.num_programs(1) + tl.program_id(1)) * 5 * C + c
+        tl.store(part, dw0, mask=c_ok)
+        tl.store(part + C, dw1, mask=c_ok)
+        tl.store(part + 2 * C, dw2, mask=c_ok)
+        tl.store(part + 3 * C, dw3, mask=c_ok)
+        tl.store(part + 4 * C, db, mask=c_ok)
+
+
+# launch shapes: channels per program, warps, positions per segment
+_CONV_ROWS = dict(BC=128, num_warps=2)
+_CONV_SEG = 128
+
+
+def _conv_args(x, weight, seq_idx, name):
+    """Checks (x channels dense, weight (channels, 4), seq_idx (b, l) int32 or None); returns b, l, channels, the
+    weight contiguous, and the sequence indices' pointer (x itself, never read, without seq_idx)."""
+    b, l, ch = x.shape
+    if x.stride(2) != 1 or weight.shape != (ch, 4):
+        raise ValueError(f"{name}: x {tuple(x.shape)} with strides {x.stride()} (channels must be dense) and weight "
+                         f"{tuple(weight.shape)} (channels, width 4) do not match")
+    if seq_idx is not None and (seq_idx.shape != (b, l) or seq_idx.dtype != torch.int32):
+        raise ValueError(f"{name}: seq_idx {tuple(seq_idx.shape)} {seq_idx.dtype} is not ({b}, {l}) int32")
+    return b, l, ch, weight.contiguous(), x if seq_idx is None else seq_idx.contiguous()
+
+
+def causal_conv_silu(x, weight, bias, seq_idx=None):
+    """Mamba-2's causal depthwise conv over time, then SiLU, channels last, in Triton (CUDA, or
+    TRITON_INTERPRET=1): out[b, t, c] = silu(bias[c] + sum_k weight[c, k] x[b, t - 3 + k, c]), a tap before
+    the row's start or in another sequence than t's reading 0 (seq_idx as causal-conv1d's: (b, l) int32,
+    here 0 at left padding and 1 at the sequence). x (b, l, channels) with channels dense; its rows may
+    lie apart (xBC's columns of zxbcdt). weight (channels, 4), bias (channels,). Returns (b, l, channels),
+    contiguous, in x's dtype, computed in fp32 and rounded once. The plain form: ssmttm.Mamba2's conv, then
+    F.silu."""
+    b, l, ch, weight, seq = _conv_args(x, weight, seq_idx, "causal_conv_silu")
+    out = x.new_empty(b, l, ch)
+    grid = (triton.cdiv(ch, _CONV_ROWS["BC"]), triton.cdiv(l, _CONV_SEG), b)
+    _conv_fwd_kernel[grid](x, x.stride(0), x.stride(1), weight, bias, seq, out, out.stride(0), out.stride(1), l, ch,
+                           _CONV_SEG, HAS_SEQ=seq_idx is not None, **_CONV_ROWS)
+    return out
+
+
+def causal_conv_silu_backward(dout, x, weight, bias, seq_idx=None, dx_out=None):
+    """causal_conv_silu's backward from dout (b, l, channels), the gradient of its output, channels dense;
+    the pre-activation is made again from x. Returns dx (into dx_out if given: (b, l, channels) with
+    channels dense, any row stride; else new, in x's dtype), and dweight (channels, 4) and dbias
+    (channels,) in fp32, summed in a fixed order (deterministic)."""
+    b, l, ch, weight, seq = _conv_args(x, weight, seq_idx, "causal_conv_silu_backward")
+    for name, t in (("dout", dout), ("dx_out", dx_out)):
+        if t is not None and (t.shape != x.shape or t.stride(2) != 1):
+            raise ValueError(f"causal_conv_silu_backward: {name} {tuple(t.shape)} with strides {t.stride()} does not "
+                             f"match x {tuple(x.shape)} with channels dense")
+    dx = torch.empty_like(x) if dx_out is None else dx_out
+    segments = triton.cdiv(l, _CONV_SEG)
+    parts = torch.empty(b, segments, 5, ch, device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[(triton.cdiv(ch, _CONV_ROWS["BC"]), segments, b)](
+        x, x.stride(0), x.stride(1), weight, bias, seq, dout, dout.stride(0), dout.stride(1), dx, dx.stride(0),
+        dx.stride(1), parts, l, ch, _CONV_SEG, HAS_SEQ=seq_idx is not None, **_CONV_ROWS)
+    parts = parts.sum((0, 1))
+    return dx, parts[:4].t().contiguous(), parts[4]
+
+
+# ------------------------------------------------------------------------------------------------
 # Training: one Mamba-2 layer, forward and backward, from mamba-ssm's kernels
 
 try:  # mamba-ssm's internal kernels, as of 2.3 (tested: 2.3.2); else Mamba2 uses mamba_split_conv1d_scan_combined

@@ -1017,6 +1017,56 @@ def test_ssm_step_kernel_equals_its_definition(state_dtype):
                          A[:1], dt_bias[:1], D[:1], 0, 1)
 
 
+def causal_conv_silu_definition(x, weight, bias, seq_idx=None):
+    """kernels.causal_conv_silu in plain torch: silu(bias + sum_k weight[:, k] x[t - 3 + k]), where a tap
+    before the row's start or in another sequence than t's reads 0."""
+    b, l, _ = x.shape
+    seq = torch.zeros(b, l, dtype=torch.int32, device=x.device) if seq_idx is None else seq_idx
+    pre = bias.expand(b, l, -1)
+    for k in range(4):
+        back = 3 - k                                                    # tap k reads x[t - back]
+        tap = F.pad(x, (0, 0, back, 0))[:, :l]
+        same = F.pad(seq, (back, 0), value=-1)[:, :l] == seq
+        pre = pre + weight[:, k] * tap * same[..., None]
+    return F.silu(pre)
+
+
+@triton_here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_conv_silu_and_its_backward_equal_their_definition(dtype):
+    # kernels.causal_conv_silu and its backward against float64 autograd of the definition: x the
+    # columns of a wider tensor (xBC in zxbcdt), 150 channels (two channel blocks, the second ragged),
+    # 603 positions (five segments, the last of 91 positions, not a whole number of 4-row steps); no
+    # seq_idx, left padding, and rows of several sequences; dx into a wider buffer's columns
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(0)
+    b, l, ch = 2, 603, 150
+    wide = torch.randn(b, l, ch + 9, generator=gen).to(dtype).to(device)
+    x = wide[:, :, 5:5 + ch]
+    weight, bias = (torch.randn(ch, 4, generator=gen) / 2).to(device), torch.randn(ch, generator=gen).to(device)
+    dout = torch.randn(b, l, ch, generator=gen).to(dtype).to(device)
+    pad = torch.arange(l, device=device)[None] >= torch.tensor([[0], [37]], device=device)
+    segments = (torch.arange(l, device=device) // 131 + torch.arange(b, device=device)[:, None] * 7) % 3
+    bound = 1e-6 if dtype == torch.float32 else 2 ** -8                # out and dx rounded once to dtype
+    for seq_idx in (None, pad.to(torch.int32), segments.to(torch.int32)):
+        xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+        want = causal_conv_silu_definition(xd, wd, bd, seq_idx)
+        want.backward(dout.double())
+        got = kernels.causal_conv_silu(x, weight, bias, seq_idx)
+        assert got.dtype == dtype and got.is_contiguous() and rel_err(got, want) < bound
+        buffer = torch.full((b, l, ch + 9), 7.0, dtype=dtype, device=device)
+        dx, dw, db = kernels.causal_conv_silu_backward(dout, x, weight, bias, seq_idx, dx_out=buffer[:, :, 5:5 + ch])
+        assert dx.data_ptr() == buffer.data_ptr() + 5 * buffer.element_size()
+        assert rel_err(dx, xd.grad) < bound and rel_err(dw, wd.grad) < 1e-6 and rel_err(db, bd.grad) < 1e-6
+        assert (buffer[:, :, :5] == 7).all() and (buffer[:, :, 5 + ch:] == 7).all()
+    with pytest.raises(ValueError, match="channels must be dense"):
+        kernels.causal_conv_silu(x.transpose(1, 2), weight, bias)
+    with pytest.raises(ValueError, match=r"seq_idx \(2, 603\) torch.int64 is not \(2, 603\) int32"):
+        kernels.causal_conv_silu(x, weight, bias, pad.long())
+    with pytest.raises(ValueError, match="dout"):
+        kernels.causal_conv_silu_backward(dout[:, 1:], x, weight, bias)
+
+
 @triton_here
 def test_linear_rows_past_the_one_kernel_rows_equals_its_definition():
     # more than kernels.CORE_ROWS rows: the norm kernel, cuBLAS's product, and the epilogue kernel
