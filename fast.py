@@ -36,11 +36,12 @@ TRAIN_PATHS = ("keep_states", "mamba_ssm", "split", "grouped")  # FastOptions.tr
 @dataclass(frozen=True)
 class FastOptions:
     # Mamba-2's training pass: "grouped" (kernels.mamba2_train with ssd_grouped's SSD for ngroups = 1,
-    # its state products as GEMMs over all heads; without grad and on a CPU the plain layer on
-    # ssd_grouped; other ngroups: the plain layer on mamba-ssm's chunk scan), "keep_states" (kernels.mamba2_train
-    # on mamba-ssm's kernels, keeping the conv's output and the SSD's chunk states for the backward),
-    # "mamba_ssm" (mamba-ssm's mamba_split_conv1d_scan_combined, which recomputes them) or "split"
-    # (causal-conv1d, then mamba_chunk_scan_combined, as separate ops)
+    # its state products as GEMMs over all heads, and the Triton conv kernels.causal_conv_silu; without
+    # grad and on a CPU the plain layer on ssd_grouped; other ngroups: the plain layer on mamba-ssm's
+    # chunk scan), "keep_states" (kernels.mamba2_train on mamba-ssm's kernels and causal-conv1d, keeping
+    # the conv's output and the SSD's chunk states for the backward), "mamba_ssm" (mamba-ssm's
+    # mamba_split_conv1d_scan_combined, which recomputes them) or "split" (causal-conv1d, then
+    # mamba_chunk_scan_combined, as separate ops)
     train: str = "grouped"
     chunk_size: int = 256        # the SSD kernels' chunk length, the one they are tuned for
     decode_kernels: bool = True  # decoding steps through kernels.py (False: the layers' own steps)

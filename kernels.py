@@ -821,9 +821,10 @@ if triton is not None:
         tl.store(part + 4 * C, db, mask=c_ok)
 
 
-# launch shapes: channels per program, warps, positions per segment
-_CONV_ROWS = dict(BC=128, num_warps=2)
-_CONV_SEG = 128
+# launch shapes (channels per program, positions per segment, warps): the fastest of
+# `bench_ssd_grouped.py --sweep conv` on an H200, for each pass
+_CONV_FWD = dict(BC=128, SEG=64, num_warps=1)
+_CONV_BWD = dict(BC=128, SEG=256, num_warps=1)
 
 
 def _conv_args(x, weight, seq_idx, name):
@@ -848,9 +849,9 @@ def causal_conv_silu(x, weight, bias, seq_idx=None):
     F.silu."""
     b, l, ch, weight, seq = _conv_args(x, weight, seq_idx, "causal_conv_silu")
     out = x.new_empty(b, l, ch)
-    grid = (triton.cdiv(ch, _CONV_ROWS["BC"]), triton.cdiv(l, _CONV_SEG), b)
+    grid = (triton.cdiv(ch, _CONV_FWD["BC"]), triton.cdiv(l, _CONV_FWD["SEG"]), b)
     _conv_fwd_kernel[grid](x, x.stride(0), x.stride(1), weight, bias, seq, out, out.stride(0), out.stride(1), l, ch,
-                           _CONV_SEG, HAS_SEQ=seq_idx is not None, **_CONV_ROWS)
+                           HAS_SEQ=seq_idx is not None, **_CONV_FWD)
     return out
 
 
@@ -865,13 +866,13 @@ def causal_conv_silu_backward(dout, x, weight, bias, seq_idx=None, dx_out=None):
             raise ValueError(f"causal_conv_silu_backward: {name} {tuple(t.shape)} with strides {t.stride()} does not "
                              f"match x {tuple(x.shape)} with channels dense")
     dx = torch.empty_like(x) if dx_out is None else dx_out
-    segments = triton.cdiv(l, _CONV_SEG)
+    segments = triton.cdiv(l, _CONV_BWD["SEG"])
     parts = torch.empty(b, segments, 5, ch, device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[(triton.cdiv(ch, _CONV_ROWS["BC"]), segments, b)](
+    _conv_bwd_kernel[(triton.cdiv(ch, _CONV_BWD["BC"]), segments, b)](
         x, x.stride(0), x.stride(1), weight, bias, seq, dout, dout.stride(0), dout.stride(1), dx, dx.stride(0),
-        dx.stride(1), parts, l, ch, _CONV_SEG, HAS_SEQ=seq_idx is not None, **_CONV_ROWS)
+        dx.stride(1), parts, l, ch, HAS_SEQ=seq_idx is not None, **_CONV_BWD)
     parts = parts.sum((0, 1))
-    return dx, parts[:4].t().contiguous(), parts[4]
+    return dx, parts[:4].t().contiguous(), parts[4].clone()         # each its own tensor, not a view of parts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -930,6 +931,12 @@ def _causal_conv_backward(dout, xBC, weight, bias, seq_idx, dx_out):
     return dweight, dbias
 
 
+def _conv_silu(grouped, conv_w):
+    """The training pass's conv + SiLU: with the grouped SSD, this module's Triton conv (width 4 only),
+    else causal-conv1d's, as mamba-ssm's own path has it (and the one to compare against)."""
+    return causal_conv_silu if grouped and conv_w.shape[1] == 4 else _causal_conv
+
+
 # The training pass is two custom ops (forward, backward) joined by register_autograd. torch.compile
 # then sees one opaque op per layer instead of a graph break, and a graph break inside the loop over
 # blocks would make it give up on the whole model (it skips any frame with a break in a loop).
@@ -954,7 +961,8 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
     states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q), dA_cs and dt (b, h, l/Q, Q), and an empty tensor
     (the grouped SSD's y_off). Every dtype follows from the inputs' (no autocast inside).
 
-    grouped (ngroups 1; issue 15): the SSD is ssd_grouped's Triton form instead, and the saved
+    grouped (ngroups 1; issue 15): the SSD is ssd_grouped's Triton form instead, the conv + SiLU
+    causal_conv_silu (d_conv 4; _conv_silu), and the saved
     tensors are its own: S_prev (b, l/Q, h p, n) in x's dtype, G (b, l/Q, Q, Q), acum (b, l/Q, Q, h)
     and dt (b, l, h) fp32 after the softplus, 0 at padding (seq_idx 0): with the conv's reset at
     the sequence's start, the state passes the padding unchanged, as in mask_padding; and y_off
@@ -962,7 +970,7 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
     b, l, _ = zxbcdt.shape
     with torch.autocast("cuda", enabled=False):
         z, xBC, dt = zxbcdt.split([A.shape[0] * headdim, conv_w.shape[0], A.shape[0]], dim=-1)
-        xBC = _causal_conv(xBC, conv_w, conv_b, seq_idx)
+        xBC = _conv_silu(grouped, conv_w)(xBC, conv_w, conv_b, seq_idx)
         x, B, C = _split_xBC(xBC, A.shape[0], headdim, ngroups)
         d_inner, n = z.shape[-1], B.shape[-1]
         if grouped:
@@ -1071,7 +1079,10 @@ def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Te
         else:
             dA, ddt_bias, dD = _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, ddt_in,
                                                    A, D, dt_bias, seq_idx, chunk, headdim, g, n)
-        dconv_w, dconv_b = _causal_conv_backward(dxBC, xBC, conv_w, conv_b, seq_idx, dx_out=dxBC_in)
+        if _conv_silu(grouped, conv_w) is causal_conv_silu:
+            _, dconv_w, dconv_b = causal_conv_silu_backward(dxBC, xBC, conv_w, conv_b, seq_idx, dx_out=dxBC_in)
+        else:
+            dconv_w, dconv_b = _causal_conv_backward(dxBC, xBC, conv_w, conv_b, seq_idx, dx_out=dxBC_in)
     grads = dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w
     return (dzxbcdt,) + tuple(d.to(p.dtype) for d, p in zip(grads, (conv_w, conv_b, dt_bias, A, D, norm_w, out_w)))
 
@@ -1106,7 +1117,8 @@ def mamba2_train(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out
     sequence). Returns (b, l, d_model). CUDA, with mamba-ssm's kernels (HAS_TRAIN_KERNELS).
     out_proj runs in zxbcdt's dtype (bf16 under autocast, as F.linear would); the conv, norm and
     SSD parameters go in as they are, as in mamba-ssm's function. grouped: the SSD is
-    ssd_grouped's (ngroups 1 only; issue 15) instead of mamba-ssm's."""
+    ssd_grouped's (ngroups 1 only; issue 15) instead of mamba-ssm's, and the conv + SiLU is
+    causal_conv_silu (Triton, width 4) instead of causal-conv1d's."""
     if grouped and ngroups != 1:
         raise ValueError(f"mamba2_train: the grouped SSD takes ngroups 1, not {ngroups}")
     seq_idx = None if seq_idx is None else seq_idx.contiguous()

@@ -1036,8 +1036,9 @@ def causal_conv_silu_definition(x, weight, bias, seq_idx=None):
 def test_causal_conv_silu_and_its_backward_equal_their_definition(dtype):
     # kernels.causal_conv_silu and its backward against float64 autograd of the definition: x the
     # columns of a wider tensor (xBC in zxbcdt), 150 channels (two channel blocks, the second ragged),
-    # 603 positions (five segments, the last of 91 positions, not a whole number of 4-row steps); no
-    # seq_idx, left padding, and rows of several sequences; dx into a wider buffer's columns
+    # 603 positions (segments of 64 going forwards, of 256 backwards: the last of 27 and of 91 positions,
+    # neither a whole number of 4-row steps); no seq_idx, left padding, and rows of several sequences;
+    # dx into a wider buffer's columns
     device = "cpu" if TRITON_INTERPRET else "cuda"
     gen = torch.Generator().manual_seed(0)
     b, l, ch = 2, 603, 150
@@ -1058,6 +1059,8 @@ def test_causal_conv_silu_and_its_backward_equal_their_definition(dtype):
         dx, dw, db = kernels.causal_conv_silu_backward(dout, x, weight, bias, seq_idx, dx_out=buffer[:, :, 5:5 + ch])
         assert dx.data_ptr() == buffer.data_ptr() + 5 * buffer.element_size()
         assert rel_err(dx, xd.grad) < bound and rel_err(dw, wd.grad) < 1e-6 and rel_err(db, bd.grad) < 1e-6
+        # each its own tensor (the training op's fake says so; a view into a scratch buffer fails opcheck)
+        assert all(t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * 4 for t in (dw, db))
         assert (buffer[:, :, :5] == 7).all() and (buffer[:, :, 5 + ch:] == 7).all()
     with pytest.raises(ValueError, match="channels must be dense"):
         kernels.causal_conv_silu(x.transpose(1, 2), weight, bias)
