@@ -1,5 +1,6 @@
 """GPU kernels (CUDA only): Triton kernels for one-token decoding, the mamba-ssm and causal-conv1d
-calls, and at the end, mamba2_train, the Mamba-2 layer's training pass from mamba-ssm's kernels.
+calls, the training pass's conv + SiLU in Triton (causal_conv_silu), and at the end, mamba2_train,
+the Mamba-2 layer's training pass from mamba-ssm's kernels (or ssd_grouped's SSD and that conv).
 
 Functions of tensors only: this file knows nothing of ssmttm's classes. fast.py attaches these
 kernels to the model; ssmttm.py is the plain reference that each of them is tested against.
