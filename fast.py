@@ -4,8 +4,9 @@
     codes = model.generate(text, mask, n_frames, decoder=fast.Decoder(FastOptions()))   # decoding
 
 - `accelerate` turns every Mamba-2 layer of a model into a `FastMamba2`: the same parameters (so
-  the same state_dict and checkpoints), running on mamba-ssm's Triton kernels and causal-conv1d
-  (kernels.py): the training pass as one custom op, the prefill's SSD, mamba-ssm's decoding step.
+  the same state_dict and checkpoints), running on kernels.py's: the training pass as one custom op
+  (ssd_grouped's SSD and a Triton conv by default; mamba-ssm's kernels and causal-conv1d with the
+  other FastOptions.train paths), the prefill's SSD, mamba-ssm's decoding step.
   A whole LM becomes a `FastLM`, whose residual adds run inside the next sublayer's norm.
 - `Decoder` is generate's loop after the first step: each frame (the input embedding, one step of
   every block, the heads, guidance, top-k sampling, writing the token) in a few fused kernels,
