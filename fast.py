@@ -4,7 +4,7 @@
     codes = model.generate(text, mask, n_frames, decoder=fast.Decoder(FastOptions()))   # decoding
 
 - `accelerate` turns every Mamba-2 layer of a model into a `FastMamba2`: the same parameters (so
-  the same state_dict and checkpoints), running on kernels.py's: the training pass as one custom op
+  the same state_dict and checkpoints), running on the kernels of kernels.py: the training pass as one custom op
   (ssd_grouped's SSD and a Triton conv by default; mamba-ssm's kernels and causal-conv1d with the
   other FastOptions.train paths), the prefill's SSD, mamba-ssm's decoding step.
   A whole LM becomes a `FastLM`, whose residual adds run inside the next sublayer's norm.
