@@ -417,17 +417,30 @@ if triton is not None:
         pp = tl.arange(0, BP)
         acum_c, dt_c, x_c = acum_ptr + bc * Q * H + h, dt_ptr + r0 * H + h, x_ptr + r0 * SX + h * P
         a_q = tl.load(acum_c + q * H)
+        # below the diagonal block the decay splits at the block's first row r: exp(a_q - a_s) = e_q e_s
+        # with e_q = exp(a_q - a_r), e_s = exp(a_r - a_s), both exponents <= 0 (acum falls): e_s scales
+        # x dt's rows, e_q the sum once, at the end, and G's tiles go into the product as they are
+        a_r = tl.load(acum_c + m * BM * H)
         acc = tl.zeros((BM, BP), dtype=tl.float32)
-        for s0 in range(0, (m + 1) * BM, BM):
+        for s0 in range(0, m * BM, BM):
             s = s0 + tl.arange(0, BM)
             ok_s = s < n_ok
-            a_s = tl.load(acum_c + s * H)
             G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])          # (BM, BM) fp32
-            E = tl.exp(tl.where(q[:, None] >= s[None, :], a_q[:, None] - a_s[None, :], float("-inf")))
             x = _rows(x_c, s, SX, ok_s, pp, P)
-            dt = tl.load(dt_c + s * H, mask=ok_s, other=0.0)
-            xdt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
-            acc = tl.dot((G * E).to(x.dtype), xdt, acc, input_precision=PREC)
+            dt_e = tl.load(dt_c + s * H, mask=ok_s, other=0.0) * tl.exp(a_r - tl.load(acum_c + s * H))
+            xdt = (x.to(tl.float32) * dt_e[:, None]).to(x.dtype)
+            acc = tl.dot(G.to(x.dtype), xdt, acc, input_precision=PREC)
+        acc = tl.exp(a_q - a_r)[:, None] * acc
+        # the diagonal block: the decay per (q, s), zero above the diagonal
+        s = m * BM + tl.arange(0, BM)
+        ok_s = s < n_ok
+        a_s = tl.load(acum_c + s * H)
+        G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
+        E = tl.exp(tl.where(q[:, None] >= s[None, :], a_q[:, None] - a_s[None, :], float("-inf")))
+        x = _rows(x_c, s, SX, ok_s, pp, P)
+        dt = tl.load(dt_c + s * H, mask=ok_s, other=0.0)
+        xdt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
+        acc = tl.dot((G * E).to(x.dtype), xdt, acc, input_precision=PREC)
         yoff = tl.load(yoff_ptr + bc * Q * H * P + h * P + q[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P)
         acc += tl.exp(a_q)[:, None] * yoff
         ok_q = q < n_ok
