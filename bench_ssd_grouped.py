@@ -222,16 +222,17 @@ def conv(b, l, n, h=32, p=64):
 
 def sweep_conv(b, l, n, Q, h=32, p=64, maxnreg=None):
     """ms of the Triton conv's forward and backward kernels per launch shape (channels per program, warps,
-    positions per segment), without seq_idx, as kernels.causal_conv_silu(_backward) launch them."""
+    positions per segment, the next rows' loads issued early or not), without seq_idx, as
+    kernels.causal_conv_silu(_backward) launch them."""
     import itertools
     import kernels
     xBC, weight, bias, dout, dx_out, _ = _conv_inputs(b, l, n, h, p)
     ch = xBC.shape[-1]
     out = torch.empty(b, l, ch, device="cuda", dtype=xBC.dtype)
-    for bc, warps, seg in itertools.product((64, 128, 256, 512), (1, 2, 4), (64, 128, 256, 512)):
+    for bc, warps, seg, prefetch in itertools.product((64, 128, 256), (1, 2, 4), (64, 128, 256), (False, True)):
         if bc < 32 * warps:
             continue
-        kw = dict(BC=bc, num_warps=warps, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+        kw = dict(BC=bc, num_warps=warps, PREFETCH=prefetch, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
         segs = -(-l // seg)
         grid = (-(-ch // bc), segs, b)
         parts = torch.empty(b, segs, 5, ch, device="cuda")
@@ -242,7 +243,7 @@ def sweep_conv(b, l, n, Q, h=32, p=64, maxnreg=None):
             "bwd": lambda: kernels._conv_bwd_kernel[grid](xBC, xBC.stride(0), xBC.stride(1), weight, bias, xBC, dout,
                                                           dout.stride(0), dout.stride(1), dx_out, dx_out.stride(0),
                                                           dx_out.stride(1), parts, l, ch, seg, HAS_SEQ=False, **kw)}
-        print(f"BC {bc} warps {warps} SEG {seg}: {_time_calls(calls)} ms", flush=True)
+        print(f"BC {bc} warps {warps} SEG {seg} prefetch {int(prefetch)}: {_time_calls(calls)} ms", flush=True)
 
 
 def _time_calls(calls):

@@ -708,9 +708,21 @@ if triton is not None:
         tl.store(out_row, (pre * tl.sigmoid(pre)).to(out_row.dtype.element_ty), mask=c_ok & (t >= t_lo) & (t < t_hi))
 
     @triton.jit
+    def _conv_fwd_loads(x_b, seq_b, t, sx_l, L, c, c_ok, HAS_SEQ: tl.constexpr):
+        """The rows that _conv_fwd_kernel's four-row step at t reads: x[t] .. x[t+3], with their sequence
+        indices."""
+        xa, sa = _conv_row(x_b + t * sx_l, seq_b, t, L, c, c_ok, HAS_SEQ)
+        xb, sb = _conv_row(x_b + (t + 1) * sx_l, seq_b, t + 1, L, c, c_ok, HAS_SEQ)
+        xc, sc = _conv_row(x_b + (t + 2) * sx_l, seq_b, t + 2, L, c, c_ok, HAS_SEQ)
+        xd, sd = _conv_row(x_b + (t + 3) * sx_l, seq_b, t + 3, L, c, c_ok, HAS_SEQ)
+        return xa, sa, xb, sb, xc, sc, xd, sd
+
+    @triton.jit
     def _conv_fwd_kernel(x_ptr, sx_b, sx_l, w_ptr, b_ptr, seq_ptr, out_ptr, so_b, so_l, L, C,
-                         SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr):
-        """Grid (channel blocks, segments of SEG positions, batch rows); SEG a multiple of 4."""
+                         SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr, PREFETCH: tl.constexpr):
+        """Grid (channel blocks, segments of SEG positions, batch rows); SEG a multiple of 4. PREFETCH: each
+        four-row step issues the next step's loads before its own arithmetic (the compiler does not
+        pipeline this loop), so that they are in flight meanwhile."""
         bi = tl.program_id(2).to(tl.int64)
         c = tl.program_id(0) * BC + tl.arange(0, BC)
         c_ok = c < C
@@ -725,12 +737,14 @@ if triton is not None:
         x1, s1 = _conv_row(x_b + (t_lo - 1) * sx_l, seq_b, t_lo - 1, L, c, c_ok, HAS_SEQ)   # x[t-1], x[t-2], x[t-3]
         x2, s2 = _conv_row(x_b + (t_lo - 2) * sx_l, seq_b, t_lo - 2, L, c, c_ok, HAS_SEQ)
         x3, s3 = _conv_row(x_b + (t_lo - 3) * sx_l, seq_b, t_lo - 3, L, c, c_ok, HAS_SEQ)
+        if PREFETCH:  # the first step's loads; each step then loads the next one's before it computes
+            xa, sa, xb, sb, xc, sc, xd, sd = _conv_fwd_loads(x_b, seq_b, t_lo, sx_l, L, c, c_ok, HAS_SEQ)
         for i in range(SEG // 4):                                      # past t_hi nothing is stored
             t = t_lo + 4 * i
-            xa, sa = _conv_row(x_b + t * sx_l, seq_b, t, L, c, c_ok, HAS_SEQ)
-            xb, sb = _conv_row(x_b + (t + 1) * sx_l, seq_b, t + 1, L, c, c_ok, HAS_SEQ)
-            xc, sc = _conv_row(x_b + (t + 2) * sx_l, seq_b, t + 2, L, c, c_ok, HAS_SEQ)
-            xd, sd = _conv_row(x_b + (t + 3) * sx_l, seq_b, t + 3, L, c, c_ok, HAS_SEQ)
+            if PREFETCH:
+                ya, ua, yb, ub, yc, uc, yd, ud = _conv_fwd_loads(x_b, seq_b, t + 4, sx_l, L, c, c_ok, HAS_SEQ)
+            else:
+                xa, sa, xb, sb, xc, sc, xd, sd = _conv_fwd_loads(x_b, seq_b, t, sx_l, L, c, c_ok, HAS_SEQ)
             _conv_fwd_step(t, xa, sa, x1, x2, x3, s1, s2, s3, w0, w1, w2, w3, bias, o_b + t * so_l + c, t_lo, t_hi,
                            c_ok, HAS_SEQ)
             _conv_fwd_step(t + 1, xb, sb, xa, x1, x2, sa, s1, s2, w0, w1, w2, w3, bias, o_b + (t + 1) * so_l + c,
@@ -740,6 +754,8 @@ if triton is not None:
             _conv_fwd_step(t + 3, xd, sd, xc, xb, xa, sc, sb, sa, w0, w1, w2, w3, bias, o_b + (t + 3) * so_l + c,
                            t_lo, t_hi, c_ok, HAS_SEQ)
             x1, x2, x3, s1, s2, s3 = xd, xc, xb, sd, sc, sb
+            if PREFETCH:
+                xa, sa, xb, sb, xc, sc, xd, sd = ya, ua, yb, ub, yc, uc, yd, ud
 
     @triton.jit
     def _conv_bwd_step(t, xa, xb, xc, xd, sa, sb, sc, sd, dout, d1, d2, d3, r1, r2, r3, w0, w1, w2, w3, bias,
@@ -762,13 +778,29 @@ if triton is not None:
                 db + dz_own)
 
     @triton.jit
+    def _conv_bwd_loads(x_b, d_b, seq_b, t, sx_l, sd_l, L, c, c_ok, HAS_SEQ: tl.constexpr):
+        """The rows that _conv_bwd_kernel's four-row step at t reads: x[t-3] .. x[t-6] with their sequence
+        indices, and dout[t] .. dout[t-3]."""
+        x3, s3 = _conv_row(x_b + (t - 3) * sx_l, seq_b, t - 3, L, c, c_ok, HAS_SEQ)
+        x4, s4 = _conv_row(x_b + (t - 4) * sx_l, seq_b, t - 4, L, c, c_ok, HAS_SEQ)
+        x5, s5 = _conv_row(x_b + (t - 5) * sx_l, seq_b, t - 5, L, c, c_ok, HAS_SEQ)
+        x6, s6 = _conv_row(x_b + (t - 6) * sx_l, seq_b, t - 6, L, c, c_ok, HAS_SEQ)
+        g0, _ = _conv_row(d_b + t * sd_l, seq_b, t, L, c, c_ok, False)
+        g1, _ = _conv_row(d_b + (t - 1) * sd_l, seq_b, t - 1, L, c, c_ok, False)
+        g2, _ = _conv_row(d_b + (t - 2) * sd_l, seq_b, t - 2, L, c, c_ok, False)
+        g3, _ = _conv_row(d_b + (t - 3) * sd_l, seq_b, t - 3, L, c, c_ok, False)
+        return x3, s3, x4, s4, x5, s5, x6, s6, g0, g1, g2, g3
+
+    @triton.jit
     def _conv_bwd_kernel(x_ptr, sx_b, sx_l, w_ptr, b_ptr, seq_ptr, dout_ptr, sd_b, sd_l, dx_ptr, sdx_b, sdx_l,
-                         parts_ptr, L, C, SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr):
+                         parts_ptr, L, C, SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr,
+                         PREFETCH: tl.constexpr):
         """Grid (channel blocks, segments of SEG positions, batch rows); SEG a multiple of 4. Walks from
         the segment's end + 3 down to its start (the first four rows only make dz for the rows after the
         segment, whose dx is another program's; in a short last segment, rows before the start are walked
         too, and not stored); the weight's and bias's sums over the segment go to parts (b, segments, 5, C):
-        taps 0..3, then the bias."""
+        taps 0..3, then the bias. PREFETCH: each four-row step issues the next step's loads before its own
+        arithmetic (the compiler does not pipeline this loop), so that they are in flight meanwhile."""
         bi = tl.program_id(2).to(tl.int64)
         c = tl.program_id(0) * BC + tl.arange(0, BC)
         c_ok = c < C
@@ -789,17 +821,17 @@ if triton is not None:
         xa, sa = _conv_row(x_b + t0 * sx_l, seq_b, t0, L, c, c_ok, HAS_SEQ)          # x[t], x[t-1], x[t-2]
         xb, sb = _conv_row(x_b + (t0 - 1) * sx_l, seq_b, t0 - 1, L, c, c_ok, HAS_SEQ)
         xc, sc = _conv_row(x_b + (t0 - 2) * sx_l, seq_b, t0 - 2, L, c, c_ok, HAS_SEQ)
+        if PREFETCH:  # the first step's loads; each step then loads the next one's before it computes
+            x3, s3, x4, s4, x5, s5, x6, s6, g0, g1, g2, g3 = _conv_bwd_loads(x_b, d_b, seq_b, t0, sx_l, sd_l, L, c,
+                                                                             c_ok, HAS_SEQ)
         for i in range(SEG // 4 + 1):                                  # below t_lo, stores and sums are masked
             t = t0 - 4 * i
-            # four rows' loads first: x[t-3] .. x[t-6] and dout[t] .. dout[t-3]
-            x3, s3 = _conv_row(x_b + (t - 3) * sx_l, seq_b, t - 3, L, c, c_ok, HAS_SEQ)
-            x4, s4 = _conv_row(x_b + (t - 4) * sx_l, seq_b, t - 4, L, c, c_ok, HAS_SEQ)
-            x5, s5 = _conv_row(x_b + (t - 5) * sx_l, seq_b, t - 5, L, c, c_ok, HAS_SEQ)
-            x6, s6 = _conv_row(x_b + (t - 6) * sx_l, seq_b, t - 6, L, c, c_ok, HAS_SEQ)
-            g0, _ = _conv_row(d_b + t * sd_l, seq_b, t, L, c, c_ok, False)
-            g1, _ = _conv_row(d_b + (t - 1) * sd_l, seq_b, t - 1, L, c, c_ok, False)
-            g2, _ = _conv_row(d_b + (t - 2) * sd_l, seq_b, t - 2, L, c, c_ok, False)
-            g3, _ = _conv_row(d_b + (t - 3) * sd_l, seq_b, t - 3, L, c, c_ok, False)
+            if PREFETCH:
+                n3, m3, n4, m4, n5, m5, n6, m6, h0, h1, h2, h3 = _conv_bwd_loads(x_b, d_b, seq_b, t - 4, sx_l, sd_l,
+                                                                                 L, c, c_ok, HAS_SEQ)
+            else:
+                x3, s3, x4, s4, x5, s5, x6, s6, g0, g1, g2, g3 = _conv_bwd_loads(x_b, d_b, seq_b, t, sx_l, sd_l, L,
+                                                                                 c, c_ok, HAS_SEQ)
             e0, dw0, dw1, dw2, dw3, db = _conv_bwd_step(t, xa, xb, xc, x3, sa, sb, sc, s3, g0, d1, d2, d3, r1, r2, r3,
                                                         w0, w1, w2, w3, bias, dw0, dw1, dw2, dw3, db,
                                                         dx_b + t * sdx_l + c, t_lo, t_hi, c_ok, HAS_SEQ)
@@ -814,6 +846,8 @@ if triton is not None:
                                                         dx_b + (t - 3) * sdx_l + c, t_lo, t_hi, c_ok, HAS_SEQ)
             d1, d2, d3, r1, r2, r3 = e3, e2, e1, s3, sc, sb
             xa, xb, xc, sa, sb, sc = x4, x5, x6, s4, s5, s6
+            if PREFETCH:
+                x3, s3, x4, s4, x5, s5, x6, s6, g0, g1, g2, g3 = n3, m3, n4, m4, n5, m5, n6, m6, h0, h1, h2, h3
         part = parts_ptr + (bi * tl.num_programs(1) + tl.program_id(1)) * 5 * C + c
         tl.store(part, dw0, mask=c_ok)
         tl.store(part + C, dw1, mask=c_ok)
@@ -824,8 +858,8 @@ if triton is not None:
 
 # launch shapes (channels per program, positions per segment, warps): the fastest of
 # `bench_ssd_grouped.py --sweep conv` on an H200, for each pass
-_CONV_FWD = dict(BC=128, SEG=64, num_warps=1)
-_CONV_BWD = dict(BC=128, SEG=256, num_warps=1)
+_CONV_FWD = dict(BC=128, SEG=64, num_warps=1, PREFETCH=True)
+_CONV_BWD = dict(BC=128, SEG=256, num_warps=1, PREFETCH=True)
 
 
 def _conv_args(x, weight, seq_idx, name):

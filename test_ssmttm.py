@@ -1032,13 +1032,16 @@ def causal_conv_silu_definition(x, weight, bias, seq_idx=None):
 
 
 @triton_here
+@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_causal_conv_silu_and_its_backward_equal_their_definition(dtype):
+def test_causal_conv_silu_and_its_backward_equal_their_definition(dtype, prefetch, monkeypatch):
     # kernels.causal_conv_silu and its backward against float64 autograd of the definition: x the
     # columns of a wider tensor (xBC in zxbcdt), 150 channels (two channel blocks, the second ragged),
     # 603 positions (segments of 64 going forwards, of 256 backwards: the last of 27 and of 91 positions,
     # neither a whole number of 4-row steps); no seq_idx, left padding, and rows of several sequences;
-    # dx into a wider buffer's columns
+    # dx into a wider buffer's columns; with and without the loads of the next four rows issued early
+    monkeypatch.setattr(kernels, "_CONV_FWD", {**kernels._CONV_FWD, "PREFETCH": prefetch})
+    monkeypatch.setattr(kernels, "_CONV_BWD", {**kernels._CONV_BWD, "PREFETCH": prefetch})
     device = "cpu" if TRITON_INTERPRET else "cuda"
     gen = torch.Generator().manual_seed(0)
     b, l, ch = 2, 603, 150
