@@ -1095,6 +1095,7 @@ class AddRMSNorm(torch.autograd.Function):
         d = x.shape[-1]
         dsum = None if d_x is None else d_x.reshape(-1, d).contiguous()
         dn = torch.zeros_like(x) if d_normed is None else d_normed.reshape(-1, d)
+        dn = dn if dn.stride(1) == 1 else dn.contiguous()               # an expanded gradient, say
         dh, d32, _, dw = rms_norm_bwd(dn, x, weight, rstd, dsum=dsum, dx_dtype=h_dtype, dx32=res_dtype == torch.float32)
         dres = d32 if d32 is not None else dh.to(res_dtype, copy=True)   # two gradients, never one tensor
         return dh.view(ctx.shape), dres.view(ctx.shape), dw.to(weight.dtype), None
