@@ -1006,9 +1006,10 @@ if triton is not None:
         tl.store(dw_ptr + pid * N + cols, tl.sum(dw, axis=0), mask=c_ok)
 
 
-# Elements per row block (rows = this / the padded row length) and warps of the two kernels; the
-# backward runs PER_SM programs per SM (its loop covers the rest): at 8 warps and d_inner 2048 its
-# registers let two fit (a local sm_90 / sm_80 compile), so that none waits for another's slot
+# Elements per row block (rows = this / the padded row length) and the launch options (warps) of the
+# two kernels; the backward runs PER_SM programs per SM (its loop covers the rest): at 8 warps and
+# d_inner 2048 its registers let two fit (a local sm_90 / sm_80 compile), so that none waits for
+# another's slot. Not yet swept on a GPU (bench_ssd_grouped.py --sweep norm).
 _NORM_FWD = dict(ELEMS=4096, num_warps=8)
 _NORM_BWD = dict(ELEMS=2048, num_warps=8, PER_SM=2)
 
@@ -1040,7 +1041,7 @@ def rms_norm_fwd(x, weight, eps, residual=None, z=None):
         x, x.stride(0), x if residual is None else residual, 0 if residual is None else residual.stride(0),
         x if z is None else z, 0 if z is None else z.stride(0), weight, out, out if summed is None else summed, rstd,
         M, N, eps, HAS_RES=residual is not None, HAS_Z=z is not None, BM=bm, BN=bn,
-        num_warps=_NORM_FWD["num_warps"])
+        **{k: v for k, v in _NORM_FWD.items() if k != "ELEMS"})
     return out, summed, rstd
 
 
@@ -1072,7 +1073,7 @@ def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=F
         dx if dsum is None else dsum, dx, dx if d32 is None else d32, dx if dz is None else dz,
         0 if dz is None else dz.stride(0), dx if out is None else out, dw, M, N, HAS_Z=z is not None,
         HAS_DSUM=dsum is not None, HAS_DX32=dx32, RECOMPUTE=out is not None, BM=bm, BN=bn,
-        num_warps=_NORM_BWD["num_warps"])
+        **{k: v for k, v in _NORM_BWD.items() if k not in ("ELEMS", "PER_SM")})
     return dx, d32, dz, dw.sum(0)
 
 
