@@ -858,7 +858,8 @@ if triton is not None:
 
 
 # launch shapes (channels per program, positions per segment, warps): the fastest of
-# `bench_ssd_grouped.py --sweep conv` on an H200, for each pass
+# `bench_ssd_grouped.py --sweep conv` on an H200, for each pass; the prefetch pays with left padding
+# (seq_idx, which training passes with a text mask) and costs nothing without
 _CONV_FWD = dict(BC=128, SEG=64, num_warps=1, PREFETCH=True)
 _CONV_BWD = dict(BC=128, SEG=256, num_warps=1, PREFETCH=True)
 
