@@ -987,12 +987,12 @@ if triton is not None:
                 z = tl.load(z_ptr + r * sz + cols[None, :], mask=ok, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(z)
                 g = s * z * sig
-            xhat = g * tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)[:, None]
+            rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)[:, None]
+            xhat = g * rstd
             dout = tl.load(dout_ptr + r * sdo + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             dw += dout * xhat
             wd = dout * w
-            dg = (wd - xhat * (tl.sum(wd * xhat, axis=1) / N)[:, None]) * tl.load(rstd_ptr + rows, mask=rows < M,
-                                                                                other=0.0)[:, None]
+            dg = (wd - xhat * (tl.sum(wd * xhat, axis=1) / N)[:, None]) * rstd
             if RECOMPUTE:
                 tl.store(out_ptr + r * N + cols[None, :], (xhat * w).to(out_ptr.dtype.element_ty), mask=ok)
             if HAS_Z:
