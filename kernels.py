@@ -977,19 +977,33 @@ if triton is not None:
         c_ok = cols < N
         w = tl.load(w_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
         dw = tl.zeros((BM, BN), dtype=tl.float32)
+        # Each step loads the next row block before it works on this one, so that the loads of one overlap
+        # the arithmetic and stores of the other (Triton does not pipeline these loads by itself).
+        rows = pid * BM + tl.arange(0, BM)
+        ok = (rows < M)[:, None] & c_ok[None, :]
+        r = rows.to(tl.int64)[:, None]
+        s_next = tl.load(s_ptr + r * ss + cols[None, :], mask=ok, other=0.0)
+        z_next = tl.load(z_ptr + r * sz + cols[None, :], mask=ok, other=0.0) if HAS_Z else s_next
+        dout_next = tl.load(dout_ptr + r * sdo + cols[None, :], mask=ok, other=0.0)
+        rstd_next = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
         for r0 in range(pid * BM, M, programs * BM):
             rows = r0 + tl.arange(0, BM)
             ok = (rows < M)[:, None] & c_ok[None, :]
             r = rows.to(tl.int64)[:, None]
-            s = tl.load(s_ptr + r * ss + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            s, z, dout, rstd = s_next.to(tl.float32), z_next.to(tl.float32), dout_next.to(tl.float32), rstd_next
+            rows_n = rows + programs * BM
+            ok_n = (rows_n < M)[:, None] & c_ok[None, :]
+            r_n = rows_n.to(tl.int64)[:, None]
+            s_next = tl.load(s_ptr + r_n * ss + cols[None, :], mask=ok_n, other=0.0)
+            z_next = tl.load(z_ptr + r_n * sz + cols[None, :], mask=ok_n, other=0.0) if HAS_Z else s_next
+            dout_next = tl.load(dout_ptr + r_n * sdo + cols[None, :], mask=ok_n, other=0.0)
+            rstd_next = tl.load(rstd_ptr + rows_n, mask=rows_n < M, other=0.0)
+            rstd = rstd[:, None]
             g = s
             if HAS_Z:
-                z = tl.load(z_ptr + r * sz + cols[None, :], mask=ok, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(z)
                 g = s * z * sig
-            rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)[:, None]
             xhat = g * rstd
-            dout = tl.load(dout_ptr + r * sdo + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             dw += dout * xhat
             wd = dout * w
             dg = (wd - xhat * (tl.sum(wd * xhat, axis=1) / N)[:, None]) * rstd
@@ -1010,7 +1024,7 @@ if triton is not None:
 # Elements per row block (rows = this / the padded row length) and the launch options (warps) of the
 # two kernels; the backward runs PER_SM programs per SM (its loop covers the rest): at 8 warps and
 # d_inner 2048 its registers let two fit (a local sm_90 / sm_80 compile), so that none waits for
-# another's slot. Not yet swept on a GPU (bench_ssd_grouped.py --sweep norm).
+# another's slot. Chosen by bench_ssd_grouped.py --sweep norm and an A/B on an H200 (BENCHMARKS.md).
 _NORM_FWD = dict(ELEMS=4096, num_warps=8)
 _NORM_BWD = dict(ELEMS=2048, num_warps=8, PER_SM=2)
 
@@ -1078,37 +1092,67 @@ def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=F
     return dx, d32, dz, dw.sum(0)
 
 
-class AddRMSNorm(torch.autograd.Function):
-    """add_rms_norm on rms_norm_fwd / rms_norm_bwd: h (b, s, d), residual (b, s, d), weight (d,) ->
-    (normed in h's dtype, x = residual + h in fp32); the gradients of h and residual in their dtypes."""
+# The add + norm is two custom ops (forward, backward) joined by register_autograd, as the training
+# pass below: torch.compile sees one opaque op where the Triton launches would break its graph.
+@torch.library.custom_op("ssmttm::add_rms_norm_fwd", mutates_args=())
+def _add_rms_norm_fwd(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h (b, s, d), residual (b, s, d), weight (d,) -> normed (b, s, d) in h's dtype, x = residual + h
+    (b, s, d) fp32, rstd (b s,) fp32."""
+    d = h.shape[-1]
+    normed, x, rstd = rms_norm_fwd(h.reshape(-1, d), weight, eps, residual=residual.reshape(-1, d))
+    return normed.view(h.shape), x.view(h.shape), rstd
 
-    @staticmethod
-    def forward(ctx, h, residual, weight, eps):
-        d = h.shape[-1]
-        normed, x, rstd = rms_norm_fwd(h.reshape(-1, d), weight, eps, residual=residual.reshape(-1, d))
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.dtypes, ctx.shape = (h.dtype, residual.dtype), h.shape
-        return normed.view(h.shape), x.view(h.shape)
 
-    @staticmethod
-    def backward(ctx, d_normed, d_x):
-        x, weight, rstd = ctx.saved_tensors
-        h_dtype, res_dtype = ctx.dtypes
-        d = x.shape[-1]
-        dsum = None if d_x is None else d_x.reshape(-1, d).contiguous()
-        dn = torch.zeros_like(x) if d_normed is None else d_normed.reshape(-1, d)
-        dn = dn if dn.stride(1) == 1 else dn.contiguous()               # an expanded gradient, say
-        dh, d32, _, dw = rms_norm_bwd(dn, x, weight, rstd, dsum=dsum, dx_dtype=h_dtype, dx32=res_dtype == torch.float32)
-        dres = d32 if d32 is not None else dh.to(res_dtype, copy=True)   # two gradients, never one tensor
-        return dh.view(ctx.shape), dres.view(ctx.shape), dw.to(weight.dtype), None
+@_add_rms_norm_fwd.register_fake
+def _(h, residual, weight, eps):
+    return torch.empty_like(h), h.new_empty(h.shape, dtype=torch.float32), h.new_empty(h.shape[:-1].numel(),
+                                                                                         dtype=torch.float32)
+
+
+@torch.library.custom_op("ssmttm::add_rms_norm_bwd", mutates_args=())
+def _add_rms_norm_bwd(d_normed: Optional[torch.Tensor], d_x: Optional[torch.Tensor], x: torch.Tensor,
+                      weight: torch.Tensor, rstd: torch.Tensor, h_dtype: torch.dtype,
+                      res_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_add_rms_norm_fwd's backward from the gradients of normed and x (either None: zero) -> the
+    gradients of h in h_dtype, residual in res_dtype, and weight in its dtype."""
+    d = x.shape[-1]
+    dsum = None if d_x is None else d_x.reshape(-1, d).contiguous()
+    dn = torch.zeros_like(x) if d_normed is None else d_normed.reshape(-1, d)
+    dn = dn if dn.stride(1) == 1 else dn.contiguous()               # an expanded gradient, say
+    dh, d32, _, dw = rms_norm_bwd(dn, x.reshape(-1, d), weight, rstd, dsum=dsum, dx_dtype=h_dtype,
+                                  dx32=res_dtype == torch.float32)
+    dres = d32 if d32 is not None else dh.to(res_dtype, copy=True)   # two gradients, never one tensor
+    return dh.view(x.shape), dres.view(x.shape), dw.to(weight.dtype)
+
+
+@_add_rms_norm_bwd.register_fake
+def _(d_normed, d_x, x, weight, rstd, h_dtype, res_dtype):
+    return x.new_empty(x.shape, dtype=h_dtype), x.new_empty(x.shape, dtype=res_dtype), torch.empty_like(weight)
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    h, residual, weight, _ = inputs
+    ctx.save_for_backward(output[1], weight, output[2])
+    ctx.dtypes = h.dtype, residual.dtype
+    ctx.set_materialize_grads(False)
+
+
+def _add_rms_norm_backward(ctx, d_normed, d_x, _):
+    x, weight, rstd = ctx.saved_tensors
+    return _add_rms_norm_bwd(d_normed, d_x, x, weight, rstd, *ctx.dtypes) + (None,)
+
+
+_add_rms_norm_fwd.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
 
 
 def add_rms_norm(h, residual, weight, eps):
     """The residual add and the next sublayer's RMSNorm: h (b, s, d), a sublayer's output, and residual
     (b, s, d) -> (normed in h's dtype, x = residual + h in fp32), normed = rms_norm(x) * weight. On
-    CUDA one Triton pass each way (AddRMSNorm); elsewhere these plain ops."""
+    CUDA one Triton pass each way (the custom op ssmttm::add_rms_norm_fwd and its backward, which
+    torch.compile keeps whole); elsewhere these plain ops."""
     if h.is_cuda and triton is not None:
-        return AddRMSNorm.apply(h, residual, weight, eps)
+        return _add_rms_norm_fwd(h, residual, weight, eps)[:2]
     x = residual.to(torch.promote_types(residual.dtype, torch.float32)) + h
     return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps).to(h.dtype), x
 

@@ -1116,7 +1116,7 @@ def test_rms_norm_kernels_and_their_backward_equal_autograd_of_the_definition(el
 
 @triton_here
 def test_add_rms_norm_op_equals_the_plain_add_and_norm():
-    # kernels.AddRMSNorm (FastLM's residual adds inside the norms on a GPU) against x = residual + h, then
+    # kernels.add_rms_norm's op (FastLM's residual adds inside the norms on a GPU) against x = residual + h, then
     # nn.RMSNorm's function, in float64: a low-precision sublayer output on an fp32 residual, as under
     # autocast (fp16 here: the interpreter has no bf16 arithmetic), and fp32 both; outputs and every gradient
     device = "cpu" if TRITON_INTERPRET else "cuda"
@@ -1125,7 +1125,7 @@ def test_add_rms_norm_op_equals_the_plain_add_and_norm():
         h = torch.randn(3, 50, 24, generator=gen).to(dtype).to(device).requires_grad_()
         residual = torch.randn(3, 50, 24, generator=gen).to(device).requires_grad_()
         weight = (1 + torch.randn(24, generator=gen) / 10).to(device).requires_grad_()
-        normed, summed = kernels.AddRMSNorm.apply(h, residual, weight, 1e-5)
+        normed, summed = kernels._add_rms_norm_fwd(h, residual, weight, 1e-5)[:2]
         # normed's gradient arrives in its dtype: drawn there, so that the reference sees the same values
         d_normed = torch.randn(normed.shape, generator=gen).to(dtype).to(device)
         d_summed = torch.randn(summed.shape, generator=gen).to(device)
@@ -1139,6 +1139,15 @@ def test_add_rms_norm_op_equals_the_plain_add_and_norm():
         assert rel_err(h.grad, ref_in[0].grad) < bound and rel_err(residual.grad, ref_in[1].grad) < 1e-6
         assert rel_err(weight.grad, ref_in[2].grad) < 1e-6
         assert residual.grad.data_ptr() != h.grad.data_ptr()
+        # torch.compile traces the op whole (no graph break) and runs the same kernels: bit-equal
+        grads = [t.grad for t in (h, residual, weight)]
+        for t in (h, residual, weight):
+            t.grad = None
+        op = torch.compile(lambda *a: kernels._add_rms_norm_fwd(*a)[:2], backend="aot_eager", fullgraph=True)
+        normed_c, summed_c = op(h, residual, weight, 1e-5)
+        (normed_c.float() * d_normed.float()).sum().add((summed_c * d_summed).sum()).backward()
+        assert torch.equal(normed_c, normed) and torch.equal(summed_c, summed)
+        assert all(torch.equal(t.grad, g) for t, g in zip((h, residual, weight), grads))
 
 
 @triton_here
