@@ -760,7 +760,7 @@ def main():
                          "fused function, which recomputes the conv and the chunk states), split (separate conv "
                          "and SSD ops), grouped (issue 15: ssd_grouped.ssd_grouped)")
     ap.add_argument("--fused-add-norm", type=comma_list(["0", "1"]), default="1",
-                    help="train: the residual adds inside the norms (FastOptions.fused_add_norm, eager): 0, 1 or both")
+                    help="train: the residual adds inside the norms (FastOptions.fused_add_norm): 0, 1 or both")
     ap.add_argument("--decode-setups", type=comma_list(decode_setup),
                     default=",".join(DECODE_SETUPS),
                     help=f"variant:mode pairs for the decode section (modes: {', '.join(DECODE_MODES)})")

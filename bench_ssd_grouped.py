@@ -12,7 +12,9 @@ dt (after softplus), A, D, an initial state.
     python bench_ssd_grouped.py --sweep copy    # rows per program and warps of the B / C row copy
     python bench_ssd_grouped.py --sweep dg      # tiles, warps and stages of dG's products (dB, dC)
     python bench_ssd_grouped.py --sweep conv    # channels, warps and positions per program of the Triton conv
+    python bench_ssd_grouped.py --sweep norm    # rows per block, warps and programs per SM of the RMSNorms
     python bench_ssd_grouped.py --conv     # the training pass's conv + SiLU, per layer: causal-conv1d and Triton
+    python bench_ssd_grouped.py --norm     # the training pass's RMSNorms, per layer: mamba-ssm's and kernels.py's
     python bench_ssd_grouped.py --registers  # registers per thread of the Triton kernels (no GPU needed)
 """
 import argparse
@@ -57,13 +59,14 @@ def main():
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--sweep", choices=("diag", "states", "copy", "dg", "conv"), help="launch shapes of the (Q, Q) "
-                    "kernels, of the chunk-state + scan kernels, of the B / C row copy, of dG's products or of the "
-                    "Triton conv")
+    ap.add_argument("--sweep", choices=("diag", "states", "copy", "dg", "conv", "norm"), help="launch shapes of the "
+                    "(Q, Q) kernels, of the chunk-state + scan kernels, of the B / C row copy, of dG's products, of "
+                    "the Triton conv or of the RMSNorms")
     ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
     ap.add_argument("--maxnreg", type=int, help="--sweep: cap the registers per thread at this (Triton's "
                     "maxnreg), so that more programs fit on an SM")
     ap.add_argument("--conv", action="store_true", help="time the conv + SiLU of the training pass instead")
+    ap.add_argument("--norm", action="store_true", help="time the RMSNorms of the training pass instead")
     ap.add_argument("--registers", action="store_true", help="compile the Triton kernels for sm_90 and sm_80 "
                     "here (Triton's own ptxas, no GPU) and print their registers, spill stack and programs per SM")
     a = ap.parse_args()
@@ -71,10 +74,13 @@ def main():
         return registers(a.length, a.dstate, a.chunk)
     if a.conv:
         return conv(a.batch, a.length, a.dstate)
+    if a.norm:
+        return norm(a.batch, a.length)
     if a.check:
         return check(a.length, a.dstate, a.chunk, seeds=a.seeds)
     if a.sweep:
-        fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy, "dg": sweep_dg, "conv": sweep_conv}[a.sweep]
+        fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy, "dg": sweep_dg, "conv": sweep_conv,
+              "norm": sweep_norm}[a.sweep]
         return fn(a.batch, a.length, a.dstate, a.chunk, maxnreg=a.maxnreg)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
@@ -220,6 +226,59 @@ def conv(b, l, n, h=32, p=64):
                                                       outs["causal-conv1d"])), flush=True)
 
 
+def norm(b, l, d_model=1024, d_inner=2048, width=5152):
+    """The training pass's RMSNorms per layer, forward and backward, (b l) rows: a block's residual add + norm
+    (h bf16 on an fp32 residual, d_model wide; the backward with the residual stream's own gradient) and
+    Mamba-2's gated norm (y bf16, z the first d_inner columns of a zxbcdt-wide bf16 tensor, dz written into
+    another's; the backward writes the output again, as mamba2_train's). mamba-ssm's Triton kernels (what
+    mamba-ssm's paths run) against kernels.rms_norm_fwd / rms_norm_bwd, with the largest difference of any
+    output or gradient relative to the largest value of mamba-ssm's."""
+    import kernels
+    from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+    from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
+    M, eps = b * l, 1e-5
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s, dtype=torch.bfloat16: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731
+    h = r(M, d_model).requires_grad_()
+    res = r(M, d_model, dtype=torch.float32).requires_grad_()
+    w = (1 + r(d_model, dtype=torch.float32) / 8).requires_grad_()
+    d_normed, d_sum = r(M, d_model), r(M, d_model, dtype=torch.float32)
+    y, zx, w_g, dout = r(M, d_inner), r(M, width), 1 + r(d_inner, dtype=torch.float32) / 8, r(M, d_inner)
+    z, dz = zx[:, :d_inner], torch.empty_like(zx)[:, :d_inner]
+    normed = torch.empty(M, d_inner, device="cuda", dtype=torch.bfloat16)
+
+    def add_norm(fn):
+        def run():
+            h.grad = res.grad = w.grad = None
+            out = fn()
+            torch.autograd.backward(out, (d_normed, d_sum))
+            return out + (h.grad, res.grad, w.grad)
+        return run
+
+    def mamba_gated():
+        out, _, rstd = _layer_norm_fwd(y, w_g, None, eps, z, group_size=d_inner, norm_before_gate=False,
+                                       is_rms_norm=True)
+        dy, dw, *_ = _layer_norm_bwd(dout, y, w_g, None, eps, None, rstd, z, group_size=d_inner,
+                                     norm_before_gate=False, is_rms_norm=True, recompute_output=True, dz=dz, out=normed)
+        return out, dy, dz.clone(), dw, normed.clone()
+
+    def triton_gated():
+        out, _, rstd = kernels.rms_norm_fwd(y, w_g, eps, z=z)
+        dy, _, _, dw = kernels.rms_norm_bwd(dout, y, w_g, rstd, z=z, dz_out=dz, out=normed)
+        return out, dy, dz.clone(), dw, normed.clone()
+
+    cases = {"add + norm": (add_norm(lambda: layer_norm_fn(h, w, None, residual=res, eps=eps, prenorm=True,
+                                                           residual_in_fp32=True, is_rms_norm=True)),
+                            add_norm(lambda: kernels._add_rms_norm_fwd(h, res, w, eps)[:2])),
+             "gated norm": (mamba_gated, triton_gated)}
+    print(f"{M} rows; add + norm {d_model} wide, gated norm {d_inner}; ms per forward + backward (median of 20)")
+    print("| norm | mamba-ssm | kernels.py | largest difference, relative |\n|---|---|---|---|")
+    for name, (theirs, ours) in cases.items():
+        diff = max((a.float() - t.float()).abs().max().item() / t.float().abs().max().item()
+                   for a, t in zip(ours(), theirs()))
+        print(f"| {name} | {cuda_ms(theirs):.3f} | {cuda_ms(ours):.3f} | {diff:.2e} |", flush=True)
+
+
 def sweep_conv(b, l, n, Q, h=32, p=64, maxnreg=None):
     """ms of the Triton conv's forward and backward kernels per launch shape (channels per program, warps,
     positions per segment, the next rows' loads issued early or not), without seq_idx, as
@@ -244,6 +303,36 @@ def sweep_conv(b, l, n, Q, h=32, p=64, maxnreg=None):
                                                           dout.stride(0), dout.stride(1), dx_out, dx_out.stride(0),
                                                           dx_out.stride(1), parts, l, ch, seg, HAS_SEQ=False, **kw)}
         print(f"BC {bc} warps {warps} SEG {seg} prefetch {int(prefetch)}: {_time_calls(calls)} ms", flush=True)
+
+
+def sweep_norm(b, l, n, Q, d_model=1024, d_inner=2048, width=5152, maxnreg=None):
+    """ms of kernels.rms_norm_fwd and rms_norm_bwd per launch shape (elements per row block, warps, and for
+    the backward programs per SM), on the training pass's two norms, as norm() calls them: the blocks' add +
+    norm (d_model wide, fp32 sum) and Mamba-2's gated norm (d_inner wide, z and dz in zxbcdt-wide tensors)."""
+    import itertools
+    import kernels
+    M, eps = b * l, 1e-5
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s, dtype=torch.bfloat16: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731
+    h, res, w = r(M, d_model), r(M, d_model, dtype=torch.float32), 1 + r(d_model, dtype=torch.float32) / 8
+    dn, dsum = r(M, d_model), r(M, d_model, dtype=torch.float32)
+    y, zx, w_g, dout = r(M, d_inner), r(M, width), 1 + r(d_inner, dtype=torch.float32) / 8, r(M, d_inner)
+    z, dz = zx[:, :d_inner], torch.empty_like(zx)[:, :d_inner]
+    normed = torch.empty(M, d_inner, device="cuda", dtype=torch.bfloat16)
+    summed, rstd = kernels.rms_norm_fwd(h, w, eps, residual=res)[1:]
+    rstd_g = kernels.rms_norm_fwd(y, w_g, eps, z=z)[2]
+    extra = {} if maxnreg is None else dict(maxnreg=maxnreg)
+    for elems, warps in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
+        kernels._NORM_FWD = dict(ELEMS=elems, num_warps=warps, **extra)
+        calls = {"add fwd": lambda: kernels.rms_norm_fwd(h, w, eps, residual=res),
+                 "gated fwd": lambda: kernels.rms_norm_fwd(y, w_g, eps, z=z)}
+        print(f"forward ELEMS {elems} warps {warps}: {_time_calls(calls)} ms", flush=True)
+    for elems, warps, per_sm in itertools.product((1024, 2048, 4096), (4, 8, 16), (1, 2, 3, 4, 8)):
+        kernels._NORM_BWD = dict(ELEMS=elems, num_warps=warps, PER_SM=per_sm, **extra)
+        calls = {"add bwd": lambda: kernels.rms_norm_bwd(dn, summed, w, rstd, dsum=dsum, dx_dtype=torch.bfloat16,
+                                                         dx32=True),
+                 "gated bwd": lambda: kernels.rms_norm_bwd(dout, y, w_g, rstd_g, z=z, dz_out=dz, out=normed)}
+        print(f"backward ELEMS {elems} warps {warps} PER_SM {per_sm}: {_time_calls(calls)} ms", flush=True)
 
 
 def _time_calls(calls):

@@ -50,7 +50,7 @@ class FastOptions:
     cuda_graph: bool = True      # record a decoding frame once as a CUDA graph and replay it
     compile: bool = False        # decoding: torch.compile the plain step instead of kernels.py's
     fused_add_norm: bool = True  # training and scoring: each residual add inside the next sublayer's
-    # RMSNorm (FastLM; eager only: torch.compile fuses the plain ops itself)
+    # RMSNorm (FastLM), eager and compiled
     decode_streams: int | None = None  # decoding: the rows in this many groups, each on its own CUDA
     # stream (row_groups); None: by the rows (decode_streams_for)
 
@@ -105,13 +105,13 @@ class FastLM(ssmttm.TextToMusicLM):
     sublayer's RMSNorm (kernels.add_rms_norm), across block boundaries too; made by accelerate(). The
     sums are the plain ones in the plain order (x + h in fp32); the next sublayer's input is written
     in h's dtype (bf16 under autocast), so the add, the norm and the cast before the next product,
-    and their backwards, are one pass each way. Decoding states and torch.compile (which fuses the
-    plain ops itself) take the plain loop."""
+    and their backwards, are one pass each way, under torch.compile too (an opaque op there).
+    Decoding states take the plain loop."""
 
     options: FastOptions
 
     def run_blocks(self, x, mask=None, memory=None, memory_mask=None, states=None):
-        if states is not None or not self.options.fused_add_norm or torch.compiler.is_compiling():
+        if states is not None or not self.options.fused_add_norm:
             return super().run_blocks(x, mask, memory, memory_mask, states)
         h = None  # the last sublayer's output, not yet added to x
         for block in self.blocks:

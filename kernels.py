@@ -1,6 +1,7 @@
 """GPU kernels (CUDA only): Triton kernels for one-token decoding, the mamba-ssm and causal-conv1d
-calls, the training pass's conv + SiLU in Triton (causal_conv_silu), and at the end, mamba2_train,
-the Mamba-2 layer's training pass from mamba-ssm's kernels (or ssd_grouped's SSD and that conv).
+calls, the training pass's conv + SiLU (causal_conv_silu) and RMSNorms (rms_norm_fwd / rms_norm_bwd,
+the residual add or the gate fused in) in Triton, and at the end, mamba2_train, the Mamba-2 layer's
+training pass from mamba-ssm's kernels (or ssd_grouped's SSD with that conv and gated norm).
 
 Functions of tensors only: this file knows nothing of ssmttm's classes. fast.py attaches these
 kernels to the model; ssmttm.py is the plain reference that each of them is tested against.
@@ -919,7 +920,6 @@ try:  # mamba-ssm's internal kernels, as of 2.3 (tested: 2.3.2); else Mamba2 use
     if tuple(int(v) for v in mamba_ssm.__version__.split(".")[:2]) < (2, 3):
         raise ImportError(f"mamba-ssm {mamba_ssm.__version__}: mamba2_train calls the internals of 2.3")
     from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
-    from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
     from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd, _bmm_chunk_fwd
     from mamba_ssm.ops.triton.ssd_chunk_scan import (_chunk_scan_bwd_dC, _chunk_scan_bwd_dcb, _chunk_scan_bwd_ddAcs_stable,
@@ -932,13 +932,227 @@ except Exception:  # no CUDA, no mamba-ssm or causal-conv1d, or a mamba-ssm whos
     HAS_TRAIN_KERNELS = False
 
 
+# ------------------------------------------------------------------------------------------------
+# Training: RMSNorm forward and backward in Triton, with the residual add or Mamba-2's gate fused in.
+# The backward walks many rows per program, several programs per SM, rather than one row at a time
+# per SM (mamba-ssm's layer norm backward, which waits on each row's loads in turn).
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_fwd_kernel(x_ptr, sx, res_ptr, sres, z_ptr, sz, w_ptr, out_ptr, sum_ptr, rstd_ptr, M, N, eps,
+                             HAS_RES: tl.constexpr, HAS_Z: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """For BM rows of N values: s = x (+ res, then written to sum in fp32), g = s (* silu(z)), rstd =
+        1 / sqrt(mean(g^2) + eps) to rstd (M,), out = g rstd w in out's dtype. x, res and z with rows sx,
+        sres and sz elements apart; sum and out N apart. Grid (cdiv(M, BM),)."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BN)
+        ok = (rows < M)[:, None] & (cols < N)[None, :]
+        r = rows.to(tl.int64)[:, None]
+        s = tl.load(x_ptr + r * sx + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_RES:
+            s = tl.load(res_ptr + r * sres + cols[None, :], mask=ok, other=0.0).to(tl.float32) + s
+            tl.store(sum_ptr + r * N + cols[None, :], s, mask=ok)
+        if HAS_Z:
+            z = tl.load(z_ptr + r * sz + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            s = s * z * tl.sigmoid(z)
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < M)
+        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + r * N + cols[None, :], (s * rstd[:, None] * w[None, :]).to(out_ptr.dtype.element_ty),
+                 mask=ok)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(dout_ptr, sdo, s_ptr, ss, z_ptr, sz, w_ptr, rstd_ptr, dsum_ptr, dx_ptr, dx32_ptr,
+                             dz_ptr, sdz, out_ptr, dw_ptr, M, N, HAS_Z: tl.constexpr, HAS_DSUM: tl.constexpr,
+                             HAS_DX32: tl.constexpr, RECOMPUTE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """_rms_norm_fwd_kernel's backward from dout, the gradient of out, for the row blocks pid, pid +
+        programs, ...: with g = s (* silu(z)) and xhat = g rstd, dg = rstd (dout w - xhat mean(dout w xhat));
+        dx = dg (* silu(z)) (+ dsum, the gradient that reached s itself: the residual stream's) to dx in its
+        dtype and (HAS_DX32) to dx32 in fp32; dz = dg s silu'(z) (HAS_Z); out = xhat w again (RECOMPUTE);
+        this program's share of dw = sum over rows of dout xhat to dw (programs, N) fp32. dout, s, z and dz
+        with rows sdo, ss, sz and sdz elements apart; dsum, dx, dx32 and out N apart. Grid (programs,)."""
+        pid, programs = tl.program_id(0), tl.num_programs(0)
+        cols = tl.arange(0, BN)
+        c_ok = cols < N
+        w = tl.load(w_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        dw = tl.zeros((BM, BN), dtype=tl.float32)
+        # Each step loads the next row block before it works on this one, so that the loads of one overlap
+        # the arithmetic and stores of the other (Triton does not pipeline these loads by itself).
+        rows = pid * BM + tl.arange(0, BM)
+        ok = (rows < M)[:, None] & c_ok[None, :]
+        r = rows.to(tl.int64)[:, None]
+        s_next = tl.load(s_ptr + r * ss + cols[None, :], mask=ok, other=0.0)
+        z_next = tl.load(z_ptr + r * sz + cols[None, :], mask=ok, other=0.0) if HAS_Z else s_next
+        dout_next = tl.load(dout_ptr + r * sdo + cols[None, :], mask=ok, other=0.0)
+        rstd_next = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
+        for r0 in range(pid * BM, M, programs * BM):
+            rows = r0 + tl.arange(0, BM)
+            ok = (rows < M)[:, None] & c_ok[None, :]
+            r = rows.to(tl.int64)[:, None]
+            s, z, dout, rstd = s_next.to(tl.float32), z_next.to(tl.float32), dout_next.to(tl.float32), rstd_next
+            rows_n = rows + programs * BM
+            ok_n = (rows_n < M)[:, None] & c_ok[None, :]
+            r_n = rows_n.to(tl.int64)[:, None]
+            s_next = tl.load(s_ptr + r_n * ss + cols[None, :], mask=ok_n, other=0.0)
+            z_next = tl.load(z_ptr + r_n * sz + cols[None, :], mask=ok_n, other=0.0) if HAS_Z else s_next
+            dout_next = tl.load(dout_ptr + r_n * sdo + cols[None, :], mask=ok_n, other=0.0)
+            rstd_next = tl.load(rstd_ptr + rows_n, mask=rows_n < M, other=0.0)
+            rstd = rstd[:, None]
+            g = s
+            if HAS_Z:
+                sig = tl.sigmoid(z)
+                g = s * z * sig
+            xhat = g * rstd
+            dw += dout * xhat
+            wd = dout * w
+            dg = (wd - xhat * (tl.sum(wd * xhat, axis=1) / N)[:, None]) * rstd
+            if RECOMPUTE:
+                tl.store(out_ptr + r * N + cols[None, :], (xhat * w).to(out_ptr.dtype.element_ty), mask=ok)
+            if HAS_Z:
+                tl.store(dz_ptr + r * sdz + cols[None, :], (dg * s * sig * (1.0 + z * (1.0 - sig))).to(
+                    dz_ptr.dtype.element_ty), mask=ok)
+                dg = dg * z * sig
+            if HAS_DSUM:
+                dg += tl.load(dsum_ptr + r * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + r * N + cols[None, :], dg.to(dx_ptr.dtype.element_ty), mask=ok)
+            if HAS_DX32:
+                tl.store(dx32_ptr + r * N + cols[None, :], dg, mask=ok)
+        tl.store(dw_ptr + pid * N + cols, tl.sum(dw, axis=0), mask=c_ok)
+
+
+# Elements per row block (rows = this / the padded row length) and the launch options (warps) of the
+# two kernels; the backward runs PER_SM programs per SM (its loop covers the rest): at 8 warps and
+# d_inner 2048 its registers let two fit (a local sm_90 / sm_80 compile), so that none waits for
+# another's slot. Chosen by bench_ssd_grouped.py --sweep norm and an A/B on an H200 (BENCHMARKS.md).
+_NORM_FWD = dict(ELEMS=4096, num_warps=8)
+_NORM_BWD = dict(ELEMS=2048, num_warps=8, PER_SM=2)
+
+
+def _rows_2d(name, t, M, N):
+    """t as (M, N) with dense rows (any row stride), or a one-line ValueError naming it."""
+    if t.dim() != 2 or t.shape != (M, N) or t.stride(1) != 1:
+        raise ValueError(f"{name}: {tuple(t.shape)} with strides {t.stride()} is not ({M}, {N}) with dense rows")
+    return t
+
+
+def rms_norm_fwd(x, weight, eps, residual=None, z=None):
+    """RMSNorm in Triton (CUDA, or TRITON_INTERPRET=1), with the residual add before it or Mamba-2's gate
+    (ssmttm.GatedRMSNorm: the norm of x * silu(z)) inside it: x (M, N) with dense rows, any row stride;
+    residual, z (M, N) likewise or None; weight (N,). Returns out = rms_norm(x (+ residual) (* silu(z))) *
+    weight (M, N) in x's dtype, the sum x + residual in fp32 (None without residual: the backward's
+    input), and rstd (M,) fp32. Computed in fp32, rounded once."""
+    M, N = x.shape
+    _rows_2d("rms_norm_fwd: x", x, M, N)
+    for name, t in (("residual", residual), ("z", z)):
+        if t is not None:
+            _rows_2d(f"rms_norm_fwd: {name}", t, M, N)
+    out = x.new_empty(M, N)
+    summed = None if residual is None else torch.empty(M, N, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    bn = triton.next_power_of_2(N)
+    bm = max(1, _NORM_FWD["ELEMS"] // bn)
+    _rms_norm_fwd_kernel[(triton.cdiv(M, bm),)](
+        x, x.stride(0), x if residual is None else residual, 0 if residual is None else residual.stride(0),
+        x if z is None else z, 0 if z is None else z.stride(0), weight, out, out if summed is None else summed, rstd,
+        M, N, eps, HAS_RES=residual is not None, HAS_Z=z is not None, BM=bm, BN=bn,
+        **{k: v for k, v in _NORM_FWD.items() if k != "ELEMS"})
+    return out, summed, rstd
+
+
+def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=False, dz_out=None, out=None):
+    """rms_norm_fwd's backward: dout (M, N), the gradient of its output; s (M, N), the norm's input before
+    the gate (x, or the fp32 sum x + residual); weight; rstd (M,) from the forward; z (M, N) or None;
+    dsum (M, N) or None, a gradient that reached s itself (the residual stream's), added to dx. dout, s
+    and z with dense rows, any row stride. Returns dx (M, N) in dx_dtype (default s's), dx in fp32 as well
+    if dx32 (else None), dz (into dz_out if given: (M, N) with dense rows, any row stride; else new in z's
+    dtype; None without z), and dweight (N,) fp32. out: (M, N) contiguous, where the forward's output is
+    written again (for a weight gradient after it), or None."""
+    M, N = s.shape
+    for name, t in (("dout", dout), ("s", s), ("z", z), ("dsum", dsum), ("dz_out", dz_out), ("out", out)):
+        if t is not None:
+            _rows_2d(f"rms_norm_bwd: {name}", t, M, N)
+    for name, t in (("dsum", dsum), ("out", out)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"rms_norm_bwd: {name} with strides {t.stride()} is not contiguous")
+    dx = torch.empty(M, N, device=s.device, dtype=dx_dtype or s.dtype)
+    d32 = torch.empty(M, N, device=s.device, dtype=torch.float32) if dx32 else None
+    dz = None if z is None else (torch.empty_like(z) if dz_out is None else dz_out)
+    bn = triton.next_power_of_2(N)
+    bm = max(1, _NORM_BWD["ELEMS"] // bn)
+    sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else 4
+    programs = max(1, min(triton.cdiv(M, bm), _NORM_BWD["PER_SM"] * sms))
+    dw = torch.empty(programs, N, device=s.device, dtype=torch.float32)
+    _rms_norm_bwd_kernel[(programs,)](
+        dout, dout.stride(0), s, s.stride(0), s if z is None else z, 0 if z is None else z.stride(0), weight, rstd,
+        dx if dsum is None else dsum, dx, dx if d32 is None else d32, dx if dz is None else dz,
+        0 if dz is None else dz.stride(0), dx if out is None else out, dw, M, N, HAS_Z=z is not None,
+        HAS_DSUM=dsum is not None, HAS_DX32=dx32, RECOMPUTE=out is not None, BM=bm, BN=bn,
+        **{k: v for k, v in _NORM_BWD.items() if k not in ("ELEMS", "PER_SM")})
+    return dx, d32, dz, dw.sum(0)
+
+
+# The add + norm is two custom ops (forward, backward) joined by register_autograd, as the training
+# pass below: torch.compile sees one opaque op where the Triton launches would break its graph.
+@torch.library.custom_op("ssmttm::add_rms_norm_fwd", mutates_args=())
+def _add_rms_norm_fwd(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h (b, s, d), residual (b, s, d), weight (d,) -> normed (b, s, d) in h's dtype, x = residual + h
+    (b, s, d) fp32, rstd (b s,) fp32."""
+    d = h.shape[-1]
+    normed, x, rstd = rms_norm_fwd(h.reshape(-1, d), weight, eps, residual=residual.reshape(-1, d))
+    return normed.view(h.shape), x.view(h.shape), rstd
+
+
+@_add_rms_norm_fwd.register_fake
+def _(h, residual, weight, eps):
+    return torch.empty_like(h), h.new_empty(h.shape, dtype=torch.float32), h.new_empty(h.shape[:-1].numel(),
+                                                                                         dtype=torch.float32)
+
+
+@torch.library.custom_op("ssmttm::add_rms_norm_bwd", mutates_args=())
+def _add_rms_norm_bwd(d_normed: Optional[torch.Tensor], d_x: Optional[torch.Tensor], x: torch.Tensor,
+                      weight: torch.Tensor, rstd: torch.Tensor, h_dtype: torch.dtype,
+                      res_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_add_rms_norm_fwd's backward from the gradients of normed and x (either None: zero) -> the
+    gradients of h in h_dtype, residual in res_dtype, and weight in its dtype."""
+    d = x.shape[-1]
+    dsum = None if d_x is None else d_x.reshape(-1, d).contiguous()
+    dn = torch.zeros_like(x) if d_normed is None else d_normed.reshape(-1, d)
+    dn = dn if dn.stride(1) == 1 else dn.contiguous()               # an expanded gradient, say
+    dh, d32, _, dw = rms_norm_bwd(dn, x.reshape(-1, d), weight, rstd, dsum=dsum, dx_dtype=h_dtype,
+                                  dx32=res_dtype == torch.float32)
+    dres = d32 if d32 is not None else dh.to(res_dtype, copy=True)   # two gradients, never one tensor
+    return dh.view(x.shape), dres.view(x.shape), dw.to(weight.dtype)
+
+
+@_add_rms_norm_bwd.register_fake
+def _(d_normed, d_x, x, weight, rstd, h_dtype, res_dtype):
+    return x.new_empty(x.shape, dtype=h_dtype), x.new_empty(x.shape, dtype=res_dtype), torch.empty_like(weight)
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    h, residual, weight, _ = inputs
+    ctx.save_for_backward(output[1], weight, output[2])
+    ctx.dtypes = h.dtype, residual.dtype
+    ctx.set_materialize_grads(False)
+
+
+def _add_rms_norm_backward(ctx, d_normed, d_x, _):
+    x, weight, rstd = ctx.saved_tensors
+    return _add_rms_norm_bwd(d_normed, d_x, x, weight, rstd, *ctx.dtypes) + (None,)
+
+
+_add_rms_norm_fwd.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
+
+
 def add_rms_norm(h, residual, weight, eps):
     """The residual add and the next sublayer's RMSNorm: h (b, s, d), a sublayer's output, and residual
     (b, s, d) -> (normed in h's dtype, x = residual + h in fp32), normed = rms_norm(x) * weight. On
-    CUDA one Triton pass each way (mamba-ssm's layer_norm_fn); elsewhere these plain ops."""
-    if h.is_cuda and HAS_TRAIN_KERNELS:
-        return layer_norm_fn(h, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=True,
-                             is_rms_norm=True)
+    CUDA one Triton pass each way (the custom op ssmttm::add_rms_norm_fwd and its backward, which
+    torch.compile keeps whole); elsewhere these plain ops."""
+    if h.is_cuda and triton is not None:
+        return _add_rms_norm_fwd(h, residual, weight, eps)[:2]
     x = residual.to(torch.promote_types(residual.dtype, torch.float32)) + h
     return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps).to(h.dtype), x
 
@@ -998,7 +1212,7 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
     (the grouped SSD's y_off). Every dtype follows from the inputs' (no autocast inside).
 
     grouped (ngroups 1; issue 15): the SSD is ssd_grouped's Triton form instead, the conv + SiLU
-    causal_conv_silu (d_conv 4; _conv_silu), and the saved
+    causal_conv_silu (d_conv 4; _conv_silu), the gated norm rms_norm_fwd / rms_norm_bwd, and the saved
     tensors are its own: S_prev (b, l/Q, h p, n) in x's dtype, G (b, l/Q, Q, Q), acum (b, l/Q, Q, h)
     and dt (b, l, h) fp32 after the softplus, 0 at padding (seq_idx 0): with the conv's reset at
     the sequence's start, the state passes the padding unchanged, as in mask_padding; and y_off
@@ -1021,8 +1235,11 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
             CB = _bmm_chunk_fwd(C, B, chunk, seq_idx=seq_idx, output_dtype=torch.float32)
             y, _ = _chunk_scan_fwd(CB, x, dt, dA_cs, C, states, D=D, seq_idx=seq_idx)  # (b, l, h, p), with D x
             saved = states, CB, dA_cs, dt, dt.new_empty(0)
-        normed, _, rstd = _layer_norm_fwd(y.reshape(b * l, d_inner), norm_w, None, eps, z.view(b * l, d_inner),
-                                          group_size=d_inner // ngroups, norm_before_gate=False, is_rms_norm=True)
+        if grouped:  # one group: the gated norm in this module's kernels too
+            normed, _, rstd = rms_norm_fwd(y.reshape(b * l, d_inner), norm_w, eps, z=z.view(b * l, d_inner))
+        else:
+            normed, _, rstd = _layer_norm_fwd(y.reshape(b * l, d_inner), norm_w, None, eps, z.view(b * l, d_inner),
+                                              group_size=d_inner // ngroups, norm_before_gate=False, is_rms_norm=True)
         out = F.linear(normed.view(b, l, d_inner), out_w)
     return (out, y, rstd, xBC) + saved
 
@@ -1097,10 +1314,15 @@ def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Te
         dx, dB, dC = _split_xBC(dxBC, h, headdim, g)
         # out_proj, then the gated norm (which recomputes its output for out_proj's weight gradient)
         normed = torch.empty(b, l, d_inner, device=y.device, dtype=y.dtype)
-        dy, dnorm_w, *_ = _layer_norm_bwd(
-            F.linear(dout, out_w.t()).view(b * l, d_inner), y.reshape(b * l, d_inner), norm_w, None, eps, None, rstd,
-            z.view(b * l, d_inner), group_size=d_inner // g, norm_before_gate=False, is_rms_norm=True,
-            recompute_output=True, dz=dz.view(b * l, d_inner), out=normed.view(b * l, d_inner))
+        dnormed = F.linear(dout, out_w.t()).view(b * l, d_inner)
+        if grouped:
+            dy, _, _, dnorm_w = rms_norm_bwd(dnormed, y.reshape(b * l, d_inner), norm_w, rstd, z=z.view(b * l, d_inner),
+                                             dz_out=dz.view(b * l, d_inner), out=normed.view(b * l, d_inner))
+        else:
+            dy, dnorm_w, *_ = _layer_norm_bwd(
+                dnormed, y.reshape(b * l, d_inner), norm_w, None, eps, None, rstd, z.view(b * l, d_inner),
+                group_size=d_inner // g, norm_before_gate=False, is_rms_norm=True, recompute_output=True,
+                dz=dz.view(b * l, d_inner), out=normed.view(b * l, d_inner))
         dout_w = torch.einsum("bso,bsd->od", dout, normed)
         dy = dy.view(b, l, h, headdim)
         if grouped:
@@ -1153,8 +1375,9 @@ def mamba2_train(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out
     sequence). Returns (b, l, d_model). CUDA, with mamba-ssm's kernels (HAS_TRAIN_KERNELS).
     out_proj runs in zxbcdt's dtype (bf16 under autocast, as F.linear would); the conv, norm and
     SSD parameters go in as they are, as in mamba-ssm's function. grouped: the SSD is
-    ssd_grouped's (ngroups 1 only; issue 15) instead of mamba-ssm's, and the conv + SiLU is
-    causal_conv_silu (Triton, width 4) instead of causal-conv1d's."""
+    ssd_grouped's (ngroups 1 only; issue 15) instead of mamba-ssm's, the conv + SiLU is
+    causal_conv_silu (Triton, width 4) instead of causal-conv1d's, and the gated norm this module's
+    rms_norm_fwd / rms_norm_bwd instead of mamba-ssm's."""
     if grouped and ngroups != 1:
         raise ValueError(f"mamba2_train: the grouped SSD takes ngroups 1, not {ngroups}")
     seq_idx = None if seq_idx is None else seq_idx.contiguous()

@@ -104,18 +104,6 @@ except ImportError:
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(triton is None or not (INTERPRET or torch.cuda.is_available()),
                                   reason="Triton on a GPU, or TRITON_INTERPRET=1")
-if triton is not None and INTERPRET:
-    # Triton 3.6's interpreter turns a scalar into int() of a 1-element array, which NumPy >= 2.4
-    # refuses: every runtime-bound range() fails. Patch that one conversion (as test_ssd_triton.py).
-    from triton.runtime import interpreter as _interp
-
-    _patch_lang_tensor = _interp._patch_lang_tensor
-
-    def _patch_with_index(tensor, scope):
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interp._patch_lang_tensor = _patch_with_index
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_descriptors = pytest.mark.skipif(getattr(ssd_grouped, "TensorDescriptor", None) is None,
                                        reason="Triton 3.4 or later (TensorDescriptor)")

@@ -652,8 +652,6 @@ def test_gpu_fast_lm_matches_the_plain_lm(variant):
 def test_gpu_add_rms_norm_equals_the_plain_add_and_norm():
     # kernels.add_rms_norm (FastBlock's inner residual adds) against x = residual + h, then nn.RMSNorm, in
     # float64: a bf16 sublayer output on an fp32 residual, as under autocast; outputs and every gradient
-    if not kernels.HAS_TRAIN_KERNELS:
-        pytest.skip("mamba-ssm < 2.3")
     torch.manual_seed(0)
     h = torch.randn(3, 500, 256, device="cuda").bfloat16().requires_grad_()
     residual = torch.randn(3, 500, 256, device="cuda").requires_grad_()
@@ -1071,6 +1069,85 @@ def test_causal_conv_silu_and_its_backward_equal_their_definition(dtype, prefetc
         kernels.causal_conv_silu(x, weight, bias, pad.long())
     with pytest.raises(ValueError, match="dout"):
         kernels.causal_conv_silu_backward(dout[:, 1:], x, weight, bias)
+
+
+@triton_here
+@pytest.mark.parametrize("elems", [2048, 128])
+def test_rms_norm_kernels_and_their_backward_equal_autograd_of_the_definition(elems, monkeypatch):
+    # kernels.rms_norm_fwd / rms_norm_bwd against float64 autograd of the plain norms: the residual add
+    # before the norm (fp32 residual stream, as add_rms_norm) and Mamba-2's gate inside it (x * silu(z), as
+    # ssmttm.GatedRMSNorm), 37 rows of 40 values (row blocks past M, a row padded to 64); z and dz as columns
+    # of wider tensors (z in zxbcdt); elems 128: blocks of 2 rows, each program walking several of them
+    monkeypatch.setattr(kernels, "_NORM_FWD", {**kernels._NORM_FWD, "ELEMS": elems})
+    monkeypatch.setattr(kernels, "_NORM_BWD", {**kernels._NORM_BWD, "ELEMS": elems, "PER_SM": 1})
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(0)
+    M, N, eps = 37, 40, 1e-5
+    r = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
+    x, res, w, dout, dsum = r(M, N), r(M, N), 1 + r(N) / 4, r(M, N), r(M, N)
+    wide = r(M, N + 7)
+    z = wide[:, 3:3 + N]
+    # the residual add: out = rms_norm(res + x) w, and the sum itself, whose gradient is dsum
+    xd, resd, wd = (t.double().requires_grad_() for t in (x, res, w))
+    sum_ref = resd + xd
+    out_ref = F.rms_norm(sum_ref, (N,), wd, eps)
+    (out_ref * dout.double()).sum().add((sum_ref * dsum.double()).sum()).backward()
+    out, summed, rstd = kernels.rms_norm_fwd(x, w, eps, residual=res)
+    assert rel_err(out, out_ref) < 1e-6 and rel_err(summed, sum_ref) < 1e-7
+    assert rel_err(rstd, sum_ref.square().mean(-1).add(eps).rsqrt()) < 1e-6
+    dx, d32, dz, dw = kernels.rms_norm_bwd(dout, summed, w, rstd, dsum=dsum, dx32=True)
+    assert dz is None and d32.dtype == torch.float32 and d32.data_ptr() != dx.data_ptr()
+    assert rel_err(dx, xd.grad) < 1e-6 and rel_err(d32, resd.grad) < 1e-6 and rel_err(dw, wd.grad) < 1e-6
+    # the gate: out = rms_norm(x silu(z)) w; the output written again, dz into a wider buffer's columns
+    xd, zd, wd = (t.double().requires_grad_() for t in (x, z, w))
+    out_ref = F.rms_norm(xd * F.silu(zd), (N,), wd, eps)
+    out_ref.backward(dout.double())
+    out, summed, rstd = kernels.rms_norm_fwd(x, w, eps, z=z)
+    assert summed is None and rel_err(out, out_ref) < 1e-6
+    buffer = torch.full((M, N + 7), 7.0, device=device)
+    again = torch.empty(M, N, device=device)
+    dx, d32, dz, dw = kernels.rms_norm_bwd(dout, x, w, rstd, z=z, dz_out=buffer[:, 2:2 + N], out=again)
+    assert d32 is None and dz.data_ptr() == buffer.data_ptr() + 2 * buffer.element_size()
+    assert rel_err(dx, xd.grad) < 1e-6 and rel_err(dz, zd.grad) < 1e-6 and rel_err(dw, wd.grad) < 1e-6
+    assert (again == out).all() and (buffer[:, :2] == 7).all() and (buffer[:, 2 + N:] == 7).all()
+    with pytest.raises(ValueError, match=r"rms_norm_fwd: z: \(40, 37\) with strides \(1, 47\) is not \(37, 40\)"):
+        kernels.rms_norm_fwd(x, w, eps, z=z.t())
+
+
+@triton_here
+def test_add_rms_norm_op_equals_the_plain_add_and_norm():
+    # kernels.add_rms_norm's op (FastLM's residual adds inside the norms on a GPU) against x = residual + h, then
+    # nn.RMSNorm's function, in float64: a low-precision sublayer output on an fp32 residual, as under
+    # autocast (fp16 here: the interpreter has no bf16 arithmetic), and fp32 both; outputs and every gradient
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(1)
+    for dtype, bound in ((torch.float16, 2 ** -10), (torch.float32, 1e-6)):
+        h = torch.randn(3, 50, 24, generator=gen).to(dtype).to(device).requires_grad_()
+        residual = torch.randn(3, 50, 24, generator=gen).to(device).requires_grad_()
+        weight = (1 + torch.randn(24, generator=gen) / 10).to(device).requires_grad_()
+        normed, summed = kernels._add_rms_norm_fwd(h, residual, weight, 1e-5)[:2]
+        # normed's gradient arrives in its dtype: drawn there, so that the reference sees the same values
+        d_normed = torch.randn(normed.shape, generator=gen).to(dtype).to(device)
+        d_summed = torch.randn(summed.shape, generator=gen).to(device)
+        (normed.float() * d_normed.float()).sum().add((summed * d_summed).sum()).backward()
+        ref_in = [t.detach().double().requires_grad_() for t in (h, residual, weight)]
+        ref_summed = ref_in[1] + ref_in[0]
+        ref_normed = F.rms_norm(ref_summed, (24,), ref_in[2], 1e-5)
+        (ref_normed * d_normed.double()).sum().add((ref_summed * d_summed.double()).sum()).backward()
+        assert normed.dtype == dtype and summed.dtype == torch.float32 and h.grad.dtype == dtype
+        assert rel_err(normed, ref_normed) < bound and rel_err(summed, ref_summed) < 1e-7
+        assert rel_err(h.grad, ref_in[0].grad) < bound and rel_err(residual.grad, ref_in[1].grad) < 1e-6
+        assert rel_err(weight.grad, ref_in[2].grad) < 1e-6
+        assert residual.grad.data_ptr() != h.grad.data_ptr()
+        # torch.compile traces the op whole (no graph break) and runs the same kernels: bit-equal
+        grads = [t.grad for t in (h, residual, weight)]
+        for t in (h, residual, weight):
+            t.grad = None
+        op = torch.compile(lambda *a: kernels._add_rms_norm_fwd(*a)[:2], backend="aot_eager", fullgraph=True)
+        normed_c, summed_c = op(h, residual, weight, 1e-5)
+        (normed_c.float() * d_normed.float()).sum().add((summed_c * d_summed).sum()).backward()
+        assert torch.equal(normed_c, normed) and torch.equal(summed_c, summed)
+        assert all(torch.equal(t.grad, g) for t, g in zip((h, residual, weight), grads))
 
 
 @triton_here
