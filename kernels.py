@@ -1157,6 +1157,102 @@ def add_rms_norm(h, residual, weight, eps):
     return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps).to(h.dtype), x
 
 
+# ------------------------------------------------------------------------------------------------
+# The feed-forward's GELU and dropout in one pass each way
+
+if triton is not None:
+
+    @triton.jit
+    def _keep_mask(seed_ptr, p, pid, numel, BQ: tl.constexpr):
+        """Element offsets (BQ, 4) of this program's BQ * 4 elements, the mask of those in range, and
+        keep: whether each survives dropout, uniform(seed, element) >= p, from Philox (one call gives
+        four numbers, so the four of each row share it)."""
+        quads = pid.to(tl.int64) * BQ + tl.arange(0, BQ)
+        i = quads[:, None] * 4 + tl.arange(0, 4)[None, :]
+        u0, u1, u2, u3 = tl.rand4x(tl.load(seed_ptr), quads)
+        u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (BQ, 4))
+        return i, i < numel, u >= p
+
+    @triton.jit
+    def _gelu_dropout_fwd_kernel(a_ptr, seed_ptr, y_ptr, numel, p, BQ: tl.constexpr):
+        """y = gelu(a) keep / (1 - p) for numel elements (gelu: the exact, erf form), in fp32, rounded
+        once to y's dtype. Grid (cdiv(numel, 4 BQ),)."""
+        i, ok, keep = _keep_mask(seed_ptr, p, tl.program_id(0), numel, BQ)
+        a = tl.load(a_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        g = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+        tl.store(y_ptr + i, tl.where(keep, g / (1.0 - p), 0.0).to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _gelu_dropout_bwd_kernel(dy_ptr, a_ptr, seed_ptr, da_ptr, numel, p, BQ: tl.constexpr):
+        """da = dy keep / (1 - p) gelu'(a), gelu'(a) = Phi(a) + a phi(a), with the forward's mask drawn
+        again from its seed. Grid (cdiv(numel, 4 BQ),)."""
+        i, ok, keep = _keep_mask(seed_ptr, p, tl.program_id(0), numel, BQ)
+        a = tl.load(a_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        dgelu = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
+        tl.store(da_ptr + i, tl.where(keep, dy * dgelu / (1.0 - p), 0.0).to(da_ptr.dtype.element_ty), mask=ok)
+
+
+_GELU_DROPOUT = dict(BQ=512, num_warps=4)  # quads of elements per program (2048 elements), warps
+
+
+@torch.library.custom_op("ssmttm::gelu_dropout_fwd", mutates_args=())
+def _gelu_dropout_fwd(a: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """a (any shape, contiguous) -> y = dropout(gelu(a), p) in a's dtype, and the seed (1,) int64 of its
+    mask, drawn from a's device's default generator (so torch.manual_seed, a saved RNG state and CUDA
+    graphs govern it as they do torch's dropout)."""
+    seed = torch.randint(2 ** 62, (1,), device=a.device)
+    y = torch.empty_like(a)
+    numel = a.numel()
+    _gelu_dropout_fwd_kernel[(triton.cdiv(numel, 4 * _GELU_DROPOUT["BQ"]),)](a, seed, y, numel, p, **_GELU_DROPOUT)
+    return y, seed
+
+
+@_gelu_dropout_fwd.register_fake
+def _(a, p):
+    return torch.empty_like(a), a.new_empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("ssmttm::gelu_dropout_bwd", mutates_args=())
+def _gelu_dropout_bwd(dy: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """_gelu_dropout_fwd's backward: dy (a's shape) -> da in a's dtype."""
+    dy, da, numel = dy.contiguous(), torch.empty_like(a), a.numel()
+    _gelu_dropout_bwd_kernel[(triton.cdiv(numel, 4 * _GELU_DROPOUT["BQ"]),)](dy, a, seed, da, numel, p,
+                                                                             **_GELU_DROPOUT)
+    return da
+
+
+@_gelu_dropout_bwd.register_fake
+def _(dy, a, seed, p):
+    return torch.empty_like(a)
+
+
+def _gelu_dropout_setup(ctx, inputs, output):
+    a, p = inputs
+    ctx.save_for_backward(a, output[1])
+    ctx.p = p
+    ctx.set_materialize_grads(False)
+
+
+def _gelu_dropout_backward(ctx, dy, _):
+    a, seed = ctx.saved_tensors
+    return (None if dy is None else _gelu_dropout_bwd(dy, a, seed, ctx.p)), None
+
+
+_gelu_dropout_fwd.register_autograd(_gelu_dropout_backward, setup_context=_gelu_dropout_setup)
+
+
+def gelu_dropout(a, p, training):
+    """dropout(gelu(a)) of the feed-forward (ssmttm.FeedForward; gelu the exact, erf form): a (..., d_ff),
+    p the dropout rate. Training with p > 0 on CUDA: one Triton pass each way (ssmttm::gelu_dropout_fwd
+    and its backward, opaque to torch.compile), which keeps a and a seed for the backward instead of a
+    mask, and draws its mask from Philox (the same rate as torch's dropout, not the same mask); else
+    the plain ops."""
+    if training and p > 0 and a.is_cuda and triton is not None:
+        return _gelu_dropout_fwd(a.contiguous(), p)[0]
+    return F.dropout(F.gelu(a), p, training)
+
+
 def _causal_conv(xBC, weight, bias, seq_idx):
     """Causal depthwise conv + SiLU, (b, l, channels) -> (b, l, channels), channels-last."""
     return causal_conv1d_fwd_function(ensure_stride(xBC).transpose(1, 2), weight, bias, seq_idx, None, None,
