@@ -963,6 +963,18 @@ if triton is not None:
                  mask=ok)
 
     @triton.jit
+    def _norm_bwd_loads(rows, M, cols, c_ok, s_ptr, ss, z_ptr, sz, dout_ptr, sdo, rstd_ptr, HAS_Z: tl.constexpr):
+        """_rms_norm_bwd_kernel's inputs of these rows, as stored (z is s without HAS_Z): s, z, dout, rstd."""
+        ok = (rows < M)[:, None] & c_ok[None, :]
+        r = rows.to(tl.int64)[:, None]
+        s = tl.load(s_ptr + r * ss + cols[None, :], mask=ok, other=0.0)
+        z = s
+        if HAS_Z:
+            z = tl.load(z_ptr + r * sz + cols[None, :], mask=ok, other=0.0)
+        dout = tl.load(dout_ptr + r * sdo + cols[None, :], mask=ok, other=0.0)
+        return s, z, dout, tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
+
+    @triton.jit
     def _rms_norm_bwd_kernel(dout_ptr, sdo, s_ptr, ss, z_ptr, sz, w_ptr, rstd_ptr, dsum_ptr, dx_ptr, dx32_ptr,
                              dz_ptr, sdz, out_ptr, dw_ptr, M, N, HAS_Z: tl.constexpr, HAS_DSUM: tl.constexpr,
                              HAS_DX32: tl.constexpr, RECOMPUTE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
@@ -979,25 +991,15 @@ if triton is not None:
         dw = tl.zeros((BM, BN), dtype=tl.float32)
         # Each step loads the next row block before it works on this one, so that the loads of one overlap
         # the arithmetic and stores of the other (Triton does not pipeline these loads by itself).
-        rows = pid * BM + tl.arange(0, BM)
-        ok = (rows < M)[:, None] & c_ok[None, :]
-        r = rows.to(tl.int64)[:, None]
-        s_next = tl.load(s_ptr + r * ss + cols[None, :], mask=ok, other=0.0)
-        z_next = tl.load(z_ptr + r * sz + cols[None, :], mask=ok, other=0.0) if HAS_Z else s_next
-        dout_next = tl.load(dout_ptr + r * sdo + cols[None, :], mask=ok, other=0.0)
-        rstd_next = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
+        s_next, z_next, dout_next, rstd_next = _norm_bwd_loads(pid * BM + tl.arange(0, BM), M, cols, c_ok, s_ptr, ss,
+                                                               z_ptr, sz, dout_ptr, sdo, rstd_ptr, HAS_Z)
         for r0 in range(pid * BM, M, programs * BM):
             rows = r0 + tl.arange(0, BM)
             ok = (rows < M)[:, None] & c_ok[None, :]
             r = rows.to(tl.int64)[:, None]
             s, z, dout, rstd = s_next.to(tl.float32), z_next.to(tl.float32), dout_next.to(tl.float32), rstd_next
-            rows_n = rows + programs * BM
-            ok_n = (rows_n < M)[:, None] & c_ok[None, :]
-            r_n = rows_n.to(tl.int64)[:, None]
-            s_next = tl.load(s_ptr + r_n * ss + cols[None, :], mask=ok_n, other=0.0)
-            z_next = tl.load(z_ptr + r_n * sz + cols[None, :], mask=ok_n, other=0.0) if HAS_Z else s_next
-            dout_next = tl.load(dout_ptr + r_n * sdo + cols[None, :], mask=ok_n, other=0.0)
-            rstd_next = tl.load(rstd_ptr + rows_n, mask=rows_n < M, other=0.0)
+            s_next, z_next, dout_next, rstd_next = _norm_bwd_loads(rows + programs * BM, M, cols, c_ok, s_ptr, ss,
+                                                                   z_ptr, sz, dout_ptr, sdo, rstd_ptr, HAS_Z)
             rstd = rstd[:, None]
             g = s
             if HAS_Z:
