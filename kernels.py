@@ -1,8 +1,8 @@
 """GPU kernels (CUDA only): Triton kernels for one-token decoding, the mamba-ssm and causal-conv1d
 calls, the training pass's conv + SiLU (causal_conv_silu), RMSNorms (rms_norm_fwd / rms_norm_bwd,
-the residual add or the gate fused in) and feed-forward GELU + dropout (gelu_dropout) in Triton, and at
-the end, mamba2_train, the Mamba-2 layer's
-training pass from mamba-ssm's kernels (or ssd_grouped's SSD with that conv and gated norm).
+the residual add or the gate fused in) and feed-forward GELU + dropout (gelu_dropout) in Triton, and
+at the end, mamba2_train, the Mamba-2 layer's training pass from mamba-ssm's kernels (or ssd_grouped's
+SSD with that conv and gated norm).
 
 Functions of tensors only: this file knows nothing of ssmttm's classes. fast.py attaches these
 kernels to the model; ssmttm.py is the plain reference that each of them is tested against.
