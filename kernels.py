@@ -1199,7 +1199,7 @@ if triton is not None:
 _GELU_DROPOUT = dict(BQ=512, num_warps=4)  # quads of elements per program (2048 elements), warps
 
 
-@torch.library.custom_op("ssmttm::gelu_dropout_fwd", mutates_args=(), tags=torch.Tag.nondeterministic_seeded)
+@torch.library.custom_op("ssmttm::gelu_dropout_fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _gelu_dropout_fwd(a: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """a (any shape, contiguous) -> y = dropout(gelu(a), p) in a's dtype, and the seed (1,) int64 of its
     mask, drawn from a's device's default generator (so torch.manual_seed, a saved RNG state and CUDA
