@@ -1166,37 +1166,53 @@ def add_rms_norm(h, residual, weight, eps):
 if triton is not None:
 
     @triton.jit
-    def _keep_mask(seed_ptr, p, pid, numel, BQ: tl.constexpr):
-        """Element offsets (BQ, 4) of this program's BQ * 4 elements, the mask of those in range, and
-        keep: whether each survives dropout, uniform(seed, element) >= p, from Philox (one call gives
-        four numbers, so the four of each row share it)."""
-        quads = pid.to(tl.int64) * BQ + tl.arange(0, BQ)
-        i = quads[:, None] * 4 + tl.arange(0, 4)[None, :]
-        u0, u1, u2, u3 = tl.rand4x(tl.load(seed_ptr), quads)
-        u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (BQ, 4))
-        return i, i < numel, u >= p
+    def _dropout_uniforms(seed_ptr, pid, BQ: tl.constexpr):
+        """Four uniforms (BQ,) each from one Philox call per position of this program: u_k[j] belongs to
+        element pid * 4 BQ + k BQ + j, so each quarter of the block is contiguous and takes the
+        uniforms in the layout they come in (no reshuffle between registers)."""
+        return tl.rand4x(tl.load(seed_ptr), pid * BQ + tl.arange(0, BQ))
+
+    @triton.jit
+    def _gelu_dropout_fwd_part(a_ptr, y_ptr, i, u, numel, p):
+        ok = i < numel
+        a = tl.load(a_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        g = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+        tl.store(y_ptr + i, tl.where(u >= p, g / (1.0 - p), 0.0).to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _gelu_dropout_fwd_kernel(a_ptr, seed_ptr, y_ptr, numel, p, BQ: tl.constexpr):
-        """y = gelu(a) keep / (1 - p) for numel elements (gelu: the exact, erf form), in fp32, rounded
-        once to y's dtype. Grid (cdiv(numel, 4 BQ),)."""
-        i, ok, keep = _keep_mask(seed_ptr, p, tl.program_id(0), numel, BQ)
+        """y = gelu(a) keep / (1 - p) for numel elements (gelu: the exact, erf form; keep: uniform(seed,
+        element) >= p), in fp32, rounded once to y's dtype. Grid (cdiv(numel, 4 BQ),)."""
+        pid = tl.program_id(0).to(tl.int64)
+        u0, u1, u2, u3 = _dropout_uniforms(seed_ptr, pid, BQ)
+        i = pid * 4 * BQ + tl.arange(0, BQ)
+        _gelu_dropout_fwd_part(a_ptr, y_ptr, i, u0, numel, p)
+        _gelu_dropout_fwd_part(a_ptr, y_ptr, i + BQ, u1, numel, p)
+        _gelu_dropout_fwd_part(a_ptr, y_ptr, i + 2 * BQ, u2, numel, p)
+        _gelu_dropout_fwd_part(a_ptr, y_ptr, i + 3 * BQ, u3, numel, p)
+
+    @triton.jit
+    def _gelu_dropout_bwd_part(dy_ptr, a_ptr, da_ptr, i, u, numel, p):
+        ok = i < numel
         a = tl.load(a_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        g = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
-        tl.store(y_ptr + i, tl.where(keep, g / (1.0 - p), 0.0).to(y_ptr.dtype.element_ty), mask=ok)
+        dy = tl.load(dy_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        dgelu = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
+        tl.store(da_ptr + i, tl.where(u >= p, dy * dgelu / (1.0 - p), 0.0).to(da_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _gelu_dropout_bwd_kernel(dy_ptr, a_ptr, seed_ptr, da_ptr, numel, p, BQ: tl.constexpr):
         """da = dy keep / (1 - p) gelu'(a), gelu'(a) = Phi(a) + a phi(a), with the forward's mask drawn
         again from its seed. Grid (cdiv(numel, 4 BQ),)."""
-        i, ok, keep = _keep_mask(seed_ptr, p, tl.program_id(0), numel, BQ)
-        a = tl.load(a_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        dgelu = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
-        tl.store(da_ptr + i, tl.where(keep, dy * dgelu / (1.0 - p), 0.0).to(da_ptr.dtype.element_ty), mask=ok)
+        pid = tl.program_id(0).to(tl.int64)
+        u0, u1, u2, u3 = _dropout_uniforms(seed_ptr, pid, BQ)
+        i = pid * 4 * BQ + tl.arange(0, BQ)
+        _gelu_dropout_bwd_part(dy_ptr, a_ptr, da_ptr, i, u0, numel, p)
+        _gelu_dropout_bwd_part(dy_ptr, a_ptr, da_ptr, i + BQ, u1, numel, p)
+        _gelu_dropout_bwd_part(dy_ptr, a_ptr, da_ptr, i + 2 * BQ, u2, numel, p)
+        _gelu_dropout_bwd_part(dy_ptr, a_ptr, da_ptr, i + 3 * BQ, u3, numel, p)
 
 
-_GELU_DROPOUT = dict(BQ=512, num_warps=4)  # quads of elements per program (2048 elements), warps
+_GELU_DROPOUT = dict(BQ=1024, num_warps=4)  # Philox calls per program (4 BQ elements), warps
 
 
 @torch.library.custom_op("ssmttm::gelu_dropout_fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
