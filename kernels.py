@@ -1166,65 +1166,56 @@ def add_rms_norm(h, residual, weight, eps):
 if triton is not None:
 
     @triton.jit
-    def _dropout_uniforms(seed_ptr, pid, BQ: tl.constexpr):
-        """Four uniforms (BQ,) each from one Philox call per position of this program: u_k[j] belongs to
-        element pid * 4 BQ + k BQ + j, so each quarter of the block is contiguous and takes the
-        uniforms in the layout they come in (no reshuffle between registers)."""
-        return tl.rand4x(tl.load(seed_ptr), pid * BQ + tl.arange(0, BQ))
+    def _dropout_keep(seed_ptr, pid, threshold, BQ: tl.constexpr):
+        """This program's element offsets (BQ, 8), rows of eight contiguous elements, and keep (BQ, 8):
+        whether each survives dropout. One Philox call per row gives four 32-bit numbers, read as eight
+        16-bit ones, one per element: keep iff it is >= threshold = round(p 2^16). Each thread holds whole
+        rows, so the numbers need no exchange between threads."""
+        rows = pid * BQ + tl.arange(0, BQ)
+        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), rows)
+        c = tl.arange(0, 8)[None, :]
+        r = tl.where(c < 4, tl.where(c < 2, r0[:, None], r1[:, None]), tl.where(c < 6, r2[:, None], r3[:, None]))
+        return rows[:, None] * 8 + c, ((r >> (c % 2 * 16)) & 0xFFFF).to(tl.int32) >= threshold
 
     @triton.jit
-    def _gelu_dropout_fwd_part(a_ptr, y_ptr, i, u, numel, p):
-        ok = i < numel
-        a = tl.load(a_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    def _gelu_dropout_fwd_kernel(a_ptr, seed_ptr, y_ptr, numel, threshold, scale, BQ: tl.constexpr):
+        """y = gelu(a) keep scale for numel elements (gelu: the exact, erf form; scale = 1 / (1 - p)), in
+        fp32, rounded once to y's dtype. Grid (cdiv(numel, 8 BQ),)."""
+        i, keep = _dropout_keep(seed_ptr, tl.program_id(0).to(tl.int64), threshold, BQ)
+        a = tl.load(a_ptr + i, mask=i < numel, other=0.0).to(tl.float32)
         g = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
-        tl.store(y_ptr + i, tl.where(u >= p, g / (1.0 - p), 0.0).to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(y_ptr + i, tl.where(keep, g * scale, 0.0).to(y_ptr.dtype.element_ty), mask=i < numel)
 
     @triton.jit
-    def _gelu_dropout_fwd_kernel(a_ptr, seed_ptr, y_ptr, numel, p, BQ: tl.constexpr):
-        """y = gelu(a) keep / (1 - p) for numel elements (gelu: the exact, erf form; keep: uniform(seed,
-        element) >= p), in fp32, rounded once to y's dtype. Grid (cdiv(numel, 4 BQ),)."""
-        pid = tl.program_id(0).to(tl.int64)
-        u0, u1, u2, u3 = _dropout_uniforms(seed_ptr, pid, BQ)
-        i = pid * 4 * BQ + tl.arange(0, BQ)
-        _gelu_dropout_fwd_part(a_ptr, y_ptr, i, u0, numel, p)
-        _gelu_dropout_fwd_part(a_ptr, y_ptr, i + BQ, u1, numel, p)
-        _gelu_dropout_fwd_part(a_ptr, y_ptr, i + 2 * BQ, u2, numel, p)
-        _gelu_dropout_fwd_part(a_ptr, y_ptr, i + 3 * BQ, u3, numel, p)
-
-    @triton.jit
-    def _gelu_dropout_bwd_part(dy_ptr, a_ptr, da_ptr, i, u, numel, p):
-        ok = i < numel
-        a = tl.load(a_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    def _gelu_dropout_bwd_kernel(dy_ptr, a_ptr, seed_ptr, da_ptr, numel, threshold, scale, BQ: tl.constexpr):
+        """da = dy keep scale gelu'(a), gelu'(a) = Phi(a) + a phi(a), with the forward's mask drawn again
+        from its seed. Grid (cdiv(numel, 8 BQ),)."""
+        i, keep = _dropout_keep(seed_ptr, tl.program_id(0).to(tl.int64), threshold, BQ)
+        a = tl.load(a_ptr + i, mask=i < numel, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + i, mask=i < numel, other=0.0).to(tl.float32)
         dgelu = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
-        tl.store(da_ptr + i, tl.where(u >= p, dy * dgelu / (1.0 - p), 0.0).to(da_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _gelu_dropout_bwd_kernel(dy_ptr, a_ptr, seed_ptr, da_ptr, numel, p, BQ: tl.constexpr):
-        """da = dy keep / (1 - p) gelu'(a), gelu'(a) = Phi(a) + a phi(a), with the forward's mask drawn
-        again from its seed. Grid (cdiv(numel, 4 BQ),)."""
-        pid = tl.program_id(0).to(tl.int64)
-        u0, u1, u2, u3 = _dropout_uniforms(seed_ptr, pid, BQ)
-        i = pid * 4 * BQ + tl.arange(0, BQ)
-        _gelu_dropout_bwd_part(dy_ptr, a_ptr, da_ptr, i, u0, numel, p)
-        _gelu_dropout_bwd_part(dy_ptr, a_ptr, da_ptr, i + BQ, u1, numel, p)
-        _gelu_dropout_bwd_part(dy_ptr, a_ptr, da_ptr, i + 2 * BQ, u2, numel, p)
-        _gelu_dropout_bwd_part(dy_ptr, a_ptr, da_ptr, i + 3 * BQ, u3, numel, p)
+        tl.store(da_ptr + i, tl.where(keep, dy * dgelu * scale, 0.0).to(da_ptr.dtype.element_ty), mask=i < numel)
 
 
-_GELU_DROPOUT = dict(BQ=1024, num_warps=4)  # Philox calls per program (4 BQ elements), warps
+_GELU_DROPOUT = dict(BQ=256, num_warps=4)  # rows of eight elements per program, warps
+
+
+def _dropout_launch(numel, p):
+    """Grid and the kernels' threshold and scale for dropout rate p (0 < p < 1)."""
+    return (triton.cdiv(numel, 8 * _GELU_DROPOUT["BQ"]),), round(p * 65536), 1.0 / (1.0 - p)
 
 
 @torch.library.custom_op("ssmttm::gelu_dropout_fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _gelu_dropout_fwd(a: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """a (any shape, contiguous) -> y = dropout(gelu(a), p) in a's dtype, and the seed (1,) int64 of its
     mask, drawn from a's device's default generator (so torch.manual_seed, a saved RNG state and CUDA
-    graphs govern it as they do torch's dropout). Tagged as random, so that torch.compile never merges
-    two calls or reuses one's result."""
+    graphs govern it as they do torch's dropout). p (0 < p < 1) is drawn at a multiple of 2^-16 (0.3:
+    0.300003), kept values scale by 1 / (1 - p) as in torch's dropout. Tagged as random, so that
+    torch.compile never merges two calls or reuses one's result."""
     seed = torch.randint(2 ** 62, (1,), device=a.device)
     y = torch.empty_like(a)
-    numel = a.numel()
-    _gelu_dropout_fwd_kernel[(triton.cdiv(numel, 4 * _GELU_DROPOUT["BQ"]),)](a, seed, y, numel, p, **_GELU_DROPOUT)
+    grid, threshold, scale = _dropout_launch(a.numel(), p)
+    _gelu_dropout_fwd_kernel[grid](a, seed, y, a.numel(), threshold, scale, **_GELU_DROPOUT)
     return y, seed
 
 
@@ -1236,9 +1227,9 @@ def _(a, p):
 @torch.library.custom_op("ssmttm::gelu_dropout_bwd", mutates_args=())
 def _gelu_dropout_bwd(dy: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """_gelu_dropout_fwd's backward: dy (a's shape) -> da in a's dtype."""
-    dy, da, numel = dy.contiguous(), torch.empty_like(a), a.numel()
-    _gelu_dropout_bwd_kernel[(triton.cdiv(numel, 4 * _GELU_DROPOUT["BQ"]),)](dy, a, seed, da, numel, p,
-                                                                             **_GELU_DROPOUT)
+    dy, da = dy.contiguous(), torch.empty_like(a)
+    grid, threshold, scale = _dropout_launch(a.numel(), p)
+    _gelu_dropout_bwd_kernel[grid](dy, a, seed, da, a.numel(), threshold, scale, **_GELU_DROPOUT)
     return da
 
 
@@ -1264,11 +1255,11 @@ _gelu_dropout_fwd.register_autograd(_gelu_dropout_backward, setup_context=_gelu_
 
 def gelu_dropout(a, p, training):
     """dropout(gelu(a)) of the feed-forward (ssmttm.FeedForward; gelu the exact, erf form): a (..., d_ff),
-    p the dropout rate. Training with p > 0 on CUDA: one Triton pass each way (ssmttm::gelu_dropout_fwd
+    p the dropout rate. Training with 0 < p < 1 on CUDA: one Triton pass each way (ssmttm::gelu_dropout_fwd
     and its backward, opaque to torch.compile), which keeps a and a seed for the backward instead of a
-    mask, and draws its mask from Philox (the same rate as torch's dropout, not the same mask); else
+    mask, and draws its mask from Philox (torch's rate to 2^-16, not its mask); else
     the plain ops."""
-    if training and p > 0 and a.is_cuda and triton is not None:
+    if training and 0 < p < 1 and a.is_cuda and triton is not None:
         return _gelu_dropout_fwd(a.contiguous(), p)[0]
     return F.dropout(F.gelu(a), p, training)
 
