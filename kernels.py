@@ -1197,7 +1197,7 @@ if triton is not None:
         tl.store(da_ptr + i, tl.where(keep, dy * dgelu * scale, 0.0).to(da_ptr.dtype.element_ty), mask=i < numel)
 
 
-_GELU_DROPOUT = dict(BQ=256, num_warps=4)  # rows of eight elements per program, warps
+_GELU_DROPOUT = dict(BQ=256, num_warps=8)  # rows of eight elements per program, warps
 
 
 def _dropout_launch(numel, p):
