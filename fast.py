@@ -51,6 +51,8 @@ class FastOptions:
     compile: bool = False        # decoding: torch.compile the plain step instead of kernels.py's
     fused_add_norm: bool = True  # training and scoring: each residual add inside the next sublayer's
     # RMSNorm (FastLM), eager and compiled
+    fused_gelu_dropout: bool = True  # training: the feed-forward's GELU and dropout in one pass each
+    # way (kernels.gelu_dropout; FastFeedForward), its mask drawn again in the backward, not kept
     decode_streams: int | None = None  # decoding: the rows in this many groups, each on its own CUDA
     # stream (row_groups); None: by the rows (decode_streams_for)
 
@@ -68,8 +70,8 @@ def available():
 
 def accelerate(model, options=FastOptions()):
     """Run every ssmttm.Mamba2 layer of model on the kernels: each becomes a FastMamba2 in place (the
-    same object, parameters and buffers; only its methods change), and a TextToMusicLM a FastLM (its
-    residual adds inside the norms). Returns model. Raises
+    same object, parameters and buffers; only its methods change), a TextToMusicLM a FastLM (its
+    residual adds inside the norms) and a FeedForward a FastFeedForward. Returns model. Raises
     RuntimeError without CUDA, mamba-ssm or causal-conv1d."""
     if not available():
         raise RuntimeError("fast.accelerate needs CUDA, mamba-ssm and causal-conv1d "
@@ -80,6 +82,9 @@ def accelerate(model, options=FastOptions()):
             module.options = options
         elif isinstance(module, ssmttm.TextToMusicLM):
             module.__class__ = FastLM
+            module.options = options
+        elif isinstance(module, ssmttm.FeedForward):
+            module.__class__ = FastFeedForward
             module.options = options
     return model
 
@@ -122,6 +127,19 @@ class FastLM(ssmttm.TextToMusicLM):
                     normed, x = kernels.add_rms_norm(h, x, norm.weight, norm.eps)
                 h = block.sublayer(i, normed, mask, memory, memory_mask)
         return x + h
+
+
+class FastFeedForward(ssmttm.FeedForward):
+    """ssmttm.FeedForward with its GELU and dropout in one Triton pass each way while training
+    (kernels.gelu_dropout), made by accelerate(): the same parameters and function, a dropout mask
+    drawn from Philox instead of torch's (the same rate). Elsewhere the plain forward."""
+
+    options: FastOptions
+
+    def forward(self, x):
+        if not self.options.fused_gelu_dropout:
+            return super().forward(x)
+        return self.fc2(kernels.gelu_dropout(self.fc1(x), self.dropout.p, self.training))
 
 
 # ------------------------------------------------------------------------------------------------

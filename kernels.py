@@ -1,7 +1,8 @@
 """GPU kernels (CUDA only): Triton kernels for one-token decoding, the mamba-ssm and causal-conv1d
-calls, the training pass's conv + SiLU (causal_conv_silu) and RMSNorms (rms_norm_fwd / rms_norm_bwd,
-the residual add or the gate fused in) in Triton, and at the end, mamba2_train, the Mamba-2 layer's
-training pass from mamba-ssm's kernels (or ssd_grouped's SSD with that conv and gated norm).
+calls, the training pass's conv + SiLU (causal_conv_silu), RMSNorms (rms_norm_fwd / rms_norm_bwd,
+the residual add or the gate fused in) and feed-forward GELU + dropout (gelu_dropout) in Triton, and
+at the end, mamba2_train, the Mamba-2 layer's training pass from mamba-ssm's kernels (or ssd_grouped's
+SSD with that conv and gated norm).
 
 Functions of tensors only: this file knows nothing of ssmttm's classes. fast.py attaches these
 kernels to the model; ssmttm.py is the plain reference that each of them is tested against.
@@ -1157,6 +1158,110 @@ def add_rms_norm(h, residual, weight, eps):
         return _add_rms_norm_fwd(h, residual, weight, eps)[:2]
     x = residual.to(torch.promote_types(residual.dtype, torch.float32)) + h
     return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps).to(h.dtype), x
+
+
+# ------------------------------------------------------------------------------------------------
+# The feed-forward's GELU and dropout in one pass each way
+
+if triton is not None:
+
+    @triton.jit
+    def _dropout_keep(seed_ptr, pid, threshold, BQ: tl.constexpr):
+        """This program's element offsets (BQ, 8), rows of eight contiguous elements, and keep (BQ, 8):
+        whether each survives dropout. One Philox call per row gives four 32-bit numbers, read as eight
+        16-bit ones, one per element: keep iff it is >= threshold = round(p 2^16). Each thread holds whole
+        rows, so the numbers need no exchange between threads."""
+        rows = pid * BQ + tl.arange(0, BQ)
+        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), rows)
+        c = tl.arange(0, 8)[None, :]
+        r = tl.where(c < 4, tl.where(c < 2, r0[:, None], r1[:, None]), tl.where(c < 6, r2[:, None], r3[:, None]))
+        return rows[:, None] * 8 + c, ((r >> (c % 2 * 16)) & 0xFFFF).to(tl.int32) >= threshold
+
+    @triton.jit
+    def _gelu_dropout_fwd_kernel(a_ptr, seed_ptr, y_ptr, numel, threshold, scale, BQ: tl.constexpr):
+        """y = gelu(a) keep scale for numel elements (gelu: the exact, erf form; scale = 1 / (1 - p)), in
+        fp32, rounded once to y's dtype. Grid (cdiv(numel, 8 BQ),)."""
+        i, keep = _dropout_keep(seed_ptr, tl.program_id(0).to(tl.int64), threshold, BQ)
+        a = tl.load(a_ptr + i, mask=i < numel, other=0.0).to(tl.float32)
+        g = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+        tl.store(y_ptr + i, tl.where(keep, g * scale, 0.0).to(y_ptr.dtype.element_ty), mask=i < numel)
+
+    @triton.jit
+    def _gelu_dropout_bwd_kernel(dy_ptr, a_ptr, seed_ptr, da_ptr, numel, threshold, scale, BQ: tl.constexpr):
+        """da = dy keep scale gelu'(a), gelu'(a) = Phi(a) + a phi(a), with the forward's mask drawn again
+        from its seed. Grid (cdiv(numel, 8 BQ),)."""
+        i, keep = _dropout_keep(seed_ptr, tl.program_id(0).to(tl.int64), threshold, BQ)
+        a = tl.load(a_ptr + i, mask=i < numel, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + i, mask=i < numel, other=0.0).to(tl.float32)
+        dgelu = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
+        tl.store(da_ptr + i, tl.where(keep, dy * dgelu * scale, 0.0).to(da_ptr.dtype.element_ty), mask=i < numel)
+
+
+_GELU_DROPOUT = dict(BQ=256, num_warps=8)  # rows of eight elements per program, warps
+
+
+def _dropout_launch(numel, p):
+    """Grid and the kernels' threshold and scale for dropout rate p (0 < p < 1)."""
+    return (triton.cdiv(numel, 8 * _GELU_DROPOUT["BQ"]),), round(p * 65536), 1.0 / (1.0 - p)
+
+
+@torch.library.custom_op("ssmttm::gelu_dropout_fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _gelu_dropout_fwd(a: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """a (any shape, contiguous) -> y = dropout(gelu(a), p) in a's dtype, and the seed (1,) int64 of its
+    mask, drawn from a's device's default generator (so torch.manual_seed, a saved RNG state and CUDA
+    graphs govern it as they do torch's dropout). p (0 < p < 1) is drawn at a multiple of 2^-16 (0.3:
+    0.300003), kept values scale by 1 / (1 - p) as in torch's dropout. Tagged as random, so that
+    torch.compile never merges two calls or reuses one's result."""
+    seed = torch.randint(2 ** 62, (1,), device=a.device)
+    y = torch.empty_like(a)
+    grid, threshold, scale = _dropout_launch(a.numel(), p)
+    _gelu_dropout_fwd_kernel[grid](a, seed, y, a.numel(), threshold, scale, **_GELU_DROPOUT)
+    return y, seed
+
+
+@_gelu_dropout_fwd.register_fake
+def _(a, p):
+    return torch.empty_like(a), a.new_empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("ssmttm::gelu_dropout_bwd", mutates_args=())
+def _gelu_dropout_bwd(dy: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """_gelu_dropout_fwd's backward: dy (a's shape) -> da in a's dtype."""
+    dy, da = dy.contiguous(), torch.empty_like(a)
+    grid, threshold, scale = _dropout_launch(a.numel(), p)
+    _gelu_dropout_bwd_kernel[grid](dy, a, seed, da, a.numel(), threshold, scale, **_GELU_DROPOUT)
+    return da
+
+
+@_gelu_dropout_bwd.register_fake
+def _(dy, a, seed, p):
+    return torch.empty_like(a)
+
+
+def _gelu_dropout_setup(ctx, inputs, output):
+    a, p = inputs
+    ctx.save_for_backward(a, output[1])
+    ctx.p = p
+    ctx.set_materialize_grads(False)
+
+
+def _gelu_dropout_backward(ctx, dy, _):
+    a, seed = ctx.saved_tensors
+    return (None if dy is None else _gelu_dropout_bwd(dy, a, seed, ctx.p)), None
+
+
+_gelu_dropout_fwd.register_autograd(_gelu_dropout_backward, setup_context=_gelu_dropout_setup)
+
+
+def gelu_dropout(a, p, training):
+    """dropout(gelu(a)) of the feed-forward (ssmttm.FeedForward; gelu the exact, erf form): a (..., d_ff),
+    p the dropout rate. Training with 0 < p < 1 on CUDA: one Triton pass each way (ssmttm::gelu_dropout_fwd
+    and its backward, opaque to torch.compile), which keeps a and a seed for the backward instead of a
+    mask, and draws its mask from Philox (torch's rate to 2^-16, not its mask); else
+    the plain ops."""
+    if training and 0 < p < 1 and a.is_cuda and triton is not None:
+        return _gelu_dropout_fwd(a.contiguous(), p)[0]
+    return F.dropout(F.gelu(a), p, training)
 
 
 def _causal_conv(xBC, weight, bias, seq_idx):

@@ -11,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
 import csv
+import copy
 import functools
 import json
 import math
@@ -1112,6 +1113,102 @@ def test_rms_norm_kernels_and_their_backward_equal_autograd_of_the_definition(el
     assert (again == out).all() and (buffer[:, :2] == 7).all() and (buffer[:, 2 + N:] == 7).all()
     with pytest.raises(ValueError, match=r"rms_norm_fwd: z: \(40, 37\) with strides \(1, 47\) is not \(37, 40\)"):
         kernels.rms_norm_fwd(x, w, eps, z=z.t())
+
+
+@triton_here
+def test_gelu_dropout_kernel_keeps_or_drops_each_value_and_its_backward_is_that_masks():
+    # kernels.gelu_dropout (FastFeedForward's GELU + dropout on a GPU): each output is 0 or gelu(a) / (1 - p)
+    # (float64 reference, fp32 here), about p of them 0; the backward is the derivative of the same masked
+    # function, with the mask drawn again from the forward's seed; the draws follow torch.manual_seed; and
+    # torch.compile traces the op whole and gives the same values
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    p = 0.3
+    a = torch.randn(37, 301, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()  # 11137: not
+    dy = torch.randn(37, 301, generator=torch.Generator().manual_seed(1)).to(device)                   # a multiple of 4
+    torch.manual_seed(5)
+    y, seed = kernels._gelu_dropout_fwd(a, p)
+    (y * dy).sum().backward()
+    kept = y != 0                                    # gelu(a) is 0 at no drawn a
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.02   # 5 standard deviations of the mean
+    ad = a.detach().double().requires_grad_()
+    ref = F.gelu(ad) * kept / (1 - p)
+    (ref * dy.double()).sum().backward()
+    assert rel_err(y, ref) < 1e-6 and rel_err(a.grad, ad.grad) < 1e-6
+    assert torch.equal(a.grad == 0, ~kept | (dy == 0))
+    torch.manual_seed(5)                             # the same seed: the same mask; another seed: another
+    assert torch.equal(kernels._gelu_dropout_fwd(a.detach(), p)[0], y.detach())
+    assert not torch.equal(kernels._gelu_dropout_fwd(a.detach(), p)[0], y.detach())
+    grad = a.grad
+    a.grad = None
+    op = torch.compile(lambda t: kernels.gelu_dropout(t, p, True) if t.is_cuda else kernels._gelu_dropout_fwd(t, p)[0],
+                       backend="aot_eager", fullgraph=True)
+    torch.manual_seed(5)
+    y_c = op(a)
+    (y_c * dy).sum().backward()
+    assert torch.equal(y_c, y) and torch.equal(a.grad, grad)
+    # evaluation, or p = 0: the plain GELU
+    assert torch.equal(kernels.gelu_dropout(a.detach(), p, False), F.gelu(a.detach()))
+    assert torch.equal(kernels.gelu_dropout(a.detach(), 0.0, True), F.gelu(a.detach()))
+
+
+@gpu
+def test_gpu_cuda_graph_training_draws_the_dropout_masks_eager_draws():
+    # train.py --compile --cuda-graphs with dropout 0.3: Prefix SiMBA's one dropout is the feed-forward's
+    # gelu_dropout op, which draws its seed from the default generator. Replayed in a CUDA graph after the
+    # same torch.manual_seed it must draw what eager draws: the gradients then agree as at dropout 0 (the
+    # test above), where another seed's masks move them by far more
+    if not kernels.HAS_TRAIN_KERNELS:
+        pytest.skip("mamba-ssm < 2.3: Mamba2 trains through mamba-ssm's own function")
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="prefix_simba", n_layers=2, d_model=256, d_state=128, dropout=0.3)
+    model = fast.accelerate(TextToMusicLM(cfg).cuda()).train()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    codes = torch.randint(0, 1024, (2, 1, 300), device="cuda", generator=g)
+    text, mask = torch.randn(2, 32, 768, device="cuda", generator=g), torch.ones(2, 32, dtype=torch.bool, device="cuda")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+
+    def step(fwd, seed):
+        model.zero_grad(set_to_none=False)
+        torch.manual_seed(seed)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = fwd(codes, text, mask)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    worst = lambda grads, ref: max(rel_err(a, e) for a, e in zip(grads, ref))  # noqa: E731
+    eager, again, other = step(model, 11), step(model, 11), step(model, 12)
+    spread, another_mask = worst(again[1], eager[1]), worst(other[1], eager[1])
+    torch._dynamo.reset()
+    graphed = trainmod.compile_model(model, cuda_graphs=True)
+    for i in range(4):  # warm-up, recording, replays
+        loss, grads = step(graphed, 11)
+        assert loss == pytest.approx(eager[0], rel=3e-3), i
+        err = report(f"graphs vs eager worst grad with dropout, step {i}", worst(grads, eager[1]))
+        assert err < max(3e-2, 4 * spread) and err < another_mask / 3, (i, another_mask)
+
+
+@gpu
+def test_gpu_fast_feed_forward_trains_through_the_gelu_dropout_kernel():
+    # accelerate() makes a FeedForward a FastFeedForward: training, fc1 -> kernels' GELU + dropout (the
+    # draw torch.manual_seed sets) -> fc2; evaluating, the plain module's function; with
+    # fused_gelu_dropout=False, the plain one while training too (torch's dropout, the same draw)
+    torch.manual_seed(0)
+    plain = ssmttm.FeedForward(64, 128, 0.3).cuda()
+    ff = fast.accelerate(copy.deepcopy(plain))
+    off = fast.accelerate(copy.deepcopy(plain), FastOptions(fused_gelu_dropout=False))
+    assert type(ff) is fast.FastFeedForward
+    x = torch.randn(4, 50, 64, device="cuda")
+    torch.manual_seed(3)
+    out = ff(x)
+    torch.manual_seed(3)
+    assert torch.equal(out, plain.fc2(kernels._gelu_dropout_fwd(plain.fc1(x), 0.3)[0]))
+    torch.manual_seed(3)
+    expected = plain(x)
+    torch.manual_seed(3)
+    assert torch.equal(off(x), expected)
+    ff.eval(), plain.eval()
+    assert torch.equal(ff(x), plain(x))
 
 
 @triton_here

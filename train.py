@@ -52,7 +52,8 @@ PAPER = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dr
 SYNTHETIC = dict(batch_size=16, grad_accum=1, lr=1e-3, warmup=30, steps=300, dropout=0.1, d_model=256,
                  d_state=64, headdim=32, n_heads=4, frames=128, eval_every=100, ckpt_every=100)
 RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "cuda_graphs",
-           "no_kernels", "mamba_train", "no_fused_add_norm", "t5", "dac"}
+           "no_kernels", "mamba_train", "no_fused_add_norm", "no_fused_gelu_dropout", "t5",
+           "dac"}
 THIS_INVOCATION = {"stop_after", "cuda_graphs"}  # RUNTIME flags that a resumed run does not take from the checkpoint
 METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "caption_score"]
 
@@ -109,8 +110,11 @@ def parse_args(argv=None):
                     default=fast.FastOptions.train,
                     help="on CUDA, Mamba-2's training kernels (fast.FastOptions.train; grouped: ssd_grouped.py's SSD)")
     ap.add_argument("--no-fused-add-norm", action="store_true",
-                    help="on CUDA, eager: the plain residual adds and norms instead of one kernel for each add and "
+                    help="on CUDA: the plain residual adds and norms instead of one kernel for each add and "
                          "the next norm (fast.FastOptions.fused_add_norm)")
+    ap.add_argument("--no-fused-gelu-dropout", action="store_true",
+                    help="on CUDA: the feed-forward's plain GELU and dropout instead of one kernel each way "
+                         "(fast.FastOptions.fused_gelu_dropout)")
     ap.add_argument("--t5", default="google/flan-t5-base", help="Flan-T5 name or local folder (real data)")
     ap.add_argument("--dac", default="descript/dac_44khz", help="DAC name or local folder (stage 2, real data)")
     ap.add_argument("--eval-every", type=at_least_0,
@@ -315,7 +319,8 @@ def build_model(args, device):
     model = TextToMusicLM(cfg).to(device)
     if device.startswith("cuda") and not args.no_kernels:
         if fast.available():
-            fast.accelerate(model, fast.FastOptions(train=args.mamba_train, fused_add_norm=not args.no_fused_add_norm))
+            fast.accelerate(model, fast.FastOptions(train=args.mamba_train, fused_add_norm=not args.no_fused_add_norm,
+                                                    fused_gelu_dropout=not args.no_fused_gelu_dropout))
         else:
             print("note: mamba-ssm and causal-conv1d are not installed, so Mamba-2 trains on ssd_reference "
                   "(slow); pip install -r requirements-gpu.txt --no-build-isolation", file=sys.stderr)
