@@ -157,18 +157,17 @@ class FastMamba2(Mamba2):
         fused = torch.is_grad_enabled() and kernels.HAS_TRAIN_KERNELS and (train != "grouped" or self.ngroups == 1)
         if state is not None or not u.is_cuda or train == "split" or (train == "grouped" and not fused):
             return super().forward(u, mask, state)  # the prefill and steps: conv, ssd, step below
-        zxbcdt = self.in_proj(u)
         # Padding is sequence 0 and the text and audio sequence 1: the kernels start the sequence
         # from a clean state and conv, the same result as mask_padding without a pass over zxbcdt.
         seq_idx = None if mask is None else mask.to(torch.int32)
         params = (self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A(), self.D)
         # Keeping the chunk states pays only when a backward follows: without grad, mamba-ssm's own.
         if train in ("keep_states", "grouped") and fused:
-            return kernels.mamba2_train(zxbcdt, *params, self.norm.weight, self.out_proj.weight, seq_idx,
-                                        self.options.chunk_size, self.headdim, self.ngroups, self.norm.eps,
+            return kernels.mamba2_train(u, self.in_proj.weight, *params, self.norm.weight, self.out_proj.weight,
+                                        seq_idx, self.options.chunk_size, self.headdim, self.ngroups, self.norm.eps,
                                         grouped=train == "grouped")
         return kernels.mamba_split_conv1d_scan_combined(
-            zxbcdt, *params, self.options.chunk_size, seq_idx=seq_idx, rmsnorm_weight=self.norm.weight,
+            self.in_proj(u), *params, self.options.chunk_size, seq_idx=seq_idx, rmsnorm_weight=self.norm.weight,
             rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, outproj_bias=None,
             headdim=self.headdim, ngroups=self.ngroups, norm_before_gate=False)
 

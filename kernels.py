@@ -1297,14 +1297,14 @@ def _conv_silu(grouped, conv_w):
 # The training pass is two custom ops (forward, backward) joined by register_autograd. torch.compile
 # then sees one opaque op per layer instead of a graph break, and a graph break inside the loop over
 # blocks would make it give up on the whole model (it skips any frame with a break in a loop).
-@torch.library.custom_op("ssmttm::mamba2_train_fwd", mutates_args=(), device_types="cuda")
-def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor, dt_bias: torch.Tensor,
-                      A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor,
-                      seq_idx: Optional[torch.Tensor], chunk: int, headdim: int, ngroups: int,
+@torch.library.custom_op("ssmttm::mamba2_train_fwd", mutates_args=())
+def _mamba2_train_fwd(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
+                      dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor,
+                      out_w: torch.Tensor, seq_idx: Optional[torch.Tensor], chunk: int, headdim: int, ngroups: int,
                       eps: float, grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                          torch.Tensor]:
-    """conv -> SSD -> gated RMSNorm -> out_proj of ssmttm.Mamba2.forward, in mamba-ssm's kernels.
+                                                          torch.Tensor, torch.Tensor]:
+    """in_proj -> conv -> SSD -> gated RMSNorm -> out_proj of ssmttm.Mamba2.forward, in mamba-ssm's kernels.
 
     The same kernels as mamba-ssm's mamba_split_conv1d_scan_combined, called in the same order,
     with one difference: the forward returns what it computed, for the backward (the conv's output,
@@ -1312,11 +1312,14 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
     decays dA_cs and softplus(dt + dt_bias)) instead of the backward computing them again: memory
     for time (BENCHMARKS.md; mamba-ssm's function recomputes the conv).
 
-    Shapes: zxbcdt (b, l, 2 d_inner + 2 g n + h) = [z | x B C | dt], l split into chunks of Q;
-    out_w (d_model, d_inner) in zxbcdt's dtype. Returns out (b, l, d_model), then for the backward
-    y (b, l, h, p) before the norm, rstd (g b l), xBC after the conv and SiLU (b, l, h p + 2 g n),
-    states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q), dA_cs and dt (b, h, l/Q, Q), and an empty tensor
-    (the grouped SSD's y_off). Every dtype follows from the inputs' (no autocast inside).
+    Shapes: u (b, l, d_model), in_w (2 d_inner + 2 g n + h, d_model) and out_w (d_model, d_inner) in
+    u's dtype (the wrapper casts as autocast would); l split into chunks of Q. in_proj runs inside: its
+    output zxbcdt = [z | x B C | dt] (b, l, 2 d_inner + 2 g n + h) and that output's gradient are not
+    the op's input and gradient, which the compiled step copied whole (BENCHMARKS.md). Returns out
+    (b, l, d_model), then for the backward zxbcdt, y (b, l, h, p) before the norm, rstd (g b l), xBC
+    after the conv and SiLU (b, l, h p + 2 g n), states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q), dA_cs
+    and dt (b, h, l/Q, Q), and an empty tensor (the grouped SSD's y_off). Every dtype follows from the
+    inputs' (no autocast inside).
 
     grouped (ngroups 1; issue 15): the SSD is ssd_grouped's Triton form instead, the conv + SiLU
     causal_conv_silu (d_conv 4; _conv_silu), the gated norm rms_norm_fwd / rms_norm_bwd, and the saved
@@ -1324,8 +1327,9 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
     and dt (b, l, h) fp32 after the softplus, 0 at padding (seq_idx 0): with the conv's reset at
     the sequence's start, the state passes the padding unchanged, as in mask_padding; and y_off
     (b, l/Q, Q, h p) fp32, C S_prev^T (y's state -> output part before its decay)."""
-    b, l, _ = zxbcdt.shape
+    b, l, _ = u.shape
     with torch.autocast("cuda", enabled=False):
+        zxbcdt = F.linear(u, in_w)
         z, xBC, dt = zxbcdt.split([A.shape[0] * headdim, conv_w.shape[0], A.shape[0]], dim=-1)
         xBC = _conv_silu(grouped, conv_w)(xBC, conv_w, conv_b, seq_idx)
         x, B, C = _split_xBC(xBC, A.shape[0], headdim, ngroups)
@@ -1348,7 +1352,7 @@ def _mamba2_train_fwd(zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.
             normed, _, rstd = _layer_norm_fwd(y.reshape(b * l, d_inner), norm_w, None, eps, z.view(b * l, d_inner),
                                               group_size=d_inner // ngroups, norm_before_gate=False, is_rms_norm=True)
         out = F.linear(normed.view(b, l, d_inner), out_w)
-    return (out, y, rstd, xBC) + saved
+    return (out, zxbcdt, y, rstd, xBC) + saved
 
 
 def _grouped_dt(dt, dt_bias, seq_idx):
@@ -1358,16 +1362,16 @@ def _grouped_dt(dt, dt_bias, seq_idx):
 
 
 @_mamba2_train_fwd.register_fake
-def _(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, headdim, ngroups, eps, grouped):
+def _(u, in_w, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, headdim, ngroups, eps, grouped):
     # what torch.compile traces with: the outputs' shapes and dtypes, no computation
-    b, l, _ = zxbcdt.shape
+    b, l, _ = u.shape
     h, chunks = A.shape[0], -(-l // chunk)
     n = (conv_w.shape[0] - h * headdim) // (2 * ngroups)
-    fp32 = lambda *shape: zxbcdt.new_empty(shape, dtype=torch.float32)
-    head = (zxbcdt.new_empty(b, l, out_w.shape[0]), zxbcdt.new_empty(b, l, h, headdim), fp32(ngroups * b * l),
-            zxbcdt.new_empty(b, l, conv_w.shape[0]))
+    fp32 = lambda *shape: u.new_empty(shape, dtype=torch.float32)
+    head = (u.new_empty(b, l, out_w.shape[0]), u.new_empty(b, l, in_w.shape[0]), u.new_empty(b, l, h, headdim),
+            fp32(ngroups * b * l), u.new_empty(b, l, conv_w.shape[0]))
     if grouped:
-        return head + (zxbcdt.new_empty(b, chunks, h * headdim, n), fp32(b, chunks, chunk, chunk),
+        return head + (u.new_empty(b, chunks, h * headdim, n), fp32(b, chunks, chunk, chunk),
                        fp32(b, chunks, chunk, h), fp32(b, l, h), fp32(b, chunks, chunk, h * headdim))
     return head + (fp32(b, chunks, h, headdim, n), fp32(b, chunks, ngroups, chunk, chunk), fp32(b, h, chunks, chunk),
                    fp32(b, h, chunks, chunk), fp32(0))
@@ -1397,17 +1401,18 @@ def _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, d
     return dA, ddt_bias, dD
 
 
-@torch.library.custom_op("ssmttm::mamba2_train_bwd", mutates_args=(), device_types="cuda")
-def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
-                      dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor, out_w: torch.Tensor,
-                      seq_idx: Optional[torch.Tensor], y: torch.Tensor, rstd: torch.Tensor, xBC_conv: torch.Tensor,
-                      states: torch.Tensor, CB: torch.Tensor, dA_cs: torch.Tensor, dt: torch.Tensor,
-                      y_off: torch.Tensor, chunk: int, headdim: int, ngroups: int, eps: float, grouped: bool
+@torch.library.custom_op("ssmttm::mamba2_train_bwd", mutates_args=())
+def _mamba2_train_bwd(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor,
+                      conv_b: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+                      norm_w: torch.Tensor, out_w: torch.Tensor, seq_idx: Optional[torch.Tensor], zxbcdt: torch.Tensor,
+                      y: torch.Tensor, rstd: torch.Tensor, xBC_conv: torch.Tensor, states: torch.Tensor,
+                      CB: torch.Tensor, dA_cs: torch.Tensor, dt: torch.Tensor, y_off: torch.Tensor, chunk: int,
+                      headdim: int, ngroups: int, eps: float, grouped: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 torch.Tensor, torch.Tensor]:
-    """The gradients of _mamba2_train_fwd's out for its tensor inputs zxbcdt ... out_w, each in its input's dtype,
-    from the forward's other outputs (xBC_conv: the conv's output). With grouped, states, CB and dA_cs are
-    the grouped SSD's S_prev, G and acum, and y_off its own (empty otherwise)."""
+                                 torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of _mamba2_train_fwd's out for its tensor inputs u ... out_w, each in its input's dtype,
+    from the forward's other outputs (zxbcdt: in_proj's output; xBC_conv: the conv's output). With grouped,
+    states, CB and dA_cs are the grouped SSD's S_prev, G and acum, and y_off its own (empty otherwise)."""
     g = ngroups
     b, l, _ = zxbcdt.shape
     h = A.shape[0]
@@ -1448,13 +1453,17 @@ def _mamba2_train_bwd(dout: torch.Tensor, zxbcdt: torch.Tensor, conv_w: torch.Te
             _, dconv_w, dconv_b = causal_conv_silu_backward(dxBC, xBC, conv_w, conv_b, seq_idx, dx_out=dxBC_in)
         else:
             dconv_w, dconv_b = _causal_conv_backward(dxBC, xBC, conv_w, conv_b, seq_idx, dx_out=dxBC_in)
-    grads = dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w
-    return (dzxbcdt,) + tuple(d.to(p.dtype) for d, p in zip(grads, (conv_w, conv_b, dt_bias, A, D, norm_w, out_w)))
+        # in_proj's backward, as autograd's for F.linear: the same two products in the same layouts
+        dz2 = dzxbcdt.view(b * l, -1)
+        du = torch.mm(dz2, in_w).view(u.shape)
+        din_w = torch.mm(dz2.t(), u.reshape(b * l, -1))
+    grads = din_w, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w
+    return (du,) + tuple(d.to(p.dtype) for d, p in zip(grads, (in_w, conv_w, conv_b, dt_bias, A, D, norm_w, out_w)))
 
 
 @_mamba2_train_bwd.register_fake
-def _(dout, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, *_):
-    return tuple(torch.empty_like(t) for t in (zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w))
+def _(dout, u, in_w, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, *_):
+    return tuple(torch.empty_like(t) for t in (u, in_w, conv_w, conv_b, dt_bias, A, D, norm_w, out_w))
 
 
 def _mamba2_train_setup(ctx, inputs, output):
@@ -1473,20 +1482,23 @@ def _mamba2_train_backward(ctx, dout, *_):  # the other outputs are saved for th
 _mamba2_train_fwd.register_autograd(_mamba2_train_backward, setup_context=_mamba2_train_setup)
 
 
-def mamba2_train(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, chunk_size,
+def mamba2_train(u, in_weight, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, chunk_size,
                  headdim, ngroups=1, eps=1e-5, grouped=False):
-    """A Mamba-2 layer's conv, SSD, gated norm and out_proj for training, as ssmttm.Mamba2.forward
-    after in_proj: zxbcdt (b, l, in_proj outputs) = [z | x B C | dt]; conv_weight (conv_dim, d_conv),
+    """A Mamba-2 layer's in_proj, conv, SSD, gated norm and out_proj for training, as ssmttm.Mamba2.forward:
+    u (b, l, d_model); in_weight (2 d_inner + 2 g n + h, d_model); conv_weight (conv_dim, d_conv),
     conv_bias (conv_dim,); dt_bias, A = -exp(A_log), D (nheads,); norm_weight (d_inner,);
     out_weight (d_model, d_inner); seq_idx (b, l) int32 or None (0 at left padding, 1 at the
     sequence). Returns (b, l, d_model). CUDA, with mamba-ssm's kernels (HAS_TRAIN_KERNELS).
-    out_proj runs in zxbcdt's dtype (bf16 under autocast, as F.linear would); the conv, norm and
-    SSD parameters go in as they are, as in mamba-ssm's function. grouped: the SSD is
+    in_proj and out_proj run in autocast's dtype (u's without autocast), their inputs cast as F.linear's
+    under autocast would be, so the numbers are nn.Linear's; the conv, norm and SSD parameters go in as
+    they are, as in mamba-ssm's function. grouped (also on the CPU under Triton's interpreter): the SSD is
     ssd_grouped's (ngroups 1 only; issue 15) instead of mamba-ssm's, the conv + SiLU is
     causal_conv_silu (Triton, width 4) instead of causal-conv1d's, and the gated norm this module's
     rms_norm_fwd / rms_norm_bwd instead of mamba-ssm's."""
     if grouped and ngroups != 1:
         raise ValueError(f"mamba2_train: the grouped SSD takes ngroups 1, not {ngroups}")
     seq_idx = None if seq_idx is None else seq_idx.contiguous()
-    return _mamba2_train_fwd(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight,
-                             out_weight.to(zxbcdt.dtype), seq_idx, chunk_size, headdim, ngroups, eps, grouped)[0]
+    device = u.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else u.dtype
+    return _mamba2_train_fwd(u.to(dtype).contiguous(), in_weight.to(dtype), conv_weight, conv_bias, dt_bias, A, D,
+                             norm_weight, out_weight.to(dtype), seq_idx, chunk_size, headdim, ngroups, eps, grouped)[0]

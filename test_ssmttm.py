@@ -388,15 +388,15 @@ def test_gpu_mamba2_train_op_registrations(grouped):
         pytest.skip("mamba-ssm < 2.3: Mamba2 trains through mamba-ssm's own function")
     torch.manual_seed(0)
     layer = Mamba2(256, d_state=128, headdim=64).cuda()
-    zxbcdt = torch.randn(2, 300, layer.in_proj.out_features, device="cuda", requires_grad=True)
+    u = torch.randn(2, 300, 256, device="cuda", requires_grad=True)
     seq_idx = (torch.arange(300, device="cuda")[None] >= torch.tensor([[0], [45]], device="cuda")).int()
-    params = [layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.dt_bias, layer.A(), layer.D, layer.norm.weight,
-              layer.out_proj.weight]
+    params = [layer.in_proj.weight, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.dt_bias, layer.A(), layer.D,
+              layer.norm.weight, layer.out_proj.weight]
     params = [p.detach().clone().requires_grad_() for p in params]
-    args = (zxbcdt, *params, seq_idx, 256, layer.headdim, layer.ngroups, layer.norm.eps, grouped)
+    args = (u, *params, seq_idx, 256, layer.headdim, layer.ngroups, layer.norm.eps, grouped)
     torch.library.opcheck(kernels._mamba2_train_fwd, args)
     outputs = kernels._mamba2_train_fwd(*args)
-    bwd_args = (torch.randn_like(outputs[0]), *args[:9], *outputs[1:], *args[9:])  # no double backward: no grad
+    bwd_args = (torch.randn_like(outputs[0]), *args[:10], *outputs[1:], *args[10:])  # no double backward: no grad
     torch.library.opcheck(kernels._mamba2_train_bwd, tuple(a.detach() if torch.is_tensor(a) else a for a in bwd_args))
 
 
@@ -1113,6 +1113,35 @@ def test_rms_norm_kernels_and_their_backward_equal_autograd_of_the_definition(el
     assert (again == out).all() and (buffer[:, :2] == 7).all() and (buffer[:, 2 + N:] == 7).all()
     with pytest.raises(ValueError, match=r"rms_norm_fwd: z: \(40, 37\) with strides \(1, 47\) is not \(37, 40\)"):
         kernels.rms_norm_fwd(x, w, eps, z=z.t())
+
+
+@triton_here
+def test_ssd_grouped_training_op_equals_the_plain_mamba2_layer_with_gradients():
+    # kernels.mamba2_train(grouped=True), FastMamba2's training pass as one op (in_proj, the Triton conv,
+    # ssd_grouped's SSD, the Triton gated norm, out_proj; the backward by hand), against the plain layer
+    # in float64: output, input gradient and every parameter's, fp32, row 1 left-padded (the op's seq_idx
+    # against mask_padding), a length that is not a multiple of the chunk
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    torch.manual_seed(0)
+    layer = Mamba2(24, d_state=8, headdim=16, chunk_size=16).to(device)
+    with torch.no_grad():
+        layer.D.normal_()
+        layer.norm.weight.normal_(1.0, 0.1)
+    u = torch.randn(2, 37, 24, device=device, requires_grad=True)
+    mask = torch.arange(37, device=device)[None] >= torch.tensor([[0], [5]], device=device)
+    dy = torch.randn(2, 37, 24, device=device) * mask[..., None]  # padding's outputs are the caller's to ignore
+    y = kernels.mamba2_train(u, layer.in_proj.weight, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.dt_bias,
+                             layer.A(), layer.D, layer.norm.weight, layer.out_proj.weight, mask.int(), 16,
+                             layer.headdim, grouped=True)
+    (y * dy).sum().backward()
+    ref = copy.deepcopy(layer).double()
+    u_ref = u.detach().double().requires_grad_()
+    y_ref = ref(u_ref, mask=mask)
+    (y_ref * dy.double()).sum().backward()
+    assert rel_err(y[mask], y_ref[mask]) < 1e-5
+    assert rel_err(u.grad, u_ref.grad) < 1e-5
+    for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, p_ref.grad) < 1e-5, name
 
 
 @triton_here
