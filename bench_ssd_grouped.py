@@ -15,6 +15,8 @@ dt (after softplus), A, D, an initial state.
     python bench_ssd_grouped.py --sweep norm    # rows per block, warps and programs per SM of the RMSNorms
     python bench_ssd_grouped.py --conv     # the training pass's conv + SiLU, per layer: causal-conv1d and Triton
     python bench_ssd_grouped.py --norm     # the training pass's RMSNorms, per layer: mamba-ssm's and kernels.py's
+    python bench_ssd_grouped.py --gelu-dropout  # the feed-forward's GELU + dropout, per layer: torch's and kernels.py's
+    python bench_ssd_grouped.py --sweep gelu_dropout  # rows of eight per program and warps of that kernel
     python bench_ssd_grouped.py --registers  # registers per thread of the Triton kernels (no GPU needed)
 """
 import argparse
@@ -59,14 +61,15 @@ def main():
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--sweep", choices=("diag", "states", "copy", "dg", "conv", "norm"), help="launch shapes of the "
-                    "(Q, Q) kernels, of the chunk-state + scan kernels, of the B / C row copy, of dG's products, of "
-                    "the Triton conv or of the RMSNorms")
+    ap.add_argument("--sweep", choices=("diag", "states", "copy", "dg", "conv", "norm", "gelu_dropout"),
+                    help="launch shapes of the (Q, Q) kernels, of the chunk-state + scan kernels, of the B / C row "
+                    "copy, of dG's products, of the Triton conv, of the RMSNorms or of the GELU + dropout")
     ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
     ap.add_argument("--maxnreg", type=int, help="--sweep: cap the registers per thread at this (Triton's "
                     "maxnreg), so that more programs fit on an SM")
     ap.add_argument("--conv", action="store_true", help="time the conv + SiLU of the training pass instead")
     ap.add_argument("--norm", action="store_true", help="time the RMSNorms of the training pass instead")
+    ap.add_argument("--gelu-dropout", action="store_true", help="time the feed-forward's GELU + dropout instead")
     ap.add_argument("--registers", action="store_true", help="compile the Triton kernels for sm_90 and sm_80 "
                     "here (Triton's own ptxas, no GPU) and print their registers, spill stack and programs per SM")
     a = ap.parse_args()
@@ -76,11 +79,13 @@ def main():
         return conv(a.batch, a.length, a.dstate)
     if a.norm:
         return norm(a.batch, a.length)
+    if a.gelu_dropout:
+        return gelu_dropout(a.batch, a.length)
     if a.check:
         return check(a.length, a.dstate, a.chunk, seeds=a.seeds)
     if a.sweep:
         fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy, "dg": sweep_dg, "conv": sweep_conv,
-              "norm": sweep_norm}[a.sweep]
+              "norm": sweep_norm, "gelu_dropout": sweep_gelu_dropout}[a.sweep]
         return fn(a.batch, a.length, a.dstate, a.chunk, maxnreg=a.maxnreg)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
@@ -277,6 +282,61 @@ def norm(b, l, d_model=1024, d_inner=2048, width=5152):
         diff = max((a.float() - t.float()).abs().max().item() / t.float().abs().max().item()
                    for a, t in zip(ours(), theirs()))
         print(f"| {name} | {cuda_ms(theirs):.3f} | {cuda_ms(ours):.3f} | {diff:.2e} |", flush=True)
+
+
+def _gelu_dropout_inputs(b, l, d_ff):
+    """fc1's output a ((b l), d_ff) bf16, requiring grad, and the gradient dy of the dropout's output."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(b * l, d_ff, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    return a, torch.randn(b * l, d_ff, device="cuda", generator=g).to(torch.bfloat16)
+
+
+def _forward_backward(a, dy, fn):
+    def run():
+        a.grad = None
+        torch.autograd.backward(fn(a), dy)
+    return run
+
+
+def gelu_dropout(b, l, d_ff=2048, p=0.3, rounds=3):
+    """The feed-forward's GELU + dropout per layer, forward + backward on (b l) rows of fc1's bf16 output:
+    torch's eager ops (GELU, dropout, their backwards: four kernels, a one-byte mask kept) against
+    kernels.gelu_dropout (one kernel each way, the mask drawn again from a seed), in interleaved rounds;
+    then each forward alone; then the kernel's kept share and the largest difference of a kept value from
+    float64 gelu(a) / (1 - p), relative to max(|value|, 1), beside torch's fp32 GELU rounded to bf16."""
+    import torch.nn.functional as F
+    import kernels
+    a, dy = _gelu_dropout_inputs(b, l, d_ff)
+    plain = _forward_backward(a, dy, lambda t: F.dropout(F.gelu(t), p, True))
+    fused = _forward_backward(a, dy, lambda t: kernels.gelu_dropout(t, p, True))
+    bytes_plain, bytes_fused = a.numel() * 20, a.numel() * 10  # bytes per element moved, both ways together
+    print(f"{a.shape[0]} rows x {d_ff}, p {p}; ms per forward + backward (median of 20), and the bytes that moves")
+    for i in range(rounds):
+        tp, tf = cuda_ms(plain), cuda_ms(fused)
+        print(f"round {i}: torch {tp:.3f} ms ({bytes_plain / tp / 1e9:.2f} TB/s), kernels {tf:.3f} ms "
+              f"({bytes_fused / tf / 1e9:.2f} TB/s)", flush=True)
+    x = a.detach()
+    print(f"forward alone: torch {cuda_ms(lambda: F.dropout(F.gelu(x), p, True)):.3f} ms, "
+          f"kernels {cuda_ms(lambda: kernels.gelu_dropout(x, p, True)):.3f} ms")
+    y = kernels.gelu_dropout(x, p, True)
+    kept = y != 0
+    ref = F.gelu(x.double())[kept] / (1 - p)
+    err = lambda got: ((got.double() - ref).abs() / ref.abs().clamp_min(1)).max().item()  # noqa: E731
+    print(f"kept {kept.float().mean().item():.5f} (1 - p = {1 - p}); largest difference of a kept value: "
+          f"kernels {err(y[kept]):.2e}, torch's GELU {err((F.gelu(x.float())[kept] / (1 - p)).bfloat16()):.2e}")
+
+
+def sweep_gelu_dropout(b, l, n, Q, d_ff=2048, p=0.3, maxnreg=None):
+    """ms of kernels.gelu_dropout forward + backward per launch shape (rows of eight elements per program,
+    warps), on gelu_dropout()'s inputs. The mask depends on the seed and the row alone, not on the shape."""
+    import itertools
+    import kernels
+    a, dy = _gelu_dropout_inputs(b, l, d_ff)
+    extra = {} if maxnreg is None else dict(maxnreg=maxnreg)
+    run = _forward_backward(a, dy, lambda t: kernels.gelu_dropout(t, p, True))
+    for rows, warps in itertools.product((64, 128, 256, 512, 1024), (2, 4, 8)):
+        kernels._GELU_DROPOUT = dict(BQ=rows, num_warps=warps, **extra)
+        print(f"rows {rows} warps {warps}: {cuda_ms(run):.3f} ms", flush=True)
 
 
 def sweep_conv(b, l, n, Q, h=32, p=64, maxnreg=None):
