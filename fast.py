@@ -132,7 +132,7 @@ class FastLM(ssmttm.TextToMusicLM):
 class FastFeedForward(ssmttm.FeedForward):
     """ssmttm.FeedForward with its GELU and dropout in one Triton pass each way while training
     (kernels.gelu_dropout), made by accelerate(): the same parameters and function, a dropout mask
-    drawn from Philox instead of torch's (the same rate). Elsewhere the plain forward."""
+    drawn from Philox instead of torch's (the same rate, to 2^-16). Elsewhere the plain forward."""
 
     options: FastOptions
 

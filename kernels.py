@@ -1257,8 +1257,7 @@ def gelu_dropout(a, p, training):
     """dropout(gelu(a)) of the feed-forward (ssmttm.FeedForward; gelu the exact, erf form): a (..., d_ff),
     p the dropout rate. Training with 0 < p < 1 on CUDA: one Triton pass each way (ssmttm::gelu_dropout_fwd
     and its backward, opaque to torch.compile), which keeps a and a seed for the backward instead of a
-    mask, and draws its mask from Philox (torch's rate to 2^-16, not its mask); else
-    the plain ops."""
+    mask, and draws its mask from Philox (torch's rate to 2^-16, not torch's mask); else the plain ops."""
     if training and 0 < p < 1 and a.is_cuda and triton is not None:
         return _gelu_dropout_fwd(a.contiguous(), p)[0]
     return F.dropout(F.gelu(a), p, training)

@@ -52,8 +52,7 @@ PAPER = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dr
 SYNTHETIC = dict(batch_size=16, grad_accum=1, lr=1e-3, warmup=30, steps=300, dropout=0.1, d_model=256,
                  d_state=64, headdim=32, n_heads=4, frames=128, eval_every=100, ckpt_every=100)
 RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "cuda_graphs",
-           "no_kernels", "mamba_train", "no_fused_add_norm", "no_fused_gelu_dropout", "t5",
-           "dac"}
+           "no_kernels", "mamba_train", "no_fused_add_norm", "no_fused_gelu_dropout", "t5", "dac"}
 THIS_INVOCATION = {"stop_after", "cuda_graphs"}  # RUNTIME flags that a resumed run does not take from the checkpoint
 METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "caption_score"]
 
