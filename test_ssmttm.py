@@ -707,6 +707,17 @@ def test_gpu_compiled_lm_is_one_graph_and_equals_eager(precision):
     assert report(f"compiled vs eager {precision} worst grad", worst(compiled)) < max(grad_tol, 4 * spread)
 
 
+def _graph_training_model(dropout):
+    """The CUDA-graph training tests' model: a 2-block Prefix SiMBA on the kernels, in training mode, its
+    gradients allocated as zeros (as train.py --cuda-graphs keeps them), and a generator for its inputs."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="prefix_simba", n_layers=2, d_model=256, d_state=128, dropout=dropout)
+    model = fast.accelerate(TextToMusicLM(cfg).cuda()).train()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return model, torch.Generator(device="cuda").manual_seed(1)
+
+
 @gpu
 def test_gpu_cuda_graph_training_accumulates_gradients_as_eager():
     # train.py --compile --cuda-graphs: forward and backward replayed as CUDA graphs, two micro-batches
@@ -715,16 +726,11 @@ def test_gpu_cuda_graph_training_accumulates_gradients_as_eager():
     # does; a gradient left as the graph's output would hold the second micro-batch's twice.
     if not kernels.HAS_TRAIN_KERNELS:
         pytest.skip("mamba-ssm < 2.3: Mamba2 trains through mamba-ssm's own function")
-    torch.manual_seed(0)
-    cfg = ModelConfig(variant="prefix_simba", n_layers=2, d_model=256, d_state=128, dropout=0.0)
-    model = fast.accelerate(TextToMusicLM(cfg).cuda())
-    g = torch.Generator(device="cuda").manual_seed(1)
+    model, g = _graph_training_model(dropout=0.0)
     batches = [(torch.randint(0, 1024, (2, 1, 300), device="cuda", generator=g),
                 torch.randn(2, 32, 768, device="cuda", generator=g),
                 torch.arange(32, device="cuda")[None] < torch.tensor([[32], [7 + i]], device="cuda"))
                for i in range(2)]
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
 
     def step(fwd):
         model.zero_grad(set_to_none=False)
@@ -1188,14 +1194,9 @@ def test_gpu_cuda_graph_training_draws_the_dropout_masks_eager_draws():
     # test above), where another seed's masks move them by far more
     if not kernels.HAS_TRAIN_KERNELS:
         pytest.skip("mamba-ssm < 2.3: Mamba2 trains through mamba-ssm's own function")
-    torch.manual_seed(0)
-    cfg = ModelConfig(variant="prefix_simba", n_layers=2, d_model=256, d_state=128, dropout=0.3)
-    model = fast.accelerate(TextToMusicLM(cfg).cuda()).train()
-    g = torch.Generator(device="cuda").manual_seed(1)
+    model, g = _graph_training_model(dropout=0.3)
     codes = torch.randint(0, 1024, (2, 1, 300), device="cuda", generator=g)
     text, mask = torch.randn(2, 32, 768, device="cuda", generator=g), torch.ones(2, 32, dtype=torch.bool, device="cuda")
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
 
     def step(fwd, seed):
         model.zero_grad(set_to_none=False)
