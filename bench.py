@@ -47,13 +47,18 @@ PEAK_BF16 = 989e12
 N_TEXT = 64
 
 
-def cuda_time(fn, iters, warmup):
-    """Median milliseconds of fn() over iters runs, timed with CUDA events after warmup runs."""
+def cuda_time(fn, iters, warmup, queued=False):
+    """Median milliseconds of fn() over iters runs, timed with CUDA events after warmup runs. queued: each
+    run's launches wait behind a 20 ms GPU sleep, so the time is the GPU's alone, without the gaps the CPU
+    leaves between launches (a custom op's Python dispatch, which a training step hides behind its other
+    kernels)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if queued:
+            torch.cuda._sleep(40_000_000)  # GPU clock cycles
         start.record()
         fn()
         end.record()

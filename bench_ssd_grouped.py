@@ -33,9 +33,9 @@ import ssd_reference
 from bench import cuda_time
 
 
-def cuda_ms(fn, iters=20):
-    """Median ms of fn() on the GPU (CUDA events), after 3 warm-up calls."""
-    return cuda_time(fn, iters, warmup=3)
+def cuda_ms(fn, iters=20, queued=False):
+    """Median ms of fn() on the GPU (CUDA events), after 3 warm-up calls; queued: bench.cuda_time's."""
+    return cuda_time(fn, iters, warmup=3, queued=queued)
 
 
 def inputs(b, l, h, p, n, dtype, seed=0):
@@ -301,7 +301,8 @@ def _forward_backward(a, dy, fn):
 def gelu_dropout(b, l, d_ff=2048, p=0.3, rounds=3):
     """The feed-forward's GELU + dropout per layer, forward + backward on (b l) rows of fc1's bf16 output:
     torch's eager ops (GELU, dropout, their backwards: four kernels, a one-byte mask kept) against
-    kernels.gelu_dropout (one kernel each way, the mask drawn again from a seed), in interleaved rounds;
+    kernels.gelu_dropout (one kernel each way, the mask drawn again from a seed), in interleaved rounds,
+    the GPU's time alone (cuda_time's queued: not the custom op's Python dispatch between launches);
     then each forward alone; then the kernel's kept share and the largest difference of a kept value from
     float64 gelu(a) / (1 - p), relative to max(|value|, 1), beside torch's fp32 GELU rounded to bf16."""
     import torch.nn.functional as F
@@ -310,14 +311,15 @@ def gelu_dropout(b, l, d_ff=2048, p=0.3, rounds=3):
     plain = _forward_backward(a, dy, lambda t: F.dropout(F.gelu(t), p, True))
     fused = _forward_backward(a, dy, lambda t: kernels.gelu_dropout(t, p, True))
     bytes_plain, bytes_fused = a.numel() * 20, a.numel() * 10  # bytes per element moved, both ways together
-    print(f"{a.shape[0]} rows x {d_ff}, p {p}; ms per forward + backward (median of 20), and the bytes that moves")
+    print(f"{a.shape[0]} rows x {d_ff}, p {p}; ms per forward + backward (median of 20, GPU time), and the bytes "
+          "that moves")
     for i in range(rounds):
-        tp, tf = cuda_ms(plain), cuda_ms(fused)
+        tp, tf = cuda_ms(plain, queued=True), cuda_ms(fused, queued=True)
         print(f"round {i}: torch {tp:.3f} ms ({bytes_plain / tp / 1e9:.2f} TB/s), kernels {tf:.3f} ms "
               f"({bytes_fused / tf / 1e9:.2f} TB/s)", flush=True)
     x = a.detach()
-    print(f"forward alone: torch {cuda_ms(lambda: F.dropout(F.gelu(x), p, True)):.3f} ms, "
-          f"kernels {cuda_ms(lambda: kernels.gelu_dropout(x, p, True)):.3f} ms")
+    print(f"forward alone: torch {cuda_ms(lambda: F.dropout(F.gelu(x), p, True), queued=True):.3f} ms, "
+          f"kernels {cuda_ms(lambda: kernels.gelu_dropout(x, p, True), queued=True):.3f} ms")
     y = kernels.gelu_dropout(x, p, True)
     kept = y != 0
     ref = F.gelu(x.double())[kept] / (1 - p)
@@ -336,7 +338,7 @@ def sweep_gelu_dropout(b, l, n, Q, d_ff=2048, p=0.3, maxnreg=None):
     run = _forward_backward(a, dy, lambda t: kernels.gelu_dropout(t, p, True))
     for rows, warps in itertools.product((64, 128, 256, 512, 1024), (2, 4, 8)):
         kernels._GELU_DROPOUT = dict(BQ=rows, num_warps=warps, **extra)
-        print(f"rows {rows} warps {warps}: {cuda_ms(run):.3f} ms", flush=True)
+        print(f"rows {rows} warps {warps}: {cuda_ms(run, queued=True):.3f} ms", flush=True)
 
 
 def sweep_conv(b, l, n, Q, h=32, p=64, maxnreg=None):
