@@ -1415,6 +1415,9 @@ def _mamba2_train_bwd(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tensor, c
     g = ngroups
     b, l, _ = zxbcdt.shape
     h = A.shape[0]
+    # the same numbers whatever dout's layout (AOT autograd hands the compiled backward a contiguous
+    # one): out_w's gradient is an einsum, and einsum picks its product's order of sums by the strides
+    dout = dout.contiguous()
     with torch.autocast("cuda", enabled=False):
         z, xBC, dt_in = zxbcdt.split([h * headdim, conv_w.shape[0], h], dim=-1)
         x, B, C = _split_xBC(xBC_conv, h, headdim, g)
