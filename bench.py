@@ -67,6 +67,28 @@ def cuda_time(fn, iters, warmup, queued=False):
     return sorted(times)[len(times) // 2]
 
 
+def gpu_busy_ms(fn):
+    """Milliseconds in which at least one kernel or copy ran on the GPU during one fn() (torch.profiler;
+    work on several streams at once counted once). Well under fn's time, fn waits on the host's launches
+    (an eager step at small batch on a slow CPU): its time then measures the host as much as the code."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return interval_union([(e.time_range.start, e.time_range.end) for e in prof.events()
+                           if e.device_type == torch.autograd.DeviceType.CUDA]) / 1e3
+
+
+def interval_union(spans):
+    """The total length covered by (start, end) intervals, overlaps counted once."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
 def wall_time(fn, iters, warmup):
     for _ in range(warmup):
         fn()
@@ -136,7 +158,8 @@ def compiled(model, compile):
 
 
 def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=8, device="cuda"):
-    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory; compile: a key of COMPILE_MODES."""
+    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, and the GPU's busy ms in one more
+    step (gpu_busy_ms); compile: a key of COMPILE_MODES."""
     model = train_model(variant, n_layers, device, options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
     fwd = compiled(model, compile)
@@ -154,15 +177,16 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
         torch.cuda.reset_peak_memory_stats()
         ms = cuda_time(step, steps, warmup=3)
         peak = torch.cuda.max_memory_allocated() / 2**30
+        busy = gpu_busy_ms(step)
     else:
-        ms, peak = wall_time(step, 2, 1), float("nan")
+        ms, peak, busy = wall_time(step, 2, 1), float("nan"), float("nan")
     flops = model_flops(model, n_frames, N_TEXT) * batch
     del model, opt, fwd
     return {"section": "train", "variant": variant, "batch": batch, "compile": compile, "chunk": options.chunk_size,
             "mamba2": options.train, "add+norm": int(options.fused_add_norm),
             "gelu+dropout": int(options.fused_gelu_dropout),
             "ms/step": ms, "audio tok/s": batch * n_frames / ms * 1e3, "TFLOP/s": flops / ms / 1e9,
-            "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak}
+            "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak, "GPU busy ms": busy}
 
 
 def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25):

@@ -2642,6 +2642,14 @@ def test_compiled_training_specializes_each_text_length():
     torch._dynamo.reset()
 
 
+def test_bench_counts_overlapping_kernels_once_in_the_gpu_busy_time():
+    # bench.gpu_busy_ms sums the union of the kernels' intervals: two streams' overlapping kernels once,
+    # a gap not at all, a kernel inside another nothing more
+    import bench
+    assert bench.interval_union([(30, 40), (0, 10), (5, 20), (32, 35), (40, 41)]) == 31
+    assert bench.interval_union([]) == 0
+
+
 def test_bench_compiles_each_measured_model_afresh(monkeypatch):
     # bench.py measures many models in one process: each gets train.compile_model's static graph, even
     # past Dynamo's recompile limit (here lowered to 2), where a shared cache would run the third eagerly
