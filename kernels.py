@@ -43,7 +43,7 @@ kept as a programmatic edge. embed_rows and sample_top_k are plain launches: the
 everything before them, which is what lets the states be read early.
 """
 import functools
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -1095,16 +1095,52 @@ def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=F
     return dx, d32, dz, dw.sum(0)
 
 
-# The add + norm is two custom ops (forward, backward) joined by register_autograd, as the training
-# pass below: torch.compile sees one opaque op where the Triton launches would break its graph.
-@torch.library.custom_op("ssmttm::add_rms_norm_fwd", mutates_args=())
-def _add_rms_norm_fwd(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# Each training op (the add + norm, the GELU + dropout, the Mamba-2 layer) is two custom ops, forward
+# and backward, joined by register_autograd: torch.compile sees one opaque op where the Triton launches
+# would break its graph. Eager calls skip torch.library's dispatch around the ops' Python (tens of µs
+# of host time per call; at the paper's batch 4 an eager step waits on the host, BENCHMARKS.md §0c,
+# twenty-sixth session): the same plain functions run through one autograd.Function.
+class TrainingOp(NamedTuple):
+    """A training op's parts: the custom op (for torch.compile) and, for eager calls, its forward
+    implementation, its setup_context(ctx, inputs, output) and its backward(ctx, *grads) calling the
+    backward's implementation."""
+    op: Callable
+    forward: Callable
+    setup: Callable
+    backward: Callable
+
+
+class _EagerTrainingOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op, *inputs):
+        output = op.forward(*inputs)
+        op.setup(ctx, inputs, output)
+        ctx.backward = op.backward
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) + tuple(ctx.backward(ctx, *grads))
+
+
+def run_training_op(op: TrainingOp, *inputs):
+    """op's custom op while torch.compile traces, else its plain functions through one autograd.Function:
+    the same numbers either way."""
+    if torch.compiler.is_compiling():
+        return op.op(*inputs)
+    return _EagerTrainingOp.apply(op, *inputs)
+
+
+def _add_rms_norm_fwd_impl(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h (b, s, d), residual (b, s, d), weight (d,) -> normed (b, s, d) in h's dtype, x = residual + h
     (b, s, d) fp32, rstd (b s,) fp32."""
     d = h.shape[-1]
     normed, x, rstd = rms_norm_fwd(h.reshape(-1, d), weight, eps, residual=residual.reshape(-1, d))
     return normed.view(h.shape), x.view(h.shape), rstd
+
+
+_add_rms_norm_fwd = torch.library.custom_op("ssmttm::add_rms_norm_fwd", _add_rms_norm_fwd_impl, mutates_args=())
 
 
 @_add_rms_norm_fwd.register_fake
@@ -1113,10 +1149,9 @@ def _(h, residual, weight, eps):
                                                                                          dtype=torch.float32)
 
 
-@torch.library.custom_op("ssmttm::add_rms_norm_bwd", mutates_args=())
-def _add_rms_norm_bwd(d_normed: Optional[torch.Tensor], d_x: Optional[torch.Tensor], x: torch.Tensor,
-                      weight: torch.Tensor, rstd: torch.Tensor, h_dtype: torch.dtype,
-                      res_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _add_rms_norm_bwd_impl(d_normed: Optional[torch.Tensor], d_x: Optional[torch.Tensor], x: torch.Tensor,
+                           weight: torch.Tensor, rstd: torch.Tensor, h_dtype: torch.dtype,
+                           res_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """_add_rms_norm_fwd's backward from the gradients of normed and x (either None: zero) -> the
     gradients of h in h_dtype, residual in res_dtype, and weight in its dtype."""
     d = x.shape[-1]
@@ -1127,6 +1162,9 @@ def _add_rms_norm_bwd(d_normed: Optional[torch.Tensor], d_x: Optional[torch.Tens
                                   dx32=res_dtype == torch.float32)
     dres = d32 if d32 is not None else dh.to(res_dtype, copy=True)   # two gradients, never one tensor
     return dh.view(x.shape), dres.view(x.shape), dw.to(weight.dtype)
+
+
+_add_rms_norm_bwd = torch.library.custom_op("ssmttm::add_rms_norm_bwd", _add_rms_norm_bwd_impl, mutates_args=())
 
 
 @_add_rms_norm_bwd.register_fake
@@ -1141,12 +1179,17 @@ def _add_rms_norm_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _add_rms_norm_backward(ctx, d_normed, d_x, _):
-    x, weight, rstd = ctx.saved_tensors
-    return _add_rms_norm_bwd(d_normed, d_x, x, weight, rstd, *ctx.dtypes) + (None,)
+def _add_rms_norm_backward(bwd):
+    """The backward formula, calling bwd: the backward op, or its implementation."""
+    def backward(ctx, d_normed, d_x, _):
+        x, weight, rstd = ctx.saved_tensors
+        return bwd(d_normed, d_x, x, weight, rstd, *ctx.dtypes) + (None,)
+    return backward
 
 
-_add_rms_norm_fwd.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
+_add_rms_norm_fwd.register_autograd(_add_rms_norm_backward(_add_rms_norm_bwd), setup_context=_add_rms_norm_setup)
+ADD_RMS_NORM = TrainingOp(_add_rms_norm_fwd, _add_rms_norm_fwd_impl, _add_rms_norm_setup,
+                          _add_rms_norm_backward(_add_rms_norm_bwd_impl))
 
 
 def add_rms_norm(h, residual, weight, eps):
@@ -1155,7 +1198,7 @@ def add_rms_norm(h, residual, weight, eps):
     CUDA one Triton pass each way (the custom op ssmttm::add_rms_norm_fwd and its backward, which
     torch.compile keeps whole); elsewhere these plain ops."""
     if h.is_cuda and triton is not None:
-        return _add_rms_norm_fwd(h, residual, weight, eps)[:2]
+        return run_training_op(ADD_RMS_NORM, h, residual, weight, eps)[:2]
     x = residual.to(torch.promote_types(residual.dtype, torch.float32)) + h
     return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps).to(h.dtype), x
 
@@ -1205,8 +1248,7 @@ def _dropout_launch(numel, p):
     return (triton.cdiv(numel, 8 * _GELU_DROPOUT["BQ"]),), round(p * 65536), 1.0 / (1.0 - p)
 
 
-@torch.library.custom_op("ssmttm::gelu_dropout_fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _gelu_dropout_fwd(a: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _gelu_dropout_fwd_impl(a: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """a (any shape, contiguous) -> y = dropout(gelu(a), p) in a's dtype, and the seed (1,) int64 of its
     mask, drawn from a's device's default generator (so torch.manual_seed, a saved RNG state and CUDA
     graphs govern it as they do torch's dropout). p (0 < p < 1) is drawn at a multiple of 2^-16 (0.3:
@@ -1219,18 +1261,24 @@ def _gelu_dropout_fwd(a: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Te
     return y, seed
 
 
+_gelu_dropout_fwd = torch.library.custom_op("ssmttm::gelu_dropout_fwd", _gelu_dropout_fwd_impl, mutates_args=(),
+                                            tags=(torch.Tag.nondeterministic_seeded,))
+
+
 @_gelu_dropout_fwd.register_fake
 def _(a, p):
     return torch.empty_like(a), a.new_empty(1, dtype=torch.int64)
 
 
-@torch.library.custom_op("ssmttm::gelu_dropout_bwd", mutates_args=())
-def _gelu_dropout_bwd(dy: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+def _gelu_dropout_bwd_impl(dy: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """_gelu_dropout_fwd's backward: dy (a's shape) -> da in a's dtype."""
     dy, da = dy.contiguous(), torch.empty_like(a)
     grid, threshold, scale = _dropout_launch(a.numel(), p)
     _gelu_dropout_bwd_kernel[grid](dy, a, seed, da, a.numel(), threshold, scale, **_GELU_DROPOUT)
     return da
+
+
+_gelu_dropout_bwd = torch.library.custom_op("ssmttm::gelu_dropout_bwd", _gelu_dropout_bwd_impl, mutates_args=())
 
 
 @_gelu_dropout_bwd.register_fake
@@ -1245,12 +1293,17 @@ def _gelu_dropout_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _gelu_dropout_backward(ctx, dy, _):
-    a, seed = ctx.saved_tensors
-    return (None if dy is None else _gelu_dropout_bwd(dy, a, seed, ctx.p)), None
+def _gelu_dropout_backward(bwd):
+    """The backward formula, calling bwd: the backward op, or its implementation."""
+    def backward(ctx, dy, _):
+        a, seed = ctx.saved_tensors
+        return (None if dy is None else bwd(dy, a, seed, ctx.p)), None
+    return backward
 
 
-_gelu_dropout_fwd.register_autograd(_gelu_dropout_backward, setup_context=_gelu_dropout_setup)
+_gelu_dropout_fwd.register_autograd(_gelu_dropout_backward(_gelu_dropout_bwd), setup_context=_gelu_dropout_setup)
+GELU_DROPOUT = TrainingOp(_gelu_dropout_fwd, _gelu_dropout_fwd_impl, _gelu_dropout_setup,
+                          _gelu_dropout_backward(_gelu_dropout_bwd_impl))
 
 
 def gelu_dropout(a, p, training):
@@ -1259,7 +1312,7 @@ def gelu_dropout(a, p, training):
     and its backward, opaque to torch.compile), which keeps a and a seed for the backward instead of a
     mask, and draws its mask from Philox (torch's rate to 2^-16, not torch's mask); else the plain ops."""
     if training and 0 < p < 1 and a.is_cuda and triton is not None:
-        return _gelu_dropout_fwd(a.contiguous(), p)[0]
+        return run_training_op(GELU_DROPOUT, a.contiguous(), p)[0]
     return F.dropout(F.gelu(a), p, training)
 
 
@@ -1296,13 +1349,12 @@ def _conv_silu(grouped, conv_w):
 # The training pass is two custom ops (forward, backward) joined by register_autograd. torch.compile
 # then sees one opaque op per layer instead of a graph break, and a graph break inside the loop over
 # blocks would make it give up on the whole model (it skips any frame with a break in a loop).
-@torch.library.custom_op("ssmttm::mamba2_train_fwd", mutates_args=())
-def _mamba2_train_fwd(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
-                      dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor,
-                      out_w: torch.Tensor, seq_idx: Optional[torch.Tensor], chunk: int, headdim: int, ngroups: int,
-                      eps: float, grouped: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                          torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                          torch.Tensor, torch.Tensor]:
+def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
+                           dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor,
+                           out_w: torch.Tensor, seq_idx: Optional[torch.Tensor], chunk: int, headdim: int,
+                           ngroups: int, eps: float, grouped: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """in_proj -> conv -> SSD -> gated RMSNorm -> out_proj of ssmttm.Mamba2.forward, in mamba-ssm's kernels.
 
     The same kernels as mamba-ssm's mamba_split_conv1d_scan_combined, called in the same order,
@@ -1354,6 +1406,9 @@ def _mamba2_train_fwd(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor,
     return (out, zxbcdt, y, rstd, xBC) + saved
 
 
+_mamba2_train_fwd = torch.library.custom_op("ssmttm::mamba2_train_fwd", _mamba2_train_fwd_impl, mutates_args=())
+
+
 def _grouped_dt(dt, dt_bias, seq_idx):
     """softplus(dt + dt_bias) in fp32, 0 where seq_idx is 0 (padding): (b, l, h)."""
     dt = F.softplus(dt.float() + dt_bias.float())
@@ -1400,15 +1455,14 @@ def _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, d
     return dA, ddt_bias, dD
 
 
-@torch.library.custom_op("ssmttm::mamba2_train_bwd", mutates_args=())
-def _mamba2_train_bwd(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor,
-                      conv_b: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
-                      norm_w: torch.Tensor, out_w: torch.Tensor, seq_idx: Optional[torch.Tensor], zxbcdt: torch.Tensor,
-                      y: torch.Tensor, rstd: torch.Tensor, xBC_conv: torch.Tensor, states: torch.Tensor,
-                      CB: torch.Tensor, dA_cs: torch.Tensor, dt: torch.Tensor, y_off: torch.Tensor, chunk: int,
-                      headdim: int, ngroups: int, eps: float, grouped: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor,
+                           conv_b: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+                           norm_w: torch.Tensor, out_w: torch.Tensor, seq_idx: Optional[torch.Tensor],
+                           zxbcdt: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, xBC_conv: torch.Tensor,
+                           states: torch.Tensor, CB: torch.Tensor, dA_cs: torch.Tensor, dt: torch.Tensor,
+                           y_off: torch.Tensor, chunk: int, headdim: int, ngroups: int, eps: float, grouped: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of _mamba2_train_fwd's out for its tensor inputs u ... out_w, each in its input's dtype,
     from the forward's other outputs (zxbcdt: in_proj's output; xBC_conv: the conv's output). With grouped,
     states, CB and dA_cs are the grouped SSD's S_prev, G and acum, and y_off its own (empty otherwise)."""
@@ -1463,6 +1517,9 @@ def _mamba2_train_bwd(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tensor, c
     return (du,) + tuple(d.to(p.dtype) for d, p in zip(grads, (in_w, conv_w, conv_b, dt_bias, A, D, norm_w, out_w)))
 
 
+_mamba2_train_bwd = torch.library.custom_op("ssmttm::mamba2_train_bwd", _mamba2_train_bwd_impl, mutates_args=())
+
+
 @_mamba2_train_bwd.register_fake
 def _(dout, u, in_w, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, *_):
     return tuple(torch.empty_like(t) for t in (u, in_w, conv_w, conv_b, dt_bias, A, D, norm_w, out_w))
@@ -1477,11 +1534,16 @@ def _mamba2_train_setup(ctx, inputs, output):
     ctx.sizes = chunk, headdim, ngroups, eps, grouped
 
 
-def _mamba2_train_backward(ctx, dout, *_):  # the other outputs are saved for the backward, not used
-    return _mamba2_train_bwd(dout, *ctx.saved_tensors, *ctx.sizes) + (None,) * 6
+def _mamba2_train_backward(bwd):
+    """The backward formula, calling bwd: the backward op, or its implementation."""
+    def backward(ctx, dout, *_):  # the other outputs are saved for the backward, not used
+        return bwd(dout, *ctx.saved_tensors, *ctx.sizes) + (None,) * 6
+    return backward
 
 
-_mamba2_train_fwd.register_autograd(_mamba2_train_backward, setup_context=_mamba2_train_setup)
+_mamba2_train_fwd.register_autograd(_mamba2_train_backward(_mamba2_train_bwd), setup_context=_mamba2_train_setup)
+MAMBA2_TRAIN = TrainingOp(_mamba2_train_fwd, _mamba2_train_fwd_impl, _mamba2_train_setup,
+                          _mamba2_train_backward(_mamba2_train_bwd_impl))
 
 
 def mamba2_train(u, in_weight, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, chunk_size,
@@ -1502,5 +1564,6 @@ def mamba2_train(u, in_weight, conv_weight, conv_bias, dt_bias, A, D, norm_weigh
     seq_idx = None if seq_idx is None else seq_idx.contiguous()
     device = u.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else u.dtype
-    return _mamba2_train_fwd(u.to(dtype).contiguous(), in_weight.to(dtype), conv_weight, conv_bias, dt_bias, A, D,
-                             norm_weight, out_weight.to(dtype), seq_idx, chunk_size, headdim, ngroups, eps, grouped)[0]
+    return run_training_op(MAMBA2_TRAIN, u.to(dtype).contiguous(), in_weight.to(dtype), conv_weight, conv_bias,
+                           dt_bias, A, D, norm_weight, out_weight.to(dtype), seq_idx, chunk_size, headdim, ngroups,
+                           eps, grouped)[0]

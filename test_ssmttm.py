@@ -1150,6 +1150,44 @@ def test_ssd_grouped_training_op_equals_the_plain_mamba2_layer_with_gradients():
         assert rel_err(p.grad, p_ref.grad) < 1e-5, name
 
 
+def _training_op_inputs(name, device):
+    """Inputs of kernels' training op `name`, float tensors requiring grad, and the number of its outputs
+    with a gradient."""
+    torch.manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, device=device, requires_grad=True)  # noqa: E731
+    if name == "ADD_RMS_NORM":
+        return (r(2, 5, 32), r(2, 5, 32), r(32), 1e-5), 2
+    if name == "GELU_DROPOUT":
+        return (r(4, 64), 0.3), 1
+    layer = Mamba2(24, d_state=8, headdim=16, chunk_size=16).to(device)
+    seq_idx = (torch.arange(37, device=device)[None] >= torch.tensor([[0], [5]], device=device)).int()
+    params = [layer.in_proj.weight, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.dt_bias, layer.A(), layer.D,
+              layer.norm.weight, layer.out_proj.weight]
+    return (r(2, 37, 24), *[p.detach().clone().requires_grad_() for p in params], seq_idx, 16, 16, 1, 1e-5, True), 1
+
+
+@triton_here
+@pytest.mark.parametrize("name", ["ADD_RMS_NORM", "GELU_DROPOUT", "MAMBA2_TRAIN"])
+def test_training_ops_eager_path_gives_the_custom_ops_numbers(name):
+    # kernels.run_training_op: eager calls run a training op's plain functions through one autograd.Function
+    # (no torch.library dispatch); torch.compile gets the custom op. Outputs and every input's gradient
+    # bit-equal between the two (the GELU + dropout's mask from the same seed)
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    op = getattr(kernels, name)
+    results = []
+    for call in (op.op, lambda *a: kernels._EagerTrainingOp.apply(op, *a)):
+        inputs, n_grad = _training_op_inputs(name, device)
+        torch.manual_seed(1)
+        outputs = call(*inputs)
+        torch.manual_seed(2)
+        torch.autograd.backward(outputs[:n_grad], [torch.randn_like(o) for o in outputs[:n_grad]])
+        grads = [t.grad for t in inputs if torch.is_tensor(t) and t.requires_grad]
+        assert all(g is not None for g in grads)
+        results.append(list(outputs) + grads)
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 @triton_here
 def test_gelu_dropout_kernel_keeps_or_drops_each_value_and_its_backward_is_that_masks():
     # kernels.gelu_dropout (FastFeedForward's GELU + dropout on a GPU): each output is 0 or gelu(a) / (1 - p)
