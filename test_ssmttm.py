@@ -2680,7 +2680,7 @@ def test_compiled_training_specializes_each_text_length():
     torch._dynamo.reset()
 
 
-def test_bench_counts_overlapping_kernels_once_in_the_gpu_busy_time():
+def test_bench_counts_overlapping_kernels_once_in_the_busy_time():
     # bench.gpu_busy_ms sums the union of the kernels' intervals: two streams' overlapping kernels once,
     # a gap not at all, a kernel inside another nothing more
     import bench
