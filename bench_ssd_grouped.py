@@ -559,7 +559,7 @@ def sweep_copy(b, l, n, Q, h=32, p=64, maxnreg=None):
     srcs = {"dense": torch.randn(b, l, n, device="cuda").to(torch.bfloat16),
             "columns": wide[..., h * p:h * p + n]}                       # where B lies in the conv's output
     gb = b * (l + c * Q) * n * 2 / 1e9
-    bn = ssd_grouped.triton.next_power_of_2(n)
+    bn = ssd_grouped.next_power_of_2(n)
     for (name, src), bl, warps in itertools.product(srcs.items(), (2, 4, 8, 16, 32), (1, 2, 4, 8)):
         kw = dict(BL=bl, BN=bn, num_warps=warps, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
         ms = cuda_ms(lambda: ssd_grouped._copy_rows_kernel[(-(-c * Q // bl), b)](src, dst, l, c * Q, l, n,

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 import ssd_grouped
+from ssd_grouped import cdiv, next_power_of_2
 
 try:
     import triton
@@ -474,9 +475,9 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
         block_m, block_n, num_warps = block_m or default_m, block_n or default_n, num_warps or default_warps
         halves = 2 if K > 2048 else 1
         try:
-            _linear_rows_tc_kernel[(triton.cdiv(N, block_n),)](
+            _linear_rows_tc_kernel[(cdiv(N, block_n),)](
                 *args, M=M, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", K_HALVES=halves,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(triton.cdiv(K, halves)),
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=next_power_of_2(cdiv(K, halves)),
                 num_warps=num_warps, **flags)
         except OutOfResources as e:  # the slice of W and a tile of x live in shared memory
             raise ValueError(f"linear_rows(path='tensor_cores'): {block_n} outputs x {K} of {weight.dtype} and "
@@ -485,8 +486,8 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     else:
         default_n, default_warps = _launch_shape(M, K, conv is not None)
         block_n, num_warps = block_n or default_n, num_warps or default_warps
-        _linear_rows_kernel[(triton.cdiv(N, block_n),)](
-            *args, M=M, M_POW2=triton.next_power_of_2(M), BLOCK_K=triton.next_power_of_2(K), BLOCK_N=block_n,
+        _linear_rows_kernel[(cdiv(N, block_n),)](
+            *args, M=M, M_POW2=next_power_of_2(M), BLOCK_K=next_power_of_2(K), BLOCK_N=block_n,
             num_warps=num_warps, **flags)
     if norm_out is None:
         return out
@@ -526,7 +527,7 @@ def _add_norm_rows(x, residual=None, sum_dtype=None, norm_weight=None, eps=1e-5,
                                 0 if residual is None else residual.stride(0), x if sum_ is None else sum_,
                                 x if norm_weight is None else norm_weight, x if normed is None else normed, K, eps,
                                 HAS_RES=residual is not None, SUM=sum_ is not None, NORM=norm_weight is not None,
-                                NORMED=normed is not None, BLOCK_K=triton.next_power_of_2(K), num_warps=4,
+                                NORMED=normed is not None, BLOCK_K=next_power_of_2(K), num_warps=4,
                                 **_launch_options(x, pdl))
     return sum_, normed
 
@@ -569,7 +570,7 @@ def _epilogue_rows(y, gelu, conv, out_dtype, pdl):
     conv_only = conv is not None and out is y and not gelu
     cols = (conv_start, conv_start + conv_dim) if conv_only else (0, N)
     block_m, block_n, num_warps = _epilogue_launch_shape(M, conv is not None)
-    _epilogue_rows_kernel[(triton.cdiv(cols[1] - cols[0], block_n), triton.cdiv(M, block_m))](
+    _epilogue_rows_kernel[(cdiv(cols[1] - cols[0], block_n), cdiv(M, block_m))](
         y, out, M, N, *cols, conv_state, conv_w, conv_b, conv_start, conv_dim, GELU=gelu, D_CONV=d_conv,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **_launch_options(y, pdl))
     return out
@@ -619,10 +620,10 @@ def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True
         raise ValueError(f"ssm_step: at most 65535 rows, got {b}")
     y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype if z_start is None else torch.float32)
     B_start = x_start + nheads * headdim
-    grid = (triton.cdiv(headdim, block_p), nheads, b)
+    grid = (cdiv(headdim, block_p), nheads, b)
     _ssm_step_kernel[grid](state, xbc, xbc.stride(0), x_start, B_start, B_start + ngroups * d_state,
                            xbc.shape[1] - nheads, z_start or 0, dt_bias, A, D, y, nheads, nheads // ngroups,
-                           HEADDIM=headdim, DSTATE=d_state, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(d_state),
+                           HEADDIM=headdim, DSTATE=d_state, BLOCK_P=block_p, BLOCK_N=next_power_of_2(d_state),
                            GATE=z_start is not None, num_warps=num_warps, **_launch_options(xbc, pdl))
     return y
 
@@ -653,7 +654,7 @@ def sample_top_k(logits, noise, cfg_scale, top_k, temperature, steps=None, col=N
     _sample_top_k_kernel[(b, K)](logits, noise, out, b, V, logits.stride(0), logits.stride(1), float(cfg_scale),
                                  1.0 / temperature, int(top_k), steps, fixed, col, next_input, steps.stride(0),
                                  steps.stride(1), next_input.stride(0), next_input.stride(1),
-                                 GUIDANCE=cfg_scale != 1.0, BLOCK_V=triton.next_power_of_2(V),
+                                 GUIDANCE=cfg_scale != 1.0, BLOCK_V=next_power_of_2(V),
                                  INTO=steps is not out, COPIES=copies, num_warps=4)
     return out
 
@@ -669,7 +670,7 @@ def embed_rows(tokens, offsets, table, positions, freqs, advance=False):
         raise ValueError("embed_rows: the table must be contiguous and freqs float32")
     out = torch.empty(b, d, device=table.device, dtype=table.dtype)
     _embed_rows_kernel[(b,)](tokens, tokens.stride(0), tokens.stride(1), offsets, table, positions, freqs, out, d, K=K,
-                             BLOCK_D=triton.next_power_of_2(d), ADVANCE=advance, num_warps=4)
+                             BLOCK_D=next_power_of_2(d), ADVANCE=advance, num_warps=4)
     return out
 
 
@@ -887,7 +888,7 @@ def causal_conv_silu(x, weight, bias, seq_idx=None):
     F.silu."""
     b, l, ch, weight, seq = _conv_args(x, weight, seq_idx, "causal_conv_silu")
     out = x.new_empty(b, l, ch)
-    grid = (triton.cdiv(ch, _CONV_FWD["BC"]), triton.cdiv(l, _CONV_FWD["SEG"]), b)
+    grid = (cdiv(ch, _CONV_FWD["BC"]), cdiv(l, _CONV_FWD["SEG"]), b)
     _conv_fwd_kernel[grid](x, x.stride(0), x.stride(1), weight, bias, seq, out, out.stride(0), out.stride(1), l, ch,
                            HAS_SEQ=seq_idx is not None, **_CONV_FWD)
     return out
@@ -904,9 +905,9 @@ def causal_conv_silu_backward(dout, x, weight, bias, seq_idx=None, dx_out=None):
             raise ValueError(f"causal_conv_silu_backward: {name} {tuple(t.shape)} with strides {t.stride()} does not "
                              f"match x {tuple(x.shape)} with channels dense")
     dx = torch.empty_like(x) if dx_out is None else dx_out
-    segments = triton.cdiv(l, _CONV_BWD["SEG"])
+    segments = cdiv(l, _CONV_BWD["SEG"])
     parts = torch.empty(b, segments, 5, ch, device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[(triton.cdiv(ch, _CONV_BWD["BC"]), segments, b)](
+    _conv_bwd_kernel[(cdiv(ch, _CONV_BWD["BC"]), segments, b)](
         x, x.stride(0), x.stride(1), weight, bias, seq, dout, dout.stride(0), dout.stride(1), dx, dx.stride(0),
         dx.stride(1), parts, l, ch, HAS_SEQ=seq_idx is not None, **_CONV_BWD)
     parts = parts.sum((0, 1))
@@ -1053,9 +1054,9 @@ def rms_norm_fwd(x, weight, eps, residual=None, z=None):
     out = x.new_empty(M, N)
     summed = None if residual is None else torch.empty(M, N, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
-    bn = triton.next_power_of_2(N)
+    bn = next_power_of_2(N)
     bm = max(1, _NORM_FWD["ELEMS"] // bn)
-    _rms_norm_fwd_kernel[(triton.cdiv(M, bm),)](
+    _rms_norm_fwd_kernel[(cdiv(M, bm),)](
         x, x.stride(0), x if residual is None else residual, 0 if residual is None else residual.stride(0),
         x if z is None else z, 0 if z is None else z.stride(0), weight, out, out if summed is None else summed, rstd,
         M, N, eps, HAS_RES=residual is not None, HAS_Z=z is not None, BM=bm, BN=bn,
@@ -1081,10 +1082,10 @@ def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=F
     dx = torch.empty(M, N, device=s.device, dtype=dx_dtype or s.dtype)
     d32 = torch.empty(M, N, device=s.device, dtype=torch.float32) if dx32 else None
     dz = None if z is None else (torch.empty_like(z) if dz_out is None else dz_out)
-    bn = triton.next_power_of_2(N)
+    bn = next_power_of_2(N)
     bm = max(1, _NORM_BWD["ELEMS"] // bn)
     sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else 4
-    programs = max(1, min(triton.cdiv(M, bm), _NORM_BWD["PER_SM"] * sms))
+    programs = max(1, min(cdiv(M, bm), _NORM_BWD["PER_SM"] * sms))
     dw = torch.empty(programs, N, device=s.device, dtype=torch.float32)
     _rms_norm_bwd_kernel[(programs,)](
         dout, dout.stride(0), s, s.stride(0), s if z is None else z, 0 if z is None else z.stride(0), weight, rstd,
@@ -1245,7 +1246,7 @@ _GELU_DROPOUT = dict(BQ=256, num_warps=8)  # rows of eight elements per program,
 
 def _dropout_launch(numel, p):
     """Grid and the kernels' threshold and scale for dropout rate p (0 < p < 1)."""
-    return (triton.cdiv(numel, 8 * _GELU_DROPOUT["BQ"]),), round(p * 65536), 1.0 / (1.0 - p)
+    return (cdiv(numel, 8 * _GELU_DROPOUT["BQ"]),), round(p * 65536), 1.0 / (1.0 - p)
 
 
 def _gelu_dropout_fwd_impl(a: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -250,6 +250,19 @@ try:
 except ImportError:  # Triton before 3.4: the kernels read every tile through pointers
     TensorDescriptor = None
 
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for a grid or a block on the host. triton.cdiv (and triton.next_power_of_2) are
+    constexpr functions in Triton 3.6, about 3 µs per call from host code, which a training step
+    makes hundreds of times."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1), on the host; see cdiv."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 if triton is not None:
 
     # Indexing: each program computes its tensors' base pointers once, in int64 (b * L * H * P can pass
@@ -683,9 +696,9 @@ def _copy_rows(src, dst, rows):
     if dst_rows is not dst:
         raise ValueError(f"_copy_rows: dst {tuple(dst.shape)} with strides {dst.stride()} does not have dense rows")
     b, l_dst, n = dst.shape
-    bn = triton.next_power_of_2(n)
+    bn = next_power_of_2(n)
     bl = max(1, 4096 // bn)
-    _copy_rows_kernel[(triton.cdiv(l_dst, bl), b)](src, dst, src.shape[1], l_dst, rows, n, s_src, s_dst,
+    _copy_rows_kernel[(cdiv(l_dst, bl), b)](src, dst, src.shape[1], l_dst, rows, n, s_src, s_dst,
                                                   BL=bl, BN=bn, num_warps=4)
     return dst
 
@@ -709,7 +722,7 @@ def _launch(x, chunk_size):
     if Q < 16 or Q & (Q - 1):
         raise ValueError(f"ssd_grouped with use_triton: chunk_size {Q} is not a power of two >= 16")
     prec = "ieee" if x.dtype == torch.float32 else "tf32"   # fp32 tests exact; bf16/fp16 ignore it
-    return b, l, h, p, -(-l // Q), Q, min(64, Q), max(16, triton.next_power_of_2(p)), prec
+    return b, l, h, p, -(-l // Q), Q, min(64, Q), max(16, next_power_of_2(p)), prec
 
 
 def _states_launch(n, Q, backward, tma):
@@ -721,7 +734,7 @@ def _states_launch(n, Q, backward, tma):
         bn, bk, warps, stages = 128, 64, 4, 3
     else:
         bn, bk, warps, stages = (128, 64, 4, 3) if backward else (128, 128, 4, 1)
-    return dict(BN=min(bn, max(16, triton.next_power_of_2(n))), BK=min(bk, Q), TMA=tma, num_warps=warps,
+    return dict(BN=min(bn, max(16, next_power_of_2(n))), BK=min(bk, Q), TMA=tma, num_warps=warps,
                 num_stages=stages)
 
 
@@ -748,7 +761,7 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     init = None if initial_state is None else initial_state.float().contiguous()
     tma = _has_tma(dev) if tma is None else tma
     st = _states_launch(n, Q, backward=False, tma=tma)
-    _states_fwd_kernel[(triton.cdiv(n, st["BN"]), h, b)](_tiles(tma, xs, (1, st["BK"], 1, BP)), acum,
+    _states_fwd_kernel[(cdiv(n, st["BN"]), h, b)](_tiles(tma, xs, (1, st["BK"], 1, BP)), acum,
                                                          _tiles(tma, B, (1, st["BK"], st["BN"])),
                                                          final if init is None else init, S_prev, final, l, c, h, p,
                                                          n, sb, Q=Q, BP=BP, HAS_INIT=init is not None,
@@ -793,7 +806,7 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     # the scan between chunks backwards, with the state side of the state -> output product
     tma = _has_tma(dev) if tma is None else tma
     st = _states_launch(n, Q, backward=True, tma=tma)
-    nnt = triton.cdiv(n, st["BN"])
+    nnt = cdiv(n, st["BN"])
     dstates = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     d_init = torch.empty(b, hp, n, device=dev, dtype=f32)
     da_part = torch.empty(b, c, h, nnt, device=dev, dtype=f32)
@@ -829,13 +842,13 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     ddt_out = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dA_part = torch.empty(b * c, h, device=dev, dtype=f32)
     _dacum_kernel[(h, b * c)](dacum, t, dacum_m, da_part, ddt, A32, dt32, ddt_out, dA_part, l, c, h, nnt, Q=Q,
-                              NB=Q // BM, BNT=triton.next_power_of_2(nnt))
+                              NB=Q // BM, BNT=next_power_of_2(nnt))
     # dC += dG B and dB += dG^T C, each written unchunked and cast to where it goes by the same kernel
     dB_out = B.new_empty(b, l, n) if dB_out is None else dB_out
     dC_out = C.new_empty(b, l, n) if dC_out is None else dC_out
-    bn, bk = min(128, max(16, triton.next_power_of_2(n))), min(64, Q)
+    bn, bk = min(128, max(16, next_power_of_2(n))), min(64, Q)
     for out, M, sm, add, trans in ((dC_out, B, sb, dC, False), (dB_out, C, sc, dB, True)):
-        _dG_product_kernel[(triton.cdiv(n, bn), Q // BM, b * c)](dG, M, add, out, l, c, n, sm, out.stride(1),
+        _dG_product_kernel[(cdiv(n, bn), Q // BM, b * c)](dG, M, add, out, l, c, n, sm, out.stride(1),
                                                                  TRANS=trans, Q=Q, BM=BM, BN=bn, BK=bk, PREC=prec,
                                                                  num_warps=4, num_stages=3)
     dB, dC = dB_out, dC_out

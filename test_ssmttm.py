@@ -1150,6 +1150,19 @@ def test_ssd_grouped_training_op_equals_the_plain_mamba2_layer_with_gradients():
         assert rel_err(p.grad, p_ref.grad) < 1e-5, name
 
 
+def test_host_cdiv_and_next_power_of_2_are_the_exact_integers():
+    # the launch grids' and blocks' arithmetic on the host (ssd_grouped.cdiv, next_power_of_2, which
+    # replace Triton's slower host calls): exact for every size a launch takes
+    import ssd_grouped
+    for a in range(0, 3000):
+        for b in (1, 2, 3, 8, 64, 256, 2048):
+            assert ssd_grouped.cdiv(a, b) == (a + b - 1) // b
+    for n in range(1, 70000):
+        p = ssd_grouped.next_power_of_2(n)
+        assert p >= n and p & (p - 1) == 0 and (p == 1 or p // 2 < n)
+    assert ssd_grouped.next_power_of_2(0) == 1
+
+
 def _training_op_inputs(name, device):
     """Inputs of kernels' training op `name`, float tensors requiring grad, and the number of its outputs
     with a gradient."""
