@@ -1116,12 +1116,12 @@ class _EagerTrainingOp(torch.autograd.Function):
     def forward(ctx, op, *inputs):
         output = op.forward(*inputs)
         op.setup(ctx, inputs, output)
-        ctx.backward = op.backward
+        ctx.op_backward = op.backward
         return output
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None,) + tuple(ctx.backward(ctx, *grads))
+        return (None,) + tuple(ctx.op_backward(ctx, *grads))
 
 
 def run_training_op(op: TrainingOp, *inputs):
