@@ -699,7 +699,7 @@ def _copy_rows(src, dst, rows):
     bn = next_power_of_2(n)
     bl = max(1, 4096 // bn)
     _copy_rows_kernel[(cdiv(l_dst, bl), b)](src, dst, src.shape[1], l_dst, rows, n, s_src, s_dst,
-                                                  BL=bl, BN=bn, num_warps=4)
+                                            BL=bl, BN=bn, num_warps=4)
     return dst
 
 
@@ -762,10 +762,10 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     tma = _has_tma(dev) if tma is None else tma
     st = _states_launch(n, Q, backward=False, tma=tma)
     _states_fwd_kernel[(cdiv(n, st["BN"]), h, b)](_tiles(tma, xs, (1, st["BK"], 1, BP)), acum,
-                                                         _tiles(tma, B, (1, st["BK"], st["BN"])),
-                                                         final if init is None else init, S_prev, final, l, c, h, p,
-                                                         n, sb, Q=Q, BP=BP, HAS_INIT=init is not None,
-                                                         PREC=prec, **st)
+                                                  _tiles(tma, B, (1, st["BK"], st["BN"])),
+                                                  final if init is None else init, S_prev, final, l, c, h, p,
+                                                  n, sb, Q=Q, BP=BP, HAS_INIT=init is not None,
+                                                  PREC=prec, **st)
     del xs
     Bc, Cc = _chunked_rows(B, Q), _chunked_rows(C, Q)                  # (b, c, Q, n)
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
@@ -849,8 +849,8 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     bn, bk = min(128, max(16, next_power_of_2(n))), min(64, Q)
     for out, M, sm, add, trans in ((dC_out, B, sb, dC, False), (dB_out, C, sc, dB, True)):
         _dG_product_kernel[(cdiv(n, bn), Q // BM, b * c)](dG, M, add, out, l, c, n, sm, out.stride(1),
-                                                                 TRANS=trans, Q=Q, BM=BM, BN=bn, BK=bk, PREC=prec,
-                                                                 num_warps=4, num_stages=3)
+                                                          TRANS=trans, Q=Q, BM=BM, BN=bn, BK=bk, PREC=prec,
+                                                          num_warps=4, num_stages=3)
     dB, dC = dB_out, dC_out
     return (dx, ddt_out, dA_part.sum(0).to(A.dtype), dB, dC, None if D is None else dD_part.sum((0, 1, 2)).to(D.dtype),
             None if initial_state is None else d_init.view(b, h, p, n).to(initial_state.dtype))
