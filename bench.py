@@ -79,6 +79,14 @@ def gpu_busy_ms(fn):
                            if e.device_type == torch.autograd.DeviceType.CUDA]) / 1e3
 
 
+def host_loop_s():
+    """Seconds this host's Python takes for a fixed loop (the sum of i * i for i below 10**7). A step
+    that waits on the host scales with it, and the lent machines' CPUs differ by up to 3x."""
+    start = time.perf_counter()
+    sum(i * i for i in range(10 ** 7))
+    return time.perf_counter() - start
+
+
 def interval_union(spans):
     """The total length covered by (start, end) intervals, overlaps counted once."""
     total, end = 0.0, float("-inf")
@@ -158,8 +166,8 @@ def compiled(model, compile):
 
 
 def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=8, device="cuda"):
-    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, and the GPU's busy ms in one more
-    step (gpu_busy_ms); compile: a key of COMPILE_MODES."""
+    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, the GPU's busy ms in one more step
+    (gpu_busy_ms) and the host's speed just before (host_loop_s); compile: a key of COMPILE_MODES."""
     model = train_model(variant, n_layers, device, options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
     fwd = compiled(model, compile)
@@ -173,6 +181,7 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    host = host_loop_s()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         ms = cuda_time(step, steps, warmup=3)
@@ -186,7 +195,8 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
             "mamba2": options.train, "add+norm": int(options.fused_add_norm),
             "gelu+dropout": int(options.fused_gelu_dropout),
             "ms/step": ms, "audio tok/s": batch * n_frames / ms * 1e3, "TFLOP/s": flops / ms / 1e9,
-            "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak, "GPU busy ms": busy}
+            "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak, "GPU busy ms": busy,
+            "host loop s": host}
 
 
 def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25):
