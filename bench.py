@@ -79,6 +79,14 @@ def gpu_busy_ms(fn):
                            if e.device_type == torch.autograd.DeviceType.CUDA]) / 1e3
 
 
+def host_loop_s():
+    """Seconds this host's Python takes for a fixed loop (the sum of i * i for i below 10**7). A step
+    that waits on the host scales with it, and the lent machines' CPUs differ by up to 3x."""
+    start = time.perf_counter()
+    sum(i * i for i in range(10 ** 7))
+    return time.perf_counter() - start
+
+
 def interval_union(spans):
     """The total length covered by (start, end) intervals, overlaps counted once."""
     total, end = 0.0, float("-inf")
@@ -158,8 +166,8 @@ def compiled(model, compile):
 
 
 def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=8, device="cuda"):
-    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, and the GPU's busy ms in one more
-    step (gpu_busy_ms); compile: a key of COMPILE_MODES."""
+    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, the GPU's busy ms in one more step
+    (gpu_busy_ms) and the host's speed just before (host_loop_s); compile: a key of COMPILE_MODES."""
     model = train_model(variant, n_layers, device, options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
     fwd = compiled(model, compile)
@@ -173,6 +181,7 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    host = host_loop_s()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         ms = cuda_time(step, steps, warmup=3)
@@ -186,7 +195,8 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
             "mamba2": options.train, "add+norm": int(options.fused_add_norm),
             "gelu+dropout": int(options.fused_gelu_dropout),
             "ms/step": ms, "audio tok/s": batch * n_frames / ms * 1e3, "TFLOP/s": flops / ms / 1e9,
-            "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak, "GPU busy ms": busy}
+            "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak, "GPU busy ms": busy,
+            "host loop s": host}
 
 
 def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25):
@@ -676,9 +686,10 @@ def emit(row):
     """Print a finished row and rewrite the JSON file, so a run cut short still leaves its numbers."""
     ROWS.append(row)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    if JSON_PATH:
-        with open(JSON_PATH, "w") as f:
+    if JSON_PATH:  # a temporary file, then a rename: a kill mid-write leaves the last whole file
+        with open(JSON_PATH + ".tmp", "w") as f:
             json.dump({"header": HEADER, "rows": ROWS}, f, indent=1)
+        os.replace(JSON_PATH + ".tmp", JSON_PATH)
 
 
 def print_table(rows):
@@ -698,22 +709,30 @@ def print_table(rows):
             print("| " + " | ".join(cells) + " |")
 
 
+def train_runs(variants, batches, compiles, options, rounds):
+    """The train section's measurements in order, (round, variant, batch, compile, options): every
+    configuration once per round, so that the rounds interleave them and a slow spell of a shared host
+    falls on each in turn rather than on one."""
+    return [(rnd, *conf) for rnd in range(1, rounds + 1)
+            for conf in itertools.product(variants, batches, compiles, options)]
+
+
 def run_section(section, args, device, train_options):
     """One section of the benchmark, its rows emitted as they finish."""
     n_layers = 2 if args.quick else args.layers
     n_frames = 40 if args.quick else 2584
     if section == "train":
-        for variant, batch, comp, options in itertools.product(
-                args.variants, args.batches, args.compile,
-                train_options):
+        for rnd, variant, batch, comp, options in train_runs(args.variants, args.batches, args.compile,
+                                                             train_options, args.rounds):
             if args.quick and comp != "0":
                 continue
             try:
-                emit(bench_train(variant, 2 if args.quick else batch, n_frames, n_layers, options, comp,
-                                 device=device))
+                row = bench_train(variant, 2 if args.quick else batch, n_frames, n_layers, options, comp,
+                                  device=device)
             except Exception as e:  # report, keep going
-                emit({"section": "train", "variant": variant, "batch": batch, "compile": comp,
-                      "mamba2": options.train, "error": f"{type(e).__name__}: {e}"[:160]})
+                row = {"section": "train", "variant": variant, "batch": batch, "compile": comp,
+                       "mamba2": options.train, "error": f"{type(e).__name__}: {e}"[:160]}
+            emit(row if args.rounds == 1 else {**row, "round": rnd})
             if device == "cuda":
                 torch.cuda.empty_cache()
     elif section == "profile":
@@ -782,6 +801,8 @@ def main():
     ap.add_argument("--compile", type=comma_list(list(COMPILE_MODES)), default="0,1",
                     help="training: 0 eager, 1 torch.compile, graphs torch.compile with CUDA graphs "
                          "(reduce-overhead); comma-separated")
+    ap.add_argument("--rounds", type=datamod.positive_int, default=1,
+                    help="train: measure every configuration this many times, in turns (rows get a round key)")
     ap.add_argument("--chunk-sizes", type=comma_list(datamod.positive_int), default="256",
                     help="the SSD kernels' chunk lengths (FastOptions.chunk_size)")
     ap.add_argument("--layers", type=datamod.positive_int, default=24)

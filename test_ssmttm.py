@@ -2701,6 +2701,27 @@ def test_bench_counts_overlapping_kernels_once_in_the_busy_time():
     assert bench.interval_union([]) == 0
 
 
+def test_bench_rounds_take_every_configuration_in_turn(tmp_path, monkeypatch, capsys):
+    # --rounds 2: A B A B, not A A B B, each row with its round; --json keeps every row written so far
+    import bench
+    assert bench.train_runs(["a", "b"], [4], ["0"], ["o"], 2) == [
+        (1, "a", 4, "0", "o"), (1, "b", 4, "0", "o"), (2, "a", 4, "0", "o"), (2, "b", 4, "0", "o")]
+    calls = []
+    monkeypatch.setattr(bench, "bench_train", lambda variant, *a, **k: calls.append(variant) or {
+        "section": "train", "variant": variant, "ms/step": float(len(calls))})
+    monkeypatch.setattr(bench, "ROWS", [])
+    monkeypatch.setattr(bench, "JSON_PATH", str(tmp_path / "rows.json"))
+    args = argparse.Namespace(quick=True, layers=2, variants=["prefix_simba", "cross_transformer"], batches=[4],
+                              compile=["0"], rounds=2)
+    bench.run_section("train", args, "cpu", [FastOptions()])
+    assert calls == ["prefix_simba", "cross_transformer"] * 2
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [(r["variant"], r["round"], r["ms/step"]) for r in rows] == [
+        ("prefix_simba", 1, 1.0), ("cross_transformer", 1, 2.0), ("prefix_simba", 2, 3.0),
+        ("cross_transformer", 2, 4.0)]
+    assert not (tmp_path / "rows.json.tmp").exists()
+
+
 def test_bench_compiles_each_measured_model_afresh(monkeypatch):
     # bench.py measures many models in one process: each gets train.compile_model's static graph, even
     # past Dynamo's recompile limit (here lowered to 2), where a shared cache would run the third eagerly
