@@ -686,10 +686,8 @@ def emit(row):
     """Print a finished row and rewrite the JSON file, so a run cut short still leaves its numbers."""
     ROWS.append(row)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    if JSON_PATH:  # a temporary file, then a rename: a kill mid-write leaves the last whole file
-        with open(JSON_PATH + ".tmp", "w") as f:
-            json.dump({"header": HEADER, "rows": ROWS}, f, indent=1)
-        os.replace(JSON_PATH + ".tmp", JSON_PATH)
+    if JSON_PATH:  # a kill mid-write leaves the last whole file
+        datamod.atomic_write_text(JSON_PATH, json.dumps({"header": HEADER, "rows": ROWS}, indent=1))
 
 
 def print_table(rows):

@@ -2570,6 +2570,22 @@ def test_ctrl_c_during_the_update_is_held_until_the_step_is_whole(tmp_path, monk
     assert_same_run(tmp_path / "cut", tmp_path / "whole")
 
 
+def test_a_crash_while_resume_rewrites_the_metrics_keeps_them(tmp_path, monkeypatch):
+    # resume cuts metrics.csv back to the checkpoint's step by rewriting it: a crash in the middle of
+    # that must leave the old rows, not a file cut short
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "2"))
+    rows = open(out / "metrics.csv").read()
+    assert rows.count("\n") == 3  # the header and steps 1, 2
+
+    def crash(self, *a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(csv.DictWriter, "writerows", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainmod.main(tiny_train_args(out, "--steps", "3", "--resume"))
+    assert open(out / "metrics.csv").read() == rows
+
+
 def test_resume_of_a_finished_run_and_stop_after_zero(tmp_path, capsys):
     out = tmp_path / "r"
     trainmod.main(tiny_train_args(out, "--steps", "2"))

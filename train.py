@@ -24,6 +24,7 @@ step, loss, lr, grad norm, audio tokens/s and, on the synthetic set, the caption
 import argparse
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -353,10 +354,11 @@ def prepare_run_folder(args, model_config, step, resumed):
                               json.dumps({"args": vars(args), "model": model_config}, indent=1))
     path = os.path.join(args.out, "metrics.csv")
     old = list(csv.DictReader(open(path))) if (resumed and os.path.exists(path)) else []
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, METRICS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(r for r in old if int(r["step"]) <= step)
+    kept = io.StringIO()  # the whole file first, then one atomic write: a crash keeps the old lines
+    w = csv.DictWriter(kept, METRICS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(r for r in old if int(r["step"]) <= step)
+    datamod.atomic_write_text(path, kept.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------
