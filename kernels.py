@@ -1,9 +1,8 @@
 """GPU kernels (CUDA only): Triton kernels for one-token decoding, the mamba-ssm and causal-conv1d
 calls, the training pass's conv + SiLU (causal_conv_silu), RMSNorms (rms_norm_fwd / rms_norm_bwd,
 the residual add or the gate fused in), feed-forward GELU + dropout (gelu_dropout) and Mamba-2's step
-sizes softplus(dt + dt_bias) (dt_softplus) in Triton, and
-at the end, mamba2_train, the Mamba-2 layer's training pass from mamba-ssm's kernels (or ssd_grouped's
-SSD with that conv and gated norm).
+sizes softplus(dt + dt_bias) (dt_softplus) in Triton, and at the end, mamba2_train, the Mamba-2 layer's
+training pass from mamba-ssm's kernels (or ssd_grouped's SSD with that conv, gated norm and step sizes).
 
 Functions of tensors only: this file knows nothing of ssmttm's classes. fast.py attaches these
 kernels to the model; ssmttm.py is the plain reference that each of them is tested against.
