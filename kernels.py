@@ -1,8 +1,8 @@
 """GPU kernels (CUDA only): Triton kernels for one-token decoding, the mamba-ssm and causal-conv1d
 calls, the training pass's conv + SiLU (causal_conv_silu), RMSNorms (rms_norm_fwd / rms_norm_bwd,
-the residual add or the gate fused in) and feed-forward GELU + dropout (gelu_dropout) in Triton, and
-at the end, mamba2_train, the Mamba-2 layer's training pass from mamba-ssm's kernels (or ssd_grouped's
-SSD with that conv and gated norm).
+the residual add or the gate fused in), feed-forward GELU + dropout (gelu_dropout) and Mamba-2's step
+sizes softplus(dt + dt_bias) (dt_softplus) in Triton, and at the end, mamba2_train, the Mamba-2 layer's
+training pass from mamba-ssm's kernels (or ssd_grouped's SSD with that conv, gated norm and step sizes).
 
 Functions of tensors only: this file knows nothing of ssmttm's classes. fast.py attaches these
 kernels to the model; ssmttm.py is the plain reference that each of them is tested against.
@@ -320,6 +320,14 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _softplus(x):
+        # F.softplus of fp32 x: log1p(exp(x)), accurate where exp(x) is small (Goldberg's trick), x itself
+        # past F.softplus's threshold 20
+        e = tl.exp(tl.minimum(x, 20.0))
+        u = 1.0 + e
+        return tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
+
+    @triton.jit
     def _ssm_step_kernel(state_ptr, xbc_ptr, stride_row, x_start, B_start, C_start, dt_start,
                          z_start, dt_bias_ptr, A_ptr, D_ptr, y_ptr, nheads, heads_per_group,
                          HEADDIM: tl.constexpr, DSTATE: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -349,11 +357,7 @@ if triton is not None:
         x = tl.load(inputs + x_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
         B = tl.load(inputs + B_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
         C = tl.load(inputs + C_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
-        dt = tl.load(inputs + dt_start + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32)
-        e = tl.exp(tl.minimum(dt, 20.0))
-        u = 1.0 + e  # softplus = log1p(exp(dt)), accurate for small exp(dt) (Goldberg's trick)
-        softplus = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
-        dt = tl.where(dt > 20.0, dt, softplus)  # F.softplus's threshold
+        dt = _softplus(tl.load(inputs + dt_start + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32))
         decay = tl.exp(dt * tl.load(A_ptr + head).to(tl.float32))
         s = decay * s + (dt * x)[:, None] * B[None, :]                                   # h_t
         y = tl.sum(s * C[None, :], axis=1) + tl.load(D_ptr + head).to(tl.float32) * x    # h_t C_t + D x_t
@@ -1040,6 +1044,12 @@ def _rows_2d(name, t, M, N):
     return t
 
 
+@functools.cache
+def _sm_count(device_index):
+    """The number of SMs of a CUDA device (cached: the properties' query costs host time at every call)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def rms_norm_fwd(x, weight, eps, residual=None, z=None):
     """RMSNorm in Triton (CUDA, or TRITON_INTERPRET=1), with the residual add before it or Mamba-2's gate
     (ssmttm.GatedRMSNorm: the norm of x * silu(z)) inside it: x (M, N) with dense rows, any row stride;
@@ -1084,7 +1094,7 @@ def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=F
     dz = None if z is None else (torch.empty_like(z) if dz_out is None else dz_out)
     bn = next_power_of_2(N)
     bm = max(1, _NORM_BWD["ELEMS"] // bn)
-    sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.is_cuda else 4
+    sms = _sm_count(s.device.index) if s.is_cuda else 4
     programs = max(1, min(cdiv(M, bm), _NORM_BWD["PER_SM"] * sms))
     dw = torch.empty(programs, N, device=s.device, dtype=torch.float32)
     _rms_norm_bwd_kernel[(programs,)](
@@ -1317,6 +1327,97 @@ def gelu_dropout(a, p, training):
     return F.dropout(F.gelu(a), p, training)
 
 
+# ------------------------------------------------------------------------------------------------
+# Mamba-2's step sizes for the training pass: dt = softplus(dt_in + dt_bias), 0 at left padding
+
+if triton is not None:
+
+    @triton.jit
+    def _dt_softplus_fwd_kernel(dt_ptr, stride_dt, bias_ptr, seq_ptr, out_ptr, M, H, HAS_SEQ: tl.constexpr,
+                                BM: tl.constexpr, BH: tl.constexpr):
+        """out = softplus(dt + bias) (M, H) fp32, 0 in rows whose seq is 0; dt rows stride_dt apart.
+        Grid (cdiv(M, BM),)."""
+        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BH)
+        col_ok = cols < H
+        ok = (rows < M)[:, None] & col_ok[None, :]
+        v = tl.load(dt_ptr + rows[:, None] * stride_dt + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        v = _softplus(v + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :])
+        if HAS_SEQ:
+            v = tl.where((tl.load(seq_ptr + rows, mask=rows < M, other=0) != 0)[:, None], v, 0.0)
+        tl.store(out_ptr + rows[:, None] * H + cols[None, :], v, mask=ok)
+
+    @triton.jit
+    def _dt_softplus_bwd_kernel(ddt_ptr, dt_ptr, stride_dt, bias_ptr, seq_ptr, out_ptr, stride_out, dbias_ptr, M,
+                                H, HAS_SEQ: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+        """out = ddt sigmoid(dt + bias) (softplus' = sigmoid), 0 in rows whose seq is 0, in out's dtype (rows
+        stride_out apart); this program's column sums of it to dbias (programs, H) fp32. ddt (M, H) fp32."""
+        pid = tl.program_id(0)
+        rows = pid.to(tl.int64) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BH)
+        col_ok = cols < H
+        ok = (rows < M)[:, None] & col_ok[None, :]
+        v = tl.load(dt_ptr + rows[:, None] * stride_dt + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        v = v + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        g = tl.load(ddt_ptr + rows[:, None] * H + cols[None, :], mask=ok, other=0.0) * tl.sigmoid(v)
+        if HAS_SEQ:
+            g = tl.where((tl.load(seq_ptr + rows, mask=rows < M, other=0) != 0)[:, None], g, 0.0)
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], g.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(dbias_ptr + pid * H + cols, tl.sum(g, axis=0), mask=col_ok)
+
+
+_DT_ELEMS = 4096  # elements per program of the dt kernels
+
+
+def _dt_args(name, t, dt_bias, seq_idx):
+    """t (b, l, h) as (b l, h) rows with dense heads (a view where t's rows are evenly apart, as in_proj's
+    output's dt columns), after checking dt_bias (h,) and seq_idx (b, l) int32 or None; and the launch."""
+    b, l, h = t.shape
+    if t.stride(2) != 1 or dt_bias.shape != (h,):
+        raise ValueError(f"{name}: dt {tuple(t.shape)} with strides {t.stride()} (heads must be dense) and dt_bias "
+                         f"{tuple(dt_bias.shape)} do not match")
+    if seq_idx is not None and (seq_idx.shape != (b, l) or seq_idx.dtype != torch.int32):
+        raise ValueError(f"{name}: seq_idx {tuple(seq_idx.shape)} {seq_idx.dtype} is not ({b}, {l}) int32")
+    bh = next_power_of_2(h)
+    bm = max(1, _DT_ELEMS // bh)
+    return t.reshape(b * l, h), bh, bm, cdiv(b * l, bm)
+
+
+def dt_softplus(dt, dt_bias, seq_idx=None):
+    """Mamba-2's step sizes for the SSD: softplus(dt + dt_bias) in fp32, 0 where seq_idx is 0 (left
+    padding: with the conv's reset at the sequence's start, the state then passes the padding unchanged,
+    as ssmttm's mask_padding has it), in one Triton pass (CUDA, or TRITON_INTERPRET=1). dt (b, l, h) in
+    any float dtype with dense heads, its rows evenly apart (the dt columns of in_proj's output); dt_bias
+    (h,); seq_idx (b, l) int32 or None. Returns (b, l, h) fp32, contiguous."""
+    rows, bh, bm, programs = _dt_args("dt_softplus", dt, dt_bias, seq_idx)
+    out = torch.empty(dt.shape, device=dt.device, dtype=torch.float32)
+    _dt_softplus_fwd_kernel[(programs,)](rows, rows.stride(0), dt_bias, rows if seq_idx is None else seq_idx, out,
+                                         rows.shape[0], rows.shape[1], HAS_SEQ=seq_idx is not None, BM=bm, BH=bh)
+    return out
+
+
+def dt_softplus_backward(ddt, dt, dt_bias, seq_idx=None, out=None):
+    """dt_softplus's backward: ddt (b, l, h) fp32 contiguous, the gradient of its output; dt, dt_bias and
+    seq_idx as given to it. Returns the gradient for dt, written into out if given ((b, l, h) with dense
+    heads and rows evenly apart, any float dtype: the dt columns of in_proj's output gradient), else new in
+    dt's dtype; and dt_bias's gradient (h,) fp32, summed in a fixed order (deterministic)."""
+    rows, bh, bm, programs = _dt_args("dt_softplus_backward", dt, dt_bias, seq_idx)
+    if ddt.shape != dt.shape or ddt.dtype != torch.float32 or not ddt.is_contiguous():
+        raise ValueError(f"dt_softplus_backward: ddt {tuple(ddt.shape)} {ddt.dtype} is not {tuple(dt.shape)} fp32 "
+                         "contiguous")
+    if out is None:
+        out = torch.empty_like(dt)
+    elif out.shape != dt.shape or out.stride(2) != 1 or out.stride(0) != out.shape[1] * out.stride(1):
+        raise ValueError(f"dt_softplus_backward: out {tuple(out.shape)} with strides {out.stride()} is not "
+                         f"{tuple(dt.shape)} with dense heads and rows evenly apart")
+    out_rows = out.view(rows.shape)
+    dbias = torch.empty(programs, dt.shape[2], device=dt.device, dtype=torch.float32)
+    _dt_softplus_bwd_kernel[(programs,)](ddt, rows, rows.stride(0), dt_bias, rows if seq_idx is None else seq_idx,
+                                         out_rows, out_rows.stride(0), dbias, rows.shape[0], rows.shape[1],
+                                         HAS_SEQ=seq_idx is not None, BM=bm, BH=bh)
+    return out, dbias.sum(0)
+
+
 def _causal_conv(xBC, weight, bias, seq_idx):
     """Causal depthwise conv + SiLU, (b, l, channels) -> (b, l, channels), channels-last."""
     return causal_conv1d_fwd_function(ensure_stride(xBC).transpose(1, 2), weight, bias, seq_idx, None, None,
@@ -1387,7 +1488,7 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
         x, B, C = _split_xBC(xBC, A.shape[0], headdim, ngroups)
         d_inner, n = z.shape[-1], B.shape[-1]
         if grouped:
-            dt = _grouped_dt(dt, dt_bias, seq_idx)
+            dt = dt_softplus(dt, dt_bias, seq_idx)
             y, _, acum, S_prev, G, y_off = ssd_grouped.forward_triton(x, dt, A, B[:, :, 0], C[:, :, 0], chunk, D)
             saved = S_prev, G, acum, dt, y_off
         else:
@@ -1408,12 +1509,6 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
 
 
 _mamba2_train_fwd = torch.library.custom_op("ssmttm::mamba2_train_fwd", _mamba2_train_fwd_impl, mutates_args=())
-
-
-def _grouped_dt(dt, dt_bias, seq_idx):
-    """softplus(dt + dt_bias) in fp32, 0 where seq_idx is 0 (padding): (b, l, h)."""
-    dt = F.softplus(dt.float() + dt_bias.float())
-    return dt if seq_idx is None else dt * (seq_idx != 0)[..., None]
 
 
 @_mamba2_train_fwd.register_fake
@@ -1498,11 +1593,7 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
             _, ddt, dA, _, _, dD, _ = ssd_grouped.backward_triton(  # dx, dB, dC straight into the conv's gradient
                 dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, y_off, chunk, dx_out=dx,
                 dB_out=dB[:, :, 0], dC_out=dC[:, :, 0])
-            ddt = ddt * torch.sigmoid(dt_in.float() + dt_bias.float())   # through the softplus
-            if seq_idx is not None:
-                ddt = ddt * (seq_idx != 0)[..., None]
-            ddt_in.copy_(ddt)
-            ddt_bias = ddt.sum((0, 1))
+            _, ddt_bias = dt_softplus_backward(ddt, dt_in, dt_bias, seq_idx, out=ddt_in)
         else:
             dA, ddt_bias, dD = _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, ddt_in,
                                                    A, D, dt_bias, seq_idx, chunk, headdim, g, n)

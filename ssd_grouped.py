@@ -51,10 +51,11 @@ def _matmul_f32(a, b, add=None):
     if not a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         out = torch.matmul(a.float(), b.float())   # the same products, accumulated in fp32
     elif a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _BMM_OUT_DTYPE:
-        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        a2 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-        b2 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-        shape = (*batch, a.shape[-2], b.shape[-1])
+        if a.shape[:-2] != b.shape[:-2]:  # (broadcast_shapes costs host time the SSD's calls do not need)
+            batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+            a, b = a.expand(*batch, *a.shape[-2:]), b.expand(*batch, *b.shape[-2:])
+        a2, b2 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+        shape = (*a.shape[:-1], b.shape[-1])
         if add is not None:
             acc = add.view(-1, *shape[-2:])
             return torch.baddbmm(acc, a2, b2, out_dtype=torch.float32, out=acc).view(shape)

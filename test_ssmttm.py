@@ -1122,6 +1122,44 @@ def test_rms_norm_kernels_and_their_backward_equal_autograd_of_the_definition(el
 
 
 @triton_here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dt_softplus_and_its_backward_equal_autograd_of_the_definition(dtype, monkeypatch):
+    # kernels.dt_softplus / dt_softplus_backward (Mamba-2's step sizes in the training op) against float64
+    # autograd of softplus(dt + dt_bias) masked by seq_idx != 0: dt the last columns of a wider tensor (in
+    # zxbcdt), 2 x 301 rows of 12 heads (a block of rows past the end, heads padded to 16), values from
+    # -40 (exp(x) far below 1) to past softplus's threshold 20; the gradient into a wider buffer's columns
+    monkeypatch.setattr(kernels, "_DT_ELEMS", 1024)
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(0)
+    b, l, h = 2, 301, 12
+    wide = (torch.rand(b, l, h + 5, generator=gen) * 64 - 40).to(dtype).to(device)
+    dt = wide[:, :, 5:]
+    dt_bias = torch.randn(h, generator=gen).to(device)
+    ddt = torch.randn(b, l, h, generator=gen).to(device)
+    pad = (torch.arange(l, device=device)[None] >= torch.tensor([[0], [37]], device=device)).to(torch.int32)
+    bound = 1e-6 if dtype == torch.float32 else 2 ** -8                # the gradient rounded once to dtype
+    for seq_idx in (None, pad):
+        dtd, biasd = dt.detach().double().requires_grad_(), dt_bias.double().requires_grad_()
+        want = F.softplus(dtd + biasd)
+        want = want if seq_idx is None else want * (seq_idx != 0)[..., None]
+        want.backward(ddt.double())
+        got = kernels.dt_softplus(dt, dt_bias, seq_idx)
+        assert got.dtype == torch.float32 and got.is_contiguous() and rel_err(got, want) < 1e-6
+        assert seq_idx is None or not got[1, :37].any()
+        buffer = torch.full((b, l, h + 5), 7.0, dtype=dtype, device=device)
+        d_dt, d_bias = kernels.dt_softplus_backward(ddt, dt, dt_bias, seq_idx, out=buffer[:, :, 5:])
+        assert d_dt.data_ptr() == buffer.data_ptr() + 5 * buffer.element_size() and (buffer[:, :, :5] == 7).all()
+        assert rel_err(d_dt, dtd.grad) < bound and rel_err(d_bias, biasd.grad) < 1e-6
+        assert seq_idx is None or not d_dt[1, :37].any()
+    with pytest.raises(ValueError, match=r"dt_softplus: dt \(2, 12, 301\) with strides .* \(heads must be dense\)"):
+        kernels.dt_softplus(dt.transpose(1, 2), dt_bias)
+    with pytest.raises(ValueError, match=r"seq_idx \(2, 301\) torch.int64 is not \(2, 301\) int32"):
+        kernels.dt_softplus(dt, dt_bias, pad.long())
+    with pytest.raises(ValueError, match=r"dt_softplus_backward: out \(2, 301, 12\) with strides"):
+        kernels.dt_softplus_backward(ddt, dt, dt_bias, out=torch.empty(b, h, l, device=device).transpose(1, 2))
+
+
+@triton_here
 def test_ssd_grouped_training_op_equals_the_plain_mamba2_layer_with_gradients():
     # kernels.mamba2_train(grouped=True), FastMamba2's training pass as one op (in_proj, the Triton conv,
     # ssd_grouped's SSD, the Triton gated norm, out_proj; the backward by hand), against the plain layer
