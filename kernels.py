@@ -43,13 +43,14 @@ kept as a programmatic edge. embed_rows and sample_top_k are plain launches: the
 everything before them, which is what lets the states be read early.
 """
 import functools
+import inspect
 from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 import ssd_grouped
-from ssd_grouped import cdiv, next_power_of_2
+from ssd_grouped import as_is, cdiv, next_power_of_2
 
 try:
     import triton
@@ -882,7 +883,7 @@ def _conv_args(x, weight, seq_idx, name):
     return b, l, ch, weight.contiguous(), x if seq_idx is None else seq_idx.contiguous()
 
 
-def causal_conv_silu(x, weight, bias, seq_idx=None):
+def causal_conv_silu(x, weight, bias, seq_idx=None, launch=as_is):
     """Mamba-2's causal depthwise conv over time, then SiLU, channels last, in Triton (CUDA, or
     TRITON_INTERPRET=1): out[b, t, c] = silu(bias[c] + sum_k weight[c, k] x[b, t - 3 + k, c]), a tap before
     the row's start or in another sequence than t's reading 0 (seq_idx as causal-conv1d's: (b, l) int32,
@@ -893,12 +894,12 @@ def causal_conv_silu(x, weight, bias, seq_idx=None):
     b, l, ch, weight, seq = _conv_args(x, weight, seq_idx, "causal_conv_silu")
     out = x.new_empty(b, l, ch)
     grid = (cdiv(ch, _CONV_FWD["BC"]), cdiv(l, _CONV_FWD["SEG"]), b)
-    _conv_fwd_kernel[grid](x, x.stride(0), x.stride(1), weight, bias, seq, out, out.stride(0), out.stride(1), l, ch,
-                           HAS_SEQ=seq_idx is not None, **_CONV_FWD)
+    launch(_conv_fwd_kernel)[grid](x, x.stride(0), x.stride(1), weight, bias, seq, out, out.stride(0), out.stride(1),
+                                   l, ch, HAS_SEQ=seq_idx is not None, **_CONV_FWD)
     return out
 
 
-def causal_conv_silu_backward(dout, x, weight, bias, seq_idx=None, dx_out=None):
+def causal_conv_silu_backward(dout, x, weight, bias, seq_idx=None, dx_out=None, launch=as_is):
     """causal_conv_silu's backward from dout (b, l, channels), the gradient of its output, channels dense;
     the pre-activation is made again from x. Returns dx (into dx_out if given: (b, l, channels) with
     channels dense, any row stride; else new, in x's dtype), and dweight (channels, 4) and dbias
@@ -911,7 +912,7 @@ def causal_conv_silu_backward(dout, x, weight, bias, seq_idx=None, dx_out=None):
     dx = torch.empty_like(x) if dx_out is None else dx_out
     segments = cdiv(l, _CONV_BWD["SEG"])
     parts = torch.empty(b, segments, 5, ch, device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[(cdiv(ch, _CONV_BWD["BC"]), segments, b)](
+    launch(_conv_bwd_kernel)[(cdiv(ch, _CONV_BWD["BC"]), segments, b)](
         x, x.stride(0), x.stride(1), weight, bias, seq, dout, dout.stride(0), dout.stride(1), dx, dx.stride(0),
         dx.stride(1), parts, l, ch, HAS_SEQ=seq_idx is not None, **_CONV_BWD)
     parts = parts.sum((0, 1))
@@ -1050,7 +1051,7 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def rms_norm_fwd(x, weight, eps, residual=None, z=None):
+def rms_norm_fwd(x, weight, eps, residual=None, z=None, launch=as_is):
     """RMSNorm in Triton (CUDA, or TRITON_INTERPRET=1), with the residual add before it or Mamba-2's gate
     (ssmttm.GatedRMSNorm: the norm of x * silu(z)) inside it: x (M, N) with dense rows, any row stride;
     residual, z (M, N) likewise or None; weight (N,). Returns out = rms_norm(x (+ residual) (* silu(z))) *
@@ -1066,7 +1067,7 @@ def rms_norm_fwd(x, weight, eps, residual=None, z=None):
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     bn = next_power_of_2(N)
     bm = max(1, _NORM_FWD["ELEMS"] // bn)
-    _rms_norm_fwd_kernel[(cdiv(M, bm),)](
+    launch(_rms_norm_fwd_kernel)[(cdiv(M, bm),)](
         x, x.stride(0), x if residual is None else residual, 0 if residual is None else residual.stride(0),
         x if z is None else z, 0 if z is None else z.stride(0), weight, out, out if summed is None else summed, rstd,
         M, N, eps, HAS_RES=residual is not None, HAS_Z=z is not None, BM=bm, BN=bn,
@@ -1074,7 +1075,8 @@ def rms_norm_fwd(x, weight, eps, residual=None, z=None):
     return out, summed, rstd
 
 
-def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=False, dz_out=None, out=None):
+def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=False, dz_out=None, out=None,
+                 launch=as_is):
     """rms_norm_fwd's backward: dout (M, N), the gradient of its output; s (M, N), the norm's input before
     the gate (x, or the fp32 sum x + residual); weight; rstd (M,) from the forward; z (M, N) or None;
     dsum (M, N) or None, a gradient that reached s itself (the residual stream's), added to dx. dout, s
@@ -1097,7 +1099,7 @@ def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=F
     sms = _sm_count(s.device.index) if s.is_cuda else 4
     programs = max(1, min(cdiv(M, bm), _NORM_BWD["PER_SM"] * sms))
     dw = torch.empty(programs, N, device=s.device, dtype=torch.float32)
-    _rms_norm_bwd_kernel[(programs,)](
+    launch(_rms_norm_bwd_kernel)[(programs,)](
         dout, dout.stride(0), s, s.stride(0), s if z is None else z, 0 if z is None else z.stride(0), weight, rstd,
         dx if dsum is None else dsum, dx, dx if d32 is None else d32, dx if dz is None else dz,
         0 if dz is None else dz.stride(0), dx if out is None else out, dw, M, N, HAS_Z=z is not None,
@@ -1383,7 +1385,7 @@ def _dt_args(name, t, dt_bias, seq_idx):
     return t.reshape(b * l, h), bh, bm, cdiv(b * l, bm)
 
 
-def dt_softplus(dt, dt_bias, seq_idx=None):
+def dt_softplus(dt, dt_bias, seq_idx=None, launch=as_is):
     """Mamba-2's step sizes for the SSD: softplus(dt + dt_bias) in fp32, 0 where seq_idx is 0 (left
     padding: with the conv's reset at the sequence's start, the state then passes the padding unchanged,
     as ssmttm's mask_padding has it), in one Triton pass (CUDA, or TRITON_INTERPRET=1). dt (b, l, h) in
@@ -1391,12 +1393,13 @@ def dt_softplus(dt, dt_bias, seq_idx=None):
     (h,); seq_idx (b, l) int32 or None. Returns (b, l, h) fp32, contiguous."""
     rows, bh, bm, programs = _dt_args("dt_softplus", dt, dt_bias, seq_idx)
     out = torch.empty(dt.shape, device=dt.device, dtype=torch.float32)
-    _dt_softplus_fwd_kernel[(programs,)](rows, rows.stride(0), dt_bias, rows if seq_idx is None else seq_idx, out,
-                                         rows.shape[0], rows.shape[1], HAS_SEQ=seq_idx is not None, BM=bm, BH=bh)
+    launch(_dt_softplus_fwd_kernel)[(programs,)](rows, rows.stride(0), dt_bias, rows if seq_idx is None else seq_idx,
+                                                 out, rows.shape[0], rows.shape[1], HAS_SEQ=seq_idx is not None, BM=bm,
+                                                 BH=bh)
     return out
 
 
-def dt_softplus_backward(ddt, dt, dt_bias, seq_idx=None, out=None):
+def dt_softplus_backward(ddt, dt, dt_bias, seq_idx=None, out=None, launch=as_is):
     """dt_softplus's backward: ddt (b, l, h) fp32 contiguous, the gradient of its output; dt, dt_bias and
     seq_idx as given to it. Returns the gradient for dt, written into out if given ((b, l, h) with dense
     heads and rows evenly apart, any float dtype: the dt columns of in_proj's output gradient), else new in
@@ -1412,9 +1415,9 @@ def dt_softplus_backward(ddt, dt, dt_bias, seq_idx=None, out=None):
                          f"{tuple(dt.shape)} with dense heads and rows evenly apart")
     out_rows = out.view(rows.shape)
     dbias = torch.empty(programs, dt.shape[2], device=dt.device, dtype=torch.float32)
-    _dt_softplus_bwd_kernel[(programs,)](ddt, rows, rows.stride(0), dt_bias, rows if seq_idx is None else seq_idx,
-                                         out_rows, out_rows.stride(0), dbias, rows.shape[0], rows.shape[1],
-                                         HAS_SEQ=seq_idx is not None, BM=bm, BH=bh)
+    launch(_dt_softplus_bwd_kernel)[(programs,)](
+        ddt, rows, rows.stride(0), dt_bias, rows if seq_idx is None else seq_idx, out_rows, out_rows.stride(0), dbias,
+        rows.shape[0], rows.shape[1], HAS_SEQ=seq_idx is not None, BM=bm, BH=bh)
     return out, dbias.sum(0)
 
 
@@ -1442,19 +1445,21 @@ def _causal_conv_backward(dout, xBC, weight, bias, seq_idx, dx_out):
     return dweight, dbias
 
 
-def _conv_silu(grouped, conv_w):
-    """The training pass's conv + SiLU: with the grouped SSD, this module's Triton conv (width 4 only),
-    else causal-conv1d's, as mamba-ssm's own path has it (and the one to compare against)."""
-    return causal_conv_silu if grouped and conv_w.shape[1] == 4 else _causal_conv
+def _triton_conv(grouped, conv_w):
+    """Whether the training pass's conv + SiLU is this module's Triton conv (with the grouped SSD, width 4
+    only), else causal-conv1d's, as mamba-ssm's own path has it (and the one to compare against)."""
+    return grouped and conv_w.shape[1] == 4
 
 
-# The training pass is two custom ops (forward, backward) joined by register_autograd. torch.compile
-# then sees one opaque op per layer instead of a graph break, and a graph break inside the loop over
-# blocks would make it give up on the whole model (it skips any frame with a break in a loop).
+# The training pass is two ops (forward, backward) joined by register_autograd: custom ops with
+# mamba-ssm's kernels, which torch.compile sees as one opaque op per layer instead of a graph break (a
+# graph break inside the loop over blocks would make it give up on the whole model: it skips any frame
+# with a break in a loop); with the grouped SSD's Triton kernels, triton ops, whose kernels Inductor
+# launches from its generated code (less host time per launch) and whose small ops it fuses.
 def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
                            dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor,
                            out_w: torch.Tensor, seq_idx: Optional[torch.Tensor], chunk: int, headdim: int,
-                           ngroups: int, eps: float, grouped: bool
+                           ngroups: int, eps: float, grouped: bool, launch=as_is
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """in_proj -> conv -> SSD -> gated RMSNorm -> out_proj of ssmttm.Mamba2.forward, in mamba-ssm's kernels.
@@ -1479,17 +1484,23 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
     tensors are its own: S_prev (b, l/Q, h p, n) in x's dtype, G (b, l/Q, Q, Q), acum (b, l/Q, Q, h)
     and dt (b, l, h) fp32 after the softplus, 0 at padding (seq_idx 0): with the conv's reset at
     the sequence's start, the state passes the padding unchanged, as in mask_padding; and y_off
-    (b, l/Q, Q, h p) fp32, C S_prev^T (y's state -> output part before its decay)."""
+    (b, l/Q, Q, h p) fp32, C S_prev^T (y's state -> output part before its decay). launch: how the
+    grouped path's Triton kernels are launched (ssd_grouped.as_is; torch.library.wrap_triton in the triton
+    op)."""
     b, l, _ = u.shape
     with torch.autocast("cuda", enabled=False):
         zxbcdt = F.linear(u, in_w)
         z, xBC, dt = zxbcdt.split([A.shape[0] * headdim, conv_w.shape[0], A.shape[0]], dim=-1)
-        xBC = _conv_silu(grouped, conv_w)(xBC, conv_w, conv_b, seq_idx)
+        if _triton_conv(grouped, conv_w):
+            xBC = causal_conv_silu(xBC, conv_w, conv_b, seq_idx, launch=launch)
+        else:
+            xBC = _causal_conv(xBC, conv_w, conv_b, seq_idx)
         x, B, C = _split_xBC(xBC, A.shape[0], headdim, ngroups)
         d_inner, n = z.shape[-1], B.shape[-1]
         if grouped:
-            dt = dt_softplus(dt, dt_bias, seq_idx)
-            y, _, acum, S_prev, G, y_off = ssd_grouped.forward_triton(x, dt, A, B[:, :, 0], C[:, :, 0], chunk, D)
+            dt = dt_softplus(dt, dt_bias, seq_idx, launch=launch)
+            y, _, acum, S_prev, G, y_off = ssd_grouped.forward_triton(x, dt, A, B[:, :, 0], C[:, :, 0], chunk, D,
+                                                                      launch=launch)
             saved = S_prev, G, acum, dt, y_off
         else:
             dA_cs, dt = _chunk_cumsum_fwd(dt, A, chunk, dt_bias=dt_bias, dt_softplus=True)
@@ -1500,7 +1511,8 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
             y, _ = _chunk_scan_fwd(CB, x, dt, dA_cs, C, states, D=D, seq_idx=seq_idx)  # (b, l, h, p), with D x
             saved = states, CB, dA_cs, dt, dt.new_empty(0)
         if grouped:  # one group: the gated norm in this module's kernels too
-            normed, _, rstd = rms_norm_fwd(y.reshape(b * l, d_inner), norm_w, eps, z=z.view(b * l, d_inner))
+            normed, _, rstd = rms_norm_fwd(y.reshape(b * l, d_inner), norm_w, eps, z=z.view(b * l, d_inner),
+                                           launch=launch)
         else:
             normed, _, rstd = _layer_norm_fwd(y.reshape(b * l, d_inner), norm_w, None, eps, z.view(b * l, d_inner),
                                               group_size=d_inner // ngroups, norm_before_gate=False, is_rms_norm=True)
@@ -1508,7 +1520,18 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
     return (out, zxbcdt, y, rstd, xBC) + saved
 
 
-_mamba2_train_fwd = torch.library.custom_op("ssmttm::mamba2_train_fwd", _mamba2_train_fwd_impl, mutates_args=())
+def _op_impl(impl, launch):
+    """impl(*args, launch=launch), with impl's signature less launch: the op's schema, which torch.library
+    infers from it."""
+    def op_impl(*args):
+        return impl(*args, launch=launch)
+    sig = inspect.signature(impl)
+    op_impl.__signature__ = sig.replace(parameters=[p for name, p in sig.parameters.items() if name != "launch"])
+    return op_impl
+
+
+_mamba2_train_fwd = torch.library.custom_op("ssmttm::mamba2_train_fwd", _op_impl(_mamba2_train_fwd_impl, as_is),
+                                            mutates_args=())
 
 
 @_mamba2_train_fwd.register_fake
@@ -1556,8 +1579,8 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
                            norm_w: torch.Tensor, out_w: torch.Tensor, seq_idx: Optional[torch.Tensor],
                            zxbcdt: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, xBC_conv: torch.Tensor,
                            states: torch.Tensor, CB: torch.Tensor, dA_cs: torch.Tensor, dt: torch.Tensor,
-                           y_off: torch.Tensor, chunk: int, headdim: int, ngroups: int, eps: float, grouped: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                           y_off: torch.Tensor, chunk: int, headdim: int, ngroups: int, eps: float, grouped: bool,
+                           launch=as_is) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of _mamba2_train_fwd's out for its tensor inputs u ... out_w, each in its input's dtype,
     from the forward's other outputs (zxbcdt: in_proj's output; xBC_conv: the conv's output). With grouped,
@@ -1581,7 +1604,8 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
         dnormed = F.linear(dout, out_w.t()).view(b * l, d_inner)
         if grouped:
             dy, _, _, dnorm_w = rms_norm_bwd(dnormed, y.reshape(b * l, d_inner), norm_w, rstd, z=z.view(b * l, d_inner),
-                                             dz_out=dz.view(b * l, d_inner), out=normed.view(b * l, d_inner))
+                                             dz_out=dz.view(b * l, d_inner), out=normed.view(b * l, d_inner),
+                                             launch=launch)
         else:
             dy, dnorm_w, *_ = _layer_norm_bwd(
                 dnormed, y.reshape(b * l, d_inner), norm_w, None, eps, None, rstd, z.view(b * l, d_inner),
@@ -1592,13 +1616,14 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
         if grouped:
             _, ddt, dA, _, _, dD, _ = ssd_grouped.backward_triton(  # dx, dB, dC straight into the conv's gradient
                 dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, y_off, chunk, dx_out=dx,
-                dB_out=dB[:, :, 0], dC_out=dC[:, :, 0])
-            _, ddt_bias = dt_softplus_backward(ddt, dt_in, dt_bias, seq_idx, out=ddt_in)
+                dB_out=dB[:, :, 0], dC_out=dC[:, :, 0], launch=launch)
+            _, ddt_bias = dt_softplus_backward(ddt, dt_in, dt_bias, seq_idx, out=ddt_in, launch=launch)
         else:
             dA, ddt_bias, dD = _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, ddt_in,
                                                    A, D, dt_bias, seq_idx, chunk, headdim, g, n)
-        if _conv_silu(grouped, conv_w) is causal_conv_silu:
-            _, dconv_w, dconv_b = causal_conv_silu_backward(dxBC, xBC, conv_w, conv_b, seq_idx, dx_out=dxBC_in)
+        if _triton_conv(grouped, conv_w):
+            _, dconv_w, dconv_b = causal_conv_silu_backward(dxBC, xBC, conv_w, conv_b, seq_idx, dx_out=dxBC_in,
+                                                            launch=launch)
         else:
             dconv_w, dconv_b = _causal_conv_backward(dxBC, xBC, conv_w, conv_b, seq_idx, dx_out=dxBC_in)
         # in_proj's backward, as autograd's for F.linear: the same two products in the same layouts
@@ -1609,7 +1634,8 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
     return (du,) + tuple(d.to(p.dtype) for d, p in zip(grads, (in_w, conv_w, conv_b, dt_bias, A, D, norm_w, out_w)))
 
 
-_mamba2_train_bwd = torch.library.custom_op("ssmttm::mamba2_train_bwd", _mamba2_train_bwd_impl, mutates_args=())
+_mamba2_train_bwd = torch.library.custom_op("ssmttm::mamba2_train_bwd", _op_impl(_mamba2_train_bwd_impl, as_is),
+                                            mutates_args=())
 
 
 @_mamba2_train_bwd.register_fake
@@ -1636,6 +1662,20 @@ def _mamba2_train_backward(bwd):
 _mamba2_train_fwd.register_autograd(_mamba2_train_backward(_mamba2_train_bwd), setup_context=_mamba2_train_setup)
 MAMBA2_TRAIN = TrainingOp(_mamba2_train_fwd, _mamba2_train_fwd_impl, _mamba2_train_setup,
                           _mamba2_train_backward(_mamba2_train_bwd_impl))
+# The grouped path with the Triton conv (_triton_conv) as triton ops: the same functions, their kernels
+# launched through wrap_triton
+if triton is not None:
+    _mamba2_grouped_fwd = torch.library.triton_op("ssmttm::mamba2_grouped_fwd",
+                                                  _op_impl(_mamba2_train_fwd_impl, torch.library.wrap_triton),
+                                                  mutates_args=())
+    _mamba2_grouped_bwd = torch.library.triton_op("ssmttm::mamba2_grouped_bwd",
+                                                  _op_impl(_mamba2_train_bwd_impl, torch.library.wrap_triton),
+                                                  mutates_args=())
+    _mamba2_grouped_fwd.register_autograd(_mamba2_train_backward(_mamba2_grouped_bwd),
+                                          setup_context=_mamba2_train_setup)
+    MAMBA2_GROUPED = MAMBA2_TRAIN._replace(op=_mamba2_grouped_fwd)  # eager calls: the same plain functions
+else:
+    MAMBA2_GROUPED = MAMBA2_TRAIN
 
 
 def mamba2_train(u, in_weight, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, chunk_size,
@@ -1656,6 +1696,6 @@ def mamba2_train(u, in_weight, conv_weight, conv_bias, dt_bias, A, D, norm_weigh
     seq_idx = None if seq_idx is None else seq_idx.contiguous()
     device = u.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else u.dtype
-    return run_training_op(MAMBA2_TRAIN, u.to(dtype).contiguous(), in_weight.to(dtype), conv_weight, conv_bias,
-                           dt_bias, A, D, norm_weight, out_weight.to(dtype), seq_idx, chunk_size, headdim, ngroups,
-                           eps, grouped)[0]
+    op = MAMBA2_GROUPED if _triton_conv(grouped, conv_weight) else MAMBA2_TRAIN
+    return run_training_op(op, u.to(dtype).contiguous(), in_weight.to(dtype), conv_weight, conv_bias, dt_bias, A, D,
+                           norm_weight, out_weight.to(dtype), seq_idx, chunk_size, headdim, ngroups, eps, grouped)[0]

@@ -264,6 +264,13 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def as_is(kernel):
+    """How the Triton functions here launch their kernels by default (`launch`): the kernel itself. Inside a
+    torch.library.triton_op, launch=torch.library.wrap_triton instead lets torch.compile see each launch
+    (Inductor then makes it from its generated code, with less host time per launch)."""
+    return kernel
+
+
 if triton is not None:
 
     # Indexing: each program computes its tensors' base pointers once, in int64 (b * L * H * P can pass
@@ -679,10 +686,19 @@ def _descriptor(t, block):
     descriptor loads into plain ones that spill registers (bench_ssd_grouped.py --registers), and the
     kernels take pointers instead."""
     size = t.element_size()
-    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+    if t.stride(-1) != 1 or _address(t) % 16 or any(s * size % 16 for s in t.stride()[:-1]):
         padded = t.new_empty(*t.shape[:-1], -(-t.shape[-1] * size // 16) * 16 // size)
         t = padded[..., :t.shape[-1]].copy_(t)
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+
+
+def _address(t):
+    """t's first element's address; for a tensor that torch.compile traces with (it has none), its offset in
+    its storage, in bytes (a CUDA allocation starts on at least 256 bytes)."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return t.storage_offset() * t.element_size()
 
 
 def _tiles(tma, t, block):
@@ -690,7 +706,7 @@ def _tiles(tma, t, block):
     return _descriptor(t, block) if tma else t
 
 
-def _copy_rows(src, dst, rows):
+def _copy_rows(src, dst, rows, launch):
     """The first `rows` rows of src (b, l, n) into dst (b, l', n), zeros past them, cast to dst's dtype: one
     Triton pass; both with rows of n dense values, any row stride (_rows_of)."""
     (src, s_src), (dst_rows, s_dst) = _rows_of(src), _rows_of(dst)
@@ -699,12 +715,12 @@ def _copy_rows(src, dst, rows):
     b, l_dst, n = dst.shape
     bn = next_power_of_2(n)
     bl = max(1, 4096 // bn)
-    _copy_rows_kernel[(cdiv(l_dst, bl), b)](src, dst, src.shape[1], l_dst, rows, n, s_src, s_dst,
-                                            BL=bl, BN=bn, num_warps=4)
+    launch(_copy_rows_kernel)[(cdiv(l_dst, bl), b)](src, dst, src.shape[1], l_dst, rows, n, s_src, s_dst,
+                                                    BL=bl, BN=bn, num_warps=4)
     return dst
 
 
-def _chunked_rows(t, Q):
+def _chunked_rows(t, Q, launch):
     """_chunked for B or C (b, l, n), whose rows may lie apart (the conv's output): a view when l is a
     whole number of chunks, else one Triton pass into (b, c, Q, n) with zeros past l (a strided
     torch.cat ran at a tenth of the memory's speed)."""
@@ -712,7 +728,7 @@ def _chunked_rows(t, Q):
     c = -(-l // Q)
     if c * Q == l:
         return _chunked(t, Q)
-    return _copy_rows(t, t.new_empty(b, c * Q, n), l).view(b, c, Q, n)
+    return _copy_rows(t, t.new_empty(b, c * Q, n), l, launch).view(b, c, Q, n)
 
 
 def _launch(x, chunk_size):
@@ -745,47 +761,47 @@ def _has_tma(device):
     return TensorDescriptor is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=None):
+def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=None, launch=as_is):
     """forward with the elementwise work in Triton (CUDA, or TRITON_INTERPRET=1): same arguments and
     results; chunk_size a power of two >= 16. tma: the chunk-state kernel loads its tiles through TMA
-    descriptors, else through pointers (default: _has_tma; the interpreter runs either)."""
+    descriptors, else through pointers (default: _has_tma; the interpreter runs either). launch: how each
+    kernel is launched (as_is)."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     hp, dev = h * p, x.device
     (x, sx), (B, sb), dt, A = _rows_of(x), _rows_of(B), dt.float().contiguous(), A.float().contiguous()
     acum = torch.empty(b, c, Q, h, device=dev, dtype=torch.float32)
     xs = torch.empty(b, c * Q, h, p, device=dev, dtype=x.dtype)
-    _prep_kernel[(h, b * c)](x, dt, A, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=True, num_warps=8)
+    launch(_prep_kernel)[(h, b * c)](x, dt, A, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=True, num_warps=8)
     # the chunk states and the scan between chunks, the state on chip
     S_prev = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     final = torch.empty(b, hp, n, device=dev, dtype=torch.float32)
     init = None if initial_state is None else initial_state.float().contiguous()
     tma = _has_tma(dev) if tma is None else tma
     st = _states_launch(n, Q, backward=False, tma=tma)
-    _states_fwd_kernel[(cdiv(n, st["BN"]), h, b)](_tiles(tma, xs, (1, st["BK"], 1, BP)), acum,
-                                                  _tiles(tma, B, (1, st["BK"], st["BN"])),
-                                                  final if init is None else init, S_prev, final, l, c, h, p,
-                                                  n, sb, Q=Q, BP=BP, HAS_INIT=init is not None,
-                                                  PREC=prec, **st)
+    launch(_states_fwd_kernel)[(cdiv(n, st["BN"]), h, b)](
+        _tiles(tma, xs, (1, st["BK"], 1, BP)), acum, _tiles(tma, B, (1, st["BK"], st["BN"])),
+        final if init is None else init, S_prev, final, l, c, h, p, n, sb, Q=Q, BP=BP, HAS_INIT=init is not None,
+        PREC=prec, **st)
     del xs
-    Bc, Cc = _chunked_rows(B, Q), _chunked_rows(C, Q)                  # (b, c, Q, n)
+    Bc, Cc = _chunked_rows(B, Q, launch), _chunked_rows(C, Q, launch)  # (b, c, Q, n)
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
-    _diag_fwd_kernel[(h, Q // BM, b * c)](G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y,
-                                          l, c, h, p, sx, Q=Q, BM=BM, BP=BP, HAS_D=D is not None, PREC=prec,
-                                          num_stages=1)
+    launch(_diag_fwd_kernel)[(h, Q // BM, b * c)](
+        G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y, l, c, h, p, sx, Q=Q, BM=BM, BP=BP,
+        HAS_D=D is not None, PREC=prec, num_stages=1)
     return y, final.view(b, h, p, n), acum, S_prev, G, y_off
 
 
 def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, chunk_size, dx_out=None,
-                    dB_out=None, dC_out=None, tma=None):
+                    dB_out=None, dC_out=None, tma=None, launch=as_is):
     """backward with the elementwise work in Triton: same arguments and results. dx_out: where to
     write dx instead of a new tensor, (b, l, h, p) in x's dtype with rows of h*p values (as x may be:
     the x columns of the conv's gradient, so that dx is not copied there); it is the dx returned.
     dB_out, dC_out: the same for dB and dC, (b, l, n) with rows of n values, in any dtype (the result
     is cast as it is written). tma: as forward_triton's, for the chunk states' backward, dx's kernel
-    and dG's."""
+    and dG's. launch: as forward_triton's."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     for name, out, shape, dtype in (("dx_out", dx_out, (b, l, h, p), x.dtype), ("dB_out", dB_out, (b, l, n), None),
@@ -798,11 +814,11 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     (x, sx), (B, sb), (C, sc) = _rows_of(x), _rows_of(B), _rows_of(C)
     dt32, A32 = dt.float().contiguous(), A.float().contiguous()
     dy = dy.to(x.dtype).contiguous()
-    Bc = _chunked_rows(B, Q)                                          # (b, c, Q, n), dxs's operand
+    Bc = _chunked_rows(B, Q, launch)                                  # (b, c, Q, n), dxs's operand
     small = lambda: torch.empty(b, c, Q, h, device=dev, dtype=f32)  # noqa: E731
     # state -> output: y_off = C S_prev^T (fp32, kept by the forward); y's part is exp(acum) y_off
     dy_e, dacum = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype), small()
-    _dy_kernel[(h, Q // BM, b * c)](dy, acum, y_off, dy_e, dacum, l, c, h, p, Q=Q, BM=BM, BP=BP)
+    launch(_dy_kernel)[(h, Q // BM, b * c)](dy, acum, y_off, dy_e, dacum, l, c, h, p, Q=Q, BM=BM, BP=BP)
     dC = _matmul_f32(dy_e, S_prev)                                    # (b, c, Q, n): K = h*p
     # the scan between chunks backwards, with the state side of the state -> output product
     tma = _has_tma(dev) if tma is None else tma
@@ -812,14 +828,15 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     d_init = torch.empty(b, hp, n, device=dev, dtype=f32)
     da_part = torch.empty(b, c, h, nnt, device=dev, dtype=f32)
     dfin = None if dfinal is None else dfinal.float().contiguous()
-    _states_bwd_kernel[(nnt, h, b)](_tiles(tma, dy_e.view(b * c * Q, h, p), (st["BK"], 1, BP)),
-                                    _tiles(tma, C, (1, st["BK"], st["BN"])), S_prev, acum,
-                                    d_init if dfin is None else dfin, dstates, d_init, da_part, l, c, h, p, n, sc, nnt,
-                                    Q=Q, BP=BP, HAS_DFINAL=dfin is not None, PREC=prec, **st)
+    launch(_states_bwd_kernel)[(nnt, h, b)](
+        _tiles(tma, dy_e.view(b * c * Q, h, p), (st["BK"], 1, BP)), _tiles(tma, C, (1, st["BK"], st["BN"])), S_prev,
+        acum, d_init if dfin is None else dfin, dstates, d_init, da_part, l, c, h, p, n, sc, nnt, Q=Q, BP=BP,
+        HAS_DFINAL=dfin is not None, PREC=prec, **st)
     del dy_e
     # chunk states: S = xs^T B (xs made again, as the forward's kernel made it)
     xs = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype)
-    _prep_kernel[(h, b * c)](x, dt32, A32, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=False, num_warps=8)
+    launch(_prep_kernel)[(h, b * c)](x, dt32, A32, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=False,
+                                     num_warps=8)
     dxs = torch.matmul(Bc, dstates.transpose(-1, -2))                # (b, c, Q, h*p) in x's dtype: K = n
     dB = _matmul_f32(xs, dstates)                                     # (b, c, Q, n): K = h*p
     del xs, dstates
@@ -830,28 +847,28 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     # x and dy through TMA where the GPU has it (_diag_fwd reads x through pointers: BENCHMARKS.md §0c)
     rows = (1, BM, 1, BP)
     x_t, dy_t = _tiles(tma, x, rows), _tiles(tma, dy, rows)
-    _diag_bwd_x_kernel[(h, Q // BM, b * c)](G, acum, x_t, dt32, dy_t, dxs, D32, dx, ddt, t, dD_part, l, c, h, p, sx,
-                                            dx.stride(1), Q=Q, BM=BM, BP=BP, HAS_D=D is not None, TMA=tma,
-                                            PREC=prec, num_stages=1)
+    launch(_diag_bwd_x_kernel)[(h, Q // BM, b * c)](
+        G, acum, x_t, dt32, dy_t, dxs, D32, dx, ddt, t, dD_part, l, c, h, p, sx, dx.stride(1), Q=Q, BM=BM, BP=BP,
+        HAS_D=D is not None, TMA=tma, PREC=prec, num_stages=1)
     del dxs
     dG = torch.empty(b, c, Q, Q, device=dev, dtype=x.dtype)
     dacum_m = torch.empty(b, c, h, Q // BM, Q, device=dev, dtype=f32)  # d acum's (Q, Q) part: every slot written
-    _diag_bwd_G_kernel[(Q // BM, Q // BM, b * c)](G, acum, x_t, dt32, dy_t, dG, dacum_m, l, c, h, p, sx, Q=Q, BM=BM,
-                                                  BP=BP, TMA=tma, PREC=prec, num_warps=4,
-                                                  num_stages=3 if tma else 2)
+    launch(_diag_bwd_G_kernel)[(Q // BM, Q // BM, b * c)](
+        G, acum, x_t, dt32, dy_t, dG, dacum_m, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, TMA=tma, PREC=prec, num_warps=4,
+        num_stages=3 if tma else 2)
     # d acum in total, then through acum = cumsum(dt A): ddt and dA
     ddt_out = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dA_part = torch.empty(b * c, h, device=dev, dtype=f32)
-    _dacum_kernel[(h, b * c)](dacum, t, dacum_m, da_part, ddt, A32, dt32, ddt_out, dA_part, l, c, h, nnt, Q=Q,
-                              NB=Q // BM, BNT=next_power_of_2(nnt))
+    launch(_dacum_kernel)[(h, b * c)](dacum, t, dacum_m, da_part, ddt, A32, dt32, ddt_out, dA_part, l, c, h, nnt,
+                                      Q=Q, NB=Q // BM, BNT=next_power_of_2(nnt))
     # dC += dG B and dB += dG^T C, each written unchunked and cast to where it goes by the same kernel
     dB_out = B.new_empty(b, l, n) if dB_out is None else dB_out
     dC_out = C.new_empty(b, l, n) if dC_out is None else dC_out
     bn, bk = min(128, max(16, next_power_of_2(n))), min(64, Q)
     for out, M, sm, add, trans in ((dC_out, B, sb, dC, False), (dB_out, C, sc, dB, True)):
-        _dG_product_kernel[(cdiv(n, bn), Q // BM, b * c)](dG, M, add, out, l, c, n, sm, out.stride(1),
-                                                          TRANS=trans, Q=Q, BM=BM, BN=bn, BK=bk, PREC=prec,
-                                                          num_warps=4, num_stages=3)
+        launch(_dG_product_kernel)[(cdiv(n, bn), Q // BM, b * c)](
+            dG, M, add, out, l, c, n, sm, out.stride(1), TRANS=trans, Q=Q, BM=BM, BN=bn, BK=bk, PREC=prec,
+            num_warps=4, num_stages=3)
     dB, dC = dB_out, dC_out
     return (dx, ddt_out, dA_part.sum(0).to(A.dtype), dB, dC, None if D is None else dD_part.sum((0, 1, 2)).to(D.dtype),
             None if initial_state is None else d_init.view(b, h, p, n).to(initial_state.dtype))

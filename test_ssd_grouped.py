@@ -261,7 +261,7 @@ def test_grouped_chunks_of_strided_rows_equal_the_padded_copy(l):
     g = torch.Generator().manual_seed(0)
     buffer = torch.randn(2, l, 3 + 5 + 4, generator=g).to(DEVICE)
     B = buffer[..., 3:8]
-    got = ssd_grouped._chunked_rows(B, 16)
+    got = ssd_grouped._chunked_rows(B, 16, ssd_grouped.as_is)
     assert torch.equal(got, ssd_grouped._chunked(B.contiguous(), 16))
     assert got.shape == (2, 3, 16, 5) and bool((got.reshape(2, 48, 5)[:, l:] == 0).all())
 

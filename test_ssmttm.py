@@ -394,10 +394,13 @@ def test_gpu_mamba2_train_op_registrations(grouped):
               layer.norm.weight, layer.out_proj.weight]
     params = [p.detach().clone().requires_grad_() for p in params]
     args = (u, *params, seq_idx, 256, layer.headdim, layer.ngroups, layer.norm.eps, grouped)
-    torch.library.opcheck(kernels._mamba2_train_fwd, args)
-    outputs = kernels._mamba2_train_fwd(*args)
+    # grouped: the triton ops, whose kernels torch.compile sees (the AOT-dispatch check compiles them)
+    fwd, bwd = (kernels._mamba2_grouped_fwd, kernels._mamba2_grouped_bwd) if grouped else (
+        kernels._mamba2_train_fwd, kernels._mamba2_train_bwd)
+    torch.library.opcheck(fwd, args)
+    outputs = fwd(*args)
     bwd_args = (torch.randn_like(outputs[0]), *args[:10], *outputs[1:], *args[10:])  # no double backward: no grad
-    torch.library.opcheck(kernels._mamba2_train_bwd, tuple(a.detach() if torch.is_tensor(a) else a for a in bwd_args))
+    torch.library.opcheck(bwd, tuple(a.detach() if torch.is_tensor(a) else a for a in bwd_args))
 
 
 @gpu
@@ -1218,11 +1221,12 @@ def _training_op_inputs(name, device):
 
 
 @triton_here
-@pytest.mark.parametrize("name", ["ADD_RMS_NORM", "GELU_DROPOUT", "MAMBA2_TRAIN"])
+@pytest.mark.parametrize("name", ["ADD_RMS_NORM", "GELU_DROPOUT", "MAMBA2_TRAIN", "MAMBA2_GROUPED"])
 def test_training_ops_eager_path_gives_the_custom_ops_numbers(name):
     # kernels.run_training_op: eager calls run a training op's plain functions through one autograd.Function
-    # (no torch.library dispatch); torch.compile gets the custom op. Outputs and every input's gradient
-    # bit-equal between the two (the GELU + dropout's mask from the same seed)
+    # (no torch.library dispatch); torch.compile gets the custom op (MAMBA2_GROUPED: the triton op, its
+    # kernels launched through wrap_triton). Outputs and every input's gradient bit-equal between the two
+    # (the GELU + dropout's mask from the same seed)
     device = "cpu" if TRITON_INTERPRET else "cuda"
     op = getattr(kernels, name)
     results = []
