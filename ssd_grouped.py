@@ -686,19 +686,10 @@ def _descriptor(t, block):
     descriptor loads into plain ones that spill registers (bench_ssd_grouped.py --registers), and the
     kernels take pointers instead."""
     size = t.element_size()
-    if t.stride(-1) != 1 or _address(t) % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
         padded = t.new_empty(*t.shape[:-1], -(-t.shape[-1] * size // 16) * 16 // size)
         t = padded[..., :t.shape[-1]].copy_(t)
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
-
-
-def _address(t):
-    """t's first element's address; for a tensor that torch.compile traces with (it has none), its offset in
-    its storage, in bytes (a CUDA allocation starts on at least 256 bytes)."""
-    try:
-        return t.data_ptr()
-    except RuntimeError:
-        return t.storage_offset() * t.element_size()
 
 
 def _tiles(tma, t, block):
@@ -755,6 +746,13 @@ def _states_launch(n, Q, backward, tma):
                 num_stages=stages)
 
 
+def _tma(tma, device, launch):
+    """Whether the kernels that can load through TMA descriptors do: tma, or by default where the GPU has it
+    (_has_tma), except when launched through wrap_triton (launch): torch's tracing of such a launch records
+    no descriptor, and without it cannot tell which arguments a kernel writes."""
+    return (_has_tma(device) and launch is as_is) if tma is None else tma
+
+
 def _has_tma(device):
     """Whether the chunk-state kernels, dx's and dG's load their tiles through TMA descriptors: on CUDA GPUs
     from Hopper (sm_90) on, with Triton 3.4 or later (its TensorDescriptor)."""
@@ -764,7 +762,7 @@ def _has_tma(device):
 def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=None, launch=as_is):
     """forward with the elementwise work in Triton (CUDA, or TRITON_INTERPRET=1): same arguments and
     results; chunk_size a power of two >= 16. tma: the chunk-state kernel loads its tiles through TMA
-    descriptors, else through pointers (default: _has_tma; the interpreter runs either). launch: how each
+    descriptors, else through pointers (default: _tma; the interpreter runs either). launch: how each
     kernel is launched (as_is)."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
@@ -777,7 +775,7 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     S_prev = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     final = torch.empty(b, hp, n, device=dev, dtype=torch.float32)
     init = None if initial_state is None else initial_state.float().contiguous()
-    tma = _has_tma(dev) if tma is None else tma
+    tma = _tma(tma, dev, launch)
     st = _states_launch(n, Q, backward=False, tma=tma)
     launch(_states_fwd_kernel)[(cdiv(n, st["BN"]), h, b)](
         _tiles(tma, xs, (1, st["BK"], 1, BP)), acum, _tiles(tma, B, (1, st["BK"], st["BN"])),
@@ -821,7 +819,7 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     launch(_dy_kernel)[(h, Q // BM, b * c)](dy, acum, y_off, dy_e, dacum, l, c, h, p, Q=Q, BM=BM, BP=BP)
     dC = _matmul_f32(dy_e, S_prev)                                    # (b, c, Q, n): K = h*p
     # the scan between chunks backwards, with the state side of the state -> output product
-    tma = _has_tma(dev) if tma is None else tma
+    tma = _tma(tma, dev, launch)
     st = _states_launch(n, Q, backward=True, tma=tma)
     nnt = cdiv(n, st["BN"])
     dstates = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
