@@ -1243,6 +1243,24 @@ def test_training_ops_eager_path_gives_the_custom_ops_numbers(name):
         assert torch.equal(got, want)
 
 
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
+def test_mamba2_train_hands_torch_compile_the_triton_op_where_its_kernels_can_be_traced(monkeypatch):
+    # mamba2_train(grouped=True) with the Triton conv (width 4) runs MAMBA2_GROUPED, whose compiled form is the
+    # triton op (Inductor sees its kernels); mamba-ssm's kernels, and causal-conv1d's conv at another width,
+    # the opaque custom op. Both ops take the same arguments, and their eager calls the same functions
+    used = []
+    monkeypatch.setattr(kernels, "run_training_op", lambda op, *inputs: used.append(op) or (inputs[0],))
+    u = torch.randn(1, 5, 8)
+    for grouped, width in ((True, 4), (True, 3), (False, 4)):
+        kernels.mamba2_train(u, torch.empty(44, 8), torch.empty(24, width), torch.empty(24), *torch.empty(3, 2),
+                             torch.empty(8), torch.empty(8, 8), None, 16, 4, grouped=grouped)
+    assert [op.op for op in used] == [kernels._mamba2_grouped_fwd, kernels._mamba2_train_fwd, kernels._mamba2_train_fwd]
+    schema = lambda op: str(op._opoverload._schema).split("(", 1)[1]  # noqa: E731
+    assert schema(kernels._mamba2_grouped_fwd) == schema(kernels._mamba2_train_fwd)
+    assert schema(kernels._mamba2_grouped_bwd) == schema(kernels._mamba2_train_bwd)
+    assert kernels.MAMBA2_GROUPED._replace(op=None) == kernels.MAMBA2_TRAIN._replace(op=None)
+
+
 @triton_here
 def test_gelu_dropout_kernel_keeps_or_drops_each_value_and_its_backward_is_that_masks():
     # kernels.gelu_dropout (FastFeedForward's GELU + dropout on a GPU): each output is 0 or gelu(a) / (1 - p)
