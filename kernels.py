@@ -1689,8 +1689,8 @@ def mamba2_train(u, in_weight, conv_weight, conv_bias, dt_bias, A, D, norm_weigh
     under autocast would be, so the numbers are nn.Linear's; the conv, norm and SSD parameters go in as
     they are, as in mamba-ssm's function. grouped (also on the CPU under Triton's interpreter): the SSD is
     ssd_grouped's (ngroups 1 only; issue 15) instead of mamba-ssm's, the conv + SiLU is
-    causal_conv_silu (Triton, width 4) instead of causal-conv1d's, and the gated norm this module's
-    rms_norm_fwd / rms_norm_bwd instead of mamba-ssm's."""
+    causal_conv_silu (Triton, width 4) instead of causal-conv1d's, the gated norm this module's
+    rms_norm_fwd / rms_norm_bwd instead of mamba-ssm's, and dt's softplus dt_softplus."""
     if grouped and ngroups != 1:
         raise ValueError(f"mamba2_train: the grouped SSD takes ngroups 1, not {ngroups}")
     seq_idx = None if seq_idx is None else seq_idx.contiguous()
