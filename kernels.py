@@ -1335,37 +1335,37 @@ def gelu_dropout(a, p, training):
 if triton is not None:
 
     @triton.jit
-    def _dt_softplus_fwd_kernel(dt_ptr, stride_dt, bias_ptr, seq_ptr, out_ptr, M, H, HAS_SEQ: tl.constexpr,
-                                BM: tl.constexpr, BH: tl.constexpr):
-        """out = softplus(dt + bias) (M, H) fp32, 0 in rows whose seq is 0; dt rows stride_dt apart.
-        Grid (cdiv(M, BM),)."""
+    def _dt_tile(dt_ptr, stride_dt, bias_ptr, seq_ptr, M, H, HAS_SEQ: tl.constexpr, BM: tl.constexpr,
+                 BH: tl.constexpr):
+        """This program's BM rows of dt + bias (BM, BH) in fp32 (dt's rows stride_dt apart), their offsets
+        (rows, cols), where they lie in (M, H) (ok), and where they lie outside the padding (keep: seq != 0)."""
         rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
         cols = tl.arange(0, BH)
-        col_ok = cols < H
-        ok = (rows < M)[:, None] & col_ok[None, :]
+        ok = (rows < M)[:, None] & (cols < H)[None, :]
         v = tl.load(dt_ptr + rows[:, None] * stride_dt + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        v = _softplus(v + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :])
+        v += tl.load(bias_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+        keep = ok
         if HAS_SEQ:
-            v = tl.where((tl.load(seq_ptr + rows, mask=rows < M, other=0) != 0)[:, None], v, 0.0)
-        tl.store(out_ptr + rows[:, None] * H + cols[None, :], v, mask=ok)
+            keep = keep & (tl.load(seq_ptr + rows, mask=rows < M, other=0) != 0)[:, None]
+        return rows, cols, ok, keep, v
+
+    @triton.jit
+    def _dt_softplus_fwd_kernel(dt_ptr, stride_dt, bias_ptr, seq_ptr, out_ptr, M, H, HAS_SEQ: tl.constexpr,
+                                BM: tl.constexpr, BH: tl.constexpr):
+        """out = softplus(dt + bias) (M, H) fp32, 0 in rows whose seq is 0. Grid (cdiv(M, BM),)."""
+        rows, cols, ok, keep, v = _dt_tile(dt_ptr, stride_dt, bias_ptr, seq_ptr, M, H, HAS_SEQ, BM, BH)
+        tl.store(out_ptr + rows[:, None] * H + cols[None, :], tl.where(keep, _softplus(v), 0.0), mask=ok)
 
     @triton.jit
     def _dt_softplus_bwd_kernel(ddt_ptr, dt_ptr, stride_dt, bias_ptr, seq_ptr, out_ptr, stride_out, dbias_ptr, M,
                                 H, HAS_SEQ: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
         """out = ddt sigmoid(dt + bias) (softplus' = sigmoid), 0 in rows whose seq is 0, in out's dtype (rows
         stride_out apart); this program's column sums of it to dbias (programs, H) fp32. ddt (M, H) fp32."""
-        pid = tl.program_id(0)
-        rows = pid.to(tl.int64) * BM + tl.arange(0, BM)
-        cols = tl.arange(0, BH)
-        col_ok = cols < H
-        ok = (rows < M)[:, None] & col_ok[None, :]
-        v = tl.load(dt_ptr + rows[:, None] * stride_dt + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        v = v + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        g = tl.load(ddt_ptr + rows[:, None] * H + cols[None, :], mask=ok, other=0.0) * tl.sigmoid(v)
-        if HAS_SEQ:
-            g = tl.where((tl.load(seq_ptr + rows, mask=rows < M, other=0) != 0)[:, None], g, 0.0)
+        rows, cols, ok, keep, v = _dt_tile(dt_ptr, stride_dt, bias_ptr, seq_ptr, M, H, HAS_SEQ, BM, BH)
+        ddt = tl.load(ddt_ptr + rows[:, None] * H + cols[None, :], mask=ok, other=0.0)
+        g = tl.where(keep, ddt * tl.sigmoid(v), 0.0)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], g.to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(dbias_ptr + pid * H + cols, tl.sum(g, axis=0), mask=col_ok)
+        tl.store(dbias_ptr + tl.program_id(0) * H + cols, tl.sum(g, axis=0), mask=cols < H)
 
 
 _DT_ELEMS = 4096  # elements per program of the dt kernels
