@@ -1335,25 +1335,25 @@ def gelu_dropout(a, p, training):
 if triton is not None:
 
     @triton.jit
-    def _dt_tile(dt_ptr, stride_dt, bias_ptr, seq_ptr, M, H, HAS_SEQ: tl.constexpr, BM: tl.constexpr,
-                 BH: tl.constexpr):
-        """This program's BM rows of dt + bias (BM, BH) in fp32 (dt's rows stride_dt apart), their offsets
-        (rows, cols), where they lie in (M, H) (ok), and where they lie outside the padding (keep: seq != 0)."""
-        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        cols = tl.arange(0, BH)
-        ok = (rows < M)[:, None] & (cols < H)[None, :]
-        v = tl.load(dt_ptr + rows[:, None] * stride_dt + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        v += tl.load(bias_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
-        keep = ok
+    def _dt_tile(dt_ptr, stride_dt, bias_ptr, seq_ptr, rows, cols, row_ok, col_ok, HAS_SEQ: tl.constexpr):
+        """dt + bias at rows x cols (dt's rows stride_dt apart) in fp32, 0 where a row or column is not ok,
+        and where they lie outside the padding (keep: ok and seq != 0). The offsets come in rather than out: torch.compile's
+        analysis of which arguments a kernel writes takes every pointer given to a call whose result a
+        store's address uses as written."""
+        keep = row_ok[:, None] & col_ok[None, :]
+        v = tl.load(dt_ptr + rows[:, None] * stride_dt + cols[None, :], mask=keep, other=0.0).to(tl.float32)
+        v += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_SEQ:
-            keep = keep & (tl.load(seq_ptr + rows, mask=rows < M, other=0) != 0)[:, None]
-        return rows, cols, ok, keep, v
+            keep = keep & (tl.load(seq_ptr + rows, mask=row_ok, other=0) != 0)[:, None]
+        return keep, v
 
     @triton.jit
     def _dt_softplus_fwd_kernel(dt_ptr, stride_dt, bias_ptr, seq_ptr, out_ptr, M, H, HAS_SEQ: tl.constexpr,
                                 BM: tl.constexpr, BH: tl.constexpr):
         """out = softplus(dt + bias) (M, H) fp32, 0 in rows whose seq is 0. Grid (cdiv(M, BM),)."""
-        rows, cols, ok, keep, v = _dt_tile(dt_ptr, stride_dt, bias_ptr, seq_ptr, M, H, HAS_SEQ, BM, BH)
+        rows, cols = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM), tl.arange(0, BH)
+        ok = (rows < M)[:, None] & (cols < H)[None, :]
+        keep, v = _dt_tile(dt_ptr, stride_dt, bias_ptr, seq_ptr, rows, cols, rows < M, cols < H, HAS_SEQ)
         tl.store(out_ptr + rows[:, None] * H + cols[None, :], tl.where(keep, _softplus(v), 0.0), mask=ok)
 
     @triton.jit
@@ -1361,7 +1361,9 @@ if triton is not None:
                                 H, HAS_SEQ: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
         """out = ddt sigmoid(dt + bias) (softplus' = sigmoid), 0 in rows whose seq is 0, in out's dtype (rows
         stride_out apart); this program's column sums of it to dbias (programs, H) fp32. ddt (M, H) fp32."""
-        rows, cols, ok, keep, v = _dt_tile(dt_ptr, stride_dt, bias_ptr, seq_ptr, M, H, HAS_SEQ, BM, BH)
+        rows, cols = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM), tl.arange(0, BH)
+        ok = (rows < M)[:, None] & (cols < H)[None, :]
+        keep, v = _dt_tile(dt_ptr, stride_dt, bias_ptr, seq_ptr, rows, cols, rows < M, cols < H, HAS_SEQ)
         ddt = tl.load(ddt_ptr + rows[:, None] * H + cols[None, :], mask=ok, other=0.0)
         g = tl.where(keep, ddt * tl.sigmoid(v), 0.0)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], g.to(out_ptr.dtype.element_ty), mask=ok)
@@ -1599,13 +1601,18 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
         dz, dxBC_in, ddt_in = dzxbcdt.split([d_inner, d_inner + 2 * g * n, h], dim=-1)
         dxBC = torch.empty_like(xBC)  # the gradient after the conv, before its backward
         dx, dB, dC = _split_xBC(dxBC, h, headdim, g)
+        # Eager, the kernels write their gradients straight into the columns of dxBC and dzxbcdt. Traced
+        # (the triton op), each writes a tensor of its own and a cat joins them: torch.compile copies a view
+        # that a kernel writes into to a buffer of its own and back (functionalization), a copy of the
+        # whole base for each.
+        into = (lambda t: t) if launch is as_is else (lambda t: None)  # noqa: E731
         # out_proj, then the gated norm (which recomputes its output for out_proj's weight gradient)
         normed = torch.empty(b, l, d_inner, device=y.device, dtype=y.dtype)
         dnormed = F.linear(dout, out_w.t()).view(b * l, d_inner)
         if grouped:
-            dy, _, _, dnorm_w = rms_norm_bwd(dnormed, y.reshape(b * l, d_inner), norm_w, rstd, z=z.view(b * l, d_inner),
-                                             dz_out=dz.view(b * l, d_inner), out=normed.view(b * l, d_inner),
-                                             launch=launch)
+            dy, _, dz, dnorm_w = rms_norm_bwd(dnormed, y.reshape(b * l, d_inner), norm_w, rstd,
+                                              z=z.view(b * l, d_inner), dz_out=into(dz.view(b * l, d_inner)),
+                                              out=normed.view(b * l, d_inner), launch=launch)
         else:
             dy, dnorm_w, *_ = _layer_norm_bwd(
                 dnormed, y.reshape(b * l, d_inner), norm_w, None, eps, None, rstd, z.view(b * l, d_inner),
@@ -1614,18 +1621,22 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
         dout_w = torch.einsum("bso,bsd->od", dout, normed)
         dy = dy.view(b, l, h, headdim)
         if grouped:
-            _, ddt, dA, _, _, dD, _ = ssd_grouped.backward_triton(  # dx, dB, dC straight into the conv's gradient
-                dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, y_off, chunk, dx_out=dx,
-                dB_out=dB[:, :, 0], dC_out=dC[:, :, 0], launch=launch)
-            _, ddt_bias = dt_softplus_backward(ddt, dt_in, dt_bias, seq_idx, out=ddt_in, launch=launch)
+            dx, ddt, dA, dB, dC, dD, _ = ssd_grouped.backward_triton(  # dx, dB, dC into the conv's gradient
+                dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, y_off, chunk,
+                dx_out=into(dx), dB_out=into(dB[:, :, 0]), dC_out=into(dC[:, :, 0]), launch=launch)
+            ddt_in, ddt_bias = dt_softplus_backward(ddt, dt_in, dt_bias, seq_idx, out=into(ddt_in), launch=launch)
+            if launch is not as_is:
+                dxBC = torch.cat([dx.view(b, l, -1), dB, dC], dim=-1)
         else:
             dA, ddt_bias, dD = _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, ddt_in,
                                                    A, D, dt_bias, seq_idx, chunk, headdim, g, n)
         if _triton_conv(grouped, conv_w):
-            _, dconv_w, dconv_b = causal_conv_silu_backward(dxBC, xBC, conv_w, conv_b, seq_idx, dx_out=dxBC_in,
-                                                            launch=launch)
+            dxBC_in, dconv_w, dconv_b = causal_conv_silu_backward(dxBC, xBC, conv_w, conv_b, seq_idx,
+                                                                  dx_out=into(dxBC_in), launch=launch)
         else:
             dconv_w, dconv_b = _causal_conv_backward(dxBC, xBC, conv_w, conv_b, seq_idx, dx_out=dxBC_in)
+        if launch is not as_is:
+            dzxbcdt = torch.cat([dz.view(b, l, d_inner), dxBC_in, ddt_in], dim=-1)
         # in_proj's backward, as autograd's for F.linear: the same two products in the same layouts
         dz2 = dzxbcdt.view(b * l, -1)
         du = torch.mm(dz2, in_w).view(u.shape)
