@@ -192,7 +192,7 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
     flops = model_flops(model, n_frames, N_TEXT) * batch
     del model, opt, fwd
     return {"section": "train", "variant": variant, "batch": batch, "compile": compile, "chunk": options.chunk_size,
-            "mamba2": options.train, "add+norm": int(options.fused_add_norm),
+            "mamba2": options.train, "triton op": int(options.triton_op), "add+norm": int(options.fused_add_norm),
             "gelu+dropout": int(options.fused_gelu_dropout),
             "ms/step": ms, "audio tok/s": batch * n_frames / ms * 1e3, "TFLOP/s": flops / ms / 1e9,
             "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak, "GPU busy ms": busy,
@@ -808,6 +808,9 @@ def main():
                     help="Mamba-2 training paths (FastOptions.train): keep_states, mamba_ssm (mamba-ssm's own "
                          "fused function, which recomputes the conv and the chunk states), split (separate conv "
                          "and SSD ops), grouped (issue 15: ssd_grouped.ssd_grouped)")
+    ap.add_argument("--triton-op", type=comma_list(["0", "1"]), default="0",
+                    help="train, --mamba-train grouped: the Mamba-2 layer as a triton op under torch.compile "
+                         "(FastOptions.triton_op): 0, 1 or both")
     ap.add_argument("--fused-add-norm", type=comma_list(["0", "1"]), default="1",
                     help="train: the residual adds inside the norms (FastOptions.fused_add_norm): 0, 1 or both")
     ap.add_argument("--fused-gelu-dropout", type=comma_list(["0", "1"]), default="1",
@@ -828,10 +831,11 @@ def main():
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
-    train_options = [FastOptions(train=path, chunk_size=chunk, fused_add_norm=bool(int(fused)),
+    train_options = [FastOptions(train=path, triton_op=bool(int(op)), chunk_size=chunk, fused_add_norm=bool(int(fused)),
                                  fused_gelu_dropout=bool(int(gd)))
-                     for path in args.mamba_train for chunk in args.chunk_sizes for fused in args.fused_add_norm
-                     for gd in args.fused_gelu_dropout]
+                     for path in args.mamba_train for op in args.triton_op for chunk in args.chunk_sizes
+                     for fused in args.fused_add_norm for gd in args.fused_gelu_dropout
+                     if path == "grouped" or op == "0"]
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != ["cpu"]:
         datamod.fail("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")

@@ -44,6 +44,8 @@ class FastOptions:
     # mamba_split_conv1d_scan_combined, which recomputes them) or "split" (causal-conv1d, then
     # mamba_chunk_scan_combined, as separate ops)
     train: str = "grouped"
+    triton_op: bool = False      # training, train "grouped", under torch.compile: the Mamba-2 layer as a
+    # triton op whose kernels Inductor launches (kernels.mamba2_train), not an opaque custom op
     chunk_size: int = 256        # the SSD kernels' chunk length, the one they are tuned for
     decode_kernels: bool = True  # decoding steps through kernels.py (False: the layers' own steps)
     pdl: bool = True             # programmatic dependent launch between decoding kernels (Hopper)
@@ -59,6 +61,8 @@ class FastOptions:
     def __post_init__(self):
         if self.train not in TRAIN_PATHS:
             raise ValueError(f"FastOptions.train: {self.train!r} is not one of {', '.join(TRAIN_PATHS)}")
+        if self.triton_op and self.train != "grouped":
+            raise ValueError(f"FastOptions.triton_op: the triton op is the grouped path's, not {self.train!r}'s")
         if self.decode_streams is not None and self.decode_streams < 1:
             raise ValueError(f"FastOptions.decode_streams: {self.decode_streams} is not a positive number of streams")
 
@@ -165,7 +169,7 @@ class FastMamba2(Mamba2):
         if train in ("keep_states", "grouped") and fused:
             return kernels.mamba2_train(u, self.in_proj.weight, *params, self.norm.weight, self.out_proj.weight,
                                         seq_idx, self.options.chunk_size, self.headdim, self.ngroups, self.norm.eps,
-                                        grouped=train == "grouped")
+                                        grouped=train == "grouped", triton_op=self.options.triton_op)
         return kernels.mamba_split_conv1d_scan_combined(
             self.in_proj(u), *params, self.options.chunk_size, seq_idx=seq_idx, rmsnorm_weight=self.norm.weight,
             rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, outproj_bias=None,

@@ -1337,9 +1337,9 @@ if triton is not None:
     @triton.jit
     def _dt_tile(dt_ptr, stride_dt, bias_ptr, seq_ptr, rows, cols, row_ok, col_ok, HAS_SEQ: tl.constexpr):
         """dt + bias at rows x cols (dt's rows stride_dt apart) in fp32, 0 where a row or column is not ok,
-        and where they lie outside the padding (keep: ok and seq != 0). The offsets come in rather than out: torch.compile's
-        analysis of which arguments a kernel writes takes every pointer given to a call whose result a
-        store's address uses as written."""
+        and where they lie outside the padding (keep: ok and seq != 0). The offsets come in rather than
+        out: torch.compile's analysis of which arguments a kernel writes takes every pointer given to a call
+        whose result a store's address uses as written."""
         keep = row_ok[:, None] & col_ok[None, :]
         v = tl.load(dt_ptr + rows[:, None] * stride_dt + cols[None, :], mask=keep, other=0.0).to(tl.float32)
         v += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -1690,7 +1690,7 @@ else:
 
 
 def mamba2_train(u, in_weight, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, chunk_size,
-                 headdim, ngroups=1, eps=1e-5, grouped=False):
+                 headdim, ngroups=1, eps=1e-5, grouped=False, triton_op=False):
     """A Mamba-2 layer's in_proj, conv, SSD, gated norm and out_proj for training, as ssmttm.Mamba2.forward:
     u (b, l, d_model); in_weight (2 d_inner + 2 g n + h, d_model); conv_weight (conv_dim, d_conv),
     conv_bias (conv_dim,); dt_bias, A = -exp(A_log), D (nheads,); norm_weight (d_inner,);
@@ -1701,12 +1701,15 @@ def mamba2_train(u, in_weight, conv_weight, conv_bias, dt_bias, A, D, norm_weigh
     they are, as in mamba-ssm's function. grouped (also on the CPU under Triton's interpreter): the SSD is
     ssd_grouped's (ngroups 1 only; issue 15) instead of mamba-ssm's, the conv + SiLU is
     causal_conv_silu (Triton, width 4) instead of causal-conv1d's, the gated norm this module's
-    rms_norm_fwd / rms_norm_bwd instead of mamba-ssm's, and dt's softplus dt_softplus."""
+    rms_norm_fwd / rms_norm_bwd instead of mamba-ssm's, and dt's softplus dt_softplus. triton_op (with
+    grouped and the Triton conv; ignored otherwise): torch.compile gets the layer as a triton op, whose
+    kernels Inductor launches from its own code (less host time per launch; through pointers, not TMA,
+    and with copies around them: more GPU time), instead of an opaque custom op; eager, the same."""
     if grouped and ngroups != 1:
         raise ValueError(f"mamba2_train: the grouped SSD takes ngroups 1, not {ngroups}")
     seq_idx = None if seq_idx is None else seq_idx.contiguous()
     device = u.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else u.dtype
-    op = MAMBA2_GROUPED if _triton_conv(grouped, conv_weight) else MAMBA2_TRAIN
+    op = MAMBA2_GROUPED if triton_op and _triton_conv(grouped, conv_weight) else MAMBA2_TRAIN
     return run_training_op(op, u.to(dtype).contiguous(), in_weight.to(dtype), conv_weight, conv_bias, dt_bias, A, D,
                            norm_weight, out_weight.to(dtype), seq_idx, chunk_size, headdim, ngroups, eps, grouped)[0]

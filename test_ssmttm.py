@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
+import collections
 import csv
 import copy
 import functools
@@ -676,15 +677,17 @@ def test_gpu_add_rms_norm_equals_the_plain_add_and_norm():
 
 
 @gpu
+@pytest.mark.parametrize("triton_op", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_gpu_compiled_lm_is_one_graph_and_equals_eager(precision):
-    # fullgraph=True raises at any graph break: the Mamba-2 layer must be one opaque op to
-    # torch.compile, or it skips every frame with a loop over blocks and fuses nothing around it.
+def test_gpu_compiled_lm_is_one_graph_and_equals_eager(precision, triton_op):
+    # fullgraph=True raises at any graph break: the Mamba-2 layer must be one op to torch.compile (the
+    # opaque custom op, or with triton_op the triton op whose kernels it traces), or it skips every frame
+    # with a loop over blocks and fuses nothing around it.
     if not kernels.HAS_TRAIN_KERNELS:
         pytest.skip("mamba-ssm < 2.3: Mamba2 trains through mamba-ssm's own function")
     torch.manual_seed(0)
     cfg = ModelConfig(variant="prefix_simba", n_layers=2, d_model=256, d_state=128, dropout=0.0)
-    model = fast.accelerate(TextToMusicLM(cfg).cuda())
+    model = fast.accelerate(TextToMusicLM(cfg).cuda(), FastOptions(triton_op=triton_op))
     codes = torch.randint(0, 1024, (3, 1, 500), device="cuda")
     text = torch.randn(3, 12, 768, device="cuda")
     text_mask = torch.arange(12, device="cuda")[None] < torch.tensor([[12], [5], [9]], device="cuda")  # padded texts
@@ -1244,21 +1247,65 @@ def test_training_ops_eager_path_gives_the_custom_ops_numbers(name):
 
 
 @pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
-def test_mamba2_train_hands_torch_compile_the_triton_op_where_its_kernels_can_be_traced(monkeypatch):
-    # mamba2_train(grouped=True) with the Triton conv (width 4) runs MAMBA2_GROUPED, whose compiled form is the
-    # triton op (Inductor sees its kernels); mamba-ssm's kernels, and causal-conv1d's conv at another width,
-    # the opaque custom op. Both ops take the same arguments, and their eager calls the same functions
+def test_mamba2_train_hands_torch_compile_the_triton_op_where_asked_and_its_kernels_can_be_traced(monkeypatch):
+    # mamba2_train(grouped=True, triton_op=True) with the Triton conv (width 4) runs MAMBA2_GROUPED, whose
+    # compiled form is the triton op (Inductor sees its kernels); without triton_op, with mamba-ssm's kernels,
+    # or with causal-conv1d's conv at another width, the opaque custom op. Both ops take the same arguments,
+    # and their eager calls the same functions
     used = []
     monkeypatch.setattr(kernels, "run_training_op", lambda op, *inputs: used.append(op) or (inputs[0],))
     u = torch.randn(1, 5, 8)
-    for grouped, width in ((True, 4), (True, 3), (False, 4)):
+    for grouped, width, triton_op in ((True, 4, True), (True, 4, False), (True, 3, True), (False, 4, True)):
         kernels.mamba2_train(u, torch.empty(44, 8), torch.empty(24, width), torch.empty(24), *torch.empty(3, 2),
-                             torch.empty(8), torch.empty(8, 8), None, 16, 4, grouped=grouped)
-    assert [op.op for op in used] == [kernels._mamba2_grouped_fwd, kernels._mamba2_train_fwd, kernels._mamba2_train_fwd]
+                             torch.empty(8), torch.empty(8, 8), None, 16, 4, grouped=grouped, triton_op=triton_op)
+    assert [op.op for op in used] == [kernels._mamba2_grouped_fwd] + [kernels._mamba2_train_fwd] * 3
     schema = lambda op: str(op._opoverload._schema).split("(", 1)[1]  # noqa: E731
     assert schema(kernels._mamba2_grouped_fwd) == schema(kernels._mamba2_train_fwd)
     assert schema(kernels._mamba2_grouped_bwd) == schema(kernels._mamba2_train_bwd)
     assert kernels.MAMBA2_GROUPED._replace(op=None) == kernels.MAMBA2_TRAIN._replace(op=None)
+
+
+# What each kernel of the grouped Mamba-2 op writes, as the triton op launches them (pointer loads)
+GROUPED_OP_WRITES = {
+    "_conv_fwd_kernel": {"out_ptr"}, "_dt_softplus_fwd_kernel": {"out_ptr"}, "_prep_kernel": {"acum_ptr", "xs_ptr"},
+    "_states_fwd_kernel": {"S_prev_ptr", "final_ptr"}, "_copy_rows_kernel": {"dst_ptr"}, "_diag_fwd_kernel": {"y_ptr"},
+    "_rms_norm_fwd_kernel": {"out_ptr", "rstd_ptr"}, "_rms_norm_bwd_kernel": {"dx_ptr", "dz_ptr", "out_ptr", "dw_ptr"},
+    "_dy_kernel": {"dye_ptr", "dacum_ptr"}, "_states_bwd_kernel": {"dstates_ptr", "dinit_ptr", "da_part_ptr"},
+    "_diag_bwd_x_kernel": {"dx_ptr", "ddt_ptr", "t_ptr", "dD_ptr"}, "_diag_bwd_G_kernel": {"dG_ptr", "dacum_m_ptr"},
+    "_dacum_kernel": {"ddt_ptr", "dA_part_ptr"}, "_dG_product_kernel": {"out_ptr"},
+    "_dt_softplus_bwd_kernel": {"out_ptr", "dbias_ptr"}, "_conv_bwd_kernel": {"dx_ptr", "parts_ptr"}}
+
+
+@pytest.mark.skipif(kernels.triton is None or TRITON_INTERPRET, reason="needs Triton's compiler")
+def test_torch_compile_finds_exactly_what_each_kernel_of_the_triton_op_writes(monkeypatch):
+    # torch.compile reads which arguments a wrap_triton launch writes from the kernel's Triton IR; an input
+    # it takes as written is copied before the kernel and back after it, and under Inductor's padded
+    # strides that copy gave wrong numbers. Every kernel of the grouped op's forward and backward: exactly
+    # its outputs (the backward's _prep_kernel without acum). Without a GPU, Triton's target is sm_90's.
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(triton.runtime.driver, "_active",
+                            type("Sm90", (), {"get_current_target": lambda self: GPUTarget("cuda", 90, 32)})())
+    launches = []
+
+    def record(kernel):
+        return collections.defaultdict(lambda: lambda *args, **kw: launches.append((kernel, args, kw)))
+
+    inputs, _ = _training_op_inputs("MAMBA2_GROUPED", "cpu")
+    inputs = [t.detach() if torch.is_tensor(t) else t for t in inputs]
+    outs = kernels._mamba2_train_fwd_impl(*inputs, launch=record)
+    kernels._mamba2_train_bwd_impl(torch.randn_like(outs[0]), *inputs[:10], *outs[1:], *inputs[10:], launch=record)
+    assert {k.fn.__name__ for k, _, _ in launches} == set(GROUPED_OP_WRITES)
+    for kernel, args, kw in launches:
+        named = {**dict(zip(kernel.arg_names, args)), **{k: v for k, v in kw.items() if k in kernel.arg_names}}
+        if hasattr(wrap, "identify_accessed_tensors"):  # torch >= 2.12
+            written = {d.name for d in wrap.identify_accessed_tensors(kernel, named, {}).read_writes.writes}
+        else:
+            written = set(wrap.identify_mutated_tensors(kernel, named, {}))
+        want = GROUPED_OP_WRITES[kernel.fn.__name__] - ({"acum_ptr"} if kw.get("WRITE_ACUM") is False else set())
+        assert written == want, kernel.fn.__name__
 
 
 @triton_here
@@ -1521,6 +1568,8 @@ def test_fast_options_and_seam_errors():
         FastOptions(train="fastest")
     with pytest.raises(ValueError, match="decode_streams: 0"):
         FastOptions(decode_streams=0)
+    with pytest.raises(ValueError, match="the grouped path's, not 'mamba_ssm'"):
+        FastOptions(train="mamba_ssm", triton_op=True)
     layer = mamba_layer(ngroups=2)
     with pytest.raises(ValueError, match="ngroups must be 1"):  # the kernels normalise one group
         fast.mamba2_fused_step(layer, torch.nn.RMSNorm(32), torch.randn(2, 32), layer_state(layer, 2), layer.A())
@@ -2819,8 +2868,12 @@ def test_bench_compiles_each_measured_model_afresh(monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     (["--cuda-graphs"], "--cuda-graphs: pass --compile too"),
     (["--compile", "--cuda-graphs", "--device", "cpu"],
-     "--cuda-graphs: needs exactly one CUDA device, and this run has 1 x cpu")])
-def test_cuda_graphs_need_compile_and_one_cuda_device(tmp_path, flags, message, capsys):
+     "--cuda-graphs: needs exactly one CUDA device, and this run has 1 x cpu"),
+    (["--triton-op"], "--triton-op: pass --compile and --mamba-train grouped (this run has --mamba-train grouped, "
+                      "no --compile)"),
+    (["--triton-op", "--compile", "--mamba-train", "keep_states"],
+     "--triton-op: pass --compile and --mamba-train grouped (this run has --mamba-train keep_states)")])
+def test_cuda_graphs_and_triton_op_need_the_flags_they_work_with(tmp_path, flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "1", *flags))
     err = capsys.readouterr().err

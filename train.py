@@ -53,7 +53,7 @@ PAPER = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dr
 SYNTHETIC = dict(batch_size=16, grad_accum=1, lr=1e-3, warmup=30, steps=300, dropout=0.1, d_model=256,
                  d_state=64, headdim=32, n_heads=4, frames=128, eval_every=100, ckpt_every=100)
 RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "cuda_graphs",
-           "no_kernels", "mamba_train", "no_fused_add_norm", "no_fused_gelu_dropout", "t5", "dac"}
+           "no_kernels", "mamba_train", "triton_op", "no_fused_add_norm", "no_fused_gelu_dropout", "t5", "dac"}
 THIS_INVOCATION = {"stop_after", "cuda_graphs"}  # RUNTIME flags that a resumed run does not take from the checkpoint
 METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "caption_score"]
 
@@ -109,6 +109,10 @@ def parse_args(argv=None):
     ap.add_argument("--mamba-train", choices=fast.TRAIN_PATHS,
                     default=fast.FastOptions.train,
                     help="on CUDA, Mamba-2's training kernels (fast.FastOptions.train; grouped: ssd_grouped.py's SSD)")
+    ap.add_argument("--triton-op", action="store_true",
+                    help="with --compile and --mamba-train grouped: Inductor launches the Mamba-2 layer's kernels "
+                         "(fast.FastOptions.triton_op); faster where the host is the bound, as at the paper's "
+                         "batch 4, slower at batch 16 (BENCHMARKS.md)")
     ap.add_argument("--no-fused-add-norm", action="store_true",
                     help="on CUDA: the plain residual adds and norms instead of one kernel for each add and "
                          "the next norm (fast.FastOptions.fused_add_norm)")
@@ -319,7 +323,8 @@ def build_model(args, device):
     model = TextToMusicLM(cfg).to(device)
     if device.startswith("cuda") and not args.no_kernels:
         if fast.available():
-            fast.accelerate(model, fast.FastOptions(train=args.mamba_train, fused_add_norm=not args.no_fused_add_norm,
+            fast.accelerate(model, fast.FastOptions(train=args.mamba_train, triton_op=args.triton_op,
+                                                    fused_add_norm=not args.no_fused_add_norm,
                                                     fused_gelu_dropout=not args.no_fused_gelu_dropout))
         else:
             print("note: mamba-ssm and causal-conv1d are not installed, so Mamba-2 trains on ssd_reference "
@@ -590,6 +595,9 @@ def main(argv=None):
     if args.cuda_graphs and (args.device != "cuda" or world > 1):
         datamod.fail(f"--cuda-graphs: needs exactly one CUDA device, and this run has {world} x {args.device} "
                      "(the graphs are untested with DDP)")
+    if args.triton_op and (not args.compile or args.mamba_train != "grouped"):
+        datamod.fail(f"--triton-op: pass --compile and --mamba-train grouped (this run has --mamba-train "
+                     f"{args.mamba_train}{'' if args.compile else ', no --compile'}); eager, the layer is the same")
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
