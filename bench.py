@@ -836,6 +836,8 @@ def main():
                      for path in args.mamba_train for op in args.triton_op for chunk in args.chunk_sizes
                      for fused in args.fused_add_norm for gd in args.fused_gelu_dropout
                      if path == "grouped" or op == "0"]
+    if not train_options:
+        datamod.fail("bench.py: --triton-op 1 is the grouped path's: pass --mamba-train grouped too")
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != ["cpu"]:
         datamod.fail("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")

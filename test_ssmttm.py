@@ -2899,7 +2899,9 @@ def test_resume_does_not_keep_cuda_graphs(tmp_path):
     ("generate.py", ["a piece", "--seconds", "inf"],
      "generate.py: error: argument --seconds: expected a finite number from 0.0059 to 3600, not 'inf'"),
     ("bench.py", ["--batches", "4,0"], "bench.py: error: argument --batches: expected a whole number of at least 1, "
-                                       "not '0'")])
+                                       "not '0'"),
+    ("bench.py", ["--quick", "--only", "train", "--mamba-train", "keep_states", "--triton-op", "1"],
+     "bench.py: --triton-op 1 is the grouped path's: pass --mamba-train grouped too")])
 def test_command_line_errors_have_no_traceback(script, flags, message):
     done = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, cwd=HERE)
     assert (done.returncode, done.stdout, done.stderr) == (2, "", message + "\n")
