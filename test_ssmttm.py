@@ -1285,6 +1285,8 @@ def test_torch_compile_finds_exactly_what_each_kernel_of_the_triton_op_writes(mo
     import triton
     from triton.backends.compiler import GPUTarget
     from torch._higher_order_ops import triton_kernel_wrap as wrap
+    if not hasattr(wrap, "identify_accessed_tensors") and not hasattr(wrap, "identify_mutated_tensors"):
+        pytest.skip("this torch's analysis of user Triton kernels has another name")
     if not torch.cuda.is_available():
         monkeypatch.setattr(triton.runtime.driver, "_active",
                             type("Sm90", (), {"get_current_target": lambda self: GPUTarget("cuda", 90, 32)})())
