@@ -1459,6 +1459,14 @@ def _triton_conv(grouped, conv_w):
 # with a break in a loop); for the grouped SSD with the Triton conv, if asked (mamba2_train's triton_op),
 # triton ops, whose kernels Inductor launches from its generated code (less host time per launch) and
 # whose small ops it fuses.
+def _padded_width(width: int) -> int:
+    """The row length of in_proj's output in the training op: width rounded up to 64 values (128 bytes in
+    bf16). Unaligned rows of a product's output are what torch.compile pads (Inductor's comprehensive
+    padding), and then every view of them that a Triton kernel reads is copied to the layout it was
+    traced with; rows already aligned are left as they are."""
+    return -(-width // 64) * 64
+
+
 def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
                            dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor,
                            out_w: torch.Tensor, seq_idx: Optional[torch.Tensor], chunk: int, headdim: int,
@@ -1475,9 +1483,9 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
 
     Shapes: u (b, l, d_model), in_w (2 d_inner + 2 g n + h, d_model) and out_w (d_model, d_inner) in
     u's dtype (the wrapper casts as autocast would); l split into chunks of Q. in_proj runs inside: its
-    output zxbcdt = [z | x B C | dt] (b, l, 2 d_inner + 2 g n + h) and that output's gradient are not
-    the op's input and gradient, which the compiled step copied whole (BENCHMARKS.md). Returns out
-    (b, l, d_model), then for the backward zxbcdt, y (b, l, h, p) before the norm, rstd (g b l), xBC
+    output zxbcdt = [z | x B C | dt | zeros] (b, l, _padded_width(2 d_inner + 2 g n + h)) and that output's
+    gradient are not the op's input and gradient, which the compiled step copied whole (BENCHMARKS.md).
+    Returns out (b, l, d_model), then for the backward zxbcdt, y (b, l, h, p) before the norm, rstd (g b l), xBC
     after the conv and SiLU (b, l, h p + 2 g n), states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q), dA_cs
     and dt (b, h, l/Q, Q), and an empty tensor (the grouped SSD's y_off). Every dtype follows from the
     inputs' (no autocast inside).
@@ -1491,9 +1499,10 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
     grouped path's Triton kernels are launched (ssd_grouped.as_is; torch.library.wrap_triton in the triton
     op)."""
     b, l, _ = u.shape
+    width = in_w.shape[0]
     with torch.autocast("cuda", enabled=False):
-        zxbcdt = F.linear(u, in_w)
-        z, xBC, dt = zxbcdt.split([A.shape[0] * headdim, conv_w.shape[0], A.shape[0]], dim=-1)
+        zxbcdt = F.linear(u, F.pad(in_w, (0, 0, 0, _padded_width(width) - width)))
+        z, xBC, dt = zxbcdt[..., :width].split([A.shape[0] * headdim, conv_w.shape[0], A.shape[0]], dim=-1)
         if _triton_conv(grouped, conv_w):
             xBC = causal_conv_silu(xBC, conv_w, conv_b, seq_idx, launch=launch)
         else:
@@ -1544,7 +1553,8 @@ def _(u, in_w, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, hea
     h, chunks = A.shape[0], -(-l // chunk)
     n = (conv_w.shape[0] - h * headdim) // (2 * ngroups)
     fp32 = lambda *shape: u.new_empty(shape, dtype=torch.float32)
-    head = (u.new_empty(b, l, out_w.shape[0]), u.new_empty(b, l, in_w.shape[0]), u.new_empty(b, l, h, headdim),
+    head = (u.new_empty(b, l, out_w.shape[0]), u.new_empty(b, l, _padded_width(in_w.shape[0])),
+            u.new_empty(b, l, h, headdim),
             fp32(ngroups * b * l), u.new_empty(b, l, conv_w.shape[0]))
     if grouped:
         return head + (u.new_empty(b, chunks, h * headdim, n), fp32(b, chunks, chunk, chunk),
@@ -1590,15 +1600,15 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
     states, CB and dA_cs are the grouped SSD's S_prev, G and acum, and y_off its own (empty otherwise)."""
     g = ngroups
     b, l, _ = zxbcdt.shape
-    h = A.shape[0]
+    h, width = A.shape[0], in_w.shape[0]
     # the same numbers whatever dout's layout (AOT autograd hands the compiled backward a contiguous
     # one): out_w's gradient is an einsum, and einsum picks its product's order of sums by the strides
     dout = dout.contiguous()
     with torch.autocast("cuda", enabled=False):
-        z, xBC, dt_in = zxbcdt.split([h * headdim, conv_w.shape[0], h], dim=-1)
+        z, xBC, dt_in = zxbcdt[..., :width].split([h * headdim, conv_w.shape[0], h], dim=-1)
         x, B, C = _split_xBC(xBC_conv, h, headdim, g)
         d_inner, n = z.shape[-1], B.shape[-1]
-        dzxbcdt = torch.empty_like(zxbcdt)
+        dzxbcdt = torch.empty_like(zxbcdt)[..., :width]  # rows as the forward's (padded); the padding unused
         dz, dxBC_in, ddt_in = dzxbcdt.split([d_inner, d_inner + 2 * g * n, h], dim=-1)
         dxBC = torch.empty_like(xBC)  # the gradient after the conv, before its backward
         dx, dB, dC = _split_xBC(dxBC, h, headdim, g)
@@ -1639,7 +1649,7 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
         if launch is not as_is:
             dzxbcdt = torch.cat([dz.view(b, l, d_inner), dxBC_in, ddt_in], dim=-1)
         # in_proj's backward, as autograd's for F.linear: the same two products in the same layouts
-        dz2 = dzxbcdt.view(b * l, -1)
+        dz2 = dzxbcdt.view(b * l, width)
         du = torch.mm(dz2, in_w).view(u.shape)
         din_w = torch.mm(dz2.t(), u.reshape(b * l, -1))
     grads = din_w, dconv_w, dconv_b, ddt_bias, dA, dD, dnorm_w, dout_w

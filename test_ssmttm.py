@@ -1194,6 +1194,22 @@ def test_ssd_grouped_training_op_equals_the_plain_mamba2_layer_with_gradients():
         assert rel_err(p.grad, p_ref.grad) < 1e-5, name
 
 
+@triton_here
+def test_training_op_keeps_in_proj_rows_aligned_for_torch_compile():
+    # the Mamba-2 training op's in_proj output, which it keeps for the backward, has rows of a multiple of
+    # 64 values (torch.compile pads unaligned rows and then copies every view a kernel reads): in_proj's
+    # product in the first columns, exact zeros after; the layer above (115 outputs, rows of 128) checks the
+    # gradients through it
+    assert [kernels._padded_width(w) for w in (1, 64, 65, 115, 5152, 5184)] == [64, 64, 128, 128, 5184, 5184]
+    inputs, _ = _training_op_inputs("MAMBA2_GROUPED", "cpu" if TRITON_INTERPRET else "cuda")
+    inputs = [t.detach() if torch.is_tensor(t) else t for t in inputs]
+    u, in_w = inputs[:2]
+    zxbcdt = kernels._mamba2_train_fwd_impl(*inputs)[1]
+    assert zxbcdt.shape == (2, 37, 128) and in_w.shape == (115, 24) and zxbcdt.is_contiguous()
+    assert rel_err(zxbcdt[..., :115], F.linear(u, in_w)) < 1e-6  # cuBLAS may sum another way for 128 outputs
+    assert torch.equal(zxbcdt[..., 115:], torch.zeros(2, 37, 13, device=u.device))
+
+
 def test_host_cdiv_and_next_power_of_2_are_the_exact_integers():
     # the launch grids' and blocks' arithmetic on the host (ssd_grouped.cdiv, next_power_of_2, which
     # replace Triton's slower host calls): exact for every size a launch takes
