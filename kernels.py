@@ -1453,12 +1453,6 @@ def _triton_conv(grouped, conv_w):
     return grouped and conv_w.shape[1] == 4
 
 
-# The training pass is two ops (forward, backward) joined by register_autograd: custom ops with
-# mamba-ssm's kernels, which torch.compile sees as one opaque op per layer instead of a graph break (a
-# graph break inside the loop over blocks would make it give up on the whole model: it skips any frame
-# with a break in a loop); for the grouped SSD with the Triton conv, if asked (mamba2_train's triton_op),
-# triton ops, whose kernels Inductor launches from its generated code (less host time per launch) and
-# whose small ops it fuses.
 def _padded_width(width: int) -> int:
     """The row length of in_proj's output in the training op: width rounded up to 64 values (128 bytes in
     bf16). Unaligned rows of a product's output are what torch.compile pads (Inductor's comprehensive
@@ -1467,6 +1461,12 @@ def _padded_width(width: int) -> int:
     return -(-width // 64) * 64
 
 
+# The training pass is two ops (forward, backward) joined by register_autograd: custom ops with
+# mamba-ssm's kernels, which torch.compile sees as one opaque op per layer instead of a graph break (a
+# graph break inside the loop over blocks would make it give up on the whole model: it skips any frame
+# with a break in a loop); for the grouped SSD with the Triton conv, if asked (mamba2_train's triton_op),
+# triton ops, whose kernels Inductor launches from its generated code (less host time per launch) and
+# whose small ops it fuses.
 def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
                            dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor,
                            out_w: torch.Tensor, seq_idx: Optional[torch.Tensor], chunk: int, headdim: int,
