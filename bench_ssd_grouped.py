@@ -8,6 +8,7 @@ dt (after softplus), A, D, an initial state.
     python bench_ssd_grouped.py --profile  # also the kernels of one forward + backward
     python bench_ssd_grouped.py --check    # errors of both paths against ssd_reference in float64
     python bench_ssd_grouped.py --sweep diag    # block rows, warps and stages of the (Q, Q) kernels
+    python bench_ssd_grouped.py --sweep diag --sweep-rows 16,32 --sweep-warps 1,2  # other block rows and warps
     python bench_ssd_grouped.py --sweep states  # tiles, warps and stages of the chunk-state + scan kernels
     python bench_ssd_grouped.py --sweep copy    # rows per program and warps of the B / C row copy
     python bench_ssd_grouped.py --sweep dg      # tiles, warps and stages of dG's products (dB, dC)
@@ -30,7 +31,7 @@ import torch
 import data as datamod
 import ssd_grouped
 import ssd_reference
-from bench import cuda_time
+from bench import comma_list, cuda_time
 
 
 def cuda_ms(fn, iters=20, queued=False):
@@ -65,6 +66,11 @@ def main():
                     help="launch shapes of the (Q, Q) kernels, of the chunk-state + scan kernels, of the B / C row "
                     "copy, of dG's products, of the Triton conv, of the RMSNorms or of the GELU + dropout")
     ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
+    ap.add_argument("--sweep-rows", type=comma_list(datamod.positive_int), default="32,64,128",
+                    help="--sweep diag: block rows BM to try")
+    ap.add_argument("--sweep-warps", type=comma_list(datamod.positive_int), default="4,8",
+                    help="--sweep diag: warps per program to try (below 4, Triton's products leave Hopper's "
+                    "warpgroup instructions and a warp holds more of a tile)")
     ap.add_argument("--maxnreg", type=int, help="--sweep: cap the registers per thread at this (Triton's "
                     "maxnreg), so that more programs fit on an SM")
     ap.add_argument("--conv", action="store_true", help="time the conv + SiLU of the training pass instead")
@@ -86,7 +92,10 @@ def main():
     if a.sweep:
         fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy, "dg": sweep_dg, "conv": sweep_conv,
               "norm": sweep_norm, "gelu_dropout": sweep_gelu_dropout}[a.sweep]
-        return fn(a.batch, a.length, a.dstate, a.chunk, maxnreg=a.maxnreg)
+        extra = {}
+        if a.sweep == "diag":
+            extra = dict(rows=a.sweep_rows, warps=a.sweep_warps)
+        return fn(a.batch, a.length, a.dstate, a.chunk, maxnreg=a.maxnreg, **extra)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
     leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
@@ -480,9 +489,10 @@ def registers(l, n, Q):
             print(f"| {fn.__name__} | sm_{arch} | {warps} | {regs} | {stack} | {kb:.0f} | {fit} |", flush=True)
 
 
-def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
-    """ms of _diag_fwd_kernel, _diag_bwd_x_kernel and _diag_bwd_G_kernel per launch shape, the last two with
-    their tiles loaded through TMA descriptors (Hopper on) and through pointers."""
+def sweep(b, l, n, Q, h=32, p=64, maxnreg=None, rows=(32, 64, 128), warps=(4, 8)):
+    """ms of _diag_fwd_kernel, _diag_bwd_x_kernel and _diag_bwd_G_kernel per launch shape (block rows in
+    rows, warps per program in warps, 1-3 stages), the last two with their tiles loaded through TMA
+    descriptors (Hopper on) and through pointers."""
     import itertools
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
     c = -(-l // Q)
@@ -496,8 +506,8 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
     small = lambda: torch.empty(b, c, Q, h, device="cuda")  # noqa: E731
     sg = ssd_grouped
     tmas = (True, False) if sg._has_tma(x.device) else (False,)
-    for tma, bm, warps, stages in itertools.product(tmas, (32, 64, 128), (4, 8), (1, 2, 3)):
-        kw = dict(Q=Q, BM=bm, BP=p, PREC="tf32", num_warps=warps, num_stages=stages,
+    for tma, bm, n_warps, stages in itertools.product(tmas, rows, warps, (1, 2, 3)):
+        kw = dict(Q=Q, BM=bm, BP=p, PREC="tf32", num_warps=n_warps, num_stages=stages,
                   **({} if maxnreg is None else dict(maxnreg=maxnreg)))
         nb = Q // bm
         row = torch.zeros(b, c, h, nb, Q, device="cuda")
@@ -513,7 +523,7 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None):
         if not tma:
             calls["fwd"] = lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
                                                                          HAS_D=True, **kw)
-        print(f"TMA {tma} BM {bm} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
+        print(f"TMA {tma} BM {bm} warps {n_warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 
 def sweep_states(b, l, n, Q, h=32, p=64, maxnreg=None):
