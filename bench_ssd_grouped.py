@@ -92,9 +92,7 @@ def main():
     if a.sweep:
         fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy, "dg": sweep_dg, "conv": sweep_conv,
               "norm": sweep_norm, "gelu_dropout": sweep_gelu_dropout}[a.sweep]
-        extra = {}
-        if a.sweep == "diag":
-            extra = dict(rows=a.sweep_rows, warps=a.sweep_warps)
+        extra = dict(rows=a.sweep_rows, warps=a.sweep_warps) if a.sweep == "diag" else {}
         return fn(a.batch, a.length, a.dstate, a.chunk, maxnreg=a.maxnreg, **extra)
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
