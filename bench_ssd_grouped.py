@@ -429,23 +429,25 @@ def _launches(n, Q, tma):
     sg = ssd_grouped
     diag = dict(Q=Q, BM=min(64, Q), BP=64, PREC="tf32")
     st_f, st_b = (sg._states_launch(n, Q, backward, tma) for backward in (False, True))
+    fl, gl = sg._diag_fwd_launch(Q), sg._diag_bwd_G_launch(Q)
     nums = lambda st: dict(BN=st["BN"], BK=st["BK"], TMA=st["TMA"])  # noqa: E731
     # with TMA, the descriptors' tiles as forward_triton and backward_triton make them (_descriptor)
-    descs = {"x_in": (1, diag["BM"], 1, 64), "dy_in": (1, diag["BM"], 1, 64), "xs_in": (1, st_f["BK"], 1, 64),
+    # (x_in's and dy_in's: (1, BM, 1, 64) with each kernel's BM)
+    descs = {"xs_in": (1, st_f["BK"], 1, 64),
              "B_in": (1, st_f["BK"], st_f["BN"]),
              "dye_in": (st_b["BK"], 1, 64), "C_in": (1, st_b["BK"], st_b["BN"])} if tma else {}
     return descs, [
         (sg._prep_kernel, dict(Q=Q, BP=64, WRITE_ACUM=False), 8, 3),
         (sg._states_fwd_kernel, dict(Q=Q, BP=64, **nums(st_f), HAS_INIT=False, PREC="tf32"),
          st_f["num_warps"], st_f["num_stages"]),
-        (sg._diag_fwd_kernel, dict(diag, HAS_D=True), 4, 1),
+        (sg._diag_fwd_kernel, dict(diag, HAS_D=True, BM=fl["BM"]), fl["num_warps"], fl["num_stages"]),
         (sg._dy_kernel, dict(Q=Q, BM=diag["BM"], BP=64), 4, 3),
         (sg._states_bwd_kernel, dict(Q=Q, BP=64, **nums(st_b), HAS_DFINAL=False, PREC="tf32"),
          st_b["num_warps"], st_b["num_stages"]),
         (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True, TMA=tma), 4, 1),
-        (sg._diag_bwd_G_kernel, dict(diag, TMA=tma), 4, 3 if tma else 2),
+        (sg._diag_bwd_G_kernel, dict(diag, TMA=tma, BM=gl["BM"]), gl["num_warps"], gl["num_stages"]),
         (sg._dG_product_kernel, dict(TRANS=True, Q=Q, BM=diag["BM"], BN=128, BK=64, PREC="tf32"), 4, 3),
-        (sg._dacum_kernel, dict(Q=Q, NB=Q // diag["BM"], BNT=4), 4, 3),
+        (sg._dacum_kernel, dict(Q=Q, NB=Q // gl["BM"], BNT=4), 4, 3),
         (sg._copy_rows_kernel, dict(BL=8, BN=512), 4, 3)]
 
 
@@ -468,6 +470,8 @@ def registers(l, n, Q):
     for arch, smem in ((90, 227 * 1024), (80, 163 * 1024)):
         descs, launches = _launches(n, Q, tma=arch >= 90)
         for fn, consts, warps, stages in launches:
+            if arch >= 90 and "x_in" in fn.arg_names:
+                descs = dict(descs, x_in=(1, consts["BM"], 1, 64), dy_in=(1, consts["BM"], 1, 64))
             sig = {a: "constexpr" if a in consts else "i32" if a in values else
                    f"tensordesc<bf16[{','.join(map(str, descs[a]))}]>" if a in descs else
                    "*bf16" if a in _BF16_ARGS else "*fp32" for a in fn.arg_names}

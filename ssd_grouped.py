@@ -723,8 +723,9 @@ def _chunked_rows(t, Q, launch):
 
 
 def _launch(x, chunk_size):
-    """The shapes every kernel shares: (b, l, h, p, c, Q, BM, BP, PREC). Block rows BM 64 and each
-    kernel's warps and stages: the fastest of `bench_ssd_grouped.py --sweep` on an H200."""
+    """The shapes the kernels share: (b, l, h, p, c, Q, BM, BP, PREC). Block rows BM 64 and each
+    kernel's warps and stages: the fastest of `bench_ssd_grouped.py --sweep` on an H200 (the (Q, Q)
+    kernels but _diag_bwd_x: _diag_fwd_launch, _diag_bwd_G_launch)."""
     b, l, h, p = x.shape
     Q = chunk_size
     if Q < 16 or Q & (Q - 1):
@@ -744,6 +745,20 @@ def _states_launch(n, Q, backward, tma):
         bn, bk, warps, stages = (128, 64, 4, 3) if backward else (128, 128, 4, 1)
     return dict(BN=min(bn, max(16, next_power_of_2(n))), BK=min(bk, Q), TMA=tma, num_warps=warps,
                 num_stages=stages)
+
+
+def _diag_fwd_launch(Q):
+    """_diag_fwd_kernel's launch: dict(BM block rows, num_warps, num_stages), the fastest of
+    `bench_ssd_grouped.py --sweep diag` on an H200 (x through pointers: BENCHMARKS.md §0c)."""
+    return dict(BM=min(64, Q), num_warps=4, num_stages=1)
+
+
+def _diag_bwd_G_launch(Q):
+    """_diag_bwd_G_kernel's launch: dict(BM, num_warps, num_stages), the fastest of `bench_ssd_grouped.py
+    --sweep diag` on an H200: (32, 32) tiles, each one warp's, so that M's column sums are summed inside
+    a warp rather than exchanged across the warps of a tile once per head (BENCHMARKS.md §0c). Its BM
+    also sets the slots of d acum's (Q, Q) part: Q / BM."""
+    return dict(BM=min(32, Q), num_warps=1, num_stages=3)
 
 
 def _tma(tma, device, launch):
@@ -786,9 +801,10 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
-    launch(_diag_fwd_kernel)[(h, Q // BM, b * c)](
-        G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y, l, c, h, p, sx, Q=Q, BM=BM, BP=BP,
-        HAS_D=D is not None, PREC=prec, num_stages=1)
+    fl = _diag_fwd_launch(Q)
+    launch(_diag_fwd_kernel)[(h, Q // fl["BM"], b * c)](
+        G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y, l, c, h, p, sx, Q=Q, BP=BP,
+        HAS_D=D is not None, PREC=prec, **fl)
     return y, final.view(b, h, p, n), acum, S_prev, G, y_off
 
 
@@ -850,15 +866,19 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
         HAS_D=D is not None, TMA=tma, PREC=prec, num_stages=1)
     del dxs
     dG = torch.empty(b, c, Q, Q, device=dev, dtype=x.dtype)
-    dacum_m = torch.empty(b, c, h, Q // BM, Q, device=dev, dtype=f32)  # d acum's (Q, Q) part: every slot written
-    launch(_diag_bwd_G_kernel)[(Q // BM, Q // BM, b * c)](
-        G, acum, x_t, dt32, dy_t, dG, dacum_m, l, c, h, p, sx, Q=Q, BM=BM, BP=BP, TMA=tma, PREC=prec, num_warps=4,
-        num_stages=3 if tma else 2)
+    gl = _diag_bwd_G_launch(Q)
+    nb = Q // gl["BM"]
+    dacum_m = torch.empty(b, c, h, nb, Q, device=dev, dtype=f32)    # d acum's (Q, Q) part: every slot written
+    if gl["BM"] != BM:  # its own tiles
+        rows = (1, gl["BM"], 1, BP)
+        x_t, dy_t = _tiles(tma, x, rows), _tiles(tma, dy, rows)
+    launch(_diag_bwd_G_kernel)[(nb, nb, b * c)](
+        G, acum, x_t, dt32, dy_t, dG, dacum_m, l, c, h, p, sx, Q=Q, BP=BP, TMA=tma, PREC=prec, **gl)
     # d acum in total, then through acum = cumsum(dt A): ddt and dA
     ddt_out = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dA_part = torch.empty(b * c, h, device=dev, dtype=f32)
     launch(_dacum_kernel)[(h, b * c)](dacum, t, dacum_m, da_part, ddt, A32, dt32, ddt_out, dA_part, l, c, h, nnt,
-                                      Q=Q, NB=Q // BM, BNT=next_power_of_2(nnt))
+                                      Q=Q, NB=nb, BNT=next_power_of_2(nnt))
     # dC += dG B and dB += dG^T C, each written unchunked and cast to where it goes by the same kernel
     dB_out = B.new_empty(b, l, n) if dB_out is None else dB_out
     dC_out = C.new_empty(b, l, n) if dC_out is None else dC_out
