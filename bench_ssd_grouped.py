@@ -9,6 +9,7 @@ dt (after softplus), A, D, an initial state.
     python bench_ssd_grouped.py --check    # errors of both paths against ssd_reference in float64
     python bench_ssd_grouped.py --sweep diag    # block rows, warps and stages of the (Q, Q) kernels
     python bench_ssd_grouped.py --sweep diag --sweep-rows 16,32 --sweep-warps 1,2  # other block rows and warps
+    python bench_ssd_grouped.py --sweep diag --sweep-rows 32 --sweep-warps 1 --maxnreg 128,168  # registers capped
     python bench_ssd_grouped.py --sweep states  # tiles, warps and stages of the chunk-state + scan kernels
     python bench_ssd_grouped.py --sweep copy    # rows per program and warps of the B / C row copy
     python bench_ssd_grouped.py --sweep dg      # tiles, warps and stages of dG's products (dB, dC)
@@ -55,32 +56,38 @@ def inputs(b, l, h, p, n, dtype, seed=0):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--length", type=int, default=2650)
-    ap.add_argument("--dstate", type=int, default=512)
-    ap.add_argument("--chunk", type=int, default=256)
+    ap = datamod.ArgumentParser(prog="bench_ssd_grouped.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=datamod.positive_int, default=16)
+    ap.add_argument("--length", type=datamod.positive_int, default=2650)
+    ap.add_argument("--dstate", type=datamod.positive_int, default=512)
+    ap.add_argument("--chunk", type=datamod.positive_int, default=256, help="a power of two, at least 16")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", choices=("diag", "states", "copy", "dg", "conv", "norm", "gelu_dropout"),
                     help="launch shapes of the (Q, Q) kernels, of the chunk-state + scan kernels, of the B / C row "
                     "copy, of dG's products, of the Triton conv, of the RMSNorms or of the GELU + dropout")
-    ap.add_argument("--seeds", type=int, default=1, help="--check: this many input sets")
+    ap.add_argument("--seeds", type=datamod.positive_int, default=1, help="--check: this many input sets")
     ap.add_argument("--sweep-rows", type=comma_list(datamod.positive_int), default="32,64,128",
                     help="--sweep diag: block rows BM to try")
     ap.add_argument("--sweep-warps", type=comma_list(datamod.positive_int), default="4,8",
                     help="--sweep diag: warps per program to try (below 4, Triton's products leave Hopper's "
                     "warpgroup instructions and a warp holds more of a tile)")
-    ap.add_argument("--maxnreg", type=int, help="--sweep: cap the registers per thread at this (Triton's "
-                    "maxnreg), so that more programs fit on an SM")
+    ap.add_argument("--maxnreg", type=comma_list(datamod.positive_int), help="--sweep: cap the registers per "
+                    "thread at this (Triton's maxnreg), so that more programs fit on an SM; several, comma-separated: "
+                    "the sweep once per cap")
     ap.add_argument("--conv", action="store_true", help="time the conv + SiLU of the training pass instead")
     ap.add_argument("--norm", action="store_true", help="time the RMSNorms of the training pass instead")
     ap.add_argument("--gelu-dropout", action="store_true", help="time the feed-forward's GELU + dropout instead")
     ap.add_argument("--registers", action="store_true", help="compile the Triton kernels for sm_90 and sm_80 "
                     "here (Triton's own ptxas, no GPU) and print their registers, spill stack and programs per SM")
     a = ap.parse_args()
+    if a.chunk < 16 or a.chunk & (a.chunk - 1):
+        ap.error(f"argument --chunk: expected a power of two of at least 16, not {a.chunk}")
     if a.registers:
         return registers(a.length, a.dstate, a.chunk)
+    if not torch.cuda.is_available():
+        datamod.fail("bench_ssd_grouped.py: needs a CUDA GPU (--registers alone runs without one)")
     if a.conv:
         return conv(a.batch, a.length, a.dstate)
     if a.norm:
@@ -93,7 +100,11 @@ def main():
         fn = {"diag": sweep, "states": sweep_states, "copy": sweep_copy, "dg": sweep_dg, "conv": sweep_conv,
               "norm": sweep_norm, "gelu_dropout": sweep_gelu_dropout}[a.sweep]
         extra = dict(rows=a.sweep_rows, warps=a.sweep_warps) if a.sweep == "diag" else {}
-        return fn(a.batch, a.length, a.dstate, a.chunk, maxnreg=a.maxnreg, **extra)
+        for cap in a.maxnreg or [None]:
+            if a.maxnreg:
+                print(f"maxnreg {cap}:", flush=True)
+            fn(a.batch, a.length, a.dstate, a.chunk, maxnreg=cap, **extra)
+        return
     b, l, h, p, n, Q = a.batch, a.length, 32, 64, a.dstate, a.chunk
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
     leaves = [t.detach().clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]

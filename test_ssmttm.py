@@ -2919,10 +2919,22 @@ def test_resume_does_not_keep_cuda_graphs(tmp_path):
     ("bench.py", ["--batches", "4,0"], "bench.py: error: argument --batches: expected a whole number of at least 1, "
                                        "not '0'"),
     ("bench.py", ["--quick", "--only", "train", "--mamba-train", "keep_states", "--triton-op", "1"],
-     "bench.py: --triton-op 1 is the grouped path's: pass --mamba-train grouped too")])
+     "bench.py: --triton-op 1 is the grouped path's: pass --mamba-train grouped too"),
+    ("bench_ssd_grouped.py", ["--sweep", "diag", "--maxnreg", "168,0"],
+     "bench_ssd_grouped.py: error: argument --maxnreg: expected a whole number of at least 1, not '0'"),
+    ("bench_ssd_grouped.py", ["--registers", "--chunk", "48"],
+     "bench_ssd_grouped.py: error: argument --chunk: expected a power of two of at least 16, not 48")])
 def test_command_line_errors_have_no_traceback(script, flags, message):
     done = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, cwd=HERE)
     assert (done.returncode, done.stdout, done.stderr) == (2, "", message + "\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the benchmark runs")
+def test_ssd_benchmark_without_a_gpu_says_so_in_one_line():
+    done = subprocess.run([sys.executable, "bench_ssd_grouped.py", "--sweep", "diag"], capture_output=True,
+                          text=True, cwd=HERE)
+    assert (done.returncode, done.stdout, done.stderr) == (
+        2, "", "bench_ssd_grouped.py: needs a CUDA GPU (--registers alone runs without one)\n")
 
 
 def test_training_reads_every_caption_of_a_clip(tmp_path, monkeypatch):
