@@ -68,15 +68,19 @@ def cuda_time(fn, iters, warmup, queued=False):
 
 
 def gpu_busy_ms(fn):
-    """Milliseconds in which at least one kernel or copy ran on the GPU during one fn() (torch.profiler;
-    work on several streams at once counted once). Well under fn's time, fn waits on the host's launches
-    (an eager step at small batch on a slow CPU): its time then measures the host as much as the code."""
+    """(busy, span): milliseconds in which at least one kernel or copy ran on the GPU during one fn()
+    (torch.profiler; work on several streams at once counted once), and from the first one's start to the
+    last one's end. Busy well under fn's time means fn waits on the host's launches (an eager step at
+    small batch on a slow CPU): its time then measures the host as much as the code. span - busy is the
+    GPU idle between kernels; fn's time - span, its wait for the first kernel and whatever the profiler's
+    intervals leave out."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return interval_union([(e.time_range.start, e.time_range.end) for e in prof.events()
-                           if e.device_type == torch.autograd.DeviceType.CUDA]) / 1e3
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA]
+    return interval_union(spans) / 1e3, interval_span(spans) / 1e3
 
 
 def host_loop_s():
@@ -95,6 +99,11 @@ def interval_union(spans):
             total += stop - max(start, end)
             end = stop
     return total
+
+
+def interval_span(spans):
+    """From the earliest start to the latest end of (start, end) intervals; 0 for none."""
+    return max(stop for _, stop in spans) - min(start for start, _ in spans) if spans else 0.0
 
 
 def wall_time(fn, iters, warmup):
@@ -166,8 +175,8 @@ def compiled(model, compile):
 
 
 def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=8, device="cuda"):
-    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, the GPU's busy ms in one more step
-    (gpu_busy_ms) and the host's speed just before (host_loop_s); compile: a key of COMPILE_MODES."""
+    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, the GPU's busy and span ms in one more
+    step (gpu_busy_ms) and the host's speed just before (host_loop_s); compile: a key of COMPILE_MODES."""
     model = train_model(variant, n_layers, device, options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
     fwd = compiled(model, compile)
@@ -186,9 +195,9 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
         torch.cuda.reset_peak_memory_stats()
         ms = cuda_time(step, steps, warmup=3)
         peak = torch.cuda.max_memory_allocated() / 2**30
-        busy = gpu_busy_ms(step)
+        busy, span = gpu_busy_ms(step)
     else:
-        ms, peak, busy = wall_time(step, 2, 1), float("nan"), float("nan")
+        ms, peak, busy, span = wall_time(step, 2, 1), float("nan"), float("nan"), float("nan")
     flops = model_flops(model, n_frames, N_TEXT) * batch
     del model, opt, fwd
     return {"section": "train", "variant": variant, "batch": batch, "compile": compile, "chunk": options.chunk_size,
@@ -196,7 +205,7 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
             "gelu+dropout": int(options.fused_gelu_dropout),
             "ms/step": ms, "audio tok/s": batch * n_frames / ms * 1e3, "TFLOP/s": flops / ms / 1e9,
             "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak, "GPU busy ms": busy,
-            "host loop s": host}
+            "GPU span ms": span, "host loop s": host}
 
 
 def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25):

@@ -2842,6 +2842,9 @@ def test_bench_counts_overlapping_kernels_once_in_the_busy_time():
     import bench
     assert bench.interval_union([(30, 40), (0, 10), (5, 20), (32, 35), (40, 41)]) == 31
     assert bench.interval_union([]) == 0
+    # and the span from the first start to the last end, idle time included
+    assert bench.interval_span([(30, 40), (0, 10), (5, 20), (32, 35), (40, 41)]) == 41
+    assert bench.interval_span([(7, 9)]) == 2 and bench.interval_span([]) == 0
 
 
 def test_bench_rounds_take_every_configuration_in_turn(tmp_path, monkeypatch, capsys):
