@@ -869,9 +869,8 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     gl = _diag_bwd_G_launch(Q)
     nb = Q // gl["BM"]
     dacum_m = torch.empty(b, c, h, nb, Q, device=dev, dtype=f32)    # d acum's (Q, Q) part: every slot written
-    if gl["BM"] != BM:  # its own tiles
-        rows = (1, gl["BM"], 1, BP)
-        x_t, dy_t = _tiles(tma, x, rows), _tiles(tma, dy, rows)
+    if gl["BM"] != BM:  # its own tiles, over the tensors the descriptors above hold (x copied at most once)
+        x_t, dy_t = (_tiles(tma, t.base if tma else t, (1, gl["BM"], 1, BP)) for t in (x_t, dy_t))
     launch(_diag_bwd_G_kernel)[(nb, nb, b * c)](
         G, acum, x_t, dt32, dy_t, dG, dacum_m, l, c, h, p, sx, Q=Q, BP=BP, TMA=tma, PREC=prec, **gl)
     # d acum in total, then through acum = cumsum(dt A): ddt and dA
