@@ -483,9 +483,10 @@ def registers(l, n, Q):
         for fn, consts, warps, stages in launches:
             if arch >= 90 and "x_in" in fn.arg_names:
                 descs = dict(descs, x_in=(1, consts["BM"], 1, 64), dy_in=(1, consts["BM"], 1, 64))
+            bf16 = _BF16_ARGS | ({"G_ptr"} if fn is ssd_grouped._diag_fwd_kernel else set())  # G in x's dtype
             sig = {a: "constexpr" if a in consts else "i32" if a in values else
                    f"tensordesc<bf16[{','.join(map(str, descs[a]))}]>" if a in descs else
-                   "*bf16" if a in _BF16_ARGS else "*fp32" for a in fn.arg_names}
+                   "*bf16" if a in bf16 else "*fp32" for a in fn.arg_names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                      if a not in consts and a not in descs and (a not in values or values[a] % 16 == 0)}
             c = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
@@ -511,6 +512,7 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None, rows=(32, 64, 128), warps=(4, 8)
     c = -(-l // Q)
     g = torch.Generator(device="cuda").manual_seed(2)
     G = torch.randn(b, c, Q, Q, device="cuda", generator=g)
+    G_x = G.to(x.dtype)  # the forward's kernel reads G in x's dtype (forward_triton)
     acum = torch.cumsum(dt.new_zeros(b, c * Q, h).view(b, c, Q, h) - 0.01, dim=2)
     yoff = torch.randn(b, c, Q, h * p, device="cuda", generator=g)
     dxs = yoff.to(torch.bfloat16)
@@ -534,7 +536,7 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None, rows=(32, 64, 128), warps=(4, 8)
                                                                     l, c, h, p, h * p, h * p, HAS_D=True, TMA=tma,
                                                                     **kw)}
         if not tma:
-            calls["fwd"] = lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
+            calls["fwd"] = lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G_x, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
                                                                          HAS_D=True, **kw)
         print(f"TMA {tma} BM {bm} warps {n_warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 

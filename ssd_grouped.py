@@ -446,7 +446,7 @@ if triton is not None:
         for s0 in range(0, m * BM, BM):
             s = s0 + tl.arange(0, BM)
             ok_s = s < n_ok
-            G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])          # (BM, BM) fp32
+            G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])          # (BM, BM) x's dtype
             x = _rows(x_c, s, SX, ok_s, pp, P)
             dt_e = tl.load(dt_c + s * H, mask=ok_s, other=0.0) * tl.exp(a_r - tl.load(acum_c + s * H))
             xdt = (x.to(tl.float32) * dt_e[:, None]).to(x.dtype)
@@ -799,11 +799,14 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     del xs
     Bc, Cc = _chunked_rows(B, Q, launch), _chunked_rows(C, Q, launch)  # (b, c, Q, n)
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
-    G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32
+    G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32, for the backward
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     fl = _diag_fwd_launch(Q)
+    # the (Q, Q) kernel reads G in x's dtype, half the bytes of the tiles that every head's program loads again:
+    # its products below the diagonal block round G to that anyway, and on the diagonal block G * decay is
+    # rounded once more (y's error unchanged: BENCHMARKS.md). The backward's d acum needs G in fp32.
     launch(_diag_fwd_kernel)[(h, Q // fl["BM"], b * c)](
-        G, acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y, l, c, h, p, sx, Q=Q, BP=BP,
+        G.to(x.dtype), acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y, l, c, h, p, sx, Q=Q, BP=BP,
         HAS_D=D is not None, PREC=prec, **fl)
     return y, final.view(b, h, p, n), acum, S_prev, G, y_off
 
