@@ -448,7 +448,7 @@ def _launches(n, Q, tma):
              "B_in": (1, st_f["BK"], st_f["BN"]),
              "dye_in": (st_b["BK"], 1, 64), "C_in": (1, st_b["BK"], st_b["BN"])} if tma else {}
     return descs, [
-        (sg._prep_kernel, dict(Q=Q, BP=64, WRITE_ACUM=False), 8, 3),
+        (sg._prep_kernel, dict(Q=Q, BP=64), 8, 3),
         (sg._states_fwd_kernel, dict(Q=Q, BP=64, **nums(st_f), HAS_INIT=False, PREC="tf32"),
          st_f["num_warps"], st_f["num_stages"]),
         (sg._diag_fwd_kernel, dict(diag, HAS_D=True, BM=fl["BM"]), fl["num_warps"], fl["num_stages"]),

@@ -1472,7 +1472,8 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
                            out_w: torch.Tensor, seq_idx: Optional[torch.Tensor], chunk: int, headdim: int,
                            ngroups: int, eps: float, grouped: bool, launch=as_is
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor]:
     """in_proj -> conv -> SSD -> gated RMSNorm -> out_proj of ssmttm.Mamba2.forward, in mamba-ssm's kernels.
 
     The same kernels as mamba-ssm's mamba_split_conv1d_scan_combined, called in the same order,
@@ -1487,15 +1488,16 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
     gradient are not the op's input and gradient, which the compiled step copied whole (BENCHMARKS.md).
     Returns out (b, l, d_model), then for the backward zxbcdt, y (b, l, h, p) before the norm, rstd (g b l), xBC
     after the conv and SiLU (b, l, h p + 2 g n), states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q), dA_cs
-    and dt (b, h, l/Q, Q), and an empty tensor (the grouped SSD's y_off). Every dtype follows from the
-    inputs' (no autocast inside).
+    and dt (b, h, l/Q, Q), and two empty tensors (the grouped SSD's y_off and xs). Every dtype follows from
+    the inputs' (no autocast inside).
 
     grouped (ngroups 1; issue 15): the SSD is ssd_grouped's Triton form instead, the conv + SiLU
     causal_conv_silu (d_conv 4; _conv_silu), the gated norm rms_norm_fwd / rms_norm_bwd, and the saved
     tensors are its own: S_prev (b, l/Q, h p, n) in x's dtype, G (b, l/Q, Q, Q), acum (b, l/Q, Q, h)
     and dt (b, l, h) fp32 after the softplus, 0 at padding (seq_idx 0): with the conv's reset at
-    the sequence's start, the state passes the padding unchanged, as in mask_padding; and y_off
-    (b, l/Q, Q, h p) fp32, C S_prev^T (y's state -> output part before its decay). launch: how the
+    the sequence's start, the state passes the padding unchanged, as in mask_padding; y_off
+    (b, l/Q, Q, h p) fp32, C S_prev^T (y's state -> output part before its decay); and xs (b, l/Q, Q, h p)
+    in x's dtype, x dt decayed to its chunk's end (dB's operand). launch: how the
     grouped path's Triton kernels are launched (ssd_grouped.as_is; torch.library.wrap_triton in the triton
     op)."""
     b, l, _ = u.shape
@@ -1511,9 +1513,9 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
         d_inner, n = z.shape[-1], B.shape[-1]
         if grouped:
             dt = dt_softplus(dt, dt_bias, seq_idx, launch=launch)
-            y, _, acum, S_prev, G, y_off = ssd_grouped.forward_triton(x, dt, A, B[:, :, 0], C[:, :, 0], chunk, D,
-                                                                      launch=launch)
-            saved = S_prev, G, acum, dt, y_off
+            y, _, acum, S_prev, G, y_off, xs = ssd_grouped.forward_triton(x, dt, A, B[:, :, 0], C[:, :, 0], chunk,
+                                                                          D, launch=launch)
+            saved = S_prev, G, acum, dt, y_off, xs
         else:
             dA_cs, dt = _chunk_cumsum_fwd(dt, A, chunk, dt_bias=dt_bias, dt_softplus=True)
             states = _chunk_state_fwd(B, x, dt, dA_cs, seq_idx=seq_idx, states_in_fp32=True)  # each chunk alone
@@ -1521,7 +1523,7 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
             states = states.unflatten(-1, (headdim, n))  # the state entering each chunk, fp32
             CB = _bmm_chunk_fwd(C, B, chunk, seq_idx=seq_idx, output_dtype=torch.float32)
             y, _ = _chunk_scan_fwd(CB, x, dt, dA_cs, C, states, D=D, seq_idx=seq_idx)  # (b, l, h, p), with D x
-            saved = states, CB, dA_cs, dt, dt.new_empty(0)
+            saved = states, CB, dA_cs, dt, dt.new_empty(0), dt.new_empty(0)
         if grouped:  # one group: the gated norm in this module's kernels too
             normed, _, rstd = rms_norm_fwd(y.reshape(b * l, d_inner), norm_w, eps, z=z.view(b * l, d_inner),
                                            launch=launch)
@@ -1558,9 +1560,10 @@ def _(u, in_w, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, hea
             fp32(ngroups * b * l), u.new_empty(b, l, conv_w.shape[0]))
     if grouped:
         return head + (u.new_empty(b, chunks, h * headdim, n), fp32(b, chunks, chunk, chunk),
-                       fp32(b, chunks, chunk, h), fp32(b, l, h), fp32(b, chunks, chunk, h * headdim))
+                       fp32(b, chunks, chunk, h), fp32(b, l, h), fp32(b, chunks, chunk, h * headdim),
+                       u.new_empty(b, chunks, chunk, h * headdim))
     return head + (fp32(b, chunks, h, headdim, n), fp32(b, chunks, ngroups, chunk, chunk), fp32(b, h, chunks, chunk),
-                   fp32(b, h, chunks, chunk), fp32(0))
+                   fp32(b, h, chunks, chunk), fp32(0), fp32(0))
 
 
 def _mamba_ssd_backward(x, B, C, dt_in, dt, dA_cs, CB, states, dy, dx, dB, dC, ddt_in, A, D, dt_bias, seq_idx,
@@ -1592,12 +1595,13 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
                            norm_w: torch.Tensor, out_w: torch.Tensor, seq_idx: Optional[torch.Tensor],
                            zxbcdt: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, xBC_conv: torch.Tensor,
                            states: torch.Tensor, CB: torch.Tensor, dA_cs: torch.Tensor, dt: torch.Tensor,
-                           y_off: torch.Tensor, chunk: int, headdim: int, ngroups: int, eps: float, grouped: bool,
+                           y_off: torch.Tensor, xs: torch.Tensor, chunk: int, headdim: int, ngroups: int, eps: float,
+                           grouped: bool,
                            launch=as_is) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of _mamba2_train_fwd's out for its tensor inputs u ... out_w, each in its input's dtype,
     from the forward's other outputs (zxbcdt: in_proj's output; xBC_conv: the conv's output). With grouped,
-    states, CB and dA_cs are the grouped SSD's S_prev, G and acum, and y_off its own (empty otherwise)."""
+    states, CB and dA_cs are the grouped SSD's S_prev, G and acum, and y_off and xs its own (empty otherwise)."""
     g = ngroups
     b, l, _ = zxbcdt.shape
     h, width = A.shape[0], in_w.shape[0]
@@ -1633,7 +1637,7 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
         dy = dy.view(b, l, h, headdim)
         if grouped:
             dx, ddt, dA, dB, dC, dD, _ = ssd_grouped.backward_triton(  # dx, dB, dC into the conv's gradient
-                dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, y_off, chunk,
+                dy, None, x, dt, A, B[:, :, 0], C[:, :, 0], D, None, dA_cs, states, CB, y_off, xs, chunk,
                 dx_out=into(dx), dB_out=into(dB[:, :, 0]), dC_out=into(dC[:, :, 0]), launch=launch)
             ddt_in, ddt_bias = dt_softplus_backward(ddt, dt_in, dt_bias, seq_idx, out=into(ddt_in), launch=launch)
             if launch is not as_is:

@@ -140,9 +140,10 @@ def state_passing_backward(dS_local, S_prev, a_end, dfinal=None):
 def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """The torch form (any device, any float dtype). Returns y (b, l, h, p) in x's dtype, the final
     state (b, h, p, n) fp32, and what `backward` needs: acum (b, c, Q, h) fp32, S_prev (b, c, h*p, n)
-    in x's dtype (the state entering each chunk, as the GEMMs take it), G = C B^T (b, c, Q, Q) fp32, and
+    in x's dtype (the state entering each chunk, as the GEMMs take it), G = C B^T (b, c, Q, Q) fp32,
     y_off = C S_prev^T (b, c, Q, h*p) fp32 (y's state -> output part is exp(acum) y_off), kept for d acum in
-    fp32: rounded to x's dtype, its products with dy no longer cancel in d acum's sums (BENCHMARKS.md, 0c)."""
+    fp32: rounded to x's dtype, its products with dy no longer cancel in d acum's sums (BENCHMARKS.md, 0c),
+    and xs (b, c, Q, h*p) in x's dtype, the chunk states' operand, which dB's product takes again."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     Q = chunk_size
@@ -166,10 +167,10 @@ def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     if D is not None:
         y = y + D.to(ft)[:, None] * xc.to(ft)
     y = y.reshape(b, c * Q, h, p)[:, :l].to(x.dtype).contiguous()
-    return y, final.view(b, h, p, n), acum, S_prev, G, y_off.view(b, c, Q, h * p)
+    return y, final.view(b, h, p, n), acum, S_prev, G, y_off.view(b, c, Q, h * p), xs.reshape(b, c, Q, h * p)
 
 
-def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, chunk_size):
+def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, xs, chunk_size):
     """The torch form of the gradients of forward's (y, final state): dy (b, l, h, p), dfinal
     (b, h, p, n) or None, then forward's inputs and saved tensors. Returns dx, ddt, dA, dB, dC, dD (None
     without D), d initial_state (None without one)."""
@@ -183,7 +184,7 @@ def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_of
     a_end = acum[:, :, -1]
     xdt = xc.to(ft) * dtc[..., None]
     to_end = torch.exp(a_end[:, :, None] - acum)                       # (b, c, Q, h)
-    xs = (xdt * to_end[..., None]).to(x.dtype)
+    xs = xs.view(b, c, Q, h, p)
     dtype = x.dtype
 
     # state -> output: y's part exp(acum) (C S_prev^T)
@@ -311,11 +312,10 @@ if triton is not None:
 
     @triton.jit
     def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, xs_ptr, L, NC, H, P, SX,
-                     Q: tl.constexpr, BP: tl.constexpr, WRITE_ACUM: tl.constexpr):
+                     Q: tl.constexpr, BP: tl.constexpr):
         """xs = x dt exp(acum_end - acum) in xs's dtype, (b, c, Q, h, p), zero past L (the chunk states'
-        operand in the forward, dB's in the backward), with acum = cumsum(dt A) over one chunk, also
-        written to acum (b, c, Q, h) if WRITE_ACUM (the forward). x (b, L, h, p) with rows SX apart,
-        dt (b, L, h). Grid (h, b*c)."""
+        operand in the forward, kept for dB's in the backward), with acum = cumsum(dt A) over one chunk,
+        also written to acum (b, c, Q, h). x (b, L, h, p) with rows SX apart, dt (b, L, h). Grid (h, b*c)."""
         h, bc = tl.program_id(0), tl.program_id(1).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
@@ -323,8 +323,7 @@ if triton is not None:
         ok = q < (L - ci * Q).to(tl.int32)
         dt = tl.load(dt_ptr + r0 * H + h + q * H, mask=ok, other=0.0)
         acum = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
-        if WRITE_ACUM:
-            tl.store(acum_ptr + bc * Q * H + h + q * H, acum)
+        tl.store(acum_ptr + bc * Q * H + h + q * H, acum)
         a_end = tl.sum(tl.where(q == Q - 1, acum, 0.0), axis=0)
         pp = tl.arange(0, BP)
         x = _rows(x_ptr + r0 * SX + h * P, q, SX, ok, pp, P)
@@ -785,7 +784,7 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     (x, sx), (B, sb), dt, A = _rows_of(x), _rows_of(B), dt.float().contiguous(), A.float().contiguous()
     acum = torch.empty(b, c, Q, h, device=dev, dtype=torch.float32)
     xs = torch.empty(b, c * Q, h, p, device=dev, dtype=x.dtype)
-    launch(_prep_kernel)[(h, b * c)](x, dt, A, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=True, num_warps=8)
+    launch(_prep_kernel)[(h, b * c)](x, dt, A, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, num_warps=8)
     # the chunk states and the scan between chunks, the state on chip
     S_prev = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     final = torch.empty(b, hp, n, device=dev, dtype=torch.float32)
@@ -796,7 +795,6 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
         _tiles(tma, xs, (1, st["BK"], 1, BP)), acum, _tiles(tma, B, (1, st["BK"], st["BN"])),
         final if init is None else init, S_prev, final, l, c, h, p, n, sb, Q=Q, BP=BP, HAS_INIT=init is not None,
         PREC=prec, **st)
-    del xs
     Bc, Cc = _chunked_rows(B, Q, launch), _chunked_rows(C, Q, launch)  # (b, c, Q, n)
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32, for the backward
@@ -808,10 +806,10 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     launch(_diag_fwd_kernel)[(h, Q // fl["BM"], b * c)](
         G.to(x.dtype), acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y, l, c, h, p, sx, Q=Q, BP=BP,
         HAS_D=D is not None, PREC=prec, **fl)
-    return y, final.view(b, h, p, n), acum, S_prev, G, y_off
+    return y, final.view(b, h, p, n), acum, S_prev, G, y_off, xs.view(b, c, Q, hp)
 
 
-def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, chunk_size, dx_out=None,
+def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, xs, chunk_size, dx_out=None,
                     dB_out=None, dC_out=None, tma=None, launch=as_is):
     """backward with the elementwise work in Triton: same arguments and results. dx_out: where to
     write dx instead of a new tensor, (b, l, h, p) in x's dtype with rows of h*p values (as x may be:
@@ -850,13 +848,10 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
         acum, d_init if dfin is None else dfin, dstates, d_init, da_part, l, c, h, p, n, sc, nnt, Q=Q, BP=BP,
         HAS_DFINAL=dfin is not None, PREC=prec, **st)
     del dy_e
-    # chunk states: S = xs^T B (xs made again, as the forward's kernel made it)
-    xs = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype)
-    launch(_prep_kernel)[(h, b * c)](x, dt32, A32, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, WRITE_ACUM=False,
-                                     num_warps=8)
+    # chunk states: S = xs^T B (xs kept by the forward: a pass over x and xs less, for xs's memory)
     dxs = torch.matmul(Bc, dstates.transpose(-1, -2))                # (b, c, Q, h*p) in x's dtype: K = n
     dB = _matmul_f32(xs, dstates)                                     # (b, c, Q, n): K = h*p
-    del xs, dstates
+    del dstates
     # inside the chunks, and the rest of the chain per position
     dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype) if dx_out is None else dx_out
     ddt, t, dD_part = small(), small(), small()
@@ -902,8 +897,8 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
 def _ssd_grouped_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                      D: Optional[torch.Tensor], initial_state: Optional[torch.Tensor], chunk_size: int,
                      use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                torch.Tensor]:
-    """forward as an op: y, the final state, then acum, S_prev, G and y_off for the backward."""
+                                                torch.Tensor, torch.Tensor]:
+    """forward as an op: y, the final state, then acum, S_prev, G, y_off and xs for the backward."""
     return (forward_triton if use_triton else forward)(x, dt, A, B, C, chunk_size, D, initial_state)
 
 
@@ -914,24 +909,24 @@ def _(x, dt, A, B, C, D, initial_state, chunk_size, use_triton):
     ft = torch.promote_types(x.dtype, torch.float32)
     new = lambda *shape: x.new_empty(shape, dtype=ft)  # noqa: E731
     return (x.new_empty(b, l, h, p), new(b, h, p, n), new(b, c, Q, h), x.new_empty(b, c, h * p, n), new(b, c, Q, Q),
-            new(b, c, Q, h * p))
+            new(b, c, Q, h * p), x.new_empty(b, c, Q, h * p))
 
 
 @torch.library.custom_op("ssmttm::ssd_grouped_bwd", mutates_args=())
 def _ssd_grouped_bwd(dy: torch.Tensor, dfinal: Optional[torch.Tensor], x: torch.Tensor, dt: torch.Tensor,
                      A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor],
                      initial_state: Optional[torch.Tensor], acum: torch.Tensor, S_prev: torch.Tensor,
-                     G: torch.Tensor, y_off: torch.Tensor, chunk_size: int, use_triton: bool
+                     G: torch.Tensor, y_off: torch.Tensor, xs: torch.Tensor, chunk_size: int, use_triton: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
     """backward as an op: dx, ddt, dA, dB, dC, dD and d initial_state (empty for a missing D or state)."""
     grads = (backward_triton if use_triton else backward)(dy, dfinal, x, dt, A, B, C, D, initial_state, acum,
-                                                           S_prev, G, y_off, chunk_size)
+                                                           S_prev, G, y_off, xs, chunk_size)
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
 @_ssd_grouped_bwd.register_fake
-def _(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, chunk_size, use_triton):
+def _(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, xs, chunk_size, use_triton):
     like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
     return tuple(like(t) for t in (x, dt, A, B, C, D, initial_state))
 
@@ -944,12 +939,12 @@ def _ssd_grouped_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # None for an output without a gradient, not a tensor of zeros
 
 
-def _ssd_grouped_backward(ctx, dy, dfinal, *_):  # acum, S_prev, G and y_off are for the backward, not used
-    x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off = ctx.saved_tensors
+def _ssd_grouped_backward(ctx, dy, dfinal, *_):  # acum, S_prev, G, y_off and xs are for the backward, not used
+    x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, xs = ctx.saved_tensors
     if dy is None:  # only the final state has a gradient
         dy = torch.zeros_like(x)
     dx, ddt, dA, dB, dC, dD, d_init = _ssd_grouped_bwd(dy, dfinal, x, dt, A, B, C, D, initial_state, acum,
-                                                       S_prev, G, y_off, *ctx.sizes)
+                                                       S_prev, G, y_off, xs, *ctx.sizes)
     return dx, ddt, dA, dB, dC, dD if ctx.has_D else None, d_init if ctx.has_init else None, None, None
 
 
