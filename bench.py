@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -106,6 +107,49 @@ def interval_span(spans):
     return max(stop for _, stop in spans) - min(start for start, _ in spans) if spans else 0.0
 
 
+class GPUClockLog:
+    """A context manager: the SM clock (MHz) and the board's power draw (W) of a CUDA device, sampled by
+    nvidia-smi every interval_ms while the block runs; afterwards .sm_mhz and .power_w are the medians, NaN
+    where nvidia-smi is missing or reported nothing. A run of training steps holds an H200 at its power cap,
+    where it lowers its clock (BENCHMARKS.md §0c, thirty-third session): machines, and a timed step against a
+    profiled one after a pause, differ by that."""
+
+    def __init__(self, device=None, interval_ms=100):
+        uuid = torch.cuda.get_device_properties(device).uuid if torch.cuda.is_available() else None
+        self.command = ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                        "-lms", str(interval_ms)] + ([] if uuid is None else ["-i", f"GPU-{uuid}"])
+        self.sm_mhz = self.power_w = float("nan")
+
+    def __enter__(self):
+        try:
+            self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:  # no nvidia-smi here
+            self.proc = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate()
+            self.sm_mhz, self.power_w = clock_medians(out)
+        return False
+
+
+def clock_medians(text):
+    """(median SM MHz, median W) of nvidia-smi's "clocks.sm, power.draw" lines (csv, no header, no units);
+    lines that are not two numbers ("[N/A]", a cut-off last line) are skipped; NaN for none."""
+    samples = []
+    for line in text.splitlines():
+        try:
+            mhz, watts = (float(v) for v in line.split(","))
+        except ValueError:
+            continue
+        samples.append((mhz, watts))
+    if not samples:
+        return float("nan"), float("nan")
+    return statistics.median(m for m, _ in samples), statistics.median(w for _, w in samples)
+
+
 def wall_time(fn, iters, warmup):
     for _ in range(warmup):
         fn()
@@ -175,8 +219,9 @@ def compiled(model, compile):
 
 
 def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=8, device="cuda"):
-    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, the GPU's busy and span ms in one more
-    step (gpu_busy_ms) and the host's speed just before (host_loop_s); compile: a key of COMPILE_MODES."""
+    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, the GPU's median SM clock and power
+    during the timed steps (GPUClockLog), its busy and span ms in one more step (gpu_busy_ms) and the host's
+    speed just before (host_loop_s); compile: a key of COMPILE_MODES."""
     model = train_model(variant, n_layers, device, options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
     fwd = compiled(model, compile)
@@ -193,19 +238,24 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
     host = host_loop_s()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        ms = cuda_time(step, steps, warmup=3)
+        for _ in range(3):  # warm-up (and compilation) outside the clock's log
+            step()
+        torch.cuda.synchronize()
+        with GPUClockLog() as clock:
+            ms = cuda_time(step, steps, warmup=0)
         peak = torch.cuda.max_memory_allocated() / 2**30
         busy, span = gpu_busy_ms(step)
     else:
         ms, peak, busy, span = wall_time(step, 2, 1), float("nan"), float("nan"), float("nan")
+        clock = GPUClockLog()
     flops = model_flops(model, n_frames, N_TEXT) * batch
     del model, opt, fwd
     return {"section": "train", "variant": variant, "batch": batch, "compile": compile, "chunk": options.chunk_size,
             "mamba2": options.train, "triton op": int(options.triton_op), "add+norm": int(options.fused_add_norm),
             "gelu+dropout": int(options.fused_gelu_dropout),
             "ms/step": ms, "audio tok/s": batch * n_frames / ms * 1e3, "TFLOP/s": flops / ms / 1e9,
-            "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak, "GPU busy ms": busy,
-            "GPU span ms": span, "host loop s": host}
+            "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak, "SM MHz": clock.sm_mhz,
+            "power W": clock.power_w, "GPU busy ms": busy, "GPU span ms": span, "host loop s": host}
 
 
 def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25):

@@ -2848,6 +2848,32 @@ def test_bench_counts_overlapping_kernels_once_in_the_busy_time():
     assert bench.interval_span([(7, 9)]) == 2 and bench.interval_span([]) == 0
 
 
+def test_bench_logs_the_gpus_clock_and_power_beside_the_timed_steps(tmp_path, monkeypatch):
+    # GPUClockLog runs nvidia-smi in loop mode while the block runs and keeps the medians of its samples (the
+    # train rows' "SM MHz" and "power W"); here a stand-in prints five samples, one of them not numbers, then
+    # waits to be stopped as nvidia-smi does
+    import bench
+    import time
+    fake, printed = tmp_path / "bin" / "nvidia-smi", tmp_path / "printed"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\nprintf '1980, 126.0\\n1500, 699.5\\n[N/A], [N/A]\\n1830, 689.1\\n1700, 690.0\\n'\n"
+                    f"touch {printed}\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with bench.GPUClockLog() as clock:
+        for _ in range(500):  # until the stand-in has printed
+            if printed.exists():
+                break
+            time.sleep(0.02)
+    assert clock.sm_mhz == 1765 and clock.power_w == pytest.approx(689.55)
+    assert bench.clock_medians("1830, 689.1\n18") == (1830, 689.1)  # a cut-off last line is skipped
+    # without nvidia-smi: NaN, not an error
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with bench.GPUClockLog() as clock:
+        pass
+    assert math.isnan(clock.sm_mhz) and math.isnan(clock.power_w)
+
+
 def test_bench_rounds_take_every_configuration_in_turn(tmp_path, monkeypatch, capsys):
     # --rounds 2: A B A B, not A A B B, each row with its round; --json keeps every row written so far
     import bench
