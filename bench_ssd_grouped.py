@@ -235,14 +235,19 @@ def conv(b, l, n, h=32, p=64):
     paths = (("causal-conv1d", kernels._causal_conv, causal_conv1d_backward),
              ("Triton", kernels.causal_conv_silu,
               lambda seq_idx, dx: kernels.causal_conv_silu_backward(dout, xBC, weight, bias, seq_idx, dx_out=dx)))
-    print(f"b {b} L {l} channels {xBC.shape[-1]} width 4; ms per call (median of 20, CUDA events)")
-    print("| seq_idx | conv | forward | backward | forward + backward |\n|---|---|---|---|---|")
+    print(f"b {b} L {l} channels {xBC.shape[-1]} width 4; ms per call (median of 20, CUDA events): one call at a "
+          "time, and queued behind a GPU sleep (the GPU's time alone, as in a training step, where the host's "
+          "launches run ahead)")
+    print("| seq_idx | conv | forward | backward | forward + backward | queued: forward | backward "
+          "| forward + backward |\n|---|---|---|---|---|---|---|---|")
     for seq_name, seq_idx in (("none", None), ("left padding", pad)):
         outs = {}
         for name, fwd, bwd in paths:
-            ms_f = cuda_ms(lambda: fwd(xBC, weight, bias, seq_idx))
-            ms_b = cuda_ms(lambda: bwd(seq_idx, dx_out))
-            print(f"| {seq_name} | {name} | {ms_f:.3f} | {ms_b:.3f} | {ms_f + ms_b:.3f} |", flush=True)
+            ms = [cuda_ms(lambda: fwd(xBC, weight, bias, seq_idx), queued=queued) for queued in (False, True)]
+            ms += [cuda_ms(lambda: bwd(seq_idx, dx_out), queued=queued) for queued in (False, True)]
+            (f1, fq), (b1, bq) = ms[:2], ms[2:]
+            print(f"| {seq_name} | {name} | {f1:.3f} | {b1:.3f} | {f1 + b1:.3f} | {fq:.3f} | {bq:.3f} "
+                  f"| {fq + bq:.3f} |", flush=True)
             outs[name] = (fwd(xBC, weight, bias, seq_idx),) + tuple(t.clone() for t in bwd(seq_idx, dx_out.clone()))
         print("Triton against causal-conv1d, relative: " + ", ".join(
             f"{k} {rel(a, r):.2e}" for k, a, r in zip(("out", "dx", "dweight", "dbias"), outs["Triton"],
