@@ -243,9 +243,8 @@ def conv(b, l, n, h=32, p=64):
     for seq_name, seq_idx in (("none", None), ("left padding", pad)):
         outs = {}
         for name, fwd, bwd in paths:
-            ms = [cuda_ms(lambda: fwd(xBC, weight, bias, seq_idx), queued=queued) for queued in (False, True)]
-            ms += [cuda_ms(lambda: bwd(seq_idx, dx_out), queued=queued) for queued in (False, True)]
-            (f1, fq), (b1, bq) = ms[:2], ms[2:]
+            f1, fq = (cuda_ms(lambda: fwd(xBC, weight, bias, seq_idx), queued=q) for q in (False, True))
+            b1, bq = (cuda_ms(lambda: bwd(seq_idx, dx_out), queued=q) for q in (False, True))
             print(f"| {seq_name} | {name} | {f1:.3f} | {b1:.3f} | {f1 + b1:.3f} | {fq:.3f} | {bq:.3f} "
                   f"| {fq + bq:.3f} |", flush=True)
             outs[name] = (fwd(xBC, weight, bias, seq_idx),) + tuple(t.clone() for t in bwd(seq_idx, dx_out.clone()))
