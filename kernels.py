@@ -726,22 +726,20 @@ if triton is not None:
         return xa, sa, xb, sb, xc, sc, xd, sd
 
     @triton.jit
-    def _conv_fwd_kernel(x_ptr, sx_b, sx_l, w_ptr, b_ptr, seq_ptr, out_ptr, so_b, so_l, L, C,
-                         SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr, PREFETCH: tl.constexpr):
-        """Grid (channel blocks, segments of SEG positions, batch rows); SEG a multiple of 4. PREFETCH: each
-        four-row step issues the next step's loads before its own arithmetic (the compiler does not
-        pipeline this loop), so that they are in flight meanwhile."""
-        bi = tl.program_id(2).to(tl.int64)
-        c = tl.program_id(0) * BC + tl.arange(0, BC)
-        c_ok = c < C
-        t_lo = tl.program_id(1) * SEG
-        t_hi = tl.minimum(t_lo + SEG, L)
-        x_b, o_b, seq_b = x_ptr + bi * sx_b, out_ptr + bi * so_b, seq_ptr + bi * L
-        w0 = tl.load(w_ptr + c * 4, mask=c_ok, other=0.0).to(tl.float32)
-        w1 = tl.load(w_ptr + c * 4 + 1, mask=c_ok, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + c * 4 + 2, mask=c_ok, other=0.0).to(tl.float32)
-        w3 = tl.load(w_ptr + c * 4 + 3, mask=c_ok, other=0.0).to(tl.float32)
-        bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    def _one_sequence(seq_b, r_lo, r_hi, L, BLOCK: tl.constexpr):
+        """Whether the rows of [r_lo, r_hi) that lie in [0, L) all carry one sequence index (r_hi - r_lo <=
+        BLOCK). A segment for which this holds needs no masks: walked as without seq_idx, it computes the
+        same sums, since a row outside [0, L) reads 0 either way (rounded alike only up to the order the
+        compiler fuses the multiply-adds in, which the masks' products change)."""
+        r = r_lo + tl.arange(0, BLOCK)
+        ok = (r >= 0) & (r < L) & (r < r_hi)
+        s = tl.load(seq_b + r, mask=ok, other=0)
+        return tl.min(tl.where(ok, s, 2147483647), axis=0) == tl.max(tl.where(ok, s, -2147483647), axis=0)
+
+    @triton.jit
+    def _conv_fwd_walk(x_b, seq_b, o_b, sx_l, so_l, L, c, c_ok, t_lo, t_hi, w0, w1, w2, w3, bias,
+                       SEG: tl.constexpr, HAS_SEQ: tl.constexpr, PREFETCH: tl.constexpr):
+        """_conv_fwd_kernel's walk over one segment [t_lo, t_hi) of positions for the channels c."""
         x1, s1 = _conv_row(x_b + (t_lo - 1) * sx_l, seq_b, t_lo - 1, L, c, c_ok, HAS_SEQ)   # x[t-1], x[t-2], x[t-3]
         x2, s2 = _conv_row(x_b + (t_lo - 2) * sx_l, seq_b, t_lo - 2, L, c, c_ok, HAS_SEQ)
         x3, s3 = _conv_row(x_b + (t_lo - 3) * sx_l, seq_b, t_lo - 3, L, c, c_ok, HAS_SEQ)
@@ -764,6 +762,36 @@ if triton is not None:
             x1, x2, x3, s1, s2, s3 = xd, xc, xb, sd, sc, sb
             if PREFETCH:
                 xa, sa, xb, sb, xc, sc, xd, sd = ya, ua, yb, ub, yc, uc, yd, ud
+
+    @triton.jit
+    def _conv_fwd_kernel(x_ptr, sx_b, sx_l, w_ptr, b_ptr, seq_ptr, out_ptr, so_b, so_l, L, C,
+                         SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr, PREFETCH: tl.constexpr):
+        """Grid (channel blocks, segments of SEG positions, batch rows); SEG a multiple of 4. With seq_idx, a
+        segment whose positions and the three before them are one sequence (all but one segment of a
+        left-padded row) is walked without its masks. PREFETCH: each four-row step issues the next step's
+        loads before its own arithmetic (the compiler does not pipeline this loop), so that they are in
+        flight meanwhile."""
+        bi = tl.program_id(2).to(tl.int64)
+        c = tl.program_id(0) * BC + tl.arange(0, BC)
+        c_ok = c < C
+        t_lo = tl.program_id(1) * SEG
+        t_hi = tl.minimum(t_lo + SEG, L)
+        x_b, o_b, seq_b = x_ptr + bi * sx_b, out_ptr + bi * so_b, seq_ptr + bi * L
+        w0 = tl.load(w_ptr + c * 4, mask=c_ok, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + c * 4 + 1, mask=c_ok, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + c * 4 + 2, mask=c_ok, other=0.0).to(tl.float32)
+        w3 = tl.load(w_ptr + c * 4 + 3, mask=c_ok, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        if HAS_SEQ:
+            if _one_sequence(seq_b, t_lo - 3, t_hi, L, 2 * SEG):
+                _conv_fwd_walk(x_b, seq_b, o_b, sx_l, so_l, L, c, c_ok, t_lo, t_hi, w0, w1, w2, w3, bias, SEG, False,
+                               PREFETCH)
+            else:
+                _conv_fwd_walk(x_b, seq_b, o_b, sx_l, so_l, L, c, c_ok, t_lo, t_hi, w0, w1, w2, w3, bias, SEG, True,
+                               PREFETCH)
+        else:
+            _conv_fwd_walk(x_b, seq_b, o_b, sx_l, so_l, L, c, c_ok, t_lo, t_hi, w0, w1, w2, w3, bias, SEG, False,
+                           PREFETCH)
 
     @triton.jit
     def _conv_bwd_step(t, xa, xb, xc, xd, sa, sb, sc, sd, dout, d1, d2, d3, r1, r2, r3, w0, w1, w2, w3, bias,
@@ -800,26 +828,11 @@ if triton is not None:
         return x3, s3, x4, s4, x5, s5, x6, s6, g0, g1, g2, g3
 
     @triton.jit
-    def _conv_bwd_kernel(x_ptr, sx_b, sx_l, w_ptr, b_ptr, seq_ptr, dout_ptr, sd_b, sd_l, dx_ptr, sdx_b, sdx_l,
-                         parts_ptr, L, C, SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr,
-                         PREFETCH: tl.constexpr):
-        """Grid (channel blocks, segments of SEG positions, batch rows); SEG a multiple of 4. Walks from
-        the segment's end + 3 down to its start (the first four rows only make dz for the rows after the
-        segment, whose dx is another program's; in a short last segment, rows before the start are walked
-        too, and not stored); the weight's and bias's sums over the segment go to parts (b, segments, 5, C):
-        taps 0..3, then the bias. PREFETCH: each four-row step issues the next step's loads before its own
-        arithmetic (the compiler does not pipeline this loop), so that they are in flight meanwhile."""
-        bi = tl.program_id(2).to(tl.int64)
-        c = tl.program_id(0) * BC + tl.arange(0, BC)
-        c_ok = c < C
-        t_lo = tl.program_id(1) * SEG
-        t_hi = tl.minimum(t_lo + SEG, L)
-        x_b, d_b, dx_b, seq_b = x_ptr + bi * sx_b, dout_ptr + bi * sd_b, dx_ptr + bi * sdx_b, seq_ptr + bi * L
-        w0 = tl.load(w_ptr + c * 4, mask=c_ok, other=0.0).to(tl.float32)
-        w1 = tl.load(w_ptr + c * 4 + 1, mask=c_ok, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + c * 4 + 2, mask=c_ok, other=0.0).to(tl.float32)
-        w3 = tl.load(w_ptr + c * 4 + 3, mask=c_ok, other=0.0).to(tl.float32)
-        bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    def _conv_bwd_walk(x_b, d_b, dx_b, seq_b, part, sx_l, sd_l, sdx_l, L, C, c, c_ok, t_lo, t_hi, w0, w1, w2, w3,
+                       bias, SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr, PREFETCH: tl.constexpr):
+        """_conv_bwd_kernel's walk over one segment [t_lo, t_hi) of positions for the channels c; stores the
+        segment's sums for the weight's taps 0..3 and the bias at part (stored here rather than returned: out of
+        the two walks of an if, they cost the kernel registers, BENCHMARKS.md §0c)."""
         dw0 = tl.zeros((BC,), tl.float32)
         dw1, dw2, dw3, db = dw0, dw0, dw0, dw0
         d1, d2, d3 = dw0, dw0, dw0                                      # dz[t+1], dz[t+2], dz[t+3]
@@ -856,12 +869,63 @@ if triton is not None:
             xa, xb, xc, sa, sb, sc = x4, x5, x6, s4, s5, s6
             if PREFETCH:
                 x3, s3, x4, s4, x5, s5, x6, s6, g0, g1, g2, g3 = n3, m3, n4, m4, n5, m5, n6, m6, h0, h1, h2, h3
-        part = parts_ptr + (bi * tl.num_programs(1) + tl.program_id(1)) * 5 * C + c
-        tl.store(part, dw0, mask=c_ok)
-        tl.store(part + C, dw1, mask=c_ok)
-        tl.store(part + 2 * C, dw2, mask=c_ok)
-        tl.store(part + 3 * C, dw3, mask=c_ok)
-        tl.store(part + 4 * C, db, mask=c_ok)
+        tl.store(part + c * 4, dw0, mask=c_ok)
+        tl.store(part + c * 4 + 1, dw1, mask=c_ok)
+        tl.store(part + c * 4 + 2, dw2, mask=c_ok)
+        tl.store(part + c * 4 + 3, dw3, mask=c_ok)
+        tl.store(part + 4 * C + c, db, mask=c_ok)
+
+    @triton.jit
+    def _conv_bwd_kernel(x_ptr, sx_b, sx_l, w_ptr, b_ptr, seq_ptr, dout_ptr, sd_b, sd_l, dx_ptr, sdx_b, sdx_l,
+                         parts_ptr, L, C, SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr,
+                         PREFETCH: tl.constexpr):
+        """Grid (channel blocks, segments of SEG positions, batch rows); SEG a multiple of 4, at least 8. Walks
+        from the segment's end + 3 down to its start (the first four rows only make dz for the rows after the
+        segment, whose dx is another program's; in a short last segment, rows before the start are walked
+        too, and not stored). With seq_idx, a segment whose positions and the three on either side are one
+        sequence is walked without its masks. The weight's and bias's sums over the segment go to parts
+        (b, segments, 5 C): the weight's as a (C, 4) block, then the bias's C. PREFETCH: each four-row step
+        issues the next step's loads before its own arithmetic (the compiler does not pipeline this loop),
+        so that they are in flight meanwhile."""
+        tl.static_assert(SEG >= 8)                                      # _one_sequence's block holds SEG + 6 rows
+        bi = tl.program_id(2).to(tl.int64)
+        c = tl.program_id(0) * BC + tl.arange(0, BC)
+        c_ok = c < C
+        t_lo = tl.program_id(1) * SEG
+        t_hi = tl.minimum(t_lo + SEG, L)
+        x_b, d_b, dx_b, seq_b = x_ptr + bi * sx_b, dout_ptr + bi * sd_b, dx_ptr + bi * sdx_b, seq_ptr + bi * L
+        w0 = tl.load(w_ptr + c * 4, mask=c_ok, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + c * 4 + 1, mask=c_ok, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + c * 4 + 2, mask=c_ok, other=0.0).to(tl.float32)
+        w3 = tl.load(w_ptr + c * 4 + 3, mask=c_ok, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        part = parts_ptr + (bi * tl.num_programs(1) + tl.program_id(1)) * 5 * C
+        if HAS_SEQ:
+            if _one_sequence(seq_b, t_lo - 3, t_hi + 3, L, 2 * SEG):
+                _conv_bwd_walk(x_b, d_b, dx_b, seq_b, part, sx_l, sd_l, sdx_l, L, C, c, c_ok, t_lo, t_hi, w0, w1, w2,
+                               w3, bias, SEG, False, BC, PREFETCH)
+            else:
+                _conv_bwd_walk(x_b, d_b, dx_b, seq_b, part, sx_l, sd_l, sdx_l, L, C, c, c_ok, t_lo, t_hi, w0, w1, w2,
+                               w3, bias, SEG, True, BC, PREFETCH)
+        else:
+            _conv_bwd_walk(x_b, d_b, dx_b, seq_b, part, sx_l, sd_l, sdx_l, L, C, c, c_ok, t_lo, t_hi, w0, w1, w2, w3,
+                           bias, SEG, False, BC, PREFETCH)
+
+
+    @triton.jit
+    def _conv_bwd_sum_kernel(parts_ptr, rows, C, dw_ptr, db_ptr, BR: tl.constexpr, BCOL: tl.constexpr):
+        """Grid (column blocks of BCOL,): each column j of parts (rows, 5 C) summed over its rows in a fixed
+        order, BR rows per load, into dw's (C, 4) values for j < 4 C, else into db[j - 4 C]."""
+        j = tl.program_id(0) * BCOL + tl.arange(0, BCOL)
+        j_ok = j < 5 * C
+        acc = tl.zeros((BCOL,), tl.float32)
+        for r0 in range(0, rows, BR):
+            r = r0 + tl.arange(0, BR)
+            tile = tl.load(parts_ptr + r[:, None] * (5 * C) + j[None, :], mask=(r < rows)[:, None] & j_ok[None, :],
+                           other=0.0)
+            acc += tl.sum(tile, axis=0)
+        tl.store(dw_ptr + j, acc, mask=j < 4 * C)
+        tl.store(db_ptr + (j - 4 * C), acc, mask=j_ok & (j >= 4 * C))
 
 
 # launch shapes (channels per program, positions per segment, warps): the fastest of
@@ -869,6 +933,8 @@ if triton is not None:
 # (seq_idx, which training passes with a text mask) and costs nothing without
 _CONV_FWD = dict(BC=128, SEG=64, num_warps=1, PREFETCH=True)
 _CONV_BWD = dict(BC=128, SEG=256, num_warps=1, PREFETCH=True)
+# the parts' sum: many programs of one load each (at issue 15's shape, 176 rows), not a loop of dependent loads
+_CONV_SUM = dict(BR=256, BCOL=32, num_warps=4)
 
 
 def _conv_args(x, weight, seq_idx, name):
@@ -911,12 +977,16 @@ def causal_conv_silu_backward(dout, x, weight, bias, seq_idx=None, dx_out=None, 
                              f"match x {tuple(x.shape)} with channels dense")
     dx = torch.empty_like(x) if dx_out is None else dx_out
     segments = cdiv(l, _CONV_BWD["SEG"])
-    parts = torch.empty(b, segments, 5, ch, device=x.device, dtype=torch.float32)
+    parts = torch.empty(b * segments, 5 * ch, device=x.device, dtype=torch.float32)
     launch(_conv_bwd_kernel)[(cdiv(ch, _CONV_BWD["BC"]), segments, b)](
         x, x.stride(0), x.stride(1), weight, bias, seq, dout, dout.stride(0), dout.stride(1), dx, dx.stride(0),
         dx.stride(1), parts, l, ch, HAS_SEQ=seq_idx is not None, **_CONV_BWD)
-    parts = parts.sum((0, 1))
-    return dx, parts[:4].t().contiguous(), parts[4].clone()         # each its own tensor, not a view of parts
+    # each its own tensor, not views of one buffer (the training op's outputs may not share storage)
+    dweight, dbias = torch.empty(ch, 4, device=x.device), torch.empty(ch, device=x.device)
+    launch(_conv_bwd_sum_kernel)[(cdiv(5 * ch, _CONV_SUM["BCOL"]),)](
+        parts, b * segments, ch, dweight, dbias, BR=min(_CONV_SUM["BR"], next_power_of_2(b * segments)),
+        BCOL=_CONV_SUM["BCOL"], num_warps=_CONV_SUM["num_warps"])
+    return dx, dweight, dbias
 
 
 # ------------------------------------------------------------------------------------------------

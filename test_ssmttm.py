@@ -1062,8 +1062,14 @@ def test_causal_conv_silu_and_its_backward_equal_their_definition(dtype, prefetc
     dout = torch.randn(b, l, ch, generator=gen).to(dtype).to(device)
     pad = torch.arange(l, device=device)[None] >= torch.tensor([[0], [37]], device=device)
     segments = (torch.arange(l, device=device) // 131 + torch.arange(b, device=device)[:, None] * 7) % 3
+    # sequences starting where a segment of one sequence reads a tap of another, only its farthest: 258
+    # (the backward's segment [0, 256) reads dz[258]), 190 and 510 (x[189] for the forward's segment at
+    # 192, x[509] for the backward's at 512); and 320, a forward segment's first position. The kernels may
+    # skip the masks only where all rows a segment reads are one sequence.
+    edges = torch.tensor([[258, 320], [190, 510]], device=device)
+    at_edges = (torch.arange(l, device=device)[None, :, None] >= edges[:, None]).sum(-1)
     bound = 1e-6 if dtype == torch.float32 else 2 ** -8                # out and dx rounded once to dtype
-    for seq_idx in (None, pad.to(torch.int32), segments.to(torch.int32)):
+    for seq_idx in (None, pad.to(torch.int32), segments.to(torch.int32), at_edges.to(torch.int32)):
         xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, weight, bias))
         want = causal_conv_silu_definition(xd, wd, bd, seq_idx)
         want.backward(dout.double())
@@ -1289,7 +1295,8 @@ GROUPED_OP_WRITES = {
     "_dy_kernel": {"dye_ptr", "dacum_ptr"}, "_states_bwd_kernel": {"dstates_ptr", "dinit_ptr", "da_part_ptr"},
     "_diag_bwd_x_kernel": {"dx_ptr", "ddt_ptr", "t_ptr", "dD_ptr"}, "_diag_bwd_G_kernel": {"dG_ptr", "dacum_m_ptr"},
     "_dacum_kernel": {"ddt_ptr", "dA_part_ptr"}, "_dG_product_kernel": {"out_ptr"},
-    "_dt_softplus_bwd_kernel": {"out_ptr", "dbias_ptr"}, "_conv_bwd_kernel": {"dx_ptr", "parts_ptr"}}
+    "_dt_softplus_bwd_kernel": {"out_ptr", "dbias_ptr"}, "_conv_bwd_kernel": {"dx_ptr", "parts_ptr"},
+    "_conv_bwd_sum_kernel": {"dw_ptr", "db_ptr"}}
 
 
 @pytest.mark.skipif(kernels.triton is None or TRITON_INTERPRET, reason="needs Triton's compiler")
