@@ -831,8 +831,8 @@ if triton is not None:
     def _conv_bwd_walk(x_b, d_b, dx_b, seq_b, part, sx_l, sd_l, sdx_l, L, C, c, c_ok, t_lo, t_hi, w0, w1, w2, w3,
                        bias, SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr, PREFETCH: tl.constexpr):
         """_conv_bwd_kernel's walk over one segment [t_lo, t_hi) of positions for the channels c; stores the
-        segment's sums for the weight's taps 0..3 and the bias at part (stored here rather than returned: out of
-        the two walks of an if, they cost the kernel registers, BENCHMARKS.md §0c)."""
+        segment's sums for the weight's taps 0..3 and the bias at part: the weight's as a (C, 4) block, then
+        the bias's C."""
         dw0 = tl.zeros((BC,), tl.float32)
         dw1, dw2, dw3, db = dw0, dw0, dw0, dw0
         d1, d2, d3 = dw0, dw0, dw0                                      # dz[t+1], dz[t+2], dz[t+3]
@@ -930,10 +930,13 @@ if triton is not None:
 
 # launch shapes (channels per program, positions per segment, warps): the fastest of
 # `bench_ssd_grouped.py --sweep conv` on an H200, for each pass; the prefetch pays with left padding
-# (seq_idx, which training passes with a text mask) and costs nothing without
+# (seq_idx, which training passes with a text mask) and costs nothing without. The backward's segments
+# are the fastest with left padding: the segment holding a sequence's start takes the masked walk, the
+# slowest program of the grid, and a shorter segment shortens it.
 _CONV_FWD = dict(BC=128, SEG=64, num_warps=1, PREFETCH=True)
-_CONV_BWD = dict(BC=128, SEG=256, num_warps=1, PREFETCH=True)
-# the parts' sum: many programs of one load each (at issue 15's shape, 176 rows), not a loop of dependent loads
+_CONV_BWD = dict(BC=128, SEG=128, num_warps=1, PREFETCH=True)
+# the parts' sum: many programs of a few large loads each (at issue 15's shape 336 rows, two loads), not a loop
+# of many small dependent loads
 _CONV_SUM = dict(BR=256, BCOL=32, num_warps=4)
 
 

@@ -1048,7 +1048,7 @@ def causal_conv_silu_definition(x, weight, bias, seq_idx=None):
 def test_causal_conv_silu_and_its_backward_equal_their_definition(dtype, prefetch, monkeypatch):
     # kernels.causal_conv_silu and its backward against float64 autograd of the definition: x the
     # columns of a wider tensor (xBC in zxbcdt), 150 channels (two channel blocks, the second ragged),
-    # 603 positions (segments of 64 going forwards, of 256 backwards: the last of 27 and of 91 positions,
+    # 603 positions (segments of 64 going forwards, of 128 backwards: the last of 27 and of 91 positions,
     # neither a whole number of 4-row steps); no seq_idx, left padding, and rows of several sequences;
     # dx into a wider buffer's columns; with and without the loads of the next four rows issued early
     monkeypatch.setattr(kernels, "_CONV_FWD", {**kernels._CONV_FWD, "PREFETCH": prefetch})
@@ -1063,9 +1063,9 @@ def test_causal_conv_silu_and_its_backward_equal_their_definition(dtype, prefetc
     pad = torch.arange(l, device=device)[None] >= torch.tensor([[0], [37]], device=device)
     segments = (torch.arange(l, device=device) // 131 + torch.arange(b, device=device)[:, None] * 7) % 3
     # sequences starting where a segment of one sequence reads a tap of another, only its farthest: 258
-    # (the backward's segment [0, 256) reads dz[258]), 190 and 510 (x[189] for the forward's segment at
-    # 192, x[509] for the backward's at 512); and 320, a forward segment's first position. The kernels may
-    # skip the masks only where all rows a segment reads are one sequence.
+    # (the backward's segment that ends at 256 reads dz[258]), 190 and 510 (x[189] for the forward's
+    # segment at 192, x[509] for the backward's at 512); and 320, a forward segment's first position. The
+    # kernels may skip the masks only where all rows a segment reads are one sequence.
     edges = torch.tensor([[258, 320], [190, 510]], device=device)
     at_edges = (torch.arange(l, device=device)[None, :, None] >= edges[:, None]).sum(-1)
     bound = 1e-6 if dtype == torch.float32 else 2 ** -8                # out and dx rounded once to dtype
