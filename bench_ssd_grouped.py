@@ -22,6 +22,7 @@ dt (after softplus), A, D, an initial state.
     python bench_ssd_grouped.py --registers  # registers per thread of the Triton kernels (no GPU needed)
 """
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -365,11 +366,11 @@ def sweep_gelu_dropout(b, l, n, Q, d_ff=2048, p=0.3, maxnreg=None):
 
 def sweep_conv(b, l, n, Q, h=32, p=64, maxnreg=None):
     """ms of the Triton conv's forward and backward kernels per launch shape (channels per program, warps,
-    positions per segment, the next rows' loads issued early or not), without seq_idx, as
-    kernels.causal_conv_silu(_backward) launch them."""
+    positions per segment, the next rows' loads issued early or not), without seq_idx and with left padding
+    (training's case with a text mask), as kernels.causal_conv_silu(_backward) launch them."""
     import itertools
     import kernels
-    xBC, weight, bias, dout, dx_out, _ = _conv_inputs(b, l, n, h, p)
+    xBC, weight, bias, dout, dx_out, pad = _conv_inputs(b, l, n, h, p)
     ch = xBC.shape[-1]
     out = torch.empty(b, l, ch, device="cuda", dtype=xBC.dtype)
     for bc, warps, seg, prefetch in itertools.product((64, 128, 256), (1, 2, 4), (64, 128, 256), (False, True)):
@@ -378,14 +379,17 @@ def sweep_conv(b, l, n, Q, h=32, p=64, maxnreg=None):
         kw = dict(BC=bc, num_warps=warps, PREFETCH=prefetch, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
         segs = -(-l // seg)
         grid = (-(-ch // bc), segs, b)
-        parts = torch.empty(b, segs, 5, ch, device="cuda")
-        calls = {
-            "fwd": lambda: kernels._conv_fwd_kernel[grid](xBC, xBC.stride(0), xBC.stride(1), weight, bias, xBC, out,
-                                                          out.stride(0), out.stride(1), l, ch, seg, HAS_SEQ=False,
-                                                          **kw),
-            "bwd": lambda: kernels._conv_bwd_kernel[grid](xBC, xBC.stride(0), xBC.stride(1), weight, bias, xBC, dout,
-                                                          dout.stride(0), dout.stride(1), dx_out, dx_out.stride(0),
-                                                          dx_out.stride(1), parts, l, ch, seg, HAS_SEQ=False, **kw)}
+        parts = torch.empty(b * segs, 5 * ch, device="cuda")
+        calls = {}
+        for name, seq in (("", None), (" padded", pad)):
+            calls["fwd" + name] = functools.partial(
+                kernels._conv_fwd_kernel[grid], xBC, xBC.stride(0), xBC.stride(1), weight, bias,
+                xBC if seq is None else seq, out, out.stride(0), out.stride(1), l, ch, seg, HAS_SEQ=seq is not None,
+                **kw)
+            calls["bwd" + name] = functools.partial(
+                kernels._conv_bwd_kernel[grid], xBC, xBC.stride(0), xBC.stride(1), weight, bias,
+                xBC if seq is None else seq, dout, dout.stride(0), dout.stride(1), dx_out, dx_out.stride(0),
+                dx_out.stride(1), parts, l, ch, seg, HAS_SEQ=seq is not None, **kw)
         print(f"BC {bc} warps {warps} SEG {seg} prefetch {int(prefetch)}: {_time_calls(calls)} ms", flush=True)
 
 
