@@ -911,7 +911,6 @@ if triton is not None:
             _conv_bwd_walk(x_b, d_b, dx_b, seq_b, part, sx_l, sd_l, sdx_l, L, C, c, c_ok, t_lo, t_hi, w0, w1, w2, w3,
                            bias, SEG, False, BC, PREFETCH)
 
-
     @triton.jit
     def _conv_bwd_sum_kernel(parts_ptr, rows, C, dw_ptr, db_ptr, BR: tl.constexpr, BCOL: tl.constexpr):
         """Grid (column blocks of BCOL,): each column j of parts (rows, 5 C) summed over its rows in a fixed
@@ -921,8 +920,8 @@ if triton is not None:
         acc = tl.zeros((BCOL,), tl.float32)
         for r0 in range(0, rows, BR):
             r = r0 + tl.arange(0, BR)
-            tile = tl.load(parts_ptr + r[:, None] * (5 * C) + j[None, :], mask=(r < rows)[:, None] & j_ok[None, :],
-                           other=0.0)
+            tile = tl.load(parts_ptr + r[:, None].to(tl.int64) * (5 * C) + j[None, :],
+                           mask=(r < rows)[:, None] & j_ok[None, :], other=0.0)
             acc += tl.sum(tile, axis=0)
         tl.store(dw_ptr + j, acc, mask=j < 4 * C)
         tl.store(db_ptr + (j - 4 * C), acc, mask=j_ok & (j >= 4 * C))
