@@ -466,7 +466,8 @@ def _launches(n, Q, tma):
         (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True, TMA=tma), 4, 1),
         (sg._diag_bwd_G_kernel, dict(diag, TMA=tma, BM=gl["BM"]), gl["num_warps"], gl["num_stages"]),
         (sg._dG_product_kernel, dict(TRANS=True, Q=Q, BM=diag["BM"], BN=128, BK=64, PREC="tf32"), 4, 3),
-        (sg._dacum_kernel, dict(Q=Q, NB=Q // gl["BM"], BNT=4), 4, 3),
+        (sg._dacum_kernel, dict(Q=Q, NB=Q // gl["BM"], BH=32, BNT=4, HAS_D=True), 8, 3),
+        (sg._chunk_sums_kernel, dict(BR=64, BH=32, HAS_D=True), 4, 3),
         (sg._copy_rows_kernel, dict(BL=8, BN=512), 4, 3)]
 
 
@@ -483,7 +484,7 @@ def registers(l, n, Q):
     from triton.compiler import ASTSource
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     values = dict(L=l, NC=-(-l // Q), H=32, P=64, N=n, SX=3072, SDX=3072, SB=3072, SC=3072, NNT=4,
-                  L_SRC=l, L_DST=-(-l // Q) * Q, S_SRC=3072, S_DST=n, SM=3072, SO=3072)
+                  L_SRC=l, L_DST=-(-l // Q) * Q, R=16 * -(-l // Q), S_SRC=3072, S_DST=n, SM=3072, SO=3072)
     print("| kernel | arch | warps | registers | spill stack B | shared KB | programs per SM |")
     print("|---|---|---|---|---|---|---|")
     for arch, smem in ((90, 227 * 1024), (80, 163 * 1024)):

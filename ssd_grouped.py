@@ -636,32 +636,59 @@ if triton is not None:
                  mask=(q < n_ok)[:, None] & (n[None, :] < N))
 
     @triton.jit
-    def _dacum_kernel(dacum_ptr, t_ptr, m_ptr, da_part_ptr, ddt_part_ptr, A_ptr, dt_ptr, ddt_ptr,
-                      dA_part_ptr, L, NC, H, NNT, Q: tl.constexpr, NB: tl.constexpr, BNT: tl.constexpr):
-        """d acum in total for one chunk of head h: the state -> output part (dacum), -t, M's row sums
+    def _dacum_kernel(dacum_ptr, t_ptr, m_ptr, da_part_ptr, ddt_part_ptr, dD_part_ptr, A_ptr, dt_ptr, ddt_ptr,
+                      sums_ptr, L, NC, H, NNT, Q: tl.constexpr, NB: tl.constexpr, BH: tl.constexpr,
+                      BNT: tl.constexpr, HAS_D: tl.constexpr):
+        """d acum in total for one chunk of BH heads: the state -> output part (dacum), -t, M's row sums
         less its column sums in NB slots (m, (b, c, h, NB, Q)), and at the chunk's last position the
         scan's part (da_part (b, c, h, NNT), summed) and sum_q t. Then through acum = cumsum(dt A):
         da_t = sum_{q >= t} dacum_q, ddt = ddt_part + da A written to ddt (b, L, h) in its dtype, and
-        dA's part sum_t da_t dt_t to dA_part (b*c, h). All (b, c, Q, h) fp32 but ddt. Grid (h, b*c)."""
-        h, bc = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        this chunk's parts of dA, sum_t da_t dt_t, and of dD, sum_q dD_part (with HAS_D), to sums
+        (b*c, 2, h). All (b, c, Q, h) fp32 but ddt. Grid (cdiv(h, BH), b*c): a chunk's heads in one
+        program, so that every load and store of a (b, c, Q, h) tensor reads whole rows of heads."""
+        hb, bc = tl.program_id(0), tl.program_id(1).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         q = tl.arange(0, Q)
-        small = bc * Q * H + h                                          # (b, c, Q, h) at the chunk's start
-        at = q * H                                                      # from small
-        d = tl.load(dacum_ptr + small + at) - tl.load(t_ptr + small + at)
+        hh = hb * BH + tl.arange(0, BH)
+        ok_h = (hh < H)[None, :]
+        at = bc * Q * H + q[:, None] * H + hh[None, :]                  # (Q, BH) of a (b, c, Q, h) tensor
+        t = tl.load(t_ptr + at, mask=ok_h, other=0.0)
+        d = tl.load(dacum_ptr + at, mask=ok_h, other=0.0) - t
         for j in tl.static_range(NB):
-            d += tl.load(m_ptr + ((bc * H + h) * NB + j) * Q + q)
+            d += tl.load(m_ptr + ((bc * H + hh[None, :]) * NB + j) * Q + q[:, None], mask=ok_h, other=0.0)
         k = tl.arange(0, BNT)
-        tail = tl.sum(tl.load(t_ptr + small + at), axis=0) + tl.sum(
-            tl.load(da_part_ptr + (bc * H + h) * NNT + k, mask=k < NNT, other=0.0), axis=0)
-        d += tl.where(q == Q - 1, tail, 0.0)
+        da_part = tl.load(da_part_ptr + (bc * H + hh[:, None]) * NNT + k[None, :],
+                          mask=(hh < H)[:, None] & (k[None, :] < NNT), other=0.0)        # (BH, BNT)
+        tail = tl.sum(t, axis=0) + tl.sum(da_part, axis=1)
+        d += tl.where(q[:, None] == Q - 1, tail[None, :], 0.0)
         da = tl.cumsum(d, axis=0, reverse=True)
-        ok = q < (L - ci * Q).to(tl.int32)
-        dt_c = dt_ptr + (bi * L + ci * Q) * H + h
-        dt = tl.load(dt_c + q * H, mask=ok, other=0.0)
-        ddt = tl.load(ddt_part_ptr + small + at) + da * tl.load(A_ptr + h)
-        tl.store(ddt_ptr + (bi * L + ci * Q) * H + h + q * H, ddt.to(ddt_ptr.dtype.element_ty), mask=ok)
-        tl.store(dA_part_ptr + bc * H + h, tl.sum(da * dt, axis=0))
+        ok = (q < (L - ci * Q).to(tl.int32))[:, None] & ok_h
+        rows = (bi * L + ci * Q) * H + q[:, None] * H + hh[None, :]    # (Q, BH) of a (b, L, h) tensor
+        dt = tl.load(dt_ptr + rows, mask=ok, other=0.0)
+        ddt = tl.load(ddt_part_ptr + at, mask=ok_h, other=0.0) + da * tl.load(A_ptr + hh, mask=hh < H)[None, :]
+        tl.store(ddt_ptr + rows, ddt.to(ddt_ptr.dtype.element_ty), mask=ok)
+        tl.store(sums_ptr + bc * 2 * H + hh, tl.sum(da * dt, axis=0), mask=hh < H)
+        if HAS_D:
+            dD = tl.sum(tl.load(dD_part_ptr + at, mask=ok_h, other=0.0), axis=0)
+            tl.store(sums_ptr + bc * 2 * H + H + hh, dD, mask=hh < H)
+
+    @triton.jit
+    def _chunk_sums_kernel(sums_ptr, dA_ptr, dD_ptr, R, H, BR: tl.constexpr, BH: tl.constexpr, HAS_D: tl.constexpr):
+        """dA = sum_r sums[r, 0] and, with HAS_D, dD = sum_r sums[r, 1], summed in fp32 over the R = b*c chunks'
+        parts (sums (R, 2, h), _dacum_kernel's) and written in dA's and dD's dtypes. Grid (cdiv(h, BH),)."""
+        hh = tl.program_id(0) * BH + tl.arange(0, BH)
+        acc_a = tl.zeros((BH,), dtype=tl.float32)
+        acc_d = tl.zeros((BH,), dtype=tl.float32)
+        for r0 in range(0, R, BR):
+            r = r0 + tl.arange(0, BR)
+            at = sums_ptr + r[:, None] * 2 * H + hh[None, :]
+            ok = (r < R)[:, None] & (hh < H)[None, :]
+            acc_a += tl.sum(tl.load(at, mask=ok, other=0.0), axis=0)
+            if HAS_D:
+                acc_d += tl.sum(tl.load(at + H, mask=ok, other=0.0), axis=0)
+        tl.store(dA_ptr + hh, acc_a.to(dA_ptr.dtype.element_ty), mask=hh < H)
+        if HAS_D:
+            tl.store(dD_ptr + hh, acc_d.to(dD_ptr.dtype.element_ty), mask=hh < H)
 
 
 def _rows_of(t):
@@ -873,9 +900,11 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
         G, acum, x_t, dt32, dy_t, dG, dacum_m, l, c, h, p, sx, Q=Q, BP=BP, TMA=tma, PREC=prec, **gl)
     # d acum in total, then through acum = cumsum(dt A): ddt and dA
     ddt_out = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
-    dA_part = torch.empty(b * c, h, device=dev, dtype=f32)
-    launch(_dacum_kernel)[(h, b * c)](dacum, t, dacum_m, da_part, ddt, A32, dt32, ddt_out, dA_part, l, c, h, nnt,
-                                      Q=Q, NB=nb, BNT=next_power_of_2(nnt))
+    sums = torch.empty(b * c, 2, h, device=dev, dtype=f32)         # each chunk's parts of dA and dD
+    bh = min(32, next_power_of_2(h))
+    launch(_dacum_kernel)[(cdiv(h, bh), b * c)](dacum, t, dacum_m, da_part, ddt, dD_part, A32, dt32, ddt_out, sums,
+                                                l, c, h, nnt, Q=Q, NB=nb, BH=bh, BNT=next_power_of_2(nnt),
+                                                HAS_D=D is not None, num_warps=8)
     # dC += dG B and dB += dG^T C, each written unchunked and cast to where it goes by the same kernel
     dB_out = B.new_empty(b, l, n) if dB_out is None else dB_out
     dC_out = C.new_empty(b, l, n) if dC_out is None else dC_out
@@ -885,7 +914,12 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
             dG, M, add, out, l, c, n, sm, out.stride(1), TRANS=trans, Q=Q, BM=BM, BN=bn, BK=bk, PREC=prec,
             num_warps=4, num_stages=3)
     dB, dC = dB_out, dC_out
-    return (dx, ddt_out, dA_part.sum(0).to(A.dtype), dB, dC, None if D is None else dD_part.sum((0, 1, 2)).to(D.dtype),
+    # dA and dD: the chunks' parts summed in one small kernel, not two torch reductions (BENCHMARKS.md §0c)
+    dA = torch.empty(h, device=dev, dtype=A.dtype)
+    dD = None if D is None else torch.empty(h, device=dev, dtype=D.dtype)
+    launch(_chunk_sums_kernel)[(cdiv(h, bh),)](sums, dA, dA if dD is None else dD, b * c, h, BR=64, BH=bh,
+                                               HAS_D=D is not None, num_warps=4)
+    return (dx, ddt_out, dA, dB, dC, dD,
             None if initial_state is None else d_init.view(b, h, p, n).to(initial_state.dtype))
 
 

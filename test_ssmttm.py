@@ -1294,7 +1294,8 @@ GROUPED_OP_WRITES = {
     "_rms_norm_fwd_kernel": {"out_ptr", "rstd_ptr"}, "_rms_norm_bwd_kernel": {"dx_ptr", "dz_ptr", "out_ptr", "dw_ptr"},
     "_dy_kernel": {"dye_ptr", "dacum_ptr"}, "_states_bwd_kernel": {"dstates_ptr", "dinit_ptr", "da_part_ptr"},
     "_diag_bwd_x_kernel": {"dx_ptr", "ddt_ptr", "t_ptr", "dD_ptr"}, "_diag_bwd_G_kernel": {"dG_ptr", "dacum_m_ptr"},
-    "_dacum_kernel": {"ddt_ptr", "dA_part_ptr"}, "_dG_product_kernel": {"out_ptr"},
+    "_dacum_kernel": {"ddt_ptr", "sums_ptr"}, "_chunk_sums_kernel": {"dA_ptr", "dD_ptr"},
+    "_dG_product_kernel": {"out_ptr"},
     "_dt_softplus_bwd_kernel": {"out_ptr", "dbias_ptr"}, "_conv_bwd_kernel": {"dx_ptr", "parts_ptr"},
     "_conv_bwd_sum_kernel": {"dw_ptr", "db_ptr"}}
 
