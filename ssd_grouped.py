@@ -21,7 +21,7 @@ per head is the (Q, Q) part inside a chunk, G * exp(acum_q - acum_s) on s <= q.
 Two forms of the same arithmetic: `forward` / `backward` in plain torch (any device; they build the
 per-head (Q, Q) decay and loop over chunks: the definition, and the CPU path), and `forward_triton`
 / `backward_triton`, where the chunk states with the scan each way, the (Q, Q) part and every
-elementwise pass are nine Triton kernels (the decay made on chip, tile by tile; the elementwise
+elementwise pass are Triton kernels (the decay made on chip, tile by tile; the elementwise
 passes fused into the kernels' prologues and epilogues; on Hopper the chunk-state kernels and dG's
 read their tiles through TMA descriptors) and the other state products cuBLAS GEMMs.
 The backward is the chain rule through the lines above, in the same GEMM shapes. `ssd_grouped` is
