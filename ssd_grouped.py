@@ -234,13 +234,13 @@ def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_of
 
 
 # --------------------------------------------------------------------------------------------
-# The same in Triton (use_triton): nine kernels that read x, dt and dy where they lie (no padded
-# copies; B and C too in the state kernels, while the GEMMs take them padded to whole chunks): the
-# prologue (acum; xs for the backward's dB), the chunk states with the scan each way (the state on
-# chip), the (Q, Q) part with its epilogue (y; dx, ddt, d acum, dD), dy's scaling, dG, dG's products
-# with B and C (which write dC and dB where they go), and the last pass through acum = cumsum(dt A).
-# The other state products stay cuBLAS GEMMs. A tenth copies B and C, rows of any stride, into chunks
-# for the GEMMs.
+# The same in Triton (use_triton): kernels that read x, dt and dy where they lie (no padded copies;
+# B and C too in the state kernels, while the GEMMs take them padded to whole chunks): the prologue
+# (acum; xs for the backward's dB), the chunk states with the scan each way (the state on chip), the
+# (Q, Q) part with its epilogue (y; dx, ddt, d acum, dD), dy's scaling, dG, dG's products with B and
+# C (which write dC and dB where they go), the last pass through acum = cumsum(dt A) and the sums of
+# dA and dD over the chunks. The other state products stay cuBLAS GEMMs. One more copies B and C,
+# rows of any stride, into chunks for the GEMMs.
 # --------------------------------------------------------------------------------------------
 try:
     import triton
