@@ -455,20 +455,20 @@ def _launches(n, Q, tma):
     descs = {"xs_in": (1, st_f["BK"], 1, 64),
              "B_in": (1, st_f["BK"], st_f["BN"]),
              "dye_in": (st_b["BK"], 1, 64), "C_in": (1, st_b["BK"], st_b["BN"])} if tma else {}
+    opts = lambda launch: {k: launch[k] for k in ("num_warps", "num_stages", "maxnreg") if k in launch}  # noqa: E731
+    plain = lambda warps, stages: dict(num_warps=warps, num_stages=stages)  # noqa: E731
     return descs, [
-        (sg._prep_kernel, dict(Q=Q, BP=64), 8, 3),
-        (sg._states_fwd_kernel, dict(Q=Q, BP=64, **nums(st_f), HAS_INIT=False, PREC="tf32"),
-         st_f["num_warps"], st_f["num_stages"]),
-        (sg._diag_fwd_kernel, dict(diag, HAS_D=True, BM=fl["BM"]), fl["num_warps"], fl["num_stages"]),
-        (sg._dy_kernel, dict(Q=Q, BM=diag["BM"], BP=64), 4, 3),
-        (sg._states_bwd_kernel, dict(Q=Q, BP=64, **nums(st_b), HAS_DFINAL=False, PREC="tf32"),
-         st_b["num_warps"], st_b["num_stages"]),
-        (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True, TMA=tma), 4, 1),
-        (sg._diag_bwd_G_kernel, dict(diag, TMA=tma, BM=gl["BM"]), gl["num_warps"], gl["num_stages"]),
-        (sg._dG_product_kernel, dict(TRANS=True, Q=Q, BM=diag["BM"], BN=128, BK=64, PREC="tf32"), 4, 3),
-        (sg._dacum_kernel, dict(Q=Q, NB=Q // gl["BM"], BH=32, BNT=4, HAS_D=True), 8, 3),
-        (sg._chunk_sums_kernel, dict(BR=64, BH=32, HAS_D=True), 4, 3),
-        (sg._copy_rows_kernel, dict(BL=8, BN=512), 4, 3)]
+        (sg._prep_kernel, dict(Q=Q, BP=64), plain(8, 3)),
+        (sg._states_fwd_kernel, dict(Q=Q, BP=64, **nums(st_f), HAS_INIT=False, PREC="tf32"), opts(st_f)),
+        (sg._diag_fwd_kernel, dict(diag, HAS_D=True, BM=fl["BM"]), opts(fl)),
+        (sg._dy_kernel, dict(Q=Q, BM=diag["BM"], BP=64), plain(4, 3)),
+        (sg._states_bwd_kernel, dict(Q=Q, BP=64, **nums(st_b), HAS_DFINAL=False, PREC="tf32"), opts(st_b)),
+        (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True, TMA=tma), plain(4, 1)),
+        (sg._diag_bwd_G_kernel, dict(diag, TMA=tma, BM=gl["BM"]), opts(gl)),
+        (sg._dG_product_kernel, dict(TRANS=True, Q=Q, BM=diag["BM"], BN=128, BK=64, PREC="tf32"), plain(4, 3)),
+        (sg._dacum_kernel, dict(Q=Q, NB=Q // gl["BM"], BH=32, BNT=4, HAS_D=True), plain(8, 3)),
+        (sg._chunk_sums_kernel, dict(BR=64, BH=32, HAS_D=True), plain(4, 3)),
+        (sg._copy_rows_kernel, dict(BL=8, BN=512), plain(4, 3))]
 
 
 def registers(l, n, Q):
@@ -489,7 +489,7 @@ def registers(l, n, Q):
     print("|---|---|---|---|---|---|---|")
     for arch, smem in ((90, 227 * 1024), (80, 163 * 1024)):
         descs, launches = _launches(n, Q, tma=arch >= 90)
-        for fn, consts, warps, stages in launches:
+        for fn, consts, options in launches:
             if arch >= 90 and "x_in" in fn.arg_names:
                 descs = dict(descs, x_in=(1, consts["BM"], 1, 64), dy_in=(1, consts["BM"], 1, 64))
             bf16 = _BF16_ARGS | ({"G_ptr"} if fn is ssd_grouped._diag_fwd_kernel else set())  # G in x's dtype
@@ -498,8 +498,8 @@ def registers(l, n, Q):
                    "*bf16" if a in bf16 else "*fp32" for a in fn.arg_names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                      if a not in consts and a not in descs and (a not in values or values[a] % 16 == 0)}
-            c = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                               options={"num_warps": warps, "num_stages": stages})
+            c = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
+            warps = options["num_warps"]
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(c.asm["cubin"])
                 f.flush()

@@ -297,6 +297,14 @@ if triton is not None:
         return tile
 
     @triton.jit
+    def _head_vectors(acum_c, dt_c, r, q, s, ok_s, h, H):
+        """Head h's acum at position r and at the positions q and s of one chunk, and its dt at s (zero where
+        not ok_s): acum_c and dt_c point at the chunk's first (h,) row of a (b, c, Q, h) and a (b, L, h)
+        tensor."""
+        return (tl.load(acum_c + r * H + h), tl.load(acum_c + q * H + h), tl.load(acum_c + s * H + h),
+                tl.load(dt_c + s * H + h, mask=ok_s, other=0.0))
+
+    @triton.jit
     def _copy_rows_kernel(src_ptr, dst_ptr, L_SRC, L_DST, L, N, S_SRC, S_DST,
                           BL: tl.constexpr, BN: tl.constexpr):
         """dst[b, r, :N] = src[b, r, :N] for rows r < L, 0 for L <= r < L_DST, in dst's dtype: src (b, L_SRC, N)
@@ -441,6 +449,8 @@ if triton is not None:
         # with e_q = exp(a_q - a_r), e_s = exp(a_r - a_s), both exponents <= 0 (acum falls): e_s scales
         # x dt's rows, e_q the sum once, at the end, and G's tiles go into the product as they are
         a_r = tl.load(acum_c + m * BM * H)
+        # y_off's tile loaded first, to be in flight during the products (at a cap of 168 registers: _diag_fwd_launch)
+        yoff = tl.load(yoff_ptr + bc * Q * H * P + h * P + q[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P)
         acc = tl.zeros((BM, BP), dtype=tl.float32)
         for s0 in range(0, m * BM, BM):
             s = s0 + tl.arange(0, BM)
@@ -461,11 +471,10 @@ if triton is not None:
         dt = tl.load(dt_c + s * H, mask=ok_s, other=0.0)
         xdt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
         acc = tl.dot((G * E).to(x.dtype), xdt, acc, input_precision=PREC)
-        yoff = tl.load(yoff_ptr + bc * Q * H * P + h * P + q[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P)
         acc += tl.exp(a_q)[:, None] * yoff
         ok_q = q < n_ok
-        if HAS_D:
-            acc += tl.load(D_ptr + h) * _rows(x_c, q, SX, ok_q, pp, P).to(tl.float32)
+        if HAS_D:  # the diagonal block's positions s are the rows q: x as loaded for its product
+            acc += tl.load(D_ptr + h) * x.to(tl.float32)
         tl.store(y_ptr + r0 * H * P + h * P + q[:, None] * (H * P) + pp[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=ok_q[:, None] & (pp[None, :] < P))
 
@@ -572,14 +581,19 @@ if triton is not None:
         slots = dacum_m_ptr + bc * H * (Q // BM) * Q                     # head h, slot j: + (h * Q / BM + j) * Q
         causal = q[:, None] >= s[None, :]
         acc = tl.zeros((BM, BM), dtype=tl.float32)
+        # Each head's acum and dt are loaded one head ahead, so that the next head's loads are in flight while
+        # this head's product runs: Triton pipelines the tiles that feed the product (num_stages), not these
+        # (BENCHMARKS.md §0c). The last head loads its own again (nh).
+        a_r_n, a_q_n, a_s_n, dt_n = _head_vectors(acum_c, dt_c, mq * BM, q, s, ok_s, 0, H)
         if ms < mq:  # below the diagonal the decay splits at the q block's first row, as in _diag_bwd_x_kernel
             G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
             for h in range(0, H):
-                a_r = tl.load(acum_c + mq * BM * H + h)
-                e_q = tl.exp(tl.load(acum_c + q * H + h) - a_r)
-                e_s = tl.exp(a_r - tl.load(acum_c + s * H + h))
+                a_r, a_q, a_s, dt = a_r_n, a_q_n, a_s_n, dt_n
+                nh = tl.minimum(h + 1, H - 1)
+                a_r_n, a_q_n, a_s_n, dt_n = _head_vectors(acum_c, dt_c, mq * BM, q, s, ok_s, nh, H)
+                e_q = tl.exp(a_q - a_r)
+                e_s = tl.exp(a_r - a_s)
                 x = _head_rows(x_in, bi, ci * Q + ms * BM, L, h, P, SX, BM, BP, TMA)
-                dt = tl.load(dt_c + s * H + h, mask=ok_s, other=0.0)
                 dy = _head_rows(dy_in, bi, ci * Q + mq * BM, L, h, P, H * P, BM, BP, TMA).to(x.dtype)
                 Dh = tl.dot(dy, tl.trans(x), input_precision=PREC) * e_q[:, None] * (dt * e_s)[None, :]
                 acc += Dh
@@ -589,10 +603,10 @@ if triton is not None:
         elif ms == mq:
             G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
             for h in range(0, H):
-                a_q = tl.load(acum_c + q * H + h)
-                a_s = tl.load(acum_c + s * H + h)
+                a_q, a_s, dt = a_q_n, a_s_n, dt_n
+                nh = tl.minimum(h + 1, H - 1)
+                a_r_n, a_q_n, a_s_n, dt_n = _head_vectors(acum_c, dt_c, mq * BM, q, s, ok_s, nh, H)
                 x = _head_rows(x_in, bi, ci * Q + ms * BM, L, h, P, SX, BM, BP, TMA)
-                dt = tl.load(dt_c + s * H + h, mask=ok_s, other=0.0)
                 dy = _head_rows(dy_in, bi, ci * Q + mq * BM, L, h, P, H * P, BM, BP, TMA).to(x.dtype)
                 # x's exact values in the product and dt in fp32 after it: x dt rounded to x's dtype was
                 # most of dA's error (d acum sums M's rows and columns, which cancel)
@@ -762,21 +776,27 @@ def _launch(x, chunk_size):
 
 def _states_launch(n, Q, backward, tma):
     """_states_fwd_kernel's (backward False) or _states_bwd_kernel's launch: dict(BN state columns, BK
-    positions per product, TMA, num_warps, num_stages), the fastest of `bench_ssd_grouped.py --sweep
-    states` on an H200 for each way of loading the tiles (TMA's in 72 KB of shared memory, which an
-    RTX 3090's 99 KB per program also holds)."""
-    if tma:
+    positions per product, TMA, num_warps, num_stages, and maxnreg where capped), the fastest of
+    `bench_ssd_grouped.py --sweep states` on an H200 for each way of loading the tiles; the forward's with
+    TMA capped at 128 registers per thread, so that four programs fit on an SM instead of three, which
+    also measured faster (BENCHMARKS.md §0c)."""
+    cap = {}
+    if tma and not backward:
+        bn, bk, warps, stages, cap = 128, 32, 4, 4, dict(maxnreg=128)
+    elif tma:
         bn, bk, warps, stages = 128, 64, 4, 3
     else:
         bn, bk, warps, stages = (128, 64, 4, 3) if backward else (128, 128, 4, 1)
     return dict(BN=min(bn, max(16, next_power_of_2(n))), BK=min(bk, Q), TMA=tma, num_warps=warps,
-                num_stages=stages)
+                num_stages=stages, **cap)
 
 
 def _diag_fwd_launch(Q):
-    """_diag_fwd_kernel's launch: dict(BM block rows, num_warps, num_stages), the fastest of
-    `bench_ssd_grouped.py --sweep diag` on an H200 (x through pointers: BENCHMARKS.md §0c)."""
-    return dict(BM=min(64, Q), num_warps=4, num_stages=1)
+    """_diag_fwd_kernel's launch: dict(BM block rows, num_warps, num_stages, maxnreg), the fastest of
+    `bench_ssd_grouped.py --sweep diag` on an H200 (x through pointers: BENCHMARKS.md §0c). Registers capped
+    at 168 per thread, so that three programs fit on an SM with y_off's tile held from the start (175
+    uncapped: two)."""
+    return dict(BM=min(64, Q), num_warps=4, num_stages=1, maxnreg=168)
 
 
 def _diag_bwd_G_launch(Q):
