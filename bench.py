@@ -335,6 +335,10 @@ DECODE_MODES = {  # mode -> the decoder's options (None: generate's plain loop)
     "streams2+graph": FastOptions(decode_streams=2),        # the rows in 2 groups on 2 CUDA streams
     "bf16state+streams2+graph": FastOptions(decode_streams=2),
     "streams4+graph": FastOptions(decode_streams=4),        # in 4 groups on 4 streams
+    "chunk1+graph": FastOptions(decode_chunk=1),            # Mamba-2's state written every step (ssm_step)
+    "bf16state+chunk1+graph": FastOptions(decode_chunk=1),
+    "chunk16+graph": FastOptions(decode_chunk=16),          # written once per 16 steps (ssm_chunk_step)
+    "bf16state+chunk16+graph": FastOptions(decode_chunk=16),
     "compile+graph": FastOptions(compile=True),             # torch.compile's fusion instead of kernels.py's
     "unfused+graph": FastOptions(decode_kernels=False),     # plain ops (mamba-ssm's step kernels) in the graph
     "eager": FastOptions(cuda_graph=False),                 # kernels.py's kernels, launched one by one
@@ -416,19 +420,22 @@ def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(1
 H200_COPY_TB_S = 4.3  # device-to-device copy bandwidth measured on this card (bytes read + written)
 
 
-def decode_floor_ms(model, rows, ssm_bytes):
+def decode_floor_ms(model, rows, ssm_bytes, chunk=1):
     """The memory floor of one decoding step of `rows` rows: every weight a step uses read once, and
-    each row's Mamba-2 states (SSM and conv) read and written once, at H200_COPY_TB_S."""
+    each row's Mamba-2 states (SSM and conv) read and written once, at H200_COPY_TB_S (issue 17's
+    floor). With chunk > 1, the SSM state is written once per chunk of steps (FastOptions.decode_chunk)."""
     weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                   if not name.startswith(("text_", "embed")))  # the text projection runs at the prefill
-    state = sum(m.nheads * m.headdim * m.d_state * ssm_bytes + m.conv_dim * m.d_conv * 2
-                for m in model.modules() if isinstance(m, Mamba2))
-    return (weights + 2 * rows * state) / (H200_COPY_TB_S * 1e12) * 1e3
+    mamba = [m for m in model.modules() if isinstance(m, Mamba2)]
+    ssm = sum(m.nheads * m.headdim * m.d_state * ssm_bytes for m in mamba)
+    conv = sum(m.conv_dim * m.d_conv * 2 for m in mamba)
+    return (weights + rows * ((1 + 1 / chunk) * ssm + 2 * conv)) / (H200_COPY_TB_S * 1e12) * 1e3
 
 
 @torch.no_grad()
 def bench_decode_batch(n_layers, prompts=(1, 4, 16, 64), seconds=10, modes=("graph", "bf16state+graph")):
-    """Many prompts at once (2 rows each, guidance): ms per frame against the memory floor, and
+    """Many prompts at once (2 rows each, guidance): ms per frame against the memory floor (and the
+    floor of the state written once per chunk of steps), and
     clip-seconds of coarse tokens per second of generate() (10 s clips, one generator per prompt),
     per mode of DECODE_MODES (by default the SSM state in fp32 and in bf16). Prefix SiMBA, bf16
     weights."""
@@ -446,8 +453,13 @@ def bench_decode_batch(n_layers, prompts=(1, 4, 16, 64), seconds=10, modes=("gra
             run()  # warm-up: compilation, graph capture
             row[f"s for {seconds}s"] = wall_time(run, 1, 0) / 1e3
             row["clip-s per s"] = p * seconds / row[f"s for {seconds}s"]
-            row["floor ms"] = decode_floor_ms(model, 2 * p, 2 if "bf16" in mode else 4)
+            state_dtype = torch.bfloat16 if "bf16" in mode else torch.float32
+            chunk = DECODE_MODES[mode].decode_chunk or fast.decode_chunk_for(2 * p, state_dtype)
+            row["floor ms"] = decode_floor_ms(model, 2 * p, state_dtype.itemsize)
             row["ratio"] = row["ms/frame"] / row["floor ms"]
+            row["chunk"] = chunk  # the state written once per this many steps: a lower floor
+            row["chunk floor ms"] = decode_floor_ms(model, 2 * p, state_dtype.itemsize, chunk)
+            row["chunk ratio"] = row["ms/frame"] / row["chunk floor ms"]
         except Exception as e:  # report, keep going
             row["error"] = f"{type(e).__name__}: {e}"[:160]
         emit(row)

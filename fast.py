@@ -19,6 +19,7 @@ with the plain model.
 """
 import contextlib
 import copy
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,9 @@ class FastOptions:
     # way (kernels.gelu_dropout; FastFeedForward), its mask drawn again in the backward, not kept
     decode_streams: int | None = None  # decoding: the rows in this many groups, each on its own CUDA
     # stream (row_groups); None: by the rows (decode_streams_for)
+    decode_chunk: int | None = None  # decoding: Mamba-2's state written once per chunk of this many
+    # steps (kernels.ssm_chunk_step; 1: every step, kernels.ssm_step); None: by the rows and the
+    # state's dtype (decode_chunk_for)
 
     def __post_init__(self):
         if self.train not in TRAIN_PATHS:
@@ -65,6 +69,8 @@ class FastOptions:
             raise ValueError(f"FastOptions.triton_op: the triton op is the grouped path's, not {self.train!r}'s")
         if self.decode_streams is not None and self.decode_streams < 1:
             raise ValueError(f"FastOptions.decode_streams: {self.decode_streams} is not a positive number of streams")
+        if self.decode_chunk is not None and self.decode_chunk < 1:
+            raise ValueError(f"FastOptions.decode_chunk: {self.decode_chunk} is not a positive number of steps")
 
 
 def available():
@@ -221,8 +227,10 @@ class Decoder:
     generate(..., decoder=Decoder(options)). Per frame: kernels.embed_rows, five kernels per SiMBA
     block (norm + in_proj + conv, ssm_step + gate, norm + out_proj + residual, norm + fc1 + GELU,
     fc2 + residual; past kernels.CORE_ROWS rows each product is cuBLAS's with a small kernel or two
-    around it), norm + heads, and kernels.sample_top_k, which also writes the token into the
-    step layout and the next input; the blocks in groups of rows on their own CUDA streams
+    around it; with options.decode_chunk > 1 the SSD step is kernels.ssm_chunk_step's two kernels,
+    which write the state once per chunk of steps: FusedStep), norm + heads, and
+    kernels.sample_top_k, which also writes the token into the step layout and the next input;
+    the blocks in groups of rows on their own CUDA streams
     (options.decode_streams, row_groups, blocks_on_streams). Rows or widths past kernels.linear_rows'
     limits, and sublayers without a fused step (attention), take the plain ops. cuda_graph needs a decoding
     state of fixed size: not for self-attention, whose KV cache grows."""
@@ -235,19 +243,25 @@ class Decoder:
         """Fill steps (b, K, n_steps) from step `start` on, as generate's plain loop does: the model
         continues from cache (after the prefill and step start - 1), fixed (b, K, n_steps) marks the
         slots to keep, copies is 2 with guidance, sampling an ssmttm.Sampling."""
-        frame = self.frame(model, cache, steps, fixed, start, copies, sampling)
+        step = self.step_function(model, cache.position.shape[0])
+        frame = self.frame(model, cache, steps, fixed, start, copies, sampling, step)
         for _ in tqdm(range(start, steps.shape[-1]), desc="stage 1", unit="step", leave=False,
                       disable=not progress):
             frame()
+        if isinstance(step, FusedStep):
+            step.flush(cache)  # the cache as the plain loop leaves it
 
-    def frame(self, model, cache, steps, fixed, start, copies, sampling):
+    def frame(self, model, cache, steps, fixed, start, copies, sampling, step=None):
         """A function that decodes one step per call, from step `start` on: it reads step pos - 1,
         runs the model one step, samples step pos into steps and advances pos, a device tensor (no
         host synchronisation). With options.cuda_graph, all of it is recorded once as a CUDA graph
-        on these tensors, and each call replays it."""
+        on these tensors, and each call replays it. step: step_function's for these rows (made here
+        if None); a FusedStep's pending steps stay out of the cache until its flush(cache)."""
         pos = torch.full((1,), start, device=steps.device)
         tokens = steps.index_select(2, pos - 1).repeat(copies, 1, 1)  # the input step (b * copies, K, 1)
-        step = self.step_function(model, tokens.shape[0])
+        step = self.step_function(model, tokens.shape[0]) if step is None else step
+        if isinstance(step, FusedStep):
+            step.pending(cache)  # allocated now, not inside the graph's capture
 
         def frame(cache=cache, steps=steps, pos=pos, tokens=tokens):
             self._sample_into(step(tokens, cache)[:, :, -1], steps, pos, fixed, tokens, sampling)
@@ -277,7 +291,7 @@ class Decoder:
         freqs = ssmttm.position_frequencies(model.cfg.d_model, device)
         n = min(self.options.decode_streams or decode_streams_for(model, rows), rows)
         groups = None if n == 1 else row_groups(model, rows, n, device)
-        return lambda tokens, cache: fused_step(model, tokens, cache, A, freqs, self.options.pdl, groups)
+        return FusedStep(model, A, freqs, self.options.pdl, groups, self.options.decode_chunk)
 
     def _sample_into(self, logits, steps, pos, fixed, next_input, sampling):
         """Sample step pos from its logits (b * copies, K, 1025); write it into steps where not
@@ -296,6 +310,65 @@ class Decoder:
         tokens = torch.where(fixed.index_select(2, pos)[..., 0], steps.index_select(2, pos)[..., 0], tokens)
         steps.index_copy_(2, pos, tokens[..., None])
         next_input.copy_(tokens[..., None].repeat(next_input.shape[0] // b, 1, 1))
+
+
+class FusedStep:
+    """fused_step for one model, called as its step: (tokens (rows, K, 1), cache) -> logits.
+
+    With chunks of steps (decode_chunk > 1, kernels.ssm_chunk_step), each Mamba-2 state in a cache
+    is the one at the start of its chunk, and the steps since wait in kernels.PendingSteps, kept here
+    per cache (made at the first step on it, or by pending(cache)): flush(cache) adds them to the
+    states, which are then the plain model's after the same steps. Before that, the plain model's
+    step must not continue from that cache."""
+
+    def __init__(self, model, A, freqs, pdl, groups, chunk):
+        self.model, self.A, self.freqs, self.pdl, self.groups, self.chunk = model, A, freqs, pdl, groups, chunk
+        self._pending = weakref.WeakKeyDictionary()  # cache -> per block, per sublayer: PendingSteps or None
+
+    def __call__(self, tokens, cache):
+        pending = self.pending(cache)
+        logits = fused_step(self.model, tokens, cache, self.A, self.freqs, self.pdl, self.groups, pending)
+        first = _first(pending)
+        if first is not None:  # after every layer's kernels: the next step's place in its chunk
+            first.slot.add_(1).remainder_(first.xdt.shape[1])
+        return logits
+
+    def pending(self, cache):
+        """The pending steps of each Mamba-2 state of cache (per block, per sublayer; None for other
+        sublayers, or all None for steps of one), made empty at the first call."""
+        if cache not in self._pending:
+            ssm = [s.ssm for block in cache.states for s in block if isinstance(s, Mamba2State)]
+            chunk = self.chunk or (decode_chunk_for(ssm[0].shape[0], ssm[0].dtype) if ssm else 1)
+            slot = torch.zeros(cache.position.shape[0], dtype=torch.int32, device=cache.position.device)
+            self._pending[cache] = [
+                [kernels.PendingSteps.empty(s.ssm, chunk, layer.ngroups, layer.in_proj.weight.dtype, slot)
+                 if isinstance(s, Mamba2State) and chunk > 1 else None for s, layer in zip(states, block.layers)]
+                for states, block in zip(cache.states, self.model.blocks)]
+        return self._pending[cache]
+
+    def flush(self, cache):
+        """Add each Mamba-2 layer's pending steps to its state in cache (kernels.fold_pending); none
+        are pending after."""
+        pending = self._pending.get(cache, [])
+        for states, block_pending in zip(cache.states, pending):
+            for s, p in zip(states, block_pending):
+                if p is not None:
+                    kernels.fold_pending(s.ssm, p)
+        first = _first(pending)
+        if first is not None:
+            first.slot.zero_()  # (one tensor for all layers)
+
+
+def _first(pending):
+    """The first of the layers' PendingSteps (per block, per sublayer), or None."""
+    return next((p for block in pending for p in block if p is not None), None)
+
+
+def decode_chunk_for(rows, state_dtype):
+    """FastOptions.decode_chunk by default: chunks of 16 steps past 2 rows for an fp32 state, past
+    kernels.CORE_ROWS rows for a bf16 one; at fewer rows the state moves too few bytes for
+    ssm_chunk_step's second kernel to pay (frames measured at 2-128 rows, BENCHMARKS.md §0b)."""
+    return 16 if rows > 2 and (state_dtype == torch.float32 or rows > kernels.CORE_ROWS) else 1
 
 
 def decode_streams_for(model, rows):
@@ -338,29 +411,33 @@ def row_groups(model, rows, n, device):
     return groups
 
 
-def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None):
+def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=None):
     """TextToMusicLM.step for one step, tokens (rows, K, 1) -> logits (rows, K, 1, 1025), in the
     kernels of kernels.py (rows and widths within kernels.fits_linear_rows). A: per block, per
     sublayer, A = -exp(A_log) of a Mamba-2 layer (else None); freqs: the position frequencies.
-    groups: the blocks for groups of rows, each on its own stream (row_groups, blocks_on_streams)."""
+    groups: the blocks for groups of rows, each on its own stream (row_groups, blocks_on_streams).
+    pending: per block, per sublayer, kernels.PendingSteps for Mamba-2 layers in chunks of steps
+    (FusedStep; the caller advances their slot), or None."""
     rows, K, _ = tokens.shape
+    pending = pending or [[None] * len(block.layers) for block in model.blocks]
     x = kernels.embed_rows(tokens[..., 0], model.offsets, model.embed.weight, cache.position, freqs,
                            advance=True)  # and position += 1
     if groups:
-        x, xn = blocks_on_streams(model, x, cache, A, pdl, groups)
+        x, xn = blocks_on_streams(model, x, cache, A, pdl, groups, pending)
     else:
-        x, xn = fused_blocks(model, x, cache.states, cache.memory_mask, A, pdl)
+        x, xn = fused_blocks(model, x, cache.states, cache.memory_mask, A, pdl, pending=pending)
     x_in, norm_weight, eps = _normed(x, xn, model.norm_f)
     logits = kernels.linear_rows(x_in, model.head.weight, norm_weight=norm_weight, eps=eps, pdl=pdl)
     return logits.view(rows, 1, K, -1).transpose(1, 2)
 
 
-def blocks_on_streams(model, x, cache, A, pdl, groups):
+def blocks_on_streams(model, x, cache, A, pdl, groups, pending):
     """fused_blocks for x (rows, d), each group of rows (row_groups: stream, rows) through every
     block on its own CUDA stream (None: the current stream, after the groups before it). While
     decoding, rows are independent: one group's ssm_step, which moves the state, can run beside
     another group's products, which read the weights (once per group). In a CUDA graph the streams
-    are branches between a fork and a join. Returns (x, norm_f(x) or None) as fused_blocks."""
+    are branches between a fork and a join. pending: as fused_blocks', for all rows. Returns (x,
+    norm_f(x) or None) as fused_blocks."""
     current = torch.cuda.current_stream(x.device) if x.is_cuda else None
     # the heads take norm_f(x) of all rows or of none: from every group, or from none (8 and 9 rows)
     next_norms = all(rows.stop - rows.start > kernels.CORE_ROWS for *_, rows in groups)
@@ -372,7 +449,8 @@ def blocks_on_streams(model, x, cache, A, pdl, groups):
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             states = [[s if s is None else Mamba2State(s.conv[rows], s.ssm[rows]) for s in block_states]
                       for block_states in cache.states]
-            h, hn = fused_blocks(model, x[rows], states, None, A, pdl, next_norms, ssm_stream)
+            rows_pending = [[p if p is None else p.rows(rows) for p in block] for block in pending]
+            h, hn = fused_blocks(model, x[rows], states, None, A, pdl, next_norms, ssm_stream, rows_pending)
             out[rows] = h
             if next_norms:
                 out_n[rows] = hn
@@ -382,24 +460,26 @@ def blocks_on_streams(model, x, cache, A, pdl, groups):
     return out, out_n
 
 
-def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None, ssm_stream=None):
+def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None, ssm_stream=None, pending=None):
     """The blocks of ssmttm.TextToMusicLM for one decoding step, x (rows, d) -> (x, xn): Mamba-2 and
     feed-forward sublayers in kernels.py's kernels (norm and residual included), the others as they
     are. With next_norms (default: past kernels.CORE_ROWS rows) each sublayer's last kernel also
     makes the next one's input norm (linear_rows' norm_out), which then has no norm kernel of its
     own; xn is the last of them, norm_f(x) in the weights' dtype (else None). states, A: per
-    block, per sublayer. ssm_stream: where Mamba-2's ssm_step runs (row_groups), else in line."""
+    block, per sublayer. ssm_stream: where Mamba-2's ssm_step runs (row_groups), else in line.
+    pending: per block, per sublayer, the Mamba-2 layers' kernels.PendingSteps (or None: steps of one)."""
     next_norms = x.shape[0] > kernels.CORE_ROWS if next_norms is None else next_norms
-    sublayers = [(kind, norm, layer, state, layer_A)
-                 for block, block_states, block_A in zip(model.blocks, states, A)
-                 for kind, norm, layer, state, layer_A in zip(block.layout, block.norms, block.layers, block_states,
-                                                              block_A)]
+    pending = pending or [[None] * len(block.layers) for block in model.blocks]
+    sublayers = [(kind, norm, layer, state, layer_A, layer_pending)
+                 for block, block_states, block_A, block_pending in zip(model.blocks, states, A, pending)
+                 for kind, norm, layer, state, layer_A, layer_pending in zip(block.layout, block.norms, block.layers,
+                                                                             block_states, block_A, block_pending)]
     after = [(kind, norm) for kind, norm, *_ in sublayers[1:]] + [("head", model.norm_f)]
     xn = None  # norm(x) of the sublayer about to run, made by the one before it
-    for (kind, norm, layer, state, layer_A), (next_kind, next_norm) in zip(sublayers, after):
+    for (kind, norm, layer, state, layer_A, layer_pending), (next_kind, next_norm) in zip(sublayers, after):
         norm_out = (next_norm.weight, next_norm.eps) if next_norms and next_kind in ("mamba", "ff", "head") else None
         if kind == "mamba":
-            x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out, ssm_stream)
+            x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out, ssm_stream, layer_pending)
         elif kind == "ff":
             x_in, norm_weight, eps = _normed(x, xn, norm)
             h = kernels.linear_rows(x_in, layer.fc1.weight, layer.fc1.bias, norm_weight, eps, gelu=True, pdl=pdl)
@@ -423,11 +503,13 @@ def _split(out):
     return out if isinstance(out, tuple) else (out, None)
 
 
-def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None, ssm_stream=None):
+def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None, ssm_stream=None, pending=None):
     """x + layer(norm(x)) for one decoding step, x (rows, d_model), in three kernels: norm + in_proj
     + conv, the SSD step + gate (y * silu(z)), norm + out_proj + residual. xn: norm(x) in the
     weights' dtype if the kernel before made it. ssm_stream: a CUDA stream for the SSD step (it
-    waits for in_proj's kernel, out_proj's waits for it), else the current one. Returns (out, the
+    waits for in_proj's kernel, out_proj's waits for it), else the current one. pending: the
+    layer's kernels.PendingSteps for the SSD step in chunks (kernels.ssm_chunk_step, two kernels),
+    or None for kernels.ssm_step. Returns (out, the
     next norm of out if norm_out, as linear_rows, else None). Raises ValueError for ngroups != 1
     (the out_proj kernel normalises y * silu(z) as one group)."""
     if layer.ngroups != 1:
@@ -435,14 +517,20 @@ def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None
     conv = (state.conv, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.d_inner)
     x_in, norm_weight, eps = _normed(x, xn, norm)
     zxbcdt = kernels.linear_rows(x_in, layer.in_proj.weight, norm_weight=norm_weight, eps=eps, conv=conv, pdl=pdl)
-    ssm_args = (zxbcdt, state.ssm, A, layer.dt_bias, layer.D, layer.d_inner, layer.ngroups)
+    ssm_args = (layer.dt_bias, layer.D, layer.d_inner, layer.ngroups)
+
+    def ssm():
+        if pending is None:
+            return kernels.ssm_step(zxbcdt, state.ssm, A, *ssm_args, z_start=0, pdl=pdl)
+        return kernels.ssm_chunk_step(zxbcdt, state.ssm, pending, A, *ssm_args, z_start=0, pdl=pdl)
+
     if ssm_stream is None:
-        gated = kernels.ssm_step(*ssm_args, z_start=0, pdl=pdl)
+        gated = ssm()
     else:  # after in_proj's kernel, before out_proj's
         current = torch.cuda.current_stream(x.device)
         ssm_stream.wait_stream(current)
         with torch.cuda.stream(ssm_stream):
-            gated = kernels.ssm_step(*ssm_args, z_start=0, pdl=pdl)
+            gated = ssm()
         current.wait_stream(ssm_stream)
     out_norm = layer.norm  # a plain RMSNorm now: the gate is in ssm_step
     return _split(kernels.linear_rows(gated, layer.out_proj.weight, norm_weight=out_norm.weight, eps=out_norm.eps,

@@ -24,7 +24,12 @@ activation, residual add, conv, state update ...). Two kernels do a SiMBA block 
     there the kernel that adds a sublayer's residual also makes the next sublayer's norm
     (norm_out), which then needs no norm kernel of its own.
 `ssm_step`: one step of the SSD recurrence (ssd_reference.ssd_step) with softplus(dt + dt_bias),
-    and the gate of Mamba-2's gated RMSNorm, y * silu(z).
+    and the gate of Mamba-2's gated RMSNorm, y * silu(z). It reads and writes the state every step,
+    which past a few rows is most of a frame's bytes.
+`ssm_chunk_step`: the same output from the state at the start of a chunk of K steps and the
+    chunk's steps so far (PendingSteps), in the SSD's chunked form: the state is read every step but
+    written once per chunk, as the recurrence's state at the chunk's last step (fold_pending adds
+    what is pending at any other step).
 
 Around the blocks, a frame has two more: `embed_rows` (the K code embeddings plus the sinusoidal
 positions, then position += 1) and `sample_top_k` (guidance, temperature, top-k and the draw of
@@ -369,6 +374,110 @@ if triton is not None:
         tl.store(y_ptr + row * (nheads * HEADDIM) + head * HEADDIM + ps, y.to(y_ptr.dtype.element_ty), mask=p_ok)
 
     @triton.jit
+    def _chunk_coefficients_kernel(xbc_ptr, stride_row, B_start, C_start, dt_start, dt_bias_ptr, A_ptr, Bs_ptr,
+                                   acum_ptr, slot_ptr, coef_ptr, nheads, heads_per_group, ngroups,
+                                   DSTATE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+        # One program: one group of one row. What ssm_chunk_step's output needs of B and C, once per
+        # row instead of once per program of _ssm_chunk_step_kernel: for the step j of its chunk
+        # (slot) and each head, coef_i = exp(acum_j - acum_i) (C_j . B_i) for the chunk's steps i <= j,
+        # and exp(acum_j); it appends B_j and acum_j to the pending steps.
+        if PDL:
+            gdc_launch_dependents()
+        group, row = tl.program_id(0), tl.program_id(1)
+        ns, ks, hs = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_H)
+        n_ok, h_ok = ns < DSTATE, hs < heads_per_group
+        heads = group * heads_per_group + hs
+        j = tl.load(slot_ptr + row)
+        k_ok = ks < j
+        pending = row * CHUNK + ks
+        B_i = tl.load(Bs_ptr + pending[:, None] * (ngroups * DSTATE) + group * DSTATE + ns[None, :],
+                      mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)          # (BLOCK_K, BLOCK_N)
+        acum_i = tl.load(acum_ptr + pending[:, None] * nheads + heads[None, :], mask=k_ok[:, None] & h_ok[None, :],
+                         other=0.0)                                                           # (BLOCK_K, BLOCK_H)
+        if PDL:
+            gdc_wait()
+        inputs = xbc_ptr + row * stride_row
+        B = tl.load(inputs + B_start + group * DSTATE + ns, mask=n_ok, other=0.0)
+        C = tl.load(inputs + C_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
+        dt = _softplus(tl.load(inputs + dt_start + heads, mask=h_ok, other=0.0).to(tl.float32)
+                       + tl.load(dt_bias_ptr + heads, mask=h_ok, other=0.0).to(tl.float32))
+        acum = (tl.sum(tl.where(ks[:, None] == j - 1, acum_i, 0.0), axis=0)
+                + dt * tl.load(A_ptr + heads, mask=h_ok, other=0.0).to(tl.float32))            # (BLOCK_H,)
+        CB = tl.sum(B_i * C[None, :], axis=1)                                                  # C_j . B_i, i < j
+        coef = tl.where(k_ok[:, None], tl.exp(acum[None, :] - acum_i) * CB[:, None], 0.0)
+        coef = tl.where(ks[:, None] == j, tl.sum(B.to(tl.float32) * C), coef)                  # i = j: no decay
+        out = coef_ptr + (row * nheads + heads) * (CHUNK + 1)
+        tl.store(out[None, :] + ks[:, None], coef, mask=(ks < CHUNK)[:, None] & h_ok[None, :])
+        tl.store(out + CHUNK, tl.exp(acum), mask=h_ok)
+        tl.store(acum_ptr + (row * CHUNK + j) * nheads + heads, acum, mask=h_ok)
+        tl.store(Bs_ptr + (row * CHUNK + j) * (ngroups * DSTATE) + group * DSTATE + ns, B.to(Bs_ptr.dtype.element_ty),
+                 mask=n_ok)
+
+    @triton.jit
+    def _ssm_chunk_step_kernel(state_ptr, xbc_ptr, stride_row, x_start, B_start, C_start, dt_start, z_start,
+                               dt_bias_ptr, D_ptr, y_ptr, xdt_ptr, Bs_ptr, acum_ptr, slot_ptr, coef_ptr,
+                               nheads, heads_per_group, ngroups,
+                               HEADDIM: tl.constexpr, DSTATE: tl.constexpr, CHUNK: tl.constexpr,
+                               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               GATE: tl.constexpr, PDL: tl.constexpr):
+        # One program: BLOCK_P channels of one head of one row, as _ssm_step_kernel, but the state it
+        # reads is the one at the start of the chunk, S_0, and the steps of the chunk before this one
+        # (j of them) wait in the pending buffers: the output is the SSD's chunked form
+        #   y_j = exp(acum_j) (C_j . S_0) + sum_{i<=j} coef_i dt_i x_i + D x_j
+        # with coef from _chunk_coefficients_kernel, the launch before. Only the chunk's last step
+        # writes the state: h_j, the next chunk's S_0.
+        if PDL:
+            gdc_launch_dependents()
+        row, head = tl.program_id(2), tl.program_id(1)
+        ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        ns, ks = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+        p_ok, n_ok = ps < HEADDIM, ns < DSTATE
+        s_ok = p_ok[:, None] & n_ok[None, :]
+        group = head // heads_per_group
+        s_ptrs = state_ptr + ((row * nheads + head) * HEADDIM + ps[:, None]) * DSTATE + ns[None, :]
+        # S_0 and the chunk's earlier steps were written a step or more before, by this layer's kernels,
+        # which have finished (see _ssm_step_kernel): they load before the wait.
+        s0 = tl.load(s_ptrs, mask=s_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        j = tl.load(slot_ptr + row)
+        k_ok = ks < j
+        pending = row * CHUNK + ks
+        xdt_i = tl.load(xdt_ptr + pending[:, None] * (nheads * HEADDIM) + head * HEADDIM + ps[None, :],
+                        mask=k_ok[:, None] & p_ok[None, :], other=0.0)                       # (BLOCK_K, BLOCK_P)
+        if PDL:
+            gdc_wait()
+        inputs = xbc_ptr + row * stride_row
+        x = tl.load(inputs + x_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
+        C = tl.load(inputs + C_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
+        dt = _softplus(tl.load(inputs + dt_start + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32))
+        xdt = dt * x
+        coefs = coef_ptr + (row * nheads + head) * (CHUNK + 1)
+        decay = tl.load(coefs + CHUNK)                                                         # exp(acum_j)
+        D_x = tl.load(D_ptr + head).to(tl.float32) * x
+        if j == CHUNK - 1:  # the chunk's last step: h_j = exp(acum_j) S_0 + sum_{i<=j} exp(acum_j - acum_i) xdt_i B_i^T
+            B = tl.load(inputs + B_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
+            acum_i = tl.load(acum_ptr + pending * nheads + head, mask=ks <= j, other=0.0)
+            acum = tl.sum(tl.where(ks == j, acum_i, 0.0))
+            wx_i = tl.where(k_ok, tl.exp(acum - acum_i), 0.0)[:, None] * xdt_i
+            s = decay * s0 + xdt[:, None] * B[None, :]
+            for i in tl.static_range(CHUNK - 1):
+                wx = tl.sum(tl.where(ks[:, None] == i, wx_i, 0.0), axis=0)                    # (BLOCK_P,)
+                B_at = tl.load(Bs_ptr + (row * CHUNK + i) * (ngroups * DSTATE) + group * DSTATE + ns,
+                               mask=n_ok & (i < j), other=0.0).to(tl.float32)
+                s += wx[:, None] * B_at[None, :]
+            y = tl.sum(s * C[None, :], axis=1) + D_x
+            tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=s_ok, cache_modifier=".cs")
+        else:
+            coef = tl.load(coefs + ks, mask=ks <= j, other=0.0)
+            coef_j = tl.sum(tl.where(ks == j, coef, 0.0))
+            y = decay * tl.sum(s0 * C[None, :], axis=1) + tl.sum(coef[:, None] * xdt_i, axis=0) + coef_j * xdt + D_x
+            tl.store(xdt_ptr + (row * CHUNK + j) * (nheads * HEADDIM) + head * HEADDIM + ps, xdt, mask=p_ok)
+        if GATE:
+            z = tl.load(inputs + z_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(y_ptr + row * (nheads * HEADDIM) + head * HEADDIM + ps, y.to(y_ptr.dtype.element_ty), mask=p_ok)
+
+    @triton.jit
     def _sample_top_k_kernel(logits_ptr, noise_ptr, out_ptr, n_cond, V, stride_row, stride_k, cfg_scale,
                              inv_temperature, top_k, steps_ptr, fixed_ptr, col_ptr, next_ptr, stride_steps,
                              stride_steps_k, stride_next, stride_next_k, GUIDANCE: tl.constexpr,
@@ -632,6 +741,90 @@ def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True
                            GATE=z_start is not None, num_warps=num_warps, **_launch_options(xbc, pdl))
     return y
 
+
+class PendingSteps(NamedTuple):
+    """One Mamba-2 layer's decoding steps that ssm_chunk_step has not yet added to the state: the
+    first `slot` steps of the current chunk of K, per row (b rows).
+
+    xdt (b, K, nheads * headdim): dt x of each step; B (b, K, ngroups * d_state) in the in_proj
+    output's dtype; acum (b, K, nheads): dt A summed from the chunk's start through each step; xdt
+    and acum in fp32, or in the state's dtype if wider. slot (b,) int32, 0 <= slot < K: how many
+    steps are pending (one tensor for all layers)."""
+    xdt: torch.Tensor
+    B: torch.Tensor
+    acum: torch.Tensor
+    slot: torch.Tensor
+
+    @staticmethod
+    def empty(state, chunk, ngroups, dtype, slot):
+        """No pending steps for a state (b, nheads, headdim, d_state): buffers of `chunk` steps, B in
+        dtype; slot (b,) int32 zeros, shared by the layers."""
+        b, h, p, n = state.shape
+        f32 = dict(device=state.device, dtype=torch.promote_types(state.dtype, torch.float32))
+        B = torch.zeros(b, chunk, ngroups * n, device=state.device, dtype=dtype)
+        return PendingSteps(torch.zeros(b, chunk, h * p, **f32), B, torch.zeros(b, chunk, h, **f32), slot)
+
+    def rows(self, rows):
+        """The pending steps of a slice of the rows (views)."""
+        return PendingSteps(self.xdt[rows], self.B[rows], self.acum[rows], self.slot[rows])
+
+
+def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True, block_p=None,
+                   num_warps=None):
+    """ssm_step's output, from the state at the start of a chunk of K decoding steps (K =
+    pending.xdt.shape[1] >= 2) and the chunk's steps before this one (PendingSteps), in the SSD's
+    chunked form (ssd_reference.ssd_chunked within one chunk; PAPER.md, Mamba-2 internals):
+
+        y_t = exp(acum_t) C_t S_0 + sum_{s <= t} exp(acum_t - acum_s) (C_t . B_s) dt_s x_s + D x_t
+
+    so the state (b, nheads, headdim, d_state) is read every step but written once per chunk, at its
+    last step (slot K - 1), as h_t; the other steps append dt x, B and acum to `pending` at `slot`.
+    Two kernels: the coefficients (C_t . B_s and the decays, once per row), then the output. The
+    caller advances pending.slot (+1 mod K) after each step's kernels (one tensor for all layers)
+    and folds what is pending into the state with fold_pending before anything else reads it.
+    Other arguments and the result as ssm_step's."""
+    b, nheads, headdim, d_state = state.shape
+    chunk = pending.xdt.shape[1]
+    # launch shape measured at 8-128 rows, fp32 and bf16 states (BENCHMARKS.md §0b)
+    block_p, num_warps = block_p or 4, num_warps or 1
+    if chunk < 2:
+        raise ValueError(f"ssm_chunk_step: chunks of at least 2 steps, got {chunk} (ssm_step is the chunk of one)")
+    if not (state.is_contiguous() and xbc.stride(-1) == 1 and all(t.is_contiguous() for t in pending[:3])):
+        raise ValueError("ssm_chunk_step: the state and the pending steps must be contiguous and xbc's rows dense")
+    if b > 65535:
+        raise ValueError(f"ssm_chunk_step: at most 65535 rows, got {b}")
+    y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype if z_start is None else torch.float32)
+    coef = torch.empty(b, nheads, chunk + 1, device=xbc.device, dtype=torch.float32)
+    B_start = x_start + nheads * headdim
+    C_start, dt_start, heads_per_group = B_start + ngroups * d_state, xbc.shape[1] - nheads, nheads // ngroups
+    launch = _launch_options(xbc, pdl)
+    sizes = dict(DSTATE=d_state, CHUNK=chunk, BLOCK_N=next_power_of_2(d_state), BLOCK_K=next_power_of_2(chunk))
+    _chunk_coefficients_kernel[(ngroups, b)](
+        xbc, xbc.stride(0), B_start, C_start, dt_start, dt_bias, A, pending.B, pending.acum, pending.slot, coef, nheads,
+        heads_per_group, ngroups, BLOCK_H=next_power_of_2(heads_per_group), num_warps=4, **sizes, **launch)
+    _ssm_chunk_step_kernel[(cdiv(headdim, block_p), nheads, b)](
+        state, xbc, xbc.stride(0), x_start, B_start, C_start, dt_start, z_start or 0, dt_bias, D, y, pending.xdt,
+        pending.B, pending.acum, pending.slot, coef, nheads, heads_per_group, ngroups, HEADDIM=headdim,
+        BLOCK_P=block_p, GATE=z_start is not None, num_warps=num_warps, **sizes, **launch)
+    return y
+
+
+def fold_pending(state, pending):
+    """Add the pending steps to the state, in place: each row's state becomes h of its last step,
+    the state the recurrence (ssm_step) would hold. Plain torch, no host synchronisation: state (b,
+    nheads, headdim, d_state), pending a PendingSteps. pending.slot is left as it is (the layers
+    share it): set it to 0 once every layer is folded."""
+    b, h, p, n = state.shape
+    K = pending.xdt.shape[1]
+    slot = pending.slot.long()
+    g = pending.B.shape[-1] // n
+    last = pending.acum.gather(1, (slot - 1).clamp(min=0)[:, None, None].expand(b, 1, h))     # (b, 1, h)
+    last = torch.where(slot[:, None, None] > 0, last, torch.zeros_like(last))
+    ok = torch.arange(K, device=state.device) < slot[:, None]                                 # (b, K)
+    w = torch.where(ok[..., None], torch.exp(last - pending.acum), torch.zeros_like(pending.acum))   # (b, K, h)
+    B = pending.B.to(pending.xdt.dtype).view(b, K, g, 1, n).expand(b, K, g, h // g, n).reshape(b, K, h, n)
+    added = torch.einsum("bkh,bkhp,bkhn->bhpn", w, pending.xdt.view(b, K, h, p), B)
+    state.copy_(torch.exp(last)[:, 0, :, None, None] * state.to(added.dtype) + added)
 
 def sample_top_k(logits, noise, cfg_scale, top_k, temperature, steps=None, col=None, fixed=None,
                  next_input=None):

@@ -146,6 +146,32 @@ def ssm_step_definition(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=Non
     return y * F.silu(f[:, z_start:z_start + h * p])
 
 
+def ssm_chunk_step_definition(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start=None, **launch):
+    """kernels.ssm_chunk_step: the step joins the pending ones at pending.slot; y from h_t, the state
+    they fold into (kernels.fold_pending on a copy), which replaces the state at the chunk's last step."""
+    b, h, p, n = state.shape
+    dtype = torch.promote_types(xbc.dtype, torch.float32)
+    f = xbc.to(dtype)
+    x = f[:, x_start:x_start + h * p].view(b, h, p)
+    B = f[:, x_start + h * p:x_start + h * p + ngroups * n]
+    C = f[:, x_start + h * p + ngroups * n:x_start + h * p + 2 * ngroups * n].view(b, ngroups, 1, n)
+    dt = F.softplus(f[:, -h:] + dt_bias.to(dtype))
+    rows, j = torch.arange(b), pending.slot.long()
+    before = torch.where(j > 0, pending.acum[rows, (j - 1).clamp(min=0)].T, 0).T
+    pending.acum[rows, j] = (before + dt * A.to(dtype)).to(pending.acum.dtype)
+    pending.xdt[rows, j] = (dt[..., None] * x).reshape(b, h * p).to(pending.xdt.dtype)
+    pending.B[rows, j] = B.to(pending.B.dtype)
+    h_t = state.to(dtype, copy=True)
+    kernels.fold_pending(h_t, pending._replace(slot=pending.slot + 1))
+    y = (h_t.view(b, ngroups, h // ngroups, p, n) * C[..., None, :]).sum(-1).view(b, h, p) + D.to(dtype)[:, None] * x
+    last = j == pending.xdt.shape[1] - 1
+    state[last] = h_t[last].to(state.dtype)
+    y = y.reshape(b, h * p)
+    if z_start is None:
+        return y.to(xbc.dtype)
+    return y * F.silu(f[:, z_start:z_start + h * p])
+
+
 def embed_rows_definition(tokens, offsets, table, positions, freqs, advance=False):
     """kernels.embed_rows: the K embeddings summed, plus [cos | sin] of positions * freqs."""
     angles = positions[:, None].float() * freqs
@@ -950,7 +976,8 @@ def kernel_definitions(monkeypatch):
     wiring (argument order, layouts, the token bookkeeping) runs on a CPU."""
     monkeypatch.setattr(kernels, "triton", object())  # fits_linear_rows: "Triton is here"
     for name, definition in [("linear_rows", linear_rows_definition), ("ssm_step", ssm_step_definition),
-                             ("embed_rows", embed_rows_definition), ("sample_top_k", sample_top_k_definition)]:
+                             ("ssm_chunk_step", ssm_chunk_step_definition), ("embed_rows", embed_rows_definition),
+                             ("sample_top_k", sample_top_k_definition)]:
         monkeypatch.setattr(kernels, name, definition)
 
 
@@ -1027,6 +1054,42 @@ def test_ssm_step_kernel_equals_its_definition(state_dtype):
         kernels.ssm_step(torch.zeros(65536, 5, device=device), torch.zeros(65536, 1, 1, 1, device=device),
                          A[:1], dt_bias[:1], D[:1], 0, 1)
 
+
+@triton_here
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype):
+    # kernels.ssm_chunk_step for 2.5 chunks of steps, then fold_pending, against ssm_step's definition
+    # (the recurrence) in float64 step by step: each step's y (with the gate and without), the state
+    # after the folds inside the kernel (at each chunk's last step) and after fold_pending. Shapes as
+    # ssm_step's test: 2 groups, a masked head (20 channels, 8 and 16 per program), d_state 100
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(1)
+    rand = lambda *s: torch.randn(*s, generator=gen).to(device)
+    d = lambda t: t.double()
+    nheads, headdim, ngroups, d_state, rows = 6, 20, 2, 100, 3
+    d_inner = nheads * headdim
+    A, dt_bias, D = -rand(nheads).abs() * 2, rand(nheads) - 2, rand(nheads)
+    bound = 1e-6 if state_dtype == torch.float32 else 2 ** -6  # the state rounded to bf16 once a chunk
+    for chunk, block_p, z_start in [(4, None, 0), (3, 8, None), (8, 16, 0), (2, 2, 0)]:
+        state = rand(rows, nheads, headdim, d_state).to(state_dtype)
+        want_state = d(state)
+        pending = kernels.PendingSteps.empty(state, chunk, ngroups, torch.bfloat16,
+                                             torch.zeros(rows, dtype=torch.int32, device=device))
+        for t in range(chunk * 5 // 2):
+            zxbcdt = rand(rows, 2 * d_inner + 2 * ngroups * d_state + nheads).to(torch.bfloat16)
+            y = kernels.ssm_chunk_step(zxbcdt, state, pending, A, dt_bias, D, d_inner, ngroups, z_start=z_start,
+                                       block_p=block_p)
+            pending.slot.add_(1).remainder_(chunk)
+            want_y = ssm_step_definition(d(zxbcdt), want_state, d(A), d(dt_bias), d(D), d_inner, ngroups, z_start)
+            assert rel_err(y, want_y) < max(bound, 2 ** -8 if z_start is None else 1e-5), (chunk, t)  # y in bf16
+            if t % chunk == chunk - 1:  # the kernel wrote the state
+                assert rel_err(state, want_state) < bound, (chunk, t)
+        assert pending.slot.tolist() == [chunk // 2] * rows
+        kernels.fold_pending(state, pending)
+        assert state.dtype == state_dtype and rel_err(state, want_state) < bound, chunk
+    with pytest.raises(ValueError, match="chunks of at least 2 steps, got 1"):
+        kernels.ssm_chunk_step(zxbcdt, state, pending._replace(xdt=pending.xdt[:, :1]), A, dt_bias, D, d_inner,
+                               ngroups)
 
 def causal_conv_silu_definition(x, weight, bias, seq_idx=None):
     """kernels.causal_conv_silu in plain torch: silu(bias + sum_k weight[:, k] x[t - 3 + k]), where a tap
@@ -1549,9 +1612,13 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
                 torch.nn.init.uniform_(module.weight, 0.5, 1.5)
         text, mask = random_text(b=rows)
         tokens = torch.randint(0, 1024, (rows, 3, 10))
-        ways = {"plain": model.step, "fused": fast.Decoder(FastOptions(decode_streams=1)).step_function(model, rows)}
+        ways = {"plain": model.step, "fused": fast.Decoder(FastOptions(decode_streams=1)).step_function(model, rows),
+                "fused, chunks of 4": fast.Decoder(FastOptions(decode_streams=1, decode_chunk=4)).step_function(
+                    model, rows)}
         if set(LAYOUTS[variant]) <= {"mamba", "ff"}:
-            ways[f"fused, {n} groups"] = fast.Decoder(FastOptions(decode_streams=n)).step_function(model, rows)
+            for chunk in (1, 4):
+                ways[f"fused, {n} groups, chunks of {chunk}"] = fast.Decoder(
+                    FastOptions(decode_streams=n, decode_chunk=chunk)).step_function(model, rows)
             grouped.append(variant)
         assert fast.decode_streams_for(model, rows) == (2 if variant in grouped else 1)  # the default
         logits, caches = {}, {}
@@ -1559,8 +1626,9 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
             cache = caches[name] = ssmttm.InferenceCache(model, rows, 10, "cpu", torch.float64)
             model.logits(tokens[..., :4], text, mask, cache)
             logits[name] = torch.cat([step(tokens[..., t:t + 1], cache) for t in range(4, 10)], 2)
-        for name in ways:
-            torch.testing.assert_close(logits[name], logits["plain"], rtol=1e-10, atol=1e-10)
+            if name != "plain":  # 6 steps in chunks of 4: 2 pending
+                step.flush(cache)
+            torch.testing.assert_close(logits[name], logits["plain"], rtol=1e-10, atol=1e-10, msg=f"{variant} {name}")
             assert torch.equal(caches[name].position, caches["plain"].position)
             for a, b in zip(caches[name].states[-1], caches["plain"].states[-1]):
                 if isinstance(a, ssmttm.Mamba2State):
@@ -1568,6 +1636,9 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
     assert grouped == ["prefix_mamba", "prefix_simba"]
     model = tiny_model("prefix_simba", 3)
     assert [fast.decode_streams_for(model, r) for r in (1, 2, 3, 64, 65, 128)] == [1, 1, 2, 2, 1, 1]
+    # the state written once per 16 steps past 2 rows (fp32 state), past CORE_ROWS rows (bf16 state)
+    assert [fast.decode_chunk_for(r, torch.float32) for r in (2, 3, 128)] == [1, 16, 16]
+    assert [fast.decode_chunk_for(r, torch.bfloat16) for r in (2, 8, 9)] == [1, 1, 16]
     groups = fast.row_groups(model, 5, 3, "cpu")
     assert groups == [(None, None, slice(0, 1)), (None, None, slice(1, 3)), (None, None, slice(3, 5))]
     with pytest.raises(ValueError, match="decode_streams > 1 needs .* not cross_attn"):
@@ -1595,6 +1666,8 @@ def test_fast_options_and_seam_errors():
         FastOptions(train="fastest")
     with pytest.raises(ValueError, match="decode_streams: 0"):
         FastOptions(decode_streams=0)
+    with pytest.raises(ValueError, match="decode_chunk: 0 is not a positive number of steps"):
+        FastOptions(decode_chunk=0)
     with pytest.raises(ValueError, match="the grouped path's, not 'mamba_ssm'"):
         FastOptions(train="mamba_ssm", triton_op=True)
     layer = mamba_layer(ngroups=2)
