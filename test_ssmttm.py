@@ -1023,6 +1023,17 @@ def test_linear_rows_one_kernel_equals_its_definition(path, all_rows):
         kernels.linear_rows(x, w, path="tensor")
 
 
+def ssm_kernel_inputs(seed, A_scale, dt_shift):
+    """The SSD step kernels' tests' setting: 6 heads of 20 channels, 2 groups, d_state 100 (masked
+    tiles). Returns the device, rand(*shape), the sizes and A, dt_bias, D."""
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=gen).to(device)
+    nheads, headdim, ngroups, d_state = 6, 20, 2, 100
+    return device, rand, (nheads, headdim, ngroups, d_state), (-rand(nheads).abs() * A_scale, rand(nheads) + dt_shift,
+                                                               rand(nheads))
+
+
 @triton_here
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 def test_ssm_step_kernel_equals_its_definition(state_dtype):
@@ -1030,13 +1041,9 @@ def test_ssm_step_kernel_equals_its_definition(state_dtype):
     # CORE_ROWS rows 4 channels per program; past it, for an fp32 state, 2), a head of 20 channels
     # whose last block the mask cuts (8 per program), 2 groups, d_state 100 (a masked power-of-two
     # tile), with the gate and without; the state is updated in place, rounded once to its dtype
-    device = "cpu" if TRITON_INTERPRET else "cuda"
-    gen = torch.Generator().manual_seed(0)
-    rand = lambda *s: torch.randn(*s, generator=gen).to(device)
+    device, rand, (nheads, headdim, ngroups, d_state), (A, dt_bias, D) = ssm_kernel_inputs(0, 4, -1)
     d = lambda t: t.double()
-    nheads, headdim, ngroups, d_state = 6, 20, 2, 100
     d_inner = nheads * headdim
-    A, dt_bias, D = -rand(nheads).abs() * 4, rand(nheads) - 1, rand(nheads)
     bound = 1e-6 if state_dtype == torch.float32 else 2 ** -8  # the state's own rounding (measured 7e-8, 3.4e-3)
     for rows, block_p in [(3, None), (kernels.CORE_ROWS + 1, None), (2, 8)]:
         zxbcdt = rand(rows, 2 * d_inner + 2 * ngroups * d_state + nheads).to(torch.bfloat16)
@@ -1062,13 +1069,9 @@ def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype):
     # (the recurrence) in float64 step by step: each step's y (with the gate and without), the state
     # after the folds inside the kernel (at each chunk's last step) and after fold_pending. Shapes as
     # ssm_step's test: 2 groups, a masked head (20 channels, 8 and 16 per program), d_state 100
-    device = "cpu" if TRITON_INTERPRET else "cuda"
-    gen = torch.Generator().manual_seed(1)
-    rand = lambda *s: torch.randn(*s, generator=gen).to(device)
+    device, rand, (nheads, headdim, ngroups, d_state), (A, dt_bias, D) = ssm_kernel_inputs(1, 2, -2)
     d = lambda t: t.double()
-    nheads, headdim, ngroups, d_state, rows = 6, 20, 2, 100, 3
-    d_inner = nheads * headdim
-    A, dt_bias, D = -rand(nheads).abs() * 2, rand(nheads) - 2, rand(nheads)
+    d_inner, rows = nheads * headdim, 3
     bound = 1e-6 if state_dtype == torch.float32 else 2 ** -6  # the state rounded to bf16 once a chunk
     for chunk, block_p, z_start in [(4, None, 0), (3, 8, None), (8, 16, 0), (2, 2, 0)]:
         state = rand(rows, nheads, headdim, d_state).to(state_dtype)
