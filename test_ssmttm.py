@@ -1648,6 +1648,29 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
         fast.Decoder(FastOptions(decode_streams=2)).step_function(tiny_model("cross_simba", 3), 4)
 
 
+def test_decoder_leaves_the_cache_as_the_plain_loop_does(kernel_definitions):
+    # fast.Decoder.decode with the state written once per chunk of 4 steps folds the steps still
+    # pending at its end (15 decoded: 3 chunks and 3 steps) into the states: the cache it leaves is
+    # the plain loop's (the layers' own steps), states and positions
+    class Keep(fast.Decoder):
+        def decode(self, model, cache, *args):
+            super().decode(model, cache, *args)
+            self.cache = cache
+
+    model = tiny_model("prefix_simba", 3)
+    text, mask = random_text()
+    caches = []
+    for options in (FastOptions(decode_kernels=False, cuda_graph=False), FastOptions(cuda_graph=False, decode_chunk=4)):
+        decoder = Keep(options)
+        codes = model.generate(text, mask, 14, cfg_scale=3.0, top_k=1, decoder=decoder)
+        caches.append(decoder.cache)
+    assert codes.shape == (2, 3, 14) and torch.equal(caches[0].position, caches[1].position)
+    states = [[s for block in c.states for s in block if isinstance(s, ssmttm.Mamba2State)] for c in caches]
+    assert len(states[0]) == len(model.blocks)
+    for plain, fused in zip(*states):
+        torch.testing.assert_close((fused.conv, fused.ssm), (plain.conv, plain.ssm), rtol=1e-10, atol=1e-10)
+
+
 def test_one_generator_per_prompt_gives_it_the_same_tokens_in_any_batch(kernel_definitions):
     # generate(generator=[one per text]): a text's tokens do not depend on the other texts of the
     # batch, in the plain loop and in fast.Decoder's; and one generator per row is required
