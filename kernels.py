@@ -15,6 +15,8 @@ activation, residual add, conv, state update ...). Two kernels do a SiMBA block 
     norm + in_proj + conv  ->  ssm_step + gate  ->  norm + out_proj + residual
                                 ->  norm + fc1 + GELU  ->  fc2 + residual
 
+(six with ssm_chunk_step, whose first kernel computes what all heads of a row share).
+
 `linear_rows`: out = residual + act(norm(x) @ W^T + bias), x (M, K), W (N, K), out (M, N).
     norm is nothing or RMSNorm (x * rsqrt(mean(x^2) + eps) * w). Optionally a range of the
     outputs goes through Mamba-2's causal depthwise conv + SiLU: the conv is per channel, so the
