@@ -595,6 +595,18 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
                    "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2)}
             emit(pdl_and_plain(row, mb, [lambda s=s, pdl=True: kernels.ssm_step(
                 zxbcdt, s, A, dt_bias, D, d_inner, 1, 0, pdl, block_p, warps) for s in states]))
+        # the state read every step and written once per chunk (ssm_chunk_step, its two kernels); the
+        # graph also advances the slot, so that its replays go through whole chunks
+        for chunk in (8, 16):
+            slot = torch.zeros(rows, dtype=torch.int32, device="cuda")
+            pending = [kernels.PendingSteps.empty(s, chunk, 1, torch.bfloat16, slot) for s in states]
+            calls = [lambda s=s, p=p: kernels.ssm_chunk_step(zxbcdt, s, p, A, dt_bias, D, d_inner, 1, 0)
+                     for s, p in zip(states, pending)]
+            us = graphed(calls + [lambda c=chunk: slot.add_(1).remainder_(c)]) * (len(calls) + 1) / len(calls)
+            mb = (1 + 1 / chunk) * states[0].numel() * states[0].element_size() / 1e6
+            emit({"section": "decode kernels", "rows": rows,
+                  "kernel": f"ssm_chunk_step ({str(dtype)[6:]} state, chunks of {chunk}, the default launch)",
+                  "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
 
 
 def bench_stage2(device):
