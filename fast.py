@@ -419,7 +419,6 @@ def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=No
     pending: per block, per sublayer, kernels.PendingSteps for Mamba-2 layers in chunks of steps
     (FusedStep; the caller advances their slot), or None."""
     rows, K, _ = tokens.shape
-    pending = pending or [[None] * len(block.layers) for block in model.blocks]
     x = kernels.embed_rows(tokens[..., 0], model.offsets, model.embed.weight, cache.position, freqs,
                            advance=True)  # and position += 1
     if groups:
@@ -436,7 +435,7 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending):
     block on its own CUDA stream (None: the current stream, after the groups before it). While
     decoding, rows are independent: one group's ssm_step, which moves the state, can run beside
     another group's products, which read the weights (once per group). In a CUDA graph the streams
-    are branches between a fork and a join. pending: as fused_blocks', for all rows. Returns (x,
+    are branches between a fork and a join. pending: as fused_blocks', for all rows, or None. Returns (x,
     norm_f(x) or None) as fused_blocks."""
     current = torch.cuda.current_stream(x.device) if x.is_cuda else None
     # the heads take norm_f(x) of all rows or of none: from every group, or from none (8 and 9 rows)
@@ -449,7 +448,7 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending):
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             states = [[s if s is None else Mamba2State(s.conv[rows], s.ssm[rows]) for s in block_states]
                       for block_states in cache.states]
-            rows_pending = [[p if p is None else p.rows(rows) for p in block] for block in pending]
+            rows_pending = pending and [[p if p is None else p.rows(rows) for p in block] for block in pending]
             h, hn = fused_blocks(model, x[rows], states, None, A, pdl, next_norms, ssm_stream, rows_pending)
             out[rows] = h
             if next_norms:
