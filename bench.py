@@ -338,6 +338,8 @@ DECODE_MODES = {  # mode -> the decoder's options (None: generate's plain loop)
     "chunk1+graph": FastOptions(decode_chunk=1),            # Mamba-2's state written every step (ssm_step)
     "bf16state+chunk1+graph": FastOptions(decode_chunk=1),
     "chunk16+graph": FastOptions(decode_chunk=16),          # written once per 16 steps (ssm_chunk_step)
+    "nosplit+graph": FastOptions(decode_split_k=False),     # each product's programs over all of K
+    "bf16state+nosplit+graph": FastOptions(decode_split_k=False),
     "bf16state+chunk16+graph": FastOptions(decode_chunk=16),
     "compile+graph": FastOptions(compile=True),             # torch.compile's fusion instead of kernels.py's
     "unfused+graph": FastOptions(decode_kernels=False),     # plain ops (mamba-ssm's step kernels) in the graph
@@ -545,11 +547,12 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
             row[f"{label}us"], row[f"{label}GB/s"] = us, mb * 1e3 / us
         return row
 
+    counters = torch.zeros(kernels.SPLIT_OUTPUTS, device="cuda", dtype=torch.int32)  # as the decoder's (split_k)
     for name, N, K, call in shapes:
         weights = [torch.randn(N, K, **bf16) / K ** 0.5 for _ in range(n_layers)]
         mb = (N * K * 2 + rows * (K + N) * 2) / 1e6
-        calls = [lambda w=w, i=i, **kw: call(w, i, **kw) for i, w in enumerate(weights)]
-        default = kernels._default_path(rows, weights[0])
+        calls = [lambda w=w, i=i, **kw: call(w, i, counters=counters, **kw) for i, w in enumerate(weights)]
+        default = kernels._default_path(rows, weights[0], split_k=True)
         row = pdl_and_plain({"section": "decode kernels", "rows": rows, "kernel": f"{name} ({default}, the default)",
                              "N x K": f"{N} x {K}", "MB": round(mb, 2)}, mb, calls)
         us = graphed([lambda w=w: torch.nn.functional.linear(x[:, :K], w) for w in weights])
@@ -566,17 +569,23 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
             emit({"section": "decode kernels", "rows": rows, "kernel": f"{name} ({path})", "N x K": f"{N} x {K}",
                   "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
         for block_n, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)) if sweep and rows <= kernels.CORE_ROWS else ():
-            us = graphed([lambda w=w, i=i, bn=block_n, nw=warps: call(w, i, path="cuda_cores", block_n=bn, num_warps=nw)
-                          for i, w in enumerate(weights)])
+            us = graphed([lambda c=c, bn=block_n, nw=warps: c(path="cuda_cores", block_n=bn, num_warps=nw)
+                          for c in calls])
             emit({"section": "decode kernels", "rows": rows, "kernel": f"{name}: {block_n} outputs, {warps} warps per program",
+                  "N x K": f"{N} x {K}", "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
+        for width, block_n, warps in itertools.product((128, 256, 512), (16, 32, 64), (4, 8)) if sweep else ():
+            us = graphed([lambda c=c, s=K // width, bn=block_n, nw=warps: c(
+                path="split_k", split=s, block_n=bn, num_warps=nw) for c in calls])
+            emit({"section": "decode kernels", "rows": rows,
+                  "kernel": f"{name}: split_k, slices of {width} of K, {block_n} outputs, {warps} warps per program",
                   "N x K": f"{N} x {K}", "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
         tc_shapes = itertools.product((16, 32), (16, 32, 64), (4, 8, 16)) if sweep else ()
         for block_m, block_n, warps in tc_shapes:
             if block_m > max(16, 1 << (rows - 1).bit_length()):
                 continue
             try:
-                us = graphed([lambda w=w, i=i, bm=block_m, bn=block_n, nw=warps: call(
-                    w, i, path="tensor_cores", block_m=bm, block_n=bn, num_warps=nw) for i, w in enumerate(weights)])
+                us = graphed([lambda c=c, bm=block_m, bn=block_n, nw=warps: c(
+                    path="tensor_cores", block_m=bm, block_n=bn, num_warps=nw) for c in calls])
             except Exception as e:  # a shape that does not fit (registers, shared memory)
                 us = float("nan")
                 print(f"{name} tensor cores {block_m} x {block_n}, {warps} warps: {type(e).__name__}", flush=True)

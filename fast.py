@@ -61,6 +61,8 @@ class FastOptions:
     decode_chunk: int | None = None  # decoding: Mamba-2's state written once per chunk of this many
     # steps (kernels.ssm_chunk_step; 1: every step, kernels.ssm_step); None: by the rows and the
     # state's dtype (decode_chunk_for)
+    decode_split_k: bool = True  # decoding: products of few outputs (out_proj, fc1, fc2, the head) in
+    # slices of K at 4-32 rows (kernels.linear_rows' split_k, kernels._default_path; it needs counters)
 
     def __post_init__(self):
         if self.train not in TRAIN_PATHS:
@@ -291,7 +293,8 @@ class Decoder:
         freqs = ssmttm.position_frequencies(model.cfg.d_model, device)
         n = min(self.options.decode_streams or decode_streams_for(model, rows), rows)
         groups = None if n == 1 else row_groups(model, rows, n, device)
-        return FusedStep(model, A, freqs, self.options.pdl, groups, self.options.decode_chunk)
+        return FusedStep(model, A, freqs, self.options.pdl, groups, self.options.decode_chunk,
+                         self.options.decode_split_k)
 
     def _sample_into(self, logits, steps, pos, fixed, next_input, sampling):
         """Sample step pos from its logits (b * copies, K, 1025); write it into steps where not
@@ -319,15 +322,19 @@ class FusedStep:
     is the one at the start of its chunk, and the steps since wait in kernels.PendingSteps, kept here
     per cache (made at the first step on it, or by pending(cache)): flush(cache) adds them to the
     states, which are then the plain model's after the same steps. Before that, the plain model's
-    step must not continue from that cache."""
+    step must not continue from that cache. split_k: counters for linear_rows' split_k, one row for
+    the kernels on the current stream and one per group of rows (fused_step)."""
 
-    def __init__(self, model, A, freqs, pdl, groups, chunk):
+    def __init__(self, model, A, freqs, pdl, groups, chunk, split_k=True):
         self.model, self.A, self.freqs, self.pdl, self.groups, self.chunk = model, A, freqs, pdl, groups, chunk
         self._pending = weakref.WeakKeyDictionary()  # cache -> per block, per sublayer: PendingSteps or None
+        self.counters = torch.zeros(1 + len(groups or ()), kernels.SPLIT_OUTPUTS, dtype=torch.int32,
+                                    device=model.embed.weight.device) if split_k else None
 
     def __call__(self, tokens, cache):
         pending = self.pending(cache)
-        logits = fused_step(self.model, tokens, cache, self.A, self.freqs, self.pdl, self.groups, pending)
+        logits = fused_step(self.model, tokens, cache, self.A, self.freqs, self.pdl, self.groups, pending,
+                            self.counters)
         first = _first(pending)
         if first is not None:  # after every layer's kernels: the next step's place in its chunk
             first.slot.add_(1).remainder_(first.xdt.shape[1])
@@ -411,45 +418,49 @@ def row_groups(model, rows, n, device):
     return groups
 
 
-def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=None):
+def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=None, counters=None):
     """TextToMusicLM.step for one step, tokens (rows, K, 1) -> logits (rows, K, 1, 1025), in the
     kernels of kernels.py (rows and widths within kernels.fits_linear_rows). A: per block, per
     sublayer, A = -exp(A_log) of a Mamba-2 layer (else None); freqs: the position frequencies.
     groups: the blocks for groups of rows, each on its own stream (row_groups, blocks_on_streams).
     pending: per block, per sublayer, kernels.PendingSteps for Mamba-2 layers in chunks of steps
-    (FusedStep; the caller advances their slot), or None."""
+    (FusedStep; the caller advances their slot), or None. counters: int32 zeros (1 + groups, n)
+    for linear_rows' split_k, row 0 for the kernels on the current stream, row 1 + i for group i's
+    (streams that may run at once need their own), or None: no split_k."""
     rows, K, _ = tokens.shape
     x = kernels.embed_rows(tokens[..., 0], model.offsets, model.embed.weight, cache.position, freqs,
                            advance=True)  # and position += 1
+    own = None if counters is None else counters[0]
     if groups:
-        x, xn = blocks_on_streams(model, x, cache, A, pdl, groups, pending)
+        x, xn = blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters)
     else:
-        x, xn = fused_blocks(model, x, cache.states, cache.memory_mask, A, pdl, pending=pending)
+        x, xn = fused_blocks(model, x, cache.states, cache.memory_mask, A, pdl, pending=pending, counters=own)
     x_in, norm_weight, eps = _normed(x, xn, model.norm_f)
-    logits = kernels.linear_rows(x_in, model.head.weight, norm_weight=norm_weight, eps=eps, pdl=pdl)
+    logits = kernels.linear_rows(x_in, model.head.weight, norm_weight=norm_weight, eps=eps, pdl=pdl, counters=own)
     return logits.view(rows, 1, K, -1).transpose(1, 2)
 
 
-def blocks_on_streams(model, x, cache, A, pdl, groups, pending):
+def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None):
     """fused_blocks for x (rows, d), each group of rows (row_groups: stream, rows) through every
     block on its own CUDA stream (None: the current stream, after the groups before it). While
     decoding, rows are independent: one group's ssm_step, which moves the state, can run beside
     another group's products, which read the weights (once per group). In a CUDA graph the streams
-    are branches between a fork and a join. pending: as fused_blocks', for all rows, or None. Returns (x,
-    norm_f(x) or None) as fused_blocks."""
+    are branches between a fork and a join. pending: as fused_blocks', for all rows, or None. counters:
+    as fused_step's (group i takes row 1 + i), or None. Returns (x, norm_f(x) or None) as fused_blocks."""
     current = torch.cuda.current_stream(x.device) if x.is_cuda else None
     # the heads take norm_f(x) of all rows or of none: from every group, or from none (8 and 9 rows)
     next_norms = all(rows.stop - rows.start > kernels.CORE_ROWS for *_, rows in groups)
     out = torch.empty_like(x)
     out_n = torch.empty_like(x, dtype=model.norm_f.weight.dtype) if next_norms else None
-    for stream, ssm_stream, rows in groups:
+    for i, (stream, ssm_stream, rows) in enumerate(groups):
         if stream is not None:
             stream.wait_stream(current)  # the fork: after the embedding
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             states = [[s if s is None else Mamba2State(s.conv[rows], s.ssm[rows]) for s in block_states]
                       for block_states in cache.states]
             rows_pending = pending and [[p if p is None else p.rows(rows) for p in block] for block in pending]
-            h, hn = fused_blocks(model, x[rows], states, None, A, pdl, next_norms, ssm_stream, rows_pending)
+            h, hn = fused_blocks(model, x[rows], states, None, A, pdl, next_norms, ssm_stream, rows_pending,
+                                 None if counters is None else counters[1 + i])
             out[rows] = h
             if next_norms:
                 out_n[rows] = hn
@@ -459,14 +470,16 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending):
     return out, out_n
 
 
-def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None, ssm_stream=None, pending=None):
+def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None, ssm_stream=None, pending=None,
+                 counters=None):
     """The blocks of ssmttm.TextToMusicLM for one decoding step, x (rows, d) -> (x, xn): Mamba-2 and
     feed-forward sublayers in kernels.py's kernels (norm and residual included), the others as they
     are. With next_norms (default: past kernels.CORE_ROWS rows) each sublayer's last kernel also
     makes the next one's input norm (linear_rows' norm_out), which then has no norm kernel of its
     own; xn is the last of them, norm_f(x) in the weights' dtype (else None). states, A: per
     block, per sublayer. ssm_stream: where Mamba-2's ssm_step runs (row_groups), else in line.
-    pending: per block, per sublayer, the Mamba-2 layers' kernels.PendingSteps (or None: steps of one)."""
+    pending: per block, per sublayer, the Mamba-2 layers' kernels.PendingSteps (or None: steps of one).
+    counters: int32 zeros for linear_rows' split_k (its default where it pays), or None."""
     next_norms = x.shape[0] > kernels.CORE_ROWS if next_norms is None else next_norms
     pending = pending or [[None] * len(block.layers) for block in model.blocks]
     sublayers = [(kind, norm, layer, state, layer_A, layer_pending)
@@ -478,12 +491,14 @@ def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None, ss
     for (kind, norm, layer, state, layer_A, layer_pending), (next_kind, next_norm) in zip(sublayers, after):
         norm_out = (next_norm.weight, next_norm.eps) if next_norms and next_kind in ("mamba", "ff", "head") else None
         if kind == "mamba":
-            x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out, ssm_stream, layer_pending)
+            x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out, ssm_stream, layer_pending,
+                                      counters)
         elif kind == "ff":
             x_in, norm_weight, eps = _normed(x, xn, norm)
-            h = kernels.linear_rows(x_in, layer.fc1.weight, layer.fc1.bias, norm_weight, eps, gelu=True, pdl=pdl)
+            h = kernels.linear_rows(x_in, layer.fc1.weight, layer.fc1.bias, norm_weight, eps, gelu=True, pdl=pdl,
+                                    counters=counters)
             x, xn = _split(kernels.linear_rows(h, layer.fc2.weight, layer.fc2.bias, residual=x, norm_out=norm_out,
-                                               pdl=pdl))
+                                               pdl=pdl, counters=counters))
         elif kind == "cross_attn":
             x, xn = (x[:, None] + layer(norm(x[:, None]), None, memory_mask, state=state))[:, 0], None
         else:
@@ -502,20 +517,22 @@ def _split(out):
     return out if isinstance(out, tuple) else (out, None)
 
 
-def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None, ssm_stream=None, pending=None):
+def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None, ssm_stream=None, pending=None,
+                      counters=None):
     """x + layer(norm(x)) for one decoding step, x (rows, d_model), in three kernels: norm + in_proj
     + conv, the SSD step + gate (y * silu(z)), norm + out_proj + residual. xn: norm(x) in the
     weights' dtype if the kernel before made it. ssm_stream: a CUDA stream for the SSD step (it
     waits for in_proj's kernel, out_proj's waits for it), else the current one. pending: the
     layer's kernels.PendingSteps for the SSD step in chunks (kernels.ssm_chunk_step, two kernels),
-    or None for kernels.ssm_step. Returns (out, the
-    next norm of out if norm_out, as linear_rows, else None). Raises ValueError for ngroups != 1
+    or None for kernels.ssm_step. counters: linear_rows'. Returns (out, the next norm of out if
+    norm_out, as linear_rows, else None). Raises ValueError for ngroups != 1
     (the out_proj kernel normalises y * silu(z) as one group)."""
     if layer.ngroups != 1:
         raise ValueError(f"mamba2_fused_step: ngroups must be 1 (the LM's), got {layer.ngroups}")
     conv = (state.conv, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.d_inner)
     x_in, norm_weight, eps = _normed(x, xn, norm)
-    zxbcdt = kernels.linear_rows(x_in, layer.in_proj.weight, norm_weight=norm_weight, eps=eps, conv=conv, pdl=pdl)
+    zxbcdt = kernels.linear_rows(x_in, layer.in_proj.weight, norm_weight=norm_weight, eps=eps, conv=conv, pdl=pdl,
+                                 counters=counters)
     ssm_args = (layer.dt_bias, layer.D, layer.d_inner, layer.ngroups)
 
     def ssm():
@@ -533,7 +550,7 @@ def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None
         current.wait_stream(ssm_stream)
     out_norm = layer.norm  # a plain RMSNorm now: the gate is in ssm_step
     return _split(kernels.linear_rows(gated, layer.out_proj.weight, norm_weight=out_norm.weight, eps=out_norm.eps,
-                                      residual=x, norm_out=norm_out, pdl=pdl))
+                                      residual=x, norm_out=norm_out, pdl=pdl, counters=counters))
 
 
 def _record(frame, tensors, generator, device):

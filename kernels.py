@@ -87,8 +87,11 @@ if HAS_MAMBA_SSM:  # under torch.compile these are graph breaks; mamba2_train be
 # up to MAX_ROWS rows as cuBLAS's product with a kernel before and after it; width <= MAX_WIDTH
 CORE_ROWS, MAX_ROWS, MAX_WIDTH = 8, 128, 4096
 TC_ROWS = 4  # 16-bit weights, TC_ROWS < rows <= CORE_ROWS: the tensor-core kernel (_default_path)
+# split_k (with counters): SPLIT_MIN_ROWS to SPLIT_MAX_ROWS rows, products of up to SPLIT_OUTPUTS outputs
+# (_default_path); a program takes a slice of at most SPLIT_WIDTH of K (wider: more shared memory than a GPU has)
+SPLIT_MIN_ROWS, SPLIT_MAX_ROWS, SPLIT_OUTPUTS, SPLIT_WIDTH = 4, 32, 2048, 512
 NORM_PDL_ROWS = 64  # past this many rows the norm before a product launches early (PDL); at fewer it costs time
-LINEAR_PATHS = ("cuda_cores", "tensor_cores", "many_rows")
+LINEAR_PATHS = ("cuda_cores", "tensor_cores", "many_rows", "split_k")
 
 
 def fits_linear_rows(rows, width):
@@ -271,6 +274,75 @@ if triton is not None:
                                  conv_dim, out_ptr, D_CONV)
             tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _linear_rows_split_kernel(x_ptr, norm_w_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, sq_ptr, count_ptr,
+                                  N, K, eps, stride_x, stride_res, conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_start,
+                                  conv_dim, M: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  GELU: tl.constexpr, HAS_RES: tl.constexpr, D_CONV: tl.constexpr, PDL: tl.constexpr,
+                                  PRECISION: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One program: BLOCK_N outputs over one slice of K (split s of SPLIT, BLOCK_K wide) for all M
+        # rows, so that SPLIT times more programs, each with a shorter slice of W, read the weights. Its
+        # partial products (fp32) go to part_ptr; the tile's last program to finish (an atomic count)
+        # adds the SPLIT of them in split order, which keeps the sum the same whatever order the
+        # programs finish in, and does the epilogue. The norm: x * norm_w is rounded to W's dtype before
+        # the product and the row's rstd multiplies the sum (the sums of squares come with the parts).
+        if PDL:
+            gdc_launch_dependents()
+        tile, s = tl.program_id(0), tl.program_id(1)
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = s * BLOCK_K + tl.arange(0, BLOCK_K)
+        col_ok, k_ok = cols < N, ks < K
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            nw = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        if PDL:  # everything below may read what the previous kernel writes
+            gdc_wait()
+        for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < M
+            x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            if NORM:
+                tl.store(sq_ptr + (tile * SPLIT + s) * M + rows, tl.sum(x * x, axis=1), mask=row_ok)
+                x = x * nw[None, :]
+            part = tl.dot(x.to(w.dtype), tl.trans(w), input_precision=PRECISION)
+            tl.store(part_ptr + (s * M + rows[:, None]) * N + cols[None, :], part,
+                     mask=row_ok[:, None] & col_ok[None, :])
+        tl.debug_barrier()  # all of this program's parts are stored before it counts itself
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if D_CONV > 0:  # outputs conv_start ... conv_start + conv_dim - 1 go through the causal conv
+                c, in_conv, taps, conv_ok, w_conv, b_conv = _conv_columns(cols, col_ok, conv_w_ptr, conv_b_ptr,
+                                                                          conv_start, conv_dim, D_CONV)
+            for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < M
+                ok = row_ok[:, None] & col_ok[None, :]
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for j in tl.static_range(SPLIT):  # in split order: the same sum whoever finishes last
+                    acc += tl.load(part_ptr + (j * M + rows[:, None]) * N + cols[None, :], mask=ok, other=0.0,
+                                   cache_modifier=".cg")
+                if NORM:
+                    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                    for j in tl.static_range(SPLIT):
+                        sq += tl.load(sq_ptr + (tile * SPLIT + j) * M + rows, mask=row_ok, other=0.0,
+                                      cache_modifier=".cg")
+                    acc = acc * (1.0 / tl.sqrt(sq / K + eps))[:, None]
+                if HAS_BIAS:
+                    acc += bias[None, :]
+                if GELU:  # exact (erf) GELU, as F.gelu
+                    acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+                if HAS_RES:
+                    acc += tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=ok,
+                                   other=0.0).to(tl.float32)
+                if D_CONV > 0:  # Mamba-2's causal depthwise conv + SiLU; this program owns these channels
+                    acc = _conv_rows(acc, rows, row_ok, c, in_conv, taps, conv_ok, w_conv, b_conv, conv_state_ptr,
+                                     conv_dim, out_ptr, D_CONV)
+                tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(count_ptr + tile, 0)  # ready for the next launch
 
     @triton.jit
     def _add_norm_rows_kernel(x_ptr, stride_x, res_ptr, stride_res, sum_ptr, norm_w_ptr, normed_ptr, K, eps,
@@ -539,7 +611,8 @@ if triton is not None:
 
 
 def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, residual=None, conv=None,
-                norm_out=None, pdl=True, path=None, block_n=None, num_warps=None, block_m=None):
+                norm_out=None, pdl=True, path=None, block_n=None, num_warps=None, block_m=None, split=None,
+                counters=None):
     """residual + gelu(norm(x) @ weight^T + bias) for the rows of a decoding step.
 
     x (M, K) with M <= 128 and K <= 4096, weight (N, K). norm: RMSNorm with norm_weight (K,) if given.
@@ -558,7 +631,13 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     conv's weight, bias and state are read before the wait for the previous kernel, so they must not
     be what that kernel writes.
     block_n, num_warps, block_m: outputs per program, warps per program and (tensor_cores) rows per
-    tile (default: _launch_shape, _tc_launch_shape)."""
+    tile (default: _launch_shape, _tc_launch_shape).
+    path "split_k": one kernel of programs that each take a slice of K, split of them per tile of
+    outputs (split >= K / SPLIT_WIDTH, else ValueError; default _split_launch_shape); the last of a
+    tile's programs adds their partial products in a fixed order and does the epilogue.
+    counters: int32 zeros, at least one per tile of outputs, which split_k counts on and leaves at
+    zero (default: new ones); with them the default path may be split_k (_default_path). Calls one
+    after another on a stream may share them; calls that may run at once (on other streams) may not."""
     M, K = x.shape
     N = weight.shape[0]
     if M > MAX_ROWS or K > MAX_WIDTH:
@@ -567,7 +646,7 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
         conv_state, conv_w, conv_b, conv_start = conv
         if conv_state.shape[0] != M or not conv_state.is_contiguous() or not conv_w.is_contiguous():
             raise ValueError("linear_rows: the conv state must be contiguous (M, channels, d_conv)")
-    path = path or _default_path(M, weight)
+    path = path or _default_path(M, weight, split_k=counters is not None)
     if path not in LINEAR_PATHS:
         raise ValueError(f"linear_rows: path {path!r} is not one of {', '.join(LINEAR_PATHS)}")
     if path == "many_rows":
@@ -586,7 +665,25 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
             conv_state.shape[1] if conv is not None else 0)
     flags = dict(NORM=norm_weight is not None, HAS_BIAS=bias is not None, GELU=gelu, HAS_RES=residual is not None,
                  D_CONV=d_conv, **_launch_options(x, pdl))
-    if path == "tensor_cores":
+    if path == "split_k":
+        default_m, default_n, default_split, default_warps = _split_launch_shape(M, K, weight.element_size())
+        block_m, block_n = block_m or default_m, block_n or default_n
+        split, num_warps = split or default_split, num_warps or default_warps
+        if cdiv(K, split) > SPLIT_WIDTH:
+            raise ValueError(f"linear_rows(path='split_k'): {split} slices of {K} are wider than {SPLIT_WIDTH}; "
+                             f"take split >= {cdiv(K, SPLIT_WIDTH)}")
+        n_tiles, block_k = cdiv(N, block_n), next_power_of_2(cdiv(K, split))
+        counters = torch.zeros(n_tiles, device=x.device, dtype=torch.int32) if counters is None else counters
+        if counters.numel() < n_tiles or counters.dtype != torch.int32:
+            raise ValueError(f"linear_rows: counters must be {n_tiles} int32 zeros, got {counters.numel()} "
+                             f"{counters.dtype}")
+        part = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
+        sq = torch.empty(n_tiles, split, M, device=x.device, dtype=torch.float32)
+        _linear_rows_split_kernel[(n_tiles, split)](
+            *args[:6], part, sq, counters, *args[6:], M=M,
+            PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", SPLIT=split, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **flags)
+    elif path == "tensor_cores":
         default_m, default_n, default_warps = _tc_launch_shape(M, K)
         block_m, block_n, num_warps = block_m or default_m, block_n or default_n, num_warps or default_warps
         halves = 2 if K > 2048 else 1
@@ -610,11 +707,17 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     return out, _add_norm_rows(out, norm_weight=norm_out[0], eps=norm_out[1], normed_dtype=norm_out[0].dtype)[1]
 
 
-def _default_path(rows, weight):
-    """linear_rows' path for `rows` rows, from frames measured at 1-64 prompts (BENCHMARKS.md §0b):
-    CUDA cores up to TC_ROWS rows, where reading W is the cost and a row's product is a reduction
-    within a warp; tensor cores from there to CORE_ROWS rows for 16-bit weights (fp32 weights do
-    not fit its shared memory at the model's widths); many_rows past CORE_ROWS."""
+def _default_path(rows, weight, split_k=False):
+    """linear_rows' path for `rows` rows, from frames measured at 1-64 prompts (BENCHMARKS.md §0b).
+    split_k (the caller has counters for it): split_k from SPLIT_MIN_ROWS to SPLIT_MAX_ROWS rows for
+    products of up to SPLIT_OUTPUTS outputs (out_proj, fc1, fc2, the head), which leave most SMs idle
+    with one program per tile of outputs; at 2 rows the CUDA-core kernel is faster, past 32 cuBLAS's
+    product is. Else CUDA cores up to TC_ROWS rows, where reading W is the cost and a row's
+    product is a reduction within a warp; tensor cores from there to CORE_ROWS rows for 16-bit
+    weights (fp32 weights do not fit its shared memory at the model's widths); many_rows past
+    CORE_ROWS."""
+    if split_k and SPLIT_MIN_ROWS <= rows <= SPLIT_MAX_ROWS and weight.shape[0] <= SPLIT_OUTPUTS:
+        return "split_k"
     if rows > CORE_ROWS:
         return "many_rows"
     return "tensor_cores" if rows > TC_ROWS and weight.element_size() == 2 else "cuda_cores"
@@ -627,6 +730,15 @@ def _tc_launch_shape(rows, width):
     inputs up to 1024 wide (in_proj, fc1, the head), 16 outputs on 8 warps for wider ones
     (out_proj, fc2), whose slice of W is twice as long."""
     return (16, 32, 4) if width <= 1024 else (16, 16, 8)
+
+
+def _split_launch_shape(rows, width, weight_bytes):
+    """(rows per tile, outputs per program, slices of K, warps per program) of linear_rows' split_k
+    kernel, from the sweep at 4-32 rows in a chain of launches with PDL (bench.py --only
+    decode-kernels --sweep-configs, BENCHMARKS.md §0b): slices of 256 of K on 4 warps; 64 outputs
+    per program up to 16 rows, 32 past (and for 4-byte weights: W's slice in half the registers)."""
+    small = rows <= 16
+    return (16 if small else 32), (64 if small and weight_bytes == 2 else 32), cdiv(width, 256), 4
 
 
 def _add_norm_rows(x, residual=None, sum_dtype=None, norm_weight=None, eps=1e-5, normed_dtype=None, pdl=False):

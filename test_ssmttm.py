@@ -989,11 +989,12 @@ triton_here = pytest.mark.skipif(kernels.triton is None or not (TRITON_INTERPRET
 
 @triton_here
 @pytest.mark.parametrize("path, all_rows", [("cuda_cores", range(1, kernels.CORE_ROWS + 1)),
-                                            ("tensor_cores", (1, 5, 16, 17, 40))])
+                                            ("tensor_cores", (1, 5, 16, 17, 40)), ("split_k", (1, 5, 16, 17, 40))])
 def test_linear_rows_one_kernel_equals_its_definition(path, all_rows):
     # each kernel of linear_rows at row counts that pick each launch shape (tensor cores: one row
     # tile, a full one, several), narrow and wide inputs (4096: W in two halves): the product, norm,
-    # bias, GELU, residual and the conv with its state, against float64
+    # bias, GELU, residual and the conv with its state, against float64; split_k: also in other
+    # slices of K (some past K's end), the counters it counts on left at zero, the same sums again
     device = "cpu" if TRITON_INTERPRET else "cuda"
     gen = torch.Generator().manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=gen).to(device)
@@ -1014,6 +1015,15 @@ def test_linear_rows_one_kernel_equals_its_definition(path, all_rows):
                 got = kernels.linear_rows(x, w, path=path, **kw)
                 want = linear_rows_definition(d(x), d(w), **{k: d(v) if torch.is_tensor(v) else v for k, v in kw.items()})
                 assert rel_err(got, want) < tol, (M, K, sorted(kw))
+            if path == "split_k":
+                counters = torch.zeros(3, dtype=torch.int32, device=device)
+                for split in ((1, 3, 4) if K <= kernels.SPLIT_WIDTH else (K // kernels.SPLIT_WIDTH, K // 256 + 3)):
+                    kw = dict(norm_weight=rand(K), bias=rand(N), residual=rand(M, N))
+                    got = kernels.linear_rows(x, w, path=path, split=split, block_n=16, counters=counters, **kw)
+                    want = linear_rows_definition(d(x), d(w), **{k: d(v) for k, v in kw.items()})
+                    assert rel_err(got, want) < tol and not counters.any(), (M, K, split)
+                    again = kernels.linear_rows(x, w, path=path, split=split, block_n=16, counters=counters, **kw)
+                    assert torch.equal(again, got)
             state, conv_w, conv_b = rand(M, N - 5, 4), rand(N - 5, 4), rand(N - 5)
             want_state = d(state)
             got = kernels.linear_rows(x, w, conv=(state, conv_w, conv_b, 5), path=path)
@@ -1021,6 +1031,11 @@ def test_linear_rows_one_kernel_equals_its_definition(path, all_rows):
             assert rel_err(got, want) < tol and rel_err(state, want_state) < tol, (M, K, "conv")
     with pytest.raises(ValueError, match="path 'tensor' is not one of"):
         kernels.linear_rows(x, w, path="tensor")
+    if path == "split_k":
+        with pytest.raises(ValueError, match="7 slices of 4096 are wider than 512; take split >= 8"):
+            kernels.linear_rows(x, w, path=path, split=7)
+        with pytest.raises(ValueError, match="counters must be 2 int32 zeros, got 1"):
+            kernels.linear_rows(x, w, path=path, block_n=16, counters=torch.zeros(1, dtype=torch.int32))
 
 
 def ssm_kernel_inputs(seed, A_scale, dt_shift):
@@ -1671,6 +1686,43 @@ def test_decoder_leaves_the_cache_as_the_plain_loop_does(kernel_definitions):
         torch.testing.assert_close((fused.conv, fused.ssm), (plain.conv, plain.ssm), rtol=1e-10, atol=1e-10)
 
 
+def test_each_stream_gets_its_own_split_k_counters(kernel_definitions, monkeypatch):
+    # FastOptions(decode_split_k): the fused step hands linear_rows split_k's counters, one set for
+    # each group of rows (whose streams may run at once) and one for the kernels on the current
+    # stream (the heads); none without decode_split_k. With counters the default path is split_k at
+    # SPLIT_MIN_ROWS to SPLIT_MAX_ROWS rows for up to SPLIT_OUTPUTS outputs (at paper width: all but in_proj).
+    seen = []
+
+    def spy(x, weight, *args, counters=None, **kw):
+        seen.append((x.shape[0], None if counters is None else counters.data_ptr()))
+        return linear_rows_definition(x, weight, *args, **kw)
+
+    monkeypatch.setattr(kernels, "linear_rows", spy)
+    model = tiny_model("prefix_simba", 3)
+    text, mask = random_text(b=5)
+    tokens = torch.randint(0, 1024, (5, 3, 6))
+    per_group = 4 * len(model.blocks)  # in_proj, out_proj, fc1, fc2 per SiMBA block
+    for split_k, streams in [(True, 2), (True, 1), (False, 2)]:
+        step = fast.Decoder(FastOptions(decode_streams=streams, decode_split_k=split_k)).step_function(model, 5)
+        cache = ssmttm.InferenceCache(model, 5, 6, "cpu", torch.float64)
+        model.logits(tokens[..., :4], text, mask, cache)
+        seen.clear()
+        step(tokens[..., 4:5], cache)
+        if not split_k:
+            assert step.counters is None and {c for _, c in seen} == {None}
+            continue
+        assert step.counters.shape == (1 + (streams if streams > 1 else 0), kernels.SPLIT_OUTPUTS)
+        assert not step.counters.any()
+        own = [row.data_ptr() for row in step.counters]
+        want = [(2, own[1])] * per_group + [(3, own[2])] * per_group if streams > 1 else [(5, own[0])] * per_group
+        assert seen == want + [(5, own[0])]  # the head after the join
+    w = lambda n: torch.zeros(n, 1, dtype=torch.bfloat16)
+    cases = [(4, 1025, True), (32, 2048, True), (33, 2048, True), (32, 2049, True), (3, 1025, True), (5, 2048, False),
+             (9, 1024, False)]
+    paths = [kernels._default_path(rows, w(n), split_k) for rows, n, split_k in cases]
+    assert paths == ["split_k", "split_k", "many_rows", "many_rows", "cuda_cores", "tensor_cores", "many_rows"]
+
+
 def test_one_generator_per_prompt_gives_it_the_same_tokens_in_any_batch(kernel_definitions):
     # generate(generator=[one per text]): a text's tokens do not depend on the other texts of the
     # batch, in the plain loop and in fast.Decoder's; and one generator per row is required
@@ -1765,11 +1817,12 @@ def test_gpu_plain_model_runs_no_kernel(monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", [None, "tensor_cores"])
+@pytest.mark.parametrize("path", [None, "tensor_cores", "split_k"])
 def test_gpu_linear_rows_equals_its_definition(dtype, path):
     # residual + gelu(norm(x) @ W^T + bias), against its definition in float64, for the shapes of a
     # decoding step (and odd ones), 1-128 rows (by default the one CUDA-core kernel up to
-    # kernels.CORE_ROWS, cuBLAS past; or the tensor-core kernel), strided row views as the step passes them
+    # kernels.CORE_ROWS, cuBLAS past; or the tensor-core kernel, or split_k's slices of K), strided row
+    # views as the step passes them
     torch.manual_seed(0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (2^-8)
     for M, K, N in [(2, 1024, 5152), (2, 2048, 1024), (1, 1024, 9225), (3, 200, 37), (5, 1024, 5152),
@@ -1911,9 +1964,9 @@ def test_gpu_fused_decoding_equals_plain_ops_at_paper_width():
 @gpu
 @pytest.mark.parametrize("prompts", [2, 17])
 def test_gpu_batched_fused_decoding_draws_the_plain_tokens(prompts):
-    # 4 and 34 rows (linear_rows in one kernel; cuBLAS with small kernels around it): the fused
-    # frame against the plain loop, fp32,
-    # one prefill, one generator per prompt: the same tokens
+    # 4 and 34 rows (linear_rows in slices of K, split_k, but the 9 heads; cuBLAS with small kernels
+    # around it): the fused frame against the plain loop, fp32, one prefill, one generator per
+    # prompt: the same tokens
     model = small_gpu_model(9)
     text = torch.randn(prompts, 6, 768, device="cuda")
     mask = torch.arange(6, device="cuda")[None] < torch.randint(1, 7, (prompts, 1), device="cuda")
@@ -1928,9 +1981,10 @@ def test_gpu_batched_fused_decoding_draws_the_plain_tokens(prompts):
 @pytest.mark.parametrize("prompts, streams, cuda_graph", [(3, 2, True), (5, 2, True), (9, 2, True), (17, 3, False)])
 def test_gpu_decoding_on_several_streams_writes_the_tokens_of_one(prompts, streams, cuda_graph):
     # FastOptions(decode_streams): the rows in groups, each through the blocks on its own CUDA stream
-    # (a fork and a join inside the CUDA graph), fp32: the tokens of one stream. 5 prompts: 10 rows
-    # on cuBLAS against two groups of 5 in the one-kernel linear_rows; 9 and 17: groups past
-    # CORE_ROWS rows, whose ssm_step runs on a third stream of its own (row_groups)
+    # (a fork and a join inside the CUDA graph), fp32: the tokens of one stream (each with its own
+    # split_k counters). 3 prompts: 6 rows in slices of K (split_k) against groups of 3 in the
+    # one-kernel linear_rows; 9 and 17: groups past CORE_ROWS rows, whose ssm_step runs on a third
+    # stream of its own (row_groups)
     model = small_gpu_model(9)
     text = torch.randn(prompts, 6, 768, device="cuda")
     mask = torch.arange(6, device="cuda")[None] < torch.randint(1, 7, (prompts, 1), device="cuda")
