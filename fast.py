@@ -228,8 +228,9 @@ class Decoder:
     """The loop of TextToMusicLM.generate after the first step, fast on CUDA; pass it as
     generate(..., decoder=Decoder(options)). Per frame: kernels.embed_rows, five kernels per SiMBA
     block (norm + in_proj + conv, ssm_step + gate, norm + out_proj + residual, norm + fc1 + GELU,
-    fc2 + residual; past kernels.CORE_ROWS rows each product is cuBLAS's with a small kernel or two
-    around it; with options.decode_chunk > 1 the SSD step is kernels.ssm_chunk_step's two kernels,
+    fc2 + residual; with options.decode_split_k the products of few outputs in slices of K at 4-32
+    rows; past kernels.CORE_ROWS rows the others, past 32 all, are cuBLAS's with a small kernel or two;
+    with options.decode_chunk > 1 the SSD step is kernels.ssm_chunk_step's two kernels,
     which write the state once per chunk of steps: FusedStep), norm + heads, and
     kernels.sample_top_k, which also writes the token into the step layout and the next input;
     the blocks in groups of rows on their own CUDA streams
