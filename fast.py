@@ -380,11 +380,15 @@ def decode_chunk_for(rows, state_dtype):
 
 
 def decode_streams_for(model, rows):
-    """FastOptions.decode_streams by default: 2 streams for 3-64 rows, where one group's products
-    run beside the other's state update; 1 for 1-2 rows (a group of one row reads every weight for
-    one row), past 64 rows (the state update alone fills the GPU, and each group would read every
-    weight), and for blocks with attention (frames measured at 2-128 rows, BENCHMARKS.md §0b)."""
-    return 2 if not _unsplit_sublayers(model) and 2 < rows <= 64 else 1
+    """FastOptions.decode_streams by default: 2 streams where two groups of rows take faster kernels
+    than all rows at once (kernels._default_path), so that one group's products, run beside the
+    other's state update, gain more than reading every weight twice costs: 3-4 rows (groups of 1-2
+    on CUDA cores, faster there than split_k from 4 rows) and CORE_ROWS + 1 to 2 * CORE_ROWS rows
+    (groups of up to CORE_ROWS: in_proj in one kernel, not cuBLAS's product and a kernel after it).
+    Elsewhere 1, and for blocks with attention (frames measured at 2-128 rows, BENCHMARKS.md §0b)."""
+    if _unsplit_sublayers(model):
+        return 1
+    return 2 if 2 < rows <= 4 or kernels.CORE_ROWS < rows <= 2 * kernels.CORE_ROWS else 1
 
 
 def _unsplit_sublayers(model):
@@ -449,10 +453,10 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None):
     are branches between a fork and a join. pending: as fused_blocks', for all rows, or None. counters:
     as fused_step's (group i takes row 1 + i), or None. Returns (x, norm_f(x) or None) as fused_blocks."""
     current = torch.cuda.current_stream(x.device) if x.is_cuda else None
-    # the heads take norm_f(x) of all rows or of none: from every group, or from none (8 and 9 rows)
-    next_norms = all(rows.stop - rows.start > kernels.CORE_ROWS for *_, rows in groups)
+    # the heads take norm_f(x) of all rows or of none: from every group, or from none
+    head_norm = _takes_normed(x.shape[0], model.head.weight, None if counters is None else counters[0])
     out = torch.empty_like(x)
-    out_n = torch.empty_like(x, dtype=model.norm_f.weight.dtype) if next_norms else None
+    out_n = torch.empty_like(x, dtype=model.norm_f.weight.dtype) if head_norm else None
     for i, (stream, ssm_stream, rows) in enumerate(groups):
         if stream is not None:
             stream.wait_stream(current)  # the fork: after the embedding
@@ -460,10 +464,10 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None):
             states = [[s if s is None else Mamba2State(s.conv[rows], s.ssm[rows]) for s in block_states]
                       for block_states in cache.states]
             rows_pending = pending and [[p if p is None else p.rows(rows) for p in block] for block in pending]
-            h, hn = fused_blocks(model, x[rows], states, None, A, pdl, next_norms, ssm_stream, rows_pending,
+            h, hn = fused_blocks(model, x[rows], states, None, A, pdl, head_norm, ssm_stream, rows_pending,
                                  None if counters is None else counters[1 + i])
             out[rows] = h
-            if next_norms:
+            if head_norm:
                 out_n[rows] = hn
     for stream, *_ in groups:
         if stream is not None:
@@ -471,26 +475,30 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None):
     return out, out_n
 
 
-def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None, ssm_stream=None, pending=None,
+def fused_blocks(model, x, states, memory_mask, A, pdl=True, head_norm=None, ssm_stream=None, pending=None,
                  counters=None):
     """The blocks of ssmttm.TextToMusicLM for one decoding step, x (rows, d) -> (x, xn): Mamba-2 and
     feed-forward sublayers in kernels.py's kernels (norm and residual included), the others as they
-    are. With next_norms (default: past kernels.CORE_ROWS rows) each sublayer's last kernel also
-    makes the next one's input norm (linear_rows' norm_out), which then has no norm kernel of its
-    own; xn is the last of them, norm_f(x) in the weights' dtype (else None). states, A: per
-    block, per sublayer. ssm_stream: where Mamba-2's ssm_step runs (row_groups), else in line.
+    are. Where the next product takes its input normed (_takes_normed: past kernels.CORE_ROWS rows,
+    off split_k) a sublayer's last kernel also makes that norm (linear_rows' norm_out), which then
+    has no kernel of its own. head_norm: whether the last one makes norm_f(x) for the heads (default:
+    where the heads take it normed); xn is then norm_f(x) in the weights' dtype (else None). states,
+    A: per block, per sublayer. ssm_stream: where Mamba-2's ssm_step runs (row_groups), else in line.
     pending: per block, per sublayer, the Mamba-2 layers' kernels.PendingSteps (or None: steps of one).
     counters: int32 zeros for linear_rows' split_k (its default where it pays), or None."""
-    next_norms = x.shape[0] > kernels.CORE_ROWS if next_norms is None else next_norms
+    rows = x.shape[0]
+    head_norm = _takes_normed(rows, model.head.weight, counters) if head_norm is None else head_norm
     pending = pending or [[None] * len(block.layers) for block in model.blocks]
     sublayers = [(kind, norm, layer, state, layer_A, layer_pending)
                  for block, block_states, block_A, block_pending in zip(model.blocks, states, A, pending)
                  for kind, norm, layer, state, layer_A, layer_pending in zip(block.layout, block.norms, block.layers,
                                                                              block_states, block_A, block_pending)]
-    after = [(kind, norm) for kind, norm, *_ in sublayers[1:]] + [("head", model.norm_f)]
+    first_product = {"mamba": lambda layer: layer.in_proj.weight, "ff": lambda layer: layer.fc1.weight}
+    after = [(norm, kind in first_product and _takes_normed(rows, first_product[kind](layer), counters))
+             for kind, norm, layer, *_ in sublayers[1:]] + [(model.norm_f, head_norm)]
     xn = None  # norm(x) of the sublayer about to run, made by the one before it
-    for (kind, norm, layer, state, layer_A, layer_pending), (next_kind, next_norm) in zip(sublayers, after):
-        norm_out = (next_norm.weight, next_norm.eps) if next_norms and next_kind in ("mamba", "ff", "head") else None
+    for (kind, norm, layer, state, layer_A, layer_pending), (next_norm, normed) in zip(sublayers, after):
+        norm_out = (next_norm.weight, next_norm.eps) if normed else None
         if kind == "mamba":
             x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out, ssm_stream, layer_pending,
                                       counters)
@@ -505,6 +513,13 @@ def fused_blocks(model, x, states, memory_mask, A, pdl=True, next_norms=None, ss
         else:
             x, xn = (x[:, None] + layer(norm(x[:, None]), state=state))[:, 0], None
     return x, xn
+
+
+def _takes_normed(rows, weight, counters):
+    """Whether a decoding product of `rows` rows with weight takes its input normed by the kernel
+    before it (linear_rows' norm_out): on linear_rows' many_rows path, where the norm is otherwise a
+    kernel of its own; the other paths norm x inside the product's kernel. counters: as linear_rows'."""
+    return kernels._default_path(rows, weight, split_k=counters is not None) == "many_rows"
 
 
 def _normed(x, xn, norm):

@@ -666,7 +666,8 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     flags = dict(NORM=norm_weight is not None, HAS_BIAS=bias is not None, GELU=gelu, HAS_RES=residual is not None,
                  D_CONV=d_conv, **_launch_options(x, pdl))
     if path == "split_k":
-        default_m, default_n, default_split, default_warps = _split_launch_shape(M, K, weight.element_size())
+        default_m, default_n, default_split, default_warps = _split_launch_shape(M, K, weight.element_size(),
+                                                                                 x.element_size())
         block_m, block_n = block_m or default_m, block_n or default_n
         split, num_warps = split or default_split, num_warps or default_warps
         if cdiv(K, split) > SPLIT_WIDTH:
@@ -732,13 +733,16 @@ def _tc_launch_shape(rows, width):
     return (16, 32, 4) if width <= 1024 else (16, 16, 8)
 
 
-def _split_launch_shape(rows, width, weight_bytes):
+def _split_launch_shape(rows, width, weight_bytes, x_bytes):
     """(rows per tile, outputs per program, slices of K, warps per program) of linear_rows' split_k
     kernel, from the sweep at 4-32 rows in a chain of launches with PDL (bench.py --only
     decode-kernels --sweep-configs, BENCHMARKS.md §0b): slices of 256 of K on 4 warps; 64 outputs
-    per program up to 16 rows, 32 past (and for 4-byte weights: W's slice in half the registers)."""
+    per program up to 16 rows, 32 past (and for 4-byte weights: W's slice in half the registers).
+    Past 16 rows, 16-bit inputs 2048 or more wide (fc2's) in slices of 512: half the partial
+    products to add; 4-byte ones that wide do not fit the registers in slices of 512."""
     small = rows <= 16
-    return (16 if small else 32), (64 if small and weight_bytes == 2 else 32), cdiv(width, 256), 4
+    slice_k = 512 if not small and width >= 2048 and x_bytes == 2 else 256
+    return (16 if small else 32), (64 if small and weight_bytes == 2 else 32), cdiv(width, slice_k), 4
 
 
 def _add_norm_rows(x, residual=None, sum_dtype=None, norm_weight=None, eps=1e-5, normed_dtype=None, pdl=False):

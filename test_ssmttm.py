@@ -1619,8 +1619,9 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
     # fast.fused_step (embedding, five kernels per SiMBA block, the heads) computes TextToMusicLM.step,
     # and leaves the same states and positions behind; with decode_streams, the blocks run in groups
     # of rows (1, 2 and 2 of the 5; on a CPU one group after another), each on its slice of the states.
-    # Past CORE_ROWS rows (also in each of 2 groups of 9 and 10) a sublayer's last kernel makes the
-    # next one's norm (norm_out), through to the heads' norm_f; 17 rows in groups of 8 and 9: in none.
+    # Past CORE_ROWS rows without split_k (also in each of 2 groups of 9 and 10) a sublayer's last
+    # kernel makes the next one's norm (norm_out), through to the heads' norm_f; 17 rows in groups of
+    # 8 and 9: in none; with split_k (all of this model's products at 4-32 rows) in none.
     grouped = []
     n = 3 if rows == 5 else 2
     for variant in VARIANTS:
@@ -1632,13 +1633,16 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
         tokens = torch.randint(0, 1024, (rows, 3, 10))
         ways = {"plain": model.step, "fused": fast.Decoder(FastOptions(decode_streams=1)).step_function(model, rows),
                 "fused, chunks of 4": fast.Decoder(FastOptions(decode_streams=1, decode_chunk=4)).step_function(
+                    model, rows),
+                "fused, no split_k": fast.Decoder(FastOptions(decode_streams=1, decode_split_k=False)).step_function(
                     model, rows)}
         if set(LAYOUTS[variant]) <= {"mamba", "ff"}:
-            for chunk in (1, 4):
-                ways[f"fused, {n} groups, chunks of {chunk}"] = fast.Decoder(
-                    FastOptions(decode_streams=n, decode_chunk=chunk)).step_function(model, rows)
+            for chunk, split_k in [(1, True), (4, True), (1, False)]:
+                options = FastOptions(decode_streams=n, decode_chunk=chunk, decode_split_k=split_k)
+                ways[f"fused, {n} groups, chunks of {chunk}, split_k {split_k}"] = fast.Decoder(options).step_function(
+                    model, rows)
             grouped.append(variant)
-        assert fast.decode_streams_for(model, rows) == (2 if variant in grouped else 1)  # the default
+        assert fast.decode_streams_for(model, 4) == (2 if variant in grouped else 1)  # the default at 4 rows
         logits, caches = {}, {}
         for name, step in ways.items():
             cache = caches[name] = ssmttm.InferenceCache(model, rows, 10, "cpu", torch.float64)
@@ -1653,7 +1657,8 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
                     torch.testing.assert_close((a.conv, a.ssm), (b.conv, b.ssm), rtol=1e-10, atol=1e-10)
     assert grouped == ["prefix_mamba", "prefix_simba"]
     model = tiny_model("prefix_simba", 3)
-    assert [fast.decode_streams_for(model, r) for r in (1, 2, 3, 64, 65, 128)] == [1, 1, 2, 2, 1, 1]
+    rows_and_streams = {1: 1, 2: 1, 3: 2, 4: 2, 5: 1, 8: 1, 9: 2, 16: 2, 17: 1, 64: 1, 128: 1}
+    assert {r: fast.decode_streams_for(model, r) for r in rows_and_streams} == rows_and_streams
     # the state written once per 16 steps past 2 rows (fp32 state), past CORE_ROWS rows (bf16 state)
     assert [fast.decode_chunk_for(r, torch.float32) for r in (2, 3, 128)] == [1, 16, 16]
     assert [fast.decode_chunk_for(r, torch.bfloat16) for r in (2, 8, 9)] == [1, 1, 16]
@@ -1721,6 +1726,37 @@ def test_each_stream_gets_its_own_split_k_counters(kernel_definitions, monkeypat
              (9, 1024, False)]
     paths = [kernels._default_path(rows, w(n), split_k) for rows, n, split_k in cases]
     assert paths == ["split_k", "split_k", "many_rows", "many_rows", "cuda_cores", "tensor_cores", "many_rows"]
+
+
+def test_a_product_makes_the_next_norm_only_where_that_one_takes_it_normed(kernel_definitions, monkeypatch):
+    # linear_rows' norm_out (the next product's input norm, made by the kernel before it) where the
+    # next product is on the many_rows path, whose norm would be a kernel of its own; split_k norms x
+    # in its own kernel. At 20 rows in 2 groups of 10 with split_k, in_proj (2144 outputs: past
+    # SPLIT_OUTPUTS) is many_rows, the rest split_k: only fc2 before a Mamba-2 layer makes a norm; at
+    # 40 rows without split_k, each product before another (and the last fc2, for the heads).
+    seen = []
+
+    def spy(x, weight, *args, norm_out=None, **kw):
+        seen.append((weight.shape[0], norm_out is not None))
+        return linear_rows_definition(x, weight, *args, norm_out=norm_out, **kw)
+
+    monkeypatch.setattr(kernels, "linear_rows", spy)
+    model = tiny_model("prefix_simba", 1, expand=16)
+    in_proj, d_ff, heads = model.blocks[0].layers[0].in_proj.weight.shape[0], model.cfg.d_ff, 1025
+    assert in_proj > kernels.SPLIT_OUTPUTS
+    for rows, split_k, fc2_makes_head_norm in [(20, True, False), (40, False, True)]:
+        text, mask = random_text(b=rows)
+        tokens = torch.randint(0, 1024, (rows, 1, 5))
+        step = fast.Decoder(FastOptions(decode_streams=2, decode_split_k=split_k)).step_function(model, rows)
+        plain, fused = (ssmttm.InferenceCache(model, rows, 5, "cpu", torch.float64) for _ in range(2))
+        for cache in (plain, fused):
+            model.logits(tokens[..., :4], text, mask, cache)
+        seen.clear()
+        torch.testing.assert_close(step(tokens[..., 4:], fused), model.step(tokens[..., 4:], plain), rtol=1e-10,
+                                   atol=1e-10)
+        block = [(in_proj, False), (64, not split_k), (d_ff, False), (64, True)]
+        group = block + block[:3] + [(64, fc2_makes_head_norm)]
+        assert seen == group + group + [(heads, False)], (rows, split_k)
 
 
 def test_one_generator_per_prompt_gives_it_the_same_tokens_in_any_batch(kernel_definitions):
