@@ -31,6 +31,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -100,6 +101,23 @@ def interval_union(spans):
             total += stop - max(start, end)
             end = stop
     return total
+
+
+def timeline_shares(kernels):
+    """Each kernel's share of a GPU timeline, kernels (key, start, end) in any order: how far it moves
+    the latest end so far, in start order (its time on the critical path of a chain of launches, where
+    programmatic dependent launch starts a kernel before the one it waits for ends, so that durations
+    overlap), and the idle gap before it. Returns {key: [count, extension, gap, duration]}."""
+    shares, frontier = {}, None
+    for key, start, end in sorted(kernels, key=lambda k: k[1]):
+        frontier = start if frontier is None else frontier
+        share = shares.setdefault(key, [0, 0.0, 0.0, 0.0])
+        share[0] += 1
+        share[1] += max(0.0, end - max(frontier, start))
+        share[2] += max(0.0, start - frontier)
+        share[3] += end - start
+        frontier = max(frontier, end)
+    return shares
 
 
 def interval_span(spans):
@@ -473,7 +491,8 @@ def profile_decoding(n_layers, mode="graph", frames=20, rows=30, prompts=1):
     """Kernels of the graphed decoding frame of Prefix SiMBA (torch.profiler sees inside graph
     replays) for `prompts` prompts (2 rows each): how many per frame, and which take the time.
     mode: a key of DECODE_MODES. With programmatic dependent launch kernels overlap, so their times
-    add up to more than the frame."""
+    add up to more than the frame; the second table gives each kernel, told apart by its grid, its
+    share of the frame's critical path instead (timeline_shares)."""
     from torch.profiler import ProfilerActivity, profile
     model = paper_model("prefix_simba", n_layers, "cuda", torch.bfloat16)
     timer_ms = decode_ms(model, 100, mode, "cuda", prompts=prompts)  # also compiles, if mode says so
@@ -496,6 +515,18 @@ def profile_decoding(n_layers, mode="graph", frames=20, rows=30, prompts=1):
     print(f"\n### decoding profile ({mode}, {prompts} prompts): {n_kernels:.0f} kernels per frame, "
           f"{busy_us / 1e3:.3f} ms busy, {timer_ms:.3f} ms per frame (CUDA events)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90))
+    # the same kernels on the frame's critical path; the trace names each launch's grid, which tells
+    # apart the products that share a kernel
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json")) as f:
+            trace = json.load(f)["traceEvents"]
+    shares = timeline_shares([(f'{e["name"][:60]} {tuple(e["args"].get("grid", ()))}', e["ts"], e["ts"] + e["dur"])
+                              for e in trace if e.get("cat") == "kernel"])
+    print("\n| kernel (grid) | per frame | critical path µs per frame | per launch | idle before it µs per frame | "
+          "duration per launch |\n|---|---|---|---|---|---|")
+    for key, (n, ext, gap, dur) in sorted(shares.items(), key=lambda kv: -kv[1][1] - kv[1][2])[:rows]:
+        print(f"| {key} | {n / frames:.0f} | {ext / frames:.1f} | {ext / n:.2f} | {gap / frames:.1f} | {dur / n:.2f} |")
     emit({"section": "decode profile", "mode": mode, "prompts": prompts, "kernels/frame": n_kernels,
           "GPU busy ms/frame": busy_us / 1e3, "ms/frame": timer_ms})
 

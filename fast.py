@@ -373,10 +373,10 @@ def _first(pending):
 
 
 def decode_chunk_for(rows, state_dtype):
-    """FastOptions.decode_chunk by default: chunks of 16 steps past 2 rows for an fp32 state, past
-    kernels.CORE_ROWS rows for a bf16 one; at fewer rows the state moves too few bytes for
-    ssm_chunk_step's second kernel to pay (frames measured at 2-128 rows, BENCHMARKS.md §0b)."""
-    return 16 if rows > 2 and (state_dtype == torch.float32 or rows > kernels.CORE_ROWS) else 1
+    """FastOptions.decode_chunk by default: chunks of 16 steps past 2 rows for an fp32 state, past 4
+    for a bf16 one; at fewer rows the state moves too few bytes for ssm_chunk_step's second kernel to
+    pay (frames measured at 2-128 rows, BENCHMARKS.md §0b)."""
+    return 16 if rows > 2 and (state_dtype == torch.float32 or rows > 4) else 1
 
 
 def decode_streams_for(model, rows):

@@ -494,13 +494,16 @@ if triton is not None:
                                nheads, heads_per_group, ngroups,
                                HEADDIM: tl.constexpr, DSTATE: tl.constexpr, CHUNK: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               GATE: tl.constexpr, PDL: tl.constexpr):
+                               BLOCK_S: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr):
         # One program: BLOCK_P channels of one head of one row, as _ssm_step_kernel, but the state it
         # reads is the one at the start of the chunk, S_0, and the steps of the chunk before this one
         # (j of them) wait in the pending buffers: the output is the SSD's chunked form
         #   y_j = exp(acum_j) (C_j . S_0) + sum_{i<=j} coef_i dt_i x_i + D x_j
         # with coef from _chunk_coefficients_kernel, the launch before. Only the chunk's last step
-        # writes the state: h_j, the next chunk's S_0.
+        # writes the state: h_j, the next chunk's S_0. It does so in slices of BLOCK_S, read again from
+        # memory: a program's registers are those of its most demanding path, and the whole state in
+        # fp32 there would double those of the other steps, halving the programs an SM holds and so
+        # the bytes of the state in flight.
         if PDL:
             gdc_launch_dependents()
         row, head = tl.program_id(2), tl.program_id(1)
@@ -512,7 +515,7 @@ if triton is not None:
         s_ptrs = state_ptr + ((row * nheads + head) * HEADDIM + ps[:, None]) * DSTATE + ns[None, :]
         # S_0 and the chunk's earlier steps were written a step or more before, by this layer's kernels,
         # which have finished (see _ssm_step_kernel): they load before the wait.
-        s0 = tl.load(s_ptrs, mask=s_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        s0 = tl.load(s_ptrs, mask=s_ok, other=0.0, eviction_policy="evict_first")
         j = tl.load(slot_ptr + row)
         k_ok = ks < j
         pending = row * CHUNK + ks
@@ -522,29 +525,37 @@ if triton is not None:
             gdc_wait()
         inputs = xbc_ptr + row * stride_row
         x = tl.load(inputs + x_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
-        C = tl.load(inputs + C_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
         dt = _softplus(tl.load(inputs + dt_start + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32))
         xdt = dt * x
         coefs = coef_ptr + (row * nheads + head) * (CHUNK + 1)
         decay = tl.load(coefs + CHUNK)                                                         # exp(acum_j)
         D_x = tl.load(D_ptr + head).to(tl.float32) * x
         if j == CHUNK - 1:  # the chunk's last step: h_j = exp(acum_j) S_0 + sum_{i<=j} exp(acum_j - acum_i) xdt_i B_i^T
-            B = tl.load(inputs + B_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
             acum_i = tl.load(acum_ptr + pending * nheads + head, mask=ks <= j, other=0.0)
             acum = tl.sum(tl.where(ks == j, acum_i, 0.0))
-            wx_i = tl.where(k_ok, tl.exp(acum - acum_i), 0.0)[:, None] * xdt_i
-            s = decay * s0 + xdt[:, None] * B[None, :]
-            for i in tl.static_range(CHUNK - 1):
-                wx = tl.sum(tl.where(ks[:, None] == i, wx_i, 0.0), axis=0)                    # (BLOCK_P,)
-                B_at = tl.load(Bs_ptr + (row * CHUNK + i) * (ngroups * DSTATE) + group * DSTATE + ns,
-                               mask=n_ok & (i < j), other=0.0).to(tl.float32)
-                s += wx[:, None] * B_at[None, :]
-            y = tl.sum(s * C[None, :], axis=1) + D_x
-            tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=s_ok, cache_modifier=".cs")
+            wx_i = tl.where(k_ok, tl.exp(acum - acum_i), 0.0)[:, None] * xdt_i                 # (BLOCK_K, BLOCK_P)
+            y = D_x
+            for n0 in tl.range(0, BLOCK_N, BLOCK_S, num_stages=1):
+                n_slice = n0 + tl.arange(0, BLOCK_S)
+                slice_ptrs = state_ptr + ((row * nheads + head) * HEADDIM + ps[:, None]) * DSTATE + n_slice[None, :]
+                in_state = n_slice < DSTATE
+                ok = p_ok[:, None] & in_state[None, :]
+                B = tl.load(inputs + B_start + group * DSTATE + n_slice, mask=in_state, other=0.0).to(tl.float32)
+                s = decay * tl.load(slice_ptrs, mask=ok, other=0.0).to(tl.float32) + xdt[:, None] * B[None, :]
+                for i in tl.range(0, CHUNK - 1, num_stages=1):
+                    wx = tl.sum(tl.where(ks[:, None] == i, wx_i, 0.0), axis=0)                # (BLOCK_P,)
+                    B_at = tl.load(Bs_ptr + (row * CHUNK + i) * (ngroups * DSTATE) + group * DSTATE + n_slice,
+                                   mask=in_state & (i < j), other=0.0).to(tl.float32)
+                    s += wx[:, None] * B_at[None, :]
+                C = tl.load(inputs + C_start + group * DSTATE + n_slice, mask=in_state, other=0.0).to(tl.float32)
+                y += tl.sum(s * C[None, :], axis=1)
+                tl.store(slice_ptrs, s.to(state_ptr.dtype.element_ty), mask=ok, cache_modifier=".cs")
         else:
+            C = tl.load(inputs + C_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
             coef = tl.load(coefs + ks, mask=ks <= j, other=0.0)
             coef_j = tl.sum(tl.where(ks == j, coef, 0.0))
-            y = decay * tl.sum(s0 * C[None, :], axis=1) + tl.sum(coef[:, None] * xdt_i, axis=0) + coef_j * xdt + D_x
+            y = (decay * tl.sum(s0.to(tl.float32) * C[None, :], axis=1) + tl.sum(coef[:, None] * xdt_i, axis=0)
+                 + coef_j * xdt + D_x)
             tl.store(xdt_ptr + (row * CHUNK + j) * (nheads * HEADDIM) + head * HEADDIM + ps, xdt, mask=p_ok)
         if GATE:
             z = tl.load(inputs + z_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
@@ -903,8 +914,9 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
     Other arguments and the result as ssm_step's."""
     b, nheads, headdim, d_state = state.shape
     chunk = pending.xdt.shape[1]
-    # launch shape measured at 8-128 rows, fp32 and bf16 states (BENCHMARKS.md §0b)
-    block_p, num_warps = block_p or 4, num_warps or 1
+    # launch shape measured at 8-128 rows, fp32 and bf16 states (BENCHMARKS.md §0b): one warp, and
+    # channels for 8 KiB of a 512-wide state per program (4 in fp32, 8 in bf16)
+    block_p, num_warps = block_p or (8 if state.element_size() == 2 else 4), num_warps or 1
     if chunk < 2:
         raise ValueError(f"ssm_chunk_step: chunks of at least 2 steps, got {chunk} (ssm_step is the chunk of one)")
     if not (state.is_contiguous() and xbc.stride(-1) == 1 and all(t.is_contiguous() for t in pending[:3])):
@@ -923,7 +935,8 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
     _ssm_chunk_step_kernel[(cdiv(headdim, block_p), nheads, b)](
         state, xbc, xbc.stride(0), x_start, B_start, C_start, dt_start, z_start or 0, dt_bias, D, y, pending.xdt,
         pending.B, pending.acum, pending.slot, coef, nheads, heads_per_group, ngroups, HEADDIM=headdim,
-        BLOCK_P=block_p, GATE=z_start is not None, num_warps=num_warps, **sizes, **launch)
+        BLOCK_P=block_p, BLOCK_S=min(64, sizes["BLOCK_N"]), GATE=z_start is not None, num_warps=num_warps,
+        **sizes, **launch)
     return y
 
 

@@ -1083,7 +1083,8 @@ def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype):
     # kernels.ssm_chunk_step for 2.5 chunks of steps, then fold_pending, against ssm_step's definition
     # (the recurrence) in float64 step by step: each step's y (with the gate and without), the state
     # after the folds inside the kernel (at each chunk's last step) and after fold_pending. Shapes as
-    # ssm_step's test: 2 groups, a masked head (20 channels, 8 and 16 per program), d_state 100
+    # ssm_step's test: 2 groups, a masked head (20 channels, 8 and 16 per program), d_state 100 (the
+    # last step writes it in two slices of 64, the second partly masked)
     device, rand, (nheads, headdim, ngroups, d_state), (A, dt_bias, D) = ssm_kernel_inputs(1, 2, -2)
     d = lambda t: t.double()
     d_inner, rows = nheads * headdim, 3
@@ -1659,9 +1660,9 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
     model = tiny_model("prefix_simba", 3)
     rows_and_streams = {1: 1, 2: 1, 3: 2, 4: 2, 5: 1, 8: 1, 9: 2, 16: 2, 17: 1, 64: 1, 128: 1}
     assert {r: fast.decode_streams_for(model, r) for r in rows_and_streams} == rows_and_streams
-    # the state written once per 16 steps past 2 rows (fp32 state), past CORE_ROWS rows (bf16 state)
+    # the state written once per 16 steps past 2 rows (fp32 state), past 4 rows (bf16 state)
     assert [fast.decode_chunk_for(r, torch.float32) for r in (2, 3, 128)] == [1, 16, 16]
-    assert [fast.decode_chunk_for(r, torch.bfloat16) for r in (2, 8, 9)] == [1, 1, 16]
+    assert [fast.decode_chunk_for(r, torch.bfloat16) for r in (2, 4, 5, 8, 9)] == [1, 1, 16, 16, 16]
     groups = fast.row_groups(model, 5, 3, "cpu")
     assert groups == [(None, None, slice(0, 1)), (None, None, slice(1, 3)), (None, None, slice(3, 5))]
     with pytest.raises(ValueError, match="decode_streams > 1 needs .* not cross_attn"):
@@ -3043,6 +3044,17 @@ def test_bench_counts_overlapping_kernels_once_in_the_busy_time():
     # and the span from the first start to the last end, idle time included
     assert bench.interval_span([(30, 40), (0, 10), (5, 20), (32, 35), (40, 41)]) == 41
     assert bench.interval_span([(7, 9)]) == 2 and bench.interval_span([]) == 0
+
+
+def test_bench_gives_each_kernel_its_share_of_the_critical_path():
+    # bench.timeline_shares: a kernel that starts before the previous ends (programmatic dependent
+    # launch) adds only the time past that end; a kernel inside another adds nothing; a gap goes to the
+    # kernel after it; keys add up over launches, whatever order the kernels come in
+    import bench
+    shares = bench.timeline_shares([("b", 5, 12), ("a", 0, 10), ("c", 6, 8), ("a", 15, 16), ("b", 14, 20)])
+    assert shares == {"a": [2, 10.0, 0.0, 11.0], "b": [2, 8.0, 2.0, 13.0], "c": [1, 0.0, 0.0, 2.0]}
+    assert sum(ext + gap for _, ext, gap, _ in shares.values()) == 20  # the span, first start to last end
+    assert bench.timeline_shares([]) == {}
 
 
 def test_bench_logs_the_gpus_clock_and_power_beside_the_timed_steps(tmp_path, monkeypatch):
