@@ -503,7 +503,9 @@ if triton is not None:
         # writes the state: h_j, the next chunk's S_0. It does so in slices of BLOCK_S, read again from
         # memory: a program's registers are those of its most demanding path, and the whole state in
         # fp32 there would double those of the other steps, halving the programs an SM holds and so
-        # the bytes of the state in flight.
+        # the bytes of the state in flight. Each slice takes the chunk's earlier steps in one product,
+        # and the slices' loads run stages ahead (num_stages): one program's slices are otherwise a
+        # chain of dependent loads, and the step that ends a chunk waits on that chain.
         if PDL:
             gdc_launch_dependents()
         row, head = tl.program_id(2), tl.program_id(1)
@@ -533,20 +535,20 @@ if triton is not None:
         if j == CHUNK - 1:  # the chunk's last step: h_j = exp(acum_j) S_0 + sum_{i<=j} exp(acum_j - acum_i) xdt_i B_i^T
             acum_i = tl.load(acum_ptr + pending * nheads + head, mask=ks <= j, other=0.0)
             acum = tl.sum(tl.where(ks == j, acum_i, 0.0))
-            wx_i = tl.where(k_ok, tl.exp(acum - acum_i), 0.0)[:, None] * xdt_i                 # (BLOCK_K, BLOCK_P)
+            # the earlier steps' dt x, weighted by their decays to step j, as (BLOCK_P, BLOCK_K)
+            wx_t = tl.trans(tl.where(k_ok, tl.exp(acum - acum_i), 0.0)[:, None] * xdt_i)
             y = D_x
-            for n0 in tl.range(0, BLOCK_N, BLOCK_S, num_stages=1):
+            for n0 in tl.range(0, BLOCK_N, BLOCK_S, num_stages=3):
                 n_slice = n0 + tl.arange(0, BLOCK_S)
                 slice_ptrs = state_ptr + ((row * nheads + head) * HEADDIM + ps[:, None]) * DSTATE + n_slice[None, :]
                 in_state = n_slice < DSTATE
                 ok = p_ok[:, None] & in_state[None, :]
                 B = tl.load(inputs + B_start + group * DSTATE + n_slice, mask=in_state, other=0.0).to(tl.float32)
                 s = decay * tl.load(slice_ptrs, mask=ok, other=0.0).to(tl.float32) + xdt[:, None] * B[None, :]
-                for i in tl.range(0, CHUNK - 1, num_stages=1):
-                    wx = tl.sum(tl.where(ks[:, None] == i, wx_i, 0.0), axis=0)                # (BLOCK_P,)
-                    B_at = tl.load(Bs_ptr + (row * CHUNK + i) * (ngroups * DSTATE) + group * DSTATE + n_slice,
-                                   mask=in_state & (i < j), other=0.0).to(tl.float32)
-                    s += wx[:, None] * B_at[None, :]
+                # the earlier steps' B, all at once: one product over the chunk in fp32 multiply-adds (ieee)
+                B_i = tl.load(Bs_ptr + pending[:, None] * (ngroups * DSTATE) + group * DSTATE + n_slice[None, :],
+                              mask=k_ok[:, None] & in_state[None, :], other=0.0).to(tl.float32)  # (BLOCK_K, BLOCK_S)
+                s = tl.dot(wx_t, B_i, acc=s, input_precision="ieee")
                 C = tl.load(inputs + C_start + group * DSTATE + n_slice, mask=in_state, other=0.0).to(tl.float32)
                 y += tl.sum(s * C[None, :], axis=1)
                 tl.store(slice_ptrs, s.to(state_ptr.dtype.element_ty), mask=ok, cache_modifier=".cs")
@@ -936,7 +938,7 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
         state, xbc, xbc.stride(0), x_start, B_start, C_start, dt_start, z_start or 0, dt_bias, D, y, pending.xdt,
         pending.B, pending.acum, pending.slot, coef, nheads, heads_per_group, ngroups, HEADDIM=headdim,
         BLOCK_P=block_p, BLOCK_S=min(64, sizes["BLOCK_N"]), GATE=z_start is not None, num_warps=num_warps,
-        **sizes, **launch)
+        **dict(sizes, BLOCK_K=max(16, sizes["BLOCK_K"])), **launch)  # tl.dot's K: 16 or more (masked)
     return y
 
 
