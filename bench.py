@@ -367,19 +367,22 @@ DECODE_MODES = {  # mode -> the decoder's options (None: generate's plain loop)
 }
 
 
-def decode_ms(model, position, mode, device, iters=50, prompts=1):
-    """ms per generated frame at a position: the state after `position` steps, then time frames, each
+def decode_ms(model, position, mode, device, iters=96, prompts=1):
+    """ms per generated frame at a position: the state after `position` steps, then frames, each
     one model step plus guidance, top-k sampling and writing the token (what generate() repeats),
-    for `prompts` prompts (2 rows each). mode: a key of DECODE_MODES; recompute times a full
+    for `prompts` prompts (2 rows each), timed as generate() runs them: back to back, the mean over
+    `iters` frames. Frames differ: with chunks of steps (FastOptions.decode_chunk) the chunk's last
+    one also writes the SSM state, so iters is a multiple of the chunk (96: of 1 to 32 steps), and
+    a median would leave that frame out. mode: a key of DECODE_MODES; recompute times a full
     forward over position + 1 steps."""
     K, warmup = model.cfg.n_codebooks, 3
     codes, text, mask = batch_inputs(2 * prompts, position, K, device, seed=1)
     mask[prompts:] = False  # the second half: the null condition of guidance
     begin = torch.full_like(codes[..., :1], ssmttm.SPECIAL)
     tokens = torch.cat([begin, codes], -1)
-    timer = cuda_time if device == "cuda" else wall_time
     with torch.no_grad():
-        if mode == "recompute":
+        if mode == "recompute":  # every frame the same: the median of single ones
+            timer = cuda_time if device == "cuda" else wall_time
             return timer(lambda: model.logits(tokens, text, mask), 5, 2)
         n_steps = position + iters + warmup + 8
         steps = torch.full((prompts, K, n_steps), ssmttm.SPECIAL, device=device)
@@ -391,7 +394,7 @@ def decode_ms(model, position, mode, device, iters=50, prompts=1):
         sampling = ssmttm.Sampling(cfg_scale=3.0, top_k=250, temperature=1.2)
         options = DECODE_MODES[mode] or FastOptions(decode_kernels=False, cuda_graph=False)  # plain: one step
         frame = fast.Decoder(options).frame(model, cache, steps, fixed, position, 2, sampling)
-        return timer(frame, iters, warmup)
+        return wall_time(frame, iters, warmup)
 
 
 def ssm_dtype(mode):
@@ -491,9 +494,10 @@ def bench_decode_batch(n_layers, prompts=(1, 4, 16, 64), seconds=10, modes=("gra
 
 
 @torch.no_grad()
-def profile_decoding(n_layers, mode="graph", frames=20, rows=30, prompts=1):
+def profile_decoding(n_layers, mode="graph", frames=32, rows=30, prompts=1):
     """Kernels of the graphed decoding frame of Prefix SiMBA (torch.profiler sees inside graph
-    replays) for `prompts` prompts (2 rows each): how many per frame, and which take the time.
+    replays) for `prompts` prompts (2 rows each): how many per frame, and which take the time, over
+    `frames` frames (a multiple of the chunk of steps: its last one writes the SSM state).
     mode: a key of DECODE_MODES. With programmatic dependent launch kernels overlap, so their times
     add up to more than the frame; the second table gives each kernel, told apart by its grid, its
     share of the frame's critical path instead (timeline_shares)."""
@@ -517,7 +521,7 @@ def profile_decoding(n_layers, mode="graph", frames=20, rows=30, prompts=1):
     n_kernels = sum(e.count for e in events) / frames
     busy_us = sum(e.self_device_time_total for e in events) / frames
     print(f"\n### decoding profile ({mode}, {prompts} prompts): {n_kernels:.0f} kernels per frame, "
-          f"{busy_us / 1e3:.3f} ms busy, {timer_ms:.3f} ms per frame (CUDA events)")
+          f"{busy_us / 1e3:.3f} ms busy, {timer_ms:.3f} ms per frame (back to back)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90))
     # the same kernels on the frame's critical path; the trace names each launch's grid, which tells
     # apart the products that share a kernel
