@@ -265,9 +265,11 @@ class Decoder:
         step = self.step_function(model, tokens.shape[0]) if step is None else step
         if isinstance(step, FusedStep):
             step.pending(cache)  # allocated now, not inside the graph's capture
+        noise = self._noise(steps, sampling)
 
         def frame(cache=cache, steps=steps, pos=pos, tokens=tokens):
-            self._sample_into(step(tokens, cache)[:, :, -1], steps, pos, fixed, tokens, sampling)
+            drawn = None if noise is None else noise.draw(sampling.generator)  # beside the model's step
+            self._sample_into(step(tokens, cache)[:, :, -1], steps, pos, fixed, tokens, sampling, drawn)
             pos.add_(1)
 
         if not self.options.cuda_graph:
@@ -297,23 +299,56 @@ class Decoder:
         return FusedStep(model, A, freqs, self.options.pdl, groups, self.options.decode_chunk,
                          self.options.decode_split_k)
 
-    def _sample_into(self, logits, steps, pos, fixed, next_input, sampling):
-        """Sample step pos from its logits (b * copies, K, 1025); write it into steps where not
-        fixed and into next_input, the next step's input. Device tensors only."""
-        b, K = steps.shape[:2]
+    def _noise(self, steps, sampling):
+        """The SideNoise for kernels.sample_top_k's frames over steps (b, K, n_steps), or None where
+        the frame samples with plain ops (or greedily: no noise)."""
         greedy = sampling.top_k == 1 or sampling.temperature == 0
-        if self.options.decode_kernels and kernels.triton is not None and not greedy:
-            logits = logits[..., :SPECIAL]
-            V = logits.shape[-1]
-            # the noise sample_next draws: the same numbers from the same generator(s)
-            noise = ssmttm.exponential_noise(torch.empty(b, K, V, device=logits.device), sampling.generator)
-            kernels.sample_top_k(logits, noise, sampling.cfg_scale, min(sampling.top_k or V, V),
+        if not self.options.decode_kernels or kernels.triton is None or greedy:
+            return None
+        return SideNoise(torch.empty(*steps.shape[:2], SPECIAL, device=steps.device))
+
+    def _sample_into(self, logits, steps, pos, fixed, next_input, sampling, noise=None):
+        """Sample step pos from its logits (b * copies, K, 1025); write it into steps where not
+        fixed and into next_input, the next step's input. noise: SideNoise.draw's for this step,
+        then kernels.sample_top_k samples, else plain ops. Device tensors only."""
+        b, K = steps.shape[:2]
+        if noise is not None:
+            V = SPECIAL
+            kernels.sample_top_k(logits[..., :V], noise.wait(), sampling.cfg_scale, min(sampling.top_k or V, V),
                                  sampling.temperature, steps, pos, fixed, next_input)
             return
         tokens = sampling(logits)
         tokens = torch.where(fixed.index_select(2, pos)[..., 0], steps.index_select(2, pos)[..., 0], tokens)
         steps.index_copy_(2, pos, tokens[..., None])
         next_input.copy_(tokens[..., None].repeat(next_input.shape[0] // b, 1, 1))
+
+
+class SideNoise:
+    """The Exp(1) noise of one frame's sampling (b, K, V), the numbers sample_next draws from the same
+    generator(s) (ssmttm.exponential_noise), drawn on a CUDA stream of its own: the draws need no
+    logits, so they run beside the model's step instead of before the sampling kernel (one small
+    kernel per prompt with a generator per prompt). In a CUDA graph the stream is a branch between
+    a fork (draw) and a join (wait). On a CPU, drawn in line."""
+
+    def __init__(self, out):
+        self.out = out
+        self.stream = torch.cuda.Stream(out.device) if out.is_cuda else None
+
+    def draw(self, generator):
+        """Start the draws after the work queued so far (the fork); returns self."""
+        if self.stream is None:
+            ssmttm.exponential_noise(self.out, generator, out=self.out)
+            return self
+        self.stream.wait_stream(torch.cuda.current_stream(self.out.device))
+        with torch.cuda.stream(self.stream):
+            ssmttm.exponential_noise(self.out, generator, out=self.out)
+        return self
+
+    def wait(self):
+        """The noise, once the current stream has waited for the draws (the join)."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.out.device).wait_stream(self.stream)
+        return self.out
 
 
 class FusedStep:

@@ -647,15 +647,18 @@ def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, 
     return (probs / exponential_noise(probs, generator)).argmax(-1)
 
 
-def exponential_noise(like, generator=None):
+def exponential_noise(like, generator=None, out=None):
     """Exp(1) draws shaped like `like` (b, ...): from one generator, or, given a list of b generators,
-    row i from generator[i], so that a prompt draws the same numbers in any batch."""
+    row i from generator[i], so that a prompt draws the same numbers in any batch. out: a contiguous
+    tensor like `like` to draw into (default: a new one); returns it."""
+    out = torch.empty_like(like) if out is None else out
     if isinstance(generator, (list, tuple)):
-        if len(generator) != len(like):
-            raise ValueError(f"{len(generator)} generators for {len(like)} rows: give one per row")
-        draws = [torch.empty_like(row).exponential_(generator=g) for row, g in zip(like, generator)]
-        return torch.stack(draws)
-    return torch.empty_like(like).exponential_(generator=generator)
+        if len(generator) != len(out):
+            raise ValueError(f"{len(generator)} generators for {len(out)} rows: give one per row")
+        for row, g in zip(out, generator):  # a contiguous row draws what a tensor of its own would
+            row.exponential_(generator=g)
+        return out
+    return out.exponential_(generator=generator)
 
 
 @dataclass

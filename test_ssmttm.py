@@ -1776,6 +1776,20 @@ def test_one_generator_per_prompt_gives_it_the_same_tokens_in_any_batch(kernel_d
         model.generate(text, mask, 5, top_k=40, generator=gens(range(3)))
 
 
+def test_exponential_noise_draws_row_i_from_generator_i():
+    # one generator per row: row i holds what generator i draws for a tensor of the row's shape, with
+    # or without out (fast.SideNoise draws into one buffer per frame); one generator: one draw
+    like = torch.empty(3, 2, 5)
+    want = torch.stack([torch.empty(2, 5).exponential_(generator=torch.Generator().manual_seed(s)) for s in (4, 5, 6)])
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (4, 5, 6)]
+    assert torch.equal(ssmttm.exponential_noise(like, gens()), want)
+    out = torch.full_like(like, -1.0)
+    assert ssmttm.exponential_noise(like, gens(), out=out) is out and torch.equal(out, want)
+    one = torch.empty(3, 2, 5).exponential_(generator=torch.Generator().manual_seed(4))
+    assert torch.equal(ssmttm.exponential_noise(like, torch.Generator().manual_seed(4), out=out), one)
+    assert (want > 0).all() and not torch.equal(want[0], want[1])
+
+
 def test_fast_options_and_seam_errors():
     with pytest.raises(ValueError, match="keep_states"):
         FastOptions(train="fastest")
