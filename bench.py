@@ -643,14 +643,16 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
                    "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2)}
             emit(pdl_and_plain(row, mb, [lambda s=s, pdl=True: kernels.ssm_step(
                 zxbcdt, s, A, dt_bias, D, d_inner, 1, 0, pdl, block_p, warps) for s in states]))
-        # the state read every step and written once per chunk (ssm_chunk_step, its two kernels); the
-        # graph also advances the slot, so that its replays go through whole chunks
+        # the state read every step and written once per chunk (ssm_chunk_step, its two kernels); one
+        # replay is a whole chunk of steps, each advancing the slot: the chunk's last step, which
+        # writes the state, counts once per chunk (a median of single steps would leave it out)
         for chunk in (8, 16):
             slot = torch.zeros(rows, dtype=torch.int32, device="cuda")
             pending = [kernels.PendingSteps.empty(s, chunk, 1, torch.bfloat16, slot) for s in states]
             calls = [lambda s=s, p=p: kernels.ssm_chunk_step(zxbcdt, s, p, A, dt_bias, D, d_inner, 1, 0)
                      for s, p in zip(states, pending)]
-            us = graphed(calls + [lambda c=chunk: slot.add_(1).remainder_(c)]) * (len(calls) + 1) / len(calls)
+            step = calls + [lambda c=chunk: slot.add_(1).remainder_(c)]
+            us = graphed(step * chunk) * len(step) / len(calls)
             mb = (1 + 1 / chunk) * states[0].numel() * states[0].element_size() / 1e6
             emit({"section": "decode kernels", "rows": rows,
                   "kernel": f"ssm_chunk_step ({str(dtype)[6:]} state, chunks of {chunk}, the default launch)",
