@@ -232,7 +232,8 @@ class Decoder:
     rows; past kernels.CORE_ROWS rows the others, past 32 all, are cuBLAS's with a small kernel or two;
     with options.decode_chunk > 1 the SSD step is kernels.ssm_chunk_step's two kernels,
     which write the state once per chunk of steps: FusedStep), norm + heads, and
-    kernels.sample_top_k, which also writes the token into the step layout and the next input;
+    kernels.sample_top_k, which also writes the token into the step layout and the next input (its
+    noise drawn beside the model's step on a stream of its own: SideNoise);
     the blocks in groups of rows on their own CUDA streams
     (options.decode_streams, row_groups, blocks_on_streams). Rows or widths past kernels.linear_rows'
     limits, and sublayers without a fused step (attention), take the plain ops. cuda_graph needs a decoding
