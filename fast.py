@@ -312,7 +312,6 @@ class Decoder:
         """Sample step pos from its logits (b * copies, K, 1025); write it into steps where not
         fixed and into next_input, the next step's input. noise: SideNoise.draw's for this step,
         then kernels.sample_top_k samples, else plain ops. Device tensors only."""
-        b, K = steps.shape[:2]
         if noise is not None:
             V = SPECIAL
             kernels.sample_top_k(logits[..., :V], noise.wait(), sampling.cfg_scale, min(sampling.top_k or V, V),
@@ -321,7 +320,7 @@ class Decoder:
         tokens = sampling(logits)
         tokens = torch.where(fixed.index_select(2, pos)[..., 0], steps.index_select(2, pos)[..., 0], tokens)
         steps.index_copy_(2, pos, tokens[..., None])
-        next_input.copy_(tokens[..., None].repeat(next_input.shape[0] // b, 1, 1))
+        next_input.copy_(tokens[..., None].repeat(next_input.shape[0] // steps.shape[0], 1, 1))
 
 
 class SideNoise:
