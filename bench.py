@@ -643,20 +643,29 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
                    "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2)}
             emit(pdl_and_plain(row, mb, [lambda s=s, pdl=True: kernels.ssm_step(
                 zxbcdt, s, A, dt_bias, D, d_inner, 1, 0, pdl, block_p, warps) for s in states]))
-        # the state read every step and written once per chunk (ssm_chunk_step, its two kernels); one
-        # replay is a whole chunk of steps, each advancing the slot: the chunk's last step, which
-        # writes the state, counts once per chunk (a median of single steps would leave it out)
+        # the state read every step and written once per chunk (ssm_chunk_step's two kernels, then
+        # fold_chunk, here in line); one replay is a whole chunk of steps, each advancing the slot: the
+        # chunk's last step, which writes the state, counts once per chunk (a median of single steps
+        # would leave it out). Then fold_chunk alone: at a chunk's last step, and at the others (where
+        # its programs return at once)
         for chunk in (8, 16):
             slot = torch.zeros(rows, dtype=torch.int32, device="cuda")
             pending = [kernels.PendingSteps.empty(s, chunk, 1, torch.bfloat16, slot) for s in states]
-            calls = [lambda s=s, p=p: kernels.ssm_chunk_step(zxbcdt, s, p, A, dt_bias, D, d_inner, 1, 0)
-                     for s, p in zip(states, pending)]
+            calls = [lambda s=s, p=p: (kernels.ssm_chunk_step(zxbcdt, s, p, A, dt_bias, D, d_inner, 1, 0),
+                                       kernels.fold_chunk(s, p)) for s, p in zip(states, pending)]
             step = calls + [lambda c=chunk: slot.add_(1).remainder_(c)]
             us = graphed(step * chunk) * len(step) / len(calls)
             mb = (1 + 1 / chunk) * states[0].numel() * states[0].element_size() / 1e6
             emit({"section": "decode kernels", "rows": rows,
-                  "kernel": f"ssm_chunk_step ({str(dtype)[6:]} state, chunks of {chunk}, the default launch)",
+                  "kernel": f"ssm_chunk_step + fold_chunk ({str(dtype)[6:]} state, chunks of {chunk})",
                   "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
+            for at, mb in ((chunk - 1, 2 * states[0].numel() * states[0].element_size() / 1e6), (0, 0.0)):
+                slot.fill_(at)
+                us = graphed([lambda s=s, p=p: kernels.fold_chunk(s, p) for s, p in zip(states, pending)])
+                emit({"section": "decode kernels", "rows": rows,
+                      "kernel": f"fold_chunk ({str(dtype)[6:]} state, chunks of {chunk}, slot {at})",
+                      "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2), "us": us,
+                      "GB/s": mb * 1e3 / us})
 
 
 def bench_stage2(device):

@@ -358,21 +358,27 @@ class FusedStep:
     is the one at the start of its chunk, and the steps since wait in kernels.PendingSteps, kept here
     per cache (made at the first step on it, or by pending(cache)): flush(cache) adds them to the
     states, which are then the plain model's after the same steps. Before that, the plain model's
-    step must not continue from that cache. split_k: counters for linear_rows' split_k, one row for
-    the kernels on the current stream and one per group of rows (fused_step)."""
+    step must not continue from that cache. At a chunk's last step each layer's state is written
+    (kernels.fold_chunk) on a CUDA stream of its own, beside the layers after it; the step ends
+    once they are all written. split_k: counters for linear_rows' split_k, one row for the kernels
+    on the current stream and one per group of rows (fused_step)."""
 
     def __init__(self, model, A, freqs, pdl, groups, chunk, split_k=True):
         self.model, self.A, self.freqs, self.pdl, self.groups, self.chunk = model, A, freqs, pdl, groups, chunk
         self._pending = weakref.WeakKeyDictionary()  # cache -> per block, per sublayer: PendingSteps or None
+        device = model.embed.weight.device
         self.counters = torch.zeros(1 + len(groups or ()), kernels.SPLIT_OUTPUTS, dtype=torch.int32,
-                                    device=model.embed.weight.device) if split_k else None
+                                    device=device) if split_k else None
+        self.fold_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def __call__(self, tokens, cache):
         pending = self.pending(cache)
         logits = fused_step(self.model, tokens, cache, self.A, self.freqs, self.pdl, self.groups, pending,
-                            self.counters)
+                            self.counters, self.fold_stream)
         first = _first(pending)
         if first is not None:  # after every layer's kernels: the next step's place in its chunk
+            if self.fold_stream is not None:
+                torch.cuda.current_stream(tokens.device).wait_stream(self.fold_stream)  # the states written
             first.slot.add_(1).remainder_(first.xdt.shape[1])
         return logits
 
@@ -458,7 +464,8 @@ def row_groups(model, rows, n, device):
     return groups
 
 
-def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=None, counters=None):
+def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=None, counters=None,
+               fold_stream=None):
     """TextToMusicLM.step for one step, tokens (rows, K, 1) -> logits (rows, K, 1, 1025), in the
     kernels of kernels.py (rows and widths within kernels.fits_linear_rows). A: per block, per
     sublayer, A = -exp(A_log) of a Mamba-2 layer (else None); freqs: the position frequencies.
@@ -466,27 +473,30 @@ def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=No
     pending: per block, per sublayer, kernels.PendingSteps for Mamba-2 layers in chunks of steps
     (FusedStep; the caller advances their slot), or None. counters: int32 zeros (1 + groups, n)
     for linear_rows' split_k, row 0 for the kernels on the current stream, row 1 + i for group i's
-    (streams that may run at once need their own), or None: no split_k."""
+    (streams that may run at once need their own), or None: no split_k. fold_stream: a CUDA stream
+    for kernels.fold_chunk (mamba2_fused_step), which the caller joins before the slot advances."""
     rows, K, _ = tokens.shape
     x = kernels.embed_rows(tokens[..., 0], model.offsets, model.embed.weight, cache.position, freqs,
                            advance=True)  # and position += 1
     own = None if counters is None else counters[0]
     if groups:
-        x, xn = blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters)
+        x, xn = blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters, fold_stream)
     else:
-        x, xn = fused_blocks(model, x, cache.states, cache.memory_mask, A, pdl, pending=pending, counters=own)
+        x, xn = fused_blocks(model, x, cache.states, cache.memory_mask, A, pdl, pending=pending, counters=own,
+                             fold_stream=fold_stream)
     x_in, norm_weight, eps = _normed(x, xn, model.norm_f)
     logits = kernels.linear_rows(x_in, model.head.weight, norm_weight=norm_weight, eps=eps, pdl=pdl, counters=own)
     return logits.view(rows, 1, K, -1).transpose(1, 2)
 
 
-def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None):
+def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None, fold_stream=None):
     """fused_blocks for x (rows, d), each group of rows (row_groups: stream, rows) through every
     block on its own CUDA stream (None: the current stream, after the groups before it). While
     decoding, rows are independent: one group's ssm_step, which moves the state, can run beside
     another group's products, which read the weights (once per group). In a CUDA graph the streams
     are branches between a fork and a join. pending: as fused_blocks', for all rows, or None. counters:
-    as fused_step's (group i takes row 1 + i), or None. Returns (x, norm_f(x) or None) as fused_blocks."""
+    as fused_step's (group i takes row 1 + i), or None. fold_stream: fused_step's. Returns (x,
+    norm_f(x) or None) as fused_blocks."""
     current = torch.cuda.current_stream(x.device) if x.is_cuda else None
     # the heads take norm_f(x) of all rows or of none: from every group, or from none
     head_norm = _takes_normed(x.shape[0], model.head.weight, None if counters is None else counters[0])
@@ -500,7 +510,7 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None):
                       for block_states in cache.states]
             rows_pending = pending and [[p if p is None else p.rows(rows) for p in block] for block in pending]
             h, hn = fused_blocks(model, x[rows], states, None, A, pdl, head_norm, ssm_stream, rows_pending,
-                                 None if counters is None else counters[1 + i])
+                                 None if counters is None else counters[1 + i], fold_stream)
             out[rows] = h
             if head_norm:
                 out_n[rows] = hn
@@ -511,7 +521,7 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None):
 
 
 def fused_blocks(model, x, states, memory_mask, A, pdl=True, head_norm=None, ssm_stream=None, pending=None,
-                 counters=None):
+                 counters=None, fold_stream=None):
     """The blocks of ssmttm.TextToMusicLM for one decoding step, x (rows, d) -> (x, xn): Mamba-2 and
     feed-forward sublayers in kernels.py's kernels (norm and residual included), the others as they
     are. Where the next product takes its input normed (_takes_normed: past kernels.CORE_ROWS rows,
@@ -520,7 +530,8 @@ def fused_blocks(model, x, states, memory_mask, A, pdl=True, head_norm=None, ssm
     where the heads take it normed); xn is then norm_f(x) in the weights' dtype (else None). states,
     A: per block, per sublayer. ssm_stream: where Mamba-2's ssm_step runs (row_groups), else in line.
     pending: per block, per sublayer, the Mamba-2 layers' kernels.PendingSteps (or None: steps of one).
-    counters: int32 zeros for linear_rows' split_k (its default where it pays), or None."""
+    counters: int32 zeros for linear_rows' split_k (its default where it pays), or None. fold_stream:
+    fused_step's."""
     rows = x.shape[0]
     head_norm = _takes_normed(rows, model.head.weight, counters) if head_norm is None else head_norm
     pending = pending or [[None] * len(block.layers) for block in model.blocks]
@@ -536,7 +547,7 @@ def fused_blocks(model, x, states, memory_mask, A, pdl=True, head_norm=None, ssm
         norm_out = (next_norm.weight, next_norm.eps) if normed else None
         if kind == "mamba":
             x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out, ssm_stream, layer_pending,
-                                      counters)
+                                      counters, fold_stream)
         elif kind == "ff":
             x_in, norm_weight, eps = _normed(x, xn, norm)
             h = kernels.linear_rows(x_in, layer.fc1.weight, layer.fc1.bias, norm_weight, eps, gelu=True, pdl=pdl,
@@ -569,13 +580,15 @@ def _split(out):
 
 
 def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None, ssm_stream=None, pending=None,
-                      counters=None):
+                      counters=None, fold_stream=None):
     """x + layer(norm(x)) for one decoding step, x (rows, d_model), in three kernels: norm + in_proj
     + conv, the SSD step + gate (y * silu(z)), norm + out_proj + residual. xn: norm(x) in the
     weights' dtype if the kernel before made it. ssm_stream: a CUDA stream for the SSD step (it
     waits for in_proj's kernel, out_proj's waits for it), else the current one. pending: the
-    layer's kernels.PendingSteps for the SSD step in chunks (kernels.ssm_chunk_step, two kernels),
-    or None for kernels.ssm_step. counters: linear_rows'. Returns (out, the next norm of out if
+    layer's kernels.PendingSteps for the SSD step in chunks (kernels.ssm_chunk_step, two kernels,
+    then kernels.fold_chunk, which writes the state at the chunk's last step: on fold_stream if given,
+    where it runs beside the layers after this one, else in line), or None for kernels.ssm_step.
+    counters: linear_rows'. Returns (out, the next norm of out if
     norm_out, as linear_rows, else None). Raises ValueError for ngroups != 1
     (the out_proj kernel normalises y * silu(z) as one group)."""
     if layer.ngroups != 1:
@@ -589,7 +602,14 @@ def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None
     def ssm():
         if pending is None:
             return kernels.ssm_step(zxbcdt, state.ssm, A, *ssm_args, z_start=0, pdl=pdl)
-        return kernels.ssm_chunk_step(zxbcdt, state.ssm, pending, A, *ssm_args, z_start=0, pdl=pdl)
+        y = kernels.ssm_chunk_step(zxbcdt, state.ssm, pending, A, *ssm_args, z_start=0, pdl=pdl)
+        if fold_stream is None:
+            kernels.fold_chunk(state.ssm, pending)
+        else:  # after the step's kernels; the next step's wait for it (FusedStep)
+            fold_stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(fold_stream):
+                kernels.fold_chunk(state.ssm, pending)
+        return y
 
     if ssm_stream is None:
         gated = ssm()

@@ -489,23 +489,19 @@ if triton is not None:
                  mask=n_ok)
 
     @triton.jit
-    def _ssm_chunk_step_kernel(state_ptr, xbc_ptr, stride_row, x_start, B_start, C_start, dt_start, z_start,
-                               dt_bias_ptr, D_ptr, y_ptr, xdt_ptr, Bs_ptr, acum_ptr, slot_ptr, coef_ptr,
-                               nheads, heads_per_group, ngroups,
+    def _ssm_chunk_step_kernel(state_ptr, xbc_ptr, stride_row, x_start, C_start, dt_start, z_start,
+                               dt_bias_ptr, D_ptr, y_ptr, xdt_ptr, slot_ptr, coef_ptr, nheads, heads_per_group,
                                HEADDIM: tl.constexpr, DSTATE: tl.constexpr, CHUNK: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               BLOCK_S: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr):
+                               GATE: tl.constexpr, PDL: tl.constexpr):
         # One program: BLOCK_P channels of one head of one row, as _ssm_step_kernel, but the state it
         # reads is the one at the start of the chunk, S_0, and the steps of the chunk before this one
         # (j of them) wait in the pending buffers: the output is the SSD's chunked form
         #   y_j = exp(acum_j) (C_j . S_0) + sum_{i<=j} coef_i dt_i x_i + D x_j
-        # with coef from _chunk_coefficients_kernel, the launch before. Only the chunk's last step
-        # writes the state: h_j, the next chunk's S_0. It does so in slices of BLOCK_S, read again from
-        # memory: a program's registers are those of its most demanding path, and the whole state in
-        # fp32 there would double those of the other steps, halving the programs an SM holds and so
-        # the bytes of the state in flight. Each slice takes the chunk's earlier steps in one product,
-        # and the slices' loads run stages ahead (num_stages): one program's slices are otherwise a
-        # chain of dependent loads, and the step that ends a chunk waits on that chain.
+        # with coef from _chunk_coefficients_kernel, the launch before. It appends dt_j x_j to the
+        # pending steps and never writes the state (_fold_chunk_kernel does, at the chunk's end): a
+        # program's registers are those of its most demanding path, and a path that writes the state
+        # would raise them at every step, lowering the programs an SM holds and so the bytes in flight.
         if PDL:
             gdc_launch_dependents()
         row, head = tl.program_id(2), tl.program_id(1)
@@ -520,8 +516,7 @@ if triton is not None:
         s0 = tl.load(s_ptrs, mask=s_ok, other=0.0, eviction_policy="evict_first")
         j = tl.load(slot_ptr + row)
         k_ok = ks < j
-        pending = row * CHUNK + ks
-        xdt_i = tl.load(xdt_ptr + pending[:, None] * (nheads * HEADDIM) + head * HEADDIM + ps[None, :],
+        xdt_i = tl.load(xdt_ptr + (row * CHUNK + ks[:, None]) * (nheads * HEADDIM) + head * HEADDIM + ps[None, :],
                         mask=k_ok[:, None] & p_ok[None, :], other=0.0)                       # (BLOCK_K, BLOCK_P)
         if PDL:
             gdc_wait()
@@ -531,38 +526,58 @@ if triton is not None:
         xdt = dt * x
         coefs = coef_ptr + (row * nheads + head) * (CHUNK + 1)
         decay = tl.load(coefs + CHUNK)                                                         # exp(acum_j)
-        D_x = tl.load(D_ptr + head).to(tl.float32) * x
-        if j == CHUNK - 1:  # the chunk's last step: h_j = exp(acum_j) S_0 + sum_{i<=j} exp(acum_j - acum_i) xdt_i B_i^T
-            acum_i = tl.load(acum_ptr + pending * nheads + head, mask=ks <= j, other=0.0)
-            acum = tl.sum(tl.where(ks == j, acum_i, 0.0))
-            # the earlier steps' dt x, weighted by their decays to step j, as (BLOCK_P, BLOCK_K)
-            wx_t = tl.trans(tl.where(k_ok, tl.exp(acum - acum_i), 0.0)[:, None] * xdt_i)
-            y = D_x
-            for n0 in tl.range(0, BLOCK_N, BLOCK_S, num_stages=3):
-                n_slice = n0 + tl.arange(0, BLOCK_S)
-                slice_ptrs = state_ptr + ((row * nheads + head) * HEADDIM + ps[:, None]) * DSTATE + n_slice[None, :]
-                in_state = n_slice < DSTATE
-                ok = p_ok[:, None] & in_state[None, :]
-                B = tl.load(inputs + B_start + group * DSTATE + n_slice, mask=in_state, other=0.0).to(tl.float32)
-                s = decay * tl.load(slice_ptrs, mask=ok, other=0.0).to(tl.float32) + xdt[:, None] * B[None, :]
-                # the earlier steps' B, all at once: one product over the chunk in fp32 multiply-adds (ieee)
-                B_i = tl.load(Bs_ptr + pending[:, None] * (ngroups * DSTATE) + group * DSTATE + n_slice[None, :],
-                              mask=k_ok[:, None] & in_state[None, :], other=0.0).to(tl.float32)  # (BLOCK_K, BLOCK_S)
-                s = tl.dot(wx_t, B_i, acc=s, input_precision="ieee")
-                C = tl.load(inputs + C_start + group * DSTATE + n_slice, mask=in_state, other=0.0).to(tl.float32)
-                y += tl.sum(s * C[None, :], axis=1)
-                tl.store(slice_ptrs, s.to(state_ptr.dtype.element_ty), mask=ok, cache_modifier=".cs")
-        else:
-            C = tl.load(inputs + C_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
-            coef = tl.load(coefs + ks, mask=ks <= j, other=0.0)
-            coef_j = tl.sum(tl.where(ks == j, coef, 0.0))
-            y = (decay * tl.sum(s0.to(tl.float32) * C[None, :], axis=1) + tl.sum(coef[:, None] * xdt_i, axis=0)
-                 + coef_j * xdt + D_x)
-            tl.store(xdt_ptr + (row * CHUNK + j) * (nheads * HEADDIM) + head * HEADDIM + ps, xdt, mask=p_ok)
+        C = tl.load(inputs + C_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
+        coef = tl.load(coefs + ks, mask=ks <= j, other=0.0)
+        coef_j = tl.sum(tl.where(ks == j, coef, 0.0))
+        y = (decay * tl.sum(s0.to(tl.float32) * C[None, :], axis=1) + tl.sum(coef[:, None] * xdt_i, axis=0)
+             + coef_j * xdt + tl.load(D_ptr + head).to(tl.float32) * x)
+        tl.store(xdt_ptr + (row * CHUNK + j) * (nheads * HEADDIM) + head * HEADDIM + ps, xdt, mask=p_ok)
         if GATE:
             z = tl.load(inputs + z_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
         tl.store(y_ptr + row * (nheads * HEADDIM) + head * HEADDIM + ps, y.to(y_ptr.dtype.element_ty), mask=p_ok)
+
+    @triton.jit
+    def _fold_chunk_kernel(state_ptr, xdt_ptr, Bs_ptr, acum_ptr, slot_ptr, rows, nheads, heads_per_group, ngroups,
+                           HEADDIM: tl.constexpr, DSTATE: tl.constexpr, CHUNK: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+        # Persistent programs over tiles of the state (BLOCK_P channels x BLOCK_S of d_state, of one head
+        # of one row). Launched at every step, they return at once unless a row is at its chunk's last
+        # step, whose rows' tiles become
+        #   h = exp(acum_last) S_0 + sum_i exp(acum_last - acum_i) dt_i x_i B_i^T
+        # the sum as one product (channels x steps) @ (steps x slice of d_state) per tile.
+        rs = tl.arange(0, BLOCK_R)
+        ending = 0
+        for r0 in range(0, rows, BLOCK_R):
+            slots = tl.load(slot_ptr + r0 + rs, mask=r0 + rs < rows, other=0)
+            ending += tl.sum((slots == CHUNK - 1).to(tl.int32))
+        if ending == 0:
+            return
+        ps, ns, ks = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
+        k_ok = ks < CHUNK
+        p_blocks, n_slices = tl.cdiv(HEADDIM, BLOCK_P), tl.cdiv(DSTATE, BLOCK_S)
+        # tiles in the state's memory order (slices fastest): the programs in flight touch one stretch
+        for t in tl.range(tl.program_id(0), rows * nheads * p_blocks * n_slices, tl.num_programs(0)):
+            n = (t % n_slices) * BLOCK_S + ns
+            p = (t // n_slices % p_blocks) * BLOCK_P + ps
+            head = t // (n_slices * p_blocks) % nheads
+            row = t // (n_slices * p_blocks * nheads)
+            at_end = tl.load(slot_ptr + row) == CHUNK - 1   # else nothing moves: every access is masked
+            p_ok, n_ok = (p < HEADDIM) & at_end, n < DSTATE
+            pending = row * CHUNK + ks
+            acum_i = tl.load(acum_ptr + pending * nheads + head, mask=k_ok & at_end, other=0.0)
+            acum = tl.sum(tl.where(ks == CHUNK - 1, acum_i, 0.0))
+            w = tl.where(k_ok, tl.exp(acum - acum_i), 0.0)
+            xdt_i = tl.load(xdt_ptr + pending[None, :] * (nheads * HEADDIM) + head * HEADDIM + p[:, None],
+                            mask=p_ok[:, None] & k_ok[None, :], other=0.0)                 # (BLOCK_P, BLOCK_K)
+            B_i = tl.load(Bs_ptr + pending[:, None] * (ngroups * DSTATE) + head // heads_per_group * DSTATE
+                          + n[None, :], mask=(k_ok & at_end)[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_S)
+            s_ptrs = state_ptr + ((row * nheads + head) * HEADDIM + p[:, None]) * DSTATE + n[None, :]
+            s_ok = p_ok[:, None] & n_ok[None, :]
+            s = tl.exp(acum) * tl.load(s_ptrs, mask=s_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            s = tl.dot(xdt_i * w[None, :], B_i.to(tl.float32), acc=s, input_precision=PRECISION)
+            tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=s_ok, cache_modifier=".cs")
 
     @triton.jit
     def _sample_top_k_kernel(logits_ptr, noise_ptr, out_ptr, n_cond, V, stride_row, stride_k, cfg_scale,
@@ -908,23 +923,20 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
 
         y_t = exp(acum_t) C_t S_0 + sum_{s <= t} exp(acum_t - acum_s) (C_t . B_s) dt_s x_s + D x_t
 
-    so the state (b, nheads, headdim, d_state) is read every step but written once per chunk, at its
-    last step (slot K - 1), as h_t; the other steps append dt x, B and acum to `pending` at `slot`.
-    Two kernels: the coefficients (C_t . B_s and the decays, once per row), then the output. The
-    caller advances pending.slot (+1 mod K) after each step's kernels (one tensor for all layers)
-    and folds what is pending into the state with fold_pending before anything else reads it.
-    Other arguments and the result as ssm_step's."""
+    so the state (b, nheads, headdim, d_state) is read every step and never written here: the step
+    appends dt x, B and acum to `pending` at `slot`, and fold_chunk, called after it, writes the state
+    at the chunk's last step (slot K - 1). Two kernels: the coefficients (C_t . B_s and the decays,
+    once per row), then the output. The caller advances pending.slot (+1 mod K) after each step's
+    kernels and fold_chunk (one tensor for all layers) and folds what is pending into the state with
+    fold_pending before anything else reads it. Other arguments and the result as ssm_step's."""
     b, nheads, headdim, d_state = state.shape
     chunk = pending.xdt.shape[1]
     # launch shape measured at 8-128 rows, fp32 and bf16 states (BENCHMARKS.md §0b): one warp, and
     # channels for 8 KiB of a 512-wide state per program (4 in fp32, 8 in bf16)
     block_p, num_warps = block_p or (8 if state.element_size() == 2 else 4), num_warps or 1
-    if chunk < 2:
-        raise ValueError(f"ssm_chunk_step: chunks of at least 2 steps, got {chunk} (ssm_step is the chunk of one)")
-    if not (state.is_contiguous() and xbc.stride(-1) == 1 and all(t.is_contiguous() for t in pending[:3])):
-        raise ValueError("ssm_chunk_step: the state and the pending steps must be contiguous and xbc's rows dense")
-    if b > 65535:
-        raise ValueError(f"ssm_chunk_step: at most 65535 rows, got {b}")
+    _check_pending("ssm_chunk_step", state, pending)
+    if xbc.stride(-1) != 1:
+        raise ValueError("ssm_chunk_step: xbc's rows must be dense")
     y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype if z_start is None else torch.float32)
     coef = torch.empty(b, nheads, chunk + 1, device=xbc.device, dtype=torch.float32)
     B_start = x_start + nheads * headdim
@@ -935,11 +947,49 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
         xbc, xbc.stride(0), B_start, C_start, dt_start, dt_bias, A, pending.B, pending.acum, pending.slot, coef, nheads,
         heads_per_group, ngroups, BLOCK_H=next_power_of_2(heads_per_group), num_warps=4, **sizes, **launch)
     _ssm_chunk_step_kernel[(cdiv(headdim, block_p), nheads, b)](
-        state, xbc, xbc.stride(0), x_start, B_start, C_start, dt_start, z_start or 0, dt_bias, D, y, pending.xdt,
-        pending.B, pending.acum, pending.slot, coef, nheads, heads_per_group, ngroups, HEADDIM=headdim,
-        BLOCK_P=block_p, BLOCK_S=min(64, sizes["BLOCK_N"]), GATE=z_start is not None, num_warps=num_warps,
-        **dict(sizes, BLOCK_K=max(16, sizes["BLOCK_K"])), **launch)  # tl.dot's K: 16 or more (masked)
+        state, xbc, xbc.stride(0), x_start, C_start, dt_start, z_start or 0, dt_bias, D, y, pending.xdt, pending.slot,
+        coef, nheads, heads_per_group, HEADDIM=headdim, BLOCK_P=block_p, GATE=z_start is not None,
+        num_warps=num_warps, **sizes, **launch)
     return y
+
+
+def _check_pending(name, state, pending):
+    """A one-line ValueError unless state and pending suit the chunk kernels."""
+    chunk = pending.xdt.shape[1]
+    if chunk < 2:
+        raise ValueError(f"{name}: chunks of at least 2 steps, got {chunk} (ssm_step is the chunk of one)")
+    if not (state.is_contiguous() and all(t.is_contiguous() for t in pending[:3])):
+        raise ValueError(f"{name}: the state and the pending steps must be contiguous")
+    if state.shape[0] > 65535:  # the grid's last dimension
+        raise ValueError(f"{name}: at most 65535 rows, got {state.shape[0]}")
+
+
+def fold_chunk(state, pending, block_p=None, block_s=None, num_warps=4, programs_per_sm=4):
+    """Where a row is at its chunk's last step (pending.slot == K - 1, after that step's
+    ssm_chunk_step, before the slot advances), add the chunk's K steps to its state, in place:
+    h = exp(acum_last) S_0 + sum_i exp(acum_last - acum_i) dt_i x_i B_i^T, as fold_pending with one
+    more step pending; other rows' states stay as they are. One kernel, launched at every step with
+    no host synchronisation: its programs return at once when no row ends its chunk. Apart from the
+    output's kernels it can run on a stream of its own, beside the layers after this one, as long
+    as the next step's kernels of this layer wait for it.
+
+    state (b, nheads, headdim, d_state), fp32 or bf16; pending a PendingSteps. block_p, block_s: a
+    tile's channels and columns of d_state (default: up to 64 channels, and 8 KiB of state);
+    programs_per_sm: the persistent programs launched per SM. The steps' sum is one product per tile
+    on tensor cores: in three TF32 products for an fp32 state (about fp32's rounding; fp32
+    multiply-adds take twice the registers), in one for a bf16 state (2^-11, below the state's own)."""
+    b, nheads, headdim, d_state = state.shape
+    chunk, ngroups = pending.xdt.shape[1], pending.B.shape[-1] // d_state
+    _check_pending("fold_chunk", state, pending)
+    block_p = block_p or min(64, max(16, next_power_of_2(headdim)))  # tl.dot: 16 or more each way
+    block_s = block_s or min(8192 // block_p // state.element_size(), max(16, next_power_of_2(d_state)))
+    tiles = b * nheads * cdiv(headdim, block_p) * cdiv(d_state, block_s)
+    programs = min(tiles, _sm_count(state.device.index) * programs_per_sm) if state.is_cuda else tiles
+    _fold_chunk_kernel[(programs,)](
+        state, pending.xdt, pending.B, pending.acum, pending.slot, b, nheads, nheads // ngroups, ngroups,
+        HEADDIM=headdim, DSTATE=d_state, CHUNK=chunk, BLOCK_P=block_p, BLOCK_S=block_s,
+        BLOCK_K=max(16, next_power_of_2(chunk)), BLOCK_R=min(128, next_power_of_2(b)),
+        PRECISION="tf32x3" if state.element_size() == 4 else "tf32", num_warps=num_warps)
 
 
 def fold_pending(state, pending):

@@ -148,7 +148,7 @@ def ssm_step_definition(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=Non
 
 def ssm_chunk_step_definition(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start=None, **launch):
     """kernels.ssm_chunk_step: the step joins the pending ones at pending.slot; y from h_t, the state
-    they fold into (kernels.fold_pending on a copy), which replaces the state at the chunk's last step."""
+    they fold into (kernels.fold_pending on a copy); the state itself stays (fold_chunk writes it)."""
     b, h, p, n = state.shape
     dtype = torch.promote_types(xbc.dtype, torch.float32)
     f = xbc.to(dtype)
@@ -164,12 +164,16 @@ def ssm_chunk_step_definition(xbc, state, pending, A, dt_bias, D, x_start, ngrou
     h_t = state.to(dtype, copy=True)
     kernels.fold_pending(h_t, pending._replace(slot=pending.slot + 1))
     y = (h_t.view(b, ngroups, h // ngroups, p, n) * C[..., None, :]).sum(-1).view(b, h, p) + D.to(dtype)[:, None] * x
-    last = j == pending.xdt.shape[1] - 1
-    state[last] = h_t[last].to(state.dtype)
     y = y.reshape(b, h * p)
     if z_start is None:
         return y.to(xbc.dtype)
     return y * F.silu(f[:, z_start:z_start + h * p])
+
+
+def fold_chunk_definition(state, pending, **launch):
+    """kernels.fold_chunk: the rows at their chunk's last step take all K steps (fold_pending)."""
+    last = pending.slot == pending.xdt.shape[1] - 1
+    kernels.fold_pending(state, pending._replace(slot=torch.where(last, pending.slot + 1, 0)))
 
 
 def embed_rows_definition(tokens, offsets, table, positions, freqs, advance=False):
@@ -976,7 +980,8 @@ def kernel_definitions(monkeypatch):
     wiring (argument order, layouts, the token bookkeeping) runs on a CPU."""
     monkeypatch.setattr(kernels, "triton", object())  # fits_linear_rows: "Triton is here"
     for name, definition in [("linear_rows", linear_rows_definition), ("ssm_step", ssm_step_definition),
-                             ("ssm_chunk_step", ssm_chunk_step_definition), ("embed_rows", embed_rows_definition),
+                             ("ssm_chunk_step", ssm_chunk_step_definition), ("fold_chunk", fold_chunk_definition),
+                             ("embed_rows", embed_rows_definition),
                              ("sample_top_k", sample_top_k_definition)]:
         monkeypatch.setattr(kernels, name, definition)
 
@@ -1080,35 +1085,74 @@ def test_ssm_step_kernel_equals_its_definition(state_dtype):
 @triton_here
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype):
-    # kernels.ssm_chunk_step for 2.5 chunks of steps, then fold_pending, against ssm_step's definition
-    # (the recurrence) in float64 step by step: each step's y (with the gate and without), the state
-    # after the folds inside the kernel (at each chunk's last step) and after fold_pending. Shapes as
-    # ssm_step's test: 2 groups, a masked head (20 channels, 8 and 16 per program), d_state 100 (the
-    # last step writes it in two slices of 64, the second partly masked)
+    # kernels.ssm_chunk_step and fold_chunk for 2.5 chunks of steps, then fold_pending, against
+    # ssm_step's definition (the recurrence) in float64 step by step: each step's y (with the gate and
+    # without), the state after each chunk's last step (fold_chunk) and after fold_pending; the state
+    # untouched inside a chunk. Shapes as ssm_step's test: 2 groups, a masked head (20 channels, 8 and
+    # 16 per program), d_state 100; fold_chunk's tiles: 32 x 64 (both masked), or 16 x 32 (two blocks
+    # of channels and four slices of d_state, the last ones partly masked)
     device, rand, (nheads, headdim, ngroups, d_state), (A, dt_bias, D) = ssm_kernel_inputs(1, 2, -2)
     d = lambda t: t.double()
     d_inner, rows = nheads * headdim, 3
     bound = 1e-6 if state_dtype == torch.float32 else 2 ** -6  # the state rounded to bf16 once a chunk
-    for chunk, block_p, z_start in [(4, None, 0), (3, 8, None), (8, 16, 0), (2, 2, 0)]:
+    for chunk, block_p, z_start, tile in [(4, None, 0, {}), (3, 8, None, dict(block_p=16, block_s=32)),
+                                          (8, 16, 0, {}), (2, 2, 0, dict(block_p=16, block_s=32))]:
         state = rand(rows, nheads, headdim, d_state).to(state_dtype)
         want_state = d(state)
         pending = kernels.PendingSteps.empty(state, chunk, ngroups, torch.bfloat16,
                                              torch.zeros(rows, dtype=torch.int32, device=device))
         for t in range(chunk * 5 // 2):
             zxbcdt = rand(rows, 2 * d_inner + 2 * ngroups * d_state + nheads).to(torch.bfloat16)
+            before = state.clone()
             y = kernels.ssm_chunk_step(zxbcdt, state, pending, A, dt_bias, D, d_inner, ngroups, z_start=z_start,
                                        block_p=block_p)
+            assert torch.equal(state, before), (chunk, t)  # only fold_chunk writes it
+            kernels.fold_chunk(state, pending, **tile)
             pending.slot.add_(1).remainder_(chunk)
             want_y = ssm_step_definition(d(zxbcdt), want_state, d(A), d(dt_bias), d(D), d_inner, ngroups, z_start)
             assert rel_err(y, want_y) < max(bound, 2 ** -8 if z_start is None else 1e-5), (chunk, t)  # y in bf16
-            if t % chunk == chunk - 1:  # the kernel wrote the state
+            if t % chunk == chunk - 1:  # the chunk's end: fold_chunk wrote the state
                 assert rel_err(state, want_state) < bound, (chunk, t)
+            else:
+                assert torch.equal(state, before), (chunk, t)
         assert pending.slot.tolist() == [chunk // 2] * rows
         kernels.fold_pending(state, pending)
         assert state.dtype == state_dtype and rel_err(state, want_state) < bound, chunk
-    with pytest.raises(ValueError, match="chunks of at least 2 steps, got 1"):
-        kernels.ssm_chunk_step(zxbcdt, state, pending._replace(xdt=pending.xdt[:, :1]), A, dt_bias, D, d_inner,
-                               ngroups)
+    for name, call in [("ssm_chunk_step", lambda p: kernels.ssm_chunk_step(zxbcdt, state, p, A, dt_bias, D, d_inner,
+                                                                          ngroups)),
+                       ("fold_chunk", lambda p: kernels.fold_chunk(state, p))]:
+        with pytest.raises(ValueError, match=f"{name}: chunks of at least 2 steps, got 1"):
+            call(pending._replace(xdt=pending.xdt[:, :1]))
+
+
+@triton_here
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_fold_chunk_kernel_folds_only_the_rows_at_their_chunks_end(state_dtype):
+    # rows at different places of their chunks of 5: those at its last step (slot 4) take all five
+    # pending steps, against fold_pending in float64; the others keep their state bit for bit, as do
+    # all rows when none is at the end (the programs' early return). 130 rows: the slots are checked in
+    # two blocks of 128
+    device, rand, (nheads, headdim, ngroups, d_state), _ = ssm_kernel_inputs(2, 1, 0)
+    rows, chunk = 130, 5
+    bound = 1e-6 if state_dtype == torch.float32 else 2 ** -7
+    state = rand(rows, nheads, headdim, d_state).to(state_dtype)
+    slot = torch.full((rows,), 2, dtype=torch.int32, device=device)
+    pending = kernels.PendingSteps(rand(rows, chunk, nheads * headdim), rand(rows, chunk, ngroups * d_state).to(
+        torch.bfloat16), -torch.rand(rows, chunk, nheads, generator=torch.Generator().manual_seed(3)).to(
+        device).cumsum(1), slot)
+    before = state.clone()
+    kernels.fold_chunk(state, pending)
+    assert torch.equal(state, before)  # no row at its chunk's end
+    slot[[0, 7, 129]] = chunk - 1
+    slot[[1, 128]] = 0
+    want = before.double()
+    kernels.fold_pending(want, kernels.PendingSteps(*[t.double() for t in pending[:3]], torch.where(
+        slot == chunk - 1, chunk, 0)))
+    kernels.fold_chunk(state, pending)
+    ends = slot == chunk - 1
+    assert rel_err(state[ends], want[ends]) < bound
+    assert torch.equal(state[~ends], before[~ends])
+
 
 def causal_conv_silu_definition(x, weight, bias, seq_idx=None):
     """kernels.causal_conv_silu in plain torch: silu(bias + sum_k weight[:, k] x[t - 3 + k]), where a tap
