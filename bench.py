@@ -643,21 +643,24 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
                    "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2)}
             emit(pdl_and_plain(row, mb, [lambda s=s, pdl=True: kernels.ssm_step(
                 zxbcdt, s, A, dt_bias, D, d_inner, 1, 0, pdl, block_p, warps) for s in states]))
-        # the state read every step and written once per chunk (ssm_chunk_step's two kernels, then
-        # fold_chunk, here in line); one replay is a whole chunk of steps, each advancing the slot: the
-        # chunk's last step, which writes the state, counts once per chunk (a median of single steps
-        # would leave it out). Then fold_chunk alone: at a chunk's last step, and at the others (where
-        # its programs return at once)
+        # the state read every step and written once per chunk, as the decoder's frames do it:
+        # ssm_chunk_step's two kernels, and ssm_chunk_end at the chunk's last step. One replay is a
+        # whole chunk of steps, each advancing the slot, so that the last step counts once per chunk
+        # (a median of single steps would leave it out). Then fold_chunk alone (the step's fold where
+        # the caller does not know where the chunk ends): at a chunk's last step, and at the others
+        # (where its programs return at once)
         for chunk in (8, 16):
             slot = torch.zeros(rows, dtype=torch.int32, device="cuda")
             pending = [kernels.PendingSteps.empty(s, chunk, 1, torch.bfloat16, slot) for s in states]
-            calls = [lambda s=s, p=p: (kernels.ssm_chunk_step(zxbcdt, s, p, A, dt_bias, D, d_inner, 1, 0),
-                                       kernels.fold_chunk(s, p)) for s, p in zip(states, pending)]
-            step = calls + [lambda c=chunk: slot.add_(1).remainder_(c)]
-            us = graphed(step * chunk) * len(step) / len(calls)
+            advance = [lambda c=chunk: slot.add_(1).remainder_(c)]
+            within = [lambda s=s, p=p: kernels.ssm_chunk_step(zxbcdt, s, p, A, dt_bias, D, d_inner, 1, 0)
+                      for s, p in zip(states, pending)]
+            last = [lambda s=s, p=p: kernels.ssm_chunk_end(zxbcdt, s, p, A, dt_bias, D, d_inner, 1, 0)
+                    for s, p in zip(states, pending)]
+            us = graphed((within + advance) * (chunk - 1) + last + advance) * (len(within) + 1) / len(within)
             mb = (1 + 1 / chunk) * states[0].numel() * states[0].element_size() / 1e6
             emit({"section": "decode kernels", "rows": rows,
-                  "kernel": f"ssm_chunk_step + fold_chunk ({str(dtype)[6:]} state, chunks of {chunk})",
+                  "kernel": f"ssm_chunk_step, ssm_chunk_end at the end ({str(dtype)[6:]} state, chunks of {chunk})",
                   "N x K": f"state {tuple(states[0].shape)}", "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
             for at, mb in ((chunk - 1, 2 * states[0].numel() * states[0].element_size() / 1e6), (0, 0.0)):
                 slot.fill_(at)

@@ -19,6 +19,7 @@ with the plain model.
 """
 import contextlib
 import copy
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -260,25 +261,38 @@ class Decoder:
         runs the model one step, samples step pos into steps and advances pos, a device tensor (no
         host synchronisation). With options.cuda_graph, all of it is recorded once as a CUDA graph
         on these tensors, and each call replays it. step: step_function's for these rows (made here
-        if None); a FusedStep's pending steps stay out of the cache until its flush(cache)."""
+        if None); a FusedStep's pending steps stay out of the cache until its flush(cache). With a
+        FusedStep in chunks of K steps there are two frames (two graphs), one for a chunk's last
+        step, which writes the states, and one for the others; the host counts the steps to pick."""
         pos = torch.full((1,), start, device=steps.device)
         tokens = steps.index_select(2, pos - 1).repeat(copies, 1, 1)  # the input step (b * copies, K, 1)
         step = self.step_function(model, tokens.shape[0]) if step is None else step
-        if isinstance(step, FusedStep):
-            step.pending(cache)  # allocated now, not inside the graph's capture
+        # (the pending steps allocated now, not inside the graph's capture)
+        chunks = step.chunk_slot(cache) if isinstance(step, FusedStep) else None
         noise = self._noise(steps, sampling)
 
-        def frame(cache=cache, steps=steps, pos=pos, tokens=tokens):
+        def frame(cache=cache, steps=steps, pos=pos, tokens=tokens, ends_chunk=None):
             drawn = None if noise is None else noise.draw(sampling.generator)  # beside the model's step
-            self._sample_into(step(tokens, cache)[:, :, -1], steps, pos, fixed, tokens, sampling, drawn)
+            logits = step(tokens, cache) if ends_chunk is None else step(tokens, cache, ends_chunk)
+            self._sample_into(logits[:, :, -1], steps, pos, fixed, tokens, sampling, drawn)
             pos.add_(1)
 
-        if not self.options.cuda_graph:
-            return frame
-        if any("self_attn" in block.layout for block in model.blocks):
+        if self.options.cuda_graph and any("self_attn" in block.layout for block in model.blocks):
             raise ValueError("Decoder: cuda_graph needs a fixed-size decoding state; self-attention's KV "
                              "cache grows (FastOptions(cuda_graph=False))")
-        return _record(frame, (cache, steps, pos, tokens), sampling.generator, steps.device)
+        record = (lambda f: _record(f, (cache, steps, pos, tokens), sampling.generator, steps.device)) \
+            if self.options.cuda_graph else (lambda f: f)
+        if chunks is None:
+            return record(frame)
+        K, slot = chunks
+        within, last = (record(functools.partial(frame, ends_chunk=ends)) for ends in (False, True))
+        place = [slot]  # the next step's place in its chunk, as pending.slot on the device
+
+        def chunked_frame():
+            (last if place[0] == K - 1 else within)()
+            place[0] = (place[0] + 1) % K
+
+        return chunked_frame
 
     def step_function(self, model, rows):
         """model.step for `rows` rows, tokens (rows, K, 1) -> logits (rows, K, 1, 1025): in the fused
@@ -371,16 +385,31 @@ class FusedStep:
                                     device=device) if split_k else None
         self.fold_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def __call__(self, tokens, cache):
+    def __call__(self, tokens, cache, ends_chunk=None):
+        """logits (rows, K, 1, 1025) of the next step of tokens (rows, K, 1) from cache. ends_chunk:
+        whether this step is the last of its chunk in every row (chunk_slot says where it is), or
+        None: not known here, the states then written by kernels.fold_chunk, launched at every step.
+        With True or False, the step takes kernels.ssm_chunk_end or ssm_chunk_step alone."""
         pending = self.pending(cache)
         logits = fused_step(self.model, tokens, cache, self.A, self.freqs, self.pdl, self.groups, pending,
-                            self.counters, self.fold_stream)
+                            self.counters, self.fold_stream, ends_chunk)
         first = _first(pending)
         if first is not None:  # after every layer's kernels: the next step's place in its chunk
-            if self.fold_stream is not None:
+            if self.fold_stream is not None and ends_chunk is None:
                 torch.cuda.current_stream(tokens.device).wait_stream(self.fold_stream)  # the states written
             first.slot.add_(1).remainder_(first.xdt.shape[1])
         return logits
+
+    def chunk_slot(self, cache):
+        """(K, slot): the chunk length and the step's place in it, the same in every row (one host
+        synchronisation), for cache's pending steps; None for steps of one (no chunks)."""
+        first = _first(self.pending(cache))
+        if first is None:
+            return None
+        slot = first.slot[0].item()
+        if not bool((first.slot == slot).all()):
+            raise ValueError("FusedStep.chunk_slot: the rows are at different places of their chunks")
+        return first.xdt.shape[1], slot
 
     def pending(self, cache):
         """The pending steps of each Mamba-2 state of cache (per block, per sublayer; None for other
@@ -465,7 +494,7 @@ def row_groups(model, rows, n, device):
 
 
 def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=None, counters=None,
-               fold_stream=None):
+               fold_stream=None, ends_chunk=None):
     """TextToMusicLM.step for one step, tokens (rows, K, 1) -> logits (rows, K, 1, 1025), in the
     kernels of kernels.py (rows and widths within kernels.fits_linear_rows). A: per block, per
     sublayer, A = -exp(A_log) of a Mamba-2 layer (else None); freqs: the position frequencies.
@@ -473,30 +502,30 @@ def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=No
     pending: per block, per sublayer, kernels.PendingSteps for Mamba-2 layers in chunks of steps
     (FusedStep; the caller advances their slot), or None. counters: int32 zeros (1 + groups, n)
     for linear_rows' split_k, row 0 for the kernels on the current stream, row 1 + i for group i's
-    (streams that may run at once need their own), or None: no split_k. fold_stream: a CUDA stream
-    for kernels.fold_chunk (mamba2_fused_step), which the caller joins before the slot advances."""
+    (streams that may run at once need their own), or None: no split_k. fold_stream, ends_chunk: as
+    mamba2_fused_step's; the caller joins fold_stream before the slot advances."""
     rows, K, _ = tokens.shape
     x = kernels.embed_rows(tokens[..., 0], model.offsets, model.embed.weight, cache.position, freqs,
                            advance=True)  # and position += 1
     own = None if counters is None else counters[0]
     if groups:
-        x, xn = blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters, fold_stream)
+        x, xn = blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters, fold_stream, ends_chunk)
     else:
         x, xn = fused_blocks(model, x, cache.states, cache.memory_mask, A, pdl, pending=pending, counters=own,
-                             fold_stream=fold_stream)
+                             fold_stream=fold_stream, ends_chunk=ends_chunk)
     x_in, norm_weight, eps = _normed(x, xn, model.norm_f)
     logits = kernels.linear_rows(x_in, model.head.weight, norm_weight=norm_weight, eps=eps, pdl=pdl, counters=own)
     return logits.view(rows, 1, K, -1).transpose(1, 2)
 
 
-def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None, fold_stream=None):
+def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None, fold_stream=None, ends_chunk=None):
     """fused_blocks for x (rows, d), each group of rows (row_groups: stream, rows) through every
     block on its own CUDA stream (None: the current stream, after the groups before it). While
     decoding, rows are independent: one group's ssm_step, which moves the state, can run beside
     another group's products, which read the weights (once per group). In a CUDA graph the streams
     are branches between a fork and a join. pending: as fused_blocks', for all rows, or None. counters:
-    as fused_step's (group i takes row 1 + i), or None. fold_stream: fused_step's. Returns (x,
-    norm_f(x) or None) as fused_blocks."""
+    as fused_step's (group i takes row 1 + i), or None. fold_stream, ends_chunk: fused_step's. Returns
+    (x, norm_f(x) or None) as fused_blocks."""
     current = torch.cuda.current_stream(x.device) if x.is_cuda else None
     # the heads take norm_f(x) of all rows or of none: from every group, or from none
     head_norm = _takes_normed(x.shape[0], model.head.weight, None if counters is None else counters[0])
@@ -510,7 +539,7 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None, f
                       for block_states in cache.states]
             rows_pending = pending and [[p if p is None else p.rows(rows) for p in block] for block in pending]
             h, hn = fused_blocks(model, x[rows], states, None, A, pdl, head_norm, ssm_stream, rows_pending,
-                                 None if counters is None else counters[1 + i], fold_stream)
+                                 None if counters is None else counters[1 + i], fold_stream, ends_chunk)
             out[rows] = h
             if head_norm:
                 out_n[rows] = hn
@@ -521,7 +550,7 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None, f
 
 
 def fused_blocks(model, x, states, memory_mask, A, pdl=True, head_norm=None, ssm_stream=None, pending=None,
-                 counters=None, fold_stream=None):
+                 counters=None, fold_stream=None, ends_chunk=None):
     """The blocks of ssmttm.TextToMusicLM for one decoding step, x (rows, d) -> (x, xn): Mamba-2 and
     feed-forward sublayers in kernels.py's kernels (norm and residual included), the others as they
     are. Where the next product takes its input normed (_takes_normed: past kernels.CORE_ROWS rows,
@@ -530,8 +559,8 @@ def fused_blocks(model, x, states, memory_mask, A, pdl=True, head_norm=None, ssm
     where the heads take it normed); xn is then norm_f(x) in the weights' dtype (else None). states,
     A: per block, per sublayer. ssm_stream: where Mamba-2's ssm_step runs (row_groups), else in line.
     pending: per block, per sublayer, the Mamba-2 layers' kernels.PendingSteps (or None: steps of one).
-    counters: int32 zeros for linear_rows' split_k (its default where it pays), or None. fold_stream:
-    fused_step's."""
+    counters: int32 zeros for linear_rows' split_k (its default where it pays), or None. fold_stream,
+    ends_chunk: fused_step's."""
     rows = x.shape[0]
     head_norm = _takes_normed(rows, model.head.weight, counters) if head_norm is None else head_norm
     pending = pending or [[None] * len(block.layers) for block in model.blocks]
@@ -547,7 +576,7 @@ def fused_blocks(model, x, states, memory_mask, A, pdl=True, head_norm=None, ssm
         norm_out = (next_norm.weight, next_norm.eps) if normed else None
         if kind == "mamba":
             x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out, ssm_stream, layer_pending,
-                                      counters, fold_stream)
+                                      counters, fold_stream, ends_chunk)
         elif kind == "ff":
             x_in, norm_weight, eps = _normed(x, xn, norm)
             h = kernels.linear_rows(x_in, layer.fc1.weight, layer.fc1.bias, norm_weight, eps, gelu=True, pdl=pdl,
@@ -580,17 +609,18 @@ def _split(out):
 
 
 def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None, ssm_stream=None, pending=None,
-                      counters=None, fold_stream=None):
+                      counters=None, fold_stream=None, ends_chunk=None):
     """x + layer(norm(x)) for one decoding step, x (rows, d_model), in three kernels: norm + in_proj
     + conv, the SSD step + gate (y * silu(z)), norm + out_proj + residual. xn: norm(x) in the
     weights' dtype if the kernel before made it. ssm_stream: a CUDA stream for the SSD step (it
     waits for in_proj's kernel, out_proj's waits for it), else the current one. pending: the
-    layer's kernels.PendingSteps for the SSD step in chunks (kernels.ssm_chunk_step, two kernels,
-    then kernels.fold_chunk, which writes the state at the chunk's last step: on fold_stream if given,
-    where it runs beside the layers after this one, else in line), or None for kernels.ssm_step.
-    counters: linear_rows'. Returns (out, the next norm of out if
-    norm_out, as linear_rows, else None). Raises ValueError for ngroups != 1
-    (the out_proj kernel normalises y * silu(z) as one group)."""
+    layer's kernels.PendingSteps for the SSD step in chunks, or None for kernels.ssm_step. In chunks,
+    ends_chunk: True at a chunk's last step (kernels.ssm_chunk_end: the output and the state in one
+    kernel), False at the others (kernels.ssm_chunk_step, two kernels), None where not known
+    (ssm_chunk_step, then kernels.fold_chunk, which writes the state where a row ends its chunk: on
+    fold_stream if given, beside the layers after this one, else in line). counters: linear_rows'.
+    Returns (out, the next norm of out if norm_out, as linear_rows, else None). Raises ValueError
+    for ngroups != 1 (the out_proj kernel normalises y * silu(z) as one group)."""
     if layer.ngroups != 1:
         raise ValueError(f"mamba2_fused_step: ngroups must be 1 (the LM's), got {layer.ngroups}")
     conv = (state.conv, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.d_inner)
@@ -602,10 +632,12 @@ def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None
     def ssm():
         if pending is None:
             return kernels.ssm_step(zxbcdt, state.ssm, A, *ssm_args, z_start=0, pdl=pdl)
+        if ends_chunk:
+            return kernels.ssm_chunk_end(zxbcdt, state.ssm, pending, A, *ssm_args, z_start=0, pdl=pdl)
         y = kernels.ssm_chunk_step(zxbcdt, state.ssm, pending, A, *ssm_args, z_start=0, pdl=pdl)
-        if fold_stream is None:
+        if ends_chunk is None and fold_stream is None:
             kernels.fold_chunk(state.ssm, pending)
-        else:  # after the step's kernels; the next step's wait for it (FusedStep)
+        elif ends_chunk is None:  # after the step's kernels; the next step's wait for it (FusedStep)
             fold_stream.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(fold_stream):
                 kernels.fold_chunk(state.ssm, pending)

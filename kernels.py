@@ -538,6 +538,59 @@ if triton is not None:
         tl.store(y_ptr + row * (nheads * HEADDIM) + head * HEADDIM + ps, y.to(y_ptr.dtype.element_ty), mask=p_ok)
 
     @triton.jit
+    def _ssm_chunk_end_kernel(state_ptr, xbc_ptr, stride_row, x_start, B_start, C_start, dt_start, z_start,
+                              dt_bias_ptr, A_ptr, D_ptr, y_ptr, xdt_ptr, Bs_ptr, acum_ptr, slot_ptr, nheads,
+                              heads_per_group, ngroups, HEADDIM: tl.constexpr, DSTATE: tl.constexpr,
+                              CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr,
+                              PRECISION: tl.constexpr):
+        # One program: BLOCK_P channels of one head of one row at the chunk's last step j, all of it:
+        #   h_j = exp(acum_j) S_0 + sum_{i<j} exp(acum_j - acum_i) dt_i x_i B_i^T + dt_j x_j B_j^T
+        # written over S_0 in slices of BLOCK_S of d_state (the sum over i as one product per slice),
+        # and y_j = h_j C_j + D x_j from each slice as it is written.
+        if PDL:
+            gdc_launch_dependents()
+        row, head = tl.program_id(2), tl.program_id(1)
+        ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        ks = tl.arange(0, BLOCK_K)
+        p_ok = ps < HEADDIM
+        group = head // heads_per_group
+        j = tl.load(slot_ptr + row)
+        k_ok = ks < j
+        pending = row * CHUNK + ks
+        xdt_i = tl.load(xdt_ptr + pending[None, :] * (nheads * HEADDIM) + head * HEADDIM + ps[:, None],
+                        mask=p_ok[:, None] & k_ok[None, :], other=0.0)                      # (BLOCK_P, BLOCK_K)
+        acum_i = tl.load(acum_ptr + pending * nheads + head, mask=k_ok, other=0.0)
+        if PDL:
+            gdc_wait()
+        inputs = xbc_ptr + row * stride_row
+        x = tl.load(inputs + x_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
+        dt = _softplus(tl.load(inputs + dt_start + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32))
+        xdt = dt * x
+        acum = tl.sum(tl.where(ks == j - 1, acum_i, 0.0)) + dt * tl.load(A_ptr + head).to(tl.float32)   # acum_j
+        w_xdt = xdt_i * tl.where(k_ok, tl.exp(acum - acum_i), 0.0)[None, :]
+        decay = tl.exp(acum)
+        y = tl.load(D_ptr + head).to(tl.float32) * x
+        for n0 in tl.range(0, BLOCK_N, BLOCK_S, num_stages=2):
+            ns = n0 + tl.arange(0, BLOCK_S)
+            n_ok = ns < DSTATE
+            s_ok = p_ok[:, None] & n_ok[None, :]
+            s_ptrs = state_ptr + ((row * nheads + head) * HEADDIM + ps[:, None]) * DSTATE + ns[None, :]
+            B = tl.load(inputs + B_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
+            s = (decay * tl.load(s_ptrs, mask=s_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                 + xdt[:, None] * B[None, :])
+            B_i = tl.load(Bs_ptr + pending[:, None] * (ngroups * DSTATE) + group * DSTATE + ns[None, :],
+                          mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)    # (BLOCK_K, BLOCK_S)
+            s = tl.dot(w_xdt, B_i, acc=s, input_precision=PRECISION)
+            C = tl.load(inputs + C_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
+            y += tl.sum(s * C[None, :], axis=1)
+            tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=s_ok, cache_modifier=".cs")
+        if GATE:
+            z = tl.load(inputs + z_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(y_ptr + row * (nheads * HEADDIM) + head * HEADDIM + ps, y.to(y_ptr.dtype.element_ty), mask=p_ok)
+
+    @triton.jit
     def _fold_chunk_kernel(state_ptr, xdt_ptr, Bs_ptr, acum_ptr, slot_ptr, rows, nheads, heads_per_group, ngroups,
                            HEADDIM: tl.constexpr, DSTATE: tl.constexpr, CHUNK: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -931,9 +984,10 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
     fold_pending before anything else reads it. Other arguments and the result as ssm_step's."""
     b, nheads, headdim, d_state = state.shape
     chunk = pending.xdt.shape[1]
-    # launch shape measured at 8-128 rows, fp32 and bf16 states (BENCHMARKS.md §0b): one warp, and
-    # channels for 8 KiB of a 512-wide state per program (4 in fp32, 8 in bf16)
-    block_p, num_warps = block_p or (8 if state.element_size() == 2 else 4), num_warps or 1
+    # launch shape measured at 8-128 rows, fp32 and bf16 states (BENCHMARKS.md §0b): one warp, 8
+    # channels, and 16 for an fp32 state up to CORE_ROWS rows
+    block_p = block_p or (16 if state.element_size() == 4 and b <= CORE_ROWS else 8)
+    num_warps = num_warps or 1
     _check_pending("ssm_chunk_step", state, pending)
     if xbc.stride(-1) != 1:
         raise ValueError("ssm_chunk_step: xbc's rows must be dense")
@@ -950,6 +1004,33 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
         state, xbc, xbc.stride(0), x_start, C_start, dt_start, z_start or 0, dt_bias, D, y, pending.xdt, pending.slot,
         coef, nheads, heads_per_group, HEADDIM=headdim, BLOCK_P=block_p, GATE=z_start is not None,
         num_warps=num_warps, **sizes, **launch)
+    return y
+
+
+def ssm_chunk_end(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True, block_p=None,
+                  block_s=None, num_warps=None):
+    """ssm_chunk_step and fold_chunk in one kernel, for a step that the caller knows is its chunk's
+    last (pending.slot == K - 1 in every row): y as ssm_step's, and the state, S_0 until now,
+    becomes h of this step, the K - 1 pending steps and this one added (fold_chunk's sum, on tensor
+    cores, in its precision). Nothing is appended to `pending`: once the caller advances the slot
+    (to 0) none is pending. Arguments and the result as ssm_chunk_step's; block_p, block_s, num_warps:
+    a program's channels, the slices of d_state it writes at a time, and its warps."""
+    b, nheads, headdim, d_state = state.shape
+    chunk = pending.xdt.shape[1]
+    # launch shape measured at 8-128 rows (BENCHMARKS.md §0b): 16 channels (tl.dot's least), one warp
+    block_p, num_warps = block_p or 16, num_warps or 1
+    block_s = block_s or min(64, max(16, next_power_of_2(d_state)))
+    _check_pending("ssm_chunk_end", state, pending)
+    if xbc.stride(-1) != 1:
+        raise ValueError("ssm_chunk_end: xbc's rows must be dense")
+    y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype if z_start is None else torch.float32)
+    B_start = x_start + nheads * headdim
+    _ssm_chunk_end_kernel[(cdiv(headdim, block_p), nheads, b)](
+        state, xbc, xbc.stride(0), x_start, B_start, B_start + ngroups * d_state, xbc.shape[1] - nheads,
+        z_start or 0, dt_bias, A, D, y, pending.xdt, pending.B, pending.acum, pending.slot, nheads, nheads // ngroups,
+        ngroups, HEADDIM=headdim, DSTATE=d_state, CHUNK=chunk, BLOCK_P=block_p, BLOCK_S=block_s,
+        BLOCK_N=next_power_of_2(d_state), BLOCK_K=max(16, next_power_of_2(chunk)), GATE=z_start is not None,
+        PRECISION="tf32x3" if state.element_size() == 4 else "tf32", num_warps=num_warps, **_launch_options(xbc, pdl))
     return y
 
 

@@ -170,6 +170,13 @@ def ssm_chunk_step_definition(xbc, state, pending, A, dt_bias, D, x_start, ngrou
     return y * F.silu(f[:, z_start:z_start + h * p])
 
 
+def ssm_chunk_end_definition(xbc, state, pending, *args, **kwargs):
+    """kernels.ssm_chunk_end: ssm_chunk_step's y, and the state takes the chunk's steps and this one."""
+    y = ssm_chunk_step_definition(xbc, state, pending, *args, **kwargs)
+    kernels.fold_pending(state, pending._replace(slot=pending.slot + 1))
+    return y
+
+
 def fold_chunk_definition(state, pending, **launch):
     """kernels.fold_chunk: the rows at their chunk's last step take all K steps (fold_pending)."""
     last = pending.slot == pending.xdt.shape[1] - 1
@@ -981,6 +988,7 @@ def kernel_definitions(monkeypatch):
     monkeypatch.setattr(kernels, "triton", object())  # fits_linear_rows: "Triton is here"
     for name, definition in [("linear_rows", linear_rows_definition), ("ssm_step", ssm_step_definition),
                              ("ssm_chunk_step", ssm_chunk_step_definition), ("fold_chunk", fold_chunk_definition),
+                             ("ssm_chunk_end", ssm_chunk_end_definition),
                              ("embed_rows", embed_rows_definition),
                              ("sample_top_k", sample_top_k_definition)]:
         monkeypatch.setattr(kernels, name, definition)
@@ -1084,13 +1092,15 @@ def test_ssm_step_kernel_equals_its_definition(state_dtype):
 
 @triton_here
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype):
-    # kernels.ssm_chunk_step and fold_chunk for 2.5 chunks of steps, then fold_pending, against
-    # ssm_step's definition (the recurrence) in float64 step by step: each step's y (with the gate and
-    # without), the state after each chunk's last step (fold_chunk) and after fold_pending; the state
-    # untouched inside a chunk. Shapes as ssm_step's test: 2 groups, a masked head (20 channels, 8 and
-    # 16 per program), d_state 100; fold_chunk's tiles: 32 x 64 (both masked), or 16 x 32 (two blocks
-    # of channels and four slices of d_state, the last ones partly masked)
+@pytest.mark.parametrize("chunk_end", ["fold_chunk", "ssm_chunk_end"])
+def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype, chunk_end):
+    # kernels.ssm_chunk_step and fold_chunk (or at each chunk's last step ssm_chunk_end instead) for
+    # 2.5 chunks of steps, then fold_pending, against ssm_step's definition (the recurrence) in float64
+    # step by step: each step's y (with the gate and without), the state after each chunk's last step
+    # and after fold_pending; the state untouched inside a chunk. Shapes as ssm_step's test: 2 groups, a
+    # masked head (20 channels, 8 and 16 per program), d_state 100; the tiles of fold_chunk and
+    # ssm_chunk_end: 32 x 64 (both masked), or 16 x 32 (two blocks of channels and four slices of
+    # d_state, the last ones partly masked)
     device, rand, (nheads, headdim, ngroups, d_state), (A, dt_bias, D) = ssm_kernel_inputs(1, 2, -2)
     d = lambda t: t.double()
     d_inner, rows = nheads * headdim, 3
@@ -1104,10 +1114,14 @@ def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype):
         for t in range(chunk * 5 // 2):
             zxbcdt = rand(rows, 2 * d_inner + 2 * ngroups * d_state + nheads).to(torch.bfloat16)
             before = state.clone()
-            y = kernels.ssm_chunk_step(zxbcdt, state, pending, A, dt_bias, D, d_inner, ngroups, z_start=z_start,
-                                       block_p=block_p)
-            assert torch.equal(state, before), (chunk, t)  # only fold_chunk writes it
-            kernels.fold_chunk(state, pending, **tile)
+            args = (zxbcdt, state, pending, A, dt_bias, D, d_inner, ngroups)
+            if chunk_end == "ssm_chunk_end" and t % chunk == chunk - 1:
+                y = kernels.ssm_chunk_end(*args, z_start=z_start, block_p=tile.get("block_p"),
+                                          block_s=tile.get("block_s"))
+            else:
+                y = kernels.ssm_chunk_step(*args, z_start=z_start, block_p=block_p)
+                assert torch.equal(state, before), (chunk, t)  # only fold_chunk writes it
+                kernels.fold_chunk(state, pending, **tile)
             pending.slot.add_(1).remainder_(chunk)
             want_y = ssm_step_definition(d(zxbcdt), want_state, d(A), d(dt_bias), d(D), d_inner, ngroups, z_start)
             assert rel_err(y, want_y) < max(bound, 2 ** -8 if z_start is None else 1e-5), (chunk, t)  # y in bf16
@@ -1120,7 +1134,9 @@ def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype):
         assert state.dtype == state_dtype and rel_err(state, want_state) < bound, chunk
     for name, call in [("ssm_chunk_step", lambda p: kernels.ssm_chunk_step(zxbcdt, state, p, A, dt_bias, D, d_inner,
                                                                           ngroups)),
-                       ("fold_chunk", lambda p: kernels.fold_chunk(state, p))]:
+                       ("fold_chunk", lambda p: kernels.fold_chunk(state, p)),
+                       ("ssm_chunk_end", lambda p: kernels.ssm_chunk_end(zxbcdt, state, p, A, dt_bias, D, d_inner,
+                                                                        ngroups))]:
         with pytest.raises(ValueError, match=f"{name}: chunks of at least 2 steps, got 1"):
             call(pending._replace(xdt=pending.xdt[:, :1]))
 
@@ -1666,7 +1682,8 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
     # of rows (1, 2 and 2 of the 5; on a CPU one group after another), each on its slice of the states.
     # Past CORE_ROWS rows without split_k (also in each of 2 groups of 9 and 10) a sublayer's last
     # kernel makes the next one's norm (norm_out), through to the heads' norm_f; 17 rows in groups of
-    # 8 and 9: in none; with split_k (all of this model's products at 4-32 rows) in none.
+    # 8 and 9: in none; with split_k (all of this model's products at 4-32 rows) in none. In chunks of
+    # 4, the step told whether it ends its chunk (ssm_chunk_end there, no fold_chunk) or not.
     grouped = []
     n = 3 if rows == 5 else 2
     for variant in VARIANTS:
@@ -1678,6 +1695,8 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
         tokens = torch.randint(0, 1024, (rows, 3, 10))
         ways = {"plain": model.step, "fused": fast.Decoder(FastOptions(decode_streams=1)).step_function(model, rows),
                 "fused, chunks of 4": fast.Decoder(FastOptions(decode_streams=1, decode_chunk=4)).step_function(
+                    model, rows),
+                "fused, chunks of 4, told": fast.Decoder(FastOptions(decode_streams=1, decode_chunk=4)).step_function(
                     model, rows),
                 "fused, no split_k": fast.Decoder(FastOptions(decode_streams=1, decode_split_k=False)).step_function(
                     model, rows)}
@@ -1692,7 +1711,8 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
         for name, step in ways.items():
             cache = caches[name] = ssmttm.InferenceCache(model, rows, 10, "cpu", torch.float64)
             model.logits(tokens[..., :4], text, mask, cache)
-            logits[name] = torch.cat([step(tokens[..., t:t + 1], cache) for t in range(4, 10)], 2)
+            told = lambda t: ((t - 4) % 4 == 3,) if name.endswith("told") else ()  # (from slot 0)
+            logits[name] = torch.cat([step(tokens[..., t:t + 1], cache, *told(t)) for t in range(4, 10)], 2)
             if name != "plain":  # 6 steps in chunks of 4: 2 pending
                 step.flush(cache)
             torch.testing.assert_close(logits[name], logits["plain"], rtol=1e-10, atol=1e-10, msg=f"{variant} {name}")
