@@ -231,8 +231,9 @@ class Decoder:
     block (norm + in_proj + conv, ssm_step + gate, norm + out_proj + residual, norm + fc1 + GELU,
     fc2 + residual; with options.decode_split_k the products of few outputs in slices of K at 4-32
     rows; past kernels.CORE_ROWS rows the others, past 32 all, are cuBLAS's with a small kernel or two;
-    with options.decode_chunk > 1 the SSD step is kernels.ssm_chunk_step's two kernels,
-    which write the state once per chunk of steps: FusedStep), norm + heads, and
+    with options.decode_chunk > 1 the SSD step is kernels.ssm_chunk_step's two kernels, and the
+    state is written once per chunk of steps, by kernels.ssm_chunk_end at its last step, in a frame
+    of its own: FusedStep), norm + heads, and
     kernels.sample_top_k, which also writes the token into the step layout and the next input (its
     noise drawn beside the model's step on a stream of its own: SideNoise);
     the blocks in groups of rows on their own CUDA streams
@@ -372,10 +373,11 @@ class FusedStep:
     is the one at the start of its chunk, and the steps since wait in kernels.PendingSteps, kept here
     per cache (made at the first step on it, or by pending(cache)): flush(cache) adds them to the
     states, which are then the plain model's after the same steps. Before that, the plain model's
-    step must not continue from that cache. At a chunk's last step each layer's state is written
-    (kernels.fold_chunk) on a CUDA stream of its own, beside the layers after it; the step ends
-    once they are all written. split_k: counters for linear_rows' split_k, one row for the kernels
-    on the current stream and one per group of rows (fused_step)."""
+    step must not continue from that cache. A caller that knows where the chunks end says so
+    (ends_chunk); otherwise each layer's state is written by kernels.fold_chunk, launched at every
+    step on a CUDA stream of its own, beside the layers after it, and the step ends once they are
+    all written. split_k: counters for linear_rows' split_k, one row for the kernels on the current
+    stream and one per group of rows (fused_step)."""
 
     def __init__(self, model, A, freqs, pdl, groups, chunk, split_k=True):
         self.model, self.A, self.freqs, self.pdl, self.groups, self.chunk = model, A, freqs, pdl, groups, chunk

@@ -978,7 +978,7 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
 
     so the state (b, nheads, headdim, d_state) is read every step and never written here: the step
     appends dt x, B and acum to `pending` at `slot`, and fold_chunk, called after it, writes the state
-    at the chunk's last step (slot K - 1). Two kernels: the coefficients (C_t . B_s and the decays,
+    at the chunk's last step (slot K - 1); or ssm_chunk_end takes that step in its place. Two kernels: the coefficients (C_t . B_s and the decays,
     once per row), then the output. The caller advances pending.slot (+1 mod K) after each step's
     kernels and fold_chunk (one tensor for all layers) and folds what is pending into the state with
     fold_pending before anything else reads it. Other arguments and the result as ssm_step's."""

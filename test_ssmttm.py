@@ -1143,7 +1143,7 @@ def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype, 
 
 @triton_here
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_fold_chunk_kernel_folds_only_the_rows_at_their_chunks_end(state_dtype):
+def test_ssm_step_in_chunks_fold_chunk_folds_only_the_rows_that_end_their_chunk(state_dtype):
     # rows at different places of their chunks of 5: those at its last step (slot 4) take all five
     # pending steps, against fold_pending in float64; the others keep their state bit for bit, as do
     # all rows when none is at the end (the programs' early return). 130 rows: the slots are checked in
