@@ -408,6 +408,14 @@ if triton is not None:
         return tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
 
     @triton.jit
+    def _step_x_dt(inputs, x_start, dt_start, dt_bias_ptr, head, ps, p_ok, HEADDIM: tl.constexpr):
+        # A decoding step's x (the channels ps of head) and dt = softplus(dt + dt_bias), fp32, from
+        # its row of the in_proj output (inputs)
+        x = tl.load(inputs + x_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
+        dt = _softplus(tl.load(inputs + dt_start + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32))
+        return x, dt
+
+    @triton.jit
     def _ssm_step_kernel(state_ptr, xbc_ptr, stride_row, x_start, B_start, C_start, dt_start,
                          z_start, dt_bias_ptr, A_ptr, D_ptr, y_ptr, nheads, heads_per_group,
                          HEADDIM: tl.constexpr, DSTATE: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -521,8 +529,7 @@ if triton is not None:
         if PDL:
             gdc_wait()
         inputs = xbc_ptr + row * stride_row
-        x = tl.load(inputs + x_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
-        dt = _softplus(tl.load(inputs + dt_start + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32))
+        x, dt = _step_x_dt(inputs, x_start, dt_start, dt_bias_ptr, head, ps, p_ok, HEADDIM)
         xdt = dt * x
         coefs = coef_ptr + (row * nheads + head) * (CHUNK + 1)
         decay = tl.load(coefs + CHUNK)                                                         # exp(acum_j)
@@ -564,8 +571,7 @@ if triton is not None:
         if PDL:
             gdc_wait()
         inputs = xbc_ptr + row * stride_row
-        x = tl.load(inputs + x_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
-        dt = _softplus(tl.load(inputs + dt_start + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32))
+        x, dt = _step_x_dt(inputs, x_start, dt_start, dt_bias_ptr, head, ps, p_ok, HEADDIM)
         xdt = dt * x
         acum = tl.sum(tl.where(ks == j - 1, acum_i, 0.0)) + dt * tl.load(A_ptr + head).to(tl.float32)   # acum_j
         w_xdt = xdt_i * tl.where(k_ok, tl.exp(acum - acum_i), 0.0)[None, :]
