@@ -69,13 +69,13 @@ except ImportError:  # a CPU-only torch has no triton
     triton = None
 # mamba-ssm and causal-conv1d cannot even be imported without CUDA: every use is behind these flags.
 try:
-    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update  # noqa: F401 (fast.py's)
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
     HAS_MAMBA_SSM = True
 except Exception:  # ImportError, or a CUDA extension that fails to load
     HAS_MAMBA_SSM = False
 try:
-    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update  # noqa: F401 (fast.py's)
     HAS_CAUSAL_CONV1D = True
 except Exception:
     HAS_CAUSAL_CONV1D = False
@@ -146,7 +146,8 @@ if triton is not None:
     @triton.jit
     def _linear_rows_kernel(x_ptr, norm_w_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps, stride_x, stride_res,
                             conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_start, conv_dim,
-                            M: tl.constexpr, M_POW2: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                            M: tl.constexpr, M_POW2: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            GELU: tl.constexpr,
                             HAS_RES: tl.constexpr, D_CONV: tl.constexpr, PDL: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         # One program: BLOCK_N outputs for all M rows, so each weight is read once. It loads its
@@ -172,7 +173,8 @@ if triton is not None:
             # The conv states of all rows too, shifted by one step (the newest tap is filled below):
             # the same layer's kernel wrote them a step ago, and has finished (see ssm_step).
             ms = tl.arange(0, M_POW2)
-            states = conv_state_ptr + ms[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV + taps[None, None, :]
+            states = (conv_state_ptr + ms[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV
+                      + taps[None, None, :])
             shifted = tl.load(states + 1, mask=(ms < M)[:, None, None] & (conv_ok & ~last)[None, :, :], other=0.0)
             shifted = shifted.to(tl.float32)
         if PDL:  # everything below may read what the previous kernel writes
@@ -984,10 +986,11 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
 
     so the state (b, nheads, headdim, d_state) is read every step and never written here: the step
     appends dt x, B and acum to `pending` at `slot`, and fold_chunk, called after it, writes the state
-    at the chunk's last step (slot K - 1); or ssm_chunk_end takes that step in its place. Two kernels: the coefficients (C_t . B_s and the decays,
-    once per row), then the output. The caller advances pending.slot (+1 mod K) after each step's
-    kernels and fold_chunk (one tensor for all layers) and folds what is pending into the state with
-    fold_pending before anything else reads it. Other arguments and the result as ssm_step's."""
+    at the chunk's last step (slot K - 1); or ssm_chunk_end takes that step in its place. Two
+    kernels: the coefficients (C_t . B_s and the decays, once per row), then the output. The caller
+    advances pending.slot (+1 mod K) after each step's kernels and fold_chunk (one tensor for all
+    layers) and folds what is pending into the state with fold_pending before anything else reads
+    it. Other arguments and the result as ssm_step's."""
     b, nheads, headdim, d_state = state.shape
     chunk = pending.xdt.shape[1]
     # launch shape measured at 8-128 rows, fp32 and bf16 states (BENCHMARKS.md §0b): one warp, 8
@@ -1464,9 +1467,11 @@ try:  # mamba-ssm's internal kernels, as of 2.3 (tested: 2.3.2); else Mamba2 use
     from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
     from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
     from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd, _bmm_chunk_fwd
-    from mamba_ssm.ops.triton.ssd_chunk_scan import (_chunk_scan_bwd_dC, _chunk_scan_bwd_dcb, _chunk_scan_bwd_ddAcs_stable,
-                                                     _chunk_scan_bwd_dstates, _chunk_scan_fwd)
-    from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_bwd, _chunk_cumsum_fwd, _chunk_state_bwd_db, _chunk_state_fwd
+    from mamba_ssm.ops.triton.ssd_chunk_scan import (_chunk_scan_bwd_dC, _chunk_scan_bwd_dcb,
+                                                     _chunk_scan_bwd_ddAcs_stable, _chunk_scan_bwd_dstates,
+                                                     _chunk_scan_fwd)
+    from mamba_ssm.ops.triton.ssd_chunk_state import (_chunk_cumsum_bwd, _chunk_cumsum_fwd, _chunk_state_bwd_db,
+                                                      _chunk_state_fwd)
     from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx, ensure_stride
     from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd, _state_passing_fwd
     HAS_TRAIN_KERNELS = True

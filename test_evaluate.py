@@ -5,7 +5,6 @@
 The model packages (requirements-eval.txt) are optional: their tests skip without them.
 """
 import csv
-import io
 import json
 import math
 import os
