@@ -147,8 +147,7 @@ if triton is not None:
     def _linear_rows_kernel(x_ptr, norm_w_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps, stride_x, stride_res,
                             conv_state_ptr, conv_w_ptr, conv_b_ptr, conv_start, conv_dim,
                             M: tl.constexpr, M_POW2: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            GELU: tl.constexpr,
-                            HAS_RES: tl.constexpr, D_CONV: tl.constexpr, PDL: tl.constexpr,
+                            GELU: tl.constexpr, HAS_RES: tl.constexpr, D_CONV: tl.constexpr, PDL: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         # One program: BLOCK_N outputs for all M rows, so each weight is read once. It loads its
         # whole slice of W (BLOCK_N x K) at once, with no loop over K: the kernel is a few
