@@ -19,9 +19,12 @@ with the plain model.
 """
 import contextlib
 import copy
+import dataclasses
 import functools
+import itertools
 import weakref
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -244,11 +247,21 @@ class Decoder:
     def __init__(self, options=FastOptions()):
         self.options = options
         self._compiled = {}  # model -> its torch.compile'd step (options.compile)
+        self._kept = None  # with options.cuda_graph: the last call's recorded frames (KeptFrames)
 
     def decode(self, model, cache, steps, fixed, start, copies, sampling, progress=False):
         """Fill steps (b, K, n_steps) from step `start` on, as generate's plain loop does: the model
         continues from cache (after the prefill and step start - 1), fixed (b, K, n_steps) marks the
-        slots to keep, copies is 2 with guidance, sampling an ssmttm.Sampling."""
+        slots to keep, copies is 2 with guidance, sampling an ssmttm.Sampling. With options.cuda_graph
+        the frames recorded at one call are kept for the next calls of the same shapes and settings
+        (KeptFrames): this Decoder then holds a copy of the cache until a call of other shapes."""
+        if self.options.cuda_graph:
+            key = KeptFrames.key_for(model, cache, steps, copies, sampling)
+            if self._kept is None or self._kept.key != key:
+                self._kept = None  # (its tensors freed before the next are made)
+                self._kept = KeptFrames(self, model, cache, steps, fixed, start, copies, sampling)
+            self._kept.run(cache, steps, fixed, start, sampling.generator, progress)
+            return
         step = self.step_function(model, cache.position.shape[0])
         frame = self.frame(model, cache, steps, fixed, start, copies, sampling, step)
         for _ in tqdm(range(start, steps.shape[-1]), desc="stage 1", unit="step", leave=False,
@@ -265,6 +278,19 @@ class Decoder:
         if None); a FusedStep's pending steps stay out of the cache until its flush(cache). With a
         FusedStep in chunks of K steps there are two frames (two graphs), one for a chunk's last
         step, which writes the states, and one for the others; the host counts the steps to pick."""
+        frames = self.frames(model, cache, steps, fixed, start, copies, sampling, step)
+        place = [frames.slot]  # the next step's place in its chunk, as the pending steps' slot on the device
+
+        def frame():
+            (frames.last if place[0] == frames.chunk - 1 else frames.within)()
+            place[0] = (place[0] + 1) % frames.chunk
+
+        return frame
+
+    def frames(self, model, cache, steps, fixed, start, copies, sampling, step=None, warm_up_in_place=False):
+        """frame()'s parts (Frames): the frame inside a chunk and the chunk's last, recorded with
+        options.cuda_graph, and the tensors they read. warm_up_in_place: the recording's warm-up
+        (_record) runs on these tensors, not on copies: for tensors of the caller's own, filled after."""
         pos = torch.full((1,), start, device=steps.device)
         tokens = steps.index_select(2, pos - 1).repeat(copies, 1, 1)  # the input step (b * copies, K, 1)
         step = self.step_function(model, tokens.shape[0]) if step is None else step
@@ -272,28 +298,24 @@ class Decoder:
         chunks = step.chunk_slot(cache) if isinstance(step, FusedStep) else None
         noise = self._noise(steps, sampling)
 
+        # (frame does not hold self: the graphs that hold frame may be kept by self, KeptFrames)
         def frame(cache=cache, steps=steps, pos=pos, tokens=tokens, ends_chunk=None):
             drawn = None if noise is None else noise.draw(sampling.generator)  # beside the model's step
             logits = step(tokens, cache) if ends_chunk is None else step(tokens, cache, ends_chunk)
-            self._sample_into(logits[:, :, -1], steps, pos, fixed, tokens, sampling, drawn)
+            Decoder._sample_into(logits[:, :, -1], steps, pos, fixed, tokens, sampling, drawn)
             pos.add_(1)
 
         if self.options.cuda_graph and any("self_attn" in block.layout for block in model.blocks):
             raise ValueError("Decoder: cuda_graph needs a fixed-size decoding state; self-attention's KV "
                              "cache grows (FastOptions(cuda_graph=False))")
-        record = (lambda f: _record(f, (cache, steps, pos, tokens), sampling.generator, steps.device)) \
+        tensors = (cache, steps, pos, tokens)
+        record = (lambda f: _record(f, tensors, sampling.generator, steps.device, warm_up_in_place)) \
             if self.options.cuda_graph else (lambda f: f)
         if chunks is None:
-            return record(frame)
-        K, slot = chunks
+            frame = record(frame)
+            return Frames(pos, tokens, frame, frame, 1, 0)
         within, last = (record(functools.partial(frame, ends_chunk=ends)) for ends in (False, True))
-        place = [slot]  # the next step's place in its chunk, as pending.slot on the device
-
-        def chunked_frame():
-            (last if place[0] == K - 1 else within)()
-            place[0] = (place[0] + 1) % K
-
-        return chunked_frame
+        return Frames(pos, tokens, within, last, *chunks)
 
     def step_function(self, model, rows):
         """model.step for `rows` rows, tokens (rows, K, 1) -> logits (rows, K, 1, 1025): in the fused
@@ -323,7 +345,8 @@ class Decoder:
             return None
         return SideNoise(torch.empty(*steps.shape[:2], SPECIAL, device=steps.device))
 
-    def _sample_into(self, logits, steps, pos, fixed, next_input, sampling, noise=None):
+    @staticmethod
+    def _sample_into(logits, steps, pos, fixed, next_input, sampling, noise=None):
         """Sample step pos from its logits (b * copies, K, 1025); write it into steps where not
         fixed and into next_input, the next step's input. noise: SideNoise.draw's for this step,
         then kernels.sample_top_k samples, else plain ops. Device tensors only."""
@@ -336,6 +359,87 @@ class Decoder:
         tokens = torch.where(fixed.index_select(2, pos)[..., 0], steps.index_select(2, pos)[..., 0], tokens)
         steps.index_copy_(2, pos, tokens[..., None])
         next_input.copy_(tokens[..., None].repeat(next_input.shape[0] // steps.shape[0], 1, 1))
+
+
+class Frames(NamedTuple):
+    """Decoder.frames': the frames of one decoding (each decodes one step; recorded as CUDA graphs with
+    options.cuda_graph) and the tensors they read besides the cache, steps and fixed."""
+    pos: torch.Tensor     # (1,) the step the next frame samples
+    tokens: torch.Tensor  # (rows, K, 1) its input step
+    within: Callable      # a frame inside a chunk of steps (FusedStep), or every frame without chunks
+    last: Callable        # the frame of a chunk's last step (which writes the states), or `within`
+    chunk: int            # steps per chunk (1: no chunks)
+    slot: int             # the first frame's place in its chunk
+
+
+class KeptFrames:
+    """Decoder.frames recorded on tensors of their own (a copy of the first call's cache, steps and
+    fixed, and generators of their own), kept for the next decode() calls of the same key (key_for): each
+    call copies its cache, steps, fixed, first step and generator states in, replays the frames, and
+    copies the cache, steps and generator states out, as decoding them in place leaves them. Copying
+    the cache twice is faster than recording anew (a warm-up and a capture per frame). The weights
+    are read where they are, and what is derived from them (FusedStep.read_weights) again per call:
+    a model trained in place between calls decodes with its new weights."""
+
+    def __init__(self, decoder, model, cache, steps, fixed, start, copies, sampling):
+        self.key = self.key_for(model, cache, steps, copies, sampling)
+        self.cache, self.steps, self.fixed = copy.deepcopy((cache, steps, fixed))
+        self.copies, theirs = copies, sampling.generator
+        # the graphs draw from generators of their own, set to the caller's before and copied back after
+        self.generators = [] if theirs is None else [torch.Generator(steps.device) for _ in _as_list(theirs)]
+        own = self.generators if isinstance(theirs, (list, tuple)) else (self.generators or [None])[0]
+        self.step = decoder.step_function(model, cache.position.shape[0])
+        self.frames = decoder.frames(model, self.cache, self.steps, self.fixed, start, copies,
+                                     dataclasses.replace(sampling, generator=own), self.step, warm_up_in_place=True)
+        if isinstance(self.step, FusedStep):
+            self.step.flush(self.cache)  # no steps pending after the warm-up's (each run starts a chunk)
+
+    @staticmethod
+    def key_for(model, cache, steps, copies, sampling):
+        """What the recorded frames depend on besides the values they read: the model and where its
+        weights are (not their values), the shapes and dtypes of the tensors, the sampling settings
+        and the kind of generator (the default one, one, or one per prompt)."""
+        weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+        tensors = tuple((t.shape, t.dtype, t.device) for t in [*_cache_tensors(cache), steps])
+        gen = sampling.generator
+        return (model, model.training, weights, tensors, copies, sampling.cfg_scale, sampling.top_k,
+                sampling.temperature, None if gen is None else len(_as_list(gen)))
+
+    def run(self, cache, steps, fixed, start, generator, progress=False):
+        """Decoder.decode on the kept frames: steps (b, K, n_steps) from step `start` on, continuing
+        from cache; cache, steps and generator (None, one, or a list) left as decoding in place would."""
+        for mine, theirs in zip(_cache_tensors(self.cache), _cache_tensors(cache)):
+            mine.copy_(theirs)
+        self.steps.copy_(steps)
+        self.fixed.copy_(fixed)
+        self.frames.pos.fill_(start)
+        self.frames.tokens.copy_(steps[..., start - 1:start].repeat(self.copies, 1, 1))
+        if isinstance(self.step, FusedStep):
+            self.step.read_weights()
+        for mine, theirs in zip(self.generators, _as_list(generator)):
+            mine.set_state(theirs.get_state())
+        K = self.frames.chunk
+        for i in tqdm(range(steps.shape[-1] - start), desc="stage 1", unit="step", leave=False, disable=not progress):
+            (self.frames.last if i % K == K - 1 else self.frames.within)()
+        if isinstance(self.step, FusedStep):
+            self.step.flush(self.cache)
+        for mine, theirs in zip(_cache_tensors(self.cache), _cache_tensors(cache)):
+            theirs.copy_(mine)
+        steps.copy_(self.steps)
+        for mine, theirs in zip(self.generators, _as_list(generator)):
+            theirs.set_state(mine.get_state())
+
+
+def _as_list(generator):
+    """A generator argument (None, one, or a list) as a list."""
+    return [] if generator is None else list(generator) if isinstance(generator, (list, tuple)) else [generator]
+
+
+def _cache_tensors(cache):
+    """Every tensor of an ssmttm.InferenceCache in a fixed order: each state's, the positions, the text mask."""
+    states = [s for block in cache.states for s in block if s is not None]
+    return [t for s in states for t in vars(s).values() if torch.is_tensor(t)] + \
+        [t for t in (cache.position, cache.memory_mask) if t is not None]
 
 
 class SideNoise:
@@ -401,6 +505,13 @@ class FusedStep:
                 torch.cuda.current_stream(tokens.device).wait_stream(self.fold_stream)  # the states written
             first.slot.add_(1).remainder_(first.xdt.shape[1])
         return logits
+
+    def read_weights(self):
+        """Compute A = -exp(A_log) again, in place (for graphs recorded on it): after the weights changed."""
+        for block_A, block in zip(self.A, self.model.blocks):
+            for A, layer in zip(block_A, block.layers):
+                if A is not None:
+                    A.copy_(layer.A())
 
     def chunk_slot(self, cache):
         """(K, slot): the chunk length and the step's place in it, the same in every row (one host
@@ -658,30 +769,19 @@ def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None
                                       residual=x, norm_out=norm_out, pdl=pdl, counters=counters))
 
 
-def _record(frame, tensors, generator, device):
+def _record(frame, tensors, generator, device, warm_up_in_place=False):
     """Record frame() as a CUDA graph on tensors (what it reads and writes); returns its replay.
-    Capturing records kernels without running them, so first warm up (compile, autotune, allocate)
-    on copies of the tensors, then put the random generators back where they were: the graph then
-    draws the numbers eager decoding would draw. generator: None (the default one), one, or a list."""
-    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
-    if generator is None:  # the default generator; the capture registers it itself
-        generators = [torch.cuda.default_generators[device.index if device.index is not None
-                                                    else torch.cuda.current_device()]]
-    rng = [g.get_state() for g in generators]
-    cache, steps, pos, tokens = copy.deepcopy(tensors)
+    Capturing records kernels without running them, so first _warm_up (compile, autotune, allocate):
+    the graph then draws the numbers eager decoding would draw. generator: None (the default one),
+    one, or a list; warm_up_in_place: _warm_up's."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
-            pos.copy_(tensors[2])
-            frame(cache, steps, pos, tokens)
+        _warm_up(frame, tensors, generator, device, warm_up_in_place)
     torch.cuda.current_stream().wait_stream(stream)
-    for g, state in zip(generators, rng):
-        g.set_state(state)
     graph = torch.cuda.CUDAGraph()
-    if generator is not None:
-        for g in generators:
-            graph.register_generator_state(g)
+    for g in _as_list(generator):  # (the capture registers the default generator itself)
+        graph.register_generator_state(g)
     with torch.cuda.graph(graph, stream=stream):
         frame()
     # Before capturing, torch resets each registered generator's offset tensor on the capture
@@ -689,4 +789,32 @@ def _record(frame, tensors, generator, device):
     # replaying stream. Unordered, a busy GPU may run the reset after the first replay's set, and
     # that replay draws from offset 0: other tokens than eager decoding's.
     torch.cuda.current_stream().wait_stream(stream)
-    return graph.replay
+
+    def replay():
+        graph.replay()
+
+    # The replay holds frame, and with it every tensor the graph reads and writes: one made before the
+    # capture and freed after (as SideNoise's buffer would be) is memory the graph's kernels write
+    # into at every replay, while the allocator hands it to other tensors.
+    replay.frame = frame
+    return replay
+
+
+def _warm_up(frame, tensors, generator, device, in_place=False):
+    """Run frame() three times on copies of tensors (cache, steps, pos, tokens), or on the tensors
+    themselves (in_place: their values are then lost), each time from the same pos, then put the
+    random generators (generator: None, the default one; one; or a list) back where they were."""
+    generators = _as_list(generator)
+    if generator is None:
+        generators = [torch.cuda.default_generators[device.index if device.index is not None
+                                                    else torch.cuda.current_device()]
+                      if device.type == "cuda" else torch.default_generator]
+    rng = [g.get_state() for g in generators]
+    start = tensors[2].clone()
+    cache, steps, pos, tokens = tensors if in_place else copy.deepcopy(tensors)
+    for _ in range(3):
+        pos.copy_(start)
+        frame(cache, steps, pos, tokens)
+    pos.copy_(start)
+    for g, state in zip(generators, rng):
+        g.set_state(state)

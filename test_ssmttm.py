@@ -11,8 +11,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
 import collections
-import csv
 import copy
+import csv
+import dataclasses
 import functools
 import json
 import math
@@ -20,6 +21,7 @@ import re
 import stat
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -2178,6 +2180,88 @@ def test_gpu_sampling_inside_the_cuda_graph_draws_what_eager_draws():
             default.append(model.generate(text, mask, 80, decoder=d, **kw))
         assert torch.equal(default[0], default[1])
         assert not torch.equal(default[0], runs[0])
+
+
+class KeepCache(fast.Decoder):
+    """A fast.Decoder that keeps the cache of its last decode()."""
+
+    def decode(self, model, cache, *args):
+        super().decode(model, cache, *args)
+        self.cache = cache
+
+
+def check_kept_frames(model, text, mask, n_frames, options, chunk):
+    """A Decoder(options) keeps the frames it recorded (KeptFrames) for its later calls of the same
+    shapes, copying each call's cache, steps and generator states in and out. Each later call writes
+    the tokens of eager frames, and leaves the generators and the cache as they do: generators seeded
+    anew, the first call's seeds again, a prompt (another first step), weights changed in place
+    (A_log, which the fused step reads through A = -exp(A_log), and in_proj), and the default
+    generator."""
+    kept, b = KeepCache(options), text.shape[0]
+    eager = KeepCache(dataclasses.replace(options, cuda_graph=False))
+    dev = text.device
+
+    def run(decoder, seed, **kw):
+        """Tokens, the generators' states after, the Mamba-2 states left in the cache."""
+        gens = None if seed is None else [torch.Generator(dev).manual_seed(seed + i) for i in range(b)]
+        if seed is None:
+            torch.manual_seed(7)
+        codes = model.generate(text, mask, n_frames, top_k=250, temperature=1.2, generator=gens, decoder=decoder, **kw)
+        default = torch.cuda.get_rng_state() if dev.type == "cuda" else torch.get_rng_state()
+        rng = [g.get_state() for g in gens] if gens else [default]
+        ssm = [s.ssm for block in decoder.cache.states for s in block if isinstance(s, ssmttm.Mamba2State)]
+        return codes, torch.stack(rng), torch.stack(ssm)
+
+    def same(seed, **kw):
+        got, want = run(kept, seed, **kw), run(eager, seed, **kw)
+        assert torch.equal(got[0], want[0]), "tokens"
+        assert torch.equal(got[1], want[1]), "generator states"
+        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6)
+        return got[0]
+
+    first = same(10)
+    frames = kept._kept
+    assert frames is not None and frames.frames.chunk == chunk
+    assert not torch.equal(same(20), first) and torch.equal(same(10), first)
+    same(30, prompt=first[..., :3])
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ssmttm.Mamba2):
+                m.A_log.data.add_(1.0)  # (through .data: not even the version counter knows)
+                m.in_proj.weight.mul_(1.5)
+    assert not torch.equal(same(10), first)
+    assert kept._kept is frames  # replayed, not recorded again
+    same(None)  # recorded again, for the default generator
+    assert kept._kept is not frames
+    same(None)
+    frames = weakref.ref(kept._kept)
+    del kept
+    assert frames() is None  # freed with the Decoder, not left to the garbage collector (a cycle)
+    return first
+
+
+def test_a_decoder_keeps_its_frames_for_later_calls(kernel_definitions, monkeypatch):
+    # KeptFrames on a CPU, where "recording" a frame is its warm-up (on the kept tensors) and the
+    # frame stands for its graph; the fused step in chunks of 4 steps (16 steps: 14 frames, K = 3)
+    def record(frame, tensors, generator, device, warm_up_in_place=False):
+        fast._warm_up(frame, tensors, generator, device, warm_up_in_place)
+        return frame
+
+    monkeypatch.setattr(fast, "_record", record)
+    text, mask = random_text()
+    first = check_kept_frames(tiny_model("prefix_simba", 3), text, mask, 14, FastOptions(decode_chunk=4), 4)
+    assert len(first.unique()) > 10
+
+
+@gpu
+def test_gpu_a_decoder_replays_its_graphs_in_later_calls():
+    # check_kept_frames with CUDA graphs, 5 prompts: 10 rows, the state in chunks of 16 steps; the 76
+    # steps of 70 frames end inside a chunk
+    model = small_gpu_model(9)
+    text = torch.randn(5, 6, 768, device="cuda")
+    mask = torch.arange(6, device="cuda")[None] < torch.randint(1, 7, (5, 1), device="cuda")
+    first = check_kept_frames(model, text, mask, 70, FastOptions(), 16)
+    assert len(first.unique()) > 100  # sampled, not a constant
 
 
 # another process that keeps the GPU busy: contexts then take turns in time slices of milliseconds
