@@ -287,10 +287,12 @@ class Decoder:
 
         return frame
 
-    def frames(self, model, cache, steps, fixed, start, copies, sampling, step=None, warm_up_in_place=False):
+    def frames(self, model, cache, steps, fixed, start, copies, sampling, step=None, warm_up_in_place=False,
+               whole_chunks=False):
         """frame()'s parts (Frames): the frame inside a chunk and the chunk's last, recorded with
         options.cuda_graph, and the tensors they read. warm_up_in_place: the recording's warm-up
-        (_record) runs on these tensors, not on copies: for tensors of the caller's own, filled after."""
+        (_record) runs on these tensors, not on copies: for tensors of the caller's own, filled after.
+        whole_chunks: also all frames of a chunk in one (Frames.whole), from its first step."""
         pos = torch.full((1,), start, device=steps.device)
         tokens = steps.index_select(2, pos - 1).repeat(copies, 1, 1)  # the input step (b * copies, K, 1)
         step = self.step_function(model, tokens.shape[0]) if step is None else step
@@ -309,13 +311,20 @@ class Decoder:
             raise ValueError("Decoder: cuda_graph needs a fixed-size decoding state; self-attention's KV "
                              "cache grows (FastOptions(cuda_graph=False))")
         tensors = (cache, steps, pos, tokens)
-        record = (lambda f: _record(f, tensors, sampling.generator, steps.device, warm_up_in_place)) \
-            if self.options.cuda_graph else (lambda f: f)
+        record = (lambda f, warm_ups=3: _record(f, tensors, sampling.generator, steps.device, warm_up_in_place,
+                                                 warm_ups)) if self.options.cuda_graph else (lambda f, warm_ups=0: f)
         if chunks is None:
             frame = record(frame)
-            return Frames(pos, tokens, frame, frame, 1, 0)
+            return Frames(pos, tokens, frame, frame, 1, 0, None)
+        K, slot = chunks
+
+        def whole_chunk(cache=cache, steps=steps, pos=pos, tokens=tokens):
+            for i in range(K):
+                frame(cache, steps, pos, tokens, ends_chunk=i == K - 1)
+
         within, last = (record(functools.partial(frame, ends_chunk=ends)) for ends in (False, True))
-        return Frames(pos, tokens, within, last, *chunks)
+        # (the whole chunk warmed up once: its kernels are the two frames', warmed up before it)
+        return Frames(pos, tokens, within, last, K, slot, record(whole_chunk, 1) if whole_chunks else None)
 
     def step_function(self, model, rows):
         """model.step for `rows` rows, tokens (rows, K, 1) -> logits (rows, K, 1, 1025): in the fused
@@ -370,6 +379,7 @@ class Frames(NamedTuple):
     last: Callable        # the frame of a chunk's last step (which writes the states), or `within`
     chunk: int            # steps per chunk (1: no chunks)
     slot: int             # the first frame's place in its chunk
+    whole: Callable | None  # the `chunk` frames of a chunk, from its first step, in one call (one graph)
 
 
 class KeptFrames:
@@ -390,7 +400,8 @@ class KeptFrames:
         own = self.generators if isinstance(theirs, (list, tuple)) else (self.generators or [None])[0]
         self.step = decoder.step_function(model, cache.position.shape[0])
         self.frames = decoder.frames(model, self.cache, self.steps, self.fixed, start, copies,
-                                     dataclasses.replace(sampling, generator=own), self.step, warm_up_in_place=True)
+                                     dataclasses.replace(sampling, generator=own), self.step, warm_up_in_place=True,
+                                     whole_chunks=whole_chunks_for(len(self.generators)))
         if isinstance(self.step, FusedStep):
             self.step.flush(self.cache)  # no steps pending after the warm-up's (each run starts a chunk)
 
@@ -418,9 +429,15 @@ class KeptFrames:
             self.step.read_weights()
         for mine, theirs in zip(self.generators, _as_list(generator)):
             mine.set_state(theirs.get_state())
-        K = self.frames.chunk
-        for i in tqdm(range(steps.shape[-1] - start), desc="stage 1", unit="step", leave=False, disable=not progress):
-            (self.frames.last if i % K == K - 1 else self.frames.within)()
+        f = self.frames
+        n, K = steps.shape[-1] - start, f.chunk  # (from the first step of a chunk)
+        with tqdm(total=n, desc="stage 1", unit="step", leave=False, disable=not progress) as bar:
+            for _ in range(n // K if f.whole else 0):
+                f.whole()
+                bar.update(K)
+            for i in range(n % K if f.whole else n):
+                (f.last if i % K == K - 1 else f.within)()
+                bar.update(1)
         if isinstance(self.step, FusedStep):
             self.step.flush(self.cache)
         for mine, theirs in zip(_cache_tensors(self.cache), _cache_tensors(cache)):
@@ -428,6 +445,15 @@ class KeptFrames:
         steps.copy_(self.steps)
         for mine, theirs in zip(self.generators, _as_list(generator)):
             theirs.set_state(mine.get_state())
+
+
+def whole_chunks_for(generators):
+    """Whether KeptFrames records all frames of a chunk as one CUDA graph, by the number of generators
+    (one per prompt; the default one not counted): before each replay torch sets the seed and offset of
+    each generator registered with the graph, two small kernels each, so once per chunk instead of once
+    per frame. At 64 prompts the longer recording paid for itself by the first later call; at 4 and 16
+    it would take about four later calls or more (generate() measured, BENCHMARKS.md §0b)."""
+    return generators > 16
 
 
 def _as_list(generator):
@@ -769,15 +795,15 @@ def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None
                                       residual=x, norm_out=norm_out, pdl=pdl, counters=counters))
 
 
-def _record(frame, tensors, generator, device, warm_up_in_place=False):
+def _record(frame, tensors, generator, device, warm_up_in_place=False, warm_ups=3):
     """Record frame() as a CUDA graph on tensors (what it reads and writes); returns its replay.
     Capturing records kernels without running them, so first _warm_up (compile, autotune, allocate):
     the graph then draws the numbers eager decoding would draw. generator: None (the default one),
-    one, or a list; warm_up_in_place: _warm_up's."""
+    one, or a list; warm_up_in_place, warm_ups: _warm_up's in_place and times."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        _warm_up(frame, tensors, generator, device, warm_up_in_place)
+        _warm_up(frame, tensors, generator, device, warm_up_in_place, warm_ups)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     for g in _as_list(generator):  # (the capture registers the default generator itself)
@@ -800,8 +826,8 @@ def _record(frame, tensors, generator, device, warm_up_in_place=False):
     return replay
 
 
-def _warm_up(frame, tensors, generator, device, in_place=False):
-    """Run frame() three times on copies of tensors (cache, steps, pos, tokens), or on the tensors
+def _warm_up(frame, tensors, generator, device, in_place=False, times=3):
+    """Run frame() `times` times on copies of tensors (cache, steps, pos, tokens), or on the tensors
     themselves (in_place: their values are then lost), each time from the same pos, then put the
     random generators (generator: None, the default one; one; or a list) back where they were."""
     generators = _as_list(generator)
@@ -812,7 +838,7 @@ def _warm_up(frame, tensors, generator, device, in_place=False):
     rng = [g.get_state() for g in generators]
     start = tensors[2].clone()
     cache, steps, pos, tokens = tensors if in_place else copy.deepcopy(tensors)
-    for _ in range(3):
+    for _ in range(times):
         pos.copy_(start)
         frame(cache, steps, pos, tokens)
     pos.copy_(start)

@@ -2190,13 +2190,14 @@ class KeepCache(fast.Decoder):
         self.cache = cache
 
 
-def check_kept_frames(model, text, mask, n_frames, options, chunk):
+def check_kept_frames(model, text, mask, n_frames, options, chunk, whole_chunks):
     """A Decoder(options) keeps the frames it recorded (KeptFrames) for its later calls of the same
     shapes, copying each call's cache, steps and generator states in and out. Each later call writes
     the tokens of eager frames, and leaves the generators and the cache as they do: generators seeded
     anew, the first call's seeds again, a prompt (another first step), weights changed in place
     (A_log, which the fused step reads through A = -exp(A_log), and in_proj), and the default
-    generator."""
+    generator. chunk: the chunk of steps the frames take; whole_chunks: whether they take a chunk in
+    one (fast.whole_chunks_for, as the caller set it)."""
     kept, b = KeepCache(options), text.shape[0]
     eager = KeepCache(dataclasses.replace(options, cuda_graph=False))
     dev = text.device
@@ -2221,7 +2222,7 @@ def check_kept_frames(model, text, mask, n_frames, options, chunk):
 
     first = same(10)
     frames = kept._kept
-    assert frames is not None and frames.frames.chunk == chunk
+    assert frames is not None and frames.frames.chunk == chunk and (frames.frames.whole is not None) == whole_chunks
     assert not torch.equal(same(20), first) and torch.equal(same(10), first)
     same(30, prompt=first[..., :3])
     with torch.no_grad():
@@ -2240,27 +2241,33 @@ def check_kept_frames(model, text, mask, n_frames, options, chunk):
     return first
 
 
-def test_a_decoder_keeps_its_frames_for_later_calls(kernel_definitions, monkeypatch):
+@pytest.mark.parametrize("whole_chunks", [False, True])
+def test_a_decoder_keeps_its_frames_for_later_calls(kernel_definitions, monkeypatch, whole_chunks):
     # KeptFrames on a CPU, where "recording" a frame is its warm-up (on the kept tensors) and the
-    # frame stands for its graph; the fused step in chunks of 4 steps (16 steps: 14 frames, K = 3)
-    def record(frame, tensors, generator, device, warm_up_in_place=False):
-        fast._warm_up(frame, tensors, generator, device, warm_up_in_place)
+    # frame stands for its graph; the fused step in chunks of 4 steps (16 steps, K = 3: 15 frames
+    # after the first; with whole chunks 3 of them and 3 frames, with the prompt 3 and 1)
+    def record(frame, tensors, generator, device, warm_up_in_place=False, warm_ups=3):
+        fast._warm_up(frame, tensors, generator, device, warm_up_in_place, warm_ups)
         return frame
 
     monkeypatch.setattr(fast, "_record", record)
+    monkeypatch.setattr(fast, "whole_chunks_for", lambda generators: whole_chunks)
     text, mask = random_text()
-    first = check_kept_frames(tiny_model("prefix_simba", 3), text, mask, 14, FastOptions(decode_chunk=4), 4)
+    first = check_kept_frames(tiny_model("prefix_simba", 3), text, mask, 14, FastOptions(decode_chunk=4), 4,
+                              whole_chunks)
     assert len(first.unique()) > 10
 
 
 @gpu
-def test_gpu_a_decoder_replays_its_graphs_in_later_calls():
+@pytest.mark.parametrize("whole_chunks", [False, True])
+def test_gpu_a_decoder_replays_its_graphs_in_later_calls(monkeypatch, whole_chunks):
     # check_kept_frames with CUDA graphs, 5 prompts: 10 rows, the state in chunks of 16 steps; the 76
     # steps of 70 frames end inside a chunk
+    monkeypatch.setattr(fast, "whole_chunks_for", lambda generators: whole_chunks)
     model = small_gpu_model(9)
     text = torch.randn(5, 6, 768, device="cuda")
     mask = torch.arange(6, device="cuda")[None] < torch.randint(1, 7, (5, 1), device="cuda")
-    first = check_kept_frames(model, text, mask, 70, FastOptions(), 16)
+    first = check_kept_frames(model, text, mask, 70, FastOptions(), 16, whole_chunks)
     assert len(first.unique()) > 100  # sampled, not a constant
 
 
