@@ -445,7 +445,9 @@ def pending(requests, args):
 
 def auto_batch_size(m, n_frames, device, n_requests):
     """--batch-size by default: on CUDA as many prompts as half the free memory holds (each prompt:
-    2 rows of decoding state, with guidance; and stage 2's activations), at most 64; on a CPU 16."""
+    2 rows of decoding state, with guidance; and stage 2's activations), at most 64; on a CPU 16. The
+    other half holds the copy of the decoding state that fast.Decoder keeps between batches (KeptFrames),
+    the model and DAC's decoding."""
     if device != "cuda":
         return min(n_requests, 16)
     frames = min(n_frames, m.window or n_frames)  # a pass holds at most one window
@@ -471,7 +473,8 @@ def write_outputs(m, requests, codes, audio, timings, n_frames, args):
         record = {"name": name, "index": r.index, **settings(r, args), "frames": n_frames,
                   "codebooks": int(c.shape[0]), "codes": base + ".npy", **timings}
         if m.continuation is not None:  # frames [0, prompt_frames) are the prompt's codes, the rest are new
-            record.update(prompt_frames=m.continuation.frames, prompt_seconds=round(m.continuation.frames / FRAME_RATE, 4))
+            frames = m.continuation.frames
+            record.update(prompt_frames=frames, prompt_seconds=round(frames / FRAME_RATE, 4))
         if m.synthetic:
             record["caption_score"] = datamod.caption_score(c, prompt)
             print(f"{name}: caption score {record['caption_score']:.3f}  ({prompt})")
