@@ -610,10 +610,12 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
                 print(f"{name} {path}: {e}"[:200], flush=True)
             emit({"section": "decode kernels", "rows": rows, "kernel": f"{name} ({path})", "N x K": f"{N} x {K}",
                   "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
-        for block_n, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)) if sweep and rows <= kernels.CORE_ROWS else ():
+        for block_n, warps in (itertools.product((1, 2, 4, 8), (1, 2, 4, 8))
+                               if sweep and rows <= kernels.CORE_ROWS else ()):
             us = graphed([lambda c=c, bn=block_n, nw=warps: c(path="cuda_cores", block_n=bn, num_warps=nw)
                           for c in calls])
-            emit({"section": "decode kernels", "rows": rows, "kernel": f"{name}: {block_n} outputs, {warps} warps per program",
+            emit({"section": "decode kernels", "rows": rows,
+                  "kernel": f"{name}: {block_n} outputs, {warps} warps per program",
                   "N x K": f"{N} x {K}", "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
         for width, block_n, warps in itertools.product((128, 256, 512), (16, 32, 64), (4, 8)) if sweep else ():
             us = graphed([lambda c=c, s=K // width, bn=block_n, nw=warps: c(
@@ -636,7 +638,8 @@ def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
                   "N x K": f"{N} x {K}", "MB": round(mb, 2), "us": us, "GB/s": mb * 1e3 / us})
     # the SSD step: read and write the state (rows, nheads, headdim, d_state), fp32 or bf16
     zxbcdt = torch.randn(rows, in_proj, **bf16)
-    A, dt_bias, D = -torch.ones(nheads, device="cuda"), torch.zeros(nheads, device="cuda"), torch.ones(nheads, device="cuda")
+    A, dt_bias = -torch.ones(nheads, device="cuda"), torch.zeros(nheads, device="cuda")
+    D = torch.ones(nheads, device="cuda")
     for dtype in (torch.float32, torch.bfloat16):
         states = [torch.zeros(rows, nheads, cfg.headdim, n, device="cuda", dtype=dtype) for _ in range(n_layers)]
         mb = 2 * states[0].numel() * states[0].element_size() / 1e6
@@ -703,7 +706,8 @@ def bench_pipeline(device, quick=False):
     root = tempfile.mkdtemp(prefix="ssmttm-pipeline-")
     t5_dir, dac_dir, audio = (os.path.join(root, d) for d in ("t5", "dac", "audio"))
     torch.manual_seed(0)
-    t5 = T5Config(vocab_size=384, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, feed_forward_proj="gated-gelu")
+    t5 = T5Config(vocab_size=384, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+                  feed_forward_proj="gated-gelu")
     T5EncoderModel(t5 if not quick else T5Config(vocab_size=384, d_model=768, d_kv=32, d_ff=64, num_layers=1,
                                                    num_heads=2)).save_pretrained(t5_dir)
     ByT5Tokenizer().save_pretrained(t5_dir)
@@ -725,7 +729,8 @@ def bench_pipeline(device, quick=False):
         ("data.py", py + ["data.py", "--audio", audio, "--captions", os.path.join(audio, "captions.jsonl"),
                           "--out", os.path.join(root, "tokens"), "--dac", dac_dir]),
         ("train stage 1 (10 steps)", py + ["train.py", "--data", os.path.join(root, "tokens"), "--t5", t5_dir,
-                                           "--steps", "10", "--grad-accum", "1", "--out", os.path.join(root, "s1"), *size]),
+                                           "--steps", "10", "--grad-accum", "1", "--out", os.path.join(root, "s1"),
+                                           *size]),
         ("train stage 2 (10 steps)", py + ["train.py", "--data", os.path.join(root, "tokens"), "--t5", t5_dir,
                                            "--dac", dac_dir, "--stage", "2", "--steps", "10", "--grad-accum", "1",
                                            "--out", os.path.join(root, "s2"), *size[-2:]]),
@@ -901,7 +906,8 @@ def run_section(section, args, device, train_options):
     elif section == "decode-batch" and device == "cuda":
         bench_decode_batch(n_layers, tuple(args.prompts), modes=args.decode_modes or ("graph", "bf16state+graph"))
     elif section == "decode-profile":
-        for p, mode in itertools.product(args.prompts, args.decode_modes or ("graph", "nopdl+graph", "bf16state+graph")):
+        modes = args.decode_modes or ("graph", "nopdl+graph", "bf16state+graph")
+        for p, mode in itertools.product(args.prompts, modes):
             profile_decoding(n_layers, mode, prompts=p)
     elif section == "pipeline":
         bench_pipeline(device, quick=args.quick)
@@ -943,7 +949,8 @@ def main():
                     help=f"comma-separated sections ({', '.join(SECTIONS)})")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
     ap.add_argument("--variants", type=comma_list(list(LAYOUTS)), default=",".join(LAYOUTS))
-    ap.add_argument("--batches", type=comma_list(datamod.positive_int), default="4,16", help="train, layer: batch sizes")
+    ap.add_argument("--batches", type=comma_list(datamod.positive_int), default="4,16",
+                    help="train, layer: batch sizes")
     ap.add_argument("--compile", type=comma_list(list(COMPILE_MODES)), default="0,1",
                     help="training: 0 eager, 1 torch.compile, graphs torch.compile with CUDA graphs "
                          "(reduce-overhead); comma-separated")

@@ -450,7 +450,8 @@ class ClipWriter:
         import fcntl  # POSIX advisory locks
         if os.path.exists(folder) and not os.path.isdir(folder):
             fail(f"{folder}: exists and is not a folder")
-        if os.path.exists(os.path.join(folder, LEGACY_INDEX)) and not os.path.exists(os.path.join(folder, JOURNAL_FILE)):
+        legacy, journal = os.path.join(folder, LEGACY_INDEX), os.path.join(folder, JOURNAL_FILE)
+        if os.path.exists(legacy) and not os.path.exists(journal):
             fail(f"{folder} holds the earlier layout (codes.u16, index.jsonl): training still reads it, "
                  "but data.py no longer adds to it; preprocess into a new --out")
         os.makedirs(folder, exist_ok=True)
@@ -625,7 +626,8 @@ def csv_entries(path, text):
     except csv.Error as e:
         fail(f"{path}:{last + 1}: not valid CSV ({e})")
     if header is None or not {"audio", "caption"} <= set(header):
-        fail(f"{path}: a CSV captions file needs a header row with columns audio,caption (found: {','.join(header or [])})")
+        fail(f"{path}: a CSV captions file needs a header row with columns audio,caption "
+             f"(found: {','.join(header or [])})")
 
 
 def jsonl_entries(path, text):
@@ -851,7 +853,8 @@ def preprocess(audio_dir, captions_file, out, dac_name="descript/dac_44khz", bat
             print(f"note: not in {captions_file} but kept in {out}: {plural(len(unlisted), 'finished file')} "
                   f"({some(unlisted)})", file=sys.stderr)
         todo = [a for a in captions if a not in done]
-        errors = [(a, f"not one of {', '.join(AUDIO_EXTENSIONS)}") for a in todo if not a.lower().endswith(AUDIO_EXTENSIONS)]
+        errors = [(a, f"not one of {', '.join(AUDIO_EXTENSIONS)}") for a in todo
+                  if not a.lower().endswith(AUDIO_EXTENSIONS)]
         todo = [a for a in todo if a.lower().endswith(AUDIO_EXTENSIONS)]
         print(f"{len(captions)} captioned files: {len(done)} already done, {len(todo)} to do", file=sys.stderr)
         if todo and dac is None:  # checked before any work (load_dac), so the folder never holds another codec's codes
@@ -869,7 +872,8 @@ def preprocess(audio_dir, captions_file, out, dac_name="descript/dac_44khz", bat
             pieces = split_clips(audio)
             kept = [(start, clip) for start, clip in pieces if not too_silent(clip)]
             codes = encode_file(dac, [clip for _, clip in kept], batch_size, device)
-            record = {"source": source, "clips": [{"start_s": start, "frames": c.shape[1]} for (start, _), c in zip(kept, codes)],
+            record = {"source": source,
+                      "clips": [{"start_s": start, "frames": c.shape[1]} for (start, _), c in zip(kept, codes)],
                       "captions": captions[source], "seconds": round(len(audio) / SAMPLE_RATE, 3),
                       "silent": len(pieces) - len(kept)}
             store.commit(record, codes)
@@ -899,12 +903,14 @@ def summarise(out, encoded, errors, store):
 def main(argv=None):
     ap = ArgumentParser(prog="data.py", description="Audio + captions -> DAC tokens (see the module docstring).")
     ap.add_argument("--audio", required=True, help="folder of audio files")
-    ap.add_argument("--captions", required=True, help="JSONL or CSV mapping audio path (relative to --audio) to caption")
+    ap.add_argument("--captions", required=True,
+                    help="JSONL or CSV mapping audio path (relative to --audio) to caption")
     ap.add_argument("--out", required=True, help="output folder (rerun to resume)")
     ap.add_argument("--dac", default="descript/dac_44khz", help="DAC model name or local folder")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="clips per DAC batch")
     ap.add_argument("--device", type=device_name, default="auto", help="auto (cuda when available), cpu or cuda")
-    ap.add_argument("--remove-vocals", action="store_true", help="remove vocals with HTDemucs first (pip install demucs)")
+    ap.add_argument("--remove-vocals", action="store_true",
+                    help="remove vocals with HTDemucs first (pip install demucs)")
     args = ap.parse_args(argv)
     device = None if args.device == "auto" else args.device
     preprocess(args.audio, args.captions, args.out, args.dac, args.batch_size, device, args.remove_vocals)

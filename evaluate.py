@@ -66,9 +66,10 @@ CLAP_MAX_TOKENS = 77                                   # LAION-CLAP's text lengt
 PEAK_DB = -1.0
 DEFAULT_OPENL3 = "weights/torchopenl3_mel256_music_512.pth.tar"
 DEFAULT_PASST = "weights/passt-s-f128-p16-s10-ap.476-swa.pt"
-DEFAULT_CLAP = "laion/clap-htsat-fused"                # LAION-CLAP, HTSAT with fusion (as stable-audio-metrics' default)
+DEFAULT_CLAP = "laion/clap-htsat-fused"  # LAION-CLAP, HTSAT with fusion (as stable-audio-metrics' default)
 VARIANTS = ("prefix_mamba", "prefix_simba", "cross_simba", "cross_transformer")  # paper, Figure 1 (a)-(d)
-BUDGET = ("layers", "steps", "batch_size", "grad_accum", "seed", "eval_every", "d_model", "frames", "lr")  # equal for all
+# the settings equal for all variants
+BUDGET = ("layers", "steps", "batch_size", "grad_accum", "seed", "eval_every", "d_model", "frames", "lr")
 
 
 def fail(message):
@@ -202,7 +203,8 @@ def passt_windows(audio, sample_rate=PASST_SR):
 
 def cosine(a, b):
     """Row-wise cosine similarity of (N, D) and (N, D) -> (N,)."""
-    return F.cosine_similarity(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), dim=-1, eps=1e-8)
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return F.cosine_similarity(a, b, dim=-1, eps=1e-8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,7 +215,8 @@ def load_openl3(path, device):
     """torchopenl3's PytorchOpenl3 (music, mel256, 512-d) with the weights file at `path`
     (torchopenl3_mel256_music_512.pth.tar, a state dict), in eval mode."""
     if not os.path.isfile(path):
-        fail(f"--openl3 {path}: no such weights file (fetch torchopenl3_mel256_music_512.pth.tar; see README, Evaluation)")
+        fail(f"--openl3 {path}: no such weights file "
+             "(fetch torchopenl3_mel256_music_512.pth.tar; see README, Evaluation)")
     try:
         from torchopenl3.models import PytorchOpenl3
     except ImportError as e:
@@ -288,13 +291,14 @@ def _stand_ins():
             raise RuntimeError(f"evaluate.py reads PaSST weights from a local file (--passt), not {url}")
 
         hub.download_cached_file = download_cached_file
-        mods.update({"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models"), "timm.models._hub": hub})
+        mods.update({"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models"),
+                     "timm.models._hub": hub})
     try:
         import torchaudio.compliance.kaldi  # noqa: F401
         import torchaudio.transforms  # noqa: F401
     except Exception:  # not installed, or its CUDA-only extension fails to load (OSError)
-        ta, compliance, kaldi, transforms = (types.ModuleType(n) for n in
-                                             ("torchaudio", "torchaudio.compliance", "torchaudio.compliance.kaldi", "torchaudio.transforms"))
+        names = ("torchaudio", "torchaudio.compliance", "torchaudio.compliance.kaldi", "torchaudio.transforms")
+        ta, compliance, kaldi, transforms = (types.ModuleType(n) for n in names)
         kaldi.get_mel_banks = kaldi_mel_banks
         transforms.FrequencyMasking = transforms.TimeMasking = _TrainingOnly
         ta.compliance, compliance.kaldi, ta.transforms = compliance, kaldi, transforms
@@ -511,7 +515,8 @@ def kl_passt(model, generated, reference, device, report):
         kl_back.append(float(kl_divergence(p_gen, p_ref)))
         report["per_file"][name]["kl_passt"] = kl[-1]
     if skipped:
-        note(f"{len(skipped)} pair(s) left out of KL, a clip of 1.5 s or less (PaSST window 10 s): {', '.join(skipped[:5])}")
+        note(f"{len(skipped)} pair(s) left out of KL, a clip of 1.5 s or less (PaSST window 10 s): "
+             f"{', '.join(skipped[:5])}")
     report["short_clips"]["passt"] = skipped
     report["counts"]["kl_pairs"] = len(kl)
     report["kl_passt"] = float(np.mean(kl)) if kl else None
@@ -558,7 +563,8 @@ def evaluate(args):
     if "clap" in metrics:
         clap_score(clap, generated, prompts, args, device, report)
     report["settings"] = {"metrics": metrics, "openl3": args.openl3 if "fd" in metrics else None,
-                          "passt": args.passt if "kl" in metrics else None, "clap": args.clap if "clap" in metrics else None,
+                          "passt": args.passt if "kl" in metrics else None,
+                          "clap": args.clap if "clap" in metrics else None,
                           "prompts": args.prompts, "seed": args.seed, "device": device,
                           "openl3_sr": OPENL3_SR, "openl3_hop_s": OPENL3_HOP_S, "passt_sr": PASST_SR,
                           "passt_window_s": PASST_WINDOW_S, "passt_hop_s": PASST_HOP_S, "kl_eps": KL_EPS,
@@ -582,7 +588,8 @@ def print_table(report):
                      f"{c['kl_pairs']} pairs, KL(reference || generated)"
                      + ("" if kl is None else f"; KL(generated || reference) {report['kl_passt_gen_ref']:.4f}")))
     if "clap_score" in report:
-        rows.append(("CLAP (higher is better)", f"{report['clap_score']:.4f}", f"{c['clap_clips']} generated files and their prompts"))
+        rows.append(("CLAP (higher is better)", f"{report['clap_score']:.4f}",
+                     f"{c['clap_clips']} generated files and their prompts"))
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     for r in rows:
         print(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]}")
@@ -696,7 +703,8 @@ def plot_convergence(table, budget, path, smooth=10):
         for col, x in ((0, "step"), (1, "train_time_s")):
             xs = np.array([r[x] for r in rows])
             axes[0, col].plot(xs[k - 1:], mean, color=f"C{i}", label=label)
-            axes[1, col].plot([r[x] for r in scored], [r["caption_score"] for r in scored], "o-", color=f"C{i}", label=label)
+            axes[1, col].plot([r[x] for r in scored], [r["caption_score"] for r in scored], "o-", color=f"C{i}",
+                              label=label)
     for col, xlabel in ((0, "training step"), (1, "training time (s, evaluation excluded)")):
         axes[0, col].set(xlabel=xlabel, ylabel=f"loss (mean of {smooth} steps)")
         axes[1, col].set(xlabel=xlabel, ylabel="caption score of samples")
@@ -705,8 +713,9 @@ def plot_convergence(table, budget, path, smooth=10):
             axes[row, col].grid(alpha=0.3)
     handles, labels = axes[1, 0].get_legend_handles_labels()
     axes[0, 0].legend(handles, labels, fontsize=8, loc="upper right")
-    fig.suptitle(f"The four LM variants with one budget, synthetic set: {budget['layers']} blocks, d_model {budget['d_model']}, "
-                 f"batch {budget['batch_size']} x {budget['frames']} frames, lr {budget['lr']:g}, seed {budget['seed']}", fontsize=10)
+    fig.suptitle(f"The four LM variants with one budget, synthetic set: {budget['layers']} blocks, "
+                 f"d_model {budget['d_model']}, batch {budget['batch_size']} x {budget['frames']} frames, "
+                 f"lr {budget['lr']:g}, seed {budget['seed']}", fontsize=10)
     fig.tight_layout()
     tmp = path + ".tmp"
     fig.savefig(tmp, format="png", dpi=90)
@@ -808,7 +817,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0, help="numpy seed for CLAP's crops of long clips; training seed")
     conv = ap.add_argument_group("convergence comparison (paper, Figure 2 / RQ2, in miniature)")
-    conv.add_argument("--convergence", metavar="OUT", help="train the four variants into OUT/<variant>, plot OUT/convergence.png")
+    conv.add_argument("--convergence", metavar="OUT",
+                      help="train the four variants into OUT/<variant>, plot OUT/convergence.png")
     conv.add_argument("--layers", type=int, default=2, help="LM blocks per variant")
     conv.add_argument("--steps", type=int, default=300)
     conv.add_argument("--eval-every", type=int, default=25, help="steps between caption scores")

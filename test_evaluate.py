@@ -5,6 +5,7 @@
 The model packages (requirements-eval.txt) are optional: their tests skip without them.
 """
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -21,8 +22,8 @@ import torch
 
 import evaluate
 
-needs_openl3 = pytest.mark.skipif(not __import__("importlib").util.find_spec("torchopenl3"), reason="torchopenl3 not installed")
-needs_passt = pytest.mark.skipif(not __import__("importlib").util.find_spec("hear21passt"), reason="hear21passt not installed")
+needs_openl3 = pytest.mark.skipif(not importlib.util.find_spec("torchopenl3"), reason="torchopenl3 not installed")
+needs_passt = pytest.mark.skipif(not importlib.util.find_spec("hear21passt"), reason="hear21passt not installed")
 
 
 def random_spd(rng, d, rank=None):
@@ -62,7 +63,8 @@ def test_frechet_distance_of_samples_and_rank_deficient():
     my, sy = evaluate.gaussian_stats(y)
     assert np.allclose(sx, np.cov(x.T)) and sx.dtype == np.float64       # ddof 1, float64
     assert abs(evaluate.frechet_distance(mx, sx, mx, sx)) < 1e-9 * np.trace(sx)  # a set with itself
-    assert evaluate.frechet_distance(mx, sx, my, sy) == pytest.approx(evaluate.frechet_distance(my, sy, mx, sx), rel=1e-10)
+    swapped = evaluate.frechet_distance(my, sy, mx, sx)
+    assert evaluate.frechet_distance(mx, sx, my, sy) == pytest.approx(swapped, rel=1e-10)
     # 10 samples in 128-d (as a few short clips give OpenL3 in 512-d): covariance of rank 9.
     z = rng.standard_normal((10, 128))
     mz, sz = evaluate.gaussian_stats(z)
@@ -167,13 +169,15 @@ def weights(tmp_path_factory):
     tok = ByT5Tokenizer()
     cfg = ClapConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       intermediate_size=37, max_position_embeddings=100, pad_token_id=tok.pad_token_id),
-                     audio_config=dict(spec_size=128, num_mel_bins=64, patch_size=4, patch_stride=(4, 4), hidden_size=32,
-                                       patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[2, 2],
+                     audio_config=dict(spec_size=128, num_mel_bins=64, patch_size=4, patch_stride=(4, 4),
+                                       hidden_size=32, patch_embeds_hidden_size=16, depths=[1, 1],
+                                       num_attention_heads=[2, 2],
                                        window_size=4, enable_fusion=True, num_classes=10),
                      projection_dim=16)
     paths["clap"] = str(root / "clap")
     ClapModel(cfg).save_pretrained(paths["clap"])
-    ClapFeatureExtractor(feature_size=64, sampling_rate=48000, max_length_s=1, truncation="fusion").save_pretrained(paths["clap"])
+    features = ClapFeatureExtractor(feature_size=64, sampling_rate=48000, max_length_s=1, truncation="fusion")
+    features.save_pretrained(paths["clap"])
     tok.save_pretrained(paths["clap"])
     return paths
 
@@ -205,8 +209,8 @@ def sets(tmp_path):
     sf.write(other / "b.wav", tone(3.0, 22050, 220), 22050)
     sf.write(other / "c.wav", tone(2.0, 44100, 330), 44100)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": k, "caption": v}) + "\n" for k, v in
-                               [("a", "a calm sine piece"), ("b", "noisy drums"), ("c", "a short beep"), ("z", "unused")]))
+    captions = [("a", "a calm sine piece"), ("b", "noisy drums"), ("c", "a short beep"), ("z", "unused")]
+    prompts.write_text("".join(json.dumps({"id": k, "caption": v}) + "\n" for k, v in captions))
     return {"generated": str(gen), "same": str(same), "other": str(other), "prompts": str(prompts), "root": tmp_path}
 
 
@@ -231,10 +235,12 @@ def test_clap_score_is_the_cosine_of_the_projections(weights):
     tok = AutoTokenizer.from_pretrained(weights["clap"])(prompt, truncation=True, max_length=77, return_tensors="pt")
     assert tok["input_ids"].shape[1] == 77
     rounded = (audio * 32767).astype(np.int16) / 32767                        # LAION's int16 rounding (truncation)
-    feats = ClapFeatureExtractor.from_pretrained(weights["clap"])(rounded.astype(np.float32), sampling_rate=48000, return_tensors="pt")
+    extract = ClapFeatureExtractor.from_pretrained(weights["clap"])
+    feats = extract(rounded.astype(np.float32), sampling_rate=48000, return_tensors="pt")
     with torch.no_grad():
         t = raw.text_projection(raw.text_model(**tok).pooler_output)[0].double()
-        a = raw.audio_projection(raw.audio_model(input_features=feats["input_features"], is_longer=feats["is_longer"]).pooler_output)[0].double()
+        pooled = raw.audio_model(input_features=feats["input_features"], is_longer=feats["is_longer"]).pooler_output
+        a = raw.audio_projection(pooled)[0].double()
     assert ours == pytest.approx((t @ a / (t.norm() * a.norm())).item(), abs=1e-6)
     assert abs(ours) > 1e-3                                                   # not a trivial zero
 
@@ -265,7 +271,8 @@ def test_passt_front_end_and_loader(weights):
     with torch.no_grad(), evaluate._quiet(), evaluate._real_stft():
         logits = model(torch.from_numpy(evaluate.passt_windows(audio)))
     assert logits.shape == (2, 527)
-    assert torch.allclose(p, torch.softmax(logits.double().mean(0), 0), atol=1e-12) and p.sum().item() == pytest.approx(1)
+    assert torch.allclose(p, torch.softmax(logits.double().mean(0), 0), atol=1e-12)
+    assert p.sum().item() == pytest.approx(1)
     assert evaluate.passt_probabilities(model, audio[:32000], "cpu") is None
 
 
@@ -315,7 +322,8 @@ def test_evaluate_kl_by_hand(weights, sets, capsys):
         x = x.mean(1) if sr == 32000 else soxr.resample(x.mean(1), sr, 32000, quality="HQ")
         x = x / np.abs(x).max() * 10 ** (-1 / 20)
         starts = range(0, max(160000, len(x) - 160000), 160000)
-        w = [np.pad(x[s:s + 320000], (0, max(0, 320000 - len(x[s:s + 320000])))) for s in starts if len(x[s:s + 320000]) > 48000]
+        pieces = [x[s:s + 320000] for s in starts]
+        w = [np.pad(p, (0, max(0, 320000 - len(p)))) for p in pieces if len(p) > 48000]
         with torch.no_grad(), evaluate._quiet(), evaluate._real_stft():
             return torch.softmax(model(torch.tensor(np.stack(w), dtype=torch.float32)).double().mean(0), 0)
 
@@ -329,8 +337,8 @@ def test_evaluate_kl_by_hand(weights, sets, capsys):
     assert report["kl_passt_gen_ref"] != pytest.approx(report["kl_passt"])
 
 
-@pytest.mark.parametrize("case", ["openl3_weights", "passt_weights", "passt_not_passt", "clap_weights", "empty", "not_a_folder",
-                                  "unpaired", "no_prompt", "no_prompts_file", "bad_audio"])
+@pytest.mark.parametrize("case", ["openl3_weights", "passt_weights", "passt_not_passt", "clap_weights", "empty",
+                                  "not_a_folder", "unpaired", "no_prompt", "no_prompts_file", "bad_audio"])
 def test_evaluate_one_line_errors(case, weights, sets, capsys, tmp_path):
     argv = ["--generated", sets["generated"], "--reference", sets["same"], "--prompts", sets["prompts"],
             "--openl3", weights.get("openl3", "x"), "--passt", weights.get("passt", "x"), "--clap", weights["clap"]]
@@ -380,7 +388,8 @@ def test_evaluate_one_line_errors(case, weights, sets, capsys, tmp_path):
 
 def test_convergence_four_variants(tmp_path, capsys):
     out = str(tmp_path / "rq2")
-    budget = ["--layers", "2", "--steps", "3", "--eval-every", "3", "--batch-size", "2", "--d-model", "32", "--frames", "16"]
+    budget = ["--layers", "2", "--steps", "3", "--eval-every", "3", "--batch-size", "2", "--d-model", "32",
+              "--frames", "16"]
     table = evaluate.main(["--convergence", out] + budget)
     rows = list(csv.DictReader(open(os.path.join(out, "convergence.csv"))))
     assert [r["variant"] for r in rows] == [v for v in evaluate.VARIANTS for _ in range(3)]
@@ -390,9 +399,11 @@ def test_convergence_four_variants(tmp_path, capsys):
         assert [float(r["loss"]) for r in mine] == [float(r["loss"]) for r in own]
         assert [r["caption_score"] != "" for r in mine] == [False, False, True]
         # training time: the sum of the step times, batch 2 x 16 frames over tokens/s
-        assert float(mine[-1]["train_time_s"]) == pytest.approx(sum(32 / float(r["tokens_per_s"]) for r in own), abs=0.01)
+        train_time = sum(32 / float(r["tokens_per_s"]) for r in own)
+        assert float(mine[-1]["train_time_s"]) == pytest.approx(train_time, abs=0.01)
         cfg = json.load(open(os.path.join(out, v, "config.json")))["args"]
-        assert (cfg["variant"], cfg["layers"], cfg["steps"], cfg["batch_size"], cfg["seed"], cfg["d_model"]) == (v, 2, 3, 2, 0, 32)
+        settings = (cfg["variant"], cfg["layers"], cfg["steps"], cfg["batch_size"], cfg["seed"], cfg["d_model"])
+        assert settings == (v, 2, 3, 2, 0, 32)
     assert float(rows[0]["loss"]) == pytest.approx(math.log(1025), abs=0.5)       # the first step: about uniform
     assert open(os.path.join(out, "convergence.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert len(table) == 12

@@ -550,8 +550,10 @@ for _ in range(5):
     _, loss = model(codes, text, mask)
     opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
 out = model.generate(text, mask, 10, top_k=5, generator=torch.Generator().manual_seed(0))
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"kernels", "fast", "triton", "mamba_ssm", "causal_conv1d"})
-print(json.dumps({"losses": losses, "shape": list(out.shape), "min": int(out.min()), "max": int(out.max()), "loaded": loaded}))
+fast_modules = {"kernels", "fast", "triton", "mamba_ssm", "causal_conv1d"}
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in fast_modules)
+print(json.dumps({"losses": losses, "shape": list(out.shape), "min": int(out.min()), "max": int(out.max()),
+                  "loaded": loaded}))
 """
     out = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, cwd=HERE)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -1025,10 +1027,11 @@ def test_linear_rows_one_kernel_equals_its_definition(path, all_rows):
                 with pytest.raises(ValueError, match="more shared memory than this GPU has"):
                     kernels.linear_rows(x, w, path=path)
                 continue
-            for kw in [{}, dict(norm_weight=rand(K), bias=rand(N), gelu=True), dict(norm_weight=rand(K), residual=rand(M, N)),
-                       dict(bias=rand(N), residual=rand(M, N))]:
+            for kw in [{}, dict(norm_weight=rand(K), bias=rand(N), gelu=True),
+                       dict(norm_weight=rand(K), residual=rand(M, N)), dict(bias=rand(N), residual=rand(M, N))]:
                 got = kernels.linear_rows(x, w, path=path, **kw)
-                want = linear_rows_definition(d(x), d(w), **{k: d(v) if torch.is_tensor(v) else v for k, v in kw.items()})
+                want = linear_rows_definition(d(x), d(w),
+                                              **{k: d(v) if torch.is_tensor(v) else v for k, v in kw.items()})
                 assert rel_err(got, want) < tol, (M, K, sorted(kw))
             if path == "split_k":
                 counters = torch.zeros(3, dtype=torch.int32, device=device)
@@ -1616,7 +1619,8 @@ def test_linear_rows_past_the_one_kernel_rows_equals_its_definition():
     torch.manual_seed(0)
     d = lambda t: None if t is None else t.double()
     # (Triton's interpreter gets bf16 tensor-core products wrong: there fp16 stands in for them)
-    for dtype, tol in [(torch.float32, 1e-6), (torch.float16, 2e-3)] + [(torch.bfloat16, 1e-2)] * (not TRITON_INTERPRET):
+    dtypes = [(torch.float32, 1e-6), (torch.float16, 2e-3)] + [(torch.bfloat16, 1e-2)] * (not TRITON_INTERPRET)
+    for dtype, tol in dtypes:
         for M, K, N in [(kernels.CORE_ROWS + 1, 64, 40), (kernels.MAX_ROWS, 96, 33)]:
             x = torch.randn(M, 2 * K, dtype=dtype)[:, K:].to(device)  # a strided view of rows, as the step passes
             w, b, nw = ((torch.randn(N, K) / K ** 0.5).to(dtype).to(device), torch.randn(N).to(dtype).to(device),
@@ -1950,7 +1954,8 @@ def test_gpu_linear_rows_equals_its_definition(dtype, path):
                       torch.randn(M, N, device="cuda").to(dtype))
         d = lambda t: None if t is None else t.double()
         for name, kw in [("plain", {}), ("rms+bias+gelu", dict(bias=b, norm_weight=nw, gelu=True)),
-                         ("rms+residual", dict(norm_weight=nw, residual=res)), ("bias+residual", dict(bias=b, residual=res))]:
+                         ("rms+residual", dict(norm_weight=nw, residual=res)),
+                         ("bias+residual", dict(bias=b, residual=res))]:
             if path == "tensor_cores" and dtype == torch.float32 and K > 1024:  # W's slice and x: > 227 KiB
                 with pytest.raises(ValueError, match="more shared memory than this GPU has"):
                     kernels.linear_rows(x, w, path=path, **kw)
@@ -1972,8 +1977,8 @@ def test_gpu_conv_and_ssm_step_kernels_equal_their_definitions():
         d_inner, conv_dim = nheads * headdim, nheads * headdim + 2 * ngroups * d_state
         N = 2 * d_inner + 2 * ngroups * d_state + nheads
         x, w = torch.randn(M, K, device="cuda"), torch.randn(N, K, device="cuda") / K ** 0.5
-        conv_state, conv_w, conv_b = (torch.randn(M, conv_dim, 4, device="cuda"), torch.randn(conv_dim, 4, device="cuda"),
-                                      torch.randn(conv_dim, device="cuda"))
+        conv_state, conv_w = torch.randn(M, conv_dim, 4, device="cuda"), torch.randn(conv_dim, 4, device="cuda")
+        conv_b = torch.randn(conv_dim, device="cuda")
         for path in ("tensor_cores", None):  # the default last: its output feeds ssm_step below
             state, want_state = conv_state.clone(), d(conv_state)
             zxbcdt = kernels.linear_rows(x, w, conv=(state, conv_w, conv_b, d_inner), path=path)
@@ -2002,7 +2007,8 @@ def test_gpu_embed_rows_equals_embeddings_plus_positions():
     # against float64 from the same float32 angles, at positions up to 30 s (where cos and sin need
     # a careful range reduction)
     torch.manual_seed(0)
-    for K, d, dtype, tol in [(1, 1024, torch.float32, 1e-6), (9, 1024, torch.bfloat16, 4e-3), (4, 48, torch.float32, 1e-6)]:
+    for K, d, dtype, tol in [(1, 1024, torch.float32, 1e-6), (9, 1024, torch.bfloat16, 4e-3),
+                             (4, 48, torch.float32, 1e-6)]:
         table, offsets = torch.randn(K * 1025, d, device="cuda").to(dtype), torch.arange(K, device="cuda") * 1025
         tokens, positions = torch.randint(0, 1025, (3, K), device="cuda"), torch.tensor([0, 977, 2600], device="cuda")
         freqs = ssmttm.position_frequencies(d, "cuda")
@@ -2044,8 +2050,8 @@ def test_gpu_sampling_kernel_draws_what_sample_next_draws():
             noise = torch.empty(b, K, SPECIAL, device="cuda").exponential_()
             wrote = []
             for sample in (kernels.sample_top_k, sample_top_k_definition):
-                into = (steps.clone(), torch.tensor([2], device="cuda"), fixed, torch.zeros(rows, K, 1, dtype=torch.long,
-                                                                                            device="cuda"))
+                into = (steps.clone(), torch.tensor([2], device="cuda"), fixed,
+                        torch.zeros(rows, K, 1, dtype=torch.long, device="cuda"))
                 out = sample(logits[..., :SPECIAL], noise, scale, top_k or SPECIAL, temperature, *into)
                 wrote.append((out, into[0], into[3]))
             assert all(torch.equal(a, b) for a, b in zip(*wrote))
@@ -2146,7 +2152,8 @@ def test_gpu_bf16_ssm_state_stays_close_to_fp32():
             model.logits(tokens[..., :20], text, mask, cache)
             out[ssm_dtype] = torch.cat([step(tokens[..., t:t + 1], cache) for t in range(20, 2020)], 2).float()
     err = [report(f"bf16 vs fp32 SSM state, logits of steps {a}-{b}",
-                  rel_err(out[torch.bfloat16][..., a:b, :], out[None][..., a:b, :])) for a, b in [(0, 100), (1900, 2000)]]
+                  rel_err(out[torch.bfloat16][..., a:b, :], out[None][..., a:b, :]))
+           for a, b in [(0, 100), (1900, 2000)]]
     assert err[1] < 1e-2 and err[1] < 3 * err[0]  # measured 2.1e-3 and 2.7e-3: no growth with the steps
 
 
@@ -2236,7 +2243,7 @@ def check_kept_frames(model, text, mask, n_frames, options, chunk, whole_chunks)
     assert kept._kept is not frames
     same(None)
     frames = weakref.ref(kept._kept)
-    del kept
+    kept = None  # the Decoder dropped
     assert frames() is None  # freed with the Decoder, not left to the garbage collector (a cycle)
     return first
 
@@ -2442,8 +2449,10 @@ def audio_dir(tmp_path_factory):
     sf.write(d / "stereo48k.flac", stereo, 48000)
     sf.write(d / "quiet.wav", np.concatenate([np.zeros(30 * SR, np.float32), tone(5, 550)]), SR)
     (d / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEthis is not audio")
-    captions = [{"audio": "tones.wav", "caption": "two tones"}, {"audio": "stereo48k.flac", "caption": "a stereo chord"},
-                {"audio": "quiet.wav", "caption": "silence, then a beep"}, {"audio": "corrupt.wav", "caption": "broken"},
+    captions = [{"audio": "tones.wav", "caption": "two tones"},
+                {"audio": "stereo48k.flac", "caption": "a stereo chord"},
+                {"audio": "quiet.wav", "caption": "silence, then a beep"},
+                {"audio": "corrupt.wav", "caption": "broken"},
                 {"audio": "missing.ogg", "caption": "not there"}]
     (d / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
     return d
@@ -3605,7 +3614,8 @@ def test_generate_continue_errors(real_data_checkpoints, audio_dir, tmp_path, ca
         ([*k9, "--continue", str(tmp_path / "nope.flac")], "--continue .*nope.flac: not found"),
         ([*k9, "--continue", str(codes)], "c.npy: 1 codebook; this output has 9"),
         ([*k9, "--continue-seconds", "2"], "--continue-seconds 2: needs --continue FILE"),
-        ([*k9, "--continue", src, "--continue-seconds", "0"], "argument --continue-seconds: expected a finite number from 0.0059 to 3600, not .0."),
+        ([*k9, "--continue", src, "--continue-seconds", "0"],
+         "argument --continue-seconds: expected a finite number from 0.0059 to 3600, not .0."),
         (["a piece", "--ckpt", str(tmp_path / "syn" / "ckpt.pt"), "--continue", src], "synthetic set"),
     ]
     for argv, message in cases:

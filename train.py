@@ -518,7 +518,8 @@ def log_step(run, bar, row, score):
         return
     step, loss, lr, grad_norm, tokens_per_s, elapsed = row
     bar.update(step - bar.n)
-    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", **({} if score is None else {"score": f"{score:.2f}"}))
+    scored = {} if score is None else {"score": f"{score:.2f}"}
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", **scored)
     if step % run.args.log_every == 0 or score is not None:
         with open(os.path.join(run.args.out, "metrics.csv"), "a", newline="") as f:
             csv.writer(f, lineterminator="\n").writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{grad_norm:.4f}",
@@ -641,7 +642,8 @@ def main(argv=None):
         else:
             print(f"done: step {step}{'' if loss is None else f', loss {loss:.4f}'}, checkpoint {ckpt_path}")
     if device.startswith("cuda"):
-        print(f"rank {rank}: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", file=sys.stderr)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"rank {rank}: peak GPU memory {peak:.2f} GiB", file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
         # gloo's worker threads may still be releasing the last collective's buffers, which takes the
