@@ -38,7 +38,7 @@ import torch
 
 import data as datamod
 import fast
-import kernels
+import gpu_kernels as kernels
 import ssmttm
 import stage2
 import train as trainmod
@@ -345,7 +345,7 @@ def paper_model(variant, n_layers, device, dtype):
 
 
 DECODE_MODES = {  # mode -> the decoder's options (None: generate's plain loop)
-    "graph": FastOptions(),                                 # kernels.py's kernels, one CUDA graph per frame
+    "graph": FastOptions(),                                 # gpu_kernels.py's kernels, one CUDA graph per frame
     "bf16state+graph": FastOptions(),                       # the same, the SSM state stored in bf16
     "nopdl+graph": FastOptions(pdl=False),                  # without programmatic dependent launch
     "streams1+graph": FastOptions(decode_streams=1),        # all rows on one stream (graph: by the rows)
@@ -359,9 +359,9 @@ DECODE_MODES = {  # mode -> the decoder's options (None: generate's plain loop)
     "bf16state+chunk16+graph": FastOptions(decode_chunk=16),
     "nosplit+graph": FastOptions(decode_split_k=False),     # each product's programs over all of K
     "bf16state+nosplit+graph": FastOptions(decode_split_k=False),
-    "compile+graph": FastOptions(compile=True),             # torch.compile's fusion instead of kernels.py's
+    "compile+graph": FastOptions(compile=True),             # torch.compile's fusion instead of gpu_kernels.py's
     "unfused+graph": FastOptions(decode_kernels=False),     # plain ops (mamba-ssm's step kernels) in the graph
-    "eager": FastOptions(cuda_graph=False),                 # kernels.py's kernels, launched one by one
+    "eager": FastOptions(cuda_graph=False),                 # gpu_kernels.py's kernels, launched one by one
     "plain": None,                                          # the plain loop (mamba-ssm's step kernels)
     "recompute": None,                                      # the whole sequence at every step
 }
@@ -546,7 +546,7 @@ def profile_decoding(n_layers, mode="graph", frames=32, rows=30, prompts=1):
 def bench_decode_kernels(n_layers=24, rows=2, sweep=False):
     """The kernels of one decoding frame, one shape at a time: each kernel runs n_layers times on
     n_layers different weights (so, as in a frame, nothing is left in L2), captured in one CUDA
-    graph. Microseconds per call and the bytes it must move per microsecond, for kernels.py with and
+    graph. Microseconds per call and the bytes it must move per microsecond, for gpu_kernels.py with and
     without programmatic dependent launch, and for cuBLAS (F.linear, the matrix product alone).
     sweep: also linear_rows with each launch shape (outputs and warps per program), with PDL."""
     cfg = ModelConfig()

@@ -16,8 +16,8 @@ dt (after softplus), A, D, an initial state.
     python bench_ssd_grouped.py --sweep conv    # channels, warps and positions per program of the Triton conv
     python bench_ssd_grouped.py --sweep norm    # rows per block, warps and programs per SM of the RMSNorms
     python bench_ssd_grouped.py --conv     # the training pass's conv + SiLU, per layer: causal-conv1d and Triton
-    python bench_ssd_grouped.py --norm     # the training pass's RMSNorms, per layer: mamba-ssm's and kernels.py's
-    python bench_ssd_grouped.py --gelu-dropout  # the feed-forward's GELU + dropout, per layer: torch's and kernels.py's
+    python bench_ssd_grouped.py --norm     # the training pass's RMSNorms, per layer: mamba-ssm's and gpu_kernels.py's
+    python bench_ssd_grouped.py --gelu-dropout  # the feed-forward's GELU + dropout, per layer: torch's and ours
     python bench_ssd_grouped.py --sweep gelu_dropout  # rows of eight per program and warps of that kernel
     python bench_ssd_grouped.py --registers  # registers per thread of the Triton kernels (no GPU needed)
 """
@@ -226,7 +226,7 @@ def conv(b, l, n, h=32, p=64):
     """The training pass's causal conv + SiLU per layer, forward and backward, without seq_idx and with left
     padding: causal-conv1d's kernels (what kernels.mamba2_train runs) against kernels.causal_conv_silu and
     its backward (Triton), with how far the Triton results are from causal-conv1d's (relative norm)."""
-    import kernels
+    import gpu_kernels as kernels
     xBC, weight, bias, dout, dx_out, pad = _conv_inputs(b, l, n, h, p)
     rel = lambda a, r: ((a.float() - r.float()).norm() / r.float().norm()).item()  # noqa: E731
 
@@ -261,7 +261,7 @@ def norm(b, l, d_model=1024, d_inner=2048, width=5152):
     another's; the backward writes the output again, as mamba2_train's). mamba-ssm's Triton kernels (what
     mamba-ssm's paths run) against kernels.rms_norm_fwd / rms_norm_bwd, with the largest difference of any
     output or gradient relative to the largest value of mamba-ssm's."""
-    import kernels
+    import gpu_kernels as kernels
     from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
     from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
     M, eps = b * l, 1e-5
@@ -300,7 +300,7 @@ def norm(b, l, d_model=1024, d_inner=2048, width=5152):
                             add_norm(lambda: kernels._add_rms_norm_fwd(h, res, w, eps)[:2])),
              "gated norm": (mamba_gated, triton_gated)}
     print(f"{M} rows; add + norm {d_model} wide, gated norm {d_inner}; ms per forward + backward (median of 20)")
-    print("| norm | mamba-ssm | kernels.py | largest difference, relative |\n|---|---|---|---|")
+    print("| norm | mamba-ssm | gpu_kernels.py | largest difference, relative |\n|---|---|---|---|")
     for name, (theirs, ours) in cases.items():
         diff = max((a.float() - t.float()).abs().max().item() / t.float().abs().max().item()
                    for a, t in zip(ours(), theirs()))
@@ -329,7 +329,7 @@ def gelu_dropout(b, l, d_ff=2048, p=0.3, rounds=3):
     then each forward alone; then the kernel's kept share and the largest difference of a kept value from
     float64 gelu(a) / (1 - p), relative to max(|value|, 1), beside torch's fp32 GELU rounded to bf16."""
     import torch.nn.functional as F
-    import kernels
+    import gpu_kernels as kernels
     a, dy = _gelu_dropout_inputs(b, l, d_ff)
     plain = _forward_backward(a, dy, lambda t: F.dropout(F.gelu(t), p, True))
     fused = _forward_backward(a, dy, lambda t: kernels.gelu_dropout(t, p, True))
@@ -355,7 +355,7 @@ def sweep_gelu_dropout(b, l, n, Q, d_ff=2048, p=0.3, maxnreg=None):
     """ms of kernels.gelu_dropout forward + backward per launch shape (rows of eight elements per program,
     warps), on gelu_dropout()'s inputs. The mask depends on the seed and the row alone, not on the shape."""
     import itertools
-    import kernels
+    import gpu_kernels as kernels
     a, dy = _gelu_dropout_inputs(b, l, d_ff)
     extra = {} if maxnreg is None else dict(maxnreg=maxnreg)
     run = _forward_backward(a, dy, lambda t: kernels.gelu_dropout(t, p, True))
@@ -369,7 +369,7 @@ def sweep_conv(b, l, n, Q, h=32, p=64, maxnreg=None):
     positions per segment, the next rows' loads issued early or not), without seq_idx and with left padding
     (training's case with a text mask), as kernels.causal_conv_silu(_backward) launch them."""
     import itertools
-    import kernels
+    import gpu_kernels as kernels
     xBC, weight, bias, dout, dx_out, pad = _conv_inputs(b, l, n, h, p)
     ch = xBC.shape[-1]
     out = torch.empty(b, l, ch, device="cuda", dtype=xBC.dtype)
@@ -398,7 +398,7 @@ def sweep_norm(b, l, n, Q, d_model=1024, d_inner=2048, width=5152, maxnreg=None)
     the backward programs per SM), on the training pass's two norms, as norm() calls them: the blocks' add +
     norm (d_model wide, fp32 sum) and Mamba-2's gated norm (d_inner wide, z and dz in zxbcdt-wide tensors)."""
     import itertools
-    import kernels
+    import gpu_kernels as kernels
     M, eps = b * l, 1e-5
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *s, dtype=torch.bfloat16: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731

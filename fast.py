@@ -4,7 +4,7 @@
     codes = model.generate(text, mask, n_frames, decoder=fast.Decoder(FastOptions()))   # decoding
 
 - `accelerate` turns every Mamba-2 layer of a model into a `FastMamba2`: the same parameters (so
-  the same state_dict and checkpoints), running on the kernels of kernels.py: the training pass as one custom op
+  the same state_dict and checkpoints), running on the kernels of gpu_kernels.py: the training pass as one custom op
   (ssd_grouped's SSD and a Triton conv by default; mamba-ssm's kernels and causal-conv1d with the
   other FastOptions.train paths), the prefill's SSD, mamba-ssm's decoding step.
   A whole LM becomes a `FastLM`, whose residual adds run inside the next sublayer's norm.
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import kernels
+import gpu_kernels as kernels
 import ssd_grouped
 import ssmttm
 from ssmttm import SPECIAL, Mamba2, Mamba2State
@@ -52,10 +52,10 @@ class FastOptions:
     triton_op: bool = False      # training, train "grouped", under torch.compile: the Mamba-2 layer as a
     # triton op whose kernels Inductor launches (kernels.mamba2_train), not an opaque custom op
     chunk_size: int = 256        # the SSD kernels' chunk length, the one they are tuned for
-    decode_kernels: bool = True  # decoding steps through kernels.py (False: the layers' own steps)
+    decode_kernels: bool = True  # decoding steps through gpu_kernels.py (False: the layers' own steps)
     pdl: bool = True             # programmatic dependent launch between decoding kernels (Hopper)
     cuda_graph: bool = True      # record a decoding frame once as a CUDA graph and replay it
-    compile: bool = False        # decoding: torch.compile the plain step instead of kernels.py's
+    compile: bool = False        # decoding: torch.compile the plain step instead of gpu_kernels.py's
     fused_add_norm: bool = True  # training and scoring: each residual add inside the next sublayer's
     # RMSNorm (FastLM), eager and compiled
     fused_gelu_dropout: bool = True  # training: the feed-forward's GELU and dropout in one pass each
@@ -635,7 +635,7 @@ def row_groups(model, rows, n, device):
 def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=None, counters=None,
                fold_stream=None, ends_chunk=None):
     """TextToMusicLM.step for one step, tokens (rows, K, 1) -> logits (rows, K, 1, 1025), in the
-    kernels of kernels.py (rows and widths within kernels.fits_linear_rows). A: per block, per
+    kernels of gpu_kernels.py (rows and widths within kernels.fits_linear_rows). A: per block, per
     sublayer, A = -exp(A_log) of a Mamba-2 layer (else None); freqs: the position frequencies.
     groups: the blocks for groups of rows, each on its own stream (row_groups, blocks_on_streams).
     pending: per block, per sublayer, kernels.PendingSteps for Mamba-2 layers in chunks of steps
@@ -691,7 +691,7 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None, f
 def fused_blocks(model, x, states, memory_mask, A, pdl=True, head_norm=None, ssm_stream=None, pending=None,
                  counters=None, fold_stream=None, ends_chunk=None):
     """The blocks of ssmttm.TextToMusicLM for one decoding step, x (rows, d) -> (x, xn): Mamba-2 and
-    feed-forward sublayers in kernels.py's kernels (norm and residual included), the others as they
+    feed-forward sublayers in gpu_kernels.py's kernels (norm and residual included), the others as they
     are. Where the next product takes its input normed (_takes_normed: past kernels.CORE_ROWS rows,
     off split_k) a sublayer's last kernel also makes that norm (linear_rows' norm_out), which then
     has no kernel of its own. head_norm: whether the last one makes norm_f(x) for the heads (default:

@@ -21,7 +21,7 @@ Flan-T5 encoder states (768-d). The sequence the LM reads (prefix variants):
 Cross variants read only [begin | x_0 ... x_{S-2}] and look at the text through cross-attention.
 
 Everything here is plain PyTorch and runs anywhere; the SSD inside Mamba-2 is ssd_reference.py.
-The GPU kernels live in fast.py and kernels.py, which import this file (never the other way):
+The GPU kernels live in fast.py and gpu_kernels.py, which import this file (never the other way):
 `fast.accelerate(model)` runs the same weights on them, and `model.generate(..., decoder=...)`
 takes their decoding loop. Same checkpoints, same tokens.
 """

@@ -1,5 +1,5 @@
 """Tests for ssmttm. CPU tests run everywhere (python -m pytest -q); GPU tests skip without CUDA and
-mamba-ssm, and compare the fast paths (fast.py, kernels.py) with the plain model (ssmttm.py).
+mamba-ssm, and compare the fast paths (fast.py, gpu_kernels.py) with the plain model (ssmttm.py).
 Identities are checked in float64 against a reference, with fresh random inputs.
 
 Sections, in the order of the model: helpers; SSD; Mamba-2; delay pattern and loss; the block; the
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import data as datamod
 import fast
 import generate as genmod
-import kernels
+import gpu_kernels as kernels
 import ssmttm
 import stage2
 import train as trainmod
@@ -99,7 +99,7 @@ def report(name, err):
     return err
 
 
-# The kernels of kernels.py, defined in plain PyTorch (in the inputs' dtype, fp32 at least): the GPU
+# The kernels of gpu_kernels.py, defined in plain PyTorch (in the inputs' dtype, fp32 at least): the GPU
 # tests check each kernel against its definition in float64, and the CPU tests put the definitions
 # in the kernels' place to check how fast.py calls them.
 
@@ -536,7 +536,7 @@ def test_ssmttm_runs_with_no_fast_module_importable():
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in {"kernels", "fast", "triton", "mamba_ssm", "causal_conv1d"}:
+        if name.split(".")[0] in {"gpu_kernels", "fast", "triton", "mamba_ssm", "causal_conv1d"}:
             raise ImportError(name + " is blocked")
 sys.meta_path.insert(0, Block())
 import torch, ssmttm
@@ -550,7 +550,7 @@ for _ in range(5):
     _, loss = model(codes, text, mask)
     opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
 out = model.generate(text, mask, 10, top_k=5, generator=torch.Generator().manual_seed(0))
-fast_modules = {"kernels", "fast", "triton", "mamba_ssm", "causal_conv1d"}
+fast_modules = {"gpu_kernels", "fast", "triton", "mamba_ssm", "causal_conv1d"}
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in fast_modules)
 print(json.dumps({"losses": losses, "shape": list(out.shape), "min": int(out.min()), "max": int(out.max()),
                   "loaded": loaded}))
@@ -561,6 +561,46 @@ print(json.dumps({"losses": losses, "shape": list(out.shape), "min": int(out.min
     assert result["losses"][-1] < result["losses"][0] - 0.5  # it learns the one batch
     assert result["shape"] == [2, 1, 10] and 0 <= result["min"] <= result["max"] < 1024
     assert result["loaded"] == []
+
+
+def dependency_modules(requirements):
+    """{top-level module: distribution} of the installed distributions that `requirements` (a
+    requirements file) pulls in, with their own requirements, recursively (extras left out)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = (line.split("#")[0].strip() for line in open(requirements))
+    todo = [Requirement(line).name for line in lines if line]
+    seen = set()
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:  # not installed here (e.g. for another platform)
+            continue
+        seen.add(name)
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return {module: dist for module, dists in metadata.packages_distributions().items() for dist in dists
+            if canonicalize_name(dist) in seen}
+
+
+def test_no_module_here_has_the_name_of_one_our_dependencies_import():
+    # Scripts run from this folder put it first on sys.path: a file here named as a dependency's
+    # module (or the standard library's) replaces that module for every library that imports it.
+    # (transformers 5.25 imports the `kernels` package at import time: kernels.py, now
+    # gpu_kernels.py, broke it.)
+    ours = {name[:-3] for name in os.listdir(HERE) if name.endswith(".py")}
+    theirs = dependency_modules(os.path.join(HERE, "requirements.txt"))
+    assert "torch" in theirs and "transformers" in theirs  # the check sees the installed dependencies
+    assert {m: theirs[m] for m in ours & theirs.keys()} == {}
+    assert ours & set(sys.stdlib_module_names) == set()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -981,13 +1021,13 @@ def test_generating_in_windows_keeps_each_pass_inside_the_window(variant, K, mon
 
 
 # ------------------------------------------------------------------------------------------------
-# The fast paths (fast.py, kernels.py) against the plain model. On a CPU: fast.Decoder's loop, and
+# The fast paths (fast.py, gpu_kernels.py) against the plain model. On a CPU: fast.Decoder's loop, and
 # its fused step with the kernels replaced by their definitions above; on CUDA: the kernels.
 
 
 @pytest.fixture
 def kernel_definitions(monkeypatch):
-    """kernels.py's decoding kernels replaced by their plain definitions, so that fast.py's
+    """gpu_kernels.py's decoding kernels replaced by their plain definitions, so that fast.py's
     wiring (argument order, layouts, the token bookkeeping) runs on a CPU."""
     monkeypatch.setattr(kernels, "triton", object())  # fits_linear_rows: "Triton is here"
     for name, definition in [("linear_rows", linear_rows_definition), ("ssm_step", ssm_step_definition),
@@ -1918,7 +1958,7 @@ def test_gpu_windows_through_the_fast_decoder_write_the_plain_tokens(K):
 
 @gpu
 def test_gpu_plain_model_runs_no_kernel(monkeypatch):
-    # without accelerate and decoder, nothing of kernels.py runs: every kernel raises if called
+    # without accelerate and decoder, nothing of gpu_kernels.py runs: every kernel raises if called
     def refuse(*a, **k):
         raise AssertionError("a kernel ran on the plain path")
     for name in ["linear_rows", "ssm_step", "embed_rows", "sample_top_k", "mamba2_train", "mamba_chunk_scan_combined",
