@@ -19,7 +19,6 @@ with the plain model.
 """
 import contextlib
 import copy
-import dataclasses
 import functools
 import itertools
 import weakref
@@ -238,7 +237,7 @@ class Decoder:
     state is written once per chunk of steps, by kernels.ssm_chunk_end at its last step, in a frame
     of its own: FusedStep), norm + heads, and
     kernels.sample_top_k, which also writes the token into the step layout and the next input (its
-    noise drawn beside the model's step on a stream of its own: SideNoise);
+    noise drawn ahead, outside the frames, on a stream of its own: NoiseAhead);
     the blocks in groups of rows on their own CUDA streams
     (options.decode_streams, row_groups, blocks_on_streams). Rows or widths past kernels.linear_rows'
     limits, and sublayers without a fused step (attention), take the plain ops. cuda_graph needs a decoding
@@ -277,54 +276,52 @@ class Decoder:
         on these tensors, and each call replays it. step: step_function's for these rows (made here
         if None); a FusedStep's pending steps stay out of the cache until its flush(cache). With a
         FusedStep in chunks of K steps there are two frames (two graphs), one for a chunk's last
-        step, which writes the states, and one for the others; the host counts the steps to pick."""
+        step, which writes the states, and one for the others; the host counts the steps to pick.
+        The sampling noise is drawn a block of steps ahead (NoiseAhead.blocks), at most up to the
+        last step of steps: that many calls."""
         frames = self.frames(model, cache, steps, fixed, start, copies, sampling, step)
-        place = [frames.slot]  # the next step's place in its chunk, as the pending steps' slot on the device
+        K = frames.chunk
+        # each step's place in its chunk (the pending steps' slot on the device), once its noise is drawn
+        places = ((frames.slot + s - start) % K
+                  for block in frames.noise.blocks(start, steps.shape[-1] - start, sampling.generator) for s in block)
 
         def frame():
-            (frames.last if place[0] == frames.chunk - 1 else frames.within)()
-            place[0] = (place[0] + 1) % frames.chunk
+            (frames.last if next(places) == K - 1 else frames.within)()
 
         return frame
 
-    def frames(self, model, cache, steps, fixed, start, copies, sampling, step=None, warm_up_in_place=False,
-               whole_chunks=False):
+    def frames(self, model, cache, steps, fixed, start, copies, sampling, step=None, warm_up_in_place=False):
         """frame()'s parts (Frames): the frame inside a chunk and the chunk's last, recorded with
-        options.cuda_graph, and the tensors they read. warm_up_in_place: the recording's warm-up
-        (_record) runs on these tensors, not on copies: for tensors of the caller's own, filled after.
-        whole_chunks: also all frames of a chunk in one (Frames.whole), from its first step."""
+        options.cuda_graph, the tensors they read, and the NoiseAhead that draws their sampling noise
+        (each frame reads its step's; a frame draws nothing, so a graph holds no generator).
+        warm_up_in_place: the recording's warm-up (_record) runs on these tensors, not on copies: for
+        tensors of the caller's own, filled after."""
         pos = torch.full((1,), start, device=steps.device)
         tokens = steps.index_select(2, pos - 1).repeat(copies, 1, 1)  # the input step (b * copies, K, 1)
         step = self.step_function(model, tokens.shape[0]) if step is None else step
         # (the pending steps allocated now, not inside the graph's capture)
         chunks = step.chunk_slot(cache) if isinstance(step, FusedStep) else None
-        noise = self._noise(steps, sampling)
+        noise = NoiseAhead(steps.shape[:2], SPECIAL, steps.device, block=chunks[0] if chunks else NoiseAhead.BLOCK,
+                           draws=not sampling.greedy)
+        sample_kernel = self.options.decode_kernels and kernels.triton is not None and noise.ring is not None
 
         # (frame does not hold self: the graphs that hold frame may be kept by self, KeptFrames)
         def frame(cache=cache, steps=steps, pos=pos, tokens=tokens, ends_chunk=None):
-            drawn = None if noise is None else noise.draw(sampling.generator)  # beside the model's step
             logits = step(tokens, cache) if ends_chunk is None else step(tokens, cache, ends_chunk)
-            Decoder._sample_into(logits[:, :, -1], steps, pos, fixed, tokens, sampling, drawn)
+            Decoder._sample_into(logits[:, :, -1], steps, pos, fixed, tokens, sampling, noise.ring, sample_kernel)
             pos.add_(1)
 
         if self.options.cuda_graph and any("self_attn" in block.layout for block in model.blocks):
             raise ValueError("Decoder: cuda_graph needs a fixed-size decoding state; self-attention's KV "
                              "cache grows (FastOptions(cuda_graph=False))")
         tensors = (cache, steps, pos, tokens)
-        record = (lambda f, warm_ups=3: _record(f, tensors, sampling.generator, steps.device, warm_up_in_place,
-                                                 warm_ups)) if self.options.cuda_graph else (lambda f, warm_ups=0: f)
+        record = (lambda f: _record(f, tensors, warm_up_in_place)) if self.options.cuda_graph else (lambda f: f)
         if chunks is None:
             frame = record(frame)
-            return Frames(pos, tokens, frame, frame, 1, 0, None)
+            return Frames(pos, tokens, frame, frame, 1, 0, noise)
         K, slot = chunks
-
-        def whole_chunk(cache=cache, steps=steps, pos=pos, tokens=tokens):
-            for i in range(K):
-                frame(cache, steps, pos, tokens, ends_chunk=i == K - 1)
-
         within, last = (record(functools.partial(frame, ends_chunk=ends)) for ends in (False, True))
-        # (the whole chunk warmed up once: its kernels are the two frames', warmed up before it)
-        return Frames(pos, tokens, within, last, K, slot, record(whole_chunk, 1) if whole_chunks else None)
+        return Frames(pos, tokens, within, last, K, slot, noise)
 
     def step_function(self, model, rows):
         """model.step for `rows` rows, tokens (rows, K, 1) -> logits (rows, K, 1, 1025): in the fused
@@ -346,25 +343,18 @@ class Decoder:
         return FusedStep(model, A, freqs, self.options.pdl, groups, self.options.decode_chunk,
                          self.options.decode_split_k)
 
-    def _noise(self, steps, sampling):
-        """The SideNoise for kernels.sample_top_k's frames over steps (b, K, n_steps), or None where
-        the frame samples with plain ops (or greedily: no noise)."""
-        greedy = sampling.top_k == 1 or sampling.temperature == 0
-        if not self.options.decode_kernels or kernels.triton is None or greedy:
-            return None
-        return SideNoise(torch.empty(*steps.shape[:2], SPECIAL, device=steps.device))
-
     @staticmethod
-    def _sample_into(logits, steps, pos, fixed, next_input, sampling, noise=None):
+    def _sample_into(logits, steps, pos, fixed, next_input, sampling, ring=None, kernel=False):
         """Sample step pos from its logits (b * copies, K, 1025); write it into steps where not
-        fixed and into next_input, the next step's input. noise: SideNoise.draw's for this step,
-        then kernels.sample_top_k samples, else plain ops. Device tensors only."""
-        if noise is not None:
+        fixed and into next_input, the next step's input. ring: NoiseAhead.ring, the steps' noise
+        (None when greedy); kernel: in kernels.sample_top_k, else in plain ops. Device tensors only."""
+        if kernel:
             V = SPECIAL
-            kernels.sample_top_k(logits[..., :V], noise.wait(), sampling.cfg_scale, min(sampling.top_k or V, V),
+            kernels.sample_top_k(logits[..., :V], ring, sampling.cfg_scale, min(sampling.top_k or V, V),
                                  sampling.temperature, steps, pos, fixed, next_input)
             return
-        tokens = sampling(logits)
+        noise = None if ring is None else ring.index_select(0, pos % ring.shape[0])[0]
+        tokens = sampling(logits, noise)
         tokens = torch.where(fixed.index_select(2, pos)[..., 0], steps.index_select(2, pos)[..., 0], tokens)
         steps.index_copy_(2, pos, tokens[..., None])
         next_input.copy_(tokens[..., None].repeat(next_input.shape[0] // steps.shape[0], 1, 1))
@@ -379,14 +369,14 @@ class Frames(NamedTuple):
     last: Callable        # the frame of a chunk's last step (which writes the states), or `within`
     chunk: int            # steps per chunk (1: no chunks)
     slot: int             # the first frame's place in its chunk
-    whole: Callable | None  # the `chunk` frames of a chunk, from its first step, in one call (one graph)
+    noise: "NoiseAhead"   # draws the frames' sampling noise; run them by its blocks()
 
 
 class KeptFrames:
     """Decoder.frames recorded on tensors of their own (a copy of the first call's cache, steps and
-    fixed, and generators of their own), kept for the next decode() calls of the same key (key_for): each
-    call copies its cache, steps, fixed, first step and generator states in, replays the frames, and
-    copies the cache, steps and generator states out, as decoding them in place leaves them. Copying
+    fixed), kept for the next decode() calls of the same key (key_for): each call copies its cache,
+    steps, fixed and first step in, replays the frames (the noise drawn from the call's generators,
+    NoiseAhead), and copies the cache and steps out, as decoding them in place leaves them. Copying
     the cache twice is faster than recording anew (a warm-up and a capture per frame). The weights
     are read where they are, and what is derived from them (FusedStep.read_weights) again per call:
     a model trained in place between calls decodes with its new weights."""
@@ -394,14 +384,10 @@ class KeptFrames:
     def __init__(self, decoder, model, cache, steps, fixed, start, copies, sampling):
         self.key = self.key_for(model, cache, steps, copies, sampling)
         self.cache, self.steps, self.fixed = copy.deepcopy((cache, steps, fixed))
-        self.copies, theirs = copies, sampling.generator
-        # the graphs draw from generators of their own, set to the caller's before and copied back after
-        self.generators = [] if theirs is None else [torch.Generator(steps.device) for _ in _as_list(theirs)]
-        own = self.generators if isinstance(theirs, (list, tuple)) else (self.generators or [None])[0]
+        self.copies = copies
         self.step = decoder.step_function(model, cache.position.shape[0])
-        self.frames = decoder.frames(model, self.cache, self.steps, self.fixed, start, copies,
-                                     dataclasses.replace(sampling, generator=own), self.step, warm_up_in_place=True,
-                                     whole_chunks=whole_chunks_for(len(self.generators)))
+        self.frames = decoder.frames(model, self.cache, self.steps, self.fixed, start, copies, sampling, self.step,
+                                     warm_up_in_place=True)
         if isinstance(self.step, FusedStep):
             self.step.flush(self.cache)  # no steps pending after the warm-up's (each run starts a chunk)
 
@@ -409,12 +395,11 @@ class KeptFrames:
     def key_for(model, cache, steps, copies, sampling):
         """What the recorded frames depend on besides the values they read: the model and where its
         weights are (not their values), the shapes and dtypes of the tensors, the sampling settings
-        and the kind of generator (the default one, one, or one per prompt)."""
+        (not the generators: the frames draw nothing)."""
         weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
         tensors = tuple((t.shape, t.dtype, t.device) for t in [*_cache_tensors(cache), steps])
-        gen = sampling.generator
         return (model, model.training, weights, tensors, copies, sampling.cfg_scale, sampling.top_k,
-                sampling.temperature, None if gen is None else len(_as_list(gen)))
+                sampling.temperature)
 
     def run(self, cache, steps, fixed, start, generator, progress=False):
         """Decoder.decode on the kept frames: steps (b, K, n_steps) from step `start` on, continuing
@@ -427,38 +412,18 @@ class KeptFrames:
         self.frames.tokens.copy_(steps[..., start - 1:start].repeat(self.copies, 1, 1))
         if isinstance(self.step, FusedStep):
             self.step.read_weights()
-        for mine, theirs in zip(self.generators, _as_list(generator)):
-            mine.set_state(theirs.get_state())
         f = self.frames
-        n, K = steps.shape[-1] - start, f.chunk  # (from the first step of a chunk)
+        n, K = steps.shape[-1] - start, f.chunk  # (from the first step of a chunk: blocks of K steps)
         with tqdm(total=n, desc="stage 1", unit="step", leave=False, disable=not progress) as bar:
-            for _ in range(n // K if f.whole else 0):
-                f.whole()
-                bar.update(K)
-            for i in range(n % K if f.whole else n):
-                (f.last if i % K == K - 1 else f.within)()
-                bar.update(1)
+            for block in f.noise.blocks(start, n, generator):
+                for i in range(len(block)):
+                    (f.last if i % K == K - 1 else f.within)()
+                bar.update(len(block))
         if isinstance(self.step, FusedStep):
             self.step.flush(self.cache)
         for mine, theirs in zip(_cache_tensors(self.cache), _cache_tensors(cache)):
             theirs.copy_(mine)
         steps.copy_(self.steps)
-        for mine, theirs in zip(self.generators, _as_list(generator)):
-            theirs.set_state(mine.get_state())
-
-
-def whole_chunks_for(generators):
-    """Whether KeptFrames records all frames of a chunk as one CUDA graph, by the number of generators
-    (one per prompt; the default one not counted): before each replay torch sets the seed and offset of
-    each generator registered with the graph, two small kernels each, so once per chunk instead of once
-    per frame. At 64 prompts the longer recording paid for itself by the first later call; at 4 and 16
-    it would take about four later calls or more (generate() measured, BENCHMARKS.md §0b)."""
-    return generators > 16
-
-
-def _as_list(generator):
-    """A generator argument (None, one, or a list) as a list."""
-    return [] if generator is None else list(generator) if isinstance(generator, (list, tuple)) else [generator]
 
 
 def _cache_tensors(cache):
@@ -468,32 +433,61 @@ def _cache_tensors(cache):
         [t for t in (cache.position, cache.memory_mask) if t is not None]
 
 
-class SideNoise:
-    """The Exp(1) noise of one frame's sampling (b, K, V), the numbers sample_next draws from the same
-    generator(s) (ssmttm.exponential_noise), drawn on a CUDA stream of its own: the draws need no
-    logits, so they run beside the model's step instead of before the sampling kernel (one small
-    kernel per prompt with a generator per prompt). In a CUDA graph the stream is a branch between
-    a fork (draw) and a join (wait). On a CPU, drawn in line."""
+class NoiseAhead:
+    """The Exp(1) noise of a decoding's sampling, step by step the numbers the plain loop's sample_next
+    draws (ssmttm.exponential_noise: (b, K, V) per step, from the same generator or one per prompt,
+    in the same order), drawn ahead of the frames that read them and outside them: into a ring of
+    2 * block steps, `ring` (2 * block, b, K, V), step s at slot s % (2 * block). blocks() hands out
+    the steps a block at a time; on CUDA each block's draws are queued on a stream of their own while
+    the block before runs. So the frames, and the CUDA graphs recorded of them, draw nothing: no
+    generator is registered with a graph, whose every replay would otherwise first set the seed and
+    offset of each (two small kernels per generator, 32 per frame at 16 prompts), and later calls of
+    kept graphs draw from the caller's generators as they are. draws=False (greedy sampling): no ring
+    (None), no draws."""
 
-    def __init__(self, out):
-        self.out = out
-        self.stream = torch.cuda.Stream(out.device) if out.is_cuda else None
+    BLOCK = 16  # steps per block without chunks of steps (Decoder.frames: else a chunk)
 
-    def draw(self, generator):
-        """Start the draws after the work queued so far (the fork); returns self."""
-        if self.stream is None:
-            ssmttm.exponential_noise(self.out, generator, out=self.out)
-            return self
-        self.stream.wait_stream(torch.cuda.current_stream(self.out.device))
-        with torch.cuda.stream(self.stream):
-            ssmttm.exponential_noise(self.out, generator, out=self.out)
-        return self
+    def __init__(self, shape, V, device, block=BLOCK, draws=True):
+        device = torch.device(device)
+        self.block = block
+        self.ring = torch.empty(2 * block, *shape, V, device=device) if draws else None
+        cuda = draws and device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.drawn = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None  # per half of the ring
+        self.read = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
 
-    def wait(self):
-        """The noise, once the current stream has waited for the draws (the join)."""
-        if self.stream is not None:
-            torch.cuda.current_stream(self.out.device).wait_stream(self.stream)
-        return self.out
+    def blocks(self, start, n, generator):
+        """Steps start .. start + n - 1 as ranges of at most `block` steps, each yielded once its
+        noise is drawn (on CUDA: the current stream waits for the draws) and the next block's draws
+        are queued; the caller then runs the frames of its steps on the current stream. generator:
+        Sampling.generator (None: the default one; one; or a list, one per prompt)."""
+        blocks = [range(s, min(s + self.block, start + n)) for s in range(start, start + n, self.block)]
+        if self.stream is not None and blocks:  # the ring's last readers: the work queued before
+            self.stream.wait_stream(torch.cuda.current_stream(self.ring.device))
+        for j, block in enumerate(blocks):
+            if j == 0:
+                self._draw(block, generator, 0)
+            if self.stream is not None:
+                torch.cuda.current_stream(self.ring.device).wait_event(self.drawn[j % 2])
+            if j + 1 < len(blocks):
+                self._draw(blocks[j + 1], generator, (j + 1) % 2)
+            yield block
+            if self.stream is not None:  # the frames of this block, queued by the caller, read this half
+                self.read[j % 2].record(torch.cuda.current_stream(self.ring.device))
+
+    def _draw(self, steps, generator, half):
+        """Draw the noise of these steps into their slots (the ring's half `half`), after the frames
+        that read that half last."""
+        if self.ring is None:
+            return
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            if self.stream is not None:
+                self.stream.wait_event(self.read[half])
+            for s in steps:
+                slot = self.ring[s % self.ring.shape[0]]
+                ssmttm.exponential_noise(slot, generator, out=slot)
+            if self.stream is not None:
+                self.drawn[half].record(self.stream)
 
 
 class FusedStep:
@@ -795,52 +789,37 @@ def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None
                                       residual=x, norm_out=norm_out, pdl=pdl, counters=counters))
 
 
-def _record(frame, tensors, generator, device, warm_up_in_place=False, warm_ups=3):
+def _record(frame, tensors, warm_up_in_place=False):
     """Record frame() as a CUDA graph on tensors (what it reads and writes); returns its replay.
-    Capturing records kernels without running them, so first _warm_up (compile, autotune, allocate):
-    the graph then draws the numbers eager decoding would draw. generator: None (the default one),
-    one, or a list; warm_up_in_place, warm_ups: _warm_up's in_place and times."""
+    Capturing records kernels without running them, so first _warm_up (compile, autotune, allocate).
+    The frame must draw no random numbers (its noise comes from NoiseAhead). warm_up_in_place:
+    _warm_up's in_place."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        _warm_up(frame, tensors, generator, device, warm_up_in_place, warm_ups)
+        _warm_up(frame, tensors, warm_up_in_place)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    for g in _as_list(generator):  # (the capture registers the default generator itself)
-        graph.register_generator_state(g)
     with torch.cuda.graph(graph, stream=stream):
         frame()
-    # Before capturing, torch resets each registered generator's offset tensor on the capture
-    # stream (its "capture prologue"); a replay sets that tensor to the generator's offset on the
-    # replaying stream. Unordered, a busy GPU may run the reset after the first replay's set, and
-    # that replay draws from offset 0: other tokens than eager decoding's.
-    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.current_stream().wait_stream(stream)  # the replays after what the capture queued
 
     def replay():
         graph.replay()
 
     # The replay holds frame, and with it every tensor the graph reads and writes: one made before the
-    # capture and freed after (as SideNoise's buffer would be) is memory the graph's kernels write
+    # capture and freed after (as NoiseAhead's ring would be) is memory the graph's kernels write
     # into at every replay, while the allocator hands it to other tensors.
     replay.frame = frame
     return replay
 
 
-def _warm_up(frame, tensors, generator, device, in_place=False, times=3):
+def _warm_up(frame, tensors, in_place=False, times=3):
     """Run frame() `times` times on copies of tensors (cache, steps, pos, tokens), or on the tensors
-    themselves (in_place: their values are then lost), each time from the same pos, then put the
-    random generators (generator: None, the default one; one; or a list) back where they were."""
-    generators = _as_list(generator)
-    if generator is None:
-        generators = [torch.cuda.default_generators[device.index if device.index is not None
-                                                    else torch.cuda.current_device()]
-                      if device.type == "cuda" else torch.default_generator]
-    rng = [g.get_state() for g in generators]
+    themselves (in_place: their values are then lost), each time from the same pos."""
     start = tensors[2].clone()
     cache, steps, pos, tokens = tensors if in_place else copy.deepcopy(tensors)
     for _ in range(times):
         pos.copy_(start)
         frame(cache, steps, pos, tokens)
     pos.copy_(start)
-    for g, state in zip(generators, rng):
-        g.set_state(state)

@@ -642,8 +642,8 @@ if triton is not None:
     @triton.jit
     def _sample_top_k_kernel(logits_ptr, noise_ptr, out_ptr, n_cond, V, stride_row, stride_k, cfg_scale,
                              inv_temperature, top_k, steps_ptr, fixed_ptr, col_ptr, next_ptr, stride_steps,
-                             stride_steps_k, stride_next, stride_next_k, GUIDANCE: tl.constexpr,
-                             BLOCK_V: tl.constexpr, INTO: tl.constexpr, COPIES: tl.constexpr):
+                             stride_steps_k, stride_next, stride_next_k, noise_slots, GUIDANCE: tl.constexpr,
+                             BLOCK_V: tl.constexpr, INTO: tl.constexpr, COPIES: tl.constexpr, RING: tl.constexpr):
         # One program: one codebook of one prompt. The k-th largest logit comes from a bitonic sort
         # of the row in registers; the draw is the exponential race of sample_next.
         row, k = tl.program_id(0), tl.program_id(1)
@@ -659,6 +659,8 @@ if triton is not None:
         logits = tl.where(logits >= kth, logits, -float("inf"))
         p = tl.exp(logits - tl.max(logits, axis=0))
         p = p / tl.sum(p, axis=0)
+        if RING:  # the noise of step col, in a ring of noise_slots steps' (b, K, V) draws
+            noise_ptr += (tl.load(col_ptr) % noise_slots).to(tl.int64) * n_cond * tl.num_programs(1) * V
         noise = tl.load(noise_ptr + (row * tl.num_programs(1) + k) * V + vs, mask=ok, other=1.0)
         token = tl.argmax(p / noise, axis=0).to(tl.int64)
         if INTO:  # generate's bookkeeping: the slot at column col of the step layout, unless it is fixed,
@@ -1102,7 +1104,8 @@ def sample_top_k(logits, noise, cfg_scale, top_k, temperature, steps=None, col=N
                  next_input=None):
     """The draw of ssmttm.sample_next in one kernel: logits (rows, K, V) with dense rows,
     rows = [conditional; null] when cfg_scale != 1; noise (b, K, V) the contiguous Exp(1) draws
-    sample_next would make; 1 <= top_k <= V. Returns tokens (b, K).
+    sample_next would make, or, with steps, a ring of them (slots, b, K, V) of which the kernel
+    reads slot col % slots; 1 <= top_k <= V. Returns tokens (b, K).
 
     A decoding frame's bookkeeping, in the same kernel, if steps is given: the token goes into
     column col (a (1,) device tensor) of steps (b, K, n) where fixed (bool, the same layout) is
@@ -1110,8 +1113,10 @@ def sample_top_k(logits, noise, cfg_scale, top_k, temperature, steps=None, col=N
     step's input, if given. The returned tokens are then what was written."""
     rows, K, V = logits.shape
     b = rows // 2 if cfg_scale != 1.0 else rows
-    if logits.stride(-1) != 1 or not noise.is_contiguous() or noise.shape != (b, K, V):
-        raise ValueError("sample_top_k: logits rows must be dense and noise (b, K, V) contiguous")
+    ring = noise.dim() == 4 and steps is not None
+    if logits.stride(-1) != 1 or not noise.is_contiguous() or noise.shape[-3:] != (b, K, V) or noise.dim() != 3 + ring:
+        raise ValueError("sample_top_k: logits rows must be dense and noise (b, K, V) contiguous "
+                         "(with steps, or (slots, b, K, V))")
     out = torch.empty(b, K, device=logits.device, dtype=torch.long)
     copies = 0  # how many input rows of the next step each prompt writes
     if steps is None:  # the pointers of the bookkeeping are never read
@@ -1124,8 +1129,9 @@ def sample_top_k(logits, noise, cfg_scale, top_k, temperature, steps=None, col=N
     _sample_top_k_kernel[(b, K)](logits, noise, out, b, V, logits.stride(0), logits.stride(1), float(cfg_scale),
                                  1.0 / temperature, int(top_k), steps, fixed, col, next_input, steps.stride(0),
                                  steps.stride(1), next_input.stride(0), next_input.stride(1),
-                                 GUIDANCE=cfg_scale != 1.0, BLOCK_V=next_power_of_2(V),
-                                 INTO=steps is not out, COPIES=copies, num_warps=4)
+                                 noise.shape[0] if ring else 1, GUIDANCE=cfg_scale != 1.0,
+                                 BLOCK_V=next_power_of_2(V), INTO=steps is not out, COPIES=copies, RING=ring,
+                                 num_warps=4)
     return out
 
 

@@ -627,11 +627,13 @@ def classifier_free_guidance(cond, uncond, cfg_scale):
     return cond + (cfg_scale - 1) * (cond - uncond)
 
 
-def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, generator=None):
+def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, generator=None, noise=None):
     """logits (b, K, 1025) of one step -> tokens (b, K). With uncond (the null condition's logits,
     same shape), guidance combines the two first. Then temperature and top-k; top_k = 1 or
     temperature = 0 is greedy, top_k = 0 keeps every code. The special id is never sampled.
-    generator: a torch.Generator, None (the default one), or one per row (exponential_noise)."""
+    generator: a torch.Generator, None (the default one), or one per row (exponential_noise).
+    noise: the Exp(1) draws (b, K, 1024) to use, drawn before from generator (exponential_noise),
+    instead of drawing them here."""
     logits = logits[..., :SPECIAL].float()  # only real codes can be sampled; the indices stay the ids
     if uncond is not None:
         logits = classifier_free_guidance(logits, uncond[..., :SPECIAL].float(), cfg_scale)
@@ -644,7 +646,7 @@ def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, 
     # A draw from the categorical p: argmax of p_i / E_i with E_i ~ Exp(1) independent (the first
     # of competing exponential clocks to ring; what torch.multinomial does for one sample). Unlike
     # multinomial it never synchronises with the host, so a CUDA graph can hold it.
-    return (probs / exponential_noise(probs, generator)).argmax(-1)
+    return (probs / (exponential_noise(probs, generator) if noise is None else noise)).argmax(-1)
 
 
 def exponential_noise(like, generator=None, out=None):
@@ -670,6 +672,11 @@ class Sampling:
     temperature: float = 1.2
     generator: object = None  # a torch.Generator, None (the default one), or a list, one per row
 
-    def __call__(self, logits):
+    def __call__(self, logits, noise=None):
         cond, uncond = logits.chunk(2) if self.cfg_scale != 1.0 else (logits, None)
-        return sample_next(cond, uncond, self.cfg_scale, self.top_k, self.temperature, self.generator)
+        return sample_next(cond, uncond, self.cfg_scale, self.top_k, self.temperature, self.generator, noise)
+
+    @property
+    def greedy(self):
+        """Whether sampling draws nothing (top_k 1 or temperature 0: the argmax)."""
+        return self.top_k == 1 or self.temperature == 0

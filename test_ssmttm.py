@@ -196,7 +196,10 @@ def embed_rows_definition(tokens, offsets, table, positions, freqs, advance=Fals
 
 def sample_top_k_definition(logits, noise, cfg_scale, top_k, temperature, steps=None, col=None, fixed=None,
                             next_input=None):
-    """kernels.sample_top_k: sample_next's draw from the given Exp(1) noise, and the bookkeeping."""
+    """kernels.sample_top_k: sample_next's draw from the given Exp(1) noise (or from slot col % slots of
+    a ring of it), and the bookkeeping."""
+    if noise.dim() == 4:
+        noise = noise.index_select(0, col % noise.shape[0])[0]
     logits = logits.float()
     if cfg_scale != 1.0:
         logits = classifier_free_guidance(*logits.chunk(2), cfg_scale)
@@ -1886,9 +1889,58 @@ def test_one_generator_per_prompt_gives_it_the_same_tokens_in_any_batch(kernel_d
         model.generate(text, mask, 5, top_k=40, generator=gens(range(3)))
 
 
+@pytest.mark.parametrize("decode_kernels", [False, True])
+def test_decoder_draws_the_plain_loops_noise_ahead_of_its_frames(kernel_definitions, decode_kernels):
+    # fast.Decoder draws each step's sampling noise ahead of its frames (fast.NoiseAhead: blocks of 16
+    # steps, or of the chunk, in a ring of two blocks; 40 steps wrap it): the tokens and the
+    # generators' states after are the plain loop's, with the default generator, one, or one per
+    # prompt, and with a prompt (another first step), on the plain ops (decode_kernels=False: the noise
+    # from the ring into sample_next) and on the kernels' definitions
+    model = tiny_model("prefix_simba", 3)
+    text, mask = random_text(b=2)
+    prompt = torch.randint(0, 1024, (2, 3, 5))
+
+    def run(decoder, generator, **kw):
+        if generator == "default":
+            torch.manual_seed(3)
+            gens = None
+        else:
+            gens = [torch.Generator().manual_seed(9 + i) for i in range(2)] if generator == "list" \
+                else torch.Generator().manual_seed(9)
+        codes = model.generate(text, mask, 38, top_k=40, temperature=1.1, generator=gens, decoder=decoder, **kw)
+        after = [torch.get_rng_state()] if gens is None else [g.get_state() for g in (gens if generator == "list"
+                                                                                        else [gens])]
+        return codes, after
+
+    for chunk in (1, 4):
+        decoder = fast.Decoder(FastOptions(cuda_graph=False, decode_kernels=decode_kernels, decode_chunk=chunk))
+        for generator in ("default", "one", "list"):
+            for kw in ({}, {"prompt": prompt}):
+                (got, got_rng), (want, want_rng) = run(decoder, generator, **kw), run(None, generator, **kw)
+                assert torch.equal(got, want), (chunk, generator, kw.keys())
+                assert all(torch.equal(a, b) for a, b in zip(got_rng, want_rng))
+    assert len(got.unique()) > 30  # sampled
+
+
+def test_noise_ahead_hands_out_every_step_once_after_drawing_it():
+    # fast.NoiseAhead.blocks: steps start .. start + n - 1 in blocks of at most `block`, each yielded with
+    # its noise in slot step % (2 * block), what exponential_noise draws for that step in turn
+    noise = fast.NoiseAhead((2, 3), 5, "cpu", block=4)
+    g, seen = torch.Generator().manual_seed(1), []
+    want = torch.Generator().manual_seed(1)
+    for block in noise.blocks(7, 10, g):
+        assert len(block) <= 4
+        for s in block:
+            expected = ssmttm.exponential_noise(torch.empty(2, 3, 5), want)
+            assert torch.equal(noise.ring[s % 8], expected), s
+            seen.append(s)
+    assert seen == list(range(7, 17)) and torch.equal(g.get_state(), want.get_state())
+    assert fast.NoiseAhead((2, 3), 5, "cpu", draws=False).ring is None
+
+
 def test_exponential_noise_draws_row_i_from_generator_i():
     # one generator per row: row i holds what generator i draws for a tensor of the row's shape, with
-    # or without out (fast.SideNoise draws into one buffer per frame); one generator: one draw
+    # or without out (fast.NoiseAhead draws into a ring of buffers); one generator: one draw
     like = torch.empty(3, 2, 5)
     want = torch.stack([torch.empty(2, 5).exponential_(generator=torch.Generator().manual_seed(s)) for s in (4, 5, 6)])
     gens = lambda: [torch.Generator().manual_seed(s) for s in (4, 5, 6)]
@@ -2095,6 +2147,13 @@ def test_gpu_sampling_kernel_draws_what_sample_next_draws():
                 out = sample(logits[..., :SPECIAL], noise, scale, top_k or SPECIAL, temperature, *into)
                 wrote.append((out, into[0], into[3]))
             assert all(torch.equal(a, b) for a, b in zip(*wrote))
+            for slots in (2, 3):  # the noise in a ring (fast.NoiseAhead's) at slot 2 % slots, others elsewhere
+                ring = torch.empty(slots, b, K, SPECIAL, device="cuda").exponential_()
+                ring[2 % slots] = noise
+                into = (steps.clone(), torch.tensor([2], device="cuda"), fixed,
+                        torch.zeros(rows, K, 1, dtype=torch.long, device="cuda"))
+                out = kernels.sample_top_k(logits[..., :SPECIAL], ring, scale, top_k or SPECIAL, temperature, *into)
+                assert torch.equal(out, wrote[0][0]) and torch.equal(into[0], wrote[0][1]), slots
             written = wrote[0][1]
             assert torch.equal(written[fixed], steps[fixed]) and (written[..., 2] != SPECIAL).all()
             assert torch.equal(written[..., [0, 1, 3, 4]], steps[..., [0, 1, 3, 4]])
@@ -2237,14 +2296,14 @@ class KeepCache(fast.Decoder):
         self.cache = cache
 
 
-def check_kept_frames(model, text, mask, n_frames, options, chunk, whole_chunks):
+def check_kept_frames(model, text, mask, n_frames, options, chunk):
     """A Decoder(options) keeps the frames it recorded (KeptFrames) for its later calls of the same
-    shapes, copying each call's cache, steps and generator states in and out. Each later call writes
-    the tokens of eager frames, and leaves the generators and the cache as they do: generators seeded
-    anew, the first call's seeds again, a prompt (another first step), weights changed in place
-    (A_log, which the fused step reads through A = -exp(A_log), and in_proj), and the default
-    generator. chunk: the chunk of steps the frames take; whole_chunks: whether they take a chunk in
-    one (fast.whole_chunks_for, as the caller set it)."""
+    shapes, copying each call's cache and steps in and out; the frames draw nothing (fast.NoiseAhead
+    draws from the call's generators). Each later call writes the tokens of eager frames, and leaves
+    the generators and the cache as they do: generators seeded anew, the first call's seeds again, a
+    prompt (another first step), weights changed in place (A_log, which the fused step reads through
+    A = -exp(A_log), and in_proj), and the default generator, all on the same recorded frames.
+    chunk: the chunk of steps the frames take."""
     kept, b = KeepCache(options), text.shape[0]
     eager = KeepCache(dataclasses.replace(options, cuda_graph=False))
     dev = text.device
@@ -2269,7 +2328,7 @@ def check_kept_frames(model, text, mask, n_frames, options, chunk, whole_chunks)
 
     first = same(10)
     frames = kept._kept
-    assert frames is not None and frames.frames.chunk == chunk and (frames.frames.whole is not None) == whole_chunks
+    assert frames is not None and frames.frames.chunk == chunk
     assert not torch.equal(same(20), first) and torch.equal(same(10), first)
     same(30, prompt=first[..., :3])
     with torch.no_grad():
@@ -2278,43 +2337,37 @@ def check_kept_frames(model, text, mask, n_frames, options, chunk, whole_chunks)
                 m.A_log.data.add_(1.0)  # (through .data: not even the version counter knows)
                 m.in_proj.weight.mul_(1.5)
     assert not torch.equal(same(10), first)
-    assert kept._kept is frames  # replayed, not recorded again
-    same(None)  # recorded again, for the default generator
-    assert kept._kept is not frames
+    same(None)  # the default generator
     same(None)
+    assert kept._kept is frames  # replayed, not recorded again
     frames = weakref.ref(kept._kept)
     kept = None  # the Decoder dropped
     assert frames() is None  # freed with the Decoder, not left to the garbage collector (a cycle)
     return first
 
 
-@pytest.mark.parametrize("whole_chunks", [False, True])
-def test_a_decoder_keeps_its_frames_for_later_calls(kernel_definitions, monkeypatch, whole_chunks):
+def test_a_decoder_keeps_its_frames_for_later_calls(kernel_definitions, monkeypatch):
     # KeptFrames on a CPU, where "recording" a frame is its warm-up (on the kept tensors) and the
     # frame stands for its graph; the fused step in chunks of 4 steps (16 steps, K = 3: 15 frames
-    # after the first; with whole chunks 3 of them and 3 frames, with the prompt 3 and 1)
-    def record(frame, tensors, generator, device, warm_up_in_place=False, warm_ups=3):
-        fast._warm_up(frame, tensors, generator, device, warm_up_in_place, warm_ups)
+    # after the first, in blocks of 4 by NoiseAhead; with the prompt 12 frames)
+    def record(frame, tensors, warm_up_in_place=False):
+        fast._warm_up(frame, tensors, warm_up_in_place)
         return frame
 
     monkeypatch.setattr(fast, "_record", record)
-    monkeypatch.setattr(fast, "whole_chunks_for", lambda generators: whole_chunks)
     text, mask = random_text()
-    first = check_kept_frames(tiny_model("prefix_simba", 3), text, mask, 14, FastOptions(decode_chunk=4), 4,
-                              whole_chunks)
+    first = check_kept_frames(tiny_model("prefix_simba", 3), text, mask, 14, FastOptions(decode_chunk=4), 4)
     assert len(first.unique()) > 10
 
 
 @gpu
-@pytest.mark.parametrize("whole_chunks", [False, True])
-def test_gpu_a_decoder_replays_its_graphs_in_later_calls(monkeypatch, whole_chunks):
+def test_gpu_a_decoder_replays_its_graphs_in_later_calls():
     # check_kept_frames with CUDA graphs, 5 prompts: 10 rows, the state in chunks of 16 steps; the 76
     # steps of 70 frames end inside a chunk
-    monkeypatch.setattr(fast, "whole_chunks_for", lambda generators: whole_chunks)
     model = small_gpu_model(9)
     text = torch.randn(5, 6, 768, device="cuda")
     mask = torch.arange(6, device="cuda")[None] < torch.randint(1, 7, (5, 1), device="cuda")
-    first = check_kept_frames(model, text, mask, 70, FastOptions(), 16, whole_chunks)
+    first = check_kept_frames(model, text, mask, 70, FastOptions(), 16)
     assert len(first.unique()) > 100  # sampled, not a constant
 
 
@@ -2351,9 +2404,11 @@ def graphed_decoding_matches_eager(trials=12):
 @gpu
 def test_gpu_first_replay_draws_what_eager_draws_on_a_busy_gpu():
     # the first replay of a new graph once drew other tokens than eager decoding, now and then, when
-    # other processes shared the GPU (pytest -n 4): torch resets a registered generator's offset on
-    # the capture stream, unordered with the replay's stream (fast._record orders them). Same
-    # kernels with and without the graph: the tokens must be equal, every time.
+    # other processes shared the GPU (pytest -n 4): torch reset a registered generator's offset on
+    # the capture stream, unordered with the replay's stream. The graphs now draw nothing; the noise
+    # is drawn on a stream of its own, ordered with the replays by events (fast.NoiseAhead), which a
+    # busy GPU would also expose. Same kernels with and without the graph: the tokens must be equal,
+    # every time.
     assert graphed_decoding_matches_eager() == []
 
 
