@@ -464,9 +464,9 @@ class NoiseAhead:
         blocks = [range(s, min(s + self.block, start + n)) for s in range(start, start + n, self.block)]
         if self.stream is not None and blocks:  # the ring's last readers: the work queued before
             self.stream.wait_stream(torch.cuda.current_stream(self.ring.device))
+        if blocks:
+            self._draw(blocks[0], generator, 0)
         for j, block in enumerate(blocks):
-            if j == 0:
-                self._draw(block, generator, 0)
             if self.stream is not None:
                 torch.cuda.current_stream(self.ring.device).wait_event(self.drawn[j % 2])
             if j + 1 < len(blocks):
