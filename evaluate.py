@@ -742,6 +742,9 @@ class StateNorms:
     def __init__(self):
         self.norms = []
 
+    def prefill(self, model, tokens, text, text_mask, cache):
+        return model.logits(tokens, text, text_mask, cache)
+
     def decode(self, model, cache, steps, fixed, start, copies, sampling, progress=False):
         from ssmttm import Mamba2State, write_step
         for s in range(start, steps.shape[-1]):

@@ -246,7 +246,27 @@ class Decoder:
     def __init__(self, options=FastOptions()):
         self.options = options
         self._compiled = {}  # model -> its torch.compile'd step (options.compile)
-        self._kept = None  # with options.cuda_graph: the last call's recorded frames (KeptFrames)
+        # with options.cuda_graph: the last call's recorded prefill and frames (KeptPrefill, KeptFrames),
+        # both on one copy of the cache, kept for caches of these state shapes (_states_key: the copy)
+        self._kept_cache = None
+        self._prefill = None
+        self._kept = None
+
+    def prefill(self, model, tokens, text, text_mask, cache):
+        """model.logits(tokens, text, text_mask, cache), generate's prefill: logits (b, K, s, 1025), and
+        cache left as model.logits leaves it. With options.cuda_graph, recorded once as a CUDA graph
+        for these shapes and settings and replayed at the next calls (KeptPrefill): eager, launching
+        its kernels takes the host longer than the GPU takes to run them (BENCHMARKS.md §0b). Models
+        with attention (whose prefill makes their states' tensors rather than filling them) run eager."""
+        if self.options.cuda_graph:
+            _check_fixed_size_states(model)
+        if not self.options.cuda_graph or _unsplit_sublayers(model):
+            return model.logits(tokens, text, text_mask, cache)
+        key = KeptPrefill.key_for(model, tokens, text, text_mask, cache)
+        if self._prefill is None or self._prefill.key != key:
+            self._prefill = None  # (its tensors freed before the next are made)
+            self._prefill = KeptPrefill(model, tokens, text, text_mask, self._cache_like(cache))
+        return self._prefill.run(tokens, text, text_mask, cache)
 
     def decode(self, model, cache, steps, fixed, start, copies, sampling, progress=False):
         """Fill steps (b, K, n_steps) from step `start` on, as generate's plain loop does: the model
@@ -258,16 +278,27 @@ class Decoder:
             key = KeptFrames.key_for(model, cache, steps, copies, sampling)
             if self._kept is None or self._kept.key != key:
                 self._kept = None  # (its tensors freed before the next are made)
-                self._kept = KeptFrames(self, model, cache, steps, fixed, start, copies, sampling)
+                self._kept = KeptFrames(self, model, cache, self._cache_like(cache), steps, fixed, start, copies,
+                                        sampling)
             self._kept.run(cache, steps, fixed, start, sampling.generator, progress)
             return
         step = self.step_function(model, cache.position.shape[0])
+        chunks = step.chunk_slot(cache) if isinstance(step, FusedStep) else None
         frame = self.frame(model, cache, steps, fixed, start, copies, sampling, step)
         for _ in tqdm(range(start, steps.shape[-1]), desc="stage 1", unit="step", leave=False,
                       disable=not progress):
             frame()
-        if isinstance(step, FusedStep):
-            step.flush(cache)  # the cache as the plain loop leaves it
+        if chunks is not None and (chunks[1] + steps.shape[-1] - start) % chunks[0]:
+            step.flush(cache)  # the cache as the plain loop leaves it (when the last chunk is not whole)
+
+    def _cache_like(self, cache):
+        """The copy of a cache that the kept graphs run on: one per Decoder, made anew (and the graphs
+        recorded on the old one dropped) for a cache of other state shapes."""
+        key = _states_key(cache)
+        if self._kept_cache is None or self._kept_cache[0] != key:
+            self._kept_cache = self._prefill = self._kept = None  # (freed before the next are made)
+            self._kept_cache = (key, copy.deepcopy(cache))
+        return self._kept_cache[1]
 
     def frame(self, model, cache, steps, fixed, start, copies, sampling, step=None):
         """A function that decodes one step per call, from step `start` on: it reads step pos - 1,
@@ -311,9 +342,8 @@ class Decoder:
             Decoder._sample_into(logits[:, :, -1], steps, pos, fixed, tokens, sampling, noise.ring, sample_kernel)
             pos.add_(1)
 
-        if self.options.cuda_graph and any("self_attn" in block.layout for block in model.blocks):
-            raise ValueError("Decoder: cuda_graph needs a fixed-size decoding state; self-attention's KV "
-                             "cache grows (FastOptions(cuda_graph=False))")
+        if self.options.cuda_graph:
+            _check_fixed_size_states(model)
         tensors = (cache, steps, pos, tokens)
         record = (lambda f: _record(f, tensors, warm_up_in_place)) if self.options.cuda_graph else (lambda f: f)
         if chunks is None:
@@ -360,6 +390,14 @@ class Decoder:
         next_input.copy_(tokens[..., None].repeat(next_input.shape[0] // steps.shape[0], 1, 1))
 
 
+def _check_fixed_size_states(model):
+    """Raise ValueError for a model whose decoding state grows (self-attention's KV cache): its frames
+    are not the same graph at every step."""
+    if any("self_attn" in block.layout for block in model.blocks):
+        raise ValueError("Decoder: cuda_graph needs a fixed-size decoding state; self-attention's KV "
+                         "cache grows (FastOptions(cuda_graph=False))")
+
+
 class Frames(NamedTuple):
     """Decoder.frames': the frames of one decoding (each decodes one step; recorded as CUDA graphs with
     options.cuda_graph) and the tensors they read besides the cache, steps and fixed."""
@@ -373,17 +411,23 @@ class Frames(NamedTuple):
 
 
 class KeptFrames:
-    """Decoder.frames recorded on tensors of their own (a copy of the first call's cache, steps and
-    fixed), kept for the next decode() calls of the same key (key_for): each call copies its cache,
-    steps, fixed and first step in, replays the frames (the noise drawn from the call's generators,
-    NoiseAhead), and copies the cache and steps out, as decoding them in place leaves them. Copying
-    the cache twice is faster than recording anew (a warm-up and a capture per frame). The weights
-    are read where they are, and what is derived from them (FusedStep.read_weights) again per call:
-    a model trained in place between calls decodes with its new weights."""
+    """Decoder.frames recorded on tensors of their own (the Decoder's copy of the cache, which a
+    KeptPrefill shares, and copies of the first call's steps and fixed), kept for the next decode()
+    calls of the same key (key_for): each call copies its cache, steps, fixed and first step in,
+    replays the frames (the noise drawn from the call's generators, NoiseAhead), and copies the
+    cache and steps out, as decoding them in place leaves them. Copying the cache twice is faster
+    than recording anew (a warm-up and a capture per frame). The weights are read where they are,
+    and what is derived from them (FusedStep.read_weights) again per call: a model trained in place
+    between calls decodes with its new weights."""
 
-    def __init__(self, decoder, model, cache, steps, fixed, start, copies, sampling):
+    def __init__(self, decoder, model, cache, kept_cache, steps, fixed, start, copies, sampling):
+        """kept_cache: the copy of cache to record on (Decoder._cache_like), shared with a KeptPrefill."""
         self.key = self.key_for(model, cache, steps, copies, sampling)
-        self.cache, self.steps, self.fixed = copy.deepcopy((cache, steps, fixed))
+        if cache.memory_mask is None or kept_cache.memory_mask is None or \
+                kept_cache.memory_mask.shape != cache.memory_mask.shape:  # (the prefill's graph writes its own)
+            kept_cache.memory_mask = None if cache.memory_mask is None else cache.memory_mask.clone()
+        self.cache = kept_cache
+        self.steps, self.fixed = steps.clone(), fixed.clone()
         self.copies = copies
         self.step = decoder.step_function(model, cache.position.shape[0])
         self.frames = decoder.frames(model, self.cache, self.steps, self.fixed, start, copies, sampling, self.step,
@@ -419,18 +463,72 @@ class KeptFrames:
                 for i in range(len(block)):
                     (f.last if i % K == K - 1 else f.within)()
                 bar.update(len(block))
-        if isinstance(self.step, FusedStep):
+        if isinstance(self.step, FusedStep) and n % K:  # (after whole chunks none are pending)
             self.step.flush(self.cache)
         for mine, theirs in zip(_cache_tensors(self.cache), _cache_tensors(cache)):
             theirs.copy_(mine)
         steps.copy_(self.steps)
 
 
+class KeptPrefill:
+    """Decoder.prefill recorded as a CUDA graph on tensors of its own (the inputs, and a copy of the
+    cache that the Decoder's KeptFrames share), kept for the next calls of the same key (key_for):
+    each call copies its inputs and cache in, replays, and copies the cache out, as model.logits
+    leaves it, and returns a copy of the logits. The weights are read where they are."""
+
+    def __init__(self, model, tokens, text, text_mask, kept_cache):
+        """kept_cache: the copy of the caller's cache to record on (Decoder._cache_like)."""
+        self.key = self.key_for(model, tokens, text, text_mask, kept_cache)
+        self.tokens, self.text, self.text_mask = tokens.clone(), text.clone(), text_mask.clone()
+        self.cache = kept_cache
+        # model.logits sets cache.memory_mask to a tensor of its own: on a view of the kept cache
+        # (the same states and positions), so that the frames' graphs keep reading theirs
+        self.view = copy.copy(kept_cache)
+        self.out = [None]  # the logits
+        inputs, view, out = (self.tokens, self.text, self.text_mask), self.view, self.out
+
+        def prefill():  # (holds none of self: the Decoder frees the graph with this object)
+            out[0] = model.logits(*inputs, view)
+
+        self.replay = _capture(prefill, lambda: [prefill() for _ in range(2)])
+
+    @staticmethod
+    def key_for(model, tokens, text, text_mask, cache):
+        """What the recorded prefill depends on besides the values it reads (as KeptFrames.key_for);
+        not cache's text mask, which model.logits sets and does not read."""
+        weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+        tensors = tuple((t.shape, t.dtype, t.device) for t in (tokens, text, text_mask))
+        return model, model.training, weights, _states_key(cache), tensors
+
+    def run(self, tokens, text, text_mask, cache):
+        """model.logits(tokens, text, text_mask, cache) on the recorded graph."""
+        self.tokens.copy_(tokens)
+        self.text.copy_(text)
+        self.text_mask.copy_(text_mask)
+        for mine, theirs in zip(_states_tensors(self.cache), _states_tensors(cache)):
+            mine.copy_(theirs)
+        self.replay()
+        for mine, theirs in zip(_states_tensors(self.cache), _states_tensors(cache)):
+            theirs.copy_(mine)
+        cache.position.copy_(self.view.position)
+        cache.memory_mask = self.view.memory_mask.clone()
+        return self.out[0].clone()
+
+
+def _states_tensors(cache):
+    """The tensors of an ssmttm.InferenceCache's states (each sublayer's), in a fixed order."""
+    states = [s for block in cache.states for s in block if s is not None]
+    return [t for s in states for t in vars(s).values() if torch.is_tensor(t)]
+
+
+def _states_key(cache):
+    """The shapes, dtypes and devices of a cache's state tensors and positions (not of its text mask)."""
+    return tuple((t.shape, t.dtype, t.device) for t in [*_states_tensors(cache), cache.position])
+
+
 def _cache_tensors(cache):
     """Every tensor of an ssmttm.InferenceCache in a fixed order: each state's, the positions, the text mask."""
-    states = [s for block in cache.states for s in block if s is not None]
-    return [t for s in states for t in vars(s).values() if torch.is_tensor(t)] + \
-        [t for t in (cache.position, cache.memory_mask) if t is not None]
+    return _states_tensors(cache) + [t for t in (cache.position, cache.memory_mask) if t is not None]
 
 
 class NoiseAhead:
@@ -458,9 +556,10 @@ class NoiseAhead:
 
     def blocks(self, start, n, generator):
         """Steps start .. start + n - 1 as ranges of at most `block` steps, each yielded once its
-        noise is drawn (on CUDA: the current stream waits for the draws) and the next block's draws
-        are queued; the caller then runs the frames of its steps on the current stream. generator:
-        Sampling.generator (None: the default one; one; or a list, one per prompt)."""
+        noise is drawn (on CUDA: once the current stream waits for the draws); the caller then queues
+        the frames of its steps on the current stream, and the next block's draws are queued after
+        them, to run beside them. generator: Sampling.generator (None: the default one; one; or a
+        list, one per prompt)."""
         blocks = [range(s, min(s + self.block, start + n)) for s in range(start, start + n, self.block)]
         if self.stream is not None and blocks:  # the ring's last readers: the work queued before
             self.stream.wait_stream(torch.cuda.current_stream(self.ring.device))
@@ -469,11 +568,11 @@ class NoiseAhead:
         for j, block in enumerate(blocks):
             if self.stream is not None:
                 torch.cuda.current_stream(self.ring.device).wait_event(self.drawn[j % 2])
-            if j + 1 < len(blocks):
-                self._draw(blocks[j + 1], generator, (j + 1) % 2)
             yield block
             if self.stream is not None:  # the frames of this block, queued by the caller, read this half
                 self.read[j % 2].record(torch.cuda.current_stream(self.ring.device))
+            if j + 1 < len(blocks):
+                self._draw(blocks[j + 1], generator, (j + 1) % 2)
 
     def _draw(self, steps, generator, half):
         """Draw the noise of these steps into their slots (the ring's half `half`), after the frames
@@ -790,27 +889,32 @@ def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None
 
 
 def _record(frame, tensors, warm_up_in_place=False):
-    """Record frame() as a CUDA graph on tensors (what it reads and writes); returns its replay.
-    Capturing records kernels without running them, so first _warm_up (compile, autotune, allocate).
-    The frame must draw no random numbers (its noise comes from NoiseAhead). warm_up_in_place:
+    """Record frame() as a CUDA graph on tensors (what it reads and writes), after _warm_up; returns its
+    replay. The frame must draw no random numbers (its noise comes from NoiseAhead). warm_up_in_place:
     _warm_up's in_place."""
+    return _capture(frame, lambda: _warm_up(frame, tensors, warm_up_in_place))
+
+
+def _capture(fn, warm_up):
+    """Record fn() as a CUDA graph; returns its replay. Capturing records kernels without running them,
+    so first warm_up() runs it (compile, autotune, allocate) on the capture's stream."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        _warm_up(frame, tensors, warm_up_in_place)
+        warm_up()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        frame()
+        fn()
     torch.cuda.current_stream().wait_stream(stream)  # the replays after what the capture queued
 
     def replay():
         graph.replay()
 
-    # The replay holds frame, and with it every tensor the graph reads and writes: one made before the
+    # The replay holds fn, and with it every tensor the graph reads and writes: one made before the
     # capture and freed after (as NoiseAhead's ring would be) is memory the graph's kernels write
     # into at every replay, while the allocator hands it to other tensors.
-    replay.frame = frame
+    replay.fn = fn
     return replay
 
 

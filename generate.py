@@ -303,6 +303,19 @@ def read_prompt_codes(path, needed):
     return torch.from_numpy(codes[:needed].astype(np.int64))
 
 
+TEXT_MULTIPLE = 32  # with a fast.Decoder, the text padded to a multiple of this many positions (pad_text)
+
+
+def pad_text(text, mask, multiple=TEXT_MULTIPLE):
+    """text (b, lt, d) and mask (b, lt) with masked positions added at the end, to a multiple of
+    `multiple` positions. Masked positions leave no trace (ssmttm.left_align, Mamba2.mask_padding,
+    the attention masks): the same logits up to rounding; and batches whose captions differ in
+    length take one shape, whose CUDA graphs fast.Decoder recorded at an earlier batch and replays
+    (KeptPrefill, KeptFrames) instead of recording them again."""
+    pad = -text.shape[1] % multiple
+    return F.pad(text, (0, 0, 0, pad)), F.pad(mask, (0, pad), value=False)
+
+
 def generate_batch(m, requests, n_frames, args, device):
     """Codes (b, 9 or K, n_frames) for a batch of requests, the audio (b, samples) or None, and the
     seconds each stage took. Each prompt draws from its own generator, seeded with its seed, in both
@@ -311,6 +324,8 @@ def generate_batch(m, requests, n_frames, args, device):
     timings = {}
     prompts = [r.prompt for r in requests]
     text, mask = m.text_encoder(prompts)
+    if m.decoder is not None:
+        text, mask = pad_text(text, mask)
     g = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
     cont = m.continuation
     t0 = time.time()

@@ -525,9 +525,9 @@ class TextToMusicLM(nn.Module):
         ssm_dtype: how the Mamba-2 states are stored between steps (default fp32; Mamba2.new_state).
         generator: a torch.Generator, or a list of b, one per text: then each text's tokens are
         the same in any batch (up to the rounding of the logits, which may depend on the batch).
-        decoder: an object whose decode() runs the loop after the first step faster (fast.Decoder,
-        CUDA); it must write the tokens this loop writes. Raises ValueError for a prompt longer
-        than n_frames or of another batch or K."""
+        decoder: an object whose prefill() (as self.logits with a cache) and decode() (the loop after
+        the first step) run faster (fast.Decoder, CUDA); they must write the tokens this loop writes.
+        Raises ValueError for a prompt longer than n_frames or of another batch or K."""
         was_training = self.training
         self.eval()
         steps, fixed = self.step_layout(text.shape[0], n_frames, prompt, text.device)
@@ -543,7 +543,7 @@ class TextToMusicLM(nn.Module):
         start = 0 if prompt is None else prompt.shape[-1]  # the first step with a token to sample
         todo = range(start, steps.shape[-1])
         if decoder is not None and len(todo) > 1:
-            logits = self.logits(inputs(start), text, text_mask, cache)  # the prefill
+            logits = decoder.prefill(self, inputs(start), text, text_mask, cache)  # self.logits's
             write_step(steps, fixed, start, sampling(logits[:, :, -1]))
             decoder.decode(self, cache, steps, fixed, start + 1, copies, sampling, progress)
             todo = []

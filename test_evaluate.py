@@ -20,7 +20,9 @@ import pytest
 import soundfile as sf
 import torch
 
+import data
 import evaluate
+import ssmttm
 
 needs_openl3 = pytest.mark.skipif(not importlib.util.find_spec("torchopenl3"), reason="torchopenl3 not installed")
 needs_passt = pytest.mark.skipif(not importlib.util.find_spec("hear21passt"), reason="hear21passt not installed")
@@ -420,3 +422,19 @@ def test_convergence_four_variants(tmp_path, capsys):
     os.remove(os.path.join(out, "convergence.png"))
     assert evaluate.main(["--convergence", out, "--plot-only"]) == table
     assert os.path.exists(os.path.join(out, "convergence.png"))
+
+
+def test_state_norms_decodes_as_generate_and_keeps_a_norm_per_step():
+    # evaluate.window_scores' probe (StateNorms, a generate() decoder, with its prefill and decode):
+    # the tokens of generate's own loop, and one mean state norm per decoded step
+    torch.manual_seed(0)
+    model = ssmttm.TextToMusicLM(ssmttm.ModelConfig(variant="prefix_simba", n_layers=2, d_model=64, d_state=16,
+                                                    headdim=16, n_heads=4, d_ff=128, dropout=0.0, n_codebooks=1,
+                                                    chunk_size=8)).eval()
+    text, mask = data.WordEncoder()(["a calm piano", "fast drums"])
+    kw = dict(cfg_scale=3.0, top_k=50, temperature=0.3)
+    probe = evaluate.StateNorms()
+    got = model.generate(text, mask, 12, decoder=probe, generator=torch.Generator().manual_seed(3), **kw)
+    want = model.generate(text, mask, 12, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(got, want)
+    assert len(probe.norms) == 11 and all(n > 0 for n in probe.norms)

@@ -1782,23 +1782,23 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
         fast.Decoder(FastOptions(decode_streams=2)).step_function(tiny_model("cross_simba", 3), 4)
 
 
-def test_decoder_leaves_the_cache_as_the_plain_loop_does(kernel_definitions):
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("n_frames", [14, 15])
+def test_decoder_leaves_the_cache_as_the_plain_loop_does(kernel_definitions, monkeypatch, n_frames, graph):
     # fast.Decoder.decode with the state written once per chunk of 4 steps folds the steps still
-    # pending at its end (15 decoded: 3 chunks and 3 steps) into the states: the cache it leaves is
-    # the plain loop's (the layers' own steps), states and positions
-    class Keep(fast.Decoder):
-        def decode(self, model, cache, *args):
-            super().decode(model, cache, *args)
-            self.cache = cache
-
+    # pending at its end (14 frames, 15 decoded: 3 chunks and 3 steps) into the states, and after whole
+    # chunks (15 frames, 16 decoded) has none to fold: the cache it leaves is the plain loop's (the
+    # layers' own steps), states and positions; also on kept frames (graph; on a CPU the frame stands
+    # for its graph)
+    monkeypatch.setattr(fast, "_capture", run_the_graph)
     model = tiny_model("prefix_simba", 3)
     text, mask = random_text()
     caches = []
-    for options in (FastOptions(decode_kernels=False, cuda_graph=False), FastOptions(cuda_graph=False, decode_chunk=4)):
-        decoder = Keep(options)
-        codes = model.generate(text, mask, 14, cfg_scale=3.0, top_k=1, decoder=decoder)
+    for options in (FastOptions(decode_kernels=False, cuda_graph=False), FastOptions(cuda_graph=graph, decode_chunk=4)):
+        decoder = KeepCache(options)
+        codes = model.generate(text, mask, n_frames, cfg_scale=3.0, top_k=1, decoder=decoder)
         caches.append(decoder.cache)
-    assert codes.shape == (2, 3, 14) and torch.equal(caches[0].position, caches[1].position)
+    assert codes.shape == (2, 3, n_frames) and torch.equal(caches[0].position, caches[1].position)
     states = [[s for block in c.states for s in block if isinstance(s, ssmttm.Mamba2State)] for c in caches]
     assert len(states[0]) == len(model.blocks)
     for plain, fused in zip(*states):
@@ -1924,7 +1924,8 @@ def test_decoder_draws_the_plain_loops_noise_ahead_of_its_frames(kernel_definiti
 
 def test_noise_ahead_hands_out_every_step_once_after_drawing_it():
     # fast.NoiseAhead.blocks: steps start .. start + n - 1 in blocks of at most `block`, each yielded with
-    # its noise in slot step % (2 * block), what exponential_noise draws for that step in turn
+    # its noise in slot step % (2 * block), what exponential_noise draws for that step in turn; the next
+    # block is drawn after the caller has had this one (so its frames start without waiting for it)
     noise = fast.NoiseAhead((2, 3), 5, "cpu", block=4)
     g, seen = torch.Generator().manual_seed(1), []
     want = torch.Generator().manual_seed(1)
@@ -1934,6 +1935,7 @@ def test_noise_ahead_hands_out_every_step_once_after_drawing_it():
             expected = ssmttm.exponential_noise(torch.empty(2, 3, 5), want)
             assert torch.equal(noise.ring[s % 8], expected), s
             seen.append(s)
+        assert torch.equal(g.get_state(), want.get_state())  # drawn up to this block's end, not further
     assert seen == list(range(7, 17)) and torch.equal(g.get_state(), want.get_state())
     assert fast.NoiseAhead((2, 3), 5, "cpu", draws=False).ring is None
 
@@ -2327,8 +2329,8 @@ def check_kept_frames(model, text, mask, n_frames, options, chunk):
         return got[0]
 
     first = same(10)
-    frames = kept._kept
-    assert frames is not None and frames.frames.chunk == chunk
+    frames, prefill = kept._kept, kept._prefill
+    assert frames is not None and frames.frames.chunk == chunk and frames.cache is prefill.cache
     assert not torch.equal(same(20), first) and torch.equal(same(10), first)
     same(30, prompt=first[..., :3])
     with torch.no_grad():
@@ -2337,27 +2339,119 @@ def check_kept_frames(model, text, mask, n_frames, options, chunk):
                 m.A_log.data.add_(1.0)  # (through .data: not even the version counter knows)
                 m.in_proj.weight.mul_(1.5)
     assert not torch.equal(same(10), first)
+    prefill = kept._prefill  # (recorded anew for the prompt's input steps, and after it)
     same(None)  # the default generator
     same(None)
-    assert kept._kept is frames  # replayed, not recorded again
-    frames = weakref.ref(kept._kept)
+    assert kept._kept is frames and kept._prefill is prefill  # replayed, not recorded again
+    frames, prefill = weakref.ref(kept._kept), weakref.ref(kept._prefill)
     kept = None  # the Decoder dropped
-    assert frames() is None  # freed with the Decoder, not left to the garbage collector (a cycle)
+    assert frames() is None and prefill() is None  # freed with the Decoder, not left to the garbage collector
     return first
 
 
-def test_a_decoder_keeps_its_frames_for_later_calls(kernel_definitions, monkeypatch):
-    # KeptFrames on a CPU, where "recording" a frame is its warm-up (on the kept tensors) and the
-    # frame stands for its graph; the fused step in chunks of 4 steps (16 steps, K = 3: 15 frames
-    # after the first, in blocks of 4 by NoiseAhead; with the prompt 12 frames)
-    def record(frame, tensors, warm_up_in_place=False):
-        fast._warm_up(frame, tensors, warm_up_in_place)
-        return frame
+def run_the_graph(fn, warm_up):
+    """fast._capture on a CPU: the warm-up, then fn stands for its graph."""
+    warm_up()
+    return fn
 
-    monkeypatch.setattr(fast, "_record", record)
+
+def test_a_decoder_keeps_its_frames_for_later_calls(kernel_definitions, monkeypatch):
+    # KeptPrefill and KeptFrames on a CPU, where "recording" a frame is its warm-up (on the kept tensors)
+    # and the frame stands for its graph; the fused step in chunks of 4 steps (16 steps, K = 3: 15
+    # frames after the first, in blocks of 4 by NoiseAhead; with the prompt 12 frames)
+    monkeypatch.setattr(fast, "_capture", run_the_graph)
     text, mask = random_text()
     first = check_kept_frames(tiny_model("prefix_simba", 3), text, mask, 14, FastOptions(decode_chunk=4), 4)
     assert len(first.unique()) > 10
+
+
+def check_recorded_prefill(model, text, mask):
+    """Decoder.prefill returns model.logits' logits and leaves the cache as it does, bit for bit, on
+    the prefill it recorded for the shapes (KeptPrefill): from a new cache and from one with states
+    (a second prefill continues from them), with other values of the same shapes on the same
+    recording, with a prompt (more input steps) and with a shorter text (each recorded anew), and on
+    the copy of the cache that the kept frames share; a cache of other rows gets a new copy."""
+    decoder, b, K = fast.Decoder(FastOptions()), text.shape[0], model.cfg.n_codebooks
+    new_cache = lambda rows: ssmttm.InferenceCache(model, rows, 12, text.device, model.embed.weight.dtype)  # noqa: E731
+
+    def same(tokens, text, mask, cache):
+        want_cache = copy.deepcopy(cache)
+        want = model.logits(tokens, text, mask, want_cache)
+        assert torch.equal(decoder.prefill(model, tokens, text, mask, cache), want)
+        got, wanted = fast._cache_tensors(cache), fast._cache_tensors(want_cache)
+        assert len(got) == len(wanted) and all(torch.equal(g, w) for g, w in zip(got, wanted))
+        assert any(s.ssm.abs().sum() > 0 for s in cache.states[0] if isinstance(s, ssmttm.Mamba2State))
+
+    begin = torch.full((b, K, 1), SPECIAL, device=text.device)
+    with torch.no_grad():
+        cache = new_cache(b)
+        same(begin, text, mask, cache)
+        prefill, kept_cache = decoder._prefill, decoder._kept_cache[1]
+        same(begin, text.flip(0), mask.flip(0), cache)  # continues from the states left in cache
+        assert decoder._prefill is prefill
+        prompt = torch.randint(0, 1024, (b, K, 3), device=text.device)
+        same(torch.cat([begin, prompt], -1), text, mask, new_cache(b))
+        assert decoder._prefill is not prefill
+        same(begin, text[:, :-1].contiguous(), mask[:, :-1].contiguous(), new_cache(b))  # (as the recording's)
+        assert decoder._kept_cache[1] is kept_cache and decoder._prefill.cache is kept_cache
+        same(begin[:1], text[:1], mask[:1], new_cache(1))
+        assert decoder._kept_cache[1] is not kept_cache
+
+
+def check_padded_captions_share_the_graphs(model, d_text, device):
+    """Captions of 5 and 7 positions, padded as generate.py pads them (pad_text), take one Decoder's
+    recorded prefill and frames (no recording for the second), and the tokens of eager decoding."""
+    decoder, recorded = fast.Decoder(FastOptions()), None
+    for lt in (5, 7):
+        text = torch.randn(3, lt, d_text, device=device, dtype=model.text_proj.weight.dtype)
+        mask = torch.arange(lt, device=device)[None] < torch.tensor([[lt], [2], [lt - 1]], device=device)
+        text, mask = genmod.pad_text(text, mask, multiple=8)
+        runs = [model.generate(text, mask, 20, generator=torch.Generator(device).manual_seed(lt), decoder=d)
+                for d in (decoder, fast.Decoder(FastOptions(cuda_graph=False)))]
+        assert torch.equal(runs[0], runs[1])
+        recorded = recorded or (decoder._prefill, decoder._kept)
+        assert decoder._prefill is recorded[0] and decoder._kept is recorded[1]
+
+
+def test_a_decoder_records_its_prefill(kernel_definitions, monkeypatch):
+    # KeptPrefill on a CPU, where "recording" is the warm-up and the prefill stands for its graph; with
+    # cross-attention (whose prefill makes the text's keys and values) the prefill runs eager, and the
+    # kept frames write the tokens of eager frames
+    monkeypatch.setattr(fast, "_capture", run_the_graph)
+    text, mask = random_text(b=3)
+    check_recorded_prefill(tiny_model("prefix_simba", 3), text, mask)
+    model, decoder = tiny_model("cross_simba", 3), fast.Decoder(FastOptions())
+    kw = dict(top_k=250, temperature=1.2)
+    got = model.generate(text, mask, 9, generator=torch.Generator().manual_seed(4), decoder=decoder, **kw)
+    want = model.generate(text, mask, 9, generator=torch.Generator().manual_seed(4),
+                          decoder=fast.Decoder(FastOptions(cuda_graph=False)), **kw)
+    assert torch.equal(got, want) and decoder._prefill is None and decoder._kept is not None
+    check_padded_captions_share_the_graphs(tiny_model("prefix_simba", 3), 24, "cpu")
+
+
+@pytest.mark.parametrize("variant", ["prefix_simba", "cross_simba"])
+def test_padded_text_gives_the_same_logits(variant):
+    # generate.pad_text (with a fast.Decoder, so that batches of other caption lengths share its graphs):
+    # masked positions added at the end change no logit, in the prefill and in the steps after it
+    model = tiny_model(variant, 3)
+    text, mask = random_text(b=3, lt=7)
+    padded, padded_mask = genmod.pad_text(text, mask, multiple=4)
+    assert padded.shape == (3, 8, 24) and torch.equal(padded[:, :7], text) and not padded_mask[:, 7:].any()
+    assert genmod.pad_text(padded, padded_mask, multiple=4)[0].shape == (3, 8, 24)
+    tokens = torch.randint(0, 1024, (3, 3, 6))
+    caches = [ssmttm.InferenceCache(model, 3, 8, "cpu", torch.float64) for _ in range(2)]
+    logits = [torch.cat([model.logits(tokens[..., :3], t, m, c), model.step(tokens[..., 3:], c)], 2)
+              for t, m, c in [(text, mask, caches[0]), (padded, padded_mask, caches[1])]]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-12, atol=1e-12)
+
+
+@gpu
+def test_gpu_a_decoder_replays_its_recorded_prefill():
+    model = fast.accelerate(small_gpu_model(9))
+    text = torch.randn(5, 6, 768, device="cuda")
+    mask = torch.arange(6, device="cuda")[None] < torch.randint(1, 7, (5, 1), device="cuda")
+    check_recorded_prefill(model, text, mask)
+    check_padded_captions_share_the_graphs(fast.for_inference(model), 768, "cuda")
 
 
 @gpu
