@@ -250,20 +250,26 @@ class Decoder:
         # both on one copy of the cache, kept for caches of these state shapes (_states_key: the copy)
         self._kept_cache = None
         self._prefill = None
+        self._prefill_key = None  # the key of the last prefill (KeptPrefill.key_for)
         self._kept = None
 
     def prefill(self, model, tokens, text, text_mask, cache):
         """model.logits(tokens, text, text_mask, cache), generate's prefill: logits (b, K, s, 1025), and
-        cache left as model.logits leaves it. With options.cuda_graph, recorded once as a CUDA graph
-        for these shapes and settings and replayed at the next calls (KeptPrefill): eager, launching
-        its kernels takes the host longer than the GPU takes to run them (BENCHMARKS.md §0b). Models
-        with attention (whose prefill makes their states' tensors rather than filling them) run eager."""
+        cache left as model.logits leaves it. With options.cuda_graph, recorded as a CUDA graph at
+        the second call of these shapes and settings and replayed from then on (KeptPrefill): eager,
+        launching its kernels takes the host longer than the GPU takes to run them (BENCHMARKS.md
+        §0b). The first call runs eager, as recording costs about two prefills, which only replays
+        win back. Models with attention (whose prefill makes their states' tensors rather than
+        filling them) run eager."""
         if self.options.cuda_graph:
             _check_fixed_size_states(model)
         if not self.options.cuda_graph or _unsplit_sublayers(model):
             return model.logits(tokens, text, text_mask, cache)
         key = KeptPrefill.key_for(model, tokens, text, text_mask, cache)
         if self._prefill is None or self._prefill.key != key:
+            if self._prefill_key != key:  # the first call of this key
+                self._prefill_key = key
+                return model.logits(tokens, text, text_mask, cache)
             self._prefill = None  # (its tensors freed before the next are made)
             self._prefill = KeptPrefill(model, tokens, text, text_mask, self._cache_like(cache))
         return self._prefill.run(tokens, text, text_mask, cache)

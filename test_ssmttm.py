@@ -2329,9 +2329,10 @@ def check_kept_frames(model, text, mask, n_frames, options, chunk):
         return got[0]
 
     first = same(10)
-    frames, prefill = kept._kept, kept._prefill
-    assert frames is not None and frames.frames.chunk == chunk and frames.cache is prefill.cache
+    frames = kept._kept
+    assert frames is not None and frames.frames.chunk == chunk and kept._prefill is None  # (eager at first)
     assert not torch.equal(same(20), first) and torch.equal(same(10), first)
+    assert kept._prefill.cache is frames.cache  # recorded at the second call, on the frames' copy of the cache
     same(30, prompt=first[..., :3])
     with torch.no_grad():
         for m in model.modules():
@@ -2339,7 +2340,7 @@ def check_kept_frames(model, text, mask, n_frames, options, chunk):
                 m.A_log.data.add_(1.0)  # (through .data: not even the version counter knows)
                 m.in_proj.weight.mul_(1.5)
     assert not torch.equal(same(10), first)
-    prefill = kept._prefill  # (recorded anew for the prompt's input steps, and after it)
+    prefill = kept._prefill
     same(None)  # the default generator
     same(None)
     assert kept._kept is frames and kept._prefill is prefill  # replayed, not recorded again
@@ -2366,11 +2367,12 @@ def test_a_decoder_keeps_its_frames_for_later_calls(kernel_definitions, monkeypa
 
 
 def check_recorded_prefill(model, text, mask):
-    """Decoder.prefill returns model.logits' logits and leaves the cache as it does, bit for bit, on
-    the prefill it recorded for the shapes (KeptPrefill): from a new cache and from one with states
-    (a second prefill continues from them), with other values of the same shapes on the same
-    recording, with a prompt (more input steps) and with a shorter text (each recorded anew), and on
-    the copy of the cache that the kept frames share; a cache of other rows gets a new copy."""
+    """Decoder.prefill returns model.logits' logits and leaves the cache as it does, bit for bit: at
+    the first call of some shapes eager, then on the prefill it recorded at the second (KeptPrefill),
+    from a new cache and from one with states (a prefill continues from them), with other values of
+    the same shapes on the same recording, with a prompt (more input steps) and with a shorter text
+    (each recorded anew), on the copy of the cache that the kept frames share; a cache of other rows
+    gets a new copy."""
     decoder, b, K = fast.Decoder(FastOptions()), text.shape[0], model.cfg.n_codebooks
     new_cache = lambda rows: ssmttm.InferenceCache(model, rows, 12, text.device, model.embed.weight.dtype)  # noqa: E731
 
@@ -2382,35 +2384,46 @@ def check_recorded_prefill(model, text, mask):
         assert len(got) == len(wanted) and all(torch.equal(g, w) for g, w in zip(got, wanted))
         assert any(s.ssm.abs().sum() > 0 for s in cache.states[0] if isinstance(s, ssmttm.Mamba2State))
 
+    def twice(tokens, text, mask):
+        """The first call eager, the second recorded: returns the new recording."""
+        before = decoder._prefill
+        same(tokens, text, mask, new_cache(tokens.shape[0]))
+        assert decoder._prefill is before
+        same(tokens, text.flip(0), mask.flip(0), new_cache(tokens.shape[0]))
+        assert decoder._prefill is not before and decoder._prefill is not None
+        return decoder._prefill
+
     begin = torch.full((b, K, 1), SPECIAL, device=text.device)
     with torch.no_grad():
+        prefill = twice(begin, text, mask)
+        kept_cache = decoder._kept_cache[1]
         cache = new_cache(b)
         same(begin, text, mask, cache)
-        prefill, kept_cache = decoder._prefill, decoder._kept_cache[1]
         same(begin, text.flip(0), mask.flip(0), cache)  # continues from the states left in cache
-        assert decoder._prefill is prefill
+        assert decoder._prefill is prefill and prefill.cache is kept_cache
         prompt = torch.randint(0, 1024, (b, K, 3), device=text.device)
-        same(torch.cat([begin, prompt], -1), text, mask, new_cache(b))
-        assert decoder._prefill is not prefill
-        same(begin, text[:, :-1].contiguous(), mask[:, :-1].contiguous(), new_cache(b))  # (as the recording's)
+        twice(torch.cat([begin, prompt], -1), text, mask)
+        twice(begin, text[:, :-1].contiguous(), mask[:, :-1].contiguous())  # (contiguous, as the recording's)
         assert decoder._kept_cache[1] is kept_cache and decoder._prefill.cache is kept_cache
-        same(begin[:1], text[:1], mask[:1], new_cache(1))
+        twice(begin[:1], text[:1], mask[:1])
         assert decoder._kept_cache[1] is not kept_cache
 
 
 def check_padded_captions_share_the_graphs(model, d_text, device):
-    """Captions of 5 and 7 positions, padded as generate.py pads them (pad_text), take one Decoder's
-    recorded prefill and frames (no recording for the second), and the tokens of eager decoding."""
-    decoder, recorded = fast.Decoder(FastOptions()), None
-    for lt in (5, 7):
+    """Captions of 5, 7 and 6 positions, padded as generate.py pads them (pad_text), take one Decoder's
+    frames, recorded at the first, and its prefill, recorded at the second: nothing is recorded for the
+    third. Each writes the tokens of eager decoding."""
+    decoder, recorded = fast.Decoder(FastOptions()), []
+    for lt in (5, 7, 6):
         text = torch.randn(3, lt, d_text, device=device, dtype=model.text_proj.weight.dtype)
         mask = torch.arange(lt, device=device)[None] < torch.tensor([[lt], [2], [lt - 1]], device=device)
         text, mask = genmod.pad_text(text, mask, multiple=8)
         runs = [model.generate(text, mask, 20, generator=torch.Generator(device).manual_seed(lt), decoder=d)
                 for d in (decoder, fast.Decoder(FastOptions(cuda_graph=False)))]
         assert torch.equal(runs[0], runs[1])
-        recorded = recorded or (decoder._prefill, decoder._kept)
-        assert decoder._prefill is recorded[0] and decoder._kept is recorded[1]
+        recorded.append((decoder._prefill, decoder._kept))
+    assert recorded[0][0] is None and recorded[1][0] is not None
+    assert recorded[0][1] is recorded[1][1] and recorded[1] == recorded[2]
 
 
 def test_a_decoder_records_its_prefill(kernel_definitions, monkeypatch):
