@@ -446,10 +446,8 @@ class KeptFrames:
         """What the recorded frames depend on besides the values they read: the model and where its
         weights are (not their values), the shapes and dtypes of the tensors, the sampling settings
         (not the generators: the frames draw nothing)."""
-        weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
-        tensors = tuple((t.shape, t.dtype, t.device) for t in [*_cache_tensors(cache), steps])
-        return (model, model.training, weights, tensors, copies, sampling.cfg_scale, sampling.top_k,
-                sampling.temperature)
+        tensors = _shapes([*_cache_tensors(cache), steps])
+        return _model_key(model), tensors, copies, sampling.cfg_scale, sampling.top_k, sampling.temperature
 
     def run(self, cache, steps, fixed, start, generator, progress=False):
         """Decoder.decode on the kept frames: steps (b, K, n_steps) from step `start` on, continuing
@@ -502,9 +500,7 @@ class KeptPrefill:
     def key_for(model, tokens, text, text_mask, cache):
         """What the recorded prefill depends on besides the values it reads (as KeptFrames.key_for);
         not cache's text mask, which model.logits sets and does not read."""
-        weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
-        tensors = tuple((t.shape, t.dtype, t.device) for t in (tokens, text, text_mask))
-        return model, model.training, weights, _states_key(cache), tensors
+        return _model_key(model), _states_key(cache), _shapes([tokens, text, text_mask])
 
     def run(self, tokens, text, text_mask, cache):
         """model.logits(tokens, text, text_mask, cache) on the recorded graph."""
@@ -528,8 +524,19 @@ def _states_tensors(cache):
 
 
 def _states_key(cache):
-    """The shapes, dtypes and devices of a cache's state tensors and positions (not of its text mask)."""
-    return tuple((t.shape, t.dtype, t.device) for t in [*_states_tensors(cache), cache.position])
+    """The shapes of a cache's state tensors and positions (not of its text mask): _shapes."""
+    return _shapes([*_states_tensors(cache), cache.position])
+
+
+def _shapes(tensors):
+    """The shapes, dtypes and devices of tensors, a key of what a recording depends on."""
+    return tuple((t.shape, t.dtype, t.device) for t in tensors)
+
+
+def _model_key(model):
+    """The model, its mode and where its weights are (not their values): a key of what a recording
+    of it depends on."""
+    return model, model.training, tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _cache_tensors(cache):
