@@ -8,9 +8,10 @@
   (ssd_grouped's SSD and a Triton conv by default; mamba-ssm's kernels and causal-conv1d with the
   other FastOptions.train paths), the prefill's SSD, mamba-ssm's decoding step.
   A whole LM becomes a `FastLM`, whose residual adds run inside the next sublayer's norm.
-- `Decoder` is generate's loop after the first step: each frame (the input embedding, one step of
-  every block, the heads, guidance, top-k sampling, writing the token) in a few fused kernels,
-  recorded once as a CUDA graph and replayed. It draws the same noise from the same generator as
+- `Decoder` is generate's prefill and its loop after the first step: each frame (the input
+  embedding, one step of every block, the heads, guidance, top-k sampling, writing the token) in a
+  few fused kernels, recorded once as a CUDA graph and replayed, and the prefill replayed from a
+  graph from its second call of the same shapes. It draws the same noise from the same generator as
   the plain loop, so it writes the same tokens (up to floating-point rounding of the logits).
 
 Every choice is an explicit FastOptions field. The arrows point one way: this file reads the

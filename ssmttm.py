@@ -23,7 +23,7 @@ Cross variants read only [begin | x_0 ... x_{S-2}] and look at the text through 
 Everything here is plain PyTorch and runs anywhere; the SSD inside Mamba-2 is ssd_reference.py.
 The GPU kernels live in fast.py and gpu_kernels.py, which import this file (never the other way):
 `fast.accelerate(model)` runs the same weights on them, and `model.generate(..., decoder=...)`
-takes their decoding loop. Same checkpoints, same tokens.
+takes their prefill and decoding loop. Same checkpoints, same tokens.
 """
 import math
 from dataclasses import dataclass
