@@ -430,9 +430,10 @@ class KeptFrames:
     def __init__(self, decoder, model, cache, kept_cache, steps, fixed, start, copies, sampling):
         """kept_cache: the copy of cache to record on (Decoder._cache_like), shared with a KeptPrefill."""
         self.key = self.key_for(model, cache, steps, copies, sampling)
-        if cache.memory_mask is None or kept_cache.memory_mask is None or \
-                kept_cache.memory_mask.shape != cache.memory_mask.shape:  # (the prefill's graph writes its own)
-            kept_cache.memory_mask = None if cache.memory_mask is None else cache.memory_mask.clone()
+        # the text mask the frames read, copied in at each run (the prefill's graph writes one of its own)
+        mask, kept_mask = cache.memory_mask, kept_cache.memory_mask
+        if mask is None or kept_mask is None or kept_mask.shape != mask.shape:
+            kept_cache.memory_mask = None if mask is None else mask.clone()
         self.cache = kept_cache
         self.steps, self.fixed = steps.clone(), fixed.clone()
         self.copies = copies
