@@ -188,21 +188,33 @@ class FastMamba2(Mamba2):
             headdim=self.headdim, ngroups=self.ngroups, norm_before_gate=False)
 
     def conv(self, xBC, state=None):
-        if state is not None or not xBC.is_cuda:
+        x = xBC.transpose(1, 2)  # (b, conv_dim, l), channels last in memory: xBC is a slice of zxbcdt's rows
+        if not xBC.is_cuda or (state is not None and x.stride(1) != 1):
             return super().conv(xBC, state)
         weight = self.conv1d.weight[:, 0]
-        return kernels.causal_conv1d_fn(xBC.transpose(1, 2), weight, self.conv1d.bias).transpose(1, 2)
+        if state is None:
+            return kernels.causal_conv1d_fn(x, weight, self.conv1d.bias).transpose(1, 2)
+        # The prefill: the window starts from the state's last d_conv - 1 inputs, which causal-conv1d takes
+        # channels last, as x; the state then keeps the last d_conv inputs, as the plain conv leaves it.
+        history = state.conv[..., 1:].to(x.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        out = kernels.causal_conv1d_fn(x, weight, self.conv1d.bias, initial_states=history)
+        tail = x[..., -self.d_conv:].to(state.conv.dtype)
+        state.conv.copy_(torch.cat([state.conv, tail], dim=-1)[..., -self.d_conv:])
+        return out.transpose(1, 2)
 
     def ssd(self, x, dt, B, C, initial_state=None):
+        # A sequence shorter than a chunk (a prefill) takes the shortest power-of-two chunk that holds it:
+        # the same SSD (the chunk length changes only the rounding) without the work on padded positions.
+        chunk = min(self.options.chunk_size, max(16, 1 << (x.shape[1] - 1).bit_length()))
         if self.options.train == "grouped" and self.ngroups == 1:  # on a CPU too (its torch form)
             f32 = torch.promote_types(x.dtype, torch.float32)
             with torch.autocast(x.device.type, enabled=False):
                 dt = F.softplus(dt.to(f32) + self.dt_bias.to(f32))
-                return ssd_grouped.ssd_grouped(x, dt, self.A(), B[:, :, 0], C[:, :, 0], self.options.chunk_size,
+                return ssd_grouped.ssd_grouped(x, dt, self.A(), B[:, :, 0], C[:, :, 0], chunk,
                                                self.D.to(f32), initial_state, use_triton=x.is_cuda)
         if not x.is_cuda:
             return super().ssd(x, dt, B, C, initial_state)
-        return kernels.mamba_chunk_scan_combined(x, dt, self.A(), B, C, self.options.chunk_size, D=self.D,
+        return kernels.mamba_chunk_scan_combined(x, dt, self.A(), B, C, chunk, D=self.D,
                                                  dt_bias=self.dt_bias, dt_softplus=True,
                                                  initial_states=initial_state, return_final_states=True)
 
@@ -672,13 +684,13 @@ class FusedStep:
         return self._pending[cache]
 
     def flush(self, cache):
-        """Add each Mamba-2 layer's pending steps to its state in cache (kernels.fold_pending); none
-        are pending after."""
+        """Add each Mamba-2 layer's pending steps to its state in cache (kernels.fold_chunk's
+        every_row: fold_pending's sum in one kernel per layer); none are pending after."""
         pending = self._pending.get(cache, [])
         for states, block_pending in zip(cache.states, pending):
             for s, p in zip(states, block_pending):
                 if p is not None:
-                    kernels.fold_pending(s.ssm, p)
+                    kernels.fold_chunk(s.ssm, p, every_row=True)
         first = _first(pending)
         if first is not None:
             first.slot.zero_()  # (one tensor for all layers)

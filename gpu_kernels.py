@@ -30,8 +30,8 @@ activation, residual add, conv, state update ...). Two kernels do a SiMBA block 
     which past a few rows is most of a frame's bytes.
 `ssm_chunk_step`: the same output from the state at the start of a chunk of K steps and the
     chunk's steps so far (PendingSteps), in the SSD's chunked form: the state is read every step but
-    written once per chunk, as the recurrence's state at the chunk's last step (fold_pending adds
-    what is pending at any other step).
+    written once per chunk, as the recurrence's state at the chunk's last step (fold_pending, or
+    fold_chunk's every_row on the GPU, adds what is pending at any other step).
 
 Around the blocks, a frame has two more: `embed_rows` (the K code embeddings plus the sinusoidal
 positions, then position += 1) and `sample_top_k` (guidance, temperature, top-k and the draw of
@@ -601,21 +601,21 @@ if triton is not None:
     def _fold_chunk_kernel(state_ptr, xdt_ptr, Bs_ptr, acum_ptr, slot_ptr, rows, nheads, heads_per_group, ngroups,
                            HEADDIM: tl.constexpr, DSTATE: tl.constexpr, CHUNK: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                           BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, EVERY_ROW: tl.constexpr):
         # Persistent programs over tiles of the state (BLOCK_P channels x BLOCK_S of d_state, of one head
         # of one row). Launched at every step, they return at once unless a row is at its chunk's last
         # step, whose rows' tiles become
         #   h = exp(acum_last) S_0 + sum_i exp(acum_last - acum_i) dt_i x_i B_i^T
-        # the sum as one product (channels x steps) @ (steps x slice of d_state) per tile.
+        # the sum as one product (channels x steps) @ (steps x slice of d_state) per tile. With
+        # EVERY_ROW each row folds its `slot` pending steps instead (fold_pending's sum), whatever its place.
         rs = tl.arange(0, BLOCK_R)
-        ending = 0
+        folding = 0
         for r0 in range(0, rows, BLOCK_R):
             slots = tl.load(slot_ptr + r0 + rs, mask=r0 + rs < rows, other=0)
-            ending += tl.sum((slots == CHUNK - 1).to(tl.int32))
-        if ending == 0:
+            folding += tl.sum(((slots > 0) if EVERY_ROW else (slots == CHUNK - 1)).to(tl.int32))
+        if folding == 0:
             return
         ps, ns, ks = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
-        k_ok = ks < CHUNK
         p_blocks, n_slices = tl.cdiv(HEADDIM, BLOCK_P), tl.cdiv(DSTATE, BLOCK_S)
         # tiles in the state's memory order (slices fastest): the programs in flight touch one stretch
         for t in tl.range(tl.program_id(0), rows * nheads * p_blocks * n_slices, tl.num_programs(0)):
@@ -623,16 +623,18 @@ if triton is not None:
             p = (t // n_slices % p_blocks) * BLOCK_P + ps
             head = t // (n_slices * p_blocks) % nheads
             row = t // (n_slices * p_blocks * nheads)
-            at_end = tl.load(slot_ptr + row) == CHUNK - 1   # else nothing moves: every access is masked
-            p_ok, n_ok = (p < HEADDIM) & at_end, n < DSTATE
+            slot = tl.load(slot_ptr + row)
+            steps = slot if EVERY_ROW else tl.where(slot == CHUNK - 1, CHUNK, 0)  # the row's steps to fold
+            k_ok = ks < steps  # none: nothing moves, every access is masked
+            p_ok, n_ok = (p < HEADDIM) & (steps > 0), n < DSTATE
             pending = row * CHUNK + ks
-            acum_i = tl.load(acum_ptr + pending * nheads + head, mask=k_ok & at_end, other=0.0)
-            acum = tl.sum(tl.where(ks == CHUNK - 1, acum_i, 0.0))
+            acum_i = tl.load(acum_ptr + pending * nheads + head, mask=k_ok, other=0.0)
+            acum = tl.sum(tl.where(ks == steps - 1, acum_i, 0.0))
             w = tl.where(k_ok, tl.exp(acum - acum_i), 0.0)
             xdt_i = tl.load(xdt_ptr + pending[None, :] * (nheads * HEADDIM) + head * HEADDIM + p[:, None],
                             mask=p_ok[:, None] & k_ok[None, :], other=0.0)                 # (BLOCK_P, BLOCK_K)
             B_i = tl.load(Bs_ptr + pending[:, None] * (ngroups * DSTATE) + head // heads_per_group * DSTATE
-                          + n[None, :], mask=(k_ok & at_end)[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_S)
+                          + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)     # (BLOCK_K, BLOCK_S)
             s_ptrs = state_ptr + ((row * nheads + head) * HEADDIM + p[:, None]) * DSTATE + n[None, :]
             s_ok = p_ok[:, None] & n_ok[None, :]
             s = tl.exp(acum) * tl.load(s_ptrs, mask=s_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
@@ -990,8 +992,8 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
     at the chunk's last step (slot K - 1); or ssm_chunk_end takes that step in its place. Two
     kernels: the coefficients (C_t . B_s and the decays, once per row), then the output. The caller
     advances pending.slot (+1 mod K) after each step's kernels and fold_chunk (one tensor for all
-    layers) and folds what is pending into the state with fold_pending before anything else reads
-    it. Other arguments and the result as ssm_step's."""
+    layers) and folds what is pending into the state with fold_pending (fold_chunk(every_row=True)
+    on the GPU) before anything else reads it. Other arguments and the result as ssm_step's."""
     b, nheads, headdim, d_state = state.shape
     chunk = pending.xdt.shape[1]
     # launch shape measured at 8-128 rows, fp32 and bf16 states (BENCHMARKS.md §0b): one warp, 8
@@ -1055,7 +1057,7 @@ def _check_pending(name, state, pending):
         raise ValueError(f"{name}: at most 65535 rows, got {state.shape[0]}")
 
 
-def fold_chunk(state, pending, block_p=None, block_s=None, num_warps=4, programs_per_sm=4):
+def fold_chunk(state, pending, block_p=None, block_s=None, num_warps=4, programs_per_sm=4, every_row=False):
     """Where a row is at its chunk's last step (pending.slot == K - 1, after that step's
     ssm_chunk_step, before the slot advances), add the chunk's K steps to its state, in place:
     h = exp(acum_last) S_0 + sum_i exp(acum_last - acum_i) dt_i x_i B_i^T, as fold_pending with one
@@ -1063,6 +1065,9 @@ def fold_chunk(state, pending, block_p=None, block_s=None, num_warps=4, programs
     no host synchronisation: its programs return at once when no row ends its chunk. Apart from the
     output's kernels it can run on a stream of its own, beside the layers after this one, as long
     as the next step's kernels of this layer wait for it.
+
+    every_row: fold_pending on the GPU instead: every row adds its pending.slot steps, wherever it is
+    in its chunk (the slot left as it is).
 
     state (b, nheads, headdim, d_state), fp32 or bf16; pending a PendingSteps. block_p, block_s: a
     tile's channels and columns of d_state (default: up to 64 channels, and 8 KiB of state);
@@ -1080,7 +1085,7 @@ def fold_chunk(state, pending, block_p=None, block_s=None, num_warps=4, programs
         state, pending.xdt, pending.B, pending.acum, pending.slot, b, nheads, nheads // ngroups, ngroups,
         HEADDIM=headdim, DSTATE=d_state, CHUNK=chunk, BLOCK_P=block_p, BLOCK_S=block_s,
         BLOCK_K=max(16, next_power_of_2(chunk)), BLOCK_R=min(128, next_power_of_2(b)),
-        PRECISION="tf32x3" if state.element_size() == 4 else "tf32", num_warps=num_warps)
+        PRECISION="tf32x3" if state.element_size() == 4 else "tf32", EVERY_ROW=every_row, num_warps=num_warps)
 
 
 def fold_pending(state, pending):

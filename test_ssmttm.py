@@ -179,10 +179,11 @@ def ssm_chunk_end_definition(xbc, state, pending, *args, **kwargs):
     return y
 
 
-def fold_chunk_definition(state, pending, **launch):
-    """kernels.fold_chunk: the rows at their chunk's last step take all K steps (fold_pending)."""
+def fold_chunk_definition(state, pending, every_row=False, **launch):
+    """kernels.fold_chunk: the rows at their chunk's last step take all K steps (fold_pending); with
+    every_row, fold_pending itself."""
     last = pending.slot == pending.xdt.shape[1] - 1
-    kernels.fold_pending(state, pending._replace(slot=torch.where(last, pending.slot + 1, 0)))
+    kernels.fold_pending(state, pending if every_row else pending._replace(slot=torch.where(last, pending.slot + 1, 0)))
 
 
 def embed_rows_definition(tokens, offsets, table, positions, freqs, advance=False):
@@ -333,7 +334,8 @@ def test_gated_rmsnorm_normalises_each_group_after_the_gate():
 def test_gpu_fast_mamba2_matches_the_plain_layer(d_state, precision, train):
     # FastMamba2 (mamba-ssm's kernels; or issue 15's grouped SSD) against a float64 copy of the plain
     # layer, forward, every gradient (row 1 left-padded on 300 positions: what those positions output
-    # is not compared and sends no gradient), and the prefill's output and states
+    # is not compared and sends no gradient), and two prefills' outputs and states (the second from the
+    # first's states and shorter than a chunk)
     torch.manual_seed(0)
     layer = Mamba2(1024, d_state=d_state, headdim=64).cuda()
     with torch.no_grad():
@@ -371,6 +373,16 @@ def test_gpu_fast_mamba2_matches_the_plain_layer(d_state, precision, train):
         y_pre_ref = ref(u.double(), state=state_ref)
     assert report(f"{tag} prefill output", rel_err(y_pre, y_pre_ref)) < tol["out"]
     assert report(f"{tag} final state", rel_err(state.ssm, state_ref.ssm)) < tol["state"]
+    assert rel_err(state.conv, state_ref.conv) < tol["state"]
+    # a second prefill from those states, shorter than a chunk: the conv starts from the state's inputs,
+    # the SSD from its state, in a chunk of 64
+    u2 = torch.randn(1, 37, 1024, device="cuda")
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            y_pre = layer(u2, state=state)
+        y_pre_ref = ref(u2.double(), state=state_ref)
+    assert report(f"{tag} second prefill output", rel_err(y_pre, y_pre_ref)) < tol["out"]
+    assert report(f"{tag} second final state", rel_err(state.ssm, state_ref.ssm)) < tol["state"]
     assert rel_err(state.conv, state_ref.conv) < tol["state"]
 
 
@@ -1178,8 +1190,11 @@ def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype, 
             else:
                 assert torch.equal(state, before), (chunk, t)
         assert pending.slot.tolist() == [chunk // 2] * rows
-        kernels.fold_pending(state, pending)
-        assert state.dtype == state_dtype and rel_err(state, want_state) < bound, chunk
+        folded = state.clone()
+        kernels.fold_pending(folded, pending)
+        kernels.fold_chunk(state, pending, every_row=True, **tile)  # the same sum, in the kernel
+        for got in (folded, state):
+            assert got.dtype == state_dtype and rel_err(got, want_state) < bound, chunk
     for name, call in [("ssm_chunk_step", lambda p: kernels.ssm_chunk_step(zxbcdt, state, p, A, dt_bias, D, d_inner,
                                                                           ngroups)),
                        ("fold_chunk", lambda p: kernels.fold_chunk(state, p)),
@@ -1194,8 +1209,8 @@ def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype, 
 def test_ssm_step_in_chunks_fold_chunk_folds_only_the_rows_that_end_their_chunk(state_dtype):
     # rows at different places of their chunks of 5: those at its last step (slot 4) take all five
     # pending steps, against fold_pending in float64; the others keep their state bit for bit, as do
-    # all rows when none is at the end (the programs' early return). 130 rows: the slots are checked in
-    # two blocks of 128
+    # all rows when none is at the end (the programs' early return). With every_row, each row takes
+    # its slot's count of steps (fold_pending). 130 rows: the slots are checked in two blocks of 128
     device, rand, (nheads, headdim, ngroups, d_state), _ = ssm_kernel_inputs(2, 1, 0)
     rows, chunk = 130, 5
     bound = 1e-6 if state_dtype == torch.float32 else 2 ** -7
@@ -1216,6 +1231,19 @@ def test_ssm_step_in_chunks_fold_chunk_folds_only_the_rows_that_end_their_chunk(
     ends = slot == chunk - 1
     assert rel_err(state[ends], want[ends]) < bound
     assert torch.equal(state[~ends], before[~ends])
+    # every_row: each row takes its `slot` pending steps, wherever it is (0 to 4 of them here)
+    slot.copy_(torch.arange(rows, device=device) % chunk)
+    want = before.double()
+    kernels.fold_pending(want, kernels.PendingSteps(*[t.double() for t in pending[:3]], slot))
+    state = before.clone()
+    kernels.fold_chunk(state, pending, every_row=True)
+    assert slot.tolist() == [r % chunk for r in range(rows)]  # left as it is
+    assert rel_err(state, want) < bound
+    assert torch.equal(state[slot == 0], before[slot == 0])
+    folded = state.clone()
+    slot.zero_()
+    kernels.fold_chunk(state, pending, every_row=True)  # none pending: the early return
+    assert torch.equal(state, folded)
 
 
 def causal_conv_silu_definition(x, weight, bias, seq_idx=None):
