@@ -649,7 +649,7 @@ class FusedStep:
         if first is not None:  # after every layer's kernels: the next step's place in its chunk
             if self.fold_stream is not None and ends_chunk is None:
                 torch.cuda.current_stream(tokens.device).wait_stream(self.fold_stream)  # the states written
-            first.slot.add_(1).remainder_(first.xdt.shape[1])
+            first.slot.add_(1).remainder_(first.chunk)
         return logits
 
     def read_weights(self):
@@ -668,7 +668,7 @@ class FusedStep:
         slot = first.slot[0].item()
         if not bool((first.slot == slot).all()):
             raise ValueError("FusedStep.chunk_slot: the rows are at different places of their chunks")
-        return first.xdt.shape[1], slot
+        return first.chunk, slot
 
     def pending(self, cache):
         """The pending steps of each Mamba-2 state of cache (per block, per sublayer; None for other

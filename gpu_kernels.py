@@ -458,13 +458,13 @@ if triton is not None:
 
     @triton.jit
     def _chunk_coefficients_kernel(xbc_ptr, stride_row, B_start, C_start, dt_start, dt_bias_ptr, A_ptr, Bs_ptr,
-                                   acum_ptr, slot_ptr, coef_ptr, nheads, heads_per_group, ngroups,
+                                   acum_ptr, dts_ptr, slot_ptr, coef_ptr, nheads, heads_per_group, ngroups,
                                    DSTATE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
                                    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
         # One program: one group of one row. What ssm_chunk_step's output needs of B and C, once per
         # row instead of once per program of _ssm_chunk_step_kernel: for the step j of its chunk
         # (slot) and each head, coef_i = exp(acum_j - acum_i) (C_j . B_i) for the chunk's steps i <= j,
-        # and exp(acum_j); it appends B_j and acum_j to the pending steps.
+        # and exp(acum_j); it appends B_j, acum_j and dt_j to the pending steps.
         if PDL:
             gdc_launch_dependents()
         group, row = tl.program_id(0), tl.program_id(1)
@@ -494,12 +494,13 @@ if triton is not None:
         tl.store(out[None, :] + ks[:, None], coef, mask=(ks < CHUNK)[:, None] & h_ok[None, :])
         tl.store(out + CHUNK, tl.exp(acum), mask=h_ok)
         tl.store(acum_ptr + (row * CHUNK + j) * nheads + heads, acum, mask=h_ok)
+        tl.store(dts_ptr + (row * CHUNK + j) * nheads + heads, dt, mask=h_ok)
         tl.store(Bs_ptr + (row * CHUNK + j) * (ngroups * DSTATE) + group * DSTATE + ns, B.to(Bs_ptr.dtype.element_ty),
                  mask=n_ok)
 
     @triton.jit
     def _ssm_chunk_step_kernel(state_ptr, xbc_ptr, stride_row, x_start, C_start, dt_start, z_start,
-                               dt_bias_ptr, D_ptr, y_ptr, xdt_ptr, slot_ptr, coef_ptr, nheads, heads_per_group,
+                               dt_bias_ptr, D_ptr, y_ptr, xs_ptr, dts_ptr, slot_ptr, coef_ptr, nheads, heads_per_group,
                                HEADDIM: tl.constexpr, DSTATE: tl.constexpr, CHUNK: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                GATE: tl.constexpr, PDL: tl.constexpr):
@@ -507,10 +508,11 @@ if triton is not None:
         # reads is the one at the start of the chunk, S_0, and the steps of the chunk before this one
         # (j of them) wait in the pending buffers: the output is the SSD's chunked form
         #   y_j = exp(acum_j) (C_j . S_0) + sum_{i<=j} coef_i dt_i x_i + D x_j
-        # with coef from _chunk_coefficients_kernel, the launch before. It appends dt_j x_j to the
-        # pending steps and never writes the state (_fold_chunk_kernel does, at the chunk's end): a
-        # program's registers are those of its most demanding path, and a path that writes the state
-        # would raise them at every step, lowering the programs an SM holds and so the bytes in flight.
+        # with coef from _chunk_coefficients_kernel, the launch before. It appends x_j to the pending
+        # steps (dt_j comes with the coefficients) and never writes the state (_fold_chunk_kernel does,
+        # at the chunk's end): a program's registers are those of its most demanding path, and a path
+        # that writes the state would raise them at every step, lowering the programs an SM holds and
+        # so the bytes in flight.
         if PDL:
             gdc_launch_dependents()
         row, head = tl.program_id(2), tl.program_id(1)
@@ -525,8 +527,10 @@ if triton is not None:
         s0 = tl.load(s_ptrs, mask=s_ok, other=0.0, eviction_policy="evict_first")
         j = tl.load(slot_ptr + row)
         k_ok = ks < j
-        xdt_i = tl.load(xdt_ptr + (row * CHUNK + ks[:, None]) * (nheads * HEADDIM) + head * HEADDIM + ps[None, :],
-                        mask=k_ok[:, None] & p_ok[None, :], other=0.0)                       # (BLOCK_K, BLOCK_P)
+        # dt_i x_i from x_i in xbc's dtype and dt_i in fp32: the product stored before, in half the bytes
+        x_i = tl.load(xs_ptr + (row * CHUNK + ks[:, None]) * (nheads * HEADDIM) + head * HEADDIM + ps[None, :],
+                      mask=k_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)          # (BLOCK_K, BLOCK_P)
+        xdt_i = x_i * tl.load(dts_ptr + (row * CHUNK + ks) * nheads + head, mask=k_ok, other=0.0)[:, None]
         if PDL:
             gdc_wait()
         inputs = xbc_ptr + row * stride_row
@@ -539,7 +543,8 @@ if triton is not None:
         coef_j = tl.sum(tl.where(ks == j, coef, 0.0))
         y = (decay * tl.sum(s0.to(tl.float32) * C[None, :], axis=1) + tl.sum(coef[:, None] * xdt_i, axis=0)
              + coef_j * xdt + tl.load(D_ptr + head).to(tl.float32) * x)
-        tl.store(xdt_ptr + (row * CHUNK + j) * (nheads * HEADDIM) + head * HEADDIM + ps, xdt, mask=p_ok)
+        tl.store(xs_ptr + (row * CHUNK + j) * (nheads * HEADDIM) + head * HEADDIM + ps, x.to(xs_ptr.dtype.element_ty),
+                 mask=p_ok)
         if GATE:
             z = tl.load(inputs + z_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
@@ -547,7 +552,7 @@ if triton is not None:
 
     @triton.jit
     def _ssm_chunk_end_kernel(state_ptr, xbc_ptr, stride_row, x_start, B_start, C_start, dt_start, z_start,
-                              dt_bias_ptr, A_ptr, D_ptr, y_ptr, xdt_ptr, Bs_ptr, acum_ptr, slot_ptr, nheads,
+                              dt_bias_ptr, A_ptr, D_ptr, y_ptr, xs_ptr, dts_ptr, Bs_ptr, acum_ptr, slot_ptr, nheads,
                               heads_per_group, ngroups, HEADDIM: tl.constexpr, DSTATE: tl.constexpr,
                               CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr,
@@ -566,8 +571,9 @@ if triton is not None:
         j = tl.load(slot_ptr + row)
         k_ok = ks < j
         pending = row * CHUNK + ks
-        xdt_i = tl.load(xdt_ptr + pending[None, :] * (nheads * HEADDIM) + head * HEADDIM + ps[:, None],
-                        mask=p_ok[:, None] & k_ok[None, :], other=0.0)                      # (BLOCK_P, BLOCK_K)
+        xdt_i = (tl.load(xs_ptr + pending[None, :] * (nheads * HEADDIM) + head * HEADDIM + ps[:, None],
+                         mask=p_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                 * tl.load(dts_ptr + pending * nheads + head, mask=k_ok, other=0.0)[None, :])  # (BLOCK_P, BLOCK_K)
         acum_i = tl.load(acum_ptr + pending * nheads + head, mask=k_ok, other=0.0)
         if PDL:
             gdc_wait()
@@ -598,8 +604,8 @@ if triton is not None:
         tl.store(y_ptr + row * (nheads * HEADDIM) + head * HEADDIM + ps, y.to(y_ptr.dtype.element_ty), mask=p_ok)
 
     @triton.jit
-    def _fold_chunk_kernel(state_ptr, xdt_ptr, Bs_ptr, acum_ptr, slot_ptr, rows, nheads, heads_per_group, ngroups,
-                           HEADDIM: tl.constexpr, DSTATE: tl.constexpr, CHUNK: tl.constexpr,
+    def _fold_chunk_kernel(state_ptr, xs_ptr, dts_ptr, Bs_ptr, acum_ptr, slot_ptr, rows, nheads, heads_per_group,
+                           ngroups, HEADDIM: tl.constexpr, DSTATE: tl.constexpr, CHUNK: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, EVERY_ROW: tl.constexpr):
         # Persistent programs over tiles of the state (BLOCK_P channels x BLOCK_S of d_state, of one head
@@ -631,8 +637,9 @@ if triton is not None:
             acum_i = tl.load(acum_ptr + pending * nheads + head, mask=k_ok, other=0.0)
             acum = tl.sum(tl.where(ks == steps - 1, acum_i, 0.0))
             w = tl.where(k_ok, tl.exp(acum - acum_i), 0.0)
-            xdt_i = tl.load(xdt_ptr + pending[None, :] * (nheads * HEADDIM) + head * HEADDIM + p[:, None],
-                            mask=p_ok[:, None] & k_ok[None, :], other=0.0)                 # (BLOCK_P, BLOCK_K)
+            xdt_i = (tl.load(xs_ptr + pending[None, :] * (nheads * HEADDIM) + head * HEADDIM + p[:, None],
+                             mask=p_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                     * tl.load(dts_ptr + pending * nheads + head, mask=k_ok, other=0.0)[None, :])  # (BLOCK_P, BLOCK_K)
             B_i = tl.load(Bs_ptr + pending[:, None] * (ngroups * DSTATE) + head // heads_per_group * DSTATE
                           + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)     # (BLOCK_K, BLOCK_S)
             s_ptrs = state_ptr + ((row * nheads + head) * HEADDIM + p[:, None]) * DSTATE + n[None, :]
@@ -956,53 +963,59 @@ class PendingSteps(NamedTuple):
     """One Mamba-2 layer's decoding steps that ssm_chunk_step has not yet added to the state: the
     first `slot` steps of the current chunk of K, per row (b rows).
 
-    xdt (b, K, nheads * headdim): dt x of each step; B (b, K, ngroups * d_state) in the in_proj
-    output's dtype; acum (b, K, nheads): dt A summed from the chunk's start through each step; xdt
-    and acum in fp32, or in the state's dtype if wider. slot (b,) int32, 0 <= slot < K: how many
-    steps are pending (one tensor for all layers)."""
-    xdt: torch.Tensor
+    x (b, K, nheads * headdim) and B (b, K, ngroups * d_state) of each step, in the in_proj output's
+    dtype, as the step read them; dt (b, K, nheads) after the softplus, and acum (b, K, nheads), dt A
+    summed from the chunk's start through each step, in fp32, or in the state's dtype if wider (the
+    kernels' dt x is the product they would have stored, from half its bytes). slot (b,) int32,
+    0 <= slot < K: how many steps are pending (one tensor for all layers)."""
+    x: torch.Tensor
+    dt: torch.Tensor
     B: torch.Tensor
     acum: torch.Tensor
     slot: torch.Tensor
 
+    @property
+    def chunk(self):
+        """K, the steps of a chunk."""
+        return self.x.shape[1]
+
     @staticmethod
     def empty(state, chunk, ngroups, dtype, slot):
-        """No pending steps for a state (b, nheads, headdim, d_state): buffers of `chunk` steps, B in
-        dtype; slot (b,) int32 zeros, shared by the layers."""
+        """No pending steps for a state (b, nheads, headdim, d_state): buffers of `chunk` steps, x and B
+        in dtype (the in_proj output's); slot (b,) int32 zeros, shared by the layers."""
         b, h, p, n = state.shape
         f32 = dict(device=state.device, dtype=torch.promote_types(state.dtype, torch.float32))
-        B = torch.zeros(b, chunk, ngroups * n, device=state.device, dtype=dtype)
-        return PendingSteps(torch.zeros(b, chunk, h * p, **f32), B, torch.zeros(b, chunk, h, **f32), slot)
+        inputs = dict(device=state.device, dtype=dtype)
+        return PendingSteps(torch.zeros(b, chunk, h * p, **inputs), torch.zeros(b, chunk, h, **f32),
+                            torch.zeros(b, chunk, ngroups * n, **inputs), torch.zeros(b, chunk, h, **f32), slot)
 
     def rows(self, rows):
         """The pending steps of a slice of the rows (views)."""
-        return PendingSteps(self.xdt[rows], self.B[rows], self.acum[rows], self.slot[rows])
+        return PendingSteps(*(t[rows] for t in self))
 
 
 def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True, block_p=None,
                    num_warps=None):
     """ssm_step's output, from the state at the start of a chunk of K decoding steps (K =
-    pending.xdt.shape[1] >= 2) and the chunk's steps before this one (PendingSteps), in the SSD's
+    pending.chunk >= 2) and the chunk's steps before this one (PendingSteps), in the SSD's
     chunked form (ssd_reference.ssd_chunked within one chunk; PAPER.md, Mamba-2 internals):
 
         y_t = exp(acum_t) C_t S_0 + sum_{s <= t} exp(acum_t - acum_s) (C_t . B_s) dt_s x_s + D x_t
 
     so the state (b, nheads, headdim, d_state) is read every step and never written here: the step
-    appends dt x, B and acum to `pending` at `slot`, and fold_chunk, called after it, writes the state
+    appends x, dt, B and acum to `pending` at `slot`, and fold_chunk, called after it, writes the state
     at the chunk's last step (slot K - 1); or ssm_chunk_end takes that step in its place. Two
     kernels: the coefficients (C_t . B_s and the decays, once per row), then the output. The caller
     advances pending.slot (+1 mod K) after each step's kernels and fold_chunk (one tensor for all
     layers) and folds what is pending into the state with fold_pending (fold_chunk(every_row=True)
     on the GPU) before anything else reads it. Other arguments and the result as ssm_step's."""
     b, nheads, headdim, d_state = state.shape
-    chunk = pending.xdt.shape[1]
+    chunk = pending.chunk
     # launch shape measured at 8-128 rows, fp32 and bf16 states (BENCHMARKS.md §0b): one warp, 8
     # channels, and 16 for an fp32 state up to CORE_ROWS rows
     block_p = block_p or (16 if state.element_size() == 4 and b <= CORE_ROWS else 8)
     num_warps = num_warps or 1
-    _check_pending("ssm_chunk_step", state, pending)
-    if xbc.stride(-1) != 1:
-        raise ValueError("ssm_chunk_step: xbc's rows must be dense")
+    _check_pending("ssm_chunk_step", state, pending, xbc)
     y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype if z_start is None else torch.float32)
     coef = torch.empty(b, nheads, chunk + 1, device=xbc.device, dtype=torch.float32)
     B_start = x_start + nheads * headdim
@@ -1010,11 +1023,12 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
     launch = _launch_options(xbc, pdl)
     sizes = dict(DSTATE=d_state, CHUNK=chunk, BLOCK_N=next_power_of_2(d_state), BLOCK_K=next_power_of_2(chunk))
     _chunk_coefficients_kernel[(ngroups, b)](
-        xbc, xbc.stride(0), B_start, C_start, dt_start, dt_bias, A, pending.B, pending.acum, pending.slot, coef, nheads,
-        heads_per_group, ngroups, BLOCK_H=next_power_of_2(heads_per_group), num_warps=4, **sizes, **launch)
+        xbc, xbc.stride(0), B_start, C_start, dt_start, dt_bias, A, pending.B, pending.acum, pending.dt, pending.slot,
+        coef, nheads, heads_per_group, ngroups, BLOCK_H=next_power_of_2(heads_per_group), num_warps=4, **sizes,
+        **launch)
     _ssm_chunk_step_kernel[(cdiv(headdim, block_p), nheads, b)](
-        state, xbc, xbc.stride(0), x_start, C_start, dt_start, z_start or 0, dt_bias, D, y, pending.xdt, pending.slot,
-        coef, nheads, heads_per_group, HEADDIM=headdim, BLOCK_P=block_p, GATE=z_start is not None,
+        state, xbc, xbc.stride(0), x_start, C_start, dt_start, z_start or 0, dt_bias, D, y, pending.x, pending.dt,
+        pending.slot, coef, nheads, heads_per_group, HEADDIM=headdim, BLOCK_P=block_p, GATE=z_start is not None,
         num_warps=num_warps, **sizes, **launch)
     return y
 
@@ -1028,31 +1042,33 @@ def ssm_chunk_end(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start=
     (to 0) none is pending. Arguments and the result as ssm_chunk_step's; block_p, block_s, num_warps:
     a program's channels, the slices of d_state it writes at a time, and its warps."""
     b, nheads, headdim, d_state = state.shape
-    chunk = pending.xdt.shape[1]
+    chunk = pending.chunk
     # launch shape measured at 8-128 rows (BENCHMARKS.md §0b): 16 channels (tl.dot's least), one warp
     block_p, num_warps = block_p or 16, num_warps or 1
     block_s = block_s or min(64, max(16, next_power_of_2(d_state)))
-    _check_pending("ssm_chunk_end", state, pending)
-    if xbc.stride(-1) != 1:
-        raise ValueError("ssm_chunk_end: xbc's rows must be dense")
+    _check_pending("ssm_chunk_end", state, pending, xbc)
     y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype if z_start is None else torch.float32)
     B_start = x_start + nheads * headdim
     _ssm_chunk_end_kernel[(cdiv(headdim, block_p), nheads, b)](
         state, xbc, xbc.stride(0), x_start, B_start, B_start + ngroups * d_state, xbc.shape[1] - nheads,
-        z_start or 0, dt_bias, A, D, y, pending.xdt, pending.B, pending.acum, pending.slot, nheads, nheads // ngroups,
-        ngroups, HEADDIM=headdim, DSTATE=d_state, CHUNK=chunk, BLOCK_P=block_p, BLOCK_S=block_s,
+        z_start or 0, dt_bias, A, D, y, pending.x, pending.dt, pending.B, pending.acum, pending.slot, nheads,
+        nheads // ngroups, ngroups, HEADDIM=headdim, DSTATE=d_state, CHUNK=chunk, BLOCK_P=block_p, BLOCK_S=block_s,
         BLOCK_N=next_power_of_2(d_state), BLOCK_K=max(16, next_power_of_2(chunk)), GATE=z_start is not None,
         PRECISION="tf32x3" if state.element_size() == 4 else "tf32", num_warps=num_warps, **_launch_options(xbc, pdl))
     return y
 
 
-def _check_pending(name, state, pending):
-    """A one-line ValueError unless state and pending suit the chunk kernels."""
-    chunk = pending.xdt.shape[1]
-    if chunk < 2:
-        raise ValueError(f"{name}: chunks of at least 2 steps, got {chunk} (ssm_step is the chunk of one)")
-    if not (state.is_contiguous() and all(t.is_contiguous() for t in pending[:3])):
+def _check_pending(name, state, pending, xbc=None):
+    """A one-line ValueError unless state and pending (and the step's in_proj output xbc) suit the chunk
+    kernels."""
+    if pending.chunk < 2:
+        raise ValueError(f"{name}: chunks of at least 2 steps, got {pending.chunk} (ssm_step is the chunk of one)")
+    if not (state.is_contiguous() and all(t.is_contiguous() for t in pending[:4])):
         raise ValueError(f"{name}: the state and the pending steps must be contiguous")
+    if xbc is not None and xbc.stride(-1) != 1:
+        raise ValueError(f"{name}: xbc's rows must be dense")
+    if xbc is not None and xbc.dtype != pending.x.dtype:  # the pending x must hold xbc's values exactly
+        raise ValueError(f"{name}: the pending steps' x is {pending.x.dtype}, xbc {xbc.dtype}")
     if state.shape[0] > 65535:  # the grid's last dimension
         raise ValueError(f"{name}: at most 65535 rows, got {state.shape[0]}")
 
@@ -1075,14 +1091,14 @@ def fold_chunk(state, pending, block_p=None, block_s=None, num_warps=4, programs
     on tensor cores: in three TF32 products for an fp32 state (about fp32's rounding; fp32
     multiply-adds take twice the registers), in one for a bf16 state (2^-11, below the state's own)."""
     b, nheads, headdim, d_state = state.shape
-    chunk, ngroups = pending.xdt.shape[1], pending.B.shape[-1] // d_state
+    chunk, ngroups = pending.chunk, pending.B.shape[-1] // d_state
     _check_pending("fold_chunk", state, pending)
     block_p = block_p or min(64, max(16, next_power_of_2(headdim)))  # tl.dot: 16 or more each way
     block_s = block_s or min(8192 // block_p // state.element_size(), max(16, next_power_of_2(d_state)))
     tiles = b * nheads * cdiv(headdim, block_p) * cdiv(d_state, block_s)
     programs = min(tiles, _sm_count(state.device.index) * programs_per_sm) if state.is_cuda else tiles
     _fold_chunk_kernel[(programs,)](
-        state, pending.xdt, pending.B, pending.acum, pending.slot, b, nheads, nheads // ngroups, ngroups,
+        state, pending.x, pending.dt, pending.B, pending.acum, pending.slot, b, nheads, nheads // ngroups, ngroups,
         HEADDIM=headdim, DSTATE=d_state, CHUNK=chunk, BLOCK_P=block_p, BLOCK_S=block_s,
         BLOCK_K=max(16, next_power_of_2(chunk)), BLOCK_R=min(128, next_power_of_2(b)),
         PRECISION="tf32x3" if state.element_size() == 4 else "tf32", EVERY_ROW=every_row, num_warps=num_warps)
@@ -1094,15 +1110,16 @@ def fold_pending(state, pending):
     nheads, headdim, d_state), pending a PendingSteps. pending.slot is left as it is (the layers
     share it): set it to 0 once every layer is folded."""
     b, h, p, n = state.shape
-    K = pending.xdt.shape[1]
+    K = pending.chunk
     slot = pending.slot.long()
     g = pending.B.shape[-1] // n
     last = pending.acum.gather(1, (slot - 1).clamp(min=0)[:, None, None].expand(b, 1, h))     # (b, 1, h)
     last = torch.where(slot[:, None, None] > 0, last, torch.zeros_like(last))
     ok = torch.arange(K, device=state.device) < slot[:, None]                                 # (b, K)
     w = torch.where(ok[..., None], torch.exp(last - pending.acum), torch.zeros_like(pending.acum))   # (b, K, h)
-    B = pending.B.to(pending.xdt.dtype).view(b, K, g, 1, n).expand(b, K, g, h // g, n).reshape(b, K, h, n)
-    added = torch.einsum("bkh,bkhp,bkhn->bhpn", w, pending.xdt.view(b, K, h, p), B)
+    xdt = pending.x.to(pending.acum.dtype).view(b, K, h, p) * pending.dt[..., None]
+    B = pending.B.to(pending.acum.dtype).view(b, K, g, 1, n).expand(b, K, g, h // g, n).reshape(b, K, h, n)
+    added = torch.einsum("bkh,bkhp,bkhn->bhpn", w, xdt, B)
     state.copy_(torch.exp(last)[:, 0, :, None, None] * state.to(added.dtype) + added)
 
 def sample_top_k(logits, noise, cfg_scale, top_k, temperature, steps=None, col=None, fixed=None,

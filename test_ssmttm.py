@@ -161,7 +161,8 @@ def ssm_chunk_step_definition(xbc, state, pending, A, dt_bias, D, x_start, ngrou
     rows, j = torch.arange(b), pending.slot.long()
     before = torch.where(j > 0, pending.acum[rows, (j - 1).clamp(min=0)].T, 0).T
     pending.acum[rows, j] = (before + dt * A.to(dtype)).to(pending.acum.dtype)
-    pending.xdt[rows, j] = (dt[..., None] * x).reshape(b, h * p).to(pending.xdt.dtype)
+    pending.x[rows, j] = x.reshape(b, h * p).to(pending.x.dtype)
+    pending.dt[rows, j] = dt.to(pending.dt.dtype)
     pending.B[rows, j] = B.to(pending.B.dtype)
     h_t = state.to(dtype, copy=True)
     kernels.fold_pending(h_t, pending._replace(slot=pending.slot + 1))
@@ -182,7 +183,7 @@ def ssm_chunk_end_definition(xbc, state, pending, *args, **kwargs):
 def fold_chunk_definition(state, pending, every_row=False, **launch):
     """kernels.fold_chunk: the rows at their chunk's last step take all K steps (fold_pending); with
     every_row, fold_pending itself."""
-    last = pending.slot == pending.xdt.shape[1] - 1
+    last = pending.slot == pending.chunk - 1
     kernels.fold_pending(state, pending if every_row else pending._replace(slot=torch.where(last, pending.slot + 1, 0)))
 
 
@@ -1201,7 +1202,10 @@ def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype, 
                        ("ssm_chunk_end", lambda p: kernels.ssm_chunk_end(zxbcdt, state, p, A, dt_bias, D, d_inner,
                                                                         ngroups))]:
         with pytest.raises(ValueError, match=f"{name}: chunks of at least 2 steps, got 1"):
-            call(pending._replace(xdt=pending.xdt[:, :1]))
+            call(pending._replace(x=pending.x[:, :1]))
+    for name, call in [("ssm_chunk_step", kernels.ssm_chunk_step), ("ssm_chunk_end", kernels.ssm_chunk_end)]:
+        with pytest.raises(ValueError, match=f"{name}: the pending steps' x is torch.bfloat16, xbc torch.float32"):
+            call(zxbcdt.float(), state, pending, A, dt_bias, D, d_inner, ngroups)
 
 
 @triton_here
@@ -1216,16 +1220,17 @@ def test_ssm_step_in_chunks_fold_chunk_folds_only_the_rows_that_end_their_chunk(
     bound = 1e-6 if state_dtype == torch.float32 else 2 ** -7
     state = rand(rows, nheads, headdim, d_state).to(state_dtype)
     slot = torch.full((rows,), 2, dtype=torch.int32, device=device)
-    pending = kernels.PendingSteps(rand(rows, chunk, nheads * headdim), rand(rows, chunk, ngroups * d_state).to(
-        torch.bfloat16), -torch.rand(rows, chunk, nheads, generator=torch.Generator().manual_seed(3)).to(
-        device).cumsum(1), slot)
+    positive = lambda seed: torch.rand(rows, chunk, nheads, generator=torch.Generator().manual_seed(seed)).to(device)
+    bf16 = lambda *shape: rand(*shape).to(torch.bfloat16)  # noqa: E731
+    pending = kernels.PendingSteps(bf16(rows, chunk, nheads * headdim), positive(4),
+                                   bf16(rows, chunk, ngroups * d_state), -positive(3).cumsum(1), slot)
     before = state.clone()
     kernels.fold_chunk(state, pending)
     assert torch.equal(state, before)  # no row at its chunk's end
     slot[[0, 7, 129]] = chunk - 1
     slot[[1, 128]] = 0
     want = before.double()
-    kernels.fold_pending(want, kernels.PendingSteps(*[t.double() for t in pending[:3]], torch.where(
+    kernels.fold_pending(want, kernels.PendingSteps(*[t.double() for t in pending[:4]], torch.where(
         slot == chunk - 1, chunk, 0)))
     kernels.fold_chunk(state, pending)
     ends = slot == chunk - 1
@@ -1234,7 +1239,7 @@ def test_ssm_step_in_chunks_fold_chunk_folds_only_the_rows_that_end_their_chunk(
     # every_row: each row takes its `slot` pending steps, wherever it is (0 to 4 of them here)
     slot.copy_(torch.arange(rows, device=device) % chunk)
     want = before.double()
-    kernels.fold_pending(want, kernels.PendingSteps(*[t.double() for t in pending[:3]], slot))
+    kernels.fold_pending(want, kernels.PendingSteps(*[t.double() for t in pending[:4]], slot))
     state = before.clone()
     kernels.fold_chunk(state, pending, every_row=True)
     assert slot.tolist() == [r % chunk for r in range(rows)]  # left as it is
