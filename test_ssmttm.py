@@ -366,25 +366,18 @@ def test_gpu_fast_mamba2_matches_the_plain_layer(d_state, precision, train):
     assert report(f"{tag} grad input", rel_err(du, du_ref)) < tol["grad"]
     for name, p in layer.named_parameters():
         assert report(f"{tag} grad {name}", rel_err(p.grad, ref.get_parameter(name).grad)) < tol["grad"], name
-    with torch.no_grad():
-        state = layer.new_state(1, 0, "cuda", torch.float32)
-        state_ref = ref.new_state(1, 0, "cuda", torch.float64)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            y_pre = layer(u, state=state)
-        y_pre_ref = ref(u.double(), state=state_ref)
-    assert report(f"{tag} prefill output", rel_err(y_pre, y_pre_ref)) < tol["out"]
-    assert report(f"{tag} final state", rel_err(state.ssm, state_ref.ssm)) < tol["state"]
-    assert rel_err(state.conv, state_ref.conv) < tol["state"]
-    # a second prefill from those states, shorter than a chunk: the conv starts from the state's inputs,
-    # the SSD from its state, in a chunk of 64
-    u2 = torch.randn(1, 37, 1024, device="cuda")
-    with torch.no_grad():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            y_pre = layer(u2, state=state)
-        y_pre_ref = ref(u2.double(), state=state_ref)
-    assert report(f"{tag} second prefill output", rel_err(y_pre, y_pre_ref)) < tol["out"]
-    assert report(f"{tag} second final state", rel_err(state.ssm, state_ref.ssm)) < tol["state"]
-    assert rel_err(state.conv, state_ref.conv) < tol["state"]
+    state = layer.new_state(1, 0, "cuda", torch.float32)
+    state_ref = ref.new_state(1, 0, "cuda", torch.float64)
+    # the prefill from a new state; then a second one from its states, shorter than a chunk: the conv
+    # starts from the state's inputs, the SSD from its state, in a chunk of 64
+    for name, inputs in [("prefill", u), ("second prefill", torch.randn(1, 37, 1024, device="cuda"))]:
+        with torch.no_grad():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                y_pre = layer(inputs, state=state)
+            y_pre_ref = ref(inputs.double(), state=state_ref)
+        assert report(f"{tag} {name} output", rel_err(y_pre, y_pre_ref)) < tol["out"]
+        assert report(f"{tag} {name} final state", rel_err(state.ssm, state_ref.ssm)) < tol["state"]
+        assert rel_err(state.conv, state_ref.conv) < tol["state"], name
 
 
 def mamba2_train_vs_mamba_ssm():
