@@ -203,6 +203,10 @@ class FastMamba2(Mamba2):
         return out.transpose(1, 2)
 
     def ssd(self, x, dt, B, C, initial_state=None):
+        """The plain ssd's result. On CUDA, without grad and with a contiguous initial state (a prefill
+        from a cache), the grouped SSD writes the final state over initial_state, in its dtype, and
+        returns it: one pass over the state each way, no fp32 copies of it (Mamba2.forward's copy of
+        the final state into the cache is then a copy onto itself, which torch skips)."""
         # A sequence shorter than a chunk (a prefill) takes the shortest power-of-two chunk that holds it:
         # the same SSD (the chunk length changes only the rounding) without the work on padded positions.
         chunk = min(self.options.chunk_size, max(16, 1 << (x.shape[1] - 1).bit_length()))
@@ -210,8 +214,11 @@ class FastMamba2(Mamba2):
             f32 = torch.promote_types(x.dtype, torch.float32)
             with torch.autocast(x.device.type, enabled=False):
                 dt = F.softplus(dt.to(f32) + self.dt_bias.to(f32))
-                return ssd_grouped.ssd_grouped(x, dt, self.A(), B[:, :, 0], C[:, :, 0], chunk,
-                                               self.D.to(f32), initial_state, use_triton=x.is_cuda)
+                args = (x, dt, self.A(), B[:, :, 0], C[:, :, 0], chunk, self.D.to(f32), initial_state)
+                if (x.is_cuda and initial_state is not None and initial_state.is_contiguous()
+                        and not torch.is_grad_enabled()):
+                    return ssd_grouped.forward_triton(*args, final_out=initial_state)[:2]
+                return ssd_grouped.ssd_grouped(*args, use_triton=x.is_cuda)
         if not x.is_cuda:
             return super().ssd(x, dt, B, C, initial_state)
         return kernels.mamba_chunk_scan_combined(x, dt, self.A(), B, C, chunk, D=self.D,

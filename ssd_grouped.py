@@ -348,18 +348,19 @@ if triton is not None:
         (b, c, h*p, n)), prev = exp(acum_end) prev + xs^T B over the chunk's Q positions. xs (b, c*Q,
         h, p) = x dt exp(acum_end - acum) from _prep_kernel, so that its tiles go to the product as they
         load, and B (b, L, n), unpadded: with TMA, descriptors (_descriptor) with tiles (1, BK, 1, BP)
-        and (1, BK, BN); else pointers, B's rows SB apart. The final
-        state (b, h*p, n) fp32. Grid (n / BN, h, b): the n tiles of one head side by side. One loop
-        over every (chunk, BK positions) step rather than a loop per chunk: the pipeliner then loads
-        the next chunk's tiles while this chunk's last product runs."""
+        and (1, BK, BN); else pointers, B's rows SB apart. The initial state in any float dtype; the
+        final state (b, h*p, n) in fp32 or final_out's dtype (forward_triton). Grid (n / BN, h, b): the
+        n tiles of one head side by side. One loop over every (chunk, BK positions) step rather than a
+        loop per chunk: the pipeliner then loads the next chunk's tiles while this chunk's last product
+        runs."""
         nt, h, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         pp = tl.arange(0, BP)
         ns = nt * BN + tl.arange(0, BN)
         tile_ok = (pp[:, None] < P) & (ns[None, :] < N)
         tile = (h * P + pp[:, None]) * N + ns[None, :]                   # inside one (h*p, n) state
         state = bi.to(tl.int64) * H * P * N                              # this batch's (h*p, n) state
-        if HAS_INIT:
-            acc = tl.load(init_ptr + state + tile, mask=tile_ok, other=0.0)
+        if HAS_INIT:  # in its own dtype (a bf16 decoding state is read as it is stored)
+            acc = tl.load(init_ptr + state + tile, mask=tile_ok, other=0.0).to(tl.float32)
         else:
             acc = tl.zeros((BP, BN), dtype=tl.float32)
         KT: tl.constexpr = Q // BK
@@ -382,7 +383,8 @@ if triton is not None:
                 tl.store(S_prev_ptr + bc * H * P * N + tile, acc.to(S_prev_ptr.dtype.element_ty), mask=tile_ok)
                 acc = tl.exp(a_end) * acc
             acc = tl.dot(xsT, Bt.to(xsT.dtype), acc, input_precision=PREC)
-        tl.store(final_ptr + state + tile, acc, mask=tile_ok)
+        # (the tile's initial state was read above, by this program alone: final may be init itself)
+        tl.store(final_ptr + state + tile, acc.to(final_ptr.dtype.element_ty), mask=tile_ok)
 
     @triton.jit
     def _states_bwd_kernel(dye_in, C_in, S_prev_ptr, acum_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, da_part_ptr,
@@ -820,22 +822,29 @@ def _has_tma(device):
     return TensorDescriptor is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=None, launch=as_is):
+def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=None, launch=as_is, final_out=None):
     """forward with the elementwise work in Triton (CUDA, or TRITON_INTERPRET=1): same arguments and
     results; chunk_size a power of two >= 16. tma: the chunk-state kernel loads its tiles through TMA
     descriptors, else through pointers (default: _tma; the interpreter runs either). launch: how each
-    kernel is launched (as_is)."""
+    kernel is launched (as_is). initial_state is read in its own dtype (fp32 or bf16: a decoding
+    state as it is stored). final_out: a contiguous (b, h, p, n) tensor of any float dtype that the
+    final state is written into, rounded once, and returned as the final state; it may be
+    initial_state itself (each tile of the state is read before it is written, by one program), so
+    that a prefill continues a state in place without fp32 copies of it. Raises ValueError for a
+    final_out of another shape or not contiguous."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     n = B.shape[-1]
     hp, dev = h * p, x.device
+    if final_out is not None and (final_out.shape != (b, h, p, n) or not final_out.is_contiguous()):
+        raise ValueError(f"forward_triton: final_out {tuple(final_out.shape)} must be a contiguous {(b, h, p, n)}")
     (x, sx), (B, sb), dt, A = _rows_of(x), _rows_of(B), dt.float().contiguous(), A.float().contiguous()
     acum = torch.empty(b, c, Q, h, device=dev, dtype=torch.float32)
     xs = torch.empty(b, c * Q, h, p, device=dev, dtype=x.dtype)
     launch(_prep_kernel)[(h, b * c)](x, dt, A, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, num_warps=8)
     # the chunk states and the scan between chunks, the state on chip
     S_prev = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
-    final = torch.empty(b, hp, n, device=dev, dtype=torch.float32)
-    init = None if initial_state is None else initial_state.float().contiguous()
+    final = torch.empty(b, h, p, n, device=dev, dtype=torch.float32) if final_out is None else final_out
+    init = None if initial_state is None else initial_state.contiguous()
     tma = _tma(tma, dev, launch)
     st = _states_launch(n, Q, backward=False, tma=tma)
     launch(_states_fwd_kernel)[(cdiv(n, st["BN"]), h, b)](
@@ -853,7 +862,7 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     launch(_diag_fwd_kernel)[(h, Q // fl["BM"], b * c)](
         G.to(x.dtype), acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y, l, c, h, p, sx, Q=Q, BP=BP,
         HAS_D=D is not None, PREC=prec, **fl)
-    return y, final.view(b, h, p, n), acum, S_prev, G, y_off, xs.view(b, c, Q, hp)
+    return y, final, acum, S_prev, G, y_off, xs.view(b, c, Q, hp)
 
 
 def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, xs, chunk_size, dx_out=None,

@@ -255,6 +255,30 @@ def test_grouped_backward_writes_dx_into_a_wider_buffer():
 
 
 @needs_triton
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("l,Q", [(37, 64), (70, 32)])
+def test_grouped_forward_continues_a_state_in_place(state_dtype, l, Q):
+    # a prefill from a decoding state: forward_triton reads the initial state in its own dtype and
+    # writes the final state over it (final_out), rounded once to that dtype; one chunk (l 37 in a
+    # chunk of 64, as a prefill shorter than a chunk) and three (l 70 in chunks of 32). The same y
+    # and final state as from an fp32 copy of the state into a new fp32 final state, bit for bit
+    # (Triton's interpreter rounds fp32 to bf16 toward zero, a GPU to the nearest: there, one ulp).
+    x, dt, A, B, C, D, s0 = [t.detach().float().to(DEVICE) for t in _inputs(2, l, 3, 16, 20)]
+    state = s0.to(state_dtype)
+    y_copy, f_copy = ssd_grouped.forward_triton(x, dt, A, B, C, Q, D, state.float())[:2]
+    assert f_copy.dtype == torch.float32
+    y, final = ssd_grouped.forward_triton(x, dt, A, B, C, Q, D, state, final_out=state)[:2]
+    assert final is state and state.dtype == state_dtype
+    assert torch.equal(y, y_copy)
+    if INTERPRET and state_dtype == torch.bfloat16:
+        assert bool(((state.float() - f_copy).abs() <= torch.finfo(state_dtype).eps * f_copy.abs()).all())
+    else:
+        assert torch.equal(state, f_copy.to(state_dtype))
+    with pytest.raises(ValueError, match="final_out"):
+        ssd_grouped.forward_triton(x, dt, A, B, C, Q, D, state, final_out=state.transpose(-1, -2))
+
+
+@needs_triton
 @pytest.mark.parametrize("l", [40, 37, 48])
 def test_grouped_chunks_of_strided_rows_equal_the_padded_copy(l):
     # B and C come as columns of the conv's output; the Triton path pads them into chunks in one pass

@@ -336,7 +336,8 @@ def test_gpu_fast_mamba2_matches_the_plain_layer(d_state, precision, train):
     # FastMamba2 (mamba-ssm's kernels; or issue 15's grouped SSD) against a float64 copy of the plain
     # layer, forward, every gradient (row 1 left-padded on 300 positions: what those positions output
     # is not compared and sends no gradient), and two prefills' outputs and states (the second from the
-    # first's states and shorter than a chunk)
+    # first's states and shorter than a chunk); a bf16 state (its prefill reads and writes it in place,
+    # in bf16) bit for bit as an fp32 state holding its values, rounded once at the end
     torch.manual_seed(0)
     layer = Mamba2(1024, d_state=d_state, headdim=64).cuda()
     with torch.no_grad():
@@ -368,16 +369,21 @@ def test_gpu_fast_mamba2_matches_the_plain_layer(d_state, precision, train):
         assert report(f"{tag} grad {name}", rel_err(p.grad, ref.get_parameter(name).grad)) < tol["grad"], name
     state = layer.new_state(1, 0, "cuda", torch.float32)
     state_ref = ref.new_state(1, 0, "cuda", torch.float64)
+    state_bf16 = layer.new_state(1, 0, "cuda", torch.float32, ssm_dtype=torch.bfloat16)
     # the prefill from a new state; then a second one from its states, shorter than a chunk: the conv
     # starts from the state's inputs, the SSD from its state, in a chunk of 64
     for name, inputs in [("prefill", u), ("second prefill", torch.randn(1, 37, 1024, device="cuda"))]:
+        mirror = ssmttm.Mamba2State(state_bf16.conv.clone(), state_bf16.ssm.float())
         with torch.no_grad():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 y_pre = layer(inputs, state=state)
+                y_bf16, y_mirror = layer(inputs, state=state_bf16), layer(inputs, state=mirror)
             y_pre_ref = ref(inputs.double(), state=state_ref)
         assert report(f"{tag} {name} output", rel_err(y_pre, y_pre_ref)) < tol["out"]
         assert report(f"{tag} {name} final state", rel_err(state.ssm, state_ref.ssm)) < tol["state"]
         assert rel_err(state.conv, state_ref.conv) < tol["state"], name
+        assert torch.equal(y_bf16, y_mirror) and torch.equal(state_bf16.conv, mirror.conv), name
+        assert torch.equal(state_bf16.ssm, mirror.ssm.to(torch.bfloat16)), name
 
 
 def mamba2_train_vs_mamba_ssm():
