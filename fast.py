@@ -711,8 +711,12 @@ def _first(pending):
 def decode_chunk_for(rows, state_dtype):
     """FastOptions.decode_chunk by default: chunks of 16 steps past 2 rows for an fp32 state, past 4
     for a bf16 one; at fewer rows the state moves too few bytes for ssm_chunk_step's second kernel to
-    pay (frames measured at 2-128 rows, BENCHMARKS.md §0b)."""
-    return 16 if rows > 2 and (state_dtype == torch.float32 or rows > 4) else 1
+    pay. Chunks of 32 for an fp32 state from 32 rows: there a state read costs more than the longer
+    chunk's pending steps; not with a bf16 state, nor at 8 rows (frames measured at 2-128 rows,
+    BENCHMARKS.md §0b)."""
+    if rows <= 2 or (state_dtype != torch.float32 and rows <= 4):
+        return 1
+    return 32 if state_dtype == torch.float32 and rows >= 32 else 16
 
 
 def decode_streams_for(model, rows):

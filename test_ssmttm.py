@@ -1805,8 +1805,9 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
     model = tiny_model("prefix_simba", 3)
     rows_and_streams = {1: 1, 2: 1, 3: 2, 4: 2, 5: 1, 8: 1, 9: 2, 16: 2, 17: 1, 64: 1, 128: 1}
     assert {r: fast.decode_streams_for(model, r) for r in rows_and_streams} == rows_and_streams
-    # the state written once per 16 steps past 2 rows (fp32 state), past 4 rows (bf16 state)
-    assert [fast.decode_chunk_for(r, torch.float32) for r in (2, 3, 128)] == [1, 16, 16]
+    # the state written once per 16 steps past 2 rows (fp32 state; 32 steps from 32 rows), past 4 rows
+    # (bf16 state)
+    assert [fast.decode_chunk_for(r, torch.float32) for r in (2, 3, 31, 32, 128)] == [1, 16, 16, 32, 32]
     assert [fast.decode_chunk_for(r, torch.bfloat16) for r in (2, 4, 5, 8, 9)] == [1, 1, 16, 16, 16]
     groups = fast.row_groups(model, 5, 3, "cpu")
     assert groups == [(None, None, slice(0, 1)), (None, None, slice(1, 3)), (None, None, slice(3, 5))]
