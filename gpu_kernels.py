@@ -499,6 +499,47 @@ if triton is not None:
                  mask=n_ok)
 
     @triton.jit
+    def _chunk_coefficients_by_step_kernel(xbc_ptr, stride_row, B_start, C_start, dt_start, dt_bias_ptr, A_ptr,
+                                           Bs_ptr, acum_ptr, dts_ptr, slot_ptr, coef_ptr, nheads, heads_per_group,
+                                           ngroups, DSTATE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                                           BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+        # _chunk_coefficients_kernel's work spread over the chunk's steps: one program per step i of
+        # the chunk, group and row makes coef_i (one dot product C_j . B_i), and the program of step j
+        # also coef_j, exp(acum_j) and the appends; programs past j return at once. Each program's work
+        # after the wait is one load of C and one sum, so the chunk step that waits for all of them
+        # starts sooner than after one program's K sums (at up to 32 rows: BENCHMARKS.md §0b).
+        if PDL:
+            gdc_launch_dependents()
+        i, group, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        j = tl.load(slot_ptr + row)
+        if i <= j:
+            ns, hs = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_H)
+            n_ok, h_ok = ns < DSTATE, hs < heads_per_group
+            heads = group * heads_per_group + hs
+            B_i = tl.load(Bs_ptr + (row * CHUNK + i) * (ngroups * DSTATE) + group * DSTATE + ns,
+                          mask=n_ok & (i < j), other=0.0)
+            acum_i = tl.load(acum_ptr + (row * CHUNK + i) * nheads + heads, mask=h_ok & (i < j), other=0.0)
+            acum_before = tl.load(acum_ptr + (row * CHUNK + j - 1) * nheads + heads, mask=h_ok & (j > 0), other=0.0)
+            if PDL:
+                gdc_wait()
+            inputs = xbc_ptr + row * stride_row
+            C = tl.load(inputs + C_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
+            dt = _softplus(tl.load(inputs + dt_start + heads, mask=h_ok, other=0.0).to(tl.float32)
+                           + tl.load(dt_bias_ptr + heads, mask=h_ok, other=0.0).to(tl.float32))
+            acum = acum_before + dt * tl.load(A_ptr + heads, mask=h_ok, other=0.0).to(tl.float32)
+            out = coef_ptr + (row * nheads + heads) * (CHUNK + 1)
+            if i < j:
+                tl.store(out + i, tl.exp(acum - acum_i) * tl.sum(B_i.to(tl.float32) * C), mask=h_ok)
+            else:
+                B = tl.load(inputs + B_start + group * DSTATE + ns, mask=n_ok, other=0.0)
+                tl.store(out + j, tl.sum(B.to(tl.float32) * C) + tl.zeros_like(acum), mask=h_ok)
+                tl.store(out + CHUNK, tl.exp(acum), mask=h_ok)
+                tl.store(acum_ptr + (row * CHUNK + j) * nheads + heads, acum, mask=h_ok)
+                tl.store(dts_ptr + (row * CHUNK + j) * nheads + heads, dt, mask=h_ok)
+                tl.store(Bs_ptr + (row * CHUNK + j) * (ngroups * DSTATE) + group * DSTATE + ns,
+                         B.to(Bs_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
     def _ssm_chunk_step_kernel(state_ptr, xbc_ptr, stride_row, x_start, C_start, dt_start, z_start,
                                dt_bias_ptr, D_ptr, y_ptr, xs_ptr, dts_ptr, slot_ptr, coef_ptr, nheads, heads_per_group,
                                HEADDIM: tl.constexpr, DSTATE: tl.constexpr, CHUNK: tl.constexpr,
@@ -995,7 +1036,7 @@ class PendingSteps(NamedTuple):
 
 
 def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True, block_p=None,
-                   num_warps=None):
+                   num_warps=None, coefficients_by_step=None):
     """ssm_step's output, from the state at the start of a chunk of K decoding steps (K =
     pending.chunk >= 2) and the chunk's steps before this one (PendingSteps), in the SSD's
     chunked form (ssd_reference.ssd_chunked within one chunk; PAPER.md, Mamba-2 internals):
@@ -1008,7 +1049,9 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
     kernels: the coefficients (C_t . B_s and the decays, once per row), then the output. The caller
     advances pending.slot (+1 mod K) after each step's kernels and fold_chunk (one tensor for all
     layers) and folds what is pending into the state with fold_pending (fold_chunk(every_row=True)
-    on the GPU) before anything else reads it. Other arguments and the result as ssm_step's."""
+    on the GPU) before anything else reads it. coefficients_by_step: the first kernel as one
+    program per row and group (False) or per step of the chunk, row and group (True); None: by the
+    rows, as measured. Other arguments and the result as ssm_step's."""
     b, nheads, headdim, d_state = state.shape
     chunk = pending.chunk
     # launch shape measured at 8-128 rows, fp32 and bf16 states (BENCHMARKS.md §0b): one warp, 8
@@ -1022,10 +1065,18 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
     C_start, dt_start, heads_per_group = B_start + ngroups * d_state, xbc.shape[1] - nheads, nheads // ngroups
     launch = _launch_options(xbc, pdl)
     sizes = dict(DSTATE=d_state, CHUNK=chunk, BLOCK_N=next_power_of_2(d_state), BLOCK_K=next_power_of_2(chunk))
-    _chunk_coefficients_kernel[(ngroups, b)](
-        xbc, xbc.stride(0), B_start, C_start, dt_start, dt_bias, A, pending.B, pending.acum, pending.dt, pending.slot,
-        coef, nheads, heads_per_group, ngroups, BLOCK_H=next_power_of_2(heads_per_group), num_warps=4, **sizes,
-        **launch)
+    if coefficients_by_step is None:  # measured at 8, 32 and 128 rows (BENCHMARKS.md §0b)
+        coefficients_by_step = b <= 32
+    if not coefficients_by_step:
+        _chunk_coefficients_kernel[(ngroups, b)](
+            xbc, xbc.stride(0), B_start, C_start, dt_start, dt_bias, A, pending.B, pending.acum, pending.dt,
+            pending.slot, coef, nheads, heads_per_group, ngroups, BLOCK_H=next_power_of_2(heads_per_group),
+            num_warps=4, **sizes, **launch)
+    else:
+        _chunk_coefficients_by_step_kernel[(chunk, ngroups, b)](
+            xbc, xbc.stride(0), B_start, C_start, dt_start, dt_bias, A, pending.B, pending.acum, pending.dt,
+            pending.slot, coef, nheads, heads_per_group, ngroups, BLOCK_H=next_power_of_2(heads_per_group),
+            num_warps=1, DSTATE=d_state, CHUNK=chunk, BLOCK_N=next_power_of_2(d_state), **launch)
     _ssm_chunk_step_kernel[(cdiv(headdim, block_p), nheads, b)](
         state, xbc, xbc.stride(0), x_start, C_start, dt_start, z_start or 0, dt_bias, D, y, pending.x, pending.dt,
         pending.slot, coef, nheads, heads_per_group, HEADDIM=headdim, BLOCK_P=block_p, GATE=z_start is not None,

@@ -1152,8 +1152,9 @@ def test_ssm_step_kernel_equals_its_definition(state_dtype):
 
 @triton_here
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk_end", ["fold_chunk", "ssm_chunk_end"])
-def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype, chunk_end):
+@pytest.mark.parametrize("chunk_end, step", [("fold_chunk", {}), ("ssm_chunk_end", {}),
+                                             ("ssm_chunk_end", dict(coefficients_by_step=False))])
+def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype, chunk_end, step):
     # kernels.ssm_chunk_step and fold_chunk (or at each chunk's last step ssm_chunk_end instead) for
     # 2.5 chunks of steps, then fold_pending, against ssm_step's definition (the recurrence) in float64
     # step by step: each step's y (with the gate and without), the state after each chunk's last step
@@ -1179,7 +1180,7 @@ def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype, 
                 y = kernels.ssm_chunk_end(*args, z_start=z_start, block_p=tile.get("block_p"),
                                           block_s=tile.get("block_s"))
             else:
-                y = kernels.ssm_chunk_step(*args, z_start=z_start, block_p=block_p)
+                y = kernels.ssm_chunk_step(*args, z_start=z_start, block_p=block_p, **step)
                 assert torch.equal(state, before), (chunk, t)  # only fold_chunk writes it
                 kernels.fold_chunk(state, pending, **tile)
             pending.slot.add_(1).remainder_(chunk)
