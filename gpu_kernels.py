@@ -1046,7 +1046,8 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
     so the state (b, nheads, headdim, d_state) is read every step and never written here: the step
     appends x, dt, B and acum to `pending` at `slot`, and fold_chunk, called after it, writes the state
     at the chunk's last step (slot K - 1); or ssm_chunk_end takes that step in its place. Two
-    kernels: the coefficients (C_t . B_s and the decays, once per row), then the output. The caller
+    kernels: the coefficients (C_t . B_s and the decays, once per row: coefficients_by_step), then
+    the output. The caller
     advances pending.slot (+1 mod K) after each step's kernels and fold_chunk (one tensor for all
     layers) and folds what is pending into the state with fold_pending (fold_chunk(every_row=True)
     on the GPU) before anything else reads it. coefficients_by_step: the first kernel as one
@@ -1067,16 +1068,14 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
     sizes = dict(DSTATE=d_state, CHUNK=chunk, BLOCK_N=next_power_of_2(d_state), BLOCK_K=next_power_of_2(chunk))
     if coefficients_by_step is None:  # measured at 8, 32 and 128 rows (BENCHMARKS.md §0b)
         coefficients_by_step = b <= 32
-    if not coefficients_by_step:
-        _chunk_coefficients_kernel[(ngroups, b)](
-            xbc, xbc.stride(0), B_start, C_start, dt_start, dt_bias, A, pending.B, pending.acum, pending.dt,
-            pending.slot, coef, nheads, heads_per_group, ngroups, BLOCK_H=next_power_of_2(heads_per_group),
-            num_warps=4, **sizes, **launch)
-    else:
+    coef_args = (xbc, xbc.stride(0), B_start, C_start, dt_start, dt_bias, A, pending.B, pending.acum, pending.dt,
+                 pending.slot, coef, nheads, heads_per_group, ngroups)
+    block_h = next_power_of_2(heads_per_group)
+    if coefficients_by_step:
         _chunk_coefficients_by_step_kernel[(chunk, ngroups, b)](
-            xbc, xbc.stride(0), B_start, C_start, dt_start, dt_bias, A, pending.B, pending.acum, pending.dt,
-            pending.slot, coef, nheads, heads_per_group, ngroups, BLOCK_H=next_power_of_2(heads_per_group),
-            num_warps=1, DSTATE=d_state, CHUNK=chunk, BLOCK_N=next_power_of_2(d_state), **launch)
+            *coef_args, DSTATE=d_state, CHUNK=chunk, BLOCK_N=sizes["BLOCK_N"], BLOCK_H=block_h, num_warps=1, **launch)
+    else:
+        _chunk_coefficients_kernel[(ngroups, b)](*coef_args, BLOCK_H=block_h, num_warps=4, **sizes, **launch)
     _ssm_chunk_step_kernel[(cdiv(headdim, block_p), nheads, b)](
         state, xbc, xbc.stride(0), x_start, C_start, dt_start, z_start or 0, dt_bias, D, y, pending.x, pending.dt,
         pending.slot, coef, nheads, heads_per_group, HEADDIM=headdim, BLOCK_P=block_p, GATE=z_start is not None,

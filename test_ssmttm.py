@@ -1161,7 +1161,8 @@ def test_ssm_step_in_chunks_kernel_writes_what_the_recurrence_does(state_dtype, 
     # and after fold_pending; the state untouched inside a chunk. Shapes as ssm_step's test: 2 groups, a
     # masked head (20 channels, 8 and 16 per program), d_state 100; the tiles of fold_chunk and
     # ssm_chunk_end: 32 x 64 (both masked), or 16 x 32 (two blocks of channels and four slices of
-    # d_state, the last ones partly masked)
+    # d_state, the last ones partly masked). The coefficients by step of the chunk (the default at 3
+    # rows) and by row (step: coefficients_by_step=False)
     device, rand, (nheads, headdim, ngroups, d_state), (A, dt_bias, D) = ssm_kernel_inputs(1, 2, -2)
     d = lambda t: t.double()
     d_inner, rows = nheads * headdim, 3
