@@ -67,6 +67,10 @@ class FastOptions:
     # state's dtype (decode_chunk_for)
     decode_split_k: bool = True  # decoding: products of few outputs (out_proj, fc1, fc2, the head) in
     # slices of K at 4-32 rows (kernels.linear_rows' split_k, kernels._default_path; it needs counters)
+    decode_fold_norm: bool = True  # decoding: where in_proj is cuBLAS's product (linear_rows' many_rows
+    # path) among split_k's products (9-32 rows), its RMSNorm's weight folded into a copy of its weight
+    # (FusedStep.in_weights) and 1/rms(x) applied after the product (linear_rows' norm_folded): no norm
+    # kernel before it (_folds_norm)
 
     def __post_init__(self):
         if self.train not in TRAIN_PATHS:
@@ -396,8 +400,12 @@ class Decoder:
         freqs = ssmttm.position_frequencies(model.cfg.d_model, device)
         n = min(self.options.decode_streams or decode_streams_for(model, rows), rows)
         groups = None if n == 1 else row_groups(model, rows, n, device)
-        return FusedStep(model, A, freqs, self.options.pdl, groups, self.options.decode_chunk,
-                         self.options.decode_split_k)
+        split_k = self.options.decode_split_k
+        group_rows = [rows] if groups is None else [r.stop - r.start for *_, r in groups]
+        fold = self.options.decode_fold_norm and any(
+            _folds_norm(r, m.in_proj.weight, split_k or None) for r in group_rows for m in model.modules()
+            if isinstance(m, Mamba2))
+        return FusedStep(model, A, freqs, self.options.pdl, groups, self.options.decode_chunk, split_k, fold)
 
     @staticmethod
     def _sample_into(logits, steps, pos, fixed, next_input, sampling, ring=None, kernel=False):
@@ -634,10 +642,16 @@ class FusedStep:
     (ends_chunk); otherwise each layer's state is written by kernels.fold_chunk, launched at every
     step on a CUDA stream of its own, beside the layers after it, and the step ends once they are
     all written. split_k: counters for linear_rows' split_k, one row for the kernels on the current
-    stream and one per group of rows (fused_step)."""
+    stream and one per group of rows (fused_step). fold_norm: in_weights, per block, per sublayer,
+    a Mamba-2 layer's in_proj weight times its norm's weight (linear_rows' norm_folded; else None),
+    made here and again by read_weights."""
 
-    def __init__(self, model, A, freqs, pdl, groups, chunk, split_k=True):
+    def __init__(self, model, A, freqs, pdl, groups, chunk, split_k=True, fold_norm=False):
         self.model, self.A, self.freqs, self.pdl, self.groups, self.chunk = model, A, freqs, pdl, groups, chunk
+        self.in_weights = [[torch.empty_like(layer.in_proj.weight, requires_grad=False)
+                            if fold_norm and isinstance(layer, Mamba2) else None for layer in block.layers]
+                           for block in model.blocks]
+        self._fold_norms()
         self._pending = weakref.WeakKeyDictionary()  # cache -> per block, per sublayer: PendingSteps or None
         device = model.embed.weight.device
         self.counters = torch.zeros(1 + len(groups or ()), kernels.SPLIT_OUTPUTS, dtype=torch.int32,
@@ -651,7 +665,7 @@ class FusedStep:
         With True or False, the step takes kernels.ssm_chunk_end or ssm_chunk_step alone."""
         pending = self.pending(cache)
         logits = fused_step(self.model, tokens, cache, self.A, self.freqs, self.pdl, self.groups, pending,
-                            self.counters, self.fold_stream, ends_chunk)
+                            self.counters, self.fold_stream, ends_chunk, self.in_weights)
         first = _first(pending)
         if first is not None:  # after every layer's kernels: the next step's place in its chunk
             if self.fold_stream is not None and ends_chunk is None:
@@ -660,11 +674,27 @@ class FusedStep:
         return logits
 
     def read_weights(self):
-        """Compute A = -exp(A_log) again, in place (for graphs recorded on it): after the weights changed."""
+        """Compute A = -exp(A_log) and in_weights again, in place (for graphs recorded on them): after the
+        weights changed."""
         for block_A, block in zip(self.A, self.model.blocks):
             for A, layer in zip(block_A, block.layers):
                 if A is not None:
                     A.copy_(layer.A())
+        self._fold_norms()
+
+    @torch.no_grad()
+    def _fold_norms(self):
+        """in_weights = in_proj's weight * the norm's weight (each column of W by its input's weight), rounded
+        once to W's dtype."""
+        for block_in, block in zip(self.in_weights, self.model.blocks):
+            for folded, norm, layer in zip(block_in, block.norms, block.layers):
+                if folded is None:
+                    continue
+                W, w = layer.in_proj.weight, norm.weight
+                if w.dtype == W.dtype:
+                    torch.mul(W, w, out=folded)
+                else:
+                    folded.copy_(W.float() * w.float())
 
     def chunk_slot(self, cache):
         """(K, slot): the chunk length and the step's place in it, the same in every row (one host
@@ -764,7 +794,7 @@ def row_groups(model, rows, n, device):
 
 
 def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=None, counters=None,
-               fold_stream=None, ends_chunk=None):
+               fold_stream=None, ends_chunk=None, in_weights=None):
     """TextToMusicLM.step for one step, tokens (rows, K, 1) -> logits (rows, K, 1, 1025), in the
     kernels of gpu_kernels.py (rows and widths within kernels.fits_linear_rows). A: per block, per
     sublayer, A = -exp(A_log) of a Mamba-2 layer (else None); freqs: the position frequencies.
@@ -773,28 +803,31 @@ def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=No
     (FusedStep; the caller advances their slot), or None. counters: int32 zeros (1 + groups, n)
     for linear_rows' split_k, row 0 for the kernels on the current stream, row 1 + i for group i's
     (streams that may run at once need their own), or None: no split_k. fold_stream, ends_chunk: as
-    mamba2_fused_step's; the caller joins fold_stream before the slot advances."""
+    mamba2_fused_step's; the caller joins fold_stream before the slot advances. in_weights: per block, per
+    sublayer, FusedStep's in_proj weights with the norm folded in (or None), as fused_blocks'."""
     rows, K, _ = tokens.shape
     x = kernels.embed_rows(tokens[..., 0], model.offsets, model.embed.weight, cache.position, freqs,
                            advance=True)  # and position += 1
     own = None if counters is None else counters[0]
     if groups:
-        x, xn = blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters, fold_stream, ends_chunk)
+        x, xn = blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters, fold_stream, ends_chunk,
+                                  in_weights)
     else:
         x, xn = fused_blocks(model, x, cache.states, cache.memory_mask, A, pdl, pending=pending, counters=own,
-                             fold_stream=fold_stream, ends_chunk=ends_chunk)
+                             fold_stream=fold_stream, ends_chunk=ends_chunk, in_weights=in_weights)
     x_in, norm_weight, eps = _normed(x, xn, model.norm_f)
     logits = kernels.linear_rows(x_in, model.head.weight, norm_weight=norm_weight, eps=eps, pdl=pdl, counters=own)
     return logits.view(rows, 1, K, -1).transpose(1, 2)
 
 
-def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None, fold_stream=None, ends_chunk=None):
+def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None, fold_stream=None, ends_chunk=None,
+                      in_weights=None):
     """fused_blocks for x (rows, d), each group of rows (row_groups: stream, rows) through every
     block on its own CUDA stream (None: the current stream, after the groups before it). While
     decoding, rows are independent: one group's ssm_step, which moves the state, can run beside
     another group's products, which read the weights (once per group). In a CUDA graph the streams
     are branches between a fork and a join. pending: as fused_blocks', for all rows, or None. counters:
-    as fused_step's (group i takes row 1 + i), or None. fold_stream, ends_chunk: fused_step's. Returns
+    as fused_step's (group i takes row 1 + i), or None. fold_stream, ends_chunk, in_weights: fused_step's. Returns
     (x, norm_f(x) or None) as fused_blocks."""
     current = torch.cuda.current_stream(x.device) if x.is_cuda else None
     # the heads take norm_f(x) of all rows or of none: from every group, or from none
@@ -809,7 +842,7 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None, f
                       for block_states in cache.states]
             rows_pending = pending and [[p if p is None else p.rows(rows) for p in block] for block in pending]
             h, hn = fused_blocks(model, x[rows], states, None, A, pdl, head_norm, ssm_stream, rows_pending,
-                                 None if counters is None else counters[1 + i], fold_stream, ends_chunk)
+                                 None if counters is None else counters[1 + i], fold_stream, ends_chunk, in_weights)
             out[rows] = h
             if head_norm:
                 out_n[rows] = hn
@@ -820,7 +853,7 @@ def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None, f
 
 
 def fused_blocks(model, x, states, memory_mask, A, pdl=True, head_norm=None, ssm_stream=None, pending=None,
-                 counters=None, fold_stream=None, ends_chunk=None):
+                 counters=None, fold_stream=None, ends_chunk=None, in_weights=None):
     """The blocks of ssmttm.TextToMusicLM for one decoding step, x (rows, d) -> (x, xn): Mamba-2 and
     feed-forward sublayers in gpu_kernels.py's kernels (norm and residual included), the others as they
     are. Where the next product takes its input normed (_takes_normed: past kernels.CORE_ROWS rows,
@@ -830,23 +863,32 @@ def fused_blocks(model, x, states, memory_mask, A, pdl=True, head_norm=None, ssm
     A: per block, per sublayer. ssm_stream: where Mamba-2's ssm_step runs (row_groups), else in line.
     pending: per block, per sublayer, the Mamba-2 layers' kernels.PendingSteps (or None: steps of one).
     counters: int32 zeros for linear_rows' split_k (its default where it pays), or None. fold_stream,
-    ends_chunk: fused_step's."""
+    ends_chunk: fused_step's. in_weights: per block, per sublayer, a Mamba-2 layer's in_proj weight with
+    its norm's weight folded in (FusedStep), or None: taken where _folds_norm says (then neither a
+    kernel of its own nor the one before makes that norm), else in_proj's own."""
     rows = x.shape[0]
     head_norm = _takes_normed(rows, model.head.weight, counters) if head_norm is None else head_norm
     pending = pending or [[None] * len(block.layers) for block in model.blocks]
-    sublayers = [(kind, norm, layer, state, layer_A, layer_pending)
-                 for block, block_states, block_A, block_pending in zip(model.blocks, states, A, pending)
-                 for kind, norm, layer, state, layer_A, layer_pending in zip(block.layout, block.norms, block.layers,
-                                                                             block_states, block_A, block_pending)]
+    in_weights = in_weights or [[None] * len(block.layers) for block in model.blocks]
+    sublayers = [(kind, norm, layer, state, layer_A, layer_pending, in_weight)
+                 for block, *per_block in zip(model.blocks, states, A, pending, in_weights)
+                 for kind, norm, layer, state, layer_A, layer_pending, in_weight in zip(
+                     block.layout, block.norms, block.layers, *per_block)]
     first_product = {"mamba": lambda layer: layer.in_proj.weight, "ff": lambda layer: layer.fc1.weight}
-    after = [(norm, kind in first_product and _takes_normed(rows, first_product[kind](layer), counters))
-             for kind, norm, layer, *_ in sublayers[1:]] + [(model.norm_f, head_norm)]
+    takes_normed = [kind in first_product and _takes_normed(rows, first_product[kind](layer), counters)
+                    for kind, norm, layer, *_ in sublayers]
+    folded = [in_weight is not None and _folds_norm(rows, layer.in_proj.weight, counters)
+              for _, _, layer, *_, in_weight in sublayers]
+    after = [(norm, normed and not fold) for (_, norm, *_), normed, fold in zip(sublayers[1:], takes_normed[1:],
+                                                                                 folded[1:])]
+    after += [(model.norm_f, head_norm)]
     xn = None  # norm(x) of the sublayer about to run, made by the one before it
-    for (kind, norm, layer, state, layer_A, layer_pending), (next_norm, normed) in zip(sublayers, after):
+    for (kind, norm, layer, state, layer_A, layer_pending, in_weight), (next_norm, normed), fold in zip(
+            sublayers, after, folded):
         norm_out = (next_norm.weight, next_norm.eps) if normed else None
         if kind == "mamba":
             x, xn = mamba2_fused_step(layer, norm, x, state, layer_A, pdl, xn, norm_out, ssm_stream, layer_pending,
-                                      counters, fold_stream, ends_chunk)
+                                      counters, fold_stream, ends_chunk, in_weight if fold else None)
         elif kind == "ff":
             x_in, norm_weight, eps = _normed(x, xn, norm)
             h = kernels.linear_rows(x_in, layer.fc1.weight, layer.fc1.bias, norm_weight, eps, gelu=True, pdl=pdl,
@@ -867,6 +909,15 @@ def _takes_normed(rows, weight, counters):
     return kernels._default_path(rows, weight, split_k=counters is not None) == "many_rows"
 
 
+def _folds_norm(rows, in_weight, counters):
+    """Whether in_proj (in_weight, its weight) takes its norm folded into a copy of its weight at `rows`
+    rows (FastOptions.decode_fold_norm): on linear_rows' many_rows path while split_k runs the products
+    before it (up to SPLIT_MAX_ROWS rows), whose kernels would need one more kernel to make its norm. Past
+    that fc2's residual kernel makes the norm along, and the fold was slower (BENCHMARKS.md §0b).
+    counters: as linear_rows'."""
+    return counters is not None and rows <= kernels.SPLIT_MAX_ROWS and _takes_normed(rows, in_weight, counters)
+
+
 def _normed(x, xn, norm):
     """linear_rows' x, norm_weight and eps for a sublayer's product: norm(x) unless the kernel
     before made it (xn), then xn as it is."""
@@ -879,7 +930,7 @@ def _split(out):
 
 
 def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None, ssm_stream=None, pending=None,
-                      counters=None, fold_stream=None, ends_chunk=None):
+                      counters=None, fold_stream=None, ends_chunk=None, in_weight=None):
     """x + layer(norm(x)) for one decoding step, x (rows, d_model), in three kernels: norm + in_proj
     + conv, the SSD step + gate (y * silu(z)), norm + out_proj + residual. xn: norm(x) in the
     weights' dtype if the kernel before made it. ssm_stream: a CUDA stream for the SSD step (it
@@ -889,14 +940,22 @@ def mamba2_fused_step(layer, norm, x, state, A, pdl=True, xn=None, norm_out=None
     kernel), False at the others (kernels.ssm_chunk_step, two kernels), None where not known
     (ssm_chunk_step, then kernels.fold_chunk, which writes the state where a row ends its chunk: on
     fold_stream if given, beside the layers after this one, else in line). counters: linear_rows'.
-    Returns (out, the next norm of out if norm_out, as linear_rows, else None). Raises ValueError
-    for ngroups != 1 (the out_proj kernel normalises y * silu(z) as one group)."""
+    in_weight: in_proj's weight times norm's weight (FusedStep.in_weights), for linear_rows'
+    norm_folded on its many_rows path: x then goes in as it is (xn must be None). Returns (out, the
+    next norm of out if norm_out, as linear_rows, else None). Raises ValueError for ngroups != 1 (the
+    out_proj kernel normalises y * silu(z) as one group), and for both in_weight and xn."""
     if layer.ngroups != 1:
         raise ValueError(f"mamba2_fused_step: ngroups must be 1 (the LM's), got {layer.ngroups}")
     conv = (state.conv, layer.conv1d.weight[:, 0], layer.conv1d.bias, layer.d_inner)
-    x_in, norm_weight, eps = _normed(x, xn, norm)
-    zxbcdt = kernels.linear_rows(x_in, layer.in_proj.weight, norm_weight=norm_weight, eps=eps, conv=conv, pdl=pdl,
-                                 counters=counters)
+    if in_weight is not None:
+        if xn is not None:
+            raise ValueError("mamba2_fused_step: with in_weight (the norm folded in), x goes in as it is, not xn")
+        zxbcdt = kernels.linear_rows(x, in_weight, eps=norm.eps, conv=conv, pdl=pdl, counters=counters,
+                                     norm_folded=True, path="many_rows")
+    else:
+        x_in, norm_weight, eps = _normed(x, xn, norm)
+        zxbcdt = kernels.linear_rows(x_in, layer.in_proj.weight, norm_weight=norm_weight, eps=eps, conv=conv, pdl=pdl,
+                                     counters=counters)
     ssm_args = (layer.dt_bias, layer.D, layer.d_inner, layer.ngroups)
 
     def ssm():

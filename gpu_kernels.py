@@ -375,14 +375,18 @@ if triton is not None:
 
     @triton.jit
     def _epilogue_rows_kernel(y_ptr, out_ptr, M, N, col_start, col_end, conv_state_ptr, conv_w_ptr, conv_b_ptr,
-                              conv_start, conv_dim, GELU: tl.constexpr, D_CONV: tl.constexpr, PDL: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                              conv_start, conv_dim, x_ptr, stride_x, K, eps, bias_ptr, GELU: tl.constexpr,
+                              D_CONV: tl.constexpr, ROW_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
         # What follows cuBLAS's product y (M, N) in _linear_many_rows, in one pass over outputs
-        # col_start ... col_end - 1: GELU, the cast to out's dtype, and Mamba-2's causal
-        # conv + SiLU for outputs conv_start ... conv_start + conv_dim - 1, whose state
-        # (M, conv_dim, D_CONV) moves on by one. One program: BLOCK_M rows x BLOCK_N outputs, which it
-        # alone reads and writes. With PDL the next kernel (in_proj's: ssm_step) may start at once
-        # and load its state while this one runs; cuBLAS's product before it is waited for.
+        # col_start ... col_end - 1: with ROW_NORM, each row times 1/rms of its row of x (M, K), the
+        # RMSNorm whose weight the product's weight holds (linear_rows' norm_folded), then the bias;
+        # GELU, the cast to out's dtype, and Mamba-2's causal conv + SiLU for outputs conv_start ...
+        # conv_start + conv_dim - 1, whose state (M, conv_dim, D_CONV) moves on by one. One program:
+        # BLOCK_M rows x BLOCK_N outputs, which it alone reads and writes. With PDL the next kernel
+        # (in_proj's: ssm_step) may start at once and load its state while this one runs; cuBLAS's
+        # product before it is waited for.
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
@@ -391,6 +395,16 @@ if triton is not None:
         row_ok, col_ok = rows < M, cols < col_end
         ok = row_ok[:, None] & col_ok[None, :]
         acc = tl.load(y_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if ROW_NORM:  # each program sums its rows' squares itself: a row of x is a few KB, in L2
+            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
+                             other=0.0).to(tl.float32)
+                squares += tl.sum(xs * xs, axis=1)
+            acc = acc * (1.0 / tl.sqrt(squares / K + eps))[:, None]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GELU:  # exact (erf) GELU, as F.gelu
             acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
         if D_CONV > 0:
@@ -752,7 +766,7 @@ if triton is not None:
 
 def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, residual=None, conv=None,
                 norm_out=None, pdl=True, path=None, block_n=None, num_warps=None, block_m=None, split=None,
-                counters=None):
+                counters=None, norm_folded=False):
     """residual + gelu(norm(x) @ weight^T + bias) for the rows of a decoding step.
 
     x (M, K) with M <= 128 and K <= 4096, weight (N, K). norm: RMSNorm with norm_weight (K,) if given.
@@ -762,6 +776,10 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     norm_out: (norm weight (N,), eps) of the product that takes out next: then returns (out,
     RMSNorm(out) * norm weight) with the second in the norm weight's dtype, which that product takes
     as its x without a norm_weight (past CORE_ROWS the residual's kernel makes it: one launch fewer).
+    norm_folded: weight is W * w, an RMSNorm's weight w folded into the product's columns, and x is
+    taken as it is: each row of the product is scaled by 1/rms(x) (with eps) before the bias, since
+    RMSNorm(x) W^T = (x (W * w)^T) / rms(x). No norm kernel before the product; the many_rows path
+    only (ValueError on another, or with norm_weight too).
     path: "cuda_cores" (one kernel, in float32), "tensor_cores" (one kernel, the product on tensor
     cores in weight's dtype, the norm rounded to it first, as the plain ops do) or "many_rows" (a
     norm kernel, the product, one kernel for the residual: _linear_many_rows); default:
@@ -789,8 +807,11 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     path = path or _default_path(M, weight, split_k=counters is not None)
     if path not in LINEAR_PATHS:
         raise ValueError(f"linear_rows: path {path!r} is not one of {', '.join(LINEAR_PATHS)}")
+    if norm_folded and (path != "many_rows" or norm_weight is not None):
+        raise ValueError(f"linear_rows(norm_folded=True) is for the many_rows path without a norm_weight; got path "
+                         f"{path!r}{', a norm_weight' if norm_weight is not None else ''}")
     if path == "many_rows":
-        return _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, norm_out, pdl)
+        return _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, norm_out, pdl, norm_folded)
     rows = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # rows may be strided views
     x, residual, weight = rows(x), rows(residual), weight.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=(residual if residual is not None else x).dtype)
@@ -904,19 +925,25 @@ def _add_norm_rows(x, residual=None, sum_dtype=None, norm_weight=None, eps=1e-5,
     return sum_, normed
 
 
-def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, norm_out, pdl):
+def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, norm_out, pdl, norm_folded=False):
     """linear_rows past CORE_ROWS: the RMSNorm rounded to weight's dtype (as the plain ops round it)
-    in one kernel, unless x comes normalised from the kernel before it (its norm_out); cuBLAS's
-    product with the bias; then GELU, cast and conv in one kernel (_epilogue_rows_kernel), or the
-    residual, cast and the next product's norm in one (_add_norm_rows). Returns out, or (out,
-    normed) with norm_out."""
+    in one kernel, unless x comes normalised from the kernel before it (its norm_out) or the norm's
+    weight is folded into weight (norm_folded: then cuBLAS's product in float32, and 1/rms(x) in the
+    epilogue); cuBLAS's product with the bias; then GELU, cast and conv in one kernel
+    (_epilogue_rows_kernel), or the residual, cast and the next product's norm in one
+    (_add_norm_rows). Returns out, or (out, normed) with norm_out."""
     out_dtype = (residual if residual is not None else x).dtype
-    if norm_weight is not None or x.dtype != weight.dtype or x.stride(-1) != 1:
-        x = _add_norm_rows(x, norm_weight=norm_weight, eps=eps, normed_dtype=weight.dtype,
-                           pdl=pdl and x.shape[0] > NORM_PDL_ROWS)[1]
-    y = F.linear(x, weight, bias)
-    if gelu or conv is not None:
-        y = _epilogue_rows(y, gelu, conv, out_dtype, pdl)
+    if norm_folded:
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        y = _product_fp32(x if x.dtype == weight.dtype else x.to(weight.dtype), weight)
+        y = _epilogue_rows(y, gelu, conv, out_dtype, pdl, bias=bias, row_norm=(x, eps))
+    else:
+        if norm_weight is not None or x.dtype != weight.dtype or x.stride(-1) != 1:
+            x = _add_norm_rows(x, norm_weight=norm_weight, eps=eps, normed_dtype=weight.dtype,
+                               pdl=pdl and x.shape[0] > NORM_PDL_ROWS)[1]
+        y = F.linear(x, weight, bias)
+        if gelu or conv is not None:
+            y = _epilogue_rows(y, gelu, conv, out_dtype, pdl)
     y_is_out = residual is None and y.dtype == out_dtype
     if y_is_out and norm_out is None:
         return y
@@ -927,9 +954,18 @@ def _linear_many_rows(x, weight, bias, norm_weight, eps, gelu, residual, conv, n
     return out if norm_out is None else (out, normed)
 
 
-def _epilogue_rows(y, gelu, conv, out_dtype, pdl):
+def _product_fp32(x, weight):
+    """x @ weight^T (M, N) in float32, not rounded to the inputs' dtype: cuBLAS's 16-bit product with a
+    float32 output on CUDA (torch.mm's out_dtype), else in float32."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return F.linear(x.float(), weight.float())
+
+
+def _epilogue_rows(y, gelu, conv, out_dtype, pdl, bias=None, row_norm=None):
     """GELU, the cast to out_dtype and the conv (as linear_rows) on cuBLAS's product y (M, N), in one
-    kernel, in place where the dtype allows; pdl as linear_rows'."""
+    kernel, in place where the dtype allows; pdl as linear_rows'. row_norm: (x (M, K), eps): first
+    each row times 1/rms of its row of x, then bias (N,) if given (linear_rows' norm_folded)."""
     M, N = y.shape
     out = y if out_dtype == y.dtype else torch.empty_like(y, dtype=out_dtype)
     if conv is None:
@@ -937,14 +973,17 @@ def _epilogue_rows(y, gelu, conv, out_dtype, pdl):
     else:
         (conv_state, conv_w, conv_b, conv_start), d_conv = conv, conv[0].shape[-1]
         conv_dim = conv_state.shape[1]
+    x, eps = row_norm if row_norm is not None else (y, 0.0)
     # In place with only the conv to do (in_proj), the other outputs are already final: the pass
     # covers the conv's columns alone (3072 of the LM's 5152).
-    conv_only = conv is not None and out is y and not gelu
+    conv_only = conv is not None and out is y and not gelu and row_norm is None and bias is None
     cols = (conv_start, conv_start + conv_dim) if conv_only else (0, N)
     block_m, block_n, num_warps = _epilogue_launch_shape(M, conv is not None)
     _epilogue_rows_kernel[(cdiv(cols[1] - cols[0], block_n), cdiv(M, block_m))](
-        y, out, M, N, *cols, conv_state, conv_w, conv_b, conv_start, conv_dim, GELU=gelu, D_CONV=d_conv,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **_launch_options(y, pdl))
+        y, out, M, N, *cols, conv_state, conv_w, conv_b, conv_start, conv_dim, x, x.stride(0), x.shape[1], eps,
+        y if bias is None else bias, GELU=gelu, D_CONV=d_conv, ROW_NORM=row_norm is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(next_power_of_2(x.shape[1]), 1024), num_warps=num_warps,
+        **_launch_options(y, pdl))
     return out
 
 

@@ -104,15 +104,16 @@ def report(name, err):
 # in the kernels' place to check how fast.py calls them.
 
 def linear_rows_definition(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, residual=None, conv=None,
-                           norm_out=None, **launch):
+                           norm_out=None, norm_folded=False, **launch):
     """kernels.linear_rows: residual + gelu(rmsnorm(x) @ weight^T + bias), and outputs start ...
     start + C - 1 through the causal conv + SiLU with its state (M, C, d_conv) moved on by one; with
-    norm_out = (w, eps), also rmsnorm(out) * w in w's dtype."""
+    norm_out = (w, eps), also rmsnorm(out) * w in w's dtype; with norm_folded, rmsnorm without a weight
+    (weight holds it)."""
     out_dtype = (residual if residual is not None else x).dtype
     dtype = torch.promote_types(x.dtype, torch.float32)
     x = x.to(dtype)
-    if norm_weight is not None:
-        x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * norm_weight.to(dtype)
+    if norm_weight is not None or norm_folded:
+        x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * (1 if norm_folded else norm_weight.to(dtype))
     out = x @ weight.to(dtype).T + (0 if bias is None else bias.to(dtype))
     out = F.gelu(out) if gelu else out
     out = out + (0 if residual is None else residual.to(dtype))
@@ -232,10 +233,10 @@ def paper_width_decoder(n_layers=4):
     return fast.accelerate(fast.for_inference(TextToMusicLM(cfg).cuda(), torch.bfloat16))
 
 
-def small_gpu_model(K=9, variant="prefix_simba", n_layers=2):
+def small_gpu_model(K=9, variant="prefix_simba", n_layers=2, expand=2):
     torch.manual_seed(0)
     cfg = ModelConfig(variant=variant, n_layers=n_layers, d_model=256, d_state=64, headdim=64, n_heads=4, d_ff=512,
-                      dropout=0.0, n_codebooks=K)
+                      dropout=0.0, n_codebooks=K, expand=expand)
     return TextToMusicLM(cfg).cuda().eval()
 
 
@@ -1733,8 +1734,29 @@ def test_linear_rows_past_the_one_kernel_rows_equals_its_definition():
                                               conv=(want_state, d(conv_w), d(conv_b), 5))
                 assert got.dtype == torch.float32 and rel_err(got, want) < tol, (dtype, M, channels, "conv")
                 assert rel_err(state, want_state) < tol, (dtype, M, channels, "conv state")
+            # the norm's weight folded into W (norm_folded): x as it is, 1/rms(x) after the product, then the
+            # bias, GELU, residual or the conv; against the norm with its weight, in float64
+            folded = (w.double() * nw.double()).to(dtype)
+            state, conv_w, conv_b = (torch.randn(M, N - 12, 4, device=device), torch.randn(N - 12, 4, device=device),
+                                     torch.randn(N - 12, device=device))
+            want_state = d(state)
+            for name, x_in, kw, want_kw in [
+                    ("folded", x, {}, {}), ("folded+bias+gelu", x, dict(bias=b, gelu=True), dict(bias=d(b), gelu=True)),
+                    ("folded+residual", x, dict(residual=res), dict(residual=d(res))),
+                    ("fp32 input, folded+conv", x.float(), dict(conv=(state, conv_w, conv_b, 5)),
+                     dict(conv=(want_state, d(conv_w), d(conv_b), 5)))]:
+                got = kernels.linear_rows(x_in, folded, eps=1e-5, norm_folded=True, **kw)
+                want = linear_rows_definition(d(x_in), d(w), norm_weight=d(nw), eps=1e-5, **want_kw)
+                assert got.dtype == (res.dtype if "residual" in kw else x_in.dtype), (dtype, M, name)
+                assert rel_err(got, want) < tol, (dtype, M, name, rel_err(got, want))
+            assert rel_err(state, want_state) < tol, (dtype, M, "folded conv state")
     with pytest.raises(ValueError, match=f"<= {kernels.MAX_ROWS} rows"):
         kernels.linear_rows(torch.randn(kernels.MAX_ROWS + 1, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="norm_folded=True.* many_rows path without a norm_weight; got path 'cuda_co"):
+        kernels.linear_rows(torch.randn(2, 8), torch.randn(4, 8), norm_folded=True)
+    with pytest.raises(ValueError, match="norm_folded=True.*got path 'many_rows', a norm_weight"):
+        kernels.linear_rows(torch.randn(2, 8), torch.randn(4, 8), norm_weight=torch.ones(8), norm_folded=True,
+                            path="many_rows")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -1882,30 +1904,53 @@ def test_a_product_makes_the_next_norm_only_where_that_one_takes_it_normed(kerne
     # next product is on the many_rows path, whose norm would be a kernel of its own; split_k norms x
     # in its own kernel. At 20 rows in 2 groups of 10 with split_k, in_proj (2144 outputs: past
     # SPLIT_OUTPUTS) is many_rows, the rest split_k: only fc2 before a Mamba-2 layer makes a norm; at
-    # 40 rows without split_k, each product before another (and the last fc2, for the heads).
+    # 40 rows without split_k, each product before another (and the last fc2, for the heads). With
+    # decode_fold_norm (the default) in_proj on the many_rows path among split_k's products takes x as it
+    # is and its norm folded into FusedStep's copy of its weight (norm_folded): then no product makes a
+    # norm for it (without split_k fc2's residual kernel makes it along: no fold). Norms of their own
+    # weights, so that a fold with the wrong one, or none, shows against the plain step.
     seen = []
 
-    def spy(x, weight, *args, norm_out=None, **kw):
-        seen.append((weight.shape[0], norm_out is not None))
-        return linear_rows_definition(x, weight, *args, norm_out=norm_out, **kw)
+    def spy(x, weight, *args, norm_out=None, norm_folded=False, **kw):
+        seen.append((weight.shape[0], norm_out is not None, norm_folded))
+        return linear_rows_definition(x, weight, *args, norm_out=norm_out, norm_folded=norm_folded, **kw)
 
     monkeypatch.setattr(kernels, "linear_rows", spy)
     model = tiny_model("prefix_simba", 1, expand=16)
+    for module in model.modules():
+        if isinstance(module, torch.nn.RMSNorm):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
     in_proj, d_ff, heads = model.blocks[0].layers[0].in_proj.weight.shape[0], model.cfg.d_ff, 1025
     assert in_proj > kernels.SPLIT_OUTPUTS
-    for rows, split_k, fc2_makes_head_norm in [(20, True, False), (40, False, True)]:
+    for rows, split_k, fold, fc2_makes_head_norm in [(20, True, False, False), (40, False, False, True),
+                                                     (20, True, True, False), (40, False, True, True)]:
         text, mask = random_text(b=rows)
         tokens = torch.randint(0, 1024, (rows, 1, 5))
-        step = fast.Decoder(FastOptions(decode_streams=2, decode_split_k=split_k)).step_function(model, rows)
+        options = FastOptions(decode_streams=2, decode_split_k=split_k, decode_fold_norm=fold)
+        step = fast.Decoder(options).step_function(model, rows)
         plain, fused = (ssmttm.InferenceCache(model, rows, 5, "cpu", torch.float64) for _ in range(2))
         for cache in (plain, fused):
             model.logits(tokens[..., :4], text, mask, cache)
         seen.clear()
         torch.testing.assert_close(step(tokens[..., 4:], fused), model.step(tokens[..., 4:], plain), rtol=1e-10,
                                    atol=1e-10)
-        block = [(in_proj, False), (64, not split_k), (d_ff, False), (64, True)]
-        group = block + block[:3] + [(64, fc2_makes_head_norm)]
-        assert seen == group + group + [(heads, False)], (rows, split_k)
+        folds = fold and split_k
+        block = [(in_proj, False, folds), (64, not split_k, False), (d_ff, False, False), (64, not folds, False)]
+        group = block + block[:3] + [(64, fc2_makes_head_norm, False)]
+        assert seen == group + group + [(heads, False, False)], (rows, split_k, fold)
+        layers = [layer for block in model.blocks for layer in block.layers]
+        assert [w is not None for block in step.in_weights for w in block] == [folds, False] * len(model.blocks)
+        if folds:  # in_proj's weight times its norm's, in FusedStep's copy, made again by read_weights
+            folded, norm = step.in_weights[0][0], model.blocks[0].norms[0]
+            assert torch.equal(folded, layers[0].in_proj.weight * norm.weight)
+            with torch.no_grad():
+                norm.weight.mul_(2)
+            step.read_weights()
+            assert torch.equal(folded, layers[0].in_proj.weight * norm.weight)
+            with torch.no_grad():
+                norm.weight.div_(2)
+    for rows in (kernels.CORE_ROWS, kernels.SPLIT_MAX_ROWS + 1):  # in_proj's own kernel; fc2's norm_out
+        assert all(w is None for block in fast.Decoder().step_function(model, rows).in_weights for w in block)
 
 
 def test_one_generator_per_prompt_gives_it_the_same_tokens_in_any_batch(kernel_definitions):
@@ -2221,12 +2266,19 @@ def test_gpu_fused_decoding_equals_plain_ops_at_paper_width():
 
 
 @gpu
-@pytest.mark.parametrize("prompts", [2, 17])
+@pytest.mark.parametrize("prompts", [2, 13, 17])
 def test_gpu_batched_fused_decoding_draws_the_plain_tokens(prompts):
-    # 4 and 34 rows (linear_rows in slices of K, split_k, but the 9 heads; cuBLAS with small kernels
-    # around it): the fused frame against the plain loop, fp32, one prefill, one generator per
-    # prompt: the same tokens
-    model = small_gpu_model(9)
+    # 4, 26 and 34 rows (linear_rows in slices of K, split_k, but the 9 heads; at 26 with expand 4, so that
+    # in_proj's 2192 outputs are past SPLIT_OUTPUTS, in_proj as cuBLAS's product with its norm folded into
+    # its weight, FastOptions.decode_fold_norm; at 34 cuBLAS with small kernels around it): the fused frame
+    # against the plain loop, fp32, one prefill, one generator per prompt: the same tokens. Norms of their
+    # own weights, so that a wrong fold shows.
+    model = small_gpu_model(9, expand=4 if prompts == 13 else 2)
+    if prompts == 13:
+        assert fast.Decoder().step_function(model, 26).in_weights[0][0] is not None
+    for module in model.modules():
+        if isinstance(module, torch.nn.RMSNorm):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
     text = torch.randn(prompts, 6, 768, device="cuda")
     mask = torch.arange(6, device="cuda")[None] < torch.randint(1, 7, (prompts, 1), device="cuda")
     runs = []
