@@ -742,6 +742,11 @@ class StateNorms:
     def __init__(self):
         self.norms = []
 
+    @staticmethod
+    def new_cache(*args):
+        from ssmttm import InferenceCache
+        return InferenceCache(*args)
+
     def prefill(self, model, tokens, text, text_mask, cache):
         return model.logits(tokens, text, text_mask, cache)
 

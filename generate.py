@@ -461,8 +461,9 @@ def pending(requests, args):
 def auto_batch_size(m, n_frames, device, n_requests):
     """--batch-size by default: on CUDA as many prompts as half the free memory holds (each prompt:
     2 rows of decoding state, with guidance; and stage 2's activations), at most 64; on a CPU 16. The
-    other half holds the copy of the decoding state that fast.Decoder keeps between batches (KeptFrames),
-    the model and DAC's decoding."""
+    other half holds the copy of the decoding state that fast.Decoder makes while it records its graphs
+    (at its first batches; later ones decode on its own states, Decoder.new_cache), the model and DAC's
+    decoding."""
     if device != "cuda":
         return min(n_requests, 16)
     frames = min(n_frames, m.window or n_frames)  # a pass holds at most one window

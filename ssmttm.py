@@ -525,8 +525,9 @@ class TextToMusicLM(nn.Module):
         ssm_dtype: how the Mamba-2 states are stored between steps (default fp32; Mamba2.new_state).
         generator: a torch.Generator, or a list of b, one per text: then each text's tokens are
         the same in any batch (up to the rounding of the logits, which may depend on the batch).
-        decoder: an object whose prefill() (as self.logits with a cache) and decode() (the loop after
-        the first step) run faster (fast.Decoder, CUDA); they must write the tokens this loop writes.
+        decoder: an object whose new_cache() (as InferenceCache: the cache to decode on), prefill() (as
+        self.logits with a cache) and decode() (the loop after the first step) run faster (fast.Decoder,
+        CUDA); they must write the tokens this loop writes.
         Raises ValueError for a prompt longer than n_frames or of another batch or K."""
         was_training = self.training
         self.eval()
@@ -537,8 +538,9 @@ class TextToMusicLM(nn.Module):
         sampling = Sampling(cfg_scale, top_k, temperature, generator)
         cache = None
         if recurrent:
-            cache = InferenceCache(self, text.shape[0], steps.shape[-1] + 1, text.device,
-                                   next(self.parameters()).dtype, ssm_dtype)
+            new_cache = InferenceCache if decoder is None else decoder.new_cache
+            cache = new_cache(self, text.shape[0], steps.shape[-1] + 1, text.device, next(self.parameters()).dtype,
+                              ssm_dtype)
         inputs = lambda s: F.pad(steps[..., :s], (1, 0), value=SPECIAL).repeat(copies, 1, 1)  # begin, < s
         start = 0 if prompt is None else prompt.shape[-1]  # the first step with a token to sample
         todo = range(start, steps.shape[-1])

@@ -2443,6 +2443,46 @@ def run_the_graph(fn, warm_up):
     return fn
 
 
+def test_a_decoder_lends_generate_its_own_cache(kernel_definitions, monkeypatch):
+    # Decoder.new_cache (generate's cache): with CUDA graphs, the states and positions of the copy its
+    # kept graphs run on, zeroed, so that prefill() and decode() copy nothing; recorded on at generate's
+    # first calls, their values put back after the warm-ups (the tokens of eager decoding, checked by
+    # check_kept_frames); a cache of other shapes gets new tensors, and so does a model with attention,
+    # or a Decoder without graphs
+    monkeypatch.setattr(fast, "_capture", run_the_graph)
+    model, decoder = tiny_model("prefix_simba", 3), fast.Decoder(FastOptions())
+    ptrs = lambda cache: [t.data_ptr() for t in fast._states_tensors(cache) + [cache.position]]  # noqa: E731
+    first = decoder.new_cache(model, 4, 10, "cpu", torch.float32)
+    kept = decoder._kept_cache[1]
+    assert ptrs(first) == ptrs(kept) and first.memory_mask is None and first.states is not kept.states
+    for t in fast._states_tensors(first) + [first.position]:
+        t.fill_(1)
+    again = decoder.new_cache(model, 4, 10, "cpu", torch.float32)
+    assert ptrs(again) == ptrs(kept) and decoder._kept_cache[1] is kept
+    assert not any(t.any() for t in fast._states_tensors(again) + [again.position])  # zeroed
+    want = ssmttm.InferenceCache(model, 4, 10, "cpu", torch.float32)
+    assert fast._states_key(again) == fast._states_key(want)
+    other = decoder.new_cache(model, 6, 10, "cpu", torch.float32, torch.bfloat16)
+    assert decoder._kept_cache[1] is not kept and ptrs(other) == ptrs(decoder._kept_cache[1])
+    assert fast._states_key(other) == fast._states_key(ssmttm.InferenceCache(model, 6, 10, "cpu", torch.float32,
+                                                                             torch.bfloat16))
+    for d, m in [(fast.Decoder(FastOptions(cuda_graph=False)), model), (fast.Decoder(FastOptions()),
+                                                                         tiny_model("cross_simba", 3))]:
+        cache = d.new_cache(m, 4, 10, "cpu", torch.float32)
+        assert d._kept_cache is None and fast._states_key(cache) == fast._states_key(
+            ssmttm.InferenceCache(m, 4, 10, "cpu", torch.float32))
+    # generate on it: the same tokens as eager decoding at the first (frames recorded), second (prefill
+    # recorded) and third call, on the Decoder's tensors
+    text, mask = random_text()
+    kept_decoder, eager = KeepCache(FastOptions(decode_chunk=4)), fast.Decoder(FastOptions(cuda_graph=False))
+    for seed in (1, 2, 1):
+        runs = [model.generate(text, mask, 11, top_k=250, temperature=1.2, decoder=d,
+                               generator=[torch.Generator().manual_seed(seed + i) for i in range(2)])
+                for d in (kept_decoder, eager)]
+        assert torch.equal(runs[0], runs[1]) and ptrs(kept_decoder.cache) == ptrs(kept_decoder._kept_cache[1])
+    assert kept_decoder._prefill is not None and kept_decoder._kept is not None
+
+
 def test_a_decoder_keeps_its_frames_for_later_calls(kernel_definitions, monkeypatch):
     # KeptPrefill and KeptFrames on a CPU, where "recording" a frame is its warm-up (on the kept tensors)
     # and the frame stands for its graph; the fused step in chunks of 4 steps (16 steps, K = 3: 15
