@@ -330,7 +330,8 @@ class Decoder:
         continues from cache (after the prefill and step start - 1), fixed (b, K, n_steps) marks the
         slots to keep, copies is 2 with guidance, sampling an ssmttm.Sampling. With options.cuda_graph
         the frames recorded at one call are kept for the next calls of the same shapes and settings
-        (KeptFrames): this Decoder then holds a copy of the cache until a call of other shapes."""
+        (KeptFrames): this Decoder then holds a copy of the cache until a call of other shapes (for a cache
+        from new_cache, the same tensors: nothing is copied)."""
         if self.options.cuda_graph:
             key = KeptFrames.key_for(model, cache, steps, copies, sampling)
             if self._kept is None or self._kept.key != key:
