@@ -973,7 +973,7 @@ def _epilogue_rows(y, gelu, conv, out_dtype, pdl, bias=None, row_norm=None):
     else:
         (conv_state, conv_w, conv_b, conv_start), d_conv = conv, conv[0].shape[-1]
         conv_dim = conv_state.shape[1]
-    x, eps = row_norm if row_norm is not None else (y, 0.0)
+    x, eps = row_norm if row_norm is not None else (y, 0.0)  # (x: a valid pointer when there is no norm)
     # In place with only the conv to do (in_proj), the other outputs are already final: the pass
     # covers the conv's columns alone (3072 of the LM's 5152).
     conv_only = conv is not None and out is y and not gelu and row_norm is None and bias is None
@@ -982,8 +982,8 @@ def _epilogue_rows(y, gelu, conv, out_dtype, pdl, bias=None, row_norm=None):
     _epilogue_rows_kernel[(cdiv(cols[1] - cols[0], block_n), cdiv(M, block_m))](
         y, out, M, N, *cols, conv_state, conv_w, conv_b, conv_start, conv_dim, x, x.stride(0), x.shape[1], eps,
         y if bias is None else bias, GELU=gelu, D_CONV=d_conv, ROW_NORM=row_norm is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(next_power_of_2(x.shape[1]), 1024), num_warps=num_warps,
-        **_launch_options(y, pdl))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(next_power_of_2(x.shape[1]), 2048 // block_m),
+        num_warps=num_warps, **_launch_options(y, pdl))
     return out
 
 
