@@ -1699,7 +1699,7 @@ def test_linear_rows_past_the_one_kernel_rows_equals_its_definition():
     # (Triton's interpreter gets bf16 tensor-core products wrong: there fp16 stands in for them)
     dtypes = [(torch.float32, 1e-6), (torch.float16, 2e-3)] + [(torch.bfloat16, 1e-2)] * (not TRITON_INTERPRET)
     for dtype, tol in dtypes:
-        for M, K, N in [(kernels.CORE_ROWS + 1, 64, 40), (kernels.MAX_ROWS, 96, 33), (33, 300, 24)]:  # (300: rms in parts)
+        for M, K, N in [(kernels.CORE_ROWS + 1, 64, 40), (kernels.MAX_ROWS, 96, 33), (33, 300, 24)]:  # (K 300: parts)
             x = torch.randn(M, 2 * K, dtype=dtype)[:, K:].to(device)  # a strided view of rows, as the step passes
             w, b, nw = ((torch.randn(N, K) / K ** 0.5).to(dtype).to(device), torch.randn(N).to(dtype).to(device),
                         torch.randn(K).to(dtype).to(device))
