@@ -289,6 +289,9 @@ if triton is not None:
         # adds the SPLIT of them in split order, which keeps the sum the same whatever order the
         # programs finish in, and does the epilogue. The norm: x * norm_w is rounded to W's dtype before
         # the product and the row's rstd multiplies the sum (the sums of squares come with the parts).
+        # Which program is last is known only at the end, so every program loads what the epilogue
+        # reads besides the parts (bias and conv weights before the wait, the residual's tile after it):
+        # the last one then waits only for the parts.
         if PDL:
             gdc_launch_dependents()
         tile, s = tl.program_id(0), tl.program_id(1)
@@ -298,8 +301,18 @@ if triton is not None:
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if NORM:
             nw = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if D_CONV > 0:  # outputs conv_start ... conv_start + conv_dim - 1 go through the causal conv
+            c, in_conv, taps, conv_ok, w_conv, b_conv = _conv_columns(cols, col_ok, conv_w_ptr, conv_b_ptr, conv_start,
+                                                                      conv_dim, D_CONV)
         if PDL:  # everything below may read what the previous kernel writes
             gdc_wait()
+        ONE_TILE: tl.constexpr = M <= BLOCK_M  # the rows in one tile: its residual loaded here
+        if HAS_RES and ONE_TILE:
+            first_rows = tl.arange(0, BLOCK_M)
+            res = tl.load(res_ptr + first_rows[:, None] * stride_res + cols[None, :],
+                          mask=(first_rows < M)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < M
@@ -313,11 +326,6 @@ if triton is not None:
                      mask=row_ok[:, None] & col_ok[None, :])
         tl.debug_barrier()  # all of this program's parts are stored before it counts itself
         if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            if D_CONV > 0:  # outputs conv_start ... conv_start + conv_dim - 1 go through the causal conv
-                c, in_conv, taps, conv_ok, w_conv, b_conv = _conv_columns(cols, col_ok, conv_w_ptr, conv_b_ptr,
-                                                                          conv_start, conv_dim, D_CONV)
             for m0 in tl.range(0, M, BLOCK_M, num_stages=1):
                 rows = m0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < M
@@ -336,7 +344,9 @@ if triton is not None:
                     acc += bias[None, :]
                 if GELU:  # exact (erf) GELU, as F.gelu
                     acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-                if HAS_RES:
+                if HAS_RES and ONE_TILE:
+                    acc += res
+                elif HAS_RES:
                     acc += tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=ok,
                                    other=0.0).to(tl.float32)
                 if D_CONV > 0:  # Mamba-2's causal depthwise conv + SiLU; this program owns these channels
