@@ -131,12 +131,28 @@ if triton is not None:
         # A tile of projections acc (rows, outputs) in fp32 -> the same with Mamba-2's causal conv +
         # SiLU on the conv's columns (from _conv_columns), whose states (M, conv_dim, D_CONV) move on
         # by one: the window is the last D_CONV - 1 inputs, then x_t. The caller owns these channels.
+        states, state_ok, shifted = _conv_states(rows, row_ok, c, taps, conv_ok, conv_state_ptr, conv_dim, D_CONV)
+        return _conv_step(acc, states, state_ok, shifted, taps, in_conv, w_conv, b_conv, conv_state_ptr, out_ptr,
+                          D_CONV)
+
+    @triton.jit
+    def _conv_states(rows, row_ok, c, taps, conv_ok, conv_state_ptr, conv_dim, D_CONV: tl.constexpr):
+        # _conv_rows' first half, which a kernel may run before its wait (the same layer's kernel wrote the
+        # states a step ago): the states of `rows` for channels c, their pointers, mask, and values
+        # shifted by one step in fp32 (the newest tap 0, for x_t)
         last = (taps[None, :] == D_CONV - 1)[None, :, :]
-        x_t = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv sees the rounded projection
         states = conv_state_ptr + rows[:, None, None] * (conv_dim * D_CONV) + c[None, :, None] * D_CONV \
             + taps[None, None, :]
         state_ok = row_ok[:, None, None] & conv_ok[None, :, :]
         shifted = tl.load(states + 1, mask=state_ok & ~last, other=0.0).to(tl.float32)
+        return states, state_ok, shifted
+
+    @triton.jit
+    def _conv_step(acc, states, state_ok, shifted, taps, in_conv, w_conv, b_conv, conv_state_ptr, out_ptr,
+                   D_CONV: tl.constexpr):
+        # _conv_rows' second half, on the states _conv_states loaded
+        last = (taps[None, :] == D_CONV - 1)[None, :, :]
+        x_t = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the conv sees the rounded projection
         window = tl.where(last, x_t[:, :, None], shifted)
         conv = tl.sum(window * w_conv[None, :, :], axis=2) + b_conv[None, :]
         tl.debug_barrier()  # every thread has read the old states before any is overwritten
@@ -242,6 +258,11 @@ if triton is not None:
         if D_CONV > 0:  # outputs conv_start ... conv_start + conv_dim - 1 go through the causal conv
             c, in_conv, taps, conv_ok, w_conv, b_conv = _conv_columns(cols, col_ok, conv_w_ptr, conv_b_ptr, conv_start,
                                                                       conv_dim, D_CONV)
+        ONE_TILE: tl.constexpr = M <= BLOCK_M
+        if D_CONV > 0 and ONE_TILE:  # the rows' conv states too, before the wait (as _linear_rows_kernel)
+            first_rows = tl.arange(0, BLOCK_M)
+            states, state_ok, shifted = _conv_states(first_rows, first_rows < M, c, taps, conv_ok, conv_state_ptr,
+                                                     conv_dim, D_CONV)
         if PDL:  # everything below may read what the previous kernel writes
             gdc_wait()
         for m0 in tl.range(0, M, BLOCK_M, num_stages=1):  # not pipelined: each stage of x would take shared memory
@@ -270,7 +291,10 @@ if triton is not None:
             if HAS_RES:
                 acc += tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :],
                                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            if D_CONV > 0:  # Mamba-2's causal depthwise conv + SiLU; this program owns these channels
+            if D_CONV > 0 and ONE_TILE:  # Mamba-2's causal depthwise conv + SiLU; this program owns these channels
+                acc = _conv_step(acc, states, state_ok, shifted, taps, in_conv, w_conv, b_conv, conv_state_ptr,
+                                 out_ptr, D_CONV)
+            elif D_CONV > 0:
                 acc = _conv_rows(acc, rows, row_ok, c, in_conv, taps, conv_ok, w_conv, b_conv, conv_state_ptr,
                                  conv_dim, out_ptr, D_CONV)
             tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
