@@ -491,10 +491,9 @@ if triton is not None:
             gdc_wait()
         inputs = xbc_ptr + row * stride_row
         group = head // heads_per_group
-        x = tl.load(inputs + x_start + head * HEADDIM + ps, mask=p_ok, other=0.0).to(tl.float32)
+        x, dt = _step_x_dt(inputs, x_start, dt_start, dt_bias_ptr, head, ps, p_ok, HEADDIM)
         B = tl.load(inputs + B_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
         C = tl.load(inputs + C_start + group * DSTATE + ns, mask=n_ok, other=0.0).to(tl.float32)
-        dt = _softplus(tl.load(inputs + dt_start + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32))
         decay = tl.exp(dt * tl.load(A_ptr + head).to(tl.float32))
         s = decay * s + (dt * x)[:, None] * B[None, :]                                   # h_t
         y = tl.sum(s * C[None, :], axis=1) + tl.load(D_ptr + head).to(tl.float32) * x    # h_t C_t + D x_t
