@@ -148,6 +148,28 @@ class FastLM(ssmttm.TextToMusicLM):
                 h = block.sublayer(i, normed, mask, memory, memory_mask)
         return x + h
 
+    def heads(self, x):
+        """The plain heads; on CUDA the head's product on its weight's rows padded to a multiple of 8
+        (aligned_linear), for cuBLAS's aligned kernels: the same logits (b, K, s, 1025)."""
+        if not x.is_cuda:
+            return super().heads(x)
+        b, s, _ = x.shape
+        logits = aligned_linear(self.norm_f(x), self.head.weight)
+        return logits.view(b, s, self.cfg.n_codebooks, -1).transpose(1, 2)
+
+
+def aligned_linear(x, weight, multiple=8):
+    """F.linear(x, weight) (no bias) computed on weight's rows padded with zeros to a multiple of
+    `multiple`, the padded logits sliced off: the same values, and a view whose rows are `multiple`
+    values apart. cuBLAS runs its fast kernels only when every matrix's rows start on 16 bytes; the
+    heads' 1025 bf16 logits per row do not, and their three products (forward, both gradients) took
+    an unaligned kernel about five times as long (BENCHMARKS.md §0c). x (..., d), weight (n, d) ->
+    (..., n)."""
+    n = weight.shape[0]
+    if n % multiple == 0:
+        return F.linear(x, weight)
+    return F.linear(x, F.pad(weight, (0, 0, 0, -n % multiple)))[..., :n]
+
 
 class FastFeedForward(ssmttm.FeedForward):
     """ssmttm.FeedForward with its GELU and dropout in one Triton pass each way while training

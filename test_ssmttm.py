@@ -726,6 +726,26 @@ def test_fast_lm_adds_each_residual_inside_the_next_norm_as_the_plain_blocks_do(
     assert torch.equal(sample(fused), sample(model))  # decoding states take the plain loop
 
 
+@pytest.mark.parametrize("n", [1025, 9225, 1032])
+def test_aligned_linear_is_the_plain_product_on_padded_rows(n):
+    # FastLM's head on CUDA: weight's rows padded with zeros to a multiple of 8, the pad sliced off
+    # again; the logits and both gradients are F.linear's (float64, up to the sums' order), and the
+    # logits' rows lie a multiple of 8 values apart (cuBLAS's 16-byte alignment in bf16)
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(n, 32, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 7, n, dtype=torch.float64)
+    out = {}
+    for name, f in (("plain", F.linear), ("aligned", fast.aligned_linear)):
+        y = f(x, w)
+        y.backward(g)
+        out[name] = y, x.grad, w.grad, y.stride(1)
+        x.grad = w.grad = None
+    for a, b in zip(out["aligned"][:3], out["plain"][:3]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert out["aligned"][0].shape == (2, 7, n) and out["aligned"][3] == n + (-n % 8)
+
+
 @gpu
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gpu_fast_lm_matches_the_plain_lm(variant):
