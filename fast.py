@@ -7,7 +7,8 @@
   the same state_dict and checkpoints), running on the kernels of gpu_kernels.py: the training pass as one custom op
   (ssd_grouped's SSD and a Triton conv by default; mamba-ssm's kernels and causal-conv1d with the
   other FastOptions.train paths), the prefill's SSD, mamba-ssm's decoding step.
-  A whole LM becomes a `FastLM`, whose residual adds run inside the next sublayer's norm.
+  A whole LM becomes a `FastLM`, whose residual adds run inside the next sublayer's norm and whose
+  heads multiply on rows padded for cuBLAS's aligned kernels.
 - `Decoder` is generate's prefill and its loop after the first step: each frame (the input
   embedding, one step of every block, the heads, guidance, top-k sampling, writing the token) in a
   few fused kernels, recorded once as a CUDA graph and replayed, and the prefill replayed from a
@@ -160,10 +161,10 @@ class FastLM(ssmttm.TextToMusicLM):
 
 def aligned_linear(x, weight, multiple=8):
     """F.linear(x, weight) (no bias) computed on weight's rows padded with zeros to a multiple of
-    `multiple`, the padded logits sliced off: the same values, and a view whose rows are `multiple`
-    values apart. cuBLAS runs its fast kernels only when every matrix's rows start on 16 bytes; the
+    `multiple`, the padded outputs sliced off: the same values, as a view whose rows lie n rounded up
+    to that multiple apart. cuBLAS runs its fast kernels only when every matrix's rows start on 16 bytes; the
     heads' 1025 bf16 logits per row do not, and their three products (forward, both gradients) took
-    an unaligned kernel about five times as long (BENCHMARKS.md §0c). x (..., d), weight (n, d) ->
+    an unaligned kernel, three times as long together (BENCHMARKS.md §0c). x (..., d), weight (n, d) ->
     (..., n)."""
     n = weight.shape[0]
     if n % multiple == 0:
