@@ -2,6 +2,7 @@
 
     python bench.py                  # all sections on the GPU (paper shape, bf16)
     python bench.py --only train     # one section: train, layer, decode, generate, stage2, cpu
+    python bench.py --only train --rotate 12   # the variants built in one process, their steps in turn
     python bench.py --quick          # CPU smoke run on tiny shapes (checks the script, not the speed)
 
 Sections:
@@ -236,14 +237,10 @@ def compiled(model, compile):
     return trainmod.compile_model(model, cuda_graphs=compile == "graphs")
 
 
-def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=8, device="cuda"):
-    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, the GPU's median SM clock and power
-    during the timed steps (GPUClockLog), its busy and span ms in one more step (gpu_busy_ms) and the host's
-    speed just before (host_loop_s); compile: a key of COMPILE_MODES."""
-    model = train_model(variant, n_layers, device, options)
-    opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
-    fwd = compiled(model, compile)
-    codes, text, mask = batch_inputs(batch, n_frames, 1, device)
+def train_step(model, opt, fwd, inputs, device):
+    """One training step of bench.py's rows, as a function: the forward through fwd (the model or its
+    compiled form) under bf16 autocast on CUDA, backward, clip to 1, the optimizer's step, gradients to None."""
+    codes, text, mask = inputs
 
     def step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -252,7 +249,17 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step
 
+
+def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=8, device="cuda"):
+    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, the GPU's median SM clock and power
+    during the timed steps (GPUClockLog), its busy and span ms in one more step (gpu_busy_ms) and the host's
+    speed just before (host_loop_s); compile: a key of COMPILE_MODES."""
+    model = train_model(variant, n_layers, device, options)
+    opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
+    fwd = compiled(model, compile)
+    step = train_step(model, opt, fwd, batch_inputs(batch, n_frames, 1, device), device)
     host = host_loop_s()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -267,13 +274,66 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
         ms, peak, busy, span = wall_time(step, 2, 1), float("nan"), float("nan"), float("nan")
         clock = GPUClockLog()
     flops = model_flops(model, n_frames, N_TEXT) * batch
-    del model, opt, fwd
+    del model, opt, fwd, step
+    return {**train_columns(variant, batch, n_frames, compile, options, ms, flops), "peak GiB": peak,
+            "SM MHz": clock.sm_mhz, "power W": clock.power_w, "GPU busy ms": busy, "GPU span ms": span,
+            "host loop s": host}
+
+
+def train_columns(variant, batch, n_frames, compile, options, ms, flops):
+    """The columns of every train row: the configuration, ms per step, and the tokens/s, TFLOP/s and MFU
+    that follow from it (flops: the model FLOPs of one step)."""
     return {"section": "train", "variant": variant, "batch": batch, "compile": compile, "chunk": options.chunk_size,
             "mamba2": options.train, "triton op": int(options.triton_op), "add+norm": int(options.fused_add_norm),
             "gelu+dropout": int(options.fused_gelu_dropout),
             "ms/step": ms, "audio tok/s": batch * n_frames / ms * 1e3, "TFLOP/s": flops / ms / 1e9,
-            "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16, "peak GiB": peak, "SM MHz": clock.sm_mhz,
-            "power W": clock.power_w, "GPU busy ms": busy, "GPU span ms": span, "host loop s": host}
+            "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16}
+
+
+def rotation(names, rounds):
+    """The order of a rotated run: one of each name per round, the order reversed every other round, so
+    that each follows each other equally often (a step runs at the clock and power the step before it left)."""
+    return [name for r in range(rounds) for name in (names if r % 2 == 0 else names[::-1])]
+
+
+def bench_train_rotated(variants, batch, n_frames, n_layers, options, compile="0", rounds=12, device="cuda"):
+    """bench_train's step for several variants built in one process and timed one step of each in turn
+    (rotation) for `rounds` rounds: per variant the median ms per step (and the rates from it), the
+    fastest and the slowest step. Every variant then sees the same host and the same GPU clock and power
+    history, which rows timed one after another (each variant's steps back to back) do not: batch-4 eager
+    steps, bound by the host, moved by up to 30% from one process to the next on one machine, and a batch-16
+    step runs at the clock that the steps before it left under the power cap (BENCHMARKS.md §0c, sixtieth
+    session). Each step is timed from a
+    synchronized GPU to its end, with CUDA events on CUDA. Returns the rows."""
+    if COMPILE_MODES[compile] is not None:
+        torch._dynamo.reset()  # as compiled(), once: the models compiled here are all timed together
+    runs = {}
+    for variant in variants:
+        model = train_model(variant, n_layers, device, options)
+        opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
+        fwd = model if COMPILE_MODES[compile] is None else trainmod.compile_model(model, compile == "graphs")
+        step = train_step(model, opt, fwd, batch_inputs(batch, n_frames, 1, device), device)
+        for _ in range(3 if device == "cuda" else 1):  # warm-up (and compilation)
+            step()
+        runs[variant] = step, model_flops(model, n_frames, N_TEXT) * batch
+    times = {variant: [] for variant in variants}
+    for variant in rotation(list(variants), rounds):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runs[variant][0]()
+            end.record()
+            torch.cuda.synchronize()
+            times[variant].append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            runs[variant][0]()
+            times[variant].append((time.perf_counter() - t) * 1e3)
+    rows = [{**train_columns(variant, batch, n_frames, compile, options, statistics.median(ts), runs[variant][1]),
+             "rotated rounds": rounds, "ms min": min(ts), "ms max": max(ts)} for variant, ts in times.items()]
+    del runs
+    return rows
 
 
 def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25):
@@ -882,7 +942,21 @@ def run_section(section, args, device, train_options):
     """One section of the benchmark, its rows emitted as they finish."""
     n_layers = 2 if args.quick else args.layers
     n_frames = 40 if args.quick else 2584
-    if section == "train":
+    if section == "train" and args.rotate:
+        for batch, comp, options in itertools.product(args.batches, args.compile, train_options):
+            if args.quick and comp != "0":
+                continue
+            try:
+                rows = bench_train_rotated(args.variants, 2 if args.quick else batch, n_frames, n_layers, options,
+                                           comp, args.rotate, device=device)
+            except Exception as e:  # report, keep going
+                rows = [{"section": "train", "variant": ",".join(args.variants), "batch": batch, "compile": comp,
+                         "mamba2": options.train, "error": f"{type(e).__name__}: {e}"[:160]}]
+            for row in rows:
+                emit(row)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    elif section == "train":
         for rnd, variant, batch, comp, options in train_runs(args.variants, args.batches, args.compile,
                                                              train_options, args.rounds):
             if args.quick and comp != "0":
@@ -966,6 +1040,9 @@ def main():
                          "(reduce-overhead); comma-separated")
     ap.add_argument("--rounds", type=datamod.positive_int, default=1,
                     help="train: measure every configuration this many times, in turns (rows get a round key)")
+    ap.add_argument("--rotate", type=datamod.positive_int,
+                    help="train: build the variants in one process and time this many steps of each, one of each "
+                         "in turn (bench_train_rotated), instead of one row after another")
     ap.add_argument("--chunk-sizes", type=comma_list(datamod.positive_int), default="256",
                     help="the SSD kernels' chunk lengths (FastOptions.chunk_size)")
     ap.add_argument("--layers", type=datamod.positive_int, default=24)
@@ -1003,6 +1080,8 @@ def main():
                      if path == "grouped" or op == "0"]
     if not train_options:
         datamod.fail("bench.py: --triton-op 1 is the grouped path's: pass --mamba-train grouped too")
+    if args.rotate and args.rounds > 1:
+        datamod.fail("bench.py: --rotate already takes the variants in turn; --rounds is for rows timed one after another")
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != ["cpu"]:
         datamod.fail("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")

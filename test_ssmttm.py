@@ -3621,7 +3621,7 @@ def test_bench_rounds_take_every_configuration_in_turn(tmp_path, monkeypatch, ca
     monkeypatch.setattr(bench, "ROWS", [])
     monkeypatch.setattr(bench, "JSON_PATH", str(tmp_path / "rows.json"))
     args = argparse.Namespace(quick=True, layers=2, variants=["prefix_simba", "cross_transformer"], batches=[4],
-                              compile=["0"], rounds=2)
+                              compile=["0"], rounds=2, rotate=None)
     bench.run_section("train", args, "cpu", [FastOptions()])
     assert calls == ["prefix_simba", "cross_transformer"] * 2
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
@@ -3629,6 +3629,31 @@ def test_bench_rounds_take_every_configuration_in_turn(tmp_path, monkeypatch, ca
         ("prefix_simba", 1, 1.0), ("cross_transformer", 1, 2.0), ("prefix_simba", 2, 3.0),
         ("cross_transformer", 2, 4.0)]
     assert not (tmp_path / "rows.json.tmp").exists()
+
+
+def test_bench_rotated_rows_time_the_variants_in_turn(monkeypatch):
+    # --rotate 3: the variants built in one process, then one step of each in turn, the order reversed every
+    # other round; each row from its own variant's steps
+    import bench
+    assert bench.rotation(["a", "b", "c"], 3) == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    order, make_step = [], bench.train_step
+
+    def recorded(model, opt, fwd, inputs, device):
+        step = make_step(model, opt, fwd, inputs, device)
+        return lambda: order.append(model.cfg.variant) or step()
+    monkeypatch.setattr(bench, "train_step", recorded)
+    # the timed steps take 10, 5, 7, 30, 20 and 6 ms in rotation order (perf_counter before and after each)
+    ms = [10, 5, 7, 30, 20, 6]
+    clock = iter(t for i, d in enumerate(ms) for t in (i, i + d / 1e3))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    rows = bench.bench_train_rotated(["prefix_simba", "cross_transformer"], 2, 40, 2, FastOptions(), "0", 3,
+                                     device="cpu")
+    simba, ct = "prefix_simba", "cross_transformer"
+    assert order == [simba, ct] + [simba, ct, ct, simba, simba, ct]  # a warm-up step each, then the rotation
+    got = [(r["variant"], r["rotated rounds"], r["ms/step"], r["ms min"], r["ms max"]) for r in rows]
+    assert got == [(simba, 3, pytest.approx(20), pytest.approx(10), pytest.approx(30)),
+                   (ct, 3, pytest.approx(6), pytest.approx(5), pytest.approx(7))]
+    assert [r["audio tok/s"] for r in rows] == [pytest.approx(2 * 40 / 20 * 1e3), pytest.approx(2 * 40 / 6 * 1e3)]
 
 
 def test_bench_compiles_each_measured_model_afresh(monkeypatch):
@@ -3684,6 +3709,8 @@ def test_resume_does_not_keep_cuda_graphs(tmp_path):
      "generate.py: error: argument --seconds: expected a finite number from 0.0059 to 3600, not 'inf'"),
     ("bench.py", ["--batches", "4,0"], "bench.py: error: argument --batches: expected a whole number of at least 1, "
                                        "not '0'"),
+    ("bench.py", ["--rotate", "8", "--rounds", "2"],
+     "bench.py: --rotate already takes the variants in turn; --rounds is for rows timed one after another"),
     ("bench.py", ["--quick", "--only", "train", "--mamba-train", "keep_states", "--triton-op", "1"],
      "bench.py: --triton-op 1 is the grouped path's: pass --mamba-train grouped too"),
     ("bench_ssd_grouped.py", ["--sweep", "diag", "--maxnreg", "168,0"],
