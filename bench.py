@@ -1,20 +1,26 @@
 """Speed and memory of ssmttm, side by side, with a table at the end.
 
-    python bench.py                  # all sections on the GPU (paper shape, bf16)
-    python bench.py --only train     # one section: train, layer, decode, generate, stage2, cpu
+    python bench.py                  # train, layer, decode and stage2 on the GPU (paper shape, bf16)
+    python bench.py --only train     # one section (or several, comma-separated): the list below
     python bench.py --only train --rotate 12   # the variants built in one process, their steps in turn
     python bench.py --quick          # CPU smoke run on tiny shapes (checks the script, not the speed)
 
 Sections:
   train     training step (forward, backward, clip, fused AdamW) at the paper's shape: 24 blocks,
             d_model 1024, d_state 512, 30 s = 2584 frames + a 64-token text prefix, bf16 autocast
+  profile   the top CUDA kernels of a few such training steps (torch.profiler)
   layer     one Mamba-2 layer, fused kernels vs the ssd_reference path, forward + backward
   decode    stage-1 decoding, 1 prompt + guidance (2 rows): ms per frame at positions 100, 1000, 2500,
             and seconds for 10 s and 25 s of coarse tokens (top-k 250, temperature 1.2, guidance 3)
+  decode-batch    many prompts at once (--prompts): ms per frame against the memory floor, and
+            clip-seconds per second of generate()
+  decode-kernels  each kernel of a decoding frame alone (--kernel-rows), µs and bytes per µs
+  decode-profile  the kernels of a graphed decoding frame and their share of its critical path
   stage2    seconds for 100 denoising steps of the stage-2 model on 25 s
   pipeline  the whole path at the paper's size: data.py -> train.py (stages 1 and 2) -> generate.py,
             4 prompts x 25 s, two-stage; Flan-T5-base and DAC 44.1 kHz of the real shapes with random
             weights stand in for the pretrained ones (no download on the GPU machine)
+  ddp       train.py on 2 GPUs (torchrun, NCCL) against 1 (ddp-1gpu, ddp-2gpu, ddp-2gpu+resume: a part)
   cpu       tokens/s of `python train.py --layers 6` on the synthetic data, on this CPU
 
 Model FLOPs (for MFU) count what the model needs, not what a kernel happens to do:
