@@ -262,6 +262,7 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
     """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, the GPU's median SM clock and power
     during the timed steps (GPUClockLog), its busy and span ms in one more step (gpu_busy_ms) and the host's
     speed just before (host_loop_s); compile: a key of COMPILE_MODES."""
+    options = fast.for_cuda_graphs(options) if compile == "graphs" else options
     model = train_model(variant, n_layers, device, options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
     fwd = compiled(model, compile)
@@ -290,7 +291,8 @@ def train_columns(variant, batch, n_frames, compile, options, ms, flops):
     """The columns of every train row: the configuration, ms per step, and the tokens/s, TFLOP/s and MFU
     that follow from it (flops: the model FLOPs of one step)."""
     return {"section": "train", "variant": variant, "batch": batch, "compile": compile, "chunk": options.chunk_size,
-            "mamba2": options.train, "triton op": int(options.triton_op), "add+norm": int(options.fused_add_norm),
+            "mamba2": options.train, "triton op": "auto" if options.triton_op is None else int(options.triton_op),
+            "add+norm": int(options.fused_add_norm),
             "gelu+dropout": int(options.fused_gelu_dropout),
             "ms/step": ms, "audio tok/s": batch * n_frames / ms * 1e3, "TFLOP/s": flops / ms / 1e9,
             "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16}
@@ -302,51 +304,67 @@ def rotation(names, rounds):
     return [name for r in range(rounds) for name in (names if r % 2 == 0 else names[::-1])]
 
 
-def bench_train_rotated(variants, batch, n_frames, n_layers, options, compile="0", rounds=12, device="cuda"):
-    """bench_train's step for several variants built in one process and timed one step of each in turn
-    (rotation) for `rounds` rounds: per variant the median ms per step (and the rates from it), the
-    fastest and the slowest step. Every variant then sees the same host and the same GPU clock and power
-    history, which rows timed one after another (each variant's steps back to back) do not: batch-4 eager
-    steps, bound by the host, moved by up to 30% from one process to the next on one machine, and a batch-16
-    step runs at the clock that the steps before it left under the power cap (BENCHMARKS.md §0c, sixtieth
-    session). Each step is timed from a
-    synchronized GPU to its end, with CUDA events on CUDA. Returns the rows."""
+def bench_train_rotated(configs, batch, n_frames, n_layers, compile="0", rounds=12, device="cuda"):
+    """bench_train's step for several configurations (variant, FastOptions) built in one process and timed
+    one step of each in turn (rotation) for `rounds` rounds: per configuration the median ms per step (and
+    the rates from it), the fastest and the slowest step. Every configuration then sees the same host and
+    the same GPU clock and power history, which rows timed one after another (each one's steps back to
+    back) do not: batch-4 eager steps, bound by the host, moved by up to 30% from one process to the next
+    on one machine, and a batch-16 step runs at the clock that the steps before it left under the power cap
+    (BENCHMARKS.md §0c, sixtieth session). Each step is timed from a synchronized GPU to its end, with CUDA
+    events on CUDA. Returns the rows, in the order of configs."""
     if COMPILE_MODES[compile] is not None:
         torch._dynamo.reset()  # as compiled(), once: the models compiled here are all timed together
-    runs = {}
-    for variant in variants:
+    if compile == "graphs":
+        configs = [(variant, fast.for_cuda_graphs(options)) for variant, options in configs]
+    runs = []
+    for variant, options in configs:
         model = train_model(variant, n_layers, device, options)
         opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
         fwd = model if COMPILE_MODES[compile] is None else trainmod.compile_model(model, compile == "graphs")
         step = train_step(model, opt, fwd, batch_inputs(batch, n_frames, 1, device), device)
         for _ in range(3 if device == "cuda" else 1):  # warm-up (and compilation)
             step()
-        runs[variant] = step, model_flops(model, n_frames, N_TEXT) * batch
-    times = {variant: [] for variant in variants}
-    for variant in rotation(list(variants), rounds):
+        runs.append((step, model_flops(model, n_frames, N_TEXT) * batch))
+    times = [[] for _ in runs]
+    for i in rotation(list(range(len(runs))), rounds):
         if device == "cuda":
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            runs[variant][0]()
+            runs[i][0]()
             end.record()
             torch.cuda.synchronize()
-            times[variant].append(start.elapsed_time(end))
+            times[i].append(start.elapsed_time(end))
         else:
             t = time.perf_counter()
-            runs[variant][0]()
-            times[variant].append((time.perf_counter() - t) * 1e3)
-    rows = [{**train_columns(variant, batch, n_frames, compile, options, statistics.median(ts), runs[variant][1]),
-             "rotated rounds": rounds, "ms min": min(ts), "ms max": max(ts)} for variant, ts in times.items()]
+            runs[i][0]()
+            times[i].append((time.perf_counter() - t) * 1e3)
+    rows = [{**train_columns(variant, batch, n_frames, compile, options, statistics.median(ts), flops),
+             "rotated rounds": rounds, "ms min": min(ts), "ms max": max(ts)}
+            for (variant, options), (_, flops), ts in zip(configs, runs, times)]
     del runs
     return rows
+
+
+def rotated_configs(variants, options):
+    """The configurations a rotated run times: each variant with each FastOptions, once per distinct
+    training path for variants without Mamba-2 layers, whose steps the Mamba-2 fields do not change."""
+    seen, configs = set(), []
+    for variant in variants:
+        for o in options:
+            key = (variant, o if "mamba" in LAYOUTS[variant] else (o.fused_add_norm, o.fused_gelu_dropout))
+            if key not in seen:
+                seen.add(key)
+                configs.append((variant, o))
+    return configs
 
 
 def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25):
     """Top CUDA kernels of a few training steps (torch.profiler), printed as a table; compile: a key of
     COMPILE_MODES."""
     from torch.profiler import ProfilerActivity, profile
-    model = train_model(variant, n_layers, "cuda", options)
+    model = train_model(variant, n_layers, "cuda", fast.for_cuda_graphs(options) if compile == "graphs" else options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), "cuda")
     fwd = compiled(model, compile)
     codes, text, mask = batch_inputs(batch, n_frames, 1, "cuda")
@@ -949,15 +967,15 @@ def run_section(section, args, device, train_options):
     n_layers = 2 if args.quick else args.layers
     n_frames = 40 if args.quick else 2584
     if section == "train" and args.rotate:
-        for batch, comp, options in itertools.product(args.batches, args.compile, train_options):
+        for batch, comp in itertools.product(args.batches, args.compile):
             if args.quick and comp != "0":
                 continue
             try:
-                rows = bench_train_rotated(args.variants, 2 if args.quick else batch, n_frames, n_layers, options,
-                                           comp, args.rotate, device=device)
+                rows = bench_train_rotated(rotated_configs(args.variants, train_options), 2 if args.quick else batch,
+                                           n_frames, n_layers, comp, args.rotate, device=device)
             except Exception as e:  # report, keep going
                 rows = [{"section": "train", "variant": ",".join(args.variants), "batch": batch, "compile": comp,
-                         "mamba2": options.train, "error": f"{type(e).__name__}: {e}"[:160]}]
+                         "error": f"{type(e).__name__}: {e}"[:160]}]
             for row in rows:
                 emit(row)
             if device == "cuda":
@@ -1056,9 +1074,11 @@ def main():
                     help="Mamba-2 training paths (FastOptions.train): keep_states, mamba_ssm (mamba-ssm's own "
                          "fused function, which recomputes the conv and the chunk states), split (separate conv "
                          "and SSD ops), grouped (issue 15: ssd_grouped.ssd_grouped)")
-    ap.add_argument("--triton-op", type=comma_list(["0", "1"]), default="0",
-                    help="train, --mamba-train grouped: the Mamba-2 layer as a triton op under torch.compile "
-                         "(FastOptions.triton_op): 0, 1 or both")
+    ap.add_argument("--triton-op", type=comma_list(["auto", "0", "1"]), default="auto",
+                    help="train, --mamba-train grouped: the Mamba-2 layer as a triton op whose kernels Inductor "
+                         "launches, traced under torch.compile, torch.compile'd calls of it eager "
+                         "(FastOptions.triton_op; auto: by the rows, fast.triton_op_for, off under CUDA graphs): "
+                         "auto, 0, 1, or several")
     ap.add_argument("--fused-add-norm", type=comma_list(["0", "1"]), default="1",
                     help="train: the residual adds inside the norms (FastOptions.fused_add_norm): 0, 1 or both")
     ap.add_argument("--fused-gelu-dropout", type=comma_list(["0", "1"]), default="1",
@@ -1079,15 +1099,17 @@ def main():
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
-    train_options = [FastOptions(train=path, triton_op=bool(int(op)), chunk_size=chunk, fused_add_norm=bool(int(fused)),
-                                 fused_gelu_dropout=bool(int(gd)))
-                     for path in args.mamba_train for op in args.triton_op for chunk in args.chunk_sizes
-                     for fused in args.fused_add_norm for gd in args.fused_gelu_dropout
-                     if path == "grouped" or op == "0"]
+    triton_op = {"auto": None, "0": False, "1": True}
+    train_options = list(dict.fromkeys(  # the other paths have no triton op: once each
+        FastOptions(train=path, triton_op=triton_op[op] if path == "grouped" else None, chunk_size=chunk,
+                    fused_add_norm=bool(int(fused)), fused_gelu_dropout=bool(int(gd)))
+        for path in args.mamba_train for op in args.triton_op for chunk in args.chunk_sizes
+        for fused in args.fused_add_norm for gd in args.fused_gelu_dropout if path == "grouped" or op != "1"))
     if not train_options:
         datamod.fail("bench.py: --triton-op 1 is the grouped path's: pass --mamba-train grouped too")
     if args.rotate and args.rounds > 1:
-        datamod.fail("bench.py: --rotate already takes the variants in turn; --rounds is for rows timed one after another")
+        datamod.fail("bench.py: --rotate already takes the variants in turn; "
+                     "--rounds is for rows timed one after another")
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != ["cpu"]:
         datamod.fail("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")

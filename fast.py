@@ -24,7 +24,7 @@ import copy
 import functools
 import itertools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -50,8 +50,10 @@ class FastOptions:
     # mamba_split_conv1d_scan_combined, which recomputes them) or "split" (causal-conv1d, then
     # mamba_chunk_scan_combined, as separate ops)
     train: str = "grouped"
-    triton_op: bool = False      # training, train "grouped", under torch.compile: the Mamba-2 layer as a
-    # triton op whose kernels Inductor launches (kernels.mamba2_train), not an opaque custom op
+    triton_op: bool | None = None  # training, train "grouped": the Mamba-2 layer as a triton op whose
+    # kernels Inductor's code launches (kernels.mamba2_train): under torch.compile traced into the model's
+    # graph, not an opaque custom op; eager, its forward and backward each one torch.compile'd call of it.
+    # About half the host time, more GPU time; None: by the rows (triton_op_for)
     chunk_size: int = 256        # the SSD kernels' chunk length, the one they are tuned for
     decode_kernels: bool = True  # decoding steps through gpu_kernels.py (False: the layers' own steps)
     pdl: bool = True             # programmatic dependent launch between decoding kernels (Hopper)
@@ -82,6 +84,24 @@ class FastOptions:
             raise ValueError(f"FastOptions.decode_streams: {self.decode_streams} is not a positive number of streams")
         if self.decode_chunk is not None and self.decode_chunk < 1:
             raise ValueError(f"FastOptions.decode_chunk: {self.decode_chunk} is not a positive number of steps")
+
+
+TRITON_OP_ROWS = 16384  # triton_op_for: at most this many positions a call (batch x length)
+
+
+def triton_op_for(rows):
+    """FastOptions.triton_op's default for a training call over `rows` positions (batch x length): on up to
+    TRITON_OP_ROWS, where a step waits on the host (the paper's batch 4 of 30 s, 10 600 rows: about 20%
+    faster a step, eager or compiled), off above, where the GPU sets the pace and the triton op's extra GPU
+    time shows (batch 16 about 7% slower; batch 8 level; BENCHMARKS.md §0c, sixty-first session)."""
+    return rows <= TRITON_OP_ROWS
+
+
+def for_cuda_graphs(options):
+    """options for a model whose training steps CUDA graphs replay (train.py --cuda-graphs): triton_op off
+    where it was left to the rows, as the graphs replay the host's launches and only the triton op's extra GPU
+    time would show (batch 4: 73.7 against 69.1 ms a step, BENCHMARKS.md §0c, thirtieth session)."""
+    return replace(options, triton_op=False) if options.triton_op is None else options
 
 
 def available():
@@ -208,11 +228,17 @@ class FastMamba2(Mamba2):
         if train in ("keep_states", "grouped") and fused:
             return kernels.mamba2_train(u, self.in_proj.weight, *params, self.norm.weight, self.out_proj.weight,
                                         seq_idx, self.options.chunk_size, self.headdim, self.ngroups, self.norm.eps,
-                                        grouped=train == "grouped", triton_op=self.options.triton_op)
+                                        grouped=train == "grouped", triton_op=self.triton_op(u))
         return kernels.mamba_split_conv1d_scan_combined(
             self.in_proj(u), *params, self.options.chunk_size, seq_idx=seq_idx, rmsnorm_weight=self.norm.weight,
             rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight, outproj_bias=None,
             headdim=self.headdim, ngroups=self.ngroups, norm_before_gate=False)
+
+    def triton_op(self, u):
+        """Whether the training pass over u (b, l, d_model) runs the triton op: FastOptions.triton_op, else by
+        its rows (triton_op_for)."""
+        chosen = self.options.triton_op
+        return triton_op_for(u.shape[0] * u.shape[1]) if chosen is None else chosen
 
     def conv(self, xBC, state=None):
         x = xBC.transpose(1, 2)  # (b, conv_dim, l), channels last in memory: xBC is a slice of zxbcdt's rows

@@ -2393,6 +2393,22 @@ else:
     MAMBA2_GROUPED = MAMBA2_TRAIN
 
 
+@functools.cache
+def _compiled_grouped_op():
+    """MAMBA2_GROUPED for eager calls, its forward and its backward each one torch.compile'd call of the
+    triton op: Inductor's generated code launches the op's kernels, which takes about half the host time of
+    launching them from Python (BENCHMARKS.md §0c, sixty-first session), at the triton op's GPU cost (no TMA
+    loads; a cat joins the backward's gradients). One graph per shape of the inputs, compiled at its first
+    call; past torch's recompile limit a new shape runs the triton op uncompiled (the same numbers)."""
+    def forward(*inputs):
+        return _mamba2_grouped_fwd(*inputs)
+
+    def backward(*inputs):
+        return _mamba2_grouped_bwd(*inputs)
+    compiled = functools.partial(torch.compile, fullgraph=True, dynamic=False)
+    return MAMBA2_GROUPED._replace(forward=compiled(forward), backward=_mamba2_train_backward(compiled(backward)))
+
+
 def mamba2_train(u, in_weight, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, seq_idx, chunk_size,
                  headdim, ngroups=1, eps=1e-5, grouped=False, triton_op=False):
     """A Mamba-2 layer's in_proj, conv, SSD, gated norm and out_proj for training, as ssmttm.Mamba2.forward:
@@ -2406,14 +2422,18 @@ def mamba2_train(u, in_weight, conv_weight, conv_bias, dt_bias, A, D, norm_weigh
     ssd_grouped's (ngroups 1 only; issue 15) instead of mamba-ssm's, the conv + SiLU is
     causal_conv_silu (Triton, width 4) instead of causal-conv1d's, the gated norm this module's
     rms_norm_fwd / rms_norm_bwd instead of mamba-ssm's, and dt's softplus dt_softplus. triton_op (with
-    grouped and the Triton conv; ignored otherwise): torch.compile gets the layer as a triton op, whose
-    kernels Inductor launches from its own code (less host time per launch; through pointers, not TMA,
-    and with copies around them: more GPU time), instead of an opaque custom op; eager, the same."""
+    grouped and the Triton conv; ignored otherwise): the layer as a triton op, whose kernels Inductor
+    launches from its own code (less host time per launch; through pointers, not TMA, and with a cat
+    joining the backward's gradients: more GPU time): under torch.compile traced into the model's graph
+    instead of an opaque custom op; eager, its forward and its backward each one torch.compile'd call of
+    it (_compiled_grouped_op), the numbers within rounding of the eager op's (Inductor's own fusions)."""
     if grouped and ngroups != 1:
         raise ValueError(f"mamba2_train: the grouped SSD takes ngroups 1, not {ngroups}")
     seq_idx = None if seq_idx is None else seq_idx.contiguous()
     device = u.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else u.dtype
-    op = MAMBA2_GROUPED if triton_op and _triton_conv(grouped, conv_weight) else MAMBA2_TRAIN
+    op = MAMBA2_TRAIN
+    if triton_op and triton is not None and _triton_conv(grouped, conv_weight):
+        op = MAMBA2_GROUPED if torch.compiler.is_compiling() else _compiled_grouped_op()
     return run_training_op(op, u.to(dtype).contiguous(), in_weight.to(dtype), conv_weight, conv_bias, dt_bias, A, D,
                            norm_weight, out_weight.to(dtype), seq_idx, chunk_size, headdim, ngroups, eps, grouped)[0]

@@ -330,11 +330,12 @@ def test_gated_rmsnorm_normalises_each_group_after_the_gate():
 
 
 @gpu
-@pytest.mark.parametrize("train", ["keep_states", "grouped"])
+@pytest.mark.parametrize("train, triton_op", [("keep_states", None), ("grouped", False), ("grouped", True)])
 @pytest.mark.parametrize("d_state", [512, 128])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_gpu_fast_mamba2_matches_the_plain_layer(d_state, precision, train):
-    # FastMamba2 (mamba-ssm's kernels; or issue 15's grouped SSD) against a float64 copy of the plain
+def test_gpu_fast_mamba2_matches_the_plain_layer(d_state, precision, train, triton_op):
+    # FastMamba2 (mamba-ssm's kernels; or issue 15's grouped SSD, eager or as torch.compile'd calls of its
+    # triton op) against a float64 copy of the plain
     # layer, forward, every gradient (row 1 left-padded on 300 positions: what those positions output
     # is not compared and sends no gradient), and two prefills' outputs and states (the second from the
     # first's states and shorter than a chunk); a bf16 state (its prefill reads and writes it in place,
@@ -346,7 +347,7 @@ def test_gpu_fast_mamba2_matches_the_plain_layer(d_state, precision, train):
         layer.norm.weight.normal_(1.0, 0.1)
     ref = Mamba2(1024, d_state=d_state, headdim=64).cuda().double()
     ref.load_state_dict(layer.state_dict())
-    fast.accelerate(layer, FastOptions(train=train))
+    fast.accelerate(layer, FastOptions(train=train, triton_op=triton_op))
     L = 2650  # 30 s of frames plus a text prefix; not a multiple of the chunk size
     u = torch.randn(2, L, 1024, device="cuda")
     mask = torch.arange(L, device="cuda")[None] >= torch.tensor([[0], [300]], device="cuda")
@@ -1514,22 +1515,41 @@ def test_training_ops_eager_path_gives_the_custom_ops_numbers(name):
 
 
 @pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
-def test_mamba2_train_hands_torch_compile_the_triton_op_where_asked_and_its_kernels_can_be_traced(monkeypatch):
-    # mamba2_train(grouped=True, triton_op=True) with the Triton conv (width 4) runs MAMBA2_GROUPED, whose
-    # compiled form is the triton op (Inductor sees its kernels); without triton_op, with mamba-ssm's kernels,
+def test_mamba2_train_runs_the_triton_op_where_asked_traced_or_compiled_and_by_the_rows(monkeypatch):
+    # mamba2_train(grouped=True, triton_op=True) with the Triton conv (width 4): under torch.compile
+    # MAMBA2_GROUPED, whose compiled form is the triton op (Inductor sees its kernels); eager the same op with
+    # its forward and backward each a torch.compile'd call of it. Without triton_op, with mamba-ssm's kernels,
     # or with causal-conv1d's conv at another width, the opaque custom op. Both ops take the same arguments,
     # and their eager calls the same functions
     used = []
     monkeypatch.setattr(kernels, "run_training_op", lambda op, *inputs: used.append(op) or (inputs[0],))
     u = torch.randn(1, 5, 8)
-    for grouped, width, triton_op in ((True, 4, True), (True, 4, False), (True, 3, True), (False, 4, True)):
-        kernels.mamba2_train(u, torch.empty(44, 8), torch.empty(24, width), torch.empty(24), *torch.empty(3, 2),
-                             torch.empty(8), torch.empty(8, 8), None, 16, 4, grouped=grouped, triton_op=triton_op)
-    assert [op.op for op in used] == [kernels._mamba2_grouped_fwd] + [kernels._mamba2_train_fwd] * 3
+    for compiling in (True, False):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        for grouped, width, triton_op in ((True, 4, True), (True, 4, False), (True, 3, True), (False, 4, True)):
+            kernels.mamba2_train(u, torch.empty(44, 8), torch.empty(24, width), torch.empty(24), *torch.empty(3, 2),
+                                 torch.empty(8), torch.empty(8, 8), None, 16, 4, grouped=grouped, triton_op=triton_op)
+    compiled = kernels._compiled_grouped_op()
+    assert used == [kernels.MAMBA2_GROUPED] + [kernels.MAMBA2_TRAIN] * 3 + [compiled] + [kernels.MAMBA2_TRAIN] * 3
+    assert used[4] is compiled
+    unset = dict(forward=None, backward=None)
+    assert compiled._replace(**unset) == kernels.MAMBA2_GROUPED._replace(**unset)
+    assert compiled.forward is not kernels.MAMBA2_GROUPED.forward and kernels._compiled_grouped_op() is compiled
+    assert [op.op for op in used[:4]] == [kernels._mamba2_grouped_fwd] + [kernels._mamba2_train_fwd] * 3
     schema = lambda op: str(op._opoverload._schema).split("(", 1)[1]  # noqa: E731
     assert schema(kernels._mamba2_grouped_fwd) == schema(kernels._mamba2_train_fwd)
     assert schema(kernels._mamba2_grouped_bwd) == schema(kernels._mamba2_train_bwd)
     assert kernels.MAMBA2_GROUPED._replace(op=None) == kernels.MAMBA2_TRAIN._replace(op=None)
+    # FastOptions.triton_op None: by the rows of the call, on up to TRITON_OP_ROWS (the paper's batch 4 of 30 s,
+    # 10 600 positions, on; batch 16 off), and off under CUDA graphs (for_cuda_graphs)
+    assert [fast.triton_op_for(r) for r in (10_600, fast.TRITON_OP_ROWS, fast.TRITON_OP_ROWS + 1, 42_400)] == [
+        True, True, False, False]
+    layer = Mamba2(8, d_state=4, headdim=4)
+    layer.__class__, layer.options = fast.FastMamba2, FastOptions()  # as accelerate() makes it, without CUDA
+    assert layer.triton_op(torch.empty(4, 2650, 8)) and not layer.triton_op(torch.empty(16, 2650, 8))
+    layer.options = fast.for_cuda_graphs(FastOptions())
+    assert layer.options == FastOptions(triton_op=False) and not layer.triton_op(torch.empty(1, 5, 8))
+    assert fast.for_cuda_graphs(FastOptions(triton_op=True)) == FastOptions(triton_op=True)
 
 
 # What each kernel of the grouped Mamba-2 op writes, as the triton op launches them (pointer loads)
@@ -3646,8 +3666,9 @@ def test_bench_rotated_rows_time_the_variants_in_turn(monkeypatch):
     ms = [10, 5, 7, 30, 20, 6]
     clock = iter(t for i, d in enumerate(ms) for t in (i, i + d / 1e3))
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
-    rows = bench.bench_train_rotated(["prefix_simba", "cross_transformer"], 2, 40, 2, FastOptions(), "0", 3,
-                                     device="cpu")
+    configs = bench.rotated_configs(["prefix_simba", "cross_transformer"], [FastOptions()])
+    assert configs == [("prefix_simba", FastOptions()), ("cross_transformer", FastOptions())]
+    rows = bench.bench_train_rotated(configs, 2, 40, 2, "0", 3, device="cpu")
     simba, ct = "prefix_simba", "cross_transformer"
     assert order == [simba, ct] + [simba, ct, ct, simba, simba, ct]  # a warm-up step each, then the rotation
     got = [(r["variant"], r["rotated rounds"], r["ms/step"], r["ms min"], r["ms max"]) for r in rows]
@@ -3678,16 +3699,25 @@ def test_bench_compiles_each_measured_model_afresh(monkeypatch):
     (["--cuda-graphs"], "--cuda-graphs: pass --compile too"),
     (["--compile", "--cuda-graphs", "--device", "cpu"],
      "--cuda-graphs: needs exactly one CUDA device, and this run has 1 x cpu"),
-    (["--triton-op"], "--triton-op: pass --compile and --mamba-train grouped (this run has --mamba-train grouped, "
-                      "no --compile)"),
-    (["--triton-op", "--compile", "--mamba-train", "keep_states"],
-     "--triton-op: pass --compile and --mamba-train grouped (this run has --mamba-train keep_states)")])
+    (["--triton-op", "on", "--mamba-train", "keep_states"],
+     "--triton-op on: pass --mamba-train grouped (this run has --mamba-train keep_states)"),
+    (["--triton-op", "maybe"],
+     "train.py: error: argument --triton-op: invalid choice: 'maybe'")])
 def test_cuda_graphs_and_triton_op_need_the_flags_they_work_with(tmp_path, flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "1", *flags))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1
     assert not (tmp_path / "a").exists()  # stopped before writing anything
+
+
+def test_triton_op_flag_gives_the_fast_option_and_reads_old_checkpoints():
+    # --triton-op auto/on/off -> FastOptions.triton_op None/True/False on the grouped path; the other paths have
+    # no triton op (None); checkpoints saved while the flag was a switch hold False (then the default) or True
+    args = lambda value, path="grouped": argparse.Namespace(triton_op=value, mamba_train=path)  # noqa: E731
+    assert [trainmod.triton_op_option(args(v)) for v in ("auto", "on", "off", False, True)] == [
+        None, True, False, None, True]
+    assert [trainmod.triton_op_option(args(v, "keep_states")) for v in ("auto", "off", "on")] == [None, None, True]
 
 
 def test_resume_does_not_keep_cuda_graphs(tmp_path):

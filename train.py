@@ -109,10 +109,12 @@ def parse_args(argv=None):
     ap.add_argument("--mamba-train", choices=fast.TRAIN_PATHS,
                     default=fast.FastOptions.train,
                     help="on CUDA, Mamba-2's training kernels (fast.FastOptions.train; grouped: ssd_grouped.py's SSD)")
-    ap.add_argument("--triton-op", action="store_true",
-                    help="with --compile and --mamba-train grouped: Inductor launches the Mamba-2 layer's kernels "
-                         "(fast.FastOptions.triton_op); faster where the host is the bound, as at the paper's "
-                         "batch 4, slower at batch 16 (BENCHMARKS.md)")
+    ap.add_argument("--triton-op", choices=["auto", "on", "off"], default="auto",
+                    help="on CUDA, --mamba-train grouped: the Mamba-2 layer as a triton op whose kernels Inductor "
+                         "launches, with --compile traced into the model's graph, eager as torch.compile'd calls of "
+                         "it: about half the host time, more GPU time (fast.FastOptions.triton_op); faster where the "
+                         "host is the bound, as at the paper's batch 4, slower at batch 16; auto: on for at most "
+                         f"{fast.TRITON_OP_ROWS} positions a batch (fast.triton_op_for; BENCHMARKS.md)")
     ap.add_argument("--no-fused-add-norm", action="store_true",
                     help="on CUDA: the plain residual adds and norms instead of one kernel for each add and "
                          "the next norm (fast.FastOptions.fused_add_norm)")
@@ -308,6 +310,13 @@ def load_data(args, device):
     return dataset, None, datamod.WordEncoder(device=device), args.frames
 
 
+def triton_op_option(args):
+    """FastOptions.triton_op from --triton-op: None for auto, and for the other training paths (which have no
+    triton op) unless asked; a checkpoint saved before the flag took auto/on/off holds False or True."""
+    value = {"auto": None, "on": True, "off": False, True: True, False: None}[args.triton_op]
+    return value if args.mamba_train == "grouped" or value else None
+
+
 def build_model(args, device):
     """The model of args.stage on device, and its config as a dict (what the checkpoint stores).
     Stage 2 gets its codec (the synthetic set's or DAC). On CUDA, stage 1's Mamba-2 layers run on
@@ -323,9 +332,10 @@ def build_model(args, device):
     model = TextToMusicLM(cfg).to(device)
     if device.startswith("cuda") and not args.no_kernels:
         if fast.available():
-            fast.accelerate(model, fast.FastOptions(train=args.mamba_train, triton_op=args.triton_op,
-                                                    fused_add_norm=not args.no_fused_add_norm,
-                                                    fused_gelu_dropout=not args.no_fused_gelu_dropout))
+            options = fast.FastOptions(train=args.mamba_train, triton_op=triton_op_option(args),
+                                       fused_add_norm=not args.no_fused_add_norm,
+                                       fused_gelu_dropout=not args.no_fused_gelu_dropout)
+            fast.accelerate(model, fast.for_cuda_graphs(options) if args.cuda_graphs else options)
         else:
             print("note: mamba-ssm and causal-conv1d are not installed, so Mamba-2 trains on ssd_reference "
                   "(slow); pip install -r requirements-gpu.txt --no-build-isolation", file=sys.stderr)
@@ -596,9 +606,8 @@ def main(argv=None):
     if args.cuda_graphs and (args.device != "cuda" or world > 1):
         datamod.fail(f"--cuda-graphs: needs exactly one CUDA device, and this run has {world} x {args.device} "
                      "(the graphs are untested with DDP)")
-    if args.triton_op and (not args.compile or args.mamba_train != "grouped"):
-        datamod.fail(f"--triton-op: pass --compile and --mamba-train grouped (this run has --mamba-train "
-                     f"{args.mamba_train}{'' if args.compile else ', no --compile'}); eager, the layer is the same")
+    if triton_op_option(args) and args.mamba_train != "grouped":
+        datamod.fail(f"--triton-op on: pass --mamba-train grouped (this run has --mamba-train {args.mamba_train})")
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
