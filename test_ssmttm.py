@@ -3718,6 +3718,15 @@ def test_triton_op_flag_gives_the_fast_option_and_reads_old_checkpoints():
     assert [trainmod.triton_op_option(args(v)) for v in ("auto", "on", "off", False, True)] == [
         None, True, False, None, True]
     assert [trainmod.triton_op_option(args(v, "keep_states")) for v in ("auto", "off", "on")] == [None, None, True]
+    # the text padded to a few lengths wherever a length is compiled: under --compile, and eager on CUDA with
+    # the triton op possible (each new length would compile the op again)
+    flags = lambda op="auto", path="grouped", compile=False, no_kernels=False: argparse.Namespace(  # noqa: E731
+        triton_op=op, mamba_train=path, compile=compile, no_kernels=no_kernels)
+    assert trainmod.pads_text(flags(), "cuda") and trainmod.pads_text(flags("on"), "cuda:1")
+    assert trainmod.pads_text(flags("off", "keep_states", compile=True), "cpu")
+    assert not any(trainmod.pads_text(f, d) for f, d in [(flags(), "cpu"), (flags("off"), "cuda"),
+                                                         (flags(path="keep_states"), "cuda"),
+                                                         (flags(no_kernels=True), "cuda")])
 
 
 def test_resume_does_not_keep_cuda_graphs(tmp_path):

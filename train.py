@@ -414,7 +414,7 @@ def accumulate_gradients(run, step):
         codes, captions = run.dataset.batch(*batch_indices(step, micro, args, run.rank, run.world, run.n_examples))
         codes = codes[..., :run.frames].to(device)
         text, mask = run.text_encoder(captions)
-        if args.compile:  # a few text lengths, not one per batch: each new shape costs a compilation
+        if pads_text(args, device):  # a few text lengths, not one per batch: each new shape costs a compilation
             text, mask = pad_text(text, mask, TEXT_LENGTH_STEP)
         mask = mask & caption_keep(step, micro, args, run.rank, run.world).to(device)[:, None]  # null condition
         sync = run.world == 1 or micro == args.grad_accum - 1  # DDP: all-reduce the gradients once
@@ -440,6 +440,14 @@ def compile_model(model, cuda_graphs, backend="inductor"):
     default would recompile the second length with symbolic shapes, a compile in which Inductor has failed
     (BENCHMARKS.md, section 0c)."""
     return torch.compile(model, backend=backend, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
+
+
+def pads_text(args, device):
+    """Whether the text is padded to a multiple of TEXT_LENGTH_STEP (pad_text): under --compile, and eager on
+    CUDA where the Mamba-2 layers may run the triton op as torch.compile'd calls (--triton-op auto or on, with
+    the fast kernels' grouped path), whose shapes are static too."""
+    return bool(args.compile or (device.startswith("cuda") and not args.no_kernels and args.mamba_train == "grouped"
+                                 and triton_op_option(args) is not False))
 
 
 def pad_text(text, mask, multiple):
