@@ -348,8 +348,9 @@ def bench_train_rotated(configs, batch, n_frames, n_layers, compile="0", rounds=
 
 
 def rotated_configs(variants, options):
-    """The configurations a rotated run times: each variant with each FastOptions, once per distinct
-    training path for variants without Mamba-2 layers, whose steps the Mamba-2 fields do not change."""
+    """The configurations a rotated run times, (variant, FastOptions): each variant with each options; a
+    variant without Mamba-2 layers once per distinct pair of fused_add_norm and fused_gelu_dropout, the only
+    fields its steps read."""
     seen, configs = set(), []
     for variant in variants:
         for o in options:

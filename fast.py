@@ -5,8 +5,9 @@
 
 - `accelerate` turns every Mamba-2 layer of a model into a `FastMamba2`: the same parameters (so
   the same state_dict and checkpoints), running on the kernels of gpu_kernels.py: the training pass as one custom op
-  (ssd_grouped's SSD and a Triton conv by default; mamba-ssm's kernels and causal-conv1d with the
-  other FastOptions.train paths), the prefill's SSD, mamba-ssm's decoding step.
+  (ssd_grouped's SSD and a Triton conv by default, as a triton op whose kernels Inductor launches where
+  the host is the bound; mamba-ssm's kernels and causal-conv1d with the other FastOptions.train paths),
+  the prefill's SSD, mamba-ssm's decoding step.
   A whole LM becomes a `FastLM`, whose residual adds run inside the next sublayer's norm and whose
   heads multiply on rows padded for cuBLAS's aligned kernels.
 - `Decoder` is generate's prefill and its loop after the first step: each frame (the input
