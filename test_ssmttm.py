@@ -3651,6 +3651,18 @@ def test_bench_rounds_take_every_configuration_in_turn(tmp_path, monkeypatch, ca
     assert not (tmp_path / "rows.json.tmp").exists()
 
 
+def test_bench_decoding_on_a_cpu_runs_the_modes_that_need_no_cuda(monkeypatch):
+    # bench.py --quick --only decode on a CPU: the plain loop and the recomputation, each a row without an
+    # error; the modes of CUDA graphs or of gpu_kernels.py's decoding kernels are left out, not reported failed
+    import bench
+    assert [m for m in bench.DECODE_MODES if bench.runs_on_cpu(m)] == ["plain", "recompute"]
+    monkeypatch.setattr(bench, "ROWS", [])
+    bench.bench_decoding("cpu", 1, [4], setups=bench.DECODE_SETUPS + ("cross_transformer:plain",), seconds=(1,))
+    assert [(r["variant"], r["mode"], "error" in r) for r in bench.ROWS] == [
+        ("prefix_simba", "recompute", False), ("cross_transformer", "plain", False)]
+    assert all(r["ms/frame @4"] > 0 and r["s for 1s"] > 0 for r in bench.ROWS)
+
+
 def test_bench_rotated_rows_time_the_variants_in_turn(monkeypatch):
     # --rotate 3: the variants built in one process, then one step of each in turn, the order reversed every
     # other round; each row from its own variant's steps
