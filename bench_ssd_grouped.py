@@ -522,12 +522,13 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None, rows=(32, 64, 128), warps=(4, 8)
     g = torch.Generator(device="cuda").manual_seed(2)
     G = torch.randn(b, c, Q, Q, device="cuda", generator=g)
     G_x = G.to(x.dtype)  # the forward's kernel reads G in x's dtype (forward_triton)
-    acum = torch.cumsum(dt.new_zeros(b, c * Q, h).view(b, c, Q, h) - 0.01, dim=2)
+    acum = torch.cumsum(dt.new_zeros(b, c, h, Q) - 0.01, dim=3)       # (b, c, h, Q), as forward_triton's
+    dtc = torch.nn.functional.pad(dt, (0, 0, 0, c * Q - l)).view(b, c, Q, h).transpose(2, 3).contiguous()
     yoff = torch.randn(b, c, Q, h * p, device="cuda", generator=g)
     dxs = yoff.to(torch.bfloat16)
     dy = torch.randn(b, l, h, p, device="cuda", generator=g).to(torch.bfloat16)
     y = torch.empty_like(x)
-    small = lambda: torch.empty(b, c, Q, h, device="cuda")  # noqa: E731
+    small = lambda: torch.empty(b, c, h, Q, device="cuda")  # noqa: E731
     sg = ssd_grouped
     tmas = (True, False) if sg._has_tma(x.device) else (False,)
     for tma, bm, n_warps, stages in itertools.product(tmas, rows, warps, (1, 2, 3)):
@@ -539,13 +540,13 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None, rows=(32, 64, 128), warps=(4, 8)
         x_in, dy_in = sg._tiles(tma, x, (1, bm, 1, p)), sg._tiles(tma, dy, (1, bm, 1, p))
         ddt, t, dD = small(), small(), small()  # made here, so that no allocation is timed
         calls = {
-            "bwd_G": lambda: sg._diag_bwd_G_kernel[(nb, nb, b * c)](G, acum, x_in, dt, dy_in, dG, row, l, c, h, p,
+            "bwd_G": lambda: sg._diag_bwd_G_kernel[(nb, nb, b * c)](G, acum, x_in, dtc, dy_in, dG, row, l, c, h, p,
                                                                      h * p, TMA=tma, **kw),
-            "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x_in, dt, dy_in, dxs, D, y, ddt, t, dD,
+            "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x_in, dtc, dy_in, dxs, D, y, ddt, t, dD,
                                                                     l, c, h, p, h * p, h * p, HAS_D=True, TMA=tma,
                                                                     **kw)}
         if not tma:
-            calls["fwd"] = lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G_x, acum, x, dt, yoff, D, y, l, c, h, p, h * p,
+            calls["fwd"] = lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G_x, acum, x, dtc, yoff, D, y, l, c, h, p, h * p,
                                                                          HAS_D=True, **kw)
         print(f"TMA {tma} BM {bm} warps {n_warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
@@ -557,7 +558,7 @@ def sweep_states(b, l, n, Q, h=32, p=64, maxnreg=None):
     x, dt, A, B, C, D, s0 = inputs(b, l, h, p, n, torch.bfloat16)
     c = -(-l // Q)
     g = torch.Generator(device="cuda").manual_seed(2)
-    acum = torch.cumsum(dt.new_zeros(b, c * Q, h).view(b, c, Q, h) - 0.01, dim=2)
+    acum = torch.cumsum(dt.new_zeros(b, c, h, Q) - 0.01, dim=3)       # (b, c, h, Q), as forward_triton's
     xs = torch.randn(b, c * Q, h, p, device="cuda", generator=g).to(torch.bfloat16)
     S_prev = torch.empty(b, c, h * p, n, device="cuda", dtype=torch.bfloat16)
     dstates = torch.empty_like(S_prev)

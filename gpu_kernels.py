@@ -2182,7 +2182,7 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
 
     grouped (ngroups 1; issue 15): the SSD is ssd_grouped's Triton form instead, the conv + SiLU
     causal_conv_silu (d_conv 4; _conv_silu), the gated norm rms_norm_fwd / rms_norm_bwd, and the saved
-    tensors are its own: S_prev (b, l/Q, h p, n) in x's dtype, G (b, l/Q, Q, Q), acum (b, l/Q, Q, h)
+    tensors are its own: S_prev (b, l/Q, h p, n) in x's dtype, G (b, l/Q, Q, Q), acum (b, l/Q, h, Q)
     and dt (b, l, h) fp32 after the softplus, 0 at padding (seq_idx 0): with the conv's reset at
     the sequence's start, the state passes the padding unchanged, as in mask_padding; y_off
     (b, l/Q, Q, h p) fp32, C S_prev^T (y's state -> output part before its decay); and xs (b, l/Q, Q, h p)
@@ -2249,7 +2249,7 @@ def _(u, in_w, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, hea
             fp32(ngroups * b * l), u.new_empty(b, l, conv_w.shape[0]))
     if grouped:
         return head + (u.new_empty(b, chunks, h * headdim, n), fp32(b, chunks, chunk, chunk),
-                       fp32(b, chunks, chunk, h), fp32(b, l, h), fp32(b, chunks, chunk, h * headdim),
+                       fp32(b, chunks, h, chunk), fp32(b, l, h), fp32(b, chunks, chunk, h * headdim),
                        u.new_empty(b, chunks, chunk, h * headdim))
     return head + (fp32(b, chunks, h, headdim, n), fp32(b, chunks, ngroups, chunk, chunk), fp32(b, h, chunks, chunk),
                    fp32(b, h, chunks, chunk), fp32(0), fp32(0))

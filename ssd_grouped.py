@@ -297,12 +297,11 @@ if triton is not None:
         return tile
 
     @triton.jit
-    def _head_vectors(acum_c, dt_c, r, q, s, ok_s, h, H):
-        """Head h's acum at position r and at the positions q and s of one chunk, and its dt at s (zero where
-        not ok_s): acum_c and dt_c point at the chunk's first (h,) row of a (b, c, Q, h) and a (b, L, h)
-        tensor."""
-        return (tl.load(acum_c + r * H + h), tl.load(acum_c + q * H + h), tl.load(acum_c + s * H + h),
-                tl.load(dt_c + s * H + h, mask=ok_s, other=0.0))
+    def _head_vectors(acum_c, dt_c, r, q, s, h, Q: tl.constexpr):
+        """Head h's acum at position r and at the positions q and s of one chunk, and its dt at s: acum_c and
+        dt_c point at the chunk's (h, Q) rows of acum and dtc (b, c, h, Q)."""
+        a, d = acum_c + h * Q, dt_c + h * Q
+        return tl.load(a + r), tl.load(a + q), tl.load(a + s), tl.load(d + s)
 
     @triton.jit
     def _copy_rows_kernel(src_ptr, dst_ptr, L_SRC, L_DST, L, N, S_SRC, S_DST,
@@ -319,11 +318,13 @@ if triton is not None:
                  v.to(dst_ptr.dtype.element_ty), mask=(r < L_DST - r0)[:, None] & (cols[None, :] < N))
 
     @triton.jit
-    def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, xs_ptr, L, NC, H, P, SX,
+    def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, dtc_ptr, xs_ptr, L, NC, H, P, SX,
                      Q: tl.constexpr, BP: tl.constexpr):
         """xs = x dt exp(acum_end - acum) in xs's dtype, (b, c, Q, h, p), zero past L (the chunk states'
         operand in the forward, kept for dB's in the backward), with acum = cumsum(dt A) over one chunk,
-        also written to acum (b, c, Q, h). x (b, L, h, p) with rows SX apart, dt (b, L, h). Grid (h, b*c)."""
+        also written to acum (b, c, h, Q), and dt to dtc (b, c, h, Q), zero past L: a head's values of a chunk
+        in one row, which the (Q, Q) kernels load as a vector (from (b, L, h), each value a 32-byte sector of
+        its own). x (b, L, h, p) with rows SX apart, dt (b, L, h). Grid (h, b*c)."""
         h, bc = tl.program_id(0), tl.program_id(1).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
@@ -331,7 +332,8 @@ if triton is not None:
         ok = q < (L - ci * Q).to(tl.int32)
         dt = tl.load(dt_ptr + r0 * H + h + q * H, mask=ok, other=0.0)
         acum = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
-        tl.store(acum_ptr + bc * Q * H + h + q * H, acum)
+        tl.store(acum_ptr + (bc * H + h) * Q + q, acum)
+        tl.store(dtc_ptr + (bc * H + h) * Q + q, dt)
         a_end = tl.sum(tl.where(q == Q - 1, acum, 0.0), axis=0)
         pp = tl.arange(0, BP)
         x = _rows(x_ptr + r0 * SX + h * P, q, SX, ok, pp, P)
@@ -368,7 +370,7 @@ if triton is not None:
             ci, k0 = i // KT, (i % KT) * BK
             bc = bi.to(tl.int64) * NC + ci
             r0 = bi.to(tl.int64) * L + ci * Q                           # the chunk's first row of (b*L)
-            a_end = tl.load(acum_ptr + bc * Q * H + h + (Q - 1) * H)
+            a_end = tl.load(acum_ptr + (bc * H + h) * Q + Q - 1)
             q = k0 + tl.arange(0, BK)
             if TMA:
                 Bt = B_in.load([bi, ci * Q + k0, nt * BN]).reshape(BK, BN)
@@ -422,7 +424,7 @@ if triton is not None:
                 dyeT = tl.load(dye_in + bc * Q * H * P + h * P + q[None, :] * (H * P) + pp[:, None],
                                mask=pp[:, None] < P, other=0.0)                         # (BP, BK)
             if k0 == 0:  # the gradient leaving chunk ci: its parts, then its decay over the chunk
-                decay = tl.exp(tl.load(acum_ptr + bc * Q * H + h + (Q - 1) * H))
+                decay = tl.exp(tl.load(acum_ptr + (bc * H + h) * Q + Q - 1))
                 S = tl.load(S_prev_ptr + bc * H * P * N + tile, mask=tile_ok, other=0.0).to(tl.float32)
                 tl.store(da_part_ptr + (bc * H + h) * NNT + nt, decay * tl.sum(tl.sum(g * S, axis=1), axis=0))
                 tl.store(dstates_ptr + bc * H * P * N + tile, g.to(dstates_ptr.dtype.element_ty), mask=tile_ok)
@@ -431,13 +433,13 @@ if triton is not None:
         tl.store(dinit_ptr + state + tile, g, mask=tile_ok)
 
     @triton.jit
-    def _diag_fwd_kernel(G_ptr, acum_ptr, x_ptr, dt_ptr, yoff_ptr, D_ptr, y_ptr, L, NC, H, P, SX,
+    def _diag_fwd_kernel(G_ptr, acum_ptr, x_ptr, dtc_ptr, yoff_ptr, D_ptr, y_ptr, L, NC, H, P, SX,
                          Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
                          PREC: tl.constexpr):
         """y[q, h] = exp(acum_q) y_off[q, h] + sum_{s <= q} G[q, s] exp(acum_q - acum_s) x_s dt_s + D_h x_q
-        for the rows q of one row block and one head, written in y's dtype to y (b, L, h, p).
-        Grid (h, Q / BM, b*c), a chunk's heads side by side (they share G and x's rows), the row blocks
-        with the most work first; loop over the row blocks s <= q."""
+        for the rows q of one row block and one head, written in y's dtype to y (b, L, h, p); acum and dt from
+        acum and dtc (b, c, h, Q). Grid (h, Q / BM, b*c), a chunk's heads side by side (they share G and x's
+        rows), the row blocks with the most work first; loop over the row blocks s <= q."""
         h, bc = tl.program_id(0), tl.program_id(2).to(tl.int64)
         m = tl.num_programs(1) - 1 - tl.program_id(1)
         bi, ci = bc // NC, bc % NC
@@ -445,12 +447,12 @@ if triton is not None:
         n_ok = (L - ci * Q).to(tl.int32)                                # its positions inside the sequence
         q = m * BM + tl.arange(0, BM)                                   # positions inside the chunk
         pp = tl.arange(0, BP)
-        acum_c, dt_c, x_c = acum_ptr + bc * Q * H + h, dt_ptr + r0 * H + h, x_ptr + r0 * SX + h * P
-        a_q = tl.load(acum_c + q * H)
+        acum_c, dt_c, x_c = acum_ptr + (bc * H + h) * Q, dtc_ptr + (bc * H + h) * Q, x_ptr + r0 * SX + h * P
+        a_q = tl.load(acum_c + q)
         # below the diagonal block the decay splits at the block's first row r: exp(a_q - a_s) = e_q e_s
         # with e_q = exp(a_q - a_r), e_s = exp(a_r - a_s), both exponents <= 0 (acum falls): e_s scales
         # x dt's rows, e_q the sum once, at the end, and G's tiles go into the product as they are
-        a_r = tl.load(acum_c + m * BM * H)
+        a_r = tl.load(acum_c + m * BM)
         # y_off's tile loaded first, to be in flight during the products (at a cap of 168 registers: _diag_fwd_launch)
         yoff = tl.load(yoff_ptr + bc * Q * H * P + h * P + q[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P)
         acc = tl.zeros((BM, BP), dtype=tl.float32)
@@ -459,18 +461,18 @@ if triton is not None:
             ok_s = s < n_ok
             G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])          # (BM, BM) x's dtype
             x = _rows(x_c, s, SX, ok_s, pp, P)
-            dt_e = tl.load(dt_c + s * H, mask=ok_s, other=0.0) * tl.exp(a_r - tl.load(acum_c + s * H))
+            dt_e = tl.load(dt_c + s) * tl.exp(a_r - tl.load(acum_c + s))
             xdt = (x.to(tl.float32) * dt_e[:, None]).to(x.dtype)
             acc = tl.dot(G.to(x.dtype), xdt, acc, input_precision=PREC)
         acc = tl.exp(a_q - a_r)[:, None] * acc
         # the diagonal block: the decay per (q, s), zero above the diagonal
         s = m * BM + tl.arange(0, BM)
         ok_s = s < n_ok
-        a_s = tl.load(acum_c + s * H)
+        a_s = tl.load(acum_c + s)
         G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
         E = tl.exp(tl.where(q[:, None] >= s[None, :], a_q[:, None] - a_s[None, :], float("-inf")))
         x = _rows(x_c, s, SX, ok_s, pp, P)
-        dt = tl.load(dt_c + s * H, mask=ok_s, other=0.0)
+        dt = tl.load(dt_c + s)
         xdt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)
         acc = tl.dot((G * E).to(x.dtype), xdt, acc, input_precision=PREC)
         acc += tl.exp(a_q)[:, None] * yoff
@@ -481,25 +483,27 @@ if triton is not None:
                  mask=ok_q[:, None] & (pp[None, :] < P))
 
     @triton.jit
-    def _dy_kernel(dy_ptr, acum_ptr, yoff_ptr, dye_ptr, dacum_ptr, L, NC, H, P,
+    def _dy_kernel(dy_ptr, acum_ptr, yoff_ptr, dt_ptr, dye_ptr, dacum_ptr, dtc_ptr, L, NC, H, P,
                    Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr):
-        """dy_e = dy exp(acum) in dy_e's dtype, (b, c, Q, h, p) zero past L, and the d acum of the
-        state -> output part, sum_p y_off dy_e (b, c, Q, h). Grid (h, Q / BM, b*c)."""
+        """dy_e = dy exp(acum) in dy_e's dtype, (b, c, Q, h, p) zero past L, the d acum of the state -> output
+        part, sum_p y_off dy_e, and dt (b, L, h) in the backward's layout, dtc (b, c, h, Q) zero past L (as
+        _prep_kernel's); acum and dacum (b, c, h, Q). Grid (h, Q / BM, b*c)."""
         h, m, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         q = m * BM + tl.arange(0, BM)
+        ok = q < (L - ci * Q).to(tl.int32)
         pp = tl.arange(0, BP)
-        dy = _rows(dy_ptr + (bi * L + ci * Q) * H * P + h * P, q, H * P, q < (L - ci * Q).to(tl.int32), pp,
-                   P).to(tl.float32)
-        small = bc * Q * H + h                                          # (b, c, Q, h) at the chunk's start
-        dye = dy * tl.exp(tl.load(acum_ptr + small + q * H))[:, None]
-        at = q[:, None] * (H * P) + pp[None, :]
-        tl.store(dye_ptr + small * P + at, dye.to(dye_ptr.dtype.element_ty), mask=pp[None, :] < P)
-        yoff = tl.load(yoff_ptr + small * P + at, mask=pp[None, :] < P, other=0.0)
-        tl.store(dacum_ptr + small + q * H, tl.sum(yoff * dye, axis=1))
+        dy = _rows(dy_ptr + (bi * L + ci * Q) * H * P + h * P, q, H * P, ok, pp, P).to(tl.float32)
+        row = (bc * H + h) * Q + q                                      # (b, c, h, Q): the head's row
+        dye = dy * tl.exp(tl.load(acum_ptr + row))[:, None]
+        at = (bc * Q * H + h) * P + q[:, None] * (H * P) + pp[None, :]  # (b, c, Q, h, p)
+        tl.store(dye_ptr + at, dye.to(dye_ptr.dtype.element_ty), mask=pp[None, :] < P)
+        yoff = tl.load(yoff_ptr + at, mask=pp[None, :] < P, other=0.0)
+        tl.store(dacum_ptr + row, tl.sum(yoff * dye, axis=1))
+        tl.store(dtc_ptr + row, tl.load(dt_ptr + (bi * L + ci * Q) * H + h + q * H, mask=ok, other=0.0))
 
     @triton.jit
-    def _diag_bwd_x_kernel(G_ptr, acum_ptr, x_in, dt_ptr, dy_in, dxs_ptr, D_ptr,
+    def _diag_bwd_x_kernel(G_ptr, acum_ptr, x_in, dtc_ptr, dy_in, dxs_ptr, D_ptr,
                            dx_ptr, ddt_ptr, t_ptr, dD_ptr, L, NC, H, P, SX, SDX,
                            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
                            TMA: tl.constexpr, PREC: tl.constexpr):
@@ -507,9 +511,10 @@ if triton is not None:
         dxdt_s = sum_{q >= s} W[q, s] dy_q with W = G * decay, then the rest of the chain for these
         positions: with dxs (b, c, Q, h, p) in x's dtype from the chunk states, t = sum_p dxs xs,
         dxdt += dxs exp(acum_end - acum), dx = dxdt dt + D dy (x's dtype, (b, L, h, p) with rows SDX
-        apart), ddt's part sum_p dxdt x, t, and dD's part sum_p dy x (all (b, c, Q, h)). d acum's (Q, Q)
-        part, M's row and column sums, is _diag_bwd_G_kernel's. x (b, L, h, p) with rows SX apart and
-        dy (b, L, h, p): TMA descriptors with tiles (1, BM, 1, BP) if TMA, else pointers (_head_rows).
+        apart), ddt's part sum_p dxdt x, t, and dD's part sum_p dy x (all (b, c, h, Q), as acum and dtc, dt
+        in that layout, are). d acum's (Q, Q) part, M's row and column sums, is _diag_bwd_G_kernel's. x (b, L,
+        h, p) with rows SX apart and dy (b, L, h, p): TMA descriptors with tiles (1, BM, 1, BP) if TMA, else
+        pointers (_head_rows).
         Grid (h, Q / BM, b*c), as _diag_fwd_kernel's (block 0, the most work, first)."""
         h, blk, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
@@ -518,9 +523,9 @@ if triton is not None:
         s = blk * BM + tl.arange(0, BM)                                 # positions inside the chunk
         ok_s = s < n_ok
         pp = tl.arange(0, BP)
-        small = bc * Q * H + h                                          # (b, c, Q, h) at the chunk's start
+        row = (bc * H + h) * Q                                          # the head's row of a (b, c, h, Q) tensor
         G_c = G_ptr + bc * Q * Q
-        a_s = tl.load(acum_ptr + small + s * H)
+        a_s = tl.load(acum_ptr + row + s)
         # the diagonal block, q in s's own block: the decay per (q, s), zero above the diagonal
         G = tl.load(G_c + s[:, None] * Q + s[None, :])
         W = G * tl.exp(tl.where(s[:, None] >= s[None, :], a_s[:, None] - a_s[None, :], float("-inf")))
@@ -529,37 +534,36 @@ if triton is not None:
         # below it the decay splits at the block's last position r: exp(a_q - a_s) = e_q e_s with
         # e_q = exp(a_q - a_r), e_s = exp(a_r - a_s), both exponents <= 0 (acum falls): e_q scales G's
         # rows, e_s the sum once, at the end
-        a_r = tl.load(acum_ptr + small + (blk * BM + BM - 1) * H)
+        a_r = tl.load(acum_ptr + row + blk * BM + BM - 1)
         e_s = tl.exp(a_r - a_s)
         dxd_off = tl.zeros((BM, BP), dtype=tl.float32)
         for q0 in range((blk + 1) * BM, Q, BM):
             q = q0 + tl.arange(0, BM)
-            e_q = tl.exp(tl.load(acum_ptr + small + q * H) - a_r)
+            e_q = tl.exp(tl.load(acum_ptr + row + q) - a_r)
             G = tl.load(G_c + q[:, None] * Q + s[None, :])
             dy = _head_rows(dy_in, bi, ci * Q + q0, L, h, P, H * P, BM, BP, TMA)
             dxd_off = tl.dot(tl.trans((G * e_q[:, None]).to(dy.dtype)), dy, dxd_off, input_precision=PREC)
         dxd += e_s[:, None] * dxd_off
-        a_end = tl.load(acum_ptr + small + (Q - 1) * H)
+        a_end = tl.load(acum_ptr + row + Q - 1)
         to_end = tl.exp(a_end - a_s)
-        dxs = tl.load(dxs_ptr + small * P + s[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P,
+        dxs = tl.load(dxs_ptr + (bc * Q * H + h) * P + s[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P,
                       other=0.0).to(tl.float32)
-        dt_s = tl.load(dt_ptr + r0 * H + h + s * H, mask=ok_s, other=0.0)
+        dt_s = tl.load(dtc_ptr + row + s)
         xf = _head_rows(x_in, bi, ci * Q + blk * BM, L, h, P, SX, BM, BP, TMA).to(tl.float32)  # (BM, BP)
         t = tl.sum(dxs * xf, axis=1) * dt_s * to_end
         dxdt = dxd + dxs * to_end[:, None]
         dx = dxdt * dt_s[:, None]
-        at = s * H                                                      # from small
         if HAS_D:
             dyf = dy_s.to(tl.float32)
             dx += tl.load(D_ptr + h) * dyf
-            tl.store(dD_ptr + small + at, tl.sum(dyf * xf, axis=1))
+            tl.store(dD_ptr + row + s, tl.sum(dyf * xf, axis=1))
         tl.store(dx_ptr + r0 * SDX + h * P + s[:, None] * SDX + pp[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=ok_s[:, None] & (pp[None, :] < P))
-        tl.store(ddt_ptr + small + at, tl.sum(dxdt * xf, axis=1))
-        tl.store(t_ptr + small + at, t)
+        tl.store(ddt_ptr + row + s, tl.sum(dxdt * xf, axis=1))
+        tl.store(t_ptr + row + s, t)
 
     @triton.jit
-    def _diag_bwd_G_kernel(G_ptr, acum_ptr, x_in, dt_ptr, dy_in, dG_ptr, dacum_m_ptr, L, NC, H, P, SX,
+    def _diag_bwd_G_kernel(G_ptr, acum_ptr, x_in, dtc_ptr, dy_in, dG_ptr, dacum_m_ptr, L, NC, H, P, SX,
                            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, TMA: tl.constexpr,
                            PREC: tl.constexpr):
         """For one (BM, BM) tile (q, s) of a chunk, with D_h = (dy_q . x_s) dt_s exp(acum_q - acum_s) on
@@ -571,28 +575,25 @@ if triton is not None:
         diagonal are zero and write nothing to dacum_m. Grid (Q / BM rows, Q / BM columns, b*c): the
         tiles of one chunk side by side, so that the x and dy rows they share come from L2. G (b, c,
         Q, Q) fp32; x (b, L, h, p) with rows SX apart and dy (b, L, h, p): TMA descriptors with tiles
-        (1, BM, 1, BP) if TMA, else pointers (_head_rows)."""
+        (1, BM, 1, BP) if TMA, else pointers (_head_rows); acum and dt from acum and dtc (b, c, h, Q)."""
         mq, ms, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
-        r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
-        n_ok = (L - ci * Q).to(tl.int32)
         q = mq * BM + tl.arange(0, BM)                                  # positions inside the chunk
         s = ms * BM + tl.arange(0, BM)
-        ok_s = s < n_ok
-        acum_c, dt_c = acum_ptr + bc * Q * H, dt_ptr + r0 * H           # head h: + h
+        acum_c, dt_c = acum_ptr + bc * H * Q, dtc_ptr + bc * H * Q       # (b, c, h, Q): head h at + h Q
         slots = dacum_m_ptr + bc * H * (Q // BM) * Q                     # head h, slot j: + (h * Q / BM + j) * Q
         causal = q[:, None] >= s[None, :]
         acc = tl.zeros((BM, BM), dtype=tl.float32)
         # Each head's acum and dt are loaded one head ahead, so that the next head's loads are in flight while
         # this head's product runs: Triton pipelines the tiles that feed the product (num_stages), not these
         # (BENCHMARKS.md §0c). The last head loads its own again (nh).
-        a_r_n, a_q_n, a_s_n, dt_n = _head_vectors(acum_c, dt_c, mq * BM, q, s, ok_s, 0, H)
+        a_r_n, a_q_n, a_s_n, dt_n = _head_vectors(acum_c, dt_c, mq * BM, q, s, 0, Q)
         if ms < mq:  # below the diagonal the decay splits at the q block's first row, as in _diag_bwd_x_kernel
             G = tl.load(G_ptr + bc * Q * Q + q[:, None] * Q + s[None, :])
             for h in range(0, H):
                 a_r, a_q, a_s, dt = a_r_n, a_q_n, a_s_n, dt_n
                 nh = tl.minimum(h + 1, H - 1)
-                a_r_n, a_q_n, a_s_n, dt_n = _head_vectors(acum_c, dt_c, mq * BM, q, s, ok_s, nh, H)
+                a_r_n, a_q_n, a_s_n, dt_n = _head_vectors(acum_c, dt_c, mq * BM, q, s, nh, Q)
                 e_q = tl.exp(a_q - a_r)
                 e_s = tl.exp(a_r - a_s)
                 x = _head_rows(x_in, bi, ci * Q + ms * BM, L, h, P, SX, BM, BP, TMA)
@@ -607,7 +608,7 @@ if triton is not None:
             for h in range(0, H):
                 a_q, a_s, dt = a_q_n, a_s_n, dt_n
                 nh = tl.minimum(h + 1, H - 1)
-                a_r_n, a_q_n, a_s_n, dt_n = _head_vectors(acum_c, dt_c, mq * BM, q, s, ok_s, nh, H)
+                a_r_n, a_q_n, a_s_n, dt_n = _head_vectors(acum_c, dt_c, mq * BM, q, s, nh, Q)
                 x = _head_rows(x_in, bi, ci * Q + ms * BM, L, h, P, SX, BM, BP, TMA)
                 dy = _head_rows(dy_in, bi, ci * Q + mq * BM, L, h, P, H * P, BM, BP, TMA).to(x.dtype)
                 # x's exact values in the product and dt in fp32 after it: x dt rounded to x's dtype was
@@ -660,14 +661,15 @@ if triton is not None:
         scan's part (da_part (b, c, h, NNT), summed) and sum_q t. Then through acum = cumsum(dt A):
         da_t = sum_{q >= t} dacum_q, ddt = ddt_part + da A written to ddt (b, L, h) in its dtype, and
         this chunk's parts of dA, sum_t da_t dt_t, and of dD, sum_q dD_part (with HAS_D), to sums
-        (b*c, 2, h). All (b, c, Q, h) fp32 but ddt. Grid (cdiv(h, BH), b*c): a chunk's heads in one
-        program, so that every load and store of a (b, c, Q, h) tensor reads whole rows of heads."""
+        (b*c, 2, h). dacum, t, ddt_part and dD_part (b, c, h, Q), dt (b, L, h), all fp32 but ddt. Grid
+        (cdiv(h, BH), b*c): a chunk's heads in one program, so that every load and store reads whole rows: a
+        head's Q positions of the (b, c, h, Q) tensors, a position's heads of dt and ddt."""
         hb, bc = tl.program_id(0), tl.program_id(1).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         q = tl.arange(0, Q)
         hh = hb * BH + tl.arange(0, BH)
         ok_h = (hh < H)[None, :]
-        at = bc * Q * H + q[:, None] * H + hh[None, :]                  # (Q, BH) of a (b, c, Q, h) tensor
+        at = (bc * H + hh[None, :]) * Q + q[:, None]                    # (Q, BH) of a (b, c, h, Q) tensor
         t = tl.load(t_ptr + at, mask=ok_h, other=0.0)
         d = tl.load(dacum_ptr + at, mask=ok_h, other=0.0) - t
         for j in tl.static_range(NB):
@@ -824,7 +826,8 @@ def _has_tma(device):
 
 def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=None, launch=as_is, final_out=None):
     """forward with the elementwise work in Triton (CUDA, or TRITON_INTERPRET=1): same arguments and
-    results; chunk_size a power of two >= 16. tma: the chunk-state kernel loads its tiles through TMA
+    results, but acum (b, c, h, Q): a head's cumulative decays of a chunk in one row, as the kernels load
+    them (for backward_triton); chunk_size a power of two >= 16. tma: the chunk-state kernel loads its tiles through TMA
     descriptors, else through pointers (default: _tma; the interpreter runs either). launch: how each
     kernel is launched (as_is). initial_state is read in its own dtype (fp32 or bf16: a decoding
     state as it is stored). final_out: a contiguous (b, h, p, n) tensor of any float dtype that the
@@ -838,9 +841,11 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     if final_out is not None and (final_out.shape != (b, h, p, n) or not final_out.is_contiguous()):
         raise ValueError(f"forward_triton: final_out {tuple(final_out.shape)} must be a contiguous {(b, h, p, n)}")
     (x, sx), (B, sb), dt, A = _rows_of(x), _rows_of(B), dt.float().contiguous(), A.float().contiguous()
-    acum = torch.empty(b, c, Q, h, device=dev, dtype=torch.float32)
+    # acum and dt as (b, c, h, Q), a head's chunk in one row: the (Q, Q) kernels load a head's values as vectors,
+    # which from (b, c, Q, h) took a 32-byte sector per value (BENCHMARKS.md §0c, sixty-second session)
+    acum, dtc = (torch.empty(b, c, h, Q, device=dev, dtype=torch.float32) for _ in range(2))
     xs = torch.empty(b, c * Q, h, p, device=dev, dtype=x.dtype)
-    launch(_prep_kernel)[(h, b * c)](x, dt, A, acum, xs, l, c, h, p, sx, Q=Q, BP=BP, num_warps=8)
+    launch(_prep_kernel)[(h, b * c)](x, dt, A, acum, dtc, xs, l, c, h, p, sx, Q=Q, BP=BP, num_warps=8)
     # the chunk states and the scan between chunks, the state on chip
     S_prev = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     final = torch.empty(b, h, p, n, device=dev, dtype=torch.float32) if final_out is None else final_out
@@ -860,14 +865,15 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     # its products below the diagonal block round G to that anyway, and on the diagonal block G * decay is
     # rounded once more (y's error unchanged: BENCHMARKS.md). The backward's d acum needs G in fp32.
     launch(_diag_fwd_kernel)[(h, Q // fl["BM"], b * c)](
-        G.to(x.dtype), acum, x, dt, y_off, acum if D is None else D.float().contiguous(), y, l, c, h, p, sx, Q=Q, BP=BP,
-        HAS_D=D is not None, PREC=prec, **fl)
+        G.to(x.dtype), acum, x, dtc, y_off, acum if D is None else D.float().contiguous(), y, l, c, h, p, sx, Q=Q,
+        BP=BP, HAS_D=D is not None, PREC=prec, **fl)
     return y, final, acum, S_prev, G, y_off, xs.view(b, c, Q, hp)
 
 
 def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, xs, chunk_size, dx_out=None,
                     dB_out=None, dC_out=None, tma=None, launch=as_is):
-    """backward with the elementwise work in Triton: same arguments and results. dx_out: where to
+    """backward with the elementwise work in Triton: same arguments (acum forward_triton's, (b, c, h, Q)) and
+    results. dx_out: where to
     write dx instead of a new tensor, (b, l, h, p) in x's dtype with rows of h*p values (as x may be:
     the x columns of the conv's gradient, so that dx is not copied there); it is the dx returned.
     dB_out, dC_out: the same for dB and dC, (b, l, n) with rows of n values, in any dtype (the result
@@ -886,10 +892,11 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     dt32, A32 = dt.float().contiguous(), A.float().contiguous()
     dy = dy.to(x.dtype).contiguous()
     Bc = _chunked_rows(B, Q, launch)                                  # (b, c, Q, n), dxs's operand
-    small = lambda: torch.empty(b, c, Q, h, device=dev, dtype=f32)  # noqa: E731
-    # state -> output: y_off = C S_prev^T (fp32, kept by the forward); y's part is exp(acum) y_off
-    dy_e, dacum = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype), small()
-    launch(_dy_kernel)[(h, Q // BM, b * c)](dy, acum, y_off, dy_e, dacum, l, c, h, p, Q=Q, BM=BM, BP=BP)
+    small = lambda: torch.empty(b, c, h, Q, device=dev, dtype=f32)  # noqa: E731  (forward_triton's acum's layout)
+    # state -> output: y_off = C S_prev^T (fp32, kept by the forward); y's part is exp(acum) y_off. dt in acum's
+    # layout too (dtc), for the (Q, Q) kernels
+    dy_e, dacum, dtc = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype), small(), small()
+    launch(_dy_kernel)[(h, Q // BM, b * c)](dy, acum, y_off, dt32, dy_e, dacum, dtc, l, c, h, p, Q=Q, BM=BM, BP=BP)
     dC = _matmul_f32(dy_e, S_prev)                                    # (b, c, Q, n): K = h*p
     # the scan between chunks backwards, with the state side of the state -> output product
     tma = _tma(tma, dev, launch)
@@ -916,7 +923,7 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     rows = (1, BM, 1, BP)
     x_t, dy_t = _tiles(tma, x, rows), _tiles(tma, dy, rows)
     launch(_diag_bwd_x_kernel)[(h, Q // BM, b * c)](
-        G, acum, x_t, dt32, dy_t, dxs, D32, dx, ddt, t, dD_part, l, c, h, p, sx, dx.stride(1), Q=Q, BM=BM, BP=BP,
+        G, acum, x_t, dtc, dy_t, dxs, D32, dx, ddt, t, dD_part, l, c, h, p, sx, dx.stride(1), Q=Q, BM=BM, BP=BP,
         HAS_D=D is not None, TMA=tma, PREC=prec, num_stages=1)
     del dxs
     dG = torch.empty(b, c, Q, Q, device=dev, dtype=x.dtype)
@@ -926,7 +933,7 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     if gl["BM"] != BM:  # its own tiles, over the tensors the descriptors above hold (x copied at most once)
         x_t, dy_t = (_tiles(tma, t.base if tma else t, (1, gl["BM"], 1, BP)) for t in (x_t, dy_t))
     launch(_diag_bwd_G_kernel)[(nb, nb, b * c)](
-        G, acum, x_t, dt32, dy_t, dG, dacum_m, l, c, h, p, sx, Q=Q, BP=BP, TMA=tma, PREC=prec, **gl)
+        G, acum, x_t, dtc, dy_t, dG, dacum_m, l, c, h, p, sx, Q=Q, BP=BP, TMA=tma, PREC=prec, **gl)
     # d acum in total, then through acum = cumsum(dt A): ddt and dA
     ddt_out = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     sums = torch.empty(b * c, 2, h, device=dev, dtype=f32)         # each chunk's parts of dA and dD
@@ -961,7 +968,8 @@ def _ssd_grouped_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torc
                      D: Optional[torch.Tensor], initial_state: Optional[torch.Tensor], chunk_size: int,
                      use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor, torch.Tensor]:
-    """forward as an op: y, the final state, then acum, S_prev, G, y_off and xs for the backward."""
+    """forward as an op: y, the final state, then acum (forward's or forward_triton's layout), S_prev, G, y_off
+    and xs for the backward."""
     return (forward_triton if use_triton else forward)(x, dt, A, B, C, chunk_size, D, initial_state)
 
 
@@ -971,7 +979,8 @@ def _(x, dt, A, B, C, D, initial_state, chunk_size, use_triton):
     n, Q, c = B.shape[-1], chunk_size, -(-l // chunk_size)
     ft = torch.promote_types(x.dtype, torch.float32)
     new = lambda *shape: x.new_empty(shape, dtype=ft)  # noqa: E731
-    return (x.new_empty(b, l, h, p), new(b, h, p, n), new(b, c, Q, h), x.new_empty(b, c, h * p, n), new(b, c, Q, Q),
+    acum = new(b, c, h, Q) if use_triton else new(b, c, Q, h)
+    return (x.new_empty(b, l, h, p), new(b, h, p, n), acum, x.new_empty(b, c, h * p, n), new(b, c, Q, Q),
             new(b, c, Q, h * p), x.new_empty(b, c, Q, h * p))
 
 

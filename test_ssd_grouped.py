@@ -192,7 +192,9 @@ def test_dg_kernel_writes_every_slot_of_d_acums_sums(tma):
     dG = torch.empty(b, c, Q, Q, device=DEVICE)
     slots = torch.full((b, c, h, nb, Q), float("nan"), device=DEVICE)
     rows = (1, BM, 1, p)
-    xd, dyd, dtd, Gd, ad = (t.to(DEVICE) for t in (x, dy, dt, G, acum))
+    # acum and dt as the kernels take them: (b, c, h, Q), dt zero past l
+    dt_rows = torch.nn.functional.pad(dt, (0, 0, 0, c * Q - l)).view(b, c, Q, h).transpose(2, 3).contiguous()
+    xd, dyd, dtd, Gd, ad = (t.to(DEVICE) for t in (x, dy, dt_rows, G, acum.transpose(2, 3).contiguous()))
     ssd_grouped._diag_bwd_G_kernel[(nb, nb, b * c)](Gd, ad, ssd_grouped._tiles(tma, xd, rows), dtd,
                                                     ssd_grouped._tiles(tma, dyd, rows), dG, slots, l, c, h, p,
                                                     h * p, Q=Q, BM=BM, BP=p, TMA=tma, PREC="ieee")
@@ -343,3 +345,17 @@ def test_ssd_grouped_op_compiles_in_one_graph():
     got = torch.autograd.grad(compiled(x, dt, A, B, C, D), (x, B))
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@needs_triton
+def test_triton_forward_keeps_acum_in_rows_of_heads_and_its_fake_says_so():
+    # forward_triton keeps acum as (b, c, h, Q), a head's chunk in one row: what the (Q, Q) kernels load as
+    # vectors (in (b, c, Q, h) each value was a 32-byte sector of its own). Its values are the torch form's, and
+    # the op's fake, what torch.compile traces with, gives that shape and layout.
+    x, dt, A, B, C, D, s0 = (t.detach().float().to(DEVICE) for t in _inputs(2, 37, 3, 4, 5))
+    acum = ssd_grouped.forward_triton(x, dt, A, B, C, 16, D, s0)[2]
+    want = ssd_grouped.forward(*(t.cpu() for t in (x, dt, A, B, C)), 16, D.cpu(), s0.cpu())[2]   # (b, c, Q, h)
+    assert acum.shape == (2, 3, 3, 16) and acum.is_contiguous()
+    assert torch.allclose(acum.cpu(), want.transpose(2, 3), rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(ssd_grouped._ssd_grouped_fwd, (x, dt, A, B, C, D, s0, 16, True),
+                          test_utils=("test_faketensor",))

@@ -1554,10 +1554,12 @@ def test_mamba2_train_runs_the_triton_op_where_asked_traced_or_compiled_and_by_t
 
 # What each kernel of the grouped Mamba-2 op writes, as the triton op launches them (pointer loads)
 GROUPED_OP_WRITES = {
-    "_conv_fwd_kernel": {"out_ptr"}, "_dt_softplus_fwd_kernel": {"out_ptr"}, "_prep_kernel": {"acum_ptr", "xs_ptr"},
+    "_conv_fwd_kernel": {"out_ptr"}, "_dt_softplus_fwd_kernel": {"out_ptr"},
+    "_prep_kernel": {"acum_ptr", "dtc_ptr", "xs_ptr"},
     "_states_fwd_kernel": {"S_prev_ptr", "final_ptr"}, "_copy_rows_kernel": {"dst_ptr"}, "_diag_fwd_kernel": {"y_ptr"},
     "_rms_norm_fwd_kernel": {"out_ptr", "rstd_ptr"}, "_rms_norm_bwd_kernel": {"dx_ptr", "dz_ptr", "out_ptr", "dw_ptr"},
-    "_dy_kernel": {"dye_ptr", "dacum_ptr"}, "_states_bwd_kernel": {"dstates_ptr", "dinit_ptr", "da_part_ptr"},
+    "_dy_kernel": {"dye_ptr", "dacum_ptr", "dtc_ptr"},
+    "_states_bwd_kernel": {"dstates_ptr", "dinit_ptr", "da_part_ptr"},
     "_diag_bwd_x_kernel": {"dx_ptr", "ddt_ptr", "t_ptr", "dD_ptr"}, "_diag_bwd_G_kernel": {"dG_ptr", "dacum_m_ptr"},
     "_dacum_kernel": {"ddt_ptr", "sums_ptr"}, "_chunk_sums_kernel": {"dA_ptr", "dD_ptr"},
     "_dG_product_kernel": {"out_ptr"},
