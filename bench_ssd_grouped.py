@@ -461,7 +461,7 @@ def _launches(n, Q, tma):
         (sg._prep_kernel, dict(Q=Q, BP=64), plain(8, 3)),
         (sg._states_fwd_kernel, dict(Q=Q, BP=64, **nums(st_f), HAS_INIT=False, PREC="tf32"), opts(st_f)),
         (sg._diag_fwd_kernel, dict(diag, HAS_D=True, BM=fl["BM"]), opts(fl)),
-        (sg._dy_kernel, dict(Q=Q, BM=diag["BM"], BP=64), plain(4, 3)),
+        (sg._dy_kernel, dict(Q=Q, BM=diag["BM"], BP=64, BH=32), plain(4, 3)),
         (sg._states_bwd_kernel, dict(Q=Q, BP=64, **nums(st_b), HAS_DFINAL=False, PREC="tf32"), opts(st_b)),
         (sg._diag_bwd_x_kernel, dict(diag, HAS_D=True, TMA=tma), plain(4, 1)),
         (sg._diag_bwd_G_kernel, dict(diag, TMA=tma, BM=gl["BM"]), opts(gl)),

@@ -484,10 +484,10 @@ if triton is not None:
 
     @triton.jit
     def _dy_kernel(dy_ptr, acum_ptr, yoff_ptr, dt_ptr, dye_ptr, dacum_ptr, dtc_ptr, L, NC, H, P,
-                   Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr):
+                   Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BH: tl.constexpr):
         """dy_e = dy exp(acum) in dy_e's dtype, (b, c, Q, h, p) zero past L, the d acum of the state -> output
         part, sum_p y_off dy_e, and dt (b, L, h) in the backward's layout, dtc (b, c, h, Q) zero past L (as
-        _prep_kernel's); acum and dacum (b, c, h, Q). Grid (h, Q / BM, b*c)."""
+        _prep_kernel's); acum and dacum (b, c, h, Q). Grid (h, Q / BM, b*c); BH a power of two >= h."""
         h, m, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         q = m * BM + tl.arange(0, BM)
@@ -500,7 +500,12 @@ if triton is not None:
         tl.store(dye_ptr + at, dye.to(dye_ptr.dtype.element_ty), mask=pp[None, :] < P)
         yoff = tl.load(yoff_ptr + at, mask=pp[None, :] < P, other=0.0)
         tl.store(dacum_ptr + row, tl.sum(yoff * dye, axis=1))
-        tl.store(dtc_ptr + row, tl.load(dt_ptr + (bi * L + ci * Q) * H + h + q * H, mask=ok, other=0.0))
+        if h == 0:  # dt of every head for these rows: read in rows of heads, written in rows of positions (one
+            # head's values 4 * h bytes apart cost a sector each when each head's program read its own)
+            hh = tl.arange(0, BH)
+            dt = tl.load(dt_ptr + (bi * L + ci * Q + q[:, None]) * H + hh[None, :],
+                         mask=ok[:, None] & (hh < H)[None, :], other=0.0)                 # (BM, BH)
+            tl.store(dtc_ptr + (bc * H + hh[None, :]) * Q + q[:, None], dt, mask=(hh < H)[None, :])
 
     @triton.jit
     def _diag_bwd_x_kernel(G_ptr, acum_ptr, x_in, dtc_ptr, dy_in, dxs_ptr, D_ptr,
@@ -896,7 +901,8 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     # state -> output: y_off = C S_prev^T (fp32, kept by the forward); y's part is exp(acum) y_off. dt in acum's
     # layout too (dtc), for the (Q, Q) kernels
     dy_e, dacum, dtc = torch.empty(b, c, Q, hp, device=dev, dtype=x.dtype), small(), small()
-    launch(_dy_kernel)[(h, Q // BM, b * c)](dy, acum, y_off, dt32, dy_e, dacum, dtc, l, c, h, p, Q=Q, BM=BM, BP=BP)
+    launch(_dy_kernel)[(h, Q // BM, b * c)](dy, acum, y_off, dt32, dy_e, dacum, dtc, l, c, h, p, Q=Q, BM=BM, BP=BP,
+                                            BH=next_power_of_2(h))
     dC = _matmul_f32(dy_e, S_prev)                                    # (b, c, Q, n): K = h*p
     # the scan between chunks backwards, with the state side of the state -> output product
     tma = _tma(tma, dev, launch)
