@@ -865,21 +865,25 @@ def bench_pipeline(device, quick=False):
 
 
 def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=24, mamba_train=FastOptions.train,
-              quick=False):
+              compile="0", quick=False):
     """train.py on 2 GPUs (torchrun, NCCL) against 1, Prefix SiMBA at the paper shape on synthetic
     tokens (30 s, bf16, dropout 0 so that runs differ only by their arithmetic): audio tokens/s at
     the same per-GPU batch, for batch and 2 x batch per GPU (the median of steps 4 on, as train.py
     logs them), peak memory per GPU, the losses of 2 GPUs x batch against 1 GPU x 2 batch, and a
-    2-GPU run stopped halfway and resumed against the uninterrupted one. The runs go to folders
-    under root; parts "1gpu" and "2gpu" can run in separate calls."""
+    2-GPU run stopped halfway and resumed against the uninterrupted one. compile: "0" (eager) or "1"
+    (train.py --compile; its runs' folders end in -compiled). The runs go to folders under root; parts
+    "1gpu" and "2gpu" can run in separate calls."""
     import csv
     import re
     shape = ["--d-model", "1024", "--d-state", "512", "--headdim", "64", "--n-heads", "8", "--frames", "2584"]
     if quick:  # a CPU smoke test of this function (gloo)
         shape = ["--d-model", "64", "--d-state", "16", "--headdim", "16", "--n-heads", "4", "--frames", "32"]
+    if compile not in ("0", "1"):
+        raise ValueError(f"bench_ddp: compile {compile!r} is not '0' or '1' (train.py's CUDA graphs take one GPU)")
     common = ["--layers", str(layers), *shape, "--grad-accum", "1", "--steps", str(steps), "--lr", "1e-4",
               "--warmup", "100", "--dropout", "0", "--eval-every", "0", "--ckpt-every", "1000000",
-              "--mamba-train", mamba_train]
+              "--mamba-train", mamba_train, *(["--compile"] if compile == "1" else [])]
+    tag, said = ("-compiled", ", compiled") if compile == "1" else ("", "")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     losses = lambda name: [float(r["loss"]) for r in csv.DictReader(open(os.path.join(root, name, "metrics.csv")))]
     rel = lambda a, b: max(abs(x - y) / abs(y) for x, y in zip(a, b))
@@ -890,33 +894,35 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1" if gpus == 2 else "0"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         row = {"section": "ddp", "run": name, "gpus": gpus, "batch per GPU": b, "mamba2": mamba_train,
-               "rc": out.returncode}
+               "compile": compile, "rc": out.returncode}
         if out.returncode != 0:
             row["error"] = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
         elif "--resume" not in extra:
             rows = list(csv.DictReader(open(os.path.join(root, name, "metrics.csv"))))
             tok = sorted(float(r["tokens_per_s"]) for r in rows[3:])  # after the first steps' warm-up
             peaks = [float(g) for g in re.findall(r"peak GPU memory ([0-9.]+) GiB", out.stderr)]
-            row.update({"audio tok/s": tok[len(tok) // 2], "peak GiB per GPU": max(peaks or [float("nan")])})
+            row.update({"audio tok/s": tok[len(tok) // 2] if tok else math.nan,  # nan: too few steps
+                        "peak GiB per GPU": max(peaks or [math.nan])})
         emit(row)
         return row
 
     batches = (batch, 2 * batch)
     if "1gpu" in parts:
         for b in batches:
-            json.dump(train(f"1gpu-{b}", 1, b), open(os.path.join(root, f"1gpu-{b}.json"), "w"))
+            json.dump(train(f"1gpu-{b}{tag}", 1, b), open(os.path.join(root, f"1gpu-{b}{tag}.json"), "w"))
     if "2gpu" in parts:
         for b in batches:
-            two, one = train(f"2gpu-{b}", 2, b), json.load(open(os.path.join(root, f"1gpu-{b}.json")))
-            emit({"section": "ddp", "run": f"2 GPUs / 1 GPU at batch {b} per GPU",
+            two, one = train(f"2gpu-{b}{tag}", 2, b), json.load(open(os.path.join(root, f"1gpu-{b}{tag}.json")))
+            emit({"section": "ddp", "run": f"2 GPUs / 1 GPU at batch {b} per GPU{said}",
                   "speed-up": two.get("audio tok/s", math.nan) / one.get("audio tok/s", math.nan)})
-        emit({"section": "ddp", "run": f"losses, 2 GPUs x {batch} vs 1 GPU x {2 * batch}", "max rel diff":
-              rel(losses(f"2gpu-{batch}"), losses(f"1gpu-{2 * batch}"))})
+        emit({"section": "ddp", "run": f"losses, 2 GPUs x {batch} vs 1 GPU x {2 * batch}{said}", "max rel diff":
+              rel(losses(f"2gpu-{batch}{tag}"), losses(f"1gpu-{2 * batch}{tag}"))})
     if "resume" in parts:
-        train("2gpu-resumed", 2, batch, "--stop-after", str(steps // 2))
-        train("2gpu-resumed", 2, batch, "--resume")
-        emit({"section": "ddp", "run": "2 GPUs, stopped at half and resumed, vs uninterrupted",
-              "max rel diff": rel(losses("2gpu-resumed"), losses(f"2gpu-{batch}")), "losses": losses("2gpu-resumed")})
+        train(f"2gpu-resumed{tag}", 2, batch, "--stop-after", str(steps // 2))
+        train(f"2gpu-resumed{tag}", 2, batch, "--resume")
+        emit({"section": "ddp", "run": f"2 GPUs, stopped at half and resumed, vs uninterrupted{said}",
+              "max rel diff": rel(losses(f"2gpu-resumed{tag}"), losses(f"2gpu-{batch}{tag}")),
+              "losses": losses(f"2gpu-resumed{tag}")})
 
 
 def bench_cpu(steps=30):
@@ -1019,8 +1025,10 @@ def run_section(section, args, device, train_options):
             bench_decode_kernels(rows=rows, sweep=args.sweep_configs)
     elif section.startswith("ddp"):  # ddp, or ddp-1gpu / ddp-2gpu for one part
         os.makedirs(args.ddp_dir, exist_ok=True)
-        bench_ddp(args.ddp_dir, section[4:].split("+") if "-" in section else ("1gpu", "2gpu", "resume"),
-                  layers=n_layers, mamba_train=args.mamba_train[0], quick=args.quick)
+        for comp in args.compile:
+            bench_ddp(args.ddp_dir, section[4:].split("+") if "-" in section else ("1gpu", "2gpu", "resume"),
+                      batch=args.batches[0], steps=args.ddp_steps, layers=n_layers, mamba_train=args.mamba_train[0],
+                      compile=comp, quick=args.quick)
     elif section == "decode-batch" and device == "cuda":
         bench_decode_batch(n_layers, tuple(args.prompts), modes=args.decode_modes or ("graph", "bf16state+graph"))
     elif section == "decode-profile":
@@ -1068,10 +1076,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test of this script")
     ap.add_argument("--variants", type=comma_list(list(LAYOUTS)), default=",".join(LAYOUTS))
     ap.add_argument("--batches", type=comma_list(datamod.positive_int), default="4,16",
-                    help="train, layer: batch sizes")
+                    help="train, layer: batch sizes; ddp: the first is the batch per GPU (and twice it)")
     ap.add_argument("--compile", type=comma_list(list(COMPILE_MODES)), default="0,1",
                     help="training: 0 eager, 1 torch.compile, graphs torch.compile with CUDA graphs "
-                         "(reduce-overhead); comma-separated")
+                         "(reduce-overhead; not ddp); comma-separated")
     ap.add_argument("--rounds", type=datamod.positive_int, default=1,
                     help="train: measure every configuration this many times, in turns (rows get a round key)")
     ap.add_argument("--rotate", type=datamod.positive_int,
@@ -1106,6 +1114,8 @@ def main():
     ap.add_argument("--prompts", type=comma_list(datamod.positive_int), default="1,4,16,64",
                     help="decode-batch, decode-profile: prompts decoded at once (2 rows each)")
     ap.add_argument("--ddp-dir", default="runs/bench-ddp", help="ddp: where its training runs go")
+    ap.add_argument("--ddp-steps", type=datamod.positive_int, default=14,
+                    help="ddp: steps per training run (tokens/s: the median of steps 4 on)")
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
@@ -1120,6 +1130,8 @@ def main():
     if args.rotate and args.rounds > 1:
         datamod.fail("bench.py: --rotate already takes the variants in turn; "
                      "--rounds is for rows timed one after another")
+    if any(s.startswith("ddp") for s in args.only) and "graphs" in args.compile:
+        datamod.fail("bench.py: --only ddp takes --compile 0 and/or 1 (train.py's CUDA graphs take one GPU)")
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != ["cpu"]:
         datamod.fail("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")

@@ -3653,6 +3653,37 @@ def test_bench_rounds_take_every_configuration_in_turn(tmp_path, monkeypatch, ca
     assert not (tmp_path / "rows.json.tmp").exists()
 
 
+def test_bench_ddp_compiled_runs_pass_compile_and_compare_like_with_like(tmp_path, monkeypatch):
+    # bench.py --only ddp --compile 1: every train.py run gets --compile and a folder of its own, the 2-GPU runs
+    # through torchrun, each speed-up against the 1-GPU run of the same batch and compile; CUDA graphs refused
+    import bench
+    cmds = []
+
+    def fake_run(cmd, capture_output, text, env):
+        cmds.append(cmd)
+        out, b = cmd[cmd.index("--out") + 1], int(cmd[cmd.index("--batch-size") + 1])
+        gpus = 2 if "torch.distributed.run" in cmd else 1
+        os.makedirs(out)
+        with open(os.path.join(out, "metrics.csv"), "w") as f:  # steps 4 on: gpus * b * 1000 tokens/s, step 1 slow
+            f.write("step,loss,tokens_per_s\n" + "".join(f"{i},{1 / (i + b)},{1 if i == 1 else gpus * b * 1000}\n"
+                                                        for i in range(1, 9)))
+        return subprocess.CompletedProcess(cmd, 0, "", f"peak GPU memory {b * 2.5} GiB\n")
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "ROWS", [])
+    bench.bench_ddp(str(tmp_path), parts=("1gpu", "2gpu"), batch=4, steps=8, compile="1")
+    assert all("--compile" in c for c in cmds)
+    assert [(c[c.index("--out") + 1], "torch.distributed.run" in c) for c in cmds] == [
+        (str(tmp_path / n), two) for n, two in (("1gpu-4-compiled", False), ("1gpu-8-compiled", False),
+                                                ("2gpu-4-compiled", True), ("2gpu-8-compiled", True))]
+    rows = {r["run"]: r for r in bench.ROWS}
+    assert rows["1gpu-8-compiled"]["audio tok/s"] == 8000 and rows["1gpu-8-compiled"]["peak GiB per GPU"] == 20
+    assert rows["2 GPUs / 1 GPU at batch 4 per GPU, compiled"]["speed-up"] == 2
+    # losses 1 / (step + batch): at step 1, (1/5 - 1/9) / (1/9)
+    assert rows["losses, 2 GPUs x 4 vs 1 GPU x 8, compiled"]["max rel diff"] == pytest.approx(4 / 5)
+    with pytest.raises(ValueError, match="graphs"):
+        bench.bench_ddp(str(tmp_path), compile="graphs")
+
+
 def test_bench_decoding_on_a_cpu_runs_the_modes_that_need_no_cuda(monkeypatch):
     # bench.py --quick --only decode on a CPU: the plain loop and the recomputation, each a row without an
     # error; the modes of CUDA graphs or of gpu_kernels.py's decoding kernels are left out, not reported failed
