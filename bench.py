@@ -20,7 +20,8 @@ Sections:
   pipeline  the whole path at the paper's size: data.py -> train.py (stages 1 and 2) -> generate.py,
             4 prompts x 25 s, two-stage; Flan-T5-base and DAC 44.1 kHz of the real shapes with random
             weights stand in for the pretrained ones (no download on the GPU machine)
-  ddp       train.py on 2 GPUs (torchrun, NCCL) against 1 (ddp-1gpu, ddp-2gpu, ddp-2gpu+resume: a part)
+  ddp       train.py on 2 GPUs (torchrun, NCCL) against 1 (ddp-1gpu, ddp-2gpu, ddp-2gpu+resume: a part;
+            ddp-1gpu+2gpu --rounds N: both without the resume, N times in turn)
   cpu       tokens/s of `python train.py --layers 6` on the synthetic data, on this CPU
 
 Model FLOPs (for MFU) count what the model needs, not what a kernel happens to do:
@@ -865,13 +866,15 @@ def bench_pipeline(device, quick=False):
 
 
 def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=24, mamba_train=FastOptions.train,
-              compile="0", quick=False):
+              compile="0", round_number=None, quick=False):
     """train.py on 2 GPUs (torchrun, NCCL) against 1, Prefix SiMBA at the paper shape on synthetic
     tokens (30 s, bf16, dropout 0 so that runs differ only by their arithmetic): audio tokens/s at
     the same per-GPU batch, for batch and 2 x batch per GPU (the median of steps 4 on, as train.py
     logs them), peak memory per GPU, the losses of 2 GPUs x batch against 1 GPU x 2 batch, and a
     2-GPU run stopped halfway and resumed against the uninterrupted one. compile: "0" (eager) or "1"
-    (train.py --compile; its runs' folders end in -compiled). The runs go to folders under root; parts
+    (train.py --compile; its runs' folders end in -compiled). Each run's row also gives the 10th and 90th
+    percentiles of its steps' tokens/s: at batch 4 and 8 a step's speed follows the host's. round_number: put
+    in every row as "round" (bench.py --rounds: the runs again, in turns). The runs go to folders under root; parts
     "1gpu" and "2gpu" can run in separate calls."""
     import csv
     import re
@@ -887,6 +890,7 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     losses = lambda name: [float(r["loss"]) for r in csv.DictReader(open(os.path.join(root, name, "metrics.csv")))]
     rel = lambda a, b: max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    put = lambda row: emit(row if round_number is None else {**row, "round": round_number})  # noqa: E731
 
     def train(name, gpus, b, *extra):
         cmd = (torchrun if gpus == 2 else [sys.executable]) + ["train.py", *common, "--batch-size", str(b),
@@ -901,9 +905,10 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
             rows = list(csv.DictReader(open(os.path.join(root, name, "metrics.csv"))))
             tok = sorted(float(r["tokens_per_s"]) for r in rows[3:])  # after the first steps' warm-up
             peaks = [float(g) for g in re.findall(r"peak GPU memory ([0-9.]+) GiB", out.stderr)]
-            row.update({"audio tok/s": tok[len(tok) // 2] if tok else math.nan,  # nan: too few steps
+            pick = lambda q: tok[int(q * (len(tok) - 1))] if tok else math.nan  # noqa: E731  (nan: too few steps)
+            row.update({"audio tok/s": pick(0.5), "tok/s p10": pick(0.1), "tok/s p90": pick(0.9),
                         "peak GiB per GPU": max(peaks or [math.nan])})
-        emit(row)
+        put(row)
         return row
 
     batches = (batch, 2 * batch)
@@ -913,14 +918,14 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
     if "2gpu" in parts:
         for b in batches:
             two, one = train(f"2gpu-{b}{tag}", 2, b), json.load(open(os.path.join(root, f"1gpu-{b}{tag}.json")))
-            emit({"section": "ddp", "run": f"2 GPUs / 1 GPU at batch {b} per GPU{said}",
+            put({"section": "ddp", "run": f"2 GPUs / 1 GPU at batch {b} per GPU{said}",
                   "speed-up": two.get("audio tok/s", math.nan) / one.get("audio tok/s", math.nan)})
-        emit({"section": "ddp", "run": f"losses, 2 GPUs x {batch} vs 1 GPU x {2 * batch}{said}", "max rel diff":
+        put({"section": "ddp", "run": f"losses, 2 GPUs x {batch} vs 1 GPU x {2 * batch}{said}", "max rel diff":
               rel(losses(f"2gpu-{batch}{tag}"), losses(f"1gpu-{2 * batch}{tag}"))})
     if "resume" in parts:
         train(f"2gpu-resumed{tag}", 2, batch, "--stop-after", str(steps // 2))
         train(f"2gpu-resumed{tag}", 2, batch, "--resume")
-        emit({"section": "ddp", "run": f"2 GPUs, stopped at half and resumed, vs uninterrupted{said}",
+        put({"section": "ddp", "run": f"2 GPUs, stopped at half and resumed, vs uninterrupted{said}",
               "max rel diff": rel(losses(f"2gpu-resumed{tag}"), losses(f"2gpu-{batch}{tag}")),
               "losses": losses(f"2gpu-resumed{tag}")})
 
@@ -1025,10 +1030,12 @@ def run_section(section, args, device, train_options):
             bench_decode_kernels(rows=rows, sweep=args.sweep_configs)
     elif section.startswith("ddp"):  # ddp, or ddp-1gpu / ddp-2gpu for one part
         os.makedirs(args.ddp_dir, exist_ok=True)
-        for comp in args.compile:
-            bench_ddp(args.ddp_dir, section[4:].split("+") if "-" in section else ("1gpu", "2gpu", "resume"),
+        for rnd, comp in itertools.product(range(1, args.rounds + 1), args.compile):
+            root = args.ddp_dir if args.rounds == 1 else os.path.join(args.ddp_dir, f"round{rnd}")
+            os.makedirs(root, exist_ok=True)
+            bench_ddp(root, section[4:].split("+") if "-" in section else ("1gpu", "2gpu", "resume"),
                       batch=args.batches[0], steps=args.ddp_steps, layers=n_layers, mamba_train=args.mamba_train[0],
-                      compile=comp, quick=args.quick)
+                      compile=comp, round_number=rnd if args.rounds > 1 else None, quick=args.quick)
     elif section == "decode-batch" and device == "cuda":
         bench_decode_batch(n_layers, tuple(args.prompts), modes=args.decode_modes or ("graph", "bf16state+graph"))
     elif section == "decode-profile":
@@ -1044,7 +1051,7 @@ def run_section(section, args, device, train_options):
 
 
 SECTIONS = ("train", "profile", "layer", "decode", "decode-batch", "decode-kernels", "decode-profile", "stage2",
-            "pipeline", "ddp", "ddp-1gpu", "ddp-2gpu", "ddp-2gpu+resume", "cpu")  # ddp-*: its parts, one at a time
+            "pipeline", "ddp", "ddp-1gpu", "ddp-2gpu", "ddp-2gpu+resume", "ddp-1gpu+2gpu", "cpu")  # ddp-*: some parts
 
 
 def comma_list(item):
@@ -1081,7 +1088,8 @@ def main():
                     help="training: 0 eager, 1 torch.compile, graphs torch.compile with CUDA graphs "
                          "(reduce-overhead; not ddp); comma-separated")
     ap.add_argument("--rounds", type=datamod.positive_int, default=1,
-                    help="train: measure every configuration this many times, in turns (rows get a round key)")
+                    help="train, ddp: measure every configuration this many times, in turns (rows get a round key; "
+                         "ddp: each round's runs in a folder roundN of --ddp-dir)")
     ap.add_argument("--rotate", type=datamod.positive_int,
                     help="train: build the variants in one process and time this many steps of each, one of each "
                          "in turn (bench_train_rotated), instead of one row after another")
