@@ -919,15 +919,15 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
         for b in batches:
             two, one = train(f"2gpu-{b}{tag}", 2, b), json.load(open(os.path.join(root, f"1gpu-{b}{tag}.json")))
             put({"section": "ddp", "run": f"2 GPUs / 1 GPU at batch {b} per GPU{said}",
-                  "speed-up": two.get("audio tok/s", math.nan) / one.get("audio tok/s", math.nan)})
+                 "speed-up": two.get("audio tok/s", math.nan) / one.get("audio tok/s", math.nan)})
         put({"section": "ddp", "run": f"losses, 2 GPUs x {batch} vs 1 GPU x {2 * batch}{said}", "max rel diff":
-              rel(losses(f"2gpu-{batch}{tag}"), losses(f"1gpu-{2 * batch}{tag}"))})
+             rel(losses(f"2gpu-{batch}{tag}"), losses(f"1gpu-{2 * batch}{tag}"))})
     if "resume" in parts:
         train(f"2gpu-resumed{tag}", 2, batch, "--stop-after", str(steps // 2))
         train(f"2gpu-resumed{tag}", 2, batch, "--resume")
         put({"section": "ddp", "run": f"2 GPUs, stopped at half and resumed, vs uninterrupted{said}",
-              "max rel diff": rel(losses(f"2gpu-resumed{tag}"), losses(f"2gpu-{batch}{tag}")),
-              "losses": losses(f"2gpu-resumed{tag}")})
+             "max rel diff": rel(losses(f"2gpu-resumed{tag}"), losses(f"2gpu-{batch}{tag}")),
+             "losses": losses(f"2gpu-resumed{tag}")})
 
 
 def bench_cpu(steps=30):
