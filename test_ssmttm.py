@@ -3863,6 +3863,54 @@ def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
+def test_data_parallel_averages_whole_buckets_into_gradients_kept_in_them(tmp_path):
+    # train.data_parallel on a one-process gloo group, whose average is the plain gradient. (1) Three steps
+    # of train.apply_update against the plain model's: each gradient must equal the plain one bit for bit
+    # and be a view into DDP's bucket, the same storage from step to step once DDP has rebuilt its buckets
+    # in the gradients' order (it does so once, before the second step's forward). (2) The average is one
+    # division per bucket: a backward through linear layers (whose own backward divides and multiplies
+    # nothing) makes one aten::div_ for its one bucket and no aten::mul, where DDP's default makes a mul
+    # per parameter.
+    import torch.distributed as dist
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    plain = TextToMusicLM(tiny_config()).train()
+    model = copy.deepcopy(plain)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = trainmod.data_parallel(model, "cpu")
+        runs = []
+        for m in (plain, model):
+            opt = m.configure_optimizers(1e-3, 0.02, (0.9, 0.999), "cpu")
+            runs.append(SimpleNamespace(model=m, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: 1.0), args=SimpleNamespace(grad_clip=1.0, cuda_graphs=False)))
+        bucket = {}
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            codes = torch.randint(0, 1024, (2, 1, 12), generator=g)
+            text, mask = random_text(lt=5, d=24, seed=step)
+            for fwd in (plain, ddp):
+                fwd(delay_pattern(codes), text.float(), mask)[1].backward()
+            for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+                assert torch.equal(p.grad, q.grad), n
+                assert p.grad._base is not None, n  # a view (of the bucket)
+                bucket.setdefault(step, {})[n] = p.grad.untyped_storage().data_ptr()
+            for run in runs:
+                trainmod.apply_update(run)
+        assert bucket[2] == bucket[1]
+        for p, q in zip(model.parameters(), plain.parameters()):
+            assert torch.equal(p, q)
+
+        linear = trainmod.data_parallel(torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(6))), "cpu")
+        for _ in range(2):  # the second backward after the buckets' rebuild
+            with torch.profiler.profile() as prof:
+                linear(torch.randn(4, 8)).sum().backward()
+        counts = collections.Counter({e.key: e.count for e in prof.key_averages()})
+        assert (counts["aten::div_"], counts["aten::mul"], counts["aten::mul_"]) == (1, 0, 0)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
     trainmod.main(tiny_train_args(tmp_path / "r", "--steps", "4", "--stop-after", "2"))
     saved = open(tmp_path / "r" / "ckpt.pt", "rb").read()

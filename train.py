@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -442,6 +443,19 @@ def compile_model(model, cuda_graphs, backend="inductor"):
     return torch.compile(model, backend=backend, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
 
 
+def data_parallel(model, device):
+    """model in DDP for this torchrun process: the gradients all-reduced (averaged over the processes) in
+    buckets of about 25 MB as the backward makes them. The gradients are views into those buckets
+    (gradient_as_bucket_view: no copy back after the all-reduce, one gradient-sized buffer less), and
+    each bucket is divided by the world size once, in DDP's allreduce_hook, where DDP by default divides
+    each gradient on its own as it copies it in: a kernel and an allocation per parameter and step, for
+    a host that at the paper's batch 4 already sets the step's pace (BENCHMARKS.md §0b, sixty-fourth
+    session)."""
+    ddp = DDP(model, device_ids=[device] if device.startswith("cuda") else None, gradient_as_bucket_view=True)
+    ddp.register_comm_hook(None, default_hooks.allreduce_hook)
+    return ddp
+
+
 def pads_text(args, device):
     """Whether the text is padded to a multiple of TEXT_LENGTH_STEP (pad_text): under --compile, and eager on
     CUDA where the Mamba-2 layers may run the triton op as torch.compile'd calls (--triton-op auto or on, with
@@ -637,9 +651,7 @@ def main(argv=None):
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
     if world > 1:
-        # Gradients as views into DDP's all-reduce buckets: no copy into the buckets and back after
-        # each all-reduce, and one gradient-sized buffer less.
-        trained = DDP(trained, device_ids=[device] if device.startswith("cuda") else None, gradient_as_bucket_view=True)
+        trained = data_parallel(trained, device)
     run = Run(args, world, rank, device, dataset, n_examples, frames, text_encoder, model, trained, model_config,
               optimizer, scheduler)
     if run.master:
