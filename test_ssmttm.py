@@ -3863,14 +3863,11 @@ def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_data_parallel_averages_whole_buckets_into_gradients_kept_in_them(tmp_path):
-    # train.data_parallel on a one-process gloo group, whose average is the plain gradient. (1) Three steps
-    # of train.apply_update against the plain model's: each gradient must equal the plain one bit for bit
-    # and be a view into DDP's bucket, the same storage from step to step once DDP has rebuilt its buckets
-    # in the gradients' order (it does so once, before the second step's forward). (2) The average is one
-    # division per bucket: a backward through linear layers (whose own backward divides and multiplies
-    # nothing) makes one aten::div_ for its one bucket and no aten::mul, where DDP's default makes a mul
-    # per parameter.
+def test_data_parallel_gives_the_plain_gradients_as_views_of_its_buckets(tmp_path):
+    # train.data_parallel on a one-process gloo group, whose average is the plain gradient: three steps of
+    # train.apply_update against the plain model's. Each gradient must equal the plain one bit for bit and
+    # be a view into DDP's bucket, the same storage from step to step once DDP has rebuilt its buckets in
+    # the gradients' order (it does so once, before the second step's forward).
     import torch.distributed as dist
     from types import SimpleNamespace
     torch.manual_seed(0)
@@ -3900,13 +3897,6 @@ def test_data_parallel_averages_whole_buckets_into_gradients_kept_in_them(tmp_pa
         assert bucket[2] == bucket[1]
         for p, q in zip(model.parameters(), plain.parameters()):
             assert torch.equal(p, q)
-
-        linear = trainmod.data_parallel(torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(6))), "cpu")
-        for _ in range(2):  # the second backward after the buckets' rebuild
-            with torch.profiler.profile() as prof:
-                linear(torch.randn(4, 8)).sum().backward()
-        counts = collections.Counter({e.key: e.count for e in prof.key_averages()})
-        assert (counts["aten::div_"], counts["aten::mul"], counts["aten::mul_"]) == (1, 0, 0)
     finally:
         dist.destroy_process_group()
 

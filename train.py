@@ -40,7 +40,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -445,15 +444,10 @@ def compile_model(model, cuda_graphs, backend="inductor"):
 
 def data_parallel(model, device):
     """model in DDP for this torchrun process: the gradients all-reduced (averaged over the processes) in
-    buckets of about 25 MB as the backward makes them. The gradients are views into those buckets
-    (gradient_as_bucket_view: no copy back after the all-reduce, one gradient-sized buffer less), and
-    each bucket is divided by the world size once, in DDP's allreduce_hook, where DDP by default divides
-    each gradient on its own as it copies it in: a kernel and an allocation per parameter and step, for
-    a host that at the paper's batch 4 already sets the step's pace (BENCHMARKS.md §0b, sixty-fourth
-    session)."""
-    ddp = DDP(model, device_ids=[device] if device.startswith("cuda") else None, gradient_as_bucket_view=True)
-    ddp.register_comm_hook(None, default_hooks.allreduce_hook)
-    return ddp
+    buckets of about 25 MB as the backward makes them, each gradient divided by the world size as DDP
+    copies it into its bucket. The gradients are then views into those buckets (gradient_as_bucket_view:
+    no copy back after the all-reduce, and one gradient-sized buffer less)."""
+    return DDP(model, device_ids=[device] if device.startswith("cuda") else None, gradient_as_bucket_view=True)
 
 
 def pads_text(args, device):
