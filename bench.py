@@ -871,22 +871,23 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
     tokens (30 s, bf16, dropout 0 so that runs differ only by their arithmetic): audio tokens/s at
     the same per-GPU batch, for batch and 2 x batch per GPU (the median of steps 4 on, as train.py
     logs them), peak memory per GPU, the losses of 2 GPUs x batch against 1 GPU x 2 batch, and a
-    2-GPU run stopped halfway and resumed against the uninterrupted one. compile: "0" (eager) or "1"
-    (train.py --compile; its runs' folders end in -compiled). Each run's row also gives the 10th and 90th
-    percentiles of its steps' tokens/s: at batch 4 and 8 a step's speed follows the host's. round_number: put
-    in every row as "round" (bench.py --rounds: the runs again, in turns). The runs go to folders under root; parts
-    "1gpu" and "2gpu" can run in separate calls."""
+    2-GPU run stopped halfway and resumed against the uninterrupted one. compile: "0" (eager), "1"
+    (train.py --compile; its runs' folders end in -compiled) or "graphs" (--compile --cuda-graphs; -graphs).
+    Each run's row also gives the 10th and 90th percentiles of its steps' tokens/s: at batch 4 and 8 a step's
+    speed follows the host's. round_number: put in every row as "round" (bench.py --rounds: the runs again, in
+    turns). The runs go to folders under root; parts "1gpu" and "2gpu" can run in separate calls."""
     import csv
     import re
     shape = ["--d-model", "1024", "--d-state", "512", "--headdim", "64", "--n-heads", "8", "--frames", "2584"]
     if quick:  # a CPU smoke test of this function (gloo)
         shape = ["--d-model", "64", "--d-state", "16", "--headdim", "16", "--n-heads", "4", "--frames", "32"]
-    if compile not in ("0", "1"):
-        raise ValueError(f"bench_ddp: compile {compile!r} is not '0' or '1' (train.py's CUDA graphs take one GPU)")
+    flags = {"0": [], "1": ["--compile"], "graphs": ["--compile", "--cuda-graphs"]}
+    if compile not in flags:
+        raise ValueError(f"bench_ddp: compile {compile!r} is not one of {', '.join(flags)}")
     common = ["--layers", str(layers), *shape, "--grad-accum", "1", "--steps", str(steps), "--lr", "1e-4",
               "--warmup", "100", "--dropout", "0", "--eval-every", "0", "--ckpt-every", "1000000",
-              "--mamba-train", mamba_train, *(["--compile"] if compile == "1" else [])]
-    tag, said = ("-compiled", ", compiled") if compile == "1" else ("", "")
+              "--mamba-train", mamba_train, *flags[compile]]
+    tag, said = {"0": ("", ""), "1": ("-compiled", ", compiled"), "graphs": ("-graphs", ", CUDA graphs")}[compile]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     losses = lambda name: [float(r["loss"]) for r in csv.DictReader(open(os.path.join(root, name, "metrics.csv")))]
     rel = lambda a, b: max(abs(x - y) / abs(y) for x, y in zip(a, b))
@@ -1086,7 +1087,7 @@ def main():
                     help="train, layer: batch sizes; ddp: the first is the batch per GPU (and twice it)")
     ap.add_argument("--compile", type=comma_list(list(COMPILE_MODES)), default="0,1",
                     help="training: 0 eager, 1 torch.compile, graphs torch.compile with CUDA graphs "
-                         "(reduce-overhead; not ddp); comma-separated")
+                         "(reduce-overhead); comma-separated")
     ap.add_argument("--rounds", type=datamod.positive_int, default=1,
                     help="train, ddp: measure every configuration this many times, in turns (rows get a round key; "
                          "ddp: each round's runs in a folder roundN of --ddp-dir)")
@@ -1138,8 +1139,6 @@ def main():
     if args.rotate and args.rounds > 1:
         datamod.fail("bench.py: --rotate already takes the variants in turn; "
                      "--rounds is for rows timed one after another")
-    if any(s.startswith("ddp") for s in args.only) and "graphs" in args.compile:
-        datamod.fail("bench.py: --only ddp takes --compile 0 and/or 1 (train.py's CUDA graphs take one GPU)")
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != ["cpu"]:
         datamod.fail("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")

@@ -100,10 +100,11 @@ def parse_args(argv=None):
                     help="torch.compile the model: it takes minutes to compile, then each step is faster "
                          "(BENCHMARKS.md)")
     ap.add_argument("--cuda-graphs", action="store_true",
-                    help="with --compile, one CUDA device: torch.compile's reduce-overhead mode, which replays "
-                         "each forward and backward as CUDA graphs instead of launching its kernels from Python; "
-                         "it pays where launching is the step's bottleneck, as at the paper's batch 4 "
-                         "(BENCHMARKS.md). Not kept on --resume: pass it again")
+                    help="with --compile, on CUDA (one GPU, or one per process under torchrun): torch.compile's "
+                         "reduce-overhead mode, which replays each forward and backward as CUDA graphs instead of "
+                         "launching its kernels from Python; it pays where launching is the step's bottleneck, as "
+                         "at the paper's batch 4 (BENCHMARKS.md). Under torchrun DDP all-reduces the gradients "
+                         "outside the graphs, after each backward. Not kept on --resume: pass it again")
     ap.add_argument("--no-kernels", action="store_true",
                     help="on CUDA, train on the plain model (ssd_reference) instead of mamba-ssm's kernels")
     ap.add_argument("--mamba-train", choices=fast.TRAIN_PATHS,
@@ -230,8 +231,8 @@ def resume_or_start(args, given):
         datamod.fail(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
                      f"checkpoint's settings; only {', '.join(sorted(RUNTIME))} can change on resume")
     for k, v in saved.items():
-        # --stop-after counts this invocation's steps; --cuda-graphs needs this machine to have one CUDA
-        # device, and as a store_true flag could not be turned off again if it were kept
+        # --stop-after counts this invocation's steps; --cuda-graphs needs this machine to have CUDA
+        # devices, and as a store_true flag could not be turned off again if it were kept
         if k not in THIS_INVOCATION and not (k in given and k in RUNTIME):
             setattr(args, k, v)
     args.resume = True
@@ -619,9 +620,8 @@ def main(argv=None):
     args.device = device.split(":")[0]
     if args.cuda_graphs and not args.compile:
         datamod.fail("--cuda-graphs: pass --compile too (the graphs are torch.compile's reduce-overhead mode)")
-    if args.cuda_graphs and (args.device != "cuda" or world > 1):
-        datamod.fail(f"--cuda-graphs: needs exactly one CUDA device, and this run has {world} x {args.device} "
-                     "(the graphs are untested with DDP)")
+    if args.cuda_graphs and args.device != "cuda":
+        datamod.fail(f"--cuda-graphs: needs CUDA devices, and this run has {world} x {args.device}")
     if triton_op_option(args) and args.mamba_train != "grouped":
         datamod.fail(f"--triton-op on: pass --mamba-train grouped (this run has --mamba-train {args.mamba_train})")
     torch.manual_seed(args.seed + rank)
@@ -640,7 +640,9 @@ def main(argv=None):
     elif args.stage == 2:  # per-codebook latent statistics of the training data, kept in the model
         model.set_latent_stats(dataset.batch(np.arange(min(64, n_examples or 64)))[0][..., :frames].to(device))
     trained = compile_model(model, args.cuda_graphs) if args.compile else model
-    if args.cuda_graphs:  # each gradient a tensor of this loop's, from the start on (why: apply_update)
+    # Each gradient a tensor of this loop's, from the start on (why: apply_update); DDP then copies them into
+    # its buckets and keeps them there, so that the graphs' gradients are added into the buckets in place.
+    if args.cuda_graphs:
         for p in model.parameters():
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
