@@ -21,7 +21,8 @@ Sections:
             4 prompts x 25 s, two-stage; Flan-T5-base and DAC 44.1 kHz of the real shapes with random
             weights stand in for the pretrained ones (no download on the GPU machine)
   ddp       train.py on 2 GPUs (torchrun, NCCL) against 1 (ddp-1gpu, ddp-2gpu, ddp-2gpu+resume: a part;
-            ddp-1gpu+2gpu --rounds N: both without the resume, N times in turn)
+            ddp-1gpu+2gpu --rounds N: both without the resume, N times in turn; --compile 0, 1 or graphs;
+            --ddp-grad-accum K: K micro-batches a step, the processes meeting once a step)
   cpu       tokens/s of `python train.py --layers 6` on the synthetic data, on this CPU
 
 Model FLOPs (for MFU) count what the model needs, not what a kernel happens to do:
@@ -55,6 +56,7 @@ from fast import FastOptions
 from ssmttm import LAYOUTS, Mamba2, ModelConfig, TextToMusicLM
 
 PEAK_BF16 = 989e12
+HERE = os.path.dirname(os.path.abspath(__file__))
 N_TEXT = 64
 
 
@@ -831,15 +833,15 @@ def bench_pipeline(device, quick=False):
     py = [sys.executable]
     size = [] if not quick else ["--layers", "1", "--d-model", "64", "--d-state", "16", "--frames", "64"]
     steps = [
-        ("data.py", py + ["data.py", "--audio", audio, "--captions", os.path.join(audio, "captions.jsonl"),
+        ("data.py", py + [script("data.py"), "--audio", audio, "--captions", os.path.join(audio, "captions.jsonl"),
                           "--out", os.path.join(root, "tokens"), "--dac", dac_dir]),
-        ("train stage 1 (10 steps)", py + ["train.py", "--data", os.path.join(root, "tokens"), "--t5", t5_dir,
+        ("train stage 1 (10 steps)", py + [script("train.py"), "--data", os.path.join(root, "tokens"), "--t5", t5_dir,
                                            "--steps", "10", "--grad-accum", "1", "--out", os.path.join(root, "s1"),
                                            *size]),
-        ("train stage 2 (10 steps)", py + ["train.py", "--data", os.path.join(root, "tokens"), "--t5", t5_dir,
+        ("train stage 2 (10 steps)", py + [script("train.py"), "--data", os.path.join(root, "tokens"), "--t5", t5_dir,
                                            "--dac", dac_dir, "--stage", "2", "--steps", "10", "--grad-accum", "1",
                                            "--out", os.path.join(root, "s2"), *size[-2:]]),
-        ("generate 4 x 25 s", py + ["generate.py", "--ckpt", os.path.join(root, "s1", "ckpt.pt"), "--stage2",
+        ("generate 4 x 25 s", py + [script("generate.py"), "--ckpt", os.path.join(root, "s1", "ckpt.pt"), "--stage2",
                                     os.path.join(root, "s2", "ckpt.pt"), "--dac", dac_dir, "--t5", t5_dir,
                                     "--seconds", "25" if not quick else "0.5", "--out", os.path.join(root, "gen"),
                                     "--stage2-steps", "100" if not quick else "3",
@@ -866,7 +868,7 @@ def bench_pipeline(device, quick=False):
 
 
 def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=24, mamba_train=FastOptions.train,
-              compile="0", round_number=None, quick=False):
+              compile="0", round_number=None, quick=False, grad_accum=1):
     """train.py on 2 GPUs (torchrun, NCCL) against 1, Prefix SiMBA at the paper shape on synthetic
     tokens (30 s, bf16, dropout 0 so that runs differ only by their arithmetic): audio tokens/s at
     the same per-GPU batch, for batch and 2 x batch per GPU (the median of steps 4 on, as train.py
@@ -875,7 +877,10 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
     (train.py --compile; its runs' folders end in -compiled) or "graphs" (--compile --cuda-graphs; -graphs).
     Each run's row also gives the 10th and 90th percentiles of its steps' tokens/s: at batch 4 and 8 a step's
     speed follows the host's. round_number: put in every row as "round" (bench.py --rounds: the runs again, in
-    turns). The runs go to folders under root; parts "1gpu" and "2gpu" can run in separate calls."""
+    turns). The runs go to folders under root; parts "1gpu" and "2gpu" can run in separate calls. grad_accum:
+    micro-batches per optimizer step in every run (train.py --grad-accum; folders end in -accumN above 1): the
+    processes then all-reduce, and wait for each other, once per grad_accum micro-batches, as in the paper's
+    setting (4 x 32)."""
     import csv
     import re
     shape = ["--d-model", "1024", "--d-state", "512", "--headdim", "64", "--n-heads", "8", "--frames", "2584"]
@@ -884,22 +889,26 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
     flags = {"0": [], "1": ["--compile"], "graphs": ["--compile", "--cuda-graphs"]}
     if compile not in flags:
         raise ValueError(f"bench_ddp: compile {compile!r} is not one of {', '.join(flags)}")
-    common = ["--layers", str(layers), *shape, "--grad-accum", "1", "--steps", str(steps), "--lr", "1e-4",
+    common = ["--layers", str(layers), *shape, "--grad-accum", str(grad_accum), "--steps", str(steps), "--lr", "1e-4",
               "--warmup", "100", "--dropout", "0", "--eval-every", "0", "--ckpt-every", "1000000",
               "--mamba-train", mamba_train, *flags[compile]]
     tag, said = {"0": ("", ""), "1": ("-compiled", ", compiled"), "graphs": ("-graphs", ", CUDA graphs")}[compile]
+    if grad_accum > 1:
+        tag, said = f"{tag}-accum{grad_accum}", f"{said}, {grad_accum} micro-batches a step"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
-    losses = lambda name: [float(r["loss"]) for r in csv.DictReader(open(os.path.join(root, name, "metrics.csv")))]
-    rel = lambda a, b: max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    def losses(name):  # [] for a run that wrote none (it failed: its row has the error)
+        path = os.path.join(root, name, "metrics.csv")
+        return [float(r["loss"]) for r in csv.DictReader(open(path))] if os.path.exists(path) else []
+    rel = lambda a, b: max((abs(x - y) / abs(y) for x, y in zip(a, b)), default=math.nan)  # noqa: E731
     put = lambda row: emit(row if round_number is None else {**row, "round": round_number})  # noqa: E731
 
     def train(name, gpus, b, *extra):
-        cmd = (torchrun if gpus == 2 else [sys.executable]) + ["train.py", *common, "--batch-size", str(b),
+        cmd = (torchrun if gpus == 2 else [sys.executable]) + [script("train.py"), *common, "--batch-size", str(b),
                                                                "--out", os.path.join(root, name), *extra]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1" if gpus == 2 else "0"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        row = {"section": "ddp", "run": name, "gpus": gpus, "batch per GPU": b, "mamba2": mamba_train,
-               "compile": compile, "rc": out.returncode}
+        row = {"section": "ddp", "run": name, "gpus": gpus, "batch per GPU": b, "grad accum": grad_accum,
+               "mamba2": mamba_train, "compile": compile, "rc": out.returncode}
         if out.returncode != 0:
             row["error"] = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
         elif "--resume" not in extra:
@@ -937,8 +946,8 @@ def bench_cpu(steps=30):
     import tempfile
     out_dir = tempfile.mkdtemp(prefix="ssmttm-cpu-")
     shutil.rmtree(out_dir)
-    out = subprocess.run([sys.executable, "train.py", "--layers", "6", "--steps", str(steps), "--device", "cpu",
-                          "--out", out_dir, "--eval-every", "0"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, script("train.py"), "--layers", "6", "--steps", str(steps),
+                          "--device", "cpu", "--out", out_dir, "--eval-every", "0"], capture_output=True, text=True)
     if out.returncode != 0:
         return emit({"section": "cpu", "error": out.stderr.strip().splitlines()[-1][:200]})
     import csv
@@ -949,6 +958,11 @@ def bench_cpu(steps=30):
 
 
 ROWS, JSON_PATH, HEADER = [], None, {}
+
+
+def script(name):
+    """The path of this repository's script `name` (train.py, ...), which bench.py runs from any folder."""
+    return os.path.join(HERE, name)
 
 
 def emit(row):
@@ -1036,7 +1050,8 @@ def run_section(section, args, device, train_options):
             os.makedirs(root, exist_ok=True)
             bench_ddp(root, section[4:].split("+") if "-" in section else ("1gpu", "2gpu", "resume"),
                       batch=args.batches[0], steps=args.ddp_steps, layers=n_layers, mamba_train=args.mamba_train[0],
-                      compile=comp, round_number=rnd if args.rounds > 1 else None, quick=args.quick)
+                      compile=comp, round_number=rnd if args.rounds > 1 else None, quick=args.quick,
+                      grad_accum=args.ddp_grad_accum)
     elif section == "decode-batch" and device == "cuda":
         bench_decode_batch(n_layers, tuple(args.prompts), modes=args.decode_modes or ("graph", "bf16state+graph"))
     elif section == "decode-profile":
@@ -1125,6 +1140,8 @@ def main():
     ap.add_argument("--ddp-dir", default="runs/bench-ddp", help="ddp: where its training runs go")
     ap.add_argument("--ddp-steps", type=datamod.positive_int, default=14,
                     help="ddp: steps per training run (tokens/s: the median of steps 4 on)")
+    ap.add_argument("--ddp-grad-accum", type=datamod.positive_int, default=1,
+                    help="ddp: micro-batches per step (train.py --grad-accum) in every run; the paper's is 32")
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()

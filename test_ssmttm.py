@@ -3707,7 +3707,7 @@ def test_bench_rounds_take_every_configuration_in_turn(tmp_path, monkeypatch, ca
 def test_bench_ddp_compiled_runs_pass_compile_and_compare_like_with_like(tmp_path, monkeypatch):
     # bench.py --only ddp --compile 1: every train.py run gets --compile and a folder of its own, the 2-GPU runs
     # through torchrun, each speed-up against the 1-GPU run of the same batch and compile; --compile graphs gets
-    # --cuda-graphs too, in folders of its own; an unknown mode is refused
+    # --cuda-graphs too, and grad_accum --grad-accum, in folders of their own; an unknown mode is refused
     import bench
     cmds = []
 
@@ -3740,8 +3740,44 @@ def test_bench_ddp_compiled_runs_pass_compile_and_compare_like_with_like(tmp_pat
     assert [os.path.basename(c[c.index("--out") + 1]) for c in cmds] == [
         "1gpu-4-graphs", "1gpu-8-graphs", "2gpu-4-graphs", "2gpu-8-graphs"]
     assert bench.ROWS[-2]["run"] == "2 GPUs / 1 GPU at batch 8 per GPU, CUDA graphs"
+    assert all(c[c.index("--grad-accum") + 1] == "1" for c in cmds)
+    cmds.clear()  # the paper's accumulation: every run takes it, in folders of its own
+    bench.bench_ddp(str(tmp_path), parts=("1gpu", "2gpu"), batch=4, steps=8, grad_accum=8)
+    assert all(c[c.index("--grad-accum") + 1] == "8" for c in cmds)
+    assert [os.path.basename(c[c.index("--out") + 1]) for c in cmds] == [
+        "1gpu-4-accum8", "1gpu-8-accum8", "2gpu-4-accum8", "2gpu-8-accum8"]
+    assert bench.ROWS[-1]["run"] == "losses, 2 GPUs x 4 vs 1 GPU x 8, 8 micro-batches a step"
+    assert bench.ROWS[-2]["speed-up"] == 2 and bench.ROWS[-3]["grad accum"] == 8
     with pytest.raises(ValueError, match="'2'"):
         bench.bench_ddp(str(tmp_path), compile="2")
+
+
+def test_bench_ddp_reports_a_failed_run_and_goes_on(tmp_path, monkeypatch):
+    # a 2-GPU run that fails (no second GPU, NCCL) writes no metrics: its row carries the error's last line, the
+    # speed-up and the loss comparison are nan, and the resume part still runs; train.py is found from any folder
+    import bench
+    cmds = []
+
+    def fake_run(cmd, capture_output, text, env):
+        cmds.append(cmd)
+        if "torch.distributed.run" in cmd:
+            return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nRuntimeError: no second GPU\n")
+        out = cmd[cmd.index("--out") + 1]
+        os.makedirs(out)
+        with open(os.path.join(out, "metrics.csv"), "w") as f:
+            f.write("step,loss,tokens_per_s\n" + "".join(f"{i},1.0,1000\n" for i in range(1, 9)))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "ROWS", [])
+    monkeypatch.chdir(tmp_path)
+    bench.bench_ddp(str(tmp_path / "runs"), batch=4, steps=8)
+    rows = {r["run"]: r for r in bench.ROWS}
+    assert rows["2gpu-4"]["rc"] == 1 and rows["2gpu-4"]["error"] == "RuntimeError: no second GPU"
+    assert math.isnan(rows["2 GPUs / 1 GPU at batch 4 per GPU"]["speed-up"])
+    assert math.isnan(rows["losses, 2 GPUs x 4 vs 1 GPU x 8"]["max rel diff"])
+    assert math.isnan(rows["2 GPUs, stopped at half and resumed, vs uninterrupted"]["max rel diff"])
+    assert all(os.path.isfile(c[c.index("--nproc_per_node") + 2 if "torch.distributed.run" in c else 1])
+               for c in cmds)
 
 
 def test_bench_decoding_on_a_cpu_runs_the_modes_that_need_no_cuda(monkeypatch):
