@@ -832,6 +832,15 @@ def test_gpu_compiled_lm_is_one_graph_and_equals_eager(precision, triton_op):
     assert report(f"compiled vs eager {precision} worst grad", worst(compiled)) < max(grad_tol, 4 * spread)
 
 
+def update_run(model, device, cuda_graphs):
+    """What train.apply_update needs of a run: the model, AdamW (lr 1e-3, weight decay 0.02), a constant
+    schedule, clip 1.0, and whether the gradients are kept for CUDA graphs."""
+    from types import SimpleNamespace
+    opt = model.configure_optimizers(1e-3, 0.02, (0.9, 0.999), device)
+    return SimpleNamespace(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                           args=SimpleNamespace(grad_clip=1.0, cuda_graphs=cuda_graphs))
+
+
 def _graph_training_model(dropout):
     """The CUDA-graph training tests' model: a 2-block Prefix SiMBA on the kernels, in training mode, its
     gradients allocated as zeros (as train.py --cuda-graphs keeps them), and a generator for its inputs."""
@@ -887,7 +896,6 @@ def test_gpu_data_parallel_under_cuda_graphs_adds_the_graphs_gradients_into_its_
     # (to the SSD backward's atomics and the bf16 roundings they move: 1e-5) and stay views of the same
     # buckets; a gradient left as the graph's output, or a micro-batch lost or counted twice, is off by 30-100%.
     import torch.distributed as dist
-    from types import SimpleNamespace
     if not kernels.HAS_TRAIN_KERNELS:
         pytest.skip("mamba-ssm < 2.3: Mamba2 trains through mamba-ssm's own function")
     plain, g = _graph_training_model(dropout=0.0)
@@ -903,11 +911,7 @@ def test_gpu_data_parallel_under_cuda_graphs_adds_the_graphs_gradients_into_its_
         graphed = trainmod.compile_model(plain, cuda_graphs=True)
         device = f"cuda:{torch.cuda.current_device()}"
         ddp = trainmod.data_parallel(trainmod.compile_model(model, cuda_graphs=True), device)
-        runs = []
-        for m in (plain, model):
-            opt = m.configure_optimizers(1e-3, 0.02, (0.9, 0.999), "cuda")
-            runs.append(SimpleNamespace(model=m, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: 1.0), args=SimpleNamespace(grad_clip=1.0, cuda_graphs=True)))
+        runs = [update_run(m, "cuda", cuda_graphs=True) for m in (plain, model)]
         storage = {}
         for step in range(3):
             for fwd in (graphed, ddp):
@@ -3963,18 +3967,13 @@ def test_data_parallel_gives_the_plain_gradients_as_views_of_its_buckets(tmp_pat
     # be a view into DDP's bucket, the same storage from step to step once DDP has rebuilt its buckets in
     # the gradients' order (it does so once, before the second step's forward).
     import torch.distributed as dist
-    from types import SimpleNamespace
     torch.manual_seed(0)
     plain = TextToMusicLM(tiny_config()).train()
     model = copy.deepcopy(plain)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ddp = trainmod.data_parallel(model, "cpu")
-        runs = []
-        for m in (plain, model):
-            opt = m.configure_optimizers(1e-3, 0.02, (0.9, 0.999), "cpu")
-            runs.append(SimpleNamespace(model=m, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: 1.0), args=SimpleNamespace(grad_clip=1.0, cuda_graphs=False)))
+        runs = [update_run(m, "cpu", cuda_graphs=False) for m in (plain, model)]
         bucket = {}
         for step in range(3):
             g = torch.Generator().manual_seed(step)
