@@ -896,6 +896,7 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
     if grad_accum > 1:
         tag, said = f"{tag}-accum{grad_accum}", f"{said}, {grad_accum} micro-batches a step"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
+
     def losses(name):  # [] for a run that wrote none (it failed: its row has the error)
         path = os.path.join(root, name, "metrics.csv")
         return [float(r["loss"]) for r in csv.DictReader(open(path))] if os.path.exists(path) else []
