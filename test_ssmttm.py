@@ -3942,8 +3942,9 @@ def test_training_reads_every_caption_of_a_clip(tmp_path, monkeypatch):
 
 
 def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
+    # two micro-batches a step: the first under DDP's no_sync (no all-reduce), the second all-reducing the sum
     common = ["--layers", "2", "--d-model", "64", "--d-state", "16", "--frames", "32", "--dropout", "0",
-              "--steps", "3", "--eval-every", "0", "--device", "cpu"]
+              "--steps", "3", "--grad-accum", "2", "--eval-every", "0", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(*a):
