@@ -384,7 +384,7 @@ def sweep_conv(b, l, n, Q, h=32, p=64, maxnreg=None):
         for name, seq in (("", None), (" padded", pad)):
             calls["fwd" + name] = functools.partial(
                 kernels._conv_fwd_kernel[grid], xBC, xBC.stride(0), xBC.stride(1), weight, bias,
-                xBC if seq is None else seq, out, out.stride(0), out.stride(1), l, ch, seg, HAS_SEQ=seq is not None,
+                xBC if seq is None else seq, out, out.stride(0), out.stride(1), l, l, ch, seg, HAS_SEQ=seq is not None,
                 **kw)
             calls["bwd" + name] = functools.partial(
                 kernels._conv_bwd_kernel[grid], xBC, xBC.stride(0), xBC.stride(1), weight, bias,
@@ -483,8 +483,10 @@ def registers(l, n, Q):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    rows = -(-l // Q) * Q  # the conv's output, padded to whole chunks: x, B and C's sequences rows * 3072 apart
     values = dict(L=l, NC=-(-l // Q), H=32, P=64, N=n, SX=3072, SDX=3072, SB=3072, SC=3072, NNT=4,
-                  L_SRC=l, L_DST=-(-l // Q) * Q, R=16 * -(-l // Q), S_SRC=3072, S_DST=n, SM=3072, SO=3072)
+                  SXB=rows * 3072, SBB=rows * 3072, SCB=rows * 3072, SMB=rows * 3072,
+                  SB_SRC=l * 3072, L_DST=rows, R=16 * -(-l // Q), S_SRC=3072, S_DST=n, SM=3072, SO=3072)
     print("| kernel | arch | warps | registers | spill stack B | shared KB | programs per SM |")
     print("|---|---|---|---|---|---|---|")
     for arch, smem in ((90, 227 * 1024), (80, 163 * 1024)):
@@ -541,13 +543,14 @@ def sweep(b, l, n, Q, h=32, p=64, maxnreg=None, rows=(32, 64, 128), warps=(4, 8)
         ddt, t, dD = small(), small(), small()  # made here, so that no allocation is timed
         calls = {
             "bwd_G": lambda: sg._diag_bwd_G_kernel[(nb, nb, b * c)](G, acum, x_in, dtc, dy_in, dG, row, l, c, h, p,
-                                                                     h * p, TMA=tma, **kw),
+                                                                     h * p, l * h * p, TMA=tma, **kw),
             "bwd_x": lambda: sg._diag_bwd_x_kernel[(h, nb, b * c)](G, acum, x_in, dtc, dy_in, dxs, D, y, ddt, t, dD,
-                                                                    l, c, h, p, h * p, h * p, HAS_D=True, TMA=tma,
+                                                                    l, c, h, p, h * p, l * h * p, h * p, HAS_D=True,
+                                                                    TMA=tma,
                                                                     **kw)}
         if not tma:
             calls["fwd"] = lambda: sg._diag_fwd_kernel[(h, nb, b * c)](G_x, acum, x, dtc, yoff, D, y, l, c, h, p, h * p,
-                                                                         HAS_D=True, **kw)
+                                                                         l * h * p, HAS_D=True, **kw)
         print(f"TMA {tma} BM {bm} warps {n_warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 
@@ -577,9 +580,10 @@ def sweep_states(b, l, n, Q, h=32, p=64, maxnreg=None):
             dye_in, C_in = sg._descriptor(dy_e.view(b * c * Q, h, p), (bk, 1, p)), sg._descriptor(C, (1, bk, bn))
         calls = {
             "fwd": lambda: sg._states_fwd_kernel[(nnt, h, b)](xs_in, acum, B_in, s0, S_prev, final, l, c, h, p, n, n,
-                                                               HAS_INIT=True, **kw),
+                                                               l * n, HAS_INIT=True, **kw),
             "bwd": lambda: sg._states_bwd_kernel[(nnt, h, b)](dye_in, C_in, S_prev, acum, s0, dstates, d_init,
-                                                               da_part, l, c, h, p, n, n, nnt, HAS_DFINAL=True, **kw)}
+                                                               da_part, l, c, h, p, n, n, l * n, nnt, HAS_DFINAL=True,
+                                                               **kw)}
         print(f"TMA {tma} BN {bn} BK {bk} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 
@@ -597,8 +601,8 @@ def sweep_copy(b, l, n, Q, h=32, p=64, maxnreg=None):
     bn = ssd_grouped.next_power_of_2(n)
     for (name, src), bl, warps in itertools.product(srcs.items(), (2, 4, 8, 16, 32), (1, 2, 4, 8)):
         kw = dict(BL=bl, BN=bn, num_warps=warps, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
-        ms = cuda_ms(lambda: ssd_grouped._copy_rows_kernel[(-(-c * Q // bl), b)](src, dst, l, c * Q, l, n,
-                                                                                src.stride(1), n, **kw))
+        ms = cuda_ms(lambda: ssd_grouped._copy_rows_kernel[(-(-c * Q // bl), b)](src, dst, src.stride(0), c * Q,
+                                                                                l, n, src.stride(1), n, **kw))
         print(f"{name} BL {bl} warps {warps}: {ms:.3f} ms, {gb / ms * 1e3:.0f} GB/s", flush=True)
 
 
@@ -616,7 +620,7 @@ def sweep_dg(b, l, n, Q, h=32, p=64, maxnreg=None):
     for bm, bn, bk, warps, stages in itertools.product((64, 128), (64, 128, 256), (32, 64), (4, 8), (2, 3, 4)):
         kw = dict(num_warps=warps, num_stages=stages, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
         calls = {"dB": lambda: ssd_grouped._dG_product_kernel[(-(-n // bn), Q // bm, b * c)](
-            dG, C, add, out, l, c, n, n, out.stride(1), TRANS=True, Q=Q, BM=bm, BN=bn, BK=bk, PREC="tf32", **kw)}
+            dG, C, add, out, l, c, n, n, l * n, out.stride(1), TRANS=True, Q=Q, BM=bm, BN=bn, BK=bk, PREC="tf32", **kw)}
         print(f"BM {bm} BN {bn} BK {bk} warps {warps} stages {stages}: {_time_calls(calls)} ms", flush=True)
 
 

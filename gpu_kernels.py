@@ -1379,34 +1379,37 @@ if triton is not None:
                 xa, sa, xb, sb, xc, sc, xd, sd = ya, ua, yb, ub, yc, uc, yd, ud
 
     @triton.jit
-    def _conv_fwd_kernel(x_ptr, sx_b, sx_l, w_ptr, b_ptr, seq_ptr, out_ptr, so_b, so_l, L, C,
+    def _conv_fwd_kernel(x_ptr, sx_b, sx_l, w_ptr, b_ptr, seq_ptr, out_ptr, so_b, so_l, L, L_OUT, C,
                          SEG: tl.constexpr, HAS_SEQ: tl.constexpr, BC: tl.constexpr, PREFETCH: tl.constexpr):
-        """Grid (channel blocks, segments of SEG positions, batch rows); SEG a multiple of 4. With seq_idx, a
-        segment whose positions and the three before them are one sequence (all but one segment of a
-        left-padded row) is walked without its masks. PREFETCH: each four-row step issues the next step's
-        loads before its own arithmetic (the compiler does not pipeline this loop), so that they are in
-        flight meanwhile."""
+        """Grid (channel blocks, segments of SEG positions of the output's L_OUT >= L rows, batch rows); SEG a
+        multiple of 4; the output's rows past L are zeros. With seq_idx, a segment whose positions and the
+        three before them are one sequence (all but one segment of a left-padded row) is walked without its
+        masks. PREFETCH: each four-row step issues the next step's loads before its own arithmetic (the
+        compiler does not pipeline this loop), so that they are in flight meanwhile."""
         bi = tl.program_id(2).to(tl.int64)
         c = tl.program_id(0) * BC + tl.arange(0, BC)
         c_ok = c < C
         t_lo = tl.program_id(1) * SEG
         t_hi = tl.minimum(t_lo + SEG, L)
         x_b, o_b, seq_b = x_ptr + bi * sx_b, out_ptr + bi * so_b, seq_ptr + bi * L
+        for t in range(tl.maximum(t_lo, L), tl.minimum(t_lo + SEG, L_OUT)):  # rows past L: only the last segments
+            tl.store(o_b + t * so_l + c, tl.zeros((BC,), dtype=out_ptr.dtype.element_ty), mask=c_ok)
         w0 = tl.load(w_ptr + c * 4, mask=c_ok, other=0.0).to(tl.float32)
         w1 = tl.load(w_ptr + c * 4 + 1, mask=c_ok, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + c * 4 + 2, mask=c_ok, other=0.0).to(tl.float32)
         w3 = tl.load(w_ptr + c * 4 + 3, mask=c_ok, other=0.0).to(tl.float32)
         bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        if HAS_SEQ:
-            if _one_sequence(seq_b, t_lo - 3, t_hi, L, 2 * SEG):
+        if t_lo < L:  # (a segment past L holds zeros only)
+            if HAS_SEQ:
+                if _one_sequence(seq_b, t_lo - 3, t_hi, L, 2 * SEG):
+                    _conv_fwd_walk(x_b, seq_b, o_b, sx_l, so_l, L, c, c_ok, t_lo, t_hi, w0, w1, w2, w3, bias, SEG,
+                                   False, PREFETCH)
+                else:
+                    _conv_fwd_walk(x_b, seq_b, o_b, sx_l, so_l, L, c, c_ok, t_lo, t_hi, w0, w1, w2, w3, bias, SEG,
+                                   True, PREFETCH)
+            else:
                 _conv_fwd_walk(x_b, seq_b, o_b, sx_l, so_l, L, c, c_ok, t_lo, t_hi, w0, w1, w2, w3, bias, SEG, False,
                                PREFETCH)
-            else:
-                _conv_fwd_walk(x_b, seq_b, o_b, sx_l, so_l, L, c, c_ok, t_lo, t_hi, w0, w1, w2, w3, bias, SEG, True,
-                               PREFETCH)
-        else:
-            _conv_fwd_walk(x_b, seq_b, o_b, sx_l, so_l, L, c, c_ok, t_lo, t_hi, w0, w1, w2, w3, bias, SEG, False,
-                           PREFETCH)
 
     @triton.jit
     def _conv_bwd_step(t, xa, xb, xc, xd, sa, sb, sc, sd, dout, d1, d2, d3, r1, r2, r3, w0, w1, w2, w3, bias,
@@ -1566,19 +1569,23 @@ def _conv_args(x, weight, seq_idx, name):
     return b, l, ch, weight.contiguous(), x if seq_idx is None else seq_idx.contiguous()
 
 
-def causal_conv_silu(x, weight, bias, seq_idx=None, launch=as_is):
+def causal_conv_silu(x, weight, bias, seq_idx=None, rows=None, launch=as_is):
     """Mamba-2's causal depthwise conv over time, then SiLU, channels last, in Triton (CUDA, or
     TRITON_INTERPRET=1): out[b, t, c] = silu(bias[c] + sum_k weight[c, k] x[b, t - 3 + k, c]), a tap before
     the row's start or in another sequence than t's reading 0 (seq_idx as causal-conv1d's: (b, l) int32,
     here 0 at left padding and 1 at the sequence). x (b, l, channels) with channels dense; its rows may
-    lie apart (xBC's columns of zxbcdt). weight (channels, 4), bias (channels,). Returns (b, l, channels),
-    contiguous, in x's dtype, computed in fp32 and rounded once. The plain form: ssmttm.Mamba2's conv, then
-    F.silu."""
+    lie apart (xBC's columns of zxbcdt). weight (channels, 4), bias (channels,). Returns (b, rows, channels),
+    contiguous, in x's dtype, computed in fp32 and rounded once, zeros past row l: rows >= l (default l), so
+    that the grouped SSD takes B and C in whole chunks as views (ssd_grouped.padded_rows). The plain form:
+    ssmttm.Mamba2's conv, then F.silu. Raises ValueError for rows < l."""
     b, l, ch, weight, seq = _conv_args(x, weight, seq_idx, "causal_conv_silu")
-    out = x.new_empty(b, l, ch)
-    grid = (cdiv(ch, _CONV_FWD["BC"]), cdiv(l, _CONV_FWD["SEG"]), b)
+    rows = l if rows is None else rows
+    if rows < l:
+        raise ValueError(f"causal_conv_silu: rows {rows} is fewer than x's {l}")
+    out = x.new_empty(b, rows, ch)
+    grid = (cdiv(ch, _CONV_FWD["BC"]), cdiv(rows, _CONV_FWD["SEG"]), b)
     launch(_conv_fwd_kernel)[grid](x, x.stride(0), x.stride(1), weight, bias, seq, out, out.stride(0), out.stride(1),
-                                   l, ch, HAS_SEQ=seq_idx is not None, **_CONV_FWD)
+                                   l, rows, ch, HAS_SEQ=seq_idx is not None, **_CONV_FWD)
     return out
 
 
@@ -2176,7 +2183,8 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
     output zxbcdt = [z | x B C | dt | zeros] (b, l, _padded_width(2 d_inner + 2 g n + h)) and that output's
     gradient are not the op's input and gradient, which the compiled step copied whole (BENCHMARKS.md).
     Returns out (b, l, d_model), then for the backward zxbcdt, y (b, l, h, p) before the norm, rstd (g b l), xBC
-    after the conv and SiLU (b, l, h p + 2 g n), states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q), dA_cs
+    after the conv and SiLU (b, l, h p + 2 g n; with the Triton conv (b, l rounded up to whole chunks, h p + 2 g n),
+    zeros past l), states (b, l/Q, h, p, n), CB (b, l/Q, g, Q, Q), dA_cs
     and dt (b, h, l/Q, Q), and two empty tensors (the grouped SSD's y_off and xs). Every dtype follows from
     the inputs' (no autocast inside).
 
@@ -2194,11 +2202,12 @@ def _mamba2_train_fwd_impl(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Te
     with torch.autocast("cuda", enabled=False):
         zxbcdt = F.linear(u, F.pad(in_w, (0, 0, 0, _padded_width(width) - width)))
         z, xBC, dt = zxbcdt[..., :width].split([A.shape[0] * headdim, conv_w.shape[0], A.shape[0]], dim=-1)
-        if _triton_conv(grouped, conv_w):
-            xBC = causal_conv_silu(xBC, conv_w, conv_b, seq_idx, launch=launch)
+        if _triton_conv(grouped, conv_w):  # rows to whole chunks, zeros past l: the SSD's chunks of B and C are views
+            xBC = causal_conv_silu(xBC, conv_w, conv_b, seq_idx, rows=ssd_grouped.padded_rows(l, chunk), launch=launch)
         else:
             xBC = _causal_conv(xBC, conv_w, conv_b, seq_idx)
         x, B, C = _split_xBC(xBC, A.shape[0], headdim, ngroups)
+        x = x[:, :l]
         d_inner, n = z.shape[-1], B.shape[-1]
         if grouped:
             dt = dt_softplus(dt, dt_bias, seq_idx, launch=launch)
@@ -2244,9 +2253,10 @@ def _(u, in_w, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, seq_idx, chunk, hea
     h, chunks = A.shape[0], -(-l // chunk)
     n = (conv_w.shape[0] - h * headdim) // (2 * ngroups)
     fp32 = lambda *shape: u.new_empty(shape, dtype=torch.float32)
+    conv_rows = chunks * chunk if _triton_conv(grouped, conv_w) else l
     head = (u.new_empty(b, l, out_w.shape[0]), u.new_empty(b, l, _padded_width(in_w.shape[0])),
             u.new_empty(b, l, h, headdim),
-            fp32(ngroups * b * l), u.new_empty(b, l, conv_w.shape[0]))
+            fp32(ngroups * b * l), u.new_empty(b, conv_rows, conv_w.shape[0]))
     if grouped:
         return head + (u.new_empty(b, chunks, h * headdim, n), fp32(b, chunks, chunk, chunk),
                        fp32(b, chunks, h, chunk), fp32(b, l, h), fp32(b, chunks, chunk, h * headdim),
@@ -2289,7 +2299,8 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
                            launch=as_is) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of _mamba2_train_fwd's out for its tensor inputs u ... out_w, each in its input's dtype,
-    from the forward's other outputs (zxbcdt: in_proj's output; xBC_conv: the conv's output). With grouped,
+    from the forward's other outputs (zxbcdt: in_proj's output; xBC_conv: the conv's output, its rows as the
+    forward returns them). With grouped,
     states, CB and dA_cs are the grouped SSD's S_prev, G and acum, and y_off and xs its own (empty otherwise)."""
     g = ngroups
     b, l, _ = zxbcdt.shape
@@ -2299,7 +2310,8 @@ def _mamba2_train_bwd_impl(dout: torch.Tensor, u: torch.Tensor, in_w: torch.Tens
     dout = dout.contiguous()
     with torch.autocast("cuda", enabled=False):
         z, xBC, dt_in = zxbcdt[..., :width].split([h * headdim, conv_w.shape[0], h], dim=-1)
-        x, B, C = _split_xBC(xBC_conv, h, headdim, g)
+        x, B, C = _split_xBC(xBC_conv, h, headdim, g)  # B and C with the conv's rows (past l with the Triton conv)
+        x = x[:, :l]
         d_inner, n = z.shape[-1], B.shape[-1]
         dzxbcdt = torch.empty_like(zxbcdt)[..., :width]  # rows as the forward's (padded); the padding unused
         dz, dxBC_in, ddt_in = dzxbcdt.split([d_inner, d_inner + 2 * g * n, h], dim=-1)

@@ -285,15 +285,15 @@ if triton is not None:
         return tl.load(base + rows[:, None] * stride + pp[None, :], mask=ok[:, None] & (pp[None, :] < P), other=0.0)
 
     @triton.jit
-    def _head_rows(t, bi, r0, L, h, P, S, BM: tl.constexpr, BP: tl.constexpr, TMA: tl.constexpr):
+    def _head_rows(t, bi, r0, L, h, P, S, SB, BM: tl.constexpr, BP: tl.constexpr, TMA: tl.constexpr):
         """Rows r0 ... r0 + BM - 1 of sequence bi of t (b, L, h, p), head h's P values each: a (BM, BP)
         tile, zero past L and past P. t: a TMA descriptor with tiles (1, BM, 1, BP) if TMA, else a
-        pointer to rows S elements apart."""
+        pointer to rows S elements apart, sequences SB apart."""
         if TMA:
             tile = t.load([tl.cast(bi, tl.int32), tl.cast(r0, tl.int32), h, 0]).reshape(BM, BP)
         else:
             i = tl.arange(0, BM)
-            tile = _rows(t + (bi.to(tl.int64) * L + r0) * S + h * P, i, S, r0 + i < L, tl.arange(0, BP), P)
+            tile = _rows(t + bi.to(tl.int64) * SB + r0 * S + h * P, i, S, r0 + i < L, tl.arange(0, BP), P)
         return tile
 
     @triton.jit
@@ -304,27 +304,28 @@ if triton is not None:
         return tl.load(a + r), tl.load(a + q), tl.load(a + s), tl.load(d + s)
 
     @triton.jit
-    def _copy_rows_kernel(src_ptr, dst_ptr, L_SRC, L_DST, L, N, S_SRC, S_DST,
+    def _copy_rows_kernel(src_ptr, dst_ptr, SB_SRC, L_DST, L, N, S_SRC, S_DST,
                           BL: tl.constexpr, BN: tl.constexpr):
-        """dst[b, r, :N] = src[b, r, :N] for rows r < L, 0 for L <= r < L_DST, in dst's dtype: src (b, L_SRC, N)
-        and dst (b, L_DST, N) with rows S_SRC and S_DST elements apart. Grid (cdiv(L_DST, BL), b)."""
+        """dst[b, r, :N] = src[b, r, :N] for rows r < L, 0 for L <= r < L_DST, in dst's dtype: src (b, L, N)
+        with rows S_SRC and sequences SB_SRC elements apart, dst (b, L_DST, N) with rows S_DST apart. Grid
+        (cdiv(L_DST, BL), b)."""
         r0 = tl.program_id(0) * BL
         bi = tl.program_id(1).to(tl.int64)
         r = tl.arange(0, BL)
         cols = tl.arange(0, BN)
         ok = (r < L - r0)[:, None] & (cols[None, :] < N)
-        v = tl.load(src_ptr + (bi * L_SRC + r0) * S_SRC + r[:, None] * S_SRC + cols[None, :], mask=ok, other=0.0)
+        v = tl.load(src_ptr + bi * SB_SRC + r0 * S_SRC + r[:, None] * S_SRC + cols[None, :], mask=ok, other=0.0)
         tl.store(dst_ptr + (bi * L_DST + r0) * S_DST + r[:, None] * S_DST + cols[None, :],
                  v.to(dst_ptr.dtype.element_ty), mask=(r < L_DST - r0)[:, None] & (cols[None, :] < N))
 
     @triton.jit
-    def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, dtc_ptr, xs_ptr, L, NC, H, P, SX,
+    def _prep_kernel(x_ptr, dt_ptr, A_ptr, acum_ptr, dtc_ptr, xs_ptr, L, NC, H, P, SX, SXB,
                      Q: tl.constexpr, BP: tl.constexpr):
         """xs = x dt exp(acum_end - acum) in xs's dtype, (b, c, Q, h, p), zero past L (the chunk states'
         operand in the forward, kept for dB's in the backward), with acum = cumsum(dt A) over one chunk,
         also written to acum (b, c, h, Q), and dt to dtc (b, c, h, Q), zero past L: a head's values of a chunk
         in one row, which the (Q, Q) kernels load as a vector (from (b, L, h), each value a 32-byte sector of
-        its own). x (b, L, h, p) with rows SX apart, dt (b, L, h). Grid (h, b*c)."""
+        its own). x (b, L, h, p) with rows SX and sequences SXB apart, dt (b, L, h). Grid (h, b*c)."""
         h, bc = tl.program_id(0), tl.program_id(1).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         r0 = bi * L + ci * Q                                            # the chunk's first row of (b*L)
@@ -336,25 +337,25 @@ if triton is not None:
         tl.store(dtc_ptr + (bc * H + h) * Q + q, dt)
         a_end = tl.sum(tl.where(q == Q - 1, acum, 0.0), axis=0)
         pp = tl.arange(0, BP)
-        x = _rows(x_ptr + r0 * SX + h * P, q, SX, ok, pp, P)
+        x = _rows(x_ptr + bi * SXB + ci * Q * SX + h * P, q, SX, ok, pp, P)
         xs = x.to(tl.float32) * (dt * tl.exp(a_end - acum))[:, None]
         tl.store(xs_ptr + bc * Q * H * P + h * P + q[:, None] * (H * P) + pp[None, :],
                  xs.to(xs_ptr.dtype.element_ty), mask=pp[None, :] < P)
 
     @triton.jit
-    def _states_fwd_kernel(xs_in, acum_ptr, B_in, init_ptr, S_prev_ptr, final_ptr, L, NC, H, P, N, SB,
+    def _states_fwd_kernel(xs_in, acum_ptr, B_in, init_ptr, S_prev_ptr, final_ptr, L, NC, H, P, N, SB, SBB,
                            Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                            HAS_INIT: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
         """The chunk states and the scan between chunks in one pass, the state on chip: for one (p, BN)
         tile of head h's state, chunk after chunk, S_prev_c = prev (written in S_prev's dtype,
         (b, c, h*p, n)), prev = exp(acum_end) prev + xs^T B over the chunk's Q positions. xs (b, c*Q,
         h, p) = x dt exp(acum_end - acum) from _prep_kernel, so that its tiles go to the product as they
-        load, and B (b, L, n), unpadded: with TMA, descriptors (_descriptor) with tiles (1, BK, 1, BP)
-        and (1, BK, BN); else pointers, B's rows SB apart. The initial state in any float dtype; the
-        final state (b, h*p, n) in fp32 or final_out's dtype (forward_triton). Grid (n / BN, h, b): the
-        n tiles of one head side by side. One loop over every (chunk, BK positions) step rather than a
-        loop per chunk: the pipeliner then loads the next chunk's tiles while this chunk's last product
-        runs."""
+        load, and B (b, L, n), or (b, c*Q, n) with zeros past L: with TMA, descriptors (_descriptor) with
+        tiles (1, BK, 1, BP) and (1, BK, BN); else pointers, B's rows SB and sequences SBB apart. The
+        initial state in any float dtype; the final state (b, h*p, n) in fp32 or final_out's dtype
+        (forward_triton). Grid (n / BN, h, b): the n tiles of one head side by side. One loop over every
+        (chunk, BK positions) step rather than a loop per chunk: the pipeliner then loads the next chunk's
+        tiles while this chunk's last product runs."""
         nt, h, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         pp = tl.arange(0, BP)
         ns = nt * BN + tl.arange(0, BN)
@@ -369,14 +370,13 @@ if triton is not None:
         for i in range(0, NC * KT):
             ci, k0 = i // KT, (i % KT) * BK
             bc = bi.to(tl.int64) * NC + ci
-            r0 = bi.to(tl.int64) * L + ci * Q                           # the chunk's first row of (b*L)
             a_end = tl.load(acum_ptr + (bc * H + h) * Q + Q - 1)
             q = k0 + tl.arange(0, BK)
             if TMA:
                 Bt = B_in.load([bi, ci * Q + k0, nt * BN]).reshape(BK, BN)
                 xsT = tl.trans(xs_in.load([bi, ci * Q + k0, h, 0]).reshape(BK, BP))
             else:
-                Bt = tl.load(B_in + r0 * SB + q[:, None] * SB + ns[None, :],
+                Bt = tl.load(B_in + bi.to(tl.int64) * SBB + (ci * Q + q[:, None]) * SB + ns[None, :],
                              mask=(q < L - ci * Q)[:, None] & (ns[None, :] < N), other=0.0)  # (BK, BN)
                 # xs loaded as its transpose (the product's left operand) rather than transposed after
                 xsT = tl.load(xs_in + (bc * Q + q[None, :]) * (H * P) + h * P + pp[:, None],
@@ -390,16 +390,16 @@ if triton is not None:
 
     @triton.jit
     def _states_bwd_kernel(dye_in, C_in, S_prev_ptr, acum_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, da_part_ptr,
-                           L, NC, H, P, N, SC, NNT, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                           L, NC, H, P, N, SC, SCB, NNT, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                            BK: tl.constexpr, HAS_DFINAL: tl.constexpr, TMA: tl.constexpr, PREC: tl.constexpr):
         """The backward of the scan and of the state -> output product's state side in one pass, the
         gradient on chip: for one (p, BN) tile of head h, chunk after chunk from the last, with g the
         gradient of the state leaving chunk c: da_part[b, c, h, tile] = exp(acum_end) sum(g S_prev_c),
         dstates_c = g (dstates' dtype, (b, c, h*p, n)), g = exp(acum_end) g + dy_e^T C over the chunk
-        (dy_e (b*c*Q, h, p) = dy exp(acum), zero past L; C (b, L, n), unpadded: with TMA, descriptors
-        with tiles (BK, 1, BP) and (1, BK, BN); else pointers, C's rows SC apart). The initial state's
-        gradient (b, h*p, n) fp32. Grid (n / BN, h, b). One loop over every (chunk, BK positions) step,
-        as _states_fwd_kernel."""
+        (dy_e (b*c*Q, h, p) = dy exp(acum), zero past L; C (b, L, n), or (b, c*Q, n) with zeros past L:
+        with TMA, descriptors with tiles (BK, 1, BP) and (1, BK, BN); else pointers, C's rows SC and
+        sequences SCB apart). The initial state's gradient (b, h*p, n) fp32. Grid (n / BN, h, b). One loop
+        over every (chunk, BK positions) step, as _states_fwd_kernel."""
         nt, h, bi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         pp = tl.arange(0, BP)
         ns = nt * BN + tl.arange(0, BN)
@@ -419,7 +419,7 @@ if triton is not None:
                 Ct = C_in.load([bi, ci * Q + k0, nt * BN]).reshape(BK, BN)
                 dyeT = tl.trans(dye_in.load([(bc * Q + k0).to(tl.int32), h, 0]).reshape(BK, BP))
             else:
-                Ct = tl.load(C_in + (bi.to(tl.int64) * L + ci * Q) * SC + q[:, None] * SC + ns[None, :],
+                Ct = tl.load(C_in + bi.to(tl.int64) * SCB + (ci * Q + q[:, None]) * SC + ns[None, :],
                              mask=(q < L - ci * Q)[:, None] & (ns[None, :] < N), other=0.0)   # (BK, BN)
                 dyeT = tl.load(dye_in + bc * Q * H * P + h * P + q[None, :] * (H * P) + pp[:, None],
                                mask=pp[:, None] < P, other=0.0)                         # (BP, BK)
@@ -433,13 +433,14 @@ if triton is not None:
         tl.store(dinit_ptr + state + tile, g, mask=tile_ok)
 
     @triton.jit
-    def _diag_fwd_kernel(G_ptr, acum_ptr, x_ptr, dtc_ptr, yoff_ptr, D_ptr, y_ptr, L, NC, H, P, SX,
+    def _diag_fwd_kernel(G_ptr, acum_ptr, x_ptr, dtc_ptr, yoff_ptr, D_ptr, y_ptr, L, NC, H, P, SX, SXB,
                          Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
                          PREC: tl.constexpr):
         """y[q, h] = exp(acum_q) y_off[q, h] + sum_{s <= q} G[q, s] exp(acum_q - acum_s) x_s dt_s + D_h x_q
         for the rows q of one row block and one head, written in y's dtype to y (b, L, h, p); acum and dt from
-        acum and dtc (b, c, h, Q). Grid (h, Q / BM, b*c), a chunk's heads side by side (they share G and x's
-        rows), the row blocks with the most work first; loop over the row blocks s <= q."""
+        acum and dtc (b, c, h, Q); x (b, L, h, p) with rows SX and sequences SXB apart. Grid (h, Q / BM, b*c),
+        a chunk's heads side by side (they share G and x's rows), the row blocks with the most work first;
+        loop over the row blocks s <= q."""
         h, bc = tl.program_id(0), tl.program_id(2).to(tl.int64)
         m = tl.num_programs(1) - 1 - tl.program_id(1)
         bi, ci = bc // NC, bc % NC
@@ -447,7 +448,8 @@ if triton is not None:
         n_ok = (L - ci * Q).to(tl.int32)                                # its positions inside the sequence
         q = m * BM + tl.arange(0, BM)                                   # positions inside the chunk
         pp = tl.arange(0, BP)
-        acum_c, dt_c, x_c = acum_ptr + (bc * H + h) * Q, dtc_ptr + (bc * H + h) * Q, x_ptr + r0 * SX + h * P
+        acum_c, dt_c = acum_ptr + (bc * H + h) * Q, dtc_ptr + (bc * H + h) * Q
+        x_c = x_ptr + bi * SXB + ci * Q * SX + h * P
         a_q = tl.load(acum_c + q)
         # below the diagonal block the decay splits at the block's first row r: exp(a_q - a_s) = e_q e_s
         # with e_q = exp(a_q - a_r), e_s = exp(a_r - a_s), both exponents <= 0 (acum falls): e_s scales
@@ -509,7 +511,7 @@ if triton is not None:
 
     @triton.jit
     def _diag_bwd_x_kernel(G_ptr, acum_ptr, x_in, dtc_ptr, dy_in, dxs_ptr, D_ptr,
-                           dx_ptr, ddt_ptr, t_ptr, dD_ptr, L, NC, H, P, SX, SDX,
+                           dx_ptr, ddt_ptr, t_ptr, dD_ptr, L, NC, H, P, SX, SXB, SDX,
                            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, HAS_D: tl.constexpr,
                            TMA: tl.constexpr, PREC: tl.constexpr):
         """For the positions s of one row block and one head: the (Q, Q) part's gradient of x dt,
@@ -518,8 +520,8 @@ if triton is not None:
         dxdt += dxs exp(acum_end - acum), dx = dxdt dt + D dy (x's dtype, (b, L, h, p) with rows SDX
         apart), ddt's part sum_p dxdt x, t, and dD's part sum_p dy x (all (b, c, h, Q), as acum and dtc, dt
         in that layout, are). d acum's (Q, Q) part, M's row and column sums, is _diag_bwd_G_kernel's. x (b, L,
-        h, p) with rows SX apart and dy (b, L, h, p): TMA descriptors with tiles (1, BM, 1, BP) if TMA, else
-        pointers (_head_rows).
+        h, p) with rows SX and sequences SXB apart and dy (b, L, h, p): TMA descriptors with tiles (1, BM, 1,
+        BP) if TMA, else pointers (_head_rows).
         Grid (h, Q / BM, b*c), as _diag_fwd_kernel's (block 0, the most work, first)."""
         h, blk, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
@@ -534,7 +536,7 @@ if triton is not None:
         # the diagonal block, q in s's own block: the decay per (q, s), zero above the diagonal
         G = tl.load(G_c + s[:, None] * Q + s[None, :])
         W = G * tl.exp(tl.where(s[:, None] >= s[None, :], a_s[:, None] - a_s[None, :], float("-inf")))
-        dy_s = _head_rows(dy_in, bi, ci * Q + blk * BM, L, h, P, H * P, BM, BP, TMA)  # (BM q, BP)
+        dy_s = _head_rows(dy_in, bi, ci * Q + blk * BM, L, h, P, H * P, L * H * P, BM, BP, TMA)  # (BM q, BP)
         dxd = tl.dot(tl.trans(W.to(dy_s.dtype)), dy_s, input_precision=PREC)
         # below it the decay splits at the block's last position r: exp(a_q - a_s) = e_q e_s with
         # e_q = exp(a_q - a_r), e_s = exp(a_r - a_s), both exponents <= 0 (acum falls): e_q scales G's
@@ -546,7 +548,7 @@ if triton is not None:
             q = q0 + tl.arange(0, BM)
             e_q = tl.exp(tl.load(acum_ptr + row + q) - a_r)
             G = tl.load(G_c + q[:, None] * Q + s[None, :])
-            dy = _head_rows(dy_in, bi, ci * Q + q0, L, h, P, H * P, BM, BP, TMA)
+            dy = _head_rows(dy_in, bi, ci * Q + q0, L, h, P, H * P, L * H * P, BM, BP, TMA)
             dxd_off = tl.dot(tl.trans((G * e_q[:, None]).to(dy.dtype)), dy, dxd_off, input_precision=PREC)
         dxd += e_s[:, None] * dxd_off
         a_end = tl.load(acum_ptr + row + Q - 1)
@@ -554,7 +556,7 @@ if triton is not None:
         dxs = tl.load(dxs_ptr + (bc * Q * H + h) * P + s[:, None] * (H * P) + pp[None, :], mask=pp[None, :] < P,
                       other=0.0).to(tl.float32)
         dt_s = tl.load(dtc_ptr + row + s)
-        xf = _head_rows(x_in, bi, ci * Q + blk * BM, L, h, P, SX, BM, BP, TMA).to(tl.float32)  # (BM, BP)
+        xf = _head_rows(x_in, bi, ci * Q + blk * BM, L, h, P, SX, SXB, BM, BP, TMA).to(tl.float32)  # (BM, BP)
         t = tl.sum(dxs * xf, axis=1) * dt_s * to_end
         dxdt = dxd + dxs * to_end[:, None]
         dx = dxdt * dt_s[:, None]
@@ -568,7 +570,7 @@ if triton is not None:
         tl.store(t_ptr + row + s, t)
 
     @triton.jit
-    def _diag_bwd_G_kernel(G_ptr, acum_ptr, x_in, dtc_ptr, dy_in, dG_ptr, dacum_m_ptr, L, NC, H, P, SX,
+    def _diag_bwd_G_kernel(G_ptr, acum_ptr, x_in, dtc_ptr, dy_in, dG_ptr, dacum_m_ptr, L, NC, H, P, SX, SXB,
                            Q: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, TMA: tl.constexpr,
                            PREC: tl.constexpr):
         """For one (BM, BM) tile (q, s) of a chunk, with D_h = (dy_q . x_s) dt_s exp(acum_q - acum_s) on
@@ -579,8 +581,8 @@ if triton is not None:
         position) belongs to one tile, the diagonal ones' to both sums of one tile; tiles above the
         diagonal are zero and write nothing to dacum_m. Grid (Q / BM rows, Q / BM columns, b*c): the
         tiles of one chunk side by side, so that the x and dy rows they share come from L2. G (b, c,
-        Q, Q) fp32; x (b, L, h, p) with rows SX apart and dy (b, L, h, p): TMA descriptors with tiles
-        (1, BM, 1, BP) if TMA, else pointers (_head_rows); acum and dt from acum and dtc (b, c, h, Q)."""
+        Q, Q) fp32; x (b, L, h, p) with rows SX and sequences SXB apart and dy (b, L, h, p): TMA descriptors
+        with tiles (1, BM, 1, BP) if TMA, else pointers (_head_rows); acum and dt from acum and dtc (b, c, h, Q)."""
         mq, ms, bc = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         bi, ci = bc // NC, bc % NC
         q = mq * BM + tl.arange(0, BM)                                  # positions inside the chunk
@@ -601,8 +603,8 @@ if triton is not None:
                 a_r_n, a_q_n, a_s_n, dt_n = _head_vectors(acum_c, dt_c, mq * BM, q, s, nh, Q)
                 e_q = tl.exp(a_q - a_r)
                 e_s = tl.exp(a_r - a_s)
-                x = _head_rows(x_in, bi, ci * Q + ms * BM, L, h, P, SX, BM, BP, TMA)
-                dy = _head_rows(dy_in, bi, ci * Q + mq * BM, L, h, P, H * P, BM, BP, TMA).to(x.dtype)
+                x = _head_rows(x_in, bi, ci * Q + ms * BM, L, h, P, SX, SXB, BM, BP, TMA)
+                dy = _head_rows(dy_in, bi, ci * Q + mq * BM, L, h, P, H * P, L * H * P, BM, BP, TMA).to(x.dtype)
                 Dh = tl.dot(dy, tl.trans(x), input_precision=PREC) * e_q[:, None] * (dt * e_s)[None, :]
                 acc += Dh
                 M = G * Dh
@@ -614,8 +616,8 @@ if triton is not None:
                 a_q, a_s, dt = a_q_n, a_s_n, dt_n
                 nh = tl.minimum(h + 1, H - 1)
                 a_r_n, a_q_n, a_s_n, dt_n = _head_vectors(acum_c, dt_c, mq * BM, q, s, nh, Q)
-                x = _head_rows(x_in, bi, ci * Q + ms * BM, L, h, P, SX, BM, BP, TMA)
-                dy = _head_rows(dy_in, bi, ci * Q + mq * BM, L, h, P, H * P, BM, BP, TMA).to(x.dtype)
+                x = _head_rows(x_in, bi, ci * Q + ms * BM, L, h, P, SX, SXB, BM, BP, TMA)
+                dy = _head_rows(dy_in, bi, ci * Q + mq * BM, L, h, P, H * P, L * H * P, BM, BP, TMA).to(x.dtype)
                 # x's exact values in the product and dt in fp32 after it: x dt rounded to x's dtype was
                 # most of dA's error (d acum sums M's rows and columns, which cancel)
                 Dh = tl.dot(dy, tl.trans(x), input_precision=PREC) * dt[None, :]
@@ -627,13 +629,14 @@ if triton is not None:
 
 
     @triton.jit
-    def _dG_product_kernel(dG_ptr, M_ptr, add_ptr, out_ptr, L, NC, N, SM, SO,
+    def _dG_product_kernel(dG_ptr, M_ptr, add_ptr, out_ptr, L, NC, N, SM, SMB, SO,
                            TRANS: tl.constexpr, Q: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BK: tl.constexpr, PREC: tl.constexpr):
         """The (Q, Q) part's share of dC or dB, added to the state products' share and written out:
         out[r] = add[r] + sum_s A[q, s] M[s] for the rows r = q of one chunk, A = dG (b, c, Q, Q) (dC:
         M = B) or, with TRANS, dG^T (dB: M = C). dG is zero above the diagonal, so s runs over s <= q
-        (over s >= q with TRANS). M (b, L, N) with rows SM apart, read where it lies (zero past L);
+        (over s >= q with TRANS). M (b, L, N) with rows SM and sequences SMB apart, read where it lies (zero
+        past L);
         add (b, c*Q, N) fp32; out (b, L, N) with rows SO apart, in its dtype, rows past L not written.
         Grid (cdiv(N, BN), Q / BM, b*c)."""
         bc = tl.program_id(2).to(tl.int64)
@@ -643,7 +646,7 @@ if triton is not None:
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_ok = (L - ci * Q).to(tl.int32)                                # the chunk's positions inside the sequence
         acc = tl.load(add_ptr + (bc * Q + q[:, None]) * N + n[None, :], mask=n[None, :] < N, other=0.0)
-        M_c = M_ptr + (bi * L + ci * Q) * SM
+        M_c = M_ptr + bi * SMB + ci * Q * SM
         dG_c = dG_ptr + bc * Q * Q
         k_lo, k_hi = (m * BM, Q) if TRANS else (0, (m + 1) * BM)
         for k0 in range(k_lo, k_hi, BK):
@@ -716,15 +719,24 @@ if triton is not None:
 
 def _rows_of(t):
     """t (b, l, ...) as the kernels read it: rows of the trailing dims' values, dense, each row_stride
-    apart (as x, B and C viewed in the conv's output), else a contiguous copy. Returns (t, row_stride)."""
+    apart, and each sequence's rows seq_stride from the last's (as x, B and C viewed in the conv's
+    output, whose sequences may have rows past l: padded_rows), else a contiguous copy. Returns (t,
+    row_stride, seq_stride)."""
     inner, stride = t.shape[2:], 1
     dense = True
     for size, st in zip(reversed(inner), reversed(t.stride()[2:])):
         dense = dense and (size == 1 or st == stride)
         stride *= size
-    if not (dense and t.stride(0) == t.shape[1] * t.stride(1)):
+    apart = (t.shape[1] == 1 or t.stride(1) >= stride) and (t.shape[0] == 1 or t.stride(0) >= t.shape[1] * t.stride(1))
+    if not (dense and apart):
         t = t.contiguous()
-    return t, t.stride(1)
+    return t, t.stride(1), t.stride(0)
+
+
+def _dense_rows(t):
+    """Whether t (b, l, ...) is as the kernels write an output: rows of dense values (any row stride), each
+    sequence's rows right after the last's."""
+    return _rows_of(t)[0] is t and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
 
 
 def _descriptor(t, block):
@@ -748,27 +760,43 @@ def _tiles(tma, t, block):
 
 def _copy_rows(src, dst, rows, launch):
     """The first `rows` rows of src (b, l, n) into dst (b, l', n), zeros past them, cast to dst's dtype: one
-    Triton pass; both with rows of n dense values, any row stride (_rows_of)."""
-    (src, s_src), (dst_rows, s_dst) = _rows_of(src), _rows_of(dst)
-    if dst_rows is not dst:
+    Triton pass; src with rows of n dense values, any row and sequence strides (_rows_of), dst with its
+    sequences' rows one after another (_dense_rows)."""
+    (src, s_src, sb_src), s_dst = _rows_of(src), dst.stride(1)
+    if not _dense_rows(dst):
         raise ValueError(f"_copy_rows: dst {tuple(dst.shape)} with strides {dst.stride()} does not have dense rows")
     b, l_dst, n = dst.shape
     bn = next_power_of_2(n)
     bl = max(1, 4096 // bn)
-    launch(_copy_rows_kernel)[(cdiv(l_dst, bl), b)](src, dst, src.shape[1], l_dst, rows, n, s_src, s_dst,
+    launch(_copy_rows_kernel)[(cdiv(l_dst, bl), b)](src, dst, sb_src, l_dst, rows, n, s_src, s_dst,
                                                     BL=bl, BN=bn, num_warps=4)
     return dst
 
 
-def _chunked_rows(t, Q, launch):
-    """_chunked for B or C (b, l, n), whose rows may lie apart (the conv's output): a view when l is a
-    whole number of chunks, else one Triton pass into (b, c, Q, n) with zeros past l (a strided
-    torch.cat ran at a tenth of the memory's speed)."""
-    b, l, n = t.shape
+def _chunked_rows(t, l, Q, launch):
+    """_chunked for B or C (b, l, n), whose rows may lie apart (the conv's output), or (b, c*Q, n) with
+    zeros past l (padded_rows): a view when t's rows are a whole number of chunks, else one Triton pass
+    into (b, c, Q, n) with zeros past l (a strided torch.cat ran at a tenth of the memory's speed)."""
+    b, rows, n = t.shape
     c = -(-l // Q)
-    if c * Q == l:
+    if c * Q == rows:
         return _chunked(t, Q)
     return _copy_rows(t, t.new_empty(b, c * Q, n), l, launch).view(b, c, Q, n)
+
+
+def padded_rows(l, chunk_size):
+    """The rows B and C (b, rows, n) may have for the Triton forms: l rounded up to whole chunks. B and
+    C given so, zero past l (views of a conv output written with those rows: gpu_kernels.causal_conv_silu's
+    rows), are split into chunks as views; with l rows, the chunks are a copy when l is not a whole
+    number of chunks."""
+    return -(-l // chunk_size) * chunk_size
+
+
+def _check_BC(B, C, b, l, Q, name):
+    """Raises ValueError unless B and C are both (b, l, n) or both (b, padded_rows(l, Q), n)."""
+    if B.shape != C.shape or B.dim() != 3 or B.shape[:2] not in ((b, l), (b, padded_rows(l, Q))):
+        raise ValueError(f"{name}: B {tuple(B.shape)} and C {tuple(C.shape)} must both be ({b}, {l}, n) or "
+                         f"({b}, {padded_rows(l, Q)}, n), zero past row {l}")
 
 
 def _launch(x, chunk_size):
@@ -832,25 +860,28 @@ def _has_tma(device):
 def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=None, launch=as_is, final_out=None):
     """forward with the elementwise work in Triton (CUDA, or TRITON_INTERPRET=1): same arguments and
     results, but acum (b, c, h, Q): a head's cumulative decays of a chunk in one row, as the kernels load
-    them (for backward_triton); chunk_size a power of two >= 16. tma: the chunk-state kernel loads its tiles through TMA
-    descriptors, else through pointers (default: _tma; the interpreter runs either). launch: how each
-    kernel is launched (as_is). initial_state is read in its own dtype (fp32 or bf16: a decoding
+    them (for backward_triton); chunk_size a power of two >= 16. B and C (b, l, n), or (b, padded_rows(l,
+    chunk_size), n) with zeros past l, so that their chunks are views (x, B and C may be views of one
+    buffer, each with its own row and sequence strides). tma: the chunk-state kernel loads its tiles
+    through TMA descriptors, else through pointers (default: _tma; the interpreter runs either). launch:
+    how each kernel is launched (as_is). initial_state is read in its own dtype (fp32 or bf16: a decoding
     state as it is stored). final_out: a contiguous (b, h, p, n) tensor of any float dtype that the
     final state is written into, rounded once, and returned as the final state; it may be
     initial_state itself (each tile of the state is read before it is written, by one program), so
     that a prefill continues a state in place without fp32 copies of it. Raises ValueError for a
-    final_out of another shape or not contiguous."""
+    final_out of another shape or not contiguous, or B and C of other shapes."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
+    _check_BC(B, C, b, l, Q, "forward_triton")
     n = B.shape[-1]
     hp, dev = h * p, x.device
     if final_out is not None and (final_out.shape != (b, h, p, n) or not final_out.is_contiguous()):
         raise ValueError(f"forward_triton: final_out {tuple(final_out.shape)} must be a contiguous {(b, h, p, n)}")
-    (x, sx), (B, sb), dt, A = _rows_of(x), _rows_of(B), dt.float().contiguous(), A.float().contiguous()
+    (x, sx, sxb), (B, sb, sbb), dt, A = _rows_of(x), _rows_of(B), dt.float().contiguous(), A.float().contiguous()
     # acum and dt as (b, c, h, Q), a head's chunk in one row: the (Q, Q) kernels load a head's values as vectors,
     # which from (b, c, Q, h) took a 32-byte sector per value (BENCHMARKS.md §0c, sixty-second session)
     acum, dtc = (torch.empty(b, c, h, Q, device=dev, dtype=torch.float32) for _ in range(2))
     xs = torch.empty(b, c * Q, h, p, device=dev, dtype=x.dtype)
-    launch(_prep_kernel)[(h, b * c)](x, dt, A, acum, dtc, xs, l, c, h, p, sx, Q=Q, BP=BP, num_warps=8)
+    launch(_prep_kernel)[(h, b * c)](x, dt, A, acum, dtc, xs, l, c, h, p, sx, sxb, Q=Q, BP=BP, num_warps=8)
     # the chunk states and the scan between chunks, the state on chip
     S_prev = torch.empty(b, c, hp, n, device=dev, dtype=x.dtype)
     final = torch.empty(b, h, p, n, device=dev, dtype=torch.float32) if final_out is None else final_out
@@ -859,9 +890,9 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     st = _states_launch(n, Q, backward=False, tma=tma)
     launch(_states_fwd_kernel)[(cdiv(n, st["BN"]), h, b)](
         _tiles(tma, xs, (1, st["BK"], 1, BP)), acum, _tiles(tma, B, (1, st["BK"], st["BN"])),
-        final if init is None else init, S_prev, final, l, c, h, p, n, sb, Q=Q, BP=BP, HAS_INIT=init is not None,
+        final if init is None else init, S_prev, final, l, c, h, p, n, sb, sbb, Q=Q, BP=BP, HAS_INIT=init is not None,
         PREC=prec, **st)
-    Bc, Cc = _chunked_rows(B, Q, launch), _chunked_rows(C, Q, launch)  # (b, c, Q, n)
+    Bc, Cc = _chunked_rows(B, l, Q, launch), _chunked_rows(C, l, Q, launch)  # (b, c, Q, n)
     y_off = _matmul_f32(Cc, S_prev.transpose(-1, -2))                 # (b, c, Q, h*p) fp32
     G = _matmul_f32(Cc, Bc.transpose(-1, -2))                         # (b, c, Q, Q) fp32, for the backward
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
@@ -870,7 +901,7 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     # its products below the diagonal block round G to that anyway, and on the diagonal block G * decay is
     # rounded once more (y's error unchanged: BENCHMARKS.md). The backward's d acum needs G in fp32.
     launch(_diag_fwd_kernel)[(h, Q // fl["BM"], b * c)](
-        G.to(x.dtype), acum, x, dtc, y_off, acum if D is None else D.float().contiguous(), y, l, c, h, p, sx, Q=Q,
+        G.to(x.dtype), acum, x, dtc, y_off, acum if D is None else D.float().contiguous(), y, l, c, h, p, sx, sxb, Q=Q,
         BP=BP, HAS_D=D is not None, PREC=prec, **fl)
     return y, final, acum, S_prev, G, y_off, xs.view(b, c, Q, hp)
 
@@ -878,25 +909,26 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
 def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, xs, chunk_size, dx_out=None,
                     dB_out=None, dC_out=None, tma=None, launch=as_is):
     """backward with the elementwise work in Triton: same arguments (acum forward_triton's, (b, c, h, Q)) and
-    results. dx_out: where to
+    results (B and C as forward_triton takes them). dx_out: where to
     write dx instead of a new tensor, (b, l, h, p) in x's dtype with rows of h*p values (as x may be:
     the x columns of the conv's gradient, so that dx is not copied there); it is the dx returned.
     dB_out, dC_out: the same for dB and dC, (b, l, n) with rows of n values, in any dtype (the result
     is cast as it is written). tma: as forward_triton's, for the chunk states' backward, dx's kernel
     and dG's. launch: as forward_triton's."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
+    _check_BC(B, C, b, l, Q, "backward_triton")
     n = B.shape[-1]
     for name, out, shape, dtype in (("dx_out", dx_out, (b, l, h, p), x.dtype), ("dB_out", dB_out, (b, l, n), None),
                                     ("dC_out", dC_out, (b, l, n), None)):
-        if out is not None and (_rows_of(out)[0] is not out or out.shape != shape or dtype not in (None, out.dtype)):
+        if out is not None and (out.shape != shape or not _dense_rows(out) or dtype not in (None, out.dtype)):
             want = f"{shape}" if dtype is None else f"{shape} {dtype}"
             raise ValueError(f"backward_triton: {name} must be {want} with rows of {math.prod(shape[2:])} values; "
                              f"got {tuple(out.shape)} {out.dtype} with strides {out.stride()}")
     hp, dev, f32 = h * p, x.device, torch.float32
-    (x, sx), (B, sb), (C, sc) = _rows_of(x), _rows_of(B), _rows_of(C)
+    (x, sx, sxb), (B, sb, sbb), (C, sc, scb) = _rows_of(x), _rows_of(B), _rows_of(C)
     dt32, A32 = dt.float().contiguous(), A.float().contiguous()
     dy = dy.to(x.dtype).contiguous()
-    Bc = _chunked_rows(B, Q, launch)                                  # (b, c, Q, n), dxs's operand
+    Bc = _chunked_rows(B, l, Q, launch)                               # (b, c, Q, n), dxs's operand
     small = lambda: torch.empty(b, c, h, Q, device=dev, dtype=f32)  # noqa: E731  (forward_triton's acum's layout)
     # state -> output: y_off = C S_prev^T (fp32, kept by the forward); y's part is exp(acum) y_off. dt in acum's
     # layout too (dtc), for the (Q, Q) kernels
@@ -914,7 +946,7 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     dfin = None if dfinal is None else dfinal.float().contiguous()
     launch(_states_bwd_kernel)[(nnt, h, b)](
         _tiles(tma, dy_e.view(b * c * Q, h, p), (st["BK"], 1, BP)), _tiles(tma, C, (1, st["BK"], st["BN"])), S_prev,
-        acum, d_init if dfin is None else dfin, dstates, d_init, da_part, l, c, h, p, n, sc, nnt, Q=Q, BP=BP,
+        acum, d_init if dfin is None else dfin, dstates, d_init, da_part, l, c, h, p, n, sc, scb, nnt, Q=Q, BP=BP,
         HAS_DFINAL=dfin is not None, PREC=prec, **st)
     del dy_e
     # chunk states: S = xs^T B (xs kept by the forward: a pass over x and xs less, for xs's memory)
@@ -929,7 +961,7 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     rows = (1, BM, 1, BP)
     x_t, dy_t = _tiles(tma, x, rows), _tiles(tma, dy, rows)
     launch(_diag_bwd_x_kernel)[(h, Q // BM, b * c)](
-        G, acum, x_t, dtc, dy_t, dxs, D32, dx, ddt, t, dD_part, l, c, h, p, sx, dx.stride(1), Q=Q, BM=BM, BP=BP,
+        G, acum, x_t, dtc, dy_t, dxs, D32, dx, ddt, t, dD_part, l, c, h, p, sx, sxb, dx.stride(1), Q=Q, BM=BM, BP=BP,
         HAS_D=D is not None, TMA=tma, PREC=prec, num_stages=1)
     del dxs
     dG = torch.empty(b, c, Q, Q, device=dev, dtype=x.dtype)
@@ -939,7 +971,7 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     if gl["BM"] != BM:  # its own tiles, over the tensors the descriptors above hold (x copied at most once)
         x_t, dy_t = (_tiles(tma, t.base if tma else t, (1, gl["BM"], 1, BP)) for t in (x_t, dy_t))
     launch(_diag_bwd_G_kernel)[(nb, nb, b * c)](
-        G, acum, x_t, dtc, dy_t, dG, dacum_m, l, c, h, p, sx, Q=Q, BP=BP, TMA=tma, PREC=prec, **gl)
+        G, acum, x_t, dtc, dy_t, dG, dacum_m, l, c, h, p, sx, sxb, Q=Q, BP=BP, TMA=tma, PREC=prec, **gl)
     # d acum in total, then through acum = cumsum(dt A): ddt and dA
     ddt_out = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     sums = torch.empty(b * c, 2, h, device=dev, dtype=f32)         # each chunk's parts of dA and dD
@@ -951,9 +983,9 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     dB_out = B.new_empty(b, l, n) if dB_out is None else dB_out
     dC_out = C.new_empty(b, l, n) if dC_out is None else dC_out
     bn, bk = min(128, max(16, next_power_of_2(n))), min(64, Q)
-    for out, M, sm, add, trans in ((dC_out, B, sb, dC, False), (dB_out, C, sc, dB, True)):
+    for out, M, sm, smb, add, trans in ((dC_out, B, sb, sbb, dC, False), (dB_out, C, sc, scb, dB, True)):
         launch(_dG_product_kernel)[(cdiv(n, bn), Q // BM, b * c)](
-            dG, M, add, out, l, c, n, sm, out.stride(1), TRANS=trans, Q=Q, BM=BM, BN=bn, BK=bk, PREC=prec,
+            dG, M, add, out, l, c, n, sm, smb, out.stride(1), TRANS=trans, Q=Q, BM=BM, BN=bn, BK=bk, PREC=prec,
             num_warps=4, num_stages=3)
     dB, dC = dB_out, dC_out
     # dA and dD: the chunks' parts summed in one small kernel, not two torch reductions (BENCHMARKS.md §0c)

@@ -178,6 +178,38 @@ def test_kernels_through_tma_equal_their_pointer_loads(strided):
 
 @needs_triton
 @pytest.mark.parametrize("tma", [False, pytest.param(True, marks=needs_descriptors)])
+def test_grouped_ssd_takes_x_b_and_c_from_a_buffer_padded_to_whole_chunks(tma):
+    # x, B and C as views of one buffer whose sequences have rows up to whole chunks (the training op's conv
+    # output: 70 -> 96 rows at chunk 32), B and C given with those rows, zeros past 70 (their chunks then
+    # views, no copy), x's rows past 70 NaN (never read): every output of forward_triton and backward_triton
+    # equals the contiguous inputs' (within cuBLAS's choice of kernel for other strides on a GPU)
+    b, l, h, p, n, Q = 2, 70, 3, 16, 20, 32
+    x, dt, A, B, C, D, s0 = (t.detach().float().to(DEVICE) for t in _inputs(b, l, h, p, n))
+    rows = ssd_grouped.padded_rows(l, Q)
+    assert rows == 96 and ssd_grouped.padded_rows(64, 32) == 64
+    buffer = torch.zeros(b, rows, h * p + 2 * n + 4, device=DEVICE)
+    buffer[:, :l, :h * p], buffer[:, :l, h * p:h * p + n], buffer[:, :l, h * p + n:h * p + 2 * n] = x.flatten(2), B, C
+    buffer[:, l:, :h * p] = float("nan")
+    xv, Bv, Cv = (buffer[:, :l, :h * p].unflatten(-1, (h, p)), buffer[..., h * p:h * p + n],
+                  buffer[..., h * p + n:h * p + 2 * n])
+    g = torch.Generator().manual_seed(5)
+    dy, dfinal = torch.randn(x.shape, generator=g).to(DEVICE), torch.randn(s0.shape, generator=g).to(DEVICE)
+    out = []
+    for xi, Bi, Ci in ((x, B, C), (xv, Bv, Cv)):
+        y, final, *saved = ssd_grouped.forward_triton(xi, dt, A, Bi, Ci, Q, D, s0, tma=tma)
+        grads = ssd_grouped.backward_triton(dy, dfinal, xi, dt, A, Bi, Ci, D, s0, *saved, Q, tma=tma)
+        out.append([y, final, *saved, *grads])
+    for got, want in zip(out[1], out[0]):
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-6 * want.abs().max()
+    with pytest.raises(ValueError, match=r"B \(2, 80, 20\) and C \(2, 80, 20\) must both be \(2, 70, n\) or "
+                                         r"\(2, 96, n\)"):
+        ssd_grouped.forward_triton(x, dt, A, buffer[:, :80, :n], buffer[:, :80, n:2 * n], Q, D, s0)
+    with pytest.raises(ValueError, match="backward_triton: B"):
+        ssd_grouped.backward_triton(dy, dfinal, x, dt, A, Bv, C, D, s0, *saved, Q)
+
+
+@needs_triton
+@pytest.mark.parametrize("tma", [False, pytest.param(True, marks=needs_descriptors)])
 def test_dg_kernel_writes_every_slot_of_d_acums_sums(tma):
     # _diag_bwd_G_kernel: dG = sum_h D_h and, per head, M_h = G * D_h's row sums less its column sums,
     # spread over Q / BM slots that backward_triton allocates uninitialised; here they start as NaN, so
@@ -197,7 +229,7 @@ def test_dg_kernel_writes_every_slot_of_d_acums_sums(tma):
     xd, dyd, dtd, Gd, ad = (t.to(DEVICE) for t in (x, dy, dt_rows, G, acum.transpose(2, 3).contiguous()))
     ssd_grouped._diag_bwd_G_kernel[(nb, nb, b * c)](Gd, ad, ssd_grouped._tiles(tma, xd, rows), dtd,
                                                     ssd_grouped._tiles(tma, dyd, rows), dG, slots, l, c, h, p,
-                                                    h * p, Q=Q, BM=BM, BP=p, TMA=tma, PREC="ieee")
+                                                    h * p, l * h * p, Q=Q, BM=BM, BP=p, TMA=tma, PREC="ieee")
     pad = lambda t: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, c * Q - l))  # noqa: E731
     xc, dyc, dtc = (pad(t).double().view(b, c, Q, *t.shape[2:]) for t in (x, dy, dt))
     decay = (acum.double()[:, :, :, None, :] - acum.double()[:, :, None, :, :]).exp()      # (b, c, q, s, h)
@@ -287,9 +319,13 @@ def test_grouped_chunks_of_strided_rows_equal_the_padded_copy(l):
     g = torch.Generator().manual_seed(0)
     buffer = torch.randn(2, l, 3 + 5 + 4, generator=g).to(DEVICE)
     B = buffer[..., 3:8]
-    got = ssd_grouped._chunked_rows(B, 16, ssd_grouped.as_is)
+    got = ssd_grouped._chunked_rows(B, l, 16, ssd_grouped.as_is)
     assert torch.equal(got, ssd_grouped._chunked(B.contiguous(), 16))
     assert got.shape == (2, 3, 16, 5) and bool((got.reshape(2, 48, 5)[:, l:] == 0).all())
+    # the rows of another sequence's layout (a padded buffer's sequences, any distance apart) copy the same
+    spaced = torch.randn(2, 50, 12, generator=g).to(DEVICE)[:, :l, 3:8]
+    spaced.copy_(B)
+    assert torch.equal(ssd_grouped._chunked_rows(spaced, l, 16, ssd_grouped.as_is), got)
 
 
 @pytest.mark.parametrize("variant", ["prefix_simba", "cross_simba"])

@@ -1367,7 +1367,8 @@ def test_causal_conv_silu_and_its_backward_equal_their_definition(dtype, prefetc
     # sequences starting where a segment of one sequence reads a tap of another, only its farthest: 258
     # (the backward's segment that ends at 256 reads dz[258]), 190 and 510 (x[189] for the forward's
     # segment at 192, x[509] for the backward's at 512); and 320, a forward segment's first position. The
-    # kernels may skip the masks only where all rows a segment reads are one sequence.
+    # kernels may skip the masks only where all rows a segment reads are one sequence. With rows past l (the
+    # grouped SSD's whole chunks: 768 = 12 segments of 64, two of them past l), the same rows and zeros after.
     edges = torch.tensor([[258, 320], [190, 510]], device=device)
     at_edges = (torch.arange(l, device=device)[None, :, None] >= edges[:, None]).sum(-1)
     bound = 1e-6 if dtype == torch.float32 else 2 ** -8                # out and dx rounded once to dtype
@@ -1377,6 +1378,9 @@ def test_causal_conv_silu_and_its_backward_equal_their_definition(dtype, prefetc
         want.backward(dout.double())
         got = kernels.causal_conv_silu(x, weight, bias, seq_idx)
         assert got.dtype == dtype and got.is_contiguous() and rel_err(got, want) < bound
+        padded = kernels.causal_conv_silu(x, weight, bias, seq_idx, rows=768)
+        assert padded.shape == (b, 768, ch) and padded.is_contiguous()
+        assert torch.equal(padded[:, :l], got) and bool((padded[:, l:] == 0).all())
         buffer = torch.full((b, l, ch + 9), 7.0, dtype=dtype, device=device)
         dx, dw, db = kernels.causal_conv_silu_backward(dout, x, weight, bias, seq_idx, dx_out=buffer[:, :, 5:5 + ch])
         assert dx.data_ptr() == buffer.data_ptr() + 5 * buffer.element_size()
@@ -1390,6 +1394,8 @@ def test_causal_conv_silu_and_its_backward_equal_their_definition(dtype, prefetc
         kernels.causal_conv_silu(x, weight, bias, pad.long())
     with pytest.raises(ValueError, match="dout"):
         kernels.causal_conv_silu_backward(dout[:, 1:], x, weight, bias)
+    with pytest.raises(ValueError, match="rows 602 is fewer than x's 603"):
+        kernels.causal_conv_silu(x, weight, bias, rows=602)
 
 
 @triton_here
@@ -1518,6 +1524,28 @@ def test_training_op_keeps_in_proj_rows_aligned_for_torch_compile():
     assert torch.equal(zxbcdt[..., 115:], torch.zeros(2, 37, 13, device=u.device))
 
 
+@triton_here
+def test_training_op_keeps_the_convs_output_in_whole_chunks_and_copies_no_rows(monkeypatch):
+    # with the Triton conv the op's conv output (x, B, C) has its rows rounded up to whole chunks (37 -> 48
+    # at chunk 16), zeros past 37, so that the grouped SSD views B and C in chunks instead of copying them
+    # (ssd_grouped._copy_rows made to fail here); the fake tensor torch.compile traces with says the same
+    import ssd_grouped
+
+    def no_copy(*args):
+        raise AssertionError("ssd_grouped._copy_rows ran")
+    inputs, _ = _training_op_inputs("MAMBA2_GROUPED", "cpu" if TRITON_INTERPRET else "cuda")
+    monkeypatch.setattr(ssd_grouped, "_copy_rows", no_copy)
+    outputs = kernels._mamba2_train_fwd_impl(*[t.detach() if torch.is_tensor(t) else t for t in inputs])
+    xBC = outputs[4]
+    assert xBC.shape == (2, 48, 16 * 3 + 2 * 8) and bool((xBC[:, 37:] == 0).all()) and bool(xBC[:, :37].ne(0).any())
+    grads = kernels._mamba2_train_bwd_impl(torch.ones_like(outputs[0]), *inputs[:10], *outputs[1:], *inputs[10:])
+    assert len(grads) == 9 and all(bool(torch.isfinite(g).all()) for g in grads)
+    plain = [t.detach() if torch.is_tensor(t) else t for t in inputs]
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = kernels._mamba2_train_fwd(*[mode.from_tensor(t) if torch.is_tensor(t) else t for t in plain])
+    assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in outputs]
+
+
 def test_host_cdiv_and_next_power_of_2_are_the_exact_integers():
     # the launch grids' and blocks' arithmetic on the host (ssd_grouped.cdiv, next_power_of_2, which
     # replace Triton's slower host calls): exact for every size a launch takes
@@ -1612,7 +1640,7 @@ def test_mamba2_train_runs_the_triton_op_where_asked_traced_or_compiled_and_by_t
 GROUPED_OP_WRITES = {
     "_conv_fwd_kernel": {"out_ptr"}, "_dt_softplus_fwd_kernel": {"out_ptr"},
     "_prep_kernel": {"acum_ptr", "dtc_ptr", "xs_ptr"},
-    "_states_fwd_kernel": {"S_prev_ptr", "final_ptr"}, "_copy_rows_kernel": {"dst_ptr"}, "_diag_fwd_kernel": {"y_ptr"},
+    "_states_fwd_kernel": {"S_prev_ptr", "final_ptr"}, "_diag_fwd_kernel": {"y_ptr"},
     "_rms_norm_fwd_kernel": {"out_ptr", "rstd_ptr"}, "_rms_norm_bwd_kernel": {"dx_ptr", "dz_ptr", "out_ptr", "dw_ptr"},
     "_dy_kernel": {"dye_ptr", "dacum_ptr", "dtc_ptr"},
     "_states_bwd_kernel": {"dstates_ptr", "dinit_ptr", "da_part_ptr"},
