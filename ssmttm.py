@@ -9,7 +9,6 @@ One file, read top to bottom:
   4. the other sublayers                              FeedForward, SelfAttention, CrossAttention
   5. the block and the four LM variants               Block, LAYOUTS, TextToMusicLM
   6. sampling with classifier-free guidance           classifier_free_guidance, sample_next, .generate
-  7. stage 2: codebooks 2..9 by latent diffusion      Stage2Config, DiffusionUNet, Stage2Diffusion
 
 Audio is K streams of DAC codes (1024 entries each, 86.13 frames/s); text is the sequence of
 Flan-T5 encoder states (768-d). The sequence the LM reads (prefix variants):
@@ -19,6 +18,9 @@ Flan-T5 encoder states (768-d). The sequence the LM reads (prefix variants):
       of the T5 states     special
 
 Cross variants read only [begin | x_0 ... x_{S-2}] and look at the text through cross-attention.
+
+Stage 2, which writes codebooks 2..9 from codebook 1 by latent diffusion, is stage2.py (it reuses
+section 4's CrossAttention and section 6's guidance).
 
 Everything here is plain PyTorch and runs anywhere; the SSD inside Mamba-2 is ssd_reference.py.
 The GPU kernels live in fast.py and gpu_kernels.py, which import this file (never the other way):
