@@ -274,7 +274,7 @@ class SelfAttention(nn.Module):
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout  # on the attention weights; the block drops the output
 
     def new_state(self, batch, max_len, device, dtype):
         shape = (batch, self.n_heads, max_len, self.qkv.in_features // self.n_heads)
@@ -285,7 +285,7 @@ class SelfAttention(nn.Module):
         b, s, d = x.shape
         q, k, v = (t.view(b, s, self.n_heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
         if state is None:
-            drop = self.dropout.p if self.training else 0.0
+            drop = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         else:  # append to the cache, attend to everything so far
             t0 = state.length
@@ -297,7 +297,7 @@ class SelfAttention(nn.Module):
                 positions = torch.arange(t0 + s, device=x.device)
                 causal = positions <= positions[t0:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
-        return self.dropout(self.out_proj(y.transpose(1, 2).reshape(b, s, d)))
+        return self.out_proj(y.transpose(1, 2).reshape(b, s, d))
 
 
 @dataclass
@@ -317,7 +317,7 @@ class CrossAttention(nn.Module):
         self.q_proj = nn.Linear(d_model, d_model)
         self.kv_proj = nn.Linear(d_memory or d_model, 2 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout  # on the attention weights; the block drops the output
 
     def new_state(self, batch, max_len, device, dtype):
         return TextKV()
@@ -336,15 +336,16 @@ class CrossAttention(nn.Module):
                 state.k, state.v = k, v
         has_text = memory_mask.any(-1)[:, None, None, None]
         mask = memory_mask[:, None, None, :] | ~has_text  # a row with no text would be all -inf (NaN)
-        drop = self.dropout.p if self.training else 0.0
+        drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop) * has_text
-        return self.dropout(self.out_proj(y.transpose(1, 2).reshape(b, s, d)))
+        return self.out_proj(y.transpose(1, 2).reshape(b, s, d))
 
 
 # ------------------------------------------------------------------------------------------------
 # 5. The block and the LM
 
-# Each block is a sequence of pre-norm residual sublayers, x = x + f(RMSNorm(x)) (paper, Fig. 1).
+# Each block is a sequence of pre-norm residual sublayers, x = x + Dropout(f(RMSNorm(x))) (paper, Fig. 1;
+# the output's dropout as in the official code and MusicGen).
 LAYOUTS = {
     "prefix_mamba": ("mamba", "mamba"),                       # (a) sequence mixing only
     "prefix_simba": ("mamba", "ff"),                          # (b) Mamba-2 + channel mixing (SiMBA)
@@ -354,8 +355,9 @@ LAYOUTS = {
 
 
 class Block(nn.Module):
-    """One LM block (paper, Fig. 1): x = x + f(RMSNorm(x)) for each sublayer f of `layout`, a tuple of
-    "mamba", "ff", "self_attn", "cross_attn". The SiMBA block is layout ("mamba", "ff")."""
+    """One LM block (paper, Fig. 1): x = x + Dropout(f(RMSNorm(x))) for each sublayer f of `layout`, a
+    tuple of "mamba", "ff", "self_attn", "cross_attn". The SiMBA block is layout ("mamba", "ff").
+    `dropout` is also the rate inside the feed-forward and on the attention weights (paper: 0.3)."""
 
     def __init__(self, layout, d_model, d_state=512, d_conv=4, expand=2, headdim=64, d_ff=2048, n_heads=8,
                  dropout=0.0, chunk_size=32):
@@ -369,6 +371,7 @@ class Block(nn.Module):
         self.layout = tuple(layout)
         self.norms = nn.ModuleList(nn.RMSNorm(d_model, eps=1e-5) for _ in self.layout)
         self.layers = nn.ModuleList(make[kind]() for kind in self.layout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, mask=None, memory=None, memory_mask=None, states=None):
         """x (b, s, d) -> (b, s, d). mask (b, s): False at (left) padding, for Mamba-2; memory
@@ -379,15 +382,18 @@ class Block(nn.Module):
         return x
 
     def sublayer(self, i, h, mask=None, memory=None, memory_mask=None, state=None):
-        """Sublayer i of the layout on its normed input h (b, s, d) -> (b, s, d), before the residual add."""
+        """Sublayer i of the layout on its normed input h (b, s, d) -> (b, s, d), with the dropout of its
+        output: what the residual add adds."""
         kind, layer = self.layout[i], self.layers[i]
         if kind == "mamba":
-            return layer(h, mask=mask, state=state)
-        if kind == "self_attn":
-            return layer(h, state=state)
-        if kind == "cross_attn":
-            return layer(h, memory, memory_mask, state=state)
-        return layer(h)
+            y = layer(h, mask=mask, state=state)
+        elif kind == "self_attn":
+            y = layer(h, state=state)
+        elif kind == "cross_attn":
+            y = layer(h, memory, memory_mask, state=state)
+        else:
+            y = layer(h)
+        return self.dropout(y)
 
 
 def position_frequencies(dim, device):

@@ -535,6 +535,29 @@ def test_simba_block_is_its_two_residual_sublayers():
     torch.testing.assert_close(block(padded, mask=mask, states=states)[:, 4:], block(x), rtol=1e-10, atol=1e-10)
 
 
+def test_each_sublayer_output_is_dropped_before_the_residual_add():
+    # The paper trains all four LMs with dropout 0.3; the official code (as MusicGen) drops each
+    # sublayer's output before the residual add, Mamba-2's too, besides the dropout inside the
+    # feed-forward and on the attention weights. Training Prefix Mamba's block is x + Dropout(f(norm x))
+    # with torch's draws in that order, bit for bit; evaluating, no dropout
+    block = Block(("mamba", "mamba"), d_model=32, d_state=16, headdim=8, dropout=0.5, chunk_size=8).double()
+    (norm1, norm2), (mamba1, mamba2) = block.norms, block.layers
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    torch.manual_seed(3)
+    out = block(x)
+    torch.manual_seed(3)
+    h = x + F.dropout(mamba1(norm1(x)), 0.5, True)
+    torch.testing.assert_close(out, h + F.dropout(mamba2(norm2(h)), 0.5, True), rtol=0, atol=0)
+    h = x + mamba1(norm1(x))
+    torch.testing.assert_close(block.eval()(x), h + mamba2(norm2(h)), rtol=0, atol=0)
+    # at rate 1 every branch is dropped, the feed-forward's and attention's biases too: the input, unchanged
+    for layout in LAYOUTS.values():
+        block = Block(layout, d_model=32, d_state=16, headdim=8, d_ff=64, n_heads=4, dropout=1.0).double()
+        memory, mask = torch.randn(2, 5, 32, dtype=torch.float64), torch.ones(2, 5, dtype=torch.bool)
+        assert torch.equal(block(x, memory=memory, memory_mask=mask), x), layout
+        assert not torch.equal(block.eval()(x, memory=memory, memory_mask=mask), x), layout
+
+
 def test_cross_block_reads_the_text_it_is_given():
     torch.manual_seed(0)
     block = Block(("mamba", "cross_attn", "ff"), d_model=32, d_state=16, headdim=8, d_ff=64, n_heads=4).double()
@@ -709,15 +732,17 @@ def test_optimizer_groups_exclude_norms_biases_and_ssm_scalars():
 def test_fast_lm_adds_each_residual_inside_the_next_norm_as_the_plain_blocks_do(variant):
     # FastLM's loop (every residual add but the last inside the next sublayer's norm, across blocks)
     # with kernels.add_rms_norm's plain form: the same sums in the same order as Block.forward, so the
-    # loss and every gradient are bit-equal; two blocks, so that a block boundary is crossed
+    # loss and every gradient are bit-equal, with dropout on (the same draws after the same seed); two
+    # blocks, so that a block boundary is crossed
     torch.manual_seed(0)
-    model = tiny_model(variant, n_codebooks=2, n_layers=2).train()
-    fused = tiny_model(variant, n_codebooks=2, n_layers=2).train()
+    model = tiny_model(variant, n_codebooks=2, n_layers=2, dropout=0.3).train()
+    fused = tiny_model(variant, n_codebooks=2, n_layers=2, dropout=0.3).train()
     fused.__class__, fused.options = fast.FastLM, FastOptions()
     text, text_mask = torch.randn(2, 5, 24, dtype=torch.float64), torch.tensor([[True] * 5, [True] * 2 + [False] * 3])
     codes = delay_pattern(torch.randint(0, 1024, (2, 2, 12)))
     losses = []
     for m in (model, fused):
+        torch.manual_seed(1)
         loss = m(codes, text, text_mask)[1]
         loss.backward()
         losses.append(loss)
@@ -1724,10 +1749,10 @@ def test_gelu_dropout_kernel_keeps_or_drops_each_value_and_its_backward_is_that_
 
 @gpu
 def test_gpu_cuda_graph_training_draws_the_dropout_masks_eager_draws():
-    # train.py --compile --cuda-graphs with dropout 0.3: Prefix SiMBA's one dropout is the feed-forward's
-    # gelu_dropout op, which draws its seed from the default generator. Replayed in a CUDA graph after the
-    # same torch.manual_seed it must draw what eager draws: the gradients then agree as at dropout 0 (the
-    # test above), where another seed's masks move them by far more
+    # train.py --compile --cuda-graphs with dropout 0.3: Prefix SiMBA's dropouts are torch's on each
+    # sublayer's output and the feed-forward's gelu_dropout op, which draws its seed from the default
+    # generator. Replayed in a CUDA graph after the same torch.manual_seed they must draw what eager draws:
+    # the gradients then agree as at dropout 0 (the test above), where another seed's masks move them by far more
     if not kernels.HAS_TRAIN_KERNELS:
         pytest.skip("mamba-ssm < 2.3: Mamba2 trains through mamba-ssm's own function")
     model, g = _graph_training_model(dropout=0.3)
