@@ -152,13 +152,41 @@ SEED = whole_number(0, 2**31 - 1)  # numpy's legacy seeding takes up to 2**32 - 
 
 
 def device_name(text):
-    """An argparse type: auto, cpu, cuda or cuda:N; cuda only where torch sees a CUDA device."""
-    kind, _, index = text.partition(":")
-    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu or cuda, not {text!r}")
+    """An argparse type: auto, cpu, cuda or cuda:N; cuda only where torch sees a CUDA device, N
+    one of those it sees."""
+    kind, colon, index = text.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (colon and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, not {text!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}, but torch sees no CUDA device here")
+    if colon and int(index) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}, but torch sees {plural(torch.cuda.device_count(), 'CUDA device')}"
+                                         " here (cuda:0 is the first)")
     return text
+
+
+def check_out_folder(path, flag="--out"):
+    """BadInput naming `flag` unless path is a folder that takes new files, or one can be made there
+    (its nearest existing parent is such a folder), so that a run stops before its work, not after.
+    Makes nothing: a run that stops on another error leaves no folder behind."""
+    if not path or "\0" in path:
+        fail(f"{flag} {path!r}: not a folder name")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        fail(f"{flag} {path}: {'it' if existing == os.path.abspath(path) else existing} exists and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"{flag} {path}: cannot write in {existing}")
+
+
+def make_folder(path, flag="--out"):
+    """os.makedirs(path, exist_ok=True) after check_out_folder's checks; BadInput naming `flag` if it fails."""
+    check_out_folder(path, flag)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        fail(f"{flag} {path}: cannot make this folder ({e.strerror})")
 
 
 def plural(n, word):
@@ -325,9 +353,9 @@ def from_pretrained(cls, name_or_path, what, flag):
         fail(f"{what} {name_or_path!r}: no such local folder")
     try:
         return cls.from_pretrained(name_or_path)
-    except OSError as e:
-        fail(f"could not load {what} {name_or_path!r} ({str(e).splitlines()[0]}); without internet, "
-             f"download it elsewhere and pass its local folder ({flag} PATH)")
+    except Exception as e:  # not found (OSError), or a folder cut short or damaged (safetensors', tokenizers' errors)
+        fail(f"could not load {what} {name_or_path!r} ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+             f"without internet, download it elsewhere and pass its local folder ({flag} PATH)")
 
 
 def load_text_encoder(spec, device="cpu", t5_path=None):
@@ -393,16 +421,22 @@ def legacy_clips(folder):
     """A folder of the layout before the journal (codes.u16 + index.jsonl, one line per clip),
     read-only: the whole index lines that have their code rows. A clip listed twice (that layout
     re-encoded a file whose run stopped between its two files) counts once."""
-    codes_path = os.path.join(folder, LEGACY_CODES)
-    with open(os.path.join(folder, LEGACY_INDEX), encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f if line.endswith("\n")]
+    codes_path, index = os.path.join(folder, LEGACY_CODES), os.path.join(folder, LEGACY_INDEX)
+    with open(index, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.endswith("\n")]
     n = min(len(lines), os.path.getsize(codes_path) // ROW_BYTES if os.path.exists(codes_path) else 0)
     clips, seen = [], set()
-    for row, r in enumerate(lines[:n]):
-        if (r["source"], r["start_s"]) not in seen:
-            seen.add((r["source"], r["start_s"]))
-            clips.append({"source": r["source"], "start_s": r["start_s"], "frames": r["frames"],
-                          "captions": [r["caption"]], "row": row})
+    for row, line in enumerate(lines[:n]):
+        try:
+            r = json.loads(line)
+            key = (r["source"], r["start_s"])
+            clip = {"source": r["source"], "start_s": r["start_s"], "frames": r["frames"],
+                    "captions": [r["caption"]], "row": row}
+        except (ValueError, KeyError, TypeError):
+            fail(f"{index}:{row + 1}: a damaged line (not a JSON object with source, start_s, frames, caption)")
+        if key not in seen:
+            seen.add(key)
+            clips.append(clip)
     return clips, codes_path
 
 
@@ -410,12 +444,17 @@ class TokenDataset:
     """A preprocessed folder, read-only (see the module docstring): example i -> codes (9, 2584)
     int64, with the special id after the clip's end, and a caption. It holds the clips committed
     when it was opened; data.py may go on writing the folder. index[i]: {"source", "start_s",
-    "frames", "captions", "row"}. BadInput for a missing, empty or damaged folder."""
+    "frames", "captions", "row"}. clips_per_track: at most this many clips of each audio file
+    (clips_of_each_track, with seed; paper, section III-C: one; 0: all). BadInput for a missing,
+    empty or damaged folder."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, clips_per_track=0, seed=0):
         self.index, codes_path = committed_clips(folder)
         if not self.index:
             fail(f"{folder}: no preprocessed clips (run: python data.py --audio DIR --captions FILE --out {folder})")
+        self.tracks = len({clip["source"] for clip in self.index})
+        if clips_per_track:
+            self.index = clips_of_each_track(self.index, clips_per_track, seed)
         n_rows = max(clip["row"] for clip in self.index) + 1
         self.codes = np.memmap(codes_path, dtype=np.uint16, mode="r", shape=(n_rows, N_CODEBOOKS, CLIP_FRAMES))
         self.n_frames = CLIP_FRAMES
@@ -437,6 +476,20 @@ class TokenDataset:
         return torch.stack([c for c, _ in examples]), [t for _, t in examples]
 
 
+def clips_of_each_track(index, n, seed):
+    """The clips of index (TokenDataset.index), at most n of each audio file, drawn at random (paper,
+    section III-C: "we randomly select one clip per track"), in index order. A file's draw depends on
+    (seed, its name) alone, so it stays the same when data.py adds other files to the folder."""
+    by_track = {}
+    for i, clip in enumerate(index):
+        by_track.setdefault(clip["source"], []).append(i)
+    keep = set()
+    for source, rows in by_track.items():
+        rng = np.random.default_rng([seed, zlib.crc32(source.encode("utf-8", "surrogateescape"))])
+        keep.update(rng.choice(rows, min(n, len(rows)), replace=False).tolist())
+    return [clip for i, clip in enumerate(index) if i in keep]
+
+
 class ClipWriter:
     """The one writer of a preprocessed folder (see the module docstring); a context manager.
 
@@ -454,7 +507,7 @@ class ClipWriter:
         if os.path.exists(legacy) and not os.path.exists(journal):
             fail(f"{folder} holds the earlier layout (codes.u16, index.jsonl): training still reads it, "
                  "but data.py no longer adds to it; preprocess into a new --out")
-        os.makedirs(folder, exist_ok=True)
+        make_folder(folder, "--out")
         self.folder, self.meta = folder, meta
         self.journal = open(os.path.join(folder, JOURNAL_FILE), "ab", buffering=0)
         self.codes = None
@@ -653,7 +706,11 @@ def read_prompts(path):
     if not path.lower().endswith((".jsonl", ".csv")):
         return [(None, line.strip()) for line in text.split("\n") if line.strip()]
     if path.lower().endswith(".csv"):
-        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        try:  # strict: a quote left open is an error, not the rest of the file in one field
+            rows = list(reader)
+        except csv.Error as e:  # reader.line_num: where the last whole row ended
+            fail(f"{path}:{reader.line_num + 1}: not valid CSV ({e}; is a quote left open?)")
     else:
         rows = []
         for n, line in enumerate(text.split("\n"), 1):
@@ -692,6 +749,8 @@ def load_audio(path):
         raise AudioError("not found") from None
     except OSError as e:
         raise AudioError(e.strerror.lower()) from None
+    except ValueError:  # a NUL byte in the path
+        raise AudioError("not a valid path") from None
     try:
         audio, sr = sf.read(path, dtype="float32", always_2d=True)
     except sf.SoundFileError as e:
@@ -885,7 +944,7 @@ def preprocess(audio_dir, captions_file, out, dac_name="descript/dac_44khz", bat
 def summarise(out, encoded, errors, store):
     """The run's account on stderr: clips kept and dropped, files too short, files skipped."""
     if encoded:
-        short = [r["source"] for r in encoded if r["seconds"] < MIN_CLIP_SECONDS]
+        short = [r["source"] for r in encoded if not r["clips"] and not r["silent"]]  # split_clips found none
         minutes = sum(r["seconds"] for r in encoded) / 60
         line = (f"encoded {plural(len(encoded), 'file')} ({minutes:.1f} min): "
                 f"{plural(sum(len(r['clips']) for r in encoded), 'clip')} kept, "

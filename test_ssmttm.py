@@ -2961,6 +2961,8 @@ def test_preprocess_clips_silence_errors_and_resume(audio_dir, tiny_dac_dir, tmp
                                progress=False)
     assert sorted(name for name, _ in again) == ["corrupt.wav", "missing.ogg"]
     assert len(datamod.TokenDataset(out)) == 3
+    one = datamod.TokenDataset(out, clips_per_track=1)  # the paper's choice: one clip per track, at random
+    assert sorted(c["source"] for c in one.index) == ["stereo48k.flac", "tones.wav"] and one.tracks == 2
     with open(f"{out}/clips.u16", "ab") as f:
         f.write(b"\x01" * 1000)
     with open(f"{out}/files.jsonl", "a") as f:
@@ -3265,22 +3267,24 @@ def test_nonfinite_missing_and_short_files_are_reported(songs, dac, fake_dac, tm
     with_inf[SR] = np.inf
     sf.write(d / "inf.wav", np.stack([with_inf, tone(12, 660)], 1), SR, subtype="FLOAT")  # stereo, one inf
     sf.write(d / "short.wav", tone(9.5, 770), SR, subtype="FLOAT")
+    sf.write(d / "almost.wav", tone(10, 770)[:-1], SR, subtype="FLOAT")  # one sample short: 10.0 s, rounded
     (d / "folder.wav").mkdir()
     write_jsonl(d / "captions.jsonl", [{"audio": a, "caption": f"caption of {a}"} for a in
-                                       ("good.wav", "nan.wav", "inf.wav", "short.wav", "missing.wav", "folder.wav")])
+                                       ("good.wav", "nan.wav", "inf.wav", "short.wav", "almost.wav", "missing.wav",
+                                        "folder.wav", "nul\0.wav")])
     out = tmp_path / "out"
     errors = run(d, out, dac)
     skipped = [("nan.wav", "NaN or infinite samples (529200 of 529200)"),
                ("inf.wav", "NaN or infinite samples (1 of 1058400)"),
-               ("missing.wav", "not found"), ("folder.wav", "is a directory")]
+               ("missing.wav", "not found"), ("folder.wav", "is a directory"), ("nul\0.wav", "not a valid path")]
     assert errors == skipped
     assert_rows(rows(out), [("good.wav", 0.0, 1723, "caption of good.wav", SONGS["c.wav"])])
     assert capsys.readouterr().err.splitlines() == [
-        "6 captioned files: 0 already done, 6 to do",
-        "encoded 2 files (0.5 min): 1 clip kept, 0 dropped as mostly silent; 1 file shorter than 10 s gave no "
-        "clip (short.wav)",
-        f"{out}: 1 clip from 2 files",
-        "4 files skipped (a rerun tries them again):",
+        "8 captioned files: 0 already done, 8 to do",
+        "encoded 3 files (0.7 min): 1 clip kept, 0 dropped as mostly silent; 2 files shorter than 10 s gave no "
+        "clip (short.wav, almost.wav)",
+        f"{out}: 1 clip from 3 files",
+        "5 files skipped (a rerun tries them again):",
         *[f"  {name}: {reason}" for name, reason in skipped]]
     assert run(d, out, dac) == skipped  # not committed: tried again, and still not encoded
 
@@ -3440,7 +3444,12 @@ def test_bad_arguments_are_one_line_and_exit_2(songs, tmp_path, monkeypatch, cap
     cases = [(["--captions", tmp_path / "none.jsonl"], f"{tmp_path}/none.jsonl: captions file not found"),
              (["--audio", tmp_path / "none"], f"{tmp_path}/none: audio folder not found"),
              (["--out", tmp_path / "file"], f"{tmp_path}/file: exists and is not a folder"),
-             (["--device", "tpu"], "data.py: error: argument --device: expected auto, cpu or cuda, not 'tpu'"),
+             (["--out", tmp_path / "file" / "sub"], f"--out {tmp_path}/file/sub: {tmp_path}/file exists and is not "
+                                                    "a folder"),
+             (["--out", ""], "--out '': not a folder name"),
+             (["--device", "tpu"], "data.py: error: argument --device: expected auto, cpu, cuda or cuda:N, not 'tpu'"),
+             (["--device", "cuda:"], "data.py: error: argument --device: expected auto, cpu, cuda or cuda:N, not "
+                                     "'cuda:'"),
              (["--batch-size", "0"], "data.py: error: argument --batch-size: expected a whole number of at least "
                                      "1, not '0'"),
              (["--batch-size", "8", "--bogus"], "data.py: error: unrecognized arguments: --bogus")]
@@ -3453,6 +3462,80 @@ def test_bad_arguments_are_one_line_and_exit_2(songs, tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit) as e:
         datamod.TokenDataset(str(tmp_path / "nowhere"))
     assert e.value.code == 2 and capsys.readouterr().err == f"{tmp_path}/nowhere: no such data folder\n"
+
+
+def test_device_index_must_be_a_device_torch_sees(monkeypatch):
+    # --device cuda:N is checked when parsed: an index past the devices would fail later, in a traceback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [datamod.device_name(d) for d in ("cuda", "cuda:0", "cuda:1", "cpu", "auto")] == [
+        "cuda", "cuda:0", "cuda:1", "cpu", "auto"]
+    for text, message in [("cuda:2", "'cuda:2', but torch sees 2 CUDA devices here (cuda:0 is the first)"),
+                          ("cuda:", "expected auto, cpu, cuda or cuda:N, not 'cuda:'"),
+                          ("cuda:-1", "expected auto, cpu, cuda or cuda:N, not 'cuda:-1'"),
+                          ("cpu:0", "expected auto, cpu, cuda or cuda:N, not 'cpu:0'")]:
+        with pytest.raises(argparse.ArgumentTypeError) as e:
+            datamod.device_name(text)
+        assert str(e.value) == message
+
+
+def test_a_model_folder_cut_short_is_one_line(tiny_dac_dir, tmp_path, capsys):
+    # an interrupted download: the weights file half there. transformers raises safetensors' own error
+    import shutil
+    folder = tmp_path / "dac"
+    shutil.copytree(tiny_dac_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    with pytest.raises(SystemExit) as e:
+        datamod.load_dac(str(folder))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"could not load DAC '{folder}' (") and err.endswith(
+        "); without internet, download it elsewhere and pass its local folder (--dac PATH)\n")
+
+
+def test_clips_of_each_track_draws_n_per_file_stable_as_files_are_added():
+    # paper, section III-C: one clip per track at random. Each file's draw depends on (seed, name) only:
+    # the same with another file added; another seed draws others; every clip is drawn about as often
+    index = [{"source": f"{t}.wav", "start_s": 30.0 * k} for t in range(40) for k in range(t % 4 + 1)]
+    one = datamod.clips_of_each_track(index, 1, seed=0)
+    assert [c["source"] for c in one] == [f"{t}.wav" for t in range(40)]  # one each, in index order
+    two = datamod.clips_of_each_track(index, 2, seed=0)
+    assert [len([c for c in two if c["source"] == f"{t}.wav"]) for t in range(40)] == [min(2, t % 4 + 1)
+                                                                                         for t in range(40)]
+    more = index + [{"source": "new.wav", "start_s": 0.0}, {"source": "new.wav", "start_s": 30.0}]
+    assert datamod.clips_of_each_track(more, 1, seed=0)[:40] == one
+    assert datamod.clips_of_each_track(index, 1, seed=1) != one
+    firsts = [datamod.clips_of_each_track(index[-4:], 1, seed=s)[0]["start_s"] for s in range(400)]
+    assert all(80 <= firsts.count(30.0 * k) <= 120 for k in range(4))  # 4 clips: each about 100 of 400
+
+
+def test_a_damaged_line_of_the_earlier_layout_is_named(tmp_path, capsys):
+    # training reads a folder of the layout before the journal: a line that is not a clip's record is
+    # named with its line number, not a traceback
+    (tmp_path / "codes.u16").write_bytes(bytes(2 * datamod.ROW_BYTES))
+    good = {"source": "a.wav", "start_s": 0.0, "frames": 2584, "caption": "a"}
+    for second in ['{"source": "b.wav", "cap\x01tion"}', json.dumps({"source": "b.wav"}), "[1, 2]"]:
+        (tmp_path / "index.jsonl").write_text(json.dumps(good) + "\n" + second + "\n")
+        with pytest.raises(SystemExit) as e:
+            datamod.legacy_clips(str(tmp_path))
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"{tmp_path}/index.jsonl:2: a damaged line (not a JSON object with source, start_s, frames, caption)\n")
+    (tmp_path / "index.jsonl").write_text(json.dumps(good) + "\n")
+    assert datamod.legacy_clips(str(tmp_path))[0] == [{"source": "a.wav", "start_s": 0.0, "frames": 2584,
+                                                        "captions": ["a"], "row": 0}]
+
+
+def test_a_prompts_csv_with_a_quote_left_open_is_named(tmp_path, capsys):
+    # strict CSV: the open quote would otherwise swallow the rows after it into one prompt
+    path = tmp_path / "prompts.csv"
+    path.write_text('ytid,caption\na1,"calm piano\nb2,rock song\nc3,jazz trio\n')
+    with pytest.raises(SystemExit) as e:
+        datamod.read_prompts(str(path))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{path}:2: not valid CSV (unexpected end of data; is a quote left open?)\n")
+    path.write_text('ytid,caption\na1,"calm piano, slow"\nb2,"a ""rock"" song"\n')  # quotes closed: fine
+    assert datamod.read_prompts(str(path)) == [("a1", "calm piano, slow"), ("b2", 'a "rock" song')]
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
@@ -3490,6 +3573,37 @@ def test_resume_is_exact(tmp_path):
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_takes_each_flag_typed_even_at_its_default(tmp_path):
+    # a RUNTIME flag typed on resume counts at its default value too: --log-every 1 after a run with
+    # --log-every 2; the on/off switches are this invocation's, not kept (--no-fused-add-norm)
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "4", "--stop-after", "2", "--log-every", "2", "--no-fused-add-norm"))
+    trainmod.main(tiny_train_args(out, "--steps", "4", "--resume", "--log-every", "1"))
+    assert [int(r["step"]) for r in csv.DictReader(open(out / "metrics.csv"))] == [2, 3, 4]
+    saved = torch.load(out / "ckpt.pt", weights_only=False)["args"]
+    assert saved["log_every"] == 1 and saved["no_fused_add_norm"] is False
+
+
+def test_resume_with_another_number_of_processes_or_an_unusable_out_is_one_line(tmp_path, capsys):
+    # each process reads its own part of a batch and keeps its own RNG states: a run saved by 2
+    # processes resumes on 2 (one would read examples again and halve the batch; three would lack a state)
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "1"))
+    capsys.readouterr()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    torch.save({**ckpt, "rng": ckpt["rng"] * 2}, out / "ckpt.pt")  # as 2 processes save it
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(out, "--steps", "2", "--resume"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"--resume: {out}/ckpt.pt was saved by 2 processes and this run has 1; resume it with as many "
+        "(torchrun --nproc_per_node 2)\n")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:  # before the data and the model are made
+        trainmod.main(tiny_train_args(tmp_path / "file" / "run", "--steps", "1"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"--out {tmp_path}/file/run: {tmp_path}/file exists and is not a folder\n")
 
 
 def forward_interrupted_at(monkeypatch, call):
@@ -3624,8 +3738,10 @@ BAD_TRAIN_FLAGS = [
     (["--steps", "1e3"], "argument --steps: expected a whole number of at least 1, not '1e3'"),
     (["--weight-decay", "inf"], "argument --weight-decay: expected a finite number of at least 0, not 'inf'"),
     (["--stop-after", "-1"], "argument --stop-after: expected a whole number of at least 0, not '-1'"),
-    (["--device", "gpu"], "argument --device: expected auto, cpu or cuda, not 'gpu'"),
+    (["--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, not 'gpu'"),
     (["--stage", "3"], "argument --stage: invalid choice: 3 (choose from 1, 2)"),
+    (["--stage", "2", "--variant", "cross_transformer", "--layers", "3"],
+     "--stage 2: --layers, --variant set the stage-1 LM; stage 2's diffusion model takes none of them"),
     (["--mamba-train", "fast"], "argument --mamba-train: invalid choice: 'fast' (choose from 'keep_states', "
                                 "'mamba_ssm', 'split', 'grouped')"),
 ]
@@ -3991,7 +4107,7 @@ def test_training_reads_every_caption_of_a_clip(tmp_path, monkeypatch):
             return super().__call__(captions)
     monkeypatch.setattr(datamod, "T5TextEncoder", Recorder)
     trainmod.main(tiny_train_args(tmp_path / "r", "--data", str(folder), "--steps", "4", "--batch-size", "3",
-                                  "--grad-accum", "1"))
+                                  "--grad-accum", "1", "--clips-per-track", "0"))  # both clips of a.wav
     assert seen == [["first", "first", "only"], ["only", "second", "second"]] * 2  # a batch is an epoch here
 
 
@@ -4014,6 +4130,46 @@ def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
     b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_ctrl_c_to_one_of_two_processes_stops_both_after_the_same_step(tmp_path):
+    # torchrun: Ctrl-C reaches each process at its own point of a step. Here only rank 1 gets it, in step
+    # 2's second micro-batch, while rank 0 goes on to the gradients' all-reduce. Both finish step 2, save
+    # it (rank 1's RNG states of that step too) and exit 130; resumed on 2 processes the run is the
+    # uninterrupted one, bit for bit, with dropout on. (Raised where it came, rank 0 waited in the
+    # all-reduce for a rank that was saving: both hung.)
+    common = ["--layers", "2", "--d-model", "64", "--d-state", "16", "--frames", "32", "--dropout", "0.3",
+              "--steps", "5", "--grad-accum", "2", "--batch-size", "2", "--eval-every", "0", "--device", "cpu"]
+    script = tmp_path / "interrupted.py"
+    script.write_text(f"""import os, signal, sys
+sys.path.insert(0, {HERE!r})
+import train
+real = train.batch_indices
+def batch_indices(step, micro, args, rank, world, n):
+    if (rank, step, micro) == (1, 1, 1) and not args.resume:
+        signal.raise_signal(signal.SIGINT)
+    return real(step, micro, args, rank, world, n)
+train.batch_indices = batch_indices
+train.main()
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(program, out, *extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(program), *common, "--out", str(out), *extra], capture_output=True, text=True,
+                              env=env, timeout=300)
+    whole = torchrun(os.path.join(HERE, "train.py"), tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = torchrun(script, tmp_path / "cut")
+    assert cut.returncode != 0 and f"interrupted: checkpoint at step 2 in {tmp_path}/cut/ckpt.pt" in cut.stderr
+    saved = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
+    assert saved["step"] == 2 and len(saved["rng"]) == 2
+    resumed = torchrun(script, tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_losses(tmp_path / "cut") == read_losses(tmp_path / "whole") and len(read_losses(tmp_path / "cut")) == 5
+    a = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_data_parallel_gives_the_plain_gradients_as_views_of_its_buckets(tmp_path):

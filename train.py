@@ -49,12 +49,18 @@ import stage2
 from ssmttm import LAYOUTS, ModelConfig, TextToMusicLM, delay_pattern
 
 PAPER = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dropout=0.3, d_model=1024,
-             d_state=512, headdim=64, n_heads=8, frames=datamod.CLIP_FRAMES, eval_every=0, ckpt_every=1000)
+             d_state=512, headdim=64, n_heads=8, frames=datamod.CLIP_FRAMES, eval_every=0, ckpt_every=1000,
+             clips_per_track=1)
 SYNTHETIC = dict(batch_size=16, grad_accum=1, lr=1e-3, warmup=30, steps=300, dropout=0.1, d_model=256,
                  d_state=64, headdim=32, n_heads=4, frames=128, eval_every=100, ckpt_every=100)
 RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "cuda_graphs",
            "no_kernels", "mamba_train", "triton_op", "no_fused_add_norm", "no_fused_gelu_dropout", "t5", "dac"}
-THIS_INVOCATION = {"stop_after", "cuda_graphs"}  # RUNTIME flags that a resumed run does not take from the checkpoint
+# RUNTIME flags that a resumed run does not take from the checkpoint: --stop-after counts this invocation's
+# steps, and the on/off switches (store_true) could not be turned off again if they were kept
+THIS_INVOCATION = {"stop_after", "cuda_graphs", "compile", "no_kernels", "no_fused_add_norm", "no_fused_gelu_dropout"}
+# Flags of the stage-1 LM alone; stage 2's model is fixed by its config (stage2.Stage2Config)
+STAGE1_ONLY = {"variant", "layers", "codebooks", "d_model", "d_state", "headdim", "n_heads", "dropout", "no_kernels",
+               "mamba_train", "triton_op", "no_fused_add_norm", "no_fused_gelu_dropout"}
 METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "caption_score"]
 
 
@@ -86,6 +92,9 @@ def parse_args(argv=None):
     ap.add_argument("--headdim", type=count, help="Mamba-2 head size (2 d_model / headdim heads)")
     ap.add_argument("--n-heads", type=count, help="attention heads")
     ap.add_argument("--frames", type=count, help="frames per training sequence (30 s = 2584)")
+    ap.add_argument("--clips-per-track", type=at_least_0,
+                    help="--data: train on at most this many 30 s clips of each audio file, drawn at random with "
+                         "--seed (default 1, as the paper; 0: every clip)")
     ap.add_argument("--out", help="run folder (default: runs/<stage>-<variant>-<N>L-k<K>[-synthetic])")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
     ap.add_argument("--init-from", metavar="CKPT",
@@ -129,7 +138,14 @@ def parse_args(argv=None):
     ap.add_argument("--ckpt-every", type=count, help="steps between checkpoints (one is also written at the end)")
     ap.add_argument("--log-every", type=count, default=1, help="steps between rows of metrics.csv")
     args = ap.parse_args(argv)
-    given = {k for k, v in vars(args).items() if v is not None and v is not False and ap.get_default(k) != v}
+    for action in ap._actions:  # parsed again without defaults: the flags typed, even at their default value
+        action.default = argparse.SUPPRESS
+    given = set(vars(ap.parse_args(argv)))
+    if args.stage == 2 and given & STAGE1_ONLY:
+        ap.error(f"--stage 2: {', '.join('--' + k.replace('_', '-') for k in sorted(given & STAGE1_ONLY))} "
+                 "set the stage-1 LM; stage 2's diffusion model takes none of them")
+    if args.clips_per_track is not None and not args.data:
+        ap.error("--clips-per-track: the synthetic set has no tracks; it is for --data")
     preset = PAPER if args.data else SYNTHETIC
     for k, v in preset.items():
         if getattr(args, k, None) is None:
@@ -139,6 +155,7 @@ def parse_args(argv=None):
     if args.out is None:
         name = f"stage1-{args.variant}-{args.layers}L-k{args.codebooks}" if args.stage == 1 else "stage2"
         args.out = os.path.join("runs", name + ("" if args.data else "-synthetic"))
+    datamod.check_out_folder(args.out)
     multiple, why = head_split(args)
     if args.stage == 1 and args.d_model % multiple:
         ap.error(f"argument --d-model: expected a multiple of {multiple} for {args.variant} ({why}), "
@@ -213,10 +230,11 @@ def setup_processes(args):
     return world, rank, device
 
 
-def resume_or_start(args, given):
+def resume_or_start(args, given, world):
     """The checkpoint to continue (--resume), or None for a new run. A resumed run takes its
     settings from the checkpoint; only the RUNTIME flags may change. Stops (one line, exit code 2)
-    if --out holds a run and --resume is not given, or the checkpoint cannot be read."""
+    if --out holds a run and --resume is not given, the checkpoint cannot be read, or it was saved by
+    another number of processes (`world` now): the data each reads and the RNG states are per process."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if not args.resume:
         if os.path.exists(ckpt_path):
@@ -225,14 +243,16 @@ def resume_or_start(args, given):
     if not os.path.exists(ckpt_path):
         datamod.fail(f"--resume: no checkpoint at {ckpt_path}")
     ckpt = load_checkpoint(ckpt_path)
-    saved = ckpt["args"]
+    saved_world = len(ckpt["rng"])  # one RNG state per process
+    if saved_world != world:
+        datamod.fail(f"--resume: {ckpt_path} was saved by {saved_world} process{'es' * (saved_world != 1)} and this "
+                     f"run has {world}; resume it with as many (torchrun --nproc_per_node {saved_world})")
+    saved = {"clips_per_track": 0, **ckpt["args"]}  # a run saved before the flag trained on every clip
     changed = [k for k in given if k not in RUNTIME | {"resume", "out"} and saved.get(k) != getattr(args, k)]
     if changed:
         datamod.fail(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
                      f"checkpoint's settings; only {', '.join(sorted(RUNTIME))} can change on resume")
     for k, v in saved.items():
-        # --stop-after counts this invocation's steps; --cuda-graphs needs this machine to have CUDA
-        # devices, and as a store_true flag could not be turned off again if it were kept
         if k not in THIS_INVOCATION and not (k in given and k in RUNTIME):
             setattr(args, k, v)
     args.resume = True
@@ -305,7 +325,9 @@ def load_source_weights(src, model, model_config, args):
 def load_data(args, device):
     """The dataset, its size (None: endless), the text encoder and the frames per sequence."""
     if args.data:
-        dataset = datamod.TokenDataset(args.data)
+        dataset = datamod.TokenDataset(args.data, args.clips_per_track, args.seed)
+        print(f"{args.data}: {len(dataset)} clips of {dataset.tracks} audio files"
+              + (f", at most {args.clips_per_track} of each" if args.clips_per_track else ""), file=sys.stderr)
         return dataset, len(dataset), datamod.T5TextEncoder(args.t5, device=device), min(args.frames, dataset.n_frames)
     dataset = datamod.SyntheticMusic(n_frames=args.frames, seed=args.seed)
     return dataset, None, datamod.WordEncoder(device=device), args.frames
@@ -365,7 +387,7 @@ def restore(ckpt, model, optimizer, scheduler, rank, device):
 def prepare_run_folder(args, model_config, step, resumed):
     """OUT/config.json (the resolved settings) and OUT/metrics.csv, cut back to the checkpoint's step
     on resume (lines logged after the last checkpoint are logged again)."""
-    os.makedirs(args.out, exist_ok=True)
+    datamod.make_folder(args.out)
     datamod.atomic_write_text(os.path.join(args.out, "config.json"),
                               json.dumps({"args": vars(args), "model": model_config}, indent=1))
     path = os.path.join(args.out, "metrics.csv")
@@ -499,6 +521,30 @@ def ctrl_c_held():
         raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def ctrl_c_agreed(run):
+    """Under torchrun: yields a function, called by every process after each step, that says whether
+    any process has been sent Ctrl-C (SIGINT) since the run began, so that all stop after the same
+    step. Each process gets the signal at its own point of a step; raised there, one process could
+    wait in the gradients' all-reduce while another saves, or save the RNG states of another step.
+    So the signal is held for the whole loop, and the processes agree on it (an all-reduce of a flag).
+    One process: yields None, and Ctrl-C is raised where it comes (train's docstring)."""
+    if run.world == 1 or threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+
+    def any_process():
+        flag = torch.tensor([float(bool(held))], device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+    try:
+        yield any_process
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+
+
 def evaluate_captions(run, n=8):
     """Mean caption score of low-temperature generations for held-out synthetic captions."""
     captions = run.dataset.captions(n)
@@ -533,9 +579,15 @@ def save_checkpoint(run, step, rng):
 
 
 def atomic_save(obj, path):
+    """torch.save(obj, path) as one commit: a temp file, synced, then renamed over path (and the folder
+    synced), so that a kill or a power cut leaves the old checkpoint or the new one, whole."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    datamod.fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def log_step(run, bar, row, score):
@@ -564,58 +616,63 @@ def train(run, step, saved):
     states), then updates the weights, optimizer and schedule in place (apply_update). Ctrl-C while
     accumulating drops the step: the checkpoint is the step before, with the RNG states taken after
     its update (not those the dropped step has advanced). Ctrl-C during the update is held until
-    the update is whole (ctrl_c_held) and that step is saved. Either way the run exits with 130.
+    the update is whole (ctrl_c_held) and that step is saved. Under torchrun every process finishes
+    the step in progress, and all save it (ctrl_c_agreed). Either way the run exits with 130.
     A non-finite loss stops before the update, with exit code 1, and keeps the last checkpoint."""
     args = run.args
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     bar = tqdm(total=args.steps, initial=step, unit="step", disable=not run.master, dynamic_ncols=True)
     first_step, t_start, loss = step, time.time(), None
     rng, row = rng_states(run), None  # the RNG states as of the last completed step; its metrics until logged
-    try:
-        while step < args.steps and (args.stop_after is None or step - first_step < args.stop_after):
-            t0 = time.time()
-            loss = accumulate_gradients(run, step)
-            if not math.isfinite(loss):
-                kept = (f"the last good checkpoint is {ckpt_path} (step {saved})" if saved is not None
-                        else "no checkpoint was written yet")
-                if run.master:
-                    print(f"\nstep {step}: the loss is {loss}, stopping; {kept}", file=sys.stderr)
-                sys.exit(1)
-            with ctrl_c_held():  # the update and the count of completed steps change together
-                grad_norm, lr = apply_update(run)
-                step += 1
-                rng = rng_states(run)
-                tokens_per_s = args.batch_size * args.grad_accum * run.world * run.frames / (time.time() - t0)
-                row = [step, loss, lr, grad_norm, tokens_per_s, time.time() - t_start]
-            score = None
-            if args.eval_every and step % args.eval_every == 0 and args.stage == 1 and not args.data and run.master:
-                score = evaluate_captions(run)  # its own generator: the global RNG states stay
-            with ctrl_c_held():  # a row is written once
-                log_step(run, bar, row, score)
-                row = None
-            if step % args.ckpt_every == 0 or step == args.steps:
+    whole = ctrl_c_held if run.world == 1 else contextlib.nullcontext  # under torchrun ctrl_c_agreed holds it
+    with ctrl_c_agreed(run) as any_process_interrupted:
+        try:
+            while step < args.steps and (args.stop_after is None or step - first_step < args.stop_after):
+                t0 = time.time()
+                loss = accumulate_gradients(run, step)
+                if not math.isfinite(loss):
+                    kept = (f"the last good checkpoint is {ckpt_path} (step {saved})" if saved is not None
+                            else "no checkpoint was written yet")
+                    if run.master:
+                        print(f"\nstep {step}: the loss is {loss}, stopping; {kept}", file=sys.stderr)
+                    sys.exit(1)
+                with whole():  # the update and the count of completed steps change together
+                    grad_norm, lr = apply_update(run)
+                    step += 1
+                    rng = rng_states(run)
+                    tokens_per_s = args.batch_size * args.grad_accum * run.world * run.frames / (time.time() - t0)
+                    row = [step, loss, lr, grad_norm, tokens_per_s, time.time() - t_start]
+                score = None
+                if args.eval_every and step % args.eval_every == 0 and args.stage == 1 and not args.data and run.master:
+                    score = evaluate_captions(run)  # its own generator: the global RNG states stay
+                with whole():  # a row is written once
+                    log_step(run, bar, row, score)
+                    row = None
+                if step % args.ckpt_every == 0 or step == args.steps:
+                    save_checkpoint(run, step, rng)
+                    saved = step
+                if any_process_interrupted and any_process_interrupted():
+                    raise KeyboardInterrupt  # in every process, after the same step
+            if saved != step:
                 save_checkpoint(run, step, rng)
-                saved = step
-        if saved != step:
-            save_checkpoint(run, step, rng)
-    except KeyboardInterrupt:
-        if row is not None:  # interrupted after the update, before its row was logged
-            log_step(run, bar, row, None)
-        if saved != step:
-            save_checkpoint(run, step, rng)
-        if run.master:
-            print(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}; continue with --resume --out {args.out}",
-                  file=sys.stderr)
-        sys.exit(130)
-    finally:
-        bar.close()
+        except KeyboardInterrupt:
+            if row is not None:  # interrupted after the update, before its row was logged
+                log_step(run, bar, row, None)
+            if saved != step:
+                save_checkpoint(run, step, rng)
+            if run.master:
+                print(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}; continue with --resume "
+                      f"--out {args.out}", file=sys.stderr)
+            sys.exit(130)
+        finally:
+            bar.close()
     return step, loss if step > first_step else None
 
 
 def main(argv=None):
     args, given = parse_args(argv)
     world, rank, device = setup_processes(args)
-    ckpt = resume_or_start(args, given)
+    ckpt = resume_or_start(args, given, world)
     source = init_from(args, given) if ckpt is None and args.init_from else None
     args.device = device.split(":")[0]
     if args.cuda_graphs and not args.compile:
@@ -652,8 +709,9 @@ def main(argv=None):
               optimizer, scheduler)
     if run.master:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        what = f"stage 1 {args.variant}, {args.layers} blocks" if args.stage == 1 else "stage 2 diffusion"
-        print(f"{what}: {n_params / 1e6:.1f} M parameters, d_model {args.d_model} | data: {args.data or 'synthetic'} "
+        what = (f"stage 1 {args.variant}, {args.layers} blocks, d_model {args.d_model}" if args.stage == 1 else
+                f"stage 2 diffusion, channels {tuple(model_config['channels'])}")
+        print(f"{what}: {n_params / 1e6:.1f} M parameters | data: {args.data or 'synthetic'} "
               f"| {world} x {device} | batch {args.batch_size} x {args.grad_accum} x {world} of {frames} frames | "
               f"lr {args.lr} | {args.steps} steps | out {args.out}")
         if source is not None:
