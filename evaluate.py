@@ -124,7 +124,10 @@ def load_mono(path, sample_rate):
         fail(f"{path}: unreadable audio ({str(e).splitlines()[0]})")
     if audio.size == 0:
         fail(f"{path}: no audio samples")
-    mono = audio.mean(axis=1)
+    try:
+        mono = datamod.finite(audio).mean(axis=1)
+    except datamod.AudioError as e:  # NaN would run through every metric and come out as NaN
+        fail(f"{path}: {e}")
     if sr != sample_rate:
         mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
     peak = np.abs(mono).max()
@@ -480,6 +483,19 @@ def check_inputs(args):
     return metrics, generated, reference, prompts
 
 
+def check_output_file(path, flag="--out"):
+    """path, once it is known that a report can be written there: its folder exists and takes new
+    files, and it is not a folder itself; else one line naming it, before any work."""
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        fail(f"{flag} {path}: is a folder; give the report's file name")
+    if not os.path.isdir(folder):
+        fail(f"{flag} {path}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"{flag} {path}: cannot write in {folder}")
+    return path
+
+
 def fd_openl3(model, generated, reference, args, device, report):
     """FD between the OpenL3 frame embeddings of the two sets (all files of each)."""
     stats, short = {}, []
@@ -547,7 +563,7 @@ def clap_score(clap, generated, prompts, args, device, report):
 def evaluate(args):
     """--generated/--reference: the three metrics into a JSON report and a table."""
     metrics, generated, reference, prompts = check_inputs(args)
-    out_path = args.out or os.path.join(args.generated, "evaluation.json")
+    out_path = check_output_file(args.out or os.path.join(args.generated, "evaluation.json"))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     # every model now, so that a bad weights file or CLAP name stops the run before any audio is read
     openl3 = load_openl3(args.openl3, device) if "fd" in metrics else None
@@ -569,7 +585,7 @@ def evaluate(args):
                           "openl3_sr": OPENL3_SR, "openl3_hop_s": OPENL3_HOP_S, "passt_sr": PASST_SR,
                           "passt_window_s": PASST_WINDOW_S, "passt_hop_s": PASST_HOP_S, "kl_eps": KL_EPS,
                           "peak_dbfs": PEAK_DB}
-    atomic_write_text(out_path, json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out_path, json.dumps(report, indent=1, allow_nan=False) + "\n")
     print_table(report)
     print(f"wrote {out_path}")
     return report
@@ -785,8 +801,8 @@ def past_training_length(args):
     ckpt = genmod.read_checkpoint(args.long, "stage1")
     if ckpt["text_encoder"]["kind"] != "words":
         fail(f"--long {args.long}: not trained on the synthetic set (its captions are what is scored)")
-    model = TextToMusicLM(ModelConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    out = check_output_file(args.out or os.path.join(os.path.dirname(args.long) or ".", "long.json"))
+    model = genmod.build_model(ckpt, args.long, ModelConfig, TextToMusicLM)
     frames = ckpt["args"]["frames"]
     captions = datamod.SyntheticMusic(frames, seed=0).captions(args.n_prompts)
     report = {"ckpt": args.long, "step": ckpt["step"], "trained_frames": frames, "times": args.times,
@@ -806,7 +822,6 @@ def past_training_length(args):
     for w in range(args.times):
         print(f"| {w * frames}-{(w + 1) * frames} | {one['mean'][w]:.3f} ± {one['std'][w]:.3f} | "
               f"{one['state_norm'][w]:.2f} | {win['mean'][w]:.3f} ± {win['std'][w]:.3f} |")
-    out = args.out or os.path.join(os.path.dirname(args.long) or ".", "long.json")
     atomic_write_text(out, json.dumps(report, indent=1, allow_nan=False))
     print(f"\nwrote {out}")
     return report
@@ -823,7 +838,8 @@ def parse_args(argv=None):
     ap.add_argument("--clap", default=DEFAULT_CLAP, help="CLAP model: local folder or name in the Hugging Face cache")
     ap.add_argument("--out", help="JSON report (default: GENERATED/evaluation.json)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--seed", type=int, default=0, help="numpy seed for CLAP's crops of long clips; training seed")
+    ap.add_argument("--seed", type=datamod.SEED, default=0,
+                    help="numpy seed for CLAP's crops of long clips; training seed")
     conv = ap.add_argument_group("convergence comparison (paper, Figure 2 / RQ2, in miniature)")
     conv.add_argument("--convergence", metavar="OUT",
                       help="train the four variants into OUT/<variant>, plot OUT/convergence.png")

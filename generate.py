@@ -42,11 +42,20 @@ import data as datamod
 import fast
 import ssmttm
 import stage2
-from ssmttm import FRAME_RATE, LAYOUTS, SPECIAL, ModelConfig, TextToMusicLM
+from ssmttm import FRAME_RATE, LAYOUTS, MIN_TEMPERATURE, SPECIAL, ModelConfig, TextToMusicLM
 
 
 MAX_SECONDS = 3600
+MAX_ID_BYTES = 200  # an id names its files: <id>.npy and a temporary .<id>.npy.<pid>.tmp within 255 bytes
 MIN_SECONDS = math.ceil(0.5 / FRAME_RATE * 1e4) / 1e4  # 0.0059 s, the shortest that rounds to one frame
+
+
+def temperature(text):
+    """An argparse type: 0 (greedy) or a finite number from ssmttm.MIN_TEMPERATURE on."""
+    value = datamod.number(0)(text)
+    if 0 < value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"expected 0 (greedy) or at least {MIN_TEMPERATURE:g}, not {text!r}")
+    return value
 
 
 def parse_args(argv=None):
@@ -66,7 +75,8 @@ def parse_args(argv=None):
     ap.add_argument("--cfg", type=at_least_0, default=3.0,
                     help="classifier-free guidance scale (stage 1): 1 is the conditional model, 0 the null condition")
     ap.add_argument("--top-k", type=datamod.whole_number(0), default=250, help="0: every code")
-    ap.add_argument("--temperature", type=at_least_0, default=1.2, help="0: greedy")
+    ap.add_argument("--temperature", type=temperature, default=1.2,
+                    help=f"0: greedy; else at least {MIN_TEMPERATURE:g}")
     ap.add_argument("--stage2-steps", type=datamod.positive_int, default=100)
     ap.add_argument("--stage2-cfg", type=at_least_0, default=3.0)
     ap.add_argument("--seed", type=datamod.SEED, default=0)
@@ -96,11 +106,14 @@ def parse_args(argv=None):
     for i, (key, p) in enumerate(prompts, 1):
         if not p.strip():
             ap.error(f"prompt {i} is empty")
-        if key is not None and (os.sep in key or key.startswith(".")):
-            datamod.fail(f"{args.prompts_file}: the id {key!r} cannot name a file")
+        if key is not None and (os.sep in key or key.startswith(".") or "\0" in key
+                                or len(key.encode()) > MAX_ID_BYTES):
+            datamod.fail(f"{args.prompts_file}: the id {key[:40]!r}{'...' * (len(key) > 40)} cannot name a file "
+                         f"(no {os.sep}, no leading dot, at most {MAX_ID_BYTES} bytes)")
     args.prompts = [(key, p.strip()) for key, p in prompts]
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         datamod.fail(f"{args.out}: exists and is not a folder")
+    datamod.check_out_folder(args.out)  # here, before any model is loaded or any prompt generated
     if args.continue_seconds is not None and args.continue_from is None:
         datamod.fail(f"--continue-seconds {args.continue_seconds:g}: needs --continue FILE")
     if args.device == "auto":
@@ -134,7 +147,25 @@ def open_checkpoint(path):
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
     if not isinstance(ckpt, dict) or "kind" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path}: not an ssmttm checkpoint")
+    missing = [key for key in CHECKPOINT_KEYS.get(ckpt["kind"], ()) if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: a {ckpt['kind']} checkpoint without {', '.join(missing)}")
     return ckpt
+
+
+# What generate.py reads from each kind of checkpoint (train.py writes more)
+CHECKPOINT_KEYS = {"stage1": ("config", "step", "text_encoder", "args"), "stage2": ("config", "codec", "text_encoder")}
+
+
+def build_model(ckpt, path, config_class, model_class):
+    """model_class(config_class(**ckpt["config"])) with ckpt["model"]'s weights; one line naming path
+    when its config or weights do not fit (a checkpoint edited, or of another version)."""
+    try:
+        model = model_class(config_class(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        datamod.fail(f"{path}: its config and weights do not make a model ({str(e).splitlines()[0][:200]})")
+    return model
 
 
 def read_checkpoint(path, kind=None):
@@ -202,9 +233,8 @@ def load_models(args, device):
     LM runs in bf16 on the kernels (fast.py) when they are installed; on a CPU, plain, in fp32."""
     ckpt_path = args.ckpt
     ckpt = read_checkpoint(ckpt_path, "stage1")
-    cfg = ModelConfig(**ckpt["config"])
-    lm = TextToMusicLM(cfg)
-    lm.load_state_dict(ckpt["model"])
+    lm = build_model(ckpt, ckpt_path, ModelConfig, TextToMusicLM)
+    cfg = lm.cfg
     lm = fast.for_inference(lm.to(device), torch.bfloat16 if device == "cuda" else torch.float32)
     m = Models(lm, ckpt_path, ckpt["step"], datamod.load_text_encoder(ckpt["text_encoder"], device, args.t5),
                synthetic=ckpt["text_encoder"]["kind"] == "words")
@@ -223,8 +253,7 @@ def load_models(args, device):
             datamod.fail(f"--stage2 fills codebooks 2..9 of a K = 1 model; {ckpt_path} already makes all "
                          f"{cfg.n_codebooks}")
         ck2 = read_checkpoint(args.stage2, "stage2")
-        m.stage2 = stage2.Stage2Diffusion(stage2.Stage2Config(**ck2["config"]))
-        m.stage2.load_state_dict(ck2["model"])
+        m.stage2 = build_model(ck2, args.stage2, stage2.Stage2Config, stage2.Stage2Diffusion)
         m.codec = datamod.load_codec(ck2["codec"], device, args.dac)
         m.stage2 = m.stage2.to(device).eval().attach_codec(m.codec)
         m.stage2_encoder = (m.text_encoder if ck2["text_encoder"] == ckpt["text_encoder"]
@@ -403,7 +432,7 @@ def plan(args):
 
 # What a generations.jsonl record must agree on to be the same generation as a request of this run
 SETTINGS = ("prompt", "seed", "seconds", "cfg", "top_k", "temperature", "ckpt", "stage2", "stage2_steps",
-            "stage2_cfg", "ssm_state", "continued_from", "continue_seconds", "window")
+            "stage2_cfg", "ssm_state", "continued_from", "continue_seconds", "window", "dac", "t5")
 
 
 def settings(request, args):
@@ -411,7 +440,8 @@ def settings(request, args):
             "top_k": args.top_k, "temperature": args.temperature, "ckpt": args.ckpt, "stage2": args.stage2,
             "stage2_steps": args.stage2_steps if args.stage2 else None,
             "stage2_cfg": args.stage2_cfg if args.stage2 else None, "ssm_state": args.ssm_state,
-            "continued_from": args.continue_from, "continue_seconds": args.continue_seconds, "window": args.window}
+            "continued_from": args.continue_from, "continue_seconds": args.continue_seconds, "window": args.window,
+            "dac": args.dac, "t5": args.t5}
 
 
 def committed(out):
@@ -420,12 +450,18 @@ def committed(out):
     path = os.path.join(out, "generations.jsonl")
     if not os.path.exists(path):
         return {}
+    if not os.path.isfile(path):
+        datamod.fail(f"{path}: not a file")
     records = {}
     with open(path, "rb") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if line.endswith(b"\n"):
-                record = json.loads(line)
-                records[record.get("name")] = record
+                try:
+                    record = json.loads(line)
+                    records[record["name"]] = record
+                except (ValueError, KeyError, TypeError):
+                    datamod.fail(f"{path}:{n}: not a record of generate.py (a JSON object with a name); "
+                                 "edited? move the file away to start the folder again")
     return records
 
 
@@ -501,7 +537,7 @@ def write_outputs(m, requests, codes, audio, timings, n_frames, args):
             write_new(base + ".png", lambda f: save_mel_png(wav, f, prompt))
             record.update(wav=base + ".wav", png=base + ".png")
             print(f"{name}: {base}.wav")
-        with open(log_path, "ab") as f:  # strict JSON: a NaN would be a bug
+        with open(log_path, "ab", buffering=0) as f:  # unbuffered: append_durably's fsync then covers the line
             datamod.append_durably(f, (json.dumps(record, allow_nan=False) + "\n").encode())
 
 
@@ -522,7 +558,7 @@ def main(argv=None):
     n_frames = round(args.seconds * FRAME_RATE)
     if args.continue_from:
         m.continuation = load_continuation(args, m, n_frames, device)
-    os.makedirs(args.out, exist_ok=True)
+    datamod.make_folder(args.out)
     drop_cut_line(args.out)
     batch_size = args.batch_size or auto_batch_size(m, n_frames, device, len(todo))
     cfg = m.lm.cfg

@@ -673,14 +673,26 @@ def exponential_noise(like, generator=None, out=None):
     return out.exponential_(generator=generator)
 
 
+# The lowest temperature above 0 (greedy): far below it, logits / temperature overflow to inf and
+# softmax gives NaN, where the limit is the argmax.
+MIN_TEMPERATURE = 1e-4
+
+
 @dataclass
 class Sampling:
     """generate's sampling settings; called on the logits of one step's rows (b * copies, K, 1025),
-    [conditional; null] with guidance, it returns the tokens (b, K)."""
+    [conditional; null] with guidance, it returns the tokens (b, K). ValueError for a temperature
+    between 0 and MIN_TEMPERATURE, or not finite, and for top_k < 0."""
     cfg_scale: float = 3.0
     top_k: int = 250
     temperature: float = 1.2
     generator: object = None  # a torch.Generator, None (the default one), or a list, one per row
+
+    def __post_init__(self):
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):
+            raise ValueError(f"temperature {self.temperature}: 0 (greedy) or from {MIN_TEMPERATURE} on")
+        if self.top_k < 0:
+            raise ValueError(f"top_k {self.top_k}: 0 (every code) or more")
 
     def __call__(self, logits, noise=None):
         cond, uncond = logits.chunk(2) if self.cfg_scale != 1.0 else (logits, None)

@@ -340,14 +340,16 @@ def test_evaluate_kl_by_hand(weights, sets, capsys):
 
 
 @pytest.mark.parametrize("case", ["openl3_weights", "passt_weights", "passt_not_passt", "clap_weights", "empty",
-                                  "not_a_folder", "unpaired", "no_prompt", "no_prompts_file", "bad_audio"])
+                                  "not_a_folder", "unpaired", "no_prompt", "no_prompts_file", "bad_audio",
+                                  "nan_audio", "out_nowhere", "out_a_folder", "seed"])
 def test_evaluate_one_line_errors(case, weights, sets, capsys, tmp_path):
     argv = ["--generated", sets["generated"], "--reference", sets["same"], "--prompts", sets["prompts"],
             "--openl3", weights.get("openl3", "x"), "--passt", weights.get("passt", "x"), "--clap", weights["clap"]]
     culprit = {"openl3_weights": "--openl3", "passt_weights": "--passt", "passt_not_passt": "--passt",
                "clap_weights": "--clap", "empty": "--generated",
                "not_a_folder": "--reference", "unpaired": "--reference", "no_prompt": "--prompts",
-               "no_prompts_file": "--prompts", "bad_audio": "bad.wav"}[case]
+               "no_prompts_file": "--prompts", "bad_audio": "bad.wav", "nan_audio": "nan.wav: NaN or infinite samples",
+               "out_nowhere": "--out", "out_a_folder": "--out", "seed": "--seed"}[case]
     if case == "openl3_weights":
         argv[argv.index("--openl3") + 1] = str(tmp_path / "missing.pth.tar")
     elif case == "passt_weights":
@@ -376,6 +378,16 @@ def test_evaluate_one_line_errors(case, weights, sets, capsys, tmp_path):
         for d in (sets["generated"], sets["same"]):
             open(os.path.join(d, "bad.wav"), "wb").write(b"RIFF not really a wav file")
         argv += ["--metrics", "kl"]
+    elif case == "nan_audio":  # would come out of every metric as NaN, or stop FD's matrix square root
+        sf.write(os.path.join(sets["generated"], "nan.wav"), np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
+        open(sets["prompts"], "a").write(json.dumps({"id": "nan", "caption": "x"}) + "\n")
+        argv += ["--metrics", "clap"]
+    elif case == "out_nowhere":  # found before the metrics run, not when the report is written
+        argv += ["--out", str(tmp_path / "nowhere" / "report.json")]
+    elif case == "out_a_folder":
+        argv += ["--out", str(tmp_path)]
+    elif case == "seed":
+        argv += ["--seed", "-1"]
     with pytest.raises(SystemExit) as e:
         evaluate.main(argv)
     assert e.value.code == 2

@@ -4462,13 +4462,14 @@ BAD_GENERATE_FLAGS = [
     (["--top-k", "-1"], "argument --top-k: expected a whole number of at least 0, not '-1'"),
     (["--temperature", "-1"], "argument --temperature: expected a finite number of at least 0, not '-1'"),
     (["--temperature", "nan"], "argument --temperature: expected a finite number of at least 0, not 'nan'"),
+    (["--temperature", "1e-40"], "argument --temperature: expected 0 (greedy) or at least 0.0001, not '1e-40'"),
     (["--cfg", "nan"], "argument --cfg: expected a finite number of at least 0, not 'nan'"),
     (["--stage2-cfg=-inf"], "argument --stage2-cfg: expected a finite number of at least 0, not '-inf'"),
     (["--stage2-steps", "0"], "argument --stage2-steps: expected a whole number of at least 1, not '0'"),
     (["--stage2-steps", "-1"], "argument --stage2-steps: expected a whole number of at least 1, not '-1'"),
     (["--batch-size", "0"], "argument --batch-size: expected a whole number of at least 1, not '0'"),
     (["--seed", "-1"], "argument --seed: expected a whole number from 0 to 2147483647, not '-1'"),
-    (["--device", "tpu"], "argument --device: expected auto, cpu or cuda, not 'tpu'"),
+    (["--device", "tpu"], "argument --device: expected auto, cpu, cuda or cuda:N, not 'tpu'"),
     (["--ssm-state", "fp16"], "argument --ssm-state: invalid choice: 'fp16' (choose from 'fp32', 'bf16')"),
 ] + ([] if torch.cuda.is_available() else [
     (["--device", "cuda"], "argument --device: 'cuda', but torch sees no CUDA device here")])
@@ -4484,7 +4485,15 @@ def test_bad_generate_flag_is_one_line_and_exit_2(flags, message, capsys):
 def test_bad_generate_files_are_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     (tmp_path / "latin1.txt").write_bytes("a calm piece\na café piece\n".encode("latin-1"))
+    write_jsonl(tmp_path / "long.jsonl", [{"id": "x" * 201, "caption": "a calm piece"}])
+    write_jsonl(tmp_path / "nul.jsonl", [{"id": "a\0b", "caption": "a calm piece"}])
     for args, message in [(["a piece", "--out", tmp_path / "file"], f"{tmp_path}/file: exists and is not a folder"),
+                          (["a piece", "--out", tmp_path / "file" / "sub"],
+                           f"--out {tmp_path}/file/sub: {tmp_path}/file exists and is not a folder"),
+                          (["--prompts", tmp_path / "long.jsonl"], f"{tmp_path}/long.jsonl: the id {'x' * 40!r}... cannot "
+                           "name a file (no /, no leading dot, at most 200 bytes)"),
+                          (["--prompts", tmp_path / "nul.jsonl"], f"{tmp_path}/nul.jsonl: the id 'a\\x00b' cannot "
+                           "name a file (no /, no leading dot, at most 200 bytes)"),
                           (["--prompts", tmp_path / "latin1.txt"],
                            f"{tmp_path}/latin1.txt:2: not UTF-8 (byte 0xe9); save the file as UTF-8"),
                           (["--prompts", tmp_path / "none.txt"], f"{tmp_path}/none.txt: prompts file not found"),
@@ -4517,6 +4526,70 @@ def synthetic_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("syn") / "run"
     trainmod.main(tiny_train_args(out, "--steps", "2"))
     return out / "ckpt.pt"
+
+
+def test_generate_names_a_checkpoint_or_log_it_cannot_use(synthetic_checkpoint, tmp_path, capsys):
+    # a checkpoint without what generate reads, or whose weights do not fit its config; a damaged
+    # generations.jsonl: one line naming the file, exit 2, before any model runs
+    ckpt = torch.load(synthetic_checkpoint, weights_only=False)
+    no_config = {k: v for k, v in ckpt.items() if k != "config"}
+    other = {**ckpt, "config": {**ckpt["config"], "n_layers": 3}}
+    unknown = {**ckpt, "config": {**ckpt["config"], "bogus": 1}}
+    for name, bad in (("no_config", no_config), ("other", other), ("unknown", unknown)):
+        torch.save(bad, tmp_path / f"{name}.pt")
+    run = lambda *a: genmod.main(["a calm piece", "--seconds", "0.1", *map(str, a)])  # noqa: E731
+    for name, message in [
+            ("no_config", "a stage1 checkpoint without config"),
+            ("other", "its config and weights do not make a model (Error(s) in loading state_dict for TextToMusicLM:)"),
+            ("unknown", "its config and weights do not make a model (ModelConfig.__init__() got an unexpected "
+                        "keyword argument 'bogus')")]:
+        with pytest.raises(SystemExit) as e:
+            run("--ckpt", tmp_path / f"{name}.pt", "--out", tmp_path / "out")
+        assert e.value.code == 2 and capsys.readouterr().err == f"{tmp_path}/{name}.pt: {message}\n"
+    out = tmp_path / "damaged"
+    out.mkdir()
+    (out / "generations.jsonl").write_text('{"name": "a"}\n\n')
+    with pytest.raises(SystemExit) as e:
+        run("--ckpt", synthetic_checkpoint, "--out", out)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{out}/generations.jsonl:2: not a record of generate.py (a JSON object with a name); edited? move the file "
+        "away to start the folder again\n")
+
+
+def test_generate_commits_each_line_to_disk_and_the_codec_is_a_setting(synthetic_checkpoint, tmp_path, monkeypatch,
+                                                                      capsys):
+    # the log's line is the commit point: written unbuffered, so that its fsync covers it (a buffered
+    # file would hold the line in Python until closed). A rerun with another --dac or --t5 is another
+    # generation: its name is taken, not "nothing to do"
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_size), real_fsync(fd))[1])
+    run = lambda *a: genmod.main(["a calm piece", "--ckpt", str(synthetic_checkpoint), "--seconds", "0.1",  # noqa: E731
+                                  "--out", str(tmp_path), *a])
+    run()
+    line = open(tmp_path / "generations.jsonl", "rb").read()
+    assert synced[-1] == len(line) > 0 and json.loads(line)["dac"] is None and json.loads(line)["t5"] is None
+    run()
+    assert "nothing to do" in capsys.readouterr().err
+    for flag in ("--dac", "--t5"):
+        with pytest.raises(SystemExit) as e:
+            run(flag, str(tmp_path / "elsewhere"))
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"{tmp_path}/s0-0000-a-calm-piece.npy exists (a generation with other settings), and is kept: pass another "
+            "--seed or --out\n")
+
+
+def test_sampling_refuses_a_temperature_that_would_overflow():
+    # logits / 1e-40 overflow to inf and softmax gives NaN: the draw would be code 0 whatever the logits
+    for bad in (1e-40, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature"):
+            ssmttm.Sampling(temperature=bad)
+    with pytest.raises(ValueError, match="top_k"):
+        ssmttm.Sampling(top_k=-1)
+    logits = torch.randn(3, 1, 1025, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    lowest = ssmttm.Sampling(cfg_scale=1.0, top_k=0, temperature=ssmttm.MIN_TEMPERATURE, generator=g)(logits)
+    assert torch.equal(lowest, logits[..., :1024].argmax(-1))  # the limit: the argmax
 
 
 def test_one_frame_synthetic_sample_has_a_valid_json_score(synthetic_checkpoint, tmp_path):
