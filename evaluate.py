@@ -406,9 +406,10 @@ def load_clap(name, device):
     hub is reached only if the environment allows; the name must otherwise be in the HF cache)."""
     from transformers import AutoFeatureExtractor, AutoTokenizer, ClapModel
     try:
-        model = ClapModel.from_pretrained(name)
-        extractor = AutoFeatureExtractor.from_pretrained(name)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        # local_files_only: a name must be in the cache already; nothing is downloaded here
+        model = ClapModel.from_pretrained(name, local_files_only=True)
+        extractor = AutoFeatureExtractor.from_pretrained(name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except Exception as e:
         where = "folder" if os.path.isdir(name) else "name (not a local folder, not in the Hugging Face cache)"
         fail(f"--clap {name}: cannot load a CLAP model from this {where}: {str(e).splitlines()[0][:160]}")

@@ -542,7 +542,8 @@ def write_outputs(m, requests, codes, audio, timings, n_frames, args):
 
 
 def name_taken(path):
-    datamod.fail(f"{path} exists (a generation with other settings), and is kept: pass another --seed or --out")
+    datamod.fail(f"{path} exists (a generation with other settings), and is kept: pass another --out (or, for "
+                 "prompts not named by an id, another --seed)")
 
 
 def main(argv=None):

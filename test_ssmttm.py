@@ -4576,7 +4576,7 @@ def test_generate_commits_each_line_to_disk_and_the_codec_is_a_setting(synthetic
             run(flag, str(tmp_path / "elsewhere"))
         assert e.value.code == 2 and capsys.readouterr().err == (
             f"{tmp_path}/s0-0000-a-calm-piece.npy exists (a generation with other settings), and is kept: pass another "
-            "--seed or --out\n")
+            "--out (or, for prompts not named by an id, another --seed)\n")
 
 
 def test_sampling_refuses_a_temperature_that_would_overflow():
@@ -4617,7 +4617,7 @@ def test_two_runs_into_one_folder_never_overwrite_and_a_rerun_resumes(synthetic_
         run("--temperature", "0.5")
     assert e.value.code == 2 and capsys.readouterr().err == (
         f"{tmp_path}/s0-0000-a-calm-piece.npy exists (a generation with other settings), and is kept: pass "
-        "another --seed or --out\n")
+        "another --out (or, for prompts not named by an id, another --seed)\n")
     # a run stopped after a prompt's files but before its line: the rerun writes that prompt again
     lines = open(tmp_path / "generations.jsonl").read().splitlines(keepends=True)
     open(tmp_path / "generations.jsonl", "w").write("".join(lines[:-1]) + lines[-1][:20])  # a cut last line
@@ -4635,7 +4635,7 @@ def test_two_runs_into_one_folder_never_overwrite_and_a_rerun_resumes(synthetic_
         run("--seed", "9")
     assert e.value.code == 2 and capsys.readouterr().err.endswith(
         f"{tmp_path}/s9-0000-a-calm-piece.npy exists (a generation with other settings), and is kept: pass "
-        "another --seed or --out\n")
+        "another --out (or, for prompts not named by an id, another --seed)\n")
     assert open(tmp_path / "s9-0000-a-calm-piece.npy", "rb").read() == b"the other run's"
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary file left
 
