@@ -132,8 +132,11 @@ def gaussian_noise(shape, device, generator=None):
 
 
 def cosine_schedule(t):
-    """alpha_t, sigma_t of the cosine schedule (Nichol & Dhariwal 2021): x_t = alpha x_0 + sigma eps."""
-    alpha_bar = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    """alpha_t, sigma_t of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), t in [0, 1]:
+    x_t = alpha x_0 + sigma eps, alpha^2 = f(t) / f(0), f(t) = cos((t + s) / (1 + s) pi / 2)^2, s = 0.008.
+    So alpha_0 = 1 and sigma_0 = 0: the last sampling step returns the model's clean estimate."""
+    f = lambda u: torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    alpha_bar = (f(t) / f(torch.zeros_like(t))).clamp(0, 1)
     return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
 
@@ -242,7 +245,7 @@ class Stage2Diffusion(nn.Module):
                 if i > 1:
                     noise = gaussian_noise(x.shape, x.device, generator)
                     x = torch.where(known_frames[:, None], alpha_s * known + sigma_s * noise, x)
-                else:  # s = 0 (alpha_0 is not quite 1 in the cosine schedule: put them back as they are)
+                else:  # s = 0: alpha_0 = 1, the known latents as they are
                     x = torch.where(known_frames[:, None], known.to(x.dtype), x)
         return x
 

@@ -2834,6 +2834,31 @@ def test_stage2_learns_and_keeps_codebook_one():
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_stage2_schedule_is_nichol_and_dhariwals_and_its_sampler_ends_on_the_clean_latents():
+    # alpha^2 = f(t) / f(0) (Nichol & Dhariwal 2021, eq. 17): alpha_0 = 1, sigma_0 = 0. With an oracle
+    # denoiser for one fixed target (the exact v at every step), DDPM's last step returns the target;
+    # unnormalised, alpha_0^2 = 0.99984 left noise of std 0.0055 in it
+    t = torch.tensor([0.0, 0.01, 0.3, 0.7, 1.0], dtype=torch.float64)
+    alpha, sigma = stage2.cosine_schedule(t)
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    torch.testing.assert_close(alpha ** 2, torch.tensor([f(u) / f(0) for u in t.tolist()], dtype=torch.float64),
+                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(alpha ** 2 + sigma ** 2, torch.ones_like(t), rtol=1e-15, atol=1e-15)
+    assert alpha[0] == 1 and sigma[0] == 0 and alpha[-1] < 1e-7
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).double()
+    target = torch.randn(2, 8 * stage2.LATENT_DIM, 10, dtype=torch.float64)
+
+    def oracle_v(x, coarse, t, *rest):  # v = alpha eps - sigma x0, with eps the noise x holds
+        a, s = (u[:, None, None] for u in stage2.cosine_schedule(t.double()))
+        return a * (x - a * target) / s - s * target
+    model.predict_v = oracle_v
+    text, mask = random_text(b=2, lt=3)
+    out = model.sample_latents(torch.zeros(2, stage2.LATENT_DIM, 10, dtype=torch.float64), text, mask, steps=20,
+                               generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out.double(), target, rtol=0, atol=2e-6)  # x is drawn in float32
+
+
 def test_stage2_one_generator_per_prompt_gives_it_the_same_codes_in_any_batch():
     torch.manual_seed(0)
     model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small()))
@@ -4490,8 +4515,9 @@ def test_bad_generate_files_are_one_line_and_exit_2(tmp_path, capsys):
     for args, message in [(["a piece", "--out", tmp_path / "file"], f"{tmp_path}/file: exists and is not a folder"),
                           (["a piece", "--out", tmp_path / "file" / "sub"],
                            f"--out {tmp_path}/file/sub: {tmp_path}/file exists and is not a folder"),
-                          (["--prompts", tmp_path / "long.jsonl"], f"{tmp_path}/long.jsonl: the id {'x' * 40!r}... cannot "
-                           "name a file (no /, no leading dot, at most 200 bytes)"),
+                          (["--prompts", tmp_path / "long.jsonl"],
+                           f"{tmp_path}/long.jsonl: the id {'x' * 40!r}... cannot name a file (no /, no leading dot, "
+                           "at most 200 bytes)"),
                           (["--prompts", tmp_path / "nul.jsonl"], f"{tmp_path}/nul.jsonl: the id 'a\\x00b' cannot "
                            "name a file (no /, no leading dot, at most 200 bytes)"),
                           (["--prompts", tmp_path / "latin1.txt"],
