@@ -85,6 +85,9 @@ class FastOptions:
             raise ValueError(f"FastOptions.decode_streams: {self.decode_streams} is not a positive number of streams")
         if self.decode_chunk is not None and self.decode_chunk < 1:
             raise ValueError(f"FastOptions.decode_chunk: {self.decode_chunk} is not a positive number of steps")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
+            raise ValueError(f"FastOptions.chunk_size: {self.chunk_size!r} is not a power of two >= 16 (the SSD "
+                             "kernels' chunk length)")
 
 
 TRITON_OP_ROWS = 16384  # triton_op_for: at most this many positions a call (batch x length)
@@ -114,7 +117,9 @@ def accelerate(model, options=FastOptions()):
     """Run every ssmttm.Mamba2 layer of model on the kernels: each becomes a FastMamba2 in place (the
     same object, parameters and buffers; only its methods change), a TextToMusicLM a FastLM (its
     residual adds inside the norms) and a FeedForward a FastFeedForward. Returns model. Raises
-    RuntimeError without CUDA, mamba-ssm or causal-conv1d."""
+    TypeError if options is not a FastOptions, RuntimeError without CUDA, mamba-ssm or causal-conv1d."""
+    if not isinstance(options, FastOptions):
+        raise TypeError(f"fast.accelerate: options must be a FastOptions, not {type(options).__name__}")
     if not available():
         raise RuntimeError("fast.accelerate needs CUDA, mamba-ssm and causal-conv1d "
                            "(pip install -r requirements-gpu.txt --no-build-isolation)")
@@ -139,7 +144,7 @@ def for_inference(model, dtype=torch.bfloat16):
     for m in model.modules():
         if isinstance(m, Mamba2):
             for p in (m.dt_bias, m.A_log, m.D):
-                p.data = p.data.float()
+                p.data = p.data.to(torch.promote_types(dtype, torch.float32))
     return model.eval()
 
 
@@ -160,7 +165,7 @@ class FastLM(ssmttm.TextToMusicLM):
     def run_blocks(self, x, mask=None, memory=None, memory_mask=None, states=None):
         if states is not None or not self.options.fused_add_norm:
             return super().run_blocks(x, mask, memory, memory_mask, states)
-        h = None  # the last sublayer's output, not yet added to x
+        h, dtype = None, x.dtype  # the last sublayer's output, not yet added to x
         for block in self.blocks:
             for i, norm in enumerate(block.norms):
                 if h is None:
@@ -168,7 +173,8 @@ class FastLM(ssmttm.TextToMusicLM):
                 else:
                     normed, x = kernels.add_rms_norm(h, x, norm.weight, norm.eps)
                 h = block.sublayer(i, normed, mask, memory, memory_mask)
-        return x + h
+        # the plain loop's dtype (bf16 for a bf16 model), though add_rms_norm keeps the sums in fp32
+        return (x + h).to(torch.promote_types(dtype, h.dtype))
 
     def heads(self, x):
         """The plain heads; on CUDA the head's product on its weight's rows padded to a multiple of 8
@@ -212,7 +218,8 @@ class FastFeedForward(ssmttm.FeedForward):
 
 class FastMamba2(Mamba2):
     """ssmttm.Mamba2 on CUDA kernels, made by accelerate(): the same parameters and the same
-    function. On a CPU tensor every method is the plain one."""
+    function. On a CPU tensor every method is the plain one, but for the SSD with options.train
+    "grouped": ssd_grouped's torch form (the same function, to rounding: 1e-15 in float64)."""
 
     options: FastOptions
 

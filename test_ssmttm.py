@@ -753,6 +753,32 @@ def test_fast_lm_adds_each_residual_inside_the_next_norm_as_the_plain_blocks_do(
     assert torch.equal(sample(fused), sample(model))  # decoding states take the plain loop
 
 
+def test_fast_lm_of_a_bf16_model_returns_the_plain_dtype():
+    # for_inference's bf16 model: add_rms_norm keeps the residual stream's sums in fp32, and the last add
+    # must come back in the plain loop's dtype, or the heads' bf16 product meets fp32 rows
+    plain = fast.for_inference(tiny_model("prefix_simba", n_codebooks=2).float(), torch.bfloat16)
+    fused = fast.for_inference(tiny_model("prefix_simba", n_codebooks=2).float(), torch.bfloat16)
+    fused.__class__, fused.options = fast.FastLM, FastOptions()
+    text, mask = random_text()
+    codes = delay_pattern(torch.randint(0, 1024, (2, 2, 12)))
+    (a, _), (b, _) = plain(codes, text.bfloat16(), mask), fused(codes, text.bfloat16(), mask)
+    reference = tiny_model("prefix_simba", n_codebooks=2).float()(codes, text.float(), mask)[0]
+    assert a.dtype == b.dtype == torch.bfloat16
+    # the fp32 sums are nearer the fp32 model than the plain loop's bf16 ones
+    assert (b.float() - reference).abs().amax() <= (a.float() - reference).abs().amax() < 0.1
+
+
+def test_fast_options_refuse_what_cannot_run():
+    for bad in (0, -8, 48, 2.5, 8):
+        with pytest.raises(ValueError, match="is not a power of two >= 16"):
+            FastOptions(chunk_size=bad)
+    assert FastOptions(chunk_size=64).chunk_size == 64
+    with pytest.raises(TypeError, match="options must be a FastOptions, not str"):
+        fast.accelerate(tiny_model(), "grouped")
+    model = fast.for_inference(tiny_model(), torch.float64)  # float64 stays float64 (no decay rounded to fp32)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+
+
 @pytest.mark.parametrize("n", [1025, 9225, 1032])
 def test_aligned_linear_is_the_plain_product_on_padded_rows(n):
     # FastLM's head on CUDA: weight's rows padded with zeros to a multiple of 8, the pad sliced off
