@@ -75,9 +75,13 @@ def test_frechet_distance_of_samples_and_rank_deficient():
     # Same singular covariance, shifted mean: exactly |shift|^2; scaled by c^2: + (1 - c)^2 tr S.
     assert evaluate.frechet_distance(mz, sz, mz + shift, sz) == pytest.approx(shift @ shift, abs=1e-8)
     assert evaluate.frechet_distance(mz, sz, mz, 4 * sz) == pytest.approx(np.trace(sz), rel=1e-8)
+    # two different singular covariances: with S1 = A^T A and S2 = B^T B (A, B the centred samples over
+    # sqrt(n - 1)), tr((S1 S2)^(1/2)) is the nuclear norm of A B^T, an independent route to the FD
     w = rng.standard_normal((12, 128)) * 2
-    fd = evaluate.frechet_distance(mz, sz, *evaluate.gaussian_stats(w))
-    assert math.isfinite(fd) and fd > 0
+    mw, sw = evaluate.gaussian_stats(w)
+    a, b = (z - mz) / math.sqrt(len(z) - 1), (w - mw) / math.sqrt(len(w) - 1)
+    want = (mz - mw) @ (mz - mw) + np.trace(sz) + np.trace(sw) - 2 * np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    assert evaluate.frechet_distance(mz, sz, mw, sw) == pytest.approx(want, rel=1e-8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -445,8 +449,17 @@ def test_state_norms_decodes_as_generate_and_keeps_a_norm_per_step():
                                                     chunk_size=8)).eval()
     text, mask = data.WordEncoder()(["a calm piano", "fast drums"])
     kw = dict(cfg_scale=3.0, top_k=50, temperature=0.3)
-    probe = evaluate.StateNorms()
+    probe, seen, step = evaluate.StateNorms(), [], model.step
+
+    def recording_step(tokens, cache):  # after each step: ||h|| of every (layer, row, head), in float64
+        out = step(tokens, cache)
+        seen.append(np.mean([math.sqrt((h.double() ** 2).sum()) for states in cache.states for state in states
+                             if isinstance(state, ssmttm.Mamba2State) for row in state.ssm for h in row]))
+        return out
+    model.step = recording_step
     got = model.generate(text, mask, 12, decoder=probe, generator=torch.Generator().manual_seed(3), **kw)
+    del model.step
     want = model.generate(text, mask, 12, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(got, want)
-    assert len(probe.norms) == 11 and all(n > 0 for n in probe.norms)
+    assert len(probe.norms) == len(seen) == 11
+    np.testing.assert_allclose(probe.norms, seen, rtol=1e-6)  # the SSM states' norms (not the conv's)

@@ -288,6 +288,53 @@ def test_mamba2_parameters_match_mamba_ssm_names_and_init():
     assert torch.equal(layer.D, torch.ones(8)) and torch.equal(layer.norm.weight, torch.ones(128))
 
 
+def mamba2_by_definition(layer, u):
+    """Mamba-2 (Dao & Gu 2024, Listing and Fig. 6) written out one position at a time, in float64, from
+    the layer's parameters alone: in_proj -> [z | xBC | dt]; a causal depthwise conv of d_conv taps
+    (zeros before the start) and SiLU on xBC -> x, B, C; dt = softplus(dt + dt_bias), A = -exp(A_log);
+    per head h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t (head i reads group
+    i // (heads / groups)); y * silu(z), an RMSNorm per group, its weight; out_proj."""
+    W = lambda p: p.detach().double()  # noqa: E731
+    b, L, _ = u.shape
+    H, P, N, G, K = layer.nheads, layer.headdim, layer.d_state, layer.ngroups, layer.d_conv
+    zxbcdt = u.double() @ W(layer.in_proj.weight).T
+    z, xbc, dt = zxbcdt.split([layer.d_inner, layer.conv_dim, H], dim=-1)
+    w, bias = W(layer.conv1d.weight)[:, 0], W(layer.conv1d.bias)  # (channels, K), taps oldest first
+    conv = torch.zeros_like(xbc)
+    for t in range(L):
+        for k in range(K):
+            if t - (K - 1) + k >= 0:
+                conv[:, t] += w[:, k] * xbc[:, t - (K - 1) + k]
+    xbc = F.silu(conv + bias)
+    x, B, C = xbc.split([layer.d_inner, G * N, G * N], dim=-1)
+    x, B, C = x.view(b, L, H, P), B.view(b, L, G, N), C.view(b, L, G, N)
+    dt = F.softplus(dt + W(layer.dt_bias))
+    A = -torch.exp(W(layer.A_log))
+    h = torch.zeros(b, H, P, N, dtype=torch.float64)
+    y = torch.zeros(b, L, H, P, dtype=torch.float64)
+    for t in range(L):
+        for i in range(H):
+            g = i // (H // G)
+            h[:, i] = torch.exp(dt[:, t, i] * A[i])[:, None, None] * h[:, i] + \
+                dt[:, t, i, None, None] * x[:, t, i, :, None] * B[:, t, g, None, :]
+            y[:, t, i] = (h[:, i] @ C[:, t, g, :, None])[..., 0] + W(layer.D)[i] * x[:, t, i]
+    gated = (y.reshape(b, L, -1) * F.silu(z)).view(b, L, G, -1)
+    normed = gated / torch.sqrt(gated.pow(2).mean(-1, keepdim=True) + layer.norm.eps)
+    return (normed.reshape(b, L, -1) * W(layer.norm.weight)) @ W(layer.out_proj.weight).T
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_mamba2_equals_its_definition_one_position_at_a_time(ngroups):
+    # the layer's chunked SSD, conv and gated norm against the recurrence written out from the parameters
+    # alone (the other Mamba-2 tests compare the layer with its own paths, which share A(), the conv, the norm)
+    layer = mamba_layer(ngroups=ngroups)
+    with torch.no_grad():  # decays of every size: A = exp(A_log) from 1 to 16, dt around 0.01-1
+        layer.dt_bias.normal_(0, 1)
+        layer.norm.weight.normal_()
+    u = torch.randn(2, 19, 32, dtype=torch.float64)
+    torch.testing.assert_close(layer(u), mamba2_by_definition(layer, u), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("ngroups", [1, 2])
 def test_mamba2_prefill_then_steps_equals_forward(ngroups):
     layer = mamba_layer(ngroups=ngroups)
@@ -765,7 +812,7 @@ def test_fast_lm_of_a_bf16_model_returns_the_plain_dtype():
     reference = tiny_model("prefix_simba", n_codebooks=2).float()(codes, text.float(), mask)[0]
     assert a.dtype == b.dtype == torch.bfloat16
     # the fp32 sums are nearer the fp32 model than the plain loop's bf16 ones
-    assert (b.float() - reference).abs().amax() <= (a.float() - reference).abs().amax() < 0.1
+    assert (b.float() - reference).abs().amax() <= (a.float() - reference).abs().amax() < 0.03
 
 
 def test_fast_options_refuse_what_cannot_run():
@@ -2852,6 +2899,10 @@ def test_stage2_learns_and_keeps_codebook_one():
     out = model.eval().generate(codes[:, 0], text, mask, steps=10, generator=torch.Generator().manual_seed(0))
     assert out.shape == (3, 9, 32) and out.dtype == torch.long
     assert torch.equal(out[:, 0], codes[:, 0]) and ((out >= 0) & (out < 1024)).all()
+    # codes -> latents -> codes is exact, each codebook through its own quantizer
+    assert torch.equal(model.codes_from_latents(model.latents(codes)[:, stage2.LATENT_DIM:], codes[:, 0]), codes)
+    # and the fine codes drawn follow codebook 1 as the set's do (measured 0.13 after 300 steps; chance 0.001)
+    assert (out[:, 1:].numpy() == datamod.fine_codes(out[:, 0].numpy())).mean() > 0.05
     # guidance: scale 1 is the conditional model; scale s is cond + (s - 1)(cond - uncond)
     x, coarse = torch.randn(3, 64, 32), model.latents(codes[:, :1])
     t = torch.full((3,), 0.5)
@@ -3616,6 +3667,8 @@ def read_losses(out):
 
 
 def test_resume_is_exact(tmp_path):
+    # dropout on: the resumed run must draw the uninterrupted one's masks (the RNG states restored)
+    tiny_train_args = lambda out, *a: globals()["tiny_train_args"](out, "--dropout", "0.3", *a)  # noqa: E731
     trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "8", "--stop-after", "4", "--ckpt-every", "100"))
     assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["step"] == 4
     with pytest.raises(SystemExit, match="--resume"):  # an existing run is not overwritten
@@ -4505,7 +4558,8 @@ def test_generate_synthetic_checkpoint_prints_caption_score(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "no audio to decode" in captured.err and "caption score" in captured.out
     record = json.loads(open(tmp_path / "gen" / "generations.jsonl").readline())
-    assert 0.0 <= record["caption_score"] <= 1.0 and "wav" not in record
+    assert "wav" not in record and record["caption_score"] == datamod.caption_score(
+        np.load(record["codes"]), "a calm slow piano piece in a major scale")
 
 
 BAD_GENERATE_FLAGS = [
@@ -4570,6 +4624,12 @@ def test_generate_two_frames_writes_wav_png_and_a_json_line(real_data_checkpoint
     assert record["frames"] == 2 and record["wav"] == f"{tmp_path}/s0-0000-a-short-one.wav"
     audio, sr = sf.read(record["wav"])
     assert sr == SR and len(audio) == 2 * 512
+    # the WAV is DAC's decoding of the codes written beside it, peak-normalised, to the 16-bit step
+    dac = datamod.load_dac(tiny_dac_dir)
+    codes = torch.from_numpy(np.load(record["codes"]).astype(np.int64))
+    with torch.no_grad():
+        want = dac.decode(audio_codes=codes[None]).audio_values[0].float().numpy()[:2 * 512]
+    np.testing.assert_allclose(audio, genmod.peak_normalise(want), rtol=0, atol=2 / 32768)
     assert imread(record["png"]).shape == (350, 1000, 4)  # figsize (10, 3.5) at 100 dpi
     assert np.load(record["codes"]).shape == (9, 2)
     assert sorted(os.listdir(tmp_path)) == ["generations.jsonl", "s0-0000-a-short-one.npy", "s0-0000-a-short-one.png",
@@ -4746,6 +4806,16 @@ def test_evaluate_long_scores_one_pass_and_windows_by_window(synthetic_checkpoin
     assert len(one["mean"]) == len(win["mean"]) == 3 and all(0 <= x <= 1 for x in one["mean"] + win["mean"])
     assert one["mean"][0] == win["mean"][0]  # the first window is the same generation in both
     assert all(x > 0 for x in one["state_norm"]) and "| 96-144 |" in capsys.readouterr().out
+    # each window's score is the caption score of that window of the codes generate() writes
+    ckpt = torch.load(synthetic_checkpoint, weights_only=False)
+    model = TextToMusicLM(ModelConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    captions = datamod.SyntheticMusic(48, seed=0).captions(2)
+    codes = model.generate(*datamod.WordEncoder()(captions), 144, cfg_scale=3.0, top_k=50, temperature=0.3,
+                           generator=torch.Generator().manual_seed(0)).numpy()
+    want = [[datamod.caption_score(c[:, w * 48:(w + 1) * 48], cap) for w in range(3)]
+            for c, cap in zip(codes, captions)]
+    np.testing.assert_allclose(one["mean"], np.round(np.mean(want, 0), 4), rtol=0, atol=0)
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--long", str(real_data_checkpoints / "k9" / "ckpt.pt")])
     assert e.value.code == 2 and "not trained on the synthetic set" in capsys.readouterr().err
