@@ -274,7 +274,7 @@ class SelfAttention(nn.Module):
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.dropout = dropout  # on the attention weights; the block drops the output
+        self.attn_dropout = dropout  # on the attention weights; the block drops the output
 
     def new_state(self, batch, max_len, device, dtype):
         shape = (batch, self.n_heads, max_len, self.qkv.in_features // self.n_heads)
@@ -285,7 +285,7 @@ class SelfAttention(nn.Module):
         b, s, d = x.shape
         q, k, v = (t.view(b, s, self.n_heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
         if state is None:
-            drop = self.dropout if self.training else 0.0
+            drop = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         else:  # append to the cache, attend to everything so far
             t0 = state.length
@@ -317,7 +317,7 @@ class CrossAttention(nn.Module):
         self.q_proj = nn.Linear(d_model, d_model)
         self.kv_proj = nn.Linear(d_memory or d_model, 2 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.dropout = dropout  # on the attention weights; the block drops the output
+        self.attn_dropout = dropout  # on the attention weights; the block drops the output
 
     def new_state(self, batch, max_len, device, dtype):
         return TextKV()
@@ -336,7 +336,7 @@ class CrossAttention(nn.Module):
                 state.k, state.v = k, v
         has_text = memory_mask.any(-1)[:, None, None, None]
         mask = memory_mask[:, None, None, :] | ~has_text  # a row with no text would be all -inf (NaN)
-        drop = self.dropout if self.training else 0.0
+        drop = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop) * has_text
         return self.out_proj(y.transpose(1, 2).reshape(b, s, d))
 
