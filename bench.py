@@ -297,7 +297,7 @@ def train_columns(variant, batch, n_frames, compile, options, ms, flops):
     return {"section": "train", "variant": variant, "batch": batch, "compile": compile, "chunk": options.chunk_size,
             "mamba2": options.train, "triton op": "auto" if options.triton_op is None else int(options.triton_op),
             "add+norm": int(options.fused_add_norm),
-            "gelu+dropout": int(options.fused_gelu_dropout),
+            "gelu+dropout": int(options.fused_gelu_dropout), "residual dropout": int(options.fused_residual_dropout),
             "ms/step": ms, "audio tok/s": batch * n_frames / ms * 1e3, "TFLOP/s": flops / ms / 1e9,
             "MFU %": 100 * flops / ms / 1e-3 / PEAK_BF16}
 
@@ -353,12 +353,13 @@ def bench_train_rotated(configs, batch, n_frames, n_layers, compile="0", rounds=
 
 def rotated_configs(variants, options):
     """The configurations a rotated run times, (variant, FastOptions): each variant with each options; a
-    variant without Mamba-2 layers once per distinct pair of fused_add_norm and fused_gelu_dropout, the only
-    fields its steps read."""
+    variant without Mamba-2 layers once per distinct fused_add_norm, fused_gelu_dropout and
+    fused_residual_dropout, the only fields its steps read."""
     seen, configs = set(), []
     for variant in variants:
         for o in options:
-            key = (variant, o if "mamba" in LAYOUTS[variant] else (o.fused_add_norm, o.fused_gelu_dropout))
+            fused = (o.fused_add_norm, o.fused_gelu_dropout, o.fused_residual_dropout)
+            key = (variant, o if "mamba" in LAYOUTS[variant] else fused)
             if key not in seen:
                 seen.add(key)
                 configs.append((variant, o))
@@ -1127,6 +1128,9 @@ def main():
     ap.add_argument("--fused-gelu-dropout", type=comma_list(["0", "1"]), default="1",
                     help="train: the feed-forward's GELU and dropout in one kernel each way "
                          "(FastOptions.fused_gelu_dropout): 0, 1 or both")
+    ap.add_argument("--fused-residual-dropout", type=comma_list(["0", "1"]), default="1",
+                    help="train, with --fused-add-norm 1: each sublayer's output dropout inside the add + norm "
+                         "kernel (FastOptions.fused_residual_dropout): 0, 1 or both")
     ap.add_argument("--decode-setups", type=comma_list(decode_setup),
                     default=",".join(DECODE_SETUPS),
                     help=f"variant:mode pairs for the decode section (modes: {', '.join(DECODE_MODES)})")
@@ -1149,9 +1153,11 @@ def main():
     triton_op = {"auto": None, "0": False, "1": True}
     train_options = list(dict.fromkeys(  # the other paths have no triton op: once each
         FastOptions(train=path, triton_op=triton_op[op] if path == "grouped" else None, chunk_size=chunk,
-                    fused_add_norm=bool(int(fused)), fused_gelu_dropout=bool(int(gd)))
+                    fused_add_norm=bool(int(fused)), fused_gelu_dropout=bool(int(gd)),
+                    fused_residual_dropout=bool(int(rd)))
         for path in args.mamba_train for op in args.triton_op for chunk in args.chunk_sizes
-        for fused in args.fused_add_norm for gd in args.fused_gelu_dropout if path == "grouped" or op != "1"))
+        for fused in args.fused_add_norm for gd in args.fused_gelu_dropout for rd in args.fused_residual_dropout
+        if path == "grouped" or op != "1"))
     if not train_options:
         datamod.fail("bench.py: --triton-op 1 is the grouped path's: pass --mamba-train grouped too")
     if args.rotate and args.rounds > 1:

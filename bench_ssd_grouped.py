@@ -29,6 +29,7 @@ import subprocess
 import tempfile
 
 import torch
+import torch.nn.functional as F
 
 import data as datamod
 import ssd_grouped
@@ -260,7 +261,9 @@ def norm(b, l, d_model=1024, d_inner=2048, width=5152):
     Mamba-2's gated norm (y bf16, z the first d_inner columns of a zxbcdt-wide bf16 tensor, dz written into
     another's; the backward writes the output again, as mamba2_train's). mamba-ssm's Triton kernels (what
     mamba-ssm's paths run) against kernels.rms_norm_fwd / rms_norm_bwd, with the largest difference of any
-    output or gradient relative to the largest value of mamba-ssm's."""
+    output or gradient relative to the largest value of mamba-ssm's. Then the add + norm with h's dropout
+    (rate 0.3, as FastLM trains): torch's dropout before the op against the op's own (its mask drawn from a
+    seed, kept for the backward instead of a one-byte mask); the masks differ, so no difference is shown."""
     import gpu_kernels as kernels
     from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
     from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
@@ -297,14 +300,18 @@ def norm(b, l, d_model=1024, d_inner=2048, width=5152):
 
     cases = {"add + norm": (add_norm(lambda: layer_norm_fn(h, w, None, residual=res, eps=eps, prenorm=True,
                                                            residual_in_fp32=True, is_rms_norm=True)),
-                            add_norm(lambda: kernels._add_rms_norm_fwd(h, res, w, eps)[:2])),
-             "gated norm": (mamba_gated, triton_gated)}
+                            add_norm(lambda: kernels._add_rms_norm_fwd(h, res, w, eps, 0.0)[:2])),
+             "gated norm": (mamba_gated, triton_gated),
+             "add + dropout + norm (torch's dropout, then the op)": (
+                 add_norm(lambda: kernels.add_rms_norm(F.dropout(h, 0.3), res, w, eps)),
+                 add_norm(lambda: kernels.add_rms_norm(h, res, w, eps, 0.3, True)))}
     print(f"{M} rows; add + norm {d_model} wide, gated norm {d_inner}; ms per forward + backward (median of 20)")
     print("| norm | mamba-ssm | gpu_kernels.py | largest difference, relative |\n|---|---|---|---|")
     for name, (theirs, ours) in cases.items():
-        diff = max((a.float() - t.float()).abs().max().item() / t.float().abs().max().item()
-                   for a, t in zip(ours(), theirs()))
-        print(f"| {name} | {cuda_ms(theirs):.3f} | {cuda_ms(ours):.3f} | {diff:.2e} |", flush=True)
+        diff = "masks differ" if "dropout" in name else "{:.2e}".format(max(
+            (a.float() - t.float()).abs().max().item() / t.float().abs().max().item()
+            for a, t in zip(ours(), theirs())))
+        print(f"| {name} | {cuda_ms(theirs):.3f} | {cuda_ms(ours):.3f} | {diff} |", flush=True)
 
 
 def _gelu_dropout_inputs(b, l, d_ff):

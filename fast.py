@@ -64,6 +64,8 @@ class FastOptions:
     # RMSNorm (FastLM), eager and compiled
     fused_gelu_dropout: bool = True  # training: the feed-forward's GELU and dropout in one pass each
     # way (kernels.gelu_dropout; FastFeedForward), its mask drawn again in the backward, not kept
+    fused_residual_dropout: bool = True  # training, with fused_add_norm: each sublayer's output dropout
+    # inside the add + norm (kernels.add_rms_norm), its mask drawn again in the backward, not kept
     decode_streams: int | None = None  # decoding: the rows in this many groups, each on its own CUDA
     # stream (row_groups); None: by the rows (decode_streams_for)
     decode_chunk: int | None = None  # decoding: Mamba-2's state written once per chunk of this many
@@ -155,10 +157,11 @@ def for_inference(model, dtype=torch.bfloat16):
 class FastLM(ssmttm.TextToMusicLM):
     """ssmttm.TextToMusicLM whose blocks run with every residual add but the last fused into the next
     sublayer's RMSNorm (kernels.add_rms_norm), across block boundaries too; made by accelerate(). The
-    sums are the plain ones in the plain order (x + h in fp32); the next sublayer's input is written
-    in h's dtype (bf16 under autocast), so the add, the norm and the cast before the next product,
-    and their backwards, are one pass each way, under torch.compile too (an opaque op there).
-    Decoding states take the plain loop."""
+    sums are the plain ones in the plain order (x + dropout(h) in fp32); the next sublayer's input is
+    written in h's dtype (bf16 under autocast), so the dropout, the add, the norm and the cast before the
+    next product, and their backwards, are one pass each way, under torch.compile too (an opaque op
+    there). On the CPU, and with fused_residual_dropout=False, the dropouts are torch's, the plain
+    model's draws. Decoding states take the plain loop."""
 
     options: FastOptions
 
@@ -166,15 +169,20 @@ class FastLM(ssmttm.TextToMusicLM):
         if states is not None or not self.options.fused_add_norm:
             return super().run_blocks(x, mask, memory, memory_mask, states)
         h, dtype = None, x.dtype  # the last sublayer's output, not yet added to x
+        p = 0.0                   # and the rate of its dropout, still to draw
         for block in self.blocks:
             for i, norm in enumerate(block.norms):
                 if h is None:
                     normed = norm(x)
                 else:
-                    normed, x = kernels.add_rms_norm(h, x, norm.weight, norm.eps)
+                    normed, x = kernels.add_rms_norm(h, x, norm.weight, norm.eps, p, self.training)
                 h = block.sublayer(i, normed, mask, memory, memory_mask)
+                if self.options.fused_residual_dropout:
+                    p = block.dropout.p
+                else:
+                    h = block.dropout(h)
         # the plain loop's dtype (bf16 for a bf16 model), though add_rms_norm keeps the sums in fp32
-        return (x + h).to(torch.promote_types(dtype, h.dtype))
+        return (x + F.dropout(h, p, self.training)).to(torch.promote_types(dtype, h.dtype))
 
     def heads(self, x):
         """The plain heads; on CUDA the head's product on its weight's rows padded to a multiple of 8

@@ -1636,6 +1636,33 @@ except Exception:  # no CUDA, no mamba-ssm or causal-conv1d, or a mamba-ssm whos
 
 
 # ------------------------------------------------------------------------------------------------
+# Dropout masks drawn in the kernels from a seed, and drawn again in the backward rather than kept
+
+if triton is not None:
+
+    @triton.jit
+    def _keep_eight(seed_ptr, groups, threshold):
+        """The dropout mask of the seed at seed_ptr, for the elements 8 g .. 8 g + 7 of each counter g in
+        groups (int64, any shape): keep (groups' shape, 8), whether each survives. One Philox call per
+        counter gives four 32-bit numbers, read as eight 16-bit ones, one per element: element e is kept
+        iff number e % 8 of Philox(seed, e // 8) is >= threshold = round(p 2^16). Every dropout kernel
+        here draws by this rule, so a mask is a function of (seed, flat element index) alone."""
+        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), groups)
+        j = tl.arange(0, 8)
+        r = tl.where(j < 4, tl.where(j < 2, tl.expand_dims(r0, -1), tl.expand_dims(r1, -1)),
+                     tl.where(j < 6, tl.expand_dims(r2, -1), tl.expand_dims(r3, -1)))
+        return ((r >> (j % 2 * 16)) & 0xFFFF).to(tl.int32) >= threshold
+
+    @triton.jit
+    def _dropout_keep_rows(seed_ptr, rows, N, threshold, BM: tl.constexpr, BN: tl.constexpr):
+        """keep (BM, BN): whether the element at column c < BN of row r (int64, BM of them) of a dropout
+        over rows of N values survives, by _keep_eight's rule at its flat index r N + c. N % 8 == 0 and
+        BN % 8 == 0: each eight lie in one row, and one Philox call serves them."""
+        groups = rows[:, None] * (N // 8) + tl.arange(0, BN // 8)[None, :]
+        return tl.reshape(_keep_eight(seed_ptr, groups, threshold), BM, BN)
+
+
+# ------------------------------------------------------------------------------------------------
 # Training: RMSNorm forward and backward in Triton, with the residual add or Mamba-2's gate fused in.
 # The backward walks many rows per program, several programs per SM, rather than one row at a time
 # per SM (mamba-ssm's layer norm backward, which waits on each row's loads in turn).
@@ -1643,16 +1670,20 @@ except Exception:  # no CUDA, no mamba-ssm or causal-conv1d, or a mamba-ssm whos
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_fwd_kernel(x_ptr, sx, res_ptr, sres, z_ptr, sz, w_ptr, out_ptr, sum_ptr, rstd_ptr, M, N, eps,
-                             HAS_RES: tl.constexpr, HAS_Z: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        """For BM rows of N values: s = x (+ res, then written to sum in fp32), g = s (* silu(z)), rstd =
-        1 / sqrt(mean(g^2) + eps) to rstd (M,), out = g rstd w in out's dtype. x, res and z with rows sx,
-        sres and sz elements apart; sum and out N apart. Grid (cdiv(M, BM),)."""
+    def _rms_norm_fwd_kernel(x_ptr, sx, res_ptr, sres, z_ptr, sz, w_ptr, out_ptr, sum_ptr, rstd_ptr, seed_ptr, M, N,
+                             eps, threshold, scale, HAS_RES: tl.constexpr, HAS_Z: tl.constexpr, DROPOUT: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr):
+        """For BM rows of N values: s = x (DROPOUT: x's dropout, x scale where kept, else 0; + res, then
+        written to sum in fp32), g = s (* silu(z)), rstd = 1 / sqrt(mean(g^2) + eps) to rstd (M,), out = g
+        rstd w in out's dtype. x, res and z with rows sx, sres and sz elements apart; sum and out N apart.
+        Grid (cdiv(M, BM),)."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.arange(0, BN)
         ok = (rows < M)[:, None] & (cols < N)[None, :]
         r = rows.to(tl.int64)[:, None]
         s = tl.load(x_ptr + r * sx + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if DROPOUT:
+            s = tl.where(_dropout_keep_rows(seed_ptr, rows.to(tl.int64), N, threshold, BM, BN), s * scale, 0.0)
         if HAS_RES:
             s = tl.load(res_ptr + r * sres + cols[None, :], mask=ok, other=0.0).to(tl.float32) + s
             tl.store(sum_ptr + r * N + cols[None, :], s, mask=ok)
@@ -1679,14 +1710,17 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_bwd_kernel(dout_ptr, sdo, s_ptr, ss, z_ptr, sz, w_ptr, rstd_ptr, dsum_ptr, dx_ptr, dx32_ptr,
-                             dz_ptr, sdz, out_ptr, dw_ptr, M, N, HAS_Z: tl.constexpr, HAS_DSUM: tl.constexpr,
-                             HAS_DX32: tl.constexpr, RECOMPUTE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                             dz_ptr, sdz, out_ptr, dw_ptr, seed_ptr, M, N, threshold, scale, HAS_Z: tl.constexpr,
+                             HAS_DSUM: tl.constexpr, HAS_DX32: tl.constexpr, RECOMPUTE: tl.constexpr,
+                             DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         """_rms_norm_fwd_kernel's backward from dout, the gradient of out, for the row blocks pid, pid +
         programs, ...: with g = s (* silu(z)) and xhat = g rstd, dg = rstd (dout w - xhat mean(dout w xhat));
-        dx = dg (* silu(z)) (+ dsum, the gradient that reached s itself: the residual stream's) to dx in its
-        dtype and (HAS_DX32) to dx32 in fp32; dz = dg s silu'(z) (HAS_Z); out = xhat w again (RECOMPUTE);
-        this program's share of dw = sum over rows of dout xhat to dw (programs, N) fp32. dout, s, z and dz
-        with rows sdo, ss, sz and sdz elements apart; dsum, dx, dx32 and out N apart. Grid (programs,)."""
+        ds = dg (* silu(z)) (+ dsum, the gradient that reached s itself: the residual stream's), to dx32 in
+        fp32 (HAS_DX32), and to dx in its dtype: through the forward's dropout with DROPOUT (ds scale where
+        its mask, drawn again from the seed, kept x, else 0); dz = dg s silu'(z) (HAS_Z); out = xhat w again
+        (RECOMPUTE); this program's share of dw = sum over rows of dout xhat to dw (programs, N) fp32. dout,
+        s, z and dz with rows sdo, ss, sz and sdz elements apart; dsum, dx, dx32 and out N apart. Grid
+        (programs,)."""
         pid, programs = tl.program_id(0), tl.num_programs(0)
         cols = tl.arange(0, BN)
         c_ok = cols < N
@@ -1720,9 +1754,11 @@ if triton is not None:
                 dg = dg * z * sig
             if HAS_DSUM:
                 dg += tl.load(dsum_ptr + r * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + r * N + cols[None, :], dg.to(dx_ptr.dtype.element_ty), mask=ok)
             if HAS_DX32:
                 tl.store(dx32_ptr + r * N + cols[None, :], dg, mask=ok)
+            if DROPOUT:
+                dg = tl.where(_dropout_keep_rows(seed_ptr, rows.to(tl.int64), N, threshold, BM, BN), dg * scale, 0.0)
+            tl.store(dx_ptr + r * N + cols[None, :], dg.to(dx_ptr.dtype.element_ty), mask=ok)
         tl.store(dw_ptr + pid * N + cols, tl.sum(dw, axis=0), mask=c_ok)
 
 
@@ -1747,17 +1783,20 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def rms_norm_fwd(x, weight, eps, residual=None, z=None, launch=as_is):
+def rms_norm_fwd(x, weight, eps, residual=None, z=None, dropout=0.0, seed=None, launch=as_is):
     """RMSNorm in Triton (CUDA, or TRITON_INTERPRET=1), with the residual add before it or Mamba-2's gate
     (ssmttm.GatedRMSNorm: the norm of x * silu(z)) inside it: x (M, N) with dense rows, any row stride;
     residual, z (M, N) likewise or None; weight (N,). Returns out = rms_norm(x (+ residual) (* silu(z))) *
     weight (M, N) in x's dtype, the sum x + residual in fp32 (None without residual: the backward's
-    input), and rstd (M,) fp32. Computed in fp32, rounded once."""
+    input), and rstd (M,) fp32. Computed in fp32, rounded once. dropout (0 < p < 1, with a residual and
+    N % 8 == 0): x's dropout before the add, its mask drawn from seed ((1,) int64) by _keep_eight's rule
+    at x's flat index, the rate a multiple of 2^-16 (_dropout_launch), kept values scaled by 1 / (1 - p)."""
     M, N = x.shape
     _rows_2d("rms_norm_fwd: x", x, M, N)
     for name, t in (("residual", residual), ("z", z)):
         if t is not None:
             _rows_2d(f"rms_norm_fwd: {name}", t, M, N)
+    threshold, scale = _norm_dropout("rms_norm_fwd", dropout, seed, N, residual is not None)
     out = x.new_empty(M, N)
     summed = None if residual is None else torch.empty(M, N, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
@@ -1766,20 +1805,32 @@ def rms_norm_fwd(x, weight, eps, residual=None, z=None, launch=as_is):
     launch(_rms_norm_fwd_kernel)[(cdiv(M, bm),)](
         x, x.stride(0), x if residual is None else residual, 0 if residual is None else residual.stride(0),
         x if z is None else z, 0 if z is None else z.stride(0), weight, out, out if summed is None else summed, rstd,
-        M, N, eps, HAS_RES=residual is not None, HAS_Z=z is not None, BM=bm, BN=bn,
-        **{k: v for k, v in _NORM_FWD.items() if k != "ELEMS"})
+        rstd if seed is None else seed, M, N, eps, threshold, scale, HAS_RES=residual is not None, HAS_Z=z is not None,
+        DROPOUT=bool(dropout), BM=bm, BN=bn, **{k: v for k, v in _NORM_FWD.items() if k != "ELEMS"})
     return out, summed, rstd
 
 
+def _norm_dropout(name, p, seed, N, has_residual):
+    """The norm kernels' threshold and scale for x's dropout at rate p (0: none), or a one-line ValueError
+    naming what stands in its way."""
+    if not p:
+        return 0, 1.0
+    if not 0 < p < 1 or seed is None or not has_residual or N % 8:
+        raise ValueError(f"{name}: a dropout needs 0 < p < 1 (got {p}), its seed, a residual and rows of a multiple "
+                         f"of 8 values (got {N})")
+    return _dropout_launch(1, p)[1:]
+
+
 def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=False, dz_out=None, out=None,
-                 launch=as_is):
+                 dropout=0.0, seed=None, launch=as_is):
     """rms_norm_fwd's backward: dout (M, N), the gradient of its output; s (M, N), the norm's input before
     the gate (x, or the fp32 sum x + residual); weight; rstd (M,) from the forward; z (M, N) or None;
     dsum (M, N) or None, a gradient that reached s itself (the residual stream's), added to dx. dout, s
     and z with dense rows, any row stride. Returns dx (M, N) in dx_dtype (default s's), dx in fp32 as well
     if dx32 (else None), dz (into dz_out if given: (M, N) with dense rows, any row stride; else new in z's
     dtype; None without z), and dweight (N,) fp32. out: (M, N) contiguous, where the forward's output is
-    written again (for a weight gradient after it), or None."""
+    written again (for a weight gradient after it), or None. dropout, seed: the forward's (s then the fp32
+    sum); dx is then the gradient of x before its dropout, and dx32 still that of the sum (the residual's)."""
     M, N = s.shape
     for name, t in (("dout", dout), ("s", s), ("z", z), ("dsum", dsum), ("dz_out", dz_out), ("out", out)):
         if t is not None:
@@ -1787,6 +1838,7 @@ def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=F
     for name, t in (("dsum", dsum), ("out", out)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"rms_norm_bwd: {name} with strides {t.stride()} is not contiguous")
+    threshold, scale = _norm_dropout("rms_norm_bwd", dropout, seed, N, True)
     dx = torch.empty(M, N, device=s.device, dtype=dx_dtype or s.dtype)
     d32 = torch.empty(M, N, device=s.device, dtype=torch.float32) if dx32 else None
     dz = None if z is None else (torch.empty_like(z) if dz_out is None else dz_out)
@@ -1798,9 +1850,9 @@ def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=F
     launch(_rms_norm_bwd_kernel)[(programs,)](
         dout, dout.stride(0), s, s.stride(0), s if z is None else z, 0 if z is None else z.stride(0), weight, rstd,
         dx if dsum is None else dsum, dx, dx if d32 is None else d32, dx if dz is None else dz,
-        0 if dz is None else dz.stride(0), dx if out is None else out, dw, M, N, HAS_Z=z is not None,
-        HAS_DSUM=dsum is not None, HAS_DX32=dx32, RECOMPUTE=out is not None, BM=bm, BN=bn,
-        **{k: v for k, v in _NORM_BWD.items() if k not in ("ELEMS", "PER_SM")})
+        0 if dz is None else dz.stride(0), dx if out is None else out, dw, rstd if seed is None else seed, M, N,
+        threshold, scale, HAS_Z=z is not None, HAS_DSUM=dsum is not None, HAS_DX32=dx32, RECOMPUTE=out is not None,
+        DROPOUT=bool(dropout), BM=bm, BN=bn, **{k: v for k, v in _NORM_BWD.items() if k not in ("ELEMS", "PER_SM")})
     return dx, d32, dz, dw.sum(0)
 
 
@@ -1840,36 +1892,42 @@ def run_training_op(op: TrainingOp, *inputs):
     return _EagerTrainingOp.apply(op, *inputs)
 
 
-def _add_rms_norm_fwd_impl(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h (b, s, d), residual (b, s, d), weight (d,) -> normed (b, s, d) in h's dtype, x = residual + h
-    (b, s, d) fp32, rstd (b s,) fp32."""
+def _add_rms_norm_fwd_impl(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                           p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h (b, s, d), residual (b, s, d), weight (d,) -> normed (b, s, d) in h's dtype, x = residual +
+    dropout(h, p) (b, s, d) fp32, rstd (b s,) fp32, and the seed (1,) int64 of the dropout's mask, drawn
+    from h's device's default generator as gelu_dropout's (0, and no draw, at p = 0)."""
     d = h.shape[-1]
-    normed, x, rstd = rms_norm_fwd(h.reshape(-1, d), weight, eps, residual=residual.reshape(-1, d))
-    return normed.view(h.shape), x.view(h.shape), rstd
+    seed = torch.randint(2 ** 62, (1,), device=h.device) if p else torch.zeros(1, dtype=torch.int64, device=h.device)
+    normed, x, rstd = rms_norm_fwd(h.reshape(-1, d), weight, eps, residual=residual.reshape(-1, d), dropout=p,
+                                   seed=seed)
+    return normed.view(h.shape), x.view(h.shape), rstd, seed
 
 
-_add_rms_norm_fwd = torch.library.custom_op("ssmttm::add_rms_norm_fwd", _add_rms_norm_fwd_impl, mutates_args=())
+_add_rms_norm_fwd = torch.library.custom_op("ssmttm::add_rms_norm_fwd", _add_rms_norm_fwd_impl, mutates_args=(),
+                                            tags=(torch.Tag.nondeterministic_seeded,))
 
 
 @_add_rms_norm_fwd.register_fake
-def _(h, residual, weight, eps):
-    return torch.empty_like(h), h.new_empty(h.shape, dtype=torch.float32), h.new_empty(h.shape[:-1].numel(),
-                                                                                         dtype=torch.float32)
+def _(h, residual, weight, eps, p):
+    return (torch.empty_like(h), h.new_empty(h.shape, dtype=torch.float32),
+            h.new_empty(h.shape[:-1].numel(), dtype=torch.float32), h.new_empty(1, dtype=torch.int64))
 
 
 def _add_rms_norm_bwd_impl(d_normed: Optional[torch.Tensor], d_x: Optional[torch.Tensor], x: torch.Tensor,
-                           weight: torch.Tensor, rstd: torch.Tensor, h_dtype: torch.dtype,
+                           weight: torch.Tensor, rstd: torch.Tensor, seed: torch.Tensor, p: float, h_dtype: torch.dtype,
                            res_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """_add_rms_norm_fwd's backward from the gradients of normed and x (either None: zero) -> the
-    gradients of h in h_dtype, residual in res_dtype, and weight in its dtype."""
+    gradients of h in h_dtype (through the dropout's mask, drawn again from its seed), residual in
+    res_dtype, and weight in its dtype."""
     d = x.shape[-1]
     dsum = None if d_x is None else d_x.reshape(-1, d).contiguous()
     dn = torch.zeros_like(x) if d_normed is None else d_normed.reshape(-1, d)
     dn = dn if dn.stride(1) == 1 else dn.contiguous()               # an expanded gradient, say
+    # the residual's gradient is the sum's: h's own unless a dropout masks h's
     dh, d32, _, dw = rms_norm_bwd(dn, x.reshape(-1, d), weight, rstd, dsum=dsum, dx_dtype=h_dtype,
-                                  dx32=res_dtype == torch.float32)
-    dres = d32 if d32 is not None else dh.to(res_dtype, copy=True)   # two gradients, never one tensor
+                                  dx32=res_dtype == torch.float32 or p > 0, dropout=p, seed=seed)
+    dres = dh.to(res_dtype, copy=True) if d32 is None else d32.to(res_dtype)  # two gradients, never one tensor
     return dh.view(x.shape), dres.view(x.shape), dw.to(weight.dtype)
 
 
@@ -1877,22 +1935,22 @@ _add_rms_norm_bwd = torch.library.custom_op("ssmttm::add_rms_norm_bwd", _add_rms
 
 
 @_add_rms_norm_bwd.register_fake
-def _(d_normed, d_x, x, weight, rstd, h_dtype, res_dtype):
+def _(d_normed, d_x, x, weight, rstd, seed, p, h_dtype, res_dtype):
     return x.new_empty(x.shape, dtype=h_dtype), x.new_empty(x.shape, dtype=res_dtype), torch.empty_like(weight)
 
 
 def _add_rms_norm_setup(ctx, inputs, output):
-    h, residual, weight, _ = inputs
-    ctx.save_for_backward(output[1], weight, output[2])
-    ctx.dtypes = h.dtype, residual.dtype
+    h, residual, weight, _, p = inputs
+    ctx.save_for_backward(output[1], weight, output[2], output[3])
+    ctx.p, ctx.dtypes = p, (h.dtype, residual.dtype)
     ctx.set_materialize_grads(False)
 
 
 def _add_rms_norm_backward(bwd):
     """The backward formula, calling bwd: the backward op, or its implementation."""
-    def backward(ctx, d_normed, d_x, _):
-        x, weight, rstd = ctx.saved_tensors
-        return bwd(d_normed, d_x, x, weight, rstd, *ctx.dtypes) + (None,)
+    def backward(ctx, d_normed, d_x, *_):
+        x, weight, rstd, seed = ctx.saved_tensors
+        return bwd(d_normed, d_x, x, weight, rstd, seed, ctx.p, *ctx.dtypes) + (None, None)
     return backward
 
 
@@ -1901,14 +1959,20 @@ ADD_RMS_NORM = TrainingOp(_add_rms_norm_fwd, _add_rms_norm_fwd_impl, _add_rms_no
                           _add_rms_norm_backward(_add_rms_norm_bwd_impl))
 
 
-def add_rms_norm(h, residual, weight, eps):
-    """The residual add and the next sublayer's RMSNorm: h (b, s, d), a sublayer's output, and residual
-    (b, s, d) -> (normed in h's dtype, x = residual + h in fp32), normed = rms_norm(x) * weight. On
-    CUDA one Triton pass each way (the custom op ssmttm::add_rms_norm_fwd and its backward, which
-    torch.compile keeps whole); elsewhere these plain ops."""
+def add_rms_norm(h, residual, weight, eps, p=0.0, training=False):
+    """The residual add of a sublayer's output, through its dropout, and the next sublayer's RMSNorm: h
+    (b, s, d), the sublayer's output before its dropout (rate p, applied while training), and residual
+    (b, s, d) -> (normed in h's dtype, x = residual + dropout(h) in fp32), normed = rms_norm(x) * weight.
+    On CUDA one Triton pass each way (the custom op ssmttm::add_rms_norm_fwd and its backward, which
+    torch.compile keeps whole). Its dropout (0 < p < 1, d % 8 == 0) keeps a seed for the backward instead
+    of a mask and draws from Philox, as gelu_dropout (torch's rate to 2^-16, not torch's mask); other
+    rates and widths take torch's dropout first. Elsewhere the plain ops (torch's dropout)."""
+    p = p if training else 0.0
     if h.is_cuda and triton is not None:
-        return run_training_op(ADD_RMS_NORM, h, residual, weight, eps)[:2]
-    x = residual.to(torch.promote_types(residual.dtype, torch.float32)) + h
+        if p and (p >= 1 or h.shape[-1] % 8):
+            h, p = F.dropout(h, p, True), 0.0
+        return run_training_op(ADD_RMS_NORM, h, residual, weight, eps, float(p))[:2]
+    x = residual.to(torch.promote_types(residual.dtype, torch.float32)) + F.dropout(h, p, training)
     return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps).to(h.dtype), x
 
 
@@ -1920,14 +1984,10 @@ if triton is not None:
     @triton.jit
     def _dropout_keep(seed_ptr, pid, threshold, BQ: tl.constexpr):
         """This program's element offsets (BQ, 8), rows of eight contiguous elements, and keep (BQ, 8):
-        whether each survives dropout. One Philox call per row gives four 32-bit numbers, read as eight
-        16-bit ones, one per element: keep iff it is >= threshold = round(p 2^16). Each thread holds whole
-        rows, so the numbers need no exchange between threads."""
+        whether each survives dropout (_keep_eight). Each thread holds whole rows of eight, so the
+        numbers need no exchange between threads."""
         rows = pid * BQ + tl.arange(0, BQ)
-        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), rows)
-        c = tl.arange(0, 8)[None, :]
-        r = tl.where(c < 4, tl.where(c < 2, r0[:, None], r1[:, None]), tl.where(c < 6, r2[:, None], r3[:, None]))
-        return rows[:, None] * 8 + c, ((r >> (c % 2 * 16)) & 0xFFFF).to(tl.int32) >= threshold
+        return rows[:, None] * 8 + tl.arange(0, 8)[None, :], _keep_eight(seed_ptr, rows, threshold)
 
     @triton.jit
     def _gelu_dropout_fwd_kernel(a_ptr, seed_ptr, y_ptr, numel, threshold, scale, BQ: tl.constexpr):

@@ -378,22 +378,21 @@ class Block(nn.Module):
         (b, lt, d) and memory_mask (b, lt): the text, for cross-attention; states: one decoding
         state per sublayer (Mamba2State, KVCache, TextKV or None), updated in place."""
         for i, norm in enumerate(self.norms):
-            x = x + self.sublayer(i, norm(x), mask, memory, memory_mask, None if states is None else states[i])
+            y = self.sublayer(i, norm(x), mask, memory, memory_mask, None if states is None else states[i])
+            x = x + self.dropout(y)
         return x
 
     def sublayer(self, i, h, mask=None, memory=None, memory_mask=None, state=None):
-        """Sublayer i of the layout on its normed input h (b, s, d) -> (b, s, d), with the dropout of its
-        output: what the residual add adds."""
+        """Sublayer i of the layout on its normed input h (b, s, d) -> (b, s, d), before the dropout of its
+        output."""
         kind, layer = self.layout[i], self.layers[i]
         if kind == "mamba":
-            y = layer(h, mask=mask, state=state)
-        elif kind == "self_attn":
-            y = layer(h, state=state)
-        elif kind == "cross_attn":
-            y = layer(h, memory, memory_mask, state=state)
-        else:
-            y = layer(h)
-        return self.dropout(y)
+            return layer(h, mask=mask, state=state)
+        if kind == "self_attn":
+            return layer(h, state=state)
+        if kind == "cross_attn":
+            return layer(h, memory, memory_mask, state=state)
+        return layer(h)
 
 
 def position_frequencies(dim, device):

@@ -775,16 +775,18 @@ def test_optimizer_groups_exclude_norms_biases_and_ssm_scalars():
         assert (id(p) not in decayed) == no_decay, name
 
 
+@pytest.mark.parametrize("fused_dropout", [True, False])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fast_lm_adds_each_residual_inside_the_next_norm_as_the_plain_blocks_do(variant):
+def test_fast_lm_adds_each_residual_inside_the_next_norm_as_the_plain_blocks_do(variant, fused_dropout):
     # FastLM's loop (every residual add but the last inside the next sublayer's norm, across blocks)
     # with kernels.add_rms_norm's plain form: the same sums in the same order as Block.forward, so the
-    # loss and every gradient are bit-equal, with dropout on (the same draws after the same seed); two
-    # blocks, so that a block boundary is crossed
+    # loss and every gradient are bit-equal, with dropout on (the same draws after the same seed, whether
+    # each sublayer's dropout is drawn inside the next add or before it); two blocks, so that a block
+    # boundary is crossed
     torch.manual_seed(0)
     model = tiny_model(variant, n_codebooks=2, n_layers=2, dropout=0.3).train()
     fused = tiny_model(variant, n_codebooks=2, n_layers=2, dropout=0.3).train()
-    fused.__class__, fused.options = fast.FastLM, FastOptions()
+    fused.__class__, fused.options = fast.FastLM, FastOptions(fused_residual_dropout=fused_dropout)
     text, text_mask = torch.randn(2, 5, 24, dtype=torch.float64), torch.tensor([[True] * 5, [True] * 2 + [False] * 3])
     codes = delay_pattern(torch.randint(0, 1024, (2, 2, 12)))
     losses = []
@@ -1663,7 +1665,7 @@ def _training_op_inputs(name, device):
     torch.manual_seed(0)
     r = lambda *shape: torch.randn(*shape, device=device, requires_grad=True)  # noqa: E731
     if name == "ADD_RMS_NORM":
-        return (r(2, 5, 32), r(2, 5, 32), r(32), 1e-5), 2
+        return (r(2, 5, 32), r(2, 5, 32), r(32), 1e-5, 0.3), 2  # dropout on
     if name == "GELU_DROPOUT":
         return (r(4, 64), 0.3), 1
     layer = Mamba2(24, d_state=8, headdim=16, chunk_size=16).to(device)
@@ -1679,7 +1681,7 @@ def test_training_ops_eager_path_gives_the_custom_ops_numbers(name):
     # kernels.run_training_op: eager calls run a training op's plain functions through one autograd.Function
     # (no torch.library dispatch); torch.compile gets the custom op (MAMBA2_GROUPED: the triton op, its
     # kernels launched through wrap_triton). Outputs and every input's gradient bit-equal between the two
-    # (the GELU + dropout's mask from the same seed)
+    # (the dropouts' masks from the same seed)
     device = "cpu" if TRITON_INTERPRET else "cuda"
     op = getattr(kernels, name)
     results = []
@@ -1822,12 +1824,12 @@ def test_gelu_dropout_kernel_keeps_or_drops_each_value_and_its_backward_is_that_
 
 @gpu
 def test_gpu_cuda_graph_training_draws_the_dropout_masks_eager_draws():
-    # train.py --compile --cuda-graphs with dropout 0.3: Prefix SiMBA's dropouts are torch's on each
-    # sublayer's output and the feed-forward's gelu_dropout op, which draws its seed from the default
-    # generator. Replayed in a CUDA graph after the same torch.manual_seed they must draw what eager draws
-    # (each replay fresh masks, not the recorded ones): the gradients then agree as at dropout 0 (the test
-    # above), where another seed's masks move them by far more. Inductor draws torch's dropouts with its own
-    # generator unless fallback_random, set here so that the compiled draws are eager's
+    # train.py --compile --cuda-graphs with dropout 0.3: Prefix SiMBA's dropouts are the add + norm op's on
+    # each sublayer's output (torch's on the last), and the feed-forward's gelu_dropout op; the two ops draw
+    # their seeds from the default generator. Replayed in a CUDA graph after the same torch.manual_seed they must
+    # draw what eager draws (each replay fresh masks, not the recorded ones): the gradients then agree as at dropout
+    # 0 (the test above), where another seed's masks move them by far more. Inductor draws torch's dropouts with its
+    # own generator unless fallback_random, set here so that the compiled draws are eager's
     if not kernels.HAS_TRAIN_KERNELS:
         pytest.skip("mamba-ssm < 2.3: Mamba2 trains through mamba-ssm's own function")
     model, g = _graph_training_model(dropout=0.3)
@@ -1889,7 +1891,7 @@ def test_add_rms_norm_op_equals_the_plain_add_and_norm():
         h = torch.randn(3, 50, 24, generator=gen).to(dtype).to(device).requires_grad_()
         residual = torch.randn(3, 50, 24, generator=gen).to(device).requires_grad_()
         weight = (1 + torch.randn(24, generator=gen) / 10).to(device).requires_grad_()
-        normed, summed = kernels._add_rms_norm_fwd(h, residual, weight, 1e-5)[:2]
+        normed, summed = kernels._add_rms_norm_fwd(h, residual, weight, 1e-5, 0.0)[:2]
         # normed's gradient arrives in its dtype: drawn there, so that the reference sees the same values
         d_normed = torch.randn(normed.shape, generator=gen).to(dtype).to(device)
         d_summed = torch.randn(summed.shape, generator=gen).to(device)
@@ -1908,10 +1910,69 @@ def test_add_rms_norm_op_equals_the_plain_add_and_norm():
         for t in (h, residual, weight):
             t.grad = None
         op = torch.compile(lambda *a: kernels._add_rms_norm_fwd(*a)[:2], backend="aot_eager", fullgraph=True)
-        normed_c, summed_c = op(h, residual, weight, 1e-5)
+        normed_c, summed_c = op(h, residual, weight, 1e-5, 0.0)
         (normed_c.float() * d_normed.float()).sum().add((summed_c * d_summed).sum()).backward()
         assert torch.equal(normed_c, normed) and torch.equal(summed_c, summed)
         assert all(torch.equal(t.grad, g) for t, g in zip((h, residual, weight), grads))
+
+
+@triton_here
+def test_add_rms_norm_op_with_dropout_adds_each_value_kept_or_dropped_and_its_backward_is_that_masks():
+    # kernels.add_rms_norm's op with h's dropout (FastLM's sublayer outputs on a GPU): the sum is residual +
+    # h / (1 - p) or residual, about p of the values dropped; its mask follows gelu_dropout's rule (a function
+    # of the seed and the flat index: the same mask from the same torch.manual_seed); normed and every
+    # gradient against float64 autograd of the same masked function (h's gradient 0 where dropped, the
+    # residual's the sum's everywhere); the same seed, the same mask; torch.compile bit-equal; an fp16
+    # residual (a half model's first add) gets its gradient unmasked too
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(2)
+    p, shape = 0.3, (4, 64, 40)                       # 10240 values; rows of 40: five Philox calls each
+    for dtype, res_dtype, bound in ((torch.float16, torch.float32, 2 ** -10), (torch.float32, torch.float32, 1e-6),
+                                    (torch.float16, torch.float16, 2 ** -10)):
+        h = torch.randn(shape, generator=gen).to(dtype).to(device).requires_grad_()
+        residual = torch.randn(shape, generator=gen).to(res_dtype).to(device).requires_grad_()
+        weight = (1 + torch.randn(40, generator=gen) / 10).to(device).requires_grad_()
+        d_normed = torch.randn(shape, generator=gen).to(dtype).to(device)
+        d_summed = torch.randn(shape, generator=gen).to(device)
+        torch.manual_seed(5)
+        normed, summed = kernels._add_rms_norm_fwd(h, residual, weight, 1e-5, p)[:2]
+        (normed.float() * d_normed.float()).sum().add((summed * d_summed).sum()).backward()
+        kept = summed != residual.float()
+        assert abs(kept.double().mean().item() - (1 - p)) < 0.025  # 5.5 standard deviations of the mean
+        torch.manual_seed(5)
+        gelu_kept = kernels._gelu_dropout_fwd(torch.full(shape, 3.0, device=device), p)[0] != 0
+        assert torch.equal(kept, gelu_kept)
+        ref_in = [t.detach().double().requires_grad_() for t in (h, residual, weight)]
+        ref_summed = ref_in[1] + ref_in[0] * kept / (1 - p)
+        ref_normed = F.rms_norm(ref_summed, (40,), ref_in[2], 1e-5)
+        (ref_normed * d_normed.double()).sum().add((ref_summed * d_summed.double()).sum()).backward()
+        assert rel_err(summed, ref_summed) < 1e-7 and rel_err(normed, ref_normed) < bound
+        assert h.grad.dtype == dtype and residual.grad.dtype == res_dtype
+        assert rel_err(h.grad, ref_in[0].grad) < bound and torch.equal(h.grad == 0, ~kept | (ref_in[0].grad == 0))
+        assert rel_err(residual.grad, ref_in[1].grad) < (1e-6 if res_dtype == torch.float32 else bound)
+        assert rel_err(weight.grad, ref_in[2].grad) < 1e-6
+        torch.manual_seed(5)                          # the same seed: the same mask; another seed: another
+        assert torch.equal(kernels._add_rms_norm_fwd(h.detach(), residual.detach(), weight, 1e-5, p)[1], summed)
+        assert not torch.equal(kernels._add_rms_norm_fwd(h.detach(), residual.detach(), weight, 1e-5, p)[1], summed)
+        grads = [t.grad for t in (h, residual, weight)]
+        for t in (h, residual, weight):
+            t.grad = None
+        op = torch.compile(lambda *a: kernels._add_rms_norm_fwd(*a)[:2], backend="aot_eager", fullgraph=True)
+        torch.manual_seed(5)
+        normed_c, summed_c = op(h, residual, weight, 1e-5, p)
+        (normed_c.float() * d_normed.float()).sum().add((summed_c * d_summed).sum()).backward()
+        assert torch.equal(normed_c, normed) and torch.equal(summed_c, summed)
+        assert all(torch.equal(t.grad, g) for t, g in zip((h, residual, weight), grads))
+    # evaluation, or p = 0: the plain add and norm; a dropout the kernels cannot draw is refused in one line
+    assert all(torch.equal(a, b) for a, b in zip(kernels.add_rms_norm(h, residual, weight, 1e-5, p, False),
+                                                 kernels.add_rms_norm(h, residual, weight, 1e-5)))
+    two_d = lambda t: t.detach().reshape(-1, 40)  # noqa: E731
+    with pytest.raises(ValueError, match=r"rms_norm_fwd: a dropout needs .* rows of a multiple of 8 values \(got 36\)"):
+        kernels.rms_norm_fwd(two_d(h)[:, :36], weight[:36], 1e-5, residual=two_d(residual)[:, :36], dropout=p,
+                             seed=torch.zeros(1, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match=r"rms_norm_fwd: a dropout needs 0 < p < 1 \(got 1.0\)"):
+        kernels.rms_norm_fwd(two_d(h), weight, 1e-5, residual=two_d(residual), dropout=1.0,
+                             seed=torch.zeros(1, dtype=torch.int64, device=device))
 
 
 @triton_here

@@ -54,13 +54,15 @@ PAPER = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dr
 SYNTHETIC = dict(batch_size=16, grad_accum=1, lr=1e-3, warmup=30, steps=300, dropout=0.1, d_model=256,
                  d_state=64, headdim=32, n_heads=4, frames=128, eval_every=100, ckpt_every=100)
 RUNTIME = {"steps", "stop_after", "device", "eval_every", "ckpt_every", "log_every", "compile", "cuda_graphs",
-           "no_kernels", "mamba_train", "triton_op", "no_fused_add_norm", "no_fused_gelu_dropout", "t5", "dac"}
+           "no_kernels", "mamba_train", "triton_op", "no_fused_add_norm", "no_fused_gelu_dropout",
+           "no_fused_residual_dropout", "t5", "dac"}
 # RUNTIME flags that a resumed run does not take from the checkpoint: --stop-after counts this invocation's
 # steps, and the on/off switches (store_true) could not be turned off again if they were kept
-THIS_INVOCATION = {"stop_after", "cuda_graphs", "compile", "no_kernels", "no_fused_add_norm", "no_fused_gelu_dropout"}
+THIS_INVOCATION = {"stop_after", "cuda_graphs", "compile", "no_kernels", "no_fused_add_norm", "no_fused_gelu_dropout",
+                   "no_fused_residual_dropout"}
 # Flags of the stage-1 LM alone; stage 2's model is fixed by its config (stage2.Stage2Config)
 STAGE1_ONLY = {"variant", "layers", "codebooks", "d_model", "d_state", "headdim", "n_heads", "dropout", "no_kernels",
-               "mamba_train", "triton_op", "no_fused_add_norm", "no_fused_gelu_dropout"}
+               "mamba_train", "triton_op", "no_fused_add_norm", "no_fused_gelu_dropout", "no_fused_residual_dropout"}
 METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "caption_score"]
 
 
@@ -131,6 +133,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-fused-gelu-dropout", action="store_true",
                     help="on CUDA: the feed-forward's plain GELU and dropout instead of one kernel each way "
                          "(fast.FastOptions.fused_gelu_dropout)")
+    ap.add_argument("--no-fused-residual-dropout", action="store_true",
+                    help="on CUDA: torch's dropout on each sublayer's output instead of a mask drawn inside the add "
+                         "+ norm kernel (fast.FastOptions.fused_residual_dropout)")
     ap.add_argument("--t5", default="google/flan-t5-base", help="Flan-T5 name or local folder (real data)")
     ap.add_argument("--dac", default="descript/dac_44khz", help="DAC name or local folder (stage 2, real data)")
     ap.add_argument("--eval-every", type=at_least_0,
@@ -357,7 +362,8 @@ def build_model(args, device):
         if fast.available():
             options = fast.FastOptions(train=args.mamba_train, triton_op=triton_op_option(args),
                                        fused_add_norm=not args.no_fused_add_norm,
-                                       fused_gelu_dropout=not args.no_fused_gelu_dropout)
+                                       fused_gelu_dropout=not args.no_fused_gelu_dropout,
+                                       fused_residual_dropout=not args.no_fused_residual_dropout)
             fast.accelerate(model, fast.for_cuda_graphs(options) if args.cuda_graphs else options)
         else:
             print("note: mamba-ssm and causal-conv1d are not installed, so Mamba-2 trains on ssd_reference "
