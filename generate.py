@@ -253,6 +253,10 @@ def load_models(args, device):
             datamod.fail(f"--stage2 fills codebooks 2..9 of a K = 1 model; {ckpt_path} already makes all "
                          f"{cfg.n_codebooks}")
         ck2 = read_checkpoint(args.stage2, "stage2")
+        codes_kind = "synthetic" if m.synthetic else "dac"  # what stage 1 was trained on, and so makes
+        if ck2["codec"]["kind"] != codes_kind:
+            datamod.fail(f"--stage2 {args.stage2}: trained on {ck2['codec']['kind']} codes, but {ckpt_path} makes "
+                         f"{codes_kind} codes; both stages must come from the same data")
         m.stage2 = build_model(ck2, args.stage2, stage2.Stage2Config, stage2.Stage2Diffusion)
         m.codec = datamod.load_codec(ck2["codec"], device, args.dac)
         m.stage2 = m.stage2.to(device).eval().attach_codec(m.codec)

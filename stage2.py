@@ -30,6 +30,24 @@ from ssmttm import (CODEBOOK_SIZE, SPECIAL, CrossAttention, adamw, classifier_fr
 LATENT_DIM = 8  # DAC's codebook_dim
 
 
+def crop_to_real_frames(codes):
+    """codes (b, n, T), each row's real frames first and padding (SPECIAL in codebook 1) after -> (b, n, T'),
+    T' the fewest real frames of a row: for each row the window of T' frames from a start drawn uniformly
+    (torch's default generator) among those that keep it inside the row's real frames. The draw happens
+    whether or not there is padding, so that the random stream does not depend on it. ValueError if a row
+    has no real frame or padding before a real frame."""
+    real = codes[:, 0] != SPECIAL                                   # (b, T)
+    lengths = real.sum(-1)
+    if not torch.equal(real, torch.arange(codes.shape[-1], device=codes.device) < lengths[:, None]):
+        raise ValueError("stage 2: each row's codes must be its real frames, then padding (SPECIAL) to the end")
+    shortest = int(lengths.min())
+    if shortest == 0:
+        raise ValueError("stage 2: a row of the batch has no real frame")
+    start = (torch.rand(codes.shape[0], device=codes.device) * (lengths - shortest + 1)).long()
+    index = (start[:, None] + torch.arange(shortest, device=codes.device))[:, None, :]    # (b, 1, T')
+    return codes.gather(2, index.expand(-1, codes.shape[1], -1))
+
+
 @dataclass
 class Stage2Config:
     channels: tuple = (256, 512, 768)  # U-Net widths, halving the frame rate between levels
@@ -181,17 +199,23 @@ class Stage2Diffusion(nn.Module):
 
     @torch.no_grad()
     def codes_from_latents(self, fine, coarse_codes):
-        """Normalised fine latents (b, 64, T) -> codes (b, 9, T), codebook 1 = coarse_codes."""
+        """Normalised fine latents (b, 64, T) -> codes (b, 9, T), codebook 1 = coarse_codes. The nearest
+        entries are found in the codec's precision (fp32) even under autocast: a product in bf16 moves them."""
         mean, std = self._block_stats(self.cfg.n_codebooks)
         fine = fine.float() * std[:, LATENT_DIM:] + mean[:, LATENT_DIM:]
         codes = [coarse_codes]
-        for k in range(1, self.cfg.n_codebooks):
-            block = fine[:, (k - 1) * LATENT_DIM:k * LATENT_DIM].to(self.codec.dtype)
-            codes.append(self.codec.quantizer.quantizers[k].decode_latents(block)[1])
+        with torch.autocast(fine.device.type, enabled=False):
+            for k in range(1, self.cfg.n_codebooks):
+                block = fine[:, (k - 1) * LATENT_DIM:k * LATENT_DIM].to(self.codec.dtype)
+                codes.append(self.codec.quantizer.quantizers[k].decode_latents(block)[1])
         return torch.stack(codes, dim=1)
 
     def forward(self, codes, text, text_mask):
-        """Training loss (v-prediction, MSE over real frames) for codes (b, 9, T)."""
+        """Training loss (v-prediction, MSE) for codes (b, 9, T), each clip's real frames followed by padding
+        (SPECIAL). The U-Net sees every frame at once (not causally), so padding would change what it makes of
+        the real frames, and generation never shows it any: the batch trains on one window of the shortest
+        clip's real length, from a random start inside each clip's real frames (crop_to_real_frames)."""
+        codes = crop_to_real_frames(codes)
         x0 = self.latents(codes)
         coarse, fine = x0[:, :LATENT_DIM], x0[:, LATENT_DIM:]
         steps = self.cfg.diffusion_steps
@@ -200,8 +224,7 @@ class Stage2Diffusion(nn.Module):
         noise = torch.randn_like(fine)
         v_target = alpha * noise - sigma * fine
         v = self.unet(torch.cat([alpha * fine + sigma * noise, coarse], dim=1), t, text, text_mask)
-        frames = (codes[:, :1] != SPECIAL).float()
-        return ((v.float() - v_target) ** 2 * frames).sum() / (frames.sum() * v.shape[1]).clamp(min=1)
+        return F.mse_loss(v.float(), v_target)
 
     def predict_v(self, x_t, coarse, t, text, text_mask, cfg_scale):
         """v for one step; with guidance the conditional and null (no text) rows run as one batch."""

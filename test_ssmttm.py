@@ -3000,6 +3000,92 @@ def test_stage2_schedule_is_nichol_and_dhariwals_and_its_sampler_ends_on_the_cle
     torch.testing.assert_close(out.double(), target, rtol=0, atol=2e-6)  # x is drawn in float32
 
 
+def test_stage2_sampler_steps_keep_x_at_the_forward_processs_level():
+    # With an oracle denoiser for a fixed target x0 (its clean estimate exact), each DDPM step draws x_s from
+    # the posterior q(x_s | x_t, x0), so x at every step is distributed as the forward process puts it:
+    # (x_t - alpha_t x0) / sigma_t ~ N(0, 1). The last-step test above holds for any sampler; this one fails
+    # for a posterior mean without x_t, ancestral noise left out, or noise of another size (on such mutations
+    # the std is 0.12, 1.0 and 0.03 off at the first step that fails)
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).double()
+    target = 2 * torch.randn(2, 8 * stage2.LATENT_DIM, 500, dtype=torch.float64) + 1   # 64000 values
+    seen = []
+
+    def oracle_v(x, coarse, t, *rest):
+        seen.append((x.clone(), t[0].item()))
+        a, s = (u[:, None, None] for u in stage2.cosine_schedule(t.double()))
+        return a * (x - a * target) / s - s * target
+    model.predict_v = oracle_v
+    text, mask = random_text(b=2, lt=3)
+    model.sample_latents(torch.zeros(2, stage2.LATENT_DIM, 500, dtype=torch.float64), text, mask, steps=10,
+                         generator=torch.Generator().manual_seed(1))
+    assert [t for _, t in seen] == pytest.approx([i / 10 for i in range(10, 0, -1)])
+    for x, t in seen[1:]:
+        alpha, sigma = stage2.cosine_schedule(torch.tensor(t, dtype=torch.float64))
+        eps = (x - alpha * target) / sigma
+        assert abs(eps.mean()) < 0.02 and abs(eps.std() - 1) < 0.02, t   # 5 standard deviations of each
+
+
+def test_stage2_trains_at_every_step_of_its_schedule_and_on_real_frames_only():
+    # training draws t from {1, ..., 100} / 100, the steps sampling visits (t = 0 is no step: alpha_0 = 1)
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small())).attach_codec(
+        datamod.synthetic_codec())
+    codes, caps = datamod.SyntheticMusic(8, seed=0).batch(range(16))
+    text, mask = datamod.WordEncoder()(caps)
+    drawn = []
+    model.unet.forward = lambda x, t, *rest: drawn.append(t) or torch.zeros_like(x[:, :64])
+    for _ in range(200):
+        model(codes, text, mask)
+    assert sorted(set(torch.cat(drawn).tolist())) == (torch.arange(1, 101).float() / 100).tolist()
+    del model.unet.forward
+    # The U-Net sees every frame at once: a clip padded to the batch's length must train as the clip alone
+    codes, caps = datamod.SyntheticMusic(64, seed=0).batch(range(2))
+    text, mask = datamod.WordEncoder()(caps)
+    padded = codes.clone()
+    padded[0, :, 40:] = SPECIAL
+    losses = []
+    for c in (padded[:1], codes[:1, :, :40]):
+        torch.manual_seed(3)
+        losses.append(model(c, text[:1], mask[:1]).item())
+    assert losses[0] == losses[1]
+    # a batch trains on windows of its shortest clip's real length, inside each clip's real frames
+    torch.manual_seed(4)
+    windows = stage2.crop_to_real_frames(padded)
+    assert windows.shape == (2, 9, 40) and torch.equal(windows[0], codes[0, :, :40])
+    starts = set()
+    for _ in range(400):
+        w = stage2.crop_to_real_frames(padded)[1]
+        start = next(i for i in range(25) if torch.equal(codes[1, :, i:i + 40], w))
+        starts.add(start)
+    assert starts == set(range(25))   # every start that keeps the window inside the clip
+    with pytest.raises(ValueError, match="real frames, then padding"):
+        stage2.crop_to_real_frames(torch.cat([padded[:, :, 40:], padded[:, :, :40]], dim=2))
+    # the latent statistics come from the real frames only
+    model.set_latent_stats(padded)
+    mean, std = model.latent_mean.clone(), model.latent_std.clone()
+    model.latent_mean.zero_()
+    model.latent_std.fill_(1.0)   # latents() then gives the raw latents
+    lat = torch.cat([model.latents(codes[:1, :, :40]), model.latents(codes[1:])], dim=2)[0]
+    lat = lat.view(9, stage2.LATENT_DIM, -1).flatten(1)
+    torch.testing.assert_close(mean, lat.mean(1))
+    torch.testing.assert_close(std, lat.std(1))
+
+
+def test_stage2_finds_the_nearest_codes_in_fp32_under_autocast():
+    # generate.py samples under bf16 autocast; the nearest-entry search must not run in bf16 (it moves codes)
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small())).attach_codec(
+        datamod.synthetic_codec())
+    codes = datamod.SyntheticMusic(256, seed=0).batch(range(8))[0]
+    model.set_latent_stats(codes)
+    fine = model.latents(codes)[:, stage2.LATENT_DIM:] + 0.3 * torch.randn(8, 64, 256)
+    want = model.codes_from_latents(fine, codes[:, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.codes_from_latents(fine, codes[:, 0])
+    assert torch.equal(got, want)
+
+
 def test_stage2_one_generator_per_prompt_gives_it_the_same_codes_in_any_batch():
     torch.manual_seed(0)
     model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small()))
@@ -4610,6 +4696,19 @@ def test_generate_errors(real_data_checkpoints, tmp_path, capsys):
     with pytest.raises(SystemExit):
         genmod.main(["a piece", "  ", "--ckpt", str(root / "k1" / "ckpt.pt")])
     assert "prompt 2 is empty" in capsys.readouterr().err
+    # the two stages must come from the same data: a synthetic stage 2 cannot finish a DAC stage 1, nor back
+    trainmod.main(["--stage", "2", "--steps", "1", "--frames", "16", "--batch-size", "2", "--eval-every", "0",
+                   "--out", str(tmp_path / "s2syn")])
+    trainmod.main(tiny_train_args(tmp_path / "k1syn", "--steps", "1", "--codebooks", "1"))
+    capsys.readouterr()
+    for k1, s2, message in ((root / "k1", tmp_path / "s2syn", "trained on synthetic codes, but .* makes dac codes"),
+                            (tmp_path / "k1syn", root / "s2", "trained on dac codes, but .* makes synthetic codes")):
+        with pytest.raises(SystemExit) as e:
+            genmod.main(["a piece", "--ckpt", str(k1 / "ckpt.pt"), "--stage2", str(s2 / "ckpt.pt"),
+                         "--out", str(tmp_path / "gen")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and re.search(message, err[-1]) and "same data" in err[-1], err
+    assert not (tmp_path / "gen" / "generations.jsonl").exists()
 
 
 def test_generate_synthetic_checkpoint_prints_caption_score(tmp_path, capsys):
