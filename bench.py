@@ -28,7 +28,8 @@ Sections:
 Model FLOPs (for MFU) count what the model needs, not what a kernel happens to do:
   6 x (parameters of every matrix) x (positions it is applied to)           forward + backward
   + self-attention 6 L^2 d / layer (causal half), cross-attention 12 L Lt d / layer
-  + SSD 3 x L (Q N + Q H P + 4 N H P) / layer  (intra-chunk causal half, chunk states, state->output)
+  + SSD 3 x L (Q N + Q H P + 4 N H P) / layer  (intra-chunk causal half, chunk states, state->output),
+    Q the kernels' chunk length (FastOptions.chunk_size, the rows' "chunk": 256, issue 15's count)
 MFU divides by the H200's dense bf16 peak, 989 TFLOP/s (datasheet).
 """
 import argparse
@@ -192,8 +193,14 @@ def wall_time(fn, iters, warmup):
     return (time.perf_counter() - t0) / iters * 1e3
 
 
-def model_flops(model, L_audio, L_text):
-    """Training FLOPs of one sequence (forward + backward), as described in the module docstring."""
+def frames_of(seconds):
+    """The frames of `seconds` of audio as DAC encodes it, in whole hops (10 s: 862, as issue 17's table)."""
+    return math.ceil(seconds * ssmttm.FRAME_RATE)
+
+
+def model_flops(model, L_audio, L_text, chunk):
+    """Training FLOPs of one sequence (forward + backward), as described in the module docstring; chunk: the
+    SSD's chunk length Q (FastOptions.chunk_size, not the plain model's cfg.chunk_size)."""
     cfg = model.cfg
     L = L_audio + (L_text if cfg.prefix else 0)  # positions the blocks run over
     flops = 0
@@ -209,7 +216,7 @@ def model_flops(model, L_audio, L_text):
         elif kind == "cross_attn":
             flops += 12 * L * L_text * d * cfg.n_layers
         elif kind == "mamba":
-            Q, N, HP = cfg.chunk_size, cfg.d_state, cfg.expand * d
+            Q, N, HP = chunk, cfg.d_state, cfg.expand * d
             flops += 3 * L * (Q * N + Q * HP + 4 * N * HP) * cfg.n_layers
     return flops
 
@@ -263,9 +270,9 @@ def train_step(model, opt, fwd, inputs, device):
 
 
 def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=8, device="cuda"):
-    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory, the GPU's median SM clock and power
-    during the timed steps (GPUClockLog), its busy and span ms in one more step (gpu_busy_ms) and the host's
-    speed just before (host_loop_s); compile: a key of COMPILE_MODES."""
+    """A training step's ms, tokens/s, TFLOP/s, MFU and peak memory (allocated and reserved), the GPU's
+    median SM clock and power during the timed steps (GPUClockLog), its busy and span ms in one more step
+    (gpu_busy_ms) and the host's speed just before (host_loop_s); compile: a key of COMPILE_MODES."""
     options = fast.for_cuda_graphs(options) if compile == "graphs" else options
     model = train_model(variant, n_layers, device, options)
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), device)
@@ -279,16 +286,18 @@ def bench_train(variant, batch, n_frames, n_layers, options, compile="0", steps=
         torch.cuda.synchronize()
         with GPUClockLog() as clock:
             ms = cuda_time(step, steps, warmup=0)
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        # allocated: the tensors' peak; reserved: the allocator's, what the card must hold (but the context)
+        peak, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
         busy, span = gpu_busy_ms(step)
     else:
-        ms, peak, busy, span = wall_time(step, 2, 1), float("nan"), float("nan"), float("nan")
+        ms, busy, span = wall_time(step, 2, 1), float("nan"), float("nan")
+        peak = reserved = float("nan")
         clock = GPUClockLog()
-    flops = model_flops(model, n_frames, N_TEXT) * batch
+    flops = model_flops(model, n_frames, N_TEXT, options.chunk_size) * batch
     del model, opt, fwd, step
     return {**train_columns(variant, batch, n_frames, compile, options, ms, flops), "peak GiB": peak,
-            "SM MHz": clock.sm_mhz, "power W": clock.power_w, "GPU busy ms": busy, "GPU span ms": span,
-            "host loop s": host}
+            "reserved GiB": reserved, "SM MHz": clock.sm_mhz, "power W": clock.power_w, "GPU busy ms": busy,
+            "GPU span ms": span, "host loop s": host}
 
 
 def train_columns(variant, batch, n_frames, compile, options, ms, flops):
@@ -329,7 +338,7 @@ def bench_train_rotated(configs, batch, n_frames, n_layers, compile="0", rounds=
         step = train_step(model, opt, fwd, batch_inputs(batch, n_frames, 1, device), device)
         for _ in range(3 if device == "cuda" else 1):  # warm-up (and compilation)
             step()
-        runs.append((step, model_flops(model, n_frames, N_TEXT) * batch))
+        runs.append((step, model_flops(model, n_frames, N_TEXT, options.chunk_size) * batch))
     times = [[] for _ in runs]
     for i in rotation(list(range(len(runs))), rounds):
         if device == "cuda":
@@ -410,7 +419,9 @@ def bench_layer(batch, L, options, d_state=512, device="cuda"):
         fast.accelerate(layer, options)
     u = torch.randn(batch, L, d, device=device, requires_grad=True)
 
-    def fwd_bwd():
+    def fwd_bwd():  # the gradients set afresh each time, as in a training step, not accumulated
+        u.grad = None
+        layer.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             y = layer(u)
         y.float().square().mean().backward()
@@ -528,10 +539,11 @@ def bench_decoding(device, n_layers, positions, setups=DECODE_SETUPS, seconds=(1
             row["warm-up s"] = time.perf_counter() - t0
             # the baseline takes minutes for 25 s: 10 s only unless asked
             for sec in seconds if mode != "recompute" or full_baseline else seconds[:1]:
-                n = round(sec * ssmttm.FRAME_RATE) if device == "cuda" else 20
+                n = frames_of(sec) if device == "cuda" else 20
                 g = torch.Generator(device=device).manual_seed(0)
                 run = functools.partial(model.generate, text, mask, n, generator=g, **kw)
-                row[f"s for {sec}s"] = wall_time(run, 1, 0) / 1e3
+                # a Decoder records its frames' graphs for each length once: not in the timed call
+                row[f"s for {sec}s"] = wall_time(run, 1, 0 if kw["decoder"] is None else 1) / 1e3
         except Exception as e:  # report, keep going
             row["error"] = f"{type(e).__name__}: {e}"[:160]
         emit(row)
@@ -566,7 +578,7 @@ def bench_decode_batch(n_layers, prompts=(1, 4, 16, 64), seconds=10, modes=("gra
     the issue's own call draws), per mode
     of DECODE_MODES (by default the SSM state in fp32 and in bf16). Prefix SiMBA, bf16 weights."""
     model = paper_model("prefix_simba", n_layers, "cuda", torch.bfloat16)
-    n = round(seconds * ssmttm.FRAME_RATE)
+    n = frames_of(seconds)
     for p, mode in itertools.product(prompts, modes):
         row = {"section": "decode batch", "prompts": p, "rows": 2 * p, "mode": mode,
                "state": "bf16" if "bf16" in mode else "fp32"}
@@ -953,7 +965,8 @@ def bench_cpu(steps=30):
     if out.returncode != 0:
         return emit({"section": "cpu", "error": out.stderr.strip().splitlines()[-1][:200]})
     import csv
-    rows = list(csv.DictReader(open(os.path.join(out_dir, "metrics.csv"))))[5:]  # after warm-up
+    rows = list(csv.DictReader(open(os.path.join(out_dir, "metrics.csv"))))
+    rows = rows[min(5, len(rows) - 1):]  # after warm-up (--quick: the last of its 5 steps)
     emit({"section": "cpu", "cores": os.cpu_count(), "steps": steps, "threads": torch.get_num_threads(),
           "audio tok/s": sum(float(r["tokens_per_s"]) for r in rows) / len(rows),
           "s/step": float(rows[-1]["elapsed_s"]) / steps, "loss": float(rows[-1]["loss"])})
@@ -1004,12 +1017,13 @@ def run_section(section, args, device, train_options):
     """One section of the benchmark, its rows emitted as they finish."""
     n_layers = 2 if args.quick else args.layers
     n_frames = 40 if args.quick else 2584
+    batches = [2] if args.quick else args.batches
     if section == "train" and args.rotate:
-        for batch, comp in itertools.product(args.batches, args.compile):
+        for batch, comp in itertools.product(batches, args.compile):
             if args.quick and comp != "0":
                 continue
             try:
-                rows = bench_train_rotated(rotated_configs(args.variants, train_options), 2 if args.quick else batch,
+                rows = bench_train_rotated(rotated_configs(args.variants, train_options), batch,
                                            n_frames, n_layers, comp, args.rotate, device=device)
             except Exception as e:  # report, keep going
                 rows = [{"section": "train", "variant": ",".join(args.variants), "batch": batch, "compile": comp,
@@ -1019,20 +1033,19 @@ def run_section(section, args, device, train_options):
             if device == "cuda":
                 torch.cuda.empty_cache()
     elif section == "train":
-        for rnd, variant, batch, comp, options in train_runs(args.variants, args.batches, args.compile,
+        for rnd, variant, batch, comp, options in train_runs(args.variants, batches, args.compile,
                                                              train_options, args.rounds):
             if args.quick and comp != "0":
                 continue
             try:
-                row = bench_train(variant, 2 if args.quick else batch, n_frames, n_layers, options, comp,
-                                  device=device)
+                row = bench_train(variant, batch, n_frames, n_layers, options, comp, device=device)
             except Exception as e:  # report, keep going
                 row = {"section": "train", "variant": variant, "batch": batch, "compile": comp,
                        "mamba2": options.train, "error": f"{type(e).__name__}: {e}"[:160]}
             emit(row if args.rounds == 1 else {**row, "round": rnd})
             if device == "cuda":
                 torch.cuda.empty_cache()
-    elif section == "profile":
+    elif section == "profile" and device == "cuda":
         for variant, comp in itertools.product(args.variants, args.compile):
             profile_train(variant, args.batches[0], n_frames, n_layers, comp, train_options[0])
     elif section == "layer":
@@ -1056,7 +1069,7 @@ def run_section(section, args, device, train_options):
                       grad_accum=args.ddp_grad_accum)
     elif section == "decode-batch" and device == "cuda":
         bench_decode_batch(n_layers, tuple(args.prompts), modes=args.decode_modes or ("graph", "bf16state+graph"))
-    elif section == "decode-profile":
+    elif section == "decode-profile" and device == "cuda":
         modes = args.decode_modes or ("graph", "nopdl+graph", "bf16state+graph")
         for p, mode in itertools.product(args.prompts, modes):
             profile_decoding(n_layers, mode, prompts=p)
@@ -1082,6 +1095,14 @@ def comma_list(item):
             raise argparse.ArgumentTypeError(f"expected {', '.join(item)} (comma-separated), not {text!r}")
         return text
     return lambda text: [parse_one(part) for part in text.split(",")]
+
+
+def chunk_size(text):
+    """An argparse type: an SSD chunk length the kernels run (FastOptions' rule: a power of two >= 16)."""
+    n = datamod.positive_int(text)
+    if n < 16 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"a chunk length is a power of two >= 16, not {text!r}")
+    return n
 
 
 def decode_setup(text):
@@ -1111,7 +1132,7 @@ def main():
     ap.add_argument("--rotate", type=datamod.positive_int,
                     help="train: build the variants in one process and time this many steps of each, one of each "
                          "in turn (bench_train_rotated), instead of one row after another")
-    ap.add_argument("--chunk-sizes", type=comma_list(datamod.positive_int), default="256",
+    ap.add_argument("--chunk-sizes", type=comma_list(chunk_size), default="256",
                     help="the SSD kernels' chunk lengths (FastOptions.chunk_size)")
     ap.add_argument("--layers", type=datamod.positive_int, default=24)
     ap.add_argument("--mamba-train", type=comma_list(list(fast.TRAIN_PATHS)), default=FastOptions.train,

@@ -139,7 +139,9 @@ def main():
         except Exception as e:  # report, keep going
             print(f"{name}: failed ({type(e).__name__}: {str(e)[:200]})")
             continue
-        results[name] = (y.detach(), f.detach(), grads)
+        # kept on the host, so that the next path's peak counts its own tensors only
+        results[name] = (y.detach().cpu(), f.detach().cpu(), [g.cpu() for g in grads])
+        del y, f, grads
         print(f"{name}: forward {ms_f:.3f} ms ({fwd_flops / ms_f / 1e9:.0f} TFLOP/s), forward + backward "
               f"{ms_fb:.3f} ms ({3 * fwd_flops / ms_fb / 1e9:.0f} TFLOP/s), peak {peak:.1f} GiB")
     if len(results) == 2:

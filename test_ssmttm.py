@@ -4063,6 +4063,35 @@ def test_compiled_training_specializes_each_text_length():
     torch._dynamo.reset()
 
 
+def test_bench_counts_the_ssd_flops_at_the_kernels_chunk():
+    # issue 15's count: 3 L (Q N + Q H P + 4 N H P) per layer with Q the kernels' chunk (FastOptions.chunk_size,
+    # 256: 14.55 MFLOP a position), not the plain model's cfg.chunk_size (32, its CPU path): the MFU column
+    import bench
+    with torch.device("meta"):
+        model = TextToMusicLM(ModelConfig(variant="prefix_simba"))
+    assert model.cfg.chunk_size != 256
+    L, flops = 2584 + bench.N_TEXT, lambda q: bench.model_flops(model, 2584, bench.N_TEXT, q)  # noqa: E731
+    per_position = lambda q: 3 * (q * 512 + q * 2048 + 4 * 512 * 2048)  # noqa: E731
+    assert per_position(256) == 14_548_992
+    assert flops(256) - flops(32) == 24 * L * (per_position(256) - per_position(32))
+    # and a train row's TFLOP/s is that count at its options' chunk
+    options = FastOptions(chunk_size=64)
+    row = bench.bench_train("prefix_simba", 2, 40, 2, options, device="cpu")
+    tiny = bench.train_model("prefix_simba", 2, "cpu", options)
+    assert row["chunk"] == 64
+    assert row["TFLOP/s"] * row["ms/step"] * 1e9 == pytest.approx(2 * bench.model_flops(tiny, 40, bench.N_TEXT, 64))
+    assert bench.model_flops(tiny, 40, bench.N_TEXT, 64) != bench.model_flops(tiny, 40, bench.N_TEXT, 32)
+
+
+def test_bench_refuses_a_chunk_the_kernels_cannot_run_in_one_line(monkeypatch, capsys):
+    import bench
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--chunk-sizes", "256,100"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].endswith("--chunk-sizes: a chunk length is a power of two >= 16, not '100'")
+
+
 def test_bench_counts_overlapping_kernels_once_in_the_busy_time():
     # bench.gpu_busy_ms sums the union of the kernels' intervals: two streams' overlapping kernels once,
     # a gap not at all, a kernel inside another nothing more
