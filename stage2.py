@@ -30,24 +30,6 @@ from ssmttm import (CODEBOOK_SIZE, SPECIAL, CrossAttention, adamw, classifier_fr
 LATENT_DIM = 8  # DAC's codebook_dim
 
 
-def crop_to_real_frames(codes):
-    """codes (b, n, T), each row's real frames first and padding (SPECIAL in codebook 1) after -> (b, n, T'),
-    T' the fewest real frames of a row: for each row the window of T' frames from a start drawn uniformly
-    (torch's default generator) among those that keep it inside the row's real frames. The draw happens
-    whether or not there is padding, so that the random stream does not depend on it. ValueError if a row
-    has no real frame or padding before a real frame."""
-    real = codes[:, 0] != SPECIAL                                   # (b, T)
-    lengths = real.sum(-1)
-    if not torch.equal(real, torch.arange(codes.shape[-1], device=codes.device) < lengths[:, None]):
-        raise ValueError("stage 2: each row's codes must be its real frames, then padding (SPECIAL) to the end")
-    shortest = int(lengths.min())
-    if shortest == 0:
-        raise ValueError("stage 2: a row of the batch has no real frame")
-    start = (torch.rand(codes.shape[0], device=codes.device) * (lengths - shortest + 1)).long()
-    index = (start[:, None] + torch.arange(shortest, device=codes.device))[:, None, :]    # (b, 1, T')
-    return codes.gather(2, index.expand(-1, codes.shape[1], -1))
-
-
 @dataclass
 class Stage2Config:
     channels: tuple = (256, 512, 768)  # U-Net widths, halving the frame rate between levels
@@ -63,8 +45,22 @@ class Stage2Config:
         return dict(channels=(32, 64), d_cond=32, n_heads=4)
 
 
+def masked_group_norm(x, norm, mask):
+    """nn.GroupNorm `norm` of x (b, C, T) with its statistics over the frames where mask (b, 1, T) is 1 only
+    (the others are normalised too, with the same statistics; what they hold does not matter)."""
+    b, C, T = x.shape
+    xg, m = x.view(b, norm.num_groups, -1, T), mask[:, None]                      # (b, G, C/G, T), (b, 1, 1, T)
+    n = m.sum(-1, keepdim=True) * xg.shape[2]
+    mean = (xg * m).sum((2, 3), keepdim=True) / n
+    var = ((xg - mean) ** 2 * m).sum((2, 3), keepdim=True) / n
+    y = ((xg - mean) * torch.rsqrt(var + norm.eps)).view(b, C, T)
+    return y * norm.weight[:, None] + norm.bias[:, None]
+
+
 class ResBlock1d(nn.Module):
-    """GroupNorm-SiLU-Conv twice; the step and pooled text enter as a scale and shift (FiLM)."""
+    """GroupNorm-SiLU-Conv twice; the step and pooled text enter as a scale and shift (FiLM). mask (b, 1, T),
+    1 at real frames and 0 past a clip's end: the norms count the real frames only and each conv sees zeros
+    past the end, so that the real frames' output does not depend on what lies there."""
 
     def __init__(self, c_in, c_out, d_emb):
         super().__init__()
@@ -75,10 +71,10 @@ class ResBlock1d(nn.Module):
         self.conv2 = nn.Conv1d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x)))
+    def forward(self, x, emb, mask):
+        h = self.conv1(F.silu(masked_group_norm(x, self.norm1, mask)) * mask)
         scale, shift = self.film(emb)[..., None].chunk(2, dim=1)
-        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+        h = self.conv2(F.silu(masked_group_norm(h, self.norm2, mask) * (1 + scale) + shift) * mask)
         return self.skip(x) + h
 
 
@@ -91,16 +87,19 @@ class Level(nn.Module):
         self.attn = CrossAttention(c_out, cfg.n_heads, 0.0, d_memory=cfg.d_cond) if attention else None
         self.attn_norm = nn.LayerNorm(c_out) if attention else None
 
-    def forward(self, x, emb, text, text_mask):
+    def forward(self, x, emb, text, text_mask, mask):
         for block in self.res:
-            x = block(x, emb)
+            x = block(x, emb, mask)
         if self.attn is not None:
             x = x + self.attn(self.attn_norm(x.transpose(1, 2)), text, text_mask).transpose(1, 2)
         return x
 
 
 class DiffusionUNet(nn.Module):
-    """(b, 72, T) noisy fine latents + clean coarse latent, step t in (0, 1], text -> v (b, 64, T)."""
+    """(b, 72, T) noisy fine latents + clean coarse latent, step t in (0, 1], text -> v (b, 64, T). lengths
+    (b,): each row's real frames, the rest padding (None: all T). Every layer sees zeros past a row's real
+    frames (and past T, where the length is padded to one the down/up path can halve), so a clip's v is the
+    same whatever padding follows it; the padded frames' v means nothing."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -120,25 +119,30 @@ class DiffusionUNet(nn.Module):
         nn.init.zeros_(self.out.weight)  # start by predicting v = 0
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x, t, text, text_mask):
+    def forward(self, x, t, text, text_mask, lengths=None):
         T = x.shape[-1]
         x = F.pad(x, (0, -T % 2 ** (len(self.down) - 1)))  # a length the down/up path can halve
+        real = torch.full((x.shape[0],), T, device=x.device) if lengths is None else lengths
+        # per level, 1 at the frames that start inside a row's real frames: (b, 1, T / 2^i)
+        masks = [(torch.arange(0, x.shape[-1], 2 ** i, device=x.device) < real[:, None])[:, None].to(x.dtype)
+                 for i in range(len(self.down))]
+        x = x * masks[0]
         memory = self.text_norm(self.text_proj(text.to(x.dtype)))
         pooled = (memory * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)
         steps = sinusoidal_positions(t[:, None] * 1000, self.time_mlp[0].in_features)[:, 0]
         emb = self.time_mlp(steps.to(x.dtype)) + self.pool_proj(pooled)
         h, skips = self.inp(x), []
         for i, level in enumerate(self.down):
-            h = level(h, emb, memory, text_mask)
+            h = level(h, emb, memory, text_mask, masks[i])
             skips.append(h)
             if i < len(self.downsample):
-                h = self.downsample[i](h)
-        h = self.mid(h, emb, memory, text_mask)
+                h = self.downsample[i](h * masks[i])
+        h = self.mid(h, emb, memory, text_mask, masks[-1])
         for i in reversed(range(len(self.up))):
             if i < len(self.upsample):
-                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-            h = self.up[i](torch.cat([h, skips[i]], dim=1), emb, memory, text_mask)
-        return self.out(F.silu(self.out_norm(h)))[..., :T]
+                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest") * masks[i])
+            h = self.up[i](torch.cat([h, skips[i]], dim=1), emb, memory, text_mask, masks[i])
+        return self.out(F.silu(masked_group_norm(h, self.out_norm, masks[0])) * masks[0])[..., :T]
 
 
 def gaussian_noise(shape, device, generator=None):
@@ -211,11 +215,11 @@ class Stage2Diffusion(nn.Module):
         return torch.stack(codes, dim=1)
 
     def forward(self, codes, text, text_mask):
-        """Training loss (v-prediction, MSE) for codes (b, 9, T), each clip's real frames followed by padding
-        (SPECIAL). The U-Net sees every frame at once (not causally), so padding would change what it makes of
-        the real frames, and generation never shows it any: the batch trains on one window of the shortest
-        clip's real length, from a random start inside each clip's real frames (crop_to_real_frames)."""
-        codes = crop_to_real_frames(codes)
+        """Training loss (v-prediction, MSE over real frames) for codes (b, 9, T), each clip's real frames
+        followed by padding (SPECIAL). The U-Net sees every frame at once (not causally); it is told each
+        clip's length, so that the padding does not change what it makes of the real frames (generation never
+        shows it any)."""
+        lengths = (codes[:, 0] != SPECIAL).sum(-1)
         x0 = self.latents(codes)
         coarse, fine = x0[:, :LATENT_DIM], x0[:, LATENT_DIM:]
         steps = self.cfg.diffusion_steps
@@ -223,8 +227,9 @@ class Stage2Diffusion(nn.Module):
         alpha, sigma = (s[:, None, None] for s in cosine_schedule(t))
         noise = torch.randn_like(fine)
         v_target = alpha * noise - sigma * fine
-        v = self.unet(torch.cat([alpha * fine + sigma * noise, coarse], dim=1), t, text, text_mask)
-        return F.mse_loss(v.float(), v_target)
+        v = self.unet(torch.cat([alpha * fine + sigma * noise, coarse], dim=1), t, text, text_mask, lengths)
+        frames = (codes[:, :1] != SPECIAL).float()
+        return ((v.float() - v_target) ** 2 * frames).sum() / (frames.sum() * v.shape[1]).clamp(min=1)
 
     def predict_v(self, x_t, coarse, t, text, text_mask, cfg_scale):
         """v for one step; with guidance the conditional and null (no text) rows run as one batch."""

@@ -3039,28 +3039,29 @@ def test_stage2_trains_at_every_step_of_its_schedule_and_on_real_frames_only():
         model(codes, text, mask)
     assert sorted(set(torch.cat(drawn).tolist())) == (torch.arange(1, 101).float() / 100).tolist()
     del model.unet.forward
-    # The U-Net sees every frame at once: a clip padded to the batch's length must train as the clip alone
+    # The U-Net sees every frame at once: told a clip's length, it must make of the clip's frames what it makes
+    # of the clip alone, whatever the padding holds (a clip of 37 frames, its length padded inside to 38, and
+    # the same clip padded to 64 with noise); float64, an untrained U-Net whose output is not zero
+    unet = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).double().unet
+    torch.nn.init.normal_(unet.out.weight, std=0.3)
+    x, t = torch.randn(1, 72, 37, dtype=torch.float64), torch.tensor([0.4], dtype=torch.float64)
+    text, mask = random_text(b=1, lt=3)
+    alone = unet(x, t, text, mask)
+    for padding in (torch.randn(1, 72, 27, dtype=torch.float64), torch.zeros(1, 72, 27, dtype=torch.float64)):
+        padded = unet(torch.cat([x, 10 * padding], dim=2), t, text, mask, torch.tensor([37]))
+        torch.testing.assert_close(padded[..., :37], alone, rtol=0, atol=1e-12)
+    unmasked = unet(torch.cat([x, padding], dim=2), t, text, mask)[..., :37]
+    assert (unmasked - alone).abs().max() > 1e-3   # without the length, the padding reaches the clip's frames
+    # and the training loss tells the U-Net each clip's length (the frames before its padding)
     codes, caps = datamod.SyntheticMusic(64, seed=0).batch(range(2))
     text, mask = datamod.WordEncoder()(caps)
     padded = codes.clone()
     padded[0, :, 40:] = SPECIAL
-    losses = []
-    for c in (padded[:1], codes[:1, :, :40]):
-        torch.manual_seed(3)
-        losses.append(model(c, text[:1], mask[:1]).item())
-    assert losses[0] == losses[1]
-    # a batch trains on windows of its shortest clip's real length, inside each clip's real frames
-    torch.manual_seed(4)
-    windows = stage2.crop_to_real_frames(padded)
-    assert windows.shape == (2, 9, 40) and torch.equal(windows[0], codes[0, :, :40])
-    starts = set()
-    for _ in range(400):
-        w = stage2.crop_to_real_frames(padded)[1]
-        start = next(i for i in range(25) if torch.equal(codes[1, :, i:i + 40], w))
-        starts.add(start)
-    assert starts == set(range(25))   # every start that keeps the window inside the clip
-    with pytest.raises(ValueError, match="real frames, then padding"):
-        stage2.crop_to_real_frames(torch.cat([padded[:, :, 40:], padded[:, :, :40]], dim=2))
+    seen = []
+    model.unet.forward = lambda x, t, text, mask, lengths: seen.append(lengths) or torch.zeros_like(x[:, :64])
+    model(padded, text, mask)
+    del model.unet.forward
+    assert seen[0].tolist() == [40, 64]
     # the latent statistics come from the real frames only
     model.set_latent_stats(padded)
     mean, std = model.latent_mean.clone(), model.latent_std.clone()
