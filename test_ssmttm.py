@@ -3040,18 +3040,22 @@ def test_stage2_trains_at_every_step_of_its_schedule_and_on_real_frames_only():
     assert sorted(set(torch.cat(drawn).tolist())) == (torch.arange(1, 101).float() / 100).tolist()
     del model.unet.forward
     # The U-Net sees every frame at once: told a clip's length, it must make of the clip's frames what it makes
-    # of the clip alone, whatever the padding holds (a clip of 37 frames, its length padded inside to 38, and
-    # the same clip padded to 64 with noise); float64, an untrained U-Net whose output is not zero
-    unet = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).double().unet
+    # of the clip alone, whatever the padding holds: clips of 37 frames (its length padded inside the U-Net to
+    # 40, a multiple of 2^3) and 40, each padded to 64 with noise or zeros; float64, an untrained U-Net of three
+    # levels whose output is not zero
+    config = dict(stage2.Stage2Config.small(), channels=(32, 48, 64), d_text=24)
+    unet = stage2.Stage2Diffusion(stage2.Stage2Config(**config)).double().unet
     torch.nn.init.normal_(unet.out.weight, std=0.3)
-    x, t = torch.randn(1, 72, 37, dtype=torch.float64), torch.tensor([0.4], dtype=torch.float64)
-    text, mask = random_text(b=1, lt=3)
-    alone = unet(x, t, text, mask)
-    for padding in (torch.randn(1, 72, 27, dtype=torch.float64), torch.zeros(1, 72, 27, dtype=torch.float64)):
-        padded = unet(torch.cat([x, 10 * padding], dim=2), t, text, mask, torch.tensor([37]))
-        torch.testing.assert_close(padded[..., :37], alone, rtol=0, atol=1e-12)
-    unmasked = unet(torch.cat([x, padding], dim=2), t, text, mask)[..., :37]
-    assert (unmasked - alone).abs().max() > 1e-3   # without the length, the padding reaches the clip's frames
+    t, (text, mask) = torch.tensor([0.4], dtype=torch.float64), random_text(b=1, lt=3)
+    for length in (37, 40):
+        x = torch.randn(1, 72, length, dtype=torch.float64)
+        alone = unet(x, t, text, mask)
+        for padding in (10 * torch.randn(1, 72, 64 - length, dtype=torch.float64),
+                        torch.zeros(1, 72, 64 - length, dtype=torch.float64)):
+            padded = unet(torch.cat([x, padding], dim=2), t, text, mask, torch.tensor([length]))
+            torch.testing.assert_close(padded[..., :length], alone, rtol=0, atol=1e-12)
+        unmasked = unet(torch.cat([x, padding], dim=2), t, text, mask)[..., :length]
+        assert (unmasked - alone).abs().max() > 1e-3   # without the length, the padding reaches the clip's frames
     # and the training loss tells the U-Net each clip's length (the frames before its padding)
     codes, caps = datamod.SyntheticMusic(64, seed=0).batch(range(2))
     text, mask = datamod.WordEncoder()(caps)
