@@ -50,7 +50,7 @@ def masked_group_norm(x, norm, mask):
     (the others are normalised too, with the same statistics; what they hold does not matter)."""
     b, C, T = x.shape
     xg, m = x.view(b, norm.num_groups, -1, T), mask[:, None]                      # (b, G, C/G, T), (b, 1, 1, T)
-    n = m.sum(-1, keepdim=True) * xg.shape[2]
+    n = (m.sum(-1, keepdim=True) * xg.shape[2]).clamp(min=1)   # a row with no real frame: 0, not NaN
     mean = (xg * m).sum((2, 3), keepdim=True) / n
     var = ((xg - mean) ** 2 * m).sum((2, 3), keepdim=True) / n
     y = ((xg - mean) * torch.rsqrt(var + norm.eps)).view(b, C, T)
