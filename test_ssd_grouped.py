@@ -114,18 +114,23 @@ def _rel(a, ref):
 
 
 @needs_triton
-@pytest.mark.parametrize("l,Q,n,init,with_D,dfinal,strided", [(70, 32, 20, True, True, True, True),
-                                                              (64, 16, 20, False, False, True, False),
-                                                              (20, 32, 20, True, True, False, False),
-                                                              (40, 16, 144, True, False, True, True),
-                                                              (300, 256, 20, True, True, True, False)])
-def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(l, Q, n, init, with_D, dfinal, strided):
+@pytest.mark.parametrize("b,l,h,p,Q,n,init,with_D,dfinal,strided", [
+    (2, 70, 3, 16, 32, 20, True, True, True, True),
+    (2, 64, 3, 16, 16, 20, False, False, True, False),
+    (2, 20, 3, 16, 32, 20, True, True, False, False),
+    (2, 40, 3, 16, 16, 144, True, False, True, True),
+    (2, 300, 3, 16, 256, 20, True, True, True, False),
+    (5, 221, 2, 16, 16, 8, True, True, True, False),    # 70 chunks: more than _chunk_sums_kernel's 64 rows a pass
+    (1, 20, 40, 16, 16, 8, True, True, True, False),    # 40 heads: more than one head block of the d acum kernels
+    (2, 40, 3, 24, 16, 8, True, True, True, False)])    # a head dim below its power of two (masked columns)
+def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(b, l, h, p, Q, n, init, with_D, dfinal, strided):
     # fp32 inputs (exact products: input_precision "ieee"), 1 to 4 chunks, lengths not a multiple of the
     # chunk, chunks of one row block and of four (Q 256: the (Q, Q) kernels' blocks below the diagonal,
     # where the decay is split), the state in one tile of columns (n 20, masked) or two (n 144: the
     # second masked), with and without initial state, D and a final-state gradient; x, B and C read in
-    # place from wider tensors (as from the conv's output) or contiguous
-    x, dt, A, B, C, D, s0 = _inputs(2, l, 3, 16, n, init=init, with_D=with_D)
+    # place from wider tensors (as from the conv's output) or contiguous; grids of several blocks of
+    # chunks and of heads
+    x, dt, A, B, C, D, s0 = _inputs(b, l, h, p, n, init=init, with_D=with_D)
     y_ref, f_ref = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], Q, D=D, initial_state=s0)
     g = torch.Generator().manual_seed(1)
     dy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
