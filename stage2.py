@@ -219,7 +219,7 @@ class Stage2Diffusion(nn.Module):
         followed by padding (SPECIAL). The U-Net sees every frame at once (not causally); it is told each
         clip's length, so that the padding does not change what it makes of the real frames (generation never
         shows it any)."""
-        lengths = (codes[:, 0] != SPECIAL).sum(-1)
+        frames = (codes[:, :1] != SPECIAL).float()                         # (b, 1, T): 1 at real frames
         x0 = self.latents(codes)
         coarse, fine = x0[:, :LATENT_DIM], x0[:, LATENT_DIM:]
         steps = self.cfg.diffusion_steps
@@ -227,8 +227,8 @@ class Stage2Diffusion(nn.Module):
         alpha, sigma = (s[:, None, None] for s in cosine_schedule(t))
         noise = torch.randn_like(fine)
         v_target = alpha * noise - sigma * fine
-        v = self.unet(torch.cat([alpha * fine + sigma * noise, coarse], dim=1), t, text, text_mask, lengths)
-        frames = (codes[:, :1] != SPECIAL).float()
+        v = self.unet(torch.cat([alpha * fine + sigma * noise, coarse], dim=1), t, text, text_mask,
+                      frames.sum(-1)[:, 0].long())
         return ((v.float() - v_target) ** 2 * frames).sum() / (frames.sum() * v.shape[1]).clamp(min=1)
 
     def predict_v(self, x_t, coarse, t, text, text_mask, cfg_scale):
