@@ -562,6 +562,33 @@ def test_loss_ignores_special_and_averages_codebooks():
     torch.testing.assert_close(ssmttm.lm_loss(logits, targets), (per_k[0] + per_k[1]) / 2)
 
 
+def test_loss_smooths_labels_in_fp32_and_counts_a_codebook_without_targets_as_zero():
+    # the model's loss is lm_loss at the config's label smoothing (0.1, the official code's), each
+    # codebook's the mean of torch's smoothed cross-entropy over its real targets
+    logits = 4 * torch.randn(2, 2, 5, 1025, dtype=torch.float64)
+    targets = logits[..., :SPECIAL].argmax(-1)  # confident and right: smoothing costs much
+    targets[:, 1, 3:] = SPECIAL
+    per_k = [F.cross_entropy(logits[:, k].reshape(-1, 1025), targets[:, k].reshape(-1), ignore_index=SPECIAL,
+                             label_smoothing=0.1) for k in range(2)]
+    torch.testing.assert_close(ssmttm.lm_loss(logits, targets, 0.1), (per_k[0] + per_k[1]) / 2)
+    assert abs(ssmttm.lm_loss(logits, targets, 0.1) - ssmttm.lm_loss(logits, targets)) > 1e-2
+    model = tiny_model("prefix_simba", 2)
+    assert model.cfg.label_smoothing == 0.1
+    text, mask = random_text()
+    codes = delay_pattern(torch.randint(0, 1024, (2, 2, 7)))
+    out, loss = model(codes, text, mask)
+    torch.testing.assert_close(loss, ssmttm.lm_loss(out, codes, 0.1), rtol=0, atol=0)
+    # bf16 logits (autocast's) give an fp32 loss: the sum over 1025 codes is not rounded to bf16
+    low = logits.float().bfloat16()
+    assert ssmttm.lm_loss(low, targets, 0.1).dtype == torch.float32
+    torch.testing.assert_close(ssmttm.lm_loss(low, targets, 0.1), ssmttm.lm_loss(low.float(), targets, 0.1),
+                               rtol=0, atol=0)
+    # a codebook with no real target in the batch adds 0 to the mean, not NaN
+    targets[:, 1] = SPECIAL
+    first = F.cross_entropy(logits[:, 0].reshape(-1, 1025), targets[:, 0].reshape(-1))
+    torch.testing.assert_close(ssmttm.lm_loss(logits, targets), first / 2)
+
+
 # ------------------------------------------------------------------------------------------------
 # The block: copyable, explicit arguments
 
@@ -603,6 +630,18 @@ def test_each_sublayer_output_is_dropped_before_the_residual_add():
         memory, mask = torch.randn(2, 5, 32, dtype=torch.float64), torch.ones(2, 5, dtype=torch.bool)
         assert torch.equal(block(x, memory=memory, memory_mask=mask), x), layout
         assert not torch.equal(block.eval()(x, memory=memory, memory_mask=mask), x), layout
+
+
+def test_feed_forward_drops_the_hidden_activations_between_its_two_linears():
+    # SiMBA's channel mixing is fc2(Dropout(GELU(fc1 x))) (exact GELU), torch's draw bit for bit
+    ff = ssmttm.FeedForward(16, 32, 0.5).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    torch.manual_seed(4)
+    out = ff(x)
+    torch.manual_seed(4)
+    want = ff.fc2(F.dropout(F.gelu(ff.fc1(x)), 0.5, True))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(ff.eval()(x), ff.fc2(F.gelu(ff.fc1(x))), rtol=0, atol=0)
 
 
 def test_cross_block_reads_the_text_it_is_given():
@@ -704,6 +743,70 @@ def test_parameter_counts_match_paper(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_residual_branch_outputs_start_scaled_by_one_over_root_the_branches(variant):
+    # GPT-2's init: each sublayer's last matrix (Mamba-2's and attention's out_proj, the feed-forward's
+    # fc2) is nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) divided by sqrt(sublayers per block x blocks);
+    # the other matrices keep nn.Linear's bound. The largest of thousands of draws is within 10% of it.
+    torch.manual_seed(0)
+    model = TextToMusicLM(tiny_config(variant))
+    n_branches = len(LAYOUTS[variant]) * model.cfg.n_layers
+    seen = collections.Counter()
+    for name, p in model.named_parameters():
+        if not name.endswith(("out_proj.weight", "fc2.weight", "in_proj.weight", "fc1.weight")):
+            continue
+        bound = 1 / math.sqrt(p.shape[1])
+        if name.endswith(("out_proj.weight", "fc2.weight")):
+            bound /= math.sqrt(n_branches)
+            seen["scaled"] += 1
+        assert 0.9 * bound < p.abs().max() <= bound, name
+    assert seen["scaled"] == n_branches  # one such matrix per sublayer
+
+
+def test_positions_count_from_zero_over_the_real_tokens(monkeypatch):
+    # Prefix variants: the first real text token is at position 0 and the audio steps follow on
+    # (padding, moved to the left, sits at 0 too); cross-attention variants: the audio steps from 0.
+    # Decoding continues from the prefill's last position + 1, and by s after s steps.
+    seen = []
+    positions = ssmttm.sinusoidal_positions
+    monkeypatch.setattr(ssmttm, "sinusoidal_positions", lambda p, dim: seen.append(p.clone()) or positions(p, dim))
+    text, mask = torch.randn(2, 4, 24, dtype=torch.float64), torch.tensor([[True] * 4, [False, True, True, False]])
+    tokens = torch.randint(0, 1024, (2, 1, 3))
+    for variant, want in [("prefix_simba", [[0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 2, 3, 4]]),
+                          ("cross_simba", [[0, 1, 2], [0, 1, 2]])]:
+        model = tiny_model(variant)
+        seen.clear()
+        cache = ssmttm.InferenceCache(model, 2, 8, "cpu", torch.float64)
+        model.logits(tokens, text, mask, cache)
+        model.step(tokens[..., :2], cache)
+        model.step(tokens[..., :1], cache)
+        last = torch.tensor(want)[:, -1:]
+        assert [p.tolist() for p in seen] == [want, (last + torch.tensor([[1, 2]])).tolist(), (last + 3).tolist()]
+
+
+def test_sinusoidal_positions_are_cos_then_sin_of_the_geometric_frequencies():
+    # [cos(p w_i) | sin(p w_i)], w_i = 10000^(-i / (dim / 2)), i < dim / 2 (MusicGen's, the official code's)
+    p = torch.tensor([[0, 3, 17, 2583]])
+    dim = 8
+    angles = [[q * 10000 ** (-i / (dim // 2)) for i in range(dim // 2)] for q in p[0].tolist()]
+    want = torch.tensor([[[math.cos(a) for a in row] + [math.sin(a) for a in row] for row in angles]])
+    torch.testing.assert_close(ssmttm.sinusoidal_positions(p, dim), want.float(), rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("variant", ["prefix_simba", "cross_transformer"])
+@pytest.mark.parametrize("K", [1, 3])
+def test_training_reads_the_steps_generation_reads(variant, K):
+    # Teacher forcing on a greedy generation gives its tokens back: training's input (begin step,
+    # then the targets shifted right, in the delay pattern) is what generation feeds the model
+    model = tiny_model(variant, K)
+    text, mask = random_text()
+    codes = model.generate(text, mask, 9, cfg_scale=1.0, top_k=1)
+    steps = delay_pattern(codes)
+    logits, _ = model(steps, text, mask)
+    real = steps != SPECIAL
+    assert torch.equal(logits[..., :SPECIAL].argmax(-1)[real], steps[real])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("K", [1, 3])
 def test_causality_and_text_dependence(variant, K):
     model = tiny_model(variant, K)
@@ -739,12 +842,13 @@ def test_decoding_logits_equal_full_forward():
     for variant in VARIANTS:
         model = tiny_model(variant, 2)
         text, mask = random_text()
-        tokens = torch.randint(0, 1024, (2, 2, 14))
+        tokens = torch.randint(0, 1024, (2, 2, 15))
         full = model.logits(tokens, text, mask)
-        cache = ssmttm.InferenceCache(model, 2, 14, "cpu", torch.float64)
+        cache = ssmttm.InferenceCache(model, 2, 15, "cpu", torch.float64)
         parts = [model.logits(tokens[..., :5], text, mask, cache)]
         parts += [model.step(tokens[..., t:t + 1], cache) for t in range(5, 9)]
         parts.append(model.step(tokens[..., 9:14], cache))  # several steps at once
+        parts.append(model.step(tokens[..., 14:15], cache))  # and one more: the position moved by 5
         torch.testing.assert_close(torch.cat(parts, 2), full, rtol=1e-9, atol=1e-9)
 
 
@@ -1079,6 +1183,21 @@ def test_guidance_scale_one_is_the_conditional_model():
     assert not torch.equal(guided, sample_next(cond, None, 1.0, 50, 1.2, torch.Generator().manual_seed(0)))
 
 
+@pytest.mark.parametrize("recurrent", [True, False])
+def test_guided_first_step_combines_the_text_and_no_text(recurrent):
+    # generate's null condition is the text fully masked: its first greedy tokens are the argmax of
+    # cond + 2 (cond - uncond) from the begin step, which is not the conditional argmax alone
+    model = tiny_model("prefix_simba", seed=3)
+    text, mask = random_text(b=8)
+    begin = torch.full((8, 1, 1), SPECIAL)
+    cond = model.logits(begin, text, mask)[:, :, -1]
+    uncond = model.logits(begin, text, torch.zeros_like(mask))[:, :, -1]
+    want = classifier_free_guidance(cond, uncond, 3.0)[..., :SPECIAL].argmax(-1)
+    assert not torch.equal(want, cond[..., :SPECIAL].argmax(-1))
+    got = model.generate(text, mask, 1, cfg_scale=3.0, top_k=1, recurrent=recurrent)[..., 0]
+    assert torch.equal(got, want)
+
+
 def test_null_condition_ignores_the_text():
     # guidance's second branch has no text: its logits cannot depend on what the text was
     for variant in VARIANTS:
@@ -1112,6 +1231,22 @@ def test_top_k_and_temperature_sample_the_right_distribution():
     want = F.softmax(logits[0, 0, top] / temp, -1)
     got = torch.stack([(samples == i).float().mean() for i in top])
     assert (got - want).abs().max() < 0.015
+
+
+def test_top_k_zero_keeps_every_code_and_temperature_zero_is_greedy():
+    logits = torch.randn(64, 2, 1025, generator=torch.Generator().manual_seed(0))
+    draw = lambda top_k, temperature: sample_next(logits, top_k=top_k, temperature=temperature,
+                                                  generator=torch.Generator().manual_seed(1))
+    # top_k 0 draws what top_k 1024 (every real code) draws, and spreads over many codes
+    assert torch.equal(draw(0, 1.0), draw(1024, 1.0))
+    assert len(draw(0, 1.0).unique()) > 60
+    # temperature 0 is the argmax whatever top_k, in generate too (same tokens as top_k 1)
+    assert torch.equal(draw(250, 0), logits[..., :SPECIAL].argmax(-1))
+    assert torch.equal(draw(0, 0), logits[..., :SPECIAL].argmax(-1))
+    model = tiny_model("prefix_simba", 2)
+    text, mask = random_text()
+    greedy = model.generate(text, mask, 6, top_k=1)
+    assert torch.equal(model.generate(text, mask, 6, top_k=250, temperature=0), greedy)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
