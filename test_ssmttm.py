@@ -3956,6 +3956,184 @@ def test_command_line_error_has_no_traceback(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Exact rules of data.py, pinned against hand-computed values (each of these was once free to drift
+# without a test noticing)
+
+
+def test_split_clips_keeps_a_last_clip_of_exactly_ten_seconds():
+    # "a last partial clip is kept if it lasts at least 10 s": 10 s exactly is kept, one sample less is not
+    clips = datamod.split_clips(np.zeros(40 * SR, np.float32))
+    assert [(start, len(clip)) for start, clip in clips] == [(0.0, 30 * SR), (30.0, 10 * SR)]
+    assert all(type(start) is float for start, _ in clips)  # the journal writes "start_s": 30.0, as readers expect
+    assert [start for start, _ in datamod.split_clips(np.zeros(40 * SR - 1, np.float32))] == [0.0]
+
+
+def test_silence_is_rms_below_minus_60_dbfs_and_a_clip_goes_past_15_s_or_half_of_it():
+    # a 50 ms window (2205 samples) is silent below -60 dBFS RMS; a clip goes when MORE than
+    # min(15 s, half its length) is silent. Whole windows of zeros make the silent time exact.
+    def at_dbfs(db, seconds):  # a sine whose RMS is db dBFS
+        return tone(seconds, 441.0, amp=float(10 ** (db / 20) * np.sqrt(2)))
+    assert datamod.silent_seconds(at_dbfs(-50, 30)) == 0.0
+    assert datamod.silent_seconds(at_dbfs(-70, 30)) == 30.0
+    zeros = lambda s: np.zeros(round(s * SR), np.float32)
+    assert datamod.silent_seconds(np.concatenate([zeros(15), tone(15)])) == 15.0
+    assert not datamod.too_silent(np.concatenate([zeros(15), tone(15)]))        # 15 s of 30: not more than 15
+    assert datamod.too_silent(np.concatenate([zeros(15.05), tone(14.95)]))      # one window more: dropped
+    assert not datamod.too_silent(np.concatenate([zeros(6), tone(6)]))          # 12 s clip: half is 6 s
+    assert datamod.too_silent(np.concatenate([zeros(6.05), tone(5.95)]))
+
+
+def test_load_audio_mixes_channels_to_their_mean(tmp_path):
+    # mono is the mean of the channels (0.5 and -0.25 give 0.125 exactly), not one channel
+    import soundfile as sf
+    sf.write(tmp_path / "lr.wav", np.stack([np.full(SR, 0.5, np.float32), np.full(SR, -0.25, np.float32)], 1), SR,
+             subtype="FLOAT")
+    mono = datamod.load_audio(str(tmp_path / "lr.wav"))
+    assert mono.dtype == np.float32 and mono.shape == (SR,) and (mono == 0.125).all()
+
+
+def test_journal_records_seconds_to_the_millisecond_and_the_dataset_counts_tracks(dac, fake_dac, tmp_path):
+    import soundfile as sf
+    d = tmp_path / "audio"
+    d.mkdir()
+    sf.write(d / "odd.wav", tone(12.3456, 330), SR, subtype="FLOAT")  # 544440 samples: 12.345578 s
+    write_jsonl(d / "captions.jsonl", [{"audio": "odd.wav", "caption": "an odd length"}])
+    run(d, tmp_path / "out", dac)
+    record = json.loads(open(tmp_path / "out" / "files.jsonl").read())
+    assert record["seconds"] == 12.346 and record["clips"] == [{"start_s": 0.0, "frames": 1064}]  # ceil(544440/512)
+
+
+def test_token_dataset_counts_tracks_and_takes_a_caption_per_index_epoch(songs, dac, fake_dac, tmp_path):
+    # tracks: distinct audio files, not clips (a.wav gives two); batch takes one epoch per index
+    write_jsonl(songs / "two.jsonl", [{"audio": "a.wav", "caption": "first"}, {"audio": "a.wav", "caption": "second"},
+                                      {"audio": "b.wav", "caption": "b"}])
+    run(songs, tmp_path / "out", dac, captions="two.jsonl")
+    ds = datamod.TokenDataset(str(tmp_path / "out"))
+    assert (len(ds), ds.tracks) == (3, 2)
+    assert ds.batch([0, 0, 1, 1], epochs=[0, 1, 2, 3])[1] == ["first", "second", "first", "second"]
+
+
+def test_journal_with_rows_out_of_order_no_captions_or_missing_code_rows_is_damaged(songs, dac, fake_dac, tmp_path,
+                                                                                     capsys):
+    # a record must follow the one before (row = clips so far), hold a caption, and have its rows
+    out = tmp_path / "out"
+    run(songs, out, dac)
+    good = open(out / "files.jsonl").read().splitlines()
+    capsys.readouterr()
+    for n, change in [(2, {"row": 3}), (3, {"captions": []})]:
+        lines = list(good)
+        lines[n - 1] = json.dumps({**json.loads(lines[n - 1]), **change})
+        (out / "files.jsonl").write_text("\n".join(lines) + "\n")
+        with pytest.raises(SystemExit):
+            datamod.TokenDataset(str(out))
+        assert capsys.readouterr().err == (
+            f"{out}/files.jsonl:{n}: damaged record; this folder cannot be trusted, preprocess into a new --out\n")
+    (out / "files.jsonl").write_text("\n".join(good) + "\n")
+    with open(out / "clips.u16", "r+b") as f:
+        f.truncate(4 * datamod.ROW_BYTES - 1)
+    with pytest.raises(SystemExit):
+        datamod.TokenDataset(str(out))
+    assert capsys.readouterr().err == (f"{out}/clips.u16: holds 3 clips but {out}/files.jsonl commits 4; this "
+                                       "folder cannot be trusted, preprocess into a new --out\n")
+
+
+def test_earlier_layout_reads_only_whole_lines_with_whole_code_rows(tmp_path):
+    # 2 index lines but 1.5 rows of codes: the second clip's row is not all there, so it is not read
+    (tmp_path / "codes.u16").write_bytes(bytes(3 * datamod.ROW_BYTES // 2))
+    lines = [{"source": f"{s}.wav", "start_s": 0.0, "frames": 2584, "caption": s} for s in "ab"]
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [c["source"] for c in datamod.legacy_clips(str(tmp_path))[0]] == ["a.wav"]
+    # 2 whole rows but the second line cut by a crash (no newline): it is not read, and not an error
+    (tmp_path / "codes.u16").write_bytes(bytes(2 * datamod.ROW_BYTES))
+    (tmp_path / "index.jsonl").write_text(json.dumps(lines[0]) + "\n" + json.dumps(lines[1])[:20])
+    assert [c["source"] for c in datamod.legacy_clips(str(tmp_path))[0]] == ["a.wav"]
+
+
+def test_atomic_write_text_leaves_the_old_file_or_the_new_and_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "meta.json"
+    path.write_text("old")
+
+    def fsync(fd):
+        raise Crash
+    with monkeypatch.context() as m:  # a crash before the rename: the old file, whole
+        m.setattr(os, "fsync", fsync)
+        with pytest.raises(Crash):
+            datamod.atomic_write_text(str(path), "new")
+    assert path.read_text() == "old"
+    datamod.atomic_write_text(str(path), "new")
+    assert path.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["meta.json"]
+
+
+def test_captions_are_stripped_of_surrounding_spaces(tmp_path):
+    path = tmp_path / "c.jsonl"
+    write_jsonl(path, [{"audio": " x.wav ", "caption": "  calm piano \t"}])
+    assert datamod.read_captions(str(path)) == {"x.wav": ["calm piano"]}
+
+
+def test_argument_types_take_their_bounds_inclusive_and_name_them():
+    assert datamod.positive_int("1") == 1 and datamod.whole_number(0, 3)("3") == 3
+    assert datamod.SEED("0") == 0 and datamod.SEED(str(2**31 - 1)) == 2**31 - 1
+    assert datamod.number(0, 1)("0") == 0.0 and datamod.number(0, 1)("1") == 1.0
+    for parse, text, message in [
+            (datamod.whole_number(0, 3), "4", "expected a whole number from 0 to 3, not '4'"),
+            (datamod.SEED, str(2**31), "expected a whole number from 0 to 2147483647, not '2147483648'"),
+            (datamod.number(0, lo_open=True), "0", "expected a finite number above 0, not '0'"),
+            (datamod.number(0, 1, hi_open=True), "1", "expected a finite number of at least 0 and below 1, not '1'"),
+            (datamod.number(), "nan", "expected a finite number, not 'nan'"),
+            (datamod.number(), "inf", "expected a finite number, not 'inf'")]:
+        with pytest.raises(argparse.ArgumentTypeError) as e:
+            parse(text)
+        assert str(e.value) == message
+
+
+def test_plural_and_some_in_messages():
+    assert [datamod.plural(n, "clip") for n in (0, 1, 2)] == ["0 clips", "1 clip", "2 clips"]
+    names = [f"{c}.wav" for c in "abcdef"]
+    assert datamod.some(names[:5]) == "a.wav, b.wav, c.wav, d.wav, e.wav"
+    assert datamod.some(names) == "a.wav, b.wav, c.wav, d.wav, e.wav, ... (1 more)"
+
+
+def test_fine_codes_and_the_tempo_rule_by_hand():
+    # codebook k+1 = (codebook k * (2k + 1) + 97 k) % 1024: after code 0, 97, 679, 948; after 1, 100, 694, 29
+    assert datamod.fine_codes(np.array([0, 1]))[:3].tolist() == [[97, 100], [679, 694], [948, 29]]
+    # tempo: only complete runs count, not the first (it may be cut short) nor the last (it may go on)
+    coarse = np.array([5] * 3 + [7] * 4 + [9] * 4 + [11])
+    assert datamod.caption_score(coarse[None], "a moderate piece") == 1.0
+    assert datamod.caption_score(coarse[None], "a fast piece") == 1.0
+    assert datamod.caption_score(coarse[None], "a slow piece") == 0.0
+
+
+def test_synthetic_notes_start_at_any_phase_of_the_grid():
+    # "the first note may be cut short": some examples' first run is not a whole number of notes
+    ds = datamod.SyntheticMusic(64, seed=0)
+    cut = 0
+    for i in range(40):
+        codes, caption = ds.example(i)
+        coarse = codes[0].numpy()
+        first = int(np.flatnonzero(coarse != coarse[0])[0]) if (coarse != coarse[0]).any() else len(coarse)
+        cut += first % datamod.TEMPOS[datamod.caption_rules(caption)[2]] != 0
+    assert cut >= 5
+
+
+def test_word_encoder_ignores_case_and_commas():
+    enc = datamod.WordEncoder()
+    a, mask_a = enc(["Calm, Piano"])
+    b, mask_b = enc(["calm piano"])
+    assert torch.equal(a, b) and torch.equal(mask_a, mask_b) and mask_a.tolist() == [[True, True]]
+
+
+def test_prompts_are_stripped_and_an_id_given_twice_is_named(tmp_path, capsys):
+    txt = tmp_path / "p.txt"
+    txt.write_text("  calm piano \n\n rock \n")
+    assert datamod.read_prompts(str(txt)) == [(None, "calm piano"), (None, "rock")]
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, [{"id": "a", "caption": "calm"}, {"id": "a", "caption": "rock"}])
+    with pytest.raises(SystemExit) as e:
+        datamod.read_prompts(str(path))
+    assert e.value.code == 2 and capsys.readouterr().err == f"{path}: entry 2: the id 'a' is given twice\n"
+
+
+# ------------------------------------------------------------------------------------------------
 # Training (train.py)
 
 
