@@ -5354,3 +5354,324 @@ def test_newest_checkpoint_skips_an_unreadable_one(synthetic_checkpoint, tmp_pat
     assert genmod.newest_checkpoint() == "runs/old/ckpt.pt"
     err = capsys.readouterr().err
     assert err.startswith("warning: skipped runs/new/ckpt.pt: not a readable checkpoint (") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: exact values of the schedule, the batches, the update, the checkpoints and the run folder
+# (each test below fails on a single-edit mutant of train.py that the tests above let pass)
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_zero():
+    # hand-computed: lr 1e-3, 4 warm-up steps of 12 -> 8 cosine steps from the full lr to zero
+    s = argparse.Namespace(lr=1e-3, warmup=4, steps=12)
+    assert [trainmod.lr_at(k, s) for k in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3], rel=1e-12)
+    assert trainmod.lr_at(4, s) == pytest.approx(1e-3, rel=1e-12)  # the cosine starts at the full lr
+    assert trainmod.lr_at(6, s) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 4)), rel=1e-12)
+    assert trainmod.lr_at(8, s) == pytest.approx(5e-4, rel=1e-12)  # half way: half the lr
+    assert trainmod.lr_at(12, s) == 0.0 and trainmod.lr_at(20, s) == 0.0  # zero at --steps, and it stays there
+    # no warm-up: the first step already runs at the full lr
+    assert trainmod.lr_at(0, argparse.Namespace(lr=1e-3, warmup=0, steps=10)) == 1e-3
+
+
+def test_batch_indices_read_each_example_once_per_epoch_in_a_new_seeded_order():
+    # 10 examples, 2 micro-batches of 5 a step: step e is epoch e, read in its own order
+    args = lambda seed=0, b=5: argparse.Namespace(batch_size=b, grad_accum=2, seed=seed)  # noqa: E731
+
+    def step_of(step, seed=0):
+        parts = [trainmod.batch_indices(step, m, args(seed), 0, 1, 10) for m in range(2)]
+        return np.concatenate([i for i, _ in parts]), np.concatenate([e for _, e in parts])
+    (first, e0), (second, e1) = step_of(0), step_of(1)
+    assert sorted(first) == sorted(second) == list(range(10))  # every example once per epoch
+    assert list(e0) == [0] * 10 and list(e1) == [1] * 10
+    assert list(first) != list(second)            # a new order each epoch
+    assert list(first) != list(range(10))         # shuffled, not read in file order
+    assert list(step_of(0, seed=1)[0]) != list(first)  # the order follows --seed
+    assert np.array_equal(step_of(0)[0], first)   # and nothing else: a resumed run reads the same
+    # two processes of batch 5 read what one process of batch 10 reads, rank 0 the first half
+    one = trainmod.batch_indices(3, 1, args(b=10), 0, 1, 10)
+    two = [trainmod.batch_indices(3, 1, args(b=5), r, 2, 10) for r in range(2)]
+    assert np.array_equal(np.concatenate([i for i, _ in two]), one[0])
+    assert np.array_equal(np.concatenate([e for _, e in two]), one[1])
+    # the endless synthetic set: consecutive positions, micro-batch after micro-batch
+    idx, ep = trainmod.batch_indices(1, 1, args(b=3), 0, 1, None)
+    assert list(idx) == [9, 10, 11] and list(ep) == [0, 0, 0]
+
+
+def test_caption_dropout_is_per_position_step_and_micro_batch_at_its_rate():
+    args = argparse.Namespace(seed=0, batch_size=4, cfg_dropout=0.5)
+    keep = lambda step, micro, rank=0, world=1, **kw: trainmod.caption_keep(  # noqa: E731
+        step, micro, argparse.Namespace(**{**vars(args), **kw}), rank, world)
+    # two processes of batch 4 drop the captions that one process of batch 8 drops
+    assert torch.equal(torch.cat([keep(2, 1, r, 2) for r in range(2)]), keep(2, 1, batch_size=8))
+    # each micro-batch and each step draws anew (a shared draw would drop the same rows every time)
+    assert not torch.equal(keep(0, 0, batch_size=64), keep(0, 1, batch_size=64))
+    assert not torch.equal(keep(0, 0, batch_size=64), keep(1, 0, batch_size=64))
+    # the rate: 10% of 6400 captions dropped (binomial sd 0.4%), none at 0
+    rate = torch.cat([keep(s, 0, batch_size=64, cfg_dropout=0.1) for s in range(100)]).float().mean().item()
+    assert 0.88 < rate < 0.92
+    assert keep(0, 0, batch_size=64, cfg_dropout=0.0).all()
+
+
+def test_training_hides_the_dropped_captions_from_the_model(tmp_path, monkeypatch):
+    # --cfg-dropout 0.5: about half the rows of the first batch reach the model with no text at all
+    # (the null condition that guidance needs); with 0, every row keeps its caption
+    seen = first_call(monkeypatch, TextToMusicLM)
+    trainmod.main(tiny_train_args(tmp_path / "half", "--steps", "1", "--batch-size", "16", "--cfg-dropout", "0.5"))
+    expected = trainmod.caption_keep(0, 0, argparse.Namespace(seed=0, batch_size=16, cfg_dropout=0.5), 0, 1)
+    assert torch.equal(seen[0][3].any(dim=1), expected) and 0 < expected.sum() < 16
+    seen.clear()
+    trainmod.main(tiny_train_args(tmp_path / "none", "--steps", "1", "--batch-size", "16", "--cfg-dropout", "0"))
+    assert seen[0][3].any(dim=1).all()
+
+
+def test_grad_accumulation_gives_the_loss_and_grad_norm_of_one_big_batch(tmp_path):
+    # batch 4 x 2 micro-batches reads the examples of batch 8 x 1 (no caption dropout: it is drawn
+    # per micro-batch): the logged loss (the mean over micro-batches) and the gradient norm (of the
+    # mean gradient) must be those of the big batch, to float rounding
+    common = ["--steps", "2", "--cfg-dropout", "0"]
+    trainmod.main(tiny_train_args(tmp_path / "big", *common, "--batch-size", "8"))
+    trainmod.main(tiny_train_args(tmp_path / "acc", *common, "--batch-size", "4", "--grad-accum", "2"))
+    rows = [list(csv.DictReader(open(tmp_path / run / "metrics.csv"))) for run in ("big", "acc")]
+    assert [float(r["loss"]) for r in rows[1]] == pytest.approx([float(r["loss"]) for r in rows[0]], abs=2e-6)
+    assert [float(r["grad_norm"]) for r in rows[1]] == pytest.approx([float(r["grad_norm"]) for r in rows[0]],
+                                                                     abs=2e-4)
+
+
+def test_apply_update_clips_to_grad_clip_and_returns_the_norm_and_lr_before_the_step():
+    torch.manual_seed(0)
+    model = TextToMusicLM(tiny_config()).train()
+    run = update_run(model, "cpu", cuda_graphs=False)
+    run.args.grad_clip = 0.01
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: 0.5 ** s)  # lr 1e-3, then 5e-4
+    norm = lambda: torch.linalg.vector_norm(  # noqa: E731
+        torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()
+    at_step = []  # the gradient norm the optimizer steps with
+    run.optimizer.register_step_pre_hook(lambda opt, a, kw: at_step.append(norm()))
+    for step in range(2):
+        codes = torch.randint(0, 1024, (2, 1, 12), generator=torch.Generator().manual_seed(step))
+        text, mask = random_text(lt=5, d=24, seed=step)
+        model(delay_pattern(codes), text.float(), mask)[1].backward()
+        before = norm()
+        grad_norm, lr = trainmod.apply_update(run)
+        assert before > 0.1 and grad_norm == pytest.approx(before, rel=1e-5)  # the norm as it was, unclipped
+        assert at_step[-1] == pytest.approx(0.01, rel=1e-4)  # clipped to --grad-clip, not to 1.0
+        assert lr == [1e-3, 5e-4][step]  # the lr this step ran at, not the next one's
+        assert all(p.grad is None for p in model.parameters())  # cleared (freed) for the next step
+
+
+def test_optimizer_and_model_take_the_training_flags(tmp_path):
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "1", "--weight-decay", "0.05", "--dropout", "0.2"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]  # matrices decay, norms and biases not
+    assert all(tuple(g["betas"]) == (0.9, 0.999) for g in groups)  # the paper's betas
+    assert ckpt["config"]["dropout"] == 0.2 and ckpt["config"]["d_ff"] == 2 * 64
+
+
+def test_initial_weights_follow_the_seed(tmp_path):
+    # --stop-after 0 saves the step-0 weights: those of a model built right after torch.manual_seed(--seed)
+    trainmod.main(tiny_train_args(tmp_path / "r", "--steps", "1", "--stop-after", "0", "--seed", "5"))
+    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)
+    torch.manual_seed(5)
+    expected = TextToMusicLM(ModelConfig(**ckpt["config"])).state_dict()
+    assert all(torch.equal(ckpt["model"][k], expected[k]) for k in expected)
+
+
+def test_parse_args_defaults_for_caption_dropout_and_the_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args, _ = trainmod.parse_args(["--layers", "6"])
+    assert args.cfg_dropout == 0.1 and args.out == os.path.join("runs", "stage1-prefix_simba-6L-k1-synthetic")
+    args, _ = trainmod.parse_args(["--stage", "2"])
+    assert args.cfg_dropout == 0.2 and args.out == os.path.join("runs", "stage2-synthetic")
+    with pytest.raises(SystemExit) as e:
+        trainmod.parse_args(["--clips-per-track", "2"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "train.py: error: --clips-per-track: the synthetic set has no tracks; it is for --data\n")
+
+
+def test_resume_with_a_changed_training_flag_is_one_line(tmp_path, capsys):
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "1"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(out, "--steps", "2", "--resume", "--lr", "5e-4"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "--resume: --lr differ from the checkpoint's settings; only ckpt_every, compile, cuda_graphs, dac, device, "
+        "eval_every, log_every, mamba_train, no_fused_add_norm, no_fused_gelu_dropout, no_fused_residual_dropout, "
+        "no_kernels, steps, stop_after, t5, triton_op can change on resume\n")
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1
+
+
+def test_a_nonfinite_loss_names_the_last_checkpoint_and_resume_cuts_the_metrics_to_it(tmp_path, monkeypatch, capsys):
+    # --ckpt-every 2: checkpoints after steps 2 and 4. The loss turns inf (not nan: any non-finite
+    # value stops) in step 3 (0-based; steps 1..3 are done and logged): exit 1, naming the step-2
+    # checkpoint; resume cuts metrics.csv back to step 2 and logs steps 3..5 again, once each
+    out = tmp_path / "r"
+    real_forward, calls = TextToMusicLM.forward, []
+
+    def forward(self, *a):
+        calls.append(1)
+        logits, loss = real_forward(self, *a)
+        return logits, loss * (float("inf") if len(calls) > limit else 1.0)
+    monkeypatch.setattr(TextToMusicLM, "forward", forward)
+    limit = 3
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(out, "--steps", "5", "--ckpt-every", "2"))
+    assert e.value.code == 1 and (f"step 3: the loss is inf, stopping; the last good checkpoint is {out}/ckpt.pt "
+                                  "(step 2)") in capsys.readouterr().err.splitlines()
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
+    assert [int(r["step"]) for r in csv.DictReader(open(out / "metrics.csv"))] == [1, 2, 3]
+    # resumed, the first step fails: the checkpoint it resumed from is the last good one
+    limit, calls[:] = 0, []
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(out, "--steps", "5", "--ckpt-every", "2", "--resume"))
+    assert e.value.code == 1 and (f"step 2: the loss is inf, stopping; the last good checkpoint is {out}/ckpt.pt "
+                                  "(step 2)") in capsys.readouterr().err.splitlines()
+    limit = 10**9
+    trainmod.main(tiny_train_args(out, "--steps", "5", "--ckpt-every", "2", "--resume"))
+    assert [int(r["step"]) for r in csv.DictReader(open(out / "metrics.csv"))] == [1, 2, 3, 4, 5]
+
+
+def test_evaluation_rows_are_logged_between_log_every_rows(tmp_path):
+    # --log-every 2 --eval-every 3: rows at step 2 (logged) and step 3 (evaluated, with its score)
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "3", "--log-every", "2", "--eval-every", "3"))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [(int(r["step"]), r["caption_score"] != "") for r in rows] == [(2, False), (3, True)]
+    assert 0.0 <= float(rows[1]["caption_score"]) <= 1.0
+
+
+def test_stage2_measures_latent_statistics_of_its_data_and_skips_caption_evaluation(tmp_path):
+    # stage 2 on the synthetic set: the latent statistics of the first 64 training examples, kept in the
+    # checkpoint; --eval-every asks for caption scores, which only the stage-1 LM can be scored on
+    out = tmp_path / "s2"
+    trainmod.main(["--stage", "2", "--frames", "32", "--batch-size", "2", "--steps", "1", "--eval-every", "1",
+                   "--out", str(out)])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**ckpt["config"])).attach_codec(datamod.synthetic_codec())
+    model.set_latent_stats(datamod.SyntheticMusic(32, seed=0).batch(np.arange(64))[0])
+    assert not torch.equal(model.latent_std, torch.ones_like(model.latent_std))
+    assert torch.equal(ckpt["model"]["latent_std"], model.latent_std)
+    assert torch.equal(ckpt["model"]["latent_mean"], model.latent_mean)
+    assert [r["caption_score"] for r in csv.DictReader(open(out / "metrics.csv"))] == [""]
+
+
+def test_init_from_takes_a_new_dropout_but_not_another_text_encoder(tmp_path, capsys):
+    trainmod.main(tiny_train_args(tmp_path / "src", "--steps", "1"))  # dropout 0
+    path = str(tmp_path / "src" / "ckpt.pt")
+    # dropout is a training setting: fine-tuning may change it (the weights are the same shapes)
+    trainmod.main(["--init-from", path, "--out", str(tmp_path / "ft"), "--steps", "1", "--frames", "32",
+                   "--batch-size", "2", "--dropout", "0.2", "--eval-every", "0"])
+    src, ft = (torch.load(tmp_path / r / "ckpt.pt", weights_only=False)["config"] for r in ("src", "ft"))
+    assert ft == {**src, "dropout": 0.2}
+    # a checkpoint trained on T5 states cannot start a run on the synthetic set's word vectors
+    t5 = tmp_path / "t5.pt"
+    torch.save({**torch.load(path, weights_only=False), "text_encoder": {"kind": "t5", "name": "x"}}, t5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(["--init-from", str(t5), "--out", str(tmp_path / "ft2"), "--steps", "1"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"--init-from {t5}: trained with the 't5' text encoder; this run's data (synthetic) uses 'words'\n")
+    assert not (tmp_path / "ft2").exists()
+
+
+def test_atomic_save_cut_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    trainmod.atomic_save({"step": 1}, path)
+
+    def cut(obj, f, *a, **kw):  # half a file written, then killed
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", cut)
+    with pytest.raises(KeyboardInterrupt):
+        trainmod.atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"step": 1}
+
+
+def tiny_token_folder(folder):
+    """A data.py folder: a.wav (two 48-frame clips, two captions) and b.wav (one clip)."""
+    codes = lambda seed: np.random.default_rng(seed).integers(0, 1024, (9, 48)).astype(np.uint16)  # noqa: E731
+    clip = {"start_s": 0.0, "frames": 48}
+    with datamod.ClipWriter(str(folder), {"format": 2}) as store:
+        store.commit({"source": "a.wav", "clips": [clip, {**clip, "start_s": 30.0}], "captions": ["first", "second"],
+                      "seconds": 60.0, "silent": 0}, [codes(0), codes(1)])
+        store.commit({"source": "b.wav", "clips": [clip], "captions": ["only"], "seconds": 30.0, "silent": 0},
+                     [codes(2)])
+    return str(folder)
+
+
+class WordsAsT5(datamod.WordEncoder):
+    """Stands in for T5 on a --data run (its spec says t5): no model to load."""
+    def __init__(self, name, device="cpu"):
+        super().__init__(device=device)
+        self.spec = {"kind": "t5", "name": name}
+
+
+def test_real_data_sequences_are_cut_to_frames(tmp_path, monkeypatch):
+    # --data with 48-frame clips and --frames 32: the model trains on the first 32 frames of each
+    monkeypatch.setattr(datamod, "T5TextEncoder", WordsAsT5)
+    seen = first_call(monkeypatch, TextToMusicLM)
+    folder = tiny_token_folder(tmp_path / "tokens")
+    trainmod.main(tiny_train_args(tmp_path / "r", "--data", folder, "--steps", "1", "--batch-size", "3",
+                                  "--grad-accum", "1", "--frames", "32", "--clips-per-track", "0"))
+    codes = seen[0][1]
+    assert codes.shape == (3, 1, 32)
+
+
+def test_resume_of_a_checkpoint_saved_before_clips_per_track_trains_on_every_clip(tmp_path, monkeypatch):
+    # a run saved before --clips-per-track existed trained on every clip (0); resumed, it must go on so,
+    # not take the preset's 1
+    monkeypatch.setattr(datamod, "T5TextEncoder", WordsAsT5)
+    folder = tiny_token_folder(tmp_path / "tokens")
+    out = tmp_path / "r"
+    common = ["--data", folder, "--batch-size", "3", "--grad-accum", "1"]
+    trainmod.main(tiny_train_args(out, *common, "--steps", "1", "--clips-per-track", "0"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    del ckpt["args"]["clips_per_track"]
+    torch.save(ckpt, out / "ckpt.pt")
+    trainmod.main(tiny_train_args(out, *common, "--steps", "2", "--resume"))
+    after = torch.load(out / "ckpt.pt", weights_only=False)
+    assert after["step"] == 2 and after["args"]["clips_per_track"] == 0
+
+
+def test_each_of_two_processes_seeds_its_own_rng(tmp_path):
+    # torchrun: process r seeds its RNGs with --seed + r, so the two halves of a batch draw different
+    # dropout masks (one seed for both would drop the same units in each half); the checkpoint keeps
+    # each process's state, and they differ
+    args = tiny_train_args(tmp_path / "r", "--steps", "1", "--batch-size", "2", "--device", "cpu")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train.py", *args], capture_output=True, text=True, cwd=HERE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rng = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+
+def test_tokens_per_second_counts_every_audio_token_of_a_step(tmp_path, monkeypatch):
+    # a clock that advances 1 s at each reading (train.py reads it at the start, then per step at its
+    # start, its end and for the elapsed time): a step of 4 sequences x 2 micro-batches x 48 frames
+    # takes 1 s, so 384 tokens/s
+    ticks = []
+    monkeypatch.setattr(trainmod, "time", argparse.Namespace(time=lambda: ticks.append(1) or float(len(ticks))))
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "2", "--batch-size", "4", "--grad-accum", "2"))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["tokens_per_s"] for r in rows] == ["384.0", "384.0"]
+
+
+def test_caption_evaluation_samples_with_a_generator_seeded_by_seed():
+    # evaluate_captions draws from its own generator, seeded by --seed (not the global RNG, not a fixed seed)
+    torch.manual_seed(0)
+    model = TextToMusicLM(tiny_config(d_text=768)).eval()
+    dataset, encoder = datamod.SyntheticMusic(16, seed=0), datamod.WordEncoder()
+    run = argparse.Namespace(args=argparse.Namespace(seed=3, frames=16), dataset=dataset, text_encoder=encoder,
+                             model=model, device="cpu")
+    captions = dataset.captions(8)
+    text, mask = encoder(captions)
+    codes = model.generate(text, mask, 16, cfg_scale=3.0, top_k=50, temperature=0.3,
+                           generator=torch.Generator().manual_seed(3))
+    expected = np.mean([datamod.caption_score(c.numpy(), cap) for c, cap in zip(codes, captions)])
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert trainmod.evaluate_captions(run) == pytest.approx(expected, abs=1e-12)
