@@ -4700,29 +4700,37 @@ def test_ssd_benchmark_without_a_gpu_says_so_in_one_line():
         2, "", "bench_ssd_grouped.py: needs a CUDA GPU (--registers alone runs without one)\n")
 
 
-def test_training_reads_every_caption_of_a_clip(tmp_path, monkeypatch):
-    """A file with two captions: epoch e reads its clips with caption e % 2 (data.TokenDataset), and
-    train.py passes each example's epoch."""
-    folder = tmp_path / "tokens"
-    codes = lambda seed: np.random.default_rng(seed).integers(0, 1024, (9, 48)).astype(np.uint16)
+def tiny_token_folder(folder):
+    """A data.py folder: a.wav (two 48-frame clips, two captions) and b.wav (one clip)."""
+    codes = lambda seed: np.random.default_rng(seed).integers(0, 1024, (9, 48)).astype(np.uint16)  # noqa: E731
     clip = {"start_s": 0.0, "frames": 48}
     with datamod.ClipWriter(str(folder), {"format": 2}) as store:
         store.commit({"source": "a.wav", "clips": [clip, {**clip, "start_s": 30.0}], "captions": ["first", "second"],
                       "seconds": 60.0, "silent": 0}, [codes(0), codes(1)])
         store.commit({"source": "b.wav", "clips": [clip], "captions": ["only"], "seconds": 30.0, "silent": 0},
                      [codes(2)])
+    return str(folder)
+
+
+class WordsAsT5(datamod.WordEncoder):
+    """Stands in for T5 on a --data run (its spec says t5): no model to load."""
+    def __init__(self, name, device="cpu"):
+        super().__init__(device=device)
+        self.spec = {"kind": "t5", "name": name}
+
+
+def test_training_reads_every_caption_of_a_clip(tmp_path, monkeypatch):
+    """A file with two captions: epoch e reads its clips with caption e % 2 (data.TokenDataset), and
+    train.py passes each example's epoch."""
+    folder = tiny_token_folder(tmp_path / "tokens")
     seen = []
 
-    class Recorder(datamod.WordEncoder):  # stands in for T5 and notes what it is asked to encode
-        def __init__(self, name, device="cpu"):
-            super().__init__(device=device)
-            self.spec = {"kind": "t5", "name": name}
-
+    class Recorder(WordsAsT5):  # notes what it is asked to encode
         def __call__(self, captions):
             seen.append(sorted(captions))
             return super().__call__(captions)
     monkeypatch.setattr(datamod, "T5TextEncoder", Recorder)
-    trainmod.main(tiny_train_args(tmp_path / "r", "--data", str(folder), "--steps", "4", "--batch-size", "3",
+    trainmod.main(tiny_train_args(tmp_path / "r", "--data", folder, "--steps", "4", "--batch-size", "3",
                                   "--grad-accum", "1", "--clips-per-track", "0"))  # both clips of a.wav
     assert seen == [["first", "first", "only"], ["only", "second", "second"]] * 2  # a batch is an epoch here
 
@@ -5588,25 +5596,6 @@ def test_atomic_save_cut_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatc
         trainmod.atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"step": 1}
-
-
-def tiny_token_folder(folder):
-    """A data.py folder: a.wav (two 48-frame clips, two captions) and b.wav (one clip)."""
-    codes = lambda seed: np.random.default_rng(seed).integers(0, 1024, (9, 48)).astype(np.uint16)  # noqa: E731
-    clip = {"start_s": 0.0, "frames": 48}
-    with datamod.ClipWriter(str(folder), {"format": 2}) as store:
-        store.commit({"source": "a.wav", "clips": [clip, {**clip, "start_s": 30.0}], "captions": ["first", "second"],
-                      "seconds": 60.0, "silent": 0}, [codes(0), codes(1)])
-        store.commit({"source": "b.wav", "clips": [clip], "captions": ["only"], "seconds": 30.0, "silent": 0},
-                     [codes(2)])
-    return str(folder)
-
-
-class WordsAsT5(datamod.WordEncoder):
-    """Stands in for T5 on a --data run (its spec says t5): no model to load."""
-    def __init__(self, name, device="cpu"):
-        super().__init__(device=device)
-        self.spec = {"kind": "t5", "name": name}
 
 
 def test_real_data_sequences_are_cut_to_frames(tmp_path, monkeypatch):
