@@ -5664,3 +5664,191 @@ def test_caption_evaluation_samples_with_a_generator_seeded_by_seed():
     expected = np.mean([datamod.caption_score(c.numpy(), cap) for c, cap in zip(codes, captions)])
     torch.manual_seed(123)  # the global RNG plays no part
     assert trainmod.evaluate_captions(run) == pytest.approx(expected, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# generate.py: exact values and rules its end-to-end tests above do not pin (mutation review)
+
+
+def test_generate_temperature_takes_0_and_the_minimum_itself(tmp_path):
+    # 0 is greedy and MIN_TEMPERATURE is the first value allowed: both ends of the gap below it pass
+    for text, want in (("0", 0.0), ("0.0001", ssmttm.MIN_TEMPERATURE)):
+        assert genmod.parse_args(["a piece", "--temperature", text, "--out", str(tmp_path)]).temperature == want
+
+
+def test_generate_defaults_are_the_documented_settings(tmp_path):
+    # the paper's sampling settings and the docstring's 10 s: a changed default changes every run's music
+    a = genmod.parse_args(["a piece", "--out", str(tmp_path)])
+    assert (a.seconds, a.cfg, a.top_k, a.temperature, a.stage2_steps, a.stage2_cfg, a.seed, a.window, a.ssm_state,
+            a.batch_size) == (10.0, 3.0, 250, 1.2, 100, 3.0, 0, None, "fp32", None)
+
+
+def test_generate_prompts_are_stripped_before_they_name_or_condition_anything(tmp_path):
+    a = genmod.parse_args(["  a calm piece \n", "--out", str(tmp_path)])
+    assert a.prompts == [(None, "a calm piece")]
+
+
+def test_generate_window_below_0_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        genmod.parse_args(["a piece", "--window", "-1"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "generate.py: error: argument --window: expected a finite number from 0 to 3600, not '-1'\n")
+
+
+def test_generate_ids_that_cannot_name_a_file_are_one_line_and_exit_2(tmp_path, capsys):
+    # an id names <id>.npy: no separator, no leading dot (hidden, or ".."), at most 200 bytes of UTF-8
+    # (not characters: "é" is 2 bytes, so 101 of them are too long though 200 ASCII ones are not)
+    for i, key in enumerate([".hidden", "a/b", "é" * 101]):
+        write_jsonl(tmp_path / f"{i}.jsonl", [{"id": key, "caption": "a calm piece"}])
+        with pytest.raises(SystemExit) as e:
+            genmod.parse_args(["--prompts", str(tmp_path / f"{i}.jsonl"), "--out", str(tmp_path)])
+        shown = repr(key[:40]) + "..." * (len(key) > 40)
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"{tmp_path}/{i}.jsonl: the id {shown} cannot name a file (no /, no leading dot, at most 200 bytes)\n")
+    write_jsonl(tmp_path / "ok.jsonl", [{"id": "é" * 100, "caption": "a"}, {"id": "x" * 200, "caption": "b"}])
+    assert [k for k, _ in genmod.parse_args(["--prompts", str(tmp_path / "ok.jsonl"), "--out", str(tmp_path)]).prompts
+            ] == ["é" * 100, "x" * 200]
+
+
+def test_newest_checkpoint_is_the_newest_of_the_kind_asked(tmp_path, monkeypatch):
+    # a newer stage-2 run does not hide the stage-1 one (and open_checkpoint reads only the keys)
+    monkeypatch.chdir(tmp_path)
+    stage1 = {"kind": "stage1", "model": {}, "config": {}, "step": 1, "text_encoder": {}, "args": {}}
+    stage2_ = {"kind": "stage2", "model": {}, "config": {}, "codec": {}, "text_encoder": {}}
+    for name, ckpt, t in (("a", stage1, 1e9), ("b", stage2_, 2e9)):
+        os.makedirs(f"runs/{name}")
+        torch.save(ckpt, f"runs/{name}/ckpt.pt")
+        os.utime(f"runs/{name}/ckpt.pt", (t, t))
+    assert genmod.newest_checkpoint() == "runs/a/ckpt.pt"
+    assert genmod.newest_checkpoint("stage2") == "runs/b/ckpt.pt"
+
+
+def test_open_checkpoint_refuses_a_file_that_is_not_an_ssmttm_checkpoint(tmp_path):
+    # torch can read these, but they are not a dict with a kind and a model
+    for i, obj in enumerate([[1, 2], {"model": {}}, {"kind": "stage1"}]):
+        torch.save(obj, tmp_path / f"{i}.pt")
+        with pytest.raises(genmod.CheckpointError) as e:
+            genmod.open_checkpoint(str(tmp_path / f"{i}.pt"))
+        assert str(e.value) == f"{tmp_path}/{i}.pt: not an ssmttm checkpoint"
+
+
+def test_output_name_is_seed_place_and_lowercase_first_six_words():
+    assert genmod.output_name(3, 7, "A Calm, PIANO piece!") == "s3-0007-a-calm-piano-piece"
+    assert genmod.output_name(0, 12345, "¡¿?") == "s0-12345-prompt"  # no word: still a name
+
+
+def test_peak_normalise_sets_the_largest_magnitude_to_minus_1_dbfs():
+    # the peak is the largest |sample|, here a negative one; silence stays silence (no division by 0)
+    audio = np.array([0.25, -0.5])
+    np.testing.assert_allclose(genmod.peak_normalise(audio), audio / 0.5 * 10 ** (-1 / 20), rtol=1e-12)
+    assert np.array_equal(genmod.peak_normalise(np.zeros(3)), np.zeros(3))
+
+
+def test_mel_png_shows_one_column_per_hop_of_the_audio_itself(monkeypatch):
+    # the padding that lets stft read a short clip must not add columns past the audio's end
+    import io
+    import matplotlib.axes
+    shown = []
+    real = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda self, x, **kw: (shown.append(x.shape), real(self, x, **kw))[1])
+    for n in (1024, 5000):
+        genmod.save_mel_png(np.zeros(n, np.float32) + 0.1, io.BytesIO(), "t")
+    assert shown == [(128, 1024 // 512 + 1), (128, 5000 // 512 + 1)]
+
+
+def test_read_prompt_codes_takes_the_first_rows_and_refuses_what_is_not_codes(tmp_path, capsys):
+    codes = np.arange(45, dtype=np.int16).reshape(9, 5)
+    codes[0, 0] = 1023  # the largest code is a code
+    np.save(tmp_path / "ok.npy", codes)
+    got = genmod.read_prompt_codes(str(tmp_path / "ok.npy"), 1)
+    assert got.dtype == torch.int64 and torch.equal(got, torch.from_numpy(codes[:1].astype(np.int64)))
+    for name, bad in (("big", np.full((1, 3), 1024, np.int16)), ("neg", np.full((1, 3), -1, np.int16)),
+                      ("3d", np.zeros((1, 1, 3), np.int16)), ("float", np.zeros((1, 3), np.float32))):
+        np.save(tmp_path / f"{name}.npy", bad)
+        with pytest.raises(SystemExit) as e:
+            genmod.read_prompt_codes(str(tmp_path / f"{name}.npy"), 1)
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"--continue {tmp_path}/{name}.npy: want codes (codebooks, frames) between 0 and 1023, as generate.py "
+            f"writes them; got {bad.dtype} {bad.shape}\n")
+
+
+def continuation_of(path, n_codebooks=1, stage2_=None, continue_seconds=None, seconds=1.0, n_frames=86):
+    """load_continuation of a .npy, with only what it reads of the models and the settings."""
+    from types import SimpleNamespace
+    m = SimpleNamespace(stage2=stage2_, lm=SimpleNamespace(cfg=SimpleNamespace(n_codebooks=n_codebooks)),
+                        synthetic=False, ckpt_path="ckpt.pt")
+    args = argparse.Namespace(continue_from=str(path), continue_seconds=continue_seconds, seconds=seconds)
+    return genmod.load_continuation(args, m, n_frames, "cpu")
+
+
+def test_continuing_codes_keeps_the_rows_and_frames_the_output_needs(tmp_path, capsys):
+    codes = np.arange(9 * 10, dtype=np.int16).reshape(9, 10)
+    np.save(tmp_path / "c.npy", codes)
+    want = torch.from_numpy(codes.astype(np.int64))
+    # a K = 1 LM without stage 2 makes codebook 1 only; with stage 2 (or K = 9) all 9 are kept
+    assert torch.equal(continuation_of(tmp_path / "c.npy").codes, want[:1])
+    assert torch.equal(continuation_of(tmp_path / "c.npy", stage2_=object()).codes, want)
+    # --continue-seconds keeps the last round(S * frame rate) frames: 0.05 s is 4.3 -> 4
+    assert torch.equal(continuation_of(tmp_path / "c.npy", 9, continue_seconds=0.05).codes, want[:, -4:])
+    # a prompt as long as the output is allowed (nothing new to add); one frame more is refused
+    assert continuation_of(tmp_path / "c.npy", n_frames=10).frames == 10
+    with pytest.raises(SystemExit) as e:
+        continuation_of(tmp_path / "c.npy", seconds=0.1, n_frames=9)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"--continue {tmp_path}/c.npy: the prompt lasts 0.12 s (10 frames), more than --seconds 0.1 (9 frames); "
+        "--continue-seconds S keeps its end\n")
+
+
+def test_continuation_known_codes_are_the_prompt_then_the_special_id():
+    # stage 2 keeps the known codes and fills the rest: after the prompt nothing is known (SPECIAL, not code 0)
+    codes = torch.arange(18).reshape(9, 2)
+    known = genmod.Continuation("c.npy", codes).known(2, 5)
+    want = torch.full((9, 5), SPECIAL)
+    want[:, :2] = codes
+    assert known.shape == (2, 9, 5) and torch.equal(known[0], want) and torch.equal(known[1], want)
+
+
+def test_auto_batch_size_on_a_cpu_is_16_at_most():
+    assert [genmod.auto_batch_size(None, 100, "cpu", n) for n in (3, 16, 40)] == [3, 16, 16]
+
+
+def test_a_rerun_with_any_other_sampling_setting_is_another_generation(synthetic_checkpoint, tmp_path, monkeypatch,
+                                                                       capsys):
+    # each setting that changes the music is in the record: changed, the name is taken (exit 2, before
+    # any model loads); stage 2's settings without --stage2 change nothing, and an unchanged rerun
+    # loads no model at all
+    run = lambda *a: genmod.main(["a calm piece", "a dark piece", "--ckpt", str(synthetic_checkpoint),  # noqa: E731
+                                  "--seconds", "0.1", "--out", str(tmp_path), *a])
+    run()
+    records = [json.loads(line) for line in open(tmp_path / "generations.jsonl")]
+    assert [(r["index"], r["seed"], r["cfg"], r["top_k"], r["window"], r["stage2_steps"]) for r in records] == [
+        (0, 0, 3.0, 250, None, None), (1, 1, 3.0, 250, None, None)]
+    capsys.readouterr()
+    monkeypatch.setattr(genmod, "load_models", lambda *a: pytest.fail("a model loaded for a done run"))
+    for flags in (["--cfg", "1"], ["--top-k", "5"], ["--seconds", "0.2"], ["--window", "0"], ["--ssm-state", "bf16"]):
+        with pytest.raises(SystemExit) as e:
+            run(*flags)
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"{tmp_path}/s0-0000-a-calm-piece.npy exists (a generation with other settings), and is kept: pass "
+            "another --out (or, for prompts not named by an id, another --seed)\n"), flags
+    run("--stage2-steps", "5", "--stage2-cfg", "1")
+    assert capsys.readouterr().err == f"nothing to do: all 2 outputs are in {tmp_path}\n"
+
+
+def test_both_stages_of_a_prompt_draw_from_its_own_generator(real_data_checkpoints, tiny_dac_dir, tmp_path,
+                                                            monkeypatch):
+    # one generator per prompt, seeded with its seed, carries on from stage 1 into stage 2; --ssm-state
+    # bf16 reaches the LM's decoding
+    seen = {}
+    for cls, key in ((TextToMusicLM, "stage1"), (stage2.Stage2Diffusion, "stage2")):
+        def spy(self, *a, _real=cls.generate, _key=key, **kw):
+            seen[_key] = kw
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(cls, "generate", spy)
+    genmod.main(["a calm piece", "a drum solo", *two_stage(real_data_checkpoints), "--dac", tiny_dac_dir,
+                 "--seconds", "0.05", "--stage2-steps", "2", "--seed", "7", "--window", "0", "--ssm-state", "bf16",
+                 "--out", str(tmp_path)])
+    g1, g2 = seen["stage1"]["generator"], seen["stage2"]["generator"]
+    assert [g.initial_seed() for g in g1] == [7, 8] and all(a is b for a, b in zip(g1, g2)) and len(g2) == 2
+    assert seen["stage1"]["ssm_dtype"] == torch.bfloat16
