@@ -3167,11 +3167,16 @@ def test_stage2_sampler_steps_keep_x_at_the_forward_processs_level():
         assert abs(eps.mean()) < 0.02 and abs(eps.std() - 1) < 0.02, t   # 5 standard deviations of each
 
 
+def small_stage2():
+    """Stage 2 at Stage2Config.small() on the synthetic codec (init from torch's global RNG)."""
+    return stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small())).attach_codec(
+        datamod.synthetic_codec())
+
+
 def test_stage2_trains_at_every_step_of_its_schedule_and_on_real_frames_only():
     # training draws t from {1, ..., 100} / 100, the steps sampling visits (t = 0 is no step: alpha_0 = 1)
     torch.manual_seed(0)
-    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small())).attach_codec(
-        datamod.synthetic_codec())
+    model = small_stage2()
     codes, caps = datamod.SyntheticMusic(8, seed=0).batch(range(16))
     text, mask = datamod.WordEncoder()(caps)
     drawn = []
@@ -3230,8 +3235,7 @@ def test_stage2_trains_at_every_step_of_its_schedule_and_on_real_frames_only():
 def test_stage2_finds_the_nearest_codes_in_fp32_under_autocast():
     # generate.py samples under bf16 autocast; the nearest-entry search must not run in bf16 (it moves codes)
     torch.manual_seed(0)
-    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small())).attach_codec(
-        datamod.synthetic_codec())
+    model = small_stage2()
     codes = datamod.SyntheticMusic(256, seed=0).batch(range(8))[0]
     model.set_latent_stats(codes)
     fine = model.latents(codes)[:, stage2.LATENT_DIM:] + 0.3 * torch.randn(8, 64, 256)
@@ -5852,3 +5856,223 @@ def test_both_stages_of_a_prompt_draw_from_its_own_generator(real_data_checkpoin
     g1, g2 = seen["stage1"]["generator"], seen["stage2"]["generator"]
     assert [g.initial_seed() for g in g1] == [7, 8] and all(a is b for a, b in zip(g1, g2)) and len(g2) == 2
     assert seen["stage1"]["ssm_dtype"] == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2: exact checks of its parts (a mutation review of stage2.py found these unpinned)
+
+
+def test_stage2_masked_group_norm_is_group_norm_over_each_rows_real_frames():
+    # float64 against F.group_norm with a trained-looking affine (weight and bias not 1 and 0): a row's real
+    # frames come out as group norm of those frames alone; a row without real frames stays finite
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 16).double()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = 3 * torch.randn(3, 16, 12, dtype=torch.float64) + 1
+    lengths = [12, 7, 0]
+    mask = (torch.arange(12)[None] < torch.tensor(lengths)[:, None])[:, None].double()
+    y = stage2.masked_group_norm(x, norm, mask)
+    for i, length in enumerate(lengths[:2]):
+        want = F.group_norm(x[i:i + 1, :, :length], 4, norm.weight, norm.bias, norm.eps)
+        torch.testing.assert_close(y[i:i + 1, :, :length], want, rtol=0, atol=1e-12)
+    assert y.isfinite().all()
+    # eps enters as GroupNorm's: a group of near-constant values is scaled by 1 / sqrt(var + eps)
+    flat = torch.zeros(1, 16, 12, dtype=torch.float64)
+    flat[:, :, ::2] = 1e-3
+    torch.testing.assert_close(stage2.masked_group_norm(flat, norm, torch.ones(1, 1, 12, dtype=torch.float64)),
+                               F.group_norm(flat, 4, norm.weight, norm.bias, norm.eps), rtol=0, atol=1e-12)
+
+
+def stage2_block_reference(block, x, emb):
+    """ResBlock1d on x (b, C, T), all frames real, in plain torch: GroupNorm-SiLU-Conv, FiLM (1 + scale, shift)."""
+    h = block.conv1(F.silu(block.norm1(x)))
+    scale, shift = block.film(emb)[..., None].chunk(2, dim=1)
+    h = block.conv2(F.silu(block.norm2(h) * (1 + scale) + shift))
+    return block.skip(x) + h
+
+
+def test_stage2_res_block_and_level_match_a_plain_reference():
+    torch.manual_seed(0)
+    cfg = stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)
+    level = stage2.Level(16, 32, 40, cfg, attention=True).double()
+    for m in level.modules():   # as if trained: no norm is the identity
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            torch.nn.init.normal_(m.weight)
+            torch.nn.init.normal_(m.bias)
+    x, emb = torch.randn(2, 16, 10, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
+    full = torch.ones(2, 1, 10, dtype=torch.float64)
+    block = level.res[0]
+    torch.testing.assert_close(block(x, emb, full), stage2_block_reference(block, x, emb), rtol=0, atol=1e-12)
+    # with a mask, the real frames are the block of those frames alone (the conv sees zeros past the end)
+    mask = (torch.arange(10)[None] < torch.tensor([10, 6])[:, None])[:, None].double()
+    torch.testing.assert_close(block(x, emb, mask)[1:, :, :6], stage2_block_reference(block, x[1:, :, :6], emb[1:]),
+                               rtol=0, atol=1e-12)
+    # the level: two blocks, then a pre-norm residual cross-attention to the text
+    memory, text_mask = torch.randn(2, 5, cfg.d_cond, dtype=torch.float64), torch.tensor([[1, 1, 1, 0, 0]] * 2).bool()
+    h = level.res[1](level.res[0](x, emb, full), emb, full)
+    attn = level.attn(F.layer_norm(h.transpose(1, 2), (32,), level.attn_norm.weight, level.attn_norm.bias,
+                                   level.attn_norm.eps), memory, text_mask).transpose(1, 2)
+    torch.testing.assert_close(level(x, emb, memory, text_mask, full), h + attn, rtol=0, atol=1e-12)
+
+
+def test_stage2_unet_starts_at_v_zero_and_conditions_on_step_and_pooled_text():
+    torch.manual_seed(0)
+    unet = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).double().unet
+    x, t, (text, mask) = torch.randn(2, 72, 12, dtype=torch.float64), torch.tensor([0.3, 0.91], dtype=torch.float64), \
+        random_text(b=2, lt=5)
+    assert not unet(x, t, text, mask).any()   # a fresh model predicts v = 0 exactly
+    seen = {}
+    hooks = [unet.time_mlp[0].register_forward_hook(lambda m, i, o: seen.update(time=i[0])),
+             unet.pool_proj.register_forward_hook(lambda m, i, o: seen.update(pooled=i[0])),
+             unet.down[0].res[0].film.register_forward_hook(lambda m, i, o: seen.update(emb=i[0]))]
+    unet(x, t, text, mask)
+    for h in hooks:
+        h.remove()
+    # the step as sinusoids of 1000 t; the text as the mean of its real (masked) positions after projection
+    steps = ssmttm.sinusoidal_positions(t[:, None] * 1000, unet.time_mlp[0].in_features)[:, 0].double()
+    torch.testing.assert_close(seen["time"], steps, rtol=0, atol=0)
+    memory = unet.text_norm(unet.text_proj(text))
+    pooled = torch.stack([memory[i, mask[i]].mean(0) for i in range(2)])
+    torch.testing.assert_close(seen["pooled"], pooled, rtol=0, atol=1e-12)
+    torch.testing.assert_close(seen["emb"], unet.time_mlp(steps) + unet.pool_proj(pooled), rtol=0, atol=1e-12)
+
+
+def test_stage2_training_loss_is_the_v_prediction_mse_over_real_frames(monkeypatch):
+    # a stand-in U-Net returning fixed v (non-zero past the padding too) and a fixed noise: the loss is
+    # mean over real frames and 64 channels of (v - (alpha eps - sigma x0))^2, input [alpha x0 + sigma eps, coarse]
+    torch.manual_seed(0)
+    model = small_stage2()
+    codes, caps = datamod.SyntheticMusic(16, seed=0).batch(range(2))
+    model.set_latent_stats(codes)
+    codes[1, :, 11:] = SPECIAL
+    text, mask = datamod.WordEncoder()(caps)
+    noise, v = torch.randn(2, 64, 16), torch.randn(2, 64, 16)
+    monkeypatch.setattr(torch, "randn_like", lambda z: noise.clone())
+    seen = []
+    model.unet.forward = lambda x, t, text, mask, lengths: seen.append((x, t, lengths)) or v.clone()
+    loss = model(codes, text, mask)
+    (x, t, lengths), = seen
+    lat = model.latents(codes)
+    alpha, sigma = (s[:, None, None] for s in stage2.cosine_schedule(t))
+    fine = lat[:, stage2.LATENT_DIM:]
+    torch.testing.assert_close(x[:, :64], alpha * fine + sigma * noise, rtol=1e-6, atol=1e-6)
+    assert torch.equal(x[:, 64:], lat[:, :stage2.LATENT_DIM]) and lengths.tolist() == [16, 11]
+    err = (v.double() - (alpha * noise - sigma * fine).double()) ** 2
+    want = (err[0].sum() + err[1, :, :11].sum()) / ((16 + 11) * 64)
+    assert abs(loss.item() - want.item()) < 1e-6 * want.item()
+
+
+def test_stage2_latents_are_normalised_per_codebook_and_padding_is_zero():
+    torch.manual_seed(0)
+    model = small_stage2()
+    codes = datamod.SyntheticMusic(48, seed=0).batch(range(4))[0]
+    model.set_latent_stats(codes)
+    mean, std = model.latent_mean.clone(), model.latent_std.clone()
+    assert not torch.allclose(std, torch.ones(9), atol=0.05)   # the raw latents are not already normalised
+    lat = model.latents(codes).view(4, 9, stage2.LATENT_DIM, 48).transpose(0, 1).reshape(9, -1)
+    torch.testing.assert_close(lat.mean(1), torch.zeros(9), rtol=0, atol=1e-5)
+    torch.testing.assert_close(lat.std(1), torch.ones(9), rtol=0, atol=1e-5)
+    model.set_latent_stats(codes)   # measured again: the same statistics (from the raw latents, not normalised ones)
+    torch.testing.assert_close(model.latent_mean, mean, rtol=0, atol=0)
+    torch.testing.assert_close(model.latent_std, std, rtol=0, atol=0)
+    # codebook 1 alone is normalised with codebook 1's statistics; a special id gives a zero latent
+    assert torch.equal(model.latents(codes[:, :1]), model.latents(codes)[:, :stage2.LATENT_DIM])
+    padded = codes.clone()
+    padded[:, :, 40:] = SPECIAL
+    lat = model.latents(padded)
+    assert not lat[..., 40:].any() and torch.equal(lat[..., :40], model.latents(codes)[..., :40])
+    # a near-constant codebook keeps its own small std (the clamp only guards against 0)
+    book = model.codec.quantizer.quantizers[4].codebook.weight
+    book[:] = 0.3 + 1e-3 * torch.randn_like(book)
+    model.set_latent_stats(codes)
+    raw = book[codes[:, 4].flatten()].flatten()
+    assert abs(model.latent_std[4].item() / raw.std().item() - 1) < 1e-4
+    # codes -> latents -> codes with statistics far apart between codebooks: each block un-normalised by its own
+    model.latent_mean.copy_(torch.arange(9.0) * 2 - 8)
+    model.latent_std.copy_(torch.arange(9.0) * 0.3 + 0.2)
+    assert torch.equal(model.codes_from_latents(model.latents(codes)[:, stage2.LATENT_DIM:], codes[:, 0]), codes)
+
+
+def test_stage2_generate_keeps_known_codes_with_a_twin_entry_and_ignores_codebook_one_elsewhere():
+    torch.manual_seed(0)
+    model = small_stage2().eval()
+    codes, caps = datamod.SyntheticMusic(16, seed=0).batch(range(2))
+    model.set_latent_stats(codes)
+    text, mask = datamod.WordEncoder()(caps)
+    # codebook 2's entry twin = a copy of entry first: the nearest entry to twin's latent is first
+    first, twin = 3, 700
+    book = model.codec.quantizer.quantizers[1].codebook.weight
+    book[twin] = book[first]
+    known = codes.clone()
+    known[:, 1, :8] = twin
+    known[:, 1:, 8:] = SPECIAL
+    assert model.codes_from_latents(model.latents(known)[:, stage2.LATENT_DIM:], codes[:, 0])[0, 1, 0] == first
+    known[:, 0, 8:] = SPECIAL   # codebook 1 at the frames to sample: not read (coarse_codes is)
+    out = model.generate(codes[:, 0], text, mask, steps=2, generator=torch.Generator().manual_seed(0), known=known)
+    assert torch.equal(out[:, :, :8], known[:, :, :8]) and torch.equal(out[:, 0], codes[:, 0])
+    partial = known.clone()
+    partial[0, 5, 3] = SPECIAL
+    with pytest.raises(ValueError, match=re.escape("known: a frame has some of codebooks 2..9 and not the others")):
+        model.generate(codes[:, 0], text, mask, steps=2, known=partial)
+    wrong = known.clone()
+    wrong[0, 0, 3] = (wrong[0, 0, 3] + 1) % 1024
+    with pytest.raises(ValueError, match=re.escape("known: codebook 1 of a kept frame differs from coarse_codes")):
+        model.generate(codes[:, 0], text, mask, steps=2, known=wrong)
+
+
+def test_stage2_generate_guides_with_scale_three_by_default():
+    torch.manual_seed(0)
+    model = small_stage2().eval()
+    torch.nn.init.normal_(model.unet.out.weight, std=0.3)
+    codes, caps = datamod.SyntheticMusic(16, seed=0).batch(range(2))
+    model.set_latent_stats(codes)
+    text, mask = datamod.WordEncoder()(caps)
+    run = lambda **kw: model.generate(codes[:, 0], text, mask, steps=3, generator=torch.Generator().manual_seed(0),
+                                      **kw)
+    default = run()
+    assert torch.equal(default, run(cfg_scale=3.0)) and not torch.equal(default, run(cfg_scale=1.0))
+
+
+def test_stage2_unet_convolutions_see_zeros_past_each_rows_real_frames():
+    # every convolution that mixes frames (kernel 3) gets zeros past a row's real frames at its level
+    # (frame j of level i is real when j 2^i < length), so no layer reads what lies past a clip's end
+    torch.manual_seed(0)
+    config = dict(stage2.Stage2Config.small(), channels=(32, 48, 64), d_text=24)
+    unet = stage2.Stage2Diffusion(stage2.Stage2Config(**config)).double().unet
+    lengths, T = torch.tensor([40, 23, 5]), 40
+    seen = []
+    convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv1d) and m.kernel_size == (3,)]
+    hooks = [m.register_forward_pre_hook(lambda m, i: seen.append(i[0])) for m in convs]
+    x, t, (text, mask) = 5 * torch.randn(3, 72, T, dtype=torch.float64) + 1, torch.rand(3, dtype=torch.float64), \
+        random_text(b=3, lt=3)
+    unet(x, t, text, mask, lengths)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(convs)   # each called once
+    for h in seen:
+        step = T // h.shape[-1]
+        for row, length in enumerate(lengths.tolist()):
+            real = -(-length // step)
+            assert h[row, :, :real].abs().amax() > 0 and not h[row, :, real:].any(), (h.shape, row)
+
+
+def test_stage2_nearest_codes_under_bf16_autocast_are_the_float64_nearest_on_near_ties():
+    # test_stage2_finds_the_nearest_codes_in_fp32_under_autocast has wide margins (bf16 finds the same codes);
+    # here each fine latent lies just off the midpoint of two entries' directions, a margin of ~1e-4 that bf16
+    # (~4e-3) loses
+    torch.manual_seed(0)
+    model = small_stage2()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 1024, (2, 8, 64), generator=g), torch.randint(0, 1024, (2, 8, 64), generator=g)
+    books = [q.codebook.weight.double() for q in model.codec.quantizer.quantizers]
+    fine, want = [], []
+    for k in range(1, 9):
+        unit = F.normalize(books[k], dim=1)
+        x = 0.5002 * unit[a[:, k - 1]] + 0.4998 * unit[b[:, k - 1]]          # (2, 64, 8)
+        fine.append(x.transpose(1, 2))
+        want.append((F.normalize(x, dim=-1) @ unit.T).argmax(-1))           # float64 nearest direction
+    fine, want = torch.cat(fine, 1).float(), torch.stack(want, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.codes_from_latents(fine, a[:, 0])
+    assert torch.equal(got[:, 1:], want) and torch.equal(got[:, 0], a[:, 0])
