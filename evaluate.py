@@ -778,7 +778,8 @@ class StateNorms:
 
 def window_scores(model, captions, frames, times, seed, windows):
     """Caption scores (prompts, times) of codes of times x frames, scored `frames` at a time, and
-    the state norms at each window's end (one pass only). windows: generate_in_windows, or one pass."""
+    the state norm after the step that writes each window's last frame (one pass only).
+    windows: generate_in_windows, or one pass."""
     from ssmttm import generate_in_windows
     text, mask = datamod.WordEncoder()(captions)
     sampling = dict(cfg_scale=3.0, top_k=50, temperature=0.3, generator=torch.Generator().manual_seed(seed))
@@ -789,8 +790,10 @@ def window_scores(model, captions, frames, times, seed, windows):
         codes = model.generate(text, mask, times * frames, decoder=probe, **sampling)
     scores = [[datamod.caption_score(c[:, w * frames:(w + 1) * frames], caption) for w in range(times)]
               for c, caption in zip(codes.cpu().numpy(), captions)]
-    norms = [probe.norms[min((w + 1) * frames, len(probe.norms)) - 2] for w in range(times)] if probe.norms else None
-    return np.array(scores), norms  # step s of the loop wrote frame s + 1 (K = 1)
+    # probe.norms[j] follows loop step j + 1, which writes frame j + 1 (K = 1): a window's last frame,
+    # (w + 1) frames - 1, is written by the step whose norm is at (w + 1) frames - 2
+    norms = [probe.norms[(w + 1) * frames - 2] for w in range(times)] if probe.norms else None
+    return np.array(scores), norms
 
 
 def past_training_length(args):
@@ -805,6 +808,8 @@ def past_training_length(args):
     out = check_output_file(args.out or os.path.join(os.path.dirname(args.long) or ".", "long.json"))
     model = genmod.build_model(ckpt, args.long, ModelConfig, TextToMusicLM)
     frames = ckpt["args"]["frames"]
+    if frames < 2:  # a window of one frame: frame 0 comes from the prefill, after no decoding step
+        fail(f"--long {args.long}: trained on {frames} frame; a window needs at least 2 for its state norm")
     captions = datamod.SyntheticMusic(frames, seed=0).captions(args.n_prompts)
     report = {"ckpt": args.long, "step": ckpt["step"], "trained_frames": frames, "times": args.times,
               "prompts": args.n_prompts, "seeds": args.seeds,

@@ -463,3 +463,491 @@ def test_state_norms_decodes_as_generate_and_keeps_a_norm_per_step():
     assert torch.equal(got, want)
     assert len(probe.norms) == len(seen) == 11
     np.testing.assert_allclose(probe.norms, seen, rtol=1e-6)  # the SSM states' norms (not the conv's)
+
+
+def _one_line_error(capsys):
+    """The single error line of a fail() (the 'Loading weights' lines of transformers left out)."""
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading weights")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_list_audio_and_read_prompts_edges(tmp_path, capsys):
+    d = tmp_path / "g"
+    d.mkdir()
+    sf.write(d / "B.WAV", np.zeros(100), 16000)                  # upper-case extension: an audio file
+    sf.write(d / "a.flac", np.zeros(100), 16000)
+    (d / "notes.txt").write_text("x")
+    (d / "c.wav").mkdir()                                         # a folder named like audio: not a file
+    assert evaluate.list_audio(str(d), "--generated") == {"B": str(d / "B.WAV"), "a": str(d / "a.flac")}
+    assert list(evaluate.list_audio(str(d), "--generated")) == ["B", "a"]  # sorted by file name
+    sf.write(d / "a.wav", np.zeros(100), 16000)                   # a.flac and a.wav: one name twice
+    with pytest.raises(SystemExit) as e:
+        evaluate.list_audio(str(d), "--generated")
+    assert e.value.code == 2
+    assert _one_line_error(capsys) == f"evaluate.py: error: --generated {d}: two files are named a (a.flac, a.wav)"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "x.txt").write_text("x")
+    with pytest.raises(SystemExit):
+        evaluate.list_audio(str(empty), "--reference")
+    assert _one_line_error(capsys) == (f"evaluate.py: error: --reference {empty}: "
+                                       f"no audio files (.wav, .flac, .ogg, .mp3)")
+    with pytest.raises(SystemExit):
+        evaluate.list_audio(str(tmp_path / "nowhere"), "--reference")
+    assert _one_line_error(capsys) == f"evaluate.py: error: --reference {tmp_path / 'nowhere'}: not a folder"
+    # prompts: MusicCaps' CSV (ytid, caption), extension in any case; a missing file; another format
+    p = tmp_path / "MC.CSV"
+    p.write_text("ytid,caption,other\nabc,a calm piece,1\nxyz,\"fast, loud drums\",2\n")
+    assert evaluate.read_prompts(str(p)) == {"abc": "a calm piece", "xyz": "fast, loud drums"}
+    with pytest.raises(SystemExit) as e:
+        evaluate.read_prompts(str(tmp_path / "none.jsonl"))
+    assert e.value.code == 2
+    assert _one_line_error(capsys) == f"evaluate.py: error: --prompts {tmp_path / 'none.jsonl'}: file not found"
+    (tmp_path / "p.txt").write_text("a calm piece\n")
+    with pytest.raises(SystemExit):
+        evaluate.read_prompts(str(tmp_path / "p.txt"))
+    assert _one_line_error(capsys) == (f"evaluate.py: error: --prompts {tmp_path / 'p.txt'}: want a .jsonl or .csv "
+                                       "file with an id and a text per entry")
+
+
+def test_load_mono_averages_channels_resamples_hq_and_keeps_silence(tmp_path, capsys):
+    import soxr
+    t = np.arange(22050) / 44100
+    x = np.stack([0.5 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 3000 * t + 1)], 1).astype(np.float32)
+    sf.write(tmp_path / "st.wav", x, 44100, subtype="FLOAT")
+    mono = (x[:, 0] + x[:, 1]) / 2                                           # channels averaged
+    want = soxr.resample(mono, 44100, 32000, quality="HQ")
+    want = want / np.abs(want).max() * 10 ** (-1 / 20)                         # peak at -1 dBFS
+    got = evaluate.load_mono(str(tmp_path / "st.wav"), 32000)
+    assert got.dtype == np.float32 and got.shape == want.shape == (16000,)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    assert np.abs(got).max() == pytest.approx(10 ** (-1 / 20), rel=1e-6)
+    # same rate: no resampling, only the peak
+    np.testing.assert_allclose(evaluate.load_mono(str(tmp_path / "st.wav"), 44100),
+                               mono / np.abs(mono).max() * 10 ** (-1 / 20), rtol=0, atol=1e-7)
+    sf.write(tmp_path / "silent.wav", np.zeros((4800, 2)), 48000)
+    silent = evaluate.load_mono(str(tmp_path / "silent.wav"), 48000)
+    assert silent.shape == (4800,) and not silent.any() and np.isfinite(silent).all()
+    sf.write(tmp_path / "empty.wav", np.zeros(0), 16000)
+    with pytest.raises(SystemExit) as e:
+        evaluate.load_mono(str(tmp_path / "empty.wav"), 16000)
+    assert e.value.code == 2
+    assert _one_line_error(capsys) == f"evaluate.py: error: {tmp_path / 'empty.wav'}: no audio samples"
+
+
+def test_clap_audio_input_clips_and_truncates_to_int16():
+    class Recorder:  # stands in for the feature extractor: keeps what it is given
+        sampling_rate = 48000
+
+        def __call__(self, audio, sampling_rate, return_tensors):
+            self.audio, self.sr, self.rt = audio, sampling_rate, return_tensors
+            return "features"
+
+    rec = Recorder()
+    audio = np.array([2.0, -3.0, 0.7, -0.7, 0.5, 1.0, -1.0, 1e-5], np.float32)
+    assert evaluate.clap_audio_input(rec, audio) == "features"
+    # clipped to [-1, 1], times 32767, truncated to int16 (toward zero), back over 32767
+    ints = np.array([32767, -32767, 22936, -22936, 16383, 32767, -32767, 0], np.float32)
+    assert rec.audio.dtype == np.float32 and np.array_equal(rec.audio, ints / np.float32(32767))
+    assert rec.sr == 48000 and rec.rt == "pt"
+
+
+def test_clap_per_file_scores_pair_each_file_with_its_prompt(weights, sets, capsys):
+    """Each file's CLAP value by hand from the raw model: its own prompt (77 tokens at most), the
+    file read at 48 kHz, int16-truncated, the extractor's crops after np.random.seed(--seed)."""
+    import soxr
+    from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
+    np.random.seed(12345)  # another global state: the report must not depend on it
+    report, cap = run_main(["--generated", sets["generated"], "--reference", sets["same"], "--prompts", sets["prompts"],
+                            "--metrics", "clap", "--clap", weights["clap"], "--seed", "1",
+                            "--out", str(sets["root"] / "clap.json")], capsys)
+    raw = ClapModel.from_pretrained(weights["clap"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(weights["clap"])
+    extract = ClapFeatureExtractor.from_pretrained(weights["clap"])
+    prompts = {"a": "a calm sine piece", "b": "noisy drums", "c": "a short beep"}
+    np.random.seed(1)
+    want = {}
+    for name, file in (("a", "a.wav"), ("b", "b.flac"), ("c", "c.wav")):
+        x, sr = sf.read(os.path.join(sets["generated"], file), dtype="float32", always_2d=True)
+        x = x.mean(1)
+        if sr != 48000:
+            x = soxr.resample(x, sr, 48000, quality="HQ")
+        x = x / np.abs(x).max() * 10 ** (-1 / 20)
+        x = (np.clip(x, -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32767
+        feats = extract(x, sampling_rate=48000, return_tensors="pt")
+        tok = tokenizer(prompts[name], truncation=True, max_length=77, return_tensors="pt")
+        with torch.no_grad():
+            t = raw.text_projection(raw.text_model(**tok).pooler_output)[0].double()
+            pooled = raw.audio_model(input_features=feats["input_features"], is_longer=feats["is_longer"]).pooler_output
+            a = raw.audio_projection(pooled)[0].double()
+        want[name] = (t @ a / (t.norm() * a.norm())).item()
+    for name in "abc":
+        assert report["per_file"][name]["clap"] == pytest.approx(want[name], abs=1e-5), name
+    assert len({round(v, 4) for v in want.values()}) == 3                      # three different numbers
+    assert report["clap_score"] == pytest.approx(np.mean(list(want.values())), abs=1e-5)
+    # a (1.6 s) is longer than the 1 s window; b (1 s = 48000 samples) is not
+    assert "note: 1 clip(s) longer than CLAP's 1 s window, fusion (seed 1): a" in cap.err.splitlines()
+    # the text embeddings: unit length, in order, the same in batches of 2 as one by one
+    model, _, tok = evaluate.load_clap(weights["clap"], "cpu")
+    texts = [prompts[n] for n in "abc"]
+    emb = evaluate.clap_text_embeddings(model, tok, texts, "cpu", batch_size=2)
+    assert emb.shape == (3, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(3, dtype=torch.float64), atol=1e-12)
+    with torch.no_grad():
+        for i, text in enumerate(texts):
+            t = raw.text_projection(raw.text_model(**tokenizer(text, return_tensors="pt")).pooler_output)[0].double()
+            assert torch.allclose(emb[i], t / t.norm(), atol=1e-6)
+
+
+def test_check_inputs_messages_and_notes(sets, tmp_path, capsys):
+    dummy = tmp_path / "weights.bin"
+    dummy.write_bytes(b"x")
+    gen, ref, prompts = sets["generated"], sets["same"], sets["prompts"]
+
+    def check(*extra):
+        args = evaluate.parse_args(["--generated", gen, "--reference", ref, "--openl3", str(dummy),
+                                    "--passt", str(dummy), *extra])
+        return evaluate.check_inputs(args)
+
+    for value in (",", "fd,mfcc"):
+        with pytest.raises(SystemExit) as e:
+            check("--metrics", value)
+        assert e.value.code == 2
+        assert _one_line_error(capsys) == (f"evaluate.py: error: --metrics {value}: "
+                                           f"choose from fd, kl, clap (comma-separated)")
+    metrics, g, r, p = check("--metrics", " kl , fd ", "--prompts", prompts)
+    assert metrics == ["kl", "fd"] and list(g) == ["a", "b", "c"] and p == {}
+    # a generated file without a reference: refused for KL (pairs by name), fine for FD alone
+    sf.write(os.path.join(gen, "d.wav"), tone(0.2, 16000, 100), 16000)
+    with pytest.raises(SystemExit):
+        check("--metrics", "fd,kl")
+    assert _one_line_error(capsys) == (f"evaluate.py: error: --reference {ref}: no file named like 1 generated "
+                                       "file(s), e.g. d.wav (KL pairs files by name)")
+    assert list(check("--metrics", "fd")[1]) == ["a", "b", "c", "d"]
+    assert capsys.readouterr().err == ""
+    os.remove(os.path.join(gen, "d.wav"))
+    # a reference file without a generated one: a note, which says what it is used for
+    sf.write(os.path.join(ref, "e.wav"), tone(0.2, 16000, 100), 16000)
+    check("--metrics", "fd")
+    assert capsys.readouterr().err == ("note: 1 reference file(s) have no generated file of the same name: "
+                                       "used for FD only\n")
+    check("--metrics", "kl")
+    assert capsys.readouterr().err == "note: 1 reference file(s) have no generated file of the same name: not used\n"
+    # prompts for CLAP: each generated file needs one
+    few = tmp_path / "few.jsonl"
+    few.write_text(json.dumps({"id": "a", "caption": "x"}) + "\n")
+    with pytest.raises(SystemExit):
+        check("--metrics", "clap", "--prompts", str(few))
+    assert _one_line_error(capsys) == (f"evaluate.py: error: --prompts {few}: "
+                                       f"no prompt for 2 generated file(s), e.g. id b")
+    assert check("--metrics", "clap", "--prompts", prompts)[3] == {"a": "a calm sine piece", "b": "noisy drums",
+                                                                   "c": "a short beep", "z": "unused"}
+    capsys.readouterr()
+
+
+def test_parse_args_bounds_and_conflicts(tmp_path, capsys):
+    def error(argv):
+        with pytest.raises(SystemExit) as e:
+            evaluate.parse_args(argv)
+        assert e.value.code == 2
+        return _one_line_error(capsys)
+
+    out = str(tmp_path / "rq2")
+    for flag in ("--layers", "--steps", "--eval-every", "--batch-size", "--d-model", "--frames"):
+        assert error(["--convergence", out, flag, "0"]) == f"evaluate.py: error: {flag} must be at least 1"
+        assert getattr(evaluate.parse_args(["--convergence", out, flag, "1"]), flag[2:].replace("-", "_")) == 1
+    assert error(["--convergence", out, "--generated", "g"]) == \
+        "evaluate.py: error: --convergence trains and plots; it takes no --generated/--reference"
+    assert error(["--convergence", out, "--reference", "r"]) == \
+        "evaluate.py: error: --convergence trains and plots; it takes no --generated/--reference"
+    for argv in ([], ["--generated", "g"], ["--reference", "r"]):
+        assert error(argv) == "evaluate.py: error: give --generated DIR and --reference DIR (or --convergence OUT)"
+    none = tmp_path / "none.pt"
+    assert error(["--long", str(none)]) == f"evaluate.py: error: --long {none}: no such file"
+    assert error(["--long", "x", "--times", "0"]).startswith("evaluate.py: error: argument --times")
+    if not torch.cuda.is_available():
+        assert error(["--generated", "g", "--reference", "r", "--device", "cuda"]) == \
+            "evaluate.py: error: --device cuda: no CUDA device here"
+    args = evaluate.parse_args(["--generated", "g", "--reference", "r"])
+    assert (args.metrics, args.seed, args.device, args.out) == ("fd,kl,clap", 0, "auto", None)
+
+
+def test_print_table_exact(capsys):
+    report = {"counts": {"generated": 3, "reference": 4, "openl3_frames_generated": 7, "openl3_frames_reference": 9,
+                         "kl_pairs": 2, "clap_clips": 3},
+              "fd_openl3": 12.345678, "kl_passt": 0.123456, "kl_passt_gen_ref": 0.654321, "clap_score": -0.05}
+    evaluate.print_table(report)
+    evaluate.print_table({"counts": {"kl_pairs": 0}, "kl_passt": None, "kl_passt_gen_ref": None})
+    assert capsys.readouterr().out.splitlines() == [
+        "metric                         value  over",
+        "FD_openl3 (lower is better)  12.3457  3 generated files (7 frames) vs 4 reference files (9 frames)",
+        "KL_passt (lower is better)    0.1235  2 pairs, KL(reference || generated); KL(generated || reference) 0.6543",
+        "CLAP (higher is better)      -0.0500  3 generated files and their prompts",
+        "metric                      value  over",
+        "KL_passt (lower is better)    n/a  0 pairs, KL(reference || generated)"]
+
+
+@needs_passt
+def test_kl_report_default_path_settings_and_pairs_left_out(weights, sets, capsys, tmp_path):
+    report, cap = run_main(["--generated", sets["generated"], "--reference", sets["other"], "--metrics", "kl",
+                            "--passt", weights["passt"]], capsys)
+    path = os.path.join(sets["generated"], "evaluation.json")                # the default: beside the generated files
+    assert json.load(open(path)) == json.loads(json.dumps(report))
+    assert not os.path.exists(os.path.join(sets["other"], "evaluation.json"))
+    assert report["settings"] == {"metrics": ["kl"], "openl3": None, "passt": weights["passt"], "clap": None,
+                                  "prompts": None, "seed": 0,
+                                  "device": "cpu" if not torch.cuda.is_available() else "cuda",
+                                  "openl3_sr": 48000, "openl3_hop_s": 0.5, "passt_sr": 32000, "passt_window_s": 10.0,
+                                  "passt_hop_s": 5.0, "kl_eps": 1e-6, "peak_dbfs": -1.0}
+    assert report["counts"]["kl_pairs"] == 1 and report["short_clips"]["passt"] == ["b", "c"]
+    assert cap.err.splitlines()[-1] == ("note: 2 pair(s) left out of KL, "
+                                        "a clip of 1.5 s or less (PaSST window 10 s): b, c")
+    # a pair whose generated file is long enough but whose reference is not is left out too;
+    # no pair at all: no number (null), not 0
+    g, r = tmp_path / "g", tmp_path / "r"
+    g.mkdir(), r.mkdir()
+    sf.write(g / "x.wav", noise(3.0, 32000, 7), 32000)
+    sf.write(r / "x.wav", noise(1.0, 32000, 8), 32000)
+    sf.write(g / "y.wav", noise(1.2, 32000, 9), 32000)
+    sf.write(r / "y.wav", noise(3.0, 32000, 10), 32000)
+    report, cap = run_main(["--generated", str(g), "--reference", str(r), "--metrics", "kl",
+                            "--passt", weights["passt"]],
+                           capsys)
+    assert report["short_clips"]["passt"] == ["x", "y"] and report["counts"]["kl_pairs"] == 0
+    assert report["kl_passt"] is None and report["kl_passt_gen_ref"] is None
+    assert report["per_file"] == {"x": {}, "y": {}}
+    assert "KL_passt (lower is better)    n/a  0 pairs, KL(reference || generated)" in cap.out.splitlines()
+
+
+@needs_openl3
+def test_openl3_batches_and_one_frame_sets(weights, sets, capsys, tmp_path):
+    from torchopenl3.utils import preprocess_audio_batch
+    model = evaluate.load_openl3(weights["openl3"], "cpu")
+    audio = evaluate.load_mono(os.path.join(sets["generated"], "a.wav"), 48000)  # 1.6 s: 4 frames
+    emb = evaluate.openl3_embeddings(model, audio, "cpu", batch_size=3)       # batches of 3 and 1
+    frames = preprocess_audio_batch(torch.from_numpy(audio)[None], 48000, center=True, hop_size=0.5)
+    with torch.no_grad():
+        want = model(frames.float()).double().numpy()
+    assert emb.shape == want.shape == (4, 512) and emb.dtype == np.float64
+    np.testing.assert_allclose(emb, want, rtol=0, atol=1e-5)
+    # a set whose clips give one frame in all has no covariance: one line naming that side's folder
+    g, r = tmp_path / "g", tmp_path / "r"
+    g.mkdir(), r.mkdir()
+    shutil.copy(os.path.join(sets["generated"], "c.wav"), g / "c.wav")      # 0.5 s: 1 frame
+    shutil.copy(os.path.join(sets["generated"], "a.wav"), r / "c.wav")
+    for gen, ref, side, folder in ((g, r, "generated", g), (r, g, "reference", g)):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--generated", str(gen), "--reference", str(ref), "--metrics", "fd",
+                           "--openl3", weights["openl3"], "--out", str(tmp_path / "o.json")])
+        assert e.value.code == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate.py")]
+        assert err == [f"evaluate.py: error: --{side} {folder}: one OpenL3 frame in all (a clip under 1 s); "
+                       "a covariance needs at least 2"]
+
+
+def _fake_runs(out, n=25, lr=None):
+    """The four run folders of a convergence comparison as train.py leaves them (metrics.csv,
+    config.json, ckpt.pt), with known numbers."""
+    budget = {"layers": 2, "steps": n, "batch_size": 2, "grad_accum": 3, "seed": 0, "eval_every": 5, "d_model": 32,
+              "frames": 16, "lr": 1e-3}
+    losses = {}
+    for i, v in enumerate(evaluate.VARIANTS):
+        d = os.path.join(out, v)
+        os.makedirs(d)
+        loss = [7.0 - 0.1 * s - 0.01 * i + 0.05 * (s % 3) for s in range(n)]
+        losses[v] = loss
+        with open(os.path.join(d, "metrics.csv"), "w") as f:
+            f.write("step,loss,caption_score,elapsed_s,tokens_per_s\n")
+            for s in range(n):
+                score = f"{0.2 + 0.01 * s + 0.1 * i:.2f}" if (s + 1) % 5 == 0 else ""
+                f.write(f"{s + 1},{loss[s]},{score},{0.5 * (s + 1)},{1000 * (i + 1)}\n")
+        args = {**budget, "variant": v, "lr": lr if (lr and i == 2) else budget["lr"]}
+        json.dump({"args": args}, open(os.path.join(d, "config.json"), "w"))
+        torch.save({"model": {"w": torch.zeros(3, 4 + i), "b": torch.zeros(5)}}, os.path.join(d, "ckpt.pt"))
+    return losses
+
+
+def test_convergence_plot_only_csv_summary_and_plot(tmp_path, capsys, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.axes
+    out = str(tmp_path / "rq2")
+    losses = _fake_runs(out)
+    drawn, plot = [], matplotlib.axes.Axes.plot
+
+    def recording_plot(self, *args, **kwargs):
+        drawn.append((np.asarray(args[0], float), np.asarray(args[1], float), kwargs.get("label")))
+        return plot(self, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
+    capsys.readouterr()
+    evaluate.main(["--convergence", out, "--plot-only"])
+    printed = capsys.readouterr().out.splitlines()
+    text = open(os.path.join(out, "convergence.csv")).read().splitlines()
+    assert text[0] == "variant,params,step,loss,caption_score,train_time_s,elapsed_s,tokens_per_s"
+    assert len(text) == 1 + 4 * 25
+    # tokens per step 2 x 3 x 16 = 96; prefix_mamba at 1000 tokens/s: 0.096 s a step, rounded to 0.01 s
+    assert text[1] == f"prefix_mamba,17,1,{losses['prefix_mamba'][0]},,0.1,0.5,1000.0"
+    assert text[5] == f"prefix_mamba,17,5,{losses['prefix_mamba'][4]},0.24,0.48,2.5,1000.0"
+    assert text[-1] == f"cross_transformer,26,25,{losses['cross_transformer'][24]},0.74,0.6,12.5,4000.0"
+    for i, v in enumerate(evaluate.VARIANTS):
+        loss = losses[v]
+        tt = 96 * 25 / (1000 * (i + 1))
+        curve = " ".join(f"{0.2 + 0.01 * s + 0.1 * i:.2f}" for s in range(4, 25, 5))
+        assert printed[i] == (f"{v:<18} loss (mean of the last 20 steps) {sum(loss[5:]) / 20:.3f}  "
+                              f"caption score {curve}  training {tt:.0f} s")
+        # the plotted loss: running mean of 10 steps, at the step (and training time) of its last one
+        mine = [d for d in drawn if d[2] == f"{v.replace('_', ' ')} ({(12 + 3 * i + 5) / 1e6:.2f} M)"]
+        assert len(mine) == 4
+        run_mean = [sum(loss[j - 9:j + 1]) / 10 for j in range(9, 25)]
+        np.testing.assert_allclose(mine[0][0], np.arange(10, 26))
+        np.testing.assert_allclose(mine[0][1], run_mean, rtol=1e-12)
+        np.testing.assert_allclose(mine[2][1], run_mean, rtol=1e-12)
+        np.testing.assert_allclose(mine[2][0], [round(96 * j / (1000 * (i + 1)), 2) for j in range(10, 26)])
+        np.testing.assert_allclose(mine[1][0], np.arange(5, 26, 5))
+    assert printed[-1].startswith("wrote ")
+
+
+def test_convergence_refuses_other_budgets_missing_runs_and_failed_training(tmp_path, capsys, monkeypatch):
+    import train
+    out = str(tmp_path / "rq2")
+    _fake_runs(out, n=12, lr=3e-3)                                             # cross_simba: another lr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--convergence", out, "--plot-only"])
+    assert e.value.code == 2
+    assert _one_line_error(capsys) == (f"evaluate.py: error: --convergence {out}: "
+                                       f"the four runs were not trained with the same budget")
+    shutil.rmtree(os.path.join(out, "cross_simba"))
+    with pytest.raises(SystemExit):
+        evaluate.main(["--convergence", out, "--plot-only"])
+    assert _one_line_error(capsys) == (f"evaluate.py: error: --convergence: {os.path.join(out, 'cross_simba')} has no "
+                                       "finished run (metrics.csv, config.json)")
+    # training that stops (exit code 3): one line naming the variant, not the rest of the runs
+    calls = []
+
+    def stopped(argv):
+        calls.append(argv)
+        raise SystemExit(3)
+    monkeypatch.setattr(train, "main", stopped)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--convergence", str(tmp_path / "new"), "--steps", "4", "--layers", "1"])
+    assert e.value.code == 2 and len(calls) == 1
+    assert calls[0][:4] == ["--variant", "prefix_mamba", "--out", str(tmp_path / "new" / "prefix_mamba")]
+    assert _one_line_error(capsys) == "evaluate.py: error: --convergence: training prefix_mamba stopped (3)"
+
+
+def test_training_time_and_read_run(tmp_path):
+    rows = [{"tokens_per_s": 100.0}, {"tokens_per_s": 50.0}, {"tokens_per_s": 200.0}]
+    got = evaluate.training_time(rows, {"batch_size": 2, "grad_accum": 3, "frames": 10})  # 60 tokens a step
+    np.testing.assert_allclose(got, [0.6, 1.8, 2.1], rtol=1e-12)
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "metrics.csv").write_text("step,loss,caption_score\n1,2.5,\n2,2.0,0.5\n")
+    (d / "config.json").write_text(json.dumps({"args": {"lr": 0.001}}))
+    assert evaluate.read_run(str(d)) == ([{"step": 1.0, "loss": 2.5, "caption_score": None},
+                                          {"step": 2.0, "loss": 2.0, "caption_score": 0.5}], {"args": {"lr": 0.001}})
+
+
+def test_long_windows_state_norms_and_default_report(tmp_path, capsys, monkeypatch):
+    """--long on a tiny synthetic-set checkpoint: the windowed run is generate_in_windows' codes (not
+    a second one-pass run), std over prompts x seeds with ddof 0, the state norm at each window's last
+    step, the JSON beside the checkpoint."""
+    import train
+    run = tmp_path / "run"
+    train.main(["--variant", "prefix_simba", "--out", str(run), "--steps", "1", "--batch-size", "2", "--d-model", "32",
+                "--d-state", "16", "--frames", "8", "--layers", "1", "--eval-every", "0"])
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    report = evaluate.main(["--long", str(run / "ckpt.pt"), "--times", "3", "--n-prompts", "3", "--seeds", "2"])
+    assert json.load(open(run / "long.json")) == report                        # beside the checkpoint
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    model = ssmttm.TextToMusicLM(ssmttm.ModelConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    captions = data.SyntheticMusic(8, seed=0).captions(3)
+    text, mask = data.WordEncoder()(captions)
+    kw = dict(cfg_scale=3.0, top_k=50, temperature=0.3)
+    score = lambda codes: [[data.caption_score(c[:, w * 8:(w + 1) * 8], cap) for w in range(3)]
+                           for c, cap in zip(codes.numpy(), captions)]
+    one, win, norms = [], [], []
+    step = model.step
+    for seed in range(2):
+        seen = []
+
+        def recording_step(tokens, cache):
+            out = step(tokens, cache)
+            seen.append(np.mean([math.sqrt((h.double() ** 2).sum()) for states in cache.states for state in states
+                                 if isinstance(state, ssmttm.Mamba2State) for row in state.ssm for h in row]))
+            return out
+        model.step = recording_step
+        one += score(model.generate(text, mask, 24, generator=torch.Generator().manual_seed(seed), **kw))
+        del model.step
+        win += score(ssmttm.generate_in_windows(model, text, mask, 24, 8, generator=torch.Generator().manual_seed(seed),
+                                                **kw))
+        assert len(seen) == 23                                                    # steps 1..23 write frames 1..23
+        norms.append(seen)
+    one, win = np.array(one), np.array(win)
+    assert report["one_pass"]["mean"] == np.round(one.mean(0), 4).tolist()
+    assert report["windows"]["mean"] == np.round(win.mean(0), 4).tolist()
+    assert report["windows"]["std"] == np.round(np.sqrt(((win - win.mean(0)) ** 2).mean(0)), 4).tolist()
+    assert report["one_pass"]["std"] == np.round(np.sqrt(((one - one.mean(0)) ** 2).mean(0)), 4).tolist()
+    assert win.std(0).max() > 0 and not np.array_equal(one[:, 1:], win[:, 1:])  # the test tells these apart
+    # the state norm after the step that writes each window's last frame (frames 7, 15 and 23)
+    for w, s in ((0, 7), (1, 15), (2, 23)):
+        assert report["one_pass"]["state_norm"][w] == pytest.approx((norms[0][s - 1] + norms[1][s - 1]) / 2, abs=6e-4)
+    assert report["sampling"] == {"cfg_scale": 3.0, "top_k": 50, "temperature": 0.3}
+    assert (report["trained_frames"], report["times"], report["prompts"], report["seeds"]) == (8, 3, 3, 2)
+
+
+def test_check_output_file_messages(tmp_path, capsys, monkeypatch):
+    assert evaluate.check_output_file(str(tmp_path / "r.json")) == str(tmp_path / "r.json")
+    for path, flag, message in ((tmp_path, "--out", f"--out {tmp_path}: is a folder; give the report's file name"),
+                                (tmp_path / "no" / "r.json", "--out",
+                                 f"--out {tmp_path / 'no' / 'r.json'}: no folder {tmp_path / 'no'}")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.check_output_file(str(path), flag)
+        assert e.value.code == 2 and _one_line_error(capsys) == f"evaluate.py: error: {message}"
+    # a folder that takes no new files (as a non-root user would see a read-only one)
+    seen = []
+    monkeypatch.setattr(evaluate.os, "access", lambda p, mode: seen.append((p, mode)) or False)
+    with pytest.raises(SystemExit):
+        evaluate.check_output_file(str(tmp_path / "r.json"), "--out")
+    assert seen == [(str(tmp_path), os.W_OK | os.X_OK)]
+    assert _one_line_error(capsys) == f"evaluate.py: error: --out {tmp_path / 'r.json'}: cannot write in {tmp_path}"
+
+
+def test_convergence_skips_finished_runs_and_resumes_the_others(tmp_path, capsys, monkeypatch):
+    import train
+    out = tmp_path / "rq2"
+    _fake_runs(str(out), n=12)
+    budget = ["--layers", "2", "--steps", "12", "--seed", "0", "--eval-every", "5", "--log-every", "1",
+              "--batch-size", "2", "--d-model", "32", "--frames", "16"]
+    for i, v in enumerate(evaluate.VARIANTS):  # as train.py saved them: prefix_simba stopped at step 11 of 12
+        want = vars(train.parse_args(["--variant", v, "--out", str(out / v)] + budget)[0])
+        json.dump({"args": {k: want[k] for k in evaluate.BUDGET}}, open(out / v / "config.json", "w"))
+        torch.save({"model": {"w": torch.zeros(2)}, "args": want, "step": 11 if i == 1 else 12}, out / v / "ckpt.pt")
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv))
+    capsys.readouterr()
+    evaluate.main(["--convergence", str(out), "--layers", "2", "--steps", "12", "--eval-every", "5",
+                   "--batch-size", "2", "--d-model", "32", "--frames", "16"])
+    assert calls == [["--variant", "prefix_simba", "--out", str(out / "prefix_simba")] + budget + ["--resume"]]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:4] == ["== prefix_mamba: done earlier (12 steps)",
+                           "== prefix_simba: train.py "
+                           + " ".join(["--out", str(out / "prefix_simba")] + budget + ["--resume"]),
+                           "== cross_simba: done earlier (12 steps)", "== cross_transformer: done earlier (12 steps)"]
+
+
+def test_long_refuses_a_checkpoint_of_one_frame(tmp_path, capsys):
+    """A window of one frame has no decoding step before its last frame (the prefill writes frame 0)."""
+    import train
+    run = tmp_path / "run"
+    train.main(["--variant", "prefix_simba", "--out", str(run), "--steps", "1", "--batch-size", "2", "--d-model", "32",
+                "--d-state", "16", "--frames", "1", "--layers", "1", "--eval-every", "0"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--long", str(run / "ckpt.pt")])
+    assert e.value.code == 2 and _one_line_error(capsys) == (
+        f"evaluate.py: error: --long {run / 'ckpt.pt'}: trained on 1 frame; "
+        f"a window needs at least 2 for its state norm")
