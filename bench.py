@@ -8,7 +8,7 @@
 Sections:
   train     training step (forward, backward, clip, fused AdamW) at the paper's shape: 24 blocks,
             d_model 1024, d_state 512, 30 s = 2584 frames + a 64-token text prefix, bf16 autocast
-  profile   the top CUDA kernels of a few such training steps (torch.profiler)
+  profile   the top CUDA kernels of a few such training steps (torch.profiler), and their time by kind
   layer     one Mamba-2 layer, fused kernels vs the ssd_reference path, forward + backward
   decode    stage-1 decoding, 1 prompt + guidance (2 rows): ms per frame at positions 100, 1000, 2500,
             and seconds for 10 s and 25 s of coarse tokens (top-k 250, temperature 1.2, guidance 3)
@@ -375,6 +375,31 @@ def rotated_configs(variants, options):
     return configs
 
 
+# Kinds of training kernels by the patterns of their names (case-insensitive), first match wins:
+# cuBLAS's GEMMs, cuDNN's attention, ssd_grouped.py's and mamba-ssm's SSD kernels, the conv, the norms
+KERNEL_KINDS = (
+    ("GEMMs", ("nvjet", "gemm", "cutlass", "cublas")),
+    ("attention", ("sdpa", "flash", "fmha", "cudnn")),
+    ("SSD", ("_prep_kernel", "_states_", "_diag_", "_dy_kernel", "_dg_product", "_dacum", "_chunk_sums", "_copy_rows",
+             "_dt_softplus", "_chunk_scan", "_chunk_state", "_state_passing", "_bmm_chunk", "_chunk_cumsum")),
+    ("conv + SiLU", ("_conv_", "causal_conv1d")),
+    ("norms", ("rms_norm", "layer_norm")),
+    ("GELU + dropout", ("gelu",)),
+    ("optimizer", ("multi_tensor_apply",)),
+)
+
+
+def kernel_kinds(times):
+    """GPU time by kind: times {kernel name: ms} -> {kind: ms} for each kind of KERNEL_KINDS that has a
+    kernel, in that order, then "the rest"."""
+    kinds = {}
+    for name, ms in times.items():
+        low = name.lower()
+        kind = next((k for k, patterns in KERNEL_KINDS if any(p in low for p in patterns)), "the rest")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    return {k: kinds[k] for k in [k for k, _ in KERNEL_KINDS] + ["the rest"] if k in kinds}
+
+
 def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25):
     """Top CUDA kernels of a few training steps (torch.profiler), printed as a table; compile: a key of
     COMPILE_MODES."""
@@ -400,6 +425,10 @@ def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25)
         torch.cuda.synchronize()
     print(f"\n### profile {variant} batch {batch} compile {compile} {options} (2 steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+    kinds = kernel_kinds({e.key: e.device_time_total / 2e3 for e in prof.key_averages() if e.device_time_total > 0})
+    print("\n| kind of kernel | GPU ms per step |\n|---|---|")
+    for kind, ms in [*kinds.items(), ("all", sum(kinds.values()))]:
+        print(f"| {kind} | {ms:.1f} |")
     # Kernel names such as vectorized_elementwise_kernel<...> do not say which tensors they touched:
     # one more step with the ops that launched them and their input shapes
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:

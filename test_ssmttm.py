@@ -4451,6 +4451,27 @@ def test_bench_gives_each_kernel_its_share_of_the_critical_path():
     assert bench.timeline_shares([]) == {}
 
 
+def test_bench_sums_kernel_times_by_kind():
+    # bench.kernel_kinds: kernel names of a profiled training step (H100), each to the first kind whose pattern
+    # it holds, whatever its case; unknown names to "the rest"; kinds without a kernel left out; KERNEL_KINDS' order
+    import bench
+    times = {"nvjet_sm90_tst_128x192_64x5_2x1_v_bz_coopB_NNN": 20.5, "void cublasLt::splitKreduce_kernel<32, 16>": 0.5,
+             "cudnn_generated_fort_native_sdpa_sm90_flash_bprop": 45.0, "void cudnn::fusion::convert_dq_to_16bits": 4.5,
+             "_diag_bwd_x_kernel": 11.0, "_dG_product_kernel": 3.5, "_dacum_kernel": 1.0,
+             "_dt_softplus_fwd_kernel": 0.25,
+             "_conv_bwd_sum_kernel": 0.375, "_rms_norm_bwd_kernel": 20.0,
+             "void at::native::vectorized_layer_norm_kernel<float>": 0.25, "triton_poi_fused_gelu_3": 1.5,
+             "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata>": 3.0,
+             "Memset (Device)": 0.125, "void at::native::reduce_kernel<128, 4>": 3.5}
+    kinds = bench.kernel_kinds(times)
+    assert kinds == {"GEMMs": 21.0, "attention": 49.5, "SSD": 15.75, "conv + SiLU": 0.375, "norms": 20.25,
+                     "GELU + dropout": 1.5, "optimizer": 3.0, "the rest": 3.625}
+    assert list(kinds) == ["GEMMs", "attention", "SSD", "conv + SiLU", "norms", "GELU + dropout", "optimizer",
+                           "the rest"]
+    assert bench.kernel_kinds({"NVJET_X": 1.0, "_chunk_scan_fwd_kernel": 2.0}) == {"GEMMs": 1.0, "SSD": 2.0}
+    assert bench.kernel_kinds({}) == {}
+
+
 def test_bench_logs_the_gpus_clock_and_power_beside_the_timed_steps(tmp_path, monkeypatch):
     # GPUClockLog runs nvidia-smi in loop mode while the block runs and keeps the medians of its samples (the
     # train rows' "SM MHz" and "power W"); here a stand-in prints five samples, one of them not numbers, then
