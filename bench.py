@@ -9,6 +9,8 @@ Sections:
   train     training step (forward, backward, clip, fused AdamW) at the paper's shape: 24 blocks,
             d_model 1024, d_state 512, 30 s = 2584 frames + a 64-token text prefix, bf16 autocast
   profile   the top CUDA kernels of a few such training steps (torch.profiler), and their time by kind
+  gemms     each nn.Linear product of a training step alone (forward, input and weight gradients):
+            ms and TFLOP/s, and their sum over the step, against the profile's GEMM time
   layer     one Mamba-2 layer, fused kernels vs the ssd_reference path, forward + backward
   decode    stage-1 decoding, 1 prompt + guidance (2 rows): ms per frame at positions 100, 1000, 2500,
             and seconds for 10 s and 25 s of coarse tokens (top-k 250, temperature 1.2, guidance 3)
@@ -437,6 +439,52 @@ def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25)
     print("\n### the same by op and input shapes (1 step; ops and their kernels both listed)")
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=2 * rows,
                                                              max_name_column_width=50, max_shapes_column_width=80))
+
+
+def linear_products(variant, batch, n_frames, n_layers=24):
+    """Every nn.Linear product of the paper-shape LM's forward at batch x n_frames (N_TEXT text tokens):
+    [(module name, M rows, K inputs, N outputs)] in call order, found by running the plain model's forward
+    on fake tensors (shapes only: no memory, no arithmetic). The fast model computes the same products
+    (in_proj's and out_proj's inside the Mamba-2 op, some widths padded: bench_gemms)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    seen = []
+    with FakeTensorMode():
+        model = TextToMusicLM(ModelConfig(variant=variant, n_layers=n_layers))
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda m, inputs, out, name=name: seen.append(
+                    (name, math.prod(inputs[0].shape[:-1]), m.in_features, m.out_features)))
+        model(torch.zeros(batch, 1, n_frames, dtype=torch.long), torch.zeros(batch, N_TEXT, 768),
+              torch.ones(batch, N_TEXT, dtype=torch.bool))
+    return seen
+
+
+def bench_gemms(variant, batch, n_frames, n_layers=24, iters=20, device="cuda"):
+    """Each product of linear_products alone, bf16 on CUDA, in F.linear's three layouts: forward x w^T,
+    input gradient dy w, weight gradient dy^T x (autograd's). One row per product of block 0 and per
+    product outside the blocks: ms of each and TFLOP/s; "step ms" sums the three over the model's calls
+    of that product (every block's), for the profile's GEMM time ("GEMMs", kernel_kinds). On a CPU:
+    fp32, wall-clock times (bench.py --quick checks the script, not the speed)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    timer = (lambda fn: cuda_time(fn, iters, warmup=3)) if device == "cuda" else (lambda fn: wall_time(fn, 2, 1))
+    products = linear_products(variant, batch, n_frames, n_layers)
+    calls = {}
+    for name, M, K, N in products:
+        key = (name.split(".", 2)[2] if name.startswith("blocks.") else name, M, K, N)
+        calls[key] = calls.get(key, 0) + 1
+    g = torch.Generator(device).manual_seed(0)
+    for (name, M, K, N), count in calls.items():
+        # widths off a multiple of 8 or 64 also padded to one, as the fast model pads them (in_proj's output
+        # to 64 in the Mamba-2 op, gpu_kernels._padded_width; the head's 1025 logits to 8, fast.aligned_linear)
+        for width in dict.fromkeys([N, -(-N // 8) * 8, -(-N // 64) * 64]):
+            x, w, dy = (torch.randn(r, c, device=device, generator=g, dtype=dtype)
+                        for r, c in ((M, K), (width, K), (M, width)))
+            ms = {kind: timer(functools.partial(torch.mm, a, b))
+                  for kind, a, b in (("forward", x, w.t()), ("input grad", dy, w), ("weight grad", dy.t(), x))}
+            tflop = 2 * M * K * N / 1e12  # the product's own FLOPs, not the padding's
+            emit({"section": "gemms", "variant": variant, "product": name, "M": M, "K": K, "N": width,
+                  "calls": count, **{f"{k} ms": v for k, v in ms.items()},
+                  **{f"{k} TFLOP/s": tflop / v * 1e3 for k, v in ms.items()}, "step ms": count * sum(ms.values())})
 
 
 def bench_layer(batch, L, options, d_state=512, device="cuda"):
@@ -1077,6 +1125,9 @@ def run_section(section, args, device, train_options):
     elif section == "profile" and device == "cuda":
         for variant, comp in itertools.product(args.variants, args.compile):
             profile_train(variant, args.batches[0], n_frames, n_layers, comp, train_options[0])
+    elif section == "gemms":
+        for variant in args.variants:
+            bench_gemms(variant, 1 if args.quick else args.batches[0], n_frames, n_layers, device=device)
     elif section == "layer":
         for batch, options in itertools.product([1] if args.quick else args.batches,
                                                 train_options + [None] if device == "cuda" else [None]):
@@ -1110,8 +1161,9 @@ def run_section(section, args, device, train_options):
         bench_cpu(steps=5 if args.quick else 30)
 
 
-SECTIONS = ("train", "profile", "layer", "decode", "decode-batch", "decode-kernels", "decode-profile", "stage2",
-            "pipeline", "ddp", "ddp-1gpu", "ddp-2gpu", "ddp-2gpu+resume", "ddp-1gpu+2gpu", "cpu")  # ddp-*: some parts
+SECTIONS = ("train", "profile", "gemms", "layer", "decode", "decode-batch", "decode-kernels", "decode-profile",
+            "stage2", "pipeline", "ddp", "ddp-1gpu", "ddp-2gpu", "ddp-2gpu+resume", "ddp-1gpu+2gpu",
+            "cpu")  # ddp-*: some parts
 
 
 def comma_list(item):

@@ -4472,6 +4472,48 @@ def test_bench_sums_kernel_times_by_kind():
     assert bench.kernel_kinds({}) == {}
 
 
+def test_bench_finds_every_linear_product_of_a_training_step_by_its_shape():
+    # bench.linear_products runs the paper-shape forward on fake tensors: each nn.Linear call's rows M (batch x
+    # the positions it sees), inputs K and outputs N. Prefix models run their blocks over text + audio
+    # (64 + 2584), the head over audio only; the Cross Transformer's K/V projection over the 64 text tokens
+    import bench
+    simba = bench.linear_products("prefix_simba", 16, 2584)
+    P, A = 16 * (64 + 2584), 16 * 2584
+    assert simba == ([("text_proj", 16 * 64, 768, 1024)]
+                     + [(f"blocks.{i}.{name}", P, K, N) for i in range(24) for name, K, N in (
+                         ("layers.0.in_proj", 1024, 2 * 2048 + 2 * 512 + 32), ("layers.0.out_proj", 2048, 1024),
+                         ("layers.1.fc1", 1024, 2048), ("layers.1.fc2", 2048, 1024))]
+                     + [("head", A, 1024, 1025)])
+    cross = bench.linear_products("cross_transformer", 2, 100, n_layers=2)
+    assert cross == ([("text_proj", 2 * 64, 768, 1024)]
+                     + [(f"blocks.{i}.{name}", M, K, N) for i in range(2) for name, M, K, N in (
+                         ("layers.0.qkv", 200, 1024, 3072), ("layers.0.out_proj", 200, 1024, 1024),
+                         ("layers.1.q_proj", 200, 1024, 1024), ("layers.1.kv_proj", 2 * 64, 1024, 2048),
+                         ("layers.1.out_proj", 200, 1024, 1024), ("layers.2.fc1", 200, 1024, 2048),
+                         ("layers.2.fc2", 200, 2048, 1024))]
+                     + [("head", 200, 1024, 1025)])
+
+
+def test_bench_times_each_product_once_per_width_and_sums_it_over_the_blocks(monkeypatch):
+    # bench_gemms: one row per product of block 0 and outside the blocks, at its width and at the widths the
+    # fast model pads it to (multiples of 8 and 64); "calls" its count over the blocks; "step ms" the three
+    # layouts' ms times the calls; TFLOP/s the product's own 2 M K N over each ms
+    import bench
+    monkeypatch.setattr(bench, "ROWS", [])
+    monkeypatch.setattr(bench, "JSON_PATH", None)
+    monkeypatch.setattr(bench, "wall_time", lambda fn, iters, warmup: (fn(), 0.5)[1])
+    bench.bench_gemms("prefix_simba", 1, 8, n_layers=2, device="cpu")
+    P = 64 + 8
+    assert [(r["product"], r["M"], r["K"], r["N"], r["calls"]) for r in bench.ROWS] == [
+        ("text_proj", 64, 768, 1024, 1), ("layers.0.in_proj", P, 1024, 5152, 2), ("layers.0.in_proj", P, 1024, 5184, 2),
+        ("layers.0.out_proj", P, 2048, 1024, 2), ("layers.1.fc1", P, 1024, 2048, 2), ("layers.1.fc2", P, 2048, 1024, 2),
+        ("head", 8, 1024, 1025, 1), ("head", 8, 1024, 1032, 1), ("head", 8, 1024, 1088, 1)]
+    for r in bench.ROWS:
+        assert r["step ms"] == r["calls"] * 1.5
+        own = {"text_proj": 1024, "head": 1025}.get(r["product"], r["N"] if r["N"] != 5184 else 5152)
+        assert r["forward TFLOP/s"] == r["weight grad TFLOP/s"] == pytest.approx(2 * r["M"] * r["K"] * own / 0.5e9)
+
+
 def test_bench_logs_the_gpus_clock_and_power_beside_the_timed_steps(tmp_path, monkeypatch):
     # GPUClockLog runs nvidia-smi in loop mode while the block runs and keeps the medians of its samples (the
     # train rows' "SM MHz" and "power W"); here a stand-in prints five samples, one of them not numbers, then
