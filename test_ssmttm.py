@@ -6139,3 +6139,186 @@ def test_stage2_nearest_codes_under_bf16_autocast_are_the_float64_nearest_on_nea
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = model.codes_from_latents(fine, a[:, 0])
     assert torch.equal(got[:, 1:], want) and torch.equal(got[:, 0], a[:, 0])
+
+
+def test_fast_options_messages_bounds_and_defaults_exactly():
+    # every refusal's whole message; the bounds themselves allowed; the documented defaults
+    with pytest.raises(ValueError) as e:
+        FastOptions(train="fastest")
+    assert str(e.value) == "FastOptions.train: 'fastest' is not one of keep_states, mamba_ssm, split, grouped"
+    with pytest.raises(ValueError) as e:
+        FastOptions(decode_streams=0)
+    assert str(e.value) == "FastOptions.decode_streams: 0 is not a positive number of streams"
+    with pytest.raises(ValueError) as e:
+        FastOptions(decode_chunk=-1)
+    assert str(e.value) == "FastOptions.decode_chunk: -1 is not a positive number of steps"
+    with pytest.raises(ValueError) as e:
+        FastOptions(train="split", triton_op=True)
+    assert str(e.value) == "FastOptions.triton_op: the triton op is the grouped path's, not 'split''s"
+    with pytest.raises(ValueError) as e:
+        FastOptions(chunk_size=24)
+    assert str(e.value) == ("FastOptions.chunk_size: 24 is not a power of two >= 16 (the SSD kernels' chunk "
+                            "length)")
+    for bad in (64.0, 32.0, True):  # not an int (a bool is 1, below 16)
+        with pytest.raises(ValueError, match="is not a power of two >= 16"):
+            FastOptions(chunk_size=bad)
+    # the smallest values allowed, and triton_op off (or left to the rows) on the other training paths
+    assert FastOptions(chunk_size=16).chunk_size == 16 and FastOptions(chunk_size=512).chunk_size == 512
+    assert FastOptions(decode_streams=1).decode_streams == 1 and FastOptions(decode_chunk=1).decode_chunk == 1
+    for train in ("keep_states", "mamba_ssm", "split"):
+        assert FastOptions(train=train, triton_op=False).triton_op is False
+        assert FastOptions(train=train).triton_op is None
+    assert FastOptions(train="grouped", triton_op=True).triton_op is True
+    assert dataclasses.asdict(FastOptions()) == dict(
+        train="grouped", triton_op=None, chunk_size=256, decode_kernels=True, pdl=True, cuda_graph=True,
+        compile=False, fused_add_norm=True, fused_gelu_dropout=True, fused_residual_dropout=True,
+        decode_streams=None, decode_chunk=None, decode_split_k=True, decode_fold_norm=True)
+
+
+def test_fast_mamba2_triton_op_counts_batch_times_length_rows():
+    # FastMamba2.triton_op: FastOptions.triton_op if set, else on up to 16384 positions (batch x length)
+    layer = mamba_layer()
+    layer.__class__, layer.options = fast.FastMamba2, FastOptions()
+    assert fast.TRITON_OP_ROWS == 16384
+    assert layer.triton_op(torch.empty(2, 8192, 1)) is True     # 16384 rows
+    assert layer.triton_op(torch.empty(2, 8193, 1)) is False    # 16386 rows, though each row's length is short
+    assert layer.triton_op(torch.empty(16385, 1, 1)) is False
+    layer.options = FastOptions(triton_op=True)
+    assert layer.triton_op(torch.empty(4, 8192, 1)) is True
+    layer.options = FastOptions(triton_op=False)
+    assert layer.triton_op(torch.empty(1, 5, 1)) is False
+
+
+def test_for_inference_casts_to_the_dtype_in_eval_mode_keeping_the_decay_in_fp32():
+    model = tiny_model().float().train()
+    assert fast.for_inference(model, torch.float16) is model and not model.training
+    assert not any(m.training for m in model.modules())
+    for name, p in model.named_parameters():
+        want = torch.float32 if name.endswith(("dt_bias", "A_log", ".D")) else torch.float16
+        assert p.dtype == want, name
+    assert sum(name.endswith(("dt_bias", "A_log", ".D")) for name, _ in model.named_parameters()) == 3 * 2
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fast_feed_forward_on_a_cpu_is_the_plain_gelu_dropout(fused):
+    # FastFeedForward off CUDA: fc2(dropout(gelu(fc1(x)), p)) with torch's dropout (the draw the seed sets)
+    # while training, whether or not fused_gelu_dropout; evaluating, no dropout
+    torch.manual_seed(0)
+    ff = ssmttm.FeedForward(16, 32, 0.5).double()
+    ff.__class__, ff.options = fast.FastFeedForward, FastOptions(fused_gelu_dropout=fused)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    a = x @ ff.fc1.weight.T + ff.fc1.bias
+    g = 0.5 * a * (1 + torch.erf(a / math.sqrt(2)))
+    torch.manual_seed(7)
+    keep = torch.empty_like(g).bernoulli_(0.5)  # torch's dropout mask after the same seed
+    want_train = (g * keep / 0.5) @ ff.fc2.weight.T + ff.fc2.bias
+    want_eval = g @ ff.fc2.weight.T + ff.fc2.bias
+    torch.manual_seed(7)
+    torch.testing.assert_close(ff.train()(x), want_train, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ff.eval()(x), want_eval, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(want_train, want_eval)
+
+
+def test_decode_chunk_for_treats_every_state_but_fp32_as_bf16():
+    # chunks from 3 rows only for an fp32 state; from 5 rows (of 16, never 32) for a 16-bit one, fp16 too
+    assert [fast.decode_chunk_for(r, torch.float16) for r in (1, 4, 5, 32, 128)] == [1, 1, 16, 16, 16]
+    assert [fast.decode_chunk_for(r, torch.bfloat16) for r in (3, 32, 64)] == [1, 16, 16]
+    assert [fast.decode_chunk_for(r, torch.float32) for r in (1, 3, 4, 5)] == [1, 16, 16, 16]
+
+
+def test_row_groups_and_streams_refuse_other_sublayers_by_name():
+    # the kinds that row_groups does not split, named in sorted order; decode_streams_for: 1 for them
+    for variant in ("cross_simba", "cross_transformer"):
+        model = tiny_model(variant, 2)
+        assert [fast.decode_streams_for(model, r) for r in (3, 4, 9, 16)] == [1, 1, 1, 1]
+    with pytest.raises(ValueError) as e:
+        fast.row_groups(tiny_model("cross_transformer", 2), 4, 2, "cpu")
+    assert str(e.value) == ("FastOptions.decode_streams > 1 needs blocks of Mamba-2 and feed-forward sublayers, "
+                            "not cross_attn, self_attn")
+    model = tiny_model("prefix_simba", 2)
+    assert fast.row_groups(model, 7, 2, "cpu") == [(None, None, slice(0, 3)), (None, None, slice(3, 7))]
+    assert fast.row_groups(model, 4, 1, torch.device("cpu")) == [(None, None, slice(0, 4))]
+    assert fast.row_groups(tiny_model("prefix_mamba", 2), 8, 4, "cpu") == [
+        (None, None, slice(2 * i, 2 * i + 2)) for i in range(4)]
+
+
+def test_check_fixed_size_states_looks_at_every_block():
+    # any block with self-attention (a growing KV cache) refuses, with the whole message; none: no error
+    block = lambda layout: argparse.Namespace(layout=layout)  # noqa: E731
+    mixed = argparse.Namespace(blocks=[block(("mamba", "ff")), block(("self_attn", "ff"))])
+    with pytest.raises(ValueError) as e:
+        fast._check_fixed_size_states(mixed)
+    assert str(e.value) == ("Decoder: cuda_graph needs a fixed-size decoding state; self-attention's KV cache "
+                            "grows (FastOptions(cuda_graph=False))")
+    assert fast._check_fixed_size_states(argparse.Namespace(blocks=[block(("mamba", "cross_attn", "ff"))])) is None
+
+
+def test_recording_keys_name_every_shape_dtype_device_and_setting():
+    # _shapes: (shape, dtype, device) per tensor, device replaced where given; the keys of the kept
+    # prefill and frames change with each thing a recording depends on
+    a, b = torch.zeros(2, 3, dtype=torch.float16), torch.zeros(4, dtype=torch.long)
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert fast._shapes([a, b]) == ((torch.Size([2, 3]), torch.float16, cpu), (torch.Size([4]), torch.long, cpu))
+    assert fast._shapes([a], meta) == ((torch.Size([2, 3]), torch.float16, meta),)
+    assert fast._shapes([a]) != fast._shapes([a.float()])
+    model = tiny_model("cross_simba", 2)
+    cache = ssmttm.InferenceCache(model, 3, 10, "cpu", torch.float64)
+    states = fast._states_tensors(cache)
+    assert fast._states_key(cache) == fast._shapes(states) + ((torch.Size([3]), torch.long, cpu),)
+    assert fast._cache_tensors(cache)[-1] is cache.position
+    cache.memory_mask = torch.ones(3, 5, dtype=torch.bool)
+    tensors = fast._cache_tensors(cache)
+    assert tensors[-2] is cache.position and tensors[-1] is cache.memory_mask and len(tensors) == len(states) + 2
+    # the model key: the model, its mode, where every parameter and buffer is
+    key = fast._model_key(model)
+    ptrs = tuple(t.data_ptr() for t in list(model.parameters()) + list(model.buffers()))
+    assert key == (model, False, ptrs) and len(list(model.buffers())) > 0
+    assert fast._model_key(model.train())[1] is True
+    model.eval()
+    # the kept frames' key: + the shapes of cache and steps, copies, cfg scale, top-k, temperature
+    steps = torch.zeros(3, 2, 9, dtype=torch.long)
+    s = ssmttm.Sampling(cfg_scale=3.0, top_k=5, temperature=1.0)
+    frames_key = fast.KeptFrames.key_for(model, cache, steps, 2, s)
+    assert frames_key == (key, fast._shapes(tensors + [steps]), 2, 3.0, 5, 1.0)
+    for other in (ssmttm.Sampling(cfg_scale=2.0, top_k=5, temperature=1.0),
+                  ssmttm.Sampling(cfg_scale=3.0, top_k=6, temperature=1.0),
+                  ssmttm.Sampling(cfg_scale=3.0, top_k=5, temperature=0.5)):
+        assert fast.KeptFrames.key_for(model, cache, steps, 2, other) != frames_key
+    assert fast.KeptFrames.key_for(model, cache, steps, 1, s) != frames_key
+    assert fast.KeptFrames.key_for(model, cache, steps[..., :8], 2, s) != frames_key
+    # the kept prefill's: the model, the states and positions, the inputs' shapes (not the cache's text mask)
+    tokens, text = torch.zeros(3, 2, 4, dtype=torch.long), torch.zeros(3, 5, 24)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    prefill_key = fast.KeptPrefill.key_for(model, tokens, text, mask, cache)
+    assert prefill_key == (key, fast._states_key(cache), fast._shapes([tokens, text, mask]))
+    assert fast.KeptPrefill.key_for(model, tokens, text, mask[:, :4], cache) != prefill_key
+    cache.memory_mask = None
+    assert fast.KeptPrefill.key_for(model, tokens, text, mask, cache) == prefill_key
+
+
+def test_noise_ahead_rings_two_blocks_of_16_steps_by_default():
+    noise = fast.NoiseAhead((2, 3), 5, "cpu")
+    assert fast.NoiseAhead.BLOCK == 16 and noise.block == 16 and noise.ring.shape == (32, 2, 3, 5)
+    assert [list(b) for b in noise.blocks(3, 20, torch.Generator().manual_seed(0))] == [
+        list(range(3, 19)), list(range(19, 23))]
+
+
+def test_accelerate_swaps_the_classes_in_place_and_keeps_the_function(monkeypatch):
+    # where available() holds, accelerate() turns each Mamba2, TextToMusicLM and FeedForward into its fast
+    # class, the same objects and parameters, each with the options given; on a CPU the same function
+    monkeypatch.setattr(fast, "available", lambda: True)
+    plain, model = tiny_model("prefix_simba", 2), tiny_model("prefix_simba", 2)
+    params = [p.data_ptr() for p in model.parameters()]
+    blocks = list(model.modules())
+    options = FastOptions(chunk_size=64, fused_gelu_dropout=False)
+    assert fast.accelerate(model, options) is model
+    assert list(model.modules()) == blocks and [p.data_ptr() for p in model.parameters()] == params
+    kinds = collections.Counter(type(m).__name__ for m in model.modules() if hasattr(m, "options"))
+    assert kinds == {"FastLM": 1, "FastMamba2": 2, "FastFeedForward": 2}
+    assert all(m.options is options for m in model.modules() if hasattr(m, "options"))
+    assert not any(isinstance(m, (ssmttm.Mamba2, ssmttm.FeedForward, TextToMusicLM)) and not hasattr(m, "options")
+                   for m in model.modules())
+    codes = delay_pattern(torch.randint(0, 1024, (2, 2, 10), generator=torch.Generator().manual_seed(0)))
+    text, mask = random_text()
+    with torch.no_grad():
+        torch.testing.assert_close(model(codes, text, mask)[0], plain(codes, text, mask)[0], rtol=1e-9, atol=1e-9)
