@@ -805,11 +805,11 @@ def past_training_length(args):
     ckpt = genmod.read_checkpoint(args.long, "stage1")
     if ckpt["text_encoder"]["kind"] != "words":
         fail(f"--long {args.long}: not trained on the synthetic set (its captions are what is scored)")
-    out = check_output_file(args.out or os.path.join(os.path.dirname(args.long) or ".", "long.json"))
-    model = genmod.build_model(ckpt, args.long, ModelConfig, TextToMusicLM)
     frames = ckpt["args"]["frames"]
     if frames < 2:  # a window of one frame: frame 0 comes from the prefill, after no decoding step
         fail(f"--long {args.long}: trained on {frames} frame; a window needs at least 2 for its state norm")
+    out = check_output_file(args.out or os.path.join(os.path.dirname(args.long) or ".", "long.json"))
+    model = genmod.build_model(ckpt, args.long, ModelConfig, TextToMusicLM)
     captions = datamod.SyntheticMusic(frames, seed=0).captions(args.n_prompts)
     report = {"ckpt": args.long, "step": ckpt["step"], "trained_frames": frames, "times": args.times,
               "prompts": args.n_prompts, "seeds": args.seeds,
