@@ -402,6 +402,33 @@ def kernel_kinds(times):
     return {k: kinds[k] for k in [k for k, _ in KERNEL_KINDS] + ["the rest"] if k in kinds}
 
 
+def batched_gemm_ms(ops):
+    """GPU ms of the batched products among ops [(op name, input shapes, self GPU ms)] (a profile grouped
+    by input shape): aten::bmm and aten::baddbmm over more than one matrix, the grouped SSD's state
+    products (ssd_grouped._matmul_f32). cuBLAS names their kernels as it names the linear layers' (nvjet),
+    so kernel_kinds counts them among the GEMMs; a bmm of one matrix (an einsum's weight gradient) is a
+    linear layer's."""
+    return sum(ms for name, shapes, ms in ops
+               if name in ("aten::bmm", "aten::baddbmm") and shapes and len(shapes[0]) == 3 and shapes[0][0] > 1)
+
+
+def split_ssd_gemms(kinds, ssd_gemm_ms):
+    """kernel_kinds' table with ssd_gemm_ms (batched_gemm_ms) moved from "GEMMs" to a row of its own,
+    "SSD GEMMs", after "SSD": the linear layers' GEMMs apart from the SSD's (nothing moved at 0 ms)."""
+    if not ssd_gemm_ms:
+        return dict(kinds)
+    if ssd_gemm_ms > kinds.get("GEMMs", 0.0) + 1e-9:
+        raise ValueError(f"split_ssd_gemms: {ssd_gemm_ms} ms of batched GEMMs exceed the GEMMs' {kinds.get('GEMMs')}")
+    out = {}
+    for kind, ms in kinds.items():
+        out[kind] = ms - ssd_gemm_ms if kind == "GEMMs" else ms
+        if kind == "SSD":
+            out["SSD GEMMs"] = ssd_gemm_ms
+    if "SSD GEMMs" not in out:
+        out["SSD GEMMs"] = ssd_gemm_ms
+    return out
+
+
 def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25):
     """Top CUDA kernels of a few training steps (torch.profiler), printed as a table; compile: a key of
     COMPILE_MODES."""
@@ -428,17 +455,21 @@ def profile_train(variant, batch, n_frames, n_layers, compile, options, rows=25)
     print(f"\n### profile {variant} batch {batch} compile {compile} {options} (2 steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
     kinds = kernel_kinds({e.key: e.device_time_total / 2e3 for e in prof.key_averages() if e.device_time_total > 0})
-    print("\n| kind of kernel | GPU ms per step |\n|---|---|")
-    for kind, ms in [*kinds.items(), ("all", sum(kinds.values()))]:
-        print(f"| {kind} | {ms:.1f} |")
     # Kernel names such as vectorized_elementwise_kernel<...> do not say which tensors they touched:
     # one more step with the ops that launched them and their input shapes
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step()
         torch.cuda.synchronize()
     print("\n### the same by op and input shapes (1 step; ops and their kernels both listed)")
-    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=2 * rows,
-                                                             max_name_column_width=50, max_shapes_column_width=80))
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    print(by_shape.table(sort_by="self_cuda_time_total", row_limit=2 * rows, max_name_column_width=50,
+                         max_shapes_column_width=80))
+    # the kinds of the 2 steps above, the SSD's batched products (from this step's ops) apart from the GEMMs
+    kinds = split_ssd_gemms(kinds, batched_gemm_ms([(e.key, e.input_shapes, e.self_device_time_total / 1e3)
+                                                    for e in by_shape]))
+    print("\n| kind of kernel | GPU ms per step |\n|---|---|")
+    for kind, ms in [*kinds.items(), ("all", sum(kinds.values()))]:
+        print(f"| {kind} | {ms:.1f} |")
 
 
 def linear_products(variant, batch, n_frames, n_layers=24):

@@ -4472,6 +4472,29 @@ def test_bench_sums_kernel_times_by_kind():
     assert bench.kernel_kinds({}) == {}
 
 
+def test_bench_counts_the_ssds_batched_products_apart_from_the_linear_layers_gemms():
+    # bench.batched_gemm_ms: ops of a batch-16 step grouped by input shape (H100, ms): the grouped SSD's bmm and
+    # baddbmm over 176 chunk matrices count; the linear layers' mm and addmm, and the einsum's bmm of one matrix,
+    # do not. split_ssd_gemms moves that time from "GEMMs" to "SSD GEMMs" right after "SSD"
+    import bench
+    ops = [("aten::mm", [[42368, 5152], [5152, 1024]], 14.5),
+           ("aten::addmm", [[2048], [42368, 1024], [1024, 2048]], 6.0),
+           ("aten::bmm", [[176, 256, 2048], [176, 2048, 512], []], 11.75),
+           ("aten::bmm", [[1, 1024, 42368], [1, 42368, 2048]], 5.5),
+           ("aten::baddbmm", [[176, 256, 512], [176, 256, 2048], [176, 2048, 512], []], 2.25),
+           ("aten::bmm", [], 1.0), ("_diag_fwd_kernel", [], 8.25)]
+    assert bench.batched_gemm_ms(ops) == 14.0
+    kinds = {"GEMMs": 120.0, "SSD": 57.5, "norms": 33.0, "the rest": 12.0}
+    split = bench.split_ssd_gemms(kinds, 14.0)
+    assert split == {"GEMMs": 106.0, "SSD": 57.5, "SSD GEMMs": 14.0, "norms": 33.0, "the rest": 12.0}
+    assert list(split) == ["GEMMs", "SSD", "SSD GEMMs", "norms", "the rest"]
+    assert sum(split.values()) == sum(kinds.values())
+    assert bench.split_ssd_gemms(kinds, 0.0) == kinds  # a model without the grouped SSD: nothing moved
+    assert list(bench.split_ssd_gemms({"GEMMs": 3.0}, 1.0)) == ["GEMMs", "SSD GEMMs"]
+    with pytest.raises(ValueError, match="exceed"):
+        bench.split_ssd_gemms(kinds, 121.0)
+
+
 def test_bench_finds_every_linear_product_of_a_training_step_by_its_shape():
     # bench.linear_products runs the paper-shape forward on fake tensors: each nn.Linear call's rows M (batch x
     # the positions it sees), inputs K and outputs N. Prefix models run their blocks over text + audio
