@@ -4470,6 +4470,13 @@ def test_bench_sums_kernel_times_by_kind():
                            "the rest"]
     assert bench.kernel_kinds({"NVJET_X": 1.0, "_chunk_scan_fwd_kernel": 2.0}) == {"GEMMs": 1.0, "SSD": 2.0}
     assert bench.kernel_kinds({}) == {}
+    # PyTorch's memory-efficient attention (the SDPA fallback where cuDNN's does not take a shape) is attention,
+    # though its names hold "cutlass"; CUTLASS's own GEMMs are named ...gemm...
+    mem_efficient = ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<"
+                     "cutlass::bfloat16_t, cutlass::arch::Sm80, true, 64, 128, 128, true, true>::Params)")
+    cutlass_gemm = "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x6_tn_align8>"
+    assert bench.kernel_kinds({mem_efficient: 1.0, "fmha_cutlassB_bf16_aligned_128x128_k128_sm80": 2.0,
+                               cutlass_gemm: 4.0}) == {"GEMMs": 4.0, "attention": 3.0}
 
 
 def test_bench_counts_the_ssds_batched_products_apart_from_the_linear_layers_gemms():
@@ -4714,6 +4721,247 @@ def test_bench_compiles_each_measured_model_afresh(monkeypatch):
             bench.compiled(model, "1")(codes[:batch], text[:batch], mask[:batch])
     assert len(graphs) == 3 and all(isinstance(s, int) for sizes in graphs for s in sizes)
     torch._dynamo.reset()
+
+
+def test_bench_model_flops_counts_each_linear_over_its_positions_and_each_mixer_per_layer():
+    # the module docstring's count on a tiny model: 6 K N per linear over the positions it sees (text_proj and
+    # kv_proj the text, the head the audio, the blocks text + audio for a prefix model, audio only otherwise),
+    # self-attention 6 L^2 d, cross-attention 12 L Lt d, SSD 3 L (Q N + Q H P + 4 N H P), the mixers per layer
+    import bench
+    small = dict(n_layers=2, d_model=64, d_state=16, headdim=16, d_ff=128)
+    with torch.device("meta"):
+        simba, cross = (TextToMusicLM(ModelConfig(variant=v, **small)) for v in ("prefix_simba", "cross_transformer"))
+    La, Lt, Q = 10, 4, 16
+    L = La + Lt  # prefix: the blocks see text + audio; in_proj 64 -> 296, out_proj 128 -> 64, fc1, fc2 64 <-> 128
+    assert bench.model_flops(simba, La, Lt, Q) == 6 * (768 * 64 * Lt + 2 * (64 * 296 + 3 * 128 * 64) * L
+                                                       + 64 * 1025 * La) + 2 * 3 * L * (Q * 16 + Q * 128 + 4 * 16 * 128)
+    # cross: qkv 64 -> 192, two out_proj and q_proj 64 -> 64, kv_proj 64 -> 128 (text), fc1, fc2
+    assert bench.model_flops(cross, La, Lt, Q) == 6 * (768 * 64 * Lt + 2 * ((64 * 192 + 3 * 64 * 64 + 2 * 128 * 64) * La
+                                                                            + 64 * 128 * Lt) + 64 * 1025 * La) + 2 * (
+        6 * La * La * 64 + 12 * La * Lt * 64)
+
+
+def test_bench_train_columns_follow_from_the_step_time_and_the_options():
+    # tokens/s = batch x frames per second of step; TFLOP/s = flops / s / 1e12; MFU % against 989 TFLOP/s;
+    # each option's column from its own field (triton op False is 0, not "auto")
+    import bench
+    options = FastOptions(triton_op=False, chunk_size=128, fused_add_norm=False, fused_gelu_dropout=True,
+                          fused_residual_dropout=True)
+    row = bench.train_columns("prefix_simba", 4, 2500, "graphs", options, 250.0, 0.25 * 0.5 * 989e12)
+    assert row == {"section": "train", "variant": "prefix_simba", "batch": 4, "compile": "graphs", "chunk": 128,
+                   "mamba2": "grouped", "triton op": 0, "add+norm": 0, "gelu+dropout": 1, "residual dropout": 1,
+                   "ms/step": 250.0, "audio tok/s": pytest.approx(40_000), "TFLOP/s": pytest.approx(494.5),
+                   "MFU %": pytest.approx(50)}
+    assert bench.train_columns("x", 1, 1, "0", FastOptions(), 1.0, 0.0)["triton op"] == "auto"
+
+
+def test_bench_rotated_rows_take_the_median_step_and_dedupe_the_options_a_variant_ignores(monkeypatch):
+    # bench_train_rotated: a row's ms/step is the median of its steps (not their mean); rotated_configs: a variant
+    # without Mamba-2 layers once per distinct (fused_add_norm, fused_gelu_dropout, fused_residual_dropout)
+    import bench
+    base, split, no_rd = FastOptions(), FastOptions(train="split"), FastOptions(fused_residual_dropout=False)
+    assert bench.rotated_configs(["prefix_simba", "cross_transformer"], [base, split, no_rd]) == [
+        ("prefix_simba", base), ("prefix_simba", split), ("prefix_simba", no_rd),
+        ("cross_transformer", base), ("cross_transformer", no_rd)]
+
+    class Stub:
+        def configure_optimizers(self, *a):
+            return None
+    monkeypatch.setattr(bench, "train_model", lambda *a: Stub())
+    monkeypatch.setattr(bench, "train_step", lambda *a: lambda: None)
+    monkeypatch.setattr(bench, "model_flops", lambda *a: 1.0)
+    ms = [10, 30, 14]  # one configuration, three rounds: median 14, mean 18
+    clock = iter(t for i, d in enumerate(ms) for t in (i, i + d / 1e3))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    [row] = bench.bench_train_rotated([("prefix_simba", base)], 1, 40, 1, "0", 3, device="cpu")
+    assert (row["ms/step"], row["ms min"], row["ms max"]) == (pytest.approx(14), pytest.approx(10), pytest.approx(30))
+
+
+def test_bench_kernel_kinds_knows_each_pattern_and_the_first_kind_wins():
+    # one kernel name a pattern of KERNEL_KINDS is there for (ssd_grouped.py's and mamba-ssm's Triton kernels,
+    # mamba-ssm's causal conv, pre-Hopper cuBLAS, flash attention); a name of two kinds goes to the earlier one
+    import bench
+    ssd = ["_prep_kernel", "_states_fwd_kernel", "_dy_kernel", "_chunk_sums_kernel", "_copy_rows_kernel",
+           "_chunk_cumsum_fwd_kernel", "_chunk_state_fwd_kernel", "_state_passing_fwd_kernel", "_bmm_chunk_fwd_kernel",
+           "_chunk_scan_chunk_state_bwd_dx_kernel"]
+    times = {name: 1.0 for name in ssd}
+    times.update({"void causal_conv1d_fwd_kernel<Causal_conv1d_fwd_kernel_traits<128, 4, true, c10::BFloat16>>": 2.0,
+                  "ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_tn": 4.0, "flash_fwd_kernel": 8.0,
+                  "triton_red_fused_gelu_native_layer_norm_backward_5": 16.0})
+    kinds = bench.kernel_kinds(times)
+    assert kinds == {"GEMMs": 4.0, "attention": 8.0, "SSD": 10.0, "conv + SiLU": 2.0, "norms": 16.0}
+    assert list(kinds) == ["GEMMs", "attention", "SSD", "conv + SiLU", "norms"]  # KERNEL_KINDS' order, not times'
+
+
+def test_bench_prints_each_sections_table_and_rounded_rows(monkeypatch, capsys):
+    # print_table: one table per section, the columns every row of it has (a missing cell empty), floats to 3
+    # significant digits, NaN as nan, no section column; emit prints a row with its floats to 4 decimals
+    import bench
+    bench.print_table([{"section": "a", "x": 1.23456, "y": "s"}, {"section": "a", "x": math.nan, "z": 3},
+                       {"section": "b", "w": 2.0}])
+    assert capsys.readouterr().out == ("\n### a\n\n| x | y | z |\n|---|---|---|\n| 1.23 | s |  |\n| nan |  | 3 |\n"
+                                       "\n### b\n\n| w |\n|---|\n| 2 |\n")
+    monkeypatch.setattr(bench, "ROWS", [])
+    monkeypatch.setattr(bench, "JSON_PATH", None)
+    bench.emit({"section": "s", "ms": 1.234567, "n": 3})
+    assert capsys.readouterr().out == '{"section": "s", "ms": 1.2346, "n": 3}\n'
+    assert bench.ROWS == [{"section": "s", "ms": 1.234567, "n": 3}]
+
+
+def test_bench_argument_types_take_what_the_kernels_and_tables_have():
+    # chunk_size: a power of two >= 16 (16 in, 8 and 48 out); decode_setup: a variant of LAYOUTS and a mode of
+    # DECODE_MODES, both; comma_list of a collection names its choices and the bad part
+    import bench
+    assert [bench.chunk_size(t) for t in ("16", "32", "256")] == [16, 32, 256]
+    for text in ("8", "48"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"not '{text}'"):
+            bench.chunk_size(text)
+    assert bench.decode_setup("cross_simba:bf16state+chunk16+graph") == "cross_simba:bf16state+chunk16+graph"
+    for text in ("prefix_simba:warp", "prefix_mambo:graph", "prefix_simba"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"not '{text}'"):
+            bench.decode_setup(text)
+    assert bench.comma_list(["a", "b"])("b,a") == ["b", "a"]
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        bench.comma_list(["a", "b"])("a,c")
+    assert str(e.value) == "expected a, b (comma-separated), not 'c'"
+    # a bf16state mode keeps the SSM state in bf16, the others in the model's dtype
+    assert bench.ssm_dtype("bf16state+streams2+graph") is torch.bfloat16 and bench.ssm_dtype("graph") is None
+
+
+def test_bench_decode_floor_reads_the_step_weights_once_and_each_rows_states():
+    # decode_floor_ms: the weights a step reads (not text_proj, text_norm, embed: the prefill's), plus per row
+    # the SSM state read and written (written once per chunk) and the conv state (bf16) read and written
+    import bench
+    with torch.device("meta"):
+        model = TextToMusicLM(ModelConfig(variant="prefix_simba", n_layers=1, d_model=64, d_state=16, headdim=16,
+                                          d_ff=128))
+    # fp32: 2 norms, dt_bias, A_log, D (8 heads), in_proj 296 x 64, conv 160 x 4 + 160, gated norm 128,
+    # out_proj 128 x 64, fc1 and fc2 with biases, norm_f, head 1025 x 64
+    weights = 4 * (2 * 64 + 3 * 8 + 296 * 64 + 160 * 5 + 128 + 128 * 64 + 2 * 128 * 64 + 128 + 64 + 64 + 1025 * 64)
+    ssm, conv = 8 * 16 * 16 * 4, 160 * 4 * 2
+    byte_ms = 1e3 / (bench.H200_COPY_TB_S * 1e12)
+    assert bench.decode_floor_ms(model, 2, 4) == pytest.approx((weights + 2 * (2 * ssm + 2 * conv)) * byte_ms)
+    assert bench.decode_floor_ms(model, 2, 4, chunk=4) == pytest.approx(
+        (weights + 2 * (1.25 * ssm + 2 * conv)) * byte_ms)
+
+
+def test_bench_frames_and_wall_time_units(monkeypatch):
+    # frames_of: whole DAC hops, rounded up (10 s: 862 as issue 17's table; 30 s: the train rows' 2584);
+    # wall_time: warmup calls off the clock, then ms per call
+    import bench
+    assert [bench.frames_of(s) for s in (10, 25, 30)] == [862, 2154, 2584]
+    calls, clock = [], iter([1.0, 1.5])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.wall_time(lambda: calls.append(1), 4, 2) == 125.0 and len(calls) == 6
+
+
+def test_bench_sections_pass_the_paper_shape_and_their_rounds(tmp_path, monkeypatch):
+    # run_section("train"): 2584 frames (30 s) and --layers blocks, no "round" key with one round; --quick: 40
+    # frames, 2 blocks, batch 2, eager only. ddp: the parts named after "ddp-", each round in a folder roundN
+    import bench
+    calls = []
+    monkeypatch.setattr(bench, "bench_train", lambda *a, **k: calls.append((a, k)) or {"section": "train"})
+    monkeypatch.setattr(bench, "ROWS", [])
+    monkeypatch.setattr(bench, "JSON_PATH", None)
+    o = FastOptions()
+    args = argparse.Namespace(quick=False, layers=24, variants=["prefix_simba"], batches=[16], compile=["0", "1"],
+                              rounds=1, rotate=None)
+    bench.run_section("train", args, "cpu", [o])
+    assert calls == [(("prefix_simba", 16, 2584, 24, o, c), {"device": "cpu"}) for c in ("0", "1")]
+    assert bench.ROWS == [{"section": "train"}] * 2
+    calls.clear()
+    bench.run_section("train", argparse.Namespace(**{**vars(args), "quick": True}), "cpu", [o])
+    assert calls == [(("prefix_simba", 2, 40, 2, o, "0"), {"device": "cpu"})]
+    runs = []
+    monkeypatch.setattr(bench, "bench_ddp",
+                        lambda root, parts, **k: runs.append((root, tuple(parts), k["round_number"])))
+    args = argparse.Namespace(quick=False, layers=24, batches=[4], compile=["0"], rounds=2, ddp_dir=str(tmp_path),
+                              ddp_steps=14, mamba_train=["grouped"], ddp_grad_accum=1)
+    bench.run_section("ddp-1gpu+2gpu", args, "cuda", [])
+    bench.run_section("ddp", argparse.Namespace(**{**vars(args), "rounds": 1}), "cuda", [])
+    assert runs == [(str(tmp_path / "round1"), ("1gpu", "2gpu"), 1), (str(tmp_path / "round2"), ("1gpu", "2gpu"), 2),
+                    (str(tmp_path), ("1gpu", "2gpu", "resume"), None)]
+
+
+def test_bench_main_builds_each_distinct_training_configuration_once(monkeypatch):
+    # main: FastOptions for each path x triton op x chunk x fused flag; the triton op (auto/0/1: None/False/True)
+    # the grouped path's alone, so another path once; --rotate with one round is fine; --only cpu needs no CUDA
+    import bench
+    seen = []
+    monkeypatch.setattr(bench, "run_section", lambda section, args, device, options: seen.append((section, options)))
+    monkeypatch.setattr(bench, "ROWS", [])
+    monkeypatch.setattr(bench, "HEADER", {})
+    monkeypatch.setattr(bench, "JSON_PATH", None)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "cpu", "--rotate", "3", "--mamba-train", "split,grouped",
+                                      "--triton-op", "auto,0,1", "--chunk-sizes", "64",
+                                      "--fused-residual-dropout", "0"])
+    bench.main()
+    assert seen == [("cpu", [FastOptions(train="split", chunk_size=64, fused_residual_dropout=False)] + [
+        FastOptions(train="grouped", triton_op=op, chunk_size=64, fused_residual_dropout=False)
+        for op in (None, False, True)])]
+
+
+def test_bench_compiled_asks_for_cuda_graphs_in_graphs_mode_only(monkeypatch):
+    import bench
+    calls = []
+    monkeypatch.setattr(trainmod, "compile_model", lambda model, cuda_graphs: calls.append(cuda_graphs) or "compiled")
+    assert [bench.compiled("model", c) for c in ("0", "1", "graphs")] == ["model", "compiled", "compiled"]
+    assert calls == [False, True]
+
+
+def test_bench_ddp_resume_part_stops_at_half_and_takes_the_largest_peak(tmp_path, monkeypatch):
+    # the resumed run first stops at steps // 2 (a whole number for train.py), then resumes; with a line per
+    # process, a run's peak memory is the largest
+    import bench
+    cmds = []
+
+    def fake_run(cmd, capture_output, text, env):
+        cmds.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.csv"), "w") as f:
+            f.write("step,loss,tokens_per_s\n" + "".join(f"{i},1.0,1000\n" for i in range(1, 10)))
+        return subprocess.CompletedProcess(cmd, 0, "", "peak GPU memory 12.5 GiB\npeak GPU memory 10.0 GiB\n")
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "ROWS", [])
+    bench.bench_ddp(str(tmp_path), parts=("resume",), batch=4, steps=9)
+    assert [c[c.index("--out") + 2:] for c in cmds] == [["--stop-after", "4"], ["--resume"]]
+    assert bench.ROWS[0]["peak GiB per GPU"] == 12.5
+
+
+def test_bench_decoding_times_the_recompute_baseline_for_the_first_length_unless_asked(monkeypatch):
+    import bench
+    monkeypatch.setattr(bench, "ROWS", [])
+    for full in (False, True):
+        bench.bench_decoding("cpu", 1, [], setups=("prefix_simba:recompute",), seconds=(1, 2), full_baseline=full)
+    assert [[k for k in r if k.startswith("s for")] for r in bench.ROWS] == [["s for 1s"], ["s for 1s", "s for 2s"]]
+
+
+def test_bench_cpu_row_averages_the_steps_after_warm_up(tmp_path, monkeypatch):
+    # bench_cpu: tokens/s the mean of the steps after the first 5 (of a 5-step run, its last), s/step the
+    # elapsed time over the steps
+    import bench
+    import tempfile
+
+    def fake_run(cmd, capture_output, text):
+        out, n = cmd[cmd.index("--out") + 1], int(cmd[cmd.index("--steps") + 1])
+        os.makedirs(out)
+        with open(os.path.join(out, "metrics.csv"), "w") as f:
+            f.write("step,loss,tokens_per_s,elapsed_s\n" + "".join(f"{i},{10 - i},{100 * i},{2 * i}\n"
+                                                                   for i in range(1, n + 1)))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    def mkdtemp(prefix):  # bench_cpu removes the folder and train.py makes it again
+        path = tmp_path / f"cpu{len(list(tmp_path.iterdir()))}"
+        path.mkdir()
+        return str(path)
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(bench, "ROWS", [])
+    bench.bench_cpu(steps=8)
+    bench.bench_cpu(steps=5)
+    assert [(r["audio tok/s"], r["s/step"], r["loss"]) for r in bench.ROWS] == [(700, 2, 2), (500, 2, 5)]
+    assert list(tmp_path.iterdir()) == []  # each run's folder removed once its metrics are read
 
 
 @pytest.mark.parametrize("flags, message", [
