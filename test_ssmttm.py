@@ -1680,6 +1680,18 @@ def test_rms_norm_kernels_and_their_backward_equal_autograd_of_the_definition(el
 
 
 @triton_here
+def test_rms_norm_bwd_writes_dx_in_the_dtype_asked():
+    # dx in dx_dtype (add_rms_norm's h's), not the norm input's fp32: the fp32 gradient rounded once to it
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(0)
+    s, dout, w = (torch.randn(*shape, generator=gen).to(device) for shape in ((2, 8), (2, 8), (8,)))
+    rstd = s.square().mean(-1).add(1e-5).rsqrt()
+    dx32 = kernels.rms_norm_bwd(dout, s, w, rstd)[0]
+    dx16 = kernels.rms_norm_bwd(dout, s, w, rstd, dx_dtype=torch.float16)[0]
+    assert dx32.dtype == torch.float32 and dx16.dtype == torch.float16 and torch.equal(dx16, dx32.half())
+
+
+@triton_here
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dt_softplus_and_its_backward_equal_autograd_of_the_definition(dtype, monkeypatch):
     # kernels.dt_softplus / dt_softplus_backward (Mamba-2's step sizes in the training op) against float64
@@ -1715,6 +1727,17 @@ def test_dt_softplus_and_its_backward_equal_autograd_of_the_definition(dtype, mo
         kernels.dt_softplus(dt, dt_bias, pad.long())
     with pytest.raises(ValueError, match=r"dt_softplus_backward: out \(2, 301, 12\) with strides"):
         kernels.dt_softplus_backward(ddt, dt, dt_bias, out=torch.empty(b, h, l, device=device).transpose(1, 2))
+
+
+@triton_here
+def test_dt_softplus_of_a_tiny_step_is_its_exp_not_zero():
+    # softplus(x) = log1p(exp(x)) to fp32's rounding for each value: exp(x) where 1 + exp(x) rounds to 1 (x -30,
+    # -20: Goldberg's branch), x itself past the threshold 20
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    values = (-30.0, -20.0, -5.0, 25.0)
+    got = kernels.dt_softplus(torch.tensor([[values]], device=device), torch.zeros(4, device=device))[0, 0]
+    want = torch.tensor([math.log1p(math.exp(v)) for v in values], dtype=torch.float64)
+    assert ((got.double().cpu() - want).abs() / want).max().item() < 1e-6
 
 
 @triton_here
@@ -1960,6 +1983,40 @@ def test_gelu_dropout_kernel_keeps_or_drops_each_value_and_its_backward_is_that_
     assert torch.equal(kernels.gelu_dropout(a.detach(), 0.0, True), F.gelu(a.detach()))
 
 
+if kernels.triton is not None:
+    tl = kernels.tl
+
+    @kernels.triton.jit
+    def _philox_numbers_kernel(seed_ptr, out_ptr, GROUPS: tl.constexpr):
+        # the four 32-bit Philox numbers of the seed's counters 0 .. GROUPS - 1, as int64 (GROUPS, 4)
+        g = tl.arange(0, GROUPS).to(tl.int64)
+        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), g)
+        tl.store(out_ptr + g * 4, r0.to(tl.int64))
+        tl.store(out_ptr + g * 4 + 1, r1.to(tl.int64))
+        tl.store(out_ptr + g * 4 + 2, r2.to(tl.int64))
+        tl.store(out_ptr + g * 4 + 3, r3.to(tl.int64))
+
+
+@triton_here
+def test_dropout_keeps_an_element_iff_its_16_bit_philox_number_reaches_the_threshold():
+    # _keep_eight's rule exactly: element e kept iff 16-bit number e % 8 of Philox(seed, e // 8) (the low, then
+    # the high half of each 32-bit one) is >= round(p 2^16), at thresholds on and just past drawn numbers
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    numel = 64
+    torch.manual_seed(3)
+    seed = torch.randint(2 ** 62, (1,), device=device)  # the draw of _gelu_dropout_fwd after the same manual_seed
+    raw = torch.zeros(numel // 8, 4, dtype=torch.int64, device=device)
+    _philox_numbers_kernel[(1,)](seed, raw, GROUPS=numel // 8)
+    e = torch.arange(numel)
+    numbers = (raw.cpu()[e // 8, e % 8 // 2] >> (e % 2 * 16)) & 0xFFFF
+    # an element's own number (it is kept), and one past the largest (none kept; p 2^16 rounded, not truncated)
+    for threshold in (int(numbers[numbers > 0][0]), int(numbers.max()) + 1):
+        torch.manual_seed(3)
+        y, seed_used = kernels._gelu_dropout_fwd(torch.full((numel,), 3.0, device=device), threshold / 65536)
+        assert seed_used.item() == seed.item()
+        assert torch.equal((y != 0).cpu(), numbers >= threshold), threshold
+
+
 @gpu
 def test_gpu_cuda_graph_training_draws_the_dropout_masks_eager_draws():
     # train.py --compile --cuda-graphs with dropout 0.3: Prefix SiMBA's dropouts are the add + norm op's on
@@ -2186,6 +2243,83 @@ def test_linear_rows_past_the_one_kernel_rows_equals_its_definition():
     with pytest.raises(ValueError, match="norm_folded=True.*got path 'many_rows', a norm_weight"):
         kernels.linear_rows(torch.randn(2, 8), torch.randn(4, 8), norm_weight=torch.ones(8), norm_folded=True,
                             path="many_rows")
+
+
+class LaunchSpy:
+    """A Triton kernel's stand-in that records each launch (grid, arguments, keywords) instead of running it:
+    a wrapper's launch arithmetic, checked on a CPU without Triton's interpreter."""
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append((tuple(grid), args, kw))
+
+
+def test_linear_rows_limits_and_default_path_at_each_boundary(monkeypatch):
+    # fits_linear_rows takes MAX_ROWS rows and MAX_WIDTH wide, not one more; _default_path's edges: tensor
+    # cores from TC_ROWS + 1 through CORE_ROWS rows for 16-bit weights only; a conv state of other rows is refused
+    monkeypatch.setattr(kernels, "triton", object())  # "Triton is here"
+    M, W = kernels.MAX_ROWS, kernels.MAX_WIDTH
+    assert [kernels.fits_linear_rows(r, w) for r, w in [(M, W), (M + 1, W), (M, W + 1)]] == [True, False, False]
+    w = lambda dtype: torch.zeros(8, 1, dtype=dtype)  # noqa: E731
+    cases = [(kernels.TC_ROWS, torch.bfloat16), (kernels.TC_ROWS + 1, torch.float16),
+             (kernels.CORE_ROWS, torch.bfloat16), (kernels.CORE_ROWS, torch.float32),
+             (kernels.CORE_ROWS + 1, torch.float32)]
+    assert [kernels._default_path(rows, w(dtype)) for rows, dtype in cases] == [
+        "cuda_cores", "tensor_cores", "tensor_cores", "cuda_cores", "many_rows"]
+    with pytest.raises(ValueError, match=r"the conv state must be contiguous \(M, channels, d_conv\)"):
+        kernels.linear_rows(torch.zeros(2, 8), torch.zeros(4, 8),
+                            conv=(torch.zeros(3, 2, 4), torch.zeros(2, 4), torch.zeros(2), 0))
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="the kernels' wrappers need Triton's module")
+def test_kernel_wrappers_launch_grids_and_refusals(monkeypatch):
+    # launch arithmetic with the kernels stood in for (LaunchSpy): sample_top_k with guidance launches one
+    # program per prompt (rows / 2) and codebook, each prompt writing next_input's rows / b copies; ssm_step and
+    # the chunk kernels take 65535 rows (the grid's last dimension), 65536 not. Refused in one line, before a
+    # launch: a norm's rows that are not dense, its dropout without a residual, dt's gradient into rows not
+    # evenly apart, a seq_idx of other rows than x's, float64 position frequencies, the grouped SSD at 2 groups
+    spy = LaunchSpy()
+    for name in ("_sample_top_k_kernel", "_ssm_step_kernel", "_fold_chunk_kernel"):
+        monkeypatch.setattr(kernels, name, spy)
+    b, K, V = 3, 2, 5
+    steps, fixed = torch.zeros(b, K, 4, dtype=torch.long), torch.zeros(b, K, 4, dtype=torch.bool)
+    kernels.sample_top_k(torch.zeros(2 * b, K, V), torch.zeros(b, K, V), 3.0, 2, 1.0, steps=steps,
+                         col=torch.zeros(1, dtype=torch.long), fixed=fixed,
+                         next_input=torch.zeros(2 * b, K, 1, dtype=torch.long))
+    grid, args, kw = spy.launches.pop()
+    assert grid == (b, K) and args[3] == b and kw["COPIES"] == 2 and kw["GUIDANCE"] and kw["INTO"]
+    with pytest.raises(ValueError, match=r"noise \(b, K, V\) contiguous \(with steps, or \(slots, b, K, V\)\)"):
+        kernels.sample_top_k(torch.zeros(b, K, V), torch.zeros(2, b, K, V), 1.0, 2, 1.0)  # a ring needs steps
+    rows = 65535
+    kernels.ssm_step(torch.zeros(rows, 5), torch.zeros(rows, 1, 1, 1), *torch.zeros(3, 1), 0, 1)
+    assert spy.launches.pop()[0] == (1, 1, rows)
+    state = torch.zeros(rows, 1, 1, 1)
+    kernels.fold_chunk(state, kernels.PendingSteps.empty(state, 2, 1, torch.float32,
+                                                         torch.zeros(rows, dtype=torch.int32)))
+    assert spy.launches.pop()[0] == (rows,)
+    with pytest.raises(ValueError, match="fold_chunk: at most 65535 rows, got 65536"):
+        state = torch.zeros(rows + 1, 1, 1, 1)
+        kernels.fold_chunk(state, kernels.PendingSteps.empty(state, 2, 1, torch.float32,
+                                                             torch.zeros(rows + 1, dtype=torch.int32)))
+    x = torch.zeros(4, 16)
+    with pytest.raises(ValueError, match=r"rms_norm_fwd: x: \(4, 8\) with strides \(16, 2\) is not \(4, 8\)"):
+        kernels.rms_norm_fwd(x[:, ::2], torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match=r"rms_norm_fwd: a dropout needs 0 < p < 1 \(got 0.3\), its seed, a residual"):
+        kernels.rms_norm_fwd(x[:, :8], torch.ones(8), 1e-5, dropout=0.3, seed=torch.zeros(1, dtype=torch.int64))
+    dt = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match=r"dt_softplus_backward: out \(2, 3, 4\) with strides \(16, 4, 1\)"):
+        kernels.dt_softplus_backward(torch.zeros(2, 3, 4), dt, torch.zeros(4), out=torch.zeros(2, 4, 4)[:, :3])
+    seq_idx = torch.ones(2, 2, dtype=torch.int32)  # (b, l - 1): not x's rows
+    with pytest.raises(ValueError, match=r"causal_conv_silu: seq_idx \(2, 2\) torch.int32 is not \(2, 3\) int32"):
+        kernels.causal_conv_silu(torch.zeros(2, 3, 4), torch.zeros(4, 4), torch.zeros(4), seq_idx)
+    with pytest.raises(ValueError, match=r"dt_softplus: seq_idx \(2, 2\) torch.int32 is not \(2, 3\) int32"):
+        kernels.dt_softplus(dt, torch.zeros(4), seq_idx)
+    with pytest.raises(ValueError, match="embed_rows: the table must be contiguous and freqs float32"):
+        kernels.embed_rows(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(4, 2),
+                           torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="mamba2_train: the grouped SSD takes ngroups 1, not 2"):
+        kernels.mamba2_train(*[None] * 10, 16, 16, ngroups=2, grouped=True)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
