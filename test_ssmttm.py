@@ -1737,7 +1737,8 @@ def test_dt_softplus_of_a_tiny_step_is_its_exp_not_zero():
     values = (-30.0, -20.0, -5.0, 25.0)
     got = kernels.dt_softplus(torch.tensor([[values]], device=device), torch.zeros(4, device=device))[0, 0]
     want = torch.tensor([math.log1p(math.exp(v)) for v in values], dtype=torch.float64)
-    assert ((got.double().cpu() - want).abs() / want).max().item() < 1e-6
+    # a GPU's exp (exp2 of a rounded product) is off by about |x| 2^-24: 1.2e-6 at -30 on an H100; a 0 is off by 1
+    assert ((got.double().cpu() - want).abs() / want).max().item() < 1e-5
 
 
 @triton_here
