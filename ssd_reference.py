@@ -86,7 +86,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C_, B_, L, X)
 
     # 2. Chunk states: the state each chunk would leave behind if it started from zero.
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)                # (b, h, c, Q)
+    # exp(a_{s+1} + ... + a_{Q-1}): the last row of L, not exp(a_cumsum[-1] - a_cumsum), whose difference of
+    # two large sums loses the digits of the small ones in fp32 (segsum's reason)
+    decay_to_end = L[..., -1, :]                                           # (b, h, c, Q)
     states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B_, decay_to_end, X)
 
     # 3. Inter-chunk recurrence: carry the state across chunk boundaries (a scan over c chunks).

@@ -266,6 +266,56 @@ def test_ssd_step_matches_closed_form():
     torch.testing.assert_close(y[0, 0], want_h @ C[0, 0, 0] + D[0] * x[0, 0, 0])
 
 
+def test_ssd_chunked_in_float32_keeps_a_long_chunk_at_float32_accuracy():
+    # A decay's exponent as a difference of two cumsums near -2500 (exp(cs_i - cs_j)) is off by about
+    # ulp(2500) = 2.4e-4 in fp32 even for neighbours; segsum sums each segment instead, and the chunk
+    # states take the last row of its L. One chunk of 256 with strong decay, fp32 against the float64
+    # recurrence: y and the final state about 1e-7 of their largest values (the differenced forms:
+    # y 2.7e-5, the final state 1.1e-5)
+    gen = torch.Generator().manual_seed(2)
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x, B, C = rand(1, 256, 2, 4), rand(1, 256, 1, 8), rand(1, 256, 1, 8)
+    dt = F.softplus(rand(1, 256, 2)) * 4
+    A = torch.tensor([-1.0, -3.0], dtype=torch.float64)
+    y64, h64 = ssd_sequential(x, dt, A, B, C)
+    y32, h32 = ssd_chunked(*(t.float() for t in (x, dt, A, B, C)), 256)
+    assert y32.dtype == h32.dtype == torch.float32
+    for got, want in ((y32, y64), (h32, h64)):
+        err = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-6, err
+
+
+def test_ssd_step_head_reads_its_own_groups_b_and_c():
+    # 4 heads in 2 groups: heads 0 and 1 read group 0, heads 2 and 3 group 1 (head i reads group
+    # i // (h / g)); every head of both batch rows written out alone, without einsum
+    x, dt, A, B, C, D, h0 = ssd_inputs(2, 1, 4, 3, 2, 5, seed=8)
+    y, h1 = ssd_step(h0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+    for b in range(2):
+        for i in range(4):
+            g = i // 2
+            want_h = math.exp(dt[b, 0, i] * A[i]) * h0[b, i] + dt[b, 0, i] * torch.outer(x[b, 0, i], B[b, 0, g])
+            torch.testing.assert_close(h1[b, i], want_h, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(y[b, i], want_h @ C[b, 0, g] + D[i] * x[b, 0, i], rtol=1e-12, atol=1e-12)
+
+
+def test_ssd_chunked_gradients_equal_the_recurrences():
+    # autograd through the chunks (several, the last one padded, with D and an initial state, 2 heads a
+    # group) against autograd through the float64 recurrence, for every input, from both outputs
+    x, dt, A, B, C, D, h0 = ssd_inputs(2, 37, 4, 3, 2, 5, seed=9)
+    leaves = [t.requires_grad_() for t in (x, dt, A, B, C, D, h0)]
+    gen = torch.Generator().manual_seed(10)
+    dy = torch.randn(2, 37, 4, 3, generator=gen, dtype=torch.float64)
+    dh = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64)
+
+    def grads(y, h):
+        return torch.autograd.grad((y * dy).sum() + (h * dh).sum(), leaves)
+
+    got = grads(*ssd_chunked(*leaves[:5], 8, leaves[5], leaves[6]))
+    want = grads(*ssd_sequential(*leaves))
+    for name, g, w in zip("x dt A B C D h0".split(), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
+
+
 # ------------------------------------------------------------------------------------------------
 # Mamba-2
 
