@@ -26,7 +26,10 @@ import torch.nn.functional as F
 
 
 def _heads(BC, nheads):
-    """(b, ..., g, n) -> (b, ..., h, n): every head of a group reads its group's B or C."""
+    """(b, ..., g, n) -> (b, ..., h, n): every head of a group reads its group's B or C. ValueError
+    unless the heads split evenly into the groups."""
+    if nheads % BC.shape[-2]:
+        raise ValueError(f"{nheads} heads do not split into {BC.shape[-2]} groups of B and C")
     return BC.repeat_interleave(nheads // BC.shape[-2], dim=-2)
 
 
@@ -43,14 +46,15 @@ def ssd_step(state, x, dt, A, B, C, D=None):
 
 
 def ssd_sequential(x, dt, A, B, C, D=None, initial_state=None):
-    """The recurrence, one step at a time. Returns y (b, l, h, p) and the final state."""
+    """The recurrence, one step at a time. Returns y (b, l, h, p) and the final state (l = 0: no
+    output and the initial state)."""
     b, l, h, p = x.shape
     state = x.new_zeros(b, h, p, B.shape[-1]) if initial_state is None else initial_state
     ys = []
     for t in range(l):
         y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
         ys.append(y)
-    return torch.stack(ys, dim=1), state
+    return (torch.stack(ys, dim=1) if ys else x.new_empty(b, 0, h, p)), state
 
 
 def segsum(a):
@@ -69,15 +73,17 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
     The sequence is cut into chunks of Q = chunk_size steps; the last one is padded with dt = 0,
     which makes a step the identity on the state (decay exp(0) = 1, input 0), so the final state
-    is exact. Returns y (b, l, h, p) and the final state (b, h, p, n)."""
+    is exact. Returns y (b, l, h, p) and the final state (b, h, p, n) (l = 0: no output and the
+    initial state)."""
     b, l, h, p = x.shape
+    n = B.shape[-1]
     pad = -l % chunk_size
     x_, dt_, B_, C_ = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     B_, C_ = _heads(B_, h), _heads(C_, h)
     c = (l + pad) // chunk_size
     X = (x_ * dt_[..., None]).reshape(b, c, chunk_size, h, p)              # dt_t x_t
-    B_ = B_.reshape(b, c, chunk_size, h, -1)
-    C_ = C_.reshape(b, c, chunk_size, h, -1)
+    B_ = B_.reshape(b, c, chunk_size, h, n)
+    C_ = C_.reshape(b, c, chunk_size, h, n)
     a = (dt_ * A).reshape(b, c, chunk_size, h).permute(0, 3, 1, 2)        # dt_t A   (b, h, c, Q)
     a_cumsum = a.cumsum(dim=-1)
 
@@ -93,7 +99,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
     # 3. Inter-chunk recurrence: carry the state across chunk boundaries (a scan over c chunks).
     if initial_state is None:
-        initial_state = x.new_zeros(b, h, p, B.shape[-1])
+        initial_state = x.new_zeros(b, h, p, n)
     states = torch.cat([initial_state[:, None], states], dim=1)           # (b, c+1, h, p, n)
     chunk_decay = torch.exp(segsum(F.pad(a_cumsum[..., -1], (1, 0))))      # (b, h, c+1, c+1)
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)

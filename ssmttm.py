@@ -142,7 +142,8 @@ class Mamba2(nn.Module):
 
     u (b, l, d_model) -> in_proj -> [z | xBC | dt] -> causal depthwise conv + SiLU on xBC -> x, B, C
     -> SSD with dt = softplus(dt + dt_bias), A = -exp(A_log) (ssd_reference.py) -> y + D x
-    -> norm(y, z) -> out_proj."""
+    -> norm(y, z) -> out_proj. ValueError unless expand * d_model splits into heads of headdim and
+    the heads into ngroups groups."""
 
     def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=32,
                  A_init_range=(1, 16), dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4):
@@ -151,6 +152,9 @@ class Mamba2(nn.Module):
         self.ngroups, self.chunk_size = ngroups, chunk_size
         self.d_inner = expand * d_model
         self.nheads = self.d_inner // headdim
+        if self.d_inner % headdim or self.nheads % ngroups:
+            raise ValueError(f"Mamba2: d_inner {self.d_inner} must split into heads of {headdim} values and those "
+                             f"heads into {ngroups} groups")
         self.conv_dim = self.d_inner + 2 * ngroups * d_state
         self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.nheads, bias=False)  # z,xBC,dt
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,

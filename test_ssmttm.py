@@ -298,6 +298,30 @@ def test_ssd_step_head_reads_its_own_groups_b_and_c():
             torch.testing.assert_close(y[b, i], want_h @ C[b, 0, g] + D[i] * x[b, 0, i], rtol=1e-12, atol=1e-12)
 
 
+def test_ssd_of_no_steps_returns_no_output_and_the_initial_state():
+    x, dt, A, B, C, D, h0 = ssd_inputs(2, 0, 4, 3, 2, 5, seed=11)
+    for y, state in (ssd_sequential(x, dt, A, B, C, D, h0), ssd_chunked(x, dt, A, B, C, 8, D, h0)):
+        assert y.shape == (2, 0, 4, 3)
+        assert torch.equal(state, h0)
+
+
+@pytest.mark.parametrize("call", ["step", "sequential", "chunked"])
+def test_ssd_with_heads_that_do_not_split_into_the_groups_says_so(call):
+    x, dt, A, B, C, D, h0 = ssd_inputs(1, 5, 3, 2, 2, 4, seed=12)  # 3 heads, 2 groups
+    run = {"step": lambda: ssd_step(h0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D),
+           "sequential": lambda: ssd_sequential(x, dt, A, B, C, D, h0),
+           "chunked": lambda: ssd_chunked(x, dt, A, B, C, 4, D, h0)}[call]
+    with pytest.raises(ValueError, match="3 heads do not split into 2 groups"):
+        run()
+
+
+@pytest.mark.parametrize("kw", [dict(headdim=48), dict(headdim=16, ngroups=3)])
+def test_mamba2_whose_heads_do_not_fit_its_width_says_so(kw):
+    # d_inner 128: not in heads of 48; 8 heads of 16 not in 3 groups
+    with pytest.raises(ValueError, match="d_inner 128 must split into heads of"):
+        Mamba2(64, d_state=16, **kw)
+
+
 def test_ssd_chunked_gradients_equal_the_recurrences():
     # autograd through the chunks (several, the last one padded, with D and an initial state, 2 heads a
     # group) against autograd through the float64 recurrence, for every input, from both outputs
