@@ -163,13 +163,19 @@ def _psd_eigvals(s, vectors=False):
     return (w, v) if vectors else w
 
 
+def _psd_sqrt(s):
+    """S^(1/2) of a symmetric PSD matrix, its round-off eigenvalues 0 (_psd_eigvals)."""
+    w, v = _psd_eigvals(s, vectors=True)
+    return (v * np.sqrt(w)) @ v.T
+
+
 def trace_sqrt_product(s1, s2):
-    """tr((S1 S2)^(1/2)) for covariances S1, S2: S1 S2 is similar to S1^(1/2) S2 S1^(1/2), which is
-    symmetric PSD, so the trace is the sum of the square roots of its eigenvalues. No inverse, no
-    complex parts: exact for singular (rank-deficient) covariances too."""
-    w, v = _psd_eigvals(s1, vectors=True)
-    r = (v * np.sqrt(w)) @ v.T  # S1^(1/2)
-    return float(np.sqrt(_psd_eigvals(r @ s2 @ r)).sum())
+    """tr((S1 S2)^(1/2)) for covariances S1, S2: S1 S2 is similar to S1^(1/2) S2 S1^(1/2) = M^T M with
+    M = S2^(1/2) S1^(1/2), so the trace is the sum of M's singular values. No inverse, no complex
+    parts: exact for singular (rank-deficient) covariances too; and since M is on the data's scale,
+    not its square (as S1^(1/2) S2 S1^(1/2) is), a small eigenvalue beside a large one keeps its
+    digits (the eigenvalues of the product squared would fall below round-off)."""
+    return float(np.linalg.svd(_psd_sqrt(s2) @ _psd_sqrt(s1), compute_uv=False).sum())
 
 
 def frechet_distance(mu1, s1, mu2, s2):
