@@ -57,6 +57,16 @@ def test_frechet_distance_closed_forms():
     assert abs(evaluate.frechet_distance(mu1, s1, mu2, s2) - expected) < 1e-9 * expected
 
 
+def test_frechet_distance_keeps_a_small_eigenvalue_beside_a_large_one():
+    # tr((S S)^(1/2)) = tr(S) exactly; through S^(1/2) S S^(1/2), whose eigenvalues are the squares
+    # (1e6 and 1e-12), the small one falls below round-off and 1e-6 is lost. Rotated, so that no
+    # route sees a diagonal matrix
+    q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((4, 4)))
+    s = (q * np.array([1e3, 1.0, 1e-3, 1e-6])) @ q.T
+    assert evaluate.trace_sqrt_product(s, s) == pytest.approx(np.trace(s), rel=1e-12)
+    assert abs(evaluate.frechet_distance(np.zeros(4), s, np.zeros(4), s)) < 1e-10
+
+
 def test_frechet_distance_of_samples_and_rank_deficient():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((300, 24)) @ rng.standard_normal((24, 24))
@@ -311,6 +321,36 @@ def test_evaluate_end_to_end_identical_sets(weights, sets, capsys):
     assert "shorter than OpenL3's 1 s window" in cap.err and "left out of KL" in cap.err
 
 
+# the only report test of fd_openl3 with two different sets (with identical ones FD is 0 however the
+# statistics are paired): the embeddings stood in by cheap ones (OpenL3 has tests of its own)
+def test_fd_openl3_compares_the_generated_frames_with_the_reference_frames(sets, monkeypatch, tmp_path, capsys):
+    dummy = tmp_path / "openl3.bin"
+    dummy.write_bytes(b"x")
+    monkeypatch.setattr(evaluate, "load_openl3", lambda path, device: "openl3")
+    seen = []
+
+    def fake_embeddings(model, audio, device, batch_size=32):  # 4 frames of 5 numbers a file, each of size ~1
+        rows = np.array_split(np.asarray(audio, np.float64), 4)
+        emb = np.stack([[10 * r.std(), 100 * np.abs(np.diff(r)).mean(), 100 * (r[1:] * r[:-1]).mean(),
+                         5 * (r.max() - r.min()), 10 * np.abs(r).mean()] for r in rows])
+        seen.append(emb)
+        return emb
+    monkeypatch.setattr(evaluate, "openl3_embeddings", fake_embeddings)
+    report, _ = run_main(["--generated", sets["generated"], "--reference", sets["other"], "--metrics", "fd",
+                          "--openl3", str(dummy), "--out", str(tmp_path / "r.json")], capsys)
+    assert len(seen) == 6                                          # generated a, b, c, then reference a, b, c
+    gen, ref = np.concatenate(seen[:3]), np.concatenate(seen[3:])
+    # tr((S1 S2)^(1/2)) as the nuclear norm of A B^T, S1 = A^T A and S2 = B^T B (A, B the centred frames over
+    # sqrt(n - 1)): the route test_frechet_distance_of_samples_and_rank_deficient takes. These covariances are
+    # ill-conditioned (eigenvalues 3e-7 to 5e2)
+    m1, m2 = gen.mean(0), ref.mean(0)
+    a, b = (gen - m1) / math.sqrt(len(gen) - 1), (ref - m2) / math.sqrt(len(ref) - 1)
+    want = (m1 - m2) @ (m1 - m2) + (a * a).sum() + (b * b).sum() - 2 * np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    assert want > 1.0                                              # the sets differ: not a trivial 0
+    assert report["fd_openl3"] == pytest.approx(want, rel=1e-9)
+    assert report["counts"]["openl3_frames_generated"] == report["counts"]["openl3_frames_reference"] == 12
+
+
 @needs_passt
 def test_evaluate_kl_by_hand(weights, sets, capsys):
     """Other reference sounds: each pair's KL equals the one computed by hand from the model's
@@ -333,14 +373,17 @@ def test_evaluate_kl_by_hand(weights, sets, capsys):
         with torch.no_grad(), evaluate._quiet(), evaluate._real_stft():
             return torch.softmax(model(torch.tensor(np.stack(w), dtype=torch.float32)).double().mean(0), 0)
 
-    kl = []
+    kl, back = [], []
     for name, gen in (("a", "a.wav"), ("d", "d.wav")):
         p, q = probs(os.path.join(sets["other"], f"{name}.wav")), probs(os.path.join(sets["generated"], gen))
         kl.append(float((p * (p.log() - (q + 1e-6).log())).sum()))
+        back.append(float((q * (q.log() - (p + 1e-6).log())).sum()))
         assert report["per_file"][name]["kl_passt"] == pytest.approx(kl[-1], rel=1e-5)
     assert report["counts"]["kl_pairs"] == 2 and report["short_clips"]["passt"] == ["b", "c"]
     assert report["kl_passt"] == pytest.approx(np.mean(kl), rel=1e-5) and report["kl_passt"] > 0.01
-    assert report["kl_passt_gen_ref"] != pytest.approx(report["kl_passt"])
+    # the reverse direction, KL(gen || ref), by hand too: the mean of two different numbers
+    assert report["kl_passt_gen_ref"] == pytest.approx(np.mean(back), rel=1e-5)
+    assert abs(back[0] - back[1]) > 1e-3 * max(back)
 
 
 @pytest.mark.parametrize("case", ["openl3_weights", "passt_weights", "passt_not_passt", "clap_weights", "empty",

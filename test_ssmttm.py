@@ -944,6 +944,29 @@ def test_bf16_ssm_state_stays_close_to_fp32():
     assert 0 < err[0] and err[1] < 1e-3 and err[1] < 20 * err[0]
 
 
+# test_bf16_ssm_state_stays_close_to_fp32's bound also passes a step computed in bf16 (7.0e-4 against
+# 9.2e-5); one step from a state stored in bf16 is exact: the same output as from that state held in fp32,
+# and the bf16 rounding of the fp32 step's new state
+def test_a_step_from_a_bf16_state_computes_in_fp32_and_stores_the_rounded_state():
+    torch.manual_seed(0)
+    layer = ssmttm.Mamba2(32, d_state=16, headdim=8, chunk_size=8)
+    with torch.no_grad():
+        layer.conv1d.bias.normal_()
+        layer.D.normal_()
+        layer.dt_bias.normal_(0, 1)
+    u = torch.randn(2, 6, 32)
+    low, full = layer.new_state(2, 0, "cpu", torch.float32, torch.bfloat16), layer.new_state(2, 0, "cpu", torch.float32)
+    with torch.no_grad():
+        layer(u[:, :5], state=low)                        # a prefill leaves a state of every size
+        full.conv.copy_(low.conv)
+        full.ssm.copy_(low.ssm.float())                   # the same numbers, held in fp32
+        assert low.ssm.dtype == torch.bfloat16 and low.ssm.abs().amax() > 0.1
+        y_low, y_full = layer(u[:, 5:], state=low), layer(u[:, 5:], state=full)
+    assert torch.equal(y_low, y_full)
+    assert torch.equal(low.ssm, full.ssm.bfloat16())
+    assert torch.equal(low.conv, full.conv)
+
+
 def test_optimizer_groups_exclude_norms_biases_and_ssm_scalars():
     model = tiny_model("cross_simba").float()
     opt = model.configure_optimizers(1e-4, 0.02, (0.9, 0.999), "cpu")
@@ -4316,6 +4339,29 @@ def test_fine_codes_and_the_tempo_rule_by_hand():
     assert datamod.caption_score(coarse[None], "a slow piece") == 0.0
 
 
+# each rule scored as the fraction of frames that follow it (the tests above pin only 0 and 1)
+def test_caption_score_scores_each_rule_by_the_fraction_that_follows_it():
+    #                     out of piano's [0, 256) -v----v   (ids 301: pitch class 1, out of the major scale too)
+    coarse = np.array([1, 1, 2, 2, 2, 4, 4, 301, 301, 7, 7, 9])
+    # instrument: 10 of 12 ids in [0, 256); scale: pitch classes 1, 1, 2, 2, 2, 4, 4, 1, 1, 7, 7, 9 -> 8 of 12
+    # in the major scale; tempo: runs 2, 3, 2, 2, 2, 1 -> the complete ones (not the first, not the last)
+    # 3, 2, 2, 2 -> 3 of 4 on the grid of 2 frames (fast)
+    score = lambda codes, caption: datamod.caption_score(codes, caption)  # noqa: E731
+    assert score(coarse[None], "a piano piece") == pytest.approx(10 / 12, rel=1e-12)
+    assert score(coarse[None], "a piece in a major scale") == pytest.approx(8 / 12, rel=1e-12)
+    assert score(coarse[None], "a fast piece") == pytest.approx(3 / 4, rel=1e-12)
+    assert score(coarse[None], "a slow piece") == pytest.approx(0 / 4, abs=0)   # runs of 8 frames: none
+    assert score(coarse[None], "a calm piece") == 0.0                           # no rule in the caption
+    caption = "a fast piano piece in a major scale"
+    assert score(coarse[None], caption) == pytest.approx((10 / 12 + 8 / 12 + 3 / 4) / 3, rel=1e-12)
+    # K = 9: codebooks 2..9 equal fine_codes(codebook 1) at 90 of the 96 places
+    codes = np.concatenate([coarse[None], datamod.fine_codes(coarse)])
+    codes[1, :4] = (codes[1, :4] + 1) % 1024
+    codes[8, -2:] = (codes[8, -2:] + 5) % 1024
+    assert codes.shape == (9, 12)
+    assert score(codes, caption) == pytest.approx((10 / 12 + 8 / 12 + 3 / 4 + 90 / 96) / 4, rel=1e-12)
+
+
 def test_synthetic_notes_start_at_any_phase_of_the_grid():
     # "the first note may be cut short": some examples' first run is not a whole number of notes
     ds = datamod.SyntheticMusic(64, seed=0)
@@ -6304,6 +6350,29 @@ def test_mel_png_shows_one_column_per_hop_of_the_audio_itself(monkeypatch):
     assert shown == [(128, 1024 // 512 + 1), (128, 5000 // 512 + 1)]
 
 
+# what the picture holds: the log-mel power in dB (10 log10), bands up to 16 kHz on Slaney's mel scale
+def test_mel_png_draws_the_log_mel_power_in_decibels_with_bands_up_to_16_khz(monkeypatch):
+    import io
+    import matplotlib.axes
+    shown = []
+    real = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda self, x, **kw: (shown.append(np.array(x, np.float64)), real(self, x, **kw))[1])
+    sr = 44100
+    t = np.arange(sr) / sr
+    for amp in (0.5, 0.05):
+        genmod.save_mel_png((amp * np.sin(2 * np.pi * 1000 * t)).astype(np.float32), io.BytesIO(), "t")
+    loud, quiet = shown
+    assert loud.shape == quiet.shape == (128, sr // 512 + 1)
+    strong = loud > loud.max() - 50      # the bands the sine reaches (below, float32 rounding of the STFT)
+    assert strong.sum() > 5 * loud.shape[1]
+    np.testing.assert_allclose((loud - quiet)[strong], 20.0, rtol=0, atol=1e-2)
+    top_mel = 15 + 27 * math.log(16) / math.log(6.4)
+    want_band = int(np.argmin([abs((i + 1) * top_mel / 129 - 15) for i in range(128)]))
+    assert want_band == 34
+    assert (loud[:, 5:-5].argmax(0) == want_band).all()
+
+
 def test_read_prompt_codes_takes_the_first_rows_and_refuses_what_is_not_codes(tmp_path, capsys):
     codes = np.arange(45, dtype=np.int16).reshape(9, 5)
     codes[0, 0] = 1023  # the largest code is a code
@@ -6399,6 +6468,25 @@ def test_both_stages_of_a_prompt_draw_from_its_own_generator(real_data_checkpoin
     g1, g2 = seen["stage1"]["generator"], seen["stage2"]["generator"]
     assert [g.initial_seed() for g in g1] == [7, 8] and all(a is b for a, b in zip(g1, g2)) and len(g2) == 2
     assert seen["stage1"]["ssm_dtype"] == torch.bfloat16
+
+
+# every sampling flag arrives where it belongs (the tests above run --cfg and --stage2-cfg at their equal
+# defaults)
+def test_generate_passes_each_sampling_flag_to_the_stage_it_belongs_to(real_data_checkpoints, tiny_dac_dir,
+                                                                      tmp_path, monkeypatch):
+    seen = {}
+    for cls, key in ((TextToMusicLM, "stage1"), (stage2.Stage2Diffusion, "stage2")):
+        def spy(self, *a, _real=cls.generate, _key=key, **kw):
+            seen[_key] = kw
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(cls, "generate", spy)
+    genmod.main(["a calm piece", "a drum solo", *two_stage(real_data_checkpoints), "--dac", tiny_dac_dir,
+                 "--seconds", "0.05", "--stage2-steps", "3", "--stage2-cfg", "1.5", "--cfg", "2.5", "--top-k", "7",
+                 "--temperature", "0.9", "--seed", "7", "--window", "0", "--out", str(tmp_path)])
+    s1, s2 = seen["stage1"], seen["stage2"]
+    assert (s1["cfg_scale"], s1["top_k"], s1["temperature"], s1["ssm_dtype"]) == (2.5, 7, 0.9, None)
+    assert (s2["cfg_scale"], s2["steps"]) == (1.5, 3)
+    assert [g.initial_seed() for g in s1["generator"]] == [7, 8] and s2["generator"] is s1["generator"]
 
 
 # ------------------------------------------------------------------------------------------------
