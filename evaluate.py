@@ -12,8 +12,9 @@ with soxr (HQ) to the model's rate and peak-normalised to -1 dBFS.
               OpenL3 embeddings (content "music", input "mel256", 512-d, 48 kHz) of all the 1 s
               frames, 0.5 s apart, of the generated and of the reference files:
                   FD = |mu_g - mu_r|^2 + tr(S_g) + tr(S_r) - 2 tr((S_g S_r)^(1/2)),
-              in float64, the trace of the square root taken from eigenvalues of symmetric
-              positive semi-definite matrices (finite for rank-deficient covariances). Lower is better.
+              in float64, the trace of the square root as the singular values of S_r^(1/2) S_g^(1/2),
+              each square root from the eigenvalues of a symmetric positive semi-definite matrix
+              (exact for rank-deficient covariances). Lower is better.
   KL_passt    PaSST (AudioSet, 527 tags) at 32 kHz on 10 s windows every 5 s; the logits of a
               file's windows are averaged, then softmax gives p. A window shorter than 10 s is
               zero-padded; a clip of 1.5 s or less (15 %, as audiocraft) has no window and its
