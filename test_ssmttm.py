@@ -6455,7 +6455,8 @@ def test_a_rerun_with_any_other_sampling_setting_is_another_generation(synthetic
 def test_both_stages_of_a_prompt_draw_from_its_own_generator(real_data_checkpoints, tiny_dac_dir, tmp_path,
                                                             monkeypatch):
     # one generator per prompt, seeded with its seed, carries on from stage 1 into stage 2; --ssm-state
-    # bf16 reaches the LM's decoding
+    # bf16 reaches the LM's decoding, and every sampling flag the stage it belongs to (not at the
+    # defaults, where --cfg and --stage2-cfg are equal)
     seen = {}
     for cls, key in ((TextToMusicLM, "stage1"), (stage2.Stage2Diffusion, "stage2")):
         def spy(self, *a, _real=cls.generate, _key=key, **kw):
@@ -6463,30 +6464,13 @@ def test_both_stages_of_a_prompt_draw_from_its_own_generator(real_data_checkpoin
             return _real(self, *a, **kw)
         monkeypatch.setattr(cls, "generate", spy)
     genmod.main(["a calm piece", "a drum solo", *two_stage(real_data_checkpoints), "--dac", tiny_dac_dir,
-                 "--seconds", "0.05", "--stage2-steps", "2", "--seed", "7", "--window", "0", "--ssm-state", "bf16",
-                 "--out", str(tmp_path)])
+                 "--seconds", "0.05", "--stage2-steps", "3", "--seed", "7", "--window", "0", "--ssm-state", "bf16",
+                 "--stage2-cfg", "1.5", "--cfg", "2.5", "--top-k", "7", "--temperature", "0.9", "--out", str(tmp_path)])
     g1, g2 = seen["stage1"]["generator"], seen["stage2"]["generator"]
     assert [g.initial_seed() for g in g1] == [7, 8] and all(a is b for a, b in zip(g1, g2)) and len(g2) == 2
-    assert seen["stage1"]["ssm_dtype"] == torch.bfloat16
-
-
-# every sampling flag arrives where it belongs (the tests above run --cfg and --stage2-cfg at their equal
-# defaults)
-def test_generate_passes_each_sampling_flag_to_the_stage_it_belongs_to(real_data_checkpoints, tiny_dac_dir,
-                                                                      tmp_path, monkeypatch):
-    seen = {}
-    for cls, key in ((TextToMusicLM, "stage1"), (stage2.Stage2Diffusion, "stage2")):
-        def spy(self, *a, _real=cls.generate, _key=key, **kw):
-            seen[_key] = kw
-            return _real(self, *a, **kw)
-        monkeypatch.setattr(cls, "generate", spy)
-    genmod.main(["a calm piece", "a drum solo", *two_stage(real_data_checkpoints), "--dac", tiny_dac_dir,
-                 "--seconds", "0.05", "--stage2-steps", "3", "--stage2-cfg", "1.5", "--cfg", "2.5", "--top-k", "7",
-                 "--temperature", "0.9", "--seed", "7", "--window", "0", "--out", str(tmp_path)])
     s1, s2 = seen["stage1"], seen["stage2"]
-    assert (s1["cfg_scale"], s1["top_k"], s1["temperature"], s1["ssm_dtype"]) == (2.5, 7, 0.9, None)
+    assert (s1["cfg_scale"], s1["top_k"], s1["temperature"], s1["ssm_dtype"]) == (2.5, 7, 0.9, torch.bfloat16)
     assert (s2["cfg_scale"], s2["steps"]) == (1.5, 3)
-    assert [g.initial_seed() for g in s1["generator"]] == [7, 8] and s2["generator"] is s1["generator"]
 
 
 # ------------------------------------------------------------------------------------------------
