@@ -180,8 +180,10 @@ def read_checkpoint(path, kind=None):
     return ckpt
 
 
-def slug(text, n=6):
-    return "-".join(re.findall(r"[a-z0-9]+", text.lower())[:n]) or "prompt"
+def slug(text, n=6, max_chars=80):
+    """The first n words of text, lower case, joined by '-', at most max_chars characters (a file name has at
+    most 255 bytes, and a prompt's words may be long)."""
+    return "-".join(re.findall(r"[a-z0-9]+", text.lower())[:n])[:max_chars].strip("-") or "prompt"
 
 
 def peak_normalise(audio, peak_db=-1.0):
@@ -479,12 +481,46 @@ def drop_cut_line(out):
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def pending(requests, args):
-    """The requests still to do, before any work. A request whose record is committed with the same
-    settings is done (a rerun resumes: it skips it). Its name taken by another generation stops the
-    run (one line, exit 2): no file is ever overwritten. Files of a name without a record are what
-    an interrupted run left: they are removed and written again."""
-    done, todo = committed(args.out), []
+STARTED = ".started"  # OUT/.started: the names a run began to write, one a line, before their files
+
+
+def started(out):
+    """The names in OUT/.started: a run appends a batch's names there (synced) before it writes their
+    files, so that a later run knows which files without a record an interrupted run left (and may
+    remove) and which are someone else's (and must keep)."""
+    path = os.path.join(out, STARTED)
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        return {line[:-1].decode(errors="replace") for line in f if line.endswith(b"\n")}
+
+
+def mark_started(lock, requests):
+    """Append the requests' names to OUT/.started (lock: that file, open for appending) and sync them."""
+    datamod.append_durably(lock, "".join(r.name + "\n" for r in requests).encode())
+
+
+def lock_folder(out):
+    """OUT/.started opened for appending, with an exclusive lock that the OS drops when the process
+    ends (even by kill -9); one line, exit code 2, if another generate.py holds it: two runs into one
+    folder would each take the other's unfinished files for an interrupted run's."""
+    import fcntl  # POSIX advisory locks
+    f = open(os.path.join(out, STARTED), "ab", buffering=0)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        datamod.fail(f"{out}: another generate.py is writing to this folder; wait for it, or pass another --out")
+    return f
+
+
+def pending(requests, args, clean=False):
+    """The requests still to do. A request whose record is committed with the same settings is done (a
+    rerun resumes: it skips it). Its name taken by another generation, or by a file that no run of
+    generate.py began to write here, stops the run (one line, exit 2): no file is overwritten or removed
+    that is not an interrupted run's. clean (under lock_folder's lock): remove what interrupted runs
+    left, the files of names they began but did not commit and their temporary files."""
+    done, begun, todo = committed(args.out), started(args.out), []
     for r in requests:
         record = done.get(r.name)
         if record is not None:
@@ -492,9 +528,16 @@ def pending(requests, args):
                 name_taken(os.path.join(args.out, r.name + ".npy"))
             continue
         for path in (os.path.join(args.out, r.name + ext) for ext in OUTPUT_EXTENSIONS):
-            if os.path.exists(path):
+            if os.path.exists(path) and r.name not in begun:
+                datamod.fail(f"{path} exists and no run of generate.py began it in this folder: it is kept; "
+                             "pass another --out")
+            if os.path.exists(path) and clean:
                 os.unlink(path)
         todo.append(r)
+    if clean:  # write_new's temporary files (.<name>.<ext>.<pid>.tmp) that a kill left behind
+        for name in os.listdir(args.out):
+            if re.fullmatch(r"\..+\.(npy|wav|png)\.\d+\.tmp", name):
+                os.unlink(os.path.join(args.out, name))
     return todo
 
 
@@ -564,6 +607,8 @@ def main(argv=None):
     if args.continue_from:
         m.continuation = load_continuation(args, m, n_frames, device)
     datamod.make_folder(args.out)
+    lock = lock_folder(args.out)
+    todo = pending(requests, args, clean=True)  # again, under the lock: the folder may have changed meanwhile
     drop_cut_line(args.out)
     batch_size = args.batch_size or auto_batch_size(m, n_frames, device, len(todo))
     cfg = m.lm.cfg
@@ -578,6 +623,7 @@ def main(argv=None):
               "decode; each sample is scored against its caption's rules instead", file=sys.stderr)
     for b0 in range(0, len(todo), batch_size):
         batch = todo[b0:b0 + batch_size]
+        mark_started(lock, batch)
         codes, audio, timings = generate_batch(m, batch, n_frames, args, device)
         write_outputs(m, batch, codes, audio, timings, n_frames, args)
 

@@ -5755,8 +5755,9 @@ def test_generate_two_frames_writes_wav_png_and_a_json_line(real_data_checkpoint
     np.testing.assert_allclose(audio, genmod.peak_normalise(want), rtol=0, atol=2 / 32768)
     assert imread(record["png"]).shape == (350, 1000, 4)  # figsize (10, 3.5) at 100 dpi
     assert np.load(record["codes"]).shape == (9, 2)
-    assert sorted(os.listdir(tmp_path)) == ["generations.jsonl", "s0-0000-a-short-one.npy", "s0-0000-a-short-one.png",
-                                            "s0-0000-a-short-one.wav"]  # no temporary file left
+    assert sorted(os.listdir(tmp_path)) == [".started", "generations.jsonl", "s0-0000-a-short-one.npy",
+                                            "s0-0000-a-short-one.png", "s0-0000-a-short-one.wav"]  # no temporary file
+    assert open(tmp_path / ".started").read() == "s0-0000-a-short-one\n"
 
 
 @pytest.fixture(scope="module")
@@ -5845,7 +5846,7 @@ def test_two_runs_into_one_folder_never_overwrite_and_a_rerun_resumes(synthetic_
     run("--seed", "5")
     names = ["s0-0000-a-calm-piece", "s1-0001-a-dark-piece", "s2-0002-a-calm-piece",  # seed: --seed + place
              "s5-0000-a-calm-piece", "s6-0001-a-dark-piece", "s7-0002-a-calm-piece"]
-    assert sorted(os.listdir(tmp_path)) == ["generations.jsonl"] + [n + ".npy" for n in names]
+    assert sorted(os.listdir(tmp_path)) == [".started", "generations.jsonl"] + [n + ".npy" for n in names]
     before = {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)}
     capsys.readouterr()
     run()  # the same command again: everything is done, nothing is written
@@ -5859,9 +5860,11 @@ def test_two_runs_into_one_folder_never_overwrite_and_a_rerun_resumes(synthetic_
     # a run stopped after a prompt's files but before its line: the rerun writes that prompt again
     lines = open(tmp_path / "generations.jsonl").read().splitlines(keepends=True)
     open(tmp_path / "generations.jsonl", "w").write("".join(lines[:-1]) + lines[-1][:20])  # a cut last line
+    (tmp_path / ".s7-0002-a-calm-piece.npy.4242.tmp").write_bytes(b"a kill -9 left this")  # write_new's, cut
     run("--seed", "5")
-    assert {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path) if n != "generations.jsonl"} == {
-        n: b for n, b in before.items() if n != "generations.jsonl"}  # the same codes, bit for bit
+    logs = ("generations.jsonl", ".started")
+    assert {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path) if n not in logs} == {
+        n: b for n, b in before.items() if n not in logs}  # the same codes, bit for bit; no temporary file
     # another run makes a name between the check and the write: it is not overwritten either
     real = genmod.generate_batch
 
@@ -5875,7 +5878,42 @@ def test_two_runs_into_one_folder_never_overwrite_and_a_rerun_resumes(synthetic_
         f"{tmp_path}/s9-0000-a-calm-piece.npy exists (a generation with other settings), and is kept: pass "
         "another --out (or, for prompts not named by an id, another --seed)\n")
     assert open(tmp_path / "s9-0000-a-calm-piece.npy", "rb").read() == b"the other run's"
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary file left
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == [".started"]  # no temporary file left
+
+
+def test_generate_keeps_files_it_did_not_write_and_one_run_at_a_time_writes_a_folder(synthetic_checkpoint, tmp_path,
+                                                                                     capsys):
+    import fcntl
+    (tmp_path / "set.jsonl").write_text('{"id": "a", "caption": "a calm piece"}\n{"id": "b", "caption": "a dark '
+                                        'piece"}\n')
+    run = lambda out: genmod.main(["--prompts", str(tmp_path / "set.jsonl"), "--ckpt", str(synthetic_checkpoint),  # noqa: E731
+                                   "--seconds", "0.1", "--out", str(out)])
+    refs = tmp_path / "refs"  # a folder of reference audio named by id, given as --out by mistake
+    refs.mkdir()
+    (refs / "b.wav").write_bytes(b"the user's reference")
+    with pytest.raises(SystemExit) as e:
+        run(refs)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{refs}/b.wav exists and no run of generate.py began it in this folder: it is kept; pass another --out\n")
+    assert sorted(os.listdir(refs)) == ["b.wav"] and (refs / "b.wav").read_bytes() == b"the user's reference"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with open(busy / ".started", "ab") as other:  # another generate.py's lock on the folder
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(SystemExit) as e:
+            run(busy)
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(
+        f"{busy}: another generate.py is writing to this folder; wait for it, or pass another --out\n")
+    assert sorted(os.listdir(busy)) == [".started"]
+    run(busy)  # the lock is gone with its holder
+    assert sorted(os.listdir(busy)) == [".started", "a.npy", "b.npy", "generations.jsonl"]
+
+
+def test_a_prompt_of_long_words_names_its_files_within_the_file_system_limit(synthetic_checkpoint, tmp_path):
+    genmod.main(["a" * 300 + " piece", "--ckpt", str(synthetic_checkpoint), "--seconds", "0.05", "--out", str(tmp_path)])
+    name = "s0-0000-" + "a" * 80  # the slug: its first words, at most 80 characters
+    assert json.loads(open(tmp_path / "generations.jsonl").read())["name"] == name
+    assert (tmp_path / f"{name}.npy").exists() and genmod.slug("-- b " + "c" * 79 + " d") == "b-" + "c" * 78
 
 
 def test_a_prompt_gets_its_codes_in_any_batch_and_an_evaluation_set_is_named_by_id(synthetic_checkpoint, tmp_path):
