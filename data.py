@@ -320,12 +320,17 @@ class WordEncoder:
 
 class T5TextEncoder:
     """Frozen Flan-T5 encoder (T5EncoderModel + its tokenizer), from a hub name or a local folder,
-    computing in fp32. Captions longer than max_tokens are truncated, with a warning."""
+    computing in fp32. Captions longer than max_tokens are truncated, with a warning. width: the
+    states' width the model reads (its config's d_text, 768 for Flan-T5-base); BadInput naming the
+    encoder if it gives another (flan-t5-small's 512, say). None: not checked."""
 
-    def __init__(self, name_or_path="google/flan-t5-base", max_tokens=256, device="cpu"):
+    def __init__(self, name_or_path="google/flan-t5-base", max_tokens=256, device="cpu", width=None):
         from transformers import AutoTokenizer, T5EncoderModel
         self.tokenizer = from_pretrained(AutoTokenizer, name_or_path, "the T5 text encoder", "--t5")
         self.model = from_pretrained(T5EncoderModel, name_or_path, "the T5 text encoder", "--t5")
+        if width is not None and self.model.config.d_model != width:
+            fail(f"the T5 text encoder {str(name_or_path)!r} gives states {self.model.config.d_model} wide, and the "
+                 f"model reads {width} (Flan-T5-base's width); pass that encoder (--t5 PATH)")
         # fp32 whatever dtype the folder stores: T5's activations overflow fp16, and the states are
         # the model's input, so they should not depend on how someone saved the weights.
         self.model = self.model.float().to(device).eval().requires_grad_(False)
@@ -358,11 +363,12 @@ def from_pretrained(cls, name_or_path, what, flag):
              f"without internet, download it elsewhere and pass its local folder ({flag} PATH)")
 
 
-def load_text_encoder(spec, device="cpu", t5_path=None):
-    """Rebuild the text encoder a checkpoint was trained with (t5_path overrides where T5 is read from)."""
+def load_text_encoder(spec, device="cpu", t5_path=None, width=None):
+    """Rebuild the text encoder a checkpoint was trained with (t5_path overrides where T5 is read from;
+    width: as T5TextEncoder's)."""
     if spec["kind"] == "words":
         return WordEncoder(device=device)
-    return T5TextEncoder(t5_path or spec["name"], spec.get("max_tokens", 256), device)
+    return T5TextEncoder(t5_path or spec["name"], spec.get("max_tokens", 256), device, width)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,6 +377,10 @@ def load_text_encoder(spec, device="cpu", t5_path=None):
 CODES_FILE, JOURNAL_FILE, META_FILE = "clips.u16", "files.jsonl", "meta.json"
 LEGACY_CODES, LEGACY_INDEX = "codes.u16", "index.jsonl"  # the layout before the journal
 ROW_BYTES = N_CODEBOOKS * CLIP_FRAMES * 2
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def read_journal(folder):
@@ -387,7 +397,11 @@ def read_journal(folder):
     for n, line in enumerate(committed.split(b"\n")[:-1], 1):
         try:
             record = json.loads(line)
-            valid = record["row"] == rows and isinstance(record["clips"], list) and len(record["captions"]) > 0
+            valid = (record["row"] == rows and isinstance(record["source"], str) and isinstance(record["clips"], list)
+                     and all(isinstance(c, dict) and _is_number(c.get("start_s")) and isinstance(c.get("frames"), int)
+                             for c in record["clips"])
+                     and isinstance(record["captions"], list) and len(record["captions"]) > 0
+                     and all(isinstance(t, str) for t in record["captions"]))
         except (ValueError, KeyError, TypeError):
             valid = False
         if not valid:
@@ -417,6 +431,12 @@ def committed_clips(folder):
     return [], None
 
 
+def committed_rows(clips):
+    """How many code rows the clips of committed_clips span: a prefix of the folder's rows names the
+    same clips whatever data.py commits later."""
+    return max((clip["row"] for clip in clips), default=-1) + 1
+
+
 def legacy_clips(folder):
     """A folder of the layout before the journal (codes.u16 + index.jsonl, one line per clip),
     read-only: the whole index lines that have their code rows. A clip listed twice (that layout
@@ -443,15 +463,22 @@ def legacy_clips(folder):
 class TokenDataset:
     """A preprocessed folder, read-only (see the module docstring): example i -> codes (9, 2584)
     int64, with the special id after the clip's end, and a caption. It holds the clips committed
-    when it was opened; data.py may go on writing the folder. index[i]: {"source", "start_s",
+    when it was opened, or the first `rows` of them (so that a run's data stays the same while data.py
+    adds clips, as it may go on writing the folder). index[i]: {"source", "start_s",
     "frames", "captions", "row"}. clips_per_track: at most this many clips of each audio file
     (clips_of_each_track, with seed; paper, section III-C: one; 0: all). BadInput for a missing,
     empty or damaged folder."""
 
-    def __init__(self, folder, clips_per_track=0, seed=0):
+    def __init__(self, folder, clips_per_track=0, seed=0, rows=None):
         self.index, codes_path = committed_clips(folder)
         if not self.index:
             fail(f"{folder}: no preprocessed clips (run: python data.py --audio DIR --captions FILE --out {folder})")
+        if rows is not None:  # the first `rows` committed clips: what the folder held when a run began
+            held = committed_rows(self.index)
+            if held < rows:
+                fail(f"{folder}: holds {held} clips, fewer than the {rows} that this run began with; resume it on "
+                     "that data, or start a new run")
+            self.index = [clip for clip in self.index if clip["row"] < rows]
         self.tracks = len({clip["source"] for clip in self.index})
         if clips_per_track:
             self.index = clips_of_each_track(self.index, clips_per_track, seed)

@@ -238,7 +238,7 @@ def load_models(args, device):
     lm = build_model(ckpt, ckpt_path, ModelConfig, TextToMusicLM)
     cfg = lm.cfg
     lm = fast.for_inference(lm.to(device), torch.bfloat16 if device == "cuda" else torch.float32)
-    m = Models(lm, ckpt_path, ckpt["step"], datamod.load_text_encoder(ckpt["text_encoder"], device, args.t5),
+    m = Models(lm, ckpt_path, ckpt["step"], datamod.load_text_encoder(ckpt["text_encoder"], device, args.t5, cfg.d_text),
                synthetic=ckpt["text_encoder"]["kind"] == "words")
     trained = ckpt["args"].get("frames")  # the sequence length it was trained on
     m.window = round(args.window * FRAME_RATE) if args.window is not None else min(trained or 0, datamod.CLIP_FRAMES)
@@ -263,7 +263,7 @@ def load_models(args, device):
         m.codec = datamod.load_codec(ck2["codec"], device, args.dac)
         m.stage2 = m.stage2.to(device).eval().attach_codec(m.codec)
         m.stage2_encoder = (m.text_encoder if ck2["text_encoder"] == ckpt["text_encoder"]
-                            else datamod.load_text_encoder(ck2["text_encoder"], device, args.t5))
+                            else datamod.load_text_encoder(ck2["text_encoder"], device, args.t5, m.stage2.cfg.d_text))
     if not m.synthetic and m.codec is None:
         m.codec = datamod.load_dac(args.dac or ckpt["args"].get("dac") or "descript/dac_44khz", device)
     return m

@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -3653,6 +3654,32 @@ def test_t5_encoder_from_local_folder(tiny_t5_dir, capsys):
         datamod.T5TextEncoder(str(tiny_t5_dir) + "-missing")
 
 
+def test_a_t5_of_another_width_is_one_line_in_train_and_generate(tiny_t5_dir, synthetic_checkpoint, tmp_path, capsys):
+    # flan-t5-small's states are 512 wide; the models' text projections read 768 (Flan-T5-base): a
+    # matrix product would fail mid-step with a traceback
+    from transformers import T5Config, T5EncoderModel
+    small = tmp_path / "t5-small"
+    shutil.copytree(tiny_t5_dir, small)
+    T5EncoderModel(T5Config(vocab_size=384, d_model=512, d_kv=32, d_ff=64, num_layers=1, num_heads=2)).save_pretrained(
+        small)
+    assert datamod.T5TextEncoder(tiny_t5_dir, width=768).model.config.d_model == 768
+    message = (f"the T5 text encoder '{small}' gives states 512 wide, and the model reads 768 (Flan-T5-base's width); "
+               "pass that encoder (--t5 PATH)\n")
+    folder = tiny_token_folder(tmp_path / "tokens")
+    for stage in ("1", "2"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(["--data", folder, "--t5", str(small), "--stage", stage, "--out", str(tmp_path / stage),
+                           "--steps", "1", "--frames", "48"] + (["--layers", "1", "--d-model", "64"] * (stage == "1")))
+        assert e.value.code == 2 and capsys.readouterr().err.endswith(message)
+    ckpt = torch.load(synthetic_checkpoint, weights_only=False)  # as if trained on T5: its spec names the encoder
+    torch.save({**ckpt, "text_encoder": {"kind": "t5", "name": str(small), "max_tokens": 256}}, tmp_path / "t5.pt")
+    with pytest.raises(SystemExit) as e:
+        genmod.main(["a calm piece", "--ckpt", str(tmp_path / "t5.pt"), "--out", str(tmp_path / "gen"),
+                     "--seconds", "0.1", "--dac", str(tmp_path / "no-dac")])
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(message)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_text_encoder_and_codec_compute_in_fp32_whatever_their_folder_stores(tiny_t5_dir, tmp_path, dtype):
     from transformers import AutoTokenizer, DacModel, T5EncoderModel
@@ -4251,12 +4278,15 @@ def test_token_dataset_counts_tracks_and_takes_a_caption_per_index_epoch(songs, 
 
 def test_journal_with_rows_out_of_order_no_captions_or_missing_code_rows_is_damaged(songs, dac, fake_dac, tmp_path,
                                                                                      capsys):
-    # a record must follow the one before (row = clips so far), hold a caption, and have its rows
+    # a record must follow the one before (row = clips so far), hold a caption, and have its rows; its
+    # fields must have their types (a clip an object with a start and a whole number of frames)
     out = tmp_path / "out"
     run(songs, out, dac)
     good = open(out / "files.jsonl").read().splitlines()
     capsys.readouterr()
-    for n, change in [(2, {"row": 3}), (3, {"captions": []})]:
+    for n, change in [(2, {"row": 3}), (3, {"captions": []}), (2, {"clips": [5]}), (3, {"source": None}),
+                      (2, {"captions": [1]}), (3, {"clips": [{"start_s": "0", "frames": 48}]}),
+                      (2, {"clips": [{"start_s": 0.0, "frames": 4.5}]}), (3, {"captions": "one"})]:
         lines = list(good)
         lines[n - 1] = json.dumps({**json.loads(lines[n - 1]), **change})
         (out / "files.jsonl").write_text("\n".join(lines) + "\n")
@@ -5307,7 +5337,7 @@ def tiny_token_folder(folder):
 
 class WordsAsT5(datamod.WordEncoder):
     """Stands in for T5 on a --data run (its spec says t5): no model to load."""
-    def __init__(self, name, device="cpu"):
+    def __init__(self, name, device="cpu", width=None):
         super().__init__(device=device)
         self.spec = {"kind": "t5", "name": name}
 
@@ -6254,6 +6284,82 @@ def test_resume_of_a_checkpoint_saved_before_clips_per_track_trains_on_every_cli
     trainmod.main(tiny_train_args(out, *common, "--steps", "2", "--resume"))
     after = torch.load(out / "ckpt.pt", weights_only=False)
     assert after["step"] == 2 and after["args"]["clips_per_track"] == 0
+
+
+def test_a_resumed_run_reads_the_clips_it_began_with_while_data_py_adds_more(tmp_path, monkeypatch, capsys):
+    # the order of examples is a permutation of the dataset's size: clips committed after the run began
+    # would change it on resume (examples read twice, others skipped). The run keeps the rows it began with
+    monkeypatch.setattr(datamod, "T5TextEncoder", WordsAsT5)
+    whole, growing = tiny_token_folder(tmp_path / "whole"), tiny_token_folder(tmp_path / "growing")
+    common = ["--batch-size", "1", "--grad-accum", "1", "--clips-per-track", "0", "--steps", "6"]
+    trainmod.main(tiny_train_args(tmp_path / "a", "--data", whole, *common))
+    trainmod.main(tiny_train_args(tmp_path / "b", "--data", growing, *common, "--stop-after", "2"))
+    clip = {"start_s": 0.0, "frames": 48}
+    with datamod.ClipWriter(growing, {"format": 2}) as store:  # data.py adds a file meanwhile
+        store.commit({"source": "c.wav", "clips": [clip], "captions": ["new"], "seconds": 30.0, "silent": 0},
+                     [np.zeros((9, 48), np.uint16)])
+    trainmod.main(tiny_train_args(tmp_path / "b", "--data", growing, *common, "--resume"))
+    assert read_losses(tmp_path / "a") == read_losses(tmp_path / "b") and len(read_losses(tmp_path / "a")) == 6
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["args"]["data_rows"] == 3
+    assert len(datamod.TokenDataset(growing)) == 4 and len(datamod.TokenDataset(growing, rows=3)) == 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # resumed on a folder with fewer clips than the run began with
+        trainmod.main(tiny_train_args(tmp_path / "a", "--data", tiny_token_folder(tmp_path / "small"), *common,
+                                      "--steps", "7", "--resume"))
+    assert e.value.code == 2
+
+
+def test_a_resumed_run_writes_where_it_is_now_and_a_new_run_keeps_other_programs_files(tmp_path, capsys):
+    # --resume takes the settings from the checkpoint, but not --out: a run folder copied or moved goes
+    # on where it is, and the original stays as it was
+    trainmod.main(tiny_train_args(tmp_path / "p", "--steps", "2", "--log-every", "1"))
+    shutil.copytree(tmp_path / "p", tmp_path / "q")
+    before = (tmp_path / "p" / "ckpt.pt").read_bytes(), (tmp_path / "p" / "metrics.csv").read_text()
+    trainmod.main(tiny_train_args(tmp_path / "q", "--steps", "3", "--resume"))
+    assert ((tmp_path / "p" / "ckpt.pt").read_bytes(), (tmp_path / "p" / "metrics.csv").read_text()) == before
+    assert torch.load(tmp_path / "q" / "ckpt.pt", weights_only=False)["step"] == 3
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["args"]["out"] == str(tmp_path / "q")
+    other = tmp_path / "t5"  # another program's folder, passed as --out by mistake
+    other.mkdir()
+    (other / "config.json").write_text('{"d_model": 768}')
+    (other / "model.safetensors").write_bytes(b"weights")
+    for folder, listed in ((other, "model.safetensors"), (tmp_path / "q" / "..", "a, p, q and 1 more")):
+        if folder != other:
+            (tmp_path / "a").mkdir()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(tiny_train_args(folder, "--steps", "1"))
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"--out {folder}: holds files that are not a train.py run's ({listed}); pass a new or empty folder\n")
+    (other / "model.safetensors").unlink()  # a config.json alone, not train.py's: kept too
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(other, "--steps", "1"))
+    assert e.value.code == 2 and (other / "config.json").read_text() == '{"d_model": 768}'
+    stopped = tmp_path / "stopped"  # a run stopped before its first checkpoint: a new run replaces it
+    trainmod.main(tiny_train_args(stopped, "--steps", "1"))
+    (stopped / "ckpt.pt").unlink()
+    trainmod.main(tiny_train_args(stopped, "--steps", "1"))
+    assert torch.load(stopped / "ckpt.pt", weights_only=False)["step"] == 1
+
+
+def test_resume_drops_a_metrics_row_cut_by_a_crash_and_names_a_damaged_one(tmp_path, capsys):
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "2", "--log-every", "1"))
+    rows = (out / "metrics.csv").read_text()
+    (out / "metrics.csv").write_text(rows + "3,2.5")  # a row a crash cut (after the checkpoint of step 2)
+    trainmod.main(tiny_train_args(out, "--steps", "3", "--resume"))
+    assert [r["step"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["1", "2", "3"]
+    assert all(None not in r.values() and r["loss"] for r in csv.DictReader(open(out / "metrics.csv")))
+    for damaged, line in (("step,loss\nabc,1\n", 2), (rows.replace("\n2,", "\n2,x", 1), 3), ("1,2\n\xff\n", None)):
+        (out / "metrics.csv").write_bytes(damaged.encode("latin-1"))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(tiny_train_args(out, "--steps", "4", "--resume"))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"{out}/metrics.csv")
+        if line is not None:
+            assert err == (f"{out}/metrics.csv:{line}: not a row of train.py's metrics; move the file away to resume "
+                           "without the earlier rows\n")
 
 
 def test_each_of_two_processes_seeds_its_own_rng(tmp_path):

@@ -161,6 +161,7 @@ def parse_args(argv=None):
         name = f"stage1-{args.variant}-{args.layers}L-k{args.codebooks}" if args.stage == 1 else "stage2"
         args.out = os.path.join("runs", name + ("" if args.data else "-synthetic"))
     datamod.check_out_folder(args.out)
+    args.data_rows = None  # not a flag: load_data sets it for a new run, resume_or_start from the checkpoint
     multiple, why = head_split(args)
     if args.stage == 1 and args.d_model % multiple:
         ap.error(f"argument --d-model: expected a multiple of {multiple} for {args.variant} ({why}), "
@@ -244,6 +245,7 @@ def resume_or_start(args, given, world):
     if not args.resume:
         if os.path.exists(ckpt_path):
             datamod.fail(f"{ckpt_path} exists: pass --resume to continue it, or --out to start another run")
+        check_new_run_folder(args.out)
         return None
     if not os.path.exists(ckpt_path):
         datamod.fail(f"--resume: no checkpoint at {ckpt_path}")
@@ -252,16 +254,68 @@ def resume_or_start(args, given, world):
     if saved_world != world:
         datamod.fail(f"--resume: {ckpt_path} was saved by {saved_world} process{'es' * (saved_world != 1)} and this "
                      f"run has {world}; resume it with as many (torchrun --nproc_per_node {saved_world})")
-    saved = {"clips_per_track": 0, **ckpt["args"]}  # a run saved before the flag trained on every clip
+    # a run saved before these trained on every clip, and on the clips its folder held at each start
+    saved = {"clips_per_track": 0, "data_rows": None, **ckpt["args"]}
     changed = [k for k in given if k not in RUNTIME | {"resume", "out"} and saved.get(k) != getattr(args, k)]
     if changed:
         datamod.fail(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
                      f"checkpoint's settings; only {', '.join(sorted(RUNTIME))} can change on resume")
     for k, v in saved.items():
-        if k not in THIS_INVOCATION and not (k in given and k in RUNTIME):
+        if k not in THIS_INVOCATION | {"out"} and not (k in given and k in RUNTIME):  # --out: where the run is now
             setattr(args, k, v)
     args.resume = True
     return ckpt
+
+
+# What a run folder holds before its first checkpoint (a run stopped early), temporary files included
+RUN_FILES = {"config.json", "metrics.csv", "ckpt.pt.tmp", "config.json.tmp", "metrics.csv.tmp"}
+
+
+def check_new_run_folder(out):
+    """One line, exit code 2, unless out is new, empty, or a run folder without a checkpoint (a run
+    stopped before its first one, which a new run replaces): a new run writes config.json and
+    metrics.csv there, and must not overwrite another program's files."""
+    if not os.path.isdir(out):
+        return
+    others = sorted(set(os.listdir(out)) - RUN_FILES)
+    config = os.path.join(out, "config.json")
+    if not others and os.path.isfile(config):
+        try:
+            with open(config) as f:
+                saved = json.load(f)
+            others = [] if isinstance(saved, dict) and {"args", "model"} <= set(saved) else ["config.json"]
+        except (OSError, ValueError):
+            others = ["config.json"]
+    if others:
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        datamod.fail(f"--out {out}: holds files that are not a train.py run's ({listed}); pass a new or empty folder")
+
+
+def read_metrics(path, step):
+    """The rows of a run's metrics.csv up to `step` (dicts of METRICS' names), for a resumed run to
+    keep; a last line without its newline was cut by a crash and does not count. One line naming the
+    file, exit code 2, if it cannot be read or a whole row is not one of train.py's."""
+    try:
+        with open(path, newline="") as f:
+            lines = f.read().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as e:
+        datamod.fail(f"{path}: cannot read it ({getattr(e, 'strerror', None) or type(e).__name__}); move it away "
+                     "to resume without the earlier rows")
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    rows = []
+    for n, row in enumerate(csv.DictReader(lines), 2):
+        try:
+            valid = None not in row and None not in row.values()  # as many fields as the header
+            row_step, _ = int(row["step"]), float(row["loss"])
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            datamod.fail(f"{path}:{n}: not a row of train.py's metrics; move the file away to resume without "
+                         "the earlier rows")
+        if row_step <= step:
+            rows.append(row)
+    return rows
 
 
 def load_checkpoint(path, keys=("model", "optimizer", "scheduler", "step", "rng", "args"), flag=""):
@@ -327,13 +381,22 @@ def load_source_weights(src, model, model_config, args):
     model.load_state_dict(src["model"])
 
 
-def load_data(args, device):
-    """The dataset, its size (None: endless), the text encoder and the frames per sequence."""
+def load_data(args, device, world):
+    """The dataset, its size (None: endless), the text encoder and the frames per sequence. A new run
+    fixes args.data_rows, the clips the folder holds now (as rank 0 reads them), so that a resumed run,
+    and every process, reads the same examples in the same order while data.py adds clips."""
     if args.data:
-        dataset = datamod.TokenDataset(args.data, args.clips_per_track, args.seed)
+        if args.data_rows is None:
+            rows = [datamod.committed_rows(datamod.committed_clips(args.data)[0])]
+            if world > 1:
+                dist.broadcast_object_list(rows, src=0)
+            args.data_rows = rows[0]
+        dataset = datamod.TokenDataset(args.data, args.clips_per_track, args.seed, rows=args.data_rows)
+        width = ModelConfig.d_text if args.stage == 1 else stage2.Stage2Config.d_text  # what text_proj reads
+        text_encoder = datamod.T5TextEncoder(args.t5, device=device, width=width)
         print(f"{args.data}: {len(dataset)} clips of {dataset.tracks} audio files"
               + (f", at most {args.clips_per_track} of each" if args.clips_per_track else ""), file=sys.stderr)
-        return dataset, len(dataset), datamod.T5TextEncoder(args.t5, device=device), min(args.frames, dataset.n_frames)
+        return dataset, len(dataset), text_encoder, min(args.frames, dataset.n_frames)
     dataset = datamod.SyntheticMusic(n_frames=args.frames, seed=args.seed)
     return dataset, None, datamod.WordEncoder(device=device), args.frames
 
@@ -397,11 +460,11 @@ def prepare_run_folder(args, model_config, step, resumed):
     datamod.atomic_write_text(os.path.join(args.out, "config.json"),
                               json.dumps({"args": vars(args), "model": model_config}, indent=1))
     path = os.path.join(args.out, "metrics.csv")
-    old = list(csv.DictReader(open(path))) if (resumed and os.path.exists(path)) else []
+    old = read_metrics(path, step) if (resumed and os.path.exists(path)) else []
     kept = io.StringIO()  # the whole file first, then one atomic write: a crash keeps the old lines
-    w = csv.DictWriter(kept, METRICS, lineterminator="\n")
+    w = csv.DictWriter(kept, METRICS, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
-    w.writerows(r for r in old if int(r["step"]) <= step)
+    w.writerows(old)
     datamod.atomic_write_text(path, kept.getvalue())
 
 
@@ -578,6 +641,8 @@ def save_checkpoint(run, step, rng):
         rngs = [rng]
     if run.master:
         args = run.args
+        with open(os.path.join(args.out, "metrics.csv"), "ab") as f:  # its rows up to this step, on disk first
+            os.fsync(f.fileno())
         atomic_save({"kind": f"stage{args.stage}", "config": run.model_config, "model": run.model.state_dict(),
                      "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "step": step,
                      "rng": rngs, "args": vars(args), "text_encoder": run.text_encoder.spec,
@@ -691,7 +756,7 @@ def main(argv=None):
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
 
-    dataset, n_examples, text_encoder, frames = load_data(args, device)
+    dataset, n_examples, text_encoder, frames = load_data(args, device, world)
     model, model_config = build_model(args, device)
     optimizer = model.configure_optimizers(args.lr, args.weight_decay, (0.9, 0.999), args.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, args) / args.lr)
