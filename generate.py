@@ -238,7 +238,8 @@ def load_models(args, device):
     lm = build_model(ckpt, ckpt_path, ModelConfig, TextToMusicLM)
     cfg = lm.cfg
     lm = fast.for_inference(lm.to(device), torch.bfloat16 if device == "cuda" else torch.float32)
-    m = Models(lm, ckpt_path, ckpt["step"], datamod.load_text_encoder(ckpt["text_encoder"], device, args.t5, cfg.d_text),
+    text_encoder = datamod.load_text_encoder(ckpt["text_encoder"], device, args.t5, cfg.d_text)
+    m = Models(lm, ckpt_path, ckpt["step"], text_encoder,
                synthetic=ckpt["text_encoder"]["kind"] == "words")
     trained = ckpt["args"].get("frames")  # the sequence length it was trained on
     m.window = round(args.window * FRAME_RATE) if args.window is not None else min(trained or 0, datamod.CLIP_FRAMES)

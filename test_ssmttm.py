@@ -5940,7 +5940,8 @@ def test_generate_keeps_files_it_did_not_write_and_one_run_at_a_time_writes_a_fo
 
 
 def test_a_prompt_of_long_words_names_its_files_within_the_file_system_limit(synthetic_checkpoint, tmp_path):
-    genmod.main(["a" * 300 + " piece", "--ckpt", str(synthetic_checkpoint), "--seconds", "0.05", "--out", str(tmp_path)])
+    genmod.main(["a" * 300 + " piece", "--ckpt", str(synthetic_checkpoint), "--seconds", "0.05",
+                 "--out", str(tmp_path)])
     name = "s0-0000-" + "a" * 80  # the slug: its first words, at most 80 characters
     assert json.loads(open(tmp_path / "generations.jsonl").read())["name"] == name
     assert (tmp_path / f"{name}.npy").exists() and genmod.slug("-- b " + "c" * 79 + " d") == "b-" + "c" * 78
