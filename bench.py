@@ -1046,7 +1046,8 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
     batches = (batch, 2 * batch)
     if "1gpu" in parts:
         for b in batches:
-            json.dump(train(f"1gpu-{b}{tag}", 1, b), open(os.path.join(root, f"1gpu-{b}{tag}.json"), "w"))
+            row = train(f"1gpu-{b}{tag}", 1, b)
+            datamod.atomic_write_text(os.path.join(root, f"1gpu-{b}{tag}.json"), json.dumps(row))
     if "2gpu" in parts:
         for b in batches:
             two, one = train(f"2gpu-{b}{tag}", 2, b), json.load(open(os.path.join(root, f"1gpu-{b}{tag}.json")))
@@ -1275,7 +1276,7 @@ def main():
                     help="decode-batch, decode-profile: modes of DECODE_MODES (default: graph,bf16state+graph; "
                          "the profile also nopdl+graph)")
     ap.add_argument("--sweep-configs", action="store_true", help="decode-kernels: also every linear_rows launch shape")
-    ap.add_argument("--kernel-rows", type=comma_list(datamod.positive_int), default="2",
+    ap.add_argument("--kernel-rows", type=comma_list(datamod.whole_number(1, 128)), default="2",
                     help="decode-kernels: rows per call, at most 128 (2 = one prompt with guidance)")
     ap.add_argument("--prompts", type=comma_list(datamod.positive_int), default="1,4,16,64",
                     help="decode-batch, decode-profile: prompts decoded at once (2 rows each)")
@@ -1300,6 +1301,13 @@ def main():
     if args.rotate and args.rounds > 1:
         datamod.fail("bench.py: --rotate already takes the variants in turn; "
                      "--rounds is for rows timed one after another")
+    if args.json is not None:  # checked before any work: the rows are written after each section
+        folder = os.path.dirname(args.json) or "."
+        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            datamod.fail(f"bench.py: --json {args.json}: cannot write this file (a folder, or its folder is missing "
+                         "or takes no new files)")
+    if any(section.startswith("ddp") for section in args.only):
+        datamod.check_out_folder(args.ddp_dir, "--ddp-dir")
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != ["cpu"]:
         datamod.fail("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")

@@ -491,12 +491,21 @@ def check_inputs(args):
     return metrics, generated, reference, prompts
 
 
-def check_output_file(path, flag="--out"):
+def check_output_file(path, flag="--out", keys=()):
     """path, once it is known that a report can be written there: its folder exists and takes new
-    files, and it is not a folder itself; else one line naming it, before any work."""
+    files, it is not a folder itself, and it is new or a report of this kind (a JSON object with keys,
+    which a rerun replaces); else one line naming it, before any work: a file of anything else is kept."""
     folder = os.path.dirname(path) or "."
     if os.path.isdir(path):
         fail(f"{flag} {path}: is a folder; give the report's file name")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        if not (isinstance(old, dict) and set(keys) <= set(old)):
+            fail(f"{flag} {path}: exists and is not a report of evaluate.py; give a new file name")
     if not os.path.isdir(folder):
         fail(f"{flag} {path}: no folder {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -571,7 +580,8 @@ def clap_score(clap, generated, prompts, args, device, report):
 def evaluate(args):
     """--generated/--reference: the three metrics into a JSON report and a table."""
     metrics, generated, reference, prompts = check_inputs(args)
-    out_path = check_output_file(args.out or os.path.join(args.generated, "evaluation.json"))
+    out_path = check_output_file(args.out or os.path.join(args.generated, "evaluation.json"),
+                                 keys=("generated", "reference", "settings"))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     # every model now, so that a bad weights file or CLAP name stops the run before any audio is read
     openl3 = load_openl3(args.openl3, device) if "fd" in metrics else None
@@ -624,14 +634,24 @@ def print_table(report):
 
 
 def read_run(folder):
-    """A train.py run folder -> (rows of metrics.csv as dicts of floats, its config.json)."""
+    """A train.py run folder -> (rows of metrics.csv as dicts of floats, its config.json). One line
+    naming the file, exit code 2, if either is missing or damaged, or no step was logged."""
+    import train
     metrics, config = os.path.join(folder, "metrics.csv"), os.path.join(folder, "config.json")
     if not (os.path.isfile(metrics) and os.path.isfile(config)):
         fail(f"--convergence: {folder} has no finished run (metrics.csv, config.json)")
-    with open(metrics) as f:
-        rows = [{k: float(v) if v != "" else None for k, v in r.items()} for r in csv.DictReader(f)]
-    with open(config) as f:
-        return rows, json.load(f)
+    rows = [{k: float(v) if v != "" else None for k, v in r.items()} for r in train.read_metrics(metrics, math.inf)]
+    if not rows:
+        fail(f"--convergence: {metrics} has no logged step")
+    try:
+        with open(config) as f:
+            saved = json.load(f)
+        complete = set(BUDGET) <= set(saved["args"])
+    except (OSError, ValueError, KeyError, TypeError):
+        complete = False
+    if not complete:
+        fail(f"--convergence: {config}: not a train.py config (with {', '.join(BUDGET)})")
+    return rows, saved
 
 
 def training_time(rows, args):
@@ -655,7 +675,7 @@ def convergence(args):
             argv = ["--variant", variant, "--out", run] + budget
             ckpt = os.path.join(run, "ckpt.pt")
             if os.path.exists(ckpt):  # an earlier invocation: finished (skip) or interrupted (resume)
-                saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+                saved = train.load_checkpoint(ckpt, keys=("args", "step"))
                 want = vars(train.parse_args(argv)[0])
                 if any(saved["args"].get(k) != want[k] for k in BUDGET):
                     fail(f"--convergence {out}: {run} was trained with other settings "
@@ -665,11 +685,7 @@ def convergence(args):
                     continue
                 argv.append("--resume")
             print(f"== {variant}: train.py {' '.join(argv[2:])}")
-            try:
-                train.main(argv)
-            except SystemExit as e:
-                if e.code not in (None, 0):
-                    fail(f"--convergence: training {variant} stopped ({e.code})")
+            train.main(argv)  # its errors are its own one line and exit code (2; 130 on Ctrl-C)
 
     table = []
     for variant in VARIANTS:
@@ -677,7 +693,8 @@ def convergence(args):
         n_params = None
         ckpt = os.path.join(out, variant, "ckpt.pt")
         if os.path.exists(ckpt):
-            state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["model"]
+            import train
+            state = train.load_checkpoint(ckpt, keys=("model",))["model"]
             n_params = sum(v.numel() for v in state.values())
         for r, t in zip(rows, training_time(rows, config["args"])):
             table.append({"variant": variant, "params": n_params, "step": int(r["step"]), "loss": r["loss"],
@@ -809,13 +826,14 @@ def past_training_length(args):
     (generate_in_windows); the caption score per window of F frames, and the state norm."""
     import generate as genmod
     from ssmttm import ModelConfig, TextToMusicLM
-    ckpt = genmod.read_checkpoint(args.long, "stage1")
+    ckpt = genmod.read_checkpoint(args.long, "stage1", hint=False)
     if ckpt["text_encoder"]["kind"] != "words":
         fail(f"--long {args.long}: not trained on the synthetic set (its captions are what is scored)")
     frames = ckpt["args"]["frames"]
     if frames < 2:  # a window of one frame: frame 0 comes from the prefill, after no decoding step
         fail(f"--long {args.long}: trained on {frames} frame; a window needs at least 2 for its state norm")
-    out = check_output_file(args.out or os.path.join(os.path.dirname(args.long) or ".", "long.json"))
+    out = check_output_file(args.out or os.path.join(os.path.dirname(args.long) or ".", "long.json"),
+                            keys=("ckpt", "one_pass", "windows"))
     model = genmod.build_model(ckpt, args.long, ModelConfig, TextToMusicLM)
     captions = datamod.SyntheticMusic(frames, seed=0).captions(args.n_prompts)
     report = {"ckpt": args.long, "step": ckpt["step"], "trained_frames": frames, "times": args.times,

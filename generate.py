@@ -46,6 +46,7 @@ from ssmttm import FRAME_RATE, LAYOUTS, MIN_TEMPERATURE, SPECIAL, ModelConfig, T
 
 
 MAX_SECONDS = 3600
+MAX_CFG = 100  # guidance scales run from 1 to about 10; far past that, cond + scale (cond - uncond) overflows
 MAX_ID_BYTES = 200  # an id names its files: <id>.npy and a temporary .<id>.npy.<pid>.tmp within 255 bytes
 MIN_SECONDS = math.ceil(0.5 / FRAME_RATE * 1e4) / 1e4  # 0.0059 s, the shortest that rounds to one frame
 
@@ -62,7 +63,7 @@ def parse_args(argv=None):
     """The settings. A bad value stops here with one line naming it and exit code 2 (data.fail)."""
     ap = datamod.ArgumentParser(prog="generate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    at_least_0 = datamod.number(0)
+    guidance = datamod.number(0, MAX_CFG)
     ap.add_argument("prompts", nargs="*", help="text prompts")
     ap.add_argument("--prompts", dest="prompts_file",
                     help="file of prompts (UTF-8): one per line, or an evaluation set, .jsonl or .csv with an "
@@ -72,13 +73,13 @@ def parse_args(argv=None):
     ap.add_argument("--seconds", type=datamod.number(MIN_SECONDS, MAX_SECONDS), default=10.0,
                     help=f"length of each sample, from one frame ({MIN_SECONDS} s) to an hour")
     ap.add_argument("--out", default="outputs")
-    ap.add_argument("--cfg", type=at_least_0, default=3.0,
+    ap.add_argument("--cfg", type=guidance, default=3.0,
                     help="classifier-free guidance scale (stage 1): 1 is the conditional model, 0 the null condition")
     ap.add_argument("--top-k", type=datamod.whole_number(0), default=250, help="0: every code")
     ap.add_argument("--temperature", type=temperature, default=1.2,
                     help=f"0: greedy; else at least {MIN_TEMPERATURE:g}")
     ap.add_argument("--stage2-steps", type=datamod.positive_int, default=100)
-    ap.add_argument("--stage2-cfg", type=at_least_0, default=3.0)
+    ap.add_argument("--stage2-cfg", type=guidance, default=3.0)
     ap.add_argument("--seed", type=datamod.SEED, default=0)
     ap.add_argument("--batch-size", type=datamod.positive_int,
                     help="prompts generated at once (default: on CUDA as many as fit, up to 64; on a CPU 16); "
@@ -168,15 +169,16 @@ def build_model(ckpt, path, config_class, model_class):
     return model
 
 
-def read_checkpoint(path, kind=None):
-    """The checkpoint at path, of this kind; else one line naming it, exit code 2."""
+def read_checkpoint(path, kind=None, hint=True):
+    """The checkpoint at path, of this kind; else one line naming it, exit code 2 (hint: with where
+    generate.py takes a stage-2 one)."""
     try:
         ckpt = open_checkpoint(path)
     except CheckpointError as e:
         datamod.fail(str(e))
     if kind and ckpt["kind"] != kind:
         datamod.fail(f"{path} is a {ckpt['kind']} checkpoint, not {kind}" +
-                     (": pass it with --stage2" if ckpt["kind"] == "stage2" else ""))
+                     (": pass it with --stage2" if ckpt["kind"] == "stage2" and hint else ""))
     return ckpt
 
 

@@ -865,18 +865,44 @@ def test_convergence_refuses_other_budgets_missing_runs_and_failed_training(tmp_
         evaluate.main(["--convergence", out, "--plot-only"])
     assert _one_line_error(capsys) == (f"evaluate.py: error: --convergence: {os.path.join(out, 'cross_simba')} has no "
                                        "finished run (metrics.csv, config.json)")
-    # training that stops (exit code 3): one line naming the variant, not the rest of the runs
+    # training that stops: its own exit code (train.py has printed its one line), not the rest of the runs
     calls = []
 
     def stopped(argv):
         calls.append(argv)
-        raise SystemExit(3)
+        raise SystemExit(130)
     monkeypatch.setattr(train, "main", stopped)
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--convergence", str(tmp_path / "new"), "--steps", "4", "--layers", "1"])
-    assert e.value.code == 2 and len(calls) == 1
+    assert e.value.code == 130 and len(calls) == 1 and "error" not in capsys.readouterr().err
     assert calls[0][:4] == ["--variant", "prefix_mamba", "--out", str(tmp_path / "new" / "prefix_mamba")]
-    assert _one_line_error(capsys) == "evaluate.py: error: --convergence: training prefix_mamba stopped (3)"
+
+
+def test_convergence_names_a_damaged_run_folder_in_one_line(tmp_path, capsys):
+    out = str(tmp_path / "rq2")
+    _fake_runs(out, n=6)
+    run = os.path.join(out, "cross_simba")
+    metrics, config, ckpt = (os.path.join(run, f) for f in ("metrics.csv", "config.json", "ckpt.pt"))
+    good = {f: open(f, "rb").read() for f in (metrics, config, ckpt)}
+    for path, damaged, message in (
+            (metrics, b"step,loss,caption_score,elapsed_s,tokens_per_s\n",
+             f"--convergence: {metrics} has no logged step"),
+            (metrics, good[metrics].replace(b"\n2,", b"\nx,", 1),
+             f"{metrics}:3: not a row of train.py's metrics; move the file away to resume without the earlier rows"),
+            (config, b"{not json",
+             f"--convergence: {config}: not a train.py config (with {', '.join(evaluate.BUDGET)})"),
+            (ckpt, b"PK cut short", None)):
+        open(path, "wb").write(damaged)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--convergence", out, "--plot-only"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1
+        assert err.endswith(f"{message}\n") if message else err.startswith(f"{ckpt}: not a readable checkpoint")
+        open(path, "wb").write(good[path])
+    (tmp_path / "rq2" / "cross_simba" / "metrics.csv").write_bytes(good[metrics] + b"7,1.5")  # a row a crash cut
+    assert len(evaluate.read_run(run)[0]) == 6
 
 
 def test_training_time_and_read_run(tmp_path):
@@ -886,9 +912,10 @@ def test_training_time_and_read_run(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     (d / "metrics.csv").write_text("step,loss,caption_score\n1,2.5,\n2,2.0,0.5\n")
-    (d / "config.json").write_text(json.dumps({"args": {"lr": 0.001}}))
+    saved = {"args": {k: 1 for k in evaluate.BUDGET}}
+    (d / "config.json").write_text(json.dumps(saved))
     assert evaluate.read_run(str(d)) == ([{"step": 1.0, "loss": 2.5, "caption_score": None},
-                                          {"step": 2.0, "loss": 2.0, "caption_score": 0.5}], {"args": {"lr": 0.001}})
+                                          {"step": 2.0, "loss": 2.0, "caption_score": 0.5}], saved)
 
 
 def test_long_windows_state_norms_and_default_report(tmp_path, capsys, monkeypatch):
@@ -957,6 +984,17 @@ def test_check_output_file_messages(tmp_path, capsys, monkeypatch):
         evaluate.check_output_file(str(tmp_path / "r.json"), "--out")
     assert seen == [(str(tmp_path), os.W_OK | os.X_OK)]
     assert _one_line_error(capsys) == f"evaluate.py: error: --out {tmp_path / 'r.json'}: cannot write in {tmp_path}"
+    monkeypatch.undo()
+    # an existing file: replaced only when it is a report of the same kind (a rerun's), else kept
+    (tmp_path / "old.json").write_text('{"generated": "g", "reference": "r", "settings": {}}')
+    assert evaluate.check_output_file(str(tmp_path / "old.json"), keys=("generated", "settings")).endswith("old.json")
+    for name, content in (("take.wav", b"RIFF audio"), ("victim.pt", b"PK weights"), ("other.json", b'{"a": 1}')):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit) as e:
+            evaluate.check_output_file(str(tmp_path / name), keys=("generated", "settings"))
+        assert e.value.code == 2 and (tmp_path / name).read_bytes() == content
+        assert _one_line_error(capsys) == (f"evaluate.py: error: --out {tmp_path / name}: exists and is not a report "
+                                           "of evaluate.py; give a new file name")
 
 
 def test_convergence_skips_finished_runs_and_resumes_the_others(tmp_path, capsys, monkeypatch):

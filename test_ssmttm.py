@@ -4599,8 +4599,9 @@ BAD_TRAIN_FLAGS = [
     (["--ckpt-every", "0"], "argument --ckpt-every: expected a whole number of at least 1, not '0'"),
     (["--log-every", "0"], "argument --log-every: expected a whole number of at least 1, not '0'"),
     (["--cfg-dropout", "2"], "argument --cfg-dropout: expected a finite number of at least 0 and below 1, not '2'"),
-    (["--lr", "nan"], "argument --lr: expected a finite number above 0, not 'nan'"),
-    (["--lr", "-1"], "argument --lr: expected a finite number above 0, not '-1'"),
+    (["--lr", "nan"], "argument --lr: expected a finite number above 0 and at most 1, not 'nan'"),
+    (["--lr", "-1"], "argument --lr: expected a finite number above 0 and at most 1, not '-1'"),
+    (["--lr", "1e30"], "argument --lr: expected a finite number above 0 and at most 1, not '1e30'"),
     (["--dropout", "1.5"], "argument --dropout: expected a finite number of at least 0 and below 1, not '1.5'"),
     (["--d-model", "100"], "argument --d-model: expected a multiple of 16 for prefix_simba (Mamba-2 splits 2 x "
                            "d_model channels into heads of 32), not 100"),
@@ -4612,7 +4613,8 @@ BAD_TRAIN_FLAGS = [
     (["--warmup", "-5"], "argument --warmup: expected a whole number of at least 0, not '-5'"),
     (["--eval-every", "-1"], "argument --eval-every: expected a whole number of at least 0, not '-1'"),
     (["--steps", "1e3"], "argument --steps: expected a whole number of at least 1, not '1e3'"),
-    (["--weight-decay", "inf"], "argument --weight-decay: expected a finite number of at least 0, not 'inf'"),
+    (["--weight-decay", "inf"], "argument --weight-decay: expected a finite number from 0 to 1, not 'inf'"),
+    (["--weight-decay", "1e300"], "argument --weight-decay: expected a finite number from 0 to 1, not '1e300'"),
     (["--stop-after", "-1"], "argument --stop-after: expected a whole number of at least 0, not '-1'"),
     (["--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, not 'gpu'"),
     (["--stage", "3"], "argument --stage: invalid choice: 3 (choose from 1, 2)"),
@@ -4712,6 +4714,24 @@ def test_bench_refuses_a_chunk_the_kernels_cannot_run_in_one_line(monkeypatch, c
         bench.main()
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].endswith("--chunk-sizes: a chunk length is a power of two >= 16, not '100'")
+
+
+def test_bench_checks_its_output_paths_and_kernel_rows_before_any_work(monkeypatch, capsys, tmp_path):
+    import bench
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(bench, "run_section", lambda *a: pytest.fail("a section ran"))
+    for argv, message in (
+            (["--quick", "--only", "layer", "--json", str(tmp_path / "no" / "x.json")],
+             f"bench.py: --json {tmp_path}/no/x.json: cannot write this file (a folder, or its folder is missing or "
+             "takes no new files)"),
+            (["--quick", "--only", "ddp", "--ddp-dir", str(tmp_path / "file")],
+             f"--ddp-dir {tmp_path}/file: it exists and is not a folder"),
+            (["--kernel-rows", "2,129"], "argument --kernel-rows: expected a whole number from 1 to 128, not '129'")):
+        monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            bench.main()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.rstrip().endswith(message)
 
 
 def test_bench_counts_overlapping_kernels_once_in_the_busy_time():
@@ -5297,7 +5317,8 @@ def test_resume_does_not_keep_cuda_graphs(tmp_path):
 
 
 @pytest.mark.parametrize("script, flags, message", [
-    ("train.py", ["--lr", "nan"], "train.py: error: argument --lr: expected a finite number above 0, not 'nan'"),
+    ("train.py", ["--lr", "nan"], "train.py: error: argument --lr: expected a finite number above 0 and at most 1, "
+                                  "not 'nan'"),
     ("generate.py", ["a piece", "--seconds", "inf"],
      "generate.py: error: argument --seconds: expected a finite number from 0.0059 to 3600, not 'inf'"),
     ("bench.py", ["--batches", "4,0"], "bench.py: error: argument --batches: expected a whole number of at least 1, "
@@ -5724,8 +5745,9 @@ BAD_GENERATE_FLAGS = [
     (["--temperature", "-1"], "argument --temperature: expected a finite number of at least 0, not '-1'"),
     (["--temperature", "nan"], "argument --temperature: expected a finite number of at least 0, not 'nan'"),
     (["--temperature", "1e-40"], "argument --temperature: expected 0 (greedy) or at least 0.0001, not '1e-40'"),
-    (["--cfg", "nan"], "argument --cfg: expected a finite number of at least 0, not 'nan'"),
-    (["--stage2-cfg=-inf"], "argument --stage2-cfg: expected a finite number of at least 0, not '-inf'"),
+    (["--cfg", "nan"], "argument --cfg: expected a finite number from 0 to 100, not 'nan'"),
+    (["--cfg", "1e308"], "argument --cfg: expected a finite number from 0 to 100, not '1e308'"),
+    (["--stage2-cfg=-inf"], "argument --stage2-cfg: expected a finite number from 0 to 100, not '-inf'"),
     (["--stage2-steps", "0"], "argument --stage2-steps: expected a whole number of at least 1, not '0'"),
     (["--stage2-steps", "-1"], "argument --stage2-steps: expected a whole number of at least 1, not '-1'"),
     (["--batch-size", "0"], "argument --batch-size: expected a whole number of at least 1, not '0'"),

@@ -81,9 +81,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=count, help="optimizer steps in all")
     ap.add_argument("--batch-size", type=count, help="sequences per micro-batch, per process")
     ap.add_argument("--grad-accum", type=count, help="micro-batches per optimizer step")
-    ap.add_argument("--lr", type=datamod.number(0, lo_open=True))
+    ap.add_argument("--lr", type=datamod.number(0, 1, lo_open=True))
     ap.add_argument("--warmup", type=at_least_0, help="linear warm-up steps before the cosine decay")
-    ap.add_argument("--weight-decay", type=datamod.number(0), default=0.02)
+    ap.add_argument("--weight-decay", type=datamod.number(0, 1), default=0.02)
     ap.add_argument("--grad-clip", type=datamod.number(0, lo_open=True), default=1.0,
                     help="the largest gradient norm (a large value, e.g. 1e9, leaves the gradients as they are)")
     ap.add_argument("--dropout", type=probability)
