@@ -375,8 +375,20 @@ def load_text_encoder(spec, device="cpu", t5_path=None, width=None):
 # The preprocessed folder: code rows + a journal with one commit line per audio file
 
 CODES_FILE, JOURNAL_FILE, META_FILE = "clips.u16", "files.jsonl", "meta.json"
+DEFAULT_DAC = "descript/dac_44khz"  # the 44.1 kHz, 9-codebook DAC the paper uses
 LEGACY_CODES, LEGACY_INDEX = "codes.u16", "index.jsonl"  # the layout before the journal
 ROW_BYTES = N_CODEBOOKS * CLIP_FRAMES * 2
+
+
+def data_codec(folder):
+    """The DAC a preprocessed folder was encoded with (its meta.json's "dac"), or DEFAULT_DAC when it
+    does not say (a folder of the earlier layout, or none yet)."""
+    try:
+        with open(os.path.join(folder, META_FILE)) as f:
+            name = json.load(f).get("dac")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) and name else DEFAULT_DAC
 
 
 def _is_number(v):
@@ -820,7 +832,7 @@ def too_silent(clip):
     return silent_seconds(clip) > min(MAX_SILENCE_S, len(clip) / SAMPLE_RATE / 2)
 
 
-def load_dac(name_or_path="descript/dac_44khz", device="cpu"):
+def load_dac(name_or_path=DEFAULT_DAC, device="cpu"):
     """DAC 44.1 kHz through transformers.DacModel (the same weights as descript-audio-codec), in
     fp32 whatever dtype its folder stores: codes are nearest neighbours, which reduced precision moves.
     BadInput when it cannot be loaded or has another layout (check_codec)."""
@@ -912,7 +924,7 @@ def encode_file(dac, clips, batch_size, device):
     return codes
 
 
-def preprocess(audio_dir, captions_file, out, dac_name="descript/dac_44khz", batch_size=8, device=None,
+def preprocess(audio_dir, captions_file, out, dac_name=DEFAULT_DAC, batch_size=8, device=None,
                remove_vocals=False, dac=None, progress=True):
     """Audio folder + captions -> token folder (see the module docstring); prints a summary to
     stderr. dac: a loaded codec, else dac_name is loaded when there are files to encode.
@@ -992,7 +1004,7 @@ def main(argv=None):
     ap.add_argument("--captions", required=True,
                     help="JSONL or CSV mapping audio path (relative to --audio) to caption")
     ap.add_argument("--out", required=True, help="output folder (rerun to resume)")
-    ap.add_argument("--dac", default="descript/dac_44khz", help="DAC model name or local folder")
+    ap.add_argument("--dac", default=DEFAULT_DAC, help="DAC model name or local folder")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="clips per DAC batch")
     ap.add_argument("--device", type=device_name, default="auto", help="auto (cuda when available), cpu or cuda")
     ap.add_argument("--remove-vocals", action="store_true",

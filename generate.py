@@ -117,6 +117,8 @@ def parse_args(argv=None):
     datamod.check_out_folder(args.out)  # here, before any model is loaded or any prompt generated
     if args.continue_seconds is not None and args.continue_from is None:
         datamod.fail(f"--continue-seconds {args.continue_seconds:g}: needs --continue FILE")
+    if args.continue_from is not None and not os.path.isfile(args.continue_from):  # before any model is loaded
+        datamod.fail(f"--continue {args.continue_from}: not found")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -232,11 +234,11 @@ class Models:
     window: int = 0              # frames per pass past which generation goes in windows (0: one pass)
 
 
-def load_models(args, device):
-    """The stage-1 checkpoint (--ckpt, or the newest under runs/), --stage2 and the codec. On CUDA the
-    LM runs in bf16 on the kernels (fast.py) when they are installed; on a CPU, plain, in fp32."""
+def load_models(args, device, ckpt, ck2=None):
+    """The models of the stage-1 checkpoint ckpt (read from args.ckpt), the stage-2 one ck2 (from
+    args.stage2) and the codec. On CUDA the LM runs in bf16 on the kernels (fast.py) when they are
+    installed; on a CPU, plain, in fp32."""
     ckpt_path = args.ckpt
-    ckpt = read_checkpoint(ckpt_path, "stage1")
     lm = build_model(ckpt, ckpt_path, ModelConfig, TextToMusicLM)
     cfg = lm.cfg
     lm = fast.for_inference(lm.to(device), torch.bfloat16 if device == "cuda" else torch.float32)
@@ -257,7 +259,6 @@ def load_models(args, device):
         if cfg.n_codebooks != 1:
             datamod.fail(f"--stage2 fills codebooks 2..9 of a K = 1 model; {ckpt_path} already makes all "
                          f"{cfg.n_codebooks}")
-        ck2 = read_checkpoint(args.stage2, "stage2")
         codes_kind = "synthetic" if m.synthetic else "dac"  # what stage 1 was trained on, and so makes
         if ck2["codec"]["kind"] != codes_kind:
             datamod.fail(f"--stage2 {args.stage2}: trained on {ck2['codec']['kind']} codes, but {ckpt_path} makes "
@@ -268,7 +269,7 @@ def load_models(args, device):
         m.stage2_encoder = (m.text_encoder if ck2["text_encoder"] == ckpt["text_encoder"]
                             else datamod.load_text_encoder(ck2["text_encoder"], device, args.t5, m.stage2.cfg.d_text))
     if not m.synthetic and m.codec is None:
-        m.codec = datamod.load_dac(args.dac or ckpt["args"].get("dac") or "descript/dac_44khz", device)
+        m.codec = datamod.load_dac(args.dac or ckpt["args"].get("dac") or datamod.DEFAULT_DAC, device)
     return m
 
 
@@ -440,13 +441,14 @@ def plan(args):
 
 
 # What a generations.jsonl record must agree on to be the same generation as a request of this run
-SETTINGS = ("prompt", "seed", "seconds", "cfg", "top_k", "temperature", "ckpt", "stage2", "stage2_steps",
-            "stage2_cfg", "ssm_state", "continued_from", "continue_seconds", "window", "dac", "t5")
+SETTINGS = ("prompt", "seed", "seconds", "cfg", "top_k", "temperature", "ckpt", "ckpt_step", "stage2", "stage2_step",
+            "stage2_steps", "stage2_cfg", "ssm_state", "continued_from", "continue_seconds", "window", "dac", "t5")
 
 
 def settings(request, args):
     return {"prompt": request.prompt, "seed": request.seed, "seconds": args.seconds, "cfg": args.cfg,
-            "top_k": args.top_k, "temperature": args.temperature, "ckpt": args.ckpt, "stage2": args.stage2,
+            "top_k": args.top_k, "temperature": args.temperature, "ckpt": args.ckpt, "ckpt_step": args.ckpt_step,
+            "stage2": args.stage2, "stage2_step": args.stage2_step,
             "stage2_steps": args.stage2_steps if args.stage2 else None,
             "stage2_cfg": args.stage2_cfg if args.stage2 else None, "ssm_state": args.ssm_state,
             "continued_from": args.continue_from, "continue_seconds": args.continue_seconds, "window": args.window,
@@ -599,13 +601,17 @@ def name_taken(path):
 def main(argv=None):
     args = parse_args(argv)
     args.ckpt = args.ckpt or newest_checkpoint()
+    ckpt = read_checkpoint(args.ckpt, "stage1")
+    ck2 = read_checkpoint(args.stage2, "stage2") if args.stage2 else None
+    # the checkpoints' steps are settings too: a run trained on since makes other samples under the same path
+    args.ckpt_step, args.stage2_step = ckpt["step"], None if ck2 is None else ck2.get("step")
     requests = plan(args)
     todo = pending(requests, args)
     device = args.device
     if not todo:
         print(f"nothing to do: all {len(requests)} outputs are in {args.out}", file=sys.stderr)
         return
-    m = load_models(args, device)
+    m = load_models(args, device, ckpt, ck2)
     n_frames = round(args.seconds * FRAME_RATE)
     if args.continue_from:
         m.continuation = load_continuation(args, m, n_frames, device)

@@ -5591,15 +5591,24 @@ def real_data_checkpoints(tmp_path_factory, audio_dir, tiny_dac_dir, tiny_t5_dir
     tokens, with the tiny local T5 and DAC."""
     root = tmp_path_factory.mktemp("runs")
     tokens = str(root / "tokens")
-    datamod.preprocess(str(audio_dir), str(audio_dir / "captions.jsonl"), tokens, dac=datamod.load_dac(tiny_dac_dir),
-                       device="cpu", progress=False)
-    common = ["--data", tokens, "--t5", tiny_t5_dir, "--dac", tiny_dac_dir, "--steps", "2", "--batch-size", "2",
+    datamod.preprocess(str(audio_dir), str(audio_dir / "captions.jsonl"), tokens, dac_name=tiny_dac_dir,
+                       dac=datamod.load_dac(tiny_dac_dir), device="cpu", progress=False)
+    # no --dac: train.py takes the DAC the data was encoded with, from its meta.json
+    common = ["--data", tokens, "--t5", tiny_t5_dir, "--steps", "2", "--batch-size", "2",
               "--grad-accum", "1", "--frames", "64", "--warmup", "1"]
     small = ["--layers", "1", "--d-model", "64", "--d-state", "16"]
     trainmod.main([*common, *small, "--codebooks", "1", "--out", str(root / "k1")])
     trainmod.main([*common, *small, "--codebooks", "9", "--out", str(root / "k9")])
     trainmod.main([*common, "--stage", "2", "--out", str(root / "s2")])
     return root
+
+
+def test_training_on_data_takes_the_dac_the_data_was_encoded_with(real_data_checkpoints, tiny_dac_dir, tmp_path):
+    root = real_data_checkpoints  # trained without --dac on a folder data.py encoded with tiny_dac_dir
+    assert torch.load(root / "s2" / "ckpt.pt", weights_only=False)["codec"] == {"kind": "dac", "name": tiny_dac_dir}
+    assert torch.load(root / "k9" / "ckpt.pt", weights_only=False)["args"]["dac"] == tiny_dac_dir
+    (tmp_path / "meta.json").write_text('{"format": 2}')  # a folder that does not say: the paper's DAC
+    assert datamod.data_codec(str(tmp_path)) == datamod.data_codec(str(tmp_path / "none")) == "descript/dac_44khz"
 
 
 def test_generate_two_stage_and_single_stage(real_data_checkpoints, tiny_dac_dir, tmp_path):
@@ -5684,6 +5693,8 @@ def test_generate_continue_errors(real_data_checkpoints, audio_dir, tmp_path, ca
                                                               "frames), more than --seconds 5 (431 frames)")),
         ([*k9, "--continue", str(audio_dir / "corrupt.wav")], "--continue .*corrupt.wav: unreadable"),
         ([*k9, "--continue", str(tmp_path / "nope.flac")], "--continue .*nope.flac: not found"),
+        ([*k9, "--dac", str(tmp_path / "no-dac"), "--continue", str(tmp_path / "nope.wav")],
+         "--continue .*nope.wav: not found"),  # named before any model (here a DAC that cannot load) is read
         ([*k9, "--continue", str(codes)], "c.npy: 1 codebook; this output has 9"),
         ([*k9, "--continue-seconds", "2"], "--continue-seconds 2: needs --continue FILE"),
         ([*k9, "--continue", src, "--continue-seconds", "0"],
@@ -6617,6 +6628,13 @@ def test_a_rerun_with_any_other_sampling_setting_is_another_generation(synthetic
             "another --out (or, for prompts not named by an id, another --seed)\n"), flags
     run("--stage2-steps", "5", "--stage2-cfg", "1")
     assert capsys.readouterr().err == f"nothing to do: all 2 outputs are in {tmp_path}\n"
+    # the same checkpoint path, trained on since (a later step): other samples, so the name is taken
+    assert records[0]["ckpt_step"] == 2 and records[0]["stage2_step"] is None
+    real_read = genmod.read_checkpoint
+    monkeypatch.setattr(genmod, "read_checkpoint", lambda *a, **k: {**real_read(*a, **k), "step": 3})
+    with pytest.raises(SystemExit) as e:
+        run()
+    assert e.value.code == 2 and "exists (a generation with other settings)" in capsys.readouterr().err
 
 
 def test_both_stages_of_a_prompt_draw_from_its_own_generator(real_data_checkpoints, tiny_dac_dir, tmp_path,

@@ -137,7 +137,8 @@ def parse_args(argv=None):
                     help="on CUDA: torch's dropout on each sublayer's output instead of a mask drawn inside the add "
                          "+ norm kernel (fast.FastOptions.fused_residual_dropout)")
     ap.add_argument("--t5", default="google/flan-t5-base", help="Flan-T5 name or local folder (real data)")
-    ap.add_argument("--dac", default="descript/dac_44khz", help="DAC name or local folder (stage 2, real data)")
+    ap.add_argument("--dac", help="DAC name or local folder (stage 2, real data; default: the one data.py encoded "
+                                  "--data with, from its meta.json)")
     ap.add_argument("--eval-every", type=at_least_0,
                     help="steps between caption-score evaluations (synthetic set; 0: none)")
     ap.add_argument("--ckpt-every", type=count, help="steps between checkpoints (one is also written at the end)")
@@ -155,6 +156,8 @@ def parse_args(argv=None):
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if args.dac is None:
+        args.dac = datamod.data_codec(args.data) if args.data else datamod.DEFAULT_DAC
     if args.cfg_dropout is None:
         args.cfg_dropout = 0.1 if args.stage == 1 else 0.2
     if args.out is None:
