@@ -581,7 +581,10 @@ def write_outputs(m, requests, codes, audio, timings, n_frames, args):
             record.update(prompt_frames=frames, prompt_seconds=round(frames / FRAME_RATE, 4))
         if m.synthetic:
             record["caption_score"] = datamod.caption_score(c, prompt)
-            print(f"{name}: caption score {record['caption_score']:.3f}  ({prompt})")
+            unscored = "" if any(datamod.caption_rules(prompt)) else (  # with K = 1 nothing to score: 0
+                "; it names no rule of the synthetic set: an instrument (" + "/".join(datamod.INSTRUMENTS)
+                + "), a scale (" + "/".join(datamod.SCALES) + ") or a tempo (" + "/".join(datamod.TEMPOS) + ")")
+            print(f"{name}: caption score {record['caption_score']:.3f}  ({prompt}){unscored}")
         else:
             import soundfile as sf  # only when there is audio to write
             wav = peak_normalise(audio[i][:n_frames * datamod.HOP])

@@ -5738,10 +5738,15 @@ def test_generate_errors(real_data_checkpoints, tmp_path, capsys):
 
 def test_generate_synthetic_checkpoint_prints_caption_score(tmp_path, capsys):
     trainmod.main(tiny_train_args(tmp_path / "syn", "--steps", "2"))
-    genmod.main(["a calm slow piano piece in a major scale", "--ckpt", str(tmp_path / "syn" / "ckpt.pt"),
-                 "--seconds", "0.5", "--out", str(tmp_path / "gen")])
+    genmod.main(["a calm slow piano piece in a major scale", "an energetic drum and bass track",
+                 "--ckpt", str(tmp_path / "syn" / "ckpt.pt"), "--seconds", "0.5", "--out", str(tmp_path / "gen")])
     captured = capsys.readouterr()
-    assert "no audio to decode" in captured.err and "caption score" in captured.out
+    first, second = [line for line in captured.out.splitlines() if "caption score" in line]
+    assert "no audio to decode" in captured.err and "names no rule" not in first
+    # a prompt outside the set's words scores 0 with nothing to score: said on its line
+    assert second == ("s1-0001-an-energetic-drum-and-bass-track: caption score 0.000  (an energetic drum and bass "
+                      "track); it names no rule of the synthetic set: an instrument (piano/guitar/strings/synth), a "
+                      "scale (major/minor/pentatonic/blues) or a tempo (slow/moderate/fast)")
     record = json.loads(open(tmp_path / "gen" / "generations.jsonl").readline())
     assert "wav" not in record and record["caption_score"] == datamod.caption_score(
         np.load(record["codes"]), "a calm slow piano piece in a major scale")
