@@ -17,7 +17,8 @@ Real data (paper, section III-C), preprocessed once:
   below -60 dBFS, and a clip goes when more than 15 s (or more than half of a shorter clip) is
   silent. The clips are encoded by DAC 44.1 kHz (checked when loaded: 44100 Hz, hop 512, 9
   codebooks of 1024) into 9 x 2584 codes. A file that is missing, unreadable or empty, or has NaN
-  or infinite samples, is skipped and listed at the end; a rerun tries it again. The summary also
+  or infinite samples, is skipped and listed at the end (the run then exits with code 2, the other
+  files committed); a rerun tries it again. The summary also
   counts the clips dropped as silent and names the files too short for a clip.
 
   The output folder:
@@ -1011,7 +1012,9 @@ def main(argv=None):
                     help="remove vocals with HTDemucs first (pip install demucs)")
     args = ap.parse_args(argv)
     device = None if args.device == "auto" else args.device
-    preprocess(args.audio, args.captions, args.out, args.dac, args.batch_size, device, args.remove_vocals)
+    skipped = preprocess(args.audio, args.captions, args.out, args.dac, args.batch_size, device, args.remove_vocals)
+    if skipped:  # the rest is committed; the exit code tells a script that some input was bad
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -4019,6 +4019,13 @@ def test_failed_first_run_then_rerun_with_dac_path(songs, tiny_dac_dir, fake_dac
     assert cli(monkeypatch, *args, "--dac", tiny_dac_dir) == 0
     assert json.load(open(out / "meta.json"))["dac"] == tiny_dac_dir
     assert_rows(rows(out), WANT)
+    # a file that cannot be read is skipped, the others committed, and the exit code says so (2)
+    write_jsonl(tmp_path / "more.jsonl", [*map(json.loads, open(songs / "captions.jsonl")),
+                                          {"audio": "missing.wav", "caption": "gone"}])
+    assert cli(monkeypatch, *args[:2], "--captions", tmp_path / "more.jsonl", *args[4:], "--dac", tiny_dac_dir) == 2
+    assert capsys.readouterr().err.splitlines()[-2:] == ["1 file skipped (a rerun tries them again):",
+                                                         "  missing.wav: not found"]
+    assert_rows(rows(out), WANT)
     # once something is committed, the settings are the folder's
     assert cli(monkeypatch, *args, "--dac", "descript/dac_44khz") == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
