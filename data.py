@@ -327,8 +327,8 @@ class T5TextEncoder:
 
     def __init__(self, name_or_path="google/flan-t5-base", max_tokens=256, device="cpu", width=None):
         from transformers import AutoTokenizer, T5EncoderModel
+        self.model = from_pretrained(T5EncoderModel, name_or_path, "the T5 text encoder", "--t5")  # its kind checked
         self.tokenizer = from_pretrained(AutoTokenizer, name_or_path, "the T5 text encoder", "--t5")
-        self.model = from_pretrained(T5EncoderModel, name_or_path, "the T5 text encoder", "--t5")
         if width is not None and self.model.config.d_model != width:
             fail(f"the T5 text encoder {str(name_or_path)!r} gives states {self.model.config.d_model} wide, and the "
                  f"model reads {width} (Flan-T5-base's width); pass that encoder (--t5 PATH)")
@@ -357,11 +357,30 @@ def from_pretrained(cls, name_or_path, what, flag):
     it cannot be loaded, with the way out: a local folder passed by `flag`."""
     if (os.path.isabs(name_or_path) or name_or_path.startswith(".")) and not os.path.isdir(name_or_path):
         fail(f"{what} {name_or_path!r}: no such local folder")
+    check_model_type(cls, name_or_path, what, flag)
     try:
         return cls.from_pretrained(name_or_path)
     except Exception as e:  # not found (OSError), or a folder cut short or damaged (safetensors', tokenizers' errors)
         fail(f"could not load {what} {name_or_path!r} ({(str(e).splitlines() or [type(e).__name__])[0]}); "
              f"without internet, download it elsewhere and pass its local folder ({flag} PATH)")
+
+
+def check_model_type(cls, name_or_path, what, flag):
+    """BadInput when name_or_path is a local folder whose config.json is of another kind of model
+    than cls loads (a T5 folder passed as DAC, say): from_pretrained would load it anyway, print a
+    report of every weight it lacks, and leave a model of random weights or a late error."""
+    expected = getattr(getattr(cls, "config_class", None), "model_type", None)
+    config = os.path.join(name_or_path, "config.json")
+    if not expected or not os.path.isfile(config):
+        return
+    try:
+        with open(config) as f:
+            found = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # from_pretrained names a damaged config itself
+    if found and found != expected:
+        fail(f"{what} {name_or_path!r}: a {found} model's folder (its config.json), not {expected}; pass the "
+             f"{expected} model's folder ({flag} PATH)")
 
 
 def load_text_encoder(spec, device="cpu", t5_path=None, width=None):

@@ -3654,6 +3654,25 @@ def test_t5_encoder_from_local_folder(tiny_t5_dir, capsys):
         datamod.T5TextEncoder(str(tiny_t5_dir) + "-missing")
 
 
+def test_a_model_folder_of_another_kind_is_one_line(tiny_t5_dir, tiny_dac_dir, capsys):
+    # from_pretrained loads a T5 folder as DAC (or the reverse) with a report of every weight it lacks,
+    # 80 lines, and random weights: the folder's config.json says what it is, and is checked first
+    import evaluate
+    for load, path, message in (
+            (datamod.load_dac, tiny_t5_dir, f"DAC '{tiny_t5_dir}': a t5 model's folder (its config.json), not dac; "
+                                            "pass the dac model's folder (--dac PATH)"),
+            (lambda p: datamod.T5TextEncoder(p), tiny_dac_dir,
+             f"the T5 text encoder '{tiny_dac_dir}': a dac model's folder (its config.json), not t5; pass the t5 "
+             "model's folder (--t5 PATH)"),
+            (lambda p: evaluate.load_clap(p, "cpu"), tiny_t5_dir,
+             f"the CLAP model '{tiny_t5_dir}': a t5 model's folder (its config.json), not clap; pass the clap "
+             "model's folder (--clap PATH)")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            load(path)
+        assert e.value.code == 2 and capsys.readouterr().err == message + "\n"
+
+
 def test_a_t5_of_another_width_is_one_line_in_train_and_generate(tiny_t5_dir, synthetic_checkpoint, tmp_path, capsys):
     # flan-t5-small's states are 512 wide; the models' text projections read 768 (Flan-T5-base): a
     # matrix product would fail mid-step with a traceback
