@@ -51,6 +51,14 @@ MAX_ID_BYTES = 200  # an id names its files: <id>.npy and a temporary .<id>.npy.
 MIN_SECONDS = math.ceil(0.5 / FRAME_RATE * 1e4) / 1e4  # 0.0059 s, the shortest that rounds to one frame
 
 
+def _encodable(text):
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:  # a lone surrogate, from a file's escaped JSON
+        return False
+
+
 def temperature(text):
     """An argparse type: 0 (greedy) or a finite number from ssmttm.MIN_TEMPERATURE on."""
     value = datamod.number(0)(text)
@@ -107,10 +115,11 @@ def parse_args(argv=None):
     for i, (key, p) in enumerate(prompts, 1):
         if not p.strip():
             ap.error(f"prompt {i} is empty")
-        if key is not None and (os.sep in key or key.startswith(".") or "\0" in key
-                                or len(key.encode()) > MAX_ID_BYTES):
+        if key is not None and (os.sep in key or key.startswith(".") or any(c < " " for c in key)
+                                or len(key.encode(errors="replace")) > MAX_ID_BYTES or not _encodable(key)):
             datamod.fail(f"{args.prompts_file}: the id {key[:40]!r}{'...' * (len(key) > 40)} cannot name a file "
-                         f"(no {os.sep}, no leading dot, at most {MAX_ID_BYTES} bytes)")
+                         f"(no {os.sep}, no leading dot, no control characters, at most {MAX_ID_BYTES} bytes of "
+                         "UTF-8)")
     args.prompts = [(key, p.strip()) for key, p in prompts]
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         datamod.fail(f"{args.out}: exists and is not a folder")
@@ -440,6 +449,8 @@ def plan(args):
             for i, (key, prompt) in enumerate(args.prompts)]
 
 
+# Settings that records written before they were added lack: such a record is not told apart by them
+LATER_SETTINGS = ("ckpt_step", "stage2_step")
 # What a generations.jsonl record must agree on to be the same generation as a request of this run
 SETTINGS = ("prompt", "seed", "seconds", "cfg", "top_k", "temperature", "ckpt", "ckpt_step", "stage2", "stage2_step",
             "stage2_steps", "stage2_cfg", "ssm_state", "continued_from", "continue_seconds", "window", "dac", "t5")
@@ -529,19 +540,22 @@ def pending(requests, args, clean=False):
     for r in requests:
         record = done.get(r.name)
         if record is not None:
-            if any(record.get(k) != v for k, v in settings(r, args).items()):
+            wanted = {k: v for k, v in settings(r, args).items() if k in record or k not in LATER_SETTINGS}
+            if any(record.get(k) != v for k, v in wanted.items()):
                 name_taken(os.path.join(args.out, r.name + ".npy"))
             continue
         for path in (os.path.join(args.out, r.name + ext) for ext in OUTPUT_EXTENSIONS):
             if os.path.exists(path) and r.name not in begun:
                 datamod.fail(f"{path} exists and no run of generate.py began it in this folder: it is kept; "
-                             "pass another --out")
+                             f"pass another --out (or, if an interrupted run before {STARTED} existed left it, "
+                             "move it away)")
             if os.path.exists(path) and clean:
                 os.unlink(path)
         todo.append(r)
     if clean:  # write_new's temporary files (.<name>.<ext>.<pid>.tmp) that a kill left behind
         for name in os.listdir(args.out):
-            if re.fullmatch(r"\..+\.(npy|wav|png)\.\d+\.tmp", name):
+            cut = re.fullmatch(r"\.(.+)\.(npy|wav|png)\.\d+\.tmp", name)
+            if cut and cut.group(1) in begun:
                 os.unlink(os.path.join(args.out, name))
     return todo
 

@@ -5817,9 +5817,9 @@ def test_bad_generate_files_are_one_line_and_exit_2(tmp_path, capsys):
                            f"--out {tmp_path}/file/sub: {tmp_path}/file exists and is not a folder"),
                           (["--prompts", tmp_path / "long.jsonl"],
                            f"{tmp_path}/long.jsonl: the id {'x' * 40!r}... cannot name a file (no /, no leading dot, "
-                           "at most 200 bytes)"),
+                           "no control characters, at most 200 bytes of UTF-8)"),
                           (["--prompts", tmp_path / "nul.jsonl"], f"{tmp_path}/nul.jsonl: the id 'a\\x00b' cannot "
-                           "name a file (no /, no leading dot, at most 200 bytes)"),
+                           "name a file (no /, no leading dot, no control characters, at most 200 bytes of UTF-8)"),
                           (["--prompts", tmp_path / "latin1.txt"],
                            f"{tmp_path}/latin1.txt:2: not UTF-8 (byte 0xe9); save the file as UTF-8"),
                           (["--prompts", tmp_path / "none.txt"], f"{tmp_path}/none.txt: prompts file not found"),
@@ -5988,19 +5988,34 @@ def test_generate_keeps_files_it_did_not_write_and_one_run_at_a_time_writes_a_fo
     with pytest.raises(SystemExit) as e:
         run(refs)
     assert e.value.code == 2 and capsys.readouterr().err == (
-        f"{refs}/b.wav exists and no run of generate.py began it in this folder: it is kept; pass another --out\n")
+        f"{refs}/b.wav exists and no run of generate.py began it in this folder: it is kept; pass another --out (or, "
+        "if an interrupted run before .started existed left it, move it away)\n")
     assert sorted(os.listdir(refs)) == ["b.wav"] and (refs / "b.wav").read_bytes() == b"the user's reference"
     busy = tmp_path / "busy"
     busy.mkdir()
-    with open(busy / ".started", "ab") as other:  # another generate.py's lock on the folder
+    # another generate.py's lock on the folder, while it writes a.npy
+    with open(busy / ".started", "ab", buffering=0) as other:
         fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        other.write(b"a\n")
+        (busy / "a.npy").write_bytes(b"being written")
+        (busy / ".a.npy.77.tmp").write_bytes(b"being written")
         with pytest.raises(SystemExit) as e:
             run(busy)
     assert e.value.code == 2 and capsys.readouterr().err.endswith(
         f"{busy}: another generate.py is writing to this folder; wait for it, or pass another --out\n")
-    assert sorted(os.listdir(busy)) == [".started"]
-    run(busy)  # the lock is gone with its holder
-    assert sorted(os.listdir(busy)) == [".started", "a.npy", "b.npy", "generations.jsonl"]
+    assert sorted(os.listdir(busy)) == [".a.npy.77.tmp", ".started", "a.npy"]  # its files untouched
+    (tmp_path / ".b.npy.88.tmp").write_bytes(b"not in this folder's .started")
+    shutil.copy(tmp_path / ".b.npy.88.tmp", busy)
+    run(busy)  # the lock is gone with its holder: its unfinished a is redone, and its temporary file removed
+    assert sorted(os.listdir(busy)) == [".b.npy.88.tmp", ".started", "a.npy", "b.npy", "generations.jsonl"]
+    # a record written before the checkpoints' steps were settings: the same generation still
+    lines = [json.loads(line) for line in open(busy / "generations.jsonl")]
+    (busy / "generations.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items()
+                                                                if k not in ("ckpt_step", "stage2_step")}) + "\n"
+                                                    for r in lines))
+    capsys.readouterr()
+    run(busy)
+    assert capsys.readouterr().err == f"nothing to do: all 2 outputs are in {busy}\n"
 
 
 def test_a_prompt_of_long_words_names_its_files_within_the_file_system_limit(synthetic_checkpoint, tmp_path):
@@ -6009,6 +6024,7 @@ def test_a_prompt_of_long_words_names_its_files_within_the_file_system_limit(syn
     name = "s0-0000-" + "a" * 80  # the slug: its first words, at most 80 characters
     assert json.loads(open(tmp_path / "generations.jsonl").read())["name"] == name
     assert (tmp_path / f"{name}.npy").exists() and genmod.slug("-- b " + "c" * 79 + " d") == "b-" + "c" * 78
+    assert genmod.slug("a" * 79 + " b") == "a" * 79  # not ending in the joining dash the cut left
 
 
 def test_a_prompt_gets_its_codes_in_any_batch_and_an_evaluation_set_is_named_by_id(synthetic_checkpoint, tmp_path):
@@ -6500,13 +6516,15 @@ def test_generate_window_below_0_is_one_line_and_exit_2(capsys):
 def test_generate_ids_that_cannot_name_a_file_are_one_line_and_exit_2(tmp_path, capsys):
     # an id names <id>.npy: no separator, no leading dot (hidden, or ".."), at most 200 bytes of UTF-8
     # (not characters: "é" is 2 bytes, so 101 of them are too long though 200 ASCII ones are not)
-    for i, key in enumerate([".hidden", "a/b", "é" * 101]):
+    # and no control character: a newline would split the id in two in OUT/.started; nor a lone surrogate
+    for i, key in enumerate([".hidden", "a/b", "é" * 101, "a\nb", "a\tb", "a\ud800"]):
         write_jsonl(tmp_path / f"{i}.jsonl", [{"id": key, "caption": "a calm piece"}])
         with pytest.raises(SystemExit) as e:
             genmod.parse_args(["--prompts", str(tmp_path / f"{i}.jsonl"), "--out", str(tmp_path)])
         shown = repr(key[:40]) + "..." * (len(key) > 40)
         assert e.value.code == 2 and capsys.readouterr().err == (
-            f"{tmp_path}/{i}.jsonl: the id {shown} cannot name a file (no /, no leading dot, at most 200 bytes)\n")
+            f"{tmp_path}/{i}.jsonl: the id {shown} cannot name a file (no /, no leading dot, no control characters, "
+            "at most 200 bytes of UTF-8)\n")
     write_jsonl(tmp_path / "ok.jsonl", [{"id": "é" * 100, "caption": "a"}, {"id": "x" * 200, "caption": "b"}])
     assert [k for k, _ in genmod.parse_args(["--prompts", str(tmp_path / "ok.jsonl"), "--out", str(tmp_path)]).prompts
             ] == ["é" * 100, "x" * 200]
@@ -6666,6 +6684,10 @@ def test_a_rerun_with_any_other_sampling_setting_is_another_generation(synthetic
     with pytest.raises(SystemExit) as e:
         run()
     assert e.value.code == 2 and "exists (a generation with other settings)" in capsys.readouterr().err
+    args = genmod.parse_args(["a piece", "--ckpt", "k1.pt", "--stage2", "s2.pt"])
+    args.ckpt_step, args.stage2_step = 2, 7  # as main reads them from the two checkpoints
+    assert {k: v for k, v in genmod.settings(genmod.plan(args)[0], args).items() if "step" in k} == {
+        "ckpt_step": 2, "stage2_step": 7, "stage2_steps": 100}
 
 
 def test_both_stages_of_a_prompt_draw_from_its_own_generator(real_data_checkpoints, tiny_dac_dir, tmp_path,
