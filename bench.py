@@ -1231,6 +1231,16 @@ def decode_setup(text):
     return text
 
 
+def is_rows_file(path):
+    """Whether path holds what --json writes (a JSON object with a header and rows): a rerun may replace it."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and {"header", "rows"} <= set(old)
+
+
 def main():
     ap = datamod.ArgumentParser(prog="bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1306,6 +1316,8 @@ def main():
         if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
             datamod.fail(f"bench.py: --json {args.json}: cannot write this file (a folder, or its folder is missing "
                          "or takes no new files)")
+        if os.path.exists(args.json) and not is_rows_file(args.json):
+            datamod.fail(f"bench.py: --json {args.json}: exists and is not a file of bench.py's rows; give a new name")
     if any(section.startswith("ddp") for section in args.only):
         datamod.check_out_folder(args.ddp_dir, "--ddp-dir")
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"

@@ -400,6 +400,12 @@ LEGACY_CODES, LEGACY_INDEX = "codes.u16", "index.jsonl"  # the layout before the
 ROW_BYTES = N_CODEBOOKS * CLIP_FRAMES * 2
 
 
+def model_location(name_or_path):
+    """A model's hub name as it is, a local folder as an absolute path: where a checkpoint can find it
+    again from any working directory."""
+    return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+
+
 def data_codec(folder):
     """The DAC a preprocessed folder was encoded with (its meta.json's "dac"), or DEFAULT_DAC when it
     does not say (a folder of the earlier layout, or none yet)."""
@@ -508,8 +514,8 @@ class TokenDataset:
         if rows is not None:  # the first `rows` committed clips: what the folder held when a run began
             held = committed_rows(self.index)
             if held < rows:
-                fail(f"{folder}: holds {held} clips, fewer than the {rows} that this run began with; resume it on "
-                     "that data, or start a new run")
+                fail(f"{folder}: holds {plural(held, 'clip')}, fewer than the {rows} that this run began with; "
+                     "resume it on that data, or start a new run")
             self.index = [clip for clip in self.index if clip["row"] < rows]
         self.tracks = len({clip["source"] for clip in self.index})
         if clips_per_track:

@@ -4752,12 +4752,17 @@ def test_bench_checks_its_output_paths_and_kernel_rows_before_any_work(monkeypat
              "takes no new files)"),
             (["--quick", "--only", "ddp", "--ddp-dir", str(tmp_path / "file")],
              f"--ddp-dir {tmp_path}/file: it exists and is not a folder"),
-            (["--kernel-rows", "2,129"], "argument --kernel-rows: expected a whole number from 1 to 128, not '129'")):
+            (["--kernel-rows", "2,129"], "argument --kernel-rows: expected a whole number from 1 to 128, not '129'"),
+            (["--quick", "--only", "layer", "--json", str(tmp_path / "file")],
+             f"bench.py: --json {tmp_path}/file: exists and is not a file of bench.py's rows; give a new name")):
         monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
         with pytest.raises(SystemExit) as e:
             bench.main()
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and err.rstrip().endswith(message)
+    assert (tmp_path / "file").read_text() == ""
+    (tmp_path / "rows.json").write_text('{"header": {}, "rows": []}')  # an earlier run's: replaced
+    assert bench.is_rows_file(str(tmp_path / "rows.json")) and not bench.is_rows_file(str(tmp_path / "file"))
 
 
 def test_bench_counts_overlapping_kernels_once_in_the_busy_time():
@@ -5637,6 +5642,15 @@ def test_training_on_data_takes_the_dac_the_data_was_encoded_with(real_data_chec
     assert datamod.data_codec(str(tmp_path)) == datamod.data_codec(str(tmp_path / "none")) == "descript/dac_44khz"
 
 
+def test_a_run_keeps_local_model_folders_as_absolute_paths(tiny_t5_dir, tmp_path, monkeypatch):
+    # the checkpoint keeps --t5 and --dac, and generate.py reads them from another working directory
+    shutil.copytree(tiny_t5_dir, tmp_path / "models" / "t5")
+    monkeypatch.chdir(tmp_path)
+    args, _ = trainmod.parse_args(["--t5", "models/t5", "--dac", "models/none", "--out", str(tmp_path / "r")])
+    assert (args.t5, args.dac) == (str(tmp_path / "models" / "t5"), "models/none")  # a hub name stays a name
+    assert datamod.model_location("google/flan-t5-base") == "google/flan-t5-base"
+
+
 def test_generate_two_stage_and_single_stage(real_data_checkpoints, tiny_dac_dir, tmp_path):
     import soundfile as sf
     from matplotlib.image import imread
@@ -6383,11 +6397,24 @@ def test_a_resumed_run_reads_the_clips_it_began_with_while_data_py_adds_more(tmp
     assert read_losses(tmp_path / "a") == read_losses(tmp_path / "b") and len(read_losses(tmp_path / "a")) == 6
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["args"]["data_rows"] == 3
     assert len(datamod.TokenDataset(growing)) == 4 and len(datamod.TokenDataset(growing, rows=3)) == 3
+    ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)  # as saved before runs kept the count
+    del ckpt["args"]["data_rows"]
+    torch.save(ckpt, tmp_path / "b" / "ckpt.pt")
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:  # resumed on a folder with fewer clips than the run began with
-        trainmod.main(tiny_train_args(tmp_path / "a", "--data", tiny_token_folder(tmp_path / "small"), *common,
-                                      "--steps", "7", "--resume"))
-    assert e.value.code == 2
+    trainmod.main(tiny_train_args(tmp_path / "b", "--data", growing, *common, "--steps", "7", "--resume"))
+    assert (f"note: {tmp_path / 'b'}/ckpt.pt does not say how many clips its run began with; it goes on with those "
+            f"{growing} holds now") in capsys.readouterr().err
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["args"]["data_rows"] == 4
+    shutil.rmtree(growing)  # the folder made again, with fewer clips than the run began with
+    with datamod.ClipWriter(growing, {"format": 2}) as store:
+        store.commit({"source": "a.wav", "clips": [clip], "captions": ["one"], "seconds": 30.0, "silent": 0},
+                     [np.zeros((9, 48), np.uint16)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(tmp_path / "b", "--data", growing, *common, "--steps", "8", "--resume"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{growing}: holds 1 clip, fewer than the 4 that this run began with; resume it on that data, or start a new "
+        "run\n")
 
 
 def test_a_resumed_run_writes_where_it_is_now_and_a_new_run_keeps_other_programs_files(tmp_path, capsys):
@@ -6416,6 +6443,16 @@ def test_a_resumed_run_writes_where_it_is_now_and_a_new_run_keeps_other_programs
     with pytest.raises(SystemExit) as e:
         trainmod.main(tiny_train_args(other, "--steps", "1"))
     assert e.value.code == 2 and (other / "config.json").read_text() == '{"d_model": 768}'
+    import fcntl
+    with open(tmp_path / "q" / ".lock", "ab") as other:  # another train.py writing q now
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        before = (tmp_path / "q" / "ckpt.pt").read_bytes(), (tmp_path / "q" / "metrics.csv").read_bytes()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(tiny_train_args(tmp_path / "q", "--steps", "4", "--resume"))
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"--out {tmp_path / 'q'}: another train.py is writing to this folder\n")
+        assert ((tmp_path / "q" / "ckpt.pt").read_bytes(), (tmp_path / "q" / "metrics.csv").read_bytes()) == before
     stopped = tmp_path / "stopped"  # a run stopped before its first checkpoint: a new run replaces it
     trainmod.main(tiny_train_args(stopped, "--steps", "1"))
     (stopped / "ckpt.pt").unlink()
@@ -6431,7 +6468,10 @@ def test_resume_drops_a_metrics_row_cut_by_a_crash_and_names_a_damaged_one(tmp_p
     trainmod.main(tiny_train_args(out, "--steps", "3", "--resume"))
     assert [r["step"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["1", "2", "3"]
     assert all(None not in r.values() and r["loss"] for r in csv.DictReader(open(out / "metrics.csv")))
-    for damaged, line in (("step,loss\nabc,1\n", 2), (rows.replace("\n2,", "\n2,x", 1), 3), ("1,2\n\xff\n", None)):
+    short = rows.splitlines()[0] + "\n2,7.0\n"  # a row of fewer fields than the header
+    oops = rows.splitlines()[0] + "\n" + ",".join(["1", "7.1", "oops"] + rows.splitlines()[1].split(",")[3:]) + "\n"
+    for damaged, line in (("step,loss\nabc,1\n", 2), (rows.replace("\n2,", "\n2,x", 1), 3), ("1,2\n\xff\n", None),
+                          (short, 2), (oops, 2)):
         (out / "metrics.csv").write_bytes(damaged.encode("latin-1"))
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:

@@ -158,6 +158,8 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if args.dac is None:
         args.dac = datamod.data_codec(args.data) if args.data else datamod.DEFAULT_DAC
+    # the checkpoint keeps them, and generate.py reads them from another working directory
+    args.t5, args.dac = datamod.model_location(args.t5), datamod.model_location(args.dac)
     if args.cfg_dropout is None:
         args.cfg_dropout = 0.1 if args.stage == 1 else 0.2
     if args.out is None:
@@ -271,7 +273,7 @@ def resume_or_start(args, given, world):
 
 
 # What a run folder holds before its first checkpoint (a run stopped early), temporary files included
-RUN_FILES = {"config.json", "metrics.csv", "ckpt.pt.tmp", "config.json.tmp", "metrics.csv.tmp"}
+RUN_FILES = {"config.json", "metrics.csv", "ckpt.pt.tmp", "config.json.tmp", "metrics.csv.tmp", ".lock"}
 
 
 def check_new_run_folder(out):
@@ -311,6 +313,7 @@ def read_metrics(path, step):
         try:
             valid = None not in row and None not in row.values()  # as many fields as the header
             row_step, _ = int(row["step"]), float(row["loss"])
+            _ = [float(v) for k, v in row.items() if k in METRICS and v != ""]  # the others numbers or empty
         except (KeyError, TypeError, ValueError):
             valid = False
         if not valid:
@@ -390,6 +393,9 @@ def load_data(args, device, world):
     and every process, reads the same examples in the same order while data.py adds clips."""
     if args.data:
         if args.data_rows is None:
+            if args.resume:  # a checkpoint saved before runs kept their clips' count: nothing to restore it from
+                print(f"note: {args.out}/ckpt.pt does not say how many clips its run began with; it goes on with "
+                      f"those {args.data} holds now", file=sys.stderr)
             rows = [datamod.committed_rows(datamod.committed_clips(args.data)[0])]
             if world > 1:
                 dist.broadcast_object_list(rows, src=0)
@@ -454,6 +460,21 @@ def restore(ckpt, model, optimizer, scheduler, rank, device):
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     return ckpt["step"]
+
+
+def lock_run_folder(out):
+    """OUT/.lock open, with an exclusive lock that the OS drops when the process ends (even by kill -9);
+    one line, exit code 2, if another train.py holds it: two runs in one folder would overwrite each
+    other's checkpoint and metrics. Keep the returned file open while the run writes the folder."""
+    import fcntl  # POSIX advisory locks
+    datamod.make_folder(out)
+    f = open(os.path.join(out, ".lock"), "ab")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        datamod.fail(f"--out {out}: another train.py is writing to this folder")
+    return f
 
 
 def prepare_run_folder(args, model_config, step, resumed):
@@ -790,9 +811,11 @@ def main(argv=None):
               f"lr {args.lr} | {args.steps} steps | out {args.out}")
         if source is not None:
             print(f"starting from the weights of {args.init_from} (step {args.init_from_step})")
+        lock = lock_run_folder(args.out)  # held while this run writes the folder
         prepare_run_folder(args, model_config, step, resumed=ckpt is not None)
     step, loss = train(run, step, saved=None if ckpt is None else step)
     if run.master:
+        lock.close()
         ckpt_path = os.path.join(args.out, "ckpt.pt")
         if loss is None and step >= args.steps:
             print(f"nothing to train: {ckpt_path} is at step {step}, and --steps is {args.steps}")
