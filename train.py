@@ -802,6 +802,7 @@ def main(argv=None):
         trained = data_parallel(trained, device)
     run = Run(args, world, rank, device, dataset, n_examples, frames, text_encoder, model, trained, model_config,
               optimizer, scheduler)
+    lock = None  # rank 0's lock on the run folder (lock_run_folder), held while this run writes it
     if run.master:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         what = (f"stage 1 {args.variant}, {args.layers} blocks, d_model {args.d_model}" if args.stage == 1 else
@@ -811,11 +812,15 @@ def main(argv=None):
               f"lr {args.lr} | {args.steps} steps | out {args.out}")
         if source is not None:
             print(f"starting from the weights of {args.init_from} (step {args.init_from_step})")
-        lock = lock_run_folder(args.out)  # held while this run writes the folder
-        prepare_run_folder(args, model_config, step, resumed=ckpt is not None)
-    step, loss = train(run, step, saved=None if ckpt is None else step)
+        lock = lock_run_folder(args.out)
+    try:
+        if run.master:
+            prepare_run_folder(args, model_config, step, resumed=ckpt is not None)
+        step, loss = train(run, step, saved=None if ckpt is None else step)
+    finally:  # also on Ctrl-C or a NaN loss: a caller in this process (evaluate.py) may train here again
+        if lock is not None:
+            lock.close()
     if run.master:
-        lock.close()
         ckpt_path = os.path.join(args.out, "ckpt.pt")
         if loss is None and step >= args.steps:
             print(f"nothing to train: {ckpt_path} is at step {step}, and --steps is {args.steps}")
