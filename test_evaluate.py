@@ -786,6 +786,13 @@ def test_openl3_batches_and_one_frame_sets(weights, sets, capsys, tmp_path):
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate.py")]
         assert err == [f"evaluate.py: error: --{side} {folder}: one OpenL3 frame in all (a clip under 1 s); "
                        "a covariance needs at least 2"]
+    wav = (r / "c.wav").read_bytes()  # --out naming a reference clip by mistake: kept, before any work
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--generated", str(r), "--reference", str(g), "--metrics", "fd", "--openl3", weights["openl3"],
+                       "--out", str(r / "c.wav")])
+    assert e.value.code == 2 and (r / "c.wav").read_bytes() == wav
+    assert capsys.readouterr().err.endswith(f"--out {r / 'c.wav'}: exists and is not a report of evaluate.py; give a "
+                                            "new file name\n")
 
 
 def _fake_runs(out, n=25, lr=None):
@@ -927,7 +934,12 @@ def test_long_windows_state_norms_and_default_report(tmp_path, capsys, monkeypat
     train.main(["--variant", "prefix_simba", "--out", str(run), "--steps", "1", "--batch-size", "2", "--d-model", "32",
                 "--d-state", "16", "--frames", "8", "--layers", "1", "--eval-every", "0"])
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "other.json").write_text('{"a": 1}')  # another program's JSON: kept, before any work
     capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--long", str(run / "ckpt.pt"), "--out", str(tmp_path / "other.json")])
+    assert e.value.code == 2 and (tmp_path / "other.json").read_text() == '{"a": 1}'
+    assert "exists and is not a report of evaluate.py" in capsys.readouterr().err
     report = evaluate.main(["--long", str(run / "ckpt.pt"), "--times", "3", "--n-prompts", "3", "--seeds", "2"])
     assert json.load(open(run / "long.json")) == report                        # beside the checkpoint
     ckpt = torch.load(run / "ckpt.pt", weights_only=False)
