@@ -637,6 +637,20 @@ class ClipWriter:
         self.close()
 
 
+def exclusive_lock(path, busy):
+    """path opened for appending (unbuffered), with an exclusive lock that the OS drops when the process
+    ends, even by kill -9; BadInput(busy) if another process holds it. Keep the file open while the lock
+    is needed."""
+    import fcntl  # POSIX advisory locks
+    f = open(path, "ab", buffering=0)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        fail(busy)
+    return f
+
+
 def append_durably(f, data):
     """Append bytes to a file opened unbuffered in append mode; on return they are on disk."""
     view = memoryview(data)

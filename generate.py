@@ -517,17 +517,10 @@ def mark_started(lock, requests):
 
 
 def lock_folder(out):
-    """OUT/.started opened for appending, with an exclusive lock that the OS drops when the process
-    ends (even by kill -9); one line, exit code 2, if another generate.py holds it: two runs into one
-    folder would each take the other's unfinished files for an interrupted run's."""
-    import fcntl  # POSIX advisory locks
-    f = open(os.path.join(out, STARTED), "ab", buffering=0)
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        datamod.fail(f"{out}: another generate.py is writing to this folder; wait for it, or pass another --out")
-    return f
+    """OUT/.started opened for appending, locked (data.exclusive_lock): two runs into one folder would
+    each take the other's unfinished files for an interrupted run's."""
+    return datamod.exclusive_lock(os.path.join(out, STARTED), f"{out}: another generate.py is writing to this "
+                                  "folder; wait for it, or pass another --out")
 
 
 def pending(requests, args, clean=False):

@@ -463,18 +463,11 @@ def restore(ckpt, model, optimizer, scheduler, rank, device):
 
 
 def lock_run_folder(out):
-    """OUT/.lock open, with an exclusive lock that the OS drops when the process ends (even by kill -9);
-    one line, exit code 2, if another train.py holds it: two runs in one folder would overwrite each
-    other's checkpoint and metrics. Keep the returned file open while the run writes the folder."""
-    import fcntl  # POSIX advisory locks
+    """OUT/.lock, locked (data.exclusive_lock): two runs in one folder would overwrite each other's
+    checkpoint and metrics. Keep the returned file open while the run writes the folder."""
     datamod.make_folder(out)
-    f = open(os.path.join(out, ".lock"), "ab")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        datamod.fail(f"--out {out}: another train.py is writing to this folder")
-    return f
+    return datamod.exclusive_lock(os.path.join(out, ".lock"),
+                                  f"--out {out}: another train.py is writing to this folder")
 
 
 def prepare_run_folder(args, model_config, step, resumed):
