@@ -642,7 +642,10 @@ def exclusive_lock(path, busy):
     ends, even by kill -9; BadInput(busy) if another process holds it. Keep the file open while the lock
     is needed."""
     import fcntl  # POSIX advisory locks
-    f = open(path, "ab", buffering=0)
+    try:
+        f = open(path, "ab", buffering=0)
+    except OSError as e:  # a folder of that name, or a file of another user's
+        fail(f"{path}: cannot open it as a lock file ({e.strerror})")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

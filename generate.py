@@ -51,6 +51,12 @@ MAX_ID_BYTES = 200  # an id names its files: <id>.npy and a temporary .<id>.npy.
 MIN_SECONDS = math.ceil(0.5 / FRAME_RATE * 1e4) / 1e4  # 0.0059 s, the shortest that rounds to one frame
 
 
+def _is_control(c):
+    """A control character (C0, DEL, C1) or a line or paragraph separator: no part of a file name."""
+    import unicodedata
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp")
+
+
 def _encodable(text):
     try:
         text.encode()
@@ -115,7 +121,7 @@ def parse_args(argv=None):
     for i, (key, p) in enumerate(prompts, 1):
         if not p.strip():
             ap.error(f"prompt {i} is empty")
-        if key is not None and (os.sep in key or key.startswith(".") or any(c < " " for c in key)
+        if key is not None and (os.sep in key or key.startswith(".") or any(_is_control(c) for c in key)
                                 or len(key.encode(errors="replace")) > MAX_ID_BYTES or not _encodable(key)):
             datamod.fail(f"{args.prompts_file}: the id {key[:40]!r}{'...' * (len(key) > 40)} cannot name a file "
                          f"(no {os.sep}, no leading dot, no control characters, at most {MAX_ID_BYTES} bytes of "

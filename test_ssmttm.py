@@ -4763,6 +4763,9 @@ def test_bench_checks_its_output_paths_and_kernel_rows_before_any_work(monkeypat
     assert (tmp_path / "file").read_text() == ""
     (tmp_path / "rows.json").write_text('{"header": {}, "rows": []}')  # an earlier run's: replaced
     assert bench.is_rows_file(str(tmp_path / "rows.json")) and not bench.is_rows_file(str(tmp_path / "file"))
+    for other in ('{"a": 1}', "[]", '{"header": {}}'):  # JSON, but not bench.py's rows
+        (tmp_path / "other.json").write_text(other)
+        assert not bench.is_rows_file(str(tmp_path / "other.json"))
 
 
 def test_bench_counts_overlapping_kernels_once_in_the_busy_time():
@@ -5645,9 +5648,12 @@ def test_training_on_data_takes_the_dac_the_data_was_encoded_with(real_data_chec
 def test_a_run_keeps_local_model_folders_as_absolute_paths(tiny_t5_dir, tmp_path, monkeypatch):
     # the checkpoint keeps --t5 and --dac, and generate.py reads them from another working directory
     shutil.copytree(tiny_t5_dir, tmp_path / "models" / "t5")
+    (tmp_path / "models" / "dac").mkdir()
     monkeypatch.chdir(tmp_path)
-    args, _ = trainmod.parse_args(["--t5", "models/t5", "--dac", "models/none", "--out", str(tmp_path / "r")])
-    assert (args.t5, args.dac) == (str(tmp_path / "models" / "t5"), "models/none")  # a hub name stays a name
+    args, _ = trainmod.parse_args(["--t5", "models/t5", "--dac", "models/dac", "--out", str(tmp_path / "r")])
+    assert (args.t5, args.dac) == (str(tmp_path / "models" / "t5"), str(tmp_path / "models" / "dac"))
+    args, _ = trainmod.parse_args(["--dac", "models/none", "--out", str(tmp_path / "r")])
+    assert args.dac == "models/none"  # not a folder here: a hub name, kept as it is
     assert datamod.model_location("google/flan-t5-base") == "google/flan-t5-base"
 
 
@@ -6009,7 +6015,7 @@ def test_generate_keeps_files_it_did_not_write_and_one_run_at_a_time_writes_a_fo
     busy.mkdir()
     # another generate.py's lock on the folder, while it writes a.npy
     with open(busy / ".started", "ab", buffering=0) as other:
-        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        fcntl.flock(other.fileno(), fcntl.LOCK_SH)  # any lock at all
         other.write(b"a\n")
         (busy / "a.npy").write_bytes(b"being written")
         (busy / ".a.npy.77.tmp").write_bytes(b"being written")
@@ -6445,7 +6451,7 @@ def test_a_resumed_run_writes_where_it_is_now_and_a_new_run_keeps_other_programs
     assert e.value.code == 2 and (other / "config.json").read_text() == '{"d_model": 768}'
     import fcntl
     with open(tmp_path / "q" / ".lock", "ab") as other:  # another train.py writing q now
-        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        fcntl.flock(other.fileno(), fcntl.LOCK_SH)  # any lock at all
         before = (tmp_path / "q" / "ckpt.pt").read_bytes(), (tmp_path / "q" / "metrics.csv").read_bytes()
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
@@ -6453,6 +6459,29 @@ def test_a_resumed_run_writes_where_it_is_now_and_a_new_run_keeps_other_programs
         assert e.value.code == 2 and capsys.readouterr().err == (
             f"--out {tmp_path / 'q'}: another train.py is writing to this folder\n")
         assert ((tmp_path / "q" / "ckpt.pt").read_bytes(), (tmp_path / "q" / "metrics.csv").read_bytes()) == before
+    # a new run into a folder that another run makes and finishes meanwhile (while this one builds its
+    # model): checked again under the lock, and the other run's checkpoint kept
+    real_build = trainmod.build_model
+
+    def build_while_another_run_finishes(args, device):
+        trainmod.build_model = real_build  # (the other run builds its model as usual)
+        trainmod.main(tiny_train_args(tmp_path / "race", "--steps", "2"))
+        return real_build(args, device)
+    trainmod.build_model = build_while_another_run_finishes
+    try:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(tiny_train_args(tmp_path / "race", "--steps", "1"))
+    finally:
+        trainmod.build_model = real_build
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(
+        f"{tmp_path / 'race'}/ckpt.pt exists: pass --resume to continue it, or --out to start another run\n")
+    assert torch.load(tmp_path / "race" / "ckpt.pt", weights_only=False)["step"] == 2
+    (tmp_path / "odd" / ".lock").mkdir(parents=True)  # a lock file that cannot be opened: one line
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(tmp_path / "odd", "--steps", "1"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{tmp_path / 'odd'}/.lock: cannot open it as a lock file (Is a directory)\n")
     stopped = tmp_path / "stopped"  # a run stopped before its first checkpoint: a new run replaces it
     trainmod.main(tiny_train_args(stopped, "--steps", "1"))
     (stopped / "ckpt.pt").unlink()
@@ -6557,7 +6586,7 @@ def test_generate_ids_that_cannot_name_a_file_are_one_line_and_exit_2(tmp_path, 
     # an id names <id>.npy: no separator, no leading dot (hidden, or ".."), at most 200 bytes of UTF-8
     # (not characters: "é" is 2 bytes, so 101 of them are too long though 200 ASCII ones are not)
     # and no control character: a newline would split the id in two in OUT/.started; nor a lone surrogate
-    for i, key in enumerate([".hidden", "a/b", "é" * 101, "a\nb", "a\tb", "a\ud800"]):
+    for i, key in enumerate([".hidden", "a/b", "é" * 101, "a\nb", "a\tb", "a\x7fb", "a\x85b", "a\u2028b", "a\ud800"]):
         write_jsonl(tmp_path / f"{i}.jsonl", [{"id": key, "caption": "a calm piece"}])
         with pytest.raises(SystemExit) as e:
             genmod.parse_args(["--prompts", str(tmp_path / f"{i}.jsonl"), "--out", str(tmp_path)])

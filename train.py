@@ -247,13 +247,9 @@ def resume_or_start(args, given, world):
     if --out holds a run and --resume is not given, the checkpoint cannot be read, or it was saved by
     another number of processes (`world` now): the data each reads and the RNG states are per process."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
+    check_run_folder(args)
     if not args.resume:
-        if os.path.exists(ckpt_path):
-            datamod.fail(f"{ckpt_path} exists: pass --resume to continue it, or --out to start another run")
-        check_new_run_folder(args.out)
         return None
-    if not os.path.exists(ckpt_path):
-        datamod.fail(f"--resume: no checkpoint at {ckpt_path}")
     ckpt = load_checkpoint(ckpt_path)
     saved_world = len(ckpt["rng"])  # one RNG state per process
     if saved_world != world:
@@ -268,8 +264,22 @@ def resume_or_start(args, given, world):
     for k, v in saved.items():
         if k not in THIS_INVOCATION | {"out"} and not (k in given and k in RUNTIME):  # --out: where the run is now
             setattr(args, k, v)
+    args.t5, args.dac = datamod.model_location(args.t5), datamod.model_location(args.dac)  # as parse_args does
     args.resume = True
     return ckpt
+
+
+def check_run_folder(args):
+    """One line, exit code 2, unless --out suits the run: a checkpoint to continue for --resume; for a
+    new run, no checkpoint (pass --resume to continue it) and nothing but a run's files."""
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            datamod.fail(f"--resume: no checkpoint at {ckpt_path}")
+    else:
+        if os.path.exists(ckpt_path):
+            datamod.fail(f"{ckpt_path} exists: pass --resume to continue it, or --out to start another run")
+        check_new_run_folder(args.out)
 
 
 # What a run folder holds before its first checkpoint (a run stopped early), temporary files included
@@ -387,13 +397,13 @@ def load_source_weights(src, model, model_config, args):
     model.load_state_dict(src["model"])
 
 
-def load_data(args, device, world):
+def load_data(args, device, world, rank=0):
     """The dataset, its size (None: endless), the text encoder and the frames per sequence. A new run
     fixes args.data_rows, the clips the folder holds now (as rank 0 reads them), so that a resumed run,
     and every process, reads the same examples in the same order while data.py adds clips."""
     if args.data:
         if args.data_rows is None:
-            if args.resume:  # a checkpoint saved before runs kept their clips' count: nothing to restore it from
+            if args.resume and rank == 0:  # a checkpoint saved before runs kept their clips' count: nothing to restore
                 print(f"note: {args.out}/ckpt.pt does not say how many clips its run began with; it goes on with "
                       f"those {args.data} holds now", file=sys.stderr)
             rows = [datamod.committed_rows(datamod.committed_clips(args.data)[0])]
@@ -462,12 +472,32 @@ def restore(ckpt, model, optimizer, scheduler, rank, device):
     return ckpt["step"]
 
 
-def lock_run_folder(out):
-    """OUT/.lock, locked (data.exclusive_lock): two runs in one folder would overwrite each other's
-    checkpoint and metrics. Keep the returned file open while the run writes the folder."""
-    datamod.make_folder(out)
-    return datamod.exclusive_lock(os.path.join(out, ".lock"),
-                                  f"--out {out}: another train.py is writing to this folder")
+def busy_message(out):
+    return f"--out {out}: another train.py is writing to this folder"
+
+
+def lock_run_folder(args, world, rank):
+    """OUT/.lock, locked by rank 0 when OUT exists (data.exclusive_lock; else None: run_training locks
+    the folder it makes), after the cheap checks of check_run_folder, so that no lock file is made in a
+    folder that is not a run's. Two runs in one folder would overwrite each other's checkpoint and
+    metrics; resume_or_start checks the folder again under the lock. Under torchrun every process
+    stops (exit code 2) when rank 0 cannot lock, with rank 0's one line. Keep the returned file open
+    while the run writes the folder."""
+    lock, error = None, None
+    if rank == 0 and os.path.isdir(args.out):
+        try:
+            check_run_folder(args)
+            lock = datamod.exclusive_lock(os.path.join(args.out, ".lock"), busy_message(args.out))
+        except datamod.BadInput as e:
+            error = e
+    if world > 1:
+        ok = [error is None]
+        dist.broadcast_object_list(ok, src=0)
+        if not ok[0]:
+            raise error if error is not None else SystemExit(2)
+    if error is not None:
+        raise error
+    return lock
 
 
 def prepare_run_folder(args, model_config, step, resumed):
@@ -760,6 +790,17 @@ def train(run, step, saved):
 def main(argv=None):
     args, given = parse_args(argv)
     world, rank, device = setup_processes(args)
+    lock = lock_run_folder(args, world, rank)  # rank 0's on a folder that exists, held while this run writes it
+    try:
+        run_training(args, given, world, rank, device, lock)
+    finally:  # also on Ctrl-C, a NaN loss or bad input: a caller in this process (evaluate.py) may train again
+        if lock is not None:
+            lock.close()
+
+
+def run_training(args, given, world, rank, device, lock):
+    """main() after lock_run_folder: the run resumed or set up, trained, and reported. lock: None when
+    the folder did not exist yet; rank 0 then makes and locks it before writing there."""
     ckpt = resume_or_start(args, given, world)
     source = init_from(args, given) if ckpt is None and args.init_from else None
     args.device = device.split(":")[0]
@@ -773,7 +814,7 @@ def main(argv=None):
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
 
-    dataset, n_examples, text_encoder, frames = load_data(args, device, world)
+    dataset, n_examples, text_encoder, frames = load_data(args, device, world, rank)
     model, model_config = build_model(args, device)
     optimizer = model.configure_optimizers(args.lr, args.weight_decay, (0.9, 0.999), args.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, args) / args.lr)
@@ -795,7 +836,6 @@ def main(argv=None):
         trained = data_parallel(trained, device)
     run = Run(args, world, rank, device, dataset, n_examples, frames, text_encoder, model, trained, model_config,
               optimizer, scheduler)
-    lock = None  # rank 0's lock on the run folder (lock_run_folder), held while this run writes it
     if run.master:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         what = (f"stage 1 {args.variant}, {args.layers} blocks, d_model {args.d_model}" if args.stage == 1 else
@@ -805,14 +845,18 @@ def main(argv=None):
               f"lr {args.lr} | {args.steps} steps | out {args.out}")
         if source is not None:
             print(f"starting from the weights of {args.init_from} (step {args.init_from_step})")
-        lock = lock_run_folder(args.out)
+    late = None  # the lock on a folder this run makes (a run that stops before leaves no folder behind)
     try:
         if run.master:
+            if lock is None:
+                datamod.make_folder(args.out)
+                late = datamod.exclusive_lock(os.path.join(args.out, ".lock"), busy_message(args.out))
+                check_run_folder(args)  # again, under the lock: another run may have made the folder meanwhile
             prepare_run_folder(args, model_config, step, resumed=ckpt is not None)
         step, loss = train(run, step, saved=None if ckpt is None else step)
-    finally:  # also on Ctrl-C or a NaN loss: a caller in this process (evaluate.py) may train here again
-        if lock is not None:
-            lock.close()
+    finally:
+        if late is not None:
+            late.close()
     if run.master:
         ckpt_path = os.path.join(args.out, "ckpt.pt")
         if loss is None and step >= args.steps:
