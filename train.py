@@ -472,8 +472,10 @@ def restore(ckpt, model, optimizer, scheduler, rank, device):
     return ckpt["step"]
 
 
-def busy_message(out):
-    return f"--out {out}: another train.py is writing to this folder"
+def lock_file(out):
+    """OUT/.lock opened and locked (data.exclusive_lock); one line, exit code 2, if another train.py holds it."""
+    return datamod.exclusive_lock(os.path.join(out, ".lock"),
+                                  f"--out {out}: another train.py is writing to this folder")
 
 
 def lock_run_folder(args, world, rank):
@@ -487,7 +489,7 @@ def lock_run_folder(args, world, rank):
     if rank == 0 and os.path.isdir(args.out):
         try:
             check_run_folder(args)
-            lock = datamod.exclusive_lock(os.path.join(args.out, ".lock"), busy_message(args.out))
+            lock = lock_file(args.out)
         except datamod.BadInput as e:
             error = e
     if world > 1:
@@ -850,7 +852,7 @@ def run_training(args, given, world, rank, device, lock):
         if run.master:
             if lock is None:
                 datamod.make_folder(args.out)
-                late = datamod.exclusive_lock(os.path.join(args.out, ".lock"), busy_message(args.out))
+                late = lock_file(args.out)
                 check_run_folder(args)  # again, under the lock: another run may have made the folder meanwhile
             prepare_run_folder(args, model_config, step, resumed=ckpt is not None)
         step, loss = train(run, step, saved=None if ckpt is None else step)
