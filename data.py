@@ -355,9 +355,7 @@ class T5TextEncoder:
 def from_pretrained(cls, name_or_path, what, flag):
     """cls.from_pretrained(name_or_path): a hub name or a local folder. BadInput naming `what` when
     it cannot be loaded, with the way out: a local folder passed by `flag`."""
-    if (os.path.isabs(name_or_path) or name_or_path.startswith(".")) and not os.path.isdir(name_or_path):
-        fail(f"{what} {name_or_path!r}: no such local folder")
-    check_model_type(cls, name_or_path, what, flag)
+    check_model_folder(name_or_path, getattr(getattr(cls, "config_class", None), "model_type", None), what, flag)
     try:
         return cls.from_pretrained(name_or_path)
     except Exception as e:  # not found (OSError), or a folder cut short or damaged (safetensors', tokenizers' errors)
@@ -365,22 +363,25 @@ def from_pretrained(cls, name_or_path, what, flag):
              f"without internet, download it elsewhere and pass its local folder ({flag} PATH)")
 
 
-def check_model_type(cls, name_or_path, what, flag):
-    """BadInput when name_or_path is a local folder whose config.json is of another kind of model
-    than cls loads (a T5 folder passed as DAC, say): from_pretrained would load it anyway, print a
-    report of every weight it lacks, and leave a model of random weights or a late error."""
-    expected = getattr(getattr(cls, "config_class", None), "model_type", None)
+def check_model_folder(name_or_path, model_type, what, flag):
+    """BadInput when name_or_path is a local path (absolute, or relative from ".") that is no folder,
+    or a local folder whose config.json is of another kind of model than model_type ("t5", "dac";
+    None: any kind). Cheap, so that command lines check their models before any work: from_pretrained
+    would load another kind's folder anyway, print a report of every weight it lacks, and leave a
+    model of random weights or a late error."""
+    if (os.path.isabs(name_or_path) or name_or_path.startswith(".")) and not os.path.isdir(name_or_path):
+        fail(f"{what} {name_or_path!r}: no such local folder")
     config = os.path.join(name_or_path, "config.json")
-    if not expected or not os.path.isfile(config):
+    if not model_type or not os.path.isfile(config):
         return
     try:
         with open(config) as f:
             found = json.load(f).get("model_type")
     except (OSError, ValueError, AttributeError):
         return  # from_pretrained names a damaged config itself
-    if found and found != expected:
-        fail(f"{what} {name_or_path!r}: a {found} model's folder (its config.json), not {expected}; pass the "
-             f"{expected} model's folder ({flag} PATH)")
+    if found and found != model_type:
+        fail(f"{what} {name_or_path!r}: a {found} model's folder (its config.json), not {model_type}; pass the "
+             f"{model_type} model's folder ({flag} PATH)")
 
 
 def load_text_encoder(spec, device="cpu", t5_path=None, width=None):
@@ -602,6 +603,9 @@ class ClipWriter:
                 old = json.load(f)
         except (OSError, ValueError):
             old = {}
+        dac = old.get("dac")
+        if isinstance(dac, str) and dac and model_location(dac) == self.meta.get("dac"):
+            old["dac"] = self.meta["dac"]  # kept as typed (relative) by an earlier data.py: the same folder from here
         if old != self.meta:
             diff = "; ".join(f"{k}: {old.get(k)!r} there, {self.meta.get(k)!r} now"
                              for k in sorted(set(old) | set(self.meta)) if old.get(k) != self.meta.get(k))
@@ -980,6 +984,8 @@ def preprocess(audio_dir, captions_file, out, dac_name=DEFAULT_DAC, batch_size=8
     if dac is not None:
         check_codec(dac, dac_name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dac is None and captions and not os.path.exists(out):  # a codec that fails to load leaves no empty --out
+        dac = load_dac(dac_name, device)
     meta = {"format": 2, "sample_rate": SAMPLE_RATE, "n_codebooks": N_CODEBOOKS, "clip_frames": CLIP_FRAMES,
             "dac": dac_name, "remove_vocals": remove_vocals}
     with ClipWriter(out, meta) as store:
@@ -1054,7 +1060,9 @@ def main(argv=None):
                     help="remove vocals with HTDemucs first (pip install demucs)")
     args = ap.parse_args(argv)
     device = None if args.device == "auto" else args.device
-    skipped = preprocess(args.audio, args.captions, args.out, args.dac, args.batch_size, device, args.remove_vocals)
+    # meta.json keeps the DAC, and train.py reads it from another working directory
+    dac = model_location(args.dac)
+    skipped = preprocess(args.audio, args.captions, args.out, dac, args.batch_size, device, args.remove_vocals)
     if skipped:  # the rest is committed; the exit code tells a script that some input was bad
         sys.exit(2)
 

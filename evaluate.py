@@ -412,7 +412,7 @@ def load_clap(name, device):
     """(ClapModel, its feature extractor, its tokenizer) from a local folder or a hub name (the
     hub is reached only if the environment allows; the name must otherwise be in the HF cache)."""
     from transformers import AutoFeatureExtractor, AutoTokenizer, ClapModel
-    datamod.check_model_type(ClapModel, name, "the CLAP model", "--clap")
+    datamod.check_model_folder(name, ClapModel.config_class.model_type, "the CLAP model", "--clap")
     try:
         # local_files_only: a name must be in the cache already; nothing is downloaded here
         model = ClapModel.from_pretrained(name, local_files_only=True)

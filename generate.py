@@ -249,6 +249,22 @@ class Models:
     window: int = 0              # frames per pass past which generation goes in windows (0: one pass)
 
 
+def check_model_flags(args, ckpt, ck2):
+    """One line, exit code 2, before any work, for --t5 or --dac with checkpoints that would not read
+    them (those of the synthetic set encode captions by words, no T5, and have no audio, no DAC), or
+    naming a local path that is no folder of that kind of model (datamod.check_model_folder)."""
+    encoders = [ckpt["text_encoder"]] + ([] if ck2 is None else [ck2["text_encoder"]])
+    synthetic = ckpt["text_encoder"]["kind"] == "words"  # its stage 2, if any, must be too (load_models)
+    for flag, kind, what, unused in (("--t5", "t5", "the T5 text encoder", all(e["kind"] == "words" for e in encoders)),
+                                     ("--dac", "dac", "DAC", synthetic)):
+        value = getattr(args, kind)
+        if value is not None and unused:
+            datamod.fail(f"{flag}: {args.ckpt} was trained on the synthetic set, which has no "
+                         f"{'T5 text encoder' if kind == 't5' else 'audio to decode'}; leave {flag} out")
+        if value is not None:
+            datamod.check_model_folder(value, kind, what, flag)
+
+
 def load_models(args, device, ckpt, ck2=None):
     """The models of the stage-1 checkpoint ckpt (read from args.ckpt), the stage-2 one ck2 (from
     args.stage2) and the codec. On CUDA the LM runs in bf16 on the kernels (fast.py) when they are
@@ -619,6 +635,7 @@ def main(argv=None):
     args.ckpt = args.ckpt or newest_checkpoint()
     ckpt = read_checkpoint(args.ckpt, "stage1")
     ck2 = read_checkpoint(args.stage2, "stage2") if args.stage2 else None
+    check_model_flags(args, ckpt, ck2)
     # the checkpoints' steps are settings too: a run trained on since makes other samples under the same path
     args.ckpt_step, args.stage2_step = ckpt["step"], None if ck2 is None else ck2.get("step")
     requests = plan(args)

@@ -3673,6 +3673,38 @@ def test_a_model_folder_of_another_kind_is_one_line(tiny_t5_dir, tiny_dac_dir, c
         assert e.value.code == 2 and capsys.readouterr().err == message + "\n"
 
 
+def test_train_and_generate_check_their_model_folders_before_any_work(tiny_t5_dir, tiny_dac_dir, synthetic_checkpoint,
+                                                                     tmp_path, capsys):
+    # the error is the only line (nothing loaded or printed first), and no run folder is left behind
+    folder, run = tiny_token_folder(tmp_path / "tokens"), tmp_path / "run"
+    for extra, message in (
+            (["--stage", "2", "--t5", tiny_t5_dir, "--dac", tiny_t5_dir],
+             f"DAC '{tiny_t5_dir}': a t5 model's folder (its config.json), not dac; pass the dac model's folder "
+             "(--dac PATH)"),
+            (["--stage", "2", "--t5", tiny_t5_dir, "--dac", str(tmp_path / "none")],
+             f"DAC '{tmp_path}/none': no such local folder"),
+            (["--t5", tiny_dac_dir, "--layers", "1", "--d-model", "64"],
+             f"the T5 text encoder '{tiny_dac_dir}': a dac model's folder (its config.json), not t5; pass the t5 "
+             "model's folder (--t5 PATH)")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(["--data", folder, "--out", str(run), "--steps", "1", "--frames", "48", *extra])
+        assert e.value.code == 2 and capsys.readouterr().err == message + "\n" and not run.exists()
+    # generate.py: flags that a synthetic-set checkpoint would not read, and a DAC path that is not there
+    gen = ["a calm piece", "--out", str(tmp_path / "gen"), "--seconds", "0.1"]
+    for flag, path, what in (("--t5", tiny_t5_dir, "T5 text encoder"), ("--dac", tiny_dac_dir, "audio to decode")):
+        with pytest.raises(SystemExit) as e:
+            genmod.main([*gen, "--ckpt", str(synthetic_checkpoint), flag, path])
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"{flag}: {synthetic_checkpoint} was trained on the synthetic set, which has no {what}; leave {flag} out\n")
+    ckpt = torch.load(synthetic_checkpoint, weights_only=False)  # as if trained on T5 and DAC
+    torch.save({**ckpt, "text_encoder": {"kind": "t5", "name": tiny_t5_dir, "max_tokens": 256}}, tmp_path / "t5.pt")
+    with pytest.raises(SystemExit) as e:
+        genmod.main([*gen, "--ckpt", str(tmp_path / "t5.pt"), "--dac", str(tmp_path / "none")])
+    assert e.value.code == 2 and capsys.readouterr().err == f"DAC '{tmp_path}/none': no such local folder\n"
+    assert not (tmp_path / "gen").exists()
+
+
 def test_a_t5_of_another_width_is_one_line_in_train_and_generate(tiny_t5_dir, synthetic_checkpoint, tmp_path, capsys):
     # flan-t5-small's states are 512 wide; the models' text projections read 768 (Flan-T5-base): a
     # matrix product would fail mid-step with a traceback
@@ -3695,7 +3727,7 @@ def test_a_t5_of_another_width_is_one_line_in_train_and_generate(tiny_t5_dir, sy
     torch.save({**ckpt, "text_encoder": {"kind": "t5", "name": str(small), "max_tokens": 256}}, tmp_path / "t5.pt")
     with pytest.raises(SystemExit) as e:
         genmod.main(["a calm piece", "--ckpt", str(tmp_path / "t5.pt"), "--out", str(tmp_path / "gen"),
-                     "--seconds", "0.1", "--dac", str(tmp_path / "no-dac")])
+                     "--seconds", "0.1"])
     assert e.value.code == 2 and capsys.readouterr().err.endswith(message)
 
 
@@ -4033,6 +4065,10 @@ def test_failed_first_run_then_rerun_with_dac_path(songs, tiny_dac_dir, fake_dac
     out = tmp_path / "out"
     args = ["--audio", songs, "--captions", songs / "captions.jsonl", "--out", out, "--device", "cpu"]
     assert cli(monkeypatch, *args, "--dac", tmp_path / "no-dac") == 2
+    assert capsys.readouterr().err == f"DAC '{tmp_path}/no-dac': no such local folder\n"
+    assert not out.exists()  # the codec loads before a new --out is made
+    out.mkdir()  # an empty folder (an earlier data.py's): the DAC is loaded in it, and nothing kept from the failure
+    assert cli(monkeypatch, *args, "--dac", tmp_path / "no-dac") == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"DAC '{tmp_path}/no-dac': no such local folder"
     assert not (out / "meta.json").exists()
     assert cli(monkeypatch, *args, "--dac", tiny_dac_dir) == 0
@@ -4050,6 +4086,27 @@ def test_failed_first_run_then_rerun_with_dac_path(songs, tiny_dac_dir, fake_dac
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"{out} was made with other settings (dac: '{tiny_dac_dir}' there, 'descript/dac_44khz' now); "
         "rerun with those or use a new --out")
+
+
+def test_a_local_dac_is_kept_as_an_absolute_path_and_one_kept_relative_still_matches(songs, tiny_dac_dir, fake_dac,
+                                                                                     tmp_path, monkeypatch, capsys):
+    # meta.json keeps the DAC, and train.py reads it (data_codec) from another working directory
+    shutil.copytree(tiny_dac_dir, tmp_path / "models" / "dac")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    args = ["--audio", songs, "--captions", songs / "captions.jsonl", "--out", out, "--device", "cpu"]
+    assert cli(monkeypatch, *args, "--dac", "models/dac") == 0
+    assert datamod.data_codec(str(out)) == str(tmp_path / "models" / "dac")
+    # a folder whose meta.json an earlier data.py wrote with the path as typed: the same folder from here
+    meta = json.load(open(out / "meta.json"))
+    (out / "meta.json").write_text(json.dumps({**meta, "dac": "models/dac"}))
+    assert cli(monkeypatch, *args, "--dac", "models/dac") == 0
+    shutil.copytree(tmp_path / "models", tmp_path / "elsewhere")
+    assert cli(monkeypatch, *args, "--dac", "elsewhere/dac") == 2  # another folder is another codec
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"{out} was made with other settings (dac: 'models/dac' there, '{tmp_path}/elsewhere/dac' now); "
+        "rerun with those or use a new --out")
+    assert_rows(rows(out), WANT)
 
 
 def test_settings_may_change_until_the_first_commit(songs, dac, fake_dac, tmp_path, monkeypatch):
@@ -6141,6 +6198,15 @@ def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_zero():
     assert trainmod.lr_at(12, s) == 0.0 and trainmod.lr_at(20, s) == 0.0  # zero at --steps, and it stays there
     # no warm-up: the first step already runs at the full lr
     assert trainmod.lr_at(0, argparse.Namespace(lr=1e-3, warmup=0, steps=10)) == 1e-3
+
+
+def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, capsys):
+    # the learning rate never reaches its cosine: the note gives the last step's rate, lr * steps / warmup
+    note = "note: --warmup 30 is not below --steps 3: the learning rate rises for the whole run, to 0.0001, and never decays"
+    trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "3", "--layers", "1"))
+    assert note in capsys.readouterr().err.splitlines()
+    trainmod.main(tiny_train_args(tmp_path / "b", "--steps", "3", "--layers", "1", "--warmup", "2"))
+    assert "note: --warmup" not in capsys.readouterr().err
 
 
 def test_batch_indices_read_each_example_once_per_epoch_in_a_new_seeded_order():

@@ -453,6 +453,16 @@ def build_model(args, device):
     return model, asdict(cfg)
 
 
+def check_models(args):
+    """One line, exit code 2, when --t5 or --dac (the models that real data needs) is a local path that is
+    no folder, or a folder of another kind of model: before any work, so that nothing else is printed or
+    written first (datamod.check_model_folder)."""
+    if args.data:
+        datamod.check_model_folder(args.t5, "t5", "the T5 text encoder", "--t5")
+        if args.stage == 2:
+            datamod.check_model_folder(args.dac, "dac", "DAC", "--dac")
+
+
 def codec_spec(args):
     return None if args.stage == 1 else {"kind": "synthetic"} if not args.data else {"kind": "dac", "name": args.dac}
 
@@ -812,6 +822,7 @@ def run_training(args, given, world, rank, device, lock):
         datamod.fail(f"--cuda-graphs: needs CUDA devices, and this run has {world} x {args.device}")
     if triton_op_option(args) and args.mamba_train != "grouped":
         datamod.fail(f"--triton-op on: pass --mamba-train grouped (this run has --mamba-train {args.mamba_train})")
+    check_models(args)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -847,6 +858,9 @@ def run_training(args, given, world, rank, device, lock):
               f"lr {args.lr} | {args.steps} steps | out {args.out}")
         if source is not None:
             print(f"starting from the weights of {args.init_from} (step {args.init_from_step})")
+        if args.warmup >= args.steps:
+            print(f"note: --warmup {args.warmup} is not below --steps {args.steps}: the learning rate rises for the "
+                  f"whole run, to {lr_at(args.steps - 1, args):.3g}, and never decays", file=sys.stderr)
     late = None  # the lock on a folder this run makes (a run that stops before leaves no folder behind)
     try:
         if run.master:
