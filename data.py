@@ -985,6 +985,7 @@ def preprocess(audio_dir, captions_file, out, dac_name=DEFAULT_DAC, batch_size=8
         check_codec(dac, dac_name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dac is None and captions and not os.path.exists(out):  # a codec that fails to load leaves no empty --out
+        check_out_folder(out)
         dac = load_dac(dac_name, device)
     meta = {"format": 2, "sample_rate": SAMPLE_RATE, "n_codebooks": N_CODEBOOKS, "clip_frames": CLIP_FRAMES,
             "dac": dac_name, "remove_vocals": remove_vocals}

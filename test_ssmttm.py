@@ -4139,7 +4139,7 @@ def test_codec_of_another_layout_is_refused_up_front(songs, tmp_path, monkeypatc
                "--device", "cpu") == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"DAC '{path}' has {has}; ssmttm needs DAC 44.1 kHz: 44100 Hz, hop 512, 9 codebooks of 1024")
-    assert os.path.getsize(out / "files.jsonl") == 0 and not (out / "meta.json").exists()
+    assert not out.exists()  # the codec is loaded before a new --out is made
     with pytest.raises(SystemExit) as e:  # a loaded codec passed in is checked too, before any work
         datamod.preprocess(str(songs), str(songs / "captions.jsonl"), str(tmp_path / "out2"),
                            dac=DacModel.from_pretrained(path), dac_name="mine", progress=False)
@@ -5966,11 +5966,12 @@ def test_generate_names_a_checkpoint_or_log_it_cannot_use(synthetic_checkpoint, 
         "away to start the folder again\n")
 
 
-def test_generate_commits_each_line_to_disk_and_the_codec_is_a_setting(synthetic_checkpoint, tmp_path, monkeypatch,
-                                                                      capsys):
+def test_generate_commits_each_line_to_disk_and_the_codec_is_a_setting(synthetic_checkpoint, real_data_checkpoints,
+                                                                      tiny_dac_dir, tiny_t5_dir, tmp_path,
+                                                                      monkeypatch, capsys):
     # the log's line is the commit point: written unbuffered, so that its fsync covers it (a buffered
-    # file would hold the line in Python until closed). A rerun with another --dac or --t5 is another
-    # generation: its name is taken, not "nothing to do"
+    # file would hold the line in Python until closed). A rerun of a real-data checkpoint with another
+    # --dac or --t5 is another generation: its name is taken, not "nothing to do"
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_size), real_fsync(fd))[1])
@@ -5981,11 +5982,18 @@ def test_generate_commits_each_line_to_disk_and_the_codec_is_a_setting(synthetic
     assert synced[-1] == len(line) > 0 and json.loads(line)["dac"] is None and json.loads(line)["t5"] is None
     run()
     assert "nothing to do" in capsys.readouterr().err
-    for flag in ("--dac", "--t5"):
+    out = tmp_path / "real"
+    real = lambda *a: genmod.main(["a calm piece", "--ckpt", str(real_data_checkpoints / "k9" / "ckpt.pt"),  # noqa: E731
+                                   "--seconds", "0.1", "--out", str(out), *a])
+    real()
+    real()
+    assert "nothing to do" in capsys.readouterr().err
+    for flag, folder in (("--dac", tiny_dac_dir), ("--t5", tiny_t5_dir)):
+        shutil.copytree(folder, tmp_path / flag[2:])  # the same model in another folder: another setting
         with pytest.raises(SystemExit) as e:
-            run(flag, str(tmp_path / "elsewhere"))
+            real(flag, str(tmp_path / flag[2:]))
         assert e.value.code == 2 and capsys.readouterr().err == (
-            f"{tmp_path}/s0-0000-a-calm-piece.npy exists (a generation with other settings), and is kept: pass another "
+            f"{out}/s0-0000-a-calm-piece.npy exists (a generation with other settings), and is kept: pass another "
             "--out (or, for prompts not named by an id, another --seed)\n")
 
 
@@ -6202,7 +6210,8 @@ def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_zero():
 
 def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, capsys):
     # the learning rate never reaches its cosine: the note gives the last step's rate, lr * steps / warmup
-    note = "note: --warmup 30 is not below --steps 3: the learning rate rises for the whole run, to 0.0001, and never decays"
+    note = ("note: --warmup 30 is not below --steps 3: the learning rate rises for the whole run, to 0.0001, and "
+            "never decays")
     trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "3", "--layers", "1"))
     assert note in capsys.readouterr().err.splitlines()
     trainmod.main(tiny_train_args(tmp_path / "b", "--steps", "3", "--layers", "1", "--warmup", "2"))

@@ -858,9 +858,6 @@ def run_training(args, given, world, rank, device, lock):
               f"lr {args.lr} | {args.steps} steps | out {args.out}")
         if source is not None:
             print(f"starting from the weights of {args.init_from} (step {args.init_from_step})")
-        if args.warmup >= args.steps:
-            print(f"note: --warmup {args.warmup} is not below --steps {args.steps}: the learning rate rises for the "
-                  f"whole run, to {lr_at(args.steps - 1, args):.3g}, and never decays", file=sys.stderr)
     late = None  # the lock on a folder this run makes (a run that stops before leaves no folder behind)
     try:
         if run.master:
@@ -869,6 +866,9 @@ def run_training(args, given, world, rank, device, lock):
                 late = lock_file(args.out)
                 check_run_folder(args)  # again, under the lock: another run may have made the folder meanwhile
             prepare_run_folder(args, model_config, step, resumed=ckpt is not None)
+            if ckpt is None and args.warmup >= args.steps:  # after the folder's checks: no note before an error
+                print(f"note: --warmup {args.warmup} is not below --steps {args.steps}: the learning rate rises for "
+                      f"the whole run, to {lr_at(args.steps - 1, args):.3g}, and never decays", file=sys.stderr)
         step, loss = train(run, step, saved=None if ckpt is None else step)
     finally:
         if late is not None:
