@@ -363,25 +363,36 @@ def from_pretrained(cls, name_or_path, what, flag):
              f"without internet, download it elsewhere and pass its local folder ({flag} PATH)")
 
 
-def check_model_folder(name_or_path, model_type, what, flag):
-    """BadInput when name_or_path is a local path (absolute, or relative from ".") that is no folder,
-    or a local folder whose config.json is of another kind of model than model_type ("t5", "dac";
-    None: any kind). Cheap, so that command lines check their models before any work: from_pretrained
-    would load another kind's folder anyway, print a report of every weight it lacks, and leave a
-    model of random weights or a late error."""
+def model_folder_problem(name_or_path, model_type, flag):
+    """What is wrong with name_or_path as a model to load, or None: a local path (absolute, or relative
+    from ".") that is not there, a file, or a local folder whose config.json is of another kind of model
+    than model_type ("t5", "dac", "clap"; None: any kind). Cheap, so that command lines check their models
+    before any work: from_pretrained would load another kind's folder anyway, print a report of every
+    weight it lacks, and leave a model of random weights or a late error. A name that is no local path
+    is a hub name, for from_pretrained to find."""
+    if os.path.exists(name_or_path) and not os.path.isdir(name_or_path):
+        return "a file, not a model's folder"
     if (os.path.isabs(name_or_path) or name_or_path.startswith(".")) and not os.path.isdir(name_or_path):
-        fail(f"{what} {name_or_path!r}: no such local folder")
+        return "no such local folder"
     config = os.path.join(name_or_path, "config.json")
     if not model_type or not os.path.isfile(config):
-        return
+        return None
     try:
         with open(config) as f:
             found = json.load(f).get("model_type")
     except (OSError, ValueError, AttributeError):
-        return  # from_pretrained names a damaged config itself
+        return None  # from_pretrained names a damaged config itself
     if found and found != model_type:
-        fail(f"{what} {name_or_path!r}: a {found} model's folder (its config.json), not {model_type}; pass the "
-             f"{model_type} model's folder ({flag} PATH)")
+        return (f"a {found} model's folder (its config.json), not {model_type}; pass the {model_type} model's "
+                f"folder ({flag} PATH)")
+    return None
+
+
+def check_model_folder(name_or_path, model_type, what, flag):
+    """BadInput "<what> '<name_or_path>': <problem>" when model_folder_problem finds one."""
+    problem = model_folder_problem(name_or_path, model_type, flag)
+    if problem:
+        fail(f"{what} {name_or_path!r}: {problem}")
 
 
 def load_text_encoder(spec, device="cpu", t5_path=None, width=None):
@@ -604,8 +615,12 @@ class ClipWriter:
         except (OSError, ValueError):
             old = {}
         dac = old.get("dac")
-        if isinstance(dac, str) and dac and model_location(dac) == self.meta.get("dac"):
-            old["dac"] = self.meta["dac"]  # kept as typed (relative) by an earlier data.py: the same folder from here
+        if isinstance(dac, str) and dac != self.meta.get("dac") and model_location(dac) == self.meta.get("dac"):
+            # kept as typed (relative) by an earlier data.py: the same folder from here, which train.py
+            # reads from any working directory once meta.json names it absolutely
+            old["dac"] = self.meta["dac"]
+            if old == self.meta:
+                atomic_write_text(path, json.dumps(self.meta, indent=1))
         if old != self.meta:
             diff = "; ".join(f"{k}: {old.get(k)!r} there, {self.meta.get(k)!r} now"
                              for k in sorted(set(old) | set(self.meta)) if old.get(k) != self.meta.get(k))
@@ -984,7 +999,8 @@ def preprocess(audio_dir, captions_file, out, dac_name=DEFAULT_DAC, batch_size=8
     if dac is not None:
         check_codec(dac, dac_name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dac is None and captions and not os.path.exists(out):  # a codec that fails to load leaves no empty --out
+    audio = any(a.lower().endswith(AUDIO_EXTENSIONS) for a in captions)
+    if dac is None and audio and not os.path.exists(out):  # a codec that fails to load leaves no empty --out
         check_out_folder(out)
         dac = load_dac(dac_name, device)
     meta = {"format": 2, "sample_rate": SAMPLE_RATE, "n_codebooks": N_CODEBOOKS, "clip_frames": CLIP_FRAMES,

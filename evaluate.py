@@ -482,6 +482,9 @@ def check_inputs(args):
         missing = [name for name in generated if name not in prompts]
         if missing:
             fail(f"--prompts {args.prompts}: no prompt for {len(missing)} generated file(s), e.g. id {missing[0]}")
+        problem = datamod.model_folder_problem(args.clap, "clap", "--clap")
+        if problem:
+            fail(f"--clap {args.clap}: {problem}")
     for flag, path, metric in (("--openl3", args.openl3, "fd"), ("--passt", args.passt, "kl")):
         if metric in metrics and not os.path.isfile(path):
             fail(f"{flag} {path}: no such weights file (see README, Evaluation, for where to fetch it)")

@@ -136,6 +136,8 @@ def parse_args(argv=None):
         datamod.fail(f"--continue {args.continue_from}: not found")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    # settings of the records: one local folder, however it is typed, from any working directory
+    args.t5, args.dac = (None if v is None else datamod.model_location(v) for v in (args.t5, args.dac))
     return args
 
 
@@ -254,7 +256,8 @@ def check_model_flags(args, ckpt, ck2):
     them (those of the synthetic set encode captions by words, no T5, and have no audio, no DAC), or
     naming a local path that is no folder of that kind of model (datamod.check_model_folder)."""
     encoders = [ckpt["text_encoder"]] + ([] if ck2 is None else [ck2["text_encoder"]])
-    synthetic = ckpt["text_encoder"]["kind"] == "words"  # its stage 2, if any, must be too (load_models)
+    # (a stage 2 of other data than stage 1's is refused with its own line, in load_models)
+    synthetic = ckpt["text_encoder"]["kind"] == "words" and (ck2 is None or ck2["codec"]["kind"] == "synthetic")
     for flag, kind, what, unused in (("--t5", "t5", "the T5 text encoder", all(e["kind"] == "words" for e in encoders)),
                                      ("--dac", "dac", "DAC", synthetic)):
         value = getattr(args, kind)
@@ -545,6 +548,12 @@ def lock_folder(out):
                                   "folder; wait for it, or pass another --out")
 
 
+def record_setting(key, value):
+    """A record's setting as this run's args give it: a --t5 or --dac that an earlier generate.py kept
+    as typed (a relative local folder) is that folder's absolute path, as parse_args now gives it."""
+    return datamod.model_location(value) if key in ("t5", "dac") and isinstance(value, str) else value
+
+
 def pending(requests, args, clean=False):
     """The requests still to do. A request whose record is committed with the same settings is done (a
     rerun resumes: it skips it). Its name taken by another generation, or by a file that no run of
@@ -556,7 +565,7 @@ def pending(requests, args, clean=False):
         record = done.get(r.name)
         if record is not None:
             wanted = {k: v for k, v in settings(r, args).items() if k in record or k not in LATER_SETTINGS}
-            if any(record.get(k) != v for k, v in wanted.items()):
+            if any(record_setting(k, record.get(k)) != v for k, v in wanted.items()):
                 name_taken(os.path.join(args.out, r.name + ".npy"))
             continue
         for path in (os.path.join(args.out, r.name + ext) for ext in OUTPUT_EXTENSIONS):

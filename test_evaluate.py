@@ -388,7 +388,7 @@ def test_evaluate_kl_by_hand(weights, sets, capsys):
 
 @pytest.mark.parametrize("case", ["openl3_weights", "passt_weights", "passt_not_passt", "clap_weights", "empty",
                                   "not_a_folder", "unpaired", "no_prompt", "no_prompts_file", "bad_audio",
-                                  "nan_audio", "out_nowhere", "out_a_folder", "seed"])
+                                  "nan_audio", "out_nowhere", "out_a_folder", "seed", "clap_no_folder", "clap_a_file"])
 def test_evaluate_one_line_errors(case, weights, sets, capsys, tmp_path):
     argv = ["--generated", sets["generated"], "--reference", sets["same"], "--prompts", sets["prompts"],
             "--openl3", weights.get("openl3", "x"), "--passt", weights.get("passt", "x"), "--clap", weights["clap"]]
@@ -396,7 +396,9 @@ def test_evaluate_one_line_errors(case, weights, sets, capsys, tmp_path):
                "clap_weights": "--clap", "empty": "--generated",
                "not_a_folder": "--reference", "unpaired": "--reference", "no_prompt": "--prompts",
                "no_prompts_file": "--prompts", "bad_audio": "bad.wav", "nan_audio": "nan.wav: NaN or infinite samples",
-               "out_nowhere": "--out", "out_a_folder": "--out", "seed": "--seed"}[case]
+               "out_nowhere": "--out", "out_a_folder": "--out", "seed": "--seed",
+               "clap_no_folder": f"--clap {tmp_path}/none: no such local folder",
+               "clap_a_file": f"--clap {sets['prompts']}: a file, not a model's folder"}[case]
     if case == "openl3_weights":
         argv[argv.index("--openl3") + 1] = str(tmp_path / "missing.pth.tar")
     elif case == "passt_weights":
@@ -435,9 +437,14 @@ def test_evaluate_one_line_errors(case, weights, sets, capsys, tmp_path):
         argv += ["--out", str(tmp_path)]
     elif case == "seed":
         argv += ["--seed", "-1"]
+    elif case in ("clap_no_folder", "clap_a_file"):  # found before any model loads: the only line
+        argv += ["--clap", str(tmp_path / "none") if case == "clap_no_folder" else sets["prompts"]]
     with pytest.raises(SystemExit) as e:
         evaluate.main(argv)
     assert e.value.code == 2
+    if case in ("clap_no_folder", "clap_a_file"):
+        assert capsys.readouterr().err == f"evaluate.py: error: {culprit}\n"
+        return
     err = capsys.readouterr().err.strip().splitlines()
     err = [line for line in err if not line.startswith("Loading weights")]
     assert len(err) == 1 and err[0].startswith("evaluate.py: error: ") and culprit in err[0], err

@@ -3685,11 +3685,22 @@ def test_train_and_generate_check_their_model_folders_before_any_work(tiny_t5_di
              f"DAC '{tmp_path}/none': no such local folder"),
             (["--t5", tiny_dac_dir, "--layers", "1", "--d-model", "64"],
              f"the T5 text encoder '{tiny_dac_dir}': a dac model's folder (its config.json), not t5; pass the t5 "
-             "model's folder (--t5 PATH)")):
+             "model's folder (--t5 PATH)"),
+            # stage 1 keeps its DAC too: generate.py decodes with it
+            (["--t5", tiny_t5_dir, "--dac", tiny_t5_dir, "--layers", "1", "--d-model", "64"],
+             f"DAC '{tiny_t5_dir}': a t5 model's folder (its config.json), not dac; pass the dac model's folder "
+             "(--dac PATH)"),
+            (["--t5", f"{folder}/meta.json", "--layers", "1", "--d-model", "64"],
+             f"the T5 text encoder '{folder}/meta.json': a file, not a model's folder")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             trainmod.main(["--data", folder, "--out", str(run), "--steps", "1", "--frames", "48", *extra])
         assert e.value.code == 2 and capsys.readouterr().err == message + "\n" and not run.exists()
+    for typed, names in ((["--t5", tiny_t5_dir], "--t5"), (["--t5", "x", "--dac", "y"], "--t5 and --dac")):
+        with pytest.raises(SystemExit) as e:  # the synthetic set reads neither
+            trainmod.main(["--out", str(run), "--steps", "1", "--layers", "1", "--d-model", "64", *typed])
+        assert e.value.code == 2 and not run.exists() and capsys.readouterr().err == (
+            f"{names}: the synthetic set has no T5 text encoder and no audio; they are for --data\n")
     # generate.py: flags that a synthetic-set checkpoint would not read, and a DAC path that is not there
     gen = ["a calm piece", "--out", str(tmp_path / "gen"), "--seconds", "0.1"]
     for flag, path, what in (("--t5", tiny_t5_dir, "T5 text encoder"), ("--dac", tiny_dac_dir, "audio to decode")):
@@ -4067,6 +4078,11 @@ def test_failed_first_run_then_rerun_with_dac_path(songs, tiny_dac_dir, fake_dac
     assert cli(monkeypatch, *args, "--dac", tmp_path / "no-dac") == 2
     assert capsys.readouterr().err == f"DAC '{tmp_path}/no-dac': no such local folder\n"
     assert not out.exists()  # the codec loads before a new --out is made
+    write_jsonl(tmp_path / "text.jsonl", [{"audio": "notes.txt", "caption": "words"}])
+    text_only = [*args[:2], "--captions", tmp_path / "text.jsonl", *args[4:]]
+    assert cli(monkeypatch, *text_only, "--dac", tmp_path / "no-dac") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "  notes.txt: not one of .wav, .flac, .ogg, .mp3"  # no DAC
+    shutil.rmtree(out)  # loaded when there is no audio file to encode
     out.mkdir()  # an empty folder (an earlier data.py's): the DAC is loaded in it, and nothing kept from the failure
     assert cli(monkeypatch, *args, "--dac", tmp_path / "no-dac") == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"DAC '{tmp_path}/no-dac': no such local folder"
@@ -4101,10 +4117,11 @@ def test_a_local_dac_is_kept_as_an_absolute_path_and_one_kept_relative_still_mat
     meta = json.load(open(out / "meta.json"))
     (out / "meta.json").write_text(json.dumps({**meta, "dac": "models/dac"}))
     assert cli(monkeypatch, *args, "--dac", "models/dac") == 0
+    assert json.load(open(out / "meta.json")) == meta  # named absolutely again, for train.py from anywhere
     shutil.copytree(tmp_path / "models", tmp_path / "elsewhere")
     assert cli(monkeypatch, *args, "--dac", "elsewhere/dac") == 2  # another folder is another codec
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"{out} was made with other settings (dac: 'models/dac' there, '{tmp_path}/elsewhere/dac' now); "
+        f"{out} was made with other settings (dac: '{tmp_path}/models/dac' there, '{tmp_path}/elsewhere/dac' now); "
         "rerun with those or use a new --out")
     assert_rows(rows(out), WANT)
 
@@ -5988,6 +6005,19 @@ def test_generate_commits_each_line_to_disk_and_the_codec_is_a_setting(synthetic
     real()
     real()
     assert "nothing to do" in capsys.readouterr().err
+    # one folder however it is typed (relative, with "./", absolute), and as an earlier generate.py kept it
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_dac_dir, tmp_path / "models" / "dac")
+    typed = lambda *a: genmod.main(["a calm piece", "--ckpt", str(real_data_checkpoints / "k9" / "ckpt.pt"),  # noqa: E731
+                                    "--seconds", "0.1", "--out", str(tmp_path / "typed"), *a])
+    typed("--dac", "models/dac")
+    record = json.loads(open(tmp_path / "typed" / "generations.jsonl").read())
+    assert record["dac"] == str(tmp_path / "models" / "dac")
+    (tmp_path / "typed" / "generations.jsonl").write_text(json.dumps({**record, "dac": "models/dac"}) + "\n")
+    for spelled in ("models/dac", "./models/dac", str(tmp_path / "models" / "dac")):
+        capsys.readouterr()
+        typed("--dac", spelled)
+        assert "nothing to do" in capsys.readouterr().err
     for flag, folder in (("--dac", tiny_dac_dir), ("--t5", tiny_t5_dir)):
         shutil.copytree(folder, tmp_path / flag[2:])  # the same model in another folder: another setting
         with pytest.raises(SystemExit) as e:
@@ -6215,6 +6245,8 @@ def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, capsys):
     trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "3", "--layers", "1"))
     assert note in capsys.readouterr().err.splitlines()
     trainmod.main(tiny_train_args(tmp_path / "b", "--steps", "3", "--layers", "1", "--warmup", "2"))
+    assert "note: --warmup" not in capsys.readouterr().err
+    trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "4", "--layers", "1", "--resume"))  # said at its start
     assert "note: --warmup" not in capsys.readouterr().err
 
 

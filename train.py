@@ -453,14 +453,19 @@ def build_model(args, device):
     return model, asdict(cfg)
 
 
-def check_models(args):
-    """One line, exit code 2, when --t5 or --dac (the models that real data needs) is a local path that is
-    no folder, or a folder of another kind of model: before any work, so that nothing else is printed or
-    written first (datamod.check_model_folder)."""
-    if args.data:
-        datamod.check_model_folder(args.t5, "t5", "the T5 text encoder", "--t5")
-        if args.stage == 2:
-            datamod.check_model_folder(args.dac, "dac", "DAC", "--dac")
+def check_models(args, given):
+    """One line, exit code 2, before any work (nothing else printed or written first): --t5 or --dac
+    typed for the synthetic set, which reads neither, or (real data) a local path that is no folder, or
+    a folder of another kind of model (datamod.check_model_folder). The DAC is checked at stage 1 too:
+    generate.py decodes with the one the checkpoint keeps."""
+    if not args.data:
+        typed = [f"--{k}" for k in ("t5", "dac") if k in given]
+        if typed:
+            datamod.fail(f"{' and '.join(typed)}: the synthetic set has no T5 text encoder and no audio; "
+                         "they are for --data")
+        return
+    datamod.check_model_folder(args.t5, "t5", "the T5 text encoder", "--t5")
+    datamod.check_model_folder(args.dac, "dac", "DAC", "--dac")
 
 
 def codec_spec(args):
@@ -822,7 +827,7 @@ def run_training(args, given, world, rank, device, lock):
         datamod.fail(f"--cuda-graphs: needs CUDA devices, and this run has {world} x {args.device}")
     if triton_op_option(args) and args.mamba_train != "grouped":
         datamod.fail(f"--triton-op on: pass --mamba-train grouped (this run has --mamba-train {args.mamba_train})")
-    check_models(args)
+    check_models(args, given)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
