@@ -363,6 +363,18 @@ def test_mamba2_parameters_match_mamba_ssm_names_and_init():
     assert torch.equal(layer.D, torch.ones(8)) and torch.equal(layer.norm.weight, torch.ones(128))
 
 
+def test_mamba2_init_spans_mamba_ssm_ranges():
+    # 1024 heads: A = exp(A_log) uniform on [1, 16] (mean 8.5, standard error 0.14), log dt uniform on
+    # [log 1e-3, log 1e-1] (mean log 1e-2, standard error 0.04), both reaching near either end; a
+    # narrower range would pass the bounds above
+    torch.manual_seed(0)
+    layer = Mamba2(512, d_state=16, headdim=1)
+    A, log_dt = torch.exp(layer.A_log.detach()), torch.log(F.softplus(layer.dt_bias.detach()))
+    assert A.numel() == 1024 and abs(A.mean() - 8.5) < 0.6 and A.min() < 1.2 and A.max() > 15.8
+    assert abs(log_dt.mean() - math.log(1e-2)) < 0.2
+    assert log_dt.min() < math.log(1.1e-3) and log_dt.max() > math.log(0.09)
+
+
 def mamba2_by_definition(layer, u):
     """Mamba-2 (Dao & Gu 2024, Listing and Fig. 6) written out one position at a time, in float64, from
     the layer's parameters alone: in_proj -> [z | xBC | dt]; a causal depthwise conv of d_conv taps
@@ -1447,6 +1459,25 @@ def test_generating_in_windows_keeps_each_pass_inside_the_window(variant, K, mon
                        model.generate(text, mask, window, **greedy))  # up to a window: one pass
     with pytest.raises(ValueError, match="context"):
         ssmttm.generate_in_windows(model, text, mask, n, window, context=window - K + 1)
+    # the bounds themselves: the largest context, and a prompt of window - K frames read whole by the
+    # first pass (each later pass reads `context` frames)
+    assert ssmttm.generate_in_windows(model, text, mask, n, window, context=window - K, **greedy).shape == (2, K, n)
+    reads, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, prompt=None, **kw: (
+        reads.append(prompt.shape[-1]), generate(*a, prompt=prompt, **kw))[1])
+    ssmttm.generate_in_windows(model, text, mask, n, window, context=8, prompt=one_pass[..., :window - K], **greedy)
+    assert reads[0] == window - K and set(reads[1:]) == {8}
+
+
+def test_generate_leaves_the_model_in_the_mode_it_found():
+    # generate samples in eval mode (no dropout); a model being trained goes on training after it
+    model, (text, mask) = tiny_model(dropout=0.1), random_text()
+    model.train()
+    model.generate(text, mask, 3, top_k=1)
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    model.generate(text, mask, 3, top_k=1)
+    assert not any(m.training for m in model.modules())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -4490,6 +4521,11 @@ def test_caption_score_scores_each_rule_by_the_fraction_that_follows_it():
     codes[8, -2:] = (codes[8, -2:] + 5) % 1024
     assert codes.shape == (9, 12)
     assert score(codes, caption) == pytest.approx((10 / 12 + 8 / 12 + 3 / 4 + 90 / 96) / 4, rel=1e-12)
+    # the edges: piano is ids 0..255 (256 is the first guitar id); codes without a complete note (no
+    # run with a change on both sides) follow no tempo, whatever the grid
+    assert score(np.array([[0, 255, 256, 511]]), "a piano piece") == 0.5
+    assert score(np.array([[0, 255, 256, 511]]), "a guitar piece") == 0.5
+    assert score(np.full((1, 12), 5), "a fast piece") == score(np.array([[5] * 6 + [7] * 6]), "a fast piece") == 0.0
 
 
 def test_synthetic_notes_start_at_any_phase_of_the_grid():
