@@ -849,6 +849,30 @@ def test_residual_branch_outputs_start_scaled_by_one_over_root_the_branches(vari
     assert scaled == n_branches  # one such matrix per sublayer
 
 
+def test_lm_logits_around_the_blocks_equal_their_definition():
+    # Prefix SiMBA's pass written out around its blocks: the K embedding tables summed, the text
+    # projected and layer-normed, prepended, positions 0.. added, the blocks, the final RMS norm and
+    # the K heads (the norms by hand: a model that skipped one would still run)
+    model, (text, _) = tiny_model("prefix_simba", 3), random_text()
+    mask = torch.ones(text.shape[:2], dtype=torch.bool)  # no padding: left_align leaves the text as it is
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 1025, (2, 3, 5), generator=g)
+    with torch.no_grad():
+        for p in (model.text_norm.weight, model.text_norm.bias, model.norm_f.weight):  # not their 1s and 0s
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+        x = sum(model.embed.weight[k * 1025 + tokens[:, k]] for k in range(3))  # (b, s, d)
+        t = text @ model.text_proj.weight.T + model.text_proj.bias
+        t = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        t = t * model.text_norm.weight + model.text_norm.bias
+        h = torch.cat([t, x], dim=1)
+        h = h + ssmttm.sinusoidal_positions(torch.arange(h.shape[1]).expand(2, -1), h.shape[-1]).double()
+        h = model.run_blocks(h, torch.ones(h.shape[:2], dtype=torch.bool))[:, -5:]
+        h = h / torch.sqrt(h.square().mean(-1, keepdim=True) + 1e-5) * model.norm_f.weight
+        want = (h @ model.head.weight.T).view(2, 5, 3, 1025).transpose(1, 2)
+        got = model.logits(tokens, text, mask)
+    assert got.shape == (2, 3, 5, 1025) and torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
 def test_positions_count_from_zero_over_the_real_tokens(monkeypatch):
     # Prefix variants: the first real text token is at position 0 and the audio steps follow on
     # (padding, moved to the left, sits at 0 too); cross-attention variants: the audio steps from 0.
