@@ -94,8 +94,39 @@ def test_frechet_distance_of_samples_and_rank_deficient():
     assert evaluate.frechet_distance(mz, sz, mw, sw) == pytest.approx(want, rel=1e-8)
 
 
+def test_frechet_distance_of_covariances_on_orthogonal_ranges_is_their_traces():
+    # S1, S2 of rank 5 and 7 on orthogonal subspaces of R^64: S1 S2 = 0, so tr((S1 S2)^(1/2)) = 0 and
+    # FD = tr S1 + tr S2; the round-off eigenvalues must be zeroed, not square-rooted (about 1e-8 each)
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    a, b = q[:, :5] @ rng.standard_normal((5, 5)), q[:, 5:12] @ rng.standard_normal((7, 7))
+    s1, s2 = a @ a.T, b @ b.T
+    assert evaluate.trace_sqrt_product(s1, s2) < 1e-12
+    assert evaluate.frechet_distance(np.zeros(64), s1, np.zeros(64), s2) == pytest.approx(
+        np.trace(s1) + np.trace(s2), rel=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------
 # KL
+
+
+def test_kl_passt_is_the_mean_over_pairs_matched_by_name(monkeypatch):
+    # three pairs with KL 0, 0.2231 and 1.6144: the mean, 0.6125, not the median; "aa" is a reference
+    # only, sorted between a and b, so that pairing by position would change the values
+    probs = {"g/a": [0.5, 0.5], "g/b": [0.8, 0.2], "g/c": [0.99, 0.01],
+             "r/a": [0.5, 0.5], "r/aa": [0.01, 0.99], "r/b": [0.5, 0.5], "r/c": [0.5, 0.5]}
+    monkeypatch.setattr(evaluate, "load_mono", lambda path, sr: path)
+    monkeypatch.setattr(evaluate, "passt_probabilities",
+                        lambda model, audio, device: torch.tensor(probs[audio], dtype=torch.float64))
+    gen = {n: f"g/{n}" for n in ("a", "b", "c")}
+    ref = {n: f"r/{n}" for n in ("a", "aa", "b", "c")}
+    report = {"per_file": {n: {} for n in gen}, "counts": {}, "short_clips": {}}
+    evaluate.kl_passt(None, gen, ref, "cpu", report)
+    kl = lambda p, q: sum(pi * (math.log(pi) - math.log(qi + 1e-6)) for pi, qi in zip(p, q))  # noqa: E731
+    want = [kl(probs[f"r/{n}"], probs[f"g/{n}"]) for n in gen]
+    assert [report["per_file"][n]["kl_passt"] for n in gen] == pytest.approx(want, rel=1e-9)
+    assert report["kl_passt"] == pytest.approx(sum(want) / 3, rel=1e-9) and abs(report["kl_passt"] - 0.61249) < 1e-4
+    assert report["counts"]["kl_pairs"] == 3
 
 
 def test_kl_divergence_hand_values():

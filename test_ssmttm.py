@@ -4393,6 +4393,8 @@ def test_silence_is_rms_below_minus_60_dbfs_and_a_clip_goes_past_15_s_or_half_of
         return tone(seconds, 441.0, amp=float(10 ** (db / 20) * np.sqrt(2)))
     assert datamod.silent_seconds(at_dbfs(-50, 30)) == 0.0
     assert datamod.silent_seconds(at_dbfs(-70, 30)) == 30.0
+    # near the bound, RMS and not the peak (3 dB above it for a sine): -62 dBFS RMS is a -59 dBFS peak
+    assert datamod.silent_seconds(at_dbfs(-62, 30)) == 30.0 and datamod.silent_seconds(at_dbfs(-58, 30)) == 0.0
     zeros = lambda s: np.zeros(round(s * SR), np.float32)
     assert datamod.silent_seconds(np.concatenate([zeros(15), tone(15)])) == 15.0
     assert not datamod.too_silent(np.concatenate([zeros(15), tone(15)]))        # 15 s of 30: not more than 15
@@ -4408,6 +4410,51 @@ def test_load_audio_mixes_channels_to_their_mean(tmp_path):
              subtype="FLOAT")
     mono = datamod.load_audio(str(tmp_path / "lr.wav"))
     assert mono.dtype == np.float32 and mono.shape == (SR,) and (mono == 0.125).all()
+
+
+def test_load_audio_resamples_with_soxr_at_high_quality_and_refuses_a_file_without_samples(tmp_path):
+    # tones near 44.1 kHz's Nyquist frequency, where soxr's qualities differ most
+    import soundfile as sf
+    import soxr
+    t = np.arange(48000) / 48000
+    x = (0.3 * np.sin(2 * np.pi * 15000 * t) + 0.3 * np.sin(2 * np.pi * 21000 * t)).astype(np.float32)
+    sf.write(tmp_path / "48k.wav", x, 48000, subtype="FLOAT")
+    got = datamod.load_audio(str(tmp_path / "48k.wav"))
+    assert got.shape == (SR,) and np.abs(got - soxr.resample(x, 48000, SR, quality="HQ")).max() < 1e-6
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), SR)
+    with pytest.raises(datamod.AudioError, match="no audio samples"):
+        datamod.load_audio(str(tmp_path / "empty.wav"))
+
+
+def test_encode_file_keeps_each_clip_in_its_place_across_batches(monkeypatch):
+    # a stand-in codec whose code of each 512-sample frame is 1000 x its sum of |x| (mod 1024): three
+    # clips of 1024 samples (batches of 2 and 1) and one of 700 (a batch of its own, zero-padded to
+    # two frames: 188 x 6e-4 x 1000 = 112)
+    def level_codes(dac, clips, device):
+        x = np.stack(clips).astype(np.float64)
+        x = np.pad(x, ((0, 0), (0, -x.shape[1] % 512)))
+        level = (np.abs(x.reshape(len(x), -1, 512)).sum(-1) * 1000).astype(np.int64) % 1024
+        calls.append(len(clips))
+        return np.repeat(level[:, None], 9, 1).astype(np.uint16)
+    calls = []
+    monkeypatch.setattr(datamod, "encode_clips", level_codes)
+    clips = [np.full(1024, v, np.float32) for v in (1e-4, 2e-4, 3e-4)] + [np.full(700, 6e-4, np.float32)]
+    codes = datamod.encode_file(None, clips, batch_size=2, device="cpu")
+    assert [c.shape for c in codes] == [(9, 2)] * 4
+    assert [c[0].tolist() for c in codes] == [[51, 51], [102, 102], [153, 153], [307, 112]]
+    assert sorted(calls) == [1, 1, 2]
+    # the real encoder pads to whole hops: 513 samples are two frames
+    assert datamod.encode_clips(datamod.synthetic_codec(seed=3), [np.zeros(513, np.float32)], "cpu").shape == (1, 9, 2)
+
+
+def test_committed_rows_of_an_earlier_layout_folder_count_a_repeated_line_once(tmp_path):
+    # index.jsonl lines a@0, a@0 (a repeat), b@0 over 3 code rows: clips at rows 0 and 2, 3 rows spanned
+    lines = [{"source": s, "start_s": 0.0, "frames": 10, "caption": "c"} for s in ("a.wav", "a.wav", "b.wav")]
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "codes.u16").write_bytes(b"\0" * 3 * datamod.ROW_BYTES)
+    clips, _ = datamod.committed_clips(str(tmp_path))
+    assert [c["row"] for c in clips] == [0, 2] and datamod.committed_rows(clips) == 3
+    assert len(datamod.TokenDataset(str(tmp_path), rows=3)) == 2
 
 
 def test_journal_records_seconds_to_the_millisecond_and_the_dataset_counts_tracks(dac, fake_dac, tmp_path):
@@ -4580,6 +4627,9 @@ def test_prompts_are_stripped_and_an_id_given_twice_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         datamod.read_prompts(str(path))
     assert e.value.code == 2 and capsys.readouterr().err == f"{path}: entry 2: the id 'a' is given twice\n"
+    # the text of an entry: caption, then prompt, then text (the first of them it has)
+    write_jsonl(path, [{"id": "a", "text": "t", "prompt": "p", "caption": "c"}, {"id": "b", "text": "t", "prompt": "p"}])
+    assert datamod.read_prompts(str(path)) == [("a", "c"), ("b", "p")]
 
 
 # ------------------------------------------------------------------------------------------------
