@@ -453,6 +453,7 @@ def write_new(path, write):
             os.link(tmp, path)
         except FileExistsError:
             name_taken(path)
+        datamod.fsync_dir(os.path.dirname(path) or ".")  # the name too is on disk before a record counts on it
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -476,12 +477,10 @@ def plan(args):
 
 # Settings that records written before they were added lack: such a record is not told apart by them
 LATER_SETTINGS = ("ckpt_step", "stage2_step")
-# What a generations.jsonl record must agree on to be the same generation as a request of this run
-SETTINGS = ("prompt", "seed", "seconds", "cfg", "top_k", "temperature", "ckpt", "ckpt_step", "stage2", "stage2_step",
-            "stage2_steps", "stage2_cfg", "ssm_state", "continued_from", "continue_seconds", "window", "dac", "t5")
 
 
 def settings(request, args):
+    """What a generations.jsonl record must agree on to be the same generation as a request of this run."""
     return {"prompt": request.prompt, "seed": request.seed, "seconds": args.seconds, "cfg": args.cfg,
             "top_k": args.top_k, "temperature": args.temperature, "ckpt": args.ckpt, "ckpt_step": args.ckpt_step,
             "stage2": args.stage2, "stage2_step": args.stage2_step,
@@ -512,10 +511,9 @@ def committed(out):
     return records
 
 
-def drop_cut_line(out):
-    """Cut OUT/generations.jsonl back to its last whole line: what a crash left of a line was never
-    committed, and the next line must not be appended to it."""
-    path = os.path.join(out, "generations.jsonl")
+def drop_cut_line(path):
+    """Cut a file of lines (OUT/generations.jsonl, OUT/.started) back to its last whole line: what a
+    crash left of a line was never written, and the next line must not be appended to it."""
     if os.path.exists(path):
         with open(path, "rb+") as f:
             data = f.read()
@@ -659,8 +657,19 @@ def main(argv=None):
         m.continuation = load_continuation(args, m, n_frames, device)
     datamod.make_folder(args.out)
     lock = lock_folder(args.out)
+    try:
+        generate_all(m, args, requests, n_frames, lock)
+    finally:
+        lock.close()  # releases the folder now, not when the file object happens to be freed
+
+
+def generate_all(m, args, requests, n_frames, lock):
+    """main() under the folder's lock: the requests still to do, batch by batch, each batch's names
+    marked started before its files."""
+    device = args.device
     todo = pending(requests, args, clean=True)  # again, under the lock: the folder may have changed meanwhile
-    drop_cut_line(args.out)
+    for name in ("generations.jsonl", STARTED):
+        drop_cut_line(os.path.join(args.out, name))
     batch_size = args.batch_size or auto_batch_size(m, n_frames, device, len(todo))
     cfg = m.lm.cfg
     print(f"{cfg.variant}, {cfg.n_layers} blocks, K = {cfg.n_codebooks} ({m.ckpt_path}, step {m.step})"

@@ -2497,6 +2497,16 @@ def test_decoder_writes_the_tokens_of_the_plain_loop(variant, K, fused, request)
     assert torch.equal(runs[1][..., :3], prompt) and len(runs[1].unique()) > 10
 
 
+def test_decoder_steps_a_training_model_plainly_and_makes_no_empty_group_of_rows(kernel_definitions):
+    # the kernels have no dropout: a model in training mode takes its own step; and 4 streams asked
+    # for 2 rows give 2 groups of one row, not 4 groups two of which are empty
+    model = tiny_model()
+    decoder = fast.Decoder(FastOptions(cuda_graph=False, decode_streams=4))
+    assert decoder.step_function(model.train(), 2) == model.step
+    step = decoder.step_function(model.eval(), 2)
+    assert step != model.step and [r.stop - r.start for *_, r in step.groups] == [1, 1]
+
+
 @pytest.mark.parametrize("rows", [5, 2 * kernels.CORE_ROWS + 1, 2 * kernels.CORE_ROWS + 3])
 def test_fused_step_equals_the_model_step(kernel_definitions, rows):
     # fast.fused_step (embedding, five kernels per SiMBA block, the heads) computes TextToMusicLM.step,
@@ -4628,7 +4638,8 @@ def test_prompts_are_stripped_and_an_id_given_twice_is_named(tmp_path, capsys):
         datamod.read_prompts(str(path))
     assert e.value.code == 2 and capsys.readouterr().err == f"{path}: entry 2: the id 'a' is given twice\n"
     # the text of an entry: caption, then prompt, then text (the first of them it has)
-    write_jsonl(path, [{"id": "a", "text": "t", "prompt": "p", "caption": "c"}, {"id": "b", "text": "t", "prompt": "p"}])
+    write_jsonl(path, [{"id": "a", "text": "t", "prompt": "p", "caption": "c"},
+                       {"id": "b", "text": "t", "prompt": "p"}])
     assert datamod.read_prompts(str(path)) == [("a", "c"), ("b", "p")]
 
 
@@ -6162,6 +6173,8 @@ def test_two_runs_into_one_folder_never_overwrite_and_a_rerun_resumes(synthetic_
     run = lambda *a: genmod.main(["a calm piece", "a dark piece", "a calm piece", "--ckpt", str(synthetic_checkpoint),
                                   "--seconds", "0.2", "--batch-size", "2", "--out", str(tmp_path), *a])
     run()
+    # every name of a batch (2, then 1) started before its files
+    assert open(tmp_path / ".started").read() == "s0-0000-a-calm-piece\ns1-0001-a-dark-piece\ns2-0002-a-calm-piece\n"
     run("--seed", "5")
     names = ["s0-0000-a-calm-piece", "s1-0001-a-dark-piece", "s2-0002-a-calm-piece",  # seed: --seed + place
              "s5-0000-a-calm-piece", "s6-0001-a-dark-piece", "s7-0002-a-calm-piece"]
@@ -6176,6 +6189,16 @@ def test_two_runs_into_one_folder_never_overwrite_and_a_rerun_resumes(synthetic_
     assert e.value.code == 2 and capsys.readouterr().err == (
         f"{tmp_path}/s0-0000-a-calm-piece.npy exists (a generation with other settings), and is kept: pass "
         "another --out (or, for prompts not named by an id, another --seed)\n")
+    # a record that lacks a setting (other than the steps, added later) is not this generation either
+    log = open(tmp_path / "generations.jsonl").read()
+    first = json.loads(log.splitlines()[0])
+    del first["temperature"]
+    (tmp_path / "generations.jsonl").write_text(json.dumps(first) + "\n" + log.split("\n", 1)[1])
+    with pytest.raises(SystemExit) as e:
+        run()
+    assert e.value.code == 2 and "s0-0000-a-calm-piece.npy exists (a generation with other settings)" in (
+        capsys.readouterr().err)
+    (tmp_path / "generations.jsonl").write_text(log)
     # a run stopped after a prompt's files but before its line: the rerun writes that prompt again
     lines = open(tmp_path / "generations.jsonl").read().splitlines(keepends=True)
     open(tmp_path / "generations.jsonl", "w").write("".join(lines[:-1]) + lines[-1][:20])  # a cut last line
@@ -6198,6 +6221,58 @@ def test_two_runs_into_one_folder_never_overwrite_and_a_rerun_resumes(synthetic_
         "another --out (or, for prompts not named by an id, another --seed)\n")
     assert open(tmp_path / "s9-0000-a-calm-piece.npy", "rb").read() == b"the other run's"
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == [".started"]  # no temporary file left
+
+
+def test_generate_seeds_each_prompt_by_its_place_whatever_its_batch_and_syncs_files_before_their_line(
+        synthetic_checkpoint, tmp_path, monkeypatch, capsys):
+    run = lambda out, *a: genmod.main(["a calm piece", "a dark piece", "a fast piece", "--ckpt",  # noqa: E731
+                                       str(synthetic_checkpoint), "--seconds", "0.3", "--top-k", "50",
+                                       "--batch-size", "3", "--out", str(out), *a])
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    run(tmp_path / "whole")
+    names = ["s0-0000-a-calm-piece", "s1-0001-a-dark-piece", "s2-0002-a-fast-piece"]
+    # each file, then the folder (its name), synced before the line that commits it
+    tmp = lambda n: f"{tmp_path}/whole/.{n}.npy.{os.getpid()}.tmp"  # noqa: E731
+    first_line = synced.index(f"{tmp_path}/whole/generations.jsonl")
+    assert f"{tmp_path}/whole" in synced[synced.index(tmp(names[0])):first_line]
+    # the second prompt done first (its files and line copied): the other two then share a batch, and
+    # each still draws from its own seed, --seed + its place
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(tmp_path / "whole" / f"{names[1]}.npy", part)
+    (part / ".started").write_text(names[1] + "\n")
+    line = [x for x in open(tmp_path / "whole" / "generations.jsonl") if json.loads(x)["name"] == names[1]][0]
+    (part / "generations.jsonl").write_text(line.replace(str(tmp_path / "whole"), str(part)))
+    run(part)
+    for n in names:
+        assert np.array_equal(np.load(part / f"{n}.npy"), np.load(tmp_path / "whole" / f"{n}.npy")), n
+    assert not np.array_equal(np.load(part / f"{names[0]}.npy"), np.load(part / f"{names[2]}.npy"))
+    # a name cut short in .started (a crash while it was appended) was never started: its file is kept,
+    # and the next run's names do not join the cut line
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / ".started").write_bytes(names[0].encode())
+    (cut / f"{names[0]}.npy").write_bytes(b"someone's")
+    with pytest.raises(SystemExit) as e:
+        run(cut)
+    assert e.value.code == 2 and (cut / f"{names[0]}.npy").read_bytes() == b"someone's"
+    (cut / f"{names[0]}.npy").unlink()
+    run(cut)
+    assert open(cut / ".started").read() == "".join(n + "\n" for n in names)
+
+
+def test_a_continuation_needs_as_many_codebooks_as_the_output(tmp_path, capsys):
+    codes = np.arange(45, dtype=np.int16).reshape(9, 5)
+    np.save(tmp_path / "nine.npy", codes)
+    np.save(tmp_path / "eight.npy", codes[:8])
+    assert torch.equal(genmod.read_prompt_codes(str(tmp_path / "nine.npy"), 1), torch.arange(5)[None])
+    assert torch.equal(genmod.read_prompt_codes(str(tmp_path / "nine.npy"), 9), torch.from_numpy(codes).long())
+    with pytest.raises(SystemExit) as e:
+        genmod.read_prompt_codes(str(tmp_path / "eight.npy"), 9)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"--continue {tmp_path}/eight.npy: 8 codebooks; this output has 9\n")
 
 
 def test_generate_keeps_files_it_did_not_write_and_one_run_at_a_time_writes_a_folder(synthetic_checkpoint, tmp_path,
@@ -6334,6 +6409,16 @@ def test_newest_checkpoint_skips_an_unreadable_one(synthetic_checkpoint, tmp_pat
 # ------------------------------------------------------------------------------------------------
 # Training: exact values of the schedule, the batches, the update, the checkpoints and the run folder
 # (each test below fails on a single-edit mutant of train.py that the tests above let pass)
+
+
+def test_the_metrics_a_checkpoint_covers_are_synced_before_it(tmp_path, monkeypatch):
+    # a power cut after the checkpoint must not leave it ahead of metrics.csv's rows
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    trainmod.main(tiny_train_args(tmp_path / "r", "--steps", "1", "--layers", "1"))
+    names = [os.path.relpath(p, tmp_path / "r") for p in synced]
+    assert names.index("metrics.csv") < names.index("ckpt.pt.tmp")
 
 
 def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_zero():
@@ -6676,6 +6761,14 @@ def test_a_resumed_run_writes_where_it_is_now_and_a_new_run_keeps_other_programs
         assert e.value.code == 2 and capsys.readouterr().err == (
             f"--out {tmp_path / 'q'}: another train.py is writing to this folder\n")
         assert ((tmp_path / "q" / "ckpt.pt").read_bytes(), (tmp_path / "q" / "metrics.csv").read_bytes()) == before
+        # a new run into a folder that exists (another run's, not yet at its first checkpoint): locked
+        # at once, before anything is built or printed
+        (tmp_path / "q" / "ckpt.pt").rename(tmp_path / "q.pt")
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(tiny_train_args(tmp_path / "q", "--steps", "1"))
+        assert e.value.code == 2 and capsys.readouterr() == (
+            "", f"--out {tmp_path / 'q'}: another train.py is writing to this folder\n")
+        (tmp_path / "q.pt").rename(tmp_path / "q" / "ckpt.pt")
     # a new run into a folder that another run makes and finishes meanwhile (while this one builds its
     # model): checked again under the lock, and the other run's checkpoint kept
     real_build = trainmod.build_model
