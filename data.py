@@ -184,10 +184,13 @@ def check_out_folder(path, flag="--out"):
 def make_folder(path, flag="--out"):
     """os.makedirs(path, exist_ok=True) after check_out_folder's checks; BadInput naming `flag` if it fails."""
     check_out_folder(path, flag)
+    made = not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         fail(f"{flag} {path}: cannot make this folder ({e.strerror})")
+    if made:  # its name on disk, before files in it count on it
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def plural(n, word):

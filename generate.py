@@ -442,7 +442,8 @@ OUTPUT_EXTENSIONS = (".npy", ".wav", ".png")
 def write_new(path, write):
     """Create path with write(f), f a binary file: all or nothing, and never over an existing file.
     It is written under a temporary name in the same folder and synced, then linked to path; the
-    link fails if path exists, even if another run has just made it."""
+    link fails if path exists, even if another program has just made it: then False, and nothing
+    written. True once path and its name are on disk."""
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -452,8 +453,9 @@ def write_new(path, write):
         try:
             os.link(tmp, path)
         except FileExistsError:
-            name_taken(path)
+            return False
         datamod.fsync_dir(os.path.dirname(path) or ".")  # the name too is on disk before a record counts on it
+        return True
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -470,9 +472,16 @@ class Request:
 
 
 def plan(args):
-    """The requests of this run, in the order of args.prompts."""
-    return [Request(i, prompt, args.seed + i, key if key is not None else output_name(args.seed + i, i, prompt))
-            for i, (key, prompt) in enumerate(args.prompts)]
+    """The requests of this run, in the order of args.prompts. One line, exit code 2, when two of them
+    would write the same files (an id of --prompts FILE equal to another prompt's name)."""
+    requests = [Request(i, prompt, args.seed + i, key if key is not None else output_name(args.seed + i, i, prompt))
+                for i, (key, prompt) in enumerate(args.prompts)]
+    first = {}
+    for r in requests:
+        if first.setdefault(r.name, r.index) != r.index:
+            datamod.fail(f"prompts {first[r.name] + 1} and {r.index + 1} would both write {r.name}.*: give one of "
+                         "them another id")
+    return requests
 
 
 # Settings that records written before they were added lack: such a record is not told apart by them
@@ -526,17 +535,32 @@ STARTED = ".started"  # OUT/.started: the names a run began to write, one a line
 def started(out):
     """The names in OUT/.started: a run appends a batch's names there (synced) before it writes their
     files, so that a later run knows which files without a record an interrupted run left (and may
-    remove) and which are someone else's (and must keep)."""
+    remove) and which are someone else's (and must keep). A line "." + name (no name begins with a
+    dot) takes a name back: its file turned out to be another program's (mark_kept)."""
     path = os.path.join(out, STARTED)
+    names = set()
     if not os.path.exists(path):
-        return set()
+        return names
     with open(path, "rb") as f:
-        return {line[:-1].decode(errors="replace") for line in f if line.endswith(b"\n")}
+        for line in f:
+            if line.endswith(b"\n"):  # a cut last line was never written
+                name = line[:-1].decode(errors="replace")
+                if name.startswith("."):
+                    names.discard(name[1:])
+                else:
+                    names.add(name)
+    return names
 
 
 def mark_started(lock, requests):
     """Append the requests' names to OUT/.started (lock: that file, open for appending) and sync them."""
     datamod.append_durably(lock, "".join(r.name + "\n" for r in requests).encode())
+
+
+def mark_kept(lock, name):
+    """Take a started name back in OUT/.started: a file of that name appeared that this run did not
+    write, and a later run must keep it rather than remove it as an interrupted run's."""
+    datamod.append_durably(lock, f".{name}\n".encode())
 
 
 def lock_folder(out):
@@ -601,15 +625,22 @@ def auto_batch_size(m, n_frames, device, n_requests):
     return max(1, min(n_requests, 64, int(free / 2 // per_prompt)))
 
 
-def write_outputs(m, requests, codes, audio, timings, n_frames, args):
+def write_outputs(m, requests, codes, audio, timings, n_frames, args, lock):
     """Per request: OUT/<name>.npy, .wav and .png (or the caption score, for synthetic data), then
-    its line in OUT/generations.jsonl, appended and synced: the commit point of the request."""
+    its line in OUT/generations.jsonl, appended and synced: the commit point of the request. A file
+    name that another program took meanwhile stops the run (one line, exit 2), and the name is taken
+    back in OUT/.started (lock), so that no later run removes that file."""
     log_path = os.path.join(args.out, "generations.jsonl")
     for i, r in enumerate(requests):
         name, prompt = r.name, r.prompt
         base = os.path.join(args.out, name)
+
+        def write_new_or_stop(path, write):
+            if not write_new(path, write):
+                mark_kept(lock, name)
+                name_taken(path)
         c = codes[i].cpu().numpy().astype(np.int16)
-        write_new(base + ".npy", lambda f: np.save(f, c))
+        write_new_or_stop(base + ".npy", lambda f: np.save(f, c))
         record = {"name": name, "index": r.index, **settings(r, args), "frames": n_frames,
                   "codebooks": int(c.shape[0]), "codes": base + ".npy", **timings}
         if m.continuation is not None:  # frames [0, prompt_frames) are the prompt's codes, the rest are new
@@ -624,8 +655,9 @@ def write_outputs(m, requests, codes, audio, timings, n_frames, args):
         else:
             import soundfile as sf  # only when there is audio to write
             wav = peak_normalise(audio[i][:n_frames * datamod.HOP])
-            write_new(base + ".wav", lambda f: sf.write(f, wav, datamod.SAMPLE_RATE, subtype="PCM_16", format="WAV"))
-            write_new(base + ".png", lambda f: save_mel_png(wav, f, prompt))
+            write_new_or_stop(base + ".wav",
+                              lambda f: sf.write(f, wav, datamod.SAMPLE_RATE, subtype="PCM_16", format="WAV"))
+            write_new_or_stop(base + ".png", lambda f: save_mel_png(wav, f, prompt))
             record.update(wav=base + ".wav", png=base + ".png")
             print(f"{name}: {base}.wav")
         with open(log_path, "ab", buffering=0) as f:  # unbuffered: append_durably's fsync then covers the line
@@ -670,6 +702,8 @@ def generate_all(m, args, requests, n_frames, lock):
     todo = pending(requests, args, clean=True)  # again, under the lock: the folder may have changed meanwhile
     for name in ("generations.jsonl", STARTED):
         drop_cut_line(os.path.join(args.out, name))
+    open(os.path.join(args.out, "generations.jsonl"), "ab").close()
+    datamod.fsync_dir(args.out)  # the names of the two logs on disk before any record is appended
     batch_size = args.batch_size or auto_batch_size(m, n_frames, device, len(todo))
     cfg = m.lm.cfg
     print(f"{cfg.variant}, {cfg.n_layers} blocks, K = {cfg.n_codebooks} ({m.ckpt_path}, step {m.step})"
@@ -685,7 +719,7 @@ def generate_all(m, args, requests, n_frames, lock):
         batch = todo[b0:b0 + batch_size]
         mark_started(lock, batch)
         codes, audio, timings = generate_batch(m, batch, n_frames, args, device)
-        write_outputs(m, batch, codes, audio, timings, n_frames, args)
+        write_outputs(m, batch, codes, audio, timings, n_frames, args, lock)
 
 
 if __name__ == "__main__":

@@ -3931,8 +3931,9 @@ class Crash(Exception):
 def crash_at_fsync(monkeypatch, k=None, torn=False, hook=None):
     """Patch os.fsync: call hook(n) at each call n; at call k raise Crash instead of syncing (after
     cutting the last 7 bytes of the file when torn: its last write reached the disk only in part).
-    A fresh 3-file run syncs 9 times: the folder; a.wav's rows, meta.json's temp file and folder,
-    a.wav's journal line; b.wav's rows and line; c.wav's rows and line."""
+    A fresh 3-file run syncs 10 times: the parent folder (the new folder's name), the folder; a.wav's
+    rows, meta.json's temp file and folder, a.wav's journal line; b.wav's rows and line; c.wav's rows
+    and line."""
     real, calls = os.fsync, []
 
     def fsync(fd):
@@ -3954,7 +3955,7 @@ def crash_at_fsync(monkeypatch, k=None, torn=False, hook=None):
 
 
 @pytest.mark.parametrize("torn", [False, True])
-@pytest.mark.parametrize("k", range(1, 10))  # every fsync of the run
+@pytest.mark.parametrize("k", range(1, 11))  # every fsync of the run
 def test_crash_at_any_point_then_rerun_gives_each_clip_once(songs, dac, fake_dac, tmp_path, monkeypatch, k, torn):
     out = tmp_path / "out"
     crash_at_fsync(monkeypatch, k, torn)
@@ -3997,8 +3998,8 @@ def test_reader_during_writing_sees_committed_clips_and_writes_nothing(songs, da
 
     calls = crash_at_fsync(monkeypatch, hook=open_reader)
     run(songs, out, dac)
-    assert len(calls) == 9
-    assert seen == [0, 0, 0, 0, 2, 2, 3, 3, 4]  # a file's clips appear once its journal line is written
+    assert len(calls) == 10
+    assert seen == [0, 0, 0, 0, 0, 2, 2, 3, 3, 4]  # a file's clips appear once its journal line is written
     assert_rows(rows(out), WANT)
 
 
@@ -4193,7 +4194,7 @@ def test_a_local_dac_is_kept_as_an_absolute_path_and_one_kept_relative_still_mat
 
 def test_settings_may_change_until_the_first_commit(songs, dac, fake_dac, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    crash_at_fsync(monkeypatch, 4)  # meta.json is in place (its folder's fsync), the first journal line not yet
+    crash_at_fsync(monkeypatch, 5)  # meta.json is in place (its folder's fsync), the first journal line not yet
     with pytest.raises(Crash):
         run(songs, out, dac, dac_name="first")
     assert json.load(open(out / "meta.json"))["dac"] == "first"
@@ -6221,6 +6222,23 @@ def test_two_runs_into_one_folder_never_overwrite_and_a_rerun_resumes(synthetic_
         "another --out (or, for prompts not named by an id, another --seed)\n")
     assert open(tmp_path / "s9-0000-a-calm-piece.npy", "rb").read() == b"the other run's"
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == [".started"]  # no temporary file left
+    # its name is taken back in .started: a rerun keeps that file (before, it removed it as an interrupted run's)
+    assert open(tmp_path / ".started").read().endswith("\ns9-0000-a-calm-piece\ns10-0001-a-dark-piece\n"
+                                                       ".s9-0000-a-calm-piece\n")
+    monkeypatch.setattr(genmod, "generate_batch", real)
+    run("--seed", "11")  # the failed run's lock is released, though its exception (e) still holds its frames
+    assert e.value.code == 2 and (tmp_path / "s11-0000-a-calm-piece.npy").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run("--seed", "9")
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{tmp_path}/s9-0000-a-calm-piece.npy exists and no run of generate.py began it in this folder: it is kept; "
+        "pass another --out (or, if an interrupted run before .started existed left it, move it away)\n")
+    assert open(tmp_path / "s9-0000-a-calm-piece.npy", "rb").read() == b"the other run's"
+    # moved away, the name is started again and written
+    os.unlink(tmp_path / "s9-0000-a-calm-piece.npy")
+    run("--seed", "9")
+    assert np.load(tmp_path / "s9-0000-a-calm-piece.npy").shape == (1, 17)
 
 
 def test_generate_seeds_each_prompt_by_its_place_whatever_its_batch_and_syncs_files_before_their_line(
@@ -6237,6 +6255,16 @@ def test_generate_seeds_each_prompt_by_its_place_whatever_its_batch_and_syncs_fi
     tmp = lambda n: f"{tmp_path}/whole/.{n}.npy.{os.getpid()}.tmp"  # noqa: E731
     first_line = synced.index(f"{tmp_path}/whole/generations.jsonl")
     assert f"{tmp_path}/whole" in synced[synced.index(tmp(names[0])):first_line]
+    # the folder's own name (in its parent) and the logs' names (in it) before any file of a request
+    assert synced.index(str(tmp_path)) < synced.index(f"{tmp_path}/whole") < synced.index(tmp(names[0]))
+    # two prompts of one run that would write the same files: refused before any model loads
+    (tmp_path / "set.jsonl").write_text('{"id": "s0-0000-a-calm-piece", "caption": "a dark piece"}\n')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "twice", "--prompts", str(tmp_path / "set.jsonl"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "prompts 1 and 4 would both write s0-0000-a-calm-piece.*: give one of them another id\n")
+    assert not (tmp_path / "twice").exists()
     # the second prompt done first (its files and line copied): the other two then share a batch, and
     # each still draws from its own seed, --seed + its place
     part = tmp_path / "part"
