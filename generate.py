@@ -258,14 +258,16 @@ def check_model_flags(args, ckpt, ck2):
     encoders = [ckpt["text_encoder"]] + ([] if ck2 is None else [ck2["text_encoder"]])
     # (a stage 2 of other data than stage 1's is refused with its own line, in load_models)
     synthetic = ckpt["text_encoder"]["kind"] == "words" and (ck2 is None or ck2["codec"]["kind"] == "synthetic")
-    for flag, kind, what, unused in (("--t5", "t5", "the T5 text encoder", all(e["kind"] == "words" for e in encoders)),
-                                     ("--dac", "dac", "DAC", synthetic)):
-        value = getattr(args, kind)
-        if value is not None and unused:
-            datamod.fail(f"{flag}: {args.ckpt} was trained on the synthetic set, which has no "
-                         f"{'T5 text encoder' if kind == 't5' else 'audio to decode'}; leave {flag} out")
-        if value is not None:
-            datamod.check_model_folder(value, kind, what, flag)
+    checks = {"t5": ("the T5 text encoder", "T5 text encoder", all(e["kind"] == "words" for e in encoders)),
+              "dac": ("DAC", "audio to decode", synthetic)}
+    for kind, (what, lacks, unused) in checks.items():
+        value, flag = getattr(args, kind), f"--{kind}"
+        if value is None:
+            continue
+        if unused:
+            datamod.fail(f"{flag}: {args.ckpt} was trained on the synthetic set, which has no {lacks}; "
+                         f"leave {flag} out")
+        datamod.check_model_folder(value, kind, what, flag)
 
 
 def load_models(args, device, ckpt, ck2=None):
