@@ -2507,6 +2507,97 @@ def test_decoder_steps_a_training_model_plainly_and_makes_no_empty_group_of_rows
     assert step != model.step and [r.stop - r.start for *_, r in step.groups] == [1, 1]
 
 
+def test_in_proj_folds_its_norm_at_split_max_rows_and_only_in_groups_that_fold(kernel_definitions, monkeypatch):
+    # _folds_norm's bound (rows <= SPLIT_MAX_ROWS) and fused_blocks' per-group check: at 65 rows in 2
+    # groups of 32 and 33 rows (split_k), in_proj takes the folded weight in the 32-row group only
+    seen = []
+
+    def spy(x, weight, *args, norm_folded=False, **kw):
+        seen.append((x.shape[0], weight.shape[0], norm_folded))
+        return linear_rows_definition(x, weight, *args, norm_folded=norm_folded, **kw)
+
+    monkeypatch.setattr(kernels, "linear_rows", spy)
+    model = tiny_model("prefix_simba", 1, expand=16)
+    in_proj = model.blocks[0].layers[0].in_proj.weight.shape[0]
+    assert fast._folds_norm(kernels.SPLIT_MAX_ROWS, model.blocks[0].layers[0].in_proj.weight, torch.zeros(1))
+    rows = 2 * kernels.SPLIT_MAX_ROWS + 1
+    text, mask = random_text(b=rows)
+    tokens = torch.randint(0, 1024, (rows, 1, 5))
+    step = fast.Decoder(FastOptions(decode_streams=2)).step_function(model, rows)
+    plain, fused = (ssmttm.InferenceCache(model, rows, 5, "cpu", torch.float64) for _ in range(2))
+    for cache in (plain, fused):
+        model.logits(tokens[..., :4], text, mask, cache)
+    seen.clear()
+    torch.testing.assert_close(step(tokens[..., 4:], fused), model.step(tokens[..., 4:], plain), rtol=1e-10,
+                               atol=1e-10)
+    folded_in = {(r, f) for r, n, f in seen if n == in_proj}
+    assert folded_in == {(kernels.SPLIT_MAX_ROWS, True), (kernels.SPLIT_MAX_ROWS + 1, False)}
+
+
+def test_a_model_wider_than_the_kernels_takes_its_own_step(kernel_definitions):
+    # step_function checks the *widest* Linear input against kernels.MAX_WIDTH (max, not min): fc2's input
+    # d_ff = MAX_WIDTH + 8 is past it, every other product within: the model's own step.
+    model = tiny_model("prefix_simba", 1, d_ff=kernels.MAX_WIDTH + 8)
+    assert fast.Decoder(FastOptions(cuda_graph=False)).step_function(model, 2) == model.step
+
+
+def test_steps_of_one_keep_no_pending_steps(kernel_definitions):
+    # FusedStep.pending: PendingSteps only for chunks > 1; decode_chunk=1 gives the plain ssm_step (chunk_slot None)
+    model = tiny_model("prefix_simba", 1)
+    step = fast.Decoder(FastOptions(decode_streams=1, decode_chunk=1)).step_function(model, 5)
+    cache = ssmttm.InferenceCache(model, 5, 4, "cpu", torch.float64)
+    assert step.chunk_slot(cache) is None and fast._first(step.pending(cache)) is None
+
+
+def test_fold_of_a_norm_in_another_dtype_keeps_the_norm(kernel_definitions):
+    # FusedStep._fold_norms' mixed-dtype branch: W (fp64) times an fp32 norm weight, rounded once to W's dtype
+    model = tiny_model("prefix_simba", 1, expand=16)
+    for block in model.blocks:
+        block.norms[0].weight.data = torch.rand(block.norms[0].weight.shape) + 0.5  # fp32, not 1
+    step = fast.Decoder(FastOptions(decode_streams=1)).step_function(model, 20)
+    W, w = model.blocks[0].layers[0].in_proj.weight, model.blocks[0].norms[0].weight
+    assert step.in_weights[0][0] is not None
+    assert torch.equal(step.in_weights[0][0], (W.float() * w.float()).to(W.dtype))
+
+
+def test_greedy_decoding_draws_no_noise_from_the_generator(kernel_definitions):
+    # Decoder.frames: NoiseAhead(draws=not sampling.greedy); greedy draws nothing from the caller's
+    # generator, as the plain loop: both leave it in the same state
+    model = tiny_model("prefix_simba", 1)
+    text, mask = random_text()
+    after = []
+    for d in (None, fast.Decoder(FastOptions(cuda_graph=False))):
+        g = torch.Generator().manual_seed(4)
+        model.generate(text, mask, 6, cfg_scale=3.0, temperature=0.0, generator=g, decoder=d)
+        after.append(torch.rand(4, generator=g))
+    assert torch.equal(after[0], after[1])
+
+
+def test_sample_kernel_without_top_k_keeps_every_code(kernel_definitions):
+    # _sample_into's kernel call: top_k=0 (every code) is V codes, not fewer: the least likely code 7 wins
+    # when its Exp(1) noise is tiny
+    V = fast.SPECIAL
+    logits = torch.zeros(1, 1, V + 1)
+    logits[..., 7] = -5.0  # the least likely
+    ring = torch.ones(2, 1, 1, V)
+    ring[..., 7] = 1e-30
+    steps, fixed = torch.zeros(1, 1, 3, dtype=torch.long), torch.zeros(1, 1, 3, dtype=torch.bool)
+    next_input, pos = torch.zeros(1, 1, 1, dtype=torch.long), torch.tensor([1])
+    sampling = ssmttm.Sampling(cfg_scale=1.0, top_k=0, temperature=1.0)
+    fast.Decoder._sample_into(logits, steps, pos, fixed, next_input, sampling, ring, kernel=True)
+    assert steps[0, 0, 1].item() == 7 and next_input.item() == 7
+
+
+def test_chunk_slot_refuses_rows_at_different_places(kernel_definitions):
+    model = tiny_model("prefix_simba", 1)
+    step = fast.Decoder(FastOptions(decode_streams=1, decode_chunk=4)).step_function(model, 5)
+    cache = ssmttm.InferenceCache(model, 5, 4, "cpu", torch.float64)
+    assert step.chunk_slot(cache) == (4, 0)
+    fast._first(step.pending(cache)).slot[2] = 1
+    with pytest.raises(ValueError, match="different places of their chunks"):
+        step.chunk_slot(cache)
+
+
 @pytest.mark.parametrize("rows", [5, 2 * kernels.CORE_ROWS + 1, 2 * kernels.CORE_ROWS + 3])
 def test_fused_step_equals_the_model_step(kernel_definitions, rows):
     # fast.fused_step (embedding, five kernels per SiMBA block, the heads) computes TextToMusicLM.step,
@@ -2567,7 +2658,7 @@ def test_fused_step_equals_the_model_step(kernel_definitions, rows):
 
 
 @pytest.mark.parametrize("graph", [False, True])
-@pytest.mark.parametrize("n_frames", [14, 15])
+@pytest.mark.parametrize("n_frames", [12, 13, 14, 15, 16])  # every remainder of the last chunk of 4
 def test_decoder_leaves_the_cache_as_the_plain_loop_does(kernel_definitions, monkeypatch, n_frames, graph):
     # fast.Decoder.decode with the state written once per chunk of 4 steps folds the steps still
     # pending at its end (14 frames, 15 decoded: 3 chunks and 3 steps) into the states, and after whole
