@@ -2507,6 +2507,22 @@ def test_decoder_steps_a_training_model_plainly_and_makes_no_empty_group_of_rows
     assert step != model.step and [r.stop - r.start for *_, r in step.groups] == [1, 1]
 
 
+def fused_step_equals_plain(model, options, rows, seen):
+    """One decoding step of `rows` rows after a 4-step prefill: fast.Decoder's with options against the
+    model's own, to 1e-10 (fp64); `seen` (a spy's list of kernel calls) is cleared before the step.
+    Returns the decoder's step function."""
+    text, mask = random_text(b=rows)
+    tokens = torch.randint(0, 1024, (rows, 1, 5))
+    step = fast.Decoder(options).step_function(model, rows)
+    plain, fused = (ssmttm.InferenceCache(model, rows, 5, "cpu", torch.float64) for _ in range(2))
+    for cache in (plain, fused):
+        model.logits(tokens[..., :4], text, mask, cache)
+    seen.clear()
+    torch.testing.assert_close(step(tokens[..., 4:], fused), model.step(tokens[..., 4:], plain), rtol=1e-10,
+                               atol=1e-10)
+    return step
+
+
 def test_in_proj_folds_its_norm_at_split_max_rows_and_only_in_groups_that_fold(kernel_definitions, monkeypatch):
     # _folds_norm's bound (rows <= SPLIT_MAX_ROWS) and fused_blocks' per-group check: at 65 rows in 2
     # groups of 32 and 33 rows (split_k), in_proj takes the folded weight in the 32-row group only
@@ -2520,16 +2536,7 @@ def test_in_proj_folds_its_norm_at_split_max_rows_and_only_in_groups_that_fold(k
     model = tiny_model("prefix_simba", 1, expand=16)
     in_proj = model.blocks[0].layers[0].in_proj.weight.shape[0]
     assert fast._folds_norm(kernels.SPLIT_MAX_ROWS, model.blocks[0].layers[0].in_proj.weight, torch.zeros(1))
-    rows = 2 * kernels.SPLIT_MAX_ROWS + 1
-    text, mask = random_text(b=rows)
-    tokens = torch.randint(0, 1024, (rows, 1, 5))
-    step = fast.Decoder(FastOptions(decode_streams=2)).step_function(model, rows)
-    plain, fused = (ssmttm.InferenceCache(model, rows, 5, "cpu", torch.float64) for _ in range(2))
-    for cache in (plain, fused):
-        model.logits(tokens[..., :4], text, mask, cache)
-    seen.clear()
-    torch.testing.assert_close(step(tokens[..., 4:], fused), model.step(tokens[..., 4:], plain), rtol=1e-10,
-                               atol=1e-10)
+    fused_step_equals_plain(model, FastOptions(decode_streams=2), 2 * kernels.SPLIT_MAX_ROWS + 1, seen)
     folded_in = {(r, f) for r, n, f in seen if n == in_proj}
     assert folded_in == {(kernels.SPLIT_MAX_ROWS, True), (kernels.SPLIT_MAX_ROWS + 1, False)}
 
@@ -2742,16 +2749,8 @@ def test_a_product_makes_the_next_norm_only_where_that_one_takes_it_normed(kerne
     assert in_proj > kernels.SPLIT_OUTPUTS
     for rows, split_k, fold, fc2_makes_head_norm in [(20, True, False, False), (40, False, False, True),
                                                      (20, True, True, False), (40, False, True, True)]:
-        text, mask = random_text(b=rows)
-        tokens = torch.randint(0, 1024, (rows, 1, 5))
         options = FastOptions(decode_streams=2, decode_split_k=split_k, decode_fold_norm=fold)
-        step = fast.Decoder(options).step_function(model, rows)
-        plain, fused = (ssmttm.InferenceCache(model, rows, 5, "cpu", torch.float64) for _ in range(2))
-        for cache in (plain, fused):
-            model.logits(tokens[..., :4], text, mask, cache)
-        seen.clear()
-        torch.testing.assert_close(step(tokens[..., 4:], fused), model.step(tokens[..., 4:], plain), rtol=1e-10,
-                                   atol=1e-10)
+        step = fused_step_equals_plain(model, options, rows, seen)
         folds = fold and split_k
         block = [(in_proj, False, folds), (64, not split_k, False), (d_ff, False, False), (64, not folds, False)]
         group = block + block[:3] + [(64, fc2_makes_head_norm, False)]
