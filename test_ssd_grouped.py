@@ -22,7 +22,7 @@ def _inputs(b, l, h, p, n, seed=0, init=True, with_D=True, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("l,Q", [(40, 16), (37, 16), (9, 16), (64, 8)])
-@pytest.mark.parametrize("init,with_D", [(True, True), (False, False)])
+@pytest.mark.parametrize("init,with_D", [(True, True), (False, False), (True, False), (False, True)])
 def test_grouped_ssd_equals_the_reference_with_gradients(l, Q, init, with_D):
     x, dt, A, B, C, D, s0 = _inputs(2, l, 3, 4, 5, init=init, with_D=with_D)
     y_ref, f_ref = ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], Q, D=D, initial_state=s0)
@@ -37,6 +37,78 @@ def test_grouped_ssd_equals_the_reference_with_gradients(l, Q, init, with_D):
     names = [nm for nm, t in zip("x dt A B C D s0".split(), (x, dt, A, B, C, D, s0)) if t is not None]
     for name, got, want in zip(names, grads, ref_grads):
         assert (got - want).abs().max() <= 1e-11 * max(1.0, want.abs().max().item()), name
+
+
+def _bf16_inputs(b, l, h, p, n, init=True, with_D=True):
+    # the training path's dtypes: x, B and C in bf16; dt, A, D and the initial state in fp32
+    x, dt, A, B, C, D, s0 = (t if t is None else t.detach() for t in _inputs(b, l, h, p, n, init=init, with_D=with_D))
+    fp32 = [t if t is None else t.float() for t in (dt, A, D, s0)]
+    return [x.bfloat16(), fp32[0], fp32[1], B.bfloat16(), C.bfloat16(), fp32[2], fp32[3]]
+
+
+def test_ssd_grouped_op_fake_matches_bf16_inputs_in_whole_chunks():
+    # a length that is a whole number of chunks (32 at chunk 16: no padding, c = l / Q exactly) and bf16
+    # operands: the torch form's outputs have the shapes and dtypes its fake gives (what torch.compile traces
+    # with): y in x's dtype, S_prev and xs in x's dtype, acum, G and y_off fp32 with c = 2 chunks
+    x, dt, A, B, C, D, s0 = _bf16_inputs(2, 32, 3, 4, 5)
+    out = ssd_grouped.forward(x, dt, A, B, C, 16, D, s0)
+    want = [((2, 32, 3, 4), torch.bfloat16), ((2, 3, 4, 5), torch.float32), ((2, 2, 16, 3), torch.float32),
+            ((2, 2, 12, 5), torch.bfloat16), ((2, 2, 16, 16), torch.float32), ((2, 2, 16, 12), torch.float32),
+            ((2, 2, 16, 12), torch.bfloat16)]
+    assert [(tuple(t.shape), t.dtype) for t in out] == want
+    y, f = ssd_grouped.ssd_grouped(x, dt, A, B, C, 16, D, s0)
+    assert y.dtype == torch.bfloat16 and f.dtype == torch.float32
+    torch.library.opcheck(ssd_grouped._ssd_grouped_fwd, (x, dt, A, B, C, D, s0, 16, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_form_gemm_operands_are_in_xs_dtype(monkeypatch):
+    # the module's contract: intermediates fp32, the GEMM operands in x's dtype (bf16 here), as the Triton
+    # form's: S_prev (y_off's and dC's products), dstates (dxs' and dB's), xs, dy_e, dG, B and C
+    seen = []
+    matmul = ssd_grouped._matmul_f32
+
+    def spy(a, b, add=None):
+        seen.append((a.dtype, b.dtype))
+        return matmul(a, b, add)
+    monkeypatch.setattr(ssd_grouped, "_matmul_f32", spy)
+    x, dt, A, B, C, D, s0 = (t.requires_grad_() for t in _bf16_inputs(1, 40, 2, 4, 6))
+    y, f = ssd_grouped.ssd_grouped(x, dt, A, B, C, 16, D, s0)
+    torch.autograd.grad(y.float().square().sum() + f.sum(), (x, dt, A, B, C, D, s0))
+    assert len(seen) == 3 + 6  # the forward's three products, the backward's six
+    assert all(d == (torch.bfloat16, torch.bfloat16) for d in seen), seen
+
+
+def test_torch_form_rounds_dstates_and_dxs_to_xs_dtype_as_the_kernels_store_them():
+    # bf16, one chunk, dy = 0: only the final state's gradient reaches x, through the chunk state S = xs^T B,
+    # so dx = round(B dstates^T) exp(acum_end - acum) dt with dstates = dfinal rounded to x's dtype (the GEMM
+    # operand) and dxs rounded to x's dtype (as the Triton form stores it); dB = xs dstates
+    b, l, h, p, n, Q = 1, 16, 2, 8, 8, 16
+    x, dt, A, B, C, _, _ = _bf16_inputs(b, l, h, p, n, init=False, with_D=False)
+    dfinal = torch.randn(b, h, p, n, generator=torch.Generator().manual_seed(7))
+    y, final, acum, S_prev, G, y_off, xs = ssd_grouped.forward(x, dt, A, B, C, Q)
+    dx, ddt, dA, dB, dC, dD, d_init = ssd_grouped.backward(torch.zeros_like(y), dfinal, x, dt, A, B, C, None, None,
+                                                             acum, S_prev, G, y_off, xs, Q)
+    dstates = dfinal.reshape(b, 1, h * p, n).bfloat16().float()                       # (b, c, h*p, n)
+    dxs = torch.matmul(B.float().view(b, 1, Q, n), dstates.transpose(-1, -2)).bfloat16().float()
+    to_end = torch.exp(acum[:, :, -1:] - acum)                                       # (b, c, Q, h)
+    want_dx = (dxs.view(b, 1, Q, h, p) * to_end[..., None] * dt.view(b, 1, Q, h)[..., None]).view(b, l, h, p)
+    assert torch.equal(dx, want_dx.bfloat16())
+    want_dB = torch.matmul(xs.float(), dstates).view(b, l, n)
+    assert torch.equal(dB, want_dB.bfloat16())
+    assert not dC.any() and dD is None and d_init is None
+
+
+def test_torch_form_rounds_x_dt_of_ys_chunk_part_to_xs_dtype():
+    # bf16, one chunk, no initial state and no D: y is the (Q, Q) part alone, sum_s G[q, s] exp(acum_q -
+    # acum_s) x_s dt_s, whose operand x dt the torch form rounds to x's dtype as the Triton kernel does
+    b, l, h, p, n, Q = 2, 16, 3, 8, 8, 16
+    x, dt, A, B, C, _, _ = _bf16_inputs(b, l, h, p, n, init=False, with_D=False)
+    y, final, acum, S_prev, G, y_off, xs = ssd_grouped.forward(x, dt, A, B, C, Q)
+    assert not S_prev.any()
+    xdt = (x.float() * dt[..., None]).bfloat16().view(b, 1, Q, h, p)
+    want = ssd_grouped.diag_forward(G, acum, xdt).view(b, l, h, p).bfloat16()
+    assert torch.equal(y, want)
 
 
 @pytest.mark.parametrize("used", ["y", "final"])
