@@ -5480,6 +5480,242 @@ def test_bench_frames_and_wall_time_units(monkeypatch):
     assert bench.wall_time(lambda: calls.append(1), 4, 2) == 125.0 and len(calls) == 6
 
 
+def test_bench_model_flops_of_the_paper_shape_and_of_two_mamba_layers_a_block():
+    # BENCHMARKS.md: a 30 s sequence of Prefix SiMBA at the paper's shape is 5.3519 TFLOP at the kernels' chunk
+    # 256 and 5.2425 at chunk 32 (the old count). prefix_mamba's blocks hold two Mamba-2 layers each (LAYOUTS):
+    # both counted, the linears and the SSD, 3 L (Q N + Q H P + 4 N H P) per Mamba-2 layer
+    import bench
+    with torch.device("meta"):
+        paper = TextToMusicLM(ModelConfig(variant="prefix_simba"))
+        mamba = TextToMusicLM(ModelConfig(variant="prefix_mamba", n_layers=2, d_model=64, d_state=16, headdim=16,
+                                          d_ff=128))
+    assert round(bench.model_flops(paper, 2584, bench.N_TEXT, 256) / 1e12, 4) == 5.3519
+    assert round(bench.model_flops(paper, 2584, bench.N_TEXT, 32) / 1e12, 4) == 5.2425
+    La, Lt, Q = 10, 4, 16
+    L = La + Lt  # in_proj 64 -> 296, out_proj 128 -> 64, twice a block, two blocks
+    assert bench.model_flops(mamba, La, Lt, Q) == 6 * (768 * 64 * Lt + 2 * 2 * (64 * 296 + 128 * 64) * L
+                                                       + 64 * 1025 * La) + 2 * 2 * 3 * L * (Q * 16 + Q * 128
+                                                                                            + 4 * 16 * 128)
+
+
+def test_bench_decode_floor_of_the_paper_shape_with_each_state():
+    # decode_floor_ms at the paper's shape, bf16 weights, as BENCHMARKS.md's decode-batch tables give it:
+    # 1 prompt (2 rows) 0.224 ms with the fp32 state and 0.177 with the bf16 one, 64 prompts 6.16 and 3.16;
+    # the chunk floor (state written once per 16 steps) at 4 prompts with the fp32 state 0.331, 16 prompts 0.935
+    import bench
+    with torch.device("meta"):
+        model = TextToMusicLM(ModelConfig(variant="prefix_simba")).to(torch.bfloat16)
+    assert [round(bench.decode_floor_ms(model, rows, b), 3) for rows, b in ((2, 4), (2, 2), (128, 4), (128, 2))] == [
+        0.224, 0.177, 6.158, 3.161]
+    assert [round(bench.decode_floor_ms(model, rows, 4, chunk=16), 3) for rows in (8, 32)] == [0.331, 0.935]
+    # and a tiny one written out with a bf16 state: 1 layer, 8 heads x 16 x 16 state values of 2 bytes
+    with torch.device("meta"):
+        tiny = TextToMusicLM(ModelConfig(variant="prefix_simba", n_layers=1, d_model=64, d_state=16, headdim=16,
+                                         d_ff=128))
+    weights = 4 * (2 * 64 + 3 * 8 + 296 * 64 + 160 * 5 + 128 + 128 * 64 + 2 * 128 * 64 + 128 + 64 + 64 + 1025 * 64)
+    assert bench.decode_floor_ms(tiny, 3, 2) == pytest.approx((weights + 3 * (2 * 8 * 16 * 16 * 2 + 2 * 160 * 4 * 2))
+                                                              / 4.3e12 * 1e3)
+
+
+def test_bench_decode_batch_rows_follow_from_the_times_and_the_floor(monkeypatch):
+    # bench_decode_batch's columns from stand-in times (decode_ms 0.5 ms a frame, each generate() 862 ms, the
+    # 862 frames of 10 s): clip-s per s = prompts x 10 s / 0.862 s; ratio = ms/frame / floor; the floor at 2 rows
+    # a prompt with the state's bytes; the chunk of DECODE_MODES or decode_chunk_for(rows, state dtype) and the
+    # chunk floor with it
+    import bench
+    with torch.device("meta"):
+        model = TextToMusicLM(ModelConfig(variant="prefix_simba", n_layers=1, d_model=64, d_state=16, headdim=16,
+                                          d_ff=128))
+    model.generate = lambda *a, **k: None
+
+    class Generator:
+        def __init__(self, *a):
+            pass
+
+        def manual_seed(self, seed):
+            return self
+    monkeypatch.setattr(bench, "paper_model", lambda *a: model)
+    monkeypatch.setattr(bench, "decode_ms", lambda *a, **k: 0.5)
+    monkeypatch.setattr(bench, "batch_inputs", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(bench, "wall_time", lambda fn, iters, warmup: 862.0)
+    monkeypatch.setattr(torch, "Generator", Generator)
+    monkeypatch.setattr(bench, "ROWS", [])
+    monkeypatch.setattr(bench, "JSON_PATH", None)
+    bench.bench_decode_batch(1, prompts=(1, 4, 16), modes=("graph", "bf16state+graph", "chunk16+graph"))
+    weights = 4 * (2 * 64 + 3 * 8 + 296 * 64 + 160 * 5 + 128 + 128 * 64 + 2 * 128 * 64 + 128 + 64 + 64 + 1025 * 64)
+
+    def floor(rows, state_bytes, chunk=1):  # ms: bytes / 4.3 TB/s; states of 8 x 16 x 16 (SSM), 160 x 4 (conv)
+        return (weights + rows * ((1 + 1 / chunk) * 8 * 16 * 16 * state_bytes + 2 * 160 * 4 * 2)) / 4.3e12 * 1e3
+    chunks = {("graph", 1): 1, ("graph", 4): 16, ("graph", 16): 32, ("bf16state+graph", 1): 1,
+              ("bf16state+graph", 4): 16, ("bf16state+graph", 16): 16}
+    assert [(r["prompts"], r["mode"]) for r in bench.ROWS] == [
+        (p, m) for p in (1, 4, 16) for m in ("graph", "bf16state+graph", "chunk16+graph")]
+    for r in bench.ROWS:
+        p, mode = r["prompts"], r["mode"]
+        state = 2 if mode.startswith("bf16") else 4
+        chunk = chunks.get((mode, p), 16)
+        assert "error" not in r and r["rows"] == 2 * p and r["state"] == ("bf16" if state == 2 else "fp32")
+        assert r["ms/frame"] == 0.5 and r["s for 10s"] == pytest.approx(0.862)
+        assert r["clip-s per s"] == pytest.approx(p * 10 / 0.862)
+        assert r["new decoder ms/frame"] == r["one generator ms/frame"] == r["generate ms/frame"] == pytest.approx(1)
+        assert r["floor ms"] == pytest.approx(floor(2 * p, state))
+        assert r["ratio"] == pytest.approx(0.5 / floor(2 * p, state))
+        assert r["generate ratio"] == pytest.approx(1 / floor(2 * p, state))
+        assert r["chunk"] == chunk and r["chunk floor ms"] == pytest.approx(floor(2 * p, state, chunk))
+        assert r["chunk ratio"] == pytest.approx(0.5 / floor(2 * p, state, chunk))
+
+
+def test_bench_kernel_kinds_takes_each_pattern_alone():
+    # each pattern of KERNEL_KINDS, as a name holding it and no other, goes to its kind (a pattern dropped or
+    # moved sends it elsewhere); "sdpa" alone is cuDNN's attention as the table's comment names it
+    import bench
+    kinds = {"GEMMs": ["nvjet", "gemm", "cublas"], "attention": ["sdpa", "flash", "fmha", "cudnn"],
+             "SSD": ["_prep_kernel", "_states_", "_diag_", "_dy_kernel", "_dg_product", "_dacum", "_chunk_sums",
+                     "_copy_rows", "_dt_softplus", "_chunk_scan", "_chunk_state", "_state_passing", "_bmm_chunk",
+                     "_chunk_cumsum"],
+             "conv + SiLU": ["_conv_", "causal_conv1d"], "norms": ["rms_norm", "layer_norm"],
+             "GELU + dropout": ["gelu"], "optimizer": ["multi_tensor_apply"]}
+    for kind, names in kinds.items():
+        for name in names:
+            assert bench.kernel_kinds({f"x{name.upper()}x": 1.0}) == {kind: 1.0}, name
+    assert bench.kernel_kinds({"cutlass_tensorop": 1.0, "elementwise_kernel": 2.0}) == {"the rest": 3.0}
+
+
+def test_bench_split_ssd_gemms_takes_all_of_the_gemms_through_rounding():
+    # the profile's sums in floating point: SSD GEMM time equal to the GEMMs' but for rounding moves it all
+    import bench
+    split = bench.split_ssd_gemms({"GEMMs": 0.3, "SSD": 1.0}, 0.1 + 0.2)
+    assert list(split) == ["GEMMs", "SSD", "SSD GEMMs"] and split["GEMMs"] == pytest.approx(0, abs=1e-12)
+
+
+def test_bench_rotated_rows_min_max_and_median_of_an_even_count(monkeypatch):
+    # four rounds of one configuration, steps 30, 10, 14, 20 ms: median 17 (the middle two's mean), fastest 10
+    # (not the first step), slowest 30 (not the last)
+    import bench
+
+    class Stub:
+        def configure_optimizers(self, *a):
+            return None
+    monkeypatch.setattr(bench, "train_model", lambda *a: Stub())
+    monkeypatch.setattr(bench, "train_step", lambda *a: lambda: None)
+    monkeypatch.setattr(bench, "model_flops", lambda *a: 1.0)
+    ms = [30, 10, 14, 20]
+    clock = iter(t for i, d in enumerate(ms) for t in (i, i + d / 1e3))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    [row] = bench.bench_train_rotated([("prefix_simba", FastOptions())], 1, 40, 1, "0", 4, device="cpu")
+    assert (row["ms/step"], row["ms min"], row["ms max"]) == (pytest.approx(17), pytest.approx(10), pytest.approx(30))
+
+
+def test_bench_rows_file_needs_an_object_with_both_keys(tmp_path):
+    # is_rows_file: a JSON object with "header" and "rows"; one key alone, or a list of the two names, is not
+    import bench
+    path = tmp_path / "x.json"
+    for text, ok in (('{"header": {}, "rows": [], "x": 1}', True), ('{"rows": []}', False),
+                     ('["header", "rows"]', False), ('{"header": 1, "rows"', False)):
+        path.write_text(text)
+        assert bench.is_rows_file(str(path)) is ok, text
+
+
+def test_bench_json_and_ddp_folders_checked_in_one_line(monkeypatch, capsys, tmp_path):
+    # --json naming a folder, or a file in a folder that takes no new files: cannot write; --ddp-dir checked
+    # whenever a ddp section is among --only's, not only when every one is
+    import bench
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(bench, "run_section", lambda *a: pytest.fail("a section ran"))
+    cannot = "cannot write this file (a folder, or its folder is missing or takes no new files)"
+    cases = [(["--quick", "--only", "layer", "--json", str(tmp_path)], f"bench.py: --json {tmp_path}: {cannot}"),
+             (["--quick", "--only", "layer,ddp", "--ddp-dir", str(tmp_path / "file")],
+              f"--ddp-dir {tmp_path}/file: it exists and is not a folder")]
+    for argv, message in cases:
+        monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            bench.main()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.rstrip().endswith(message)
+    monkeypatch.setattr(bench.os, "access", lambda path, mode: False)  # a read-only folder (root may write anyway)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--only", "layer", "--json", str(tmp_path / "new.json")])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2 and capsys.readouterr().err.rstrip().endswith(f"--json {tmp_path}/new.json: {cannot}")
+
+
+def test_ssd_benchmark_registers_runs_without_a_gpu_at_the_chunk_asked(monkeypatch, capsys):
+    # bench_ssd_grouped.py --registers: no GPU needed, registers(length, dstate, chunk); --chunk 16 is a chunk
+    # the kernels run, 8 is not (one line, argparse's exit 2)
+    import bench_ssd_grouped
+    calls = []
+    monkeypatch.setattr(bench_ssd_grouped, "registers", lambda *a: calls.append(a))
+    monkeypatch.setattr(bench_ssd_grouped.torch.cuda, "is_available", lambda: False)
+    for argv in (["--registers"], ["--registers", "--length", "100", "--dstate", "64", "--chunk", "16"]):
+        monkeypatch.setattr(sys, "argv", ["bench_ssd_grouped.py", *argv])
+        bench_ssd_grouped.main()
+    assert calls == [(2650, 512, 256), (100, 64, 16)]
+    monkeypatch.setattr(sys, "argv", ["bench_ssd_grouped.py", "--registers", "--chunk", "8"])
+    with pytest.raises(SystemExit) as e:
+        bench_ssd_grouped.main()
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(
+        "bench_ssd_grouped.py: error: argument --chunk: expected a power of two of at least 16, not 8\n")
+
+
+def test_ssd_benchmark_sweep_reports_each_call_or_its_failure(monkeypatch):
+    # _time_calls: "name ms" to 3 decimals, a launch shape that fails as "name failed (its error's type)"
+    import bench_ssd_grouped
+
+    def cuda_ms(fn):
+        return fn()
+
+    def fails():
+        raise ValueError("out of shared memory")
+    monkeypatch.setattr(bench_ssd_grouped, "cuda_ms", cuda_ms)
+    assert bench_ssd_grouped._time_calls({"fwd": lambda: 1.23456, "bwd": fails, "dB": lambda: 0.5}) == (
+        "fwd 1.235, bwd failed (ValueError), dB 0.500")
+
+
+def test_ssd_benchmark_registers_programs_per_sm_by_registers_shared_memory_and_warps(monkeypatch, capsys):
+    # registers() with a stand-in compiler and cuobjdump: programs per SM = the least of 65536 registers over
+    # (registers per thread x 32, rounded up to 256 a warp) x warps, shared memory (227 KB sm_90, 163 KB sm_80)
+    # over the program's, and 64 warps over its warps
+    import types
+    import triton
+    import bench_ssd_grouped
+    if bench_ssd_grouped.ssd_grouped.triton is None:
+        pytest.skip("needs Triton")
+
+    def table(regs, shared):
+        monkeypatch.setattr(triton, "compile", lambda *a, **k: types.SimpleNamespace(
+            asm={"cubin": b""}, metadata=types.SimpleNamespace(shared=shared)))
+        monkeypatch.setattr(bench_ssd_grouped.subprocess, "run", lambda *a, **k: types.SimpleNamespace(
+            stdout=f"Function x:\n REG:{regs} STACK:8 SHARED:0 LOCAL:0"))
+        bench_ssd_grouped.registers(2650, 512, 256)
+        rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+        assert len(rows) == 22 and all(r[3:5] == [str(regs), "8"] and r[5] == str(round(shared / 1024)) for r in rows)
+        return {(r[1], int(r[2])): int(r[6]) for r in rows}
+    # 41 registers: 1312 a warp, 1536 given: 42, 10 and 5 programs at 1, 4 and 8 warps; 16 KB: 14 (sm_90), 10
+    assert table(41, 16 * 1024) == {("sm_90", 1): 14, ("sm_90", 4): 10, ("sm_90", 8): 5,
+                                    ("sm_80", 1): 10, ("sm_80", 4): 10, ("sm_80", 8): 5}
+    # 16 registers, no shared memory: the warps bound it (64, 16, 8)
+    assert table(16, 0) == {(a, w): 64 // w for a in ("sm_90", "sm_80") for w in (1, 4, 8)}
+    # 57 KB: 3 programs on sm_90 (227 KB), 2 on sm_80 (163 KB)
+    assert table(16, 57 * 1024) == {(a, w): n for a, n in (("sm_90", 3), ("sm_80", 2)) for w in (1, 4, 8)}
+
+
+def test_ssd_benchmark_check_gives_the_median_of_each_paths_error_over_mamba_ssms(monkeypatch, capsys):
+    # check(): per seed the errors' table; with more than one seed, per path the median over the seeds of its
+    # error over mamba-ssm's (not the mean, not mamba-ssm's over its); one seed: no such table
+    import bench_ssd_grouped
+    grouped_y = iter([2e-3, 4e-3, 9e-3])
+    monkeypatch.setattr(bench_ssd_grouped, "errors", lambda length, n, Q, b, pad, seed: {
+        "grouped": {"y": next(grouped_y), "dx": 3e-3}, "mamba-ssm": {"y": 1e-3, "dx": 1e-3}})
+    bench_ssd_grouped.check(2650, 512, 256, seeds=3)
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3:] == ["median over 3 seeds of the error over mamba-ssm's:", "| grouped | 4.00 | 3.00 |",
+                        "| mamba-ssm | 1.00 | 1.00 |"]
+    assert out[2:4] == ["|---|---|---|", "| grouped | 2.00e-03 | 3.00e-03 |"]
+    grouped_y = iter([2e-3])
+    bench_ssd_grouped.check(2650, 512, 256, seeds=1)
+    assert not any("median" in line for line in capsys.readouterr().out.splitlines())
+
+
 def test_bench_sections_pass_the_paper_shape_and_their_rounds(tmp_path, monkeypatch):
     # run_section("train"): 2584 frames (30 s) and --layers blocks, no "round" key with one round; --quick: 40
     # frames, 2 blocks, batch 2, eager only. ddp: the parts named after "ddp-", each round in a folder roundN
