@@ -64,10 +64,10 @@ N_TEXT = 64
 
 
 def cuda_time(fn, iters, warmup, queued=False):
-    """Median milliseconds of fn() over iters runs, timed with CUDA events after warmup runs. queued: each
-    run's launches wait behind a 20 ms GPU sleep, so the time is the GPU's alone, without the gaps the CPU
-    leaves between launches (a custom op's Python dispatch, which a training step hides behind its other
-    kernels)."""
+    """Median milliseconds of fn() over iters runs (of an even count, the upper middle one), timed
+    with CUDA events after warmup runs. queued: each run's launches wait behind a 20 ms GPU sleep, so
+    the time is the GPU's alone, without the gaps the CPU leaves between launches (a custom op's Python
+    dispatch, which a training step hides behind its other kernels)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -665,13 +665,14 @@ H200_COPY_TB_S = 4.3  # device-to-device copy bandwidth measured on this card (b
 
 def decode_floor_ms(model, rows, ssm_bytes, chunk=1):
     """The memory floor of one decoding step of `rows` rows: every weight a step uses read once, and
-    each row's Mamba-2 states (SSM and conv) read and written once, at H200_COPY_TB_S (issue 17's
-    floor). With chunk > 1, the SSM state is written once per chunk of steps (FastOptions.decode_chunk)."""
+    each row's Mamba-2 states (SSM, of ssm_bytes a value, and conv, in the weights' dtype as the cache
+    keeps it) read and written once, at H200_COPY_TB_S (issue 17's floor). With chunk > 1, the SSM state
+    is written once per chunk of steps (FastOptions.decode_chunk)."""
     weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                   if not name.startswith(("text_", "embed")))  # the text projection runs at the prefill
     mamba = [m for m in model.modules() if isinstance(m, Mamba2)]
     ssm = sum(m.nheads * m.headdim * m.d_state * ssm_bytes for m in mamba)
-    conv = sum(m.conv_dim * m.d_conv * 2 for m in mamba)
+    conv = sum(m.conv_dim * m.d_conv * m.conv1d.weight.element_size() for m in mamba)
     return (weights + rows * ((1 + 1 / chunk) * ssm + 2 * conv)) / (H200_COPY_TB_S * 1e12) * 1e3
 
 
