@@ -3012,23 +3012,28 @@ def test_gpu_embed_rows_equals_embeddings_plus_positions():
         assert torch.equal(again, got) and torch.equal(advanced, positions + 1)
 
 
-@gpu
-def test_gpu_sampling_kernel_draws_what_sample_next_draws():
+@triton_here
+def test_sample_top_k_kernel_draws_what_sample_next_draws():
     # kernels.sample_top_k (guidance, temperature, top-k, the exponential race in one kernel) draws
     # the tokens of sample_next from the same generator, never a token outside the top k, and
     # writes the step layout and the next input as the plain loop does
+    # (the interpreter takes about a second a program: fewer rows, settings and draws there)
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    shapes = [(2, 1, 3.0), (1, 2, 1.0)] if TRITON_INTERPRET else [(2, 1, 3.0), (8, 9, 3.0), (3, 4, 1.0)]
+    settings = [(5, 1.3)] if TRITON_INTERPRET else [(250, 1.2), (5, 1.0), (0, 0.7)]
+    n_draws = 3 if TRITON_INTERPRET else 50
     torch.manual_seed(0)
-    for rows, K, scale in [(2, 1, 3.0), (8, 9, 3.0), (3, 4, 1.0)]:
-        logits = torch.randn(rows, K, 1025, device="cuda") * 3
+    for rows, K, scale in shapes:
+        logits = torch.randn(rows, K, 1025, device=device) * 3
         b = rows // 2 if scale != 1.0 else rows
         cond, uncond = logits.chunk(2) if scale != 1.0 else (logits, None)
-        for top_k, temperature in [(250, 1.2), (5, 1.0), (0, 0.7)]:
-            g = torch.Generator("cuda").manual_seed(1)
-            plain = torch.stack([sample_next(cond, uncond, scale, top_k, temperature, g) for _ in range(50)])
-            g = torch.Generator("cuda").manual_seed(1)
-            draws = torch.stack([kernels.sample_top_k(logits[..., :SPECIAL], torch.empty(b, K, SPECIAL, device="cuda")
+        for top_k, temperature in settings:
+            g = torch.Generator(device).manual_seed(1)
+            plain = torch.stack([sample_next(cond, uncond, scale, top_k, temperature, g) for _ in range(n_draws)])
+            g = torch.Generator(device).manual_seed(1)
+            draws = torch.stack([kernels.sample_top_k(logits[..., :SPECIAL], torch.empty(b, K, SPECIAL, device=device)
                                                       .exponential_(generator=g), scale, top_k or SPECIAL, temperature)
-                                 for _ in range(50)])
+                                 for _ in range(n_draws)])
             assert torch.equal(draws, plain), (rows, K, top_k)
             if top_k:
                 guided = classifier_free_guidance(cond, uncond, scale) if uncond is not None else cond
@@ -3036,21 +3041,21 @@ def test_gpu_sampling_kernel_draws_what_sample_next_draws():
                     -1, guided[..., :SPECIAL].topk(top_k, -1).indices, True)
                 assert allowed.gather(-1, draws.permute(1, 2, 0)).all()
             # the bookkeeping: column 2 of the layout where free, fixed slots kept, the next input
-            fixed = torch.rand(b, K, 5, device="cuda") < 0.3
-            steps = torch.randint(0, 1024, (b, K, 5), device="cuda").masked_fill(~fixed, SPECIAL)
-            noise = torch.empty(b, K, SPECIAL, device="cuda").exponential_()
+            fixed = torch.rand(b, K, 5, device=device) < 0.3
+            steps = torch.randint(0, 1024, (b, K, 5), device=device).masked_fill(~fixed, SPECIAL)
+            noise = torch.empty(b, K, SPECIAL, device=device).exponential_()
             wrote = []
             for sample in (kernels.sample_top_k, sample_top_k_definition):
-                into = (steps.clone(), torch.tensor([2], device="cuda"), fixed,
-                        torch.zeros(rows, K, 1, dtype=torch.long, device="cuda"))
+                into = (steps.clone(), torch.tensor([2], device=device), fixed,
+                        torch.zeros(rows, K, 1, dtype=torch.long, device=device))
                 out = sample(logits[..., :SPECIAL], noise, scale, top_k or SPECIAL, temperature, *into)
                 wrote.append((out, into[0], into[3]))
             assert all(torch.equal(a, b) for a, b in zip(*wrote))
             for slots in (2, 3):  # the noise in a ring (fast.NoiseAhead's) at slot 2 % slots, others elsewhere
-                ring = torch.empty(slots, b, K, SPECIAL, device="cuda").exponential_()
+                ring = torch.empty(slots, b, K, SPECIAL, device=device).exponential_()
                 ring[2 % slots] = noise
-                into = (steps.clone(), torch.tensor([2], device="cuda"), fixed,
-                        torch.zeros(rows, K, 1, dtype=torch.long, device="cuda"))
+                into = (steps.clone(), torch.tensor([2], device=device), fixed,
+                        torch.zeros(rows, K, 1, dtype=torch.long, device=device))
                 out = kernels.sample_top_k(logits[..., :SPECIAL], ring, scale, top_k or SPECIAL, temperature, *into)
                 assert torch.equal(out, wrote[0][0]) and torch.equal(into[0], wrote[0][1]), slots
             written = wrote[0][1]
