@@ -5686,10 +5686,10 @@ def test_ssd_benchmark_registers_programs_per_sm_by_registers_shared_memory_and_
     # (registers per thread x 32, rounded up to 256 a warp) x warps, shared memory (227 KB sm_90, 163 KB sm_80)
     # over the program's, and 64 warps over its warps
     import types
-    import triton
     import bench_ssd_grouped
     if bench_ssd_grouped.ssd_grouped.triton is None:
         pytest.skip("needs Triton")
+    import triton
 
     def table(regs, shared):
         monkeypatch.setattr(triton, "compile", lambda *a, **k: types.SimpleNamespace(
