@@ -5400,11 +5400,14 @@ def test_bench_rotated_rows_take_the_median_step_and_dedupe_the_options_a_varian
     monkeypatch.setattr(bench, "train_model", lambda *a: Stub())
     monkeypatch.setattr(bench, "train_step", lambda *a: lambda: None)
     monkeypatch.setattr(bench, "model_flops", lambda *a: 1.0)
-    ms = [10, 30, 14]  # one configuration, three rounds: median 14, mean 18
-    clock = iter(t for i, d in enumerate(ms) for t in (i, i + d / 1e3))
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
-    [row] = bench.bench_train_rotated([("prefix_simba", base)], 1, 40, 1, "0", 3, device="cpu")
-    assert (row["ms/step"], row["ms min"], row["ms max"]) == (pytest.approx(14), pytest.approx(10), pytest.approx(30))
+    # one configuration: three rounds, median 14 (mean 18); four, median 17 (the middle two's mean), the
+    # fastest not the first step and the slowest not the last
+    for ms, median in [([10, 30, 14], 14), ([30, 10, 14, 20], 17)]:
+        clock = iter(t for i, d in enumerate(ms) for t in (i, i + d / 1e3))
+        monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+        [row] = bench.bench_train_rotated([("prefix_simba", base)], 1, 40, 1, "0", len(ms), device="cpu")
+        assert (row["ms/step"], row["ms min"], row["ms max"]) == (pytest.approx(median), pytest.approx(10),
+                                                                  pytest.approx(30))
 
 
 def test_bench_kernel_kinds_knows_each_pattern_and_the_first_kind_wins():
@@ -5596,24 +5599,6 @@ def test_bench_split_ssd_gemms_takes_all_of_the_gemms_through_rounding():
     import bench
     split = bench.split_ssd_gemms({"GEMMs": 0.3, "SSD": 1.0}, 0.1 + 0.2)
     assert list(split) == ["GEMMs", "SSD", "SSD GEMMs"] and split["GEMMs"] == pytest.approx(0, abs=1e-12)
-
-
-def test_bench_rotated_rows_min_max_and_median_of_an_even_count(monkeypatch):
-    # four rounds of one configuration, steps 30, 10, 14, 20 ms: median 17 (the middle two's mean), fastest 10
-    # (not the first step), slowest 30 (not the last)
-    import bench
-
-    class Stub:
-        def configure_optimizers(self, *a):
-            return None
-    monkeypatch.setattr(bench, "train_model", lambda *a: Stub())
-    monkeypatch.setattr(bench, "train_step", lambda *a: lambda: None)
-    monkeypatch.setattr(bench, "model_flops", lambda *a: 1.0)
-    ms = [30, 10, 14, 20]
-    clock = iter(t for i, d in enumerate(ms) for t in (i, i + d / 1e3))
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
-    [row] = bench.bench_train_rotated([("prefix_simba", FastOptions())], 1, 40, 1, "0", 4, device="cpu")
-    assert (row["ms/step"], row["ms min"], row["ms max"]) == (pytest.approx(17), pytest.approx(10), pytest.approx(30))
 
 
 def test_bench_rows_file_needs_an_object_with_both_keys(tmp_path):
