@@ -3019,9 +3019,10 @@ def test_sample_top_k_kernel_draws_what_sample_next_draws():
     # writes the step layout and the next input as the plain loop does
     # (the interpreter takes about a second a program: fewer rows, settings and draws there)
     device = "cpu" if TRITON_INTERPRET else "cuda"
-    shapes = [(2, 1, 3.0), (1, 2, 1.0)] if TRITON_INTERPRET else [(2, 1, 3.0), (8, 9, 3.0), (3, 4, 1.0)]
+    # (4, 2): two prompts of two codebooks, so that rows, codebooks and guidance copies are told apart
+    shapes = [(4, 2, 3.0), (1, 1, 1.0)] if TRITON_INTERPRET else [(2, 1, 3.0), (8, 9, 3.0), (3, 4, 1.0)]
     settings = [(5, 1.3)] if TRITON_INTERPRET else [(250, 1.2), (5, 1.0), (0, 0.7)]
-    n_draws = 3 if TRITON_INTERPRET else 50
+    n_draws = 2 if TRITON_INTERPRET else 50
     torch.manual_seed(0)
     for rows, K, scale in shapes:
         logits = torch.randn(rows, K, 1025, device=device) * 3
@@ -3040,6 +3041,21 @@ def test_sample_top_k_kernel_draws_what_sample_next_draws():
                 allowed = torch.zeros_like(guided[..., :SPECIAL], dtype=torch.bool).scatter_(
                     -1, guided[..., :SPECIAL].topk(top_k, -1).indices, True)
                 assert allowed.gather(-1, draws.permute(1, 2, 0)).all()
+            # a near tie, one draw: noise = softmax(guided / temperature) * exp(spread), so the draw is
+            # the kept token of smallest logit, a token past the top k would win, and any change to p
+            # (guidance, temperature, the cut, the last kept token) moves it; a width that is no power
+            # of two (the block's masked lanes, whose 0 would pass the cut), the logits shifted by -300
+            # (softmax never sees it; exp without the max would underflow)
+            V = SPECIAL - 24
+            guided = (classifier_free_guidance(cond, uncond, scale) if uncond is not None else cond)
+            guided = guided[..., :V].float() / temperature
+            ranks = guided.argsort(-1, descending=True).argsort(-1)  # 0: the largest
+            kept = min(top_k or V, V)
+            spread = torch.where(ranks < kept, 1e-3 * (kept - ranks), -0.5)
+            tie = (F.softmax(guided, -1) * spread.exp()).contiguous()
+            want = ranks.eq(kept - 1).int().argmax(-1)
+            assert torch.equal(kernels.sample_top_k(logits[..., :V] - 300, tie, scale, kept, temperature), want)
+            assert torch.equal(sample_top_k_definition(logits[..., :V] - 300, tie, scale, kept, temperature), want)
             # the bookkeeping: column 2 of the layout where free, fixed slots kept, the next input
             fixed = torch.rand(b, K, 5, device=device) < 0.3
             steps = torch.randint(0, 1024, (b, K, 5), device=device).masked_fill(~fixed, SPECIAL)
@@ -3053,7 +3069,8 @@ def test_sample_top_k_kernel_draws_what_sample_next_draws():
             assert all(torch.equal(a, b) for a, b in zip(*wrote))
             for slots in (2, 3):  # the noise in a ring (fast.NoiseAhead's) at slot 2 % slots, others elsewhere
                 ring = torch.empty(slots, b, K, SPECIAL, device=device).exponential_()
-                ring[2 % slots] = noise
+                ring.scatter_(-1, wrote[0][0][None, ..., None].expand(slots, b, K, 1), torch.inf)  # another slot:
+                ring[2 % slots] = noise  # another token
                 into = (steps.clone(), torch.tensor([2], device=device), fixed,
                         torch.zeros(rows, K, 1, dtype=torch.long, device=device))
                 out = kernels.sample_top_k(logits[..., :SPECIAL], ring, scale, top_k or SPECIAL, temperature, *into)
