@@ -3058,6 +3058,7 @@ def test_sample_top_k_kernel_draws_what_sample_next_draws():
             assert torch.equal(sample_top_k_definition(logits[..., :V] - 300, tie, scale, kept, temperature), want)
             # the bookkeeping: column 2 of the layout where free, fixed slots kept, the next input
             fixed = torch.rand(b, K, 5, device=device) < 0.3
+            fixed[..., 2] = (torch.arange(b * K, device=device) % 2 == 0).view(b, K)  # column 2: kept and free slots
             steps = torch.randint(0, 1024, (b, K, 5), device=device).masked_fill(~fixed, SPECIAL)
             noise = torch.empty(b, K, SPECIAL, device=device).exponential_()
             wrote = []
