@@ -5479,22 +5479,31 @@ def test_bench_argument_types_take_what_the_kernels_and_tables_have():
     assert bench.ssm_dtype("bf16state+streams2+graph") is torch.bfloat16 and bench.ssm_dtype("graph") is None
 
 
+def tiny_decode_model():
+    """A 1-block Prefix SiMBA on the meta device for bench's decoding floors, and the bytes of its fp32
+    weights a step reads: 2 norms, dt_bias, A_log, D (8 heads), in_proj 296 x 64, conv 160 x 4 + 160,
+    gated norm 128, out_proj 128 x 64, fc1 and fc2 with biases, norm_f, head 1025 x 64 (not text_proj,
+    text_norm or embed: the prefill's)."""
+    with torch.device("meta"):
+        model = TextToMusicLM(ModelConfig(variant="prefix_simba", n_layers=1, d_model=64, d_state=16, headdim=16,
+                                          d_ff=128))
+    return model, 4 * (2 * 64 + 3 * 8 + 296 * 64 + 160 * 5 + 128 + 128 * 64 + 2 * 128 * 64 + 128 + 64 + 64
+                       + 1025 * 64)
+
+
 def test_bench_decode_floor_reads_the_step_weights_once_and_each_rows_states():
     # decode_floor_ms: the weights a step reads (not text_proj, text_norm, embed: the prefill's), plus per row
     # the SSM state read and written (written once per chunk) and the conv state (in the weights' dtype, as
     # the cache keeps it) read and written
     import bench
-    with torch.device("meta"):
-        model = TextToMusicLM(ModelConfig(variant="prefix_simba", n_layers=1, d_model=64, d_state=16, headdim=16,
-                                          d_ff=128))
-    # fp32: 2 norms, dt_bias, A_log, D (8 heads), in_proj 296 x 64, conv 160 x 4 + 160, gated norm 128,
-    # out_proj 128 x 64, fc1 and fc2 with biases, norm_f, head 1025 x 64
-    weights = 4 * (2 * 64 + 3 * 8 + 296 * 64 + 160 * 5 + 128 + 128 * 64 + 2 * 128 * 64 + 128 + 64 + 64 + 1025 * 64)
+    model, weights = tiny_decode_model()
     ssm, conv = 8 * 16 * 16 * 4, 160 * 4 * 4
     byte_ms = 1e3 / (bench.H200_COPY_TB_S * 1e12)
     assert bench.decode_floor_ms(model, 2, 4) == pytest.approx((weights + 2 * (2 * ssm + 2 * conv)) * byte_ms)
     assert bench.decode_floor_ms(model, 2, 4, chunk=4) == pytest.approx(
         (weights + 2 * (1.25 * ssm + 2 * conv)) * byte_ms)
+    # a bf16 state in the fp32 model: the SSM state's values of 2 bytes, the conv state's of 4
+    assert bench.decode_floor_ms(model, 3, 2) == pytest.approx((weights + 3 * (ssm + 2 * conv)) * byte_ms)
     # bf16 weights (bench's decoding model): both halve, the SSM state's bytes are the caller's
     assert bench.decode_floor_ms(model.to(torch.bfloat16), 2, 4) == pytest.approx(
         (weights / 2 + 2 * (2 * ssm + conv)) * byte_ms)
@@ -5538,14 +5547,6 @@ def test_bench_decode_floor_of_the_paper_shape_with_each_state():
     assert [round(bench.decode_floor_ms(model, rows, b), 3) for rows, b in ((2, 4), (2, 2), (128, 4), (128, 2))] == [
         0.224, 0.177, 6.158, 3.161]
     assert [round(bench.decode_floor_ms(model, rows, 4, chunk=16), 3) for rows in (8, 32)] == [0.331, 0.935]
-    # and a tiny fp32 one written out with a bf16 state: 1 layer, 8 heads x 16 x 16 state values of 2 bytes,
-    # its conv state (160 channels x 4) in the weights' 4 bytes
-    with torch.device("meta"):
-        tiny = TextToMusicLM(ModelConfig(variant="prefix_simba", n_layers=1, d_model=64, d_state=16, headdim=16,
-                                         d_ff=128))
-    weights = 4 * (2 * 64 + 3 * 8 + 296 * 64 + 160 * 5 + 128 + 128 * 64 + 2 * 128 * 64 + 128 + 64 + 64 + 1025 * 64)
-    assert bench.decode_floor_ms(tiny, 3, 2) == pytest.approx((weights + 3 * (2 * 8 * 16 * 16 * 2 + 2 * 160 * 4 * 4))
-                                                              / 4.3e12 * 1e3)
 
 
 def test_bench_decode_batch_rows_follow_from_the_times_and_the_floor(monkeypatch):
@@ -5554,9 +5555,7 @@ def test_bench_decode_batch_rows_follow_from_the_times_and_the_floor(monkeypatch
     # a prompt with the state's bytes; the chunk of DECODE_MODES or decode_chunk_for(rows, state dtype) and the
     # chunk floor with it
     import bench
-    with torch.device("meta"):
-        model = TextToMusicLM(ModelConfig(variant="prefix_simba", n_layers=1, d_model=64, d_state=16, headdim=16,
-                                          d_ff=128))
+    model, weights = tiny_decode_model()
     model.generate = lambda *a, **k: None
 
     class Generator:
@@ -5573,7 +5572,6 @@ def test_bench_decode_batch_rows_follow_from_the_times_and_the_floor(monkeypatch
     monkeypatch.setattr(bench, "ROWS", [])
     monkeypatch.setattr(bench, "JSON_PATH", None)
     bench.bench_decode_batch(1, prompts=(1, 4, 16), modes=("graph", "bf16state+graph", "chunk16+graph"))
-    weights = 4 * (2 * 64 + 3 * 8 + 296 * 64 + 160 * 5 + 128 + 128 * 64 + 2 * 128 * 64 + 128 + 64 + 64 + 1025 * 64)
 
     def floor(rows, state_bytes, chunk=1):  # ms: bytes / 4.3 TB/s; states of 8 x 16 x 16 (SSM), 160 x 4 (conv, fp32)
         return (weights + rows * ((1 + 1 / chunk) * 8 * 16 * 16 * state_bytes + 2 * 160 * 4 * 4)) / 4.3e12 * 1e3
