@@ -3045,17 +3045,21 @@ def test_sample_top_k_kernel_draws_what_sample_next_draws():
             # the kept token of smallest logit, a token past the top k would win, and any change to p
             # (guidance, temperature, the cut, the last kept token) moves it; a width that is no power
             # of two (the block's masked lanes, whose 0 would pass the cut), the logits shifted by -300
-            # (softmax never sees it; exp without the max would underflow)
+            # (softmax never sees it; exp without the max would underflow). The logits are a quarter of
+            # the others: with every code kept, the last kept token is the smallest, and at their full
+            # range (guided / 0.7 spans ~140) its p underflows to 0 in float32, where no draw is defined
             V = SPECIAL - 24
-            guided = (classifier_free_guidance(cond, uncond, scale) if uncond is not None else cond)
-            guided = guided[..., :V].float() / temperature
+            near = logits[..., :V] / 4
+            c, u = near.chunk(2) if scale != 1.0 else (near, None)
+            guided = (classifier_free_guidance(c, u, scale) if u is not None else c).float() / temperature
             ranks = guided.argsort(-1, descending=True).argsort(-1)  # 0: the largest
             kept = min(top_k or V, V)
             spread = torch.where(ranks < kept, 1e-3 * (kept - ranks), -0.5)
             tie = (F.softmax(guided, -1) * spread.exp()).contiguous()
             want = ranks.eq(kept - 1).int().argmax(-1)
-            assert torch.equal(kernels.sample_top_k(logits[..., :V] - 300, tie, scale, kept, temperature), want)
-            assert torch.equal(sample_top_k_definition(logits[..., :V] - 300, tie, scale, kept, temperature), want)
+            assert tie.gather(-1, want[..., None]).min() > 1e6 * torch.finfo(torch.float32).tiny  # a normal p
+            assert torch.equal(kernels.sample_top_k(near - 300, tie, scale, kept, temperature), want)
+            assert torch.equal(sample_top_k_definition(near - 300, tie, scale, kept, temperature), want)
             # the bookkeeping: column 2 of the layout where free, fixed slots kept, the next input
             fixed = torch.rand(b, K, 5, device=device) < 0.3
             fixed[..., 2] = (torch.arange(b * K, device=device) % 2 == 0).view(b, K)  # column 2: kept and free slots
