@@ -219,6 +219,46 @@ def sample_top_k_definition(logits, noise, cfg_scale, top_k, temperature, steps=
     return tokens
 
 
+# The sampling kernel's test: its shapes (rows, codebooks, guidance scale) and (top_k, temperature)
+# settings on the GPU; the interpreter (about a second a program) runs fewer
+SAMPLE_SHAPES = [(2, 1, 3.0), (8, 9, 3.0), (3, 4, 1.0)]
+SAMPLE_SETTINGS = [(250, 1.2), (5, 1.0), (0, 0.7)]
+
+
+def near_tie(logits, scale, top_k, temperature):
+    """A near tie for sample_top_k: noise = softmax(guided / temperature) * exp(spread), so the draw is
+    the kept token of smallest logit, a token past the top k would win, and any change to p (guidance,
+    temperature, the cut, the last kept token) moves it. A width that is no power of two (the block's
+    masked lanes, whose 0 would pass the cut); the caller shifts the logits by -300 (softmax never sees
+    it; exp without the max would underflow). The logits are a quarter of the given ones: with every
+    code kept the last kept token is the smallest, and at their full range (guided / 0.7 spans ~140)
+    its p underflows to 0 in float32, where no draw is defined. Returns (logits (rows, K, V), noise
+    (b, K, V), kept, the token to draw (b, K))."""
+    V = SPECIAL - 24
+    near = logits[..., :V] / 4
+    c, u = near.chunk(2) if scale != 1.0 else (near, None)
+    guided = (classifier_free_guidance(c, u, scale) if u is not None else c).float() / temperature
+    ranks = guided.argsort(-1, descending=True).argsort(-1)  # 0: the largest
+    kept = min(top_k or V, V)
+    spread = torch.where(ranks < kept, 1e-3 * (kept - ranks), -0.5)
+    tie = (F.softmax(guided, -1) * spread.exp()).contiguous()
+    want = ranks.eq(kept - 1).int().argmax(-1)
+    assert tie.gather(-1, want[..., None]).min() > 1e6 * torch.finfo(torch.float32).tiny  # a normal p
+    return near, tie, kept, want
+
+
+def test_near_tie_holds_at_the_sampling_kernels_gpu_settings():
+    # the GPU's shapes and settings of the kernel's test, which the interpreter does not run: the
+    # near tie's token has a normal p (near_tie asserts it) and the definition draws it, with logits
+    # of the GPU test's scale
+    torch.manual_seed(0)
+    for rows, K, scale in SAMPLE_SHAPES:
+        logits = torch.randn(rows, K, 1025) * 3
+        for top_k, temperature in SAMPLE_SETTINGS:
+            near, tie, kept, want = near_tie(logits, scale, top_k, temperature)
+            assert torch.equal(sample_top_k_definition(near - 300, tie, scale, kept, temperature), want)
+
+
 # GPU tests skip without CUDA and mamba-ssm. Their errors are ||a - b|| / ||b|| against a float64
 # copy on the plain path. Tolerances: 3-5x the errors measured on an H200 (README, "Verification");
 # mamba-ssm's kernels multiply in TF32 even for fp32 inputs, hence ~1e-4 rather than ~1e-7 in fp32.
@@ -3020,8 +3060,8 @@ def test_sample_top_k_kernel_draws_what_sample_next_draws():
     # (the interpreter takes about a second a program: fewer rows, settings and draws there)
     device = "cpu" if TRITON_INTERPRET else "cuda"
     # (4, 2): two prompts of two codebooks, so that rows, codebooks and guidance copies are told apart
-    shapes = [(4, 2, 3.0), (1, 1, 1.0)] if TRITON_INTERPRET else [(2, 1, 3.0), (8, 9, 3.0), (3, 4, 1.0)]
-    settings = [(5, 1.3)] if TRITON_INTERPRET else [(250, 1.2), (5, 1.0), (0, 0.7)]
+    shapes = [(4, 2, 3.0), (1, 1, 1.0)] if TRITON_INTERPRET else SAMPLE_SHAPES
+    settings = [(5, 1.3)] if TRITON_INTERPRET else SAMPLE_SETTINGS
     n_draws = 2 if TRITON_INTERPRET else 50
     torch.manual_seed(0)
     for rows, K, scale in shapes:
@@ -3041,23 +3081,8 @@ def test_sample_top_k_kernel_draws_what_sample_next_draws():
                 allowed = torch.zeros_like(guided[..., :SPECIAL], dtype=torch.bool).scatter_(
                     -1, guided[..., :SPECIAL].topk(top_k, -1).indices, True)
                 assert allowed.gather(-1, draws.permute(1, 2, 0)).all()
-            # a near tie, one draw: noise = softmax(guided / temperature) * exp(spread), so the draw is
-            # the kept token of smallest logit, a token past the top k would win, and any change to p
-            # (guidance, temperature, the cut, the last kept token) moves it; a width that is no power
-            # of two (the block's masked lanes, whose 0 would pass the cut), the logits shifted by -300
-            # (softmax never sees it; exp without the max would underflow). The logits are a quarter of
-            # the others: with every code kept, the last kept token is the smallest, and at their full
-            # range (guided / 0.7 spans ~140) its p underflows to 0 in float32, where no draw is defined
-            V = SPECIAL - 24
-            near = logits[..., :V] / 4
-            c, u = near.chunk(2) if scale != 1.0 else (near, None)
-            guided = (classifier_free_guidance(c, u, scale) if u is not None else c).float() / temperature
-            ranks = guided.argsort(-1, descending=True).argsort(-1)  # 0: the largest
-            kept = min(top_k or V, V)
-            spread = torch.where(ranks < kept, 1e-3 * (kept - ranks), -0.5)
-            tie = (F.softmax(guided, -1) * spread.exp()).contiguous()
-            want = ranks.eq(kept - 1).int().argmax(-1)
-            assert tie.gather(-1, want[..., None]).min() > 1e6 * torch.finfo(torch.float32).tiny  # a normal p
+            # a near tie, one draw: the kept token of smallest logit (near_tie)
+            near, tie, kept, want = near_tie(logits, scale, top_k, temperature)
             assert torch.equal(kernels.sample_top_k(near - 300, tie, scale, kept, temperature), want)
             assert torch.equal(sample_top_k_definition(near - 300, tie, scale, kept, temperature), want)
             # the bookkeeping: column 2 of the layout where free, fixed slots kept, the next input
