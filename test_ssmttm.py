@@ -230,16 +230,27 @@ def near_tie(logits, scale, top_k, temperature):
     the kept token of smallest logit, a token past the top k would win, and any change to p (guidance,
     temperature, the cut, the last kept token) moves it. A width that is no power of two (the block's
     masked lanes, whose 0 would pass the cut); the caller shifts the logits by -300 (softmax never sees
-    it; exp without the max would underflow). The logits are a quarter of the given ones: with every
-    code kept the last kept token is the smallest, and at their full range (guided / 0.7 spans ~140)
-    its p underflows to 0 in float32, where no draw is defined. Returns (logits (rows, K, V), noise
-    (b, K, V), kept, the token to draw (b, K))."""
+    it; exp without the max would underflow). Two things keep the draw defined in float32:
+    - the logits are a quarter of the given ones: with every code kept the last kept token is the
+      smallest, and at their full range (guided / 0.7 spans ~140) its p underflows to 0;
+    - the tokens past the cut are lowered by 0.01 (in both halves, so guidance lowers them by as much):
+      shifted by -300, logits round to 2^-15, and two within that of each other at the cut tie there,
+      keeping both (about 2 rows in 1000 before).
+    Returns (logits (rows, K, V), noise (b, K, V), kept, the token to draw (b, K))."""
     V = SPECIAL - 24
+
+    def guide(x):
+        c, u = x.chunk(2) if scale != 1.0 else (x, None)
+        return (classifier_free_guidance(c, u, scale) if u is not None else c).float() / temperature
+
     near = logits[..., :V] / 4
-    c, u = near.chunk(2) if scale != 1.0 else (near, None)
-    guided = (classifier_free_guidance(c, u, scale) if u is not None else c).float() / temperature
-    ranks = guided.argsort(-1, descending=True).argsort(-1)  # 0: the largest
+    ranks = guide(near).argsort(-1, descending=True).argsort(-1)  # 0: the largest
     kept = min(top_k or V, V)
+    past = (ranks >= kept).repeat(len(near) // len(ranks), 1, 1)
+    near = near - 0.01 * past
+    guided = guide(near)
+    ranks, was = guided.argsort(-1, descending=True).argsort(-1), ranks
+    assert torch.equal(ranks < kept, was < kept)  # the same tokens kept
     spread = torch.where(ranks < kept, 1e-3 * (kept - ranks), -0.5)
     tie = (F.softmax(guided, -1) * spread.exp()).contiguous()
     want = ranks.eq(kept - 1).int().argmax(-1)
@@ -249,14 +260,16 @@ def near_tie(logits, scale, top_k, temperature):
 
 def test_near_tie_holds_at_the_sampling_kernels_gpu_settings():
     # the GPU's shapes and settings of the kernel's test, which the interpreter does not run: the
-    # near tie's token has a normal p (near_tie asserts it) and the definition draws it, with logits
-    # of the GPU test's scale
-    torch.manual_seed(0)
-    for rows, K, scale in SAMPLE_SHAPES:
-        logits = torch.randn(rows, K, 1025) * 3
-        for top_k, temperature in SAMPLE_SETTINGS:
-            near, tie, kept, want = near_tie(logits, scale, top_k, temperature)
-            assert torch.equal(sample_top_k_definition(near - 300, tie, scale, kept, temperature), want)
+    # near tie's token has a normal p (near_tie asserts it) and the definition draws it from the
+    # logits shifted by -300, at the GPU test's scale, over 20 seeds (2940 rows: a tie at the cut in
+    # 2 rows of 1000 would show)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        for rows, K, scale in SAMPLE_SHAPES:
+            logits = torch.randn(rows, K, 1025) * 3
+            for top_k, temperature in SAMPLE_SETTINGS:
+                near, tie, kept, want = near_tie(logits, scale, top_k, temperature)
+                assert torch.equal(sample_top_k_definition(near - 300, tie, scale, kept, temperature), want)
 
 
 # GPU tests skip without CUDA and mamba-ssm. Their errors are ||a - b|| / ||b|| against a float64
