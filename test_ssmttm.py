@@ -4592,6 +4592,23 @@ def test_load_audio_resamples_with_soxr_at_high_quality_and_refuses_a_file_witho
         datamod.load_audio(str(tmp_path / "empty.wav"))
 
 
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG", "MP3"])
+def test_load_audio_reads_the_four_formats_the_readme_names(tmp_path, fmt):
+    # 3 s of a 440 Hz left channel and a 660 Hz right one at 48 kHz (as the Vorbis files of Debian's
+    # singularity-music, tried by hand): mono at 44.1 kHz, of the file's length (the lossy coders add at most
+    # a few ms of padding), holding both tones at their level (0.15 each after the mix to mono)
+    import soundfile as sf
+    stereo = np.stack([tone(3, 440, 48000), tone(3, 660, 48000)], axis=1)
+    path = tmp_path / f"clip.{fmt.lower()}"
+    sf.write(path, stereo, 48000, format=fmt)
+    mono = datamod.load_audio(str(path))
+    assert mono.dtype == np.float32 and mono.ndim == 1 and abs(len(mono) - 3 * SR) <= 0.005 * SR
+    mid = mono[SR // 2:SR // 2 + SR].astype(np.float64)  # 1 s away from the coders' edges: 1 Hz bins
+    amplitude = 2 * np.abs(np.fft.rfft(mid)) / len(mid)
+    assert sorted(np.argsort(amplitude)[-2:]) == [440, 660]
+    assert np.allclose(amplitude[[440, 660]], 0.15, atol=0.01)
+
+
 def test_encode_file_keeps_each_clip_in_its_place_across_batches(monkeypatch):
     # a stand-in codec whose code of each 512-sample frame is 1000 x its sum of |x| (mod 1024): three
     # clips of 1024 samples (batches of 2 and 1) and one of 700 (a batch of its own, zero-padded to
