@@ -492,13 +492,14 @@ LATER_SETTINGS = ("ckpt_step", "stage2_step")
 
 def settings(request, args):
     """What a generations.jsonl record must agree on to be the same generation as a request of this run."""
-    return {"prompt": request.prompt, "seed": request.seed, "seconds": args.seconds, "cfg": args.cfg,
-            "top_k": args.top_k, "temperature": args.temperature, "ckpt": args.ckpt, "ckpt_step": args.ckpt_step,
-            "stage2": args.stage2, "stage2_step": args.stage2_step,
-            "stage2_steps": args.stage2_steps if args.stage2 else None,
-            "stage2_cfg": args.stage2_cfg if args.stage2 else None, "ssm_state": args.ssm_state,
-            "continued_from": args.continue_from, "continue_seconds": args.continue_seconds, "window": args.window,
-            "dac": args.dac, "t5": args.t5}
+    values = {"prompt": request.prompt, "seed": request.seed, "seconds": args.seconds, "cfg": args.cfg,
+              "top_k": args.top_k, "temperature": args.temperature, "ckpt": args.ckpt, "ckpt_step": args.ckpt_step,
+              "stage2": args.stage2, "stage2_step": args.stage2_step,
+              "stage2_steps": args.stage2_steps if args.stage2 else None,
+              "stage2_cfg": args.stage2_cfg if args.stage2 else None, "ssm_state": args.ssm_state,
+              "continued_from": args.continue_from, "continue_seconds": args.continue_seconds, "window": args.window,
+              "dac": args.dac, "t5": args.t5}
+    return {k: record_setting(k, v) for k, v in values.items()}
 
 
 def committed(out):
@@ -573,9 +574,15 @@ def lock_folder(out):
 
 
 def record_setting(key, value):
-    """A record's setting as this run's args give it: a --t5 or --dac that an earlier generate.py kept
-    as typed (a relative local folder) is that folder's absolute path, as parse_args now gives it."""
-    return datamod.model_location(value) if key in ("t5", "dac") and isinstance(value, str) else value
+    """A setting as records keep it, so that one file or folder spelled two ways is one setting: a --t5 or
+    --dac local folder as its absolute path (as parse_args gives it), the checkpoints and --continue's file
+    as absolute paths (./runs/x/ckpt.pt, runs/x/ckpt.pt and /home/me/runs/x/ckpt.pt are one checkpoint). A
+    relative path in an earlier generate.py's record is taken from this working directory."""
+    if not isinstance(value, str):
+        return value
+    if key in ("t5", "dac"):
+        return datamod.model_location(value)
+    return os.path.abspath(value) if key in ("ckpt", "stage2", "continued_from") else value
 
 
 def pending(requests, args, clean=False):

@@ -5002,6 +5002,15 @@ BAD_TRAIN_FLAGS = [
     (["--d-model", "66", "--variant", "cross_transformer"],
      "argument --d-model: expected a multiple of 4 for cross_transformer (attention splits d_model into 4 heads), "
      "not 66"),
+    # a head size or count typed against the preset's width (256) is named, not the width the user did not type
+    (["--headdim", "7"], "argument --headdim: 7 does not split d_model 256 for prefix_simba (Mamba-2 splits 2 x "
+                         "d_model channels into heads of 7); pass --d-model a multiple of 7"),
+    (["--n-heads", "3", "--variant", "cross_simba"],
+     "argument --n-heads: 3 does not split d_model 256 for cross_simba (attention splits d_model into 3 heads); pass "
+     "--d-model a multiple of 3"),
+    (["--d-model", "100", "--headdim", "7", "--variant", "cross_simba"],
+     "argument --d-model: expected a multiple of 28 for cross_simba (Mamba-2 splits 2 x d_model channels into heads "
+     "of 7; attention splits d_model into 4 heads), not 100"),
     (["--seed", "-1"], "argument --seed: expected a whole number from 0 to 2147483647, not '-1'"),
     (["--grad-clip", "0"], "argument --grad-clip: expected a finite number above 0, not '0'"),
     (["--warmup", "-5"], "argument --warmup: expected a whole number of at least 0, not '-5'"),
@@ -6565,6 +6574,35 @@ def test_one_frame_synthetic_sample_has_a_valid_json_score(synthetic_checkpoint,
     assert record["frames"] == 1 and math.isfinite(record["caption_score"])
 
 
+def test_a_rerun_resumes_whichever_way_the_checkpoint_path_is_spelled(synthetic_checkpoint, tmp_path, monkeypatch,
+                                                                     capsys):
+    # the record keeps the checkpoint's absolute path, and a rerun matches it typed as ./relative, relative or
+    # absolute; a record an earlier generate.py wrote with the path as typed (relative) matches too
+    monkeypatch.chdir(synthetic_checkpoint.parent.parent)
+    rel = os.path.relpath(synthetic_checkpoint)
+    assert not rel.startswith((".", "/"))
+    run = lambda ckpt: genmod.main(["a calm piece", "--ckpt", ckpt, "--seconds", "0.1", "--out", str(tmp_path)])
+    run("./" + rel)
+    record = json.loads(open(tmp_path / "generations.jsonl").read())
+    assert record["ckpt"] == str(synthetic_checkpoint) and os.path.isabs(record["ckpt"])
+    before = open(tmp_path / "s0-0000-a-calm-piece.npy", "rb").read()
+    for spelling in (rel, str(synthetic_checkpoint), os.path.join(os.path.dirname(rel), ".", "ckpt.pt")):
+        capsys.readouterr()
+        run(spelling)
+        assert "nothing to do: all 1 outputs are in" in capsys.readouterr().err, spelling
+    (tmp_path / "generations.jsonl").write_text(json.dumps({**record, "ckpt": rel}) + "\n")
+    run(str(synthetic_checkpoint))
+    assert "nothing to do" in capsys.readouterr().err
+    assert open(tmp_path / "s0-0000-a-calm-piece.npy", "rb").read() == before
+    with pytest.raises(SystemExit) as e:  # another checkpoint under that name is still other settings
+        other = tmp_path / "other" / "ckpt.pt"
+        other.parent.mkdir()
+        shutil.copy(synthetic_checkpoint, other)
+        run(str(other))
+    assert e.value.code == 2 and "s0-0000-a-calm-piece.npy exists (a generation with other settings)" in (
+        capsys.readouterr().err)
+
+
 def test_two_runs_into_one_folder_never_overwrite_and_a_rerun_resumes(synthetic_checkpoint, tmp_path, monkeypatch,
                                                                       capsys):
     run = lambda *a: genmod.main(["a calm piece", "a dark piece", "a calm piece", "--ckpt", str(synthetic_checkpoint),
@@ -6993,7 +7031,7 @@ def test_resume_with_a_changed_training_flag_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         trainmod.main(tiny_train_args(out, "--steps", "2", "--resume", "--lr", "5e-4"))
     assert e.value.code == 2 and capsys.readouterr().err == (
-        "--resume: --lr differ from the checkpoint's settings; only ckpt_every, compile, cuda_graphs, dac, device, "
+        "--resume: --lr differs from the checkpoint's settings; only ckpt_every, compile, cuda_graphs, dac, device, "
         "eval_every, log_every, mamba_train, no_fused_add_norm, no_fused_gelu_dropout, no_fused_residual_dropout, "
         "no_kernels, steps, stop_after, t5, triton_op can change on resume\n")
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1
@@ -7111,6 +7149,38 @@ def test_resume_of_a_checkpoint_saved_before_clips_per_track_trains_on_every_cli
     trainmod.main(tiny_train_args(out, *common, "--steps", "2", "--resume"))
     after = torch.load(out / "ckpt.pt", weights_only=False)
     assert after["step"] == 2 and after["args"]["clips_per_track"] == 0
+
+
+def test_resume_takes_the_data_folder_however_it_is_spelled_and_from_any_directory(tmp_path, monkeypatch, capsys):
+    # the checkpoint keeps --data as an absolute path: typed again as ./tokens, tokens/ or its absolute path it
+    # is the same folder; resumed from another directory without --data, the run still finds it; a checkpoint
+    # that kept it as typed (relative, before 2026-12-06) matches it typed again; another folder is refused
+    monkeypatch.setattr(datamod, "T5TextEncoder", WordsAsT5)
+    tiny_token_folder(tmp_path / "tokens")
+    monkeypatch.chdir(tmp_path)
+    out, common = tmp_path / "r", ["--batch-size", "1", "--grad-accum", "1", "--clips-per-track", "0"]
+    trainmod.main(tiny_train_args(out, "--data", "tokens", *common, "--steps", "5", "--stop-after", "1"))
+    assert torch.load(out / "ckpt.pt", weights_only=False)["args"]["data"] == str(tmp_path / "tokens")
+    for step, spelling in enumerate(["./tokens", "tokens/", str(tmp_path / "tokens")], 2):
+        trainmod.main(tiny_train_args(out, "--data", spelling, *common, "--resume", "--stop-after", "1"))
+        assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == step
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt["args"]["data"] = "tokens"
+    torch.save(ckpt, out / "ckpt.pt")
+    trainmod.main(tiny_train_args(out, "--data", "./tokens", *common, "--resume", "--stop-after", "1"))
+    tiny_token_folder(tmp_path / "other")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(out, "--data", "other", *common, "--resume"))
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(
+        "--resume: --data differs from the checkpoint's settings; only ckpt_every")
+    ckpt["args"]["data"] = str(tmp_path / "tokens")
+    torch.save(ckpt, out / "ckpt.pt")
+    monkeypatch.chdir(tmp_path / "other")
+    trainmod.main(["--out", str(out), "--resume"])
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 5
+    trainmod.main(tiny_train_args(tmp_path / "u", "--data", str(tmp_path / "tokens"), *common, "--steps", "5"))
+    assert read_losses(out) == read_losses(tmp_path / "u") and len(read_losses(out)) == 5  # bit for bit
 
 
 def test_a_resumed_run_reads_the_clips_it_began_with_while_data_py_adds_more(tmp_path, monkeypatch, capsys):

@@ -152,6 +152,8 @@ def parse_args(argv=None):
                  "set the stage-1 LM; stage 2's diffusion model takes none of them")
     if args.clips_per_track is not None and not args.data:
         ap.error("--clips-per-track: the synthetic set has no tracks; it is for --data")
+    if args.data:  # the checkpoint keeps it, and a run resumed from another working directory reads it
+        args.data = os.path.abspath(args.data)
     preset = PAPER if args.data else SYNTHETIC
     for k, v in preset.items():
         if getattr(args, k, None) is None:
@@ -167,24 +169,31 @@ def parse_args(argv=None):
         args.out = os.path.join("runs", name + ("" if args.data else "-synthetic"))
     datamod.check_out_folder(args.out)
     args.data_rows = None  # not a flag: load_data sets it for a new run, resume_or_start from the checkpoint
-    multiple, why = head_split(args)
-    if args.stage == 1 and args.d_model % multiple:
-        ap.error(f"argument --d-model: expected a multiple of {multiple} for {args.variant} ({why}), "
-                 f"not {args.d_model}")
+    splits = head_splits(args)
+    broken = [(flag, m, why) for flag, m, why in splits if args.d_model % m]
+    if args.stage == 1 and broken:
+        typed = [(flag, m, why) for flag, m, why in broken if flag in given]
+        if typed and "d_model" not in given:  # the head size or count typed is the culprit, not the default width
+            flag, m, why = typed[0]
+            ap.error(f"argument --{flag.replace('_', '-')}: {getattr(args, flag)} does not split d_model "
+                     f"{args.d_model} for {args.variant} ({why}); pass --d-model a multiple of {m}")
+        multiple = math.lcm(*(m for _, m, _ in splits))
+        ap.error(f"argument --d-model: expected a multiple of {multiple} for {args.variant} "
+                 f"({'; '.join(why for _, _, why in splits)}), not {args.d_model}")
     return args, given
 
 
-def head_split(args):
-    """(m, why): d_model must be a multiple of m for the variant's layers to split it into heads."""
-    layout, m, why = LAYOUTS[args.variant], 1, []
+def head_splits(args):
+    """[(flag, m, why)]: for the variant's layers to split d_model into heads, d_model must be a multiple
+    of each m, which the flag (headdim or n_heads) sets."""
+    layout, splits = LAYOUTS[args.variant], []
     if "mamba" in layout:
         expand = ModelConfig.expand
-        m = math.lcm(m, args.headdim // math.gcd(args.headdim, expand))
-        why.append(f"Mamba-2 splits {expand} x d_model channels into heads of {args.headdim}")
+        splits.append(("headdim", args.headdim // math.gcd(args.headdim, expand),
+                       f"Mamba-2 splits {expand} x d_model channels into heads of {args.headdim}"))
     if {"self_attn", "cross_attn"} & set(layout):
-        m = math.lcm(m, args.n_heads)
-        why.append(f"attention splits d_model into {args.n_heads} heads")
-    return m, "; ".join(why)
+        splits.append(("n_heads", args.n_heads, f"attention splits d_model into {args.n_heads} heads"))
+    return splits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,16 +266,25 @@ def resume_or_start(args, given, world):
                      f"run has {world}; resume it with as many (torchrun --nproc_per_node {saved_world})")
     # a run saved before these trained on every clip, and on the clips its folder held at each start
     saved = {"clips_per_track": 0, "data_rows": None, **ckpt["args"]}
-    changed = [k for k in given if k not in RUNTIME | {"resume", "out"} and saved.get(k) != getattr(args, k)]
+    changed = [k for k in given if k not in RUNTIME | {"resume", "out"}
+               and same_path(k, saved.get(k)) != same_path(k, getattr(args, k))]
     if changed:
-        datamod.fail(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
-                     f"checkpoint's settings; only {', '.join(sorted(RUNTIME))} can change on resume")
+        datamod.fail(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} "
+                     f"{'differs' if len(changed) == 1 else 'differ'} from the checkpoint's settings; only "
+                     f"{', '.join(sorted(RUNTIME))} can change on resume")
     for k, v in saved.items():
         if k not in THIS_INVOCATION | {"out"} and not (k in given and k in RUNTIME):  # --out: where the run is now
             setattr(args, k, v)
     args.t5, args.dac = datamod.model_location(args.t5), datamod.model_location(args.dac)  # as parse_args does
     args.resume = True
     return ckpt
+
+
+def same_path(key, value):
+    """A setting as resume compares it: --data and --init-from as absolute paths, so that a folder typed
+    again as ./data, data or /home/me/data is the same (a checkpoint saved before 2026-12-06 keeps --data
+    as typed, taken from this working directory)."""
+    return os.path.abspath(value) if key in ("data", "init_from") and isinstance(value, str) else value
 
 
 def check_run_folder(args):
