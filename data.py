@@ -956,15 +956,22 @@ def encode_clips(dac, clips, device):
     return codes.cpu().numpy().astype(np.uint16)
 
 
+def require_demucs():
+    """BadInput (one line) unless demucs can be imported: --remove-vocals checks it before any work."""
+    try:
+        import demucs.apply  # noqa: F401
+        import demucs.pretrained  # noqa: F401
+    except ImportError:
+        fail("--remove-vocals needs the demucs package: pip install demucs")
+
+
 class VocalRemover:
     """HTDemucs: keep drums + bass + other, drop vocals (needs `pip install demucs`)."""
 
     def __init__(self, device):
-        try:
-            from demucs.apply import apply_model
-            from demucs.pretrained import get_model
-        except ImportError:
-            fail("--remove-vocals needs the demucs package: pip install demucs")
+        require_demucs()
+        from demucs.apply import apply_model
+        from demucs.pretrained import get_model
         self.apply_model, self.device = apply_model, device
         self.model = get_model("htdemucs").to(device).eval()
 
@@ -999,6 +1006,8 @@ def preprocess(audio_dir, captions_file, out, dac_name=DEFAULT_DAC, batch_size=8
     captions = read_captions(captions_file)
     if not os.path.isdir(audio_dir):
         fail(f"{audio_dir}: audio folder not found")
+    if remove_vocals:  # before the codec loads and --out is made: a missing package leaves nothing behind
+        require_demucs()
     if dac is not None:
         check_codec(dac, dac_name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

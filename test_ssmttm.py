@@ -3836,6 +3836,46 @@ def test_preprocess_clips_silence_errors_and_resume(audio_dir, tiny_dac_dir, tmp
     assert os.path.getsize(f"{out}/clips.u16") == 3 * 9 * 2584 * 2
 
 
+def test_remove_vocals_runs_before_the_clips_and_their_silence_and_needs_demucs_before_any_work(
+        audio_dir, tiny_dac_dir, tmp_path, monkeypatch, capsys):
+    # without demucs: one line, exit 2, before the codec loads, and no --out left behind
+    monkeypatch.setitem(sys.modules, "demucs", None)  # import demucs.* raises ImportError, installed or not
+    loads = []
+    monkeypatch.setattr(datamod, "load_dac", lambda *a: loads.append(a))
+    out = tmp_path / "tokens"
+    with pytest.raises(SystemExit) as e:
+        datamod.main(["--audio", str(audio_dir), "--captions", str(audio_dir / "captions.jsonl"), "--out", str(out),
+                      "--dac", str(tiny_dac_dir), "--device", "cpu", "--remove-vocals"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "--remove-vocals needs the demucs package: pip install demucs\n")
+    assert loads == [] and not out.exists()
+    # with a stand-in remover that silences everything after 20 s: it runs on the whole file before the cut
+    # into clips, so tones.wav's 15 s clip (30-45 s) is dropped as silent, and its first clip keeps 20 s of tone
+    seen = []
+
+    class Remover:
+        def __init__(self, device):
+            seen.append(device)
+
+        def __call__(self, mono):
+            seen.append(len(mono))
+            return np.where(np.arange(len(mono)) < 20 * SR, mono, 0).astype(np.float32)
+    monkeypatch.setattr(datamod, "require_demucs", lambda: None)
+    monkeypatch.setattr(datamod, "VocalRemover", Remover)
+    dac = datamod.synthetic_codec(seed=3)
+    errors = datamod.preprocess(str(audio_dir), str(audio_dir / "captions.jsonl"), str(out), dac=dac, device="cpu",
+                                remove_vocals=True, progress=False)
+    assert sorted(name for name, _ in errors) == ["corrupt.wav", "missing.ogg"]
+    assert seen == ["cpu", 45 * SR, 20 * SR, 35 * SR]  # once per readable file, on all of it
+    assert [(r["source"], r["start_s"], r["frames"]) for r in datamod.TokenDataset(str(out)).index] == [
+        ("tones.wav", 0.0, 2584), ("stereo48k.flac", 0.0, 1723)]
+    records = {r["source"]: r for r in datamod.read_journal(str(out))[0]}
+    assert records["tones.wav"]["silent"] == 1 and json.load(open(out / "meta.json"))["remove_vocals"] is True
+    clip = np.where(np.arange(30 * SR) < 20 * SR, datamod.load_audio(str(audio_dir / "tones.wav"))[:30 * SR], 0)
+    assert np.array_equal(datamod.TokenDataset(str(out)).example(0)[0].numpy(),
+                          datamod.encode_clips(dac, [clip.astype(np.float32)], "cpu")[0])
+
+
 def test_rerun_skips_finished_files(audio_dir, tiny_dac_dir, tmp_path):
     out = str(tmp_path / "tokens")
     dac = datamod.load_dac(tiny_dac_dir)
