@@ -1450,11 +1450,12 @@ def test_recurrent_generation_equals_recomputation(variant, K):
     assert ((runs[True] >= 0) & (runs[True] < 1024)).all()  # no special id among the frames
 
 
-@pytest.mark.parametrize("variant", ["prefix_simba", "cross_transformer"])
-def test_sampled_generation_with_prompt_equals_recomputation(variant):
-    model = tiny_model(variant, 4)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("K", [1, 4, 9])
+def test_sampled_generation_with_prompt_equals_recomputation(variant, K):
+    model = tiny_model(variant, K)
     text, mask = random_text()
-    prompt = torch.randint(0, 1024, (2, 4, 5))
+    prompt = torch.randint(0, 1024, (2, K, 5))
     runs = {}
     for recurrent in (True, False):
         g = torch.Generator().manual_seed(3)
@@ -6491,25 +6492,29 @@ def test_bad_generate_files_are_one_line_and_exit_2(tmp_path, capsys):
         assert e.value.code == 2 and capsys.readouterr().err == message + "\n"
 
 
-def test_generate_two_frames_writes_wav_png_and_a_json_line(real_data_checkpoints, tiny_dac_dir, tmp_path):
-    """0.02 s is 2 frames (1024 samples): shorter than the spectrogram's 2048-sample window."""
+@pytest.mark.parametrize("run, seconds, frames", [("k9", "0.02", 2), ("k9", "0.0059", 1), ("k1", "0.02", 2)])
+def test_generate_one_or_two_frames_writes_wav_png_and_a_json_line(real_data_checkpoints, tiny_dac_dir, tmp_path, run,
+                                                           seconds, frames):
+    """0.02 s is 2 frames (1024 samples), 0.0059 s one: shorter than the spectrogram's 2048-sample window. The
+    K = 1 checkpoint, without --stage2, decodes codebook 1 alone."""
     import soundfile as sf
     from matplotlib.image import imread
-    genmod.main(["a short one", "--ckpt", str(real_data_checkpoints / "k9" / "ckpt.pt"), "--dac", tiny_dac_dir,
-                 "--seconds", "0.02", "--out", str(tmp_path)])
+    genmod.main(["a short one", "--ckpt", str(real_data_checkpoints / run / "ckpt.pt"), "--dac", tiny_dac_dir,
+                 "--seconds", seconds, "--out", str(tmp_path)])
     line, = open(tmp_path / "generations.jsonl").read().splitlines()
     record = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
-    assert record["frames"] == 2 and record["wav"] == f"{tmp_path}/s0-0000-a-short-one.wav"
+    assert record["frames"] == frames and record["wav"] == f"{tmp_path}/s0-0000-a-short-one.wav"
+    assert record["codebooks"] == (9 if run == "k9" else 1) and record["stage2"] is None
     audio, sr = sf.read(record["wav"])
-    assert sr == SR and len(audio) == 2 * 512
+    assert sr == SR and len(audio) == frames * 512
     # the WAV is DAC's decoding of the codes written beside it, peak-normalised, to the 16-bit step
     dac = datamod.load_dac(tiny_dac_dir)
     codes = torch.from_numpy(np.load(record["codes"]).astype(np.int64))
     with torch.no_grad():
-        want = dac.decode(audio_codes=codes[None]).audio_values[0].float().numpy()[:2 * 512]
+        want = dac.decode(audio_codes=codes[None]).audio_values[0].float().numpy()[:frames * 512]
     np.testing.assert_allclose(audio, genmod.peak_normalise(want), rtol=0, atol=2 / 32768)
     assert imread(record["png"]).shape == (350, 1000, 4)  # figsize (10, 3.5) at 100 dpi
-    assert np.load(record["codes"]).shape == (9, 2)
+    assert np.load(record["codes"]).shape == (record["codebooks"], frames)
     assert sorted(os.listdir(tmp_path)) == [".started", "generations.jsonl", "s0-0000-a-short-one.npy",
                                             "s0-0000-a-short-one.png", "s0-0000-a-short-one.wav"]  # no temporary file
     assert open(tmp_path / ".started").read() == "s0-0000-a-short-one\n"
@@ -6870,6 +6875,20 @@ def test_generate_goes_past_the_trained_length_in_windows(synthetic_checkpoint, 
     assert e.value.code == 2 and not (tmp_path / "tiny").exists()
 
 
+def test_the_default_window_is_the_trained_length_up_to_a_clip_of_30_s(synthetic_checkpoint, tmp_path):
+    # trained on 48 frames: windows of 48; on 3000 (longer than data.py's 2584-frame clips): of 2584; --window S
+    # sets it in seconds (86.13 frames a second), 0 is one pass
+    ckpt = torch.load(synthetic_checkpoint, weights_only=False)
+    windows = []
+    for frames, flags in [(48, []), (3000, []), (3000, ["--window", "10"]), (48, ["--window", "0"])]:
+        ckpt["args"]["frames"] = frames
+        path = tmp_path / f"c{len(windows)}.pt"
+        torch.save(ckpt, path)
+        args = genmod.parse_args(["a piece", "--ckpt", str(path), *flags])
+        windows.append(genmod.load_models(args, "cpu", genmod.read_checkpoint(str(path), "stage1")).window)
+    assert windows == [48, 2584, 861, 0]
+
+
 def test_evaluate_long_scores_one_pass_and_windows_by_window(synthetic_checkpoint, real_data_checkpoints, tmp_path,
                                                              capsys):
     import evaluate
@@ -7062,6 +7081,18 @@ def test_parse_args_defaults_for_caption_dropout_and_the_run_folder(tmp_path, mo
         trainmod.parse_args(["--clips-per-track", "2"])
     assert e.value.code == 2 and capsys.readouterr().err == (
         "train.py: error: --clips-per-track: the synthetic set has no tracks; it is for --data\n")
+
+
+def test_parse_args_with_data_takes_the_papers_settings(tmp_path):
+    # README, "Train stage 1": with --data every flag left unset is the paper's (section 4): batch 4 x 32, AdamW
+    # 1e-4 with 100 warm-up steps, dropout 0.3, 24 blocks at 1024 wide with d_state 512 and heads of 64, 8
+    # attention heads, 30 s clips (2584 frames), one clip per track; no caption-score evaluation (no rules)
+    args, _ = trainmod.parse_args(["--data", tiny_token_folder(tmp_path / "tokens"), "--out", str(tmp_path / "r")])
+    paper = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dropout=0.3, layers=24,
+                 d_model=1024, d_state=512, headdim=64, n_heads=8, frames=2584, clips_per_track=1, eval_every=0,
+                 ckpt_every=1000, weight_decay=0.02, grad_clip=1.0, cfg_dropout=0.1, variant="prefix_simba",
+                 codebooks=1)
+    assert {k: getattr(args, k) for k in paper} == paper
 
 
 def test_resume_with_a_changed_training_flag_is_one_line(tmp_path, capsys):
@@ -7567,6 +7598,25 @@ def test_continuation_known_codes_are_the_prompt_then_the_special_id():
 
 def test_auto_batch_size_on_a_cpu_is_16_at_most():
     assert [genmod.auto_batch_size(None, 100, "cpu", n) for n in (3, 16, 40)] == [3, 16, 16]
+
+
+def test_auto_batch_size_on_cuda_fills_half_the_free_memory_at_most_64(monkeypatch):
+    # bytes a prompt's 2 rows (guidance) of decoding state take, by hand, for the tiny fp32 models:
+    # Prefix SiMBA: per Mamba-2 layer, the conv's window (2 x 64 + 2 x 16 channels x 4 steps) and the state
+    # (8 heads x 16 x 16), fp32: 2560 + 8192 bytes; 2 layers. The Cross Transformer: per layer, self-attention's
+    # K and V (4 heads x positions x 16, fp32) over a window's frames + K (the text's are not counted)
+    free = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free[-1], 80 << 30))
+    simba = genmod.Models(TextToMusicLM(tiny_config()), "c.pt", 1, None, False)
+    per_prompt = 2 * 2 * (2560 + 8192)
+    for memory, n_requests, want in [(2 * 10 * per_prompt + 1000, 100, 10), (2 * 10 * per_prompt - 1, 100, 9),
+                                     (80 << 30, 100, 64), (80 << 30, 5, 5), (1000, 100, 1)]:
+        free.append(memory)
+        assert genmod.auto_batch_size(simba, 1000, "cuda", n_requests) == want, memory
+    transformer = genmod.Models(TextToMusicLM(tiny_config("cross_transformer")), "c.pt", 1, None, False, window=100)
+    per_prompt = 2 * 2 * 2 * 4 * (100 + 1) * 16 * 4  # rows x layers x (K, V) x heads x positions x 16 x 4 bytes
+    free.append(2 * 7 * per_prompt)
+    assert genmod.auto_batch_size(transformer, 1000, "cuda", 100) == 7  # one window's positions, not 1000
 
 
 def test_a_rerun_with_any_other_sampling_setting_is_another_generation(synthetic_checkpoint, tmp_path, monkeypatch,
