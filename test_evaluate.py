@@ -423,7 +423,8 @@ def test_evaluate_kl_by_hand(weights, sets, capsys):
 def test_evaluate_one_line_errors(case, weights, sets, capsys, tmp_path):
     argv = ["--generated", sets["generated"], "--reference", sets["same"], "--prompts", sets["prompts"],
             "--openl3", weights.get("openl3", "x"), "--passt", weights.get("passt", "x"), "--clap", weights["clap"]]
-    culprit = {"openl3_weights": "--openl3", "passt_weights": "--passt", "passt_not_passt": "--passt",
+    culprit = {"openl3_weights": f"--openl3 {tmp_path}/missing.pth.tar: no such weights file (see README, Evaluation, "
+                                 "for where to fetch it)", "passt_weights": "--passt", "passt_not_passt": "--passt",
                "clap_weights": "--clap", "empty": "--generated",
                "not_a_folder": "--reference", "unpaired": "--reference", "no_prompt": "--prompts",
                "no_prompts_file": "--prompts", "bad_audio": "bad.wav", "nan_audio": "nan.wav: NaN or infinite samples",

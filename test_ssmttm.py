@@ -882,6 +882,12 @@ def test_parameter_counts_match_paper(variant):
     assert abs(n - want[variant]) / want[variant] < 0.02, n
 
 
+def test_stage2_has_the_readmes_62_m_parameters():
+    with torch.device("meta"):
+        n = sum(p.numel() for p in stage2.Stage2Diffusion(stage2.Stage2Config()).parameters())
+    assert abs(n - 62e6) / 62e6 < 0.01, n
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_residual_branch_outputs_start_scaled_by_one_over_root_the_branches(variant):
     # GPT-2's init: each sublayer's last matrix (Mamba-2's and attention's out_proj, the feed-forward's
@@ -3461,6 +3467,8 @@ def test_padded_text_gives_the_same_logits(variant):
     padded, padded_mask = genmod.pad_text(text, mask, multiple=4)
     assert padded.shape == (3, 8, 24) and torch.equal(padded[:, :7], text) and not padded_mask[:, 7:].any()
     assert genmod.pad_text(padded, padded_mask, multiple=4)[0].shape == (3, 8, 24)
+    # generate.py's own multiple (README: on CUDA to a multiple of 32 positions)
+    assert [genmod.pad_text(*random_text(b=1, lt=lt))[0].shape[1] for lt in (1, 32, 33)] == [32, 32, 64]
     tokens = torch.randint(0, 1024, (3, 3, 6))
     caches = [ssmttm.InferenceCache(model, 3, 8, "cpu", torch.float64) for _ in range(2)]
     logits = [torch.cat([model.logits(tokens[..., :3], t, m, c), model.step(tokens[..., 3:], c)], 2)
@@ -6351,6 +6359,22 @@ def test_generate_continues_audio_keeping_the_prompt_codes(real_data_checkpoints
         assert not np.array_equal(*new)  # after the prompt, each prompt's own music
 
 
+def test_generate_continues_the_whole_file_without_continue_seconds(real_data_checkpoints, tiny_dac_dir, tmp_path):
+    # 0.3 s at 44.1 kHz is 13230 samples: 25 whole frames, the first 430 samples dropped so that the prompt ends
+    # where the file ends; the WAV's prompt part is DAC's decoding of those codes
+    import soundfile as sf
+    audio = tone(0.3, 330, SR)
+    sf.write(tmp_path / "short.wav", audio, SR, subtype="FLOAT")
+    genmod.main(["a calm piano piece", "--ckpt", str(real_data_checkpoints / "k9" / "ckpt.pt"), "--dac", tiny_dac_dir,
+                 "--seconds", "0.5", "--continue", str(tmp_path / "short.wav"), "--out", str(tmp_path / "out")])
+    record = json.loads(open(tmp_path / "out" / "generations.jsonl").read())
+    dac = datamod.load_dac(tiny_dac_dir)
+    want = datamod.encode_clips(dac, [audio[430:]], "cpu")[0].astype(np.int64)
+    codes = np.load(record["codes"])
+    assert (record["prompt_frames"], record["continue_seconds"], want.shape) == (25, None, (9, 25))
+    assert codes.shape == (9, 43) and np.array_equal(codes[:, :25], want)
+
+
 def test_generate_continuing_its_own_greedy_output_reproduces_it(real_data_checkpoints, tiny_dac_dir, tmp_path):
     root = real_data_checkpoints
     for name, ckpt in (("k9", ["--ckpt", str(root / "k9" / "ckpt.pt")]), ("two-stage", two_stage(root))):
@@ -7081,6 +7105,21 @@ def test_parse_args_defaults_for_caption_dropout_and_the_run_folder(tmp_path, mo
         trainmod.parse_args(["--clips-per-track", "2"])
     assert e.value.code == 2 and capsys.readouterr().err == (
         "train.py: error: --clips-per-track: the synthetic set has no tracks; it is for --data\n")
+
+
+def test_the_kernel_flags_choose_the_fast_options():
+    # what train.py passes to fast.accelerate on CUDA, as fields: each switch turns off its own kernel only
+    fields = ("train", "triton_op", "fused_add_norm", "fused_gelu_dropout", "fused_residual_dropout")
+    options = lambda *flags: tuple(getattr(trainmod.fast_options(trainmod.parse_args(list(flags))[0]), f)
+                                   for f in fields)
+    assert options() == ("grouped", None, True, True, True)
+    assert options("--no-fused-add-norm") == ("grouped", None, False, True, True)
+    assert options("--no-fused-gelu-dropout") == ("grouped", None, True, False, True)
+    assert options("--no-fused-residual-dropout") == ("grouped", None, True, True, False)
+    assert options("--mamba-train", "keep_states", "--triton-op", "off") == ("keep_states", None, True, True, True)
+    assert options("--triton-op", "on") == ("grouped", True, True, True, True)
+    assert options("--cuda-graphs", "--compile") == ("grouped", False, True, True, True)  # auto: off under graphs
+    assert options("--cuda-graphs", "--compile", "--triton-op", "on") == ("grouped", True, True, True, True)
 
 
 def test_parse_args_with_data_takes_the_papers_settings(tmp_path):

@@ -445,6 +445,16 @@ def triton_op_option(args):
     return value if args.mamba_train == "grouped" or value else None
 
 
+def fast_options(args):
+    """The training kernels' fast.FastOptions that the flags choose: --mamba-train, --triton-op, the
+    --no-fused-* switches, and --cuda-graphs (fast.for_cuda_graphs)."""
+    options = fast.FastOptions(train=args.mamba_train, triton_op=triton_op_option(args),
+                               fused_add_norm=not args.no_fused_add_norm,
+                               fused_gelu_dropout=not args.no_fused_gelu_dropout,
+                               fused_residual_dropout=not args.no_fused_residual_dropout)
+    return fast.for_cuda_graphs(options) if args.cuda_graphs else options
+
+
 def build_model(args, device):
     """The model of args.stage on device, and its config as a dict (what the checkpoint stores).
     Stage 2 gets its codec (the synthetic set's or DAC). On CUDA, stage 1's Mamba-2 layers run on
@@ -460,11 +470,7 @@ def build_model(args, device):
     model = TextToMusicLM(cfg).to(device)
     if device.startswith("cuda") and not args.no_kernels:
         if fast.available():
-            options = fast.FastOptions(train=args.mamba_train, triton_op=triton_op_option(args),
-                                       fused_add_norm=not args.no_fused_add_norm,
-                                       fused_gelu_dropout=not args.no_fused_gelu_dropout,
-                                       fused_residual_dropout=not args.no_fused_residual_dropout)
-            fast.accelerate(model, fast.for_cuda_graphs(options) if args.cuda_graphs else options)
+            fast.accelerate(model, fast_options(args))
         else:
             print("note: mamba-ssm and causal-conv1d are not installed, so Mamba-2 trains on ssd_reference "
                   "(slow); pip install -r requirements-gpu.txt --no-build-isolation", file=sys.stderr)
