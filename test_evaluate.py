@@ -367,9 +367,20 @@ def test_fd_openl3_compares_the_generated_frames_with_the_reference_frames(sets,
         seen.append(emb)
         return emb
     monkeypatch.setattr(evaluate, "openl3_embeddings", fake_embeddings)
-    report, _ = run_main(["--generated", sets["generated"], "--reference", sets["other"], "--metrics", "fd",
-                          "--openl3", str(dummy), "--out", str(tmp_path / "r.json")], capsys)
-    assert len(seen) == 6                                          # generated a, b, c, then reference a, b, c
+    # the reference set with one more file, d, that no generated file pairs with (README: it counts for FD)
+    extra = tmp_path / "reference"
+    shutil.copytree(sets["other"], extra)
+    sf.write(extra / "d.wav", tone(1.5, 16000, 300), 16000)
+    for reference, n_ref in ((sets["other"], 3), (str(extra), 4)):
+        seen.clear()
+        check_fd(run_main(["--generated", sets["generated"], "--reference", reference, "--metrics", "fd",
+                           "--openl3", str(dummy), "--out", str(tmp_path / "r.json")], capsys)[0], seen, n_ref)
+        os.remove(tmp_path / "r.json")
+
+
+def check_fd(report, seen, n_ref):
+    """test_fd_openl3_compares_the_generated_frames_with_the_reference_frames' FD by hand."""
+    assert len(seen) == 3 + n_ref                                  # generated a, b, c, then the references
     gen, ref = np.concatenate(seen[:3]), np.concatenate(seen[3:])
     # tr((S1 S2)^(1/2)) as the nuclear norm of A B^T, S1 = A^T A and S2 = B^T B (A, B the centred frames over
     # sqrt(n - 1)): the route test_frechet_distance_of_samples_and_rank_deficient takes. These covariances are
@@ -379,7 +390,7 @@ def test_fd_openl3_compares_the_generated_frames_with_the_reference_frames(sets,
     want = (m1 - m2) @ (m1 - m2) + (a * a).sum() + (b * b).sum() - 2 * np.linalg.svd(a @ b.T, compute_uv=False).sum()
     assert want > 1.0                                              # the sets differ: not a trivial 0
     assert report["fd_openl3"] == pytest.approx(want, rel=1e-9)
-    assert report["counts"]["openl3_frames_generated"] == report["counts"]["openl3_frames_reference"] == 12
+    assert (report["counts"]["openl3_frames_generated"], report["counts"]["openl3_frames_reference"]) == (12, 4 * n_ref)
 
 
 @needs_passt

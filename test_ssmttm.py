@@ -4578,6 +4578,22 @@ def test_a_prompts_csv_with_a_quote_left_open_is_named(tmp_path, capsys):
     assert datamod.read_prompts(str(path)) == [("a1", "calm piano, slow"), ("b2", 'a "rock" song')]
 
 
+def test_musiccaps_csv_as_it_is_gives_ids_and_captions(tmp_path):
+    # musiccaps-public.csv's header and row layout: the caption is the sixth of nine columns, beside quoted
+    # lists with commas and doubled quotes, and captions spanning lines
+    path = tmp_path / "musiccaps-public.csv"
+    path.write_text(
+        "ytid,start_s,end_s,audioset_positive_labels,aspect_list,caption,author_id,is_balanced_subset,"
+        "is_audioset_eval\r\n"
+        "-0Gj8-vB1q4,30,40,\"/m/0140xf,/m/02cjck\",\"['low quality', 'sustained strings melody']\","
+        "\"The low quality recording features a ballad song, with \"\"soft\"\" strings.\",4,False,True\r\n"
+        "-0SdAVK79lg,30,40,/m/0155w,\"['guitar song', 'piano backing']\",\"This song features an electric guitar.\n"
+        "It is in a slow tempo.\",0,False,False\r\n")
+    assert datamod.read_prompts(str(path)) == [
+        ("-0Gj8-vB1q4", 'The low quality recording features a ballad song, with "soft" strings.'),
+        ("-0SdAVK79lg", "This song features an electric guitar.\nIt is in a slow tempo.")]
+
+
 def test_command_line_error_has_no_traceback(tmp_path):
     path = tmp_path / "latin1.csv"
     path.write_bytes("audio,caption\nx.wav,café\n".encode("latin-1"))
