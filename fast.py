@@ -258,7 +258,10 @@ class FastMamba2(Mamba2):
 
     def conv(self, xBC, state=None):
         x = xBC.transpose(1, 2)  # (b, conv_dim, l), channels last in memory: xBC is a slice of zxbcdt's rows
-        if not xBC.is_cuda or (state is not None and x.stride(1) != 1):
+        if xBC.is_cuda and x.stride(2) % 8 and self.conv_dim % 8 == 0:
+            x = xBC.contiguous().transpose(1, 2)  # in_proj's rows not a multiple of 8 wide (e.g. 4 heads)
+        # causal-conv1d takes channels last only with both strides multiples of 8 (so conv_dim too)
+        if not xBC.is_cuda or x.stride(1) != 1 or x.stride(0) % 8 or x.stride(2) % 8:
             return super().conv(xBC, state)
         weight = self.conv1d.weight[:, 0]
         if state is None:

@@ -1356,6 +1356,28 @@ def test_gpu_fast_decoding_equals_full_forward(variant, K):
             assert err < 1e-3, name
 
 
+@gpu
+@pytest.mark.parametrize("d_model, d_state, headdim", [(64, 16, 32), (36, 2, 8)])
+def test_gpu_fast_decoding_at_widths_causal_conv1d_cannot_take_equals_full_forward(d_model, d_state, headdim):
+    # in_proj's rows 292 wide (4 heads: not a multiple of 8), and conv_dim 76 (not one either): causal-conv1d's
+    # channels-last layout needs both; the prefill copies the rows, or takes the plain conv
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="prefix_simba", n_layers=2, d_model=d_model, d_state=d_state, headdim=headdim,
+                      d_ff=2 * d_model, dropout=0.0)
+    model = fast.accelerate(TextToMusicLM(cfg).cuda().eval())
+    text = torch.randn(2, 12, 768, device="cuda")
+    mask = torch.arange(12, device="cuda")[None] < torch.tensor([[7], [12]], device="cuda")
+    tokens = torch.randint(0, 1024, (2, 1, 60), device="cuda")
+    with torch.no_grad():
+        full = model.logits(tokens, text, mask)
+        for name, step in [("layer steps", model.step), ("fused step", fast.Decoder().step_function(model, 2))]:
+            cache = ssmttm.InferenceCache(model, 2, 60, "cuda", torch.float32)
+            parts = [model.logits(tokens[..., :20], text, mask, cache)]
+            parts += [step(tokens[..., t:t + 1], cache) for t in range(20, 60)]
+            err = report(f"d_model {d_model} {name} vs full logits", rel_err(torch.cat(parts, 2), full))
+            assert err < 1e-3, name
+
+
 # ------------------------------------------------------------------------------------------------
 # Sampling and generation
 
