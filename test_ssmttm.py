@@ -4934,13 +4934,19 @@ def test_resume_is_exact(tmp_path):
 
 def test_resume_takes_each_flag_typed_even_at_its_default(tmp_path):
     # a RUNTIME flag typed on resume counts at its default value too: --log-every 1 after a run with
-    # --log-every 2; the on/off switches are this invocation's, not kept (--no-fused-add-norm)
+    # --log-every 2; the on/off switches are this invocation's, not kept: each that runs on a CPU here, and the
+    # set of them (--compile and --cuda-graphs too)
     out = tmp_path / "r"
-    trainmod.main(tiny_train_args(out, "--steps", "4", "--stop-after", "2", "--log-every", "2", "--no-fused-add-norm"))
+    switches = ["--no-kernels", "--no-fused-add-norm", "--no-fused-gelu-dropout", "--no-fused-residual-dropout"]
+    trainmod.main(tiny_train_args(out, "--steps", "4", "--stop-after", "2", "--log-every", "2", *switches))
+    first = torch.load(out / "ckpt.pt", weights_only=False)["args"]
+    assert all(first[f[2:].replace("-", "_")] is True for f in switches)
     trainmod.main(tiny_train_args(out, "--steps", "4", "--resume", "--log-every", "1"))
     assert [int(r["step"]) for r in csv.DictReader(open(out / "metrics.csv"))] == [2, 3, 4]
     saved = torch.load(out / "ckpt.pt", weights_only=False)["args"]
-    assert saved["log_every"] == 1 and saved["no_fused_add_norm"] is False
+    assert saved["log_every"] == 1 and all(saved[f[2:].replace("-", "_")] is False for f in switches)
+    assert set(trainmod.THIS_INVOCATION) == {"stop_after", "compile", "cuda_graphs"} | {
+        f[2:].replace("-", "_") for f in switches}
 
 
 def test_resume_with_another_number_of_processes_or_an_unusable_out_is_one_line(tmp_path, capsys):
