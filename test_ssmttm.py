@@ -2990,6 +2990,31 @@ def test_gpu_windows_through_the_fast_decoder_write_the_plain_tokens(K):
 
 
 @gpu
+@pytest.mark.parametrize("variant", ["prefix_simba", "cross_transformer"])
+def test_gpu_train_and_generate_command_lines_on_cuda(variant, tmp_path, capsys):
+    # the CPU tests' command lines, on the device they pick by themselves here (CUDA: the kernels, bf16 weights,
+    # fast.Decoder), at the CPU tests' tiny width (4 heads: in_proj rows 292 wide, which the prefill's
+    # causal-conv1d once refused): a stop and a resume, then two generate.py runs writing the same tokens, and a
+    # rerun with nothing to do
+    out = tmp_path / "run"
+    trainmod.main(tiny_train_args(out, "--variant", variant, "--steps", "3", "--stop-after", "2"))
+    trainmod.main(tiny_train_args(out, "--variant", variant, "--steps", "3", "--resume"))
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 3 and len(read_losses(out)) == 3
+    run = lambda sub: genmod.main(["a calm slow piano piece", "a fast synth piece", "--ckpt", str(out / "ckpt.pt"),
+                                   "--seconds", "0.3", "--out", str(tmp_path / sub)])
+    run("a")
+    run("b")
+    for name in ("s0-0000-a-calm-slow-piano-piece", "s1-0001-a-fast-synth-piece"):
+        codes = np.load(tmp_path / "a" / f"{name}.npy")
+        assert codes.shape == (1, 26) and np.array_equal(codes, np.load(tmp_path / "b" / f"{name}.npy"))
+    records = [json.loads(line) for line in open(tmp_path / "a" / "generations.jsonl")]
+    assert [r["frames"] for r in records] == [26, 26] and all(math.isfinite(r["caption_score"]) for r in records)
+    capsys.readouterr()
+    run("a")
+    assert "nothing to do: all 2 outputs are in" in capsys.readouterr().err
+
+
+@gpu
 def test_gpu_plain_model_runs_no_kernel(monkeypatch):
     # without accelerate and decoder, nothing of gpu_kernels.py runs: every kernel raises if called
     def refuse(*a, **k):
