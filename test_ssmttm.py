@@ -1333,27 +1333,31 @@ def test_gpu_data_parallel_under_cuda_graphs_adds_the_graphs_gradients_into_its_
         torch._dynamo.reset()
 
 
+def check_fast_decoding_equals_full_pass(cfg, n_steps, n_prefill, label):
+    """cfg's model on the kernels, on CUDA: the prefill of n_prefill steps and the steps after it (mamba-ssm's
+    layer steps, and fast.Decoder's fused step) against one full pass over n_steps, logits within 1e-3."""
+    torch.manual_seed(0)
+    model = fast.accelerate(TextToMusicLM(cfg).cuda().eval())
+    text = torch.randn(2, 12, 768, device="cuda")
+    mask = torch.arange(12, device="cuda")[None] < torch.tensor([[7], [12]], device="cuda")
+    tokens = torch.randint(0, 1024, (2, cfg.n_codebooks, n_steps), device="cuda")
+    with torch.no_grad():
+        full = model.logits(tokens, text, mask)
+        for name, step in [("layer steps", model.step), ("fused step", fast.Decoder().step_function(model, 2))]:
+            cache = ssmttm.InferenceCache(model, 2, n_steps, "cuda", torch.float32)
+            parts = [model.logits(tokens[..., :n_prefill], text, mask, cache)]
+            parts += [step(tokens[..., t:t + 1], cache) for t in range(n_prefill, n_steps)]
+            err = report(f"{label} {name} vs full logits", rel_err(torch.cat(parts, 2), full))
+            assert err < 1e-3, name
+
+
 @gpu
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("K", [1, 9])
 def test_gpu_fast_decoding_equals_full_forward(variant, K):
-    # the prefill and steps on the kernels (mamba-ssm's step, and the fused step of fast.Decoder)
-    # against one full pass
-    torch.manual_seed(0)
     cfg = ModelConfig(variant=variant, n_layers=4, d_model=256, d_state=128, headdim=64, n_heads=4, d_ff=512,
                       dropout=0.0, n_codebooks=K)
-    model = fast.accelerate(TextToMusicLM(cfg).cuda().eval())
-    text = torch.randn(2, 12, 768, device="cuda")
-    mask = torch.arange(12, device="cuda")[None] < torch.tensor([[7], [12]], device="cuda")
-    tokens = torch.randint(0, 1024, (2, K, 300), device="cuda")
-    with torch.no_grad():
-        full = model.logits(tokens, text, mask)
-        for name, step in [("layer steps", model.step), ("fused step", fast.Decoder().step_function(model, 2))]:
-            cache = ssmttm.InferenceCache(model, 2, 300, "cuda", torch.float32)
-            parts = [model.logits(tokens[..., :40], text, mask, cache)]
-            parts += [step(tokens[..., t:t + 1], cache) for t in range(40, 300)]
-            err = report(f"{variant} K={K} {name} vs full logits", rel_err(torch.cat(parts, 2), full))
-            assert err < 1e-3, name
+    check_fast_decoding_equals_full_pass(cfg, 300, 40, f"{variant} K={K}")
 
 
 @gpu
@@ -1361,21 +1365,9 @@ def test_gpu_fast_decoding_equals_full_forward(variant, K):
 def test_gpu_fast_decoding_at_widths_causal_conv1d_cannot_take_equals_full_forward(d_model, d_state, headdim):
     # in_proj's rows 292 wide (4 heads: not a multiple of 8), and conv_dim 76 (not one either): causal-conv1d's
     # channels-last layout needs both; the prefill copies the rows, or takes the plain conv
-    torch.manual_seed(0)
     cfg = ModelConfig(variant="prefix_simba", n_layers=2, d_model=d_model, d_state=d_state, headdim=headdim,
                       d_ff=2 * d_model, dropout=0.0)
-    model = fast.accelerate(TextToMusicLM(cfg).cuda().eval())
-    text = torch.randn(2, 12, 768, device="cuda")
-    mask = torch.arange(12, device="cuda")[None] < torch.tensor([[7], [12]], device="cuda")
-    tokens = torch.randint(0, 1024, (2, 1, 60), device="cuda")
-    with torch.no_grad():
-        full = model.logits(tokens, text, mask)
-        for name, step in [("layer steps", model.step), ("fused step", fast.Decoder().step_function(model, 2))]:
-            cache = ssmttm.InferenceCache(model, 2, 60, "cuda", torch.float32)
-            parts = [model.logits(tokens[..., :20], text, mask, cache)]
-            parts += [step(tokens[..., t:t + 1], cache) for t in range(20, 60)]
-            err = report(f"d_model {d_model} {name} vs full logits", rel_err(torch.cat(parts, 2), full))
-            assert err < 1e-3, name
+    check_fast_decoding_equals_full_pass(cfg, 60, 20, f"d_model {d_model}")
 
 
 # ------------------------------------------------------------------------------------------------
