@@ -1,5 +1,11 @@
-"""pytest setup shared by the test files: Triton's CPU interpreter (TRITON_INTERPRET=1), patched once."""
+"""pytest setup shared by the test files: Triton's CPU interpreter (TRITON_INTERPRET=1), patched once;
+the command lines' --device auto kept on the CPU outside the GPU tests."""
+import functools
 import os
+
+import pytest
+
+import data as datamod
 
 try:
     import triton
@@ -18,3 +24,19 @@ if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     _interp._patch_lang_tensor = _patch_with_index
+
+
+@pytest.fixture(autouse=True, scope="session")
+def command_lines_on_the_cpu():
+    """In the tests the command lines' --device auto is the CPU, on any machine (a GPU test names
+    cuda): their expected values (bit-equal resumes, tokens of a model built on the CPU) are the
+    CPU's. Session-wide, so that fixtures of any scope and a test's monkeypatch.undo() keep it; the
+    real function stays reachable as data.resolve_device.__wrapped__."""
+    resolve_device = datamod.resolve_device
+
+    @functools.wraps(resolve_device)
+    def on_the_cpu(name):
+        return "cpu" if name in (None, "auto") else resolve_device(name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datamod, "resolve_device", on_the_cpu)
+        yield

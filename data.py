@@ -166,6 +166,14 @@ def device_name(text):
     return text
 
 
+def resolve_device(name):
+    """A --device value (see device_name) as a torch device name: "auto" (or None) is "cuda" where
+    torch sees a CUDA device, else "cpu"; any other name is returned as it is."""
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def check_out_folder(path, flag="--out"):
     """BadInput naming `flag` unless path is a folder that takes new files, or one can be made there
     (its nearest existing parent is such a folder), so that a run stops before its work, not after.
@@ -999,9 +1007,9 @@ def encode_file(dac, clips, batch_size, device):
 def preprocess(audio_dir, captions_file, out, dac_name=DEFAULT_DAC, batch_size=8, device=None,
                remove_vocals=False, dac=None, progress=True):
     """Audio folder + captions -> token folder (see the module docstring); prints a summary to
-    stderr. dac: a loaded codec, else dac_name is loaded when there are files to encode.
-    Returns the list of (file, reason) skipped in this run (a rerun tries them again).
-    BadInput for bad captions, folders or codec."""
+    stderr. dac: a loaded codec, else dac_name is loaded when there are files to encode, on device
+    (resolve_device: None or "auto" is CUDA where there is one). Returns the list of (file, reason)
+    skipped in this run (a rerun tries them again). BadInput for bad captions, folders or codec."""
     from tqdm import tqdm
     captions = read_captions(captions_file)
     if not os.path.isdir(audio_dir):
@@ -1010,7 +1018,7 @@ def preprocess(audio_dir, captions_file, out, dac_name=DEFAULT_DAC, batch_size=8
         require_demucs()
     if dac is not None:
         check_codec(dac, dac_name)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     audio = any(a.lower().endswith(AUDIO_EXTENSIONS) for a in captions)
     if dac is None and audio and not os.path.exists(out):  # a codec that fails to load leaves no empty --out
         check_out_folder(out)
@@ -1088,10 +1096,9 @@ def main(argv=None):
     ap.add_argument("--remove-vocals", action="store_true",
                     help="remove vocals with HTDemucs first (pip install demucs)")
     args = ap.parse_args(argv)
-    device = None if args.device == "auto" else args.device
     # meta.json keeps the DAC, and train.py reads it from another working directory
     dac = model_location(args.dac)
-    skipped = preprocess(args.audio, args.captions, args.out, dac, args.batch_size, device, args.remove_vocals)
+    skipped = preprocess(args.audio, args.captions, args.out, dac, args.batch_size, args.device, args.remove_vocals)
     if skipped:  # the rest is committed; the exit code tells a script that some input was bad
         sys.exit(2)
 

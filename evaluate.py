@@ -586,7 +586,7 @@ def evaluate(args):
     metrics, generated, reference, prompts = check_inputs(args)
     out_path = check_output_file(args.out or os.path.join(args.generated, "evaluation.json"),
                                  keys=("generated", "reference", "settings"))
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = datamod.resolve_device(args.device)
     # every model now, so that a bad weights file or CLAP name stops the run before any audio is read
     openl3 = load_openl3(args.openl3, device) if "fd" in metrics else None
     passt = load_passt(args.passt, device) if "kl" in metrics else None
@@ -872,7 +872,8 @@ def parse_args(argv=None):
     ap.add_argument("--passt", default=DEFAULT_PASST, help="PaSST weights file (AudioSet, passt-s ... ap.476-swa)")
     ap.add_argument("--clap", default=DEFAULT_CLAP, help="CLAP model: local folder or name in the Hugging Face cache")
     ap.add_argument("--out", help="JSON report (default: GENERATED/evaluation.json)")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--device", type=datamod.device_name, default="auto",
+                    help="auto (cuda when available), cpu, cuda or cuda:N")
     ap.add_argument("--seed", type=datamod.SEED, default=0,
                     help="numpy seed for CLAP's crops of long clips; training seed")
     conv = ap.add_argument_group("convergence comparison (paper, Figure 2 / RQ2, in miniature)")
@@ -905,8 +906,6 @@ def parse_args(argv=None):
                 fail(f"--{flag.replace('_', '-')} must be at least 1")
     elif not (args.generated and args.reference):
         fail("give --generated DIR and --reference DIR (or --convergence OUT)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA device here")
     return args
 
 

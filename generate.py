@@ -134,8 +134,7 @@ def parse_args(argv=None):
         datamod.fail(f"--continue-seconds {args.continue_seconds:g}: needs --continue FILE")
     if args.continue_from is not None and not os.path.isfile(args.continue_from):  # before any model is loaded
         datamod.fail(f"--continue {args.continue_from}: not found")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = datamod.resolve_device(args.device)
     # settings of the records: one local folder, however it is typed, from any working directory
     args.t5, args.dac = (None if v is None else datamod.model_location(v) for v in (args.t5, args.dac))
     return args

@@ -758,9 +758,12 @@ def test_parse_args_bounds_and_conflicts(tmp_path, capsys):
     none = tmp_path / "none.pt"
     assert error(["--long", str(none)]) == f"evaluate.py: error: --long {none}: no such file"
     assert error(["--long", "x", "--times", "0"]).startswith("evaluate.py: error: argument --times")
+    # --device as train.py, generate.py and data.py take it
+    assert error(["--generated", "g", "--reference", "r", "--device", "tpu"]) == \
+        "evaluate.py: error: argument --device: expected auto, cpu, cuda or cuda:N, not 'tpu'"
     if not torch.cuda.is_available():
         assert error(["--generated", "g", "--reference", "r", "--device", "cuda"]) == \
-            "evaluate.py: error: --device cuda: no CUDA device here"
+            "evaluate.py: error: argument --device: 'cuda', but torch sees no CUDA device here"
     args = evaluate.parse_args(["--generated", "g", "--reference", "r"])
     assert (args.metrics, args.seed, args.device, args.out) == ("fd,kl,clap", 0, "auto", None)
 
@@ -789,7 +792,7 @@ def test_kl_report_default_path_settings_and_pairs_left_out(weights, sets, capsy
     assert not os.path.exists(os.path.join(sets["other"], "evaluation.json"))
     assert report["settings"] == {"metrics": ["kl"], "openl3": None, "passt": weights["passt"], "clap": None,
                                   "prompts": None, "seed": 0,
-                                  "device": "cpu" if not torch.cuda.is_available() else "cuda",
+                                  "device": "cpu",  # --device auto, the CPU in the tests (conftest.py)
                                   "openl3_sr": 48000, "openl3_hop_s": 0.5, "passt_sr": 32000, "passt_window_s": 10.0,
                                   "passt_hop_s": 5.0, "kl_eps": 1e-6, "peak_dbfs": -1.0}
     assert report["counts"]["kl_pairs"] == 1 and report["short_clips"]["passt"] == ["b", "c"]

@@ -2984,16 +2984,16 @@ def test_gpu_windows_through_the_fast_decoder_write_the_plain_tokens(K):
 @gpu
 @pytest.mark.parametrize("variant", ["prefix_simba", "cross_transformer"])
 def test_gpu_train_and_generate_command_lines_on_cuda(variant, tmp_path, capsys):
-    # the CPU tests' command lines, on the device they pick by themselves here (CUDA: the kernels, bf16 weights,
-    # fast.Decoder), at the CPU tests' tiny width (4 heads: in_proj rows 292 wide, which the prefill's
+    # the CPU tests' command lines, on CUDA (the kernels, bf16 weights, fast.Decoder; --device auto is the CPU
+    # in the tests: conftest.py), at the CPU tests' tiny width (4 heads: in_proj rows 292 wide, which the prefill's
     # causal-conv1d once refused): a stop and a resume, then two generate.py runs writing the same tokens, and a
     # rerun with nothing to do
     out = tmp_path / "run"
-    trainmod.main(tiny_train_args(out, "--variant", variant, "--steps", "3", "--stop-after", "2"))
-    trainmod.main(tiny_train_args(out, "--variant", variant, "--steps", "3", "--resume"))
+    trainmod.main(tiny_train_args(out, "--variant", variant, "--steps", "3", "--stop-after", "2", "--device", "cuda"))
+    trainmod.main(tiny_train_args(out, "--variant", variant, "--steps", "3", "--resume", "--device", "cuda"))
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 3 and len(read_losses(out)) == 3
     run = lambda sub: genmod.main(["a calm slow piano piece", "a fast synth piece", "--ckpt", str(out / "ckpt.pt"),
-                                   "--seconds", "0.3", "--out", str(tmp_path / sub)])
+                                   "--seconds", "0.3", "--out", str(tmp_path / sub), "--device", "cuda"])
     run("a")
     run("b")
     for name in ("s0-0000-a-calm-slow-piano-piece", "s1-0001-a-fast-synth-piece"):
@@ -4556,6 +4556,19 @@ def test_device_index_must_be_a_device_torch_sees(monkeypatch):
         with pytest.raises(argparse.ArgumentTypeError) as e:
             datamod.device_name(text)
         assert str(e.value) == message
+
+
+def test_device_auto_is_cuda_where_torch_sees_one_and_the_tests_keep_it_on_the_cpu(monkeypatch):
+    # conftest.py makes "auto" the CPU in the tests (a GPU test names cuda): its rule first, then the function's
+    assert datamod.resolve_device("auto") == datamod.resolve_device(None) == "cpu"
+    assert datamod.resolve_device("cuda:1") == "cuda:1"
+    monkeypatch.undo()  # the rule is not this monkeypatch's: a test that undoes its own patches keeps it
+    assert datamod.resolve_device("auto") == "cpu"
+    resolve_device = datamod.resolve_device.__wrapped__
+    for available, device in [(True, "cuda"), (False, "cpu")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        assert resolve_device("auto") == resolve_device(None) == device
+        assert [resolve_device(d) for d in ("cpu", "cuda", "cuda:1")] == ["cpu", "cuda", "cuda:1"]
 
 
 def test_a_model_folder_cut_short_is_one_line(tiny_dac_dir, tmp_path, capsys):

@@ -237,9 +237,7 @@ def setup_processes(args):
     """One process per GPU under torchrun (or gloo processes on CPU), else just this one.
     Returns (world size, rank, device)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = args.device
+    device = args.device = datamod.resolve_device(args.device)
     if world > 1:
         if device == "cuda":  # the GPU first, so that NCCL binds this process to it
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
