@@ -39,6 +39,8 @@ from ssmttm import SPECIAL, Mamba2, Mamba2State
 
 
 TRAIN_PATHS = ("keep_states", "mamba_ssm", "split", "grouped")  # FastOptions.train
+# the training paths on mamba-ssm's conv, which asserts a multiple of 8 channels (conv_refuses)
+MAMBA_SSM_CONV_PATHS = ("keep_states", "mamba_ssm")
 
 
 @dataclass(frozen=True)
@@ -115,13 +117,27 @@ def available():
     return torch.cuda.is_available() and kernels.HAS_MAMBA_SSM and kernels.HAS_CAUSAL_CONV1D
 
 
+def conv_refuses(train, conv_dim):
+    """Whether the training path `train` (FastOptions.train) refuses a Mamba-2 conv of conv_dim channels
+    (d_inner + 2 ngroups d_state): mamba-ssm's conv, under "keep_states" and "mamba_ssm", asserts a
+    multiple of 8; "grouped" and "split" take any width."""
+    return train in MAMBA_SSM_CONV_PATHS and conv_dim % 8 != 0
+
+
 def accelerate(model, options=FastOptions()):
     """Run every ssmttm.Mamba2 layer of model on the kernels: each becomes a FastMamba2 in place (the
     same object, parameters and buffers; only its methods change), a TextToMusicLM a FastLM (its
     residual adds inside the norms) and a FeedForward a FastFeedForward. Returns model. Raises
-    TypeError if options is not a FastOptions, RuntimeError without CUDA, mamba-ssm or causal-conv1d."""
+    TypeError if options is not a FastOptions, ValueError if options.train cannot take a Mamba-2
+    layer's conv width (conv_refuses), both before any change, and RuntimeError without CUDA,
+    mamba-ssm or causal-conv1d."""
     if not isinstance(options, FastOptions):
         raise TypeError(f"fast.accelerate: options must be a FastOptions, not {type(options).__name__}")
+    for module in model.modules():
+        if isinstance(module, Mamba2) and conv_refuses(options.train, module.conv_dim):
+            raise ValueError(f"fast.accelerate: FastOptions.train {options.train!r} runs mamba-ssm's conv, which "
+                             f"takes a multiple of 8 channels, and a Mamba-2 layer here has {module.conv_dim}; "
+                             "train 'grouped' or 'split' takes any width")
     if not available():
         raise RuntimeError("fast.accelerate needs CUDA, mamba-ssm and causal-conv1d "
                            "(pip install -r requirements-gpu.txt --no-build-isolation)")

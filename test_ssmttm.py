@@ -1370,6 +1370,39 @@ def test_gpu_fast_decoding_at_widths_causal_conv1d_cannot_take_equals_full_forwa
     check_fast_decoding_equals_full_pass(cfg, 60, 20, f"d_model {d_model}")
 
 
+@gpu
+@pytest.mark.parametrize("train", ["grouped", "split"])
+@pytest.mark.parametrize("d_model, d_state, headdim", [(64, 16, 32), (36, 2, 8)])
+def test_gpu_training_at_widths_causal_conv1d_cannot_take_equals_the_plain_layer(train, d_model, d_state, headdim):
+    # the training pass where in_proj's rows (292, 157) or the conv's channels (76) are not a multiple of 8:
+    # forward and every gradient against a float64 copy of the plain layer, row 1 left-padded (its padded
+    # positions are not compared and send no gradient); mamba-ssm's conv paths refuse such widths (conv_refuses)
+    torch.manual_seed(0)
+    layer = Mamba2(d_model, d_state=d_state, headdim=headdim).cuda()
+    with torch.no_grad():
+        layer.D.normal_()
+        layer.norm.weight.normal_(1.0, 0.1)
+    ref = copy.deepcopy(layer).double()
+    fast.accelerate(layer, FastOptions(train=train))
+    L = 300  # not a multiple of the chunk
+    u = torch.randn(2, L, d_model, device="cuda")
+    mask = torch.arange(L, device="cuda")[None] >= torch.tensor([[0], [40]], device="cuda")
+    grad_out = torch.randn(2, L, d_model, device="cuda") * mask[..., None]
+
+    def run(m, dtype):
+        x = u.detach().to(dtype).requires_grad_()  # a leaf of its own in each run (fp32: .to returns u)
+        y = m(x, mask=mask)
+        (y * grad_out.to(dtype)).sum().backward()
+        return y[mask], x.grad
+
+    (y, du), (y_ref, du_ref) = run(layer, torch.float32), run(ref, torch.float64)
+    tol, tag = TOLERANCE["fp32"], f"{train} d_model {d_model}"
+    assert report(f"{tag} output", rel_err(y, y_ref)) < tol["out"]
+    assert report(f"{tag} grad input", rel_err(du, du_ref)) < tol["grad"]
+    for name, p in layer.named_parameters():
+        assert report(f"{tag} grad {name}", rel_err(p.grad, ref.get_parameter(name).grad)) < tol["grad"], name
+
+
 # ------------------------------------------------------------------------------------------------
 # Sampling and generation
 
@@ -6041,6 +6074,29 @@ def test_cuda_graphs_and_triton_op_need_the_flags_they_work_with(tmp_path, flags
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1
     assert not (tmp_path / "a").exists()  # stopped before writing anything
+
+
+def test_mamba_ssm_conv_paths_refuse_a_conv_width_not_a_multiple_of_8_before_any_work(tmp_path, monkeypatch, capsys):
+    # mamba-ssm's conv ("keep_states", "mamba_ssm") asserts conv channels % 8 == 0, a traceback mid-run; the
+    # other paths take any width (test_gpu_training_at_widths_causal_conv1d_cannot_take_equals_the_plain_layer)
+    assert [fast.conv_refuses(t, 164) for t in fast.TRAIN_PATHS] == [True, True, False, False]
+    assert not any(fast.conv_refuses(t, 160) for t in fast.TRAIN_PATHS)
+    model = tiny_model(d_state=18)  # conv: 2 x 64 + 2 x 18 = 164 channels
+    with pytest.raises(ValueError) as e:
+        fast.accelerate(model, FastOptions(train="mamba_ssm"))
+    assert str(e.value) == ("fast.accelerate: FastOptions.train 'mamba_ssm' runs mamba-ssm's conv, which takes a "
+                            "multiple of 8 channels, and a Mamba-2 layer here has 164; train 'grouped' or 'split' "
+                            "takes any width")
+    assert type(model) is TextToMusicLM and not any(isinstance(m, fast.FastMamba2) for m in model.modules())
+    # train.py: one line on CUDA (torch told it has one: the check comes before any CUDA work), no folder
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "1", "--d-state", "18", "--mamba-train", "keep_states",
+                                      "--device", "cuda"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "--mamba-train keep_states: mamba-ssm's conv takes a multiple of 8 channels, and Mamba-2's here has 164 "
+        "(2 x --d-model 64 + 2 x --d-state 18); --mamba-train grouped or split takes any width\n")
+    assert not (tmp_path / "a").exists()
 
 
 def test_triton_op_flag_gives_the_fast_option_and_reads_old_checkpoints():
