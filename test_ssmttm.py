@@ -1371,9 +1371,10 @@ def test_gpu_fast_decoding_at_widths_causal_conv1d_cannot_take_equals_full_forwa
 
 
 @gpu
-@pytest.mark.parametrize("train", ["grouped", "split"])
+@pytest.mark.parametrize("train, triton_op", [("grouped", False), ("grouped", True), ("split", None)])
 @pytest.mark.parametrize("d_model, d_state, headdim", [(64, 16, 32), (36, 2, 8)])
-def test_gpu_training_at_widths_causal_conv1d_cannot_take_equals_the_plain_layer(train, d_model, d_state, headdim):
+def test_gpu_training_at_widths_causal_conv1d_cannot_take_equals_the_plain_layer(train, triton_op, d_model, d_state,
+                                                                                  headdim):
     # the training pass where in_proj's rows (292, 157) or the conv's channels (76) are not a multiple of 8:
     # forward and every gradient against a float64 copy of the plain layer, row 1 left-padded (its padded
     # positions are not compared and send no gradient); mamba-ssm's conv paths refuse such widths (conv_refuses)
@@ -1383,7 +1384,7 @@ def test_gpu_training_at_widths_causal_conv1d_cannot_take_equals_the_plain_layer
         layer.D.normal_()
         layer.norm.weight.normal_(1.0, 0.1)
     ref = copy.deepcopy(layer).double()
-    fast.accelerate(layer, FastOptions(train=train))
+    fast.accelerate(layer, FastOptions(train=train, triton_op=triton_op))
     L = 300  # not a multiple of the chunk
     u = torch.randn(2, L, d_model, device="cuda")
     mask = torch.arange(L, device="cuda")[None] >= torch.tensor([[0], [40]], device="cuda")
@@ -1396,7 +1397,7 @@ def test_gpu_training_at_widths_causal_conv1d_cannot_take_equals_the_plain_layer
         return y[mask], x.grad
 
     (y, du), (y_ref, du_ref) = run(layer, torch.float32), run(ref, torch.float64)
-    tol, tag = TOLERANCE["fp32"], f"{train} d_model {d_model}"
+    tol, tag = TOLERANCE["fp32"], f"{train} triton_op={triton_op} d_model {d_model}"
     assert report(f"{tag} output", rel_err(y, y_ref)) < tol["out"]
     assert report(f"{tag} grad input", rel_err(du, du_ref)) < tol["grad"]
     for name, p in layer.named_parameters():
@@ -4684,7 +4685,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
     path.write_bytes("audio,caption\nx.wav,café\n".encode("latin-1"))
     done = subprocess.run([sys.executable, "data.py", "--audio", str(tmp_path), "--captions", str(path), "--out",
                            str(tmp_path / "out")], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
+                          cwd=HERE)
     assert (done.returncode, done.stdout, done.stderr) == (
         2, "", f"{path}:2: not UTF-8 (byte 0xe9); save the file as UTF-8\n")
 
@@ -6200,7 +6201,7 @@ def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(*a):
-        done = subprocess.run([sys.executable, *a], capture_output=True, text=True, env=env)
+        done = subprocess.run([sys.executable, *a], capture_output=True, text=True, env=env, cwd=HERE)
         assert done.returncode == 0, done.stderr[-3000:]
 
     # --standalone: torchrun picks a free port (a fixed one may still be held by an earlier run)
