@@ -1,5 +1,5 @@
 """pytest setup shared by the test files: Triton's CPU interpreter (TRITON_INTERPRET=1), patched once;
-the command lines' --device auto kept on the CPU outside the GPU tests."""
+the command lines' --device auto kept on the CPU; each test in an empty working directory of its own."""
 import functools
 import os
 
@@ -39,4 +39,14 @@ def command_lines_on_the_cpu():
         return "cpu" if name in (None, "auto") else resolve_device(name)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(datamod, "resolve_device", on_the_cpu)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def working_directory_of_its_own(tmp_path_factory):
+    """Each test runs in an empty folder of its own: the command lines' default outputs (runs/..., outputs/)
+    never land in the clone, a user's own runs there change no test, and a clone the user cannot write in
+    runs the tests too. Its own MonkeyPatch, as above."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("cwd"))
         yield
