@@ -6089,8 +6089,9 @@ def test_mamba_ssm_conv_paths_refuse_a_conv_width_not_a_multiple_of_8_before_any
                             "multiple of 8 channels, and a Mamba-2 layer here has 164; train 'grouped' or 'split' "
                             "takes any width")
     assert type(model) is TextToMusicLM and not any(isinstance(m, fast.FastMamba2) for m in model.modules())
-    # train.py: one line on CUDA (torch told it has one: the check comes before any CUDA work), no folder
+    # train.py: one line on CUDA with the kernels (told it has them: the check comes before any CUDA work), no folder
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fast, "available", lambda: True)
     with pytest.raises(SystemExit) as e:
         trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "1", "--d-state", "18", "--mamba-train", "keep_states",
                                       "--device", "cuda"))

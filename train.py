@@ -851,7 +851,7 @@ def run_training(args, given, world, rank, device, lock):
         datamod.fail(f"--triton-op on: pass --mamba-train grouped (this run has --mamba-train {args.mamba_train})")
     conv_dim = ModelConfig.expand * args.d_model + 2 * args.d_state  # Mamba-2's conv channels (one group)
     if (args.stage == 1 and args.device == "cuda" and not args.no_kernels and "mamba" in LAYOUTS[args.variant]
-            and fast.conv_refuses(args.mamba_train, conv_dim)):
+            and fast.conv_refuses(args.mamba_train, conv_dim) and fast.available()):  # as build_model accelerates
         datamod.fail(f"--mamba-train {args.mamba_train}: mamba-ssm's conv takes a multiple of 8 channels, and "
                      f"Mamba-2's here has {conv_dim} ({ModelConfig.expand} x --d-model {args.d_model} + 2 x "
                      f"--d-state {args.d_state}); --mamba-train grouped or split takes any width")
