@@ -41,8 +41,9 @@ Real data (paper, section III-C), preprocessed once:
   Folders of the layout before the journal (codes.u16 + index.jsonl, one line per clip) are still
   read for training, each clip once; data.py does not add to them (preprocess into a new --out).
 
-  Bad input (the captions file or one of its lines, a folder, an argument, a codec of another
-  layout) stops with one line naming it on stderr and exit code 2.
+  --out is a new or empty folder, or one of data.py's (a rerun resumes it): a folder with other
+  files in it is refused. Bad input (the captions file or one of its lines, a folder, an argument, a
+  codec of another layout) stops with one line naming it on stderr and exit code 2.
 
 Synthetic data (the default of train.py; no download): `SyntheticMusic` makes token "music" whose
 caption sets rules the tokens follow, `WordEncoder` stands in for T5, and `caption_score` measures
@@ -420,6 +421,7 @@ def load_text_encoder(spec, device="cpu", t5_path=None, width=None):
 CODES_FILE, JOURNAL_FILE, META_FILE = "clips.u16", "files.jsonl", "meta.json"
 DEFAULT_DAC = "descript/dac_44khz"  # the 44.1 kHz, 9-codebook DAC the paper uses
 LEGACY_CODES, LEGACY_INDEX = "codes.u16", "index.jsonl"  # the layout before the journal
+DATA_FILES = {CODES_FILE, JOURNAL_FILE, META_FILE, META_FILE + ".tmp"}  # all that data.py writes in --out
 ROW_BYTES = N_CODEBOOKS * CLIP_FRAMES * 2
 
 
@@ -581,10 +583,10 @@ def clips_of_each_track(index, n, seed):
 class ClipWriter:
     """The one writer of a preprocessed folder (see the module docstring); a context manager.
 
-    Opening it creates the folder, takes an exclusive lock on it (a second writer is refused; the
-    OS drops the lock when the process ends, even by kill -9), drops what an interrupted run left
-    after its last commit (a cut journal line, code rows), and, once anything is committed, checks
-    this run's settings against meta.json. records: the committed journal records; rows: the
+    Opening it creates the folder (an existing one must hold data.py's files only), takes an
+    exclusive lock on it (a second writer is refused; the OS drops the lock when the process ends,
+    even by kill -9), drops what an interrupted run left after its last commit (a cut journal line,
+    code rows), and, once anything is committed, checks this run's settings against meta.json. records: the committed journal records; rows: the
     number of committed clips."""
 
     def __init__(self, folder, meta):
@@ -595,6 +597,10 @@ class ClipWriter:
         if os.path.exists(legacy) and not os.path.exists(journal):
             fail(f"{folder} holds the earlier layout (codes.u16, index.jsonl): training still reads it, "
                  "but data.py no longer adds to it; preprocess into a new --out")
+        # another program's folder (the audio's own, a run's) would get clips.u16 and files.jsonl among its files
+        others = sorted(set(os.listdir(folder)) - DATA_FILES) if os.path.isdir(folder) else []
+        if others:
+            fail(f"--out {folder}: holds files that are not data.py's ({some(others, 3)}); pass a new or empty folder")
         make_folder(folder, "--out")
         self.folder, self.meta = folder, meta
         self.journal = open(os.path.join(folder, JOURNAL_FILE), "ab", buffering=0)

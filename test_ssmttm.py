@@ -4306,6 +4306,35 @@ def test_damaged_journal_is_reported_not_repaired(songs, dac, fake_dac, tmp_path
     assert os.path.getsize(out / "clips.u16") == 4 * datamod.ROW_BYTES
 
 
+def test_a_folder_of_other_files_is_refused_and_left_as_it_was(songs, dac, fake_dac, tmp_path, capsys):
+    """--out holding another program's files (the audio folder itself, an easy slip) is one line
+    before any work, and nothing is written there; an empty folder is taken, and a folder of
+    data.py's own files (with a temp file a crash left) resumes."""
+    before = {name: (songs / name).read_bytes() for name in os.listdir(songs)}
+    with pytest.raises(SystemExit) as e:
+        run(songs, songs, dac)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"--out {songs}: holds files that are not data.py's (a.wav, b.wav, c.wav, ... (1 more)); "
+        "pass a new or empty folder\n")
+    assert {name: (songs / name).read_bytes() for name in os.listdir(songs)} == before
+    mixed = tmp_path / "mixed"
+    run(songs, mixed, dac)
+    capsys.readouterr()
+    (mixed / "notes.txt").write_text("kept")
+    with pytest.raises(SystemExit):
+        run(songs, mixed, dac)
+    assert capsys.readouterr().err == f"--out {mixed}: holds files that are not data.py's (notes.txt); pass a new or empty folder\n"
+    (mixed / "notes.txt").unlink()
+    (mixed / "meta.json.tmp").write_text("{")
+    run(songs, mixed, dac)
+    assert_rows(rows(mixed), WANT)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run(songs, empty, dac)
+    assert sorted(os.listdir(empty)) == ["clips.u16", "files.jsonl", "meta.json"]
+    assert_rows(rows(empty), WANT)
+
+
 def test_folder_of_the_earlier_layout_is_read_not_extended(songs, dac, fake_dac, tmp_path, capsys):
     """codes.u16 + index.jsonl (one line per clip): an interrupted old run re-encoded a.wav (rows
     2-3 repeat rows 0-1) and left a cut line; readers take each clip once; data.py refuses to add."""
