@@ -586,8 +586,8 @@ class ClipWriter:
     Opening it creates the folder (an existing one must hold data.py's files only), takes an
     exclusive lock on it (a second writer is refused; the OS drops the lock when the process ends,
     even by kill -9), drops what an interrupted run left after its last commit (a cut journal line,
-    code rows), and, once anything is committed, checks this run's settings against meta.json. records: the committed journal records; rows: the
-    number of committed clips."""
+    code rows), and, once anything is committed, checks this run's settings against meta.json.
+    records: the committed journal records; rows: the number of committed clips."""
 
     def __init__(self, folder, meta):
         import fcntl  # POSIX advisory locks

@@ -674,9 +674,12 @@ def convergence(args):
             budget += [flag, str(value)]
     if not args.plot_only:
         import train
-        for variant in VARIANTS:
+        datamod.check_out_folder(out, "--convergence")
+        argvs = {variant: ["--variant", variant, "--out", os.path.join(out, variant)] + budget for variant in VARIANTS}
+        for argv in argvs.values():  # every variant's settings, before the first one trains
+            train.parse_args(argv)
+        for variant, argv in argvs.items():
             run = os.path.join(out, variant)
-            argv = ["--variant", variant, "--out", run] + budget
             ckpt = os.path.join(run, "ckpt.pt")
             if os.path.exists(ckpt):  # an earlier invocation: finished (skip) or interrupted (resume)
                 saved = train.load_checkpoint(ckpt, keys=("args", "step"))

@@ -939,6 +939,29 @@ def test_convergence_refuses_other_budgets_missing_runs_and_failed_training(tmp_
     assert calls[0][:4] == ["--variant", "prefix_mamba", "--out", str(tmp_path / "new" / "prefix_mamba")]
 
 
+def test_convergence_checks_its_folder_and_every_variant_before_any_trains(tmp_path, capsys, monkeypatch):
+    """--convergence OUT that cannot be a folder, or settings that one variant refuses (whichever
+    comes first in VARIANTS), stop with one line before the first variant trains."""
+    import train
+    calls = []
+    monkeypatch.setattr(train, "main", calls.append)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--convergence", str(tmp_path / "a_file"), "--steps", "4", "--layers", "1"])
+    assert e.value.code == 2 and calls == []
+    assert _one_line_error(capsys) == f"--convergence {tmp_path / 'a_file'}: it exists and is not a folder"
+    # --d-model 24 splits into the Cross Transformer's 4 heads, not into Mamba-2's heads of 32
+    monkeypatch.setattr(evaluate, "VARIANTS", tuple(reversed(evaluate.VARIANTS)))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--convergence", str(tmp_path / "new"), "--steps", "4", "--layers", "1", "--d-model", "24"])
+    assert e.value.code == 2 and calls == [] and not os.path.exists(tmp_path / "new")
+    assert _one_line_error(capsys).startswith("train.py: error: argument --d-model: expected a multiple of 16 for "
+                                              "cross_simba")
+    with pytest.raises(SystemExit):  # settings every variant takes: each trains, in order (then no runs to read)
+        evaluate.main(["--convergence", str(tmp_path / "new"), "--steps", "4", "--layers", "1", "--d-model", "32"])
+    assert [argv[1] for argv in calls] == list(evaluate.VARIANTS)
+
+
 def test_convergence_names_a_damaged_run_folder_in_one_line(tmp_path, capsys):
     out = str(tmp_path / "rq2")
     _fake_runs(out, n=6)

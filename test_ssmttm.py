@@ -4323,7 +4323,8 @@ def test_a_folder_of_other_files_is_refused_and_left_as_it_was(songs, dac, fake_
     (mixed / "notes.txt").write_text("kept")
     with pytest.raises(SystemExit):
         run(songs, mixed, dac)
-    assert capsys.readouterr().err == f"--out {mixed}: holds files that are not data.py's (notes.txt); pass a new or empty folder\n"
+    assert capsys.readouterr().err == (
+        f"--out {mixed}: holds files that are not data.py's (notes.txt); pass a new or empty folder\n")
     (mixed / "notes.txt").unlink()
     (mixed / "meta.json.tmp").write_text("{")
     run(songs, mixed, dac)
