@@ -547,16 +547,21 @@ class TokenDataset:
             self.index = clips_of_each_track(self.index, clips_per_track, seed)
         n_rows = max(clip["row"] for clip in self.index) + 1
         self.codes = np.memmap(codes_path, dtype=np.uint16, mode="r", shape=(n_rows, N_CODEBOOKS, CLIP_FRAMES))
-        self.n_frames = CLIP_FRAMES
+        self.codes_path, self.n_frames = codes_path, CLIP_FRAMES
 
     def __len__(self):
         return len(self.index)
 
     def example(self, i, epoch=0):
-        """Clip i's codes and caption; a file with several captions gives its caption epoch % count."""
+        """Clip i's codes and caption; a file with several captions gives its caption epoch % count.
+        BadInput for a code above the pad id (a damaged file: the embedding would index past its end)."""
         clip = self.index[i]
         captions = clip["captions"]
-        return torch.from_numpy(self.codes[clip["row"]].astype(np.int64)), captions[epoch % len(captions)]
+        codes = self.codes[clip["row"]]
+        if codes.max() > SPECIAL:
+            fail(f"{self.codes_path}: clip {clip['row']} holds code {codes.max()}, above the pad id {SPECIAL}; "
+                 "this folder cannot be trusted, preprocess into a new --out")
+        return torch.from_numpy(codes.astype(np.int64)), captions[epoch % len(captions)]
 
     def batch(self, indices, epochs=0):
         """Examples `indices` stacked: codes (b, 9, 2584), captions; epochs: one epoch for all, or one

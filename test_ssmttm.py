@@ -4292,6 +4292,25 @@ def test_a_second_writer_is_refused(songs, dac, fake_dac, tmp_path, capsys):
     assert_rows(rows(out), WANT)
 
 
+def test_a_code_above_the_pad_id_is_named_not_embedded(songs, dac, fake_dac, tmp_path, capsys):
+    """A damaged clips.u16 (a code above 1024, which the embedding would index past its end) is one
+    line naming the file and clip when the clip is read; the pad id itself and the other clips read."""
+    out = tmp_path / "out"
+    run(songs, out, dac)
+    codes = np.memmap(out / "clips.u16", dtype=np.uint16, mode="r+", shape=(4, 9, 2584))
+    codes[1, 3, 7], codes[2, 8, 2583] = SPECIAL, SPECIAL + 1
+    codes.flush()
+    del codes
+    ds = datamod.TokenDataset(str(out))
+    assert ds.example(1)[0][3, 7] == SPECIAL and ds.example(3)[0].max() <= SPECIAL
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ds.batch([0, 2])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{out}/clips.u16: clip 2 holds code 1025, above the pad id 1024; this folder cannot be trusted, "
+        "preprocess into a new --out\n")
+
+
 def test_damaged_journal_is_reported_not_repaired(songs, dac, fake_dac, tmp_path, capsys):
     out = tmp_path / "out"
     run(songs, out, dac)
