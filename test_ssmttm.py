@@ -7322,9 +7322,9 @@ def test_resume_with_a_changed_training_flag_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         trainmod.main(tiny_train_args(out, "--steps", "2", "--resume", "--lr", "5e-4"))
     assert e.value.code == 2 and capsys.readouterr().err == (
-        "--resume: --lr differs from the checkpoint's settings; only ckpt_every, compile, cuda_graphs, dac, device, "
-        "eval_every, log_every, mamba_train, no_fused_add_norm, no_fused_gelu_dropout, no_fused_residual_dropout, "
-        "no_kernels, steps, stop_after, t5, triton_op can change on resume\n")
+        "--resume: --lr 0.0005 differs from the checkpoint's --lr 0.001; only ckpt_every, compile, cuda_graphs, dac, "
+        "device, eval_every, log_every, mamba_train, no_fused_add_norm, no_fused_gelu_dropout, "
+        "no_fused_residual_dropout, no_kernels, steps, stop_after, t5, triton_op can change on resume\n")
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1
 
 
@@ -7464,7 +7464,7 @@ def test_resume_takes_the_data_folder_however_it_is_spelled_and_from_any_directo
     with pytest.raises(SystemExit) as e:
         trainmod.main(tiny_train_args(out, "--data", "other", *common, "--resume"))
     assert e.value.code == 2 and capsys.readouterr().err.startswith(
-        "--resume: --data differs from the checkpoint's settings; only ckpt_every")
+        f"--resume: --data {tmp_path / 'other'} differs from the checkpoint's --data tokens; only ckpt_every")
     ckpt["args"]["data"] = str(tmp_path / "tokens")
     torch.save(ckpt, out / "ckpt.pt")
     monkeypatch.chdir(tmp_path / "other")

@@ -267,9 +267,10 @@ def resume_or_start(args, given, world):
     changed = [k for k in given if k not in RUNTIME | {"resume", "out"}
                and same_path(k, saved.get(k)) != same_path(k, getattr(args, k))]
     if changed:
-        datamod.fail(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} "
-                     f"{'differs' if len(changed) == 1 else 'differ'} from the checkpoint's settings; only "
-                     f"{', '.join(sorted(RUNTIME))} can change on resume")
+        flags = lambda values: ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in zip(changed, values))
+        datamod.fail(f"--resume: {flags(getattr(args, k) for k in changed)} "
+                     f"{'differs' if len(changed) == 1 else 'differ'} from the checkpoint's "
+                     f"{flags(saved.get(k) for k in changed)}; only {', '.join(sorted(RUNTIME))} can change on resume")
     for k, v in saved.items():
         if k not in THIS_INVOCATION | {"out"} and not (k in given and k in RUNTIME):  # --out: where the run is now
             setattr(args, k, v)
