@@ -824,16 +824,24 @@ def read_prompts(path):
     """The prompts of a file: [(id or None, prompt)], UTF-8. JSONL ({"id": ..., "caption": ...} per
     line) or CSV with a header row (MusicCaps' csv as it is): the id may be called id or ytid, the
     text caption, prompt or text. Any other file: one prompt per line, no ids. BadInput naming the
-    file and the entry for an entry without an id or a text, and for an id given twice."""
+    file (and the entry) for an entry without an id or a text, a text that is not text (a JSON list,
+    say), an id given twice, a CSV without those columns, and a file without prompts."""
     text = read_utf8(path, "prompts file")
     if not path.lower().endswith((".jsonl", ".csv")):
-        return [(None, line.strip()) for line in text.split("\n") if line.strip()]
+        lines = [(None, line.strip()) for line in text.split("\n") if line.strip()]
+        if not lines:
+            fail(f"{path}: no prompts in it")
+        return lines
     if path.lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         try:  # strict: a quote left open is an error, not the rest of the file in one field
             rows = list(reader)
         except csv.Error as e:  # reader.line_num: where the last whole row ended
             fail(f"{path}:{reader.line_num + 1}: not valid CSV ({e}; is a quote left open?)")
+        names = [name.strip() for name in reader.fieldnames or []]
+        if names and not ({"id", "ytid"} & set(names) and {"caption", "prompt", "text"} & set(names)):
+            fail(f"{path}: a CSV prompts file needs a header row with an id column (id or ytid) and a text column "
+                 f"(caption, prompt or text); found: {', '.join(names)[:200]}")
     else:
         rows = []
         for n, line in enumerate(text.split("\n"), 1):
@@ -844,15 +852,22 @@ def read_prompts(path):
                     fail(f"{path}:{n}: not valid JSON ({e.msg})")
     entries, seen = [], set()
     for n, row in enumerate(rows, 1):
-        pick = lambda keys: next((str(row[k]).strip() for k in keys if isinstance(row, dict) and row.get(k) not in
-                                  (None, "")), "")
-        key, prompt = pick(("id", "ytid")), pick(("caption", "prompt", "text"))
+        def pick(keys, kinds, wanted):  # the first of keys that the entry has, as text
+            name, value = next(((k, row[k]) for k in keys if isinstance(row, dict) and row.get(k) not in (None, "")),
+                               (None, ""))
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                fail(f"{path}: entry {n}: the {name} must be {wanted}, not {JSON_KINDS.get(type(value))}")
+            return str(value).strip()
+        key = pick(("id", "ytid"), (str, int), "text or a whole number")
+        prompt = pick(("caption", "prompt", "text"), str, "text")
         if not key or not prompt:
             fail(f"{path}: entry {n} needs an id (id or ytid) and a text (caption, prompt or text)")
         if key in seen:
             fail(f"{path}: entry {n}: the id {key!r} is given twice")
         seen.add(key)
         entries.append((key, prompt))
+    if not entries:
+        fail(f"{path}: no prompts in it")
     return entries
 
 

@@ -4713,6 +4713,31 @@ def test_a_prompts_csv_with_a_quote_left_open_is_named(tmp_path, capsys):
     assert datamod.read_prompts(str(path)) == [("a1", "calm piano, slow"), ("b2", 'a "rock" song')]
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("p.jsonl", '{"id": "a", "caption": {"mood": "calm"}}\n', "entry 1: the caption must be text, not an object"),
+    ("p.jsonl", '{"id": "a", "prompt": ["calm"]}\n', "entry 1: the prompt must be text, not a list"),
+    ("p.jsonl", '{"id": true, "caption": "calm"}\n', "entry 1: the id must be text or a whole number, not true/false"),
+    ("p.jsonl", '{"ytid": 1.5, "caption": "calm"}\n', "entry 1: the ytid must be text or a whole number, not a number"),
+    ("p.csv", "a,calm piano\nb,fast synth\n", "a CSV prompts file needs a header row with an id column (id or ytid) "
+     "and a text column (caption, prompt or text); found: a, calm piano"),
+    ("p.csv", "ytid,start_s\nabc,30\n", "a CSV prompts file needs a header row with an id column (id or ytid) and a "
+     "text column (caption, prompt or text); found: ytid, start_s"),
+    ("p.csv", "", "no prompts in it"), ("p.csv", "id,caption\n", "no prompts in it"),
+    ("p.jsonl", "\n\n", "no prompts in it"), ("p.txt", " \n\n", "no prompts in it")])
+def test_a_prompts_file_of_the_wrong_shape_is_one_line(tmp_path, capsys, name, text, message):
+    """A text that is not text (it would be prompted as its Python repr), a CSV whose header lacks the
+    columns (its first row would be taken as the header, leaving no prompts) and a file without prompts
+    are named; a whole-number id is its digits."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        datamod.read_prompts(str(path))
+    assert e.value.code == 2 and capsys.readouterr().err == f"{path}: {message}\n"
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"id": 7, "caption": "calm piano"}\n{"ytid": "x1", "text": " fast synth "}\n')
+    assert datamod.read_prompts(str(path)) == [("7", "calm piano"), ("x1", "fast synth")]
+
+
 def test_musiccaps_csv_as_it_is_gives_ids_and_captions(tmp_path):
     # musiccaps-public.csv's header and row layout: the caption is the sixth of nine columns, beside quoted
     # lists with commas and doubled quotes, and captions spanning lines
