@@ -282,9 +282,14 @@ def load_models(args, device, ckpt, ck2=None):
                synthetic=ckpt["text_encoder"]["kind"] == "words")
     trained = ckpt["args"].get("frames")  # the sequence length it was trained on
     m.window = round(args.window * FRAME_RATE) if args.window is not None else min(trained or 0, datamod.CLIP_FRAMES)
-    if 0 < m.window < 2 * cfg.n_codebooks:  # a pass must read half a window and still add frames
-        datamod.fail(f"--window {args.window:g}: {m.window} frame(s); a window needs at least {2 * cfg.n_codebooks} "
+    least = 2 * cfg.n_codebooks  # a pass must read half a window and still add frames past the delay pattern's
+    if 0 < m.window < least and args.window is not None:
+        datamod.fail(f"--window {args.window:g}: {m.window} frame(s); a window needs at least {least} "
                      f"frames with K = {cfg.n_codebooks} (or 0: one pass)")
+    if 0 < m.window < least and round(args.seconds * FRAME_RATE) > m.window:  # the default: windows past training
+        datamod.fail(f"{ckpt_path}: trained on {datamod.plural(m.window, 'frame')}, fewer than the {least} that a "
+                     f"window needs with K = {cfg.n_codebooks}, and {args.seconds:g} s is longer; pass --window 0 (one "
+                     f"recurrent pass) or --window {math.ceil(least / FRAME_RATE * 100) / 100:g} or more")
     if device == "cuda":
         if fast.available():
             fast.accelerate(lm)

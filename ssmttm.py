@@ -604,11 +604,11 @@ def generate_in_windows(model, text, text_mask, n_frames, window, context=None, 
     else its last `context` frames, like every later pass. sampling: generate's other arguments
     (a generator carries on from pass to pass)."""
     K = model.cfg.n_codebooks
+    if n_frames <= window:  # one pass: no context is read, so a window under 2K (default context) is fine here
+        return model.generate(text, text_mask, n_frames, prompt=prompt, **sampling)
     context = window // 2 if context is None else context
     if not 0 <= context <= window - K:
         raise ValueError(f"context {context}: want 0 <= context <= window - K = {window - K}")
-    if n_frames <= window:
-        return model.generate(text, text_mask, n_frames, prompt=prompt, **sampling)
     if prompt is not None and prompt.shape[-1] > n_frames:
         raise ValueError(f"prompt {tuple(prompt.shape)}: longer than n_frames = {n_frames}")
     codes = prompt if prompt is not None else text.new_zeros(text.shape[0], K, 0, dtype=torch.long)

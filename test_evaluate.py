@@ -1109,7 +1109,8 @@ def test_convergence_skips_finished_runs_and_resumes_the_others(tmp_path, capsys
 
 
 def test_long_refuses_a_checkpoint_of_one_frame(tmp_path, capsys):
-    """A window of one frame has no decoding step before its last frame (the prefill writes frame 0)."""
+    """A window of one frame has no decoding step before its last frame (the prefill writes frame 0);
+    with K codebooks a window needs 2K frames (generate_in_windows' default context)."""
     import train
     run = tmp_path / "run"
     train.main(["--variant", "prefix_simba", "--out", str(run), "--steps", "1", "--batch-size", "2", "--d-model", "32",
@@ -1118,5 +1119,12 @@ def test_long_refuses_a_checkpoint_of_one_frame(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--long", str(run / "ckpt.pt")])
     assert e.value.code == 2 and _one_line_error(capsys) == (
-        f"evaluate.py: error: --long {run / 'ckpt.pt'}: trained on 1 frame; "
-        f"a window needs at least 2 for its state norm")
+        f"evaluate.py: error: --long {run / 'ckpt.pt'}: trained on 1 frame; a window needs at least 2 with K = 1")
+    run = tmp_path / "run9"  # with the delay pattern of 9 codebooks, at least 18
+    train.main(["--variant", "prefix_simba", "--out", str(run), "--steps", "1", "--batch-size", "2", "--d-model", "32",
+                "--d-state", "16", "--frames", "17", "--layers", "1", "--eval-every", "0", "--codebooks", "9"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--long", str(run / "ckpt.pt")])
+    assert e.value.code == 2 and _one_line_error(capsys) == (
+        f"evaluate.py: error: --long {run / 'ckpt.pt'}: trained on 17 frames; a window needs at least 18 with K = 9")

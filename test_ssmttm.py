@@ -1601,6 +1601,17 @@ def test_generating_in_windows_keeps_each_pass_inside_the_window(variant, K, mon
     assert reads[0] == window - K and set(reads[1:]) == {8}
 
 
+def test_a_window_under_twice_K_is_one_pass_up_to_it_and_refused_past_it():
+    """A window under 2K leaves the default context (window // 2) no room before the delay pattern's
+    K - 1 frames: up to the window it is one generate call, as for any window; past it, ValueError."""
+    model, (text, mask) = tiny_model("prefix_simba", 4), random_text()
+    for n in (3, 6):
+        assert torch.equal(ssmttm.generate_in_windows(model, text, mask, n, 6, top_k=1),
+                           model.generate(text, mask, n, top_k=1))
+    with pytest.raises(ValueError, match=r"context 3: want 0 <= context <= window - K = 2"):
+        ssmttm.generate_in_windows(model, text, mask, 7, 6, top_k=1)
+
+
 def test_generate_leaves_the_model_in_the_mode_it_found():
     # generate samples in eval mode (no dropout); a model being trained goes on training after it
     model, (text, mask) = tiny_model(dropout=0.1), random_text()
@@ -7103,6 +7114,29 @@ def test_generate_goes_past_the_trained_length_in_windows(synthetic_checkpoint, 
     with pytest.raises(SystemExit) as e:  # 0.01 s is one frame: no room to read half a window and add one
         run("tiny", "--window", "0.01")
     assert e.value.code == 2 and not (tmp_path / "tiny").exists()
+
+
+def test_a_checkpoint_trained_under_a_window_of_2K_frames_is_one_line_only_past_its_length(synthetic_checkpoint,
+                                                                                             tmp_path, capsys):
+    # trained on 1 frame (K = 1: a window needs 2): its default window cannot go past it; up to it, or with
+    # --window 0 (one pass), it generates
+    ckpt = torch.load(synthetic_checkpoint, weights_only=False)
+    ckpt["args"]["frames"] = 1
+    path = tmp_path / "one.pt"
+    torch.save(ckpt, path)
+    run = lambda out, *a: genmod.main(["a piece", "--ckpt", str(path), "--out", str(tmp_path / out), *a])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run("past", "--seconds", "0.05")
+    assert e.value.code == 2 and not (tmp_path / "past").exists()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"{path}: trained on 1 frame, fewer than the 2 that a window needs with K = 1, and 0.05 s is longer; "
+        "pass --window 0 (one recurrent pass) or --window 0.03 or more")
+    run("up_to", "--seconds", "0.01")  # 1 frame
+    run("one_pass", "--seconds", "0.05", "--window", "0")
+    run("windows", "--seconds", "0.05", "--window", "0.03")  # round(0.03 x 86.13) = 3 frames >= 2
+    assert [len(np.load(tmp_path / out / "s0-0000-a-piece.npy")[0]) for out in ("up_to", "one_pass", "windows")] == [
+        1, 4, 4]
 
 
 def test_the_default_window_is_the_trained_length_up_to_a_clip_of_30_s(synthetic_checkpoint, tmp_path):
