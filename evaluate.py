@@ -837,11 +837,9 @@ def past_training_length(args):
     if ckpt["text_encoder"]["kind"] != "words":
         fail(f"--long {args.long}: not trained on the synthetic set (its captions are what is scored)")
     frames, K = ckpt["args"]["frames"], ckpt["config"]["n_codebooks"]
-    # generate_in_windows re-reads half a window and must still add frames past the delay pattern's K - 1;
-    # with K = 1 that is 2: a window of one frame has no decoding step (frame 0 comes from the prefill)
-    if frames < 2 * K:
-        fail(f"--long {args.long}: trained on {frames} frame{'s' * (frames != 1)}; a window needs at least {2 * K} "
-             f"with K = {K}")
+    if frames < genmod.min_window(K):
+        fail(f"--long {args.long}: trained on {datamod.plural(frames, 'frame')}; a window needs at least "
+             f"{genmod.min_window(K)} with K = {K}")
     out = check_output_file(args.out or os.path.join(os.path.dirname(args.long) or ".", "long.json"),
                             keys=("ckpt", "one_pass", "windows"))
     model = genmod.build_model(ckpt, args.long, ModelConfig, TextToMusicLM)

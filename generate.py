@@ -269,6 +269,13 @@ def check_model_flags(args, ckpt, ck2):
         datamod.check_model_folder(value, kind, what, flag)
 
 
+def min_window(n_codebooks):
+    """The fewest frames a window of generate_in_windows may hold here: each pass re-reads half a window
+    and must still add frames past the delay pattern's K - 1 (with K = 1, a decoding step past the
+    prefill's frame). generate.py's --window and evaluate.py --long hold to it."""
+    return 2 * n_codebooks
+
+
 def load_models(args, device, ckpt, ck2=None):
     """The models of the stage-1 checkpoint ckpt (read from args.ckpt), the stage-2 one ck2 (from
     args.stage2) and the codec. On CUDA the LM runs in bf16 on the kernels (fast.py) when they are
@@ -282,7 +289,7 @@ def load_models(args, device, ckpt, ck2=None):
                synthetic=ckpt["text_encoder"]["kind"] == "words")
     trained = ckpt["args"].get("frames")  # the sequence length it was trained on
     m.window = round(args.window * FRAME_RATE) if args.window is not None else min(trained or 0, datamod.CLIP_FRAMES)
-    least = 2 * cfg.n_codebooks  # a pass must read half a window and still add frames past the delay pattern's
+    least = min_window(cfg.n_codebooks)
     if 0 < m.window < least and args.window is not None:
         datamod.fail(f"--window {args.window:g}: {m.window} frame(s); a window needs at least {least} "
                      f"frames with K = {cfg.n_codebooks} (or 0: one pass)")
