@@ -67,8 +67,21 @@ class ModelConfig:
     label_smoothing: float = 0.1   # as in the official code
 
     def __post_init__(self):
+        """ValueError naming the field: an unknown variant, a size below 1, an odd d_model (the
+        sinusoidal positions take its halves), a rate outside [0, 1). The head splits are checked by
+        the layers (Mamba2, SelfAttention, CrossAttention)."""
         if self.variant not in LAYOUTS:
             raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(LAYOUTS)}")
+        for name in ("n_layers", "d_model", "d_state", "d_conv", "expand", "headdim", "n_heads", "d_ff",
+                     "n_codebooks", "d_text", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} {getattr(self, name)}: want 1 or more")
+        if self.d_model % 2:
+            raise ValueError(f"ModelConfig.d_model {self.d_model}: want an even width (the sinusoidal positions "
+                             "are its cos and sin halves)")
+        for name in ("dropout", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} {getattr(self, name)}: want a rate in [0, 1)")
 
     @property
     def prefix(self):
@@ -91,9 +104,12 @@ def delay_pattern(codes, special=SPECIAL):
 
 
 def undelay_pattern(delayed):
-    """Exact inverse of delay_pattern: (b, K, T + K - 1) -> (b, K, T)."""
+    """Exact inverse of delay_pattern: (b, K, T + K - 1) -> (b, K, T). ValueError for fewer than K - 1
+    steps (no delay_pattern output has them)."""
     b, K, S = delayed.shape
     T = S - K + 1
+    if T < 0:
+        raise ValueError(f"undelay_pattern: {S} steps of {K} codebooks; a delayed layout has at least K - 1 = {K - 1}")
     return torch.stack([delayed[:, k, k:k + T] for k in range(K)], dim=1)
 
 
@@ -270,11 +286,18 @@ class KVCache:
     length: int = 0
 
 
+def check_head_split(layer, d_model, n_heads):
+    """ValueError unless n_heads (1 or more) splits d_model into heads of equal width."""
+    if n_heads < 1 or d_model % n_heads:
+        raise ValueError(f"{layer}: d_model {d_model} must split into n_heads = {n_heads} heads of equal width")
+
+
 class SelfAttention(nn.Module):
     """Causal multi-head self-attention (scaled_dot_product_attention), with a KV cache for decoding."""
 
     def __init__(self, d_model, n_heads, dropout):
         super().__init__()
+        check_head_split("SelfAttention", d_model, n_heads)
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
@@ -285,7 +308,8 @@ class SelfAttention(nn.Module):
         return KVCache(*(torch.zeros(shape, device=device, dtype=dtype) for _ in range(2)))
 
     def forward(self, x, state=None):
-        """x (b, s, d) -> (b, s, d). state: a KVCache to append to (decoding), None when training."""
+        """x (b, s, d) -> (b, s, d). state: a KVCache to append to (decoding), None when training.
+        ValueError when the cache has no room for the s new positions (new_state's max_len)."""
         b, s, d = x.shape
         q, k, v = (t.view(b, s, self.n_heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
         if state is None:
@@ -293,6 +317,9 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         else:  # append to the cache, attend to everything so far
             t0 = state.length
+            if t0 + s > state.k.shape[2]:
+                raise ValueError(f"SelfAttention: a KV cache of {state.k.shape[2]} positions holds {t0}; no room "
+                                 f"for {s} more (make the InferenceCache with a larger max_len)")
             state.k[:, :, t0:t0 + s], state.v[:, :, t0:t0 + s] = k, v
             state.length = t0 + s
             k, v = state.k[:, :, :t0 + s], state.v[:, :, :t0 + s]
@@ -313,10 +340,12 @@ class TextKV:
 
 class CrossAttention(nn.Module):
     """Multi-head attention from the audio to the text, which must not see padded text positions.
-    A row without any text (the null condition of guidance) gets zero output."""
+    A row without any text (the null condition of guidance) attends to nothing: its heads' output is
+    zero, so the layer returns out_proj's bias."""
 
     def __init__(self, d_model, n_heads, dropout, d_memory=None):
         super().__init__()
+        check_head_split("CrossAttention", d_model, n_heads)
         self.n_heads = n_heads
         self.q_proj = nn.Linear(d_model, d_model)
         self.kv_proj = nn.Linear(d_memory or d_model, 2 * d_model)
@@ -405,7 +434,10 @@ def position_frequencies(dim, device):
 
 
 def sinusoidal_positions(positions, dim):
-    """(b, s) integer positions -> (b, s, dim) [cos | sin] embeddings (as MusicGen and the official code)."""
+    """(b, s) integer positions -> (b, s, dim) [cos | sin] embeddings (as MusicGen and the official code).
+    ValueError for an odd dim."""
+    if dim % 2:
+        raise ValueError(f"sinusoidal_positions: dim {dim} must be even (cos and sin halves)")
     angles = positions[..., None].float() * position_frequencies(dim, positions.device)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
@@ -470,7 +502,9 @@ class TextToMusicLM(nn.Module):
         """A pass from the start. tokens (b, K, s) input steps (the first one the begin step),
         text (b, lt, d_text) T5 states, text_mask (b, lt) True at real tokens (any padding side).
         Returns logits (b, K, s, 1025) for the step after each input step. With a cache, also
-        leaves in it the states after the last step (the prefill of decoding)."""
+        leaves in it the states after the last step (the prefill of decoding): a new InferenceCache
+        (zero Mamba-2 states, empty KV caches), as the pass starts from nothing; a used one is not
+        reset, and the pass would carry on from its states."""
         b, K, s = tokens.shape
         x = self.embed_steps(tokens)  # (b, s, d)
         memory = self.text_norm(self.text_proj(text.to(self.text_proj.weight.dtype)))  # (b, lt, d)
@@ -636,8 +670,26 @@ def adamw(model, lr, weight_decay, betas, device_type):
 
 def classifier_free_guidance(cond, uncond, cfg_scale):
     """Classifier-free guidance, uncond + scale * (cond - uncond), written as
-    cond + (scale - 1) * (cond - uncond) so that scale 1 is exactly the conditional model."""
-    return cond + (cfg_scale - 1) * (cond - uncond)
+    cond + (scale - 1) * (cond - uncond) so that scale 1 is exactly the conditional model. A logit
+    at -inf in either (a code ruled out) stays -inf, where the formula gives NaN or +inf."""
+    guided = cond + (cfg_scale - 1) * (cond - uncond)
+    return guided.masked_fill(cond.isneginf() | uncond.isneginf(), -torch.inf)
+
+
+# The lowest temperature above 0 (greedy): far below it, logits / temperature overflow to inf and
+# softmax gives NaN, where the limit is the argmax.
+MIN_TEMPERATURE = 1e-4
+
+
+def check_sampling(cfg_scale, top_k, temperature):
+    """ValueError for a guidance scale that is not finite, a top_k below 0, or a temperature that is
+    neither 0 (greedy) nor finite from MIN_TEMPERATURE on."""
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale {cfg_scale}: want a finite number")
+    if top_k < 0:
+        raise ValueError(f"top_k {top_k}: 0 (every code) or more")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+        raise ValueError(f"temperature {temperature}: 0 (greedy) or from {MIN_TEMPERATURE} on")
 
 
 def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, generator=None, noise=None):
@@ -646,7 +698,8 @@ def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, 
     temperature = 0 is greedy, top_k = 0 keeps every code. The special id is never sampled.
     generator: a torch.Generator, None (the default one), or one per row (exponential_noise).
     noise: the Exp(1) draws (b, K, 1024) to use, drawn before from generator (exponential_noise),
-    instead of drawing them here."""
+    instead of drawing them here. ValueError for settings check_sampling refuses."""
+    check_sampling(cfg_scale, top_k, temperature)
     logits = logits[..., :SPECIAL].float()  # only real codes can be sampled; the indices stay the ids
     if uncond is not None:
         logits = classifier_free_guidance(logits, uncond[..., :SPECIAL].float(), cfg_scale)
@@ -676,28 +729,22 @@ def exponential_noise(like, generator=None, out=None):
     return out.exponential_(generator=generator)
 
 
-# The lowest temperature above 0 (greedy): far below it, logits / temperature overflow to inf and
-# softmax gives NaN, where the limit is the argmax.
-MIN_TEMPERATURE = 1e-4
-
-
 @dataclass
 class Sampling:
     """generate's sampling settings; called on the logits of one step's rows (b * copies, K, 1025),
-    [conditional; null] with guidance, it returns the tokens (b, K). ValueError for a temperature
-    between 0 and MIN_TEMPERATURE, or not finite, and for top_k < 0."""
+    [conditional; null] with guidance, it returns the tokens (b, K). ValueError for the settings
+    check_sampling refuses, and for an odd number of rows with guidance."""
     cfg_scale: float = 3.0
     top_k: int = 250
     temperature: float = 1.2
     generator: object = None  # a torch.Generator, None (the default one), or a list, one per row
 
     def __post_init__(self):
-        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):
-            raise ValueError(f"temperature {self.temperature}: 0 (greedy) or from {MIN_TEMPERATURE} on")
-        if self.top_k < 0:
-            raise ValueError(f"top_k {self.top_k}: 0 (every code) or more")
+        check_sampling(self.cfg_scale, self.top_k, self.temperature)
 
     def __call__(self, logits, noise=None):
+        if self.cfg_scale != 1.0 and logits.shape[0] % 2:
+            raise ValueError(f"Sampling: {logits.shape[0]} rows with guidance; want [conditional; null], 2b rows")
         cond, uncond = logits.chunk(2) if self.cfg_scale != 1.0 else (logits, None)
         return sample_next(cond, uncond, self.cfg_scale, self.top_k, self.temperature, self.generator, noise)
 

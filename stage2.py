@@ -41,7 +41,8 @@ class Stage2Config:
 
     @staticmethod
     def small():
-        """A tiny U-Net for tests and the synthetic demo."""
+        """The settings of a tiny U-Net for tests and the synthetic demo, a dict to combine with others:
+        Stage2Config(**Stage2Config.small(), d_text=24)."""
         return dict(channels=(32, 64), d_cond=32, n_heads=4)
 
 
@@ -251,8 +252,11 @@ class Stage2Diffusion(nn.Module):
         values of known elsewhere are ignored). After each step, the known frames of x are replaced
         by the known latents noised to that step's level, alpha_s x_0 + sigma_s eps, so the model
         denoises the other frames next to a context that agrees with them; after the last step they
-        are the known latents exactly. (x starts as noise everywhere: at t = 1, alpha is 0.)"""
-        steps = steps or self.cfg.diffusion_steps
+        are the known latents exactly. (x starts as noise everywhere: at t = 1, alpha is 0.)
+        steps: DDPM steps (default cfg.diffusion_steps); ValueError below 1."""
+        steps = self.cfg.diffusion_steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"sample_latents: steps {steps}, want 1 or more")
         b, _, T = coarse.shape
         fine_channels = (self.cfg.n_codebooks - 1) * LATENT_DIM
         x = gaussian_noise((b, fine_channels, T), coarse.device, generator)

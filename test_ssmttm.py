@@ -369,6 +369,52 @@ def test_ssd_with_heads_that_do_not_split_into_the_groups_says_so(call):
         run()
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("variant", "prefix_gru", "unknown variant 'prefix_gru'; choose one of prefix_mamba, prefix_simba, cross_simba, "
+                              "cross_transformer"),
+    ("chunk_size", 0, "ModelConfig.chunk_size 0: want 1 or more"),   # ssd_chunked divided by it
+    ("d_conv", 0, "ModelConfig.d_conv 0: want 1 or more"),           # the conv's padding went negative
+    ("n_codebooks", 0, "ModelConfig.n_codebooks 0: want 1 or more"),  # an Embedding(0, d) was built
+    ("d_model", 10, None), ("d_model", 15, "ModelConfig.d_model 15: want an even width (the sinusoidal positions are "
+                                          "its cos and sin halves)"),  # the first forward raised a shape mismatch
+    ("dropout", 1.0, "ModelConfig.dropout 1.0: want a rate in [0, 1)"),
+    ("label_smoothing", -0.1, "ModelConfig.label_smoothing -0.1: want a rate in [0, 1)"),
+])
+def test_model_config_names_a_bad_field(field, value, message):
+    kw = dict(headdim=5, n_heads=5) if field == "d_model" else {}
+    if message is None:  # a width that every layer splits: builds, and a pass gives logits of the right shape
+        model = tiny_model("cross_simba", **kw, **{field: value})
+        text, mask = random_text()
+        assert model.logits(torch.randint(0, 1024, (2, 1, 3)), text, mask).shape == (2, 1, 3, 1025)
+        return
+    with pytest.raises(ValueError) as e:
+        tiny_config(**kw, **{field: value})
+    assert str(e.value) == message
+
+
+def test_attention_whose_heads_do_not_split_its_width_says_so():
+    # d_model 16 in 3 heads: the first forward raised "shape '[1, 5, 3, -1]' is invalid"
+    for make, name in ((lambda: ssmttm.SelfAttention(16, 3, 0.0), "SelfAttention"),
+                       (lambda: ssmttm.CrossAttention(16, 3, 0.0), "CrossAttention"),
+                       (lambda: tiny_model("cross_transformer", d_model=16, n_heads=3, headdim=8), "SelfAttention")):
+        with pytest.raises(ValueError) as e:
+            make()
+        assert str(e.value) == f"{name}: d_model 16 must split into n_heads = 3 heads of equal width"
+    with pytest.raises(ValueError) as e:
+        ssmttm.sinusoidal_positions(torch.arange(4)[None], 5)   # it returned 4 columns
+    assert str(e.value) == "sinusoidal_positions: dim 5 must be even (cos and sin halves)"
+
+
+def test_cross_attention_gives_a_row_without_text_its_bias():
+    # its heads attend to nothing, so the layer's output is out_proj's bias exactly, at every step
+    torch.manual_seed(0)
+    layer = ssmttm.CrossAttention(16, 4, 0.0, d_memory=24).double()
+    out = layer(torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 3, 24, dtype=torch.float64),
+                torch.tensor([[True, True, False], [False, False, False]]))
+    assert torch.equal(out[1], layer.out_proj.bias.detach().expand(5, 16))
+    assert not torch.equal(out[0], layer.out_proj.bias.detach().expand(5, 16))
+
+
 @pytest.mark.parametrize("kw", [dict(headdim=48), dict(headdim=16, ngroups=3)])
 def test_mamba2_whose_heads_do_not_fit_its_width_says_so(kw):
     # d_inner 128: not in heads of 48; 8 heads of 16 not in 3 groups
@@ -687,10 +733,18 @@ def test_delay_pattern_layout_k3_t4():
     assert torch.equal(undelay_pattern(want), codes)
 
 
-@pytest.mark.parametrize("K,T", [(1, 5), (4, 1), (9, 300)])
+@pytest.mark.parametrize("K,T", [(1, 5), (4, 1), (9, 300), (3, 0), (1, 0)])
 def test_delay_pattern_round_trip(K, T):
     codes = torch.randint(0, 1024, (3, K, T))
+    assert delay_pattern(codes).shape == (3, K, T + K - 1)
     assert torch.equal(undelay_pattern(delay_pattern(codes)), codes)
+
+
+def test_undelay_pattern_refuses_fewer_steps_than_any_delayed_layout():
+    # K - 1 steps are T = 0 frames (above); fewer are no delay_pattern output (it returned (b, K, 0))
+    with pytest.raises(ValueError) as e:
+        undelay_pattern(torch.zeros(1, 3, 1, dtype=torch.long))
+    assert str(e.value) == "undelay_pattern: 1 steps of 3 codebooks; a delayed layout has at least K - 1 = 2"
 
 
 def test_loss_ignores_special_and_averages_codebooks():
@@ -1020,6 +1074,11 @@ def test_decoding_logits_equal_full_forward():
         parts.append(model.step(tokens[..., 9:14], cache))  # several steps at once
         parts.append(model.step(tokens[..., 14:15], cache))  # and one more: the position moved by 5
         torch.testing.assert_close(torch.cat(parts, 2), full, rtol=1e-9, atol=1e-9)
+        if variant == "cross_transformer":  # its KV cache is full: a step past max_len is refused
+            with pytest.raises(ValueError) as e:
+                model.step(tokens[..., 14:15], cache)
+            assert str(e.value) == ("SelfAttention: a KV cache of 15 positions holds 15; no room for 1 more "
+                                    "(make the InferenceCache with a larger max_len)")
 
 
 def test_bf16_ssm_state_stays_close_to_fp32():
@@ -1406,6 +1465,27 @@ def test_gpu_training_at_widths_causal_conv1d_cannot_take_equals_the_plain_layer
 
 # ------------------------------------------------------------------------------------------------
 # Sampling and generation
+
+
+def test_guidance_keeps_a_code_ruled_out_in_either_row_ruled_out():
+    # cond + (s - 1)(cond - uncond) at -inf in both rows is NaN (and +inf at -inf in the null row alone):
+    # argmax then took the banned code. A code at -inf in either row stays -inf; the others are the formula's
+    cond, uncond = torch.randn(2, 3, 1024, dtype=torch.float64), torch.randn(2, 3, 1024, dtype=torch.float64)
+    cond[..., 7] = uncond[..., 7] = -torch.inf   # banned in both (a user's mask)
+    cond[..., 9] = 50.0
+    uncond[..., 9] = -torch.inf                  # banned in the null row only
+    cond[..., 11] = -torch.inf                   # and in the conditional row only
+    banned = torch.zeros(1024, dtype=torch.bool)
+    banned[[7, 9, 11]] = True
+    for scale in (0.5, 1.0, 3.0):
+        guided = classifier_free_guidance(cond, uncond, scale)
+        assert torch.equal(guided[..., banned], torch.full((2, 3, 3), -torch.inf, dtype=torch.float64))
+        assert torch.equal(guided[..., ~banned], (cond + (scale - 1) * (cond - uncond))[..., ~banned])
+        assert not torch.isin(sample_next(cond, uncond, scale, top_k=1), torch.tensor([7, 9, 11])).any()
+        for seed in range(50):
+            drawn = sample_next(cond, uncond, scale, top_k=0, temperature=1.0,
+                                generator=torch.Generator().manual_seed(seed))
+            assert not torch.isin(drawn, torch.tensor([7, 9, 11])).any()
 
 
 def test_guidance_scale_one_is_the_conditional_model():
@@ -3687,6 +3767,16 @@ def test_stage2_schedule_is_nichol_and_dhariwals_and_its_sampler_ends_on_the_cle
     torch.testing.assert_close(out.double(), target, rtol=0, atol=2e-6)  # x is drawn in float32
 
 
+def test_stage2_sampler_refuses_no_steps():
+    # steps=0 was taken as the default 100 (`steps or ...`)
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).double()
+    text, mask = random_text(b=1, lt=3)
+    with pytest.raises(ValueError) as e:
+        model.sample_latents(torch.zeros(1, stage2.LATENT_DIM, 4, dtype=torch.float64), text, mask, steps=0)
+    assert str(e.value) == "sample_latents: steps 0, want 1 or more"
+
+
 def test_stage2_sampler_steps_keep_x_at_the_forward_processs_level():
     # With an oracle denoiser for a fixed target x0 (its clean estimate exact), each DDPM step draws x_s from
     # the posterior q(x_s | x_t, x0), so x at every step is distributed as the forward process puts it:
@@ -5245,11 +5335,20 @@ BAD_TRAIN_FLAGS = [
      "argument --d-model: expected a multiple of 4 for cross_transformer (attention splits d_model into 4 heads), "
      "not 66"),
     # a head size or count typed against the preset's width (256) is named, not the width the user did not type
+    # and the width it asks for meets every rule: even (the positions' halves), the Mamba-2 heads' split too
     (["--headdim", "7"], "argument --headdim: 7 does not split d_model 256 for prefix_simba (Mamba-2 splits 2 x "
-                         "d_model channels into heads of 7); pass --d-model a multiple of 7"),
+                         "d_model channels into heads of 7); pass --d-model a multiple of 14 (the sinusoidal "
+                         "positions are its cos and sin halves)"),
     (["--n-heads", "3", "--variant", "cross_simba"],
      "argument --n-heads: 3 does not split d_model 256 for cross_simba (attention splits d_model into 3 heads); pass "
-     "--d-model a multiple of 3"),
+     "--d-model a multiple of 48 (Mamba-2 splits 2 x d_model channels into heads of 32)"),
+    # an odd width that splits into the heads (it passed, then the first step raised in sinusoidal_positions)
+    (["--d-model", "15", "--headdim", "5"],
+     "argument --d-model: expected a multiple of 10 for prefix_simba (Mamba-2 splits 2 x d_model channels into heads "
+     "of 5; the sinusoidal positions are its cos and sin halves), not 15"),
+    (["--d-model", "21", "--n-heads", "3", "--variant", "cross_transformer"],
+     "argument --d-model: expected a multiple of 6 for cross_transformer (attention splits d_model into 3 heads; the "
+     "sinusoidal positions are its cos and sin halves), not 21"),
     (["--d-model", "100", "--headdim", "7", "--variant", "cross_simba"],
      "argument --d-model: expected a multiple of 28 for cross_simba (Mamba-2 splits 2 x d_model channels into heads "
      "of 7; attention splits d_model into 4 heads), not 100"),
@@ -5275,6 +5374,21 @@ def test_bad_train_flag_is_one_line_and_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         trainmod.parse_args(flags)
     assert e.value.code == 2 and capsys.readouterr().err == f"train.py: error: {message}\n"
+
+
+def test_the_width_a_bad_width_message_asks_for_is_taken(tmp_path):
+    # "a multiple of M": M itself passes every rule of that variant, head splits and positions alike
+    asked = [(flags, int(re.search(r"a multiple of (\d+)", message).group(1)))
+             for flags, message in BAD_TRAIN_FLAGS if "a multiple of" in message]
+    assert len(asked) == 7
+    for flags, m in asked:
+        flags = [f for i, f in enumerate(flags) if "--d-model" not in flags[max(i - 1, 0):i + 1]]
+        args, _ = trainmod.parse_args(flags + ["--d-model", str(m), "--out", str(tmp_path / "run")])
+        assert args.d_model == m
+        model = TextToMusicLM(ModelConfig(variant=args.variant, n_layers=1, d_model=m, d_state=4,
+                                          headdim=args.headdim, n_heads=args.n_heads, d_ff=8, d_text=8))
+        text, mask = torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool)
+        assert model.logits(torch.zeros(1, 1, 2, dtype=torch.long), text, mask).shape == (1, 1, 2, 1025)
 
 
 def test_pad_text_rounds_the_length_up_and_leaves_every_loss_as_it_was():
@@ -6847,7 +6961,20 @@ def test_sampling_refuses_a_temperature_that_would_overflow():
             ssmttm.Sampling(temperature=bad)
     with pytest.raises(ValueError, match="top_k"):
         ssmttm.Sampling(top_k=-1)
+    # sample_next alone checks the same (temperature -1 drew the least likely codes, top_k -3 raised torch's
+    # "selected index k out of range"), and a guidance scale that is not finite (NaN logits)
     logits = torch.randn(3, 1, 1025, generator=torch.Generator().manual_seed(0))
+    for kw, message in ((dict(temperature=-1.0), "temperature -1.0: 0 (greedy) or from 0.0001 on"),
+                        (dict(temperature=1e-40), "temperature 1e-40: 0 (greedy) or from 0.0001 on"),
+                        (dict(top_k=-3), "top_k -3: 0 (every code) or more"),
+                        (dict(cfg_scale=math.nan), "cfg_scale nan: want a finite number")):
+        with pytest.raises(ValueError) as e:
+            sample_next(logits, logits, **kw)
+        assert str(e.value) == message
+    # guidance reads [conditional; null] rows: 3 rows were split 2 + 1 and the null row broadcast
+    with pytest.raises(ValueError) as e:
+        ssmttm.Sampling(top_k=1)(logits)
+    assert str(e.value) == "Sampling: 3 rows with guidance; want [conditional; null], 2b rows"
     g = torch.Generator().manual_seed(1)
     lowest = ssmttm.Sampling(cfg_scale=1.0, top_k=0, temperature=ssmttm.MIN_TEMPERATURE, generator=g)(logits)
     assert torch.equal(lowest, logits[..., :1024].argmax(-1))  # the limit: the argmax

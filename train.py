@@ -169,23 +169,26 @@ def parse_args(argv=None):
         args.out = os.path.join("runs", name + ("" if args.data else "-synthetic"))
     datamod.check_out_folder(args.out)
     args.data_rows = None  # not a flag: load_data sets it for a new run, resume_or_start from the checkpoint
-    splits = head_splits(args)
-    broken = [(flag, m, why) for flag, m, why in splits if args.d_model % m]
+    rules = width_rules(args)
+    broken = [(flag, m, why) for flag, m, why in rules if args.d_model % m]
     if args.stage == 1 and broken:
-        typed = [(flag, m, why) for flag, m, why in broken if flag in given]
+        multiple = math.lcm(*(m for _, m, _ in rules))
+        typed = [(flag, m, why) for flag, m, why in broken if flag in given and flag != "d_model"]
         if typed and "d_model" not in given:  # the head size or count typed is the culprit, not the default width
             flag, m, why = typed[0]
+            others = "; ".join(w for f, _, w in rules if f != flag)
             ap.error(f"argument --{flag.replace('_', '-')}: {getattr(args, flag)} does not split d_model "
-                     f"{args.d_model} for {args.variant} ({why}); pass --d-model a multiple of {m}")
-        multiple = math.lcm(*(m for _, m, _ in splits))
+                     f"{args.d_model} for {args.variant} ({why}); pass --d-model a multiple of {multiple}"
+                     + (f" ({others})" if others and multiple != m else ""))
         ap.error(f"argument --d-model: expected a multiple of {multiple} for {args.variant} "
-                 f"({'; '.join(why for _, _, why in splits)}), not {args.d_model}")
+                 f"({'; '.join(why for _, _, why in rules)}), not {args.d_model}")
     return args, given
 
 
-def head_splits(args):
-    """[(flag, m, why)]: for the variant's layers to split d_model into heads, d_model must be a multiple
-    of each m, which the flag (headdim or n_heads) sets."""
+def width_rules(args):
+    """[(flag, m, why)]: d_model must be a multiple of each m: for the variant's layers to split it into
+    heads (m set by the flag, headdim or n_heads), and even for the sinusoidal positions (named only
+    where no head split asks for an even width already)."""
     layout, splits = LAYOUTS[args.variant], []
     if "mamba" in layout:
         expand = ModelConfig.expand
@@ -193,6 +196,8 @@ def head_splits(args):
                        f"Mamba-2 splits {expand} x d_model channels into heads of {args.headdim}"))
     if {"self_attn", "cross_attn"} & set(layout):
         splits.append(("n_heads", args.n_heads, f"attention splits d_model into {args.n_heads} heads"))
+    if all(m % 2 for _, m, _ in splits):
+        splits.append(("d_model", 2, "the sinusoidal positions are its cos and sin halves"))
     return splits
 
 
