@@ -926,13 +926,22 @@ def ssmttm_stage2_timing(device):
 
 
 def bench_pipeline(device, quick=False):
-    """data.py -> train.py (stage 1, stage 2) -> generate.py at the paper's size, timed."""
+    """data.py -> train.py (stage 1, stage 2) -> generate.py at the paper's size, timed, in a temporary
+    folder removed after it, however the steps end (an error, Ctrl-C)."""
     import shutil
     import tempfile
+    root = tempfile.mkdtemp(prefix="ssmttm-pipeline-")
+    try:
+        pipeline_steps(root, quick)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pipeline_steps(root, quick):
+    """bench_pipeline's models, audio and steps, in root."""
     import numpy as np
     import soundfile as sf
     from transformers import ByT5Tokenizer, DacConfig, DacModel, T5Config, T5EncoderModel
-    root = tempfile.mkdtemp(prefix="ssmttm-pipeline-")
     t5_dir, dac_dir, audio = (os.path.join(root, d) for d in ("t5", "dac", "audio"))
     torch.manual_seed(0)
     t5 = T5Config(vocab_size=384, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
@@ -986,7 +995,6 @@ def bench_pipeline(device, quick=False):
         emit({"section": "pipeline", "step": "generate.py timings (batch of 4)", "stage1_s": r["stage1_s"],
               "stage2_s": r["stage2_s"], "decode_s": r["decode_s"], "wavs": len(recs),
               "wav_s": sf.info(r["wav"]).duration})
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=24, mamba_train=FastOptions.train,
@@ -1014,14 +1022,16 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
     common = ["--layers", str(layers), *shape, "--grad-accum", str(grad_accum), "--steps", str(steps), "--lr", "1e-4",
               "--warmup", "100", "--dropout", "0", "--eval-every", "0", "--ckpt-every", "1000000",
               "--mamba-train", mamba_train, *flags[compile]]
-    tag, said = {"0": ("", ""), "1": ("-compiled", ", compiled"), "graphs": ("-graphs", ", CUDA graphs")}[compile]
-    if grad_accum > 1:
-        tag, said = f"{tag}-accum{grad_accum}", f"{said}, {grad_accum} micro-batches a step"
+    tag, said = ddp_tag(compile, grad_accum)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
 
-    def losses(name):  # [] for a run that wrote none (it failed: its row has the error)
+    results = {}  # run name -> its row (the 1-GPU ones of an earlier call read from their files)
+
+    def losses(name):  # [] for a run that failed (its row has the error) or wrote none
         path = os.path.join(root, name, "metrics.csv")
-        return [float(r["loss"]) for r in csv.DictReader(open(path))] if os.path.exists(path) else []
+        if results.get(name, {}).get("rc", 0) != 0 or not os.path.exists(path):
+            return []
+        return [float(r["loss"]) for r in csv.DictReader(open(path))]
     rel = lambda a, b: max((abs(x - y) / abs(y) for x, y in zip(a, b)), default=math.nan)  # noqa: E731
     put = lambda row: emit(row if round_number is None else {**row, "round": round_number})  # noqa: E731
 
@@ -1042,6 +1052,7 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
             row.update({"audio tok/s": pick(0.5), "tok/s p10": pick(0.1), "tok/s p90": pick(0.9),
                         "peak GiB per GPU": max(peaks or [math.nan])})
         put(row)
+        results[name] = row
         return row
 
     batches = (batch, 2 * batch)
@@ -1051,7 +1062,9 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
             datamod.atomic_write_text(os.path.join(root, f"1gpu-{b}{tag}.json"), json.dumps(row))
     if "2gpu" in parts:
         for b in batches:
-            two, one = train(f"2gpu-{b}{tag}", 2, b), json.load(open(os.path.join(root, f"1gpu-{b}{tag}.json")))
+            with open(os.path.join(root, f"1gpu-{b}{tag}.json")) as f:  # (ddp_check: there)
+                one = results[f"1gpu-{b}{tag}"] = json.load(f)
+            two = train(f"2gpu-{b}{tag}", 2, b)
             put({"section": "ddp", "run": f"2 GPUs / 1 GPU at batch {b} per GPU{said}",
                  "speed-up": two.get("audio tok/s", math.nan) / one.get("audio tok/s", math.nan)})
         put({"section": "ddp", "run": f"losses, 2 GPUs x {batch} vs 1 GPU x {2 * batch}{said}", "max rel diff":
@@ -1062,6 +1075,38 @@ def bench_ddp(root, parts=("1gpu", "2gpu", "resume"), batch=4, steps=14, layers=
         put({"section": "ddp", "run": f"2 GPUs, stopped at half and resumed, vs uninterrupted{said}",
              "max rel diff": rel(losses(f"2gpu-resumed{tag}"), losses(f"2gpu-{batch}{tag}")),
              "losses": losses(f"2gpu-resumed{tag}")})
+
+
+def ddp_tag(compile, grad_accum):
+    """The end of bench_ddp's run names for these settings, and the words its rows give them."""
+    tag, said = {"0": ("", ""), "1": ("-compiled", ", compiled"), "graphs": ("-graphs", ", CUDA graphs")}[compile]
+    if grad_accum > 1:
+        tag, said = f"{tag}-accum{grad_accum}", f"{said}, {grad_accum} micro-batches a step"
+    return tag, said
+
+
+def ddp_parts(section):
+    """bench_ddp's parts for an --only section: ddp (all), or ddp-1gpu, ddp-2gpu+resume, ..."""
+    return section[4:].split("+") if "-" in section else ("1gpu", "2gpu", "resume")
+
+
+def ddp_check(root, parts, batch, compile, grad_accum):
+    """Before any work: one line (exit 2) if root holds a run these parts would make (train.py would refuse
+    it, and its old files would be compared as new), or lacks the 1-GPU results a 2-GPU part reads or the
+    uninterrupted 2-GPU run that resume compares with."""
+    tag, _ = ddp_tag(compile, grad_accum)
+    made = ([f"1gpu-{b}{tag}" for b in (batch, 2 * batch)] * ("1gpu" in parts)
+            + [f"2gpu-{b}{tag}" for b in (batch, 2 * batch)] * ("2gpu" in parts)
+            + [f"2gpu-resumed{tag}"] * ("resume" in parts))
+    read = ([f"1gpu-{b}{tag}.json" for b in (batch, 2 * batch)] * ("2gpu" in parts and "1gpu" not in parts)
+            + [f"2gpu-{batch}{tag}"] * ("resume" in parts and "2gpu" not in parts))
+    for name in made:
+        if os.path.exists(os.path.join(root, name)):
+            datamod.fail(f"bench.py: --ddp-dir {root} holds {name} from an earlier call; pass another --ddp-dir")
+    for name in read:
+        if not os.path.exists(os.path.join(root, name)):
+            datamod.fail(f"bench.py: --only ddp-{'+'.join(parts)} reads {os.path.join(root, name)}, which an earlier "
+                         f"call into this --ddp-dir makes (--only ddp-{'1gpu' if name.startswith('1gpu') else '2gpu'})")
 
 
 def bench_cpu(steps=30):
@@ -1075,7 +1120,7 @@ def bench_cpu(steps=30):
         out = subprocess.run([sys.executable, script("train.py"), "--layers", "6", "--steps", str(steps),
                               "--device", "cpu", "--out", out_dir, "--eval-every", "0"], capture_output=True, text=True)
         if out.returncode != 0:
-            return emit({"section": "cpu", "error": out.stderr.strip().splitlines()[-1][:200]})
+            return emit({"section": "cpu", "error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]})
         with open(os.path.join(out_dir, "metrics.csv")) as f:
             rows = list(csv.DictReader(f))
     finally:
@@ -1180,7 +1225,7 @@ def run_section(section, args, device, train_options):
         for rnd, comp in itertools.product(range(1, args.rounds + 1), args.compile):
             root = args.ddp_dir if args.rounds == 1 else os.path.join(args.ddp_dir, f"round{rnd}")
             os.makedirs(root, exist_ok=True)
-            bench_ddp(root, section[4:].split("+") if "-" in section else ("1gpu", "2gpu", "resume"),
+            bench_ddp(root, ddp_parts(section),
                       batch=args.batches[0], steps=args.ddp_steps, layers=n_layers, mamba_train=args.mamba_train[0],
                       compile=comp, round_number=rnd if args.rounds > 1 else None, quick=args.quick,
                       grad_accum=args.ddp_grad_accum)
@@ -1236,7 +1281,7 @@ def is_rows_file(path):
     """Whether path holds what --json writes (a JSON object with a header and rows): a rerun may replace it."""
     try:
         with open(path) as f:
-            old = json.load(f)
+            old = datamod.parse_json(f.read())
     except (OSError, ValueError):
         return False
     return isinstance(old, dict) and {"header", "rows"} <= set(old)
@@ -1319,8 +1364,18 @@ def main():
                          "or takes no new files)")
         if os.path.exists(args.json) and not is_rows_file(args.json):
             datamod.fail(f"bench.py: --json {args.json}: exists and is not a file of bench.py's rows; give a new name")
+        try:  # the write itself, of its temporary file (atomic_write_text's): as root, os.access says yes to all
+            with open(args.json + ".tmp", "w"):
+                pass
+            os.remove(args.json + ".tmp")
+        except OSError as e:
+            datamod.fail(f"bench.py: --json {args.json}: cannot write it ({e.filename}: {e.strerror.lower()})")
     if any(section.startswith("ddp") for section in args.only):
         datamod.check_out_folder(args.ddp_dir, "--ddp-dir")
+        for section in (s for s in args.only if s.startswith("ddp")):
+            for rnd, comp in itertools.product(range(1, args.rounds + 1), args.compile):
+                ddp_check(args.ddp_dir if args.rounds == 1 else os.path.join(args.ddp_dir, f"round{rnd}"),
+                          ddp_parts(section), args.batches[0], comp, args.ddp_grad_accum)
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != ["cpu"]:
         datamod.fail("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")
