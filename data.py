@@ -391,7 +391,7 @@ def model_folder_problem(name_or_path, model_type, flag):
         return None
     try:
         with open(config) as f:
-            found = json.load(f).get("model_type")
+            found = parse_json(f.read()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None  # from_pretrained names a damaged config itself
     if found and found != model_type:
@@ -436,7 +436,7 @@ def data_codec(folder):
     does not say (a folder of the earlier layout, or none yet)."""
     try:
         with open(os.path.join(folder, META_FILE)) as f:
-            name = json.load(f).get("dac")
+            name = parse_json(f.read()).get("dac")
     except (OSError, ValueError, AttributeError):
         name = None
     return name if isinstance(name, str) and name else DEFAULT_DAC
@@ -459,7 +459,7 @@ def read_journal(folder):
     records, rows = [], 0
     for n, line in enumerate(committed.split(b"\n")[:-1], 1):
         try:
-            record = json.loads(line)
+            record = parse_json(line)
             valid = (record["row"] == rows and isinstance(record["source"], str) and isinstance(record["clips"], list)
                      and all(isinstance(c, dict) and _is_number(c.get("start_s")) and isinstance(c.get("frames"), int)
                              for c in record["clips"])
@@ -511,7 +511,7 @@ def legacy_clips(folder):
     clips, seen = [], set()
     for row, line in enumerate(lines[:n]):
         try:
-            r = json.loads(line)
+            r = parse_json(line)
             key = (r["source"], r["start_s"])
             clip = {"source": r["source"], "start_s": r["start_s"], "frames": r["frames"],
                     "captions": [r["caption"]], "row": row}
@@ -633,7 +633,7 @@ class ClipWriter:
         path = os.path.join(self.folder, META_FILE)
         try:
             with open(path) as f:
-                old = json.load(f)
+                old = parse_json(f.read())
         except (OSError, ValueError):
             old = {}
         dac = old.get("dac")
@@ -725,6 +725,26 @@ def atomic_write_text(path, text):
 # ------------------------------------------------------------------------------------------------
 # Preprocessing: captions + audio files -> clips -> DAC codes
 
+def parse_json(text):
+    """json.loads of a user's file (a line of it), with every way the text can fail as ValueError and
+    its reason: not JSON (the parser's message), a number of more digits than Python converts, nesting
+    deeper than the parser recurses, or a \\uD800-\\uDFFF escape that is half a surrogate pair, which
+    no UTF-8 text holds (a tokenizer or a file name could not encode it later)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(e.msg) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError:  # int() of more than sys.get_int_max_str_digits() digits
+        raise ValueError("a number too long to read") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise ValueError(f"an escape \\u{ord(e.object[e.start]):04x} is half a surrogate pair, not text") from None
+    return value
+
+
 JSON_KINDS = {bool: "true/false", int: "a number", float: "a number", str: "text", list: "a list", dict: "an object",
               type(None): "null"}
 
@@ -812,9 +832,9 @@ def jsonl_entries(path, text):
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(f"{path}:{n}: not valid JSON ({e.msg})")
+            entry = parse_json(line)
+        except ValueError as e:
+            fail(f"{path}:{n}: not valid JSON ({e})")
         if not isinstance(entry, dict):
             fail(f'{path}:{n}: expected an object {{"audio": ..., "caption": ...}}, not {JSON_KINDS[type(entry)]}')
         yield n, entry.get("audio"), entry.get("caption")
@@ -835,10 +855,11 @@ def read_prompts(path):
     if path.lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         try:  # strict: a quote left open is an error, not the rest of the file in one field
+            names = [name.strip() for name in reader.fieldnames or []]  # (reads the header row)
+            reader.fieldnames = names  # " id , caption " names its columns id and caption
             rows = list(reader)
         except csv.Error as e:  # reader.line_num: where the last whole row ended
             fail(f"{path}:{reader.line_num + 1}: not valid CSV ({e}; is a quote left open?)")
-        names = [name.strip() for name in reader.fieldnames or []]
         if names and not ({"id", "ytid"} & set(names) and {"caption", "prompt", "text"} & set(names)):
             fail(f"{path}: a CSV prompts file needs a header row with an id column (id or ytid) and a text column "
                  f"(caption, prompt or text); found: {', '.join(names)[:200]}")
@@ -847,9 +868,9 @@ def read_prompts(path):
         for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    fail(f"{path}:{n}: not valid JSON ({e.msg})")
+                    rows.append(parse_json(line))
+                except ValueError as e:
+                    fail(f"{path}:{n}: not valid JSON ({e})")
     entries, seen = [], set()
     for n, row in enumerate(rows, 1):
         def pick(keys, kinds, wanted):  # the first of keys that the entry has, as text
@@ -875,9 +896,21 @@ class AudioError(ValueError):
     """An audio file that cannot be used; the message is the one-line reason."""
 
 
+# Telephone audio's rate, the lowest in use. A file of a lower rate is no recording, and resampling it to
+# 44.1 kHz multiplies its samples by 44100 / rate (a 200 KB file at 1 Hz would take 17.6 GB).
+MIN_SAMPLE_RATE = 8000
+
+
+def check_sample_rate(sr):
+    """AudioError for a sample rate below MIN_SAMPLE_RATE."""
+    if sr < MIN_SAMPLE_RATE:
+        raise AudioError(f"sampled at {sr} Hz; audio files here are sampled at {MIN_SAMPLE_RATE} Hz or more")
+
+
 def load_audio(path):
     """Any file libsndfile reads -> mono float32 (n,) at 44.1 kHz (resampled by soxr). AudioError
-    when the file is missing, unreadable or empty, or has NaN or infinite samples."""
+    when the file is missing, unreadable or empty, sampled below MIN_SAMPLE_RATE, or has NaN or
+    infinite samples."""
     import soundfile as sf
     import soxr
     try:
@@ -895,6 +928,7 @@ def load_audio(path):
         raise AudioError(f"unreadable ({getattr(e, 'error_string', e)})") from None
     if audio.size == 0:
         raise AudioError("no audio samples")
+    check_sample_rate(sr)
     mono = finite(audio).mean(axis=1)
     if sr != SAMPLE_RATE:
         mono = soxr.resample(mono, sr, SAMPLE_RATE, quality="HQ").astype(np.float32)

@@ -116,7 +116,8 @@ def read_prompts(path):
 
 def load_mono(path, sample_rate):
     """Audio file -> float32 mono at `sample_rate` (channels averaged, soxr HQ), peak at -1 dBFS.
-    A silent file stays silent."""
+    A silent file stays silent. One line, exit 2, for a file that cannot be read, is empty, is sampled
+    below datamod.MIN_SAMPLE_RATE or has NaN or infinite samples."""
     import soundfile as sf
     import soxr
     try:
@@ -126,6 +127,7 @@ def load_mono(path, sample_rate):
     if audio.size == 0:
         fail(f"{path}: no audio samples")
     try:
+        datamod.check_sample_rate(sr)  # (resampling a file of 1 Hz to the metrics' rates would take all memory)
         mono = datamod.finite(audio).mean(axis=1)
     except datamod.AudioError as e:  # NaN would run through every metric and come out as NaN
         fail(f"{path}: {e}")
@@ -505,7 +507,7 @@ def check_output_file(path, flag="--out", keys=()):
     if os.path.exists(path):
         try:
             with open(path) as f:
-                old = json.load(f)
+                old = datamod.parse_json(f.read())
         except (OSError, ValueError):
             old = None
         if not (isinstance(old, dict) and set(keys) <= set(old)):
@@ -649,7 +651,7 @@ def read_run(folder):
         fail(f"--convergence: {metrics} has no logged step")
     try:
         with open(config) as f:
-            saved = json.load(f)
+            saved = datamod.parse_json(f.read())
         complete = set(BUDGET) <= set(saved["args"])
     except (OSError, ValueError, KeyError, TypeError):
         complete = False
@@ -893,9 +895,10 @@ def parse_args(argv=None):
     long = ap.add_argument_group("past the training length (on the synthetic set)")
     long.add_argument("--long", metavar="CKPT", help="caption score in windows of the checkpoint's training length, "
                       "one recurrent pass against generate_in_windows; JSON to --out (default: beside CKPT)")
-    long.add_argument("--times", type=datamod.positive_int, default=16, help="generate this many training lengths")
-    long.add_argument("--n-prompts", type=datamod.positive_int, default=16, help="held-out captions")
-    long.add_argument("--seeds", type=datamod.positive_int, default=2)
+    long.add_argument("--times", type=datamod.whole_number(1, 1000), default=16,
+                      help="generate this many training lengths")
+    long.add_argument("--n-prompts", type=datamod.whole_number(1, 10000), default=16, help="held-out captions")
+    long.add_argument("--seeds", type=datamod.whole_number(1, 1000), default=2)
     args = ap.parse_args(argv)
     if args.long:
         if not os.path.isfile(args.long):

@@ -61,7 +61,7 @@ def _encodable(text):
     try:
         text.encode()
         return True
-    except UnicodeEncodeError:  # a lone surrogate, from a file's escaped JSON
+    except UnicodeEncodeError:  # a lone surrogate: a command line's byte that is not UTF-8
         return False
 
 
@@ -92,7 +92,8 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=datamod.whole_number(0), default=250, help="0: every code")
     ap.add_argument("--temperature", type=temperature, default=1.2,
                     help=f"0: greedy; else at least {MIN_TEMPERATURE:g}")
-    ap.add_argument("--stage2-steps", type=datamod.positive_int, default=100)
+    ap.add_argument("--stage2-steps", type=datamod.whole_number(1, 1000), default=100,
+                    help="DDPM steps of stage 2 (trained on 100)")
     ap.add_argument("--stage2-cfg", type=guidance, default=3.0)
     ap.add_argument("--seed", type=datamod.SEED, default=0)
     ap.add_argument("--batch-size", type=datamod.positive_int,
@@ -121,8 +122,10 @@ def parse_args(argv=None):
     for i, (key, p) in enumerate(prompts, 1):
         if not p.strip():
             ap.error(f"prompt {i} is empty")
+        if not _encodable(p):  # a command line's byte that is not UTF-8 (files' texts are checked as read)
+            ap.error(f"prompt {i} is not UTF-8 text: {p[:40]!r}")
         if key is not None and (os.sep in key or key.startswith(".") or any(_is_control(c) for c in key)
-                                or len(key.encode(errors="replace")) > MAX_ID_BYTES or not _encodable(key)):
+                                or len(key.encode(errors="replace")) > MAX_ID_BYTES):
             datamod.fail(f"{args.prompts_file}: the id {key[:40]!r}{'...' * (len(key) > 40)} cannot name a file "
                          f"(no {os.sep}, no leading dot, no control characters, at most {MAX_ID_BYTES} bytes of "
                          "UTF-8)")
@@ -142,8 +145,13 @@ def parse_args(argv=None):
 
 def newest_checkpoint(kind="stage1", root="runs"):
     """The newest ROOT/*/ckpt.pt of this kind. One that cannot be read is skipped with a warning, so
-    a damaged newer run does not hide an older good one."""
-    for path in sorted(glob.glob(os.path.join(root, "*", "ckpt.pt")), key=os.path.getmtime, reverse=True):
+    a damaged newer run does not hide an older good one (a dangling link, or a run removed meanwhile, too)."""
+    def mtime(path):
+        try:
+            return os.path.getmtime(path)
+        except OSError:  # gone: last, and skipped as not found
+            return -math.inf
+    for path in sorted(glob.glob(os.path.join(root, "*", "ckpt.pt")), key=mtime, reverse=True):
         try:
             if open_checkpoint(path)["kind"] == kind:
                 return path
@@ -347,6 +355,10 @@ def load_continuation(args, m, n_frames, device):
     checkpoint, fewer codebooks than the output has, or a prompt longer than --seconds."""
     path, flag = args.continue_from, f"--continue {args.continue_from}"
     needed = 9 if m.stage2 is not None or m.lm.cfg.n_codebooks == 9 else 1
+
+    def too_long(frames):
+        datamod.fail(f"{flag}: the prompt lasts {frames / FRAME_RATE:.2f} s ({frames} frames), more than "
+                     f"--seconds {args.seconds:g} ({n_frames} frames); --continue-seconds S keeps its end")
     if path.endswith(".npy"):
         codes = read_prompt_codes(path, needed)
         if args.continue_seconds:
@@ -364,11 +376,11 @@ def load_continuation(args, m, n_frames, device):
         audio = audio[len(audio) % datamod.HOP:]  # whole frames, so the prompt ends where the file ends
         if len(audio) == 0:
             datamod.fail(f"{flag}: shorter than one frame ({datamod.HOP} samples)")
+        if len(audio) // datamod.HOP > n_frames:  # said before DAC encodes all of it, as after
+            too_long(len(audio) // datamod.HOP)
         codes = torch.from_numpy(datamod.encode_clips(m.codec, [audio], device)[0].astype(np.int64))[:needed]
     if codes.shape[-1] > n_frames:
-        frames = codes.shape[-1]
-        datamod.fail(f"{flag}: the prompt lasts {frames / FRAME_RATE:.2f} s ({frames} frames), more than "
-                     f"--seconds {args.seconds:g} ({n_frames} frames); --continue-seconds S keeps its end")
+        too_long(codes.shape[-1])
     return Continuation(path, codes.to(device))
 
 
@@ -526,7 +538,7 @@ def committed(out):
         for n, line in enumerate(f, 1):
             if line.endswith(b"\n"):
                 try:
-                    record = json.loads(line)
+                    record = datamod.parse_json(line)
                     records[record["name"]] = record
                 except (ValueError, KeyError, TypeError):
                     datamod.fail(f"{path}:{n}: not a record of generate.py (a JSON object with a name); "

@@ -627,6 +627,12 @@ def test_load_mono_averages_channels_resamples_hq_and_keeps_silence(tmp_path, ca
         evaluate.load_mono(str(tmp_path / "empty.wav"), 16000)
     assert e.value.code == 2
     assert _one_line_error(capsys) == f"evaluate.py: error: {tmp_path / 'empty.wav'}: no audio samples"
+    # 1 Hz: 100 000 samples would be resampled to 48 kHz, 19 GB
+    sf.write(tmp_path / "1hz.wav", np.zeros(100), 1)
+    with pytest.raises(SystemExit) as e:
+        evaluate.load_mono(str(tmp_path / "1hz.wav"), 48000)
+    assert e.value.code == 2 and _one_line_error(capsys) == (
+        f"evaluate.py: error: {tmp_path / '1hz.wav'}: sampled at 1 Hz; audio files here are sampled at 8000 Hz or more")
 
 
 def test_clap_audio_input_clips_and_truncates_to_int16():
@@ -758,6 +764,10 @@ def test_parse_args_bounds_and_conflicts(tmp_path, capsys):
     none = tmp_path / "none.pt"
     assert error(["--long", str(none)]) == f"evaluate.py: error: --long {none}: no such file"
     assert error(["--long", "x", "--times", "0"]).startswith("evaluate.py: error: argument --times")
+    # past sys.maxsize a progress bar over them raised OverflowError
+    for flag, hi in (("--times", 1000), ("--seeds", 1000), ("--n-prompts", 10000)):
+        assert error(["--long", "x", flag, "1" + "0" * 20]) == (
+            f"evaluate.py: error: argument {flag}: expected a whole number from 1 to {hi}, not '1{'0' * 20}'")
     # --device as train.py, generate.py and data.py take it
     assert error(["--generated", "g", "--reference", "r", "--device", "tpu"]) == \
         "evaluate.py: error: argument --device: expected auto, cpu, cuda or cuda:N, not 'tpu'"

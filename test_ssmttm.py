@@ -4686,6 +4686,12 @@ BAD_CAPTIONS = [
     ("noaudio.jsonl", b'\n{"caption": "calm"}\n', "2: no audio"),
     ("nulls.jsonl", b'{"audio": "x.wav", "caption": null}\n', "1: no caption"),
     ("json.jsonl", b'{"audio": "x.wav",\n', "1: not valid JSON (Expecting property name enclosed in double quotes)"),
+    # a caption that no UTF-8 text holds: it passed, and the tokenizer raised at the same step of every run
+    ("surrogate.jsonl", b'{"audio": "x.wav", "caption": "tone \\ud800 zero"}\n',
+     "1: not valid JSON (an escape \\ud800 is half a surrogate pair, not text)"),
+    ("deep.jsonl", b"[" * 100000 + b"\n", "1: not valid JSON (nested too deeply)"),  # RecursionError
+    ("digits.jsonl", b'{"audio": "x.wav", "caption": ' + b"9" * 5000 + b"}\n",
+     "1: not valid JSON (a number too long to read)"),  # int()'s 4300-digit limit
     ("absolute.jsonl", b'{"audio": "/music/x.wav", "caption": "calm"}\n', "1: the audio path must be relative to "
                                                                            "the audio folder, not /music/x.wav"),
     ("blank.jsonl", b"\n\n", ": no captions in it"),
@@ -4839,6 +4845,24 @@ def test_a_prompts_file_of_the_wrong_shape_is_one_line(tmp_path, capsys, name, t
     assert datamod.read_prompts(str(path)) == [("7", "calm piano"), ("x1", "fast synth")]
 
 
+def test_a_prompts_file_that_json_cannot_read_as_text_is_one_line(tmp_path, capsys):
+    # a lone surrogate escape passed, and the tokenizer raised after the models had loaded; a number past
+    # int()'s 4300 digits and nesting past the parser's recursion raised ValueError and RecursionError
+    for line, why in (('{"id": "a", "caption": "calm \\udfff piano"}', "an escape \\udfff is half a surrogate pair, "
+                                                                     "not text"),
+                      ('{"id": ' + "9" * 5000 + ', "caption": "calm"}', "a number too long to read"),
+                      ("[" * 100000, "nested too deeply")):
+        path = tmp_path / "p.jsonl"
+        path.write_text('{"id": "ok", "caption": "calm"}\n' + line + "\n")
+        with pytest.raises(SystemExit) as e:
+            datamod.read_prompts(str(path))
+        assert e.value.code == 2 and capsys.readouterr().err == f"{path}:2: not valid JSON ({why})\n"
+    # a CSV header with spaces around its names: the check took them, and every entry then lacked an id
+    path = tmp_path / "p.csv"
+    path.write_text(" id , caption \na1,calm piano\n")
+    assert datamod.read_prompts(str(path)) == [("a1", "calm piano")]
+
+
 def test_musiccaps_csv_as_it_is_gives_ids_and_captions(tmp_path):
     # musiccaps-public.csv's header and row layout: the caption is the sixth of nine columns, beside quoted
     # lists with commas and doubled quotes, and captions spanning lines
@@ -4916,6 +4940,14 @@ def test_load_audio_resamples_with_soxr_at_high_quality_and_refuses_a_file_witho
     sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), SR)
     with pytest.raises(datamod.AudioError, match="no audio samples"):
         datamod.load_audio(str(tmp_path / "empty.wav"))
+    # below 8 kHz a file is refused: 100 000 samples at 1 Hz were resampled to 17.6 GB
+    for rate in (1, 7999):
+        sf.write(tmp_path / "low.wav", np.zeros(100, np.float32), rate)
+        with pytest.raises(datamod.AudioError) as e:
+            datamod.load_audio(str(tmp_path / "low.wav"))
+        assert str(e.value) == f"sampled at {rate} Hz; audio files here are sampled at 8000 Hz or more"
+    sf.write(tmp_path / "8k.wav", np.zeros(800, np.float32), 8000)
+    assert datamod.load_audio(str(tmp_path / "8k.wav")).shape == (SR // 10,)
 
 
 @pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG", "MP3"])
@@ -5322,8 +5354,13 @@ def test_unreadable_checkpoint_is_one_line_naming_it(tmp_path, capsys):
 
 
 BAD_TRAIN_FLAGS = [
-    (["--ckpt-every", "0"], "argument --ckpt-every: expected a whole number of at least 1, not '0'"),
-    (["--log-every", "0"], "argument --log-every: expected a whole number of at least 1, not '0'"),
+    (["--ckpt-every", "0"], "argument --ckpt-every: expected a whole number from 1 to 2147483647, not '0'"),
+    (["--log-every", "0"], "argument --log-every: expected a whole number from 1 to 2147483647, not '0'"),
+    # past int32 numpy and torch overflowed (OverflowError tracebacks after the model was built)
+    (["--frames", "100000000000000000000"],
+     "argument --frames: expected a whole number from 1 to 2147483647, not '100000000000000000000'"),
+    (["--grad-accum", "100000000000000000000"],
+     "argument --grad-accum: expected a whole number from 1 to 2147483647, not '100000000000000000000'"),
     (["--cfg-dropout", "2"], "argument --cfg-dropout: expected a finite number of at least 0 and below 1, not '2'"),
     (["--lr", "nan"], "argument --lr: expected a finite number above 0 and at most 1, not 'nan'"),
     (["--lr", "-1"], "argument --lr: expected a finite number above 0 and at most 1, not '-1'"),
@@ -5356,7 +5393,7 @@ BAD_TRAIN_FLAGS = [
     (["--grad-clip", "0"], "argument --grad-clip: expected a finite number above 0, not '0'"),
     (["--warmup", "-5"], "argument --warmup: expected a whole number of at least 0, not '-5'"),
     (["--eval-every", "-1"], "argument --eval-every: expected a whole number of at least 0, not '-1'"),
-    (["--steps", "1e3"], "argument --steps: expected a whole number of at least 1, not '1e3'"),
+    (["--steps", "1e3"], "argument --steps: expected a whole number from 1 to 2147483647, not '1e3'"),
     (["--weight-decay", "inf"], "argument --weight-decay: expected a finite number from 0 to 1, not 'inf'"),
     (["--weight-decay", "1e300"], "argument --weight-decay: expected a finite number from 0 to 1, not '1e300'"),
     (["--stop-after", "-1"], "argument --stop-after: expected a whole number of at least 0, not '-1'"),
@@ -5389,6 +5426,22 @@ def test_the_width_a_bad_width_message_asks_for_is_taken(tmp_path):
                                           headdim=args.headdim, n_heads=args.n_heads, d_ff=8, d_text=8))
         text, mask = torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool)
         assert model.logits(torch.zeros(1, 1, 2, dtype=torch.long), text, mask).shape == (1, 1, 2, 1025)
+
+
+def test_training_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    # numpy's MemoryError, torch's CPU allocator (a RuntimeError) and CUDA's OutOfMemoryError, as a batch too large
+    # for the machine raised them (tracebacks); any other RuntimeError is not taken for one
+    for error in (MemoryError("Unable to allocate 16.0 GiB"), torch.OutOfMemoryError("CUDA out of memory"),
+                  RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9")):
+        monkeypatch.setattr(trainmod, "run_training", lambda *a, error=error: (_ for _ in ()).throw(error))
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(tiny_train_args(tmp_path / "run", "--batch-size", "3"))
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            "out of memory on cpu: a batch of 3 x 48 frames does not fit; lower --batch-size (and raise --grad-accum "
+            "to keep the batch) or --frames\n")
+    monkeypatch.setattr(trainmod, "run_training", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        trainmod.main(tiny_train_args(tmp_path / "run"))
 
 
 def test_pad_text_rounds_the_length_up_and_leaves_every_loss_as_it_was():
@@ -5478,6 +5531,9 @@ def test_bench_refuses_a_chunk_the_kernels_cannot_run_in_one_line(monkeypatch, c
 def test_bench_checks_its_output_paths_and_kernel_rows_before_any_work(monkeypatch, capsys, tmp_path):
     import bench
     (tmp_path / "file").write_text("")
+    (tmp_path / "r.json.tmp").mkdir()
+    (tmp_path / "ddp" / "1gpu-4").mkdir(parents=True)
+    (tmp_path / "ddp2").mkdir()
     monkeypatch.setattr(bench, "run_section", lambda *a: pytest.fail("a section ran"))
     for argv, message in (
             (["--quick", "--only", "layer", "--json", str(tmp_path / "no" / "x.json")],
@@ -5487,7 +5543,17 @@ def test_bench_checks_its_output_paths_and_kernel_rows_before_any_work(monkeypat
              f"--ddp-dir {tmp_path}/file: it exists and is not a folder"),
             (["--kernel-rows", "2,129"], "argument --kernel-rows: expected a whole number from 1 to 128, not '129'"),
             (["--quick", "--only", "layer", "--json", str(tmp_path / "file")],
-             f"bench.py: --json {tmp_path}/file: exists and is not a file of bench.py's rows; give a new name")):
+             f"bench.py: --json {tmp_path}/file: exists and is not a file of bench.py's rows; give a new name"),
+            # the temporary file atomic_write_text writes first (a folder of its name; as root os.access
+            # allowed it, and the section's rows were lost at its end)
+            (["--quick", "--only", "layer", "--json", str(tmp_path / "r.json")],
+             f"bench.py: --json {tmp_path}/r.json: cannot write it ({tmp_path}/r.json.tmp: is a directory)"),
+            # a --ddp-dir holding an earlier call's runs: train.py refused them, and their old files were compared
+            (["--quick", "--only", "ddp", "--ddp-dir", str(tmp_path / "ddp")],
+             f"bench.py: --ddp-dir {tmp_path}/ddp holds 1gpu-4 from an earlier call; pass another --ddp-dir"),
+            (["--quick", "--only", "ddp-2gpu", "--ddp-dir", str(tmp_path / "ddp2")],  # it raised FileNotFoundError
+             f"bench.py: --only ddp-2gpu reads {tmp_path}/ddp2/1gpu-4.json, which an earlier call into this "
+             "--ddp-dir makes (--only ddp-1gpu)")):
         monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
         with pytest.raises(SystemExit) as e:
             bench.main()
@@ -5719,12 +5785,12 @@ def test_bench_ddp_reports_a_failed_run_and_goes_on(tmp_path, monkeypatch):
 
     def fake_run(cmd, capture_output, text, env):
         cmds.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.csv"), "w") as f:  # a failed run's first steps (not compared)
+            f.write("step,loss,tokens_per_s\n" + "".join(f"{i},1.0,1000\n" for i in range(1, 9)))
         if "torch.distributed.run" in cmd:
             return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nRuntimeError: no second GPU\n")
-        out = cmd[cmd.index("--out") + 1]
-        os.makedirs(out)
-        with open(os.path.join(out, "metrics.csv"), "w") as f:
-            f.write("step,loss,tokens_per_s\n" + "".join(f"{i},1.0,1000\n" for i in range(1, 9)))
         return subprocess.CompletedProcess(cmd, 0, "", "")
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     monkeypatch.setattr(bench, "ROWS", [])
@@ -6723,7 +6789,7 @@ def test_generate_continuing_its_own_greedy_output_reproduces_it(real_data_check
             assert np.array_equal(again[0], first[0])
 
 
-def test_generate_continue_errors(real_data_checkpoints, audio_dir, tmp_path, capsys):
+def test_generate_continue_errors(real_data_checkpoints, audio_dir, tmp_path, capsys, monkeypatch):
     root = real_data_checkpoints
     k9 = ["a piece", "--ckpt", str(root / "k9" / "ckpt.pt"), "--out", str(tmp_path)]
     src = str(audio_dir / "stereo48k.flac")
@@ -6751,6 +6817,10 @@ def test_generate_continue_errors(real_data_checkpoints, audio_dir, tmp_path, ca
                if line.strip() and "Loading weights" not in line]
         assert e.value.code == 2 and len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "generations.jsonl").exists()
+    # an audio prompt longer than --seconds is refused before DAC encodes all of it
+    monkeypatch.setattr(datamod, "encode_clips", lambda *a: pytest.fail("encoded"))
+    with pytest.raises(SystemExit, match=re.escape("the prompt lasts 19.99 s (1722 frames)")):
+        genmod.main([*k9, "--continue", src, "--seconds", "5"])
 
 
 def test_generate_errors(real_data_checkpoints, tmp_path, capsys):
@@ -6767,6 +6837,14 @@ def test_generate_errors(real_data_checkpoints, tmp_path, capsys):
     # the two stages must come from the same data: a synthetic stage 2 cannot finish a DAC stage 1, nor back
     trainmod.main(["--stage", "2", "--steps", "1", "--frames", "16", "--batch-size", "2", "--eval-every", "0",
                    "--out", str(tmp_path / "s2syn")])
+    capsys.readouterr()
+    # resuming it with a stage-1 flag names the stage (it said "--layers 3 differs from the checkpoint's
+    # --layers 24", a default that stage 2 never reads)
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(["--resume", "--out", str(tmp_path / "s2syn"), "--steps", "2", "--layers", "3"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"--resume: --layers set the stage-1 LM; {tmp_path}/s2syn/ckpt.pt is stage 2's diffusion model, which takes "
+        "none of them\n")
     trainmod.main(tiny_train_args(tmp_path / "k1syn", "--steps", "1", "--codebooks", "1"))
     capsys.readouterr()
     for k1, s2, message in ((root / "k1", tmp_path / "s2syn", "trained on synthetic codes, but .* makes dac codes"),
@@ -6807,8 +6885,12 @@ BAD_GENERATE_FLAGS = [
     (["--cfg", "nan"], "argument --cfg: expected a finite number from 0 to 100, not 'nan'"),
     (["--cfg", "1e308"], "argument --cfg: expected a finite number from 0 to 100, not '1e308'"),
     (["--stage2-cfg=-inf"], "argument --stage2-cfg: expected a finite number from 0 to 100, not '-inf'"),
-    (["--stage2-steps", "0"], "argument --stage2-steps: expected a whole number of at least 1, not '0'"),
-    (["--stage2-steps", "-1"], "argument --stage2-steps: expected a whole number of at least 1, not '-1'"),
+    (["--stage2-steps", "0"], "argument --stage2-steps: expected a whole number from 1 to 1000, not '0'"),
+    (["--stage2-steps", "-1"], "argument --stage2-steps: expected a whole number from 1 to 1000, not '-1'"),
+    # past sys.maxsize stage 2's progress bar raised OverflowError, after stage 1 had run
+    (["--stage2-steps", "100000000000000000000"],
+     "argument --stage2-steps: expected a whole number from 1 to 1000, not '100000000000000000000'"),
+    (["calm \udcff piano"], "prompt 2 is not UTF-8 text: 'calm \\udcff piano'"),  # a byte not UTF-8 in argv
     (["--batch-size", "0"], "argument --batch-size: expected a whole number of at least 1, not '0'"),
     (["--seed", "-1"], "argument --seed: expected a whole number from 0 to 2147483647, not '-1'"),
     (["--device", "tpu"], "argument --device: expected auto, cpu, cuda or cuda:N, not 'tpu'"),
@@ -7316,6 +7398,16 @@ def test_newest_checkpoint_skips_an_unreadable_one(synthetic_checkpoint, tmp_pat
     assert genmod.newest_checkpoint() == "runs/old/ckpt.pt"
     err = capsys.readouterr().err
     assert err.startswith("warning: skipped runs/new/ckpt.pt: not a readable checkpoint (") and err.count("\n") == 1
+    # a link to nothing (or a run removed while they are listed): getmtime raised FileNotFoundError
+    os.makedirs("runs/gone")
+    os.symlink(str(tmp_path / "nowhere" / "ckpt.pt"), "runs/gone/ckpt.pt")
+    assert genmod.newest_checkpoint() == "runs/old/ckpt.pt"
+    os.remove("runs/old/ckpt.pt")
+    with pytest.raises(SystemExit):
+        genmod.newest_checkpoint()
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "warning: skipped runs/gone/ckpt.pt: checkpoint not found",
+        "no stage1 checkpoint under runs/: train one (python train.py --layers 6) or pass --ckpt PATH"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -7866,8 +7958,9 @@ def test_generate_window_below_0_is_one_line_and_exit_2(capsys):
 def test_generate_ids_that_cannot_name_a_file_are_one_line_and_exit_2(tmp_path, capsys):
     # an id names <id>.npy: no separator, no leading dot (hidden, or ".."), at most 200 bytes of UTF-8
     # (not characters: "é" is 2 bytes, so 101 of them are too long though 200 ASCII ones are not)
-    # and no control character: a newline would split the id in two in OUT/.started; nor a lone surrogate
-    for i, key in enumerate([".hidden", "a/b", "é" * 101, "a\nb", "a\tb", "a\x7fb", "a\x85b", "a\u2028b", "a\ud800"]):
+    # and no control character: a newline would split the id in two in OUT/.started (a lone surrogate is not
+    # text: the file's line is named as not valid JSON, data.parse_json)
+    for i, key in enumerate([".hidden", "a/b", "é" * 101, "a\nb", "a\tb", "a\x7fb", "a\x85b", "a\u2028b"]):
         write_jsonl(tmp_path / f"{i}.jsonl", [{"id": key, "caption": "a calm piece"}])
         with pytest.raises(SystemExit) as e:
             genmod.parse_args(["--prompts", str(tmp_path / f"{i}.jsonl"), "--out", str(tmp_path)])
@@ -7875,6 +7968,11 @@ def test_generate_ids_that_cannot_name_a_file_are_one_line_and_exit_2(tmp_path, 
         assert e.value.code == 2 and capsys.readouterr().err == (
             f"{tmp_path}/{i}.jsonl: the id {shown} cannot name a file (no /, no leading dot, no control characters, "
             "at most 200 bytes of UTF-8)\n")
+    write_jsonl(tmp_path / "s.jsonl", [{"id": "a\ud800", "caption": "a calm piece"}])
+    with pytest.raises(SystemExit) as e:
+        genmod.parse_args(["--prompts", str(tmp_path / "s.jsonl"), "--out", str(tmp_path)])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{tmp_path}/s.jsonl:1: not valid JSON (an escape \\ud800 is half a surrogate pair, not text)\n")
     write_jsonl(tmp_path / "ok.jsonl", [{"id": "é" * 100, "caption": "a"}, {"id": "x" * 200, "caption": "b"}])
     assert [k for k, _ in genmod.parse_args(["--prompts", str(tmp_path / "ok.jsonl"), "--out", str(tmp_path)]).prompts
             ] == ["é" * 100, "x" * 200]

@@ -71,7 +71,8 @@ def parse_args(argv=None):
     line naming the flag and exit code 2 (data.ArgumentParser)."""
     ap = datamod.ArgumentParser(prog="train.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    count, at_least_0 = datamod.positive_int, datamod.whole_number(0)
+    # sizes and counts past int32 overflowed in numpy and torch (OverflowError tracebacks); none is meant
+    count, at_least_0 = datamod.whole_number(1, 2**31 - 1), datamod.whole_number(0)
     probability = datamod.number(0, 1, hi_open=True)  # 1 would drop everything
     ap.add_argument("--data", help="preprocessed folder from data.py (default: the synthetic set)")
     ap.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: the LM; 2: the diffusion model")
@@ -269,6 +270,9 @@ def resume_or_start(args, given, world):
                      f"run has {world}; resume it with as many (torchrun --nproc_per_node {saved_world})")
     # a run saved before these trained on every clip, and on the clips its folder held at each start
     saved = {"clips_per_track": 0, "data_rows": None, **ckpt["args"]}
+    if saved.get("stage") == 2 and given & STAGE1_ONLY:  # (its stage-1 flags hold parse_args' defaults)
+        datamod.fail(f"--resume: {', '.join('--' + k.replace('_', '-') for k in sorted(given & STAGE1_ONLY))} set "
+                     f"the stage-1 LM; {ckpt_path} is stage 2's diffusion model, which takes none of them")
     changed = [k for k in given if k not in RUNTIME | {"resume", "out"}
                and same_path(k, saved.get(k)) != same_path(k, getattr(args, k))]
     if changed:
@@ -319,7 +323,7 @@ def check_new_run_folder(out):
     if not others and os.path.isfile(config):
         try:
             with open(config) as f:
-                saved = json.load(f)
+                saved = datamod.parse_json(f.read())
             others = [] if isinstance(saved, dict) and {"args", "model"} <= set(saved) else ["config.json"]
         except (OSError, ValueError):
             others = ["config.json"]
@@ -838,6 +842,11 @@ def main(argv=None):
     lock = lock_run_folder(args, world, rank)  # rank 0's on a folder that exists, held while this run writes it
     try:
         run_training(args, given, world, rank, device, lock)
+    except (MemoryError, RuntimeError) as e:  # numpy's, CUDA's (torch.OutOfMemoryError) and torch's CPU allocator's
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)):
+            raise
+        datamod.fail(f"out of memory on {device}: a batch of {args.batch_size} x {args.frames} frames does not "
+                     "fit; lower --batch-size (and raise --grad-accum to keep the batch) or --frames")
     finally:  # also on Ctrl-C, a NaN loss or bad input: a caller in this process (evaluate.py) may train again
         if lock is not None:
             lock.close()
