@@ -1090,23 +1090,27 @@ def ddp_parts(section):
     return section[4:].split("+") if "-" in section else ("1gpu", "2gpu", "resume")
 
 
-def ddp_check(root, parts, batch, compile, grad_accum):
+def ddp_check(root, parts, batch, compile, grad_accum, made_before=()):
     """Before any work: one line (exit 2) if root holds a run these parts would make (train.py would refuse
     it, and its old files would be compared as new), or lacks the 1-GPU results a 2-GPU part reads or the
-    uninterrupted 2-GPU run that resume compares with."""
+    uninterrupted 2-GPU run that resume compares with. made_before: the paths earlier sections of the same
+    call make (they count as made, not as an earlier call's). Returns the paths these parts make."""
     tag, _ = ddp_tag(compile, grad_accum)
-    made = ([f"1gpu-{b}{tag}" for b in (batch, 2 * batch)] * ("1gpu" in parts)
-            + [f"2gpu-{b}{tag}" for b in (batch, 2 * batch)] * ("2gpu" in parts)
+    ones, twos = ([f"{g}-{b}{tag}" for b in (batch, 2 * batch)] for g in ("1gpu", "2gpu"))
+    made = ((ones + [n + ".json" for n in ones]) * ("1gpu" in parts) + twos * ("2gpu" in parts)
             + [f"2gpu-resumed{tag}"] * ("resume" in parts))
-    read = ([f"1gpu-{b}{tag}.json" for b in (batch, 2 * batch)] * ("2gpu" in parts and "1gpu" not in parts)
-            + [f"2gpu-{batch}{tag}"] * ("resume" in parts and "2gpu" not in parts))
-    for name in made:
-        if os.path.exists(os.path.join(root, name)):
-            datamod.fail(f"bench.py: --ddp-dir {root} holds {name} from an earlier call; pass another --ddp-dir")
-    for name in read:
-        if not os.path.exists(os.path.join(root, name)):
-            datamod.fail(f"bench.py: --only ddp-{'+'.join(parts)} reads {os.path.join(root, name)}, which an earlier "
-                         f"call into this --ddp-dir makes (--only ddp-{'1gpu' if name.startswith('1gpu') else '2gpu'})")
+    read = [n + ".json" for n in ones] * ("2gpu" in parts and "1gpu" not in parts) + \
+        [f"2gpu-{batch}{tag}"] * ("resume" in parts and "2gpu" not in parts)
+    made, read = ([os.path.join(root, n) for n in names] for names in (made, read))
+    for path in made:
+        if os.path.exists(path) or path in made_before:
+            datamod.fail(f"bench.py: --ddp-dir {root} holds {os.path.basename(path)} from an earlier call; pass "
+                         "another --ddp-dir")
+    for path in read:
+        if not (os.path.exists(path) or path in made_before):
+            datamod.fail(f"bench.py: --only ddp-{'+'.join(parts)} reads {path}, which an earlier call into this "
+                         f"--ddp-dir makes (--only ddp-{os.path.basename(path)[:4]})")
+    return set(made)
 
 
 def bench_cpu(steps=30):
@@ -1372,10 +1376,11 @@ def main():
             datamod.fail(f"bench.py: --json {args.json}: cannot write it ({e.filename}: {e.strerror.lower()})")
     if any(section.startswith("ddp") for section in args.only):
         datamod.check_out_folder(args.ddp_dir, "--ddp-dir")
+        made = set()  # in the order the sections run: a later one may read what an earlier one makes
         for section in (s for s in args.only if s.startswith("ddp")):
             for rnd, comp in itertools.product(range(1, args.rounds + 1), args.compile):
-                ddp_check(args.ddp_dir if args.rounds == 1 else os.path.join(args.ddp_dir, f"round{rnd}"),
-                          ddp_parts(section), args.batches[0], comp, args.ddp_grad_accum)
+                made |= ddp_check(args.ddp_dir if args.rounds == 1 else os.path.join(args.ddp_dir, f"round{rnd}"),
+                                  ddp_parts(section), args.batches[0], comp, args.ddp_grad_accum, made)
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != ["cpu"]:
         datamod.fail("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")

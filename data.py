@@ -725,13 +725,16 @@ def atomic_write_text(path, text):
 # ------------------------------------------------------------------------------------------------
 # Preprocessing: captions + audio files -> clips -> DAC codes
 
-def parse_json(text):
-    """json.loads of a user's file (a line of it), with every way the text can fail as ValueError and
-    its reason: not JSON (the parser's message), a number of more digits than Python converts, nesting
-    deeper than the parser recurses, or a \\uD800-\\uDFFF escape that is half a surrogate pair, which
-    no UTF-8 text holds (a tokenizer or a file name could not encode it later)."""
+def parse_json(text, only_text=False):
+    """json.loads of a file (a line of it; str or UTF-8 bytes), with every way it can fail as ValueError and
+    its reason: not UTF-8, not JSON (the parser's message), a number of more digits than Python converts,
+    nesting deeper than the parser recurses. only_text, for what a person wrote (captions, prompts): also a
+    \\uD800-\\uDFFF escape that is half a surrogate pair, which no UTF-8 text holds (the tokenizer could
+    not encode it later). The program's own files may hold them: a file name that is not UTF-8 is one."""
     try:
         value = json.loads(text)
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
     except json.JSONDecodeError as e:
         raise ValueError(e.msg) from None
     except RecursionError:
@@ -739,7 +742,8 @@ def parse_json(text):
     except ValueError:  # int() of more than sys.get_int_max_str_digits() digits
         raise ValueError("a number too long to read") from None
     try:
-        json.dumps(value, ensure_ascii=False).encode()
+        if only_text:
+            json.dumps(value, ensure_ascii=False).encode()
     except UnicodeEncodeError as e:
         raise ValueError(f"an escape \\u{ord(e.object[e.start]):04x} is half a surrogate pair, not text") from None
     return value
@@ -832,7 +836,7 @@ def jsonl_entries(path, text):
         if not line.strip():
             continue
         try:
-            entry = parse_json(line)
+            entry = parse_json(line, only_text=True)
         except ValueError as e:
             fail(f"{path}:{n}: not valid JSON ({e})")
         if not isinstance(entry, dict):
@@ -868,7 +872,7 @@ def read_prompts(path):
         for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
-                    rows.append(parse_json(line))
+                    rows.append(parse_json(line, only_text=True))
                 except ValueError as e:
                     fail(f"{path}:{n}: not valid JSON ({e})")
     entries, seen = [], set()

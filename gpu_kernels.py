@@ -1249,7 +1249,8 @@ def sample_top_k(logits, noise, cfg_scale, top_k, temperature, steps=None, col=N
     """The draw of ssmttm.sample_next in one kernel: logits (rows, K, V) with dense rows,
     rows = [conditional; null] when cfg_scale != 1; noise (b, K, V) the contiguous Exp(1) draws
     sample_next would make, or, with steps, a ring of them (slots, b, K, V) of which the kernel
-    reads slot col % slots; 1 <= top_k <= V. Returns tokens (b, K).
+    reads slot col % slots; 1 <= top_k <= V. Returns tokens (b, K). For finite logits (the model's);
+    the plain function's rule for a code at -inf in one row (ssmttm.classifier_free_guidance) is not here.
 
     A decoding frame's bookkeeping, in the same kernel, if steps is given: the token goes into
     column col (a (1,) device tensor) of steps (b, K, n) where fixed (bool, the same layout) is

@@ -670,8 +670,9 @@ def adamw(model, lr, weight_decay, betas, device_type):
 
 def classifier_free_guidance(cond, uncond, cfg_scale):
     """Classifier-free guidance, uncond + scale * (cond - uncond), written as
-    cond + (scale - 1) * (cond - uncond) so that scale 1 is exactly the conditional model. A logit
-    at -inf in either (a code ruled out) stays -inf, where the formula gives NaN or +inf."""
+    cond + (scale - 1) * (cond - uncond) so that scale 1 is exactly the conditional model (where both
+    are finite, as the model's logits are). A logit at -inf in either (a code a caller ruled out)
+    stays -inf, where the formula gives NaN or +inf."""
     guided = cond + (cfg_scale - 1) * (cond - uncond)
     return guided.masked_fill(cond.isneginf() | uncond.isneginf(), -torch.inf)
 

@@ -5429,16 +5429,23 @@ def test_the_width_a_bad_width_message_asks_for_is_taken(tmp_path):
 
 
 def test_training_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
-    # numpy's MemoryError, torch's CPU allocator (a RuntimeError) and CUDA's OutOfMemoryError, as a batch too large
-    # for the machine raised them (tracebacks); any other RuntimeError is not taken for one
-    for error in (MemoryError("Unable to allocate 16.0 GiB"), torch.OutOfMemoryError("CUDA out of memory"),
-                  RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9")):
+    # numpy's MemoryError, torch's CPU allocator (a RuntimeError), CUDA's OutOfMemoryError and one that
+    # torch.compile wraps, as a batch too large for the machine raised them (tracebacks); the error's own first
+    # line is kept; any other RuntimeError is not taken for one
+    wrapped = RuntimeError("backend compiler failed")
+    wrapped.__cause__ = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    for error, said in ((MemoryError("Unable to allocate 16.0 GiB"), "Unable to allocate 16.0 GiB"),
+                        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
+                         "CUDA out of memory. Tried to allocate 2.00 GiB"),
+                        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"),
+                         "DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"),
+                        (wrapped, "CUDA out of memory. Tried to allocate 2.00 GiB")):
         monkeypatch.setattr(trainmod, "run_training", lambda *a, error=error: (_ for _ in ()).throw(error))
         with pytest.raises(SystemExit) as e:
             trainmod.main(tiny_train_args(tmp_path / "run", "--batch-size", "3"))
         assert e.value.code == 2 and capsys.readouterr().err == (
-            "out of memory on cpu: a batch of 3 x 48 frames does not fit; lower --batch-size (and raise --grad-accum "
-            "to keep the batch) or --frames\n")
+            f"out of memory on cpu ({said}); at a batch of 3 x --frames 48: lower --batch-size (and raise "
+            "--grad-accum to keep the batch) or --frames\n")
     monkeypatch.setattr(trainmod, "run_training", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         trainmod.main(tiny_train_args(tmp_path / "run"))
@@ -5560,6 +5567,19 @@ def test_bench_checks_its_output_paths_and_kernel_rows_before_any_work(monkeypat
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and err.rstrip().endswith(message)
     assert (tmp_path / "file").read_text() == ""
+    # sections of one call, in order: ddp-2gpu reads what ddp-1gpu makes before it (refused the other way round)
+    ran = []
+    monkeypatch.setattr(bench, "run_section", lambda section, *a: ran.append(section))
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--only", "ddp-1gpu,ddp-2gpu", "--ddp-dir",
+                                      str(tmp_path / "ddp3")])
+    monkeypatch.setattr(bench, "print_table", lambda rows: None)
+    bench.main()
+    assert ran == ["ddp-1gpu", "ddp-2gpu"]
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--only", "ddp-2gpu,ddp-1gpu", "--ddp-dir",
+                                      str(tmp_path / "ddp3")])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert ran == ["ddp-1gpu", "ddp-2gpu"] and "reads" in capsys.readouterr().err
     (tmp_path / "rows.json").write_text('{"header": {}, "rows": []}')  # an earlier run's: replaced
     assert bench.is_rows_file(str(tmp_path / "rows.json")) and not bench.is_rows_file(str(tmp_path / "file"))
     for other in ('{"a": 1}', "[]", '{"header": {}}'):  # JSON, but not bench.py's rows
@@ -5775,6 +5795,24 @@ def test_bench_ddp_compiled_runs_pass_compile_and_compare_like_with_like(tmp_pat
     assert bench.ROWS[-2]["speed-up"] == 2 and bench.ROWS[-3]["grad accum"] == 8
     with pytest.raises(ValueError, match="'2'"):
         bench.bench_ddp(str(tmp_path), compile="2")
+
+
+def test_bench_pipeline_and_cpu_leave_nothing_behind_and_report_a_silent_failure(monkeypatch):
+    # the pipeline's temporary folder went only when its steps ended normally; bench_cpu indexed an empty stderr
+    import bench
+    made = []
+
+    def interrupted(root, quick):
+        made.append(root)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "pipeline_steps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.bench_pipeline("cpu", quick=True)
+    assert len(made) == 1 and not os.path.exists(made[0])
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, -9, "", ""))
+    monkeypatch.setattr(bench, "ROWS", [])
+    bench.bench_cpu(steps=1)
+    assert bench.ROWS == [{"section": "cpu", "error": "?"}]
 
 
 def test_bench_ddp_reports_a_failed_run_and_goes_on(tmp_path, monkeypatch):
