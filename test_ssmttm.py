@@ -4863,6 +4863,20 @@ def test_a_prompts_file_that_json_cannot_read_as_text_is_one_line(tmp_path, caps
     assert datamod.read_prompts(str(path)) == [("a1", "calm piano")]
 
 
+def test_parse_json_refuses_what_is_not_text_only_where_a_person_wrote_it(tmp_path):
+    # a file name that is not UTF-8 is a str with a lone surrogate, which json.dumps writes as an escape: the
+    # program's own files (meta.json, records, reports) hold it and must read back (meta.json's DAC was lost)
+    own = json.dumps({"dac": "/models/dac-\udce9"})
+    assert datamod.parse_json(own) == {"dac": "/models/dac-\udce9"}
+    with pytest.raises(ValueError, match="half a surrogate pair"):
+        datamod.parse_json(own, only_text=True)
+    (tmp_path / datamod.META_FILE).write_text(own)
+    assert datamod.data_codec(str(tmp_path)) == "/models/dac-\udce9"
+    with pytest.raises(ValueError) as e:  # bytes (a journal's line) that are not UTF-8: not "a number too long"
+        datamod.parse_json(b'{"a": "\xff"}')
+    assert str(e.value) == "not UTF-8"
+
+
 def test_musiccaps_csv_as_it_is_gives_ids_and_captions(tmp_path):
     # musiccaps-public.csv's header and row layout: the caption is the sixth of nine columns, beside quoted
     # lists with commas and doubled quotes, and captions spanning lines
