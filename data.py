@@ -711,6 +711,16 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def out_of_memory(error):
+    """The first line of the memory error that error is or was raised from (numpy's MemoryError, CUDA's
+    torch.OutOfMemoryError, torch's CPU allocator's RuntimeError; torch.compile wraps them), or None."""
+    for e in (error, error.__cause__):
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+                isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+            return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return None
+
+
 def atomic_write_text(path, text):
     """Replace a file with text in one step: a crash leaves the old file or the new, on disk."""
     tmp = path + ".tmp"
@@ -1162,7 +1172,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     # meta.json keeps the DAC, and train.py reads it from another working directory
     dac = model_location(args.dac)
-    skipped = preprocess(args.audio, args.captions, args.out, dac, args.batch_size, args.device, args.remove_vocals)
+    try:
+        skipped = preprocess(args.audio, args.captions, args.out, dac, args.batch_size, args.device,
+                             args.remove_vocals)
+    except (MemoryError, RuntimeError) as e:
+        memory = out_of_memory(e)
+        if memory is None:
+            raise
+        fail(f"out of memory ({memory}); pass a smaller --batch-size (now {args.batch_size}): the files encoded are "
+             "kept, and the same command goes on from them")
     if skipped:  # the rest is committed; the exit code tells a script that some input was bad
         sys.exit(2)
 

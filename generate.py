@@ -723,6 +723,12 @@ def main(argv=None):
     lock = lock_folder(args.out)
     try:
         generate_all(m, args, requests, n_frames, lock)
+    except (MemoryError, RuntimeError) as e:
+        memory = datamod.out_of_memory(e)
+        if memory is None:
+            raise
+        datamod.fail(f"out of memory on {device} ({memory}); pass a smaller --batch-size: the samples written are "
+                     "kept, and the same command goes on from them")
     finally:
         lock.close()  # releases the folder now, not when the file object happens to be freed
 

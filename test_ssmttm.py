@@ -5465,6 +5465,41 @@ def test_training_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
         trainmod.main(tiny_train_args(tmp_path / "run"))
 
 
+def test_encoding_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    # data.py's DAC batches on a GPU: a traceback before; the files committed stay, and a rerun goes on
+    monkeypatch.setattr(datamod, "preprocess", lambda *a: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")))
+    assert cli(monkeypatch, "--audio", tmp_path, "--captions", tmp_path / "c.jsonl", "--out", tmp_path / "o") == 2
+    assert capsys.readouterr().err == (
+        "out of memory (CUDA out of memory. Tried to allocate 8.00 GiB); pass a smaller --batch-size (now 8): the "
+        "files encoded are kept, and the same command goes on from them\n")
+
+
+def test_generating_out_of_memory_is_one_line_and_keeps_what_was_written(synthetic_checkpoint, tmp_path, monkeypatch,
+                                                                        capsys):
+    # the first batch is written, the second runs out of CUDA memory (a traceback before): one line, and the
+    # same command then goes on from the first batch's sample
+    argv = ["a calm piece", "a dark piece", "--ckpt", str(synthetic_checkpoint), "--seconds", "0.1", "--batch-size",
+            "1", "--out", str(tmp_path / "gen")]
+    real, calls = genmod.generate_batch, []
+
+    def second_fails(m, batch, *a):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+        return real(m, batch, *a)
+    monkeypatch.setattr(genmod, "generate_batch", second_fails)
+    with pytest.raises(SystemExit) as e:
+        genmod.main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        "out of memory on cpu (CUDA out of memory. Tried to allocate 20.00 GiB); pass a smaller --batch-size: the "
+        "samples written are kept, and the same command goes on from them")
+    monkeypatch.setattr(genmod, "generate_batch", real)
+    genmod.main(argv)
+    records = [json.loads(line) for line in open(tmp_path / "gen" / "generations.jsonl")]
+    assert [r["prompt"] for r in records] == ["a calm piece", "a dark piece"]
+
+
 def test_pad_text_rounds_the_length_up_and_leaves_every_loss_as_it_was():
     # train.py --compile pads the text to a multiple of 32 tokens (fewer shapes to compile): the
     # same loss to the last bits for the four LM variants and stage 2, and the given text kept exactly

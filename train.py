@@ -843,25 +843,15 @@ def main(argv=None):
     try:
         run_training(args, given, world, rank, device, lock)
     except (MemoryError, RuntimeError) as e:
-        memory = out_of_memory(e)
+        memory = datamod.out_of_memory(e)
         if memory is None:
             raise
-        datamod.fail(f"out of memory on {device} ({str(memory).strip().splitlines()[0]}); at a batch of "
+        datamod.fail(f"out of memory on {device} ({memory}); at a batch of "
                      f"{args.batch_size} x --frames {args.frames}: lower --batch-size (and raise --grad-accum to keep "
                      "the batch) or --frames")
     finally:  # also on Ctrl-C, a NaN loss or bad input: a caller in this process (evaluate.py) may train again
         if lock is not None:
             lock.close()
-
-
-def out_of_memory(error):
-    """The memory error error is or was raised from (numpy's MemoryError, CUDA's torch.OutOfMemoryError,
-    torch's CPU allocator's RuntimeError; torch.compile wraps them), or None."""
-    for e in (error, error.__cause__):
-        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
-                isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
-            return e
-    return None
 
 
 def run_training(args, given, world, rank, device, lock):
