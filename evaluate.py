@@ -918,9 +918,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.long:
-        return past_training_length(args)
-    return convergence(args) if args.convergence else evaluate(args)
+    try:
+        if args.long:
+            return past_training_length(args)
+        return convergence(args) if args.convergence else evaluate(args)
+    except (MemoryError, RuntimeError) as e:  # the metrics' models on a GPU, long audio, generate_in_windows
+        memory = datamod.out_of_memory(e)
+        if memory is None:
+            raise
+        fail(f"out of memory ({memory}); try --device cpu, or fewer or shorter files")
 
 
 if __name__ == "__main__":

@@ -558,6 +558,20 @@ def test_state_norms_decodes_as_generate_and_keeps_a_norm_per_step():
     np.testing.assert_allclose(probe.norms, seen, rtol=1e-6)  # the SSM states' norms (not the conv's)
 
 
+def test_evaluate_out_of_memory_is_one_line(monkeypatch, capsys):
+    # the metrics' models on a GPU (a traceback before); any other error is not taken for one
+    monkeypatch.setattr(evaluate, "evaluate", lambda args: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--generated", "g", "--reference", "r"])
+    assert e.value.code == 2 and _one_line_error(capsys) == (
+        "evaluate.py: error: out of memory (CUDA out of memory. Tried to allocate 4.00 GiB); try --device cpu, or "
+        "fewer or shorter files")
+    monkeypatch.setattr(evaluate, "evaluate", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        evaluate.main(["--generated", "g", "--reference", "r"])
+
+
 def _one_line_error(capsys):
     """The single error line of a fail() (the 'Loading weights' lines of transformers left out)."""
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading weights")]
