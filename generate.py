@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -496,16 +497,27 @@ class Request:
     name: str
 
 
+def same_file_key(name):
+    """What a file system that folds case and Unicode forms (macOS's and Windows' by default) keeps of a
+    name: two names with one key are one file there."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 def plan(args):
     """The requests of this run, in the order of args.prompts. One line, exit code 2, when two of them
-    would write the same files (an id of --prompts FILE equal to another prompt's name)."""
+    would write the same files (an id of --prompts FILE equal to another prompt's name), here or on a
+    file system that ignores case or the form of accented letters ("Song" and "song", "é" composed
+    or not): there the second would find the first's files and stop after its work."""
     requests = [Request(i, prompt, args.seed + i, key if key is not None else output_name(args.seed + i, i, prompt))
                 for i, (key, prompt) in enumerate(args.prompts)]
     first = {}
     for r in requests:
-        if first.setdefault(r.name, r.index) != r.index:
-            datamod.fail(f"prompts {first[r.name] + 1} and {r.index + 1} would both write {r.name}.*: give one of "
-                         "them another id")
+        other = first.setdefault(same_file_key(r.name), r)
+        if other.index != r.index:
+            where = "" if other.name == r.name else f" and {other.name}.* (one file where case or accents' form " \
+                "is not told apart: macOS, Windows)"
+            datamod.fail(f"prompts {other.index + 1} and {r.index + 1} would both write {r.name}.*{where}: give one "
+                         "of them another id")
     return requests
 
 
