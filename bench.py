@@ -1143,12 +1143,20 @@ def script(name):
     return os.path.join(HERE, name)
 
 
+def json_row(row):
+    """A row as JSON holds it: a value that was not measured (NaN: no CUDA peak on the CPU, too few steps)
+    as null, since JSON has no NaN and readers other than Python's refuse a file with one."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
 def emit(row):
     """Print a finished row and rewrite the JSON file, so a run cut short still leaves its numbers."""
     ROWS.append(row)
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in json_row(row).items()},
+                     allow_nan=False), flush=True)
     if JSON_PATH:  # a kill mid-write leaves the last whole file
-        datamod.atomic_write_text(JSON_PATH, json.dumps({"header": HEADER, "rows": ROWS}, indent=1))
+        datamod.atomic_write_text(JSON_PATH, json.dumps({"header": HEADER, "rows": [json_row(r) for r in ROWS]},
+                                                        indent=1, allow_nan=False))
 
 
 def print_table(rows):
@@ -1247,6 +1255,7 @@ def run_section(section, args, device, train_options):
         bench_cpu(steps=5 if args.quick else 30)
 
 
+CUDA_SECTIONS = ("profile", "decode-kernels", "decode-batch", "decode-profile")  # the rest also run --quick
 SECTIONS = ("train", "profile", "gemms", "layer", "decode", "decode-batch", "decode-kernels", "decode-profile",
             "stage2", "pipeline", "ddp", "ddp-1gpu", "ddp-2gpu", "ddp-2gpu+resume", "ddp-1gpu+2gpu",
             "cpu")  # ddp-*: some parts
@@ -1384,6 +1393,13 @@ def main():
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.quick and args.only != ["cpu"]:
         datamod.fail("bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu")
+    cuda_only = [s for s in args.only if s in CUDA_SECTIONS]
+    if device == "cpu" and cuda_only:  # asked for by name (none is in --only's default): say so, not skip it
+        datamod.fail(f"bench.py: --only {','.join(cuda_only)}: CUDA sections, and "
+                     + ("--quick runs on the CPU" if args.quick else "there is no CUDA device"))
+    if args.quick and any(c != "0" for c in args.compile) and "train" in args.only:
+        print("bench.py --quick: the train section's eager rows only (compiling on the CPU would take minutes)",
+              file=sys.stderr)
     sections = args.only
     global JSON_PATH
     JSON_PATH = args.json

@@ -5609,7 +5609,10 @@ def test_bench_checks_its_output_paths_and_kernel_rows_before_any_work(monkeypat
              f"bench.py: --ddp-dir {tmp_path}/ddp holds 1gpu-4 from an earlier call; pass another --ddp-dir"),
             (["--quick", "--only", "ddp-2gpu", "--ddp-dir", str(tmp_path / "ddp2")],  # it raised FileNotFoundError
              f"bench.py: --only ddp-2gpu reads {tmp_path}/ddp2/1gpu-4.json, which an earlier call into this "
-             "--ddp-dir makes (--only ddp-1gpu)")):
+             "--ddp-dir makes (--only ddp-1gpu)"),
+            # sections that only run on CUDA: refused on the CPU, where they did nothing and said nothing
+            (["--quick", "--only", "layer,profile,decode-batch"],
+             "bench.py: --only profile,decode-batch: CUDA sections, and --quick runs on the CPU")):
         monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
         with pytest.raises(SystemExit) as e:
             bench.main()
@@ -5624,6 +5627,13 @@ def test_bench_checks_its_output_paths_and_kernel_rows_before_any_work(monkeypat
     monkeypatch.setattr(bench, "print_table", lambda rows: None)
     bench.main()
     assert ran == ["ddp-1gpu", "ddp-2gpu"]
+    # --quick times the train section eager only (--compile's default is 0,1): it says so
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--only", "train"])
+    bench.main()
+    assert capsys.readouterr().err == ("bench.py --quick: the train section's eager rows only (compiling on the CPU "
+                                       "would take minutes)\n")
+    assert ran.pop() == "train"
     monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--only", "ddp-2gpu,ddp-1gpu", "--ddp-dir",
                                       str(tmp_path / "ddp3")])
     with pytest.raises(SystemExit):
@@ -6021,7 +6031,7 @@ def test_bench_kernel_kinds_knows_each_pattern_and_the_first_kind_wins():
     assert list(kinds) == ["GEMMs", "attention", "SSD", "conv + SiLU", "norms"]  # KERNEL_KINDS' order, not times'
 
 
-def test_bench_prints_each_sections_table_and_rounded_rows(monkeypatch, capsys):
+def test_bench_prints_each_sections_table_and_rounded_rows(monkeypatch, capsys, tmp_path):
     # print_table: one table per section, the columns every row of it has (a missing cell empty), floats to 3
     # significant digits, NaN as nan, no section column; emit prints a row with its floats to 4 decimals
     import bench
@@ -6034,6 +6044,13 @@ def test_bench_prints_each_sections_table_and_rounded_rows(monkeypatch, capsys):
     bench.emit({"section": "s", "ms": 1.234567, "n": 3})
     assert capsys.readouterr().out == '{"section": "s", "ms": 1.2346, "n": 3}\n'
     assert bench.ROWS == [{"section": "s", "ms": 1.234567, "n": 3}]
+    # a value not measured (NaN, inf) is null in the printed line and the --json file: JSON has no NaN
+    monkeypatch.setattr(bench, "JSON_PATH", str(tmp_path / "rows.json"))
+    bench.emit({"section": "s", "peak GiB": math.nan, "speed-up": math.inf})
+    assert capsys.readouterr().out == '{"section": "s", "peak GiB": null, "speed-up": null}\n'
+    rows = json.loads((tmp_path / "rows.json").read_text(), parse_constant=pytest.fail)["rows"]
+    assert rows == [{"section": "s", "ms": 1.234567, "n": 3}, {"section": "s", "peak GiB": None, "speed-up": None}]
+    assert math.isnan(bench.ROWS[1]["peak GiB"])  # the table still prints nan
 
 
 def test_bench_argument_types_take_what_the_kernels_and_tables_have():
@@ -7281,6 +7298,15 @@ def test_generate_seeds_each_prompt_by_its_place_whatever_its_batch_and_syncs_fi
     assert e.value.code == 2 and capsys.readouterr().err == (
         "prompts 1 and 4 would both write s0-0000-a-calm-piece.*: give one of them another id\n")
     assert not (tmp_path / "twice").exists()
+    # ids that only a case-folding file system (macOS's, Windows') makes one file: "Café" composed, "CAFE\u0301"
+    (tmp_path / "set.jsonl").write_text('{"id": "Caf\u00e9", "caption": "x"}\n{"id": "b", "caption": "y"}\n'
+                                        '{"id": "CAFE\u0301", "caption": "z"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "twice", "--prompts", str(tmp_path / "set.jsonl"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "prompts 4 and 6 would both write CAFE\u0301.* and Caf\u00e9.* (one file where case or accents' form is not "
+        "told apart: macOS, Windows): give one of them another id\n")
+    assert not (tmp_path / "twice").exists()
     # the second prompt done first (its files and line copied): the other two then share a batch, and
     # each still draws from its own seed, --seed + its place
     part = tmp_path / "part"
@@ -7764,6 +7790,24 @@ def test_init_from_takes_a_new_dropout_but_not_another_text_encoder(tmp_path, ca
     assert e.value.code == 2 and capsys.readouterr().err == (
         f"--init-from {t5}: trained with the 't5' text encoder; this run's data (synthetic) uses 'words'\n")
     assert not (tmp_path / "ft2").exists()
+
+
+def test_init_from_says_when_its_text_encoder_has_another_name(tmp_path, monkeypatch, capsys):
+    # a T5 of the same kind and width under another name: said in one note (the same model may live elsewhere)
+    monkeypatch.setattr(datamod, "T5TextEncoder", WordsAsT5)
+    folder = tiny_token_folder(tmp_path / "tokens")
+    trainmod.main(tiny_train_args(tmp_path / "src", "--data", folder, "--steps", "1", "--frames", "32"))
+    path = str(tmp_path / "src" / "ckpt.pt")
+    ft = ["--init-from", path, "--data", folder, "--steps", "1", "--frames", "32", "--batch-size", "2",
+          "--eval-every", "0"]
+    capsys.readouterr()
+    trainmod.main([*ft, "--out", str(tmp_path / "same")])
+    assert "trained with" not in capsys.readouterr().err
+    trainmod.main([*ft, "--out", str(tmp_path / "other"), "--t5", "google/t5-v1_1-base"])
+    assert [line for line in capsys.readouterr().err.splitlines() if "trained with" in line] == [
+        f"note: --init-from {path} was trained with the text encoder google/flan-t5-base; this run uses "
+        "google/t5-v1_1-base (fine if it is the same model in another place)"]
+    assert torch.load(tmp_path / "other" / "ckpt.pt", weights_only=False)["step"] == 1
 
 
 def test_atomic_save_cut_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):

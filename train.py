@@ -406,8 +406,15 @@ def init_from(args, given):
         datamod.fail(f"{flag}: trained with the {src['text_encoder']['kind']!r} text encoder; this run's data "
                      f"({args.data or 'synthetic'}) uses {text!r}")
     codec = codec_spec(args)
-    if codec is not None and src.get("codec", {}).get("kind") != codec["kind"]:
+    if codec is not None and (src.get("codec") or {}).get("kind") != codec["kind"]:
         datamod.fail(f"{flag}: its codec is {src.get('codec')}; this run's data uses {codec}")
+    # Another T5 or DAC of the same kind and width gives states or latents the weights were not trained
+    # on; the same model in another place is also another name, so this is said, not refused.
+    for what, theirs, ours in (("text encoder", src["text_encoder"].get("name"), args.t5 if text == "t5" else None),
+                               ("DAC", (src.get("codec") or {}).get("name"), (codec or {}).get("name"))):
+        if ours is not None and theirs is not None and theirs != ours:
+            print(f"note: {flag} was trained with the {what} {theirs}; this run uses {ours} (fine if it is the same "
+                  "model in another place)", file=sys.stderr)
     args.init_from_step = src["step"]  # recorded with the run's settings (config.json, ckpt.pt)
     return src
 
