@@ -207,7 +207,7 @@ class FastLM(ssmttm.TextToMusicLM):
             return super().heads(x)
         b, s, _ = x.shape
         logits = aligned_linear(self.norm_f(x), self.head.weight)
-        return logits.view(b, s, self.cfg.n_codebooks, -1).transpose(1, 2)
+        return logits.view(b, s, self.cfg.n_codebooks, ssmttm.CODEBOOK_SIZE + 1).transpose(1, 2)
 
 
 def aligned_linear(x, weight, multiple=8):

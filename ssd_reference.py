@@ -33,6 +33,21 @@ def _heads(BC, nheads):
     return BC.repeat_interleave(nheads // BC.shape[-2], dim=-2)
 
 
+def check_shapes(x, dt, A, B, C, D=None, initial_state=None):
+    """ValueError naming the first argument whose shape does not fit x's (b, l, h, p), as the module
+    docstring gives them: a tensor that would broadcast (an unbatched state, B of batch 1) is refused
+    too, since the three ways would not all take it."""
+    if x.dim() != 4:
+        raise ValueError(f"x {tuple(x.shape)}: want (b, l, h, p)")
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:] if B.dim() == 4 else (None, None)
+    want = {"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)), "C": (C, (b, l, g, n)), "D": (D, (h,)),
+            "initial_state": (initial_state, (b, h, p, n))}
+    for name, (t, shape) in want.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} {tuple(t.shape)}: want {shape} for x {tuple(x.shape)} (b, l, h, p)")
+
+
 def ssd_step(state, x, dt, A, B, C, D=None):
     """One recurrence step. state (b, h, p, n), x (b, h, p), dt (b, h), B, C (b, g, n).
     Returns y (b, h, p) and the new state."""
@@ -47,9 +62,10 @@ def ssd_step(state, x, dt, A, B, C, D=None):
 
 def ssd_sequential(x, dt, A, B, C, D=None, initial_state=None):
     """The recurrence, one step at a time. Returns y (b, l, h, p) and the final state (l = 0: no
-    output and the initial state)."""
+    output and a copy of the initial state). ValueError for shapes check_shapes refuses."""
+    check_shapes(x, dt, A, B, C, D, initial_state)
     b, l, h, p = x.shape
-    state = x.new_zeros(b, h, p, B.shape[-1]) if initial_state is None else initial_state
+    state = x.new_zeros(b, h, p, B.shape[-1]) if initial_state is None else initial_state.clone()
     ys = []
     for t in range(l):
         y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
@@ -73,8 +89,11 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
     The sequence is cut into chunks of Q = chunk_size steps; the last one is padded with dt = 0,
     which makes a step the identity on the state (decay exp(0) = 1, input 0), so the final state
-    is exact. Returns y (b, l, h, p) and the final state (b, h, p, n) (l = 0: no output and the
-    initial state)."""
+    is exact. Returns y (b, l, h, p) and the final state (b, h, p, n) (l = 0: no output and a copy
+    of the initial state). ValueError for a chunk_size below 1 and shapes check_shapes refuses."""
+    check_shapes(x, dt, A, B, C, D, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size {chunk_size}: want 1 or more")
     b, l, h, p = x.shape
     n = B.shape[-1]
     pad = -l % chunk_size

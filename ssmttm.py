@@ -158,12 +158,16 @@ class Mamba2(nn.Module):
 
     u (b, l, d_model) -> in_proj -> [z | xBC | dt] -> causal depthwise conv + SiLU on xBC -> x, B, C
     -> SSD with dt = softplus(dt + dt_bias), A = -exp(A_log) (ssd_reference.py) -> y + D x
-    -> norm(y, z) -> out_proj. ValueError unless expand * d_model splits into heads of headdim and
-    the heads into ngroups groups."""
+    -> norm(y, z) -> out_proj. ValueError for a size below 1, and unless expand * d_model splits into
+    heads of headdim and the heads into ngroups groups."""
 
     def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=32,
                  A_init_range=(1, 16), dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4):
         super().__init__()
+        for name, size in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
+                           ("headdim", headdim), ("ngroups", ngroups), ("chunk_size", chunk_size)):
+            if size < 1:
+                raise ValueError(f"Mamba2: {name} {size}: want 1 or more")
         self.d_model, self.d_state, self.d_conv, self.headdim = d_model, d_state, d_conv, headdim
         self.ngroups, self.chunk_size = ngroups, chunk_size
         self.d_inner = expand * d_model
@@ -200,7 +204,10 @@ class Mamba2(nn.Module):
     def forward(self, u, mask=None, state=None):
         """u (b, l, d_model) -> (b, l, d_model). mask (b, l): False at padding, which must come first
         in its row (left padding). state: a Mamba2State to continue from and update in place (the
-        prefill, then one step per token); None when training."""
+        prefill, then one step per token); None when training. No positions (l = 0): no output, the
+        state unchanged."""
+        if u.shape[1] == 0:  # (the conv has nothing to slide over)
+            return self.out_proj(u.new_zeros(*u.shape[:2], self.d_inner))
         if state is not None and u.shape[1] == 1 and mask is None:
             return self.step(u, state)
         zxbcdt = self.in_proj(u)
@@ -210,8 +217,9 @@ class Mamba2(nn.Module):
         xBC = F.silu(self.conv(xBC, state))
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         b, l, _ = u.shape
-        y, final_state = self.ssd(x.view(b, l, self.nheads, self.headdim), dt, B.view(b, l, self.ngroups, -1),
-                                  C.view(b, l, self.ngroups, -1), None if state is None else state.ssm)
+        y, final_state = self.ssd(x.view(b, l, self.nheads, self.headdim), dt,
+                                  B.view(b, l, self.ngroups, self.d_state), C.view(b, l, self.ngroups, self.d_state),
+                                  None if state is None else state.ssm)
         if state is not None:
             state.ssm.copy_(final_state)
         return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))
@@ -248,7 +256,10 @@ class Mamba2(nn.Module):
         return y.to(x.dtype), final
 
     def step(self, u, state):
-        """One decoding step, O(1) in the position: u (b, 1, d_model) -> (b, 1, d_model)."""
+        """One decoding step, O(1) in the position: u (b, 1, d_model) -> (b, 1, d_model). ValueError
+        for more than one position (forward takes those)."""
+        if u.shape[1] != 1:
+            raise ValueError(f"Mamba2.step: u {tuple(u.shape)}: one position; forward with the state takes more")
         b = u.shape[0]
         z, xBC, dt = self.in_proj(u[:, 0]).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         state.conv.copy_(torch.cat([state.conv[..., 1:], xBC[..., None].to(state.conv.dtype)], dim=-1))
@@ -256,7 +267,8 @@ class Mamba2(nn.Module):
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         f32 = torch.promote_types(state.ssm.dtype, torch.float32)  # fp32 whatever h_t is stored in
         dt = F.softplus(dt.to(f32) + self.dt_bias.to(f32))
-        x, B, C = x.view(b, self.nheads, -1), B.view(b, self.ngroups, -1), C.view(b, self.ngroups, -1)
+        x, B, C = (x.view(b, self.nheads, self.headdim), B.view(b, self.ngroups, self.d_state),
+                   C.view(b, self.ngroups, self.d_state))
         y, h = ssd_step(*(t.to(f32) for t in (state.ssm, x, dt, self.A(), B, C, self.D)))
         state.ssm.copy_(h)
         return self.out_proj(self.norm(y.reshape(b, self.d_inner).to(z.dtype), z))[:, None]
@@ -311,7 +323,7 @@ class SelfAttention(nn.Module):
         """x (b, s, d) -> (b, s, d). state: a KVCache to append to (decoding), None when training.
         ValueError when the cache has no room for the s new positions (new_state's max_len)."""
         b, s, d = x.shape
-        q, k, v = (t.view(b, s, self.n_heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
+        q, k, v = (t.view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
         if state is None:
             drop = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
@@ -357,16 +369,22 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, memory, memory_mask, state=None):
         """x (b, s, d), memory (b, lt, d_memory), memory_mask (b, lt) True at real text -> (b, s, d).
-        state: a TextKV; filled from memory at the first call, read (memory unused) after."""
+        state: a TextKV; filled from memory at the first call, read (memory unused) after. ValueError
+        without memory to read, or for a memory_mask that is not bool (b, lt)."""
         b, s, d = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, -1).transpose(1, 2)
+        q = self.q_proj(x).view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2)
         if state is not None and state.k is not None:
             k, v = state.k, state.v
+        elif memory is None:
+            raise ValueError("CrossAttention: no memory (the text states) and no TextKV filled from it")
         else:
-            k, v = (t.view(b, -1, self.n_heads, d // self.n_heads).transpose(1, 2)
+            k, v = (t.view(b, memory.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)
                     for t in self.kv_proj(memory).split(d, dim=-1))
             if state is not None:
                 state.k, state.v = k, v
+        if memory_mask is None or memory_mask.dtype != torch.bool or memory_mask.shape != (b, k.shape[2]):
+            raise ValueError(f"CrossAttention: memory_mask {None if memory_mask is None else tuple(memory_mask.shape)}"
+                             f": want bool ({b}, {k.shape[2]}), True at real text")
         has_text = memory_mask.any(-1)[:, None, None, None]
         mask = memory_mask[:, None, None, :] | ~has_text  # a row with no text would be all -inf (NaN)
         drop = self.attn_dropout if self.training else 0.0
@@ -409,7 +427,11 @@ class Block(nn.Module):
     def forward(self, x, mask=None, memory=None, memory_mask=None, states=None):
         """x (b, s, d) -> (b, s, d). mask (b, s): False at (left) padding, for Mamba-2; memory
         (b, lt, d) and memory_mask (b, lt): the text, for cross-attention; states: one decoding
-        state per sublayer (Mamba2State, KVCache, TextKV or None), updated in place."""
+        state per sublayer (Mamba2State, KVCache, TextKV or None), updated in place. ValueError for
+        a mask with a self-attention sublayer, which has no padding to skip (its LM pads no row)."""
+        if mask is not None and "self_attn" in self.layout:
+            raise ValueError("Block: mask (left padding) is for Mamba-2; a self_attn sublayer would attend to the "
+                             "padding")
         for i, norm in enumerate(self.norms):
             y = self.sublayer(i, norm(x), mask, memory, memory_mask, None if states is None else states[i])
             x = x + self.dropout(y)
@@ -429,17 +451,28 @@ class Block(nn.Module):
 
 
 def position_frequencies(dim, device):
-    """The dim // 2 frequencies of the sinusoidal position embedding: 10000^(-i / (dim // 2))."""
+    """The dim // 2 frequencies of the sinusoidal position embedding: 10000^(-i / (dim // 2)), as in
+    "Attention Is All You Need"; MusicGen's and the official code's divide by dim // 2 - 1 (README,
+    "Differences")."""
     return torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=device) / (dim // 2))
 
 
 def sinusoidal_positions(positions, dim):
-    """(b, s) integer positions -> (b, s, dim) [cos | sin] embeddings (as MusicGen and the official code).
-    ValueError for an odd dim."""
+    """(b, s) integer positions -> (b, s, dim) [cos | sin] embeddings, the halves' order of MusicGen and
+    the official code, at position_frequencies. ValueError for an odd dim."""
     if dim % 2:
         raise ValueError(f"sinusoidal_positions: dim {dim} must be even (cos and sin halves)")
     angles = positions[..., None].float() * position_frequencies(dim, positions.device)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def check_text(text, text_mask, d_text, where):
+    """ValueError naming `where` unless text is (b, lt, d_text) states and text_mask a bool (b, lt)."""
+    if text.dim() != 3 or text.shape[-1] != d_text:
+        raise ValueError(f"{where}: text {tuple(text.shape)}: want (b, lt, {d_text}) states")
+    if text_mask.dtype != torch.bool or text_mask.shape != text.shape[:2]:
+        raise ValueError(f"{where}: text_mask {tuple(text_mask.shape)} {text_mask.dtype}: want torch.bool "
+                         f"{tuple(text.shape[:2])}, True at real tokens")
 
 
 def left_align(text, mask):
@@ -496,7 +529,7 @@ class TextToMusicLM(nn.Module):
     def heads(self, x):
         """(b, s, d) -> logits (b, K, s, 1025): the final norm and the K heads."""
         b, s, _ = x.shape
-        return self.head(self.norm_f(x)).view(b, s, self.cfg.n_codebooks, -1).transpose(1, 2)
+        return self.head(self.norm_f(x)).view(b, s, self.cfg.n_codebooks, CODEBOOK_SIZE + 1).transpose(1, 2)
 
     def logits(self, tokens, text, text_mask, cache=None):
         """A pass from the start. tokens (b, K, s) input steps (the first one the begin step),
@@ -504,8 +537,10 @@ class TextToMusicLM(nn.Module):
         Returns logits (b, K, s, 1025) for the step after each input step. With a cache, also
         leaves in it the states after the last step (the prefill of decoding): a new InferenceCache
         (zero Mamba-2 states, empty KV caches), as the pass starts from nothing; a used one is not
-        reset, and the pass would carry on from its states."""
+        reset, and the pass would carry on from its states. ValueError for text or a text_mask of
+        other shapes (check_text)."""
         b, K, s = tokens.shape
+        check_text(text, text_mask, self.cfg.d_text, "TextToMusicLM")
         x = self.embed_steps(tokens)  # (b, s, d)
         memory = self.text_norm(self.text_proj(text.to(self.text_proj.weight.dtype)))  # (b, lt, d)
         mask = None
@@ -522,7 +557,7 @@ class TextToMusicLM(nn.Module):
             cache.memory_mask = text_mask
             cache.position.copy_(positions[:, -1] + 1)
         x = self.run_blocks(x, mask, memory, text_mask, None if cache is None else cache.states)
-        return self.heads(x[:, -s:])
+        return self.heads(x[:, x.shape[1] - s:])  # (x[:, -0:] would be all of it)
 
     def run_blocks(self, x, mask=None, memory=None, memory_mask=None, states=None):
         """The blocks in order, x (b, s, d) -> (b, s, d), the residual stream before norm_f. mask,
@@ -573,7 +608,12 @@ class TextToMusicLM(nn.Module):
         decoder: an object whose new_cache() (as InferenceCache: the cache to decode on), prefill() (as
         self.logits with a cache) and decode() (the loop after the first step) run faster (fast.Decoder,
         CUDA); they must write the tokens this loop writes.
-        Raises ValueError for a prompt longer than n_frames or of another batch or K."""
+        Raises ValueError for n_frames below 0, no texts, text of other shapes (check_text), and a
+        prompt longer than n_frames or of another batch or K."""
+        check_text(text, text_mask, self.cfg.d_text, "generate")
+        if n_frames < 0 or text.shape[0] == 0:
+            raise ValueError(f"generate: n_frames {n_frames} for {text.shape[0]} texts: want 0 or more frames "
+                             "of 1 or more texts")
         was_training = self.training
         self.eval()
         steps, fixed = self.step_layout(text.shape[0], n_frames, prompt, text.device)
@@ -696,7 +736,9 @@ def check_sampling(cfg_scale, top_k, temperature):
 def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, generator=None, noise=None):
     """logits (b, K, 1025) of one step -> tokens (b, K). With uncond (the null condition's logits,
     same shape), guidance combines the two first. Then temperature and top-k; top_k = 1 or
-    temperature = 0 is greedy, top_k = 0 keeps every code. The special id is never sampled.
+    temperature = 0 is greedy, top_k = 0 keeps every code. Top-k keeps each code whose logit is at
+    least the k-th largest, so codes tied with the k-th all stay (as MusicGen's sampling does; the
+    GPU kernel draws the same). The special id is never sampled.
     generator: a torch.Generator, None (the default one), or one per row (exponential_noise).
     noise: the Exp(1) draws (b, K, 1024) to use, drawn before from generator (exponential_noise),
     instead of drawing them here. ValueError for settings check_sampling refuses."""

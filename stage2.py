@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ssmttm import (CODEBOOK_SIZE, SPECIAL, CrossAttention, adamw, classifier_free_guidance,
+from ssmttm import (CODEBOOK_SIZE, SPECIAL, CrossAttention, adamw, check_text, classifier_free_guidance,
                     sinusoidal_positions)
 
 LATENT_DIM = 8  # DAC's codebook_dim
@@ -100,7 +100,8 @@ class DiffusionUNet(nn.Module):
     """(b, 72, T) noisy fine latents + clean coarse latent, step t in (0, 1], text -> v (b, 64, T). lengths
     (b,): each row's real frames, the rest padding (None: all T). Every layer sees zeros past a row's real
     frames (and past T, where the length is padded to one the down/up path can halve), so a clip's v is the
-    same whatever padding follows it; the padded frames' v means nothing."""
+    same whatever padding follows it; the padded frames' v means nothing. ValueError for no frames (T = 0)
+    or text of other shapes (ssmttm.check_text)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -122,6 +123,9 @@ class DiffusionUNet(nn.Module):
 
     def forward(self, x, t, text, text_mask, lengths=None):
         T = x.shape[-1]
+        check_text(text, text_mask, self.text_proj.in_features, "DiffusionUNet")
+        if T == 0:
+            raise ValueError(f"DiffusionUNet: x {tuple(x.shape)}: no frames")
         x = F.pad(x, (0, -T % 2 ** (len(self.down) - 1)))  # a length the down/up path can halve
         real = torch.full((x.shape[0],), T, device=x.device) if lengths is None else lengths
         # per level, 1 at the frames that start inside a row's real frames: (b, 1, T / 2^i)
@@ -253,10 +257,14 @@ class Stage2Diffusion(nn.Module):
         by the known latents noised to that step's level, alpha_s x_0 + sigma_s eps, so the model
         denoises the other frames next to a context that agrees with them; after the last step they
         are the known latents exactly. (x starts as noise everywhere: at t = 1, alpha is 0.)
-        steps: DDPM steps (default cfg.diffusion_steps); ValueError below 1."""
+        steps: DDPM steps (default cfg.diffusion_steps); ValueError below 1, for no frames (T = 0) and
+        for text of other shapes (ssmttm.check_text)."""
         steps = self.cfg.diffusion_steps if steps is None else steps
         if steps < 1:
             raise ValueError(f"sample_latents: steps {steps}, want 1 or more")
+        if coarse.shape[-1] == 0:
+            raise ValueError(f"sample_latents: coarse {tuple(coarse.shape)}: no frames")
+        check_text(text, text_mask, self.cfg.d_text, "sample_latents")  # before guidance doubles the rows
         b, _, T = coarse.shape
         fine_channels = (self.cfg.n_codebooks - 1) * LATENT_DIM
         x = gaussian_noise((b, fine_channels, T), coarse.device, generator)
@@ -305,6 +313,8 @@ class Stage2Diffusion(nn.Module):
     @staticmethod
     def known_frames(known, coarse_codes):
         """The frames of known (b, 9, T) whose fine codes are given -> bool (b, T); see generate."""
+        if known.dim() != 3 or known.shape[::2] != coarse_codes.shape:
+            raise ValueError(f"known {tuple(known.shape)}: want (b, 9, T) for coarse_codes {tuple(coarse_codes.shape)}")
         given = known[:, 1:] != SPECIAL
         keep = given.all(1)
         if (given.any(1) & ~keep).any():

@@ -359,6 +359,28 @@ def test_ssd_of_no_steps_returns_no_output_and_the_initial_state():
         assert torch.equal(state, h0)
 
 
+@pytest.mark.parametrize("ssd", ["sequential", "chunked"])
+def test_ssd_refuses_what_only_broadcasts_and_returns_a_copy_of_the_state_for_no_steps(ssd):
+    # an unbatched state or B of batch 1 ran in the loop (broadcast) and failed deep in the chunked form
+    x, dt, A, B, C, D, h0 = ssd_inputs(2, 5, 4, 3, 2, 6, seed=13)
+    def run(chunk_size=4, **change):
+        args = {**dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=h0), **change}
+        return ssd_sequential(**args) if ssd == "sequential" else ssd_chunked(**args, chunk_size=chunk_size)
+    for change, message in (({"initial_state": h0[0]}, "initial_state (4, 3, 6): want (2, 4, 3, 6)"),
+                            ({"B": B[:1]}, "B (1, 5, 2, 6): want (2, 5, 2, 6)"),
+                            ({"C": C[..., :5]}, "C (2, 5, 2, 5): want (2, 5, 2, 6)"),
+                            ({"dt": dt[:, :4]}, "dt (2, 4, 4): want (2, 5, 4)"),
+                            ({"A": A[:1]}, "A (1,): want (4,)"), ({"x": x[0]}, "x (5, 4, 3): want (b, l, h, p)")):
+        with pytest.raises(ValueError) as e:
+            run(**change)
+        assert str(e.value).startswith(message)
+    if ssd == "chunked":
+        with pytest.raises(ValueError, match="^chunk_size 0: want 1 or more$"):
+            run(chunk_size=0)
+    y, state = run(x=x[:, :0], dt=dt[:, :0], B=B[:, :0], C=C[:, :0])
+    assert y.shape == (2, 0, 4, 3) and torch.equal(state, h0) and state.data_ptr() != h0.data_ptr()
+
+
 @pytest.mark.parametrize("call", ["step", "sequential", "chunked"])
 def test_ssd_with_heads_that_do_not_split_into_the_groups_says_so(call):
     x, dt, A, B, C, D, h0 = ssd_inputs(1, 5, 3, 2, 2, 4, seed=12)  # 3 heads, 2 groups
@@ -1008,7 +1030,8 @@ def test_positions_count_from_zero_over_the_real_tokens(monkeypatch):
 
 
 def test_sinusoidal_positions_are_cos_then_sin_of_the_geometric_frequencies():
-    # [cos(p w_i) | sin(p w_i)], w_i = 10000^(-i / (dim / 2)), i < dim / 2 (MusicGen's, the official code's)
+    # [cos(p w_i) | sin(p w_i)], w_i = 10000^(-i / (dim / 2)), i < dim / 2 ("Attention Is All You Need"'s
+    # frequencies in MusicGen's order; MusicGen and the official code divide by dim / 2 - 1)
     p = torch.tensor([[0, 3, 17, 2583]])
     dim = 8
     angles = [[q * 10000 ** (-i / (dim // 2)) for i in range(dim // 2)] for q in p[0].tolist()]
@@ -1079,6 +1102,57 @@ def test_decoding_logits_equal_full_forward():
                 model.step(tokens[..., 14:15], cache)
             assert str(e.value) == ("SelfAttention: a KV cache of 15 positions holds 15; no room for 1 more "
                                     "(make the InferenceCache with a larger max_len)")
+
+
+def test_the_layers_refuse_what_they_would_misread_and_take_empty_batches_and_sequences():
+    # each case gave a wrong number without a word, or failed deep inside torch
+    model = tiny_model("prefix_simba")
+    text, mask = random_text()
+    tokens = torch.randint(0, 1024, (2, 1, 5))
+    # no steps: the logits of no steps (x[:, -0:] gave the text positions' logits)
+    assert model.logits(tokens[..., :0], text, mask).shape == (2, 1, 0, 1025)
+    for args, message in (((text[..., :20], mask), "TextToMusicLM: text (2, 6, 20): want (b, lt, 24) states"),
+                          ((text, mask.float()), "TextToMusicLM: text_mask (2, 6) torch.float32: want torch.bool "
+                                                 "(2, 6), True at real tokens"),
+                          ((text, mask[:1]), "TextToMusicLM: text_mask (1, 6) torch.bool: want torch.bool (2, 6)")):
+        with pytest.raises(ValueError) as e:
+            model.logits(tokens, *args)
+        assert str(e.value).startswith(message)
+    for n_frames, rows in ((-1, 2), (4, 0)):
+        with pytest.raises(ValueError) as e:
+            model.generate(text[:rows], mask[:rows], n_frames)
+        assert str(e.value) == (f"generate: n_frames {n_frames} for {rows} texts: want 0 or more frames of 1 or more "
+                                "texts")
+    # a mask reaches only Mamba-2: a self-attention block would have attended to the padding
+    with pytest.raises(ValueError, match="^Block: mask .left padding. is for Mamba-2; a self_attn sublayer"):
+        Block(("self_attn", "ff"), 16, n_heads=2)(torch.zeros(1, 4, 16), mask=torch.ones(1, 4, dtype=torch.bool))
+    cross = ssmttm.CrossAttention(16, 2, 0.0)
+    x, memory = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    for memory_, mask_, message in ((None, None, "CrossAttention: no memory (the text states) and no TextKV"),
+                                    (memory, torch.ones(2, 5), "CrossAttention: memory_mask (2, 5): want bool (2, 5)"),
+                                    (memory, torch.ones(2, 4, dtype=torch.bool), "CrossAttention: memory_mask (2, 4)")):
+        with pytest.raises(ValueError) as e:
+            cross(x, memory_, mask_)
+        assert str(e.value).startswith(message)
+    with pytest.raises(ValueError, match=r"^Mamba2.step: u \(2, 3, 32\): one position"):
+        mamba_layer().step(torch.zeros(2, 3, 32, dtype=torch.float64), None)
+    for kw, message in (({"headdim": 0}, "Mamba2: headdim 0: want 1 or more"),
+                        ({"ngroups": 0}, "Mamba2: ngroups 0: want 1 or more"),
+                        ({"d_state": 0}, "Mamba2: d_state 0: want 1 or more"),
+                        ({"chunk_size": 0}, "Mamba2: chunk_size 0: want 1 or more")):
+        with pytest.raises(ValueError) as e:
+            Mamba2(16, **{"headdim": 8, **kw})
+        assert str(e.value) == message
+    # a batch of no rows, and rows of no positions, give empty outputs of the right shapes
+    layer = mamba_layer()
+    state = layer.new_state(2, 8, "cpu", torch.float64)
+    state.ssm.normal_()
+    before = state.ssm.clone()
+    assert layer(torch.zeros(2, 0, 32, dtype=torch.float64), state=state).shape == (2, 0, 32)
+    assert torch.equal(state.ssm, before)
+    for variant in VARIANTS:
+        m = tiny_model(variant)
+        assert m.logits(tokens[:0], text[:0], mask[:0]).shape == (0, 1, 5, 1025)
 
 
 def test_bf16_ssm_state_stays_close_to_fp32():
@@ -3775,6 +3849,14 @@ def test_stage2_sampler_refuses_no_steps():
     with pytest.raises(ValueError) as e:
         model.sample_latents(torch.zeros(1, stage2.LATENT_DIM, 4, dtype=torch.float64), text, mask, steps=0)
     assert str(e.value) == "sample_latents: steps 0, want 1 or more"
+    # no frames, or a mask that is not the text's (a float mask failed inside torch)
+    for T, mask_, message in ((0, mask, "sample_latents: coarse (1, 8, 0): no frames"),
+                              (4, mask.float(), "sample_latents: text_mask (1, 3) torch.float32: want torch.bool")):
+        with pytest.raises(ValueError) as e:
+            model.sample_latents(torch.zeros(1, stage2.LATENT_DIM, T, dtype=torch.float64), text, mask_, steps=1)
+        assert str(e.value).startswith(message)
+    with pytest.raises(ValueError, match=re.escape("DiffusionUNet: x (1, 72, 0): no frames")):
+        model.unet(torch.zeros(1, 72, 0, dtype=torch.float64), torch.ones(1), text, mask)
 
 
 def test_stage2_sampler_steps_keep_x_at_the_forward_processs_level():
@@ -8470,6 +8552,10 @@ def test_stage2_generate_keeps_known_codes_with_a_twin_entry_and_ignores_codeboo
     wrong[0, 0, 3] = (wrong[0, 0, 3] + 1) % 1024
     with pytest.raises(ValueError, match=re.escape("known: codebook 1 of a kept frame differs from coarse_codes")):
         model.generate(codes[:, 0], text, mask, steps=2, known=wrong)
+    # one row of known for two: it was broadcast (or named codebook 1 as the fault)
+    with pytest.raises(ValueError) as e:
+        model.generate(codes[:, 0], text, mask, steps=2, known=known[:1])
+    assert str(e.value) == f"known (1, 9, {codes.shape[-1]}): want (b, 9, T) for coarse_codes (2, {codes.shape[-1]})"
 
 
 def test_stage2_generate_guides_with_scale_three_by_default():
