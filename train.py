@@ -754,13 +754,19 @@ def save_checkpoint(run, step, rng):
 
 def atomic_save(obj, path):
     """torch.save(obj, path) as one commit: a temp file, synced, then renamed over path (and the folder
-    synced), so that a kill or a power cut leaves the old checkpoint or the new one, whole."""
+    synced), so that a kill or a power cut leaves the old checkpoint or the new one, whole. A save that
+    fails (a full disk) leaves no temp file."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     datamod.fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
@@ -823,17 +829,21 @@ def train(run, step, saved):
                     log_step(run, bar, row, score)
                     row = None
                 if step % args.ckpt_every == 0 or step == args.steps:
-                    save_checkpoint(run, step, rng)
-                    saved = step
+                    with whole():  # a Ctrl-C inside torch.save's writer broke it with its own traceback
+                        save_checkpoint(run, step, rng)
+                        saved = step
                 if any_process_interrupted and any_process_interrupted():
                     raise KeyboardInterrupt  # in every process, after the same step
             if saved != step:
-                save_checkpoint(run, step, rng)
+                with whole():
+                    save_checkpoint(run, step, rng)
+                    saved = step
         except KeyboardInterrupt:
             if row is not None:  # interrupted after the update, before its row was logged
                 log_step(run, bar, row, None)
             if saved != step:
-                save_checkpoint(run, step, rng)
+                with whole():  # a second Ctrl-C waits for this save
+                    save_checkpoint(run, step, rng)
             if run.master:
                 print(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}; continue with --resume "
                       f"--out {args.out}", file=sys.stderr)
