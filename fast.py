@@ -943,7 +943,7 @@ def fused_step(model, tokens, cache, A, freqs, pdl=True, groups=None, pending=No
                              fold_stream=fold_stream, ends_chunk=ends_chunk, in_weights=in_weights)
     x_in, norm_weight, eps = _normed(x, xn, model.norm_f)
     logits = kernels.linear_rows(x_in, model.head.weight, norm_weight=norm_weight, eps=eps, pdl=pdl, counters=own)
-    return logits.view(rows, 1, K, -1).transpose(1, 2)
+    return logits.view(rows, 1, K, ssmttm.CODEBOOK_SIZE + 1).transpose(1, 2)
 
 
 def blocks_on_streams(model, x, cache, A, pdl, groups, pending, counters=None, fold_stream=None, ends_chunk=None,

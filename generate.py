@@ -499,8 +499,9 @@ class Request:
 
 def same_file_key(name):
     """What a file system that folds case and Unicode forms (macOS's and Windows' by default) keeps of a
-    name: two names with one key are one file there."""
-    return unicodedata.normalize("NFC", name).casefold()
+    name: two names with one key are one file there. Letter by letter, as they compare names: "ß" and
+    "ss" stay two (casefold() would make them one)."""
+    return "".join(c.lower() if len(c.lower()) == 1 else c for c in unicodedata.normalize("NFC", name))
 
 
 def plan(args):

@@ -37,11 +37,14 @@ def check_shapes(x, dt, A, B, C, D=None, initial_state=None):
     """ValueError naming the first argument whose shape does not fit x's (b, l, h, p), as the module
     docstring gives them: a tensor that would broadcast (an unbatched state, B of batch 1) is refused
     too, since the three ways would not all take it."""
-    if x.dim() != 4:
-        raise ValueError(f"x {tuple(x.shape)}: want (b, l, h, p)")
+    for name, t in (("x", x), ("B", B), ("C", C)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} {tuple(t.shape)}: want (b, l, {'h, p' if name == 'x' else 'g, n'})")
+    if B.shape != C.shape:
+        raise ValueError(f"B {tuple(B.shape)} and C {tuple(C.shape)}: want one shape (b, l, g, n)")
     b, l, h, p = x.shape
-    g, n = B.shape[-2:] if B.dim() == 4 else (None, None)
-    want = {"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)), "C": (C, (b, l, g, n)), "D": (D, (h,)),
+    g, n = B.shape[-2:]
+    want = {"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)), "D": (D, (h,)),
             "initial_state": (initial_state, (b, h, p, n))}
     for name, (t, shape) in want.items():
         if t is not None and tuple(t.shape) != shape:

@@ -429,9 +429,6 @@ class Block(nn.Module):
         (b, lt, d) and memory_mask (b, lt): the text, for cross-attention; states: one decoding
         state per sublayer (Mamba2State, KVCache, TextKV or None), updated in place. ValueError for
         a mask with a self-attention sublayer, which has no padding to skip (its LM pads no row)."""
-        if mask is not None and "self_attn" in self.layout:
-            raise ValueError("Block: mask (left padding) is for Mamba-2; a self_attn sublayer would attend to the "
-                             "padding")
         for i, norm in enumerate(self.norms):
             y = self.sublayer(i, norm(x), mask, memory, memory_mask, None if states is None else states[i])
             x = x + self.dropout(y)
@@ -439,11 +436,14 @@ class Block(nn.Module):
 
     def sublayer(self, i, h, mask=None, memory=None, memory_mask=None, state=None):
         """Sublayer i of the layout on its normed input h (b, s, d) -> (b, s, d), before the dropout of its
-        output."""
+        output. ValueError for a mask with a self_attn sublayer (forward's)."""
         kind, layer = self.layout[i], self.layers[i]
         if kind == "mamba":
             return layer(h, mask=mask, state=state)
         if kind == "self_attn":
+            if mask is not None:
+                raise ValueError("Block: mask (left padding) is for Mamba-2; a self_attn sublayer would attend to "
+                                 "the padding")
             return layer(h, state=state)
         if kind == "cross_attn":
             return layer(h, memory, memory_mask, state=state)
@@ -555,7 +555,7 @@ class TextToMusicLM(nn.Module):
         x = x + sinusoidal_positions(positions, x.shape[-1]).to(x.dtype)
         if cache is not None:
             cache.memory_mask = text_mask
-            cache.position.copy_(positions[:, -1] + 1)
+            cache.position.copy_(positions[:, -1] + 1 if positions.shape[1] else 0)  # (no text and no steps: 0)
         x = self.run_blocks(x, mask, memory, text_mask, None if cache is None else cache.states)
         return self.heads(x[:, x.shape[1] - s:])  # (x[:, -0:] would be all of it)
 

@@ -50,7 +50,7 @@ def masked_group_norm(x, norm, mask):
     """nn.GroupNorm `norm` of x (b, C, T) with its statistics over the frames where mask (b, 1, T) is 1 only
     (the others are normalised too, with the same statistics; what they hold does not matter)."""
     b, C, T = x.shape
-    xg, m = x.view(b, norm.num_groups, -1, T), mask[:, None]                      # (b, G, C/G, T), (b, 1, 1, T)
+    xg, m = x.view(b, norm.num_groups, C // norm.num_groups, T), mask[:, None]    # (b, G, C/G, T), (b, 1, 1, T)
     n = (m.sum(-1, keepdim=True) * xg.shape[2]).clamp(min=1)   # a row with no real frame: 0, not NaN
     mean = (xg * m).sum((2, 3), keepdim=True) / n
     var = ((xg - mean) ** 2 * m).sum((2, 3), keepdim=True) / n
@@ -200,7 +200,7 @@ class Stage2Diffusion(nn.Module):
         """Measure the per-codebook mean and std of the latents of training codes (b, 9, T)."""
         self.latent_mean.zero_()
         self.latent_std.fill_(1.0)
-        lat = self.latents(codes).view(codes.shape[0], self.cfg.n_codebooks, LATENT_DIM, -1)
+        lat = self.latents(codes).view(codes.shape[0], self.cfg.n_codebooks, LATENT_DIM, codes.shape[-1])
         valid = (codes != SPECIAL)[:, :, None, :].expand_as(lat)
         for k in range(self.cfg.n_codebooks):
             v = lat[:, k][valid[:, k]]
@@ -301,6 +301,8 @@ class Stage2Diffusion(nn.Module):
         coarse = self.latents(coarse_codes[:, None])
         keep = fine_known = None
         if known is not None:
+            if known.dim() != 3 or known.shape[1] != self.cfg.n_codebooks:
+                raise ValueError(f"known {tuple(known.shape)}: want (b, {self.cfg.n_codebooks}, T) codes")
             keep = self.known_frames(known, coarse_codes)
             fine_known = self.latents(known)[:, LATENT_DIM:]  # special ids (frames to sample) -> 0
         fine = self.sample_latents(coarse, text, text_mask, steps, cfg_scale, generator, progress,

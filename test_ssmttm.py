@@ -367,8 +367,9 @@ def test_ssd_refuses_what_only_broadcasts_and_returns_a_copy_of_the_state_for_no
         args = {**dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=h0), **change}
         return ssd_sequential(**args) if ssd == "sequential" else ssd_chunked(**args, chunk_size=chunk_size)
     for change, message in (({"initial_state": h0[0]}, "initial_state (4, 3, 6): want (2, 4, 3, 6)"),
-                            ({"B": B[:1]}, "B (1, 5, 2, 6): want (2, 5, 2, 6)"),
-                            ({"C": C[..., :5]}, "C (2, 5, 2, 5): want (2, 5, 2, 6)"),
+                            ({"B": B[:1], "C": C[:1]}, "B (1, 5, 2, 6): want (2, 5, 2, 6)"),
+                            ({"C": C[..., :5]}, "B (2, 5, 2, 6) and C (2, 5, 2, 5): want one shape (b, l, g, n)"),
+                            ({"B": B[:, :, 0]}, "B (2, 5, 6): want (b, l, g, n)"),
                             ({"dt": dt[:, :4]}, "dt (2, 4, 4): want (2, 5, 4)"),
                             ({"A": A[:1]}, "A (1,): want (4,)"), ({"x": x[0]}, "x (5, 4, 3): want (b, l, h, p)")):
         with pytest.raises(ValueError) as e:
@@ -1153,6 +1154,16 @@ def test_the_layers_refuse_what_they_would_misread_and_take_empty_batches_and_se
     for variant in VARIANTS:
         m = tiny_model(variant)
         assert m.logits(tokens[:0], text[:0], mask[:0]).shape == (0, 1, 5, 1025)
+        # a prefill of no steps (the cross variants' positions had no last one), then steps from it
+        cache = ssmttm.InferenceCache(m, 2, 8, "cpu", torch.float64)
+        assert m.logits(tokens[..., :0], text, mask, cache).shape == (2, 1, 0, 1025)
+        want = m.logits(tokens, text, mask)
+        got = m.step(tokens, cache)
+        if variant.startswith("cross"):  # (a prefix variant's first step is the begin step after the text)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    state = layer.new_state(0, 8, "cpu", torch.float64)
+    assert layer.step(torch.zeros(0, 1, 32, dtype=torch.float64), state).shape == (0, 1, 32)
+    assert ssmttm.Block(("mamba", "ff"), 32, d_state=16, headdim=8)(torch.zeros(0, 3, 32)).shape == (0, 3, 32)
 
 
 def test_bf16_ssm_state_stays_close_to_fp32():
@@ -3857,6 +3868,8 @@ def test_stage2_sampler_refuses_no_steps():
         assert str(e.value).startswith(message)
     with pytest.raises(ValueError, match=re.escape("DiffusionUNet: x (1, 72, 0): no frames")):
         model.unet(torch.zeros(1, 72, 0, dtype=torch.float64), torch.ones(1), text, mask)
+    # a batch of no rows: no latents (the group norm's view(..., -1) failed)
+    assert model.sample_latents(torch.zeros(0, 8, 4, dtype=torch.float64), text[:0], mask[:0], 1).shape == (0, 64, 4)
 
 
 def test_stage2_sampler_steps_keep_x_at_the_forward_processs_level():
@@ -7418,6 +7431,9 @@ def test_generate_seeds_each_prompt_by_its_place_whatever_its_batch_and_syncs_fi
     assert e.value.code == 2 and capsys.readouterr().err == (
         "prompts 1 and 4 would both write s0-0000-a-calm-piece.*: give one of them another id\n")
     assert not (tmp_path / "twice").exists()
+    # letter by letter, as file systems compare names: "ß" and "ss" are two files
+    assert genmod.same_file_key("Stra\u00dfe") != genmod.same_file_key("STRASSE")
+    assert genmod.same_file_key("Caf\u00e9") == genmod.same_file_key("CAFE\u0301") == "caf\u00e9"
     # ids that only a case-folding file system (macOS's, Windows') makes one file: "Café" composed, "CAFE\u0301"
     (tmp_path / "set.jsonl").write_text('{"id": "Caf\u00e9", "caption": "x"}\n{"id": "b", "caption": "y"}\n'
                                         '{"id": "CAFE\u0301", "caption": "z"}\n', encoding="utf-8")
@@ -8594,6 +8610,9 @@ def test_stage2_generate_keeps_known_codes_with_a_twin_entry_and_ignores_codeboo
     with pytest.raises(ValueError) as e:
         model.generate(codes[:, 0], text, mask, steps=2, known=known[:1])
     assert str(e.value) == f"known (1, 9, {codes.shape[-1]}): want (b, 9, T) for coarse_codes (2, {codes.shape[-1]})"
+    with pytest.raises(ValueError) as e:  # codebooks 1..3 only: not read as fine codes
+        model.generate(codes[:, 0], text, mask, steps=2, known=known[:, :3])
+    assert str(e.value) == f"known (2, 3, {codes.shape[-1]}): want (b, 9, T) codes"
 
 
 def test_stage2_generate_guides_with_scale_three_by_default():
