@@ -740,9 +740,18 @@ def parse_json(text, only_text=False):
     its reason: not UTF-8, not JSON (the parser's message), a number of more digits than Python converts,
     nesting deeper than the parser recurses. only_text, for what a person wrote (captions, prompts): also a
     \\uD800-\\uDFFF escape that is half a surrogate pair, which no UTF-8 text holds (the tokenizer could
-    not encode it later). The program's own files may hold them: a file name that is not UTF-8 is one."""
+    not encode it later), and a key given twice in one object (json.loads keeps the last without a
+    word). The program's own files may hold such escapes: a file name that is not UTF-8 is one."""
+    def unique_keys(pairs):
+        keys = [k for k, _ in pairs]
+        twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if twice is not None:
+            raise KeyError(twice)
+        return dict(pairs)
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=unique_keys if only_text else None)
+    except KeyError as e:
+        raise ValueError(f"the key {e.args[0]!r} is given twice") from None
     except UnicodeDecodeError:
         raise ValueError("not UTF-8") from None
     except json.JSONDecodeError as e:
@@ -825,6 +834,7 @@ def csv_entries(path, text):
                 header = [name.strip() for name in row]
                 if not {"audio", "caption"} <= set(header):
                     break
+                check_columns(path, header, ("audio", "caption"))
                 continue
             if last > line:
                 fail(f"{path}:{line}: the row runs over lines {line}-{last}; a caption must be one line "
@@ -838,6 +848,14 @@ def csv_entries(path, text):
     if header is None or not {"audio", "caption"} <= set(header):
         fail(f"{path}: a CSV captions file needs a header row with columns audio,caption "
              f"(found: {','.join(header or [])})")
+
+
+def check_columns(path, header, read):
+    """BadInput naming a column of `read` that the header row of a CSV file names twice: csv and
+    dict() keep the last of two without a word, so the other's values would go unread."""
+    twice = next((name for name in read if header.count(name) > 1), None)
+    if twice is not None:
+        fail(f"{path}: the header row names the column {twice!r} twice; which one is meant?")
 
 
 def jsonl_entries(path, text):
@@ -877,6 +895,7 @@ def read_prompts(path):
         if names and not ({"id", "ytid"} & set(names) and {"caption", "prompt", "text"} & set(names)):
             fail(f"{path}: a CSV prompts file needs a header row with an id column (id or ytid) and a text column "
                  f"(caption, prompt or text); found: {', '.join(names)[:200]}")
+        check_columns(path, names, ("id", "ytid", "caption", "prompt", "text"))
     else:
         rows = []
         for n, line in enumerate(text.split("\n"), 1):
@@ -924,7 +943,7 @@ def check_sample_rate(sr):
 def load_audio(path):
     """Any file libsndfile reads -> mono float32 (n,) at 44.1 kHz (resampled by soxr). AudioError
     when the file is missing, unreadable or empty, sampled below MIN_SAMPLE_RATE, or has NaN or
-    infinite samples."""
+    infinite samples, or samples beyond MAX_AMPLITUDE (which DAC would encode as noise)."""
     import soundfile as sf
     import soxr
     try:
@@ -943,10 +962,19 @@ def load_audio(path):
     if audio.size == 0:
         raise AudioError("no audio samples")
     check_sample_rate(sr)
-    mono = finite(audio).mean(axis=1)
+    peak = float(np.abs(finite(audio)).max())
+    if peak > MAX_AMPLITUDE:
+        raise AudioError(f"samples up to {peak:.3g}, where audio runs from -1 to 1 (integer samples stored as "
+                         "floats?)")
+    mono = audio.mean(axis=1)
     if sr != SAMPLE_RATE:
         mono = soxr.resample(mono, sr, SAMPLE_RATE, quality="HQ").astype(np.float32)
     return mono
+
+
+# Float audio runs from -1 to 1 and may go past it (a mix's headroom); a hundred times past it is no
+# recording (integer samples written as floats, or damage), and summing channels of 3e38 overflows.
+MAX_AMPLITUDE = 100.0
 
 
 def finite(audio):

@@ -128,7 +128,7 @@ def load_mono(path, sample_rate):
         fail(f"{path}: no audio samples")
     try:
         datamod.check_sample_rate(sr)  # (resampling a file of 1 Hz to the metrics' rates would take all memory)
-        mono = datamod.finite(audio).mean(axis=1)
+        mono = datamod.finite(audio).mean(axis=1, dtype=np.float64)  # (float32 sums of 3e38 overflow to inf)
     except datamod.AudioError as e:  # NaN would run through every metric and come out as NaN
         fail(f"{path}: {e}")
     if sr != sample_rate:

@@ -4790,6 +4790,11 @@ BAD_CAPTIONS = [
     ("absolute.jsonl", b'{"audio": "/music/x.wav", "caption": "calm"}\n', "1: the audio path must be relative to "
                                                                            "the audio folder, not /music/x.wav"),
     ("blank.jsonl", b"\n\n", ": no captions in it"),
+    # a key or column named twice: the last was read without a word (the other file encoded with this caption)
+    ("twice.jsonl", b'{"audio": "x.wav", "caption": "calm", "audio": "y.wav"}\n',
+     "1: not valid JSON (the key 'audio' is given twice)"),
+    ("twice.csv", b"audio,caption,audio\nx.wav,calm,y.wav\n", ": the header row names the column 'audio' twice; "
+                                                             "which one is meant?"),
 ]
 
 
@@ -4925,7 +4930,9 @@ def test_a_prompts_csv_with_a_quote_left_open_is_named(tmp_path, capsys):
     ("p.csv", "ytid,start_s\nabc,30\n", "a CSV prompts file needs a header row with an id column (id or ytid) and a "
      "text column (caption, prompt or text); found: ytid, start_s"),
     ("p.csv", "", "no prompts in it"), ("p.csv", "id,caption\n", "no prompts in it"),
-    ("p.jsonl", "\n\n", "no prompts in it"), ("p.txt", " \n\n", "no prompts in it")])
+    ("p.jsonl", "\n\n", "no prompts in it"), ("p.txt", " \n\n", "no prompts in it"),
+    ("p.csv", "id,caption,caption\nx1,first,second\n", "the header row names the column 'caption' twice; which "
+     "one is meant?")])
 def test_a_prompts_file_of_the_wrong_shape_is_one_line(tmp_path, capsys, name, text, message):
     """A text that is not text (it would be prompted as its Python repr), a CSV whose header lacks the
     columns (its first row would be taken as the header, leaving no prompts) and a file without prompts
@@ -4946,7 +4953,8 @@ def test_a_prompts_file_that_json_cannot_read_as_text_is_one_line(tmp_path, caps
     for line, why in (('{"id": "a", "caption": "calm \\udfff piano"}', "an escape \\udfff is half a surrogate pair, "
                                                                      "not text"),
                       ('{"id": ' + "9" * 5000 + ', "caption": "calm"}', "a number too long to read"),
-                      ("[" * 100000, "nested too deeply")):
+                      ("[" * 100000, "nested too deeply"),
+                      ('{"id": "b", "caption": "calm", "caption": "loud"}', "the key 'caption' is given twice")):
         path = tmp_path / "p.jsonl"
         path.write_text('{"id": "ok", "caption": "calm"}\n' + line + "\n")
         with pytest.raises(SystemExit) as e:
@@ -5057,6 +5065,19 @@ def test_load_audio_resamples_with_soxr_at_high_quality_and_refuses_a_file_witho
         assert str(e.value) == f"sampled at {rate} Hz; audio files here are sampled at 8000 Hz or more"
     sf.write(tmp_path / "8k.wav", np.zeros(800, np.float32), 8000)
     assert datamod.load_audio(str(tmp_path / "8k.wav")).shape == (SR // 10,)
+    # samples far past full scale (3e38: the channels' sum overflowed to inf, and DAC coded it as 0s): refused;
+    # a mix's headroom (peaks of 4) passes
+    loud = np.stack([x, x], 1)
+    for scale, refused in ((3e38, f"samples up to {np.abs(x).max() * 3e38:.3g}"),
+                           (250.0, f"samples up to {np.abs(x).max() * 250:.3g}"), (4.0, None)):
+        sf.write(tmp_path / "loud.wav", loud * np.float32(scale), 48000, subtype="FLOAT")
+        if refused is None:
+            assert np.abs(datamod.load_audio(str(tmp_path / "loud.wav"))).max() > 1.0
+            continue
+        with pytest.raises(datamod.AudioError) as e:
+            datamod.load_audio(str(tmp_path / "loud.wav"))
+        assert str(e.value).startswith(refused) and str(e.value).endswith(
+            ", where audio runs from -1 to 1 (integer samples stored as floats?)")
 
 
 @pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG", "MP3"])
