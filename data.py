@@ -711,6 +711,18 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def run_command(main, name):
+    """A command line's main() with Ctrl-C as one line and exit code 130 instead of a traceback.
+    For the commands that commit each unit of work whole (data.py, generate.py, evaluate.py): what
+    they finished is kept, and the same command goes on from there."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted; what was finished is kept, and the same command goes on from there",
+              file=sys.stderr)
+        sys.exit(130)
+
+
 def out_of_memory(error):
     """The first line of the memory error that error is or was raised from (numpy's MemoryError, CUDA's
     torch.OutOfMemoryError, torch's CPU allocator's RuntimeError; torch.compile wraps them), or None."""
@@ -806,11 +818,34 @@ def read_captions(path):
     return captions
 
 
+def file_problem(path):
+    """Why path cannot be opened as a file to read, in the system's words ("not found", "is a directory",
+    "permission denied", "too many levels of symbolic links", ...), or None when it can."""
+    if os.path.isdir(path):
+        return "is a directory"
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block open() until written to
+        return "not a regular file"
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        return "not found"
+    except OSError as e:
+        return (e.strerror or str(e)).lower()
+    except ValueError:  # a NUL byte in the path
+        return "not a valid path"
+    return None
+
+
 def read_utf8(path, what):
     """The text of a UTF-8 file (a byte-order mark is dropped). BadInput naming the file (`what` it
-    is) when it is missing, or naming the line of the first byte that is not UTF-8."""
-    if not os.path.isfile(path):
+    is) when it is missing or cannot be read (file_problem), or naming the line of the first byte that
+    is not UTF-8."""
+    problem = file_problem(path)
+    if problem == "not found":
         fail(f"{path}: {what} not found")
+    if problem:
+        fail(f"{path}: cannot read the {what} ({problem})")
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -946,21 +981,15 @@ def load_audio(path):
     infinite samples, or samples beyond MAX_AMPLITUDE (which DAC would encode as noise)."""
     import soundfile as sf
     import soxr
-    try:
-        with open(path, "rb"):  # the OS says best why a file cannot be opened
-            pass
-    except FileNotFoundError:
-        raise AudioError("not found") from None
-    except OSError as e:
-        raise AudioError(e.strerror.lower()) from None
-    except ValueError:  # a NUL byte in the path
-        raise AudioError("not a valid path") from None
+    problem = file_problem(path)  # the OS says best why a file cannot be opened
+    if problem:
+        raise AudioError(problem)
     try:
         audio, sr = sf.read(path, dtype="float32", always_2d=True)
     except sf.SoundFileError as e:
         raise AudioError(f"unreadable ({getattr(e, 'error_string', e)})") from None
     if audio.size == 0:
-        raise AudioError("no audio samples")
+        raise AudioError("no audio samples (an empty or damaged file)")
     check_sample_rate(sr)
     peak = float(np.abs(finite(audio)).max())
     if peak > MAX_AMPLITUDE:
@@ -1214,4 +1243,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "data.py")

@@ -50,6 +50,7 @@ import math
 import os
 import sys
 import types
+import unicodedata
 import warnings
 
 import numpy as np
@@ -88,12 +89,15 @@ def note(message):
 
 
 def list_audio(folder, flag):
-    """{name without extension: path} of the audio files directly in `folder`."""
+    """{name without extension: path} of the audio files directly in `folder`, the names in Unicode's
+    composed form (NFC): a file system may give "é" decomposed (macOS's HFS+), and the names pair with
+    the other folder's and with the prompts' ids by how they read."""
     if not os.path.isdir(folder):
         fail(f"{flag} {folder}: not a folder")
     files = {}
     for entry in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(entry)
+        stem = unicodedata.normalize("NFC", stem)
         if ext.lower() in AUDIO_EXTENSIONS and os.path.isfile(os.path.join(folder, entry)):
             if stem in files:
                 fail(f"{flag} {folder}: two files are named {stem} ({os.path.basename(files[stem])}, {entry})")
@@ -107,11 +111,18 @@ def read_prompts(path):
     """{id: prompt} from JSONL ({"id": ..., "caption": ...} per line) or CSV with a header row
     (data.read_prompts). The id may be called id or ytid (MusicCaps' CSV), the text caption, prompt
     or text."""
-    if not os.path.isfile(path):
-        fail(f"--prompts {path}: file not found")
+    problem = datamod.file_problem(path)
+    if problem:
+        fail(f"--prompts {path}: file not found" if problem == "not found" else f"--prompts {path}: {problem}")
     if not path.lower().endswith((".jsonl", ".csv")):
         fail(f"--prompts {path}: want a .jsonl or .csv file with an id and a text per entry")
-    return dict(datamod.read_prompts(path))
+    prompts = {}
+    for key, prompt in datamod.read_prompts(path):
+        name = unicodedata.normalize("NFC", key)  # as list_audio names the files
+        if name in prompts:
+            fail(f"--prompts {path}: two ids read {name!r} (one with accents composed, one not)")
+        prompts[name] = prompt
+    return prompts
 
 
 def load_mono(path, sample_rate):
@@ -125,7 +136,7 @@ def load_mono(path, sample_rate):
     except Exception as e:  # libsndfile's message names the problem
         fail(f"{path}: unreadable audio ({str(e).splitlines()[0]})")
     if audio.size == 0:
-        fail(f"{path}: no audio samples")
+        fail(f"{path}: no audio samples (an empty or damaged file)")
     try:
         datamod.check_sample_rate(sr)  # (resampling a file of 1 Hz to the metrics' rates would take all memory)
         mono = datamod.finite(audio).mean(axis=1, dtype=np.float64)  # (float32 sums of 3e38 overflow to inf)
@@ -578,7 +589,7 @@ def clap_score(clap, generated, prompts, args, device, report):
         report["per_file"][name]["clap"] = scores[-1]
     if longer:
         note(f"{len(longer)} clip(s) longer than CLAP's {window / extractor.sampling_rate:g} s window, "
-             f"{extractor.truncation} (seed {args.seed}): {', '.join(longer[:5])}")
+             f"{extractor.truncation} (seed {args.seed}): {datamod.some(longer)}")
     report["counts"]["clap_clips"] = len(scores)
     report["clap_score"] = float(np.mean(scores))
 
@@ -930,4 +941,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    datamod.run_command(main, "evaluate.py")

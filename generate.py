@@ -136,8 +136,9 @@ def parse_args(argv=None):
     datamod.check_out_folder(args.out)  # here, before any model is loaded or any prompt generated
     if args.continue_seconds is not None and args.continue_from is None:
         datamod.fail(f"--continue-seconds {args.continue_seconds:g}: needs --continue FILE")
-    if args.continue_from is not None and not os.path.isfile(args.continue_from):  # before any model is loaded
-        datamod.fail(f"--continue {args.continue_from}: not found")
+    problem = args.continue_from and datamod.file_problem(args.continue_from)
+    if problem:  # before any model is loaded
+        datamod.fail(f"--continue {args.continue_from}: {problem}")
     args.device = datamod.resolve_device(args.device)
     # settings of the records: one local folder, however it is typed, from any working directory
     args.t5, args.dac = (None if v is None else datamod.model_location(v) for v in (args.t5, args.dac))
@@ -167,8 +168,9 @@ class CheckpointError(Exception):
 
 def open_checkpoint(path):
     """torch.load(path) of an ssmttm checkpoint, or CheckpointError."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: checkpoint not found")
+    problem = datamod.file_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: checkpoint {problem}" if problem == "not found" else f"{path}: {problem}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a cut or damaged file: pickle, zip and torch errors of every kind
@@ -774,4 +776,4 @@ def generate_all(m, args, requests, n_frames, lock):
 
 
 if __name__ == "__main__":
-    main()
+    datamod.run_command(main, "generate.py")

@@ -616,6 +616,20 @@ def test_list_audio_and_read_prompts_edges(tmp_path, capsys):
         evaluate.read_prompts(str(tmp_path / "p.txt"))
     assert _one_line_error(capsys) == (f"evaluate.py: error: --prompts {tmp_path / 'p.txt'}: want a .jsonl or .csv "
                                        "file with an id and a text per entry")
+    # "café" with the accent composed in one name and apart in the other (as macOS's HFS+ stores names):
+    # one name, which pairs with the prompts' id ("no file named like ..." before)
+    nfd = tmp_path / "nfd"
+    nfd.mkdir()
+    sf.write(nfd / "cafe\u0301.wav", np.zeros(100), 16000)
+    assert evaluate.list_audio(str(nfd), "--reference") == {"caf\u00e9": str(nfd / "cafe\u0301.wav")}
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"id": "cafe\u0301", "caption": "a calm piece"}\n', encoding="utf-8")
+    assert evaluate.read_prompts(str(p)) == {"caf\u00e9": "a calm piece"}
+    p.write_text('{"id": "cafe\u0301", "caption": "x"}\n{"id": "caf\u00e9", "caption": "y"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit):
+        evaluate.read_prompts(str(p))
+    assert _one_line_error(capsys) == (f"evaluate.py: error: --prompts {p}: two ids read 'caf\u00e9' (one with accents "
+                                       "composed, one not)")
 
 
 def test_load_mono_averages_channels_resamples_hq_and_keeps_silence(tmp_path, capsys):
@@ -646,7 +660,8 @@ def test_load_mono_averages_channels_resamples_hq_and_keeps_silence(tmp_path, ca
     with pytest.raises(SystemExit) as e:
         evaluate.load_mono(str(tmp_path / "empty.wav"), 16000)
     assert e.value.code == 2
-    assert _one_line_error(capsys) == f"evaluate.py: error: {tmp_path / 'empty.wav'}: no audio samples"
+    assert _one_line_error(capsys) == (f"evaluate.py: error: {tmp_path / 'empty.wav'}: no audio samples (an empty or "
+                                       "damaged file)")
     # 1 Hz: 100 000 samples would be resampled to 48 kHz, 19 GB
     sf.write(tmp_path / "1hz.wav", np.zeros(100), 1)
     with pytest.raises(SystemExit) as e:
@@ -689,10 +704,10 @@ def test_clap_per_file_scores_pair_each_file_with_its_prompt(weights, sets, caps
     want = {}
     for name, file in (("a", "a.wav"), ("b", "b.flac"), ("c", "c.wav")):
         x, sr = sf.read(os.path.join(sets["generated"], file), dtype="float32", always_2d=True)
-        x = x.mean(1)
+        x = x.mean(1, dtype=np.float64)
         if sr != 48000:
             x = soxr.resample(x, sr, 48000, quality="HQ")
-        x = x * (10 ** (-1 / 20) / np.abs(x).max())  # evaluate.py's float32 steps, in its order
+        x = (x * (10 ** (-1 / 20) / np.abs(x).max())).astype(np.float32)  # evaluate.py's steps, in its order
         x = (np.clip(x, -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32767
         feats = extract(x, sampling_rate=48000, return_tensors="pt")
         tok = tokenizer(prompts[name], truncation=True, max_length=77, return_tensors="pt")

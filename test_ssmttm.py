@@ -4908,6 +4908,22 @@ def test_a_damaged_line_of_the_earlier_layout_is_named(tmp_path, capsys):
                                                         "captions": ["a"], "row": 0}]
 
 
+def test_file_problem_says_why_a_path_cannot_be_read(tmp_path, capsys):
+    # a folder, a link loop and a FIFO were all "not found" (os.path.isfile), and open() of a FIFO blocks
+    (tmp_path / "dir.csv").mkdir()
+    os.symlink("loop.csv", tmp_path / "loop.csv")
+    os.mkfifo(tmp_path / "fifo.csv")
+    (tmp_path / "ok.csv").write_text("")
+    assert {name: datamod.file_problem(str(tmp_path / name)) for name in
+            ("dir.csv", "loop.csv", "fifo.csv", "ok.csv", "nope.csv")} == {
+        "dir.csv": "is a directory", "loop.csv": "too many levels of symbolic links",
+        "fifo.csv": "not a regular file", "ok.csv": None, "nope.csv": "not found"}
+    with pytest.raises(SystemExit) as e:
+        datamod.read_captions(str(tmp_path / "dir.csv"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{tmp_path}/dir.csv: cannot read the captions file (is a directory)\n")
+
+
 def test_a_prompts_csv_with_a_quote_left_open_is_named(tmp_path, capsys):
     # strict CSV: the open quote would otherwise swallow the rows after it into one prompt
     path = tmp_path / "prompts.csv"
@@ -5468,6 +5484,21 @@ def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch
     monkeypatch.undo()
     run(tmp_path / "cut", "--resume")
     assert_same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+@pytest.mark.parametrize("script", ["data.py", "generate.py", "evaluate.py"])
+def test_ctrl_c_in_a_resumable_command_is_one_line_and_exit_130(script, monkeypatch, capsys):
+    # a KeyboardInterrupt traceback before; what they commit is whole at any point (their own tests)
+    import runpy
+
+    def interrupted(self, *a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
+    monkeypatch.setattr(sys, "argv", [script])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+    assert e.value.code == 130 and capsys.readouterr().err == (
+        f"\n{script}: interrupted; what was finished is kept, and the same command goes on from there\n")
 
 
 def test_a_crash_while_resume_rewrites_the_metrics_keeps_them(tmp_path, monkeypatch):
@@ -7055,6 +7086,8 @@ def test_generate_continue_errors(real_data_checkpoints, audio_dir, tmp_path, ca
     capsys.readouterr()
     codes = tmp_path / "c.npy"
     np.save(codes, np.zeros((1, 10), np.int16))
+    (tmp_path / "dir.wav").mkdir()
+    os.symlink("loop.wav", tmp_path / "loop.wav")
     cases = [
         ([*k9, "--continue", src, "--seconds", "5"], re.escape(f"--continue {src}: the prompt lasts 19.99 s (1722 "
                                                               "frames), more than --seconds 5 (431 frames)")),
@@ -7062,6 +7095,10 @@ def test_generate_continue_errors(real_data_checkpoints, audio_dir, tmp_path, ca
         ([*k9, "--continue", str(tmp_path / "nope.flac")], "--continue .*nope.flac: not found"),
         ([*k9, "--dac", str(tmp_path / "no-dac"), "--continue", str(tmp_path / "nope.wav")],
          "--continue .*nope.wav: not found"),  # named before any model (here a DAC that cannot load) is read
+        # why a file that is there cannot be read, in the system's words (both said "not found")
+        ([*k9, "--continue", str(tmp_path / "dir.wav")], "--continue .*dir.wav: is a directory$"),
+        ([*k9, "--continue", str(tmp_path / "loop.wav")], "--continue .*loop.wav: too many levels of symbolic links$"),
+        (["a piece", "--ckpt", str(tmp_path / "dir.wav"), "--out", str(tmp_path)], "dir.wav: is a directory$"),
         ([*k9, "--continue", str(codes)], "c.npy: 1 codebook; this output has 9"),
         ([*k9, "--continue-seconds", "2"], "--continue-seconds 2: needs --continue FILE"),
         ([*k9, "--continue", src, "--continue-seconds", "0"],

@@ -364,8 +364,9 @@ def load_checkpoint(path, keys=("model", "optimizer", "scheduler", "step", "rng"
     """A train.py checkpoint, read on the CPU; one line naming the file (and flag) with exit code 2
     if it is missing, cannot be read, or lacks one of keys."""
     where = f"{flag} {path}".strip()
-    if not os.path.isfile(path):
-        datamod.fail(f"{where}: checkpoint not found")
+    problem = datamod.file_problem(path)
+    if problem:
+        datamod.fail(f"{where}: checkpoint {problem}" if problem == "not found" else f"{where}: {problem}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a cut or damaged file: pickle, zip and torch errors of every kind
