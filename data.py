@@ -16,8 +16,9 @@ Real data (paper, section III-C), preprocessed once:
   10 s), and clips that are mostly silent are dropped: a 50 ms window is silent when its RMS is
   below -60 dBFS, and a clip goes when more than 15 s (or more than half of a shorter clip) is
   silent. The clips are encoded by DAC 44.1 kHz (checked when loaded: 44100 Hz, hop 512, 9
-  codebooks of 1024) into 9 x 2584 codes. A file that is missing, unreadable or empty, or has NaN
-  or infinite samples, is skipped and listed at the end (the run then exits with code 2, the other
+  codebooks of 1024) into 9 x 2584 codes. A file that is missing, unreadable, empty or damaged,
+  sampled below 8 kHz, or has NaN or infinite samples or samples beyond +-100 (MAX_AMPLITUDE), is
+  skipped and listed at the end (the run then exits with code 2, the other
   files committed); a rerun tries it again. The summary also
   counts the clips dropped as silent and names the files too short for a clip.
 

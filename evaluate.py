@@ -2,7 +2,7 @@
 the four LM variants in miniature (the paper's Figure 2 / RQ2, on the synthetic set).
 
     python evaluate.py --generated outputs/musiccaps --reference data/musiccaps --prompts musiccaps.csv
-    python evaluate.py --convergence runs/rq2 --layers 2 --steps 300 --eval-every 25
+    OMP_NUM_THREADS=1 python evaluate.py --convergence runs/rq2 --layers 2 --steps 200 --batch-size 8 --eval-every 20
 
 Metrics, as defined by Stability-AI/stable-audio-metrics (the paper follows its ref. [16], Stable
 Audio) with audiocraft's KL direction. Every file is read as mono (channels averaged), resampled

@@ -19,7 +19,8 @@ weights are the same.
 OUT/ckpt.pt holds the model config, weights, optimizer, scheduler, step and RNG states (written to
 a temporary file, then renamed); --resume continues exactly where it stopped. --init-from starts a
 new run from another run's weights only (a fresh optimizer and schedule, step 0). OUT/metrics.csv logs
-step, loss, lr, grad norm, audio tokens/s and, on the synthetic set, the caption score of samples.
+step, loss, lr, grad norm, audio tokens/s, elapsed seconds and, on the synthetic set, the caption score of
+samples.
 """
 import argparse
 import contextlib
