@@ -7967,6 +7967,17 @@ def test_stage2_measures_latent_statistics_of_its_data_and_skips_caption_evaluat
     assert [r["caption_score"] for r in csv.DictReader(open(out / "metrics.csv"))] == [""]
 
 
+def test_stage2_latent_statistics_read_a_seeded_sample_of_a_folders_clips():
+    # a folder's first 64 clips (data.py's order: the captions file's) could all be one album's
+    pick = trainmod.latent_stat_examples(1000, seed=3)
+    assert len(pick) == 64 == len(set(pick.tolist())) and (np.diff(pick) > 0).all() and pick.max() < 1000
+    assert pick.max() > 500 and not np.array_equal(pick, np.arange(64))
+    assert np.array_equal(pick, trainmod.latent_stat_examples(1000, seed=3))  # a resumed run's, every rank's
+    assert not np.array_equal(pick, trainmod.latent_stat_examples(1000, seed=4))
+    assert np.array_equal(trainmod.latent_stat_examples(10, seed=3), np.arange(10))  # fewer than 64: all
+    assert np.array_equal(trainmod.latent_stat_examples(None, seed=3), np.arange(64))  # the synthetic set's first
+
+
 def test_init_from_takes_a_new_dropout_but_not_another_text_encoder(tmp_path, capsys):
     trainmod.main(tiny_train_args(tmp_path / "src", "--steps", "1"))  # dropout 0
     path = str(tmp_path / "src" / "ckpt.pt")

@@ -513,6 +513,16 @@ def codec_spec(args):
     return None if args.stage == 1 else {"kind": "synthetic"} if not args.data else {"kind": "dac", "name": args.dac}
 
 
+def latent_stat_examples(n_examples, seed, n=64):
+    """The examples whose latents set stage 2's per-codebook mean and std (Stage2Diffusion.set_latent_stats):
+    n of a folder's clips drawn with the run's seed, in index order (its first n could be one album's: data.py
+    writes the files in the captions file's order), or all of them; the synthetic set's first n (endless,
+    and each example is a new draw). Its own generator: the run's RNG states stay as they were."""
+    if n_examples is None:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n_examples, min(n, n_examples), replace=False))
+
+
 def restore(ckpt, model, optimizer, scheduler, rank, device):
     """Put a checkpoint's weights, optimizer, schedule and this process's RNG states back; returns
     its step."""
@@ -906,7 +916,7 @@ def run_training(args, given, world, rank, device, lock):
     elif source is not None:  # fine-tuning: the weights only; optimizer, schedule and step start afresh
         load_source_weights(source, model, model_config, args)
     elif args.stage == 2:  # per-codebook latent statistics of the training data, kept in the model
-        model.set_latent_stats(dataset.batch(np.arange(min(64, n_examples or 64)))[0][..., :frames].to(device))
+        model.set_latent_stats(dataset.batch(latent_stat_examples(n_examples, args.seed))[0][..., :frames].to(device))
     trained = compile_model(model, args.cuda_graphs) if args.compile else model
     # Each gradient a tensor of this loop's, from the start on (why: apply_update); DDP then copies them into
     # its buckets and keeps them there, so that the graphs' gradients are added into the buckets in place.
