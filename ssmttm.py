@@ -113,15 +113,18 @@ def undelay_pattern(delayed):
     return torch.stack([delayed[:, k, k:k + T] for k in range(K)], dim=1)
 
 
-def lm_loss(logits, targets, label_smoothing=0.0):
+def lm_loss(logits, targets, label_smoothing=0.0, counts=None):
     """Cross-entropy per codebook, averaged over codebooks; special targets (padding and the empty
-    slots of the delay pattern) are ignored. logits (b, K, s, V), targets (b, K, s)."""
+    slots of the delay pattern) are ignored. logits (b, K, s, V), targets (b, K, s). counts (K,): the
+    real targets of each codebook in the whole batch this one is a part of (a training step's
+    micro-batches on every process); the loss is then this part's share of that batch's loss, and the
+    parts' shares add up to it, whatever the padding of each (None: the whole batch is this one)."""
     b, K, s, V = logits.shape
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits -> fp32 loss
     ce = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=SPECIAL,
                          label_smoothing=label_smoothing, reduction="none").view(b, K, s)
     valid = (targets != SPECIAL).float()
-    per_codebook = (ce * valid).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
+    per_codebook = (ce * valid).sum((0, 2)) / (valid.sum((0, 2)) if counts is None else counts).clamp(min=1)
     return per_codebook.mean()
 
 
@@ -577,12 +580,12 @@ class TextToMusicLM(nn.Module):
         cache.position.add_(s)
         return self.heads(self.run_blocks(x, memory_mask=cache.memory_mask, states=cache.states))
 
-    def forward(self, codes, text, text_mask):
+    def forward(self, codes, text, text_mask, counts=None):
         """Teacher-forced pass. codes (b, K, s): LM-layout targets (delayed when K > 1, special id
-        where there is no token). Returns logits (b, K, s, 1025) and the loss."""
+        where there is no token). Returns logits (b, K, s, 1025) and the loss (counts: lm_loss's)."""
         tokens = F.pad(codes[..., :-1], (1, 0), value=SPECIAL)  # the begin step, then shift right
         logits = self.logits(tokens, text, text_mask)
-        return logits, lm_loss(logits, codes, self.cfg.label_smoothing)
+        return logits, lm_loss(logits, codes, self.cfg.label_smoothing, counts)
 
     def configure_optimizers(self, lr, weight_decay, betas, device_type):
         """AdamW; weight decay on matrices (and conv kernels) only: not on norms, biases, dt_bias,

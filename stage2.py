@@ -219,11 +219,13 @@ class Stage2Diffusion(nn.Module):
                 codes.append(self.codec.quantizer.quantizers[k].decode_latents(block)[1])
         return torch.stack(codes, dim=1)
 
-    def forward(self, codes, text, text_mask):
+    def forward(self, codes, text, text_mask, count=None):
         """Training loss (v-prediction, MSE over real frames) for codes (b, 9, T), each clip's real frames
         followed by padding (SPECIAL). The U-Net sees every frame at once (not causally); it is told each
         clip's length, so that the padding does not change what it makes of the real frames (generation never
-        shows it any)."""
+        shows it any). count: the real frames of the whole batch this one is a part of (a training step's
+        micro-batches on every process): the loss is then this part's share of that batch's (ssmttm.lm_loss's
+        counts; None: the whole batch is this one)."""
         frames = (codes[:, :1] != SPECIAL).float()                         # (b, 1, T): 1 at real frames
         x0 = self.latents(codes)
         coarse, fine = x0[:, :LATENT_DIM], x0[:, LATENT_DIM:]
@@ -234,7 +236,8 @@ class Stage2Diffusion(nn.Module):
         v_target = alpha * noise - sigma * fine
         v = self.unet(torch.cat([alpha * fine + sigma * noise, coarse], dim=1), t, text, text_mask,
                       frames.sum(-1)[:, 0].long())
-        return ((v.float() - v_target) ** 2 * frames).sum() / (frames.sum() * v.shape[1]).clamp(min=1)
+        count = frames.sum() if count is None else count
+        return ((v.float() - v_target) ** 2 * frames).sum() / (count * v.shape[1]).clamp(min=1)
 
     def predict_v(self, x_t, coarse, t, text, text_mask, cfg_scale):
         """v for one step; with guidance the conditional and null (no text) rows run as one batch."""

@@ -5366,6 +5366,21 @@ def test_resume_takes_each_flag_typed_even_at_its_default(tmp_path):
         f[2:].replace("-", "_") for f in switches}
 
 
+def test_resume_with_more_steps_runs_every_step_on_the_new_schedule(tmp_path):
+    # a run of 4 steps resumed to 7: its step 5 ran at the 4-step schedule's last lr (0) and only steps 6 and
+    # 7 followed the new cosine. Every resumed step now runs at the 7-step schedule's lr.
+    common = ["--warmup", "2", "--lr", "1e-3", "--dropout", "0.3", "--batch-size", "2"]
+    trainmod.main(tiny_train_args(tmp_path / "whole", *common, "--steps", "7"))
+    trainmod.main(tiny_train_args(tmp_path / "cut", *common, "--steps", "4"))
+    trainmod.main(tiny_train_args(tmp_path / "cut", *common, "--steps", "7", "--resume"))
+    rows = [list(csv.DictReader(open(tmp_path / run / "metrics.csv"))) for run in ("whole", "cut")]
+    schedule = argparse.Namespace(lr=1e-3, warmup=2, steps=7)
+    assert [r["lr"] for r in rows[1][4:]] == [r["lr"] for r in rows[0][4:]]
+    assert [float(r["lr"]) for r in rows[1][4:]] == pytest.approx([trainmod.lr_at(s, schedule) for s in (4, 5, 6)],
+                                                                   rel=1e-3)
+    assert float(rows[1][4]["lr"]) > 1e-4
+
+
 def test_resume_with_another_number_of_processes_or_an_unusable_out_is_one_line(tmp_path, capsys):
     # each process reads its own part of a batch and keeps its own RNG states: a run saved by 2
     # processes resumes on 2 (one would read examples again and halve the batch; three would lack a state)
@@ -6857,9 +6872,9 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys
 def first_call(monkeypatch, cls):
     """Record the inputs, torch RNG state and loss of the first training call of cls.forward."""
     seen, forward = [], cls.forward
-    def spy(self, codes, text, mask):
+    def spy(self, codes, text, mask, counts=None):
         rng = torch.get_rng_state()
-        out = forward(self, codes, text, mask)
+        out = forward(self, codes, text, mask, counts)
         if not seen:
             loss = out[1] if isinstance(out, tuple) else out  # the LM returns (logits, loss)
             seen.append((rng, codes.clone(), text.clone(), mask.clone(), loss.item()))
@@ -7781,11 +7796,16 @@ def test_batch_indices_read_each_example_once_per_epoch_in_a_new_seeded_order():
 
 
 def test_caption_dropout_is_per_position_step_and_micro_batch_at_its_rate():
-    args = argparse.Namespace(seed=0, batch_size=4, cfg_dropout=0.5)
+    args = argparse.Namespace(seed=0, batch_size=4, cfg_dropout=0.5, grad_accum=1)
     keep = lambda step, micro, rank=0, world=1, **kw: trainmod.caption_keep(  # noqa: E731
         step, micro, argparse.Namespace(**{**vars(args), **kw}), rank, world)
-    # two processes of batch 4 drop the captions that one process of batch 8 drops
-    assert torch.equal(torch.cat([keep(2, 1, r, 2) for r in range(2)]), keep(2, 1, batch_size=8))
+    # two processes of batch 4 drop the captions that one process of batch 8 drops, and so do two
+    # micro-batches of 4, or of 2 on each of two processes (each had its own draw: the split changed the step)
+    whole = keep(2, 0, batch_size=8)
+    assert torch.equal(torch.cat([keep(2, 0, r, 2) for r in range(2)]), whole)
+    assert torch.equal(torch.cat([keep(2, m, grad_accum=2) for m in range(2)]), whole)
+    assert torch.equal(torch.cat([keep(2, m, r, 2, batch_size=2, grad_accum=2) for m in range(2) for r in range(2)]),
+                       whole)
     # each micro-batch and each step draws anew (a shared draw would drop the same rows every time)
     assert not torch.equal(keep(0, 0, batch_size=64), keep(0, 1, batch_size=64))
     assert not torch.equal(keep(0, 0, batch_size=64), keep(1, 0, batch_size=64))
@@ -7800,7 +7820,8 @@ def test_training_hides_the_dropped_captions_from_the_model(tmp_path, monkeypatc
     # (the null condition that guidance needs); with 0, every row keeps its caption
     seen = first_call(monkeypatch, TextToMusicLM)
     trainmod.main(tiny_train_args(tmp_path / "half", "--steps", "1", "--batch-size", "16", "--cfg-dropout", "0.5"))
-    expected = trainmod.caption_keep(0, 0, argparse.Namespace(seed=0, batch_size=16, cfg_dropout=0.5), 0, 1)
+    settings = argparse.Namespace(seed=0, batch_size=16, cfg_dropout=0.5, grad_accum=1)
+    expected = trainmod.caption_keep(0, 0, settings, 0, 1)
     assert torch.equal(seen[0][3].any(dim=1), expected) and 0 < expected.sum() < 16
     seen.clear()
     trainmod.main(tiny_train_args(tmp_path / "none", "--steps", "1", "--batch-size", "16", "--cfg-dropout", "0"))
@@ -7808,16 +7829,45 @@ def test_training_hides_the_dropped_captions_from_the_model(tmp_path, monkeypatc
 
 
 def test_grad_accumulation_gives_the_loss_and_grad_norm_of_one_big_batch(tmp_path):
-    # batch 4 x 2 micro-batches reads the examples of batch 8 x 1 (no caption dropout: it is drawn
-    # per micro-batch): the logged loss (the mean over micro-batches) and the gradient norm (of the
-    # mean gradient) must be those of the big batch, to float rounding
-    common = ["--steps", "2", "--cfg-dropout", "0"]
+    # batch 4 x 2 micro-batches reads the examples of batch 8 x 1, and drops the same captions (they
+    # were drawn per micro-batch): the logged loss and the gradient norm must be those of the big batch,
+    # to float rounding
+    common = ["--steps", "2", "--cfg-dropout", "0.5"]
     trainmod.main(tiny_train_args(tmp_path / "big", *common, "--batch-size", "8"))
     trainmod.main(tiny_train_args(tmp_path / "acc", *common, "--batch-size", "4", "--grad-accum", "2"))
     rows = [list(csv.DictReader(open(tmp_path / run / "metrics.csv"))) for run in ("big", "acc")]
     assert [float(r["loss"]) for r in rows[1]] == pytest.approx([float(r["loss"]) for r in rows[0]], abs=2e-6)
     assert [float(r["grad_norm"]) for r in rows[1]] == pytest.approx([float(r["grad_norm"]) for r in rows[0]],
                                                                      abs=2e-4)
+
+
+def test_a_split_step_on_padded_clips_is_the_step_of_one_batch(tmp_path, monkeypatch):
+    # clips of 20 real frames among clips of 48: each micro-batch's loss was the mean over its own real
+    # targets, so micro-batches weighed alike whatever their padding, and the split changed the step
+    # (1 x 4 against 2 x 2: 7.1089 against 7.1044). Now each is its share of the step's real targets.
+    monkeypatch.setattr(datamod, "T5TextEncoder", WordsAsT5)
+    codes = lambda seed, n: np.pad(  # noqa: E731
+        np.random.default_rng(seed).integers(0, 1024, (9, n)), ((0, 0), (0, 48 - n)), constant_values=1024
+    ).astype(np.uint16)
+    with datamod.ClipWriter(str(tmp_path / "tokens"), {"format": 2}) as store:
+        for i, n in enumerate([48, 20, 48, 48, 20, 48, 20, 48]):
+            store.commit({"source": f"{i}.wav", "clips": [{"start_s": 0.0, "frames": n}], "captions": [f"c{i}"],
+                          "seconds": 30.0, "silent": 0}, [codes(i, n)])
+    common = ["--data", str(tmp_path / "tokens"), "--steps", "2", "--clips-per-track", "0", "--frames", "48",
+              "--cfg-dropout", "0.5"]
+    trainmod.main(tiny_train_args(tmp_path / "big", *common, "--batch-size", "4", "--grad-accum", "1"))
+    trainmod.main(tiny_train_args(tmp_path / "acc", *common, "--batch-size", "2", "--grad-accum", "2"))
+    rows = [list(csv.DictReader(open(tmp_path / run / "metrics.csv"))) for run in ("big", "acc")]
+    assert [float(r["loss"]) for r in rows[1]] == pytest.approx([float(r["loss"]) for r in rows[0]], abs=2e-6)
+    assert [float(r["grad_norm"]) for r in rows[1]] == pytest.approx([float(r["grad_norm"]) for r in rows[0]],
+                                                                     abs=2e-4)
+    # the shares of lm_loss and of stage 2's loss add up to the whole batch's
+    logits = torch.randn(4, 2, 6, 1025, dtype=torch.float64)
+    targets = torch.randint(0, 1024, (4, 2, 6))
+    targets[1, :, 2:] = targets[3, 1, :4] = SPECIAL
+    counts = (targets != SPECIAL).sum((0, 2)).double()
+    parts = sum(ssmttm.lm_loss(logits[i:i + 2], targets[i:i + 2], 0.1, counts) for i in (0, 2))
+    torch.testing.assert_close(parts, ssmttm.lm_loss(logits, targets, 0.1), rtol=1e-12, atol=0)
 
 
 def test_apply_update_clips_to_grad_clip_and_returns_the_norm_and_lr_before_the_step():

@@ -47,7 +47,7 @@ from tqdm import tqdm
 import data as datamod
 import fast
 import stage2
-from ssmttm import LAYOUTS, ModelConfig, TextToMusicLM, delay_pattern
+from ssmttm import LAYOUTS, SPECIAL, ModelConfig, TextToMusicLM, delay_pattern
 
 PAPER = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dropout=0.3, d_model=1024,
              d_state=512, headdim=64, n_heads=8, frames=datamod.CLIP_FRAMES, eval_every=0, ckpt_every=1000,
@@ -230,10 +230,13 @@ def batch_indices(step, micro, args, rank, world, n_examples):
 
 
 def caption_keep(step, micro, args, rank, world):
-    """True where a sequence keeps its caption (else: the null condition), per global position."""
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + micro)
-    keep = torch.rand(world * args.batch_size, generator=g) >= args.cfg_dropout
-    return keep[rank * args.batch_size:(rank + 1) * args.batch_size]
+    """True where a sequence keeps its caption (else: the null condition), per global position: one
+    draw per sequence of the step, in batch_indices' order, so that the step drops the same captions
+    however it is split into processes and micro-batches."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009)
+    keep = torch.rand(args.grad_accum * world * args.batch_size, generator=g) >= args.cfg_dropout
+    first = (micro * world + rank) * args.batch_size
+    return keep[first:first + args.batch_size]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -611,15 +614,21 @@ class Run:
 
 def accumulate_gradients(run, step):
     """The gradients of one optimizer step, summed over its grad_accum micro-batches; returns the
-    loss, averaged over micro-batches and processes. It changes nothing but the gradients and the
-    RNG states (dropout): the weights stay those of the step before."""
+    step's loss. It changes nothing but the gradients and the RNG states (dropout): the weights stay
+    those of the step before. Each micro-batch's loss is its share of the whole step's (its targets
+    over the step's count of real targets, on every process: loss_counts), so that with padded clips
+    too the step is that of one batch of grad_accum x processes x batch_size, however it is split."""
     args, device = run.args, run.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     run.trained.train()
+    batches = [run.dataset.batch(*batch_indices(step, micro, args, run.rank, run.world, run.n_examples))
+               for micro in range(args.grad_accum)]
+    targets = [loss_targets(codes[..., :run.frames].to(device), args) for codes, _ in batches]
+    counts = sum(loss_counts(t, args) for t in targets)
+    if run.world > 1:
+        dist.all_reduce(counts)  # the step's count over every process
     total = torch.zeros((), device=device)
-    for micro in range(args.grad_accum):
-        codes, captions = run.dataset.batch(*batch_indices(step, micro, args, run.rank, run.world, run.n_examples))
-        codes = codes[..., :run.frames].to(device)
+    for micro, (codes, (_, captions)) in enumerate(zip(targets, batches)):
         text, mask = run.text_encoder(captions)
         if pads_text(args, device):  # a few text lengths, not one per batch: each new shape costs a compilation
             text, mask = pad_text(text, mask, TEXT_LENGTH_STEP)
@@ -627,14 +636,28 @@ def accumulate_gradients(run, step):
         sync = run.world == 1 or micro == args.grad_accum - 1  # DDP: all-reduce the gradients once
         with (contextlib.nullcontext() if sync else run.trained.no_sync()), autocast:
             if args.stage == 1:
-                _, loss = run.trained(delay_pattern(codes[:, :args.codebooks]), text, mask)
+                _, loss = run.trained(codes, text, mask, counts)
             else:
-                loss = run.trained(codes, text, mask)
-        (loss / args.grad_accum).backward()
-        total += loss.detach() / args.grad_accum
+                loss = run.trained(codes, text, mask, counts)
+        (loss * run.world).backward()  # (DDP averages the processes' gradients; the shares add up)
+        total += loss.detach()
     if run.world > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        dist.all_reduce(total)
     return total.item()
+
+
+def loss_targets(codes, args):
+    """A micro-batch's codes (b, 9, frames) as its model's loss reads them: stage 1's first
+    args.codebooks in the delay pattern, stage 2's as they are."""
+    return delay_pattern(codes[:, :args.codebooks]) if args.stage == 1 else codes
+
+
+def loss_counts(targets, args):
+    """What a micro-batch adds to its step's count of real targets (lm_loss's counts, stage 2's
+    count): stage 1, each codebook's targets that are not the special id (K,); stage 2, the real
+    frames (codebook 1 not special), a scalar. float32, as the losses divide by them."""
+    real = targets != SPECIAL
+    return real.sum((0, 2)).float() if args.stage == 1 else real[:, 0].sum().float()
 
 
 TEXT_LENGTH_STEP = 32
@@ -913,6 +936,11 @@ def run_training(args, given, world, rank, device, lock):
     step = 0
     if ckpt is not None:
         step = restore(ckpt, model, optimizer, scheduler, rank, device)
+        # --steps may change on resume, and the cosine with it: the next step's lr is the new schedule's
+        # (LambdaLR's own product, so an unchanged --steps gives the saved value bit for bit), not the saved one
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * (lr_at(step, args) / args.lr)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
     elif source is not None:  # fine-tuning: the weights only; optimizer, schedule and step start afresh
         load_source_weights(source, model, model_config, args)
     elif args.stage == 2:  # per-codebook latent statistics of the training data, kept in the model
