@@ -596,7 +596,6 @@ class ClipWriter:
     records: the committed journal records; rows: the number of committed clips."""
 
     def __init__(self, folder, meta):
-        import fcntl  # POSIX advisory locks
         if os.path.exists(folder) and not os.path.isdir(folder):
             fail(f"{folder}: exists and is not a folder")
         legacy, journal = os.path.join(folder, LEGACY_INDEX), os.path.join(folder, JOURNAL_FILE)
@@ -609,16 +608,17 @@ class ClipWriter:
             fail(f"--out {folder}: holds files that are not data.py's ({some(others, 3)}); pass a new or empty folder")
         make_folder(folder, "--out")
         self.folder, self.meta = folder, meta
-        self.journal = open(os.path.join(folder, JOURNAL_FILE), "ab", buffering=0)
+        # the journal is the lock too (exclusive_lock): one data.py at a time writes a folder
+        self.journal = exclusive_lock(os.path.join(folder, JOURNAL_FILE), f"{folder}: another data.py is writing to "
+                                      "this folder")
         self.codes = None
         try:
-            try:
-                fcntl.flock(self.journal.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fail(f"{folder}: another data.py is writing to this folder")
             self.records, committed_bytes = read_journal(folder)
             self.rows = sum(len(r["clips"]) for r in self.records)
-            self.codes = open(os.path.join(folder, CODES_FILE), "ab", buffering=0)
+            try:
+                self.codes = open(os.path.join(folder, CODES_FILE), "ab", buffering=0)
+            except OSError as e:  # a folder of someone else's files, say
+                fail(f"{os.path.join(folder, CODES_FILE)}: cannot open it to add clips ({e.strerror})")
             # Appends go to the end of the files, so first cut what was never committed.
             self.journal.truncate(committed_bytes)
             self.codes.truncate(self.rows * ROW_BYTES)

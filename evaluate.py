@@ -679,18 +679,37 @@ def training_time(rows, args):
 
 
 def convergence(args):
+    """--convergence OUT: the four variants' train.py runs with one budget (checked before any trains or
+    OUT is made), then the table and the plot; one evaluate.py at a time in OUT (OUT/.lock: two wrote
+    the table and the plot at once), one line and exit 2 for a second."""
     out = args.convergence
-    budget = ["--layers", str(args.layers), "--steps", str(args.steps), "--seed", str(args.seed),
-              "--eval-every", str(args.eval_every), "--log-every", "1"]
-    for flag, value in (("--batch-size", args.batch_size), ("--d-model", args.d_model), ("--frames", args.frames)):
-        if value is not None:
-            budget += [flag, str(value)]
+    argvs = {}
     if not args.plot_only:
         import train
         datamod.check_out_folder(out, "--convergence")
+        budget = ["--layers", str(args.layers), "--steps", str(args.steps), "--seed", str(args.seed),
+                  "--eval-every", str(args.eval_every), "--log-every", "1"]
+        for flag, value in (("--batch-size", args.batch_size), ("--d-model", args.d_model),
+                            ("--frames", args.frames)):
+            if value is not None:
+                budget += [flag, str(value)]
         argvs = {variant: ["--variant", variant, "--out", os.path.join(out, variant)] + budget for variant in VARIANTS}
         for argv in argvs.values():  # every variant's settings, before the first one trains
             train.parse_args(argv)
+        os.makedirs(out, exist_ok=True)
+    if not os.path.isdir(out):  # --plot-only of a folder that is not there: train_and_plot says so
+        return train_and_plot(args, argvs)
+    with datamod.exclusive_lock(os.path.join(out, ".lock"), f"--convergence {out}: another evaluate.py is using "
+                                "this folder"):
+        return train_and_plot(args, argvs)
+
+
+def train_and_plot(args, argvs):
+    """The runs of argvs (variant -> train.py's arguments) trained, resumed or skipped as done, then
+    OUT/convergence.csv, the plot and the summary from every variant's run."""
+    out = args.convergence
+    if argvs:
+        import train
         for variant, argv in argvs.items():
             run = os.path.join(out, variant)
             ckpt = os.path.join(run, "ckpt.pt")

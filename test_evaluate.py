@@ -953,6 +953,14 @@ def test_convergence_plot_only_csv_summary_and_plot(tmp_path, capsys, monkeypatc
         np.testing.assert_allclose(mine[2][0], [round(96 * j / (1000 * (i + 1)), 2) for j in range(10, 26)])
         np.testing.assert_allclose(mine[1][0], np.arange(5, 26, 5))
     assert printed[-1].startswith("wrote ")
+    # a second --convergence in the folder while one runs (holding OUT/.lock) is refused in one line: the two
+    # wrote the table and the plot through one temporary name, and one failed with a traceback
+    import data as datamod
+    with datamod.exclusive_lock(os.path.join(out, ".lock"), "held"):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--convergence", out, "--plot-only"])
+    assert e.value.code == 2
+    assert _one_line_error(capsys) == f"--convergence {out}: another evaluate.py is using this folder"
 
 
 def test_convergence_refuses_other_budgets_missing_runs_and_failed_training(tmp_path, capsys, monkeypatch):

@@ -4486,6 +4486,17 @@ def test_a_second_writer_is_refused(songs, dac, fake_dac, tmp_path, capsys):
         assert capsys.readouterr().err == f"{out}: another data.py is writing to this folder\n"
     run(songs, out, dac)  # the lock goes with the writer
     assert_rows(rows(out), WANT)
+    # a journal (the lock) or a codes file that cannot be opened: one line (a PermissionError traceback before)
+    capsys.readouterr()
+    for name in ("files.jsonl", "clips.u16"):
+        other = tmp_path / f"other-{name}"
+        (other / name).mkdir(parents=True)
+        with pytest.raises(SystemExit) as e:
+            datamod.ClipWriter(str(other), meta)
+        assert e.value.code == 2
+        assert capsys.readouterr().err == (f"{other}/files.jsonl: cannot open it as a lock file (Is a directory)\n"
+                                           if name == "files.jsonl" else
+                                           f"{other}/clips.u16: cannot open it to add clips (Is a directory)\n")
 
 
 def test_a_code_above_the_pad_id_is_named_not_embedded(songs, dac, fake_dac, tmp_path, capsys):
