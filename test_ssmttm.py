@@ -16,6 +16,7 @@ import copy
 import csv
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import re
@@ -873,6 +874,60 @@ def test_cross_block_reads_the_text_it_is_given():
     assert (block(x, memory=-memory, memory_mask=mask) - out).abs().amax() > 1e-3  # the real ones do
 
 
+def test_the_four_layouts_are_the_papers_blocks():
+    # Fig. 1: (a) Mamba-2, Mamba-2; (b) SiMBA: Mamba-2, feed-forward; (c) Mamba-2, cross-attention,
+    # feed-forward; (d) self-attention, cross-attention, feed-forward. Sublayers of one kind in another
+    # order have the same parameters, so the counts cannot tell them apart
+    assert LAYOUTS == {"prefix_mamba": ("mamba", "mamba"), "prefix_simba": ("mamba", "ff"),
+                       "cross_simba": ("mamba", "cross_attn", "ff"),
+                       "cross_transformer": ("self_attn", "cross_attn", "ff")}
+    kinds = {"mamba": ssmttm.Mamba2, "ff": ssmttm.FeedForward, "self_attn": ssmttm.SelfAttention,
+             "cross_attn": ssmttm.CrossAttention}
+    for variant, layout in LAYOUTS.items():
+        block = tiny_model(variant).blocks[0]
+        assert [type(m) for m in block.layers] == [kinds[k] for k in layout], variant
+
+
+def test_cross_simba_block_is_its_three_residual_sublayers():
+    # x + Mamba2(norm1 x), then + CrossAttention(norm2 h, text), then + FF(norm3 h), in that order
+    torch.manual_seed(0)
+    block = Block(("mamba", "cross_attn", "ff"), d_model=32, d_state=16, headdim=8, d_ff=64, n_heads=4).double()
+    (n1, n2, n3), (mamba, xattn, ff) = block.norms, block.layers
+    x, memory = torch.randn(2, 7, 32, dtype=torch.float64), torch.randn(2, 5, 32, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    h = x + mamba(n1(x))
+    h = h + xattn(n2(h), memory, mask)
+    torch.testing.assert_close(block(x, memory=memory, memory_mask=mask), h + ff(n3(h)), rtol=0, atol=0)
+
+
+def test_attention_drops_its_weights_while_training_only():
+    # the paper's dropout 0.3 is also on the attention weights (Block's docstring): training, each layer
+    # is scaled_dot_product_attention with dropout_p, torch's draws bit for bit; evaluating, none. A
+    # dropout lost here would only show as a weaker regulariser of the two cross variants
+    torch.manual_seed(0)
+    x, memory = torch.randn(2, 7, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    heads = lambda t: t.view(2, -1, 4, 4).transpose(1, 2)
+    merge = lambda y: y.transpose(1, 2).reshape(2, 7, 16)
+    self_attn = ssmttm.SelfAttention(16, 4, dropout=0.5).double()
+    q, k, v = (heads(t) for t in self_attn.qkv(x).split(16, -1))
+    cross = ssmttm.CrossAttention(16, 4, dropout=0.5).double()
+    cq, (ck, cv) = heads(cross.q_proj(x)), (heads(t) for t in cross.kv_proj(memory).split(16, -1))
+    for p, train in ((0.5, True), (0.0, False)):
+        torch.manual_seed(5)
+        out = self_attn.train(train)(x)
+        torch.manual_seed(5)
+        want = self_attn.out_proj(merge(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)))
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        torch.manual_seed(5)
+        out = cross.train(train)(x, memory, mask)
+        torch.manual_seed(5)
+        y = F.scaled_dot_product_attention(cq, ck, cv, attn_mask=mask[:, None, None], dropout_p=p)
+        torch.testing.assert_close(out, cross.out_proj(merge(y)), rtol=0, atol=0)
+    torch.manual_seed(5)
+    assert (self_attn.train()(x) - self_attn.eval()(x)).abs().amax() > 1e-3
+
+
 def test_ssmttm_runs_with_no_fast_module_importable():
     # ssmttm.py (with ssd_reference.py) is the whole readable model: it imports no kernels, Triton,
     # mamba-ssm or fast path, and a tiny model trains and generates with those made unimportable
@@ -957,6 +1012,33 @@ def test_parameter_counts_match_paper(variant):
     with torch.device("meta"):
         n = TextToMusicLM(ModelConfig(variant=variant)).num_params()
     assert abs(n - want[variant]) / want[variant] < 0.02, n
+
+
+def test_model_config_defaults_are_the_papers_lm_and_train_py_agrees():
+    # ModelConfig() is the paper's LM (PAPER.md: d_model 1024, Mamba-2 d_state 512, d_conv 4, expand 2,
+    # headdim 64, 8 attention heads, dropout 0.3, label smoothing 0.1; Flan-T5-base's 768-d states), so a
+    # block or model built from it in another project is the paper's; train.py's real-data preset says the same
+    cfg = ModelConfig()
+    assert dataclasses.asdict(cfg) == dict(
+        variant="prefix_simba", n_layers=24, d_model=1024, d_state=512, d_conv=4, expand=2, headdim=64, n_heads=8,
+        d_ff=2048, dropout=0.3, n_codebooks=1, d_text=768, chunk_size=32, label_smoothing=0.1)
+    shared = [k for k in trainmod.PAPER if hasattr(cfg, k)]
+    assert sorted(shared) == ["d_model", "d_state", "dropout", "headdim", "n_heads"]
+    assert {k: trainmod.PAPER[k] for k in shared} == {k: getattr(cfg, k) for k in shared}
+
+
+def test_sampling_defaults_are_the_papers_at_every_entry_point():
+    # guidance 3, top-k 250, temperature 1.2 (the paper's stage 1; stage 2's guidance 3) whether a user
+    # calls generate.py, TextToMusicLM.generate, Sampling or stage 2's sampler: with no settings given,
+    # the tokens of the paper's settings
+    model, (text, mask) = tiny_model(), random_text()
+    draw = lambda **kw: model.generate(text, mask, 6, generator=torch.Generator().manual_seed(3), **kw)
+    default = draw()
+    assert torch.equal(default, draw(cfg_scale=3.0, top_k=250, temperature=1.2))
+    assert not torch.equal(default, draw(temperature=1.0))
+    assert dataclasses.astuple(ssmttm.Sampling()) == (3.0, 250, 1.2, None)
+    for fn in (stage2.Stage2Diffusion.sample_latents, stage2.Stage2Diffusion.generate):
+        assert inspect.signature(fn).parameters["cfg_scale"].default == 3.0, fn
 
 
 def test_stage2_has_the_readmes_62_m_parameters():
@@ -1786,6 +1868,15 @@ def test_generate_leaves_the_model_in_the_mode_it_found():
     model.eval()
     model.generate(text, mask, 3, top_k=1)
     assert not any(m.training for m in model.modules())
+
+    # and while it samples, no module of a model being trained is in training mode (no dropout)
+    model.train()
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, i: seen.append(m.training)) for m in model.modules()]
+    model.generate(text, mask, 3, top_k=1)
+    for h in hooks:
+        h.remove()
+    assert len(seen) > 10 and not any(seen) and model.training
 
 
 # ------------------------------------------------------------------------------------------------
@@ -8743,6 +8834,26 @@ def test_stage2_generate_keeps_known_codes_with_a_twin_entry_and_ignores_codeboo
     with pytest.raises(ValueError) as e:  # codebooks 1..3 only: not read as fine codes
         model.generate(codes[:, 0], text, mask, steps=2, known=known[:, :3])
     assert str(e.value) == f"known (2, 3, {codes.shape[-1]}): want (b, 9, T) codes"
+
+
+def test_stage2_guidance_null_rows_see_no_text_and_the_same_coarse_codes():
+    # the null condition of stage 2's guidance is "no text" (all of text_mask False) with the same noisy
+    # latents, coarse codebook and time as the conditional rows; v = uncond + s (cond - uncond). The
+    # official DiscoDiff code's null branch kept the text (PAPER.md)
+    torch.manual_seed(0)
+    model = small_stage2().eval()
+    torch.nn.init.normal_(model.unet.out.weight, std=0.3)
+    (text, mask), calls = random_text(b=2, lt=4, d=model.cfg.d_text), []
+    hook = model.unet.register_forward_pre_hook(lambda m, args: calls.append(args))
+    x_t, coarse, t = torch.randn(2, 64, 12), torch.randn(2, 8, 12), torch.rand(2)  # fine and coarse latents
+    v = model.predict_v(x_t, coarse, t, text.float(), mask, 2.5)
+    hook.remove()
+    (inputs, times, texts, masks), = calls
+    assert masks.shape == (4, 4) and torch.equal(masks[:2], mask) and not masks[2:].any()
+    assert torch.equal(inputs[:2], inputs[2:]) and torch.equal(times[:2], times[2:])
+    assert torch.equal(texts[:2], texts[2:]) and torch.equal(inputs[:2], torch.cat([x_t, coarse], 1))
+    cond, uncond = model.unet(*calls[0]).float().chunk(2)
+    torch.testing.assert_close(v, uncond + 2.5 * (cond - uncond))
 
 
 def test_stage2_generate_guides_with_scale_three_by_default():
