@@ -4990,8 +4990,27 @@ def test_clips_of_each_track_draws_n_per_file_stable_as_files_are_added():
     more = index + [{"source": "new.wav", "start_s": 0.0}, {"source": "new.wav", "start_s": 30.0}]
     assert datamod.clips_of_each_track(more, 1, seed=0)[:40] == one
     assert datamod.clips_of_each_track(index, 1, seed=1) != one
+    # each file its own draw: the ten files of 4 clips do not all keep the clip at one position
+    assert len({c["start_s"] for c in one if int(c["source"][:-4]) % 4 == 3}) > 1
     firsts = [datamod.clips_of_each_track(index[-4:], 1, seed=s)[0]["start_s"] for s in range(400)]
     assert all(80 <= firsts.count(30.0 * k) <= 120 for k in range(4))  # 4 clips: each about 100 of 400
+
+
+def test_encode_clips_pads_each_clip_to_whole_frames_only():
+    # DAC codes a frame per 512 samples: a clip is padded with zeros up to the next multiple of 512 (none
+    # when it is one), so a frame is added only for samples that need it
+    seen = []
+
+    class DAC:
+        def encode(self, x):
+            seen.append(x.clone())
+            return argparse.Namespace(audio_codes=torch.zeros(x.shape[0], 9, x.shape[-1] // 512, dtype=torch.long))
+    for n in (1024, 1000, 1025):
+        clip = np.arange(1, n + 1, dtype=np.float32)
+        assert datamod.encode_clips(DAC(), [clip, -clip], "cpu").shape == (2, 9, -(-n // 512))
+        x = seen.pop()
+        assert x.shape == (2, 1, -(-n // 512) * 512) and torch.equal(x[0, 0, :n], torch.from_numpy(clip))
+        assert not x[:, :, n:].any() and torch.equal(x[1], -x[0])
 
 
 def test_a_damaged_line_of_the_earlier_layout_is_named(tmp_path, capsys):
@@ -5259,9 +5278,10 @@ def test_journal_records_seconds_to_the_millisecond_and_the_dataset_counts_track
 
 def test_token_dataset_counts_tracks_and_takes_a_caption_per_index_epoch(songs, dac, fake_dac, tmp_path):
     # tracks: distinct audio files, not clips (a.wav gives two); batch takes one epoch per index
-    write_jsonl(songs / "two.jsonl", [{"audio": "a.wav", "caption": "first"}, {"audio": "a.wav", "caption": "second"},
-                                      {"audio": "b.wav", "caption": "b"}])
-    run(songs, tmp_path / "out", dac, captions="two.jsonl")
+    # (its captions file in its own folder: `songs` is shared, and a later test counts the files there)
+    write_jsonl(tmp_path / "two.jsonl", [{"audio": "a.wav", "caption": "first"},
+                                         {"audio": "a.wav", "caption": "second"}, {"audio": "b.wav", "caption": "b"}])
+    run(songs, tmp_path / "out", dac, captions=str(tmp_path / "two.jsonl"))
     ds = datamod.TokenDataset(str(tmp_path / "out"))
     assert (len(ds), ds.tracks) == (3, 2)
     assert ds.batch([0, 0, 1, 1], epochs=[0, 1, 2, 3])[1] == ["first", "second", "first", "second"]
@@ -7139,12 +7159,18 @@ def two_stage(root):
     return ["--ckpt", str(root / "k1" / "ckpt.pt"), "--stage2", str(root / "s2" / "ckpt.pt"), "--stage2-steps", "4"]
 
 
-def test_generate_continues_audio_keeping_the_prompt_codes(real_data_checkpoints, tiny_dac_dir, audio_dir, tmp_path):
+def test_generate_continues_audio_keeping_the_prompt_codes(real_data_checkpoints, tiny_dac_dir, tmp_path):
     import soundfile as sf
-    root, src = real_data_checkpoints, str(audio_dir / "stereo48k.flac")  # 20 s, 48 kHz stereo
-    audio = datamod.load_audio(src)[-round(0.6 * SR):]                   # mono 44.1 kHz, its last 0.6 s
+    # 3 s at 48 kHz in stereo, one chord then another: the prompt is the file's end, not its start
+    chords = [np.stack([tone(s, f, 48000), tone(s, 1.5 * f, 48000)], axis=1) for s, f in ((2.4, 440), (0.6, 550))]
+    src = str(tmp_path / "chords.flac")
+    sf.write(src, np.concatenate(chords), 48000)
+    root, dac = real_data_checkpoints, datamod.load_dac(tiny_dac_dir)
+    full = datamod.load_audio(src)                                        # mono 44.1 kHz
+    audio = full[-round(0.6 * SR):]                                       # its last 0.6 s
     audio = audio[len(audio) % 512:]                                      # in whole frames
-    want = datamod.encode_clips(datamod.load_dac(tiny_dac_dir), [audio], "cpu")[0].astype(np.int64)
+    want = datamod.encode_clips(dac, [audio], "cpu")[0].astype(np.int64)
+    assert not np.array_equal(datamod.encode_clips(dac, [full[:len(audio)]], "cpu")[0], want)
     P, n = want.shape[1], round(1.5 * ssmttm.FRAME_RATE)
     assert P == 51
     for name, ckpt in (("two-stage", two_stage(root)), ("single-stage", ["--ckpt", str(root / "k9" / "ckpt.pt")])):
@@ -7162,14 +7188,25 @@ def test_generate_continues_audio_keeping_the_prompt_codes(real_data_checkpoints
         assert not np.array_equal(*new)  # after the prompt, each prompt's own music
 
 
-def test_generate_continues_the_whole_file_without_continue_seconds(real_data_checkpoints, tiny_dac_dir, tmp_path):
+def test_generate_continues_the_whole_file_without_continue_seconds(real_data_checkpoints, tiny_dac_dir, tmp_path,
+                                                                    monkeypatch):
     # 0.3 s at 44.1 kHz is 13230 samples: 25 whole frames, the first 430 samples dropped so that the prompt ends
     # where the file ends; the WAV's prompt part is DAC's decoding of those codes
     import soundfile as sf
     audio = tone(0.3, 330, SR)
     sf.write(tmp_path / "short.wav", audio, SR, subtype="FLOAT")
+    # the request's line in generations.jsonl commits it: its .npy, .wav and .png are whole before it (a crash
+    # between them must not leave a committed request without its audio, which no rerun would write)
+    events, real_write_new, real_append = [], genmod.write_new, datamod.append_durably
+    monkeypatch.setattr(genmod, "write_new", lambda path, write: (events.append(os.path.basename(path)),
+                                                                   real_write_new(path, write))[1])
+    monkeypatch.setattr(datamod, "append_durably", lambda f, data: (events.append(os.path.basename(f.name)),
+                                                                     real_append(f, data))[1])
     genmod.main(["a calm piano piece", "--ckpt", str(real_data_checkpoints / "k9" / "ckpt.pt"), "--dac", tiny_dac_dir,
                  "--seconds", "0.5", "--continue", str(tmp_path / "short.wav"), "--out", str(tmp_path / "out")])
+    name = "s0-0000-a-calm-piano-piece"
+    assert [e for e in events if e.startswith(name) or e == "generations.jsonl"] == [
+        f"{name}.npy", f"{name}.wav", f"{name}.png", "generations.jsonl"]
     record = json.loads(open(tmp_path / "out" / "generations.jsonl").read())
     dac = datamod.load_dac(tiny_dac_dir)
     want = datamod.encode_clips(dac, [audio[430:]], "cpu")[0].astype(np.int64)
@@ -7911,6 +7948,7 @@ def test_caption_dropout_is_per_position_step_and_micro_batch_at_its_rate():
     # each micro-batch and each step draws anew (a shared draw would drop the same rows every time)
     assert not torch.equal(keep(0, 0, batch_size=64), keep(0, 1, batch_size=64))
     assert not torch.equal(keep(0, 0, batch_size=64), keep(1, 0, batch_size=64))
+    assert not torch.equal(keep(0, 0, batch_size=64), keep(0, 0, batch_size=64, seed=1))  # and each --seed
     # the rate: 10% of 6400 captions dropped (binomial sd 0.4%), none at 0
     rate = torch.cat([keep(s, 0, batch_size=64, cfg_dropout=0.1) for s in range(100)]).float().mean().item()
     assert 0.88 < rate < 0.92
@@ -7928,6 +7966,18 @@ def test_training_hides_the_dropped_captions_from_the_model(tmp_path, monkeypatc
     seen.clear()
     trainmod.main(tiny_train_args(tmp_path / "none", "--steps", "1", "--batch-size", "16", "--cfg-dropout", "0"))
     assert seen[0][3].any(dim=1).all()
+
+
+def test_loss_counts_are_each_codebooks_real_targets():
+    # stage 1: per codebook, the targets that are not the special id (a clip's padding, the delay
+    # pattern's empty slots); stage 2: the real frames. A count over every slot would weigh a padded clip
+    # like a full one and scale every loss by (T + K - 1) / T
+    codes = torch.randint(0, 1024, (2, 3, 5))
+    codes[1, :, 3:] = SPECIAL  # the second clip ends after 3 frames
+    stage1, stage2_ = argparse.Namespace(stage=1), argparse.Namespace(stage=2)
+    assert trainmod.loss_counts(delay_pattern(codes), stage1).tolist() == [8.0, 8.0, 8.0]
+    assert trainmod.loss_counts(codes, stage2_).item() == 8.0
+    assert trainmod.loss_counts(delay_pattern(codes[:1, :1]), stage1).tolist() == [5.0]
 
 
 def test_grad_accumulation_gives_the_loss_and_grad_norm_of_one_big_batch(tmp_path):
@@ -8179,6 +8229,17 @@ def test_atomic_save_cut_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatc
         trainmod.atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"step": 1} and not os.path.exists(path + ".tmp")
+    # a whole save: the temp file synced, renamed over the checkpoint, then the folder synced, in that order
+    calls = []
+    real_replace, real_sync_dir, real_fsync = os.replace, datamod.fsync_dir, os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("replace", a, b)), real_replace(a, b))[1])
+    monkeypatch.setattr(datamod, "fsync_dir", lambda d: (calls.append(("fsync_dir", d)), real_sync_dir(d))[1])
+    trainmod.atomic_save({"step": 3}, path)
+    monkeypatch.undo()
+    assert calls[:3] == [("fsync", path + ".tmp"), ("replace", path + ".tmp", path), ("fsync_dir", str(tmp_path))]
+    assert torch.load(path, weights_only=False) == {"step": 3}
 
 
 def test_real_data_sequences_are_cut_to_frames(tmp_path, monkeypatch):
