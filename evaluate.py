@@ -671,10 +671,11 @@ def read_run(folder):
     return rows, saved
 
 
-def training_time(rows, args):
-    """Seconds of training up to each logged step, evaluation excluded: the step time is the
-    micro-batch tokens over tokens_per_s (train.py measures each step's time, evaluation after it)."""
-    tokens = args["batch_size"] * args["grad_accum"] * args["frames"]
+def training_time(rows, args, processes=1):
+    """Seconds of training up to each logged step, evaluation excluded: the step time is a step's
+    tokens (every micro-batch of every process) over tokens_per_s, which train.py measures over each
+    step's time, evaluation after it. processes: config.json's (runs saved before it was kept: 1)."""
+    tokens = args["batch_size"] * args["grad_accum"] * processes * args["frames"]
     return np.cumsum([tokens / r["tokens_per_s"] for r in rows])
 
 
@@ -735,7 +736,7 @@ def train_and_plot(args, argvs):
             import train
             state = train.load_checkpoint(ckpt, keys=("model",))["model"]
             n_params = sum(v.numel() for v in state.values())
-        for r, t in zip(rows, training_time(rows, config["args"])):
+        for r, t in zip(rows, training_time(rows, config["args"], config.get("processes", 1))):
             table.append({"variant": variant, "params": n_params, "step": int(r["step"]), "loss": r["loss"],
                           "caption_score": r["caption_score"], "train_time_s": round(float(t), 2),
                           "elapsed_s": r["elapsed_s"], "tokens_per_s": r["tokens_per_s"]})

@@ -571,12 +571,13 @@ def lock_run_folder(args, world, rank):
     return lock
 
 
-def prepare_run_folder(args, model_config, step, resumed):
-    """OUT/config.json (the resolved settings) and OUT/metrics.csv, cut back to the checkpoint's step
-    on resume (lines logged after the last checkpoint are logged again)."""
+def prepare_run_folder(args, model_config, step, resumed, world):
+    """OUT/config.json (the resolved settings, the model's and the number of processes: a step's
+    tokens/s counts every process's) and OUT/metrics.csv, cut back to the checkpoint's step on resume
+    (lines logged after the last checkpoint are logged again)."""
     datamod.make_folder(args.out)
     datamod.atomic_write_text(os.path.join(args.out, "config.json"),
-                              json.dumps({"args": vars(args), "model": model_config}, indent=1))
+                              json.dumps({"args": vars(args), "model": model_config, "processes": world}, indent=1))
     path = os.path.join(args.out, "metrics.csv")
     old = read_metrics(path, step) if (resumed and os.path.exists(path)) else []
     kept = io.StringIO()  # the whole file first, then one atomic write: a crash keeps the old lines
@@ -972,7 +973,7 @@ def run_training(args, given, world, rank, device, lock):
                 datamod.make_folder(args.out)
                 late = lock_file(args.out)
                 check_run_folder(args)  # again, under the lock: another run may have made the folder meanwhile
-            prepare_run_folder(args, model_config, step, resumed=ckpt is not None)
+            prepare_run_folder(args, model_config, step, resumed=ckpt is not None, world=run.world)
             if ckpt is None and args.warmup >= args.steps:  # after the folder's checks: no note before an error
                 print(f"note: --warmup {args.warmup} is not below --steps {args.steps}: the learning rate rises for "
                       f"the whole run, to {lr_at(args.steps - 1, args):.3g}, and never decays", file=sys.stderr)
