@@ -327,6 +327,32 @@ def test_passt_front_end_and_loader(weights):
 # evaluate.py end to end
 
 
+def test_fd_alone_lists_every_short_clip_counts_each_set_and_names_only_its_model(tmp_path, capsys, monkeypatch):
+    # OpenL3's embeddings stood in for (no weights needed): clips shorter than its 1 s window (0.75 s here)
+    # are all listed, however many; each set's files are counted on their own (a reference file without a
+    # generated one of its name still counts for FD); the settings name the model run and no other
+    gen, ref = tmp_path / "generated", tmp_path / "reference"
+    for d in (gen, ref):
+        d.mkdir()
+        sf.write(d / "long.wav", tone(1.2, 48000, 440), 48000)
+        for i in range(3):
+            sf.write(d / f"short{i}.wav", tone(0.75, 48000, 440), 48000)
+    sf.write(ref / "only-reference.wav", tone(1.2, 48000, 330), 48000)
+    weights = tmp_path / "openl3.pt"
+    weights.write_bytes(b"stand-in")
+    monkeypatch.setattr(evaluate, "load_openl3", lambda path, device: "openl3")
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(evaluate, "openl3_embeddings", lambda m, a, d, batch_size=32: rng.standard_normal((3, 4)))
+    out = tmp_path / "report.json"
+    report, _ = run_main(["--generated", str(gen), "--reference", str(ref), "--metrics", "fd", "--openl3",
+                          str(weights), "--device", "cpu", "--out", str(out)], capsys)
+    assert report["short_clips"]["openl3"] == [f"{side}/short{i}.wav" for side in ("generated", "reference")
+                                               for i in range(3)]
+    assert (report["counts"]["generated"], report["counts"]["reference"]) == (4, 5)
+    settings = json.load(open(out))["settings"]
+    assert (settings["openl3"], settings["passt"], settings["clap"]) == (str(weights), None, None)
+
+
 @needs_openl3
 @needs_passt
 def test_evaluate_end_to_end_identical_sets(weights, sets, capsys):
@@ -1045,6 +1071,9 @@ def test_training_time_and_read_run(tmp_path):
     rows = [{"tokens_per_s": 100.0}, {"tokens_per_s": 50.0}, {"tokens_per_s": 200.0}]
     got = evaluate.training_time(rows, {"batch_size": 2, "grad_accum": 3, "frames": 10})  # 60 tokens a step
     np.testing.assert_allclose(got, [0.6, 1.8, 2.1], rtol=1e-12)
+    # under torchrun, tokens_per_s counts every process's tokens: a step of 2 processes is 120 tokens
+    got = evaluate.training_time(rows, {"batch_size": 2, "grad_accum": 3, "frames": 10}, processes=2)
+    np.testing.assert_allclose(got, [1.2, 3.6, 4.2], rtol=1e-12)
     d = tmp_path / "run"
     d.mkdir()
     (d / "metrics.csv").write_text("step,loss,caption_score\n1,2.5,\n2,2.0,0.5\n")

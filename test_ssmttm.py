@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import data as datamod
+import evaluate
 import fast
 import generate as genmod
 import gpu_kernels as kernels
@@ -1326,6 +1327,23 @@ def test_fast_lm_adds_each_residual_inside_the_next_norm_as_the_plain_blocks_do(
     with torch.no_grad():  # evaluating: no dropout in either
         assert torch.equal(fused.eval()(codes, text, text_mask)[1], model.eval()(codes, text, text_mask)[1])
         assert not torch.equal(model(codes, text, text_mask)[1], model.train()(codes, text, text_mask)[1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fast_lm_adds_inside_the_norms_only_when_asked(variant, monkeypatch):
+    # FastOptions().fused_add_norm: every residual add but the last through kernels.add_rms_norm (two
+    # blocks of the layout's sublayers); fused_add_norm=False: none, the plain loop's adds and norms
+    calls = []
+    real = kernels.add_rms_norm
+    monkeypatch.setattr(kernels, "add_rms_norm", lambda *a: (calls.append(1), real(*a))[1])
+    model = tiny_model(variant, n_layers=2)
+    model.__class__ = fast.FastLM
+    codes, (text, mask) = delay_pattern(torch.randint(0, 1024, (2, 1, 6))), random_text()
+    for options, adds in ((FastOptions(fused_add_norm=False), 0), (FastOptions(), 2 * len(LAYOUTS[variant]) - 1)):
+        calls.clear()
+        model.options = options
+        model(codes, text, mask)
+        assert len(calls) == adds, options
 
 
 def test_fast_lm_of_a_bf16_model_returns_the_plain_dtype():
@@ -3720,6 +3738,14 @@ def test_a_decoder_keeps_its_frames_for_later_calls(kernel_definitions, monkeypa
     text, mask = random_text()
     first = check_kept_frames(tiny_model("prefix_simba", 3), text, mask, 14, FastOptions(decode_chunk=4), 4)
     assert len(first.unique()) > 10
+    # the frames bake in the sampling settings: a later call at another temperature (or top-k) records its
+    # own, and draws the tokens of a decoder that keeps none
+    model, kept = tiny_model("prefix_simba", 1), fast.Decoder(FastOptions())
+    draw = lambda decoder, **kw: model.generate(text, mask, 12, generator=torch.Generator().manual_seed(3),  # noqa: E731
+                                                decoder=decoder, **kw)
+    draw(kept, temperature=1.2)
+    for settings in (dict(temperature=0.3), dict(temperature=0.3, top_k=5)):
+        assert torch.equal(draw(kept, **settings), draw(fast.Decoder(FastOptions(cuda_graph=False)), **settings))
 
 
 def check_recorded_prefill(model, text, mask):
@@ -6773,6 +6799,7 @@ def test_mamba_ssm_conv_paths_refuse_a_conv_width_not_a_multiple_of_8_before_any
     # other paths take any width (test_gpu_training_at_widths_causal_conv1d_cannot_take_equals_the_plain_layer)
     assert [fast.conv_refuses(t, 164) for t in fast.TRAIN_PATHS] == [True, True, False, False]
     assert not any(fast.conv_refuses(t, 160) for t in fast.TRAIN_PATHS)
+    assert not any(fast.conv_refuses(t, 168) for t in fast.TRAIN_PATHS)  # a multiple of 8, not of 16
     model = tiny_model(d_state=18)  # conv: 2 x 64 + 2 x 18 = 164 channels
     with pytest.raises(ValueError) as e:
         fast.accelerate(model, FastOptions(train="mamba_ssm"))
@@ -6901,6 +6928,13 @@ def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
         "--batch-size", "4", "--out", str(tmp_path / "ddp"))
     run("train.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one"))
     np.testing.assert_allclose(read_losses(tmp_path / "ddp"), read_losses(tmp_path / "one"), rtol=1e-5)
+    # config.json keeps the processes: evaluate.py's training time takes a step as all of theirs (2 x 2 x 4 x 32
+    # tokens, as one process's 2 x 8 x 32), not as one process's share of the tokens/s they logged together
+    for name, processes in (("ddp", 2), ("one", 1)):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["processes"] == processes
+        rows = [{"tokens_per_s": 512.0}] * 3
+        np.testing.assert_allclose(evaluate.training_time(rows, config["args"], config["processes"]), [1, 2, 3])
     a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
     for k in a:
