@@ -664,10 +664,13 @@ def read_run(folder):
         with open(config) as f:
             saved = datamod.parse_json(f.read())
         complete = set(BUDGET) <= set(saved["args"])
-    except (OSError, ValueError, KeyError, TypeError):
+        processes = saved.get("processes", 1)  # runs saved before train.py kept it had one
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         complete = False
     if not complete:
         fail(f"--convergence: {config}: not a train.py config (with {', '.join(BUDGET)})")
+    if type(processes) is not int or processes < 1:
+        fail(f"--convergence: {config}: processes {processes!r}, want a whole number of 1 or more")
     return rows, saved
 
 

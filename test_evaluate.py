@@ -1067,7 +1067,7 @@ def test_convergence_names_a_damaged_run_folder_in_one_line(tmp_path, capsys):
     assert len(evaluate.read_run(run)[0]) == 6
 
 
-def test_training_time_and_read_run(tmp_path):
+def test_training_time_and_read_run(tmp_path, capsys):
     rows = [{"tokens_per_s": 100.0}, {"tokens_per_s": 50.0}, {"tokens_per_s": 200.0}]
     got = evaluate.training_time(rows, {"batch_size": 2, "grad_accum": 3, "frames": 10})  # 60 tokens a step
     np.testing.assert_allclose(got, [0.6, 1.8, 2.1], rtol=1e-12)
@@ -1081,6 +1081,13 @@ def test_training_time_and_read_run(tmp_path):
     (d / "config.json").write_text(json.dumps(saved))
     assert evaluate.read_run(str(d)) == ([{"step": 1.0, "loss": 2.5, "caption_score": None},
                                           {"step": 2.0, "loss": 2.0, "caption_score": 0.5}], saved)
+    for processes in (0, 1.5, "2", True):  # a config.json edited by hand: one line, not a traceback later
+        (d / "config.json").write_text(json.dumps({**saved, "processes": processes}))
+        with pytest.raises(SystemExit) as e:
+            evaluate.read_run(str(d))
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"evaluate.py: error: --convergence: {d / 'config.json'}: processes {processes!r}, want a whole number of "
+            "1 or more\n")
 
 
 def test_long_windows_state_norms_and_default_report(tmp_path, capsys, monkeypatch):
