@@ -5039,6 +5039,25 @@ def test_encode_clips_pads_each_clip_to_whole_frames_only():
         assert not x[:, :, n:].any() and torch.equal(x[1], -x[0])
 
 
+def test_load_text_encoder_reads_t5_from_t5_path_and_cuts_captions_where_training_did(tiny_t5_dir):
+    # a checkpoint names the T5 it trained with; --t5 PATH says where it is on this machine, and the
+    # captions are cut at the checkpoint's max_tokens, not the default 256
+    encoder = datamod.load_text_encoder({"kind": "t5", "name": "/nowhere/flan-t5-base", "max_tokens": 7},
+                                        t5_path=tiny_t5_dir)
+    assert (encoder.spec["name"], encoder.max_tokens) == (tiny_t5_dir, 7)
+    assert encoder(["a caption that is much longer than seven tokens of any tokenizer"])[1].shape[1] == 7
+
+
+def test_lines_of_captions_and_prompts_files_end_at_newlines_only(tmp_path):
+    # a JSON string may hold a raw U+2028, and a plain prompt a form feed: neither splits a line (str.splitlines
+    # would); "\r\n" ends one
+    (tmp_path / "c.jsonl").write_text('{"audio": "a.wav", "caption": "calm\u2028piano"}\n'
+                                      '{"audio": "b.wav", "caption": "drums"}\n', encoding="utf-8")
+    assert datamod.read_captions(str(tmp_path / "c.jsonl")) == {"a.wav": ["calm\u2028piano"], "b.wav": ["drums"]}
+    (tmp_path / "p.txt").write_text("calm\u2028piano\nloud\x0cdrums\r\n", encoding="utf-8")
+    assert datamod.read_prompts(str(tmp_path / "p.txt")) == [(None, "calm\u2028piano"), (None, "loud\x0cdrums")]
+
+
 def test_a_damaged_line_of_the_earlier_layout_is_named(tmp_path, capsys):
     # training reads a folder of the layout before the journal: a line that is not a clip's record is
     # named with its line number, not a traceback
@@ -7247,6 +7266,10 @@ def test_generate_continues_the_whole_file_without_continue_seconds(real_data_ch
     codes = np.load(record["codes"])
     assert (record["prompt_frames"], record["continue_seconds"], want.shape) == (25, None, (9, 25))
     assert codes.shape == (9, 43) and np.array_equal(codes[:, :25], want)
+    # the WAV: 16-bit PCM, 44.1 kHz mono, its peak at -1 dBFS (within a 16-bit step's rounding)
+    info = sf.info(record["wav"])
+    assert (info.format, info.subtype, info.samplerate, info.channels) == ("WAV", "PCM_16", 44100, 1)
+    assert abs(np.abs(sf.read(record["wav"])[0]).max() - 10 ** (-1 / 20)) < 2 / 32768
 
 
 def test_generate_continuing_its_own_greedy_output_reproduces_it(real_data_checkpoints, tiny_dac_dir, tmp_path):
@@ -8517,6 +8540,18 @@ def test_generate_temperature_takes_0_and_the_minimum_itself(tmp_path):
     # 0 is greedy and MIN_TEMPERATURE is the first value allowed: both ends of the gap below it pass
     for text, want in (("0", 0.0), ("0.0001", ssmttm.MIN_TEMPERATURE)):
         assert genmod.parse_args(["a piece", "--temperature", text, "--out", str(tmp_path)]).temperature == want
+
+
+def test_started_names_skip_a_cut_last_line_and_records_keep_absolute_continue_paths(tmp_path, monkeypatch):
+    # ids "a" and "ab": a crash cut the line "ab\n" to "ab"; "a" was never started (taking it would let a
+    # rerun remove another program's a.npy)
+    (tmp_path / ".started").write_bytes(b"x\nab")
+    assert genmod.started(str(tmp_path)) == {"x"}
+    # --continue x.npy, ./x.npy and its absolute path are one setting: a rerun spelling it another way resumes
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("x.npy", "./x.npy", str(tmp_path / "x.npy")):
+        assert genmod.record_setting("continued_from", spelling) == str(tmp_path / "x.npy")
+    assert genmod.record_setting("continued_from", None) is None
 
 
 def test_generate_defaults_are_the_documented_settings(tmp_path):
