@@ -651,8 +651,9 @@ def print_table(report):
 
 
 def read_run(folder):
-    """A train.py run folder -> (rows of metrics.csv as dicts of floats, its config.json). One line
-    naming the file, exit code 2, if either is missing or damaged, or no step was logged."""
+    """A train.py run folder -> (rows of metrics.csv as dicts of floats, config.json's args, its number
+    of processes: 1 for runs saved before train.py kept it). One line naming the file, exit code 2, if
+    either file is missing or damaged, or no step was logged."""
     import train
     metrics, config = os.path.join(folder, "metrics.csv"), os.path.join(folder, "config.json")
     if not (os.path.isfile(metrics) and os.path.isfile(config)):
@@ -671,7 +672,7 @@ def read_run(folder):
         fail(f"--convergence: {config}: not a train.py config (with {', '.join(BUDGET)})")
     if type(processes) is not int or processes < 1:
         fail(f"--convergence: {config}: processes {processes!r}, want a whole number of 1 or more")
-    return rows, saved
+    return rows, saved["args"], processes
 
 
 def training_time(rows, args, processes=1):
@@ -731,20 +732,19 @@ def train_and_plot(args, argvs):
             train.main(argv)  # its errors are its own one line and exit code (2; 130 on Ctrl-C)
 
     table = []
-    for variant in VARIANTS:
-        rows, config = read_run(os.path.join(out, variant))
+    runs = {variant: read_run(os.path.join(out, variant)) for variant in VARIANTS}
+    for variant, (rows, run_args, processes) in runs.items():
         n_params = None
         ckpt = os.path.join(out, variant, "ckpt.pt")
         if os.path.exists(ckpt):
             import train
             state = train.load_checkpoint(ckpt, keys=("model",))["model"]
             n_params = sum(v.numel() for v in state.values())
-        for r, t in zip(rows, training_time(rows, config["args"], config.get("processes", 1))):
+        for r, t in zip(rows, training_time(rows, run_args, processes)):
             table.append({"variant": variant, "params": n_params, "step": int(r["step"]), "loss": r["loss"],
                           "caption_score": r["caption_score"], "train_time_s": round(float(t), 2),
                           "elapsed_s": r["elapsed_s"], "tokens_per_s": r["tokens_per_s"]})
-    budgets = {json.dumps({k: read_run(os.path.join(out, v))[1]["args"][k] for k in BUDGET}, sort_keys=True)
-               for v in VARIANTS}
+    budgets = {json.dumps({k: run_args[k] for k in BUDGET}, sort_keys=True) for _, run_args, _ in runs.values()}
     if len(budgets) != 1:
         fail(f"--convergence {out}: the four runs were not trained with the same budget")
     budget_args = json.loads(budgets.pop())

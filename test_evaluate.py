@@ -1079,8 +1079,10 @@ def test_training_time_and_read_run(tmp_path, capsys):
     (d / "metrics.csv").write_text("step,loss,caption_score\n1,2.5,\n2,2.0,0.5\n")
     saved = {"args": {k: 1 for k in evaluate.BUDGET}}
     (d / "config.json").write_text(json.dumps(saved))
-    assert evaluate.read_run(str(d)) == ([{"step": 1.0, "loss": 2.5, "caption_score": None},
-                                          {"step": 2.0, "loss": 2.0, "caption_score": 0.5}], saved)
+    rows = [{"step": 1.0, "loss": 2.5, "caption_score": None}, {"step": 2.0, "loss": 2.0, "caption_score": 0.5}]
+    assert evaluate.read_run(str(d)) == (rows, saved["args"], 1)  # saved before train.py kept processes: 1
+    (d / "config.json").write_text(json.dumps({**saved, "processes": 2}))
+    assert evaluate.read_run(str(d)) == (rows, saved["args"], 2)
     for processes in (0, 1.5, "2", True):  # a config.json edited by hand: one line, not a traceback later
         (d / "config.json").write_text(json.dumps({**saved, "processes": processes}))
         with pytest.raises(SystemExit) as e:
