@@ -194,6 +194,7 @@ def _rel(a, ref):
     (2, 300, 3, 16, 256, 20, True, True, True, False),
     (5, 221, 2, 16, 16, 8, True, True, True, False),    # 70 chunks: more than _chunk_sums_kernel's 64 rows a pass
     (1, 20, 40, 16, 16, 8, True, True, True, False),    # 40 heads: more than one head block of the d acum kernels
+    (2, 37, 1, 16, 16, 8, True, True, True, False),     # 1 head: _dy_kernel's head-0 program alone writes dt's copy
     (2, 40, 3, 24, 16, 8, True, True, True, False)])    # a head dim below its power of two (masked columns)
 def test_grouped_ssd_in_triton_equals_the_reference_with_gradients(b, l, h, p, Q, n, init, with_D, dfinal, strided):
     # fp32 inputs (exact products: input_precision "ieee"), 1 to 4 chunks, lengths not a multiple of the
@@ -353,6 +354,12 @@ def test_grouped_backward_writes_dx_into_a_wider_buffer():
         assert torch.equal(g, w)
     with pytest.raises(ValueError, match="dx_out must be"):
         ssd_grouped.backward_triton(*args, dx_out=torch.empty(2, 40, 16, 3, device=DEVICE).transpose(2, 3))
+    # rows that share memory (an expanded tensor: strides 0 pass "sequences one after another", 0 == 40 * 0)
+    # would have every row written over the last
+    with pytest.raises(ValueError, match="dx_out must be"):
+        ssd_grouped.backward_triton(*args, dx_out=torch.empty(1, 1, 3, 16, device=DEVICE).expand(2, 40, 3, 16))
+    with pytest.raises(ValueError, match="dB_out must be"):
+        ssd_grouped.backward_triton(*args, dB_out=torch.empty(1, 1, 8, device=DEVICE).expand(2, 40, 8))
     # dB and dC likewise, into the B and C columns of a wider buffer (the conv's gradient), and cast
     # as they are written (fp64 here: the same values)
     buffer = torch.full((2, 40, 3 + 2 * 8 + 2), 7.0, device=DEVICE, dtype=torch.float64)
@@ -363,6 +370,65 @@ def test_grouped_backward_writes_dx_into_a_wider_buffer():
     assert bool((buffer[..., :3] == 7.0).all()) and bool((buffer[..., 19:] == 7.0).all())
     with pytest.raises(ValueError, match="dC_out must be"):
         ssd_grouped.backward_triton(*args, dC_out=buffer[:, :39, 11:19])
+
+
+@needs_triton
+def test_grouped_ssd_in_triton_reads_and_writes_nothing_past_l():
+    # x, B and C as views of a buffer whose sequences go on past l (the conv's output with padded rows),
+    # dt and dy followed in memory by more values, dx_out by more rows: all of it NaN (a sentinel for
+    # dx_out). A kernel that read one of those values would make a NaN (NaN times a zero mask is NaN), one
+    # that wrote there would change the sentinel: every output equals the contiguous inputs' and the
+    # sentinel stays. l 37 in chunks of 16: the last chunk has 5 of its 16 rows in the sequence.
+    b, l, h, p, n, Q = 2, 37, 3, 16, 8, 16
+    x, dt, A, B, C, D, s0 = (t.detach().float().to(DEVICE) for t in _inputs(b, l, h, p, n))
+    g = torch.Generator().manual_seed(6)
+    dy, dfinal = torch.randn(x.shape, generator=g).to(DEVICE), torch.randn(s0.shape, generator=g).to(DEVICE)
+    buffer = torch.full((b, l + 11, h * p + 2 * n + 4), float("nan"), device=DEVICE)
+    buffer[:, :l, :h * p], buffer[:, :l, h * p:h * p + n], buffer[:, :l, h * p + n:h * p + 2 * n] = x.flatten(2), B, C
+    xv = buffer[:, :l, :h * p].unflatten(-1, (h, p))
+    Bv, Cv = buffer[:, :l, h * p:h * p + n], buffer[:, :l, h * p + n:h * p + 2 * n]
+
+    def followed_by_nan(t):  # t's values, contiguous, in storage whose next 64 rows are NaN
+        store = torch.full((t.numel() + 64 * t[0, 0].numel(),), float("nan"), device=DEVICE)
+        store[:t.numel()] = t.flatten()
+        return store[:t.numel()].view(t.shape)
+    out = []
+    for xi, dti, Bi, Ci, dyi in ((x, dt, B, C, dy), (xv, followed_by_nan(dt), Bv, Cv, followed_by_nan(dy))):
+        y, final, *saved = ssd_grouped.forward_triton(xi, dti, A, Bi, Ci, Q, D, s0)
+        dx_store = torch.full((b * l + 16, h * p), 7.0, device=DEVICE)  # 16 sentinel rows after the last sequence
+        dx_out = dx_store[:b * l].view(b, l, h, p)
+        grads = ssd_grouped.backward_triton(dyi, dfinal, xi, dti, A, Bi, Ci, D, s0, *saved, Q, dx_out=dx_out)
+        assert bool((dx_store[b * l:] == 7.0).all()), "dx written past the last sequence"
+        out.append([y, final, *grads])
+    for name, got, want in zip("y final dx ddt dA dB dC dD ds0".split(), out[1], out[0]):
+        assert bool(torch.isfinite(got).all()), name
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max(), name
+
+
+@needs_triton
+def test_triton_forms_multiply_fp32_operands_exactly():
+    # fp32 inputs take input_precision "ieee" in every tl.dot: the fp32 tests' tolerances assume exact
+    # products (tf32 is ~1e-3 off on a GPU). Triton's interpreter ignores input_precision, so on the CPU no
+    # number would show it: the launches are recorded through the launch hook instead.
+    seen = []
+
+    def launch(kernel):
+        name = getattr(kernel, "fn", kernel).__name__
+
+        class Grid:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    seen.append((name, kwargs.get("PREC")))
+                    return kernel[grid](*args, **kwargs)
+                return run
+        return Grid()
+    x, dt, A, B, C, D, s0 = (t.detach().float().to(DEVICE) for t in _inputs(1, 20, 2, 16, 8))
+    y, final, *saved = ssd_grouped.forward_triton(x, dt, A, B, C, 16, D, s0, launch=launch)
+    ssd_grouped.backward_triton(torch.ones_like(y), None, x, dt, A, B, C, D, s0, *saved, 16, launch=launch)
+    with_dot = {"_states_fwd_kernel", "_diag_fwd_kernel", "_states_bwd_kernel", "_diag_bwd_x_kernel",
+                "_diag_bwd_G_kernel", "_dG_product_kernel"}
+    assert with_dot <= {name for name, _ in seen}, seen
+    assert all(prec == "ieee" for name, prec in seen if name in with_dot), seen
 
 
 @needs_triton
@@ -387,6 +453,10 @@ def test_grouped_forward_continues_a_state_in_place(state_dtype, l, Q):
         assert torch.equal(state, f_copy.to(state_dtype))
     with pytest.raises(ValueError, match="final_out"):
         ssd_grouped.forward_triton(x, dt, A, B, C, Q, D, state, final_out=state.transpose(-1, -2))
+    # the right shape in the (b, h, n, p) layout: the kernel writes with contiguous offsets, so refused
+    transposed = torch.empty(2, 3, 20, 16, device=DEVICE).transpose(-1, -2)
+    with pytest.raises(ValueError, match="final_out"):
+        ssd_grouped.forward_triton(x, dt, A, B, C, Q, D, state, final_out=transposed)
 
 
 @needs_triton
