@@ -340,11 +340,12 @@ class T5TextEncoder:
 
     def __init__(self, name_or_path="google/flan-t5-base", max_tokens=256, device="cpu", width=None):
         from transformers import AutoTokenizer, T5EncoderModel
-        self.model = from_pretrained(T5EncoderModel, name_or_path, "the T5 text encoder", "--t5")  # its kind checked
+        def check_width(config):
+            if width is not None and config.d_model != width:
+                fail(f"the T5 text encoder {str(name_or_path)!r} gives states {config.d_model} wide, and the "
+                     f"model reads {width} (Flan-T5-base's width); pass that encoder (--t5 PATH)")
+        self.model = from_pretrained(T5EncoderModel, name_or_path, "the T5 text encoder", "--t5", check_width)
         self.tokenizer = from_pretrained(AutoTokenizer, name_or_path, "the T5 text encoder", "--t5")
-        if width is not None and self.model.config.d_model != width:
-            fail(f"the T5 text encoder {str(name_or_path)!r} gives states {self.model.config.d_model} wide, and the "
-                 f"model reads {width} (Flan-T5-base's width); pass that encoder (--t5 PATH)")
         # fp32 whatever dtype the folder stores: T5's activations overflow fp16, and the states are
         # the model's input, so they should not depend on how someone saved the weights.
         self.model = self.model.float().to(device).eval().requires_grad_(False)
@@ -365,15 +366,22 @@ class T5TextEncoder:
         return states.float(), tok["attention_mask"].bool()
 
 
-def from_pretrained(cls, name_or_path, what, flag):
+def from_pretrained(cls, name_or_path, what, flag, check_config=None):
     """cls.from_pretrained(name_or_path): a hub name or a local folder. BadInput naming `what` when
-    it cannot be loaded, with the way out: a local folder passed by `flag`."""
+    it cannot be loaded, with the way out: a local folder passed by `flag`. check_config: called with
+    the model's config (cls.config_class) before the weights load, to refuse another layout fast and
+    in one line (transformers prints a progress bar as it loads weights)."""
     check_model_folder(name_or_path, getattr(getattr(cls, "config_class", None), "model_type", None), what, flag)
-    try:
-        return cls.from_pretrained(name_or_path)
-    except Exception as e:  # not found (OSError), or a folder cut short or damaged (safetensors', tokenizers' errors)
-        fail(f"could not load {what} {name_or_path!r} ({(str(e).splitlines() or [type(e).__name__])[0]}); "
-             f"without internet, download it elsewhere and pass its local folder ({flag} PATH)")
+
+    def load(loader):
+        try:
+            return loader.from_pretrained(name_or_path)
+        except Exception as e:  # not found (OSError), a folder cut short or damaged (safetensors', tokenizers' errors)
+            fail(f"could not load {what} {name_or_path!r} ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+                 f"without internet, download it elsewhere and pass its local folder ({flag} PATH)")
+    if check_config is not None:
+        check_config(load(cls.config_class))
+    return load(cls)
 
 
 def model_folder_problem(name_or_path, model_type, flag):
@@ -1040,16 +1048,15 @@ def too_silent(clip):
 def load_dac(name_or_path=DEFAULT_DAC, device="cpu"):
     """DAC 44.1 kHz through transformers.DacModel (the same weights as descript-audio-codec), in
     fp32 whatever dtype its folder stores: codes are nearest neighbours, which reduced precision moves.
-    BadInput when it cannot be loaded or has another layout (check_codec)."""
+    BadInput when it cannot be loaded or has another layout (check_codec, before the weights load)."""
     from transformers import DacModel
-    dac = from_pretrained(DacModel, name_or_path, "DAC", "--dac")
-    check_codec(dac, name_or_path)
+    dac = from_pretrained(DacModel, name_or_path, "DAC", "--dac", lambda config: check_codec(config, name_or_path))
     return dac.float().to(device).eval().requires_grad_(False)  # fp32, whatever dtype the folder stores
 
 
-def check_codec(dac, name):
-    """BadInput unless dac has the layout of DAC 44.1 kHz: 44100 Hz, hop 512, 9 codebooks of 1024."""
-    c = dac.config
+def check_codec(c, name):
+    """BadInput unless a DAC's config c (a DacConfig) is the layout of DAC 44.1 kHz: 44100 Hz, hop 512,
+    9 codebooks of 1024."""
     if (c.sampling_rate, c.hop_length, c.n_codebooks, c.codebook_size) != (SAMPLE_RATE, HOP, N_CODEBOOKS, SPECIAL):
         fail(f"DAC {name!r} has {c.sampling_rate} Hz, hop {c.hop_length}, {c.n_codebooks} codebooks of "
              f"{c.codebook_size}; ssmttm needs DAC 44.1 kHz: {SAMPLE_RATE} Hz, hop {HOP}, "
@@ -1149,7 +1156,7 @@ def preprocess(audio_dir, captions_file, out, dac_name=DEFAULT_DAC, batch_size=8
     if remove_vocals:  # before the codec loads and --out is made: a missing package leaves nothing behind
         require_demucs()
     if dac is not None:
-        check_codec(dac, dac_name)
+        check_codec(dac.config, dac_name)
     device = resolve_device(device)
     audio = any(a.lower().endswith(AUDIO_EXTENSIONS) for a in captions)
     if dac is None and audio and not os.path.exists(out):  # a codec that fails to load leaves no empty --out
