@@ -8275,6 +8275,223 @@ def test_init_from_says_when_its_text_encoder_has_another_name(tmp_path, monkeyp
     assert torch.load(tmp_path / "other" / "ckpt.pt", weights_only=False)["step"] == 1
 
 
+STAGE1_FLAGS = [["--variant", "prefix_simba"], ["--layers", "24"], ["--codebooks", "1"], ["--d-model", "256"],
+                ["--d-state", "64"], ["--headdim", "32"], ["--n-heads", "4"], ["--dropout", "0.1"], ["--no-kernels"],
+                ["--mamba-train", "grouped"], ["--triton-op", "auto"], ["--no-fused-add-norm"],
+                ["--no-fused-gelu-dropout"], ["--no-fused-residual-dropout"]]
+
+
+def test_stage2_refuses_every_stage1_flag_even_at_its_default(tmp_path, capsys):
+    # each flag of the stage-1 LM, typed at its default value, is refused by --stage 2 and by the resume of a
+    # stage-2 run: stage 2 reads none of them
+    assert {flag[0][2:].replace("-", "_") for flag in STAGE1_FLAGS} == trainmod.STAGE1_ONLY
+    for flag in STAGE1_FLAGS:
+        with pytest.raises(SystemExit) as e:
+            trainmod.parse_args(["--stage", "2", *flag])
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"train.py: error: --stage 2: {flag[0]} set the stage-1 LM; stage 2's diffusion model takes none of them\n")
+    out = tmp_path / "s2"
+    trainmod.main(["--stage", "2", "--frames", "16", "--batch-size", "2", "--steps", "1", "--eval-every", "0",
+                   "--out", str(out)])
+    capsys.readouterr()
+    for flag in STAGE1_FLAGS:
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(["--resume", "--out", str(out), "--steps", "2", *flag])
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"--resume: {flag[0]} set the stage-1 LM; {out}/ckpt.pt is stage 2's diffusion model, which takes none "
+            "of them\n")
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1
+
+
+def test_init_from_a_stage2_checkpoint_checks_stage_codec_and_every_config_field(tmp_path, capsys):
+    # one line each, nothing written: a stage-2 checkpoint for a stage-1 run (the flag to pass named), one whose
+    # codec is not this run's data's, and one whose config differs in a field no weight shows (diffusion_steps:
+    # load_state_dict takes its weights) or lacks it
+    common = ["--stage", "2", "--frames", "16", "--batch-size", "2", "--steps", "1", "--eval-every", "0"]
+    trainmod.main([*common, "--out", str(tmp_path / "s2")])
+    path = tmp_path / "s2" / "ckpt.pt"
+    src = torch.load(path, weights_only=False)
+    crafted = {"dac": {**src, "codec": {"kind": "dac", "name": "x"}},
+               "steps50": {**src, "config": {**src["config"], "diffusion_steps": 50}},
+               "nosteps": {**src, "config": {k: v for k, v in src["config"].items() if k != "diffusion_steps"}}}
+    for name, ckpt in crafted.items():
+        torch.save(ckpt, tmp_path / f"{name}.pt")
+    cases = [(["--init-from", str(path), "--steps", "1"],
+              f"--init-from {path} is a stage-2 checkpoint; this run is stage 1 (--stage 2 to fine-tune it)"),
+             ([*common, "--init-from", str(tmp_path / "dac.pt")],
+              f"--init-from {tmp_path}/dac.pt: its codec is {{'kind': 'dac', 'name': 'x'}}; this run's data uses "
+              "{'kind': 'synthetic'}"),
+             ([*common, "--init-from", str(tmp_path / "steps50.pt")],
+              f"--init-from {tmp_path}/steps50.pt: the model config differs from this run's in diffusion_steps "
+              "(50 vs 100)"),
+             ([*common, "--init-from", str(tmp_path / "nosteps.pt")],
+              f"--init-from {tmp_path}/nosteps.pt: the model config differs from this run's in diffusion_steps "
+              "(None vs 100)")]
+    capsys.readouterr()
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            trainmod.main([*argv, "--out", str(tmp_path / "ft")])
+        assert e.value.code == 2 and capsys.readouterr().err == message + "\n", argv
+        assert not (tmp_path / "ft").exists()
+
+
+def test_init_from_says_when_its_dac_has_another_name(tmp_path, capsys):
+    # as test_init_from_says_when_its_text_encoder_has_another_name, for stage 2's DAC: a note, not a refusal
+    folder = tiny_token_folder(tmp_path / "tokens")
+    src = tmp_path / "src.pt"
+    torch.save({"kind": "stage2", "config": {}, "model": {}, "step": 4,
+                "text_encoder": {"kind": "t5", "name": "google/flan-t5-base"},
+                "codec": {"kind": "dac", "name": "descript/dac_44khz"}}, src)
+    for dac, note in (("descript/dac_44khz", []),
+                      ("my/dac", [f"note: --init-from {src} was trained with the DAC descript/dac_44khz; this run "
+                                  "uses my/dac (fine if it is the same model in another place)"])):
+        args, given = trainmod.parse_args(["--stage", "2", "--data", folder, "--dac", dac, "--init-from", str(src),
+                                           "--out", str(tmp_path / "ft")])
+        capsys.readouterr()
+        assert trainmod.init_from(args, given)["step"] == 4 and args.init_from_step == 4
+        assert capsys.readouterr().err.splitlines() == note
+
+
+def test_a_fine_tuned_run_resumes_without_its_source_checkpoint(tmp_path):
+    # --init-from is read once, when the run starts: a resumed run takes its weights from its own checkpoint,
+    # and the source may be gone by then
+    trainmod.main(tiny_train_args(tmp_path / "src", "--steps", "1"))
+    ft = ["--out", str(tmp_path / "ft"), "--frames", "32", "--batch-size", "2", "--eval-every", "0", "--steps", "2"]
+    trainmod.main(["--init-from", str(tmp_path / "src" / "ckpt.pt"), *ft, "--stop-after", "1"])
+    os.remove(tmp_path / "src" / "ckpt.pt")
+    trainmod.main(["--resume", *ft])
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["args"]["init_from_step"] == 1
+
+
+def test_resume_takes_init_from_however_it_is_spelled(tmp_path, monkeypatch, capsys):
+    # --init-from is kept as an absolute path (config.json, ckpt.pt), as --data: typed again as ./src/ckpt.pt, or
+    # absolute from another working directory, it is the same checkpoint; another one is refused in one line. (It
+    # was kept as typed: from another folder, the same file spelled absolutely was refused, and another folder's
+    # src/ckpt.pt would have been taken for it.)
+    trainmod.main(tiny_train_args(tmp_path / "src", "--steps", "1"))
+    shutil.copytree(tmp_path / "src", tmp_path / "other")
+    (tmp_path / "elsewhere" / "src").mkdir(parents=True)
+    shutil.copy(tmp_path / "src" / "ckpt.pt", tmp_path / "elsewhere" / "src")
+    monkeypatch.chdir(tmp_path)
+    ft = ["--out", str(tmp_path / "ft"), "--frames", "32", "--batch-size", "2", "--eval-every", "0", "--steps", "4"]
+    trainmod.main(["--init-from", "src/ckpt.pt", *ft, "--stop-after", "1"])
+    source = str(tmp_path / "src" / "ckpt.pt")
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["args"]["init_from"] == source
+    trainmod.main(["--init-from", "./src/ckpt.pt", *ft, "--resume", "--stop-after", "1"])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    trainmod.main(["--init-from", source, *ft, "--resume", "--stop-after", "1"])
+    assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)["step"] == 3
+    for typed, absolute in (("src/ckpt.pt", tmp_path / "elsewhere" / "src" / "ckpt.pt"),
+                            (str(tmp_path / "other" / "ckpt.pt"), tmp_path / "other" / "ckpt.pt")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(["--init-from", typed, *ft, "--resume"])
+        assert e.value.code == 2 and capsys.readouterr().err.startswith(
+            f"--resume: --init-from {absolute} differs from the checkpoint's --init-from {source}; only ")
+    assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)["step"] == 3
+
+
+def test_resume_of_a_synthetic_run_with_data_typed_is_one_line(tmp_path, capsys):
+    # the checkpoint's --data is None (the synthetic set): compared with a folder typed, it differs (same_path
+    # takes only strings as paths; os.path.abspath(None) raised TypeError)
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "1"))
+    folder = tiny_token_folder(tmp_path / "tokens")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(out, "--steps", "2", "--resume", "--data", folder))
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(
+        f"--resume: --data {folder} differs from the checkpoint's --data None; only ")
+
+
+def test_stage2_on_a_folder_measures_its_latent_statistics_on_a_seeded_sample_cut_to_frames(tmp_path, monkeypatch,
+                                                                                               tiny_dac_dir):
+    # --data: 64 of the folder's 70 clips, drawn with --seed (latent_stat_examples), each cut to --frames, set the
+    # statistics the checkpoint keeps (a stage-2 U-Net at the small widths, and words standing in for T5)
+    monkeypatch.setattr(datamod, "T5TextEncoder", WordsAsT5)
+    small = stage2.Stage2Config.small()
+
+    class SmallConfig(stage2.Stage2Config):
+        def __init__(self, **kw):
+            super().__init__(**{**small, **kw})
+    monkeypatch.setattr(stage2, "Stage2Config", SmallConfig)
+    folder = str(tmp_path / "tokens")
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 1024, (9, 48)).astype(np.uint16) for _ in range(70)]
+    with datamod.ClipWriter(folder, {"format": 2}) as store:
+        store.commit({"source": "a.wav", "clips": [{"start_s": 30.0 * i, "frames": 48} for i in range(70)],
+                      "captions": ["a piece"], "seconds": 2100.0, "silent": 0}, clips)
+    trainmod.main(["--stage", "2", "--data", folder, "--dac", tiny_dac_dir, "--clips-per-track", "0", "--seed", "5",
+                   "--frames", "32", "--batch-size", "2", "--grad-accum", "1", "--steps", "1", "--out",
+                   str(tmp_path / "s2")])
+    ckpt = torch.load(tmp_path / "s2" / "ckpt.pt", weights_only=False)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config()).attach_codec(datamod.load_dac(tiny_dac_dir))
+    codes = torch.from_numpy(np.stack(clips).astype(np.int64))
+    stats = {}
+    for name, seed, frames in (("run", 5, 32), ("seed 0", 0, 32), ("uncut", 5, 48)):
+        model.set_latent_stats(codes[trainmod.latent_stat_examples(70, seed), :, :frames])
+        stats[name] = (model.latent_mean.clone(), model.latent_std.clone())
+    assert torch.equal(ckpt["model"]["latent_mean"], stats["run"][0])
+    assert torch.equal(ckpt["model"]["latent_std"], stats["run"][1])
+    assert not torch.equal(stats["run"][1], stats["seed 0"][1]) and not torch.equal(stats["run"][1], stats["uncut"][1])
+
+
+def test_init_from_refuses_d_state_headdim_and_n_heads_that_differ(tmp_path, capsys):
+    # test_init_from_errors' architecture flags, for the other three (the checkpoint: d_state 16, headdim 32 and
+    # 4 heads, the synthetic preset's for those tiny_train_args leaves unset)
+    trainmod.main(tiny_train_args(tmp_path / "src", "--steps", "1"))
+    path = str(tmp_path / "src" / "ckpt.pt")
+    src = torch.load(path, weights_only=False)["config"]
+    assert (src["d_state"], src["headdim"], src["n_heads"]) == (16, 32, 4)
+    capsys.readouterr()
+    for flag, value, field in (("--d-state", "32", "d_state = 16"), ("--headdim", "16", "headdim = 32"),
+                               ("--n-heads", "2", "n_heads = 4")):
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(["--init-from", path, "--out", str(tmp_path / "ft"), "--steps", "1", flag, value])
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"--init-from {path}: {flag} {value} differs from the checkpoint's {field}; the architecture comes from "
+            "the checkpoint\n")
+    assert not (tmp_path / "ft").exists()
+
+
+def test_stage2_trains_the_full_unet_on_a_folder_and_the_small_one_on_the_synthetic_set(tmp_path, monkeypatch,
+                                                                                          tiny_dac_dir):
+    # build_model: the README's U-Net (Stage2Config(), 62 M parameters) for --data, Stage2Config.small() for the
+    # synthetic demo; what the checkpoint keeps is that config (a stand-in records it: no 62 M weights are made)
+    class Recorder(torch.nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.cfg = cfg
+
+        def attach_codec(self, codec):
+            return self
+    monkeypatch.setattr(stage2, "Stage2Diffusion", Recorder)
+    folder = tiny_token_folder(tmp_path / "tokens")
+    for data, want in (([], stage2.Stage2Config(**stage2.Stage2Config.small())),
+                       (["--data", folder, "--dac", tiny_dac_dir], stage2.Stage2Config())):
+        args, _ = trainmod.parse_args(["--stage", "2", *data, "--out", str(tmp_path / "r")])
+        model, config = trainmod.build_model(args, "cpu")
+        assert model.cfg == want and config == dataclasses.asdict(want), data
+    assert want.channels == (256, 512, 768)
+
+
+def test_resume_with_the_other_stage_typed_is_one_line(tmp_path, capsys):
+    # --stage is a setting of the run, not RUNTIME: typed otherwise on resume it is refused (not replaced by the
+    # checkpoint's), either way round, and the checkpoint is left as it was
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    trainmod.main(tiny_train_args(s1, "--steps", "1"))
+    trainmod.main(["--stage", "2", "--frames", "16", "--batch-size", "2", "--steps", "1", "--eval-every", "0",
+                   "--out", str(s2)])
+    capsys.readouterr()
+    for out, typed, saved in ((s1, "2", "1"), (s2, "1", "2")):
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(["--resume", "--out", str(out), "--steps", "2", "--stage", typed])
+        assert e.value.code == 2 and capsys.readouterr().err.startswith(
+            f"--resume: --stage {typed} differs from the checkpoint's --stage {saved}; only ")
+        assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1
+
+
 def test_atomic_save_cut_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     trainmod.atomic_save({"step": 1}, path)
@@ -9042,6 +9259,106 @@ def test_stage2_nearest_codes_under_bf16_autocast_are_the_float64_nearest_on_nea
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = model.codes_from_latents(fine, a[:, 0])
     assert torch.equal(got[:, 1:], want) and torch.equal(got[:, 0], a[:, 0])
+
+
+def test_stage2_sampler_takes_the_configs_steps_and_guidance_scale_three_by_default():
+    # steps=None: cfg.diffusion_steps DDPM steps at t = 1, 2/3, 1/3 (here 3); cfg_scale: 3.0, as generate's
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), diffusion_steps=3))
+    model.attach_codec(datamod.synthetic_codec()).eval()
+    torch.nn.init.normal_(model.unet.out.weight, std=0.3)
+    codes, caps = datamod.SyntheticMusic(16, seed=0).batch(range(2))
+    model.set_latent_stats(codes)
+    text, mask = datamod.WordEncoder()(caps)
+    coarse, calls, predict_v = model.latents(codes[:, :1]), [], model.predict_v
+    model.predict_v = lambda x, c, t, tx, m, scale: calls.append((round(t[0].item(), 6), scale)) or predict_v(
+        x, c, t, tx, m, scale)
+    run = lambda **kw: model.sample_latents(coarse, text, mask, generator=torch.Generator().manual_seed(0), **kw)
+    default = run()
+    assert calls == [(1.0, 3.0), (round(2 / 3, 6), 3.0), (round(1 / 3, 6), 3.0)]
+    assert torch.equal(default, run(steps=3, cfg_scale=3.0)) and not torch.equal(default, run(steps=3, cfg_scale=1.0))
+    calls.clear()
+    model.generate(codes[:, 0], text, mask, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 3
+
+
+def test_stage2_guidance_below_one_moves_towards_the_unconditional_model():
+    # --stage2-cfg takes any scale from 0: 0 is the unconditional model, 0.5 halfway; only 1 skips the null rows
+    torch.manual_seed(0)
+    model = small_stage2().eval()
+    torch.nn.init.normal_(model.unet.out.weight, std=0.3)
+    text, mask = random_text(b=2, lt=4, d=model.cfg.d_text)
+    text = text.float()
+    x_t, coarse, t = torch.randn(2, 64, 12), torch.randn(2, 8, 12), torch.rand(2)
+    with torch.no_grad():
+        cond = model.unet(torch.cat([x_t, coarse], 1), t, text, mask)
+        uncond = model.unet(torch.cat([x_t, coarse], 1), t, text, torch.zeros_like(mask))
+        assert (cond - uncond).abs().max() > 0.05
+        for scale in (0.0, 0.5):
+            torch.testing.assert_close(model.predict_v(x_t, coarse, t, text, mask, scale),
+                                       uncond + scale * (cond - uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_stage2_inpainting_draws_all_its_noise_from_the_generator():
+    # with known frames too, a prompt's generator alone fixes its latents: the same whatever torch's global RNG
+    # holds, and the same alone as in a batch (the known frames' noise is drawn from it, row by row)
+    torch.manual_seed(0)
+    model = small_stage2().eval()
+    torch.nn.init.normal_(model.unet.out.weight, std=0.3)
+    codes, caps = datamod.SyntheticMusic(24, seed=0).batch(range(2))
+    model.set_latent_stats(codes)
+    text, mask = datamod.WordEncoder()(caps)
+    known = codes.clone()
+    known[:, 1:, 10:] = SPECIAL
+    keep = (known[:, 1:] != SPECIAL).all(1)
+    lat, coarse = model.latents(known)[:, stage2.LATENT_DIM:], model.latents(codes[:, :1])
+    gens = lambda idx: [torch.Generator().manual_seed(7 + i) for i in idx]
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs.append(model.sample_latents(coarse, text, mask, 5, generator=gens(range(2)), known=lat, known_frames=keep))
+    assert torch.equal(runs[0], runs[1])
+    n = int(mask[1].sum())
+    alone = model.sample_latents(coarse[1:], text[1:, :n], mask[1:, :n], 5, generator=gens([1]), known=lat[1:],
+                                 known_frames=keep[1:])
+    torch.testing.assert_close(alone[0], runs[0][1], rtol=0, atol=1e-3)  # fp32 rounding of a batch of 2 vs 1
+
+
+
+def test_stage2_generate_samples_around_the_known_frames_fine_latents():
+    # generate(known=) gives the sampler the latents of codebooks 2..9 of the known frames: the fine latents it
+    # ends on (before the nearest codes are looked up) are those, bit for bit, at every kept frame. (The kept
+    # codes are put back after the lookup, so wrong latents there showed nowhere but in the frames around them.)
+    torch.manual_seed(0)
+    model = small_stage2().eval()
+    torch.nn.init.normal_(model.unet.out.weight, std=0.3)
+    codes, caps = datamod.SyntheticMusic(24, seed=0).batch(range(2))
+    model.set_latent_stats(codes)
+    text, mask = datamod.WordEncoder()(caps)
+    known = codes.clone()
+    known[:, 1:, 10:] = SPECIAL
+    keep = (known[:, 1:] != SPECIAL).all(1)
+    seen, codes_from_latents = [], model.codes_from_latents
+    model.codes_from_latents = lambda fine, coarse: seen.append(fine.clone()) or codes_from_latents(fine, coarse)
+    out = model.generate(codes[:, 0], text, mask, steps=4, generator=torch.Generator().manual_seed(0), known=known)
+    fine, = seen
+    want = model.latents(codes)[:, stage2.LATENT_DIM:]
+    assert torch.equal(fine.transpose(1, 2)[keep], want.transpose(1, 2)[keep])
+    assert torch.equal(out[:, :, :10], codes[:, :, :10])
+
+
+def test_stage2_known_frames_reads_each_of_codebooks_2_to_9():
+    # a frame is kept when all of codebooks 2..9 are given; one missing, whichever, is refused
+    codes = torch.randint(0, 1024, (2, 9, 5), generator=torch.Generator().manual_seed(0))
+    known = codes.clone()
+    known[:, 1:, 3:] = SPECIAL
+    assert stage2.Stage2Diffusion.known_frames(known, codes[:, 0]).tolist() == [[True] * 3 + [False] * 2] * 2
+    for k in range(1, 9):
+        partial = known.clone()
+        partial[1, k, 1] = SPECIAL
+        with pytest.raises(ValueError) as e:
+            stage2.Stage2Diffusion.known_frames(partial, codes[:, 0])
+        assert str(e.value) == "known: a frame has some of codebooks 2..9 and not the others", k
 
 
 def test_fast_options_messages_bounds_and_defaults_exactly():

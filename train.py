@@ -154,8 +154,11 @@ def parse_args(argv=None):
                  "set the stage-1 LM; stage 2's diffusion model takes none of them")
     if args.clips_per_track is not None and not args.data:
         ap.error("--clips-per-track: the synthetic set has no tracks; it is for --data")
-    if args.data:  # the checkpoint keeps it, and a run resumed from another working directory reads it
+    # the checkpoint keeps them, and a run resumed from another working directory reads or compares them
+    if args.data:
         args.data = os.path.abspath(args.data)
+    if args.init_from:
+        args.init_from = os.path.abspath(args.init_from)
     preset = PAPER if args.data else SYNTHETIC
     for k, v in preset.items():
         if getattr(args, k, None) is None:
@@ -294,7 +297,7 @@ def resume_or_start(args, given, world):
 
 def same_path(key, value):
     """A setting as resume compares it: --data and --init-from as absolute paths, so that a folder typed
-    again as ./data, data or /home/me/data is the same (a checkpoint saved before 2026-12-06 keeps --data
+    again as ./data, data or /home/me/data is the same (a checkpoint saved before 2026-12-06 keeps them
     as typed, taken from this working directory)."""
     return os.path.abspath(value) if key in ("data", "init_from") and isinstance(value, str) else value
 
