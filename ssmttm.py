@@ -95,7 +95,7 @@ class ModelConfig:
 def delay_pattern(codes, special=SPECIAL):
     """(b, K, T) codes -> (b, K, T + K - 1): codebook k shifted right by k steps, empty slots special.
     Step s then holds codebook k of frame s - k, so one step predicts all K codebooks at once while
-    codebook k still sees codebooks < k of its own frame (they were generated k steps earlier)."""
+    codebook k still sees codebooks j < k of its own frame (generated k - j steps earlier)."""
     b, K, T = codes.shape
     out = codes.new_full((b, K, T + K - 1), special)
     for k in range(K):
@@ -681,7 +681,7 @@ def generate_in_windows(model, text, text_mask, n_frames, window, context=None, 
     else its last `context` frames, like every later pass. sampling: generate's other arguments
     (a generator carries on from pass to pass)."""
     K = model.cfg.n_codebooks
-    if n_frames <= window:  # one pass: no context is read, so a window under 2K (default context) is fine here
+    if n_frames <= window:  # one pass: no context is read, so any window will do (more passes: context <= window - K)
         return model.generate(text, text_mask, n_frames, prompt=prompt, **sampling)
     context = window // 2 if context is None else context
     if not 0 <= context <= window - K:

@@ -60,8 +60,9 @@ def masked_group_norm(x, norm, mask):
 
 class ResBlock1d(nn.Module):
     """GroupNorm-SiLU-Conv twice; the step and pooled text enter as a scale and shift (FiLM). mask (b, 1, T),
-    1 at real frames and 0 past a clip's end: the norms count the real frames only and each conv sees zeros
-    past the end, so that the real frames' output does not depend on what lies there."""
+    1 at real frames and 0 past a clip's end: the norms count the real frames only and each 3-wide conv sees
+    zeros past the end (the 1x1 skip conv works frame by frame), so that the real frames' output does not
+    depend on what lies there."""
 
     def __init__(self, c_in, c_out, d_emb):
         super().__init__()
@@ -98,9 +99,11 @@ class Level(nn.Module):
 
 class DiffusionUNet(nn.Module):
     """(b, 72, T) noisy fine latents + clean coarse latent, step t in (0, 1], text -> v (b, 64, T). lengths
-    (b,): each row's real frames, the rest padding (None: all T). Every layer sees zeros past a row's real
-    frames (and past T, where the length is padded to one the down/up path can halve), so a clip's v is the
-    same whatever padding follows it; the padded frames' v means nothing. ValueError for no frames (T = 0)
+    (b,): each row's real frames, the rest padding (None: all T). Every layer that mixes frames (the
+    3-wide convs, the down- and up-sampling, the norms) sees zeros past a row's real frames (and past T,
+    where the length is padded to one the down/up path can halve), or counts the real frames only; the
+    others (the skip convs, the text cross-attention) work frame by frame. So a clip's v is the same
+    whatever padding follows it; the padded frames' v means nothing. ValueError for no frames (T = 0)
     or text of other shapes (ssmttm.check_text)."""
 
     def __init__(self, cfg):
