@@ -1897,6 +1897,140 @@ def test_generate_leaves_the_model_in_the_mode_it_found():
     assert len(seen) > 10 and not any(seen) and model.training
 
 
+@pytest.mark.parametrize("prefill", [1, 2, 3])
+def test_self_attention_prefill_of_any_length_then_steps_equals_full_forward(prefill):
+    # a KV-cached pass of s positions masks query i to positions <= t0 + i; a prefill (or step) of 2 positions
+    # needs that mask as much as one of 5 (a prompt of 1 frame is a prefill of 2: begin step + 1)
+    model = tiny_model("cross_transformer", 2)
+    text, mask = random_text()
+    tokens = torch.randint(0, 1024, (2, 2, 8), generator=torch.Generator().manual_seed(5))
+    full = model.logits(tokens, text, mask)
+    cache = ssmttm.InferenceCache(model, 2, 8, "cpu", torch.float64)
+    parts = [model.logits(tokens[..., :prefill], text, mask, cache)]
+    parts.append(model.step(tokens[..., prefill:prefill + 2], cache))  # two steps at once, from the cache
+    parts += [model.step(tokens[..., t:t + 1], cache) for t in range(prefill + 2, 8)]
+    torch.testing.assert_close(torch.cat(parts, 2), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_guidance_below_one_still_runs_the_null_condition(scale):
+    # cfg_scale != 1 (not only > 1) runs the null rows: at 0 the draw is the unconditional model's, at 0.5
+    # halfway; greedy first tokens are the argmax of cond + (s - 1)(cond - uncond) from the begin step
+    model = tiny_model("prefix_simba", seed=4)
+    text, mask = random_text(b=8)
+    begin = torch.full((8, 1, 1), SPECIAL)
+    cond = model.logits(begin, text, mask)[:, :, -1]
+    uncond = model.logits(begin, text, torch.zeros_like(mask))[:, :, -1]
+    want = classifier_free_guidance(cond, uncond, scale)[..., :SPECIAL].argmax(-1)
+    assert not torch.equal(want, cond[..., :SPECIAL].argmax(-1))
+    for recurrent in (True, False):
+        got = model.generate(text, mask, 1, cfg_scale=scale, top_k=1, recurrent=recurrent)[..., 0]
+        assert torch.equal(got, want)
+
+
+def test_windows_of_an_odd_length_read_half_a_window_rounded_down_by_default(monkeypatch):
+    # the default context is window // 2: 7 frames for a window of 15, as context=7 reads them
+    model, (text, mask) = tiny_model("prefix_simba", 2), random_text()
+    want = ssmttm.generate_in_windows(model, text, mask, 30, 15, context=7, top_k=1)
+    reads, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, prompt=None, **kw: (
+        reads.append(0 if prompt is None else prompt.shape[-1]), generate(*a, prompt=prompt, **kw))[1])
+    got = ssmttm.generate_in_windows(model, text, mask, 30, 15, top_k=1)
+    assert reads[0] == 0 and len(reads) > 1 and set(reads[1:]) == {7}
+    assert torch.equal(got, want)
+
+
+def test_a_last_pass_that_fills_its_window_keeps_all_its_frames(monkeypatch):
+    # K = 4, window 16, 21 frames: the first pass keeps 13 (its last K - 1 = 3 frames' later codebooks wait
+    # for the frames after them); the second reads 8 and makes 16 = 8 + the 8 still to do, a full window
+    # that ends the music: it keeps all of its frames, and there is no third pass
+    model, (text, mask) = tiny_model("prefix_simba", 4), random_text()
+    calls, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda text, mask, n, prompt=None, **kw: (
+        calls.append((n, 0 if prompt is None else prompt.shape[-1])), generate(text, mask, n, prompt=prompt, **kw))[1])
+    codes = ssmttm.generate_in_windows(model, text, mask, 21, 16, top_k=1)
+    assert calls == [(16, 0), (16, 8)]
+    first = generate(text, mask, 16, top_k=1)
+    second = generate(text, mask, 16, prompt=first[..., 5:13], top_k=1)
+    assert codes.shape == (2, 4, 21)
+    assert torch.equal(codes[..., :13], first[..., :13]) and torch.equal(codes[..., 13:], second[..., 8:])
+
+
+def test_top_k_above_the_codebook_size_keeps_every_code():
+    # top_k counts real codes (1024 of them): any top_k from 1024 up keeps all, as top_k = 0 does, in generate too
+    logits = torch.randn(8, 2, 1025, generator=torch.Generator().manual_seed(0))
+    draw = lambda top_k: sample_next(logits, top_k=top_k, temperature=1.0,  # noqa: E731
+                                     generator=torch.Generator().manual_seed(1))
+    assert torch.equal(draw(1025), draw(0)) and torch.equal(draw(5000), draw(0))
+    model, (text, mask) = tiny_model("prefix_simba", 2), random_text()
+    runs = [model.generate(text, mask, 5, top_k=k, temperature=1.0, generator=torch.Generator().manual_seed(2))
+            for k in (0, 2000)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_top_k_one_is_the_argmax_even_at_a_tie_and_draws_nothing():
+    # top_k = 1 is greedy (Sampling.greedy): the argmax (the first of tied codes) whatever the generator,
+    # which it leaves as it was (the fast decoder draws nothing for it either, and stage 2 goes on
+    # from the same generator)
+    logits = torch.randn(4, 3, 1025, generator=torch.Generator().manual_seed(0))
+    logits[..., 10] = logits[..., 500] = 50.0  # a tie at the top
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        assert torch.equal(sample_next(logits, top_k=1, temperature=1.2, generator=g), torch.full((4, 3), 10))
+        assert torch.equal(g.get_state(), torch.Generator().manual_seed(seed).get_state()), seed
+    model, (text, mask) = tiny_model("prefix_simba", 2), random_text()
+    g = torch.Generator().manual_seed(3)
+    before = g.get_state()
+    model.generate(text, mask, 4, top_k=1, temperature=1.2, generator=g)
+    assert torch.equal(g.get_state(), before)
+
+
+def test_generate_stores_the_ssm_state_in_the_dtype_asked(monkeypatch):
+    # generate(ssm_dtype=bf16) decodes on Mamba-2 states held in bf16 (the conv window in the model's dtype):
+    # its greedy tokens are those of the loop on InferenceCache(..., ssm_dtype=bf16)
+    model, (text, mask) = tiny_model("prefix_simba", 1).float(), random_text()
+    text, n = text.float(), 8
+    caches = recorded_caches(monkeypatch)
+    got = model.generate(text, mask, n, cfg_scale=1.0, top_k=1, ssm_dtype=torch.bfloat16)
+    mamba = [s for c in caches for states in c.states for s in states if isinstance(s, ssmttm.Mamba2State)]
+    assert len(caches) == 1 and mamba
+    assert all(s.ssm.dtype == torch.bfloat16 and s.conv.dtype == torch.float32 for s in mamba)
+    cache = ssmttm.InferenceCache(model, 2, n + 1, "cpu", torch.float32, torch.bfloat16)
+    with torch.no_grad():
+        tok = model.logits(torch.full((2, 1, 1), SPECIAL), text, mask, cache)[:, :, -1, :SPECIAL].argmax(-1)
+        want = [tok]
+        for _ in range(n - 1):
+            want.append(model.step(want[-1][..., None], cache)[:, :, -1, :SPECIAL].argmax(-1))
+    assert torch.equal(got, torch.stack(want, -1))
+
+
+@pytest.mark.parametrize("recurrent", [True, False])
+def test_a_prompts_frames_draw_nothing_from_the_generator(recurrent):
+    # the prompt's steps are kept, not sampled: the first new frame is drawn with the generator's first
+    # numbers, from the guided logits after the begin step and the prompt
+    model = tiny_model("prefix_simba", 1)
+    text, mask = random_text()
+    prompt = torch.randint(0, 1024, (2, 1, 4), generator=torch.Generator().manual_seed(2))
+    tokens = F.pad(prompt, (1, 0), value=SPECIAL)
+    cond = model.logits(tokens, text, mask)[:, :, -1]
+    uncond = model.logits(tokens, text, torch.zeros_like(mask))[:, :, -1]
+    want = sample_next(cond, uncond, 3.0, 0, 1.0, torch.Generator().manual_seed(6))
+    got = model.generate(text, mask, 5, cfg_scale=3.0, top_k=0, temperature=1.0,
+                         generator=torch.Generator().manual_seed(6), prompt=prompt, recurrent=recurrent)
+    assert torch.equal(got[..., :4], prompt) and torch.equal(got[..., 4], want)
+
+
+def test_windows_keep_a_prompt_of_all_the_frames_and_refuse_a_longer_one():
+    # generate.py --continue allows a prompt as long as the output (nothing new to add), which past the window
+    # goes through generate_in_windows: it returns the prompt itself; one frame more is refused
+    model, (text, mask) = tiny_model("prefix_simba", 2), random_text()
+    full = torch.randint(0, 1024, (2, 2, 20), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ssmttm.generate_in_windows(model, text, mask, 20, 8, prompt=full, top_k=1), full)
+    with pytest.raises(ValueError, match="longer than n_frames = 19"):
+        ssmttm.generate_in_windows(model, text, mask, 19, 8, prompt=full, top_k=1)
+
+
+
 # ------------------------------------------------------------------------------------------------
 # The fast paths (fast.py, gpu_kernels.py) against the plain model. On a CPU: fast.Decoder's loop, and
 # its fused step with the kernels replaced by their definitions above; on CUDA: the kernels.
