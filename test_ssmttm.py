@@ -1690,17 +1690,19 @@ def test_guidance_scale_one_is_the_conditional_model():
 
 
 @pytest.mark.parametrize("recurrent", [True, False])
-def test_guided_first_step_combines_the_text_and_no_text(recurrent):
+@pytest.mark.parametrize("scale, seed", [(3.0, 3), (0.0, 4), (0.5, 4)])
+def test_guided_first_step_combines_the_text_and_no_text(recurrent, scale, seed):
     # generate's null condition is the text fully masked: its first greedy tokens are the argmax of
-    # cond + 2 (cond - uncond) from the begin step, which is not the conditional argmax alone
-    model = tiny_model("prefix_simba", seed=3)
+    # cond + (s - 1)(cond - uncond) from the begin step, which is not the conditional argmax alone; any scale
+    # but 1 runs the null rows (below 1 too: at 0 the unconditional model's draw, at 0.5 halfway)
+    model = tiny_model("prefix_simba", seed=seed)
     text, mask = random_text(b=8)
     begin = torch.full((8, 1, 1), SPECIAL)
     cond = model.logits(begin, text, mask)[:, :, -1]
     uncond = model.logits(begin, text, torch.zeros_like(mask))[:, :, -1]
-    want = classifier_free_guidance(cond, uncond, 3.0)[..., :SPECIAL].argmax(-1)
+    want = classifier_free_guidance(cond, uncond, scale)[..., :SPECIAL].argmax(-1)
     assert not torch.equal(want, cond[..., :SPECIAL].argmax(-1))
-    got = model.generate(text, mask, 1, cfg_scale=3.0, top_k=1, recurrent=recurrent)[..., 0]
+    got = model.generate(text, mask, 1, cfg_scale=scale, top_k=1, recurrent=recurrent)[..., 0]
     assert torch.equal(got, want)
 
 
@@ -1910,22 +1912,6 @@ def test_self_attention_prefill_of_any_length_then_steps_equals_full_forward(pre
     parts.append(model.step(tokens[..., prefill:prefill + 2], cache))  # two steps at once, from the cache
     parts += [model.step(tokens[..., t:t + 1], cache) for t in range(prefill + 2, 8)]
     torch.testing.assert_close(torch.cat(parts, 2), full, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("scale", [0.0, 0.5])
-def test_guidance_below_one_still_runs_the_null_condition(scale):
-    # cfg_scale != 1 (not only > 1) runs the null rows: at 0 the draw is the unconditional model's, at 0.5
-    # halfway; greedy first tokens are the argmax of cond + (s - 1)(cond - uncond) from the begin step
-    model = tiny_model("prefix_simba", seed=4)
-    text, mask = random_text(b=8)
-    begin = torch.full((8, 1, 1), SPECIAL)
-    cond = model.logits(begin, text, mask)[:, :, -1]
-    uncond = model.logits(begin, text, torch.zeros_like(mask))[:, :, -1]
-    want = classifier_free_guidance(cond, uncond, scale)[..., :SPECIAL].argmax(-1)
-    assert not torch.equal(want, cond[..., :SPECIAL].argmax(-1))
-    for recurrent in (True, False):
-        got = model.generate(text, mask, 1, cfg_scale=scale, top_k=1, recurrent=recurrent)[..., 0]
-        assert torch.equal(got, want)
 
 
 def test_windows_of_an_odd_length_read_half_a_window_rounded_down_by_default(monkeypatch):
@@ -9433,9 +9419,9 @@ def test_stage2_guidance_below_one_moves_towards_the_unconditional_model():
                                        uncond + scale * (cond - uncond), rtol=1e-5, atol=1e-5)
 
 
-def test_stage2_inpainting_draws_all_its_noise_from_the_generator():
-    # with known frames too, a prompt's generator alone fixes its latents: the same whatever torch's global RNG
-    # holds, and the same alone as in a batch (the known frames' noise is drawn from it, row by row)
+def stage2_with_known_frames():
+    """A small stage-2 model whose output is not zero, two synthetic clips of 24 frames, their captions'
+    states, the clips with codebooks 2..9 known in the first 10 frames only, and those frames (b, T)."""
     torch.manual_seed(0)
     model = small_stage2().eval()
     torch.nn.init.normal_(model.unet.out.weight, std=0.3)
@@ -9445,6 +9431,13 @@ def test_stage2_inpainting_draws_all_its_noise_from_the_generator():
     known = codes.clone()
     known[:, 1:, 10:] = SPECIAL
     keep = (known[:, 1:] != SPECIAL).all(1)
+    return model, codes, text, mask, known, keep
+
+
+def test_stage2_inpainting_draws_all_its_noise_from_the_generator():
+    # with known frames too, a prompt's generator alone fixes its latents: the same whatever torch's global RNG
+    # holds, and the same alone as in a batch (the known frames' noise is drawn from it, row by row)
+    model, codes, text, mask, known, keep = stage2_with_known_frames()
     lat, coarse = model.latents(known)[:, stage2.LATENT_DIM:], model.latents(codes[:, :1])
     gens = lambda idx: [torch.Generator().manual_seed(7 + i) for i in idx]
     runs = []
@@ -9458,20 +9451,11 @@ def test_stage2_inpainting_draws_all_its_noise_from_the_generator():
     torch.testing.assert_close(alone[0], runs[0][1], rtol=0, atol=1e-3)  # fp32 rounding of a batch of 2 vs 1
 
 
-
 def test_stage2_generate_samples_around_the_known_frames_fine_latents():
     # generate(known=) gives the sampler the latents of codebooks 2..9 of the known frames: the fine latents it
     # ends on (before the nearest codes are looked up) are those, bit for bit, at every kept frame. (The kept
     # codes are put back after the lookup, so wrong latents there showed nowhere but in the frames around them.)
-    torch.manual_seed(0)
-    model = small_stage2().eval()
-    torch.nn.init.normal_(model.unet.out.weight, std=0.3)
-    codes, caps = datamod.SyntheticMusic(24, seed=0).batch(range(2))
-    model.set_latent_stats(codes)
-    text, mask = datamod.WordEncoder()(caps)
-    known = codes.clone()
-    known[:, 1:, 10:] = SPECIAL
-    keep = (known[:, 1:] != SPECIAL).all(1)
+    model, codes, text, mask, known, keep = stage2_with_known_frames()
     seen, codes_from_latents = [], model.codes_from_latents
     model.codes_from_latents = lambda fine, coarse: seen.append(fine.clone()) or codes_from_latents(fine, coarse)
     out = model.generate(codes[:, 0], text, mask, steps=4, generator=torch.Generator().manual_seed(0), known=known)
