@@ -1054,9 +1054,10 @@ def load_dac(name_or_path=DEFAULT_DAC, device="cpu"):
     return dac.float().to(device).eval().requires_grad_(False)  # fp32, whatever dtype the folder stores
 
 
-def check_codec(c, name):
-    """BadInput unless a DAC's config c (a DacConfig) is the layout of DAC 44.1 kHz: 44100 Hz, hop 512,
+def check_codec(config, name):
+    """BadInput unless a DAC's config (a DacConfig) is the layout of DAC 44.1 kHz: 44100 Hz, hop 512,
     9 codebooks of 1024."""
+    c = config
     if (c.sampling_rate, c.hop_length, c.n_codebooks, c.codebook_size) != (SAMPLE_RATE, HOP, N_CODEBOOKS, SPECIAL):
         fail(f"DAC {name!r} has {c.sampling_rate} Hz, hop {c.hop_length}, {c.n_codebooks} codebooks of "
              f"{c.codebook_size}; ssmttm needs DAC 44.1 kHz: {SAMPLE_RATE} Hz, hop {HOP}, "
