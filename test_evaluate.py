@@ -1219,3 +1219,106 @@ def test_long_refuses_a_checkpoint_of_one_frame(tmp_path, capsys):
         evaluate.main(["--long", str(run / "ckpt.pt")])
     assert e.value.code == 2 and _one_line_error(capsys) == (
         f"evaluate.py: error: --long {run / 'ckpt.pt'}: trained on 17 frames; a window needs at least 18 with K = 9")
+
+
+def test_cosine_is_row_wise_and_scale_free():
+    # evaluate.cosine on vectors that are NOT unit length: transformers' get_*_features happen to
+    # return unit vectors today, so the CLAP tests cannot tell a cosine from a plain dot product
+    a = np.array([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 2.0, 2.0]])
+    b = np.array([[6.0, 8.0, 0.0], [-5.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.5]])
+    want = [float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b)]  # 1, -1, 1/sqrt2, 2/3
+    got = evaluate.cosine(a, b)
+    assert got.dtype == torch.float64 and got.shape == (4,)
+    assert got.tolist() == pytest.approx(want, abs=1e-12)
+    assert got.tolist() == pytest.approx([1.0, -1.0, 2 ** -0.5, 2 / 3], abs=1e-12)
+
+
+def test_clap_embeddings_are_unit_length_whatever_the_model_returns():
+    # the docstrings promise unit-length projections; evaluate.py normalises them itself, so the CLAP
+    # score stays a cosine if a transformers release stops normalising (stub model, tokenizer, extractor)
+    class Encoding(dict):
+        def to(self, device):
+            return self
+
+    class Tokenizer:
+        def __call__(self, texts, padding, truncation, max_length, return_tensors):
+            assert truncation and max_length == evaluate.CLAP_MAX_TOKENS
+            return Encoding(input_ids=torch.tensor([[len(t)] for t in texts]), attention_mask=torch.ones(len(texts), 1))
+
+    class Model:
+        def get_text_features(self, input_ids, attention_mask):  # the transformers-4 form: a tensor
+            return input_ids.float() * torch.tensor([[3.0, 4.0, 0.0]])  # norms 5 x len(text)
+
+        def get_audio_features(self, input_features, is_longer=None):
+            return input_features.sum(-1)  # (1, 3): (0, 6, 8), norm 10
+
+    class Extractor:
+        sampling_rate = 48000
+
+        def __call__(self, audio, sampling_rate, return_tensors):
+            return {"input_features": torch.tensor([[[0.0, 0.0], [2.0, 4.0], [3.0, 5.0]]])}
+
+    text = evaluate.clap_text_embeddings(Model(), Tokenizer(), ["ab", "abcd", "abcdef"], "cpu", batch_size=2)
+    assert text.dtype == torch.float64 and text.shape == (3, 3)
+    assert torch.allclose(text, torch.tensor([[0.6, 0.8, 0.0]] * 3, dtype=torch.float64), atol=1e-12)
+    audio = evaluate.clap_audio_embedding(Model(), Extractor(), np.zeros(4800, np.float32), "cpu")
+    assert audio.dtype == torch.float64 and audio.shape == (3,)
+    assert torch.allclose(audio, torch.tensor([0.0, 0.6, 0.8], dtype=torch.float64), atol=1e-12)
+
+
+def test_gaussian_stats_of_two_points_and_too_few():
+    # two embeddings x0, x1: mean (x0 + x1) / 2, covariance with ddof 1 = d d^T / 2 (d = x1 - x0), by hand;
+    # one embedding, or a flat vector, has no covariance: a ValueError, not a NaN matrix (np.cov with
+    # ddof 1 over one row divides by 0 and only warns; FD would then come out NaN)
+    x = np.array([[1.0, 2.0, -1.0], [3.0, -2.0, 0.0]])
+    d = x[1] - x[0]
+    mu, s = evaluate.gaussian_stats(x)
+    assert mu.dtype == s.dtype == np.float64
+    np.testing.assert_array_equal(mu, [2.0, 0.0, -0.5])
+    np.testing.assert_allclose(s, np.outer(d, d) / 2, rtol=0, atol=1e-15)
+    for bad in (x[:1], x[0], np.zeros((0, 3))):
+        with pytest.raises(ValueError, match="need at least 2 embeddings"):
+            evaluate.gaussian_stats(bad)
+
+
+def test_passt_probabilities_softmax_of_mean_logits_in_float64(monkeypatch):
+    # a stand-in tagger with logits far apart (float32's exp underflows below ~1e-45, float64's does not):
+    # p must be softmax(mean over windows of the logits), in float64, to float64 precision (the
+    # test with the real network compares with allclose's default rtol of 1e-5, which a float32 softmax passes)
+    logits = torch.linspace(-120.0, 5.0, 527, dtype=torch.float32)[None] * torch.tensor([[1.0], [0.5]])
+    logits[1, 7] = 3.0  # the windows differ
+    seen = []
+
+    def tagger(windows):
+        seen.append(windows.shape)
+        return logits.clone()
+    audio = np.random.default_rng(0).standard_normal(12 * evaluate.PASST_SR).astype(np.float32)  # 2 windows
+    p = evaluate.passt_probabilities(tagger, audio, "cpu")
+    assert seen == [(2, 10 * evaluate.PASST_SR)]
+    m = logits.double().mean(0)
+    want = torch.exp(m - m.max()) / torch.exp(m - m.max()).sum()
+    assert p.dtype == torch.float64 and p.shape == (527,)
+    assert torch.allclose(p, want, rtol=1e-12, atol=0)
+    assert p.min().item() > 0 and p.sum().item() == pytest.approx(1, abs=1e-12)
+
+
+def test_clap_score_seeds_numpy_once_for_all_long_clips(weights, tmp_path, capsys):
+    # two identical clips longer than CLAP's 1 s window, same prompt: the extractor's fusion crops come
+    # from numpy's global RNG seeded once (--seed) and carried from file to file, as the docstring says;
+    # so the two get different crops. By hand with evaluate's own pieces in that order
+    gen = tmp_path / "g"
+    gen.mkdir()
+    for name in ("x", "y"):
+        sf.write(gen / f"{name}.wav", noise(1.6, 48000, 11), 48000)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": n, "caption": "noisy drums"}) + "\n" for n in ("x", "y")))
+    report, _ = run_main(["--generated", str(gen), "--reference", str(gen), "--prompts", str(prompts),
+                          "--metrics", "clap", "--clap", weights["clap"], "--seed", "3",
+                          "--out", str(tmp_path / "r.json")], capsys)
+    model, extractor, tok = evaluate.load_clap(weights["clap"], "cpu")
+    text = evaluate.clap_text_embeddings(model, tok, ["noisy drums"], "cpu")[0]
+    np.random.seed(3)
+    want = [float(evaluate.clap_audio_embedding(model, extractor, evaluate.load_mono(str(gen / f"{n}.wav"), 48000),
+                                                "cpu") @ text) for n in ("x", "y")]
+    assert abs(want[0] - want[1]) > 1e-4                                       # different crops
+    assert [report["per_file"][n]["clap"] for n in ("x", "y")] == pytest.approx(want, abs=1e-6)
