@@ -4135,10 +4135,23 @@ def test_stage2_sampler_steps_keep_x_at_the_forward_processs_level():
         assert abs(eps.mean()) < 0.02 and abs(eps.std() - 1) < 0.02, t   # 5 standard deviations of each
 
 
-def small_stage2():
-    """Stage 2 at Stage2Config.small() on the synthetic codec (init from torch's global RNG)."""
-    return stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small())).attach_codec(
+def small_stage2(**config):
+    """Stage 2 at Stage2Config.small() (with config's changes) on the synthetic codec (init from torch's
+    global RNG)."""
+    return stage2.Stage2Diffusion(stage2.Stage2Config(**{**stage2.Stage2Config.small(), **config})).attach_codec(
         datamod.synthetic_codec())
+
+
+def stage2_on_synthetic_clips(frames, **config):
+    """(model, codes (2, 9, frames), text, mask): small_stage2(**config) from seed 0 in eval mode, its output
+    layer drawn so that it predicts something (an untrained one predicts v = 0), its latent statistics set
+    on two synthetic clips, and their captions' states."""
+    torch.manual_seed(0)
+    model = small_stage2(**config).eval()
+    torch.nn.init.normal_(model.unet.out.weight, std=0.3)
+    codes, caps = datamod.SyntheticMusic(frames, seed=0).batch(range(2))
+    model.set_latent_stats(codes)
+    return (model, codes, *datamod.WordEncoder()(caps))
 
 
 def test_stage2_trains_at_every_step_of_its_schedule_and_on_real_frames_only():
@@ -4228,13 +4241,7 @@ def test_stage2_one_generator_per_prompt_gives_it_the_same_codes_in_any_batch():
 
 
 def test_stage2_inpainting_keeps_the_known_frames_exactly():
-    torch.manual_seed(0)
-    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small()))
-    model.attach_codec(datamod.synthetic_codec()).eval()
-    torch.nn.init.normal_(model.unet.out.weight, std=0.3)  # untrained, but predicting something (not v = 0)
-    codes, caps = datamod.SyntheticMusic(40, seed=0).batch(range(2))
-    model.set_latent_stats(codes)
-    text, mask = datamod.WordEncoder()(caps)
+    model, codes, text, mask = stage2_on_synthetic_clips(40)
     known = codes.clone()
     known[:, 1:, 24:] = SPECIAL   # row 0 keeps frames 0..23 (a prompt to continue),
     known[1, 1:, :6] = SPECIAL    # row 1 frames 6..23 (a hole before them too)
@@ -9325,12 +9332,7 @@ def test_stage2_guidance_null_rows_see_no_text_and_the_same_coarse_codes():
 
 
 def test_stage2_generate_guides_with_scale_three_by_default():
-    torch.manual_seed(0)
-    model = small_stage2().eval()
-    torch.nn.init.normal_(model.unet.out.weight, std=0.3)
-    codes, caps = datamod.SyntheticMusic(16, seed=0).batch(range(2))
-    model.set_latent_stats(codes)
-    text, mask = datamod.WordEncoder()(caps)
+    model, codes, text, mask = stage2_on_synthetic_clips(16)
     run = lambda **kw: model.generate(codes[:, 0], text, mask, steps=3, generator=torch.Generator().manual_seed(0),
                                       **kw)
     default = run()
@@ -9383,13 +9385,7 @@ def test_stage2_nearest_codes_under_bf16_autocast_are_the_float64_nearest_on_nea
 
 def test_stage2_sampler_takes_the_configs_steps_and_guidance_scale_three_by_default():
     # steps=None: cfg.diffusion_steps DDPM steps at t = 1, 2/3, 1/3 (here 3); cfg_scale: 3.0, as generate's
-    torch.manual_seed(0)
-    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), diffusion_steps=3))
-    model.attach_codec(datamod.synthetic_codec()).eval()
-    torch.nn.init.normal_(model.unet.out.weight, std=0.3)
-    codes, caps = datamod.SyntheticMusic(16, seed=0).batch(range(2))
-    model.set_latent_stats(codes)
-    text, mask = datamod.WordEncoder()(caps)
+    model, codes, text, mask = stage2_on_synthetic_clips(16, diffusion_steps=3)
     coarse, calls, predict_v = model.latents(codes[:, :1]), [], model.predict_v
     model.predict_v = lambda x, c, t, tx, m, scale: calls.append((round(t[0].item(), 6), scale)) or predict_v(
         x, c, t, tx, m, scale)
@@ -9422,12 +9418,7 @@ def test_stage2_guidance_below_one_moves_towards_the_unconditional_model():
 def stage2_with_known_frames():
     """A small stage-2 model whose output is not zero, two synthetic clips of 24 frames, their captions'
     states, the clips with codebooks 2..9 known in the first 10 frames only, and those frames (b, T)."""
-    torch.manual_seed(0)
-    model = small_stage2().eval()
-    torch.nn.init.normal_(model.unet.out.weight, std=0.3)
-    codes, caps = datamod.SyntheticMusic(24, seed=0).batch(range(2))
-    model.set_latent_stats(codes)
-    text, mask = datamod.WordEncoder()(caps)
+    model, codes, text, mask = stage2_on_synthetic_clips(24)
     known = codes.clone()
     known[:, 1:, 10:] = SPECIAL
     keep = (known[:, 1:] != SPECIAL).all(1)
