@@ -1899,6 +1899,7 @@ def test_generate_leaves_the_model_in_the_mode_it_found():
     assert len(seen) > 10 and not any(seen) and model.training
 
 
+
 @pytest.mark.parametrize("prefill", [1, 2, 3])
 def test_self_attention_prefill_of_any_length_then_steps_equals_full_forward(prefill):
     # a KV-cached pass of s positions masks query i to positions <= t0 + i; a prefill (or step) of 2 positions
@@ -3868,6 +3869,25 @@ def test_a_decoder_keeps_its_frames_for_later_calls(kernel_definitions, monkeypa
         assert torch.equal(draw(kept, **settings), draw(fast.Decoder(FastOptions(cuda_graph=False)), **settings))
 
 
+def test_kept_frames_in_chunks_that_do_not_divide_sixteen_keep_their_chunks_in_step(kernel_definitions, monkeypatch):
+    # KeptFrames.run picks a chunk's last frame by the step's place in its noise block, which holds that
+    # works only where the blocks are the chunk's length (Decoder.frames: NoiseAhead(block=K)): with chunks of
+    # 3 steps, 21 decoded steps cross NoiseAhead.BLOCK = 16, and the cache left is still the plain loop's
+    monkeypatch.setattr(fast, "_capture", run_the_graph)
+    model = tiny_model("prefix_simba", 3)
+    text, mask = random_text()
+    caches, codes = [], []
+    for options in (FastOptions(decode_kernels=False, cuda_graph=False), FastOptions(cuda_graph=True, decode_chunk=3)):
+        decoder = KeepCache(options)
+        codes.append(model.generate(text, mask, 22, cfg_scale=3.0, top_k=1, decoder=decoder))
+        caches.append(decoder.cache)
+    assert torch.equal(codes[0], codes[1]) and torch.equal(caches[0].position, caches[1].position)
+    states = [[s for block in c.states for s in block if isinstance(s, ssmttm.Mamba2State)] for c in caches]
+    assert len(states[1]) == len(model.blocks)
+    for plain, fused in zip(*states):
+        torch.testing.assert_close((fused.conv, fused.ssm), (plain.conv, plain.ssm), rtol=1e-10, atol=1e-10)
+
+
 def check_recorded_prefill(model, text, mask):
     """Decoder.prefill returns model.logits' logits and leaves the cache as it does, bit for bit: at
     the first call of some shapes eager, then on the prefill it recorded at the second (KeptPrefill),
@@ -5613,6 +5633,174 @@ def test_prompts_are_stripped_and_an_id_given_twice_is_named(tmp_path, capsys):
     write_jsonl(path, [{"id": "a", "text": "t", "prompt": "p", "caption": "c"},
                        {"id": "b", "text": "t", "prompt": "p"}])
     assert datamod.read_prompts(str(path)) == [("a", "c"), ("b", "p")]
+
+
+def test_append_durably_finishes_a_write_that_takes_part_of_its_bytes(tmp_path):
+    # a raw (unbuffered) write may take fewer bytes than it is given: append_durably writes the rest
+    path = tmp_path / "f"
+    with open(path, "ab", buffering=0) as f:
+        class Short:  # takes at most 5 bytes a call, as a raw write may
+            def write(self, b):
+                return f.write(bytes(b[:5]))
+
+            def fileno(self):
+                return f.fileno()
+
+        datamod.append_durably(Short(), b"0123456789abc")
+    assert path.read_bytes() == b"0123456789abc"
+
+
+def test_atomic_write_text_has_the_whole_text_in_the_file_it_syncs(tmp_path, monkeypatch):
+    # the temp file is flushed before its fsync: what the sync puts on disk is the whole text, not what
+    # Python's buffer had handed to the OS (nothing, for a short text)
+    real, synced = os.fsync, []
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            synced.append(st.st_size)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    datamod.atomic_write_text(str(tmp_path / "meta.json"), "x" * 100)
+    assert synced == [100] and (tmp_path / "meta.json").read_text() == "x" * 100
+
+
+NO_CLIPS = {"source": "short.wav", "clips": [], "captions": ["too short"], "seconds": 4.0, "silent": 0}
+
+
+def test_settings_are_the_folders_once_a_file_is_committed_even_one_that_gave_no_clips(tmp_path, capsys):
+    # a committed file that gave no clip (too short, or all silent) is committed all the same: a rerun
+    # with another codec is refused, or it would add clips of that codec under meta.json's old name
+    out = str(tmp_path / "out")
+    with datamod.ClipWriter(out, {"format": 2, "dac": "first"}) as store:
+        store.commit(NO_CLIPS, [])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        datamod.ClipWriter(out, {"format": 2, "dac": "second"})
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{out} was made with other settings (dac: 'first' there, 'second' now); rerun with those or use a new --out\n")
+
+
+def test_every_setting_of_a_folder_is_checked_not_only_its_codec(tmp_path, capsys):
+    # --remove-vocals on a folder encoded with the vocals (or another clip length) is refused, naming it
+    out = str(tmp_path / "out")
+    meta = {"format": 2, "clip_frames": 2584, "dac": "d", "remove_vocals": False}
+    with datamod.ClipWriter(out, meta) as store:
+        store.commit({**NO_CLIPS, "source": "a.wav", "clips": [{"start_s": 0.0, "frames": 4}]},
+                     [np.zeros((9, 4), np.uint16)])
+    for change, diff in [({"remove_vocals": True}, "remove_vocals: False there, True now"),
+                         ({"clip_frames": 1292}, "clip_frames: 2584 there, 1292 now")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            datamod.ClipWriter(out, {**meta, **change})
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"{out} was made with other settings ({diff}); rerun with those or use a new --out\n")
+
+
+def test_meta_json_is_written_with_the_first_commit_only(tmp_path, monkeypatch):
+    # the module docstring: meta.json is "written with the first commit"; a first file that gave no clip is
+    # that commit, and the next files write it no more
+    writes, real = [], datamod.atomic_write_text
+    monkeypatch.setattr(datamod, "atomic_write_text", lambda p, t: (writes.append(os.path.basename(p)), real(p, t)))
+    with datamod.ClipWriter(str(tmp_path / "out"), {"format": 2}) as store:
+        store.commit(NO_CLIPS, [])
+        store.commit({**NO_CLIPS, "source": "a.wav", "clips": [{"start_s": 0.0, "frames": 4}]},
+                     [np.zeros((9, 4), np.uint16)])
+    assert writes == ["meta.json"]
+
+
+
+
+def test_token_dataset_batch_keeps_each_clip_with_its_caption(songs, dac, fake_dac, tmp_path):
+    # batch([3, 0, 2]): codes (3, 9, 2584) int64 in the order asked, each row the codes of its own clip
+    # (fake_encode of its samples, then the pad id), beside that clip's caption
+    out = tmp_path / "out"
+    run(songs, out, dac)
+    codes, captions = datamod.TokenDataset(str(out)).batch([3, 0, 2])
+    assert codes.shape == (3, 9, 2584) and codes.dtype == torch.int64
+    assert captions == ["a high tone", "a low tone", "a middle tone"]
+    for got, (_, _, frames, _, clip) in zip(codes, [WANT[3], WANT[0], WANT[2]]):
+        assert np.array_equal(got[:, :frames].numpy(), fake_encode(None, [clip], None)[0])
+        assert (got[:, frames:] == SPECIAL).all()
+
+
+def test_one_clip_per_track_reads_the_rows_of_the_clips_it_keeps(songs, dac, fake_dac, tmp_path):
+    # clips_per_track=1 (the paper's choice, train.py's default for --data) keeps 3 of the 4 clips: c.wav's is
+    # still row 3 of clips.u16, and each kept clip reads its own codes and caption
+    out = tmp_path / "out"
+    run(songs, out, dac)
+    one = datamod.TokenDataset(str(out), clips_per_track=1)
+    assert [c["source"] for c in one.index] == ["a.wav", "b.wav", "c.wav"] and one.index[2]["row"] == 3
+    for i, clip in enumerate(one.index):
+        (_, _, frames, caption, samples), = [w for w in WANT if w[:2] == (clip["source"], clip["start_s"])]
+        codes, got_caption = one.example(i)
+        assert got_caption == caption
+        assert np.array_equal(codes[:, :frames].numpy(), fake_encode(None, [samples], None)[0])
+
+
+def test_a_dataset_of_the_first_rows_counts_the_tracks_of_those_rows(songs, dac, fake_dac, tmp_path):
+    # rows=2: a.wav's two clips only, one track; rows=3: a.wav and b.wav
+    out = tmp_path / "out"
+    run(songs, out, dac)
+    assert [(len(ds), ds.tracks) for ds in (datamod.TokenDataset(str(out), rows=n) for n in (2, 3, 4))] == [
+        (2, 1), (3, 2), (4, 3)]
+
+
+def test_a_code_past_the_int16_range_is_named_not_read_as_negative(songs, dac, fake_dac, tmp_path, capsys):
+    # clips.u16 is unsigned: a damaged code 40000 is named as 40000 (read as int16 it would be -25536, below
+    # the pad id, and pass the check)
+    out = tmp_path / "out"
+    run(songs, out, dac)
+    codes = np.memmap(out / "clips.u16", dtype=np.uint16, mode="r+", shape=(4, 9, 2584))
+    codes[1, 0, 5] = 40000
+    codes.flush()
+    del codes
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        datamod.TokenDataset(str(out)).example(1)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{out}/clips.u16: clip 1 holds code 40000, above the pad id 1024; this folder cannot be trusted, "
+        "preprocess into a new --out\n")
+
+
+def test_clips_of_each_track_draws_the_same_clips_in_every_process():
+    # the draw of (seed, file name) is pinned: a resumed run (another process, another PYTHONHASHSEED) and a
+    # later version read the clips the run began with; seeds 0 and 1 draw differently
+    index = [{"source": f"{t}.wav", "start_s": 30.0 * k} for t in range(6) for k in range(4)]
+    starts = lambda seed: [c["start_s"] for c in datamod.clips_of_each_track(index, 1, seed)]  # noqa: E731
+    assert starts(0) == [90.0, 60.0, 30.0, 60.0, 30.0, 60.0]
+    assert starts(1) == [0.0, 90.0, 60.0, 60.0, 0.0, 30.0]
+
+
+
+
+def test_synthetic_examples_are_pinned_and_seeds_are_distinct_sets():
+    # example (seed, i) is the same in every version (earlier runs' numbers stay comparable): caption and
+    # codebook 1 pinned; seed 1 is not seed 0 shifted by one index; the held-out captions are examples
+    # 10**9 on, not training examples 0, 1, ...
+    s0, s1 = datamod.SyntheticMusic(12, seed=0), datamod.SyntheticMusic(12, seed=1)
+    pinned = [(s0, 0, "a happy moderate synth piece in a pentatonic scale",
+               [844, 844, 844, 844, 777, 777, 777, 777, 787, 787, 787, 787]),
+              (s0, 2, "a dark slow synth piece in a major scale",
+               [827, 921, 921, 921, 921, 921, 921, 921, 921, 804, 804, 804]),
+              (s1, 0, "a gentle fast guitar piece in a pentatonic scale",
+               [264, 292, 292, 468, 468, 499, 499, 319, 319, 336, 336, 364])]
+    for ds, i, caption, coarse in pinned:
+        codes, got = ds.example(i)
+        assert got == caption and codes[0].tolist() == coarse and codes.dtype == torch.int64
+    codes, captions = s0.batch([2, 0])  # in the order asked
+    assert captions == [pinned[1][2], pinned[0][2]] and codes[:, 0].tolist() == [pinned[1][3], pinned[0][3]]
+    assert not any(torch.equal(s0.example(i + 1)[0], s1.example(i)[0]) for i in range(20))
+    assert s0.captions(2) == ["a dark moderate strings piece in a major scale",
+                              "a dark slow piano piece in a minor scale"]
+    assert s0.captions(2) == [s0.example(10**9 + i)[1] for i in range(2)]
+
+
+def test_allowed_ids_span_the_instruments_whole_range():
+    # guitar: ids 256..511 whose pitch class is in the major scale, its last id 511 (511 % 12 = 7) included
+    ids = datamod.allowed_ids("guitar", "major")
+    assert (len(ids), ids[:2].tolist(), ids[-2:].tolist()) == (150, [256, 257], [509, 511])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -8847,6 +9035,9 @@ def test_each_of_two_processes_seeds_its_own_rng(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rng = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    # numpy's and Python's too (train.py seeds all three, so that code drawing from them stays per process)
+    assert not all(np.array_equal(a, b) for a, b in zip(rng[0]["numpy"], rng[1]["numpy"]))
+    assert rng[0]["python"] != rng[1]["python"]
 
 
 def test_tokens_per_second_counts_every_audio_token_of_a_step(tmp_path, monkeypatch):
@@ -8875,6 +9066,171 @@ def test_caption_evaluation_samples_with_a_generator_seeded_by_seed():
     expected = np.mean([datamod.caption_score(c.numpy(), cap) for c, cap in zip(codes, captions)])
     torch.manual_seed(123)  # the global RNG plays no part
     assert trainmod.evaluate_captions(run) == pytest.approx(expected, abs=1e-12)
+
+
+def test_lr_at_a_warmup_as_long_as_the_run_ends_at_the_full_lr():
+    # --warmup == --steps: LambdaLR asks for lr_at(steps) after the last update, where the cosine has no
+    # steps at all (max(1, 0)): the full lr, not a ZeroDivisionError that would end the run after its work
+    s = argparse.Namespace(lr=1e-3, warmup=3, steps=3)
+    assert [trainmod.lr_at(k, s) for k in range(3)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3], rel=1e-12)
+    assert trainmod.lr_at(3, s) == 1e-3 and trainmod.lr_at(4, s) == 0.0
+
+
+def test_no_two_seeds_share_an_epochs_order_or_a_steps_caption_draws():
+    # each (seed, epoch) and (seed, step) has a draw of its own: a seed term added to the epoch or step
+    # (seed + e) would give --seed 1's first epoch the order of --seed 0's second, and its captions' drops
+    args = lambda seed: argparse.Namespace(batch_size=10, grad_accum=1, seed=seed, cfg_dropout=0.5)  # noqa: E731
+    order = lambda seed, step: list(trainmod.batch_indices(step, 0, args(seed), 0, 1, 10)[0])  # noqa: E731
+    assert order(1, 0) != order(0, 1) and order(2, 0) != order(1, 1) != order(0, 2)
+    keep = lambda seed, step: trainmod.caption_keep(step, 0, argparse.Namespace(  # noqa: E731
+        **{**vars(args(seed)), "batch_size": 64}), 0, 1)
+    assert not torch.equal(keep(1, 0), keep(0, 1)) and not torch.equal(keep(2, 0), keep(1, 1))
+
+
+def test_restore_puts_back_this_processs_torch_numpy_and_python_rng_states():
+    # a checkpoint of two processes: process 1 gets its own states (not process 0's), of all three RNGs
+    import random
+    model = TextToMusicLM(tiny_config())
+    opt = model.configure_optimizers(1e-3, 0.0, (0.9, 0.999), "cpu")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def seeded(seed):
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+        return trainmod.rng_states(argparse.Namespace(device="cpu"))
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": 7,
+            "rng": [seeded(11), seeded(22)]}
+    seeded(99)
+    assert trainmod.restore(ckpt, model, opt, sched, 1, "cpu") == 7
+    drawn = torch.rand(3), np.random.rand(3), random.random()
+    seeded(22)
+    assert torch.equal(drawn[0], torch.rand(3))
+    assert np.array_equal(drawn[1], np.random.rand(3))
+    assert drawn[2] == random.random()
+
+
+def test_log_step_writes_one_exact_row_every_log_every_steps_and_at_each_score(tmp_path):
+    # the metrics.csv row: loss to 6 decimals, lr in 3-digit scientific, grad norm 4 decimals, tokens/s and
+    # seconds 1 decimal, the score 4 decimals (empty without one); on rank 0 only
+    from types import SimpleNamespace
+    from tqdm import tqdm
+    run = SimpleNamespace(master=True, args=SimpleNamespace(out=str(tmp_path), log_every=2))
+    bar = tqdm(total=10, disable=True)
+    row = lambda step: [step, 1.23456789, 2.5e-4, 0.123456, 1234.56, 7.89]  # noqa: E731
+    for step, score in ((1, None), (2, None), (3, 0.56789), (5, None)):
+        trainmod.log_step(run, bar, row(step), score)
+    trainmod.log_step(SimpleNamespace(master=False, args=run.args), bar, row(4), None)
+    assert (tmp_path / "metrics.csv").read_text() == ("2,1.234568,2.500e-04,0.1235,1234.6,7.9,\n"
+                                                      "3,1.234568,2.500e-04,0.1235,1234.6,7.9,0.5679\n")
+
+
+def test_ctrl_c_guards_put_back_the_callers_own_sigint_handler():
+    # a program that calls train.main with a SIGINT handler of its own keeps it after the loop
+    import signal
+    mine = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGINT, mine)
+    try:
+        with trainmod.ctrl_c_held():
+            assert signal.getsignal(signal.SIGINT) is not mine
+        assert signal.getsignal(signal.SIGINT) is mine
+        with trainmod.ctrl_c_agreed(argparse.Namespace(world=2, device="cpu")) as any_process:
+            assert callable(any_process) and signal.getsignal(signal.SIGINT) is not mine
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_setup_processes_takes_the_global_rank_of_torchrun(monkeypatch):
+    # two nodes of two processes: the second node's second process is rank 3 (RANK), local rank 1; the rank
+    # picks the process's data, caption draws and seed, so LOCAL_RANK would repeat node 0's
+    monkeypatch.setenv("WORLD_SIZE", "4"), monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "1")
+    backends = []
+    monkeypatch.setattr(trainmod.dist, "init_process_group", lambda backend, **kw: backends.append(backend))
+    assert trainmod.setup_processes(argparse.Namespace(device="cpu")) == (4, 3, "cpu") and backends == ["gloo"]
+
+
+def test_tokens_per_second_counts_every_process(tmp_path, monkeypatch):
+    # the loop of rank 0 of 2 processes (the step's work stubbed): 2 x 4 sequences x 2 micro-batches x 32 frames
+    # in a step of 1 s (a clock that advances 1 s at each reading) is 512 tokens/s, not one process's 256
+    ticks = []
+    monkeypatch.setattr(trainmod, "time", argparse.Namespace(time=lambda: ticks.append(1) or float(len(ticks))))
+    monkeypatch.setattr(trainmod, "accumulate_gradients", lambda run, step: 2.0)
+    monkeypatch.setattr(trainmod, "apply_update", lambda run: (0.5, 1e-3))
+    monkeypatch.setattr(trainmod, "save_checkpoint", lambda run, step, rng: None)
+    monkeypatch.setattr(trainmod, "ctrl_c_agreed", contextlib.contextmanager(lambda run: (yield None)))
+    args = argparse.Namespace(steps=1, stop_after=None, out=str(tmp_path), batch_size=4, grad_accum=2, eval_every=0,
+                              stage=1, data=None, log_every=1, ckpt_every=100)
+    run = trainmod.Run(args=args, world=2, rank=0, device="cpu", dataset=None, n_examples=None, frames=32,
+                       text_encoder=None, model=None, trained=None, model_config={}, optimizer=None, scheduler=None)
+    assert trainmod.train(run, 0, None) == (1, 2.0)
+    assert (tmp_path / "metrics.csv").read_text().split(",")[4] == "512.0"
+
+
+def test_caption_evaluation_samples_at_most_128_frames():
+    # --frames longer than 128: the caption score is that of 128-frame samples (as many as the rules need)
+    torch.manual_seed(0)
+    model = TextToMusicLM(tiny_config(d_text=768)).eval()
+    dataset, encoder = datamod.SyntheticMusic(16, seed=0), datamod.WordEncoder()
+    lengths, real_generate = [], model.generate
+    model.generate = lambda text, mask, n, **kw: (lengths.append(n), real_generate(text, mask, n, **kw))[1]
+    run = argparse.Namespace(args=argparse.Namespace(seed=3, frames=200), dataset=dataset, text_encoder=encoder,
+                             model=model, device="cpu")
+    captions = dataset.captions(8)
+    text, mask = encoder(captions)
+    codes = real_generate(text, mask, 128, cfg_scale=3.0, top_k=50, temperature=0.3,
+                          generator=torch.Generator().manual_seed(3))
+    expected = np.mean([datamod.caption_score(c.numpy(), cap) for c, cap in zip(codes, captions)])
+    assert trainmod.evaluate_captions(run) == pytest.approx(expected, abs=1e-12) and lengths == [128]
+
+
+def test_adamw_decays_the_matrices_decoupled_from_the_gradient():
+    # AdamW (decoupled weight decay): with zero gradients a step multiplies each decayed parameter by
+    # 1 - lr * weight_decay and leaves the others; Adam's L2 decay would add weight_decay * p to the
+    # gradient and move every decayed weight by about lr
+    torch.manual_seed(0)
+    model = TextToMusicLM(tiny_config())
+    opt = model.configure_optimizers(0.1, 0.5, (0.9, 0.999), "cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        decays = not (n.endswith(("bias", "dt_bias", "A_log", ".D")) or "norm" in n)
+        torch.testing.assert_close(p.detach(), before[n] * 0.95 if decays else before[n], rtol=1e-6, atol=0, msg=n)
+
+
+def test_the_optimizer_runs_at_the_lr_flag(tmp_path):
+    # --lr 5e-4 --warmup 2: the logged lr and the optimizer's are 2.5e-4, then 5e-4 (the flag's, not the
+    # synthetic preset's 1e-3, whose schedule the same factors would scale)
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "2", "--layers", "1", "--lr", "5e-4", "--warmup", "2"))
+    assert [r["lr"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["2.500e-04", "5.000e-04"]
+    groups = torch.load(out / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [5e-4, 5e-4]
+
+
+def test_compiled_training_pads_the_text_to_a_multiple_of_32_and_eager_training_does_not(tmp_path, monkeypatch):
+    # --compile: every batch's text reaches the model right-padded with masked positions to 32 tokens (a few
+    # lengths, each compiled once); eager on the CPU, as the encoder gives it. (The compile itself is left out.)
+    monkeypatch.setattr(trainmod, "compile_model", lambda model, cuda_graphs: model)
+    seen = first_call(monkeypatch, TextToMusicLM)
+    trainmod.main(tiny_train_args(tmp_path / "c", "--steps", "1", "--layers", "1", "--cfg-dropout", "0", "--compile"))
+    (_, _, padded, padded_mask, _), _ = seen.pop(), seen.clear()
+    trainmod.main(tiny_train_args(tmp_path / "e", "--steps", "1", "--layers", "1", "--cfg-dropout", "0"))
+    _, _, text, mask, _ = seen.pop()
+    lt = text.shape[1]
+    assert 0 < lt < 32 and mask[:, -1].any()  # eager: the longest caption's length, its last token real
+    assert padded.shape == (8, 32, text.shape[2]) and torch.equal(padded_mask[:, :lt], mask)
+    assert not padded_mask[:, lt:].any() and not padded[:, lt:].any()
+
+
+def test_single_stage_training_reads_the_nine_codebooks_in_the_delay_pattern(tmp_path, monkeypatch):
+    # --codebooks 9: the model is trained on the delay pattern of each clip's 9 codebooks (codebook k shifted
+    # right by k, 48 + 8 steps), the layout generate() samples in; with one codebook the pattern is the codes
+    seen = first_call(monkeypatch, TextToMusicLM)
+    trainmod.main(tiny_train_args(tmp_path / "k9", "--steps", "1", "--layers", "1", "--codebooks", "9"))
+    codes = datamod.SyntheticMusic(n_frames=48, seed=0).batch(np.arange(8))[0]  # step 0: examples 0..7
+    assert seen[0][1].shape == (8, 9, 56)
+    assert torch.equal(seen[0][1], delay_pattern(torch.as_tensor(codes[:, :9]).long()))
 
 
 # ------------------------------------------------------------------------------------------------
