@@ -619,31 +619,33 @@ class TextToMusicLM(nn.Module):
                              "of 1 or more texts")
         was_training = self.training
         self.eval()
-        steps, fixed = self.step_layout(text.shape[0], n_frames, prompt, text.device)
-        if cfg_scale != 1.0:
-            text, text_mask = torch.cat([text, text]), torch.cat([text_mask, torch.zeros_like(text_mask)])
-        copies = text.shape[0] // steps.shape[0]  # 2 with guidance: both branches read the same tokens
-        sampling = Sampling(cfg_scale, top_k, temperature, generator)
-        cache = None
-        if recurrent:
-            new_cache = InferenceCache if decoder is None else decoder.new_cache
-            cache = new_cache(self, text.shape[0], steps.shape[-1] + 1, text.device, next(self.parameters()).dtype,
-                              ssm_dtype)
-        inputs = lambda s: F.pad(steps[..., :s], (1, 0), value=SPECIAL).repeat(copies, 1, 1)  # begin, < s
-        start = 0 if prompt is None else prompt.shape[-1]  # the first step with a token to sample
-        todo = range(start, steps.shape[-1])
-        if decoder is not None and len(todo) > 1:
-            logits = decoder.prefill(self, inputs(start), text, text_mask, cache)  # self.logits's
-            write_step(steps, fixed, start, sampling(logits[:, :, -1]))
-            decoder.decode(self, cache, steps, fixed, start + 1, copies, sampling, progress)
-            todo = []
-        for s in tqdm(todo, desc="stage 1", unit="step", leave=False, disable=not progress):
-            if cache is not None and s > start:  # one step from the states
-                logits = self.step(steps[..., s - 1:s].repeat(copies, 1, 1), cache)
-            else:  # the whole sequence so far: the prefill, or the recomputation
-                logits = self.logits(inputs(s), text, text_mask, cache)
-            write_step(steps, fixed, s, sampling(logits[:, :, -1]))
-        self.train(was_training)
+        try:  # the caller's mode comes back however this ends (Ctrl-C in a notebook too)
+            steps, fixed = self.step_layout(text.shape[0], n_frames, prompt, text.device)
+            if cfg_scale != 1.0:
+                text, text_mask = torch.cat([text, text]), torch.cat([text_mask, torch.zeros_like(text_mask)])
+            copies = text.shape[0] // steps.shape[0]  # 2 with guidance: both branches read the same tokens
+            sampling = Sampling(cfg_scale, top_k, temperature, generator)
+            cache = None
+            if recurrent:
+                new_cache = InferenceCache if decoder is None else decoder.new_cache
+                cache = new_cache(self, text.shape[0], steps.shape[-1] + 1, text.device, next(self.parameters()).dtype,
+                                  ssm_dtype)
+            inputs = lambda s: F.pad(steps[..., :s], (1, 0), value=SPECIAL).repeat(copies, 1, 1)  # begin, < s
+            start = 0 if prompt is None else prompt.shape[-1]  # the first step with a token to sample
+            todo = range(start, steps.shape[-1])
+            if decoder is not None and len(todo) > 1:
+                logits = decoder.prefill(self, inputs(start), text, text_mask, cache)  # self.logits's
+                write_step(steps, fixed, start, sampling(logits[:, :, -1]))
+                decoder.decode(self, cache, steps, fixed, start + 1, copies, sampling, progress)
+                todo = []
+            for s in tqdm(todo, desc="stage 1", unit="step", leave=False, disable=not progress):
+                if cache is not None and s > start:  # one step from the states
+                    logits = self.step(steps[..., s - 1:s].repeat(copies, 1, 1), cache)
+                else:  # the whole sequence so far: the prefill, or the recomputation
+                    logits = self.logits(inputs(s), text, text_mask, cache)
+                write_step(steps, fixed, s, sampling(logits[:, :, -1]))
+        finally:
+            self.train(was_training)
         return undelay_pattern(steps)
 
     def step_layout(self, b, n_frames, prompt, device):

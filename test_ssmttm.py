@@ -1898,6 +1898,13 @@ def test_generate_leaves_the_model_in_the_mode_it_found():
         h.remove()
     assert len(seen) > 10 and not any(seen) and model.training
 
+    # and when sampling stops half way (Ctrl-C in a notebook, an error), the model goes on training
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    model.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(text, mask, 3, top_k=1)
+    assert model.training and all(m.training for m in model.modules())
 
 
 @pytest.mark.parametrize("prefill", [1, 2, 3])
