@@ -7270,6 +7270,12 @@ def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
         "--batch-size", "4", "--out", str(tmp_path / "ddp"))
     run("train.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one"))
     np.testing.assert_allclose(read_losses(tmp_path / "ddp"), read_losses(tmp_path / "one"), rtol=1e-5)
+    # the gradients themselves (AdamW's update hardly changes with their scale: half of them moved the weights by
+    # less than the tolerance below); grad_norm is logged before clipping, to 4 decimals
+    norms = [[float(r["grad_norm"]) for r in csv.DictReader(open(tmp_path / n / "metrics.csv"))]
+             for n in ("ddp", "one")]
+    assert len(norms[1]) == 3 and min(norms[1]) > 0.01
+    np.testing.assert_allclose(norms[0], norms[1], rtol=1e-3)
     # config.json keeps the processes: evaluate.py's training time takes a step as all of theirs (2 x 2 x 4 x 32
     # tokens, as one process's 2 x 8 x 32), not as one process's share of the tokens/s they logged together
     for name, processes in (("ddp", 2), ("one", 1)):
@@ -7531,6 +7537,18 @@ def test_generate_two_stage_and_single_stage(real_data_checkpoints, tiny_dac_dir
     assert [r["ssm_state"] for r in records] == ["fp32", "fp32", "bf16"]
 
 
+def test_generate_records_the_seconds_of_each_stage(real_data_checkpoints, tiny_dac_dir, tmp_path, monkeypatch):
+    # a clock that advances 1 s at each reading (generate.py reads it at each stage's start and end only): each
+    # of stage 1, stage 2 and DAC's decoding took 1 s
+    ticks = []
+    monkeypatch.setattr(genmod, "time", argparse.Namespace(time=lambda: ticks.append(1) or float(len(ticks))))
+    root = real_data_checkpoints
+    genmod.main(["a calm piano piece", "--ckpt", str(root / "k1" / "ckpt.pt"), "--stage2", str(root / "s2" / "ckpt.pt"),
+                 "--stage2-steps", "2", "--dac", tiny_dac_dir, "--seconds", "0.05", "--out", str(tmp_path)])
+    record = json.loads(open(tmp_path / "generations.jsonl").read())
+    assert (record["stage1_s"], record["stage2_s"], record["decode_s"]) == (1.0, 1.0, 1.0) and len(ticks) == 6
+
+
 def two_stage(root):
     return ["--ckpt", str(root / "k1" / "ckpt.pt"), "--stage2", str(root / "s2" / "ckpt.pt"), "--stage2-steps", "4"]
 
@@ -7562,6 +7580,22 @@ def test_generate_continues_audio_keeping_the_prompt_codes(real_data_checkpoints
             assert abs(len(wav) - (0.6 + 0.9) * sr) <= 512  # prompt + continuation, within one frame
             new.append(codes[:, P:])
         assert not np.array_equal(*new)  # after the prompt, each prompt's own music
+
+
+def test_generate_continues_audio_with_a_k1_lm_from_codebook_one(real_data_checkpoints, tiny_dac_dir, tmp_path):
+    # a K = 1 LM without stage 2 continues codebook 1 of DAC's codes of the file's end (load_continuation), not
+    # another codebook's; 0.3 s at 44.1 kHz is 25 whole frames, the first 430 samples dropped
+    import soundfile as sf
+    audio = tone(0.3, 330, SR)
+    sf.write(tmp_path / "short.wav", audio, SR, subtype="FLOAT")
+    genmod.main(["a calm piano piece", "--ckpt", str(real_data_checkpoints / "k1" / "ckpt.pt"), "--dac", tiny_dac_dir,
+                 "--seconds", "0.5", "--continue", str(tmp_path / "short.wav"), "--out", str(tmp_path / "out")])
+    record = json.loads(open(tmp_path / "out" / "generations.jsonl").read())
+    want = datamod.encode_clips(datamod.load_dac(tiny_dac_dir), [audio[430:]], "cpu")[0].astype(np.int64)
+    assert want.shape == (9, 25) and not np.array_equal(want[0], want[-1])
+    codes = np.load(record["codes"])
+    assert record["prompt_frames"] == 25 and codes.shape == (1, 43)
+    assert np.array_equal(codes[:, :25], want[:1])
 
 
 def test_generate_continues_the_whole_file_without_continue_seconds(real_data_checkpoints, tiny_dac_dir, tmp_path,
@@ -8848,6 +8882,10 @@ def test_real_data_sequences_are_cut_to_frames(tmp_path, monkeypatch):
                                   "--grad-accum", "1", "--frames", "32", "--clips-per-track", "0"))
     codes = seen[0][1]
     assert codes.shape == (3, 1, 32)
+    # tiny_token_folder's clips are codebook 1 of default_rng(seed).integers(0, 1024, (9, 48)), seeds 0, 1, 2; the
+    # batch holds each clip once (in the epoch's order), and one codebook's delay pattern is the codes themselves
+    first = sorted(np.random.default_rng(s).integers(0, 1024, (9, 48))[0, :32].tolist() for s in range(3))
+    assert sorted(codes[:, 0].tolist()) == first
 
 
 def test_resume_of_a_checkpoint_saved_before_clips_per_track_trains_on_every_clip(tmp_path, monkeypatch):
@@ -9031,20 +9069,28 @@ def test_resume_drops_a_metrics_row_cut_by_a_crash_and_names_a_damaged_one(tmp_p
                            "without the earlier rows\n")
 
 
-def test_each_of_two_processes_seeds_its_own_rng(tmp_path):
-    # torchrun: process r seeds its RNGs with --seed + r, so the two halves of a batch draw different
-    # dropout masks (one seed for both would drop the same units in each half); the checkpoint keeps
-    # each process's state, and they differ
-    args = tiny_train_args(tmp_path / "r", "--steps", "1", "--batch-size", "2", "--device", "cpu")
+def test_each_of_two_processes_seeds_its_rngs_with_seed_plus_its_rank(tmp_path):
+    # torchrun: process r seeds torch, numpy and Python's random with --seed + r, so the two halves of a batch
+    # draw different dropout masks (one seed for both would drop the same units in each half); the checkpoint
+    # keeps each process's states. Training draws from neither numpy nor random: their states are those of a
+    # fresh seed(--seed + r). Process 1's torch draws are those of one process run with --seed 4.
+    import random
+    args = tiny_train_args(tmp_path / "r", "--steps", "1", "--batch-size", "2", "--device", "cpu", "--seed", "3")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "train.py", *args], capture_output=True, text=True, cwd=HERE,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rng = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)["rng"]
-    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
-    # numpy's and Python's too (train.py seeds all three, so that code drawing from them stays per process)
-    assert not all(np.array_equal(a, b) for a, b in zip(rng[0]["numpy"], rng[1]["numpy"]))
-    assert rng[0]["python"] != rng[1]["python"]
+    assert len(rng) == 2
+    for r in range(2):
+        np.random.seed(3 + r)
+        random.seed(3 + r)
+        assert all(np.array_equal(a, b) for a, b in zip(rng[r]["numpy"], np.random.get_state())), r
+        assert rng[r]["python"] == random.getstate(), r
+    trainmod.main(tiny_train_args(tmp_path / "one", "--steps", "1", "--batch-size", "2", "--device", "cpu",
+                                  "--seed", "4"))
+    one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["rng"][0]["torch"]
+    assert torch.equal(rng[1]["torch"], one) and not torch.equal(rng[0]["torch"], one)
 
 
 def test_tokens_per_second_counts_every_audio_token_of_a_step(tmp_path, monkeypatch):
@@ -9057,6 +9103,9 @@ def test_tokens_per_second_counts_every_audio_token_of_a_step(tmp_path, monkeypa
     trainmod.main(tiny_train_args(out, "--steps", "2", "--batch-size", "4", "--grad-accum", "2"))
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["tokens_per_s"] for r in rows] == ["384.0", "384.0"]
+    # and the seconds since the run's start (evaluate.py --convergence reads them): readings 1 (the start), then
+    # 2, 3, 4 in step 1 (4 - 1) and 5, 6, 7 in step 2 (7 - 1)
+    assert [r["elapsed_s"] for r in rows] == ["3.0", "6.0"]
 
 
 def test_caption_evaluation_samples_with_a_generator_seeded_by_seed():
@@ -9230,14 +9279,17 @@ def test_compiled_training_pads_the_text_to_a_multiple_of_32_and_eager_training_
     assert not padded_mask[:, lt:].any() and not padded[:, lt:].any()
 
 
-def test_single_stage_training_reads_the_nine_codebooks_in_the_delay_pattern(tmp_path, monkeypatch):
-    # --codebooks 9: the model is trained on the delay pattern of each clip's 9 codebooks (codebook k shifted
-    # right by k, 48 + 8 steps), the layout generate() samples in; with one codebook the pattern is the codes
+@pytest.mark.parametrize("K", [1, 9])
+def test_stage1_training_reads_the_first_codebooks_in_the_delay_pattern(tmp_path, monkeypatch, K):
+    # --codebooks K: the model is trained on the delay pattern of each clip's first K codebooks (codebook k
+    # shifted right by k, 48 + K - 1 steps), the layout generate() samples in; with one codebook (stage 1 of the
+    # two-stage model) that is codebook 1 as it is, not any other
     seen = first_call(monkeypatch, TextToMusicLM)
-    trainmod.main(tiny_train_args(tmp_path / "k9", "--steps", "1", "--layers", "1", "--codebooks", "9"))
-    codes = datamod.SyntheticMusic(n_frames=48, seed=0).batch(np.arange(8))[0]  # step 0: examples 0..7
-    assert seen[0][1].shape == (8, 9, 56)
-    assert torch.equal(seen[0][1], delay_pattern(torch.as_tensor(codes[:, :9]).long()))
+    trainmod.main(tiny_train_args(tmp_path / f"k{K}", "--steps", "1", "--layers", "1", "--codebooks", str(K)))
+    codes = torch.as_tensor(datamod.SyntheticMusic(n_frames=48, seed=0).batch(np.arange(8))[0]).long()  # step 0
+    assert codes.shape == (8, 9, 48) and not torch.equal(codes[:, :1], codes[:, -1:])
+    assert seen[0][1].shape == (8, K, 48 + K - 1)
+    assert torch.equal(seen[0][1], delay_pattern(codes[:, :K]))
 
 
 # ------------------------------------------------------------------------------------------------
