@@ -2365,6 +2365,153 @@ def test_rms_norm_bwd_writes_dx_in_the_dtype_asked():
     assert dx32.dtype == torch.float32 and dx16.dtype == torch.float16 and torch.equal(dx16, dx32.half())
 
 
+def poisoning(outputs):
+    """A launch= hook for the kernels' wrappers: before each launch of a kernel named in outputs, the
+    arguments at the positions given for it are filled with NaN, so that an output the kernel leaves
+    partly unwritten shows whatever the allocator handed out (often zeros on a CPU) as NaN instead."""
+    def launch(kernel):
+        class Poisoned:
+            def __getitem__(self, grid):
+                def run(*args, **kw):
+                    for i in outputs.get(kernel.__name__, ()):
+                        args[i].fill_(float("nan"))
+                    return kernel[grid](*args, **kw)
+                return run
+        return Poisoned()
+    return launch
+
+
+@triton_here
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_causal_conv_silu_writes_every_row_and_part_it_owns(prefetch, monkeypatch):
+    # causal_conv_silu and its backward at small segments (16 positions each way, 16 channels a block: two
+    # channel blocks of 20, the second ragged), every output and scratch buffer filled with NaN before the
+    # launch: the rows past l (rows=96: the last segment wholly past l = 70, the one before it partly) must be
+    # written as zeros, and every segment's part of the weight's and bias's sums written; no seq_idx, left
+    # padding, several sequences, and sequences that start where a segment reads only its farthest tap of
+    # another (34: the backward's segment ending at 32 reads dz[34]; 46 and 62: x[45] for the forward's
+    # segment at 48, x[61] for the backward's at 64; 16: a segment's first position); against float64
+    # autograd of the definition, fp32
+    monkeypatch.setattr(kernels, "_CONV_FWD", {**kernels._CONV_FWD, "BC": 16, "SEG": 16, "PREFETCH": prefetch})
+    monkeypatch.setattr(kernels, "_CONV_BWD", {**kernels._CONV_BWD, "BC": 16, "SEG": 16, "PREFETCH": prefetch})
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(0)
+    b, l, ch, rows = 2, 70, 20, 96
+    wide = torch.randn(b, l, ch + 9, generator=gen).to(device)
+    x = wide[:, :, 5:5 + ch]
+    weight, bias = (torch.randn(ch, 4, generator=gen) / 2).to(device), torch.randn(ch, generator=gen).to(device)
+    dout = torch.randn(b, l, ch + 3, generator=gen).to(device)[:, :, 3:]            # rows 23 apart, x's 29
+    launch = poisoning({"_conv_fwd_kernel": [6], "_conv_bwd_kernel": [9, 12], "_conv_bwd_sum_kernel": [3, 4]})
+    pos = torch.arange(l, device=device)
+    pad = pos[None] >= torch.tensor([[0], [13]], device=device)
+    segments = (pos // 11 + torch.arange(b, device=device)[:, None] * 7) % 3
+    edges = torch.tensor([[34, 16], [46, 62]], device=device)
+    at_edges = (pos[None, :, None] >= edges[:, None]).sum(-1)
+    for seq_idx in (None, pad.to(torch.int32), segments.to(torch.int32), at_edges.to(torch.int32)):
+        xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+        want = causal_conv_silu_definition(xd, wd, bd, seq_idx)
+        want.backward(dout.double())
+        got = kernels.causal_conv_silu(x, weight, bias, seq_idx, rows=rows, launch=launch)
+        assert got.shape == (b, rows, ch) and rel_err(got[:, :l], want) < 1e-6, seq_idx
+        assert torch.equal(got[:, l:], torch.zeros(b, rows - l, ch, device=device)), seq_idx
+        dx, dw, db = kernels.causal_conv_silu_backward(dout, x, weight, bias, seq_idx, launch=launch)
+        assert rel_err(dx, xd.grad) < 1e-6 and rel_err(dw, wd.grad) < 1e-6 and rel_err(db, bd.grad) < 1e-6, seq_idx
+
+
+@triton_here
+def test_rms_norm_kernels_take_rows_of_any_stride_and_the_residual_with_the_gate(monkeypatch):
+    # rms_norm_fwd / rms_norm_bwd with every input a strided view of rows (x, residual, z, and the
+    # backward's s and dout: "dense rows, any row stride"), the residual add and the gate together (the
+    # sum written before the gate), 13 rows in blocks of 2 (a block past M; the backward's 4 programs
+    # walking several), every output filled with NaN before its launch; against float64 autograd of
+    # rms_norm((x + residual) * silu(z)) * w, fp32
+    monkeypatch.setattr(kernels, "_NORM_FWD", {**kernels._NORM_FWD, "ELEMS": 64})
+    monkeypatch.setattr(kernels, "_NORM_BWD", {**kernels._NORM_BWD, "ELEMS": 64, "PER_SM": 1})
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(0)
+    M, N, eps = 13, 24, 1e-5
+    view = lambda extra, at: torch.randn(M, N + extra, generator=gen).to(device)[:, at:at + N]  # noqa: E731
+    x, res, z, dout, dsum = view(5, 2), view(3, 1), view(7, 4), view(9, 6), view(0, 0)
+    w = 1 + torch.randn(N, generator=gen).to(device) / 4
+    launch = poisoning({"_rms_norm_fwd_kernel": [7, 8, 9], "_rms_norm_bwd_kernel": [9, 10, 11, 13, 14]})
+    xd, resd, zd, wd = (t.detach().double().requires_grad_() for t in (x, res, z, w))
+    sum_ref = resd + xd
+    out_ref = F.rms_norm(sum_ref * F.silu(zd), (N,), wd, eps)
+    (out_ref * dout.double()).sum().add((sum_ref * dsum.double()).sum()).backward()
+    out, summed, rstd = kernels.rms_norm_fwd(x, w, eps, residual=res, z=z, launch=launch)
+    assert rel_err(out, out_ref) < 1e-6 and rel_err(summed, sum_ref) < 1e-7
+    assert rel_err(rstd, (sum_ref * F.silu(zd)).square().mean(-1).add(eps).rsqrt()) < 1e-6
+    s = torch.full((M, N + 3), float("nan"), device=device)[:, 2:2 + N]   # the sum, as a strided view
+    s.copy_(summed)
+    again = torch.empty(M, N, device=device)
+    dx, d32, dz, dw = kernels.rms_norm_bwd(dout, s, w, rstd, z=z, dsum=dsum, dx32=True, out=again, launch=launch)
+    assert rel_err(dx, xd.grad) < 1e-6 and rel_err(d32, resd.grad) < 1e-6
+    assert rel_err(dz, zd.grad) < 1e-6 and rel_err(dw, wd.grad) < 1e-6 and torch.equal(again, out)
+
+
+@triton_here
+@pytest.mark.parametrize("every_row", [False, True])
+def test_ssm_step_in_chunks_fold_chunk_folds_when_only_the_last_row_has_steps_to_fold(every_row):
+    # fold_chunk's early return counts the rows to fold over all of them: here only the last of 3 rows is
+    # at its chunk's end (or, with every_row, the only one with a pending step), and it must still take
+    # its steps, against fold_pending in float64; the other rows keep their state bit for bit
+    device, rand, (nheads, headdim, ngroups, d_state), _ = ssm_kernel_inputs(2, 1, 0)
+    rows, chunk = 3, 2
+    state = rand(rows, nheads, headdim, d_state)
+    positive = torch.rand(rows, chunk, nheads, generator=torch.Generator().manual_seed(4)).to(device)
+    slot = torch.tensor([0, 0, 1], dtype=torch.int32, device=device)
+    pending = kernels.PendingSteps(rand(rows, chunk, nheads * headdim).to(torch.bfloat16), positive,
+                                   rand(rows, chunk, ngroups * d_state).to(torch.bfloat16), -positive.cumsum(1), slot)
+    before = state.clone()
+    want = before.double()
+    steps = slot if every_row else torch.where(slot == chunk - 1, chunk, 0)
+    kernels.fold_pending(want, kernels.PendingSteps(*[t.double() for t in pending[:4]], steps))
+    kernels.fold_chunk(state, pending, every_row=every_row)
+    assert rel_err(state[2], want[2]) < 1e-6 and not torch.equal(state[2], before[2])
+    assert torch.equal(state[:2], before[:2])
+
+
+@triton_here
+@pytest.mark.parametrize("path", ["cuda_cores", "tensor_cores", "split_k"])
+def test_linear_rows_one_kernel_takes_rows_of_any_stride(path):
+    # linear_rows' one-kernel paths keep x and the residual as strided views of rows (the step passes
+    # them so): 3 rows of x 128 apart and of the residual 47 apart, with the norm, bias and residual, and
+    # plain; against the definition in float64
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
+    d = lambda t: t.double()  # noqa: E731
+    M, K, N = 3, 64, 40
+    x, res, w = rand(M, 2 * K)[:, K:], rand(M, N + 7)[:, 3:3 + N], rand(N, K) / K ** 0.5
+    for kw in [{}, dict(norm_weight=rand(K), bias=rand(N), residual=res)]:
+        got = kernels.linear_rows(x, w, path=path, **kw)
+        want = linear_rows_definition(d(x), d(w), **{k: d(v) for k, v in kw.items()})
+        assert rel_err(got, want) < 1e-6, sorted(kw)
+
+
+@triton_here
+def test_ssm_step_keeps_a_tiny_step_size_to_fp32_accuracy():
+    # ssm_step's dt = softplus(dt + dt_bias) at -12 (exp 6e-6: 1 + exp keeps 2 digits of it in fp32, which
+    # Goldberg's correction restores), -5, 0 and past the threshold 20; with a zero state and D = 0, y =
+    # dt x (B . C) and the state dt x B^T carry dt's own error: fp32 in and out, each head against float64
+    device = "cpu" if TRITON_INTERPRET else "cuda"
+    gen = torch.Generator().manual_seed(0)
+    nheads, headdim, ngroups, d_state = 4, 4, 1, 8
+    d_inner = nheads * headdim
+    xbc = torch.randn(1, d_inner + 2 * ngroups * d_state + nheads, generator=gen)
+    dt_bias = torch.randn(nheads, generator=gen)
+    xbc[0, -nheads:] = torch.tensor([-12.0, -5.0, 0.0, 25.0]) - dt_bias
+    A, D = -torch.rand(nheads, generator=gen), torch.zeros(nheads)
+    xbc, dt_bias, A, D = (t.to(device) for t in (xbc, dt_bias, A, D))
+    state = torch.zeros(1, nheads, headdim, d_state, device=device)
+    want_state = state.double()
+    y = kernels.ssm_step(xbc, state, A, dt_bias, D, 0, ngroups)
+    want = ssm_step_definition(xbc.double(), want_state, A.double(), dt_bias.double(), D.double(), 0, ngroups)
+    for h in range(nheads):
+        assert rel_err(y[:, h * headdim:(h + 1) * headdim], want[:, h * headdim:(h + 1) * headdim]) < 1e-5, h
+        assert rel_err(state[:, h], want_state[:, h]) < 1e-5, h
+
+
 @triton_here
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dt_softplus_and_its_backward_equal_autograd_of_the_definition(dtype, monkeypatch):
