@@ -625,11 +625,9 @@ class TextToMusicLM(nn.Module):
                 text, text_mask = torch.cat([text, text]), torch.cat([text_mask, torch.zeros_like(text_mask)])
             copies = text.shape[0] // steps.shape[0]  # 2 with guidance: both branches read the same tokens
             sampling = Sampling(cfg_scale, top_k, temperature, generator)
-            cache = None
-            if recurrent:
-                new_cache = InferenceCache if decoder is None else decoder.new_cache
-                cache = new_cache(self, text.shape[0], steps.shape[-1] + 1, text.device, next(self.parameters()).dtype,
-                                  ssm_dtype)
+            new_cache = InferenceCache if decoder is None else decoder.new_cache
+            cache = new_cache(self, text.shape[0], steps.shape[-1] + 1, text.device, next(self.parameters()).dtype,
+                              ssm_dtype) if recurrent else None
             inputs = lambda s: F.pad(steps[..., :s], (1, 0), value=SPECIAL).repeat(copies, 1, 1)  # begin, < s
             start = 0 if prompt is None else prompt.shape[-1]  # the first step with a token to sample
             todo = range(start, steps.shape[-1])
