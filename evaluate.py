@@ -857,9 +857,10 @@ def window_scores(model, captions, frames, times, seed, windows):
         codes = model.generate(text, mask, times * frames, decoder=probe, **sampling)
     scores = [[datamod.caption_score(c[:, w * frames:(w + 1) * frames], caption) for w in range(times)]
               for c, caption in zip(codes.cpu().numpy(), captions)]
-    # probe.norms[j] follows loop step j + 1, which writes frame j + 1 (K = 1): a window's last frame,
-    # (w + 1) frames - 1, is written by the step whose norm is at (w + 1) frames - 2
-    norms = [probe.norms[(w + 1) * frames - 2] for w in range(times)] if probe.norms else None
+    # probe.norms[j] follows loop step j + 1. In the delay pattern step s writes codebook k of frame
+    # s - k, so a window's last frame, (w + 1) frames - 1, is whole after step (w + 1) frames + K - 2
+    K = model.cfg.n_codebooks
+    norms = [probe.norms[(w + 1) * frames + K - 3] for w in range(times)] if probe.norms else None
     return np.array(scores), norms
 
 

@@ -301,7 +301,7 @@ def load_models(args, device, ckpt, ck2=None):
     trained = ckpt["args"].get("frames")  # the sequence length it was trained on
     m.window = round(args.window * FRAME_RATE) if args.window is not None else min(trained or 0, datamod.CLIP_FRAMES)
     least = min_window(cfg.n_codebooks)
-    if 0 < m.window < least and args.window is not None:
+    if args.window and m.window < least:  # 0 < S < half a frame rounds to 0 frames: refused, not one pass
         datamod.fail(f"--window {args.window:g}: {m.window} frame(s); a window needs at least {least} "
                      f"frames with K = {cfg.n_codebooks} (or 0: one pass)")
     if 0 < m.window < least and round(args.seconds * FRAME_RATE) > m.window:  # the default: windows past training

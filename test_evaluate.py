@@ -184,6 +184,11 @@ def test_kaldi_mel_banks_stand_in():
     delta = mel(15000.0) / 129
     m = mel(75 * 32000 / 1024)
     assert bins[60, 75].item() == pytest.approx(min((m - 60 * delta) / delta, (62 * delta - m) / delta), rel=1e-5)
+    # torchaudio's rule: a high_freq of 0 or less counts from the Nyquist frequency (16 kHz here)
+    for high, same in ((-1000.0, 15000.0), (0.0, 16000.0)):
+        got, want = evaluate.kaldi_mel_banks(128, 1024, 32000, 0.0, high), evaluate.kaldi_mel_banks(128, 1024, 32000,
+                                                                                                  0.0, same)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), high
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,8 +328,110 @@ def test_passt_front_end_and_loader(weights):
     assert evaluate.passt_probabilities(model, audio[:32000], "cpu") is None
 
 
+@needs_passt
+def test_load_passt_takes_width_depth_and_heads_from_the_checkpoint_and_a_training_checkpoint(tmp_path):
+    """Width 128 and depth 2 (2 heads of 64, as PaSST-S's 768 has 12): the loaded tagger's logits are
+    those of the network it was saved from, bit for bit, from a plain state dict and from a training
+    checkpoint's "model"."""
+    PaSST, _, _, PasstBasicWrapper = evaluate.import_passt()
+    torch.manual_seed(0)
+    with evaluate._quiet():
+        net = PaSST(img_size=(128, 998), patch_size=16, stride=(10, 10), in_chans=1, num_classes=527,
+                    embed_dim=128, depth=2, num_heads=2, distilled=True)
+    for p in net.parameters():  # unit-scale activations, so that the split into heads shows in the logits
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=p[0].numel() ** -0.5)
+    net.eval()
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    torch.save({"model": net.state_dict(), "epoch": 3}, tmp_path / "training.pt")
+    window = torch.from_numpy(noise(10.0, evaluate.PASST_SR, 5).astype(np.float32))[None]
+    for name in ("plain.pt", "training.pt"):
+        model = evaluate.load_passt(str(tmp_path / name), "cpu")
+        assert [b.attn.num_heads for b in model.net.blocks] == [2, 2], name
+        reference = PasstBasicWrapper(mel=model.mel, net=net, mode="logits").eval()
+        with torch.no_grad(), evaluate._quiet(), evaluate._real_stft():
+            got, want = model(window), reference(window)
+        assert got.shape == (1, 527) and torch.equal(got, want), name
+
+
 # ------------------------------------------------------------------------------------------------
 # evaluate.py end to end
+
+
+def test_report_names_both_folders_and_every_setting_of_an_fd_and_clap_run(tmp_path, monkeypatch):
+    """An FD + CLAP run from relative paths with --seed 7 (OpenL3 and CLAP stood in by stubs of known
+    numbers): the report's folders are absolute, its settings what the command line said, key for key."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("gen", "ref"):
+        os.mkdir(folder)
+        for name, seconds in (("a", 1.2), ("b", 1.5)):
+            sf.write(f"{folder}/{name}.wav", tone(seconds, 48000, 440 if folder == "gen" else 330), 48000)
+    with open("p.jsonl", "w") as f:
+        f.write(json.dumps({"id": "a", "caption": "ab"}) + "\n" + json.dumps({"id": "b", "caption": "abcd"}) + "\n")
+    open("openl3.pt", "wb").write(b"stand-in")
+
+    class Encoding(dict):
+        def to(self, device):
+            return self
+
+    class Tokenizer:  # one token: the text's length
+        def __call__(self, texts, padding, truncation, max_length, return_tensors):
+            return Encoding(input_ids=torch.tensor([[len(t)] for t in texts]), attention_mask=torch.ones(len(texts), 1))
+
+    class Model:
+        def get_text_features(self, input_ids, attention_mask):
+            return input_ids.float() * torch.tensor([[3.0, 4.0, 0.0]])  # unit: (0.6, 0.8, 0)
+
+        def get_audio_features(self, input_features, is_longer=None):
+            return input_features.sum(-1)  # (0, 6, 8), unit: (0, 0.6, 0.8)
+
+    class Extractor:
+        sampling_rate = 48000
+
+        def __call__(self, audio, sampling_rate, return_tensors):
+            return {"input_features": torch.tensor([[[0.0, 0.0], [2.0, 4.0], [3.0, 5.0]]])}
+
+    monkeypatch.setattr(evaluate, "load_clap", lambda name, device: (Model(), Extractor(), Tokenizer()))
+    monkeypatch.setattr(evaluate, "load_openl3", lambda path, device: "openl3")
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(evaluate, "openl3_embeddings", lambda m, a, d, batch_size=32: rng.standard_normal((3, 4)))
+    report = evaluate.main(["--generated", "gen", "--reference", "ref", "--metrics", "fd,clap", "--prompts", "p.jsonl",
+                            "--openl3", "openl3.pt", "--clap", "stub/clap", "--seed", "7", "--device", "cpu",
+                            "--out", "r.json"])
+    assert (report["generated"], report["reference"]) == (str(tmp_path / "gen"), str(tmp_path / "ref"))
+    assert report["settings"] == {"metrics": ["fd", "clap"], "openl3": "openl3.pt", "passt": None, "clap": "stub/clap",
+                                  "prompts": "p.jsonl", "seed": 7, "device": "cpu", "openl3_sr": 48000,
+                                  "openl3_hop_s": 0.5, "passt_sr": 32000, "passt_window_s": 10.0, "passt_hop_s": 5.0,
+                                  "kl_eps": 1e-6, "peak_dbfs": -1.0}
+    # CLAP by hand: cos((0.6, 0.8, 0), (0, 0.6, 0.8)) = 0.48 for each file
+    assert [report["per_file"][n]["clap"] for n in "ab"] == pytest.approx([0.48, 0.48], abs=1e-12)
+    assert report["clap_score"] == pytest.approx(0.48, abs=1e-12) and report["counts"]["clap_clips"] == 2
+    assert json.load(open(tmp_path / "r.json")) == json.loads(json.dumps(report))
+
+
+def test_evaluate_replaces_only_its_own_report(tmp_path, monkeypatch, capsys):
+    """--out that is another program's JSON object is kept (exit 2, before any model loads); an earlier
+    report of evaluate.py is replaced."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("gen", "ref"):
+        os.mkdir(folder)
+        sf.write(f"{folder}/a.wav", tone(1.2, 48000, 440), 48000)
+    open("openl3.pt", "wb").write(b"stand-in")
+    monkeypatch.setattr(evaluate, "load_openl3", lambda path, device: pytest.fail("a model loaded"))
+    argv = ["--generated", "gen", "--reference", "ref", "--metrics", "fd", "--openl3", "openl3.pt", "--out"]
+    other = '{"model": "someone else\'s", "settings": {}}'
+    open("other.json", "w").write(other)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv + ["other.json"])
+    assert e.value.code == 2 and open("other.json").read() == other
+    assert _one_line_error(capsys) == ("evaluate.py: error: --out other.json: exists and is not a report of "
+                                       "evaluate.py; give a new file name")
+    monkeypatch.setattr(evaluate, "load_openl3", lambda path, device: "openl3")
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(evaluate, "openl3_embeddings", lambda m, a, d, batch_size=32: rng.standard_normal((3, 4)))
+    first = evaluate.main(argv + ["r.json"])
+    second = evaluate.main(argv + ["r.json"])  # a rerun replaces its own report
+    assert json.load(open("r.json")) == json.loads(json.dumps(second)) and second["fd_openl3"] != first["fd_openl3"]
 
 
 def test_fd_alone_lists_every_short_clip_counts_each_set_and_names_only_its_model(tmp_path, capsys, monkeypatch):
@@ -1145,7 +1252,34 @@ def test_long_windows_state_norms_and_default_report(tmp_path, capsys, monkeypat
     for w, s in ((0, 7), (1, 15), (2, 23)):
         assert report["one_pass"]["state_norm"][w] == pytest.approx((norms[0][s - 1] + norms[1][s - 1]) / 2, abs=6e-4)
     assert report["sampling"] == {"cfg_scale": 3.0, "top_k": 50, "temperature": 0.3}
-    assert (report["trained_frames"], report["times"], report["prompts"], report["seeds"]) == (8, 3, 3, 2)
+    assert (report["ckpt"], report["step"], report["trained_frames"], report["times"], report["prompts"],
+            report["seeds"]) == (str(run / "ckpt.pt"), 1, 8, 3, 3, 2)
+
+
+def test_long_state_norms_follow_the_step_that_completes_each_windows_last_frame_with_nine_codebooks():
+    """window_scores with K = 9: in the delay pattern a frame is whole only when its codebook 9 is
+    written, K - 1 steps after its codebook 1; the norm of each window is read after that step."""
+    torch.manual_seed(0)
+    K, frames, times = 9, 18, 2
+    model = ssmttm.TextToMusicLM(ssmttm.ModelConfig(variant="prefix_simba", n_layers=1, d_model=32, d_state=16,
+                                                    headdim=16, n_heads=2, d_ff=64, dropout=0.0, n_codebooks=K,
+                                                    chunk_size=8)).eval()
+    captions = data.SyntheticMusic(frames, seed=0).captions(2)
+    seen, step = [], model.step
+
+    def recording_step(tokens, cache):
+        out = step(tokens, cache)
+        seen.append(np.mean([math.sqrt((h.double() ** 2).sum()) for states in cache.states for state in states
+                             if isinstance(state, ssmttm.Mamba2State) for row in state.ssm for h in row]))
+        return out
+    model.step = recording_step
+    _, norms = evaluate.window_scores(model, captions, frames, times, 0, windows=False)
+    # the step that writes codebook K of frame f, from the layout itself: step s reads seen[s - 1]
+    layout = ssmttm.delay_pattern(torch.arange(frames * times)[None, None].repeat(1, K, 1), special=-1)[0, K - 1]
+    last = [int((layout == (w + 1) * frames - 1).nonzero()) for w in range(times)]
+    assert last == [25, 43] and len(seen) == frames * times + K - 2
+    np.testing.assert_allclose(norms, [seen[s - 1] for s in last], rtol=1e-6)
+    assert norms[0] != pytest.approx(seen[frames - 2], rel=1e-6)  # K = 1's step: codebook 1 of the last frame
 
 
 def test_check_output_file_messages(tmp_path, capsys, monkeypatch):

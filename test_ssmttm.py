@@ -8324,7 +8324,7 @@ def test_a_prompt_gets_its_codes_in_any_batch_and_an_evaluation_set_is_named_by_
     assert [(r["name"], r["prompt"], r["seed"]) for r in records] == [(f"clip{i}", p, i) for i, p in enumerate(prompts)]
 
 
-def test_generate_goes_past_the_trained_length_in_windows(synthetic_checkpoint, tmp_path):
+def test_generate_goes_past_the_trained_length_in_windows(synthetic_checkpoint, tmp_path, capsys):
     prompt = "a calm slow piano piece in a major scale"
     run = lambda out, *a: genmod.main([prompt, "--ckpt", str(synthetic_checkpoint), "--seconds", "1", "--top-k", "50",
                                        "--out", str(tmp_path / out), *a])
@@ -8342,9 +8342,15 @@ def test_generate_goes_past_the_trained_length_in_windows(synthetic_checkpoint, 
         assert np.array_equal(np.load(tmp_path / out / "s0-0000-a-calm-slow-piano-piece-in.npy"), codes[0].numpy())
     assert [json.loads(open(tmp_path / out / "generations.jsonl").read())["window"] for out in ("windows", "one")] == [
         None, 0.0]
-    with pytest.raises(SystemExit) as e:  # 0.01 s is one frame: no room to read half a window and add one
-        run("tiny", "--window", "0.01")
-    assert e.value.code == 2 and not (tmp_path / "tiny").exists()
+    # 0.01 s is one frame: no room to read half a window and add one; 0.005 s rounds to 0 frames, which
+    # is a window too small, not --window 0's one pass
+    for window, frames in (("0.01", 1), ("0.005", 0)):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run("tiny", "--window", window)
+        assert e.value.code == 2 and not (tmp_path / "tiny").exists()
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"--window {window}: {frames} frame(s); a window needs at least 2 frames with K = 1 (or 0: one pass)")
 
 
 def test_a_checkpoint_trained_under_a_window_of_2K_frames_is_one_line_only_past_its_length(synthetic_checkpoint,
@@ -8399,11 +8405,15 @@ def test_evaluate_long_scores_one_pass_and_windows_by_window(synthetic_checkpoin
     model = TextToMusicLM(ModelConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     captions = datamod.SyntheticMusic(48, seed=0).captions(2)
-    codes = model.generate(*datamod.WordEncoder()(captions), 144, cfg_scale=3.0, top_k=50, temperature=0.3,
-                           generator=torch.Generator().manual_seed(0)).numpy()
-    want = [[datamod.caption_score(c[:, w * 48:(w + 1) * 48], cap) for w in range(3)]
-            for c, cap in zip(codes, captions)]
-    np.testing.assert_allclose(one["mean"], np.round(np.mean(want, 0), 4), rtol=0, atol=0)
+    text, mask = datamod.WordEncoder()(captions)
+    kw = lambda: dict(cfg_scale=3.0, top_k=50, temperature=0.3, generator=torch.Generator().manual_seed(0))  # noqa
+    score = lambda codes: np.array([[datamod.caption_score(c[:, w * 48:(w + 1) * 48], cap) for w in range(3)]  # noqa
+                                    for c, cap in zip(codes.numpy(), captions)])
+    want_one = score(model.generate(text, mask, 144, **kw()))
+    want_win = score(ssmttm.generate_in_windows(model, text, mask, 144, 48, **kw()))
+    assert not np.array_equal(want_one[:, 1:], want_win[:, 1:])  # the two runs differ past the first window
+    assert one["mean"] == np.round(want_one.mean(0), 4).tolist()
+    assert win["mean"] == np.round(want_win.mean(0), 4).tolist()
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--long", str(real_data_checkpoints / "k9" / "ckpt.pt")])
     assert e.value.code == 2 and "not trained on the synthetic set" in capsys.readouterr().err
@@ -9676,10 +9686,63 @@ def test_a_rerun_with_any_other_sampling_setting_is_another_generation(synthetic
     with pytest.raises(SystemExit) as e:
         run()
     assert e.value.code == 2 and "exists (a generation with other settings)" in capsys.readouterr().err
-    args = genmod.parse_args(["a piece", "--ckpt", "k1.pt", "--stage2", "s2.pt"])
-    args.ckpt_step, args.stage2_step = 2, 7  # as main reads them from the two checkpoints
-    assert {k: v for k, v in genmod.settings(genmod.plan(args)[0], args).items() if "step" in k} == {
-        "ckpt_step": 2, "stage2_step": 7, "stage2_steps": 100}
+
+
+def _two_stage_args(out, *flags):
+    args = genmod.parse_args(["a calm piece", "--ckpt", "k1.pt", "--stage2", "s2.pt", "--out", str(out), *flags])
+    args.ckpt_step, args.stage2_step = 4, 9  # main's reading of the two checkpoints (tested below)
+    return args
+
+
+def test_a_two_stage_record_keeps_stage2s_settings_and_its_absolute_path(tmp_path, monkeypatch, capsys):
+    # a two-stage run's settings, key for key; a rerun with stage 2's path spelled another way resumes,
+    # one with another --stage2-cfg or --stage2-steps finds its name taken (exit 2)
+    monkeypatch.chdir(tmp_path)
+    flags = ["--stage2-cfg", "1.5", "--stage2-steps", "7", "--seed", "3"]
+    args = _two_stage_args(tmp_path / "out", *flags)
+    request = genmod.plan(args)[0]
+    assert genmod.settings(request, args) == {
+        "prompt": "a calm piece", "seed": 3, "seconds": 10.0, "cfg": 3.0, "top_k": 250, "temperature": 1.2,
+        "ckpt": str(tmp_path / "k1.pt"), "ckpt_step": 4, "stage2": str(tmp_path / "s2.pt"), "stage2_step": 9,
+        "stage2_steps": 7, "stage2_cfg": 1.5, "ssm_state": "fp32", "continued_from": None, "continue_seconds": None,
+        "window": None, "dac": None, "t5": None}
+    os.makedirs(args.out)
+    record = {"name": request.name, "index": 0, **genmod.settings(request, args), "frames": 861, "codebooks": 9}
+    with open(os.path.join(args.out, "generations.jsonl"), "w") as f:
+        f.write(json.dumps(record) + "\n")
+    same = _two_stage_args(tmp_path / "out", *flags)
+    same.stage2 = "./s2.pt"
+    assert genmod.pending(genmod.plan(same), same) == []
+    for other_flags in (["--stage2-cfg", "2", "--stage2-steps", "7"], ["--stage2-cfg", "1.5", "--stage2-steps", "8"]):
+        other = _two_stage_args(tmp_path / "out", *other_flags, "--seed", "3")
+        with pytest.raises(SystemExit) as e:
+            genmod.pending(genmod.plan(other), other)
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"{args.out}/{request.name}.npy exists (a generation with other settings), and is kept: pass another "
+            "--out (or, for prompts not named by an id, another --seed)\n"), other_flags
+
+
+def test_main_keeps_both_checkpoints_steps_as_settings(tmp_path, monkeypatch):
+    # main reads the training step of each checkpoint into the settings a record keeps (stopped where it
+    # would load the models; the checkpoints hold only what it reads before that)
+    monkeypatch.chdir(tmp_path)
+    t5 = {"kind": "t5", "name": "t5", "max_tokens": 256}
+    torch.save({"kind": "stage1", "model": {}, "config": {}, "step": 4, "args": {}, "text_encoder": t5}, "k1.pt")
+    torch.save({"kind": "stage2", "model": {}, "config": {}, "step": 9, "codec": {"kind": "dac", "name": "dac"},
+                "text_encoder": t5}, "s2.pt")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def load_models(args, device, ckpt, ck2=None):
+        seen.append((args.ckpt_step, args.stage2_step))
+        raise Stop
+    monkeypatch.setattr(genmod, "load_models", load_models)
+    for flags, steps in ((["--stage2", "s2.pt"], (4, 9)), ([], (4, None))):
+        with pytest.raises(Stop):
+            genmod.main(["a calm piece", "--ckpt", "k1.pt", "--out", "out", *flags])
+        assert seen[-1] == steps
 
 
 def test_both_stages_of_a_prompt_draw_from_its_own_generator(real_data_checkpoints, tiny_dac_dir, tmp_path,
