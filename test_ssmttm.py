@@ -10276,3 +10276,192 @@ def test_accelerate_swaps_the_classes_in_place_and_keeps_the_function(monkeypatc
     text, mask = random_text()
     with torch.no_grad():
         torch.testing.assert_close(model(codes, text, mask)[0], plain(codes, text, mask)[0], rtol=1e-9, atol=1e-9)
+
+
+def test_stage2_unet_forward_is_its_levels_wired_as_a_u_net_with_skips_after_the_upsampled_path():
+    # The U-Net's pass written out by hand around its parts (each Level is checked against a plain reference in
+    # test_stage2_res_block_and_level_match_a_plain_reference): input conv; per level a Level, its output kept as
+    # the skip, then a stride-2 conv; the middle Level; per level upward, nearest-neighbour x2 and a 3-wide conv,
+    # then the Level on [upsampled path, skip] in that order (a trained checkpoint's first conv of each up
+    # level reads its channels so); GroupNorm-SiLU-conv out. All frames real (T a multiple of 4), float64, the
+    # output layer and every norm drawn as if trained.
+    torch.manual_seed(0)
+    config = dict(stage2.Stage2Config.small(), channels=(32, 48, 64), d_text=24)
+    unet = stage2.Stage2Diffusion(stage2.Stage2Config(**config)).double().unet
+    torch.nn.init.normal_(unet.out.weight, std=0.3)
+    for m in unet.modules():
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            torch.nn.init.normal_(m.weight)
+            torch.nn.init.normal_(m.bias)
+    x, t, (text, mask) = torch.randn(2, 72, 16, dtype=torch.float64), torch.tensor([0.25, 0.8], dtype=torch.float64), \
+        random_text(b=2, lt=5)
+    memory = unet.text_norm(unet.text_proj(text))
+    pooled = torch.stack([memory[i, mask[i]].mean(0) for i in range(2)])
+    emb = unet.time_mlp(ssmttm.sinusoidal_positions(t[:, None] * 1000, 32)[:, 0].double()) + unet.pool_proj(pooled)
+    ones = [torch.ones(2, 1, 16 // 2 ** i, dtype=torch.float64) for i in range(3)]
+    h = unet.inp(x)
+    skip0 = unet.down[0](h, emb, memory, mask, ones[0])
+    skip1 = unet.down[1](unet.downsample[0](skip0), emb, memory, mask, ones[1])
+    skip2 = unet.down[2](unet.downsample[1](skip1), emb, memory, mask, ones[2])
+    h = unet.mid(skip2, emb, memory, mask, ones[2])
+    h = unet.up[2](torch.cat([h, skip2], 1), emb, memory, mask, ones[2])
+    h = unet.up[1](torch.cat([unet.upsample[1](h.repeat_interleave(2, -1)), skip1], 1), emb, memory, mask, ones[1])
+    h = unet.up[0](torch.cat([unet.upsample[0](h.repeat_interleave(2, -1)), skip0], 1), emb, memory, mask, ones[0])
+    want = unet.out(F.silu(F.group_norm(h, 8, unet.out_norm.weight, unet.out_norm.bias, unet.out_norm.eps)))
+    torch.testing.assert_close(unet(x, t, text, mask), want, rtol=0, atol=1e-12)
+
+
+def test_stage2_unet_cross_attends_to_the_text_below_the_full_frame_rate_and_norms_groups_of_4_channels():
+    # the layout a checkpoint's weights were trained in: cross-attention at every level but the first (full
+    # frame rate), down and up, and in the middle; every GroupNorm has groups of 4 channels, at most 32 groups
+    # (these leave the parameter count unchanged or nearly: test_stage2_has_the_readmes_62_m_parameters misses them)
+    for channels in ((32, 64), (32, 48, 64), (256, 512, 768)):
+        with torch.device("meta"):
+            unet = stage2.Stage2Diffusion(stage2.Stage2Config(**{**stage2.Stage2Config.small(), "d_text": 24,
+                                                                 "channels": channels})).unet
+        n = len(channels)
+        assert [level.attn is not None for level in unet.down] == [False] + [True] * (n - 1)
+        assert [level.attn is not None for level in unet.up] == [False] + [True] * (n - 1)
+        assert unet.mid.attn is not None
+    norms = {(m.num_channels, m.num_groups) for m in small_stage2().unet.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert norms == {(32, 8), (64, 16), (128, 32)}   # small(): widths 32, 64; up levels' inputs 64, 128
+
+
+def test_generate_batch_gives_stage2_codebook_one_its_own_text_states_steps_scale_and_the_prompts_generators():
+    # the two-stage flow in generate_batch, with stand-ins for both stages: stage 2 gets codebook 1 of stage 1's
+    # codes (b, T), the states of stage 2's own text encoder (not stage 1's: they may be another encoder's),
+    # --stage2-steps, --stage2-cfg (not --cfg), nothing known without --continue, and the very generators stage
+    # 1 drew from (one per prompt, seeded with its seed); its codes (b, 9, T) are the batch's
+    seen = {}
+    stage1_codes = torch.arange(10).reshape(2, 1, 5)
+    stage2_codes = torch.arange(90).reshape(2, 9, 5)
+
+    class LM:
+        cfg = argparse.Namespace(n_codebooks=1)
+
+        def generate(self, text, mask, n_frames, **kw):
+            seen["stage1"] = kw
+            return stage1_codes
+
+    class Stage2:
+        def generate(self, coarse, text, mask, **kw):
+            seen["stage2"] = (coarse, text, mask, kw)
+            return stage2_codes
+
+    def encoder(value, length):
+        return lambda prompts: (torch.full((len(prompts), length, 4), value), torch.ones(len(prompts), length).bool())
+    m = genmod.Models(LM(), "c.pt", 1, encoder(1.0, 3), True, stage2=Stage2(), stage2_encoder=encoder(2.0, 2))
+    args = argparse.Namespace(cfg=2.5, top_k=5, temperature=1.0, ssm_state="fp32", stage2_steps=7, stage2_cfg=1.5)
+    requests = [argparse.Namespace(prompt="a calm piece", seed=3), argparse.Namespace(prompt="a drum solo", seed=4)]
+    codes, audio, timings = genmod.generate_batch(m, requests, 5, args, "cpu")
+    coarse, text, mask, kw = seen["stage2"]
+    assert torch.equal(coarse, torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]))
+    assert torch.equal(text, torch.full((2, 2, 4), 2.0)) and mask.shape == (2, 2)
+    assert (kw["steps"], kw["cfg_scale"], kw["known"]) == (7, 1.5, None)
+    assert [g.initial_seed() for g in kw["generator"]] == [3, 4]
+    assert all(a is b for a, b in zip(kw["generator"], seen["stage1"]["generator"]))
+    assert codes is stage2_codes and audio is None and set(timings) == {"stage1_s", "stage2_s"}
+
+
+def test_auto_batch_size_on_cuda_counts_stage2s_activations_per_prompt(monkeypatch):
+    # with a stage 2, each prompt also holds its U-Net's activations: 2 rows (guidance) x 16 x the sum of its
+    # widths x the frames x 4 bytes; small(): widths 32 + 64, 1000 frames -> 12 288 000 bytes, beside the LM's
+    # 2 x 2 x (2560 + 8192) (test_auto_batch_size_on_cuda_fills_half_the_free_memory_at_most_64)
+    free = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free[-1], 80 << 30))
+    s2 = argparse.Namespace(cfg=stage2.Stage2Config(**stage2.Stage2Config.small()))
+    m = genmod.Models(TextToMusicLM(tiny_config()), "c.pt", 1, None, False, stage2=s2)
+    per_prompt = 2 * 2 * (2560 + 8192) + 2 * 16 * (32 + 64) * 1000 * 4
+    for memory, want in [(2 * 10 * per_prompt, 10), (2 * 10 * per_prompt - 1, 9), (2 * 3 * per_prompt, 3)]:
+        free.append(memory)
+        assert genmod.auto_batch_size(m, 1000, "cuda", 100) == want, memory
+
+
+def test_stage2_guidance_is_uncond_plus_scale_times_the_difference_at_every_scale():
+    # predict_v(s) = uncond + s (cond - uncond) for every scale --stage2-cfg takes, not only the ones other tests
+    # name (0, 0.5, 1, 2.5, 3): a scale must not be special-cased into the conditional model but 1 itself
+    torch.manual_seed(0)
+    model = small_stage2().double().eval()
+    torch.nn.init.normal_(model.unet.out.weight, std=0.3)
+    text, mask = random_text(b=2, lt=4, d=model.cfg.d_text)
+    x_t, coarse = torch.randn(2, 64, 12, dtype=torch.float64), torch.randn(2, 8, 12, dtype=torch.float64)
+    t = torch.rand(2, dtype=torch.float64)
+    with torch.no_grad():
+        cond = model.unet(torch.cat([x_t, coarse], 1), t, text, mask)
+        uncond = model.unet(torch.cat([x_t, coarse], 1), t, text, torch.zeros_like(mask))
+        assert (cond - uncond).abs().max() > 0.05
+        for scale in (1.0, 1.5, 2.0, 4.0, 7.5):   # float64 (predict_v returns float32: its rounding only)
+            torch.testing.assert_close(model.predict_v(x_t, coarse, t, text, mask, scale).double(),
+                                       uncond + scale * (cond - uncond), rtol=0, atol=1e-5)
+
+
+def test_stage2_inpainting_noises_the_known_frames_to_each_steps_level_with_the_generators_next_draw():
+    # RePaint: after the step from t to s = (i - 1) / steps, the known frames of x are alpha_s x0 + sigma_s eps (s's
+    # level, not t's), eps the generator's draw after the step's ancestral noise; the model sees them so at the next
+    # step. The draws replayed by hand from a generator of the same seed (x's start, then per step i > 1 the
+    # ancestral noise and the known frames' eps), alpha_s^2 = f(s) / f(0) by hand; after the last step, the known
+    # latents exactly. (test_stage2_inpainting_keeps_the_known_frames_exactly checks their std within 10% only.)
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24))
+    seen = []
+    model.predict_v = lambda x, coarse, t, *rest: seen.append((x.clone(), t[0].item())) or torch.zeros_like(x)
+    text, mask = random_text(b=2, lt=3)
+    known = torch.randn(2, 64, 10)
+    keep = torch.zeros(2, 10, dtype=torch.bool)
+    keep[0, :4] = keep[1, 6:] = True
+    steps = 5
+    out = model.sample_latents(torch.zeros(2, 8, 10), text.float(), mask, steps,
+                               generator=torch.Generator().manual_seed(3), known=known, known_frames=keep)
+    g = torch.Generator().manual_seed(3)
+    torch.randn(2, 64, 10, generator=g)   # x's start
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for i in range(steps, 1, -1):
+        torch.randn(2, 64, 10, generator=g)   # the step's ancestral noise
+        eps = torch.randn(2, 64, 10, generator=g)
+        s = (i - 1) / steps
+        alpha, sigma = math.sqrt(f(s) / f(0)), math.sqrt(1 - f(s) / f(0))
+        x, t = seen[steps - i + 1]
+        assert t == pytest.approx(s)
+        want = alpha * known + sigma * eps
+        torch.testing.assert_close(x.transpose(1, 2)[keep], want.transpose(1, 2)[keep], rtol=0, atol=1e-5)
+    assert len(seen) == steps and torch.equal(out.transpose(1, 2)[keep], known.transpose(1, 2)[keep])
+
+
+def test_stage2_generate_conditions_on_codebook_ones_latent_frame_by_frame():
+    # generate hands the sampler codebook 1's latents in frame order: frame j is codebook 1's entry for code j,
+    # normalised by codebook 1's mean and std (by hand from the codec's codebook), and the codes' codebook 1
+    torch.manual_seed(0)
+    model, codes, text, mask = stage2_on_synthetic_clips(12)
+    seen = []
+    model.sample_latents = lambda coarse, *a: seen.append(coarse) or torch.zeros(coarse.shape[0], 64, coarse.shape[-1])
+    out = model.generate(codes[:, 0], text, mask, steps=2, generator=torch.Generator().manual_seed(0))
+    book = model.codec.quantizer.quantizers[0].codebook.weight
+    want = (book[codes[:, 0]].transpose(1, 2) - model.latent_mean[0]) / model.latent_std[0]   # (2, 8, 12)
+    coarse, = seen
+    assert coarse.shape == (2, stage2.LATENT_DIM, 12)
+    torch.testing.assert_close(coarse, want, rtol=0, atol=1e-6)
+    assert torch.equal(out[:, 0], codes[:, 0])
+
+
+def test_load_models_gives_stage2_its_own_text_encoder_unless_both_stages_name_the_same_one(monkeypatch):
+    # a stage 2 trained with another text encoder than stage 1's reads its own (its name and its width); one
+    # trained with the same one shares stage 1's object. Checkpoints built in memory; encoders and codec stand-ins
+    torch.manual_seed(0)
+    lm = TextToMusicLM(tiny_config())
+    s2 = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=40))
+    loaded = []
+    monkeypatch.setattr(datamod, "load_text_encoder", lambda spec, device, t5, width: loaded.append(
+        (spec["name"], width)) or (spec["name"], width))
+    monkeypatch.setattr(datamod, "load_codec", lambda spec, device, path: argparse.Namespace(kind=spec["kind"]))
+    ckpt = {"config": dataclasses.asdict(lm.cfg), "model": lm.state_dict(), "step": 1, "args": {"frames": 32},
+            "text_encoder": {"kind": "t5", "name": "t5-one"}}
+    args = argparse.Namespace(ckpt="k1.pt", stage2="s2.pt", window=None, seconds=0.2, dac=None, t5=None,
+                              no_cuda_graph=False)
+    for name, want in (("t5-two", ("t5-two", 40)), ("t5-one", ("t5-one", lm.cfg.d_text))):
+        loaded.clear()
+        ck2 = {"config": dataclasses.asdict(s2.cfg), "model": s2.state_dict(), "codec": {"kind": "dac"},
+               "text_encoder": {"kind": "t5", "name": name}}
+        m = genmod.load_models(args, "cpu", ckpt, ck2)
+        assert m.text_encoder == ("t5-one", lm.cfg.d_text) and m.stage2_encoder == want
+        assert len(loaded) == (2 if name == "t5-two" else 1)
+        assert (m.stage2_encoder is m.text_encoder) == (name == "t5-one")
