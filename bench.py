@@ -1350,8 +1350,9 @@ def main():
     ap.add_argument("--prompts", type=comma_list(datamod.positive_int), default="1,4,16,64",
                     help="decode-batch, decode-profile: prompts decoded at once (2 rows each)")
     ap.add_argument("--ddp-dir", default="runs/bench-ddp", help="ddp: where its training runs go")
-    ap.add_argument("--ddp-steps", type=datamod.positive_int, default=14,
-                    help="ddp: steps per training run (tokens/s: the median of steps 4 on)")
+    # fewer than 4 steps: no tokens/s (nan), and 1 step "resumed" from step 0 (--stop-after 0), comparing nothing
+    ap.add_argument("--ddp-steps", type=datamod.whole_number(4), default=14,
+                    help="ddp: steps per training run, at least 4 (tokens/s: the median of steps 4 on)")
     ap.add_argument("--ddp-grad-accum", type=datamod.positive_int, default=1,
                     help="ddp: micro-batches per step (train.py --grad-accum) in every run; the paper's is 32")
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")

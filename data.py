@@ -52,6 +52,7 @@ how well codes follow their caption (our offline stand-in for the CLAP score).
 """
 import argparse
 import csv
+import decimal
 import io
 import json
 import math
@@ -133,6 +134,14 @@ def whole_number(lo=None, hi=None):
     return parse
 
 
+def _nonzero(text):
+    """Whether text, which float() reads, writes a number other than zero (exactly, as a decimal)."""
+    try:
+        return decimal.Decimal(text.strip()) != 0
+    except (decimal.InvalidOperation, ValueError):
+        return False
+
+
 def number(lo=None, hi=None, lo_open=False, hi_open=False):
     """An argparse type: a finite float from lo to hi (lo_open / hi_open: that end excluded; None: no
     bound). NaN and infinities never pass: they would run, and give NaN or nothing."""
@@ -141,6 +150,9 @@ def number(lo=None, hi=None, lo_open=False, hi_open=False):
             value = float(text)
         except ValueError:
             value = math.nan
+        if value == 0 and _nonzero(text):  # 1e-400: 0.0 would pass as 0, which may mean off, greedy or one pass
+            raise argparse.ArgumentTypeError(f"expected a finite number{_bounds(lo, hi, lo_open, hi_open)}, "
+                                             f"not {text!r}, which is too small for a float and reads as 0")
         bad = (not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo))
                or (hi is not None and (value >= hi if hi_open else value > hi)))
         if bad:
@@ -734,10 +746,11 @@ def run_command(main, name):
 
 def out_of_memory(error):
     """The first line of the memory error that error is or was raised from (numpy's MemoryError, CUDA's
-    torch.OutOfMemoryError, torch's CPU allocator's RuntimeError; torch.compile wraps them), or None."""
+    torch.OutOfMemoryError, torch's CPU allocator's RuntimeError, C++'s std::bad_alloc as torch raises it where the
+    address space is capped (ulimit -v, no overcommit); torch.compile wraps them), or None."""
     for e in (error, error.__cause__):
-        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
-                isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or isinstance(e, RuntimeError) and (
+                "can't allocate memory" in str(e) or str(e).strip() == "std::bad_alloc"):
             return (str(e).strip().splitlines() or [type(e).__name__])[0]
     return None
 

@@ -922,7 +922,7 @@ def parse_args(argv=None):
                       help="train the four variants into OUT/<variant>, plot OUT/convergence.png")
     conv.add_argument("--layers", type=int, default=2, help="LM blocks per variant")
     conv.add_argument("--steps", type=int, default=300)
-    conv.add_argument("--eval-every", type=int, default=25, help="steps between caption scores")
+    conv.add_argument("--eval-every", type=int, help="steps between caption scores (default: 25, or --steps if fewer)")
     conv.add_argument("--batch-size", type=int, help="default: train.py's synthetic preset (16)")
     conv.add_argument("--d-model", type=int, help="default: train.py's synthetic preset (256)")
     conv.add_argument("--frames", type=int, help="default: train.py's synthetic preset (128)")
@@ -946,6 +946,11 @@ def parse_args(argv=None):
             value = getattr(args, flag)
             if value is not None and value < 1:
                 fail(f"--{flag.replace('_', '-')} must be at least 1")
+        if args.eval_every is None:  # 25 past --steps scored no step at all, as --eval-every 0 would
+            args.eval_every = min(25, args.steps)
+        elif args.eval_every > args.steps and not args.plot_only:
+            fail(f"--eval-every {args.eval_every}: more than --steps {args.steps}, so no step would be scored; "
+                 f"pass at most {args.steps}")
     elif not (args.generated and args.reference):
         fail("give --generated DIR and --reference DIR (or --convergence OUT)")
     return args

@@ -50,6 +50,8 @@ MAX_SECONDS = 3600
 MAX_CFG = 100  # guidance scales run from 1 to about 10; far past that, cond + scale (cond - uncond) overflows
 MAX_ID_BYTES = 200  # an id names its files: <id>.npy and a temporary .<id>.npy.<pid>.tmp within 255 bytes
 MIN_SECONDS = math.ceil(0.5 / FRAME_RATE * 1e4) / 1e4  # 0.0059 s, the shortest that rounds to one frame
+# --continue-seconds of an audio file: the shortest whose round(S * 44100) samples hold one frame (512), 0.0116 s
+MIN_AUDIO_SECONDS = math.ceil((datamod.HOP - 0.5) / datamod.SAMPLE_RATE * 1e4) / 1e4
 
 
 def _is_control(c):
@@ -375,7 +377,11 @@ def load_continuation(args, m, n_frames, device):
         except datamod.AudioError as e:
             datamod.fail(f"{flag}: {e}")
         if args.continue_seconds:
-            audio = audio[-round(args.continue_seconds * datamod.SAMPLE_RATE):]
+            kept = round(args.continue_seconds * datamod.SAMPLE_RATE)
+            if kept < datamod.HOP <= len(audio):  # the file holds a frame; the seconds asked for do not
+                datamod.fail(f"--continue-seconds {args.continue_seconds:g}: {kept} samples, less than one frame "
+                             f"({datamod.HOP} samples) of audio; pass --continue-seconds {MIN_AUDIO_SECONDS:g} or more")
+            audio = audio[-kept:]
         audio = audio[len(audio) % datamod.HOP:]  # whole frames, so the prompt ends where the file ends
         if len(audio) == 0:
             datamod.fail(f"{flag}: shorter than one frame ({datamod.HOP} samples)")

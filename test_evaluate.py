@@ -1282,6 +1282,21 @@ def test_long_state_norms_follow_the_step_that_completes_each_windows_last_frame
     assert norms[0] != pytest.approx(seen[frames - 2], rel=1e-6)  # K = 1's step: codebook 1 of the last frame
 
 
+def test_convergence_refuses_an_eval_interval_past_its_steps(tmp_path, capsys):
+    # --eval-every 0 is refused (no caption score); --eval-every past --steps scored no step either, silently: the
+    # plot's and table's caption scores were empty. The default 25 comes down to a shorter run's --steps
+    out = str(tmp_path / "rq2")
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["--convergence", out, "--steps", "2", "--eval-every", "3"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "evaluate.py: error: --eval-every 3: more than --steps 2, so no step would be scored; pass at most 2\n")
+    assert evaluate.parse_args(["--convergence", out, "--steps", "2", "--eval-every", "2"]).eval_every == 2
+    assert evaluate.parse_args(["--convergence", out, "--steps", "10"]).eval_every == 10
+    assert evaluate.parse_args(["--convergence", out]).eval_every == 25
+    assert not os.path.exists(out)
+
+
+
 def test_check_output_file_messages(tmp_path, capsys, monkeypatch):
     assert evaluate.check_output_file(str(tmp_path / "r.json")) == str(tmp_path / "r.json")
     for path, flag, message in ((tmp_path, "--out", f"--out {tmp_path}: is a folder; give the report's file name"),

@@ -10465,3 +10465,72 @@ def test_load_models_gives_stage2_its_own_text_encoder_unless_both_stages_name_t
         assert m.text_encoder == ("t5-one", lm.cfg.d_text) and m.stage2_encoder == want
         assert len(loaded) == (2 if name == "t5-two" else 1)
         assert (m.stage2_encoder is m.text_encoder) == (name == "t5-one")
+
+
+def test_continue_seconds_under_one_frame_of_audio_names_the_flag_not_the_file(tmp_path, capsys):
+    # --continue-seconds from 0.0059 (the parser's least) to 0.0115 keeps round(S * 44100) < 512 samples of an
+    # audio file: no whole frame. It was refused as "--continue FILE: shorter than one frame" of a 1 s file;
+    # the culprit is the flag. 0.0116 s (512 samples) is one frame, as the .npy path keeps round(S * 86.13) >= 1
+    from types import SimpleNamespace
+    import soundfile as sf
+    sf.write(tmp_path / "one.wav", tone(1.0, 330, SR), SR, subtype="FLOAT")
+    encoded = []
+    codec = SimpleNamespace(encode=lambda x: encoded.append(x.shape[-1]) or SimpleNamespace(
+        audio_codes=torch.zeros(x.shape[0], 9, x.shape[-1] // 512, dtype=torch.long)))
+    m = SimpleNamespace(stage2=None, lm=SimpleNamespace(cfg=SimpleNamespace(n_codebooks=1)), synthetic=False,
+                        ckpt_path="ckpt.pt", codec=codec)
+    args = lambda s: argparse.Namespace(  # noqa: E731
+        continue_from=str(tmp_path / "one.wav"), continue_seconds=s, seconds=1.0)
+    for seconds, samples in ((0.0059, 260), (0.0115, 507)):
+        with pytest.raises(SystemExit) as e:
+            genmod.load_continuation(args(seconds), m, 86, "cpu")
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"--continue-seconds {seconds:g}: {samples} samples, less than one frame (512 samples) of audio; "
+            "pass --continue-seconds 0.0116 or more\n")
+    assert encoded == []  # refused before DAC encodes anything
+    assert genmod.load_continuation(args(0.0116), m, 86, "cpu").frames == 1 and encoded == [512]
+
+
+def test_bench_refuses_ddp_steps_too_few_to_time_or_resume(monkeypatch, capsys):
+    # --ddp-steps 1 ran the resume check as --stop-after 0 (a checkpoint at step 0, then the whole run "resumed":
+    # max rel diff 0, comparing nothing), and 1 to 3 steps left no step from 4 on to time (audio tok/s nan)
+    import bench
+    monkeypatch.setattr(bench, "run_section", lambda *a: pytest.fail("a section ran"))
+    for steps in ("1", "3"):
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--only", "ddp", "--ddp-steps", steps])
+        with pytest.raises(SystemExit) as e:
+            bench.main()
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"bench.py: error: argument --ddp-steps: expected a whole number of at least 4, not '{steps}'\n")
+
+
+def test_a_number_too_small_for_a_float_is_refused_not_read_as_zero(tmp_path, capsys):
+    # float("1e-400") is 0.0, and 0 is a setting of its own: --window 1e-400 made one recurrent pass (as
+    # --window 0; --window 1e-300 is refused: 0 frames), --temperature 1e-400 sampled greedily (as 0; 1e-5 is
+    # refused), each recorded as 0.0 in generations.jsonl
+    for flag, bounds in (("--window", "from 0 to 3600"), ("--temperature", "of at least 0")):
+        with pytest.raises(SystemExit) as e:
+            genmod.parse_args(["a calm piece", flag, "1e-400", "--out", str(tmp_path / "out")])
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"generate.py: error: argument {flag}: expected a finite number {bounds}, not '1e-400', which is too "
+            "small for a float and reads as 0\n")
+    args = genmod.parse_args(["a calm piece", "--window", "0", "--temperature", "0.0e5", "--out", str(tmp_path / "o")])
+    assert (args.window, args.temperature) == (0.0, 0.0)  # zero itself, however written, is still zero
+    assert datamod.number(0)("5e-324") == 5e-324 and datamod.number(0)("-0") == 0.0
+
+
+def test_training_that_runs_out_of_address_space_stops_in_one_line(tmp_path, monkeypatch, capsys):
+    # where the address space is capped (ulimit -v, or no overcommit), torch raises C++'s std::bad_alloc as a
+    # RuntimeError("std::bad_alloc") (train.py --layers 2147483647 under ulimit -v 4000000, after ~30 s of
+    # building blocks): it came out as a traceback, where "can't allocate memory" was one line
+    assert datamod.out_of_memory(RuntimeError("std::bad_alloc")) == "std::bad_alloc"
+    assert datamod.out_of_memory(RuntimeError("bad_alloc in my own message")) is None
+
+    def bad_alloc(*args, **kwargs):
+        raise RuntimeError("std::bad_alloc")
+    monkeypatch.setattr(trainmod, "build_model", bad_alloc)
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(tmp_path / "r", "--steps", "1"))
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        "out of memory on cpu (std::bad_alloc); at a batch of 8 x --frames 48: lower --batch-size (and raise "
+        "--grad-accum to keep the batch) or --frames")
