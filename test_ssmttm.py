@@ -10534,3 +10534,30 @@ def test_training_that_runs_out_of_address_space_stops_in_one_line(tmp_path, mon
     assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
         "out of memory on cpu (std::bad_alloc); at a batch of 8 x --frames 48: lower --batch-size (and raise "
         "--grad-accum to keep the batch) or --frames")
+
+
+def test_a_model_too_large_for_the_devices_memory_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    # the weights, gradients and AdamW's two moments (16 bytes a parameter) against the device's memory:
+    # the count by hand from real models of 1 and 3 blocks (blocks are alike); one byte short is refused,
+    # exactly enough passes; --layers 2147483647 stops in one line with no folder made (it filled memory)
+    counts = []
+    for layers in (1, 3):
+        args, _ = trainmod.parse_args(tiny_train_args(tmp_path / "r", "--layers", str(layers)))
+        counts.append(sum(p.numel() for p in trainmod.build_model(args, "cpu")[0].parameters()))
+    count = counts[0] + 4 * (counts[1] - counts[0]) // 2  # 5 blocks
+    args, _ = trainmod.parse_args(tiny_train_args(tmp_path / "r", "--layers", "5"))
+    monkeypatch.setattr(trainmod, "device_memory", lambda device: 16 * count)
+    trainmod.check_model_fits(args, "cpu")
+    monkeypatch.setattr(trainmod, "device_memory", lambda device: 16 * count - 1)
+    with pytest.raises(SystemExit) as e:
+        trainmod.check_model_fits(args, "cpu")
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"--layers 5 at --d-model 64: {count:,} parameters need {16 * count / 2**30:,.1f} GiB for the weights, "
+        f"gradients and AdamW's moments alone, more than cpu's {(16 * count - 1) / 2**30:,.1f} GiB; fewer --layers "
+        "or a smaller --d-model\n")
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(tmp_path / "huge", "--layers", "2147483647", "--steps", "1"))
+    assert e.value.code == 2 and not (tmp_path / "huge").exists()
+    assert capsys.readouterr().err.startswith(f"--layers 2147483647 at --d-model 64: "
+                                              f"{counts[0] + (2147483647 - 1) * (counts[1] - counts[0]) // 2:,} ")

@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -500,6 +500,36 @@ def build_model(args, device):
     return model, asdict(cfg)
 
 
+def device_memory(device):
+    """Bytes of memory on device ("cpu", "cuda", "cuda:N"): the GPU's total, or the machine's physical
+    memory; None where the system does not say."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def check_model_fits(args, device):
+    """One line, exit code 2, before any work: a stage-1 model whose fp32 weights, gradients and
+    AdamW's two moments (16 bytes a parameter, activations not counted) exceed device_memory, as a
+    mistyped --layers 2400 would; it filled memory or ended in a C++ allocator's traceback. The
+    blocks are alike, so the count comes from models of 1 and 2 blocks on the meta device (no memory)."""
+    if args.stage != 1:
+        return
+    cfg = ModelConfig(variant=args.variant, n_layers=1, d_model=args.d_model, d_state=args.d_state,
+                      headdim=args.headdim, n_heads=args.n_heads, d_ff=2 * args.d_model, n_codebooks=args.codebooks)
+    with torch.device("meta"):
+        one, two = (sum(p.numel() for p in TextToMusicLM(replace(cfg, n_layers=n)).parameters()) for n in (1, 2))
+    count = one + (args.layers - 1) * (two - one)
+    memory = device_memory(device)
+    if memory is not None and 16 * count > memory:
+        datamod.fail(f"--layers {args.layers} at --d-model {args.d_model}: {count:,} parameters need "
+                     f"{16 * count / 2**30:,.1f} GiB for the weights, gradients and AdamW's moments alone, more than "
+                     f"{device}'s {memory / 2**30:,.1f} GiB; fewer --layers or a smaller --d-model")
+
+
 def check_models(args, given):
     """One line, exit code 2, before any work (nothing else printed or written first): --t5 or --dac
     typed for the synthetic set, which reads neither, or (real data) a local path that is no folder, or
@@ -929,6 +959,7 @@ def run_training(args, given, world, rank, device, lock):
                      f"Mamba-2's here has {conv_dim} ({ModelConfig.expand} x --d-model {args.d_model} + 2 x "
                      f"--d-state {args.d_state}); --mamba-train grouped or split takes any width")
     check_models(args, given)
+    check_model_fits(args, device)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
