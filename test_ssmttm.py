@@ -10561,3 +10561,149 @@ def test_a_model_too_large_for_the_devices_memory_is_one_line_before_any_work(tm
     assert e.value.code == 2 and not (tmp_path / "huge").exists()
     assert capsys.readouterr().err.startswith(f"--layers 2147483647 at --d-model 64: "
                                               f"{counts[0] + (2147483647 - 1) * (counts[1] - counts[0]) // 2:,} ")
+
+
+def test_bench_rotated_rows_count_the_flops_of_the_whole_batch(monkeypatch):
+    # bench_train_rotated: a row's TFLOP/s and MFU are of the step's batch (model_flops is one sequence's): here
+    # 2e12 FLOPs a sequence, batch 4, steps of 40 ms: 8e12 / 0.04 s = 200 TFLOP/s, 100 x 200 / 989 % MFU
+    import bench
+
+    class Stub:
+        def configure_optimizers(self, *a):
+            return None
+    monkeypatch.setattr(bench, "train_model", lambda *a: Stub())
+    monkeypatch.setattr(bench, "train_step", lambda *a: lambda: None)
+    monkeypatch.setattr(bench, "model_flops", lambda model, L_audio, L_text, chunk: 2e12)
+    clock = iter(t for i in range(3) for t in (i, i + 0.040))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    [row] = bench.bench_train_rotated([("prefix_simba", FastOptions())], 4, 40, 1, "0", 3, device="cpu")
+    assert row["ms/step"] == pytest.approx(40)
+    assert row["TFLOP/s"] == pytest.approx(200)
+    assert row["MFU %"] == pytest.approx(100 * 200 / 989)
+    assert row["audio tok/s"] == pytest.approx(4 * 40 / 0.040)
+
+
+def test_bench_batched_gemm_ms_reads_a_batch_only_from_a_3d_first_input():
+    # batched_gemm_ms: "over more than one matrix" is the first input's leading size when it is 3-D; a baddbmm
+    # of one matrix whose added term is a bias (1-D, 512 long) or a 2-D (256 x 512) one is a linear layer's, not
+    # 512 or 256 matrices; a 3-D batch of 8 still counts
+    import bench
+    ops = [("aten::baddbmm", [[512], [1, 256, 2048], [1, 2048, 512], []], 3.0),
+           ("aten::baddbmm", [[256, 512], [1, 256, 2048], [1, 2048, 512], []], 5.0),
+           ("aten::bmm", [[8, 256, 64], [8, 64, 256]], 0.5)]
+    assert bench.batched_gemm_ms(ops) == 0.5
+
+
+def test_bench_ddp_row_takes_the_largest_peak_whichever_process_prints_it_first(tmp_path, monkeypatch):
+    # a 2-GPU run's stderr has one "peak GPU memory" line per process in no set order: "peak GiB per GPU" is the
+    # largest (12.5), also when the smaller (10.0) comes first, and a 1-GPU run's single line is its own
+    import bench
+
+    def fake_run(cmd, capture_output, text, env):
+        out = cmd[cmd.index("--out") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.csv"), "w") as f:
+            f.write("step,loss,tokens_per_s\n" + "".join(f"{i},1.0,1000\n" for i in range(1, 9)))
+        two = "torch.distributed.run" in cmd
+        return subprocess.CompletedProcess(cmd, 0, "", "peak GPU memory 10.0 GiB\npeak GPU memory 12.5 GiB\n" if two
+                                           else "peak GPU memory 7.25 GiB\n")
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "ROWS", [])
+    bench.bench_ddp(str(tmp_path), parts=("1gpu", "2gpu"), batch=4, steps=8)
+    peaks = {r["run"]: r["peak GiB per GPU"] for r in bench.ROWS if "peak GiB per GPU" in r}
+    assert peaks == {"1gpu-4": 7.25, "1gpu-8": 7.25, "2gpu-4": 12.5, "2gpu-8": 12.5}
+
+
+def test_bench_decoding_rows_give_ms_per_frame_and_seconds_per_clip(monkeypatch):
+    # bench_decoding: wall_time's milliseconds as they are for "ms/frame @p", and in seconds for "s for Ns" (the
+    # 10 s and 25 s columns BENCHMARKS.md reads as seconds): a stand-in clock of 2500 ms a call gives 2.5 s
+    import bench
+    monkeypatch.setattr(bench, "wall_time", lambda fn, iters, warmup: 2500.0)
+    monkeypatch.setattr(bench, "ROWS", [])
+    monkeypatch.setattr(bench, "JSON_PATH", None)
+    bench.bench_decoding("cpu", 1, [4], setups=("prefix_simba:plain", "prefix_simba:recompute"), seconds=(1,))
+    assert [(r["mode"], r["ms/frame @4"], r["s for 1s"]) for r in bench.ROWS] == [
+        ("plain", 2500.0, 2.5), ("recompute", 2500.0, 2.5)]
+
+
+def test_bench_without_cuda_refuses_gpu_sections_asked_beside_cpu(monkeypatch, capsys):
+    # no CUDA and no --quick: only "--only cpu" alone runs; "--only cpu,train" would run the train section at the
+    # paper's shape on the CPU for hours, so it is refused in one line before any section runs
+    import bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "run_section", lambda *a: pytest.fail("a section ran"))
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "cpu,train"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "bench.py: no CUDA device; use --quick for a CPU smoke run or --only cpu\n"
+
+
+def test_bench_layer_row_names_the_plain_layer_reference(monkeypatch):
+    # bench_layer without options: the plain layer (ssd_reference), its row's path "reference" as the tables read
+    # it, the ms of wall_time as they are, no peak on the CPU
+    import bench
+    monkeypatch.setattr(bench, "wall_time", lambda fn, iters, warmup: 7.0)
+    row = bench.bench_layer(1, 64, None, device="cpu")
+    assert math.isnan(row.pop("peak GiB"))
+    assert row == {"section": "layer", "path": "reference", "batch": 1, "L": 64, "ms fwd+bwd": 7.0}
+
+
+def test_bench_stage2_row_gives_seconds_and_millions_of_parameters(monkeypatch):
+    # ssmttm_stage2_timing on a CPU: the small config, 64 frames, 3 steps; wall_time's 1234 ms as 1.234 s, the
+    # parameters in millions (1e6, not 2**20)
+    import bench
+    monkeypatch.setattr(bench, "wall_time", lambda fn, iters, warmup: 1234.0)
+    row = bench.ssmttm_stage2_timing("cpu")
+    n = sum(p.numel() for p in stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small())).parameters())
+    assert row == {"section": "stage2", "frames": 64, "steps": 3, "s": pytest.approx(1.234),
+                   "params M": pytest.approx(n / 1e6)}
+
+
+def test_bench_ddp_check_reads_only_what_an_earlier_call_makes(tmp_path):
+    # ddp_check: --only ddp (all parts) into a fresh folder makes the 1-GPU runs and their .json, the 2-GPU runs
+    # and the resumed one, and reads nothing from an earlier call; ddp-2gpu+resume reads the 1-GPU .json files
+    # (there) but not the uninterrupted 2-GPU run, which it makes itself
+    import bench
+    fresh = tmp_path / "all"
+    made = bench.ddp_check(str(fresh), ("1gpu", "2gpu", "resume"), 4, "0", 1)
+    assert made == {str(fresh / n) for n in ("1gpu-4", "1gpu-8", "1gpu-4.json", "1gpu-8.json", "2gpu-4", "2gpu-8",
+                                            "2gpu-resumed")}
+    later = tmp_path / "later"
+    later.mkdir()
+    for n in ("1gpu-4.json", "1gpu-8.json"):
+        (later / n).write_text("{}")
+    assert bench.ddp_check(str(later), ("2gpu", "resume"), 4, "0", 1) == {
+        str(later / n) for n in ("2gpu-4", "2gpu-8", "2gpu-resumed")}
+
+
+def test_bench_json_check_leaves_no_temporary_file_behind(monkeypatch, tmp_path):
+    # main tries the --json file's temporary name (atomic_write_text's) before any work and removes it: a call
+    # whose sections emit no row leaves the folder as it was
+    import bench
+    monkeypatch.setattr(bench, "run_section", lambda *a: None)
+    monkeypatch.setattr(bench, "print_table", lambda rows: None)
+    monkeypatch.setattr(bench, "ROWS", [])
+    monkeypatch.setattr(bench, "HEADER", {})
+    monkeypatch.setattr(bench, "JSON_PATH", None)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--only", "layer", "--json", str(tmp_path / "r.json")])
+    bench.main()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_clock_log_asks_nvidia_smi_for_clock_then_power_every_interval_in_ms(monkeypatch):
+    # GPUClockLog's nvidia-smi call: clocks.sm before power.draw (clock_medians reads them in that order), csv
+    # without header or units, sampled every interval_ms milliseconds (-lms; -l would be seconds)
+    import bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.GPUClockLog(interval_ms=250).command == [
+        "nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "250"]
+    assert bench.GPUClockLog().command[-1] == "100"
+
+
+def test_bench_decoding_mode_without_graph_or_decoding_kernels_runs_on_a_cpu(monkeypatch):
+    # runs_on_cpu: a mode runs on a CPU when it has neither a CUDA graph nor gpu_kernels.py's decoding kernels;
+    # options that turn both off (not only "no options") count as such
+    import bench
+    monkeypatch.setitem(bench.DECODE_MODES, "unfused+eager", FastOptions(decode_kernels=False, cuda_graph=False))
+    assert bench.runs_on_cpu("unfused+eager") and not bench.runs_on_cpu("eager")
