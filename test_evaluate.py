@@ -666,6 +666,12 @@ def test_convergence_four_variants(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "convergence.png"))
 
 
+def ssm_state_norm(cache):
+    """The mean norm ||h|| of the Mamba-2 states of an InferenceCache over every (layer, row, head), in
+    float64 (the conv's states left out), written out apart from evaluate.StateNorms."""
+    return np.mean([math.sqrt((h.double() ** 2).sum()) for states in cache.states for state in states
+                    if isinstance(state, ssmttm.Mamba2State) for row in state.ssm for h in row])
+
 def test_state_norms_decodes_as_generate_and_keeps_a_norm_per_step():
     # evaluate.window_scores' probe (StateNorms, a generate() decoder, with its prefill and decode):
     # the tokens of generate's own loop, and one mean state norm per decoded step
@@ -679,8 +685,7 @@ def test_state_norms_decodes_as_generate_and_keeps_a_norm_per_step():
 
     def recording_step(tokens, cache):  # after each step: ||h|| of every (layer, row, head), in float64
         out = step(tokens, cache)
-        seen.append(np.mean([math.sqrt((h.double() ** 2).sum()) for states in cache.states for state in states
-                             if isinstance(state, ssmttm.Mamba2State) for row in state.ssm for h in row]))
+        seen.append(ssm_state_norm(cache))
         return out
     model.step = recording_step
     got = model.generate(text, mask, 12, decoder=probe, generator=torch.Generator().manual_seed(3), **kw)
@@ -1232,8 +1237,7 @@ def test_long_windows_state_norms_and_default_report(tmp_path, capsys, monkeypat
 
         def recording_step(tokens, cache):
             out = step(tokens, cache)
-            seen.append(np.mean([math.sqrt((h.double() ** 2).sum()) for states in cache.states for state in states
-                                 if isinstance(state, ssmttm.Mamba2State) for row in state.ssm for h in row]))
+            seen.append(ssm_state_norm(cache))
             return out
         model.step = recording_step
         one += score(model.generate(text, mask, 24, generator=torch.Generator().manual_seed(seed), **kw))
@@ -1269,8 +1273,7 @@ def test_long_state_norms_follow_the_step_that_completes_each_windows_last_frame
 
     def recording_step(tokens, cache):
         out = step(tokens, cache)
-        seen.append(np.mean([math.sqrt((h.double() ** 2).sum()) for states in cache.states for state in states
-                             if isinstance(state, ssmttm.Mamba2State) for row in state.ssm for h in row]))
+        seen.append(ssm_state_norm(cache))
         return out
     model.step = recording_step
     _, norms = evaluate.window_scores(model, captions, frames, times, 0, windows=False)
