@@ -10707,3 +10707,232 @@ def test_bench_decoding_mode_without_graph_or_decoding_kernels_runs_on_a_cpu(mon
     import bench
     monkeypatch.setitem(bench.DECODE_MODES, "unfused+eager", FastOptions(decode_kernels=False, cuda_graph=False))
     assert bench.runs_on_cpu("unfused+eager") and not bench.runs_on_cpu("eager")
+
+
+def test_loss_of_a_codebook_with_a_single_real_target_is_that_targets_cross_entropy():
+    # the mean over a codebook's real targets divides by their count even when it is 1 (the clamp only
+    # keeps a count of 0 from dividing by zero); the smoothed cross-entropy is written out in float64
+    logits = 3 * torch.randn(1, 2, 4, 1025, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    targets = torch.full((1, 2, 4), SPECIAL)
+    targets[0, 0] = torch.tensor([5, 7, 11, 13])
+    targets[0, 1, 2] = 17  # codebook 2 has exactly one real target
+    eps = 0.1
+
+    def smoothed_ce(row, t):
+        logp = row - torch.logsumexp(row, 0)
+        return -(1 - eps) * logp[t] - eps * logp.mean()
+
+    first = sum(smoothed_ce(logits[0, 0, s], targets[0, 0, s].item()) for s in range(4)) / 4
+    second = smoothed_ce(logits[0, 1, 2], 17)
+    torch.testing.assert_close(ssmttm.lm_loss(logits, targets, eps), (first + second) / 2, rtol=1e-12, atol=1e-12)
+    # and with counts given: codebook 2 has 1 target in the whole batch
+    counts = torch.tensor([4.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(ssmttm.lm_loss(logits, targets, eps, counts=counts),
+                               (first + second) / 2, rtol=1e-12, atol=1e-12)
+
+
+def test_mamba2_one_masked_position_with_a_state_leaves_a_padded_rows_state_empty():
+    # forward with a state, one position and a mask takes the masked path, not the step: from the
+    # start of a sequence a padded position (mask False) leaves its row's conv and SSM states zero,
+    # as left padding must; a real one (mask True) gives the step's output and states
+    torch.manual_seed(0)
+    layer = ssmttm.Mamba2(32, d_state=16, headdim=8, chunk_size=8).double()
+    with torch.no_grad():
+        layer.conv1d.bias.normal_()
+    u = torch.randn(2, 1, 32, dtype=torch.float64)
+    state = layer.new_state(2, 0, "cpu", torch.float64)
+    out = layer(u, mask=torch.tensor([[False], [True]]), state=state)
+    assert torch.count_nonzero(state.conv[0]) == 0 and torch.count_nonzero(state.ssm[0]) == 0
+    alone = layer.new_state(1, 0, "cpu", torch.float64)
+    torch.testing.assert_close(out[1:], layer.step(u[1:], alone), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state.conv[1:], alone.conv, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state.ssm[1:], alone.ssm, rtol=1e-10, atol=1e-10)
+
+
+def test_a_bf16_models_decoding_state_defaults_to_fp32_and_an_fp64_ones_to_fp64():
+    # new_state's default h_t storage is fp32 or above (promote(dtype, fp32)); the conv window keeps the model's
+    # dtype; generate's ssm_dtype=None reaches it through InferenceCache
+    layer = ssmttm.Mamba2(32, d_state=16, headdim=8, chunk_size=8)
+    for dtype, ssm in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                       (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        state = layer.new_state(2, 0, "cpu", dtype)
+        assert (state.conv.dtype, state.ssm.dtype) == (dtype, ssm)
+        assert layer.new_state(2, 0, "cpu", dtype, torch.bfloat16).ssm.dtype == torch.bfloat16
+    cfg = ssmttm.ModelConfig(variant="prefix_simba", n_layers=1, d_model=32, d_state=16, headdim=8, n_heads=4,
+                             d_ff=64, dropout=0.0, d_text=8, chunk_size=8)
+    model = ssmttm.TextToMusicLM(cfg).bfloat16()
+    cache = ssmttm.InferenceCache(model, 2, 4, "cpu", torch.bfloat16)
+    assert cache.states[0][0].ssm.dtype == torch.float32 and cache.states[0][0].conv.dtype == torch.bfloat16
+
+
+def test_each_sublayer_of_a_block_has_its_own_rms_norm_with_eps_1e_5():
+    # pre-norm: sublayer i reads RMSNorm_i(x) = x / sqrt(mean(x^2) + 1e-5) * w_i, its own weights, written out
+    # in float64 (the norms' weights made distinct, the input small enough that the eps matters)
+    torch.manual_seed(0)
+    block = ssmttm.Block(("mamba", "ff"), d_model=32, d_state=16, headdim=8, d_ff=64, chunk_size=8).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for norm in block.norms:
+            norm.weight.copy_(torch.randn(32, generator=g, dtype=torch.float64))
+    (w1, w2), (mamba, ff) = [n.weight for n in block.norms], block.layers
+    rms = lambda t, w: t / torch.sqrt(t.square().mean(-1, keepdim=True) + 1e-5) * w  # noqa: E731
+    x = 0.01 * torch.randn(2, 9, 32, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        h = x + mamba(rms(x, w1))
+        want = h + ff(rms(h, w2))
+        torch.testing.assert_close(block(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_top_k_of_the_codebook_size_or_more_keeps_even_the_least_likely_code():
+    # with the noise given, the draw is argmax p_i / E_i: code 3, the least likely, with a tiny E wins iff it
+    # is kept; top_k 1024 or more keeps it (every real code), top_k 1023 drops exactly it
+    logits = torch.linspace(0, 5, 1025).repeat(2, 1, 1)  # (2, 1, 1025); the special id's logit is the largest
+    logits[..., 3] = -8.0
+    noise = torch.ones(2, 1, 1024)
+    noise[..., 3] = 1e-30
+    for top_k, want in ((0, 3), (1024, 3), (1025, 3), (5000, 3), (1023, 1023)):
+        got = sample_next(logits, top_k=top_k, temperature=1.0, noise=noise)
+        assert got.tolist() == [[want], [want]], top_k
+
+
+def test_adamw_takes_betas_other_than_torchs_defaults():
+    # the paper's betas (0.9, 0.999) are torch's defaults, so only other betas show that they are passed on:
+    # one AdamW step on a matrix with a constant gradient g moves it by lr * m_hat / (sqrt(v_hat) + eps), which
+    # is lr * sign(g) at any betas, so the second step (a gradient of -g) is written out with the betas asked
+    lin = torch.nn.Linear(3, 2, bias=False).double()
+    start = lin.weight.detach().clone()
+    opt = ssmttm.adamw(lin, 0.1, 0.0, (0.5, 0.75), "cpu")
+    assert [tuple(gr["betas"]) for gr in opt.param_groups] == [(0.5, 0.75), (0.5, 0.75)]
+    g = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0]], dtype=torch.float64)
+    b1, b2, lr, eps = 0.5, 0.75, 0.1, 1e-8
+    m, v, w = torch.zeros_like(g), torch.zeros_like(g), start.clone()
+    for t, grad in ((1, g), (2, -g)):
+        lin.weight.grad = grad.clone()
+        opt.step()
+        m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad * grad
+        w = w - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+    torch.testing.assert_close(lin.weight.detach(), w, rtol=1e-12, atol=1e-12)
+
+
+def test_text_states_in_another_dtype_are_cast_to_the_models_before_the_projection():
+    # the T5 states come in fp32 whatever the LM's dtype: an fp64 (or bf16) LM reads them cast to its own dtype,
+    # exactly as if they had been given in it (an fp32 value is exact in fp64)
+    torch.manual_seed(0)
+    cfg = ssmttm.ModelConfig(variant="cross_simba", n_layers=1, d_model=32, d_state=16, headdim=8, n_heads=4,
+                             d_ff=64, dropout=0.0, d_text=8, chunk_size=8)
+    for variant in ("prefix_simba", "cross_simba"):
+        model = ssmttm.TextToMusicLM(ssmttm.ModelConfig(**{**cfg.__dict__, "variant": variant})).double().eval()
+        text = torch.randn(2, 3, 8)  # fp32
+        mask = torch.tensor([[True, True, True], [True, True, False]])
+        tokens = torch.randint(0, 1024, (2, 1, 4))
+        got = model.logits(tokens, text, mask)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, model.logits(tokens, text.double(), mask), rtol=0, atol=0)
+
+
+def test_left_align_keeps_the_order_of_a_long_captions_tokens():
+    # T5 captions run past 16 tokens, where torch's unstable sort on a CPU already reorders ties: left_align
+    # must move the padding first and keep both the real tokens and the padding in their order, written out
+    g = torch.Generator().manual_seed(0)
+    lt = 40
+    mask = torch.rand(2, lt, generator=g) < 0.5
+    text = torch.arange(2 * lt, dtype=torch.float64).view(2, lt, 1).expand(2, lt, 3).clone()  # value = place
+    got_text, got_mask = ssmttm.left_align(text, mask)
+    for row in range(2):
+        m = mask[row].tolist()
+        order = [i for i in range(lt) if not m[i]] + [i for i in range(lt) if m[i]]
+        assert got_text[row, :, 0].tolist() == [float(row * lt + i) for i in order]
+        assert got_mask[row].tolist() == [False] * m.count(False) + [True] * m.count(True)
+    assert torch.equal(got_text[..., 0], got_text[..., 2])
+
+
+def test_adamw_leaves_frozen_parameters_out_of_its_groups():
+    # a parameter with requires_grad False is in no group: a stale .grad on it (from before it was frozen)
+    # moves nothing, and the optimizer's state_dict lists the trainable parameters only
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    frozen = model[0].weight
+    frozen.grad = torch.ones_like(frozen)
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    opt = ssmttm.adamw(model, 0.1, 0.5, (0.9, 0.999), "cpu")
+    ids = [id(p) for gr in opt.param_groups for p in gr["params"]]
+    assert id(frozen) not in ids and len(ids) == 3
+    assert [len(gr["params"]) for gr in opt.param_groups] == [1, 2]  # model[1].weight; both biases
+    opt.step()
+    assert torch.equal(frozen.detach(), before)
+
+
+def test_guidance_scale_that_is_not_finite_is_refused_at_every_entry():
+    # check_sampling refuses inf and -inf as it does nan: guidance at an infinite scale is NaN or inf logits
+    logits = torch.randn(2, 1, 1025)
+    for scale in (math.inf, -math.inf, math.nan):
+        for call in (lambda: sample_next(logits[:1], logits[1:], cfg_scale=scale),
+                     lambda: ssmttm.Sampling(cfg_scale=scale),
+                     lambda: ssmttm.check_sampling(scale, 250, 1.0)):
+            try:
+                call()
+            except ValueError as e:
+                assert str(e) == f"cfg_scale {scale}: want a finite number"
+            else:
+                raise AssertionError(f"cfg_scale {scale} was taken")
+
+
+def test_a_bf16_mamba2s_decay_rates_are_the_exp_of_its_a_log_in_fp32():
+    # A = -exp(A_log) computed in fp32 from the stored value: a bf16 layer's A is -exp(float(A_log)) exactly,
+    # not exp rounded to bf16 (which moves each rate by up to 2^-8 relative)
+    torch.manual_seed(0)
+    layer = ssmttm.Mamba2(64, d_state=16, headdim=8, chunk_size=8).bfloat16()
+    a = layer.A()
+    assert a.dtype == torch.float32
+    want = torch.tensor([-math.exp(v) for v in layer.A_log.float().double().tolist()], dtype=torch.float64)
+    torch.testing.assert_close(a.double(), want, rtol=1e-6, atol=0)
+
+
+def test_gated_rmsnorm_of_bf16_inputs_returns_bf16_the_fp32_result_rounded():
+    # computed in fp32, returned in z's dtype (out_proj's weights are bf16 in a bf16 model)
+    norm = ssmttm.GatedRMSNorm(8, groups=2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=g))
+    norm = norm.bfloat16()
+    y, z = (torch.randn(3, 8, generator=g).bfloat16() for _ in range(2))
+    out = norm(y, z)
+    assert out.dtype == torch.bfloat16
+    yd, zd = y.double(), z.double()
+    h = (yd * zd * torch.sigmoid(zd)).view(3, 2, 4)
+    want = (h / torch.sqrt(h.square().mean(-1, keepdim=True) + 1e-5)).view(3, 8) * norm.weight.double()
+    torch.testing.assert_close(out.double(), want, rtol=2 ** -8, atol=1e-6)
+
+
+def test_mamba2_ssd_of_bf16_inputs_computes_in_fp32_and_returns_y_in_bf16():
+    # Mamba2.ssd: y in x's dtype (the fp32 result rounded once), the final state in fp32
+    torch.manual_seed(0)
+    layer = ssmttm.Mamba2(16, d_state=8, headdim=8, chunk_size=4)
+    g = torch.Generator().manual_seed(1)
+    x, dt = torch.randn(1, 6, 4, 8, generator=g), torch.randn(1, 6, 4, generator=g)
+    B, C = torch.randn(1, 6, 1, 8, generator=g), torch.randn(1, 6, 1, 8, generator=g)
+    rounded = [t.bfloat16().float() for t in (x, dt, B, C)]
+    want, want_final = layer.ssd(*rounded)
+    y, final = layer.ssd(x.bfloat16(), dt.bfloat16(), B.bfloat16(), C.bfloat16())
+    assert (y.dtype, final.dtype) == (torch.bfloat16, torch.float32)
+    assert torch.equal(y, want.bfloat16()) and torch.equal(final, want_final)
+
+
+def test_loss_shares_of_two_parts_of_a_batch_given_the_counts_add_up_to_the_batchs_loss():
+    # counts (K,) the real targets of each codebook in the whole batch: each part's loss is sum(ce) / count,
+    # so the parts' losses add up to the whole batch's whatever their padding, written out per codebook
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 2, 5, 1025, dtype=torch.float64, generator=g)
+    targets = torch.randint(0, 1024, (4, 2, 5), generator=g)
+    targets[0, 1, 1:] = SPECIAL
+    targets[2:, 0, 3:] = SPECIAL
+    valid = targets != SPECIAL
+    counts = valid.sum((0, 2)).double()  # [16, 16]
+    ce = F.cross_entropy(logits.reshape(-1, 1025), targets.reshape(-1), ignore_index=SPECIAL,
+                         reduction="none").view(4, 2, 5)
+    parts = [ssmttm.lm_loss(logits[i:i + 2], targets[i:i + 2], counts=counts) for i in (0, 2)]
+    for part, i in zip(parts, (0, 2)):
+        want = sum((ce[i:i + 2, k] * valid[i:i + 2, k]).sum() / counts[k] for k in range(2)) / 2
+        torch.testing.assert_close(part, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(parts[0] + parts[1], ssmttm.lm_loss(logits, targets), rtol=1e-12, atol=1e-12)
