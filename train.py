@@ -478,6 +478,13 @@ def fast_options(args):
     return fast.for_cuda_graphs(options) if args.cuda_graphs else options
 
 
+def lm_config(args):
+    """The stage-1 LM's ModelConfig from the flags (feed-forward 2 x --d-model wide)."""
+    return ModelConfig(variant=args.variant, n_layers=args.layers, d_model=args.d_model, d_state=args.d_state,
+                       headdim=args.headdim, n_heads=args.n_heads, d_ff=2 * args.d_model, dropout=args.dropout,
+                       n_codebooks=args.codebooks)
+
+
 def build_model(args, device):
     """The model of args.stage on device, and its config as a dict (what the checkpoint stores).
     Stage 2 gets its codec (the synthetic set's or DAC). On CUDA, stage 1's Mamba-2 layers run on
@@ -487,9 +494,7 @@ def build_model(args, device):
         model = stage2.Stage2Diffusion(cfg).to(device)
         model.attach_codec(datamod.load_codec(codec_spec(args), device, args.dac))
         return model, asdict(cfg)
-    cfg = ModelConfig(variant=args.variant, n_layers=args.layers, d_model=args.d_model, d_state=args.d_state,
-                      headdim=args.headdim, n_heads=args.n_heads, d_ff=2 * args.d_model, dropout=args.dropout,
-                      n_codebooks=args.codebooks)
+    cfg = lm_config(args)
     model = TextToMusicLM(cfg).to(device)
     if device.startswith("cuda") and not args.no_kernels:
         if fast.available():
@@ -518,8 +523,7 @@ def check_model_fits(args, device):
     blocks are alike, so the count comes from models of 1 and 2 blocks on the meta device (no memory)."""
     if args.stage != 1:
         return
-    cfg = ModelConfig(variant=args.variant, n_layers=1, d_model=args.d_model, d_state=args.d_state,
-                      headdim=args.headdim, n_heads=args.n_heads, d_ff=2 * args.d_model, n_codebooks=args.codebooks)
+    cfg = lm_config(args)
     with torch.device("meta"):
         one, two = (sum(p.numel() for p in TextToMusicLM(replace(cfg, n_layers=n)).parameters()) for n in (1, 2))
     count = one + (args.layers - 1) * (two - one)
