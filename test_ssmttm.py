@@ -4954,13 +4954,17 @@ def test_a_folder_of_other_files_is_refused_and_left_as_it_was(songs, dac, fake_
     """--out holding another program's files (the audio folder itself, an easy slip) is one line
     before any work, and nothing is written there; an empty folder is taken, and a folder of
     data.py's own files (with a temp file a crash left) resumes."""
-    before = {name: (songs / name).read_bytes() for name in os.listdir(songs)}
+    own = tmp_path / "own"  # the fixture's files alone: other tests add captions files to songs
+    own.mkdir()
+    for name in [*SONGS, "captions.jsonl"]:
+        shutil.copy(songs / name, own / name)
+    before = {name: (own / name).read_bytes() for name in os.listdir(own)}
     with pytest.raises(SystemExit) as e:
-        run(songs, songs, dac)
+        run(own, own, dac)
     assert e.value.code == 2 and capsys.readouterr().err == (
-        f"--out {songs}: holds files that are not data.py's (a.wav, b.wav, c.wav, ... (1 more)); "
+        f"--out {own}: holds files that are not data.py's (a.wav, b.wav, c.wav, ... (1 more)); "
         "pass a new or empty folder\n")
-    assert {name: (songs / name).read_bytes() for name in os.listdir(songs)} == before
+    assert {name: (own / name).read_bytes() for name in os.listdir(own)} == before
     mixed = tmp_path / "mixed"
     run(songs, mixed, dac)
     capsys.readouterr()
@@ -10936,3 +10940,200 @@ def test_loss_shares_of_two_parts_of_a_batch_given_the_counts_add_up_to_the_batc
         want = sum((ce[i:i + 2, k] * valid[i:i + 2, k]).sum() / counts[k] for k in range(2)) / 2
         torch.testing.assert_close(part, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(parts[0] + parts[1], ssmttm.lm_loss(logits, targets), rtol=1e-12, atol=1e-12)
+
+
+def fake_demucs(monkeypatch, calls):
+    """Stand-in demucs modules (demucs.apply.apply_model, demucs.pretrained.get_model): a model of 4
+    sources whose stem k (1..4) of channel c (scale 1 and 3) is k x scale x the mix."""
+    import types
+
+    class Model:
+        sources = ["drums", "bass", "other", "vocals"]
+
+        def to(self, device):
+            calls.append(("to", device))
+            return self
+
+        def eval(self):
+            return self
+
+    def get_model(name):
+        calls.append(("get_model", name))
+        return Model()
+
+    def apply_model(model, mix, device):
+        calls.append(("apply_model", tuple(mix.shape), device, torch.equal(mix[0, 0], mix[0, 1])))
+        k = torch.arange(1.0, 5.0)[:, None, None]
+        scale = torch.tensor([1.0, 3.0])[None, :, None]
+        return (k * scale * mix[0])[None]  # (1, sources, 2, n)
+    pkg, apply, pretrained = (types.ModuleType(n) for n in ("demucs", "demucs.apply", "demucs.pretrained"))
+    apply.apply_model, pretrained.get_model = apply_model, get_model
+    pkg.apply, pkg.pretrained = apply, pretrained
+    for name, mod in (("demucs", pkg), ("demucs.apply", apply), ("demucs.pretrained", pretrained)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+def test_vocal_remover_sums_every_stem_but_the_vocals_and_mixes_them_to_mono(monkeypatch):
+    # HTDemucs on the mono file copied to both channels; drums + bass + other (1 + 2 + 3 = 6 x the mix on the
+    # left, 18 x on the right) summed, then the mean of the channels: 12 x the mix, float32, its length.
+    # Keeping the vocals too would give 20 x, the vocals alone 8 x, the mean of the stems 4 x.
+    calls = []
+    fake_demucs(monkeypatch, calls)
+    remover = datamod.VocalRemover("cpu")
+    mono = (np.arange(64, dtype=np.float32) - 32) / 64
+    out = remover(mono)
+    assert out.dtype == np.float32 and out.shape == (64,)
+    assert np.array_equal(out, 12 * mono)
+    assert calls == [("get_model", "htdemucs"), ("to", "cpu"), ("apply_model", (1, 2, 64), "cpu", True)]
+
+
+def test_a_clip_exactly_half_silent_is_kept_at_every_length_of_whole_windows():
+    # "a clip goes when more than 15 s (or more than half of a shorter clip) is silent": a clip of 2m
+    # windows (50 ms, 2205 samples) whose first m windows are zeros is exactly half silent, and is kept;
+    # one more silent window and it goes. 10.1 s (101 + 101 windows) counted 101 x 0.05 = 5.050000000000001 s,
+    # more than 10.1 / 2 = 5.05.
+    w = round(datamod.SILENCE_WINDOW_S * SR)
+    for m in range(100, 301):  # clips of 10 s to 30 s
+        silent = np.zeros(m * w, np.float32)
+        loud = tone(m * w / SR + 1, 441.0)[:m * w]
+        half = np.concatenate([silent, loud])
+        assert not datamod.too_silent(half), len(half) / SR
+        if m < 300:  # past 15 s the bound is 15 s
+            assert datamod.too_silent(np.concatenate([silent, np.zeros(w, np.float32), loud[w:]])), len(half) / SR
+
+
+def test_load_audio_takes_samples_up_to_100_and_refuses_those_beyond(tmp_path):
+    # "samples beyond +-100 (MAX_AMPLITUDE)" are refused: a peak of exactly 100 (either sign) is not beyond
+    import soundfile as sf
+    for peak in (100.0, -100.0):
+        x = np.zeros(SR, np.float32)
+        x[7] = peak
+        sf.write(tmp_path / "edge.wav", x, SR, subtype="FLOAT")
+        assert datamod.load_audio(str(tmp_path / "edge.wav"))[7] == peak
+    x[7] = np.nextafter(np.float32(100), np.float32(200))
+    sf.write(tmp_path / "over.wav", x, SR, subtype="FLOAT")
+    with pytest.raises(datamod.AudioError, match="samples up to 100"):
+        datamod.load_audio(str(tmp_path / "over.wav"))
+
+
+def test_silence_is_measured_in_float64_and_caps_at_15_s_past_a_30_s_clip():
+    # a constant float32 0.001 is 0.0010000000475: RMS -59.9999996 dBFS, not below -60 (its square summed in
+    # float32 reads -60.000004, and 20 windows of it would count as 1 s of silence)
+    assert datamod.silent_seconds(np.full(20 * 2205, 0.001, np.float32)) == 0.0
+    # the bound is min(15 s, half the clip): a longer clip (40 s) goes past 15 s of silence, not past 20 s
+    zeros = lambda s: np.zeros(round(s * SR), np.float32)  # noqa: E731
+    assert not datamod.too_silent(np.concatenate([zeros(15), tone(25)]))
+    assert datamod.too_silent(np.concatenate([zeros(15.05), tone(24.95)]))
+
+
+def test_vocal_removal_output_that_is_not_finite_skips_the_file(songs, dac, fake_dac, tmp_path, monkeypatch):
+    # the remover's output is checked like a file's samples: NaN from HTDemucs skips that file (reported, not
+    # committed: a rerun tries it again), and the other files are encoded
+    class Remover:
+        def __init__(self, device):
+            pass
+
+        def __call__(self, mono):
+            return np.full_like(mono, np.nan) if len(mono) == 12 * SR else mono  # b.wav is 12 s
+    monkeypatch.setattr(datamod, "require_demucs", lambda: None)
+    monkeypatch.setattr(datamod, "VocalRemover", Remover)
+    errors = run(songs, tmp_path / "out", dac, remove_vocals=True)
+    assert errors == [("b.wav", f"NaN or infinite samples ({12 * SR} of {12 * SR})")]
+    assert [r[:2] for r in rows(tmp_path / "out")] == [("a.wav", 0.0), ("a.wav", 30.0), ("c.wav", 0.0)]
+
+
+def test_synthetic_codec_is_seeded_and_each_fine_codebook_is_a_linear_map_of_the_first():
+    # "a seeded random tiny DAC": the same seed gives the same weights, another seed others; "the entry of
+    # codebook k for the code fine_codes gives after code i of codebook 1 is a fixed linear map of codebook 1's
+    # entry i", for every k = 2..9
+    a, b, c = (datamod.synthetic_codec(seed=s).state_dict() for s in (3, 3, 4))
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert not all(torch.equal(v, c[k]) for k, v in a.items())
+    dac = datamod.synthetic_codec(seed=3)
+    books = [q.codebook.weight.double() for q in dac.quantizer.quantizers]
+    fine = torch.from_numpy(datamod.fine_codes(np.arange(1024)))
+    for k in range(1, datamod.N_CODEBOOKS):
+        entries = books[k][fine[k - 1]]  # (1024, 8): codebook k+1's entry after each code of codebook 1
+        linear = torch.linalg.lstsq(books[0], entries).solution
+        assert torch.allclose(books[0] @ linear, entries, atol=1e-5), k
+        assert linear.abs().max() > 0.05
+
+
+def test_load_codec_takes_the_path_over_the_name_and_puts_the_codec_on_the_device(tiny_dac_dir, capsys):
+    # the checkpoint's codec spec names a DAC; --dac PATH (path) overrides it; a synthetic codec goes to
+    # the device asked ("meta": no memory, but a device other than the CPU)
+    dac = datamod.load_codec({"kind": "dac", "name": "/nonexistent/dac"}, "cpu", path=tiny_dac_dir)
+    assert dac.config.n_codebooks == 9 and not dac.training
+    assert next(datamod.load_codec({"kind": "synthetic"}, "meta").parameters()).device.type == "meta"
+    with pytest.raises(SystemExit):
+        datamod.load_codec({"kind": "dac", "name": "/nonexistent/dac"}, "cpu")
+    assert "/nonexistent/dac" in capsys.readouterr().err
+
+
+def test_encode_clips_gives_uint16_codes():
+    # the docstring's dtype, that of clips.u16
+    codes = datamod.encode_clips(datamod.synthetic_codec(seed=3), [np.zeros(1024, np.float32)] * 2, "cpu")
+    assert codes.dtype == np.uint16 and codes.shape == (2, 9, 2)
+
+
+def test_summary_counts_every_silent_clip_and_names_as_short_only_files_that_gave_none(tmp_path, capsys):
+    # a file of 60 s of silence drops 2 clips as silent and is not "shorter than 10 s"; a 6 s file is
+    encoded = [{"source": "zeros.wav", "clips": [], "silent": 2, "seconds": 60.0},
+               {"source": "short.wav", "clips": [], "silent": 0, "seconds": 6.0},
+               {"source": "song.wav", "clips": [{"start_s": 0.0, "frames": 2584}], "silent": 1, "seconds": 66.0}]
+    store = argparse.Namespace(rows=1, records=encoded)
+    datamod.summarise("out", encoded, [("bad.wav", "not found")], store)
+    assert capsys.readouterr().err.splitlines() == [
+        "encoded 3 files (2.2 min): 1 clip kept, 3 dropped as mostly silent; 1 file shorter than 10 s gave no clip "
+        "(short.wav)",
+        "out: 1 clip from 3 files",
+        "1 file skipped (a rerun tries them again):",
+        "  bad.wav: not found"]
+
+
+def test_audio_extensions_are_matched_in_any_case(dac, fake_dac, tmp_path):
+    # "wav, flac, ogg and mp3 are read": a file named LOUD.WAV is audio, as loud.wav is
+    import soundfile as sf
+    d = tmp_path / "audio"
+    d.mkdir()
+    sf.write(d / "LOUD.WAV", tone(12, 330), SR, subtype="FLOAT")
+    write_jsonl(d / "captions.jsonl", [{"audio": "LOUD.WAV", "caption": "upper case"}])
+    assert run(d, tmp_path / "out", dac) == []
+    assert [r[:4] for r in rows(tmp_path / "out")] == [("LOUD.WAV", 0.0, 1034, "upper case")]
+
+
+def test_a_writer_refused_on_opening_releases_the_folder_at_once(tmp_path, capsys):
+    # ClipWriter closes what it opened when it refuses (here: other settings), so the lock goes with the
+    # refusal, not when the garbage collector comes for it; the same process may then open the folder
+    out = str(tmp_path / "out")
+    with datamod.ClipWriter(out, {"format": 2, "dac": "first"}) as store:
+        store.commit(NO_CLIPS, [])
+    with pytest.raises(SystemExit) as refused:
+        datamod.ClipWriter(out, {"format": 2, "dac": "second"})
+    assert refused.value.code == 2  # the exception (and its traceback) still held
+    capsys.readouterr()
+    with datamod.ClipWriter(out, {"format": 2, "dac": "first"}) as store:
+        assert [r["source"] for r in store.records] == ["short.wav"]
+
+
+def test_a_dataset_of_more_rows_than_the_folder_holds_is_one_line(songs, dac, fake_dac, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(songs, out, dac)
+    assert len(datamod.TokenDataset(str(out), rows=4)) == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        datamod.TokenDataset(str(out), rows=5)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{out}: holds 4 clips, fewer than the 5 that this run began with; resume it on that data, or start a new "
+        "run\n")
+
+
+def test_clips_of_each_track_keeps_index_order_whatever_the_draw():
+    # "in index order": a track of 40 clips then one of 1 gives the long track's clip first (a set of the kept
+    # positions {k, 40} iterates 40 first: index order must not come from it)
+    index = [{"source": "long.wav", "start_s": 30.0 * k} for k in range(40)] + [{"source": "b.wav", "start_s": 0.0}]
+    for seed in range(3):
+        kept = datamod.clips_of_each_track(index, 1, seed)
+        assert [c["source"] for c in kept] == ["long.wav", "b.wav"]
+    assert datamod.clips_of_each_track(index, 2, 0) == sorted(datamod.clips_of_each_track(index, 2, 0),
+                                                              key=index.index)
