@@ -36,6 +36,7 @@ import evaluate
 import fast
 import generate as genmod
 import gpu_kernels as kernels
+import ssd_grouped
 import ssmttm
 import stage2
 import train as trainmod
@@ -11137,3 +11138,195 @@ def test_clips_of_each_track_keeps_index_order_whatever_the_draw():
         assert [c["source"] for c in kept] == ["long.wav", "b.wav"]
     assert datamod.clips_of_each_track(index, 2, 0) == sorted(datamod.clips_of_each_track(index, 2, 0),
                                                               key=index.index)
+
+
+
+def test_a_new_cache_of_other_shapes_frees_the_kept_graphs_first(kernel_definitions, monkeypatch):
+    # Decoder.new_cache for other state shapes: the graphs kept for the old ones (KeptPrefill, KeptFrames,
+    # recorded on the old copy of the cache) are dropped, and freed, before the new copy is made
+    monkeypatch.setattr(fast, "_capture", run_the_graph)
+    model, decoder = tiny_model("prefix_simba", 2), fast.Decoder(FastOptions())
+    text, mask = random_text()
+    for _ in range(2):  # the second call of these shapes records the prefill
+        model.generate(text, mask, 6, generator=torch.Generator().manual_seed(0), decoder=decoder)
+    assert decoder._prefill is not None and decoder._kept is not None
+    frames, prefill = weakref.ref(decoder._kept), weakref.ref(decoder._prefill)
+    decoder.new_cache(model, 3, 10, "cpu", torch.float32)  # other shapes
+    assert decoder._prefill is None and decoder._kept is None
+    assert frames() is None and prefill() is None
+
+
+def test_cuda_graph_refuses_self_attention_before_the_prefill():
+    # Decoder.prefill with cuda_graph on a model with self-attention (a growing KV cache): the one-line
+    # ValueError before any work, not after an eager prefill (at the first frame)
+    model = tiny_model("cross_transformer")
+    calls, logits = [], model.logits
+    model.logits = lambda *a, **kw: calls.append(1) or logits(*a, **kw)
+    with pytest.raises(ValueError, match="self-attention's KV cache grows"):
+        model.generate(*random_text(), 5, decoder=fast.Decoder(FastOptions(cuda_graph=True)))
+    assert calls == []
+
+
+def test_fast_lm_under_autocast_returns_the_plain_dtype():
+    # an fp32 model under bf16 autocast: the sublayers' outputs are bf16, the residual stream fp32; FastLM's
+    # last add comes back in the plain loop's dtype (fp32: promote_types(x's, h's)), not in h's bf16
+    torch.manual_seed(0)
+    plain = tiny_model("prefix_simba", n_codebooks=2).float().eval()
+    fused = tiny_model("prefix_simba", n_codebooks=2).float().eval()
+    fused.__class__, fused.options = fast.FastLM, FastOptions()
+    x = torch.randn(2, 7, plain.cfg.d_model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = plain.run_blocks(x), fused.run_blocks(x)
+    assert a.dtype == b.dtype == torch.float32
+    torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("fused_dropout", [True, False])
+def test_fast_lm_hands_the_dropout_to_the_add_only_when_asked(fused_dropout, monkeypatch):
+    # FastOptions.fused_residual_dropout: each sublayer's output dropout goes to the next add_rms_norm as its
+    # rate p (drawn there, on CUDA by Philox); off: torch's dropout before it, and the add gets p = 0
+    rates = []
+    real = kernels.add_rms_norm
+    monkeypatch.setattr(kernels, "add_rms_norm", lambda h, x, w, eps, p, training: (
+        rates.append((p, training)), real(h, x, w, eps, p, training))[1])
+    model = tiny_model("prefix_simba", n_layers=2, dropout=0.3).train()
+    model.__class__, model.options = fast.FastLM, FastOptions(fused_residual_dropout=fused_dropout)
+    codes, (text, mask) = delay_pattern(torch.randint(0, 1024, (2, 1, 6))), random_text()
+    model(codes, text, mask)
+    assert rates == [(0.3 if fused_dropout else 0.0, True)] * (2 * len(LAYOUTS["prefix_simba"]) - 1)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fast_feed_forward_takes_the_gelu_dropout_kernel_only_when_asked(fused, monkeypatch):
+    # FastOptions.fused_gelu_dropout: the feed-forward's GELU and dropout through kernels.gelu_dropout (its
+    # rate and mode passed on); off: the plain forward, which never calls it
+    calls = []
+    real = kernels.gelu_dropout
+    monkeypatch.setattr(kernels, "gelu_dropout", lambda a, p, training: (calls.append((p, training)),
+                                                                         real(a, p, training))[1])
+    ff = ssmttm.FeedForward(16, 32, 0.25).double()
+    ff.__class__, ff.options = fast.FastFeedForward, FastOptions(fused_gelu_dropout=fused)
+    ff.train()(torch.randn(3, 5, 16, dtype=torch.float64))
+    ff.eval()(torch.randn(3, 5, 16, dtype=torch.float64))
+    assert calls == ([(0.25, True), (0.25, False)] if fused else [])
+
+
+@pytest.mark.parametrize("train", fast.TRAIN_PATHS)
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_fast_mamba2_on_a_cpu_is_the_plain_layer_for_any_ngroups(ngroups, train):
+    # FastMamba2 off CUDA, every training path: the plain layer's methods; with train "grouped": ssd_grouped's
+    # torch form for ngroups = 1, the plain SSD for other ngroups (ssd_grouped takes one group: B[:, :, 0]);
+    # the same output and final state as the plain layer, a pass and a prefill from a state, float64
+    plain = mamba_layer(ngroups=ngroups)
+    fast_layer = copy.deepcopy(plain)
+    fast_layer.__class__, fast_layer.options = fast.FastMamba2, FastOptions(train=train)
+    u = torch.randn(2, 21, 32, dtype=torch.float64)
+    torch.testing.assert_close(fast_layer(u), plain(u), rtol=1e-10, atol=1e-10)
+    states = [layer_state(plain, 2) for _ in range(2)]
+    start = torch.randn_like(states[0].ssm)
+    for s in states:
+        s.ssm.copy_(start)
+    outs = [m(u, state=s) for m, s in zip((fast_layer, plain), states)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(states[0].ssm, states[1].ssm, rtol=1e-10, atol=1e-10)
+
+
+def test_fast_mamba2_ssd_takes_the_shortest_power_of_two_chunk_from_16(monkeypatch):
+    # FastMamba2.ssd: a sequence shorter than FastOptions.chunk_size takes the shortest power-of-two chunk
+    # that holds it, at least 16 (the SSD kernels' smallest); longer ones chunk_size
+    chunks = []
+    real = ssd_grouped.ssd_grouped
+    monkeypatch.setattr(ssd_grouped, "ssd_grouped", lambda *a, **kw: (chunks.append(a[5]), real(*a, **kw))[1])
+    layer = mamba_layer()
+    layer.__class__ = fast.FastMamba2
+    for chunk_size, lengths in ((256, (1, 5, 16, 17, 33, 300)), (32, (5, 17, 33, 100))):
+        layer.options = FastOptions(chunk_size=chunk_size)
+        for n in lengths:
+            layer(torch.randn(1, n, 32, dtype=torch.float64))
+    assert chunks == [16, 16, 16, 32, 64, 256, 16, 32, 32, 32]
+
+
+def test_sample_kernel_with_top_k_past_the_codebook_keeps_every_code(kernel_definitions):
+    # _sample_into's kernel call: a top_k larger than the codebook is V codes (min(top_k, V)), as the plain
+    # sampling takes it: the least likely code 7 still wins when its Exp(1) noise is tiny
+    V = fast.SPECIAL
+    logits = torch.zeros(1, 1, V + 1)
+    logits[..., 7] = -5.0
+    ring = torch.ones(2, 1, 1, V)
+    ring[..., 7] = 1e-30
+    steps, fixed = torch.zeros(1, 1, 3, dtype=torch.long), torch.zeros(1, 1, 3, dtype=torch.bool)
+    next_input, pos = torch.zeros(1, 1, 1, dtype=torch.long), torch.tensor([1])
+    sampling = ssmttm.Sampling(cfg_scale=1.0, top_k=V + 500, temperature=1.0)
+    fast.Decoder._sample_into(logits, steps, pos, fixed, next_input, sampling, ring, kernel=True)
+    assert steps[0, 0, 1].item() == 7 and next_input.item() == 7
+
+
+def test_no_folded_in_proj_weights_without_split_k(kernel_definitions):
+    # step_function's fold: _folds_norm needs split_k's counters; with decode_split_k off no in_proj weight
+    # is folded (nor allocated), at the rows where it folds with split_k
+    model = tiny_model("prefix_simba", 1, expand=16)
+    rows = kernels.SPLIT_MAX_ROWS
+    on = fast.Decoder(FastOptions(cuda_graph=False, decode_streams=1)).step_function(model, rows)
+    off = fast.Decoder(FastOptions(cuda_graph=False, decode_streams=1, decode_split_k=False)).step_function(model, rows)
+    assert on.in_weights[0][0] is not None
+    assert all(w is None for block in off.in_weights for w in block)
+
+
+def test_mamba2_fused_step_refuses_a_folded_weight_with_xn(kernel_definitions):
+    # the docstring's second refusal: in_weight (the norm folded in) takes x as it is, so an xn as well is a
+    # ValueError, in one line, not a silently doubled norm
+    layer = mamba_layer()
+    norm = torch.nn.RMSNorm(32).double()
+    x = torch.randn(2, 32, dtype=torch.float64)
+    with pytest.raises(ValueError) as e:
+        fast.mamba2_fused_step(layer, norm, x, layer_state(layer, 2), layer.A(), xn=norm(x),
+                               in_weight=layer.in_proj.weight * norm.weight)
+    assert str(e.value) == "mamba2_fused_step: with in_weight (the norm folded in), x goes in as it is, not xn"
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_warm_up_runs_each_time_from_the_same_pos_and_leaves_it_there(in_place):
+    # _warm_up: `times` runs of the frame, each from the start position, which pos holds again after (in
+    # place: the caller's pos; else a copy, the caller's untouched)
+    seen = []
+
+    def frame(cache, steps, pos, tokens):
+        seen.append(pos.item())
+        pos.add_(1)
+
+    pos = torch.tensor([5])
+    tensors = (None, torch.zeros(1), pos, torch.zeros(1))
+    fast._warm_up(frame, tensors, in_place=in_place)
+    assert seen == [5, 5, 5] and pos.item() == 5
+
+
+def test_states_tensors_take_every_sublayers_state_not_only_mamba2s():
+    # _states_tensors (the keys and the copies in and out of the kept graphs): every state's tensors, the
+    # attention sublayers' too (cross-attention's text K and V, once the prefill made them), in block order
+    model = tiny_model("cross_simba", 2)
+    cache = ssmttm.InferenceCache(model, 3, 10, "cpu", torch.float64)
+    model.logits(torch.full((3, 2, 1), fast.SPECIAL), *random_text(b=3), cache)
+    states = [s for block in cache.states for s in block if s is not None]
+    assert any(not isinstance(s, ssmttm.Mamba2State) for s in states)
+    want = [t for s in states for t in vars(s).values() if torch.is_tensor(t)]
+    got = fast._states_tensors(cache)
+    assert len(got) == len(want) and all(a is b for a, b in zip(got, want))
+
+
+def test_normed_takes_the_norm_the_kernel_before_made():
+    # _normed: without xn, linear_rows norms x with the sublayer's weight; with xn (made by the kernel
+    # before, linear_rows' norm_out), xn goes in as it is and no norm weight (no second norm)
+    x, xn, norm = torch.randn(2, 8), torch.randn(2, 8), torch.nn.RMSNorm(8, eps=1e-5)
+    assert fast._normed(x, None, norm) == (x, norm.weight, 1e-5)
+    got = fast._normed(x, xn, norm)
+    assert got[0] is xn and got[1] is None and got[2] == 1e-5
+
+
+def test_fused_step_chunks_by_the_rows_and_state_dtype_by_default(kernel_definitions):
+    # FastOptions.decode_chunk None: FusedStep.pending takes decode_chunk_for(rows, the state's dtype)
+    model = tiny_model("prefix_simba", 1)
+    for rows, dtype, want in ((2, torch.float32, None), (5, torch.float32, (16, 0)), (32, torch.float32, (32, 0)),
+                              (4, torch.bfloat16, None), (5, torch.bfloat16, (16, 0))):
+        step = fast.Decoder(FastOptions(decode_streams=1, cuda_graph=False)).step_function(model, rows)
+        cache = ssmttm.InferenceCache(model, rows, 4, "cpu", torch.float64, dtype)
+        assert step.chunk_slot(cache) == want, (rows, dtype)
