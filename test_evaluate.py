@@ -1474,3 +1474,115 @@ def test_clap_score_seeds_numpy_once_for_all_long_clips(weights, tmp_path, capsy
                                                 "cpu") @ text) for n in ("x", "y")]
     assert abs(want[0] - want[1]) > 1e-4                                       # different crops
     assert [report["per_file"][n]["clap"] for n in ("x", "y")] == pytest.approx(want, abs=1e-6)
+
+
+def test_frechet_distance_takes_a_covariance_by_its_symmetric_part():
+    # a covariance whose two triangles differ a little (saved by another tool, a float32 round trip):
+    # np.linalg.eigh reads only one triangle, so without evaluate's symmetrisation FD(S) != FD(S^T);
+    # with it, S counts as (S + S^T) / 2, whose trace is S's
+    rng = np.random.default_rng(5)
+    d = 8
+    s1, s2 = random_spd(rng, d), random_spd(rng, d)
+    k = 1e-3 * rng.standard_normal((d, d))
+    k = k - k.T                                                              # antisymmetric, zero diagonal
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    want = evaluate.frechet_distance(mu1, s1, mu2, s2)
+    assert evaluate.frechet_distance(mu1, s1 + k, mu2, s2 - k) == pytest.approx(want, rel=1e-12)
+    assert evaluate.frechet_distance(mu1, (s1 + k).T, mu2, s2) == pytest.approx(want, rel=1e-12)
+
+
+def test_passt_stand_in_masks_refuse_to_run_and_the_filterbank_is_kaldis():
+    # the stand-ins given to hear21passt when torchaudio cannot be imported: SpecAugment masks that
+    # raise (PaSST masks only in training; a tagger left in training mode must fail, not mask), and
+    # evaluate's own Kaldi filterbank
+    mods = evaluate._stand_ins()
+    if "torchaudio.transforms" not in mods:
+        pytest.skip("torchaudio imports here: hear21passt gets the real one")
+    t = mods["torchaudio.transforms"]
+    for cls in (t.FrequencyMasking, t.TimeMasking):
+        with pytest.raises(RuntimeError, match="SpecAugment masking is for training"):
+            cls(48, iid_masks=True)(torch.zeros(1, 128, 10))
+    assert mods["torchaudio.compliance.kaldi"].get_mel_banks is evaluate.kaldi_mel_banks
+    assert mods["torchaudio"].compliance.kaldi is mods["torchaudio.compliance.kaldi"]
+    assert mods["torchaudio"].transforms is t
+
+
+@needs_openl3
+def test_load_openl3_reads_a_wrapped_state_dict_and_refuses_other_weights(tmp_path, capsys):
+    # load_openl3 takes a plain state dict or one under "state_dict" (a training checkpoint), and every
+    # weight must be there: a file of another network stops with one line, not random OpenL3 weights
+    from torchopenl3.models import PytorchOpenl3
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="Empty filters"):  # librosa, on OpenL3's lowest mel bands
+        sd = PytorchOpenl3(content_type="music", input_repr="mel256", embedding_size=512).state_dict()
+    wrapped = tmp_path / "wrapped.pth.tar"
+    torch.save({"state_dict": sd, "epoch": 3}, wrapped)
+    model = evaluate.load_openl3(str(wrapped), "cpu")
+    assert not model.training
+    got = model.state_dict()
+    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    bad = dict(sd)
+    missing = sorted(bad)[0]
+    bad.pop(missing)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit) as e:
+        evaluate.load_openl3(str(tmp_path / "bad.pt"), "cpu")
+    assert e.value.code == 2
+    assert _one_line_error(capsys).startswith(
+        f"evaluate.py: error: --openl3 {tmp_path / 'bad.pt'}: not OpenL3 mel256/music/512 weights (")
+
+
+def test_load_mono_at_the_files_own_rate_only_mixes_and_scales(tmp_path):
+    # a file already at the metric's rate goes through no filter: the channels' float64 mean times
+    # 10^(-1/20) / peak, rounded once to float32, bit for bit (soxr at equal rates is not an identity:
+    # it moves samples by ~1e-7)
+    x = np.random.default_rng(7).uniform(-0.9, 0.9, (4800, 2)).astype(np.float32)
+    sf.write(tmp_path / "x.wav", x, 48000, subtype="FLOAT")
+    mono = x.astype(np.float64).mean(axis=1)
+    want = (mono * (10 ** (-1 / 20) / np.abs(mono).max())).astype(np.float32)
+    np.testing.assert_array_equal(evaluate.load_mono(str(tmp_path / "x.wav"), 48000), want)
+
+
+def test_passt_windows_at_another_rate_take_its_samples():
+    # sample_rate sets the window (10 s) and the hop (5 s) in samples: at 16 kHz, 160 000 and 80 000
+    sr = 16000
+    audio = np.arange(25 * sr, dtype=np.float32)
+    w = evaluate.passt_windows(audio, sample_rate=sr)
+    assert w.shape == (4, 10 * sr) and [int(x[0]) for x in w] == [0, 5 * sr, 10 * sr, 15 * sr]
+    assert w[-1, -1] == 25 * sr - 1
+    assert evaluate.passt_windows(audio[:int(1.5 * sr)], sample_rate=sr).shape == (0, 10 * sr)
+    w = evaluate.passt_windows(audio[:int(1.6 * sr)], sample_rate=sr)      # just over 15 %: kept, padded
+    assert w.shape == (1, 10 * sr) and np.array_equal(w[0, :int(1.6 * sr)], audio[:int(1.6 * sr)])
+    assert not w[0, int(1.6 * sr):].any()
+
+
+def test_load_mono_brings_a_quiet_file_up_to_minus_one_dbfs(tmp_path):
+    # peak normalisation holds for any level above silence: a file peaking at 1e-4 (-80 dBFS) comes
+    # out peaking at -1 dBFS, the waveform scaled by one factor
+    x = 1e-4 * np.sin(2 * np.pi * 440 * np.arange(4800) / 48000)
+    sf.write(tmp_path / "quiet.wav", x, 48000, subtype="DOUBLE")
+    got = evaluate.load_mono(str(tmp_path / "quiet.wav"), 48000)
+    want = x / np.abs(x).max() * 10 ** (-1 / 20)
+    assert np.abs(got).max() == pytest.approx(10 ** (-1 / 20), rel=1e-6)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_read_run_refuses_a_config_without_the_whole_budget(tmp_path, capsys):
+    # config.json must hold every setting of the budget (the comparison and training_time read them):
+    # one without "frames" (or with no settings) stops with one line, not a KeyError later
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "metrics.csv").write_text("step,loss,caption_score\n1,2.5,\n")
+    for args in ({k: 1 for k in evaluate.BUDGET if k != "frames"}, {}):
+        (d / "config.json").write_text(json.dumps({"args": args, "processes": 1}))
+        with pytest.raises(SystemExit) as e:
+            evaluate.read_run(str(d))
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"evaluate.py: error: --convergence: {d / 'config.json'}: not a train.py config "
+            f"(with {', '.join(evaluate.BUDGET)})\n")
+
+
+def test_kaldi_mel_banks_refuse_vtln_warping():
+    # the stand-in implements factor 1 only (PaSST's): another factor must stop, not be ignored
+    with pytest.raises(NotImplementedError, match="VTLN"):
+        evaluate.kaldi_mel_banks(128, 1024, 32000, 0.0, 15000.0, 100.0, -500.0, 0.9)
