@@ -51,6 +51,7 @@ caption sets rules the tokens follow, `WordEncoder` stands in for T5, and `capti
 how well codes follow their caption (our offline stand-in for the CLAP score).
 """
 import argparse
+import codecs
 import csv
 import decimal
 import io
@@ -206,13 +207,17 @@ def check_out_folder(path, flag="--out"):
 def make_folder(path, flag="--out"):
     """os.makedirs(path, exist_ok=True) after check_out_folder's checks; BadInput naming `flag` if it fails."""
     check_out_folder(path, flag)
-    made = not os.path.isdir(path)
+    new = []  # the levels os.makedirs makes, innermost first
+    level = os.path.abspath(path)
+    while not os.path.isdir(level):
+        new.append(level)
+        level = os.path.dirname(level)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         fail(f"{flag} {path}: cannot make this folder ({e.strerror})")
-    if made:  # its name on disk, before files in it count on it
-        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    for level in reversed(new):  # each new name on disk, outermost first, before files in it count on it
+        fsync_dir(os.path.dirname(level))
 
 
 def plural(n, word):
@@ -870,11 +875,13 @@ def read_utf8(path, what):
         fail(f"{path}: cannot read the {what} ({problem})")
     with open(path, "rb") as f:
         raw = f.read()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        fail(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8")
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:  # e.start counts from the end of the mark
+        start = bom + e.start
+        line = raw[:start].count(b"\n") + 1
+        fail(f"{path}:{line}: not UTF-8 (byte 0x{raw[start]:02x}); save the file as UTF-8")
 
 
 def csv_entries(path, text):

@@ -701,7 +701,7 @@ def convergence(args):
         argvs = {variant: ["--variant", variant, "--out", os.path.join(out, variant)] + budget for variant in VARIANTS}
         for argv in argvs.values():  # every variant's settings, before the first one trains
             train.parse_args(argv)
-        os.makedirs(out, exist_ok=True)
+        datamod.make_folder(out, "--convergence")
     if not os.path.isdir(out):  # --plot-only of a folder that is not there: train_and_plot says so
         return train_and_plot(args, argvs)
     with datamod.exclusive_lock(os.path.join(out, ".lock"), f"--convergence {out}: another evaluate.py is using "

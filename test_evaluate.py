@@ -1116,18 +1116,22 @@ def test_convergence_refuses_other_budgets_missing_runs_and_failed_training(tmp_
         evaluate.main(["--convergence", out, "--plot-only"])
     assert _one_line_error(capsys) == (f"evaluate.py: error: --convergence: {os.path.join(out, 'cross_simba')} has no "
                                        "finished run (metrics.csv, config.json)")
-    # training that stops: its own exit code (train.py has printed its one line), not the rest of the runs
-    calls = []
+    # training that stops: its own exit code (train.py has printed its one line), not the rest of the runs;
+    # OUT's name is on disk (its folder synced) before the first run writes in it
+    calls, synced, fsync_dir = [], [], evaluate.datamod.fsync_dir
 
     def stopped(argv):
         calls.append(argv)
         raise SystemExit(130)
     monkeypatch.setattr(train, "main", stopped)
+    monkeypatch.setattr(evaluate.datamod, "fsync_dir", lambda path: (synced.append((path, len(calls))),
+                                                                      fsync_dir(path))[1])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--convergence", str(tmp_path / "new"), "--steps", "4", "--layers", "1"])
     assert e.value.code == 130 and len(calls) == 1 and "error" not in capsys.readouterr().err
     assert calls[0][:4] == ["--variant", "prefix_mamba", "--out", str(tmp_path / "new" / "prefix_mamba")]
+    assert synced == [(str(tmp_path), 0)]
 
 
 def test_convergence_checks_its_folder_and_every_variant_before_any_trains(tmp_path, capsys, monkeypatch):

@@ -11330,3 +11330,279 @@ def test_fused_step_chunks_by_the_rows_and_state_dtype_by_default(kernel_definit
         step = fast.Decoder(FastOptions(decode_streams=1, cuda_graph=False)).step_function(model, rows)
         cache = ssmttm.InferenceCache(model, rows, 4, "cpu", torch.float64, dtype)
         assert step.chunk_slot(cache) == want, (rows, dtype)
+
+
+def test_bounds_show_a_float_bound_as_g_and_name_both_open_ends():
+    # the messages' bounds are written as %g: 1.0 is "1", 0.5 is "0.5" (not "1.0"), as the flags document them
+    assert datamod._bounds(0.5, 2.0) == " from 0.5 to 2"
+    assert datamod._bounds(1.0, None, lo_open=True) == " above 1"
+    assert datamod._bounds(0.0, 1.0, lo_open=True, hi_open=True) == " above 0 and below 1"
+    assert datamod._bounds(None, None) == ""
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        datamod.number(0.0, 1.0)("1.5")
+    assert str(e.value) == "expected a finite number from 0 to 1, not '1.5'"
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_byte_that_is_not_utf8_is_named_by_its_line_and_value_with_or_without_a_byte_order_mark(tmp_path, capsys,
+                                                                                                  bom):
+    # utf-8-sig decodes what follows the mark: its error's offset is 3 short of the file's, which named the
+    # byte 3 before the bad one (here the "x" of line 2) and its line
+    for name, read in (("c.csv", datamod.read_captions), ("p.txt", datamod.read_prompts)):
+        path = tmp_path / name
+        path.write_bytes(bom + b"audio,caption\na.wav,x\n\xe9t\xe9\n")
+        with pytest.raises(SystemExit) as e:
+            read(str(path))
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"{path}:3: not UTF-8 (byte 0xe9); save the file as UTF-8\n")
+
+
+def test_caption_rules_read_words_whatever_their_case_and_commas_and_take_each_tables_first():
+    # as WordEncoder reads a caption: case and commas do not change its words, so "Fast, Piano" sets the
+    # same rules as "fast piano"; a caption naming two of a table takes the table's first (piano before
+    # synth, major before minor, slow before fast), whatever their order in the caption
+    assert datamod.caption_rules("A Fast, Piano piece in a MAJOR scale") == ("piano", "major", "fast")
+    assert datamod.caption_rules("calm,piano,blues") == ("piano", "blues", None)
+    assert datamod.caption_rules("a synth and piano piece, minor or major, fast then slow") == (
+        "piano", "major", "slow")
+    assert datamod.caption_rules("a calm piece") == (None, None, None)
+    coarse = np.array([[1, 1, 2, 2, 2, 4, 4, 301, 301, 7, 7, 9]])  # as in the caption_score test: 10 of 12 piano ids
+    assert datamod.caption_score(coarse, "Piano,") == pytest.approx(10 / 12, rel=1e-12)
+
+
+def test_word_encoder_pads_on_the_right_with_zeros_it_masks_out_and_gives_an_empty_caption_one_token():
+    # the prefix and cross-attention models skip the masked positions: a shorter caption's padding must be
+    # masked (False) and zero, its words first; an empty caption (caption dropout's "") is one token, the
+    # vector of the empty word (seeded by crc32(b"") = 0), not a word of some caption
+    enc = datamod.WordEncoder(dim=8)
+    states, mask = enc(["calm piano piece", "fast", ""])
+    assert states.shape == (3, 3, 8) and states.dtype == torch.float32
+    assert mask.tolist() == [[True, True, True], [True, False, False], [True, False, False]]
+    assert torch.equal(states[0], torch.stack([enc.vector(w) for w in ("calm", "piano", "piece")]))
+    assert torch.equal(states[1, 0], enc.vector("fast")) and not states[1:, 1:].any()
+    empty = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(states[2, 0], empty) and torch.equal(enc.vector(""), empty)
+    alone, alone_mask = enc(["fast"])
+    assert torch.equal(alone[0], states[1, :1]) and alone_mask.tolist() == [[True]]
+
+
+def test_t5_warns_once_per_caption_it_cuts_and_not_for_one_that_just_fits(tiny_t5_dir, capsys):
+    # ByT5's tokens are the bytes and </s>: "drums" is 6 tokens, which max_tokens=6 keeps whole (no warning);
+    # "drumsx" is 7, cut to 6 with one warning however often it is encoded
+    enc = datamod.T5TextEncoder(tiny_t5_dir, max_tokens=6)
+    assert enc.spec == {"kind": "t5", "name": tiny_t5_dir, "max_tokens": 6}
+    capsys.readouterr()
+    states, mask = enc(["drums"])
+    assert mask.tolist() == [[True] * 6] and capsys.readouterr().err == ""
+    for _ in range(2):
+        cut, cut_mask = enc(["drumsx", "drums"])
+        assert cut_mask.tolist() == [[True] * 6, [True] * 6]
+    assert capsys.readouterr().err == "warning: caption of 7 tokens truncated to 6: 'drumsx'...\n"
+    torch.testing.assert_close(cut[1], states[0], rtol=1e-5, atol=1e-5)
+
+
+def _record_syncs_and_renames(monkeypatch):
+    """Patch os.fsync and os.replace to log ("fsync", size of a file or "dir" inode) and ("replace", src, dst)."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", ("dir", st.st_ino) if stat.S_ISDIR(st.st_mode) else st.st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(src), os.path.basename(dst)))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_atomic_write_text_syncs_the_temp_file_renames_it_then_syncs_its_own_folder(tmp_path, monkeypatch):
+    # the rename is only durable once the folder that holds the name is synced: that folder, not the
+    # working directory, and after the rename (a relative path's folder is ".")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    events = _record_syncs_and_renames(monkeypatch)
+    datamod.atomic_write_text(str(tmp_path / "sub" / "meta.json"), "x" * 100)
+    assert events == [("fsync", 100), ("replace", "meta.json.tmp", "meta.json"),
+                      ("fsync", ("dir", os.stat(tmp_path / "sub").st_ino))]
+    events.clear()
+    datamod.atomic_write_text("meta.json", "yz")
+    assert events == [("fsync", 2), ("replace", "meta.json.tmp", "meta.json"),
+                      ("fsync", ("dir", os.stat(tmp_path).st_ino))]
+    assert sorted(os.listdir(tmp_path)) == ["meta.json", "sub"] and os.listdir(tmp_path / "sub") == ["meta.json"]
+
+
+def test_make_folder_syncs_the_folder_that_holds_each_new_name_and_nothing_for_one_that_exists(tmp_path, monkeypatch):
+    # a new folder's name is on disk once the folder holding it is synced: for new/a/b made at once, the
+    # names of new, a and b (outermost first), each before the files in it count on it
+    events = _record_syncs_and_renames(monkeypatch)
+    datamod.make_folder(str(tmp_path / "run"))
+    assert (tmp_path / "run").is_dir() and events == [("fsync", ("dir", os.stat(tmp_path).st_ino))]
+    events.clear()
+    datamod.make_folder(str(tmp_path / "run"))
+    assert events == []
+    datamod.make_folder(str(tmp_path / "new" / "a" / "b") + os.sep)
+    assert (tmp_path / "new" / "a" / "b").is_dir()
+    levels = (tmp_path, tmp_path / "new", tmp_path / "new" / "a")
+    assert events == [("fsync", ("dir", os.stat(d).st_ino)) for d in levels]
+
+
+def test_from_pretrained_names_the_first_line_of_the_loaders_error_or_its_type(capsys):
+    # transformers' errors run over several lines (a hint, a URL): the message is one line all the same
+    class Broken:
+        error = OSError("org/none is not a local folder\nand not a model on the hub\nsee https://...")
+
+        @classmethod
+        def from_pretrained(cls, name_or_path):
+            raise cls.error
+    for error, reason in ((Broken.error, "org/none is not a local folder"), (OSError(), "OSError")):
+        Broken.error = error
+        with pytest.raises(SystemExit) as e:
+            datamod.from_pretrained(Broken, "org/none", "the T5 text encoder", "--t5")
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"could not load the T5 text encoder 'org/none' ({reason}); without internet, download it elsewhere and "
+            "pass its local folder (--t5 PATH)\n")
+
+
+def test_model_folder_problem_takes_a_path_from_dot_as_local_and_a_bare_name_as_the_hubs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5"}')
+    problem = lambda p: datamod.model_folder_problem(p, "t5", "--t5")  # noqa: E731
+    assert [problem(p) for p in ("./flan-t5-base", "../flan-t5-base", str(tmp_path / "none"), "google/flan-t5-base",
+                                 "./t5", "t5", "weights.bin")] == [
+        "no such local folder", "no such local folder", "no such local folder", None, None, None,
+        "a file, not a model's folder"]
+    assert datamod.model_folder_problem("./t5", "dac", "--dac") == (
+        "a t5 model's folder (its config.json), not dac; pass the dac model's folder (--dac PATH)")
+    assert datamod.model_folder_problem("./t5", None, "--dac") is None
+
+
+def test_data_codec_is_the_meta_jsons_dac_only_when_it_is_a_name(tmp_path):
+    meta = tmp_path / "meta.json"
+    assert datamod.data_codec(str(tmp_path / "none")) == datamod.DEFAULT_DAC  # no folder, no meta.json
+    for text, codec in (('{"dac": "/models/dac"}', "/models/dac"), ('{"dac": ""}', datamod.DEFAULT_DAC),
+                        ('{"dac": 5}', datamod.DEFAULT_DAC), ('{"dac": true}', datamod.DEFAULT_DAC),
+                        ('{"dac": ["a"]}', datamod.DEFAULT_DAC), ('["dac"]', datamod.DEFAULT_DAC),
+                        ('{"dac": "x"', datamod.DEFAULT_DAC), ("{}", datamod.DEFAULT_DAC)):
+        meta.write_text(text)
+        assert datamod.data_codec(str(tmp_path)) == codec, text
+
+
+def test_a_lock_refused_closes_its_file_at_once(tmp_path, capsys):
+    # the refused open is closed before fail(), not left to the garbage collector: while the error (and
+    # the traceback that holds the frame) lives, no descriptor of the lock file stays open
+    path = str(tmp_path / "lock")
+    held = datamod.exclusive_lock(path, "busy")
+    fds = lambda: sorted(os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")  # noqa: E731
+                         if os.path.exists(f"/proc/self/fd/{fd}"))
+    before = fds()
+    with pytest.raises(SystemExit) as e:
+        datamod.exclusive_lock(path, "another process holds the lock")
+    assert e.value.code == 2 and capsys.readouterr().err == "another process holds the lock\n"
+    assert fds() == before and before.count(path) == 1
+    held.close()
+    datamod.exclusive_lock(path, "busy").close()  # free once the holder closes
+
+
+def test_parse_json_keeps_the_last_of_a_key_given_twice_in_the_programs_own_files_only():
+    # only_text (captions, prompts: what a person wrote) refuses a key given twice; the program's own files
+    # (journal, meta.json, a model's config.json) are read as json.loads reads them
+    assert datamod.parse_json('{"dac": "a", "dac": "b"}') == {"dac": "b"}
+    assert datamod.parse_json(b'{"source": "\\udce9.wav"}') == {"source": "\udce9.wav"}
+    with pytest.raises(ValueError) as e:
+        datamod.parse_json('{"audio": "a.wav", "caption": "x", "audio": "b.wav"}', only_text=True)
+    assert str(e.value) == "the key 'audio' is given twice"
+    row = {"audio": "a.wav", "caption": "x"}
+    assert datamod.parse_json(json.dumps(row), only_text=True) == row
+
+
+def test_a_caption_repeated_with_other_spaces_is_kept_once(tmp_path, capsys):
+    # captions are compared as they are kept (stripped): " calm piano " again is no second caption
+    path = tmp_path / "c.jsonl"
+    write_jsonl(path, [{"audio": "a.wav", "caption": "calm piano"}, {"audio": "./a.wav", "caption": " calm piano\t"},
+                       {"audio": "a.wav", "caption": "fast synth"}])
+    assert datamod.read_captions(str(path)) == {"a.wav": ["calm piano", "fast synth"]}
+    assert capsys.readouterr().err == (
+        f"warning: {path}: 2 lines name an audio file again (line 2: a.wav (first on line 1), line 3: a.wav (first on "
+        "line 1)); each file is encoded once and keeps its distinct captions\n")
+
+
+def test_the_repeats_warning_names_the_first_three_and_counts_the_rest(tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    write_jsonl(path, [{"audio": "a.wav", "caption": f"take {i}"} for i in range(5)])
+    assert datamod.read_captions(str(path)) == {"a.wav": [f"take {i}" for i in range(5)]}
+    assert capsys.readouterr().err == (
+        f"warning: {path}: 4 lines name an audio file again (line 2: a.wav (first on line 1), line 3: a.wav (first on "
+        "line 1), line 4: a.wav (first on line 1), ... (1 more)); each file is encoded once and keeps its distinct "
+        "captions\n")
+
+
+def test_file_problem_of_a_path_with_a_nul_byte_is_not_a_valid_path(tmp_path, capsys):
+    # open() raises ValueError, not OSError, for a NUL byte: it is a reason, not a traceback
+    assert datamod.file_problem(str(tmp_path / "a\0b.csv")) == "not a valid path"
+    with pytest.raises(SystemExit) as e:
+        datamod.read_prompts("p\0.txt")
+    assert e.value.code == 2 and capsys.readouterr().err == "p\0.txt: cannot read the prompts file (not a valid path)\n"
+
+
+def test_a_missing_captions_or_prompts_file_is_named_not_found(tmp_path, capsys):
+    for read, what in ((datamod.read_captions, "captions file"), (datamod.read_prompts, "prompts file")):
+        with pytest.raises(SystemExit) as e:
+            read(str(tmp_path / "none.jsonl"))
+        assert e.value.code == 2 and capsys.readouterr().err == f"{tmp_path}/none.jsonl: {what} not found\n"
+
+
+def test_a_captions_csv_takes_spaced_header_names_and_skips_rows_of_blanks_counting_their_lines(tmp_path, capsys):
+    path = tmp_path / "c.csv"
+    path.write_text(" audio , caption \n\n,\n   \na.wav,calm piano\n , \t\nb.wav,\n")
+    with pytest.raises(SystemExit) as e:
+        datamod.read_captions(str(path))
+    assert e.value.code == 2 and capsys.readouterr().err == f"{path}:7: the caption is empty\n"
+    path.write_text(" audio , caption \n\n,\n   \na.wav,calm piano\n , \t\n")
+    assert datamod.read_captions(str(path)) == {"a.wav": ["calm piano"]}
+
+
+def test_a_prompts_entry_without_an_id_or_with_a_blank_one_is_named(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    for entry in ({"caption": "calm piano"}, {"id": "  ", "caption": "calm piano"}, {"ytid": "", "text": "calm"},
+                  {"id": "a", "caption": " "}):
+        path.write_text(json.dumps({"id": "first", "caption": "fast synth"}) + "\n" + json.dumps(entry) + "\n")
+        with pytest.raises(SystemExit) as e:
+            datamod.read_prompts(str(path))
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"{path}: entry 2 needs an id (id or ytid) and a text (caption, prompt or text)\n"), entry
+
+
+def test_an_out_folder_name_with_a_nul_byte_is_no_folder_name(tmp_path, monkeypatch, capsys):
+    # os.path.exists says False for it, so the walk up to an existing parent would pass it, and makedirs
+    # raise ValueError later (a traceback, after the work)
+    monkeypatch.chdir(tmp_path)
+    for check in (datamod.check_out_folder, datamod.make_folder):
+        with pytest.raises(SystemExit) as e:
+            check("run\0x", "--out")
+        assert e.value.code == 2 and capsys.readouterr().err == "--out 'run\\x00x': not a folder name\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_out_folder_under_a_folder_it_cannot_write_in_names_that_folder(tmp_path, monkeypatch, capsys):
+    # (os.access is patched: these tests run as root, for whom every folder is writable)
+    asked = []
+    monkeypatch.setattr(os, "access", lambda path, mode: asked.append((path, mode)) and False)
+    with pytest.raises(SystemExit) as e:
+        datamod.check_out_folder(str(tmp_path / "new" / "run"), "--out")
+    assert e.value.code == 2 and capsys.readouterr().err == f"--out {tmp_path}/new/run: cannot write in {tmp_path}\n"
+    assert asked == [(str(tmp_path), os.W_OK | os.X_OK)] and os.listdir(tmp_path) == []
+
+
+def test_a_folder_that_cannot_be_made_is_one_line_naming_the_flag(tmp_path, monkeypatch, capsys):
+    def makedirs(path, exist_ok=False):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    with pytest.raises(SystemExit) as e:
+        datamod.make_folder(str(tmp_path / "run"), "--out")
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"--out {tmp_path}/run: cannot make this folder (No space left on device)\n")
