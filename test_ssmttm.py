@@ -11606,3 +11606,173 @@ def test_a_folder_that_cannot_be_made_is_one_line_naming_the_flag(tmp_path, monk
         datamod.make_folder(str(tmp_path / "run"), "--out")
     assert e.value.code == 2 and capsys.readouterr().err == (
         f"--out {tmp_path}/run: cannot make this folder (No space left on device)\n")
+
+
+def test_newest_checkpoint_reads_only_each_runs_ckpt_pt(tmp_path, monkeypatch):
+    # a newer .pt beside a run's ckpt.pt (a copy, an export) is no run's checkpoint
+    monkeypatch.chdir(tmp_path)
+    stage1 = {"kind": "stage1", "model": {}, "config": {}, "step": 1, "text_encoder": {}, "args": {}}
+    os.makedirs("runs/a")
+    for name, t in (("ckpt.pt", 1e9), ("copy.pt", 2e9)):
+        torch.save(stage1, f"runs/a/{name}")
+        os.utime(f"runs/a/{name}", (t, t))
+    assert genmod.newest_checkpoint() == "runs/a/ckpt.pt"
+
+
+def test_open_checkpoint_names_each_key_generate_reads_that_a_checkpoint_lacks(tmp_path):
+    stage1 = {"kind": "stage1", "model": {}, "config": {}, "step": 1, "text_encoder": {}, "args": {}}
+    stage2_ = {"kind": "stage2", "model": {}, "config": {}, "codec": {}, "text_encoder": {}}
+    for ckpt, key in [(stage1, "config"), (stage1, "step"), (stage1, "text_encoder"), (stage1, "args"),
+                      (stage2_, "config"), (stage2_, "codec"), (stage2_, "text_encoder")]:
+        torch.save({k: v for k, v in ckpt.items() if k != key}, tmp_path / "c.pt")
+        with pytest.raises(genmod.CheckpointError) as e:
+            genmod.open_checkpoint(str(tmp_path / "c.pt"))
+        assert str(e.value) == f"{tmp_path}/c.pt: a {ckpt['kind']} checkpoint without {key}"
+
+
+def test_a_checkpoint_whose_load_fails_in_several_lines_is_named_by_its_first(tmp_path, monkeypatch):
+    (tmp_path / "c.pt").write_bytes(b"x")
+
+    def failing(*a, **k):
+        raise RuntimeError("first line\nException raised from load at torch/csrc/serialization.cpp:42")
+    monkeypatch.setattr(torch, "load", failing)
+    with pytest.raises(genmod.CheckpointError) as e:
+        genmod.open_checkpoint(str(tmp_path / "c.pt"))
+    assert str(e.value) == f"{tmp_path}/c.pt: not a readable checkpoint (RuntimeError: first line)"
+
+
+def test_write_new_syncs_every_byte_of_the_file_before_its_name(tmp_path, monkeypatch):
+    # np.save, sf.write and savefig flush as they end; a writer that leaves bytes in the file object's
+    # buffer has them flushed before the fsync all the same
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append((os.readlink(f"/proc/self/fd/{fd}"),
+                                                                os.fstat(fd).st_size)), real_fsync(fd))[1])
+    path = str(tmp_path / "a.npy")
+    assert genmod.write_new(path, lambda f: f.write(b"abc"))
+    assert open(path, "rb").read() == b"abc"
+    assert synced == [(f"{tmp_path}/.a.npy.{os.getpid()}.tmp", 3), (str(tmp_path), synced[1][1])]
+    assert sorted(os.listdir(tmp_path)) == ["a.npy"]
+
+
+def test_same_file_key_keeps_a_letter_whose_lower_case_is_two_letters():
+    # letter by letter: "İ" lowers to "i" + a combining dot, two letters; a file system keeps it one
+    assert genmod.same_file_key("\u0130stanbul") == "\u0130stanbul"
+    assert genmod.same_file_key("\u0130stanbul") != genmod.same_file_key("i\u0307stanbul")
+
+
+def test_read_checkpoint_hints_at_stage2_only_where_hint_asks(tmp_path, capsys):
+    # evaluate.py --long reads a stage-1 checkpoint with hint=False: it has no --stage2 to point to
+    torch.save({"kind": "stage2", "model": {}, "config": {}, "codec": {}, "text_encoder": {}}, tmp_path / "s2.pt")
+    for hint, tail in ((True, ": pass it with --stage2"), (False, "")):
+        with pytest.raises(SystemExit) as e:
+            genmod.read_checkpoint(str(tmp_path / "s2.pt"), "stage1", hint=hint)
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"{tmp_path}/s2.pt is a stage2 checkpoint, not stage1{tail}\n")
+
+
+def test_output_name_keeps_the_first_six_words_of_more():
+    assert genmod.output_name(0, 1, "One two three four five six seven eight") == "s0-0001-one-two-three-four-five-six"
+
+
+def test_each_prompt_draws_from_seed_plus_its_place_with_any_seed(synthetic_checkpoint, tmp_path):
+    # --seed 5: "a dark piece" second in the list is seed 6, the same as first in a run of --seed 6
+    run = lambda out, *a: genmod.main([*a, "--ckpt", str(synthetic_checkpoint), "--seconds", "0.3",  # noqa: E731
+                                       "--top-k", "50", "--window", "0", "--out", str(tmp_path / out)])
+    run("two", "a calm piece", "a dark piece", "--seed", "5")
+    run("one", "a dark piece", "--seed", "6")
+    assert np.array_equal(np.load(tmp_path / "two" / "s6-0001-a-dark-piece.npy"),
+                          np.load(tmp_path / "one" / "s6-0000-a-dark-piece.npy"))
+    assert [json.loads(line)["seed"] for line in open(tmp_path / "two" / "generations.jsonl")] == [5, 6]
+
+
+def test_generate_batch_gives_the_lm_the_ssm_state_asked_and_on_a_cpu_the_text_unpadded(synthetic_checkpoint,
+                                                                                       tmp_path, monkeypatch):
+    seen = []
+    real = TextToMusicLM.generate
+    monkeypatch.setattr(TextToMusicLM, "generate", lambda self, text, mask, n, **kw: (
+        seen.append((tuple(mask.shape), kw["ssm_dtype"])), real(self, text, mask, n, **kw))[1])
+    for state in ("fp32", "bf16"):
+        genmod.main(["a calm piece", "--ckpt", str(synthetic_checkpoint), "--seconds", "0.1", "--window", "0",
+                     "--ssm-state", state, "--device", "cpu", "--out", str(tmp_path / state)])
+    # fp32: the model's own dtype (None); the text as the encoder gives it: pad_text only with a fast.Decoder
+    assert seen == [((1, 3), None), ((1, 3), torch.bfloat16)]
+
+
+def test_write_outputs_cuts_the_decoded_audio_to_the_frames_and_peaks_it_at_minus_1_dbfs(tmp_path):
+    # a codec that decodes more samples than the frames hold: the wav keeps n_frames * HOP of them
+    import soundfile as sf
+    out = tmp_path / "out"
+    out.mkdir()
+    args = genmod.parse_args(["a calm piece", "--out", str(out), "--seconds", "0.03"])
+    args.ckpt, args.ckpt_step, args.stage2_step = "c.pt", 1, None
+    m = argparse.Namespace(continuation=None, synthetic=False)
+    n_frames = 3
+    audio = np.zeros(n_frames * datamod.HOP + 100, np.float32)
+    audio[10], audio[-1] = -0.25, 0.5  # the largest sample lies past the frames
+    with open(out / ".started", "ab", buffering=0) as lock:
+        codes = torch.zeros(1, 9, n_frames, dtype=torch.long)
+        genmod.write_outputs(m, [genmod.Request(0, "a calm piece", 0, "a")], codes, [audio], {}, n_frames, args, lock)
+    assert np.load(out / "a.npy").dtype == np.int16  # codes of 10 bits, as read_prompt_codes takes them
+    wav, rate = sf.read(out / "a.wav", dtype="int16")
+    assert rate == datamod.SAMPLE_RATE and len(wav) == n_frames * datamod.HOP
+    # the peak over the kept samples, -0.25, at -1 dBFS (PCM_16: x 32768)
+    assert wav[10] == round(-(10 ** (-1 / 20)) * 32768) == -29205 and np.abs(wav).max() == 29205
+
+
+def test_generations_log_that_is_a_folder_or_holds_no_records_is_one_line(synthetic_checkpoint, tmp_path, capsys):
+    run = lambda out: genmod.main(["a calm piece", "--ckpt", str(synthetic_checkpoint), "--seconds", "0.05",  # noqa: E731
+                                   "--out", str(out)])
+    for i, log in enumerate(['{"prompt": "a calm piece"}\n', '["a"]\n', '"a"\n', None]):
+        out = tmp_path / str(i)
+        out.mkdir()
+        if log is None:
+            (out / "generations.jsonl").mkdir()
+        else:
+            (out / "generations.jsonl").write_text('{"name": "b"}\n' + log)
+        with pytest.raises(SystemExit) as e:
+            run(out)
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"{out}/generations.jsonl: not a file\n" if log is None else
+            f"{out}/generations.jsonl:2: not a record of generate.py (a JSON object with a name); edited? move the "
+            "file away to start the folder again\n")
+
+
+def test_a_stage1_checkpoint_as_stage2_is_one_line_and_other_errors_are_not_taken_for_memory(
+        synthetic_checkpoint, tmp_path, monkeypatch, capsys):
+    run = lambda *a: genmod.main(["a calm piece", "--ckpt", str(synthetic_checkpoint), "--seconds", "0.05",  # noqa: E731
+                                  "--out", str(tmp_path / "out"), *a])
+    with pytest.raises(SystemExit) as e:
+        run("--stage2", str(synthetic_checkpoint))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{synthetic_checkpoint} is a stage1 checkpoint, not stage2\n")
+
+    def broken(*a):
+        raise RuntimeError("a bug, not memory")
+    monkeypatch.setattr(genmod, "generate_batch", broken)
+    with pytest.raises(RuntimeError, match="^a bug, not memory$"):  # a traceback: not "out of memory"
+        run()
+
+
+def test_a_file_under_one_frame_is_named_as_the_culprit_whatever_continue_seconds_keeps(tmp_path, capsys):
+    # 300 samples: no frame in the file itself; --continue-seconds 0.0059 (260 samples) is not what is short
+    from types import SimpleNamespace
+    import soundfile as sf
+    sf.write(tmp_path / "short.wav", tone(1.0, 330, SR)[:300], SR, subtype="FLOAT")
+    m = SimpleNamespace(stage2=None, lm=SimpleNamespace(cfg=SimpleNamespace(n_codebooks=1)), synthetic=False,
+                        ckpt_path="ckpt.pt", codec=None)
+    for seconds in (None, 0.0059):
+        args = argparse.Namespace(continue_from=str(tmp_path / "short.wav"), continue_seconds=seconds, seconds=1.0)
+        with pytest.raises(SystemExit) as e:
+            genmod.load_continuation(args, m, 86, "cpu")
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"--continue {tmp_path}/short.wav: shorter than one frame (512 samples)\n")
+
+
+def test_read_prompt_codes_refuses_a_file_of_no_frames_in_one_line(tmp_path, capsys):
+    np.save(tmp_path / "empty.npy", np.zeros((9, 0), np.int16))
+    with pytest.raises(SystemExit) as e:
+        genmod.read_prompt_codes(str(tmp_path / "empty.npy"), 9)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"--continue {tmp_path}/empty.npy: want codes (codebooks, frames) between 0 and 1023, as generate.py writes "
+        "them; got int16 (9, 0)\n")
