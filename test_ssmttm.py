@@ -11776,3 +11776,21 @@ def test_read_prompt_codes_refuses_a_file_of_no_frames_in_one_line(tmp_path, cap
     assert e.value.code == 2 and capsys.readouterr().err == (
         f"--continue {tmp_path}/empty.npy: want codes (codebooks, frames) between 0 and 1023, as generate.py writes "
         "them; got int16 (9, 0)\n")
+
+
+def test_generate_decodes_with_the_dac_given_over_the_checkpoints(real_data_checkpoints, tiny_dac_dir, tmp_path,
+                                                                  monkeypatch):
+    # --dac PATH is the codec generate.py decodes with; without it, the one the checkpoint's data was encoded with
+    root = real_data_checkpoints
+    other = tmp_path / "dac2"
+    shutil.copytree(tiny_dac_dir, other)
+    loaded, load_dac = [], datamod.load_dac
+
+    def recorded(name, device="cpu"):
+        loaded.append(name)
+        return load_dac(name, device)
+    monkeypatch.setattr(datamod, "load_dac", recorded)
+    for flags, out in ((["--dac", str(other)], "given"), ([], "kept")):
+        genmod.main(["a string quartet", "--ckpt", str(root / "k9" / "ckpt.pt"), *flags, "--seconds", "0.05",
+                     "--out", str(tmp_path / out)])
+    assert loaded == [str(other), tiny_dac_dir]
