@@ -9588,6 +9588,29 @@ def test_mel_png_draws_the_log_mel_power_in_decibels_with_bands_up_to_16_khz(mon
     assert (loud[:, 5:-5].argmax(0) == want_band).all()
 
 
+def test_mel_png_spans_80_db_below_its_peak_over_the_audios_seconds_under_a_title_of_100_characters(monkeypatch):
+    # the picture as drawn (the figure kept from plt.close): colours from the peak down 80 dB (quieter is
+    # the floor's colour), the x axis the audio's seconds (3.5 s here, not frames), bands 0..128 upwards, the
+    # title's first 100 characters
+    import io
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    sr = 44100
+    t = np.arange(int(3.5 * sr)) / sr
+    genmod.save_mel_png((0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32), io.BytesIO(), "p" * 99 + "qr")
+    (fig,) = figures
+    ax = fig.axes[0]
+    (image,) = ax.get_images()
+    db = np.asarray(image.get_array(), np.float64)
+    low, high = image.get_clim()
+    assert high == pytest.approx(db.max(), abs=1e-4) and low == pytest.approx(db.max() - 80, abs=1e-4)
+    assert image.get_extent() == pytest.approx([0.0, 3.5, 0.0, 128.0], abs=1e-12) and image.origin == "lower"
+    assert ax.get_title() == "p" * 99 + "q" and ax.get_xlabel() == "time (s)" and ax.get_ylabel() == "mel band"
+    monkeypatch.undo()
+    plt.close(fig)
+
+
 def test_read_prompt_codes_takes_the_first_rows_and_refuses_what_is_not_codes(tmp_path, capsys):
     codes = np.arange(45, dtype=np.int16).reshape(9, 5)
     codes[0, 0] = 1023  # the largest code is a code
