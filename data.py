@@ -205,7 +205,8 @@ def check_out_folder(path, flag="--out"):
 
 
 def make_folder(path, flag="--out"):
-    """os.makedirs(path, exist_ok=True) after check_out_folder's checks; BadInput naming `flag` if it fails."""
+    """os.makedirs(path, exist_ok=True) after check_out_folder's checks, the name of each level it makes synced
+    to disk; BadInput naming `flag` if it fails."""
     check_out_folder(path, flag)
     new = []  # the levels os.makedirs makes, innermost first
     level = os.path.abspath(path)
