@@ -17,8 +17,9 @@ with soxr (HQ) to the model's rate and peak-normalised to -1 dBFS.
               (exact for rank-deficient covariances). Lower is better.
   KL_passt    PaSST (AudioSet, 527 tags) at 32 kHz on 10 s windows every 5 s; the logits of a
               file's windows are averaged, then softmax gives p. A window shorter than 10 s is
-              zero-padded; a clip of 1.5 s or less (15 %, as audiocraft) has no window and its
-              pair is left out (reported). Per pair of files with the same name:
+              zero-padded; a clip of 1.5 s or less (15 % of a window, stable-audio-metrics'
+              padding threshold; audiocraft drops only segments of 0.15 s or less) has no window
+              and its pair is left out (reported). Per pair of files with the same name:
                   KL(p_ref || p_gen) = sum_i p_ref,i (log p_ref,i - log(p_gen,i + 1e-6)),
               averaged over the pairs (audiocraft's `kld`). The JSON also gives KL(p_gen || p_ref),
               eps on p_ref, the direction stable-audio-metrics' code computes. Lower is better.
@@ -29,8 +30,9 @@ with soxr (HQ) to the model's rate and peak-normalised to -1 dBFS.
 Weights are never downloaded here: --openl3 and --passt take local files, --clap a local folder or a
 name already in the Hugging Face cache; README (Evaluation) says where to fetch them. Bad input
 stops with one line naming the flag or file, exit code 2: a missing folder or weight file, an
-empty folder, a generated file without a reference or a prompt, a weights file or CLAP name that
-does not load (all before any audio is read), an unreadable audio file (when it is read).
+empty folder, a generated file without a reference (with kl) or a prompt (with clap), a weights
+file or CLAP name that does not load (all before any audio is read), an unreadable audio file
+(when it is read).
 
 Output: a table on stdout and a JSON (default GENERATED/evaluation.json, written atomically) with
 the three numbers, counts, per-file values, the clips too short for a model's window, and the
@@ -212,8 +214,10 @@ def kl_divergence(p_ref, p_gen, eps=KL_EPS):
 def passt_windows(audio, sample_rate=PASST_SR):
     """(n,) -> (W, window) float32: 10 s windows starting every 5 s (stable-audio-metrics: starts
     0, 5, ... < max(5 s, length - 5 s)); a short window is zero-padded, or dropped if it lasts at
-    most 15 % of a window (as audiocraft). So a clip of 5 s or more has windows of 5 to 10 s of
-    audio, a shorter one a single window, and one of 1.5 s or less none (W = 0)."""
+    most 15 % of a window (stable-audio-metrics' padding threshold, below which it feeds the window
+    unpadded; audiocraft drops only segments of 0.15 s or less). So a clip of 5 s or more has
+    windows of 5 to 10 s of audio, a shorter one a single window, and one of 1.5 s or less none
+    (W = 0)."""
     size, hop = int(PASST_WINDOW_S * sample_rate), int(PASST_HOP_S * sample_rate)
     windows = []
     for start in range(0, max(hop, len(audio) - hop), hop):
@@ -422,8 +426,8 @@ def passt_probabilities(model, audio, device):
 
 
 def load_clap(name, device):
-    """(ClapModel, its feature extractor, its tokenizer) from a local folder or a hub name (the
-    hub is reached only if the environment allows; the name must otherwise be in the HF cache)."""
+    """(ClapModel, its feature extractor, its tokenizer) from a local folder or a hub name already in
+    the Hugging Face cache (local_files_only: the hub is never reached, nothing is downloaded)."""
     from transformers import AutoFeatureExtractor, AutoTokenizer, ClapModel
     datamod.check_model_folder(name, ClapModel.config_class.model_type, "the CLAP model", "--clap")
     try:

@@ -113,8 +113,8 @@ def parse_args(argv=None):
                     help="continue from the last S seconds of --continue only (default: all of it)")
     ap.add_argument("--window", type=datamod.number(0, MAX_SECONDS), metavar="S",
                     help="past S seconds, generate in windows of S seconds, each re-reading the last S/2 "
-                         "(generate_in_windows; default: the length the checkpoint was trained on; 0: one "
-                         "recurrent pass, however long)")
+                         "(generate_in_windows; default: the length the checkpoint was trained on, at most "
+                         f"{datamod.CLIP_SECONDS:g} s, data.py's clip length; 0: one recurrent pass, however long)")
     ap.add_argument("--ssm-state", choices=["fp32", "bf16"], default="fp32",
                     help="how the Mamba-2 states are kept between steps: bf16 decodes faster on a GPU, at a small "
                          "cost in accuracy (BENCHMARKS.md)")
@@ -249,7 +249,8 @@ def save_mel_png(audio, path, title):
 @dataclass
 class Models:
     """What generation needs, loaded once: the stage-1 LM and its text encoder; stage 2 and its
-    text encoder (or None); the DAC codec (None for synthetic-data checkpoints, which have no audio)."""
+    text encoder (or None); the codec: DAC, or for synthetic-data checkpoints, which have no audio, the
+    synthetic set's random DAC when a stage 2 maps codes to latents with it, else None."""
     lm: TextToMusicLM
     ckpt_path: str
     step: int
@@ -465,8 +466,11 @@ def generate_batch(m, requests, n_frames, args, device):
 
 def output_name(seed, index, prompt):
     """The file name (without extension) of a sample: its seed, the prompt's place in this run's
-    list, and the prompt's first words. Two runs into one folder make the same name only for the
-    same seed, place and prompt."""
+    list, and the prompt's first words (slug: its first 6 runs of ASCII letters and digits, lower
+    case, at most 80 characters). Two runs into one folder make the same name only for the same
+    seed, place and first words: prompts that differ only past them (or in case, punctuation or
+    non-ASCII letters) share a name, and the later run stops (pending: name_taken), overwriting
+    nothing."""
     return f"s{seed}-{index:04d}-{slug(prompt)}"
 
 
