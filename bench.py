@@ -576,6 +576,8 @@ DECODE_MODES = {  # mode -> the decoder's options (None: generate's plain loop)
     "plain": None,                                          # the plain loop (mamba-ssm's step kernels)
     "recompute": None,                                      # the whole sequence at every step
 }
+# the modes that decode through a fast.Decoder, the only ones decode-batch and decode-profile run
+DECODER_MODES = tuple(mode for mode, options in DECODE_MODES.items() if options is not None)
 
 
 def decode_ms(model, position, mode, device, iters=96, prompts=1):
@@ -1341,9 +1343,9 @@ def main():
     ap.add_argument("--decode-setups", type=comma_list(decode_setup),
                     default=",".join(DECODE_SETUPS),
                     help=f"variant:mode pairs for the decode section (modes: {', '.join(DECODE_MODES)})")
-    ap.add_argument("--decode-modes", type=comma_list(list(DECODE_MODES)),
-                    help="decode-batch, decode-profile: modes of DECODE_MODES (default: graph,bf16state+graph; "
-                         "the profile also nopdl+graph)")
+    ap.add_argument("--decode-modes", type=comma_list(list(DECODER_MODES)),
+                    help="decode-batch, decode-profile: modes of DECODE_MODES that run a fast.Decoder (not plain "
+                         "or recompute; default: graph,bf16state+graph; the profile also nopdl+graph)")
     ap.add_argument("--sweep-configs", action="store_true", help="decode-kernels: also every linear_rows launch shape")
     ap.add_argument("--kernel-rows", type=comma_list(datamod.whole_number(1, 128)), default="2",
                     help="decode-kernels: rows per call, at most 128 (2 = one prompt with guidance)")

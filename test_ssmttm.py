@@ -6417,6 +6417,20 @@ def test_bench_counts_the_ssd_flops_at_the_kernels_chunk():
     assert bench.model_flops(tiny, 40, bench.N_TEXT, 64) != bench.model_flops(tiny, 40, bench.N_TEXT, 32)
 
 
+def test_bench_decode_modes_refuses_the_modes_without_a_decoder(monkeypatch, capsys):
+    # decode-batch and decode-profile build fast.Decoder(DECODE_MODES[mode]): "plain" and "recompute" map to
+    # None, on which the decoder fails with an AttributeError (a traceback in decode-profile)
+    import bench
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "decode-batch", "--decode-modes", "graph,plain"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2
+    modes = ", ".join(m for m, o in bench.DECODE_MODES.items() if o is not None)
+    assert "plain" not in modes.split(", ") and "graph" in modes.split(", ")
+    assert capsys.readouterr().err == (f"bench.py: error: argument --decode-modes: expected {modes} "
+                                       "(comma-separated), not 'plain'\n")
+
+
 def test_bench_refuses_a_chunk_the_kernels_cannot_run_in_one_line(monkeypatch, capsys):
     import bench
     monkeypatch.setattr(sys, "argv", ["bench.py", "--chunk-sizes", "256,100"])

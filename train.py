@@ -9,8 +9,8 @@
 Every setting left unset comes from a preset: the paper's (AdamW 1e-4, weight decay 0.02, betas
 0.9/0.999, cosine schedule after 100 warm-up steps, batch 4 x 32 accumulation, dropout 0.3, clip
 1.0, 30 s clips, d_model 1024, d_state 512) with --data, or a small demo of it on the synthetic set
-(see SYNTHETIC below) so that it visibly learns in minutes on a laptop CPU. The resolved settings
-are printed and saved to OUT/config.json.
+(see SYNTHETIC below) so that it visibly learns in minutes on a laptop CPU. A summary of the run is
+printed, and the resolved settings are saved to OUT/config.json.
 
 On CUDA with mamba-ssm and causal-conv1d installed, the Mamba-2 layers train on their kernels
 (fast.accelerate; --mamba-train picks which, --no-kernels keeps the plain ssd_reference path). The
@@ -99,7 +99,8 @@ def parse_args(argv=None):
     ap.add_argument("--clips-per-track", type=at_least_0,
                     help="--data: train on at most this many 30 s clips of each audio file, drawn at random with "
                          "--seed (default 1, as the paper; 0: every clip)")
-    ap.add_argument("--out", help="run folder (default: runs/<stage>-<variant>-<N>L-k<K>[-synthetic])")
+    ap.add_argument("--out", help="run folder (default: runs/stage1-<variant>-<N>L-k<K> or runs/stage2, with "
+                                  "-synthetic appended without --data)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
     ap.add_argument("--init-from", metavar="CKPT",
                     help="start a new run (in its own --out) from this checkpoint's model weights, not its "
@@ -535,10 +536,11 @@ def check_model_fits(args, device):
 
 
 def check_models(args, given):
-    """One line, exit code 2, before any work (nothing else printed or written first): --t5 or --dac
-    typed for the synthetic set, which reads neither, or (real data) a local path that is no folder, or
-    a folder of another kind of model (datamod.check_model_folder). The DAC is checked at stage 1 too:
-    generate.py decodes with the one the checkpoint keeps."""
+    """One line, exit code 2, before any work (nothing printed or written first, but for OUT/.lock in an
+    --out that already exists and --init-from's notes): --t5 or --dac typed for the synthetic set, which
+    reads neither, or (real data) a local path that is no folder, or a folder of another kind of model
+    (datamod.check_model_folder). The DAC is checked at stage 1 too: generate.py decodes with the one the
+    checkpoint keeps."""
     if not args.data:
         typed = [f"--{k}" for k in ("t5", "dac") if k in given]
         if typed:
