@@ -11831,3 +11831,262 @@ def test_generate_decodes_with_the_dac_given_over_the_checkpoints(real_data_chec
         genmod.main(["a string quartet", "--ckpt", str(root / "k9" / "ckpt.pt"), *flags, "--seconds", "0.05",
                      "--out", str(tmp_path / out)])
     assert loaded == [str(other), tiny_dac_dir]
+
+
+def test_clips_per_track_zero_without_data_is_refused_too(capsys):
+    # --clips-per-track 0 (every clip) is as meaningless on the synthetic set as 1 is
+    with pytest.raises(SystemExit) as e:
+        trainmod.parse_args(["--clips-per-track", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "train.py: error: --clips-per-track: the synthetic set has no tracks; it is for --data\n")
+
+
+@pytest.mark.parametrize("flags, message", [
+    # both typed and both wrong: the first rule's flag (headdim) is named, the others in brackets
+    (["--headdim", "7", "--n-heads", "3", "--variant", "cross_simba"],
+     "argument --headdim: 7 does not split d_model 256 for cross_simba (Mamba-2 splits 2 x d_model channels into "
+     "heads of 7); pass --d-model a multiple of 42 (attention splits d_model into 3 heads; the sinusoidal positions "
+     "are its cos and sin halves)"),
+    # the multiple is the culprit's own: no other rule to name
+    (["--n-heads", "512", "--variant", "cross_simba"],
+     "argument --n-heads: 512 does not split d_model 256 for cross_simba (attention splits d_model into 512 heads); "
+     "pass --d-model a multiple of 512"),
+])
+def test_a_typed_head_flag_that_breaks_the_width_is_named_with_only_the_rules_it_does_not_cover(flags, message,
+                                                                                               capsys):
+    with pytest.raises(SystemExit) as e:
+        trainmod.parse_args(flags)
+    assert e.value.code == 2 and capsys.readouterr().err == f"train.py: error: {message}\n"
+
+
+def test_lm_config_takes_every_model_flag(tmp_path):
+    args, _ = trainmod.parse_args(["--variant", "cross_simba", "--layers", "3", "--d-model", "96", "--d-state", "8",
+                                   "--headdim", "16", "--n-heads", "6", "--dropout", "0.2", "--codebooks", "9",
+                                   "--out", str(tmp_path / "run")])
+    assert trainmod.lm_config(args) == ModelConfig(variant="cross_simba", n_layers=3, d_model=96, d_state=8,
+                                                   headdim=16, n_heads=6, d_ff=192, dropout=0.2, n_codebooks=9)
+
+
+def test_the_epoch_orders_and_caption_draws_are_those_of_their_seeds():
+    # pinned: a run resumed from an older checkpoint must read and drop what the run it continues would have.
+    # Epoch e is read in np.random.default_rng([seed, e])'s permutation; step s drops the captions of
+    # torch's generator seeded with seed * 1_000_003 + s * 1009, one draw per global position
+    args = argparse.Namespace(batch_size=4, grad_accum=2, seed=3, cfg_dropout=0.5)
+    idx, epoch = trainmod.batch_indices(2, 1, args, 0, 1, 10)  # positions 20..23: epoch 2, its first 4
+    assert list(epoch) == [2] * 4 and list(idx) == list(np.random.default_rng([3, 2]).permutation(10)[:4])
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 5 * 1009)
+    assert torch.equal(trainmod.caption_keep(5, 1, args, 0, 1), torch.rand(8, generator=g)[4:] >= 0.5)
+
+
+def test_load_data_reads_the_folder_at_the_runs_seed_rows_and_frames(monkeypatch, capsys):
+    made = {}
+
+    class Clips:
+        tracks, n_frames = 2, 40
+
+        def __init__(self, folder, clips_per_track, seed, rows):
+            made["dataset"] = (folder, clips_per_track, seed, rows)
+
+        def __len__(self):
+            return 5
+    monkeypatch.setattr(datamod, "TokenDataset", Clips)
+    monkeypatch.setattr(datamod, "T5TextEncoder", lambda name, device, width: ("t5", name, device, width))
+    monkeypatch.setattr(datamod, "committed_clips", lambda folder: (["a", "b", "c"], None))
+    monkeypatch.setattr(datamod, "committed_rows", lambda clips: len(clips))
+    args = argparse.Namespace(data="/d", data_rows=None, resume=False, clips_per_track=2, seed=7, stage=1, t5="/t5",
+                              frames=48, out="o")
+    _, n, encoder, frames = trainmod.load_data(args, "cpu", 1)
+    assert made["dataset"] == ("/d", 2, 7, 3) and args.data_rows == 3 and (n, frames) == (5, 40)
+    assert encoder == ("t5", "/t5", "cpu", 768)
+    assert capsys.readouterr().err == "/d: 5 clips of 2 audio files, at most 2 of each\n"
+    args.frames = 24  # shorter than the clips: the flag's
+    assert trainmod.load_data(args, "cpu", 1)[3] == 24 and made["dataset"][3] == 3
+    capsys.readouterr()
+    # a resumed run of a checkpoint that kept no count: only rank 0 says so, and every process takes its count
+
+    def broadcast(rows, src):
+        assert src == 0
+        rows[0] = 9
+    monkeypatch.setattr(trainmod.dist, "broadcast_object_list", broadcast)
+    for rank in (1, 0):
+        args.data_rows, args.resume = None, True
+        trainmod.load_data(args, "cpu", 2, rank=rank)
+        assert args.data_rows == 9 and made["dataset"][3] == 9
+        note = ("note: o/ckpt.pt does not say how many clips its run began with; it goes on with those /d holds now\n"
+                if rank == 0 else "")
+        assert capsys.readouterr().err == note + "/d: 5 clips of 2 audio files, at most 2 of each\n"
+
+
+def test_the_synthetic_set_follows_the_seed():
+    # the endless synthetic set draws its examples with --seed, as everything else does
+    args = lambda seed: argparse.Namespace(data=None, frames=48, seed=seed)  # noqa: E731
+    dataset, n, _, frames = trainmod.load_data(args(5), "cpu", 1)
+    assert n is None and frames == 48
+    codes, captions = dataset.batch(np.arange(4))
+    expected = datamod.SyntheticMusic(n_frames=48, seed=5).batch(np.arange(4))
+    assert torch.equal(codes, expected[0]) and captions == expected[1]
+    assert not torch.equal(codes, trainmod.load_data(args(0), "cpu", 1)[0].batch(np.arange(4))[0])
+
+
+def test_device_memory_of_a_numbered_gpu_is_that_gpus(monkeypatch):
+    # "cuda:1" (a torchrun process's GPU) is asked of CUDA, not taken for the machine's memory
+    asked = []
+
+    def properties(device):
+        asked.append(device)
+        return argparse.Namespace(total_memory=123)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    assert trainmod.device_memory("cuda:1") == 123 and trainmod.device_memory("cuda") == 123
+    assert asked == ["cuda:1", "cuda"]
+
+
+def test_stage2_is_not_refused_for_the_stage1_lm_it_does_not_build(tmp_path, monkeypatch, capsys):
+    # the check counts the stage-1 LM's parameters; a stage-2 run (whose flags leave the LM at the preset's
+    # 24 blocks) would be refused on a device too small for that LM, which it never builds
+    monkeypatch.setattr(trainmod, "device_memory", lambda device: 1)
+    args, _ = trainmod.parse_args(["--stage", "2", "--out", str(tmp_path / "run")])
+    assert trainmod.check_model_fits(args, "cpu") is None and capsys.readouterr().err == ""
+    args, _ = trainmod.parse_args(["--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as e:
+        trainmod.check_model_fits(args, "cpu")
+    assert e.value.code == 2
+
+
+def test_train_checks_both_model_folders_of_a_real_data_run(tmp_path, capsys):
+    # --data: a --t5 or --dac path that is a file is one line naming it, whichever of the two it is
+    (tmp_path / "file").write_text("x")
+    for t5, dac, what in [(str(tmp_path / "file"), datamod.DEFAULT_DAC, "the T5 text encoder"),
+                          ("google/flan-t5-base", str(tmp_path / "file"), "DAC")]:
+        with pytest.raises(SystemExit) as e:
+            trainmod.check_models(argparse.Namespace(data=str(tmp_path), t5=t5, dac=dac), {"t5", "dac"})
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"{what} '{tmp_path / 'file'}': a file, not a model's folder\n"
+
+
+def test_the_checkpoints_codec_is_none_at_stage1_and_the_runs_codec_at_stage2():
+    # generate.py rebuilds stage 2's codec from this; stage 1 keeps none
+    args = lambda stage, data: argparse.Namespace(stage=stage, data=data, dac="/models/dac")  # noqa: E731
+    assert trainmod.codec_spec(args(1, None)) is None and trainmod.codec_spec(args(1, "/d")) is None
+    assert trainmod.codec_spec(args(2, None)) == {"kind": "synthetic"}
+    assert trainmod.codec_spec(args(2, "/d")) == {"kind": "dac", "name": "/models/dac"}
+
+
+def test_every_training_forward_runs_in_training_mode(tmp_path, monkeypatch):
+    # --dropout 0.3 trains with dropout: each training call (the one given counts) sees the model in train mode
+    modes, forward = [], TextToMusicLM.forward
+
+    def spy(self, codes, text, mask, counts=None):
+        if counts is not None:
+            modes.append(self.training)
+        return forward(self, codes, text, mask, counts)
+    monkeypatch.setattr(TextToMusicLM, "forward", spy)
+    trainmod.main(tiny_train_args(tmp_path / "run", "--steps", "2", "--dropout", "0.3", "--layers", "1",
+                                  "--grad-accum", "2"))
+    assert modes == [True] * 4
+
+
+def test_loss_counts_are_float32_as_documented():
+    codes = torch.randint(0, 1024, (2, 3, 5))
+    stage1, stage2_ = argparse.Namespace(stage=1, codebooks=3), argparse.Namespace(stage=2)
+    counts = trainmod.loss_counts(trainmod.loss_targets(codes, stage1), stage1)
+    assert counts.dtype == torch.float32 and counts.tolist() == [10.0, 10.0, 10.0]
+    assert trainmod.loss_counts(codes, stage2_).dtype == torch.float32
+
+
+def test_apply_update_under_cuda_graphs_zeroes_the_gradients_in_place():
+    # --cuda-graphs: the gradients stay the loop's tensors, zeroed (a None would become a graph's output buffer)
+    torch.manual_seed(0)
+    model = TextToMusicLM(tiny_config()).train()
+    run = update_run(model, "cpu", cuda_graphs=True)
+    codes = torch.randint(0, 1024, (2, 1, 12), generator=torch.Generator().manual_seed(0))
+    text, mask = random_text(lt=5, d=24, seed=0)
+    model(delay_pattern(codes), text.float(), mask)[1].backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert len(grads) > 10 and any(g.abs().sum() > 0 for g in grads.values())
+    trainmod.apply_update(run)
+    assert all(p.grad is grads[name] and not p.grad.any() for name, p in model.named_parameters() if name in grads)
+
+
+def test_compile_model_asks_for_static_shapes_and_reduce_overhead_only_with_cuda_graphs(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: asked.append(kw) or model)
+    model = torch.nn.Linear(2, 2)
+    assert trainmod.compile_model(model, False) is model and trainmod.compile_model(model, True, "eager") is model
+    assert asked == [dict(backend="inductor", mode=None, dynamic=False),
+                     dict(backend="eager", mode="reduce-overhead", dynamic=False)]
+
+
+def test_a_nonfinite_loss_after_resuming_a_step_0_checkpoint_names_that_checkpoint(tmp_path, monkeypatch, capsys):
+    # --stop-after 0 writes a checkpoint at step 0: it is the last good one, not "no checkpoint was written yet"
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "3", "--stop-after", "0", "--layers", "1"))
+    real_forward = TextToMusicLM.forward
+    monkeypatch.setattr(TextToMusicLM, "forward", lambda self, *a: (None, real_forward(self, *a)[1] * float("nan")))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(out, "--steps", "3", "--layers", "1", "--resume"))
+    assert e.value.code == 1 and (f"step 0: the loss is nan, stopping; the last good checkpoint is {out}/ckpt.pt "
+                                  "(step 0)") in capsys.readouterr().err.splitlines()
+
+
+def test_real_data_is_not_caption_scored_even_with_eval_every(tmp_path, monkeypatch):
+    # the caption score is the synthetic set's: on --data, --eval-every leaves the score column empty
+    monkeypatch.setattr(datamod, "T5TextEncoder", WordsAsT5)
+    folder = tiny_token_folder(tmp_path / "tokens")
+    trainmod.main(tiny_train_args(tmp_path / "r", "--data", folder, "--steps", "2", "--batch-size", "3",
+                                  "--frames", "32", "--clips-per-track", "0", "--layers", "1", "--eval-every", "1"))
+    rows = list(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
+    assert [(r["step"], r["caption_score"]) for r in rows] == [("1", ""), ("2", "")]
+
+
+def test_compile_trains_the_compiled_model(tmp_path, monkeypatch):
+    # --compile: the loop calls what compile_model returns (without --cuda-graphs: not reduce-overhead)
+    class Counting(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.calls = model, 0
+
+        def forward(self, *a):
+            self.calls += 1
+            return self.model(*a)
+    made = []
+    monkeypatch.setattr(trainmod, "compile_model", lambda model, cuda_graphs: made.append((
+        type(model), cuda_graphs, Counting(model))) or made[-1][2])
+    trainmod.main(tiny_train_args(tmp_path / "c", "--steps", "2", "--layers", "1", "--grad-accum", "2", "--compile"))
+    assert [(cls, graphs, wrapper.calls) for cls, graphs, wrapper in made] == [(TextToMusicLM, False, 4)]
+
+
+def test_no_kernels_is_not_refused_for_mamba_ssms_conv_width(tmp_path, monkeypatch):
+    # --no-kernels trains on ssd_reference, whose conv takes any width: no refusal (the next check is reached)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fast, "available", lambda: True)
+
+    def reached(args, device):
+        raise RuntimeError("past the conv check")
+    monkeypatch.setattr(trainmod, "check_model_fits", reached)
+    with pytest.raises(RuntimeError, match="past the conv check"):
+        trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "1", "--d-state", "18", "--mamba-train",
+                                      "keep_states", "--device", "cuda", "--no-kernels"))
+
+
+def test_a_warmup_as_long_as_the_run_exactly_is_noted_too(tmp_path, capsys):
+    trainmod.main(tiny_train_args(tmp_path / "a", "--steps", "2", "--layers", "1", "--warmup", "2"))
+    assert ("note: --warmup 2 is not below --steps 2: the learning rate rises for the whole run, to 0.001, and "
+            "never decays") in capsys.readouterr().err.splitlines()
+
+
+def test_stage2_micro_batches_share_the_steps_count_of_real_frames(tmp_path, monkeypatch):
+    # --grad-accum 2 of batch 2, 32 frames: each micro-batch's loss is its share of the step's 4 x 32 real frames,
+    # and the logged loss is the sum of the shares
+    seen, forward = [], stage2.Stage2Diffusion.forward
+
+    def spy(self, codes, text, text_mask, count=None):
+        loss = forward(self, codes, text, text_mask, count)
+        seen.append((None if count is None else count.item(), loss.item()))
+        return loss
+    monkeypatch.setattr(stage2.Stage2Diffusion, "forward", spy)
+    out = tmp_path / "s2"
+    trainmod.main(["--stage", "2", "--frames", "32", "--batch-size", "2", "--grad-accum", "2", "--steps", "1",
+                   "--out", str(out)])
+    assert [count for count, _ in seen] == [128.0, 128.0]
+    assert read_losses(out) == [pytest.approx(seen[0][1] + seen[1][1], abs=1e-6)]
