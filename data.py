@@ -99,6 +99,13 @@ def fail(message):
     raise BadInput(message)
 
 
+def first_line(error):
+    """The first line of an exception's message, for a one-line report; its type's name where the message
+    is empty (a damaged pickle's MemoryError(), an assert without a text), so that no report of a bad file
+    becomes an IndexError."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 # Command lines (data.py, train.py, generate.py, bench.py): a bad flag is reported the way argparse
 # reports it, "PROG: error: argument --FLAG: expected ..., not 'VALUE'", but as that one line, without
 # the usage lines, and exit code 2 (fail). Values are checked where they are parsed (the type=
@@ -395,7 +402,7 @@ def from_pretrained(cls, name_or_path, what, flag, check_config=None):
         try:
             return loader.from_pretrained(name_or_path)
         except Exception as e:  # not found (OSError), a folder cut short or damaged (safetensors', tokenizers' errors)
-            fail(f"could not load {what} {name_or_path!r} ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+            fail(f"could not load {what} {name_or_path!r} ({first_line(e)}); "
                  f"without internet, download it elsewhere and pass its local folder ({flag} PATH)")
     if check_config is not None:
         check_config(load(cls.config_class))
@@ -757,7 +764,7 @@ def out_of_memory(error):
     for e in (error, error.__cause__):
         if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or isinstance(e, RuntimeError) and (
                 "can't allocate memory" in str(e) or str(e).strip() == "std::bad_alloc"):
-            return (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return first_line(e)
     return None
 
 

@@ -136,7 +136,7 @@ def load_mono(path, sample_rate):
     try:
         audio, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile's message names the problem
-        fail(f"{path}: unreadable audio ({str(e).splitlines()[0]})")
+        fail(f"{path}: unreadable audio ({datamod.first_line(e)})")
     if audio.size == 0:
         fail(f"{path}: no audio samples (an empty or damaged file)")
     try:
@@ -255,7 +255,7 @@ def load_openl3(path, device):
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
     except Exception as e:
-        fail(f"--openl3 {path}: not OpenL3 mel256/music/512 weights ({str(e).splitlines()[0][:200]})")
+        fail(f"--openl3 {path}: not OpenL3 mel256/music/512 weights ({datamod.first_line(e)[:200]})")
     return model.eval().to(device)
 
 
@@ -402,7 +402,7 @@ def load_passt(path, device):
                         embed_dim=width, depth=depth, num_heads=max(1, width // 64), distilled=True)
             net.load_state_dict(checkpoint_filter_fn(state, net))
     except Exception as e:
-        fail(f"--passt {path}: not PaSST weights ({str(e).splitlines()[0][:200]})")
+        fail(f"--passt {path}: not PaSST weights ({datamod.first_line(e)[:200]})")
     with _quiet():
         mel = AugmentMelSTFT(n_mels=128, sr=PASST_SR, win_length=800, hopsize=320, n_fft=1024, freqm=48, timem=192,
                              htk=False, fmin=0.0, fmax=None, norm=1, fmin_aug_range=10, fmax_aug_range=2000)
@@ -437,7 +437,7 @@ def load_clap(name, device):
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except Exception as e:
         where = "folder" if os.path.isdir(name) else "name (not a local folder, not in the Hugging Face cache)"
-        fail(f"--clap {name}: cannot load a CLAP model from this {where}: {str(e).splitlines()[0][:160]}")
+        fail(f"--clap {name}: cannot load a CLAP model from this {where}: {datamod.first_line(e)[:160]}")
     return model.eval().to(device), extractor, tokenizer
 
 

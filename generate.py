@@ -176,7 +176,7 @@ def open_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a cut or damaged file: pickle, zip and torch errors of every kind
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {datamod.first_line(e)})")
     if not isinstance(ckpt, dict) or "kind" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path}: not an ssmttm checkpoint")
     missing = [key for key in CHECKPOINT_KEYS.get(ckpt["kind"], ()) if key not in ckpt]
@@ -196,7 +196,7 @@ def build_model(ckpt, path, config_class, model_class):
         model = model_class(config_class(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
-        datamod.fail(f"{path}: its config and weights do not make a model ({str(e).splitlines()[0][:200]})")
+        datamod.fail(f"{path}: its config and weights do not make a model ({datamod.first_line(e)[:200]})")
     return model
 
 
@@ -402,7 +402,7 @@ def read_prompt_codes(path, needed):
     except FileNotFoundError:
         datamod.fail(f"{flag}: not found")
     except (OSError, ValueError) as e:
-        datamod.fail(f"{flag}: not a .npy of codes ({str(e).splitlines()[0]})")
+        datamod.fail(f"{flag}: not a .npy of codes ({datamod.first_line(e)})")
     if codes.ndim != 2 or codes.dtype.kind not in "iu" or codes.size == 0 or codes.min() < 0 or codes.max() >= 1024:
         datamod.fail(f"{flag}: want codes (codebooks, frames) between 0 and 1023, as generate.py writes them; got "
                      f"{codes.dtype} {codes.shape}")

@@ -12090,3 +12090,33 @@ def test_stage2_micro_batches_share_the_steps_count_of_real_frames(tmp_path, mon
                    "--out", str(out)])
     assert [count for count, _ in seen] == [128.0, 128.0]
     assert read_losses(out) == [pytest.approx(seen[0][1] + seen[1][1], abs=1e-6)]
+
+
+def test_a_file_whose_loader_raises_without_a_message_is_still_one_line(tmp_path, monkeypatch, capsys):
+    # a checkpoint with one byte flipped in a pickle length or opcode makes torch.load raise MemoryError() with no
+    # text (seen on torch 2.13 for 7 of 300 single-byte flips of a small checkpoint); each bad-file report names
+    # the exception instead of failing on the empty message's first line
+    def raises(*args, **kwargs):
+        raise MemoryError()
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"PK\x03\x04 damaged")
+    monkeypatch.setattr(torch, "load", raises)
+    with pytest.raises(SystemExit) as e:
+        trainmod.load_checkpoint(str(path), flag="--init-from")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"--init-from {path}: not a readable checkpoint (MemoryError: MemoryError)\n"
+    with pytest.raises(genmod.CheckpointError) as e:
+        genmod.open_checkpoint(str(path))
+    assert str(e.value) == f"{path}: not a readable checkpoint (MemoryError: MemoryError)"
+    monkeypatch.setattr(np, "load", lambda *a, **k: (_ for _ in ()).throw(ValueError()))
+    with pytest.raises(datamod.BadInput):
+        genmod.read_prompt_codes(str(path), 4)
+    assert capsys.readouterr().err == f"--continue {path}: not a .npy of codes (ValueError)\n"
+    import soundfile
+    monkeypatch.setattr(soundfile, "read", raises)
+    with pytest.raises(SystemExit) as e:
+        evaluate.load_mono(str(path), 32000)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"evaluate.py: error: {path}: unreadable audio (MemoryError)\n"
+    assert [datamod.first_line(x) for x in (MemoryError(), AssertionError(" \n"), OSError("a\nb"))] == [
+        "MemoryError", "AssertionError", "a"]

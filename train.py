@@ -378,7 +378,7 @@ def load_checkpoint(path, keys=("model", "optimizer", "scheduler", "step", "rng"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a cut or damaged file: pickle, zip and torch errors of every kind
-        datamod.fail(f"{where}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+        datamod.fail(f"{where}: not a readable checkpoint ({type(e).__name__}: {datamod.first_line(e)})")
     missing = set(keys) - set(ckpt) if isinstance(ckpt, dict) else set(keys)
     if missing:
         datamod.fail(f"{where}: not a train.py checkpoint (no {', '.join(sorted(missing))})")
