@@ -12120,3 +12120,192 @@ def test_a_file_whose_loader_raises_without_a_message_is_still_one_line(tmp_path
     assert capsys.readouterr().err == f"evaluate.py: error: {path}: unreadable audio (MemoryError)\n"
     assert [datamod.first_line(x) for x in (MemoryError(), AssertionError(" \n"), OSError("a\nb"))] == [
         "MemoryError", "AssertionError", "a"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Mutation sweep h1: ssd_reference.py and train.py's run folder and checkpoints
+
+
+@pytest.mark.parametrize("ssd", ["sequential", "chunked"])
+def test_ssd_refuses_a_d_that_only_broadcasts_over_the_heads(ssd):
+    # D of one value (or a column) broadcast over the 4 heads: refused like every other argument of another shape
+    x, dt, A, B, C, D, h0 = ssd_inputs(2, 5, 4, 3, 2, 6, seed=14)
+    for bad in (D[:1], D[:, None]):
+        with pytest.raises(ValueError) as e:
+            if ssd == "sequential":
+                ssd_sequential(x, dt, A, B, C, bad, h0)
+            else:
+                ssd_chunked(x, dt, A, B, C, 4, bad, h0)
+        assert str(e.value) == f"D {tuple(bad.shape)}: want (4,) for x (2, 5, 4, 3) (b, l, h, p)"
+    run = ssd_sequential if ssd == "sequential" else functools.partial(ssd_chunked, chunk_size=4)
+    with pytest.raises(ValueError) as e:  # of two wrong, the first in the docstring's order: dt before D and the state
+        run(x, dt[:, :4], A, B, C, D=D[:1], initial_state=h0[0])
+    assert str(e.value) == "dt (2, 4, 4): want (2, 5, 4) for x (2, 5, 4, 3) (b, l, h, p)"
+    with pytest.raises(ValueError) as e:  # 3 heads in 2 groups
+        run(x[:, :, :3], dt[:, :, :3], A[:3], B, C, D=D[:3], initial_state=h0[:, :3])
+    assert str(e.value) == "3 heads do not split into 2 groups of B and C"
+
+
+def test_ssd_chunked_equals_sequential_at_large_steps():
+    # dt of 20 to 100 (a step that forgets the state): the chunks weigh each input by its whole dt
+    x, dt, A, B, C, D, h0 = ssd_inputs(1, 9, 2, 3, 1, 4, seed=15)
+    dt = 20 + 80 * torch.rand(1, 9, 2, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    y_seq, h_seq = ssd_sequential(x, dt, A, B, C, D, h0)
+    y_chk, h_chk = ssd_chunked(x, dt, A, B, C, 4, D, h0)
+    torch.testing.assert_close(y_chk, y_seq, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h_chk, h_seq, rtol=1e-10, atol=1e-10)
+
+
+def test_resume_of_a_one_process_run_under_two_names_one_process(tmp_path, capsys):
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "1", "--layers", "1"))
+    capsys.readouterr()
+    args, given = trainmod.parse_args(tiny_train_args(out, "--steps", "2", "--layers", "1", "--resume"))
+    with pytest.raises(SystemExit) as e:
+        trainmod.resume_or_start(args, given, 2)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"--resume: {out}/ckpt.pt was saved by 1 process and this run has 2; resume it with as many "
+        "(torchrun --nproc_per_node 1)\n")
+
+
+def test_resume_without_a_checkpoint_is_one_line_and_makes_no_folder(tmp_path, capsys):
+    stopped = tmp_path / "stopped"  # a run folder without its checkpoint (stopped before the first)
+    stopped.mkdir()
+    (stopped / "metrics.csv").write_text("step,loss\n")
+    for out in (tmp_path / "new", stopped):
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(tiny_train_args(out, "--steps", "2", "--resume"))
+        assert e.value.code == 2 and capsys.readouterr().err == f"--resume: no checkpoint at {out}/ckpt.pt\n"
+    assert not (tmp_path / "new").exists() and sorted(os.listdir(stopped)) == ["metrics.csv"]
+
+
+def test_check_new_run_folder_takes_only_a_run_folders_files(tmp_path, capsys):
+    def refused(folder):
+        with pytest.raises(SystemExit) as e:
+            trainmod.check_new_run_folder(str(folder))
+        assert e.value.code == 2
+        return capsys.readouterr().err
+    three = tmp_path / "three"  # three other files: all named, without "and 0 more"
+    three.mkdir()
+    for name in ("c", "a", "b"):
+        (three / name).write_text("")
+    assert refused(three) == (f"--out {three}: holds files that are not a train.py run's (a, b, c); pass a new or "
+                              "empty folder\n")
+    run = tmp_path / "run"  # a run stopped before its first checkpoint: taken
+    run.mkdir()
+    for name in ("metrics.csv", ".lock", "ckpt.pt.tmp"):
+        (run / name).write_text("")
+    (run / "config.json").write_text('{"args": {}, "model": {}, "processes": 1}')
+    assert trainmod.check_new_run_folder(str(run)) is None
+    # a config.json that is not train.py's: without "model", a list of the two names, not JSON at all
+    for text in ('{"args": {}}', '["args", "model"]', '{"args": {}, "model"'):
+        (run / "config.json").write_text(text)
+        assert refused(run) == (f"--out {run}: holds files that are not a train.py run's (config.json); pass a new or "
+                                "empty folder\n"), text
+
+
+def test_read_metrics_refuses_each_row_train_py_does_not_write(tmp_path, capsys):
+    path = tmp_path / "metrics.csv"
+    header, good = ",".join(trainmod.METRICS), "1,6.9,1.000e-03,1.0,100.0,0.5,"
+    path.write_text(f"{header}\n{good}\n2,6.8,1.000e-03,1.0,100.0,1.0,0.25\n")
+    assert [(r["step"], r["caption_score"]) for r in trainmod.read_metrics(str(path), 2)] == [("1", ""), ("2", "0.25")]
+    assert [r["step"] for r in trainmod.read_metrics(str(path), 1)] == ["1"]
+    for text, line in ((f"{header}\n{good},7\n", 2),                             # a field more than the header
+                       (f"{header}\n1.5,6.9,1.000e-03,1.0,100.0,0.5,\n", 2),     # a step that is not a whole number
+                       (f"{header}\n{good}\n2,,1.000e-03,1.0,100.0,1.0,\n", 3),  # no loss
+                       ("step,lr\n1,1.000e-03\n", 2)):                           # no loss column at all
+        path.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            trainmod.read_metrics(str(path), 5)
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"{path}:{line}: not a row of train.py's metrics; move the file away to resume without the earlier rows\n")
+
+
+def test_a_checkpoint_that_holds_no_dict_is_one_line(tmp_path, capsys):
+    path = tmp_path / "ckpt.pt"
+    torch.save(7, path)
+    with pytest.raises(SystemExit) as e:
+        trainmod.load_checkpoint(str(path))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{path}: not a train.py checkpoint (no args, model, optimizer, rng, scheduler, step)\n")
+
+
+def test_a_folder_refused_as_another_programs_gets_no_lock_file(tmp_path, capsys):
+    other = tmp_path / "t5"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(other, "--steps", "1"))
+    assert e.value.code == 2 and os.listdir(other) == ["model.safetensors"]
+
+
+def test_resume_without_metrics_csv_starts_it_again(tmp_path):
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "2", "--layers", "1", "--log-every", "1"))
+    (out / "metrics.csv").unlink()  # moved away, as read_metrics' errors advise
+    trainmod.main(tiny_train_args(out, "--steps", "3", "--layers", "1", "--log-every", "1", "--resume"))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["3"] and list(rows[0]) == trainmod.METRICS
+
+
+def test_init_from_a_checkpoint_that_names_no_models_notes_nothing(tmp_path, capsys):
+    # a checkpoint whose text encoder and DAC carry no name (saved before names were kept): nothing to compare
+    folder = tiny_token_folder(tmp_path / "tokens")
+    src = tmp_path / "src.pt"
+    torch.save({"kind": "stage2", "config": {}, "model": {}, "step": 4, "text_encoder": {"kind": "t5"},
+                "codec": {"kind": "dac"}}, src)
+    args, given = trainmod.parse_args(["--stage", "2", "--data", folder, "--dac", "my/dac", "--t5", "my/t5",
+                                       "--init-from", str(src), "--out", str(tmp_path / "ft")])
+    capsys.readouterr()
+    assert trainmod.init_from(args, given)["step"] == 4 and args.init_from_step == 4
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_keeps_the_rows_of_a_metrics_csv_with_a_column_of_its_own(tmp_path):
+    # a column added to metrics.csv (a note typed in a spreadsheet): its rows are train.py's, kept without it
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "2", "--layers", "1", "--log-every", "1"))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, [*trainmod.METRICS, "note"], lineterminator="\n")
+        w.writeheader()
+        w.writerows({**r, "note": "ok"} for r in rows)
+    trainmod.main(tiny_train_args(out, "--steps", "3", "--layers", "1", "--log-every", "1", "--resume"))
+    again = list(csv.DictReader(open(out / "metrics.csv")))
+    assert list(again[0]) == trainmod.METRICS and again[:2] == rows and again[2]["step"] == "3"
+
+
+def test_a_new_run_replaces_the_metrics_of_a_stopped_run_however_damaged(tmp_path):
+    # a run folder stopped before its first checkpoint: a new run writes its own metrics.csv, not reading the old
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.csv").write_bytes(b"step,loss\nabc,\xff\n")
+    trainmod.main(tiny_train_args(out, "--steps", "1", "--layers", "1"))
+    assert [r["step"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["1"]
+
+
+def test_resume_keeps_a_local_model_folder_of_an_older_checkpoint_as_an_absolute_path(tmp_path, monkeypatch):
+    # a checkpoint saved before model folders were kept absolute holds --t5 as typed; the resumed run records it
+    # as parse_args does, from this working directory
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_t5").mkdir()
+    out = tmp_path / "r"
+    trainmod.main(tiny_train_args(out, "--steps", "1", "--layers", "1"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    torch.save({**ckpt, "args": {**ckpt["args"], "t5": "my_t5"}}, out / "ckpt.pt")
+    trainmod.main(tiny_train_args(out, "--steps", "2", "--layers", "1", "--resume"))
+    assert json.loads((out / "config.json").read_text())["args"]["t5"] == str(tmp_path / "my_t5")
+    assert torch.load(out / "ckpt.pt", weights_only=False)["args"]["t5"] == str(tmp_path / "my_t5")
+
+
+def test_resume_of_an_older_checkpoint_takes_its_init_from_as_typed_from_here(tmp_path, monkeypatch):
+    # a fine-tuned run's checkpoint saved before 2026-12-06 holds --init-from as typed (relative): typed again the
+    # same way from the same folder, it is the same source checkpoint
+    monkeypatch.chdir(tmp_path)
+    trainmod.main(tiny_train_args(tmp_path / "src", "--steps", "1"))
+    ft = tiny_train_args(tmp_path / "ft", "--steps", "2", "--init-from", "src/ckpt.pt")
+    trainmod.main([*ft, "--stop-after", "1"])
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
+    torch.save({**ckpt, "args": {**ckpt["args"], "init_from": "src/ckpt.pt"}}, tmp_path / "ft" / "ckpt.pt")
+    trainmod.main([*ft, "--resume"])
+    assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)["step"] == 2
