@@ -53,6 +53,7 @@ how well codes follow their caption (our offline stand-in for the CLAP score).
 import argparse
 import codecs
 import csv
+import contextlib
 import decimal
 import io
 import json
@@ -768,15 +769,27 @@ def out_of_memory(error):
     return None
 
 
-def atomic_write_text(path, text):
-    """Replace a file with text in one step: a crash leaves the old file or the new, on disk."""
+def atomic_write_bytes(path, data):
+    """Replace a file with data in one step: a temp file (path + ".tmp"), synced, renamed over path, and
+    the folder synced, so that a crash leaves the old file or the new, on disk. A write that fails (a full
+    disk) leaves no temp file."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     fsync_dir(os.path.dirname(path) or ".")
+
+
+def atomic_write_text(path, text):
+    """atomic_write_bytes of text in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------------------

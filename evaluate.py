@@ -805,10 +805,10 @@ def plot_convergence(table, budget, path, smooth=10):
                  f"d_model {budget['d_model']}, batch {budget['batch_size']} x {budget['frames']} frames, "
                  f"lr {budget['lr']:g}, seed {budget['seed']}", fontsize=10)
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=90)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
+    datamod.atomic_write_bytes(path, png.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------

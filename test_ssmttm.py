@@ -9267,6 +9267,17 @@ def test_each_of_two_processes_seeds_its_rngs_with_seed_plus_its_rank(tmp_path):
                                   "--seed", "4"))
     one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["rng"][0]["torch"]
     assert torch.equal(rng[1]["torch"], one) and not torch.equal(rng[0]["torch"], one)
+    # a resume that rank 0 refuses after the folder's lock (a damaged metrics.csv): both processes stop with
+    # rank 0's one line and exit code 2, and process 1 does not go on to fail in the first step's all-reduce
+    (tmp_path / "r" / "metrics.csv").write_text("step,loss\nx,y\n")
+    again = [*args[:args.index("--steps")], "--steps", "2", *args[args.index("--steps") + 2:], "--resume"]
+    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "train.py", *again], capture_output=True, text=True, cwd=HERE,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert refused.returncode != 0 and "[rank1]" not in refused.stderr, refused.stderr[-3000:]
+    assert (f"{tmp_path}/r/metrics.csv:2: not a row of train.py's metrics; move the file away to resume without "
+            "the earlier rows") in refused.stderr.splitlines()
+    assert "exitcode  : 2" in refused.stderr and "exitcode  : 1" not in refused.stderr, refused.stderr[-3000:]
 
 
 def test_tokens_per_second_counts_every_audio_token_of_a_step(tmp_path, monkeypatch):
@@ -12309,3 +12320,23 @@ def test_resume_of_an_older_checkpoint_takes_its_init_from_as_typed_from_here(tm
     torch.save({**ckpt, "args": {**ckpt["args"], "init_from": "src/ckpt.pt"}}, tmp_path / "ft" / "ckpt.pt")
     trainmod.main([*ft, "--resume"])
     assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)["step"] == 2
+
+
+def test_atomic_write_leaves_the_old_file_and_no_temp_file_when_the_write_fails(tmp_path, monkeypatch):
+    # a full disk (the sync fails) or a failed rename: the old file stays whole and no .tmp is left in the folder
+    # (train.py's and data.py's folders refuse files they do not know); a write that succeeds syncs all its bytes
+    path = tmp_path / "config.json"
+    path.write_text("old")
+    sizes, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (sizes.append(os.fstat(fd).st_size), real_fsync(fd))[1])
+    datamod.atomic_write_text(str(path), "é" * 3000)
+    assert path.read_text(encoding="utf-8") == "é" * 3000 and sizes[0] == 6000 and os.listdir(tmp_path) == [path.name]
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+    for failing in ("fsync", "replace"):
+        with monkeypatch.context() as m:
+            m.setattr(os, failing, lambda *a: full_disk(None, None))
+            with pytest.raises(OSError, match="No space left"):
+                datamod.atomic_write_text(str(path), "new")
+        assert path.read_text(encoding="utf-8") == "é" * 3000 and os.listdir(tmp_path) == [path.name], failing

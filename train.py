@@ -600,6 +600,15 @@ def lock_run_folder(args, world, rank):
             lock = lock_file(args.out)
         except datamod.BadInput as e:
             error = e
+    share_refusal(world, error)
+    return lock
+
+
+def share_refusal(world, error):
+    """Raise rank 0's refusal of the run (error: the datamod.BadInput of its checks, whose one line it
+    printed; None where it had none, and on the other ranks) in every process: under torchrun, exit code 2
+    on the other ranks too, instead of their waiting in (or failing out of) a collective with a process
+    that stopped. A collective itself: every process calls it at the same point."""
     if world > 1:
         ok = [error is None]
         dist.broadcast_object_list(ok, src=0)
@@ -607,7 +616,6 @@ def lock_run_folder(args, world, rank):
             raise error if error is not None else SystemExit(2)
     if error is not None:
         raise error
-    return lock
 
 
 def prepare_run_folder(args, model_config, step, resumed, world):
@@ -1006,14 +1014,19 @@ def run_training(args, given, world, rank, device, lock):
               f"lr {args.lr} | {args.steps} steps | out {args.out}")
         if source is not None:
             print(f"starting from the weights of {args.init_from} (step {args.init_from_step})")
-    late = None  # the lock on a folder this run makes (a run that stops before leaves no folder behind)
+    late, error = None, None  # the lock on a folder this run makes (one that stops before leaves no folder)
     try:
         if run.master:
-            if lock is None:
-                datamod.make_folder(args.out)
-                late = lock_file(args.out)
-                check_run_folder(args)  # again, under the lock: another run may have made the folder meanwhile
-            prepare_run_folder(args, model_config, step, resumed=ckpt is not None, world=run.world)
+            try:
+                if lock is None:
+                    datamod.make_folder(args.out)
+                    late = lock_file(args.out)
+                    check_run_folder(args)  # again, under the lock: another run may have made the folder meanwhile
+                prepare_run_folder(args, model_config, step, resumed=ckpt is not None, world=run.world)
+            except datamod.BadInput as e:  # (a metrics.csv that is not train.py's, on resume)
+                error = e
+        share_refusal(world, error)
+        if run.master:
             if ckpt is None and args.warmup >= args.steps:  # after the folder's checks: no note before an error
                 print(f"note: --warmup {args.warmup} is not below --steps {args.steps}: the learning rate rises for "
                       f"the whole run, to {lr_at(args.steps - 1, args):.3g}, and never decays", file=sys.stderr)
