@@ -12340,3 +12340,415 @@ def test_atomic_write_leaves_the_old_file_and_no_temp_file_when_the_write_fails(
             with pytest.raises(OSError, match="No space left"):
                 datamod.atomic_write_text(str(path), "new")
         assert path.read_text(encoding="utf-8") == "é" * 3000 and os.listdir(tmp_path) == [path.name], failing
+
+
+def test_setup_processes_of_two_joins_one_gloo_group_and_a_single_process_none(monkeypatch):
+    # torchrun --nproc_per_node 2 on the CPU: rank 1 of 2 joins a gloo group; without torchrun's variables the
+    # run is one process of rank 0 that joins no group
+    backends = []
+    monkeypatch.setattr(trainmod.dist, "init_process_group", lambda backend, **kw: backends.append(backend))
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("LOCAL_RANK", "1")
+    assert trainmod.setup_processes(argparse.Namespace(device="cpu")) == (2, 1, "cpu") and backends == ["gloo"]
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    assert trainmod.setup_processes(argparse.Namespace(device="cpu")) == (1, 0, "cpu") and backends == ["gloo"]
+
+
+def test_lock_run_folder_under_torchrun_stops_every_process_with_rank_0s_refusal(tmp_path, monkeypatch, capsys):
+    # rank 0 checks and locks an existing folder and broadcasts whether it could; rank 1 never opens the lock
+    # file, and stops with exit code 2 (rank 0 printed the one line) when rank 0 could not
+    sent = []
+
+    def broadcast(objects, src):  # rank 0 sends its list; the other ranks receive rank 0's
+        assert src == 0
+        if sent and sent[-1][0] == "received":
+            objects[:] = sent.pop()[1]
+        else:
+            sent.append(("sent", list(objects)))
+    monkeypatch.setattr(trainmod.dist, "broadcast_object_list", broadcast)
+    other = tmp_path / "t5"  # another program's folder
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"weights")
+    args = argparse.Namespace(out=str(other), resume=False)
+    with pytest.raises(SystemExit) as e:
+        trainmod.lock_run_folder(args, 2, 0)
+    assert e.value.code == 2 and sent == [("sent", [False])] and os.listdir(other) == ["model.safetensors"]
+    assert capsys.readouterr().err.startswith(f"--out {other}: holds files that are not a train.py run's")
+    sent[:] = [("received", [False])]
+    with pytest.raises(SystemExit) as e:
+        trainmod.lock_run_folder(args, 2, 1)
+    assert e.value.code == 2 and sent == [] and capsys.readouterr() == ("", "")
+    run = tmp_path / "run"  # a run's folder that rank 0 locks: rank 1 goes on, holding no lock
+    run.mkdir()
+    sent[:] = [("received", [True])]
+    assert trainmod.lock_run_folder(argparse.Namespace(out=str(run), resume=False), 2, 1) is None
+    assert sent == [] and os.listdir(run) == []
+    lock = trainmod.lock_run_folder(argparse.Namespace(out=str(run), resume=False), 2, 0)
+    try:
+        assert sent == [("sent", [True])] and os.listdir(run) == [".lock"]
+    finally:
+        lock.close()
+
+
+def test_save_checkpoint_of_two_processes_is_written_by_rank_0_with_both_rng_states(tmp_path, monkeypatch):
+    # every process gathers the RNG states (a collective: all of them take part), then rank 0 alone writes
+    # OUT/ckpt.pt, holding process r's states at rng[r]; rank 1 writes nothing and leaves metrics.csv alone
+    from types import SimpleNamespace
+    gathered = []
+
+    def all_gather_object(out, obj):
+        gathered.append(obj)
+        out[:] = [{"rank": 0}, {"rank": 1}]
+    monkeypatch.setattr(trainmod.dist, "all_gather_object", all_gather_object)
+    model = TextToMusicLM(tiny_config())
+    opt = model.configure_optimizers(1e-3, 0.0, (0.9, 0.999), "cpu")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    args = argparse.Namespace(out=str(tmp_path), stage=1, data=None)
+    (tmp_path / "metrics.csv").write_text("step\n")
+
+    def run(rank):
+        return trainmod.Run(args=args, world=2, rank=rank, device="cpu", dataset=None, n_examples=None, frames=8,
+                            text_encoder=SimpleNamespace(spec={"kind": "words"}), model=model, trained=model,
+                            model_config={"d_model": 32}, optimizer=opt, scheduler=sched)
+    trainmod.save_checkpoint(run(1), 5, {"rank": 1})
+    assert gathered == [{"rank": 1}] and sorted(os.listdir(tmp_path)) == ["metrics.csv"]
+    trainmod.save_checkpoint(run(0), 5, {"rank": 0})
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert gathered == [{"rank": 1}, {"rank": 0}] and sorted(os.listdir(tmp_path)) == ["ckpt.pt", "metrics.csv"]
+    assert ckpt["rng"] == [{"rank": 0}, {"rank": 1}] and ckpt["step"] == 5 and ckpt["kind"] == "stage1"
+    assert (tmp_path / "metrics.csv").read_text() == "step\n"
+
+
+def test_atomic_save_syncs_the_whole_file_and_takes_a_path_without_a_folder(tmp_path, monkeypatch):
+    # the temp file is synced with all of its bytes written (flushed before the fsync: a power cut after the
+    # rename keeps the whole checkpoint), and a bare file name (the working directory's) is saved there too
+    sizes, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (sizes.append(os.fstat(fd).st_size), real_fsync(fd))[1])
+    monkeypatch.chdir(tmp_path)
+    trainmod.atomic_save({"step": 4, "weights": torch.arange(5000)}, "ckpt.pt")
+    monkeypatch.undo()
+    assert sizes[0] == os.path.getsize(tmp_path / "ckpt.pt") and os.listdir(tmp_path) == ["ckpt.pt"]
+    assert torch.equal(torch.load(tmp_path / "ckpt.pt", weights_only=False)["weights"], torch.arange(5000))
+
+
+def test_ctrl_c_guards_hold_nothing_off_the_main_thread_and_hold_a_ctrl_c_to_the_end_of_the_block():
+    # in another thread (signal handlers are the main thread's) both guards leave the handler as it is and
+    # ctrl_c_agreed yields None; in the main thread a Ctrl-C inside ctrl_c_held lets the block finish first
+    import signal
+    import threading
+    seen = []
+
+    def other_thread():
+        with trainmod.ctrl_c_held():
+            seen.append(signal.getsignal(signal.SIGINT))
+        with trainmod.ctrl_c_agreed(argparse.Namespace(world=2, device="cpu")) as any_process:
+            seen.append(any_process)
+    thread = threading.Thread(target=other_thread)
+    thread.start(), thread.join()
+    assert seen == [signal.getsignal(signal.SIGINT), None]
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with trainmod.ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("after the signal")
+    assert done == ["after the signal"]
+
+
+def test_ctrl_c_agreed_stops_every_process_when_any_one_was_sent_ctrl_c(monkeypatch):
+    # the flag all-reduced by its maximum (here the other process's flag stands in for gloo's): a process sent
+    # Ctrl-C holds it (no KeyboardInterrupt inside the loop) and says so; one not sent it learns it from the other
+    import signal
+    other = []
+
+    def all_reduce(flag, op):
+        assert op == trainmod.dist.ReduceOp.MAX
+        flag.copy_(torch.maximum(flag, torch.tensor([other[0]])))
+    monkeypatch.setattr(trainmod.dist, "all_reduce", all_reduce)
+    run = argparse.Namespace(world=2, device="cpu")
+    for mine, theirs, agreed in ((False, 0.0, False), (False, 1.0, True), (True, 0.0, True), (True, 1.0, True)):
+        other[:] = [theirs]
+        with trainmod.ctrl_c_agreed(run) as any_process:
+            if mine:
+                os.kill(os.getpid(), signal.SIGINT)
+            assert any_process() is agreed, (mine, theirs)
+
+
+def test_prepare_run_folder_writes_the_settings_and_the_metrics_rows_up_to_the_step(tmp_path):
+    # config.json: the settings, the model's and the number of processes; metrics.csv on resume: the header and
+    # the rows up to the checkpoint's step, in METRICS' columns; a new run: the header alone
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("step,loss,lr,grad_norm,tokens_per_s,elapsed_s,caption_score\n"
+                                     "1,2.5,1.000e-03,0.5000,100.0,1.0,\n2,2.25,1.000e-03,0.4000,100.0,2.0,0.5000\n"
+                                     "3,2.0,1.000e-03,0.3000,100.0,3.0,\n")
+    args = argparse.Namespace(out=str(out), steps=9, seed=1)
+    trainmod.prepare_run_folder(args, {"d_model": 32}, 2, resumed=True, world=2)
+    assert json.loads((out / "config.json").read_text()) == {"args": {"out": str(out), "steps": 9, "seed": 1},
+                                                            "model": {"d_model": 32}, "processes": 2}
+    assert (out / "metrics.csv").read_bytes() == (b"step,loss,lr,grad_norm,tokens_per_s,elapsed_s,caption_score\n"
+                                                  b"1,2.5,1.000e-03,0.5000,100.0,1.0,\n"
+                                                  b"2,2.25,1.000e-03,0.4000,100.0,2.0,0.5000\n")
+    trainmod.prepare_run_folder(args, {"d_model": 32}, 0, resumed=False, world=1)
+    assert (out / "metrics.csv").read_bytes() == b"step,loss,lr,grad_norm,tokens_per_s,elapsed_s,caption_score\n"
+    assert json.loads((out / "config.json").read_text())["processes"] == 1
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.csv"]
+
+
+def test_init_from_names_the_flag_for_a_missing_checkpoint_or_one_without_its_keys(tmp_path, capsys):
+    # the one line names --init-from and the file; a checkpoint lacking what a fine-tuning run reads (here an
+    # evaluate.py-style dict of weights only) is refused before anything is built
+    missing, weights = tmp_path / "missing.pt", tmp_path / "weights.pt"
+    torch.save({"model": {}}, weights)
+    for path, message in ((missing, "checkpoint not found"),
+                          (weights, "not a train.py checkpoint (no config, kind, step, text_encoder)")):
+        args, given = trainmod.parse_args(["--init-from", str(path), "--out", str(tmp_path / "ft")])
+        with pytest.raises(SystemExit) as e:
+            trainmod.init_from(args, given)
+        assert e.value.code == 2 and capsys.readouterr().err == f"--init-from {path}: {message}\n"
+
+
+def test_load_source_weights_takes_another_dropout_and_chunk_size_but_no_other_field(tmp_path, capsys):
+    # dropout and chunk_size may differ from the source's (training settings); a field the source has that this
+    # run's config lacks (or has otherwise) is named with both values; the weights are the source's, bit for bit
+    source, model = tiny_model(seed=1).float(), tiny_model(seed=2).float()
+    mine = dataclasses.asdict(tiny_config(dropout=0.3, chunk_size=16))
+    args = argparse.Namespace(init_from="src.pt")
+    theirs = dataclasses.asdict(tiny_config())
+    with pytest.raises(SystemExit) as e:
+        trainmod.load_source_weights({"config": {**theirs, "extra": 1, "d_ff": 64}, "model": source.state_dict()},
+                                     model, mine, args)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "--init-from src.pt: the model config differs from this run's in d_ff (64 vs 128), extra (1 vs None)\n")
+    trainmod.load_source_weights({"config": theirs, "model": source.state_dict()}, model, mine, args)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+
+
+def test_restore_gives_rank_0_of_two_processes_its_own_rng_states_and_the_saved_step():
+    # as test_restore_puts_back_this_processs_torch_numpy_and_python_rng_states, for rank 0 (of 2) and a
+    # checkpoint of step 3: process 0's states, not the last process's
+    import random
+    model = TextToMusicLM(tiny_config())
+    opt = model.configure_optimizers(1e-3, 0.0, (0.9, 0.999), "cpu")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def seeded(seed):
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+        return trainmod.rng_states(argparse.Namespace(device="cpu"))
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": 3,
+            "rng": [seeded(11), seeded(22)]}
+    seeded(99)
+    assert trainmod.restore(ckpt, model, opt, sched, 0, "cpu") == 3
+    drawn = torch.rand(3), np.random.rand(3), random.random()
+    seeded(11)
+    assert torch.equal(drawn[0], torch.rand(3)) and np.array_equal(drawn[1], np.random.rand(3))
+    assert drawn[2] == random.random()
+
+
+def test_under_torchrun_a_ctrl_c_during_the_update_stops_only_after_the_processes_agree(tmp_path, monkeypatch):
+    # rank 0 of 2 (the step's work stubbed; the other process's flag stands in for gloo's all-reduce): Ctrl-C
+    # inside the update is held by ctrl_c_agreed, not raised at the end of the update, so this process takes
+    # part in the all-reduce of the flag after the step like the other, then saves that step and exits 130
+    import signal
+    reduced, saved = [], []
+
+    def all_reduce(flag, op):
+        reduced.append(float(flag))
+        flag.copy_(torch.maximum(flag, torch.zeros(1)))
+
+    def update(run):
+        os.kill(os.getpid(), signal.SIGINT)
+        return 0.5, 1e-3
+    monkeypatch.setattr(trainmod.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(trainmod, "accumulate_gradients", lambda run, step: 2.0)
+    monkeypatch.setattr(trainmod, "apply_update", update)
+    monkeypatch.setattr(trainmod, "save_checkpoint", lambda run, step, rng: saved.append(step))
+    args = argparse.Namespace(steps=3, stop_after=None, out=str(tmp_path), batch_size=1, grad_accum=1, eval_every=0,
+                              stage=1, data=None, log_every=1, ckpt_every=100)
+    run = trainmod.Run(args=args, world=2, rank=0, device="cpu", dataset=None, n_examples=None, frames=8,
+                       text_encoder=None, model=None, trained=None, model_config={}, optimizer=None, scheduler=None)
+    with pytest.raises(SystemExit) as e:
+        trainmod.train(run, 0, None)
+    assert e.value.code == 130 and reduced == [1.0] and saved == [1]
+    assert [r.split(",")[0] for r in (tmp_path / "metrics.csv").read_text().splitlines()] == ["1"]
+
+
+def test_a_new_run_locks_the_folder_it_makes_and_main_releases_its_lock_even_while_its_error_is_held(tmp_path,
+                                                                                                     monkeypatch):
+    # the folder a new run makes is locked while it trains (another train.py is refused there); a refused resume
+    # releases the lock at once, though the caller keeps the SystemExit (and the frames its traceback holds)
+    out = tmp_path / "r"
+    refused = []
+
+    def train(run, step, saved):
+        with pytest.raises(SystemExit) as e:
+            datamod.exclusive_lock(str(out / ".lock"), "busy")
+        refused.append(e.value.code)
+        return step, None
+    monkeypatch.setattr(trainmod, "train", train)
+    trainmod.main(tiny_train_args(out, "--steps", "1", "--layers", "1"))
+    assert refused == [2]
+    monkeypatch.undo()
+    trainmod.main(tiny_train_args(out, "--steps", "1", "--layers", "1"))
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(out, "--steps", "2", "--layers", "1", "--resume", "--lr", "0.5"))
+    assert e.value.code == 2
+    trainmod.main(tiny_train_args(out, "--steps", "2", "--layers", "1", "--resume"))
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
+
+
+def test_prepare_run_folder_rewrites_metrics_csv_in_one_commit(tmp_path, monkeypatch):
+    # the rows cut back to the step are written to a temp file renamed over metrics.csv: a crash before the
+    # rename (here the rename itself fails) leaves the old file whole
+    out = tmp_path / "run"
+    out.mkdir()
+    old = ("step,loss,lr,grad_norm,tokens_per_s,elapsed_s,caption_score\n"
+           "1,2.5,1e-3,0.5,1.0,1.0,\n2,2.0,1e-3,0.5,1.0,2.0,\n")
+    (out / "metrics.csv").write_text(old)
+    real_replace = os.replace
+
+    def replace(a, b):
+        if str(b).endswith("metrics.csv"):
+            raise OSError("cut")
+        return real_replace(a, b)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        trainmod.prepare_run_folder(argparse.Namespace(out=str(out)), {}, 1, resumed=True, world=1)
+    assert (out / "metrics.csv").read_text() == old
+
+
+def test_available_needs_cuda_and_both_kernel_packages(monkeypatch):
+    # fast.available(): CUDA, mamba-ssm and causal-conv1d, each required; accelerate refuses without any one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for mamba_ssm, causal_conv1d in ((True, True), (True, False), (False, True), (False, False)):
+        monkeypatch.setattr(kernels, "HAS_MAMBA_SSM", mamba_ssm)
+        monkeypatch.setattr(kernels, "HAS_CAUSAL_CONV1D", causal_conv1d)
+        assert fast.available() is (mamba_ssm and causal_conv1d), (mamba_ssm, causal_conv1d)
+    monkeypatch.setattr(kernels, "HAS_CAUSAL_CONV1D", False)
+    monkeypatch.setattr(kernels, "HAS_MAMBA_SSM", True)
+    with pytest.raises(RuntimeError) as e:
+        fast.accelerate(tiny_model())
+    assert str(e.value) == ("fast.accelerate needs CUDA, mamba-ssm and causal-conv1d "
+                            "(pip install -r requirements-gpu.txt --no-build-isolation)")
+    monkeypatch.setattr(kernels, "HAS_CAUSAL_CONV1D", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fast.available() is False
+
+
+def test_a_decoders_new_cache_after_a_decoding_has_no_text_mask(kernel_definitions, monkeypatch):
+    # Decoder.new_cache hands out the kept cache's states with a text mask of its own: None, even after a
+    # decoding left the kept frames' copy of the last text mask on the kept cache
+    monkeypatch.setattr(fast, "_capture", run_the_graph)
+    model, decoder = tiny_model("prefix_simba", 3), fast.Decoder(FastOptions())
+    text, mask = random_text()
+    model.generate(text, mask, 6, top_k=50, generator=torch.Generator().manual_seed(0), decoder=decoder)
+    kept = decoder._kept_cache[1]
+    assert kept.memory_mask is not None
+    cache = decoder.new_cache(model, kept.position.shape[0], 7, "cpu", next(model.parameters()).dtype)
+    assert decoder._kept_cache[1] is kept and cache.memory_mask is None and kept.memory_mask is not None
+
+
+def test_a_decoder_runs_every_prefill_of_a_model_with_cross_attention_eager(kernel_definitions, monkeypatch):
+    # cross-attention's prefill makes the text's keys and values (not filling tensors of the cache): a Decoder
+    # with cuda_graph records no prefill for it however often it is called, and writes the eager tokens
+    captured = []
+    monkeypatch.setattr(fast, "_capture", lambda fn, warm_up: captured.append(fn) or run_the_graph(fn, warm_up))
+    model, decoder = tiny_model("cross_simba", 3), fast.Decoder(FastOptions())
+    text, mask = random_text(b=3)
+    for seed in (4, 4, 5):
+        got = model.generate(text, mask, 5, generator=torch.Generator().manual_seed(seed), decoder=decoder)
+        want = model.generate(text, mask, 5, generator=torch.Generator().manual_seed(seed),
+                              decoder=fast.Decoder(FastOptions(cuda_graph=False)))
+        assert torch.equal(got, want)
+    assert decoder._prefill is None and decoder._prefill_key is None and decoder._kept is not None
+    assert len(captured) == 2  # the kept frames' two (within a chunk and a chunk's last), recorded once
+
+
+def test_chunked_decoding_writes_the_states_at_each_chunks_last_step(kernel_definitions, monkeypatch):
+    # Decoder.decode without graphs, in chunks of 4 steps on one stream: 15 steps decoded (14 frames of 3
+    # codebooks), each one fused step (embed_rows once); per Mamba-2 layer the 3 whole chunks' last steps in
+    # ssm_chunk_end, the 12 others in ssm_chunk_step, no fold_chunk at every step, and the 3 steps left folded
+    # once at the end
+    calls = collections.Counter()
+
+    def counted(name, definition):
+        def kernel(*args, **kw):
+            calls[name, kw.get("every_row", False)] += 1
+            return definition(*args, **kw)
+        return kernel
+
+    for name in ("embed_rows", "ssm_step", "ssm_chunk_step", "ssm_chunk_end", "fold_chunk"):
+        monkeypatch.setattr(kernels, name, counted(name, getattr(kernels, name)))
+    model = tiny_model("prefix_simba", 3)
+    layers = sum(isinstance(m, ssmttm.Mamba2) for m in model.modules())
+    codes = model.generate(*random_text(), 14, top_k=50, generator=torch.Generator().manual_seed(0),
+                           decoder=fast.Decoder(FastOptions(cuda_graph=False, decode_chunk=4, decode_streams=1)))
+    assert codes.shape == (2, 3, 14) and layers == 2
+    assert calls == {("embed_rows", False): 15, ("ssm_chunk_end", False): 3 * layers,
+                     ("ssm_chunk_step", False): 12 * layers, ("fold_chunk", True): layers}
+
+
+def test_a_decoders_kept_cache_is_a_copy_of_the_callers_until_other_shapes():
+    # Decoder._cache_like: the cache its kept graphs run on is a copy of the caller's (equal values, tensors of
+    # its own), the same copy for later caches of these shapes, a new one (graphs dropped) for other shapes
+    model, decoder = tiny_model("prefix_simba", 2), fast.Decoder(FastOptions())
+    cache = ssmttm.InferenceCache(model, 4, 10, "cpu", torch.float64)
+    for t in fast._states_tensors(cache):
+        t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(t.numel())))
+    kept = decoder._cache_like(cache)
+    assert kept is not cache and decoder._kept_cache == (fast._states_key(cache), kept)
+    for mine, theirs in zip(fast._cache_tensors(kept), fast._cache_tensors(cache), strict=True):
+        assert torch.equal(mine, theirs) and mine.data_ptr() != theirs.data_ptr()
+    decoder._kept = decoder._prefill = "recorded"
+    assert decoder._cache_like(ssmttm.InferenceCache(model, 4, 10, "cpu", torch.float64)) is kept
+    assert decoder._kept == "recorded"
+    other = decoder._cache_like(ssmttm.InferenceCache(model, 2, 10, "cpu", torch.float64))
+    assert other is not kept and other.position.shape == (2,) and decoder._kept is None and decoder._prefill is None
+
+
+class SplitFrames(KeepCache):
+    """A fast.Decoder whose decode() runs one FusedStep (chunks of 4 steps) through two frame() calls: 3 steps,
+    then the rest from the middle of the first chunk, then flushes (Decoder.frame's step argument)."""
+
+    def decode(self, model, cache, steps, fixed, start, copies, sampling, progress=False):
+        step = self.step_function(model, cache.position.shape[0])
+        for first, last in ((start, start + 3), (start + 3, steps.shape[-1])):
+            frame = self.frame(model, cache, steps, fixed, first, copies, sampling, step)
+            for _ in range(first, last):
+                frame()
+        step.flush(cache)
+        self.cache = cache
+
+
+def test_frames_continue_a_fused_steps_chunk_where_it_stands(kernel_definitions):
+    # Decoder.frame with a FusedStep three steps into its chunk of 4: its first frame ends that chunk (writes the
+    # states), so greedy decoding writes the tokens and leaves the cache of the layers' own steps
+    model, text, mask = tiny_model("prefix_simba", 3), *random_text()
+    options = FastOptions(cuda_graph=False, decode_chunk=4, decode_streams=1)
+    plain, split = KeepCache(FastOptions(decode_kernels=False, cuda_graph=False)), SplitFrames(options)
+    codes = [model.generate(text, mask, 12, temperature=0, decoder=d) for d in (plain, split)]
+    assert torch.equal(codes[1], codes[0])
+    for want, got in zip(*[[s for block in d.cache.states for s in block if isinstance(s, ssmttm.Mamba2State)]
+                                    for d in (plain, split)], strict=True):
+        torch.testing.assert_close((got.conv, got.ssm), (want.conv, want.ssm), rtol=1e-10, atol=1e-10)
+
+
+def test_check_fixed_size_states_refuses_self_attention_in_the_first_block_too():
+    block = lambda layout: argparse.Namespace(layout=layout)  # noqa: E731
+    first = argparse.Namespace(blocks=[block(("self_attn", "ff")), block(("mamba", "ff")), block(("mamba", "ff"))])
+    with pytest.raises(ValueError, match="^Decoder: cuda_graph needs a fixed-size decoding state; self-attention"):
+        fast._check_fixed_size_states(first)
+
+
+def test_kept_frames_of_a_longer_text_take_a_text_mask_of_its_length(kernel_definitions, monkeypatch):
+    # a Decoder with cuda_graph, a prefix model (states of the same shapes for any caption length): frames
+    # recorded for captions of 6 positions, then of 8 (new frames on the same kept cache, with a text mask of the
+    # new shape), then of 6 again: each call the eager tokens
+    monkeypatch.setattr(fast, "_capture", run_the_graph)
+    model, decoder = tiny_model("prefix_simba", 3), fast.Decoder(FastOptions())
+    for lt in (6, 8, 6):
+        text, mask = random_text(b=2, lt=lt, seed=lt)
+        got = model.generate(text, mask, 6, top_k=50, generator=torch.Generator().manual_seed(lt), decoder=decoder)
+        want = model.generate(text, mask, 6, top_k=50, generator=torch.Generator().manual_seed(lt),
+                              decoder=fast.Decoder(FastOptions(cuda_graph=False)))
+        assert torch.equal(got, want), lt
+        assert decoder._kept.cache.memory_mask.shape[-1] == lt
