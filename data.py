@@ -769,14 +769,14 @@ def out_of_memory(error):
     return None
 
 
-def atomic_write_bytes(path, data):
-    """Replace a file with data in one step: a temp file (path + ".tmp"), synced, renamed over path, and
-    the folder synced, so that a crash leaves the old file or the new, on disk. A write that fails (a full
-    disk) leaves no temp file."""
+def atomic_write(path, write):
+    """Replace a file with what write(f) writes to a binary file f, in one step: a temp file (path + ".tmp"),
+    synced, renamed over path, and the folder synced, so that a kill or a power cut leaves the old file or
+    the new one, whole. A write that fails (a full disk) leaves no temp file."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -784,12 +784,17 @@ def atomic_write_bytes(path, data):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    fsync_dir(os.path.dirname(path) or ".")
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_bytes(path, data):
+    """atomic_write of bytes."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path, text):
-    """atomic_write_bytes of text in UTF-8."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """atomic_write of text in UTF-8."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ------------------------------------------------------------------------------------------------

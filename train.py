@@ -839,18 +839,7 @@ def atomic_save(obj, path):
     """torch.save(obj, path) as one commit: a temp file, synced, then renamed over path (and the folder
     synced), so that a kill or a power cut leaves the old checkpoint or the new one, whole. A save that
     fails (a full disk) leaves no temp file."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    datamod.fsync_dir(os.path.dirname(os.path.abspath(path)))
+    datamod.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def log_step(run, bar, row, score):
