@@ -12733,3 +12733,108 @@ def test_kept_frames_of_a_longer_text_take_a_text_mask_of_its_length(kernel_defi
                               decoder=fast.Decoder(FastOptions(cuda_graph=False)))
         assert torch.equal(got, want), lt
         assert decoder._kept.cache.memory_mask.shape[-1] == lt
+
+
+# ------------------------------------------------------------------------------------------------
+# fast.py: the kept frames' copies, norms made by the product before, _warm_up (helper h7's sweep)
+
+
+def test_kept_frames_copy_the_callers_steps_fixed_and_cache_in_and_out(kernel_definitions, monkeypatch):
+    # Decoder.decode with cuda_graph on caches and step layouts of the caller's own (not new_cache's): each
+    # call leaves its cache (states, positions) and steps as eager decoding does, copied out of the kept
+    # frames' tensors, and the frames record on copies of the first call's steps and fixed: a later call of
+    # other values (a prompt: other fixed slots) leaves the first call's steps and fixed as that call left them
+    monkeypatch.setattr(fast, "_capture", run_the_graph)
+    model = tiny_model("prefix_simba", 3)
+    text, mask = random_text()
+    kept = fast.Decoder(FastOptions(decode_chunk=4))
+    eager = fast.Decoder(FastOptions(decode_chunk=4, cuda_graph=False))
+    prompt = torch.randint(0, 1024, (2, 3, 3), generator=torch.Generator().manual_seed(2))
+
+    @torch.no_grad()
+    def decode(decoder, seed, prompt=None):
+        """(steps, fixed, cache) of decoding 9 frames from the prefill and first step, as generate does."""
+        steps, fixed = model.step_layout(2, 9, prompt, "cpu")
+        start = 0 if prompt is None else prompt.shape[-1]
+        sampling = ssmttm.Sampling(1.0, 50, 1.0, torch.Generator().manual_seed(seed))
+        cache = ssmttm.InferenceCache(model, 2, steps.shape[-1] + 1, "cpu", torch.float64)
+        logits = model.logits(F.pad(steps[..., :start], (1, 0), value=fast.SPECIAL), text, mask, cache)
+        ssmttm.write_step(steps, fixed, start, sampling(logits[:, :, -1]))
+        decoder.decode(model, cache, steps, fixed, start + 1, 1, sampling)
+        return steps, fixed, cache
+
+    def same(seed, prompt=None):
+        got, want = decode(kept, seed, prompt), decode(eager, seed, prompt)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(got[2].position, want[2].position)
+        for a, b in zip(fast._states_tensors(got[2]), fast._states_tensors(want[2])):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        return got
+
+    steps, fixed, _ = same(1)
+    frames = kept._kept
+    first = steps.clone(), fixed.clone()
+    later = same(5, prompt)
+    assert kept._kept is frames and not torch.equal(later[1], first[1])  # the same frames, other fixed slots
+    assert torch.equal(steps, first[0]) and torch.equal(fixed, first[1])
+
+
+def test_a_norm_made_by_the_product_before_is_the_next_products_input_as_it_is(kernel_definitions, monkeypatch):
+    # fused_blocks / fused_step: where a product's kernel makes the next one's input norm (norm_out, at 40
+    # rows without split_k: before every product but out_proj, the heads' norm_f too), the next product
+    # takes that tensor as its x and norms nothing itself (norm_weight None), for fc1, in_proj and the heads;
+    # in groups of rows, whether the heads take norm_f(x) made along is decided by all the rows, not a group's
+    calls = []
+
+    def spy(x, weight, bias=None, norm_weight=None, *args, norm_out=None, **kw):
+        out = linear_rows_definition(x, weight, bias, norm_weight, *args, norm_out=norm_out, **kw)
+        calls.append((weight.shape[0], x, norm_weight, out[1] if norm_out is not None else None))
+        return out
+
+    monkeypatch.setattr(kernels, "linear_rows", spy)
+    model = tiny_model("prefix_simba", 1, expand=16)
+    for module in model.modules():
+        if isinstance(module, torch.nn.RMSNorm):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    fused_step_equals_plain(model, FastOptions(decode_streams=1, decode_split_k=False), 40, calls)
+    made = [(n, made is not None) for n, _, _, made in calls]
+    in_proj, d_ff = model.blocks[0].layers[0].in_proj.weight.shape[0], model.cfg.d_ff
+    assert made == [(in_proj, False), (64, True), (d_ff, False), (64, True)] * len(model.blocks) + [(1025, False)]
+    for (_, _, _, normed), (n, x, norm_weight, _) in zip(calls, calls[1:]):
+        if normed is not None:
+            assert x is normed and norm_weight is None, n
+    # 17 rows in groups of 8 and 9: the heads (17 rows, many_rows) take norm_f(x) normed, made by each group's
+    # last fc2, also the 8-row group's (whose own products take their input as it is)
+    fused_step_equals_plain(model, FastOptions(decode_streams=2, decode_split_k=False), 17, calls)
+    assert [(n, x.shape[0], made is not None) for n, x, _, made in calls if n in (64, 1025)] == (
+        [(64, 8, False)] * (2 * len(model.blocks) - 1) + [(64, 8, True)]
+        + [(64, 9, True)] * (2 * len(model.blocks)) + [(1025, 17, False)])
+    assert calls[-1][2] is None  # the heads' norm_weight: none, x came normed
+    # fc1 of more outputs than split_k takes (d_ff past SPLIT_OUTPUTS) is on the many_rows path among split_k's
+    # products at 20 rows: out_proj makes its norm (fc1's outputs decide, not fc2's)
+    model = tiny_model("prefix_simba", 1, d_ff=kernels.SPLIT_OUTPUTS + 8)
+    fused_step_equals_plain(model, FastOptions(decode_streams=1), 20, calls)
+    assert [(n, made is not None) for n, _, _, made in calls][:4] == [
+        (model.blocks[0].layers[0].in_proj.weight.shape[0], False), (64, True), (kernels.SPLIT_OUTPUTS + 8, False),
+        (64, False)]
+    assert calls[2][1] is calls[1][3] and calls[2][2] is None
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_warm_up_runs_on_the_callers_tensors_only_in_place(in_place):
+    # _warm_up(in_place=True) runs the frame on the tensors it is given (their values then lost: 3 runs
+    # written into them); else on copies, the caller's cache, steps and tokens left as they were
+    got = []
+
+    def frame(cache, steps, pos, tokens):
+        got.append((cache, steps, tokens))
+        for t in (cache["state"], steps, tokens):
+            t.add_(1)
+        pos.add_(1)
+
+    cache, steps, tokens = {"state": torch.zeros(2)}, torch.zeros(3), torch.zeros(1)
+    fast._warm_up(frame, (cache, steps, torch.tensor([5]), tokens), in_place=in_place)
+    assert [all(a is b for a, b in zip(g, (cache, steps, tokens))) for g in got] == [in_place] * 3
+    for t in (cache["state"], steps, tokens):
+        assert torch.equal(t, torch.full_like(t, 3.0 if in_place else 0.0))
+
