@@ -1358,7 +1358,7 @@ def main():
     ap.add_argument("--ddp-grad-accum", type=datamod.positive_int, default=1,
                     help="ddp: micro-batches per step (train.py --grad-accum) in every run; the paper's is 32")
     ap.add_argument("--full-baseline", action="store_true", help="also time the recompute baseline for 25 s")
-    ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--json", type=datamod.path_name, help="also write the rows to this file")
     args = ap.parse_args()
     triton_op = {"auto": None, "0": False, "1": True}
     train_options = list(dict.fromkeys(  # the other paths have no triton op: once each

@@ -175,6 +175,14 @@ positive_int = whole_number(1)
 SEED = whole_number(0, 2**31 - 1)  # numpy's legacy seeding takes up to 2**32 - 1 (with a rank added)
 
 
+def path_name(text):
+    """An argparse type: a file or folder name. '' (an unset shell variable, "$CKPT") is refused: taken as the
+    flag left out, it would train from scratch, continue nothing or pick another checkpoint without a word."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file or folder name, not ''")
+    return text
+
+
 def device_name(text):
     """An argparse type: auto, cpu, cuda or cuda:N; cuda only where torch sees a CUDA device, N
     one of those it sees."""
@@ -412,8 +420,9 @@ def from_pretrained(cls, name_or_path, what, flag, check_config=None):
 
 def model_folder_problem(name_or_path, model_type, flag):
     """What is wrong with name_or_path as a model to load, or None: a local path (absolute, or relative
-    from ".") that is not there, a file, or a local folder whose config.json is of another kind of model
-    than model_type ("t5", "dac", "clap"; None: any kind). Cheap, so that command lines check their models
+    from ".") that is not there, a file, a local folder without config.json, or one whose config.json names
+    another kind of model than model_type ("t5", "dac", "clap"; None: any kind) or none (a train.py run's):
+    from_pretrained would build those last two from a default config. Cheap, so that command lines check their models
     before any work: from_pretrained would load another kind's folder anyway, print a report of every
     weight it lacks, and leave a model of random weights or a late error. A name that is no local path
     is a hub name, for from_pretrained to find."""
@@ -422,7 +431,9 @@ def model_folder_problem(name_or_path, model_type, flag):
     if (os.path.isabs(name_or_path) or name_or_path.startswith(".")) and not os.path.isdir(name_or_path):
         return "no such local folder"
     config = os.path.join(name_or_path, "config.json")
-    if not model_type or not os.path.isfile(config):
+    if os.path.isdir(name_or_path) and not os.path.isfile(config):  # from_pretrained would read a default config
+        return f"a folder without config.json, not a model's folder; pass the model's folder ({flag} PATH)"
+    if not model_type:
         return None
     try:
         with open(config) as f:
@@ -432,6 +443,9 @@ def model_folder_problem(name_or_path, model_type, flag):
     if found and found != model_type:
         return (f"a {found} model's folder (its config.json), not {model_type}; pass the {model_type} model's "
                 f"folder ({flag} PATH)")
+    if not found:  # a train.py run's config.json, say: from_pretrained would fill in a default config
+        return (f"a folder whose config.json names no model_type, not a {model_type} model's; pass the {model_type} "
+                f"model's folder ({flag} PATH)")
     return None
 
 
@@ -1274,11 +1288,11 @@ def summarise(out, encoded, errors, store):
 
 def main(argv=None):
     ap = ArgumentParser(prog="data.py", description="Audio + captions -> DAC tokens (see the module docstring).")
-    ap.add_argument("--audio", required=True, help="folder of audio files")
-    ap.add_argument("--captions", required=True,
+    ap.add_argument("--audio", required=True, type=path_name, help="folder of audio files")
+    ap.add_argument("--captions", required=True, type=path_name,
                     help="JSONL or CSV mapping audio path (relative to --audio) to caption")
     ap.add_argument("--out", required=True, help="output folder (rerun to resume)")
-    ap.add_argument("--dac", default=DEFAULT_DAC, help="DAC model name or local folder")
+    ap.add_argument("--dac", default=DEFAULT_DAC, type=path_name, help="DAC model name or local folder")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="clips per DAC batch")
     ap.add_argument("--device", type=device_name, default="auto", help="auto (cuda when available), cpu or cuda")
     ap.add_argument("--remove-vocals", action="store_true",

@@ -909,20 +909,25 @@ def past_training_length(args):
 
 def parse_args(argv=None):
     ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--generated", help="folder of generated audio files (wav, flac, ogg, mp3)")
-    ap.add_argument("--reference", help="folder of reference audio; KL pairs files by name (without extension)")
-    ap.add_argument("--prompts", help="JSONL or CSV: an id (file name without extension) and its prompt, for CLAP")
+    ap.add_argument("--generated", type=datamod.path_name, help="folder of generated audio files (wav, flac, ogg, mp3)")
+    ap.add_argument("--reference", type=datamod.path_name,
+                    help="folder of reference audio; KL pairs files by name (without extension)")
+    ap.add_argument("--prompts", type=datamod.path_name,
+                    help="JSONL or CSV: an id (file name without extension) and its prompt, for CLAP")
     ap.add_argument("--metrics", default="fd,kl,clap", help="which of fd, kl, clap (default: all three)")
-    ap.add_argument("--openl3", default=DEFAULT_OPENL3, help="torchopenl3 weights file (mel256, music, 512)")
-    ap.add_argument("--passt", default=DEFAULT_PASST, help="PaSST weights file (AudioSet, passt-s ... ap.476-swa)")
-    ap.add_argument("--clap", default=DEFAULT_CLAP, help="CLAP model: local folder or name in the Hugging Face cache")
-    ap.add_argument("--out", help="JSON report (default: GENERATED/evaluation.json)")
+    ap.add_argument("--openl3", default=DEFAULT_OPENL3, type=datamod.path_name,
+                    help="torchopenl3 weights file (mel256, music, 512)")
+    ap.add_argument("--passt", default=DEFAULT_PASST, type=datamod.path_name,
+                    help="PaSST weights file (AudioSet, passt-s ... ap.476-swa)")
+    ap.add_argument("--clap", default=DEFAULT_CLAP, type=datamod.path_name,
+                    help="CLAP model: local folder or name in the Hugging Face cache")
+    ap.add_argument("--out", type=datamod.path_name, help="JSON report (default: GENERATED/evaluation.json)")
     ap.add_argument("--device", type=datamod.device_name, default="auto",
                     help="auto (cuda when available), cpu, cuda or cuda:N")
     ap.add_argument("--seed", type=datamod.SEED, default=0,
                     help="numpy seed for CLAP's crops of long clips; training seed")
     conv = ap.add_argument_group("convergence comparison (paper, Figure 2 / RQ2, in miniature)")
-    conv.add_argument("--convergence", metavar="OUT",
+    conv.add_argument("--convergence", metavar="OUT", type=datamod.path_name,
                       help="train the four variants into OUT/<variant>, plot OUT/convergence.png")
     conv.add_argument("--layers", type=int, default=2, help="LM blocks per variant")
     conv.add_argument("--steps", type=int, default=300)
@@ -932,7 +937,8 @@ def parse_args(argv=None):
     conv.add_argument("--frames", type=int, help="default: train.py's synthetic preset (128)")
     conv.add_argument("--plot-only", action="store_true", help="redraw from the runs already in OUT")
     long = ap.add_argument_group("past the training length (on the synthetic set)")
-    long.add_argument("--long", metavar="CKPT", help="caption score in windows of the checkpoint's training length, "
+    long.add_argument("--long", metavar="CKPT", type=datamod.path_name,
+                      help="caption score in windows of the checkpoint's training length, "
                       "one recurrent pass against generate_in_windows; JSON to --out (default: beside CKPT)")
     long.add_argument("--times", type=datamod.whole_number(1, 1000), default=16,
                       help="generate this many training lengths")

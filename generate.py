@@ -33,6 +33,7 @@ import re
 import sys
 import time
 import unicodedata
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,11 +83,12 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     guidance = datamod.number(0, MAX_CFG)
     ap.add_argument("prompts", nargs="*", help="text prompts")
-    ap.add_argument("--prompts", dest="prompts_file",
+    ap.add_argument("--prompts", dest="prompts_file", type=datamod.path_name,
                     help="file of prompts (UTF-8): one per line, or an evaluation set, .jsonl or .csv with an "
                          "id and a text per entry (MusicCaps' csv works as it is): each output is named by its id")
-    ap.add_argument("--ckpt", help="stage-1 checkpoint (default: the newest under runs/)")
-    ap.add_argument("--stage2", help="stage-2 checkpoint: fills codebooks 2..9 of a K = 1 model")
+    ap.add_argument("--ckpt", type=datamod.path_name, help="stage-1 checkpoint (default: the newest under runs/)")
+    ap.add_argument("--stage2", type=datamod.path_name,
+                    help="stage-2 checkpoint: fills codebooks 2..9 of a K = 1 model")
     ap.add_argument("--seconds", type=datamod.number(MIN_SECONDS, MAX_SECONDS), default=10.0,
                     help=f"length of each sample, from one frame ({MIN_SECONDS} s) to an hour")
     ap.add_argument("--out", default="outputs")
@@ -103,10 +105,12 @@ def parse_args(argv=None):
                     help="prompts generated at once (default: on CUDA as many as fit, up to 64; on a CPU 16); "
                          "a prompt gets the same music in any batch")
     ap.add_argument("--device", type=datamod.device_name, default="auto", help="auto, cpu, cuda")
-    ap.add_argument("--t5", help="local Flan-T5 folder, instead of the name saved in the checkpoint")
-    ap.add_argument("--dac", help="DAC name or local folder (default: the one the data was encoded with)")
+    ap.add_argument("--t5", type=datamod.path_name,
+                    help="local Flan-T5 folder, instead of the name saved in the checkpoint")
+    ap.add_argument("--dac", type=datamod.path_name,
+                    help="DAC name or local folder (default: the one the data was encoded with)")
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode step by step without a CUDA graph")
-    ap.add_argument("--continue", dest="continue_from", metavar="FILE",
+    ap.add_argument("--continue", dest="continue_from", metavar="FILE", type=datamod.path_name,
                     help="continue this audio (wav, flac, ogg, mp3) or these codes (a .npy written by "
                          "generate.py): the output is the prompt, then new music up to --seconds in all")
     ap.add_argument("--continue-seconds", type=datamod.number(MIN_SECONDS, MAX_SECONDS), metavar="S",
@@ -401,8 +405,11 @@ def read_prompt_codes(path, needed):
         codes = np.load(path)
     except FileNotFoundError:
         datamod.fail(f"{flag}: not found")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # EOFError: an empty file; a damaged zip
         datamod.fail(f"{flag}: not a .npy of codes ({datamod.first_line(e)})")
+    if not isinstance(codes, np.ndarray):  # a zip under a .npy name (an .npz, a checkpoint): np.load opens it as one
+        codes.close()
+        datamod.fail(f"{flag}: not a .npy of codes (a zip archive, as an .npz or a checkpoint is)")
     if codes.ndim != 2 or codes.dtype.kind not in "iu" or codes.size == 0 or codes.min() < 0 or codes.max() >= 1024:
         datamod.fail(f"{flag}: want codes (codebooks, frames) between 0 and 1023, as generate.py writes them; got "
                      f"{codes.dtype} {codes.shape}")

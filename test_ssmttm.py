@@ -12838,3 +12838,73 @@ def test_warm_up_runs_on_the_callers_tensors_only_in_place(in_place):
     for t in (cache["state"], steps, tokens):
         assert torch.equal(t, torch.full_like(t, 3.0 if in_place else 0.0))
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input on the command lines (helper h8's fuzz): an empty name, a folder that holds no model
+
+
+@pytest.mark.parametrize("prog, flag, other", [
+    ("train.py", "--init-from", []), ("train.py", "--data", []), ("train.py", "--t5", []), ("train.py", "--dac", []),
+    ("generate.py", "--ckpt", ["x"]), ("generate.py", "--stage2", ["x"]), ("generate.py", "--continue", ["x"]),
+    ("generate.py", "--prompts", ["x"]), ("generate.py", "--t5", ["x"]), ("generate.py", "--dac", ["x"]),
+    ("evaluate.py", "--long", []), ("evaluate.py", "--convergence", []), ("evaluate.py", "--generated", []),
+    ("evaluate.py", "--reference", []), ("evaluate.py", "--prompts", []), ("evaluate.py", "--out", []),
+    ("evaluate.py", "--openl3", []), ("evaluate.py", "--passt", []), ("evaluate.py", "--clap", []),
+    ("data.py", "--dac", ["--audio", "a", "--captions", "c.jsonl", "--out", "o"]),
+    ("data.py", "--audio", ["--captions", "c.jsonl", "--out", "o"]),
+    ("data.py", "--captions", ["--audio", "a", "--out", "o"]),
+    ("bench.py", "--json", ["--quick", "--only", "profile"])])
+def test_an_empty_file_or_folder_name_is_refused_not_taken_as_the_flag_left_out(prog, flag, other, tmp_path,
+                                                                                 monkeypatch, capsys):
+    # "$CKPT" of an unset variable: taken as the flag left out, train.py trained from scratch, generate.py
+    # continued nothing or took another checkpoint, bench.py wrote no rows (and removed ./.tmp), all with exit 0
+    monkeypatch.chdir(tmp_path)
+    argv = [*other, flag, ""]
+    main = {"train.py": trainmod.parse_args, "generate.py": genmod.parse_args, "evaluate.py": evaluate.parse_args,
+            "data.py": datamod.main}.get(prog)
+    if main is None:
+        import bench
+        monkeypatch.setattr(sys, "argv", [prog, *argv])
+        main, argv = (lambda _: bench.main()), None
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"{prog}: error: argument {flag}: expected a file or folder name, not ''\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_that_holds_no_model_is_named_as_such_not_read_with_a_default_config(tmp_path, capsys):
+    # from_pretrained fills in T5Config's or DacConfig's defaults for a folder without config.json (or with a
+    # train.py run's): the report was "gives states 512 wide" or "has 16000 Hz", of a model that is not there
+    empty, run = tmp_path / "empty", tmp_path / "run"
+    empty.mkdir()
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"variant": "prefix_simba", "d_model": 64}))
+    assert datamod.model_folder_problem(str(empty), None, "--t5") == (
+        "a folder without config.json, not a model's folder; pass the model's folder (--t5 PATH)")
+    with pytest.raises(SystemExit) as e:
+        datamod.T5TextEncoder(str(empty), width=768)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"the T5 text encoder '{empty}': a folder without config.json, not a model's folder; "
+        "pass the model's folder (--t5 PATH)\n")
+    with pytest.raises(SystemExit) as e:
+        datamod.load_dac(str(run))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"DAC '{run}': a folder whose config.json names no model_type, not a dac model's; "
+        "pass the dac model's folder (--dac PATH)\n")
+
+
+def test_read_prompt_codes_refuses_an_empty_file_and_a_zip_under_a_npy_name_in_one_line(tmp_path, capsys):
+    # np.load raised EOFError for an empty file and zipfile.BadZipFile for a damaged zip, and gave an NpzFile (no
+    # .ndim) for a whole one: three tracebacks from generate.py --continue
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "damaged.npy").write_bytes(b"PK\x03\x04 damaged")
+    np.savez(tmp_path / "codes.npz", codes=np.zeros((1, 5), np.int16))
+    os.replace(tmp_path / "codes.npz", tmp_path / "archive.npy")
+    for name, why in (("empty", "No data left in file"), ("damaged", "File is not a zip file"),
+                      ("archive", "a zip archive, as an .npz or a checkpoint is")):
+        with pytest.raises(SystemExit) as e:
+            genmod.read_prompt_codes(str(tmp_path / f"{name}.npy"), 1)
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"--continue {tmp_path}/{name}.npy: not a .npy of codes ({why})\n"

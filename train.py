@@ -75,7 +75,8 @@ def parse_args(argv=None):
     # sizes and counts past int32 overflowed in numpy and torch (OverflowError tracebacks); none is meant
     count, at_least_0 = datamod.whole_number(1, 2**31 - 1), datamod.whole_number(0)
     probability = datamod.number(0, 1, hi_open=True)  # 1 would drop everything
-    ap.add_argument("--data", help="preprocessed folder from data.py (default: the synthetic set)")
+    ap.add_argument("--data", type=datamod.path_name,
+                    help="preprocessed folder from data.py (default: the synthetic set)")
     ap.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: the LM; 2: the diffusion model")
     ap.add_argument("--variant", choices=list(LAYOUTS), default="prefix_simba")
     ap.add_argument("--layers", type=count, default=24, help="LM blocks N (paper: 24; RQ3: 12, 6)")
@@ -102,7 +103,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="run folder (default: runs/stage1-<variant>-<N>L-k<K> or runs/stage2, with "
                                   "-synthetic appended without --data)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
-    ap.add_argument("--init-from", metavar="CKPT",
+    ap.add_argument("--init-from", metavar="CKPT", type=datamod.path_name,
                     help="start a new run (in its own --out) from this checkpoint's model weights, not its "
                          "optimizer, schedule or step: fine-tuning. The architecture comes from the checkpoint; "
                          "the training settings (steps, lr, data, ...) from the command line and the preset")
@@ -139,9 +140,11 @@ def parse_args(argv=None):
     ap.add_argument("--no-fused-residual-dropout", action="store_true",
                     help="on CUDA: torch's dropout on each sublayer's output instead of a mask drawn inside the add "
                          "+ norm kernel (fast.FastOptions.fused_residual_dropout)")
-    ap.add_argument("--t5", default="google/flan-t5-base", help="Flan-T5 name or local folder (real data)")
-    ap.add_argument("--dac", help="DAC name or local folder (stage 2, real data; default: the one data.py encoded "
-                                  "--data with, from its meta.json)")
+    ap.add_argument("--t5", default="google/flan-t5-base", type=datamod.path_name,
+                    help="Flan-T5 name or local folder (real data)")
+    ap.add_argument("--dac", type=datamod.path_name,
+                    help="DAC name or local folder (stage 2, real data; default: the one data.py encoded "
+                         "--data with, from its meta.json)")
     ap.add_argument("--eval-every", type=at_least_0,
                     help="steps between caption-score evaluations (synthetic set; 0: none)")
     ap.add_argument("--ckpt-every", type=count, help="steps between checkpoints (one is also written at the end)")
