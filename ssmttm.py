@@ -28,6 +28,7 @@ The GPU kernels live in fast.py and gpu_kernels.py, which import this file (neve
 takes their prefill and decoding loop. Same checkpoints, same tokens.
 """
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -118,8 +119,12 @@ def lm_loss(logits, targets, label_smoothing=0.0, counts=None):
     slots of the delay pattern) are ignored. logits (b, K, s, V), targets (b, K, s). counts (K,): the
     real targets of each codebook in the whole batch this one is a part of (a training step's
     micro-batches on every process); the loss is then this part's share of that batch's loss, and the
-    parts' shares add up to it, whatever the padding of each (None: the whole batch is this one)."""
+    parts' shares add up to it, whatever the padding of each (None: the whole batch is this one).
+    ValueError for targets of another shape than logits' (b, K, s)."""
     b, K, s, V = logits.shape
+    if targets.shape != (b, K, s):
+        raise ValueError(f"lm_loss: targets {tuple(targets.shape)} for logits {tuple(logits.shape)}: "
+                         f"want ({b}, {K}, {s})")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits -> fp32 loss
     ce = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=SPECIAL,
                          label_smoothing=label_smoothing, reduction="none").view(b, K, s)
@@ -208,11 +213,14 @@ class Mamba2(nn.Module):
         """u (b, l, d_model) -> (b, l, d_model). mask (b, l): False at padding, which must come first
         in its row (left padding). state: a Mamba2State to continue from and update in place (the
         prefill, then one step per token); None when training. No positions (l = 0): no output, the
-        state unchanged."""
+        state unchanged. ValueError for a mask that is not bool (b, l)."""
         if u.shape[1] == 0:  # (the conv has nothing to slide over)
             return self.out_proj(u.new_zeros(*u.shape[:2], self.d_inner))
         if state is not None and u.shape[1] == 1 and mask is None:
             return self.step(u, state)
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != u.shape[:2]):
+            raise ValueError(f"Mamba2: mask {tuple(mask.shape)} {mask.dtype}: want torch.bool {tuple(u.shape[:2])}, "
+                             "False at (left) padding")
         zxbcdt = self.in_proj(u)
         if mask is not None:
             zxbcdt = self.mask_padding(zxbcdt, mask)
@@ -373,13 +381,17 @@ class CrossAttention(nn.Module):
     def forward(self, x, memory, memory_mask, state=None):
         """x (b, s, d), memory (b, lt, d_memory), memory_mask (b, lt) True at real text -> (b, s, d).
         state: a TextKV; filled from memory at the first call, read (memory unused) after. ValueError
-        without memory to read, or for a memory_mask that is not bool (b, lt)."""
+        without memory to read, for memory of another batch than x, or for a memory_mask that is not
+        bool (b, lt)."""
         b, s, d = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2)
         if state is not None and state.k is not None:
             k, v = state.k, state.v
         elif memory is None:
             raise ValueError("CrossAttention: no memory (the text states) and no TextKV filled from it")
+        elif memory.dim() != 3 or memory.shape[0] != b:
+            raise ValueError(f"CrossAttention: memory {tuple(memory.shape)}: want ({b}, lt, d_memory), one text per "
+                             "row of x")
         else:
             k, v = (t.view(b, memory.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)
                     for t in self.kv_proj(memory).split(d, dim=-1))
@@ -540,10 +552,17 @@ class TextToMusicLM(nn.Module):
         Returns logits (b, K, s, 1025) for the step after each input step. With a cache, also
         leaves in it the states after the last step (the prefill of decoding): a new InferenceCache
         (zero Mamba-2 states, empty KV caches), as the pass starts from nothing; a used one is not
-        reset, and the pass would carry on from its states. ValueError for text or a text_mask of
-        other shapes (check_text)."""
-        b, K, s = tokens.shape
+        reset, and the pass would carry on from its states. Whatever text holds at padding is never
+        read. ValueError for text or a text_mask of other shapes (check_text), tokens that are not
+        (b, n_codebooks, s) for b texts, and a cache of another batch."""
         check_text(text, text_mask, self.cfg.d_text, "TextToMusicLM")
+        if tokens.dim() != 3 or tokens.shape[:2] != (text.shape[0], self.cfg.n_codebooks):
+            raise ValueError(f"TextToMusicLM: tokens {tuple(tokens.shape)}: want ({text.shape[0]}, "
+                             f"{self.cfg.n_codebooks}, s), a row per text and a stream per codebook")
+        b, K, s = tokens.shape
+        if cache is not None and cache.position.shape[0] != b:
+            raise ValueError(f"TextToMusicLM: an InferenceCache of {cache.position.shape[0]} rows for {b} rows")
+        text = text.masked_fill(~text_mask[..., None], 0)  # padding: never read, so NaN there must not leak
         x = self.embed_steps(tokens)  # (b, s, d)
         memory = self.text_norm(self.text_proj(text.to(self.text_proj.weight.dtype)))  # (b, lt, d)
         mask = None
@@ -611,9 +630,13 @@ class TextToMusicLM(nn.Module):
         decoder: an object whose new_cache() (as InferenceCache: the cache to decode on), prefill() (as
         self.logits with a cache) and decode() (the loop after the first step) run faster (fast.Decoder,
         CUDA); they must write the tokens this loop writes.
-        Raises ValueError for n_frames below 0, no texts, text of other shapes (check_text), and a
-        prompt longer than n_frames or of another batch or K."""
+        Raises TypeError for an n_frames that is no integer; ValueError for n_frames below 0, no texts,
+        text of other shapes (check_text), and a prompt longer than n_frames, of another batch or K, or
+        of codes outside 0..1023 (1024, the special id: a slot to sample)."""
         check_text(text, text_mask, self.cfg.d_text, "generate")
+        if not isinstance(n_frames, numbers.Integral):
+            raise TypeError(f"generate: n_frames {n_frames!r}: want an int, a number of frames "
+                            "(round(seconds * FRAME_RATE))")
         if n_frames < 0 or text.shape[0] == 0:
             raise ValueError(f"generate: n_frames {n_frames} for {text.shape[0]} texts: want 0 or more frames "
                              "of 1 or more texts")
@@ -655,6 +678,9 @@ class TextToMusicLM(nn.Module):
             prompt = torch.zeros(b, K, 0, dtype=torch.long, device=device)
         if prompt.shape[:2] != (b, K) or prompt.shape[-1] > n_frames:
             raise ValueError(f"prompt {tuple(prompt.shape)}: want ({b}, {K}, at most n_frames = {n_frames})")
+        if prompt.is_floating_point() or prompt.numel() and not 0 <= prompt.min() <= prompt.max() <= SPECIAL:
+            raise ValueError(f"prompt {prompt.dtype}: want integer codes 0..{CODEBOOK_SIZE - 1} "
+                             f"({SPECIAL}: a slot to sample)")
         steps = delay_pattern(F.pad(prompt, (0, n_frames - prompt.shape[-1]), value=SPECIAL))
         real = delay_pattern(torch.zeros(1, K, n_frames, dtype=torch.long, device=device)) != SPECIAL
         return steps, (steps != SPECIAL) | ~real

@@ -39,6 +39,16 @@ class Stage2Config:
     n_codebooks: int = 9
     diffusion_steps: int = 100
 
+    def __post_init__(self):
+        """ValueError naming the field: a size below 1, n_codebooks below 2 (stage 2 makes codebooks
+        2..K), no U-Net level, or a width the GroupNorms (min(32, width // 4) groups) cannot split."""
+        for name, least in (("d_cond", 1), ("n_heads", 1), ("d_text", 1), ("n_codebooks", 2), ("diffusion_steps", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"Stage2Config.{name} {getattr(self, name)}: want {least} or more")
+        if not self.channels or any(c < 4 or c % min(32, c // 4) for c in self.channels):
+            raise ValueError(f"Stage2Config.channels {tuple(self.channels)}: want one or more widths of 4 or more, "
+                             "each a multiple of its GroupNorms' min(32, width // 4) groups")
+
     @staticmethod
     def small():
         """The settings of a tiny U-Net for tests and the synthetic demo, a dict to combine with others:
@@ -103,8 +113,9 @@ class DiffusionUNet(nn.Module):
     3-wide convs, the down- and up-sampling, the norms) sees zeros past a row's real frames (and past T,
     where the length is padded to one the down/up path can halve), or counts the real frames only; the
     others (the skip convs, the text cross-attention) work frame by frame. So a clip's v is the same
-    whatever padding follows it; the padded frames' v means nothing. ValueError for no frames (T = 0)
-    or text of other shapes (ssmttm.check_text)."""
+    whatever padding follows it; the padded frames' v means nothing, and so is whatever text holds at
+    padding. ValueError for no frames (T = 0), text of other shapes (ssmttm.check_text), and x, t and
+    text not of one batch b: x (b, C, T), t (b,)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -129,6 +140,10 @@ class DiffusionUNet(nn.Module):
         check_text(text, text_mask, self.text_proj.in_features, "DiffusionUNet")
         if T == 0:
             raise ValueError(f"DiffusionUNet: x {tuple(x.shape)}: no frames")
+        if x.dim() != 3 or t.shape != x.shape[:1] or text.shape[0] != x.shape[0]:
+            raise ValueError(f"DiffusionUNet: x {tuple(x.shape)}, t {tuple(t.shape)}, text {tuple(text.shape)}: "
+                             "want (b, channels, T), (b,) and (b, lt, d_text), one row each")
+        text = text.masked_fill(~text_mask[..., None], 0)  # padding: never read, so NaN there must not leak
         x = F.pad(x, (0, -T % 2 ** (len(self.down) - 1)))  # a length the down/up path can halve
         real = torch.full((x.shape[0],), T, device=x.device) if lengths is None else lengths
         # per level, 1 at the frames that start inside a row's real frames: (b, 1, T / 2^i)
@@ -157,6 +172,8 @@ def gaussian_noise(shape, device, generator=None):
     """N(0, 1) draws (b, ...): from one generator, or, given a list of b generators, row i from
     generator[i], so that a prompt draws the same numbers in any batch."""
     if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} rows: give one per row")
         return torch.stack([torch.randn(shape[1:], device=device, generator=g) for g in generator])
     return torch.randn(shape, device=device, generator=generator)
 
@@ -263,14 +280,22 @@ class Stage2Diffusion(nn.Module):
         by the known latents noised to that step's level, alpha_s x_0 + sigma_s eps, so the model
         denoises the other frames next to a context that agrees with them; after the last step they
         are the known latents exactly. (x starts as noise everywhere: at t = 1, alpha is 0.)
-        steps: DDPM steps (default cfg.diffusion_steps); ValueError below 1, for no frames (T = 0) and
-        for text of other shapes (ssmttm.check_text)."""
+        steps: DDPM steps (default cfg.diffusion_steps); ValueError below 1, for no frames (T = 0), for
+        text of other shapes (ssmttm.check_text) or another batch than coarse, a cfg_scale that is not
+        finite, a list of generators not one per row, and known without known_frames or the reverse."""
         steps = self.cfg.diffusion_steps if steps is None else steps
         if steps < 1:
             raise ValueError(f"sample_latents: steps {steps}, want 1 or more")
         if coarse.shape[-1] == 0:
             raise ValueError(f"sample_latents: coarse {tuple(coarse.shape)}: no frames")
+        if not math.isfinite(cfg_scale):
+            raise ValueError(f"sample_latents: cfg_scale {cfg_scale}: want a finite number")
+        if (known is None) != (known_frames is None):
+            raise ValueError("sample_latents: known and known_frames go together (the latents and the frames to keep)")
         check_text(text, text_mask, self.cfg.d_text, "sample_latents")  # before guidance doubles the rows
+        if coarse.shape[0] != text.shape[0]:
+            raise ValueError(f"sample_latents: coarse {tuple(coarse.shape)} for text {tuple(text.shape)}: one row per "
+                             "text")
         b, _, T = coarse.shape
         fine_channels = (self.cfg.n_codebooks - 1) * LATENT_DIM
         x = gaussian_noise((b, fine_channels, T), coarse.device, generator)
@@ -302,8 +327,13 @@ class Stage2Diffusion(nn.Module):
 
         known: codes (b, 9, T) of frames to keep (e.g. an audio prompt being continued), the special
         id in codebooks 2..9 at the frames to sample; the kept frames come back exactly, and the
-        others are sampled around them (sample_latents' inpainting). ValueError for a frame with
-        some fine codes known and some not, or a kept frame whose codebook 1 is not coarse_codes'."""
+        others are sampled around them (sample_latents' inpainting). ValueError for coarse_codes that
+        are not integer codes 0..1023 (b, T >= 1) (stage 1's (b, 1, T) output is codes[:, 0]), a frame
+        with some fine codes known and some not, or a kept frame whose codebook 1 is not coarse_codes'."""
+        if coarse_codes.dim() != 2 or coarse_codes.shape[1] == 0 or coarse_codes.is_floating_point() or (
+                coarse_codes.numel() and not 0 <= coarse_codes.min() <= coarse_codes.max() < CODEBOOK_SIZE):
+            raise ValueError(f"generate: coarse_codes {tuple(coarse_codes.shape)} {coarse_codes.dtype}: want codebook "
+                             f"1, (b, T >= 1) codes 0..{CODEBOOK_SIZE - 1} (stage 1's codes (b, 1, T): codes[:, 0])")
         coarse = self.latents(coarse_codes[:, None])
         keep = fine_known = None
         if known is not None:

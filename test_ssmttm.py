@@ -12908,3 +12908,159 @@ def test_read_prompt_codes_refuses_an_empty_file_and_a_zip_under_a_npy_name_in_o
             genmod.read_prompt_codes(str(tmp_path / f"{name}.npy"), 1)
         assert e.value.code == 2
         assert capsys.readouterr().err == f"--continue {tmp_path}/{name}.npy: not a .npy of codes ({why})\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# The blocks' public entry points on bad input (helper h10's audit): tokens, masks, memory, prompts, stage 2
+
+
+def test_logits_refuse_tokens_and_caches_that_do_not_fit_the_text_and_the_model():
+    # one stream for a model of two codebooks was read as both (broadcast), two for one were summed into one:
+    # logits of the right shape without a word; other batches failed deep inside torch
+    model = tiny_model("prefix_simba", 2)
+    text, mask = random_text()
+    for shape in [(2, 1, 5), (2, 3, 5), (1, 2, 5), (2, 5)]:
+        with pytest.raises(ValueError) as e:
+            model.logits(torch.zeros(shape, dtype=torch.long), text, mask)
+        assert str(e.value) == (f"TextToMusicLM: tokens {shape}: want (2, 2, s), a row per text and a stream per "
+                                "codebook")
+    with pytest.raises(ValueError, match=r"^TextToMusicLM: tokens \(2, 1, 5\): want \(2, 2, s\)"):
+        model(torch.zeros(2, 1, 5, dtype=torch.long), text, mask)  # the training pass
+    for rows in (1, 4):
+        with pytest.raises(ValueError) as e:
+            model.logits(torch.zeros(2, 2, 3, dtype=torch.long), text, mask,
+                         ssmttm.InferenceCache(model, rows, 8, "cpu", torch.float64))
+        assert str(e.value) == f"TextToMusicLM: an InferenceCache of {rows} rows for 2 rows"
+
+
+def test_generate_refuses_prompt_codes_outside_the_codebooks_and_a_fractional_n_frames():
+    # code 1030 in codebook 1 of a 2-codebook model read row 6 of codebook 2's table and came back as "kept"
+    model = tiny_model("prefix_simba", 2)
+    text, mask = random_text()
+    for value, dtype in ((1030, torch.long), (-1, torch.long), (3, torch.float32)):
+        prompt = torch.zeros(2, 2, 4, dtype=dtype)
+        prompt[1, 0, 2] = value
+        with pytest.raises(ValueError) as e:
+            model.generate(text, mask, 6, top_k=1, prompt=prompt)
+        assert str(e.value) == f"prompt {dtype}: want integer codes 0..1023 (1024: a slot to sample)"
+    prompt = torch.randint(0, 1024, (2, 2, 4))
+    prompt[0, 1, 3] = SPECIAL  # a slot to sample: still taken, and sampled
+    out = model.generate(text, mask, 6, top_k=1, prompt=prompt)
+    assert torch.equal(out[:, :, :3], prompt[:, :, :3]) and 0 <= out[0, 1, 3] < 1024
+    for n_frames in (6.0, 6.3):  # seconds * FRAME_RATE, unrounded: a TypeError inside F.pad
+        with pytest.raises(TypeError) as e:
+            model.generate(text, mask, n_frames)
+        assert str(e.value) == (f"generate: n_frames {n_frames}: want an int, a number of frames "
+                                "(round(seconds * FRAME_RATE))")
+    assert model.generate(text, mask, np.int64(3), top_k=1).shape == (2, 2, 3)
+
+
+def test_mamba2_and_cross_attention_refuse_a_mask_or_memory_that_does_not_fit():
+    # a float or (b, 1, l) mask, or a text for another batch, failed deep inside torch (where, conv1d, view)
+    layer = mamba_layer()
+    u = torch.randn(2, 5, 32, dtype=torch.float64)
+    for mask in (torch.ones(2, 5), torch.ones(2, 1, 5, dtype=torch.bool), torch.ones(2, 6, dtype=torch.bool)):
+        with pytest.raises(ValueError) as e:
+            layer(u, mask)
+        assert str(e.value) == (f"Mamba2: mask {tuple(mask.shape)} {mask.dtype}: want torch.bool (2, 5), "
+                                "False at (left) padding")
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, :2] = False
+    # a left-padded row: as without its padding
+    torch.testing.assert_close(layer(u, mask)[0, 2:], layer(u[:1, 2:])[0], rtol=0, atol=1e-12)
+    cross = ssmttm.CrossAttention(16, 2, 0.0, d_memory=8)
+    with pytest.raises(ValueError) as e:
+        cross(torch.randn(2, 3, 16), torch.randn(1, 5, 8), torch.ones(2, 5, dtype=torch.bool))
+    assert str(e.value) == "CrossAttention: memory (1, 5, 8): want (2, lt, d_memory), one text per row of x"
+
+
+def test_what_lies_at_padded_text_positions_does_not_reach_any_output():
+    # NaN at padding (a buffer from torch.empty) made every logit of the cross variants NaN (0 * NaN in the
+    # attention) and stage 2's pooled text; the prefix variants never read it
+    text, mask = random_text()
+    dirty = torch.where(mask[..., None], text, torch.nan)
+    tokens = torch.randint(0, 1024, (2, 1, 5))
+    for variant in VARIANTS:
+        model = tiny_model(variant)
+        assert torch.equal(model.logits(tokens, dirty, mask), model.logits(tokens, text, mask)), variant
+    torch.manual_seed(0)
+    unet = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).double().unet
+    torch.nn.init.normal_(unet.out.weight, std=0.3)
+    x, t = torch.randn(2, 72, 6, dtype=torch.float64), torch.tensor([0.3, 0.7], dtype=torch.float64)
+    out = unet(x, t, text, mask)
+    assert out.abs().sum() > 0 and torch.equal(unet(x, t, dirty, mask), out)
+
+
+def test_stage2_refuses_codes_and_rows_that_do_not_fit():
+    # stage 1's (b, 1, T) codes failed inside conv1d; a code past the codebook was clamped to 1023 and came
+    # back as codebook 1; a clip for two texts was broadcast to both (a loss, v of another batch). All are
+    # refused before the codec is used (none is attached)
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).eval()
+    text, mask = random_text(lt=3)
+    text = text.float()
+    codes = torch.randint(0, 1024, (2, 9, 6))
+    past = torch.where(torch.arange(6) == 2, 1030, codes[:, 0])  # one code past the codebook
+    for coarse in (codes[:, :1], past, codes[:, 0] - 1024, codes[:, 0, :0], codes[:, 0].float()):
+        with pytest.raises(ValueError) as e:
+            model.generate(coarse, text, mask, steps=1)
+        assert str(e.value) == (f"generate: coarse_codes {tuple(coarse.shape)} {coarse.dtype}: want codebook 1, "
+                                "(b, T >= 1) codes 0..1023 (stage 1's codes (b, 1, T): codes[:, 0])")
+    with pytest.raises(ValueError) as e:
+        model.sample_latents(torch.zeros(1, stage2.LATENT_DIM, 6), text, mask, steps=1)
+    assert str(e.value) == "sample_latents: coarse (1, 8, 6) for text (2, 3, 24): one row per text"
+    with pytest.raises(ValueError) as e:  # Stage2Diffusion.forward's call: its loss came out for two rows
+        model.unet(torch.zeros(1, 72, 6), torch.ones(1), text, mask, torch.tensor([6]))
+    assert str(e.value) == ("DiffusionUNet: x (1, 72, 6), t (1,), text (2, 3, 24): want (b, channels, T), (b,) and "
+                            "(b, lt, d_text), one row each")
+    with pytest.raises(ValueError, match=r"^DiffusionUNet: x \(2, 72, 6\), t \(\)"):
+        model.unet(torch.zeros(2, 72, 6), torch.tensor(0.5), text, mask)
+
+
+def test_stage2_sampler_refuses_nan_guidance_a_generator_per_other_row_and_known_without_frames():
+    # cfg_scale NaN gave codes from NaN latents (stage 1 refuses it); one generator for two rows failed in
+    # torch.cat; known latents without known_frames in a TypeError
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).eval()
+    text, mask = random_text(lt=3)
+    text = text.float()
+    coarse = torch.zeros(2, stage2.LATENT_DIM, 4)
+    for kw, message in (({"cfg_scale": math.nan}, "sample_latents: cfg_scale nan: want a finite number"),
+                        ({"generator": [torch.Generator()]}, "1 generators for 2 rows: give one per row"),
+                        ({"known": torch.zeros(2, 64, 4)},
+                         "sample_latents: known and known_frames go together (the latents and the frames to keep)")):
+        with pytest.raises(ValueError) as e:
+            model.sample_latents(coarse, text, mask, steps=1, **kw)
+        assert str(e.value) == message
+
+
+def test_lm_loss_names_targets_of_another_shape():
+    # (b, s, K) targets, or (b, s, K, V) logits, failed in a broadcast of the per-position losses
+    logits, targets = torch.randn(2, 3, 5, 1025), torch.randint(0, 1024, (2, 3, 5))
+    for logits_, targets_ in ((logits, targets.transpose(1, 2)), (logits.transpose(1, 2), targets)):
+        with pytest.raises(ValueError) as e:
+            ssmttm.lm_loss(logits_, targets_)
+        assert str(e.value) == (f"lm_loss: targets {tuple(targets_.shape)} for logits {tuple(logits_.shape)}: want "
+                                f"{tuple(logits_.shape[:3])}")
+    strided = targets.transpose(1, 2).contiguous().transpose(1, 2)  # the same targets, not contiguous
+    assert ssmttm.lm_loss(logits, strided) == ssmttm.lm_loss(logits, targets)
+
+
+def test_stage2_config_names_the_field_it_cannot_build():
+    # channels (2, 64) made a GroupNorm of 0 groups (ZeroDivisionError), () an IndexError, diffusion_steps 0 failed
+    # at the first training step
+    for kw, message in (({"channels": (2, 64)}, "Stage2Config.channels (2, 64): want one or more widths of 4 or more, "
+                                                "each a multiple of its GroupNorms' min(32, width // 4) groups"),
+                        ({"channels": ()}, "Stage2Config.channels (): want one or more widths of 4 or more, "
+                                           "each a multiple of its GroupNorms' min(32, width // 4) groups"),
+                        ({"channels": (32, 50)}, "Stage2Config.channels (32, 50): want one or more widths of 4 or "
+                                                 "more, each a multiple of its GroupNorms' min(32, width // 4) groups"),
+                        ({"diffusion_steps": 0}, "Stage2Config.diffusion_steps 0: want 1 or more"),
+                        ({"n_codebooks": 1}, "Stage2Config.n_codebooks 1: want 2 or more"),
+                        ({"n_heads": 0}, "Stage2Config.n_heads 0: want 1 or more")):
+        with pytest.raises(ValueError) as e:
+            stage2.Stage2Config(**kw)
+        assert str(e.value) == message
+    for channels in ((4,), (32, 48, 64), (256, 512, 768)):  # the widths that build
+        assert stage2.Stage2Diffusion(stage2.Stage2Config(channels=channels, d_cond=32, n_heads=4)).cfg.channels == (
+            channels)
