@@ -762,8 +762,9 @@ def fsync_dir(path):
 
 def run_command(main, name):
     """A command line's main() with Ctrl-C as one line and exit code 130 instead of a traceback.
-    For the commands that commit each unit of work whole (data.py, generate.py, evaluate.py): what
-    they finished is kept, and the same command goes on from there."""
+    For the commands that commit each unit of work whole (data.py, generate.py, evaluate.py; train.py
+    outside its loop, which saves the step itself): what they finished is kept, and the same command
+    goes on from there."""
     try:
         main()
     except KeyboardInterrupt:

@@ -733,7 +733,8 @@ def train_and_plot(args, argvs):
                     continue
                 argv.append("--resume")
             print(f"== {variant}: train.py {' '.join(argv[2:])}")
-            train.main(argv)  # its errors are its own one line and exit code (2; 130 on Ctrl-C)
+            # its errors are its own one line and exit code (2; 130 on Ctrl-C, naming this command to go on)
+            train.main(argv, resume_with="the same evaluate.py --convergence command")
 
     table = []
     runs = {variant: read_run(os.path.join(out, variant)) for variant in VARIANTS}

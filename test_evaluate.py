@@ -1120,7 +1120,7 @@ def test_convergence_refuses_other_budgets_missing_runs_and_failed_training(tmp_
     # OUT's name is on disk (its folder synced) before the first run writes in it
     calls, synced, fsync_dir = [], [], evaluate.datamod.fsync_dir
 
-    def stopped(argv):
+    def stopped(argv, **kw):
         calls.append(argv)
         raise SystemExit(130)
     monkeypatch.setattr(train, "main", stopped)
@@ -1139,7 +1139,7 @@ def test_convergence_checks_its_folder_and_every_variant_before_any_trains(tmp_p
     comes first in VARIANTS), stop with one line before the first variant trains."""
     import train
     calls = []
-    monkeypatch.setattr(train, "main", calls.append)
+    monkeypatch.setattr(train, "main", lambda argv, **kw: calls.append(argv))
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--convergence", str(tmp_path / "a_file"), "--steps", "4", "--layers", "1"])
@@ -1343,7 +1343,7 @@ def test_convergence_skips_finished_runs_and_resumes_the_others(tmp_path, capsys
         json.dump({"args": {k: want[k] for k in evaluate.BUDGET}}, open(out / v / "config.json", "w"))
         torch.save({"model": {"w": torch.zeros(2)}, "args": want, "step": 11 if i == 1 else 12}, out / v / "ckpt.pt")
     calls = []
-    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv))
+    monkeypatch.setattr(train, "main", lambda argv, **kw: calls.append(argv))
     capsys.readouterr()
     evaluate.main(["--convergence", str(out), "--layers", "2", "--steps", "12", "--eval-every", "5",
                    "--batch-size", "2", "--d-model", "32", "--frames", "16"])

@@ -13064,3 +13064,74 @@ def test_stage2_config_names_the_field_it_cannot_build():
     for channels in ((4,), (32, 48, 64), (256, 512, 768)):  # the widths that build
         assert stage2.Stage2Diffusion(stage2.Stage2Config(channels=channels, d_cond=32, n_heads=4)).cfg.channels == (
             channels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C at random moments (helper h9's kill -9 / SIGINT campaign): before train.py's loop, in its caption
+# evaluation, and in evaluate.py --convergence's training
+
+
+def test_ctrl_c_before_train_py_reaches_its_loop_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    # loading the data, the text encoder and the model (seconds) come before the loop, which saves the step on
+    # a Ctrl-C: there a KeyboardInterrupt traceback before. Here the Ctrl-C comes as the data loads
+    import runpy
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(datamod, "SyntheticMusic", interrupted)
+    monkeypatch.setattr(sys, "argv", ["train.py", *tiny_train_args(tmp_path / "r", "--steps", "2")])
+    code = None
+    try:  # a KeyboardInterrupt out of the script would stop pytest itself
+        runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C came out of train.py as a KeyboardInterrupt (a traceback)")
+    except SystemExit as e:
+        code = e.code
+    assert code == 130 and capsys.readouterr().err == (
+        "\ntrain.py: interrupted; what was finished is kept, and the same command goes on from there\n")
+    assert not (tmp_path / "r" / "ckpt.pt").exists()
+
+
+def test_ctrl_c_during_the_caption_evaluation_keeps_the_steps_score(tmp_path, monkeypatch):
+    """A SIGINT while step 4's caption score was computed (generation: seconds on a real model) logged step 4's
+    row without its score and saved step 4: the resumed run never scored it again, and metrics.csv differed from
+    the uninterrupted run's. The evaluation is held whole like the row: the score is kept."""
+    import signal
+    run = lambda out, *extra: trainmod.main(tiny_train_args(out, "--steps", "6", "--eval-every", "4", *extra))
+    run(tmp_path / "whole")
+    evaluate_captions = trainmod.evaluate_captions
+
+    def interrupted(r):
+        signal.raise_signal(signal.SIGINT)
+        return evaluate_captions(r)
+    monkeypatch.setattr(trainmod, "evaluate_captions", interrupted)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "cut")
+    assert e.value.code == 130 and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 4
+    monkeypatch.undo()
+    run(tmp_path / "cut", "--resume")
+    kept = lambda out: [(r["step"], r["loss"], r["caption_score"]) for r in csv.DictReader(open(out / "metrics.csv"))]
+    assert kept(tmp_path / "cut") == kept(tmp_path / "whole") and kept(tmp_path / "whole")[3][2] != ""
+
+
+def test_ctrl_c_while_convergence_trains_a_variant_names_evaluate_py_to_go_on(tmp_path, monkeypatch, capsys):
+    # train.py's line said "continue with --resume --out OUT/<variant>": flags evaluate.py does not take
+    import train
+    steps, accumulate = [], train.accumulate_gradients
+
+    def ctrl_c_at_the_second_step(run, step):
+        steps.append(step)
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        return accumulate(run, step)
+    monkeypatch.setattr(train, "accumulate_gradients", ctrl_c_at_the_second_step)
+    out = tmp_path / "rq2"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--convergence", str(out), "--layers", "1", "--steps", "3", "--batch-size", "2",
+                       "--d-model", "32", "--frames", "16"])
+    assert e.value.code == 130 and steps == [0, 1]
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("interrupted")]
+    assert said == [
+        f"interrupted: checkpoint at step 1 in {out}/prefix_mamba/ckpt.pt; continue with the same evaluate.py "
+        "--convergence command"]
+    assert torch.load(out / "prefix_mamba" / "ckpt.pt", weights_only=False)["step"] == 1

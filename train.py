@@ -657,6 +657,7 @@ class Run:
     model_config: dict
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    resume_with: Optional[str] = None  # what a Ctrl-C's line says continues the run (main's argument)
 
     @property
     def master(self):
@@ -898,9 +899,12 @@ def train(run, step, saved):
                     tokens_per_s = args.batch_size * args.grad_accum * run.world * run.frames / (time.time() - t0)
                     row = [step, loss, lr, grad_norm, tokens_per_s, time.time() - t_start]
                 score = None
-                if args.eval_every and step % args.eval_every == 0 and args.stage == 1 and not args.data and run.master:
-                    score = evaluate_captions(run)  # its own generator: the global RNG states stay
-                with whole():  # a row is written once
+                scored = args.eval_every and step % args.eval_every == 0 and args.stage == 1 and not args.data
+                # the row is written once, with its score: a Ctrl-C in the evaluation (seconds) would lose it,
+                # as the step is saved and a resumed run starts after it
+                with whole():
+                    if scored and run.master:
+                        score = evaluate_captions(run)  # its own generator: the global RNG states stay
                     log_step(run, bar, row, score)
                     row = None
                 if step % args.ckpt_every == 0 or step == args.steps:
@@ -920,20 +924,22 @@ def train(run, step, saved):
                 with whole():  # a second Ctrl-C waits for this save
                     save_checkpoint(run, step, rng)
             if run.master:
-                print(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}; continue with --resume "
-                      f"--out {args.out}", file=sys.stderr)
+                print(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}; continue with "
+                      f"{run.resume_with or f'--resume --out {args.out}'}", file=sys.stderr)
             sys.exit(130)
         finally:
             bar.close()
     return step, loss if step > first_step else None
 
 
-def main(argv=None):
+def main(argv=None, resume_with=None):
+    """resume_with: the command that a Ctrl-C's line names to continue the run (evaluate.py's, when it
+    trains the run); by default train.py's --resume --out OUT."""
     args, given = parse_args(argv)
     world, rank, device = setup_processes(args)
     lock = lock_run_folder(args, world, rank)  # rank 0's on a folder that exists, held while this run writes it
     try:
-        run_training(args, given, world, rank, device, lock)
+        run_training(args, given, world, rank, device, lock, resume_with)
     except (MemoryError, RuntimeError) as e:
         memory = datamod.out_of_memory(e)
         if memory is None:
@@ -946,7 +952,7 @@ def main(argv=None):
             lock.close()
 
 
-def run_training(args, given, world, rank, device, lock):
+def run_training(args, given, world, rank, device, lock, resume_with=None):
     """main() after lock_run_folder: the run resumed or set up, trained, and reported. lock: None when
     the folder did not exist yet; rank 0 then makes and locks it before writing there."""
     ckpt = resume_or_start(args, given, world)
@@ -996,7 +1002,7 @@ def run_training(args, given, world, rank, device, lock):
     if world > 1:
         trained = data_parallel(trained, device)
     run = Run(args, world, rank, device, dataset, n_examples, frames, text_encoder, model, trained, model_config,
-              optimizer, scheduler)
+              optimizer, scheduler, resume_with)
     if run.master:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         what = (f"stage 1 {args.variant}, {args.layers} blocks, d_model {args.d_model}" if args.stage == 1 else
@@ -1045,5 +1051,5 @@ def run_training(args, given, world, rank, device, lock):
         os._exit(0)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a Ctrl-C in the loop saves the step (train); before it, one line and exit 130 too
+    datamod.run_command(main, "train.py")
