@@ -1152,13 +1152,13 @@ def json_row(row):
 
 
 def emit(row):
-    """Print a finished row and rewrite the JSON file, so a run cut short still leaves its numbers."""
+    """Rewrite the JSON file with a finished row, then print it, so a run cut short still leaves its numbers."""
     ROWS.append(row)
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in json_row(row).items()},
-                     allow_nan=False), flush=True)
     if JSON_PATH:  # a kill mid-write leaves the last whole file
         datamod.atomic_write_text(JSON_PATH, json.dumps({"header": HEADER, "rows": [json_row(r) for r in ROWS]},
                                                         indent=1, allow_nan=False))
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in json_row(row).items()},
+                     allow_nan=False), flush=True)
 
 
 def print_table(rows):

@@ -213,6 +213,9 @@ def check_out_folder(path, flag="--out"):
         fail(f"{flag} {path!r}: not a folder name")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
+        if os.path.islink(existing):  # os.makedirs would say "File exists"
+            fail(f"{flag} {path}: {'it' if existing == os.path.abspath(path) else existing} is a symbolic link to "
+                 f"{os.readlink(existing)}, which leads nowhere (its target is missing, or the links make a loop)")
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         fail(f"{flag} {path}: {'it' if existing == os.path.abspath(path) else existing} exists and is not a folder")
@@ -784,6 +787,16 @@ def out_of_memory(error):
     return None
 
 
+def disk_error(error):
+    """The OSError of a write that the disk refused (full, over quota, read-only, failing) that error is or was
+    raised while handling (torch.save's writer raises a RuntimeError of its own then), or None."""
+    import errno
+    for e in (error, error.__context__):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            return e
+    return None
+
+
 def atomic_write(path, write):
     """Replace a file with what write(f) writes to a binary file f, in one step: a temp file (path + ".tmp"),
     synced, renamed over path, and the folder synced, so that a kill or a power cut leaves the old file or
@@ -1045,6 +1058,13 @@ def check_sample_rate(sr):
         raise AudioError(f"sampled at {sr} Hz; audio files here are sampled at {MIN_SAMPLE_RATE} Hz or more")
 
 
+def read_sound(path):
+    """soundfile.read(path) as float32 (frames, channels), the path given as its bytes: soundfile encodes a str
+    strictly, so a file whose name is not UTF-8 (a str with surrogate escapes) raised UnicodeEncodeError."""
+    import soundfile as sf
+    return sf.read(os.fsencode(path), dtype="float32", always_2d=True)
+
+
 def load_audio(path):
     """Any file libsndfile reads -> mono float32 (n,) at 44.1 kHz (resampled by soxr). AudioError
     when the file is missing, unreadable or empty, sampled below MIN_SAMPLE_RATE, or has NaN or
@@ -1055,7 +1075,7 @@ def load_audio(path):
     if problem:
         raise AudioError(problem)
     try:
-        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+        audio, sr = read_sound(path)
     except sf.SoundFileError as e:
         raise AudioError(f"unreadable ({getattr(e, 'error_string', e)})") from None
     if audio.size == 0:

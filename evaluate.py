@@ -131,10 +131,9 @@ def load_mono(path, sample_rate):
     """Audio file -> float32 mono at `sample_rate` (channels averaged, soxr HQ), peak at -1 dBFS.
     A silent file stays silent. One line, exit 2, for a file that cannot be read, is empty, is sampled
     below datamod.MIN_SAMPLE_RATE or has NaN or infinite samples."""
-    import soundfile as sf
     import soxr
     try:
-        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+        audio, sr = datamod.read_sound(path)
     except Exception as e:  # libsndfile's message names the problem
         fail(f"{path}: unreadable audio ({datamod.first_line(e)})")
     if audio.size == 0:

@@ -715,7 +715,7 @@ def write_outputs(m, requests, codes, audio, timings, n_frames, args, lock):
             unscored = "" if any(datamod.caption_rules(prompt)) else (  # with K = 1 nothing to score: 0
                 "; it names no rule of the synthetic set: an instrument (" + "/".join(datamod.INSTRUMENTS)
                 + "), a scale (" + "/".join(datamod.SCALES) + ") or a tempo (" + "/".join(datamod.TEMPOS) + ")")
-            print(f"{name}: caption score {record['caption_score']:.3f}  ({prompt}){unscored}")
+            said = f"{name}: caption score {record['caption_score']:.3f}  ({prompt}){unscored}"
         else:
             import soundfile as sf  # only when there is audio to write
             wav = peak_normalise(audio[i][:n_frames * datamod.HOP])
@@ -723,9 +723,10 @@ def write_outputs(m, requests, codes, audio, timings, n_frames, args, lock):
                               lambda f: sf.write(f, wav, datamod.SAMPLE_RATE, subtype="PCM_16", format="WAV"))
             write_new_or_stop(base + ".png", lambda f: save_mel_png(wav, f, prompt))
             record.update(wav=base + ".wav", png=base + ".png")
-            print(f"{name}: {base}.wav")
+            said = f"{name}: {base}.wav"
         with open(log_path, "ab", buffering=0) as f:  # unbuffered: append_durably's fsync then covers the line
             datamod.append_durably(f, (json.dumps(record, allow_nan=False) + "\n").encode())
+        print(said)  # once committed: output that fails stops nothing committed half
 
 
 def name_taken(path):

@@ -13135,3 +13135,122 @@ def test_ctrl_c_while_convergence_trains_a_variant_names_evaluate_py_to_go_on(tm
         f"interrupted: checkpoint at step 1 in {out}/prefix_mamba/ckpt.pt; continue with the same evaluate.py "
         "--convergence command"]
     assert torch.load(out / "prefix_mamba" / "ckpt.pt", weights_only=False)["step"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The command lines' environment (helper h11's audit): SIGTERM, a full disk, a dangling --out, names that are not
+# UTF-8, output that cannot be printed
+
+
+def test_bench_emit_writes_the_json_file_before_it_prints_the_row(tmp_path, monkeypatch):
+    # a print that fails (the reader of `| head -2` gone) lost the row it was printing: the file came after it
+    import bench
+
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+    monkeypatch.setattr(bench, "ROWS", [])
+    monkeypatch.setattr(bench, "HEADER", {"device": "cpu"})
+    monkeypatch.setattr(bench, "JSON_PATH", str(tmp_path / "rows.json"))
+    monkeypatch.setattr(sys, "stdout", Gone())
+    with pytest.raises(BrokenPipeError):
+        bench.emit({"section": "layer", "ms": 1.5})
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "rows.json").read_text()) == {"header": {"device": "cpu"},
+                                                                  "rows": [{"section": "layer", "ms": 1.5}]}
+
+
+def test_audio_files_whose_names_are_not_utf8_are_read(tmp_path):
+    # os.listdir and a command line give such a name with surrogate escapes, which soundfile could not encode:
+    # load_audio raised UnicodeEncodeError, and evaluate.py called the file "unreadable audio"
+    import soundfile as sf
+    audio = tone(1.0, 330)
+    sf.write(tmp_path / "plain.wav", audio, SR, subtype="FLOAT")
+    name = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"lat\xe9.wav"))
+    shutil.copy(tmp_path / "plain.wav", name)
+    assert np.array_equal(datamod.load_audio(name), audio)
+    assert np.array_equal(evaluate.load_mono(name, 16000), evaluate.load_mono(str(tmp_path / "plain.wav"), 16000))
+
+
+def test_sigterm_mid_run_saves_the_last_completed_step_as_ctrl_c_does(tmp_path, monkeypatch):
+    # kill, a job scheduler's time limit or torchrun send SIGTERM: it ended the run at once, and the steps since the
+    # last checkpoint were lost (here all 3); now it is held through the update, the step saved, exit 130
+    import signal
+    sent, updates = [], []
+    real = trainmod.apply_update
+
+    def update(run):
+        updates.append(1)
+        if len(updates) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # inside the update of step 3
+        return real(run)
+    monkeypatch.setattr(trainmod, "apply_update", update)
+    ours = lambda signum, frame: sent.append(signum)  # noqa: E731 (what train.py must not let SIGTERM reach)
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(tiny_train_args(tmp_path / "r", "--layers", "1", "--steps", "8", "--ckpt-every", "100"))
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert e.value.code == 130 and sent == [] and after is ours  # main put the handler it found back
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)["step"] == 3
+    assert len(read_losses(tmp_path / "r")) == 3
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    # torch.save's writer raises a RuntimeError of its own ("unexpected pos") while the disk's OSError is handled:
+    # two tracebacks, exit 1
+    import errno
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"PK partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 23488 vs 23382")
+    monkeypatch.setattr(trainmod.torch, "save", full)
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(out, "--layers", "1", "--steps", "2"))
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(
+        f"\ntrain.py: cannot write in {out} (no space left on device); what it saved before is kept whole\n")
+    assert sorted(os.listdir(out)) == [".lock", "config.json", "metrics.csv"]
+
+
+def test_an_out_through_a_dangling_symbolic_link_or_a_loop_of_them_is_named_as_such(tmp_path, capsys):
+    # os.makedirs said "cannot make this folder (File exists)" of a name that leads to no file
+    os.symlink("missing", tmp_path / "dangling")
+    os.symlink("loop2", tmp_path / "loop1")
+    os.symlink("loop1", tmp_path / "loop2")
+    for out, culprit, target in (("dangling", "it", "missing"), ("loop1", "it", "loop2"),
+                                 ("dangling/run", f"{tmp_path}/dangling", "missing")):
+        with pytest.raises(SystemExit) as e:
+            datamod.make_folder(str(tmp_path / out))
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"--out {tmp_path}/{out}: {culprit} is a symbolic link to {target}, which leads nowhere (its target is "
+            "missing, or the links make a loop)\n")
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "loop1", "loop2"]
+
+
+def test_generate_py_commits_a_sample_before_it_says_so(synthetic_checkpoint, tmp_path, monkeypatch):
+    # a print that fails (`| head -1` whose reader has gone: BrokenPipeError) came before the sample's line in
+    # generations.jsonl, its commit point: the sample written was not committed, and the next run did it again
+    import builtins
+    out, said, real_print = tmp_path / "g", [], builtins.print
+
+    def gone(*args, **kwargs):
+        if args and ": caption score" in str(args[0]):  # the sample's line
+            said.append(args[0])
+            raise BrokenPipeError(32, "Broken pipe")
+        return real_print(*args, **kwargs)
+    monkeypatch.setattr(builtins, "print", gone)
+    with pytest.raises(BrokenPipeError):
+        genmod.main(["calm piano", "--ckpt", str(synthetic_checkpoint), "--seconds", "0.05", "--out", str(out)])
+    monkeypatch.undo()
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["calm piano"]
+    assert len(said) == 1 and said[0].startswith(records[0]["name"] + ": caption score ")

@@ -762,20 +762,48 @@ def apply_update(run):
     return grad_norm, lr
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and kill's, a scheduler's or torchrun's stop
+
+
+@contextlib.contextmanager
+def stop_is_ctrl_c():
+    """SIGTERM raises KeyboardInterrupt inside the block, as Ctrl-C does, so that a run stopped by kill, a job
+    scheduler (its time limit, a preemption) or torchrun saves its last completed step too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def hold_signals(held):
+    """Make each of STOP_SIGNALS append its number to held; the previous handlers, to put back (restore_signals)."""
+    return [signal.signal(s, lambda signum, frame: held.append(signum)) for s in STOP_SIGNALS]
+
+
+def restore_signals(previous):
+    for s, handler in zip(STOP_SIGNALS, previous):  # None: a handler not set from Python; Python's own then
+        signal.signal(s, handler if handler is not None else
+                      signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def ctrl_c_held():
-    """Hold a Ctrl-C (SIGINT) that comes inside the block and raise it as KeyboardInterrupt once the
+    """Hold a Ctrl-C (SIGINT) or a SIGTERM that comes inside the block and raise it as KeyboardInterrupt once the
     block has finished, so the block's changes are made whole. Signal handlers belong to the main
     thread; in another thread this holds nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    previous = hold_signals(held)
     try:
         yield
-    finally:  # None: a handler not set from Python; Python's own is the one to put back then
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    finally:
+        restore_signals(previous)
     if held:
         raise KeyboardInterrupt
 
@@ -792,7 +820,7 @@ def ctrl_c_agreed(run):
         yield None
         return
     held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    previous = hold_signals(held)
 
     def any_process():
         flag = torch.tensor([float(bool(held))], device=run.device)
@@ -801,7 +829,7 @@ def ctrl_c_agreed(run):
     try:
         yield any_process
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+        restore_signals(previous)
 
 
 def evaluate_captions(run, n=8):
@@ -939,9 +967,14 @@ def main(argv=None, resume_with=None):
     world, rank, device = setup_processes(args)
     lock = lock_run_folder(args, world, rank)  # rank 0's on a folder that exists, held while this run writes it
     try:
-        run_training(args, given, world, rank, device, lock, resume_with)
-    except (MemoryError, RuntimeError) as e:
-        memory = datamod.out_of_memory(e)
+        with stop_is_ctrl_c():
+            run_training(args, given, world, rank, device, lock, resume_with)
+    except (MemoryError, RuntimeError, OSError) as e:
+        disk = datamod.disk_error(e)
+        if disk is not None:
+            datamod.fail(f"train.py: cannot write in {args.out} ({disk.strerror.lower()}); what it saved before is "
+                         "kept whole")
+        memory = None if isinstance(e, OSError) else datamod.out_of_memory(e)
         if memory is None:
             raise
         datamod.fail(f"out of memory on {device} ({memory}); at a batch of "
