@@ -13254,3 +13254,191 @@ def test_generate_py_commits_a_sample_before_it_says_so(synthetic_checkpoint, tm
     records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["calm piano"]
     assert len(said) == 1 and said[0].startswith(records[0]["name"] + ": caption score ")
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Mutation sweep of the ninety-second session's changes (helper h12): what its tests left open
+
+
+def test_disk_error_names_a_refused_write_and_nothing_else():
+    # a full disk, a quota, a read-only file system and a failing disk are one line; another OSError (a missing
+    # folder, a permission) keeps its traceback: train.py's line would blame the disk for it
+    import errno
+    for number in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+        error = OSError(number, os.strerror(number))
+        assert datamod.disk_error(error) is error
+        try:  # torch.save's writer: a RuntimeError of its own while the OSError is handled
+            try:
+                raise error
+            except OSError:
+                raise RuntimeError("unexpected pos 23488 vs 23382")
+        except RuntimeError as wrapped:
+            assert datamod.disk_error(wrapped) is error
+    for number in (errno.ENOENT, errno.EACCES, errno.EEXIST):
+        assert datamod.disk_error(OSError(number, os.strerror(number))) is None
+    assert datamod.disk_error(RuntimeError("unexpected pos")) is None
+
+
+def test_held_stop_signals_are_counted_and_the_handlers_found_are_put_back():
+    # hold_signals holds SIGTERM as well as SIGINT; restore_signals puts back what it found, and Python's own
+    # handler (SIGINT: KeyboardInterrupt; SIGTERM: the default, the end) for a handler not set from Python
+    import signal
+    before = [signal.getsignal(s) for s in trainmod.STOP_SIGNALS]
+    assert trainmod.STOP_SIGNALS == (signal.SIGINT, signal.SIGTERM)
+    try:
+        held = []
+        previous = trainmod.hold_signals(held)
+        assert previous == before
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+        assert held == [signal.SIGTERM, signal.SIGINT]
+        trainmod.restore_signals(previous)
+        assert [signal.getsignal(s) for s in trainmod.STOP_SIGNALS] == before
+        trainmod.restore_signals([None, None])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        for s, handler in zip(trainmod.STOP_SIGNALS, before):
+            signal.signal(s, handler)
+
+
+def test_stage2_config_refuses_every_size_below_one_and_widths_groupnorm_cannot_split():
+    for kw, message in (({"d_text": 0}, "Stage2Config.d_text 0: want 1 or more"),
+                        ({"d_cond": 0}, "Stage2Config.d_cond 0: want 1 or more")):
+        with pytest.raises(ValueError) as e:
+            stage2.Stage2Config(**kw)
+        assert str(e.value) == message
+    for channels in ((3,), (144,)):  # 3: 0 groups; 144: 32 groups (144 // 4 = 36), not a multiple of 32
+        with pytest.raises(ValueError) as e:
+            stage2.Stage2Config(channels=channels)
+        assert str(e.value) == (f"Stage2Config.channels {channels}: want one or more widths of 4 or more, each a "
+                                "multiple of its GroupNorms' min(32, width // 4) groups")
+        with pytest.raises((ValueError, ZeroDivisionError)):
+            torch.nn.GroupNorm(min(32, channels[0] // 4), channels[0])  # what the check stands in for
+
+
+def test_codes_just_past_the_codebook_are_refused_by_both_stages():
+    # 1024 is the special id: stage 2's coarse codes must be 0..1023; stage 1's prompt may hold 1024 (a slot to
+    # sample) but not 1025
+    model = tiny_model("prefix_simba", 2)
+    text, mask = random_text()
+    prompt = torch.zeros(2, 2, 4, dtype=torch.long)
+    prompt[0, 0, 1] = SPECIAL + 1
+    with pytest.raises(ValueError) as e:
+        model.generate(text, mask, 6, top_k=1, prompt=prompt)
+    assert str(e.value) == "prompt torch.int64: want integer codes 0..1023 (1024: a slot to sample)"
+    prompt[0, 0, 1] = 0  # code 0 and 1023 are codes: kept
+    prompt[1, 1, 2] = 1023
+    assert torch.equal(model.generate(text, mask, 6, top_k=1, prompt=prompt)[:, :, :4], prompt)
+    torch.manual_seed(0)
+    diffusion = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).eval()
+    text, mask = random_text(lt=3)
+    for code in (1024, -1):
+        coarse = torch.zeros(2, 6, dtype=torch.long)
+        coarse[1, 3] = code
+        with pytest.raises(ValueError) as e:
+            diffusion.generate(coarse, text.float(), mask, steps=1)
+        assert str(e.value) == ("generate: coarse_codes (2, 6) torch.int64: want codebook 1, (b, T >= 1) codes "
+                                "0..1023 (stage 1's codes (b, 1, T): codes[:, 0])")
+
+
+def test_stage2_sampler_refuses_more_generators_than_rows_and_known_frames_without_latents():
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).eval()
+    text, mask = random_text(lt=3)
+    coarse = torch.zeros(2, stage2.LATENT_DIM, 4)
+    for kw, message in (({"generator": [torch.Generator() for _ in range(3)]},
+                         "3 generators for 2 rows: give one per row"),
+                        ({"known_frames": torch.ones(2, 4, dtype=torch.bool)},
+                         "sample_latents: known and known_frames go together (the latents and the frames to keep)")):
+        with pytest.raises(ValueError) as e:
+            model.sample_latents(coarse, text.float(), mask, steps=1, **kw)
+        assert str(e.value) == message
+
+
+def test_read_prompt_codes_closes_a_zip_archive_it_refuses(tmp_path, monkeypatch):
+    # np.load keeps an .npz's file open in the NpzFile it returns: the refusal closes it
+    np.savez(tmp_path / "codes.npz", codes=np.zeros((1, 5), np.int16))
+    os.replace(tmp_path / "codes.npz", tmp_path / "archive.npy")
+    opened, load = [], np.load
+    monkeypatch.setattr(np, "load", lambda *a, **kw: opened.append(load(*a, **kw)) or opened[-1])
+    with pytest.raises(SystemExit) as e:
+        genmod.read_prompt_codes(str(tmp_path / "archive.npy"), 1)
+    assert e.value.code == 2 and len(opened) == 1 and opened[0].zip is None and opened[0].fid is None
+
+
+def test_a_folder_whose_config_json_is_a_folder_holds_no_model(tmp_path):
+    (tmp_path / "m" / "config.json").mkdir(parents=True)
+    for model_type in (None, "t5"):
+        assert datamod.model_folder_problem(str(tmp_path / "m"), model_type, "--t5") == (
+            "a folder without config.json, not a model's folder; pass the model's folder (--t5 PATH)")
+
+
+def test_read_sound_gives_float32_frames_by_channels_for_a_name_that_is_not_utf8(tmp_path):
+    import soundfile as sf
+    stereo = np.stack([tone(0.5, 330), tone(0.5, 440) * 0.5], axis=1)
+    name = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"st\xe9r\xe9o.wav"))
+    sf.write(tmp_path / "plain.wav", stereo, SR, subtype="FLOAT")
+    shutil.copy(tmp_path / "plain.wav", name)
+    audio, sr = datamod.read_sound(name)
+    assert sr == SR and audio.dtype == np.float32 and np.array_equal(audio, stereo.astype(np.float32))
+    mono = datamod.load_audio(name)
+    assert mono.dtype == np.float32 and np.array_equal(mono, stereo.astype(np.float32).mean(axis=1))
+
+
+def test_stop_is_ctrl_c_raises_sigterm_as_keyboard_interrupt_and_puts_the_handler_back():
+    # outside the blocks held whole (the forward pass, the data, the set-up), SIGTERM must stop as Ctrl-C does
+    import signal
+    ours = lambda signum, frame: None  # noqa: E731
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with trainmod.stop_is_ctrl_c():
+                signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_lm_loss_names_targets_of_another_length():
+    logits, targets = torch.randn(2, 3, 5, 1025), torch.randint(0, 1024, (2, 3, 4))
+    with pytest.raises(ValueError) as e:
+        ssmttm.lm_loss(logits, targets)
+    assert str(e.value) == "lm_loss: targets (2, 3, 4) for logits (2, 3, 5, 1025): want (2, 3, 5)"
+
+
+def test_a_full_disk_raised_as_an_oserror_itself_is_one_line(tmp_path, monkeypatch, capsys):
+    # a write that fails with the OSError itself (not torch.save's RuntimeError around it) is the same one line
+    import errno
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    monkeypatch.setattr(trainmod.torch, "save", full)
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(out, "--layers", "1", "--steps", "2"))
+    said = os.strerror(errno.EDQUOT).lower()
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(
+        f"\ntrain.py: cannot write in {out} ({said}); what it saved before is kept whole\n")
+
+
+def test_sigterm_in_the_forward_pass_saves_the_step_before_it(tmp_path, monkeypatch):
+    # outside the update (held whole) SIGTERM comes through main's stop_is_ctrl_c as a KeyboardInterrupt
+    import signal
+    steps, accumulate = [], trainmod.accumulate_gradients
+
+    def sigterm_at_the_second_step(run, step):
+        steps.append(step)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return accumulate(run, step)
+    monkeypatch.setattr(trainmod, "accumulate_gradients", sigterm_at_the_second_step)
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: pytest.fail("SIGTERM reached the handler"))
+    try:
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(tiny_train_args(tmp_path / "r", "--layers", "1", "--steps", "4", "--ckpt-every", "100"))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert e.value.code == 130 and steps == [0, 1]
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)["step"] == 1
