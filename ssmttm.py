@@ -634,9 +634,6 @@ class TextToMusicLM(nn.Module):
         text of other shapes (check_text), and a prompt longer than n_frames, of another batch or K, or
         of codes outside 0..1023 (1024, the special id: a slot to sample)."""
         check_text(text, text_mask, self.cfg.d_text, "generate")
-        if not isinstance(n_frames, numbers.Integral):
-            raise TypeError(f"generate: n_frames {n_frames!r}: want an int, a number of frames "
-                            "(round(seconds * FRAME_RATE))")
         if n_frames < 0 or text.shape[0] == 0:
             raise ValueError(f"generate: n_frames {n_frames} for {text.shape[0]} texts: want 0 or more frames "
                              "of 1 or more texts")
@@ -672,7 +669,10 @@ class TextToMusicLM(nn.Module):
     def step_layout(self, b, n_frames, prompt, device):
         """The delayed layout generate fills: steps (b, K, n_frames + K - 1), special where there is no
         token yet, and fixed (bool, same shape): the slots sampling must leave alone (the delay
-        pattern's empty slots, the prompt)."""
+        pattern's empty slots, the prompt). generate's TypeError and prompt ValueErrors come from here."""
+        if not isinstance(n_frames, numbers.Integral):  # F.pad below takes no float
+            raise TypeError(f"generate: n_frames {n_frames!r}: want an int, a number of frames "
+                            "(round(seconds * FRAME_RATE))")
         K = self.cfg.n_codebooks
         if prompt is None:
             prompt = torch.zeros(b, K, 0, dtype=torch.long, device=device)
