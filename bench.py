@@ -1420,4 +1420,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    datamod.run_command(main, "bench.py", resumes=False)

@@ -634,4 +634,4 @@ def sweep_dg(b, l, n, Q, h=32, p=64, maxnreg=None):
 
 
 if __name__ == "__main__":
-    main()
+    datamod.run_command(main, "bench_ssd_grouped.py", resumes=False)

@@ -763,17 +763,28 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def run_command(main, name):
+def run_command(main, name, resumes=True):
     """A command line's main() with Ctrl-C as one line and exit code 130 instead of a traceback.
-    For the commands that commit each unit of work whole (data.py, generate.py, evaluate.py; train.py
-    outside its loop, which saves the step itself): what they finished is kept, and the same command
-    goes on from there."""
+    For the commands that commit each unit of work whole (resumes: data.py, generate.py, evaluate.py;
+    train.py outside its loop, which saves the step itself): what they finished is kept, and the same
+    command goes on from there. A reader of the output that has gone (`train.py | head`) stops the command
+    as it stops a Unix tool, at its next print: one line, exit code 1, what was committed kept."""
     try:
         main()
+        sys.stdout.flush()  # here, not at exit: a pipe whose reader has gone fails now, and is handled
     except KeyboardInterrupt:
-        print(f"\n{name}: interrupted; what was finished is kept, and the same command goes on from there",
-              file=sys.stderr)
+        print(f"\n{name}: interrupted" + ("; what was finished is kept, and the same command goes on from there"
+                                         if resumes else ""), file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # stdout may be None or closed
+            os.dup2(devnull, sys.stdout.fileno())  # else its flush at exit fails again ("Exception ignored")
+        try:
+            os.write(2, f"{name}: the reader of its output has gone (broken pipe); stopped\n".encode())
+        except OSError:  # stderr is that pipe too (2>&1)
+            os.dup2(devnull, 2)
+        sys.exit(1)
 
 
 def out_of_memory(error):

@@ -13442,3 +13442,47 @@ def test_sigterm_in_the_forward_pass_saves_the_step_before_it(tmp_path, monkeypa
         signal.signal(signal.SIGTERM, before)
     assert e.value.code == 130 and steps == [0, 1]
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)["step"] == 1
+
+
+def test_a_reader_of_the_output_that_has_gone_stops_a_command_with_one_line(tmp_path):
+    # `train.py | head -1`: the next print raised BrokenPipeError, a traceback and exit 1; a run whose output fit
+    # the pipe's buffer failed at exit ("Exception ignored ... BrokenPipeError", exit 120). Now one line, exit 1,
+    # whatever ran before it kept, in every program that runs through data.run_command
+    script = ("import sys; sys.path.insert(0, %r); import data\n"
+              "def main():\n"
+              "    open('before', 'w').close()\n"
+              "    print('a line that only fills a buffer')\n"
+              "data.run_command(main, 'x.py')\n" % HERE)
+    read, write = os.pipe()
+    os.close(read)  # the reader gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-c", script], stdout=write, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (1, "x.py: the reader of its output has gone (broken pipe); stopped\n")
+    assert (tmp_path / "before").exists()
+
+
+def test_benchmarks_stopped_by_ctrl_c_say_so_in_one_line_and_promise_no_resume(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    for resumes, said in ((False, "\nbench.py: interrupted\n"),
+                          (True, "\nbench.py: interrupted; what was finished is kept, and the same command goes on "
+                                 "from there\n")):
+        with pytest.raises(SystemExit) as e:
+            datamod.run_command(interrupted, "bench.py", resumes=resumes)
+        assert (e.value.code, capsys.readouterr().err) == (130, said)
+    # both benchmarks, run as scripts: a Ctrl-C as they look for the GPU (there was a traceback)
+    import runpy
+    monkeypatch.setattr(torch.cuda, "is_available", interrupted)
+    for argv in (["bench.py", "--quick", "--only", "layer"], ["bench_ssd_grouped.py", "--sweep", "diag"]):
+        monkeypatch.setattr(sys, "argv", argv)
+        try:  # a KeyboardInterrupt out of the script would stop pytest itself
+            runpy.run_path(os.path.join(HERE, argv[0]), run_name="__main__")
+        except KeyboardInterrupt:
+            pytest.fail(f"the Ctrl-C came out of {argv[0]} as a KeyboardInterrupt (a traceback)")
+        except SystemExit as e:
+            assert (e.code, capsys.readouterr().err) == (130, f"\n{argv[0]}: interrupted\n")
+        else:
+            pytest.fail(f"{argv[0]} went on")
