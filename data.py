@@ -768,7 +768,12 @@ def run_command(main, name, resumes=True):
     For the commands that commit each unit of work whole (resumes: data.py, generate.py, evaluate.py;
     train.py outside its loop, which saves the step itself): what they finished is kept, and the same
     command goes on from there. A reader of the output that has gone (`train.py | head`) stops the command
-    as it stops a Unix tool, at its next print: one line, exit code 1, what was committed kept."""
+    as it stops a Unix tool, at its next print: one line, exit code 1, what was committed kept. A
+    stream closed by the caller (`2>&-`) is /dev/null for the run, as if it had been sent there."""
+    for fd, stream in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, stream) is None:  # else the first print (or tqdm's bar) fails, and C code's
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)  # messages go into the next file opened
+            setattr(sys, stream, open(fd, "w", closefd=False))
     try:
         main()
         sys.stdout.flush()  # here, not at exit: a pipe whose reader has gone fails now, and is handled

@@ -13493,3 +13493,17 @@ def test_benchmarks_stopped_by_ctrl_c_say_so_in_one_line_and_promise_no_resume(m
             assert (e.code, capsys.readouterr().err) == (130, f"\n{argv[0]}: interrupted\n")
         else:
             pytest.fail(f"{argv[0]} went on")
+
+
+def test_a_command_with_its_output_streams_closed_runs_as_with_them_sent_to_dev_null(tmp_path):
+    # `train.py ... 2>&-`: sys.stderr is None, and tqdm's bar raised AttributeError before the first step (exit 1,
+    # not a word, no checkpoint); the file opened next took fd 2, where C code writes its messages
+    script = ("import os, sys; sys.path.insert(0, %r); import data, tqdm\n"
+              "def main():\n"
+              "    print('to stdout'); print('to stderr', file=sys.stderr)\n"
+              "    for _ in tqdm.tqdm(range(3)): pass\n"
+              "    with open('done', 'w') as f:\n"
+              "        f.write(str(f.fileno() > 2) + ' ' + os.path.realpath('/proc/self/fd/2'))\n"
+              "data.run_command(main, 'x.py')\n" % HERE)
+    done = subprocess.run(["bash", "-c", 'exec "$@" >&- 2>&-', "-", sys.executable, "-c", script], cwd=tmp_path)
+    assert done.returncode == 0 and (tmp_path / "done").read_text() == "True /dev/null"
