@@ -1,8 +1,8 @@
 """Objective evaluation of generated music (paper, section IV-B), and the convergence comparison of
-the four LM variants in miniature (the paper's Figure 2 / RQ2, on the synthetic set).
+the four LM variants in miniature (the paper's Table I and Figure 2 / RQ1, on the synthetic set).
 
     python evaluate.py --generated outputs/musiccaps --reference data/musiccaps --prompts musiccaps.csv
-    OMP_NUM_THREADS=1 python evaluate.py --convergence runs/rq2 --layers 2 --steps 200 --batch-size 8 --eval-every 20
+    OMP_NUM_THREADS=1 python evaluate.py --convergence runs/rq1 --layers 2 --steps 200 --batch-size 8 --eval-every 20
 
 Metrics, as defined by Stability-AI/stable-audio-metrics (the paper follows its ref. [16], Stable
 Audio) with audiocraft's KL direction. Every file is read as mono (channels averaged), resampled
@@ -650,7 +650,7 @@ def print_table(report):
 
 
 # ------------------------------------------------------------------------------------------------
-# The convergence comparison (paper, Figure 2 / RQ2, in miniature on the synthetic set)
+# The convergence comparison (paper, Table I and Figure 2 / RQ1, in miniature on the synthetic set)
 
 
 def read_run(folder):
@@ -926,7 +926,7 @@ def parse_args(argv=None):
                     help="auto (cuda when available), cpu, cuda or cuda:N")
     ap.add_argument("--seed", type=datamod.SEED, default=0,
                     help="numpy seed for CLAP's crops of long clips; training seed")
-    conv = ap.add_argument_group("convergence comparison (paper, Figure 2 / RQ2, in miniature)")
+    conv = ap.add_argument_group("convergence comparison (paper, Figure 2 / RQ1, in miniature)")
     conv.add_argument("--convergence", metavar="OUT", type=datamod.path_name,
                       help="train the four variants into OUT/<variant>, plot OUT/convergence.png")
     conv.add_argument("--layers", type=int, default=2, help="LM blocks per variant")

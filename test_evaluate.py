@@ -631,7 +631,7 @@ def test_evaluate_one_line_errors(case, weights, sets, capsys, tmp_path):
 
 
 def test_convergence_four_variants(tmp_path, capsys):
-    out = str(tmp_path / "rq2")
+    out = str(tmp_path / "rq1")
     budget = ["--layers", "2", "--steps", "3", "--eval-every", "3", "--batch-size", "2", "--d-model", "32",
               "--frames", "16"]
     table = evaluate.main(["--convergence", out] + budget)
@@ -924,7 +924,7 @@ def test_parse_args_bounds_and_conflicts(tmp_path, capsys):
         assert e.value.code == 2
         return _one_line_error(capsys)
 
-    out = str(tmp_path / "rq2")
+    out = str(tmp_path / "rq1")
     for flag in ("--layers", "--steps", "--eval-every", "--batch-size", "--d-model", "--frames"):
         assert error(["--convergence", out, flag, "0"]) == f"evaluate.py: error: {flag} must be at least 1"
         assert getattr(evaluate.parse_args(["--convergence", out, flag, "1"]), flag[2:].replace("-", "_")) == 1
@@ -1057,7 +1057,7 @@ def test_convergence_plot_only_csv_summary_and_plot(tmp_path, capsys, monkeypatc
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.axes
-    out = str(tmp_path / "rq2")
+    out = str(tmp_path / "rq1")
     losses = _fake_runs(out)
     drawn, plot = [], matplotlib.axes.Axes.plot
 
@@ -1103,7 +1103,7 @@ def test_convergence_plot_only_csv_summary_and_plot(tmp_path, capsys, monkeypatc
 
 def test_convergence_refuses_other_budgets_missing_runs_and_failed_training(tmp_path, capsys, monkeypatch):
     import train
-    out = str(tmp_path / "rq2")
+    out = str(tmp_path / "rq1")
     _fake_runs(out, n=12, lr=3e-3)                                             # cross_simba: another lr
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -1158,7 +1158,7 @@ def test_convergence_checks_its_folder_and_every_variant_before_any_trains(tmp_p
 
 
 def test_convergence_names_a_damaged_run_folder_in_one_line(tmp_path, capsys):
-    out = str(tmp_path / "rq2")
+    out = str(tmp_path / "rq1")
     _fake_runs(out, n=6)
     run = os.path.join(out, "cross_simba")
     metrics, config, ckpt = (os.path.join(run, f) for f in ("metrics.csv", "config.json", "ckpt.pt"))
@@ -1179,7 +1179,7 @@ def test_convergence_names_a_damaged_run_folder_in_one_line(tmp_path, capsys):
         assert e.value.code == 2 and err.count("\n") == 1
         assert err.endswith(f"{message}\n") if message else err.startswith(f"{ckpt}: not a readable checkpoint")
         open(path, "wb").write(good[path])
-    (tmp_path / "rq2" / "cross_simba" / "metrics.csv").write_bytes(good[metrics] + b"7,1.5")  # a row a crash cut
+    (tmp_path / "rq1" / "cross_simba" / "metrics.csv").write_bytes(good[metrics] + b"7,1.5")  # a row a crash cut
     assert len(evaluate.read_run(run)[0]) == 6
 
 
@@ -1292,7 +1292,7 @@ def test_long_state_norms_follow_the_step_that_completes_each_windows_last_frame
 def test_convergence_refuses_an_eval_interval_past_its_steps(tmp_path, capsys):
     # --eval-every 0 is refused (no caption score); --eval-every past --steps scored no step either, silently: the
     # plot's and table's caption scores were empty. The default 25 comes down to a shorter run's --steps
-    out = str(tmp_path / "rq2")
+    out = str(tmp_path / "rq1")
     with pytest.raises(SystemExit) as e:
         evaluate.parse_args(["--convergence", out, "--steps", "2", "--eval-every", "3"])
     assert e.value.code == 2 and capsys.readouterr().err == (
@@ -1334,7 +1334,7 @@ def test_check_output_file_messages(tmp_path, capsys, monkeypatch):
 
 def test_convergence_skips_finished_runs_and_resumes_the_others(tmp_path, capsys, monkeypatch):
     import train
-    out = tmp_path / "rq2"
+    out = tmp_path / "rq1"
     _fake_runs(str(out), n=12)
     budget = ["--layers", "2", "--steps", "12", "--seed", "0", "--eval-every", "5", "--log-every", "1",
               "--batch-size", "2", "--d-model", "32", "--frames", "16"]

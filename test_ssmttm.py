@@ -13132,7 +13132,7 @@ def test_ctrl_c_while_convergence_trains_a_variant_names_evaluate_py_to_go_on(tm
             raise KeyboardInterrupt
         return accumulate(run, step)
     monkeypatch.setattr(train, "accumulate_gradients", ctrl_c_at_the_second_step)
-    out = tmp_path / "rq2"
+    out = tmp_path / "rq1"
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--convergence", str(out), "--layers", "1", "--steps", "3", "--batch-size", "2",
                        "--d-model", "32", "--frames", "16"])
@@ -13507,3 +13507,40 @@ def test_a_command_with_its_output_streams_closed_runs_as_with_them_sent_to_dev_
               "data.run_command(main, 'x.py')\n" % HERE)
     done = subprocess.run(["bash", "-c", 'exec "$@" >&- 2>&-', "-", sys.executable, "-c", script], cwd=tmp_path)
     assert done.returncode == 0 and (tmp_path / "done").read_text() == "True /dev/null"
+
+
+def paper_lm_parameters(variant, n_layers, n_codebooks=1, d=1024, d_state=512, headdim=64, d_text=768):
+    # PAPER.md's LM counted by hand: Mamba-2 (in_proj d -> 2 d_inner + 2 d_state + heads, no bias; depthwise
+    # conv of 4 with bias over x, B, C; dt_bias, A_log, D per head; the gated norm; out_proj, no bias), the
+    # feed-forward d -> 2d -> d, attention's four d x d products with biases, an RMSNorm per sublayer; K
+    # tables and heads of 1025 rows (no head bias), the text's Linear 768 -> d + LayerNorm, the final RMSNorm
+    d_inner, V = 2 * d, 1025
+    heads = d_inner // headdim
+    mamba = (d * (2 * d_inner + 2 * d_state + heads) + (d_inner + 2 * d_state) * 5 + 3 * heads + d_inner
+             + d_inner * d)
+    ff, attn = 2 * d * d + 2 * d + 2 * d * d + d, 4 * d * d + 4 * d
+    sub = {"prefix_mamba": [mamba, mamba], "prefix_simba": [mamba, ff], "cross_simba": [mamba, attn, ff],
+           "cross_transformer": [attn, attn, ff]}[variant]
+    return n_layers * (sum(sub) + len(sub) * d) + 2 * n_codebooks * V * d + d_text * d + d + 2 * d + d
+
+
+def test_parameter_counts_are_the_papers_architecture_exactly_and_the_readmes_figures():
+    # README's table (357.7 / 281.0 / 381.8 / 305.2 M at 24 blocks) and RQ3's Prefix SiMBA at 12 and 6 blocks
+    # (142.0 and 72.4 M): the model holds exactly the parameters of the architecture PAPER.md describes
+    readme = {("prefix_mamba", 24): 357.7, ("prefix_simba", 24): 281.0, ("cross_simba", 24): 381.8,
+              ("cross_transformer", 24): 305.2, ("prefix_simba", 12): 142.0, ("prefix_simba", 6): 72.4}
+    for (variant, n_layers), millions in readme.items():
+        with torch.device("meta"):
+            n = TextToMusicLM(ModelConfig(variant=variant, n_layers=n_layers)).num_params()
+        assert n == paper_lm_parameters(variant, n_layers), (variant, n_layers)
+        assert round(n / 1e6, 1) == millions, (variant, n_layers, n)
+    assert paper_lm_parameters("prefix_simba", 24) == 281_043_200  # d_state 512: 32 heads of 64, one group
+
+
+def test_single_stage_prefix_simba_9_has_table_iis_300_m_parameters():
+    # Table II: Prefix SiMBA_9 (all nine codebooks through the delay pattern), 300 M trainable parameters; nine
+    # embedding tables and nine heads of 1025 rows add 8 x 2 x 1025 x 1024 to the one-codebook model's 281 M
+    with torch.device("meta"):
+        n = TextToMusicLM(ModelConfig(n_codebooks=9)).num_params()
+    assert n == paper_lm_parameters("prefix_simba", 24, n_codebooks=9) == 281_043_200 + 8 * 2 * 1025 * 1024
+    assert abs(n - 300e6) / 300e6 < 0.02, n
