@@ -13544,3 +13544,15 @@ def test_single_stage_prefix_simba_9_has_table_iis_300_m_parameters():
         n = TextToMusicLM(ModelConfig(n_codebooks=9)).num_params()
     assert n == paper_lm_parameters("prefix_simba", 24, n_codebooks=9) == 281_043_200 + 8 * 2 * 1025 * 1024
     assert abs(n - 300e6) / 300e6 < 0.02, n
+
+
+def test_the_convergence_tables_parameter_counts_are_the_readmes():
+    # README, "Convergence of the four variants": 2.46 / 2.12 / 2.64 / 2.30 M at 2 blocks, d_model 256, d_state 64,
+    # heads of 32, 4 attention heads (train.py's synthetic preset, d_ff 2 x d_model), the hand count of each
+    small = {"prefix_mamba": 2.46, "prefix_simba": 2.12, "cross_simba": 2.64, "cross_transformer": 2.30}
+    for variant, millions in small.items():
+        cfg = dict(variant=variant, n_layers=2, d_model=256, d_state=64, headdim=32, n_heads=4, d_ff=512)
+        with torch.device("meta"):
+            n = TextToMusicLM(ModelConfig(**cfg)).num_params()
+        assert round(n / 1e6, 2) == millions, (variant, n)
+        assert n == paper_lm_parameters(variant, 2, d=256, d_state=64, headdim=32, d_text=768), variant
