@@ -767,9 +767,10 @@ def run_command(main, name, resumes=True):
     """A command line's main() with Ctrl-C as one line and exit code 130 instead of a traceback.
     For the commands that commit each unit of work whole (resumes: data.py, generate.py, evaluate.py;
     train.py outside its loop, which saves the step itself): what they finished is kept, and the same
-    command goes on from there. A reader of the output that has gone (`train.py | head`) stops the command
-    as it stops a Unix tool, at its next print: one line, exit code 1, what was committed kept. A
-    stream closed by the caller (`2>&-`) is /dev/null for the run, as if it had been sent there."""
+    command goes on from there. An output that cannot be written, its reader gone (`train.py | head`)
+    or its disk full, stops the command as it stops a Unix tool, at its next print: one line, exit code
+    1, what was committed kept. A stream closed by the caller (`2>&-`) is /dev/null for the run, as if
+    it had been sent there."""
     for fd, stream in ((1, "stdout"), (2, "stderr")):
         if getattr(sys, stream) is None:  # else the first print (or tqdm's bar) fails, and C code's
             os.dup2(os.open(os.devnull, os.O_WRONLY), fd)  # messages go into the next file opened
@@ -781,15 +782,31 @@ def run_command(main, name, resumes=True):
         print(f"\n{name}: interrupted" + ("; what was finished is kept, and the same command goes on from there"
                                          if resumes else ""), file=sys.stderr)
         sys.exit(130)
-    except BrokenPipeError:
+    except OSError as e:  # a write to stdout or stderr that failed: the reader gone (| head), a full disk
+        failed = failing_outputs()
+        if not failed and not isinstance(e, BrokenPipeError):
+            raise
         devnull = os.open(os.devnull, os.O_WRONLY)
-        with contextlib.suppress(AttributeError, OSError, ValueError):  # stdout may be None or closed
-            os.dup2(devnull, sys.stdout.fileno())  # else its flush at exit fails again ("Exception ignored")
-        try:
-            os.write(2, f"{name}: the reader of its output has gone (broken pipe); stopped\n".encode())
-        except OSError:  # stderr is that pipe too (2>&1)
-            os.dup2(devnull, 2)
+        for fd in failed or (1,):  # else their flush at exit fails again ("Exception ignored"); the others keep
+            os.dup2(devnull, fd)  # what they hold
+        why = ("the reader of its output has gone (broken pipe)" if isinstance(e, BrokenPipeError)
+               else f"cannot write its output ({(e.strerror or str(e)).lower()})")
+        with contextlib.suppress(OSError):
+            os.write(2, f"{name}: {why}; stopped\n".encode())
         sys.exit(1)
+
+
+def failing_outputs():
+    """The descriptors (1, 2) of sys.stdout and sys.stderr whose flush fails now (a broken pipe, a full disk)."""
+    failed = []
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            failed.append(fd)
+        except AttributeError:
+            pass
+    return failed
 
 
 def out_of_memory(error):

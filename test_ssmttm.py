@@ -13462,9 +13462,10 @@ def test_a_reader_of_the_output_that_has_gone_stops_a_command_with_one_line(tmp_
               "data.run_command(main, 'x.py')\n" % HERE)
     read, write = os.pipe()
     os.close(read)  # the reader gone before the first line
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # the line waits in stdout's buffer
     try:
         done = subprocess.run([sys.executable, "-c", script], stdout=write, stderr=subprocess.PIPE, text=True,
-                              cwd=tmp_path)
+                              cwd=tmp_path, env=env)
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (1, "x.py: the reader of its output has gone (broken pipe); stopped\n")
@@ -13556,3 +13557,37 @@ def test_the_convergence_tables_parameter_counts_are_the_readmes():
             n = TextToMusicLM(ModelConfig(**cfg)).num_params()
         assert round(n / 1e6, 2) == millions, (variant, n)
         assert n == paper_lm_parameters(variant, 2, d=256, d_state=64, headdim=32, d_text=768), variant
+
+
+def test_a_command_whose_output_fails_otherwise_stops_with_one_line_and_keeps_the_stream_that_works(tmp_path):
+    # `prog >/dev/full`: the flush raised OSError ENOSPC, a traceback and "Exception ignored" (exit 120); `prog 2>&1
+    # >log | head`: the reader of stderr gone pointed stdout, a file that works, at /dev/null and its lines were
+    # lost. Buffered streams, as without PYTHONUNBUFFERED
+    script = ("import os, sys; sys.path.insert(0, %r); import data\n"
+              "def main():\n"
+              "    print('to stdout'); print('to stderr', file=sys.stderr)\n"
+              "    print('x' * 70000, file=sys.stderr)\n"
+              "data.run_command(main, 'x.py')\n" % HERE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    run = lambda shell: subprocess.run(["bash", "-c", shell, "-", sys.executable, "-c", script], cwd=tmp_path,  # noqa
+                                       env=env, capture_output=True, text=True)
+    run('"$@" >/dev/full 2>err; echo $? >rc')
+    assert ((tmp_path / "rc").read_text(), (tmp_path / "err").read_text()) == (
+        "1\n", "to stderr\n" + "x" * 70000 + "\nx.py: cannot write its output (no space left on device); stopped\n")
+    run('"$@" 2>&1 >out | head -c 1 >/dev/null; echo ${PIPESTATUS[0]} >rc')
+    assert ((tmp_path / "rc").read_text(), (tmp_path / "out").read_text()) == ("1\n", "to stdout\n")
+
+
+def test_train_with_its_stdout_on_a_full_disk_does_not_blame_its_out_folder(tmp_path, monkeypatch):
+    # `train.py ... >/dev/full` said "cannot write in R (no space left on device)", exit 2: a checkpoint's full
+    # disk. The error is left to run_command, which names the output (above)
+    import errno
+
+    class Full:
+        def write(self, text=""):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        flush = write
+    monkeypatch.setattr(sys, "stdout", Full())
+    with pytest.raises(OSError) as e:
+        trainmod.main(tiny_train_args(tmp_path / "r", "--steps", "1"))
+    assert e.value.errno == errno.ENOSPC

@@ -971,7 +971,7 @@ def main(argv=None, resume_with=None):
             run_training(args, given, world, rank, device, lock, resume_with)
     except (MemoryError, RuntimeError, OSError) as e:
         disk = datamod.disk_error(e)
-        if disk is not None:
+        if disk is not None and not datamod.failing_outputs():  # not stdout or stderr's write
             datamod.fail(f"train.py: cannot write in {args.out} ({disk.strerror.lower()}); what it saved before is "
                          "kept whole")
         memory = None if isinstance(e, OSError) else datamod.out_of_memory(e)
