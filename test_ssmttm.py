@@ -5486,14 +5486,11 @@ def test_musiccaps_csv_as_it_is_gives_ids_and_captions(tmp_path):
 
 
 def test_command_line_error_has_no_traceback(tmp_path, monkeypatch, capsys):
-    import runpy
     path = tmp_path / "latin1.csv"
     path.write_bytes("audio,caption\nx.wav,café\n".encode("latin-1"))
-    monkeypatch.setattr(sys, "argv", ["data.py", "--audio", str(tmp_path), "--captions", str(path), "--out",
-                                      str(tmp_path / "out")])
-    with pytest.raises(SystemExit) as e:  # data.py run as a script, its __main__ block included
-        runpy.run_path(os.path.join(HERE, "data.py"), run_name="__main__")
-    assert (e.value.code, *capsys.readouterr()) == (2, "", f"{path}:2: not UTF-8 (byte 0xe9); save the file as UTF-8\n")
+    argv = ["data.py", "--audio", str(tmp_path), "--captions", str(path), "--out", str(tmp_path / "out")]
+    assert script_exit(argv, monkeypatch, capsys) == (
+        2, "", f"{path}:2: not UTF-8 (byte 0xe9); save the file as UTF-8\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -7359,6 +7356,16 @@ def test_resume_does_not_keep_cuda_graphs(tmp_path):
     assert after["step"] == 3 and after["args"]["cuda_graphs"] is False
 
 
+def script_exit(argv, monkeypatch, capsys):
+    """(exit code, stdout, stderr) of the program argv[0] run as a script, its __main__ block included, in this
+    process (a new interpreter takes about 3 s, most of it importing torch)."""
+    import runpy
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(HERE, argv[0]), run_name="__main__")
+    return (e.value.code, *capsys.readouterr())
+
+
 @pytest.mark.parametrize("script, flags, message", [
     ("train.py", ["--lr", "nan"], "train.py: error: argument --lr: expected a finite number above 0 and at most 1, "
                                   "not 'nan'"),
@@ -7375,21 +7382,12 @@ def test_resume_does_not_keep_cuda_graphs(tmp_path):
     ("bench_ssd_grouped.py", ["--registers", "--chunk", "48"],
      "bench_ssd_grouped.py: error: argument --chunk: expected a power of two of at least 16, not 48")])
 def test_command_line_errors_have_no_traceback(script, flags, message, monkeypatch, capsys):
-    # each program run as a script, its __main__ block included, in this process (an interpreter each took 3 s)
-    import runpy
-    monkeypatch.setattr(sys, "argv", [script, *flags])
-    with pytest.raises(SystemExit) as e:
-        runpy.run_path(os.path.join(HERE, script), run_name="__main__")
-    assert (e.value.code, *capsys.readouterr()) == (2, "", message + "\n")
+    assert script_exit([script, *flags], monkeypatch, capsys) == (2, "", message + "\n")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the benchmark runs")
 def test_ssd_benchmark_without_a_gpu_says_so_in_one_line(monkeypatch, capsys):
-    import runpy
-    monkeypatch.setattr(sys, "argv", ["bench_ssd_grouped.py", "--sweep", "diag"])
-    with pytest.raises(SystemExit) as e:
-        runpy.run_path(os.path.join(HERE, "bench_ssd_grouped.py"), run_name="__main__")
-    assert (e.value.code, *capsys.readouterr()) == (
+    assert script_exit(["bench_ssd_grouped.py", "--sweep", "diag"], monkeypatch, capsys) == (
         2, "", "bench_ssd_grouped.py: needs a CUDA GPU (--registers alone runs without one)\n")
 
 
