@@ -7659,7 +7659,14 @@ def real_data_checkpoints(tmp_path_factory, audio_dir, tiny_dac_dir, tiny_t5_dir
     small = ["--layers", "1", "--d-model", "64", "--d-state", "16"]
     trainmod.main([*common, *small, "--codebooks", "1", "--out", str(root / "k1")])
     trainmod.main([*common, *small, "--codebooks", "9", "--out", str(root / "k9")])
-    trainmod.main([*common, "--stage", "2", "--out", str(root / "s2")])
+    # stage 2 with the synthetic demo's small U-Net: the paper's, which --data gets (a test of its own), took
+    # about 14 s here, in its 2 steps and the 4-step samples of the tests below
+    small = [(k, type(v), v) for k, v in stage2.Stage2Config.small().items()]
+    small_unet = dataclasses.make_dataclass("SmallUNet", small, bases=(stage2.Stage2Config,))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stage2, "Stage2Config", small_unet)
+        trainmod.main([*common, "--stage", "2", "--out", str(root / "s2")])
+    assert torch.load(root / "s2" / "ckpt.pt", weights_only=False)["config"]["channels"] == (32, 64)
     return root
 
 
