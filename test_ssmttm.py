@@ -4208,16 +4208,16 @@ def test_stage2_learns_and_keeps_codebook_one():
     model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small())).attach_codec(codec)
     ds, enc = datamod.SyntheticMusic(32, seed=0), datamod.WordEncoder()
     model.set_latent_stats(ds.batch(range(64))[0])
-    opt = model.configure_optimizers(3e-3, 0.0, (0.9, 0.999), "cpu")
+    opt = model.configure_optimizers(5e-3, 0.0, (0.9, 0.999), "cpu")
     losses = []
-    for step in range(300):
+    for step in range(220):
         codes, caps = ds.batch(range(step * 16, step * 16 + 16))
         loss = model(codes, *enc(caps))
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    # predicting the mean (v = 0) costs E[v^2] ~ 1 with normalised latents
+    # predicting the mean (v = 0) costs E[v^2] ~ 1 with normalised latents (measured 0.97, then 0.47)
     assert np.mean(losses[:5]) > 0.9 and np.mean(losses[-20:]) < 0.55
     codes, caps = ds.batch(range(10**6, 10**6 + 3))
     text, mask = enc(caps)
@@ -4226,7 +4226,7 @@ def test_stage2_learns_and_keeps_codebook_one():
     assert torch.equal(out[:, 0], codes[:, 0]) and ((out >= 0) & (out < 1024)).all()
     # codes -> latents -> codes is exact, each codebook through its own quantizer
     assert torch.equal(model.codes_from_latents(model.latents(codes)[:, stage2.LATENT_DIM:], codes[:, 0]), codes)
-    # and the fine codes drawn follow codebook 1 as the set's do (measured 0.13 after 300 steps; chance 0.001)
+    # and the fine codes drawn follow codebook 1 as the set's do (measured 0.09 after 220 steps; chance 0.001)
     assert (out[:, 1:].numpy() == datamod.fine_codes(out[:, 0].numpy())).mean() > 0.05
     # guidance: scale 1 is the conditional model; scale s is cond + (s - 1)(cond - uncond)
     x, coarse = torch.randn(3, 64, 32), model.latents(codes[:, :1])
