@@ -7460,14 +7460,13 @@ def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_ctrl_c_to_one_of_two_processes_stops_both_after_the_same_step(tmp_path):
-    # torchrun: Ctrl-C reaches each process at its own point of a step. Here only rank 1 gets it, in step
-    # 2's second micro-batch, while rank 0 goes on to the gradients' all-reduce. Both finish step 2, save
-    # it (rank 1's RNG states of that step too) and exit 130; resumed on 2 processes the run is the
-    # uninterrupted one, bit for bit, with dropout on. (Raised where it came, rank 0 waited in the
-    # all-reduce for a rank that was saving: both hung.)
+def test_under_torchrun_processes_seed_apart_stop_together_on_ctrl_c_or_a_refusal_and_resume_exactly(tmp_path):
+    # one torchrun of 2 CPU processes, uninterrupted; the same run cut by a Ctrl-C, then resumed; a resume refused
+    # (each torchrun costs about 10 s of the suite, so one test asks all of these of them)
+    import random
     common = ["--layers", "2", "--d-model", "64", "--d-state", "16", "--frames", "32", "--dropout", "0.3",
-              "--steps", "5", "--grad-accum", "2", "--batch-size", "2", "--eval-every", "0", "--device", "cpu"]
+              "--seed", "3", "--steps", "5", "--grad-accum", "2", "--batch-size", "2", "--eval-every", "0",
+              "--device", "cpu"]
     script = tmp_path / "interrupted.py"
     script.write_text(f"""import os, signal, sys
 sys.path.insert(0, {HERE!r})
@@ -7488,6 +7487,26 @@ train.main()
                               env=env, timeout=300)
     whole = torchrun(os.path.join(HERE, "train.py"), tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
+    # process r seeds torch, numpy and Python's random with --seed + r, so the two halves of a batch draw
+    # different dropout masks (one seed for both would drop the same units in each half); the checkpoint keeps
+    # each process's states. Training draws from neither numpy nor random: their states are those of a fresh
+    # seed(--seed + r). Process 1's torch draws are those of one process run with --seed 4.
+    rng = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)["rng"]
+    assert len(rng) == 2
+    for r in range(2):
+        np.random.seed(3 + r)
+        random.seed(3 + r)
+        assert all(np.array_equal(a, b) for a, b in zip(rng[r]["numpy"], np.random.get_state())), r
+        assert rng[r]["python"] == random.getstate(), r
+    seed = common.index("--seed") + 1
+    trainmod.main([*common[:seed], "4", *common[seed + 1:], "--out", str(tmp_path / "one")])
+    one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["rng"][0]["torch"]
+    assert torch.equal(rng[1]["torch"], one) and not torch.equal(rng[0]["torch"], one)
+    # Ctrl-C reaches each process at its own point of a step. Here only rank 1 gets it, in step 2's second
+    # micro-batch, while rank 0 goes on to the gradients' all-reduce. Both finish step 2, save it (rank 1's
+    # RNG states of that step too) and exit 130; resumed on 2 processes the run is the uninterrupted one, bit
+    # for bit, with dropout on. (Raised where it came, rank 0 waited in the all-reduce for a rank that was
+    # saving: both hung.)
     cut = torchrun(script, tmp_path / "cut")
     assert cut.returncode != 0 and f"interrupted: checkpoint at step 2 in {tmp_path}/cut/ckpt.pt" in cut.stderr
     saved = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
@@ -7498,6 +7517,15 @@ train.main()
     a = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a resume that rank 0 refuses after the folder's lock (a damaged metrics.csv): both processes stop with
+    # rank 0's one line and exit code 2, and process 1 does not go on to fail in the first step's all-reduce
+    (tmp_path / "whole" / "metrics.csv").write_text("step,loss\nx,y\n")
+    common[common.index("--steps") + 1] = "6"
+    refused = torchrun(os.path.join(HERE, "train.py"), tmp_path / "whole", "--resume")
+    assert refused.returncode != 0 and "[rank1]" not in refused.stderr, refused.stderr[-3000:]
+    assert (f"{tmp_path}/whole/metrics.csv:2: not a row of train.py's metrics; move the file away to resume without "
+            "the earlier rows") in refused.stderr.splitlines()
+    assert "exitcode  : 2" in refused.stderr and "exitcode  : 1" not in refused.stderr, refused.stderr[-3000:]
 
 
 def test_data_parallel_gives_the_plain_gradients_as_views_of_its_buckets(tmp_path):
@@ -9255,41 +9283,6 @@ def test_resume_drops_a_metrics_row_cut_by_a_crash_and_names_a_damaged_one(tmp_p
         if line is not None:
             assert err == (f"{out}/metrics.csv:{line}: not a row of train.py's metrics; move the file away to resume "
                            "without the earlier rows\n")
-
-
-def test_each_of_two_processes_seeds_its_rngs_with_seed_plus_its_rank(tmp_path):
-    # torchrun: process r seeds torch, numpy and Python's random with --seed + r, so the two halves of a batch
-    # draw different dropout masks (one seed for both would drop the same units in each half); the checkpoint
-    # keeps each process's states. Training draws from neither numpy nor random: their states are those of a
-    # fresh seed(--seed + r). Process 1's torch draws are those of one process run with --seed 4.
-    import random
-    args = tiny_train_args(tmp_path / "r", "--steps", "1", "--batch-size", "2", "--device", "cpu", "--seed", "3")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "train.py", *args], capture_output=True, text=True, cwd=HERE,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rng = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)["rng"]
-    assert len(rng) == 2
-    for r in range(2):
-        np.random.seed(3 + r)
-        random.seed(3 + r)
-        assert all(np.array_equal(a, b) for a, b in zip(rng[r]["numpy"], np.random.get_state())), r
-        assert rng[r]["python"] == random.getstate(), r
-    trainmod.main(tiny_train_args(tmp_path / "one", "--steps", "1", "--batch-size", "2", "--device", "cpu",
-                                  "--seed", "4"))
-    one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["rng"][0]["torch"]
-    assert torch.equal(rng[1]["torch"], one) and not torch.equal(rng[0]["torch"], one)
-    # a resume that rank 0 refuses after the folder's lock (a damaged metrics.csv): both processes stop with
-    # rank 0's one line and exit code 2, and process 1 does not go on to fail in the first step's all-reduce
-    (tmp_path / "r" / "metrics.csv").write_text("step,loss\nx,y\n")
-    again = [*args[:args.index("--steps")], "--steps", "2", *args[args.index("--steps") + 2:], "--resume"]
-    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              "train.py", *again], capture_output=True, text=True, cwd=HERE,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert refused.returncode != 0 and "[rank1]" not in refused.stderr, refused.stderr[-3000:]
-    assert (f"{tmp_path}/r/metrics.csv:2: not a row of train.py's metrics; move the file away to resume without "
-            "the earlier rows") in refused.stderr.splitlines()
-    assert "exitcode  : 2" in refused.stderr and "exitcode  : 1" not in refused.stderr, refused.stderr[-3000:]
 
 
 def test_tokens_per_second_counts_every_audio_token_of_a_step(tmp_path, monkeypatch):
