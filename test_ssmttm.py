@@ -7653,9 +7653,11 @@ def test_init_from_errors(tmp_path, capsys):
 def test_synthetic_training_learns_to_follow_captions(tmp_path):
     out = tmp_path / "learn"
     trainmod.main(["--layers", "2", "--d-model", "128", "--d-state", "32", "--frames", "64", "--batch-size", "16",
-                   "--steps", "250", "--lr", "2e-3", "--warmup", "20", "--eval-every", "0", "--out", str(out)])
+                   "--steps", "200", "--lr", "5e-3", "--warmup", "20", "--eval-every", "0", "--out", str(out)])
+    # with --seed 0, 1 and 2: the last losses 2.74-2.82, the scores below 0.74-0.82. (At lr 2e-3, 250 steps
+    # gave seed 0 0.71 but seeds 1 and 2 0.52 and 0.43: the bound held for one seed only)
     losses = read_losses(out)
-    assert losses[0] > 6.5 and np.mean(losses[-10:]) < 3.5  # from ln(1025) = 6.93 towards the floor (~2.0)
+    assert losses[0] > 6.5 and np.mean(losses[-10:]) < 3.2  # from ln(1025) = 6.93 towards the floor (~2.0)
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     model = TextToMusicLM(ModelConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
@@ -7667,7 +7669,7 @@ def test_synthetic_training_learns_to_follow_captions(tmp_path):
         codes = model.generate(text, mask, 64, cfg_scale=3.0, top_k=50, temperature=0.3,
                                generator=torch.Generator().manual_seed(seed))
         scores += [datamod.caption_score(c.numpy(), cap) for c, cap in zip(codes, captions)]
-    assert np.mean(scores) > 0.6  # measured about 0.70; chance is about 0.25
+    assert np.mean(scores) > 0.65  # chance is about 0.25
 
 
 # ------------------------------------------------------------------------------------------------
