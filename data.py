@@ -1192,14 +1192,16 @@ def synthetic_codec(seed=0, device="cpu"):
     """The synthetic set's codec: a seeded random tiny DAC whose fine codebooks are arranged like
     an RVQ's, correlated with the first: the entry of codebook k for the code fine_codes gives
     after code i of codebook 1 is a fixed linear map of codebook 1's entry i. So the latents that
-    stage 2 works on have structure to learn. What its decoder makes of codes is noise, not music."""
+    stage 2 works on have structure to learn. What its decoder makes of codes is noise, not music.
+    The caller's global RNG is left as it was (train.py has seeded it with --seed + rank)."""
     from transformers import DacModel
-    torch.manual_seed(seed)
-    dac = DacModel(tiny_dac_config()).eval().requires_grad_(False)
-    books = [q.codebook.weight for q in dac.quantizer.quantizers]
-    fine = torch.from_numpy(fine_codes(np.arange(1024)))  # (8, 1024): code of codebook k+1 after code i
-    for k in range(1, N_CODEBOOKS):
-        books[k][fine[k - 1]] = books[0] @ (torch.randn(8, 8) / math.sqrt(8)).T
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dac = DacModel(tiny_dac_config()).eval().requires_grad_(False)
+        books = [q.codebook.weight for q in dac.quantizer.quantizers]
+        fine = torch.from_numpy(fine_codes(np.arange(1024)))  # (8, 1024): code of codebook k+1 after code i
+        for k in range(1, N_CODEBOOKS):
+            books[k][fine[k - 1]] = books[0] @ (torch.randn(8, 8) / math.sqrt(8)).T
     return dac.to(device)
 
 
