@@ -7368,6 +7368,39 @@ def script_exit(argv, monkeypatch, capsys):
     return (e.value.code, *capsys.readouterr())
 
 
+class LeftProcess(BaseException):
+    """os._exit(code), made an exception for a test that must not end its own process."""
+
+
+@pytest.mark.parametrize("stop, code, stderr", [
+    ("bad input", 2, "--cuda-graphs: pass --compile too (the graphs are torch.compile's reduce-overhead mode)\n"),
+    ("Ctrl-C", 130, "\ntrain.py: interrupted; what was finished is kept, and the same command goes on from there\n"),
+    ("fault", 1, "Traceback (most recent call last):\n"),
+])
+def test_a_torchrun_process_that_stops_leaves_without_the_interpreters_shutdown(stop, code, stderr, tmp_path,
+                                                                                 monkeypatch, capsys):
+    # a process of a torchrun group that stopped (rank 0 refusing a resume, under torchrun on 2 CPU processes)
+    # was sometimes aborted in the interpreter's shutdown, by gloo's threads still releasing buffers: exit code -6
+    # and "terminate called without an active exception" in place of its own 2. It now leaves as a finished run
+    # does, through os._exit with its exit code, after its line (or traceback) is out
+    def left(c):
+        raise LeftProcess(c)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(os, "_exit", left)
+    if stop != "bad input":
+        def seed(_):
+            raise KeyboardInterrupt if stop == "Ctrl-C" else RuntimeError("boom")
+        monkeypatch.setattr(torch, "manual_seed", seed)
+    flags = ["--cuda-graphs"] if stop == "bad input" else []  # else it stops where train.py seeds its RNGs
+    monkeypatch.setattr(sys, "argv", ["train.py", *flags, "--device", "cpu", "--out", str(tmp_path / "r")])
+    import runpy
+    with pytest.raises(LeftProcess) as e:
+        runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert e.value.args == (code,) and (err.startswith(stderr) if stop == "fault" else err == stderr), err
+    assert stop != "fault" or err.endswith("RuntimeError: boom\n")
+
+
 @pytest.mark.parametrize("script, flags, message", [
     ("train.py", ["--lr", "nan"], "train.py: error: argument --lr: expected a finite number above 0 and at most 1, "
                                   "not 'nan'"),

@@ -1076,13 +1076,31 @@ def run_training(args, given, world, rank, device, lock, resume_with=None):
         print(f"rank {rank}: peak GPU memory {peak:.2f} GiB", file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
-        # gloo's worker threads may still be releasing the last collective's buffers, which takes the
-        # interpreter; an interpreter that is shutting down then aborts the process (torch 2.13, 3 of
-        # 60 CPU runs). Every file is written and closed by now: leave without the shutdown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        leave_process(0)
+
+
+def leave_process(code):
+    """End a process of a torchrun group with exit code `code`, without the interpreter's shutdown:
+    gloo's worker threads may still be releasing the last collective's buffers, which takes the
+    interpreter, and an interpreter that is shutting down then aborts the process ("terminate called
+    without an active exception", exit code -6 in place of 0, or of the 2 of a refused run: torch 2.13,
+    about 1 in 20 CPU runs). Call it once every file is written and closed; stdout and stderr are flushed."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # a Ctrl-C in the loop saves the step (train); before it, one line and exit 130 too
-    datamod.run_command(main, "train.py")
+    try:
+        datamod.run_command(main, "train.py")
+    except SystemExit as e:  # bad input (2, its line printed), a Ctrl-C (130), an output gone (1)
+        if dist.is_initialized():
+            leave_process(0 if e.code is None else e.code if isinstance(e.code, int) else 1)
+        raise
+    except BaseException:  # a fault: its traceback, exit code 1, as Python's own exit gives
+        if dist.is_initialized():
+            import traceback
+            traceback.print_exc()
+            leave_process(1)
+        raise
