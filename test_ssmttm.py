@@ -11160,7 +11160,8 @@ def test_the_synthetic_codec_leaves_the_global_rng_as_it_was(tmp_path):
     before = torch.get_rng_state()
     weights = datamod.synthetic_codec(seed=3).state_dict()
     assert torch.equal(torch.get_rng_state(), before)
-    assert all(torch.equal(v, datamod.synthetic_codec(seed=3).state_dict()[k]) for k, v in weights.items())
+    again = datamod.synthetic_codec(seed=3).state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in weights.items())
     args, _ = trainmod.parse_args(["--stage", "2", "--out", str(tmp_path / "r")])
     states = []
     for seed in (3, 4):  # as train.py seeds process 0 of --seed 3, then of --seed 4, before it builds the model
