@@ -21,6 +21,8 @@ agree with this file, and this file is what the model runs on a CPU.
 Shapes: b batch, l length, h heads, p head dim, g groups (h % g == 0), n state size.
     x (b, l, h, p)   dt (b, l, h)   A (h,)   B, C (b, l, g, n)   D (h,)   state (b, h, p, n)
 """
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -93,8 +95,11 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     The sequence is cut into chunks of Q = chunk_size steps; the last one is padded with dt = 0,
     which makes a step the identity on the state (decay exp(0) = 1, input 0), so the final state
     is exact. Returns y (b, l, h, p) and the final state (b, h, p, n) (l = 0: no output and a copy
-    of the initial state). ValueError for a chunk_size below 1 and shapes check_shapes refuses."""
+    of the initial state). TypeError for a chunk_size that is not an integer, ValueError for one below 1
+    and for shapes check_shapes refuses."""
     check_shapes(x, dt, A, B, C, D, initial_state)
+    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool):
+        raise TypeError(f"chunk_size {chunk_size!r}: want an integer")
     if chunk_size < 1:
         raise ValueError(f"chunk_size {chunk_size}: want 1 or more")
     b, l, h, p = x.shape

@@ -69,12 +69,14 @@ class ModelConfig:
 
     def __post_init__(self):
         """ValueError naming the field: an unknown variant, a size below 1, an odd d_model (the
-        sinusoidal positions take its halves), a rate outside [0, 1). The head splits are checked by
-        the layers (Mamba2, SelfAttention, CrossAttention)."""
+        sinusoidal positions take its halves), a rate outside [0, 1); TypeError for a size that is not
+        an integer (64.0, True). The head splits are checked by the layers (Mamba2, SelfAttention,
+        CrossAttention)."""
         if self.variant not in LAYOUTS:
             raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(LAYOUTS)}")
         for name in ("n_layers", "d_model", "d_state", "d_conv", "expand", "headdim", "n_heads", "d_ff",
                      "n_codebooks", "d_text", "chunk_size"):
+            check_integer(f"ModelConfig.{name}", getattr(self, name))
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} {getattr(self, name)}: want 1 or more")
         if self.d_model % 2:
@@ -87,6 +89,13 @@ class ModelConfig:
     @property
     def prefix(self):
         return self.variant.startswith("prefix")
+
+
+def check_integer(name, value):
+    """TypeError naming `name` unless value is an integer: a float (even 64.0) or a bool is refused,
+    so that a size fails here and not deep inside torch."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} {value!r}: want an integer")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -705,7 +714,11 @@ def generate_in_windows(model, text, text_mask, n_frames, window, context=None, 
     provides. prompt: codes (b, K, T_p), kept exactly; the first pass reads all of it if it leaves
     room in the window (then a continuation of a generation's first frames meets the same passes),
     else its last `context` frames, like every later pass. sampling: generate's other arguments
-    (a generator carries on from pass to pass)."""
+    (a generator carries on from pass to pass). TypeError for an n_frames, window or context that is
+    not an integer; ValueError for a context outside 0..window - K."""
+    for name, value in (("n_frames", n_frames), ("window", window), ("context", context)):
+        if value is not None:
+            check_integer(f"generate_in_windows: {name}", value)
     K = model.cfg.n_codebooks
     if n_frames <= window:  # one pass: no context is read, so any window will do (more passes: context <= window - K)
         return model.generate(text, text_mask, n_frames, prompt=prompt, **sampling)
@@ -753,7 +766,8 @@ MIN_TEMPERATURE = 1e-4
 
 def check_sampling(cfg_scale, top_k, temperature):
     """ValueError for a guidance scale that is not finite, a top_k below 0, or a temperature that is
-    neither 0 (greedy) nor finite from MIN_TEMPERATURE on."""
+    neither 0 (greedy) nor finite from MIN_TEMPERATURE on; TypeError for a top_k that is not an integer."""
+    check_integer("top_k", top_k)
     if not math.isfinite(cfg_scale):
         raise ValueError(f"cfg_scale {cfg_scale}: want a finite number")
     if top_k < 0:

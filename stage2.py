@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ssmttm import (CODEBOOK_SIZE, SPECIAL, CrossAttention, adamw, check_text, classifier_free_guidance,
-                    sinusoidal_positions)
+from ssmttm import (CODEBOOK_SIZE, SPECIAL, CrossAttention, adamw, check_integer, check_text,
+                    classifier_free_guidance, sinusoidal_positions)
 
 LATENT_DIM = 8  # DAC's codebook_dim
 
@@ -41,8 +41,12 @@ class Stage2Config:
 
     def __post_init__(self):
         """ValueError naming the field: a size below 1, n_codebooks below 2 (stage 2 makes codebooks
-        2..K), no U-Net level, or a width the GroupNorms (min(32, width // 4) groups) cannot split."""
+        2..K), no U-Net level, or a width the GroupNorms (min(32, width // 4) groups) cannot split;
+        TypeError for a size or width that is not an integer (64.0, True)."""
+        for i, c in enumerate(self.channels):
+            check_integer(f"Stage2Config.channels[{i}]", c)
         for name, least in (("d_cond", 1), ("n_heads", 1), ("d_text", 1), ("n_codebooks", 2), ("diffusion_steps", 1)):
+            check_integer(f"Stage2Config.{name}", getattr(self, name))
             if getattr(self, name) < least:
                 raise ValueError(f"Stage2Config.{name} {getattr(self, name)}: want {least} or more")
         if not self.channels or any(c < 4 or c % min(32, c // 4) for c in self.channels):
@@ -280,10 +284,12 @@ class Stage2Diffusion(nn.Module):
         by the known latents noised to that step's level, alpha_s x_0 + sigma_s eps, so the model
         denoises the other frames next to a context that agrees with them; after the last step they
         are the known latents exactly. (x starts as noise everywhere: at t = 1, alpha is 0.)
-        steps: DDPM steps (default cfg.diffusion_steps); ValueError below 1, for no frames (T = 0), for
-        text of other shapes (ssmttm.check_text) or another batch than coarse, a cfg_scale that is not
-        finite, a list of generators not one per row, and known without known_frames or the reverse."""
+        steps: DDPM steps (default cfg.diffusion_steps); TypeError if not an integer. ValueError for steps
+        below 1, for no frames (T = 0), for text of other shapes (ssmttm.check_text) or another batch
+        than coarse, a cfg_scale that is not finite, a list of generators not one per row, and known
+        without known_frames or the reverse."""
         steps = self.cfg.diffusion_steps if steps is None else steps
+        check_integer("sample_latents: steps", steps)
         if steps < 1:
             raise ValueError(f"sample_latents: steps {steps}, want 1 or more")
         if coarse.shape[-1] == 0:

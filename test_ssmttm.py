@@ -13370,6 +13370,46 @@ def test_held_stop_signals_are_counted_and_the_handlers_found_are_put_back():
             signal.signal(s, handler)
 
 
+def test_a_size_that_is_not_an_integer_is_refused_by_name_and_an_integer_of_any_type_is_taken():
+    # a float size (64.0 from arithmetic, 2.5) or a bool failed deep inside torch: "empty(): argument 'size' must be
+    # tuple of ints", "topk(): argument 'k'", "'float' object cannot be interpreted as an integer"; True built 1 layer
+    from ssd_reference import ssd_chunked
+    text, mask = random_text()
+    model = tiny_model("prefix_simba", n_layers=1)
+    unet = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).double()
+    x, dt, A = torch.randn(1, 8, 2, 4), torch.rand(1, 8, 2), -torch.rand(2)
+    B, C = torch.randn(1, 8, 1, 3), torch.randn(1, 8, 1, 3)
+    for call, message in (
+            (lambda: tiny_config(d_model=64.0), "ModelConfig.d_model 64.0: want an integer"),
+            (lambda: tiny_config(n_layers=True), "ModelConfig.n_layers True: want an integer"),
+            (lambda: tiny_config(chunk_size=8.5), "ModelConfig.chunk_size 8.5: want an integer"),
+            (lambda: stage2.Stage2Config(channels=(32, 64.0)), "Stage2Config.channels[1] 64.0: want an integer"),
+            (lambda: stage2.Stage2Config(diffusion_steps=10.0), "Stage2Config.diffusion_steps 10.0: want an integer"),
+            (lambda: ssmttm.Sampling(top_k=2.5), "top_k 2.5: want an integer"),
+            (lambda: ssmttm.sample_next(torch.randn(2, 1, 1025), top_k=True), "top_k True: want an integer"),
+            (lambda: model.generate(text, mask, 4, top_k=50.0), "top_k 50.0: want an integer"),
+            (lambda: ssmttm.generate_in_windows(model, text, mask, 12, 8, context=2.0),
+             "generate_in_windows: context 2.0: want an integer"),
+            (lambda: ssmttm.generate_in_windows(model, text, mask, 12, 8.0),
+             "generate_in_windows: window 8.0: want an integer"),
+            (lambda: unet.sample_latents(torch.randn(2, 8, 5, dtype=torch.float64), text, mask, steps=2.0),
+             "sample_latents: steps 2.0: want an integer"),
+            (lambda: ssd_chunked(x, dt, A, B, C, 4.0), "chunk_size 4.0: want an integer")):
+        with pytest.raises(TypeError) as e:
+            call()
+        assert str(e.value) == message
+    # integers of numpy's types are integers: the same model, the same samples
+    sizes = dict(n_layers=np.int64(1), d_model=np.int32(64), d_state=np.int64(16))
+    torch.manual_seed(0)
+    same = TextToMusicLM(tiny_config(**sizes)).double().eval()
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), model.state_dict().values()))
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(model.generate(text, mask, 4, top_k=np.int64(5), generator=g()),
+                       model.generate(text, mask, 4, top_k=5, generator=g()))
+    y, state = ssd_chunked(x, dt, A, B, C, np.int64(4))
+    assert torch.equal(y, ssd_chunked(x, dt, A, B, C, 4)[0])
+
+
 def test_stage2_config_refuses_every_size_below_one_and_widths_groupnorm_cannot_split():
     for kw, message in (({"d_text": 0}, "Stage2Config.d_text 0: want 1 or more"),
                         ({"d_cond": 0}, "Stage2Config.d_cond 0: want 1 or more")):
