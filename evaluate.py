@@ -38,6 +38,10 @@ Output: a table on stdout and a JSON (default GENERATED/evaluation.json, written
 the three numbers, counts, per-file values, the clips too short for a model's window, and the
 settings.
 
+--cache DIR keeps each file's model output (OpenL3 frames, PaSST tags, CLAP audio embedding) in DIR,
+so that a run stopped part way (Ctrl-C, a kill) goes on where it stopped, and the reference set is
+embedded once for all the generated sets scored against it (ResultCache says when an entry is used).
+
 --convergence OUT trains the four variants (train.py, in this process) with one budget: the same
 --layers, --steps, --batch-size, --seed and --eval-every, on the synthetic set, then writes
 OUT/convergence.csv and OUT/convergence.png (loss and caption score against the step and against
@@ -46,11 +50,13 @@ the training time, evaluation excluded). --plot-only redraws from the runs alrea
 import argparse
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
 import os
 import sys
+import tempfile
 import types
 import unicodedata
 import warnings
@@ -475,6 +481,80 @@ def clap_audio_embedding(model, extractor, audio, device):
 
 
 # ------------------------------------------------------------------------------------------------
+# Each file's model output, kept between runs (--cache)
+
+
+def weights_digest(model):
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): the weights' identity,
+    wherever they were loaded from."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name} {t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+class ResultCache:
+    """One model's output per audio file, in folder/<metric>/ (None: no cache, every file computed).
+
+    An entry's name is the SHA-256 of the file's bytes together with the model's weights_digest,
+    the settings that shape the output (rates, windows, peak level, the CLAP extractor's config)
+    and the device type (a GPU rounds otherwise than a CPU): a changed file, other weights or other
+    settings never read an old entry. An entry is an .npz (the output, and the file's length in
+    samples at the model's rate), written to a temporary file and renamed, so that a run stopped at
+    any point leaves whole entries only, and two runs sharing the folder at once do not mix theirs.
+    An entry that does not load is computed again (a note says so). ResultCache(): no folder."""
+
+    def __init__(self, folder=None, metric="", model=None, settings=None, device="cpu"):
+        self.folder = folder and os.path.join(folder, metric)
+        self.read_count = 0
+        if folder:
+            identity = {"metric": metric, "weights": weights_digest(model), "settings": settings,
+                        "device": torch.device(device).type}
+            self.prefix = json.dumps(identity, sort_keys=True).encode()
+
+    def entry(self, path):
+        """The entry's path for the audio file at `path`, or None without a folder."""
+        if not self.folder:
+            return None
+        h = hashlib.sha256(self.prefix)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        key = h.hexdigest()
+        return os.path.join(self.folder, key[:2], key + ".npz")
+
+    def read(self, entry):
+        """(output array, samples) kept at entry, or None."""
+        if entry is None or not os.path.exists(entry):
+            return None
+        try:
+            with np.load(entry) as z:
+                found = z["output"], int(z["samples"])
+        except Exception as e:  # a damaged file: np.load's errors are of many kinds (zip, pickle, OS)
+            note(f"{entry}: a damaged cache entry ({datamod.first_line(e)[:100]}); computing it again")
+            return None
+        self.read_count += 1
+        return found
+
+    def write(self, entry, output, samples):
+        """Keep output (an array) and the file's length in samples at entry (nothing without a folder)."""
+        if entry is None:
+            return
+        os.makedirs(os.path.dirname(entry), exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(entry), suffix=".tmp", delete=False) as f:
+            try:
+                np.savez(f, output=output, samples=samples)
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:
+                f.close()
+                os.remove(f.name)
+                raise
+        os.replace(f.name, entry)
+
+
+# ------------------------------------------------------------------------------------------------
 # The evaluation command
 
 
@@ -533,16 +613,22 @@ def check_output_file(path, flag="--out", keys=()):
     return path
 
 
-def fd_openl3(model, generated, reference, args, device, report):
+def fd_openl3(model, generated, reference, args, device, report, cache=None):
     """FD between the OpenL3 frame embeddings of the two sets (all files of each)."""
+    cache = ResultCache() if cache is None else cache
     stats, short = {}, []
     for side, files in (("generated", generated), ("reference", reference)):
         emb = []
         for name, path in progress(files.items(), f"OpenL3 {side}"):
-            audio = load_mono(path, OPENL3_SR)
-            if len(audio) < OPENL3_SR:
+            entry = cache.entry(path)
+            kept = cache.read(entry)
+            if kept is None:
+                audio = load_mono(path, OPENL3_SR)
+                kept = openl3_embeddings(model, audio, device), len(audio)
+                cache.write(entry, *kept)
+            if kept[1] < OPENL3_SR:
                 short.append(f"{side}/{os.path.basename(path)}")
-            emb.append(openl3_embeddings(model, audio, device))
+            emb.append(kept[0])
         emb = np.concatenate(emb)
         if len(emb) < 2:
             fail(f"--{side} {args.generated if side == 'generated' else args.reference}: one OpenL3 frame in all "
@@ -555,12 +641,23 @@ def fd_openl3(model, generated, reference, args, device, report):
     report["fd_openl3"] = frechet_distance(*stats["generated"], *stats["reference"])
 
 
-def kl_passt(model, generated, reference, device, report):
+def kl_passt(model, generated, reference, device, report, cache=None):
     """KL(reference || generated) of PaSST's tag distributions, per pair of files, averaged."""
+    cache = ResultCache() if cache is None else cache
+
+    def probabilities(path):  # (527,) float64, or None for a clip without a window (kept as an empty array)
+        entry = cache.entry(path)
+        kept = cache.read(entry)
+        if kept is None:
+            audio = load_mono(path, PASST_SR)
+            p = passt_probabilities(model, audio, device)
+            kept = (np.zeros(0) if p is None else p.numpy()), len(audio)
+            cache.write(entry, *kept)
+        return torch.from_numpy(kept[0]) if kept[0].size else None
+
     kl, kl_back, skipped = [], [], []
     for name in progress(list(generated), "PaSST pairs"):
-        p_gen = passt_probabilities(model, load_mono(generated[name], PASST_SR), device)
-        p_ref = passt_probabilities(model, load_mono(reference[name], PASST_SR), device)
+        p_gen, p_ref = probabilities(generated[name]), probabilities(reference[name])
         if p_gen is None or p_ref is None:
             skipped.append(name)
             continue
@@ -576,19 +673,28 @@ def kl_passt(model, generated, reference, device, report):
     report["kl_passt_gen_ref"] = float(np.mean(kl_back)) if kl else None
 
 
-def clap_score(clap, generated, prompts, args, device, report):
-    """The cosine of each generated file's CLAP audio embedding with its prompt's, averaged."""
+def clap_score(clap, generated, prompts, args, device, report, cache=None):
+    """The cosine of each generated file's CLAP audio embedding with its prompt's, averaged. A clip
+    longer than the extractor's window is never taken from the cache: its crops come from numpy's RNG,
+    carried from one long clip to the next, so each run draws them all again in the same order."""
     model, extractor, tokenizer = clap
+    cache = ResultCache() if cache is None else cache
     names = list(generated)
     text = clap_text_embeddings(model, tokenizer, [prompts[n] for n in names], device)
     window = getattr(extractor, "nb_max_samples", None)
     np.random.seed(args.seed)  # the extractor's crops of clips longer than its window
     scores, longer = [], []
     for i, name in enumerate(progress(names, "CLAP")):
-        audio = load_mono(generated[name], extractor.sampling_rate)
-        if window and len(audio) > window:
-            longer.append(name)
-        scores.append(float(cosine(clap_audio_embedding(model, extractor, audio, device)[None], text[i][None])[0]))
+        entry = cache.entry(generated[name])
+        kept = cache.read(entry)
+        if kept is None:
+            audio = load_mono(generated[name], extractor.sampling_rate)
+            kept = clap_audio_embedding(model, extractor, audio, device).numpy(), len(audio)
+            if window and len(audio) > window:
+                longer.append(name)
+            else:  # (a long clip's crops depend on the clips before it)
+                cache.write(entry, *kept)
+        scores.append(float(cosine(torch.from_numpy(kept[0])[None], text[i][None])[0]))
         report["per_file"][name]["clap"] = scores[-1]
     if longer:
         note(f"{len(longer)} clip(s) longer than CLAP's {window / extractor.sampling_rate:g} s window, "
@@ -602,6 +708,11 @@ def evaluate(args):
     metrics, generated, reference, prompts = check_inputs(args)
     out_path = check_output_file(args.out or os.path.join(args.generated, "evaluation.json"),
                                  keys=("generated", "reference", "settings"))
+    if args.cache:
+        try:
+            os.makedirs(args.cache, exist_ok=True)
+        except OSError as e:
+            fail(f"--cache {args.cache}: cannot make this folder ({e.strerror or datamod.first_line(e)})")
     device = datamod.resolve_device(args.device)
     # every model now, so that a bad weights file or CLAP name stops the run before any audio is read
     openl3 = load_openl3(args.openl3, device) if "fd" in metrics else None
@@ -610,16 +721,31 @@ def evaluate(args):
     report = {"generated": os.path.abspath(args.generated), "reference": os.path.abspath(args.reference),
               "counts": {"generated": len(generated), "reference": len(reference)}, "short_clips": {},
               "per_file": {name: {} for name in generated}}
+    caches = {}
+
+    def cache(metric, model, settings):  # settings: a function, called only with a --cache folder
+        caches[metric] = (ResultCache(args.cache, metric, model, {**settings(), "peak_dbfs": PEAK_DB}, device)
+                          if args.cache else ResultCache())
+        return caches[metric]
+
     if "fd" in metrics:
-        fd_openl3(openl3, generated, reference, args, device, report)
+        fd_openl3(openl3, generated, reference, args, device, report,
+                  cache("openl3", openl3, lambda: {"sr": OPENL3_SR, "hop_s": OPENL3_HOP_S}))
     if "kl" in metrics:
-        kl_passt(passt, generated, reference, device, report)
+        kl_passt(passt, generated, reference, device, report,
+                 cache("passt", passt, lambda: {"sr": PASST_SR, "window_s": PASST_WINDOW_S, "hop_s": PASST_HOP_S,
+                                                "min_window": PASST_MIN_WINDOW}))
     if "clap" in metrics:
-        clap_score(clap, generated, prompts, args, device, report)
+        clap_score(clap, generated, prompts, args, device, report,
+                   cache("clap", clap[0], lambda: {"extractor": clap[1].to_json_string()}))
+    if args.cache:
+        report["counts"]["from_cache"] = {name: cache.read_count for name, cache in caches.items()}
+        note(f"--cache {args.cache}: outputs read from it, not computed: "
+             + ", ".join(f"{name} {n}" for name, n in report["counts"]["from_cache"].items()))
     report["settings"] = {"metrics": metrics, "openl3": args.openl3 if "fd" in metrics else None,
                           "passt": args.passt if "kl" in metrics else None,
                           "clap": args.clap if "clap" in metrics else None,
-                          "prompts": args.prompts, "seed": args.seed, "device": device,
+                          "prompts": args.prompts, "seed": args.seed, "device": device, "cache": args.cache,
                           "openl3_sr": OPENL3_SR, "openl3_hop_s": OPENL3_HOP_S, "passt_sr": PASST_SR,
                           "passt_window_s": PASST_WINDOW_S, "passt_hop_s": PASST_HOP_S, "kl_eps": KL_EPS,
                           "peak_dbfs": PEAK_DB}
@@ -926,6 +1052,9 @@ def parse_args(argv=None):
                     help="auto (cuda when available), cpu, cuda or cuda:N")
     ap.add_argument("--seed", type=datamod.SEED, default=0,
                     help="numpy seed for CLAP's crops of long clips; training seed")
+    ap.add_argument("--cache", metavar="DIR", type=datamod.path_name,
+                    help="keep each file's model output in DIR: a rerun (after a stop, or of another generated set "
+                    "against the same reference) reads it instead of running the model again")
     conv = ap.add_argument_group("convergence comparison (paper, Figure 2 / RQ1, in miniature)")
     conv.add_argument("--convergence", metavar="OUT", type=datamod.path_name,
                       help="train the four variants into OUT/<variant>, plot OUT/convergence.png")
@@ -946,12 +1075,14 @@ def parse_args(argv=None):
     long.add_argument("--seeds", type=datamod.whole_number(1, 1000), default=2)
     args = ap.parse_args(argv)
     if args.long:
+        if args.cache:
+            fail("--cache keeps the metrics' model outputs (--generated/--reference); --long takes none")
         if not os.path.isfile(args.long):
             fail(f"--long {args.long}: no such file")
         return args
     if args.convergence:
-        if args.generated or args.reference:
-            fail("--convergence trains and plots; it takes no --generated/--reference")
+        if args.generated or args.reference or args.cache:
+            fail("--convergence trains and plots; it takes no --generated/--reference/--cache")
         for flag in ("layers", "steps", "eval_every", "batch_size", "d_model", "frames"):
             value = getattr(args, flag)
             if value is not None and value < 1:

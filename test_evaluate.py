@@ -4,6 +4,7 @@
 
 The model packages (requirements-eval.txt) are optional: their tests skip without them.
 """
+import collections
 import csv
 import importlib.util
 import json
@@ -400,7 +401,7 @@ def test_report_names_both_folders_and_every_setting_of_an_fd_and_clap_run(tmp_p
                             "--out", "r.json"])
     assert (report["generated"], report["reference"]) == (str(tmp_path / "gen"), str(tmp_path / "ref"))
     assert report["settings"] == {"metrics": ["fd", "clap"], "openl3": "openl3.pt", "passt": None, "clap": "stub/clap",
-                                  "prompts": "p.jsonl", "seed": 7, "device": "cpu", "openl3_sr": 48000,
+                                  "prompts": "p.jsonl", "seed": 7, "device": "cpu", "cache": None, "openl3_sr": 48000,
                                   "openl3_hop_s": 0.5, "passt_sr": 32000, "passt_window_s": 10.0, "passt_hop_s": 5.0,
                                   "kl_eps": 1e-6, "peak_dbfs": -1.0}
     # CLAP by hand: cos((0.6, 0.8, 0), (0, 0.6, 0.8)) = 0.48 for each file
@@ -929,9 +930,9 @@ def test_parse_args_bounds_and_conflicts(tmp_path, capsys):
         assert error(["--convergence", out, flag, "0"]) == f"evaluate.py: error: {flag} must be at least 1"
         assert getattr(evaluate.parse_args(["--convergence", out, flag, "1"]), flag[2:].replace("-", "_")) == 1
     assert error(["--convergence", out, "--generated", "g"]) == \
-        "evaluate.py: error: --convergence trains and plots; it takes no --generated/--reference"
+        "evaluate.py: error: --convergence trains and plots; it takes no --generated/--reference/--cache"
     assert error(["--convergence", out, "--reference", "r"]) == \
-        "evaluate.py: error: --convergence trains and plots; it takes no --generated/--reference"
+        "evaluate.py: error: --convergence trains and plots; it takes no --generated/--reference/--cache"
     for argv in ([], ["--generated", "g"], ["--reference", "r"]):
         assert error(argv) == "evaluate.py: error: give --generated DIR and --reference DIR (or --convergence OUT)"
     none = tmp_path / "none.pt"
@@ -974,7 +975,7 @@ def test_kl_report_default_path_settings_and_pairs_left_out(weights, sets, capsy
     assert json.load(open(path)) == json.loads(json.dumps(report))
     assert not os.path.exists(os.path.join(sets["other"], "evaluation.json"))
     assert report["settings"] == {"metrics": ["kl"], "openl3": None, "passt": weights["passt"], "clap": None,
-                                  "prompts": None, "seed": 0,
+                                  "prompts": None, "seed": 0, "cache": None,
                                   "device": "cpu",  # --device auto, the CPU in the tests (conftest.py)
                                   "openl3_sr": 48000, "openl3_hop_s": 0.5, "passt_sr": 32000, "passt_window_s": 10.0,
                                   "passt_hop_s": 5.0, "kl_eps": 1e-6, "peak_dbfs": -1.0}
@@ -1590,3 +1591,125 @@ def test_kaldi_mel_banks_refuse_vtln_warping():
     # the stand-in implements factor 1 only (PaSST's): another factor must stop, not be ignored
     with pytest.raises(NotImplementedError, match="VTLN"):
         evaluate.kaldi_mel_banks(128, 1024, 32000, 0.0, 15000.0, 100.0, -500.0, 0.9)
+
+
+# ------------------------------------------------------------------------------------------------
+# --cache: each file's model output kept between runs
+
+
+def test_weights_digest_is_the_weights_wherever_they_come_from():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    b = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    assert evaluate.weights_digest(a) != evaluate.weights_digest(b)
+    b.load_state_dict(a.state_dict())
+    assert evaluate.weights_digest(a) == evaluate.weights_digest(b)    # the same numbers, another module
+    with torch.no_grad():
+        b[0].bias[2] += 2 ** -20
+    assert evaluate.weights_digest(a) != evaluate.weights_digest(b)    # one weight one ulp-ish away
+    b.load_state_dict(a.state_dict())
+    b[1].num_batches_tracked += 1                                     # a buffer counts too
+    assert evaluate.weights_digest(a) != evaluate.weights_digest(b)
+    b.load_state_dict(a.state_dict())
+    assert evaluate.weights_digest(b.double()) != evaluate.weights_digest(a)  # the same values in float64
+
+
+@needs_passt
+def test_a_cache_gives_the_uncached_numbers_resumes_a_stopped_run_and_reads_no_changed_file(weights, sets, tmp_path,
+                                                                                             capsys, monkeypatch):
+    # PaSST and CLAP real (tiny), OpenL3 a cheap module of the same kind (a real one costs 20 GFLOP a frame).
+    # Generated a and z (1.6 s) are longer than CLAP's 1 s window, b (1 s) and c (0.5 s) are not: z's crops come
+    # after theirs from numpy's RNG, so a cache that read b and c but drew otherwise would give z another score.
+    # b and c have no PaSST window (1.5 s or less)
+    sf.write(os.path.join(sets["generated"], "z.wav"), noise(1.6, 48000, 5), 48000)
+    sf.write(os.path.join(sets["other"], "z.wav"), noise(2.0, 48000, 6), 48000)
+    openl3 = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(evaluate, "load_openl3", lambda path, device: openl3)
+    calls = []
+
+    def embeddings(model, audio, device, batch_size=32):  # 3 frames of 2 numbers, a function of the audio
+        calls.append("openl3")
+        rows = np.array_split(np.asarray(audio, np.float64), 3)
+        return np.stack([[r.std(), np.abs(r).mean() + len(audio) / 48000] for r in rows])
+    monkeypatch.setattr(evaluate, "openl3_embeddings", embeddings)
+    for name in ("passt_probabilities", "clap_audio_embedding"):
+        real = getattr(evaluate, name)
+        monkeypatch.setattr(evaluate, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    (tmp_path / "openl3.pt").write_bytes(b"stand-in")
+    cache = tmp_path / "cache"
+
+    def run(*extra, out="r.json"):
+        calls.clear()
+        report = evaluate.main(["--generated", sets["generated"], "--reference", sets["other"], "--prompts",
+                                sets["prompts"], "--openl3", str(tmp_path / "openl3.pt"), "--passt", weights["passt"],
+                                "--clap", weights["clap"], "--device", "cpu", "--out", str(tmp_path / out), *extra])
+        return report, collections.Counter(calls)
+
+    def numbers(report):
+        return {k: report[k] for k in ("fd_openl3", "kl_passt", "kl_passt_gen_ref", "clap_score", "per_file",
+                                       "short_clips")}
+
+    uncached, counted = run()
+    assert counted == {"openl3": 8, "passt_probabilities": 8, "clap_audio_embedding": 4}
+    assert "from_cache" not in uncached["counts"] and uncached["settings"]["cache"] is None
+    first, counted = run("--cache", str(cache))                       # computes every file and keeps it
+    assert numbers(first) == numbers(uncached) and counted == {"openl3": 8, "passt_probabilities": 8,
+                                                                "clap_audio_embedding": 4}
+    assert first["counts"]["from_cache"] == {"openl3": 0, "passt": 0, "clap": 0}
+    assert sorted(len(list((cache / m).rglob("*.npz"))) for m in ("openl3", "passt", "clap")) == [2, 8, 8]
+    again, counted = run("--cache", str(cache))                       # only the long clips' CLAP crops are drawn
+    assert numbers(again) == numbers(uncached) and counted == {"clap_audio_embedding": 2}
+    assert again["counts"]["from_cache"] == {"openl3": 8, "passt": 8, "clap": 2}
+    assert again["settings"]["cache"] == str(cache)
+    assert capsys.readouterr().err.splitlines()[-1] == (f"note: --cache {cache}: outputs read from it, not computed: "
+                                                        "openl3 8, passt 8, clap 2")
+    assert not list(cache.rglob("*.tmp"))
+    # stopped at the fifth OpenL3 file: the four before are kept whole, the rerun computes the other four
+    stopped = tmp_path / "stopped"
+
+    def stop_at_the_fifth(model, audio, device, batch_size=32):
+        if calls.count("openl3") == 4:
+            raise KeyboardInterrupt
+        return embeddings(model, audio, device)
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "openl3_embeddings", stop_at_the_fifth)
+        with pytest.raises(KeyboardInterrupt):
+            run("--cache", str(stopped), "--metrics", "fd")
+    assert len(list((stopped / "openl3").rglob("*.npz"))) == 4 and not list(stopped.rglob("*.tmp"))
+    resumed, counted = run("--cache", str(stopped), "--metrics", "fd", out="fd.json")
+    assert resumed["fd_openl3"] == uncached["fd_openl3"] and counted == {"openl3": 4}
+    assert resumed["counts"]["from_cache"] == {"openl3": 4}
+    # a damaged entry is computed again, with a note
+    damaged = next((cache / "passt").rglob("*.npz"))
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    capsys.readouterr()
+    again, counted = run("--cache", str(cache), "--metrics", "kl", out="kl.json")
+    assert (again["kl_passt"], counted, again["counts"]["from_cache"]) == (uncached["kl_passt"],
+                                                                           {"passt_probabilities": 1}, {"passt": 7})
+    assert f"note: {damaged}: a damaged cache entry" in capsys.readouterr().err
+    # a generated file changed in place (same name): its old entries are not read
+    sf.write(os.path.join(sets["generated"], "c.wav"), tone(0.5, 48000, 700), 48000)
+    changed, counted = run("--cache", str(cache), out="changed.json")
+    fresh, _ = run(out="fresh.json")
+    assert numbers(changed) == numbers(fresh) and numbers(fresh) != numbers(uncached)
+    assert changed["counts"]["from_cache"] == {"openl3": 7, "passt": 7, "clap": 1}
+    assert counted == {"openl3": 1, "passt_probabilities": 1, "clap_audio_embedding": 3}
+
+
+def test_cache_flag_errors_are_one_line(sets, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    base = ["--generated", sets["generated"], "--reference", sets["other"], "--metrics", "fd",
+            "--openl3", str(tmp_path / "file"), "--out", str(tmp_path / "r.json")]
+    for argv, message in (
+            (base + ["--cache", str(tmp_path / "file")], f"--cache {tmp_path / 'file'}: cannot make this folder "
+                                                         "(File exists)"),
+            (base + ["--cache", str(tmp_path / "file" / "sub")], f"--cache {tmp_path / 'file' / 'sub'}: cannot make "
+                                                                 "this folder (Not a directory)"),
+            (["--convergence", str(tmp_path / "c"), "--cache", str(tmp_path / "k")],
+             "--convergence trains and plots; it takes no --generated/--reference/--cache"),
+            (["--long", str(tmp_path / "file"), "--cache", str(tmp_path / "k")],
+             "--cache keeps the metrics' model outputs (--generated/--reference); --long takes none")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+        assert e.value.code == 2 and _one_line_error(capsys) == f"evaluate.py: error: {message}"
+    assert not (tmp_path / "k").exists() and not (tmp_path / "r.json").exists()
