@@ -507,7 +507,7 @@ class ResultCache:
 
     def __init__(self, folder=None, metric="", model=None, settings=None, device="cpu"):
         self.folder = folder and os.path.join(folder, metric)
-        self.read_count = 0
+        self.read_count, self.unwritable = 0, False
         if folder:
             identity = {"metric": metric, "weights": weights_digest(model), "settings": settings,
                         "device": torch.device(device).type}
@@ -538,20 +538,29 @@ class ResultCache:
         return found
 
     def write(self, entry, output, samples):
-        """Keep output (an array) and the file's length in samples at entry (nothing without a folder)."""
-        if entry is None:
+        """Keep output (an array) and the file's length in samples at entry (nothing without a folder).
+        A folder that takes no more files (read-only, a full disk) ends the keeping with a note: the run
+        goes on, reading what the folder holds and computing the rest."""
+        if entry is None or self.unwritable:
             return
-        os.makedirs(os.path.dirname(entry), exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(entry), suffix=".tmp", delete=False) as f:
-            try:
+        tmp = None
+        try:
+            os.makedirs(os.path.dirname(entry), exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=os.path.dirname(entry), suffix=".tmp", delete=False) as f:
+                tmp = f.name
                 np.savez(f, output=output, samples=samples)
                 f.flush()
                 os.fsync(f.fileno())
-            except BaseException:
-                f.close()
-                os.remove(f.name)
+            os.replace(tmp, entry)
+        except BaseException as e:
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            if not isinstance(e, OSError):
                 raise
-        os.replace(f.name, entry)
+            self.unwritable = True
+            note(f"--cache: cannot keep {entry} ({e.strerror or datamod.first_line(e)}); "
+                 "this run keeps no more outputs")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1713,3 +1713,37 @@ def test_cache_flag_errors_are_one_line(sets, tmp_path, capsys):
             evaluate.main(argv)
         assert e.value.code == 2 and _one_line_error(capsys) == f"evaluate.py: error: {message}"
     assert not (tmp_path / "k").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_a_cache_that_takes_no_more_files_is_read_and_the_run_goes_on(sets, tmp_path, capsys, monkeypatch):
+    # a full disk (or a read-only cache shared by a team): one note, the entries it holds read, the rest computed
+    openl3 = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(evaluate, "load_openl3", lambda path, device: openl3)
+    computed = []
+
+    def embeddings(model, audio, device, batch_size=32):
+        computed.append(len(audio))
+        return np.stack([[r.std(), r.mean()] for r in np.array_split(np.asarray(audio, np.float64), 3)])
+    monkeypatch.setattr(evaluate, "openl3_embeddings", embeddings)
+    (tmp_path / "openl3.pt").write_bytes(b"stand-in")
+    cache = tmp_path / "cache"
+
+    def run(*extra):
+        computed.clear()
+        return evaluate.main(["--generated", sets["generated"], "--reference", sets["other"], "--metrics", "fd",
+                              "--openl3", str(tmp_path / "openl3.pt"), "--out", str(tmp_path / "r.json"), *extra])
+    run("--cache", str(cache))
+    sf.write(os.path.join(sets["generated"], "d.wav"), tone(1.2, 48000, 550), 48000)
+    uncached = run()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", full)
+    capsys.readouterr()
+    report = run("--cache", str(cache))
+    assert report["fd_openl3"] == uncached["fd_openl3"] and report["counts"]["from_cache"] == {"openl3": 6}
+    assert len(computed) == 1
+    notes = [line for line in capsys.readouterr().err.splitlines() if "cannot keep" in line]
+    assert len(notes) == 1 and notes[0].startswith(f"note: --cache: cannot keep {cache / 'openl3'}")
+    assert notes[0].endswith(".npz (No space left on device); this run keeps no more outputs")
+    assert not list(cache.rglob("*.tmp")) and len(list(cache.rglob("*.npz"))) == 6
