@@ -524,18 +524,25 @@ class ResultCache:
         key = h.hexdigest()
         return os.path.join(self.folder, key[:2], key + ".npz")
 
-    def read(self, entry):
-        """(output array, samples) kept at entry, or None."""
+    def read(self, entry, valid=lambda output: True):
+        """(output array, samples) kept at entry, or None: also, with a note, for an entry that does not
+        load or whose output is not finite floats that valid(output) takes (of another shape)."""
         if entry is None or not os.path.exists(entry):
             return None
         try:
             with np.load(entry) as z:
-                found = z["output"], int(z["samples"])
-        except Exception as e:  # a damaged file: np.load's errors are of many kinds (zip, pickle, OS)
-            note(f"{entry}: a damaged cache entry ({datamod.first_line(e)[:100]}); computing it again")
+                output, samples = z["output"], int(z["samples"])
+            problem = (None if output.dtype.kind == "f" and np.isfinite(output).all() and valid(output)
+                       else f"not this metric's output: {output.dtype} {output.shape}")
+        except OSError as e:
+            problem = datamod.first_line(e)[:100]
+        except Exception:  # np.load's errors are of many kinds (zip, pickle, a key missing); none says more
+            problem = "not an .npz of an output and its length"
+        if problem:
+            note(f"{entry}: a damaged cache entry ({problem}); computing it again")
             return None
         self.read_count += 1
-        return found
+        return output, samples
 
     def write(self, entry, output, samples):
         """Keep output (an array) and the file's length in samples at entry (nothing without a folder).
@@ -630,7 +637,7 @@ def fd_openl3(model, generated, reference, args, device, report, cache=None):
         emb = []
         for name, path in progress(files.items(), f"OpenL3 {side}"):
             entry = cache.entry(path)
-            kept = cache.read(entry)
+            kept = cache.read(entry, lambda output: output.ndim == 2 and len(output) > 0)
             if kept is None:
                 audio = load_mono(path, OPENL3_SR)
                 kept = openl3_embeddings(model, audio, device), len(audio)
@@ -656,7 +663,7 @@ def kl_passt(model, generated, reference, device, report, cache=None):
 
     def probabilities(path):  # (527,) float64, or None for a clip without a window (kept as an empty array)
         entry = cache.entry(path)
-        kept = cache.read(entry)
+        kept = cache.read(entry, lambda output: output.shape in ((0,), (527,)))  # (0,): no window
         if kept is None:
             audio = load_mono(path, PASST_SR)
             p = passt_probabilities(model, audio, device)
@@ -695,7 +702,7 @@ def clap_score(clap, generated, prompts, args, device, report, cache=None):
     scores, longer = [], []
     for i, name in enumerate(progress(names, "CLAP")):
         entry = cache.entry(generated[name])
-        kept = cache.read(entry)
+        kept = cache.read(entry, lambda output: output.shape == text.shape[1:])
         if kept is None:
             audio = load_mono(generated[name], extractor.sampling_rate)
             kept = clap_audio_embedding(model, extractor, audio, device).numpy(), len(audio)

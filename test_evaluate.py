@@ -1747,3 +1747,117 @@ def test_a_cache_that_takes_no_more_files_is_read_and_the_run_goes_on(sets, tmp_
     assert len(notes) == 1 and notes[0].startswith(f"note: --cache: cannot keep {cache / 'openl3'}")
     assert notes[0].endswith(".npz (No space left on device); this run keeps no more outputs")
     assert not list(cache.rglob("*.tmp")) and len(list(cache.rglob("*.npz"))) == 6
+
+
+def test_weights_digest_holds_the_names():
+    torch.manual_seed(0)
+    a = torch.nn.ModuleDict({"x": torch.nn.Linear(2, 2)})
+    b = torch.nn.ModuleDict({"y": torch.nn.Linear(2, 2)})
+    b.y.load_state_dict(a.x.state_dict())
+    assert evaluate.weights_digest(a) != evaluate.weights_digest(b)    # the same numbers under other names
+    half, bf16 = torch.nn.Linear(2, 2).half(), torch.nn.Linear(2, 2).bfloat16()
+    for m in (half, bf16):
+        torch.nn.init.zeros_(m.weight), torch.nn.init.zeros_(m.bias)
+    assert evaluate.weights_digest(half) != evaluate.weights_digest(bf16)  # the same bytes (zeros), other dtypes
+
+
+def test_cache_entry_is_keyed_by_all_the_bytes_weights_settings_and_device_type(tmp_path, capsys):
+    torch.manual_seed(0)
+    model, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
+    a.write_bytes(bytes(3 << 20))
+    b.write_bytes(bytes(3 << 20)[:-1] + b"\1")               # the same first MiB, the last byte not
+    folder = str(tmp_path / "cache")
+
+    def entry(path=a, metric="passt", m=model, settings={"sr": 1}, device="cpu"):
+        return evaluate.ResultCache(folder, metric, m, settings, device).entry(str(path))
+    assert entry() == entry() and entry().startswith(os.path.join(folder, "passt", ""))
+    assert entry(device="cuda:0") == entry(device="cuda:1") == entry(device=torch.device("cuda"))  # the type only
+    for changed in (entry(b), entry(metric="clap"), entry(m=other), entry(settings={"sr": 2}), entry(device="cuda")):
+        assert changed != entry()
+    assert evaluate.ResultCache().entry(str(a)) is None
+    # a missing entry is no note; a kept one comes back whole and is counted; no temporary file stays
+    cache = evaluate.ResultCache(folder, "passt", model, {"sr": 1}, "cpu")
+    assert cache.read(cache.entry(str(a))) is None and cache.read_count == 0
+    cache.write(cache.entry(str(a)), np.arange(3.0), 48000)
+    output, samples = cache.read(cache.entry(str(a)))
+    assert (output.tolist(), samples, cache.read_count) == ([0.0, 1.0, 2.0], 48000, 1)
+    assert [p.suffix for p in (tmp_path / "cache").rglob("*.*")] == [".npz"]
+    assert capsys.readouterr().err == ""
+
+
+def test_cache_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    cache = evaluate.ResultCache(str(tmp_path / "cache"), "clap", torch.nn.Linear(2, 2), {}, "cpu")
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    entry = cache.entry(str(tmp_path / "a.wav"))
+
+    def full(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(KeyboardInterrupt):
+        cache.write(entry, np.zeros(2), 1)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_cache_settings_of_each_metric_are_what_shapes_its_output(sets, tmp_path, monkeypatch):
+    # the entry's name holds every setting that changes a model's output, PEAK_DB included
+    for name in ("openl3", "passt"):
+        (tmp_path / name).write_bytes(b"x")
+
+    class extractor:
+        to_json_string = staticmethod(lambda: '{"feature_size": 64}')
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(evaluate, "load_openl3", lambda path, device: model)
+    monkeypatch.setattr(evaluate, "load_passt", lambda path, device: model)
+    monkeypatch.setattr(evaluate, "load_clap", lambda name, device: (model, extractor, None))
+    monkeypatch.setattr(evaluate, "check_inputs", lambda args: (["fd", "kl", "clap"], {}, {}, {}))
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def record(metric, last=False):
+        def stub(*args, cache=None):
+            seen[metric] = json.loads(args[-1].prefix)["settings"]
+            if last:
+                raise Seen
+        return stub
+    monkeypatch.setattr(evaluate, "fd_openl3", record("openl3"))
+    monkeypatch.setattr(evaluate, "kl_passt", record("passt"))
+    monkeypatch.setattr(evaluate, "clap_score", record("clap", last=True))
+    with pytest.raises(Seen):
+        evaluate.main(["--generated", sets["generated"], "--reference", sets["other"], "--openl3",
+                       str(tmp_path / "openl3"), "--passt", str(tmp_path / "passt"), "--clap", "stub",
+                       "--device", "cpu", "--out", str(tmp_path / "r.json"), "--cache", str(tmp_path / "cache")])
+    assert seen == {"openl3": {"sr": 48000, "hop_s": 0.5, "peak_dbfs": -1.0},
+                    "passt": {"sr": 32000, "window_s": 10.0, "hop_s": 5.0, "min_window": evaluate.PASST_MIN_WINDOW,
+                              "peak_dbfs": -1.0},
+                    "clap": {"extractor": '{"feature_size": 64}', "peak_dbfs": -1.0}}
+
+
+def test_cache_entry_of_another_shape_or_not_finite_is_computed_again(tmp_path, capsys):
+    # an .npz that loads but is not this metric's output (another shape, NaN, integers) is a damaged entry
+    cache = evaluate.ResultCache(str(tmp_path / "cache"), "clap", torch.nn.Linear(2, 2), {}, "cpu")
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    entry = cache.entry(str(tmp_path / "a.wav"))
+    for output in (np.ones(3), np.full(16, np.nan), np.ones(16, np.int64)):
+        cache.write(entry, output, 48000)
+        assert cache.read(entry, lambda o: o.shape == (16,)) is None and cache.read_count == 0
+        assert "a damaged cache entry" in capsys.readouterr().err
+    cache.write(entry, np.ones(16), 48000)
+    assert cache.read(entry, lambda o: o.shape == (16,))[0].shape == (16,) and cache.read_count == 1
+
+
+def test_cache_never_keeps_a_clap_clip_one_sample_longer_than_the_window(weights, tmp_path):
+    # 48001 samples at 48 kHz: the extractor crops it at random (numpy's RNG), so it is not kept; 48000 is kept
+    clap = evaluate.load_clap(weights["clap"], "cpu")
+    (tmp_path / "g").mkdir()
+    sf.write(str(tmp_path / "g" / "long.wav"), noise(48001 / 48000, 48000, 1), 48000)
+    sf.write(str(tmp_path / "g" / "fits.wav"), noise(1.0, 48000, 2), 48000)
+    generated = {"fits": str(tmp_path / "g" / "fits.wav"), "long": str(tmp_path / "g" / "long.wav")}
+    args = evaluate.parse_args(["--generated", "g", "--reference", "r"])
+    for _ in range(2):
+        cache = evaluate.ResultCache(str(tmp_path / "cache"), "clap", clap[0], {"x": 1}, "cpu")
+        report = {"per_file": {"fits": {}, "long": {}}, "counts": {}}
+        evaluate.clap_score(clap, generated, {"fits": "a", "long": "b"}, args, "cpu", report, cache)
+    assert cache.read_count == 1 and len(list((tmp_path / "cache").rglob("*.npz"))) == 1
