@@ -50,6 +50,7 @@ the training time, evaluation excluded). --plot-only redraws from the runs alrea
 import argparse
 import contextlib
 import csv
+import glob
 import hashlib
 import io
 import json
@@ -57,6 +58,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 import types
 import unicodedata
 import warnings
@@ -512,6 +514,15 @@ class ResultCache:
             identity = {"metric": metric, "weights": weights_digest(model), "settings": settings,
                         "device": torch.device(device).type}
             self.prefix = json.dumps(identity, sort_keys=True).encode()
+            self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self, age_s=3600):
+        """Remove the temporary files of writes that a kill stopped (older than age_s; a write in flight
+        in another run sharing the folder takes milliseconds)."""
+        for name in glob.glob(os.path.join(glob.escape(self.folder), "*", "*.tmp")):
+            with contextlib.suppress(OSError):  # (gone meanwhile, a read-only folder)
+                if time.time() - os.path.getmtime(name) > age_s:
+                    os.remove(name)
 
     def entry(self, path):
         """The entry's path for the audio file at `path`, or None without a folder."""

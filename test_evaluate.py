@@ -1861,3 +1861,15 @@ def test_cache_never_keeps_a_clap_clip_one_sample_longer_than_the_window(weights
         report = {"per_file": {"fits": {}, "long": {}}, "counts": {}}
         evaluate.clap_score(clap, generated, {"fits": "a", "long": "b"}, args, "cpu", report, cache)
     assert cache.read_count == 1 and len(list((tmp_path / "cache").rglob("*.npz"))) == 1
+
+
+def test_cache_removes_the_temporary_files_of_killed_writes_and_not_a_write_in_flight(tmp_path):
+    old, new = tmp_path / "c[1]" / "passt" / "ab" / "tmpold.tmp", tmp_path / "c[1]" / "passt" / "cd" / "tmpnew.tmp"
+    entry = tmp_path / "c[1]" / "passt" / "ab" / "old.npz"
+    for path in (old, new, entry):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    for path in (old, entry):  # a kill -9 two hours ago
+        os.utime(path, (os.path.getmtime(path) - 7200,) * 2)
+    evaluate.ResultCache(str(tmp_path / "c[1]"), "passt", torch.nn.Linear(2, 2), {}, "cpu")
+    assert (old.exists(), new.exists(), entry.exists()) == (False, True, True)
