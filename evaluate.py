@@ -555,6 +555,17 @@ class ResultCache:
         self.read_count += 1
         return output, samples
 
+    def output(self, path, compute, valid, keep=lambda samples: True):
+        """(output array, samples) of the audio file at path: its entry's if there is a valid one (read),
+        else compute(path)'s, kept if keep(samples)."""
+        entry = self.entry(path)
+        found = self.read(entry, valid)
+        if found is None:
+            found = compute(path)
+            if keep(found[1]):
+                self.write(entry, *found)
+        return found
+
     def write(self, entry, output, samples):
         """Keep output (an array) and the file's length in samples at entry (nothing without a folder).
         A folder that takes no more files (read-only, a full disk) ends the keeping with a note: the run
@@ -643,19 +654,19 @@ def check_output_file(path, flag="--out", keys=()):
 def fd_openl3(model, generated, reference, args, device, report, cache=None):
     """FD between the OpenL3 frame embeddings of the two sets (all files of each)."""
     cache = ResultCache() if cache is None else cache
+
+    def compute(path):
+        audio = load_mono(path, OPENL3_SR)
+        return openl3_embeddings(model, audio, device), len(audio)
+
     stats, short = {}, []
     for side, files in (("generated", generated), ("reference", reference)):
         emb = []
         for name, path in progress(files.items(), f"OpenL3 {side}"):
-            entry = cache.entry(path)
-            kept = cache.read(entry, lambda output: output.ndim == 2 and len(output) > 0)
-            if kept is None:
-                audio = load_mono(path, OPENL3_SR)
-                kept = openl3_embeddings(model, audio, device), len(audio)
-                cache.write(entry, *kept)
-            if kept[1] < OPENL3_SR:
+            frames, samples = cache.output(path, compute, lambda output: output.ndim == 2 and len(output) > 0)
+            if samples < OPENL3_SR:
                 short.append(f"{side}/{os.path.basename(path)}")
-            emb.append(kept[0])
+            emb.append(frames)
         emb = np.concatenate(emb)
         if len(emb) < 2:
             fail(f"--{side} {args.generated if side == 'generated' else args.reference}: one OpenL3 frame in all "
@@ -672,15 +683,14 @@ def kl_passt(model, generated, reference, device, report, cache=None):
     """KL(reference || generated) of PaSST's tag distributions, per pair of files, averaged."""
     cache = ResultCache() if cache is None else cache
 
-    def probabilities(path):  # (527,) float64, or None for a clip without a window (kept as an empty array)
-        entry = cache.entry(path)
-        kept = cache.read(entry, lambda output: output.shape in ((0,), (527,)))  # (0,): no window
-        if kept is None:
-            audio = load_mono(path, PASST_SR)
-            p = passt_probabilities(model, audio, device)
-            kept = (np.zeros(0) if p is None else p.numpy()), len(audio)
-            cache.write(entry, *kept)
-        return torch.from_numpy(kept[0]) if kept[0].size else None
+    def compute(path):  # None, a clip without a window, is kept as an empty array
+        audio = load_mono(path, PASST_SR)
+        p = passt_probabilities(model, audio, device)
+        return (np.zeros(0) if p is None else p.numpy()), len(audio)
+
+    def probabilities(path):  # (527,) float64, or None for a clip without a window
+        p = cache.output(path, compute, lambda output: output.shape in ((0,), (527,)))[0]
+        return torch.from_numpy(p) if p.size else None
 
     kl, kl_back, skipped = [], [], []
     for name in progress(list(generated), "PaSST pairs"):
@@ -709,19 +719,22 @@ def clap_score(clap, generated, prompts, args, device, report, cache=None):
     names = list(generated)
     text = clap_text_embeddings(model, tokenizer, [prompts[n] for n in names], device)
     window = getattr(extractor, "nb_max_samples", None)
+
+    def longer_than_window(samples):  # cropped at random: its crops depend on the long clips before it
+        return bool(window) and samples > window
+
+    def compute(path):
+        audio = load_mono(path, extractor.sampling_rate)
+        return clap_audio_embedding(model, extractor, audio, device).numpy(), len(audio)
+
     np.random.seed(args.seed)  # the extractor's crops of clips longer than its window
     scores, longer = [], []
     for i, name in enumerate(progress(names, "CLAP")):
-        entry = cache.entry(generated[name])
-        kept = cache.read(entry, lambda output: output.shape == text.shape[1:])
-        if kept is None:
-            audio = load_mono(generated[name], extractor.sampling_rate)
-            kept = clap_audio_embedding(model, extractor, audio, device).numpy(), len(audio)
-            if window and len(audio) > window:
-                longer.append(name)
-            else:  # (a long clip's crops depend on the clips before it)
-                cache.write(entry, *kept)
-        scores.append(float(cosine(torch.from_numpy(kept[0])[None], text[i][None])[0]))
+        embedding, samples = cache.output(generated[name], compute, lambda output: output.shape == text.shape[1:],
+                                          keep=lambda samples: not longer_than_window(samples))
+        if longer_than_window(samples):  # (never read from the cache: computed, with its crops, in this run)
+            longer.append(name)
+        scores.append(float(cosine(torch.from_numpy(embedding)[None], text[i][None])[0]))
         report["per_file"][name]["clap"] = scores[-1]
     if longer:
         note(f"{len(longer)} clip(s) longer than CLAP's {window / extractor.sampling_rate:g} s window, "
