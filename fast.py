@@ -253,7 +253,8 @@ class FastMamba2(Mamba2):
         if state is not None or not u.is_cuda or train == "split" or (train == "grouped" and not fused):
             return super().forward(u, mask, state)  # the prefill and steps: conv, ssd, step below
         # Padding is sequence 0 and the text and audio sequence 1: the kernels start the sequence
-        # from a clean state and conv, the same result as mask_padding without a pass over zxbcdt.
+        # from a clean state and conv: mask_padding's result at the real positions, without a pass over
+        # zxbcdt (the padding's own outputs are not its zeros; nothing reads them).
         seq_idx = None if mask is None else mask.to(torch.int32)
         params = (self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A(), self.D)
         # Keeping the chunk states pays only when a backward follows: without grad, mamba-ssm's own.

@@ -175,8 +175,8 @@ class Mamba2(nn.Module):
 
     u (b, l, d_model) -> in_proj -> [z | xBC | dt] -> causal depthwise conv + SiLU on xBC -> x, B, C
     -> SSD with dt = softplus(dt + dt_bias), A = -exp(A_log) (ssd_reference.py) -> y + D x
-    -> norm(y, z) -> out_proj. ValueError for a size below 1, and unless expand * d_model splits into
-    heads of headdim and the heads into ngroups groups."""
+    -> norm(y, z) -> out_proj. ValueError for a size below 1, for an A_init_range or (dt_min, dt_max) not
+    0 < low <= high, and unless expand * d_model splits into heads of headdim and the heads into ngroups groups."""
 
     def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=32,
                  A_init_range=(1, 16), dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4):
@@ -185,6 +185,9 @@ class Mamba2(nn.Module):
                            ("headdim", headdim), ("ngroups", ngroups), ("chunk_size", chunk_size)):
             if size < 1:
                 raise ValueError(f"Mamba2: {name} {size}: want 1 or more")
+        for name, (low, high) in (("A_init_range", A_init_range), ("(dt_min, dt_max)", (dt_min, dt_max))):
+            if not 0 < low <= high:  # (mamba_ssm.Mamba2 asserts it for A) a log of the draws below: NaN or -inf
+                raise ValueError(f"Mamba2: {name} ({low}, {high}): want 0 < low <= high")
         self.d_model, self.d_state, self.d_conv, self.headdim = d_model, d_state, d_conv, headdim
         self.ngroups, self.chunk_size = ngroups, chunk_size
         self.d_inner = expand * d_model

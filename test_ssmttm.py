@@ -500,6 +500,19 @@ def test_mamba2_init_spans_mamba_ssm_ranges():
     assert log_dt.min() < math.log(1.1e-3) and log_dt.max() > math.log(0.09)
 
 
+def test_mamba2_refuses_init_ranges_not_above_zero_by_name():
+    # mamba_ssm.Mamba2 asserts 0 < A_init_range[0] <= A_init_range[1]; a low end <= 0 gave NaN (the log of a
+    # negative draw) or -inf A_log without a word, a reversed range torch's RuntimeError; dt_min <= 0 the same
+    for kwargs, name in ((dict(A_init_range=(-1, 16)), "A_init_range"), (dict(A_init_range=(0, 16)), "A_init_range"),
+                         (dict(A_init_range=(2, 1)), "A_init_range"), (dict(dt_min=0.0), r"\(dt_min, dt_max\)"),
+                         (dict(dt_min=0.2, dt_max=0.1), r"\(dt_min, dt_max\)")):
+        with pytest.raises(ValueError, match=f"^Mamba2: {name} .*want 0 < low <= high"):
+            Mamba2(64, d_state=16, headdim=16, **kwargs)
+    torch.manual_seed(0)
+    layer = Mamba2(64, d_state=16, headdim=16, A_init_range=(4, 4), dt_min=0.01, dt_max=0.01)  # one value: allowed
+    assert torch.allclose(layer.A(), torch.full((8,), -4.0))
+    assert torch.allclose(F.softplus(layer.dt_bias.detach()), torch.full((8,), 0.01))
+
 def mamba2_by_definition(layer, u):
     """Mamba-2 (Dao & Gu 2024, Listing and Fig. 6) written out one position at a time, in float64, from
     the layer's parameters alone: in_proj -> [z | xBC | dt]; a causal depthwise conv of d_conv taps
