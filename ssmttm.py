@@ -176,13 +176,15 @@ class Mamba2(nn.Module):
     u (b, l, d_model) -> in_proj -> [z | xBC | dt] -> causal depthwise conv + SiLU on xBC -> x, B, C
     -> SSD with dt = softplus(dt + dt_bias), A = -exp(A_log) (ssd_reference.py) -> y + D x
     -> norm(y, z) -> out_proj. ValueError for a size below 1, for an A_init_range or (dt_min, dt_max) not
-    0 < low <= high, and unless expand * d_model splits into heads of headdim and the heads into ngroups groups."""
+    0 < low <= high, and unless expand * d_model splits into heads of headdim and the heads into ngroups groups;
+    TypeError for a size that is not an integer (64.0, True)."""
 
     def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=32,
                  A_init_range=(1, 16), dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4):
         super().__init__()
         for name, size in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
                            ("headdim", headdim), ("ngroups", ngroups), ("chunk_size", chunk_size)):
+            check_integer(f"Mamba2: {name}", size)
             if size < 1:
                 raise ValueError(f"Mamba2: {name} {size}: want 1 or more")
         for name, (low, high) in (("A_init_range", A_init_range), ("(dt_min, dt_max)", (dt_min, dt_max))):
@@ -322,7 +324,9 @@ class KVCache:
 
 
 def check_head_split(layer, d_model, n_heads):
-    """ValueError unless n_heads (1 or more) splits d_model into heads of equal width."""
+    """ValueError unless n_heads (1 or more) splits d_model into heads of equal width; TypeError for an
+    n_heads that is not an integer (2.0, True)."""
+    check_integer(f"{layer}: n_heads", n_heads)
     if n_heads < 1 or d_model % n_heads:
         raise ValueError(f"{layer}: d_model {d_model} must split into n_heads = {n_heads} heads of equal width")
 
@@ -393,8 +397,8 @@ class CrossAttention(nn.Module):
     def forward(self, x, memory, memory_mask, state=None):
         """x (b, s, d), memory (b, lt, d_memory), memory_mask (b, lt) True at real text -> (b, s, d).
         state: a TextKV; filled from memory at the first call, read (memory unused) after. ValueError
-        without memory to read, for memory of another batch than x, or for a memory_mask that is not
-        bool (b, lt)."""
+        without memory to read, for memory of another batch than x or width than d_memory, or for a
+        memory_mask that is not bool (b, lt)."""
         b, s, d = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2)
         if state is not None and state.k is not None:
@@ -404,6 +408,9 @@ class CrossAttention(nn.Module):
         elif memory.dim() != 3 or memory.shape[0] != b:
             raise ValueError(f"CrossAttention: memory {tuple(memory.shape)}: want ({b}, lt, d_memory), one text per "
                              "row of x")
+        elif memory.shape[2] != self.kv_proj.in_features:
+            raise ValueError(f"CrossAttention: memory {tuple(memory.shape)}: want d_memory = "
+                             f"{self.kv_proj.in_features} values per text position")
         else:
             k, v = (t.view(b, memory.shape[1], self.n_heads, d // self.n_heads).transpose(1, 2)
                     for t in self.kv_proj(memory).split(d, dim=-1))
@@ -561,6 +568,8 @@ class TextToMusicLM(nn.Module):
     def logits(self, tokens, text, text_mask, cache=None):
         """A pass from the start. tokens (b, K, s) input steps (the first one the begin step),
         text (b, lt, d_text) T5 states, text_mask (b, lt) True at real tokens (any padding side).
+        tokens must be ids 0..1024 (not checked, as a check would stop the GPU's CUDA graphs: an id past
+        1024 reads the next codebook's table, a negative one the previous one's).
         Returns logits (b, K, s, 1025) for the step after each input step. With a cache, also
         leaves in it the states after the last step (the prefill of decoding): a new InferenceCache
         (zero Mamba-2 states, empty KV caches), as the pass starts from nothing; a used one is not
@@ -646,6 +655,7 @@ class TextToMusicLM(nn.Module):
         text of other shapes (check_text), and a prompt longer than n_frames, of another batch or K, or
         of codes outside 0..1023 (1024, the special id: a slot to sample)."""
         check_text(text, text_mask, self.cfg.d_text, "generate")
+        check_frames(n_frames)  # before n_frames < 0 compares it
         if n_frames < 0 or text.shape[0] == 0:
             raise ValueError(f"generate: n_frames {n_frames} for {text.shape[0]} texts: want 0 or more frames "
                              "of 1 or more texts")
@@ -682,13 +692,11 @@ class TextToMusicLM(nn.Module):
         """The delayed layout generate fills: steps (b, K, n_frames + K - 1), special where there is no
         token yet, and fixed (bool, same shape): the slots sampling must leave alone (the delay
         pattern's empty slots, the prompt). generate's TypeError and prompt ValueErrors come from here."""
-        if not isinstance(n_frames, numbers.Integral):  # F.pad below takes no float
-            raise TypeError(f"generate: n_frames {n_frames!r}: want an int, a number of frames "
-                            "(round(seconds * FRAME_RATE))")
+        check_frames(n_frames)  # F.pad below takes no float
         K = self.cfg.n_codebooks
         if prompt is None:
             prompt = torch.zeros(b, K, 0, dtype=torch.long, device=device)
-        if prompt.shape[:2] != (b, K) or prompt.shape[-1] > n_frames:
+        if prompt.dim() != 3 or prompt.shape[:2] != (b, K) or prompt.shape[-1] > n_frames:
             raise ValueError(f"prompt {tuple(prompt.shape)}: want ({b}, {K}, at most n_frames = {n_frames})")
         if prompt.is_floating_point() or prompt.numel() and not 0 <= prompt.min() <= prompt.max() <= SPECIAL:
             raise ValueError(f"prompt {prompt.dtype}: want integer codes 0..{CODEBOOK_SIZE - 1} "
@@ -696,6 +704,13 @@ class TextToMusicLM(nn.Module):
         steps = delay_pattern(F.pad(prompt, (0, n_frames - prompt.shape[-1]), value=SPECIAL))
         real = delay_pattern(torch.zeros(1, K, n_frames, dtype=torch.long, device=device)) != SPECIAL
         return steps, (steps != SPECIAL) | ~real
+
+
+def check_frames(n_frames):
+    """generate's TypeError for an n_frames that is not an integer (2.0, "2", True)."""
+    if not isinstance(n_frames, numbers.Integral) or isinstance(n_frames, bool):
+        raise TypeError(f"generate: n_frames {n_frames!r}: want an int, a number of frames "
+                        "(round(seconds * FRAME_RATE))")
 
 
 def write_step(steps, fixed, s, tokens):
@@ -769,8 +784,12 @@ MIN_TEMPERATURE = 1e-4
 
 def check_sampling(cfg_scale, top_k, temperature):
     """ValueError for a guidance scale that is not finite, a top_k below 0, or a temperature that is
-    neither 0 (greedy) nor finite from MIN_TEMPERATURE on; TypeError for a top_k that is not an integer."""
+    neither 0 (greedy) nor finite from MIN_TEMPERATURE on; TypeError for a top_k that is not an integer, and
+    a cfg_scale or temperature that is not a real number ("3", None)."""
     check_integer("top_k", top_k)
+    for name, value in (("cfg_scale", cfg_scale), ("temperature", temperature)):
+        if not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} {value!r}: want a number")
     if not math.isfinite(cfg_scale):
         raise ValueError(f"cfg_scale {cfg_scale}: want a finite number")
     if top_k < 0:

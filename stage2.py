@@ -42,7 +42,10 @@ class Stage2Config:
     def __post_init__(self):
         """ValueError naming the field: a size below 1, n_codebooks below 2 (stage 2 makes codebooks
         2..K), no U-Net level, or a width the GroupNorms (min(32, width // 4) groups) cannot split;
-        TypeError for a size or width that is not an integer (64.0, True)."""
+        TypeError for a size or width that is not an integer (64.0, True), and channels that are not a
+        tuple or list of widths."""
+        if not isinstance(self.channels, (tuple, list)):
+            raise TypeError(f"Stage2Config.channels {self.channels!r}: want a tuple of widths, e.g. (256, 512, 768)")
         for i, c in enumerate(self.channels):
             check_integer(f"Stage2Config.channels[{i}]", c)
         for name, least in (("d_cond", 1), ("n_heads", 1), ("d_text", 1), ("n_codebooks", 2), ("diffusion_steps", 1)):
@@ -118,8 +121,8 @@ class DiffusionUNet(nn.Module):
     where the length is padded to one the down/up path can halve), or counts the real frames only; the
     others (the skip convs, the text cross-attention) work frame by frame. So a clip's v is the same
     whatever padding follows it; the padded frames' v means nothing, and so is whatever text holds at
-    padding. ValueError for no frames (T = 0), text of other shapes (ssmttm.check_text), and x, t and
-    text not of one batch b: x (b, C, T), t (b,)."""
+    padding. ValueError for no frames (T = 0), text of other shapes (ssmttm.check_text), x not of
+    n_codebooks * 8 channels, and x, t, text and lengths not of one batch b: x (b, C, T), t (b,), lengths (b,)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -147,6 +150,12 @@ class DiffusionUNet(nn.Module):
         if x.dim() != 3 or t.shape != x.shape[:1] or text.shape[0] != x.shape[0]:
             raise ValueError(f"DiffusionUNet: x {tuple(x.shape)}, t {tuple(t.shape)}, text {tuple(text.shape)}: "
                              "want (b, channels, T), (b,) and (b, lt, d_text), one row each")
+        if x.shape[1] != self.inp.in_channels:
+            raise ValueError(f"DiffusionUNet: x {tuple(x.shape)}: want {self.inp.in_channels} channels "
+                             "(n_codebooks * 8: the noisy fine latents, then the coarse one)")
+        if lengths is not None and lengths.shape != x.shape[:1]:
+            raise ValueError(f"DiffusionUNet: lengths {tuple(lengths.shape)} for x {tuple(x.shape)}: want "
+                             f"({x.shape[0]},), one per row")
         text = text.masked_fill(~text_mask[..., None], 0)  # padding: never read, so NaN there must not leak
         x = F.pad(x, (0, -T % 2 ** (len(self.down) - 1)))  # a length the down/up path can halve
         real = torch.full((x.shape[0],), T, device=x.device) if lengths is None else lengths
@@ -286,8 +295,9 @@ class Stage2Diffusion(nn.Module):
         are the known latents exactly. (x starts as noise everywhere: at t = 1, alpha is 0.)
         steps: DDPM steps (default cfg.diffusion_steps); TypeError if not an integer. ValueError for steps
         below 1, for no frames (T = 0), for text of other shapes (ssmttm.check_text) or another batch
-        than coarse, a cfg_scale that is not finite, a list of generators not one per row, and known
-        without known_frames or the reverse."""
+        than coarse, a cfg_scale that is not finite, a list of generators not one per row, known
+        without known_frames or the reverse, and known or known_frames of other shapes than coarse's
+        (b, 64, T) and (b, T), or known_frames not bool."""
         steps = self.cfg.diffusion_steps if steps is None else steps
         check_integer("sample_latents: steps", steps)
         if steps < 1:
@@ -298,12 +308,18 @@ class Stage2Diffusion(nn.Module):
             raise ValueError(f"sample_latents: cfg_scale {cfg_scale}: want a finite number")
         if (known is None) != (known_frames is None):
             raise ValueError("sample_latents: known and known_frames go together (the latents and the frames to keep)")
+        fine_channels = (self.cfg.n_codebooks - 1) * LATENT_DIM
+        if known is not None and (known.shape != (coarse.shape[0], fine_channels, coarse.shape[-1]) or
+                                  known_frames.dtype != torch.bool or known_frames.shape != known.shape[::2]):
+            b, T = coarse.shape[0], coarse.shape[-1]
+            raise ValueError(f"sample_latents: known {tuple(known.shape)}, known_frames {tuple(known_frames.shape)} "
+                             f"{known_frames.dtype}: want ({b}, {fine_channels}, {T}) and torch.bool ({b}, {T}) "
+                             f"for coarse {tuple(coarse.shape)}")
         check_text(text, text_mask, self.cfg.d_text, "sample_latents")  # before guidance doubles the rows
         if coarse.shape[0] != text.shape[0]:
             raise ValueError(f"sample_latents: coarse {tuple(coarse.shape)} for text {tuple(text.shape)}: one row per "
                              "text")
         b, _, T = coarse.shape
-        fine_channels = (self.cfg.n_codebooks - 1) * LATENT_DIM
         x = gaussian_noise((b, fine_channels, T), coarse.device, generator)
         for i in tqdm(range(steps, 0, -1), desc="stage 2", unit="step", leave=False, disable=not progress):
             t = torch.full((b,), i / steps, device=x.device)  # from step t to step s, one earlier
@@ -335,7 +351,8 @@ class Stage2Diffusion(nn.Module):
         id in codebooks 2..9 at the frames to sample; the kept frames come back exactly, and the
         others are sampled around them (sample_latents' inpainting). ValueError for coarse_codes that
         are not integer codes 0..1023 (b, T >= 1) (stage 1's (b, 1, T) output is codes[:, 0]), a frame
-        with some fine codes known and some not, or a kept frame whose codebook 1 is not coarse_codes'."""
+        with some fine codes known and some not, a kept frame whose codebook 1 is not coarse_codes', or
+        known that are not integer codes 0..1024 (1024, the special id: a code to sample)."""
         if coarse_codes.dim() != 2 or coarse_codes.shape[1] == 0 or coarse_codes.is_floating_point() or (
                 coarse_codes.numel() and not 0 <= coarse_codes.min() <= coarse_codes.max() < CODEBOOK_SIZE):
             raise ValueError(f"generate: coarse_codes {tuple(coarse_codes.shape)} {coarse_codes.dtype}: want codebook "
@@ -345,6 +362,9 @@ class Stage2Diffusion(nn.Module):
         if known is not None:
             if known.dim() != 3 or known.shape[1] != self.cfg.n_codebooks:
                 raise ValueError(f"known {tuple(known.shape)}: want (b, {self.cfg.n_codebooks}, T) codes")
+            if known.is_floating_point() or known.numel() and not 0 <= known.min() <= known.max() <= SPECIAL:
+                raise ValueError(f"known {known.dtype}: want integer codes 0..{CODEBOOK_SIZE - 1} ({SPECIAL}: a code "
+                                 "to sample)")
             keep = self.known_frames(known, coarse_codes)
             fine_known = self.latents(known)[:, LATENT_DIM:]  # special ids (frames to sample) -> 0
         fine = self.sample_latents(coarse, text, text_mask, steps, cfg_scale, generator, progress,

@@ -513,6 +513,56 @@ def test_mamba2_refuses_init_ranges_not_above_zero_by_name():
     assert torch.allclose(layer.A(), torch.full((8,), -4.0))
     assert torch.allclose(F.softplus(layer.dt_bias.detach()), torch.full((8,), 0.01))
 
+
+def test_mamba2_and_attention_refuse_sizes_that_are_not_integers_by_name():
+    # a float size failed deep inside torch (empty(): argument 'size' ... / view()) or not at all (chunk_size,
+    # n_heads=True, CrossAttention's n_heads=2.0 until its first call); now a TypeError naming the size
+    for name, value in (("d_model", 8.0), ("d_state", 4.0), ("expand", 2.0), ("headdim", 4.0), ("d_conv", 4.0),
+                        ("ngroups", 1.0), ("chunk_size", 4.0), ("d_state", True)):
+        with pytest.raises(TypeError) as e:
+            Mamba2(**{"d_model": 8, "d_state": 4, "headdim": 4, name: value})
+        assert str(e.value) == f"Mamba2: {name} {value!r}: want an integer"
+    for layer in (ssmttm.SelfAttention, ssmttm.CrossAttention):
+        for n_heads in (2.0, True):
+            with pytest.raises(TypeError) as e:
+                layer(8, n_heads, 0.0)
+            assert str(e.value) == f"{layer.__name__}: n_heads {n_heads!r}: want an integer"
+
+
+def test_cross_attention_names_memory_of_another_width():
+    # memory of 5 values for d_memory 6: "mat1 and mat2 shapes cannot be multiplied"
+    cross = ssmttm.CrossAttention(8, 2, 0.0, d_memory=6)
+    with pytest.raises(ValueError) as e:
+        cross(torch.randn(2, 4, 8), torch.randn(2, 3, 5), torch.ones(2, 3, dtype=torch.bool))
+    assert str(e.value) == "CrossAttention: memory (2, 3, 5): want d_memory = 6 values per text position"
+
+
+def test_generate_checks_n_frames_type_first_and_wants_a_3d_prompt():
+    # -1.5 gave a ValueError, "3" a bare "'<' not supported", True one frame; a (b, K) prompt "not enough values
+    # to unpack (expected 3, got 2)"
+    torch.manual_seed(0)
+    model = TextToMusicLM(ModelConfig(n_layers=1, d_model=16, d_state=4, headdim=8, n_heads=2, d_ff=32,
+                                      n_codebooks=2, d_text=6, dropout=0.0)).eval()
+    text, mask = torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool)
+    for n_frames in (-1.5, "3", True):
+        with pytest.raises(TypeError) as e:
+            model.generate(text, mask, n_frames)
+        assert str(e.value) == (f"generate: n_frames {n_frames!r}: want an int, a number of frames "
+                                "(round(seconds * FRAME_RATE))")
+    with pytest.raises(ValueError) as e:
+        model.generate(text, mask, 4, prompt=torch.zeros(2, 2, dtype=torch.long))
+    assert str(e.value) == "prompt (2, 2): want (2, 2, at most n_frames = 4)"
+
+
+def test_check_sampling_names_a_cfg_scale_or_temperature_that_is_no_number():
+    # "must be real number, not str" / "'<=' not supported between instances of 'float' and 'NoneType'"
+    for kw, message in (({"cfg_scale": "3"}, "cfg_scale '3': want a number"),
+                        ({"temperature": None}, "temperature None: want a number")):
+        with pytest.raises(TypeError) as e:
+            ssmttm.check_sampling(**{"cfg_scale": 3.0, "top_k": 5, "temperature": 1.0, **kw})
+        assert str(e.value) == message
+    ssmttm.check_sampling(np.float64(3.0), 5, np.float32(1.0))  # numpy numbers stay fine
+
 def mamba2_by_definition(layer, u):
     """Mamba-2 (Dao & Gu 2024, Listing and Fig. 6) written out one position at a time, in float64, from
     the layer's parameters alone: in_proj -> [z | xBC | dt]; a causal depthwise conv of d_conv taps
@@ -4414,6 +4464,51 @@ def test_stage2_finds_the_nearest_codes_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = model.codes_from_latents(fine, codes[:, 0])
     assert torch.equal(got, want)
+
+
+def test_stage2_config_refuses_channels_that_are_not_a_tuple():
+    with pytest.raises(TypeError) as e:  # was "'int' object is not iterable"
+        stage2.Stage2Config(channels=64)
+    assert str(e.value) == "Stage2Config.channels 64: want a tuple of widths, e.g. (256, 512, 768)"
+
+
+def test_stage2_unet_names_x_of_other_channels_and_lengths_of_another_batch():
+    # 70 channels: a conv1d RuntimeError; lengths (1,) for two rows: broadcast, row 1 read as 5 frames long
+    torch.manual_seed(0)
+    unet = stage2.DiffusionUNet(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=6)).eval()
+    text, mask = torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError) as e:
+        unet(torch.zeros(2, 70, 7), torch.rand(2), text, mask)
+    assert str(e.value) == ("DiffusionUNet: x (2, 70, 7): want 72 channels (n_codebooks * 8: the noisy fine "
+                            "latents, then the coarse one)")
+    with pytest.raises(ValueError) as e:
+        unet(torch.zeros(2, 72, 7), torch.rand(2), text, mask, torch.tensor([5]))
+    assert str(e.value) == "DiffusionUNet: lengths (1,) for x (2, 72, 7): want (2,), one per row"
+
+
+def test_stage2_known_latents_frames_and_codes_are_checked():
+    # known_frames long: "where expected condition to be a boolean tensor"; one frame short: a broadcast
+    # RuntimeError; float known codes: an embedding RuntimeError; fine codes 2000: clamped to 1023 for the
+    # conditioning and returned as 2000
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=6))
+    model.attach_codec(datamod.synthetic_codec()).eval()
+    text, mask = torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool)
+    coarse, known = torch.zeros(2, 8, 6), torch.zeros(2, 64, 6)
+    frames = torch.zeros(2, 6, dtype=torch.bool)
+    for kn, kf in ((known, frames.long()), (known, frames[:, :5]), (known[..., :5], frames[:, :5])):
+        with pytest.raises(ValueError) as e:
+            model.sample_latents(coarse, text, mask, steps=1, known=kn, known_frames=kf)
+        assert str(e.value) == (f"sample_latents: known {tuple(kn.shape)}, known_frames {tuple(kf.shape)} {kf.dtype}: "
+                                "want (2, 64, 6) and torch.bool (2, 6) for coarse (2, 8, 6)")
+    cc = torch.randint(0, 1024, (2, 6))
+    codes = torch.full((2, 9, 6), SPECIAL)
+    codes[:, 0] = cc
+    codes[:, 1:, :2] = 2000
+    for bad in (codes, codes.float()):
+        with pytest.raises(ValueError) as e:
+            model.generate(cc, text, mask, steps=1, known=bad)
+        assert str(e.value) == f"known {bad.dtype}: want integer codes 0..1023 (1024: a code to sample)"
 
 
 def test_stage2_one_generator_per_prompt_gives_it_the_same_codes_in_any_batch():
