@@ -6,7 +6,8 @@ the four LM variants in miniature (the paper's Table I and Figure 2 / RQ1, on th
 
 Metrics, as defined by Stability-AI/stable-audio-metrics (the paper follows its ref. [16], Stable
 Audio) with audiocraft's KL direction. Every file is read as mono (channels averaged), resampled
-with soxr (HQ) to the model's rate and peak-normalised to -1 dBFS.
+with soxr (HQ) to the model's rate and peak-normalised to -1 dBFS (for OpenL3, as stable-audio-metrics'
+openl3_fd, peak-normalised at the file's own rate before resampling).
 
   FD_openl3   Frechet distance between two Gaussians fitted (mean, covariance with ddof 1) to the
               OpenL3 embeddings (content "music", input "mel256", 512-d, 48 kHz) of all the 1 s
@@ -135,10 +136,12 @@ def read_prompts(path):
     return prompts
 
 
-def load_mono(path, sample_rate):
+def load_mono(path, sample_rate, peak_first=False):
     """Audio file -> float32 mono at `sample_rate` (channels averaged, soxr HQ), peak at -1 dBFS.
-    A silent file stays silent. One line, exit 2, for a file that cannot be read, is empty, is sampled
-    below datamod.MIN_SAMPLE_RATE or has NaN or infinite samples."""
+    peak_first: normalise the peak at the file's own rate, then resample (stable-audio-metrics'
+    openl3_fd order; the resampled peak may then differ from -1 dBFS). A silent file stays silent.
+    One line, exit 2, for a file that cannot be read, is empty, is sampled below
+    datamod.MIN_SAMPLE_RATE or has NaN or infinite samples."""
     import soxr
     try:
         audio, sr = datamod.read_sound(path)
@@ -151,12 +154,17 @@ def load_mono(path, sample_rate):
         mono = datamod.finite(audio).mean(axis=1, dtype=np.float64)  # (float32 sums of 3e38 overflow to inf)
     except datamod.AudioError as e:  # NaN would run through every metric and come out as NaN
         fail(f"{path}: {e}")
+    if peak_first:
+        mono = peak_normalise(mono)
     if sr != sample_rate:
         mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
+    return (mono if peak_first else peak_normalise(mono)).astype(np.float32)
+
+
+def peak_normalise(mono):
+    """Scale to a peak of PEAK_DB dBFS; silence stays silent."""
     peak = np.abs(mono).max()
-    if peak > 0:
-        mono = mono * (10 ** (PEAK_DB / 20) / peak)
-    return mono.astype(np.float32)
+    return mono * (10 ** (PEAK_DB / 20) / peak) if peak > 0 else mono
 
 
 def progress(items, desc, unit="file"):
@@ -656,7 +664,7 @@ def fd_openl3(model, generated, reference, args, device, report, cache=None):
     cache = ResultCache() if cache is None else cache
 
     def compute(path):
-        audio = load_mono(path, OPENL3_SR)
+        audio = load_mono(path, OPENL3_SR, peak_first=True)  # stable-audio-metrics: peak, then resample
         return openl3_embeddings(model, audio, device), len(audio)
 
     stats, short = {}, []
@@ -770,7 +778,8 @@ def evaluate(args):
 
     if "fd" in metrics:
         fd_openl3(openl3, generated, reference, args, device, report,
-                  cache("openl3", openl3, lambda: {"sr": OPENL3_SR, "hop_s": OPENL3_HOP_S}))
+                  cache("openl3", openl3, lambda: {"sr": OPENL3_SR, "hop_s": OPENL3_HOP_S,
+                                                    "peak": "before_resampling"}))
     if "kl" in metrics:
         kl_passt(passt, generated, reference, device, report,
                  cache("passt", passt, lambda: {"sr": PASST_SR, "window_s": PASST_WINDOW_S, "hop_s": PASST_HOP_S,

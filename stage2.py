@@ -11,8 +11,9 @@ trained by `train.py --stage 2`:
   cross-attention and a pooled vector) and the step.
 - Cosine schedule, v-prediction, caption dropout in training, DDPM ancestral sampling with
   classifier-free guidance (the conditional and null rows as one batch).
-- Back to codes: the nearest codebook entry, per fine codebook (what `quantizer.from_latents` does
-  inside); codebook 1 is copied through, so it cannot change.
+- Back to codes: per fine codebook, the entry of highest cosine similarity (DAC's `decode_latents`,
+  what `quantizer.from_latents` does inside: both sides L2-normalised, so not the Euclidean nearest);
+  codebook 1 is copied through, so it cannot change.
 - Continuation: frames whose codes are known (an audio prompt) are kept exactly and the others
   sampled around them, by replacing the known frames at every step (RePaint; `generate(known=)`).
 """
@@ -241,8 +242,9 @@ class Stage2Diffusion(nn.Module):
 
     @torch.no_grad()
     def codes_from_latents(self, fine, coarse_codes):
-        """Normalised fine latents (b, 64, T) -> codes (b, 9, T), codebook 1 = coarse_codes. The nearest
-        entries are found in the codec's precision (fp32) even under autocast: a product in bf16 moves them."""
+        """Normalised fine latents (b, 64, T) -> codes (b, 9, T), codebook 1 = coarse_codes. The entries
+        (DAC's lookup: nearest after L2 normalisation) are found in the codec's precision (fp32) even under
+        autocast: a product in bf16 moves them."""
         mean, std = self._block_stats(self.cfg.n_codebooks)
         fine = fine.float() * std[:, LATENT_DIM:] + mean[:, LATENT_DIM:]
         codes = [coarse_codes]

@@ -1829,7 +1829,7 @@ def test_cache_settings_of_each_metric_are_what_shapes_its_output(sets, tmp_path
         evaluate.main(["--generated", sets["generated"], "--reference", sets["other"], "--openl3",
                        str(tmp_path / "openl3"), "--passt", str(tmp_path / "passt"), "--clap", "stub",
                        "--device", "cpu", "--out", str(tmp_path / "r.json"), "--cache", str(tmp_path / "cache")])
-    assert seen == {"openl3": {"sr": 48000, "hop_s": 0.5, "peak_dbfs": -1.0},
+    assert seen == {"openl3": {"sr": 48000, "hop_s": 0.5, "peak": "before_resampling", "peak_dbfs": -1.0},
                     "passt": {"sr": 32000, "window_s": 10.0, "hop_s": 5.0, "min_window": evaluate.PASST_MIN_WINDOW,
                               "peak_dbfs": -1.0},
                     "clap": {"extractor": '{"feature_size": 64}', "peak_dbfs": -1.0}}
@@ -1873,3 +1873,24 @@ def test_cache_removes_the_temporary_files_of_killed_writes_and_not_a_write_in_f
         os.utime(path, (os.path.getmtime(path) - 7200,) * 2)
     evaluate.ResultCache(str(tmp_path / "c[1]"), "passt", torch.nn.Linear(2, 2), {}, "cpu")
     assert (old.exists(), new.exists(), entry.exists()) == (False, True, True)
+
+
+def test_fd_openl3_peak_normalises_before_resampling_as_stable_audio_metrics(tmp_path, monkeypatch):
+    # stable-audio-metrics' openl3_fd.py: librosa.load(sr=None) -> pyln.normalize.peak(-1 dB) at the
+    # file's own rate -> soxr.resample(..., 48000) (HQ). A clipped signal's peak grows when resampled
+    # (inter-sample peaks), so the two orders feed OpenL3 different levels.
+    import soxr
+    x = np.clip(np.random.default_rng(3).standard_normal(44100) * 0.8, -0.7, 0.7)
+    sf.write(tmp_path / "a.wav", x, 44100, subtype="DOUBLE")
+    seen = []
+
+    def fake_embeddings(model, audio, device, batch_size=32):
+        seen.append(np.asarray(audio, np.float64))
+        return np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.2]])
+    monkeypatch.setattr(evaluate, "openl3_embeddings", fake_embeddings)
+    report = {"counts": {}, "short_clips": {}}
+    files = {"a": str(tmp_path / "a.wav")}
+    evaluate.fd_openl3("openl3", files, files, None, "cpu", report)
+    want = soxr.resample(x * (10 ** (-1 / 20) / np.abs(x).max()), 44100, 48000, quality="HQ")
+    assert np.abs(want).max() > 1.2 * 10 ** (-1 / 20)          # the resampled peak is well above -1 dBFS
+    np.testing.assert_allclose(seen[0], want, rtol=0, atol=1e-6)
