@@ -58,6 +58,7 @@ import decimal
 import io
 import json
 import math
+import numbers
 import os
 import sys
 import zlib
@@ -269,13 +270,24 @@ def fine_codes(coarse):
     return np.stack(out, axis=-2)
 
 
+def check_count(name, value, least):
+    """TypeError naming `name` unless value is an integer (a float, even 2.0, or a bool is refused); ValueError
+    for one below `least`. Python's and numpy's integers are taken."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} {value!r}: want an integer")
+    if value < least:
+        raise ValueError(f"{name} {value}: want {least} or more")
+
+
 class SyntheticMusic:
     """Endless procedurally generated examples. Example i is a pure function of (seed, i).
     Caption: "a {mood} {tempo} {instrument} piece in a {scale} scale". Codebook 1 holds notes of
     `tempo` frames each, every note an id in the instrument's range whose pitch class (id % 12) is
-    in the scale; codebooks 2..9 follow from codebook 1 (fine_codes)."""
+    in the scale; codebooks 2..9 follow from codebook 1 (fine_codes). TypeError for an n_frames that is
+    not an integer, ValueError for one below 1."""
 
     def __init__(self, n_frames=128, seed=0):
+        check_count("SyntheticMusic: n_frames", n_frames, 1)
         self.n_frames, self.seed = n_frames, seed
 
     def example(self, index):
@@ -319,8 +331,12 @@ def caption_score(codes, caption):
     (or note boundaries) that follow it. codes (K, T) with K = 1 or 9. Rules: instrument -> ids in
     its range; scale -> pitch classes in the scale; tempo -> the id only changes on the note grid
     (a change is on the grid when the run before it lasted a multiple of the note length);
-    with K = 9 also: codebooks 2..9 equal fine_codes(codebook 1). Random codes score about 0.25."""
+    with K = 9 also: codebooks 2..9 equal fine_codes(codebook 1). Random codes score about 0.26 with
+    K = 1 and 0.19 with K = 9 (the fine rule and the tempo rule score about 0 for them); a caption
+    without rule words scores 0 (K = 1). ValueError for codes of another shape or no frames (T = 0)."""
     codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[0] not in (1, N_CODEBOOKS) or codes.shape[1] < 1:
+        raise ValueError(f"caption_score: codes {codes.shape}: want (1, T) or ({N_CODEBOOKS}, T), T >= 1")
     coarse = codes[0]
     instrument, scale, tempo = caption_rules(caption)
     scores = []
@@ -359,6 +375,12 @@ class WordEncoder:
         return self.table[word]
 
     def __call__(self, captions):
+        """captions: a list of texts (a str is refused with TypeError, not read as one caption per character;
+        an empty list with ValueError) -> states (b, L, dim) float32, mask (b, L) bool."""
+        if isinstance(captions, str):
+            raise TypeError(f"WordEncoder: captions {captions[:40]!r}: want a list of texts, not a str")
+        if len(captions) == 0:
+            raise ValueError("WordEncoder: no captions: want a list of at least one text")
         words = [c.lower().replace(",", " ").split() or [""] for c in captions]
         L = max(len(w) for w in words)
         states = torch.zeros(len(captions), L, self.dim)
@@ -582,9 +604,13 @@ class TokenDataset:
     adds clips, as it may go on writing the folder). index[i]: {"source", "start_s",
     "frames", "captions", "row"}. clips_per_track: at most this many clips of each audio file
     (clips_of_each_track, with seed; paper, section III-C: one; 0: all). BadInput for a missing,
-    empty or damaged folder."""
+    empty or damaged folder; TypeError for a clips_per_track or rows that is not an integer, ValueError
+    for clips_per_track below 0 or rows below 1."""
 
     def __init__(self, folder, clips_per_track=0, seed=0, rows=None):
+        for name, value, least in (("clips_per_track", clips_per_track, 0), ("rows", rows, 1)):
+            if value is not None:
+                check_count(f"TokenDataset: {name}", value, least)
         self.index, codes_path = committed_clips(folder)
         if not self.index:
             fail(f"{folder}: no preprocessed clips (run: python data.py --audio DIR --captions FILE --out {folder})")
@@ -705,7 +731,14 @@ class ClipWriter:
         "captions", "seconds", "silent"}); codes: one (9, frames) array per clip, frames <= 2584.
         The rows are appended (padded with the special id) and fsynced, the settings go to
         meta.json with the first commit, then the record is appended as one line and fsynced: the
-        commit point. An exception on the way leaves an uncommitted tail, dropped on next open."""
+        commit point. An exception on the way leaves an uncommitted tail, dropped on next open.
+        ValueError, before anything is written, for codes not one (9, frames <= 2584) array per clip
+        of the record."""
+        if len(codes) != len(record["clips"]) or any(
+                np.ndim(c) != 2 or c.shape[0] != N_CODEBOOKS or c.shape[1] > CLIP_FRAMES for c in codes):
+            raise ValueError(f"ClipWriter.commit: {record['source']}: {plural(len(record['clips']), 'clip')} and codes "
+                             f"{[np.shape(c) for c in codes]}: want one ({N_CODEBOOKS}, frames <= {CLIP_FRAMES}) "
+                             "array per clip")
         if codes:
             rows = np.full((len(codes), N_CODEBOOKS, CLIP_FRAMES), SPECIAL, dtype=np.uint16)
             for row, c in zip(rows, codes):
@@ -875,6 +908,8 @@ def parse_json(text, only_text=False):
             raise KeyError(twice)
         return dict(pairs)
     try:
+        if isinstance(text, (bytes, bytearray)):  # json.loads would take UTF-16 and UTF-32 bytes too
+            text = bytes(text).decode("utf-8")
         value = json.loads(text, object_pairs_hook=unique_keys if only_text else None)
     except KeyError as e:
         raise ValueError(f"the key {e.args[0]!r} is given twice") from None
@@ -1251,7 +1286,8 @@ class VocalRemover:
 
 def encode_file(dac, clips, batch_size, device):
     """Clips of one file (list of mono arrays) -> one (9, frames) uint16 array per clip, in order;
-    clips of equal length are encoded together, batch_size at a time."""
+    clips of equal length are encoded together, batch_size at a time (check_count's errors)."""
+    check_count("batch_size", batch_size, 1)
     codes = [None] * len(clips)
     for length in sorted({len(c) for c in clips}):
         same = [i for i, c in enumerate(clips) if len(c) == length]
@@ -1267,8 +1303,10 @@ def preprocess(audio_dir, captions_file, out, dac_name=DEFAULT_DAC, batch_size=8
     """Audio folder + captions -> token folder (see the module docstring); prints a summary to
     stderr. dac: a loaded codec, else dac_name is loaded when there are files to encode, on device
     (resolve_device: None or "auto" is CUDA where there is one). Returns the list of (file, reason)
-    skipped in this run (a rerun tries them again). BadInput for bad captions, folders or codec."""
+    skipped in this run (a rerun tries them again). BadInput for bad captions, folders or codec;
+    check_count's errors for batch_size, before any of them is read."""
     from tqdm import tqdm
+    check_count("batch_size", batch_size, 1)
     captions = read_captions(captions_file)
     if not os.path.isdir(audio_dir):
         fail(f"{audio_dir}: audio folder not found")

@@ -971,7 +971,7 @@ def plot_convergence(table, budget, path, smooth=10):
     for col, xlabel in ((0, "training step"), (1, "training time (s, evaluation excluded)")):
         axes[0, col].set(xlabel=xlabel, ylabel=f"loss (mean of {smooth} steps)")
         axes[1, col].set(xlabel=xlabel, ylabel="caption score of samples")
-        axes[1, col].axhline(0.25, color="gray", ls=":", lw=1, label="chance (random codes)")
+        axes[1, col].axhline(0.26, color="gray", ls=":", lw=1, label="chance (random codes)")  # K = 1
         for row in range(2):
             axes[row, col].grid(alpha=0.3)
     handles, labels = axes[1, 0].get_legend_handles_labels()

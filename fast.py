@@ -85,6 +85,10 @@ class FastOptions:
             raise ValueError(f"FastOptions.train: {self.train!r} is not one of {', '.join(TRAIN_PATHS)}")
         if self.triton_op and self.train != "grouped":
             raise ValueError(f"FastOptions.triton_op: the triton op is the grouped path's, not {self.train!r}'s")
+        for name in ("decode_streams", "decode_chunk"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"FastOptions.{name}: {value!r} is not an int")
         if self.decode_streams is not None and self.decode_streams < 1:
             raise ValueError(f"FastOptions.decode_streams: {self.decode_streams} is not a positive number of streams")
         if self.decode_chunk is not None and self.decode_chunk < 1:
@@ -350,9 +354,12 @@ class Decoder:
     the blocks in groups of rows on their own CUDA streams
     (options.decode_streams, row_groups, blocks_on_streams). Rows or widths past kernels.linear_rows'
     limits, and sublayers without a fused step (attention), take the plain ops. cuda_graph needs a decoding
-    state of fixed size: not for self-attention, whose KV cache grows."""
+    state of fixed size: not for self-attention, whose KV cache grows. TypeError if options is not a
+    FastOptions."""
 
     def __init__(self, options=FastOptions()):
+        if not isinstance(options, FastOptions):
+            raise TypeError(f"fast.Decoder: options must be a FastOptions, not {type(options).__name__}")
         self.options = options
         self._compiled = {}  # model -> its torch.compile'd step (options.compile)
         # with options.cuda_graph: the last call's recorded prefill and frames (KeptPrefill, KeptFrames),
