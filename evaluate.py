@@ -177,10 +177,13 @@ def progress(items, desc, unit="file"):
 
 
 def gaussian_stats(embeddings):
-    """embeddings (N, D) -> mean (D,), covariance (D, D) with ddof 1, both float64."""
+    """embeddings (N, D) -> mean (D,), covariance (D, D) with ddof 1, both float64. ValueError for fewer
+    than 2 embeddings, another shape, or NaN or infinite values (they would make every statistic NaN)."""
     x = np.asarray(embeddings, dtype=np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"need at least 2 embeddings of shape (N, D), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"embeddings with NaN or infinite values ({int((~np.isfinite(x)).sum())} of {x.size})")
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
@@ -211,8 +214,13 @@ def trace_sqrt_product(s1, s2):
 
 def frechet_distance(mu1, s1, mu2, s2):
     """Frechet distance between N(mu1, S1) and N(mu2, S2):
-    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64. Symmetric; >= 0 up to round-off."""
+    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64. Symmetric; >= 0 up to round-off.
+    ValueError unless mu1, mu2 are (D,) and S1, S2 (D, D) of one D."""
     mu1, mu2, s1, s2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, s1, s2))
+    D = mu1.shape[-1] if mu1.ndim == 1 else None
+    if D is None or mu2.shape != (D,) or s1.shape != (D, D) or s2.shape != (D, D):
+        raise ValueError(f"want means (D,) and covariances (D, D) of one D; got mu1 {mu1.shape}, S1 {s1.shape}, "
+                         f"mu2 {mu2.shape}, S2 {s2.shape}")
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2))
 
@@ -220,9 +228,11 @@ def frechet_distance(mu1, s1, mu2, s2):
 def kl_divergence(p_ref, p_gen, eps=KL_EPS):
     """KL(p_ref || p_gen) = sum_i p_ref_i (log p_ref_i - log(p_gen_i + eps)), with 0 log 0 = 0, over
     the last axis (audiocraft's metrics/kld.py). eps keeps a zero in p_gen finite; for identical
-    inputs it gives about -eps per class instead of 0."""
+    inputs it gives about -eps per class instead of 0. ValueError for p_ref and p_gen of other shapes."""
     p_ref = torch.as_tensor(p_ref, dtype=torch.float64)
     p_gen = torch.as_tensor(p_gen, dtype=torch.float64)
+    if p_ref.shape != p_gen.shape:
+        raise ValueError(f"p_ref {tuple(p_ref.shape)} and p_gen {tuple(p_gen.shape)}: want one shape")
     return (torch.xlogy(p_ref, p_ref) - p_ref * torch.log(p_gen + eps)).sum(-1)
 
 
@@ -232,7 +242,9 @@ def passt_windows(audio, sample_rate=PASST_SR):
     most 15 % of a window (stable-audio-metrics' padding threshold, below which it feeds the window
     unpadded; audiocraft drops only segments of 0.15 s or less). So a clip of 5 s or more has
     windows of 5 to 10 s of audio, a shorter one a single window, and one of 1.5 s or less none
-    (W = 0)."""
+    (W = 0). ValueError for audio that is not 1-D (a stereo clip: load_mono averages its channels)."""
+    if np.ndim(audio) != 1:
+        raise ValueError(f"want mono audio (n,), got shape {np.shape(audio)}")
     size, hop = int(PASST_WINDOW_S * sample_rate), int(PASST_HOP_S * sample_rate)
     windows = []
     for start in range(0, max(hop, len(audio) - hop), hop):

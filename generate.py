@@ -181,7 +181,7 @@ def open_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a cut or damaged file: pickle, zip and torch errors of every kind
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {datamod.first_line(e)})")
-    if not isinstance(ckpt, dict) or "kind" not in ckpt or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("kind"), str) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not an ssmttm checkpoint")
     missing = [key for key in CHECKPOINT_KEYS.get(ckpt["kind"], ()) if key not in ckpt]
     if missing:

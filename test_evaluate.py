@@ -1894,3 +1894,36 @@ def test_fd_openl3_peak_normalises_before_resampling_as_stable_audio_metrics(tmp
     want = soxr.resample(x * (10 ** (-1 / 20) / np.abs(x).max()), 44100, 48000, quality="HQ")
     assert np.abs(want).max() > 1.2 * 10 ** (-1 / 20)          # the resampled peak is well above -1 dBFS
     np.testing.assert_allclose(seen[0], want, rtol=0, atol=1e-6)
+
+
+def test_frechet_distance_refuses_means_and_covariances_of_other_sizes():
+    # a mean of 2 with covariances of 3 gave 0.0, silently (audit h21)
+    with pytest.raises(ValueError, match=r"want means \(D,\) and covariances \(D, D\) of one D; got mu1 \(2,\), "
+                                         r"S1 \(3, 3\), mu2 \(2,\), S2 \(3, 3\)"):
+        evaluate.frechet_distance(np.zeros(2), np.eye(3), np.zeros(2), np.eye(3))
+    with pytest.raises(ValueError, match="of one D"):
+        evaluate.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match="of one D"):
+        evaluate.frechet_distance(0.0, np.eye(2), np.ones(2), np.eye(2))
+    assert evaluate.frechet_distance(np.zeros(2), np.eye(2), np.ones(2), np.eye(2)) == pytest.approx(2.0)
+
+
+def test_gaussian_stats_refuses_non_finite_embeddings():
+    # a NaN embedding gave NaN statistics, then "SVD did not converge" from inside numpy's FD (audit h21)
+    x = np.array([[np.nan, 1.0], [2.0, 3.0], [1.0, 1.0]])
+    with pytest.raises(ValueError, match=r"embeddings with NaN or infinite values \(1 of 6\)"):
+        evaluate.gaussian_stats(x)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        evaluate.gaussian_stats(np.array([[np.inf, 1.0], [2.0, 3.0]]))
+
+
+def test_kl_divergence_refuses_distributions_of_other_shapes():
+    # (10,) against (1,) broadcast silently to a number (audit h21)
+    with pytest.raises(ValueError, match=r"p_ref \(10,\) and p_gen \(1,\): want one shape"):
+        evaluate.kl_divergence(torch.ones(10) / 10, torch.ones(1))
+
+
+def test_passt_windows_refuses_audio_that_is_not_mono():
+    # a stereo (n, 2) clip came back as windows of shape (1, 1000, 702), silently (audit h21)
+    with pytest.raises(ValueError, match=r"want mono audio \(n,\), got shape \(300, 2\)"):
+        evaluate.passt_windows(np.ones((300, 2), np.float32), 100)

@@ -13919,3 +13919,28 @@ def test_decoder_refuses_options_that_are_not_fast_options():
         with pytest.raises(TypeError) as e:
             fast.Decoder(options)
         assert str(e.value) == f"fast.Decoder: options must be a FastOptions, not {type(options).__name__}"
+
+
+def test_open_checkpoint_with_a_kind_not_a_string_is_a_checkpoint_error(tmp_path, capsys):
+    # {"kind": {...}} raised TypeError (unhashable) from CHECKPOINT_KEYS.get, and newest_checkpoint, which
+    # skips a checkpoint that cannot be used, stopped with a traceback (audit h21)
+    path = tmp_path / "run" / "ckpt.pt"
+    path.parent.mkdir()
+    torch.save({"kind": {"a": 1}, "model": {}}, path)
+    with pytest.raises(genmod.CheckpointError, match="not an ssmttm checkpoint"):
+        genmod.open_checkpoint(str(path))
+    with pytest.raises(SystemExit) as e:
+        genmod.newest_checkpoint("stage1", str(tmp_path))
+    assert e.value.code == 2
+    assert f"warning: skipped {path}: not an ssmttm checkpoint" in capsys.readouterr().err
+
+
+def test_init_from_a_checkpoint_whose_kind_is_not_a_stage(tmp_path, capsys):
+    # kind 7 gave AttributeError ('int' object has no attribute 'replace') (audit h21)
+    path = tmp_path / "k.pt"
+    torch.save({"kind": 7, "config": {}, "model": {}, "step": 1, "text_encoder": {"kind": "words"}}, path)
+    args = argparse.Namespace(init_from=str(path), stage=1, data=None)
+    with pytest.raises(SystemExit) as e:
+        trainmod.init_from(args, {"out"})
+    assert e.value.code == 2
+    assert f"--init-from {path}: not an ssmttm checkpoint (kind 7)" in capsys.readouterr().err

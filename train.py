@@ -216,7 +216,8 @@ def width_rules(args):
 
 
 def lr_at(step, args):
-    """Linear warm-up, then cosine decay to zero at args.steps."""
+    """Linear warm-up, then cosine decay to zero at args.steps. With args.warmup >= args.steps the run
+    ends inside the warm-up: the rate only rises, to lr * args.steps / args.warmup (main notes it)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
@@ -404,6 +405,8 @@ def init_from(args, given):
     if "out" not in given:
         datamod.fail(f"{flag}: give the new run its own folder with --out")
     src = load_checkpoint(args.init_from, ("kind", "config", "model", "step", "text_encoder"), "--init-from")
+    if src["kind"] not in ("stage1", "stage2"):
+        datamod.fail(f"{flag}: not an ssmttm checkpoint (kind {src['kind']!r})")
     if src["kind"] != f"stage{args.stage}":
         datamod.fail(f"{flag} is a {src['kind'].replace('stage', 'stage-')} checkpoint; this run is stage "
                      f"{args.stage} (--stage {src['kind'][-1]} to fine-tune it)")
