@@ -817,7 +817,8 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     cores in weight's dtype, the norm rounded to it first, as the plain ops do) or "many_rows" (a
     norm kernel, the product, one kernel for the residual: _linear_many_rows); default:
     _default_path. ValueError where the tensor-core kernel does not fit the GPU's shared memory
-    (fp32 weights wider than 1024; 16-bit ones wider than 2048 past 16 rows).
+    (fp32 weights wider than 1024; 16-bit ones wider than 2048 past 16 rows). ValueError naming weight,
+    bias, norm_weight or residual where its shape is not the one above.
     pdl: programmatic dependent launch (Hopper and later): the weights, norm_weight, bias and the
     conv's weight, bias and state are read before the wait for the previous kernel, so they must not
     be what that kernel writes.
@@ -833,6 +834,10 @@ def linear_rows(x, weight, bias=None, norm_weight=None, eps=1e-5, gelu=False, re
     N = weight.shape[0]
     if M > MAX_ROWS or K > MAX_WIDTH:
         raise ValueError(f"linear_rows is for <= {MAX_ROWS} rows of width <= {MAX_WIDTH}; got {M} x {K}")
+    for name, t, shape in (("weight", weight, (N, K)), ("bias", bias, (N,)), ("norm_weight", norm_weight, (K,)),
+                           ("residual", residual, (M, N))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"linear_rows: {name} {tuple(t.shape)} is not {shape} for x {tuple(x.shape)}")
     if conv is not None:
         conv_state, conv_w, conv_b, conv_start = conv
         if conv_state.shape[0] != M or not conv_state.is_contiguous() or not conv_w.is_contiguous():
@@ -1051,7 +1056,8 @@ def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True
     Returns y (b, nheads * headdim) in xbc's dtype; with z_start, y * silu(z) for the gate z
     (nheads * headdim) at z_start of xbc, in float32 (unrounded: the RMSNorm after it divides).
     pdl: as in linear_rows; the state is read before the wait. block_p, num_warps: channels of a
-    head and warps per program (default: by the state's dtype and the rows)."""
+    head and warps per program (default: by the state's dtype and the rows). ValueError for a state that
+    is not contiguous, rows of xbc that are not dense, and shapes that do not fit (_check_step)."""
     b, nheads, headdim, d_state = state.shape
     # launch shape measured at 8-128 rows, alone (bench.py --only decode-kernels) and in frames
     # (BENCHMARKS.md §0b)
@@ -1060,6 +1066,7 @@ def ssm_step(xbc, state, A, dt_bias, D, x_start, ngroups, z_start=None, pdl=True
     num_warps = num_warps or (4 if fp32 else 1)
     if not (state.is_contiguous() and xbc.stride(-1) == 1):
         raise ValueError("ssm_step: the state must be contiguous and xbc's rows dense")
+    _check_step("ssm_step", xbc, state, A, dt_bias, D, x_start, ngroups)
     if b > 65535:  # the grid's last dimension
         raise ValueError(f"ssm_step: at most 65535 rows, got {b}")
     y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype if z_start is None else torch.float32)
@@ -1132,6 +1139,7 @@ def ssm_chunk_step(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start
     block_p = block_p or (16 if state.element_size() == 4 and b <= CORE_ROWS else 8)
     num_warps = num_warps or 1
     _check_pending("ssm_chunk_step", state, pending, xbc)
+    _check_step("ssm_chunk_step", xbc, state, A, dt_bias, D, x_start, ngroups)
     y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype if z_start is None else torch.float32)
     coef = torch.empty(b, nheads, chunk + 1, device=xbc.device, dtype=torch.float32)
     B_start = x_start + nheads * headdim
@@ -1169,6 +1177,7 @@ def ssm_chunk_end(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start=
     block_p, num_warps = block_p or 16, num_warps or 1
     block_s = block_s or min(64, max(16, next_power_of_2(d_state)))
     _check_pending("ssm_chunk_end", state, pending, xbc)
+    _check_step("ssm_chunk_end", xbc, state, A, dt_bias, D, x_start, ngroups)
     y = torch.empty(b, nheads * headdim, device=xbc.device, dtype=xbc.dtype if z_start is None else torch.float32)
     B_start = x_start + nheads * headdim
     _ssm_chunk_end_kernel[(cdiv(headdim, block_p), nheads, b)](
@@ -1178,6 +1187,21 @@ def ssm_chunk_end(xbc, state, pending, A, dt_bias, D, x_start, ngroups, z_start=
         BLOCK_N=next_power_of_2(d_state), BLOCK_K=max(16, next_power_of_2(chunk)), GATE=z_start is not None,
         PRECISION="tf32x3" if state.element_size() == 4 else "tf32", num_warps=num_warps, **_launch_options(xbc, pdl))
     return y
+
+
+def _check_step(name, xbc, state, A, dt_bias, D, x_start, ngroups):
+    """A one-line ValueError naming what does not fit state (b, nheads, headdim, d_state): A, dt_bias, D
+    (nheads,), ngroups that do not divide the heads, or xbc rows too narrow for x at x_start, then B, C and dt."""
+    b, nheads, headdim, d_state = state.shape
+    for arg, t in (("A", A), ("dt_bias", dt_bias), ("D", D)):
+        if tuple(t.shape) != (nheads,):
+            raise ValueError(f"{name}: {arg} {tuple(t.shape)} is not ({nheads},) for the state {tuple(state.shape)}")
+    if ngroups < 1 or nheads % ngroups:
+        raise ValueError(f"{name}: ngroups {ngroups} does not divide the {nheads} heads")
+    width = x_start + nheads * headdim + 2 * ngroups * d_state + nheads
+    if xbc.dim() != 2 or xbc.shape[0] != b or xbc.shape[1] < width:
+        raise ValueError(f"{name}: xbc {tuple(xbc.shape)} is not ({b}, >= {width}) rows of x from column {x_start}, "
+                         f"B, C and dt")
 
 
 def _check_pending(name, state, pending, xbc=None):
@@ -1249,7 +1273,7 @@ def sample_top_k(logits, noise, cfg_scale, top_k, temperature, steps=None, col=N
     """The draw of ssmttm.sample_next in one kernel: logits (rows, K, V) with dense rows,
     rows = [conditional; null] when cfg_scale != 1; noise (b, K, V) the contiguous Exp(1) draws
     sample_next would make, or, with steps, a ring of them (slots, b, K, V) of which the kernel
-    reads slot col % slots; 1 <= top_k <= V. Returns tokens (b, K). For finite logits (the model's);
+    reads slot col % slots; 1 <= top_k <= V (else ValueError). Returns tokens (b, K). For finite logits (the model's);
     the plain function's rule for a code at -inf in one row (ssmttm.classifier_free_guidance) is not here.
 
     A decoding frame's bookkeeping, in the same kernel, if steps is given: the token goes into
@@ -1257,6 +1281,8 @@ def sample_top_k(logits, noise, cfg_scale, top_k, temperature, steps=None, col=N
     False, and that column, fixed slots included, into next_input (b * copies, K, 1), the next
     step's input, if given. The returned tokens are then what was written."""
     rows, K, V = logits.shape
+    if not 1 <= top_k <= V:
+        raise ValueError(f"sample_top_k: top_k {top_k} is not in 1 ... {V} (V)")
     b = rows // 2 if cfg_scale != 1.0 else rows
     ring = noise.dim() == 4 and steps is not None
     if logits.stride(-1) != 1 or not noise.is_contiguous() or noise.shape[-3:] != (b, K, V) or noise.dim() != 3 + ring:
@@ -1578,8 +1604,11 @@ def causal_conv_silu(x, weight, bias, seq_idx=None, rows=None, launch=as_is):
     lie apart (xBC's columns of zxbcdt). weight (channels, 4), bias (channels,). Returns (b, rows, channels),
     contiguous, in x's dtype, computed in fp32 and rounded once, zeros past row l: rows >= l (default l), so
     that the grouped SSD takes B and C in whole chunks as views (ssd_grouped.padded_rows). The plain form:
-    ssmttm.Mamba2's conv, then F.silu. Raises ValueError for rows < l."""
+    ssmttm.Mamba2's conv, then F.silu. Raises ValueError for rows < l, and for x, weight, bias or seq_idx
+    of shapes that do not match."""
     b, l, ch, weight, seq = _conv_args(x, weight, seq_idx, "causal_conv_silu")
+    if bias.shape != (ch,):
+        raise ValueError(f"causal_conv_silu: bias {tuple(bias.shape)} is not ({ch},)")
     rows = l if rows is None else rows
     if rows < l:
         raise ValueError(f"causal_conv_silu: rows {rows} is fewer than x's {l}")
@@ -1596,6 +1625,8 @@ def causal_conv_silu_backward(dout, x, weight, bias, seq_idx=None, dx_out=None, 
     channels dense, any row stride; else new, in x's dtype), and dweight (channels, 4) and dbias
     (channels,) in fp32, summed in a fixed order (deterministic)."""
     b, l, ch, weight, seq = _conv_args(x, weight, seq_idx, "causal_conv_silu_backward")
+    if bias.shape != (ch,):
+        raise ValueError(f"causal_conv_silu_backward: bias {tuple(bias.shape)} is not ({ch},)")
     for name, t in (("dout", dout), ("dx_out", dx_out)):
         if t is not None and (t.shape != x.shape or t.stride(2) != 1):
             raise ValueError(f"causal_conv_silu_backward: {name} {tuple(t.shape)} with strides {t.stride()} does not "
@@ -1791,9 +1822,12 @@ def rms_norm_fwd(x, weight, eps, residual=None, z=None, dropout=0.0, seed=None, 
     weight (M, N) in x's dtype, the sum x + residual in fp32 (None without residual: the backward's
     input), and rstd (M,) fp32. Computed in fp32, rounded once. dropout (0 < p < 1, with a residual and
     N % 8 == 0): x's dropout before the add, its mask drawn from seed ((1,) int64) by _keep_eight's rule
-    at x's flat index, the rate a multiple of 2^-16 (_dropout_launch), kept values scaled by 1 / (1 - p)."""
+    at x's flat index, the rate a multiple of 2^-16 (_dropout_launch), kept values scaled by 1 / (1 - p).
+    ValueError naming x, residual, z or weight where its shape or rows are not as above."""
     M, N = x.shape
     _rows_2d("rms_norm_fwd: x", x, M, N)
+    if weight.shape != (N,):
+        raise ValueError(f"rms_norm_fwd: weight {tuple(weight.shape)} is not ({N},)")
     for name, t in (("residual", residual), ("z", z)):
         if t is not None:
             _rows_2d(f"rms_norm_fwd: {name}", t, M, N)
@@ -1831,8 +1865,12 @@ def rms_norm_bwd(dout, s, weight, rstd, z=None, dsum=None, dx_dtype=None, dx32=F
     if dx32 (else None), dz (into dz_out if given: (M, N) with dense rows, any row stride; else new in z's
     dtype; None without z), and dweight (N,) fp32. out: (M, N) contiguous, where the forward's output is
     written again (for a weight gradient after it), or None. dropout, seed: the forward's (s then the fp32
-    sum); dx is then the gradient of x before its dropout, and dx32 still that of the sum (the residual's)."""
+    sum); dx is then the gradient of x before its dropout, and dx32 still that of the sum (the residual's).
+    ValueError naming the tensor whose shape or rows are not as above (weight (N,), rstd (M,) fp32)."""
     M, N = s.shape
+    if weight.shape != (N,) or rstd.shape != (M,) or rstd.dtype != torch.float32:
+        raise ValueError(f"rms_norm_bwd: weight {tuple(weight.shape)} and rstd {tuple(rstd.shape)} {rstd.dtype} are "
+                         f"not ({N},) and ({M},) fp32")
     for name, t in (("dout", dout), ("s", s), ("z", z), ("dsum", dsum), ("dz_out", dz_out), ("out", out)):
         if t is not None:
             _rows_2d(f"rms_norm_bwd: {name}", t, M, N)

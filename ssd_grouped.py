@@ -31,6 +31,7 @@ B, C (b, l, n), D (h,) or None, initial_state (b, h, p, n) or None. Returns y (b
 final state (b, h, p, n) in fp32. Intermediates are fp32; the GEMM operands are x's dtype.
 """
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -143,7 +144,10 @@ def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     in x's dtype (the state entering each chunk, as the GEMMs take it), G = C B^T (b, c, Q, Q) fp32,
     y_off = C S_prev^T (b, c, Q, h*p) fp32 (y's state -> output part is exp(acum) y_off), kept for d acum in
     fp32: rounded to x's dtype, its products with dy no longer cancel in d acum's sums (BENCHMARKS.md, 0c),
-    and xs (b, c, Q, h*p) in x's dtype, the chunk states' operand, which dB's product takes again."""
+    and xs (b, c, Q, h*p) in x's dtype, the chunk states' operand, which dB's product takes again. The final state
+    and the fp32 intermediates are float64 for float64 inputs. Raises TypeError / ValueError as _check_inputs (B
+    and C as forward_triton takes them)."""
+    _check_inputs("forward", x, dt, A, B, C, chunk_size, D, initial_state)
     b, l, h, p = x.shape
     n = B.shape[-1]
     Q = chunk_size
@@ -799,12 +803,34 @@ def _check_BC(B, C, b, l, Q, name):
                          f"({b}, {padded_rows(l, Q)}, n), zero past row {l}")
 
 
+def _check_inputs(name, x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """TypeError for a chunk_size that is not an integer, ValueError for one below 1, and ValueError naming the
+    first tensor whose shape does not fit x's (b, l, h, p): dt (b, l, h), A and D (h,), B and C (_check_BC),
+    initial_state (b, h, p, n). A shape that would broadcast is refused too: the torch form would broadcast it
+    silently, the kernels would read past it."""
+    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool):
+        raise TypeError(f"{name}: chunk_size {chunk_size!r}: want an integer")
+    if chunk_size < 1:
+        raise ValueError(f"{name}: chunk_size {chunk_size}: want 1 or more")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: x {tuple(x.shape)}: want (b, l, h, p)")
+    b, l, h, p = x.shape
+    _check_BC(B, C, b, l, chunk_size, name)
+    n = B.shape[-1]
+    for arg, t, shape in (("dt", dt, (b, l, h)), ("A", A, (h,)), ("D", D, (h,)),
+                          ("initial_state", initial_state, (b, h, p, n))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name}: {arg} {tuple(t.shape)}: want {shape} for x {tuple(x.shape)} (b, l, h, p)")
+
+
 def _launch(x, chunk_size):
     """The shapes the kernels share: (b, l, h, p, c, Q, BM, BP, PREC). Block rows BM 64 and each
     kernel's warps and stages: the fastest of `bench_ssd_grouped.py --sweep` on an H200 (the (Q, Q)
     kernels but _diag_bwd_x: _diag_fwd_launch, _diag_bwd_G_launch)."""
     b, l, h, p = x.shape
     Q = chunk_size
+    if not isinstance(Q, numbers.Integral) or isinstance(Q, bool):
+        raise TypeError(f"ssd_grouped with use_triton: chunk_size {Q!r}: want an integer")
     if Q < 16 or Q & (Q - 1):
         raise ValueError(f"ssd_grouped with use_triton: chunk_size {Q} is not a power of two >= 16")
     prec = "ieee" if x.dtype == torch.float32 else "tf32"   # fp32 tests exact; bf16/fp16 ignore it
@@ -869,9 +895,10 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     final state is written into, rounded once, and returned as the final state; it may be
     initial_state itself (each tile of the state is read before it is written, by one program), so
     that a prefill continues a state in place without fp32 copies of it. Raises ValueError for a
-    final_out of another shape or not contiguous, or B and C of other shapes."""
+    final_out of another shape or not contiguous, B and C of other shapes, or another input whose shape
+    does not fit x's, TypeError for a chunk_size that is not an integer (_check_inputs)."""
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
-    _check_BC(B, C, b, l, Q, "forward_triton")
+    _check_inputs("forward_triton", x, dt, A, B, C, Q, D, initial_state)
     n = B.shape[-1]
     hp, dev = h * p, x.device
     if final_out is not None and (final_out.shape != (b, h, p, n) or not final_out.is_contiguous()):
@@ -1066,8 +1093,11 @@ def ssd_grouped(x, dt, A, B, C, chunk_size, D=None, initial_state=None, use_trit
 
     x (b, l, h, p), dt (b, l, h) after softplus, A (h,) < 0, B and C (b, l, n) (ngroups = 1), D (h,)
     or None, initial_state (b, h, p, n) or None. Returns y (b, l, h, p) in x's dtype and the final
-    state (b, h, p, n) fp32; differentiable in every tensor argument. use_triton: the fused Triton
-    kernels (CUDA, or the CPU with TRITON_INTERPRET=1; chunk_size a power of two >= 16), else the
-    torch form (any device and dtype, the definition the kernels are tested against)."""
+    state (b, h, p, n) fp32 (float64 for float64 inputs); differentiable in every tensor argument. use_triton:
+    the fused Triton kernels (CUDA, or the CPU with TRITON_INTERPRET=1; chunk_size a power of two >= 16), else the
+    torch form (any device and dtype, the definition the kernels are tested against). TypeError for a
+    chunk_size that is not an integer, ValueError for one below 1 and for a tensor whose shape does not fit
+    x's (_check_inputs)."""
+    _check_inputs("ssd_grouped", x, dt, A, B, C, chunk_size, D, initial_state)
     y, final, *_ = _ssd_grouped_fwd(x, dt, A, B, C, D, initial_state, chunk_size, use_triton)
     return y, final

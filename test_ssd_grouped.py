@@ -542,3 +542,28 @@ def test_triton_forward_keeps_acum_in_rows_of_heads_and_its_fake_says_so():
     assert torch.allclose(acum.cpu(), want.transpose(2, 3), rtol=1e-6, atol=1e-6)
     torch.library.opcheck(ssd_grouped._ssd_grouped_fwd, (x, dt, A, B, C, D, s0, 16, True),
                           test_utils=("test_faketensor",))
+
+
+# Docstring claims made true (audit h22): ssd_grouped, forward and forward_triton refuse shapes that do not fit x
+@pytest.mark.parametrize("arg,bad", [("A", lambda t: t[:1]), ("D", lambda t: t[:1]), ("dt", lambda t: t[..., :1]),
+                                     ("initial_state", lambda t: t[:1]), ("C", lambda t: t[..., :-1])])
+def test_grouped_ssd_refuses_inputs_that_do_not_fit_x(arg, bad):
+    # the torch form broadcast A, D and dt of one head silently; the kernels would read past them
+    x, dt, A, B, C, D, s0 = (t.detach().float() for t in _inputs(2, 8, 3, 4, 5))
+    args = dict(x=x, dt=dt, A=A, B=B, C=C, chunk_size=4, D=D, initial_state=s0)
+    args[arg] = bad(args[arg])
+    for name, fn, Q in (("ssd_grouped", ssd_grouped.ssd_grouped, 4), ("forward", ssd_grouped.forward, 4),
+                        ("forward_triton", ssd_grouped.forward_triton, 16)):
+        match = f"{name}: B .* and C .* must both be" if arg == "C" else f"{name}: {arg} "
+        with pytest.raises(ValueError, match=match):
+            fn(**{**args, "chunk_size": Q})
+
+
+@pytest.mark.parametrize("chunk_size,error", [(0, ValueError), (4.0, TypeError), (True, TypeError)])
+def test_grouped_ssd_refuses_a_chunk_size_that_is_not_a_positive_integer(chunk_size, error):
+    x, dt, A, B, C, D, s0 = (t.detach() for t in _inputs(2, 8, 3, 4, 5))
+    for name, fn in (("ssd_grouped", ssd_grouped.ssd_grouped), ("forward", ssd_grouped.forward)):
+        with pytest.raises(error, match=f"{name}: chunk_size"):
+            fn(x, dt, A, B, C, chunk_size, D, s0)
+    with pytest.raises(TypeError, match="chunk_size 16.0"):
+        ssd_grouped.forward_triton(x.float(), dt.float(), A.float(), B.float(), C.float(), 16.0)

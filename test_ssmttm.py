@@ -13944,3 +13944,54 @@ def test_init_from_a_checkpoint_whose_kind_is_not_a_stage(tmp_path, capsys):
         trainmod.init_from(args, {"out"})
     assert e.value.code == 2
     assert f"--init-from {path}: not an ssmttm checkpoint (kind 7)" in capsys.readouterr().err
+
+
+# Docstring claims made true (audit h22): the kernels' wrappers refuse shapes their kernels would read past
+@pytest.mark.parametrize("name,bad", [("weight", torch.randn(8, 12)), ("bias", torch.randn(7)),
+                                      ("norm_weight", torch.randn(15)), ("residual", torch.randn(3, 7))])
+def test_linear_rows_refuses_shapes_that_do_not_fit_x(name, bad):
+    args = {**dict(x=torch.randn(3, 16), weight=torch.randn(8, 16), path="cuda_cores"), name: bad}
+    with pytest.raises(ValueError, match=f"linear_rows: {name} "):
+        kernels.linear_rows(**args)
+
+
+def test_rms_norm_kernels_refuse_a_weight_or_rstd_of_another_length():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="rms_norm_fwd: weight"):
+        kernels.rms_norm_fwd(x, torch.randn(7), 1e-5)
+    with pytest.raises(ValueError, match="rms_norm_bwd: weight"):
+        kernels.rms_norm_bwd(x, x, torch.randn(8), torch.ones(3))
+
+
+@pytest.mark.parametrize("case", ["A", "D", "xbc", "ngroups"])
+def test_decoding_step_kernels_refuse_shapes_that_do_not_fit_the_state(case):
+    state, A, dt_bias, D = torch.zeros(2, 2, 4, 8), -torch.ones(2), torch.zeros(2), torch.zeros(2)
+    xbc, ngroups = torch.zeros(2, 2 * 4 + 2 * 8 + 2), 1
+    if case == "A":
+        A = A[:1]
+    elif case == "D":
+        D = D[:1]
+    elif case == "xbc":
+        xbc = xbc[:, 4:]
+    else:
+        ngroups = 3
+    pending = kernels.PendingSteps.empty(state, 4, 1, torch.float32, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match=f"ssm_step: {case}"):
+        kernels.ssm_step(xbc, state, A, dt_bias, D, 0, ngroups)
+    for name, fn in (("ssm_chunk_step", kernels.ssm_chunk_step), ("ssm_chunk_end", kernels.ssm_chunk_end)):
+        with pytest.raises(ValueError, match=f"{name}: {case}"):
+            fn(xbc.contiguous(), state, pending, A, dt_bias, D, 0, ngroups)
+
+
+@pytest.mark.parametrize("top_k", [0, 11])
+def test_sample_top_k_refuses_a_top_k_outside_one_to_v(top_k):
+    with pytest.raises(ValueError, match=f"sample_top_k: top_k {top_k} "):
+        kernels.sample_top_k(torch.randn(2, 1, 10), torch.ones(2, 1, 10), 1.0, top_k, 1.0)
+
+
+def test_causal_conv_silu_refuses_a_bias_of_another_length():
+    x, weight = torch.randn(2, 6, 5), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="causal_conv_silu: bias"):
+        kernels.causal_conv_silu(x, weight, torch.randn(4))
+    with pytest.raises(ValueError, match="causal_conv_silu_backward: bias"):
+        kernels.causal_conv_silu_backward(x, x, weight, torch.randn(4))
