@@ -655,14 +655,10 @@ class TextToMusicLM(nn.Module):
         text of other shapes (check_text), and a prompt longer than n_frames, of another batch or K, or
         of codes outside 0..1023 (1024, the special id: a slot to sample)."""
         check_text(text, text_mask, self.cfg.d_text, "generate")
-        check_frames(n_frames)  # before n_frames < 0 compares it
-        if n_frames < 0 or text.shape[0] == 0:
-            raise ValueError(f"generate: n_frames {n_frames} for {text.shape[0]} texts: want 0 or more frames "
-                             "of 1 or more texts")
+        steps, fixed = self.step_layout(text.shape[0], n_frames, prompt, text.device)
         was_training = self.training
         self.eval()
         try:  # the caller's mode comes back however this ends (Ctrl-C in a notebook too)
-            steps, fixed = self.step_layout(text.shape[0], n_frames, prompt, text.device)
             if cfg_scale != 1.0:
                 text, text_mask = torch.cat([text, text]), torch.cat([text_mask, torch.zeros_like(text_mask)])
             copies = text.shape[0] // steps.shape[0]  # 2 with guidance: both branches read the same tokens
@@ -691,8 +687,13 @@ class TextToMusicLM(nn.Module):
     def step_layout(self, b, n_frames, prompt, device):
         """The delayed layout generate fills: steps (b, K, n_frames + K - 1), special where there is no
         token yet, and fixed (bool, same shape): the slots sampling must leave alone (the delay
-        pattern's empty slots, the prompt). generate's TypeError and prompt ValueErrors come from here."""
-        check_frames(n_frames)  # F.pad below takes no float
+        pattern's empty slots, the prompt). generate's TypeError and its n_frames, texts and prompt ValueErrors
+        come from here."""
+        if not isinstance(n_frames, numbers.Integral) or isinstance(n_frames, bool):  # (F.pad takes no float)
+            raise TypeError(f"generate: n_frames {n_frames!r}: want an int, a number of frames "
+                            "(round(seconds * FRAME_RATE))")
+        if n_frames < 0 or b == 0:
+            raise ValueError(f"generate: n_frames {n_frames} for {b} texts: want 0 or more frames of 1 or more texts")
         K = self.cfg.n_codebooks
         if prompt is None:
             prompt = torch.zeros(b, K, 0, dtype=torch.long, device=device)
@@ -704,13 +705,6 @@ class TextToMusicLM(nn.Module):
         steps = delay_pattern(F.pad(prompt, (0, n_frames - prompt.shape[-1]), value=SPECIAL))
         real = delay_pattern(torch.zeros(1, K, n_frames, dtype=torch.long, device=device)) != SPECIAL
         return steps, (steps != SPECIAL) | ~real
-
-
-def check_frames(n_frames):
-    """generate's TypeError for an n_frames that is not an integer (2.0, "2", True)."""
-    if not isinstance(n_frames, numbers.Integral) or isinstance(n_frames, bool):
-        raise TypeError(f"generate: n_frames {n_frames!r}: want an int, a number of frames "
-                        "(round(seconds * FRAME_RATE))")
 
 
 def write_step(steps, fixed, s, tokens):
