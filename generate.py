@@ -361,18 +361,27 @@ def load_continuation(args, m, n_frames, device):
     """--continue FILE -> a Continuation: the codes of its last --continue-seconds (all by default).
     Audio is read as data.py reads it (mono, 44.1 kHz), cut to whole frames from its end and
     DAC-encoded; a .npy of codes (generate.py's) is taken as it is, which continues a generation
-    exactly. BadInput (one line, exit 2) for a file that cannot be read, audio with a synthetic-data
-    checkpoint, fewer codebooks than the output has, or a prompt longer than --seconds."""
+    exactly (--continue-seconds keeps the same whole frames of it as of its audio). BadInput (one
+    line, exit 2) for a file that cannot be read, audio with a synthetic-data checkpoint, fewer
+    codebooks than the output has, a --continue-seconds under one frame, or a prompt longer than
+    --seconds."""
     path, flag = args.continue_from, f"--continue {args.continue_from}"
     needed = 9 if m.stage2 is not None or m.lm.cfg.n_codebooks == 9 else 1
 
     def too_long(frames):
         datamod.fail(f"{flag}: the prompt lasts {frames / FRAME_RATE:.2f} s ({frames} frames), more than "
                      f"--seconds {args.seconds:g} ({n_frames} frames); --continue-seconds S keeps its end")
+
+    def under_one_frame(kept):
+        datamod.fail(f"--continue-seconds {args.continue_seconds:g}: {kept} samples, less than one frame "
+                     f"({datamod.HOP} samples) of audio; pass --continue-seconds {MIN_AUDIO_SECONDS:g} or more")
     if path.endswith(".npy"):
         codes = read_prompt_codes(path, needed)
-        if args.continue_seconds:
-            codes = codes[:, -round(args.continue_seconds * FRAME_RATE):]
+        if args.continue_seconds:  # the whole frames of the last S seconds, as for the audio these codes stand for
+            kept = round(args.continue_seconds * datamod.SAMPLE_RATE)
+            if kept < datamod.HOP:
+                under_one_frame(kept)
+            codes = codes[:, -(kept // datamod.HOP):]
     else:
         if m.synthetic:
             datamod.fail(f"{flag}: {m.ckpt_path} was trained on the synthetic set, whose tokens are not audio; "
@@ -384,8 +393,7 @@ def load_continuation(args, m, n_frames, device):
         if args.continue_seconds:
             kept = round(args.continue_seconds * datamod.SAMPLE_RATE)
             if kept < datamod.HOP <= len(audio):  # the file holds a frame; the seconds asked for do not
-                datamod.fail(f"--continue-seconds {args.continue_seconds:g}: {kept} samples, less than one frame "
-                             f"({datamod.HOP} samples) of audio; pass --continue-seconds {MIN_AUDIO_SECONDS:g} or more")
+                under_one_frame(kept)
             audio = audio[-kept:]
         audio = audio[len(audio) % datamod.HOP:]  # whole frames, so the prompt ends where the file ends
         if len(audio) == 0:

@@ -9826,8 +9826,16 @@ def test_continuing_codes_keeps_the_rows_and_frames_the_output_needs(tmp_path, c
     # a K = 1 LM without stage 2 makes codebook 1 only; with stage 2 (or K = 9) all 9 are kept
     assert torch.equal(continuation_of(tmp_path / "c.npy").codes, want[:1])
     assert torch.equal(continuation_of(tmp_path / "c.npy", stage2_=object()).codes, want)
-    # --continue-seconds keeps the last round(S * frame rate) frames: 0.05 s is 4.3 -> 4
+    # --continue-seconds keeps the whole frames of the last S seconds, as of audio: 0.05 s is 4.3 -> 4, and 0.1 s
+    # (4410 samples, 8.6 frames) is 8, the frames a WAV of these codes gives (not 9, 0.104 s, more than asked)
     assert torch.equal(continuation_of(tmp_path / "c.npy", 9, continue_seconds=0.05).codes, want[:, -4:])
+    assert torch.equal(continuation_of(tmp_path / "c.npy", 9, continue_seconds=0.1).codes, want[:, -8:])
+    # under one frame (0.0059 s is 260 samples) is refused as for audio, not silently one frame
+    with pytest.raises(SystemExit) as e:
+        continuation_of(tmp_path / "c.npy", 9, continue_seconds=0.0059)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "--continue-seconds 0.0059: 260 samples, less than one frame (512 samples) of audio; "
+        "pass --continue-seconds 0.0116 or more\n")
     # a prompt as long as the output is allowed (nothing new to add); one frame more is refused
     assert continuation_of(tmp_path / "c.npy", n_frames=10).frames == 10
     with pytest.raises(SystemExit) as e:
