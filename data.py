@@ -962,7 +962,8 @@ def read_captions(path):
     if not captions:
         fail(f"{path}: no captions in it")
     if repeats:
-        print(f"warning: {path}: {plural(len(repeats), 'line')} name an audio file again ({some(repeats, 3)}); "
+        verb = "names" if len(repeats) == 1 else "name"
+        print(f"warning: {path}: {plural(len(repeats), 'line')} {verb} an audio file again ({some(repeats, 3)}); "
               "each file is encoded once and keeps its distinct captions", file=sys.stderr)
     return captions
 

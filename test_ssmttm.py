@@ -11772,6 +11772,12 @@ def test_the_repeats_warning_names_the_first_three_and_counts_the_rest(tmp_path,
         f"warning: {path}: 4 lines name an audio file again (line 2: a.wav (first on line 1), line 3: a.wav (first on "
         "line 1), line 4: a.wav (first on line 1), ... (1 more)); each file is encoded once and keeps its distinct "
         "captions\n")
+    # one repeat: one line "names" it
+    write_jsonl(path, [{"audio": "a.wav", "caption": "calm"}, {"audio": "a.wav", "caption": "fast"}])
+    assert datamod.read_captions(str(path)) == {"a.wav": ["calm", "fast"]}
+    assert capsys.readouterr().err == (
+        f"warning: {path}: 1 line names an audio file again (line 2: a.wav (first on line 1)); each file is encoded "
+        "once and keeps its distinct captions\n")
 
 
 def test_file_problem_of_a_path_with_a_nul_byte_is_not_a_valid_path(tmp_path, capsys):
