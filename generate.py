@@ -51,8 +51,25 @@ MAX_SECONDS = 3600
 MAX_CFG = 100  # guidance scales run from 1 to about 10; far past that, cond + scale (cond - uncond) overflows
 MAX_ID_BYTES = 200  # an id names its files: <id>.npy and a temporary .<id>.npy.<pid>.tmp within 255 bytes
 MIN_SECONDS = math.ceil(0.5 / FRAME_RATE * 1e4) / 1e4  # 0.0059 s, the shortest that rounds to one frame
-# --continue-seconds of an audio file: the shortest whose round(S * 44100) samples hold one frame (512), 0.0116 s
-MIN_AUDIO_SECONDS = math.ceil((datamod.HOP - 0.5) / datamod.SAMPLE_RATE * 1e4) / 1e4
+
+
+def prompt_seconds(frames):
+    """The shortest --continue-seconds, to 4 decimals, that keeps `frames` whole frames (continue_frames): what a
+    record's prompt_seconds says, so that passing it back as --continue-seconds keeps the same prompt (the
+    nearest 4 decimals, round(frames / FRAME_RATE, 4), fall up to 2.2 samples short and keep a frame fewer)."""
+    seconds = math.ceil((frames * datamod.HOP - 0.5) / datamod.SAMPLE_RATE * 1e4) / 1e4
+    while continue_frames(seconds) < frames:  # S * 44100 a hair under a half sample (4.435 s): 1e-4 s more
+        seconds = round(seconds + 1e-4, 4)
+    return seconds
+
+
+def continue_frames(seconds):
+    """--continue-seconds S -> the whole frames of the last S seconds: round(S * 44100) samples // 512."""
+    return round(seconds * datamod.SAMPLE_RATE) // datamod.HOP
+
+
+# --continue-seconds: the shortest whose round(S * 44100) samples hold one frame (512), 0.0116 s; the parser's least
+MIN_AUDIO_SECONDS = prompt_seconds(1)
 
 
 def _is_control(c):
@@ -113,8 +130,9 @@ def parse_args(argv=None):
     ap.add_argument("--continue", dest="continue_from", metavar="FILE", type=datamod.path_name,
                     help="continue this audio (wav, flac, ogg, mp3) or these codes (a .npy written by "
                          "generate.py): the output is the prompt, then new music up to --seconds in all")
-    ap.add_argument("--continue-seconds", type=datamod.number(MIN_SECONDS, MAX_SECONDS), metavar="S",
-                    help="continue from the last S seconds of --continue only (default: all of it)")
+    ap.add_argument("--continue-seconds", type=datamod.number(MIN_AUDIO_SECONDS, MAX_SECONDS), metavar="S",
+                    help=f"continue from the whole frames of the last S seconds of --continue only, from one frame "
+                         f"({MIN_AUDIO_SECONDS} s; default: all of it)")
     ap.add_argument("--window", type=datamod.number(0, MAX_SECONDS), metavar="S",
                     help="past S seconds, generate in windows of S seconds, each re-reading the last S/2 "
                          "(generate_in_windows; default: the length the checkpoint was trained on, at most "
@@ -375,13 +393,13 @@ def load_continuation(args, m, n_frames, device):
     def under_one_frame(kept):
         datamod.fail(f"--continue-seconds {args.continue_seconds:g}: {kept} samples, less than one frame "
                      f"({datamod.HOP} samples) of audio; pass --continue-seconds {MIN_AUDIO_SECONDS:g} or more")
-    if path.endswith(".npy"):
+    if path.lower().endswith(".npy"):  # as data.py and evaluate.py tell audio files: C.NPY too
         codes = read_prompt_codes(path, needed)
         if args.continue_seconds:  # the whole frames of the last S seconds, as for the audio these codes stand for
             kept = round(args.continue_seconds * datamod.SAMPLE_RATE)
             if kept < datamod.HOP:
                 under_one_frame(kept)
-            codes = codes[:, -(kept // datamod.HOP):]
+            codes = codes[:, -continue_frames(args.continue_seconds):]
     else:
         if m.synthetic:
             datamod.fail(f"{flag}: {m.ckpt_path} was trained on the synthetic set, whose tokens are not audio; "
@@ -717,7 +735,7 @@ def write_outputs(m, requests, codes, audio, timings, n_frames, args, lock):
                   "codebooks": int(c.shape[0]), "codes": base + ".npy", **timings}
         if m.continuation is not None:  # frames [0, prompt_frames) are the prompt's codes, the rest are new
             frames = m.continuation.frames
-            record.update(prompt_frames=frames, prompt_seconds=round(frames / FRAME_RATE, 4))
+            record.update(prompt_frames=frames, prompt_seconds=prompt_seconds(frames))
         if m.synthetic:
             record["caption_score"] = datamod.caption_score(c, prompt)
             unscored = "" if any(datamod.caption_rules(prompt)) else (  # with K = 1 nothing to score: 0

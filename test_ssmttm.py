@@ -8027,7 +8027,7 @@ def test_generate_continue_errors(real_data_checkpoints, audio_dir, tmp_path, ca
         ([*k9, "--continue", str(codes)], "c.npy: 1 codebook; this output has 9"),
         ([*k9, "--continue-seconds", "2"], "--continue-seconds 2: needs --continue FILE"),
         ([*k9, "--continue", src, "--continue-seconds", "0"],
-         "argument --continue-seconds: expected a finite number from 0.0059 to 3600, not .0."),
+         "argument --continue-seconds: expected a finite number from 0.0116 to 3600, not .0."),
         (["a piece", "--ckpt", str(tmp_path / "syn" / "ckpt.pt"), "--continue", src], "synthetic set"),
     ]
     for argv, message in cases:
@@ -9845,6 +9845,39 @@ def test_continuing_codes_keeps_the_rows_and_frames_the_output_needs(tmp_path, c
         "--continue-seconds S keeps its end\n")
 
 
+def test_continue_reads_a_npy_of_codes_whatever_the_case_of_its_extension(tmp_path):
+    # data.py and evaluate.py tell files by their extension in any case; C.NPY was read as audio ("unreadable")
+    codes = np.arange(9 * 10, dtype=np.int16).reshape(9, 10)
+    np.save(tmp_path / "c.npy", codes)
+    os.replace(tmp_path / "c.npy", tmp_path / "C.NPY")
+    assert torch.equal(continuation_of(tmp_path / "C.NPY", 9).codes, torch.from_numpy(codes.astype(np.int64)))
+
+
+def test_prompt_seconds_given_back_as_continue_seconds_keeps_the_same_frames(tmp_path):
+    # a record's prompt_seconds was round(frames / FRAME_RATE, 4): 2 frames said 0.0232 s, which keeps 1 frame
+    # (1023 samples); it is now the shortest 4-decimal --continue-seconds that keeps them (0.0233; 382 frames:
+    # 4.4351, as 4.435 * 44100 is 195583.4999 in floats, 381 frames)
+    np.save(tmp_path / "c.npy", np.zeros((9, 3000), np.int16))
+    for frames, seconds in ((1, 0.0116), (2, 0.0233), (5, 0.0581), (51, 0.5921), (382, 4.4351), (2584, 30.0002)):
+        assert genmod.prompt_seconds(frames) == seconds
+        assert continuation_of(tmp_path / "c.npy", 9, continue_seconds=seconds, n_frames=3000).frames == frames
+    assert all(genmod.continue_frames(genmod.prompt_seconds(f)) == f for f in range(1, 5000))
+
+
+def test_continue_seconds_parser_refuses_what_load_continuation_refuses(tmp_path, capsys):
+    # the parser's least was 0.0059 s (one frame of --seconds), so 0.01 s passed it and was refused only after the
+    # models loaded ("pass --continue-seconds 0.0116 or more"); both now hold to one frame of samples
+    np.save(tmp_path / "c.npy", np.zeros((9, 10), np.int16))
+    with pytest.raises(SystemExit) as e:
+        genmod.parse_args(["a piece", "--continue", str(tmp_path / "c.npy"), "--continue-seconds", "0.0115",
+                           "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        "generate.py: error: argument --continue-seconds: expected a finite number from 0.0116 to 3600, not '0.0115'")
+    args = genmod.parse_args(["a piece", "--continue", str(tmp_path / "c.npy"), "--continue-seconds", "0.0116",
+                              "--out", str(tmp_path / "out")])
+    assert continuation_of(tmp_path / "c.npy", 9, continue_seconds=args.continue_seconds).frames == 1
+
+
 def test_continuation_known_codes_are_the_prompt_then_the_special_id():
     # stage 2 keeps the known codes and fills the rest: after the prompt nothing is known (SPECIAL, not code 0)
     codes = torch.arange(18).reshape(9, 2)
@@ -10687,9 +10720,10 @@ def test_load_models_gives_stage2_its_own_text_encoder_unless_both_stages_name_t
 
 
 def test_continue_seconds_under_one_frame_of_audio_names_the_flag_not_the_file(tmp_path, capsys):
-    # --continue-seconds from 0.0059 (the parser's least) to 0.0115 keeps round(S * 44100) < 512 samples of an
-    # audio file: no whole frame. It was refused as "--continue FILE: shorter than one frame" of a 1 s file;
-    # the culprit is the flag. 0.0116 s (512 samples) is one frame, as the .npy path keeps round(S * 86.13) >= 1
+    # --continue-seconds from 0.0059 (the parser's least until it took load_continuation's) to 0.0115 keeps
+    # round(S * 44100) < 512 samples of an audio file: no whole frame. It was refused as "--continue FILE: shorter
+    # than one frame" of a 1 s file; the culprit is the flag. 0.0116 s (512 samples) is one frame, for the .npy
+    # path too (the parser refuses less on the command line, load_continuation for its direct callers)
     from types import SimpleNamespace
     import soundfile as sf
     sf.write(tmp_path / "one.wav", tone(1.0, 330, SR), SR, subtype="FLOAT")
