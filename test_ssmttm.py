@@ -915,6 +915,29 @@ def test_each_sublayer_output_is_dropped_before_the_residual_add():
         assert not torch.equal(block.eval()(x, memory=memory, memory_mask=mask), x), layout
 
 
+def test_every_layouts_block_drops_each_sublayer_output_with_torchs_draws_in_order():
+    # the bit-for-bit check above for every kind of sublayer: each of the four layouts, training at 0.5,
+    # is x + Dropout(f(norm x)) sublayer after sublayer, each f's own draws (the feed-forward's hidden
+    # dropout, attention's weights) before its output's, written out with the sublayers' modules
+    x, memory = torch.randn(2, 7, 32, dtype=torch.float64), torch.randn(2, 5, 32, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    for layout in LAYOUTS.values():
+        torch.manual_seed(0)
+        block = Block(layout, d_model=32, d_state=16, headdim=8, d_ff=64, n_heads=4, dropout=0.5,
+                      chunk_size=8).double()
+        torch.manual_seed(3)
+        out = block(x, memory=memory, memory_mask=mask)
+        torch.manual_seed(3)
+        h = x
+        for kind, norm, layer in zip(layout, block.norms, block.layers):
+            y = layer(norm(h), memory, mask) if kind == "cross_attn" else layer(norm(h))
+            h = h + F.dropout(y, 0.5, True)
+        torch.testing.assert_close(out, h, rtol=0, atol=0)
+        torch.manual_seed(3)
+        assert not torch.equal(block(x, memory=memory, memory_mask=mask), block.eval()(x, memory=memory,
+                                                                                          memory_mask=mask)), layout
+
+
 def test_feed_forward_drops_the_hidden_activations_between_its_two_linears():
     # SiMBA's channel mixing is fc2(Dropout(GELU(fc1 x))) (exact GELU), torch's draw bit for bit
     ff = ssmttm.FeedForward(16, 32, 0.5).double()
@@ -1329,6 +1352,9 @@ def test_bf16_ssm_state_stays_close_to_fp32():
             out[ssm_dtype] = torch.cat(parts, 2)
     err = [rel_err(out[torch.bfloat16][..., a:b, :], out[None][..., a:b, :]) for a, b in [(5, 100), (300, 400)]]
     assert 0 < err[0] and err[1] < 1e-3 and err[1] < 20 * err[0]
+    # every step of the 400 within 1e-3, not only the last hundred's together (measured: at most 2.7e-4)
+    worst = max(rel_err(out[torch.bfloat16][..., t, :], out[None][..., t, :]) for t in range(400))
+    assert worst < 1e-3, worst
 
 
 # test_bf16_ssm_state_stays_close_to_fp32's bound also passes a step computed in bf16 (7.0e-4 against
@@ -8280,6 +8306,25 @@ def test_sampling_refuses_a_temperature_that_would_overflow():
     g = torch.Generator().manual_seed(1)
     lowest = ssmttm.Sampling(cfg_scale=1.0, top_k=0, temperature=ssmttm.MIN_TEMPERATURE, generator=g)(logits)
     assert torch.equal(lowest, logits[..., :1024].argmax(-1))  # the limit: the argmax
+
+
+def test_the_lowest_temperature_above_zero_is_1e_4_exactly():
+    # README: a temperature between 0 and 1e-4 is refused. The bound itself: 1e-4 draws (a finite
+    # distribution, the argmax of logits 0.01 apart), the next float below it and 5e-5 are refused in one
+    # line naming the value, in Sampling and sample_next alike
+    assert ssmttm.MIN_TEMPERATURE == 1e-4
+    logits = torch.zeros(2, 1, 1025)
+    logits[..., 7] = 0.01  # at 1e-4 code 7 is e^100 times likelier than any other
+    draw = sample_next(logits, top_k=0, temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    assert draw.tolist() == [[7], [7]]
+    assert ssmttm.Sampling(temperature=1e-4).temperature == 1e-4
+    for bad in (math.nextafter(1e-4, 0), 5e-5):
+        with pytest.raises(ValueError) as e:
+            ssmttm.Sampling(temperature=bad)
+        assert str(e.value) == f"temperature {bad}: 0 (greedy) or from 0.0001 on"
+        with pytest.raises(ValueError) as e:
+            sample_next(logits, top_k=0, temperature=bad)
+        assert str(e.value) == f"temperature {bad}: 0 (greedy) or from 0.0001 on"
 
 
 def test_one_frame_synthetic_sample_has_a_valid_json_score(synthetic_checkpoint, tmp_path):
