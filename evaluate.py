@@ -57,6 +57,7 @@ import io
 import json
 import math
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -918,7 +919,8 @@ def train_and_plot(args, argvs):
                     print(f"== {variant}: done earlier ({saved['step']} steps)")
                     continue
                 argv.append("--resume")
-            print(f"== {variant}: train.py {' '.join(argv[2:])}")
+            # the whole command, as the shell reads it back: without --variant it trained the default variant
+            print(f"== {variant}: train.py {shlex.join(argv)}")
             # its errors are its own one line and exit code (2; 130 on Ctrl-C, naming this command to go on)
             train.main(argv, resume_with="the same evaluate.py --convergence command")
 

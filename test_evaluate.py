@@ -1352,8 +1352,33 @@ def test_convergence_skips_finished_runs_and_resumes_the_others(tmp_path, capsys
     printed = capsys.readouterr().out.splitlines()
     assert printed[:4] == ["== prefix_mamba: done earlier (12 steps)",
                            "== prefix_simba: train.py "
-                           + " ".join(["--out", str(out / "prefix_simba")] + budget + ["--resume"]),
+                           + " ".join(["--variant", "prefix_simba", "--out", str(out / "prefix_simba")] + budget
+                                      + ["--resume"]),
                            "== cross_simba: done earlier (12 steps)", "== cross_transformer: done earlier (12 steps)"]
+
+
+def test_convergence_prints_the_train_command_it_runs(tmp_path, capsys, monkeypatch):
+    """The "== variant: train.py ..." line, split as a shell splits it, is the argv train.main was given: the
+    variant included (it was left out, so that the line run trained prefix_simba into every variant's folder)
+    and a folder with a space or a quote quoted."""
+    import shlex
+    import train
+    out = tmp_path / "rq 1's"
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv, **kw: calls.append(list(argv)))
+    monkeypatch.setattr(evaluate, "read_run", lambda folder: ([{"step": 1.0, "loss": 1.0, "caption_score": None,
+                                                                "elapsed_s": 1.0, "tokens_per_s": 1.0}],
+                                                              {k: 1 for k in evaluate.BUDGET}, 1))
+    monkeypatch.setattr(evaluate, "plot_convergence", lambda *a: None)
+    capsys.readouterr()
+    evaluate.main(["--convergence", str(out), "--layers", "2", "--steps", "3", "--eval-every", "1",
+                   "--batch-size", "2", "--d-model", "32", "--frames", "16"])
+    printed = [line.split(": train.py ", 1)[1] for line in capsys.readouterr().out.splitlines()
+               if ": train.py " in line]
+    assert [shlex.split(line) for line in printed] == calls and len(calls) == len(evaluate.VARIANTS)
+    for variant, line in zip(evaluate.VARIANTS, printed):  # as train.py reads it: that variant, that folder
+        args = train.parse_args(shlex.split(line))[0]
+        assert (args.variant, args.out) == (variant, str(out / variant))
 
 
 def test_long_refuses_a_checkpoint_of_one_frame(tmp_path, capsys):
