@@ -60,6 +60,7 @@ import json
 import math
 import numbers
 import os
+import shlex
 import sys
 import zlib
 
@@ -173,7 +174,8 @@ def number(lo=None, hi=None, lo_open=False, hi_open=False):
 
 
 positive_int = whole_number(1)
-SEED = whole_number(0, 2**31 - 1)  # numpy's legacy seeding takes up to 2**32 - 1 (with a rank added)
+MAX_SEED = 2**31 - 1
+SEED = whole_number(0, MAX_SEED)  # numpy's legacy seeding takes up to 2**32 - 1 (with a rank added)
 
 
 def path_name(text):
@@ -182,6 +184,14 @@ def path_name(text):
     if not text:
         raise argparse.ArgumentTypeError("expected a file or folder name, not ''")
     return text
+
+
+def shell_flag(flag, value):
+    """flag and value as a shell reads them back, for a command printed to be run again: the value quoted
+    where it holds spaces, quotes or $ ('--out runs/my run' gave --out runs/my and a stray argument
+    'run'), and joined by = where it begins with a dash (argparse takes '--out -x' for two flags)."""
+    value = str(value)
+    return shlex.quote(f"{flag}={value}") if value.startswith("-") else f"{flag} {shlex.quote(value)}"
 
 
 def device_name(text):
@@ -613,7 +623,8 @@ class TokenDataset:
                 check_count(f"TokenDataset: {name}", value, least)
         self.index, codes_path = committed_clips(folder)
         if not self.index:
-            fail(f"{folder}: no preprocessed clips (run: python data.py --audio DIR --captions FILE --out {folder})")
+            fail(f"{folder}: no preprocessed clips (run: python data.py --audio DIR --captions FILE "
+                 f"{shell_flag('--out', folder)})")
         if rows is not None:  # the first `rows` committed clips: what the folder held when a run began
             held = committed_rows(self.index)
             if held < rows:

@@ -6217,6 +6217,36 @@ def test_ctrl_c_mid_step_then_resume_is_exact_with_dropout(tmp_path, monkeypatch
     assert_same_run(tmp_path / "cut", tmp_path / "whole")
 
 
+def test_shell_flag_reads_back_as_the_same_value():
+    """The flags a printed command names (train.py's Ctrl-C line, TokenDataset's hint), split as a shell splits
+    them and parsed, give the value back: spaces, quotes, $ and a leading dash included."""
+    import shlex
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    for value in ("runs/x", "runs/my run", "it's", 'a "b"', "a$HOME", "-x", "--out", "a\tb", "é ü", "a;rm -rf b",
+                  "*", "~/x", ""):
+        line = datamod.shell_flag("--out", value)
+        assert ap.parse_args(shlex.split(line)).out == value, line
+
+
+def test_ctrl_c_line_run_as_printed_resumes_the_run(tmp_path, monkeypatch, capsys):
+    """The Ctrl-C line's "continue with ..." run exactly as printed (split as a shell splits it) resumes the run,
+    with --out a folder with a space and a quote ('--out runs/my run' gave train.py --out runs/my and 'run')."""
+    import shlex
+    out = tmp_path / "my run's"
+    run = lambda *argv: trainmod.main(list(argv))  # noqa: E731
+    forward_interrupted_at(monkeypatch, 2)
+    with pytest.raises(SystemExit) as e:
+        run(*tiny_train_args(out, "--steps", "4"))
+    assert e.value.code == 130
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("interrupted: ")][-1]
+    command = line.split("; continue with ", 1)[1]
+    assert command == f"--resume --out '{tmp_path}/my run'\"'\"'s'"
+    monkeypatch.undo()
+    run(*shlex.split(command))
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 4
+
+
 def test_ctrl_c_during_the_update_is_held_until_the_step_is_whole(tmp_path, monkeypatch):
     """A SIGINT that arrives between the optimizer's update and the schedule's (a half-updated step)
     is raised once the step is complete: the checkpoint is the state after step 4, and resuming

@@ -956,7 +956,7 @@ def train(run, step, saved):
                     save_checkpoint(run, step, rng)
             if run.master:
                 print(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}; continue with "
-                      f"{run.resume_with or f'--resume --out {args.out}'}", file=sys.stderr)
+                      f"{run.resume_with or '--resume ' + datamod.shell_flag('--out', args.out)}", file=sys.stderr)
             sys.exit(130)
         finally:
             bar.close()
@@ -965,7 +965,7 @@ def train(run, step, saved):
 
 def main(argv=None, resume_with=None):
     """resume_with: the command that a Ctrl-C's line names to continue the run (evaluate.py's, when it
-    trains the run); by default train.py's --resume --out OUT."""
+    trains the run); by default train.py's --resume --out OUT (OUT quoted for the shell: data.shell_flag)."""
     args, given = parse_args(argv)
     world, rank, device = setup_processes(args)
     lock = lock_run_folder(args, world, rank)  # rank 0's on a folder that exists, held while this run writes it
