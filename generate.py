@@ -155,6 +155,11 @@ def parse_args(argv=None):
                          f"(no {os.sep}, no leading dot, no control characters, at most {MAX_ID_BYTES} bytes of "
                          "UTF-8)")
     args.prompts = [(key, p.strip()) for key, p in prompts]
+    last = args.seed + len(prompts) - 1  # each prompt's seed, --seed + its place, is a --seed that gives it again
+    if last > datamod.MAX_SEED:
+        ap.error(f"argument --seed: {args.seed} + {len(prompts) - 1} (the last of {len(prompts)} prompts' seeds) is "
+                 f"past {datamod.MAX_SEED}, which --seed cannot give back; pass --seed "
+                 f"{datamod.MAX_SEED - len(prompts) + 1} or less")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         datamod.fail(f"{args.out}: exists and is not a folder")
     datamod.check_out_folder(args.out)  # here, before any model is loaded or any prompt generated

@@ -9746,6 +9746,29 @@ def test_generate_prompts_are_stripped_before_they_name_or_condition_anything(tm
     assert a.prompts == [(None, "a calm piece")]
 
 
+def test_generate_each_prompts_seed_given_back_as_seed_gives_it_again(tmp_path, capsys):
+    """A record's seed (--seed + the prompt's place) passed back as --seed draws from the same generator: so
+    the last prompt's may be at most what --seed takes (2**31 - 1 + 1 was refused when given back)."""
+    def seeds(*argv):
+        args = genmod.parse_args([*argv, "--out", str(tmp_path)])
+        return [r.seed for r in genmod.plan(args)]
+    top = 2**31 - 1  # what --seed takes (datamod.MAX_SEED)
+    for n in (1, 2, 5):
+        for seed in range(top - n, min(top, top - n + 2) + 1):  # the last seed top - 1, top, top + 1
+            prompts = [f"piece {i}" for i in range(n)]
+            last = seed + n - 1
+            if last > top:
+                with pytest.raises(SystemExit) as e:
+                    seeds(*prompts, "--seed", str(seed))
+                assert e.value.code == 2 and capsys.readouterr().err == (
+                    f"generate.py: error: argument --seed: {seed} + {n - 1} (the last of {n} prompts' seeds) is past "
+                    f"{top}, which --seed cannot give back; pass --seed {top - n + 1} or less\n")
+                continue
+            for i, s in enumerate(seeds(*prompts, "--seed", str(seed))):  # each, given back alone: the same seed
+                assert seeds(prompts[i], "--seed", str(s)) == [s] == [seed + i]
+    assert seeds(*[f"piece {i}" for i in range(3)], "--seed", str(top - 2))[-1] == top  # the hint's value passes
+
+
 def test_generate_window_below_0_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         genmod.parse_args(["a piece", "--window", "-1"])
