@@ -294,7 +294,8 @@ class Models:
 def check_model_flags(args, ckpt, ck2):
     """One line, exit code 2, before any work, for --t5 or --dac with checkpoints that would not read
     them (those of the synthetic set encode captions by words, no T5, and have no audio, no DAC), or
-    naming a local path that is no folder of that kind of model (datamod.check_model_folder)."""
+    naming a local path that is no folder of that kind of model (datamod.check_model_folder), and for a
+    window too short (window_frames)."""
     encoders = [ckpt["text_encoder"]] + ([] if ck2 is None else [ck2["text_encoder"]])
     # (a stage 2 of other data than stage 1's is refused with its own line, in load_models)
     synthetic = ckpt["text_encoder"]["kind"] == "words" and (ck2 is None or ck2["codec"]["kind"] == "synthetic")
@@ -308,6 +309,28 @@ def check_model_flags(args, ckpt, ck2):
             datamod.fail(f"{flag}: {args.ckpt} was trained on the synthetic set, which has no {lacks}; "
                          f"leave {flag} out")
         datamod.check_model_folder(value, kind, what, flag)
+    config = ckpt["config"]
+    K = config.get("n_codebooks", ModelConfig.n_codebooks) if isinstance(config, dict) else None
+    if isinstance(K, int) and not isinstance(K, bool) and K >= 1:  # (else build_model names the config)
+        window_frames(args, ckpt, K)  # the window, before any model is loaded (load_models takes it again)
+
+
+def window_frames(args, ckpt, n_codebooks):
+    """The frames of a window of generate_in_windows (0: one pass) for the stage-1 checkpoint ckpt (read from
+    args.ckpt) of n_codebooks: --window S, or by default the length it was trained on, at most data.py's
+    clip length. One line, exit code 2, for a window shorter than min_window: a --window S under it, or a
+    checkpoint trained on fewer frames than that and --seconds longer than its length."""
+    trained = ckpt["args"].get("frames")  # the sequence length it was trained on
+    window = round(args.window * FRAME_RATE) if args.window is not None else min(trained or 0, datamod.CLIP_FRAMES)
+    least = min_window(n_codebooks)
+    if args.window and window < least:  # 0 < S < half a frame rounds to 0 frames: refused, not one pass
+        datamod.fail(f"--window {args.window:g}: {window} frame(s); a window needs at least {least} "
+                     f"frames with K = {n_codebooks} (or 0: one pass)")
+    if 0 < window < least and round(args.seconds * FRAME_RATE) > window:  # the default: windows past training
+        datamod.fail(f"{args.ckpt}: trained on {datamod.plural(window, 'frame')}, fewer than the {least} that a "
+                     f"window needs with K = {n_codebooks}, and {args.seconds:g} s is longer; pass --window 0 (one "
+                     f"recurrent pass) or --window {math.ceil(least / FRAME_RATE * 100) / 100:g} or more")
+    return window
 
 
 def min_window(n_codebooks):
@@ -328,16 +351,7 @@ def load_models(args, device, ckpt, ck2=None):
     text_encoder = datamod.load_text_encoder(ckpt["text_encoder"], device, args.t5, cfg.d_text)
     m = Models(lm, ckpt_path, ckpt["step"], text_encoder,
                synthetic=ckpt["text_encoder"]["kind"] == "words")
-    trained = ckpt["args"].get("frames")  # the sequence length it was trained on
-    m.window = round(args.window * FRAME_RATE) if args.window is not None else min(trained or 0, datamod.CLIP_FRAMES)
-    least = min_window(cfg.n_codebooks)
-    if args.window and m.window < least:  # 0 < S < half a frame rounds to 0 frames: refused, not one pass
-        datamod.fail(f"--window {args.window:g}: {m.window} frame(s); a window needs at least {least} "
-                     f"frames with K = {cfg.n_codebooks} (or 0: one pass)")
-    if 0 < m.window < least and round(args.seconds * FRAME_RATE) > m.window:  # the default: windows past training
-        datamod.fail(f"{ckpt_path}: trained on {datamod.plural(m.window, 'frame')}, fewer than the {least} that a "
-                     f"window needs with K = {cfg.n_codebooks}, and {args.seconds:g} s is longer; pass --window 0 (one "
-                     f"recurrent pass) or --window {math.ceil(least / FRAME_RATE * 100) / 100:g} or more")
+    m.window = window_frames(args, ckpt, cfg.n_codebooks)
     if device == "cuda":
         if fast.available():
             fast.accelerate(lm)

@@ -8661,6 +8661,33 @@ def test_a_checkpoint_trained_under_a_window_of_2K_frames_is_one_line_only_past_
         1, 4, 4]
 
 
+def test_a_window_too_short_is_refused_before_any_model_is_loaded(synthetic_checkpoint, tmp_path, monkeypatch, capsys):
+    # the window's least (min_window: 2K frames) and the trained length are the checkpoint's: a --window under it,
+    # or a default window (trained on 1 frame) under it past that length, stop before the LM is built or its text
+    # encoder loaded (a T5 of real data takes a while); at the least (0.0175 s: round(0.0175 x 86.13) = 2 frames,
+    # 0.0174: 1) the window runs
+    ckpt = torch.load(synthetic_checkpoint, weights_only=False)
+    ckpt["args"]["frames"] = 1
+    one = tmp_path / "one.pt"
+    torch.save(ckpt, one)
+    loaded = []
+    monkeypatch.setattr(genmod, "build_model", lambda *a, _build=genmod.build_model: loaded.append(a[1]) or _build(*a))
+    run = lambda out, path, *a: genmod.main(["a piece", "--ckpt", str(path), "--out", str(tmp_path / out),
+                                             "--seconds", "0.05", *a])
+    capsys.readouterr()
+    for path, flags, message in [
+            (synthetic_checkpoint, ["--window", "0.0174"],
+             "--window 0.0174: 1 frame(s); a window needs at least 2 frames with K = 1 (or 0: one pass)"),
+            (one, [], f"{one}: trained on 1 frame, fewer than the 2 that a window needs with K = 1, and 0.05 s is "
+             "longer; pass --window 0 (one recurrent pass) or --window 0.03 or more")]:
+        with pytest.raises(SystemExit) as e:
+            run("refused", path, *flags)
+        assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == message
+        assert loaded == [] and not (tmp_path / "refused").exists()
+    run("least", synthetic_checkpoint, "--window", "0.0175")
+    assert np.load(tmp_path / "least" / "s0-0000-a-piece.npy").shape == (1, 4) and loaded == [str(synthetic_checkpoint)]
+
+
 def test_the_default_window_is_the_trained_length_up_to_a_clip_of_30_s(synthetic_checkpoint, tmp_path):
     # trained on 48 frames: windows of 48; on 3000 (longer than data.py's 2584-frame clips): of 2584; --window S
     # sets it in seconds (86.13 frames a second), 0 is one pass
