@@ -906,6 +906,7 @@ def train_and_plot(args, argvs):
     out = args.convergence
     if argvs:
         import train
+        done = {}  # every variant's earlier run checked before the first one trains
         for variant, argv in argvs.items():
             run = os.path.join(out, variant)
             ckpt = os.path.join(run, "ckpt.pt")
@@ -916,9 +917,13 @@ def train_and_plot(args, argvs):
                     fail(f"--convergence {out}: {run} was trained with other settings "
                          f"(choose another folder, or --plot-only to redraw it)")
                 if saved["step"] >= args.steps:
-                    print(f"== {variant}: done earlier ({saved['step']} steps)")
+                    done[variant] = saved["step"]
                     continue
                 argv.append("--resume")
+        for variant, argv in argvs.items():
+            if variant in done:
+                print(f"== {variant}: done earlier ({done[variant]} steps)")
+                continue
             # the whole command, as the shell reads it back: without --variant it trained the default variant
             print(f"== {variant}: train.py {shlex.join(argv)}")
             # its errors are its own one line and exit code (2; 130 on Ctrl-C, naming this command to go on)

@@ -1952,3 +1952,25 @@ def test_passt_windows_refuses_audio_that_is_not_mono():
     # a stereo (n, 2) clip came back as windows of shape (1, 1000, 702), silently (audit h21)
     with pytest.raises(ValueError, match=r"want mono audio \(n,\), got shape \(300, 2\)"):
         evaluate.passt_windows(np.ones((300, 2), np.float32), 100)
+
+
+def test_convergence_checks_every_earlier_run_before_the_first_variant_trains(tmp_path, capsys, monkeypatch):
+    """A run of another budget in OUT (here the last variant's, its checkpoint's settings alone tell it) is
+    refused with one line before any variant trains: it stopped only after the variants before it had trained."""
+    import train
+    out = tmp_path / "rq1"
+    budget = ["--layers", "2", "--steps", "12", "--seed", "0", "--eval-every", "5", "--log-every", "1",
+              "--batch-size", "2", "--d-model", "32", "--frames", "16"]
+    last = evaluate.VARIANTS[-1]
+    os.makedirs(out / last)
+    want = vars(train.parse_args(["--variant", last, "--out", str(out / last)] + budget)[0])
+    torch.save({"model": {"w": torch.zeros(2)}, "args": {**want, "lr": 1e-4}, "step": 12}, out / last / "ckpt.pt")
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv, **kw: calls.append(argv))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--convergence", str(out), "--layers", "2", "--steps", "12", "--eval-every", "5",
+                       "--batch-size", "2", "--d-model", "32", "--frames", "16"])
+    assert e.value.code == 2 and calls == []
+    assert _one_line_error(capsys) == (f"evaluate.py: error: --convergence {out}: {out / last} was trained with other "
+                                       "settings (choose another folder, or --plot-only to redraw it)")
