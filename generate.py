@@ -309,10 +309,32 @@ def check_model_flags(args, ckpt, ck2):
             datamod.fail(f"{flag}: {args.ckpt} was trained on the synthetic set, which has no {lacks}; "
                          f"leave {flag} out")
         datamod.check_model_folder(value, kind, what, flag)
+    K = n_codebooks_of(ckpt)
+    if K is not None:  # (else build_model names the config)
+        window_frames(args, ckpt, K)  # the window, before any model is loaded (load_models takes it again)
+    if ck2 is not None:
+        check_stages(args, ckpt, ck2, K)
+
+
+def n_codebooks_of(ckpt):
+    """The K of the stage-1 checkpoint ckpt's config, or None where its config does not say one (build_model
+    then names the config)."""
     config = ckpt["config"]
     K = config.get("n_codebooks", ModelConfig.n_codebooks) if isinstance(config, dict) else None
-    if isinstance(K, int) and not isinstance(K, bool) and K >= 1:  # (else build_model names the config)
-        window_frames(args, ckpt, K)  # the window, before any model is loaded (load_models takes it again)
+    return K if isinstance(K, int) and not isinstance(K, bool) and K >= 1 else None
+
+
+def check_stages(args, ckpt, ck2, n_codebooks):
+    """One line, exit code 2, before any model is loaded, for a stage 2 (ck2, from args.stage2) that cannot
+    finish the stage-1 checkpoint ckpt (from args.ckpt) of n_codebooks (None: unknown, build_model says so):
+    one that already makes all the codebooks, or one trained on other data."""
+    if n_codebooks is not None and n_codebooks != 1:
+        datamod.fail(f"--stage2 fills codebooks 2..9 of a K = 1 model; {args.ckpt} already makes all "
+                     f"{n_codebooks}")
+    codes_kind = "synthetic" if ckpt["text_encoder"]["kind"] == "words" else "dac"  # what stage 1 makes
+    if ck2["codec"]["kind"] != codes_kind:
+        datamod.fail(f"--stage2 {args.stage2}: trained on {ck2['codec']['kind']} codes, but {args.ckpt} makes "
+                     f"{codes_kind} codes; both stages must come from the same data")
 
 
 def window_frames(args, ckpt, n_codebooks):
@@ -357,14 +379,7 @@ def load_models(args, device, ckpt, ck2=None):
             fast.accelerate(lm)
         graph = "self_attn" not in LAYOUTS[cfg.variant] and not args.no_cuda_graph  # a KV cache grows
         m.decoder = fast.Decoder(fast.FastOptions(cuda_graph=graph))
-    if args.stage2:
-        if cfg.n_codebooks != 1:
-            datamod.fail(f"--stage2 fills codebooks 2..9 of a K = 1 model; {ckpt_path} already makes all "
-                         f"{cfg.n_codebooks}")
-        codes_kind = "synthetic" if m.synthetic else "dac"  # what stage 1 was trained on, and so makes
-        if ck2["codec"]["kind"] != codes_kind:
-            datamod.fail(f"--stage2 {args.stage2}: trained on {ck2['codec']['kind']} codes, but {ckpt_path} makes "
-                         f"{codes_kind} codes; both stages must come from the same data")
+    if args.stage2:  # (check_stages: a stage 2 that can finish this stage 1)
         m.stage2 = build_model(ck2, args.stage2, stage2.Stage2Config, stage2.Stage2Diffusion)
         m.codec = datamod.load_codec(ck2["codec"], device, args.dac)
         m.stage2 = m.stage2.to(device).eval().attach_codec(m.codec)
@@ -403,26 +418,9 @@ def load_continuation(args, m, n_frames, device):
     codebooks than the output has, a --continue-seconds under one frame, or a prompt longer than
     --seconds."""
     path, flag = args.continue_from, f"--continue {args.continue_from}"
-    needed = 9 if m.stage2 is not None or m.lm.cfg.n_codebooks == 9 else 1
-
-    def too_long(frames):
-        datamod.fail(f"{flag}: the prompt lasts {frames / FRAME_RATE:.2f} s ({frames} frames), more than "
-                     f"--seconds {args.seconds:g} ({n_frames} frames); --continue-seconds S keeps its end")
-
-    def under_one_frame(kept):
-        datamod.fail(f"--continue-seconds {args.continue_seconds:g}: {kept} samples, less than one frame "
-                     f"({datamod.HOP} samples) of audio; pass --continue-seconds {MIN_AUDIO_SECONDS:g} or more")
-    if path.lower().endswith(".npy"):  # as data.py and evaluate.py tell audio files: C.NPY too
-        codes = read_prompt_codes(path, needed)
-        if args.continue_seconds:  # the whole frames of the last S seconds, as for the audio these codes stand for
-            kept = round(args.continue_seconds * datamod.SAMPLE_RATE)
-            if kept < datamod.HOP:
-                under_one_frame(kept)
-            codes = codes[:, -continue_frames(args.continue_seconds):]
-    else:
-        if m.synthetic:
-            datamod.fail(f"{flag}: {m.ckpt_path} was trained on the synthetic set, whose tokens are not audio; "
-                         f"continue a .npy of its codes instead")
+    needed = continuation_rows(m.stage2 is not None, m.lm.cfg.n_codebooks)
+    codes = continuation_codes(args, needed, n_frames, m.synthetic, m.ckpt_path)
+    if codes is None:  # audio, which DAC encodes
         try:
             audio = datamod.load_audio(path)
         except datamod.AudioError as e:
@@ -430,17 +428,57 @@ def load_continuation(args, m, n_frames, device):
         if args.continue_seconds:
             kept = round(args.continue_seconds * datamod.SAMPLE_RATE)
             if kept < datamod.HOP <= len(audio):  # the file holds a frame; the seconds asked for do not
-                under_one_frame(kept)
+                under_one_frame(args, kept)
             audio = audio[-kept:]
         audio = audio[len(audio) % datamod.HOP:]  # whole frames, so the prompt ends where the file ends
         if len(audio) == 0:
             datamod.fail(f"{flag}: shorter than one frame ({datamod.HOP} samples)")
         if len(audio) // datamod.HOP > n_frames:  # said before DAC encodes all of it, as after
-            too_long(len(audio) // datamod.HOP)
+            too_long(args, len(audio) // datamod.HOP, n_frames)
         codes = torch.from_numpy(datamod.encode_clips(m.codec, [audio], device)[0].astype(np.int64))[:needed]
-    if codes.shape[-1] > n_frames:
-        too_long(codes.shape[-1])
+        if codes.shape[-1] > n_frames:
+            too_long(args, codes.shape[-1], n_frames)
     return Continuation(path, codes.to(device))
+
+
+def continuation_rows(stage2_too, n_codebooks):
+    """The codebooks of --continue's prompt: all 9 with a stage 2 or a K = 9 LM, else codebook 1."""
+    return 9 if stage2_too or n_codebooks == 9 else 1
+
+
+def continuation_codes(args, needed, n_frames, synthetic, ckpt_path):
+    """What load_continuation decides with no model: a .npy's codes, its first `needed` rows and the whole
+    frames of --continue-seconds (BadInput for a file that is not codes, too few codebooks, a
+    --continue-seconds under one frame, a prompt longer than --seconds); None for audio, which DAC
+    encodes (BadInput with a synthetic-data checkpoint, from ckpt_path). main() calls it before any model
+    is loaded, with the checkpoints' settings."""
+    path, flag = args.continue_from, f"--continue {args.continue_from}"
+    if not path.lower().endswith(".npy"):  # as data.py and evaluate.py tell audio files: C.NPY too
+        if synthetic:
+            datamod.fail(f"{flag}: {ckpt_path} was trained on the synthetic set, whose tokens are not audio; "
+                         f"continue a .npy of its codes instead")
+        return None
+    codes = read_prompt_codes(path, needed)
+    if args.continue_seconds:  # the whole frames of the last S seconds, as for the audio these codes stand for
+        kept = round(args.continue_seconds * datamod.SAMPLE_RATE)
+        if kept < datamod.HOP:
+            under_one_frame(args, kept)
+        codes = codes[:, -continue_frames(args.continue_seconds):]
+    if codes.shape[-1] > n_frames:
+        too_long(args, codes.shape[-1], n_frames)
+    return codes
+
+
+def too_long(args, frames, n_frames):
+    """BadInput: --continue's prompt of `frames` frames is longer than the output's n_frames (--seconds)."""
+    datamod.fail(f"--continue {args.continue_from}: the prompt lasts {frames / FRAME_RATE:.2f} s ({frames} frames), "
+                 f"more than --seconds {args.seconds:g} ({n_frames} frames); --continue-seconds S keeps its end")
+
+
+def under_one_frame(args, kept):
+    """BadInput: --continue-seconds keeps `kept` samples, less than one frame."""
+    datamod.fail(f"--continue-seconds {args.continue_seconds:g}: {kept} samples, less than one frame "
+                 f"({datamod.HOP} samples) of audio; pass --continue-seconds {MIN_AUDIO_SECONDS:g} or more")
 
 
 def read_prompt_codes(path, needed):
@@ -793,8 +831,12 @@ def main(argv=None):
     if not todo:
         print(f"nothing to do: all {len(requests)} outputs are in {args.out}", file=sys.stderr)
         return
-    m = load_models(args, device, ckpt, ck2)
     n_frames = round(args.seconds * FRAME_RATE)
+    K = n_codebooks_of(ckpt)
+    if args.continue_from and K is not None:  # the prompt's refusals that need no model, before any loads
+        continuation_codes(args, continuation_rows(ck2 is not None, K), n_frames,
+                           ckpt["text_encoder"]["kind"] == "words", args.ckpt)
+    m = load_models(args, device, ckpt, ck2)
     if args.continue_from:
         m.continuation = load_continuation(args, m, n_frames, device)
     datamod.make_folder(args.out)

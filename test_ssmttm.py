@@ -14168,3 +14168,103 @@ def test_causal_conv_silu_refuses_a_bias_of_another_length():
         kernels.causal_conv_silu(x, weight, torch.randn(4))
     with pytest.raises(ValueError, match="causal_conv_silu_backward: bias"):
         kernels.causal_conv_silu_backward(x, x, weight, torch.randn(4))
+
+
+def _record_calls(monkeypatch, module, names, loaded=None):
+    """module's functions of these names wrapped to append their name to `loaded` (a new list by default),
+    returned, and then run."""
+    loaded = [] if loaded is None else loaded
+
+    def recorder(name, function):
+        return lambda *a, **k: loaded.append(name) or function(*a, **k)
+    for name in names:
+        monkeypatch.setattr(module, name, recorder(name, getattr(module, name)))
+    return loaded
+
+
+def _record_generate_loads(monkeypatch):
+    """generate.py's slow entry points (the LM built, a text encoder, DAC, the codes of audio) -> a list of
+    what was called, in order; each still runs."""
+    loaded = _record_calls(monkeypatch, genmod, ["build_model"])
+    return _record_calls(monkeypatch, datamod, ["load_text_encoder", "load_dac", "load_codec", "encode_clips",
+                                                "load_audio"], loaded)
+
+
+def test_a_stage2_that_cannot_finish_stage1_is_refused_before_any_model_is_loaded(synthetic_checkpoint, tmp_path,
+                                                                                    monkeypatch, capsys):
+    # a K = 9 stage 1 (nothing left for stage 2 to fill) and a stage 2 of other data than stage 1's: the
+    # checkpoints' settings tell both, so they stop before the LM is built or its text encoder loaded
+    trainmod.main(tiny_train_args(tmp_path / "k9", "--steps", "1", "--codebooks", "9"))
+    k9 = tmp_path / "k9" / "ckpt.pt"
+    stage2_ckpt = {"kind": "stage2", "model": {}, "config": {}, "text_encoder": {"kind": "words"}}
+    for kind in ("synthetic", "dac"):
+        torch.save({**stage2_ckpt, "codec": {"kind": kind}}, tmp_path / f"s2{kind}.pt")
+    loaded = _record_generate_loads(monkeypatch)
+    capsys.readouterr()
+    for k1, s2, message in [
+            (k9, tmp_path / "s2synthetic.pt",
+             f"--stage2 fills codebooks 2..9 of a K = 1 model; {k9} already makes all 9"),
+            (synthetic_checkpoint, tmp_path / "s2dac.pt",
+             (f"--stage2 {tmp_path}/s2dac.pt: trained on dac codes, but {synthetic_checkpoint} makes synthetic "
+              "codes; both stages must come from the same data"))]:
+        with pytest.raises(SystemExit) as e:
+            genmod.main(["a piece", "--ckpt", str(k1), "--stage2", str(s2), "--seconds", "0.05",
+                         "--out", str(tmp_path / "gen")])
+        assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == message
+        assert loaded == [] and not (tmp_path / "gen").exists()
+
+
+def test_a_continue_file_refused_by_its_name_or_codes_is_refused_before_any_model_is_loaded(
+        synthetic_checkpoint, tmp_path, monkeypatch, capsys):
+    # audio for a synthetic-data checkpoint (its extension and the checkpoint's text encoder tell it), a .npy
+    # that is not codes, and codes longer than --seconds: read before the LM is built or its text encoder loaded
+    import soundfile as sf
+    sf.write(tmp_path / "a.wav", np.zeros(2048, dtype=np.float32), datamod.SAMPLE_RATE)
+    np.save(tmp_path / "floats.npy", np.zeros((1, 3), dtype=np.float32))
+    np.save(tmp_path / "long.npy", np.zeros((1, 100), dtype=np.int16))
+    loaded = _record_generate_loads(monkeypatch)
+    capsys.readouterr()
+    for name, message in [
+            ("a.wav", (f"{synthetic_checkpoint} was trained on the synthetic set, whose tokens are not audio; "
+                       "continue a .npy of its codes instead")),
+            ("floats.npy", ("want codes (codebooks, frames) between 0 and 1023, as generate.py writes them; got "
+                            "float32 (1, 3)")),
+            ("long.npy", (f"the prompt lasts {100 / genmod.FRAME_RATE:.2f} s (100 frames), more than --seconds "
+                          "0.05 (4 frames); --continue-seconds S keeps its end"))]:
+        with pytest.raises(SystemExit) as e:
+            genmod.main(["a piece", "--ckpt", str(synthetic_checkpoint), "--continue", str(tmp_path / name),
+                         "--seconds", "0.05", "--out", str(tmp_path / "gen")])
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert e.value.code == 2 and err == f"--continue {tmp_path / name}: {message}"
+        assert loaded == [] and not (tmp_path / "gen").exists()
+
+
+def test_init_from_of_another_model_config_is_refused_before_the_data_or_the_model_loads(
+        synthetic_checkpoint, tmp_path, monkeypatch, capsys):
+    # the checkpoint's config against the flags' (d_ff, which no flag sets): both known before the data set is
+    # opened, a text encoder loaded or the model built
+    src = torch.load(synthetic_checkpoint, weights_only=False)
+    torch.save({**src, "config": {**src["config"], "d_ff": 64}}, tmp_path / "src.pt")
+    loaded = _record_calls(monkeypatch, trainmod, ["load_data", "build_model"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(tmp_path / "ft", "--steps", "1", "--init-from", str(tmp_path / "src.pt")))
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        f"--init-from {tmp_path}/src.pt: the model config differs from this run's in d_ff (64 vs 128)")
+    assert loaded == [] and not (tmp_path / "ft").exists()
+
+
+def test_resuming_with_a_metrics_file_not_train_pys_is_refused_before_the_data_or_the_model_loads(
+        synthetic_checkpoint, tmp_path, monkeypatch, capsys):
+    # metrics.csv is read (its rows kept up to the checkpoint's step) before the data set is opened or the model built
+    out = tmp_path / "run"
+    shutil.copytree(synthetic_checkpoint.parent, out)
+    (out / "metrics.csv").write_text("step,loss\nbad,1\n")
+    config = (out / "config.json").read_text()
+    loaded = _record_calls(monkeypatch, trainmod, ["load_data", "build_model"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(["--resume", "--out", str(out), "--steps", "3"])
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        f"{out}/metrics.csv:2: not a row of train.py's metrics; move the file away to resume without the earlier rows")
+    assert loaded == [] and (out / "config.json").read_text() == config

@@ -434,14 +434,20 @@ def init_from(args, given):
     return src
 
 
-def load_source_weights(src, model, model_config, args):
-    """Put the --init-from checkpoint's weights (and, for stage 2, its latent statistics, which
-    its weights were trained with) into the new model. BadInput if the configs disagree."""
+def check_source_config(src, model_config, args):
+    """BadInput unless the --init-from checkpoint's config is this run's model config (a dict, as
+    model_config_of gives it), but for TRAINING_ONLY fields."""
     differ = sorted(k for k in set(model_config) | set(src["config"])
                     if k not in TRAINING_ONLY and model_config.get(k) != src["config"].get(k))
     if differ:
         datamod.fail(f"--init-from {args.init_from}: the model config differs from this run's in "
                      + ", ".join(f"{k} ({src['config'].get(k)} vs {model_config.get(k)})" for k in differ))
+
+
+def load_source_weights(src, model, model_config, args):
+    """Put the --init-from checkpoint's weights (and, for stage 2, its latent statistics, which
+    its weights were trained with) into the new model. BadInput if the configs disagree."""
+    check_source_config(src, model_config, args)
     model.load_state_dict(src["model"])
 
 
@@ -492,12 +498,23 @@ def lm_config(args):
                        n_codebooks=args.codebooks)
 
 
+def stage2_config(args):
+    """Stage 2's Stage2Config: the full one for --data, the small one for the synthetic set."""
+    return stage2.Stage2Config(**({} if args.data else stage2.Stage2Config.small()))
+
+
+def model_config_of(args):
+    """The config of the model that build_model makes for args.stage, as a dict (what the checkpoint
+    stores), from the flags alone: nothing is built."""
+    return asdict(stage2_config(args) if args.stage == 2 else lm_config(args))
+
+
 def build_model(args, device):
     """The model of args.stage on device, and its config as a dict (what the checkpoint stores).
     Stage 2 gets its codec (the synthetic set's or DAC). On CUDA, stage 1's Mamba-2 layers run on
     the kernels when they are installed (fast.accelerate), unless --no-kernels."""
     if args.stage == 2:
-        cfg = stage2.Stage2Config(**({} if args.data else stage2.Stage2Config.small()))
+        cfg = stage2_config(args)
         model = stage2.Stage2Diffusion(cfg).to(device)
         model.attach_codec(datamod.load_codec(codec_spec(args), device, args.dac))
         return model, asdict(cfg)
@@ -992,7 +1009,16 @@ def run_training(args, given, world, rank, device, lock, resume_with=None):
     """main() after lock_run_folder: the run resumed or set up, trained, and reported. lock: None when
     the folder did not exist yet; rank 0 then makes and locks it before writing there."""
     ckpt = resume_or_start(args, given, world)
+    error = None
+    if rank == 0 and ckpt is not None and os.path.exists(os.path.join(args.out, "metrics.csv")):
+        try:  # its rows (prepare_run_folder keeps them), before the data or any model loads; under the folder's lock
+            read_metrics(os.path.join(args.out, "metrics.csv"), ckpt["step"])
+        except datamod.BadInput as e:
+            error = e
+    share_refusal(world, error)
     source = init_from(args, given) if ckpt is None and args.init_from else None
+    if source is not None:  # its config against this run's, before the data, the text encoder or the model load
+        check_source_config(source, model_config_of(args), args)
     args.device = device.split(":")[0]
     if args.cuda_graphs and not args.compile:
         datamod.fail("--cuda-graphs: pass --compile too (the graphs are torch.compile's reduce-overhead mode)")
