@@ -177,9 +177,11 @@ class Mamba2(nn.Module):
     -> SSD with dt = softplus(dt + dt_bias), A = -exp(A_log) (ssd_reference.py) -> y + D x
     -> norm(y, z) -> out_proj. ValueError for a size below 1, for an A_init_range or (dt_min, dt_max) not
     0 < low <= high, and unless expand * d_model splits into heads of headdim and the heads into ngroups groups;
-    TypeError for a size that is not an integer (64.0, True)."""
+    TypeError for a size that is not an integer (64.0, True). Past d_conv the arguments are keyword-only:
+    mamba_ssm.Mamba2's fourth is conv_init, so a positional call would mean another layer there. chunk_size
+    defaults to 32 (mamba_ssm: 256), the fastest on a CPU; the result does not depend on it."""
 
-    def __init__(self, d_model, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=32,
+    def __init__(self, d_model, d_state=128, d_conv=4, *, expand=2, headdim=64, ngroups=1, chunk_size=32,
                  A_init_range=(1, 16), dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4):
         super().__init__()
         for name, size in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
@@ -448,7 +450,8 @@ class Block(nn.Module):
                  dropout=0.0, chunk_size=32):
         super().__init__()
         make = {
-            "mamba": lambda: Mamba2(d_model, d_state, d_conv, expand, headdim, chunk_size=chunk_size),
+            "mamba": lambda: Mamba2(d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
+                                    chunk_size=chunk_size),
             "ff": lambda: FeedForward(d_model, d_ff, dropout),
             "self_attn": lambda: SelfAttention(d_model, n_heads, dropout),
             "cross_attn": lambda: CrossAttention(d_model, n_heads, dropout),

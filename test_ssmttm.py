@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
+import ast
 import collections
 import contextlib
 import copy
@@ -19,6 +20,7 @@ import functools
 import inspect
 import json
 import math
+import pathlib
 import re
 import shutil
 import stat
@@ -874,6 +876,72 @@ def test_loss_smooths_labels_in_fp32_and_counts_a_codebook_without_targets_as_ze
 
 # ------------------------------------------------------------------------------------------------
 # The block: copyable, explicit arguments
+
+
+def test_block_copied_as_the_readme_says_runs_alone(tmp_path):
+    # README, "Copying a block": the ssmttm.py definitions it names (in backticks), the file's imports but
+    # tqdm, and ssd_reference.py, in an empty folder without ssmttm.py, give the same block. "Sections 3-5"
+    # missed check_integer (section 1: NameError at Mamba2's first size check), and section 5 holds the LM
+    # (ModelConfig, a NameError at its definition)
+    paragraph = pathlib.Path(HERE, "README.md").read_text().split("**Copying a block.**")[1].split("\n\n")[0]
+    source = pathlib.Path(HERE, "ssmttm.py").read_text()
+    tree = ast.parse(source)
+    names = set(re.findall(r"`(\w+)`", paragraph))
+    imports = [ast.get_source_segment(source, n) for n in tree.body
+               if isinstance(n, (ast.Import, ast.ImportFrom)) and "tqdm" not in ast.dump(n)]
+    defs = ["".join(f"@{ast.get_source_segment(source, d)}\n" for d in getattr(n, "decorator_list", ()))
+            + ast.get_source_segment(source, n) for n in tree.body
+            if getattr(n, "name", None) in names or isinstance(n, ast.Assign) and n.targets[0].id in names]
+    (tmp_path / "blocks.py").write_text("\n".join(imports) + "\n\n" + "\n\n\n".join(defs) + "\n")
+    shutil.copy(os.path.join(HERE, "ssd_reference.py"), tmp_path)
+    torch.manual_seed(0)
+    want = Block(("mamba", "cross_attn", "ff"), d_model=32, d_state=8, headdim=8, d_ff=64, n_heads=4, chunk_size=4)
+    torch.save(want.state_dict(), tmp_path / "block.pt")
+    x, text, text_mask = torch.randn(2, 6, 32), torch.randn(2, 3, 32), torch.tensor([[True] * 3, [True, True, False]])
+    torch.save((x, text, text_mask), tmp_path / "inputs.pt")
+    script = ("import sys, torch; assert 'ssmttm' not in sys.modules and not any('ssmttm.py' in str(p) for p in sys.path)\n"
+              "from blocks import Block\n"
+              "b = Block(('mamba', 'cross_attn', 'ff'), d_model=32, d_state=8, headdim=8, d_ff=64, n_heads=4, chunk_size=4)\n"
+              "b.load_state_dict(torch.load('block.pt'))\n"
+              "x, t, m = torch.load('inputs.pt'); b.eval()\n"
+              "states = [l.new_state(2, 6, 'cpu', torch.float32) for l in b.layers[:2]] + [None]\n"
+              "steps = [b(x[:, i:i + 1], memory=t, memory_mask=m, states=states) for i in range(6)]\n"
+              "torch.save((b(x, memory=t, memory_mask=m), torch.cat(steps, 1)), 'out.pt')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert {"check_integer", "Mamba2", "Block"} <= names
+    full, steps = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(full, want.eval()(x, memory=text, memory_mask=text_mask), rtol=0, atol=0)
+    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-5)  # decoding on the copied states
+
+
+# mamba_ssm.Mamba2's signature (state-spaces/mamba, mamba_ssm/modules/mamba2.py), its arguments in order
+MAMBA_SSM_MAMBA2_ARGS = ("d_model", "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups",
+                         "A_init_range", "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max",
+                         "dt_init_floor", "dt_limit", "bias", "conv_bias", "chunk_size", "use_mem_eff_path",
+                         "layer_idx", "process_group", "sequence_parallel", "device", "dtype")
+
+
+def test_mamba2_arguments_mean_what_mamba_ssms_do_and_block_passes_them_by_name(monkeypatch):
+    # Block built Mamba2(d_model, d_state, d_conv, expand, headdim): with mamba_ssm.Mamba2 in its place that
+    # is conv_init = expand (conv weights uniform in +-2) and expand = headdim (a 64x wider layer), no error.
+    # Now Block passes keywords, and Mamba2 takes by position only the arguments mamba_ssm's takes there
+    params = inspect.signature(Mamba2).parameters
+    positional = [n for n, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert positional == list(MAMBA_SSM_MAMBA2_ARGS[:3]) and set(params) <= set(MAMBA_SSM_MAMBA2_ARGS)
+    with pytest.raises(TypeError):
+        Mamba2(64, 16, 4, 2)
+    seen = {}
+
+    def upstream(*args, **kwargs):  # binds as mamba_ssm.Mamba2's signature would, then builds ours
+        seen.update(zip(MAMBA_SSM_MAMBA2_ARGS, args), **kwargs)
+        return ssmttm.FeedForward(seen["d_model"], 4, 0.0)
+
+    monkeypatch.setattr(ssmttm, "Mamba2", upstream)
+    Block(("mamba",), d_model=32, d_state=16, d_conv=3, expand=3, headdim=8, chunk_size=8)
+    assert seen == dict(d_model=32, d_state=16, d_conv=3, expand=3, headdim=8, chunk_size=8)
 
 
 def test_simba_block_is_its_two_residual_sublayers():
