@@ -572,7 +572,8 @@ class TextToMusicLM(nn.Module):
         """A pass from the start. tokens (b, K, s) input steps (the first one the begin step),
         text (b, lt, d_text) T5 states, text_mask (b, lt) True at real tokens (any padding side).
         tokens must be ids 0..1024 (not checked, as a check would stop the GPU's CUDA graphs: an id past
-        1024 reads the next codebook's table, a negative one the previous one's).
+        1024 reads the next codebook's table, a negative one the previous one's; past the last table or
+        before the first, an IndexError on a CPU).
         Returns logits (b, K, s, 1025) for the step after each input step. With a cache, also
         leaves in it the states after the last step (the prefill of decoding): a new InferenceCache
         (zero Mamba-2 states, empty KV caches), as the pass starts from nothing; a used one is not
@@ -656,7 +657,8 @@ class TextToMusicLM(nn.Module):
         CUDA); they must write the tokens this loop writes.
         Raises TypeError for an n_frames that is no integer; ValueError for n_frames below 0, no texts,
         text of other shapes (check_text), and a prompt longer than n_frames, of another batch or K, or
-        of codes outside 0..1023 (1024, the special id: a slot to sample)."""
+        of codes outside 0..1023 (1024, the special id: a slot to sample); ValueError (TypeError) for
+        sampling settings check_sampling refuses, and a list of generators not one per text."""
         check_text(text, text_mask, self.cfg.d_text, "generate")
         steps, fixed = self.step_layout(text.shape[0], n_frames, prompt, text.device)
         was_training = self.training
@@ -730,7 +732,8 @@ def generate_in_windows(model, text, text_mask, n_frames, window, context=None, 
     room in the window (then a continuation of a generation's first frames meets the same passes),
     else its last `context` frames, like every later pass. sampling: generate's other arguments
     (a generator carries on from pass to pass). TypeError for an n_frames, window or context that is
-    not an integer; ValueError for a context outside 0..window - K."""
+    not an integer; ValueError for a context outside 0..window - K and, past one window, a prompt longer
+    than n_frames (within one window, generate's errors)."""
     for name, value in (("n_frames", n_frames), ("window", window), ("context", context)):
         if value is not None:
             check_integer(f"generate_in_windows: {name}", value)
@@ -803,8 +806,12 @@ def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, 
     GPU kernel draws the same). The special id is never sampled.
     generator: a torch.Generator, None (the default one), or one per row (exponential_noise).
     noise: the Exp(1) draws (b, K, 1024) to use, drawn before from generator (exponential_noise),
-    instead of drawing them here. ValueError for settings check_sampling refuses."""
+    instead of drawing them here. ValueError for settings check_sampling refuses (TypeError for those it
+    refuses as no number) and for uncond of another shape than logits (it would broadcast: a null row
+    of batch 1 would guide every row)."""
     check_sampling(cfg_scale, top_k, temperature)
+    if uncond is not None and uncond.shape != logits.shape:
+        raise ValueError(f"sample_next: uncond {tuple(uncond.shape)} for logits {tuple(logits.shape)}: want one shape")
     logits = logits[..., :SPECIAL].float()  # only real codes can be sampled; the indices stay the ids
     if uncond is not None:
         logits = classifier_free_guidance(logits, uncond[..., :SPECIAL].float(), cfg_scale)
@@ -823,7 +830,8 @@ def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, 
 def exponential_noise(like, generator=None, out=None):
     """Exp(1) draws shaped like `like` (b, ...): from one generator, or, given a list of b generators,
     row i from generator[i], so that a prompt draws the same numbers in any batch. out: a contiguous
-    tensor like `like` to draw into (default: a new one); returns it."""
+    tensor like `like` to draw into (default: a new one); returns it. ValueError for a list of
+    generators that is not one per row."""
     out = torch.empty_like(like) if out is None else out
     if isinstance(generator, (list, tuple)):
         if len(generator) != len(out):

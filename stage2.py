@@ -184,7 +184,8 @@ class DiffusionUNet(nn.Module):
 
 def gaussian_noise(shape, device, generator=None):
     """N(0, 1) draws (b, ...): from one generator, or, given a list of b generators, row i from
-    generator[i], so that a prompt draws the same numbers in any batch."""
+    generator[i], so that a prompt draws the same numbers in any batch. ValueError for a list of
+    generators that is not one per row."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for {shape[0]} rows: give one per row")
@@ -231,7 +232,10 @@ class Stage2Diffusion(nn.Module):
 
     @torch.no_grad()
     def set_latent_stats(self, codes):
-        """Measure the per-codebook mean and std of the latents of training codes (b, 9, T)."""
+        """Measure the per-codebook mean and std of the latents of training codes (b, 9, T). ValueError for
+        codes of another number of codebooks than cfg.n_codebooks."""
+        if codes.dim() != 3 or codes.shape[1] != self.cfg.n_codebooks:  # (else a view fails on the size)
+            raise ValueError(f"set_latent_stats: codes {tuple(codes.shape)}: want (b, {self.cfg.n_codebooks}, T)")
         self.latent_mean.zero_()
         self.latent_std.fill_(1.0)
         lat = self.latents(codes).view(codes.shape[0], self.cfg.n_codebooks, LATENT_DIM, codes.shape[-1])
@@ -296,14 +300,17 @@ class Stage2Diffusion(nn.Module):
         denoises the other frames next to a context that agrees with them; after the last step they
         are the known latents exactly. (x starts as noise everywhere: at t = 1, alpha is 0.)
         steps: DDPM steps (default cfg.diffusion_steps); TypeError if not an integer. ValueError for steps
-        below 1, for no frames (T = 0), for text of other shapes (ssmttm.check_text) or another batch
-        than coarse, a cfg_scale that is not finite, a list of generators not one per row, known
-        without known_frames or the reverse, and known or known_frames of other shapes than coarse's
-        (b, 64, T) and (b, T), or known_frames not bool."""
+        below 1, for coarse that is not (b, 8, T), for no frames (T = 0), for text of other shapes
+        (ssmttm.check_text) or another batch than coarse, a cfg_scale that is not finite, a list of
+        generators not one per row, known without known_frames or the reverse, and known or known_frames
+        of other shapes than coarse's (b, 64, T) and (b, T), or known_frames not bool."""
         steps = self.cfg.diffusion_steps if steps is None else steps
         check_integer("sample_latents: steps", steps)
         if steps < 1:
             raise ValueError(f"sample_latents: steps {steps}, want 1 or more")
+        if coarse.dim() != 3 or coarse.shape[1] != LATENT_DIM:  # (else the U-Net names its doubled, widened input)
+            raise ValueError(f"sample_latents: coarse {tuple(coarse.shape)}: want (b, {LATENT_DIM}, T), codebook 1's "
+                             "normalised latent")
         if coarse.shape[-1] == 0:
             raise ValueError(f"sample_latents: coarse {tuple(coarse.shape)}: no frames")
         if not math.isfinite(cfg_scale):

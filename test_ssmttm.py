@@ -1831,6 +1831,16 @@ def test_guidance_keeps_a_code_ruled_out_in_either_row_ruled_out():
             assert not torch.isin(drawn, torch.tensor([7, 9, 11])).any()
 
 
+def test_sample_next_refuses_a_null_row_of_another_shape_than_the_conditional_one():
+    # uncond (1, K, V) for logits (2, K, V) broadcast: row 1 was guided by row 0's null logits, silently
+    cond, uncond = torch.randn(2, 3, 1025), torch.randn(2, 3, 1025)
+    for bad in (uncond[:1], uncond[:, :2], uncond[..., :1024]):
+        with pytest.raises(ValueError) as e:
+            sample_next(cond, bad, 3.0, top_k=1)
+        assert str(e.value) == f"sample_next: uncond {tuple(bad.shape)} for logits (2, 3, 1025): want one shape"
+    assert torch.equal(sample_next(cond, uncond, 3.0, top_k=1), (3 * cond - 2 * uncond)[..., :1024].argmax(-1))
+
+
 def test_guidance_scale_one_is_the_conditional_model():
     cond, uncond = torch.randn(2, 3, 1025), torch.randn(2, 3, 1025)
     assert torch.equal(classifier_free_guidance(cond, uncond, 1.0), cond)
@@ -13448,6 +13458,25 @@ def test_stage2_sampler_refuses_nan_guidance_a_generator_per_other_row_and_known
         with pytest.raises(ValueError) as e:
             model.sample_latents(coarse, text, mask, steps=1, **kw)
         assert str(e.value) == message
+
+
+def test_stage2_sampler_and_latent_stats_name_codes_or_latents_of_another_width():
+    # a coarse latent of 16 channels failed inside the U-Net, naming its input (4, 80, 4) (both guidance
+    # branches, fine and coarse channels); codes of 8 codebooks failed in a view: "shape '[2, 9, 8, 5]' is invalid"
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24)).eval()
+    model.attach_codec(datamod.synthetic_codec())
+    text, mask = random_text(lt=3)
+    for coarse in (torch.zeros(2, 2 * stage2.LATENT_DIM, 4), torch.zeros(stage2.LATENT_DIM, 4)):
+        with pytest.raises(ValueError) as e:
+            model.sample_latents(coarse, text.float(), mask, steps=1)
+        assert str(e.value) == (f"sample_latents: coarse {tuple(coarse.shape)}: want (b, 8, T), codebook 1's "
+                                "normalised latent")
+    codes = torch.randint(0, 1024, (2, 8, 5))
+    with pytest.raises(ValueError) as e:
+        model.set_latent_stats(codes)
+    assert str(e.value) == "set_latent_stats: codes (2, 8, 5): want (b, 9, T)"
+    assert torch.equal(model.latent_mean, torch.zeros(9)) and torch.equal(model.latent_std, torch.ones(9))  # untouched
 
 
 def test_lm_loss_names_targets_of_another_shape():
