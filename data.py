@@ -58,7 +58,6 @@ import decimal
 import io
 import json
 import math
-import numbers
 import os
 import shlex
 import sys
@@ -66,6 +65,8 @@ import zlib
 
 import numpy as np
 import torch
+
+from ssmttm import check_integer  # (ssmttm imports nothing of the project's but ssd_reference)
 
 SAMPLE_RATE = 44100
 HOP = 512
@@ -280,15 +281,6 @@ def fine_codes(coarse):
     return np.stack(out, axis=-2)
 
 
-def check_count(name, value, least):
-    """TypeError naming `name` unless value is an integer (a float, even 2.0, or a bool is refused); ValueError
-    for one below `least`. Python's and numpy's integers are taken."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} {value!r}: want an integer")
-    if value < least:
-        raise ValueError(f"{name} {value}: want {least} or more")
-
-
 class SyntheticMusic:
     """Endless procedurally generated examples. Example i is a pure function of (seed, i).
     Caption: "a {mood} {tempo} {instrument} piece in a {scale} scale". Codebook 1 holds notes of
@@ -297,7 +289,7 @@ class SyntheticMusic:
     not an integer, ValueError for one below 1."""
 
     def __init__(self, n_frames=128, seed=0):
-        check_count("SyntheticMusic: n_frames", n_frames, 1)
+        check_integer("SyntheticMusic: n_frames", n_frames, 1)
         self.n_frames, self.seed = n_frames, seed
 
     def example(self, index):
@@ -620,7 +612,7 @@ class TokenDataset:
     def __init__(self, folder, clips_per_track=0, seed=0, rows=None):
         for name, value, least in (("clips_per_track", clips_per_track, 0), ("rows", rows, 1)):
             if value is not None:
-                check_count(f"TokenDataset: {name}", value, least)
+                check_integer(f"TokenDataset: {name}", value, least)
         self.index, codes_path = committed_clips(folder)
         if not self.index:
             fail(f"{folder}: no preprocessed clips (run: python data.py --audio DIR --captions FILE "
@@ -1298,8 +1290,8 @@ class VocalRemover:
 
 def encode_file(dac, clips, batch_size, device):
     """Clips of one file (list of mono arrays) -> one (9, frames) uint16 array per clip, in order;
-    clips of equal length are encoded together, batch_size at a time (check_count's errors)."""
-    check_count("batch_size", batch_size, 1)
+    clips of equal length are encoded together, batch_size at a time (check_integer's errors)."""
+    check_integer("batch_size", batch_size, 1)
     codes = [None] * len(clips)
     for length in sorted({len(c) for c in clips}):
         same = [i for i, c in enumerate(clips) if len(c) == length]
@@ -1316,9 +1308,9 @@ def preprocess(audio_dir, captions_file, out, dac_name=DEFAULT_DAC, batch_size=8
     stderr. dac: a loaded codec, else dac_name is loaded when there are files to encode, on device
     (resolve_device: None or "auto" is CUDA where there is one). Returns the list of (file, reason)
     skipped in this run (a rerun tries them again). BadInput for bad captions, folders or codec;
-    check_count's errors for batch_size, before any of them is read."""
+    check_integer's errors for batch_size, before any of them is read."""
     from tqdm import tqdm
-    check_count("batch_size", batch_size, 1)
+    check_integer("batch_size", batch_size, 1)
     captions = read_captions(captions_file)
     if not os.path.isdir(audio_dir):
         fail(f"{audio_dir}: audio folder not found")

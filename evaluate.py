@@ -890,8 +890,10 @@ def convergence(args):
             if value is not None:
                 budget += [flag, str(value)]
         argvs = {variant: ["--variant", variant, "--out", os.path.join(out, variant)] + budget for variant in VARIANTS}
-        for argv in argvs.values():  # every variant's settings, before the first one trains
-            train.parse_args(argv)
+        for variant, argv in argvs.items():  # every variant's settings, before the first one trains
+            # its folder first: train.py's check names --out, a flag not typed to evaluate.py
+            datamod.check_out_folder(os.path.join(out, variant), "--convergence")
+            train.parse_args(argv, prog="evaluate.py")
         datamod.make_folder(out, "--convergence")
     if not os.path.isdir(out):  # --plot-only of a folder that is not there: train_and_plot says so
         return train_and_plot(args, argvs)
@@ -912,7 +914,7 @@ def train_and_plot(args, argvs):
             ckpt = os.path.join(run, "ckpt.pt")
             if os.path.exists(ckpt):  # an earlier invocation: finished (skip) or interrupted (resume)
                 saved = train.load_checkpoint(ckpt, keys=("args", "step"))
-                want = vars(train.parse_args(argv)[0])
+                want = vars(train.parse_args(argv, prog="evaluate.py")[0])
                 if any(saved["args"].get(k) != want[k] for k in BUDGET):
                     fail(f"--convergence {out}: {run} was trained with other settings "
                          f"(choose another folder, or --plot-only to redraw it)")
@@ -927,7 +929,7 @@ def train_and_plot(args, argvs):
             # the whole command, as the shell reads it back: without --variant it trained the default variant
             print(f"== {variant}: train.py {shlex.join(argv)}")
             # its errors are its own one line and exit code (2; 130 on Ctrl-C, naming this command to go on)
-            train.main(argv, resume_with="the same evaluate.py --convergence command")
+            train.main(argv, resume_with="the same evaluate.py --convergence command", prog="evaluate.py")
 
     table = []
     runs = {variant: read_run(os.path.join(out, variant)) for variant in VARIANTS}

@@ -220,7 +220,9 @@ def aligned_linear(x, weight, multiple=8):
     to that multiple apart. cuBLAS runs its fast kernels only when every matrix's rows start on 16 bytes; the
     heads' 1025 bf16 logits per row do not, and their three products (forward, both gradients) took
     an unaligned kernel, three times as long together (BENCHMARKS.md §0c). x (..., d), weight (n, d) ->
-    (..., n)."""
+    (..., n). TypeError / ValueError for a multiple that is not an integer of 1 or more."""
+    # a Python int, no GPU sync: 0 divided by zero, a negative multiple cut the weight's rows (fewer outputs)
+    ssmttm.check_integer("aligned_linear: multiple", multiple, least=1)
     n = weight.shape[0]
     if n % multiple == 0:
         return F.linear(x, weight)

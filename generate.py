@@ -44,7 +44,7 @@ import data as datamod
 import fast
 import ssmttm
 import stage2
-from ssmttm import FRAME_RATE, LAYOUTS, MIN_TEMPERATURE, SPECIAL, ModelConfig, TextToMusicLM
+from ssmttm import FRAME_RATE, LAYOUTS, MIN_TEMPERATURE, SPECIAL, ModelConfig, TextToMusicLM, pad_text
 
 
 MAX_SECONDS = 3600
@@ -504,16 +504,6 @@ def read_prompt_codes(path, needed):
 TEXT_MULTIPLE = 32  # with a fast.Decoder, the text padded to a multiple of this many positions (pad_text)
 
 
-def pad_text(text, mask, multiple=TEXT_MULTIPLE):
-    """text (b, lt, d) and mask (b, lt) with masked positions added at the end, to a multiple of
-    `multiple` positions. Masked positions leave no trace (ssmttm.left_align, Mamba2.mask_padding,
-    the attention masks): the same logits up to rounding; and batches whose captions differ in
-    length take one shape, whose CUDA graphs fast.Decoder recorded at an earlier batch and replays
-    (KeptPrefill, KeptFrames) instead of recording them again."""
-    pad = -text.shape[1] % multiple
-    return F.pad(text, (0, 0, 0, pad)), F.pad(mask, (0, pad), value=False)
-
-
 def generate_batch(m, requests, n_frames, args, device):
     """Codes (b, 9 or K, n_frames) for a batch of requests, the audio (b, samples) or None, and the
     seconds each stage took. Each prompt draws from its own generator, seeded with its seed, in both
@@ -523,7 +513,7 @@ def generate_batch(m, requests, n_frames, args, device):
     prompts = [r.prompt for r in requests]
     text, mask = m.text_encoder(prompts)
     if m.decoder is not None:
-        text, mask = pad_text(text, mask)
+        text, mask = pad_text(text, mask, TEXT_MULTIPLE)
     g = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
     cont = m.continuation
     t0 = time.time()

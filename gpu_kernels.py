@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 import ssd_grouped
 from ssd_grouped import as_is, cdiv, next_power_of_2
+from ssmttm import check_integer
 
 try:
     import triton
@@ -1310,11 +1311,23 @@ def embed_rows(tokens, offsets, table, positions, freqs, advance=False):
     """The input of a decoding step in one kernel: tokens (b, K) ids into the K stacked tables of
     table (K * V, d) at offsets (K,), positions (b,), freqs (d / 2,) the position frequencies.
     Returns (b, d) = sum_k table[tokens[:, k] + offsets[k]] + [cos(pos f) | sin(pos f)].
-    advance: then add 1 to positions, in the same kernel."""
+    advance: then add 1 to positions, in the same kernel. ValueError naming the argument whose shape
+    or dtype does not fit: the kernel reads K offsets, b positions and d / 2 frequencies unmasked, so a
+    shorter one was read past its end (another tensor's memory, or an illegal address). Shapes only,
+    no GPU sync (a decoding step's, recorded into its CUDA graph)."""
+    if tokens.dim() != 2 or table.dim() != 2:
+        raise ValueError(f"embed_rows: tokens {tuple(tokens.shape)} and table {tuple(table.shape)}: want (b, K) "
+                         "and (K * V, d)")
     b, K = tokens.shape
     d = table.shape[1]
-    if not table.is_contiguous() or freqs.dtype != torch.float32:
-        raise ValueError("embed_rows: the table must be contiguous and freqs float32")
+    if not table.is_contiguous() or d % 2:
+        raise ValueError(f"embed_rows: table {tuple(table.shape)}: want it contiguous, d even (cos and sin halves)")
+    for name, t, shape, want in (("offsets", offsets, (K,), "integer"), ("positions", positions, (b,), "integer"),
+                                 ("freqs", freqs, (d // 2,), torch.float32)):
+        kind_ok = not (t.dtype.is_floating_point or t.dtype == torch.bool) if want == "integer" else t.dtype == want
+        if tuple(t.shape) != shape or not kind_ok:
+            raise ValueError(f"embed_rows: {name} {tuple(t.shape)} {t.dtype}: want {shape} {want} for tokens "
+                             f"{tuple(tokens.shape)} and table {tuple(table.shape)}")
     out = torch.empty(b, d, device=table.device, dtype=table.dtype)
     _embed_rows_kernel[(b,)](tokens, tokens.stride(0), tokens.stride(1), offsets, table, positions, freqs, out, d, K=K,
                              BLOCK_D=next_power_of_2(d), ADVANCE=advance, num_warps=4)
@@ -1605,11 +1618,12 @@ def causal_conv_silu(x, weight, bias, seq_idx=None, rows=None, launch=as_is):
     contiguous, in x's dtype, computed in fp32 and rounded once, zeros past row l: rows >= l (default l), so
     that the grouped SSD takes B and C in whole chunks as views (ssd_grouped.padded_rows). The plain form:
     ssmttm.Mamba2's conv, then F.silu. Raises ValueError for rows < l, and for x, weight, bias or seq_idx
-    of shapes that do not match."""
+    of shapes that do not match; TypeError for rows that are not an integer."""
     b, l, ch, weight, seq = _conv_args(x, weight, seq_idx, "causal_conv_silu")
     if bias.shape != (ch,):
         raise ValueError(f"causal_conv_silu: bias {tuple(bias.shape)} is not ({ch},)")
     rows = l if rows is None else rows
+    check_integer("causal_conv_silu: rows", rows)  # 16.0 failed in new_empty, True passed as 1 row
     if rows < l:
         raise ValueError(f"causal_conv_silu: rows {rows} is fewer than x's {l}")
     out = x.new_empty(b, rows, ch)

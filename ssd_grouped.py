@@ -897,8 +897,8 @@ def forward_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None, tma=N
     that a prefill continues a state in place without fp32 copies of it. Raises ValueError for a
     final_out of another shape or not contiguous, B and C of other shapes, or another input whose shape
     does not fit x's, TypeError for a chunk_size that is not an integer (_check_inputs)."""
+    _check_inputs("forward_triton", x, dt, A, B, C, chunk_size, D, initial_state)  # before _launch unpacks x's shape
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
-    _check_inputs("forward_triton", x, dt, A, B, C, Q, D, initial_state)
     n = B.shape[-1]
     hp, dev = h * p, x.device
     if final_out is not None and (final_out.shape != (b, h, p, n) or not final_out.is_contiguous()):

@@ -76,9 +76,7 @@ class ModelConfig:
             raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(LAYOUTS)}")
         for name in ("n_layers", "d_model", "d_state", "d_conv", "expand", "headdim", "n_heads", "d_ff",
                      "n_codebooks", "d_text", "chunk_size"):
-            check_integer(f"ModelConfig.{name}", getattr(self, name))
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} {getattr(self, name)}: want 1 or more")
+            check_integer(f"ModelConfig.{name}", getattr(self, name), least=1)
         if self.d_model % 2:
             raise ValueError(f"ModelConfig.d_model {self.d_model}: want an even width (the sinusoidal positions "
                              "are its cos and sin halves)")
@@ -91,11 +89,13 @@ class ModelConfig:
         return self.variant.startswith("prefix")
 
 
-def check_integer(name, value):
+def check_integer(name, value, least=None):
     """TypeError naming `name` unless value is an integer: a float (even 64.0) or a bool is refused,
-    so that a size fails here and not deep inside torch."""
+    so that a size fails here and not deep inside torch; ValueError if it is below `least` (None: any)."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"{name} {value!r}: want an integer")
+    if least is not None and value < least:
+        raise ValueError(f"{name} {value}: want {least} or more")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,9 +186,7 @@ class Mamba2(nn.Module):
         super().__init__()
         for name, size in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
                            ("headdim", headdim), ("ngroups", ngroups), ("chunk_size", chunk_size)):
-            check_integer(f"Mamba2: {name}", size)
-            if size < 1:
-                raise ValueError(f"Mamba2: {name} {size}: want 1 or more")
+            check_integer(f"Mamba2: {name}", size, least=1)
         for name, (low, high) in (("A_init_range", A_init_range), ("(dt_min, dt_max)", (dt_min, dt_max))):
             if not 0 < low <= high:  # (mamba_ssm.Mamba2 asserts it for A) a log of the draws below: NaN or -inf
                 raise ValueError(f"Mamba2: {name} ({low}, {high}): want 0 < low <= high")
@@ -510,6 +508,16 @@ def check_text(text, text_mask, d_text, where):
     if text_mask.dtype != torch.bool or text_mask.shape != text.shape[:2]:
         raise ValueError(f"{where}: text_mask {tuple(text_mask.shape)} {text_mask.dtype}: want torch.bool "
                          f"{tuple(text.shape[:2])}, True at real tokens")
+
+
+def pad_text(text, mask, multiple):
+    """text (b, lt, d) and mask (b, lt) right-padded with masked zeros to a length that is a multiple of
+    `multiple` (an int, 1 or more: 0 divided by zero, a negative one cut the text short). Masked positions
+    leave no trace (left_align, Mamba2.mask_padding, the attention masks): the same logits up to rounding,
+    so that captions of other lengths share one shape (train.py --compile's graphs, fast.Decoder's)."""
+    check_integer("pad_text: multiple", multiple, least=1)
+    extra = -text.shape[1] % multiple
+    return F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
 
 
 def left_align(text, mask):

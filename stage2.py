@@ -50,9 +50,7 @@ class Stage2Config:
         for i, c in enumerate(self.channels):
             check_integer(f"Stage2Config.channels[{i}]", c)
         for name, least in (("d_cond", 1), ("n_heads", 1), ("d_text", 1), ("n_codebooks", 2), ("diffusion_steps", 1)):
-            check_integer(f"Stage2Config.{name}", getattr(self, name))
-            if getattr(self, name) < least:
-                raise ValueError(f"Stage2Config.{name} {getattr(self, name)}: want {least} or more")
+            check_integer(f"Stage2Config.{name}", getattr(self, name), least)
         if not self.channels or any(c < 4 or c % min(32, c // 4) for c in self.channels):
             raise ValueError(f"Stage2Config.channels {tuple(self.channels)}: want one or more widths of 4 or more, "
                              "each a multiple of its GroupNorms' min(32, width // 4) groups")

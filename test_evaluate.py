@@ -1151,8 +1151,23 @@ def test_convergence_checks_its_folder_and_every_variant_before_any_trains(tmp_p
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--convergence", str(tmp_path / "new"), "--steps", "4", "--layers", "1", "--d-model", "24"])
     assert e.value.code == 2 and calls == [] and not os.path.exists(tmp_path / "new")
-    assert _one_line_error(capsys).startswith("train.py: error: argument --d-model: expected a multiple of 16 for "
+    # (its program: evaluate.py, whose flag it is; it said "train.py: error:")
+    assert _one_line_error(capsys).startswith("evaluate.py: error: argument --d-model: expected a multiple of 16 for "
                                               "cross_simba")
+    # a flag in evaluate.py's bounds that train.py refuses; a variant's folder that cannot be one, named as
+    # --convergence's (train.py's check named --out, a flag evaluate.py does not take)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--convergence", str(tmp_path / "new"), "--steps", "4", "--layers", "3000000000"])
+    assert e.value.code == 2 and calls == [] and not os.path.exists(tmp_path / "new")
+    assert _one_line_error(capsys) == ("evaluate.py: error: argument --layers: expected a whole number from 1 to "
+                                       "2147483647, not '3000000000'")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "cross_transformer").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--convergence", str(tmp_path / "taken"), "--steps", "4", "--layers", "1"])
+    assert e.value.code == 2 and calls == []
+    assert _one_line_error(capsys) == (f"--convergence {tmp_path / 'taken' / 'cross_transformer'}: it exists and is "
+                                       "not a folder")
     with pytest.raises(SystemExit):  # settings every variant takes: each trains, in order (then no runs to read)
         evaluate.main(["--convergence", str(tmp_path / "new"), "--steps", "4", "--layers", "1", "--d-model", "32"])
     assert [argv[1] for argv in calls] == list(evaluate.VARIANTS)
@@ -1974,3 +1989,22 @@ def test_convergence_checks_every_earlier_run_before_the_first_variant_trains(tm
     assert e.value.code == 2 and calls == []
     assert _one_line_error(capsys) == (f"evaluate.py: error: --convergence {out}: {out / last} was trained with other "
                                        "settings (choose another folder, or --plot-only to redraw it)")
+
+
+def test_convergence_names_itself_in_a_training_error(tmp_path, capsys, monkeypatch):
+    """A variant's training that cannot write its checkpoint (a full disk) stops with one line naming
+    evaluate.py, the command that was run (it said "train.py: cannot write in ...")."""
+    import errno
+
+    import train
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train.torch, "save", full)
+    out = tmp_path / "rq1"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--convergence", str(out), "--steps", "1", "--layers", "1", "--d-model", "32",
+                       "--batch-size", "2", "--frames", "16"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"evaluate.py: cannot write in {out / 'prefix_mamba'} "
+                                                        "(no space left on device); what it saved before is kept whole")

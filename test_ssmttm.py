@@ -899,9 +899,11 @@ def test_block_copied_as_the_readme_says_runs_alone(tmp_path):
     torch.save(want.state_dict(), tmp_path / "block.pt")
     x, text, text_mask = torch.randn(2, 6, 32), torch.randn(2, 3, 32), torch.tensor([[True] * 3, [True, True, False]])
     torch.save((x, text, text_mask), tmp_path / "inputs.pt")
-    script = ("import sys, torch; assert 'ssmttm' not in sys.modules and not any('ssmttm.py' in str(p) for p in sys.path)\n"
+    script = ("import sys, torch\n"
+              "assert 'ssmttm' not in sys.modules and not any('ssmttm.py' in str(p) for p in sys.path)\n"
               "from blocks import Block\n"
-              "b = Block(('mamba', 'cross_attn', 'ff'), d_model=32, d_state=8, headdim=8, d_ff=64, n_heads=4, chunk_size=4)\n"
+              "b = Block(('mamba', 'cross_attn', 'ff'), d_model=32, d_state=8, headdim=8, d_ff=64, n_heads=4,\n"
+              "          chunk_size=4)\n"
               "b.load_state_dict(torch.load('block.pt'))\n"
               "x, t, m = torch.load('inputs.pt'); b.eval()\n"
               "states = [l.new_state(2, 6, 'cpu', torch.float32) for l in b.layers[:2]] + [None]\n"
@@ -3305,7 +3307,7 @@ def test_kernel_wrappers_launch_grids_and_refusals(monkeypatch):
         kernels.causal_conv_silu(torch.zeros(2, 3, 4), torch.zeros(4, 4), torch.zeros(4), seq_idx)
     with pytest.raises(ValueError, match=r"dt_softplus: seq_idx \(2, 2\) torch.int32 is not \(2, 3\) int32"):
         kernels.dt_softplus(dt, torch.zeros(4), seq_idx)
-    with pytest.raises(ValueError, match="embed_rows: the table must be contiguous and freqs float32"):
+    with pytest.raises(ValueError, match=r"embed_rows: freqs \(1,\) torch.float64: want \(1,\) torch.float32"):
         kernels.embed_rows(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(4, 2),
                            torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64))
     with pytest.raises(ValueError, match="mamba2_train: the grouped SSD takes ngroups 1, not 2"):
@@ -4297,7 +4299,8 @@ def test_padded_text_gives_the_same_logits(variant):
     assert padded.shape == (3, 8, 24) and torch.equal(padded[:, :7], text) and not padded_mask[:, 7:].any()
     assert genmod.pad_text(padded, padded_mask, multiple=4)[0].shape == (3, 8, 24)
     # generate.py's own multiple (README: on CUDA to a multiple of 32 positions)
-    assert [genmod.pad_text(*random_text(b=1, lt=lt))[0].shape[1] for lt in (1, 32, 33)] == [32, 32, 64]
+    assert [genmod.pad_text(*random_text(b=1, lt=lt), genmod.TEXT_MULTIPLE)[0].shape[1]
+            for lt in (1, 32, 33)] == [32, 32, 64]
     tokens = torch.randint(0, 1024, (3, 3, 6))
     caches = [ssmttm.InferenceCache(model, 3, 8, "cpu", torch.float64) for _ in range(2)]
     logits = [torch.cat([model.logits(tokens[..., :3], t, m, c), model.step(tokens[..., 3:], c)], 2)
@@ -7794,6 +7797,10 @@ train.main()
     cut = torchrun(script, tmp_path / "cut")
     assert all(code != 0 for code, _ in cut), cut
     assert f"interrupted: checkpoint at step 2 in {tmp_path}/cut/ckpt.pt" in cut[0][1]
+    # the line names the launch that resumes it: torchrun with as many processes (not train.py's flags alone, which
+    # one process would run, refused: "saved by 2 processes and this run has 1"), and the script torchrun started
+    assert (f"interrupted: checkpoint at step 2 in {tmp_path}/cut/ckpt.pt; continue with torchrun --nproc_per_node 2 "
+            f"{script} --resume --out {tmp_path}/cut") in cut[0][1].splitlines()
     saved = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
     assert saved["step"] == 2 and len(saved["rng"]) == 2
     resumed = torchrun(script, tmp_path / "cut", "--resume")
@@ -13786,6 +13793,98 @@ def test_a_size_that_is_not_an_integer_is_refused_by_name_and_an_integer_of_any_
                        model.generate(text, mask, 4, top_k=5, generator=g()))
     y, state = ssd_chunked(x, dt, A, B, C, np.int64(4))
     assert torch.equal(y, ssd_chunked(x, dt, A, B, C, 4)[0])
+
+
+def test_a_count_or_multiple_below_one_or_not_an_integer_is_refused_by_name():
+    # each was a wrong result or an error deep inside: pad_text and aligned_linear with a negative multiple cut the
+    # text or the outputs short ((2, 4, 24) from 5 positions, 4 logits of 5), with 0 "integer modulo by zero", with
+    # 4.0 F.pad's "type must be tuple of ints"; batch_indices with 0 examples an IndexError of an empty permutation,
+    # with 2.0 numpy's "seed must be integer"; causal_conv_silu's rows 16.0 new_empty's TypeError, True 1 row
+    text, mask = random_text(lt=5)
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    args = argparse.Namespace(grad_accum=1, batch_size=3, seed=0)
+    conv = (torch.randn(1, 6, 8), torch.randn(8, 4), torch.randn(8))
+    for call, error, message in (
+            (lambda: ssmttm.pad_text(text, mask, 0), ValueError, "pad_text: multiple 0: want 1 or more"),
+            (lambda: ssmttm.pad_text(text, mask, -4), ValueError, "pad_text: multiple -4: want 1 or more"),
+            (lambda: ssmttm.pad_text(text, mask, 4.0), TypeError, "pad_text: multiple 4.0: want an integer"),
+            (lambda: ssmttm.pad_text(text, mask, True), TypeError, "pad_text: multiple True: want an integer"),
+            (lambda: fast.aligned_linear(x, w, 0), ValueError, "aligned_linear: multiple 0: want 1 or more"),
+            (lambda: fast.aligned_linear(x, w, -4), ValueError, "aligned_linear: multiple -4: want 1 or more"),
+            (lambda: fast.aligned_linear(x, w, 4.0), TypeError, "aligned_linear: multiple 4.0: want an integer"),
+            (lambda: trainmod.batch_indices(0, 0, args, 0, 1, 0), ValueError,
+             "batch_indices: n_examples 0: want 1 or more"),
+            (lambda: trainmod.batch_indices(0, 0, args, 0, 1, -2), ValueError,
+             "batch_indices: n_examples -2: want 1 or more"),
+            (lambda: trainmod.batch_indices(0, 0, args, 0, 1, 2.0), TypeError,
+             "batch_indices: n_examples 2.0: want an integer"),
+            (lambda: kernels.causal_conv_silu(*conv, rows=16.0), TypeError,
+             "causal_conv_silu: rows 16.0: want an integer"),
+            (lambda: kernels.causal_conv_silu(*conv, rows=True), TypeError,
+             "causal_conv_silu: rows True: want an integer")):
+        with pytest.raises(error) as e:
+            call()
+        assert str(e.value) == message
+    # one pad_text, which train.py and generate.py import (each had its own copy); a valid multiple as before
+    assert trainmod.pad_text is genmod.pad_text is ssmttm.pad_text
+    padded, padded_mask = ssmttm.pad_text(text, mask, np.int64(4))
+    assert padded.shape == (2, 8, 24) and torch.equal(padded[:, :5], text) and not padded[:, 5:].any()
+    assert torch.equal(padded_mask[:, :5], mask) and not padded_mask[:, 5:].any()
+    assert fast.aligned_linear(x, w, 4).shape == (3, 5) and fast.aligned_linear(x, w, 1).shape == (3, 5)
+    indices, epochs = trainmod.batch_indices(1, 0, args, 0, 1, np.int64(2))  # positions 3, 4, 5 of 2 examples
+    assert epochs.tolist() == [1, 2, 2] and sorted(indices[1:].tolist()) == [0, 1]
+
+
+def test_embed_rows_refuses_offsets_positions_and_freqs_that_do_not_fit_before_its_kernel():
+    # the kernel reads K offsets, b positions and d / 2 frequencies without a mask: a shorter one was read past its
+    # end (another tensor's memory, or an illegal address), a float offset was added to a token id
+    tokens, table = torch.zeros(2, 3, dtype=torch.long), torch.randn(3 * 10, 8)
+    offsets, positions, freqs = torch.arange(3) * 10, torch.zeros(2, dtype=torch.long), torch.ones(4)
+    def refused(tokens=tokens, offsets=offsets, table=table, positions=positions, freqs=freqs):
+        with pytest.raises(ValueError) as e:
+            kernels.embed_rows(tokens, offsets, table, positions, freqs)
+        return str(e.value)
+    fit = "for tokens (2, 3) and table (30, 8)"
+    assert refused(offsets=offsets[:2]) == f"embed_rows: offsets (2,) torch.int64: want (3,) integer {fit}"
+    assert refused(offsets=offsets.float()) == f"embed_rows: offsets (3,) torch.float32: want (3,) integer {fit}"
+    assert refused(positions=torch.zeros(3, dtype=torch.long)) == \
+        f"embed_rows: positions (3,) torch.int64: want (2,) integer {fit}"
+    assert refused(freqs=freqs[:3]) == f"embed_rows: freqs (3,) torch.float32: want (4,) torch.float32 {fit}"
+    assert refused(freqs=freqs.double()) == f"embed_rows: freqs (4,) torch.float64: want (4,) torch.float32 {fit}"
+    assert refused(tokens=tokens[0]) == "embed_rows: tokens (3,) and table (30, 8): want (b, K) and (K * V, d)"
+    assert refused(table=torch.randn(30, 7)) == \
+        "embed_rows: table (30, 7): want it contiguous, d even (cos and sin halves)"
+    assert refused(table=torch.randn(8, 30).t()) == \
+        "embed_rows: table (30, 8): want it contiguous, d even (cos and sin halves)"
+
+
+def test_forward_triton_names_an_x_of_the_wrong_rank_before_reading_its_shape():
+    # _launch unpacked x's shape first: "not enough values to unpack (expected 4, got 3)"
+    x, dt, A = torch.randn(1, 16, 8), torch.rand(1, 16, 2), -torch.rand(2)
+    B = C = torch.randn(1, 16, 4)
+    with pytest.raises(ValueError) as e:
+        ssd_grouped.forward_triton(x, dt, A, B, C, 16)
+    assert str(e.value) == "forward_triton: x (1, 16, 8): want (b, l, h, p)"
+
+
+def test_resume_command_is_the_launch_that_resumes_the_run():
+    """A Ctrl-C's "continue with ...": train.py's flags in one process; under torchrun (world > 1) torchrun with
+    as many processes, which a resume needs (a plain train.py --resume was refused: saved by 2 processes, this
+    run has 1), the script it started, and over several nodes their count."""
+    import shlex
+    out = "runs/my run"
+    assert trainmod.resume_command(out, 1, "train.py", {}) == "--resume --out 'runs/my run'"
+    line = trainmod.resume_command(out, 2, "train.py", {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+    assert line == "torchrun --nproc_per_node 2 train.py --resume --out 'runs/my run'"
+    argv = shlex.split(line)
+    assert argv[:4] == ["torchrun", "--nproc_per_node", "2", "train.py"]
+    args, given = trainmod.parse_args(argv[4:])
+    assert args.resume and args.out == out and given == {"resume", "out"}
+    assert trainmod.resume_command("-x", 2, "/my code/train.py", {}) == \
+        "torchrun --nproc_per_node 2 '/my code/train.py' --resume --out=-x"
+    assert trainmod.resume_command(out, 8, "train.py", {"LOCAL_WORLD_SIZE": "4"}) == (
+        "torchrun --nnodes 2 --nproc_per_node 4 train.py --resume --out 'runs/my run' on each node, with the "
+        "rendezvous flags this run was started with")
 
 
 def test_stage2_config_refuses_every_size_below_one_and_widths_groupnorm_cannot_split():

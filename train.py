@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -40,14 +41,14 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data as datamod
 import fast
 import stage2
-from ssmttm import LAYOUTS, SPECIAL, ModelConfig, TextToMusicLM, delay_pattern
+from ssmttm import (LAYOUTS, SPECIAL, ModelConfig, TextToMusicLM, check_integer, delay_pattern,
+                    pad_text)
 
 PAPER = dict(batch_size=4, grad_accum=32, lr=1e-4, warmup=100, steps=100_000, dropout=0.3, d_model=1024,
              d_state=512, headdim=64, n_heads=8, frames=datamod.CLIP_FRAMES, eval_every=0, ckpt_every=1000,
@@ -67,10 +68,11 @@ STAGE1_ONLY = {"variant", "layers", "codebooks", "d_model", "d_state", "headdim"
 METRICS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "caption_score"]
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, prog="train.py"):
     """The settings: flags, then the preset for those left unset. A bad value stops here with one
-    line naming the flag and exit code 2 (data.ArgumentParser)."""
-    ap = datamod.ArgumentParser(prog="train.py", description=__doc__,
+    line naming the flag and exit code 2 (data.ArgumentParser), "PROG: error: ...": evaluate.py passes
+    its own name for the flags it trains with, which its user typed to evaluate.py, not to train.py."""
+    ap = datamod.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # sizes and counts past int32 overflowed in numpy and torch (OverflowError tracebacks); none is meant
     count, at_least_0 = datamod.whole_number(1, 2**31 - 1), datamod.whole_number(0)
@@ -232,6 +234,8 @@ def batch_indices(step, micro, args, rank, world, n_examples):
     positions = np.arange(first, first + args.batch_size)
     if n_examples is None:
         return positions, np.zeros_like(positions)
+    # 0 divided by zero (an IndexError from an empty permutation), a float failed in numpy's seeding
+    check_integer("batch_indices: n_examples", n_examples, least=1)
     epoch = positions // n_examples
     return np.array([np.random.default_rng([args.seed, e]).permutation(n_examples)[p % n_examples]
                      for e, p in zip(epoch, positions)]), epoch
@@ -760,14 +764,6 @@ def pads_text(args, device):
                                  and triton_op_option(args) is not False))
 
 
-def pad_text(text, mask, multiple):
-    """text (b, lt, d) and mask (b, lt) right-padded with masked zeros to a length that is a multiple of
-    `multiple`. The models do not see masked text (test_text_padding_is_invisible), so the loss is
-    unchanged."""
-    extra = -text.shape[1] % multiple
-    return F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
-
-
 def apply_update(run):
     """Clip the gradients, step the optimizer and the schedule, clear the gradients; returns (grad
     norm, lr). The one place where the weights, the optimizer and the schedule change."""
@@ -910,6 +906,24 @@ def log_step(run, bar, row, score):
                                                          "" if score is None else f"{score:.4f}"])
 
 
+def resume_command(out, world, script, environ=os.environ):
+    """What a Ctrl-C's line says continues the run in `out` (its value quoted for the shell: data.shell_flag):
+    in one process, train.py's flags --resume --out OUT; under torchrun (world > 1) the launch too, as the
+    checkpoint holds each process's RNG states and data position and refuses another count: torchrun
+    --nproc_per_node N SCRIPT --resume --out OUT, N torchrun's LOCAL_WORLD_SIZE. script: the file torchrun
+    started (sys.argv[0]). Over several nodes (WORLD_SIZE a multiple of LOCAL_WORLD_SIZE) their count,
+    and the rendezvous flags the run was started with, which no process is told."""
+    flags = "--resume " + datamod.shell_flag("--out", out)
+    if world == 1:
+        return flags
+    local = int(environ.get("LOCAL_WORLD_SIZE", world))
+    launch = f"torchrun --nproc_per_node {local} {shlex.quote(script)} {flags}"
+    if local == world:
+        return launch
+    return (f"{launch.replace('torchrun ', f'torchrun --nnodes {world // local} ', 1)} on each node, with the "
+            "rendezvous flags this run was started with")
+
+
 def train(run, step, saved):
     """The loop: steps from `step` to args.steps (or --stop-after), logging, evaluating and saving.
     saved: the step of the checkpoint on disk (None: none yet). Returns (step, the loss of the last
@@ -973,17 +987,18 @@ def train(run, step, saved):
                     save_checkpoint(run, step, rng)
             if run.master:
                 print(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}; continue with "
-                      f"{run.resume_with or '--resume ' + datamod.shell_flag('--out', args.out)}", file=sys.stderr)
+                      f"{run.resume_with or resume_command(args.out, run.world, sys.argv[0])}", file=sys.stderr)
             sys.exit(130)
         finally:
             bar.close()
     return step, loss if step > first_step else None
 
 
-def main(argv=None, resume_with=None):
+def main(argv=None, resume_with=None, prog="train.py"):
     """resume_with: the command that a Ctrl-C's line names to continue the run (evaluate.py's, when it
-    trains the run); by default train.py's --resume --out OUT (OUT quoted for the shell: data.shell_flag)."""
-    args, given = parse_args(argv)
+    trains the run); by default resume_command's: train.py's --resume --out OUT, under torchrun with its launch.
+    prog: the command named in its errors (evaluate.py's, when it trains the run)."""
+    args, given = parse_args(argv, prog)
     world, rank, device = setup_processes(args)
     lock = lock_run_folder(args, world, rank)  # rank 0's on a folder that exists, held while this run writes it
     try:
@@ -992,7 +1007,7 @@ def main(argv=None, resume_with=None):
     except (MemoryError, RuntimeError, OSError) as e:
         disk = datamod.disk_error(e)
         if disk is not None and not datamod.failing_outputs():  # not stdout or stderr's write
-            datamod.fail(f"train.py: cannot write in {args.out} ({disk.strerror.lower()}); what it saved before is "
+            datamod.fail(f"{prog}: cannot write in {args.out} ({disk.strerror.lower()}); what it saved before is "
                          "kept whole")
         memory = None if isinstance(e, OSError) else datamod.out_of_memory(e)
         if memory is None:
