@@ -13566,6 +13566,29 @@ def test_ctrl_c_during_the_caption_evaluation_keeps_the_steps_score(tmp_path, mo
     assert kept(tmp_path / "cut") == kept(tmp_path / "whole") and kept(tmp_path / "whole")[3][2] != ""
 
 
+def test_ctrl_c_during_the_update_of_a_scored_step_keeps_the_steps_score(tmp_path, monkeypatch):
+    """A SIGINT during step 4's update (held until the step is whole) came out between the update and the
+    evaluation: step 4's row was logged without its caption score and step 4 saved, so the resumed run never
+    scored it (helper h29's kill campaign). The update, the evaluation and the row are held as one."""
+    import signal
+    run = lambda out, *extra: trainmod.main(tiny_train_args(out, "--steps", "6", "--eval-every", "4", *extra))
+    run(tmp_path / "whole")
+    real_step = torch.optim.lr_scheduler.LambdaLR.step
+
+    def step(self, *a):
+        if self.last_epoch == 3:  # inside step 4's update
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self, *a)
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "cut")
+    assert e.value.code == 130 and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 4
+    monkeypatch.undo()
+    run(tmp_path / "cut", "--resume")
+    kept = lambda out: [(r["step"], r["loss"], r["caption_score"]) for r in csv.DictReader(open(out / "metrics.csv"))]
+    assert kept(tmp_path / "cut") == kept(tmp_path / "whole") and kept(tmp_path / "whole")[3][2] != ""
+
+
 def test_ctrl_c_while_convergence_trains_a_variant_names_evaluate_py_to_go_on(tmp_path, monkeypatch, capsys):
     # train.py's line said "continue with --resume --out OUT/<variant>": flags evaluate.py does not take
     import train

@@ -934,8 +934,9 @@ def train(run, step, saved):
     states), then updates the weights, optimizer and schedule in place (apply_update). Ctrl-C while
     accumulating drops the step: the checkpoint is the step before, with the RNG states taken after
     its update (not those the dropped step has advanced). Ctrl-C during the update is held until
-    the update is whole (ctrl_c_held) and that step is saved. Under torchrun every process finishes
-    the step in progress, and all save it (ctrl_c_agreed). Either way the run exits with 130.
+    the update, the step's evaluation and its row are whole (ctrl_c_held), and that step is saved.
+    Under torchrun every process finishes the step in progress, and all save it (ctrl_c_agreed).
+    Either way the run exits with 130.
     A non-finite loss stops before the update, with exit code 1, and keeps the last checkpoint."""
     args = run.args
     ckpt_path = os.path.join(args.out, "ckpt.pt")
@@ -954,17 +955,17 @@ def train(run, step, saved):
                     if run.master:
                         print(f"\nstep {step}: the loss is {loss}, stopping; {kept}", file=sys.stderr)
                     sys.exit(1)
-                with whole():  # the update and the count of completed steps change together
+                # The update, the count of completed steps, the evaluation and the row, held as one: the row is
+                # written once, with its score, and a Ctrl-C let out between the update and the evaluation (or
+                # in it) would lose that score, as the step is saved and a resumed run starts after it
+                with whole():
                     grad_norm, lr = apply_update(run)
                     step += 1
                     rng = rng_states(run)
                     tokens_per_s = args.batch_size * args.grad_accum * run.world * run.frames / (time.time() - t0)
                     row = [step, loss, lr, grad_norm, tokens_per_s, time.time() - t_start]
-                score = None
-                scored = args.eval_every and step % args.eval_every == 0 and args.stage == 1 and not args.data
-                # the row is written once, with its score: a Ctrl-C in the evaluation (seconds) would lose it,
-                # as the step is saved and a resumed run starts after it
-                with whole():
+                    score = None
+                    scored = args.eval_every and step % args.eval_every == 0 and args.stage == 1 and not args.data
                     if scored and run.master:
                         score = evaluate_captions(run)  # its own generator: the global RNG states stay
                     log_step(run, bar, row, score)
