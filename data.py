@@ -501,6 +501,57 @@ DATA_FILES = {CODES_FILE, JOURNAL_FILE, META_FILE, META_FILE + ".tmp"}  # all th
 ROW_BYTES = N_CODEBOOKS * CLIP_FRAMES * 2
 
 
+# What train.py writes in a checkpoint, by type: the programs index into these fields, so that a list or
+# a text there (a checkpoint edited, or another program's) was a TypeError or KeyError deep inside them.
+CHECKPOINT_FIELDS = {"model": dict, "config": dict, "args": dict, "text_encoder": dict,
+                     "optimizer": dict, "scheduler": dict, "rng": list}
+SPEC_KINDS = {"text_encoder": ("words", "t5"), "codec": ("synthetic", "dac")}
+
+
+def checkpoint_problem(ckpt):
+    """What makes the fields a loaded checkpoint (a dict) has unusable, or None: one of CHECKPOINT_FIELDS of
+    another type, a step that is no whole number, a text encoder or codec (None: stage 1's) of no known kind,
+    or a training length (args' frames) that is no whole number. Which fields it must have, each program
+    says itself."""
+    for key, kind in CHECKPOINT_FIELDS.items():
+        if key in ckpt and not isinstance(ckpt[key], kind):
+            return f"its {key} is {JSON_KINDS.get(type(ckpt[key]), type(ckpt[key]).__name__)}, not {JSON_KINDS[kind]}"
+    if "step" in ckpt and not (isinstance(ckpt["step"], int) and not isinstance(ckpt["step"], bool)
+                               and ckpt["step"] >= 0):
+        return f"its step is {ckpt['step']!r}, not a whole number"
+    for key, kinds in SPEC_KINDS.items():
+        spec = ckpt.get(key)
+        if key in ckpt and not (spec is None and key == "codec") and (
+                not isinstance(spec, dict) or spec.get("kind") not in kinds):
+            return f"its {key} is {spec!r}, not one of kind {' or '.join(kinds)}"
+    frames = ckpt.get("args", {}).get("frames")
+    if frames is not None and not (isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1):
+        return f"its args' frames is {frames!r}, not a whole number"
+    return None
+
+
+def make_config(config_class, config, where):
+    """config_class(**config), a checkpoint's model config; BadInput naming `where` when it is not one."""
+    try:
+        return config_class(**config)
+    except (TypeError, ValueError) as e:
+        fail(f"{where}: its config and weights do not make a model ({first_line(e)[:200]})")
+
+
+def load_weights(model, state, where):
+    """model.load_state_dict(state), a checkpoint's weights; BadInput naming `where` when they do not fit
+    the model (a key missing, left over or of another shape) or hold NaN or infinite values (a run that
+    diverged: the model would load and then make noise, or train on NaN, without a word)."""
+    try:
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as e:
+        fail(f"{where}: its config and weights do not make a model ({first_line(e)[:200]})")
+    bad = next((name for name, value in state.items()
+                if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if bad is not None:
+        fail(f"{where}: its weights hold NaN or infinite values ({bad}); a run that diverged?")
+
+
 def model_location(name_or_path):
     """A model's hub name as it is, a local folder as an absolute path: where a checkpoint can find it
     again from any working directory."""
@@ -713,10 +764,16 @@ class ClipWriter:
         """Settings may change while nothing is committed; after that, a run must use the folder's."""
         path = os.path.join(self.folder, META_FILE)
         try:
-            with open(path) as f:
+            with open(path, "rb") as f:
                 old = parse_json(f.read())
-        except (OSError, ValueError):
-            old = {}
+            damage = None if isinstance(old, dict) else JSON_KINDS[type(old)]  # a list: .get() raised AttributeError
+        except OSError:
+            old, damage = {}, None
+        except ValueError as e:
+            damage = str(e)
+        if damage:  # no settings to compare this run's with
+            fail(f"{path}: not data.py's settings ({damage}); this folder cannot be trusted, preprocess into a "
+                 "new --out")
         dac = old.get("dac")
         if isinstance(dac, str) and dac != self.meta.get("dac") and model_location(dac) == self.meta.get("dac"):
             # kept as typed (relative) by an earlier data.py: the same folder from here, which train.py

@@ -209,6 +209,9 @@ def open_checkpoint(path):
     missing = [key for key in CHECKPOINT_KEYS.get(ckpt["kind"], ()) if key not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: a {ckpt['kind']} checkpoint without {', '.join(missing)}")
+    problem = datamod.checkpoint_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{path}: a damaged {ckpt['kind']} checkpoint: {problem}")
     return ckpt
 
 
@@ -220,10 +223,10 @@ def build_model(ckpt, path, config_class, model_class):
     """model_class(config_class(**ckpt["config"])) with ckpt["model"]'s weights; one line naming path
     when its config or weights do not fit (a checkpoint edited, or of another version)."""
     try:
-        model = model_class(config_class(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
+        model = model_class(datamod.make_config(config_class, ckpt["config"], path))
+    except (TypeError, ValueError, RuntimeError) as e:  # a config the model's layers refuse
         datamod.fail(f"{path}: its config and weights do not make a model ({datamod.first_line(e)[:200]})")
+    datamod.load_weights(model, ckpt["model"], path)
     return model
 
 

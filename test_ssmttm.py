@@ -9914,8 +9914,9 @@ def test_generate_ids_that_cannot_name_a_file_are_one_line_and_exit_2(tmp_path, 
 def test_newest_checkpoint_is_the_newest_of_the_kind_asked(tmp_path, monkeypatch):
     # a newer stage-2 run does not hide the stage-1 one (and open_checkpoint reads only the keys)
     monkeypatch.chdir(tmp_path)
-    stage1 = {"kind": "stage1", "model": {}, "config": {}, "step": 1, "text_encoder": {}, "args": {}}
-    stage2_ = {"kind": "stage2", "model": {}, "config": {}, "codec": {}, "text_encoder": {}}
+    stage1 = {"kind": "stage1", "model": {}, "config": {}, "step": 1, "text_encoder": {"kind": "words"}, "args": {}}
+    stage2_ = {"kind": "stage2", "model": {}, "config": {}, "codec": {"kind": "synthetic"},
+               "text_encoder": {"kind": "words"}}
     for name, ckpt, t in (("a", stage1, 1e9), ("b", stage2_, 2e9)):
         os.makedirs(f"runs/{name}")
         torch.save(ckpt, f"runs/{name}/ckpt.pt")
@@ -12094,7 +12095,7 @@ def test_a_folder_that_cannot_be_made_is_one_line_naming_the_flag(tmp_path, monk
 def test_newest_checkpoint_reads_only_each_runs_ckpt_pt(tmp_path, monkeypatch):
     # a newer .pt beside a run's ckpt.pt (a copy, an export) is no run's checkpoint
     monkeypatch.chdir(tmp_path)
-    stage1 = {"kind": "stage1", "model": {}, "config": {}, "step": 1, "text_encoder": {}, "args": {}}
+    stage1 = {"kind": "stage1", "model": {}, "config": {}, "step": 1, "text_encoder": {"kind": "words"}, "args": {}}
     os.makedirs("runs/a")
     for name, t in (("ckpt.pt", 1e9), ("copy.pt", 2e9)):
         torch.save(stage1, f"runs/a/{name}")
@@ -12103,8 +12104,9 @@ def test_newest_checkpoint_reads_only_each_runs_ckpt_pt(tmp_path, monkeypatch):
 
 
 def test_open_checkpoint_names_each_key_generate_reads_that_a_checkpoint_lacks(tmp_path):
-    stage1 = {"kind": "stage1", "model": {}, "config": {}, "step": 1, "text_encoder": {}, "args": {}}
-    stage2_ = {"kind": "stage2", "model": {}, "config": {}, "codec": {}, "text_encoder": {}}
+    stage1 = {"kind": "stage1", "model": {}, "config": {}, "step": 1, "text_encoder": {"kind": "words"}, "args": {}}
+    stage2_ = {"kind": "stage2", "model": {}, "config": {}, "codec": {"kind": "synthetic"},
+               "text_encoder": {"kind": "words"}}
     for ckpt, key in [(stage1, "config"), (stage1, "step"), (stage1, "text_encoder"), (stage1, "args"),
                       (stage2_, "config"), (stage2_, "codec"), (stage2_, "text_encoder")]:
         torch.save({k: v for k, v in ckpt.items() if k != key}, tmp_path / "c.pt")
@@ -12146,7 +12148,8 @@ def test_same_file_key_keeps_a_letter_whose_lower_case_is_two_letters():
 
 def test_read_checkpoint_hints_at_stage2_only_where_hint_asks(tmp_path, capsys):
     # evaluate.py --long reads a stage-1 checkpoint with hint=False: it has no --stage2 to point to
-    torch.save({"kind": "stage2", "model": {}, "config": {}, "codec": {}, "text_encoder": {}}, tmp_path / "s2.pt")
+    torch.save({"kind": "stage2", "model": {}, "config": {}, "codec": {"kind": "synthetic"},
+                "text_encoder": {"kind": "words"}}, tmp_path / "s2.pt")
     for hint, tail in ((True, ": pass it with --stage2"), (False, "")):
         with pytest.raises(SystemExit) as e:
             genmod.read_checkpoint(str(tmp_path / "s2.pt"), "stage1", hint=hint)
@@ -14487,3 +14490,91 @@ def test_resuming_with_a_metrics_file_not_train_pys_is_refused_before_the_data_o
     assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
         f"{out}/metrics.csv:2: not a row of train.py's metrics; move the file away to resume without the earlier rows")
     assert loaded == [] and (out / "config.json").read_text() == config
+
+
+# Damaged checkpoints (audit h30): a field of another type, a state dict that does not fit, NaN weights, and
+# a saved state the optimizer, schedule or RNGs refuse gave tracebacks deep inside generate.py and train.py, or
+# were taken without a word (NaN weights made noise; a step of text was recorded). One line, exit code 2, naming
+# the file, and nothing written.
+def damaged_checkpoints(ckpt):
+    """{name: (checkpoint, the end of the one line every program gives for it)}"""
+    first = next(iter(ckpt["model"]))
+    nan = {k: v.clone().fill_(float("nan")) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    return {
+        "te_text": ({**ckpt, "text_encoder": "words"}, "its text_encoder is text, not an object"),
+        "te_no_kind": ({**ckpt, "text_encoder": {}}, "its text_encoder is {}, not one of kind words or t5"),
+        "args_list": ({**ckpt, "args": [1]}, "its args is a list, not an object"),
+        "frames_text": ({**ckpt, "args": {**ckpt["args"], "frames": "48"}},
+                        "its args' frames is '48', not a whole number"),
+        "step_text": ({**ckpt, "step": "x"}, "its step is 'x', not a whole number"),
+        "codec_text": ({**ckpt, "codec": "x"}, "its codec is 'x', not one of kind synthetic or dac"),
+        "model_list": ({**ckpt, "model": [1]}, "its model is a list, not an object"),
+        "missing": ({**ckpt, "model": {k: v for k, v in ckpt["model"].items() if k != first}},
+                    "its config and weights do not make a model (Error(s) in loading state_dict for TextToMusicLM:)"),
+        "nan": ({**ckpt, "model": nan}, f"its weights hold NaN or infinite values ({first}); a run that diverged?"),
+        "config_text": ({**ckpt, "config": {**ckpt["config"], "d_model": "64"}},
+                        "its config and weights do not make a model (ModelConfig.d_model '64': want an integer)")}
+
+
+def test_generate_names_a_damaged_checkpoint_in_one_line_and_writes_nothing(synthetic_checkpoint, tmp_path, capsys):
+    cases = damaged_checkpoints(torch.load(synthetic_checkpoint, weights_only=False))
+    for name, (ckpt, message) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(ckpt, path)
+        with pytest.raises(SystemExit) as e:
+            genmod.main(["a calm piece", "--seconds", "0.1", "--ckpt", str(path), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        damaged = "" if message.startswith(("its config and", "its weights")) else "a damaged stage1 checkpoint: "
+        assert e.value.code == 2 and err == f"{path}: {damaged}{message}\n", name
+        assert not (tmp_path / "out").exists()
+
+
+def test_train_init_from_and_resume_name_a_damaged_checkpoint_in_one_line(synthetic_checkpoint, tmp_path, capsys):
+    ckpt = torch.load(synthetic_checkpoint, weights_only=False)
+    cases = damaged_checkpoints(ckpt)
+    refused = "its optimizer, schedule or RNG state does not fit this run"
+    cases["optimizer"] = ({**ckpt, "optimizer": {}}, f"{refused} (KeyError: 'param_groups')")
+    cases["rng"] = ({**ckpt, "rng": [{}]}, f"{refused} (KeyError: 'torch')")
+    cases["batch_text"] = ({**ckpt, "args": {**ckpt["args"], "batch_size": "8"}},
+                           "a damaged checkpoint: its args' batch_size is '8', not a number")
+    for name, (bad, message) in cases.items():
+        if not message.startswith(("its config and", "its weights", "its optimizer", "a damaged")):
+            message = "a damaged checkpoint: " + message
+        src, out = tmp_path / f"{name}.pt", tmp_path / f"ft_{name}"
+        torch.save(bad, src)
+        if name not in ("optimizer", "rng", "batch_text"):  # (what --init-from does not read)
+            with pytest.raises(SystemExit) as e:
+                trainmod.main(tiny_train_args(out, "--steps", "1", "--init-from", str(src)))
+            assert e.value.code == 2 and capsys.readouterr().err == f"--init-from {src}: {message}\n", name
+            assert not out.exists()
+        if name == "config_text":  # a resumed run builds its model from its settings, not the saved config
+            continue
+        run = tmp_path / f"run_{name}"
+        shutil.copytree(synthetic_checkpoint.parent, run)
+        torch.save(bad, run / "ckpt.pt")
+        before = {f: (run / f).read_bytes() for f in os.listdir(run)}
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(["--resume", "--out", str(run), "--steps", "3"])
+        assert e.value.code == 2 and capsys.readouterr().err == f"{run}/ckpt.pt: {message}\n", name
+        assert {f: (run / f).read_bytes() for f in os.listdir(run)} == before, name
+
+
+@pytest.mark.parametrize("text,why", [("[1]", "a list"), ('"dac"', "text"), ("{", "Expecting property name enclosed "
+                                      "in double quotes"), ("", "Expecting value")])
+def test_clip_writer_names_a_damaged_meta_json_of_a_folder_with_clips(tmp_path, capsys, text, why):
+    # a meta.json that is no JSON object raised AttributeError ('list' object has no attribute 'get') when data.py
+    # went on adding to the folder, and one that was no JSON read as "made with other settings" (audit h30)
+    folder = tmp_path / "tokens"
+    record = {"source": "a.wav", "clips": [{"start_s": 0.0, "frames": 10}], "captions": ["c"], "seconds": 1.0,
+              "silent": 0}
+    with datamod.ClipWriter(str(folder), {"dac": "x"}) as w:
+        w.commit(record, [np.zeros((9, 10), np.int64)])
+    (folder / "meta.json").write_text(text)
+    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        datamod.ClipWriter(str(folder), {"dac": "x"})
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"{folder}/meta.json: not data.py's settings ({why}); this folder cannot be trusted, preprocess into a new "
+        "--out\n")
+    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before

@@ -286,6 +286,13 @@ def resume_or_start(args, given, world):
                      f"run has {world}; resume it with as many (torchrun --nproc_per_node {saved_world})")
     # a run saved before these trained on every clip, and on the clips its folder held at each start
     saved = {"clips_per_track": 0, "data_rows": None, **ckpt["args"]}
+    def kind(value):
+        return datamod.JSON_KINDS.get(type(value), type(value).__name__)
+    wrong = next((k for k, v in saved.items()  # a setting edited to another type would fail deep in the run
+                  if v is not None and getattr(args, k, None) is not None and kind(v) != kind(getattr(args, k))), None)
+    if wrong:
+        datamod.fail(f"{ckpt_path}: a damaged checkpoint: its args' {wrong} is {saved[wrong]!r}, not "
+                     f"{kind(getattr(args, wrong))}")
     if saved.get("stage") == 2 and given & STAGE1_ONLY:  # (its stage-1 flags hold parse_args' defaults)
         datamod.fail(f"--resume: {', '.join('--' + k.replace('_', '-') for k in sorted(given & STAGE1_ONLY))} set "
                      f"the stage-1 LM; {ckpt_path} is stage 2's diffusion model, which takes none of them")
@@ -390,6 +397,9 @@ def load_checkpoint(path, keys=("model", "optimizer", "scheduler", "step", "rng"
     missing = set(keys) - set(ckpt) if isinstance(ckpt, dict) else set(keys)
     if missing:
         datamod.fail(f"{where}: not a train.py checkpoint (no {', '.join(sorted(missing))})")
+    problem = datamod.checkpoint_problem(ckpt)
+    if problem:
+        datamod.fail(f"{where}: a damaged checkpoint: {problem}")
     return ckpt
 
 
@@ -414,6 +424,7 @@ def init_from(args, given):
     if src["kind"] != f"stage{args.stage}":
         datamod.fail(f"{flag} is a {src['kind'].replace('stage', 'stage-')} checkpoint; this run is stage "
                      f"{args.stage} (--stage {src['kind'][-1]} to fine-tune it)")
+    datamod.make_config(ModelConfig if args.stage == 1 else stage2.Stage2Config, src["config"], flag)
     if args.stage == 1:
         for name, field in ARCHITECTURE.items():
             if name in given and getattr(args, name) != src["config"][field]:
@@ -452,7 +463,7 @@ def load_source_weights(src, model, model_config, args):
     """Put the --init-from checkpoint's weights (and, for stage 2, its latent statistics, which
     its weights were trained with) into the new model. BadInput if the configs disagree."""
     check_source_config(src, model_config, args)
-    model.load_state_dict(src["model"])
+    datamod.load_weights(model, src["model"], f"--init-from {args.init_from}")
 
 
 def load_data(args, device, world, rank=0):
@@ -592,18 +603,22 @@ def latent_stat_examples(n_examples, seed, n=64):
     return np.sort(np.random.default_rng(seed).choice(n_examples, min(n, n_examples), replace=False))
 
 
-def restore(ckpt, model, optimizer, scheduler, rank, device):
+def restore(ckpt, model, optimizer, scheduler, rank, device, path="ckpt.pt"):
     """Put a checkpoint's weights, optimizer, schedule and this process's RNG states back; returns
-    its step."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    rng = ckpt["rng"][rank]
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and device.startswith("cuda"):
-        torch.cuda.set_rng_state(rng["cuda"], device)
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    its step. One line naming path (exit code 2) when one of them does not fit this run's model."""
+    datamod.load_weights(model, ckpt["model"], path)
+    try:  # torch and numpy raise any of these for a state of another shape or layout
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        rng = ckpt["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and device.startswith("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        datamod.fail(f"{path}: its optimizer, schedule or RNG state does not fit this run "
+                     f"({type(e).__name__}: {datamod.first_line(e)[:200]})")
     return ckpt["step"]
 
 
@@ -1060,7 +1075,7 @@ def run_training(args, given, world, rank, device, lock, resume_with=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, args) / args.lr)
     step = 0
     if ckpt is not None:
-        step = restore(ckpt, model, optimizer, scheduler, rank, device)
+        step = restore(ckpt, model, optimizer, scheduler, rank, device, os.path.join(args.out, "ckpt.pt"))
         # --steps may change on resume, and the cosine with it: the next step's lr is the new schedule's
         # (LambdaLR's own product, so an unchanged --steps gives the saved value bit for bit), not the saved one
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
