@@ -98,6 +98,18 @@ def check_integer(name, value, least=None):
         raise ValueError(f"{name} {value}: want {least} or more")
 
 
+def as_codes(name, codes):
+    """codes as int64, the dtype the embeddings and the loss index with; TypeError naming `name` unless
+    they are a torch tensor of int16, int32 or int64, the integer dtypes that hold every id 0..1024 (a
+    lossless conversion: codes of a .npy or of an int32 kernel are taken as they are). Refused, as their
+    ids are not the codes: a bool tensor (a mask: read as ids 0 and 1), uint8 or int8 (1024 and every
+    code above 255 or 127 wrap), floats (they fail deep in an embedding or the loss), numpy arrays."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int16, torch.int32, torch.int64):
+        kind = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise TypeError(f"{name}: {kind}: want a torch tensor of integer codes (int16, int32 or int64)")
+    return codes.long()
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. Delay pattern (MusicGen) and loss
 
@@ -105,7 +117,9 @@ def check_integer(name, value, least=None):
 def delay_pattern(codes, special=SPECIAL):
     """(b, K, T) codes -> (b, K, T + K - 1): codebook k shifted right by k steps, empty slots special.
     Step s then holds codebook k of frame s - k, so one step predicts all K codebooks at once while
-    codebook k still sees codebooks j < k of its own frame (generated k - j steps earlier)."""
+    codebook k still sees codebooks j < k of its own frame (generated k - j steps earlier).
+    int64 out; TypeError for codes of another kind (as_codes)."""
+    codes = as_codes("delay_pattern: codes", codes)
     b, K, T = codes.shape
     out = codes.new_full((b, K, T + K - 1), special)
     for k in range(K):
@@ -115,7 +129,8 @@ def delay_pattern(codes, special=SPECIAL):
 
 def undelay_pattern(delayed):
     """Exact inverse of delay_pattern: (b, K, T + K - 1) -> (b, K, T). ValueError for fewer than K - 1
-    steps (no delay_pattern output has them)."""
+    steps (no delay_pattern output has them); TypeError for codes of another kind (as_codes). int64 out."""
+    delayed = as_codes("undelay_pattern: delayed", delayed)
     b, K, S = delayed.shape
     T = S - K + 1
     if T < 0:
@@ -129,7 +144,9 @@ def lm_loss(logits, targets, label_smoothing=0.0, counts=None):
     real targets of each codebook in the whole batch this one is a part of (a training step's
     micro-batches on every process); the loss is then this part's share of that batch's loss, and the
     parts' shares add up to it, whatever the padding of each (None: the whole batch is this one).
-    ValueError for targets of another shape than logits' (b, K, s)."""
+    ValueError for targets of another shape than logits' (b, K, s); TypeError for targets of another kind
+    (as_codes: a uint8 target can never be the special id, so padding would count as code 0)."""
+    targets = as_codes("lm_loss: targets", targets)
     b, K, s, V = logits.shape
     if targets.shape != (b, K, s):
         raise ValueError(f"lm_loss: targets {tuple(targets.shape)} for logits {tuple(logits.shape)}: "
@@ -218,7 +235,11 @@ class Mamba2(nn.Module):
 
     def new_state(self, batch, max_len, device, dtype, ssm_dtype=None):
         """An empty state (the start of a sequence). ssm_dtype: how h_t is stored between steps
-        (default: fp32 or above); each step computes in fp32 or above whatever it is stored in."""
+        (default: fp32 or above); each step computes in fp32 or above whatever it is stored in. TypeError
+        for an ssm_dtype that is no floating-point torch.dtype (an integer state would silently truncate h_t
+        at every step; a name such as "float32" fails deep in torch.zeros)."""
+        if ssm_dtype is not None and not (isinstance(ssm_dtype, torch.dtype) and ssm_dtype.is_floating_point):
+            raise TypeError(f"ssm_dtype {ssm_dtype!r}: want a floating-point torch.dtype (or None: fp32 or above)")
         return Mamba2State(conv=torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype),
                            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device,
                                            dtype=ssm_dtype or torch.promote_types(dtype, torch.float32)))
@@ -502,7 +523,14 @@ def sinusoidal_positions(positions, dim):
 
 
 def check_text(text, text_mask, d_text, where):
-    """ValueError naming `where` unless text is (b, lt, d_text) states and text_mask a bool (b, lt)."""
+    """ValueError naming `where` unless text is (b, lt, d_text) states and text_mask a bool (b, lt); TypeError
+    for either that is no torch tensor (a numpy array), or integer text (ids, not states: their float
+    conversion would run). Floating text of any precision is fine: the model converts it to its own."""
+    for name, t in (("text", text), ("text_mask", text_mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} {type(t).__name__}: want a torch tensor")
+    if not text.is_floating_point():
+        raise TypeError(f"{where}: text {text.dtype}: want floating-point states")
     if text.dim() != 3 or text.shape[-1] != d_text:
         raise ValueError(f"{where}: text {tuple(text.shape)}: want (b, lt, {d_text}) states")
     if text_mask.dtype != torch.bool or text_mask.shape != text.shape[:2]:
@@ -587,8 +615,10 @@ class TextToMusicLM(nn.Module):
         (zero Mamba-2 states, empty KV caches), as the pass starts from nothing; a used one is not
         reset, and the pass would carry on from its states. Whatever text holds at padding is never
         read. ValueError for text or a text_mask of other shapes (check_text), tokens that are not
-        (b, n_codebooks, s) for b texts, and a cache of another batch."""
+        (b, n_codebooks, s) for b texts, and a cache of another batch; TypeError for tokens of another
+        kind than int16/32/64 (as_codes) and text check_text refuses."""
         check_text(text, text_mask, self.cfg.d_text, "TextToMusicLM")
+        tokens = as_codes("TextToMusicLM: tokens", tokens)
         if tokens.dim() != 3 or tokens.shape[:2] != (text.shape[0], self.cfg.n_codebooks):
             raise ValueError(f"TextToMusicLM: tokens {tuple(tokens.shape)}: want ({text.shape[0]}, "
                              f"{self.cfg.n_codebooks}, s), a row per text and a stream per codebook")
@@ -624,7 +654,9 @@ class TextToMusicLM(nn.Module):
     def step(self, tokens, cache):
         """Continue from a cache: tokens (b, K, s) the next input steps -> logits (b, K, s, 1025).
         For s = 1 this is one decoding step: its cost does not depend on the position for the SSM
-        variants (the Mamba-2 states have a fixed size); attention reads its growing KV cache."""
+        variants (the Mamba-2 states have a fixed size); attention reads its growing KV cache.
+        TypeError for tokens as_codes refuses (a Python check of the dtype: no sync)."""
+        tokens = as_codes("step: tokens", tokens)
         s = tokens.shape[-1]
         x = self.embed_steps(tokens)
         positions = cache.position[:, None] + torch.arange(s, device=x.device)
@@ -634,7 +666,9 @@ class TextToMusicLM(nn.Module):
 
     def forward(self, codes, text, text_mask, counts=None):
         """Teacher-forced pass. codes (b, K, s): LM-layout targets (delayed when K > 1, special id
-        where there is no token). Returns logits (b, K, s, 1025) and the loss (counts: lm_loss's)."""
+        where there is no token). Returns logits (b, K, s, 1025) and the loss (counts: lm_loss's).
+        TypeError for codes as_codes refuses (a uint8 pad would overflow on the special id)."""
+        codes = as_codes("TextToMusicLM: codes", codes)
         tokens = F.pad(codes[..., :-1], (1, 0), value=SPECIAL)  # the begin step, then shift right
         logits = self.logits(tokens, text, text_mask)
         return logits, lm_loss(logits, codes, self.cfg.label_smoothing, counts)
@@ -710,6 +744,8 @@ class TextToMusicLM(nn.Module):
         K = self.cfg.n_codebooks
         if prompt is None:
             prompt = torch.zeros(b, K, 0, dtype=torch.long, device=device)
+        if not (isinstance(prompt, torch.Tensor) and prompt.is_floating_point()):  # (floats: the ValueError below)
+            prompt = as_codes("generate: prompt", prompt)  # int64: the codes come back int64 whatever it was
         if prompt.dim() != 3 or prompt.shape[:2] != (b, K) or prompt.shape[-1] > n_frames:
             raise ValueError(f"prompt {tuple(prompt.shape)}: want ({b}, {K}, at most n_frames = {n_frames})")
         if prompt.is_floating_point() or prompt.numel() and not 0 <= prompt.min() <= prompt.max() <= SPECIAL:

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ssmttm import (CODEBOOK_SIZE, SPECIAL, CrossAttention, adamw, check_integer, check_text,
+from ssmttm import (CODEBOOK_SIZE, SPECIAL, CrossAttention, adamw, as_codes, check_integer, check_text,
                     classifier_free_guidance, sinusoidal_positions)
 
 LATENT_DIM = 8  # DAC's codebook_dim
@@ -222,7 +222,10 @@ class Stage2Diffusion(nn.Module):
 
     @torch.no_grad()
     def latents(self, codes):
-        """codes (b, n, T), n <= 9 -> normalised latents (b, 8n, T). Special ids (padding) -> 0."""
+        """codes (b, n, T), n <= 9 -> normalised latents (b, 8n, T). Special ids (padding) -> 0. TypeError
+        for codes that ssmttm.as_codes refuses (bool ones were read as codes 0 and 1; int16 failed in DAC's
+        embedding)."""
+        codes = as_codes("Stage2Diffusion: codes", codes)
         _, lat, _ = self.codec.quantizer.from_codes(codes.clamp(max=CODEBOOK_SIZE - 1))
         mean, std = self._block_stats(codes.shape[1])
         lat = (lat.float() - mean) / std
@@ -231,7 +234,9 @@ class Stage2Diffusion(nn.Module):
     @torch.no_grad()
     def set_latent_stats(self, codes):
         """Measure the per-codebook mean and std of the latents of training codes (b, 9, T). ValueError for
-        codes of another number of codebooks than cfg.n_codebooks."""
+        codes of another number of codebooks than cfg.n_codebooks; TypeError (before the statistics are reset)
+        for codes ssmttm.as_codes refuses."""
+        codes = as_codes("set_latent_stats: codes", codes)
         if codes.dim() != 3 or codes.shape[1] != self.cfg.n_codebooks:  # (else a view fails on the size)
             raise ValueError(f"set_latent_stats: codes {tuple(codes.shape)}: want (b, {self.cfg.n_codebooks}, T)")
         self.latent_mean.zero_()
@@ -360,6 +365,8 @@ class Stage2Diffusion(nn.Module):
         are not integer codes 0..1023 (b, T >= 1) (stage 1's (b, 1, T) output is codes[:, 0]), a frame
         with some fine codes known and some not, a kept frame whose codebook 1 is not coarse_codes', or
         known that are not integer codes 0..1024 (1024, the special id: a code to sample)."""
+        if not (isinstance(coarse_codes, torch.Tensor) and coarse_codes.is_floating_point()):  # (floats: below)
+            coarse_codes = as_codes("generate: coarse_codes", coarse_codes)
         if coarse_codes.dim() != 2 or coarse_codes.shape[1] == 0 or coarse_codes.is_floating_point() or (
                 coarse_codes.numel() and not 0 <= coarse_codes.min() <= coarse_codes.max() < CODEBOOK_SIZE):
             raise ValueError(f"generate: coarse_codes {tuple(coarse_codes.shape)} {coarse_codes.dtype}: want codebook "
@@ -367,6 +374,8 @@ class Stage2Diffusion(nn.Module):
         coarse = self.latents(coarse_codes[:, None])
         keep = fine_known = None
         if known is not None:
+            if not (isinstance(known, torch.Tensor) and known.is_floating_point()):  # (floats: the ValueError below)
+                known = as_codes("generate: known", known)
             if known.dim() != 3 or known.shape[1] != self.cfg.n_codebooks:
                 raise ValueError(f"known {tuple(known.shape)}: want (b, {self.cfg.n_codebooks}, T) codes")
             if known.is_floating_point() or known.numel() and not 0 <= known.min() <= known.max() <= SPECIAL:

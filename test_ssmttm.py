@@ -14578,3 +14578,107 @@ def test_clip_writer_names_a_damaged_meta_json_of_a_folder_with_clips(tmp_path, 
         f"{folder}/meta.json: not data.py's settings ({why}); this folder cannot be trusted, preprocess into a new "
         "--out\n")
     assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Dtype confusion: codes, text and state dtypes of another kind
+
+
+def codes_message(where, kind):
+    return f"{where}: {kind}: want a torch tensor of integer codes (int16, int32 or int64)"
+
+
+def test_codes_of_another_kind_are_refused_by_name_and_narrower_integers_give_the_same_values():
+    # bool codes were read as ids 0 and 1, uint8 ones cannot hold the special id, floats failed in the embedding
+    codes = torch.randint(0, 1024, (2, 2, 5), generator=torch.Generator().manual_seed(0))
+    delayed = delay_pattern(codes)
+    for bad, kind in ((codes.bool(), "torch.bool"), (codes.to(torch.uint8), "torch.uint8"),
+                      (codes.float(), "torch.float32"), (codes.numpy(), "ndarray")):
+        with pytest.raises(TypeError) as e:
+            delay_pattern(bad)
+        assert str(e.value) == codes_message("delay_pattern: codes", kind)
+    with pytest.raises(TypeError) as e:
+        undelay_pattern(delayed.bool())
+    assert str(e.value) == codes_message("undelay_pattern: delayed", "torch.bool")
+    for dtype in (torch.int16, torch.int32):
+        assert delay_pattern(codes.to(dtype)).dtype == torch.long
+        assert torch.equal(delay_pattern(codes.to(dtype)), delayed)
+        assert torch.equal(undelay_pattern(delayed.to(dtype)), codes)
+    logits = torch.randn(2, 2, 6, 1025, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(TypeError) as e:
+        ssmttm.lm_loss(logits, delayed.to(torch.uint8))
+    assert str(e.value) == codes_message("lm_loss: targets", "torch.uint8")
+    assert ssmttm.lm_loss(logits, delayed.int()).item() == ssmttm.lm_loss(logits, delayed).item()
+
+
+def test_the_lm_refuses_tokens_of_another_kind_and_reads_int16_and_int32_as_int64():
+    model = tiny_model("prefix_simba", 2)
+    text, mask = random_text()
+    codes = delay_pattern(torch.randint(0, 1024, (2, 2, 4), generator=torch.Generator().manual_seed(0)))
+    tokens = F.pad(codes, (1, 0), value=SPECIAL)
+    with pytest.raises(TypeError) as e:
+        model.logits(tokens.bool(), text, mask)
+    assert str(e.value) == codes_message("TextToMusicLM: tokens", "torch.bool")
+    with pytest.raises(TypeError) as e:
+        model(codes.to(torch.uint8), text, mask)
+    assert str(e.value) == codes_message("TextToMusicLM: codes", "torch.uint8")
+    cache = ssmttm.InferenceCache(model, 2, 8, "cpu", torch.float64)
+    model.logits(tokens[..., :2], text, mask, cache)
+    with pytest.raises(TypeError) as e:
+        model.step(tokens[..., 2:3].float(), cache)
+    assert str(e.value) == codes_message("step: tokens", "torch.float32")
+    assert torch.equal(model.logits(tokens.to(torch.int16), text, mask), model.logits(tokens, text, mask))
+    assert model(codes.int(), text, mask)[1].item() == model(codes, text, mask)[1].item()
+
+
+def test_generate_refuses_a_bool_prompt_and_returns_int64_codes_for_an_int16_one():
+    model = tiny_model("prefix_simba", 2)
+    text, mask = random_text()
+    prompt = torch.randint(0, 1024, (2, 2, 3), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError) as e:
+        model.generate(text, mask, 5, top_k=1, prompt=prompt.bool())
+    assert str(e.value) == codes_message("generate: prompt", "torch.bool")
+    out = model.generate(text, mask, 5, top_k=1, prompt=prompt.to(torch.int16))
+    assert out.dtype == torch.long and torch.equal(out, model.generate(text, mask, 5, top_k=1, prompt=prompt))
+
+
+def test_check_text_refuses_arrays_and_integer_text_by_name():
+    text, mask = random_text()
+    for args, message in (((text.numpy(), mask), "w: text ndarray: want a torch tensor"),
+                          ((text, mask.numpy()), "w: text_mask ndarray: want a torch tensor"),
+                          ((text.long(), mask), "w: text torch.int64: want floating-point states")):
+        with pytest.raises(TypeError) as e:
+            ssmttm.check_text(*args, 24, "w")
+        assert str(e.value) == message
+    ssmttm.check_text(text.bfloat16(), mask, 24, "w")  # any floating precision: the model converts it
+
+
+def test_an_ssm_dtype_that_is_no_floating_dtype_is_refused():
+    # torch.long states truncated h_t at every step and generate carried on with other tokens
+    model = tiny_model("prefix_simba", 1)
+    text, mask = random_text()
+    for bad in (torch.long, "float32"):
+        with pytest.raises(TypeError) as e:
+            model.generate(text, mask, 3, top_k=1, ssm_dtype=bad)
+        assert str(e.value) == f"ssm_dtype {bad!r}: want a floating-point torch.dtype (or None: fp32 or above)"
+    assert torch.equal(model.generate(text, mask, 3, top_k=1, ssm_dtype=torch.float64),
+                       model.generate(text, mask, 3, top_k=1))
+
+
+def test_stage2_refuses_bool_codes_before_resetting_its_statistics_and_reads_int16_codes():
+    model, codes, text, mask = stage2_on_synthetic_clips(16)
+    mean, std = model.latent_mean.clone(), model.latent_std.clone()
+    with pytest.raises(TypeError) as e:
+        model.set_latent_stats(codes.bool())
+    assert str(e.value) == codes_message("set_latent_stats: codes", "torch.bool")
+    assert torch.equal(model.latent_mean, mean) and torch.equal(model.latent_std, std)
+    with pytest.raises(TypeError) as e:
+        model.generate(codes[:, 0].bool(), text, mask, steps=1)
+    assert str(e.value) == codes_message("generate: coarse_codes", "torch.bool")
+    draw = lambda c, **kw: model.generate(c, text, mask, steps=2, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(draw(codes[:, 0].to(torch.int16)), draw(codes[:, 0]))
+    known = codes.clone()
+    known[:, 1:, 8:] = SPECIAL
+    assert torch.equal(draw(codes[:, 0], known=known.to(torch.int16)), draw(codes[:, 0], known=known))
+    model.set_latent_stats(codes.to(torch.int16))
+    assert torch.equal(model.latent_mean, mean) and torch.equal(model.latent_std, std)
