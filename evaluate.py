@@ -257,8 +257,12 @@ def passt_windows(audio, sample_rate=PASST_SR):
 
 
 def cosine(a, b):
-    """Row-wise cosine similarity of (N, D) and (N, D) -> (N,)."""
+    """Row-wise cosine similarity of (N, D) and (N, D) -> (N,). ValueError for a and b of other shapes
+    (torch would broadcast one row, or a (D,) vector, against the N rows of the other: N scores against
+    the one embedding, not a pair per row)."""
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"cosine: a {tuple(a.shape)} and b {tuple(b.shape)}: want one shape (N, D)")
     return F.cosine_similarity(a, b, dim=-1, eps=1e-8)
 
 

@@ -111,8 +111,13 @@ def state_passing(states, a_end, initial=None):
     """The scan between chunks: states (b, c, h*p, n) fp32, each chunk's own state; a_end (b, c, h)
     the cumsum at each chunk's end; initial (b, h*p, n) or None. Returns S_prev (b, c, h*p, n), the
     state entering each chunk (S_prev_0 = initial, S_prev_{c+1} = exp(a_end_c) S_prev_c + states_c),
-    and the final state (b, h*p, n)."""
+    and the final state (b, h*p, n). ValueError for an a_end or initial of other shapes (one of batch 1 would be
+    carried into every row)."""
     b, c, hp, n = states.shape
+    if a_end.dim() != 3 or a_end.shape[:2] != (b, c) or (initial is not None and initial.shape != (b, hp, n)):
+        got = None if initial is None else tuple(initial.shape)
+        raise ValueError(f"state_passing: a_end {tuple(a_end.shape)}, initial {got}: want ({b}, {c}, h) and "
+                         f"({b}, {hp}, {n}) for states {tuple(states.shape)}")
     decay = torch.exp(a_end).repeat_interleave(hp // a_end.shape[-1], dim=-1)[..., None]   # (b, c, h*p, 1)
     prev = states.new_zeros(b, hp, n) if initial is None else initial
     S_prev = torch.empty_like(states)
@@ -177,10 +182,11 @@ def forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 def backward(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, G, y_off, xs, chunk_size):
     """The torch form of the gradients of forward's (y, final state): dy (b, l, h, p), dfinal
     (b, h, p, n) or None, then forward's inputs and saved tensors. Returns dx, ddt, dA, dB, dC, dD (None
-    without D), d initial_state (None without one)."""
+    without D), d initial_state (None without one). ValueError for dy or dfinal of other shapes (_check_grads)."""
     Q = chunk_size
     b, l, h, p = x.shape
     n = B.shape[-1]
+    _check_grads("backward", dy, dfinal, x, n)
     ft = acum.dtype
     xc, dtc, Bc, Cc = _chunked(x, Q), _chunked(dt.to(ft), Q), _chunked(B, Q), _chunked(C, Q)
     dyc = _chunked(dy, Q).to(ft)                                      # (b, c, Q, h, p)
@@ -823,6 +829,16 @@ def _check_inputs(name, x, dt, A, B, C, chunk_size, D=None, initial_state=None):
             raise ValueError(f"{name}: {arg} {tuple(t.shape)}: want {shape} for x {tuple(x.shape)} (b, l, h, p)")
 
 
+def _check_grads(name, dy, dfinal, x, n):
+    """ValueError unless dy has x's shape (b, l, h, p) and dfinal (None or) the final state's (b, h, p, n): a dy
+    of batch 1 would broadcast against every row's (the torch form would return every row's gradient from row
+    0's dy), the kernels would read past it."""
+    b, l, h, p = x.shape
+    for arg, t, shape in (("dy", dy, (b, l, h, p)), ("dfinal", dfinal, (b, h, p, n))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name}: {arg} {tuple(t.shape)}: want {shape} for x {tuple(x.shape)} (b, l, h, p)")
+
+
 def _launch(x, chunk_size):
     """The shapes the kernels share: (b, l, h, p, c, Q, BM, BP, PREC). Block rows BM 64 and each
     kernel's warps and stages: the fastest of `bench_ssd_grouped.py --sweep` on an H200 (the (Q, Q)
@@ -945,6 +961,7 @@ def backward_triton(dy, dfinal, x, dt, A, B, C, D, initial_state, acum, S_prev, 
     b, l, h, p, c, Q, BM, BP, prec = _launch(x, chunk_size)
     _check_BC(B, C, b, l, Q, "backward_triton")
     n = B.shape[-1]
+    _check_grads("backward_triton", dy, dfinal, x, n)
     for name, out, shape, dtype in (("dx_out", dx_out, (b, l, h, p), x.dtype), ("dB_out", dB_out, (b, l, n), None),
                                     ("dC_out", dC_out, (b, l, n), None)):
         if out is not None and (out.shape != shape or not _dense_rows(out) or dtype not in (None, out.dtype)):

@@ -35,27 +35,31 @@ def _heads(BC, nheads):
     return BC.repeat_interleave(nheads // BC.shape[-2], dim=-2)
 
 
-def check_shapes(x, dt, A, B, C, D=None, initial_state=None):
+def check_shapes(x, dt, A, B, C, D=None, initial_state=None, step=False):
     """ValueError naming the first argument whose shape does not fit x's (b, l, h, p), as the module
     docstring gives them: a tensor that would broadcast (an unbatched state, B of batch 1) is refused
-    too, since the three ways would not all take it."""
+    too, since the three ways would not all take it. step: ssd_step's shapes, the same without the l
+    axis (x (b, h, p), dt (b, h), B, C (b, g, n)), its initial_state named `state`."""
+    seq, dims, state = ("", 3, "state") if step else ("l, ", 4, "initial_state")
     for name, t in (("x", x), ("B", B), ("C", C)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} {tuple(t.shape)}: want (b, l, {'h, p' if name == 'x' else 'g, n'})")
+        if t.dim() != dims:
+            raise ValueError(f"{name} {tuple(t.shape)}: want (b, {seq}{'h, p' if name == 'x' else 'g, n'})")
     if B.shape != C.shape:
-        raise ValueError(f"B {tuple(B.shape)} and C {tuple(C.shape)}: want one shape (b, l, g, n)")
-    b, l, h, p = x.shape
+        raise ValueError(f"B {tuple(B.shape)} and C {tuple(C.shape)}: want one shape (b, {seq}g, n)")
+    *bl, h, p = x.shape  # (b, l) or, for a step, (b,)
     g, n = B.shape[-2:]
-    want = {"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)), "D": (D, (h,)),
-            "initial_state": (initial_state, (b, h, p, n))}
+    want = {"dt": (dt, (*bl, h)), "A": (A, (h,)), "B": (B, (*bl, g, n)), "D": (D, (h,)),
+            state: (initial_state, (bl[0], h, p, n))}
     for name, (t, shape) in want.items():
         if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} {tuple(t.shape)}: want {shape} for x {tuple(x.shape)} (b, l, h, p)")
+            raise ValueError(f"{name} {tuple(t.shape)}: want {shape} for x {tuple(x.shape)} (b, {seq}h, p)")
 
 
 def ssd_step(state, x, dt, A, B, C, D=None):
     """One recurrence step. state (b, h, p, n), x (b, h, p), dt (b, h), B, C (b, g, n).
-    Returns y (b, h, p) and the new state."""
+    Returns y (b, h, p) and the new state. ValueError for shapes check_shapes(step=True) refuses (a state
+    of batch 1 would be broadcast to every row; a check of shapes only, no GPU sync in decoding)."""
+    check_shapes(x, dt, A, B, C, D, state, step=True)
     B, C = _heads(B, x.shape[1]), _heads(C, x.shape[1])
     decay = torch.exp(dt * A)                                      # exp(dt_t A)      (b, h)
     state = decay[..., None, None] * state + (dt[..., None] * x)[..., None] * B[:, :, None, :]

@@ -110,6 +110,13 @@ def as_codes(name, codes):
     return codes.long()
 
 
+def check_same_shape(where, name, t, other_name, other):
+    """ValueError naming `where` and `name` unless t has other's shape: a pair that torch would broadcast
+    (a row of 1 against b rows, a missing leading dim) would give every row the one row's values, silently."""
+    if t.shape != other.shape:
+        raise ValueError(f"{where}: {name} {tuple(t.shape)} for {other_name} {tuple(other.shape)}: want one shape")
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. Delay pattern (MusicGen) and loss
 
@@ -144,13 +151,18 @@ def lm_loss(logits, targets, label_smoothing=0.0, counts=None):
     real targets of each codebook in the whole batch this one is a part of (a training step's
     micro-batches on every process); the loss is then this part's share of that batch's loss, and the
     parts' shares add up to it, whatever the padding of each (None: the whole batch is this one).
-    ValueError for targets of another shape than logits' (b, K, s); TypeError for targets of another kind
-    (as_codes: a uint8 target can never be the special id, so padding would count as code 0)."""
+    ValueError for targets of another shape than logits' (b, K, s), and counts that are not (K,) (a scalar
+    or (1,) would broadcast over the codebooks, (b, K) over a batch axis the loss does not have); TypeError
+    for targets of another kind (as_codes: a uint8 target can never be the special id, so padding would
+    count as code 0)."""
     targets = as_codes("lm_loss: targets", targets)
     b, K, s, V = logits.shape
     if targets.shape != (b, K, s):
         raise ValueError(f"lm_loss: targets {tuple(targets.shape)} for logits {tuple(logits.shape)}: "
                          f"want ({b}, {K}, {s})")
+    if counts is not None and counts.shape != (K,):
+        raise ValueError(f"lm_loss: counts {tuple(counts.shape)} for logits {tuple(logits.shape)}: want ({K},), "
+                         "one count per codebook")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits -> fp32 loss
     ce = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=SPECIAL,
                          label_smoothing=label_smoothing, reduction="none").view(b, K, s)
@@ -542,15 +554,29 @@ def pad_text(text, mask, multiple):
     """text (b, lt, d) and mask (b, lt) right-padded with masked zeros to a length that is a multiple of
     `multiple` (an int, 1 or more: 0 divided by zero, a negative one cut the text short). Masked positions
     leave no trace (left_align, Mamba2.mask_padding, the attention masks): the same logits up to rounding,
-    so that captions of other lengths share one shape (train.py --compile's graphs, fast.Decoder's)."""
+    so that captions of other lengths share one shape (train.py --compile's graphs, fast.Decoder's).
+    ValueError for a mask that is not bool (b, lt) for text (b, lt, d) (check_text: a mask of 1 row for b
+    texts would come back of 1 row)."""
+    check_text(text, mask, text.shape[-1], "pad_text")
     check_integer("pad_text: multiple", multiple, least=1)
     extra = -text.shape[1] % multiple
     return F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
 
 
+def check_tokens(tokens, b, K, where, row):
+    """ValueError naming `where` unless tokens are (b, K, s) steps: a row of 1 or a stream of 1 would
+    broadcast against the b rows' positions and states or the K codebooks' embedding offsets."""
+    if tokens.dim() != 3 or tokens.shape[:2] != (b, K):
+        raise ValueError(f"{where}: tokens {tuple(tokens.shape)}: want ({b}, {K}, s), a row per {row} and a "
+                         "stream per codebook")
+
+
 def left_align(text, mask):
     """Move each row's padding to the left: (b, lt, d), (b, lt) -> same shapes, real tokens last.
-    With padding first, the masked Mamba-2 layers start the real text from a clean state."""
+    With padding first, the masked Mamba-2 layers start the real text from a clean state. ValueError for
+    a mask that is not bool (b, lt) for text (b, lt, d) (check_text: one mask row would reorder every text
+    and come back of 1 row)."""
+    check_text(text, mask, text.shape[-1], "left_align")
     order = torch.sort(mask.int(), dim=1, stable=True).indices  # pads (0) first, tokens keep their order
     return text.gather(1, order[..., None].expand_as(text)), mask.gather(1, order)
 
@@ -619,9 +645,7 @@ class TextToMusicLM(nn.Module):
         kind than int16/32/64 (as_codes) and text check_text refuses."""
         check_text(text, text_mask, self.cfg.d_text, "TextToMusicLM")
         tokens = as_codes("TextToMusicLM: tokens", tokens)
-        if tokens.dim() != 3 or tokens.shape[:2] != (text.shape[0], self.cfg.n_codebooks):
-            raise ValueError(f"TextToMusicLM: tokens {tuple(tokens.shape)}: want ({text.shape[0]}, "
-                             f"{self.cfg.n_codebooks}, s), a row per text and a stream per codebook")
+        check_tokens(tokens, text.shape[0], self.cfg.n_codebooks, "TextToMusicLM", "text")
         b, K, s = tokens.shape
         if cache is not None and cache.position.shape[0] != b:
             raise ValueError(f"TextToMusicLM: an InferenceCache of {cache.position.shape[0]} rows for {b} rows")
@@ -654,9 +678,11 @@ class TextToMusicLM(nn.Module):
     def step(self, tokens, cache):
         """Continue from a cache: tokens (b, K, s) the next input steps -> logits (b, K, s, 1025).
         For s = 1 this is one decoding step: its cost does not depend on the position for the SSM
-        variants (the Mamba-2 states have a fixed size); attention reads its growing KV cache.
-        TypeError for tokens as_codes refuses (a Python check of the dtype: no sync)."""
+        variants (the Mamba-2 states have a fixed size); attention reads its growing KV cache. ValueError
+        for tokens that are not (b, n_codebooks, s) for a cache of b rows (check_tokens); TypeError for
+        tokens as_codes refuses (Python checks of the shape and dtype: no sync)."""
         tokens = as_codes("step: tokens", tokens)
+        check_tokens(tokens, cache.position.shape[0], self.cfg.n_codebooks, "TextToMusicLM.step", "cache row")
         s = tokens.shape[-1]
         x = self.embed_steps(tokens)
         positions = cache.position[:, None] + torch.arange(s, device=x.device)
@@ -757,7 +783,12 @@ class TextToMusicLM(nn.Module):
 
 
 def write_step(steps, fixed, s, tokens):
-    """Write tokens (b, K) into column s of steps where the slot is not fixed."""
+    """Write tokens (b, K) into column s of steps (b, K, S) where the slot is not fixed (bool, steps'
+    shape). ValueError for fixed or tokens of other shapes (tokens of 1 row would be written into every row)."""
+    check_same_shape("write_step", "fixed", fixed, "steps", steps)
+    if tokens.shape != steps.shape[:2]:
+        raise ValueError(f"write_step: tokens {tuple(tokens.shape)} for steps {tuple(steps.shape)}: want "
+                         f"{tuple(steps.shape[:2])}, one token per row and codebook")
     steps[..., s] = torch.where(fixed[..., s], steps[..., s], tokens)
 
 
@@ -816,7 +847,9 @@ def classifier_free_guidance(cond, uncond, cfg_scale):
     """Classifier-free guidance, uncond + scale * (cond - uncond), written as
     cond + (scale - 1) * (cond - uncond) so that scale 1 is exactly the conditional model (where both
     are finite, as the model's logits are). A logit at -inf in either (a code a caller ruled out)
-    stays -inf, where the formula gives NaN or +inf."""
+    stays -inf, where the formula gives NaN or +inf. ValueError for uncond of another shape than cond (a null
+    row of batch 1 would guide every row)."""
+    check_same_shape("classifier_free_guidance", "uncond", uncond, "cond", cond)
     guided = cond + (cfg_scale - 1) * (cond - uncond)
     return guided.masked_fill(cond.isneginf() | uncond.isneginf(), -torch.inf)
 
@@ -851,11 +884,15 @@ def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, 
     generator: a torch.Generator, None (the default one), or one per row (exponential_noise).
     noise: the Exp(1) draws (b, K, 1024) to use, drawn before from generator (exponential_noise),
     instead of drawing them here. ValueError for settings check_sampling refuses (TypeError for those it
-    refuses as no number) and for uncond of another shape than logits (it would broadcast: a null row
-    of batch 1 would guide every row)."""
+    refuses as no number), for uncond of another shape than logits (it would broadcast: a null row
+    of batch 1 would guide every row) and noise that is not (b, K, 1024) (one row's draws would make
+    every row's). (Shapes only: no GPU sync.)"""
     check_sampling(cfg_scale, top_k, temperature)
-    if uncond is not None and uncond.shape != logits.shape:
-        raise ValueError(f"sample_next: uncond {tuple(uncond.shape)} for logits {tuple(logits.shape)}: want one shape")
+    if uncond is not None:
+        check_same_shape("sample_next", "uncond", uncond, "logits", logits)
+    if noise is not None and noise.shape != (*logits.shape[:-1], SPECIAL):
+        raise ValueError(f"sample_next: noise {tuple(noise.shape)} for logits {tuple(logits.shape)}: want "
+                         f"{(*logits.shape[:-1], SPECIAL)}, a draw per real code")
     logits = logits[..., :SPECIAL].float()  # only real codes can be sampled; the indices stay the ids
     if uncond is not None:
         logits = classifier_free_guidance(logits, uncond[..., :SPECIAL].float(), cfg_scale)
@@ -875,7 +912,9 @@ def exponential_noise(like, generator=None, out=None):
     """Exp(1) draws shaped like `like` (b, ...): from one generator, or, given a list of b generators,
     row i from generator[i], so that a prompt draws the same numbers in any batch. out: a contiguous
     tensor like `like` to draw into (default: a new one); returns it. ValueError for a list of
-    generators that is not one per row."""
+    generators that is not one per row, and an out of another shape than like."""
+    if out is not None:
+        check_same_shape("exponential_noise", "out", out, "like", like)
     out = torch.empty_like(like) if out is None else out
     if isinstance(generator, (list, tuple)):
         if len(generator) != len(out):

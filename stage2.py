@@ -64,8 +64,12 @@ class Stage2Config:
 
 def masked_group_norm(x, norm, mask):
     """nn.GroupNorm `norm` of x (b, C, T) with its statistics over the frames where mask (b, 1, T) is 1 only
-    (the others are normalised too, with the same statistics; what they hold does not matter)."""
+    (the others are normalised too, with the same statistics; what they hold does not matter). ValueError for
+    a mask of another shape than (b, 1, T) (a (b, T) mask would broadcast against the groups, a (1, 1, T) one
+    against every row, silently)."""
     b, C, T = x.shape
+    if mask.shape != (b, 1, T):
+        raise ValueError(f"masked_group_norm: mask {tuple(mask.shape)} for x {tuple(x.shape)}: want ({b}, 1, {T})")
     xg, m = x.view(b, norm.num_groups, C // norm.num_groups, T), mask[:, None]    # (b, G, C/G, T), (b, 1, 1, T)
     n = (m.sum(-1, keepdim=True) * xg.shape[2]).clamp(min=1)   # a row with no real frame: 0, not NaN
     mean = (xg * m).sum((2, 3), keepdim=True) / n
@@ -78,7 +82,8 @@ class ResBlock1d(nn.Module):
     """GroupNorm-SiLU-Conv twice; the step and pooled text enter as a scale and shift (FiLM). mask (b, 1, T),
     1 at real frames and 0 past a clip's end: the norms count the real frames only and each 3-wide conv sees
     zeros past the end (the 1x1 skip conv works frame by frame), so that the real frames' output does not
-    depend on what lies there."""
+    depend on what lies there. ValueError for an emb that is not (b, d_emb) for x (b, c_in, T) (one row's
+    would scale and shift every row), and a mask masked_group_norm refuses."""
 
     def __init__(self, c_in, c_out, d_emb):
         super().__init__()
@@ -90,6 +95,9 @@ class ResBlock1d(nn.Module):
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb, mask):
+        if emb.shape != (x.shape[0], self.film.in_features):
+            raise ValueError(f"ResBlock1d: emb {tuple(emb.shape)} for x {tuple(x.shape)}: want "
+                             f"({x.shape[0]}, {self.film.in_features})")
         h = self.conv1(F.silu(masked_group_norm(x, self.norm1, mask)) * mask)
         scale, shift = self.film(emb)[..., None].chunk(2, dim=1)
         h = self.conv2(F.silu(masked_group_norm(h, self.norm2, mask) * (1 + scale) + shift) * mask)
@@ -267,7 +275,11 @@ class Stage2Diffusion(nn.Module):
         clip's length, so that the padding does not change what it makes of the real frames (generation never
         shows it any). count: the real frames of the whole batch this one is a part of (a training step's
         micro-batches on every process): the loss is then this part's share of that batch's (ssmttm.lm_loss's
-        counts; None: the whole batch is this one)."""
+        counts; None: the whole batch is this one). ValueError for a count that is not a scalar (one of shape (b,)
+        would broadcast into a loss per row)."""
+        if count is not None and count.shape != ():
+            raise ValueError(f"Stage2Diffusion: count {tuple(count.shape)}: want a scalar (), the real frames of the "
+                             "whole batch")
         frames = (codes[:, :1] != SPECIAL).float()                         # (b, 1, T): 1 at real frames
         x0 = self.latents(codes)
         coarse, fine = x0[:, :LATENT_DIM], x0[:, LATENT_DIM:]

@@ -2008,3 +2008,13 @@ def test_convergence_names_itself_in_a_training_error(tmp_path, capsys, monkeypa
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f"evaluate.py: cannot write in {out / 'prefix_mamba'} "
                                                         "(no space left on device); what it saved before is kept whole")
+
+
+def test_cosine_refuses_embeddings_of_other_shapes():
+    # one text embedding (1, D) or (D,) against N audio ones was broadcast: N scores against the one text
+    a = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
+    for b in (np.array([[6.0, 8.0]]), np.array([6.0, 8.0]), np.ones((3, 1))):
+        with pytest.raises(ValueError) as e:
+            evaluate.cosine(a, b)
+        assert str(e.value) == f"cosine: a (3, 2) and b {b.shape}: want one shape (N, D)"
+    assert evaluate.cosine(a, a * 2).tolist() == [1.0, 1.0, 1.0]

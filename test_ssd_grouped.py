@@ -567,3 +567,38 @@ def test_grouped_ssd_refuses_a_chunk_size_that_is_not_a_positive_integer(chunk_s
             fn(x, dt, A, B, C, chunk_size, D, s0)
     with pytest.raises(TypeError, match="chunk_size 16.0"):
         ssd_grouped.forward_triton(x.float(), dt.float(), A.float(), B.float(), C.float(), 16.0)
+
+
+def test_backward_and_state_passing_refuse_shapes_that_would_broadcast():
+    # a dy of batch 1 was broadcast against every row (each row's gradients from row 0's dy); an initial
+    # state of batch 1 was carried into every row
+    x, dt, A, B, C, D, s0 = (t.detach() for t in _inputs(2, 6, 3, 4, 5))
+    y, final, *saved = ssd_grouped.forward(x, dt, A, B, C, 4, D, s0)
+    args = (x, dt, A, B, C, D, s0, *saved, 4)
+    for dy, dfinal, message in [(torch.ones(1, 6, 3, 4), None, "dy (1, 6, 3, 4): want (2, 6, 3, 4)"),
+                                (torch.ones(6, 3, 4), None, "dy (6, 3, 4): want (2, 6, 3, 4)"),
+                                (torch.ones_like(y), torch.ones(1, 3, 4, 5), "dfinal (1, 3, 4, 5): want (2, 3, 4, 5)")]:
+        with pytest.raises(ValueError) as e:
+            ssd_grouped.backward(dy, dfinal, *args)
+        assert str(e.value) == f"backward: {message} for x (2, 6, 3, 4) (b, l, h, p)"
+    # valid gradients: the autograd ones of the reference
+    inputs = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+    xr, dtr, Ar, Br, Cr, Dr, sr = inputs
+    y_ref, f_ref = ssd_reference.ssd_chunked(xr, dtr, Ar, Br[:, :, None], Cr[:, :, None], 4, D=Dr, initial_state=sr)
+    dy, dfinal = torch.ones_like(y), torch.ones_like(final)
+    want = torch.autograd.grad((y_ref * dy).sum() + (f_ref * dfinal).sum(), inputs)
+    for got, ref in zip(ssd_grouped.backward(dy, dfinal, *args), want):
+        assert (got - ref).abs().max() <= 1e-11 * max(1.0, ref.abs().max().item())
+    states, a_end = torch.randn(2, 3, 12, 5, dtype=torch.float64), -torch.rand(2, 3, 3, dtype=torch.float64)
+    for a, init in ((a_end[:1], None), (a_end, torch.ones(1, 12, 5, dtype=torch.float64))):
+        with pytest.raises(ValueError) as e:
+            ssd_grouped.state_passing(states, a, init)
+        got = None if init is None else tuple(init.shape)
+        assert str(e.value) == (f"state_passing: a_end {tuple(a.shape)}, initial {got}: want (2, 3, h) and (2, 12, 5) "
+                                "for states (2, 3, 12, 5)")
+    S_prev, last = ssd_grouped.state_passing(states, a_end)
+    assert torch.equal(S_prev[:, 0], torch.zeros(2, 12, 5, dtype=torch.float64))
+    decay = torch.exp(a_end).repeat_interleave(4, dim=-1)[..., None]
+    assert torch.equal(S_prev[:, 1], states[:, 0])
+    assert torch.equal(S_prev[:, 2], decay[:, 1] * states[:, 0] + states[:, 1])
+    assert torch.equal(last, decay[:, 2] * S_prev[:, 2] + states[:, 2])

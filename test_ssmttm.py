@@ -14682,3 +14682,163 @@ def test_stage2_refuses_bool_codes_before_resetting_its_statistics_and_reads_int
     assert torch.equal(draw(codes[:, 0], known=known.to(torch.int16)), draw(codes[:, 0], known=known))
     model.set_latent_stats(codes.to(torch.int16))
     assert torch.equal(model.latent_mean, mean) and torch.equal(model.latent_std, std)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pairs of tensors that torch would broadcast: refused by name, valid pairs unchanged
+
+
+def test_sample_next_refuses_noise_that_would_broadcast_over_rows():
+    # noise of one row (or none) was broadcast: every row divided by row 0's draws, so rows with equal
+    # logits drew equal tokens
+    logits = torch.randn(2, 1, 1025, generator=torch.Generator().manual_seed(0))
+    for noise in (torch.ones(1, 1, 1024), torch.ones(1, 1024), torch.ones(2, 1, 1)):
+        with pytest.raises(ValueError) as e:
+            sample_next(logits, top_k=0, noise=noise)
+        assert str(e.value) == (f"sample_next: noise {tuple(noise.shape)} for logits (2, 1, 1025): want (2, 1, 1024), "
+                                "a draw per real code")
+    noise = torch.rand(2, 1, 1024, generator=torch.Generator().manual_seed(1)) + 0.5
+    want = (F.softmax(logits[..., :SPECIAL], -1) / noise).argmax(-1)
+    assert torch.equal(sample_next(logits, top_k=0, noise=noise), want)
+
+
+def test_classifier_free_guidance_refuses_uncond_of_another_shape():
+    cond, uncond = torch.tensor([[1.0, 2.0], [3.0, -torch.inf]]), torch.tensor([[0.5, 1.0], [1.0, 1.0]])
+    for bad in (uncond[:1], uncond[0], uncond.T[:, :1]):
+        with pytest.raises(ValueError) as e:
+            classifier_free_guidance(cond, bad, 3.0)
+        assert str(e.value) == f"classifier_free_guidance: uncond {tuple(bad.shape)} for cond (2, 2): want one shape"
+    assert classifier_free_guidance(cond, uncond, 3.0).tolist() == [[2.0, 4.0], [7.0, -math.inf]]
+
+
+def test_exponential_noise_refuses_an_out_of_another_shape():
+    with pytest.raises(ValueError) as e:
+        ssmttm.exponential_noise(torch.empty(2, 1, 4), None, out=torch.empty(1, 1, 4))
+    assert str(e.value) == "exponential_noise: out (1, 1, 4) for like (2, 1, 4): want one shape"
+    out = torch.empty(2, 1, 4)
+    got = ssmttm.exponential_noise(torch.empty(2, 1, 4), torch.Generator().manual_seed(3), out=out)
+    want = torch.empty(2, 1, 4).exponential_(generator=torch.Generator().manual_seed(3))
+    assert got is out and torch.equal(out, want)
+
+
+def test_lm_loss_refuses_counts_that_are_not_one_per_codebook():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(2, 2, 3, 1025, generator=g), torch.randint(0, 1024, (2, 2, 3), generator=g)
+    targets[0, 1, 0] = SPECIAL
+    for counts in (torch.tensor(5.0), torch.tensor([5.0]), torch.ones(2, 2)):
+        with pytest.raises(ValueError) as e:
+            ssmttm.lm_loss(logits, targets, counts=counts)
+        assert str(e.value) == (f"lm_loss: counts {tuple(counts.shape)} for logits (2, 2, 3, 1025): want (2,), "
+                                "one count per codebook")
+    ce = F.cross_entropy(logits.reshape(-1, 1025), targets.reshape(-1), ignore_index=SPECIAL, reduction="none")
+    sums = ce.view(2, 2, 3).sum((0, 2))
+    counts = torch.tensor([10.0, 4.0])
+    assert torch.equal(ssmttm.lm_loss(logits, targets, counts=counts), (sums / counts).mean())
+
+
+def test_left_align_and_pad_text_refuse_a_mask_of_another_batch():
+    # a mask of 1 row for 2 texts: left_align reordered both texts by row 0's mask and returned 1 mask row;
+    # pad_text returned a 1-row mask for 2 texts
+    text, mask = random_text()
+    for fn, name in ((lambda m: ssmttm.left_align(text, m), "left_align"),
+                     (lambda m: ssmttm.pad_text(text, m, 4), "pad_text")):
+        for bad in (mask[:1], mask[0], mask.int()):
+            with pytest.raises(ValueError) as e:
+                fn(bad)
+            assert str(e.value) == (f"{name}: text_mask {tuple(bad.shape)} {bad.dtype}: want torch.bool (2, 6), "
+                                    "True at real tokens")
+    got_text, got_mask = ssmttm.left_align(text, mask)
+    for i in range(2):
+        n = int(mask[i].sum())
+        assert torch.equal(got_text[i, 6 - n:], text[i, :n]) and got_mask[i].tolist() == [False] * (6 - n) + [True] * n
+    padded, padded_mask = ssmttm.pad_text(text, mask, 4)
+    assert torch.equal(padded, F.pad(text, (0, 0, 0, 2))) and torch.equal(padded_mask, F.pad(mask, (0, 2)))
+
+
+@pytest.mark.parametrize("variant", ["prefix_simba", "cross_simba", "cross_transformer"])
+def test_step_refuses_tokens_of_another_batch_or_codebooks_than_the_cache(variant):
+    # tokens of 1 row for a cache of 2 were broadcast against the rows' positions (both rows fed row 0's
+    # tokens); 1 stream for K = 2 against the codebooks' embedding offsets (both codebooks fed stream 0)
+    model, (text, mask) = tiny_model(variant, n_codebooks=2), random_text()
+    cache = ssmttm.InferenceCache(model, 2, 10, "cpu", torch.float64)
+    model.logits(torch.full((2, 2, 1), SPECIAL), text, mask, cache)
+    position = cache.position.clone()
+    for bad in (torch.zeros(1, 2, 1, dtype=torch.long), torch.zeros(2, 1, 1, dtype=torch.long),
+                torch.zeros(2, 2, dtype=torch.long)):
+        with pytest.raises(ValueError) as e:
+            model.step(bad, cache)
+        assert str(e.value) == (f"TextToMusicLM.step: tokens {tuple(bad.shape)}: want (2, 2, s), a row per cache row "
+                                "and a stream per codebook")
+    assert torch.equal(cache.position, position)  # refused before anything moved
+    tokens = torch.tensor([[[3], [SPECIAL]], [[7], [SPECIAL]]])
+    want = model.logits(torch.cat([torch.full((2, 2, 1), SPECIAL), tokens], -1), text, mask)[:, :, -1:]
+    assert torch.allclose(model.step(tokens, cache), want, atol=1e-10, rtol=0)
+
+
+def test_write_step_refuses_tokens_or_fixed_of_other_shapes():
+    steps, fixed = torch.full((2, 2, 4), SPECIAL), torch.zeros(2, 2, 4, dtype=torch.bool)
+    fixed[1, 0, 0] = True
+    for bad in (torch.tensor([[5, 6]]), torch.tensor([5, 6])):
+        with pytest.raises(ValueError) as e:
+            ssmttm.write_step(steps, fixed, 0, bad)
+        assert str(e.value) == (f"write_step: tokens {tuple(bad.shape)} for steps (2, 2, 4): want (2, 2), "
+                                "one token per row and codebook")
+    with pytest.raises(ValueError) as e:
+        ssmttm.write_step(steps, fixed[:1], 0, torch.tensor([[5, 6], [7, 8]]))
+    assert str(e.value) == "write_step: fixed (1, 2, 4) for steps (2, 2, 4): want one shape"
+    assert (steps == SPECIAL).all()
+    ssmttm.write_step(steps, fixed, 0, torch.tensor([[5, 6], [7, 8]]))
+    assert steps[..., 0].tolist() == [[5, 6], [SPECIAL, 8]] and (steps[..., 1:] == SPECIAL).all()
+
+
+def test_ssd_step_refuses_shapes_that_would_broadcast():
+    # a state of batch 1 (or none), dt of 1 row, A of 1 head: all were broadcast, silently
+    g = torch.Generator().manual_seed(0)
+    b, h, p, n = 2, 4, 3, 5
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    state, x, dt, A, B, C, D = r(b, h, p, n), r(b, h, p), r(b, h).exp(), -r(h).exp(), r(b, 1, n), r(b, 1, n), r(h)
+    cases = [((state[:1], x, dt, A, B, C, D), "state (1, 4, 3, 5): want (2, 4, 3, 5) for x (2, 4, 3) (b, h, p)"),
+             ((state[0], x, dt, A, B, C, D), "state (4, 3, 5): want (2, 4, 3, 5) for x (2, 4, 3) (b, h, p)"),
+             ((state, x, dt[:1], A, B, C, D), "dt (1, 4): want (2, 4) for x (2, 4, 3) (b, h, p)"),
+             ((state, x, dt, A[:1], B, C, D), "A (1,): want (4,) for x (2, 4, 3) (b, h, p)"),
+             ((state, x, dt, A, B, C, D[:1]), "D (1,): want (4,) for x (2, 4, 3) (b, h, p)"),
+             ((state, x, dt, A, B[:1], C[:1], D), "B (1, 1, 5): want (2, 1, 5) for x (2, 4, 3) (b, h, p)"),
+             ((state, x, dt, A, B[:1], C, D), "B (1, 1, 5) and C (2, 1, 5): want one shape (b, g, n)"),
+             ((state, x[:, None], dt, A, B, C, D), "x (2, 1, 4, 3): want (b, h, p)")]
+    for args, message in cases:
+        with pytest.raises(ValueError) as e:
+            ssd_step(*args)
+        assert str(e.value) == message
+    y, new = ssd_step(state, x, dt, A, B, C, D)
+    decay = torch.exp(dt * A)[..., None, None]
+    want = decay * state + (dt[..., None] * x)[..., None] * B[:, None]  # g = 1: every head reads B
+    assert torch.equal(new, want)
+    assert torch.allclose(y, torch.einsum("bhpn,bn->bhp", want, C[:, 0]) + D[:, None] * x, atol=1e-13, rtol=0)
+
+
+def test_stage2_refuses_a_count_mask_or_emb_that_would_broadcast():
+    # count (b,) made a loss per row; a (b, T) mask broadcast against the norm's groups; an emb of 1 row
+    # scaled and shifted every row
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24))
+    model.attach_codec(datamod.synthetic_codec())
+    codes, (text, mask) = torch.randint(0, 1024, (2, 9, 8)), random_text()
+    for count in (torch.tensor([8.0, 8.0]), torch.tensor([16.0])):
+        with pytest.raises(ValueError) as e:
+            model(codes, text.float(), mask, count)
+        assert str(e.value) == (f"Stage2Diffusion: count {tuple(count.shape)}: want a scalar (), the real frames of "
+                                "the whole batch")
+    torch.manual_seed(1)
+    want = model(codes, text.float(), mask)
+    torch.manual_seed(1)
+    assert torch.equal(model(codes, text.float(), mask, torch.tensor(16.0)), want)  # 16 = the batch's real frames
+    norm, x = torch.nn.GroupNorm(2, 8), torch.randn(2, 8, 5)
+    for bad in (torch.ones(2, 5), torch.ones(1, 1, 5)):
+        with pytest.raises(ValueError) as e:
+            stage2.masked_group_norm(x, norm, bad)
+        assert str(e.value) == f"masked_group_norm: mask {tuple(bad.shape)} for x (2, 8, 5): want (2, 1, 5)"
+    assert torch.allclose(stage2.masked_group_norm(x, norm, torch.ones(2, 1, 5)), norm(x), atol=1e-6, rtol=0)
+    block = stage2.ResBlock1d(8, 8, 6)
+    with pytest.raises(ValueError) as e:
+        block(x, torch.randn(1, 6), torch.ones(2, 1, 5))
+    assert str(e.value) == "ResBlock1d: emb (1, 6) for x (2, 8, 5): want (2, 6)"
