@@ -3247,6 +3247,21 @@ class LaunchSpy:
         return lambda *args, **kw: self.launches.append((tuple(grid), args, kw))
 
 
+def test_causal_conv_silu_takes_rows_that_are_a_traced_size(monkeypatch):
+    # rows padded to whole chunks of a sequence length torch.compile traces as a symbol: the rows check took the
+    # SymInt for no integer (a TypeError in opcheck's dynamic-shape pass on a GPU); the output has the rows asked
+    from torch.fx.experimental.proxy_tensor import make_fx
+    spy = LaunchSpy()
+    monkeypatch.setattr(kernels, "_conv_fwd_kernel", spy, raising=False)  # (defined only where Triton is)
+    x, weight, bias = torch.zeros(2, 300, 8), torch.zeros(8, 4), torch.zeros(8)
+
+    def padded(x, weight, bias):
+        return kernels.causal_conv_silu(x, weight, bias, rows=-256 * (-x.shape[1] // 256))
+    graph = make_fx(padded, tracing_mode="symbolic")(x, weight, bias)
+    assert isinstance(spy.launches[0][0][1], torch.SymInt)  # the grid's rows: a symbol, not a number
+    assert graph(x, weight, bias).shape == (2, 512, 8)
+
+
 def test_linear_rows_limits_and_default_path_at_each_boundary(monkeypatch):
     # fits_linear_rows takes MAX_ROWS rows and MAX_WIDTH wide, not one more; _default_path's edges: tensor
     # cores from TC_ROWS + 1 through CORE_ROWS rows for 16-bit weights only; a conv state of other rows is refused
