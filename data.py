@@ -510,9 +510,9 @@ SPEC_KINDS = {"text_encoder": ("words", "t5"), "codec": ("synthetic", "dac")}
 
 def checkpoint_problem(ckpt):
     """What makes the fields a loaded checkpoint (a dict) has unusable, or None: one of CHECKPOINT_FIELDS of
-    another type, a step that is no whole number, a text encoder or codec (None: stage 1's) of no known kind,
-    or a training length (args' frames) that is no whole number. Which fields it must have, each program
-    says itself."""
+    another type, a step that is no whole number, seconds (elapsed_s) that are no number of 0 or more, a text
+    encoder or codec (None: stage 1's) of no known kind, or a training length (args' frames) that is no whole
+    number. Which fields it must have, each program says itself."""
     for key, kind in CHECKPOINT_FIELDS.items():
         if key in ckpt and not isinstance(ckpt[key], kind):
             return f"its {key} is {JSON_KINDS.get(type(ckpt[key]), type(ckpt[key]).__name__)}, not {JSON_KINDS[kind]}"
@@ -524,6 +524,9 @@ def checkpoint_problem(ckpt):
         if key in ckpt and not (spec is None and key == "codec") and (
                 not isinstance(spec, dict) or spec.get("kind") not in kinds):
             return f"its {key} is {spec!r}, not one of kind {' or '.join(kinds)}"
+    elapsed = ckpt.get("elapsed_s", 0.0)  # train.py's seconds as of the step; checkpoints saved before it lack it
+    if not (_is_number(elapsed) and math.isfinite(elapsed) and elapsed >= 0):
+        return f"its elapsed_s is {elapsed!r}, not a number of seconds"
     frames = ckpt.get("args", {}).get("frames")
     if frames is not None and not (isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1):
         return f"its args' frames is {frames!r}, not a whole number"

@@ -9653,6 +9653,27 @@ def test_tokens_per_second_counts_every_audio_token_of_a_step(tmp_path, monkeypa
     assert [r["elapsed_s"] for r in rows] == ["3.0", "6.0"]
 
 
+def test_a_resumed_run_counts_its_elapsed_seconds_on_from_the_checkpoint(tmp_path, monkeypatch):
+    # a Ctrl-C in step 3 saves step 2; the resumed run's clock started again at 0, so metrics.csv's (and
+    # evaluate.py --convergence's) seconds since the run's start went back, 3 6 3 6 where the whole run logs
+    # 3 6 9 12 (helper h38's audit). The checkpoint keeps the seconds as of its step, and the resumed run goes
+    # on from them: on the clock of test_tokens_per_second_counts_every_audio_token_of_a_step, the same rows
+    def clock(start):
+        ticks = [start]
+        monkeypatch.setattr(trainmod, "time", argparse.Namespace(time=lambda: ticks.append(1) or float(sum(ticks))))
+    elapsed = lambda out: [r["elapsed_s"] for r in csv.DictReader(open(out / "metrics.csv"))]  # noqa: E731
+    clock(0)
+    trainmod.main(tiny_train_args(tmp_path / "whole", "--steps", "4"))
+    assert elapsed(tmp_path / "whole") == ["3.0", "6.0", "9.0", "12.0"]
+    forward_interrupted_at(monkeypatch, 2)
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(tmp_path / "cut", "--steps", "4"))
+    assert e.value.code == 130 and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 2
+    monkeypatch.undo()
+    clock(100)  # another invocation, at another time
+    trainmod.main(tiny_train_args(tmp_path / "cut", "--steps", "4", "--resume"))
+    assert elapsed(tmp_path / "cut") == ["3.0", "6.0", "9.0", "12.0"]
+
 def test_caption_evaluation_samples_with_a_generator_seeded_by_seed():
     # evaluate_captions draws from its own generator, seeded by --seed (not the global RNG, not a fixed seed)
     torch.manual_seed(0)
@@ -9742,6 +9763,59 @@ def test_ctrl_c_guards_put_back_the_callers_own_sigint_handler():
         signal.signal(signal.SIGINT, previous)
 
 
+def swap_interrupted(monkeypatch, signum, installed, sent, nth=1):
+    """Make signal.signal send `sent` (signal.raise_signal: its handler runs at once) right after the nth call
+    that sets signum's handler to one that installed(handler) takes: a signal that lands between two
+    swaps of the handlers."""
+    import signal
+    real, calls = signal.signal, []
+
+    def swap(s, handler):
+        previous = real(s, handler)
+        if s == signum and installed(handler):
+            calls.append(1)
+            if len(calls) == nth:
+                signal.raise_signal(sent)
+        return previous
+    monkeypatch.setattr(signal, "signal", swap)
+
+
+def test_a_stop_signal_between_two_handler_swaps_leaves_no_handler_that_swallows_ctrl_c(tmp_path, monkeypatch):
+    # ctrl_c_held and ctrl_c_agreed swap SIGINT's handler, then SIGTERM's. A SIGTERM (a KeyboardInterrupt in
+    # train.py) landing between the two swaps raised with SIGINT's holder still in place, and one SIGINT landing
+    # between the two swaps back left SIGTERM's: a holder appending to a list no one reads, so that every later
+    # Ctrl-C (or SIGTERM) of the process was swallowed (helper h38's audit). Each swap is undone whatever lands.
+    import signal
+    holder = lambda h: getattr(h, "__qualname__", "").startswith("hold_signals")  # noqa: E731
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        # in step 2's update: the step is dropped, step 1 saved, exit 130, and Ctrl-C is Ctrl-C again afterwards
+        swap_interrupted(monkeypatch, signal.SIGINT, holder, signal.SIGTERM, nth=2)
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(tiny_train_args(tmp_path / "r", "--steps", "3"))
+        assert e.value.code == 130 and torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)["step"] == 1
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+        monkeypatch.undo()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        # a SIGINT between the swaps back of each guard: raised once the block is whole, both handlers put back
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # as train.py's main has it (stop_is_ctrl_c)
+        mine = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+        guards = (trainmod.ctrl_c_held, lambda: trainmod.ctrl_c_agreed(argparse.Namespace(world=2, device="cpu")))
+        for guard in guards:
+            swap_interrupted(monkeypatch, signal.SIGINT, lambda h: not holder(h), signal.SIGINT)
+            done = []
+            with pytest.raises(KeyboardInterrupt):
+                with guard():
+                    done.append(1)
+            monkeypatch.undo()
+            assert done == [1] and (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == mine
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 def test_setup_processes_takes_the_global_rank_of_torchrun(monkeypatch):
     # two nodes of two processes: the second node's second process is rank 3 (RANK), local rank 1; the rank
     # picks the process's data, caption draws and seed, so LOCAL_RANK would repeat node 0's
@@ -9758,7 +9832,7 @@ def test_tokens_per_second_counts_every_process(tmp_path, monkeypatch):
     monkeypatch.setattr(trainmod, "time", argparse.Namespace(time=lambda: ticks.append(1) or float(len(ticks))))
     monkeypatch.setattr(trainmod, "accumulate_gradients", lambda run, step: 2.0)
     monkeypatch.setattr(trainmod, "apply_update", lambda run: (0.5, 1e-3))
-    monkeypatch.setattr(trainmod, "save_checkpoint", lambda run, step, rng: None)
+    monkeypatch.setattr(trainmod, "save_checkpoint", lambda run, step, rng, elapsed: None)
     monkeypatch.setattr(trainmod, "ctrl_c_agreed", contextlib.contextmanager(lambda run: (yield None)))
     args = argparse.Namespace(steps=1, stop_after=None, out=str(tmp_path), batch_size=4, grad_accum=2, eval_every=0,
                               stage=1, data=None, log_every=1, ckpt_every=100)
@@ -12863,12 +12937,13 @@ def test_save_checkpoint_of_two_processes_is_written_by_rank_0_with_both_rng_sta
         return trainmod.Run(args=args, world=2, rank=rank, device="cpu", dataset=None, n_examples=None, frames=8,
                             text_encoder=SimpleNamespace(spec={"kind": "words"}), model=model, trained=model,
                             model_config={"d_model": 32}, optimizer=opt, scheduler=sched)
-    trainmod.save_checkpoint(run(1), 5, {"rank": 1})
+    trainmod.save_checkpoint(run(1), 5, {"rank": 1}, 2.5)
     assert gathered == [{"rank": 1}] and sorted(os.listdir(tmp_path)) == ["metrics.csv"]
-    trainmod.save_checkpoint(run(0), 5, {"rank": 0})
+    trainmod.save_checkpoint(run(0), 5, {"rank": 0}, 2.5)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert gathered == [{"rank": 1}, {"rank": 0}] and sorted(os.listdir(tmp_path)) == ["ckpt.pt", "metrics.csv"]
     assert ckpt["rng"] == [{"rank": 0}, {"rank": 1}] and ckpt["step"] == 5 and ckpt["kind"] == "stage1"
+    assert ckpt["elapsed_s"] == 2.5
     assert (tmp_path / "metrics.csv").read_text() == "step\n"
 
 
@@ -12993,7 +13068,7 @@ def test_under_torchrun_a_ctrl_c_during_the_update_stops_only_after_the_processe
     monkeypatch.setattr(trainmod.dist, "all_reduce", all_reduce)
     monkeypatch.setattr(trainmod, "accumulate_gradients", lambda run, step: 2.0)
     monkeypatch.setattr(trainmod, "apply_update", update)
-    monkeypatch.setattr(trainmod, "save_checkpoint", lambda run, step, rng: saved.append(step))
+    monkeypatch.setattr(trainmod, "save_checkpoint", lambda run, step, rng, elapsed: saved.append(step))
     args = argparse.Namespace(steps=3, stop_after=None, out=str(tmp_path), batch_size=1, grad_accum=1, eval_every=0,
                               stage=1, data=None, log_every=1, ckpt_every=100)
     run = trainmod.Run(args=args, world=2, rank=0, device="cpu", dataset=None, n_examples=None, frames=8,
@@ -13011,7 +13086,7 @@ def test_a_new_run_locks_the_folder_it_makes_and_main_releases_its_lock_even_whi
     out = tmp_path / "r"
     refused = []
 
-    def train(run, step, saved):
+    def train(run, step, saved, elapsed):
         with pytest.raises(SystemExit) as e:
             datamod.exclusive_lock(str(out / ".lock"), "busy")
         refused.append(e.value.code)
@@ -14522,6 +14597,7 @@ def damaged_checkpoints(ckpt):
         "frames_text": ({**ckpt, "args": {**ckpt["args"], "frames": "48"}},
                         "its args' frames is '48', not a whole number"),
         "step_text": ({**ckpt, "step": "x"}, "its step is 'x', not a whole number"),
+        "elapsed_nan": ({**ckpt, "elapsed_s": float("nan")}, "its elapsed_s is nan, not a number of seconds"),
         "codec_text": ({**ckpt, "codec": "x"}, "its codec is 'x', not one of kind synthetic or dac"),
         "model_list": ({**ckpt, "model": [1]}, "its model is a list, not an object"),
         "missing": ({**ckpt, "model": {k: v for k, v in ckpt["model"].items() if k != first}},

@@ -19,8 +19,8 @@ weights are the same.
 OUT/ckpt.pt holds the model config, weights, optimizer, scheduler, step and RNG states (written to
 a temporary file, then renamed); --resume continues exactly where it stopped. --init-from starts a
 new run from another run's weights only (a fresh optimizer and schedule, step 0). OUT/metrics.csv logs
-step, loss, lr, grad norm, audio tokens/s, elapsed seconds and, on the synthetic set, the caption score of
-samples.
+step, loss, lr, grad norm, audio tokens/s, elapsed seconds (a resumed run's counted on from its checkpoint's)
+and, on the synthetic set, the caption score of samples.
 """
 import argparse
 import contextlib
@@ -811,14 +811,32 @@ def stop_is_ctrl_c():
 
 
 def hold_signals(held):
-    """Make each of STOP_SIGNALS append its number to held; the previous handlers, to put back (restore_signals)."""
-    return [signal.signal(s, lambda signum, frame: held.append(signum)) for s in STOP_SIGNALS]
+    """Make each of STOP_SIGNALS append its number to held; the previous handlers, to put back (restore_signals).
+    A signal that comes while they are swapped one by one meets the handler of its own not yet swapped and
+    raises here: the ones already swapped are put back first, else they would swallow every later Ctrl-C or
+    SIGTERM of the process. The handlers are read before any is swapped (signal.signal's return value
+    would be lost if the signal came right after the call)."""
+    previous = [signal.getsignal(s) for s in STOP_SIGNALS]
+    try:
+        for s in STOP_SIGNALS:
+            signal.signal(s, lambda signum, frame: held.append(signum))
+    except BaseException:
+        restore_signals(previous)
+        raise
+    return previous
 
 
-def restore_signals(previous):
-    for s, handler in zip(STOP_SIGNALS, previous):  # None: a handler not set from Python; Python's own then
+def restore_signals(previous, signals=STOP_SIGNALS):
+    """Put back each of signals' handler in previous (None: a handler not set from Python; Python's own
+    then). Each one is put back even if a signal whose handler is back raises before the next is."""
+    if not signals:
+        return
+    try:
+        s, handler = signals[0], previous[0]
         signal.signal(s, handler if handler is not None else
                       signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+    finally:
+        restore_signals(previous[1:], signals[1:])
 
 
 @contextlib.contextmanager
@@ -879,10 +897,12 @@ def rng_states(run):
             "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}
 
 
-def save_checkpoint(run, step, rng):
+def save_checkpoint(run, step, rng, elapsed):
     """Save the run as of the completed step `step`: weights, optimizer and schedule as they are
     (so only between updates) and rng, this process's RNG states taken right after that step's
-    update, gathered from every process; rank 0 writes OUT/ckpt.pt (temp file, then rename)."""
+    update, gathered from every process; elapsed: the seconds since the run's start as of that step
+    (its metrics row's), from which a resumed run counts on. Rank 0 writes OUT/ckpt.pt (temp file,
+    then rename)."""
     rngs = [None] * run.world
     if run.world > 1:
         dist.all_gather_object(rngs, rng)
@@ -894,7 +914,7 @@ def save_checkpoint(run, step, rng):
             os.fsync(f.fileno())
         atomic_save({"kind": f"stage{args.stage}", "config": run.model_config, "model": run.model.state_dict(),
                      "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "step": step,
-                     "rng": rngs, "args": vars(args), "text_encoder": run.text_encoder.spec,
+                     "elapsed_s": elapsed, "rng": rngs, "args": vars(args), "text_encoder": run.text_encoder.spec,
                      "codec": codec_spec(args)}, os.path.join(args.out, "ckpt.pt"))
 
 
@@ -939,10 +959,11 @@ def resume_command(out, world, script, environ=os.environ):
             "rendezvous flags this run was started with")
 
 
-def train(run, step, saved):
+def train(run, step, saved, elapsed=0.0):
     """The loop: steps from `step` to args.steps (or --stop-after), logging, evaluating and saving.
-    saved: the step of the checkpoint on disk (None: none yet). Returns (step, the loss of the last
-    step run, or None when none ran).
+    saved: the step of the checkpoint on disk (None: none yet). elapsed: the seconds since the run's
+    start as of `step` (a resumed run's, from its checkpoint), on which metrics.csv's elapsed_s counts.
+    Returns (step, the loss of the last step run, or None when none ran).
 
     A checkpoint holds the state as of a completed step, so a resumed run repeats the uninterrupted
     one bit for bit. A step first accumulates gradients (which changes nothing else but the RNG
@@ -956,7 +977,8 @@ def train(run, step, saved):
     args = run.args
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     bar = tqdm(total=args.steps, initial=step, unit="step", disable=not run.master, dynamic_ncols=True)
-    first_step, t_start, loss = step, time.time(), None
+    # The seconds of the invocations before this one count too: a resumed run's elapsed_s went back to 0
+    first_step, t_start, loss = step, time.time() - elapsed, None
     rng, row = rng_states(run), None  # the RNG states as of the last completed step; its metrics until logged
     whole = ctrl_c_held if run.world == 1 else contextlib.nullcontext  # under torchrun ctrl_c_agreed holds it
     with ctrl_c_agreed(run) as any_process_interrupted:
@@ -978,7 +1000,8 @@ def train(run, step, saved):
                     step += 1
                     rng = rng_states(run)
                     tokens_per_s = args.batch_size * args.grad_accum * run.world * run.frames / (time.time() - t0)
-                    row = [step, loss, lr, grad_norm, tokens_per_s, time.time() - t_start]
+                    elapsed = time.time() - t_start  # as of this step, like rng: what its checkpoint keeps
+                    row = [step, loss, lr, grad_norm, tokens_per_s, elapsed]
                     score = None
                     scored = args.eval_every and step % args.eval_every == 0 and args.stage == 1 and not args.data
                     if scored and run.master:
@@ -987,20 +1010,20 @@ def train(run, step, saved):
                     row = None
                 if step % args.ckpt_every == 0 or step == args.steps:
                     with whole():  # a Ctrl-C inside torch.save's writer broke it with its own traceback
-                        save_checkpoint(run, step, rng)
+                        save_checkpoint(run, step, rng, elapsed)
                         saved = step
                 if any_process_interrupted and any_process_interrupted():
                     raise KeyboardInterrupt  # in every process, after the same step
             if saved != step:
                 with whole():
-                    save_checkpoint(run, step, rng)
+                    save_checkpoint(run, step, rng, elapsed)
                     saved = step
         except KeyboardInterrupt:
             if row is not None:  # interrupted after the update, before its row was logged
                 log_step(run, bar, row, None)
             if saved != step:
                 with whole():  # a second Ctrl-C waits for this save
-                    save_checkpoint(run, step, rng)
+                    save_checkpoint(run, step, rng, elapsed)
             if run.master:
                 print(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}; continue with "
                       f"{run.resume_with or resume_command(args.out, run.world, sys.argv[0])}", file=sys.stderr)
@@ -1121,7 +1144,8 @@ def run_training(args, given, world, rank, device, lock, resume_with=None):
             if ckpt is None and args.warmup >= args.steps:  # after the folder's checks: no note before an error
                 print(f"note: --warmup {args.warmup} is not below --steps {args.steps}: the learning rate rises for "
                       f"the whole run, to {lr_at(args.steps - 1, args):.3g}, and never decays", file=sys.stderr)
-        step, loss = train(run, step, saved=None if ckpt is None else step)
+        step, loss = train(run, step, saved=None if ckpt is None else step,
+                           elapsed=0.0 if ckpt is None else ckpt.get("elapsed_s", 0.0))  # (saved before it was kept: 0)
     finally:
         if late is not None:
             late.close()
