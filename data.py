@@ -563,13 +563,33 @@ def model_location(name_or_path):
 
 def data_codec(folder):
     """The DAC a preprocessed folder was encoded with (its meta.json's "dac"), or DEFAULT_DAC when it
-    does not say (a folder of the earlier layout, or none yet)."""
+    does not say (a folder of the earlier layout, or none yet). BadInput naming meta.json when it is
+    damaged (folder_settings) or its "dac" is no name: a default in its place would train on the
+    folder's codes and record another codec, and generate.py would decode them with it."""
+    settings = folder_settings(folder)
+    name = settings.get("dac", DEFAULT_DAC)
+    if not (isinstance(name, str) and name):
+        fail(f'{os.path.join(folder, META_FILE)}: its "dac" is {json.dumps(name)}, not the name or folder of a '
+             "codec; this folder cannot be trusted, preprocess into a new --out")
+    return name
+
+
+def folder_settings(folder):
+    """The settings of a preprocessed folder's meta.json, {} where it has none (no file yet, or the
+    earlier layout's folder). BadInput naming the file when it is damaged (not JSON, not an object):
+    there are no settings to go by, and none may stand in for them without a word."""
+    path = os.path.join(folder, META_FILE)
     try:
-        with open(os.path.join(folder, META_FILE)) as f:
-            name = parse_json(f.read()).get("dac")
-    except (OSError, ValueError, AttributeError):
-        name = None
-    return name if isinstance(name, str) and name else DEFAULT_DAC
+        with open(path, "rb") as f:
+            settings = parse_json(f.read())
+        damage = None if isinstance(settings, dict) else JSON_KINDS[type(settings)]
+    except OSError:
+        return {}
+    except ValueError as e:
+        damage = str(e)
+    if damage:
+        fail(f"{path}: not data.py's settings ({damage}); this folder cannot be trusted, preprocess into a new --out")
+    return settings
 
 
 def _is_number(v):
@@ -664,14 +684,16 @@ class TokenDataset:
     for clips_per_track below 0 or rows below 1."""
 
     def __init__(self, folder, clips_per_track=0, seed=0, rows=None):
-        for name, value, least in (("clips_per_track", clips_per_track, 0), ("rows", rows, 1)):
-            if value is not None:
-                check_integer(f"TokenDataset: {name}", value, least)
+        if clips_per_track is not None:
+            check_integer("TokenDataset: clips_per_track", clips_per_track, 0)
         self.index, codes_path = committed_clips(folder)
         if not self.index:
             fail(f"{folder}: no preprocessed clips (run: python data.py --audio DIR --captions FILE "
                  f"{shell_flag('--out', folder)})")
         if rows is not None:  # the first `rows` committed clips: what the folder held when a run began
+            # (checked after the folder: a new run on a folder without clips counts 0 rows, and the
+            # folder, not that count, is what to name)
+            check_integer("TokenDataset: rows", rows, 1)
             held = committed_rows(self.index)
             if held < rows:
                 fail(f"{folder}: holds {plural(held, 'clip')}, fewer than the {rows} that this run began with; "
@@ -766,17 +788,7 @@ class ClipWriter:
     def _check_meta(self):
         """Settings may change while nothing is committed; after that, a run must use the folder's."""
         path = os.path.join(self.folder, META_FILE)
-        try:
-            with open(path, "rb") as f:
-                old = parse_json(f.read())
-            damage = None if isinstance(old, dict) else JSON_KINDS[type(old)]  # a list: .get() raised AttributeError
-        except OSError:
-            old, damage = {}, None
-        except ValueError as e:
-            damage = str(e)
-        if damage:  # no settings to compare this run's with
-            fail(f"{path}: not data.py's settings ({damage}); this folder cannot be trusted, preprocess into a "
-                 "new --out")
+        old = folder_settings(self.folder)  # (a damaged one leaves no settings to compare this run's with)
         dac = old.get("dac")
         if isinstance(dac, str) and dac != self.meta.get("dac") and model_location(dac) == self.meta.get("dac"):
             # kept as typed (relative) by an earlier data.py: the same folder from here, which train.py

@@ -521,6 +521,20 @@ def weights_digest(model):
     return h.hexdigest()
 
 
+# What a cached output must be besides its shape (ResultCache.read's valid): an entry that loads with the
+# right shape but other values (another program's .npz under its name) gave NaN (a negative "probability":
+# the report's json.dumps raised ValueError), or a KL or cosine of 0 from zeros, without a word.
+
+def is_distribution(p):
+    """Whether p holds probabilities, none negative and summing to 1, as passt_probabilities' softmax does."""
+    return bool((p >= 0).all() and abs(p.sum() - 1) < 1e-6)
+
+
+def is_unit(v):
+    """Whether v has length 1, as an embedding of clap_audio_embedding (normalised) has."""
+    return bool(abs(np.linalg.norm(v) - 1) < 1e-6)
+
+
 class ResultCache:
     """One model's output per audio file, in folder/<metric>/ (None: no cache, every file computed).
 
@@ -714,7 +728,8 @@ def kl_passt(model, generated, reference, device, report, cache=None):
         return (np.zeros(0) if p is None else p.numpy()), len(audio)
 
     def probabilities(path):  # (527,) float64, or None for a clip without a window
-        p = cache.output(path, compute, lambda output: output.shape in ((0,), (527,)))[0]
+        p = cache.output(path, compute, lambda output: output.shape == (0,) or (output.shape == (527,) and
+                                                                              is_distribution(output)))[0]
         return torch.from_numpy(p) if p.size else None
 
     kl, kl_back, skipped = [], [], []
@@ -755,7 +770,8 @@ def clap_score(clap, generated, prompts, args, device, report, cache=None):
     np.random.seed(args.seed)  # the extractor's crops of clips longer than its window
     scores, longer = [], []
     for i, name in enumerate(progress(names, "CLAP")):
-        embedding, samples = cache.output(generated[name], compute, lambda output: output.shape == text.shape[1:],
+        embedding, samples = cache.output(generated[name], compute,
+                                          lambda output: output.shape == text.shape[1:] and is_unit(output),
                                           keep=lambda samples: not longer_than_window(samples))
         if longer_than_window(samples):  # (never read from the cache: computed, with its crops, in this run)
             longer.append(name)

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import sys
+import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 import data
 import evaluate
@@ -1886,6 +1888,41 @@ def test_cache_entry_of_another_shape_or_not_finite_is_computed_again(tmp_path, 
         assert "a damaged cache entry" in capsys.readouterr().err
     cache.write(entry, np.ones(16), 48000)
     assert cache.read(entry, lambda o: o.shape == (16,))[0].shape == (16,) and cache.read_count == 1
+
+
+def test_cache_entry_of_the_right_shape_but_not_the_models_values_is_computed_again(tmp_path, capsys, monkeypatch):
+    # a PaSST entry of negative "probabilities" gave NaN KL and a ValueError traceback from the report's
+    # json.dumps; zeros gave KL 0 and a CLAP cosine 0 without a word. They are damaged entries, computed again
+    monkeypatch.setattr(evaluate, "passt_probabilities", lambda model, audio, device: torch.softmax(
+        torch.arange(527.0, dtype=torch.float64) * float(np.abs(audio).mean()), -1))
+    monkeypatch.setattr(evaluate, "clap_text_embeddings", lambda model, tok, prompts, device: F.normalize(
+        torch.ones(len(prompts), 4, dtype=torch.float64), dim=-1))
+    monkeypatch.setattr(evaluate, "clap_audio_embedding", lambda model, ext, audio, device: F.normalize(
+        torch.tensor([1.0, 2.0, 3.0, float(len(audio))], dtype=torch.float64), dim=-1))
+    extractor = types.SimpleNamespace(sampling_rate=48000, nb_max_samples=10 * 48000)
+    gen, ref = tmp_path / "g", tmp_path / "r"
+    for folder, freq in ((gen, 440), (ref, 220)):
+        folder.mkdir()
+        sf.write(str(folder / "a.wav"), tone(2.0, 48000, freq), 48000)
+    files = {"g": {"a": str(gen / "a.wav")}, "r": {"a": str(ref / "a.wav")}}
+    args = types.SimpleNamespace(seed=0)
+
+    def scores(make_cache):
+        report = {"per_file": {"a": {}}, "short_clips": {}, "counts": {}}
+        evaluate.kl_passt(None, files["g"], files["r"], "cpu", report, make_cache("passt"))
+        evaluate.clap_score((None, extractor, None), files["g"], {"a": "x"}, args, "cpu", report, make_cache("clap"))
+        return report["kl_passt"], report["clap_score"]
+    want = scores(lambda metric: evaluate.ResultCache())
+    caches = {m: evaluate.ResultCache(str(tmp_path / "cache"), m, torch.nn.Linear(2, 2), {}, "cpu")
+              for m in ("passt", "clap")}
+    for passt, clap in ((-np.ones(527), np.zeros(4)), (np.zeros(527), np.full(4, 0.9))):
+        for metric, output in (("passt", passt), ("clap", clap)):
+            for path in (files["g"]["a"], files["r"]["a"]):
+                caches[metric].write(caches[metric].entry(path), output, 96000)
+        capsys.readouterr()
+        assert scores(caches.get) == want and all(c.read_count == 0 for c in caches.values())
+        assert capsys.readouterr().err.count("a damaged cache entry") == 3  # PaSST's 2 files, CLAP's generated one
+    assert scores(caches.get) == want and [c.read_count for c in caches.values()] == [2, 1]  # the entries rewritten
 
 
 def test_cache_never_keeps_a_clap_clip_one_sample_longer_than_the_window(weights, tmp_path):

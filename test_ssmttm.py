@@ -12051,12 +12051,43 @@ def test_model_folder_problem_takes_a_path_from_dot_as_local_and_a_bare_name_as_
 def test_data_codec_is_the_meta_jsons_dac_only_when_it_is_a_name(tmp_path):
     meta = tmp_path / "meta.json"
     assert datamod.data_codec(str(tmp_path / "none")) == datamod.DEFAULT_DAC  # no folder, no meta.json
-    for text, codec in (('{"dac": "/models/dac"}', "/models/dac"), ('{"dac": ""}', datamod.DEFAULT_DAC),
-                        ('{"dac": 5}', datamod.DEFAULT_DAC), ('{"dac": true}', datamod.DEFAULT_DAC),
-                        ('{"dac": ["a"]}', datamod.DEFAULT_DAC), ('["dac"]', datamod.DEFAULT_DAC),
-                        ('{"dac": "x"', datamod.DEFAULT_DAC), ("{}", datamod.DEFAULT_DAC)):
+    for text, codec in (('{"dac": "/models/dac"}', "/models/dac"), ("{}", datamod.DEFAULT_DAC)):
         meta.write_text(text)
         assert datamod.data_codec(str(tmp_path)) == codec, text
+
+
+def test_train_names_a_damaged_meta_json_rather_than_take_the_default_dac(tmp_path, capsys):
+    # a cut or edited meta.json gave descript/dac_44khz without a word: the run recorded it as the codec
+    # of codes another DAC made, and generate.py decoded them with it. One line naming the file, nothing written
+    folder = tmp_path / "tokens"
+    with datamod.ClipWriter(str(folder), {"format": 2, "dac": "/models/dac"}) as store:
+        store.commit({"source": "a.wav", "clips": [{"start_s": 0.0, "frames": 5}], "captions": ["x"],
+                      "seconds": 30.0, "silent": 0}, [np.zeros((9, 5), np.uint16)])
+    meta = folder / "meta.json"
+    for text, problem in (('{"format": 2, "dac": "/mod', "not data.py's settings (Unterminated string starting at)"),
+                          ("", "not data.py's settings (Expecting value)"),
+                          ('["dac"]', "not data.py's settings (a list)"),
+                          ('{"dac": 5}', 'its "dac" is 5, not the name or folder of a codec'),
+                          ('{"dac": ""}', 'its "dac" is "", not the name or folder of a codec')):
+        meta.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            trainmod.main(tiny_train_args(tmp_path / "run", "--data", str(folder), "--steps", "1"))
+        assert e.value.code == 2 and not (tmp_path / "run").exists() and meta.read_text() == text
+        assert capsys.readouterr().err == (f"{meta}: {problem}; this folder cannot be trusted, preprocess into a "
+                                           "new --out\n")
+
+
+def test_train_on_a_folder_without_clips_is_one_line_naming_it(tmp_path, capsys):
+    # every file dropped as silent, or a journal emptied: the run's clip count 0 was refused as an argument,
+    # "ValueError: TokenDataset: rows 0: want 1 or more" and a traceback, before the folder was named
+    folder = tmp_path / "tokens"
+    with datamod.ClipWriter(str(folder), {"format": 2}) as store:
+        store.commit({"source": "a.wav", "clips": [], "captions": ["x"], "seconds": 30.0, "silent": 1}, [])
+    with pytest.raises(SystemExit) as e:
+        trainmod.main(tiny_train_args(tmp_path / "run", "--data", str(folder), "--steps", "1"))
+    assert e.value.code == 2 and not (tmp_path / "run").exists()
+    assert capsys.readouterr().err.splitlines()[-1] == (f"{folder}: no preprocessed clips (run: python data.py --audio "
+                                                        f"DIR --captions FILE --out {folder})")
 
 
 def test_a_lock_refused_closes_its_file_at_once(tmp_path, capsys):
