@@ -6347,22 +6347,28 @@ def test_ctrl_c_during_the_update_is_held_until_the_step_is_whole(tmp_path, monk
     """A SIGINT that arrives between the optimizer's update and the schedule's (a half-updated step)
     is raised once the step is complete: the checkpoint is the state after step 4, and resuming
     from it gives the uninterrupted run."""
-    import signal
     run = lambda out, *extra: trainmod.main(tiny_train_args(out, "--steps", "8", "--dropout", "0.3", *extra))
     run(tmp_path / "whole")
+    ctrl_c_in_step_4s_update(monkeypatch, lambda: run(tmp_path / "cut"), tmp_path / "cut")
+    run(tmp_path / "cut", "--resume")
+    assert_same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+def ctrl_c_in_step_4s_update(monkeypatch, run, out):
+    """run() with a SIGINT raised inside step 4's update (the optimizer has applied it, the schedule not yet):
+    it stops with exit code 130 and the checkpoint of step 4 in out."""
+    import signal
     real_step = torch.optim.lr_scheduler.LambdaLR.step
 
     def step(self, *a):
-        if self.last_epoch == 3:  # the optimizer has applied step 3's update, the schedule not yet
+        if self.last_epoch == 3:
             signal.raise_signal(signal.SIGINT)
         return real_step(self, *a)
     monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
     with pytest.raises(SystemExit) as e:
-        run(tmp_path / "cut")
-    assert e.value.code == 130 and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 4
+        run()
+    assert e.value.code == 130 and torch.load(out / "ckpt.pt", weights_only=False)["step"] == 4
     monkeypatch.undo()
-    run(tmp_path / "cut", "--resume")
-    assert_same_run(tmp_path / "cut", tmp_path / "whole")
 
 
 def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch, capsys):
@@ -13694,20 +13700,9 @@ def test_ctrl_c_during_the_update_of_a_scored_step_keeps_the_steps_score(tmp_pat
     """A SIGINT during step 4's update (held until the step is whole) came out between the update and the
     evaluation: step 4's row was logged without its caption score and step 4 saved, so the resumed run never
     scored it (helper h29's kill campaign). The update, the evaluation and the row are held as one."""
-    import signal
     run = lambda out, *extra: trainmod.main(tiny_train_args(out, "--steps", "6", "--eval-every", "4", *extra))
     run(tmp_path / "whole")
-    real_step = torch.optim.lr_scheduler.LambdaLR.step
-
-    def step(self, *a):
-        if self.last_epoch == 3:  # inside step 4's update
-            signal.raise_signal(signal.SIGINT)
-        return real_step(self, *a)
-    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
-    with pytest.raises(SystemExit) as e:
-        run(tmp_path / "cut")
-    assert e.value.code == 130 and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 4
-    monkeypatch.undo()
+    ctrl_c_in_step_4s_update(monkeypatch, lambda: run(tmp_path / "cut"), tmp_path / "cut")
     run(tmp_path / "cut", "--resume")
     kept = lambda out: [(r["step"], r["loss"], r["caption_score"]) for r in csv.DictReader(open(out / "metrics.csv"))]
     assert kept(tmp_path / "cut") == kept(tmp_path / "whole") and kept(tmp_path / "whole")[3][2] != ""
