@@ -66,7 +66,7 @@ import zlib
 import numpy as np
 import torch
 
-from ssmttm import check_integer  # (ssmttm imports nothing of the project's but ssd_reference)
+from ssmttm import as_codes, check_integer  # (ssmttm imports nothing of the project's but ssd_reference)
 
 SAMPLE_RATE = 44100
 HOP = 512
@@ -335,8 +335,12 @@ def caption_score(codes, caption):
     (a change is on the grid when the run before it lasted a multiple of the note length);
     with K = 9 also: codebooks 2..9 equal fine_codes(codebook 1). Random codes score about 0.26 with
     K = 1 and 0.19 with K = 9 (the fine rule and the tempo rule score about 0 for them); a caption
-    without rule words scores 0 (K = 1). ValueError for codes of another shape or no frames (T = 0)."""
-    codes = np.asarray(codes)
+    without rule words scores 0 (K = 1). ValueError for codes of another shape or no frames (T = 0).
+    codes: a torch tensor, numpy array or list of ints; TypeError, as ssmttm.as_codes, unless their dtype is
+    int16, int32 or int64 (a bool mask scored as the ids 0 and 1, uint8 codes overflowed on fine_codes'
+    1024, floats are no ids)."""
+    codes = as_codes("caption_score: codes", codes if isinstance(codes, torch.Tensor)
+                     else torch.as_tensor(np.asarray(codes))).cpu().numpy()
     if codes.ndim != 2 or codes.shape[0] not in (1, N_CODEBOOKS) or codes.shape[1] < 1:
         raise ValueError(f"caption_score: codes {codes.shape}: want (1, T) or ({N_CODEBOOKS}, T), T >= 1")
     coarse = codes[0]

@@ -177,10 +177,20 @@ def progress(items, desc, unit="file"):
 # The three measures, on arrays
 
 
+def float64_array(a):
+    """a (a numpy array, a list, a torch tensor of any floating dtype, on any device) as a float64 numpy
+    array. numpy cannot read a bf16 tensor (TypeError "unsupported ScalarType BFloat16"), a CUDA one, or one
+    that requires grad; their values convert to float64 exactly in torch."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
 def gaussian_stats(embeddings):
-    """embeddings (N, D) -> mean (D,), covariance (D, D) with ddof 1, both float64. ValueError for fewer
-    than 2 embeddings, another shape, or NaN or infinite values (they would make every statistic NaN)."""
-    x = np.asarray(embeddings, dtype=np.float64)
+    """embeddings (N, D) -> mean (D,), covariance (D, D) with ddof 1, both float64 (a torch tensor of any
+    floating dtype too: float64_array). ValueError for fewer than 2 embeddings, another shape, or NaN or
+    infinite values (they would make every statistic NaN)."""
+    x = float64_array(embeddings)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"need at least 2 embeddings of shape (N, D), got {x.shape}")
     if not np.isfinite(x).all():
@@ -209,15 +219,19 @@ def trace_sqrt_product(s1, s2):
     M = S2^(1/2) S1^(1/2), so the trace is the sum of M's singular values. No inverse, no complex
     parts: exact for singular (rank-deficient) covariances too; and since M is on the data's scale,
     not its square (as S1^(1/2) S2 S1^(1/2) is), a small eigenvalue beside a large one keeps its
-    digits (the eigenvalues of the product squared would fall below round-off)."""
+    digits (the eigenvalues of the product squared would fall below round-off). S1, S2: numpy arrays or
+    torch tensors (float64_array); ValueError unless both are (D, D) of one D."""
+    s1, s2 = float64_array(s1), float64_array(s2)
+    if s1.ndim != 2 or s1.shape[0] != s1.shape[1] or s2.shape != s1.shape:
+        raise ValueError(f"trace_sqrt_product: S1 {s1.shape} and S2 {s2.shape}: want covariances (D, D) of one D")
     return float(np.linalg.svd(_psd_sqrt(s2) @ _psd_sqrt(s1), compute_uv=False).sum())
 
 
 def frechet_distance(mu1, s1, mu2, s2):
     """Frechet distance between N(mu1, S1) and N(mu2, S2):
     |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64. Symmetric; >= 0 up to round-off.
-    ValueError unless mu1, mu2 are (D,) and S1, S2 (D, D) of one D."""
-    mu1, mu2, s1, s2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, s1, s2))
+    ValueError unless mu1, mu2 are (D,) and S1, S2 (D, D) of one D. Numpy arrays or torch tensors (float64_array)."""
+    mu1, mu2, s1, s2 = (float64_array(a) for a in (mu1, mu2, s1, s2))
     D = mu1.shape[-1] if mu1.ndim == 1 else None
     if D is None or mu2.shape != (D,) or s1.shape != (D, D) or s2.shape != (D, D):
         raise ValueError(f"want means (D,) and covariances (D, D) of one D; got mu1 {mu1.shape}, S1 {s1.shape}, "

@@ -220,9 +220,14 @@ def aligned_linear(x, weight, multiple=8):
     to that multiple apart. cuBLAS runs its fast kernels only when every matrix's rows start on 16 bytes; the
     heads' 1025 bf16 logits per row do not, and their three products (forward, both gradients) took
     an unaligned kernel, three times as long together (BENCHMARKS.md §0c). x (..., d), weight (n, d) ->
-    (..., n). TypeError / ValueError for a multiple that is not an integer of 1 or more."""
+    (..., n). TypeError / ValueError for a multiple that is not an integer of 1 or more; ValueError for a
+    weight that is not (n, d) for x (..., d) (a 1-D weight failed in F.pad, a wrong d in a product whose
+    message gives the padded weight's shape, not the caller's). Python shape checks: no GPU sync."""
     # a Python int, no GPU sync: 0 divided by zero, a negative multiple cut the weight's rows (fewer outputs)
     ssmttm.check_integer("aligned_linear: multiple", multiple, least=1)
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"aligned_linear: weight {tuple(weight.shape)} for x {tuple(x.shape)}: want (n, d) for "
+                         "x (..., d)")
     n = weight.shape[0]
     if n % multiple == 0:
         return F.linear(x, weight)

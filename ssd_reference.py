@@ -39,7 +39,10 @@ def check_shapes(x, dt, A, B, C, D=None, initial_state=None, step=False):
     """ValueError naming the first argument whose shape does not fit x's (b, l, h, p), as the module
     docstring gives them: a tensor that would broadcast (an unbatched state, B of batch 1) is refused
     too, since the three ways would not all take it. step: ssd_step's shapes, the same without the l
-    axis (x (b, h, p), dt (b, h), B, C (b, g, n)), its initial_state named `state`."""
+    axis (x (b, h, p), dt (b, h), B, C (b, g, n)), its initial_state named `state`. TypeError naming the
+    first argument of another dtype than x, or x that is not floating point: the three ways would not agree
+    on mixed dtypes (a bf16 C beside fp32 x fails in an einsum of one and not of another, an fp64 D makes
+    an fp64 y beside an fp32 state); the caller picks the precision (Mamba2.ssd: fp32 or above)."""
     seq, dims, state = ("", 3, "state") if step else ("l, ", 4, "initial_state")
     for name, t in (("x", x), ("B", B), ("C", C)):
         if t.dim() != dims:
@@ -53,6 +56,11 @@ def check_shapes(x, dt, A, B, C, D=None, initial_state=None, step=False):
     for name, (t, shape) in want.items():
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} {tuple(t.shape)}: want {shape} for x {tuple(x.shape)} (b, {seq}h, p)")
+    if not x.is_floating_point():
+        raise TypeError(f"x {x.dtype}: want a floating-point dtype")
+    for name, t in {"dt": dt, "A": A, "B": B, "C": C, "D": D, state: initial_state}.items():
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} {t.dtype} for x {x.dtype}: want x's dtype (convert them to one)")
 
 
 def ssd_step(state, x, dt, A, B, C, D=None):

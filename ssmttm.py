@@ -117,6 +117,30 @@ def check_same_shape(where, name, t, other_name, other):
         raise ValueError(f"{where}: {name} {tuple(t.shape)} for {other_name} {tuple(other.shape)}: want one shape")
 
 
+def check_numbers(where, name, t, integer=False):
+    """TypeError naming `where` and `name` unless t is a torch tensor of floating point numbers (integer=True:
+    or of integers). A numpy array or a list would fail later on a missing tensor method, and a bool
+    tensor (a mask) would be read as the numbers 0 and 1. A dtype check only: no GPU sync."""
+    numeric = isinstance(t, torch.Tensor) and (t.is_floating_point() or integer and not t.is_complex()
+                                               and t.dtype != torch.bool)
+    if not numeric:
+        kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{where}: {name} {kind}: want a torch tensor of floating point "
+                        f"{'or integer ' if integer else ''}numbers")
+
+
+def check_state_batch(where, state, fields, b):
+    """ValueError naming `where`, the state's field and both batch sizes unless each of the state's `fields`
+    has b rows, one per row of the input: a state of 1 row would be broadcast against b rows (one row's
+    keys written into every row of a KV cache, one text read by every row), another batch would fail deep
+    in torch. Python shape checks only: these run at every decoding step."""
+    for field in fields:
+        rows = getattr(state, field).shape[0]
+        if rows != b:
+            raise ValueError(f"{where}: {type(state).__name__}.{field} of batch {rows} for an input of batch {b}: "
+                             "want one state row per input row")
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. Delay pattern (MusicGen) and loss
 
@@ -154,12 +178,15 @@ def lm_loss(logits, targets, label_smoothing=0.0, counts=None):
     ValueError for targets of another shape than logits' (b, K, s), and counts that are not (K,) (a scalar
     or (1,) would broadcast over the codebooks, (b, K) over a batch axis the loss does not have); TypeError
     for targets of another kind (as_codes: a uint8 target can never be the special id, so padding would
-    count as code 0)."""
+    count as code 0) and counts that are no torch tensor of integers or floats (check_numbers: a list fails
+    on .shape, a bool tensor would count 1 target per codebook; train.py passes float32 sums)."""
     targets = as_codes("lm_loss: targets", targets)
     b, K, s, V = logits.shape
     if targets.shape != (b, K, s):
         raise ValueError(f"lm_loss: targets {tuple(targets.shape)} for logits {tuple(logits.shape)}: "
                          f"want ({b}, {K}, {s})")
+    if counts is not None:
+        check_numbers("lm_loss", "counts", counts, integer=True)
     if counts is not None and counts.shape != (K,):
         raise ValueError(f"lm_loss: counts {tuple(counts.shape)} for logits {tuple(logits.shape)}: want ({K},), "
                          "one count per codebook")
@@ -260,7 +287,10 @@ class Mamba2(nn.Module):
         """u (b, l, d_model) -> (b, l, d_model). mask (b, l): False at padding, which must come first
         in its row (left padding). state: a Mamba2State to continue from and update in place (the
         prefill, then one step per token); None when training. No positions (l = 0): no output, the
-        state unchanged. ValueError for a mask that is not bool (b, l)."""
+        state unchanged. ValueError for a mask that is not bool (b, l), and a state of another batch than u
+        (check_state_batch)."""
+        if state is not None:
+            check_state_batch("Mamba2", state, ("conv", "ssm"), u.shape[0])
         if u.shape[1] == 0:  # (the conv has nothing to slide over)
             return self.out_proj(u.new_zeros(*u.shape[:2], self.d_inner))
         if state is not None and u.shape[1] == 1 and mask is None:
@@ -381,8 +411,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, state=None):
         """x (b, s, d) -> (b, s, d). state: a KVCache to append to (decoding), None when training.
-        ValueError when the cache has no room for the s new positions (new_state's max_len)."""
+        ValueError when the cache has no room for the s new positions (new_state's max_len), or is of another
+        batch than x (check_state_batch: a cache of b rows would take the keys of 1 row in each)."""
         b, s, d = x.shape
+        if state is not None:
+            check_state_batch("SelfAttention", state, ("k", "v"), b)
         q, k, v = (t.view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2) for t in self.qkv(x).split(d, dim=-1))
         if state is None:
             drop = self.attn_dropout if self.training else 0.0
@@ -430,11 +463,13 @@ class CrossAttention(nn.Module):
     def forward(self, x, memory, memory_mask, state=None):
         """x (b, s, d), memory (b, lt, d_memory), memory_mask (b, lt) True at real text -> (b, s, d).
         state: a TextKV; filled from memory at the first call, read (memory unused) after. ValueError
-        without memory to read, for memory of another batch than x or width than d_memory, or for a
+        without memory to read, for memory or a filled TextKV of another batch than x (check_state_batch: a TextKV
+        of 1 row would give every row its text) or memory of another width than d_memory, or for a
         memory_mask that is not bool (b, lt)."""
         b, s, d = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2)
         if state is not None and state.k is not None:
+            check_state_batch("CrossAttention", state, ("k", "v"), b)
             k, v = state.k, state.v
         elif memory is None:
             raise ValueError("CrossAttention: no memory (the text states) and no TextKV filled from it")
@@ -886,8 +921,12 @@ def sample_next(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, 
     instead of drawing them here. ValueError for settings check_sampling refuses (TypeError for those it
     refuses as no number), for uncond of another shape than logits (it would broadcast: a null row
     of batch 1 would guide every row) and noise that is not (b, K, 1024) (one row's draws would make
-    every row's). (Shapes only: no GPU sync.)"""
+    every row's); TypeError for logits, uncond or noise that are no floating-point torch tensor (a numpy array
+    would fail on a missing method; check_numbers). (Shapes and dtypes only: no GPU sync.)"""
     check_sampling(cfg_scale, top_k, temperature)
+    for name, t in (("logits", logits), ("uncond", uncond), ("noise", noise)):
+        if t is not None:
+            check_numbers("sample_next", name, t)
     if uncond is not None:
         check_same_shape("sample_next", "uncond", uncond, "logits", logits)
     if noise is not None and noise.shape != (*logits.shape[:-1], SPECIAL):

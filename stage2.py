@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ssmttm import (CODEBOOK_SIZE, SPECIAL, CrossAttention, adamw, as_codes, check_integer, check_text,
-                    classifier_free_guidance, sinusoidal_positions)
+from ssmttm import (CODEBOOK_SIZE, SPECIAL, CrossAttention, adamw, as_codes, check_integer, check_numbers,
+                    check_text, classifier_free_guidance, sinusoidal_positions)
 
 LATENT_DIM = 8  # DAC's codebook_dim
 
@@ -276,7 +276,10 @@ class Stage2Diffusion(nn.Module):
         shows it any). count: the real frames of the whole batch this one is a part of (a training step's
         micro-batches on every process): the loss is then this part's share of that batch's (ssmttm.lm_loss's
         counts; None: the whole batch is this one). ValueError for a count that is not a scalar (one of shape (b,)
-        would broadcast into a loss per row)."""
+        would broadcast into a loss per row); TypeError for one that is no torch tensor of integers or floats
+        (check_numbers: a Python int fails on .shape, a bool tensor would count 1 frame)."""
+        if count is not None:
+            check_numbers("Stage2Diffusion", "count", count, integer=True)
         if count is not None and count.shape != ():
             raise ValueError(f"Stage2Diffusion: count {tuple(count.shape)}: want a scalar (), the real frames of the "
                              "whole batch")

@@ -2055,3 +2055,29 @@ def test_cosine_refuses_embeddings_of_other_shapes():
             evaluate.cosine(a, b)
         assert str(e.value) == f"cosine: a (3, 2) and b {b.shape}: want one shape (N, D)"
     assert evaluate.cosine(a, a * 2).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_frechet_statistics_take_torch_tensors_of_any_float_dtype():
+    # a bf16 tensor failed in numpy ("Got unsupported ScalarType BFloat16"), one that requires grad with
+    # "Can't call numpy() on Tensor that requires grad"
+    emb = torch.randn(10, 3, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    mu, cov = evaluate.gaussian_stats(emb.float().numpy())
+    for given in (emb, emb.float().requires_grad_()):
+        got_mu, got_cov = evaluate.gaussian_stats(given)
+        assert np.array_equal(got_mu, mu) and np.array_equal(got_cov, cov)
+    torch_args = [torch.from_numpy(a).to(torch.bfloat16) for a in (mu, cov)]
+    assert evaluate.frechet_distance(*torch_args, *torch_args) == evaluate.frechet_distance(
+        *[a.double().numpy() for a in torch_args], *[a.double().numpy() for a in torch_args])
+    assert evaluate.trace_sqrt_product(torch_args[1], cov) == evaluate.trace_sqrt_product(
+        torch_args[1].double().numpy(), cov)
+
+
+def test_trace_sqrt_product_refuses_covariances_of_other_shapes():
+    # (3, 3) against (4, 4): numpy's "matmul: Input operand 1 has a mismatch in its core dimension 0";
+    # a (3,) vector: "LinAlgError: 1-dimensional array given"
+    for s1, s2 in ((np.eye(3), np.eye(4)), (np.eye(3), np.ones(3)), (np.ones((3, 2)), np.ones((3, 2)))):
+        with pytest.raises(ValueError) as e:
+            evaluate.trace_sqrt_product(s1, s2)
+        assert str(e.value) == (f"trace_sqrt_product: S1 {s1.shape} and S2 {s2.shape}: want covariances (D, D) "
+                                "of one D")
+    assert evaluate.trace_sqrt_product(np.diag([4.0, 9.0]), np.diag([1.0, 4.0])) == pytest.approx(2.0 + 6.0, abs=1e-12)

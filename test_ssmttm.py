@@ -14959,3 +14959,126 @@ def test_stage2_refuses_a_count_mask_or_emb_that_would_broadcast():
     with pytest.raises(ValueError) as e:
         block(x, torch.randn(1, 6), torch.ones(2, 1, 5))
     assert str(e.value) == "ResBlock1d: emb (1, 6) for x (2, 8, 5): want (2, 6)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Left over by the broadcasting and dtype audits: wrong kinds and batches that failed obscurely or silently
+
+
+def test_caption_score_refuses_codes_that_are_not_integer_ids():
+    # a bool mask scored as ids 0 and 1 (0.4483 here, a plausible score), uint8 codes failed with an
+    # OverflowError in fine_codes, floats were scored as if they were ids
+    codes = np.random.default_rng(0).integers(0, 1024, (9, 50))
+    caption = "a happy fast piano piece in a major scale"
+    want = datamod.caption_score(codes, caption)
+    for bad, kind in ((codes > 500, "torch.bool"), (codes.astype(np.uint8), "torch.uint8"),
+                      (codes.astype(np.float64), "torch.float64"), (torch.from_numpy(codes) > 500, "torch.bool")):
+        with pytest.raises(TypeError) as e:
+            datamod.caption_score(bad, caption)
+        assert str(e.value) == (f"caption_score: codes: {kind}: want a torch tensor of integer codes "
+                                "(int16, int32 or int64)")
+    for good in (codes.astype(np.int16), codes.astype(np.int32), torch.from_numpy(codes), codes.tolist()):
+        assert datamod.caption_score(good, caption) == want == pytest.approx(0.24, abs=1e-12)
+
+
+def test_lm_loss_and_stage2_refuse_counts_that_are_no_numbers():
+    # counts as a list failed on .shape (AttributeError); a bool tensor was taken as counts of 1 and 0
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(2, 2, 3, 1025, generator=g), torch.randint(0, 1024, (2, 2, 3), generator=g)
+    for counts, kind in (([10.0, 4.0], "list"), (torch.tensor([True, True]), "torch.bool"),
+                         (np.array([10.0, 4.0]), "ndarray")):
+        with pytest.raises(TypeError) as e:
+            ssmttm.lm_loss(logits, targets, counts=counts)
+        assert str(e.value) == f"lm_loss: counts {kind}: want a torch tensor of floating point or integer numbers"
+    want = ssmttm.lm_loss(logits, targets, counts=torch.tensor([10.0, 4.0]))  # train.py's float32 sums
+    assert torch.equal(ssmttm.lm_loss(logits, targets, counts=torch.tensor([10, 4])), want)
+    torch.manual_seed(0)
+    model = stage2.Stage2Diffusion(stage2.Stage2Config(**stage2.Stage2Config.small(), d_text=24))
+    model.attach_codec(datamod.synthetic_codec())
+    codes, (text, mask) = torch.randint(0, 1024, (2, 9, 8)), random_text()
+    for count, kind in ((16, "int"), (torch.tensor(True), "torch.bool")):
+        with pytest.raises(TypeError) as e:
+            model(codes, text.float(), mask, count)
+        assert str(e.value) == (f"Stage2Diffusion: count {kind}: want a torch tensor of floating point or integer "
+                                "numbers")
+
+
+def test_decoding_layers_refuse_a_state_of_another_batch():
+    # Mamba2: a torch.cat error "Sizes of tensors must match"; SelfAttention: "expanded size" or "shape
+    # '[1, 1, 16]' is invalid"; CrossAttention: a TextKV of 1 row gave its text to every row, silently
+    layer = mamba_layer()
+    for rows, b, l in ((2, 3, 1), (1, 3, 4), (3, 1, 1)):
+        state = layer_state(layer, rows)
+        with pytest.raises(ValueError) as e:
+            layer(torch.randn(b, l, 32, dtype=torch.float64), state=state)
+        assert str(e.value) == (f"Mamba2: Mamba2State.conv of batch {rows} for an input of batch {b}: want one state "
+                                "row per input row")
+    state = layer_state(layer, 2)
+    state.ssm = state.ssm[:1]
+    with pytest.raises(ValueError, match=r"^Mamba2: Mamba2State.ssm of batch 1 for an input of batch 2"):
+        layer(torch.randn(2, 1, 32, dtype=torch.float64), state=state)
+    torch.manual_seed(0)
+    attn, cross = ssmttm.SelfAttention(16, 2, 0.0).double(), ssmttm.CrossAttention(16, 2, 0.0).double()
+    for rows, b in ((2, 3), (3, 1)):
+        with pytest.raises(ValueError) as e:
+            attn(torch.randn(b, 1, 16, dtype=torch.float64), attn.new_state(rows, 4, "cpu", torch.float64))
+        assert str(e.value) == (f"SelfAttention: KVCache.k of batch {rows} for an input of batch {b}: want one state "
+                                "row per input row")
+    kv, memory, memory_mask = ssmttm.TextKV(), torch.randn(1, 5, 16, dtype=torch.float64), torch.ones(1, 5).bool()
+    first = cross(torch.randn(1, 1, 16, dtype=torch.float64), memory, memory_mask, kv)
+    with pytest.raises(ValueError) as e:
+        cross(torch.randn(3, 1, 16, dtype=torch.float64), None, torch.ones(3, 5).bool(), kv)
+    assert str(e.value) == ("CrossAttention: TextKV.k of batch 1 for an input of batch 3: want one state row per "
+                            "input row")
+    x = torch.randn(1, 1, 16, dtype=torch.float64)  # the right batch: the values of a pass without the state
+    assert torch.equal(cross(x, None, memory_mask, kv), cross(x, memory, memory_mask)) and first.shape == (1, 1, 16)
+
+
+def test_ssd_forms_refuse_mixed_dtypes_alike():
+    # ssd_sequential took a bf16 x, dt, A, D or state beside fp32 (promoted) where ssd_chunked failed on a bf16
+    # B in an einsum; an fp64 D gave an fp64 y beside an fp32 state; fp64 x failed in both with "expected
+    # scalar type Double but found Float"
+    x, dt, A, B, C, D, h0 = ssd_inputs(2, 5, 4, 3, 1, 6, seed=0, dtype=torch.float32)
+    args = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "initial_state": h0}
+    forms = (ssd_sequential, functools.partial(ssd_chunked, chunk_size=2))
+    for name, t in args.items():
+        for dtype in (torch.float64, torch.bfloat16):
+            bad = {**args, name: t.to(dtype)}
+            for form in forms:
+                with pytest.raises(TypeError) as e:
+                    form(**bad)
+                want = (f"dt torch.float32 for x {dtype}" if name == "x" else f"{name} {dtype} for x torch.float32")
+                assert str(e.value) == f"{want}: want x's dtype (convert them to one)"
+    with pytest.raises(TypeError) as e:
+        ssd_step(h0.double(), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+    assert str(e.value) == "state torch.float64 for x torch.float32: want x's dtype (convert them to one)"
+    with pytest.raises(TypeError, match=r"^x torch.int64: want a floating-point dtype$"):
+        ssd_sequential(*(t.long() for t in (x, dt, A, B, C)))
+    y1, s1 = ssd_sequential(**args)
+    y2, s2 = ssd_chunked(chunk_size=2, **args)
+    assert torch.allclose(y1, y2, atol=1e-4, rtol=1e-4) and torch.allclose(s1, s2, atol=1e-4, rtol=1e-4)
+
+
+def test_sample_next_refuses_logits_that_are_no_torch_tensor():
+    # numpy logits failed with "AttributeError: 'numpy.ndarray' object has no attribute 'float'"
+    logits = torch.randn(2, 1, 1025, generator=torch.Generator().manual_seed(0))
+    for kw, name, kind in (({"logits": logits.numpy()}, "logits", "ndarray"),
+                           ({"logits": logits, "uncond": logits.numpy(), "cfg_scale": 3.0}, "uncond", "ndarray"),
+                           ({"logits": logits, "noise": torch.ones(2, 1, 1024).numpy()}, "noise", "ndarray"),
+                           ({"logits": logits.argmax(-1, keepdim=True)}, "logits", "torch.int64")):
+        with pytest.raises(TypeError) as e:
+            sample_next(**kw)
+        assert str(e.value) == f"sample_next: {name} {kind}: want a torch tensor of floating point numbers"
+    assert torch.equal(sample_next(logits, top_k=1), logits[..., :SPECIAL].argmax(-1))
+
+
+def test_aligned_linear_refuses_a_weight_that_is_not_n_by_d_for_x():
+    # a 1-D weight failed in F.pad ("Padding length should be less than or equal to two times ..."), a
+    # weight of another width in a product that named the padded shape (3x16 for a (9, 3) weight)
+    x = torch.randn(2, 4)
+    for weight in (torch.randn(4), torch.randn(9, 3), torch.randn(9, 4, 1)):
+        with pytest.raises(ValueError) as e:
+            fast.aligned_linear(x, weight)
+        assert str(e.value) == f"aligned_linear: weight {tuple(weight.shape)} for x (2, 4): want (n, d) for x (..., d)"
+    weight = torch.randn(9, 4)
+    assert torch.equal(fast.aligned_linear(x, weight), F.linear(x, F.pad(weight, (0, 0, 0, 7)))[..., :9])
