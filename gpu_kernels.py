@@ -1623,8 +1623,7 @@ def causal_conv_silu(x, weight, bias, seq_idx=None, rows=None, launch=as_is):
     if bias.shape != (ch,):
         raise ValueError(f"causal_conv_silu: bias {tuple(bias.shape)} is not ({ch},)")
     rows = l if rows is None else rows
-    if not isinstance(rows, torch.SymInt):  # a size being traced (torch.compile, dynamic shapes) is an integer
-        check_integer("causal_conv_silu: rows", rows)  # 16.0 failed in new_empty, True passed as 1 row
+    check_integer("causal_conv_silu: rows", rows)  # 16.0 failed in new_empty, True passed as 1 row; a SymInt passes
     if rows < l:
         raise ValueError(f"causal_conv_silu: rows {rows} is fewer than x's {l}")
     out = x.new_empty(b, rows, ch)

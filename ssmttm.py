@@ -91,8 +91,10 @@ class ModelConfig:
 
 def check_integer(name, value, least=None):
     """TypeError naming `name` unless value is an integer: a float (even 64.0) or a bool is refused,
-    so that a size fails here and not deep inside torch; ValueError if it is below `least` (None: any)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    so that a size fails here and not deep inside torch; ValueError if it is below `least` (None: any).
+    A torch.SymInt is an integer: a size torch.compile or make_fx traces as a symbol (dynamic shapes),
+    such as rows padded from a traced length, which no caller could otherwise pass."""
+    if not isinstance(value, (numbers.Integral, torch.SymInt)) or isinstance(value, bool):
         raise TypeError(f"{name} {value!r}: want an integer")
     if least is not None and value < least:
         raise ValueError(f"{name} {value}: want {least} or more")

@@ -3262,6 +3262,20 @@ def test_causal_conv_silu_takes_rows_that_are_a_traced_size(monkeypatch):
     assert graph(x, weight, bias).shape == (2, 512, 8)
 
 
+def test_size_checks_take_a_traced_size():
+    # check_integer refused a torch.SymInt, the size make_fx or torch.compile traces as a symbol (dynamic shapes), as
+    # no integer wherever one reached it (causal_conv_silu's rows failed a GPU opcheck so): aligned_linear's and
+    # pad_text's multiples taken from a traced size give the eager values, and one below 1 is still refused
+    from torch.fx.experimental.proxy_tensor import make_fx
+    x, w = torch.randn(8, 5, 16), torch.randn(1025, 16)
+    graph = make_fx(lambda x, w: fast.aligned_linear(x, w, x.shape[0]), tracing_mode="symbolic")(x, w)
+    assert torch.equal(graph(x, w), fast.aligned_linear(x, w, 8))
+    graph = make_fx(lambda t, m: ssmttm.pad_text(t, m, 4 * t.shape[0]), tracing_mode="symbolic")(*random_text(b=2))
+    assert [graph(*random_text(b=b, lt=5))[1].shape for b in (2, 3)] == [(2, 8), (3, 12)]  # the multiple: 4 b
+    with pytest.raises(ValueError, match="pad_text: multiple 0: want 1 or more"):
+        make_fx(lambda t, m: ssmttm.pad_text(t, m, t.shape[0] - 2), tracing_mode="symbolic")(*random_text(b=2))
+
+
 def test_linear_rows_limits_and_default_path_at_each_boundary(monkeypatch):
     # fits_linear_rows takes MAX_ROWS rows and MAX_WIDTH wide, not one more; _default_path's edges: tensor
     # cores from TC_ROWS + 1 through CORE_ROWS rows for 16-bit weights only; a conv state of other rows is refused
