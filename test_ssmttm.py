@@ -9809,15 +9809,16 @@ def test_a_stop_signal_between_two_handler_swaps_leaves_no_handler_that_swallows
     holder = lambda h: getattr(h, "__qualname__", "").startswith("hold_signals")  # noqa: E731
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
-        # in step 2's update: the step is dropped, step 1 saved, exit 130, and Ctrl-C is Ctrl-C again afterwards
+        # in step 2's update: the step is dropped, step 1 saved, exit 130, and the handlers are the caller's again
+        # (Python's own for Ctrl-C). (A SIGINT raised here to show it was flaky in the whole suite: once in three
+        # serial runs it did not raise, with getsignal's handler Python's own; alone it always did.)
         swap_interrupted(monkeypatch, signal.SIGINT, holder, signal.SIGTERM, nth=2)
         with pytest.raises(SystemExit) as e:
             trainmod.main(tiny_train_args(tmp_path / "r", "--steps", "3"))
         assert e.value.code == 130 and torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)["step"] == 1
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+        assert before[0] is signal.default_int_handler
         monkeypatch.undo()
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
         # a SIGINT between the swaps back of each guard: raised once the block is whole, both handlers put back
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # as train.py's main has it (stop_is_ctrl_c)
         mine = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
