@@ -9807,18 +9807,21 @@ def test_a_stop_signal_between_two_handler_swaps_leaves_no_handler_that_swallows
     # Ctrl-C (or SIGTERM) of the process was swallowed (helper h38's audit). Each swap is undone whatever lands.
     import signal
     holder = lambda h: getattr(h, "__qualname__", "").startswith("hold_signals")  # noqa: E731
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    outside = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
-        # in step 2's update: the step is dropped, step 1 saved, exit 130, and the handlers are the caller's again
-        # (Python's own for Ctrl-C). (A SIGINT raised here to show it was flaky in the whole suite: once in three
-        # serial runs it did not raise, with getsignal's handler Python's own; alone it always did.)
+        # Python's own Ctrl-C handler, whatever the suite inherited: a shell's background job (`cmd &`) starts
+        # with SIGINT ignored, and a SIGINT raised below would then raise nothing
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        # in step 2's update: the step is dropped, step 1 saved, exit 130, and Ctrl-C is Ctrl-C again afterwards
         swap_interrupted(monkeypatch, signal.SIGINT, holder, signal.SIGTERM, nth=2)
         with pytest.raises(SystemExit) as e:
             trainmod.main(tiny_train_args(tmp_path / "r", "--steps", "3"))
         assert e.value.code == 130 and torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)["step"] == 1
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
-        assert before[0] is signal.default_int_handler
         monkeypatch.undo()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
         # a SIGINT between the swaps back of each guard: raised once the block is whole, both handlers put back
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # as train.py's main has it (stop_is_ctrl_c)
         mine = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
@@ -9833,8 +9836,8 @@ def test_a_stop_signal_between_two_handler_swaps_leaves_no_handler_that_swallows
             assert done == [1] and (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == mine
     finally:
         monkeypatch.undo()
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGTERM, before[1])
+        signal.signal(signal.SIGINT, outside[0])
+        signal.signal(signal.SIGTERM, outside[1])
 
 
 def test_setup_processes_takes_the_global_rank_of_torchrun(monkeypatch):
