@@ -270,6 +270,12 @@ def passt_windows(audio, sample_rate=PASST_SR):
     return np.stack(windows).astype(np.float32) if windows else np.zeros((0, size), np.float32)
 
 
+def passt_has_window(samples, sample_rate=PASST_SR):
+    """Whether passt_windows gives a clip of `samples` samples a window: its first window, the longest,
+    is kept (a clip of more than 1.5 s at 32 kHz)."""
+    return samples > PASST_MIN_WINDOW * int(PASST_WINDOW_S * sample_rate)
+
+
 def cosine(a, b):
     """Row-wise cosine similarity of (N, D) and (N, D) -> (N,). ValueError for a and b of other shapes
     (torch would broadcast one row, or a (D,) vector, against the N rows of the other: N scores against
@@ -303,6 +309,21 @@ def load_openl3(path, device):
     except Exception as e:
         fail(f"--openl3 {path}: not OpenL3 mel256/music/512 weights ({datamod.first_line(e)[:200]})")
     return model.eval().to(device)
+
+
+def openl3_frame_count(samples):
+    """The number of frames openl3_embeddings gives a clip of `samples` samples at 48 kHz, as torchopenl3's
+    preprocess_audio_batch (center=True, hop 0.5 s) cuts it: half a window of zeros in front, then the
+    end padded to a whole hop past the first window, so ceil(samples / hop) frames, at least 1. It
+    rounds the hop count up in float32: from 1024 hops on (a clip of 512.5 s or more) a last part of a
+    hop that float32 cannot tell from 0 there (a few samples) is rounded away, and the frames end at
+    the last whole hop."""
+    frame, hop = OPENL3_SR, int(OPENL3_HOP_S * OPENL3_SR)
+    past = samples + frame // 2 - frame                # the centred clip past its first window
+    if past <= 0:
+        return 1
+    hops = math.ceil(np.float32(past / hop))           # torch.ceil of a float32 tensor in torchopenl3
+    return 1 + (hops if hops * hop >= past else past // hop)
 
 
 @torch.no_grad()
@@ -588,16 +609,18 @@ class ResultCache:
         key = h.hexdigest()
         return os.path.join(self.folder, key[:2], key + ".npz")
 
-    def read(self, entry, valid=lambda output: True):
+    def read(self, entry, valid=lambda output, samples: True):
         """(output array, samples) kept at entry, or None: also, with a note, for an entry that does not
-        load or whose output is not finite floats that valid(output) takes (of another shape)."""
+        load, whose length is not 1 sample or more (load_mono's), or whose output is not finite floats
+        that valid(output, samples) takes (of another shape, or not the shape of a clip of that length)."""
         if entry is None or not os.path.exists(entry):
             return None
         try:
             with np.load(entry) as z:
                 output, samples = z["output"], int(z["samples"])
-            problem = (None if output.dtype.kind == "f" and np.isfinite(output).all() and valid(output)
-                       else f"not this metric's output: {output.dtype} {output.shape}")
+            problem = (None if samples > 0 and output.dtype.kind == "f" and np.isfinite(output).all()
+                       and valid(output, samples)
+                       else f"not this metric's output: {output.dtype} {output.shape} for {samples} samples")
         except OSError as e:
             problem = datamod.first_line(e)[:100]
         except Exception:  # np.load's errors are of many kinds (zip, pickle, a key missing); none says more
@@ -712,11 +735,16 @@ def fd_openl3(model, generated, reference, args, device, report, cache=None):
         audio = load_mono(path, OPENL3_SR, peak_first=True)  # stable-audio-metrics: peak, then resample
         return openl3_embeddings(model, audio, device), len(audio)
 
+    width = getattr(model, "embedding_size", None)  # PytorchOpenl3's (512); a stand-in without one: any width
+
+    def valid(output, samples):  # the model's width, and the frames torchopenl3 cuts a clip of that length into
+        return output.ndim == 2 and output.shape == (openl3_frame_count(samples), width or output.shape[1])
+
     stats, short = {}, []
     for side, files in (("generated", generated), ("reference", reference)):
         emb = []
         for name, path in progress(files.items(), f"OpenL3 {side}"):
-            frames, samples = cache.output(path, compute, lambda output: output.ndim == 2 and len(output) > 0)
+            frames, samples = cache.output(path, compute, valid)
             if samples < OPENL3_SR:
                 short.append(f"{side}/{os.path.basename(path)}")
             emb.append(frames)
@@ -741,9 +769,12 @@ def kl_passt(model, generated, reference, device, report, cache=None):
         p = passt_probabilities(model, audio, device)
         return (np.zeros(0) if p is None else p.numpy()), len(audio)
 
+    def valid(output, samples):  # the 527 tags' distribution for a clip with a window, (0,) for one without
+        return ((output.shape == (527,) and is_distribution(output)) if passt_has_window(samples)
+                else output.shape == (0,))
+
     def probabilities(path):  # (527,) float64, or None for a clip without a window
-        p = cache.output(path, compute, lambda output: output.shape == (0,) or (output.shape == (527,) and
-                                                                              is_distribution(output)))[0]
+        p = cache.output(path, compute, valid)[0]
         return torch.from_numpy(p) if p.size else None
 
     kl, kl_back, skipped = [], [], []
@@ -781,11 +812,13 @@ def clap_score(clap, generated, prompts, args, device, report, cache=None):
         audio = load_mono(path, extractor.sampling_rate)
         return clap_audio_embedding(model, extractor, audio, device).numpy(), len(audio)
 
+    def valid(output, samples):  # the projection's width; never a clip longer than the window (keep refuses it)
+        return output.shape == text.shape[1:] and is_unit(output) and not longer_than_window(samples)
+
     np.random.seed(args.seed)  # the extractor's crops of clips longer than its window
     scores, longer = [], []
     for i, name in enumerate(progress(names, "CLAP")):
-        embedding, samples = cache.output(generated[name], compute,
-                                          lambda output: output.shape == text.shape[1:] and is_unit(output),
+        embedding, samples = cache.output(generated[name], compute, valid,
                                           keep=lambda samples: not longer_than_window(samples))
         if longer_than_window(samples):  # (never read from the cache: computed, with its crops, in this run)
             longer.append(name)

@@ -31,10 +31,11 @@ B, C (b, l, n), D (h,) or None, initial_state (b, h, p, n) or None. Returns y (b
 final state (b, h, p, n) in fp32. Intermediates are fp32; the GEMM operands are x's dtype.
 """
 import math
-import numbers
 from typing import Optional
 
 import torch
+
+from ssd_reference import check_chunk_size
 
 
 # bf16/fp16 operands, fp32 products: cuBLAS writes fp32 directly (torch.bmm's and torch.baddbmm's
@@ -814,10 +815,7 @@ def _check_inputs(name, x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     first tensor whose shape does not fit x's (b, l, h, p): dt (b, l, h), A and D (h,), B and C (_check_BC),
     initial_state (b, h, p, n). A shape that would broadcast is refused too: the torch form would broadcast it
     silently, the kernels would read past it."""
-    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool):
-        raise TypeError(f"{name}: chunk_size {chunk_size!r}: want an integer")
-    if chunk_size < 1:
-        raise ValueError(f"{name}: chunk_size {chunk_size}: want 1 or more")
+    check_chunk_size(chunk_size, name)
     if x.dim() != 4:
         raise ValueError(f"{name}: x {tuple(x.shape)}: want (b, l, h, p)")
     b, l, h, p = x.shape
@@ -845,8 +843,7 @@ def _launch(x, chunk_size):
     kernels but _diag_bwd_x: _diag_fwd_launch, _diag_bwd_G_launch)."""
     b, l, h, p = x.shape
     Q = chunk_size
-    if not isinstance(Q, numbers.Integral) or isinstance(Q, bool):
-        raise TypeError(f"ssd_grouped with use_triton: chunk_size {Q!r}: want an integer")
+    check_chunk_size(Q, "ssd_grouped with use_triton")
     if Q < 16 or Q & (Q - 1):
         raise ValueError(f"ssd_grouped with use_triton: chunk_size {Q} is not a power of two >= 16")
     prec = "ieee" if x.dtype == torch.float32 else "tf32"   # fp32 tests exact; bf16/fp16 ignore it

@@ -101,6 +101,16 @@ def segsum(a):
     return out.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0), -torch.inf)
 
 
+def check_chunk_size(chunk_size, name=None):
+    """TypeError for a chunk_size that is not an integer (a bool neither), ValueError for one below 1;
+    the message starts with the caller's name when one is given (ssd_grouped's checks are these)."""
+    where = f"{name}: " if name else ""
+    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool):
+        raise TypeError(f"{where}chunk_size {chunk_size!r}: want an integer")
+    if chunk_size < 1:
+        raise ValueError(f"{where}chunk_size {chunk_size}: want 1 or more")
+
+
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """The chunked SSD algorithm (Mamba-2 paper, section 6 and Listing 1), for any length.
 
@@ -110,10 +120,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     of the initial state). TypeError for a chunk_size that is not an integer, ValueError for one below 1
     and for shapes check_shapes refuses."""
     check_shapes(x, dt, A, B, C, D, initial_state)
-    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool):
-        raise TypeError(f"chunk_size {chunk_size!r}: want an integer")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size {chunk_size}: want 1 or more")
+    check_chunk_size(chunk_size)
     b, l, h, p = x.shape
     n = B.shape[-1]
     pad = -l % chunk_size

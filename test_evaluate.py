@@ -1011,6 +1011,8 @@ def test_openl3_batches_and_one_frame_sets(weights, sets, capsys, tmp_path):
     with torch.no_grad():
         want = model(frames.float()).double().numpy()
     assert emb.shape == want.shape == (4, 512) and emb.dtype == np.float64
+    # what a cache entry is checked against: the model's width and the frame count of the clip's length
+    assert (evaluate.openl3_frame_count(len(audio)), model.embedding_size) == emb.shape
     np.testing.assert_allclose(emb, want, rtol=0, atol=1e-5)
     # a set whose clips give one frame in all has no covariance: one line naming that side's folder
     g, r = tmp_path / "g", tmp_path / "r"
@@ -1669,9 +1671,9 @@ def test_a_cache_gives_the_uncached_numbers_resumes_a_stopped_run_and_reads_no_c
     monkeypatch.setattr(evaluate, "load_openl3", lambda path, device: openl3)
     calls = []
 
-    def embeddings(model, audio, device, batch_size=32):  # 3 frames of 2 numbers, a function of the audio
+    def embeddings(model, audio, device, batch_size=32):  # OpenL3's frames of 2 numbers, a function of the audio
         calls.append("openl3")
-        rows = np.array_split(np.asarray(audio, np.float64), 3)
+        rows = np.array_split(np.asarray(audio, np.float64), evaluate.openl3_frame_count(len(audio)))
         return np.stack([[r.std(), np.abs(r).mean() + len(audio) / 48000] for r in rows])
     monkeypatch.setattr(evaluate, "openl3_embeddings", embeddings)
     for name in ("passt_probabilities", "clap_audio_embedding"):
@@ -1765,7 +1767,8 @@ def test_a_cache_that_takes_no_more_files_is_read_and_the_run_goes_on(sets, tmp_
 
     def embeddings(model, audio, device, batch_size=32):
         computed.append(len(audio))
-        return np.stack([[r.std(), r.mean()] for r in np.array_split(np.asarray(audio, np.float64), 3)])
+        frames = np.array_split(np.asarray(audio, np.float64), evaluate.openl3_frame_count(len(audio)))
+        return np.stack([[r.std(), r.mean()] for r in frames])
     monkeypatch.setattr(evaluate, "openl3_embeddings", embeddings)
     (tmp_path / "openl3.pt").write_bytes(b"stand-in")
     cache = tmp_path / "cache"
@@ -1884,10 +1887,10 @@ def test_cache_entry_of_another_shape_or_not_finite_is_computed_again(tmp_path, 
     entry = cache.entry(str(tmp_path / "a.wav"))
     for output in (np.ones(3), np.full(16, np.nan), np.ones(16, np.int64)):
         cache.write(entry, output, 48000)
-        assert cache.read(entry, lambda o: o.shape == (16,)) is None and cache.read_count == 0
+        assert cache.read(entry, lambda o, samples: o.shape == (16,)) is None and cache.read_count == 0
         assert "a damaged cache entry" in capsys.readouterr().err
     cache.write(entry, np.ones(16), 48000)
-    assert cache.read(entry, lambda o: o.shape == (16,))[0].shape == (16,) and cache.read_count == 1
+    assert cache.read(entry, lambda o, samples: o.shape == (16,))[0].shape == (16,) and cache.read_count == 1
 
 
 def test_cache_entry_of_the_right_shape_but_not_the_models_values_is_computed_again(tmp_path, capsys, monkeypatch):
@@ -1923,6 +1926,139 @@ def test_cache_entry_of_the_right_shape_but_not_the_models_values_is_computed_ag
         assert scores(caches.get) == want and all(c.read_count == 0 for c in caches.values())
         assert capsys.readouterr().err.count("a damaged cache entry") == 3  # PaSST's 2 files, CLAP's generated one
     assert scores(caches.get) == want and [c.read_count for c in caches.values()] == [2, 1]  # the entries rewritten
+
+
+@needs_openl3
+def test_openl3_frame_count_is_torchopenl3s():
+    # center=True, hop 0.5 s at 48 kHz: under 1 s, at and off the hop's multiples, and past 1024 hops, where
+    # torchopenl3's float32 ceil drops a last sample (ceil(samples / hop) would say 1026 frames)
+    from torchopenl3.utils import preprocess_audio_batch
+    lengths = (1, 100, 23999, 24000, 24001, 47999, 48000, 48001, 50000, 71999, 72001, 24600001, 24624000)
+    counts = [evaluate.openl3_frame_count(n) for n in lengths]
+    assert counts == [1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 1025, 1026]
+    for n, count in zip(lengths, counts):
+        frames = preprocess_audio_batch(torch.zeros(1, n), 48000, center=True, hop_size=0.5)
+        assert frames.shape == (count, 1, 48000), n
+
+
+def test_passt_has_window_is_passt_windows():
+    for n in (1, 47999, 48000, 48001, 160000, 320000, 480001):
+        assert evaluate.passt_has_window(n) == (len(evaluate.passt_windows(np.zeros(n, np.float32))) > 0), n
+    assert (evaluate.passt_has_window(48000), evaluate.passt_has_window(48001)) == (False, True)  # 1.5 s at 32 kHz
+
+
+def _fd_openl3_files(tmp_path):
+    # clips of lengths off the hop's multiples, one under 1 s
+    files = {}
+    for side, lengths in (("g", (1.3, 0.7, 2.05)), ("r", (1.9, 0.45, 1.55))):
+        (tmp_path / side).mkdir()
+        files[side] = {}
+        for i, seconds in enumerate(lengths):
+            path = str(tmp_path / side / f"{i}.wav")
+            sf.write(path, noise(seconds, 48000, 10 * len(files) + i), 48000)
+            files[side][str(i)] = path
+    return files
+
+
+@pytest.mark.parametrize("case", ["zeros of another width", "OpenL3's 6144-d", "a frame more", "a frame less",
+                                  "hop 0.1 s", "0 samples"])
+def test_cache_entry_of_another_openl3_width_or_frame_count_is_computed_again(case, tmp_path, capsys, monkeypatch):
+    # entries of (frames, 6144) or (frames, 7) where the model gives (frames, 4), or of a frame count that is not
+    # torchopenl3's for the entry's samples, or of 0 samples, were read: FD came out as a number (0 from zeros)
+    def embeddings(model, audio, device, batch_size=32):  # OpenL3's frame count (clips under 512 s), of width 4
+        rows = np.array_split(np.asarray(audio, np.float64), max(1, math.ceil(len(audio) / 24000)))
+        return np.stack([[r.std(), r.mean(), np.abs(r).max(), len(r) / 48000] for r in rows])
+    monkeypatch.setattr(evaluate, "openl3_embeddings", embeddings)
+    model = torch.nn.Linear(2, 2)
+    model.embedding_size = 4                           # as PytorchOpenl3 says its width
+    files = _fd_openl3_files(tmp_path)
+    args = types.SimpleNamespace(generated=str(tmp_path / "g"), reference=str(tmp_path / "r"))
+
+    def fd(cache):
+        report = {"counts": {}, "short_clips": {}}
+        evaluate.fd_openl3(model, files["g"], files["r"], args, "cpu", report, cache)
+        return report["fd_openl3"], report["counts"], report["short_clips"]
+    want = fd(evaluate.ResultCache())
+    paths = [*files["g"].values(), *files["r"].values()]
+    samples = {path: len(evaluate.load_mono(path, 48000, peak_first=True)) for path in paths}
+
+    def right(path):
+        return embeddings(None, evaluate.load_mono(path, 48000, peak_first=True), "cpu")
+    poison = {"zeros of another width": lambda p: (np.zeros((len(right(p)), 7)), samples[p]),
+              "OpenL3's 6144-d": lambda p: (np.ones((len(right(p)), 6144)), samples[p]),
+              "a frame more": lambda p: (np.vstack([right(p), np.ones((1, 4))]), samples[p]),
+              "a frame less": lambda p: (right(p)[:-1], samples[p]),
+              "hop 0.1 s": lambda p: (np.ones((samples[p] // 4800 + 1, 4)), samples[p]),
+              "0 samples": lambda p: (np.ones((1, 4)), 0)}[case]
+    cache = evaluate.ResultCache(str(tmp_path / "cache"), "openl3", model, {}, "cpu")
+    for path in paths:
+        cache.write(cache.entry(path), *poison(path))
+    capsys.readouterr()
+    assert fd(cache) == want and cache.read_count == 0
+    assert capsys.readouterr().err.count("a damaged cache entry") == len(paths)
+    assert fd(cache) == want and cache.read_count == len(paths)  # the entries rewritten
+
+
+def test_cache_entry_of_a_passt_output_not_of_its_clips_windows_is_computed_again(tmp_path, capsys, monkeypatch):
+    # a (0,) entry (no window) for a clip with windows left its pair out of KL as "1.5 s or less", and a
+    # distribution for a clip without a window put a pair in; with every pair so, KL came out None or a number
+    def probabilities(model, audio, device):
+        if len(evaluate.passt_windows(audio)) == 0:
+            return None
+        return torch.softmax(torch.arange(527.0, dtype=torch.float64) * float(np.abs(audio).mean()), -1)
+    monkeypatch.setattr(evaluate, "passt_probabilities", probabilities)
+    gen, ref = tmp_path / "g", tmp_path / "r"
+    files = {}
+    for folder, seed in ((gen, 1), (ref, 2)):
+        folder.mkdir()
+        for name, seconds in (("long", 2.0), ("short", 1.2)):
+            sf.write(str(folder / f"{name}.wav"), noise(seconds, 48000, seed), 48000)
+        files[folder.name] = {name: str(folder / f"{name}.wav") for name in ("long", "short")}
+
+    def kl(cache):
+        report = {"per_file": {"long": {}, "short": {}}, "short_clips": {}, "counts": {}}
+        evaluate.kl_passt(None, files["g"], files["r"], "cpu", report, cache)
+        return report["kl_passt"], report["counts"]["kl_pairs"], report["short_clips"]["passt"]
+    want = kl(evaluate.ResultCache())
+    assert want[1:] == (1, ["short"]) and want[0] > 0
+    cache = evaluate.ResultCache(str(tmp_path / "cache"), "passt", torch.nn.Linear(2, 2), {}, "cpu")
+    uniform = np.full(527, 1 / 527)
+    for side in ("g", "r"):
+        for name, output in (("long", np.zeros(0)), ("short", uniform)):
+            path = files[side][name]
+            cache.write(cache.entry(path), output, len(evaluate.load_mono(path, 32000)))
+    capsys.readouterr()
+    assert kl(cache) == want and cache.read_count == 0
+    assert capsys.readouterr().err.count("a damaged cache entry") == 4
+    assert kl(cache) == want and cache.read_count == 4
+
+
+def test_cache_entry_of_a_clap_clip_longer_than_the_window_is_computed_again(tmp_path, capsys, monkeypatch):
+    # such an entry is never kept (its crops come from numpy's RNG in this run), but one that was there was read:
+    # its score was another run's crops', and the clips after it drew other crops, without a word
+    monkeypatch.setattr(evaluate, "clap_text_embeddings", lambda model, tok, prompts, device: F.normalize(
+        torch.ones(len(prompts), 4, dtype=torch.float64), dim=-1))
+    monkeypatch.setattr(evaluate, "clap_audio_embedding", lambda model, ext, audio, device: F.normalize(
+        torch.tensor([1.0, 2.0, 3.0, float(np.random.rand())], dtype=torch.float64), dim=-1))
+    extractor = types.SimpleNamespace(sampling_rate=48000, nb_max_samples=48000, truncation="fusion")
+    (tmp_path / "g").mkdir()
+    files = {}
+    for name, freq in (("a", 440), ("b", 330)):
+        files[name] = str(tmp_path / "g" / f"{name}.wav")
+        sf.write(files[name], tone(2.0, 48000, freq), 48000)
+    args = types.SimpleNamespace(seed=0)
+
+    def scores(cache):
+        report = {"per_file": {"a": {}, "b": {}}, "counts": {}}
+        evaluate.clap_score((None, extractor, None), files, {"a": "x", "b": "y"}, args, "cpu", report, cache)
+        return [report["per_file"][n]["clap"] for n in ("a", "b")]
+    want = scores(evaluate.ResultCache())
+    cache = evaluate.ResultCache(str(tmp_path / "cache"), "clap", torch.nn.Linear(2, 2), {}, "cpu")
+    cache.write(cache.entry(files["a"]), np.array([1.0, 0.0, 0.0, 0.0]), 96000)
+    capsys.readouterr()
+    assert scores(cache) == want and cache.read_count == 0
+    assert capsys.readouterr().err.count("a damaged cache entry") == 1
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 1    # the long clips' outputs are not kept
 
 
 def test_cache_never_keeps_a_clap_clip_one_sample_longer_than_the_window(weights, tmp_path):

@@ -569,6 +569,24 @@ def test_grouped_ssd_refuses_a_chunk_size_that_is_not_a_positive_integer(chunk_s
         ssd_grouped.forward_triton(x.float(), dt.float(), A.float(), B.float(), C.float(), 16.0)
 
 
+@pytest.mark.parametrize("chunk_size", [0, -4, 4.0, True, "4", None])
+def test_grouped_ssd_checks_chunk_size_with_the_references_rule(chunk_size):
+    # one rule, ssd_reference.check_chunk_size, where ssd_grouped kept a copy of its lines: each entry point
+    # refuses what ssd_chunked refuses, with its error, under the entry point's name
+    x, dt, A, B, C, D, s0 = (t.detach() for t in _inputs(2, 8, 3, 4, 5))
+    assert ssd_grouped.check_chunk_size is ssd_reference.check_chunk_size
+    with pytest.raises((TypeError, ValueError)) as ref:
+        ssd_reference.ssd_chunked(x, dt, A, B[:, :, None], C[:, :, None], chunk_size, D=D, initial_state=s0)
+    for name, call in (("ssd_grouped", lambda: ssd_grouped.ssd_grouped(x, dt, A, B, C, chunk_size, D, s0)),
+                       ("forward", lambda: ssd_grouped.forward(x, dt, A, B, C, chunk_size, D, s0)),
+                       ("forward_triton", lambda: ssd_grouped.forward_triton(x, dt, A, B, C, chunk_size, D, s0)),
+                       ("ssd_grouped with use_triton",
+                        lambda: ssd_grouped.backward_triton(None, None, x, *[None] * 11, chunk_size))):
+        with pytest.raises(ref.type) as e:
+            call()
+        assert str(e.value) == f"{name}: {ref.value}"
+
+
 def test_backward_and_state_passing_refuse_shapes_that_would_broadcast():
     # a dy of batch 1 was broadcast against every row (each row's gradients from row 0's dy); an initial
     # state of batch 1 was carried into every row
