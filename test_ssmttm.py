@@ -8045,9 +8045,12 @@ def test_a_run_keeps_local_model_folders_as_absolute_paths(tiny_t5_dir, tmp_path
     assert datamod.model_location("google/flan-t5-base") == "google/flan-t5-base"
 
 
-def test_generate_two_stage_and_single_stage(real_data_checkpoints, tiny_dac_dir, tmp_path):
+def test_generate_two_stage_and_single_stage(real_data_checkpoints, tiny_dac_dir, tmp_path, monkeypatch):
     import soundfile as sf
     from matplotlib.image import imread
+    from transformers import DacModel
+    decoded, decode = [], DacModel.decode  # the codes DAC is asked to decode
+    monkeypatch.setattr(DacModel, "decode", lambda self, **kw: decoded.append(kw["audio_codes"]) or decode(self, **kw))
     root = real_data_checkpoints
     seconds = 1.5
     genmod.main(["a calm piano piece", "an energetic drum and bass track", "--ckpt", str(root / "k1" / "ckpt.pt"),
@@ -8066,6 +8069,9 @@ def test_generate_two_stage_and_single_stage(real_data_checkpoints, tiny_dac_dir
         assert imread(r["png"]).ndim == 3
         codes = np.load(r["codes"])
         assert codes.shape == (9, round(seconds * ssmttm.FRAME_RATE)) and codes.min() >= 0 and codes.max() < 1024
+        assert len(audio) == codes.shape[1] * 512  # one hop of samples per frame
+    # each wav is DAC's decoding of the codes saved beside it, all 9 codebooks, one prompt at a time
+    assert [c.tolist() for c in decoded] == [[np.load(r["codes"]).tolist()] for r in records]
     assert "stage2_s" in records[0] and "stage2_s" not in records[2]
     assert [r["ssm_state"] for r in records] == ["fp32", "fp32", "bf16"]
 
@@ -8267,6 +8273,22 @@ def test_generate_synthetic_checkpoint_prints_caption_score(tmp_path, capsys):
     record = json.loads(open(tmp_path / "gen" / "generations.jsonl").readline())
     assert "wav" not in record and record["caption_score"] == datamod.caption_score(
         np.load(record["codes"]), "a calm slow piano piece in a major scale")
+
+
+def test_generate_scores_a_k9_synthetic_sample_on_the_codes_it_saves(tmp_path, monkeypatch):
+    # A K = 9 synthetic checkpoint whose LM samples a held-out example of the set (frames in order, the delay
+    # pattern undone, as generate returns them) for that example's caption: the record keeps those codes and
+    # scores them 1.0, every rule the fine codebooks' too (scored in the delay pattern, codebooks 2..9 would sit
+    # k frames off codebook 1's)
+    trainmod.main(tiny_train_args(tmp_path / "k9", "--steps", "1", "--codebooks", "9"))
+    codes, caption = datamod.SyntheticMusic(43, seed=0).example(10**9)
+    monkeypatch.setattr(ssmttm.TextToMusicLM, "generate",
+                        lambda self, text, mask, n, **kw: codes[None, :, :n].expand(len(text), -1, -1))
+    genmod.main([caption, "--ckpt", str(tmp_path / "k9" / "ckpt.pt"), "--seconds", "0.5", "--window", "0",
+                 "--out", str(tmp_path / "gen")])
+    record = json.loads(open(tmp_path / "gen" / "generations.jsonl").readline())
+    assert record["frames"] == 43 and np.array_equal(np.load(record["codes"]), codes.numpy())
+    assert record["caption_score"] == 1.0
 
 
 BAD_GENERATE_FLAGS = [
@@ -9881,6 +9903,24 @@ def test_caption_evaluation_samples_at_most_128_frames():
                           generator=torch.Generator().manual_seed(3))
     expected = np.mean([datamod.caption_score(c.numpy(), cap) for c, cap in zip(codes, captions)])
     assert trainmod.evaluate_captions(run) == pytest.approx(expected, abs=1e-12) and lengths == [128]
+
+
+def test_caption_evaluation_scores_the_codes_generate_returns_against_the_held_out_captions_it_was_given():
+    # A model whose samples are the held-out examples themselves (frames in order, the delay pattern undone, as
+    # generate returns them) scores 1.0 with K = 9: every rule, the fine codebooks' too. Scored in the delay
+    # pattern, codebooks 2..9 would sit k frames off codebook 1's; scored against other captions (training
+    # examples'), their instrument and scale rules would fail
+    dataset, encoder, asked = datamod.SyntheticMusic(64, seed=0), datamod.WordEncoder(), []
+    held_out = [dataset.example(10**9 + i) for i in range(8)]
+
+    def generate(text, mask, n, **kw):
+        asked.append((text, mask, n))
+        return torch.stack([codes[:, :n] for codes, _ in held_out])
+    run = argparse.Namespace(args=argparse.Namespace(seed=3, frames=64), dataset=dataset, text_encoder=encoder,
+                             model=argparse.Namespace(generate=generate), device="cpu")
+    assert trainmod.evaluate_captions(run) == 1.0
+    text, mask = encoder([caption for _, caption in held_out])
+    assert len(asked) == 1 and torch.equal(asked[0][0], text) and torch.equal(asked[0][1], mask) and asked[0][2] == 64
 
 
 def test_adamw_decays_the_matrices_decoupled_from_the_gradient():
