@@ -1525,6 +1525,27 @@ def test_clap_score_seeds_numpy_once_for_all_long_clips(weights, tmp_path, capsy
     assert [report["per_file"][n]["clap"] for n in ("x", "y")] == pytest.approx(want, abs=1e-6)
 
 
+def test_clap_score_pairs_each_file_with_its_own_prompt_in_any_order_of_the_prompts(monkeypatch):
+    # the prompts file lists b before a (and an unused z first): each file's text embedding must be its
+    # own id's, not the one at its position among the prompts. 2-d embeddings by hand: a's audio (1, 0)
+    # with "diagonal" (0.6, 0.8) gives 0.6, b's (0.6, 0.8) with "up" (0, 1) gives 0.8; in the prompts'
+    # order the cosines would be 0 and 1
+    text = {"up": [0.0, 1.0], "diagonal": [0.6, 0.8], "right": [1.0, 0.0]}
+    audio = {"g/a": [1.0, 0.0], "g/b": [0.6, 0.8]}
+    monkeypatch.setattr(evaluate, "clap_text_embeddings", lambda model, tokenizer, prompts, device: torch.tensor(
+        [text[p] for p in prompts], dtype=torch.float64))
+    monkeypatch.setattr(evaluate, "load_mono", lambda path, sr: path)
+    monkeypatch.setattr(evaluate, "clap_audio_embedding",
+                        lambda model, extractor, path, device: torch.tensor(audio[path], dtype=torch.float64))
+    extractor = types.SimpleNamespace(sampling_rate=48000)
+    prompts = {"z": "right", "b": "up", "a": "diagonal"}
+    report = {"per_file": {"a": {}, "b": {}}, "counts": {}}
+    evaluate.clap_score((None, extractor, None), {"a": "g/a", "b": "g/b"}, prompts, types.SimpleNamespace(seed=0),
+                        "cpu", report)
+    assert [report["per_file"][n]["clap"] for n in "ab"] == pytest.approx([0.6, 0.8], abs=1e-12)
+    assert report["clap_score"] == pytest.approx(0.7, abs=1e-12) and report["counts"]["clap_clips"] == 2
+
+
 def test_frechet_distance_takes_a_covariance_by_its_symmetric_part():
     # a covariance whose two triangles differ a little (saved by another tool, a float32 round trip):
     # np.linalg.eigh reads only one triangle, so without evaluate's symmetrisation FD(S) != FD(S^T);
