@@ -109,6 +109,18 @@ def test_frechet_distance_of_covariances_on_orthogonal_ranges_is_their_traces():
         np.trace(s1) + np.trace(s2), rel=1e-12)
 
 
+def test_frechet_distance_of_mono_embeddings_in_stable_audio_metrics_stereo_setting_is_twice_the_mono_one():
+    # stable-audio-metrics' MusicCaps scripts (channels=2) join a file's L and R embeddings, a mono file's
+    # twice: [e | e]. The covariance is then [[S, S], [S, S]], whose product's square root has twice the trace,
+    # so with mono audio on both sides every term, and the FD, doubles (the README's "where they differ")
+    rng = np.random.default_rng(1)
+    g, r = rng.standard_normal((40, 6)), rng.standard_normal((50, 6)) * 1.5 + 0.3
+    mono = evaluate.frechet_distance(*evaluate.gaussian_stats(g), *evaluate.gaussian_stats(r))
+    stereo = evaluate.frechet_distance(*evaluate.gaussian_stats(np.hstack([g, g])),
+                                       *evaluate.gaussian_stats(np.hstack([r, r])))
+    assert mono > 1 and stereo == pytest.approx(2 * mono, rel=1e-9)
+
+
 # ------------------------------------------------------------------------------------------------
 # KL
 
