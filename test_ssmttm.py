@@ -570,7 +570,8 @@ def mamba2_by_definition(layer, u):
     the layer's parameters alone: in_proj -> [z | xBC | dt]; a causal depthwise conv of d_conv taps
     (zeros before the start) and SiLU on xBC -> x, B, C; dt = softplus(dt + dt_bias), A = -exp(A_log);
     per head h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t (head i reads group
-    i // (heads / groups)); y * silu(z), an RMSNorm per group, its weight; out_proj."""
+    i // (heads / groups)); y * silu(z), an RMSNorm per group (eps 1e-5, mamba_ssm's RMSNormGated: written here,
+    not read from the layer, whose own eps the other Mamba-2 tests share), its weight; out_proj."""
     W = lambda p: p.detach().double()  # noqa: E731
     b, L, _ = u.shape
     H, P, N, G, K = layer.nheads, layer.headdim, layer.d_state, layer.ngroups, layer.d_conv
@@ -596,7 +597,7 @@ def mamba2_by_definition(layer, u):
                 dt[:, t, i, None, None] * x[:, t, i, :, None] * B[:, t, g, None, :]
             y[:, t, i] = (h[:, i] @ C[:, t, g, :, None])[..., 0] + W(layer.D)[i] * x[:, t, i]
     gated = (y.reshape(b, L, -1) * F.silu(z)).view(b, L, G, -1)
-    normed = gated / torch.sqrt(gated.pow(2).mean(-1, keepdim=True) + layer.norm.eps)
+    normed = gated / torch.sqrt(gated.pow(2).mean(-1, keepdim=True) + 1e-5)
     return (normed.reshape(b, L, -1) * W(layer.norm.weight)) @ W(layer.out_proj.weight).T
 
 
@@ -631,6 +632,22 @@ def test_mamba2_output_does_not_depend_on_the_chunk_size(chunk_size):
     want = layer(u)
     layer.chunk_size = chunk_size
     torch.testing.assert_close(layer(u), want, rtol=1e-10, atol=1e-10)
+
+
+def test_mamba2_state_keeps_the_last_d_conv_inputs_of_the_conv():
+    # Mamba2State.conv is the last d_conv inputs of the causal conv (xBC before it, oldest first), after a prefill
+    # and after a step. The steps read only its newest d_conv - 1 columns, so a wrong oldest column changes no
+    # output: only the state itself shows it (zeros before the start, as a prefill of fewer steps leaves them)
+    layer = mamba_layer()
+    u = torch.randn(2, 9, 32, dtype=torch.float64)
+    xbc = lambda v: layer.in_proj(v).split([layer.d_inner, layer.conv_dim, layer.nheads], dim=-1)[1].transpose(1, 2)
+    state = layer_state(layer, 2)
+    layer(u[:, :2], state=state)
+    torch.testing.assert_close(state.conv, F.pad(xbc(u[:, :2]), (2, 0)), rtol=0, atol=0)
+    layer(u[:, 2:7], state=state)
+    torch.testing.assert_close(state.conv, xbc(u[:, 3:7]), rtol=1e-15, atol=1e-15)
+    layer(u[:, 7:8], state=state)
+    torch.testing.assert_close(state.conv, xbc(u[:, 4:8]), rtol=1e-15, atol=1e-15)
 
 
 def test_mamba2_left_padding_leaves_no_trace():
@@ -847,6 +864,18 @@ def test_loss_ignores_special_and_averages_codebooks():
     torch.testing.assert_close(ssmttm.lm_loss(logits, targets), (per_k[0] + per_k[1]) / 2)
 
 
+def test_loss_ignores_whatever_the_logits_hold_at_special_targets():
+    # a special target (padding, the delay pattern's empty slots) is ignored whatever its logits hold: NaN there
+    # leaves the loss of the real targets as it was, with label smoothing too (a loss zeroed by ce * 0 would be NaN)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 5, 1025, generator=g)
+    targets = torch.randint(0, 1024, (2, 2, 5), generator=g)
+    targets[0, 1, 3:] = SPECIAL
+    want = ssmttm.lm_loss(logits, targets, 0.1)
+    logits[0, 1, 3:] = torch.nan
+    assert torch.equal(ssmttm.lm_loss(logits, targets, 0.1), want)
+
+
 def test_loss_smooths_labels_in_fp32_and_counts_a_codebook_without_targets_as_zero():
     # the model's loss is lm_loss at the config's label smoothing (0.1, the official code's), each
     # codebook's the mean of torch's smoothed cross-entropy over its real targets
@@ -960,6 +989,23 @@ def test_simba_block_is_its_two_residual_sublayers():
     mask = torch.arange(15)[None].expand(2, 15) >= 4
     states = [mamba.new_state(2, 0, "cpu", torch.float64), None]
     torch.testing.assert_close(block(padded, mask=mask, states=states)[:, 4:], block(x), rtol=1e-10, atol=1e-10)
+
+
+def test_each_block_norm_divides_by_the_rms_with_eps_1e_5():
+    # each sublayer reads x / sqrt(mean(x^2) + 1e-5) * weight (mamba_ssm's and the official code's eps), written
+    # out here: the other block tests build their expectation from block.norms, which share whatever eps they
+    # have (nn.RMSNorm's default, the dtype's machine epsilon, would be another norm). Activations of rms 0.01,
+    # where the eps moves the norm by 5%
+    torch.manual_seed(0)
+    block = Block(("mamba", "ff"), d_model=32, d_state=16, headdim=8, d_ff=64, chunk_size=8).double()
+    with torch.no_grad():
+        for norm in block.norms:
+            norm.weight.normal_()
+    (norm1, norm2), (mamba, ff) = block.norms, block.layers
+    rms = lambda norm, x: x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-5) * norm.weight  # noqa: E731
+    x = 0.01 * torch.randn(2, 11, 32, dtype=torch.float64)
+    h = x + mamba(rms(norm1, x))
+    torch.testing.assert_close(block(x), h + ff(rms(norm2, h)), rtol=1e-12, atol=1e-15)
 
 
 def test_each_sublayer_output_is_dropped_before_the_residual_add():
@@ -1909,6 +1955,22 @@ def test_top_k_and_temperature_sample_the_right_distribution():
     want = F.softmax(logits[0, 0, top] / temp, -1)
     got = torch.stack([(samples == i).float().mean() for i in top])
     assert (got - want).abs().max() < 0.015
+
+
+def test_top_k_cuts_after_the_temperature_and_keeps_the_codes_it_ties():
+    # temperature first, then top-k on the scaled logits, as the sampling kernel does (sample_top_k_definition):
+    # 1.9 and the float32 just below it are one number once divided by 0.7, so with top_k 2 both tie with the
+    # 2nd largest and stay; a cut on the unscaled logits would drop the lower one. The noise makes code 2 the
+    # draw wherever it is kept (p / E with E = 1e-30), code 0 (p above 0.95) where it is not
+    logits = torch.full((1, 1, 1025), -10.0)
+    logits[..., 0], logits[..., 1] = 5.0, 1.9
+    logits[..., 2] = torch.nextafter(torch.tensor(1.9), torch.tensor(0.0))
+    assert logits[0, 0, 2] < logits[0, 0, 1] and logits[0, 0, 2] / 0.7 == logits[0, 0, 1] / 0.7
+    noise = torch.ones(1, 1, SPECIAL)
+    noise[..., 2] = 1e-30
+    assert sample_next(logits, top_k=2, temperature=0.7, noise=noise).tolist() == [[2]]
+    assert sample_top_k_definition(logits[..., :SPECIAL], noise, 1.0, 2, 0.7).tolist() == [[2]]
+    assert sample_next(logits, top_k=2, temperature=1.0, noise=noise).tolist() == [[0]]  # no tie: code 2 is cut
 
 
 def test_top_k_zero_keeps_every_code_and_temperature_zero_is_greedy():
