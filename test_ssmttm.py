@@ -10858,6 +10858,13 @@ def test_decode_chunk_for_treats_every_state_but_fp32_as_bf16():
     assert [fast.decode_chunk_for(r, torch.float32) for r in (1, 3, 4, 5)] == [1, 16, 16, 16]
 
 
+def test_decode_chunk_for_takes_chunks_of_32_from_32_rows_of_an_fp32_state():
+    # the CPU check of each boundary (test_fused_step_equals_the_model_step, which also checks them, needs the
+    # kernels): 16 steps from 3 rows, 32 from exactly 32 rows for fp32; a 16-bit state never takes 32
+    assert [fast.decode_chunk_for(r, torch.float32) for r in (2, 3, 31, 32, 33)] == [1, 16, 16, 32, 32]
+    assert [fast.decode_chunk_for(r, torch.bfloat16) for r in (4, 5, 31, 32, 33)] == [1, 16, 16, 16, 16]
+
+
 def test_row_groups_and_streams_refuse_other_sublayers_by_name():
     # the kinds that row_groups does not split, named in sorted order; decode_streams_for: 1 for them
     for variant in ("cross_simba", "cross_transformer"):
