@@ -600,6 +600,11 @@ def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_clip_frames(v):
+    """Whether v is a clip's length in frames as data.py writes it: a whole number from 1 to CLIP_FRAMES."""
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= CLIP_FRAMES
+
+
 def read_journal(folder):
     """The committed records of a folder's journal, read-only: (records, committed_bytes).
     A record: {"source", "row", "clips": [{"start_s", "frames"}], "captions", "seconds", "silent"}.
@@ -615,7 +620,7 @@ def read_journal(folder):
         try:
             record = parse_json(line)
             valid = (record["row"] == rows and isinstance(record["source"], str) and isinstance(record["clips"], list)
-                     and all(isinstance(c, dict) and _is_number(c.get("start_s")) and isinstance(c.get("frames"), int)
+                     and all(isinstance(c, dict) and _is_number(c.get("start_s")) and _is_clip_frames(c.get("frames"))
                              for c in record["clips"])
                      and isinstance(record["captions"], list) and len(record["captions"]) > 0
                      and all(isinstance(t, str) for t in record["captions"]))
@@ -814,7 +819,8 @@ class ClipWriter:
         ValueError, before anything is written, for codes not one (9, frames <= 2584) array per clip
         of the record."""
         if len(codes) != len(record["clips"]) or any(
-                np.ndim(c) != 2 or c.shape[0] != N_CODEBOOKS or c.shape[1] > CLIP_FRAMES for c in codes):
+                np.ndim(c) != 2 or c.shape[0] != N_CODEBOOKS or not 1 <= c.shape[1] <= CLIP_FRAMES
+                or clip.get("frames") != c.shape[1] for c, clip in zip(codes, record["clips"])):
             raise ValueError(f"ClipWriter.commit: {record['source']}: {plural(len(record['clips']), 'clip')} and codes "
                              f"{[np.shape(c) for c in codes]}: want one ({N_CODEBOOKS}, frames <= {CLIP_FRAMES}) "
                              "array per clip")

@@ -1231,15 +1231,21 @@ def test_model_config_defaults_are_the_papers_lm_and_train_py_agrees():
     assert {k: trainmod.PAPER[k] for k in shared} == {k: getattr(cfg, k) for k in shared}
 
 
-def test_sampling_defaults_are_the_papers_at_every_entry_point():
+def test_sampling_defaults_are_the_papers_at_every_entry_point(monkeypatch):
     # guidance 3, top-k 250, temperature 1.2 (the paper's stage 1; stage 2's guidance 3) whether a user
     # calls generate.py, TextToMusicLM.generate, Sampling or stage 2's sampler: with no settings given,
-    # the tokens of the paper's settings
+    # the tokens of the paper's settings, and the sampler is handed exactly those settings at every step
+    # (the tiny model's near-flat logits cannot tell temperatures apart by the tokens alone)
     model, (text, mask) = tiny_model(), random_text()
     draw = lambda **kw: model.generate(text, mask, 6, generator=torch.Generator().manual_seed(3), **kw)
+    seen, sample_next = [], ssmttm.sample_next
+    def recording(logits, uncond=None, cfg_scale=1.0, top_k=250, temperature=1.0, *args, **kw):
+        seen.append((cfg_scale, top_k, temperature))
+        return sample_next(logits, uncond, cfg_scale, top_k, temperature, *args, **kw)
+    monkeypatch.setattr(ssmttm, "sample_next", recording)
     default = draw()
+    assert seen and set(seen) == {(3.0, 250, 1.2)}, set(seen)
     assert torch.equal(default, draw(cfg_scale=3.0, top_k=250, temperature=1.2))
-    assert not torch.equal(default, draw(temperature=1.0))
     assert dataclasses.astuple(ssmttm.Sampling()) == (3.0, 250, 1.2, None)
     for fn in (stage2.Stage2Diffusion.sample_latents, stage2.Stage2Diffusion.generate):
         assert inspect.signature(fn).parameters["cfg_scale"].default == 3.0, fn
@@ -5948,14 +5954,15 @@ def test_token_dataset_counts_tracks_and_takes_a_caption_per_index_epoch(songs, 
 def test_journal_with_rows_out_of_order_no_captions_or_missing_code_rows_is_damaged(songs, dac, fake_dac, tmp_path,
                                                                                      capsys):
     # a record must follow the one before (row = clips so far), hold a caption, and have its rows; its
-    # fields must have their types (a clip an object with a start and a whole number of frames)
+    # fields must have their types (a clip an object with a start and a whole number of frames, 1 to 2584)
     out = tmp_path / "out"
     run(songs, out, dac)
     good = open(out / "files.jsonl").read().splitlines()
     capsys.readouterr()
     for n, change in [(2, {"row": 3}), (3, {"captions": []}), (2, {"clips": [5]}), (3, {"source": None}),
                       (2, {"captions": [1]}), (3, {"clips": [{"start_s": "0", "frames": 48}]}),
-                      (2, {"clips": [{"start_s": 0.0, "frames": 4.5}]}), (3, {"captions": "one"})]:
+                      (2, {"clips": [{"start_s": 0.0, "frames": 4.5}]}), (3, {"captions": "one"})] + [
+                         (2, {"clips": [{"start_s": 0.0, "frames": bad}]}) for bad in (0, -3, 2585, 5000, True)]:
         lines = list(good)
         lines[n - 1] = json.dumps({**json.loads(lines[n - 1]), **change})
         (out / "files.jsonl").write_text("\n".join(lines) + "\n")
@@ -6161,6 +6168,17 @@ def test_every_setting_of_a_folder_is_checked_not_only_its_codec(tmp_path, capsy
             datamod.ClipWriter(out, {**meta, **change})
         assert e.value.code == 2 and capsys.readouterr().err == (
             f"{out} was made with other settings ({diff}); rerun with those or use a new --out\n")
+
+
+def test_commit_refuses_a_record_whose_frames_are_not_its_codes(tmp_path):
+    # the journal's frames must name the codes' length (1 to 2584), or read_journal refuses the folder later
+    meta = {"format": 2, "clip_frames": 2584, "dac": "d", "remove_vocals": False}
+    with datamod.ClipWriter(str(tmp_path / "out"), meta) as store:
+        for frames, n in [(5, 4), (0, 0)]:
+            with pytest.raises(ValueError):
+                store.commit({**NO_CLIPS, "source": "a.wav", "clips": [{"start_s": 0.0, "frames": frames}]},
+                             [np.zeros((9, n), np.uint16)])
+        assert store.rows == 0 and not store.records
 
 
 def test_meta_json_is_written_with_the_first_commit_only(tmp_path, monkeypatch):
