@@ -812,18 +812,19 @@ class ClipWriter:
 
     def commit(self, record, codes):
         """Commit one audio file. record: its journal record without "row" ({"source", "clips",
-        "captions", "seconds", "silent"}); codes: one (9, frames) array per clip, frames <= 2584.
+        "captions", "seconds", "silent"}); codes: one (9, frames) array per clip, frames its clip's
+        "frames", 1 to 2584.
         The rows are appended (padded with the special id) and fsynced, the settings go to
         meta.json with the first commit, then the record is appended as one line and fsynced: the
         commit point. An exception on the way leaves an uncommitted tail, dropped on next open.
-        ValueError, before anything is written, for codes not one (9, frames <= 2584) array per clip
-        of the record."""
+        ValueError, before anything is written, for codes not one such array per clip of the record."""
         if len(codes) != len(record["clips"]) or any(
                 np.ndim(c) != 2 or c.shape[0] != N_CODEBOOKS or not 1 <= c.shape[1] <= CLIP_FRAMES
                 or clip.get("frames") != c.shape[1] for c, clip in zip(codes, record["clips"])):
+            frames = [clip.get("frames") for clip in record["clips"]]
             raise ValueError(f"ClipWriter.commit: {record['source']}: {plural(len(record['clips']), 'clip')} and codes "
-                             f"{[np.shape(c) for c in codes]}: want one ({N_CODEBOOKS}, frames <= {CLIP_FRAMES}) "
-                             "array per clip")
+                             f"{[np.shape(c) for c in codes]} for frames {frames}: want one ({N_CODEBOOKS}, frames) "
+                             f"array per clip, frames 1 to {CLIP_FRAMES}")
         if codes:
             rows = np.full((len(codes), N_CODEBOOKS, CLIP_FRAMES), SPECIAL, dtype=np.uint16)
             for row, c in zip(rows, codes):

@@ -14517,7 +14517,8 @@ def test_clip_writer_commit_refuses_codes_that_do_not_match_the_record_before_wr
             with pytest.raises(ValueError) as e:
                 store.commit(record(n), codes)
             assert str(e.value) == (f"ClipWriter.commit: a.wav: {'2 clips' if n == 2 else '1 clip'} and codes "
-                                    f"{[c.shape for c in codes]}: want one (9, frames <= 2584) array per clip")
+                                    f"{[c.shape for c in codes]} for frames {[5] * n}: want one (9, frames) array "
+                                    "per clip, frames 1 to 2584")
         store.commit(record(1), [np.zeros((9, 5), np.uint16)])
     assert len(datamod.TokenDataset(folder)) == 1  # nothing of the refused commits was written
 
